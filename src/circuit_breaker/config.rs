@@ -1,0 +1,545 @@
+//! Validated configuration for a circuit breaker.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+/// Largest count-based window accepted (one byte of memory per slot).
+pub const MAX_WINDOW_SIZE: u32 = 1 << 20;
+/// Largest number of buckets accepted for a time-based window.
+pub const MAX_BUCKETS: u32 = 3600;
+
+/// The sliding window over which failure and slow-call rates are computed.
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::circuit_breaker::SlidingWindow;
+///
+/// // The last 100 calls.
+/// let by_count = SlidingWindow::count_based(100);
+/// // The last 60 seconds, kept in 60 one-second buckets.
+/// let by_time = SlidingWindow::time_based(Duration::from_secs(60), 60);
+/// # let _ = (by_count, by_time);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlidingWindow {
+    /// The outcomes of the last `size` calls. No clock is read to maintain it.
+    CountBased {
+        /// Number of calls kept.
+        size: u32,
+    },
+    /// The outcomes of the calls that completed in the last `window`, aggregated in
+    /// `buckets` equal buckets. Reads the clock once per completed call.
+    TimeBased {
+        /// Total length of the window.
+        window: Duration,
+        /// Number of buckets the window is split into; the window slides one bucket at a time.
+        buckets: u32,
+    },
+}
+
+impl SlidingWindow {
+    /// A window over the last `size` calls.
+    #[must_use]
+    pub const fn count_based(size: u32) -> Self {
+        Self::CountBased { size }
+    }
+
+    /// A window over the calls completed during the last `window`, kept in `buckets` buckets.
+    #[must_use]
+    pub const fn time_based(window: Duration, buckets: u32) -> Self {
+        Self::TimeBased { window, buckets }
+    }
+}
+
+/// An invalid circuit breaker setting, reported by [`CircuitBreakerConfigBuilder::build`].
+///
+/// Every variant names the setting at fault and carries the rejected value.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `failure_rate_threshold` must be a percentage in `(0, 100]`.
+    FailureRateThreshold(f64),
+    /// `slow_call_rate_threshold` must be a percentage in `(0, 100]`.
+    SlowCallRateThreshold(f64),
+    /// `slow_call_duration` must be greater than zero.
+    SlowCallDuration(Duration),
+    /// A count-based window must hold between 1 and [`MAX_WINDOW_SIZE`] calls.
+    WindowSize(u32),
+    /// A time-based window needs between 1 and [`MAX_BUCKETS`] buckets of at least one millisecond.
+    TimeWindow {
+        /// The requested window length.
+        window: Duration,
+        /// The requested number of buckets.
+        buckets: u32,
+    },
+    /// `minimum_calls` must be at least 1, and no larger than a count-based window
+    /// (otherwise the breaker could never trip).
+    MinimumCalls(u32),
+    /// `wait_in_open` must be greater than zero.
+    WaitInOpen(Duration),
+    /// The backoff multiplier must be finite and at least 1.
+    BackoffMultiplier(f64),
+    /// The backoff cap must be at least `wait_in_open`.
+    BackoffMax(Duration),
+    /// Jitter must be a fraction in `[0, 1)`.
+    Jitter(f64),
+    /// `permitted_calls_in_half_open` must be between 1 and [`MAX_WINDOW_SIZE`].
+    PermittedCallsInHalfOpen(u32),
+    /// `max_wait_in_half_open`, when set, must be greater than zero.
+    MaxWaitInHalfOpen(Duration),
+    /// The name must not be empty.
+    EmptyName,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::FailureRateThreshold(v) => {
+                write!(f, "invalid failure_rate_threshold {v}: must be a percentage in (0, 100]")
+            }
+            Self::SlowCallRateThreshold(v) => {
+                write!(f, "invalid slow_call_rate_threshold {v}: must be a percentage in (0, 100]")
+            }
+            Self::SlowCallDuration(d) => {
+                write!(f, "invalid slow_call_duration {d:?}: must be greater than zero")
+            }
+            Self::WindowSize(n) => write!(
+                f,
+                "invalid sliding window size {n}: must be between 1 and {MAX_WINDOW_SIZE} calls"
+            ),
+            Self::TimeWindow { window, buckets } => write!(
+                f,
+                "invalid time-based sliding window {window:?} in {buckets} buckets: \
+                 needs 1 to {MAX_BUCKETS} buckets of at least 1ms"
+            ),
+            Self::MinimumCalls(n) => write!(
+                f,
+                "invalid minimum_calls {n}: must be at least 1 and at most the window size"
+            ),
+            Self::WaitInOpen(d) => {
+                write!(f, "invalid wait_in_open {d:?}: must be greater than zero")
+            }
+            Self::BackoffMultiplier(m) => {
+                write!(f, "invalid backoff multiplier {m}: must be finite and at least 1")
+            }
+            Self::BackoffMax(d) => {
+                write!(f, "invalid backoff max {d:?}: must be at least wait_in_open")
+            }
+            Self::Jitter(j) => write!(f, "invalid jitter {j}: must be a fraction in [0, 1)"),
+            Self::PermittedCallsInHalfOpen(n) => write!(
+                f,
+                "invalid permitted_calls_in_half_open {n}: must be between 1 and {MAX_WINDOW_SIZE}"
+            ),
+            Self::MaxWaitInHalfOpen(d) => {
+                write!(f, "invalid max_wait_in_half_open {d:?}: must be greater than zero")
+            }
+            Self::EmptyName => f.write_str("invalid name: must not be empty"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// How long the breaker stays open, possibly growing on repeated trips.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct WaitPolicy {
+    pub(crate) base: Duration,
+    pub(crate) multiplier: f64,
+    pub(crate) max: Duration,
+    pub(crate) jitter: f64,
+}
+
+impl WaitPolicy {
+    /// The wait before the `trip`-th consecutive trip (1-based) moves to half-open,
+    /// with `unit` a uniform sample in `[0, 1)` for the jitter.
+    pub(crate) fn wait(&self, trip: u32, unit: f64) -> Duration {
+        let exp = trip.saturating_sub(1).min(1024) as i32;
+        let grown = self.base.as_secs_f64() * self.multiplier.powi(exp);
+        let capped = grown.min(self.max.as_secs_f64());
+        let jittered = if self.jitter > 0.0 {
+            capped * (1.0 - self.jitter + 2.0 * self.jitter * unit)
+        } else {
+            capped
+        };
+        // Never below a millisecond, never above the cap.
+        Duration::from_secs_f64(jittered.clamp(0.001, self.max.as_secs_f64().max(0.001)))
+    }
+}
+
+/// A validated circuit breaker configuration. Build one with [`CircuitBreakerConfig::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::circuit_breaker::{CircuitBreakerConfig, SlidingWindow};
+///
+/// let config = CircuitBreakerConfig::builder()
+///     .name("payments")
+///     .failure_rate_threshold(50.0)
+///     .sliding_window(SlidingWindow::count_based(20))
+///     .minimum_calls(10)
+///     .wait_in_open(Duration::from_secs(5))
+///     .exponential_backoff(2.0, Duration::from_secs(60))
+///     .permitted_calls_in_half_open(3)
+///     .build()?;
+/// assert_eq!(config.name(), "payments");
+/// # Ok::<(), seawall::circuit_breaker::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct CircuitBreakerConfig {
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) failure_rate_threshold: f64,
+    pub(crate) slow_call_rate_threshold: f64,
+    pub(crate) slow_call_duration: Option<Duration>,
+    pub(crate) window: SlidingWindow,
+    pub(crate) minimum_calls: u32,
+    pub(crate) wait: WaitPolicy,
+    pub(crate) permitted_calls_in_half_open: u32,
+    pub(crate) max_wait_in_half_open: Option<Duration>,
+}
+
+impl Default for CircuitBreakerConfig {
+    /// The defaults documented on [`CircuitBreakerConfigBuilder`].
+    fn default() -> Self {
+        Self {
+            name: Cow::Borrowed("default"),
+            failure_rate_threshold: 50.0,
+            slow_call_rate_threshold: 100.0,
+            slow_call_duration: None,
+            window: SlidingWindow::CountBased { size: 100 },
+            minimum_calls: 100,
+            wait: WaitPolicy {
+                base: Duration::from_secs(60),
+                multiplier: 1.0,
+                max: Duration::from_secs(60),
+                jitter: 0.0,
+            },
+            permitted_calls_in_half_open: 10,
+            max_wait_in_half_open: None,
+        }
+    }
+}
+
+impl CircuitBreakerConfig {
+    /// Starts a builder holding the defaults.
+    #[must_use]
+    pub fn builder() -> CircuitBreakerConfigBuilder {
+        CircuitBreakerConfigBuilder {
+            config: Self::default(),
+        }
+    }
+
+    /// The breaker's name, used in events, metrics labels and the registry.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Failure-rate threshold, in percent.
+    pub fn failure_rate_threshold(&self) -> f64 {
+        self.failure_rate_threshold
+    }
+
+    /// Slow-call-rate threshold, in percent.
+    pub fn slow_call_rate_threshold(&self) -> f64 {
+        self.slow_call_rate_threshold
+    }
+
+    /// Duration above which a call counts as slow, if slow-call detection is on.
+    pub fn slow_call_duration(&self) -> Option<Duration> {
+        self.slow_call_duration
+    }
+
+    /// The sliding window.
+    pub fn sliding_window(&self) -> SlidingWindow {
+        self.window
+    }
+
+    /// Calls needed in the window before the rates are evaluated.
+    pub fn minimum_calls(&self) -> u32 {
+        self.minimum_calls
+    }
+
+    /// Base wait in the open state.
+    pub fn wait_in_open(&self) -> Duration {
+        self.wait.base
+    }
+
+    /// Probe calls admitted in the half-open state.
+    pub fn permitted_calls_in_half_open(&self) -> u32 {
+        self.permitted_calls_in_half_open
+    }
+
+    /// Longest time spent half-open before the breaker opens again, if bounded.
+    pub fn max_wait_in_half_open(&self) -> Option<Duration> {
+        self.max_wait_in_half_open
+    }
+}
+
+/// Builder for [`CircuitBreakerConfig`]; nothing is checked until [`build`](Self::build).
+///
+/// Defaults follow resilience4j, except that slow-call detection is off until
+/// [`slow_call_duration`](Self::slow_call_duration) is set (it costs a clock read per call):
+///
+/// | setting | default |
+/// |---|---|
+/// | `failure_rate_threshold` | 50 % |
+/// | `slow_call_rate_threshold` | 100 % |
+/// | `slow_call_duration` | off |
+/// | `sliding_window` | count-based, 100 calls |
+/// | `minimum_calls` | 100 |
+/// | `wait_in_open` | 60 s, no backoff, no jitter |
+/// | `permitted_calls_in_half_open` | 10 |
+/// | `max_wait_in_half_open` | unbounded |
+#[derive(Debug, Clone)]
+pub struct CircuitBreakerConfigBuilder {
+    config: CircuitBreakerConfig,
+}
+
+impl CircuitBreakerConfigBuilder {
+    /// Names the breaker (events, metrics labels, registry key).
+    #[must_use]
+    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// Opens the breaker when at least this percentage of the calls in the window failed.
+    #[must_use]
+    pub fn failure_rate_threshold(mut self, percent: f64) -> Self {
+        self.config.failure_rate_threshold = percent;
+        self
+    }
+
+    /// Opens the breaker when at least this percentage of the calls in the window were slow.
+    #[must_use]
+    pub fn slow_call_rate_threshold(mut self, percent: f64) -> Self {
+        self.config.slow_call_rate_threshold = percent;
+        self
+    }
+
+    /// Counts a call as slow when it takes at least `duration`; turns slow-call detection on.
+    #[must_use]
+    pub fn slow_call_duration(mut self, duration: Duration) -> Self {
+        self.config.slow_call_duration = Some(duration);
+        self
+    }
+
+    /// Sets the sliding window over which the rates are computed.
+    #[must_use]
+    pub fn sliding_window(mut self, window: SlidingWindow) -> Self {
+        self.config.window = window;
+        self
+    }
+
+    /// Sets how many calls the window must hold before the rates are evaluated.
+    #[must_use]
+    pub fn minimum_calls(mut self, calls: u32) -> Self {
+        self.config.minimum_calls = calls;
+        self
+    }
+
+    /// Sets how long the breaker stays open before admitting probes (the base wait when
+    /// backoff is on).
+    #[must_use]
+    pub fn wait_in_open(mut self, wait: Duration) -> Self {
+        self.config.wait.base = wait;
+        if self.config.wait.multiplier == 1.0 {
+            self.config.wait.max = wait;
+        }
+        self
+    }
+
+    /// Grows the open wait by `multiplier` on every consecutive trip (a trip from half-open
+    /// without closing in between), up to `max`. A successful close resets the growth.
+    #[must_use]
+    pub fn exponential_backoff(mut self, multiplier: f64, max: Duration) -> Self {
+        self.config.wait.multiplier = multiplier;
+        self.config.wait.max = max;
+        self
+    }
+
+    /// Spreads the open wait uniformly over `wait × (1 ± jitter)`, still capped by the backoff
+    /// maximum, so that a fleet of clients does not probe in lockstep.
+    #[must_use]
+    pub fn jitter(mut self, jitter: f64) -> Self {
+        self.config.wait.jitter = jitter;
+        self
+    }
+
+    /// Sets how many probe calls the half-open state admits at once; their outcomes decide
+    /// whether the breaker closes or opens again.
+    #[must_use]
+    pub fn permitted_calls_in_half_open(mut self, calls: u32) -> Self {
+        self.config.permitted_calls_in_half_open = calls;
+        self
+    }
+
+    /// Opens the breaker again when the probes have not all completed within `max`.
+    #[must_use]
+    pub fn max_wait_in_half_open(mut self, max: Duration) -> Self {
+        self.config.max_wait_in_half_open = Some(max);
+        self
+    }
+
+    /// Validates every setting.
+    pub fn build(self) -> Result<CircuitBreakerConfig, ConfigError> {
+        let c = self.config;
+        let percent = |v: f64| v.is_finite() && v > 0.0 && v <= 100.0;
+        if c.name.is_empty() {
+            return Err(ConfigError::EmptyName);
+        }
+        if !percent(c.failure_rate_threshold) {
+            return Err(ConfigError::FailureRateThreshold(c.failure_rate_threshold));
+        }
+        if !percent(c.slow_call_rate_threshold) {
+            return Err(ConfigError::SlowCallRateThreshold(c.slow_call_rate_threshold));
+        }
+        if let Some(d) = c.slow_call_duration {
+            if d.is_zero() {
+                return Err(ConfigError::SlowCallDuration(d));
+            }
+        }
+        match c.window {
+            SlidingWindow::CountBased { size } => {
+                if size == 0 || size > MAX_WINDOW_SIZE {
+                    return Err(ConfigError::WindowSize(size));
+                }
+                if c.minimum_calls > size {
+                    return Err(ConfigError::MinimumCalls(c.minimum_calls));
+                }
+            }
+            SlidingWindow::TimeBased { window, buckets } => {
+                let ok = buckets > 0
+                    && buckets <= MAX_BUCKETS
+                    && window / buckets >= Duration::from_millis(1);
+                if !ok {
+                    return Err(ConfigError::TimeWindow { window, buckets });
+                }
+            }
+        }
+        if c.minimum_calls == 0 {
+            return Err(ConfigError::MinimumCalls(0));
+        }
+        if c.wait.base.is_zero() {
+            return Err(ConfigError::WaitInOpen(c.wait.base));
+        }
+        if !(c.wait.multiplier.is_finite() && c.wait.multiplier >= 1.0) {
+            return Err(ConfigError::BackoffMultiplier(c.wait.multiplier));
+        }
+        if c.wait.max < c.wait.base {
+            return Err(ConfigError::BackoffMax(c.wait.max));
+        }
+        if !(c.wait.jitter.is_finite() && (0.0..1.0).contains(&c.wait.jitter)) {
+            return Err(ConfigError::Jitter(c.wait.jitter));
+        }
+        if c.permitted_calls_in_half_open == 0 || c.permitted_calls_in_half_open > MAX_WINDOW_SIZE
+        {
+            return Err(ConfigError::PermittedCallsInHalfOpen(
+                c.permitted_calls_in_half_open,
+            ));
+        }
+        if let Some(d) = c.max_wait_in_half_open {
+            if d.is_zero() {
+                return Err(ConfigError::MaxWaitInHalfOpen(d));
+            }
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = CircuitBreakerConfig::builder().build().expect("defaults valid");
+        assert_eq!(c, CircuitBreakerConfig::default());
+    }
+
+    #[test]
+    fn every_invalid_value_has_its_error() {
+        let b = || CircuitBreakerConfig::builder();
+        let cases: Vec<(CircuitBreakerConfigBuilder, ConfigError)> = vec![
+            (b().name(""), ConfigError::EmptyName),
+            (b().failure_rate_threshold(0.0), ConfigError::FailureRateThreshold(0.0)),
+            (b().failure_rate_threshold(100.5), ConfigError::FailureRateThreshold(100.5)),
+            (b().slow_call_rate_threshold(-1.0), ConfigError::SlowCallRateThreshold(-1.0)),
+            (b().slow_call_duration(Duration::ZERO), ConfigError::SlowCallDuration(Duration::ZERO)),
+            (b().sliding_window(SlidingWindow::count_based(0)), ConfigError::WindowSize(0)),
+            (
+                b().sliding_window(SlidingWindow::count_based(MAX_WINDOW_SIZE + 1)),
+                ConfigError::WindowSize(MAX_WINDOW_SIZE + 1),
+            ),
+            (
+                b().sliding_window(SlidingWindow::count_based(10)).minimum_calls(11),
+                ConfigError::MinimumCalls(11),
+            ),
+            (
+                b().sliding_window(SlidingWindow::count_based(10)).minimum_calls(0),
+                ConfigError::MinimumCalls(0),
+            ),
+            (
+                b().sliding_window(SlidingWindow::time_based(Duration::from_millis(5), 10)),
+                ConfigError::TimeWindow { window: Duration::from_millis(5), buckets: 10 },
+            ),
+            (
+                b().sliding_window(SlidingWindow::time_based(Duration::from_secs(5), 0)),
+                ConfigError::TimeWindow { window: Duration::from_secs(5), buckets: 0 },
+            ),
+            (b().wait_in_open(Duration::ZERO), ConfigError::WaitInOpen(Duration::ZERO)),
+            (
+                b().exponential_backoff(0.5, Duration::from_secs(600)),
+                ConfigError::BackoffMultiplier(0.5),
+            ),
+            (
+                b().exponential_backoff(2.0, Duration::from_secs(1)),
+                ConfigError::BackoffMax(Duration::from_secs(1)),
+            ),
+            (b().jitter(1.0), ConfigError::Jitter(1.0)),
+            (b().jitter(f64::NAN), ConfigError::Jitter(f64::NAN)),
+            (b().permitted_calls_in_half_open(0), ConfigError::PermittedCallsInHalfOpen(0)),
+            (
+                b().max_wait_in_half_open(Duration::ZERO),
+                ConfigError::MaxWaitInHalfOpen(Duration::ZERO),
+            ),
+        ];
+        for (builder, expected) in cases {
+            let err = builder.build().expect_err("must be rejected");
+            // NaN != NaN: compare the rendered text, which names the field.
+            assert_eq!(err.to_string(), expected.to_string());
+        }
+    }
+
+    #[test]
+    fn wait_grows_and_is_capped() {
+        let w = WaitPolicy {
+            base: Duration::from_secs(1),
+            multiplier: 2.0,
+            max: Duration::from_secs(10),
+            jitter: 0.0,
+        };
+        assert_eq!(w.wait(1, 0.5), Duration::from_secs(1));
+        assert_eq!(w.wait(2, 0.5), Duration::from_secs(2));
+        assert_eq!(w.wait(4, 0.5), Duration::from_secs(8));
+        assert_eq!(w.wait(5, 0.5), Duration::from_secs(10));
+        assert_eq!(w.wait(u32::MAX, 0.5), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let w = WaitPolicy {
+            base: Duration::from_secs(10),
+            multiplier: 1.0,
+            max: Duration::from_secs(10),
+            jitter: 0.2,
+        };
+        for i in 0..100 {
+            let unit = f64::from(i) / 100.0;
+            let d = w.wait(1, unit);
+            assert!(d >= Duration::from_secs(8) && d <= Duration::from_secs(10), "{d:?}");
+        }
+        let low = w.wait(1, 0.0);
+        assert_eq!(low, Duration::from_secs(8));
+    }
+}

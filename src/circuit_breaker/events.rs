@@ -1,0 +1,137 @@
+//! Observing a breaker: state transitions and rejected calls.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::RwLock;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use super::State;
+
+/// Capacity of the channel behind [`Breaker::subscribe`](super::Breaker::subscribe); a
+/// subscriber that falls further behind sees `RecvError::Lagged`.
+pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
+
+/// Something that happened to a breaker.
+#[derive(Debug, Clone)]
+pub struct Event {
+    breaker: Arc<str>,
+    at: Instant,
+    kind: EventKind,
+}
+
+impl Event {
+    /// The breaker's name.
+    pub fn breaker(&self) -> &str {
+        &self.breaker
+    }
+
+    /// When it happened.
+    pub fn at(&self) -> Instant {
+        self.at
+    }
+
+    /// What happened.
+    pub fn kind(&self) -> &EventKind {
+        &self.kind
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            EventKind::StateTransition { from, to } => {
+                write!(f, "circuit breaker '{}': {from} -> {to}", self.breaker)
+            }
+            EventKind::CallRejected { state } => {
+                write!(f, "circuit breaker '{}': call rejected ({state})", self.breaker)
+            }
+        }
+    }
+}
+
+/// The kinds of [`Event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// The breaker moved from one state to another.
+    StateTransition {
+        /// The state left.
+        from: State,
+        /// The state entered.
+        to: State,
+    },
+    /// A call was rejected without reaching the inner service.
+    CallRejected {
+        /// The state that rejected it.
+        state: State,
+    },
+}
+
+type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// Listeners of one breaker. Costs one relaxed load per event while nobody listens.
+pub(crate) struct Events {
+    active: AtomicBool,
+    callbacks: RwLock<Vec<Callback>>,
+    tx: OnceLock<broadcast::Sender<Event>>,
+}
+
+impl fmt::Debug for Events {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Events")
+            .field("callbacks", &self.callbacks.read().len())
+            .field("subscribed", &self.tx.get().is_some())
+            .finish()
+    }
+}
+
+impl Events {
+    pub(crate) fn new() -> Self {
+        Self {
+            active: AtomicBool::new(false),
+            callbacks: RwLock::new(Vec::new()),
+            tx: OnceLock::new(),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn is_active(&self) -> bool {
+        self.active.load(Relaxed)
+    }
+
+    pub(crate) fn add_callback(&self, f: Callback) {
+        self.callbacks.write().push(f);
+        self.active.store(true, Relaxed);
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
+        let rx = self
+            .tx
+            .get_or_init(|| broadcast::channel(EVENT_CHANNEL_CAPACITY).0)
+            .subscribe();
+        self.active.store(true, Relaxed);
+        rx
+    }
+
+    /// Delivers an event; call only after [`is_active`](Self::is_active) said yes.
+    #[cold]
+    pub(crate) fn emit(&self, breaker: &Arc<str>, kind: EventKind) {
+        let event = Event {
+            breaker: breaker.clone(),
+            at: Instant::now(),
+            kind,
+        };
+        // Clone the list so that a callback may register another without deadlocking.
+        let callbacks: Vec<Callback> = self.callbacks.read().clone();
+        for cb in &callbacks {
+            cb(&event);
+        }
+        if let Some(tx) = self.tx.get() {
+            // No receiver left is not an error worth reporting.
+            let _ = tx.send(event);
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Circuit breaking: stop calling a dependency that is failing, probe it, resume when it heals.
+//!
+//! A [`CircuitBreaker`] sits in front of an inner service and records the outcome of every
+//! call in a sliding window — the last N calls, or the calls of the last N seconds. When,
+//! with at least `minimum_calls` in the window, the failure rate or the slow-call rate
+//! reaches its threshold, the breaker **opens**: calls are rejected at once with a
+//! [`CircuitOpen`] error carrying `retry_after`, without calling or reserving the inner
+//! service. After the open wait (which can grow exponentially on repeated trips, with
+//! jitter) the breaker turns **half-open** and admits a fixed number of probe calls; their
+//! outcomes **close** it (with an empty window) or **open** it again. It can also be
+//! **forced open** or **disabled** by hand through its [`Breaker`] handle.
+//!
+//! ```text
+//!            rate ≥ threshold              wait elapsed
+//!  Closed ─────────────────────▶ Open ───────────────────▶ HalfOpen
+//!     ▲                            ▲                          │
+//!     │                            └── probes fail / timeout ─┤
+//!     └────────────────────────── probes succeed ─────────────┘
+//! ```
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen,
+//!     SlidingWindow, State};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), seawall::BoxError> {
+//! let config = CircuitBreakerConfig::builder()
+//!     .name("flaky")
+//!     .sliding_window(SlidingWindow::count_based(10))
+//!     .minimum_calls(4)
+//!     .failure_rate_threshold(50.0)
+//!     .wait_in_open(Duration::from_secs(5))
+//!     .build()?;
+//! let layer = CircuitBreakerLayer::new(config);
+//! let breaker = layer.breaker().clone();
+//!
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service_fn(|fail: bool| async move {
+//!         if fail { Err("boom") } else { Ok("fine") }
+//!     });
+//!
+//! for _ in 0..4 {
+//!     let _ = svc.ready().await?.call(true).await;
+//! }
+//! assert_eq!(breaker.state(), State::Open);
+//!
+//! let err = svc.ready().await?.call(false).await.unwrap_err();
+//! let open = err.downcast_ref::<CircuitOpen>().expect("rejected by the breaker");
+//! assert!(open.retry_after().unwrap() <= Duration::from_secs(5));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Cost
+//!
+//! The closed path is one atomic load in `poll_ready` and, on completion, a compare-exchange
+//! and a swap in the count-based window; it reads no clock and allocates nothing unless the
+//! configuration needs time (a slow-call duration or a time-based window). The rejection
+//! path reads no clock either: a task on the tokio runtime moves the breaker to half-open
+//! when the wait is over. Outside a tokio runtime the rejection path reads the clock instead.
+//!
+//! # Composition
+//!
+//! * **Timeouts**: put [`tower::timeout`](https://docs.rs/tower/latest/tower/timeout/) *inside*
+//!   the breaker (`ServiceBuilder::new().layer(breaker).timeout(d)`) and timeouts count as
+//!   failures with the default classifier, as with opossum's `timeout` option.
+//! * **Classification**: [`CircuitBreakerLayer::with_classifier`] takes any
+//!   `Fn(Result<&Res, &Err>) -> Outcome`; [`HttpClassifier`] (feature `http`) counts 5xx
+//!   responses and transport errors as failures and 4xx as successes.
+//! * **Fallbacks**: [`crate::fallback`] turns a [`CircuitOpen`] rejection (or any error)
+//!   into a response.
+//! * **Sharing**: clones of a service, and every service wrapped by one layer, share one
+//!   breaker. Keep breakers by name in a [`Registry`].
+//!
+//! # Observing
+//!
+//! [`Breaker::subscribe`] and [`Breaker::on_event`] deliver [`Event`]s: state transitions and
+//! rejected calls. While nobody listens they cost one relaxed atomic load.
+//!
+//! With the `metrics` feature, each breaker reports (label `breaker` = its name):
+//!
+//! | name | kind | labels | meaning |
+//! |---|---|---|---|
+//! | `seawall_circuit_breaker_calls_total` | counter | `outcome` = `success`, `failure`, `ignored` | completed calls |
+//! | `seawall_circuit_breaker_slow_calls_total` | counter | | calls slower than `slow_call_duration` |
+//! | `seawall_circuit_breaker_rejected_calls_total` | counter | | calls rejected without reaching the service |
+//! | `seawall_circuit_breaker_transitions_total` | counter | `from`, `to` (see [`State::as_str`]) | state changes |
+//! | `seawall_circuit_breaker_state` | gauge | | 0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled |
+//!
+//! With the `tracing` feature, transitions are logged at `INFO` (`WARN` when opening) and
+//! rejections at `DEBUG`, with the fields `breaker`, `from`, `to` and `state`.
+
+mod classify;
+mod config;
+pub mod error;
+mod events;
+#[cfg(feature = "http")]
+mod http;
+mod layer;
+mod registry;
+mod service;
+mod state;
+#[cfg(feature = "metrics")]
+mod telemetry;
+mod window;
+
+pub mod future;
+
+pub use classify::{Classify, ErrorsAreFailures, Outcome};
+pub use config::{
+    CircuitBreakerConfig, CircuitBreakerConfigBuilder, ConfigError, MAX_BUCKETS, MAX_WINDOW_SIZE,
+    SlidingWindow,
+};
+pub use error::CircuitOpen;
+pub use events::{EVENT_CHANNEL_CAPACITY, Event, EventKind};
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub use http::HttpClassifier;
+pub use layer::CircuitBreakerLayer;
+pub use registry::Registry;
+pub use service::CircuitBreaker;
+pub use state::{Breaker, Snapshot, State};

@@ -1,0 +1,653 @@
+//! The shared state machine behind every clone of a breaker.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::classify::Outcome;
+use super::config::{CircuitBreakerConfig, SlidingWindow};
+use super::error::CircuitOpen;
+use super::events::{Event, EventKind, Events};
+use super::window::{CountWindow, Counts, FAILED, PRESENT, SLOW, TimeWindow};
+
+/// The state of a circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum State {
+    /// Calls flow through and their outcomes are recorded in the sliding window.
+    Closed,
+    /// Calls are rejected at once until the wait elapses.
+    Open,
+    /// A limited number of probe calls are admitted; their outcomes close or re-open the breaker.
+    HalfOpen,
+    /// Manually opened: every call is rejected until [`Breaker::reset`] is called.
+    ForcedOpen,
+    /// Manually disabled: every call flows through and nothing is recorded.
+    Disabled,
+}
+
+impl State {
+    const fn code(self) -> u64 {
+        match self {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
+            State::ForcedOpen => 3,
+            State::Disabled => 4,
+        }
+    }
+
+    const fn from_code(code: u64) -> State {
+        match code {
+            0 => State::Closed,
+            1 => State::Open,
+            2 => State::HalfOpen,
+            3 => State::ForcedOpen,
+            _ => State::Disabled,
+        }
+    }
+
+    /// A stable lower-case name (`closed`, `open`, `half_open`, `forced_open`, `disabled`),
+    /// used in metrics labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+            State::ForcedOpen => "forced_open",
+            State::Disabled => "disabled",
+        }
+    }
+
+    /// The value of the `seawall_circuit_breaker_state` gauge for this state.
+    pub const fn as_gauge(self) -> f64 {
+        self.code() as f64
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+const STATE_BITS: u32 = 3;
+const STATE_MASK: u64 = (1 << STATE_BITS) - 1;
+const NO_TIMER: u64 = u64::MAX;
+
+#[inline]
+fn state_of(word: u64) -> State {
+    State::from_code(word & STATE_MASK)
+}
+
+#[inline]
+fn gen_of(word: u64) -> u64 {
+    word >> STATE_BITS
+}
+
+#[inline]
+fn word(generation: u64, state: State) -> u64 {
+    (generation << STATE_BITS) | state.code()
+}
+
+/// A point-in-time view of a breaker's figures.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// The state.
+    pub state: State,
+    /// Calls recorded in the sliding window (closed state).
+    pub calls: u64,
+    /// Failed calls in the window.
+    pub failed_calls: u64,
+    /// Slow calls in the window.
+    pub slow_calls: u64,
+    /// Failure rate in percent, once the window holds the minimum number of calls.
+    pub failure_rate: Option<f64>,
+    /// Slow-call rate in percent, once the window holds the minimum number of calls.
+    pub slow_call_rate: Option<f64>,
+    /// Calls rejected since the breaker was created.
+    pub rejected_calls: u64,
+    /// Trips since the breaker last closed (drives the exponential open wait).
+    pub consecutive_trips: u32,
+    /// When the breaker admits probes again, while open.
+    pub retry_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum Window {
+    Count(CountWindow),
+    Time(TimeWindow),
+}
+
+/// Probe bookkeeping of one half-open episode (cold path, so a mutex).
+#[derive(Debug, Default)]
+struct HalfOpen {
+    generation: u64,
+    available: u32,
+    done: u32,
+    failed: u32,
+    slow: u32,
+    deadline: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Transitions {
+    consecutive_trips: u32,
+    rng: u64,
+}
+
+/// What a caller got from [`Shared::admit`].
+#[derive(Debug)]
+pub(crate) enum Admission {
+    Closed(u64),
+    Probe(ProbePermit),
+    Disabled,
+    Rejected(CircuitOpen),
+}
+
+pub(crate) struct Shared {
+    pub(crate) name: Arc<str>,
+    pub(crate) config: CircuitBreakerConfig,
+    pub(crate) times_calls: bool,
+    word: AtomicU64,
+    window: Window,
+    base: Instant,
+    open_until: AtomicU64,
+    timer_gen: AtomicU64,
+    rejected: AtomicU64,
+    half_open: Mutex<HalfOpen>,
+    transitions: Mutex<Transitions>,
+    events: Events,
+    #[cfg(feature = "metrics")]
+    metrics: super::telemetry::Metrics,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Breaker")
+            .field("name", &self.name)
+            .field("state", &state_of(self.word.load(Relaxed)))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn new(config: CircuitBreakerConfig) -> Self {
+        let window = match config.window {
+            SlidingWindow::CountBased { size } => Window::Count(CountWindow::new(size)),
+            SlidingWindow::TimeBased { window, buckets } => {
+                let width = (window / buckets).as_nanos().min(u128::from(u64::MAX)) as u64;
+                Window::Time(TimeWindow::new(buckets, width))
+            }
+        };
+        let name: Arc<str> = Arc::from(config.name.as_ref());
+        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        Self {
+            #[cfg(feature = "metrics")]
+            metrics: super::telemetry::Metrics::new(&name),
+            name,
+            times_calls: config.slow_call_duration.is_some(),
+            word: AtomicU64::new(word(0, State::Closed)),
+            window,
+            base: Instant::now(),
+            open_until: AtomicU64::new(0),
+            timer_gen: AtomicU64::new(NO_TIMER),
+            rejected: AtomicU64::new(0),
+            half_open: Mutex::new(HalfOpen::default()),
+            transitions: Mutex::new(Transitions {
+                consecutive_trips: 0,
+                rng: seed,
+            }),
+            events: Events::new(),
+            config,
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base)
+            .as_nanos()
+            .min(u128::from(u64::MAX)) as u64
+    }
+
+    fn instant(&self, nanos: u64) -> Instant {
+        self.base + Duration::from_nanos(nanos)
+    }
+
+    pub(crate) fn state(&self) -> State {
+        state_of(self.word.load(Acquire))
+    }
+
+    /// Decides whether a call may go ahead. The closed path is one atomic load.
+    #[inline]
+    pub(crate) fn admit(self: &Arc<Self>) -> Admission {
+        loop {
+            let w = self.word.load(Acquire);
+            match state_of(w) {
+                State::Closed => return Admission::Closed(gen_of(w)),
+                State::Disabled => return Admission::Disabled,
+                _ => {
+                    if let Some(admission) = self.admit_slow(w) {
+                        return admission;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Open, half-open and forced-open admission; `None` means the state moved, try again.
+    #[cold]
+    fn admit_slow(self: &Arc<Self>, w: u64) -> Option<Admission> {
+        let generation = gen_of(w);
+        match state_of(w) {
+            State::Open => {
+                let until = self.open_until.load(Relaxed);
+                // A timer task moves the breaker to half-open on time; without one (no
+                // runtime when it tripped) the clock is read here.
+                if self.timer_gen.load(Relaxed) != generation
+                    && self.nanos(Instant::now()) >= until
+                {
+                    self.transition(Some(w), State::HalfOpen);
+                    return None;
+                }
+                Some(self.reject(State::Open, Some(self.instant(until))))
+            }
+            State::HalfOpen => {
+                let mut ho = self.half_open.lock();
+                if ho.generation != generation || self.word.load(Acquire) != w {
+                    return None;
+                }
+                if ho.available > 0 {
+                    ho.available -= 1;
+                    drop(ho);
+                    return Some(Admission::Probe(ProbePermit {
+                        shared: self.clone(),
+                        generation,
+                        live: true,
+                    }));
+                }
+                let expired = self.timer_gen.load(Relaxed) != generation
+                    && ho.deadline.is_some_and(|d| Instant::now() >= d);
+                drop(ho);
+                if expired {
+                    self.transition(Some(w), State::Open);
+                    return None;
+                }
+                Some(self.reject(State::HalfOpen, None))
+            }
+            State::ForcedOpen => Some(self.reject(State::ForcedOpen, None)),
+            State::Closed | State::Disabled => None,
+        }
+    }
+
+    fn reject(&self, state: State, retry_at: Option<Instant>) -> Admission {
+        self.rejected.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.rejected.increment(1);
+        #[cfg(feature = "tracing")]
+        tracing::debug!(breaker = %self.name, %state, "circuit breaker rejected a call");
+        if self.events.is_active() {
+            self.events
+                .emit(&self.name, EventKind::CallRejected { state });
+        }
+        Admission::Rejected(CircuitOpen::new(self.name.clone(), state, retry_at))
+    }
+
+    /// Records the outcome of a call admitted in the closed state of `generation`.
+    #[inline]
+    pub(crate) fn record_closed(
+        self: &Arc<Self>,
+        generation: u64,
+        outcome: Outcome,
+        slow: bool,
+        now: Option<Instant>,
+    ) {
+        #[cfg(feature = "metrics")]
+        self.metrics.outcome(outcome, slow);
+        let flags = match outcome {
+            Outcome::Ignored => return,
+            Outcome::Success => PRESENT,
+            Outcome::Failure => PRESENT | FAILED,
+        } | if slow { SLOW } else { 0 };
+        let expected = word(generation, State::Closed);
+        // An outcome from an earlier closed period does not count in this one.
+        if self.word.load(Relaxed) != expected {
+            return;
+        }
+        let counts = match &self.window {
+            Window::Count(w) => {
+                if !w.record(flags) {
+                    return;
+                }
+                w.counts()
+            }
+            Window::Time(w) => {
+                let now = now.unwrap_or_else(Instant::now);
+                w.record(self.nanos(now), flags)
+            }
+        };
+        if self.exceeds_thresholds(counts, self.config.minimum_calls) {
+            self.transition(Some(expected), State::Open);
+        }
+    }
+
+    fn exceeds_thresholds(&self, c: Counts, minimum: u32) -> bool {
+        if c.total == 0 || c.total < u64::from(minimum) {
+            return false;
+        }
+        let total = c.total as f64;
+        c.failed as f64 * 100.0 >= self.config.failure_rate_threshold * total
+            || c.slow as f64 * 100.0 >= self.config.slow_call_rate_threshold * total
+    }
+
+    /// Records the outcome of a probe; decides the half-open episode when all are in.
+    fn record_probe(self: &Arc<Self>, generation: u64, outcome: Outcome, slow: bool) {
+        #[cfg(feature = "metrics")]
+        self.metrics.outcome(outcome, slow);
+        let mut ho = self.half_open.lock();
+        if ho.generation != generation {
+            return;
+        }
+        match outcome {
+            Outcome::Ignored => {
+                // Does not count: let another probe take its place.
+                ho.available += 1;
+                return;
+            }
+            Outcome::Success => {}
+            Outcome::Failure => ho.failed += 1,
+        }
+        ho.slow += u32::from(slow);
+        ho.done += 1;
+        if ho.done < self.config.permitted_calls_in_half_open {
+            return;
+        }
+        let counts = Counts {
+            total: u64::from(ho.done),
+            failed: u64::from(ho.failed),
+            slow: u64::from(ho.slow),
+        };
+        drop(ho);
+        let to = if self.exceeds_thresholds(counts, 1) {
+            State::Open
+        } else {
+            State::Closed
+        };
+        self.transition(Some(word(generation, State::HalfOpen)), to);
+    }
+
+    fn release_probe(&self, generation: u64) {
+        let mut ho = self.half_open.lock();
+        if ho.generation == generation {
+            ho.available += 1;
+        }
+    }
+
+    /// Moves to `to`, if the state word is still `expected` (any state when `None`).
+    /// Returns whether this call made the move.
+    pub(crate) fn transition(self: &Arc<Self>, expected: Option<u64>, to: State) -> bool {
+        let mut tr = self.transitions.lock();
+        let current = self.word.load(Acquire);
+        if expected.is_some_and(|e| e != current) {
+            return false;
+        }
+        let from = state_of(current);
+        let generation = gen_of(current) + 1;
+        let next = word(generation, to);
+        let now = Instant::now();
+        // Set up everything the new state needs, then publish it with one release store.
+        match to {
+            State::Closed => {
+                tr.consecutive_trips = 0;
+                match &self.window {
+                    Window::Count(w) => w.reset(),
+                    Window::Time(w) => w.reset(self.nanos(now)),
+                }
+                self.timer_gen.store(NO_TIMER, Relaxed);
+            }
+            State::Open => {
+                tr.consecutive_trips = tr.consecutive_trips.saturating_add(1);
+                let unit = next_unit(&mut tr.rng);
+                let wait = self.config.wait.wait(tr.consecutive_trips, unit);
+                let until = now + wait;
+                self.open_until.store(self.nanos(until), Relaxed);
+                self.arm_timer(generation, until, next, State::HalfOpen);
+            }
+            State::HalfOpen => {
+                let deadline = self.config.max_wait_in_half_open.map(|d| now + d);
+                *self.half_open.lock() = HalfOpen {
+                    generation,
+                    available: self.config.permitted_calls_in_half_open,
+                    deadline,
+                    ..HalfOpen::default()
+                };
+                match deadline {
+                    Some(d) => self.arm_timer(generation, d, next, State::Open),
+                    None => self.timer_gen.store(NO_TIMER, Relaxed),
+                }
+            }
+            State::ForcedOpen | State::Disabled => self.timer_gen.store(NO_TIMER, Relaxed),
+        }
+        self.word.store(next, Release);
+        drop(tr);
+
+        #[cfg(feature = "metrics")]
+        self.metrics.transition(&self.name, from, to);
+        #[cfg(feature = "tracing")]
+        if to == State::Open || to == State::ForcedOpen {
+            tracing::warn!(breaker = %self.name, %from, %to, "circuit breaker state changed");
+        } else {
+            tracing::info!(breaker = %self.name, %from, %to, "circuit breaker state changed");
+        }
+        if self.events.is_active() {
+            self.events
+                .emit(&self.name, EventKind::StateTransition { from, to });
+        }
+        true
+    }
+
+    /// Schedules the move out of a timed state on the current tokio runtime, so that the
+    /// rejection path needs no clock. Without a runtime the admission path reads the clock.
+    fn arm_timer(self: &Arc<Self>, generation: u64, deadline: Instant, expected: u64, to: State) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.timer_gen.store(NO_TIMER, Relaxed);
+            return;
+        };
+        self.timer_gen.store(generation, Relaxed);
+        let guard = TimerGuard {
+            shared: Arc::downgrade(self),
+            generation,
+        };
+        handle.spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            if let Some(shared) = guard.shared.upgrade() {
+                shared.transition(Some(expected), to);
+            }
+            drop(guard);
+        });
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let w = self.word.load(Acquire);
+        let state = state_of(w);
+        let counts = match &self.window {
+            Window::Count(win) => win.counts(),
+            Window::Time(win) => win.counts(self.nanos(Instant::now())),
+        };
+        let rate = |n: u64| {
+            (counts.total > 0 && counts.total >= u64::from(self.config.minimum_calls))
+                .then(|| n as f64 * 100.0 / counts.total as f64)
+        };
+        Snapshot {
+            state,
+            calls: counts.total,
+            failed_calls: counts.failed,
+            slow_calls: counts.slow,
+            failure_rate: rate(counts.failed),
+            slow_call_rate: rate(counts.slow),
+            rejected_calls: self.rejected.load(Relaxed),
+            consecutive_trips: self.transitions.lock().consecutive_trips,
+            retry_at: (state == State::Open).then(|| self.instant(self.open_until.load(Relaxed))),
+        }
+    }
+}
+
+/// splitmix64, mapped to `[0, 1)`; jitter needs spread, not cryptographic strength.
+fn next_unit(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Clears the timer mark when the timer task ends or is dropped with its runtime, so the
+/// admission path falls back to reading the clock instead of waiting for a dead timer.
+struct TimerGuard {
+    shared: std::sync::Weak<Shared>,
+    generation: u64,
+}
+
+impl Drop for TimerGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            let _ = shared
+                .timer_gen
+                .compare_exchange(self.generation, NO_TIMER, Relaxed, Relaxed);
+        }
+    }
+}
+
+/// A half-open probe slot, reserved in `poll_ready`; returned when dropped unused.
+pub(crate) struct ProbePermit {
+    shared: Arc<Shared>,
+    generation: u64,
+    live: bool,
+}
+
+impl fmt::Debug for ProbePermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProbePermit")
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl ProbePermit {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn complete(mut self, outcome: Outcome, slow: bool) {
+        self.live = false;
+        self.shared.record_probe(self.generation, outcome, slow);
+    }
+}
+
+impl Drop for ProbePermit {
+    fn drop(&mut self) {
+        if self.live {
+            self.shared.release_probe(self.generation);
+        }
+    }
+}
+
+/// A handle on one circuit breaker: its state, its figures, and manual control.
+///
+/// Cheap to clone; every clone, every [`CircuitBreakerLayer`](super::CircuitBreakerLayer)
+/// made from it and every service those layers wrap share the same breaker.
+///
+/// ```
+/// use seawall::circuit_breaker::{Breaker, CircuitBreakerConfig, State};
+///
+/// let breaker = Breaker::new(CircuitBreakerConfig::default());
+/// assert_eq!(breaker.state(), State::Closed);
+/// breaker.force_open();
+/// assert_eq!(breaker.state(), State::ForcedOpen);
+/// breaker.reset();
+/// assert_eq!(breaker.state(), State::Closed);
+/// ```
+#[derive(Clone)]
+pub struct Breaker {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.shared.fmt(f)
+    }
+}
+
+impl Breaker {
+    /// Creates a breaker, closed, with an empty window.
+    ///
+    /// With the `metrics` feature, its metric handles are registered here: install the
+    /// metrics recorder before creating breakers.
+    pub fn new(config: CircuitBreakerConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared::new(config)),
+        }
+    }
+
+    /// The breaker's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &CircuitBreakerConfig {
+        &self.shared.config
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.shared.state()
+    }
+
+    /// The window's figures and the state, read now.
+    pub fn snapshot(&self) -> Snapshot {
+        self.shared.snapshot()
+    }
+
+    /// Opens the breaker until [`reset`](Self::reset): every call is rejected.
+    pub fn force_open(&self) {
+        self.shared.transition(None, State::ForcedOpen);
+    }
+
+    /// Disables the breaker until [`reset`](Self::reset): every call passes, nothing is recorded.
+    pub fn disable(&self) {
+        self.shared.transition(None, State::Disabled);
+    }
+
+    /// Closes the breaker with an empty window and forgets past trips, whatever its state.
+    pub fn reset(&self) {
+        self.shared.transition(None, State::Closed);
+    }
+
+    /// Calls `f` with every later event, synchronously, on the task that caused it.
+    ///
+    /// Keep `f` short; while no callback and no subscriber exist, events cost nothing.
+    pub fn on_event<F>(&self, f: F)
+    where
+        F: Fn(&Event) + Send + Sync + 'static,
+    {
+        self.shared.events.add_callback(Arc::new(f));
+    }
+
+    /// A channel of later events (capacity
+    /// [`EVENT_CHANNEL_CAPACITY`](super::EVENT_CHANNEL_CAPACITY)).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// A layer that wraps services with this breaker.
+    pub fn layer(&self) -> super::CircuitBreakerLayer {
+        super::CircuitBreakerLayer::from_breaker(self.clone())
+    }
+}

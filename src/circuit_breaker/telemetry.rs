@@ -1,0 +1,66 @@
+//! `metrics` integration (feature `metrics`). Names are listed in the module docs.
+
+use metrics::{Counter, Gauge};
+
+use super::State;
+use super::classify::Outcome;
+
+pub(crate) struct Metrics {
+    success: Counter,
+    failure: Counter,
+    ignored: Counter,
+    slow: Counter,
+    pub(crate) rejected: Counter,
+    state: Gauge,
+}
+
+impl Metrics {
+    pub(crate) fn new(name: &str) -> Self {
+        let calls = |outcome: &'static str| {
+            metrics::counter!(
+                "seawall_circuit_breaker_calls_total",
+                "breaker" => name.to_owned(),
+                "outcome" => outcome
+            )
+        };
+        let state = metrics::gauge!("seawall_circuit_breaker_state", "breaker" => name.to_owned());
+        state.set(State::Closed.as_gauge());
+        Self {
+            success: calls("success"),
+            failure: calls("failure"),
+            ignored: calls("ignored"),
+            slow: metrics::counter!(
+                "seawall_circuit_breaker_slow_calls_total",
+                "breaker" => name.to_owned()
+            ),
+            rejected: metrics::counter!(
+                "seawall_circuit_breaker_rejected_calls_total",
+                "breaker" => name.to_owned()
+            ),
+            state,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn outcome(&self, outcome: Outcome, slow: bool) {
+        match outcome {
+            Outcome::Success => self.success.increment(1),
+            Outcome::Failure => self.failure.increment(1),
+            Outcome::Ignored => self.ignored.increment(1),
+        }
+        if slow {
+            self.slow.increment(1);
+        }
+    }
+
+    pub(crate) fn transition(&self, name: &str, from: State, to: State) {
+        self.state.set(to.as_gauge());
+        metrics::counter!(
+            "seawall_circuit_breaker_transitions_total",
+            "breaker" => name.to_owned(),
+            "from" => from.as_str(),
+            "to" => to.as_str()
+        )
+        .increment(1);
+    }
+}

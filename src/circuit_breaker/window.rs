@@ -1,0 +1,234 @@
+//! Sliding windows of call outcomes.
+
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU32, Ordering::Relaxed};
+
+use parking_lot::Mutex;
+
+pub(crate) const PRESENT: u8 = 1;
+pub(crate) const FAILED: u8 = 2;
+pub(crate) const SLOW: u8 = 4;
+
+/// Figures read off a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) total: u64,
+    pub(crate) failed: u64,
+    pub(crate) slow: u64,
+}
+
+/// The last `N` outcomes, lock-free: one byte per slot, running totals in atomics.
+///
+/// Recording a success over a success (the steady state of a healthy dependency) costs a
+/// compare-exchange on the cursor and a swap on the slot, and touches no counter.
+#[derive(Debug)]
+pub(crate) struct CountWindow {
+    slots: Box<[AtomicU8]>,
+    cursor: AtomicU32,
+    total: AtomicI64,
+    failed: AtomicI64,
+    slow: AtomicI64,
+}
+
+impl CountWindow {
+    pub(crate) fn new(size: u32) -> Self {
+        Self {
+            slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
+            cursor: AtomicU32::new(0),
+            total: AtomicI64::new(0),
+            failed: AtomicI64::new(0),
+            slow: AtomicI64::new(0),
+        }
+    }
+
+    /// Records one outcome (`PRESENT` plus flags); returns whether any figure changed.
+    #[inline]
+    pub(crate) fn record(&self, flags: u8) -> bool {
+        let len = self.slots.len() as u32;
+        let idx = match self
+            .cursor
+            .fetch_update(Relaxed, Relaxed, |c| Some(if c + 1 >= len { 0 } else { c + 1 }))
+        {
+            Ok(c) | Err(c) => c,
+        };
+        let old = self.slots[idx as usize].swap(flags, Relaxed);
+        if old == flags {
+            return false;
+        }
+        if old & PRESENT == 0 {
+            self.total.fetch_add(1, Relaxed);
+        }
+        let delta = |bit: u8| i64::from(flags & bit != 0) - i64::from(old & bit != 0);
+        let f = delta(FAILED);
+        if f != 0 {
+            self.failed.fetch_add(f, Relaxed);
+        }
+        let s = delta(SLOW);
+        if s != 0 {
+            self.slow.fetch_add(s, Relaxed);
+        }
+        true
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        let cap = self.slots.len() as i64;
+        let read = |a: &AtomicI64| a.load(Relaxed).clamp(0, cap) as u64;
+        Counts {
+            total: read(&self.total),
+            failed: read(&self.failed),
+            slow: read(&self.slow),
+        }
+    }
+
+    pub(crate) fn reset(&self) {
+        for slot in self.slots.iter() {
+            slot.store(0, Relaxed);
+        }
+        self.cursor.store(0, Relaxed);
+        self.total.store(0, Relaxed);
+        self.failed.store(0, Relaxed);
+        self.slow.store(0, Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    epoch: u64,
+    counts: Counts,
+}
+
+#[derive(Debug)]
+struct TimeWindowInner {
+    buckets: Vec<Bucket>,
+    /// The newest epoch the window has been advanced to.
+    current: u64,
+    totals: Counts,
+}
+
+/// Outcomes of the calls completed during the last `buckets × width`, aggregated per bucket.
+#[derive(Debug)]
+pub(crate) struct TimeWindow {
+    width_nanos: u64,
+    inner: Mutex<TimeWindowInner>,
+}
+
+impl TimeWindow {
+    pub(crate) fn new(buckets: u32, width_nanos: u64) -> Self {
+        Self {
+            width_nanos: width_nanos.max(1),
+            inner: Mutex::new(TimeWindowInner {
+                buckets: vec![Bucket::default(); buckets as usize],
+                current: 0,
+                totals: Counts::default(),
+            }),
+        }
+    }
+
+    fn advance(inner: &mut TimeWindowInner, epoch: u64) {
+        if epoch <= inner.current {
+            return;
+        }
+        let n = inner.buckets.len() as u64;
+        // Expire at most one full turn of buckets; anything older is gone already.
+        let first = (inner.current + 1).max(epoch.saturating_sub(n - 1));
+        for e in first..=epoch {
+            let b = &mut inner.buckets[(e % n) as usize];
+            inner.totals.total -= b.counts.total;
+            inner.totals.failed -= b.counts.failed;
+            inner.totals.slow -= b.counts.slow;
+            *b = Bucket {
+                epoch: e,
+                counts: Counts::default(),
+            };
+        }
+        if epoch - inner.current >= n {
+            // Every bucket was replaced: the totals are exactly zero.
+            inner.totals = Counts::default();
+        }
+        inner.current = epoch;
+    }
+
+    /// Records an outcome completed at `now_nanos` (since the breaker's base instant) and
+    /// returns the window's figures afterwards.
+    pub(crate) fn record(&self, now_nanos: u64, flags: u8) -> Counts {
+        let epoch = now_nanos / self.width_nanos;
+        let mut inner = self.inner.lock();
+        Self::advance(&mut inner, epoch);
+        let n = inner.buckets.len() as u64;
+        // A call that read the clock just before another advanced the window may land in
+        // an older, still live, bucket; one older than the window is dropped.
+        if epoch + n > inner.current {
+            let b = &mut inner.buckets[(epoch % n) as usize];
+            if b.epoch == epoch {
+                b.counts.total += 1;
+                b.counts.failed += u64::from(flags & FAILED != 0);
+                b.counts.slow += u64::from(flags & SLOW != 0);
+                inner.totals.total += 1;
+                inner.totals.failed += u64::from(flags & FAILED != 0);
+                inner.totals.slow += u64::from(flags & SLOW != 0);
+            }
+        }
+        inner.totals
+    }
+
+    pub(crate) fn counts(&self, now_nanos: u64) -> Counts {
+        let mut inner = self.inner.lock();
+        Self::advance(&mut inner, now_nanos / self.width_nanos);
+        inner.totals
+    }
+
+    pub(crate) fn reset(&self, now_nanos: u64) {
+        let mut inner = self.inner.lock();
+        for b in inner.buckets.iter_mut() {
+            *b = Bucket::default();
+        }
+        let epoch = now_nanos / self.width_nanos;
+        let n = inner.buckets.len() as u64;
+        inner.buckets[(epoch % n) as usize].epoch = epoch;
+        inner.current = epoch;
+        inner.totals = Counts::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_window_keeps_the_last_n() {
+        let w = CountWindow::new(3);
+        assert!(w.record(PRESENT | FAILED));
+        assert!(w.record(PRESENT));
+        assert!(w.record(PRESENT | SLOW));
+        assert_eq!(w.counts(), Counts { total: 3, failed: 1, slow: 1 });
+        // Overwrites the failure.
+        assert!(w.record(PRESENT));
+        assert_eq!(w.counts(), Counts { total: 3, failed: 0, slow: 1 });
+        // Overwrites a success with a success: nothing changes.
+        assert!(!w.record(PRESENT));
+        w.reset();
+        assert_eq!(w.counts(), Counts::default());
+    }
+
+    #[test]
+    fn time_window_expires_old_buckets() {
+        let w = TimeWindow::new(3, 10);
+        w.record(0, PRESENT | FAILED);
+        w.record(15, PRESENT);
+        assert_eq!(w.counts(25), Counts { total: 2, failed: 1, slow: 0 });
+        // Epoch 3 expires epoch 0.
+        assert_eq!(w.counts(30), Counts { total: 1, failed: 0, slow: 0 });
+        // A long gap empties everything.
+        assert_eq!(w.counts(1_000), Counts::default());
+        assert_eq!(w.record(1_001, PRESENT | SLOW), Counts { total: 1, failed: 0, slow: 1 });
+    }
+
+    #[test]
+    fn time_window_accepts_a_slightly_late_record() {
+        let w = TimeWindow::new(3, 10);
+        w.counts(25); // window now at epoch 2
+        assert_eq!(w.record(12, PRESENT | FAILED).failed, 1);
+        // Too old: dropped.
+        w.counts(45);
+        assert_eq!(w.record(5, PRESENT | FAILED).total, 0);
+    }
+}

@@ -1,0 +1,207 @@
+//! Serve the most recent successful response for the same key.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::{Ready, ready};
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::policy::{Handler, Policy};
+
+/// Default number of keys a [`LastKnownGood`] remembers.
+pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
+
+struct Entry<R> {
+    value: R,
+    stored: Option<Instant>,
+    seq: u64,
+}
+
+struct Store<K, R> {
+    map: HashMap<K, Entry<R>>,
+    /// Insertion order, for evicting the oldest key; `seq` tells live entries from stale ones.
+    order: VecDeque<(K, u64)>,
+    seq: u64,
+}
+
+/// A cache fallback: remembers the last successful response per key (taken from the
+/// request) and serves it when a later call for the same key fails.
+///
+/// Memory is bounded: at most `max_entries` keys are kept (the oldest inserted key is
+/// evicted first), so request-chosen keys cannot grow it without bound. With
+/// [`max_age`](Self::max_age), entries older than that are not served.
+///
+/// ```
+/// use seawall::fallback::{FallbackLayer, LastKnownGood};
+/// use std::time::Duration;
+///
+/// // Keyed by the request itself (here a product id); serve answers up to 5 minutes old.
+/// let layer = FallbackLayer::new(
+///     LastKnownGood::new(|id: &u32| *id)
+///         .max_entries(1_000)
+///         .max_age(Duration::from_secs(300)),
+/// );
+/// # let _: FallbackLayer<LastKnownGood<u32, String, _>> = layer;
+/// ```
+pub struct LastKnownGood<K, R, F> {
+    key: Arc<F>,
+    store: Arc<Mutex<Store<K, R>>>,
+    max_entries: usize,
+    max_age: Option<Duration>,
+}
+
+impl<K, R, F> Clone for LastKnownGood<K, R, F> {
+    /// The clone shares the cache.
+    fn clone(&self) -> Self {
+        Self {
+            key: self.key.clone(),
+            store: self.store.clone(),
+            max_entries: self.max_entries,
+            max_age: self.max_age,
+        }
+    }
+}
+
+impl<K, R, F> fmt::Debug for LastKnownGood<K, R, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LastKnownGood")
+            .field("entries", &self.store.lock().map.len())
+            .field("max_entries", &self.max_entries)
+            .field("max_age", &self.max_age)
+            .finish()
+    }
+}
+
+impl<K, R, F> LastKnownGood<K, R, F> {
+    /// Keys responses by `key(&request)`; keeps up to [`DEFAULT_MAX_ENTRIES`] keys, of any age.
+    pub fn new(key: F) -> Self {
+        Self {
+            key: Arc::new(key),
+            store: Arc::new(Mutex::new(Store {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                seq: 0,
+            })),
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_age: None,
+        }
+    }
+
+    /// Keeps at most `n` keys (at least 1).
+    #[must_use]
+    pub fn max_entries(mut self, n: usize) -> Self {
+        self.max_entries = n.max(1);
+        self
+    }
+
+    /// Serves only responses stored less than `age` ago.
+    #[must_use]
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+
+    /// Number of keys currently remembered.
+    pub fn len(&self) -> usize {
+        self.store.lock().map.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<K: Hash + Eq + Clone, R: Clone, F> LastKnownGood<K, R, F> {
+    fn put(&self, key: K, value: R) {
+        let stored = self.max_age.map(|_| Instant::now());
+        let mut guard = self.store.lock();
+        let store = &mut *guard;
+        store.seq += 1;
+        let seq = store.seq;
+        if let Some(entry) = store.map.get_mut(&key) {
+            entry.value = value;
+            entry.stored = stored;
+            return;
+        }
+        while store.map.len() >= self.max_entries {
+            let Some((old, old_seq)) = store.order.pop_front() else {
+                break;
+            };
+            if store.map.get(&old).is_some_and(|e| e.seq == old_seq) {
+                store.map.remove(&old);
+            }
+        }
+        store.order.push_back((key.clone(), seq));
+        store.map.insert(key, Entry { value, stored, seq });
+        if store.order.len() > 2 * self.max_entries {
+            let map = &store.map;
+            store
+                .order
+                .retain(|(k, s)| map.get(k).is_some_and(|e| e.seq == *s));
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<R> {
+        let mut store = self.store.lock();
+        let fresh = match (store.map.get(key), self.max_age) {
+            (None, _) => return None,
+            (Some(e), Some(age)) => e.stored.is_some_and(|t| t.elapsed() < age),
+            (Some(_), None) => true,
+        };
+        if fresh {
+            store.map.get(key).map(|e| e.value.clone())
+        } else {
+            store.map.remove(key);
+            None
+        }
+    }
+}
+
+impl<Req, K, R, E, F> Policy<Req, R, E> for LastKnownGood<K, R, F>
+where
+    F: Fn(&Req) -> K,
+    K: Hash + Eq + Clone,
+    R: Clone,
+{
+    type Handler = LastKnownGoodHandler<K, R, F>;
+
+    fn handler(&self, request: &Req) -> Self::Handler {
+        LastKnownGoodHandler {
+            key: (self.key)(request),
+            cache: self.clone(),
+        }
+    }
+}
+
+/// Per-call state of [`LastKnownGood`].
+pub struct LastKnownGoodHandler<K, R, F> {
+    key: K,
+    cache: LastKnownGood<K, R, F>,
+}
+
+impl<K, R, F> fmt::Debug for LastKnownGoodHandler<K, R, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LastKnownGoodHandler").finish_non_exhaustive()
+    }
+}
+
+impl<K, R, E, F> Handler<R, E> for LastKnownGoodHandler<K, R, F>
+where
+    K: Hash + Eq + Clone,
+    R: Clone,
+{
+    type Future = Ready<Result<R, E>>;
+
+    fn on_success(&mut self, response: &R) {
+        self.cache.put(self.key.clone(), response.clone());
+    }
+
+    fn on_error(self, error: E) -> Self::Future {
+        ready(self.cache.get(&self.key).ok_or(error))
+    }
+}

@@ -1,0 +1,67 @@
+use std::sync::Arc;
+
+use tower::Layer;
+
+use super::Fallback;
+use super::policy::{FromAsyncFn, FromFn, Value, When};
+
+/// Wraps services in a [`Fallback`]. See the [module docs](super).
+///
+/// Clones of the layer share the policy (and so a [`LastKnownGood`](super::LastKnownGood)
+/// cache).
+#[derive(Debug, Clone)]
+pub struct FallbackLayer<P> {
+    policy: Arc<P>,
+}
+
+impl<P> FallbackLayer<P> {
+    /// A layer applying a custom [`Policy`](super::Policy).
+    pub fn new(policy: P) -> Self {
+        Self {
+            policy: Arc::new(policy),
+        }
+    }
+
+    /// Applies the fallback only to errors for which `predicate` is true; the others are
+    /// returned unchanged.
+    #[must_use]
+    pub fn when<F>(self, predicate: F) -> FallbackLayer<When<P, F>>
+    where
+        P: Clone,
+    {
+        let policy = Arc::try_unwrap(self.policy).unwrap_or_else(|shared| P::clone(&shared));
+        FallbackLayer::new(When {
+            policy,
+            predicate: Arc::new(predicate),
+        })
+    }
+}
+
+impl<R> FallbackLayer<Value<R>> {
+    /// Answers every failure with a clone of `value`.
+    pub fn value(value: R) -> Self {
+        Self::new(Value::new(value))
+    }
+}
+
+impl<F> FallbackLayer<FromFn<F>> {
+    /// Answers a failure with `f(error)`.
+    pub fn from_fn(f: F) -> Self {
+        Self::new(FromFn::new(f))
+    }
+}
+
+impl<F> FallbackLayer<FromAsyncFn<F>> {
+    /// Answers a failure with the output of `f(error).await`.
+    pub fn from_async_fn(f: F) -> Self {
+        Self::new(FromAsyncFn::new(f))
+    }
+}
+
+impl<S, P> Layer<S> for FallbackLayer<P> {
+    type Service = Fallback<S, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Fallback::from_shared(inner, self.policy.clone())
+    }
+}

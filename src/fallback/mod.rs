@@ -1,0 +1,77 @@
+//! Fallbacks: answer with something useful when the call fails or the breaker is open.
+//!
+//! [`FallbackLayer`] turns errors of the inner service into responses:
+//!
+//! * [`FallbackLayer::value`]: a fixed value;
+//! * [`FallbackLayer::from_fn`]: a closure over the error;
+//! * [`FallbackLayer::from_async_fn`]: an async closure over the error;
+//! * [`LastKnownGood`]: the most recent successful response for the same key, a cache
+//!   fallback as opossum users write by hand;
+//! * [`FallbackLayer::new`] with your own [`Policy`].
+//!
+//! [`FallbackLayer::when`] restricts any of them to the errors matching a predicate; the
+//! others pass through unchanged. [`is_circuit_open`] matches a breaker's rejection.
+//!
+//! # With a circuit breaker
+//!
+//! Outside the breaker (`fallback → breaker → service`), the fallback also answers the
+//! breaker's rejections, and the breaker still sees every failure. Inside
+//! (`breaker → fallback → service`), failures the fallback answers look like successes to
+//! the breaker, which then never trips on them: use `when` so it only covers errors that
+//! say nothing about the dependency's health.
+//!
+//! ```
+//! use std::time::Duration;
+//! use seawall::BoxError;
+//! use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow, State};
+//! use seawall::fallback::{FallbackLayer, is_circuit_open};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let breaker = CircuitBreakerLayer::new(
+//!     CircuitBreakerConfig::builder()
+//!         .sliding_window(SlidingWindow::count_based(4))
+//!         .minimum_calls(2)
+//!         .build()?,
+//! );
+//! let handle = breaker.breaker().clone();
+//! let mut svc = ServiceBuilder::new()
+//!     // Only the breaker's rejections get the cached answer; real errors surface.
+//!     .layer(FallbackLayer::value("cached price: 10").when(is_circuit_open))
+//!     .layer(breaker)
+//!     .service_fn(|_: ()| async { Err::<&str, BoxError>("database down".into()) });
+//!
+//! assert!(svc.ready().await?.call(()).await.is_err());
+//! assert!(svc.ready().await?.call(()).await.is_err());
+//! assert_eq!(handle.state(), State::Open);
+//! assert_eq!(svc.ready().await?.call(()).await?, "cached price: 10");
+//! # Ok(())
+//! # }
+//! ```
+
+mod last_known_good;
+mod layer;
+mod policy;
+mod service;
+
+pub mod future;
+
+pub use last_known_good::{DEFAULT_MAX_ENTRIES, LastKnownGood, LastKnownGoodHandler};
+pub use layer::FallbackLayer;
+pub use policy::{FromAsyncFn, FromFn, Handler, MaybeFallback, OkFuture, Policy, Value, When};
+pub use service::Fallback;
+
+/// True when `error` is a circuit breaker's rejection
+/// ([`CircuitOpen`](crate::circuit_breaker::CircuitOpen)), directly or anywhere in its
+/// `source()` chain. Made for [`FallbackLayer::when`].
+pub fn is_circuit_open(error: &crate::BoxError) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(e) = current {
+        if e.is::<crate::circuit_breaker::CircuitOpen>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}

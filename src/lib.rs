@@ -1,0 +1,57 @@
+//! # seawall
+//!
+//! Composable [tower] layers that keep services standing when their dependencies fail or
+//! their callers surge. They wrap any [`tower::Service`]: a hyper or axum server, an HTTP
+//! client, a database client, anything.
+//!
+//! * [`circuit_breaker`]: closed / open / half-open breaker with failure-rate and slow-call
+//!   thresholds, count- or time-based windows, exponential open waits, classification,
+//!   events, metrics and manual control.
+//! * [`fallback`]: serve a response when a call fails or the breaker is open: a value, a
+//!   closure, an async closure, or the last known good response.
+//!
+//! ```
+//! use std::time::Duration;
+//! use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow};
+//! use seawall::fallback::FallbackLayer;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), seawall::BoxError> {
+//! let breaker = CircuitBreakerLayer::new(
+//!     CircuitBreakerConfig::builder()
+//!         .name("quotes")
+//!         .sliding_window(SlidingWindow::count_based(20))
+//!         .minimum_calls(5)
+//!         .build()?,
+//! );
+//! let mut svc = ServiceBuilder::new()
+//!     // Outermost: whatever fails below, answer with a default quote.
+//!     .layer(FallbackLayer::value("the sea is calm".to_string()))
+//!     .layer(breaker)
+//!     .timeout(Duration::from_millis(250))
+//!     .service_fn(|_req: ()| async { Err::<String, _>("upstream down") });
+//!
+//! let quote = svc.ready().await?.call(()).await?;
+//! assert_eq!(quote, "the sea is calm");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Features
+//!
+//! | feature | adds |
+//! |---|---|
+//! | `http` | [`circuit_breaker::HttpClassifier`] (5xx and transport errors are failures) |
+//! | `metrics` | counters and gauges through the [`metrics`](https://docs.rs/metrics) crate |
+//! | `tracing` | events through [`tracing`](https://docs.rs/tracing) |
+//! | `full` | all of the above |
+//!
+//! The core layers need only tower and tokio.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod circuit_breaker;
+pub mod fallback;
+
+/// The boxed error type used by layers that add failure modes of their own, as in tower.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
