@@ -1,0 +1,124 @@
+//! Many tasks, one breaker: half-open never admits more probes than its permits, and the
+//! closed window counts every call exactly once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use seawall::BoxError;
+use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, SlidingWindow, State};
+use tokio::sync::Semaphore;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_open_never_admits_more_than_its_permits() {
+    const PERMITS: usize = 3;
+    for round in 0..20 {
+        let layer = CircuitBreakerLayer::new(
+            CircuitBreakerConfig::builder()
+                .sliding_window(SlidingWindow::count_based(10))
+                .minimum_calls(1)
+                .wait_in_open(Duration::from_millis(1))
+                .permitted_calls_in_half_open(PERMITS as u32)
+                .build()
+                .unwrap(),
+        );
+        let breaker = layer.breaker().clone();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let max_in_flight = Arc::new(AtomicUsize::new(0));
+        let entered = Arc::new(AtomicUsize::new(0));
+        // Probes hold here until the test lets them finish.
+        let gate = Arc::new(Semaphore::new(0));
+        let svc = {
+            let (in_flight, max_in_flight, entered, gate) =
+                (in_flight.clone(), max_in_flight.clone(), entered.clone(), gate.clone());
+            ServiceBuilder::new().layer(layer).service_fn(move |fail: bool| {
+                let (in_flight, max_in_flight, entered, gate) =
+                    (in_flight.clone(), max_in_flight.clone(), entered.clone(), gate.clone());
+                async move {
+                    if fail {
+                        return Err::<(), BoxError>("boom".into());
+                    }
+                    entered.fetch_add(1, SeqCst);
+                    let now = in_flight.fetch_add(1, SeqCst) + 1;
+                    max_in_flight.fetch_max(now, SeqCst);
+                    gate.acquire().await.unwrap().forget();
+                    in_flight.fetch_sub(1, SeqCst);
+                    Ok(())
+                }
+            })
+        };
+        // Trip it, then wait (real time, a lower bound only) for half-open.
+        let mut s = svc.clone();
+        let _ = s.ready().await.unwrap().call(true).await;
+        assert_eq!(breaker.state(), State::Open);
+        while breaker.state() != State::HalfOpen {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+
+        let rejected = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let mut s = svc.clone();
+            let rejected = rejected.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..20 {
+                    match s.ready().await.unwrap().call(false).await {
+                        Ok(()) => return,
+                        Err(e) if e.is::<CircuitOpen>() => {
+                            rejected.fetch_add(1, SeqCst);
+                            tokio::task::yield_now().await;
+                        }
+                        Err(e) => panic!("unexpected error: {e}"),
+                    }
+                }
+            }));
+        }
+        // Let every task try while the probes hang.
+        while rejected.load(SeqCst) < 64 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(entered.load(SeqCst), PERMITS, "round {round}: probes admitted");
+        assert_eq!(max_in_flight.load(SeqCst), PERMITS, "round {round}: probes in flight");
+        assert_eq!(breaker.state(), State::HalfOpen);
+        gate.add_permits(10_000);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(breaker.state(), State::Closed, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_outcomes_are_counted_once() {
+    let layer = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::builder()
+            .sliding_window(SlidingWindow::count_based(1_000))
+            .minimum_calls(1_000)
+            .failure_rate_threshold(100.0)
+            .build()
+            .unwrap(),
+    );
+    let breaker = layer.breaker().clone();
+    let svc = ServiceBuilder::new().layer(layer).service_fn(|fail: bool| async move {
+        tokio::task::yield_now().await;
+        if fail { Err::<(), BoxError>("boom".into()) } else { Ok(()) }
+    });
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let mut s = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..100 {
+                // A quarter of all calls fail.
+                let _ = s.ready().await.unwrap().call((t * 100 + i) % 4 == 0).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let snap = breaker.snapshot();
+    assert_eq!(snap.calls, 800);
+    assert_eq!(snap.failed_calls, 200);
+    assert_eq!(breaker.state(), State::Closed);
+}

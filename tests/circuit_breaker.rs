@@ -1,0 +1,583 @@
+//! Transition rules of the circuit breaker, on paused tokio time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use seawall::BoxError;
+use seawall::circuit_breaker::{
+    Breaker, CircuitBreaker, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, EventKind,
+    Outcome, SlidingWindow, State,
+};
+use tokio::time::{advance, sleep};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_test::mock;
+
+/// What the test service should do with a request.
+#[derive(Debug, Clone, Copy)]
+enum Do {
+    Succeed,
+    Fail,
+    /// Fails with an error the classifier ignores.
+    Ignore,
+    /// Succeeds after this long.
+    SucceedAfter(Duration),
+}
+
+fn config() -> seawall::circuit_breaker::CircuitBreakerConfigBuilder {
+    CircuitBreakerConfig::builder()
+        .name("test")
+        .sliding_window(SlidingWindow::count_based(10))
+        .minimum_calls(4)
+        .failure_rate_threshold(50.0)
+        .wait_in_open(Duration::from_secs(10))
+        .permitted_calls_in_half_open(2)
+}
+
+type TestSvc = tower::util::BoxCloneService<Do, &'static str, BoxError>;
+
+/// A breaker around a scripted service that counts how often it was called.
+fn scripted(
+    config: CircuitBreakerConfig,
+) -> (TestSvc, Breaker, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let layer = CircuitBreakerLayer::new(config).with_classifier(
+        |r: Result<&&'static str, &BoxError>| match r {
+            Ok(_) => Outcome::Success,
+            Err(e) if e.to_string() == "ignored" => Outcome::Ignored,
+            Err(_) => Outcome::Failure,
+        },
+    );
+    let breaker = layer.breaker().clone();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(move |what: Do| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match what {
+                    Do::Succeed => Ok("ok"),
+                    Do::Fail => Err::<&'static str, BoxError>("boom".into()),
+                    Do::Ignore => Err("ignored".into()),
+                    Do::SucceedAfter(d) => {
+                        sleep(d).await;
+                        Ok("slow ok")
+                    }
+                }
+            }
+        });
+    (tower::util::BoxCloneService::new(svc), breaker, calls)
+}
+
+async fn call(svc: &mut TestSvc, what: Do) -> Result<&'static str, BoxError> {
+    svc.ready().await?.call(what).await
+}
+
+async fn calls(svc: &mut TestSvc, what: Do, n: usize) {
+    for _ in 0..n {
+        let _ = call(svc, what).await;
+    }
+}
+
+fn rejection(result: Result<&'static str, BoxError>) -> CircuitOpen {
+    let err = result.expect_err("expected a rejection");
+    err.downcast_ref::<CircuitOpen>()
+        .unwrap_or_else(|| panic!("expected CircuitOpen, got {err}"))
+        .clone()
+}
+
+/// Lets spawned timer tasks run after time moved.
+async fn settle() {
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stays_closed_below_minimum_calls() {
+    let (mut svc, breaker, _) = scripted(config().build().unwrap());
+    calls(&mut svc, Do::Fail, 3).await;
+    assert_eq!(breaker.state(), State::Closed);
+    let snap = breaker.snapshot();
+    assert_eq!((snap.calls, snap.failed_calls), (3, 3));
+    assert_eq!(snap.failure_rate, None, "no rate below minimum calls");
+}
+
+#[tokio::test(start_paused = true)]
+async fn opens_when_failure_rate_reaches_threshold() {
+    let (mut svc, breaker, _) = scripted(config().build().unwrap());
+    calls(&mut svc, Do::Succeed, 2).await;
+    call(&mut svc, Do::Fail).await.unwrap_err();
+    assert_eq!(breaker.state(), State::Closed, "1 of 3: below minimum calls");
+    call(&mut svc, Do::Fail).await.unwrap_err();
+    // 2 of 4 = 50 %, threshold is 50 %: opens.
+    assert_eq!(breaker.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn does_not_open_just_below_threshold() {
+    let (mut svc, breaker, _) = scripted(config().failure_rate_threshold(60.0).build().unwrap());
+    calls(&mut svc, Do::Succeed, 3).await;
+    calls(&mut svc, Do::Fail, 4).await;
+    // 4 of 7 = 57 % < 60 %.
+    assert_eq!(breaker.state(), State::Closed);
+    call(&mut svc, Do::Fail).await.unwrap_err();
+    // 5 of 8 = 62.5 %.
+    assert_eq!(breaker.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn count_window_forgets_old_failures() {
+    let (mut svc, breaker, _) = scripted(
+        config()
+            .sliding_window(SlidingWindow::count_based(4))
+            .minimum_calls(4)
+            .failure_rate_threshold(75.0)
+            .build()
+            .unwrap(),
+    );
+    calls(&mut svc, Do::Fail, 2).await;
+    calls(&mut svc, Do::Succeed, 4).await; // pushes both failures out
+    calls(&mut svc, Do::Fail, 2).await;
+    // Window: S S F F = 50 % < 75 %.
+    assert_eq!(breaker.state(), State::Closed);
+    assert_eq!(breaker.snapshot().failed_calls, 2);
+    call(&mut svc, Do::Fail).await.unwrap_err();
+    assert_eq!(breaker.state(), State::Open, "S F F F = 75 %");
+}
+
+#[tokio::test(start_paused = true)]
+async fn time_window_forgets_failures_older_than_the_window() {
+    let (mut svc, breaker, _) = scripted(
+        config()
+            .sliding_window(SlidingWindow::time_based(Duration::from_secs(10), 10))
+            .minimum_calls(4)
+            .build()
+            .unwrap(),
+    );
+    calls(&mut svc, Do::Fail, 3).await;
+    advance(Duration::from_secs(11)).await;
+    assert_eq!(breaker.snapshot().calls, 0, "all expired");
+    call(&mut svc, Do::Fail).await.unwrap_err();
+    assert_eq!(breaker.state(), State::Closed, "only one failure in the window");
+    calls(&mut svc, Do::Succeed, 2).await;
+    advance(Duration::from_secs(5)).await;
+    call(&mut svc, Do::Fail).await.unwrap_err();
+    // F S S F within 10 s: 50 %.
+    assert_eq!(breaker.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn opens_on_slow_call_rate() {
+    let (mut svc, breaker, _) = scripted(
+        config()
+            .slow_call_duration(Duration::from_millis(100))
+            .slow_call_rate_threshold(50.0)
+            .build()
+            .unwrap(),
+    );
+    calls(&mut svc, Do::SucceedAfter(Duration::from_millis(99)), 2).await;
+    calls(&mut svc, Do::SucceedAfter(Duration::from_millis(100)), 1).await;
+    calls(&mut svc, Do::Succeed, 1).await;
+    assert_eq!(breaker.state(), State::Closed, "1 slow of 4");
+    assert_eq!(breaker.snapshot().slow_calls, 1);
+    calls(&mut svc, Do::SucceedAfter(Duration::from_secs(1)), 1).await;
+    assert_eq!(breaker.state(), State::Closed, "2 slow of 5 = 40 %");
+    calls(&mut svc, Do::SucceedAfter(Duration::from_secs(1)), 1).await;
+    assert_eq!(breaker.state(), State::Open, "3 slow of 6 = 50 %");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ignored_outcomes_do_not_count() {
+    let (mut svc, breaker, _) = scripted(config().build().unwrap());
+    calls(&mut svc, Do::Ignore, 10).await;
+    assert_eq!(breaker.snapshot().calls, 0);
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn open_rejects_without_touching_the_inner_service() {
+    let layer = CircuitBreakerLayer::new(config().build().unwrap());
+    let breaker = layer.breaker().clone();
+    let (mut svc, mut handle) = mock::spawn_layer::<Do, &'static str, _>(layer);
+    breaker.force_open();
+    // The inner service is not ready, yet the breaker answers at once.
+    handle.allow(0);
+    tokio_test::assert_ready_ok!(svc.poll_ready());
+    let err = svc.call(Do::Succeed).await.unwrap_err();
+    assert!(err.is::<CircuitOpen>());
+    assert!(handle.poll_request().is_pending(), "no request reached the inner service");
+}
+
+#[tokio::test(start_paused = true)]
+async fn open_rejection_carries_retry_after_and_moves_to_half_open_on_time() {
+    let (mut svc, breaker, inner_calls) = scripted(config().build().unwrap());
+    calls(&mut svc, Do::Fail, 4).await;
+    assert_eq!(breaker.state(), State::Open);
+    let before = inner_calls.load(Ordering::SeqCst);
+
+    let open = rejection(call(&mut svc, Do::Succeed).await);
+    assert_eq!(open.state(), State::Open);
+    assert_eq!(open.breaker(), "test");
+    assert_eq!(open.retry_after(), Some(Duration::from_secs(10)));
+    assert_eq!(breaker.snapshot().retry_at, open.retry_at());
+
+    advance(Duration::from_millis(9_999)).await;
+    settle().await;
+    assert_eq!(breaker.state(), State::Open);
+    assert_eq!(
+        rejection(call(&mut svc, Do::Succeed).await).retry_after(),
+        Some(Duration::from_millis(1))
+    );
+    advance(Duration::from_millis(1)).await;
+    settle().await;
+    assert_eq!(breaker.state(), State::HalfOpen, "moved by the timer, without a call");
+    assert_eq!(inner_calls.load(Ordering::SeqCst), before, "no call while open");
+    assert_eq!(breaker.snapshot().rejected_calls, 2);
+}
+
+async fn open_then_half_open(svc: &mut TestSvc, breaker: &Breaker) {
+    calls(svc, Do::Fail, 4).await;
+    assert_eq!(breaker.state(), State::Open);
+    advance(breaker.config().wait_in_open()).await;
+    settle().await;
+    assert_eq!(breaker.state(), State::HalfOpen);
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_closes_after_successful_probes_with_an_empty_window() {
+    let (mut svc, breaker, _) = scripted(config().build().unwrap());
+    open_then_half_open(&mut svc, &breaker).await;
+    call(&mut svc, Do::Succeed).await.unwrap();
+    assert_eq!(breaker.state(), State::HalfOpen, "1 of 2 probes done");
+    call(&mut svc, Do::Succeed).await.unwrap();
+    assert_eq!(breaker.state(), State::Closed);
+    let snap = breaker.snapshot();
+    assert_eq!((snap.calls, snap.failed_calls, snap.consecutive_trips), (0, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_reopens_when_probes_fail_with_a_growing_wait() {
+    let (mut svc, breaker, _) = scripted(
+        config()
+            .exponential_backoff(2.0, Duration::from_secs(25))
+            .build()
+            .unwrap(),
+    );
+    open_then_half_open(&mut svc, &breaker).await;
+    call(&mut svc, Do::Succeed).await.unwrap();
+    call(&mut svc, Do::Fail).await.unwrap_err();
+    // 1 of 2 probes failed = 50 % ≥ 50 %.
+    assert_eq!(breaker.state(), State::Open);
+    let open = rejection(call(&mut svc, Do::Succeed).await);
+    assert_eq!(open.retry_after(), Some(Duration::from_secs(20)), "second trip: 10 s × 2");
+    assert_eq!(breaker.snapshot().consecutive_trips, 2);
+
+    advance(Duration::from_secs(20)).await;
+    settle().await;
+    calls(&mut svc, Do::Fail, 2).await;
+    let open = rejection(call(&mut svc, Do::Succeed).await);
+    assert_eq!(open.retry_after(), Some(Duration::from_secs(25)), "third trip: capped");
+
+    // Closing resets the growth.
+    advance(Duration::from_secs(25)).await;
+    settle().await;
+    calls(&mut svc, Do::Succeed, 2).await;
+    assert_eq!(breaker.state(), State::Closed);
+    calls(&mut svc, Do::Fail, 4).await;
+    let open = rejection(call(&mut svc, Do::Succeed).await);
+    assert_eq!(open.retry_after(), Some(Duration::from_secs(10)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_admits_exactly_the_permitted_probes() {
+    let layer = CircuitBreakerLayer::new(config().permitted_calls_in_half_open(2).build().unwrap());
+    let breaker = layer.breaker().clone();
+    let (svc, mut handle) = mock::pair::<Do, &'static str>();
+    let svc = ServiceBuilder::new().layer(layer).service(svc);
+    handle.allow(100);
+    // Trip it.
+    for _ in 0..4 {
+        let mut s = svc.clone();
+        let fut = s.ready().await.unwrap().call(Do::Fail);
+        let (_, respond) = handle.next_request().await.unwrap();
+        respond.send_error("boom");
+        fut.await.unwrap_err();
+    }
+    advance(Duration::from_secs(10)).await;
+    settle().await;
+    assert_eq!(breaker.state(), State::HalfOpen);
+
+    let mut a = svc.clone();
+    let mut b = svc.clone();
+    let mut c = svc.clone();
+    a.ready().await.unwrap();
+    b.ready().await.unwrap();
+    // The third is ready too, but only to reject.
+    c.ready().await.unwrap();
+    let rejected = c.call(Do::Succeed).await.unwrap_err();
+    assert_eq!(rejected.downcast_ref::<CircuitOpen>().unwrap().state(), State::HalfOpen);
+
+    // Dropping a reserved service gives its permit back.
+    drop(b);
+    let mut d = svc.clone();
+    d.ready().await.unwrap();
+    let fut_a = a.call(Do::Succeed);
+    // Dropping an in-flight probe's future gives its permit back too.
+    let fut_d = d.call(Do::Succeed);
+    let (_, ra) = handle.next_request().await.unwrap();
+    let (_, _rd) = handle.next_request().await.unwrap();
+    drop(fut_d);
+    let mut e = svc.clone();
+    e.ready().await.unwrap();
+    let fut_e = e.call(Do::Succeed);
+    let (_, re) = handle.next_request().await.unwrap();
+    ra.send_response("ok");
+    re.send_response("ok");
+    fut_a.await.unwrap();
+    fut_e.await.unwrap();
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ignored_probe_frees_its_permit() {
+    let (mut svc, breaker, _) = scripted(config().build().unwrap());
+    open_then_half_open(&mut svc, &breaker).await;
+    calls(&mut svc, Do::Ignore, 5).await;
+    assert_eq!(breaker.state(), State::HalfOpen, "ignored probes decide nothing");
+    calls(&mut svc, Do::Succeed, 2).await;
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_times_out_when_probes_hang() {
+    let (mut svc, breaker, _) = scripted(
+        config()
+            .max_wait_in_half_open(Duration::from_secs(3))
+            .build()
+            .unwrap(),
+    );
+    open_then_half_open(&mut svc, &breaker).await;
+    let mut s1 = svc.clone();
+    let mut s2 = svc.clone();
+    let hang1 = tokio::spawn(async move { call(&mut s1, Do::SucceedAfter(Duration::from_secs(12))).await });
+    let hang2 = tokio::spawn(async move { call(&mut s2, Do::SucceedAfter(Duration::from_secs(12))).await });
+    settle().await;
+    assert_eq!(rejection(call(&mut svc, Do::Succeed).await).state(), State::HalfOpen);
+    advance(Duration::from_secs(3)).await;
+    settle().await;
+    assert_eq!(breaker.state(), State::Open);
+    // The late probes' outcomes belong to a finished episode and change nothing.
+    // They complete at +12 s, while open (until +13 s).
+    advance(Duration::from_secs(9)).await;
+    hang1.await.unwrap().unwrap();
+    hang2.await.unwrap().unwrap();
+    assert_eq!(breaker.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forced_open_disabled_and_reset() {
+    let (mut svc, breaker, inner_calls) = scripted(config().build().unwrap());
+    breaker.force_open();
+    let open = rejection(call(&mut svc, Do::Succeed).await);
+    assert_eq!(open.state(), State::ForcedOpen);
+    assert_eq!(open.retry_after(), None);
+    advance(Duration::from_secs(3600)).await;
+    settle().await;
+    assert_eq!(breaker.state(), State::ForcedOpen, "no timer leaves forced open");
+
+    breaker.disable();
+    calls(&mut svc, Do::Fail, 20).await;
+    assert_eq!(breaker.state(), State::Disabled);
+    assert_eq!(breaker.snapshot().calls, 0, "nothing recorded while disabled");
+    assert_eq!(inner_calls.load(Ordering::SeqCst), 20);
+
+    breaker.reset();
+    assert_eq!(breaker.state(), State::Closed);
+    calls(&mut svc, Do::Fail, 4).await;
+    assert_eq!(breaker.state(), State::Open);
+    breaker.reset();
+    call(&mut svc, Do::Succeed).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_report_transitions_and_rejections() {
+    let (mut svc, breaker, _) = scripted(config().build().unwrap());
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    breaker.on_event(move |e| sink.lock().push(*e.kind()));
+    let mut rx = breaker.subscribe();
+
+    open_then_half_open(&mut svc, &breaker).await;
+    calls(&mut svc, Do::Fail, 2).await;
+    let _ = call(&mut svc, Do::Succeed).await;
+
+    let expected = vec![
+        EventKind::StateTransition { from: State::Closed, to: State::Open },
+        EventKind::StateTransition { from: State::Open, to: State::HalfOpen },
+        EventKind::StateTransition { from: State::HalfOpen, to: State::Open },
+        EventKind::CallRejected { state: State::Open },
+    ];
+    assert_eq!(*seen.lock(), expected);
+    let mut received = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        assert_eq!(e.breaker(), "test");
+        received.push(*e.kind());
+    }
+    assert_eq!(received, expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_timeouts_count_as_failures() {
+    let layer = CircuitBreakerLayer::new(config().build().unwrap());
+    let breaker = layer.breaker().clone();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .timeout(Duration::from_millis(100))
+        .service_fn(|d: Duration| async move {
+            sleep(d).await;
+            Ok::<_, BoxError>("done")
+        });
+    for _ in 0..4 {
+        let err = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(err.is::<tower::timeout::error::Elapsed>(), "inner errors pass through unchanged");
+    }
+    assert_eq!(breaker.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_share_one_breaker() {
+    let (svc, breaker, _) = scripted(config().build().unwrap());
+    for _ in 0..4 {
+        let mut clone = svc.clone();
+        let _ = call(&mut clone, Do::Fail).await;
+    }
+    assert_eq!(breaker.state(), State::Open);
+    let mut other = svc.clone();
+    rejection(call(&mut other, Do::Succeed).await);
+}
+
+#[test]
+fn works_without_a_tokio_runtime() {
+    // No runtime: no timer task, so the admission path reads the clock.
+    let breaker = Breaker::new(config().wait_in_open(Duration::from_millis(5)).build().unwrap());
+    let mut svc = CircuitBreaker::with_breaker(
+        tower::service_fn(|fail: bool| async move {
+            if fail { Err("boom") } else { Ok("ok") }
+        }),
+        breaker.clone(),
+    );
+    futures::executor::block_on(async {
+        for _ in 0..4 {
+            let _ = svc.ready().await.unwrap().call(true).await;
+        }
+        assert_eq!(breaker.state(), State::Open);
+        assert!(svc.ready().await.unwrap().call(false).await.is_err());
+    });
+    // A lower bound only: at least the open wait has passed.
+    std::thread::sleep(Duration::from_millis(6));
+    futures::executor::block_on(async {
+        svc.ready().await.unwrap().call(false).await.unwrap();
+        assert_eq!(breaker.state(), State::HalfOpen);
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn jittered_waits_stay_within_bounds() {
+    let (mut svc, breaker, _) = scripted(config().jitter(0.5).build().unwrap());
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        calls(&mut svc, Do::Fail, 4).await;
+        let after = rejection(call(&mut svc, Do::Succeed).await).retry_after().unwrap();
+        assert!(after >= Duration::from_secs(5) && after <= Duration::from_secs(10), "{after:?}");
+        seen.push(after);
+        breaker.reset();
+    }
+    seen.sort();
+    seen.dedup();
+    assert!(seen.len() > 5, "jitter spreads the waits: {seen:?}");
+}
+
+#[cfg(feature = "http")]
+mod http_classifier {
+    use super::*;
+    use http::{Response, StatusCode};
+    use seawall::circuit_breaker::HttpClassifier;
+
+    #[tokio::test(start_paused = true)]
+    async fn server_errors_trip_client_errors_do_not() {
+        let layer = CircuitBreakerLayer::new(config().build().unwrap())
+            .with_classifier(HttpClassifier::new());
+        let breaker = layer.breaker().clone();
+        let mut svc = ServiceBuilder::new().layer(layer).service_fn(|s: u16| async move {
+            Ok::<_, BoxError>(Response::builder().status(s).body(()).unwrap())
+        });
+        for _ in 0..10 {
+            let r = svc.ready().await.unwrap().call(404).await.unwrap();
+            assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        }
+        assert_eq!(breaker.snapshot().failed_calls, 0);
+        for _ in 0..10 {
+            let _ = svc.ready().await.unwrap().call(503).await;
+        }
+        assert_eq!(breaker.state(), State::Open);
+    }
+}
+
+#[cfg(feature = "metrics")]
+mod metrics_reporting {
+    use super::*;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    #[tokio::test(start_paused = true)]
+    async fn counters_and_gauge_are_reported() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let (mut svc, _breaker, _) = metrics::with_local_recorder(&recorder, || {
+            scripted(config().name("metered").build().unwrap())
+        });
+        calls(&mut svc, Do::Succeed, 1).await;
+        calls(&mut svc, Do::Fail, 3).await;
+        let _ = call(&mut svc, Do::Succeed).await; // rejected
+        // Transition counters are looked up when the transition happens.
+        let values: Vec<(String, Vec<String>, DebugValue)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let k = key.key();
+                let labels = k.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+                (k.name().to_string(), labels, value)
+            })
+            .collect();
+        let find = |name: &str, label: &str| {
+            values
+                .iter()
+                .find(|(n, l, _)| n == name && (label.is_empty() || l.iter().any(|x| x == label)))
+                .map(|(_, _, v)| v)
+        };
+        assert_eq!(
+            find("seawall_circuit_breaker_calls_total", "outcome=success"),
+            Some(&DebugValue::Counter(1))
+        );
+        assert_eq!(
+            find("seawall_circuit_breaker_calls_total", "outcome=failure"),
+            Some(&DebugValue::Counter(3))
+        );
+        assert_eq!(
+            find("seawall_circuit_breaker_rejected_calls_total", "breaker=metered"),
+            Some(&DebugValue::Counter(1))
+        );
+        assert_eq!(
+            find("seawall_circuit_breaker_state", "breaker=metered"),
+            Some(&DebugValue::Gauge(1.0.into())),
+            "gauge shows open"
+        );
+    }
+}
