@@ -1,0 +1,210 @@
+//! Fallback policies, alone and composed with the circuit breaker in both orders.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::Duration;
+
+use seawall::BoxError;
+use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow, State};
+use seawall::fallback::{FallbackLayer, LastKnownGood, is_circuit_open};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+fn failing() -> impl Service<u32, Response = String, Error = BoxError> + Clone {
+    tower::service_fn(|id: u32| async move { Err::<String, BoxError>(format!("no {id}").into()) })
+}
+
+/// A service that answers `item-{id}` until `down` is set.
+fn switchable(down: Arc<AtomicBool>) -> impl Service<u32, Response = String, Error = BoxError> + Clone {
+    tower::service_fn(move |id: u32| {
+        let down = down.load(SeqCst);
+        async move {
+            if down { Err::<String, BoxError>("down".into()) } else { Ok(format!("item-{id}")) }
+        }
+    })
+}
+
+#[tokio::test]
+async fn value_answers_every_failure() {
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::value("default".to_string()))
+        .service(failing());
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "default");
+}
+
+#[tokio::test]
+async fn from_fn_sees_the_error() {
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::from_fn(|e: BoxError| format!("fallback for: {e}")))
+        .service(failing());
+    assert_eq!(svc.ready().await.unwrap().call(7).await.unwrap(), "fallback for: no 7");
+}
+
+#[tokio::test(start_paused = true)]
+async fn from_async_fn_runs_a_future() {
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::from_async_fn(|e: BoxError| async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            format!("later: {e}")
+        }))
+        .service(failing());
+    assert_eq!(svc.ready().await.unwrap().call(3).await.unwrap(), "later: no 3");
+}
+
+#[tokio::test]
+async fn successes_pass_untouched() {
+    let down = Arc::new(AtomicBool::new(false));
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::value("default".to_string()))
+        .service(switchable(down));
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "item-1");
+}
+
+#[tokio::test]
+async fn when_limits_the_fallback_to_matching_errors() {
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::value("default".to_string()).when(|e: &BoxError| e.to_string() == "no 1"))
+        .service(failing());
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "default");
+    let err = svc.ready().await.unwrap().call(2).await.unwrap_err();
+    assert_eq!(err.to_string(), "no 2", "other errors pass through unchanged");
+}
+
+#[tokio::test(start_paused = true)]
+async fn last_known_good_serves_the_latest_success_per_key() {
+    let down = Arc::new(AtomicBool::new(false));
+    let cache = LastKnownGood::new(|id: &u32| *id).max_entries(2);
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(cache.clone()))
+        .service(switchable(down.clone()));
+    for id in [1, 2] {
+        svc.ready().await.unwrap().call(id).await.unwrap();
+    }
+    down.store(true, SeqCst);
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "item-1");
+    assert_eq!(svc.ready().await.unwrap().call(2).await.unwrap(), "item-2");
+    let err = svc.ready().await.unwrap().call(3).await.unwrap_err();
+    assert_eq!(err.to_string(), "down", "no cached answer: the error passes through");
+
+    // Bounded: a third key evicts the oldest.
+    down.store(false, SeqCst);
+    svc.ready().await.unwrap().call(3).await.unwrap();
+    assert_eq!(cache.len(), 2);
+    down.store(true, SeqCst);
+    assert!(svc.ready().await.unwrap().call(1).await.is_err(), "key 1 was evicted");
+    assert_eq!(svc.ready().await.unwrap().call(3).await.unwrap(), "item-3");
+}
+
+#[tokio::test(start_paused = true)]
+async fn last_known_good_respects_max_age() {
+    let down = Arc::new(AtomicBool::new(false));
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(
+            LastKnownGood::new(|id: &u32| *id).max_age(Duration::from_secs(60)),
+        ))
+        .service(switchable(down.clone()));
+    svc.ready().await.unwrap().call(1).await.unwrap();
+    down.store(true, SeqCst);
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "item-1");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(svc.ready().await.unwrap().call(1).await.is_err(), "too old to serve");
+}
+
+#[tokio::test]
+async fn last_known_good_memory_is_bounded_under_many_keys() {
+    let cache = LastKnownGood::new(|id: &u32| *id).max_entries(100);
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(cache.clone()))
+        .service(switchable(Arc::new(AtomicBool::new(false))));
+    for id in 0..10_000 {
+        svc.ready().await.unwrap().call(id).await.unwrap();
+    }
+    assert_eq!(cache.len(), 100);
+}
+
+fn breaker() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::new(
+        CircuitBreakerConfig::builder()
+            .sliding_window(SlidingWindow::count_based(4))
+            .minimum_calls(4)
+            .wait_in_open(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn outside_the_breaker_it_answers_rejections_and_the_breaker_still_trips() {
+    let breaker = breaker();
+    let handle = breaker.breaker().clone();
+    let down = Arc::new(AtomicBool::new(true));
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::from_fn(|e: BoxError| {
+            if is_circuit_open(&e) { "breaker open".to_string() } else { "upstream error".to_string() }
+        }))
+        .layer(breaker)
+        .service(switchable(down.clone()));
+    for _ in 0..4 {
+        assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "upstream error");
+    }
+    assert_eq!(handle.state(), State::Open, "the breaker saw the failures");
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "breaker open");
+}
+
+#[tokio::test(start_paused = true)]
+async fn inside_the_breaker_answered_failures_count_as_successes() {
+    let breaker = breaker();
+    let handle = breaker.breaker().clone();
+    let mut svc = ServiceBuilder::new()
+        .layer(breaker)
+        .layer(FallbackLayer::value("default".to_string()))
+        .service(failing());
+    for _ in 0..10 {
+        assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "default");
+    }
+    assert_eq!(handle.state(), State::Closed);
+    assert_eq!(handle.snapshot().failed_calls, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_rejections_get_the_fallback_with_is_circuit_open() {
+    let breaker = breaker();
+    let handle = breaker.breaker().clone();
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::value("cached".to_string()).when(is_circuit_open))
+        .layer(breaker)
+        .service(failing());
+    for _ in 0..4 {
+        assert!(svc.ready().await.unwrap().call(1).await.is_err());
+    }
+    assert_eq!(handle.state(), State::Open);
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "cached");
+}
+
+#[test]
+fn is_circuit_open_walks_the_source_chain() {
+    #[derive(Debug)]
+    struct Wrapper(BoxError);
+    impl std::fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("wrapped")
+        }
+    }
+    impl std::error::Error for Wrapper {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(self.0.as_ref())
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rejection: BoxError = rt.block_on(async {
+        let layer = breaker();
+        layer.breaker().force_open();
+        let mut svc = ServiceBuilder::new().layer(layer).service(failing());
+        svc.ready().await.unwrap().call(1).await.unwrap_err()
+    });
+    assert!(is_circuit_open(&rejection));
+    let wrapped: BoxError = Box::new(Wrapper(rejection));
+    assert!(is_circuit_open(&wrapped));
+    let other: BoxError = "nope".into();
+    assert!(!is_circuit_open(&other));
+}
