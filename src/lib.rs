@@ -49,6 +49,8 @@
 //!
 //! The core layers need only tower and tokio.
 #![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
 
 pub mod circuit_breaker;
 pub mod fallback;

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 use seawall::BoxError;
-use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, SlidingWindow, State};
+use seawall::circuit_breaker::{
+    CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, SlidingWindow, State,
+};
 use tokio::sync::Semaphore;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -30,23 +32,33 @@ async fn half_open_never_admits_more_than_its_permits() {
         // Probes hold here until the test lets them finish.
         let gate = Arc::new(Semaphore::new(0));
         let svc = {
-            let (in_flight, max_in_flight, entered, gate) =
-                (in_flight.clone(), max_in_flight.clone(), entered.clone(), gate.clone());
-            ServiceBuilder::new().layer(layer).service_fn(move |fail: bool| {
-                let (in_flight, max_in_flight, entered, gate) =
-                    (in_flight.clone(), max_in_flight.clone(), entered.clone(), gate.clone());
-                async move {
-                    if fail {
-                        return Err::<(), BoxError>("boom".into());
+            let (in_flight, max_in_flight, entered, gate) = (
+                in_flight.clone(),
+                max_in_flight.clone(),
+                entered.clone(),
+                gate.clone(),
+            );
+            ServiceBuilder::new()
+                .layer(layer)
+                .service_fn(move |fail: bool| {
+                    let (in_flight, max_in_flight, entered, gate) = (
+                        in_flight.clone(),
+                        max_in_flight.clone(),
+                        entered.clone(),
+                        gate.clone(),
+                    );
+                    async move {
+                        if fail {
+                            return Err::<(), BoxError>("boom".into());
+                        }
+                        entered.fetch_add(1, SeqCst);
+                        let now = in_flight.fetch_add(1, SeqCst) + 1;
+                        max_in_flight.fetch_max(now, SeqCst);
+                        gate.acquire().await.unwrap().forget();
+                        in_flight.fetch_sub(1, SeqCst);
+                        Ok(())
                     }
-                    entered.fetch_add(1, SeqCst);
-                    let now = in_flight.fetch_add(1, SeqCst) + 1;
-                    max_in_flight.fetch_max(now, SeqCst);
-                    gate.acquire().await.unwrap().forget();
-                    in_flight.fetch_sub(1, SeqCst);
-                    Ok(())
-                }
-            })
+                })
         };
         // Trip it, then wait (real time, a lower bound only) for half-open.
         let mut s = svc.clone();
@@ -78,8 +90,16 @@ async fn half_open_never_admits_more_than_its_permits() {
         while rejected.load(SeqCst) < 64 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(entered.load(SeqCst), PERMITS, "round {round}: probes admitted");
-        assert_eq!(max_in_flight.load(SeqCst), PERMITS, "round {round}: probes in flight");
+        assert_eq!(
+            entered.load(SeqCst),
+            PERMITS,
+            "round {round}: probes admitted"
+        );
+        assert_eq!(
+            max_in_flight.load(SeqCst),
+            PERMITS,
+            "round {round}: probes in flight"
+        );
         assert_eq!(breaker.state(), State::HalfOpen);
         gate.add_permits(10_000);
         for t in tasks {
@@ -100,10 +120,16 @@ async fn concurrent_outcomes_are_counted_once() {
             .unwrap(),
     );
     let breaker = layer.breaker().clone();
-    let svc = ServiceBuilder::new().layer(layer).service_fn(|fail: bool| async move {
-        tokio::task::yield_now().await;
-        if fail { Err::<(), BoxError>("boom".into()) } else { Ok(()) }
-    });
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(|fail: bool| async move {
+            tokio::task::yield_now().await;
+            if fail {
+                Err::<(), BoxError>("boom".into())
+            } else {
+                Ok(())
+            }
+        });
     let mut tasks = Vec::new();
     for t in 0..8 {
         let mut s = svc.clone();

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use seawall::BoxError;
-use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, Outcome, SlidingWindow, State};
+use seawall::circuit_breaker::{
+    CircuitBreakerConfig, CircuitBreakerLayer, Outcome, SlidingWindow, State,
+};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +46,15 @@ struct Params {
 }
 
 fn params() -> impl Strategy<Value = Params> {
-    (1usize..12, 1u32..=100, 1u32..=100, 50u64..300, 100u64..2_000, 1u32..4, 1usize..4)
+    (
+        1usize..12,
+        1u32..=100,
+        1u32..=100,
+        50u64..300,
+        100u64..2_000,
+        1u32..4,
+        1usize..4,
+    )
         .prop_flat_map(|(window, fail, slow, slow_ms, wait_ms, mult, permitted)| {
             (1..=window).prop_map(move |minimum| Params {
                 window,
@@ -169,22 +179,26 @@ fn run(p: Params, ops: Vec<Op>) -> Result<(), TestCaseError> {
             .permitted_calls_in_half_open(p.permitted as u32)
             .build()
             .expect("valid config");
-        let layer = CircuitBreakerLayer::new(config).with_classifier(
-            |r: Result<&Outcome, &BoxError>| match r {
-                Ok(o) => *o,
-                Err(_) => Outcome::Failure,
-            },
-        );
+        let layer =
+            CircuitBreakerLayer::new(config).with_classifier(|r: Result<&Outcome, &BoxError>| {
+                match r {
+                    Ok(o) => *o,
+                    Err(_) => Outcome::Failure,
+                }
+            });
         let breaker = layer.breaker().clone();
-        let mut svc = ServiceBuilder::new().layer(layer).service_fn(|(o, ms): (Outcome, u64)| async move {
-            if ms > 0 {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            }
-            match o {
-                Outcome::Failure => Err::<Outcome, BoxError>("failed".into()),
-                other => Ok(other),
-            }
-        });
+        let mut svc =
+            ServiceBuilder::new()
+                .layer(layer)
+                .service_fn(|(o, ms): (Outcome, u64)| async move {
+                    if ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    match o {
+                        Outcome::Failure => Err::<Outcome, BoxError>("failed".into()),
+                        other => Ok(other),
+                    }
+                });
         let mut model = Model {
             p,
             now: 0,
@@ -215,7 +229,14 @@ fn run(p: Params, ops: Vec<Op>) -> Result<(), TestCaseError> {
             for _ in 0..4 {
                 tokio::task::yield_now().await;
             }
-            prop_assert_eq!(breaker.state(), model.state, "step {}: {:?}\nmodel: {:?}", i, op, model);
+            prop_assert_eq!(
+                breaker.state(),
+                model.state,
+                "step {}: {:?}\nmodel: {:?}",
+                i,
+                op,
+                model
+            );
             if model.state == State::Closed {
                 let snap = breaker.snapshot();
                 prop_assert_eq!(snap.calls as usize, model.window.len());

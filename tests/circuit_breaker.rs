@@ -37,18 +37,17 @@ fn config() -> seawall::circuit_breaker::CircuitBreakerConfigBuilder {
 type TestSvc = tower::util::BoxCloneService<Do, &'static str, BoxError>;
 
 /// A breaker around a scripted service that counts how often it was called.
-fn scripted(
-    config: CircuitBreakerConfig,
-) -> (TestSvc, Breaker, Arc<AtomicUsize>) {
+fn scripted(config: CircuitBreakerConfig) -> (TestSvc, Breaker, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
-    let layer = CircuitBreakerLayer::new(config).with_classifier(
-        |r: Result<&&'static str, &BoxError>| match r {
-            Ok(_) => Outcome::Success,
-            Err(e) if e.to_string() == "ignored" => Outcome::Ignored,
-            Err(_) => Outcome::Failure,
-        },
-    );
+    let layer =
+        CircuitBreakerLayer::new(config).with_classifier(|r: Result<&&'static str, &BoxError>| {
+            match r {
+                Ok(_) => Outcome::Success,
+                Err(e) if e.to_string() == "ignored" => Outcome::Ignored,
+                Err(_) => Outcome::Failure,
+            }
+        });
     let breaker = layer.breaker().clone();
     let svc = ServiceBuilder::new()
         .layer(layer)
@@ -108,7 +107,11 @@ async fn opens_when_failure_rate_reaches_threshold() {
     let (mut svc, breaker, _) = scripted(config().build().unwrap());
     calls(&mut svc, Do::Succeed, 2).await;
     call(&mut svc, Do::Fail).await.unwrap_err();
-    assert_eq!(breaker.state(), State::Closed, "1 of 3: below minimum calls");
+    assert_eq!(
+        breaker.state(),
+        State::Closed,
+        "1 of 3: below minimum calls"
+    );
     call(&mut svc, Do::Fail).await.unwrap_err();
     // 2 of 4 = 50 %, threshold is 50 %: opens.
     assert_eq!(breaker.state(), State::Open);
@@ -159,7 +162,11 @@ async fn time_window_forgets_failures_older_than_the_window() {
     advance(Duration::from_secs(11)).await;
     assert_eq!(breaker.snapshot().calls, 0, "all expired");
     call(&mut svc, Do::Fail).await.unwrap_err();
-    assert_eq!(breaker.state(), State::Closed, "only one failure in the window");
+    assert_eq!(
+        breaker.state(),
+        State::Closed,
+        "only one failure in the window"
+    );
     calls(&mut svc, Do::Succeed, 2).await;
     advance(Duration::from_secs(5)).await;
     call(&mut svc, Do::Fail).await.unwrap_err();
@@ -206,7 +213,10 @@ async fn open_rejects_without_touching_the_inner_service() {
     tokio_test::assert_ready_ok!(svc.poll_ready());
     let err = svc.call(Do::Succeed).await.unwrap_err();
     assert!(err.is::<CircuitOpen>());
-    assert!(handle.poll_request().is_pending(), "no request reached the inner service");
+    assert!(
+        handle.poll_request().is_pending(),
+        "no request reached the inner service"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -231,8 +241,16 @@ async fn open_rejection_carries_retry_after_and_moves_to_half_open_on_time() {
     );
     advance(Duration::from_millis(1)).await;
     settle().await;
-    assert_eq!(breaker.state(), State::HalfOpen, "moved by the timer, without a call");
-    assert_eq!(inner_calls.load(Ordering::SeqCst), before, "no call while open");
+    assert_eq!(
+        breaker.state(),
+        State::HalfOpen,
+        "moved by the timer, without a call"
+    );
+    assert_eq!(
+        inner_calls.load(Ordering::SeqCst),
+        before,
+        "no call while open"
+    );
     assert_eq!(breaker.snapshot().rejected_calls, 2);
 }
 
@@ -253,7 +271,10 @@ async fn half_open_closes_after_successful_probes_with_an_empty_window() {
     call(&mut svc, Do::Succeed).await.unwrap();
     assert_eq!(breaker.state(), State::Closed);
     let snap = breaker.snapshot();
-    assert_eq!((snap.calls, snap.failed_calls, snap.consecutive_trips), (0, 0, 0));
+    assert_eq!(
+        (snap.calls, snap.failed_calls, snap.consecutive_trips),
+        (0, 0, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -270,14 +291,22 @@ async fn half_open_reopens_when_probes_fail_with_a_growing_wait() {
     // 1 of 2 probes failed = 50 % ≥ 50 %.
     assert_eq!(breaker.state(), State::Open);
     let open = rejection(call(&mut svc, Do::Succeed).await);
-    assert_eq!(open.retry_after(), Some(Duration::from_secs(20)), "second trip: 10 s × 2");
+    assert_eq!(
+        open.retry_after(),
+        Some(Duration::from_secs(20)),
+        "second trip: 10 s × 2"
+    );
     assert_eq!(breaker.snapshot().consecutive_trips, 2);
 
     advance(Duration::from_secs(20)).await;
     settle().await;
     calls(&mut svc, Do::Fail, 2).await;
     let open = rejection(call(&mut svc, Do::Succeed).await);
-    assert_eq!(open.retry_after(), Some(Duration::from_secs(25)), "third trip: capped");
+    assert_eq!(
+        open.retry_after(),
+        Some(Duration::from_secs(25)),
+        "third trip: capped"
+    );
 
     // Closing resets the growth.
     advance(Duration::from_secs(25)).await;
@@ -316,7 +345,10 @@ async fn half_open_admits_exactly_the_permitted_probes() {
     // The third is ready too, but only to reject.
     c.ready().await.unwrap();
     let rejected = c.call(Do::Succeed).await.unwrap_err();
-    assert_eq!(rejected.downcast_ref::<CircuitOpen>().unwrap().state(), State::HalfOpen);
+    assert_eq!(
+        rejected.downcast_ref::<CircuitOpen>().unwrap().state(),
+        State::HalfOpen
+    );
 
     // Dropping a reserved service gives its permit back.
     drop(b);
@@ -344,7 +376,11 @@ async fn ignored_probe_frees_its_permit() {
     let (mut svc, breaker, _) = scripted(config().build().unwrap());
     open_then_half_open(&mut svc, &breaker).await;
     calls(&mut svc, Do::Ignore, 5).await;
-    assert_eq!(breaker.state(), State::HalfOpen, "ignored probes decide nothing");
+    assert_eq!(
+        breaker.state(),
+        State::HalfOpen,
+        "ignored probes decide nothing"
+    );
     calls(&mut svc, Do::Succeed, 2).await;
     assert_eq!(breaker.state(), State::Closed);
 }
@@ -360,10 +396,15 @@ async fn half_open_times_out_when_probes_hang() {
     open_then_half_open(&mut svc, &breaker).await;
     let mut s1 = svc.clone();
     let mut s2 = svc.clone();
-    let hang1 = tokio::spawn(async move { call(&mut s1, Do::SucceedAfter(Duration::from_secs(12))).await });
-    let hang2 = tokio::spawn(async move { call(&mut s2, Do::SucceedAfter(Duration::from_secs(12))).await });
+    let hang1 =
+        tokio::spawn(async move { call(&mut s1, Do::SucceedAfter(Duration::from_secs(12))).await });
+    let hang2 =
+        tokio::spawn(async move { call(&mut s2, Do::SucceedAfter(Duration::from_secs(12))).await });
     settle().await;
-    assert_eq!(rejection(call(&mut svc, Do::Succeed).await).state(), State::HalfOpen);
+    assert_eq!(
+        rejection(call(&mut svc, Do::Succeed).await).state(),
+        State::HalfOpen
+    );
     advance(Duration::from_secs(3)).await;
     settle().await;
     assert_eq!(breaker.state(), State::Open);
@@ -384,12 +425,20 @@ async fn forced_open_disabled_and_reset() {
     assert_eq!(open.retry_after(), None);
     advance(Duration::from_secs(3600)).await;
     settle().await;
-    assert_eq!(breaker.state(), State::ForcedOpen, "no timer leaves forced open");
+    assert_eq!(
+        breaker.state(),
+        State::ForcedOpen,
+        "no timer leaves forced open"
+    );
 
     breaker.disable();
     calls(&mut svc, Do::Fail, 20).await;
     assert_eq!(breaker.state(), State::Disabled);
-    assert_eq!(breaker.snapshot().calls, 0, "nothing recorded while disabled");
+    assert_eq!(
+        breaker.snapshot().calls,
+        0,
+        "nothing recorded while disabled"
+    );
     assert_eq!(inner_calls.load(Ordering::SeqCst), 20);
 
     breaker.reset();
@@ -406,16 +455,26 @@ async fn events_report_transitions_and_rejections() {
     let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let sink = seen.clone();
     breaker.on_event(move |e| sink.lock().push(*e.kind()));
-    let mut rx = breaker.subscribe();
+    let mut rx = breaker.subscribe_all();
+    let mut transitions = breaker.subscribe();
 
     open_then_half_open(&mut svc, &breaker).await;
     calls(&mut svc, Do::Fail, 2).await;
     let _ = call(&mut svc, Do::Succeed).await;
 
     let expected = vec![
-        EventKind::StateTransition { from: State::Closed, to: State::Open },
-        EventKind::StateTransition { from: State::Open, to: State::HalfOpen },
-        EventKind::StateTransition { from: State::HalfOpen, to: State::Open },
+        EventKind::StateTransition {
+            from: State::Closed,
+            to: State::Open,
+        },
+        EventKind::StateTransition {
+            from: State::Open,
+            to: State::HalfOpen,
+        },
+        EventKind::StateTransition {
+            from: State::HalfOpen,
+            to: State::Open,
+        },
         EventKind::CallRejected { state: State::Open },
     ];
     assert_eq!(*seen.lock(), expected);
@@ -425,6 +484,19 @@ async fn events_report_transitions_and_rejections() {
         received.push(*e.kind());
     }
     assert_eq!(received, expected);
+    let mut only = Vec::new();
+    while let Ok(e) = transitions.try_recv() {
+        if e.kind()
+            == &(EventKind::StateTransition {
+                from: State::HalfOpen,
+                to: State::Open,
+            })
+        {
+            assert_eq!(e.retry_at().unwrap() - e.at(), Duration::from_secs(10));
+        }
+        only.push(*e.kind());
+    }
+    assert_eq!(only, expected[..3]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -446,7 +518,10 @@ async fn tower_timeouts_count_as_failures() {
             .call(Duration::from_secs(1))
             .await
             .unwrap_err();
-        assert!(err.is::<tower::timeout::error::Elapsed>(), "inner errors pass through unchanged");
+        assert!(
+            err.is::<tower::timeout::error::Elapsed>(),
+            "inner errors pass through unchanged"
+        );
     }
     assert_eq!(breaker.state(), State::Open);
 }
@@ -466,11 +541,14 @@ async fn clones_share_one_breaker() {
 #[test]
 fn works_without_a_tokio_runtime() {
     // No runtime: no timer task, so the admission path reads the clock.
-    let breaker = Breaker::new(config().wait_in_open(Duration::from_millis(5)).build().unwrap());
+    let breaker = Breaker::new(
+        config()
+            .wait_in_open(Duration::from_millis(5))
+            .build()
+            .unwrap(),
+    );
     let mut svc = CircuitBreaker::with_breaker(
-        tower::service_fn(|fail: bool| async move {
-            if fail { Err("boom") } else { Ok("ok") }
-        }),
+        tower::service_fn(|fail: bool| async move { if fail { Err("boom") } else { Ok("ok") } }),
         breaker.clone(),
     );
     futures::executor::block_on(async {
@@ -494,8 +572,13 @@ async fn jittered_waits_stay_within_bounds() {
     let mut seen = Vec::new();
     for _ in 0..20 {
         calls(&mut svc, Do::Fail, 4).await;
-        let after = rejection(call(&mut svc, Do::Succeed).await).retry_after().unwrap();
-        assert!(after >= Duration::from_secs(5) && after <= Duration::from_secs(10), "{after:?}");
+        let after = rejection(call(&mut svc, Do::Succeed).await)
+            .retry_after()
+            .unwrap();
+        assert!(
+            after >= Duration::from_secs(5) && after <= Duration::from_secs(15),
+            "{after:?}"
+        );
         seen.push(after);
         breaker.reset();
     }
@@ -515,9 +598,11 @@ mod http_classifier {
         let layer = CircuitBreakerLayer::new(config().build().unwrap())
             .with_classifier(HttpClassifier::new());
         let breaker = layer.breaker().clone();
-        let mut svc = ServiceBuilder::new().layer(layer).service_fn(|s: u16| async move {
-            Ok::<_, BoxError>(Response::builder().status(s).body(()).unwrap())
-        });
+        let mut svc = ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(|s: u16| async move {
+                Ok::<_, BoxError>(Response::builder().status(s).body(()).unwrap())
+            });
         for _ in 0..10 {
             let r = svc.ready().await.unwrap().call(404).await.unwrap();
             assert_eq!(r.status(), StatusCode::NOT_FOUND);
@@ -552,7 +637,10 @@ mod metrics_reporting {
             .into_iter()
             .map(|(key, _, _, value)| {
                 let k = key.key();
-                let labels = k.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+                let labels = k
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
                 (k.name().to_string(), labels, value)
             })
             .collect();
@@ -571,7 +659,10 @@ mod metrics_reporting {
             Some(&DebugValue::Counter(3))
         );
         assert_eq!(
-            find("seawall_circuit_breaker_rejected_calls_total", "breaker=metered"),
+            find(
+                "seawall_circuit_breaker_rejected_calls_total",
+                "breaker=metered"
+            ),
             Some(&DebugValue::Counter(1))
         );
         assert_eq!(

@@ -14,11 +14,17 @@ fn failing() -> impl Service<u32, Response = String, Error = BoxError> + Clone {
 }
 
 /// A service that answers `item-{id}` until `down` is set.
-fn switchable(down: Arc<AtomicBool>) -> impl Service<u32, Response = String, Error = BoxError> + Clone {
+fn switchable(
+    down: Arc<AtomicBool>,
+) -> impl Service<u32, Response = String, Error = BoxError> + Clone {
     tower::service_fn(move |id: u32| {
         let down = down.load(SeqCst);
         async move {
-            if down { Err::<String, BoxError>("down".into()) } else { Ok(format!("item-{id}")) }
+            if down {
+                Err::<String, BoxError>("down".into())
+            } else {
+                Ok(format!("item-{id}"))
+            }
         }
     })
 }
@@ -34,9 +40,14 @@ async fn value_answers_every_failure() {
 #[tokio::test]
 async fn from_fn_sees_the_error() {
     let mut svc = ServiceBuilder::new()
-        .layer(FallbackLayer::from_fn(|e: BoxError| format!("fallback for: {e}")))
+        .layer(FallbackLayer::from_fn(|e: BoxError| {
+            format!("fallback for: {e}")
+        }))
         .service(failing());
-    assert_eq!(svc.ready().await.unwrap().call(7).await.unwrap(), "fallback for: no 7");
+    assert_eq!(
+        svc.ready().await.unwrap().call(7).await.unwrap(),
+        "fallback for: no 7"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -47,7 +58,10 @@ async fn from_async_fn_runs_a_future() {
             format!("later: {e}")
         }))
         .service(failing());
-    assert_eq!(svc.ready().await.unwrap().call(3).await.unwrap(), "later: no 3");
+    assert_eq!(
+        svc.ready().await.unwrap().call(3).await.unwrap(),
+        "later: no 3"
+    );
 }
 
 #[tokio::test]
@@ -62,11 +76,18 @@ async fn successes_pass_untouched() {
 #[tokio::test]
 async fn when_limits_the_fallback_to_matching_errors() {
     let mut svc = ServiceBuilder::new()
-        .layer(FallbackLayer::value("default".to_string()).when(|e: &BoxError| e.to_string() == "no 1"))
+        .layer(
+            FallbackLayer::value("default".to_string())
+                .when(|e: &BoxError| e.to_string() == "no 1"),
+        )
         .service(failing());
     assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "default");
     let err = svc.ready().await.unwrap().call(2).await.unwrap_err();
-    assert_eq!(err.to_string(), "no 2", "other errors pass through unchanged");
+    assert_eq!(
+        err.to_string(),
+        "no 2",
+        "other errors pass through unchanged"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -83,14 +104,21 @@ async fn last_known_good_serves_the_latest_success_per_key() {
     assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "item-1");
     assert_eq!(svc.ready().await.unwrap().call(2).await.unwrap(), "item-2");
     let err = svc.ready().await.unwrap().call(3).await.unwrap_err();
-    assert_eq!(err.to_string(), "down", "no cached answer: the error passes through");
+    assert_eq!(
+        err.to_string(),
+        "down",
+        "no cached answer: the error passes through"
+    );
 
     // Bounded: a third key evicts the oldest.
     down.store(false, SeqCst);
     svc.ready().await.unwrap().call(3).await.unwrap();
     assert_eq!(cache.len(), 2);
     down.store(true, SeqCst);
-    assert!(svc.ready().await.unwrap().call(1).await.is_err(), "key 1 was evicted");
+    assert!(
+        svc.ready().await.unwrap().call(1).await.is_err(),
+        "key 1 was evicted"
+    );
     assert_eq!(svc.ready().await.unwrap().call(3).await.unwrap(), "item-3");
 }
 
@@ -107,7 +135,10 @@ async fn last_known_good_respects_max_age() {
     tokio::time::advance(Duration::from_secs(59)).await;
     assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "item-1");
     tokio::time::advance(Duration::from_secs(1)).await;
-    assert!(svc.ready().await.unwrap().call(1).await.is_err(), "too old to serve");
+    assert!(
+        svc.ready().await.unwrap().call(1).await.is_err(),
+        "too old to serve"
+    );
 }
 
 #[tokio::test]
@@ -140,15 +171,25 @@ async fn outside_the_breaker_it_answers_rejections_and_the_breaker_still_trips()
     let down = Arc::new(AtomicBool::new(true));
     let mut svc = ServiceBuilder::new()
         .layer(FallbackLayer::from_fn(|e: BoxError| {
-            if is_circuit_open(&e) { "breaker open".to_string() } else { "upstream error".to_string() }
+            if is_circuit_open(&e) {
+                "breaker open".to_string()
+            } else {
+                "upstream error".to_string()
+            }
         }))
         .layer(breaker)
         .service(switchable(down.clone()));
     for _ in 0..4 {
-        assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "upstream error");
+        assert_eq!(
+            svc.ready().await.unwrap().call(1).await.unwrap(),
+            "upstream error"
+        );
     }
     assert_eq!(handle.state(), State::Open, "the breaker saw the failures");
-    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "breaker open");
+    assert_eq!(
+        svc.ready().await.unwrap().call(1).await.unwrap(),
+        "breaker open"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -195,7 +236,10 @@ fn is_circuit_open_walks_the_source_chain() {
             Some(self.0.as_ref())
         }
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let rejection: BoxError = rt.block_on(async {
         let layer = breaker();
         layer.breaker().force_open();

@@ -96,13 +96,22 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::FailureRateThreshold(v) => {
-                write!(f, "invalid failure_rate_threshold {v}: must be a percentage in (0, 100]")
+                write!(
+                    f,
+                    "invalid failure_rate_threshold {v}: must be a percentage in (0, 100]"
+                )
             }
             Self::SlowCallRateThreshold(v) => {
-                write!(f, "invalid slow_call_rate_threshold {v}: must be a percentage in (0, 100]")
+                write!(
+                    f,
+                    "invalid slow_call_rate_threshold {v}: must be a percentage in (0, 100]"
+                )
             }
             Self::SlowCallDuration(d) => {
-                write!(f, "invalid slow_call_duration {d:?}: must be greater than zero")
+                write!(
+                    f,
+                    "invalid slow_call_duration {d:?}: must be greater than zero"
+                )
             }
             Self::WindowSize(n) => write!(
                 f,
@@ -121,10 +130,16 @@ impl fmt::Display for ConfigError {
                 write!(f, "invalid wait_in_open {d:?}: must be greater than zero")
             }
             Self::BackoffMultiplier(m) => {
-                write!(f, "invalid backoff multiplier {m}: must be finite and at least 1")
+                write!(
+                    f,
+                    "invalid backoff multiplier {m}: must be finite and at least 1"
+                )
             }
             Self::BackoffMax(d) => {
-                write!(f, "invalid backoff max {d:?}: must be at least wait_in_open")
+                write!(
+                    f,
+                    "invalid backoff max {d:?}: must be at least wait_in_open"
+                )
             }
             Self::Jitter(j) => write!(f, "invalid jitter {j}: must be a fraction in [0, 1)"),
             Self::PermittedCallsInHalfOpen(n) => write!(
@@ -132,7 +147,10 @@ impl fmt::Display for ConfigError {
                 "invalid permitted_calls_in_half_open {n}: must be between 1 and {MAX_WINDOW_SIZE}"
             ),
             Self::MaxWaitInHalfOpen(d) => {
-                write!(f, "invalid max_wait_in_half_open {d:?}: must be greater than zero")
+                write!(
+                    f,
+                    "invalid max_wait_in_half_open {d:?}: must be greater than zero"
+                )
             }
             Self::EmptyName => f.write_str("invalid name: must not be empty"),
         }
@@ -156,14 +174,10 @@ impl WaitPolicy {
     pub(crate) fn wait(&self, trip: u32, unit: f64) -> Duration {
         let exp = trip.saturating_sub(1).min(1024) as i32;
         let grown = self.base.as_secs_f64() * self.multiplier.powi(exp);
+        // The cap applies before the jitter, so that waits at the cap still spread.
         let capped = grown.min(self.max.as_secs_f64());
-        let jittered = if self.jitter > 0.0 {
-            capped * (1.0 - self.jitter + 2.0 * self.jitter * unit)
-        } else {
-            capped
-        };
-        // Never below a millisecond, never above the cap.
-        Duration::from_secs_f64(jittered.clamp(0.001, self.max.as_secs_f64().max(0.001)))
+        let jittered = capped * (1.0 - self.jitter + 2.0 * self.jitter * unit);
+        Duration::from_secs_f64(jittered.max(0.001))
     }
 }
 
@@ -226,6 +240,7 @@ impl CircuitBreakerConfig {
     pub fn builder() -> CircuitBreakerConfigBuilder {
         CircuitBreakerConfigBuilder {
             config: Self::default(),
+            backoff: None,
         }
     }
 
@@ -293,6 +308,7 @@ impl CircuitBreakerConfig {
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerConfigBuilder {
     config: CircuitBreakerConfig,
+    backoff: Option<(f64, Duration)>,
 }
 
 impl CircuitBreakerConfigBuilder {
@@ -343,9 +359,6 @@ impl CircuitBreakerConfigBuilder {
     #[must_use]
     pub fn wait_in_open(mut self, wait: Duration) -> Self {
         self.config.wait.base = wait;
-        if self.config.wait.multiplier == 1.0 {
-            self.config.wait.max = wait;
-        }
         self
     }
 
@@ -353,13 +366,12 @@ impl CircuitBreakerConfigBuilder {
     /// without closing in between), up to `max`. A successful close resets the growth.
     #[must_use]
     pub fn exponential_backoff(mut self, multiplier: f64, max: Duration) -> Self {
-        self.config.wait.multiplier = multiplier;
-        self.config.wait.max = max;
+        self.backoff = Some((multiplier, max));
         self
     }
 
-    /// Spreads the open wait uniformly over `wait × (1 ± jitter)`, still capped by the backoff
-    /// maximum, so that a fleet of clients does not probe in lockstep.
+    /// Spreads the open wait uniformly over `wait × (1 ± jitter)` (the backoff cap applies
+    /// before the jitter), so that a fleet of clients does not probe in lockstep.
     #[must_use]
     pub fn jitter(mut self, jitter: f64) -> Self {
         self.config.wait.jitter = jitter;
@@ -383,7 +395,8 @@ impl CircuitBreakerConfigBuilder {
 
     /// Validates every setting.
     pub fn build(self) -> Result<CircuitBreakerConfig, ConfigError> {
-        let c = self.config;
+        let mut c = self.config;
+        (c.wait.multiplier, c.wait.max) = self.backoff.unwrap_or((1.0, c.wait.base));
         let percent = |v: f64| v.is_finite() && v > 0.0 && v <= 100.0;
         if c.name.is_empty() {
             return Err(ConfigError::EmptyName);
@@ -392,7 +405,9 @@ impl CircuitBreakerConfigBuilder {
             return Err(ConfigError::FailureRateThreshold(c.failure_rate_threshold));
         }
         if !percent(c.slow_call_rate_threshold) {
-            return Err(ConfigError::SlowCallRateThreshold(c.slow_call_rate_threshold));
+            return Err(ConfigError::SlowCallRateThreshold(
+                c.slow_call_rate_threshold,
+            ));
         }
         if let Some(d) = c.slow_call_duration {
             if d.is_zero() {
@@ -432,8 +447,7 @@ impl CircuitBreakerConfigBuilder {
         if !(c.wait.jitter.is_finite() && (0.0..1.0).contains(&c.wait.jitter)) {
             return Err(ConfigError::Jitter(c.wait.jitter));
         }
-        if c.permitted_calls_in_half_open == 0 || c.permitted_calls_in_half_open > MAX_WINDOW_SIZE
-        {
+        if c.permitted_calls_in_half_open == 0 || c.permitted_calls_in_half_open > MAX_WINDOW_SIZE {
             return Err(ConfigError::PermittedCallsInHalfOpen(
                 c.permitted_calls_in_half_open,
             ));
@@ -453,7 +467,9 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        let c = CircuitBreakerConfig::builder().build().expect("defaults valid");
+        let c = CircuitBreakerConfig::builder()
+            .build()
+            .expect("defaults valid");
         assert_eq!(c, CircuitBreakerConfig::default());
     }
 
@@ -462,32 +478,58 @@ mod tests {
         let b = || CircuitBreakerConfig::builder();
         let cases: Vec<(CircuitBreakerConfigBuilder, ConfigError)> = vec![
             (b().name(""), ConfigError::EmptyName),
-            (b().failure_rate_threshold(0.0), ConfigError::FailureRateThreshold(0.0)),
-            (b().failure_rate_threshold(100.5), ConfigError::FailureRateThreshold(100.5)),
-            (b().slow_call_rate_threshold(-1.0), ConfigError::SlowCallRateThreshold(-1.0)),
-            (b().slow_call_duration(Duration::ZERO), ConfigError::SlowCallDuration(Duration::ZERO)),
-            (b().sliding_window(SlidingWindow::count_based(0)), ConfigError::WindowSize(0)),
+            (
+                b().failure_rate_threshold(0.0),
+                ConfigError::FailureRateThreshold(0.0),
+            ),
+            (
+                b().failure_rate_threshold(100.5),
+                ConfigError::FailureRateThreshold(100.5),
+            ),
+            (
+                b().slow_call_rate_threshold(-1.0),
+                ConfigError::SlowCallRateThreshold(-1.0),
+            ),
+            (
+                b().slow_call_duration(Duration::ZERO),
+                ConfigError::SlowCallDuration(Duration::ZERO),
+            ),
+            (
+                b().sliding_window(SlidingWindow::count_based(0)),
+                ConfigError::WindowSize(0),
+            ),
             (
                 b().sliding_window(SlidingWindow::count_based(MAX_WINDOW_SIZE + 1)),
                 ConfigError::WindowSize(MAX_WINDOW_SIZE + 1),
             ),
             (
-                b().sliding_window(SlidingWindow::count_based(10)).minimum_calls(11),
+                b().sliding_window(SlidingWindow::count_based(10))
+                    .minimum_calls(11),
                 ConfigError::MinimumCalls(11),
             ),
             (
-                b().sliding_window(SlidingWindow::count_based(10)).minimum_calls(0),
+                b().sliding_window(SlidingWindow::count_based(10))
+                    .minimum_calls(0),
                 ConfigError::MinimumCalls(0),
             ),
             (
                 b().sliding_window(SlidingWindow::time_based(Duration::from_millis(5), 10)),
-                ConfigError::TimeWindow { window: Duration::from_millis(5), buckets: 10 },
+                ConfigError::TimeWindow {
+                    window: Duration::from_millis(5),
+                    buckets: 10,
+                },
             ),
             (
                 b().sliding_window(SlidingWindow::time_based(Duration::from_secs(5), 0)),
-                ConfigError::TimeWindow { window: Duration::from_secs(5), buckets: 0 },
+                ConfigError::TimeWindow {
+                    window: Duration::from_secs(5),
+                    buckets: 0,
+                },
             ),
-            (b().wait_in_open(Duration::ZERO), ConfigError::WaitInOpen(Duration::ZERO)),
+            (
+                b().wait_in_open(Duration::ZERO),
+                ConfigError::WaitInOpen(Duration::ZERO),
+            ),
             (
                 b().exponential_backoff(0.5, Duration::from_secs(600)),
                 ConfigError::BackoffMultiplier(0.5),
@@ -498,7 +540,10 @@ mod tests {
             ),
             (b().jitter(1.0), ConfigError::Jitter(1.0)),
             (b().jitter(f64::NAN), ConfigError::Jitter(f64::NAN)),
-            (b().permitted_calls_in_half_open(0), ConfigError::PermittedCallsInHalfOpen(0)),
+            (
+                b().permitted_calls_in_half_open(0),
+                ConfigError::PermittedCallsInHalfOpen(0),
+            ),
             (
                 b().max_wait_in_half_open(Duration::ZERO),
                 ConfigError::MaxWaitInHalfOpen(Duration::ZERO),
@@ -509,6 +554,30 @@ mod tests {
             // NaN != NaN: compare the rendered text, which names the field.
             assert_eq!(err.to_string(), expected.to_string());
         }
+    }
+
+    #[test]
+    fn backoff_and_wait_can_be_set_in_any_order() {
+        let a = CircuitBreakerConfig::builder()
+            .exponential_backoff(2.0, Duration::from_secs(60))
+            .wait_in_open(Duration::from_secs(5))
+            .build()
+            .expect("valid");
+        let b = CircuitBreakerConfig::builder()
+            .wait_in_open(Duration::from_secs(5))
+            .exponential_backoff(2.0, Duration::from_secs(60))
+            .build()
+            .expect("valid");
+        assert_eq!(a, b);
+        assert_eq!(a.wait.max, Duration::from_secs(60));
+        let plain = CircuitBreakerConfig::builder()
+            .wait_in_open(Duration::from_secs(5))
+            .build()
+            .expect("valid");
+        assert_eq!(
+            (plain.wait.multiplier, plain.wait.max),
+            (1.0, Duration::from_secs(5))
+        );
     }
 
     #[test]
@@ -534,12 +603,18 @@ mod tests {
             max: Duration::from_secs(10),
             jitter: 0.2,
         };
+        let mut above = 0;
         for i in 0..100 {
             let unit = f64::from(i) / 100.0;
             let d = w.wait(1, unit);
-            assert!(d >= Duration::from_secs(8) && d <= Duration::from_secs(10), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(8) && d < Duration::from_secs(12),
+                "{d:?}"
+            );
+            above += usize::from(d > Duration::from_secs(10));
         }
-        let low = w.wait(1, 0.0);
-        assert_eq!(low, Duration::from_secs(8));
+        assert_eq!(w.wait(1, 0.0), Duration::from_secs(8));
+        assert_eq!(w.wait(1, 0.5), Duration::from_secs(10));
+        assert_eq!(above, 49, "half the draws lie above the base wait");
     }
 }

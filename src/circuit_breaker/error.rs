@@ -53,8 +53,8 @@ impl CircuitOpen {
     }
 
     /// How long from now until the breaker admits a probe, if known (see
-    /// [`retry_at`](Self::retry_at)); zero when that moment has passed. Suitable for a
-    /// `Retry-After` header, rounded up to whole seconds.
+    /// [`retry_at`](Self::retry_at)); zero when that moment has passed. For a
+    /// `Retry-After` header, round it up to whole seconds.
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_at
             .map(|at| at.saturating_duration_since(Instant::now()))

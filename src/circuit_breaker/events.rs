@@ -10,8 +10,9 @@ use tokio::time::Instant;
 
 use super::State;
 
-/// Capacity of the channel behind [`Breaker::subscribe`](super::Breaker::subscribe); a
-/// subscriber that falls further behind sees `RecvError::Lagged`.
+/// Capacity of the channels behind [`Breaker::subscribe`](super::Breaker::subscribe) and
+/// [`Breaker::subscribe_all`](super::Breaker::subscribe_all); a subscriber that falls further
+/// behind sees `RecvError::Lagged`.
 pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
 
 /// Something that happened to a breaker.
@@ -20,6 +21,7 @@ pub struct Event {
     breaker: Arc<str>,
     at: Instant,
     kind: EventKind,
+    retry_at: Option<Instant>,
 }
 
 impl Event {
@@ -37,6 +39,12 @@ impl Event {
     pub fn kind(&self) -> &EventKind {
         &self.kind
     }
+
+    /// For a move to [`State::Open`] or a rejection while open: when the breaker will admit
+    /// probes.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
 }
 
 impl fmt::Display for Event {
@@ -46,7 +54,11 @@ impl fmt::Display for Event {
                 write!(f, "circuit breaker '{}': {from} -> {to}", self.breaker)
             }
             EventKind::CallRejected { state } => {
-                write!(f, "circuit breaker '{}': call rejected ({state})", self.breaker)
+                write!(
+                    f,
+                    "circuit breaker '{}': call rejected ({state})",
+                    self.breaker
+                )
             }
         }
     }
@@ -76,14 +88,18 @@ type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
 pub(crate) struct Events {
     active: AtomicBool,
     callbacks: RwLock<Vec<Callback>>,
-    tx: OnceLock<broadcast::Sender<Event>>,
+    /// Transitions only.
+    transitions: OnceLock<broadcast::Sender<Event>>,
+    /// Everything.
+    all: OnceLock<broadcast::Sender<Event>>,
 }
 
 impl fmt::Debug for Events {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Events")
             .field("callbacks", &self.callbacks.read().len())
-            .field("subscribed", &self.tx.get().is_some())
+            .field("transitions", &self.transitions.get().is_some())
+            .field("all", &self.all.get().is_some())
             .finish()
     }
 }
@@ -93,7 +109,8 @@ impl Events {
         Self {
             active: AtomicBool::new(false),
             callbacks: RwLock::new(Vec::new()),
-            tx: OnceLock::new(),
+            transitions: OnceLock::new(),
+            all: OnceLock::new(),
         }
     }
 
@@ -107,9 +124,8 @@ impl Events {
         self.active.store(true, Relaxed);
     }
 
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
-        let rx = self
-            .tx
+    pub(crate) fn subscribe(&self, all: bool) -> broadcast::Receiver<Event> {
+        let rx = if all { &self.all } else { &self.transitions }
             .get_or_init(|| broadcast::channel(EVENT_CHANNEL_CAPACITY).0)
             .subscribe();
         self.active.store(true, Relaxed);
@@ -118,19 +134,25 @@ impl Events {
 
     /// Delivers an event; call only after [`is_active`](Self::is_active) said yes.
     #[cold]
-    pub(crate) fn emit(&self, breaker: &Arc<str>, kind: EventKind) {
+    pub(crate) fn emit(&self, breaker: &Arc<str>, kind: EventKind, retry_at: Option<Instant>) {
         let event = Event {
             breaker: breaker.clone(),
             at: Instant::now(),
             kind,
+            retry_at,
         };
         // Clone the list so that a callback may register another without deadlocking.
         let callbacks: Vec<Callback> = self.callbacks.read().clone();
         for cb in &callbacks {
             cb(&event);
         }
-        if let Some(tx) = self.tx.get() {
-            // No receiver left is not an error worth reporting.
+        // No receiver left is not an error worth reporting.
+        if matches!(event.kind, EventKind::StateTransition { .. }) {
+            if let Some(tx) = self.transitions.get() {
+                let _ = tx.send(event.clone());
+            }
+        }
+        if let Some(tx) = self.all.get() {
             let _ = tx.send(event);
         }
     }

@@ -15,7 +15,10 @@ use super::state::{ProbePermit, Shared};
 use crate::BoxError;
 
 pub(crate) enum Ticket {
-    Closed { shared: Arc<Shared>, generation: u64 },
+    Closed {
+        shared: Arc<Shared>,
+        generation: u64,
+    },
     Probe(ProbePermit),
 }
 

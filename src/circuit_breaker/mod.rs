@@ -79,8 +79,10 @@
 //!
 //! # Observing
 //!
-//! [`Breaker::subscribe`] and [`Breaker::on_event`] deliver [`Event`]s: state transitions and
-//! rejected calls. While nobody listens they cost one relaxed atomic load.
+//! [`Breaker::on_event`] (a callback) and [`Breaker::subscribe_all`] (a channel) deliver every
+//! [`Event`]: state transitions and rejected calls; [`Breaker::subscribe`] delivers the
+//! transitions only. A move to open carries the time probes resume. While nobody listens,
+//! events cost one relaxed atomic load.
 //!
 //! With the `metrics` feature, each breaker reports (label `breaker` = its name):
 //!

@@ -71,8 +71,10 @@ impl Registry {
             .iter()
             .map(|(n, b)| (n.clone(), b.clone()))
             .collect();
-        let mut out: Vec<(String, Snapshot)> =
-            breakers.into_iter().map(|(n, b)| (n, b.snapshot())).collect();
+        let mut out: Vec<(String, Snapshot)> = breakers
+            .into_iter()
+            .map(|(n, b)| (n, b.snapshot()))
+            .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }

@@ -187,7 +187,9 @@ impl Shared {
             }
         };
         let name: Arc<str> = Arc::from(config.name.as_ref());
-        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
         Self {
             #[cfg(feature = "metrics")]
             metrics: super::telemetry::Metrics::new(&name),
@@ -249,8 +251,7 @@ impl Shared {
                 let until = self.open_until.load(Relaxed);
                 // A timer task moves the breaker to half-open on time; without one (no
                 // runtime when it tripped) the clock is read here.
-                if self.timer_gen.load(Relaxed) != generation
-                    && self.nanos(Instant::now()) >= until
+                if self.timer_gen.load(Relaxed) != generation && self.nanos(Instant::now()) >= until
                 {
                     self.transition(Some(w), State::HalfOpen);
                     return None;
@@ -293,7 +294,7 @@ impl Shared {
         tracing::debug!(breaker = %self.name, %state, "circuit breaker rejected a call");
         if self.events.is_active() {
             self.events
-                .emit(&self.name, EventKind::CallRejected { state });
+                .emit(&self.name, EventKind::CallRejected { state }, retry_at);
         }
         Admission::Rejected(CircuitOpen::new(self.name.clone(), state, retry_at))
     }
@@ -445,8 +446,12 @@ impl Shared {
             tracing::info!(breaker = %self.name, %from, %to, "circuit breaker state changed");
         }
         if self.events.is_active() {
-            self.events
-                .emit(&self.name, EventKind::StateTransition { from, to });
+            let retry_at = (to == State::Open).then(|| self.instant(self.open_until.load(Relaxed)));
+            self.events.emit(
+                &self.name,
+                EventKind::StateTransition { from, to },
+                retry_at,
+            );
         }
         true
     }
@@ -640,10 +645,17 @@ impl Breaker {
         self.shared.events.add_callback(Arc::new(f));
     }
 
-    /// A channel of later events (capacity
-    /// [`EVENT_CHANNEL_CAPACITY`](super::EVENT_CHANNEL_CAPACITY)).
+    /// A channel of later state transitions (capacity
+    /// [`EVENT_CHANNEL_CAPACITY`](super::EVENT_CHANNEL_CAPACITY)). Rejections are left out,
+    /// so a flood of them cannot push transitions out of a slow subscriber's buffer.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
-        self.shared.events.subscribe()
+        self.shared.events.subscribe(false)
+    }
+
+    /// A channel of every later event, rejections included (capacity
+    /// [`EVENT_CHANNEL_CAPACITY`](super::EVENT_CHANNEL_CAPACITY)).
+    pub fn subscribe_all(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.shared.events.subscribe(true)
     }
 
     /// A layer that wraps services with this breaker.

@@ -44,10 +44,9 @@ impl CountWindow {
     #[inline]
     pub(crate) fn record(&self, flags: u8) -> bool {
         let len = self.slots.len() as u32;
-        let idx = match self
-            .cursor
-            .fetch_update(Relaxed, Relaxed, |c| Some(if c + 1 >= len { 0 } else { c + 1 }))
-        {
+        let idx = match self.cursor.fetch_update(Relaxed, Relaxed, |c| {
+            Some(if c + 1 >= len { 0 } else { c + 1 })
+        }) {
             Ok(c) | Err(c) => c,
         };
         let old = self.slots[idx as usize].swap(flags, Relaxed);
@@ -199,10 +198,24 @@ mod tests {
         assert!(w.record(PRESENT | FAILED));
         assert!(w.record(PRESENT));
         assert!(w.record(PRESENT | SLOW));
-        assert_eq!(w.counts(), Counts { total: 3, failed: 1, slow: 1 });
+        assert_eq!(
+            w.counts(),
+            Counts {
+                total: 3,
+                failed: 1,
+                slow: 1
+            }
+        );
         // Overwrites the failure.
         assert!(w.record(PRESENT));
-        assert_eq!(w.counts(), Counts { total: 3, failed: 0, slow: 1 });
+        assert_eq!(
+            w.counts(),
+            Counts {
+                total: 3,
+                failed: 0,
+                slow: 1
+            }
+        );
         // Overwrites a success with a success: nothing changes.
         assert!(!w.record(PRESENT));
         w.reset();
@@ -214,12 +227,33 @@ mod tests {
         let w = TimeWindow::new(3, 10);
         w.record(0, PRESENT | FAILED);
         w.record(15, PRESENT);
-        assert_eq!(w.counts(25), Counts { total: 2, failed: 1, slow: 0 });
+        assert_eq!(
+            w.counts(25),
+            Counts {
+                total: 2,
+                failed: 1,
+                slow: 0
+            }
+        );
         // Epoch 3 expires epoch 0.
-        assert_eq!(w.counts(30), Counts { total: 1, failed: 0, slow: 0 });
+        assert_eq!(
+            w.counts(30),
+            Counts {
+                total: 1,
+                failed: 0,
+                slow: 0
+            }
+        );
         // A long gap empties everything.
         assert_eq!(w.counts(1_000), Counts::default());
-        assert_eq!(w.record(1_001, PRESENT | SLOW), Counts { total: 1, failed: 0, slow: 1 });
+        assert_eq!(
+            w.record(1_001, PRESENT | SLOW),
+            Counts {
+                total: 1,
+                failed: 0,
+                slow: 1
+            }
+        );
     }
 
     #[test]

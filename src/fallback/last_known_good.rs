@@ -186,7 +186,8 @@ pub struct LastKnownGoodHandler<K, R, F> {
 
 impl<K, R, F> fmt::Debug for LastKnownGoodHandler<K, R, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LastKnownGoodHandler").finish_non_exhaustive()
+        f.debug_struct("LastKnownGoodHandler")
+            .finish_non_exhaustive()
     }
 }
 
