@@ -51,8 +51,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use seawall::BoxError;
 use seawall::circuit_breaker::{
-    Breaker, CircuitBreakerConfig, CircuitBreakerLayer, EventKind, HttpClassifier, SlidingWindow,
-    State,
+    CircuitBreakerConfig, CircuitBreakerLayer, EventKind, HttpClassifier, SlidingWindow, State,
 };
 use seawall::fallback::{FallbackLayer, is_circuit_open};
 use tokio::net::TcpListener;
@@ -223,7 +222,6 @@ fn stamp(at: Duration) -> String {
 /// The client loop reads `log` rather than `breaker.state()` to decide that the breaker has
 /// closed: that way the last transition has been printed before the summary.
 async fn watch_transitions(
-    breaker: Breaker,
     mut events: broadcast::Receiver<seawall::circuit_breaker::Event>,
     start: Instant,
     log: watch::Sender<Vec<Transition>>,
@@ -237,14 +235,14 @@ async fn watch_transitions(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        // Rejections are events too; they show in the per-phase strips instead.
+        // `subscribe` delivers transitions only; rejections show in the per-phase strips.
         let EventKind::StateTransition { from, to } = *event.kind() else {
             continue;
         };
         let at = event.at().saturating_duration_since(start);
-        // While open, the snapshot tells when probes will be let through: the open wait.
-        let wait = match breaker.snapshot().retry_at {
-            Some(retry_at) if to == State::Open => format!(
+        // A move to open says when probes will be let through: the open wait.
+        let wait = match event.retry_at() {
+            Some(retry_at) => format!(
                 " (probes in {:.2}s)",
                 retry_at.saturating_duration_since(event.at()).as_secs_f64()
             ),
@@ -451,12 +449,7 @@ async fn main() -> Result<ExitCode, BoxError> {
 
     // Subscribe before the first call so that no transition is missed.
     let (log_tx, log) = watch::channel(Vec::new());
-    tokio::spawn(watch_transitions(
-        breaker.clone(),
-        breaker.subscribe(),
-        start,
-        log_tx,
-    ));
+    tokio::spawn(watch_transitions(breaker.subscribe(), start, log_tx));
 
     // Order matters, outermost first:
     //
