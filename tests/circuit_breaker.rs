@@ -672,3 +672,38 @@ mod metrics_reporting {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn typed_errors_keep_the_inner_error_type_and_reject_without_boxing() {
+    use seawall::circuit_breaker::Error;
+
+    #[derive(Debug, PartialEq)]
+    struct Teapot;
+    impl std::fmt::Display for Teapot {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("teapot")
+        }
+    }
+    impl std::error::Error for Teapot {}
+
+    let layer = CircuitBreakerLayer::new(config().build().unwrap()).typed_errors();
+    let breaker = layer.breaker().clone();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(|fail: bool| async move { if fail { Err(Teapot) } else { Ok("ok") } });
+    for _ in 0..4 {
+        match svc.ready().await.unwrap().call(true).await {
+            Err(Error::Inner(Teapot)) => {}
+            other => panic!("expected the inner error, got {other:?}"),
+        }
+    }
+    assert_eq!(breaker.state(), State::Open);
+    let err = svc.ready().await.unwrap().call(false).await.unwrap_err();
+    assert!(err.is_open());
+    let open = err.as_open().unwrap();
+    assert_eq!(open.retry_after(), Some(Duration::from_secs(10)));
+    assert_eq!(err.to_string(), "circuit breaker 'test' is open");
+    // Still an `std::error::Error`, so it boxes into `BoxError` for outer layers.
+    let boxed: BoxError = Box::new(err);
+    assert!(seawall::fallback::is_circuit_open(&boxed));
+}

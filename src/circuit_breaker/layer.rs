@@ -1,6 +1,9 @@
 use tower::Layer;
 
+use std::marker::PhantomData;
+
 use super::classify::ErrorsAreFailures;
+use super::error::{Boxed, Typed};
 use super::{Breaker, CircuitBreaker, CircuitBreakerConfig};
 
 /// Wraps services in a [`CircuitBreaker`].
@@ -8,10 +11,21 @@ use super::{Breaker, CircuitBreaker, CircuitBreakerConfig};
 /// Cloning the layer does **not** create a new breaker: every service it wraps, and every
 /// clone of those services, shares one breaker. Build one layer per dependency you protect,
 /// or one [`Breaker`] per endpoint when balancing.
-#[derive(Debug, Clone)]
-pub struct CircuitBreakerLayer<C = ErrorsAreFailures> {
+#[derive(Debug)]
+pub struct CircuitBreakerLayer<C = ErrorsAreFailures, M = Boxed> {
     breaker: Breaker,
     classifier: C,
+    _mode: PhantomData<fn() -> M>,
+}
+
+impl<C: Clone, M> Clone for CircuitBreakerLayer<C, M> {
+    fn clone(&self) -> Self {
+        Self {
+            breaker: self.breaker.clone(),
+            classifier: self.classifier.clone(),
+            _mode: PhantomData,
+        }
+    }
 }
 
 impl CircuitBreakerLayer {
@@ -26,20 +40,33 @@ impl CircuitBreakerLayer {
         Self {
             breaker,
             classifier: ErrorsAreFailures,
+            _mode: PhantomData,
         }
     }
 }
 
-impl<C> CircuitBreakerLayer<C> {
+impl<C, M> CircuitBreakerLayer<C, M> {
     /// Replaces the classifier that decides which results count as failures.
     ///
     /// Any `Fn(Result<&Response, &Error>) -> Outcome` works, as does
     /// [`HttpClassifier`](super::HttpClassifier) with the `http` feature.
     #[must_use]
-    pub fn with_classifier<C2>(self, classifier: C2) -> CircuitBreakerLayer<C2> {
+    pub fn with_classifier<C2>(self, classifier: C2) -> CircuitBreakerLayer<C2, M> {
         CircuitBreakerLayer {
             breaker: self.breaker,
             classifier,
+            _mode: PhantomData,
+        }
+    }
+
+    /// Reports errors as [`Error<E>`](super::Error) instead of `BoxError`: the inner error
+    /// keeps its type and a rejection costs no allocation. See [`ErrorMode`](super::ErrorMode).
+    #[must_use]
+    pub fn typed_errors(self) -> CircuitBreakerLayer<C, Typed> {
+        CircuitBreakerLayer {
+            breaker: self.breaker,
+            classifier: self.classifier,
+            _mode: PhantomData,
         }
     }
 
@@ -49,8 +76,8 @@ impl<C> CircuitBreakerLayer<C> {
     }
 }
 
-impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
-    type Service = CircuitBreaker<S, C>;
+impl<S, C: Clone, M> Layer<S> for CircuitBreakerLayer<C, M> {
+    type Service = CircuitBreaker<S, C, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         CircuitBreaker::new(inner, self.breaker.clone(), self.classifier.clone())

@@ -74,6 +74,10 @@
 //!   responses and transport errors as failures and 4xx as successes.
 //! * **Fallbacks**: [`crate::fallback`] turns a [`CircuitOpen`] rejection (or any error)
 //!   into a response.
+//! * **Errors**: by default the service's error is [`BoxError`](crate::BoxError), as in
+//!   tower: inner errors pass through unchanged and a rejection is a boxed [`CircuitOpen`].
+//!   [`CircuitBreakerLayer::typed_errors`] switches to [`Error<E>`], which keeps the inner
+//!   error's type and rejects without allocating.
 //! * **Sharing**: clones of a service, and every service wrapped by one layer, share one
 //!   breaker. Keep breakers by name in a [`Registry`].
 //!
@@ -118,7 +122,7 @@ pub use config::{
     CircuitBreakerConfig, CircuitBreakerConfigBuilder, ConfigError, MAX_BUCKETS, MAX_WINDOW_SIZE,
     SlidingWindow,
 };
-pub use error::CircuitOpen;
+pub use error::{Boxed, CircuitOpen, Error, ErrorMode, Typed};
 pub use events::{EVENT_CHANNEL_CAPACITY, Event, EventKind};
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

@@ -1,14 +1,14 @@
 use std::fmt;
+use std::marker::PhantomData;
 use std::task::{Context, Poll};
 
-use tokio::time::Instant;
 use tower::Service;
 
 use super::classify::{Classify, ErrorsAreFailures};
-use super::future::{Recorder, ResponseFuture, Ticket};
-use super::state::Admission;
+use super::error::{Boxed, CircuitOpen, ErrorMode};
+use super::future::ResponseFuture;
+use super::state::{Decision, ProbePermit};
 use super::{Breaker, CircuitBreakerLayer};
-use crate::BoxError;
 
 /// A service guarded by a circuit breaker. See the [module docs](super).
 ///
@@ -16,11 +16,19 @@ use crate::BoxError;
 /// `call` returns a [`CircuitOpen`](super::CircuitOpen) error without touching the inner
 /// service. A half-open probe permit is reserved in `poll_ready` and returned if the
 /// service, or the call's future, is dropped before the call completes.
-pub struct CircuitBreaker<S, C = ErrorsAreFailures> {
+///
+/// Errors are [`BoxError`](crate::BoxError) by default; see [`ErrorMode`] for the typed,
+/// allocation-free alternative.
+pub struct CircuitBreaker<S, C = ErrorsAreFailures, M = Boxed> {
     inner: S,
     breaker: Breaker,
     classifier: C,
-    admission: Option<Admission>,
+    /// What the breaker decided for the next call: plain words, so the hot path moves
+    /// them through registers.
+    decision: Decision,
+    /// The permit of a probe decision.
+    probe: Option<ProbePermit>,
+    _mode: PhantomData<fn() -> M>,
 }
 
 impl<S> CircuitBreaker<S> {
@@ -35,14 +43,16 @@ impl<S> CircuitBreaker<S> {
     }
 }
 
-impl<S, C> CircuitBreaker<S, C> {
+impl<S, C, M> CircuitBreaker<S, C, M> {
     /// Wraps `inner` with `breaker` and `classifier`.
     pub fn new(inner: S, breaker: Breaker, classifier: C) -> Self {
         Self {
             inner,
             breaker,
             classifier,
-            admission: None,
+            decision: Decision::NONE,
+            probe: None,
+            _mode: PhantomData,
         }
     }
 
@@ -67,19 +77,21 @@ impl<S, C> CircuitBreaker<S, C> {
     }
 }
 
-impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
+impl<S: Clone, C: Clone, M> Clone for CircuitBreaker<S, C, M> {
     /// The clone shares the breaker but not this instance's readiness or probe permit.
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             breaker: self.breaker.clone(),
             classifier: self.classifier.clone(),
-            admission: None,
+            decision: Decision::NONE,
+            probe: None,
+            _mode: PhantomData,
         }
     }
 }
 
-impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
+impl<S: fmt::Debug, C, M> fmt::Debug for CircuitBreaker<S, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
@@ -89,49 +101,65 @@ impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
     }
 }
 
-impl<S, C, Request> Service<Request> for CircuitBreaker<S, C>
+impl<S, C, M, Request> Service<Request> for CircuitBreaker<S, C, M>
 where
     S: Service<Request>,
-    S::Error: Into<BoxError>,
+    M: ErrorMode<S::Error>,
     C: Classify<S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
-    type Error = BoxError;
-    type Future = ResponseFuture<S::Future, C>;
+    type Error = M::Error;
+    type Future = ResponseFuture<S::Future, C, M>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // A reserved probe is kept across polls; anything else is decided afresh.
-        if !matches!(self.admission, Some(Admission::Probe(_))) {
-            self.admission = Some(self.breaker.shared.admit());
+        // Decided once per call: at the first `poll_ready` after the previous `call`. A
+        // reserved probe permit is thereby kept until it is used or the service dropped.
+        if self.decision == Decision::NONE {
+            let shared = &self.breaker.shared;
+            let decision = shared.admit();
+            if decision.tag() == Decision::PROBE {
+                self.probe = Some(ProbePermit::new(shared.clone(), decision.generation()));
+            }
+            self.decision = decision;
         }
-        match self.admission {
-            Some(Admission::Rejected(_)) => Poll::Ready(Ok(())),
-            _ => self.inner.poll_ready(cx).map_err(Into::into),
+        if self.decision.tag() == Decision::REJECTED {
+            return Poll::Ready(Ok(()));
         }
+        self.inner.poll_ready(cx).map_err(M::inner)
     }
 
     #[inline]
     fn call(&mut self, request: Request) -> Self::Future {
-        let admission = self
-            .admission
-            .take()
-            .expect("CircuitBreaker::call invoked before poll_ready returned Ready(Ok(()))");
-        let ticket = match admission {
-            Admission::Rejected(err) => return ResponseFuture::rejected(err),
-            Admission::Disabled => return ResponseFuture::passthrough(self.inner.call(request)),
-            Admission::Closed(generation) => Ticket::Closed {
-                shared: self.breaker.shared.clone(),
-                generation,
-            },
-            Admission::Probe(permit) => Ticket::Probe(permit),
-        };
-        let start = ticket.shared().times_calls.then(Instant::now);
-        let recorder = Recorder {
-            ticket,
-            classifier: self.classifier.clone(),
-            start,
-        };
-        ResponseFuture::called(self.inner.call(request), recorder)
+        let decision = std::mem::replace(&mut self.decision, Decision::NONE);
+        let shared = &self.breaker.shared;
+        match decision.tag() {
+            Decision::CLOSED => ResponseFuture::closed(
+                self.inner.call(request),
+                shared.clone(),
+                self.classifier.clone(),
+                decision.generation(),
+                shared.start(),
+            ),
+            Decision::REJECTED => ResponseFuture::rejected(CircuitOpen::new(
+                shared.clone(),
+                decision.rejecting_state(),
+                decision.until,
+            )),
+            Decision::DISABLED => ResponseFuture::passthrough(self.inner.call(request)),
+            Decision::PROBE => {
+                let permit = self
+                    .probe
+                    .take()
+                    .expect("a probe decision holds its permit");
+                ResponseFuture::probe(
+                    self.inner.call(request),
+                    permit,
+                    self.classifier.clone(),
+                    shared.start(),
+                )
+            }
+            _ => panic!("CircuitBreaker::call invoked before poll_ready returned Ready(Ok(()))"),
+        }
     }
 }

@@ -11,7 +11,6 @@ use tokio::time::Instant;
 
 use super::classify::Outcome;
 use super::config::{CircuitBreakerConfig, SlidingWindow};
-use super::error::CircuitOpen;
 use super::events::{Event, EventKind, Events};
 use super::window::{CountWindow, Counts, FAILED, PRESENT, SLOW, TimeWindow};
 
@@ -79,6 +78,8 @@ impl fmt::Display for State {
 const STATE_BITS: u32 = 3;
 const STATE_MASK: u64 = (1 << STATE_BITS) - 1;
 const NO_TIMER: u64 = u64::MAX;
+/// A rejection without a known retry time.
+const NO_RETRY: u64 = u64::MAX;
 
 #[inline]
 fn state_of(word: u64) -> State {
@@ -142,13 +143,53 @@ struct Transitions {
     rng: u64,
 }
 
-/// What a caller got from [`Shared::admit`].
-#[derive(Debug)]
-pub(crate) enum Admission {
-    Closed(u64),
-    Probe(ProbePermit),
-    Disabled,
-    Rejected(CircuitOpen),
+/// When a call started, in nanoseconds since the breaker's base instant plus one; zero when
+/// the configuration does not time calls. A plain word, cheap to move with the future.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Start(Option<Instant>);
+
+/// A breaker's answer to "may this call go ahead?", packed in two plain words so that
+/// it moves through registers: a tag in the low bits of `word`, the generation (closed,
+/// probe) or the rejecting state's code above it, and for a rejection `until`, the time
+/// probes resume (nanoseconds since the breaker's base instant, [`NO_RETRY`] if unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Decision {
+    pub(crate) word: u64,
+    pub(crate) until: u64,
+}
+
+impl Decision {
+    /// No decision yet.
+    pub(crate) const NONE: Decision = Decision { word: 0, until: 0 };
+    pub(crate) const CLOSED: u64 = 1;
+    pub(crate) const DISABLED: u64 = 2;
+    pub(crate) const REJECTED: u64 = 3;
+    pub(crate) const PROBE: u64 = 4;
+
+    #[inline]
+    const fn new(tag: u64, payload: u64, until: u64) -> Self {
+        Decision {
+            word: (payload << 3) | tag,
+            until,
+        }
+    }
+
+    #[inline]
+    pub(crate) const fn tag(self) -> u64 {
+        self.word & 7
+    }
+
+    /// The generation of a closed or probe decision.
+    #[inline]
+    pub(crate) const fn generation(self) -> u64 {
+        self.word >> 3
+    }
+
+    /// The state that rejected, for a rejection.
+    #[inline]
+    pub(crate) const fn rejecting_state(self) -> State {
+        State::from_code(self.word >> 3)
+    }
 }
 
 pub(crate) struct Shared {
@@ -225,89 +266,133 @@ impl Shared {
         state_of(self.word.load(Acquire))
     }
 
-    /// Decides whether a call may go ahead. The closed path is one atomic load.
+    /// Decides whether a call may go ahead. The closed path is one atomic load; the open
+    /// path, while a timer is armed, two more loads and a counter.
     #[inline]
-    pub(crate) fn admit(self: &Arc<Self>) -> Admission {
+    pub(crate) fn admit(self: &Arc<Self>) -> Decision {
+        let w = self.word.load(Acquire);
+        if state_of(w) == State::Closed {
+            return Decision::new(Decision::CLOSED, gen_of(w), 0);
+        }
+        self.admit_slow()
+    }
+
+    /// Every other admission: open, half-open, forced open, disabled. A probe decision has
+    /// taken a permit: the caller must hold it in a [`ProbePermit`].
+    #[cold]
+    #[inline(never)]
+    fn admit_slow(self: &Arc<Self>) -> Decision {
         loop {
             let w = self.word.load(Acquire);
-            match state_of(w) {
-                State::Closed => return Admission::Closed(gen_of(w)),
-                State::Disabled => return Admission::Disabled,
-                _ => {
-                    if let Some(admission) = self.admit_slow(w) {
-                        return admission;
+            let generation = gen_of(w);
+            let (state, until) = match state_of(w) {
+                State::Closed => return Decision::new(Decision::CLOSED, generation, 0),
+                State::Disabled => return Decision::new(Decision::DISABLED, 0, 0),
+                State::Open => {
+                    let until = self.open_until.load(Relaxed);
+                    // While the timer task is armed it moves the breaker to half-open on
+                    // time; without one (no runtime when it tripped) the clock is read here.
+                    if self.timer_gen.load(Relaxed) != generation
+                        && self.nanos(Instant::now()) >= until
+                    {
+                        self.transition(Some(w), State::HalfOpen);
+                        continue;
                     }
+                    (State::Open, until)
                 }
-            }
-        }
-    }
-
-    /// Open, half-open and forced-open admission; `None` means the state moved, try again.
-    #[cold]
-    fn admit_slow(self: &Arc<Self>, w: u64) -> Option<Admission> {
-        let generation = gen_of(w);
-        match state_of(w) {
-            State::Open => {
-                let until = self.open_until.load(Relaxed);
-                // A timer task moves the breaker to half-open on time; without one (no
-                // runtime when it tripped) the clock is read here.
-                if self.timer_gen.load(Relaxed) != generation && self.nanos(Instant::now()) >= until
-                {
-                    self.transition(Some(w), State::HalfOpen);
-                    return None;
-                }
-                Some(self.reject(State::Open, Some(self.instant(until))))
-            }
-            State::HalfOpen => {
-                let mut ho = self.half_open.lock();
-                if ho.generation != generation || self.word.load(Acquire) != w {
-                    return None;
-                }
-                if ho.available > 0 {
-                    ho.available -= 1;
+                State::HalfOpen => {
+                    let mut ho = self.half_open.lock();
+                    if ho.generation != generation || self.word.load(Acquire) != w {
+                        continue;
+                    }
+                    if ho.available > 0 {
+                        ho.available -= 1;
+                        return Decision::new(Decision::PROBE, generation, 0);
+                    }
+                    let expired = self.timer_gen.load(Relaxed) != generation
+                        && ho.deadline.is_some_and(|d| Instant::now() >= d);
                     drop(ho);
-                    return Some(Admission::Probe(ProbePermit {
-                        shared: self.clone(),
-                        generation,
-                        live: true,
-                    }));
+                    if expired {
+                        self.transition(Some(w), State::Open);
+                        continue;
+                    }
+                    (State::HalfOpen, NO_RETRY)
                 }
-                let expired = self.timer_gen.load(Relaxed) != generation
-                    && ho.deadline.is_some_and(|d| Instant::now() >= d);
-                drop(ho);
-                if expired {
-                    self.transition(Some(w), State::Open);
-                    return None;
-                }
-                Some(self.reject(State::HalfOpen, None))
-            }
-            State::ForcedOpen => Some(self.reject(State::ForcedOpen, None)),
-            State::Closed | State::Disabled => None,
+                State::ForcedOpen => (State::ForcedOpen, NO_RETRY),
+            };
+            self.count_rejection(state, until);
+            return Decision::new(Decision::REJECTED, state.code(), until);
         }
     }
 
-    fn reject(&self, state: State, retry_at: Option<Instant>) -> Admission {
+    #[inline]
+    fn count_rejection(&self, state: State, until: u64) {
         self.rejected.fetch_add(1, Relaxed);
         #[cfg(feature = "metrics")]
         self.metrics.rejected.increment(1);
+        if self.events.is_active() {
+            self.emit_rejection(state, until);
+        }
+    }
+
+    #[cold]
+    fn emit_rejection(&self, state: State, until: u64) {
         #[cfg(feature = "tracing")]
         tracing::debug!(breaker = %self.name, %state, "circuit breaker rejected a call");
-        if self.events.is_active() {
-            self.events
-                .emit(&self.name, EventKind::CallRejected { state }, retry_at);
+        self.events.emit(
+            &self.name,
+            EventKind::CallRejected { state },
+            self.retry_at(until),
+        );
+    }
+
+    pub(crate) fn retry_at(&self, until: u64) -> Option<Instant> {
+        (until != NO_RETRY).then(|| self.instant(until))
+    }
+
+    /// Whether a call that started at `start` (read only when slow-call detection is on)
+    /// and ends now was slow, and the time now if it had to be read.
+    fn slowness(&self, start: Start) -> (bool, Option<Instant>) {
+        match (start.0, self.config.slow_call_duration) {
+            (Some(start), Some(limit)) => {
+                let now = Instant::now();
+                (now.saturating_duration_since(start) >= limit, Some(now))
+            }
+            _ => (false, None),
         }
-        Admission::Rejected(CircuitOpen::new(self.name.clone(), state, retry_at))
+    }
+
+    /// When a call starts: read only if slow-call detection is on.
+    #[inline]
+    pub(crate) fn start(&self) -> Start {
+        Start(self.times_calls.then(Instant::now))
     }
 
     /// Records the outcome of a call admitted in the closed state of `generation`.
     #[inline]
-    pub(crate) fn record_closed(
-        self: &Arc<Self>,
-        generation: u64,
-        outcome: Outcome,
-        slow: bool,
-        now: Option<Instant>,
-    ) {
+    pub(crate) fn record_closed(self: &Arc<Self>, generation: u64, outcome: Outcome, start: Start) {
+        let expected = word(generation, State::Closed);
+        if let (Window::Count(w), Start(None)) = (&self.window, start) {
+            // The common case: no clock to read, a lock-free window.
+            #[cfg(feature = "metrics")]
+            self.metrics.outcome(outcome, false);
+            let flags = match outcome {
+                Outcome::Ignored => return,
+                Outcome::Success => PRESENT,
+                Outcome::Failure => PRESENT | FAILED,
+            };
+            // An outcome from an earlier closed period does not count in this one.
+            if self.word.load(Relaxed) == expected && w.record(flags) {
+                self.check_thresholds(expected, w.counts());
+            }
+        } else {
+            self.record_closed_timed(expected, outcome, start);
+        }
+    }
+
+    #[cold]
+    fn record_closed_timed(self: &Arc<Self>, expected: u64, outcome: Outcome, start: Start) {
+        let (slow, now) = self.slowness(start);
         #[cfg(feature = "metrics")]
         self.metrics.outcome(outcome, slow);
         let flags = match outcome {
@@ -315,8 +400,6 @@ impl Shared {
             Outcome::Success => PRESENT,
             Outcome::Failure => PRESENT | FAILED,
         } | if slow { SLOW } else { 0 };
-        let expected = word(generation, State::Closed);
-        // An outcome from an earlier closed period does not count in this one.
         if self.word.load(Relaxed) != expected {
             return;
         }
@@ -332,6 +415,11 @@ impl Shared {
                 w.record(self.nanos(now), flags)
             }
         };
+        self.check_thresholds(expected, counts);
+    }
+
+    #[inline]
+    fn check_thresholds(self: &Arc<Self>, expected: u64, counts: Counts) {
         if self.exceeds_thresholds(counts, self.config.minimum_calls) {
             self.transition(Some(expected), State::Open);
         }
@@ -347,7 +435,8 @@ impl Shared {
     }
 
     /// Records the outcome of a probe; decides the half-open episode when all are in.
-    fn record_probe(self: &Arc<Self>, generation: u64, outcome: Outcome, slow: bool) {
+    fn record_probe(self: &Arc<Self>, generation: u64, outcome: Outcome, start: Start) {
+        let (slow, _) = self.slowness(start);
         #[cfg(feature = "metrics")]
         self.metrics.outcome(outcome, slow);
         let mut ho = self.half_open.lock();
@@ -545,13 +634,18 @@ impl fmt::Debug for ProbePermit {
 }
 
 impl ProbePermit {
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// Holds the permit a [`Decision::PROBE`] took.
+    pub(crate) fn new(shared: Arc<Shared>, generation: u64) -> Self {
+        Self {
+            shared,
+            generation,
+            live: true,
+        }
     }
 
-    pub(crate) fn complete(mut self, outcome: Outcome, slow: bool) {
+    pub(crate) fn complete(mut self, outcome: Outcome, start: Start) {
         self.live = false;
-        self.shared.record_probe(self.generation, outcome, slow);
+        self.shared.record_probe(self.generation, outcome, start);
     }
 }
 
