@@ -51,7 +51,7 @@ pin_project! {
 }
 
 impl<F, C, M> ResponseFuture<F, C, M> {
-    #[inline]
+    #[inline(always)]
     pub(crate) fn closed(
         future: F,
         shared: Arc<Shared>,
@@ -112,7 +112,7 @@ where
 {
     type Output = Result<T, M::Error>;
 
-    #[inline]
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Closed {

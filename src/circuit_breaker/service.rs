@@ -12,7 +12,9 @@ use super::{Breaker, CircuitBreakerLayer};
 
 /// A service guarded by a circuit breaker. See the [module docs](super).
 ///
-/// `poll_ready` asks the breaker first. When it rejects, `poll_ready` is ready at once and
+/// `poll_ready` asks the breaker first, once per call: the decision taken at the first
+/// `poll_ready` after a `call` holds until the next `call`, even if the inner service stays
+/// pending meanwhile. When it rejects, `poll_ready` is ready at once and
 /// `call` returns a [`CircuitOpen`](super::CircuitOpen) error without touching the inner
 /// service. A half-open probe permit is reserved in `poll_ready` and returned if the
 /// service, or the call's future, is dropped before the call completes.
@@ -111,7 +113,9 @@ where
     type Error = M::Error;
     type Future = ResponseFuture<S::Future, C, M>;
 
-    #[inline]
+    // `inline(always)`: when the decision and the future move through an out-of-line call,
+    // copying them back costs store-forwarding stalls that double the layer's cost.
+    #[inline(always)]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Decided once per call: at the first `poll_ready` after the previous `call`. A
         // reserved probe permit is thereby kept until it is used or the service dropped.
@@ -129,7 +133,7 @@ where
         self.inner.poll_ready(cx).map_err(M::inner)
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, request: Request) -> Self::Future {
         let decision = std::mem::replace(&mut self.decision, Decision::NONE);
         let shared = &self.breaker.shared;
