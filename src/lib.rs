@@ -57,3 +57,8 @@ pub mod fallback;
 
 /// The boxed error type used by layers that add failure modes of their own, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The README's example, compiled as a doc test so that it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

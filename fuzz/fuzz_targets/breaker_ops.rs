@@ -33,12 +33,20 @@ struct Input {
 
 #[derive(Debug, Arbitrary)]
 enum Op {
-    Call { fail: bool, ignore: bool, ms: u8 },
+    Call {
+        fail: bool,
+        ignore: bool,
+        ms: u8,
+    },
     /// Reserve a permit (poll_ready) and keep it, to release or use later.
     Reserve,
-    UseReserved { fail: bool },
+    UseReserved {
+        fail: bool,
+    },
     DropReserved,
-    Advance { ms: u16 },
+    Advance {
+        ms: u16,
+    },
     ForceOpen,
     Disable,
     Reset,
@@ -77,13 +85,12 @@ fuzz_target!(|input: Input| {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let layer = CircuitBreakerLayer::new(config).with_classifier(
-            |r: Result<&(), &BoxError>| match r {
+        let layer =
+            CircuitBreakerLayer::new(config).with_classifier(|r: Result<&(), &BoxError>| match r {
                 Ok(()) => Outcome::Success,
                 Err(e) if e.to_string() == "ignore" => Outcome::Ignored,
                 Err(_) => Outcome::Failure,
-            },
-        );
+            });
         let breaker = layer.breaker().clone();
         let in_flight = Rc::new(Cell::new(0usize));
         let counter = in_flight.clone();

@@ -15,11 +15,17 @@ fuzz_target!(|input: (u16, Vec<u16>, Vec<u16>)| {
     for s in ignore.iter().filter_map(|s| StatusCode::from_u16(*s).ok()) {
         c = c.ignore(s);
     }
-    let Ok(status) = StatusCode::from_u16(status) else { return };
+    let Ok(status) = StatusCode::from_u16(status) else {
+        return;
+    };
     let outcome = c.classify_status(status);
     let code = status.as_u16();
     let expected = if (500..600).contains(&code) {
-        if ignore.contains(&code) { Outcome::Ignored } else { Outcome::Failure }
+        if ignore.contains(&code) {
+            Outcome::Ignored
+        } else {
+            Outcome::Failure
+        }
     } else if (400..500).contains(&code) && fail_on.contains(&code) {
         Outcome::Failure
     } else {

@@ -58,11 +58,16 @@
 //!
 //! # Cost
 //!
-//! The closed path is one atomic load in `poll_ready` and, on completion, a compare-exchange
-//! and a swap in the count-based window; it reads no clock and allocates nothing unless the
-//! configuration needs time (a slow-call duration or a time-based window). The rejection
-//! path reads no clock either: a task on the tokio runtime moves the breaker to half-open
-//! when the wait is over. Outside a tokio runtime the rejection path reads the clock instead.
+//! With a count-based window and no slow-call detection, the closed path is one atomic load
+//! in `poll_ready`, a reference-count increment for the response future, and on completion
+//! a compare-exchange and a swap in the window: no lock, no clock read, no allocation
+//! (about 11 ns over a bare service in `benches/breaker.rs`). A time-based window reads the
+//! clock once per call and takes a short lock; slow-call detection reads it twice.
+//!
+//! The rejection path reads no clock either: a task on the tokio runtime moves the breaker
+//! to half-open when the wait is over (outside a tokio runtime the rejection path reads the
+//! clock instead). In the default [`Boxed`] error mode a rejection costs one allocation
+//! (the `BoxError`); with [`CircuitBreakerLayer::typed_errors`] it costs none.
 //!
 //! # Composition
 //!

@@ -330,6 +330,8 @@ impl Shared {
         self.rejected.fetch_add(1, Relaxed);
         #[cfg(feature = "metrics")]
         self.metrics.rejected.increment(1);
+        #[cfg(feature = "tracing")]
+        tracing::debug!(breaker = %self.name, %state, "circuit breaker rejected a call");
         if self.events.is_active() {
             self.emit_rejection(state, until);
         }
@@ -337,8 +339,6 @@ impl Shared {
 
     #[cold]
     fn emit_rejection(&self, state: State, until: u64) {
-        #[cfg(feature = "tracing")]
-        tracing::debug!(breaker = %self.name, %state, "circuit breaker rejected a call");
         self.events.emit(
             &self.name,
             EventKind::CallRejected { state },
