@@ -707,3 +707,110 @@ async fn typed_errors_keep_the_inner_error_type_and_reject_without_boxing() {
     let boxed: BoxError = Box::new(err);
     assert!(seawall::fallback::is_circuit_open(&boxed));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_decision_taken_before_the_breaker_opened_is_not_honoured() {
+    let (mut svc, breaker, inner_calls) = scripted(config().build().unwrap());
+    // Ready while closed...
+    svc.ready().await.unwrap();
+    // ...then the breaker opens before the call is made.
+    breaker.force_open();
+    let open = rejection(svc.call(Do::Succeed).await);
+    assert_eq!(open.state(), State::ForcedOpen);
+    assert_eq!(
+        inner_calls.load(Ordering::SeqCst),
+        0,
+        "the inner service was not called"
+    );
+    // And a reset in between moves the call to the new closed period.
+    breaker.reset();
+    svc.ready().await.unwrap();
+    breaker.reset();
+    call(&mut svc, Do::Fail).await.unwrap_err();
+    svc.ready().await.unwrap();
+    breaker.reset();
+    svc.call(Do::Fail).await.unwrap_err();
+    assert_eq!(
+        breaker.snapshot().failed_calls,
+        1,
+        "counted in the current window"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn callbacks_may_use_the_breaker() {
+    let (mut svc, breaker, _) = scripted(config().build().unwrap());
+    let handle = breaker.clone();
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    breaker.on_event(move |e| {
+        // Runs after the transition lock is released: reading or driving the breaker from
+        // a callback does not deadlock.
+        let snap = handle.snapshot();
+        sink.lock().push((*e.kind(), snap.state));
+        if snap.state == State::Open {
+            handle.reset();
+        }
+    });
+    calls(&mut svc, Do::Fail, 4).await;
+    assert_eq!(breaker.state(), State::Closed, "the callback reset it");
+    assert_eq!(
+        *seen.lock(),
+        vec![
+            (
+                EventKind::StateTransition {
+                    from: State::Closed,
+                    to: State::Open
+                },
+                State::Open
+            ),
+            (
+                EventKind::StateTransition {
+                    from: State::Open,
+                    to: State::Closed
+                },
+                State::Closed
+            ),
+        ]
+    );
+}
+
+#[test]
+fn half_open_deadline_is_enforced_without_a_runtime() {
+    let breaker = Breaker::new(
+        config()
+            .wait_in_open(Duration::from_millis(2))
+            .max_wait_in_half_open(Duration::from_millis(2))
+            .build()
+            .unwrap(),
+    );
+    let mut svc = CircuitBreaker::with_breaker(
+        tower::service_fn(|fail: bool| async move { if fail { Err("boom") } else { Ok("ok") } }),
+        breaker.clone(),
+    );
+    futures::executor::block_on(async {
+        for _ in 0..4 {
+            let _ = svc.ready().await.unwrap().call(true).await;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(3));
+    futures::executor::block_on(async {
+        // Takes a probe permit, then drops it unused.
+        svc.ready().await.unwrap();
+    });
+    assert_eq!(breaker.state(), State::HalfOpen);
+    drop(svc);
+    std::thread::sleep(Duration::from_millis(3));
+    let mut svc = CircuitBreaker::with_breaker(
+        tower::service_fn(|_: bool| async move { Ok::<_, BoxError>("ok") }),
+        breaker.clone(),
+    );
+    futures::executor::block_on(async {
+        // The permit is free again, but the half-open deadline has passed: open again.
+        let err = svc.ready().await.unwrap().call(false).await.unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<CircuitOpen>().unwrap().state(),
+            State::Open
+        );
+    });
+}

@@ -8,6 +8,10 @@ use std::time::Duration;
 pub const MAX_WINDOW_SIZE: u32 = 1 << 20;
 /// Largest number of buckets accepted for a time-based window.
 pub const MAX_BUCKETS: u32 = 3600;
+/// Longest duration accepted for any setting (365 days): longer waits are typos or
+/// "forever", which [`Breaker::force_open`](super::Breaker::force_open) expresses better,
+/// and they would overflow the clock arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The sliding window over which failure and slow-call rates are computed.
 ///
@@ -62,11 +66,12 @@ pub enum ConfigError {
     FailureRateThreshold(f64),
     /// `slow_call_rate_threshold` must be a percentage in `(0, 100]`.
     SlowCallRateThreshold(f64),
-    /// `slow_call_duration` must be greater than zero.
+    /// `slow_call_duration` must be greater than zero and at most [`MAX_DURATION`].
     SlowCallDuration(Duration),
     /// A count-based window must hold between 1 and [`MAX_WINDOW_SIZE`] calls.
     WindowSize(u32),
-    /// A time-based window needs between 1 and [`MAX_BUCKETS`] buckets of at least one millisecond.
+    /// A time-based window needs between 1 and [`MAX_BUCKETS`] buckets of at least one
+    /// millisecond, and may span at most [`MAX_DURATION`].
     TimeWindow {
         /// The requested window length.
         window: Duration,
@@ -76,17 +81,18 @@ pub enum ConfigError {
     /// `minimum_calls` must be at least 1, and no larger than a count-based window
     /// (otherwise the breaker could never trip).
     MinimumCalls(u32),
-    /// `wait_in_open` must be greater than zero.
+    /// `wait_in_open` must be greater than zero and at most [`MAX_DURATION`].
     WaitInOpen(Duration),
     /// The backoff multiplier must be finite and at least 1.
     BackoffMultiplier(f64),
-    /// The backoff cap must be at least `wait_in_open`.
+    /// The backoff cap must be at least `wait_in_open` and at most [`MAX_DURATION`].
     BackoffMax(Duration),
     /// Jitter must be a fraction in `[0, 1)`.
     Jitter(f64),
     /// `permitted_calls_in_half_open` must be between 1 and [`MAX_WINDOW_SIZE`].
     PermittedCallsInHalfOpen(u32),
-    /// `max_wait_in_half_open`, when set, must be greater than zero.
+    /// `max_wait_in_half_open`, when set, must be greater than zero and at most
+    /// [`MAX_DURATION`].
     MaxWaitInHalfOpen(Duration),
     /// The name must not be empty.
     EmptyName,
@@ -120,14 +126,14 @@ impl fmt::Display for ConfigError {
             Self::TimeWindow { window, buckets } => write!(
                 f,
                 "invalid time-based sliding window {window:?} in {buckets} buckets: \
-                 needs 1 to {MAX_BUCKETS} buckets of at least 1ms"
+                 needs 1 to {MAX_BUCKETS} buckets of at least 1ms, at most 365 days in all"
             ),
             Self::MinimumCalls(n) => write!(
                 f,
                 "invalid minimum_calls {n}: must be at least 1 and at most the window size"
             ),
             Self::WaitInOpen(d) => {
-                write!(f, "invalid wait_in_open {d:?}: must be greater than zero")
+                write!(f, "invalid wait_in_open {d:?}: must be in (0, 365 days]")
             }
             Self::BackoffMultiplier(m) => {
                 write!(
@@ -177,7 +183,8 @@ impl WaitPolicy {
         // The cap applies before the jitter, so that waits at the cap still spread.
         let capped = grown.min(self.max.as_secs_f64());
         let jittered = capped * (1.0 - self.jitter + 2.0 * self.jitter * unit);
-        Duration::from_secs_f64(jittered.max(0.001))
+        // Validation keeps this finite and small; stay total regardless.
+        Duration::try_from_secs_f64(jittered.max(0.001)).unwrap_or(self.max)
     }
 }
 
@@ -409,8 +416,9 @@ impl CircuitBreakerConfigBuilder {
                 c.slow_call_rate_threshold,
             ));
         }
+        let bad = |d: Duration| d.is_zero() || d > MAX_DURATION;
         if let Some(d) = c.slow_call_duration {
-            if d.is_zero() {
+            if bad(d) {
                 return Err(ConfigError::SlowCallDuration(d));
             }
         }
@@ -426,6 +434,7 @@ impl CircuitBreakerConfigBuilder {
             SlidingWindow::TimeBased { window, buckets } => {
                 let ok = buckets > 0
                     && buckets <= MAX_BUCKETS
+                    && window <= MAX_DURATION
                     && window / buckets >= Duration::from_millis(1);
                 if !ok {
                     return Err(ConfigError::TimeWindow { window, buckets });
@@ -435,13 +444,13 @@ impl CircuitBreakerConfigBuilder {
         if c.minimum_calls == 0 {
             return Err(ConfigError::MinimumCalls(0));
         }
-        if c.wait.base.is_zero() {
+        if bad(c.wait.base) {
             return Err(ConfigError::WaitInOpen(c.wait.base));
         }
         if !(c.wait.multiplier.is_finite() && c.wait.multiplier >= 1.0) {
             return Err(ConfigError::BackoffMultiplier(c.wait.multiplier));
         }
-        if c.wait.max < c.wait.base {
+        if c.wait.max < c.wait.base || c.wait.max > MAX_DURATION {
             return Err(ConfigError::BackoffMax(c.wait.max));
         }
         if !(c.wait.jitter.is_finite() && (0.0..1.0).contains(&c.wait.jitter)) {
@@ -453,7 +462,7 @@ impl CircuitBreakerConfigBuilder {
             ));
         }
         if let Some(d) = c.max_wait_in_half_open {
-            if d.is_zero() {
+            if bad(d) {
                 return Err(ConfigError::MaxWaitInHalfOpen(d));
             }
         }
@@ -578,6 +587,22 @@ mod tests {
             (plain.wait.multiplier, plain.wait.max),
             (1.0, Duration::from_secs(5))
         );
+    }
+
+    #[test]
+    fn extreme_but_valid_waits_do_not_overflow() {
+        let w = WaitPolicy {
+            base: MAX_DURATION,
+            multiplier: 1e300,
+            max: MAX_DURATION,
+            jitter: 0.99,
+        };
+        for trip in [1, 2, 1000, u32::MAX] {
+            let d = w.wait(trip, 0.999);
+            assert!(d <= MAX_DURATION * 2, "{d:?}");
+            // The clock arithmetic the breaker does with it stays in range.
+            assert!(tokio::time::Instant::now().checked_add(d).is_some());
+        }
     }
 
     #[test]

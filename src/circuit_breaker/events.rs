@@ -132,20 +132,28 @@ impl Events {
         rx
     }
 
-    /// Delivers an event; call only after [`is_active`](Self::is_active) said yes.
+    /// Delivers an event to callbacks and channels; call only after
+    /// [`is_active`](Self::is_active) said yes.
     #[cold]
     pub(crate) fn emit(&self, breaker: &Arc<str>, kind: EventKind, retry_at: Option<Instant>) {
+        let event = self.publish(breaker, kind, retry_at);
+        self.call_back(&event);
+    }
+
+    /// Sends an event to the channels (no user code runs) and returns it for the callbacks.
+    #[cold]
+    pub(crate) fn publish(
+        &self,
+        breaker: &Arc<str>,
+        kind: EventKind,
+        retry_at: Option<Instant>,
+    ) -> Event {
         let event = Event {
             breaker: breaker.clone(),
             at: Instant::now(),
             kind,
             retry_at,
         };
-        // Clone the list so that a callback may register another without deadlocking.
-        let callbacks: Vec<Callback> = self.callbacks.read().clone();
-        for cb in &callbacks {
-            cb(&event);
-        }
         // No receiver left is not an error worth reporting.
         if matches!(event.kind, EventKind::StateTransition { .. }) {
             if let Some(tx) = self.transitions.get() {
@@ -153,7 +161,18 @@ impl Events {
             }
         }
         if let Some(tx) = self.all.get() {
-            let _ = tx.send(event);
+            let _ = tx.send(event.clone());
+        }
+        event
+    }
+
+    /// Runs the callbacks for an event.
+    #[cold]
+    pub(crate) fn call_back(&self, event: &Event) {
+        // Clone the list so that a callback may register another without deadlocking.
+        let callbacks: Vec<Callback> = self.callbacks.read().clone();
+        for cb in &callbacks {
+            cb(event);
         }
     }
 }

@@ -98,7 +98,7 @@
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
 //! | `seawall_circuit_breaker_calls_total` | counter | `outcome` = `success`, `failure`, `ignored` | completed calls |
-//! | `seawall_circuit_breaker_slow_calls_total` | counter | | calls slower than `slow_call_duration` |
+//! | `seawall_circuit_breaker_slow_calls_total` | counter | | calls taking at least `slow_call_duration` |
 //! | `seawall_circuit_breaker_rejected_calls_total` | counter | | calls rejected without reaching the service |
 //! | `seawall_circuit_breaker_transitions_total` | counter | `from`, `to` (see [`State::as_str`]) | state changes |
 //! | `seawall_circuit_breaker_state` | gauge | | 0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled |
@@ -124,8 +124,8 @@ pub mod future;
 
 pub use classify::{Classify, ErrorsAreFailures, Outcome};
 pub use config::{
-    CircuitBreakerConfig, CircuitBreakerConfigBuilder, ConfigError, MAX_BUCKETS, MAX_WINDOW_SIZE,
-    SlidingWindow,
+    CircuitBreakerConfig, CircuitBreakerConfigBuilder, ConfigError, MAX_BUCKETS, MAX_DURATION,
+    MAX_WINDOW_SIZE, SlidingWindow,
 };
 pub use error::{Boxed, CircuitOpen, Error, ErrorMode, Typed};
 pub use events::{EVENT_CHANNEL_CAPACITY, Event, EventKind};

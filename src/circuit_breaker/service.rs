@@ -12,9 +12,9 @@ use super::{Breaker, CircuitBreakerLayer};
 
 /// A service guarded by a circuit breaker. See the [module docs](super).
 ///
-/// `poll_ready` asks the breaker first, once per call: the decision taken at the first
-/// `poll_ready` after a `call` holds until the next `call`, even if the inner service stays
-/// pending meanwhile. When it rejects, `poll_ready` is ready at once and
+/// `poll_ready` asks the breaker first, once per call (a decision taken at the first
+/// `poll_ready` after a `call` is kept while the inner service is pending, and checked
+/// again, with one atomic load, in `call`). When it rejects, `poll_ready` is ready at once and
 /// `call` returns a [`CircuitOpen`](super::CircuitOpen) error without touching the inner
 /// service. A half-open probe permit is reserved in `poll_ready` and returned if the
 /// service, or the call's future, is dropped before the call completes.
@@ -79,6 +79,19 @@ impl<S, C, M> CircuitBreaker<S, C, M> {
     }
 }
 
+impl<S, C, M> CircuitBreaker<S, C, M> {
+    /// Asks the breaker; a probe decision's permit is kept in `self.probe`.
+    #[inline(always)]
+    fn decide(&mut self) -> Decision {
+        let shared = &self.breaker.shared;
+        let decision = shared.admit();
+        if decision.tag() == Decision::PROBE {
+            self.probe = Some(ProbePermit::new(shared.clone(), decision.generation()));
+        }
+        decision
+    }
+}
+
 impl<S: Clone, C: Clone, M> Clone for CircuitBreaker<S, C, M> {
     /// The clone shares the breaker but not this instance's readiness or probe permit.
     fn clone(&self) -> Self {
@@ -120,12 +133,7 @@ where
         // Decided once per call: at the first `poll_ready` after the previous `call`. A
         // reserved probe permit is thereby kept until it is used or the service dropped.
         if self.decision == Decision::NONE {
-            let shared = &self.breaker.shared;
-            let decision = shared.admit();
-            if decision.tag() == Decision::PROBE {
-                self.probe = Some(ProbePermit::new(shared.clone(), decision.generation()));
-            }
-            self.decision = decision;
+            self.decision = self.decide();
         }
         if self.decision.tag() == Decision::REJECTED {
             return Poll::Ready(Ok(()));
@@ -135,7 +143,19 @@ where
 
     #[inline(always)]
     fn call(&mut self, request: Request) -> Self::Future {
-        let decision = std::mem::replace(&mut self.decision, Decision::NONE);
+        let mut decision = std::mem::replace(&mut self.decision, Decision::NONE);
+        let shared = &self.breaker.shared;
+        // The breaker may have moved since `poll_ready` (the inner service may have been
+        // pending for long): an admission from an earlier state is decided again, so a
+        // breaker that opened meanwhile is not bypassed.
+        let still = match decision.tag() {
+            Decision::CLOSED | Decision::PROBE => shared.is_current(decision),
+            _ => true,
+        };
+        if !still {
+            self.probe = None;
+            decision = self.decide();
+        }
         let shared = &self.breaker.shared;
         match decision.tag() {
             Decision::CLOSED => ResponseFuture::closed(

@@ -143,8 +143,7 @@ struct Transitions {
     rng: u64,
 }
 
-/// When a call started, in nanoseconds since the breaker's base instant plus one; zero when
-/// the configuration does not time calls. A plain word, cheap to move with the future.
+/// When a call started; `None` when the configuration does not time calls.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Start(Option<Instant>);
 
@@ -277,6 +276,17 @@ impl Shared {
         self.admit_slow()
     }
 
+    /// Whether a closed or probe decision still belongs to the current state.
+    #[inline(always)]
+    pub(crate) fn is_current(&self, decision: Decision) -> bool {
+        let state = if decision.tag() == Decision::CLOSED {
+            State::Closed
+        } else {
+            State::HalfOpen
+        };
+        self.word.load(Acquire) == word(decision.generation(), state)
+    }
+
     /// Every other admission: open, half-open, forced open, disabled. A probe decision has
     /// taken a permit: the caller must hold it in a [`ProbePermit`].
     #[cold]
@@ -292,9 +302,11 @@ impl Shared {
                     let until = self.open_until.load(Relaxed);
                     // While the timer task is armed it moves the breaker to half-open on
                     // time; without one (no runtime when it tripped) the clock is read here.
-                    if self.timer_gen.load(Relaxed) != generation
-                        && self.nanos(Instant::now()) >= until
-                    {
+                    // Every 64th rejection reads it anyway, in case the timer's runtime
+                    // is not being driven.
+                    let timed = self.timer_gen.load(Relaxed) == generation;
+                    let check = !timed || self.rejected.load(Relaxed) % 64 == 0;
+                    if check && self.nanos(Instant::now()) >= until {
                         self.transition(Some(w), State::HalfOpen);
                         continue;
                     }
@@ -305,16 +317,17 @@ impl Shared {
                     if ho.generation != generation || self.word.load(Acquire) != w {
                         continue;
                     }
+                    // Without a timer task, the half-open deadline is enforced here.
+                    let expired = self.timer_gen.load(Relaxed) != generation
+                        && ho.deadline.is_some_and(|d| Instant::now() >= d);
+                    if expired {
+                        drop(ho);
+                        self.transition(Some(w), State::Open);
+                        continue;
+                    }
                     if ho.available > 0 {
                         ho.available -= 1;
                         return Decision::new(Decision::PROBE, generation, 0);
-                    }
-                    let expired = self.timer_gen.load(Relaxed) != generation
-                        && ho.deadline.is_some_and(|d| Instant::now() >= d);
-                    drop(ho);
-                    if expired {
-                        self.transition(Some(w), State::Open);
-                        continue;
                     }
                     (State::HalfOpen, NO_RETRY)
                 }
@@ -504,12 +517,15 @@ impl Shared {
                 tr.consecutive_trips = tr.consecutive_trips.saturating_add(1);
                 let unit = next_unit(&mut tr.rng);
                 let wait = self.config.wait.wait(tr.consecutive_trips, unit);
-                let until = now + wait;
+                let until = now.checked_add(wait).unwrap_or(now + super::MAX_DURATION);
                 self.open_until.store(self.nanos(until), Relaxed);
                 self.arm_timer(generation, until, next, State::HalfOpen);
             }
             State::HalfOpen => {
-                let deadline = self.config.max_wait_in_half_open.map(|d| now + d);
+                let deadline = self
+                    .config
+                    .max_wait_in_half_open
+                    .map(|d| now.checked_add(d).unwrap_or(now + super::MAX_DURATION));
                 *self.half_open.lock() = HalfOpen {
                     generation,
                     available: self.config.permitted_calls_in_half_open,
@@ -524,8 +540,10 @@ impl Shared {
             State::ForcedOpen | State::Disabled => self.timer_gen.store(NO_TIMER, Relaxed),
         }
         self.word.store(next, Release);
-        drop(tr);
 
+        // Reported under the transition lock, so that concurrent transitions are reported
+        // in the order they happened; user callbacks run after it is released (they may
+        // call back into the breaker).
         #[cfg(feature = "metrics")]
         self.metrics.transition(&self.name, from, to);
         #[cfg(feature = "tracing")]
@@ -534,13 +552,17 @@ impl Shared {
         } else {
             tracing::info!(breaker = %self.name, %from, %to, "circuit breaker state changed");
         }
-        if self.events.is_active() {
+        let event = self.events.is_active().then(|| {
             let retry_at = (to == State::Open).then(|| self.instant(self.open_until.load(Relaxed)));
-            self.events.emit(
+            self.events.publish(
                 &self.name,
                 EventKind::StateTransition { from, to },
                 retry_at,
-            );
+            )
+        });
+        drop(tr);
+        if let Some(event) = event {
+            self.events.call_back(&event);
         }
         true
     }

@@ -78,14 +78,19 @@ impl CountWindow {
         }
     }
 
+    /// Empties the window. Each slot is swapped out and its flags subtracted, like a record
+    /// of "nothing", so a record racing with the reset stays counted exactly once.
     pub(crate) fn reset(&self) {
+        let (mut total, mut failed, mut slow) = (0i64, 0i64, 0i64);
         for slot in self.slots.iter() {
-            slot.store(0, Relaxed);
+            let old = slot.swap(0, Relaxed);
+            total += i64::from(old & PRESENT != 0);
+            failed += i64::from(old & FAILED != 0);
+            slow += i64::from(old & SLOW != 0);
         }
-        self.cursor.store(0, Relaxed);
-        self.total.store(0, Relaxed);
-        self.failed.store(0, Relaxed);
-        self.slow.store(0, Relaxed);
+        self.total.fetch_sub(total, Relaxed);
+        self.failed.fetch_sub(failed, Relaxed);
+        self.slow.fetch_sub(slow, Relaxed);
     }
 }
 
@@ -220,6 +225,45 @@ mod tests {
         assert!(!w.record(PRESENT));
         w.reset();
         assert_eq!(w.counts(), Counts::default());
+    }
+
+    #[test]
+    fn reset_racing_with_records_keeps_counts_consistent() {
+        let w = std::sync::Arc::new(CountWindow::new(64));
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u32 {
+                        w.record(if (i + t) % 3 == 0 {
+                            PRESENT | FAILED
+                        } else {
+                            PRESENT
+                        });
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..200 {
+            w.reset();
+        }
+        for t in writers {
+            t.join().expect("writer");
+        }
+        // The counters must agree with what the slots hold.
+        let (mut total, mut failed) = (0, 0);
+        for slot in w.slots.iter() {
+            let f = slot.load(Relaxed);
+            total += u64::from(f & PRESENT != 0);
+            failed += u64::from(f & FAILED != 0);
+        }
+        let c = w.counts();
+        assert_eq!((c.total, c.failed), (total, failed));
+        assert_eq!(
+            w.total.load(Relaxed),
+            total as i64,
+            "no drift hidden by the clamp"
+        );
     }
 
     #[test]

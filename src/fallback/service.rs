@@ -9,7 +9,9 @@ use super::policy::{Handler, Policy};
 
 /// A service whose failures are answered by a fallback [`Policy`]. See the [module docs](super).
 ///
-/// The error type is the inner service's: errors the policy declines pass through unchanged.
+/// The error type is the inner service's: errors the policy declines pass through unchanged,
+/// and so do errors from the inner service's `poll_ready` (in tower, a service that fails
+/// readiness is broken for good; there is no request to answer yet).
 pub struct Fallback<S, P> {
     inner: S,
     policy: Arc<P>,
