@@ -54,6 +54,7 @@
 
 pub mod circuit_breaker;
 pub mod fallback;
+pub mod rate_limit;
 
 /// The boxed error type used by layers that add failure modes of their own, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,233 @@
+//! The token bucket: GCRA on one atomic word.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use super::clock::{Clock, TokioClock};
+use super::error::RateLimited;
+use super::quota::Quota;
+
+/// Quota figures kept in atomics so that the quota can change at run time.
+#[derive(Debug)]
+struct Shape {
+    /// Nanoseconds to replenish one token.
+    interval: AtomicU64,
+    /// Capacity in tokens.
+    burst: AtomicU64,
+}
+
+pub(crate) struct Inner<C> {
+    /// Theoretical arrival time: when the bucket will next be full, in the clock's
+    /// nanoseconds. The bucket holds `(now + burst × interval − tat) / interval` tokens.
+    tat: AtomicU64,
+    shape: Shape,
+    pub(crate) clock: C,
+}
+
+/// A token bucket shared by all its clones, lock-free: one compare-exchange on one word
+/// per check (the generic cell rate algorithm, as in governor).
+///
+/// Starts full. [`try_acquire`](Self::try_acquire) takes tokens or says when they will be
+/// there; [`reserve`](Self::reserve) books tokens in the future, first come first served,
+/// for callers that wait.
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::rate_limit::{ManualClock, Quota, Rate, RateLimiter};
+///
+/// let clock = ManualClock::new();
+/// let limiter = RateLimiter::with_clock(Quota::new(Rate::per_second(10), 2)?, clock.clone());
+/// assert!(limiter.try_acquire(1).is_ok());
+/// assert!(limiter.try_acquire(1).is_ok());
+/// let denied = limiter.try_acquire(1).unwrap_err();
+/// assert_eq!(denied.retry_after(), Some(Duration::from_millis(100)));
+/// clock.advance(Duration::from_millis(100));
+/// assert!(limiter.try_acquire(1).is_ok());
+/// # Ok::<(), seawall::rate_limit::QuotaError>(())
+/// ```
+pub struct RateLimiter<C = TokioClock> {
+    pub(crate) inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for RateLimiter<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<C: Clock> fmt::Debug for RateLimiter<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field(
+                "interval",
+                &Duration::from_nanos(self.inner.shape.interval.load(Relaxed)),
+            )
+            .field("burst", &self.inner.shape.burst.load(Relaxed))
+            .field("available", &self.available())
+            .finish()
+    }
+}
+
+/// A booking made by [`RateLimiter::reserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// Tokens booked.
+    pub tokens: u32,
+    /// How long until they are due (zero: now).
+    pub wait: Duration,
+}
+
+impl RateLimiter<TokioClock> {
+    /// A full bucket of `quota` on the tokio clock.
+    pub fn new(quota: Quota) -> Self {
+        Self::with_clock(quota, TokioClock::new())
+    }
+}
+
+impl<C: Clock> RateLimiter<C> {
+    /// A full bucket of `quota` on `clock`.
+    pub fn with_clock(quota: Quota, clock: C) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                tat: AtomicU64::new(0),
+                shape: Shape {
+                    interval: AtomicU64::new(quota.interval_nanos()),
+                    burst: AtomicU64::new(u64::from(quota.burst())),
+                },
+                clock,
+            }),
+        }
+    }
+
+    /// Replaces the quota for every clone, at once and without losing the bucket's level:
+    /// tokens already taken stay taken (a bucket that had 10 of 10 left and moves to a
+    /// burst of 20 has 10 left, and refills at the new rate from there).
+    pub fn set_quota(&self, quota: Quota) {
+        let old = self.inner.shape.interval.load(Relaxed);
+        let new = quota.interval_nanos();
+        let now = self.inner.clock.now_nanos();
+        // The debt, `tat - now`, is kept in tokens: rescaled to the new interval.
+        let _ = self.inner.tat.fetch_update(Relaxed, Relaxed, |tat| {
+            let debt = u128::from(tat.saturating_sub(now)) * u128::from(new) / u128::from(old);
+            Some(now.saturating_add(debt.min(u128::from(u64::MAX)) as u64))
+        });
+        self.inner.shape.interval.store(new, Relaxed);
+        self.inner
+            .shape
+            .burst
+            .store(u64::from(quota.burst()), Relaxed);
+    }
+
+    /// The current capacity, in tokens.
+    pub fn burst(&self) -> u32 {
+        self.inner.shape.burst.load(Relaxed) as u32
+    }
+
+    /// The current refill interval.
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.inner.shape.interval.load(Relaxed))
+    }
+
+    /// Tokens available now.
+    pub fn available(&self) -> u32 {
+        let (interval, tau) = self.shape();
+        let now = self.inner.clock.now_nanos();
+        let tat = self.inner.tat.load(Relaxed).max(now);
+        ((now.saturating_add(tau).saturating_sub(tat)) / interval) as u32
+    }
+
+    #[inline]
+    fn shape(&self) -> (u64, u64) {
+        let interval = self.inner.shape.interval.load(Relaxed);
+        let burst = self.inner.shape.burst.load(Relaxed);
+        (interval, burst.saturating_mul(interval))
+    }
+
+    /// Takes `tokens` now if the bucket holds them, returning how many are left;
+    /// otherwise takes nothing and says when they will be there.
+    #[inline]
+    pub fn try_acquire(&self, tokens: u32) -> Result<u32, RateLimited> {
+        let (interval, tau) = self.shape();
+        let burst = tau / interval;
+        if u64::from(tokens) > burst {
+            return Err(RateLimited::exceeds_burst(tokens, burst as u32));
+        }
+        let cost = u64::from(tokens) * interval;
+        let now = self.inner.clock.now_nanos();
+        let limit = now.saturating_add(tau);
+        let mut tat = self.inner.tat.load(Relaxed);
+        loop {
+            let next = tat.max(now).saturating_add(cost);
+            if next > limit {
+                return Err(RateLimited::after(
+                    Duration::from_nanos(next - limit),
+                    burst as u32,
+                ));
+            }
+            match self
+                .inner
+                .tat
+                .compare_exchange_weak(tat, next, Relaxed, Relaxed)
+            {
+                Ok(_) => return Ok(((limit - next) / interval) as u32),
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// Books `tokens` for the earliest time they will be there, if that is within
+    /// `max_wait`. Bookings are served in the order they were made; a booking that is not
+    /// used must be handed back with [`cancel`](Self::cancel).
+    pub fn reserve(&self, tokens: u32, max_wait: Duration) -> Result<Reservation, RateLimited> {
+        let (interval, tau) = self.shape();
+        let burst = tau / interval;
+        if u64::from(tokens) > burst {
+            return Err(RateLimited::exceeds_burst(tokens, burst as u32));
+        }
+        let cost = u64::from(tokens) * interval;
+        let max_wait = max_wait.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let now = self.inner.clock.now_nanos();
+        let limit = now.saturating_add(tau);
+        let mut tat = self.inner.tat.load(Relaxed);
+        loop {
+            let next = tat.max(now).saturating_add(cost);
+            let wait = next.saturating_sub(limit);
+            if wait > max_wait {
+                return Err(RateLimited::after(Duration::from_nanos(wait), burst as u32));
+            }
+            match self
+                .inner
+                .tat
+                .compare_exchange_weak(tat, next, Relaxed, Relaxed)
+            {
+                Ok(_) => {
+                    return Ok(Reservation {
+                        tokens,
+                        wait: Duration::from_nanos(wait),
+                    });
+                }
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// Hands back a booking that will not be used, so that its tokens serve later callers.
+    /// Bookings made after it keep their (now slightly conservative) times.
+    pub fn cancel(&self, reservation: Reservation) {
+        let interval = self.inner.shape.interval.load(Relaxed);
+        let cost = u64::from(reservation.tokens) * interval;
+        let _ = self
+            .inner
+            .tat
+            .fetch_update(Relaxed, Relaxed, |tat| Some(tat.saturating_sub(cost)));
+    }
+
+    /// The clock this limiter reads.
+    pub fn clock(&self) -> &C {
+        &self.inner.clock
+    }
+}

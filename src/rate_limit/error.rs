@@ -1,0 +1,64 @@
+//! Errors of the rate limiters.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A request was refused by a rate limiter.
+///
+/// Either the bucket did not hold enough tokens (then [`retry_after`](Self::retry_after)
+/// says when it will), or the request costs more tokens than the bucket can ever hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    retry_after: Option<Duration>,
+    cost: u32,
+    limit: u32,
+}
+
+impl RateLimited {
+    pub(crate) fn after(retry_after: Duration, limit: u32) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            cost: 0,
+            limit,
+        }
+    }
+
+    pub(crate) fn exceeds_burst(cost: u32, limit: u32) -> Self {
+        Self {
+            retry_after: None,
+            cost,
+            limit,
+        }
+    }
+
+    /// How long until the tokens will be there; `None` when the request costs more than
+    /// the bucket's capacity and can never be admitted.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The bucket's capacity (burst) when the request was refused.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// True when the request costs more tokens than the bucket can hold.
+    pub fn exceeds_capacity(&self) -> bool {
+        self.retry_after.is_none()
+    }
+}
+
+impl fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.retry_after {
+            Some(d) => write!(f, "rate limit exceeded, retry after {d:?}"),
+            None => write!(
+                f,
+                "request costs {} tokens, more than the rate limit's capacity of {}",
+                self.cost, self.limit
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RateLimited {}

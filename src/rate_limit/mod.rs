@@ -1,0 +1,94 @@
+//! Token-bucket rate limiting, lock-free, shared by every clone.
+//!
+//! A [`RateLimiter`] is a token bucket defined by a [`Quota`]: a [`Rate`] of refill and a
+//! burst capacity. It keeps its whole state in one atomic word (the generic cell rate
+//! algorithm), so clones of a service share it, as they must under axum's router, and a
+//! check is one clock read and one compare-exchange.
+//!
+//! [`RateLimitLayer`] puts a limiter in front of a service, in one of two [`Mode`]s:
+//!
+//! * [`Mode::Reject`]: a request beyond the quota fails at once with [`RateLimited`]
+//!   (carrying `retry_after`) without reaching the inner service. Requests may weigh
+//!   several tokens ([`Cost`]).
+//! * [`Mode::Wait`]: `poll_ready` books a token and stays pending until it is due, first
+//!   come first served, up to a maximum wait beyond which it rejects. Cancel-safe: a
+//!   booking that is dropped unused is handed back.
+//!
+//! ```
+//! use std::time::Duration;
+//! use seawall::rate_limit::{Quota, Rate, RateLimitLayer, RateLimited};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), seawall::BoxError> {
+//! let layer = RateLimitLayer::new(Quota::new(Rate::per_second(10), 2)?);
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service_fn(|_: ()| async { Ok::<_, seawall::BoxError>("ok") });
+//!
+//! svc.ready().await?.call(()).await?;
+//! svc.ready().await?.call(()).await?;
+//! let err = svc.ready().await?.call(()).await.unwrap_err();
+//! let limited = err.downcast_ref::<RateLimited>().expect("rate limited");
+//! assert_eq!(limited.retry_after(), Some(Duration::from_millis(100)));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Time comes from a [`Clock`]: [`TokioClock`] by default (so tests run on tokio's paused
+//! time), or [`ManualClock`] and your own implementations.
+//!
+//! Per-key limits, the HTTP integration (429 with `RateLimit` headers, honouring an
+//! upstream's `Retry-After`) and the Redis-backed bucket are not built yet.
+
+mod bucket;
+mod clock;
+mod error;
+mod layer;
+mod quota;
+mod service;
+
+pub mod future;
+
+pub use bucket::{RateLimiter, Reservation};
+pub use clock::{Clock, ManualClock, TokioClock};
+pub use error::RateLimited;
+pub use layer::{Mode, RateLimitLayer};
+pub use quota::{MAX_PERIOD, Quota, QuotaError, Rate};
+pub use service::RateLimit;
+
+/// How many tokens a request costs.
+///
+/// Implemented for `u32` (every request costs that much) and for any
+/// `Fn(&Request) -> u32` (weights, for example by body size or endpoint).
+pub trait Cost<Request> {
+    /// The cost of `request`.
+    fn cost(&self, request: &Request) -> u32;
+
+    /// The cost charged when the request is not known yet ([`Mode::Wait`] books tokens in
+    /// `poll_ready`); one token unless the implementation says otherwise.
+    fn fixed(&self) -> u32 {
+        1
+    }
+}
+
+impl<Request> Cost<Request> for u32 {
+    #[inline]
+    fn cost(&self, _: &Request) -> u32 {
+        *self
+    }
+
+    fn fixed(&self) -> u32 {
+        *self
+    }
+}
+
+impl<Request, F> Cost<Request> for F
+where
+    F: Fn(&Request) -> u32,
+{
+    #[inline]
+    fn cost(&self, request: &Request) -> u32 {
+        self(request)
+    }
+}

@@ -1,0 +1,198 @@
+//! Rates and quotas whose units cannot be misread.
+
+use std::fmt;
+use std::time::Duration;
+
+/// How many tokens are replenished per period.
+///
+/// The constructors say what they mean: [`Rate::per_second(100)`](Rate::per_second) is a
+/// hundred tokens every second (not one token every hundred seconds, as `per_second(n)`
+/// means in some other crates). Nothing is checked until a [`Quota`] is built from it.
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::rate_limit::Rate;
+///
+/// assert_eq!(Rate::per_second(100).interval(), Some(Duration::from_millis(10)));
+/// assert_eq!(Rate::per_minute(6).interval(), Some(Duration::from_secs(10)));
+/// assert_eq!(Rate::new(3, Duration::from_secs(1)).tokens(), 3);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rate {
+    tokens: u32,
+    period: Duration,
+}
+
+impl Rate {
+    /// `tokens` every `period`.
+    pub const fn new(tokens: u32, period: Duration) -> Self {
+        Self { tokens, period }
+    }
+
+    /// `tokens` every second.
+    pub const fn per_second(tokens: u32) -> Self {
+        Self::new(tokens, Duration::from_secs(1))
+    }
+
+    /// `tokens` every minute.
+    pub const fn per_minute(tokens: u32) -> Self {
+        Self::new(tokens, Duration::from_secs(60))
+    }
+
+    /// `tokens` every hour.
+    pub const fn per_hour(tokens: u32) -> Self {
+        Self::new(tokens, Duration::from_secs(3600))
+    }
+
+    /// Tokens per period.
+    pub const fn tokens(&self) -> u32 {
+        self.tokens
+    }
+
+    /// The period.
+    pub const fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// Time to replenish one token, if the rate is valid (at least one token per
+    /// non-zero period, at least one nanosecond per token).
+    pub fn interval(&self) -> Option<Duration> {
+        if self.tokens == 0 {
+            return None;
+        }
+        let nanos = self.period.as_nanos() / u128::from(self.tokens);
+        (nanos > 0 && nanos <= u128::from(u64::MAX)).then(|| Duration::from_nanos(nanos as u64))
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} per {:?}", self.tokens, self.period)
+    }
+}
+
+/// An invalid [`Quota`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QuotaError {
+    /// The rate must replenish at least one token per period, at most one per nanosecond,
+    /// over a period of at most [`MAX_PERIOD`].
+    Rate(Rate),
+    /// The burst must be at least 1.
+    Burst(u32),
+}
+
+/// The longest period a [`Rate`] may have (365 days).
+pub const MAX_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl fmt::Display for QuotaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QuotaError::Rate(r) => write!(
+                f,
+                "invalid rate {r}: needs at least 1 token per period, at most 1 per nanosecond, \
+                 and a period of at most 365 days"
+            ),
+            QuotaError::Burst(b) => write!(f, "invalid burst {b}: must be at least 1"),
+        }
+    }
+}
+
+impl std::error::Error for QuotaError {}
+
+/// A token bucket's shape: it refills at `rate` and holds at most `burst` tokens (it starts
+/// full).
+///
+/// ```
+/// use seawall::rate_limit::{Quota, Rate};
+///
+/// // 100 requests a second on average, up to 20 at once.
+/// let quota = Quota::new(Rate::per_second(100), 20)?;
+/// assert_eq!(quota.burst(), 20);
+/// // A burst defaults to one period's worth of tokens.
+/// assert_eq!(Quota::from_rate(Rate::per_minute(30))?.burst(), 30);
+/// # Ok::<(), seawall::rate_limit::QuotaError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    rate: Rate,
+    burst: u32,
+    interval_nanos: u64,
+}
+
+impl Quota {
+    /// A quota refilling at `rate` with room for `burst` tokens.
+    pub fn new(rate: Rate, burst: u32) -> Result<Self, QuotaError> {
+        if rate.period > MAX_PERIOD {
+            return Err(QuotaError::Rate(rate));
+        }
+        let interval = rate.interval().ok_or(QuotaError::Rate(rate))?;
+        if burst == 0 {
+            return Err(QuotaError::Burst(burst));
+        }
+        Ok(Self {
+            rate,
+            burst,
+            interval_nanos: interval.as_nanos() as u64,
+        })
+    }
+
+    /// A quota whose burst is one period's worth of tokens.
+    pub fn from_rate(rate: Rate) -> Result<Self, QuotaError> {
+        Self::new(rate, rate.tokens)
+    }
+
+    /// The refill rate.
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    /// The bucket's capacity.
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    /// Time to replenish one token.
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval_nanos)
+    }
+
+    pub(crate) fn interval_nanos(&self) -> u64 {
+        self.interval_nanos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_quotas_are_typed_errors() {
+        assert_eq!(
+            Quota::new(Rate::per_second(0), 1),
+            Err(QuotaError::Rate(Rate::per_second(0)))
+        );
+        assert_eq!(
+            Quota::new(Rate::new(1, Duration::ZERO), 1),
+            Err(QuotaError::Rate(Rate::new(1, Duration::ZERO)))
+        );
+        // More than one token per nanosecond.
+        let fast = Rate::new(2, Duration::from_nanos(1));
+        assert_eq!(Quota::new(fast, 1), Err(QuotaError::Rate(fast)));
+        let slow = Rate::new(1, Duration::MAX);
+        assert_eq!(Quota::new(slow, 1), Err(QuotaError::Rate(slow)));
+        assert_eq!(
+            Quota::new(Rate::per_second(1), 0),
+            Err(QuotaError::Burst(0))
+        );
+        assert!(QuotaError::Burst(0).to_string().contains("burst"));
+    }
+
+    #[test]
+    fn units_mean_what_they_say() {
+        let q = Quota::new(Rate::per_second(100), 1).expect("valid");
+        assert_eq!(q.interval(), Duration::from_millis(10));
+        let q = Quota::new(Rate::per_hour(3600), 1).expect("valid");
+        assert_eq!(q.interval(), Duration::from_secs(1));
+    }
+}

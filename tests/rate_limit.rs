@@ -1,0 +1,278 @@
+//! The local token bucket and its layer, on paused tokio time or a manual clock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use seawall::BoxError;
+use seawall::rate_limit::{
+    ManualClock, Mode, Quota, Rate, RateLimitLayer, RateLimited, RateLimiter,
+};
+use tokio::time::{Instant, advance};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+fn quota(per_second: u32, burst: u32) -> Quota {
+    Quota::new(Rate::per_second(per_second), burst).unwrap()
+}
+
+fn limited(err: BoxError) -> RateLimited {
+    *err.downcast_ref::<RateLimited>()
+        .unwrap_or_else(|| panic!("expected RateLimited, got {err}"))
+}
+
+fn echo() -> impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone + Send {
+    tower::service_fn(|x: u32| async move { Ok::<_, BoxError>(x) })
+}
+
+#[test]
+fn bucket_starts_full_and_refills_at_the_rate() {
+    let clock = ManualClock::new();
+    let limiter = RateLimiter::with_clock(quota(10, 3), clock.clone());
+    assert_eq!(limiter.available(), 3);
+    assert_eq!(limiter.try_acquire(1), Ok(2));
+    assert_eq!(limiter.try_acquire(2), Ok(0));
+    let refused = limiter.try_acquire(1).unwrap_err();
+    assert_eq!(refused.retry_after(), Some(Duration::from_millis(100)));
+    assert_eq!(refused.limit(), 3);
+    clock.advance(Duration::from_millis(99));
+    assert_eq!(
+        limiter.try_acquire(1).unwrap_err().retry_after(),
+        Some(Duration::from_millis(1))
+    );
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(limiter.try_acquire(1), Ok(0));
+    // A long pause refills to the burst, never beyond.
+    clock.advance(Duration::from_secs(3600));
+    assert_eq!(limiter.available(), 3);
+}
+
+#[test]
+fn weights_and_requests_larger_than_the_bucket() {
+    let clock = ManualClock::new();
+    let limiter = RateLimiter::with_clock(quota(10, 5), clock.clone());
+    assert_eq!(limiter.try_acquire(4), Ok(1));
+    let refused = limiter.try_acquire(3).unwrap_err();
+    assert_eq!(refused.retry_after(), Some(Duration::from_millis(200)));
+    let too_big = limiter.try_acquire(6).unwrap_err();
+    assert!(too_big.exceeds_capacity());
+    assert_eq!(too_big.retry_after(), None);
+    assert!(
+        too_big
+            .to_string()
+            .contains("more than the rate limit's capacity of 5")
+    );
+    // Zero costs nothing.
+    assert_eq!(limiter.try_acquire(0), Ok(1));
+}
+
+#[test]
+fn quota_changes_at_run_time_keep_the_level() {
+    let clock = ManualClock::new();
+    let limiter = RateLimiter::with_clock(quota(10, 10), clock.clone());
+    let clone = limiter.clone();
+    assert_eq!(limiter.try_acquire(10), Ok(0));
+    clone.set_quota(quota(100, 20));
+    assert_eq!(limiter.burst(), 20);
+    // The ten taken stay taken: ten of twenty are left.
+    assert_eq!(limiter.available(), 10);
+    clock.advance(Duration::from_millis(10));
+    assert_eq!(limiter.available(), 11, "refills at the new rate");
+}
+
+#[test]
+fn concurrent_callers_never_take_more_than_the_bucket_holds() {
+    let limiter = RateLimiter::with_clock(quota(1, 1_000), ManualClock::new());
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (limiter, admitted) = (limiter.clone(), admitted.clone());
+            std::thread::spawn(move || {
+                for _ in 0..1_000 {
+                    if limiter.try_acquire(1).is_ok() {
+                        admitted.fetch_add(1, SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        admitted.load(SeqCst),
+        1_000,
+        "time did not move: exactly the burst"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn reject_mode_answers_at_once_and_clones_share_the_bucket() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(quota(2, 2)))
+        .service_fn(move |x: u32| {
+            counter.fetch_add(1, SeqCst);
+            async move { Ok::<_, BoxError>(x) }
+        });
+    // A fresh clone per request, as axum's router does.
+    for i in 0..2 {
+        let mut s = svc.clone();
+        assert_eq!(s.ready().await.unwrap().call(i).await.unwrap(), i);
+    }
+    let mut s = svc.clone();
+    let refused = limited(s.ready().await.unwrap().call(9).await.unwrap_err());
+    assert_eq!(refused.retry_after(), Some(Duration::from_millis(500)));
+    assert_eq!(
+        calls.load(SeqCst),
+        2,
+        "the refused request did not reach the service"
+    );
+    advance(Duration::from_millis(500)).await;
+    let mut s = svc.clone();
+    assert_eq!(s.ready().await.unwrap().call(3).await.unwrap(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn weighted_requests() {
+    let mut svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(quota(10, 10)).cost(|n: &u32| *n))
+        .service(echo());
+    assert_eq!(svc.ready().await.unwrap().call(7).await.unwrap(), 7);
+    let refused = limited(svc.ready().await.unwrap().call(5).await.unwrap_err());
+    assert_eq!(refused.retry_after(), Some(Duration::from_millis(200)));
+    assert!(limited(svc.ready().await.unwrap().call(11).await.unwrap_err()).exceeds_capacity());
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_serves_in_arrival_order_at_the_rate() {
+    let layer = RateLimitLayer::new(quota(10, 1)).wait_up_to(Duration::from_secs(10));
+    let svc = ServiceBuilder::new().layer(layer).service(echo());
+    let start = Instant::now();
+    let done = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..5u32 {
+        let mut s = svc.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = s.ready().await.unwrap().call(i).await.unwrap();
+            done.lock().push((r, start.elapsed()));
+        }));
+        // Arrive in order.
+        tokio::task::yield_now().await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let done = done.lock().clone();
+    let expected: Vec<(u32, Duration)> = (0..5)
+        .map(|i| (i, Duration::from_millis(100 * u64::from(i))))
+        .collect();
+    assert_eq!(done, expected, "first come, first served, one every 100 ms");
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_mode_rejects_beyond_the_maximum_wait() {
+    let layer = RateLimitLayer::new(quota(10, 1)).mode(Mode::Wait {
+        max_wait: Duration::from_millis(150),
+    });
+    let svc = ServiceBuilder::new().layer(layer).service(echo());
+    let mut a = svc.clone();
+    let mut b = svc.clone();
+    let mut c = svc.clone();
+    a.ready().await.unwrap(); // the bucket's one token, now
+    let waited = Instant::now();
+    b.ready().await.unwrap(); // the next, due 100 ms later
+    assert_eq!(waited.elapsed(), Duration::from_millis(100));
+    // c books the token due at +100 ms from here, within 150 ms: pending.
+    {
+        let mut c_ready = tokio_test::task::spawn(c.ready());
+        assert!(c_ready.poll().is_pending());
+    }
+    // d would wait 200 ms: refused at once.
+    let mut d = svc.clone();
+    let before = Instant::now();
+    let refused = limited(d.ready().await.unwrap().call(4).await.unwrap_err());
+    assert_eq!(before.elapsed(), Duration::ZERO);
+    assert_eq!(refused.retry_after(), Some(Duration::from_millis(200)));
+    a.call(1).await.unwrap();
+    b.call(2).await.unwrap();
+    c.ready().await.unwrap().call(3).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiter_hands_its_token_back() {
+    let layer = RateLimitLayer::new(quota(10, 1)).wait_up_to(Duration::from_secs(10));
+    let limiter = layer.limiter().clone();
+    let svc = ServiceBuilder::new().layer(layer).service(echo());
+    let mut first = svc.clone();
+    first.ready().await.unwrap();
+    first.call(0).await.unwrap();
+    // A waiter books the token due at +100 ms, then gives up (its future is dropped).
+    let mut quitter = svc.clone();
+    let attempt = tokio::time::timeout(Duration::from_millis(10), quitter.ready()).await;
+    assert!(attempt.is_err(), "still waiting");
+    drop(quitter);
+    // Its booking is handed back: at +100 ms the token is there for someone else.
+    advance(Duration::from_millis(90)).await;
+    assert_eq!(limiter.available(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ready_but_unused_service_hands_its_token_back() {
+    let layer = RateLimitLayer::new(quota(1, 1)).wait_up_to(Duration::from_secs(10));
+    let limiter = layer.limiter().clone();
+    let mut svc = ServiceBuilder::new().layer(layer).service(echo());
+    svc.ready().await.unwrap();
+    assert_eq!(limiter.available(), 0);
+    drop(svc);
+    assert_eq!(limiter.available(), 1);
+}
+
+/// One arrival: after `gap_ms` of silence, ask for `cost` tokens.
+fn arrivals() -> impl Strategy<Value = Vec<(u64, u32)>> {
+    prop::collection::vec((0u64..200, 0u32..4), 1..300)
+}
+
+proptest! {
+    /// Whatever the arrivals, admitted cost never exceeds burst + rate × elapsed.
+    #[test]
+    fn never_admits_more_than_burst_plus_rate_times_elapsed(
+        per_second in 1u32..1_000,
+        burst in 1u32..50,
+        seq in arrivals(),
+    ) {
+        let clock = ManualClock::new();
+        let limiter = RateLimiter::with_clock(quota(per_second, burst), clock.clone());
+        let interval = limiter.interval().as_nanos() as u64;
+        let mut admitted = 0u64;
+        let mut elapsed = 0u64;
+        for (gap_ms, cost) in seq {
+            clock.advance(Duration::from_millis(gap_ms));
+            elapsed += gap_ms * 1_000_000;
+            if limiter.try_acquire(cost).is_ok() {
+                admitted += u64::from(cost);
+            }
+            prop_assert!(admitted <= u64::from(burst) + elapsed / interval,
+                "admitted {} after {} ns", admitted, elapsed);
+        }
+    }
+
+    /// Steady arrivals at or below the rate are never refused.
+    #[test]
+    fn steady_arrivals_within_the_rate_are_never_refused(
+        per_second in 1u32..1_000,
+        burst in 1u32..50,
+        slack in 1.0f64..3.0,
+        n in 1usize..500,
+    ) {
+        let clock = ManualClock::new();
+        let limiter = RateLimiter::with_clock(quota(per_second, burst), clock.clone());
+        let gap = Duration::from_secs_f64(slack / f64::from(per_second));
+        for i in 0..n {
+            prop_assert!(limiter.try_acquire(1).is_ok(), "arrival {} refused", i);
+            clock.advance(gap);
+        }
+    }
+}
