@@ -276,3 +276,152 @@ proptest! {
         }
     }
 }
+
+mod keyed {
+    use super::*;
+    use seawall::rate_limit::{KeyedRateLimitLayer, KeyedRateLimiter};
+
+    #[test]
+    fn every_key_has_its_own_bucket() {
+        let clock = ManualClock::new();
+        let limiter = KeyedRateLimiter::with_clock(quota(10, 2), clock.clone());
+        assert_eq!(limiter.try_acquire("a", 2), Ok(0));
+        assert_eq!(
+            limiter.try_acquire("a", 1).unwrap_err().retry_after(),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(limiter.try_acquire("b", 1), Ok(1));
+        clock.advance(Duration::from_millis(100));
+        assert_eq!(limiter.try_acquire("a", 1), Ok(0));
+        assert_eq!(limiter.len(), 2);
+    }
+
+    #[test]
+    fn a_flood_of_keys_cannot_grow_memory_or_free_an_abusive_key() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, _> =
+            KeyedRateLimiter::with_clock(quota(1, 10), clock.clone()).max_keys(640);
+        // One key uses up its bucket...
+        assert_eq!(limiter.try_acquire(&0, 10), Ok(0));
+        // ...then 100 000 distinct keys arrive, one request each.
+        for key in 1..100_000u64 {
+            let _ = limiter.try_acquire(&key, 1);
+            assert!(limiter.len() <= limiter.capacity());
+        }
+        assert_eq!(limiter.capacity(), 640);
+        // The flood evicted buckets closest to full first: key 0 is still empty.
+        assert!(
+            limiter.try_acquire(&0, 1).is_err(),
+            "the abusive key kept its debt"
+        );
+    }
+
+    #[test]
+    fn refilled_buckets_are_dropped_first() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, _> =
+            KeyedRateLimiter::with_clock(quota(1, 1), clock.clone()).max_keys(64);
+        for key in 0..64u64 {
+            limiter.try_acquire(&key, 1).unwrap();
+        }
+        clock.advance(Duration::from_secs(2));
+        // Everything refilled: the next new key sweeps them all out.
+        limiter.try_acquire(&1_000, 1).unwrap();
+        assert!(limiter.len() < 64);
+    }
+
+    #[test]
+    fn quotas_per_key_and_changes_at_run_time() {
+        let clock = ManualClock::new();
+        let limiter = KeyedRateLimiter::with_clock(quota(1, 1), clock.clone());
+        limiter.set_quota_fn(|tier: &String| {
+            if tier.starts_with("gold") {
+                quota(100, 100)
+            } else {
+                quota(1, 1)
+            }
+        });
+        assert_eq!(limiter.try_acquire("gold:alice", 50), Ok(50));
+        assert!(
+            limiter
+                .try_acquire("free:bob", 2)
+                .unwrap_err()
+                .exceeds_capacity()
+        );
+        assert_eq!(limiter.try_acquire("free:bob", 1), Ok(0));
+        // Upgrade everyone: levels are kept, capacity grows.
+        limiter.set_default_quota(quota(100, 100));
+        limiter.set_quota_fn(|_: &String| quota(100, 100));
+        assert_eq!(
+            limiter.try_acquire("free:bob", 1),
+            Ok(98),
+            "1 taken before, 1 now"
+        );
+        assert_eq!(limiter.try_acquire("gold:alice", 1), Ok(49));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn layer_limits_per_key_and_stacks_with_a_global_limit() {
+        let global = RateLimitLayer::new(quota(1, 3));
+        let global_limiter = global.limiter().clone();
+        let mut svc = ServiceBuilder::new()
+            .layer(global)
+            .layer(KeyedRateLimitLayer::new(
+                quota(1, 2),
+                |user: &Option<&'static str>| *user,
+            ))
+            .service_fn(|user: Option<&'static str>| async move {
+                Ok::<_, BoxError>(user.unwrap_or("anonymous"))
+            });
+        assert_eq!(
+            svc.ready().await.unwrap().call(Some("ann")).await.unwrap(),
+            "ann"
+        );
+        assert_eq!(
+            svc.ready().await.unwrap().call(Some("ann")).await.unwrap(),
+            "ann"
+        );
+        // Ann's own limit.
+        let refused = limited(
+            svc.ready()
+                .await
+                .unwrap()
+                .call(Some("ann"))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(refused.limit(), 2);
+        // Requests without a key are not limited per key, but still count globally: the
+        // global bucket (3) was drawn by all three requests so far, the refused one too.
+        assert_eq!(global_limiter.available(), 0);
+        let refused = limited(svc.ready().await.unwrap().call(None).await.unwrap_err());
+        assert_eq!(refused.limit(), 3, "refused by the global limit");
+    }
+
+    proptest! {
+        /// Per key, admitted cost never exceeds burst + rate × elapsed (with room for
+        /// every key).
+        #[test]
+        fn never_admits_more_per_key_than_burst_plus_rate_times_elapsed(
+            per_second in 1u32..1_000,
+            burst in 1u32..20,
+            seq in prop::collection::vec((0u64..100, 0u8..4, 0u32..3), 1..300),
+        ) {
+            let clock = ManualClock::new();
+            let limiter = KeyedRateLimiter::with_clock(quota(per_second, burst), clock.clone());
+            let interval = Quota::new(Rate::per_second(per_second), burst).unwrap().interval().as_nanos() as u64;
+            let mut admitted = [0u64; 4];
+            let mut elapsed = 0u64;
+            for (gap_ms, key, cost) in seq {
+                clock.advance(Duration::from_millis(gap_ms));
+                elapsed += gap_ms * 1_000_000;
+                if limiter.try_acquire(&key, cost).is_ok() {
+                    admitted[usize::from(key)] += u64::from(cost);
+                }
+                for a in admitted {
+                    prop_assert!(a <= u64::from(burst) + elapsed / interval);
+                }
+            }
+        }
+    }
+}

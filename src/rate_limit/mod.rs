@@ -38,12 +38,17 @@
 //! Time comes from a [`Clock`]: [`TokioClock`] by default (so tests run on tokio's paused
 //! time), or [`ManualClock`] and your own implementations.
 //!
-//! Per-key limits, the HTTP integration (429 with `RateLimit` headers, honouring an
-//! upstream's `Retry-After`) and the Redis-backed bucket are not built yet.
+//! [`KeyedRateLimiter`] and [`KeyedRateLimitLayer`] keep a bucket per key (client, API key,
+//! route…) with a bound on the keys tracked, per-key quotas and quota changes at run time.
+//!
+//! Not built yet: ready-made HTTP key extractors, the HTTP integration (429 with
+//! `RateLimit` headers, honouring an upstream's `Retry-After`) and the Redis-backed bucket.
 
 mod bucket;
 mod clock;
 mod error;
+mod keyed;
+mod keyed_layer;
 mod layer;
 mod quota;
 mod service;
@@ -53,6 +58,8 @@ pub mod future;
 pub use bucket::{RateLimiter, Reservation};
 pub use clock::{Clock, ManualClock, TokioClock};
 pub use error::RateLimited;
+pub use keyed::{DEFAULT_MAX_KEYS, KeyedRateLimiter};
+pub use keyed_layer::{KeyedRateLimit, KeyedRateLimitLayer};
 pub use layer::{Mode, RateLimitLayer};
 pub use quota::{MAX_PERIOD, Quota, QuotaError, Rate};
 pub use service::RateLimit;

@@ -1,0 +1,283 @@
+//! Buckets per key, with bounded memory.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::clock::{Clock, TokioClock};
+use super::error::RateLimited;
+use super::quota::Quota;
+
+/// Default number of keys a [`KeyedRateLimiter`] tracks.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+const SHARDS: usize = 64;
+
+type QuotaFn<K> = Arc<dyn Fn(&K) -> Quota + Send + Sync>;
+
+/// One key's bucket: its theoretical arrival time and the quota it was built with.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    tat: u64,
+    interval: u64,
+    tau: u64,
+    version: u64,
+}
+
+struct Shard<K> {
+    map: HashMap<K, Entry, RandomState>,
+}
+
+/// Token buckets per key (client IP, API key, route, …), sharded, with a bound on how
+/// many keys are tracked, so that keys chosen by callers cannot grow memory without bound.
+///
+/// When the table is full, buckets that have refilled completely are dropped first (they
+/// hold nothing a fresh bucket would not); if that is not enough, the buckets closest to
+/// full are dropped, so at worst a key gets back the few tokens it was missing. Each key's
+/// quota comes from a function of the key (for example a customer's tier) or the default,
+/// and both can be changed at run time.
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate};
+///
+/// let clock = ManualClock::new();
+/// let limiter = KeyedRateLimiter::with_clock(Quota::new(Rate::per_second(1), 2)?, clock.clone())
+///     .max_keys(10_000);
+/// assert!(limiter.try_acquire("alice", 2).is_ok());
+/// assert!(limiter.try_acquire("alice", 1).is_err());
+/// assert!(limiter.try_acquire("bob", 1).is_ok(), "every key has its own bucket");
+/// # Ok::<(), seawall::rate_limit::QuotaError>(())
+/// ```
+pub struct KeyedRateLimiter<K, C = TokioClock> {
+    inner: Arc<KeyedInner<K, C>>,
+}
+
+struct KeyedInner<K, C> {
+    shards: Box<[Mutex<Shard<K>>]>,
+    hasher: RandomState,
+    per_shard: AtomicUsize,
+    default: RwLock<Quota>,
+    quota_fn: RwLock<Option<QuotaFn<K>>>,
+    /// Bumped on every quota change; entries built under an older version are rescaled.
+    version: AtomicU64,
+    clock: C,
+}
+
+impl<K, C> Clone for KeyedRateLimiter<K, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K, C> fmt::Debug for KeyedRateLimiter<K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedRateLimiter")
+            .field("default", &*self.inner.default.read())
+            .field("max_keys", &(self.inner.per_shard.load(Relaxed) * SHARDS))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Hash + Eq + Clone> KeyedRateLimiter<K, TokioClock> {
+    /// Buckets of `quota` per key, on the tokio clock, tracking up to
+    /// [`DEFAULT_MAX_KEYS`] keys.
+    pub fn new(quota: Quota) -> Self {
+        Self::with_clock(quota, TokioClock::new())
+    }
+}
+
+impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
+    /// Buckets of `quota` per key, on `clock`.
+    pub fn with_clock(quota: Quota, clock: C) -> Self {
+        Self {
+            inner: Arc::new(KeyedInner {
+                shards: (0..SHARDS)
+                    .map(|_| {
+                        Mutex::new(Shard {
+                            map: HashMap::with_hasher(RandomState::new()),
+                        })
+                    })
+                    .collect(),
+                hasher: RandomState::new(),
+                per_shard: AtomicUsize::new(per_shard(DEFAULT_MAX_KEYS)),
+                default: RwLock::new(quota),
+                quota_fn: RwLock::new(None),
+                version: AtomicU64::new(0),
+                clock,
+            }),
+        }
+    }
+
+    /// Tracks at most about `n` keys (rounded up to a multiple of the shard count, at
+    /// least one per shard), for every clone, from now on.
+    #[must_use]
+    pub fn max_keys(self, n: usize) -> Self {
+        self.set_max_keys(n);
+        self
+    }
+
+    /// Like [`max_keys`](Self::max_keys), through a shared reference.
+    pub fn set_max_keys(&self, n: usize) {
+        self.inner.per_shard.store(per_shard(n), Relaxed);
+    }
+
+    /// Gives each key the quota `f(key)` instead of the default, from now on (existing
+    /// buckets keep their level and move to the new quota).
+    pub fn set_quota_fn<F>(&self, f: F)
+    where
+        F: Fn(&K) -> Quota + Send + Sync + 'static,
+    {
+        *self.inner.quota_fn.write() = Some(Arc::new(f));
+        self.inner.version.fetch_add(1, Relaxed);
+    }
+
+    /// Replaces the default quota, from now on (existing buckets keep their level).
+    pub fn set_default_quota(&self, quota: Quota) {
+        *self.inner.default.write() = quota;
+        self.inner.version.fetch_add(1, Relaxed);
+    }
+
+    /// Keys currently tracked.
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.lock().map.len()).sum()
+    }
+
+    /// True when no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The largest number of keys tracked at once.
+    pub fn capacity(&self) -> usize {
+        self.inner.per_shard.load(Relaxed) * SHARDS
+    }
+
+    fn quota_for(&self, key: &K) -> Quota {
+        match &*self.inner.quota_fn.read() {
+            Some(f) => f(key),
+            None => *self.inner.default.read(),
+        }
+    }
+
+    /// Takes `tokens` from `key`'s bucket now, returning how many are left; otherwise takes
+    /// nothing and says when they will be there. A key seen for the first time gets a full
+    /// bucket. Looking up an existing key does not allocate.
+    pub fn try_acquire<Q>(&self, key: &Q, tokens: u32) -> Result<u32, RateLimited>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let now = self.inner.clock.now_nanos();
+        let version = self.inner.version.load(Relaxed);
+        let shard = &self.inner.shards[(self.inner.hasher.hash_one(key) as usize) % SHARDS];
+        let mut guard = shard.lock();
+        if let Some(entry) = guard.map.get_mut(key) {
+            if entry.version != version {
+                let owned = key.to_owned();
+                drop(guard);
+                let fresh = self.entry_for(&owned, now, version);
+                guard = shard.lock();
+                if let Some(entry) = guard.map.get_mut(key) {
+                    rescale(entry, fresh, now);
+                }
+            }
+            if let Some(entry) = guard.map.get_mut(key) {
+                return take(entry, now, tokens);
+            }
+        }
+        // A new key: its quota is looked up outside the shard lock.
+        drop(guard);
+        let owned = key.to_owned();
+        let mut entry = self.entry_for(&owned, now, version);
+        let result = take(&mut entry, now, tokens);
+        let mut guard = shard.lock();
+        if let Some(existing) = guard.map.get_mut(key) {
+            // Another caller inserted it meanwhile: charge that bucket instead.
+            return take(existing, now, tokens);
+        }
+        let cap = self.inner.per_shard.load(Relaxed);
+        if guard.map.len() >= cap {
+            make_room(&mut guard.map, now, cap);
+        }
+        guard.map.insert(owned, entry);
+        result
+    }
+
+    fn entry_for(&self, key: &K, now: u64, version: u64) -> Entry {
+        let quota = self.quota_for(key);
+        let interval = quota.interval_nanos();
+        Entry {
+            tat: now,
+            interval,
+            tau: u64::from(quota.burst()).saturating_mul(interval),
+            version,
+        }
+    }
+
+    /// The clock this limiter reads.
+    pub fn clock(&self) -> &C {
+        &self.inner.clock
+    }
+}
+
+fn per_shard(max_keys: usize) -> usize {
+    max_keys.div_ceil(SHARDS).max(1)
+}
+
+/// Moves `entry` to a new quota, keeping its debt in tokens.
+fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
+    let debt = u128::from(entry.tat.saturating_sub(now)) * u128::from(fresh.interval)
+        / u128::from(entry.interval);
+    *entry = Entry {
+        tat: now.saturating_add(debt.min(u128::from(u64::MAX)) as u64),
+        ..fresh
+    };
+}
+
+/// The same GCRA step as [`RateLimiter::try_acquire`](super::RateLimiter::try_acquire).
+fn take(entry: &mut Entry, now: u64, tokens: u32) -> Result<u32, RateLimited> {
+    let burst = entry.tau / entry.interval;
+    if u64::from(tokens) > burst {
+        return Err(RateLimited::exceeds_burst(tokens, burst as u32));
+    }
+    let limit = now.saturating_add(entry.tau);
+    let next = entry
+        .tat
+        .max(now)
+        .saturating_add(u64::from(tokens) * entry.interval);
+    if next > limit {
+        return Err(RateLimited::after(
+            Duration::from_nanos(next - limit),
+            burst as u32,
+        ));
+    }
+    entry.tat = next;
+    Ok(((limit - next) / entry.interval) as u32)
+}
+
+/// Frees at least a quarter of a full shard: idle (refilled) buckets first, then those
+/// closest to full. Amortised O(1) per inserted key.
+fn make_room<K: Hash + Eq + Clone>(map: &mut HashMap<K, Entry, RandomState>, now: u64, cap: usize) {
+    map.retain(|_, e| e.tat > now);
+    let target = cap - cap.div_ceil(4);
+    if map.len() <= target {
+        return;
+    }
+    // `target < cap <= len`, so `excess >= 1`.
+    let excess = map.len() - target;
+    let mut by_debt: Vec<(u64, K)> = map.iter().map(|(k, e)| (e.tat, k.clone())).collect();
+    by_debt.select_nth_unstable_by_key(excess - 1, |(tat, _)| *tat);
+    for (_, key) in by_debt.into_iter().take(excess) {
+        map.remove(&key);
+    }
+}
