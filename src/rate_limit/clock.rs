@@ -93,3 +93,41 @@ impl Clock for ManualClock {
         self.nanos.load(Relaxed)
     }
 }
+
+/// A clock read from the CPU's time-stamp counter through the
+/// [`quanta`](https://docs.rs/quanta) crate (feature `quanta`), as governor does: a few
+/// nanoseconds a read where the OS clock costs tens. It does **not** follow tokio's paused
+/// time; use [`TokioClock`] or [`ManualClock`] in tests.
+#[cfg(feature = "quanta")]
+#[cfg_attr(docsrs, doc(cfg(feature = "quanta")))]
+#[derive(Debug, Clone)]
+pub struct QuantaClock {
+    clock: quanta::Clock,
+    /// Raw counter value at the origin; reads are scaled from raw deltas.
+    origin: u64,
+}
+
+#[cfg(feature = "quanta")]
+impl QuantaClock {
+    /// A clock whose origin is now.
+    pub fn new() -> Self {
+        let clock = quanta::Clock::new();
+        let origin = clock.raw();
+        Self { clock, origin }
+    }
+}
+
+#[cfg(feature = "quanta")]
+impl Default for QuantaClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "quanta")]
+impl Clock for QuantaClock {
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        self.clock.delta_as_nanos(self.origin, self.clock.raw())
+    }
+}

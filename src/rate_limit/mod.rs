@@ -36,7 +36,8 @@
 //! ```
 //!
 //! Time comes from a [`Clock`]: [`TokioClock`] by default (so tests run on tokio's paused
-//! time), or [`ManualClock`] and your own implementations.
+//! time), `QuantaClock` (feature `quanta`), several times cheaper to read where the OS
+//! clock is slow, [`ManualClock`], or your own implementation.
 //!
 //! [`KeyedRateLimiter`] and [`KeyedRateLimitLayer`] keep a bucket per key (client, API key,
 //! route…) with a bound on the keys tracked, per-key quotas and quota changes at run time.
@@ -56,6 +57,8 @@ mod service;
 pub mod future;
 
 pub use bucket::{RateLimiter, Reservation};
+#[cfg(feature = "quanta")]
+pub use clock::QuantaClock;
 pub use clock::{Clock, ManualClock, TokioClock};
 pub use error::RateLimited;
 pub use keyed::{DEFAULT_MAX_KEYS, KeyedRateLimiter};
