@@ -64,7 +64,10 @@ impl<F, Key, K, C> fmt::Debug for KeyedRateLimitLayer<F, Key, K, C> {
 
 impl<F, Key: Hash + Eq + Clone> KeyedRateLimitLayer<F, Key> {
     /// Buckets of `quota` per key taken by `key_fn`, on the tokio clock.
-    pub fn new(quota: super::Quota, key_fn: F) -> Self {
+    pub fn new<Request>(quota: super::Quota, key_fn: F) -> Self
+    where
+        F: Fn(&Request) -> Option<Key>,
+    {
         Self::from_limiter(KeyedRateLimiter::new(quota), key_fn)
     }
 }
