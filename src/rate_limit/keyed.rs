@@ -1,7 +1,6 @@
 //! Buckets per key, with bounded memory.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
@@ -9,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
+use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 
 use super::clock::{Clock, TokioClock};
@@ -18,7 +18,8 @@ use super::quota::Quota;
 /// Default number of keys a [`KeyedRateLimiter`] tracks.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
-const SHARDS: usize = 64;
+const SHARD_BITS: u32 = 6;
+const SHARDS: usize = 1 << SHARD_BITS;
 
 type QuotaFn<K> = Arc<dyn Fn(&K) -> Quota + Send + Sync>;
 
@@ -31,8 +32,10 @@ struct Entry {
     version: u64,
 }
 
+/// One shard: `(hash, key, entry)` rows, looked up with the hash computed once per check
+/// (its top bits chose the shard).
 struct Shard<K> {
-    map: HashMap<K, Entry, RandomState>,
+    table: HashTable<(u64, K, Entry)>,
 }
 
 /// Token buckets per key (client IP, API key, route, …), sharded, with a bound on how
@@ -104,7 +107,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
                 shards: (0..SHARDS)
                     .map(|_| {
                         Mutex::new(Shard {
-                            map: HashMap::with_hasher(RandomState::new()),
+                            table: HashTable::new(),
                         })
                     })
                     .collect(),
@@ -149,7 +152,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
 
     /// Keys currently tracked.
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| s.lock().map.len()).sum()
+        self.inner.shards.iter().map(|s| s.lock().table.len()).sum()
     }
 
     /// True when no key is tracked.
@@ -179,37 +182,43 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
     {
         let now = self.inner.clock.now_nanos();
         let version = self.inner.version.load(Relaxed);
-        let shard = &self.inner.shards[(self.inner.hasher.hash_one(key) as usize) % SHARDS];
+        let hash = self.inner.hasher.hash_one(key);
+        let shard = &self.inner.shards[(hash >> (64 - SHARD_BITS)) as usize];
+        let eq = |row: &(u64, K, Entry)| row.0 == hash && row.1.borrow() == key;
         let mut guard = shard.lock();
-        if let Some(entry) = guard.map.get_mut(key) {
-            if entry.version != version {
-                let owned = key.to_owned();
-                drop(guard);
-                let fresh = self.entry_for(&owned, now, version);
-                guard = shard.lock();
-                if let Some(entry) = guard.map.get_mut(key) {
-                    rescale(entry, fresh, now);
-                }
+        if let Some(row) = guard.table.find_mut(hash, eq) {
+            if row.2.version == version {
+                return take(&mut row.2, now, tokens);
             }
-            if let Some(entry) = guard.map.get_mut(key) {
-                return take(entry, now, tokens);
+            // The quota changed since this bucket was built: look the new one up outside
+            // the lock, then rescale.
+            let owned = key.to_owned();
+            drop(guard);
+            let fresh = self.entry_for(&owned, now, version);
+            guard = shard.lock();
+            if let Some(row) = guard.table.find_mut(hash, eq) {
+                rescale(&mut row.2, fresh, now);
+                return take(&mut row.2, now, tokens);
             }
+        } else {
+            drop(guard);
         }
         // A new key: its quota is looked up outside the shard lock.
-        drop(guard);
         let owned = key.to_owned();
         let mut entry = self.entry_for(&owned, now, version);
         let result = take(&mut entry, now, tokens);
         let mut guard = shard.lock();
-        if let Some(existing) = guard.map.get_mut(key) {
+        if let Some(row) = guard.table.find_mut(hash, eq) {
             // Another caller inserted it meanwhile: charge that bucket instead.
-            return take(existing, now, tokens);
+            return take(&mut row.2, now, tokens);
         }
         let cap = self.inner.per_shard.load(Relaxed);
-        if guard.map.len() >= cap {
-            make_room(&mut guard.map, now, cap);
+        if guard.table.len() >= cap {
+            make_room(&mut guard.table, now, cap);
         }
-        guard.map.insert(owned, entry);
+        guard
+            .table
+            .insert_unique(hash, (hash, owned, entry), |row| row.0);
         result
     }
 
@@ -267,17 +276,24 @@ fn take(entry: &mut Entry, now: u64, tokens: u32) -> Result<u32, RateLimited> {
 
 /// Frees at least a quarter of a full shard: idle (refilled) buckets first, then those
 /// closest to full. Amortised O(1) per inserted key.
-fn make_room<K: Hash + Eq + Clone>(map: &mut HashMap<K, Entry, RandomState>, now: u64, cap: usize) {
-    map.retain(|_, e| e.tat > now);
+fn make_room<K>(table: &mut HashTable<(u64, K, Entry)>, now: u64, cap: usize) {
+    table.retain(|row| row.2.tat > now);
     let target = cap - cap.div_ceil(4);
-    if map.len() <= target {
+    if table.len() <= target {
         return;
     }
     // `target < cap <= len`, so `excess >= 1`.
-    let excess = map.len() - target;
-    let mut by_debt: Vec<(u64, K)> = map.iter().map(|(k, e)| (e.tat, k.clone())).collect();
-    by_debt.select_nth_unstable_by_key(excess - 1, |(tat, _)| *tat);
-    for (_, key) in by_debt.into_iter().take(excess) {
-        map.remove(&key);
-    }
+    let excess = table.len() - target;
+    let mut debts: Vec<u64> = table.iter().map(|row| row.2.tat).collect();
+    let (_, &mut cutoff, _) = debts.select_nth_unstable(excess - 1);
+    // Drop the `excess` buckets with the smallest debt (ties broken by position).
+    let mut dropped = 0;
+    table.retain(|row| {
+        if dropped < excess && row.2.tat <= cutoff {
+            dropped += 1;
+            false
+        } else {
+            true
+        }
+    });
 }
