@@ -28,8 +28,9 @@ type QuotaFn<K> = Arc<dyn Fn(&K) -> Quota + Send + Sync>;
 struct Entry {
     tat: u64,
     interval: u64,
-    tau: u64,
-    version: u64,
+    burst: u32,
+    /// The low bits of the limiter's quota version this entry was built under.
+    version: u32,
 }
 
 /// One shard: `(hash, key, entry)` rows, looked up with the hash computed once per check
@@ -181,7 +182,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let now = self.inner.clock.now_nanos();
-        let version = self.inner.version.load(Relaxed);
+        let version = self.inner.version.load(Relaxed) as u32;
         let hash = self.inner.hasher.hash_one(key);
         let shard = &self.inner.shards[(hash >> (64 - SHARD_BITS)) as usize];
         let eq = |row: &(u64, K, Entry)| row.0 == hash && row.1.borrow() == key;
@@ -222,13 +223,12 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         result
     }
 
-    fn entry_for(&self, key: &K, now: u64, version: u64) -> Entry {
+    fn entry_for(&self, key: &K, now: u64, version: u32) -> Entry {
         let quota = self.quota_for(key);
-        let interval = quota.interval_nanos();
         Entry {
             tat: now,
-            interval,
-            tau: u64::from(quota.burst()).saturating_mul(interval),
+            interval: quota.interval_nanos(),
+            burst: quota.burst(),
             version,
         }
     }
@@ -255,11 +255,12 @@ fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
 
 /// The same GCRA step as [`RateLimiter::try_acquire`](super::RateLimiter::try_acquire).
 fn take(entry: &mut Entry, now: u64, tokens: u32) -> Result<u32, RateLimited> {
-    let burst = entry.tau / entry.interval;
-    if u64::from(tokens) > burst {
-        return Err(RateLimited::exceeds_burst(tokens, burst as u32));
+    let burst = entry.burst;
+    if tokens > burst {
+        return Err(RateLimited::exceeds_burst(tokens, burst));
     }
-    let limit = now.saturating_add(entry.tau);
+    let tau = u64::from(burst).saturating_mul(entry.interval);
+    let limit = now.saturating_add(tau);
     let next = entry
         .tat
         .max(now)
@@ -267,7 +268,7 @@ fn take(entry: &mut Entry, now: u64, tokens: u32) -> Result<u32, RateLimited> {
     if next > limit {
         return Err(RateLimited::after(
             Duration::from_nanos(next - limit),
-            burst as u32,
+            burst,
         ));
     }
     entry.tat = next;
