@@ -72,6 +72,19 @@ impl<C: Clock> fmt::Debug for RateLimiter<C> {
     }
 }
 
+/// What an admitted request learns about the bucket (for rate-limit headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// Tokens left in the bucket.
+    pub remaining: u32,
+    /// How long until the bucket is full again.
+    pub full_in: Duration,
+    /// The bucket's capacity.
+    pub limit: u32,
+    /// How long the bucket takes to refill from empty (`limit` × the refill interval).
+    pub window: Duration,
+}
+
 /// A booking made by [`RateLimiter::reserve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
@@ -151,10 +164,21 @@ impl<C: Clock> RateLimiter<C> {
     /// otherwise takes nothing and says when they will be there.
     #[inline]
     pub fn try_acquire(&self, tokens: u32) -> Result<u32, RateLimited> {
+        self.acquire(tokens).map(|a| a.remaining)
+    }
+
+    /// Like [`try_acquire`](Self::try_acquire), with what rate-limit headers need: the
+    /// tokens left and how long until the bucket is full again.
+    #[inline]
+    pub fn acquire(&self, tokens: u32) -> Result<Admitted, RateLimited> {
         let (interval, tau) = self.shape();
         let burst = tau / interval;
         if u64::from(tokens) > burst {
-            return Err(RateLimited::exceeds_burst(tokens, burst as u32));
+            return Err(RateLimited::exceeds_burst(
+                tokens,
+                burst as u32,
+                Duration::from_nanos(tau),
+            ));
         }
         let cost = u64::from(tokens) * interval;
         let now = self.inner.clock.now_nanos();
@@ -166,6 +190,7 @@ impl<C: Clock> RateLimiter<C> {
                 return Err(RateLimited::after(
                     Duration::from_nanos(next - limit),
                     burst as u32,
+                    Duration::from_nanos(tau),
                 ));
             }
             match self
@@ -173,7 +198,14 @@ impl<C: Clock> RateLimiter<C> {
                 .tat
                 .compare_exchange_weak(tat, next, Relaxed, Relaxed)
             {
-                Ok(_) => return Ok(((limit - next) / interval) as u32),
+                Ok(_) => {
+                    return Ok(Admitted {
+                        remaining: ((limit - next) / interval) as u32,
+                        full_in: Duration::from_nanos(next - now),
+                        limit: burst as u32,
+                        window: Duration::from_nanos(tau),
+                    });
+                }
                 Err(actual) => tat = actual,
             }
         }
@@ -186,7 +218,11 @@ impl<C: Clock> RateLimiter<C> {
         let (interval, tau) = self.shape();
         let burst = tau / interval;
         if u64::from(tokens) > burst {
-            return Err(RateLimited::exceeds_burst(tokens, burst as u32));
+            return Err(RateLimited::exceeds_burst(
+                tokens,
+                burst as u32,
+                Duration::from_nanos(tau),
+            ));
         }
         let cost = u64::from(tokens) * interval;
         let max_wait = max_wait.as_nanos().min(u128::from(u64::MAX)) as u64;
@@ -197,7 +233,11 @@ impl<C: Clock> RateLimiter<C> {
             let next = tat.max(now).saturating_add(cost);
             let wait = next.saturating_sub(limit);
             if wait > max_wait {
-                return Err(RateLimited::after(Duration::from_nanos(wait), burst as u32));
+                return Err(RateLimited::after(
+                    Duration::from_nanos(wait),
+                    burst as u32,
+                    Duration::from_nanos(tau),
+                ));
             }
             match self
                 .inner

@@ -12,23 +12,31 @@ pub struct RateLimited {
     retry_after: Option<Duration>,
     cost: u32,
     limit: u32,
+    window: Duration,
 }
 
 impl RateLimited {
-    pub(crate) fn after(retry_after: Duration, limit: u32) -> Self {
+    pub(crate) fn after(retry_after: Duration, limit: u32, window: Duration) -> Self {
         Self {
             retry_after: Some(retry_after),
             cost: 0,
             limit,
+            window,
         }
     }
 
-    pub(crate) fn exceeds_burst(cost: u32, limit: u32) -> Self {
+    pub(crate) fn exceeds_burst(cost: u32, limit: u32, window: Duration) -> Self {
         Self {
             retry_after: None,
             cost,
             limit,
+            window,
         }
+    }
+
+    /// How long the bucket takes to refill from empty.
+    pub fn window(&self) -> Duration {
+        self.window
     }
 
     /// How long until the tokens will be there; `None` when the request costs more than

@@ -11,6 +11,7 @@ use std::time::Duration;
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 
+use super::bucket::Admitted;
 use super::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::Quota;
@@ -181,6 +182,15 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
+        self.acquire(key, tokens).map(|a| a.remaining)
+    }
+
+    /// Like [`try_acquire`](Self::try_acquire), with what rate-limit headers need.
+    pub fn acquire<Q>(&self, key: &Q, tokens: u32) -> Result<Admitted, RateLimited>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let now = self.inner.clock.now_nanos();
         let version = self.inner.version.load(Relaxed) as u32;
         let hash = self.inner.hasher.hash_one(key);
@@ -254,12 +264,16 @@ fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
 }
 
 /// The same GCRA step as [`RateLimiter::try_acquire`](super::RateLimiter::try_acquire).
-fn take(entry: &mut Entry, now: u64, tokens: u32) -> Result<u32, RateLimited> {
+fn take(entry: &mut Entry, now: u64, tokens: u32) -> Result<Admitted, RateLimited> {
     let burst = entry.burst;
-    if tokens > burst {
-        return Err(RateLimited::exceeds_burst(tokens, burst));
-    }
     let tau = u64::from(burst).saturating_mul(entry.interval);
+    if tokens > burst {
+        return Err(RateLimited::exceeds_burst(
+            tokens,
+            burst,
+            Duration::from_nanos(tau),
+        ));
+    }
     let limit = now.saturating_add(tau);
     let next = entry
         .tat
@@ -269,10 +283,16 @@ fn take(entry: &mut Entry, now: u64, tokens: u32) -> Result<u32, RateLimited> {
         return Err(RateLimited::after(
             Duration::from_nanos(next - limit),
             burst,
+            Duration::from_nanos(tau),
         ));
     }
     entry.tat = next;
-    Ok(((limit - next) / entry.interval) as u32)
+    Ok(Admitted {
+        remaining: ((limit - next) / entry.interval) as u32,
+        full_in: Duration::from_nanos(next - now),
+        limit: burst,
+        window: Duration::from_nanos(tau),
+    })
 }
 
 /// Frees at least a quarter of a full shard: idle (refilled) buckets first, then those

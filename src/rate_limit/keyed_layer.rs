@@ -6,12 +6,12 @@ use tower::{Layer, Service};
 
 use super::clock::{Clock, TokioClock};
 use super::future::ResponseFuture;
-use super::{Cost, KeyedRateLimiter};
+use super::{Cost, KeyExtractor, KeyedRateLimiter};
 use crate::BoxError;
 
 /// Limits requests per key: each request draws from the bucket of the key `key_fn` takes
-/// from it, in a shared [`KeyedRateLimiter`]. Requests for which `key_fn` returns `None`
-/// are not limited by this layer.
+/// from it (any [`KeyExtractor`], closures included), in a shared [`KeyedRateLimiter`].
+/// Requests for which `key_fn` returns `None` are not limited by this layer.
 ///
 /// Stack it with a [`RateLimitLayer`](super::RateLimitLayer) for a global limit on top of
 /// the per-key ones (as Kong's per-consumer and per-service limits): the outer layer is
@@ -66,7 +66,7 @@ impl<F, Key: Hash + Eq + Clone> KeyedRateLimitLayer<F, Key> {
     /// Buckets of `quota` per key taken by `key_fn`, on the tokio clock.
     pub fn new<Request>(quota: super::Quota, key_fn: F) -> Self
     where
-        F: Fn(&Request) -> Option<Key>,
+        F: KeyExtractor<Request, Key = Key>,
     {
         Self::from_limiter(KeyedRateLimiter::new(quota), key_fn)
     }
@@ -162,7 +162,7 @@ impl<S, F, Key, K, C, Request> Service<Request> for KeyedRateLimit<S, F, Key, K,
 where
     S: Service<Request>,
     S::Error: Into<BoxError>,
-    F: Fn(&Request) -> Option<Key>,
+    F: KeyExtractor<Request, Key = Key>,
     Key: Hash + Eq + Clone,
     K: Cost<Request>,
     C: Clock,
@@ -176,7 +176,7 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        if let Some(key) = (self.key_fn)(&request) {
+        if let Some(key) = self.key_fn.extract(&request) {
             let tokens = self.cost.cost(&request);
             if let Err(refused) = self.limiter.try_acquire(&key, tokens) {
                 return ResponseFuture::refused(refused);

@@ -55,8 +55,11 @@ mod quota;
 mod service;
 
 pub mod future;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 
-pub use bucket::{RateLimiter, Reservation};
+pub use bucket::{Admitted, RateLimiter, Reservation};
 #[cfg(feature = "quanta")]
 pub use clock::QuantaClock;
 pub use clock::{Clock, ManualClock, TokioClock};
@@ -99,6 +102,31 @@ where
 {
     #[inline]
     fn cost(&self, request: &Request) -> u32 {
+        self(request)
+    }
+}
+
+/// Takes the key a request is limited under (client, API key, route…).
+///
+/// Implemented for every `Fn(&Request) -> Option<Key>`; with the `http` feature,
+/// [`http::ClientIp`], [`http::HeaderKey`] and [`http::PathKey`] are ready-made. `None`
+/// leaves the request out of per-key limiting.
+pub trait KeyExtractor<Request> {
+    /// The key type.
+    type Key;
+
+    /// The key of `request`, if it has one.
+    fn extract(&self, request: &Request) -> Option<Self::Key>;
+}
+
+impl<Request, Key, F> KeyExtractor<Request> for F
+where
+    F: Fn(&Request) -> Option<Key>,
+{
+    type Key = Key;
+
+    #[inline]
+    fn extract(&self, request: &Request) -> Option<Key> {
         self(request)
     }
 }

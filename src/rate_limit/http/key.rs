@@ -1,0 +1,353 @@
+//! Ready-made key extractors for HTTP requests.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use http::{HeaderName, Request};
+
+use super::parse;
+use crate::rate_limit::KeyExtractor;
+
+/// A network of trusted proxies, such as `10.0.0.0/8` or `::1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// An address or network that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidNet(String);
+
+impl fmt::Display for InvalidNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid trusted proxy {:?}: expected an IP address or a CIDR network such as 10.0.0.0/8",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidNet {}
+
+impl std::str::FromStr for IpNet {
+    type Err = InvalidNet;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidNet(s.to_owned());
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().map_err(|_| bad())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl IpNet {
+    /// Whether `ip` is in this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The client's IP address: the connection's peer address, or, when the peer is a
+/// trusted proxy, the address that proxy reports in `Forwarded` (RFC 7239) or
+/// `X-Forwarded-For`.
+///
+/// Headers are believed only from the proxies named here, and only as far as they go:
+/// the hops are read from the right (nearest) and the first one that is not a trusted
+/// proxy is the client. A client cannot pick its own key by sending these headers, since
+/// what it sends sits to the left of the address its first trusted proxy appended.
+///
+/// The peer address is read from the request's extensions, as a [`SocketAddr`]: insert it
+/// where the connection is accepted (`req.extensions_mut().insert(peer)` in a hyper
+/// `service_fn`, or map axum's `ConnectInfo`). A request without one has no key.
+///
+/// ```
+/// use std::net::SocketAddr;
+/// use seawall::rate_limit::KeyExtractor;
+/// use seawall::rate_limit::http::ClientIp;
+///
+/// let key = ClientIp::trusting(["10.0.0.0/8"])?;
+/// let mut req = http::Request::builder()
+///     .header("x-forwarded-for", "6.6.6.6, 203.0.113.9")
+///     .body(())
+///     .unwrap();
+/// req.extensions_mut().insert("10.1.2.3:443".parse::<SocketAddr>().unwrap());
+/// assert_eq!(key.extract(&req), Some("203.0.113.9".parse().unwrap()));
+/// # Ok::<(), seawall::rate_limit::http::InvalidNet>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ClientIp {
+    trusted: Vec<IpNet>,
+}
+
+impl ClientIp {
+    /// The peer address only; forwarding headers are ignored.
+    pub fn peer() -> Self {
+        Self::default()
+    }
+
+    /// Believes forwarding headers from these proxies (addresses or CIDR networks).
+    pub fn trusting<I, S>(proxies: I) -> Result<Self, InvalidNet>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let trusted = proxies
+            .into_iter()
+            .map(|p| p.as_ref().parse())
+            .collect::<Result<_, _>>()?;
+        Ok(Self { trusted })
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(ip))
+    }
+
+    /// The client address for a connection from `peer` with these headers.
+    pub fn resolve(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        // Several header lines form one comma-separated list.
+        let joined = |name: &str| {
+            let parts: Vec<&str> = headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            (!parts.is_empty()).then(|| parts.join(","))
+        };
+        let hops = if let Some(v) = joined("forwarded") {
+            parse::forwarded_for(&v)
+        } else if let Some(v) = joined("x-forwarded-for") {
+            parse::x_forwarded_for(&v)
+        } else {
+            return peer;
+        };
+        let mut client = peer;
+        for hop in hops.into_iter().rev() {
+            match hop {
+                // An entry we cannot read: stop at the last proxy we trust.
+                None => return client,
+                Some(ip) => {
+                    client = ip;
+                    if !self.is_trusted(ip) {
+                        return ip;
+                    }
+                }
+            }
+        }
+        client
+    }
+}
+
+impl<B> KeyExtractor<Request<B>> for ClientIp {
+    type Key = IpAddr;
+
+    fn extract(&self, request: &Request<B>) -> Option<IpAddr> {
+        let peer = request.extensions().get::<SocketAddr>()?.ip();
+        Some(self.resolve(peer, request.headers()))
+    }
+}
+
+/// The value of a header (for example an API key); requests without it, or with a value
+/// that is not visible ASCII, have no key.
+#[derive(Debug, Clone)]
+pub struct HeaderKey(pub HeaderName);
+
+impl<B> KeyExtractor<Request<B>> for HeaderKey {
+    type Key = String;
+
+    fn extract(&self, request: &Request<B>) -> Option<String> {
+        Some(request.headers().get(&self.0)?.to_str().ok()?.to_owned())
+    }
+}
+
+/// The request path, or its first `segments` segments (`/api/users/42` → `/api/users`
+/// with 2), so that each route or API area has its own bucket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PathKey {
+    segments: Option<usize>,
+}
+
+impl PathKey {
+    /// The whole path.
+    pub fn full() -> Self {
+        Self { segments: None }
+    }
+
+    /// The first `n` segments of the path.
+    pub fn prefix(n: usize) -> Self {
+        Self { segments: Some(n) }
+    }
+}
+
+impl<B> KeyExtractor<Request<B>> for PathKey {
+    type Key = String;
+
+    fn extract(&self, request: &Request<B>) -> Option<String> {
+        let path = request.uri().path();
+        Some(match self.segments {
+            None => path.to_owned(),
+            Some(n) => {
+                let end = path
+                    .match_indices('/')
+                    .nth(n)
+                    .map_or(path.len(), |(i, _)| i);
+                path[..end].to_owned()
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(peer: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri("/api/users/42?x=1");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut r = b.body(()).expect("request");
+        r.extensions_mut()
+            .insert(peer.parse::<SocketAddr>().expect("peer"));
+        r
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn networks() {
+        let net: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains(ip("10.200.0.1")));
+        assert!(!net.contains(ip("11.0.0.1")));
+        assert!(net.contains(ip("::ffff:10.1.1.1")), "IPv4-mapped");
+        let v6: IpNet = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains(ip("2001:db8:1::1")));
+        assert!(!v6.contains(ip("10.0.0.1")));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(ip("1.2.3.4")));
+        for bad in ["10.0.0.0/33", "10.0.0/8", "x", "::/129", "1.2.3.4/"] {
+            assert!(bad.parse::<IpNet>().is_err(), "{bad}");
+        }
+        assert!(ClientIp::trusting(["10.0.0.0/8", "nope"]).is_err());
+    }
+
+    #[test]
+    fn untrusted_peers_cannot_choose_their_key() {
+        let key = ClientIp::trusting(["10.0.0.0/8"]).unwrap();
+        let r = req("203.0.113.5:1000", &[("x-forwarded-for", "1.1.1.1")]);
+        assert_eq!(key.extract(&r), Some(ip("203.0.113.5")));
+        assert_eq!(ClientIp::peer().extract(&r), Some(ip("203.0.113.5")));
+    }
+
+    #[test]
+    fn trusted_chain_is_walked_from_the_right() {
+        let key = ClientIp::trusting(["10.0.0.0/8", "192.168.0.0/16"]).unwrap();
+        // The client spoofed 6.6.6.6; the edge proxy appended the real 198.51.100.7,
+        // then an inner proxy appended 192.168.1.1.
+        let r = req(
+            "10.0.0.2:80",
+            &[("x-forwarded-for", "6.6.6.6, 198.51.100.7, 192.168.1.1")],
+        );
+        assert_eq!(key.extract(&r), Some(ip("198.51.100.7")));
+        // Several header lines form one list.
+        let r = req(
+            "10.0.0.2:80",
+            &[
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-forwarded-for", "198.51.100.8"),
+            ],
+        );
+        assert_eq!(key.extract(&r), Some(ip("198.51.100.8")));
+        // Garbage to the right of trusted hops: stop at the last trusted one.
+        let r = req("10.0.0.2:80", &[("x-forwarded-for", "198.51.100.7, junk")]);
+        assert_eq!(key.extract(&r), Some(ip("10.0.0.2")));
+        // Everything trusted: the leftmost.
+        let r = req("10.0.0.2:80", &[("x-forwarded-for", "10.9.9.9, 10.0.0.3")]);
+        assert_eq!(key.extract(&r), Some(ip("10.9.9.9")));
+        // No header from a trusted peer: the peer.
+        assert_eq!(key.extract(&req("10.0.0.2:80", &[])), Some(ip("10.0.0.2")));
+    }
+
+    #[test]
+    fn forwarded_header_is_preferred() {
+        let key = ClientIp::trusting(["10.0.0.0/8"]).unwrap();
+        let r = req(
+            "10.0.0.2:80",
+            &[
+                (
+                    "forwarded",
+                    "for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https",
+                ),
+                ("x-forwarded-for", "1.1.1.1"),
+            ],
+        );
+        assert_eq!(key.extract(&r), Some(ip("2001:db8::7")));
+    }
+
+    #[test]
+    fn no_peer_no_key() {
+        let r = Request::builder().body(()).unwrap();
+        assert_eq!(ClientIp::peer().extract(&r), None);
+    }
+
+    #[test]
+    fn header_and_path_keys() {
+        let r = req("1.2.3.4:5", &[("x-api-key", "k-123")]);
+        assert_eq!(
+            HeaderKey(HeaderName::from_static("x-api-key")).extract(&r),
+            Some("k-123".to_owned())
+        );
+        assert_eq!(
+            HeaderKey(HeaderName::from_static("x-other")).extract(&r),
+            None
+        );
+        assert_eq!(
+            PathKey::full().extract(&r),
+            Some("/api/users/42".to_owned())
+        );
+        assert_eq!(
+            PathKey::prefix(2).extract(&r),
+            Some("/api/users".to_owned())
+        );
+        assert_eq!(
+            PathKey::prefix(9).extract(&r),
+            Some("/api/users/42".to_owned())
+        );
+        assert_eq!(PathKey::prefix(0).extract(&r), Some(String::new()));
+    }
+}

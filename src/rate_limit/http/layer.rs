@@ -1,0 +1,340 @@
+//! The server-side layer: answers refused requests itself with 429 and rate-limit headers.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::rate_limit::clock::Clock;
+use crate::rate_limit::{Admitted, KeyExtractor, KeyedRateLimiter, RateLimited, RateLimiter};
+
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-09).
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers-09).
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// Kong-style `X-RateLimit-Limit`.
+pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// Kong-style `X-RateLimit-Remaining`.
+pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+
+/// What an [`HttpRateLimitLayer`] checks a request against.
+pub trait HttpLimit<Request> {
+    /// `None` when the request is not subject to this limit (for example it has no key).
+    fn check(&self, request: &Request) -> Option<Result<Admitted, RateLimited>>;
+}
+
+impl<Request, C: Clock> HttpLimit<Request> for RateLimiter<C> {
+    fn check(&self, _: &Request) -> Option<Result<Admitted, RateLimited>> {
+        Some(self.acquire(1))
+    }
+}
+
+/// A [`KeyedRateLimiter`] with the [`KeyExtractor`] that picks each request's bucket.
+pub struct PerKey<E, Key, C> {
+    limiter: KeyedRateLimiter<Key, C>,
+    extractor: E,
+}
+
+impl<E: Clone, Key, C> Clone for PerKey<E, Key, C> {
+    fn clone(&self) -> Self {
+        Self {
+            limiter: self.limiter.clone(),
+            extractor: self.extractor.clone(),
+        }
+    }
+}
+
+impl<E, Key, C> fmt::Debug for PerKey<E, Key, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PerKey")
+            .field("limiter", &self.limiter)
+            .field("extractor", &std::any::type_name::<E>())
+            .finish()
+    }
+}
+
+impl<Request, E, Key, C> HttpLimit<Request> for PerKey<E, Key, C>
+where
+    E: KeyExtractor<Request, Key = Key>,
+    Key: std::hash::Hash + Eq + Clone,
+    C: Clock,
+{
+    fn check(&self, request: &Request) -> Option<Result<Admitted, RateLimited>> {
+        let key = self.extractor.extract(request)?;
+        Some(self.limiter.acquire(&key, 1))
+    }
+}
+
+/// Rate limiting for HTTP servers: a refused request is answered here with
+/// `429 Too Many Requests`, `Retry-After`, and the `RateLimit-Policy` / `RateLimit`
+/// headers of draft-ietf-httpapi-ratelimit-headers-09 (`"name";q=limit;w=window` and
+/// `"name";r=remaining;t=seconds-until-full`); admitted responses carry the same two
+/// headers, and, if asked, Kong-style `X-RateLimit-Limit` / `X-RateLimit-Remaining`.
+///
+/// Stacked layers (a global limit over a per-client one) each add their own, named,
+/// entries to the header lists. The inner service's error type is kept: this layer adds
+/// no error. The 429 body is the response body type's `Default` (empty for most).
+///
+/// ```
+/// use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer};
+/// use seawall::rate_limit::{KeyedRateLimiter, Quota, Rate, RateLimiter};
+/// use tower::ServiceBuilder;
+///
+/// # fn main() -> Result<(), seawall::BoxError> {
+/// let svc = ServiceBuilder::new()
+///     .layer(HttpRateLimitLayer::global(RateLimiter::new(Quota::new(Rate::per_second(1000), 200)?))
+///         .name("global"))
+///     .layer(HttpRateLimitLayer::per_key(
+///         KeyedRateLimiter::new(Quota::new(Rate::per_minute(60), 10)?),
+///         ClientIp::trusting(["10.0.0.0/8"])?,
+///     ).name("per-ip").legacy_headers(true))
+///     .service_fn(|_req: http::Request<String>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+///     });
+/// # let _ = svc;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct HttpRateLimitLayer<L> {
+    limit: L,
+    name: Arc<str>,
+    legacy: bool,
+}
+
+impl<L> fmt::Debug for HttpRateLimitLayer<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpRateLimitLayer")
+            .field("name", &self.name)
+            .field("legacy", &self.legacy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Clock> HttpRateLimitLayer<RateLimiter<C>> {
+    /// One bucket for every request.
+    pub fn global(limiter: RateLimiter<C>) -> Self {
+        Self::new(limiter)
+    }
+}
+
+impl<E, Key, C> HttpRateLimitLayer<PerKey<E, Key, C>> {
+    /// A bucket per key taken by `extractor`; requests without a key pass unlimited.
+    pub fn per_key(limiter: KeyedRateLimiter<Key, C>, extractor: E) -> Self {
+        Self::new(PerKey { limiter, extractor })
+    }
+}
+
+impl<L> HttpRateLimitLayer<L> {
+    /// A layer over any [`HttpLimit`].
+    pub fn new(limit: L) -> Self {
+        Self {
+            limit,
+            name: Arc::from("default"),
+            legacy: false,
+        }
+    }
+
+    /// Names the policy in the headers (default `default`).
+    #[must_use]
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Arc::from(name);
+        self
+    }
+
+    /// Also sends `X-RateLimit-Limit` and `X-RateLimit-Remaining`, as Kong does.
+    #[must_use]
+    pub fn legacy_headers(mut self, on: bool) -> Self {
+        self.legacy = on;
+        self
+    }
+}
+
+impl<S, L: Clone> Layer<S> for HttpRateLimitLayer<L> {
+    type Service = HttpRateLimit<S, L>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpRateLimit {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`HttpRateLimitLayer`].
+#[derive(Clone)]
+pub struct HttpRateLimit<S, L> {
+    inner: S,
+    layer: HttpRateLimitLayer<L>,
+}
+
+impl<S: fmt::Debug, L> fmt::Debug for HttpRateLimit<S, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpRateLimit")
+            .field("inner", &self.inner)
+            .field("layer", &self.layer)
+            .finish()
+    }
+}
+
+/// Rounds up to whole seconds, as `Retry-After` and `t=` want.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+fn value(s: String) -> HeaderValue {
+    // Built from a name checked at construction and digits: always valid; fall back to
+    // a bare token rather than panic.
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("invalid"))
+}
+
+/// The headers one decision adds to a response.
+#[derive(Debug)]
+struct Headers {
+    policy: HeaderValue,
+    state: HeaderValue,
+    legacy: Option<(HeaderValue, HeaderValue)>,
+    retry_after: Option<HeaderValue>,
+}
+
+impl Headers {
+    fn new(name: &str, legacy: bool, decision: &Result<Admitted, RateLimited>) -> Self {
+        let name = sanitize(name);
+        let (limit, window, remaining, reset, retry) = match decision {
+            Ok(a) => (a.limit, a.window, a.remaining, a.full_in, None),
+            Err(r) => (
+                r.limit(),
+                r.window(),
+                0,
+                r.retry_after().unwrap_or_default(),
+                r.retry_after(),
+            ),
+        };
+        Self {
+            policy: value(format!(
+                "\"{name}\";q={limit};w={}",
+                ceil_secs(window).max(1)
+            )),
+            state: value(format!("\"{name}\";r={remaining};t={}", ceil_secs(reset))),
+            legacy: legacy.then(|| (HeaderValue::from(limit), HeaderValue::from(remaining))),
+            retry_after: retry.map(|d| HeaderValue::from(ceil_secs(d))),
+        }
+    }
+
+    fn apply(self, headers: &mut http::HeaderMap) {
+        headers.append(RATELIMIT_POLICY.clone(), self.policy);
+        headers.append(RATELIMIT.clone(), self.state);
+        if let Some((limit, remaining)) = self.legacy {
+            headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
+            headers.insert(X_RATELIMIT_REMAINING.clone(), remaining);
+        }
+        if let Some(v) = self.retry_after {
+            headers.insert(http::header::RETRY_AFTER, v);
+        }
+    }
+}
+
+/// Keeps a policy name a valid sf-string: printable ASCII without quotes or backslashes.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .filter(|c| *c != '"' && *c != '\\')
+        .collect()
+}
+
+impl<S, L, ReqB, ResB> Service<Request<ReqB>> for HttpRateLimit<S, L>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    L: HttpLimit<Request<ReqB>>,
+    ResB: Default,
+{
+    type Response = Response<ResB>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        let Some(decision) = self.layer.limit.check(&request) else {
+            return ResponseFuture::called(self.inner.call(request), None);
+        };
+        let headers = Headers::new(&self.layer.name, self.layer.legacy, &decision);
+        match decision {
+            Ok(_) => ResponseFuture::called(self.inner.call(request), Some(headers)),
+            Err(_) => {
+                let mut response = Response::new(ResB::default());
+                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                headers.apply(response.headers_mut());
+                ResponseFuture::refused(response)
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`HttpRateLimit`].
+    pub struct ResponseFuture<F, B> {
+        #[pin]
+        kind: Kind<F, B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B> {
+        Called { #[pin] future: F, headers: Option<Headers> },
+        Refused { response: Option<Response<B>> },
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    fn called(future: F, headers: Option<Headers>) -> Self {
+        Self {
+            kind: Kind::Called { future, headers },
+        }
+    }
+
+    fn refused(response: Response<B>) -> Self {
+        Self {
+            kind: Kind::Refused {
+                response: Some(response),
+            },
+        }
+    }
+}
+
+impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Called { future, headers } => {
+                let mut response = ready!(future.poll(cx))?;
+                if let Some(h) = headers.take() {
+                    h.apply(response.headers_mut());
+                }
+                Poll::Ready(Ok(response))
+            }
+            KindProj::Refused { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("rate limit ResponseFuture polled after completion"))),
+        }
+    }
+}

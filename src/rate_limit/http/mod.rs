@@ -1,0 +1,22 @@
+//! HTTP integration of the rate limiters (feature `http`).
+//!
+//! * [`HttpRateLimitLayer`]: for servers; answers refused requests itself with 429,
+//!   `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers of
+//!   draft-ietf-httpapi-ratelimit-headers-09, and adds the same headers to admitted
+//!   responses (optionally Kong's `X-RateLimit-Limit` / `X-RateLimit-Remaining` too).
+//! * Key extractors: [`ClientIp`] (the peer address, or what trusted proxies report in
+//!   `Forwarded` / `X-Forwarded-For`), [`HeaderKey`] (an API key header) and [`PathKey`]
+//!   (the route).
+//! * [`parse`]: the total parsers of `X-Forwarded-For`, `Forwarded` and `Retry-After`.
+//!
+//! Not built yet: the client-side layer that honours an upstream's `Retry-After`.
+
+mod key;
+mod layer;
+pub mod parse;
+
+pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
+pub use layer::{
+    HttpLimit, HttpRateLimit, HttpRateLimitLayer, PerKey, RATELIMIT, RATELIMIT_POLICY,
+    ResponseFuture, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
+};
