@@ -152,3 +152,172 @@ async fn an_untrusted_peer_cannot_pick_its_key() {
         "a new X-Forwarded-For did not buy a new bucket"
     );
 }
+
+mod retry_after {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::time::{Duration, SystemTime};
+
+    use http::{Request, Response, StatusCode};
+    use seawall::BoxError;
+    use seawall::rate_limit::http::{HoldingOff, RetryAfterLayer};
+    use tokio::time::{Instant, advance};
+    use tower::{Service, ServiceBuilder, ServiceExt};
+
+    /// An upstream answering each request with the status and `Retry-After` it names.
+    fn upstream(
+        layer: RetryAfterLayer,
+    ) -> (
+        impl Service<Request<(u16, Option<String>)>, Response = Response<()>, Error = BoxError> + Clone,
+        Arc<AtomicUsize>,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let svc = ServiceBuilder::new().layer(layer).service_fn(
+            move |req: Request<(u16, Option<String>)>| {
+                counter.fetch_add(1, SeqCst);
+                let (status, retry_after) = req.into_body();
+                async move {
+                    let mut b = Response::builder().status(status);
+                    if let Some(v) = retry_after {
+                        b = b.header("retry-after", v);
+                    }
+                    Ok::<_, BoxError>(b.body(()).unwrap())
+                }
+            },
+        );
+        (svc, calls)
+    }
+
+    fn req(status: u16, retry_after: Option<&str>) -> Request<(u16, Option<String>)> {
+        Request::new((status, retry_after.map(str::to_owned)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_with_seconds_holds_every_clone_until_then() {
+        let (svc, calls) = upstream(RetryAfterLayer::new());
+        let mut a = svc.clone();
+        let r = a
+            .ready()
+            .await
+            .unwrap()
+            .call(req(429, Some("5")))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "the 429 itself is returned"
+        );
+        let mut b = svc.clone();
+        let err = b
+            .ready()
+            .await
+            .unwrap()
+            .call(req(200, None))
+            .await
+            .unwrap_err();
+        let held = err.downcast_ref::<HoldingOff>().expect("held off");
+        assert_eq!(held.retry_after(), Duration::from_secs(5));
+        assert_eq!(
+            calls.load(SeqCst),
+            1,
+            "the held-off call did not reach the upstream"
+        );
+        advance(Duration::from_secs(5)).await;
+        let r = b.ready().await.unwrap().call(req(200, None)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_503_with_an_http_date() {
+        let layer = RetryAfterLayer::new();
+        let (mut svc, _) = upstream(layer.clone());
+        let at = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        svc.ready()
+            .await
+            .unwrap()
+            .call(req(503, Some(&at)))
+            .await
+            .unwrap();
+        // HTTP dates have whole seconds: 29 to 30 s from now.
+        let left = layer.holding_off_for().expect("holding off");
+        assert!(
+            left > Duration::from_secs(28) && left <= Duration::from_secs(30),
+            "{left:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_429_and_503_with_a_readable_retry_after_hold() {
+        let layer = RetryAfterLayer::new();
+        let (mut svc, _) = upstream(layer.clone());
+        for (status, value) in [
+            (429, None),
+            (200, Some("5")),
+            (500, Some("5")),
+            (503, Some("soon")),
+            (429, Some("0")),
+        ] {
+            svc.ready()
+                .await
+                .unwrap()
+                .call(req(status, value))
+                .await
+                .unwrap();
+            assert_eq!(layer.holding_off_for(), None, "{status} {value:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holds_are_capped() {
+        let layer = RetryAfterLayer::new().max_hold(Duration::from_secs(60));
+        let (mut svc, _) = upstream(layer.clone());
+        svc.ready()
+            .await
+            .unwrap()
+            .call(req(429, Some("999999999")))
+            .await
+            .unwrap();
+        assert_eq!(layer.holding_off_for(), Some(Duration::from_secs(60)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_mode_waits_out_short_holds_and_refuses_long_ones() {
+        let layer = RetryAfterLayer::new().wait_up_to(Duration::from_secs(5));
+        let (mut svc, calls) = upstream(layer.clone());
+        svc.ready()
+            .await
+            .unwrap()
+            .call(req(429, Some("2")))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let r = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req(200, None))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        svc.ready()
+            .await
+            .unwrap()
+            .call(req(503, Some("10")))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let err = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req(200, None))
+            .await
+            .unwrap_err();
+        assert!(err.is::<HoldingOff>());
+        assert_eq!(start.elapsed(), Duration::ZERO, "refused at once");
+        assert_eq!(calls.load(SeqCst), 3);
+    }
+}

@@ -9,14 +9,17 @@
 //!   (the route).
 //! * [`parse`]: the total parsers of `X-Forwarded-For`, `Forwarded` and `Retry-After`.
 //!
-//! Not built yet: the client-side layer that honours an upstream's `Retry-After`.
+//! * [`RetryAfterLayer`]: for clients; honours an upstream's 429 / 503 with `Retry-After`
+//!   (seconds or an HTTP date) by holding further calls to it until the time given.
 
 mod key;
 mod layer;
 pub mod parse;
+mod retry_after;
 
 pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
 pub use layer::{
     HttpLimit, HttpRateLimit, HttpRateLimitLayer, PerKey, RATELIMIT, RATELIMIT_POLICY,
     ResponseFuture, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
 };
+pub use retry_after::{DEFAULT_MAX_HOLD, HoldingOff, RetryAfter, RetryAfterLayer};
