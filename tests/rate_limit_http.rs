@@ -164,17 +164,21 @@ mod retry_after {
     use tokio::time::{Instant, advance};
     use tower::{Service, ServiceBuilder, ServiceExt};
 
+    /// What the test upstream is asked to answer: a status and a `Retry-After` value.
+    type Ask = (u16, Option<String>);
+
     /// An upstream answering each request with the status and `Retry-After` it names.
     fn upstream(
         layer: RetryAfterLayer,
     ) -> (
-        impl Service<Request<(u16, Option<String>)>, Response = Response<()>, Error = BoxError> + Clone,
+        impl Service<Request<Ask>, Response = Response<()>, Error = BoxError> + Clone,
         Arc<AtomicUsize>,
     ) {
         let calls = Arc::new(AtomicUsize::new(0));
         let counter = calls.clone();
-        let svc = ServiceBuilder::new().layer(layer).service_fn(
-            move |req: Request<(u16, Option<String>)>| {
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(move |req: Request<Ask>| {
                 counter.fetch_add(1, SeqCst);
                 let (status, retry_after) = req.into_body();
                 async move {
@@ -184,12 +188,11 @@ mod retry_after {
                     }
                     Ok::<_, BoxError>(b.body(()).unwrap())
                 }
-            },
-        );
+            });
         (svc, calls)
     }
 
-    fn req(status: u16, retry_after: Option<&str>) -> Request<(u16, Option<String>)> {
+    fn req(status: u16, retry_after: Option<&str>) -> Request<Ask> {
         Request::new((status, retry_after.map(str::to_owned)))
     }
 

@@ -91,7 +91,7 @@ where
 ///     .layer(HttpRateLimitLayer::global(RateLimiter::new(Quota::new(Rate::per_second(1000), 200)?))
 ///         .name("global"))
 ///     .layer(HttpRateLimitLayer::per_key(
-///         KeyedRateLimiter::new(Quota::new(Rate::per_minute(60), 10)?),
+///         KeyedRateLimiter::<std::net::IpAddr>::new(Quota::new(Rate::per_minute(60), 10)?),
 ///         ClientIp::trusting(["10.0.0.0/8"])?,
 ///     ).name("per-ip").legacy_headers(true))
 ///     .service_fn(|_req: http::Request<String>| async {
