@@ -42,8 +42,12 @@
 //! [`KeyedRateLimiter`] and [`KeyedRateLimitLayer`] keep a bucket per key (client, API key,
 //! route…) with a bound on the keys tracked, per-key quotas and quota changes at run time.
 //!
-//! Not built yet: ready-made HTTP key extractors, the HTTP integration (429 with
-//! `RateLimit` headers, honouring an upstream's `Retry-After`) and the Redis-backed bucket.
+//! With the `http` feature, [`http`] answers refused requests with 429 and the IETF
+//! `RateLimit` headers, extracts keys (client IP behind trusted proxies, API-key header,
+//! route), and honours an upstream's `Retry-After` on the client side.
+//!
+//! Not built yet: the Redis-backed bucket for fleets of replicas, metrics for the
+//! limiters, and a sharded design that scales a single very hot limiter across cores.
 
 mod bucket;
 mod clock;
