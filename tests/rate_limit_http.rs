@@ -125,10 +125,11 @@ async fn admitted_and_refused_requests_carry_the_headers() {
         all(&h, "ratelimit-policy"),
         ["\"per-ip\";q=2;w=2", "\"global\";q=100;w=1"]
     );
-    // The global layer (outside) admitted it before the per-client one refused it.
+    // The global layer (outside) admitted it before the per-client one refused it; `t`
+    // is still the time until the bucket is full, Retry-After when to come back.
     assert_eq!(
         all(&h, "ratelimit"),
-        ["\"per-ip\";r=0;t=1", "\"global\";r=97;t=1"]
+        ["\"per-ip\";r=0;t=2", "\"global\";r=97;t=1"]
     );
     assert_eq!(one(&h, "x-ratelimit-limit").as_deref(), Some("2"));
     assert_eq!(one(&h, "x-ratelimit-remaining").as_deref(), Some("0"));

@@ -191,6 +191,7 @@ impl<C: Clock> RateLimiter<C> {
                     Duration::from_nanos(next - limit),
                     burst as u32,
                     Duration::from_nanos(tau),
+                    Duration::from_nanos(tat.max(now) - now),
                 ));
             }
             match self
@@ -237,6 +238,7 @@ impl<C: Clock> RateLimiter<C> {
                     Duration::from_nanos(wait),
                     burst as u32,
                     Duration::from_nanos(tau),
+                    Duration::from_nanos(tat.max(now) - now),
                 ));
             }
             match self

@@ -13,15 +13,22 @@ pub struct RateLimited {
     cost: u32,
     limit: u32,
     window: Duration,
+    full_in: Duration,
 }
 
 impl RateLimited {
-    pub(crate) fn after(retry_after: Duration, limit: u32, window: Duration) -> Self {
+    pub(crate) fn after(
+        retry_after: Duration,
+        limit: u32,
+        window: Duration,
+        full_in: Duration,
+    ) -> Self {
         Self {
             retry_after: Some(retry_after),
             cost: 0,
             limit,
             window,
+            full_in,
         }
     }
 
@@ -31,7 +38,14 @@ impl RateLimited {
             cost,
             limit,
             window,
+            full_in: Duration::ZERO,
         }
+    }
+
+    /// How long until the bucket is full again (what the `RateLimit` header's `t`
+    /// reports).
+    pub fn full_in(&self) -> Duration {
+        self.full_in
     }
 
     /// How long the bucket takes to refill from empty.

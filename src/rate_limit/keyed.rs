@@ -284,6 +284,7 @@ fn take(entry: &mut Entry, now: u64, tokens: u32) -> Result<Admitted, RateLimite
             Duration::from_nanos(next - limit),
             burst,
             Duration::from_nanos(tau),
+            Duration::from_nanos(entry.tat.max(now) - now),
         ));
     }
     entry.tat = next;

@@ -77,8 +77,12 @@ where
 /// `"name";r=remaining;t=seconds-until-full`); admitted responses carry the same two
 /// headers, and, if asked, Kong-style `X-RateLimit-Limit` / `X-RateLimit-Remaining`.
 ///
+/// `t` is the time until the bucket is full again, on admitted and refused responses
+/// alike; on a 429, `Retry-After` says when the next request will be admitted.
+///
 /// Stacked layers (a global limit over a per-client one) each add their own, named,
-/// entries to the header lists. The inner service's error type is kept: this layer adds
+/// entries to the header lists; a request the inner layer refuses has still used a token
+/// of the outer one. The inner service's error type is kept: this layer adds
 /// no error. The 429 body is the response body type's `Default` (empty for most).
 ///
 /// ```
@@ -208,13 +212,7 @@ impl Headers {
         let name = sanitize(name);
         let (limit, window, remaining, reset, retry) = match decision {
             Ok(a) => (a.limit, a.window, a.remaining, a.full_in, None),
-            Err(r) => (
-                r.limit(),
-                r.window(),
-                0,
-                r.retry_after().unwrap_or_default(),
-                r.retry_after(),
-            ),
+            Err(r) => (r.limit(), r.window(), 0, r.full_in(), r.retry_after()),
         };
         Self {
             policy: value(format!(
@@ -231,8 +229,9 @@ impl Headers {
         headers.append(RATELIMIT_POLICY.clone(), self.policy);
         headers.append(RATELIMIT.clone(), self.state);
         if let Some((limit, remaining)) = self.legacy {
-            headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
-            headers.insert(X_RATELIMIT_REMAINING.clone(), remaining);
+            // Appended: with stacked layers the innermost (applied first) comes first.
+            headers.append(X_RATELIMIT_LIMIT.clone(), limit);
+            headers.append(X_RATELIMIT_REMAINING.clone(), remaining);
         }
         if let Some(v) = self.retry_after {
             headers.insert(http::header::RETRY_AFTER, v);
