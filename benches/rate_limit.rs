@@ -50,7 +50,7 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 
 use seawall::rate_limit::{
     KeyedRateLimiter, ManualClock, QuantaClock, Quota, Rate, RateLimitLayer, RateLimited,
-    RateLimiter, TokioClock,
+    RateLimiter, ShardedRateLimiter, TokioClock,
 };
 // tower-resilience (feature "ratelimiter") re-exports its sub-crate as `ratelimiter`.
 use tower_resilience::ratelimiter as tr;
@@ -157,6 +157,23 @@ where
     fn prepare(&self, checks: u64) {
         self.clock().refill(consumed(checks));
     }
+}
+
+impl<C> Limiter for ShardedRateLimiter<C>
+where
+    C: seawall::rate_limit::Clock + Refill,
+{
+    #[inline]
+    fn check(&self) {
+        let result: Result<u32, RateLimited> = self.try_acquire(black_box(1));
+        let _ = black_box(result);
+    }
+
+    fn admits(&self) -> bool {
+        self.try_acquire(1).is_ok()
+    }
+
+    fn prepare(&self, _: u64) {}
 }
 
 type Governor<C> = governor::RateLimiter<
@@ -307,6 +324,12 @@ fn two_threads(group: &mut BenchmarkGroup<'_, WallTime>) {
         group,
         "seawall QuantaClock",
         &RateLimiter::with_clock(seawall_quota(), QuantaClock::new()),
+    );
+    both(
+        group,
+        "seawall sharded(2) QuantaClock",
+        &ShardedRateLimiter::with_clock(seawall_quota(), 2, QuantaClock::new())
+            .expect("valid sharded quota"),
     );
     both(
         group,

@@ -425,3 +425,75 @@ mod keyed {
         }
     }
 }
+
+mod sharded {
+    use super::*;
+    use seawall::rate_limit::ShardedRateLimiter;
+
+    #[test]
+    fn threads_share_the_quota_exactly() {
+        let clock = ManualClock::new();
+        let limiter = ShardedRateLimiter::with_clock(quota(1, 1_000), 4, clock).unwrap();
+        assert_eq!(limiter.shards(), 4);
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (limiter, admitted) = (limiter.clone(), admitted.clone());
+                std::thread::spawn(move || {
+                    // Uneven demand: borrowing lets the busy threads use idle shards.
+                    for _ in 0..(400 * (t + 1)) {
+                        if limiter.try_acquire(1).is_ok() {
+                            admitted.fetch_add(1, SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(
+            admitted.load(SeqCst),
+            1_000,
+            "time did not move: exactly the burst"
+        );
+    }
+
+    #[test]
+    fn invalid_shares_and_oversized_requests() {
+        // A burst of 3 cannot feed 4 shards: 3 shards of one token each.
+        let limiter = ShardedRateLimiter::with_clock(quota(3, 3), 4, ManualClock::new()).unwrap();
+        assert_eq!(limiter.shards(), 3);
+        assert!(
+            limiter.try_acquire(2).unwrap_err().exceeds_capacity(),
+            "a shard holds 1"
+        );
+    }
+
+    proptest! {
+        /// Whatever the arrivals, the shards together admit no more than
+        /// burst + rate × elapsed.
+        #[test]
+        fn never_admits_more_than_the_quota(
+            per_second in 1u32..1_000,
+            burst in 1u32..64,
+            shards in 1usize..8,
+            seq in prop::collection::vec((0u64..100, 1u32..3), 1..300),
+        ) {
+            let clock = ManualClock::new();
+            let limiter = ShardedRateLimiter::with_clock(quota(per_second, burst), shards, clock.clone()).unwrap();
+            let interval = Quota::new(Rate::per_second(per_second), burst).unwrap().interval().as_nanos() as u64;
+            let mut admitted = 0u64;
+            let mut elapsed = 0u64;
+            for (gap_ms, cost) in seq {
+                clock.advance(Duration::from_millis(gap_ms));
+                elapsed += gap_ms * 1_000_000;
+                if limiter.try_acquire(cost).is_ok() {
+                    admitted += u64::from(cost);
+                }
+                prop_assert!(admitted <= u64::from(burst) + elapsed / interval,
+                    "admitted {} after {} ns", admitted, elapsed);
+            }
+        }
+    }
+}

@@ -172,44 +172,8 @@ impl<C: Clock> RateLimiter<C> {
     #[inline]
     pub fn acquire(&self, tokens: u32) -> Result<Admitted, RateLimited> {
         let (interval, tau) = self.shape();
-        let burst = tau / interval;
-        if u64::from(tokens) > burst {
-            return Err(RateLimited::exceeds_burst(
-                tokens,
-                burst as u32,
-                Duration::from_nanos(tau),
-            ));
-        }
-        let cost = u64::from(tokens) * interval;
         let now = self.inner.clock.now_nanos();
-        let limit = now.saturating_add(tau);
-        let mut tat = self.inner.tat.load(Relaxed);
-        loop {
-            let next = tat.max(now).saturating_add(cost);
-            if next > limit {
-                return Err(RateLimited::after(
-                    Duration::from_nanos(next - limit),
-                    burst as u32,
-                    Duration::from_nanos(tau),
-                    Duration::from_nanos(tat.max(now) - now),
-                ));
-            }
-            match self
-                .inner
-                .tat
-                .compare_exchange_weak(tat, next, Relaxed, Relaxed)
-            {
-                Ok(_) => {
-                    return Ok(Admitted {
-                        remaining: ((limit - next) / interval) as u32,
-                        full_in: Duration::from_nanos(next - now),
-                        limit: burst as u32,
-                        window: Duration::from_nanos(tau),
-                    });
-                }
-                Err(actual) => tat = actual,
-            }
-        }
+        gcra_acquire(&self.inner.tat, now, interval, tau, tokens)
     }
 
     /// Books `tokens` for the earliest time they will be there, if that is within
@@ -271,5 +235,51 @@ impl<C: Clock> RateLimiter<C> {
     /// The clock this limiter reads.
     pub fn clock(&self) -> &C {
         &self.inner.clock
+    }
+}
+
+/// One GCRA step on a bucket's theoretical arrival time `tat`: takes `tokens` at `now` if
+/// they fit under the burst tolerance `tau`, with one compare-exchange (retried only when
+/// another caller moved `tat` meanwhile).
+#[inline]
+pub(crate) fn gcra_acquire(
+    tat_cell: &AtomicU64,
+    now: u64,
+    interval: u64,
+    tau: u64,
+    tokens: u32,
+) -> Result<Admitted, RateLimited> {
+    let burst = tau / interval;
+    if u64::from(tokens) > burst {
+        return Err(RateLimited::exceeds_burst(
+            tokens,
+            burst as u32,
+            Duration::from_nanos(tau),
+        ));
+    }
+    let cost = u64::from(tokens) * interval;
+    let limit = now.saturating_add(tau);
+    let mut tat = tat_cell.load(Relaxed);
+    loop {
+        let next = tat.max(now).saturating_add(cost);
+        if next > limit {
+            return Err(RateLimited::after(
+                Duration::from_nanos(next - limit),
+                burst as u32,
+                Duration::from_nanos(tau),
+                Duration::from_nanos(tat.max(now) - now),
+            ));
+        }
+        match tat_cell.compare_exchange_weak(tat, next, Relaxed, Relaxed) {
+            Ok(_) => {
+                return Ok(Admitted {
+                    remaining: ((limit - next) / interval) as u32,
+                    full_in: Duration::from_nanos(next - now),
+                    limit: burst as u32,
+                    window: Duration::from_nanos(tau),
+                });
+            }
+            Err(actual) => tat = actual,
+        }
     }
 }

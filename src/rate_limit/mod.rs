@@ -57,6 +57,7 @@ mod keyed_layer;
 mod layer;
 mod quota;
 mod service;
+mod sharded;
 
 pub mod future;
 #[cfg(feature = "http")]
@@ -73,6 +74,7 @@ pub use keyed_layer::{KeyedRateLimit, KeyedRateLimitLayer};
 pub use layer::{Mode, RateLimitLayer};
 pub use quota::{MAX_PERIOD, Quota, QuotaError, Rate};
 pub use service::RateLimit;
+pub use sharded::ShardedRateLimiter;
 
 /// How many tokens a request costs.
 ///

@@ -1,0 +1,181 @@
+//! A limiter that scales across cores: the quota split over per-thread shards, with
+//! borrowing between them.
+
+use std::cell::Cell;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use super::bucket::{Admitted, gcra_acquire};
+use super::clock::{Clock, TokioClock};
+use super::error::RateLimited;
+use super::quota::{Quota, QuotaError, Rate};
+
+/// One shard's bucket, alone on its cache lines so that shards do not slow each other.
+#[repr(align(128))]
+#[derive(Debug)]
+struct Shard {
+    tat: AtomicU64,
+}
+
+struct Inner<C> {
+    shards: Box<[Shard]>,
+    /// Per shard: nanoseconds per token and burst tolerance.
+    interval: u64,
+    tau: u64,
+    clock: C,
+}
+
+/// A token bucket for very high rates on many cores: the quota is split into `n` shards
+/// (each with `rate / n` and `burst / n`), every thread draws from its own shard, and a
+/// thread whose shard is empty borrows from the others before refusing.
+///
+/// A single [`RateLimiter`](super::RateLimiter) is one atomic word that every core writes,
+/// so its checks serialize on that cache line (governor's limiter behaves the same); this
+/// one keeps each core on its own line in the common case.
+///
+/// Accuracy: the shards' limits add up to at most the quota's, so it never admits more
+/// than `burst + rate × elapsed`. It may refuse a little early: the burst is split in whole
+/// tokens (`burst / n` each, the remainder unused), and a refusal scans the other shards
+/// once, without locking them, so a token freed during the scan can be missed.
+///
+/// ```
+/// use seawall::rate_limit::{ManualClock, Quota, Rate, ShardedRateLimiter};
+///
+/// let limiter = ShardedRateLimiter::with_clock(Quota::new(Rate::per_second(1_000), 8)?, 4, ManualClock::new())?;
+/// // Eight tokens in all, whichever threads take them.
+/// assert_eq!((0..10).filter(|_| limiter.try_acquire(1).is_ok()).count(), 8);
+/// # Ok::<(), seawall::rate_limit::QuotaError>(())
+/// ```
+pub struct ShardedRateLimiter<C = TokioClock> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for ShardedRateLimiter<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<C> fmt::Debug for ShardedRateLimiter<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardedRateLimiter")
+            .field("shards", &self.inner.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    /// This thread's shard number (taken modulo the shard count).
+    static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+#[inline]
+fn my_shard() -> usize {
+    SHARD.with(|s| {
+        let v = s.get();
+        if v != usize::MAX {
+            return v;
+        }
+        let v = NEXT_SHARD.fetch_add(1, Relaxed);
+        s.set(v);
+        v
+    })
+}
+
+impl ShardedRateLimiter<TokioClock> {
+    /// `quota` split over as many shards as the machine has cores, on the tokio clock.
+    pub fn new(quota: Quota) -> Result<Self, QuotaError> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_clock(quota, cores, TokioClock::new())
+    }
+}
+
+impl<C: Clock> ShardedRateLimiter<C> {
+    /// `quota` split over `shards` shards (at least 1, at most the burst) on `clock`.
+    ///
+    /// Fails when a shard's share would not be a valid quota (a rate below one token per
+    /// period per shard is not: lower the shard count).
+    pub fn with_clock(quota: Quota, shards: usize, clock: C) -> Result<Self, QuotaError> {
+        let n = shards.clamp(1, quota.burst() as usize) as u32;
+        let rate = quota.rate();
+        // Each shard refills n times slower and holds a whole share of the burst.
+        let share = Quota::new(
+            Rate::new(rate.tokens(), rate.period().saturating_mul(n)),
+            quota.burst() / n,
+        )?;
+        let interval = share.interval_nanos();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shards: (0..n)
+                    .map(|_| Shard {
+                        tat: AtomicU64::new(0),
+                    })
+                    .collect(),
+                interval,
+                tau: u64::from(share.burst()).saturating_mul(interval),
+                clock,
+            }),
+        })
+    }
+
+    /// The number of shards.
+    pub fn shards(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// Takes `tokens` from this thread's shard, or from another's if it is empty;
+    /// returns how many are left in the shard that served. A request larger than one
+    /// shard's burst is refused as exceeding capacity.
+    #[inline]
+    pub fn try_acquire(&self, tokens: u32) -> Result<u32, RateLimited> {
+        self.acquire(tokens).map(|a| a.remaining)
+    }
+
+    /// Like [`try_acquire`](Self::try_acquire), with the serving shard's figures.
+    #[inline]
+    pub fn acquire(&self, tokens: u32) -> Result<Admitted, RateLimited> {
+        let inner = &*self.inner;
+        let n = inner.shards.len();
+        let home = my_shard() % n;
+        let now = inner.clock.now_nanos();
+        let first = gcra_acquire(
+            &inner.shards[home].tat,
+            now,
+            inner.interval,
+            inner.tau,
+            tokens,
+        );
+        match first {
+            Ok(a) => Ok(a),
+            Err(refused) if refused.exceeds_capacity() || n == 1 => Err(refused),
+            Err(refused) => self.borrow(home, now, tokens, refused),
+        }
+    }
+
+    #[cold]
+    fn borrow(
+        &self,
+        home: usize,
+        now: u64,
+        tokens: u32,
+        mut refused: RateLimited,
+    ) -> Result<Admitted, RateLimited> {
+        let inner = &*self.inner;
+        let n = inner.shards.len();
+        for i in 1..n {
+            let shard = &inner.shards[(home + i) % n];
+            match gcra_acquire(&shard.tat, now, inner.interval, inner.tau, tokens) {
+                Ok(a) => return Ok(a),
+                // Report the soonest any shard will have the tokens.
+                Err(r) if r.retry_after() < refused.retry_after() => refused = r,
+                Err(_) => {}
+            }
+        }
+        Err(refused)
+    }
+}
