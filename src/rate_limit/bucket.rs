@@ -181,44 +181,13 @@ impl<C: Clock> RateLimiter<C> {
     /// used must be handed back with [`cancel`](Self::cancel).
     pub fn reserve(&self, tokens: u32, max_wait: Duration) -> Result<Reservation, RateLimited> {
         let (interval, tau) = self.shape();
-        let burst = tau / interval;
-        if u64::from(tokens) > burst {
-            return Err(RateLimited::exceeds_burst(
-                tokens,
-                burst as u32,
-                Duration::from_nanos(tau),
-            ));
-        }
-        let cost = u64::from(tokens) * interval;
-        let max_wait = max_wait.as_nanos().min(u128::from(u64::MAX)) as u64;
         let now = self.inner.clock.now_nanos();
-        let limit = now.saturating_add(tau);
-        let mut tat = self.inner.tat.load(Relaxed);
-        loop {
-            let next = tat.max(now).saturating_add(cost);
-            let wait = next.saturating_sub(limit);
-            if wait > max_wait {
-                return Err(RateLimited::after(
-                    Duration::from_nanos(wait),
-                    burst as u32,
-                    Duration::from_nanos(tau),
-                    Duration::from_nanos(tat.max(now) - now),
-                ));
-            }
-            match self
-                .inner
-                .tat
-                .compare_exchange_weak(tat, next, Relaxed, Relaxed)
-            {
-                Ok(_) => {
-                    return Ok(Reservation {
-                        tokens,
-                        wait: Duration::from_nanos(wait),
-                    });
-                }
-                Err(actual) => tat = actual,
-            }
-        }
+        let max_wait = max_wait.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let (_, wait) = gcra_update(&self.inner.tat, now, interval, tau, tokens, max_wait)?;
+        Ok(Reservation {
+            tokens,
+            wait: Duration::from_nanos(wait),
+        })
     }
 
     /// Hands back a booking that will not be used, so that its tokens serve later callers.
@@ -238,17 +207,19 @@ impl<C: Clock> RateLimiter<C> {
     }
 }
 
-/// One GCRA step on a bucket's theoretical arrival time `tat`: takes `tokens` at `now` if
-/// they fit under the burst tolerance `tau`, with one compare-exchange (retried only when
-/// another caller moved `tat` meanwhile).
+/// The GCRA decision for a bucket whose theoretical arrival time is `tat`, at `now`:
+/// `tokens` fit if they are due within `max_wait` (zero: now) under the burst tolerance
+/// `tau`. Returns the new arrival time, what the caller learns, and how long until the
+/// tokens are due; or the refusal.
 #[inline]
-pub(crate) fn gcra_acquire(
-    tat_cell: &AtomicU64,
+pub(crate) fn gcra_step(
+    tat: u64,
     now: u64,
     interval: u64,
     tau: u64,
     tokens: u32,
-) -> Result<Admitted, RateLimited> {
+    max_wait: u64,
+) -> Result<(u64, Admitted, u64), RateLimited> {
     let burst = tau / interval;
     if u64::from(tokens) > burst {
         return Err(RateLimited::exceeds_burst(
@@ -257,29 +228,55 @@ pub(crate) fn gcra_acquire(
             Duration::from_nanos(tau),
         ));
     }
-    let cost = u64::from(tokens) * interval;
     let limit = now.saturating_add(tau);
-    let mut tat = tat_cell.load(Relaxed);
+    let next = tat.max(now).saturating_add(u64::from(tokens) * interval);
+    let wait = next.saturating_sub(limit);
+    if wait > max_wait {
+        return Err(RateLimited::after(
+            Duration::from_nanos(wait),
+            burst as u32,
+            Duration::from_nanos(tau),
+            Duration::from_nanos(tat.max(now) - now),
+        ));
+    }
+    let admitted = Admitted {
+        remaining: (limit.saturating_sub(next) / interval) as u32,
+        full_in: Duration::from_nanos(next - now),
+        limit: burst as u32,
+        window: Duration::from_nanos(tau),
+    };
+    Ok((next, admitted, wait))
+}
+
+/// [`gcra_step`] on a shared arrival time: one compare-exchange, retried only when
+/// another caller moved it meanwhile.
+#[inline]
+pub(crate) fn gcra_update(
+    cell: &AtomicU64,
+    now: u64,
+    interval: u64,
+    tau: u64,
+    tokens: u32,
+    max_wait: u64,
+) -> Result<(Admitted, u64), RateLimited> {
+    let mut tat = cell.load(Relaxed);
     loop {
-        let next = tat.max(now).saturating_add(cost);
-        if next > limit {
-            return Err(RateLimited::after(
-                Duration::from_nanos(next - limit),
-                burst as u32,
-                Duration::from_nanos(tau),
-                Duration::from_nanos(tat.max(now) - now),
-            ));
-        }
-        match tat_cell.compare_exchange_weak(tat, next, Relaxed, Relaxed) {
-            Ok(_) => {
-                return Ok(Admitted {
-                    remaining: ((limit - next) / interval) as u32,
-                    full_in: Duration::from_nanos(next - now),
-                    limit: burst as u32,
-                    window: Duration::from_nanos(tau),
-                });
-            }
+        let (next, admitted, wait) = gcra_step(tat, now, interval, tau, tokens, max_wait)?;
+        match cell.compare_exchange_weak(tat, next, Relaxed, Relaxed) {
+            Ok(_) => return Ok((admitted, wait)),
             Err(actual) => tat = actual,
         }
     }
+}
+
+/// Takes `tokens` now from a shared bucket (see [`gcra_step`]).
+#[inline]
+pub(crate) fn gcra_acquire(
+    cell: &AtomicU64,
+    now: u64,
+    interval: u64,
+    tau: u64,
+    tokens: u32,
+) -> Result<Admitted, RateLimited> {
+    gcra_update(cell, now, interval, tau, tokens, 0).map(|(admitted, _)| admitted)
 }

@@ -6,12 +6,11 @@ use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::time::Duration;
 
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 
-use super::bucket::Admitted;
+use super::bucket::{Admitted, gcra_step};
 use super::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::Quota;
@@ -263,37 +262,13 @@ fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
     };
 }
 
-/// The same GCRA step as [`RateLimiter::try_acquire`](super::RateLimiter::try_acquire).
+/// The GCRA step of [`RateLimiter`](super::RateLimiter), on a bucket held under its
+/// shard's lock.
 fn take(entry: &mut Entry, now: u64, tokens: u32) -> Result<Admitted, RateLimited> {
-    let burst = entry.burst;
-    let tau = u64::from(burst).saturating_mul(entry.interval);
-    if tokens > burst {
-        return Err(RateLimited::exceeds_burst(
-            tokens,
-            burst,
-            Duration::from_nanos(tau),
-        ));
-    }
-    let limit = now.saturating_add(tau);
-    let next = entry
-        .tat
-        .max(now)
-        .saturating_add(u64::from(tokens) * entry.interval);
-    if next > limit {
-        return Err(RateLimited::after(
-            Duration::from_nanos(next - limit),
-            burst,
-            Duration::from_nanos(tau),
-            Duration::from_nanos(entry.tat.max(now) - now),
-        ));
-    }
+    let tau = u64::from(entry.burst).saturating_mul(entry.interval);
+    let (next, admitted, _) = gcra_step(entry.tat, now, entry.interval, tau, tokens, 0)?;
     entry.tat = next;
-    Ok(Admitted {
-        remaining: ((limit - next) / entry.interval) as u32,
-        full_in: Duration::from_nanos(next - now),
-        limit: burst,
-        window: Duration::from_nanos(tau),
-    })
+    Ok(admitted)
 }
 
 /// Frees at least a quarter of a full shard: idle (refilled) buckets first, then those
