@@ -63,6 +63,9 @@ pub mod future;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
 pub use bucket::{Admitted, RateLimiter, Reservation};
 #[cfg(feature = "quanta")]

@@ -1,0 +1,330 @@
+//! A token bucket kept in Redis, shared by a fleet of replicas (feature `redis`).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use super::bucket::Admitted;
+use super::error::RateLimited;
+use super::quota::Quota;
+use super::{RateLimiter, TokioClock};
+use crate::BoxError;
+use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow};
+
+/// GCRA in one atomic step on the server, timed by the server's clock (so replicas'
+/// clocks need not agree). Numbers are microseconds; Lua's doubles hold them exactly.
+/// Returns `{1, remaining, full_in}` or `{0, retry_after, full_in}`, and lets the key
+/// expire when the bucket would be full again, so idle keys cost nothing.
+const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3]) * interval
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local nxt = tat + cost
+local limit = now + tau
+if nxt > limit then
+  return {0, nxt - limit, tat - now}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.floor((nxt - now) / 1000) + 1)
+return {1, math.floor((limit - nxt) / interval), nxt - now}
+";
+
+/// What to do while Redis cannot be reached (or answers too slowly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Keep serving from a local bucket holding this replica's share of the quota (for
+    /// example the quota divided by the number of replicas).
+    FailOpen {
+        /// This replica's share.
+        local_share: Quota,
+    },
+    /// Refuse every request until Redis is back.
+    FailClosed,
+}
+
+/// A refusal or failure of the Redis-backed limiter.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RedisLimitError {
+    /// Over the limit (from Redis, or from the local share while Redis is away).
+    Limited(RateLimited),
+    /// Redis could not be asked and the policy is [`FailurePolicy::FailClosed`]; the cause
+    /// is in `source()`.
+    Unavailable(BoxError),
+}
+
+impl fmt::Display for RedisLimitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Limited(r) => r.fmt(f),
+            Self::Unavailable(_) => f.write_str("distributed rate limiter unavailable"),
+        }
+    }
+}
+
+impl std::error::Error for RedisLimitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Limited(r) => Some(r),
+            Self::Unavailable(e) => Some(e.as_ref()),
+        }
+    }
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The shared bucket in Redis.
+    Redis,
+    /// This replica's local share (Redis unavailable, [`FailurePolicy::FailOpen`]).
+    Local,
+}
+
+struct Inner {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    script: redis::Script,
+    prefix: String,
+    interval_us: u64,
+    tau_us: u64,
+    limit: u32,
+    timeout: Duration,
+    policy: FailurePolicy,
+    local: Option<RateLimiter<TokioClock>>,
+    breaker: Breaker,
+}
+
+/// A token bucket per key kept in Redis, so that every replica of a service draws from
+/// the same limit: one round trip per check (a Lua script loaded once and then called by
+/// its hash), atomic on the server, with key expiry so idle keys cost nothing.
+///
+/// Every Redis call has a timeout, and runs behind a [`circuit breaker`](crate::circuit_breaker):
+/// when Redis is down or slow, the breaker opens and checks go straight to the
+/// [`FailurePolicy`] (no cost per request, no waiting on a dead server); the breaker
+/// probes Redis again later, and limiting is distributed again as soon as Redis answers.
+/// The connection is made lazily and re-made by itself (redis' connection manager).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use seawall::rate_limit::{Quota, Rate};
+/// use seawall::rate_limit::redis::{FailurePolicy, RedisRateLimiter};
+///
+/// # async fn run() -> Result<(), seawall::BoxError> {
+/// let limiter = RedisRateLimiter::builder("redis://127.0.0.1:6379", Quota::new(Rate::per_second(100), 100)?)
+///     .prefix("api")
+///     .timeout(Duration::from_millis(20))
+///     .failure_policy(FailurePolicy::FailOpen {
+///         // Four replicas: each keeps a quarter while Redis is away.
+///         local_share: Quota::new(Rate::per_second(25), 25)?,
+///     })
+///     .build()?;
+/// let (admitted, source) = limiter.acquire("customer-42", 1).await?;
+/// # let _ = (admitted, source);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisRateLimiter {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisRateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisRateLimiter")
+            .field("prefix", &self.inner.prefix)
+            .field("policy", &self.inner.policy)
+            .field("breaker", &self.inner.breaker.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builder for [`RedisRateLimiter`].
+#[derive(Debug)]
+pub struct RedisRateLimiterBuilder {
+    url: String,
+    quota: Quota,
+    prefix: String,
+    timeout: Duration,
+    policy: FailurePolicy,
+    breaker: Option<CircuitBreakerConfig>,
+}
+
+impl RedisRateLimiter {
+    /// Starts a builder for buckets of `quota` in the Redis at `url`.
+    pub fn builder(url: impl Into<String>, quota: Quota) -> RedisRateLimiterBuilder {
+        RedisRateLimiterBuilder {
+            url: url.into(),
+            quota,
+            prefix: "seawall".to_owned(),
+            timeout: Duration::from_millis(50),
+            policy: FailurePolicy::FailClosed,
+            breaker: None,
+        }
+    }
+
+    /// The breaker guarding the calls to Redis.
+    pub fn breaker(&self) -> &Breaker {
+        &self.inner.breaker
+    }
+
+    /// Takes `tokens` from `key`'s shared bucket, or, while Redis is unavailable, applies
+    /// the failure policy. Never waits longer than the timeout.
+    pub async fn acquire(
+        &self,
+        key: &str,
+        tokens: u32,
+    ) -> Result<(Admitted, Source), RedisLimitError> {
+        let inner = &self.inner;
+        let mut svc = ServiceBuilder::new()
+            .layer(CircuitBreakerLayer::from_breaker(inner.breaker.clone()))
+            .timeout(inner.timeout)
+            .service_fn(|(key, tokens): (String, u32)| {
+                let this = self.clone();
+                async move { this.ask_redis(&key, tokens).await }
+            });
+        let asked = match svc.ready().await {
+            Ok(svc) => svc.call((format!("{}:{key}", inner.prefix), tokens)).await,
+            Err(e) => Err(e),
+        };
+        match asked {
+            Ok(answer) => answer
+                .map(|a| (a, Source::Redis))
+                .map_err(RedisLimitError::Limited),
+            Err(error) => match (&inner.policy, &inner.local) {
+                (FailurePolicy::FailOpen { .. }, Some(local)) => local
+                    .acquire(tokens)
+                    .map(|a| (a, Source::Local))
+                    .map_err(RedisLimitError::Limited),
+                _ => Err(RedisLimitError::Unavailable(error)),
+            },
+        }
+    }
+
+    async fn ask_redis(
+        &self,
+        key: &str,
+        tokens: u32,
+    ) -> Result<Result<Admitted, RateLimited>, BoxError> {
+        let inner = &self.inner;
+        let conn = inner
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(inner.timeout)
+                    .set_response_timeout(inner.timeout)
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(inner.client.clone(), config).await
+            })
+            .await?;
+        let mut conn = conn.clone();
+        let reply: Vec<i64> = inner
+            .script
+            .key(key)
+            .arg(inner.interval_us)
+            .arg(inner.tau_us)
+            .arg(tokens)
+            .invoke_async(&mut conn)
+            .await?;
+        let &[ok, value, full_in] = reply.as_slice() else {
+            return Err(format!("unexpected reply from the rate-limit script: {reply:?}").into());
+        };
+        let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+        let window = Duration::from_micros(inner.tau_us);
+        Ok(if ok == 1 {
+            Ok(Admitted {
+                remaining: u32::try_from(value).unwrap_or(0),
+                full_in: us(full_in),
+                limit: inner.limit,
+                window,
+            })
+        } else {
+            Err(RateLimited::after(
+                us(value),
+                inner.limit,
+                window,
+                us(full_in),
+            ))
+        })
+    }
+}
+
+impl RedisRateLimiterBuilder {
+    /// Prefixes every Redis key (default `seawall`).
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The longest a check waits for Redis (default 50 ms), connecting included.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What to do while Redis is unavailable (default [`FailurePolicy::FailClosed`]).
+    #[must_use]
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The breaker around Redis (default: opens after 5 of the last 10 calls failed, waits
+    /// 1 s, then 2 s, 4 s… up to 30 s, before probing with one call).
+    #[must_use]
+    pub fn breaker(mut self, config: CircuitBreakerConfig) -> Self {
+        self.breaker = Some(config);
+        self
+    }
+
+    /// Checks the URL and settings; does not connect (the first check does).
+    pub fn build(self) -> Result<RedisRateLimiter, BoxError> {
+        let client = redis::Client::open(self.url.as_str())?;
+        if self.timeout.is_zero() {
+            return Err("invalid timeout: must be greater than zero".into());
+        }
+        let interval_us = u64::try_from(self.quota.interval().as_micros()).unwrap_or(u64::MAX);
+        if interval_us == 0 {
+            return Err("invalid quota for Redis: at most one token per microsecond".into());
+        }
+        let breaker = match self.breaker {
+            Some(config) => config,
+            None => CircuitBreakerConfig::builder()
+                .name(format!("redis-rate-limit:{}", self.prefix))
+                .sliding_window(SlidingWindow::count_based(10))
+                .minimum_calls(5)
+                .failure_rate_threshold(50.0)
+                .wait_in_open(Duration::from_secs(1))
+                .exponential_backoff(2.0, Duration::from_secs(30))
+                .permitted_calls_in_half_open(1)
+                .build()?,
+        };
+        let local = match self.policy {
+            FailurePolicy::FailOpen { local_share } => Some(RateLimiter::new(local_share)),
+            FailurePolicy::FailClosed => None,
+        };
+        Ok(RedisRateLimiter {
+            inner: Arc::new(Inner {
+                client,
+                conn: OnceCell::new(),
+                script: redis::Script::new(SCRIPT),
+                prefix: self.prefix,
+                interval_us,
+                tau_us: interval_us.saturating_mul(u64::from(self.quota.burst())),
+                limit: self.quota.burst(),
+                timeout: self.timeout,
+                policy: self.policy,
+                local,
+                breaker: Breaker::new(breaker),
+            }),
+        })
+    }
+}

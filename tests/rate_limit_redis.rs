@@ -1,0 +1,198 @@
+//! The Redis-backed limiter against a real `redis-server` on a free loopback port
+//! (`.ci/run` installs it). Time here is real, since Redis is: only upper bounds are
+//! asserted.
+#![cfg(feature = "redis")]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use seawall::circuit_breaker::{CircuitBreakerConfig, SlidingWindow, State};
+use seawall::rate_limit::redis::{FailurePolicy, RedisLimitError, RedisRateLimiter, Source};
+use seawall::rate_limit::{Quota, Rate};
+use tokio::time::Instant;
+
+/// A `redis-server` child on `port`, killed when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("local address").port()
+    }
+
+    async fn start(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install -y redis-server)");
+        let redis = Redis { child, port };
+        // Up within five seconds, or fail.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(client) = redis::Client::open(redis.url()) {
+                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
+                    if pong.is_ok() {
+                        return redis;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn quota(per_minute: u32, burst: u32) -> Quota {
+    Quota::new(Rate::per_minute(per_minute), burst).unwrap()
+}
+
+/// A breaker that opens after two failures and probes again after 200 ms.
+fn quick_breaker() -> CircuitBreakerConfig {
+    CircuitBreakerConfig::builder()
+        .name("redis-test")
+        .sliding_window(SlidingWindow::count_based(2))
+        .minimum_calls(2)
+        .wait_in_open(Duration::from_millis(200))
+        .permitted_calls_in_half_open(1)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn replicas_share_one_limit() {
+    let redis = Redis::start(Redis::free_port()).await;
+    let replicas: Vec<RedisRateLimiter> = (0..3)
+        .map(|_| {
+            RedisRateLimiter::builder(redis.url(), quota(10, 10))
+                .prefix("shared")
+                .timeout(Duration::from_secs(1))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut admitted = 0;
+    for i in 0..30 {
+        match replicas[i % 3].acquire("customer", 1).await {
+            Ok((a, Source::Redis)) => {
+                admitted += 1;
+                assert_eq!(a.limit, 10);
+            }
+            Ok((_, Source::Local)) => panic!("Redis is up: no local answers"),
+            Err(RedisLimitError::Limited(r)) => {
+                assert!(r.retry_after().unwrap() <= Duration::from_secs(6), "{r}");
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert_eq!(admitted, 10, "three replicas, one bucket of 10");
+    // Another key has its own bucket.
+    assert!(replicas[0].acquire("other", 10).await.is_ok());
+}
+
+#[tokio::test]
+async fn redis_down_applies_the_policy_fast_and_recovers_when_it_returns() {
+    let port = Redis::free_port();
+    let redis = Redis::start(port).await;
+    let open = RedisRateLimiter::builder(redis.url(), quota(60, 60))
+        .prefix("policy")
+        .timeout(Duration::from_millis(200))
+        .failure_policy(FailurePolicy::FailOpen {
+            local_share: quota(60, 2),
+        })
+        .breaker(quick_breaker())
+        .build()
+        .unwrap();
+    let closed = RedisRateLimiter::builder(redis.url(), quota(60, 60))
+        .prefix("policy")
+        .timeout(Duration::from_millis(200))
+        .breaker(quick_breaker())
+        .build()
+        .unwrap();
+    assert_eq!(open.acquire("k", 1).await.unwrap().1, Source::Redis);
+    assert_eq!(closed.acquire("k", 1).await.unwrap().1, Source::Redis);
+
+    drop(redis); // killed mid-test
+
+    // Fail open: this replica's local share (burst 2), each answer within the timeout.
+    let mut local = 0;
+    for _ in 0..4 {
+        let started = Instant::now();
+        match open.acquire("k", 1).await {
+            Ok((_, Source::Local)) => local += 1,
+            Ok((_, Source::Redis)) => panic!("Redis is down"),
+            Err(RedisLimitError::Limited(_)) => {}
+            Err(e) => panic!("fail-open must not fail: {e}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "no call hangs past its timeout"
+        );
+    }
+    assert_eq!(local, 2, "the local share holds");
+    // The breaker opened: Redis is no longer tried on every call.
+    assert_eq!(open.breaker().state(), State::Open);
+
+    // Fail closed: refused, with the cause.
+    for _ in 0..3 {
+        let started = Instant::now();
+        match closed.acquire("k", 1).await {
+            Err(RedisLimitError::Unavailable(_)) => {}
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    // Redis comes back on the same port: distributed limiting resumes by itself.
+    let _redis = Redis::start(port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok((_, Source::Redis)) = open.acquire("k2", 1).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not resume within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    loop {
+        if let Ok((_, Source::Redis)) = closed.acquire("k3", 1).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fail-closed limiter did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn bad_settings_are_typed_errors() {
+    assert!(
+        RedisRateLimiter::builder("not a url", quota(1, 1))
+            .build()
+            .is_err()
+    );
+    assert!(
+        RedisRateLimiter::builder("redis://127.0.0.1:1/", quota(1, 1))
+            .timeout(Duration::ZERO)
+            .build()
+            .is_err()
+    );
+}
