@@ -99,6 +99,32 @@ fn main() {
             all.extend(t.await.expect("task"));
         }
         report("16 concurrent callers", all, start.elapsed());
+
+        // Batching: 16 tokens per round trip.
+        let batched = RedisRateLimiter::builder(
+            format!("redis://127.0.0.1:{port}/"),
+            Quota::new(Rate::per_second(1_000_000), 1_000_000).expect("quota"),
+        )
+        .prefix("batched")
+        .timeout(Duration::from_secs(1))
+        .batch(16, Duration::from_secs(1))
+        .build()
+        .expect("limiter");
+        let mut latencies = Vec::with_capacity(CHECKS);
+        let mut round_trips = 0;
+        let start = Instant::now();
+        for i in 0..CHECKS {
+            let t = Instant::now();
+            let r = batched.acquire("a", 1).await;
+            latencies.push(t.elapsed());
+            match r {
+                Ok((_, Source::Redis)) => round_trips += 1,
+                Ok((_, Source::Batch)) => {}
+                other => panic!("check {i}: {other:?}"),
+            }
+        }
+        report("1 caller, batch(16)", latencies, start.elapsed());
+        println!("  round trips: {round_trips} for {CHECKS} checks");
     });
     let _ = server.kill();
     let _ = server.wait();

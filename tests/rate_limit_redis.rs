@@ -95,7 +95,7 @@ async fn replicas_share_one_limit() {
                 admitted += 1;
                 assert_eq!(a.limit, 10);
             }
-            Ok((_, Source::Local)) => panic!("Redis is up: no local answers"),
+            Ok((_, Source::Local | Source::Batch)) => panic!("Redis is up, no batching"),
             Err(RedisLimitError::Limited(r)) => {
                 assert!(r.retry_after().unwrap() <= Duration::from_secs(6), "{r}");
             }
@@ -137,7 +137,7 @@ async fn redis_down_applies_the_policy_fast_and_recovers_when_it_returns() {
         let started = Instant::now();
         match open.acquire("k", 1).await {
             Ok((_, Source::Local)) => local += 1,
-            Ok((_, Source::Redis)) => panic!("Redis is down"),
+            Ok((_, Source::Redis | Source::Batch)) => panic!("Redis is down, no batching"),
             Err(RedisLimitError::Limited(_)) => {}
             Err(e) => panic!("fail-open must not fail: {e}"),
         }
@@ -194,5 +194,44 @@ fn bad_settings_are_typed_errors() {
             .timeout(Duration::ZERO)
             .build()
             .is_err()
+    );
+}
+
+#[tokio::test]
+async fn batching_cuts_round_trips_and_never_over_admits() {
+    let redis = Redis::start(Redis::free_port()).await;
+    let replicas: Vec<RedisRateLimiter> = (0..3)
+        .map(|_| {
+            RedisRateLimiter::builder(redis.url(), quota(20, 20))
+                .prefix("batched")
+                .timeout(Duration::from_secs(1))
+                .batch(4, Duration::from_secs(60))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let (mut from_redis, mut from_batch) = (0, 0);
+    for i in 0..60 {
+        match replicas[i % 3].acquire("customer", 1).await {
+            Ok((_, Source::Redis)) => from_redis += 1,
+            Ok((_, Source::Batch)) => from_batch += 1,
+            Ok((_, Source::Local)) => panic!("Redis is up"),
+            Err(RedisLimitError::Limited(_)) => {}
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert!(
+        from_redis + from_batch <= 20,
+        "never more than the shared limit"
+    );
+    assert!(
+        from_batch > from_redis,
+        "most checks served without a round trip"
+    );
+    // Accuracy cost: tokens held by one replica are not available to the others, so the
+    // fleet may admit a little less than the limit, never more.
+    assert!(
+        from_redis + from_batch >= 20 - 3 * 3,
+        "at most size - 1 per replica left unused"
     );
 }
