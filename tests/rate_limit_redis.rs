@@ -235,3 +235,51 @@ async fn batching_cuts_round_trips_and_never_over_admits() {
         "at most size - 1 per replica left unused"
     );
 }
+
+#[tokio::test]
+async fn the_layer_refuses_without_calling_the_service() {
+    use seawall::rate_limit::redis::RedisRateLimitLayer;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use tower::{Service, ServiceBuilder, ServiceExt};
+
+    let redis = Redis::start(Redis::free_port()).await;
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(2, 2))
+        .prefix("layer")
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let mut svc = ServiceBuilder::new()
+        .layer(RedisRateLimitLayer::new(
+            limiter,
+            |tenant: &&'static str| (!tenant.is_empty()).then_some(*tenant),
+        ))
+        .service_fn(move |tenant: &'static str| {
+            counter.fetch_add(1, SeqCst);
+            async move { Ok::<_, seawall::BoxError>(tenant) }
+        });
+    assert_eq!(
+        svc.ready().await.unwrap().call("acme").await.unwrap(),
+        "acme"
+    );
+    assert_eq!(
+        svc.ready().await.unwrap().call("acme").await.unwrap(),
+        "acme"
+    );
+    let err = svc.ready().await.unwrap().call("acme").await.unwrap_err();
+    assert!(matches!(
+        err.downcast_ref::<RedisLimitError>(),
+        Some(RedisLimitError::Limited(_))
+    ));
+    assert_eq!(
+        calls.load(SeqCst),
+        2,
+        "the refused request did not reach the service"
+    );
+    // No key: not limited.
+    for _ in 0..5 {
+        svc.ready().await.unwrap().call("").await.unwrap();
+    }
+}
