@@ -46,8 +46,12 @@
 //! `RateLimit` headers, extracts keys (client IP behind trusted proxies, API-key header,
 //! route), and honours an upstream's `Retry-After` on the client side.
 //!
-//! Not built yet: the Redis-backed bucket for fleets of replicas, metrics for the
-//! limiters, and a sharded design that scales a single very hot limiter across cores.
+//! With the `redis` feature, [`redis::RedisRateLimiter`] keeps the buckets in Redis for a
+//! fleet of replicas (one round trip per check, a circuit breaker around Redis, fail-open
+//! to a local share or fail-closed, optional batching). [`ShardedRateLimiter`] scales a
+//! single very hot limiter across cores.
+//!
+//! Not built yet: metrics for the limiters.
 
 mod bucket;
 mod clock;
