@@ -411,50 +411,8 @@ fn runtime() -> Runtime {
 
 // ------------------------------------------------------------------- allocation counting
 
-mod allocs {
-    use std::alloc::{GlobalAlloc, Layout, System};
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-
-    /// Counts allocations (and reallocations) while `COUNTING` is set.
-    pub(crate) struct Counting;
-
-    pub(crate) static COUNTING: AtomicBool = AtomicBool::new(false);
-    pub(crate) static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-    #[inline]
-    fn count() {
-        if COUNTING.load(Relaxed) {
-            ALLOCATIONS.fetch_add(1, Relaxed);
-        }
-    }
-
-    // SAFETY: every method forwards its arguments unchanged to `System`, which upholds the
-    // `GlobalAlloc` contract; the counting touches only atomics and never allocates.
-    unsafe impl GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            count();
-            // SAFETY: forwarded with the caller's guarantees.
-            unsafe { System.alloc(layout) }
-        }
-
-        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-            count();
-            // SAFETY: forwarded with the caller's guarantees.
-            unsafe { System.alloc_zeroed(layout) }
-        }
-
-        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-            count();
-            // SAFETY: forwarded with the caller's guarantees.
-            unsafe { System.realloc(ptr, layout, new_size) }
-        }
-
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            // SAFETY: forwarded with the caller's guarantees.
-            unsafe { System.dealloc(ptr, layout) }
-        }
-    }
-}
+#[path = "support/counting_alloc.rs"]
+mod allocs;
 
 #[global_allocator]
 static GLOBAL: allocs::Counting = allocs::Counting;
