@@ -24,9 +24,11 @@ fuzz_target!(|input: (&str, &str, &str, &str)| {
     if let Ok(v) = http::HeaderValue::from_str(forwarded) {
         headers.insert("forwarded", v);
     }
-    // `Forwarded` wins when it is readable text; otherwise `X-Forwarded-For` is used.
+    // `Forwarded` counts when it is readable text.
     let forwarded_set = headers.get("forwarded").is_some_and(|v| v.to_str().is_ok());
+    // X-Forwarded-For only, by default; Forwarded only when chosen.
     let client = key.resolve(peer, &headers);
-    let hops = if forwarded_set { fwd_hops } else { xff_hops };
-    assert!(client == peer || hops.contains(&Some(client)));
+    assert!(client == peer || xff_hops.contains(&Some(client)));
+    let client = key.clone().forwarded_header().resolve(peer, &headers);
+    assert!(client == peer || (forwarded_set && fwd_hops.contains(&Some(client))));
 });

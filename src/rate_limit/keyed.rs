@@ -18,8 +18,7 @@ use super::quota::Quota;
 /// Default number of keys a [`KeyedRateLimiter`] tracks.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
-const SHARD_BITS: u32 = 6;
-const SHARDS: usize = 1 << SHARD_BITS;
+const SHARDS: usize = 64;
 
 type QuotaFn<K> = Arc<dyn Fn(&K) -> Quota + Send + Sync>;
 
@@ -193,7 +192,8 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let now = self.inner.clock.now_nanos();
         let version = self.inner.version.load(Relaxed) as u32;
         let hash = self.inner.hasher.hash_one(key);
-        let shard = &self.inner.shards[(hash >> (64 - SHARD_BITS)) as usize];
+        // The low bits pick the shard: hashbrown's tags use the high ones.
+        let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
         let eq = |row: &(u64, K, Entry)| row.0 == hash && row.1.borrow() == key;
         let mut guard = shard.lock();
         if let Some(row) = guard.table.find_mut(hash, eq) {
@@ -217,6 +217,10 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let owned = key.to_owned();
         let mut entry = self.entry_for(&owned, now, version);
         let result = take(&mut entry, now, tokens);
+        if result.as_ref().is_err_and(RateLimited::exceeds_capacity) {
+            // Never admissible: no bucket is kept for it.
+            return result;
+        }
         let mut guard = shard.lock();
         if let Some(row) = guard.table.find_mut(hash, eq) {
             // Another caller inserted it meanwhile: charge that bucket instead.

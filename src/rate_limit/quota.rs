@@ -54,13 +54,14 @@ impl Rate {
         self.period
     }
 
-    /// Time to replenish one token, if the rate is valid (at least one token per
-    /// non-zero period, at least one nanosecond per token).
+    /// Time to replenish one token, rounded up to the nanosecond so that the limit is
+    /// never exceeded, if the rate is valid (at least one token per non-zero period, at
+    /// least one nanosecond per token).
     pub fn interval(&self) -> Option<Duration> {
-        if self.tokens == 0 {
+        if self.tokens == 0 || self.period.as_nanos() < u128::from(self.tokens) {
             return None;
         }
-        let nanos = self.period.as_nanos() / u128::from(self.tokens);
+        let nanos = self.period.as_nanos().div_ceil(u128::from(self.tokens));
         (nanos > 0 && nanos <= u128::from(u64::MAX)).then(|| Duration::from_nanos(nanos as u64))
     }
 }

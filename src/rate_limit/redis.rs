@@ -14,36 +14,42 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use super::bucket::Admitted;
 use super::error::RateLimited;
 use super::quota::Quota;
-use super::{RateLimiter, TokioClock};
+use super::{KeyedRateLimiter, TokioClock};
 use crate::BoxError;
 use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow};
 
 /// GCRA in one atomic step on the server, timed by the server's clock (so replicas'
 /// clocks need not agree). Numbers are microseconds; Lua's doubles hold them exactly.
-/// Returns `{1, remaining, full_in}` or `{0, retry_after, full_in}`, and lets the key
-/// expire when the bucket would be full again, so idle keys cost nothing.
+/// Takes at least `need` and at most `want` tokens (batching: as many as are there).
+/// Returns `{granted, remaining, full_in}` or `{0, retry_after, full_in}`, and lets the key
+/// expire when the bucket would be full again, so idle keys cost nothing. Needs Redis 5 or
+/// later (a script that reads `TIME` before writing).
 const SCRIPT: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tau = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3]) * interval
+local need = tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
-local nxt = tat + cost
 local limit = now + tau
-if nxt > limit then
-  return {0, nxt - limit, tat - now}
+local available = math.floor((limit - tat) / interval)
+if available < need then
+  return {0, tat + need * interval - limit, tat - now}
 end
+local grant = math.min(available, want)
+local nxt = tat + grant * interval
 redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.floor((nxt - now) / 1000) + 1)
-return {1, math.floor((limit - nxt) / interval), nxt - now}
+return {grant, math.floor((limit - nxt) / interval), nxt - now}
 ";
 
 /// What to do while Redis cannot be reached (or answers too slowly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailurePolicy {
-    /// Keep serving from a local bucket holding this replica's share of the quota (for
-    /// example the quota divided by the number of replicas).
+    /// Keep serving from local buckets, one per key, each holding this replica's share of
+    /// the key's quota (for example the quota divided by the number of replicas).
     FailOpen {
         /// This replica's share.
         local_share: Quota,
@@ -102,7 +108,7 @@ struct Inner {
     limit: u32,
     timeout: Duration,
     policy: FailurePolicy,
-    local: Option<RateLimiter<TokioClock>>,
+    local: Option<KeyedRateLimiter<String, TokioClock>>,
     breaker: Breaker,
     batch: Option<Batching>,
 }
@@ -203,39 +209,45 @@ impl RedisRateLimiter {
         key: &str,
         tokens: u32,
     ) -> Result<(Admitted, Source), RedisLimitError> {
-        if let Some(batch) = &self.inner.batch {
+        let inner = &self.inner;
+        if tokens > inner.limit {
+            return Err(RedisLimitError::Limited(RateLimited::exceeds_burst(
+                tokens,
+                inner.limit,
+                Duration::from_micros(inner.tau_us),
+            )));
+        }
+        let mut want = tokens;
+        if let Some(batch) = &inner.batch {
             if let Some(admitted) = batch.take(key, tokens) {
                 return Ok((admitted, Source::Batch));
             }
-            if tokens < batch.size {
-                // Take a batch; near the limit, fall back to exactly what is asked.
-                match self.ask_redis_guarded(key, batch.size).await {
-                    Ok(Ok(admitted)) => {
-                        batch.store(key, batch.size - tokens, admitted);
-                        return Ok((admitted, Source::Redis));
-                    }
-                    Ok(Err(_limited)) => {}
-                    Err(error) => return self.unavailable(tokens, error),
-                }
-            }
+            want = want.max(batch.size);
         }
-        match self.ask_redis_guarded(key, tokens).await {
-            Ok(answer) => answer
-                .map(|a| (a, Source::Redis))
-                .map_err(RedisLimitError::Limited),
-            Err(error) => self.unavailable(tokens, error),
+        match self.ask_redis_guarded(key, tokens, want).await {
+            Ok(Ok((admitted, granted))) => {
+                if let Some(batch) = &inner.batch {
+                    if granted > tokens {
+                        batch.store(key, granted - tokens, admitted);
+                    }
+                }
+                Ok((admitted, Source::Redis))
+            }
+            Ok(Err(limited)) => Err(RedisLimitError::Limited(limited)),
+            Err(error) => self.unavailable(key, tokens, error),
         }
     }
 
     /// The failure policy, for a check Redis could not answer.
     fn unavailable(
         &self,
+        key: &str,
         tokens: u32,
         error: BoxError,
     ) -> Result<(Admitted, Source), RedisLimitError> {
         match (&self.inner.policy, &self.inner.local) {
             (FailurePolicy::FailOpen { .. }, Some(local)) => local
-                .acquire(tokens)
+                .acquire(key, tokens)
                 .map(|a| (a, Source::Local))
                 .map_err(RedisLimitError::Limited),
             _ => Err(RedisLimitError::Unavailable(error)),
@@ -246,18 +258,22 @@ impl RedisRateLimiter {
     async fn ask_redis_guarded(
         &self,
         key: &str,
-        tokens: u32,
-    ) -> Result<Result<Admitted, RateLimited>, BoxError> {
+        need: u32,
+        want: u32,
+    ) -> Result<Result<(Admitted, u32), RateLimited>, BoxError> {
         let inner = &self.inner;
         let mut svc = ServiceBuilder::new()
             .layer(CircuitBreakerLayer::from_breaker(inner.breaker.clone()))
             .timeout(inner.timeout)
-            .service_fn(|(key, tokens): (String, u32)| {
+            .service_fn(|(key, need, want): (String, u32, u32)| {
                 let this = self.clone();
-                async move { this.ask_redis(&key, tokens).await }
+                async move { this.ask_redis(&key, need, want).await }
             });
         match svc.ready().await {
-            Ok(svc) => svc.call((format!("{}:{key}", inner.prefix), tokens)).await,
+            Ok(svc) => {
+                svc.call((format!("{}:{key}", inner.prefix), need, want))
+                    .await
+            }
             Err(e) => Err(e),
         }
     }
@@ -265,8 +281,9 @@ impl RedisRateLimiter {
     async fn ask_redis(
         &self,
         key: &str,
-        tokens: u32,
-    ) -> Result<Result<Admitted, RateLimited>, BoxError> {
+        need: u32,
+        want: u32,
+    ) -> Result<Result<(Admitted, u32), RateLimited>, BoxError> {
         let inner = &self.inner;
         let conn = inner
             .conn
@@ -284,21 +301,23 @@ impl RedisRateLimiter {
             .key(key)
             .arg(inner.interval_us)
             .arg(inner.tau_us)
-            .arg(tokens)
+            .arg(need)
+            .arg(want)
             .invoke_async(&mut conn)
             .await?;
-        let &[ok, value, full_in] = reply.as_slice() else {
+        let &[granted, value, full_in] = reply.as_slice() else {
             return Err(format!("unexpected reply from the rate-limit script: {reply:?}").into());
         };
         let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
         let window = Duration::from_micros(inner.tau_us);
-        Ok(if ok == 1 {
-            Ok(Admitted {
+        Ok(if granted > 0 {
+            let admitted = Admitted {
                 remaining: u32::try_from(value).unwrap_or(0),
                 full_in: us(full_in),
                 limit: inner.limit,
                 window,
-            })
+            };
+            Ok((admitted, u32::try_from(granted).unwrap_or(need)))
         } else {
             Err(RateLimited::after(
                 us(value),
@@ -340,10 +359,12 @@ impl RedisRateLimiterBuilder {
         self
     }
 
-    /// Takes `size` tokens per round trip and serves the next checks for the same key from
-    /// them, for at most `max_age`: fewer round trips at high rates. The fleet still never
-    /// admits more than the quota (the tokens were taken from it), but a replica holding
-    /// unused tokens makes the others refuse up to `size - 1` tokens early, per key, for up
+    /// Takes up to `size` tokens (at most the burst) per round trip, as many as the shared
+    /// bucket holds, and serves the next checks for the same key from them, for at most
+    /// `max_age`: fewer round trips at high rates, still one round trip per check at most.
+    /// The fleet never admits more than the quota (the tokens were taken from it), but
+    /// tokens a replica holds unused make the others refuse early: up to `size - 1` per
+    /// replica and key (more while concurrent checks of one key each take a batch), for up
     /// to `max_age`.
     #[must_use]
     pub fn batch(mut self, size: u32, max_age: Duration) -> Self {
@@ -374,7 +395,7 @@ impl RedisRateLimiterBuilder {
                 .build()?,
         };
         let local = match self.policy {
-            FailurePolicy::FailOpen { local_share } => Some(RateLimiter::new(local_share)),
+            FailurePolicy::FailOpen { local_share } => Some(KeyedRateLimiter::new(local_share)),
             FailurePolicy::FailClosed => None,
         };
         Ok(RedisRateLimiter {
@@ -391,7 +412,7 @@ impl RedisRateLimiterBuilder {
                 local,
                 breaker: Breaker::new(breaker),
                 batch: self.batch.map(|(size, max_age)| Batching {
-                    size,
+                    size: size.min(self.quota.burst()),
                     max_age,
                     max_keys: 10_000,
                     reservoir: Mutex::new(HashMap::new()),
@@ -432,14 +453,24 @@ impl Batching {
                 reservoir.clear();
             }
         }
-        reservoir.insert(
-            key.to_owned(),
-            Reserve {
+        // Concurrent batches for one key add up: no token taken from Redis is dropped.
+        let now = tokio::time::Instant::now();
+        let max_age = self.max_age;
+        reservoir
+            .entry(key.to_owned())
+            .and_modify(|r| {
+                if r.taken.elapsed() > max_age {
+                    r.tokens = 0;
+                }
+                r.tokens = r.tokens.saturating_add(tokens);
+                r.taken = now;
+                r.admitted = admitted;
+            })
+            .or_insert(Reserve {
                 tokens,
-                taken: tokio::time::Instant::now(),
+                taken: now,
                 admitted,
-            },
-        );
+            });
     }
 }
 

@@ -79,8 +79,10 @@ impl IpNet {
 }
 
 /// The client's IP address: the connection's peer address, or, when the peer is a
-/// trusted proxy, the address that proxy reports in `Forwarded` (RFC 7239) or
-/// `X-Forwarded-For`.
+/// trusted proxy, the address that proxy reports in `X-Forwarded-For` (or, with
+/// [`forwarded_header`](Self::forwarded_header), in `Forwarded`, RFC 7239). Exactly one
+/// of the two headers is read, the one your proxies write: a header they merely pass
+/// through is the client's to forge.
 ///
 /// Headers are believed only from the proxies named here, and only as far as they go:
 /// the hops are read from the right (nearest) and the first one that is not a trusted
@@ -108,6 +110,7 @@ impl IpNet {
 #[derive(Debug, Clone, Default)]
 pub struct ClientIp {
     trusted: Vec<IpNet>,
+    use_forwarded: bool,
 }
 
 impl ClientIp {
@@ -126,7 +129,18 @@ impl ClientIp {
             .into_iter()
             .map(|p| p.as_ref().parse())
             .collect::<Result<_, _>>()?;
-        Ok(Self { trusted })
+        Ok(Self {
+            trusted,
+            use_forwarded: false,
+        })
+    }
+
+    /// Reads the standard `Forwarded` header instead of `X-Forwarded-For`: only when your
+    /// trusted proxies write `Forwarded`.
+    #[must_use]
+    pub fn forwarded_header(mut self) -> Self {
+        self.use_forwarded = true;
+        self
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -147,12 +161,16 @@ impl ClientIp {
                 .collect();
             (!parts.is_empty()).then(|| parts.join(","))
         };
-        let hops = if let Some(v) = joined("forwarded") {
-            parse::forwarded_for(&v)
-        } else if let Some(v) = joined("x-forwarded-for") {
-            parse::x_forwarded_for(&v)
-        } else {
-            return peer;
+        let hops = match (
+            self.use_forwarded,
+            self.use_forwarded.then(|| joined("forwarded")),
+        ) {
+            (true, Some(Some(v))) => parse::forwarded_for(&v),
+            (false, _) => match joined("x-forwarded-for") {
+                Some(v) => parse::x_forwarded_for(&v),
+                None => return peer,
+            },
+            _ => return peer,
         };
         let mut client = peer;
         for hop in hops.into_iter().rev() {
@@ -304,19 +322,28 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_header_is_preferred() {
-        let key = ClientIp::trusting(["10.0.0.0/8"]).unwrap();
-        let r = req(
-            "10.0.0.2:80",
-            &[
-                (
-                    "forwarded",
-                    "for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https",
-                ),
-                ("x-forwarded-for", "1.1.1.1"),
-            ],
-        );
-        assert_eq!(key.extract(&r), Some(ip("2001:db8::7")));
+    fn only_the_chosen_header_is_read() {
+        let headers = [
+            (
+                "forwarded",
+                r#"for=6.6.6.6, for="[2001:db8::7]:4711";proto=https"#,
+            ),
+            ("x-forwarded-for", "198.51.100.7"),
+        ];
+        let r = req("10.0.0.2:80", &headers);
+        // The proxies write X-Forwarded-For: a Forwarded header is the client's, ignored.
+        let xff = ClientIp::trusting(["10.0.0.0/8"]).unwrap();
+        assert_eq!(xff.extract(&r), Some(ip("198.51.100.7")));
+        // The proxies write Forwarded: X-Forwarded-For is ignored.
+        let fwd = ClientIp::trusting(["10.0.0.0/8"])
+            .unwrap()
+            .forwarded_header();
+        assert_eq!(fwd.extract(&r), Some(ip("2001:db8::7")));
+        // The chosen header is absent: the peer, never the other header.
+        let only_forwarded = req("10.0.0.2:80", &[("forwarded", "for=1.2.3.4")]);
+        assert_eq!(xff.extract(&only_forwarded), Some(ip("10.0.0.2")));
+        let only_xff = req("10.0.0.2:80", &[("x-forwarded-for", "1.2.3.4")]);
+        assert_eq!(fwd.extract(&only_xff), Some(ip("10.0.0.2")));
     }
 
     #[test]

@@ -77,7 +77,11 @@ impl Hold {
 
     /// Extends the hold to `delay` from now (a later hold wins).
     fn hold_for(&self, delay: Duration) {
-        let until = self.nanos(Instant::now() + delay) + 1;
+        let now = Instant::now();
+        let end = now
+            .checked_add(delay)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
+        let until = self.nanos(end) + 1;
         self.until.fetch_max(until, Relaxed);
     }
 }
