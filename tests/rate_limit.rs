@@ -497,3 +497,26 @@ mod sharded {
         }
     }
 }
+
+#[test]
+fn quota_change_keeps_tokens_taken_as_documented() {
+    let clock = ManualClock::new();
+    let limiter = RateLimiter::with_clock(quota(10, 10), clock);
+    assert_eq!(limiter.try_acquire(4), Ok(6));
+    limiter.set_quota(quota(10, 20));
+    assert_eq!(limiter.available(), 16);
+}
+
+#[test]
+fn intervals_round_up_so_the_rate_is_never_exceeded() {
+    // 600 million a second does not divide a second into whole nanoseconds.
+    let clock = ManualClock::new();
+    let limiter = RateLimiter::with_clock(quota(600_000_000, 1), clock.clone());
+    let mut admitted = 0u64;
+    for _ in 0..1_000_000 {
+        clock.advance(Duration::from_nanos(1));
+        admitted += u64::from(limiter.try_acquire(1).is_ok());
+    }
+    // One millisecond at 600 million a second: at most 600 000 (+ the burst of 1).
+    assert!(admitted <= 600_001, "{admitted}");
+}

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer};
 use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate, RateLimiter};
 use tokio::net::TcpListener;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Service, ServiceBuilder, ServiceExt};
 
 /// Serves `trusted`-aware limits on a loopback port: a global 100/s and a per-client
 /// 2 per 2 s (a minute's 60, burst 2).
@@ -324,4 +324,28 @@ mod retry_after {
         assert_eq!(start.elapsed(), Duration::ZERO, "refused at once");
         assert_eq!(calls.load(SeqCst), 3);
     }
+}
+
+#[tokio::test]
+async fn policy_of_a_sub_second_window_states_the_rate() {
+    // 1000 a second with a burst of 200: the window is 200 ms, the policy per second.
+    let limiter = RateLimiter::with_clock(
+        Quota::new(Rate::per_second(1000), 200).unwrap(),
+        ManualClock::new(),
+    );
+    let mut svc = ServiceBuilder::new()
+        .layer(HttpRateLimitLayer::global(limiter))
+        .service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
+    assert_eq!(
+        all(resp.headers(), "ratelimit-policy"),
+        ["\"default\";q=1000;w=1"]
+    );
+    assert_eq!(all(resp.headers(), "ratelimit"), ["\"default\";r=199;t=1"]);
 }

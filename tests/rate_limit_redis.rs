@@ -283,3 +283,28 @@ async fn the_layer_refuses_without_calling_the_service() {
         svc.ready().await.unwrap().call("").await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn fail_open_shares_are_per_key_and_oversized_requests_never_reach_redis() {
+    // Nothing listens on this port: Redis is down from the start.
+    let url = format!("redis://127.0.0.1:{}/", Redis::free_port());
+    let limiter = RedisRateLimiter::builder(url, quota(60, 10))
+        .timeout(Duration::from_millis(100))
+        .failure_policy(FailurePolicy::FailOpen {
+            local_share: quota(60, 1),
+        })
+        .breaker(quick_breaker())
+        .build()
+        .unwrap();
+    assert_eq!(limiter.acquire("a", 1).await.unwrap().1, Source::Local);
+    assert!(limiter.acquire("a", 1).await.is_err(), "a's share is spent");
+    assert_eq!(
+        limiter.acquire("b", 1).await.unwrap().1,
+        Source::Local,
+        "b has its own share"
+    );
+    match limiter.acquire("c", 11).await {
+        Err(RedisLimitError::Limited(r)) => assert!(r.exceeds_capacity()),
+        other => panic!("expected a capacity refusal, got {other:?}"),
+    }
+}

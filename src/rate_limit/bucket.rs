@@ -19,6 +19,8 @@ struct Shape {
 }
 
 pub(crate) struct Inner<C> {
+    /// Held while the quota changes, so that changes do not interleave.
+    quota_change: parking_lot::Mutex<()>,
     /// Theoretical arrival time: when the bucket will next be full, in the clock's
     /// nanoseconds. The bucket holds `(now + burst × interval − tat) / interval` tokens.
     tat: AtomicU64,
@@ -106,6 +108,7 @@ impl<C: Clock> RateLimiter<C> {
     pub fn with_clock(quota: Quota, clock: C) -> Self {
         Self {
             inner: Arc::new(Inner {
+                quota_change: parking_lot::Mutex::new(()),
                 tat: AtomicU64::new(0),
                 shape: Shape {
                     interval: AtomicU64::new(quota.interval_nanos()),
@@ -116,10 +119,13 @@ impl<C: Clock> RateLimiter<C> {
         }
     }
 
-    /// Replaces the quota for every clone, at once and without losing the bucket's level:
-    /// tokens already taken stay taken (a bucket that had 10 of 10 left and moves to a
-    /// burst of 20 has 10 left, and refills at the new rate from there).
+    /// Replaces the quota for every clone, at once, keeping the tokens already taken:
+    /// a bucket with 4 of its 10 tokens taken, moved to a burst of 20, has 16 left, and
+    /// refills at the new rate from there. Changes are serialized; a check running at the
+    /// very moment of a change may see the old shape with the new level (or the reverse),
+    /// once.
     pub fn set_quota(&self, quota: Quota) {
+        let _serialized = self.inner.quota_change.lock();
         let old = self.inner.shape.interval.load(Relaxed);
         let new = quota.interval_nanos();
         let now = self.inner.clock.now_nanos();

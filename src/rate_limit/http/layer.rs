@@ -214,11 +214,19 @@ impl Headers {
             Ok(a) => (a.limit, a.window, a.remaining, a.full_in, None),
             Err(r) => (r.limit(), r.window(), 0, r.full_in(), r.retry_after()),
         };
+        // The policy in whole seconds: over `w`, the bucket admits its burst or what the
+        // rate refills in `w`, whichever is more (a 1000/s bucket of 200 is q=1000;w=1).
+        let w = ceil_secs(window).max(1);
+        let q = if window.is_zero() {
+            u64::from(limit)
+        } else {
+            let refilled = u128::from(limit) * u128::from(w) * 1_000_000_000 / window.as_nanos();
+            u64::try_from(refilled)
+                .unwrap_or(u64::MAX)
+                .max(u64::from(limit))
+        };
         Self {
-            policy: value(format!(
-                "\"{name}\";q={limit};w={}",
-                ceil_secs(window).max(1)
-            )),
+            policy: value(format!("\"{name}\";q={q};w={w}")),
             state: value(format!("\"{name}\";r={remaining};t={}", ceil_secs(reset))),
             legacy: legacy.then(|| (HeaderValue::from(limit), HeaderValue::from(remaining))),
             retry_after: retry.map(|d| HeaderValue::from(ceil_secs(d))),
