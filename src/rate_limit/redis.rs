@@ -378,8 +378,11 @@ impl RedisRateLimiterBuilder {
         if self.timeout.is_zero() {
             return Err("invalid timeout: must be greater than zero".into());
         }
-        let interval_us = u64::try_from(self.quota.interval().as_micros()).unwrap_or(u64::MAX);
-        if interval_us == 0 {
+        let interval_us =
+            u64::try_from(self.quota.interval().as_nanos().div_ceil(1000)).unwrap_or(u64::MAX);
+        // Rounded up to whole microseconds (the script's unit), so the rate is never
+        // exceeded; a quota faster than one token per microsecond is refused.
+        if self.quota.interval() < Duration::from_micros(1) {
             return Err("invalid quota for Redis: at most one token per microsecond".into());
         }
         let breaker = match self.breaker {
