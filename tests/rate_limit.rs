@@ -520,3 +520,51 @@ fn intervals_round_up_so_the_rate_is_never_exceeded() {
     // One millisecond at 600 million a second: at most 600 000 (+ the burst of 1).
     assert!(admitted <= 600_001, "{admitted}");
 }
+
+#[cfg(feature = "metrics")]
+#[test]
+fn named_limiters_report_their_decisions() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use seawall::rate_limit::KeyedRateLimiter;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let (global, keyed) = metrics::with_local_recorder(&recorder, || {
+        (
+            RateLimiter::with_clock(quota(1, 2), ManualClock::new()).named("global"),
+            KeyedRateLimiter::with_clock(quota(1, 1), ManualClock::new()).named("per-user"),
+        )
+    });
+    assert_eq!(global.name(), Some("global"));
+    for _ in 0..3 {
+        let _ = global.try_acquire(1);
+    }
+    let _ = keyed.try_acquire("ann", 1);
+    let _ = keyed.try_acquire("ann", 1);
+    let _ = keyed.try_acquire("bob", 1);
+    let mut seen: Vec<(String, String, DebugValue)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let k = key.key();
+            let label = |name: &str| {
+                k.labels()
+                    .find(|l| l.key() == name)
+                    .map(|l| l.value().to_owned())
+                    .unwrap()
+            };
+            (label("limiter"), label("decision"), value)
+        })
+        .collect();
+    seen.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    assert_eq!(
+        seen,
+        vec![
+            ("global".into(), "admitted".into(), DebugValue::Counter(2)),
+            ("global".into(), "refused".into(), DebugValue::Counter(1)),
+            ("per-user".into(), "admitted".into(), DebugValue::Counter(2)),
+            ("per-user".into(), "refused".into(), DebugValue::Counter(1)),
+        ]
+    );
+}

@@ -25,6 +25,7 @@ pub(crate) struct Inner<C> {
     /// nanoseconds. The bucket holds `(now + burst × interval − tat) / interval` tokens.
     tat: AtomicU64,
     shape: Shape,
+    telemetry: super::telemetry::Telemetry,
     pub(crate) clock: C,
 }
 
@@ -114,6 +115,7 @@ impl<C: Clock> RateLimiter<C> {
                     interval: AtomicU64::new(quota.interval_nanos()),
                     burst: AtomicU64::new(u64::from(quota.burst())),
                 },
+                telemetry: super::telemetry::Telemetry::default(),
                 clock,
             }),
         }
@@ -179,7 +181,22 @@ impl<C: Clock> RateLimiter<C> {
     pub fn acquire(&self, tokens: u32) -> Result<Admitted, RateLimited> {
         let (interval, tau) = self.shape();
         let now = self.inner.clock.now_nanos();
-        gcra_acquire(&self.inner.tat, now, interval, tau, tokens)
+        let result = gcra_acquire(&self.inner.tat, now, interval, tau, tokens);
+        self.inner.telemetry.record(&result);
+        result
+    }
+
+    /// Names the limiter for metrics and tracing (see the [module docs](super#observing));
+    /// the first name given sticks, for every clone.
+    #[must_use]
+    pub fn named(self, name: &str) -> Self {
+        self.inner.telemetry.name(name);
+        self
+    }
+
+    /// The limiter's name, if it was given one.
+    pub fn name(&self) -> Option<&str> {
+        self.inner.telemetry.get_name()
     }
 
     /// Books `tokens` for the earliest time they will be there, if that is within

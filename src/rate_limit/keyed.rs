@@ -71,6 +71,7 @@ struct KeyedInner<K, C> {
     quota_fn: RwLock<Option<QuotaFn<K>>>,
     /// Bumped on every quota change; entries built under an older version are rescaled.
     version: AtomicU64,
+    telemetry: super::telemetry::Telemetry,
     clock: C,
 }
 
@@ -116,6 +117,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
                 default: RwLock::new(quota),
                 quota_fn: RwLock::new(None),
                 version: AtomicU64::new(0),
+                telemetry: super::telemetry::Telemetry::default(),
                 clock,
             }),
         }
@@ -185,6 +187,24 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
 
     /// Like [`try_acquire`](Self::try_acquire), with what rate-limit headers need.
     pub fn acquire<Q>(&self, key: &Q, tokens: u32) -> Result<Admitted, RateLimited>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let result = self.acquire_unreported(key, tokens);
+        self.inner.telemetry.record(&result);
+        result
+    }
+
+    /// Names the limiter for metrics and tracing (see the [module docs](super#observing));
+    /// the first name given sticks, for every clone.
+    #[must_use]
+    pub fn named(self, name: &str) -> Self {
+        self.inner.telemetry.name(name);
+        self
+    }
+
+    fn acquire_unreported<Q>(&self, key: &Q, tokens: u32) -> Result<Admitted, RateLimited>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,

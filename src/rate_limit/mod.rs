@@ -51,7 +51,14 @@
 //! to a local share or fail-closed, optional batching). [`ShardedRateLimiter`] scales a
 //! single very hot limiter across cores.
 //!
-//! Not built yet: metrics for the limiters.
+//! # Observing
+//!
+//! A limiter given a name ([`RateLimiter::named`], [`KeyedRateLimiter::named`]) reports
+//! each decision: with the `metrics` feature, the counter
+//! `seawall_rate_limit_decisions_total` with labels `limiter` (the name) and `decision`
+//! (`admitted` or `refused`), keys left out so that their number cannot blow up the
+//! metric; with the `tracing` feature, a `DEBUG` event per refusal (fields `limiter`,
+//! `retry_after`). Unnamed limiters report nothing and pay one atomic load per check.
 
 mod bucket;
 mod clock;
@@ -62,6 +69,7 @@ mod layer;
 mod quota;
 mod service;
 mod sharded;
+mod telemetry;
 
 pub mod future;
 #[cfg(feature = "http")]

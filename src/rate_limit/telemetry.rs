@@ -1,0 +1,73 @@
+//! `metrics` and `tracing` reporting of the limiters, for limiters given a name.
+
+use std::sync::OnceLock;
+
+use super::error::RateLimited;
+
+/// The reporting of one named limiter. Costs one atomic load per check while unnamed.
+#[derive(Debug, Default)]
+pub(crate) struct Telemetry {
+    named: OnceLock<Named>,
+}
+
+#[derive(Debug)]
+struct Named {
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    name: String,
+    #[cfg(feature = "metrics")]
+    admitted: metrics::Counter,
+    #[cfg(feature = "metrics")]
+    refused: metrics::Counter,
+}
+
+impl Telemetry {
+    /// Names the limiter (once; later names are ignored) and registers its metrics.
+    pub(crate) fn name(&self, name: &str) {
+        let _ = self.named.set(Named {
+            name: name.to_owned(),
+            #[cfg(feature = "metrics")]
+            admitted: metrics::counter!(
+                "seawall_rate_limit_decisions_total",
+                "limiter" => name.to_owned(),
+                "decision" => "admitted"
+            ),
+            #[cfg(feature = "metrics")]
+            refused: metrics::counter!(
+                "seawall_rate_limit_decisions_total",
+                "limiter" => name.to_owned(),
+                "decision" => "refused"
+            ),
+        });
+    }
+
+    /// The limiter's name, if it has one.
+    pub(crate) fn get_name(&self) -> Option<&str> {
+        self.named.get().map(|n| n.name.as_str())
+    }
+
+    /// Reports one decision.
+    #[inline]
+    pub(crate) fn record<T>(&self, result: &Result<T, RateLimited>) {
+        let Some(named) = self.named.get() else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                #[cfg(feature = "metrics")]
+                named.admitted.increment(1);
+            }
+            Err(refused) => {
+                #[cfg(feature = "metrics")]
+                named.refused.increment(1);
+                #[cfg(feature = "tracing")]
+                tracing::debug!(
+                    limiter = %named.name,
+                    retry_after = ?refused.retry_after(),
+                    "rate limit refused a request"
+                );
+                let _ = refused;
+            }
+        }
+        let _ = named;
+    }
+}
