@@ -131,10 +131,8 @@ impl<C: Clock> RateLimiter<C> {
         let old = self.inner.shape.interval.load(Relaxed);
         let new = quota.interval_nanos();
         let now = self.inner.clock.now_nanos();
-        // The debt, `tat - now`, is kept in tokens: rescaled to the new interval.
         let _ = self.inner.tat.fetch_update(Relaxed, Relaxed, |tat| {
-            let debt = u128::from(tat.saturating_sub(now)) * u128::from(new) / u128::from(old);
-            Some(now.saturating_add(debt.min(u128::from(u64::MAX)) as u64))
+            Some(rescale_tat(tat, now, old, new))
         });
         self.inner.shape.interval.store(new, Relaxed);
         self.inner
@@ -302,4 +300,13 @@ pub(crate) fn gcra_acquire(
     tokens: u32,
 ) -> Result<Admitted, RateLimited> {
     gcra_update(cell, now, interval, tau, tokens, 0).map(|(admitted, _)| admitted)
+}
+
+/// Moves an arrival time from one refill interval to another, keeping the debt (`tat -
+/// now`) in tokens: the tokens taken stay taken under the new quota.
+#[inline]
+pub(crate) fn rescale_tat(tat: u64, now: u64, old_interval: u64, new_interval: u64) -> u64 {
+    let debt = u128::from(tat.saturating_sub(now)) * u128::from(new_interval)
+        / u128::from(old_interval.max(1));
+    now.saturating_add(debt.min(u128::from(u64::MAX)) as u64)
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 
-use super::bucket::{Admitted, gcra_step};
+use super::bucket::{Admitted, gcra_step, rescale_tat};
 use super::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::Quota;
@@ -278,10 +278,8 @@ fn per_shard(max_keys: usize) -> usize {
 
 /// Moves `entry` to a new quota, keeping its debt in tokens.
 fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
-    let debt = u128::from(entry.tat.saturating_sub(now)) * u128::from(fresh.interval)
-        / u128::from(entry.interval);
     *entry = Entry {
-        tat: now.saturating_add(debt.min(u128::from(u64::MAX)) as u64),
+        tat: rescale_tat(entry.tat, now, entry.interval, fresh.interval),
         ..fresh
     };
 }
