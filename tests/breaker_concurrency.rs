@@ -68,28 +68,40 @@ async fn half_open_never_admits_more_than_its_permits() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
 
-        let rejected = Arc::new(AtomicUsize::new(0));
+        const TASKS: usize = 64;
+        let gave_up = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
-        for _ in 0..64 {
+        for _ in 0..TASKS {
             let mut s = svc.clone();
-            let rejected = rejected.clone();
+            let gave_up = gave_up.clone();
             tasks.push(tokio::spawn(async move {
                 for _ in 0..20 {
                     match s.ready().await.unwrap().call(false).await {
                         Ok(()) => return,
-                        Err(e) if e.is::<CircuitOpen>() => {
-                            rejected.fetch_add(1, SeqCst);
-                            tokio::task::yield_now().await;
-                        }
+                        Err(e) if e.is::<CircuitOpen>() => tokio::task::yield_now().await,
                         Err(e) => panic!("unexpected error: {e}"),
                     }
                 }
+                gave_up.fetch_add(1, SeqCst);
             }));
         }
-        // Let every task try while the probes hang.
-        while rejected.load(SeqCst) < 64 {
-            tokio::task::yield_now().await;
-        }
+        // While the probes hang, every other task is rejected until it gives up. Wait for
+        // exactly that point: the probes have entered and everyone else has stopped trying.
+        // (Counting rejections instead raced with a probe task that had its permit but had
+        // not yet been polled into the inner service.) A leaked permit shows up as a timeout.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while gave_up.load(SeqCst) < TASKS - PERMITS || entered.load(SeqCst) < PERMITS {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "round {round}: {} tasks gave up, {} probes entered",
+                gave_up.load(SeqCst),
+                entered.load(SeqCst)
+            )
+        });
         assert_eq!(
             entered.load(SeqCst),
             PERMITS,
