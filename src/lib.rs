@@ -52,7 +52,12 @@
 #![warn(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
+pub mod balance;
 pub mod circuit_breaker;
+#[cfg(feature = "consul")]
+#[cfg_attr(docsrs, doc(cfg(feature = "consul")))]
+pub mod consul;
+pub mod discovery;
 pub mod fallback;
 pub mod rate_limit;
 

@@ -1,0 +1,2 @@
+//! Consul: service registration with health checks, and discovery of healthy instances
+//! through blocking queries.
