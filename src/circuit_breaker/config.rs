@@ -251,6 +251,18 @@ impl CircuitBreakerConfig {
         }
     }
 
+    /// The same configuration under another name: a template for many breakers, such as
+    /// one per endpoint of a balancer. An empty name keeps the current one.
+    #[must_use]
+    pub fn with_name(&self, name: impl Into<Cow<'static, str>>) -> Self {
+        let name = name.into();
+        let mut config = self.clone();
+        if !name.is_empty() {
+            config.name = name;
+        }
+        config
+    }
+
     /// The breaker's name, used in events, metrics labels and the registry.
     pub fn name(&self) -> &str {
         &self.name

@@ -128,7 +128,7 @@ mod http;
 mod layer;
 mod registry;
 mod service;
-mod state;
+pub(crate) mod state;
 #[cfg(feature = "metrics")]
 mod telemetry;
 mod window;

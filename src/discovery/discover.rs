@@ -250,9 +250,7 @@ mod tests {
         // The same service ID on another node is another instance.
         let other_node = Instance::new(InstanceId::new("node-b", "s-1"), "s", "127.0.0.2", 1);
         let b = registry.register(other_node);
-        assert!(
-            matches!(next(&mut d).await, Change::Insert(id, _) if id.node() == "node-b")
-        );
+        assert!(matches!(next(&mut d).await, Change::Insert(id, _) if id.node() == "node-b"));
         assert!(pending(&mut d));
 
         // A weight change reinserts with the new instance.

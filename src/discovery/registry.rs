@@ -65,10 +65,12 @@ impl Registry {
         let service = instance.service.clone();
         let id = instance.id.clone();
         let mut inner = self.inner.lock();
-        let entry = inner.entry(service.clone()).or_insert_with(|| ServiceEntry {
-            publisher: live_publisher(),
-            ..ServiceEntry::default()
-        });
+        let entry = inner
+            .entry(service.clone())
+            .or_insert_with(|| ServiceEntry {
+                publisher: live_publisher(),
+                ..ServiceEntry::default()
+            });
         entry.instances.insert(id.clone(), (instance, true));
         entry.publish();
         Registration {
@@ -112,7 +114,12 @@ impl Registry {
         })
     }
 
-    fn update(&self, service: &str, id: &InstanceId, f: impl FnOnce(&mut (Instance, bool))) -> bool {
+    fn update(
+        &self,
+        service: &str,
+        id: &InstanceId,
+        f: impl FnOnce(&mut (Instance, bool)),
+    ) -> bool {
         let mut inner = self.inner.lock();
         let Some(entry) = inner.get_mut(service) else {
             return false;

@@ -217,7 +217,6 @@ impl InstanceWatch {
 pub(crate) type ChangedFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SourceClosed>> + Send>>;
 
-
 impl fmt::Debug for InstanceWatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InstanceWatch")

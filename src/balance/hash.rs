@@ -1,0 +1,236 @@
+//! [`HashBalance`]: consistent hashing by a request key over a Maglev table.
+
+use std::fmt;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tower::Service;
+use tower::discover::{Change, Discover};
+
+use crate::BoxError;
+use crate::circuit_breaker::state::{Decision, ProbePermit};
+use crate::circuit_breaker::{CircuitOpen, Classify, ErrorsAreFailures};
+
+use super::error::NoEndpoints;
+use super::future::{BreakerRecord, CallGuard, HashResponseFuture};
+use super::set::{EndpointSet, Index};
+use super::weights::mix;
+use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
+
+/// Consistent hashing: requests with the same key go to the same endpoint while it is in
+/// rotation, and when one of N endpoints leaves, only about 1/N of the keys move (a Maglev
+/// table with at least 100 entries per endpoint, entries shared in proportion to weight).
+///
+/// The key comes from the request, so the endpoint is chosen in `call`, not in
+/// `poll_ready`: `poll_ready` applies discovery changes and is ready as soon as there is an
+/// endpoint; `call` picks the key's endpoint (or, if it is out of rotation, the key's next
+/// choices in a fixed order, so a key's fallback is stable too), clones its service (`S:
+/// Clone`, as hyper's client is) and the response future waits for that clone's readiness
+/// before calling it. Requests without a key go to a random endpoint in rotation.
+///
+/// ```
+/// use seawall::balance::{BalanceBuilder, hash_key};
+/// use seawall::discovery::{Instance, InstanceWatch, ServiceDiscover};
+/// use tower::{Service, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), seawall::BoxError> {
+/// let instances = (0..3)
+///     .map(|i| Instance::local("cache", ([127, 0, 0, 1], 7000 + i).into()))
+///     .collect();
+/// let discover = ServiceDiscover::new(InstanceWatch::fixed(instances), |i: &Instance| {
+///     let port = i.port;
+///     service_fn(move |_user: String| async move { Ok::<_, seawall::BoxError>(port) })
+/// });
+/// let mut balance = BalanceBuilder::new()
+///     .name("cache")
+///     .build_hashed(discover, |user: &String| Some(hash_key(user)));
+/// let first = balance.ready().await?.call("ada".to_string()).await?;
+/// let again = balance.ready().await?.call("ada".to_string()).await?;
+/// assert_eq!(first, again);
+/// # Ok(())
+/// # }
+/// ```
+pub struct HashBalance<D, F, C = ErrorsAreFailures>
+where
+    D: Discover,
+{
+    discover: D,
+    pub(crate) set: EndpointSet<D::Key, D::Service>,
+    key: F,
+    classifier: C,
+    rng: u64,
+    handle: BalanceHandle,
+    discover_closed: bool,
+}
+
+impl<D, F, C> HashBalance<D, F, C>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Eq + Clone + fmt::Display,
+    D::Service: BalanceEndpoint,
+{
+    pub(crate) fn from_builder(builder: BalanceBuilder<C>, discover: D, key: F) -> Self {
+        let (set, handle) = builder.endpoint_set(Index::Maglev);
+        Self {
+            discover,
+            set,
+            key,
+            rng: builder.seed,
+            classifier: builder.classifier,
+            handle,
+            discover_closed: false,
+        }
+    }
+
+    /// A handle to the endpoints' live state.
+    pub fn handle(&self) -> &BalanceHandle {
+        &self.handle
+    }
+
+    /// How many endpoints are in the set.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// The position of the endpoint that `hash` maps to now (in rotation when any is).
+    pub(crate) fn route(&self, hash: u64) -> usize {
+        let n = self.set.len() as u64;
+        // The key's choices in order; bounded so a fleet-wide outage costs O(N) at most.
+        for attempt in 0..(2 * n + 8) {
+            let at = self.set.maglev.lookup(hash, attempt);
+            if self.set.slots[at].available() {
+                return at;
+            }
+        }
+        self.set.maglev.lookup(hash, 0)
+    }
+
+    fn poll_discover(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError>
+    where
+        D::Error: Into<BoxError>,
+    {
+        if self.discover_closed {
+            return Ok(());
+        }
+        let mut changed = false;
+        loop {
+            match Pin::new(&mut self.discover).poll_discover(cx) {
+                Poll::Ready(Some(Ok(Change::Insert(key, endpoint)))) => {
+                    self.set.insert(key, endpoint);
+                    changed = true;
+                }
+                Poll::Ready(Some(Ok(Change::Remove(key)))) => {
+                    self.set.remove(&key);
+                    changed = true;
+                }
+                Poll::Ready(Some(Err(e))) => return Err(e.into()),
+                Poll::Ready(None) => {
+                    self.discover_closed = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if changed {
+            self.set.rebuild();
+            super::telemetry::endpoints(&self.set.shared.name, self.set.len());
+        }
+        Ok(())
+    }
+}
+
+impl<D, F, C, Req> Service<Req> for HashBalance<D, F, C>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Eq + Clone + fmt::Display,
+    D::Error: Into<BoxError>,
+    D::Service: BalanceEndpoint + Service<Req> + Clone,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    F: Fn(&Req) -> Option<u64>,
+    C: Classify<<D::Service as Service<Req>>::Response, <D::Service as Service<Req>>::Error>
+        + Clone,
+{
+    type Response = <D::Service as Service<Req>>::Response;
+    type Error = BoxError;
+    type Future = HashResponseFuture<D::Service, Req, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.poll_discover(cx)?;
+        if self.set.is_empty() {
+            return Poll::Ready(Err(NoEndpoints::new(self.set.shared.name.clone()).into()));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        if self.set.is_empty() {
+            return HashResponseFuture::failed(
+                NoEndpoints::new(self.set.shared.name.clone()).into(),
+            );
+        }
+        let hash = match (self.key)(&request) {
+            Some(hash) => hash,
+            None => {
+                self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                mix(self.rng)
+            }
+        };
+        let at = self.route(hash);
+        let slot = &self.set.slots[at];
+        let mut record = BreakerRecord::None;
+        if let Some(breaker) = &slot.breaker {
+            let shared = &breaker.shared;
+            let decision = shared.admit();
+            match decision.tag() {
+                Decision::REJECTED => {
+                    return HashResponseFuture::failed(Box::new(CircuitOpen::new(
+                        shared.clone(),
+                        decision.rejecting_state(),
+                        decision.until,
+                    )));
+                }
+                Decision::CLOSED => {
+                    record = BreakerRecord::Closed {
+                        shared: shared.clone(),
+                        generation: decision.generation(),
+                        start: shared.start(),
+                    }
+                }
+                Decision::PROBE => {
+                    record = BreakerRecord::Probe {
+                        permit: ProbePermit::new(shared.clone(), decision.generation()),
+                        start: shared.start(),
+                    }
+                }
+                _ => {}
+            }
+        }
+        let guard = CallGuard::new(&slot.stats, 0, record);
+        HashResponseFuture::waiting(
+            slot.endpoint.clone(),
+            request,
+            guard,
+            self.classifier.clone(),
+        )
+    }
+}
+
+impl<D, F, C> fmt::Debug for HashBalance<D, F, C>
+where
+    D: Discover + fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HashBalance")
+            .field("name", &self.set.shared.name)
+            .field("endpoints", &self.set.len())
+            .field("discover", &self.discover)
+            .finish()
+    }
+}

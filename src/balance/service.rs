@@ -1,0 +1,443 @@
+//! [`Balance`]: power of two choices or round robin, with readiness reserved in
+//! `poll_ready`.
+
+use std::fmt;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::time::Sleep;
+use tower::Service;
+use tower::discover::{Change, Discover};
+
+use crate::BoxError;
+use crate::circuit_breaker::state::{Decision, ProbePermit};
+use crate::circuit_breaker::{CircuitOpen, Classify, ErrorsAreFailures};
+
+use super::config::{Strategy, WhenEmpty};
+use super::error::NoEndpoints;
+use super::future::{BreakerRecord, CallGuard, ResponseFuture};
+use super::set::{EndpointSet, Index, Slot};
+use super::weights::{mix, reduce};
+use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
+
+/// A reserved endpoint: picked, ready, and admitted by its breaker.
+struct Reserved {
+    at: usize,
+    decision: Decision,
+    probe: Option<ProbePermit>,
+}
+
+/// A load balancer over discovered endpoints. See the [module docs](super).
+///
+/// `poll_ready` applies discovery changes, picks an endpoint with the configured
+/// [`Strategy`] among those in rotation (not ejected, breaker not open), and reserves its
+/// readiness; `call` sends the request there. Endpoints that are not ready are skipped
+/// without waiting for them; it is pending only when none is ready, and then every
+/// endpoint (and discovery) will wake it.
+pub struct Balance<D, C = ErrorsAreFailures>
+where
+    D: Discover,
+{
+    discover: D,
+    pub(crate) set: EndpointSet<D::Key, D::Service>,
+    strategy: Strategy,
+    classifier: C,
+    rng: u64,
+    cursor: usize,
+    ready: Option<Reserved>,
+    when_empty: WhenEmpty,
+    empty_since: Option<Pin<Box<Sleep>>>,
+    handle: BalanceHandle,
+    discover_closed: bool,
+}
+
+impl<D> Balance<D>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Eq + Clone + fmt::Display,
+    D::Service: BalanceEndpoint,
+{
+    /// A balancer over `discover` with the defaults: power of two choices on outstanding
+    /// requests, no outlier detection, no per-endpoint breaker, failing at once when empty.
+    pub fn new(discover: D) -> Self {
+        BalanceBuilder::new().build(discover)
+    }
+}
+
+impl<D, C> Balance<D, C>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Eq + Clone + fmt::Display,
+    D::Service: BalanceEndpoint,
+{
+    pub(crate) fn from_builder(builder: BalanceBuilder<C>, discover: D) -> Self {
+        let (set, handle) = builder.endpoint_set(match builder.strategy {
+            Strategy::RoundRobin => Index::Schedule,
+            _ => Index::Sampler,
+        });
+        Self {
+            discover,
+            set,
+            strategy: builder.strategy,
+            rng: builder.seed,
+            classifier: builder.classifier,
+            cursor: 0,
+            ready: None,
+            when_empty: builder.when_empty,
+            empty_since: None,
+            handle,
+            discover_closed: false,
+        }
+    }
+
+    /// A handle to the endpoints' live state (ejections, breakers, load).
+    pub fn handle(&self) -> &BalanceHandle {
+        &self.handle
+    }
+
+    /// How many endpoints are in the set.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// Applies every discovery change that is ready.
+    fn poll_discover(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError>
+    where
+        D::Error: Into<BoxError>,
+    {
+        if self.discover_closed {
+            return Ok(());
+        }
+        let mut changed = false;
+        loop {
+            match Pin::new(&mut self.discover).poll_discover(cx) {
+                Poll::Ready(Some(Ok(Change::Insert(key, endpoint)))) => {
+                    self.set.insert(key, endpoint);
+                    changed = true;
+                }
+                Poll::Ready(Some(Ok(Change::Remove(key)))) => {
+                    self.set.remove(&key);
+                    changed = true;
+                }
+                Poll::Ready(Some(Err(e))) => return Err(e.into()),
+                Poll::Ready(None) => {
+                    // Discovery ended: keep balancing over the last endpoints.
+                    self.discover_closed = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if changed {
+            self.ready = None;
+            self.set.rebuild();
+            self.cursor = 0;
+            super::telemetry::endpoints(&self.set.shared.name, self.set.len());
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        mix(self.rng)
+    }
+
+    /// Tries to reserve endpoint `at`: its breaker first, then its readiness.
+    #[inline]
+    fn try_reserve<Req>(&mut self, at: usize, cx: &mut Context<'_>) -> Attempt
+    where
+        D::Service: Service<Req>,
+        <D::Service as Service<Req>>::Error: Into<BoxError>,
+    {
+        let slot = &mut self.set.slots[at];
+        let (decision, probe) = match &slot.breaker {
+            None => (Decision::NONE, None),
+            Some(breaker) => {
+                let shared = &breaker.shared;
+                let decision = shared.admit();
+                match decision.tag() {
+                    Decision::REJECTED => return Attempt::Rejected(decision),
+                    Decision::PROBE => (
+                        decision,
+                        Some(ProbePermit::new(shared.clone(), decision.generation())),
+                    ),
+                    _ => (decision, None),
+                }
+            }
+        };
+        match slot.endpoint.poll_ready(cx) {
+            Poll::Ready(Ok(())) => {
+                self.ready = Some(Reserved {
+                    at,
+                    decision,
+                    probe,
+                });
+                Attempt::Reserved
+            }
+            Poll::Pending => Attempt::Pending,
+            Poll::Ready(Err(e)) => {
+                // A broken endpoint counts as a failed call for outlier detection.
+                slot.stats
+                    .complete(crate::circuit_breaker::Outcome::Failure, 0);
+                Attempt::Failed(e.into())
+            }
+        }
+    }
+
+    /// The candidate with less load per unit of weight first.
+    #[inline]
+    fn order(&self, a: usize, b: usize) -> (usize, usize) {
+        let (sa, sb) = (&self.set.slots[a], &self.set.slots[b]);
+        let a_first = match self.strategy {
+            Strategy::PeakEwma { .. } => {
+                let now = self.set.shared.clock.now_nanos();
+                sa.stats.ewma_cost(now) * f64::from(sb.weight)
+                    <= sb.stats.ewma_cost(now) * f64::from(sa.weight)
+            }
+            _ => {
+                use std::sync::atomic::Ordering::Relaxed;
+                u64::from(sa.stats.outstanding.load(Relaxed)) * u64::from(sb.weight)
+                    <= u64::from(sb.stats.outstanding.load(Relaxed)) * u64::from(sa.weight)
+            }
+        };
+        if a_first { (a, b) } else { (b, a) }
+    }
+
+    fn pick<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        D::Service: Service<Req>,
+        <D::Service as Service<Req>>::Error: Into<BoxError>,
+    {
+        let n = self.set.len();
+        match self.strategy {
+            Strategy::RoundRobin => {
+                let order_len = self.set.schedule.order.len().max(1);
+                let at = self.set.schedule.order[self.cursor % order_len] as usize;
+                self.cursor = (self.cursor + 1) % order_len;
+                if at < n && self.set.slots[at].available() {
+                    if let Attempt::Reserved = self.try_reserve::<Req>(at, cx) {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+            _ if n == 1 => {}
+            _ => {
+                let r = self.next_random();
+                let a = self.set.sampler.sample(r);
+                let mut b = self.set.sampler.sample(mix(r));
+                if b == a {
+                    // Another endpoint, uniformly: the pair must be two.
+                    b = (a + 1 + reduce((r >> 17) as u32, (n - 1) as u32)) % n;
+                }
+                let (a_in, b_in) = (self.set.slots[a].available(), self.set.slots[b].available());
+                let (first, second) = match (a_in, b_in) {
+                    (true, true) => self.order(a, b),
+                    (true, false) => (a, b),
+                    (false, true) => (b, a),
+                    (false, false) => (usize::MAX, usize::MAX),
+                };
+                if first != usize::MAX {
+                    if let Attempt::Reserved = self.try_reserve::<Req>(first, cx) {
+                        return Poll::Ready(Ok(()));
+                    }
+                    if a_in && b_in {
+                        if let Attempt::Reserved = self.try_reserve::<Req>(second, cx) {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+            }
+        }
+        self.scan::<Req>(cx)
+    }
+
+    /// Every endpoint in turn from a random start: the first in rotation that is ready;
+    /// failing that, any that is ready (when every endpoint is out of rotation, traffic
+    /// still flows: Envoy's panic mode).
+    #[cold]
+    fn scan<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        D::Service: Service<Req>,
+        <D::Service as Service<Req>>::Error: Into<BoxError>,
+    {
+        let n = self.set.len();
+        let start = reduce(self.next_random() as u32, n as u32);
+        let mut in_rotation = 0;
+        let mut last_error = None;
+        let mut rejected = None;
+        for i in 0..n {
+            let at = (start + i) % n;
+            if !self.set.slots[at].available() {
+                continue;
+            }
+            in_rotation += 1;
+            match self.try_reserve::<Req>(at, cx) {
+                Attempt::Reserved => return Poll::Ready(Ok(())),
+                Attempt::Failed(e) => last_error = Some(e),
+                Attempt::Rejected(d) => rejected = Some((at, d)),
+                Attempt::Pending => {}
+            }
+        }
+        if in_rotation == 0 {
+            for i in 0..n {
+                let at = (start + i) % n;
+                match self.try_reserve::<Req>(at, cx) {
+                    Attempt::Reserved => return Poll::Ready(Ok(())),
+                    Attempt::Failed(e) => last_error = Some(e),
+                    Attempt::Rejected(d) => rejected = Some((at, d)),
+                    Attempt::Pending => {}
+                }
+            }
+        }
+        if let Some(e) = last_error {
+            return Poll::Ready(Err(e));
+        }
+        if let Some((at, decision)) = rejected {
+            // Every endpoint's breaker refused and none is otherwise usable: fail fast
+            // with the breaker's error, as a single breaker would.
+            self.ready = Some(Reserved {
+                at,
+                decision,
+                probe: None,
+            });
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
+    }
+
+    fn poll_empty(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let name = self.set.shared.name.clone();
+        match self.when_empty {
+            WhenEmpty::Fail => Poll::Ready(Err(NoEndpoints::new(name).into())),
+            WhenEmpty::Wait(wait) => {
+                let sleep = self
+                    .empty_since
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        self.empty_since = None;
+                        Poll::Ready(Err(NoEndpoints::new(name).into()))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+use std::future::Future as _;
+
+enum Attempt {
+    Reserved,
+    Rejected(Decision),
+    Pending,
+    Failed(BoxError),
+}
+
+impl<D, C, Req> Service<Req> for Balance<D, C>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Eq + Clone + fmt::Display,
+    D::Error: Into<BoxError>,
+    D::Service: BalanceEndpoint + Service<Req>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    C: Classify<<D::Service as Service<Req>>::Response, <D::Service as Service<Req>>::Error>
+        + Clone,
+{
+    type Response = <D::Service as Service<Req>>::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<<D::Service as Service<Req>>::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.poll_discover(cx)?;
+        if self.ready.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        if self.set.is_empty() {
+            return self.poll_empty(cx);
+        }
+        self.empty_since = None;
+        self.pick::<Req>(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let Reserved {
+            at,
+            mut decision,
+            mut probe,
+        } = self
+            .ready
+            .take()
+            .expect("Balance::call without a successful poll_ready");
+        let slot: &mut Slot<D::Service> = &mut self.set.slots[at];
+        let mut record = BreakerRecord::None;
+        if let Some(breaker) = &slot.breaker {
+            let shared = &breaker.shared;
+            // The breaker may have moved since poll_ready: decide again if so.
+            let current = match decision.tag() {
+                Decision::CLOSED | Decision::PROBE => shared.is_current(decision),
+                _ => true,
+            };
+            if !current {
+                probe = None;
+                decision = shared.admit();
+                if decision.tag() == Decision::PROBE {
+                    probe = Some(ProbePermit::new(shared.clone(), decision.generation()));
+                }
+            }
+            match decision.tag() {
+                Decision::REJECTED => {
+                    return ResponseFuture::failed(Box::new(CircuitOpen::new(
+                        shared.clone(),
+                        decision.rejecting_state(),
+                        decision.until,
+                    )));
+                }
+                Decision::CLOSED => {
+                    record = BreakerRecord::Closed {
+                        shared: shared.clone(),
+                        generation: decision.generation(),
+                        start: shared.start(),
+                    };
+                }
+                Decision::PROBE => {
+                    if let Some(permit) = probe.take() {
+                        record = BreakerRecord::Probe {
+                            permit,
+                            start: shared.start(),
+                        };
+                    }
+                }
+                _ => {}
+            }
+        }
+        let start = match self.strategy {
+            Strategy::PeakEwma { .. } => self.set.shared.clock.now_nanos().max(1),
+            _ => 0,
+        };
+        let guard = CallGuard::new(&slot.stats, start, record);
+        let future = slot.endpoint.call(request);
+        ResponseFuture::called(future, guard, self.classifier.clone())
+    }
+}
+
+impl<D, C> fmt::Debug for Balance<D, C>
+where
+    D: Discover + fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("name", &self.set.shared.name)
+            .field("strategy", &self.strategy)
+            .field("endpoints", &self.set.len())
+            .field("discover", &self.discover)
+            .finish()
+    }
+}

@@ -1,0 +1,207 @@
+//! The endpoints a balancer holds, kept in step with discovery.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::*;
+use std::time::Duration;
+
+use super::BalanceEndpoint;
+use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, State};
+
+use super::stats::{EndpointStats, SetShared};
+use super::weights::{Maglev, Schedule, WeightedSampler};
+
+/// One endpoint: its service stack, figures and optional breaker.
+pub(crate) struct Slot<S> {
+    pub(crate) endpoint: S,
+    pub(crate) stats: Arc<EndpointStats>,
+    pub(crate) breaker: Option<Breaker>,
+    pub(crate) weight: u32,
+}
+
+impl<S> Slot<S> {
+    /// In rotation: not ejected and its breaker (if any) not open. Half-open breakers count
+    /// as available; the breaker decides on probes when the endpoint is picked.
+    #[inline]
+    pub(crate) fn available(&self) -> bool {
+        if self.stats.is_ejected() {
+            return false;
+        }
+        match &self.breaker {
+            None => true,
+            Some(b) => !matches!(b.state(), State::Open | State::ForcedOpen),
+        }
+    }
+}
+
+/// What a balancer needs to rebuild after its endpoints change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Index {
+    /// Weighted random sampling (power of two choices).
+    Sampler,
+    /// A smooth weighted round-robin schedule.
+    Schedule,
+    /// A Maglev lookup table (consistent hashing).
+    Maglev,
+}
+
+/// The endpoints, dense in a `Vec` for O(1) random access, with a map from key to position.
+pub(crate) struct EndpointSet<K, S> {
+    pub(crate) slots: Vec<Slot<S>>,
+    pub(crate) keys: Vec<K>,
+    positions: HashMap<K, usize>,
+    pub(crate) shared: Arc<SetShared>,
+    breaker: Option<CircuitBreakerConfig>,
+    default_rtt: Option<Duration>,
+    index: Index,
+    pub(crate) sampler: WeightedSampler,
+    pub(crate) schedule: Schedule,
+    pub(crate) maglev: Maglev,
+    /// Bumped on every change, so a reservation can tell its slot moved.
+    pub(crate) epoch: u64,
+    dirty: bool,
+    status: Arc<parking_lot::RwLock<Vec<StatusEntry>>>,
+}
+
+/// What a [`BalanceHandle`](super::BalanceHandle) reads: the endpoints as of the last change.
+pub(crate) struct StatusEntry {
+    pub(crate) key: String,
+    pub(crate) address: String,
+    pub(crate) weight: u32,
+    pub(crate) stats: Arc<EndpointStats>,
+    pub(crate) breaker: Option<Breaker>,
+}
+
+impl<K, S> EndpointSet<K, S> {
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+impl<K, S> EndpointSet<K, S>
+where
+    K: Hash + Eq + Clone + fmt::Display,
+    S: BalanceEndpoint,
+{
+    pub(crate) fn new(
+        shared: Arc<SetShared>,
+        breaker: Option<CircuitBreakerConfig>,
+        default_rtt: Option<Duration>,
+        index: Index,
+        status: Arc<parking_lot::RwLock<Vec<StatusEntry>>>,
+    ) -> Self {
+        Self {
+            slots: Vec::new(),
+            keys: Vec::new(),
+            positions: HashMap::new(),
+            shared,
+            breaker,
+            default_rtt,
+            index,
+            sampler: WeightedSampler::default(),
+            schedule: Schedule::default(),
+            maglev: Maglev::default(),
+            epoch: 0,
+            dirty: false,
+            status,
+        }
+    }
+
+    /// Inserts or replaces the endpoint of `key`. A replaced endpoint's figures start over:
+    /// its instance changed.
+    pub(crate) fn insert(&mut self, key: K, endpoint: S) {
+        let label: Arc<str> = Arc::from(key.to_string());
+        let stats = Arc::new(EndpointStats::new(
+            self.shared.clone(),
+            label.clone(),
+            self.default_rtt,
+        ));
+        let breaker = self.breaker.as_ref().map(|template| {
+            Breaker::new(template.with_name(format!("{}/{}", self.shared.name, label)))
+        });
+        let weight = endpoint.weight().max(1);
+        let slot = Slot {
+            endpoint,
+            stats,
+            breaker,
+            weight,
+        };
+        match self.positions.get(&key) {
+            Some(&at) => {
+                let old = std::mem::replace(&mut self.slots[at], slot);
+                old.stats.removed();
+            }
+            None => {
+                self.positions.insert(key.clone(), self.slots.len());
+                self.slots.push(slot);
+                self.keys.push(key);
+            }
+        }
+        self.changed();
+    }
+
+    /// Removes the endpoint of `key`, if present; its stack is dropped.
+    pub(crate) fn remove(&mut self, key: &K) {
+        let Some(at) = self.positions.remove(key) else {
+            return;
+        };
+        let old = self.slots.swap_remove(at);
+        self.keys.swap_remove(at);
+        old.stats.removed();
+        if at < self.slots.len() {
+            self.positions.insert(self.keys[at].clone(), at);
+        }
+        self.changed();
+    }
+
+    fn changed(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.dirty = true;
+        self.shared.endpoints.store(self.slots.len(), Release);
+    }
+
+    /// Rebuilds the lookup structures after a batch of changes.
+    pub(crate) fn rebuild(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        let weights: Vec<u32> = self.slots.iter().map(|s| s.weight).collect();
+        match self.index {
+            Index::Sampler => self.sampler = WeightedSampler::new(&weights),
+            Index::Schedule => self.schedule = Schedule::new(&weights),
+            Index::Maglev => {
+                let hashes: Vec<u64> = self.keys.iter().map(|k| super::stable_hash(k)).collect();
+                self.maglev = Maglev::new(&hashes, &weights);
+            }
+        }
+        let entries = self
+            .keys
+            .iter()
+            .zip(&self.slots)
+            .map(|(key, slot)| StatusEntry {
+                key: key.to_string(),
+                address: slot.endpoint.address(),
+                weight: slot.weight,
+                stats: slot.stats.clone(),
+                breaker: slot.breaker.clone(),
+            })
+            .collect();
+        *self.status.write() = entries;
+    }
+}
+
+impl<K, S> Drop for EndpointSet<K, S> {
+    fn drop(&mut self) {
+        for slot in &self.slots {
+            slot.stats.removed();
+        }
+        self.shared.endpoints.store(0, Release);
+    }
+}

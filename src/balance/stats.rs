@@ -1,0 +1,277 @@
+//! Per-endpoint figures shared between a balancer and its in-flight calls.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use std::time::Duration;
+
+use crate::circuit_breaker::Outcome;
+use crate::rate_limit::Clock;
+
+use super::config::{OutlierDetection, Strategy};
+
+/// What every endpoint of one balancer shares.
+pub(crate) struct SetShared {
+    pub(crate) name: Arc<str>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) outlier: Option<OutlierDetection>,
+    /// Peak-EWMA decay time constant in nanoseconds, when that strategy is on.
+    pub(crate) ewma_decay_nanos: Option<f64>,
+    /// Endpoints in the set.
+    pub(crate) endpoints: AtomicUsize,
+    /// Endpoints currently ejected.
+    pub(crate) ejected: AtomicUsize,
+    /// Ejections refused because the ejected share was at its maximum.
+    pub(crate) ejections_suppressed: AtomicU64,
+}
+
+impl SetShared {
+    pub(crate) fn new(
+        name: Arc<str>,
+        clock: Arc<dyn Clock>,
+        outlier: Option<OutlierDetection>,
+        strategy: Strategy,
+    ) -> Self {
+        let ewma_decay_nanos = match strategy {
+            Strategy::PeakEwma { decay, .. } => Some(decay.as_nanos() as f64),
+            _ => None,
+        };
+        Self {
+            name,
+            clock,
+            outlier,
+            ewma_decay_nanos,
+            endpoints: AtomicUsize::new(0),
+            ejected: AtomicUsize::new(0),
+            ejections_suppressed: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One endpoint's live figures. Calls in flight hold an `Arc` of it.
+pub(crate) struct EndpointStats {
+    pub(crate) set: Arc<SetShared>,
+    pub(crate) label: Arc<str>,
+    pub(crate) outstanding: AtomicU32,
+    /// Peak-EWMA latency estimate (f64 nanoseconds, as bits) and when it was last updated.
+    ewma_bits: AtomicU64,
+    ewma_stamp: AtomicU64,
+    consecutive_failures: AtomicU32,
+    window_calls: AtomicU32,
+    window_failures: AtomicU32,
+    /// Clock nanoseconds at which an ejection ends; 0 while in rotation.
+    ejected_until: AtomicU64,
+    /// Ejections in a row (the multiplier of the next ejection's length).
+    ejections_in_row: AtomicU32,
+    /// When the last ejection ended (clock nanoseconds), to forget old ejections.
+    readmitted_at: AtomicU64,
+    pub(crate) ejections_total: AtomicU64,
+    pub(crate) calls_total: AtomicU64,
+    pub(crate) failures_total: AtomicU64,
+}
+
+impl EndpointStats {
+    pub(crate) fn new(set: Arc<SetShared>, label: Arc<str>, default_rtt: Option<Duration>) -> Self {
+        let now = if default_rtt.is_some() {
+            set.clock.now_nanos()
+        } else {
+            0
+        };
+        let rtt = default_rtt.map_or(0.0, |d| d.as_nanos() as f64);
+        Self {
+            set,
+            label,
+            outstanding: AtomicU32::new(0),
+            ewma_bits: AtomicU64::new(rtt.to_bits()),
+            ewma_stamp: AtomicU64::new(now),
+            consecutive_failures: AtomicU32::new(0),
+            window_calls: AtomicU32::new(0),
+            window_failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections_in_row: AtomicU32::new(0),
+            readmitted_at: AtomicU64::new(0),
+            ejections_total: AtomicU64::new(0),
+            calls_total: AtomicU64::new(0),
+            failures_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the endpoint is out of rotation now; an ejection that has run out is ended
+    /// here (the fast path is one load).
+    #[inline]
+    pub(crate) fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Acquire);
+        until != 0 && self.still_ejected(until)
+    }
+
+    #[cold]
+    fn still_ejected(&self, until: u64) -> bool {
+        let now = self.set.clock.now_nanos();
+        if now < until {
+            return true;
+        }
+        if self
+            .ejected_until
+            .compare_exchange(until, 0, AcqRel, Acquire)
+            .is_ok()
+        {
+            self.set.ejected.fetch_sub(1, AcqRel);
+            self.consecutive_failures.store(0, Relaxed);
+            self.readmitted_at.store(now, Relaxed);
+            super::telemetry::readmitted(&self.set.name, &self.label);
+        }
+        false
+    }
+
+    /// Ends the ejection if it has run out, without reporting it as ejected.
+    pub(crate) fn ejected_for(&self) -> Option<Duration> {
+        let until = self.ejected_until.load(Acquire);
+        if until == 0 || !self.still_ejected(until) {
+            return None;
+        }
+        Some(Duration::from_nanos(
+            until.saturating_sub(self.set.clock.now_nanos()),
+        ))
+    }
+
+    /// Called when the endpoint leaves the set: an ejection stops counting.
+    pub(crate) fn removed(&self) {
+        if self.ejected_until.swap(0, AcqRel) != 0 {
+            self.set.ejected.fetch_sub(1, AcqRel);
+        }
+    }
+
+    /// The peak-EWMA cost: the latency estimate, decayed to now, times outstanding + 1.
+    #[inline]
+    pub(crate) fn ewma_cost(&self, now: u64) -> f64 {
+        let decay = self.set.ewma_decay_nanos.unwrap_or(1.0);
+        let rtt = f64::from_bits(self.ewma_bits.load(Relaxed));
+        let stamp = self.ewma_stamp.load(Relaxed);
+        let elapsed = now.saturating_sub(stamp) as f64;
+        let decayed = rtt * (-elapsed / decay).exp();
+        decayed * f64::from(self.outstanding.load(Relaxed) + 1)
+    }
+
+    fn observe_rtt(&self, rtt: f64, now: u64) {
+        let Some(decay) = self.set.ewma_decay_nanos else {
+            return;
+        };
+        let prev = f64::from_bits(self.ewma_bits.load(Relaxed));
+        let stamp = self.ewma_stamp.swap(now, Relaxed);
+        let next = if rtt > prev {
+            // Peak: a slower response is believed at once.
+            rtt
+        } else {
+            let w = (-(now.saturating_sub(stamp) as f64) / decay).exp();
+            prev * w + rtt * (1.0 - w)
+        };
+        // Concurrent completions race benignly: the estimate is approximate by design.
+        self.ewma_bits.store(next.to_bits(), Relaxed);
+    }
+
+    /// Records a completed call started at `start` (clock nanoseconds; 0 when untimed).
+    pub(crate) fn complete(&self, outcome: Outcome, start: u64) {
+        if start != 0 {
+            let now = self.set.clock.now_nanos();
+            self.observe_rtt(now.saturating_sub(start) as f64, now);
+        }
+        match outcome {
+            Outcome::Success => {
+                self.calls_total.fetch_add(1, Relaxed);
+                if self.consecutive_failures.load(Relaxed) != 0 {
+                    self.consecutive_failures.store(0, Relaxed);
+                }
+                self.window(false);
+            }
+            Outcome::Failure => {
+                self.calls_total.fetch_add(1, Relaxed);
+                self.failures_total.fetch_add(1, Relaxed);
+                self.on_failure();
+            }
+            Outcome::Ignored => {}
+        }
+    }
+
+    /// The failure-rate window: judged every `calls` calls, then started again.
+    #[inline]
+    fn window(&self, failed: bool) -> bool {
+        let Some((percent, calls)) = self.set.outlier.as_ref().and_then(|o| o.failure_rate) else {
+            return false;
+        };
+        if failed {
+            self.window_failures.fetch_add(1, Relaxed);
+        }
+        let n = self.window_calls.fetch_add(1, AcqRel) + 1;
+        if n < calls.get() {
+            return false;
+        }
+        // The caller that completes the window judges it and starts the next.
+        if self
+            .window_calls
+            .compare_exchange(n, 0, AcqRel, Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let failures = self.window_failures.swap(0, AcqRel);
+        u64::from(failures) * 100 >= u64::from(percent) * u64::from(n)
+    }
+
+    fn on_failure(&self) {
+        let Some(outlier) = &self.set.outlier else {
+            return;
+        };
+        let in_row = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        let by_rate = self.window(true);
+        let by_row = outlier
+            .consecutive_failures
+            .is_some_and(|n| in_row >= n.get());
+        if by_rate || by_row {
+            self.try_eject(outlier);
+        }
+    }
+
+    fn try_eject(&self, outlier: &OutlierDetection) {
+        if self.ejected_until.load(Acquire) != 0 {
+            return;
+        }
+        let set = &self.set;
+        let allowed = outlier.max_ejected(set.endpoints.load(Acquire));
+        let admitted = set
+            .ejected
+            .fetch_update(AcqRel, Acquire, |n| (n < allowed).then_some(n + 1))
+            .is_ok();
+        if !admitted {
+            set.ejections_suppressed.fetch_add(1, Relaxed);
+            super::telemetry::suppressed(&set.name, &self.label);
+            return;
+        }
+        let now = set.clock.now_nanos();
+        let base = outlier.base_ejection.as_nanos() as u64;
+        // An endpoint that stayed in rotation for as long as its last ejection lasted has
+        // earned a fresh start: the run of ejections ends, as Envoy's multiplier decays.
+        let previous = self.ejections_in_row.load(Relaxed);
+        let since = now.saturating_sub(self.readmitted_at.load(Relaxed));
+        let in_row = if previous != 0 && since > base.saturating_mul(u64::from(previous)) {
+            1
+        } else {
+            previous.saturating_add(1)
+        };
+        self.ejections_in_row.store(in_row, Relaxed);
+        let length = base
+            .saturating_mul(u64::from(in_row))
+            .min(outlier.max_ejection.as_nanos() as u64);
+        // Never 0: 0 means "in rotation".
+        let until = now.saturating_add(length).max(1);
+        if self
+            .ejected_until
+            .compare_exchange(0, until, AcqRel, Acquire)
+            .is_err()
+        {
+            set.ejected.fetch_sub(1, AcqRel);
+            return;
+        }
+        self.consecutive_failures.store(0, Relaxed);
+        self.ejections_total.fetch_add(1, Relaxed);
+        super::telemetry::ejected(&set.name, &self.label, Duration::from_nanos(length));
+    }
+}

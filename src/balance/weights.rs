@@ -1,0 +1,312 @@
+//! Lookup structures rebuilt when the endpoints change, so that a pick is O(1): weighted
+//! sampling (Vose's alias method), a weighted round-robin schedule, a Maglev table.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// Draws endpoint positions in proportion to their weights.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WeightedSampler {
+    n: u32,
+    /// Empty when every weight is equal: a draw is then a uniform position.
+    prob: Vec<u32>,
+    alias: Vec<u32>,
+}
+
+impl WeightedSampler {
+    pub(crate) fn new(weights: &[u32]) -> Self {
+        let n = weights.len();
+        let uniform = weights.windows(2).all(|w| w[0] == w[1]);
+        if uniform || n == 0 {
+            return Self {
+                n: n as u32,
+                prob: Vec::new(),
+                alias: Vec::new(),
+            };
+        }
+        // Vose: scale weights so their mean is 1, pair each small one with a large one.
+        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        let mut scaled: Vec<f64> = weights
+            .iter()
+            .map(|&w| f64::from(w) * n as f64 / total)
+            .collect();
+        let mut prob = vec![u32::MAX; n];
+        let mut alias: Vec<u32> = (0..n as u32).collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..n).partition(|&i| scaled[i] < 1.0);
+        while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+            prob[s] = (scaled[s] * f64::from(u32::MAX)) as u32;
+            alias[s] = l as u32;
+            scaled[l] -= 1.0 - scaled[s];
+            if scaled[l] < 1.0 {
+                large.pop();
+                small.push(l);
+            }
+        }
+        Self {
+            n: n as u32,
+            prob,
+            alias,
+        }
+    }
+
+    /// A position drawn with `r`, 64 random bits.
+    #[inline]
+    pub(crate) fn sample(&self, r: u64) -> usize {
+        let i = reduce(r as u32, self.n);
+        if self.prob.is_empty() {
+            return i;
+        }
+        if ((r >> 32) as u32) <= self.prob[i] {
+            i
+        } else {
+            self.alias[i] as usize
+        }
+    }
+}
+
+/// Maps 32 random bits onto `0..n` without a division (Lemire).
+#[inline]
+pub(crate) fn reduce(r: u32, n: u32) -> usize {
+    ((u64::from(r) * u64::from(n)) >> 32) as usize
+}
+
+/// A weighted round-robin schedule: each position appears as often as its weight, spread
+/// out (earliest-deadline-first order, as smooth weighted round robin).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Schedule {
+    pub(crate) order: Vec<u32>,
+}
+
+/// The longest schedule kept; larger weight sums are scaled down.
+const MAX_SCHEDULE: u64 = 1 << 16;
+
+impl Schedule {
+    pub(crate) fn new(weights: &[u32]) -> Self {
+        let n = weights.len();
+        if weights.windows(2).all(|w| w[0] == w[1]) {
+            return Self {
+                order: (0..n as u32).collect(),
+            };
+        }
+        let g = weights.iter().copied().fold(0, gcd);
+        let mut w: Vec<u64> = weights.iter().map(|&x| u64::from(x / g.max(1))).collect();
+        let total: u64 = w.iter().sum();
+        if total > MAX_SCHEDULE {
+            for x in &mut w {
+                *x = (*x * MAX_SCHEDULE / total).max(1);
+            }
+        }
+        let len: u64 = w.iter().sum();
+        if len.saturating_mul(n as u64) <= SMOOTH_WORK {
+            return Self {
+                order: smooth(&w, len),
+            };
+        }
+        // Large sets: each position's k-th turn is due at k / weight, served in due order
+        // (O(len log n); spread out, slightly less evenly than the smooth order).
+        let mut heap: BinaryHeap<Reverse<Due>> = w
+            .iter()
+            .enumerate()
+            .map(|(i, &wi)| {
+                Reverse(Due {
+                    turn: 1,
+                    weight: wi,
+                    pos: i as u32,
+                })
+            })
+            .collect();
+        let mut order = Vec::with_capacity(len as usize);
+        while (order.len() as u64) < len {
+            let Some(Reverse(mut due)) = heap.pop() else {
+                break;
+            };
+            order.push(due.pos);
+            due.turn += 1;
+            if due.turn <= due.weight {
+                heap.push(Reverse(due));
+            }
+        }
+        Self { order }
+    }
+}
+
+/// Work bound (schedule length × endpoints) for the smooth order.
+const SMOOTH_WORK: u64 = 1 << 22;
+
+/// nginx's smooth weighted round robin: every step each position gains its weight, the
+/// richest is served and pays the total. Turns of a heavy position are spread evenly.
+fn smooth(w: &[u64], len: u64) -> Vec<u32> {
+    let total = len as i64;
+    let mut current = vec![0i64; w.len()];
+    let mut order = Vec::with_capacity(len as usize);
+    for _ in 0..len {
+        let mut best = 0;
+        for i in 0..w.len() {
+            current[i] += w[i] as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        order.push(best as u32);
+    }
+    order
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Due {
+    turn: u64,
+    weight: u64,
+    pos: u32,
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // turn/weight, compared without division; ties go to the lower position.
+        (u128::from(self.turn) * u128::from(other.weight))
+            .cmp(&(u128::from(other.turn) * u128::from(self.weight)))
+            .then(self.pos.cmp(&other.pos))
+    }
+}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// A Maglev lookup table (Eisenbud et al., NSDI 2016): every entry names an endpoint,
+/// each endpoint owns a share of entries in proportion to its weight, and when one of N
+/// endpoints leaves, close to 1/N of the entries change owner.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Maglev {
+    pub(crate) table: Vec<u32>,
+}
+
+/// Table sizes: primes, at least 100 entries per endpoint.
+const PRIMES: [u64; 7] = [
+    65_537, 131_071, 262_139, 524_287, 1_048_573, 2_097_143, 4_194_301,
+];
+
+impl Maglev {
+    /// Builds the table for endpoints identified by stable `hashes`, with `weights`.
+    pub(crate) fn new(hashes: &[u64], weights: &[u32]) -> Self {
+        let n = hashes.len();
+        if n == 0 {
+            return Self { table: Vec::new() };
+        }
+        let m = PRIMES
+            .iter()
+            .copied()
+            .find(|&p| p >= 100 * n as u64)
+            .unwrap_or(PRIMES[PRIMES.len() - 1]);
+        let offsets: Vec<u64> = hashes.iter().map(|&h| mix(h) % m).collect();
+        let skips: Vec<u64> = hashes
+            .iter()
+            .map(|&h| mix(h ^ 0x9e37_79b9_7f4a_7c15) % (m - 1) + 1)
+            .collect();
+        let max_w = f64::from(weights.iter().copied().max().unwrap_or(1).max(1));
+        let share: Vec<f64> = weights
+            .iter()
+            .map(|&w| f64::from(w.max(1)) / max_w)
+            .collect();
+        let mut credit = vec![0.0f64; n];
+        let mut next = vec![0u64; n];
+        let mut table = vec![u32::MAX; m as usize];
+        let mut filled = 0u64;
+        'fill: loop {
+            for i in 0..n {
+                credit[i] += share[i];
+                if credit[i] < 1.0 {
+                    continue;
+                }
+                credit[i] -= 1.0;
+                // The next entry of i's permutation that nobody owns yet.
+                loop {
+                    let c = ((offsets[i] + next[i] * skips[i]) % m) as usize;
+                    next[i] += 1;
+                    if table[c] == u32::MAX {
+                        table[c] = i as u32;
+                        filled += 1;
+                        break;
+                    }
+                }
+                if filled == m {
+                    break 'fill;
+                }
+            }
+        }
+        Self { table }
+    }
+
+    /// The endpoint owning `hash`, and the ones after it to try in order.
+    #[inline]
+    pub(crate) fn lookup(&self, hash: u64, attempt: u64) -> usize {
+        let m = self.table.len() as u64;
+        let h = if attempt == 0 {
+            hash
+        } else {
+            mix(hash.wrapping_add(attempt.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+        };
+        self.table[(h % m) as usize] as usize
+    }
+}
+
+/// splitmix64's finalizer: spreads the bits of a hash.
+#[inline]
+pub(crate) fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alias_sampling_follows_weights() {
+        let s = WeightedSampler::new(&[1, 3, 6]);
+        let mut counts = [0u32; 3];
+        let mut r = 1u64;
+        for _ in 0..100_000 {
+            r = mix(r);
+            counts[s.sample(r)] += 1;
+        }
+        let share = |i: usize| f64::from(counts[i]) / 100_000.0;
+        assert!((share(0) - 0.1).abs() < 0.01, "{counts:?}");
+        assert!((share(1) - 0.3).abs() < 0.01, "{counts:?}");
+        assert!((share(2) - 0.6).abs() < 0.01, "{counts:?}");
+    }
+
+    #[test]
+    fn schedule_interleaves_by_weight() {
+        let s = Schedule::new(&[1, 2, 1]);
+        assert_eq!(s.order.len(), 4);
+        assert_eq!(s.order.iter().filter(|&&p| p == 1).count(), 2);
+        // The weight-2 endpoint's turns are not back to back.
+        let at: Vec<usize> = (0..4).filter(|&i| s.order[i] == 1).collect();
+        assert!(at[1] - at[0] >= 2, "{:?}", s.order);
+        assert_eq!(Schedule::new(&[5, 5]).order, vec![0, 1]);
+        let big = Schedule::new(&[u32::MAX, 1, 7]);
+        assert!(big.order.len() as u64 <= MAX_SCHEDULE + 3);
+        assert!(big.order.contains(&1));
+    }
+
+    #[test]
+    fn maglev_shares_follow_weights() {
+        let hashes: Vec<u64> = (0..10u64).map(mix).collect();
+        let mut weights = vec![1u32; 10];
+        weights[0] = 3;
+        let t = Maglev::new(&hashes, &weights);
+        let count = |i: u32| t.table.iter().filter(|&&x| x == i).count() as f64;
+        let unit = t.table.len() as f64 / 12.0;
+        assert!((count(0) / unit - 3.0).abs() < 0.1);
+        assert!((count(1) / unit - 1.0).abs() < 0.1);
+    }
+}

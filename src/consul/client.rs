@@ -1,0 +1,718 @@
+//! The HTTP client of the agent's API.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::config::ConsulConfig;
+use super::error::{ConfigError, ConsulError};
+use super::parse::{self, SkippedEntry};
+use super::registration::{CheckStatus, ServiceRegistration};
+use crate::discovery::Instance;
+
+/// The longest `wait` Consul honours.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// The largest answer read, in bytes (a health answer for thousands of instances is a few
+/// MiB).
+const MAX_BODY: usize = 64 << 20;
+
+/// A client of the Consul agent's HTTP API.
+///
+/// Cheap to clone: clones share one connection pool. Every request has a time limit: the
+/// configured [`request_timeout`](ConsulConfig::request_timeout), plus `wait + wait/16`
+/// for blocking queries (the agent adds up to `wait/16` of jitter), so a healthy long poll
+/// is never cut.
+///
+/// ```no_run
+/// use seawall::consul::{ConsulClient, ConsulConfig, HealthQuery};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = ConsulClient::new(ConsulConfig::from_env()?);
+/// let healthy = client.health_service(&HealthQuery::new("users").passing(true)).await?;
+/// for instance in &healthy.instances {
+///     println!("{} at {}", instance.id, instance.authority());
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct ConsulClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: Client<HttpConnector, Full<Bytes>>,
+    config: ConsulConfig,
+}
+
+/// Which servers may answer a health query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Consistency {
+    /// The leader answers (Consul's default).
+    #[default]
+    Default,
+    /// Any server answers: cheaper and available without a leader, possibly lagging (see
+    /// [`HealthResponse::last_contact`]).
+    Stale,
+    /// The leader answers after confirming its leadership: slower, never stale.
+    Consistent,
+}
+
+/// A query of `GET /v1/health/service/:service`.
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::consul::{Consistency, HealthQuery};
+///
+/// let query = HealthQuery::new("users")
+///     .passing(true)
+///     .tag("v1")
+///     .filter(r#"Service.Meta.version == "2""#)
+///     .consistency(Consistency::Stale)
+///     .index(42)
+///     .wait(Duration::from_secs(60));
+/// assert_eq!(query.service(), "users");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthQuery {
+    service: String,
+    index: Option<u64>,
+    wait: Option<Duration>,
+    passing: bool,
+    tags: Vec<String>,
+    filter: Option<String>,
+    datacenter: Option<String>,
+    consistency: Consistency,
+    near: Option<String>,
+    node_meta: Vec<(String, String)>,
+}
+
+impl HealthQuery {
+    /// A query of `service`'s instances (healthy or not, until [`passing`](Self::passing)).
+    pub fn new(service: impl Into<String>) -> Self {
+        Self {
+            service: service.into(),
+            index: None,
+            wait: None,
+            passing: false,
+            tags: Vec::new(),
+            filter: None,
+            datacenter: None,
+            consistency: Consistency::Default,
+            near: None,
+            node_meta: Vec::new(),
+        }
+    }
+
+    /// The service queried.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Makes the query blocking: the agent holds it until the result's index exceeds
+    /// `index` or the wait elapses. `None` or 0: answer at once.
+    #[must_use]
+    pub fn index(mut self, index: impl Into<Option<u64>>) -> Self {
+        self.index = index.into();
+        self
+    }
+
+    /// How long a blocking query may be held (the agent's default is 5 minutes; capped at
+    /// [`MAX_WAIT`]).
+    #[must_use]
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait.min(MAX_WAIT));
+        self
+    }
+
+    /// Only instances whose checks all pass (`passing`): warning ones are left out too.
+    #[must_use]
+    pub fn passing(mut self, passing: bool) -> Self {
+        self.passing = passing;
+        self
+    }
+
+    /// Only instances with this tag (repeatable: all must match).
+    #[must_use]
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tags.push(tag.into());
+        self
+    }
+
+    /// A filter expression, such as `Service.Meta.version == "2"`.
+    #[must_use]
+    pub fn filter(mut self, filter: impl Into<String>) -> Self {
+        self.filter = Some(filter.into());
+        self
+    }
+
+    /// Queries this datacenter instead of the client's default.
+    #[must_use]
+    pub fn datacenter(mut self, dc: impl Into<String>) -> Self {
+        self.datacenter = Some(dc.into());
+        self
+    }
+
+    /// Which servers may answer.
+    #[must_use]
+    pub fn consistency(mut self, consistency: Consistency) -> Self {
+        self.consistency = consistency;
+        self
+    }
+
+    /// Sorts by round-trip time from this node (`_agent`: the local agent).
+    #[must_use]
+    pub fn near(mut self, node: impl Into<String>) -> Self {
+        self.near = Some(node.into());
+        self
+    }
+
+    /// Only instances on nodes with this metadata pair (repeatable).
+    #[must_use]
+    pub fn node_meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.node_meta.push((key.into(), value.into()));
+        self
+    }
+
+    /// The blocking wait, if this query blocks.
+    pub(crate) fn blocking_wait(&self) -> Option<Duration> {
+        match self.index {
+            Some(i) if i > 0 => Some(self.wait.unwrap_or(Duration::from_secs(300))),
+            _ => None,
+        }
+    }
+}
+
+/// An answer to a [`HealthQuery`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HealthResponse {
+    /// `X-Consul-Index`: send it back as [`HealthQuery::index`] to wait for a change.
+    pub index: u64,
+    /// `X-Consul-KnownLeader`, when present.
+    pub known_leader: Option<bool>,
+    /// `X-Consul-LastContact`: how long since the answering server heard from the leader,
+    /// when present.
+    pub last_contact: Option<Duration>,
+    /// The instances whose checks pass or warn (none is critical), in the agent's order.
+    /// [`Instance::health`](crate::discovery::Instance::health) says which; a warning
+    /// instance weighs `Weights.Warning`, and one whose warning weight is 0 is left out.
+    pub instances: Vec<Instance>,
+    /// Entries left out because they cannot be dialed (no address, port 0) or are
+    /// malformed.
+    pub skipped: Vec<SkippedEntry>,
+    /// Entries left out because a check is critical, or a check warns and the warning
+    /// weight is 0.
+    pub unhealthy: usize,
+}
+
+/// Reads a `GET /v1/health/service/:service` body leniently (see the module docs): the
+/// parser the client uses, exposed for fuzzing. Header fields of the result are left at
+/// 0 and `None`.
+///
+/// # Errors
+///
+/// A decode error when the body is not a JSON array (or `null`).
+#[doc(hidden)]
+pub fn parse_health_response(bytes: &[u8]) -> Result<HealthResponse, ConsulError> {
+    let parsed = parse::parse(bytes)?;
+    Ok(HealthResponse {
+        index: 0,
+        known_leader: None,
+        last_contact: None,
+        instances: parsed.instances,
+        skipped: parsed.skipped,
+        unhealthy: parsed.unhealthy,
+    })
+}
+
+/// A service registered on the local agent, as `GET /v1/agent/services` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+#[non_exhaustive]
+pub struct AgentService {
+    /// The service ID.
+    #[serde(rename = "ID", deserialize_with = "null_default")]
+    pub id: String,
+    /// The service name.
+    #[serde(deserialize_with = "null_default")]
+    pub service: String,
+    /// The tags.
+    #[serde(deserialize_with = "null_default")]
+    pub tags: Vec<String>,
+    /// The address ("" when the node's is used).
+    #[serde(deserialize_with = "null_default")]
+    pub address: String,
+    /// The port.
+    #[serde(deserialize_with = "null_default")]
+    pub port: u16,
+    /// The metadata.
+    #[serde(deserialize_with = "null_default")]
+    pub meta: BTreeMap<String, String>,
+}
+
+impl Default for AgentService {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            service: String::new(),
+            tags: Vec::new(),
+            address: String::new(),
+            port: 0,
+            meta: BTreeMap::new(),
+        }
+    }
+}
+
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+impl ConsulClient {
+    /// A client of the agent `config` points at. Connects lazily: building it sends
+    /// nothing. Must be used within a tokio runtime.
+    pub fn new(config: ConsulConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.request_timeout));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Self {
+            inner: Arc::new(Inner { http, config }),
+        }
+    }
+
+    /// A client configured from the environment ([`ConsulConfig::from_env`]).
+    ///
+    /// # Errors
+    ///
+    /// See [`ConsulConfig::from_env`].
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self::new(ConsulConfig::from_env()?))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ConsulConfig {
+        &self.inner.config
+    }
+
+    /// Registers (or re-registers) a service with the local agent:
+    /// `PUT /v1/agent/service/register?replace-existing-checks`, so that checks no longer
+    /// in the registration are removed and registering again is idempotent.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConsulError`]: transport, timeout, or the agent's status (400 with its reason for
+    /// a registration it refuses, 403 for the token).
+    pub async fn register(&self, registration: &ServiceRegistration) -> Result<(), ConsulError> {
+        let mut query = Query::default();
+        query.push("replace-existing-checks", "true");
+        let body = Bytes::from(registration.to_json_bytes());
+        self.send(
+            Method::PUT,
+            "/v1/agent/service/register".into(),
+            query,
+            Some(body),
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Deregisters a service from the local agent (`PUT /v1/agent/service/deregister/:id`).
+    /// A service the agent does not know is no error (recent agents answer `404 Unknown
+    /// service ID`, older ones 200).
+    ///
+    /// # Errors
+    ///
+    /// A [`ConsulError`]: transport, timeout, or the agent's status.
+    pub async fn deregister(&self, service_id: &str) -> Result<(), ConsulError> {
+        let path = format!("/v1/agent/service/deregister/{}", encode(service_id, false));
+        match self
+            .send(Method::PUT, path, Query::default(), None, None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_unknown_service() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets a TTL check passing (`PUT /v1/agent/check/pass/:id`), with `note` as its
+    /// output.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConsulError`]; [`ConsulError::is_unknown_check`] when the agent does not know
+    /// the check (it lost the registration).
+    pub async fn check_pass(&self, check_id: &str, note: Option<&str>) -> Result<(), ConsulError> {
+        self.check_mark("pass", check_id, note).await
+    }
+
+    /// Sets a TTL check warning (`PUT /v1/agent/check/warn/:id`).
+    ///
+    /// # Errors
+    ///
+    /// See [`check_pass`](Self::check_pass).
+    pub async fn check_warn(&self, check_id: &str, note: Option<&str>) -> Result<(), ConsulError> {
+        self.check_mark("warn", check_id, note).await
+    }
+
+    /// Sets a TTL check critical (`PUT /v1/agent/check/fail/:id`).
+    ///
+    /// # Errors
+    ///
+    /// See [`check_pass`](Self::check_pass).
+    pub async fn check_fail(&self, check_id: &str, note: Option<&str>) -> Result<(), ConsulError> {
+        self.check_mark("fail", check_id, note).await
+    }
+
+    async fn check_mark(
+        &self,
+        verb: &str,
+        check_id: &str,
+        note: Option<&str>,
+    ) -> Result<(), ConsulError> {
+        let mut query = Query::default();
+        if let Some(note) = note {
+            query.push("note", note);
+        }
+        let path = format!("/v1/agent/check/{verb}/{}", encode(check_id, false));
+        self.send(Method::PUT, path, query, None, None)
+            .await
+            .map(drop)
+    }
+
+    /// Sets a TTL check's status and output (`PUT /v1/agent/check/update/:id`).
+    ///
+    /// # Errors
+    ///
+    /// See [`check_pass`](Self::check_pass).
+    pub async fn check_update(
+        &self,
+        check_id: &str,
+        status: CheckStatus,
+        output: &str,
+    ) -> Result<(), ConsulError> {
+        let body = serde_json::json!({ "Status": status.as_str(), "Output": output });
+        let path = format!("/v1/agent/check/update/{}", encode(check_id, false));
+        self.send(
+            Method::PUT,
+            path,
+            Query::default(),
+            Some(Bytes::from(body.to_string())),
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Queries a service's instances with their health (`GET /v1/health/service/:service`),
+    /// blocking when the query has an [`index`](HealthQuery::index).
+    ///
+    /// The answer is read leniently: unknown fields are ignored, null fields are empty,
+    /// and entries that cannot be dialed are [skipped](HealthResponse::skipped) rather than
+    /// failing the answer.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConsulError`]: transport, timeout, the agent's status (`500 No cluster leader`,
+    /// 403…), or a decode error for a body that is not a JSON array or a missing
+    /// `X-Consul-Index` header.
+    pub async fn health_service(&self, query: &HealthQuery) -> Result<HealthResponse, ConsulError> {
+        let mut q = Query::default();
+        if query.passing {
+            q.push("passing", "true");
+        }
+        if let Some(index) = query.index.filter(|i| *i > 0) {
+            q.push("index", &index.to_string());
+            if let Some(wait) = query.wait {
+                q.push("wait", &super::duration::format_go_duration(wait));
+            }
+        }
+        for tag in &query.tags {
+            q.push("tag", tag);
+        }
+        if let Some(filter) = &query.filter {
+            q.push("filter", filter);
+        }
+        if let Some(dc) = query
+            .datacenter
+            .as_ref()
+            .or(self.inner.config.datacenter.as_ref())
+        {
+            q.push("dc", dc);
+        }
+        match query.consistency {
+            Consistency::Default => {}
+            Consistency::Stale => q.push("stale", ""),
+            Consistency::Consistent => q.push("consistent", ""),
+        }
+        if let Some(near) = &query.near {
+            q.push("near", near);
+        }
+        for (k, v) in &query.node_meta {
+            q.push("node-meta", &format!("{k}:{v}"));
+        }
+        let path = format!("/v1/health/service/{}", encode(&query.service, false));
+        let request = format!("GET {path}");
+        let (headers, body) = self
+            .send(Method::GET, path, q, None, query.blocking_wait())
+            .await?;
+        let with_request = |e: ConsulError| e.with_request(request.clone());
+        let index = headers
+            .get("x-consul-index")
+            .ok_or_else(|| with_request(ConsulError::decode("missing X-Consul-Index header")))?
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| with_request(ConsulError::decode("invalid X-Consul-Index header")))?;
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        let known_leader = header("x-consul-knownleader").and_then(|v| v.parse::<bool>().ok());
+        let last_contact = header("x-consul-lastcontact")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis);
+        let mut response = parse_health_response(&body).map_err(with_request)?;
+        for instance in &mut response.instances {
+            if instance.service.is_empty() {
+                instance.service = Arc::from(query.service.as_str());
+            }
+        }
+        response.index = index;
+        response.known_leader = known_leader;
+        response.last_contact = last_contact;
+        Ok(response)
+    }
+
+    /// The services registered on the local agent (`GET /v1/agent/services`), sorted by ID.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConsulError`]: transport, timeout, the agent's status, or a body that is not a
+    /// JSON object.
+    pub async fn agent_services(&self) -> Result<Vec<AgentService>, ConsulError> {
+        let path = "/v1/agent/services".to_owned();
+        let (_, body) = self
+            .send(Method::GET, path, Query::default(), None, None)
+            .await?;
+        let map: Option<BTreeMap<String, Value>> = serde_json::from_slice(&body).map_err(|e| {
+            ConsulError::decode(format!("agent services are not a JSON object: {e}"))
+                .with_request("GET /v1/agent/services".into())
+        })?;
+        Ok(map
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, v)| {
+                let mut service = AgentService::deserialize(v).unwrap_or_default();
+                if service.id.is_empty() {
+                    service.id = id;
+                }
+                service
+            })
+            .collect())
+    }
+
+    /// The leader's address (`GET /v1/status/leader`), `None` when there is no leader: a
+    /// cheap liveness probe of the agent.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConsulError`]: transport, timeout, the agent's status, or a body that is not a
+    /// JSON string.
+    pub async fn status_leader(&self) -> Result<Option<String>, ConsulError> {
+        let path = "/v1/status/leader".to_owned();
+        let (_, body) = self
+            .send(Method::GET, path, Query::default(), None, None)
+            .await?;
+        let leader: Option<String> = serde_json::from_slice(&body).map_err(|e| {
+            ConsulError::decode(format!("leader is not a JSON string: {e}"))
+                .with_request("GET /v1/status/leader".into())
+        })?;
+        Ok(leader.filter(|l| !l.is_empty()))
+    }
+
+    /// Sends one request and reads the whole answer, within the time limit: the request
+    /// timeout, plus `blocking + blocking/16` for a blocking query.
+    async fn send(
+        &self,
+        method: Method,
+        path: String,
+        query: Query,
+        body: Option<Bytes>,
+        blocking: Option<Duration>,
+    ) -> Result<(HeaderMap, Bytes), ConsulError> {
+        let request_name = format!("{method} {path}");
+        let config = &self.inner.config;
+        let limit =
+            config.request_timeout + blocking.map_or(Duration::ZERO, |wait| wait + wait / 16);
+        let uri = if query.0.is_empty() {
+            format!("http://{}{path}", config.authority)
+        } else {
+            format!("http://{}{path}?{}", config.authority, query.0)
+        };
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(token) = &config.token {
+            builder = builder.header("x-consul-token", token.clone());
+        }
+        if body.is_some() {
+            builder = builder.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| ConsulError::transport(false, e).with_request(request_name.clone()))?;
+        let exchange = async {
+            let response = self.inner.http.request(request).await.map_err(|e| {
+                let connect = e.is_connect();
+                ConsulError::transport(connect, e)
+            })?;
+            let (parts, body) = response.into_parts();
+            let bytes = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        ConsulError::decode(format!("answer over {MAX_BODY} bytes"))
+                    } else {
+                        ConsulError::transport(false, e)
+                    }
+                })?
+                .to_bytes();
+            if parts.status.is_success() {
+                Ok((parts.headers, bytes))
+            } else {
+                Err(status_error(parts.status, &bytes))
+            }
+        };
+        match tokio::time::timeout(limit, exchange).await {
+            Ok(result) => result.map_err(|e| e.with_request(request_name)),
+            Err(_) => Err(ConsulError::timeout(limit).with_request(request_name)),
+        }
+    }
+}
+
+fn status_error(status: StatusCode, body: &[u8]) -> ConsulError {
+    ConsulError::status(status.as_u16(), body)
+}
+
+impl fmt::Debug for ConsulClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsulClient")
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+/// A query string under construction, values percent-encoded.
+#[derive(Default)]
+struct Query(String);
+
+impl Query {
+    /// Adds `key=value`, or the bare flag `key` when `value` is empty.
+    fn push(&mut self, key: &str, value: &str) {
+        if !self.0.is_empty() {
+            self.0.push('&');
+        }
+        self.0.push_str(key);
+        if !value.is_empty() {
+            self.0.push('=');
+            self.0.push_str(&encode(value, true));
+        }
+    }
+}
+
+/// Percent-encodes `s` for a path segment (keeping `:` and `@`, legal there) or a query
+/// value (keeping only unreserved characters).
+fn encode(s: &str, query: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        let keep = b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'.' | b'_' | b'~')
+            || (!query && matches!(b, b':' | b'@'));
+        if keep {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding() {
+        assert_eq!(encode("service:users-1", false), "service:users-1");
+        assert_eq!(encode("a/b c", false), "a%2Fb%20c");
+        assert_eq!(
+            encode(r#"Service.Meta.version == "2""#, true),
+            "Service.Meta.version%20%3D%3D%20%222%22"
+        );
+        assert_eq!(encode("é", true), "%C3%A9");
+        let mut q = Query::default();
+        q.push("passing", "true");
+        q.push("stale", "");
+        q.push("tag", "a&b");
+        assert_eq!(q.0, "passing=true&stale&tag=a%26b");
+    }
+
+    #[test]
+    fn blocking_wait_only_with_an_index() {
+        assert_eq!(
+            HealthQuery::new("s")
+                .wait(Duration::from_secs(1))
+                .blocking_wait(),
+            None
+        );
+        assert_eq!(HealthQuery::new("s").index(0).blocking_wait(), None);
+        assert_eq!(
+            HealthQuery::new("s").index(3).blocking_wait(),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(
+            HealthQuery::new("s")
+                .index(3)
+                .wait(Duration::from_secs(3600))
+                .blocking_wait(),
+            Some(MAX_WAIT)
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_token() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let client = ConsulClient::new(
+            ConsulConfig::builder()
+                .token("do-not-print-me")
+                .build()
+                .unwrap(),
+        );
+        assert!(!format!("{client:?}").contains("do-not-print-me"));
+    }
+}

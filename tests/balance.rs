@@ -1,0 +1,625 @@
+//! The balancers: strategies, weights, readiness, empty sets, outlier ejection,
+//! per-endpoint breakers, discovery changes and consistent hashing.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use seawall::BoxError;
+use seawall::balance::{
+    Balance, BalanceBuilder, NoEndpoints, OutlierDetection, Strategy, WhenEmpty, hash_key,
+};
+use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitOpen, SlidingWindow, State};
+use seawall::discovery::{
+    Instance, InstanceId, InstanceWatch, Publisher, Registry, ServiceDiscover,
+};
+use tokio::sync::Semaphore;
+use tower::{Service, ServiceExt};
+
+/// A test endpoint: answers with its port; fails while `failing`; not ready while `blocked`;
+/// holds calls while `hold` has no permits.
+#[derive(Clone)]
+struct Node {
+    port: u16,
+    failing: Arc<AtomicBool>,
+    blocked: Arc<AtomicBool>,
+    hold: Option<Arc<Semaphore>>,
+    calls: Arc<AtomicUsize>,
+    _alive: Arc<()>,
+}
+
+impl Service<u64> for Node {
+    type Response = u16;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<u16, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.blocked.load(SeqCst) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: u64) -> Self::Future {
+        self.calls.fetch_add(1, SeqCst);
+        let (port, failing, hold) = (self.port, self.failing.load(SeqCst), self.hold.clone());
+        Box::pin(async move {
+            if let Some(hold) = hold {
+                hold.acquire().await.unwrap().forget();
+            }
+            if failing {
+                Err(format!("{port} failed").into())
+            } else {
+                Ok(port)
+            }
+        })
+    }
+}
+
+/// Controls of every node, by port.
+#[derive(Default, Clone)]
+struct Fleet {
+    failing: Arc<parking_lot::Mutex<HashMap<u16, Arc<AtomicBool>>>>,
+    blocked: Arc<parking_lot::Mutex<HashMap<u16, Arc<AtomicBool>>>>,
+    calls: Arc<parking_lot::Mutex<HashMap<u16, Arc<AtomicUsize>>>>,
+    alive: Arc<()>,
+    hold: Option<Arc<Semaphore>>,
+}
+
+impl Fleet {
+    fn make(&self) -> impl FnMut(&Instance) -> Node + use<> {
+        let fleet = self.clone();
+        move |i: &Instance| {
+            let flag = |m: &parking_lot::Mutex<HashMap<u16, Arc<AtomicBool>>>| {
+                m.lock().entry(i.port).or_default().clone()
+            };
+            Node {
+                port: i.port,
+                failing: flag(&fleet.failing),
+                blocked: flag(&fleet.blocked),
+                hold: fleet.hold.clone(),
+                calls: fleet.calls.lock().entry(i.port).or_default().clone(),
+                _alive: fleet.alive.clone(),
+            }
+        }
+    }
+    fn fail(&self, port: u16, on: bool) {
+        self.failing
+            .lock()
+            .entry(port)
+            .or_default()
+            .store(on, SeqCst);
+    }
+    fn block(&self, port: u16, on: bool) {
+        self.blocked
+            .lock()
+            .entry(port)
+            .or_default()
+            .store(on, SeqCst);
+    }
+    fn calls(&self, port: u16) -> usize {
+        self.calls.lock().get(&port).map_or(0, |c| c.load(SeqCst))
+    }
+    /// Node stacks alive (built and not dropped), besides the references of the fleet and
+    /// of one `make` closure.
+    fn stacks(&self) -> usize {
+        Arc::strong_count(&self.alive) - 2
+    }
+}
+
+fn instance(port: u16) -> Instance {
+    Instance::local("svc", ([127, 0, 0, 1], port).into())
+}
+
+fn ports(n: u16) -> Vec<Instance> {
+    (1..=n).map(instance).collect()
+}
+
+async fn send<S: Service<u64, Response = u16, Error = BoxError>>(
+    svc: &mut S,
+) -> Result<u16, BoxError> {
+    svc.ready().await?.call(0).await
+}
+
+#[tokio::test]
+async fn least_requests_spreads_and_prefers_the_idle() {
+    let fleet = Fleet::default();
+    let d = ServiceDiscover::new(InstanceWatch::fixed(ports(4)), fleet.make());
+    let mut lb = BalanceBuilder::new().seed(7).build(d);
+    for _ in 0..4000 {
+        send(&mut lb).await.unwrap();
+    }
+    for p in 1..=4 {
+        let c = fleet.calls(p);
+        assert!((800..1200).contains(&c), "port {p}: {c} calls of 4000");
+    }
+
+    // Two endpoints, one with a call in flight: the next call goes to the other.
+    let mut fleet = Fleet::default();
+    let gate = Arc::new(Semaphore::new(0));
+    fleet.hold = Some(gate.clone());
+    let d = ServiceDiscover::new(InstanceWatch::fixed(ports(2)), fleet.make());
+    let mut lb = BalanceBuilder::new().seed(1).build(d);
+    let first = lb.ready().await.unwrap().call(0);
+    let busy = if fleet.calls(1) == 1 { 1 } else { 2 };
+    let mut in_flight = vec![first];
+    for _ in 0..10 {
+        in_flight.push(lb.ready().await.unwrap().call(0));
+    }
+    // p2c with two endpoints compares both: load alternates, never piles on one.
+    let (a, b) = (fleet.calls(1), fleet.calls(2));
+    assert!(a.abs_diff(b) <= 1, "{a} vs {b} (first went to {busy})");
+    assert_eq!(
+        lb.handle()
+            .endpoints()
+            .iter()
+            .map(|e| e.outstanding)
+            .sum::<u32>(),
+        11
+    );
+    gate.add_permits(100);
+    for f in in_flight {
+        f.await.unwrap();
+    }
+    assert_eq!(
+        lb.handle()
+            .endpoints()
+            .iter()
+            .map(|e| e.outstanding)
+            .sum::<u32>(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn weights_set_the_shares() {
+    let fleet = Fleet::default();
+    let heavy = instance(1).with_weight(NonZeroU32::new(3).unwrap());
+    let d = ServiceDiscover::new(InstanceWatch::fixed(vec![heavy, instance(2)]), fleet.make());
+    let mut lb = BalanceBuilder::new().seed(3).build(d);
+    for _ in 0..8000 {
+        send(&mut lb).await.unwrap();
+    }
+    let share = fleet.calls(1) as f64 / 8000.0;
+    // Sequential calls tie on load, so the weighted first draw decides: 3/4.
+    assert!((share - 0.75).abs() < 0.03, "heavy share {share}");
+
+    let fleet = Fleet::default();
+    let heavy = instance(1).with_weight(NonZeroU32::new(2).unwrap());
+    let d = ServiceDiscover::new(
+        InstanceWatch::fixed(vec![heavy, instance(2), instance(3)]),
+        fleet.make(),
+    );
+    let mut rr = BalanceBuilder::new()
+        .strategy(Strategy::RoundRobin)
+        .build(d);
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        order.push(send(&mut rr).await.unwrap());
+    }
+    assert_eq!(order.iter().filter(|&&p| p == 1).count(), 4, "{order:?}");
+    assert_eq!(order.iter().filter(|&&p| p == 2).count(), 2, "{order:?}");
+    // Within a cycle, the heavy endpoint's turns are spread out (nginx's smooth order).
+    assert!(
+        order[..4].windows(2).all(|w| w[0] != w[1]),
+        "interleaved: {order:?}"
+    );
+}
+
+#[tokio::test]
+async fn endpoints_that_are_not_ready_are_skipped() {
+    let fleet = Fleet::default();
+    fleet.block(1, true);
+    fleet.block(2, true);
+    let d = ServiceDiscover::new(InstanceWatch::fixed(ports(3)), fleet.make());
+    for strategy in [
+        Strategy::LeastRequests,
+        Strategy::RoundRobin,
+        Strategy::peak_ewma(),
+    ] {
+        let mut lb = BalanceBuilder::new()
+            .strategy(strategy)
+            .build(ServiceDiscover::new(
+                InstanceWatch::fixed(ports(3)),
+                fleet.make(),
+            ));
+        for _ in 0..30 {
+            assert_eq!(send(&mut lb).await.unwrap(), 3, "{strategy:?}");
+        }
+    }
+    // None ready: pending (not an error, not a hang once one is ready).
+    fleet.block(3, true);
+    let mut lb = Balance::new(d);
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    assert!(lb.poll_ready(&mut cx).is_pending());
+    fleet.block(2, false);
+    assert_eq!(send(&mut lb).await.unwrap(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_set_fails_fast_or_waits_as_configured() {
+    let registry = Registry::new();
+    let fleet = Fleet::default();
+    let mut lb = BalanceBuilder::new()
+        .name("users")
+        .build(ServiceDiscover::new(registry.watch("svc"), fleet.make()));
+    let err = send(&mut lb).await.unwrap_err();
+    let err = err.downcast_ref::<NoEndpoints>().expect("NoEndpoints");
+    assert_eq!(err.balancer(), "users");
+
+    let mut lb = BalanceBuilder::new()
+        .when_empty(WhenEmpty::Wait(Duration::from_secs(2)))
+        .build(ServiceDiscover::new(registry.watch("svc"), fleet.make()));
+    let start = tokio::time::Instant::now();
+    assert!(send(&mut lb).await.unwrap_err().is::<NoEndpoints>());
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+
+    // An endpoint that arrives during the wait is used.
+    let r2 = registry.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        std::mem::forget(r2.register(instance(9)));
+    });
+    let start = tokio::time::Instant::now();
+    assert_eq!(send(&mut lb).await.unwrap(), 9);
+    assert_eq!(start.elapsed(), Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn discovery_changes_move_traffic_and_drop_stacks() {
+    let registry = Registry::new();
+    let fleet = Fleet::default();
+    let a = registry.register(instance(1));
+    let b = registry.register(instance(2));
+    let mut lb = Balance::new(ServiceDiscover::new(registry.watch("svc"), fleet.make()));
+    for _ in 0..50 {
+        send(&mut lb).await.unwrap();
+    }
+    assert_eq!(lb.len(), 2);
+    assert_eq!(fleet.stacks(), 2);
+    drop(a);
+    for _ in 0..50 {
+        assert_eq!(send(&mut lb).await.unwrap(), 2);
+    }
+    assert_eq!(fleet.stacks(), 1, "the removed endpoint's stack is dropped");
+    b.set_passing(false);
+    assert!(send(&mut lb).await.unwrap_err().is::<NoEndpoints>());
+    assert_eq!(fleet.stacks(), 0);
+    b.set_passing(true);
+    assert_eq!(send(&mut lb).await.unwrap(), 2);
+    // The same service ID on another node is a separate endpoint.
+    let _other = registry.register(Instance::new(
+        InstanceId::new("node-b", "svc-2"),
+        "svc",
+        "127.0.0.2",
+        3,
+    ));
+    send(&mut lb).await.unwrap();
+    assert_eq!(lb.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_endpoints_are_ejected_for_a_growing_time_and_readmitted() {
+    let fleet = Fleet::default();
+    fleet.fail(1, true);
+    let detection = OutlierDetection::builder()
+        .consecutive_failures(3)
+        .base_ejection_time(Duration::from_secs(10))
+        .max_ejection_time(Duration::from_secs(25))
+        .build()
+        .unwrap();
+    let mut lb = BalanceBuilder::new()
+        .name("ej")
+        .outlier_detection(detection)
+        .build(ServiceDiscover::new(
+            InstanceWatch::fixed(ports(3)),
+            fleet.make(),
+        ));
+    let handle = lb.handle().clone();
+    let mut failures = 0;
+    for _ in 0..300 {
+        if send(&mut lb).await.is_err() {
+            failures += 1;
+        }
+    }
+    assert_eq!(
+        failures, 3,
+        "three failures in a row eject it; no more calls reach it"
+    );
+    assert_eq!(handle.ejected(), 1);
+    let ejected = handle
+        .endpoints()
+        .into_iter()
+        .find(|e| e.address == "127.0.0.1:1")
+        .unwrap();
+    assert_eq!(ejected.ejected_for, Some(Duration::from_secs(10)));
+    assert_eq!(ejected.ejections, 1);
+
+    // Readmitted after the ejection, still failing: ejected again, for twice as long.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(handle.ejected(), 0);
+    for _ in 0..300 {
+        let _ = send(&mut lb).await;
+    }
+    let again = handle
+        .endpoints()
+        .into_iter()
+        .find(|e| e.address == "127.0.0.1:1")
+        .unwrap();
+    assert_eq!(again.ejections, 2);
+    assert_eq!(again.ejected_for, Some(Duration::from_secs(20)));
+    // The third ejection is capped at the maximum.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    for _ in 0..300 {
+        let _ = send(&mut lb).await;
+    }
+    let third = handle
+        .endpoints()
+        .into_iter()
+        .find(|e| e.address == "127.0.0.1:1")
+        .unwrap();
+    assert_eq!(third.ejected_for, Some(Duration::from_secs(25)));
+
+    // Recovered: readmitted and served.
+    fleet.fail(1, false);
+    tokio::time::advance(Duration::from_secs(25)).await;
+    for _ in 0..300 {
+        send(&mut lb).await.unwrap();
+    }
+    assert!(
+        fleet.calls(1) > 9 + 50,
+        "readmitted endpoint gets traffic again"
+    );
+    assert_eq!(handle.ejected(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_most_the_maximum_share_is_ejected_and_traffic_keeps_flowing() {
+    let fleet = Fleet::default();
+    for p in 1..=4 {
+        fleet.fail(p, true);
+    }
+    let detection = OutlierDetection::builder()
+        .consecutive_failures(1)
+        .max_ejected_percent(50)
+        .build()
+        .unwrap();
+    let mut lb = BalanceBuilder::new()
+        .outlier_detection(detection)
+        .build(ServiceDiscover::new(
+            InstanceWatch::fixed(ports(4)),
+            fleet.make(),
+        ));
+    for _ in 0..200 {
+        assert!(send(&mut lb).await.is_err());
+    }
+    assert_eq!(lb.handle().ejected(), 2, "half of four");
+    assert!(lb.handle().ejections_suppressed() > 0);
+    let served: usize = (1..=4).map(|p| fleet.calls(p)).sum();
+    assert_eq!(served, 200, "every request reached an endpoint");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failure_rate_ejects_too() {
+    let fleet = Fleet::default();
+    let detection = OutlierDetection::builder()
+        .no_consecutive_failures()
+        .failure_rate(50, 10)
+        .build()
+        .unwrap();
+    let mut lb = BalanceBuilder::new()
+        .seed(5)
+        .outlier_detection(detection)
+        .build(ServiceDiscover::new(
+            InstanceWatch::fixed(ports(2)),
+            fleet.make(),
+        ));
+    fleet.fail(1, true);
+    for _ in 0..100 {
+        let _ = send(&mut lb).await;
+    }
+    assert_eq!(lb.handle().ejected(), 1);
+    assert!(
+        fleet.calls(1) <= 10,
+        "judged at the tenth call: {}",
+        fleet.calls(1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_endpoint_breaker_takes_it_out_of_rotation() {
+    let fleet = Fleet::default();
+    let template = CircuitBreakerConfig::builder()
+        .sliding_window(SlidingWindow::count_based(4))
+        .minimum_calls(4)
+        .failure_rate_threshold(50.0)
+        .wait_in_open(Duration::from_secs(5))
+        .permitted_calls_in_half_open(1)
+        .build()
+        .unwrap();
+    let mut lb = BalanceBuilder::new()
+        .name("users")
+        .endpoint_breaker(template)
+        .build(ServiceDiscover::new(
+            InstanceWatch::fixed(ports(2)),
+            fleet.make(),
+        ));
+    fleet.fail(1, true);
+    for _ in 0..100 {
+        let _ = send(&mut lb).await;
+    }
+    let status = lb.handle().endpoints();
+    let one = status.iter().find(|e| e.address == "127.0.0.1:1").unwrap();
+    assert_eq!(one.breaker, Some(State::Open));
+    assert!(one.key.contains("svc-1"));
+    assert_eq!(fleet.calls(1), 4, "no calls once its breaker opened");
+
+    // Both open: requests fail fast with the breaker's error.
+    fleet.fail(2, true);
+    for _ in 0..20 {
+        let _ = send(&mut lb).await;
+    }
+    let err = send(&mut lb).await.unwrap_err();
+    assert!(err.is::<CircuitOpen>(), "{err}");
+    let before = fleet.calls(1) + fleet.calls(2);
+
+    // After the wait, a single probe each; success closes them.
+    fleet.fail(1, false);
+    fleet.fail(2, false);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    tokio::task::yield_now().await;
+    for _ in 0..10 {
+        send(&mut lb).await.unwrap();
+    }
+    assert!(
+        lb.handle()
+            .endpoints()
+            .iter()
+            .all(|e| e.breaker == Some(State::Closed))
+    );
+    assert_eq!(fleet.calls(1) + fleet.calls(2), before + 10);
+}
+
+#[tokio::test]
+async fn consistent_hashing_keeps_keys_on_their_endpoint() {
+    let publisher = Publisher::live(ports(5));
+    let fleet = Fleet::default();
+    let mut lb = BalanceBuilder::new().build_hashed(
+        ServiceDiscover::new(publisher.subscribe(), fleet.make()),
+        |key: &u64| Some(hash_key(key)),
+    );
+    let mut owner = HashMap::new();
+    for key in 0..1000u64 {
+        let port = lb.ready().await.unwrap().call(key).await.unwrap();
+        owner.insert(key, port);
+        assert_eq!(lb.ready().await.unwrap().call(key).await.unwrap(), port);
+    }
+    // Endpoint 3 leaves: only its keys move.
+    let mut rest = ports(5);
+    rest.remove(2);
+    publisher.publish(rest);
+    let mut moved = 0;
+    for key in 0..1000u64 {
+        let port = lb.ready().await.unwrap().call(key).await.unwrap();
+        if owner[&key] == 3 {
+            assert_ne!(port, 3);
+        } else if port != owner[&key] {
+            moved += 1;
+        }
+    }
+    assert!(moved < 20, "{moved} keys moved that did not have to");
+
+    // A failing endpoint's keys go to their stable next choice, and come back.
+    let detection = OutlierDetection::builder()
+        .consecutive_failures(1)
+        .build()
+        .unwrap();
+    let fleet = Fleet::default();
+    let mut lb = BalanceBuilder::new()
+        .outlier_detection(detection)
+        .build_hashed(
+            ServiceDiscover::new(InstanceWatch::fixed(ports(5)), fleet.make()),
+            |key: &u64| Some(hash_key(key)),
+        );
+    let key = (0..).find(|k| owner[k] == 2).unwrap();
+    fleet.fail(2, true);
+    assert!(lb.ready().await.unwrap().call(key).await.is_err());
+    let next = lb.ready().await.unwrap().call(key).await.unwrap();
+    assert_ne!(next, 2);
+    assert_eq!(lb.ready().await.unwrap().call(key).await.unwrap(), next);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Maglev: shares stay near 1/N, and when one of N endpoints leaves, the share of keys
+    /// that move stays near 1/N.
+    #[test]
+    fn consistent_hashing_balances_and_disrupts_minimally(n in 2usize..40, leaving in 0usize..40, salt in any::<u64>()) {
+        let leaving = leaving % n;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async move {
+            let instances: Vec<Instance> = (0..n)
+                .map(|i| Instance::new(InstanceId::new(format!("node-{salt}"), format!("s-{i}")), "svc", "127.0.0.1", 1000 + i as u16))
+                .collect();
+            let publisher = Publisher::live(instances.clone());
+            let fleet = Fleet::default();
+            let mut lb = BalanceBuilder::new().build_hashed(
+                ServiceDiscover::new(publisher.subscribe(), fleet.make()),
+                |key: &u64| Some(hash_key(key)),
+            );
+            const KEYS: u64 = 20_000;
+            let mut before = Vec::with_capacity(KEYS as usize);
+            let mut counts = vec![0u32; n];
+            for key in 0..KEYS {
+                let port = lb.ready().await.unwrap().call(key ^ salt).await.unwrap();
+                counts[usize::from(port - 1000)] += 1;
+                before.push(port);
+            }
+            let expected = KEYS as f64 / n as f64;
+            for (i, &c) in counts.iter().enumerate() {
+                // Maglev tables are balanced to within a few percent; key sampling adds noise.
+                let tolerance = 0.12 * expected + 4.0 * expected.sqrt();
+                prop_assert!((f64::from(c) - expected).abs() < tolerance, "endpoint {} got {} keys, expected {:.0}", i, c, expected);
+            }
+            let mut rest = instances.clone();
+            let gone = rest.remove(leaving).port;
+            publisher.publish(rest);
+            let mut moved = 0u64;
+            for key in 0..KEYS {
+                let port = lb.ready().await.unwrap().call(key ^ salt).await.unwrap();
+                prop_assert_ne!(port, gone);
+                if port != before[key as usize] {
+                    moved += 1;
+                }
+            }
+            let share = moved as f64 / KEYS as f64;
+            let ideal = 1.0 / n as f64;
+            prop_assert!(share < ideal * 1.3 + 0.01, "{} endpoints: {:.4} of keys moved, ideal {:.4}", n, share, ideal);
+            Ok(())
+        })?;
+    }
+
+    /// However calls fail, no more than the allowed share is ejected at once, and every
+    /// request still reaches an endpoint.
+    #[test]
+    fn ejections_stay_within_the_maximum_share(
+        n in 1u16..12,
+        percent in 0u8..=100,
+        plan in proptest::collection::vec((0u16..12, any::<bool>(), 0u64..3000), 1..200),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            let fleet = Fleet::default();
+            let detection = OutlierDetection::builder()
+                .consecutive_failures(2)
+                .failure_rate(50, 4)
+                .base_ejection_time(Duration::from_secs(1))
+                .max_ejected_percent(percent)
+                .build()
+                .unwrap();
+            let mut lb = BalanceBuilder::new()
+                .seed(11)
+                .outlier_detection(detection)
+                .build(ServiceDiscover::new(InstanceWatch::fixed(ports(n)), fleet.make()));
+            let allowed = (usize::from(n) * usize::from(percent) / 100).max(1);
+            for (port, fail, advance_ms) in plan {
+                fleet.fail(port % n + 1, fail);
+                let before: usize = (1..=n).map(|p| fleet.calls(p)).sum();
+                let _ = send(&mut lb).await;
+                let after: usize = (1..=n).map(|p| fleet.calls(p)).sum();
+                prop_assert_eq!(after, before + 1, "a request did not reach an endpoint");
+                prop_assert!(lb.handle().ejected() <= allowed);
+                tokio::time::advance(Duration::from_millis(advance_ms)).await;
+            }
+            Ok(())
+        })?;
+    }
+}
