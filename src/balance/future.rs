@@ -4,7 +4,6 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::*;
 use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
@@ -41,7 +40,7 @@ pub(crate) struct CallGuard {
 impl CallGuard {
     #[inline]
     pub(crate) fn new(stats: &Arc<EndpointStats>, start: u64, breaker: BreakerRecord) -> Self {
-        stats.outstanding.fetch_add(1, Relaxed);
+        stats.start_call();
         Self {
             stats: stats.clone(),
             start,
@@ -68,7 +67,7 @@ impl Drop for CallGuard {
     #[inline]
     fn drop(&mut self) {
         // A probe permit still held here goes back to the breaker with it.
-        self.stats.outstanding.fetch_sub(1, Relaxed);
+        self.stats.end_call();
     }
 }
 

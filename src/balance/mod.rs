@@ -395,8 +395,8 @@ impl BalanceHandle {
                 key: e.key.clone(),
                 address: e.address.clone(),
                 weight: e.weight,
-                outstanding: e.stats.outstanding.load(Relaxed),
-                calls: e.stats.calls_total.load(Relaxed),
+                outstanding: e.stats.outstanding(),
+                calls: e.stats.started(),
                 failures: e.stats.failures_total.load(Relaxed),
                 ejected_for: e.stats.ejected_for(),
                 ejections: e.stats.ejections_total.load(Relaxed),
@@ -428,7 +428,7 @@ pub struct EndpointStatus {
     pub weight: u32,
     /// Requests in flight.
     pub outstanding: u32,
-    /// Completed calls that counted (successes and failures).
+    /// Calls sent to it.
     pub calls: u64,
     /// Failed calls.
     pub failures: u64,

@@ -50,6 +50,8 @@ where
     empty_since: Option<Pin<Box<Sleep>>>,
     handle: BalanceHandle,
     discover_closed: bool,
+    /// When the reserved endpoint was picked (peak-EWMA only; 0 otherwise).
+    picked_at: u64,
 }
 
 impl<D> Balance<D>
@@ -88,6 +90,7 @@ where
             empty_since: None,
             handle,
             discover_closed: false,
+            picked_at: 0,
         }
     }
 
@@ -197,14 +200,13 @@ where
         let (sa, sb) = (&self.set.slots[a], &self.set.slots[b]);
         let a_first = match self.strategy {
             Strategy::PeakEwma { .. } => {
-                let now = self.set.shared.clock.now_nanos();
+                let now = self.picked_at;
                 sa.stats.ewma_cost(now) * f64::from(sb.weight)
                     <= sb.stats.ewma_cost(now) * f64::from(sa.weight)
             }
             _ => {
-                use std::sync::atomic::Ordering::Relaxed;
-                u64::from(sa.stats.outstanding.load(Relaxed)) * u64::from(sb.weight)
-                    <= u64::from(sb.stats.outstanding.load(Relaxed)) * u64::from(sa.weight)
+                u64::from(sa.stats.outstanding()) * u64::from(sb.weight)
+                    <= u64::from(sb.stats.outstanding()) * u64::from(sa.weight)
             }
         };
         if a_first { (a, b) } else { (b, a) }
@@ -216,6 +218,9 @@ where
         <D::Service as Service<Req>>::Error: Into<BoxError>,
     {
         let n = self.set.len();
+        if let Strategy::PeakEwma { .. } = self.strategy {
+            self.picked_at = self.set.shared.clock.now_nanos().max(1);
+        }
         match self.strategy {
             Strategy::RoundRobin => {
                 let order_len = self.set.schedule.order.len().max(1);
@@ -418,10 +423,8 @@ where
                 _ => {}
             }
         }
-        let start = match self.strategy {
-            Strategy::PeakEwma { .. } => self.set.shared.clock.now_nanos().max(1),
-            _ => 0,
-        };
+        // Read once in poll_ready, next to this call.
+        let start = self.picked_at;
         let guard = CallGuard::new(&slot.stats, start, record);
         let future = slot.endpoint.call(request);
         ResponseFuture::called(future, guard, self.classifier.clone())

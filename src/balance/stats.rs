@@ -47,11 +47,18 @@ impl SetShared {
     }
 }
 
+/// Bits of [`EndpointStats::calls`] counting calls in flight: up to a million per endpoint.
+const IN_FLIGHT_BITS: u32 = 20;
+const IN_FLIGHT_MASK: u64 = (1 << IN_FLIGHT_BITS) - 1;
+const CALL_STARTED: u64 = (1 << IN_FLIGHT_BITS) + 1;
+
 /// One endpoint's live figures. Calls in flight hold an `Arc` of it.
 pub(crate) struct EndpointStats {
     pub(crate) set: Arc<SetShared>,
     pub(crate) label: Arc<str>,
-    pub(crate) outstanding: AtomicU32,
+    /// Calls started (high 44 bits) and in flight (low 20 bits), in one word so that a
+    /// call costs one atomic add to start and one to finish.
+    pub(crate) calls: AtomicU64,
     /// Peak-EWMA latency estimate (f64 nanoseconds, as bits) and when it was last updated.
     ewma_bits: AtomicU64,
     ewma_stamp: AtomicU64,
@@ -65,7 +72,6 @@ pub(crate) struct EndpointStats {
     /// When the last ejection ended (clock nanoseconds), to forget old ejections.
     readmitted_at: AtomicU64,
     pub(crate) ejections_total: AtomicU64,
-    pub(crate) calls_total: AtomicU64,
     pub(crate) failures_total: AtomicU64,
 }
 
@@ -80,7 +86,7 @@ impl EndpointStats {
         Self {
             set,
             label,
-            outstanding: AtomicU32::new(0),
+            calls: AtomicU64::new(0),
             ewma_bits: AtomicU64::new(rtt.to_bits()),
             ewma_stamp: AtomicU64::new(now),
             consecutive_failures: AtomicU32::new(0),
@@ -90,9 +96,31 @@ impl EndpointStats {
             ejections_in_row: AtomicU32::new(0),
             readmitted_at: AtomicU64::new(0),
             ejections_total: AtomicU64::new(0),
-            calls_total: AtomicU64::new(0),
             failures_total: AtomicU64::new(0),
         }
+    }
+
+    /// Requests in flight.
+    #[inline]
+    pub(crate) fn outstanding(&self) -> u32 {
+        (self.calls.load(Relaxed) & IN_FLIGHT_MASK) as u32
+    }
+
+    /// Calls started.
+    pub(crate) fn started(&self) -> u64 {
+        self.calls.load(Relaxed) >> IN_FLIGHT_BITS
+    }
+
+    /// A call starts.
+    #[inline]
+    pub(crate) fn start_call(&self) {
+        self.calls.fetch_add(CALL_STARTED, Relaxed);
+    }
+
+    /// A call ends (completed or dropped).
+    #[inline]
+    pub(crate) fn end_call(&self) {
+        self.calls.fetch_sub(1, Relaxed);
     }
 
     /// Whether the endpoint is out of rotation now; an ejection that has run out is ended
@@ -147,8 +175,8 @@ impl EndpointStats {
         let rtt = f64::from_bits(self.ewma_bits.load(Relaxed));
         let stamp = self.ewma_stamp.load(Relaxed);
         let elapsed = now.saturating_sub(stamp) as f64;
-        let decayed = rtt * (-elapsed / decay).exp();
-        decayed * f64::from(self.outstanding.load(Relaxed) + 1)
+        let decayed = rtt * decay_weight(elapsed / decay);
+        decayed * f64::from(self.outstanding() + 1)
     }
 
     fn observe_rtt(&self, rtt: f64, now: u64) {
@@ -156,18 +184,20 @@ impl EndpointStats {
             return;
         };
         let prev = f64::from_bits(self.ewma_bits.load(Relaxed));
-        let stamp = self.ewma_stamp.swap(now, Relaxed);
+        let stamp = self.ewma_stamp.load(Relaxed);
+        self.ewma_stamp.store(now, Relaxed);
         let next = if rtt > prev {
             // Peak: a slower response is believed at once.
             rtt
         } else {
-            let w = (-(now.saturating_sub(stamp) as f64) / decay).exp();
+            let w = decay_weight(now.saturating_sub(stamp) as f64 / decay);
             prev * w + rtt * (1.0 - w)
         };
         // Concurrent completions race benignly: the estimate is approximate by design.
         self.ewma_bits.store(next.to_bits(), Relaxed);
     }
 
+    #[inline]
     /// Records a completed call started at `start` (clock nanoseconds; 0 when untimed).
     pub(crate) fn complete(&self, outcome: Outcome, start: u64) {
         if start != 0 {
@@ -176,14 +206,12 @@ impl EndpointStats {
         }
         match outcome {
             Outcome::Success => {
-                self.calls_total.fetch_add(1, Relaxed);
                 if self.consecutive_failures.load(Relaxed) != 0 {
                     self.consecutive_failures.store(0, Relaxed);
                 }
                 self.window(false);
             }
             Outcome::Failure => {
-                self.calls_total.fetch_add(1, Relaxed);
                 self.failures_total.fetch_add(1, Relaxed);
                 self.on_failure();
             }
@@ -273,5 +301,16 @@ impl EndpointStats {
         self.consecutive_failures.store(0, Relaxed);
         self.ejections_total.fetch_add(1, Relaxed);
         super::telemetry::ejected(&set.name, &self.label, Duration::from_nanos(length));
+    }
+}
+
+/// `e^-x` for `x >= 0`. Between requests `x` is usually tiny (elapsed time over a decay of
+/// seconds), where `1 - x + x²/2` is exact to f64 rounding and ten times cheaper.
+#[inline]
+fn decay_weight(x: f64) -> f64 {
+    if x < 1e-4 {
+        1.0 - x + 0.5 * x * x
+    } else {
+        (-x).exp()
     }
 }

@@ -113,7 +113,7 @@ pub struct ServiceDiscover<F, S> {
     make: F,
     current: HashMap<InstanceId, Arc<Instance>>,
     queue: VecDeque<Change<InstanceId, Endpoint<S>>>,
-    changed: Option<ChangedFuture>,
+    changed: Option<(ChangedFuture, std::task::Waker)>,
     closed: bool,
 }
 

@@ -193,19 +193,39 @@ impl InstanceWatch {
     pub(crate) fn poll_changed(
         &mut self,
         cx: &mut std::task::Context<'_>,
-        pending: &mut Option<ChangedFuture>,
+        pending: &mut Option<(ChangedFuture, std::task::Waker)>,
     ) -> std::task::Poll<Result<(), SourceClosed>> {
-        // `watch::Receiver::changed` borrows the receiver; a clone in a boxed future polls
-        // it without tying the stream's lifetime to it. The future lives only while a change
-        // is awaited and is replaced after each change, not per request.
-        if self.has_changed() {
-            *pending = None;
-            return std::task::Poll::Ready(Ok(()));
+        use std::task::Poll;
+        match self.instances.has_changed() {
+            Ok(true) => {
+                *pending = None;
+                return Poll::Ready(Ok(()));
+            }
+            // Nothing new, and the waiting future already holds this task's waker: it
+            // will be woken by the next change (a change bumps the version before it
+            // notifies, so none can slip between). Balancers poll discovery on every
+            // request; this keeps that to one atomic load.
+            Ok(false) => {
+                if let Some((_, waker)) = pending.as_ref() {
+                    if waker.will_wake(cx.waker()) {
+                        return Poll::Pending;
+                    }
+                }
+            }
+            Err(_) => {}
         }
-        let fut = pending.get_or_insert_with(|| {
+        // `watch::Receiver::changed` borrows the receiver; a clone in a boxed future polls
+        // it without tying the stream's lifetime to it. The future lives while a change is
+        // awaited and is replaced after each change, not per request.
+        let (fut, waker) = pending.get_or_insert_with(|| {
             let mut rx = self.instances.clone();
-            Box::pin(async move { rx.changed().await.map_err(|_| SourceClosed(())) })
+            let fut: ChangedFuture =
+                Box::pin(async move { rx.changed().await.map_err(|_| SourceClosed(())) });
+            (fut, cx.waker().clone())
         });
+        if !waker.will_wake(cx.waker()) {
+            *waker = cx.waker().clone();
+        }
         let out = std::future::Future::poll(fut.as_mut(), cx);
         if out.is_ready() {
             *pending = None;
