@@ -529,12 +529,19 @@ fn named_limiters_report_their_decisions() {
 
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
-    let (global, keyed) = metrics::with_local_recorder(&recorder, || {
+    let (global, keyed, sharded) = metrics::with_local_recorder(&recorder, || {
         (
             RateLimiter::with_clock(quota(1, 2), ManualClock::new()).named("global"),
             KeyedRateLimiter::with_clock(quota(1, 1), ManualClock::new()).named("per-user"),
+            seawall::rate_limit::ShardedRateLimiter::with_clock(quota(1, 2), 2, ManualClock::new())
+                .unwrap()
+                .named("sharded"),
         )
     });
+    assert_eq!(sharded.name(), Some("sharded"));
+    for _ in 0..3 {
+        let _ = sharded.try_acquire(1);
+    }
     assert_eq!(global.name(), Some("global"));
     for _ in 0..3 {
         let _ = global.try_acquire(1);
@@ -565,6 +572,8 @@ fn named_limiters_report_their_decisions() {
             ("global".into(), "refused".into(), DebugValue::Counter(1)),
             ("per-user".into(), "admitted".into(), DebugValue::Counter(2)),
             ("per-user".into(), "refused".into(), DebugValue::Counter(1)),
+            ("sharded".into(), "admitted".into(), DebugValue::Counter(2)),
+            ("sharded".into(), "refused".into(), DebugValue::Counter(1)),
         ]
     );
 }

@@ -308,3 +308,69 @@ async fn fail_open_shares_are_per_key_and_oversized_requests_never_reach_redis()
         other => panic!("expected a capacity refusal, got {other:?}"),
     }
 }
+
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn a_named_limiter_reports_decisions_and_where_they_were_answered() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let redis = Redis::start(Redis::free_port()).await;
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let limiter = metrics::with_local_recorder(&recorder, || {
+        RedisRateLimiter::builder(redis.url(), quota(10, 3))
+            .name("partner-api")
+            .prefix("named")
+            .timeout(Duration::from_secs(1))
+            .build()
+            .unwrap()
+    });
+    assert_eq!(limiter.name(), Some("partner-api"));
+    for _ in 0..4 {
+        let _ = limiter.acquire("k", 1).await;
+    }
+    let mut seen: Vec<(String, String, DebugValue)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, _, _, value)| {
+            // The breaker guarding Redis reports too; only the limiter's figures here.
+            key.key().name().starts_with("seawall_rate_limit") && *value != DebugValue::Counter(0)
+        })
+        .map(|(key, _, _, value)| {
+            let k = key.key();
+            let label = |name: &str| {
+                k.labels()
+                    .find(|l| l.key() == name)
+                    .map(|l| l.value().to_owned())
+                    .unwrap_or_default()
+            };
+            (
+                k.name().to_owned(),
+                format!("{}{}", label("decision"), label("source")),
+                value,
+            )
+        })
+        .collect();
+    seen.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "seawall_rate_limit_decisions_total".into(),
+                "admitted".into(),
+                DebugValue::Counter(3)
+            ),
+            (
+                "seawall_rate_limit_decisions_total".into(),
+                "refused".into(),
+                DebugValue::Counter(1)
+            ),
+            (
+                "seawall_rate_limit_redis_checks_total".into(),
+                "redis".into(),
+                DebugValue::Counter(4)
+            ),
+        ]
+    );
+}

@@ -87,6 +87,17 @@ impl std::error::Error for RedisLimitError {
     }
 }
 
+impl Source {
+    /// The `source` label of this answer in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Redis => "redis",
+            Source::Batch => "batch",
+            Source::Local => "local",
+        }
+    }
+}
+
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -111,6 +122,7 @@ struct Inner {
     local: Option<KeyedRateLimiter<String, TokioClock>>,
     breaker: Breaker,
     batch: Option<Batching>,
+    telemetry: super::telemetry::Telemetry,
 }
 
 /// Tokens taken from Redis ahead of time, per key.
@@ -181,6 +193,7 @@ pub struct RedisRateLimiterBuilder {
     policy: FailurePolicy,
     breaker: Option<CircuitBreakerConfig>,
     batch: Option<(u32, Duration)>,
+    name: Option<String>,
 }
 
 impl RedisRateLimiter {
@@ -194,6 +207,7 @@ impl RedisRateLimiter {
             policy: FailurePolicy::FailClosed,
             breaker: None,
             batch: None,
+            name: None,
         }
     }
 
@@ -205,6 +219,32 @@ impl RedisRateLimiter {
     /// Takes `tokens` from `key`'s shared bucket, or, while Redis is unavailable, applies
     /// the failure policy. Never waits longer than the timeout.
     pub async fn acquire(
+        &self,
+        key: &str,
+        tokens: u32,
+    ) -> Result<(Admitted, Source), RedisLimitError> {
+        let result = self.acquire_untraced(key, tokens).await;
+        let telemetry = &self.inner.telemetry;
+        match &result {
+            Ok((admitted, source)) => {
+                telemetry.record::<&Admitted>(&Ok(admitted));
+                telemetry.record_source(source.label());
+            }
+            Err(RedisLimitError::Limited(limited)) => {
+                telemetry.record::<()>(&Err(limited.clone()));
+                telemetry.record_source("redis");
+            }
+            Err(RedisLimitError::Unavailable(_)) => telemetry.record_source("unavailable"),
+        }
+        result
+    }
+
+    /// The limiter's name, if it was given one.
+    pub fn name(&self) -> Option<&str> {
+        self.inner.telemetry.get_name()
+    }
+
+    async fn acquire_untraced(
         &self,
         key: &str,
         tokens: u32,
@@ -372,6 +412,16 @@ impl RedisRateLimiterBuilder {
         self
     }
 
+    /// Names the limiter for metrics and tracing: decisions as for
+    /// [`RateLimiter::named`](super::RateLimiter::named), and where each check was answered
+    /// (`seawall_rate_limit_redis_checks_total{limiter, source}` with `source` one of
+    /// `redis`, `batch`, `local`, `unavailable`).
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
     /// Checks the URL and settings; does not connect (the first check does).
     pub fn build(self) -> Result<RedisRateLimiter, BoxError> {
         let client = redis::Client::open(self.url.as_str())?;
@@ -414,6 +464,13 @@ impl RedisRateLimiterBuilder {
                 policy: self.policy,
                 local,
                 breaker: Breaker::new(breaker),
+                telemetry: {
+                    let t = super::telemetry::Telemetry::default();
+                    if let Some(name) = &self.name {
+                        t.name_distributed(name);
+                    }
+                    t
+                },
                 batch: self.batch.map(|(size, max_age)| Batching {
                     size: size.min(self.quota.burst()),
                     max_age,

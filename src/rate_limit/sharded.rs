@@ -24,6 +24,7 @@ struct Inner<C> {
     interval: u64,
     tau: u64,
     clock: C,
+    telemetry: super::telemetry::Telemetry,
 }
 
 /// A token bucket for very high rates on many cores: the quota is split into `n` shards
@@ -119,6 +120,7 @@ impl<C: Clock> ShardedRateLimiter<C> {
                 interval,
                 tau: u64::from(share.burst()).saturating_mul(interval),
                 clock,
+                telemetry: super::telemetry::Telemetry::default(),
             }),
         })
     }
@@ -136,9 +138,29 @@ impl<C: Clock> ShardedRateLimiter<C> {
         self.acquire(tokens).map(|a| a.remaining)
     }
 
+    /// Names the limiter for metrics and tracing (as
+    /// [`RateLimiter::named`](super::RateLimiter::named)); the first name given sticks.
+    #[must_use]
+    pub fn named(self, name: &str) -> Self {
+        self.inner.telemetry.name(name);
+        self
+    }
+
+    /// The limiter's name, if it was given one.
+    pub fn name(&self) -> Option<&str> {
+        self.inner.telemetry.get_name()
+    }
+
     /// Like [`try_acquire`](Self::try_acquire), with the serving shard's figures.
     #[inline]
     pub fn acquire(&self, tokens: u32) -> Result<Admitted, RateLimited> {
+        let result = self.acquire_untraced(tokens);
+        self.inner.telemetry.record(&result);
+        result
+    }
+
+    #[inline]
+    fn acquire_untraced(&self, tokens: u32) -> Result<Admitted, RateLimited> {
         let inner = &*self.inner;
         let n = inner.shards.len();
         let home = my_shard() % n;

@@ -4,6 +4,10 @@ use std::sync::OnceLock;
 
 use super::error::RateLimited;
 
+/// The `source` labels of distributed limiters' checks.
+#[cfg(feature = "metrics")]
+const SOURCES: [&str; 4] = ["redis", "batch", "local", "unavailable"];
+
 /// The reporting of one named limiter. Costs one atomic load per check while unnamed.
 #[derive(Debug, Default)]
 pub(crate) struct Telemetry {
@@ -18,6 +22,22 @@ struct Named {
     admitted: metrics::Counter,
     #[cfg(feature = "metrics")]
     refused: metrics::Counter,
+    /// Distributed limiters: checks by where they were answered, registered on first use.
+    #[cfg(feature = "metrics")]
+    sources: OnceLock<[metrics::Counter; 4]>,
+}
+
+impl Named {
+    #[cfg(feature = "metrics")]
+    fn source_counters(&self) -> [metrics::Counter; 4] {
+        SOURCES.map(|source| {
+            metrics::counter!(
+                "seawall_rate_limit_redis_checks_total",
+                "limiter" => self.name.clone(),
+                "source" => source
+            )
+        })
+    }
 }
 
 impl Telemetry {
@@ -37,6 +57,8 @@ impl Telemetry {
                 "limiter" => name.to_owned(),
                 "decision" => "refused"
             ),
+            #[cfg(feature = "metrics")]
+            sources: OnceLock::new(),
         });
     }
 
@@ -69,5 +91,29 @@ impl Telemetry {
             }
         }
         let _ = named;
+    }
+
+    /// Names a distributed limiter: also registers its per-source counters.
+    pub(crate) fn name_distributed(&self, name: &str) {
+        self.name(name);
+        #[cfg(feature = "metrics")]
+        if let Some(named) = self.named.get() {
+            named.sources.get_or_init(|| named.source_counters());
+        }
+    }
+
+    /// Reports where a distributed limiter's check was answered.
+    pub(crate) fn record_source(&self, source: &'static str) {
+        let Some(named) = self.named.get() else {
+            return;
+        };
+        #[cfg(feature = "metrics")]
+        {
+            let counters = named.sources.get_or_init(|| named.source_counters());
+            if let Some(i) = SOURCES.iter().position(|s| *s == source) {
+                counters[i].increment(1);
+            }
+        }
+        let _ = (named, source);
     }
 }
