@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 /// How [`Balance`](super::Balance) picks an endpoint for the next request.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 #[non_exhaustive]
 pub enum Strategy {
     /// Power of two choices on outstanding requests: two endpoints drawn at random
@@ -33,12 +33,6 @@ impl Strategy {
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
         }
-    }
-}
-
-impl Default for Strategy {
-    fn default() -> Self {
-        Strategy::LeastRequests
     }
 }
 

@@ -231,7 +231,7 @@ impl RedisRateLimiter {
                 telemetry.record_source(source.label());
             }
             Err(RedisLimitError::Limited(limited)) => {
-                telemetry.record::<()>(&Err(limited.clone()));
+                telemetry.record::<()>(&Err(*limited));
                 telemetry.record_source("redis");
             }
             Err(RedisLimitError::Unavailable(_)) => telemetry.record_source("unavailable"),

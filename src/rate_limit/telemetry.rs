@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use super::error::RateLimited;
 
 /// The `source` labels of distributed limiters' checks.
-#[cfg(feature = "metrics")]
+#[cfg(all(feature = "metrics", feature = "redis"))]
 const SOURCES: [&str; 4] = ["redis", "batch", "local", "unavailable"];
 
 /// The reporting of one named limiter. Costs one atomic load per check while unnamed.
@@ -23,12 +23,12 @@ struct Named {
     #[cfg(feature = "metrics")]
     refused: metrics::Counter,
     /// Distributed limiters: checks by where they were answered, registered on first use.
-    #[cfg(feature = "metrics")]
+    #[cfg(all(feature = "metrics", feature = "redis"))]
     sources: OnceLock<[metrics::Counter; 4]>,
 }
 
 impl Named {
-    #[cfg(feature = "metrics")]
+    #[cfg(all(feature = "metrics", feature = "redis"))]
     fn source_counters(&self) -> [metrics::Counter; 4] {
         SOURCES.map(|source| {
             metrics::counter!(
@@ -57,7 +57,7 @@ impl Telemetry {
                 "limiter" => name.to_owned(),
                 "decision" => "refused"
             ),
-            #[cfg(feature = "metrics")]
+            #[cfg(all(feature = "metrics", feature = "redis"))]
             sources: OnceLock::new(),
         });
     }
@@ -94,6 +94,7 @@ impl Telemetry {
     }
 
     /// Names a distributed limiter: also registers its per-source counters.
+    #[cfg(feature = "redis")]
     pub(crate) fn name_distributed(&self, name: &str) {
         self.name(name);
         #[cfg(feature = "metrics")]
@@ -103,6 +104,7 @@ impl Telemetry {
     }
 
     /// Reports where a distributed limiter's check was answered.
+    #[cfg(feature = "redis")]
     pub(crate) fn record_source(&self, source: &'static str) {
         let Some(named) = self.named.get() else {
             return;
