@@ -11,6 +11,7 @@ pub enum Strategy {
     /// Power of two choices on outstanding requests: two endpoints drawn at random
     /// (in proportion to their weights), the one with fewer requests in flight per unit of
     /// weight wins. The default: no clock read on the request path.
+    #[default]
     LeastRequests,
     /// Power of two choices on peak-EWMA latency × (outstanding + 1), as in Finagle and
     /// tower: an endpoint's latency estimate jumps to any slower response at once and decays

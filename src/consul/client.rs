@@ -239,7 +239,7 @@ pub fn parse_health_response(bytes: &[u8]) -> Result<HealthResponse, ConsulError
 }
 
 /// A service registered on the local agent, as `GET /v1/agent/services` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, rename_all = "PascalCase")]
 #[non_exhaustive]
 pub struct AgentService {
@@ -261,19 +261,6 @@ pub struct AgentService {
     /// The metadata.
     #[serde(deserialize_with = "null_default")]
     pub meta: BTreeMap<String, String>,
-}
-
-impl Default for AgentService {
-    fn default() -> Self {
-        Self {
-            id: String::new(),
-            service: String::new(),
-            tags: Vec::new(),
-            address: String::new(),
-            port: 0,
-            meta: BTreeMap::new(),
-        }
-    }
 }
 
 fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
@@ -699,6 +686,189 @@ mod tests {
                 .blocking_wait(),
             Some(MAX_WAIT)
         );
+    }
+
+    /// A one-answer-per-connection HTTP server: each request gets the next canned
+    /// response (`None`: never answer); request heads are recorded.
+    struct Canned {
+        addr: std::net::SocketAddr,
+        heads: Arc<parking_lot::Mutex<Vec<String>>>,
+    }
+
+    impl Canned {
+        async fn start(responses: Vec<Option<String>>) -> Self {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let heads = Arc::new(parking_lot::Mutex::new(Vec::new()));
+            let recorded = heads.clone();
+            tokio::spawn(async move {
+                for response in responses {
+                    let (mut socket, _) = listener.accept().await.unwrap();
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = socket.read(&mut chunk).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    recorded
+                        .lock()
+                        .push(String::from_utf8_lossy(&buf).into_owned());
+                    match response {
+                        Some(r) => {
+                            let _ = socket.write_all(r.as_bytes()).await;
+                            let _ = socket.shutdown().await;
+                        }
+                        None => {
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                                drop(socket);
+                            });
+                        }
+                    }
+                }
+            });
+            Self { addr, heads }
+        }
+
+        fn client(&self, timeout: Duration) -> ConsulClient {
+            ConsulClient::new(
+                ConsulConfig::builder()
+                    .address(self.addr.to_string())
+                    .token("tok-123")
+                    .datacenter("dc9")
+                    .request_timeout(timeout)
+                    .build()
+                    .unwrap(),
+            )
+        }
+    }
+
+    fn answer(status: &str, headers: &str, body: &str) -> Option<String> {
+        Some(format!(
+            "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ))
+    }
+
+    #[tokio::test]
+    async fn health_query_sends_parameters_token_and_reads_headers() {
+        let server = Canned::start(vec![answer(
+            "200 OK",
+            "X-Consul-Index: 7\r\nX-Consul-KnownLeader: true\r\nX-Consul-LastContact: 15\r\n",
+            "[]",
+        )])
+        .await;
+        let client = server.client(Duration::from_secs(5));
+        let query = HealthQuery::new("users")
+            .passing(true)
+            .tag("a")
+            .tag("b")
+            .filter("Service.Port > 1")
+            .consistency(Consistency::Stale)
+            .near("_agent")
+            .index(5)
+            .wait(Duration::from_millis(1500));
+        let r = client.health_service(&query).await.unwrap();
+        assert_eq!(r.index, 7);
+        assert_eq!(r.known_leader, Some(true));
+        assert_eq!(r.last_contact, Some(Duration::from_millis(15)));
+        let head = server.heads.lock()[0].to_ascii_lowercase();
+        assert!(
+            head.starts_with(
+                "get /v1/health/service/users?passing=true&index=5&wait=1.5s&tag=a&tag=b\
+                 &filter=service.port%20%3e%201&dc=dc9&stale&near=_agent http/1.1"
+            ),
+            "{head}"
+        );
+        assert!(head.contains("x-consul-token: tok-123"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_index_header_is_a_decode_error() {
+        let server = Canned::start(vec![answer("200 OK", "", "[]")]).await;
+        let e = server
+            .client(Duration::from_secs(5))
+            .health_service(&HealthQuery::new("users"))
+            .await
+            .unwrap_err();
+        assert!(e.is_decode(), "{e}");
+        assert!(e.to_string().contains("X-Consul-Index"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn status_errors_carry_code_and_body_but_not_the_token() {
+        let server = Canned::start(vec![answer("403 Forbidden", "", "Permission denied")]).await;
+        let e = server
+            .client(Duration::from_secs(5))
+            .register(&ServiceRegistration::builder("s").build().unwrap())
+            .await
+            .unwrap_err();
+        assert!(e.is_permission_denied());
+        assert_eq!(
+            e.to_string(),
+            "consul PUT /v1/agent/service/register: status 403: Permission denied"
+        );
+        assert!(!format!("{e} {e:?}").contains("tok-123"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn blocking_queries_get_wait_plus_a_sixteenth_plus_the_timeout() {
+        let server = Canned::start(vec![None, None]).await;
+        let client = server.client(Duration::from_secs(2));
+        let start = tokio::time::Instant::now();
+        let e = client
+            .health_service(&HealthQuery::new("s").index(3).wait(Duration::from_secs(16)))
+            .await
+            .unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        assert_eq!(start.elapsed(), Duration::from_secs(16 + 1 + 2));
+        let start = tokio::time::Instant::now();
+        let e = client.status_leader().await.unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn connection_refused_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let client = ConsulClient::new(
+            ConsulConfig::builder()
+                .address(addr.to_string())
+                .build()
+                .unwrap(),
+        );
+        let e = client.status_leader().await.unwrap_err();
+        assert!(e.is_connect() && e.is_transport(), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("consul GET /v1/status/leader: cannot connect"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn leader_and_agent_services() {
+        let server = Canned::start(vec![
+            answer("200 OK", "", "\"\""),
+            answer(
+                "200 OK",
+                "",
+                r#"{"b": {"Service": "s", "Port": 1, "Tags": null}, "a": {"ID": "a"}}"#,
+            ),
+        ])
+        .await;
+        let client = server.client(Duration::from_secs(5));
+        assert_eq!(client.status_leader().await.unwrap(), None);
+        let services = client.agent_services().await.unwrap();
+        assert_eq!(services.len(), 2);
+        assert_eq!(services[1].id, "b");
+        assert_eq!(services[1].port, 1);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Reading `GET /v1/health/service/:service` answers into instances, leniently.
 
-use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 
+use std::fmt;
+use std::marker::PhantomData;
+
 use serde::Deserialize;
-use serde_json::Value;
+use serde::de::{self, DeserializeOwned, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::error::ConsulError;
 use crate::discovery::{Health, Instance, InstanceId};
@@ -44,69 +46,250 @@ pub(crate) struct ParsedHealth {
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "PascalCase")]
 struct Entry {
-    #[serde(deserialize_with = "lenient")]
-    node: NodeInfo,
-    #[serde(deserialize_with = "lenient")]
-    service: Option<ServiceInfo>,
-    #[serde(deserialize_with = "lenient")]
-    checks: Vec<Value>,
+    node: Obj<NodeInfo>,
+    service: Obj<ServiceInfo>,
+    checks: List<Obj<CheckInfo>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "PascalCase")]
 struct NodeInfo {
-    #[serde(deserialize_with = "lenient")]
-    node: String,
-    #[serde(deserialize_with = "lenient")]
-    address: String,
+    node: Loose,
+    address: Loose,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "PascalCase")]
 struct ServiceInfo {
-    #[serde(rename = "ID", deserialize_with = "lenient")]
-    id: String,
-    #[serde(deserialize_with = "lenient")]
-    service: String,
-    #[serde(deserialize_with = "lenient")]
-    tags: Vec<Value>,
-    #[serde(deserialize_with = "lenient")]
-    address: String,
-    #[serde(deserialize_with = "lenient")]
-    port: Option<Value>,
-    #[serde(deserialize_with = "lenient")]
-    meta: BTreeMap<String, Value>,
-    #[serde(deserialize_with = "lenient")]
-    weights: Weights,
+    #[serde(rename = "ID")]
+    id: Loose,
+    service: Loose,
+    tags: List<Loose>,
+    address: Loose,
+    port: Loose,
+    meta: Dict,
+    weights: Obj<Weights>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default, rename_all = "PascalCase")]
 struct Weights {
-    #[serde(deserialize_with = "lenient")]
-    passing: Option<Value>,
-    #[serde(deserialize_with = "lenient")]
-    warning: Option<Value>,
+    passing: Loose,
+    warning: Loose,
 }
 
-/// A field of the wrong type (null included) reads as its default instead of failing the
-/// whole answer.
-fn lenient<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: serde::de::DeserializeOwned + Default,
-{
-    let value = Value::deserialize(d)?;
-    Ok(T::deserialize(value).unwrap_or_default())
+#[derive(Deserialize, Default)]
+#[serde(default, rename_all = "PascalCase")]
+struct CheckInfo {
+    status: Loose,
 }
+
+/// Any JSON value, keeping only what the parser reads (strings and non-negative
+/// integers); anything else, null included, is `Other`. Nested values are skipped
+/// without being built.
+#[derive(Default)]
+enum Loose {
+    Str(String),
+    U64(u64),
+    #[default]
+    Other,
+}
+
+impl Loose {
+    fn into_string(self) -> String {
+        match self {
+            Loose::Str(s) => s,
+            _ => String::new(),
+        }
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Loose::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Loose::U64(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+/// An object read as `T` (whose fields are all lenient); anything else is `None`.
+struct Obj<T>(Option<T>);
+
+impl<T> Default for Obj<T> {
+    fn default() -> Self {
+        Obj(None)
+    }
+}
+
+/// An array of `T`; anything else is empty.
+struct List<T>(Vec<T>);
+
+impl<T> Default for List<T> {
+    fn default() -> Self {
+        List(Vec::new())
+    }
+}
+
+/// An object of any values; anything else is empty.
+#[derive(Default)]
+struct Dict(Vec<(String, Loose)>);
+
+/// A type read from any JSON value without failing: what it does not expect reads as its
+/// default, and nested values it does not want are skipped without being built.
+trait Lenient: Default {
+    fn from_string(_: String) -> Self {
+        Self::default()
+    }
+
+    fn from_u64(_: u64) -> Self {
+        Self::default()
+    }
+
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Self::default())
+    }
+
+    fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Self::default())
+    }
+}
+
+impl Lenient for Loose {
+    fn from_string(s: String) -> Self {
+        Loose::Str(s)
+    }
+
+    fn from_u64(n: u64) -> Self {
+        Loose::U64(n)
+    }
+}
+
+impl<T: DeserializeOwned> Lenient for Obj<T> {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        // Owned fields only: no borrow of the input outlives the call.
+        let t = T::deserialize(OwnedMap(map))?;
+        Ok(Obj(Some(t)))
+    }
+}
+
+impl<T: DeserializeOwned> Lenient for List<T> {
+    fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(item) = seq.next_element_seed(PhantomData::<T>)? {
+            out.push(item);
+        }
+        Ok(List(out))
+    }
+}
+
+impl Lenient for Dict {
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut out = Vec::new();
+        while let Some((k, v)) = map.next_entry::<String, Loose>()? {
+            out.push((k, v));
+        }
+        Ok(Dict(out))
+    }
+}
+
+/// A map access handed to a [`DeserializeOwned`] type as a deserializer.
+struct OwnedMap<A>(A);
+
+impl<'de, A: MapAccess<'de>> Deserializer<'de> for OwnedMap<A> {
+    type Error = A::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, A::Error> {
+        visitor.visit_map(self.0)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        identifier ignored_any
+    }
+}
+
+struct LenientVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Lenient> Visitor<'de> for LenientVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<T, E> {
+        Ok(T::default())
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        Ok(u64::try_from(v).map_or_else(|_| T::default(), T::from_u64))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+        Ok(T::from_u64(v))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<T, E> {
+        Ok(T::default())
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        Ok(T::from_string(v.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<T, E> {
+        Ok(T::from_string(v))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::from_map(map)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        T::from_seq(seq)
+    }
+}
+
+macro_rules! deserialize_leniently {
+    ($($ty:ident $(<$gen:ident>)?),*) => {$(
+        impl<'de $(, $gen: DeserializeOwned)?> Deserialize<'de> for $ty $(<$gen>)? {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_any(LenientVisitor(PhantomData))
+            }
+        }
+    )*};
+}
+
+deserialize_leniently!(Loose, Obj<T>, List<T>, Dict);
 
 /// The worst status among an entry's checks; `None` when some check is critical (or has
 /// a status this client does not know, such as a maintenance mode), `Some(Passing)` when
 /// there are no checks.
-fn entry_health(checks: &[Value]) -> Option<Health> {
+fn entry_health(checks: &[Obj<CheckInfo>]) -> Option<Health> {
     let mut health = Health::Passing;
     for check in checks {
-        match check.get("Status").and_then(Value::as_str) {
+        match check.0.as_ref().and_then(|c| c.status.as_str()) {
             Some("passing") => {}
             Some("warning") => health = Health::Warning,
             _ => return None,
@@ -115,18 +298,13 @@ fn entry_health(checks: &[Value]) -> Option<Health> {
     Some(health)
 }
 
-/// A JSON number as a `u64`, when it is a non-negative integer.
-fn as_u64(v: Option<&Value>) -> Option<u64> {
-    v?.as_u64()
-}
-
 /// Reads a health answer's body. Lenient, as the Consul API fact sheet requires:
 /// unknown fields are ignored, null or mistyped fields read as empty, missing weights as
 /// 1/1; an entry without a dialable address or port is skipped and reported, not an
 /// error. Instances are keyed by node and service ID. Only a body that is not a JSON array
 /// (or `null`) is an error.
 pub(crate) fn parse(bytes: &[u8]) -> Result<ParsedHealth, ConsulError> {
-    let entries: Option<Vec<Value>> = serde_json::from_slice(bytes).map_err(|e| {
+    let entries: Option<Vec<Obj<Entry>>> = serde_json::from_slice(bytes).map_err(|e| {
         ConsulError::decode(format!("health answer is not a JSON array of entries: {e}"))
     })?;
     let entries = entries.unwrap_or_default();
@@ -134,47 +312,46 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<ParsedHealth, ConsulError> {
         instances: Vec::with_capacity(entries.len()),
         ..ParsedHealth::default()
     };
-    for raw in entries {
-        let entry = Entry::deserialize(raw).unwrap_or_default();
-        let Some(service) = entry.service else {
+    for Obj(entry) in entries {
+        let entry = entry.unwrap_or_default();
+        let node = entry.node.0.unwrap_or_default();
+        let node_name = node.node.into_string();
+        let Some(service) = entry.service.0 else {
             out.skipped
-                .push(skipped(&entry.node.node, "", SkipReason::Malformed));
+                .push(skipped(&node_name, "", SkipReason::Malformed));
             continue;
         };
-        let service_id = if service.id.is_empty() {
-            service.service.clone()
-        } else {
-            service.id
+        let name = service.service.into_string();
+        let service_id = match service.id {
+            Loose::Str(id) if !id.is_empty() => id,
+            _ => name.clone(),
         };
-        let address = if service.address.is_empty() {
-            entry.node.address
-        } else {
-            service.address
+        let address = match service.address {
+            Loose::Str(a) if !a.is_empty() => a,
+            _ => node.address.into_string(),
         };
         if address.is_empty() {
-            out.skipped.push(skipped(
-                &entry.node.node,
-                &service_id,
-                SkipReason::NoAddress,
-            ));
+            out.skipped
+                .push(skipped(&node_name, &service_id, SkipReason::NoAddress));
             continue;
         }
-        let port = match as_u64(service.port.as_ref()).and_then(|p| u16::try_from(p).ok()) {
+        let port = match service.port.as_u64().and_then(|p| u16::try_from(p).ok()) {
             Some(p) if p != 0 => p,
             _ => {
                 out.skipped
-                    .push(skipped(&entry.node.node, &service_id, SkipReason::NoPort));
+                    .push(skipped(&node_name, &service_id, SkipReason::NoPort));
                 continue;
             }
         };
-        let Some(health) = entry_health(&entry.checks) else {
+        let Some(health) = entry_health(&entry.checks.0) else {
             out.unhealthy += 1;
             continue;
         };
         // Consul requires a passing weight of at least 1; 0 or missing reads as 1. A
         // warning weight of 0 takes the instance out of rotation while it warns.
-        let passing = as_u64(service.weights.passing.as_ref()).unwrap_or(1);
-        let warning = as_u64(service.weights.warning.as_ref()).unwrap_or(1);
+        let weights = service.weights.0.unwrap_or_default();
+        let passing = weights.passing.as_u64().unwrap_or(1);
+        let warning = weights.warning.as_u64().unwrap_or(1);
         let weight = match health {
             Health::Warning => warning,
             _ => passing.max(1),
@@ -183,24 +360,22 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<ParsedHealth, ConsulError> {
             out.unhealthy += 1;
             continue;
         };
-        let mut instance = Instance::new(
-            InstanceId::new(entry.node.node, service_id),
-            service.service,
-            address,
-            port,
-        )
-        .with_weight(weight)
-        .with_health(health)
-        .with_tags(
-            service
-                .tags
-                .into_iter()
-                .filter_map(|t| t.as_str().map(str::to_owned)),
-        );
+        let mut instance =
+            Instance::new(InstanceId::new(node_name, service_id), name, address, port)
+                .with_weight(weight)
+                .with_health(health)
+                .with_tags(service.tags.0.into_iter().filter_map(|t| match t {
+                    Loose::Str(t) => Some(t),
+                    _ => None,
+                }));
         instance.meta = service
             .meta
+            .0
             .into_iter()
-            .filter_map(|(k, v)| Some((k, v.as_str()?.to_owned())))
+            .filter_map(|(k, v)| match v {
+                Loose::Str(v) => Some((k, v)),
+                _ => None,
+            })
             .collect();
         out.instances.push(instance);
     }
@@ -225,7 +400,7 @@ fn skipped(node: &str, service_id: &str, reason: SkipReason) -> SkippedEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn entry(node: &str, id: &str, port: u16, statuses: &[&str]) -> Value {
         let checks: Vec<Value> = statuses
