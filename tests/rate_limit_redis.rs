@@ -374,3 +374,104 @@ async fn a_named_limiter_reports_decisions_and_where_they_were_answered() {
         ]
     );
 }
+
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redis_is_gone() {
+    use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
+    use tower::{Layer, Service, ServiceExt};
+
+    let redis = Redis::start(Redis::free_port()).await;
+    let make = |url: String| {
+        let limiter = RedisRateLimiter::builder(url, quota(60, 2))
+            .prefix("http")
+            .timeout(Duration::from_millis(300))
+            .breaker(quick_breaker())
+            .build()
+            .unwrap();
+        HttpRedisRateLimitLayer::new(
+            limiter,
+            HeaderKey(http::HeaderName::from_static("x-api-key")),
+        )
+        .name("per-key")
+        .legacy_headers(true)
+        .layer(tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+        }))
+    };
+    // Two replicas, one limit of 2 per key.
+    let mut replicas = [make(redis.url()), make(redis.url())];
+    let request = |key: &str| {
+        http::Request::builder()
+            .header("x-api-key", key)
+            .body(())
+            .unwrap()
+    };
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let svc = &mut replicas[i % 2];
+        let response = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request("k1"))
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        let h = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            h("ratelimit-policy").as_deref(),
+            Some("\"per-key\";q=2;w=2")
+        );
+        assert_eq!(h("x-ratelimit-limit").as_deref(), Some("2"));
+        match i {
+            0 => {
+                assert_eq!(response.body(), "hello");
+                assert_eq!(h("x-ratelimit-remaining").as_deref(), Some("1"));
+            }
+            1 => assert_eq!(h("x-ratelimit-remaining").as_deref(), Some("0")),
+            _ => {
+                assert_eq!(h("retry-after").as_deref(), Some("1"));
+                assert!(h("ratelimit").unwrap().starts_with("\"per-key\";r=0;t="));
+                assert_eq!(response.body(), "", "the 429 body is the default body");
+            }
+        }
+    }
+    assert_eq!(statuses, vec![200, 200, 429]);
+    // Another key, and a request without one, pass.
+    let svc = &mut replicas[0];
+    let other = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request("k2"))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    let keyless = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(http::Request::new(()))
+        .await
+        .unwrap();
+    assert_eq!(keyless.status(), 200);
+    assert!(keyless.headers().get("ratelimit").is_none());
+
+    // Redis gone, failing closed: 503 with Retry-After, never a hang.
+    drop(redis);
+    let response = tokio::time::timeout(
+        Duration::from_secs(3),
+        svc.ready().await.unwrap().call(request("k3")),
+    )
+    .await
+    .expect("answered within the Redis timeout")
+    .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+}

@@ -200,7 +200,7 @@ fn value(s: String) -> HeaderValue {
 
 /// The headers one decision adds to a response.
 #[derive(Debug)]
-struct Headers {
+pub(super) struct Headers {
     policy: HeaderValue,
     state: HeaderValue,
     legacy: Option<(HeaderValue, HeaderValue)>,
@@ -208,7 +208,7 @@ struct Headers {
 }
 
 impl Headers {
-    fn new(name: &str, legacy: bool, decision: &Result<Admitted, RateLimited>) -> Self {
+    pub(super) fn new(name: &str, legacy: bool, decision: &Result<Admitted, RateLimited>) -> Self {
         let name = sanitize(name);
         let (limit, window, remaining, reset, retry) = match decision {
             Ok(a) => (a.limit, a.window, a.remaining, a.full_in, None),
@@ -233,7 +233,7 @@ impl Headers {
         }
     }
 
-    fn apply(self, headers: &mut http::HeaderMap) {
+    pub(super) fn apply(self, headers: &mut http::HeaderMap) {
         headers.append(RATELIMIT_POLICY.clone(), self.policy);
         headers.append(RATELIMIT.clone(), self.state);
         if let Some((limit, remaining)) = self.legacy {

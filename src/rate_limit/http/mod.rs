@@ -15,6 +15,8 @@
 mod key;
 mod layer;
 pub mod parse;
+#[cfg(feature = "redis")]
+mod redis;
 mod retry_after;
 
 pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
@@ -22,4 +24,7 @@ pub use layer::{
     HttpLimit, HttpRateLimit, HttpRateLimitLayer, PerKey, RATELIMIT, RATELIMIT_POLICY,
     ResponseFuture, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
 };
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::{HttpRedisRateLimit, HttpRedisRateLimitLayer};
 pub use retry_after::{DEFAULT_MAX_HOLD, HoldingOff, RetryAfter, RetryAfterLayer};

@@ -1,0 +1,174 @@
+//! The server-side 429 layer over the Redis-backed limiter (features `http` and `redis`).
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use tower::{Layer, Service};
+
+use super::layer::Headers;
+use crate::rate_limit::KeyExtractor;
+use crate::rate_limit::redis::{RedisLimitError, RedisRateLimiter};
+
+/// [`HttpRateLimitLayer`](super::HttpRateLimitLayer) for a fleet: each request's key (a
+/// client IP, an API key, a route…) is checked against a [`RedisRateLimiter`] shared by
+/// every replica. A refused request is answered here with `429`, `Retry-After` and the
+/// same `RateLimit-Policy` / `RateLimit` (and optionally Kong-style) headers; admitted
+/// responses carry them too. When Redis cannot answer and the limiter fails closed, the
+/// answer is `503` with `Retry-After: 1`; with
+/// [`FailOpen`](crate::rate_limit::redis::FailurePolicy::FailOpen) the local share decides
+/// and the headers describe it. Requests without a key pass unlimited.
+///
+/// The check is a round trip before the inner service is called, so the call holds a
+/// ready clone of the inner service (tower's usual pattern) and its future is boxed.
+///
+/// ```no_run
+/// use seawall::rate_limit::http::{ClientIp, HttpRedisRateLimitLayer};
+/// use seawall::rate_limit::redis::RedisRateLimiter;
+/// use seawall::rate_limit::{Quota, Rate};
+/// use tower::ServiceBuilder;
+///
+/// # fn main() -> Result<(), seawall::BoxError> {
+/// let limiter = RedisRateLimiter::builder("redis://127.0.0.1:6379", Quota::new(Rate::per_minute(600), 60)?)
+///     .prefix("per-ip")
+///     .build()?;
+/// let svc = ServiceBuilder::new()
+///     .layer(HttpRedisRateLimitLayer::new(limiter, ClientIp::peer()).name("per-ip"))
+///     .service_fn(|_req: http::Request<String>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+///     });
+/// # let _ = svc;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct HttpRedisRateLimitLayer<E> {
+    limiter: RedisRateLimiter,
+    extractor: E,
+    name: Arc<str>,
+    legacy: bool,
+}
+
+impl<E> HttpRedisRateLimitLayer<E> {
+    /// Limits each request under the key `extractor` takes from it.
+    pub fn new(limiter: RedisRateLimiter, extractor: E) -> Self {
+        Self {
+            limiter,
+            extractor,
+            name: Arc::from("default"),
+            legacy: false,
+        }
+    }
+
+    /// The policy name in the `RateLimit-Policy` / `RateLimit` headers.
+    #[must_use]
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Arc::from(name);
+        self
+    }
+
+    /// Adds Kong-style `X-RateLimit-Limit` / `X-RateLimit-Remaining` headers.
+    #[must_use]
+    pub fn legacy_headers(mut self, on: bool) -> Self {
+        self.legacy = on;
+        self
+    }
+}
+
+impl<E> fmt::Debug for HttpRedisRateLimitLayer<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpRedisRateLimitLayer")
+            .field("limiter", &self.limiter)
+            .field("name", &self.name)
+            .field("legacy", &self.legacy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, E: Clone> Layer<S> for HttpRedisRateLimitLayer<E> {
+    type Service = HttpRedisRateLimit<S, E>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpRedisRateLimit {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`HttpRedisRateLimitLayer`].
+#[derive(Clone)]
+pub struct HttpRedisRateLimit<S, E> {
+    inner: S,
+    layer: HttpRedisRateLimitLayer<E>,
+}
+
+impl<S: fmt::Debug, E> fmt::Debug for HttpRedisRateLimit<S, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpRedisRateLimit")
+            .field("inner", &self.inner)
+            .field("layer", &self.layer)
+            .finish()
+    }
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, E, ReqB, ResB> Service<Request<ReqB>> for HttpRedisRateLimit<S, E>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    E: KeyExtractor<Request<ReqB>>,
+    E::Key: fmt::Display,
+    ReqB: Send + 'static,
+    ResB: Default + Send + 'static,
+{
+    type Response = Response<ResB>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<ResB>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        // The ready service goes into the future; this one keeps a fresh clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(key) = self.layer.extractor.extract(&request) else {
+            return Box::pin(inner.call(request));
+        };
+        let key = key.to_string();
+        let (limiter, name, legacy) = (
+            self.layer.limiter.clone(),
+            self.layer.name.clone(),
+            self.layer.legacy,
+        );
+        Box::pin(async move {
+            match limiter.acquire(&key, 1).await {
+                Ok((admitted, _source)) => {
+                    let headers = Headers::new(&name, legacy, &Ok(admitted));
+                    let mut response = inner.call(request).await?;
+                    headers.apply(response.headers_mut());
+                    Ok(response)
+                }
+                Err(RedisLimitError::Limited(refused)) => {
+                    let mut response = Response::new(ResB::default());
+                    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                    Headers::new(&name, legacy, &Err(refused)).apply(response.headers_mut());
+                    Ok(response)
+                }
+                Err(RedisLimitError::Unavailable(_)) => {
+                    let mut response = Response::new(ResB::default());
+                    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    response
+                        .headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    Ok(response)
+                }
+            }
+        })
+    }
+}
