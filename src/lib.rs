@@ -9,6 +9,14 @@
 //!   events, metrics and manual control.
 //! * [`fallback`]: serve a response when a call fails or the breaker is open: a value, a
 //!   closure, an async closure, or the last known good response.
+//! * [`rate_limit`]: token buckets (local, per key, sharded, Redis-backed), waiting or
+//!   rejecting, with HTTP 429 answers and rate-limit headers.
+//! * [`discovery`]: where a service's instances are (a static list, an in-process
+//!   registry, Consul), as a `tower::discover::Discover` stream of per-instance stacks.
+//! * [`balance`]: client-side load balancing over them: power of two choices, round
+//!   robin, consistent hashing, per-endpoint breakers and outlier ejection.
+//! * `consul` (feature `consul`): a Consul client, registration with health checks, and a
+//!   blocking-query watch feeding [`discovery`].
 //!
 //! ```
 //! use std::time::Duration;
@@ -45,6 +53,9 @@
 //! | `http` | [`circuit_breaker::HttpClassifier`] (5xx and transport errors are failures) |
 //! | `metrics` | counters and gauges through the [`metrics`](https://docs.rs/metrics) crate |
 //! | `tracing` | events through [`tracing`](https://docs.rs/tracing) |
+//! | `quanta` | `QuantaClock`, a TSC clock for limiters and balancers |
+//! | `redis` | the Redis-backed distributed rate limiter |
+//! | `consul` | the Consul client, registration guard and discovery watch |
 //! | `full` | all of the above |
 //!
 //! The core layers need only tower and tokio.

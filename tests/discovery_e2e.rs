@@ -127,21 +127,17 @@ impl Server {
     }
 }
 
+type BoxFuture = std::pin::Pin<Box<dyn Future<Output = Result<String, BoxError>> + Send>>;
+type Call = Box<dyn Fn(()) -> BoxFuture + Send>;
+
 /// An HTTP client stack for one instance: GET / and the body as text; non-2xx is an error.
 fn client_for(
     http: Client<HttpConnector, Full<Bytes>>,
-) -> impl FnMut(
-    &Instance,
-) -> tower::util::ServiceFn<
-    Box<dyn Fn(()) -> std::pin::Pin<Box<dyn Future<Output = Result<String, BoxError>> + Send>> + Send>,
-> + Clone {
+) -> impl FnMut(&Instance) -> tower::util::ServiceFn<Call> + Clone {
     move |instance: &Instance| {
         let http = http.clone();
         let uri: hyper::Uri = format!("http://{}/", instance.authority()).parse().unwrap();
-        let f: Box<
-            dyn Fn(()) -> std::pin::Pin<Box<dyn Future<Output = Result<String, BoxError>> + Send>>
-                + Send,
-        > = Box::new(move |()| {
+        let f: Call = Box::new(move |()| {
             let (http, uri) = (http.clone(), uri.clone());
             Box::pin(async move {
                 let response = timeout(Duration::from_secs(2), http.get(uri)).await??;
@@ -248,7 +244,10 @@ async fn traffic_follows_deregistration_failed_checks_and_killed_instances() {
     let guard = guards[0].take().unwrap();
     let drain = tokio::spawn(guard.shutdown(Duration::from_millis(500)));
     let took = eventually("users-a gone from the watch", || {
-        instances.peek().iter().all(|i| i.id.service_id() != "users-a")
+        instances
+            .peek()
+            .iter()
+            .all(|i| i.id.service_id() != "users-a")
     })
     .await;
     assert!(took < Duration::from_secs(1), "took {took:?}");
@@ -266,7 +265,10 @@ async fn traffic_follows_deregistration_failed_checks_and_killed_instances() {
     // 2. Fails its health check: the agent's next check turns it critical and it leaves.
     servers[1].health.set_unhealthy("maintenance");
     let took = eventually("users-b gone after its check failed", || {
-        instances.peek().iter().all(|i| i.id.service_id() != "users-b")
+        instances
+            .peek()
+            .iter()
+            .all(|i| i.id.service_id() != "users-b")
     })
     .await;
     assert!(took < Duration::from_secs(3), "took {took:?}");
@@ -281,7 +283,10 @@ async fn traffic_follows_deregistration_failed_checks_and_killed_instances() {
     assert!(seen.get("error").copied().unwrap_or(0) <= 1, "{seen:?}");
     assert!(seen.get("users-d").copied().unwrap_or(0) >= 99, "{seen:?}");
     eventually("users-c gone after it was killed", || {
-        instances.peek().iter().all(|i| i.id.service_id() != "users-c")
+        instances
+            .peek()
+            .iter()
+            .all(|i| i.id.service_id() != "users-c")
     })
     .await;
     lb.ready().await.unwrap(); // discovery changes are applied in poll_ready
@@ -290,7 +295,10 @@ async fn traffic_follows_deregistration_failed_checks_and_killed_instances() {
     // 4. Back: users-b recovers and is discovered again.
     servers[1].health.set_healthy();
     eventually("users-b back", || {
-        instances.peek().iter().any(|i| i.id.service_id() == "users-b")
+        instances
+            .peek()
+            .iter()
+            .any(|i| i.id.service_id() == "users-b")
     })
     .await;
     let seen = spread(&mut lb, 100).await;
@@ -409,7 +417,11 @@ async fn a_thousand_instances_come_and_go() {
     for _ in 0..5000 {
         ports.insert(lb.ready().await.unwrap().call(()).await.unwrap());
     }
-    assert!(ports.len() > 900, "requests spread over {} endpoints", ports.len());
+    assert!(
+        ports.len() > 900,
+        "requests spread over {} endpoints",
+        ports.len()
+    );
 
     // Half of them leave.
     for i in (0..1000u16).step_by(2) {
@@ -423,7 +435,10 @@ async fn a_thousand_instances_come_and_go() {
     assert_eq!(lb.len(), 550);
     for _ in 0..2000 {
         let port = lb.ready().await.unwrap().call(()).await.unwrap();
-        assert!(port < 30000 || (port - 30000) % 2 == 1, "{port} was deregistered");
+        assert!(
+            port < 30000 || (port - 30000) % 2 == 1,
+            "{port} was deregistered"
+        );
     }
     eprintln!("1,050 instances followed in {followed:?}");
 }

@@ -1,0 +1,540 @@
+//! A registration that keeps itself alive, and goes away when the service does.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::client::ConsulClient;
+use super::error::{ConfigError, ConsulError};
+use super::registration::{CheckStatus, ServiceRegistration};
+use super::watch::{backoff, seed};
+
+/// How a [`RegistrationGuard`] keeps its registration alive.
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::consul::{CheckStatus, GuardConfig};
+///
+/// let config = GuardConfig::builder()
+///     .heartbeat(Duration::from_secs(5))
+///     .initial_status(CheckStatus::Warning, Some("warming up"))
+///     .build()?;
+/// # let _ = config;
+/// # Ok::<(), seawall::consul::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardConfig {
+    heartbeat: Option<Duration>,
+    initial_status: CheckStatus,
+    initial_note: Option<String>,
+    retry_base: Duration,
+    verify_interval: Option<Duration>,
+}
+
+impl Default for GuardConfig {
+    /// Heartbeats every third of the shortest TTL, starting passing; retries from 250 ms;
+    /// registrations without TTL checks verified every 30 s.
+    fn default() -> Self {
+        Self {
+            heartbeat: None,
+            initial_status: CheckStatus::Passing,
+            initial_note: None,
+            retry_base: Duration::from_millis(250),
+            verify_interval: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl GuardConfig {
+    /// A builder starting from the [defaults](GuardConfig::default).
+    pub fn builder() -> GuardConfigBuilder {
+        GuardConfigBuilder {
+            config: Self::default(),
+        }
+    }
+
+    /// The heartbeat period for a registration with TTL checks.
+    fn heartbeat_for(&self, registration: &ServiceRegistration) -> Option<Duration> {
+        let shortest = registration.ttl_checks().map(|(_, ttl)| ttl).min()?;
+        Some(
+            self.heartbeat
+                .unwrap_or(shortest / 3)
+                .max(Duration::from_millis(1)),
+        )
+    }
+}
+
+/// Builds a [`GuardConfig`]; see [`GuardConfig::builder`].
+#[derive(Debug, Clone)]
+pub struct GuardConfigBuilder {
+    config: GuardConfig,
+}
+
+impl GuardConfigBuilder {
+    /// Sets how often TTL checks are reported (default: a third of the shortest TTL, so
+    /// that two reports can be lost before the check lapses).
+    #[must_use]
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.config.heartbeat = Some(every);
+        self
+    }
+
+    /// Sets the status (and note) the TTL checks are reported with until
+    /// [`RegistrationGuard::set_status`] changes it (default: passing).
+    #[must_use]
+    pub fn initial_status(mut self, status: CheckStatus, note: Option<&str>) -> Self {
+        self.config.initial_status = status;
+        self.config.initial_note = note.map(str::to_owned);
+        self
+    }
+
+    /// Sets the first wait before retrying a failed heartbeat or re-registration; it
+    /// doubles up to the heartbeat period (default 250 ms).
+    #[must_use]
+    pub fn retry_base(mut self, base: Duration) -> Self {
+        self.config.retry_base = base;
+        self
+    }
+
+    /// For a registration without TTL checks, how often to check that the agent still
+    /// has it (`GET /v1/agent/services`) and register it again if not; `None` never
+    /// checks (default 30 s).
+    #[must_use]
+    pub fn verify_interval(mut self, every: Option<Duration>) -> Self {
+        self.config.verify_interval = every;
+        self
+    }
+
+    /// Validates the configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Setting`] naming `heartbeat`, `retry_base` or `verify_interval` when
+    /// zero.
+    pub fn build(self) -> Result<GuardConfig, ConfigError> {
+        let c = self.config;
+        let zero = |name| Err(ConfigError::setting(name, "must be greater than zero"));
+        if c.heartbeat.is_some_and(|d| d.is_zero()) {
+            return zero("heartbeat");
+        }
+        if c.retry_base.is_zero() {
+            return zero("retry_base");
+        }
+        if c.verify_interval.is_some_and(|d| d.is_zero()) {
+            return zero("verify_interval");
+        }
+        Ok(c)
+    }
+}
+
+struct Shared {
+    client: ConsulClient,
+    registration: ServiceRegistration,
+    status: watch::Sender<(CheckStatus, Option<String>)>,
+    heartbeats: AtomicU64,
+    registrations: AtomicU64,
+}
+
+impl Shared {
+    async fn register(&self) -> Result<(), ConsulError> {
+        self.client.register(&self.registration).await?;
+        self.registrations.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Reports every TTL check with the current status.
+    async fn beat(&self) -> Result<(), ConsulError> {
+        let (status, note) = self.status.borrow().clone();
+        for (id, _) in self.registration.ttl_checks() {
+            self.client
+                .check_update(id, status, note.as_deref().unwrap_or_default())
+                .await?;
+        }
+        self.heartbeats.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Whether the agent still has the service.
+    async fn still_registered(&self) -> Result<bool, ConsulError> {
+        let services = self.client.agent_services().await?;
+        Ok(services.iter().any(|s| s.id == self.registration.id()))
+    }
+}
+
+/// A service registered with the local agent for as long as the guard lives.
+///
+/// * Registers on creation (with `replace-existing-checks`, so restarts are idempotent).
+/// * Keeps TTL checks alive: reports them every heartbeat (a third of the shortest TTL by
+///   default) with the status set by [`set_status`](Self::set_status) (or a
+///   [`StatusHandle`]), at once when it changes.
+/// * Registers again when the agent lost the registration: a heartbeat answered "unknown
+///   check" (an agent restarted without its state), or, for registrations without TTL
+///   checks, a periodic look at the agent's services.
+/// * [`shutdown`](Self::shutdown) drains gracefully: deregister first, so that clients stop
+///   picking the instance, then keep serving for a grace period while they notice.
+/// * Dropped without `shutdown`, it deregisters from a spawned task (best effort: only
+///   when a tokio runtime is still running).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use seawall::consul::{Check, CheckStatus, ConsulClient, RegistrationGuard, ServiceRegistration};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = ConsulClient::from_env()?;
+/// let registration = ServiceRegistration::builder("users")
+///     .id("users-1")
+///     .port(8081)
+///     .check(Check::ttl(Duration::from_secs(15)).deregister_critical_after(Duration::from_secs(600)))
+///     .build()?;
+/// let guard = RegistrationGuard::register(client, registration).await?;
+/// // ... serve; when a dependency is down:
+/// guard.set_status(CheckStatus::Warning, Some("database slow"));
+/// // On SIGTERM:
+/// guard.shutdown(Duration::from_secs(5)).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[must_use = "dropping the guard deregisters the service"]
+pub struct RegistrationGuard {
+    shared: Arc<Shared>,
+    task: Option<JoinHandle<()>>,
+    done: bool,
+}
+
+impl RegistrationGuard {
+    /// Registers `registration` with the default [`GuardConfig`] and keeps it alive.
+    ///
+    /// # Errors
+    ///
+    /// The registration's [`ConsulError`] (nothing is kept alive then), or the first
+    /// heartbeat's.
+    pub async fn register(
+        client: ConsulClient,
+        registration: ServiceRegistration,
+    ) -> Result<Self, ConsulError> {
+        Self::register_with(client, registration, GuardConfig::default()).await
+    }
+
+    /// Registers `registration` and keeps it alive as `config` says. The TTL checks are
+    /// reported once before this returns, so a registration that starts critical is
+    /// passing (or what `config` says) when it does.
+    ///
+    /// # Errors
+    ///
+    /// The registration's [`ConsulError`], or the first heartbeat's; the service is
+    /// deregistered again when that fails.
+    pub async fn register_with(
+        client: ConsulClient,
+        registration: ServiceRegistration,
+        config: GuardConfig,
+    ) -> Result<Self, ConsulError> {
+        let (status, _) = watch::channel((config.initial_status, config.initial_note.clone()));
+        let shared = Arc::new(Shared {
+            client,
+            registration,
+            status,
+            heartbeats: AtomicU64::new(0),
+            registrations: AtomicU64::new(0),
+        });
+        shared.register().await?;
+        let heartbeat = config.heartbeat_for(&shared.registration);
+        if heartbeat.is_some() {
+            if let Err(e) = shared.beat().await {
+                let _ = shared.client.deregister(shared.registration.id()).await;
+                return Err(e);
+            }
+        }
+        let task = match (heartbeat, config.verify_interval) {
+            (Some(period), _) => Some(tokio::spawn(heartbeat_loop(
+                shared.clone(),
+                period,
+                config.retry_base,
+            ))),
+            (None, Some(period)) => Some(tokio::spawn(verify_loop(
+                shared.clone(),
+                period,
+                config.retry_base,
+            ))),
+            (None, None) => None,
+        };
+        Ok(Self {
+            shared,
+            task,
+            done: false,
+        })
+    }
+
+    /// The registration.
+    pub fn registration(&self) -> &ServiceRegistration {
+        &self.shared.registration
+    }
+
+    /// The service ID.
+    pub fn service_id(&self) -> &str {
+        self.shared.registration.id()
+    }
+
+    /// Sets the status the TTL checks are reported with, with `note` as their output;
+    /// reported at once. Does nothing for a registration without TTL checks.
+    pub fn set_status(&self, status: CheckStatus, note: Option<&str>) {
+        set_status(&self.shared, status, note);
+    }
+
+    /// The status the TTL checks are reported with.
+    pub fn status(&self) -> CheckStatus {
+        self.shared.status.borrow().0
+    }
+
+    /// A handle that sets the status from elsewhere (a health monitor, a breaker's
+    /// listener…).
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// How many heartbeats succeeded.
+    pub fn heartbeats(&self) -> u64 {
+        self.shared.heartbeats.load(Relaxed)
+    }
+
+    /// How many times the service was registered (1, plus one per re-registration).
+    pub fn registrations(&self) -> u64 {
+        self.shared.registrations.load(Relaxed)
+    }
+
+    /// Drains: stops the heartbeat, deregisters at once (clients stop picking this
+    /// instance as their watches update), then waits `grace` while the requests already
+    /// routed here are served.
+    ///
+    /// # Errors
+    ///
+    /// The deregistration's [`ConsulError`] (returned after the grace period all the
+    /// same).
+    pub async fn shutdown(mut self, grace: Duration) -> Result<(), ConsulError> {
+        self.done = true;
+        self.stop_task().await;
+        let result = self.shared.client.deregister(self.service_id()).await;
+        #[cfg(feature = "tracing")]
+        tracing::info!(
+            service_id = self.service_id(),
+            ?grace,
+            deregistered = result.is_ok(),
+            "consul registration draining"
+        );
+        tokio::time::sleep(grace).await;
+        result
+    }
+
+    /// Deregisters now, without a grace period.
+    ///
+    /// # Errors
+    ///
+    /// The deregistration's [`ConsulError`].
+    pub async fn deregister(self) -> Result<(), ConsulError> {
+        self.shutdown(Duration::ZERO).await
+    }
+
+    async fn stop_task(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RegistrationGuard {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        if self.done {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let shared = self.shared.clone();
+            runtime.spawn(async move {
+                let _result = shared.client.deregister(shared.registration.id()).await;
+                #[cfg(feature = "tracing")]
+                if let Err(error) = _result {
+                    tracing::warn!(
+                        service_id = shared.registration.id(),
+                        %error,
+                        "consul deregistration on drop failed"
+                    );
+                }
+            });
+        }
+    }
+}
+
+impl fmt::Debug for RegistrationGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistrationGuard")
+            .field("service_id", &self.service_id())
+            .field("status", &self.status())
+            .field("heartbeats", &self.heartbeats())
+            .field("registrations", &self.registrations())
+            .finish()
+    }
+}
+
+/// Sets the status a [`RegistrationGuard`] reports its TTL checks with. Clones share the
+/// guard; setting the status after the guard is gone does nothing.
+#[derive(Clone)]
+pub struct StatusHandle {
+    shared: Arc<Shared>,
+}
+
+impl StatusHandle {
+    /// Sets the status, with `note` as the checks' output; reported at once.
+    pub fn set_status(&self, status: CheckStatus, note: Option<&str>) {
+        set_status(&self.shared, status, note);
+    }
+
+    /// The status the TTL checks are reported with.
+    pub fn status(&self) -> CheckStatus {
+        self.shared.status.borrow().0
+    }
+}
+
+impl fmt::Debug for StatusHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StatusHandle")
+            .field("service_id", &self.shared.registration.id())
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+fn set_status(shared: &Shared, status: CheckStatus, note: Option<&str>) {
+    shared
+        .status
+        .send_replace((status, note.map(str::to_owned)));
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, period: Duration, retry_base: Duration) {
+    let mut status = shared.status.subscribe();
+    status.borrow_and_update();
+    let mut rng = seed(shared.registration.id());
+    let mut failures = 0u32;
+    let mut next = Instant::now() + period;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                status.borrow_and_update();
+            }
+        }
+        let result = match shared.beat().await {
+            Err(e) if e.is_unknown_check() => {
+                // The agent lost the registration (restarted without its state, or the
+                // check was removed): register again, then report at once.
+                #[cfg(feature = "tracing")]
+                tracing::warn!(
+                    service_id = shared.registration.id(),
+                    "consul agent lost the registration; registering again"
+                );
+                match shared.register().await {
+                    Ok(()) => shared.beat().await,
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        match result {
+            Ok(()) => {
+                failures = 0;
+                next = Instant::now() + period;
+            }
+            Err(_error) => {
+                failures = failures.saturating_add(1);
+                let delay = backoff(failures, retry_base, period.max(retry_base), &mut rng);
+                #[cfg(feature = "tracing")]
+                tracing::warn!(
+                    service_id = shared.registration.id(),
+                    error = %_error,
+                    failures,
+                    retry_in = ?delay,
+                    "consul heartbeat failed"
+                );
+                next = Instant::now() + delay;
+            }
+        }
+    }
+}
+
+async fn verify_loop(shared: Arc<Shared>, period: Duration, retry_base: Duration) {
+    let mut rng = seed(shared.registration.id());
+    let mut failures = 0u32;
+    let mut delay = period;
+    loop {
+        tokio::time::sleep(delay).await;
+        let result = match shared.still_registered().await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                #[cfg(feature = "tracing")]
+                tracing::warn!(
+                    service_id = shared.registration.id(),
+                    "consul agent lost the registration; registering again"
+                );
+                shared.register().await
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_ok() {
+            failures = 0;
+            delay = period;
+        } else {
+            failures = failures.saturating_add(1);
+            delay = backoff(failures, retry_base, period.max(retry_base), &mut rng);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consul::Check;
+
+    #[test]
+    fn heartbeat_defaults_to_a_third_of_the_shortest_ttl() {
+        let r = ServiceRegistration::builder("s")
+            .check(Check::ttl(Duration::from_secs(30)))
+            .check(Check::ttl(Duration::from_secs(9)))
+            .check(Check::tcp("h:1", Duration::from_secs(1)))
+            .build()
+            .unwrap();
+        let c = GuardConfig::default();
+        assert_eq!(c.heartbeat_for(&r), Some(Duration::from_secs(3)));
+        let c = GuardConfig::builder()
+            .heartbeat(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        assert_eq!(c.heartbeat_for(&r), Some(Duration::from_secs(1)));
+        let no_ttl = ServiceRegistration::builder("s").build().unwrap();
+        assert_eq!(c.heartbeat_for(&no_ttl), None);
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let e = GuardConfig::builder()
+            .heartbeat(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "heartbeat");
+        let e = GuardConfig::builder()
+            .verify_interval(Some(Duration::ZERO))
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "verify_interval");
+    }
+}

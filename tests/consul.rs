@@ -1,0 +1,924 @@
+//! The Consul client, registration guard and watch against the Consul API double (or a
+//! real agent when `CONSUL_HTTP_ADDR` is set: tests that need the double's controls are
+//! skipped then).
+#![cfg(feature = "consul")]
+
+#[path = "support/consul_double.rs"]
+mod consul_double;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use consul_double::{ConsulDouble, DoubleOptions, TestAgent, agent};
+use seawall::consul::{
+    Check, CheckStatus, ConfigError, ConsulClient, ConsulConfig, ConsulWatch, GuardConfig,
+    HealthQuery, RegistrationGuard, ServiceRegistration, WatchConfig,
+};
+use seawall::discovery::{Health, Instance, InstanceWatch, SourceStatus};
+use serde_json::json;
+use tokio::time::{Instant, timeout};
+
+/// The longest any single condition is waited for.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// A service name unique to this test run (a real agent is shared between runs).
+fn unique(name: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "seawall-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn client_for(addr: &str, token: Option<&str>) -> ConsulClient {
+    let mut config = ConsulConfig::builder()
+        .address(addr)
+        .request_timeout(Duration::from_secs(3));
+    if let Some(token) = token {
+        config = config.token(token);
+    }
+    ConsulClient::new(config.build().expect("valid config"))
+}
+
+/// A client of the test agent (with `CONSUL_HTTP_TOKEN` for a real one).
+fn client(agent: &TestAgent) -> ConsulClient {
+    client_for(&agent.http_addr, agent.token.as_deref())
+}
+
+/// Short waits, a quick token bucket and a bounded backoff: every test stays fast.
+fn quick_watch() -> WatchConfig {
+    WatchConfig::builder()
+        .wait(Duration::from_secs(2))
+        .min_interval(Duration::from_millis(20), 2)
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .build()
+        .expect("valid watch config")
+}
+
+/// An instance of `service` on loopback with a TTL check that starts passing.
+fn instance(service: &str, id: &str, port: u16) -> ServiceRegistration {
+    ServiceRegistration::builder(service)
+        .id(id)
+        .address("127.0.0.1")
+        .port(port)
+        .check(
+            Check::ttl(Duration::from_secs(60))
+                .id(format!("{id}:ttl"))
+                .initial_status(CheckStatus::Passing),
+        )
+        .build()
+        .expect("valid registration")
+}
+
+/// Waits until `f` holds, polling; fails the test after `within`. Returns how long it took.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if f().await {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the watched snapshot satisfies `f`; returns how long it took.
+async fn watch_until(
+    watch: &mut InstanceWatch,
+    what: &str,
+    within: Duration,
+    f: impl FnMut(&[Instance]) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    match timeout(within, watch.wait_for(f)).await {
+        Ok(Ok(_)) => start.elapsed(),
+        Ok(Err(closed)) => panic!("{what}: {closed}"),
+        Err(_) => panic!(
+            "timed out after {within:?} waiting for {what}; have {:?}",
+            watch.peek()
+        ),
+    }
+}
+
+fn ids(instances: &[Instance]) -> Vec<String> {
+    instances
+        .iter()
+        .map(|i| i.id.service_id().to_owned())
+        .collect()
+}
+
+async fn registered(client: &ConsulClient, id: &str) -> bool {
+    client
+        .agent_services()
+        .await
+        .expect("agent services")
+        .iter()
+        .any(|s| s.id == id)
+}
+
+/// A registration body for the double's `register_on_node`.
+fn node_registration(service: &str, id: &str, port: u16, check: Option<&str>) -> serde_json::Value {
+    let mut body = json!({ "ID": id, "Name": service, "Port": port });
+    if let Some(check_id) = check {
+        body["Check"] = json!({ "CheckID": check_id, "TTL": "10m", "Status": "passing" });
+    }
+    body
+}
+
+// --- registration -------------------------------------------------------------------
+
+#[tokio::test]
+async fn register_and_deregister() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("reg");
+    let registration = ServiceRegistration::builder(&service)
+        .id(format!("{service}-1"))
+        .address("127.0.0.1")
+        .port(9001)
+        .tag("v1")
+        .meta("version", "1")
+        .weights(5, 1)
+        .check(Check::ttl(Duration::from_secs(30)).id(format!("{service}:ttl")))
+        .build()
+        .unwrap();
+    client.register(&registration).await.unwrap();
+    // Idempotent.
+    client.register(&registration).await.unwrap();
+    let services = client.agent_services().await.unwrap();
+    let mine = services
+        .iter()
+        .find(|s| s.id == registration.id())
+        .expect("registered");
+    assert_eq!(mine.service, service);
+    assert_eq!(mine.port, 9001);
+    assert_eq!(mine.tags, ["v1"]);
+
+    // A TTL check starts critical: the instance is known but not healthy.
+    let all = client
+        .health_service(&HealthQuery::new(&service))
+        .await
+        .unwrap();
+    assert!(all.instances.is_empty());
+    assert_eq!(all.unhealthy, 1);
+    assert!(all.index >= 1);
+    client
+        .check_pass(&format!("{service}:ttl"), Some("ready"))
+        .await
+        .unwrap();
+    let healthy = client
+        .health_service(&HealthQuery::new(&service).passing(true))
+        .await
+        .unwrap();
+    assert_eq!(ids(&healthy.instances), [format!("{service}-1")]);
+    assert_eq!(healthy.instances[0].weight.get(), 5);
+    assert_eq!(&*healthy.instances[0].address, "127.0.0.1");
+
+    client.deregister(registration.id()).await.unwrap();
+    assert!(!registered(&client, registration.id()).await);
+    // Deregistering again is no error (a 404 `Unknown service ID` or a 200).
+    client.deregister(registration.id()).await.unwrap();
+}
+
+#[tokio::test]
+async fn deregistering_an_unknown_service_tolerates_404_and_200() {
+    for is_404 in [true, false] {
+        let double = ConsulDouble::start_with(DoubleOptions {
+            deregister_unknown_is_404: is_404,
+            ..DoubleOptions::default()
+        })
+        .await;
+        let client = client_for(&double.http_addr(), None);
+        client.deregister("never-registered").await.unwrap();
+        assert_eq!(double.request_count("/v1/agent/service/deregister/"), 1);
+    }
+}
+
+#[tokio::test]
+async fn invalid_registrations_are_typed_errors() {
+    let agent = agent().await;
+    let client = client(&agent);
+    // Refused before anything is sent.
+    let e = ServiceRegistration::builder("")
+        .build()
+        .expect_err("empty name");
+    assert_eq!(e.field(), "name");
+    let e = ServiceRegistration::builder("s")
+        .check(Check::http("http://127.0.0.1:1/health", Duration::ZERO))
+        .build()
+        .expect_err("zero interval");
+    assert!(
+        matches!(
+            e,
+            ConfigError::Check {
+                index: 0,
+                field: "interval",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+
+    // Refused by the agent: a 400 with its reason, as a status error.
+    let Some(double) = &agent.double else { return };
+    double.fail_next(1, 400, "Invalid check: TTL must be > 0");
+    let e = client
+        .register(&instance(&unique("bad"), "bad-1", 1))
+        .await
+        .expect_err("refused");
+    assert!(e.is_status());
+    assert_eq!(e.status_code(), Some(400));
+    assert_eq!(e.body(), Some("Invalid check: TTL must be > 0"));
+}
+
+#[tokio::test]
+async fn acl_token_is_sent_and_a_refusal_is_typed() {
+    let double = ConsulDouble::start_with(DoubleOptions {
+        acl_token: Some("s3cret-token".into()),
+        ..DoubleOptions::default()
+    })
+    .await;
+    let service = unique("acl");
+    let anonymous = client_for(&double.http_addr(), None);
+    let e = anonymous
+        .register(&instance(&service, "acl-1", 1))
+        .await
+        .expect_err("no token");
+    assert!(e.is_permission_denied(), "{e:?}");
+
+    let wrong = client_for(&double.http_addr(), Some("wrong"));
+    let e = wrong
+        .health_service(&HealthQuery::new(&service))
+        .await
+        .expect_err("wrong token");
+    assert_eq!(e.status_code(), Some(403));
+
+    let authorized = client_for(&double.http_addr(), Some("s3cret-token"));
+    authorized
+        .register(&instance(&service, "acl-1", 1))
+        .await
+        .unwrap();
+    let requests = double.requests();
+    let last = requests.last().expect("recorded");
+    assert_eq!(last.token.as_deref(), Some("s3cret-token"));
+    assert!(!format!("{authorized:?}").contains("s3cret"));
+}
+
+// --- registration guard -------------------------------------------------------------
+
+#[tokio::test]
+async fn ttl_heartbeat_keeps_the_check_passing_and_set_status_flips_it() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("ttl");
+    let ttl = Duration::from_millis(600);
+    let registration = ServiceRegistration::builder(&service)
+        .id(format!("{service}-1"))
+        .address("127.0.0.1")
+        .port(9002)
+        .weights(10, 3)
+        .check(Check::ttl(ttl).id(format!("{service}:ttl")))
+        .build()
+        .unwrap();
+    let guard = RegistrationGuard::register(client.clone(), registration)
+        .await
+        .unwrap();
+    let passing = |client: ConsulClient, service: String| async move {
+        client
+            .health_service(&HealthQuery::new(&service).passing(true))
+            .await
+            .map(|r| r.instances.len())
+            .unwrap_or(0)
+    };
+    // Passing at once (the guard reports before returning), and still passing after
+    // several TTLs: the heartbeat (every ttl/3) keeps it alive.
+    assert_eq!(passing(client.clone(), service.clone()).await, 1);
+    let start = Instant::now();
+    eventually("heartbeats over 3 TTLs", PATIENCE, || {
+        let done = start.elapsed() > ttl * 3 && guard.heartbeats() >= 7;
+        async move { done }
+    })
+    .await;
+    assert_eq!(passing(client.clone(), service.clone()).await, 1);
+    if let Some(double) = &agent.double {
+        assert_eq!(
+            double.check_status(&format!("{service}:ttl")).as_deref(),
+            Some("passing")
+        );
+    }
+
+    // Critical: out of the passing set, at once.
+    guard.set_status(CheckStatus::Critical, Some("database down"));
+    eventually("the check to turn critical", PATIENCE, || {
+        let (client, service) = (client.clone(), service.clone());
+        async move { passing(client, service).await == 0 }
+    })
+    .await;
+    // Warning: visible to a query that accepts it, with the warning weight.
+    guard
+        .status_handle()
+        .set_status(CheckStatus::Warning, Some("slow"));
+    eventually("the check to warn", PATIENCE, || {
+        let client = client.clone();
+        let service = service.clone();
+        async move {
+            client
+                .health_service(&HealthQuery::new(&service))
+                .await
+                .is_ok_and(|r| {
+                    r.instances.len() == 1
+                        && r.instances[0].health == Health::Warning
+                        && r.instances[0].weight.get() == 3
+                })
+        }
+    })
+    .await;
+    guard.deregister().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_guard_registers_again_when_the_agent_lost_the_registration() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("lost");
+    let id = format!("{service}-1");
+    let guard = RegistrationGuard::register_with(
+        client.clone(),
+        instance(&service, &id, 9003),
+        GuardConfig::builder()
+            .heartbeat(Duration::from_millis(50))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(guard.registrations(), 1);
+    // The agent forgets the service (as after a restart without its data directory):
+    // the next heartbeat hears "unknown check" and registers again.
+    client.deregister(&id).await.unwrap();
+    eventually("a re-registration", PATIENCE, || {
+        let n = guard.registrations();
+        async move { n >= 2 }
+    })
+    .await;
+    assert!(registered(&client, &id).await);
+    guard.deregister().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_deregisters_before_the_grace_period_ends() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("drain");
+    let id = format!("{service}-1");
+    let guard = RegistrationGuard::register(client.clone(), instance(&service, &id, 9004))
+        .await
+        .unwrap();
+    assert!(registered(&client, &id).await);
+    let grace = Duration::from_millis(1500);
+    let start = Instant::now();
+    let shutdown = tokio::spawn(guard.shutdown(grace));
+    let took = eventually("the deregistration", PATIENCE, || {
+        let client = client.clone();
+        let id = id.clone();
+        async move { !registered(&client, &id).await }
+    })
+    .await;
+    // Gone while the service is still draining.
+    assert!(took < grace, "deregistered after {took:?}");
+    assert!(!shutdown.is_finished());
+    shutdown.await.unwrap().unwrap();
+    assert!(start.elapsed() >= grace);
+}
+
+#[tokio::test]
+async fn dropping_the_guard_deregisters() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("drop");
+    let id = format!("{service}-1");
+    let guard = RegistrationGuard::register(client.clone(), instance(&service, &id, 9005))
+        .await
+        .unwrap();
+    assert!(registered(&client, &id).await);
+    drop(guard);
+    eventually("the deregistration", PATIENCE, || {
+        let client = client.clone();
+        let id = id.clone();
+        async move { !registered(&client, &id).await }
+    })
+    .await;
+}
+
+// --- watch --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_watch_reacts_within_one_blocking_round() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("watch");
+    let config = WatchConfig::builder()
+        .wait(Duration::from_secs(5))
+        .min_interval(Duration::from_millis(20), 2)
+        .build()
+        .unwrap();
+    let watch = ConsulWatch::spawn(client.clone(), &service, config);
+    let mut instances = watch.instances();
+    let mut status = instances.status_receiver();
+    timeout(PATIENCE, status.wait_for(SourceStatus::is_live))
+        .await
+        .expect("live")
+        .unwrap();
+    assert!(instances.current().is_empty());
+
+    // Each change arrives well before the 5 s wait would have ended the blocked query.
+    let round = Duration::from_secs(2);
+    client
+        .register(&instance(&service, "a", 9101))
+        .await
+        .unwrap();
+    watch_until(&mut instances, "a", round, |s| ids(s) == ["a"]).await;
+    client
+        .register(&instance(&service, "b", 9102))
+        .await
+        .unwrap();
+    let took = watch_until(&mut instances, "a and b", round, |s| ids(s) == ["a", "b"]).await;
+    eprintln!("instance added: seen after {took:?}");
+    client.check_fail("b:ttl", Some("boom")).await.unwrap();
+    watch_until(&mut instances, "b critical", round, |s| ids(s) == ["a"]).await;
+    client.check_pass("b:ttl", None).await.unwrap();
+    watch_until(&mut instances, "b back", round, |s| ids(s) == ["a", "b"]).await;
+    client.deregister("a").await.unwrap();
+    watch_until(&mut instances, "a gone", round, |s| ids(s) == ["b"]).await;
+    client.deregister("b").await.unwrap();
+    watch_until(&mut instances, "none", round, <[_]>::is_empty).await;
+    assert!(watch.index() >= 1);
+    assert!(watch.status().is_live());
+}
+
+#[tokio::test]
+async fn the_watch_can_include_warning_instances() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("warn");
+    let registration = ServiceRegistration::builder(&service)
+        .id("w")
+        .address("127.0.0.1")
+        .port(9103)
+        .weights(10, 2)
+        .check(Check::ttl(Duration::from_secs(60)).id("w:ttl"))
+        .build()
+        .unwrap();
+    let guard = RegistrationGuard::register(client.clone(), registration)
+        .await
+        .unwrap();
+    let passing_only = ConsulWatch::spawn(client.clone(), &service, quick_watch());
+    let with_warning = ConsulWatch::spawn(
+        client.clone(),
+        &service,
+        WatchConfig::builder()
+            .wait(Duration::from_secs(2))
+            .min_interval(Duration::from_millis(20), 2)
+            .include_warning(true)
+            .build()
+            .unwrap(),
+    );
+    let (mut p, mut w) = (passing_only.instances(), with_warning.instances());
+    watch_until(&mut p, "passing", PATIENCE, |s| {
+        s.len() == 1 && s[0].weight.get() == 10
+    })
+    .await;
+    guard.set_status(CheckStatus::Warning, Some("degraded"));
+    watch_until(&mut w, "warning instance", PATIENCE, |s| {
+        s.len() == 1 && s[0].health == Health::Warning && s[0].weight.get() == 2
+    })
+    .await;
+    watch_until(&mut p, "no passing instance", PATIENCE, <[_]>::is_empty).await;
+    guard.deregister().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_watch_follows_node_health_and_keys_by_node() {
+    let agent = agent().await;
+    let Some(double) = &agent.double else { return };
+    let service = unique("nodes");
+    // The same service ID on two nodes is two instances.
+    double
+        .register_on_node(
+            "node-a",
+            "10.0.0.1",
+            node_registration(&service, "web", 80, None),
+        )
+        .unwrap();
+    double
+        .register_on_node(
+            "node-b",
+            "10.0.0.2",
+            node_registration(&service, "web", 80, None),
+        )
+        .unwrap();
+    let watch = ConsulWatch::spawn(client(&agent), &service, quick_watch());
+    let mut instances = watch.instances();
+    watch_until(&mut instances, "two nodes", PATIENCE, |s| s.len() == 2).await;
+    let now = instances.current();
+    assert_eq!(now[0].id.node(), "node-a");
+    assert_eq!(now[1].id.node(), "node-b");
+    assert_eq!(now[0].id.service_id(), now[1].id.service_id());
+    // The address falls back to the node's.
+    assert_eq!(&*now[1].address, "10.0.0.2");
+
+    // node-b fails serfHealth: its instance goes, node-a's stays.
+    double.set_node_health("node-b", false);
+    watch_until(&mut instances, "node-b out", Duration::from_secs(1), |s| {
+        s.len() == 1 && s[0].id.node() == "node-a"
+    })
+    .await;
+    double.set_node_health("node-b", true);
+    watch_until(&mut instances, "node-b back", Duration::from_secs(1), |s| {
+        s.len() == 2
+    })
+    .await;
+    assert!(double.deregister_on_node("node-a", "web"));
+    watch_until(&mut instances, "node-a gone", Duration::from_secs(1), |s| {
+        s.len() == 1 && s[0].id.node() == "node-b"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_index_resets_when_it_goes_backwards_and_is_never_sent_below_1() {
+    let agent = agent().await;
+    let Some(double) = &agent.double else { return };
+    let service = unique("index");
+    let path = format!("/v1/health/service/{service}");
+    double.set_index(1000);
+    let watch = ConsulWatch::spawn(client(&agent), &service, quick_watch());
+    let mut instances = watch.instances();
+    eventually("index 1000", PATIENCE, || {
+        let i = watch.index();
+        async move { i >= 1000 }
+    })
+    .await;
+
+    // The index goes backwards (a restored snapshot): the blocked query ends at most one
+    // wait later with a lower index, the watch restarts from 1, sees the change, and
+    // follows the new, lower index.
+    double.set_index(5);
+    double
+        .register_on_node(
+            "node-z",
+            "10.0.0.9",
+            node_registration(&service, "z", 80, None),
+        )
+        .unwrap();
+    watch_until(&mut instances, "z", Duration::from_secs(4), |s| {
+        ids(s) == ["z"]
+    })
+    .await;
+    let sent = || -> Vec<Option<u64>> {
+        double
+            .requests()
+            .iter()
+            .filter(|r| r.path == path)
+            .map(|r| query_index(&r.query))
+            .collect()
+    };
+    // Then blocks on the new, lower index.
+    eventually("a restart from 1, then the lower index", PATIENCE, || {
+        let sent = sent();
+        let restarted = sent.iter().position(|i| *i == Some(1));
+        let followed = restarted.is_some_and(|at| {
+            sent[at + 1..]
+                .iter()
+                .any(|i| i.is_some_and(|i| (5..1000).contains(&i)))
+        });
+        async move { followed }
+    })
+    .await;
+    let sent = sent();
+    assert!(
+        sent.iter().all(|i| *i != Some(0)),
+        "an index of 0 was sent: {sent:?}"
+    );
+    assert!((5..1000).contains(&watch.index()));
+}
+
+fn query_index(query: &str) -> Option<u64> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("index="))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn the_minimum_interval_holds_when_answers_come_at_once() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("rate");
+    // A resync due at every query: each one is a full, non-blocking query answered at
+    // once, so only the token bucket paces the loop.
+    let interval = Duration::from_millis(100);
+    let config = WatchConfig::builder()
+        .wait(Duration::from_secs(2))
+        .min_interval(interval, 2)
+        .resync_interval(Duration::from_nanos(1))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let watch = ConsulWatch::spawn(client, &service, config);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let elapsed = start.elapsed();
+    let sent = watch.requests();
+    let allowed = 2 + (elapsed.as_millis() / interval.as_millis()) as u64 + 1;
+    assert!(
+        sent <= allowed,
+        "{sent} queries in {elapsed:?} (allowed {allowed})"
+    );
+    assert!(sent >= 5, "the loop stalled: {sent} queries in {elapsed:?}");
+    if let Some(double) = &agent.double {
+        let seen = double.request_count(&format!("/v1/health/service/{service}")) as u64;
+        assert!(seen <= allowed, "{seen} queries reached the agent");
+    }
+}
+
+#[tokio::test]
+async fn the_watch_keeps_the_last_instances_while_the_agent_is_down_and_recovers() {
+    let agent = agent().await;
+    let Some(double) = &agent.double else { return };
+    let client = client(&agent);
+    let service = unique("outage");
+    client
+        .register(&instance(&service, "o-1", 9201))
+        .await
+        .unwrap();
+    let watch = ConsulWatch::spawn(client.clone(), &service, quick_watch());
+    let mut instances = watch.instances();
+    let mut status = instances.status_receiver();
+    watch_until(&mut instances, "o-1", PATIENCE, |s| ids(s) == ["o-1"]).await;
+
+    double.stop().await;
+    // Failures pile up at a bounded pace: the backoff (20 ms doubling, capped at 200 ms)
+    // reaches 8 failures in about a second, where an uncapped one would take 5 s.
+    timeout(
+        Duration::from_secs(3),
+        status.wait_for(|s| matches!(s, SourceStatus::Stale { failures, .. } if *failures >= 8)),
+    )
+    .await
+    .expect("stale with 8 failures within 3 s")
+    .unwrap();
+    let SourceStatus::Stale { error, .. } = watch.status() else {
+        panic!("not stale: {:?}", watch.status());
+    };
+    assert!(!error.is_empty());
+    // The last instances are kept.
+    assert_eq!(ids(&instances.peek()), ["o-1"]);
+
+    double.restart().await;
+    let start = Instant::now();
+    timeout(
+        Duration::from_secs(2),
+        status.wait_for(SourceStatus::is_live),
+    )
+    .await
+    .expect("live again")
+    .unwrap();
+    eprintln!("recovered {:?} after the restart", start.elapsed());
+    assert_eq!(ids(&instances.peek()), ["o-1"]);
+    // And follows changes again.
+    client
+        .register(&instance(&service, "o-2", 9202))
+        .await
+        .unwrap();
+    watch_until(&mut instances, "o-2", PATIENCE, |s| s.len() == 2).await;
+}
+
+#[tokio::test]
+async fn server_errors_make_the_watch_stale_then_live() {
+    let agent = agent().await;
+    let Some(double) = &agent.double else { return };
+    let service = unique("leaderless");
+    let watch = ConsulWatch::spawn(client(&agent), &service, quick_watch());
+    let mut status = watch.instances().status_receiver();
+    timeout(PATIENCE, status.wait_for(SourceStatus::is_live))
+        .await
+        .expect("live")
+        .unwrap();
+    double.fail_next(3, 500, "No cluster leader");
+    // Wake the blocked query.
+    double
+        .register_on_node(
+            "node-q",
+            "10.0.0.3",
+            node_registration(&service, "q", 80, None),
+        )
+        .unwrap();
+    let stale = timeout(PATIENCE, status.wait_for(|s| !s.is_live()))
+        .await
+        .expect("stale")
+        .unwrap()
+        .clone();
+    match stale {
+        SourceStatus::Stale { error, .. } => {
+            assert!(error.contains("No cluster leader"), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    timeout(PATIENCE, status.wait_for(SourceStatus::is_live))
+        .await
+        .expect("live again")
+        .unwrap();
+    let mut instances = watch.instances();
+    watch_until(&mut instances, "q", PATIENCE, |s| ids(s) == ["q"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_instances() {
+    let agent = agent().await;
+    let Some(double) = &agent.double else { return };
+    let service = unique("many");
+    let start = Instant::now();
+    for n in 0..1000u16 {
+        let node = format!("node-{}", n % 10);
+        let address = format!("10.0.{}.1", n % 10);
+        double
+            .register_on_node(
+                &node,
+                &address,
+                node_registration(
+                    &service,
+                    &format!("i-{n}"),
+                    1000 + n,
+                    Some(&format!("i-{n}:ttl")),
+                ),
+            )
+            .unwrap();
+    }
+    let registered_in = start.elapsed();
+
+    let start = Instant::now();
+    // A 10 s wait: a change seen well before it woke the blocked query.
+    let config = WatchConfig::builder()
+        .wait(Duration::from_secs(10))
+        .min_interval(Duration::from_millis(20), 2)
+        .build()
+        .unwrap();
+    let watch = ConsulWatch::spawn(client(&agent), &service, config);
+    let mut instances = watch.instances();
+    watch_until(&mut instances, "1000 instances", PATIENCE, |s| {
+        s.len() == 1000
+    })
+    .await;
+    let first = start.elapsed();
+
+    // One check turns critical: the watch follows within one round.
+    let start = Instant::now();
+    assert!(double.set_check_status("i-500:ttl", "critical", "down"));
+    watch_until(&mut instances, "999 instances", PATIENCE, |s| {
+        s.len() == 999
+    })
+    .await;
+    let change = start.elapsed();
+
+    let start = Instant::now();
+    assert!(double.deregister_on_node("node-1", "i-1"));
+    watch_until(&mut instances, "998 instances", PATIENCE, |s| {
+        s.len() == 998
+    })
+    .await;
+    let removal = start.elapsed();
+    eprintln!(
+        "1000 instances: registered in {registered_in:?}, first snapshot {first:?}, \
+         check change {change:?}, deregistration {removal:?}"
+    );
+    assert!(change < Duration::from_secs(5) && removal < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn dropping_the_watch_stops_it() {
+    let agent = agent().await;
+    let service = unique("stop");
+    let watch = ConsulWatch::spawn(client(&agent), &service, quick_watch());
+    let mut instances = watch.instances();
+    let mut status = instances.status_receiver();
+    timeout(PATIENCE, status.wait_for(SourceStatus::is_live))
+        .await
+        .expect("live")
+        .unwrap();
+    instances.current();
+    drop(watch);
+    // The source closes; its last snapshot stays readable.
+    let closed = timeout(PATIENCE, instances.changed())
+        .await
+        .expect("closed");
+    assert!(closed.is_err());
+    assert!(instances.current().is_empty());
+    if let Some(double) = &agent.double {
+        let path = format!("/v1/health/service/{service}");
+        let before = double.request_count(&path);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(double.request_count(&path), before, "still querying");
+    }
+}
+
+/// The agent's HTTP check probes a [`HealthEndpoint`] served over hyper: the
+/// application's verdict reaches the watchers of the service.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn an_http_check_follows_the_health_endpoint() {
+    use hyper::server::conn::http1;
+    use hyper_util::rt::TokioIo;
+    use seawall::consul::HealthHandle;
+    use tower::Service;
+
+    let double = ConsulDouble::start_with(DoubleOptions {
+        min_check_interval: Duration::from_millis(50),
+        ..DoubleOptions::default()
+    })
+    .await;
+    let health = HealthHandle::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let endpoint = health.endpoint();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let mut endpoint = endpoint.clone();
+                    endpoint.call(request)
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    let client = client_for(&double.http_addr(), None);
+    let service = unique("http-check");
+    let registration = ServiceRegistration::builder(&service)
+        .id("h-1")
+        .address("127.0.0.1")
+        .port(port)
+        .weights(4, 1)
+        .check(
+            Check::http(
+                format!("http://127.0.0.1:{port}/health"),
+                Duration::from_millis(50),
+            )
+            .id("h-1:http")
+            .timeout(Duration::from_secs(1)),
+        )
+        .build()
+        .unwrap();
+    let guard = RegistrationGuard::register(client.clone(), registration)
+        .await
+        .unwrap();
+    let watch = ConsulWatch::spawn(
+        client.clone(),
+        &service,
+        WatchConfig::builder()
+            .wait(Duration::from_secs(2))
+            .min_interval(Duration::from_millis(20), 2)
+            .include_warning(true)
+            .build()
+            .unwrap(),
+    );
+    let mut instances = watch.instances();
+    watch_until(&mut instances, "passing", PATIENCE, |s| {
+        s.len() == 1 && s[0].health == Health::Passing && s[0].weight.get() == 4
+    })
+    .await;
+    // 429: a warning.
+    health.set_warning("slow");
+    watch_until(&mut instances, "warning", PATIENCE, |s| {
+        s.len() == 1 && s[0].health == Health::Warning && s[0].weight.get() == 1
+    })
+    .await;
+    // 503: critical, out.
+    health.set_unhealthy("draining");
+    watch_until(&mut instances, "critical", PATIENCE, <[_]>::is_empty).await;
+    assert_eq!(double.check_status("h-1:http").as_deref(), Some("critical"));
+    assert!(
+        double
+            .check_output("h-1:http")
+            .is_some_and(|o| o.contains("unhealthy: draining")),
+        "{:?}",
+        double.check_output("h-1:http")
+    );
+    health.set_healthy();
+    watch_until(&mut instances, "passing again", PATIENCE, |s| s.len() == 1).await;
+    guard.deregister().await.unwrap();
+}
