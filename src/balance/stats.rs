@@ -14,7 +14,8 @@ pub(crate) struct SetShared {
     pub(crate) name: Arc<str>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) outlier: Option<OutlierDetection>,
-    /// Peak-EWMA decay time constant in nanoseconds, when that strategy is on.
+    /// The inverse of the peak-EWMA decay time constant (per nanosecond), when that
+    /// strategy is on: a multiplication on the request path instead of a division.
     pub(crate) ewma_decay_nanos: Option<f64>,
     /// Endpoints in the set.
     pub(crate) endpoints: AtomicUsize,
@@ -32,7 +33,7 @@ impl SetShared {
         strategy: Strategy,
     ) -> Self {
         let ewma_decay_nanos = match strategy {
-            Strategy::PeakEwma { decay, .. } => Some(decay.as_nanos() as f64),
+            Strategy::PeakEwma { decay, .. } => Some(1.0 / (decay.as_nanos().max(1) as f64)),
             _ => None,
         };
         Self {
@@ -171,16 +172,16 @@ impl EndpointStats {
     /// The peak-EWMA cost: the latency estimate, decayed to now, times outstanding + 1.
     #[inline]
     pub(crate) fn ewma_cost(&self, now: u64) -> f64 {
-        let decay = self.set.ewma_decay_nanos.unwrap_or(1.0);
+        let per_nano = self.set.ewma_decay_nanos.unwrap_or(1.0);
         let rtt = f64::from_bits(self.ewma_bits.load(Relaxed));
         let stamp = self.ewma_stamp.load(Relaxed);
         let elapsed = now.saturating_sub(stamp) as f64;
-        let decayed = rtt * decay_weight(elapsed / decay);
+        let decayed = rtt * decay_weight(elapsed * per_nano);
         decayed * f64::from(self.outstanding() + 1)
     }
 
     fn observe_rtt(&self, rtt: f64, now: u64) {
-        let Some(decay) = self.set.ewma_decay_nanos else {
+        let Some(per_nano) = self.set.ewma_decay_nanos else {
             return;
         };
         let prev = f64::from_bits(self.ewma_bits.load(Relaxed));
@@ -190,7 +191,7 @@ impl EndpointStats {
             // Peak: a slower response is believed at once.
             rtt
         } else {
-            let w = decay_weight(now.saturating_sub(stamp) as f64 / decay);
+            let w = decay_weight(now.saturating_sub(stamp) as f64 * per_nano);
             prev * w + rtt * (1.0 - w)
         };
         // Concurrent completions race benignly: the estimate is approximate by design.
