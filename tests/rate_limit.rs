@@ -577,3 +577,102 @@ fn named_limiters_report_their_decisions() {
         ]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn keyed_wait_mode_serves_each_key_in_order_at_its_rate() {
+    use seawall::rate_limit::KeyedRateLimitLayer;
+
+    let served: Arc<parking_lot::Mutex<Vec<(String, u64)>>> = Arc::default();
+    let start = Instant::now();
+    let log = served.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            KeyedRateLimitLayer::new(quota(10, 1), |req: &(String, u32)| Some(req.0.clone()))
+                .cost(|req: &(String, u32)| req.1)
+                .wait(Duration::from_millis(450)),
+        )
+        .service_fn(move |req: (String, u32)| {
+            let log = log.clone();
+            async move {
+                log.lock().push((req.0, start.elapsed().as_millis() as u64));
+                Ok::<_, BoxError>(())
+            }
+        });
+    // Six requests for ada, one for bob, arriving together.
+    let mut tasks = Vec::new();
+    for (user, cost) in [
+        ("ada", 1),
+        ("ada", 1),
+        ("ada", 1),
+        ("bob", 1),
+        ("ada", 1),
+        ("ada", 1),
+        ("ada", 1),
+    ] {
+        let mut s = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            s.ready().await?.call((user.to_string(), cost)).await
+        }));
+        tokio::task::yield_now().await;
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    // ada's first now, then one every 100 ms: her sixth would wait 500 ms > 450 and is
+    // refused with its retry_after.
+    assert!(results[..6].iter().all(Result::is_ok));
+    let e = results[6].as_ref().unwrap_err();
+    let limited = e
+        .downcast_ref::<seawall::rate_limit::RateLimited>()
+        .expect("RateLimited");
+    assert!(limited.retry_after().unwrap() > Duration::from_millis(450));
+    let served = served.lock().clone();
+    let ada: Vec<u64> = served
+        .iter()
+        .filter(|(u, _)| u == "ada")
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(ada, vec![0, 100, 200, 300, 400]);
+    let bob: Vec<u64> = served
+        .iter()
+        .filter(|(u, _)| u == "bob")
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(
+        bob,
+        vec![0],
+        "bob has his own bucket and does not wait behind ada"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_wait_hands_its_booking_back() {
+    use seawall::rate_limit::KeyedRateLimitLayer;
+
+    let layer = KeyedRateLimitLayer::new(quota(10, 1), |k: &&'static str| Some(*k))
+        .wait(Duration::from_secs(1));
+    let limiter = layer.limiter_handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(|k: &'static str| async move { Ok::<_, BoxError>(k) });
+    let start = Instant::now();
+    svc.ready().await.unwrap().call("k").await.unwrap(); // the burst
+    let booked = svc.ready().await.unwrap().call("k"); // due at 100 ms
+    let later = svc.ready().await.unwrap().call("k"); // due at 200 ms
+    drop(booked); // hands its 100 ms slot back
+    drop(later); // and this one its 200 ms slot
+    svc.ready().await.unwrap().call("k").await.unwrap();
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(100),
+        "the first free slot, not 300 ms"
+    );
+    // Costs beyond the burst are refused at once, never booked.
+    assert!(
+        limiter
+            .reserve(&"k", 2, Duration::from_secs(60))
+            .unwrap_err()
+            .exceeds_capacity()
+    );
+}

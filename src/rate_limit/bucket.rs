@@ -88,7 +88,7 @@ pub struct Admitted {
     pub window: Duration,
 }
 
-/// A booking made by [`RateLimiter::reserve`].
+/// A booking made by [`RateLimiter::reserve`] or [`KeyedRateLimiter::reserve`](super::KeyedRateLimiter::reserve).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
     /// Tokens booked.

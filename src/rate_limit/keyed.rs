@@ -6,11 +6,12 @@ use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
 
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 
-use super::bucket::{Admitted, gcra_step, rescale_tat};
+use super::bucket::{Admitted, Reservation, gcra_step, rescale_tat};
 use super::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::Quota;
@@ -204,7 +205,63 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         self
     }
 
+    /// Books `tokens` from `key`'s bucket for the earliest time they will be there, if that
+    /// is within `max_wait` (as [`RateLimiter::reserve`](super::RateLimiter::reserve), per
+    /// key). Bookings for one key are served in the order they were made; a booking that is
+    /// not used must be handed back with [`cancel`](Self::cancel).
+    pub fn reserve<Q>(
+        &self,
+        key: &Q,
+        tokens: u32,
+        max_wait: Duration,
+    ) -> Result<Reservation, RateLimited>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let max_wait = max_wait.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let result = self.book(key, tokens, max_wait);
+        self.inner
+            .telemetry
+            .record(&result.as_ref().map(|_| ()).map_err(|e| *e));
+        let (_, wait) = result?;
+        Ok(Reservation {
+            tokens,
+            wait: Duration::from_nanos(wait),
+        })
+    }
+
+    /// Hands back a booking of `key` that will not be used, so that its tokens serve later
+    /// callers. Nothing happens if the key's bucket has since been dropped.
+    pub fn cancel<Q>(&self, key: &Q, reservation: Reservation)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.inner.hasher.hash_one(key);
+        let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
+        let mut guard = shard.lock();
+        if let Some(row) = guard
+            .table
+            .find_mut(hash, |row| row.0 == hash && row.1.borrow() == key)
+        {
+            let entry = &mut row.2;
+            let cost = u64::from(reservation.tokens).saturating_mul(entry.interval);
+            entry.tat = entry.tat.saturating_sub(cost);
+        }
+    }
+
     fn acquire_unreported<Q>(&self, key: &Q, tokens: u32) -> Result<Admitted, RateLimited>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.book(key, tokens, 0).map(|(admitted, _)| admitted)
+    }
+
+    /// Takes `tokens` from `key`'s bucket, now or (booked) within `max_wait` nanoseconds;
+    /// returns what the caller learns and how long until the tokens are due.
+    fn book<Q>(&self, key: &Q, tokens: u32, max_wait: u64) -> Result<(Admitted, u64), RateLimited>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
@@ -218,7 +275,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let mut guard = shard.lock();
         if let Some(row) = guard.table.find_mut(hash, eq) {
             if row.2.version == version {
-                return take(&mut row.2, now, tokens);
+                return take(&mut row.2, now, tokens, max_wait);
             }
             // The quota changed since this bucket was built: look the new one up outside
             // the lock, then rescale.
@@ -228,7 +285,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
             guard = shard.lock();
             if let Some(row) = guard.table.find_mut(hash, eq) {
                 rescale(&mut row.2, fresh, now);
-                return take(&mut row.2, now, tokens);
+                return take(&mut row.2, now, tokens, max_wait);
             }
         } else {
             drop(guard);
@@ -236,7 +293,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         // A new key: its quota is looked up outside the shard lock.
         let owned = key.to_owned();
         let mut entry = self.entry_for(&owned, now, version);
-        let result = take(&mut entry, now, tokens);
+        let result = take(&mut entry, now, tokens, max_wait);
         if result.as_ref().is_err_and(RateLimited::exceeds_capacity) {
             // Never admissible: no bucket is kept for it.
             return result;
@@ -244,7 +301,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let mut guard = shard.lock();
         if let Some(row) = guard.table.find_mut(hash, eq) {
             // Another caller inserted it meanwhile: charge that bucket instead.
-            return take(&mut row.2, now, tokens);
+            return take(&mut row.2, now, tokens, max_wait);
         }
         let cap = self.inner.per_shard.load(Relaxed);
         if guard.table.len() >= cap {
@@ -286,11 +343,16 @@ fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
 
 /// The GCRA step of [`RateLimiter`](super::RateLimiter), on a bucket held under its
 /// shard's lock.
-fn take(entry: &mut Entry, now: u64, tokens: u32) -> Result<Admitted, RateLimited> {
+fn take(
+    entry: &mut Entry,
+    now: u64,
+    tokens: u32,
+    max_wait: u64,
+) -> Result<(Admitted, u64), RateLimited> {
     let tau = u64::from(entry.burst).saturating_mul(entry.interval);
-    let (next, admitted, _) = gcra_step(entry.tat, now, entry.interval, tau, tokens, 0)?;
+    let (next, admitted, wait) = gcra_step(entry.tat, now, entry.interval, tau, tokens, max_wait)?;
     entry.tat = next;
-    Ok(admitted)
+    Ok((admitted, wait))
 }
 
 /// Frees at least a quarter of a full shard: idle (refilled) buckets first, then those

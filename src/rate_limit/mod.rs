@@ -85,7 +85,9 @@ pub use clock::QuantaClock;
 pub use clock::{Clock, ManualClock, TokioClock};
 pub use error::RateLimited;
 pub use keyed::{DEFAULT_MAX_KEYS, KeyedRateLimiter};
-pub use keyed_layer::{KeyedRateLimit, KeyedRateLimitLayer};
+pub use keyed_layer::{
+    KeyedRateLimit, KeyedRateLimitLayer, KeyedRateLimitWait, KeyedWaitLayer, WaitFuture,
+};
 pub use layer::{Mode, RateLimitLayer};
 pub use quota::{MAX_PERIOD, Quota, QuotaError, Rate};
 pub use service::RateLimit;
