@@ -31,6 +31,73 @@ fn report(name: &str, mut latencies: Vec<Duration>, elapsed: Duration) {
     );
 }
 
+/// Four replicas (separate limiters, as separate processes would hold) drive one key of
+/// 2 000/s with a burst of 200 as hard as they can, four callers each, for two seconds.
+/// Prints what the fleet admitted against what the quota allows over that time
+/// (burst + rate × elapsed) and the round trips it took. Batched tokens are counted when
+/// Redis grants them, so the fleet can never admit more than the quota; what batching
+/// costs is tokens a replica took but did not use before the run ended (at most
+/// `batch - 1` per replica and key) and a less even share between replicas.
+async fn fleet(port: u16, batch: u32) {
+    const REPLICAS: usize = 4;
+    const CALLERS: usize = 4;
+    const RUN: Duration = Duration::from_secs(2);
+    let (rate, burst) = (2_000u32, 200u32);
+    let replicas: Vec<Arc<RedisRateLimiter>> = (0..REPLICAS)
+        .map(|_| {
+            let mut b = RedisRateLimiter::builder(
+                format!("redis://127.0.0.1:{port}/"),
+                Quota::new(Rate::per_second(rate), burst).expect("quota"),
+            )
+            .prefix(format!("fleet-{batch}"))
+            .timeout(Duration::from_secs(1));
+            if batch > 1 {
+                b = b.batch(batch, Duration::from_secs(1));
+            }
+            Arc::new(b.build().expect("limiter"))
+        })
+        .collect();
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..REPLICAS * CALLERS)
+        .map(|i| {
+            let limiter = replicas[i % REPLICAS].clone();
+            tokio::spawn(async move {
+                let (mut admitted, mut round_trips) = (0u64, 0u64);
+                while start.elapsed() < RUN {
+                    match limiter.acquire("fleet", 1).await {
+                        Ok((_, Source::Batch)) => admitted += 1,
+                        Ok((_, _)) => {
+                            admitted += 1;
+                            round_trips += 1;
+                        }
+                        Err(_) => round_trips += 1,
+                    }
+                }
+                (i % REPLICAS, admitted, round_trips)
+            })
+        })
+        .collect();
+    let mut per_replica = [0u64; REPLICAS];
+    let mut round_trips = 0;
+    for t in tasks {
+        let (replica, admitted, trips) = t.await.expect("task");
+        per_replica[replica] += admitted;
+        round_trips += trips;
+    }
+    let elapsed = start.elapsed();
+    let allowed = f64::from(burst) + f64::from(rate) * elapsed.as_secs_f64();
+    let admitted: u64 = per_replica.iter().sum();
+    println!(
+        "fleet of {REPLICAS}, batch({batch}): admitted {admitted} of {allowed:.0} allowed ({:.1}%), \
+         {round_trips} round trips, per replica {per_replica:?}",
+        admitted as f64 * 100.0 / allowed
+    );
+    assert!(
+        admitted as f64 <= allowed + 1.0,
+        "the fleet admitted more than the quota allows"
+    );
+}
+
 fn main() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -125,6 +192,12 @@ fn main() {
         }
         report("1 caller, batch(16)", latencies, start.elapsed());
         println!("  round trips: {round_trips} for {CHECKS} checks");
+
+        // A fleet on one key, saturated: what batching costs in accuracy.
+        println!();
+        for batch in [1u32, 16] {
+            fleet(port, batch).await;
+        }
     });
     let _ = server.kill();
     let _ = server.wait();
