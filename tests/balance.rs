@@ -623,3 +623,31 @@ proptest! {
         })?;
     }
 }
+
+#[tokio::test]
+async fn service_discover_plugs_into_towers_balancer_too() {
+    use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
+
+    let registry = Registry::new();
+    let fleet = Fleet::default();
+    let a = registry.register(instance(1));
+    let _b = registry.register(instance(2));
+    let discover = PendingRequestsDiscover::new(
+        ServiceDiscover::new(registry.watch("svc"), fleet.make()),
+        CompleteOnResponse::default(),
+    );
+    let mut lb = tower::balance::p2c::Balance::new(discover);
+    for _ in 0..100 {
+        lb.ready().await.unwrap().call(0).await.unwrap();
+    }
+    assert!(fleet.calls(1) > 20 && fleet.calls(2) > 20);
+    drop(a);
+    for _ in 0..50 {
+        assert_eq!(lb.ready().await.unwrap().call(0).await.unwrap(), 2);
+    }
+    assert_eq!(
+        fleet.stacks(),
+        1,
+        "tower dropped the removed endpoint's stack"
+    );
+}
