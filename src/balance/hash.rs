@@ -63,6 +63,8 @@ where
     rng: u64,
     handle: BalanceHandle,
     discover_closed: bool,
+    when_empty: super::WhenEmpty,
+    empty_since: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<D, F, C> HashBalance<D, F, C>
@@ -81,6 +83,8 @@ where
             classifier: builder.classifier,
             handle,
             discover_closed: false,
+            when_empty: builder.when_empty,
+            empty_since: None,
         }
     }
 
@@ -120,6 +124,7 @@ where
             return Ok(());
         }
         let mut changed = false;
+        let mut result = Ok(());
         loop {
             match Pin::new(&mut self.discover).poll_discover(cx) {
                 Poll::Ready(Some(Ok(Change::Insert(key, endpoint)))) => {
@@ -130,7 +135,11 @@ where
                     self.set.remove(&key);
                     changed = true;
                 }
-                Poll::Ready(Some(Err(e))) => return Err(e.into()),
+                Poll::Ready(Some(Err(e))) => {
+                    // The changes applied so far still get their lookup structures.
+                    result = Err(e.into());
+                    break;
+                }
                 Poll::Ready(None) => {
                     self.discover_closed = true;
                     break;
@@ -142,7 +151,7 @@ where
             self.set.rebuild();
             super::telemetry::endpoints(&self.set.shared.name, self.set.len());
         }
-        Ok(())
+        result
     }
 }
 
@@ -164,8 +173,15 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.poll_discover(cx)?;
         if self.set.is_empty() {
-            return Poll::Ready(Err(NoEndpoints::new(self.set.shared.name.clone()).into()));
+            return super::service::poll_empty(
+                self.when_empty,
+                &mut self.empty_since,
+                &self.set.shared.name,
+                cx,
+            );
         }
+        self.empty_since = None;
+        self.set.sweep_if_asked();
         Poll::Ready(Ok(()))
     }
 

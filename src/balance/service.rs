@@ -5,6 +5,7 @@ use std::fmt;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::time::Sleep;
 use tower::Service;
@@ -52,6 +53,8 @@ where
     discover_closed: bool,
     /// When the reserved endpoint was picked (peak-EWMA only; 0 otherwise).
     picked_at: u64,
+    /// Wakes a pending balancer when an endpoint out of rotation may come back.
+    return_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<D> Balance<D>
@@ -91,6 +94,7 @@ where
             handle,
             discover_closed: false,
             picked_at: 0,
+            return_timer: None,
         }
     }
 
@@ -118,6 +122,7 @@ where
             return Ok(());
         }
         let mut changed = false;
+        let mut result = Ok(());
         loop {
             match Pin::new(&mut self.discover).poll_discover(cx) {
                 Poll::Ready(Some(Ok(Change::Insert(key, endpoint)))) => {
@@ -128,7 +133,11 @@ where
                     self.set.remove(&key);
                     changed = true;
                 }
-                Poll::Ready(Some(Err(e))) => return Err(e.into()),
+                Poll::Ready(Some(Err(e))) => {
+                    // The changes applied so far still get their lookup structures.
+                    result = Err(e.into());
+                    break;
+                }
                 Poll::Ready(None) => {
                     // Discovery ended: keep balancing over the last endpoints.
                     self.discover_closed = true;
@@ -143,7 +152,7 @@ where
             self.cursor = 0;
             super::telemetry::endpoints(&self.set.shared.name, self.set.len());
         }
-        Ok(())
+        result
     }
 
     #[inline]
@@ -217,6 +226,7 @@ where
         D::Service: Service<Req>,
         <D::Service as Service<Req>>::Error: Into<BoxError>,
     {
+        self.set.sweep_if_asked();
         let n = self.set.len();
         if let Strategy::PeakEwma { .. } = self.strategy {
             self.picked_at = self.set.shared.clock.now_nanos().max(1);
@@ -227,8 +237,10 @@ where
                 let at = self.set.schedule.order[self.cursor % order_len] as usize;
                 self.cursor = (self.cursor + 1) % order_len;
                 if at < n && self.set.slots[at].available() {
-                    if let Attempt::Reserved = self.try_reserve::<Req>(at, cx) {
-                        return Poll::Ready(Ok(()));
+                    match self.try_reserve::<Req>(at, cx) {
+                        Attempt::Reserved => return Poll::Ready(Ok(())),
+                        Attempt::Failed(e) => self.fail(at, e),
+                        _ => {}
                     }
                 }
             }
@@ -249,12 +261,16 @@ where
                     (false, false) => (usize::MAX, usize::MAX),
                 };
                 if first != usize::MAX {
-                    if let Attempt::Reserved = self.try_reserve::<Req>(first, cx) {
-                        return Poll::Ready(Ok(()));
+                    match self.try_reserve::<Req>(first, cx) {
+                        Attempt::Reserved => return Poll::Ready(Ok(())),
+                        Attempt::Failed(e) => self.fail(first, e),
+                        _ => {}
                     }
                     if a_in && b_in {
-                        if let Attempt::Reserved = self.try_reserve::<Req>(second, cx) {
-                            return Poll::Ready(Ok(()));
+                        match self.try_reserve::<Req>(second, cx) {
+                            Attempt::Reserved => return Poll::Ready(Ok(())),
+                            Attempt::Failed(e) => self.fail(second, e),
+                            _ => {}
                         }
                     }
                 }
@@ -263,75 +279,148 @@ where
         self.scan::<Req>(cx)
     }
 
+    /// An endpoint whose `poll_ready` failed is broken for good (the tower contract): it
+    /// leaves the set, as in tower's balancer, and counts as a failure for its figures.
+    /// Discovery puts it back if its instance changes.
+    fn fail(&mut self, at: usize, _error: BoxError) {
+        if at >= self.set.len() {
+            return;
+        }
+        let key = self.set.keys[at].clone();
+        #[cfg(feature = "tracing")]
+        tracing::warn!(
+            target: "seawall::balance",
+            balancer = %self.set.shared.name,
+            endpoint = %key,
+            error = %_error,
+            "endpoint failed its readiness check and leaves the balancer"
+        );
+        // A reservation elsewhere keeps pointing at its endpoint after the swap-remove.
+        let reserved = self.ready.as_ref().map(|r| self.set.keys[r.at].clone());
+        self.set.remove(&key);
+        self.set.rebuild();
+        self.cursor = 0;
+        if let (Some(reserved), Some(r)) = (reserved, self.ready.as_mut()) {
+            match self.set.position(&reserved) {
+                Some(at) => r.at = at,
+                None => self.ready = None,
+            }
+        }
+    }
+
     /// Every endpoint in turn from a random start: the first in rotation that is ready;
     /// failing that, any that is ready (when every endpoint is out of rotation, traffic
-    /// still flows: Envoy's panic mode).
+    /// still flows: Envoy's panic mode). Broken endpoints leave the set.
     #[cold]
     fn scan<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
     where
         D::Service: Service<Req>,
         <D::Service as Service<Req>>::Error: Into<BoxError>,
     {
-        let n = self.set.len();
-        let start = reduce(self.next_random() as u32, n as u32);
-        let mut in_rotation = 0;
-        let mut last_error = None;
-        let mut rejected = None;
-        for i in 0..n {
-            let at = (start + i) % n;
-            if !self.set.slots[at].available() {
-                continue;
+        loop {
+            let n = self.set.len();
+            if n == 0 {
+                return self.poll_empty(cx);
             }
-            in_rotation += 1;
-            match self.try_reserve::<Req>(at, cx) {
-                Attempt::Reserved => return Poll::Ready(Ok(())),
-                Attempt::Failed(e) => last_error = Some(e),
-                Attempt::Rejected(d) => rejected = Some((at, d)),
-                Attempt::Pending => {}
-            }
-        }
-        if in_rotation == 0 {
-            for i in 0..n {
-                let at = (start + i) % n;
-                match self.try_reserve::<Req>(at, cx) {
-                    Attempt::Reserved => return Poll::Ready(Ok(())),
-                    Attempt::Failed(e) => last_error = Some(e),
-                    Attempt::Rejected(d) => rejected = Some((at, d)),
-                    Attempt::Pending => {}
+            let start = reduce(self.next_random() as u32, n as u32);
+            let mut in_rotation = 0;
+            let mut pending = false;
+            let mut failed = None;
+            let mut rejected = None;
+            for pass in 0..2 {
+                for i in 0..n {
+                    let at = (start + i) % n;
+                    let available = self.set.slots[at].available();
+                    if available {
+                        in_rotation += usize::from(pass == 0);
+                    }
+                    // First pass: endpoints in rotation; second (panic mode, only when none
+                    // is in rotation): all of them.
+                    if (pass == 0 && !available) || (pass == 1 && available) {
+                        continue;
+                    }
+                    match self.try_reserve::<Req>(at, cx) {
+                        Attempt::Reserved => return Poll::Ready(Ok(())),
+                        Attempt::Failed(e) => {
+                            failed = Some((at, e));
+                            break;
+                        }
+                        Attempt::Rejected(d) => rejected = Some((at, d)),
+                        Attempt::Pending => pending = true,
+                    }
+                }
+                if failed.is_some() || in_rotation > 0 {
+                    break;
                 }
             }
+            if let Some((at, e)) = failed {
+                // Remove it and look again over the rest.
+                self.fail(at, e);
+                continue;
+            }
+            if !pending {
+                if let Some((at, decision)) = rejected {
+                    // Every usable endpoint's breaker refused: fail fast with the breaker's
+                    // error, as a single breaker would.
+                    self.ready = Some(Reserved {
+                        at,
+                        decision,
+                        probe: None,
+                    });
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            // Pending: the endpoints polled hold our waker, and so does discovery. Endpoints
+            // out of rotation come back by the clock: wake up when the first may.
+            self.arm_return_timer(cx);
+            return Poll::Pending;
         }
-        if let Some(e) = last_error {
-            return Poll::Ready(Err(e));
+    }
+
+    /// Registers a wake-up for when the first endpoint out of rotation may come back.
+    fn arm_return_timer(&mut self, cx: &mut Context<'_>) {
+        let Some(after) = self.set.next_return() else {
+            self.return_timer = None;
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + after.max(Duration::from_millis(1));
+        let timer = self
+            .return_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().reset(deadline);
+        if timer.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
         }
-        if let Some((at, decision)) = rejected {
-            // Every endpoint's breaker refused and none is otherwise usable: fail fast
-            // with the breaker's error, as a single breaker would.
-            self.ready = Some(Reserved {
-                at,
-                decision,
-                probe: None,
-            });
-            return Poll::Ready(Ok(()));
-        }
-        Poll::Pending
     }
 
     fn poll_empty(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        let name = self.set.shared.name.clone();
-        match self.when_empty {
-            WhenEmpty::Fail => Poll::Ready(Err(NoEndpoints::new(name).into())),
-            WhenEmpty::Wait(wait) => {
-                let sleep = self
-                    .empty_since
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
-                match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        self.empty_since = None;
-                        Poll::Ready(Err(NoEndpoints::new(name).into()))
-                    }
-                    Poll::Pending => Poll::Pending,
+        poll_empty(
+            self.when_empty,
+            &mut self.empty_since,
+            &self.set.shared.name,
+            cx,
+        )
+    }
+}
+
+/// A balancer with no endpoint: fails at once, or waits (for discovery, which holds the
+/// task's waker) up to the configured time.
+pub(crate) fn poll_empty(
+    when_empty: WhenEmpty,
+    empty_since: &mut Option<Pin<Box<Sleep>>>,
+    name: &std::sync::Arc<str>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), BoxError>> {
+    match when_empty {
+        WhenEmpty::Fail => Poll::Ready(Err(NoEndpoints::new(name.clone()).into())),
+        WhenEmpty::Wait(wait) => {
+            let sleep = empty_since.get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+            match sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    *empty_since = None;
+                    Poll::Ready(Err(NoEndpoints::new(name.clone()).into()))
                 }
+                Poll::Pending => Poll::Pending,
             }
         }
     }

@@ -5,6 +5,7 @@ use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::*;
+
 use std::time::Duration;
 
 use super::BalanceEndpoint;
@@ -79,6 +80,44 @@ impl<K, S> EndpointSet<K, S> {
         self.slots.len()
     }
 
+    /// Ends the ejections that have run out, when an ejection was refused for the cap.
+    #[inline]
+    pub(crate) fn sweep_if_asked(&self) {
+        if self.shared.sweep.load(Relaxed) && self.shared.sweep.swap(false, AcqRel) {
+            for slot in &self.slots {
+                slot.stats.ejected_for();
+            }
+        }
+    }
+
+    /// How long until an endpoint out of rotation may come back: the earliest end of an
+    /// ejection or of a breaker's open wait. `None` when every endpoint is in rotation or
+    /// none of them has a known time.
+    pub(crate) fn next_return(&self) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        self.slots
+            .iter()
+            .filter_map(|slot| {
+                let ejected = slot.stats.ejected_for();
+                let open = slot.breaker.as_ref().and_then(|b| {
+                    let snapshot = b.snapshot();
+                    match snapshot.state {
+                        State::Open => Some(
+                            snapshot
+                                .retry_at
+                                .map_or(Duration::ZERO, |at| at.saturating_duration_since(now)),
+                        ),
+                        _ => None,
+                    }
+                });
+                match (ejected, open) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                }
+            })
+            .min()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
@@ -146,6 +185,11 @@ where
         self.changed();
     }
 
+    /// The position of `key`'s endpoint.
+    pub(crate) fn position(&self, key: &K) -> Option<usize> {
+        self.positions.get(key).copied()
+    }
+
     /// Removes the endpoint of `key`, if present; its stack is dropped.
     pub(crate) fn remove(&mut self, key: &K) {
         let Some(at) = self.positions.remove(key) else {
@@ -203,5 +247,7 @@ impl<K, S> Drop for EndpointSet<K, S> {
             slot.stats.removed();
         }
         self.shared.endpoints.store(0, Release);
+        // A handle that outlives the balancer reports no endpoints (and holds none).
+        self.status.write().clear();
     }
 }

@@ -23,6 +23,8 @@ pub(crate) struct SetShared {
     pub(crate) ejected: AtomicUsize,
     /// Ejections refused because the ejected share was at its maximum.
     pub(crate) ejections_suppressed: AtomicU64,
+    /// Set when an ejection was refused: the balancer then ends ejections that ran out.
+    pub(crate) sweep: std::sync::atomic::AtomicBool,
 }
 
 impl SetShared {
@@ -44,9 +46,14 @@ impl SetShared {
             endpoints: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
             ejections_suppressed: AtomicU64::new(0),
+            sweep: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
+
+/// `ejected_until` of an endpoint that has left the set: never ejected again, never
+/// counted (a late failure of one of its calls must not eject a ghost).
+const REMOVED: u64 = u64::MAX;
 
 /// Bits of [`EndpointStats::calls`] counting calls in flight: up to a million per endpoint.
 const IN_FLIGHT_BITS: u32 = 20;
@@ -134,6 +141,9 @@ impl EndpointStats {
 
     #[cold]
     fn still_ejected(&self, until: u64) -> bool {
+        if until == REMOVED {
+            return false;
+        }
         let now = self.set.clock.now_nanos();
         if now < until {
             return true;
@@ -151,10 +161,10 @@ impl EndpointStats {
         false
     }
 
-    /// Ends the ejection if it has run out, without reporting it as ejected.
+    /// How much longer the endpoint stays ejected; ends an ejection that has run out.
     pub(crate) fn ejected_for(&self) -> Option<Duration> {
         let until = self.ejected_until.load(Acquire);
-        if until == 0 || !self.still_ejected(until) {
+        if until == 0 || until == REMOVED || !self.still_ejected(until) {
             return None;
         }
         Some(Duration::from_nanos(
@@ -162,9 +172,11 @@ impl EndpointStats {
         ))
     }
 
-    /// Called when the endpoint leaves the set: an ejection stops counting.
+    /// Called when the endpoint leaves the set: an ejection stops counting, and calls
+    /// still in flight can no longer eject it.
     pub(crate) fn removed(&self) {
-        if self.ejected_until.swap(0, AcqRel) != 0 {
+        let previous = self.ejected_until.swap(REMOVED, AcqRel);
+        if previous != 0 && previous != REMOVED {
             self.set.ejected.fetch_sub(1, AcqRel);
         }
     }
@@ -271,6 +283,9 @@ impl EndpointStats {
             .is_ok();
         if !admitted {
             set.ejections_suppressed.fetch_add(1, Relaxed);
+            // Ejections that ran out end only when read: have the balancer sweep them, so
+            // that stale ones stop counting against the cap.
+            set.sweep.store(true, Release);
             super::telemetry::suppressed(&set.name, &self.label);
             return;
         }

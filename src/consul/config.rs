@@ -229,13 +229,25 @@ impl fmt::Debug for ConsulConfigBuilder {
     }
 }
 
+/// The address as errors show it: credentials in a URL's user-info are replaced, so that
+/// an `http://user:secret@host` mistake does not print the secret.
+fn shown(address: &str) -> String {
+    match address.rsplit_once('@') {
+        Some((before, after)) => match before.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://<redacted>@{after}"),
+            None => format!("<redacted>@{after}"),
+        },
+        None => address.to_owned(),
+    }
+}
+
 fn parse_address(address: &str) -> Result<Authority, ConfigError> {
-    let invalid = || ConfigError::Address(address.to_owned());
+    let invalid = || ConfigError::Address(shown(address));
     let trimmed = address.trim();
     let (rest, default_port) = match trimmed.split_once("://") {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (rest, 80),
         Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
-            return Err(ConfigError::HttpsUnsupported(address.to_owned()));
+            return Err(ConfigError::HttpsUnsupported(shown(address)));
         }
         Some(_) => return Err(invalid()),
         None => (trimmed, 8500),
@@ -268,6 +280,15 @@ mod tests {
             .address(a)
             .build()
             .map(|c| c.address().to_owned())
+    }
+
+    #[test]
+    fn credentials_in_an_address_never_reach_the_error() {
+        let err = addr("http://admin:s3cret@consul:8500").unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        assert!(err.to_string().contains("<redacted>@consul:8500"), "{err}");
+        let err = addr("https://t0ken@consul:8501").unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("t0ken"));
     }
 
     #[test]

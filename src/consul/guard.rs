@@ -242,13 +242,18 @@ impl RegistrationGuard {
             registrations: AtomicU64::new(0),
         });
         shared.register().await?;
+        // Until this returns a guard, dropping the future (a timeout around `register`)
+        // must not leave the service registered with nobody to remove it.
+        let mut undo = DeregisterOnDrop(Some(shared.clone()));
         let heartbeat = config.heartbeat_for(&shared.registration);
         if heartbeat.is_some() {
             if let Err(e) = shared.beat().await {
+                undo.0 = None;
                 let _ = shared.client.deregister(shared.registration.id()).await;
                 return Err(e);
             }
         }
+        undo.0 = None;
         let task = match (heartbeat, config.verify_interval) {
             (Some(period), _) => Some(tokio::spawn(heartbeat_loop(
                 shared.clone(),
@@ -317,9 +322,11 @@ impl RegistrationGuard {
     /// The deregistration's [`ConsulError`] (returned after the grace period all the
     /// same).
     pub async fn shutdown(mut self, grace: Duration) -> Result<(), ConsulError> {
-        self.done = true;
         self.stop_task().await;
         let result = self.shared.client.deregister(self.service_id()).await;
+        // Only now: if this future is dropped before the deregistration completes (a
+        // timeout around `shutdown`), `Drop` still deregisters.
+        self.done = result.is_ok();
         #[cfg(feature = "tracing")]
         tracing::info!(
             service_id = self.service_id(),
@@ -344,6 +351,20 @@ impl RegistrationGuard {
         if let Some(task) = self.task.take() {
             task.abort();
             let _ = task.await;
+        }
+    }
+}
+
+/// Deregisters in the background when dropped while armed.
+struct DeregisterOnDrop(Option<Arc<Shared>>);
+
+impl Drop for DeregisterOnDrop {
+    fn drop(&mut self) {
+        if let (Some(shared), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(async move {
+                let _ = shared.client.deregister(shared.registration.id()).await;
+            });
         }
     }
 }
@@ -423,7 +444,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, period: Duration, retry_base: Durat
     status.borrow_and_update();
     let mut rng = seed(shared.registration.id());
     let mut failures = 0u32;
-    let mut next = Instant::now() + period;
+    let mut next = later(period);
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
@@ -453,7 +474,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, period: Duration, retry_base: Durat
         match result {
             Ok(()) => {
                 failures = 0;
-                next = Instant::now() + period;
+                next = later(period);
             }
             Err(_error) => {
                 failures = failures.saturating_add(1);
@@ -466,7 +487,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, period: Duration, retry_base: Durat
                     retry_in = ?delay,
                     "consul heartbeat failed"
                 );
-                next = Instant::now() + delay;
+                next = later(delay);
             }
         }
     }
@@ -498,6 +519,14 @@ async fn verify_loop(shared: Arc<Shared>, period: Duration, retry_base: Duration
             delay = backoff(failures, retry_base, period.max(retry_base), &mut rng);
         }
     }
+}
+
+/// Now plus `d`, saturating far in the future instead of overflowing (a configured period
+/// of years must not panic the background task).
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(60 * 60 * 24 * 365 * 30))
 }
 
 #[cfg(test)]

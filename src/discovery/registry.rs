@@ -30,14 +30,22 @@ use super::{Health, Instance, InstanceId, InstanceWatch, Publisher};
 /// ```
 #[derive(Clone, Default)]
 pub struct Registry {
-    inner: Arc<Mutex<HashMap<Arc<str>, ServiceEntry>>>,
+    inner: Arc<Mutex<Services>>,
+}
+
+#[derive(Default)]
+struct Services {
+    by_name: HashMap<Arc<str>, ServiceEntry>,
+    /// Numbers registrations, so that a superseded guard cannot deregister its successor.
+    next_generation: u64,
 }
 
 #[derive(Default)]
 struct ServiceEntry {
     publisher: Publisher,
-    /// Every registered instance, with whether its check passes.
-    instances: BTreeMap<InstanceId, (Instance, bool)>,
+    /// Every registered instance, with whether its check passes and the registration it
+    /// belongs to.
+    instances: BTreeMap<InstanceId, (Instance, bool, u64)>,
 }
 
 impl ServiceEntry {
@@ -45,8 +53,8 @@ impl ServiceEntry {
         let healthy = self
             .instances
             .values()
-            .filter(|(_, passing)| *passing)
-            .map(|(instance, _)| instance.clone())
+            .filter(|(_, passing, _)| *passing)
+            .map(|(instance, _, _)| instance.clone())
             .collect();
         self.publisher.publish(healthy);
     }
@@ -65,32 +73,48 @@ impl Registry {
         let service = instance.service.clone();
         let id = instance.id.clone();
         let mut inner = self.inner.lock();
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
         let entry = inner
+            .by_name
             .entry(service.clone())
             .or_insert_with(|| ServiceEntry {
                 publisher: live_publisher(),
                 ..ServiceEntry::default()
             });
-        entry.instances.insert(id.clone(), (instance, true));
+        entry
+            .instances
+            .insert(id.clone(), (instance, true, generation));
         entry.publish();
         Registration {
             registry: self.clone(),
             service,
             id,
+            generation,
         }
     }
 
     /// Removes an instance; returns whether it was registered.
     pub fn deregister(&self, service: &str, id: &InstanceId) -> bool {
+        self.deregister_if(service, id, None)
+    }
+
+    /// Removes an instance if it still belongs to registration `generation` (any, when
+    /// `None`).
+    fn deregister_if(&self, service: &str, id: &InstanceId, generation: Option<u64>) -> bool {
         let mut inner = self.inner.lock();
-        let Some(entry) = inner.get_mut(service) else {
+        let Some(entry) = inner.by_name.get_mut(service) else {
             return false;
         };
-        let removed = entry.instances.remove(id).is_some();
-        if removed {
+        let ours = entry
+            .instances
+            .get(id)
+            .is_some_and(|slot| generation.is_none_or(|g| slot.2 == g));
+        if ours {
+            entry.instances.remove(id);
             entry.publish();
         }
-        removed
+        ours
     }
 
     /// Sets whether an instance's health check passes (a failing instance stays registered
@@ -118,10 +142,10 @@ impl Registry {
         &self,
         service: &str,
         id: &InstanceId,
-        f: impl FnOnce(&mut (Instance, bool)),
+        f: impl FnOnce(&mut (Instance, bool, u64)),
     ) -> bool {
         let mut inner = self.inner.lock();
-        let Some(entry) = inner.get_mut(service) else {
+        let Some(entry) = inner.by_name.get_mut(service) else {
             return false;
         };
         let Some(slot) = entry.instances.get_mut(id) else {
@@ -135,7 +159,13 @@ impl Registry {
     /// Watches the passing instances of `service` (registered or not yet).
     pub fn watch(&self, service: &str) -> InstanceWatch {
         let mut inner = self.inner.lock();
+        // Services nobody registers or watches any more are forgotten, so that watching
+        // arbitrary names cannot grow the registry without bound.
         inner
+            .by_name
+            .retain(|_, e| !e.instances.is_empty() || e.publisher.watchers() > 0);
+        inner
+            .by_name
             .entry(Arc::from(service))
             .or_insert_with(|| ServiceEntry {
                 publisher: live_publisher(),
@@ -149,6 +179,7 @@ impl Registry {
     pub fn services(&self) -> Vec<String> {
         let inner = self.inner.lock();
         let mut names: Vec<String> = inner
+            .by_name
             .iter()
             .filter(|(_, e)| !e.instances.is_empty())
             .map(|(name, _)| name.to_string())
@@ -176,6 +207,7 @@ pub struct Registration {
     registry: Registry,
     service: Arc<str>,
     id: InstanceId,
+    generation: u64,
 }
 
 impl Registration {
@@ -184,9 +216,15 @@ impl Registration {
         &self.id
     }
 
-    /// Sets whether the instance's health check passes.
+    /// Sets whether the instance's health check passes (while this registration is the
+    /// current one of its identity).
     pub fn set_passing(&self, passing: bool) {
-        self.registry.set_passing(&self.service, &self.id, passing);
+        let generation = self.generation;
+        self.registry.update(&self.service, &self.id, |slot| {
+            if slot.2 == generation {
+                slot.1 = passing;
+            }
+        });
     }
 
     /// Deregisters now.
@@ -196,8 +234,11 @@ impl Registration {
 }
 
 impl Drop for Registration {
+    /// Deregisters the instance, unless a later registration of the same identity
+    /// replaced this one.
     fn drop(&mut self) {
-        self.registry.deregister(&self.service, &self.id);
+        self.registry
+            .deregister_if(&self.service, &self.id, Some(self.generation));
     }
 }
 

@@ -1,0 +1,339 @@
+//! Regressions found in review of the balancer, the registry and the Consul watch; each
+//! test is named after the bug it guards against.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use seawall::BoxError;
+use seawall::balance::{BalanceBuilder, OutlierDetection};
+use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitOpen, SlidingWindow, State};
+use seawall::discovery::{Instance, Publisher, Registry, ServiceDiscover};
+use tokio::sync::Semaphore;
+use tower::{Service, ServiceExt};
+
+#[derive(Clone)]
+struct Node {
+    port: u16,
+    ready: Arc<AtomicU8>, // 0 ready, 1 pending (no wake), 2 error
+    fail: Arc<AtomicBool>,
+    hold: Arc<Semaphore>,
+}
+
+impl Service<u64> for Node {
+    type Response = u16;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<u16, BoxError>> + Send>>;
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self.ready.load(SeqCst) {
+            0 => Poll::Ready(Ok(())),
+            1 => Poll::Pending,
+            _ => Poll::Ready(Err("broken".into())),
+        }
+    }
+    fn call(&mut self, _: u64) -> Self::Future {
+        let (port, fail, hold) = (self.port, self.fail.clone(), self.hold.clone());
+        Box::pin(async move {
+            hold.acquire().await.unwrap().forget();
+            if fail.load(SeqCst) {
+                Err(format!("{port} failed").into())
+            } else {
+                Ok(port)
+            }
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Ctl {
+    ready: Arc<AtomicU8>,
+    fail: Arc<AtomicBool>,
+    hold: Arc<Semaphore>,
+}
+impl Ctl {
+    fn new() -> Self {
+        Ctl {
+            ready: Arc::new(AtomicU8::new(0)),
+            fail: Arc::new(AtomicBool::new(false)),
+            hold: Arc::new(Semaphore::new(1_000_000)),
+        }
+    }
+}
+
+fn inst(port: u16) -> Instance {
+    Instance::local("svc", ([127, 0, 0, 1], port).into())
+}
+
+fn make(ctls: Arc<Vec<Ctl>>) -> impl FnMut(&Instance) -> Node {
+    move |i: &Instance| {
+        let c = &ctls[i.port as usize];
+        Node {
+            port: i.port,
+            ready: c.ready.clone(),
+            fail: c.fail.clone(),
+            hold: c.hold.clone(),
+        }
+    }
+}
+
+fn ctls(n: usize) -> Arc<Vec<Ctl>> {
+    Arc::new((0..n).map(|_| Ctl::new()).collect())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_endpoints_late_failure_does_not_leak_into_the_ejected_count() {
+    let c = ctls(5);
+    let publisher = Publisher::live(vec![inst(1)]);
+    let mut lb = BalanceBuilder::new()
+        .outlier_detection(
+            OutlierDetection::builder()
+                .consecutive_failures(1)
+                .base_ejection_time(Duration::from_secs(1))
+                .max_ejection_time(Duration::from_secs(2))
+                .max_ejected_percent(50)
+                .build()
+                .unwrap(),
+        )
+        .build(ServiceDiscover::new(publisher.subscribe(), make(c.clone())));
+    c[1].fail.store(true, SeqCst);
+    let _ = c[1].hold.forget_permits(usize::MAX);
+    let fut = lb.ready().await.unwrap().call(0);
+    let call = tokio::spawn(fut);
+    publisher.publish(vec![inst(2), inst(3)]);
+    lb.ready().await.unwrap();
+    assert_eq!(lb.len(), 2);
+    c[1].hold.add_permits(1);
+    assert!(call.await.unwrap().is_err());
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let h = lb.handle().clone();
+    let any_ejected = h.endpoints().iter().any(|e| e.ejected_for.is_some());
+    eprintln!(
+        "ejected()={} any_endpoint_ejected={}",
+        h.ejected(),
+        any_ejected
+    );
+    // now endpoint 2 fails: it should be ejected (1 of 2 allowed)
+    c[2].fail.store(true, SeqCst);
+    c[3].ready.store(1, SeqCst);
+    for _ in 0..5 {
+        let _ = lb.ready().await.unwrap().call(0).await;
+    }
+    eprintln!(
+        "after 2 fails: ejected()={} suppressed={} status={:?}",
+        h.ejected(),
+        h.ejections_suppressed(),
+        h.endpoints()
+            .iter()
+            .map(|e| (e.key.clone(), e.ejected_for))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        h.ejected(),
+        1,
+        "endpoint 2 is ejected: the removed one left no ghost"
+    );
+    assert_eq!(h.ejections_suppressed(), 0);
+}
+
+#[tokio::test]
+async fn a_replaced_registration_does_not_deregister_its_successor() {
+    let registry = Registry::new();
+    let mut w = registry.watch("svc");
+    let mut g = registry.register(inst(1));
+    g = registry.register(inst(1).with_weight(std::num::NonZeroU32::new(5).unwrap()));
+    eprintln!("after re-register: {} instances", w.current().len());
+    assert_eq!(
+        w.current().len(),
+        1,
+        "instance deregistered by the replaced guard while new guard alive"
+    );
+    drop(g);
+    assert_eq!(w.current().len(), 0, "the current guard still deregisters");
+}
+
+#[tokio::test]
+async fn a_handle_reports_no_endpoints_once_the_balancer_is_gone() {
+    let c = ctls(5);
+    let lb = BalanceBuilder::new().build(ServiceDiscover::new(
+        seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
+        make(c.clone()),
+    ));
+    let mut lb = lb;
+    lb.ready().await.unwrap();
+    let h = lb.handle().clone();
+    drop(lb);
+    eprintln!("len={} endpoints={}", h.len(), h.endpoints().len());
+    assert_eq!(h.endpoints().len(), 0);
+}
+
+#[tokio::test]
+async fn one_broken_endpoint_leaves_the_set_instead_of_failing_the_balancer() {
+    let c = ctls(5);
+    let mut lb = BalanceBuilder::new().build(ServiceDiscover::new(
+        seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
+        make(c.clone()),
+    ));
+    c[1].ready.store(2, SeqCst);
+    c[2].ready.store(1, SeqCst);
+    let w = std::task::Waker::noop();
+    let mut cx = Context::from_waker(w);
+    let r = Service::<u64>::poll_ready(&mut lb, &mut cx);
+    eprintln!(
+        "poll_ready = {:?}",
+        match &r {
+            Poll::Ready(Ok(())) => "ready ok".to_string(),
+            Poll::Ready(Err(e)) => format!("ready err {e}"),
+            Poll::Pending => "pending".into(),
+        }
+    );
+    assert!(r.is_pending());
+    assert_eq!(lb.len(), 1, "the broken endpoint left the set");
+    // The last one broken too: no endpoints, a clear error rather than a hang.
+    c[2].ready.store(2, SeqCst);
+    let err = lb.ready().await.unwrap_err();
+    assert!(err.is::<seawall::balance::NoEndpoints>(), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_half_open_endpoint_does_not_fail_requests_another_endpoint_could_serve() {
+    let c = ctls(5);
+    let template = CircuitBreakerConfig::builder()
+        .sliding_window(SlidingWindow::count_based(1))
+        .minimum_calls(1)
+        .failure_rate_threshold(50.0)
+        .wait_in_open(Duration::from_secs(5))
+        .permitted_calls_in_half_open(1)
+        .build()
+        .unwrap();
+    let mut lb = BalanceBuilder::new()
+        .endpoint_breaker(template)
+        .build(ServiceDiscover::new(
+            seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
+            make(c.clone()),
+        ));
+    c[2].ready.store(1, SeqCst);
+    c[1].fail.store(true, SeqCst);
+    let _ = lb.ready().await.unwrap().call(0).await;
+    eprintln!(
+        "{:?}",
+        lb.handle()
+            .endpoints()
+            .iter()
+            .map(|e| (e.key.clone(), e.breaker))
+            .collect::<Vec<_>>()
+    );
+    tokio::time::advance(Duration::from_secs(6)).await;
+    tokio::task::yield_now().await;
+    c[1].fail.store(false, SeqCst);
+    let _ = c[1].hold.forget_permits(usize::MAX);
+    let probe = lb.ready().await.unwrap().call(0); // probe on 1, held
+    let probe = tokio::spawn(probe);
+    tokio::task::yield_now().await;
+    eprintln!(
+        "{:?}",
+        lb.handle()
+            .endpoints()
+            .iter()
+            .map(|e| (e.key.clone(), e.breaker))
+            .collect::<Vec<_>>()
+    );
+    // endpoint 2 is merely not ready; the balancer should stay pending, not fail
+    let w = std::task::Waker::noop();
+    let mut cx = Context::from_waker(w);
+    let r = Service::<u64>::poll_ready(&mut lb, &mut cx);
+    eprintln!(
+        "poll_ready = {:?}",
+        match &r {
+            Poll::Ready(Ok(())) => "ready ok".to_string(),
+            Poll::Ready(Err(e)) => format!("ready err {e}"),
+            Poll::Pending => "pending".into(),
+        }
+    );
+    if r.is_ready() {
+        let e = lb.call(0).await.unwrap_err();
+        eprintln!("call error: {e} is CircuitOpen={}", e.is::<CircuitOpen>());
+    }
+    c[1].hold.add_permits(1);
+    let _ = probe.await;
+    assert!(r.is_pending());
+    let _ = State::Open;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pending_balancer_wakes_when_an_ejection_ends() {
+    let c = ctls(5);
+    let mut lb = BalanceBuilder::new()
+        .outlier_detection(
+            OutlierDetection::builder()
+                .consecutive_failures(1)
+                .base_ejection_time(Duration::from_secs(1))
+                .max_ejection_time(Duration::from_secs(2))
+                .build()
+                .unwrap(),
+        )
+        .build(ServiceDiscover::new(
+            seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
+            make(c.clone()),
+        ));
+    c[2].ready.store(1, SeqCst);
+    c[1].fail.store(true, SeqCst);
+    let _ = lb.ready().await.unwrap().call(0).await;
+    eprintln!("ejected={}", lb.handle().ejected());
+    c[1].fail.store(false, SeqCst);
+    let mut t = tokio_test::task::spawn(lb.ready());
+    assert!(t.poll().is_pending());
+    tokio::time::advance(Duration::from_secs(5)).await;
+    tokio::task::yield_now().await;
+    eprintln!("woken after ejection ended: {}", t.is_woken());
+    let woken = t.is_woken();
+    let r = t.poll();
+    eprintln!("poll again ready: {}", r.is_ready());
+    assert!(woken, "woken when the ejection ran out");
+    assert!(r.is_ready());
+}
+
+#[cfg(feature = "consul")]
+#[tokio::test]
+async fn a_huge_resync_interval_does_not_kill_the_watch_task() {
+    use seawall::consul::{ConsulClient, ConsulConfig, ConsulWatch, WatchConfig};
+    let client = ConsulClient::new(
+        ConsulConfig::builder()
+            .address("127.0.0.1:1")
+            .build()
+            .unwrap(),
+    );
+    let cfg = WatchConfig::builder()
+        .resync_interval(Duration::MAX)
+        .build()
+        .unwrap();
+    let w = ConsulWatch::spawn(client, "users", cfg);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    eprintln!("requests={} status={:?}", w.requests(), w.status());
+    assert!(w.requests() > 0);
+}
+
+#[tokio::test]
+async fn hash_balance_waits_for_an_endpoint_when_told_to() {
+    use seawall::balance::{WhenEmpty, hash_key};
+    let c = ctls(5);
+    let registry = Registry::new();
+    let mut lb = BalanceBuilder::new()
+        .when_empty(WhenEmpty::Wait(Duration::from_secs(5)))
+        .build_hashed(
+            ServiceDiscover::new(registry.watch("svc"), make(c.clone())),
+            |k: &u64| Some(hash_key(k)),
+        );
+    let r2 = registry.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::mem::forget(r2.register(inst(1)));
+    });
+    let port = tokio::time::timeout(Duration::from_secs(3), async {
+        lb.ready().await?.call(7).await
+    })
+    .await
+    .expect("served once an endpoint appeared")
+    .unwrap();
+    assert_eq!(port, 1);
+}
