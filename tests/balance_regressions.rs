@@ -140,8 +140,9 @@ async fn a_removed_endpoints_late_failure_does_not_leak_into_the_ejected_count()
 async fn a_replaced_registration_does_not_deregister_its_successor() {
     let registry = Registry::new();
     let mut w = registry.watch("svc");
-    let mut g = registry.register(inst(1));
-    g = registry.register(inst(1).with_weight(std::num::NonZeroU32::new(5).unwrap()));
+    let old = registry.register(inst(1));
+    let g = registry.register(inst(1).with_weight(std::num::NonZeroU32::new(5).unwrap()));
+    drop(old); // superseded: must not remove its successor
     eprintln!("after re-register: {} instances", w.current().len());
     assert_eq!(
         w.current().len(),
