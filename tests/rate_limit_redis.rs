@@ -475,3 +475,67 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
 }
+
+#[tokio::test]
+async fn a_saturated_key_is_refused_without_round_trips_until_redis_said() {
+    let redis = Redis::start(Redis::free_port()).await;
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(600, 2)) // 10/s, burst 2
+        .prefix("saturated")
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let commands = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    assert!(limiter.acquire("k", 2).await.is_ok());
+    let first = match limiter.acquire("k", 1).await {
+        Err(RedisLimitError::Limited(r)) => r.retry_after().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(first > Duration::from_millis(50) && first <= Duration::from_millis(100));
+    let before = commands(
+        redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut conn)
+            .await
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        match limiter.acquire("k", 1).await {
+            Err(RedisLimitError::Limited(r)) => {
+                assert!(r.retry_after().unwrap() <= first, "waits shrink with time")
+            }
+            Ok(_) => break, // the refusal ran out meanwhile: Redis admits again
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let after = commands(
+        redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut conn)
+            .await
+            .unwrap(),
+    );
+    // One INFO of ours in between, and at most one check that outlived the refusal.
+    assert!(
+        after - before <= 3,
+        "{} commands for refused checks",
+        after - before
+    );
+    // Once the refusal has run out, the key is asked again and admitted.
+    tokio::time::sleep(first + Duration::from_millis(20)).await;
+    assert!(limiter.acquire("k", 1).await.is_ok());
+    // A smaller request than the cached refusal is not refused by it: another key, burst 2.
+    assert!(limiter.acquire("j", 2).await.is_ok());
+    assert!(limiter.acquire("j", 2).await.is_err());
+    tokio::time::sleep(Duration::from_millis(110)).await;
+    assert!(
+        limiter.acquire("j", 1).await.is_ok(),
+        "one token is back after 100 ms"
+    );
+}

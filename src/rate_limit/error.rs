@@ -32,6 +32,15 @@ impl RateLimited {
         }
     }
 
+    /// The same refusal, `elapsed` later: the waits shrink by that much.
+    pub(crate) fn aged(self, elapsed: Duration) -> Self {
+        Self {
+            retry_after: self.retry_after.map(|d| d.saturating_sub(elapsed)),
+            full_in: self.full_in.saturating_sub(elapsed),
+            ..self
+        }
+    }
+
     pub(crate) fn exceeds_burst(cost: u32, limit: u32, window: Duration) -> Self {
         Self {
             retry_after: None,

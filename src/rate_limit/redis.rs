@@ -122,7 +122,70 @@ struct Inner {
     local: Option<KeyedRateLimiter<String, TokioClock>>,
     breaker: Breaker,
     batch: Option<Batching>,
+    refusals: Refusals,
     telemetry: super::telemetry::Telemetry,
+}
+
+/// Refusals Redis gave, per key, until they run out: a saturated key is refused here
+/// without a round trip. Exact, not an approximation: Redis's bucket is shared, so no
+/// replica can take those tokens before the refusal's `retry_after` either (a request for
+/// fewer tokens than the cached refusal's still goes to Redis).
+struct Refusals {
+    max_keys: usize,
+    by_key: Mutex<HashMap<String, Refusal>>,
+}
+
+struct Refusal {
+    tokens: u32,
+    at: tokio::time::Instant,
+    until: tokio::time::Instant,
+    refused: RateLimited,
+}
+
+impl Refusals {
+    fn new(max_keys: usize) -> Self {
+        Self {
+            max_keys,
+            by_key: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A refusal still in force for `tokens` of `key`, aged to now.
+    fn check(&self, key: &str, tokens: u32) -> Option<RateLimited> {
+        let by_key = self.by_key.lock();
+        let refusal = by_key.get(key)?;
+        let now = tokio::time::Instant::now();
+        (tokens >= refusal.tokens && now < refusal.until)
+            .then(|| refusal.refused.aged(now - refusal.at))
+    }
+
+    fn store(&self, key: &str, tokens: u32, refused: RateLimited) {
+        let Some(wait) = refused.retry_after() else {
+            return;
+        };
+        if wait.is_zero() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let mut by_key = self.by_key.lock();
+        if by_key.len() >= self.max_keys {
+            // Bounded: expired refusals go first, then all of them (dropping one only
+            // costs a round trip).
+            by_key.retain(|_, r| r.until > now);
+            if by_key.len() >= self.max_keys {
+                by_key.clear();
+            }
+        }
+        by_key.insert(
+            key.to_owned(),
+            Refusal {
+                tokens,
+                at: now,
+                until: now + wait,
+                refused,
+            },
+        );
+    }
 }
 
 /// Tokens taken from Redis ahead of time, per key.
@@ -223,8 +286,13 @@ impl RedisRateLimiter {
         key: &str,
         tokens: u32,
     ) -> Result<(Admitted, Source), RedisLimitError> {
-        let result = self.acquire_untraced(key, tokens).await;
         let telemetry = &self.inner.telemetry;
+        if let Some(refused) = self.inner.refusals.check(key, tokens) {
+            telemetry.record::<()>(&Err(refused));
+            telemetry.record_source("cached");
+            return Err(RedisLimitError::Limited(refused));
+        }
+        let result = self.acquire_untraced(key, tokens).await;
         match &result {
             Ok((admitted, source)) => {
                 telemetry.record::<&Admitted>(&Ok(admitted));
@@ -273,7 +341,10 @@ impl RedisRateLimiter {
                 }
                 Ok((admitted, Source::Redis))
             }
-            Ok(Err(limited)) => Err(RedisLimitError::Limited(limited)),
+            Ok(Err(limited)) => {
+                inner.refusals.store(key, tokens, limited);
+                Err(RedisLimitError::Limited(limited))
+            }
             Err(error) => self.unavailable(key, tokens, error),
         }
     }
@@ -415,7 +486,8 @@ impl RedisRateLimiterBuilder {
     /// Names the limiter for metrics and tracing: decisions as for
     /// [`RateLimiter::named`](super::RateLimiter::named), and where each check was answered
     /// (`seawall_rate_limit_redis_checks_total{limiter, source}` with `source` one of
-    /// `redis`, `batch`, `local`, `unavailable`).
+    /// `redis`, `batch`, `local`, `unavailable`, and `cached` for a refusal answered from
+    /// the last one Redis gave for that key, without a round trip).
     #[must_use]
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
@@ -464,6 +536,7 @@ impl RedisRateLimiterBuilder {
                 policy: self.policy,
                 local,
                 breaker: Breaker::new(breaker),
+                refusals: Refusals::new(10_000),
                 telemetry: {
                     let t = super::telemetry::Telemetry::default();
                     if let Some(name) = &self.name {

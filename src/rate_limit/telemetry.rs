@@ -6,7 +6,7 @@ use super::error::RateLimited;
 
 /// The `source` labels of distributed limiters' checks.
 #[cfg(all(feature = "metrics", feature = "redis"))]
-const SOURCES: [&str; 4] = ["redis", "batch", "local", "unavailable"];
+const SOURCES: [&str; 5] = ["redis", "batch", "local", "unavailable", "cached"];
 
 /// The reporting of one named limiter. Costs one atomic load per check while unnamed.
 #[derive(Debug, Default)]
@@ -24,12 +24,12 @@ struct Named {
     refused: metrics::Counter,
     /// Distributed limiters: checks by where they were answered, registered on first use.
     #[cfg(all(feature = "metrics", feature = "redis"))]
-    sources: OnceLock<[metrics::Counter; 4]>,
+    sources: OnceLock<[metrics::Counter; 5]>,
 }
 
 impl Named {
     #[cfg(all(feature = "metrics", feature = "redis"))]
-    fn source_counters(&self) -> [metrics::Counter; 4] {
+    fn source_counters(&self) -> [metrics::Counter; 5] {
         SOURCES.map(|source| {
             metrics::counter!(
                 "seawall_rate_limit_redis_checks_total",
