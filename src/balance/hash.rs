@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tower::Service;
-use tower::discover::{Change, Discover};
+use tower::discover::Discover;
 
 use crate::BoxError;
 use crate::circuit_breaker::state::{Decision, ProbePermit};
@@ -120,38 +120,9 @@ where
     where
         D::Error: Into<BoxError>,
     {
-        if self.discover_closed {
-            return Ok(());
-        }
-        let mut changed = false;
-        let mut result = Ok(());
-        loop {
-            match Pin::new(&mut self.discover).poll_discover(cx) {
-                Poll::Ready(Some(Ok(Change::Insert(key, endpoint)))) => {
-                    self.set.insert(key, endpoint);
-                    changed = true;
-                }
-                Poll::Ready(Some(Ok(Change::Remove(key)))) => {
-                    self.set.remove(&key);
-                    changed = true;
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    // The changes applied so far still get their lookup structures.
-                    result = Err(e.into());
-                    break;
-                }
-                Poll::Ready(None) => {
-                    self.discover_closed = true;
-                    break;
-                }
-                Poll::Pending => break,
-            }
-        }
-        if changed {
-            self.set.rebuild();
-            super::telemetry::endpoints(&self.set.shared.name, self.set.len());
-        }
-        result
+        self.set
+            .poll_discover(&mut self.discover, &mut self.discover_closed, cx)
+            .1
     }
 }
 

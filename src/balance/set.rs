@@ -185,6 +185,55 @@ where
         self.changed();
     }
 
+    /// Applies every change `discover` has ready, then rebuilds the lookup structures;
+    /// returns whether anything changed, and the discovery error that stopped it, if any
+    /// (the changes before it are kept). A discovery stream that ends leaves the last
+    /// endpoints in place and sets `closed`.
+    pub(crate) fn poll_discover<D>(
+        &mut self,
+        discover: &mut D,
+        closed: &mut bool,
+        cx: &mut std::task::Context<'_>,
+    ) -> (bool, Result<(), crate::BoxError>)
+    where
+        D: tower::discover::Discover<Key = K, Service = S> + Unpin,
+        D::Error: Into<crate::BoxError>,
+    {
+        use std::task::Poll;
+        use tower::discover::Change;
+        if *closed {
+            return (false, Ok(()));
+        }
+        let mut changed = false;
+        let mut result = Ok(());
+        loop {
+            match std::pin::Pin::new(&mut *discover).poll_discover(cx) {
+                Poll::Ready(Some(Ok(Change::Insert(key, endpoint)))) => {
+                    self.insert(key, endpoint);
+                    changed = true;
+                }
+                Poll::Ready(Some(Ok(Change::Remove(key)))) => {
+                    self.remove(&key);
+                    changed = true;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    result = Err(e.into());
+                    break;
+                }
+                Poll::Ready(None) => {
+                    *closed = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if changed {
+            self.rebuild();
+            super::telemetry::endpoints(&self.shared.name, self.len());
+        }
+        (changed, result)
+    }
+
     /// The position of `key`'s endpoint.
     pub(crate) fn position(&self, key: &K) -> Option<usize> {
         self.positions.get(key).copied()

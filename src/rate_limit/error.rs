@@ -33,6 +33,7 @@ impl RateLimited {
     }
 
     /// The same refusal, `elapsed` later: the waits shrink by that much.
+    #[cfg(feature = "redis")]
     pub(crate) fn aged(self, elapsed: Duration) -> Self {
         Self {
             retry_after: self.retry_after.map(|d| d.saturating_sub(elapsed)),
