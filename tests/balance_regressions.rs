@@ -338,3 +338,22 @@ async fn hash_balance_waits_for_an_endpoint_when_told_to() {
     .unwrap();
     assert_eq!(port, 1);
 }
+
+#[tokio::test]
+async fn a_broken_first_choice_does_not_leave_the_second_pointing_past_the_end() {
+    // Two endpoints, the one drawn first broken: after it leaves, the other is served
+    // (its position moved in the swap-remove).
+    for seed in 0..64 {
+        let c = ctls(5);
+        let mut lb = BalanceBuilder::new().seed(seed).build(ServiceDiscover::new(
+            seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2), inst(3)]),
+            make(c.clone()),
+        ));
+        c[1].ready.store(2, SeqCst);
+        c[3].ready.store(2, SeqCst);
+        for _ in 0..4 {
+            let port = lb.ready().await.unwrap().call(0).await.unwrap();
+            assert_eq!(port, 2, "seed {seed}");
+        }
+    }
+}

@@ -236,13 +236,20 @@ where
                 if first != usize::MAX {
                     match self.try_reserve::<Req>(first, cx) {
                         Attempt::Reserved => return Poll::Ready(Ok(())),
-                        Attempt::Failed(e) => self.fail(first, e),
+                        // Positions move when an endpoint leaves: look again from scratch.
+                        Attempt::Failed(e) => {
+                            self.fail(first, e);
+                            return self.scan::<Req>(cx);
+                        }
                         _ => {}
                     }
                     if a_in && b_in {
                         match self.try_reserve::<Req>(second, cx) {
                             Attempt::Reserved => return Poll::Ready(Ok(())),
-                            Attempt::Failed(e) => self.fail(second, e),
+                            Attempt::Failed(e) => {
+                                self.fail(second, e);
+                                return self.scan::<Req>(cx);
+                            }
                             _ => {}
                         }
                     }
