@@ -386,7 +386,12 @@ impl GatewayConfig {
     /// A [`ConfigError`] naming the first bad field.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text).map_err(|e| {
-            ConfigError::Parse(e.to_string().trim_end().replace('\n', " ").replace("  ", " "))
+            ConfigError::Parse(
+                e.to_string()
+                    .trim_end()
+                    .replace('\n', " ")
+                    .replace("  ", " "),
+            )
         })?;
         config.validate()?;
         Ok(config)
@@ -425,7 +430,10 @@ impl GatewayConfig {
         for (i, service) in self.services.iter().enumerate() {
             let at = format!("services[{i}]");
             if service.name.is_empty() {
-                return Err(ConfigError::invalid(format!("{at}.name"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("{at}.name"),
+                    "must not be empty",
+                ));
             }
             if !services.insert(service.name.as_str()) {
                 return Err(ConfigError::invalid(
@@ -439,7 +447,10 @@ impl GatewayConfig {
         for (i, route) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}]");
             if route.name.is_empty() {
-                return Err(ConfigError::invalid(format!("{at}.name"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("{at}.name"),
+                    "must not be empty",
+                ));
             }
             if !names.insert(route.name.as_str()) {
                 return Err(ConfigError::invalid(
@@ -467,7 +478,10 @@ impl GatewayConfig {
                 ));
             }
             if route.service.is_empty() {
-                return Err(ConfigError::invalid(format!("{at}.service"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("{at}.service"),
+                    "must not be empty",
+                ));
             }
             check_duration(&format!("{at}.timeout"), route.timeout, false)?;
             if route.auth && self.auth.jwt.is_none() {
@@ -485,7 +499,10 @@ impl GatewayConfig {
                     ));
                 }
                 if b.window == 0 {
-                    return Err(ConfigError::invalid(format!("{at}.window"), "must be at least 1"));
+                    return Err(ConfigError::invalid(
+                        format!("{at}.window"),
+                        "must be at least 1",
+                    ));
                 }
                 if b.minimum_calls == 0 {
                     return Err(ConfigError::invalid(
@@ -542,7 +559,8 @@ impl GatewayConfig {
                     ));
                 }
                 check_duration(&format!("{at}.base_ejection"), o.base_ejection, false)?;
-                outlier_detection(o).map_err(|e| ConfigError::invalid(at.clone(), e.to_string()))?;
+                outlier_detection(o)
+                    .map_err(|e| ConfigError::invalid(at.clone(), e.to_string()))?;
             }
         }
         Ok(())
@@ -599,7 +617,10 @@ fn check_limit(at: &str, per_second: u32, burst: Option<u32>) -> Result<(), Conf
         ));
     }
     if burst == Some(0) {
-        return Err(ConfigError::invalid(format!("{at}.burst"), "must be at least 1"));
+        return Err(ConfigError::invalid(
+            format!("{at}.burst"),
+            "must be at least 1",
+        ));
     }
     Ok(())
 }
@@ -685,10 +706,18 @@ outlier = { consecutive_failures = 3, base_ejection = "10s", max_ejected_percent
         assert_eq!(r.timeout, Duration::from_secs(2));
         assert_eq!(r.balance.strategy, StrategyName::PeakEwma);
         assert_eq!(
-            r.rate_limit.per_client.as_ref().unwrap().client_key().unwrap(),
+            r.rate_limit
+                .per_client
+                .as_ref()
+                .unwrap()
+                .client_key()
+                .unwrap(),
             ClientKey::Header(http::HeaderName::from_static("x-api-key"))
         );
-        assert_eq!(r.fallback.as_ref().unwrap().content_type, "application/json");
+        assert_eq!(
+            r.fallback.as_ref().unwrap().content_type,
+            "application/json"
+        );
         c.check_static_services().unwrap();
         assert!(!format!("{:?}", c.auth.jwt).contains("0123456789"));
     }
@@ -696,21 +725,36 @@ outlier = { consecutive_failures = 3, base_ejection = "10s", max_ejected_percent
     #[test]
     fn values_out_of_range_name_their_field() {
         let e = err(&BASE.replace("per_second = 100", "per_second = 0"));
-        assert_eq!(e, "routes[0].rate_limit.global.per_second: must be at least 1");
+        assert_eq!(
+            e,
+            "routes[0].rate_limit.global.per_second: must be at least 1"
+        );
         let e = err(&BASE.replace("\"/api/users\"", "\"api/users\""));
         assert_eq!(e, "routes[0].path_prefix: must start with '/'");
         let e = err(&BASE.replace("failure_rate = 50", "failure_rate = 150"));
-        assert_eq!(e, "routes[0].breaker.failure_rate: must be a percentage in (0, 100]");
+        assert_eq!(
+            e,
+            "routes[0].breaker.failure_rate: must be a percentage in (0, 100]"
+        );
         let e = err(&BASE.replace("status = 200", "status = 42"));
-        assert_eq!(e, "routes[0].fallback.status: must be an HTTP status in 200..=599");
+        assert_eq!(
+            e,
+            "routes[0].fallback.status: must be an HTTP status in 200..=599"
+        );
         let e = err(&BASE.replace("header:x-api-key", "cookie"));
-        assert!(e.starts_with("routes[0].rate_limit.per_client.key: must be"), "{e}");
+        assert!(
+            e.starts_with("routes[0].rate_limit.per_client.key: must be"),
+            "{e}"
+        );
         let e = err(&BASE.replace("timeout = \"2s\"", "timeout = \"0s\""));
         assert_eq!(e, "routes[0].timeout: must be more than zero");
         let e = err(&BASE.replace("0123456789abcdef0123", "short"));
         assert_eq!(e, "auth.jwt.secret: must be at least 16 bytes");
         let e = err(&BASE.replace("max_ejected_percent = 50", "max_ejected_percent = 150"));
-        assert_eq!(e, "routes[0].balance.outlier.max_ejected_percent: must be at most 100");
+        assert_eq!(
+            e,
+            "routes[0].balance.outlier.max_ejected_percent: must be at most 100"
+        );
     }
 
     #[test]
@@ -723,17 +767,22 @@ service = "orders"
 rate_limit = { global = { per_second = 0 } }
 "#;
         let e = err(&format!("{BASE}{second}"));
-        assert_eq!(e, "routes[1].rate_limit.global.per_second: must be at least 1");
+        assert_eq!(
+            e,
+            "routes[1].rate_limit.global.per_second: must be at least 1"
+        );
     }
 
     #[test]
     fn duplicates_are_rejected() {
-        let dup_name = "[[routes]]\nname = \"users\"\npath_prefix = \"/other\"\nservice = \"users\"\n";
+        let dup_name =
+            "[[routes]]\nname = \"users\"\npath_prefix = \"/other\"\nservice = \"users\"\n";
         assert_eq!(
             err(&format!("{BASE}{dup_name}")),
             "routes[1].name: duplicate route name `users`"
         );
-        let dup_prefix = "[[routes]]\nname = \"b\"\npath_prefix = \"/api/users/\"\nservice = \"users\"\n";
+        let dup_prefix =
+            "[[routes]]\nname = \"b\"\npath_prefix = \"/api/users/\"\nservice = \"users\"\n";
         assert_eq!(
             err(&format!("{BASE}{dup_prefix}")),
             "routes[1].path_prefix: duplicate prefix `/api/users/`"
@@ -747,8 +796,8 @@ rate_limit = { global = { per_second = 0 } }
 
     #[test]
     fn unknown_keys_and_bad_types_are_parse_errors() {
-        let e = GatewayConfig::from_toml_str(&BASE.replace("strip_prefix", "strip_prefx"))
-            .unwrap_err();
+        let e =
+            GatewayConfig::from_toml_str(&BASE.replace("strip_prefix", "strip_prefx")).unwrap_err();
         assert!(matches!(e, ConfigError::Parse(_)));
         assert!(e.to_string().contains("strip_prefx"), "{e}");
         let e = err(&BASE.replace("\"2s\"", "\"2 seconds\""));
@@ -761,16 +810,24 @@ rate_limit = { global = { per_second = 0 } }
             GatewayConfig::from_toml_str("[gateway"),
             Err(ConfigError::Parse(_))
         ));
-        assert!(matches!(GatewayConfig::from_file("/nonexistent/gw.toml"), Err(ConfigError::Io { .. })));
+        assert!(matches!(
+            GatewayConfig::from_file("/nonexistent/gw.toml"),
+            Err(ConfigError::Io { .. })
+        ));
     }
 
     #[test]
     fn auth_without_jwt_section_and_unknown_services() {
-        let no_jwt = BASE.replace("[auth.jwt]", "[unused]").replace("secret =", "# ").replace("issuer =", "# ");
+        let no_jwt = BASE
+            .replace("[auth.jwt]", "[unused]")
+            .replace("secret =", "# ")
+            .replace("issuer =", "# ");
         let no_jwt = no_jwt.replace("[unused]\n", "");
         assert_eq!(err(&no_jwt), "routes[0].auth: needs an [auth.jwt] section");
-        let c = GatewayConfig::from_toml_str(&BASE.replace("service = \"users\"", "service = \"ghosts\""))
-            .unwrap();
+        let c = GatewayConfig::from_toml_str(
+            &BASE.replace("service = \"users\"", "service = \"ghosts\""),
+        )
+        .unwrap();
         let e = c.check_static_services().unwrap_err();
         assert_eq!(e.field(), Some("routes[0].service"));
         assert!(e.to_string().contains("unknown service `ghosts`"));

@@ -265,7 +265,11 @@ fn numeric_date(v: &serde_json::Value) -> Result<u64, JwtError> {
         return Ok(n);
     }
     match v.as_f64() {
-        Some(f) if f.is_finite() => Ok(if f <= 0.0 { 0 } else { f.min(u64::MAX as f64) as u64 }),
+        Some(f) if f.is_finite() => Ok(if f <= 0.0 {
+            0
+        } else {
+            f.min(u64::MAX as f64) as u64
+        }),
         _ => Err(JwtError::Malformed),
     }
 }
@@ -303,9 +307,12 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert(
             http::header::AUTHORIZATION,
-            format!("Bearer {}", v.sign(&json!({"iss": "seawall", "aud": "api"})))
-                .parse()
-                .unwrap(),
+            format!(
+                "Bearer {}",
+                v.sign(&json!({"iss": "seawall", "aud": "api"}))
+            )
+            .parse()
+            .unwrap(),
         );
         assert!(v.verify_header(&headers).is_ok());
     }
@@ -316,13 +323,23 @@ mod tests {
         let token = v.sign(&good());
         let (head, sig) = token.rsplit_once('.').unwrap();
         let (header, _) = head.split_once('.').unwrap();
-        let other = URL_SAFE_NO_PAD.encode(json!({"sub": "eve", "iss": "seawall", "aud": "api"}).to_string());
-        assert_eq!(v.verify_at(&format!("{header}.{other}.{sig}"), NOW), Err(JwtError::BadSignature));
+        let other = URL_SAFE_NO_PAD
+            .encode(json!({"sub": "eve", "iss": "seawall", "aud": "api"}).to_string());
+        assert_eq!(
+            v.verify_at(&format!("{header}.{other}.{sig}"), NOW),
+            Err(JwtError::BadSignature)
+        );
         let mut bad_sig = sig.to_owned();
         bad_sig.replace_range(0..1, if sig.starts_with('A') { "B" } else { "A" });
-        assert_eq!(v.verify_at(&format!("{head}.{bad_sig}"), NOW), Err(JwtError::BadSignature));
+        assert_eq!(
+            v.verify_at(&format!("{head}.{bad_sig}"), NOW),
+            Err(JwtError::BadSignature)
+        );
         let other_key = JwtVerifier::new(b"another secret, 16+ bytes");
-        assert_eq!(v.verify_at(&other_key.sign(&good()), NOW), Err(JwtError::BadSignature));
+        assert_eq!(
+            v.verify_at(&other_key.sign(&good()), NOW),
+            Err(JwtError::BadSignature)
+        );
     }
 
     #[test]
@@ -331,7 +348,12 @@ mod tests {
         let mut c = good();
         c["exp"] = json!(NOW);
         assert_eq!(v.verify_at(&v.sign(&c), NOW), Err(JwtError::Expired));
-        assert!(v.clone().leeway(Duration::from_secs(5)).verify_at(&v.sign(&c), NOW).is_ok());
+        assert!(
+            v.clone()
+                .leeway(Duration::from_secs(5))
+                .verify_at(&v.sign(&c), NOW)
+                .is_ok()
+        );
         c["exp"] = json!(NOW + 60);
         c["nbf"] = json!(NOW + 10);
         assert_eq!(v.verify_at(&v.sign(&c), NOW), Err(JwtError::NotYetValid));
@@ -360,7 +382,10 @@ mod tests {
         let rs = forge(r#"{"alg":"RS256"}"#, &good(), "c2ln");
         assert_eq!(v.verify_at(&rs, NOW), Err(JwtError::UnsupportedAlgorithm));
         let lower = forge(r#"{"alg":"hs256"}"#, &good(), "c2ln");
-        assert_eq!(v.verify_at(&lower, NOW), Err(JwtError::UnsupportedAlgorithm));
+        assert_eq!(
+            v.verify_at(&lower, NOW),
+            Err(JwtError::UnsupportedAlgorithm)
+        );
         let no_alg = forge(r#"{"typ":"JWT"}"#, &good(), "c2ln");
         assert_eq!(v.verify_at(&no_alg, NOW), Err(JwtError::Malformed));
     }
@@ -369,17 +394,36 @@ mod tests {
     fn malformed_input_never_panics() {
         let v = verifier();
         for token in [
-            "", ".", "..", "...", "a.b", "a.b.c.d", "!!.??.**", "e30.e30.", "e30.e30.e30",
-            "bnVsbA.bnVsbA.AA", "W10.W10.AA", "\u{1F600}.\u{1F600}.\u{1F600}",
+            "",
+            ".",
+            "..",
+            "...",
+            "a.b",
+            "a.b.c.d",
+            "!!.??.**",
+            "e30.e30.",
+            "e30.e30.e30",
+            "bnVsbA.bnVsbA.AA",
+            "W10.W10.AA",
+            "\u{1F600}.\u{1F600}.\u{1F600}",
         ] {
             assert!(v.verify_at(token, NOW).is_err(), "{token}");
         }
-        assert_eq!(v.verify_at(&"a".repeat(MAX_TOKEN_LEN + 1), NOW), Err(JwtError::Malformed));
+        assert_eq!(
+            v.verify_at(&"a".repeat(MAX_TOKEN_LEN + 1), NOW),
+            Err(JwtError::Malformed)
+        );
         let mut headers = http::HeaderMap::new();
         assert_eq!(v.verify_header(&headers), Err(JwtError::Missing));
-        headers.insert(http::header::AUTHORIZATION, "Basic YWRhOmFkYQ==".parse().unwrap());
+        headers.insert(
+            http::header::AUTHORIZATION,
+            "Basic YWRhOmFkYQ==".parse().unwrap(),
+        );
         assert_eq!(v.verify_header(&headers), Err(JwtError::Missing));
-        headers.insert(http::header::AUTHORIZATION, http::HeaderValue::from_bytes(b"Bearer \xff").unwrap());
+        headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_bytes(b"Bearer \xff").unwrap(),
+        );
         assert_eq!(v.verify_header(&headers), Err(JwtError::Malformed));
     }
 }

@@ -141,8 +141,8 @@ pub mod status;
 
 pub use config::{
     AuthConfig, BalanceSettings, BreakerSettings, ClientKey, ClientLimitSettings, ConfigError,
-    FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OutlierSettings,
-    RateLimitSettings, RouteConfig, ServerConfig, ServiceConfig, StrategyName,
+    FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OutlierSettings, RateLimitSettings,
+    RouteConfig, ServerConfig, ServiceConfig, StrategyName,
 };
 pub use route::{Body, FALLBACK_HEADER};
 pub use server::{BuildError, Discovery, Gateway, GatewayHandle, METRICS_PATH, STATUS_PATH};

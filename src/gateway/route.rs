@@ -188,7 +188,10 @@ pub(crate) struct Route {
 }
 
 fn quota(per_second: u32, burst: Option<u32>) -> Result<Quota, BoxError> {
-    Ok(Quota::new(Rate::per_second(per_second), burst.unwrap_or(per_second))?)
+    Ok(Quota::new(
+        Rate::per_second(per_second),
+        burst.unwrap_or(per_second),
+    )?)
 }
 
 impl Route {
@@ -222,7 +225,9 @@ impl Route {
         if let Some(b) = &config.breaker {
             builder = builder.endpoint_breaker(super::config::breaker_config(&config.name, b)?);
         }
-        let balance = builder.classifier(HttpClassifier::new()).try_build(discover)?;
+        let balance = builder
+            .classifier(HttpClassifier::new())
+            .try_build(discover)?;
         let handle = balance.handle().clone();
         let global = match &config.rate_limit.global {
             Some(g) => Some((
@@ -273,7 +278,11 @@ impl Route {
             };
         }
         if let Some((limiter, _)) = global {
-            stack = Stack::new(HttpRateLimitLayer::global(limiter).name("global").layer(stack));
+            stack = Stack::new(
+                HttpRateLimitLayer::global(limiter)
+                    .name("global")
+                    .layer(stack),
+            );
         }
         Ok(Self { core, auth, stack })
     }
@@ -288,7 +297,11 @@ impl Route {
     }
 
     /// Serves one request matched to this route.
-    pub(crate) async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub(crate) async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         let start = tokio::time::Instant::now();
         let stats = &self.core.stats;
         stats.requests.fetch_add(1, Relaxed);
@@ -349,10 +362,8 @@ impl Route {
                     burst: l.burst(),
                     per_second: *per_second,
                 }),
-                per_client: core
-                    .per_client
-                    .as_ref()
-                    .map(|(l, per_second, burst, key)| ClientLimit {
+                per_client: core.per_client.as_ref().map(|(l, per_second, burst, key)| {
+                    ClientLimit {
                         clients: match l {
                             PerClient::Ip(l) => l.len(),
                             PerClient::Header(l, _) => l.len(),
@@ -360,7 +371,8 @@ impl Route {
                         burst: *burst,
                         per_second: *per_second,
                         key: key.clone(),
-                    }),
+                    }
+                }),
             },
             endpoints: core
                 .handle
@@ -377,7 +389,9 @@ impl Route {
                         .ejected_for
                         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                     ejections: e.ejections,
-                    breaker: e.breaker.map(|s| super::status::breaker_state(s).to_owned()),
+                    breaker: e
+                        .breaker
+                        .map(|s| super::status::breaker_state(s).to_owned()),
                 })
                 .collect(),
         }
@@ -442,13 +456,21 @@ impl RouteCore {
             Err(_elapsed) => Failure::Timeout,
         };
         let (counter, status, message) = match failure {
-            Failure::Timeout => (&self.stats.timeouts, StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
+            Failure::Timeout => (
+                &self.stats.timeouts,
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream timed out",
+            ),
             Failure::Unavailable => (
                 &self.stats.unavailable,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no upstream available",
             ),
-            Failure::BadGateway => (&self.stats.bad_gateway, StatusCode::BAD_GATEWAY, "upstream failed"),
+            Failure::BadGateway => (
+                &self.stats.bad_gateway,
+                StatusCode::BAD_GATEWAY,
+                "upstream failed",
+            ),
             Failure::ServerError => (
                 &self.stats.server_errors,
                 StatusCode::BAD_GATEWAY,
@@ -568,10 +590,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_dropped() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-kept", HeaderValue::from_static("1"));
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);

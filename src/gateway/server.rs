@@ -153,8 +153,11 @@ impl Gateway {
                 ),
                 (None, Discovery::Registry(registry)) => registry.watch(&route.service),
                 (None, Discovery::Consul(client)) => {
-                    let watch =
-                        ConsulWatch::spawn(client.clone(), route.service.clone(), WatchConfig::default());
+                    let watch = ConsulWatch::spawn(
+                        client.clone(),
+                        route.service.clone(),
+                        WatchConfig::default(),
+                    );
                     let instances = watch.instances();
                     watches.push(watch);
                     instances
@@ -209,14 +212,11 @@ impl Gateway {
         let path = request.uri().path();
         if request.method() == Method::GET || request.method() == Method::HEAD {
             if path == METRICS_PATH {
-                return text(
-                    self.metrics(),
-                    "text/plain; version=0.0.4; charset=utf-8",
-                );
+                return text(self.metrics(), "text/plain; version=0.0.4; charset=utf-8");
             }
             if path == STATUS_PATH {
-                let json = serde_json::to_string(&self.status())
-                    .unwrap_or_else(|_| String::from("{}"));
+                let json =
+                    serde_json::to_string(&self.status()).unwrap_or_else(|_| String::from("{}"));
                 return text(json, "application/json");
             }
         }
@@ -342,9 +342,10 @@ fn text(body: String, content_type: &'static str) -> Response<Body> {
         header::CONTENT_TYPE,
         http::HeaderValue::from_static(content_type),
     );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
     response
 }
 

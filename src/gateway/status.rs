@@ -252,7 +252,10 @@ fn label(value: &str) -> String {
 /// Renders a status as Prometheus text exposition (format 0.0.4).
 pub fn render_prometheus(status: &GatewayStatus) -> String {
     let mut out = String::with_capacity(4096);
-    let mut family = |name: &str, kind: &str, help: &str, samples: &mut dyn Iterator<Item = (String, String)>| {
+    let mut family = |name: &str,
+                      kind: &str,
+                      help: &str,
+                      samples: &mut dyn Iterator<Item = (String, String)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, value) in samples {
             let _ = writeln!(out, "{name}{{{labels}}} {value}");
@@ -336,7 +339,12 @@ pub fn render_prometheus(status: &GatewayStatus) -> String {
         &mut routes.iter().flat_map(|r| {
             [("0.5", r.latency_ms.p50), ("0.99", r.latency_ms.p99)]
                 .into_iter()
-                .map(move |(q, ms)| (format!("{},quantile=\"{q}\"", route(r)), (ms / 1000.0).to_string()))
+                .map(move |(q, ms)| {
+                    (
+                        format!("{},quantile=\"{q}\"", route(r)),
+                        (ms / 1000.0).to_string(),
+                    )
+                })
         }),
     );
     family(
