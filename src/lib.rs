@@ -17,6 +17,9 @@
 //!   robin, consistent hashing, per-endpoint breakers and outlier ejection.
 //! * `consul` (feature `consul`): a Consul client, registration with health checks, and a
 //!   blocking-query watch feeding [`discovery`].
+//! * `gateway` (feature `gateway`): an embeddable API gateway configured by a TOML file:
+//!   routes with JWT auth, rate limits, fallbacks, timeouts and balanced upstreams, with
+//!   Prometheus metrics and a JSON status.
 //!
 //! ```
 //! use std::time::Duration;
@@ -56,6 +59,7 @@
 //! | `quanta` | `QuantaClock`, a TSC clock for limiters and balancers |
 //! | `redis` | the Redis-backed distributed rate limiter |
 //! | `consul` | the Consul client, registration guard and discovery watch |
+//! | `gateway` | the API gateway (enables `http`, `consul` and `metrics`) |
 //! | `full` | all of the above |
 //!
 //! The core layers need only tower and tokio.
@@ -70,6 +74,9 @@ pub mod circuit_breaker;
 pub mod consul;
 pub mod discovery;
 pub mod fallback;
+#[cfg(feature = "gateway")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
+pub mod gateway;
 pub mod rate_limit;
 
 /// The boxed error type used by layers that add failure modes of their own, as in tower.

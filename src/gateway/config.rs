@@ -1,0 +1,835 @@
+//! The gateway's declarative configuration, read from TOML.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The longest duration any setting accepts (a day): longer values are mistakes.
+const MAX_SETTING: Duration = Duration::from_secs(24 * 3600);
+
+/// The whole configuration: the listener, authentication, routes and static services.
+///
+/// Read with [`from_toml_str`](Self::from_toml_str) or [`from_file`](Self::from_file),
+/// which reject unknown keys and validate every value (see [`ConfigError`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct GatewayConfig {
+    /// `[gateway]`: the server itself.
+    pub gateway: ServerConfig,
+    /// `[auth]`: credentials checked on routes with `auth = true`.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// `[[routes]]`: matched by longest path prefix.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// `[[services]]`: statically listed services; the others are discovered.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// The address to listen on (`"127.0.0.1:8080"`); [`Gateway::spawn`](super::Gateway)
+    /// callers may bind their own listener instead.
+    pub listen: SocketAddr,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AuthConfig {
+    /// `[auth.jwt]`: HS256 bearer tokens.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// `[auth.jwt]`: how bearer tokens are checked (HS256 only).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct JwtConfig {
+    /// The shared HMAC secret (at least 16 bytes).
+    pub secret: String,
+    /// The required `iss` claim, if any.
+    pub issuer: Option<String>,
+    /// The required `aud` claim (a string, or one of an array), if any.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf` (default 0s).
+    #[serde(default, deserialize_with = "duration")]
+    pub leeway: Duration,
+}
+
+impl fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("secret", &"<redacted>")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway", &self.leeway)
+            .finish()
+    }
+}
+
+/// `[[routes]]`: one route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RouteConfig {
+    /// A unique name, in status reports and metrics.
+    pub name: String,
+    /// The path prefix matched, on segment boundaries: `/api/users` matches `/api/users`
+    /// and `/api/users/42`, not `/api/usersx`.
+    pub path_prefix: String,
+    /// The upstream service's name.
+    pub service: String,
+    /// Whether the prefix is removed from the path sent upstream (default false).
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// The bound on each request, until the upstream's response head (default 10s).
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Whether a valid bearer token is required (default false; needs `[auth.jwt]`).
+    #[serde(default)]
+    pub auth: bool,
+    /// `[routes.breaker]`: a circuit breaker per upstream endpoint.
+    pub breaker: Option<BreakerSettings>,
+    /// `[routes.fallback]`: the answer when the upstream fails.
+    pub fallback: Option<FallbackSettings>,
+    /// `[routes.rate_limit]`: global and per-client limits.
+    #[serde(default)]
+    pub rate_limit: RateLimitSettings,
+    /// `[routes.balance]`: load balancing and outlier ejection.
+    #[serde(default)]
+    pub balance: BalanceSettings,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `[routes.breaker]`: every endpoint of the route's service gets a breaker with these
+/// settings; failures are 5xx answers, transport errors and timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BreakerSettings {
+    /// The failure percentage that opens the breaker, in (0, 100] (default 50).
+    #[serde(default = "default_failure_rate")]
+    pub failure_rate: f64,
+    /// Calls recorded before the rate counts (default 10).
+    #[serde(default = "default_minimum_calls")]
+    pub minimum_calls: u32,
+    /// The count-based window: the last this many calls (default 20).
+    #[serde(default = "default_window")]
+    pub window: u32,
+    /// How long the breaker stays open before probing (default 5s).
+    #[serde(default = "default_wait_in_open", deserialize_with = "duration")]
+    pub wait_in_open: Duration,
+    /// Probe calls let through when half-open (default 2).
+    #[serde(default = "default_half_open")]
+    pub permitted_in_half_open: u32,
+}
+
+fn default_failure_rate() -> f64 {
+    50.0
+}
+fn default_minimum_calls() -> u32 {
+    10
+}
+fn default_window() -> u32 {
+    20
+}
+fn default_wait_in_open() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_half_open() -> u32 {
+    2
+}
+
+/// `[routes.fallback]`: served instead of an upstream failure (an error, a timeout, open
+/// breakers, no endpoint, or a 5xx answer).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct FallbackSettings {
+    /// The status (default 200).
+    #[serde(default = "default_fallback_status")]
+    pub status: u16,
+    /// The body (default empty).
+    #[serde(default)]
+    pub body: String,
+    /// The `Content-Type` (default `application/json`).
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+}
+
+fn default_fallback_status() -> u16 {
+    200
+}
+fn default_content_type() -> String {
+    "application/json".to_owned()
+}
+
+/// `[routes.rate_limit]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RateLimitSettings {
+    /// One bucket for the whole route.
+    pub global: Option<LimitSettings>,
+    /// One bucket per client.
+    pub per_client: Option<ClientLimitSettings>,
+}
+
+/// A token bucket: `per_second` tokens a second, at most `burst` at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LimitSettings {
+    /// The refill rate, at least 1.
+    pub per_second: u32,
+    /// The bucket size (default: `per_second`).
+    pub burst: Option<u32>,
+}
+
+/// A token bucket per client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ClientLimitSettings {
+    /// The refill rate, at least 1.
+    pub per_second: u32,
+    /// The bucket size (default: `per_second`).
+    pub burst: Option<u32>,
+    /// How clients are told apart: `"ip"` (the peer address, the default) or
+    /// `"header:<name>"` (for example `"header:x-api-key"`; requests without the header
+    /// are not limited by this bucket).
+    #[serde(default = "default_key")]
+    pub key: String,
+}
+
+fn default_key() -> String {
+    "ip".to_owned()
+}
+
+/// How a per-client limit tells clients apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientKey {
+    /// The peer's IP address.
+    Ip,
+    /// A request header's value.
+    Header(http::HeaderName),
+}
+
+impl ClientLimitSettings {
+    /// The parsed `key`.
+    ///
+    /// # Errors
+    ///
+    /// A message when `key` is neither `ip` nor `header:<valid header name>`.
+    pub fn client_key(&self) -> Result<ClientKey, String> {
+        if self.key == "ip" {
+            return Ok(ClientKey::Ip);
+        }
+        match self.key.strip_prefix("header:") {
+            Some(name) => http::HeaderName::from_bytes(name.trim().as_bytes())
+                .map(ClientKey::Header)
+                .map_err(|_| format!("`{name}` is not a valid header name")),
+            None => Err(format!(
+                "must be \"ip\" or \"header:<name>\", not `{}`",
+                self.key
+            )),
+        }
+    }
+}
+
+/// `[routes.balance]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BalanceSettings {
+    /// How endpoints are picked (default `least-requests`).
+    #[serde(default)]
+    pub strategy: StrategyName,
+    /// Ejection of failing endpoints.
+    pub outlier: Option<OutlierSettings>,
+}
+
+/// `strategy = "..."`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyName {
+    /// Power of two choices on outstanding requests.
+    #[default]
+    LeastRequests,
+    /// Power of two choices on peak-EWMA latency.
+    PeakEwma,
+    /// Smooth weighted round robin.
+    RoundRobin,
+}
+
+/// `outlier = { ... }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct OutlierSettings {
+    /// Failures in a row that eject an endpoint (default 5).
+    #[serde(default = "default_consecutive")]
+    pub consecutive_failures: u32,
+    /// The first ejection's length, growing with each one (default 30s).
+    #[serde(default = "default_base_ejection", deserialize_with = "duration")]
+    pub base_ejection: Duration,
+    /// The largest share of endpoints ejected at once, in percent (default 50).
+    #[serde(default = "default_max_ejected")]
+    pub max_ejected_percent: u8,
+}
+
+fn default_consecutive() -> u32 {
+    5
+}
+fn default_base_ejection() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_ejected() -> u8 {
+    50
+}
+
+/// `[[services]]`: a statically listed service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ServiceConfig {
+    /// The name routes refer to.
+    pub name: String,
+    /// Its instances, as `ip:port`.
+    pub instances: Vec<SocketAddr>,
+}
+
+/// Durations as in Go and Consul: `500ms`, `2s`, `1m30s`.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::consul::parse_go_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// An invalid configuration.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not TOML, an unknown key, a value of the wrong type, or an unreadable duration (the
+    /// message names the line and the key).
+    Parse(String),
+    /// A value out of range or inconsistent with another.
+    Invalid {
+        /// The field, as `routes[1].rate_limit.global.per_second`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The field at fault, for [`Invalid`](Self::Invalid).
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io { path, source } => write!(f, "cannot read {path}: {source}"),
+            Self::Parse(message) => write!(f, "invalid gateway configuration: {message}"),
+            Self::Invalid { field, reason } => write!(f, "{field}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Reads and validates a configuration.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first bad field.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| {
+            ConfigError::Parse(
+                e.to_string()
+                    .trim_end()
+                    .replace('\n', " ")
+                    .replace("  ", " "),
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and validates a configuration file.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] if the file cannot be read or is invalid.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Checks every value (done by the constructors; call it again after changing fields).
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError::Invalid`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(jwt) = &self.auth.jwt {
+            if jwt.secret.len() < 16 {
+                return Err(ConfigError::invalid(
+                    "auth.jwt.secret",
+                    "must be at least 16 bytes",
+                ));
+            }
+            check_duration("auth.jwt.leeway", jwt.leeway, true)?;
+        }
+        let mut services = HashSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let at = format!("services[{i}]");
+            if service.name.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.name"),
+                    "must not be empty",
+                ));
+            }
+            if !services.insert(service.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.name"),
+                    format!("duplicate service `{}`", service.name),
+                ));
+            }
+        }
+        let mut names = HashSet::new();
+        let mut prefixes = HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if route.name.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.name"),
+                    "must not be empty",
+                ));
+            }
+            if !names.insert(route.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.name"),
+                    format!("duplicate route name `{}`", route.name),
+                ));
+            }
+            let prefix = &route.path_prefix;
+            if !prefix.starts_with('/') {
+                return Err(ConfigError::invalid(
+                    format!("{at}.path_prefix"),
+                    "must start with '/'",
+                ));
+            }
+            if prefix.contains(['?', '#']) || prefix.chars().any(|c| c.is_whitespace()) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.path_prefix"),
+                    "must be a plain path (no query, fragment or spaces)",
+                ));
+            }
+            if !prefixes.insert(normalize_prefix(prefix)) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.path_prefix"),
+                    format!("duplicate prefix `{prefix}`"),
+                ));
+            }
+            if route.service.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.service"),
+                    "must not be empty",
+                ));
+            }
+            check_duration(&format!("{at}.timeout"), route.timeout, false)?;
+            if route.auth && self.auth.jwt.is_none() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.auth"),
+                    "needs an [auth.jwt] section",
+                ));
+            }
+            if let Some(b) = &route.breaker {
+                let at = format!("{at}.breaker");
+                if !(b.failure_rate > 0.0 && b.failure_rate <= 100.0) {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.failure_rate"),
+                        "must be a percentage in (0, 100]",
+                    ));
+                }
+                if b.window == 0 {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.window"),
+                        "must be at least 1",
+                    ));
+                }
+                if b.minimum_calls == 0 {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.minimum_calls"),
+                        "must be at least 1",
+                    ));
+                }
+                if b.permitted_in_half_open == 0 {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.permitted_in_half_open"),
+                        "must be at least 1",
+                    ));
+                }
+                check_duration(&format!("{at}.wait_in_open"), b.wait_in_open, false)?;
+                breaker_config(&route.name, b)
+                    .map_err(|e| ConfigError::invalid(at.clone(), e.to_string()))?;
+            }
+            if let Some(f) = &route.fallback {
+                let at = format!("{at}.fallback");
+                if !(200..=599).contains(&f.status) {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.status"),
+                        "must be an HTTP status in 200..=599",
+                    ));
+                }
+                if http::HeaderValue::from_str(&f.content_type).is_err() {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.content_type"),
+                        "must be a valid header value",
+                    ));
+                }
+            }
+            if let Some(g) = &route.rate_limit.global {
+                check_limit(&format!("{at}.rate_limit.global"), g.per_second, g.burst)?;
+            }
+            if let Some(c) = &route.rate_limit.per_client {
+                let at = format!("{at}.rate_limit.per_client");
+                check_limit(&at, c.per_second, c.burst)?;
+                c.client_key()
+                    .map_err(|reason| ConfigError::invalid(format!("{at}.key"), reason))?;
+            }
+            if let Some(o) = &route.balance.outlier {
+                let at = format!("{at}.balance.outlier");
+                if o.consecutive_failures == 0 {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.consecutive_failures"),
+                        "must be at least 1",
+                    ));
+                }
+                if o.max_ejected_percent > 100 {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.max_ejected_percent"),
+                        "must be at most 100",
+                    ));
+                }
+                check_duration(&format!("{at}.base_ejection"), o.base_ejection, false)?;
+                outlier_detection(o)
+                    .map_err(|e| ConfigError::invalid(at.clone(), e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every route's service is listed in `[[services]]`, for gateways
+    /// without a discovery source.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError::Invalid`] naming the first route with an unknown service.
+    pub fn check_static_services(&self) -> Result<(), ConfigError> {
+        for (i, route) in self.routes.iter().enumerate() {
+            if self.service(&route.service).is_none() {
+                return Err(ConfigError::invalid(
+                    format!("routes[{i}].service"),
+                    format!(
+                        "unknown service `{}` (not in [[services]] and no discovery source)",
+                        route.service
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The statically listed service called `name`.
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+/// `/a/` and `/a` are the same prefix.
+pub(crate) fn normalize_prefix(prefix: &str) -> &str {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() { "/" } else { trimmed }
+}
+
+fn check_duration(field: &str, d: Duration, zero_ok: bool) -> Result<(), ConfigError> {
+    if d.is_zero() && !zero_ok {
+        return Err(ConfigError::invalid(field, "must be more than zero"));
+    }
+    if d > MAX_SETTING {
+        return Err(ConfigError::invalid(field, "must be at most 24h"));
+    }
+    Ok(())
+}
+
+fn check_limit(at: &str, per_second: u32, burst: Option<u32>) -> Result<(), ConfigError> {
+    if per_second == 0 {
+        return Err(ConfigError::invalid(
+            format!("{at}.per_second"),
+            "must be at least 1",
+        ));
+    }
+    if burst == Some(0) {
+        return Err(ConfigError::invalid(
+            format!("{at}.burst"),
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn breaker_config(
+    route: &str,
+    b: &BreakerSettings,
+) -> Result<crate::circuit_breaker::CircuitBreakerConfig, crate::circuit_breaker::ConfigError> {
+    crate::circuit_breaker::CircuitBreakerConfig::builder()
+        .name(route.to_owned())
+        .failure_rate_threshold(b.failure_rate)
+        .minimum_calls(b.minimum_calls.min(b.window))
+        .sliding_window(crate::circuit_breaker::SlidingWindow::count_based(b.window))
+        .wait_in_open(b.wait_in_open)
+        .permitted_calls_in_half_open(b.permitted_in_half_open)
+        .build()
+}
+
+pub(crate) fn outlier_detection(
+    o: &OutlierSettings,
+) -> Result<crate::balance::OutlierDetection, crate::balance::ConfigError> {
+    crate::balance::OutlierDetection::builder()
+        .consecutive_failures(o.consecutive_failures)
+        .base_ejection_time(o.base_ejection)
+        .max_ejection_time(o.base_ejection.max(Duration::from_secs(300)))
+        .max_ejected_percent(o.max_ejected_percent)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[gateway]
+listen = "127.0.0.1:8080"
+
+[auth.jwt]
+secret = "0123456789abcdef0123"
+issuer = "seawall"
+
+[[services]]
+name = "users"
+instances = ["127.0.0.1:9001", "127.0.0.1:9002"]
+
+[[routes]]
+name = "users"
+path_prefix = "/api/users"
+service = "users"
+strip_prefix = true
+timeout = "2s"
+auth = true
+
+[routes.breaker]
+failure_rate = 50
+minimum_calls = 5
+window = 20
+wait_in_open = "5s"
+permitted_in_half_open = 2
+
+[routes.fallback]
+status = 200
+body = '{"users":[]}'
+
+[routes.rate_limit]
+global = { per_second = 100, burst = 20 }
+per_client = { per_second = 5, key = "header:x-api-key" }
+
+[routes.balance]
+strategy = "peak-ewma"
+outlier = { consecutive_failures = 3, base_ejection = "10s", max_ejected_percent = 50 }
+"#;
+
+    fn err(text: &str) -> String {
+        GatewayConfig::from_toml_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = GatewayConfig::from_toml_str(BASE).unwrap();
+        assert_eq!(c.routes.len(), 1);
+        let r = &c.routes[0];
+        assert_eq!(r.timeout, Duration::from_secs(2));
+        assert_eq!(r.balance.strategy, StrategyName::PeakEwma);
+        assert_eq!(
+            r.rate_limit
+                .per_client
+                .as_ref()
+                .unwrap()
+                .client_key()
+                .unwrap(),
+            ClientKey::Header(http::HeaderName::from_static("x-api-key"))
+        );
+        assert_eq!(
+            r.fallback.as_ref().unwrap().content_type,
+            "application/json"
+        );
+        c.check_static_services().unwrap();
+        assert!(!format!("{:?}", c.auth.jwt).contains("0123456789"));
+    }
+
+    #[test]
+    fn values_out_of_range_name_their_field() {
+        let e = err(&BASE.replace("per_second = 100", "per_second = 0"));
+        assert_eq!(
+            e,
+            "routes[0].rate_limit.global.per_second: must be at least 1"
+        );
+        let e = err(&BASE.replace("\"/api/users\"", "\"api/users\""));
+        assert_eq!(e, "routes[0].path_prefix: must start with '/'");
+        let e = err(&BASE.replace("failure_rate = 50", "failure_rate = 150"));
+        assert_eq!(
+            e,
+            "routes[0].breaker.failure_rate: must be a percentage in (0, 100]"
+        );
+        let e = err(&BASE.replace("status = 200", "status = 42"));
+        assert_eq!(
+            e,
+            "routes[0].fallback.status: must be an HTTP status in 200..=599"
+        );
+        let e = err(&BASE.replace("header:x-api-key", "cookie"));
+        assert!(
+            e.starts_with("routes[0].rate_limit.per_client.key: must be"),
+            "{e}"
+        );
+        let e = err(&BASE.replace("timeout = \"2s\"", "timeout = \"0s\""));
+        assert_eq!(e, "routes[0].timeout: must be more than zero");
+        let e = err(&BASE.replace("0123456789abcdef0123", "short"));
+        assert_eq!(e, "auth.jwt.secret: must be at least 16 bytes");
+        let e = err(&BASE.replace("max_ejected_percent = 50", "max_ejected_percent = 150"));
+        assert_eq!(
+            e,
+            "routes[0].balance.outlier.max_ejected_percent: must be at most 100"
+        );
+    }
+
+    #[test]
+    fn second_route_errors_carry_its_index() {
+        let second = r#"
+[[routes]]
+name = "orders"
+path_prefix = "/api/orders"
+service = "orders"
+rate_limit = { global = { per_second = 0 } }
+"#;
+        let e = err(&format!("{BASE}{second}"));
+        assert_eq!(
+            e,
+            "routes[1].rate_limit.global.per_second: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let dup_name =
+            "[[routes]]\nname = \"users\"\npath_prefix = \"/other\"\nservice = \"users\"\n";
+        assert_eq!(
+            err(&format!("{BASE}{dup_name}")),
+            "routes[1].name: duplicate route name `users`"
+        );
+        let dup_prefix =
+            "[[routes]]\nname = \"b\"\npath_prefix = \"/api/users/\"\nservice = \"users\"\n";
+        assert_eq!(
+            err(&format!("{BASE}{dup_prefix}")),
+            "routes[1].path_prefix: duplicate prefix `/api/users/`"
+        );
+        let dup_service = "[[services]]\nname = \"users\"\ninstances = []\n";
+        assert_eq!(
+            err(&format!("{BASE}{dup_service}")),
+            "services[1].name: duplicate service `users`"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_parse_errors() {
+        let e =
+            GatewayConfig::from_toml_str(&BASE.replace("strip_prefix", "strip_prefx")).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse(_)));
+        assert!(e.to_string().contains("strip_prefx"), "{e}");
+        let e = err(&BASE.replace("\"2s\"", "\"2 seconds\""));
+        assert!(e.contains("invalid gateway configuration"), "{e}");
+        let e = err(&BASE.replace("\"peak-ewma\"", "\"random\""));
+        assert!(e.contains("random"), "{e}");
+        let e = err(&BASE.replace("\"127.0.0.1:9002\"", "\"nowhere\""));
+        assert!(e.contains("invalid"), "{e}");
+        assert!(matches!(
+            GatewayConfig::from_toml_str("[gateway"),
+            Err(ConfigError::Parse(_))
+        ));
+        assert!(matches!(
+            GatewayConfig::from_file("/nonexistent/gw.toml"),
+            Err(ConfigError::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn auth_without_jwt_section_and_unknown_services() {
+        let no_jwt = BASE
+            .replace("[auth.jwt]", "[unused]")
+            .replace("secret =", "# ")
+            .replace("issuer =", "# ");
+        let no_jwt = no_jwt.replace("[unused]\n", "");
+        assert_eq!(err(&no_jwt), "routes[0].auth: needs an [auth.jwt] section");
+        let c = GatewayConfig::from_toml_str(
+            &BASE.replace("service = \"users\"", "service = \"ghosts\""),
+        )
+        .unwrap();
+        let e = c.check_static_services().unwrap_err();
+        assert_eq!(e.field(), Some("routes[0].service"));
+        assert!(e.to_string().contains("unknown service `ghosts`"));
+    }
+}

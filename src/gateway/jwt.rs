@@ -1,0 +1,429 @@
+//! HS256 JSON Web Tokens: verification of `Authorization: Bearer` credentials.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::config::JwtConfig;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The longest token accepted (bytes); longer ones are refused before decoding.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// Why a token was refused. Every variant becomes the same 401 answer; the reason is
+/// kept for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JwtError {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// Not three base64url parts of JSON, or too long.
+    Malformed,
+    /// An `alg` other than HS256 (including `none`).
+    UnsupportedAlgorithm,
+    /// The signature does not match.
+    BadSignature,
+    /// `exp` is past.
+    Expired,
+    /// `nbf` is in the future.
+    NotYetValid,
+    /// `iss` is not the configured issuer.
+    WrongIssuer,
+    /// `aud` does not contain the configured audience.
+    WrongAudience,
+}
+
+impl fmt::Display for JwtError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Missing => "missing bearer token",
+            Self::Malformed => "malformed token",
+            Self::UnsupportedAlgorithm => "unsupported algorithm",
+            Self::BadSignature => "invalid signature",
+            Self::Expired => "token expired",
+            Self::NotYetValid => "token not yet valid",
+            Self::WrongIssuer => "wrong issuer",
+            Self::WrongAudience => "wrong audience",
+        })
+    }
+}
+
+impl std::error::Error for JwtError {}
+
+/// Verifies HS256 tokens against a shared secret, and the `exp`, `nbf`, `iss` and `aud`
+/// claims. Cloning is cheap enough for per-route copies.
+///
+/// ```
+/// use seawall::gateway::jwt::{JwtError, JwtVerifier};
+///
+/// let verifier = JwtVerifier::new(b"a secret of sixteen bytes or more");
+/// let token = verifier.sign(&serde_json::json!({ "sub": "ada", "exp": 4_000_000_000u64 }));
+/// assert_eq!(verifier.verify(&token)?["sub"], "ada");
+/// assert_eq!(verifier.verify("a.b.c"), Err(JwtError::Malformed));
+/// # Ok::<(), JwtError>(())
+/// ```
+#[derive(Clone)]
+pub struct JwtVerifier {
+    key: HmacSha256,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: Duration,
+}
+
+impl fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway", &self.leeway)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtVerifier {
+    /// A verifier for tokens signed with `secret`, with no issuer or audience check.
+    pub fn new(secret: &[u8]) -> Self {
+        Self {
+            // HMAC takes keys of any length.
+            key: <HmacSha256 as Mac>::new_from_slice(secret)
+                .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length")),
+            issuer: None,
+            audience: None,
+            leeway: Duration::ZERO,
+        }
+    }
+
+    /// A verifier from `[auth.jwt]`.
+    pub fn from_config(config: &JwtConfig) -> Self {
+        let mut v = Self::new(config.secret.as_bytes());
+        v.issuer = config.issuer.clone();
+        v.audience = config.audience.clone();
+        v.leeway = config.leeway;
+        v
+    }
+
+    /// Requires `iss` to be `issuer`.
+    #[must_use]
+    pub fn issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.issuer = Some(issuer.into());
+        self
+    }
+
+    /// Requires `aud` to be or contain `audience`.
+    #[must_use]
+    pub fn audience(mut self, audience: impl Into<String>) -> Self {
+        self.audience = Some(audience.into());
+        self
+    }
+
+    /// Tolerates this much clock skew on `exp` and `nbf`.
+    #[must_use]
+    pub fn leeway(mut self, leeway: Duration) -> Self {
+        self.leeway = leeway;
+        self
+    }
+
+    /// Signs `claims` with HS256 (for tests and tools issuing their own tokens).
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+        let signing_input = format!("{header}.{payload}");
+        let mut mac = self.key.clone();
+        mac.update(signing_input.as_bytes());
+        let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{signing_input}.{signature}")
+    }
+
+    /// Checks the `Authorization` header's bearer token.
+    ///
+    /// # Errors
+    ///
+    /// [`JwtError::Missing`] without a bearer token, or why the token is refused.
+    pub fn verify_header(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
+        let value = headers
+            .get(http::header::AUTHORIZATION)
+            .ok_or(JwtError::Missing)?;
+        let value = value.to_str().map_err(|_| JwtError::Malformed)?.trim();
+        let (scheme, token) = value.split_once(' ').ok_or(JwtError::Missing)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(JwtError::Missing);
+        }
+        self.verify(token.trim())
+    }
+
+    /// Verifies a compact token now; on success, its claims.
+    ///
+    /// # Errors
+    ///
+    /// Why the token is refused.
+    pub fn verify(
+        &self,
+        token: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.verify_at(token, now)
+    }
+
+    /// Verifies a token as if the time were `now` (seconds since the Unix epoch).
+    ///
+    /// # Errors
+    ///
+    /// Why the token is refused.
+    pub fn verify_at(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(JwtError::Malformed);
+        }
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(JwtError::Malformed);
+        };
+        let header_json = decode_json(header)?;
+        match header_json.get("alg").and_then(|a| a.as_str()) {
+            Some("HS256") => {}
+            Some(_) => return Err(JwtError::UnsupportedAlgorithm),
+            None => return Err(JwtError::Malformed),
+        }
+        // `crit` extensions are not understood: refuse, as RFC 7515 asks.
+        if header_json.contains_key("crit") {
+            return Err(JwtError::UnsupportedAlgorithm);
+        }
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| JwtError::Malformed)?;
+        let mut mac = self.key.clone();
+        mac.update(header.as_bytes());
+        mac.update(b".");
+        mac.update(payload.as_bytes());
+        // Constant-time comparison.
+        mac.verify_slice(&signature)
+            .map_err(|_| JwtError::BadSignature)?;
+        let claims = decode_json(payload)?;
+        let leeway = self.leeway.as_secs();
+        if let Some(exp) = claims.get("exp") {
+            let exp = numeric_date(exp)?;
+            if now >= exp.saturating_add(leeway) {
+                return Err(JwtError::Expired);
+            }
+        }
+        if let Some(nbf) = claims.get("nbf") {
+            let nbf = numeric_date(nbf)?;
+            if now.saturating_add(leeway) < nbf {
+                return Err(JwtError::NotYetValid);
+            }
+        }
+        if let Some(issuer) = &self.issuer {
+            if claims.get("iss").and_then(|i| i.as_str()) != Some(issuer.as_str()) {
+                return Err(JwtError::WrongIssuer);
+            }
+        }
+        if let Some(audience) = &self.audience {
+            let ok = match claims.get("aud") {
+                Some(serde_json::Value::String(a)) => a == audience,
+                Some(serde_json::Value::Array(list)) => {
+                    list.iter().any(|a| a.as_str() == Some(audience.as_str()))
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(JwtError::WrongAudience);
+            }
+        }
+        Ok(claims)
+    }
+}
+
+fn decode_json(part: &str) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| JwtError::Malformed)?;
+    match serde_json::from_slice(&bytes) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        _ => Err(JwtError::Malformed),
+    }
+}
+
+/// A NumericDate: seconds since the epoch, possibly fractional; negative counts as 0.
+fn numeric_date(v: &serde_json::Value) -> Result<u64, JwtError> {
+    if let Some(n) = v.as_u64() {
+        return Ok(n);
+    }
+    match v.as_f64() {
+        Some(f) if f.is_finite() => Ok(if f <= 0.0 {
+            0
+        } else {
+            f.min(u64::MAX as f64) as u64
+        }),
+        _ => Err(JwtError::Malformed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn verifier() -> JwtVerifier {
+        JwtVerifier::new(b"0123456789abcdef-secret")
+            .issuer("seawall")
+            .audience("api")
+    }
+
+    fn good() -> serde_json::Value {
+        json!({ "sub": "ada", "iss": "seawall", "aud": ["web", "api"], "exp": NOW + 60, "nbf": NOW - 60 })
+    }
+
+    fn forge(header: &str, payload: &serde_json::Value, sig: &str) -> String {
+        format!(
+            "{}.{}.{sig}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload.to_string())
+        )
+    }
+
+    #[test]
+    fn a_good_token_passes() {
+        let v = verifier();
+        let claims = v.verify_at(&v.sign(&good()), NOW).unwrap();
+        assert_eq!(claims["sub"], "ada");
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!(
+                "Bearer {}",
+                v.sign(&json!({"iss": "seawall", "aud": "api"}))
+            )
+            .parse()
+            .unwrap(),
+        );
+        assert!(v.verify_header(&headers).is_ok());
+    }
+
+    #[test]
+    fn tampered_tokens_fail() {
+        let v = verifier();
+        let token = v.sign(&good());
+        let (head, sig) = token.rsplit_once('.').unwrap();
+        let (header, _) = head.split_once('.').unwrap();
+        let other = URL_SAFE_NO_PAD
+            .encode(json!({"sub": "eve", "iss": "seawall", "aud": "api"}).to_string());
+        assert_eq!(
+            v.verify_at(&format!("{header}.{other}.{sig}"), NOW),
+            Err(JwtError::BadSignature)
+        );
+        let mut bad_sig = sig.to_owned();
+        bad_sig.replace_range(0..1, if sig.starts_with('A') { "B" } else { "A" });
+        assert_eq!(
+            v.verify_at(&format!("{head}.{bad_sig}"), NOW),
+            Err(JwtError::BadSignature)
+        );
+        let other_key = JwtVerifier::new(b"another secret, 16+ bytes");
+        assert_eq!(
+            v.verify_at(&other_key.sign(&good()), NOW),
+            Err(JwtError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn time_claims_are_checked() {
+        let v = verifier();
+        let mut c = good();
+        c["exp"] = json!(NOW);
+        assert_eq!(v.verify_at(&v.sign(&c), NOW), Err(JwtError::Expired));
+        assert!(
+            v.clone()
+                .leeway(Duration::from_secs(5))
+                .verify_at(&v.sign(&c), NOW)
+                .is_ok()
+        );
+        c["exp"] = json!(NOW + 60);
+        c["nbf"] = json!(NOW + 10);
+        assert_eq!(v.verify_at(&v.sign(&c), NOW), Err(JwtError::NotYetValid));
+        c["nbf"] = json!("soon");
+        assert_eq!(v.verify_at(&v.sign(&c), NOW), Err(JwtError::Malformed));
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked() {
+        let v = verifier();
+        let mut c = good();
+        c["iss"] = json!("mallory");
+        assert_eq!(v.verify_at(&v.sign(&c), NOW), Err(JwtError::WrongIssuer));
+        let mut c = good();
+        c["aud"] = json!("web");
+        assert_eq!(v.verify_at(&v.sign(&c), NOW), Err(JwtError::WrongAudience));
+        c.as_object_mut().unwrap().remove("aud");
+        assert_eq!(v.verify_at(&v.sign(&c), NOW), Err(JwtError::WrongAudience));
+    }
+
+    #[test]
+    fn other_algorithms_are_refused() {
+        let v = verifier();
+        let none = forge(r#"{"alg":"none","typ":"JWT"}"#, &good(), "");
+        assert_eq!(v.verify_at(&none, NOW), Err(JwtError::UnsupportedAlgorithm));
+        let rs = forge(r#"{"alg":"RS256"}"#, &good(), "c2ln");
+        assert_eq!(v.verify_at(&rs, NOW), Err(JwtError::UnsupportedAlgorithm));
+        let lower = forge(r#"{"alg":"hs256"}"#, &good(), "c2ln");
+        assert_eq!(
+            v.verify_at(&lower, NOW),
+            Err(JwtError::UnsupportedAlgorithm)
+        );
+        let no_alg = forge(r#"{"typ":"JWT"}"#, &good(), "c2ln");
+        assert_eq!(v.verify_at(&no_alg, NOW), Err(JwtError::Malformed));
+    }
+
+    #[test]
+    fn malformed_input_never_panics() {
+        let v = verifier();
+        for token in [
+            "",
+            ".",
+            "..",
+            "...",
+            "a.b",
+            "a.b.c.d",
+            "!!.??.**",
+            "e30.e30.",
+            "e30.e30.e30",
+            "bnVsbA.bnVsbA.AA",
+            "W10.W10.AA",
+            "\u{1F600}.\u{1F600}.\u{1F600}",
+        ] {
+            assert!(v.verify_at(token, NOW).is_err(), "{token}");
+        }
+        assert_eq!(
+            v.verify_at(&"a".repeat(MAX_TOKEN_LEN + 1), NOW),
+            Err(JwtError::Malformed)
+        );
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(v.verify_header(&headers), Err(JwtError::Missing));
+        headers.insert(
+            http::header::AUTHORIZATION,
+            "Basic YWRhOmFkYQ==".parse().unwrap(),
+        );
+        assert_eq!(v.verify_header(&headers), Err(JwtError::Missing));
+        headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_bytes(b"Bearer \xff").unwrap(),
+        );
+        assert_eq!(v.verify_header(&headers), Err(JwtError::Malformed));
+    }
+}

@@ -1,0 +1,149 @@
+//! An embeddable API gateway (feature `gateway`): a hyper 1 HTTP/1 server configured by a
+//! TOML file in the spirit of Kong's declarative configuration, built from seawall's
+//! layers.
+//!
+//! Every request is matched to the route with the longest path prefix (on segment
+//! boundaries; none matches: `404` with a JSON body) and goes through that route's stack:
+//!
+//! 1. **JWT auth** (`auth = true`): an HS256 `Authorization: Bearer` token, its signature,
+//!    `exp`/`nbf`, `iss`/`aud` ([`jwt`]); any failure is `401` with
+//!    `WWW-Authenticate: Bearer error="invalid_token"`;
+//! 2. **global limit**, then **per-client limit** (by peer IP or by a header):
+//!    [`HttpRateLimitLayer`](crate::rate_limit::http::HttpRateLimitLayer) answers `429`
+//!    with `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers;
+//! 3. **fallback**: the configured response (marked `x-seawall-fallback: true`) in place
+//!    of any upstream failure: a timeout, open breakers, no endpoint, a transport error or
+//!    a 5xx answer. Without one, failures are `504` (timeout), `503` (no endpoint, every
+//!    breaker open) or `502` (transport error), with a small JSON body;
+//! 4. **timeout**: the route's bound, until the upstream's response head;
+//! 5. a [`Balance`](crate::balance::Balance) over the service's instances (listed in
+//!    `[[services]]`, or discovered through the [`Discovery`] given to
+//!    [`Gateway::build`]), each endpoint the shared pooled hyper client with its own
+//!    circuit breaker and outlier ejection; 5xx answers count as failures
+//!    ([`HttpClassifier`](crate::circuit_breaker::HttpClassifier)).
+//!
+//! Proxying forwards the method, the path (with the prefix stripped if asked), the query,
+//! the headers (less hop-by-hop ones, plus `X-Forwarded-For`, `-Host` and `-Proto`) and
+//! the body, streamed both ways.
+//!
+//! The balancer is shared by all of a route's requests behind a `parking_lot` mutex held
+//! only to reserve an endpoint and start the call (never across an await), rather than a
+//! `tower::buffer::Buffer`: a buffer's worker treats an error from `poll_ready` (no
+//! endpoint for a moment) as fatal and would fail every later request of the route, and
+//! adds a channel hop and a task per route.
+//!
+//! ## Configuration
+//!
+//! ```toml
+//! [gateway]
+//! listen = "127.0.0.1:8080"
+//!
+//! [auth.jwt]                      # optional; needed by routes with auth = true
+//! secret = "at least sixteen bytes of secret"
+//! issuer = "https://issuer.example"   # optional: required `iss`
+//! audience = "api"                    # optional: required in `aud`
+//! leeway = "30s"                      # optional clock skew on exp/nbf (default 0s)
+//!
+//! [[routes]]
+//! name = "users"
+//! path_prefix = "/api/users"
+//! service = "users"
+//! strip_prefix = true             # /api/users/42 is sent as /42
+//! timeout = "2s"                  # Go-style durations: 500ms, 2s, 1m30s (default 10s)
+//! auth = true
+//!
+//! [routes.breaker]                # a breaker per endpoint
+//! failure_rate = 50               # percent, over...
+//! window = 20                     # ...the last 20 calls, once...
+//! minimum_calls = 10              # ...10 are recorded
+//! wait_in_open = "5s"
+//! permitted_in_half_open = 2
+//!
+//! [routes.fallback]
+//! status = 200
+//! body = '{"users":[]}'
+//! content_type = "application/json"
+//!
+//! [routes.rate_limit]
+//! global = { per_second = 1000, burst = 200 }
+//! per_client = { per_second = 10, burst = 20, key = "ip" }   # or "header:x-api-key"
+//!
+//! [routes.balance]
+//! strategy = "least-requests"     # or "peak-ewma", "round-robin"
+//! outlier = { consecutive_failures = 5, base_ejection = "30s", max_ejected_percent = 50 }
+//!
+//! [[services]]                    # static; other services are discovered
+//! name = "users"
+//! instances = ["127.0.0.1:9001", "127.0.0.1:9002"]
+//! ```
+//!
+//! Unknown keys are rejected, and every invalid value is a [`ConfigError`] naming its
+//! field: `routes[1].rate_limit.global.per_second: must be at least 1`.
+//!
+//! ```no_run
+//! use seawall::discovery::Registry;
+//! use seawall::gateway::{Discovery, Gateway, GatewayConfig};
+//!
+//! # async fn run() -> Result<(), seawall::BoxError> {
+//! let config = GatewayConfig::from_file("gateway.toml")?;
+//! let listener = tokio::net::TcpListener::bind(config.gateway.listen).await?;
+//! let gateway = Gateway::build(config, Discovery::Registry(Registry::new())).await?;
+//! let handle = gateway.spawn(listener);
+//! // ...
+//! handle.shutdown().await; // graceful: requests in flight finish
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Observability
+//!
+//! `GET /metrics` and `GET /status.json` are answered before routing. The counters are
+//! the gateway's own (see [`status`]); the layers underneath also report through the
+//! `metrics` crate to whatever recorder the application installs.
+//!
+//! `/status.json` is a [`GatewayStatus`]:
+//!
+//! ```json
+//! {
+//!   "uptime_seconds": 12.5,
+//!   "unmatched": 0,                    // requests answered 404 (no route)
+//!   "routes": [{
+//!     "name": "users", "path_prefix": "/api/users", "service": "users",
+//!     "requests": 120,                 // matched to the route
+//!     "responses": { "1xx": 0, "2xx": 100, "3xx": 0, "4xx": 15, "5xx": 5 },
+//!     "fallbacks": 3,                  // fallback responses served
+//!     "rate_limited": 10,              // 429 from the route's limits
+//!     "unauthorized": 5,               // 401
+//!     "upstream_errors": { "timeout": 1, "unavailable": 2, "bad_gateway": 0, "server_error": 2 },
+//!     "latency_ms": { "p50": 1.2, "p99": 8.7, "samples": 120 },   // last 1024 responses
+//!     "limits": {
+//!       "global": { "available": 180, "burst": 200, "per_second": 1000 },      // or null
+//!       "per_client": { "clients": 3, "burst": 20, "per_second": 10, "key": "ip" } // or null
+//!     },
+//!     "endpoints": [{
+//!       "key": "local/users-9001", "address": "127.0.0.1:9001",
+//!       "outstanding": 0, "calls": 60, "failures": 2,
+//!       "ejected": false, "ejected_for_ms": null, "ejections": 0,
+//!       "breaker": "closed"            // open, half_open, forced_open, disabled; null without [routes.breaker]
+//!     }]
+//!   }]
+//! }
+//! ```
+//!
+//! `/metrics` renders the same numbers as `seawall_gateway_*` families labelled by
+//! `route` (and `class`, `kind`, `quantile`, `endpoint`, `address`).
+
+mod config;
+pub mod jwt;
+mod route;
+mod server;
+pub mod status;
+
+pub use config::{
+    AuthConfig, BalanceSettings, BreakerSettings, ClientKey, ClientLimitSettings, ConfigError,
+    FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OutlierSettings, RateLimitSettings,
+    RouteConfig, ServerConfig, ServiceConfig, StrategyName,
+};
+pub use route::{Body, FALLBACK_HEADER};
+pub use server::{BuildError, Discovery, Gateway, GatewayHandle, METRICS_PATH, STATUS_PATH};
+pub use status::GatewayStatus;

@@ -1,0 +1,608 @@
+//! One route's stack: limits, fallback, timeout, and a balancer over the service's
+//! endpoints, each a pooled hyper client behind its own breaker.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service};
+
+use super::config::{ClientKey, FallbackSettings, RouteConfig, StrategyName};
+use super::jwt::JwtVerifier;
+use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
+use crate::BoxError;
+use crate::balance::{Balance, BalanceBuilder, BalanceHandle, NoEndpoints, Strategy, WhenEmpty};
+use crate::circuit_breaker::{CircuitOpen, HttpClassifier};
+use crate::discovery::{Instance, InstanceWatch, ServiceDiscover};
+use crate::rate_limit::http::{ClientIp, HeaderKey, HttpRateLimitLayer};
+use crate::rate_limit::{KeyedRateLimiter, Quota, Rate, RateLimiter};
+
+/// The body type of every request and response through the gateway.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The shared pooled client every endpoint uses.
+pub(crate) type HttpClient = Client<HttpConnector, Body>;
+
+type MakeUpstream = Box<dyn FnMut(&Instance) -> Upstream + Send>;
+type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, HttpClassifier>;
+type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// A body of bytes.
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A small JSON error answer.
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": message, "status": status.as_u16() }).to_string();
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Marks responses that came from the upstream (so a 429 from it is not counted as the
+/// gateway's own).
+#[derive(Debug, Clone, Copy)]
+struct FromUpstream;
+
+/// One endpoint: the shared client, aimed at one instance.
+#[derive(Clone, Debug)]
+pub(crate) struct Upstream {
+    client: HttpClient,
+    authority: http::uri::Authority,
+}
+
+impl Service<Request<Body>> for Upstream {
+    type Response = Response<Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = hyper_util::client::legacy::ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The pool has no limit of its own: backpressure is the route's limits' job.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let mut parts = request.uri().clone().into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+        self.client.request(request)
+    }
+}
+
+/// Wakes every task waiting on the balancer: a balancer keeps one waker, the tasks
+/// sharing it are many.
+#[derive(Default)]
+struct Waiters(parking_lot::Mutex<Vec<Waker>>);
+
+impl Wake for Waiters {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        for waker in std::mem::take(&mut *self.0.lock()) {
+            waker.wake();
+        }
+    }
+}
+
+/// The balancer shared by every request of a route: locked only to reserve an endpoint
+/// and start the call, never across an await.
+struct SharedBalance {
+    balance: parking_lot::Mutex<Upstreams>,
+    waiters: Arc<Waiters>,
+    fanout: Waker,
+}
+
+impl SharedBalance {
+    fn new(balance: Upstreams) -> Self {
+        let waiters = Arc::new(Waiters::default());
+        Self {
+            balance: parking_lot::Mutex::new(balance),
+            fanout: Waker::from(waiters.clone()),
+            waiters,
+        }
+    }
+
+    async fn call(&self, request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+        let mut request = Some(request);
+        let future = std::future::poll_fn(|cx| {
+            let mut balance = self.balance.lock();
+            {
+                let mut waiters = self.waiters.0.lock();
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
+            }
+            let mut fanout = Context::from_waker(&self.fanout);
+            let out = match Service::<Request<Body>>::poll_ready(&mut *balance, &mut fanout) {
+                Poll::Ready(Ok(())) => match request.take() {
+                    Some(r) => Poll::Ready(Ok(Service::<Request<Body>>::call(&mut *balance, r))),
+                    None => Poll::Ready(Err(BoxError::from("request already sent"))),
+                },
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            self.waiters.0.lock().retain(|w| !w.will_wake(cx.waker()));
+            out
+        })
+        .await?;
+        future.await
+    }
+}
+
+/// The per-client limiter, keyed by IP or by header.
+#[derive(Clone)]
+enum PerClient {
+    Ip(KeyedRateLimiter<IpAddr>),
+    Header(KeyedRateLimiter<String>, HeaderName),
+}
+
+/// What one route needs to forward a request, shared by the stack's clones.
+pub(crate) struct RouteCore {
+    pub(crate) name: String,
+    pub(crate) prefix: String,
+    service: String,
+    strip: bool,
+    timeout: Duration,
+    fallback: Option<FallbackSettings>,
+    balance: SharedBalance,
+    handle: BalanceHandle,
+    pub(crate) stats: RouteStats,
+    global: Option<(RateLimiter, u32)>,
+    per_client: Option<(PerClient, u32, u32, String)>,
+}
+
+/// A route: auth, then the tower stack (limits → fallback → timeout → balancer).
+pub(crate) struct Route {
+    pub(crate) core: Arc<RouteCore>,
+    auth: Option<JwtVerifier>,
+    stack: Stack,
+}
+
+fn quota(per_second: u32, burst: Option<u32>) -> Result<Quota, BoxError> {
+    Ok(Quota::new(
+        Rate::per_second(per_second),
+        burst.unwrap_or(per_second),
+    )?)
+}
+
+impl Route {
+    pub(crate) fn new(
+        config: &RouteConfig,
+        auth: Option<JwtVerifier>,
+        watch: InstanceWatch,
+        client: HttpClient,
+    ) -> Result<Self, BoxError> {
+        let make: MakeUpstream = Box::new(move |instance: &Instance| Upstream {
+            client: client.clone(),
+            authority: instance
+                .authority()
+                .parse()
+                .unwrap_or_else(|_| http::uri::Authority::from_static("invalid.invalid:1")),
+        });
+        let discover = ServiceDiscover::new(watch, make);
+        let mut builder = BalanceBuilder::new()
+            .name(format!("{}/{}", config.name, config.service))
+            .strategy(match config.balance.strategy {
+                StrategyName::LeastRequests => Strategy::default(),
+                StrategyName::PeakEwma => Strategy::peak_ewma(),
+                StrategyName::RoundRobin => Strategy::RoundRobin,
+            })
+            // Discovery may still be on its way (Consul's first answer): wait for an
+            // endpoint, within the route's timeout.
+            .when_empty(WhenEmpty::Wait(config.timeout));
+        if let Some(o) = &config.balance.outlier {
+            builder = builder.outlier_detection(super::config::outlier_detection(o)?);
+        }
+        if let Some(b) = &config.breaker {
+            builder = builder.endpoint_breaker(super::config::breaker_config(&config.name, b)?);
+        }
+        let balance = builder
+            .classifier(HttpClassifier::new())
+            .try_build(discover)?;
+        let handle = balance.handle().clone();
+        let global = match &config.rate_limit.global {
+            Some(g) => Some((
+                RateLimiter::new(quota(g.per_second, g.burst)?).named("global"),
+                g.per_second,
+            )),
+            None => None,
+        };
+        let per_client = match &config.rate_limit.per_client {
+            Some(c) => {
+                let q = quota(c.per_second, c.burst)?;
+                let limiter = match c.client_key()? {
+                    ClientKey::Ip => PerClient::Ip(KeyedRateLimiter::new(q).named("per-client")),
+                    ClientKey::Header(h) => {
+                        PerClient::Header(KeyedRateLimiter::new(q).named("per-client"), h)
+                    }
+                };
+                Some((limiter, c.per_second, q.burst(), c.key.clone()))
+            }
+            None => None,
+        };
+        let core = Arc::new(RouteCore {
+            name: config.name.clone(),
+            prefix: super::config::normalize_prefix(&config.path_prefix).to_owned(),
+            service: config.service.clone(),
+            strip: config.strip_prefix,
+            timeout: config.timeout,
+            fallback: config.fallback.clone(),
+            balance: SharedBalance::new(balance),
+            handle,
+            stats: RouteStats::default(),
+            global: global.clone(),
+            per_client: per_client.clone(),
+        });
+        let mut stack = Stack::new(Core(core.clone()));
+        if let Some((limiter, ..)) = per_client {
+            stack = match limiter {
+                PerClient::Ip(l) => Stack::new(
+                    HttpRateLimitLayer::per_key(l, ClientIp::peer())
+                        .name("per-client")
+                        .layer(stack),
+                ),
+                PerClient::Header(l, h) => Stack::new(
+                    HttpRateLimitLayer::per_key(l, HeaderKey(h))
+                        .name("per-client")
+                        .layer(stack),
+                ),
+            };
+        }
+        if let Some((limiter, _)) = global {
+            stack = Stack::new(
+                HttpRateLimitLayer::global(limiter)
+                    .name("global")
+                    .layer(stack),
+            );
+        }
+        Ok(Self { core, auth, stack })
+    }
+
+    /// Whether `path` falls under this route's prefix, on a segment boundary.
+    pub(crate) fn matches(&self, path: &str) -> bool {
+        let prefix = self.core.prefix.as_str();
+        prefix == "/"
+            || path
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// Serves one request matched to this route.
+    pub(crate) async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let start = tokio::time::Instant::now();
+        let stats = &self.core.stats;
+        stats.requests.fetch_add(1, Relaxed);
+        let response = self.respond(request, peer).await;
+        stats.record(response.status(), start.elapsed());
+        response
+    }
+
+    async fn respond(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if let Some(verifier) = &self.auth {
+            if let Err(e) = verifier.verify_header(request.headers()) {
+                self.core.stats.unauthorized.fetch_add(1, Relaxed);
+                let mut response = json_error(StatusCode::UNAUTHORIZED, &e.to_string());
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+                return response;
+            }
+        }
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(peer);
+        let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+        let mut stack = self.stack.clone();
+        // Every layer of the stack is always ready: limits answer in `call`.
+        let future: Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>> =
+            Box::pin(stack.call(request));
+        let response = match future.await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        if response.status() == StatusCode::TOO_MANY_REQUESTS
+            && response.extensions().get::<FromUpstream>().is_none()
+        {
+            self.core.stats.rate_limited.fetch_add(1, Relaxed);
+        }
+        response
+    }
+
+    /// The route's state now.
+    pub(crate) fn status(&self) -> RouteStatus {
+        let core = &self.core;
+        let stats = &core.stats;
+        RouteStatus {
+            name: core.name.clone(),
+            path_prefix: core.prefix.clone(),
+            service: core.service.clone(),
+            requests: stats.requests.load(Relaxed),
+            responses: stats.responses(),
+            fallbacks: stats.fallbacks.load(Relaxed),
+            rate_limited: stats.rate_limited.load(Relaxed),
+            unauthorized: stats.unauthorized.load(Relaxed),
+            upstream_errors: stats.upstream_errors(),
+            latency_ms: stats.latency(),
+            limits: Limits {
+                global: core.global.as_ref().map(|(l, per_second)| GlobalLimit {
+                    available: l.available(),
+                    burst: l.burst(),
+                    per_second: *per_second,
+                }),
+                per_client: core.per_client.as_ref().map(|(l, per_second, burst, key)| {
+                    ClientLimit {
+                        clients: match l {
+                            PerClient::Ip(l) => l.len(),
+                            PerClient::Header(l, _) => l.len(),
+                        },
+                        burst: *burst,
+                        per_second: *per_second,
+                        key: key.clone(),
+                    }
+                }),
+            },
+            endpoints: core
+                .handle
+                .endpoints()
+                .into_iter()
+                .map(|e| EndpointReport {
+                    key: e.key,
+                    address: e.address,
+                    outstanding: e.outstanding,
+                    calls: e.calls,
+                    failures: e.failures,
+                    ejected: e.ejected_for.is_some(),
+                    ejected_for_ms: e
+                        .ejected_for
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    ejections: e.ejections,
+                    breaker: e
+                        .breaker
+                        .map(|s| super::status::breaker_state(s).to_owned()),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The innermost service of a route's stack: fallback, timeout and the balancer. It
+/// never fails: every error becomes a response.
+#[derive(Clone)]
+struct Core(Arc<RouteCore>);
+
+impl Service<Request<Body>> for Core {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let core = self.0.clone();
+        Box::pin(async move { Ok(core.forward(request).await) })
+    }
+}
+
+/// Why an upstream call produced no usable response.
+#[derive(Clone, Copy)]
+enum Failure {
+    Timeout,
+    Unavailable,
+    BadGateway,
+    ServerError,
+}
+
+fn is<T: std::error::Error + 'static>(e: &BoxError) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(err) = next {
+        if err.is::<T>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+impl RouteCore {
+    async fn forward(&self, request: Request<Body>) -> Response<Body> {
+        let request = self.upstream_request(request);
+        let failure = match tokio::time::timeout(self.timeout, self.balance.call(request)).await {
+            Ok(Ok(response)) if response.status().is_server_error() && self.fallback.is_some() => {
+                Failure::ServerError
+            }
+            Ok(Ok(response)) => {
+                if response.status().is_server_error() {
+                    self.stats.server_errors.fetch_add(1, Relaxed);
+                }
+                return downstream_response(response);
+            }
+            Ok(Err(e)) if is::<CircuitOpen>(&e) || is::<NoEndpoints>(&e) => Failure::Unavailable,
+            Ok(Err(_)) => Failure::BadGateway,
+            Err(_elapsed) => Failure::Timeout,
+        };
+        let (counter, status, message) = match failure {
+            Failure::Timeout => (
+                &self.stats.timeouts,
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream timed out",
+            ),
+            Failure::Unavailable => (
+                &self.stats.unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no upstream available",
+            ),
+            Failure::BadGateway => (
+                &self.stats.bad_gateway,
+                StatusCode::BAD_GATEWAY,
+                "upstream failed",
+            ),
+            Failure::ServerError => (
+                &self.stats.server_errors,
+                StatusCode::BAD_GATEWAY,
+                "upstream failed",
+            ),
+        };
+        counter.fetch_add(1, Relaxed);
+        match &self.fallback {
+            Some(f) => {
+                self.stats.fallbacks.fetch_add(1, Relaxed);
+                let mut response = Response::new(full(f.body.clone()));
+                *response.status_mut() = StatusCode::from_u16(f.status).unwrap_or(StatusCode::OK);
+                if let Ok(v) = HeaderValue::from_str(&f.content_type) {
+                    response.headers_mut().insert(header::CONTENT_TYPE, v);
+                }
+                response
+                    .headers_mut()
+                    .insert(FALLBACK_HEADER.clone(), HeaderValue::from_static("true"));
+                response
+            }
+            None => json_error(status, message),
+        }
+    }
+
+    /// The request as sent upstream: prefix stripped, hop-by-hop headers dropped,
+    /// `X-Forwarded-For` / `-Host` / `-Proto` added.
+    fn upstream_request(&self, request: Request<Body>) -> Request<Body> {
+        let (mut parts, body) = request.into_parts();
+        let peer = parts.extensions.get::<SocketAddr>().copied();
+        let path = parts.uri.path();
+        let path = if self.strip && self.prefix != "/" {
+            match path.strip_prefix(self.prefix.as_str()) {
+                Some("") | None => "/",
+                Some(rest) => rest,
+            }
+        } else {
+            path
+        };
+        let path_and_query = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_owned(),
+        };
+        parts.uri = Uri::builder()
+            .path_and_query(path_and_query)
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        remove_hop_by_hop(&mut parts.headers);
+        if let Some(host) = parts.headers.remove(header::HOST) {
+            parts.headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        if let Some(peer) = peer {
+            let ip = peer.ip().to_string();
+            let value = match parts
+                .headers
+                .get(&X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prior) => format!("{prior}, {ip}"),
+                None => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                parts.headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+        parts.version = http::Version::HTTP_11;
+        Request::from_parts(parts, body)
+    }
+}
+
+/// Set to `true` on fallback responses.
+pub static FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-seawall-fallback");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Drops the hop-by-hop headers of RFC 9110 §7.6.1, and those `Connection` names.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn downstream_response(response: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    parts.extensions.insert(FromUpstream);
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

@@ -1,0 +1,378 @@
+//! The gateway server: building the routes, serving HTTP/1 over hyper, shutting down.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::config::{ConfigError, GatewayConfig};
+use super::jwt::JwtVerifier;
+use super::route::{Body, HttpClient, Route, full, json_error};
+use super::status::{GatewayStatus, render_prometheus};
+use crate::BoxError;
+use crate::consul::{ConsulClient, ConsulWatch, WatchConfig};
+use crate::discovery::{Instance, InstanceWatch, Registry};
+
+/// The path of the Prometheus metrics.
+pub const METRICS_PATH: &str = "/metrics";
+/// The path of the JSON status.
+pub const STATUS_PATH: &str = "/status.json";
+
+/// How long a client may take to send a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where services not listed in `[[services]]` are found.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Discovery {
+    /// Nowhere: every route's service must be listed statically.
+    Static,
+    /// An in-process [`Registry`].
+    Registry(Registry),
+    /// A Consul agent, followed with a [`ConsulWatch`] per service.
+    Consul(ConsulClient),
+}
+
+/// Why a gateway could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The configuration is invalid for this discovery source.
+    Config(ConfigError),
+    /// A route's stack could not be built.
+    Route {
+        /// The route.
+        route: String,
+        /// Why.
+        source: BoxError,
+    },
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Config(e) => fmt::Display::fmt(e, f),
+            Self::Route { route, source } => write!(f, "route `{route}`: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Config(e) => Some(e),
+            Self::Route { source, .. } => Some(source.as_ref()),
+        }
+    }
+}
+
+impl From<ConfigError> for BuildError {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(e)
+    }
+}
+
+/// An API gateway: routes built from a [`GatewayConfig`]. Cloning is cheap and clones
+/// share everything (routes, limiters, balancers, counters).
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// In configuration order.
+    routes: Vec<Route>,
+    /// Indices into `routes`, longest prefix first.
+    by_prefix: Vec<usize>,
+    unmatched: AtomicU64,
+    started: tokio::time::Instant,
+    listen: SocketAddr,
+    /// Kept alive for as long as the gateway.
+    _watches: Vec<ConsulWatch>,
+}
+
+impl fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gateway")
+            .field("listen", &self.inner.listen)
+            .field(
+                "routes",
+                &self
+                    .inner
+                    .routes
+                    .iter()
+                    .map(|r| r.core.name.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Gateway {
+    /// Builds every route: its limiters, its balancer over the service's instances (listed
+    /// in `[[services]]`, or else found through `discovery`), one pooled HTTP client shared
+    /// by all endpoints.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::Config`] when a route's service is unknown with
+    /// [`Discovery::Static`], or the configuration does not validate.
+    pub async fn build(config: GatewayConfig, discovery: Discovery) -> Result<Self, BuildError> {
+        config.validate()?;
+        if matches!(discovery, Discovery::Static) {
+            config.check_static_services()?;
+        }
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client: HttpClient = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let verifier = config.auth.jwt.as_ref().map(JwtVerifier::from_config);
+        let mut watches = Vec::new();
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
+            let watch = match (config.service(&route.service), &discovery) {
+                (Some(s), _) => InstanceWatch::fixed(
+                    s.instances
+                        .iter()
+                        .map(|addr| Instance::local(&s.name, *addr))
+                        .collect(),
+                ),
+                (None, Discovery::Registry(registry)) => registry.watch(&route.service),
+                (None, Discovery::Consul(client)) => {
+                    let watch = ConsulWatch::spawn(
+                        client.clone(),
+                        route.service.clone(),
+                        WatchConfig::default(),
+                    );
+                    let instances = watch.instances();
+                    watches.push(watch);
+                    instances
+                }
+                (None, Discovery::Static) => unreachable!("checked by check_static_services"),
+            };
+            let auth = if route.auth { verifier.clone() } else { None };
+            let built = Route::new(route, auth, watch, client.clone()).map_err(|source| {
+                BuildError::Route {
+                    route: route.name.clone(),
+                    source,
+                }
+            })?;
+            routes.push(built);
+        }
+        let mut by_prefix: Vec<usize> = (0..routes.len()).collect();
+        by_prefix.sort_by_key(|&i| std::cmp::Reverse(routes[i].core.prefix.len()));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                routes,
+                by_prefix,
+                unmatched: AtomicU64::new(0),
+                started: tokio::time::Instant::now(),
+                listen: config.gateway.listen,
+                _watches: watches,
+            }),
+        })
+    }
+
+    /// The address the configuration says to listen on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.inner.listen
+    }
+
+    /// Every route's counters and endpoints, as `GET /status.json` serves them.
+    pub fn status(&self) -> GatewayStatus {
+        GatewayStatus {
+            uptime_seconds: self.inner.started.elapsed().as_secs_f64(),
+            unmatched: self.inner.unmatched.load(Relaxed),
+            routes: self.inner.routes.iter().map(Route::status).collect(),
+        }
+    }
+
+    /// The Prometheus text `GET /metrics` serves.
+    pub fn metrics(&self) -> String {
+        render_prometheus(&self.status())
+    }
+
+    /// Answers one request from `peer`: the admin paths, else the route with the longest
+    /// matching prefix, else 404. Never fails.
+    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let path = request.uri().path();
+        if request.method() == Method::GET || request.method() == Method::HEAD {
+            if path == METRICS_PATH {
+                return text(self.metrics(), "text/plain; version=0.0.4; charset=utf-8");
+            }
+            if path == STATUS_PATH {
+                let json =
+                    serde_json::to_string(&self.status()).unwrap_or_else(|_| String::from("{}"));
+                return text(json, "application/json");
+            }
+        }
+        let route = self
+            .inner
+            .by_prefix
+            .iter()
+            .map(|&i| &self.inner.routes[i])
+            .find(|r| r.matches(path));
+        match route {
+            Some(route) => route.handle(request, peer).await,
+            None => {
+                self.inner.unmatched.fetch_add(1, Relaxed);
+                json_error(StatusCode::NOT_FOUND, "no route")
+            }
+        }
+    }
+
+    /// Serves connections from `listener` until the future is dropped.
+    pub fn serve(self, listener: TcpListener) -> impl Future<Output = ()> + Send {
+        self.serve_with_shutdown(listener, std::future::pending())
+    }
+
+    /// Serves connections from `listener` until `signal` completes, then stops accepting,
+    /// lets every connection finish its request in flight (closing idle keep-alive
+    /// connections at once) and returns when all are done, or after `drain` at most.
+    pub fn serve_with_shutdown(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = ()> + Send {
+        self.serve_inner(listener, signal, Duration::from_secs(30))
+    }
+
+    async fn serve_inner(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()> + Send,
+        drain: Duration,
+    ) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        let mut signal = std::pin::pin!(signal);
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = &mut signal => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                // Reap finished connections as we go.
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
+            let _ = stream.set_nodelay(true);
+            let gateway = self.clone();
+            let mut stop = stop_rx.clone();
+            connections.spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let gateway = gateway.clone();
+                    async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    () = stopped(&mut stop) => {}
+                }
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            });
+        }
+        drop(listener);
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(drain, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        connections.abort_all();
+    }
+
+    /// Serves `listener` on a new task, returning a handle to stop it.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn(self, listener: TcpListener) -> GatewayHandle {
+        let local_addr = listener.local_addr().unwrap_or(self.inner.listen);
+        let (tx, mut rx) = watch::channel(false);
+        let gateway = self.clone();
+        let task = tokio::spawn(self.serve_inner(
+            listener,
+            async move { stopped(&mut rx).await },
+            Duration::from_secs(10),
+        ));
+        GatewayHandle {
+            local_addr,
+            gateway,
+            stop: tx,
+            task,
+        }
+    }
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn text(body: String, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// A gateway serving on a task of its own.
+#[derive(Debug)]
+pub struct GatewayHandle {
+    local_addr: SocketAddr,
+    gateway: Gateway,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The gateway (for its status).
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Stops accepting connections, lets requests in flight finish (for 10 s at most) and
+    /// waits until the server is down.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}

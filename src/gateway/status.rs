@@ -1,0 +1,439 @@
+//! What the gateway reports: per-route counters and latencies, endpoints and limiters, as
+//! `GET /status.json` ([`GatewayStatus`]) and `GET /metrics` (Prometheus text).
+//!
+//! The counters are the gateway's own atomics, rendered by hand: no global `metrics`
+//! recorder is installed, so several gateways (or a gateway and the application's own
+//! recorder) can live in one process, and the status page and `/metrics` always agree.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How many recent latencies the percentiles are computed over, per route.
+pub const LATENCY_WINDOW: usize = 1024;
+
+/// The gateway's state, as served by `GET /status.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GatewayStatus {
+    /// Seconds since the gateway was built.
+    pub uptime_seconds: f64,
+    /// Requests that matched no route (answered 404).
+    pub unmatched: u64,
+    /// One entry per route, in configuration order.
+    pub routes: Vec<RouteStatus>,
+}
+
+/// One route's counters and state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RouteStatus {
+    /// The route's name.
+    pub name: String,
+    /// Its path prefix.
+    pub path_prefix: String,
+    /// The upstream service.
+    pub service: String,
+    /// Requests matched to the route.
+    pub requests: u64,
+    /// Responses sent, by status class.
+    pub responses: ResponseClasses,
+    /// Fallback responses served in place of upstream failures.
+    pub fallbacks: u64,
+    /// Requests refused by the route's rate limits (429).
+    pub rate_limited: u64,
+    /// Requests refused for a missing or invalid token (401).
+    pub unauthorized: u64,
+    /// Upstream failures, by kind (whether or not a fallback answered them).
+    pub upstream_errors: UpstreamErrors,
+    /// Latency percentiles over the last [`LATENCY_WINDOW`] responses.
+    pub latency_ms: Latency,
+    /// The rate limiters' headroom.
+    pub limits: Limits,
+    /// The upstream endpoints.
+    pub endpoints: Vec<EndpointReport>,
+}
+
+/// Responses by status class.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ResponseClasses {
+    /// 1xx.
+    #[serde(rename = "1xx")]
+    pub informational: u64,
+    /// 2xx.
+    #[serde(rename = "2xx")]
+    pub success: u64,
+    /// 3xx.
+    #[serde(rename = "3xx")]
+    pub redirection: u64,
+    /// 4xx.
+    #[serde(rename = "4xx")]
+    pub client_error: u64,
+    /// 5xx.
+    #[serde(rename = "5xx")]
+    pub server_error: u64,
+}
+
+/// Upstream failures by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct UpstreamErrors {
+    /// The route timeout elapsed (504).
+    pub timeout: u64,
+    /// No endpoint, or every endpoint's breaker open (503).
+    pub unavailable: u64,
+    /// A transport error: refused, reset, bad response (502).
+    pub bad_gateway: u64,
+    /// A 5xx answer from the upstream.
+    pub server_error: u64,
+}
+
+/// Latency percentiles, in milliseconds (0 with no sample).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Latency {
+    /// The median.
+    pub p50: f64,
+    /// The 99th percentile.
+    pub p99: f64,
+    /// How many samples they are computed over.
+    pub samples: usize,
+}
+
+/// The rate limiters' headroom.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Limits {
+    /// The global bucket, if configured.
+    pub global: Option<GlobalLimit>,
+    /// The per-client buckets, if configured.
+    pub per_client: Option<ClientLimit>,
+}
+
+/// The global bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GlobalLimit {
+    /// Tokens available now.
+    pub available: u32,
+    /// The bucket size.
+    pub burst: u32,
+    /// Tokens added a second.
+    pub per_second: u32,
+}
+
+/// The per-client buckets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ClientLimit {
+    /// Clients with a bucket now.
+    pub clients: usize,
+    /// Each bucket's size.
+    pub burst: u32,
+    /// Tokens added to each a second.
+    pub per_second: u32,
+    /// `ip` or `header:<name>`.
+    pub key: String,
+}
+
+/// One upstream endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct EndpointReport {
+    /// The discovery key (`node/service-id`).
+    pub key: String,
+    /// `host:port`.
+    pub address: String,
+    /// Requests in flight.
+    pub outstanding: u32,
+    /// Calls sent to it.
+    pub calls: u64,
+    /// Failed calls (5xx, transport errors).
+    pub failures: u64,
+    /// Whether outlier detection has it out of rotation.
+    pub ejected: bool,
+    /// For how much longer, in milliseconds.
+    pub ejected_for_ms: Option<u64>,
+    /// How many times it has been ejected.
+    pub ejections: u64,
+    /// Its breaker: `closed`, `open`, `half_open`, `forced_open`, `disabled`, or null
+    /// without `[routes.breaker]`.
+    pub breaker: Option<String>,
+}
+
+/// A route's counters.
+#[derive(Debug, Default)]
+pub(crate) struct RouteStats {
+    pub(crate) requests: AtomicU64,
+    classes: [AtomicU64; 5],
+    pub(crate) fallbacks: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) unauthorized: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) unavailable: AtomicU64,
+    pub(crate) bad_gateway: AtomicU64,
+    pub(crate) server_errors: AtomicU64,
+    latencies: parking_lot::Mutex<VecDeque<u32>>,
+}
+
+impl RouteStats {
+    pub(crate) fn record(&self, status: http::StatusCode, latency: Duration) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.classes[class].fetch_add(1, Relaxed);
+        let micros = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX);
+        let mut window = self.latencies.lock();
+        if window.len() == LATENCY_WINDOW {
+            window.pop_front();
+        }
+        window.push_back(micros);
+    }
+
+    pub(crate) fn responses(&self) -> ResponseClasses {
+        let c = |i: usize| self.classes[i].load(Relaxed);
+        ResponseClasses {
+            informational: c(0),
+            success: c(1),
+            redirection: c(2),
+            client_error: c(3),
+            server_error: c(4),
+        }
+    }
+
+    pub(crate) fn upstream_errors(&self) -> UpstreamErrors {
+        UpstreamErrors {
+            timeout: self.timeouts.load(Relaxed),
+            unavailable: self.unavailable.load(Relaxed),
+            bad_gateway: self.bad_gateway.load(Relaxed),
+            server_error: self.server_errors.load(Relaxed),
+        }
+    }
+
+    pub(crate) fn latency(&self) -> Latency {
+        let mut samples: Vec<u32> = self.latencies.lock().iter().copied().collect();
+        if samples.is_empty() {
+            return Latency::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            f64::from(samples[i]) / 1000.0
+        };
+        Latency {
+            p50: at(0.50),
+            p99: at(0.99),
+            samples: samples.len(),
+        }
+    }
+}
+
+pub(crate) fn breaker_state(state: crate::circuit_breaker::State) -> &'static str {
+    use crate::circuit_breaker::State;
+    match state {
+        State::Closed => "closed",
+        State::Open => "open",
+        State::HalfOpen => "half_open",
+        State::ForcedOpen => "forced_open",
+        State::Disabled => "disabled",
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders a status as Prometheus text exposition (format 0.0.4).
+pub fn render_prometheus(status: &GatewayStatus) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut family = |name: &str,
+                      kind: &str,
+                      help: &str,
+                      samples: &mut dyn Iterator<Item = (String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    };
+    let route = |r: &RouteStatus| format!("route=\"{}\"", label(&r.name));
+    let routes = &status.routes;
+    family(
+        "seawall_gateway_unmatched_total",
+        "counter",
+        "Requests that matched no route.",
+        &mut std::iter::once((String::new(), status.unmatched.to_string())),
+    );
+    family(
+        "seawall_gateway_requests_total",
+        "counter",
+        "Requests matched to a route.",
+        &mut routes.iter().map(|r| (route(r), r.requests.to_string())),
+    );
+    family(
+        "seawall_gateway_responses_total",
+        "counter",
+        "Responses sent, by status class.",
+        &mut routes.iter().flat_map(|r| {
+            let c = &r.responses;
+            [
+                ("1xx", c.informational),
+                ("2xx", c.success),
+                ("3xx", c.redirection),
+                ("4xx", c.client_error),
+                ("5xx", c.server_error),
+            ]
+            .into_iter()
+            .map(move |(class, n)| (format!("{},class=\"{class}\"", route(r)), n.to_string()))
+        }),
+    );
+    for (name, help, get) in [
+        (
+            "seawall_gateway_fallbacks_total",
+            "Fallback responses served in place of upstream failures.",
+            (|r: &RouteStatus| r.fallbacks) as fn(&RouteStatus) -> u64,
+        ),
+        (
+            "seawall_gateway_rate_limited_total",
+            "Requests refused by the route's rate limits.",
+            |r: &RouteStatus| r.rate_limited,
+        ),
+        (
+            "seawall_gateway_unauthorized_total",
+            "Requests refused for a missing or invalid token.",
+            |r: &RouteStatus| r.unauthorized,
+        ),
+    ] {
+        family(
+            name,
+            "counter",
+            help,
+            &mut routes.iter().map(|r| (route(r), get(r).to_string())),
+        );
+    }
+    family(
+        "seawall_gateway_upstream_errors_total",
+        "counter",
+        "Upstream failures, by kind.",
+        &mut routes.iter().flat_map(|r| {
+            let e = &r.upstream_errors;
+            [
+                ("timeout", e.timeout),
+                ("unavailable", e.unavailable),
+                ("bad_gateway", e.bad_gateway),
+                ("server_error", e.server_error),
+            ]
+            .into_iter()
+            .map(move |(kind, n)| (format!("{},kind=\"{kind}\"", route(r)), n.to_string()))
+        }),
+    );
+    family(
+        "seawall_gateway_latency_seconds",
+        "gauge",
+        "Latency quantiles over the route's recent responses.",
+        &mut routes.iter().flat_map(|r| {
+            [("0.5", r.latency_ms.p50), ("0.99", r.latency_ms.p99)]
+                .into_iter()
+                .map(move |(q, ms)| {
+                    (
+                        format!("{},quantile=\"{q}\"", route(r)),
+                        (ms / 1000.0).to_string(),
+                    )
+                })
+        }),
+    );
+    family(
+        "seawall_gateway_global_limit_available",
+        "gauge",
+        "Tokens left in the route's global bucket.",
+        &mut routes.iter().filter_map(|r| {
+            r.limits
+                .global
+                .as_ref()
+                .map(|g| (route(r), g.available.to_string()))
+        }),
+    );
+    let endpoint = |r: &RouteStatus, e: &EndpointReport| {
+        format!(
+            "{},endpoint=\"{}\",address=\"{}\"",
+            route(r),
+            label(&e.key),
+            label(&e.address)
+        )
+    };
+    family(
+        "seawall_gateway_endpoint_outstanding",
+        "gauge",
+        "Requests in flight to the endpoint.",
+        &mut routes.iter().flat_map(|r| {
+            r.endpoints
+                .iter()
+                .map(move |e| (endpoint(r, e), e.outstanding.to_string()))
+        }),
+    );
+    family(
+        "seawall_gateway_endpoint_ejected",
+        "gauge",
+        "1 while outlier detection has the endpoint out of rotation.",
+        &mut routes.iter().flat_map(|r| {
+            r.endpoints
+                .iter()
+                .map(move |e| (endpoint(r, e), u8::from(e.ejected).to_string()))
+        }),
+    );
+    family(
+        "seawall_gateway_endpoint_ejections_total",
+        "counter",
+        "Times the endpoint was ejected.",
+        &mut routes.iter().flat_map(|r| {
+            r.endpoints
+                .iter()
+                .map(move |e| (endpoint(r, e), e.ejections.to_string()))
+        }),
+    );
+    family(
+        "seawall_gateway_endpoint_breaker_open",
+        "gauge",
+        "1 while the endpoint's circuit breaker rejects calls (open or forced open).",
+        &mut routes.iter().flat_map(|r| {
+            r.endpoints.iter().filter_map(move |e| {
+                let open = matches!(e.breaker.as_deref(), Some("open" | "forced_open"));
+                e.breaker
+                    .as_ref()
+                    .map(|_| (endpoint(r, e), u8::from(open).to_string()))
+            })
+        }),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_over_the_window() {
+        let stats = RouteStats::default();
+        assert_eq!(stats.latency(), Latency::default());
+        for ms in 1..=100u64 {
+            stats.record(http::StatusCode::OK, Duration::from_millis(ms));
+        }
+        let l = stats.latency();
+        assert_eq!((l.p50, l.p99, l.samples), (50.0, 99.0, 100));
+        for _ in 0..LATENCY_WINDOW {
+            stats.record(http::StatusCode::BAD_GATEWAY, Duration::from_millis(7));
+        }
+        assert_eq!(stats.latency().p99, 7.0);
+        assert_eq!(stats.responses().server_error, LATENCY_WINDOW as u64);
+    }
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,700 @@
+//! End to end over loopback: real hyper upstreams registered in the in-process `Registry`,
+//! the gateway in front of them, and an HTTP client. Every wait is bounded.
+#![cfg(feature = "gateway")]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use seawall::discovery::{Instance, Registration, Registry};
+use seawall::gateway::jwt::JwtVerifier;
+use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle, GatewayStatus};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+
+const BOUND: Duration = Duration::from_secs(10);
+const OK: u8 = 0;
+const FAIL: u8 = 1;
+const HANG: u8 = 2;
+const SECRET: &str = "a test secret of enough bytes";
+
+/// One upstream instance: answers with its name, the path and query it saw, and the
+/// `x-forwarded-for` it got; or 500, or never, depending on its mode.
+struct Upstream {
+    name: String,
+    addr: SocketAddr,
+    mode: Arc<AtomicU8>,
+    hits: Arc<AtomicUsize>,
+    failures: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+async fn upstream(name: &str) -> Upstream {
+    upstream_at(name, "127.0.0.1:0".parse().unwrap(), Arc::default()).await
+}
+
+async fn upstream_at(name: &str, addr: SocketAddr, mode: Arc<AtomicU8>) -> Upstream {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let (n, m, h, f) = (
+        name.to_owned(),
+        mode.clone(),
+        hits.clone(),
+        failures.clone(),
+    );
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                break;
+            };
+            let (n, m, h, f) = (n.clone(), m.clone(), h.clone(), f.clone());
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (n, m, h, f) = (n.clone(), m.clone(), h.clone(), f.clone());
+                async move {
+                    h.fetch_add(1, SeqCst);
+                    match m.load(SeqCst) {
+                        FAIL => {
+                            f.fetch_add(1, SeqCst);
+                            let mut r = Response::new(Full::new(Bytes::from("boom")));
+                            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                            return Ok::<_, Infallible>(r);
+                        }
+                        HANG => std::future::pending::<()>().await,
+                        OK => {}
+                        _ => unreachable!("unknown mode"),
+                    }
+                    let body = serde_json::json!({
+                        "instance": n,
+                        "path": req.uri().path(),
+                        "query": req.uri().query(),
+                        "xff": req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+                        "connection": req.headers().get("x-hop").is_some(),
+                    });
+                    Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
+                }
+            });
+            connections.spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+        }
+    });
+    Upstream {
+        name: name.to_owned(),
+        addr,
+        mode,
+        hits,
+        failures,
+        task,
+    }
+}
+
+impl Upstream {
+    fn register(&self, registry: &Registry, service: &str) -> Registration {
+        registry.register(Instance::local(service, self.addr))
+    }
+
+    fn kill(&self) {
+        self.task.abort();
+    }
+
+    async fn restart(&self) -> Upstream {
+        upstream_at(&self.name, self.addr, self.mode.clone()).await
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn is_fallback(&self) -> bool {
+        self.headers.contains_key("x-seawall-fallback")
+    }
+}
+
+async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Answer {
+    timeout(BOUND, async {
+        let response = client.request(req).await.expect("the gateway answers");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("a body").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    })
+    .await
+    .expect("a request hung past its bound")
+}
+
+async fn get(client: &HttpClient, gw: &GatewayHandle, path: &str) -> Answer {
+    let req = Request::get(format!("http://{}{path}", gw.local_addr()))
+        .body(Full::default())
+        .unwrap();
+    send(client, req).await
+}
+
+async fn gateway(config: &str, registry: &Registry) -> GatewayHandle {
+    let config = GatewayConfig::from_toml_str(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = Gateway::build(config, Discovery::Registry(registry.clone()))
+        .await
+        .unwrap();
+    gw.spawn(listener)
+}
+
+async fn status(client: &HttpClient, gw: &GatewayHandle) -> GatewayStatus {
+    let answer = get(client, gw, "/status.json").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    serde_json::from_str(&answer.body).unwrap()
+}
+
+const HEAD: &str = "[gateway]\nlisten = \"127.0.0.1:0\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_longest_prefix_and_strips_it() {
+    let registry = Registry::new();
+    let (a, b, o) = (
+        upstream("a").await,
+        upstream("b").await,
+        upstream("o").await,
+    );
+    let _r = [
+        a.register(&registry, "users"),
+        b.register(&registry, "users"),
+        o.register(&registry, "orders"),
+    ];
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"users\"
+path_prefix = \"/api/users\"
+service = \"users\"
+strip_prefix = true
+
+[[routes]]
+name = \"api\"
+path_prefix = \"/api\"
+service = \"orders\"
+"
+    );
+    let gw = gateway(&config, &registry).await;
+    let http = client();
+
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let answer = get(&http, &gw, "/api/users/42?x=1").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let json = answer.json();
+        assert_eq!(json["path"], "/42");
+        assert_eq!(json["query"], "x=1");
+        assert_eq!(json["xff"], "127.0.0.1");
+        seen.insert(json["instance"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 2, "both instances served: {seen:?}");
+    let answer = get(&http, &gw, "/api/users").await;
+    assert_eq!(answer.json()["path"], "/");
+    // Not on a segment boundary: the shorter prefix, not stripped.
+    let answer = get(&http, &gw, "/api/usersx").await;
+    assert_eq!(answer.json()["instance"], "o");
+    assert_eq!(answer.json()["path"], "/api/usersx");
+    // Hop-by-hop headers named by Connection are dropped; XFF is appended to.
+    let req = Request::get(format!("http://{}/api/orders", gw.local_addr()))
+        .header("connection", "x-hop")
+        .header("x-hop", "1")
+        .header("x-forwarded-for", "203.0.113.7")
+        .body(Full::default())
+        .unwrap();
+    let json = send(&http, req).await.json();
+    assert_eq!(json["connection"], false);
+    assert_eq!(json["xff"], "203.0.113.7, 127.0.0.1");
+
+    let answer = get(&http, &gw, "/nowhere").await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(answer.json()["error"], "no route");
+
+    let s = status(&http, &gw).await;
+    assert_eq!(s.unmatched, 1);
+    assert_eq!(s.routes[0].requests, 21);
+    assert_eq!(s.routes[0].responses.success, 21);
+    assert_eq!(s.routes[0].endpoints.len(), 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_and_per_client_limits_answer_429_with_headers() {
+    let registry = Registry::new();
+    let a = upstream("a").await;
+    let _r = (a.register(&registry, "g"), a.register(&registry, "c"));
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"global\"
+path_prefix = \"/g\"
+service = \"g\"
+rate_limit = {{ global = {{ per_second = 1, burst = 3 }} }}
+
+[[routes]]
+name = \"client\"
+path_prefix = \"/c\"
+service = \"c\"
+rate_limit = {{ per_client = {{ per_second = 1, burst = 2, key = \"header:x-api-key\" }} }}
+"
+    );
+    let gw = gateway(&config, &registry).await;
+    let http = client();
+
+    let mut statuses = Vec::new();
+    let mut refused = None;
+    for _ in 0..5 {
+        let answer = get(&http, &gw, "/g").await;
+        statuses.push(answer.status);
+        assert!(answer.headers.contains_key("ratelimit-policy"));
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(answer);
+        }
+    }
+    assert_eq!(&statuses[..3], &[StatusCode::OK; 3]);
+    let refused = refused.expect("a 429 after the burst");
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(refused.headers["ratelimit-policy"], "\"global\";q=3;w=3");
+    assert!(
+        refused.headers["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with("\"global\";r=0")
+    );
+
+    let keyed = |key: &'static str| {
+        Request::get(format!("http://{}/c", gw.local_addr()))
+            .header("x-api-key", key)
+            .body(Full::default())
+            .unwrap()
+    };
+    let mut alice = Vec::new();
+    for _ in 0..4 {
+        alice.push(send(&http, keyed("alice")).await.status);
+    }
+    assert_eq!(&alice[..2], &[StatusCode::OK; 2]);
+    assert!(alice.contains(&StatusCode::TOO_MANY_REQUESTS), "{alice:?}");
+    let bob = send(&http, keyed("bob")).await;
+    assert_eq!(
+        bob.status,
+        StatusCode::OK,
+        "another client has its own bucket"
+    );
+
+    let s = status(&http, &gw).await;
+    let refused_g = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(s.routes[0].rate_limited, refused_g as u64);
+    assert_eq!(s.routes[0].limits.global.as_ref().unwrap().burst, 3);
+    assert_eq!(s.routes[1].limits.per_client.as_ref().unwrap().clients, 2);
+    let metrics = get(&http, &gw, "/metrics").await.body;
+    assert!(
+        metrics.contains(&format!(
+            "seawall_gateway_rate_limited_total{{route=\"global\"}} {refused_g}"
+        )),
+        "{metrics}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_routes_need_a_valid_token() {
+    let registry = Registry::new();
+    let a = upstream("a").await;
+    let _r = a.register(&registry, "users");
+    let config = format!(
+        "{HEAD}
+[auth.jwt]
+secret = \"{SECRET}\"
+issuer = \"seawall\"
+
+[[routes]]
+name = \"users\"
+path_prefix = \"/users\"
+service = \"users\"
+auth = true
+"
+    );
+    let gw = gateway(&config, &registry).await;
+    let http = client();
+    let with = |auth: Option<String>| {
+        let mut req = Request::get(format!("http://{}/users", gw.local_addr()));
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        req.body(Full::default()).unwrap()
+    };
+    let signer = JwtVerifier::new(SECRET.as_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let good = signer.sign(&serde_json::json!({ "sub": "ada", "iss": "seawall", "exp": now + 60 }));
+    let expired =
+        signer.sign(&serde_json::json!({ "sub": "ada", "iss": "seawall", "exp": now - 60 }));
+    let forged =
+        JwtVerifier::new(b"some other secret!!").sign(&serde_json::json!({ "iss": "seawall" }));
+
+    for (auth, what) in [
+        (None, "missing bearer token"),
+        (Some(format!("Bearer {expired}")), "token expired"),
+        (Some(format!("Bearer {forged}")), "invalid signature"),
+        (Some("Bearer not.a.jwt".to_owned()), "malformed token"),
+    ] {
+        let answer = send(&http, with(auth)).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            answer.headers["www-authenticate"],
+            "Bearer error=\"invalid_token\""
+        );
+        assert_eq!(answer.json()["error"], what);
+    }
+    let answer = send(&http, with(Some(format!("Bearer {good}")))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        a.hits.load(SeqCst),
+        1,
+        "refused requests never reach the upstream"
+    );
+    let s = status(&http, &gw).await;
+    assert_eq!(s.routes[0].unauthorized, 4);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_while_all_instances_are_down_then_recovery() {
+    let registry = Registry::new();
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let _r = (
+        a.register(&registry, "flaky"),
+        b.register(&registry, "flaky"),
+    );
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"flaky\"
+path_prefix = \"/f\"
+service = \"flaky\"
+timeout = \"1s\"
+
+[routes.breaker]
+failure_rate = 50
+minimum_calls = 2
+window = 4
+wait_in_open = \"300ms\"
+permitted_in_half_open = 1
+
+[routes.fallback]
+status = 200
+body = '{{\"cached\":true}}'
+
+[routes.balance]
+outlier = {{ consecutive_failures = 2, base_ejection = \"300ms\", max_ejected_percent = 50 }}
+"
+    );
+    let gw = gateway(&config, &registry).await;
+    let http = client();
+    assert!(!get(&http, &gw, "/f").await.is_fallback());
+
+    a.kill();
+    b.kill();
+    // Aborting is asynchronous: let the servers' connection tasks go.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..20 {
+        let answer = get(&http, &gw, "/f").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(answer.is_fallback(), "{}", answer.body);
+        assert_eq!(answer.json()["cached"], true);
+    }
+    let s = status(&http, &gw).await;
+    let route = &s.routes[0];
+    assert_eq!(route.fallbacks, 20);
+    assert!(
+        route
+            .endpoints
+            .iter()
+            .all(|e| e.breaker.as_deref() == Some("open")),
+        "{:?}",
+        route.endpoints
+    );
+    assert!(
+        route.endpoints.iter().any(|e| e.ejections > 0),
+        "{:?}",
+        route.endpoints
+    );
+    assert_eq!(
+        route.upstream_errors.unavailable + route.upstream_errors.bad_gateway,
+        20
+    );
+    let metrics = get(&http, &gw, "/metrics").await.body;
+    assert!(
+        metrics.contains("seawall_gateway_fallbacks_total{route=\"flaky\"} 20"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("seawall_gateway_endpoint_breaker_open{route=\"flaky\""));
+
+    let (_a2, _b2) = (a.restart().await, b.restart().await);
+    let start = Instant::now();
+    loop {
+        let answer = get(&http, &gw, "/f").await;
+        if !answer.is_fallback() && answer.status == StatusCode::OK {
+            break;
+        }
+        assert!(start.elapsed() < BOUND, "no recovery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Recovered: both breakers close again as traffic resumes.
+    let start = Instant::now();
+    loop {
+        let _ = get(&http, &gw, "/f").await;
+        let s = status(&http, &gw).await;
+        if s.routes[0]
+            .endpoints
+            .iter()
+            .all(|e| e.breaker.as_deref() == Some("closed"))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < BOUND,
+            "breakers did not close: {:?}",
+            s.routes[0].endpoints
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_upstream_is_cut_at_the_route_timeout() {
+    let registry = Registry::new();
+    let a = upstream("a").await;
+    a.mode.store(HANG, SeqCst);
+    let _r = a.register(&registry, "slow");
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"slow\"
+path_prefix = \"/slow\"
+service = \"slow\"
+timeout = \"300ms\"
+"
+    );
+    let gw = gateway(&config, &registry).await;
+    let http = client();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (http, addr) = (http.clone(), gw.local_addr());
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let req = Request::get(format!("http://{addr}/slow"))
+                .body(Full::default())
+                .unwrap();
+            let answer = send(&http, req).await;
+            (answer.status, answer.json(), start.elapsed())
+        }));
+    }
+    for task in tasks {
+        let (status, json, took) = task.await.unwrap();
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(json["error"], "upstream timed out");
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+    let s = status(&http, &gw).await;
+    assert_eq!(s.routes[0].upstream_errors.timeout, 8);
+    assert_eq!(
+        s.routes[0].endpoints[0].outstanding, 0,
+        "cancelled calls are released"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_do_not_panic() {
+    let registry = Registry::new();
+    let a = upstream("a").await;
+    let _r = a.register(&registry, "any");
+    let config = format!(
+        "{HEAD}
+[auth.jwt]
+secret = \"{SECRET}\"
+
+[[routes]]
+name = \"any\"
+path_prefix = \"/\"
+service = \"any\"
+auth = true
+"
+    );
+    let gw = gateway(&config, &registry).await;
+    for raw in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: nope\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer \xff\xfe\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ....\r\n\r\n",
+        b"GET http://other.example/x?%%% HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"\x00\x01\x02\x03\r\n\r\n",
+    ] {
+        let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+        stream.write_all(raw).await.unwrap();
+        let mut buf = vec![0u8; 512];
+        let n = timeout(BOUND, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            head.is_empty() || head.starts_with("HTTP/1.1 400") || head.starts_with("HTTP/1.1 401"),
+            "{head}"
+        );
+    }
+    // Still serving.
+    let answer = get(&client(), &gw, "/status.json").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_with_an_instance_failing_mid_run_loses_nothing() {
+    const REQUESTS: usize = 5_000;
+    const CLIENTS: usize = 32;
+    let registry = Registry::new();
+    let ups = [
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    ];
+    let _r: Vec<_> = ups.iter().map(|u| u.register(&registry, "load")).collect();
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"load\"
+path_prefix = \"/load\"
+service = \"load\"
+timeout = \"2s\"
+
+[routes.breaker]
+failure_rate = 50
+minimum_calls = 5
+window = 10
+wait_in_open = \"5s\"
+
+[routes.fallback]
+status = 200
+body = '{{\"fallback\":true}}'
+
+[routes.balance]
+outlier = {{ consecutive_failures = 3, base_ejection = \"5s\", max_ejected_percent = 50 }}
+"
+    );
+    let gw = gateway(&config, &registry).await;
+    let http = client();
+    let next = Arc::new(AtomicUsize::new(0));
+    let fallbacks = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let bad = ups[2].mode.clone();
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..CLIENTS {
+        let (http, addr) = (http.clone(), gw.local_addr());
+        let (next, fallbacks, served, bad) =
+            (next.clone(), fallbacks.clone(), served.clone(), bad.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, SeqCst);
+                if i >= REQUESTS {
+                    return;
+                }
+                if i == REQUESTS / 5 {
+                    bad.store(FAIL, SeqCst); // instance c starts failing
+                }
+                let req = Request::get(format!("http://{addr}/load/{i}"))
+                    .body(Full::default())
+                    .unwrap();
+                let answer = send(&http, req).await;
+                assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+                if answer.is_fallback() {
+                    assert_eq!(answer.json()["fallback"], true);
+                    fallbacks.fetch_add(1, SeqCst);
+                } else {
+                    assert_ne!(answer.json()["instance"], serde_json::Value::Null);
+                    served.fetch_add(1, SeqCst);
+                }
+            }
+        }));
+    }
+    for w in workers {
+        timeout(Duration::from_secs(14), w)
+            .await
+            .expect("load test bounded")
+            .unwrap();
+    }
+    let elapsed = start.elapsed();
+    let (fallbacks, served) = (fallbacks.load(SeqCst), served.load(SeqCst));
+    let injected = ups[2].failures.load(SeqCst);
+    let s = status(&http, &gw).await;
+    let route = &s.routes[0];
+    eprintln!(
+        "{REQUESTS} requests, {CLIENTS} clients: {elapsed:?} ({:.0} req/s), {served} served, \
+         {fallbacks} fallbacks, {injected} injected faults, p50 {} ms, p99 {} ms",
+        REQUESTS as f64 / elapsed.as_secs_f64(),
+        route.latency_ms.p50,
+        route.latency_ms.p99
+    );
+    assert_eq!(served + fallbacks, REQUESTS, "every request answered");
+    assert_eq!(
+        fallbacks, injected,
+        "one fallback per injected fault, no more"
+    );
+    assert_eq!(route.fallbacks as usize, injected);
+    assert_eq!(route.upstream_errors.server_error as usize, injected);
+    assert_eq!(
+        route.upstream_errors.bad_gateway + route.upstream_errors.timeout,
+        0
+    );
+    assert_eq!(route.requests as usize, REQUESTS);
+    assert!(
+        injected > 0 && injected < 50,
+        "the breaker and ejection cut the faults short: {injected}"
+    );
+    let c = route
+        .endpoints
+        .iter()
+        .find(|e| e.address == ups[2].addr.to_string())
+        .unwrap();
+    assert!(c.ejected || c.breaker.as_deref() == Some("open"), "{c:?}");
+    gw.shutdown().await;
+}
