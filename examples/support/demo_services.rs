@@ -592,7 +592,9 @@ async fn mirror_health(
     }
 }
 
-/// Serves `instance` on `listener` until aborted; while `Down`, the port is closed.
+/// Serves `instance` on `listener` until aborted; while `Down`, the port is closed. If the
+/// port cannot be bound again within `REBIND_FOR` (another process took it), the instance
+/// stays down.
 async fn run_server(listener: TcpListener, instance: InstanceHandle) {
     let mut fault = instance.fault.subscribe();
     let mut listener = Some(listener);
