@@ -143,13 +143,17 @@ async fn routes_answer_json_with_the_instance() {
         ("/products", StatusCode::NOT_FOUND),
         ("/", StatusCode::NOT_FOUND),
         ("/users/99999999999999999999999", StatusCode::BAD_REQUEST),
-        ("/api/users", StatusCode::NOT_FOUND),
+        ("/api/products/1", StatusCode::NOT_FOUND),
     ] {
         let answer = get(&http, &users[0], path).await;
         assert_eq!(answer.status, status, "{path}");
         assert!(answer.json()["error"].is_string(), "{path}");
         assert_eq!(answer.instance, "users-1");
     }
+    // The demo gateway forwards `/api/users/...` as is.
+    let via_gateway = get(&http, &users[0], "/api/users/1").await;
+    assert_eq!(via_gateway.status, StatusCode::OK);
+    assert_eq!(via_gateway.json()["id"], json!(1));
     let post = send(
         &http,
         Method::POST,

@@ -720,9 +720,12 @@ fn control(req: &Request<Incoming>, instance: &InstanceHandle) -> Answer {
     }
 }
 
-/// The service's routes, on the path as received.
+/// The service's routes, on the path as received: `/users/42`, or `/api/users/42` as the
+/// demo gateway forwards it (its routes keep their prefix).
 fn route(kind: ServiceKind, method: &Method, path: &str) -> Answer {
-    let mut segments = path.trim_start_matches('/').split('/');
+    let path = path.trim_start_matches('/');
+    let path = path.strip_prefix("api/").unwrap_or(path);
+    let mut segments = path.split('/');
     if segments.next() != Some(kind.name()) {
         return error(StatusCode::NOT_FOUND, "no such route");
     }
