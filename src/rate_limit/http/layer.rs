@@ -220,7 +220,11 @@ impl Headers {
         let q = if window.is_zero() {
             u64::from(limit)
         } else {
-            let refilled = u128::from(limit) * u128::from(w) * 1_000_000_000 / window.as_nanos();
+            // Rounded to the nearest whole request: intervals are rounded up to the
+            // nanosecond, so 150/s refills 149.99997 a second and is announced as 150.
+            let window_ns = window.as_nanos();
+            let refilled =
+                (u128::from(limit) * u128::from(w) * 1_000_000_000 + window_ns / 2) / window_ns;
             u64::try_from(refilled)
                 .unwrap_or(u64::MAX)
                 .max(u64::from(limit))
@@ -343,5 +347,30 @@ where
                 .take()
                 .expect("rate limit ResponseFuture polled after completion"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rate_limit::{ManualClock, Quota, Rate};
+
+    fn policy(per_second: u32, burst: u32) -> String {
+        let limiter = RateLimiter::with_clock(
+            Quota::new(Rate::per_second(per_second), burst).unwrap(),
+            ManualClock::new(),
+        );
+        let decision = limiter.acquire(1);
+        let headers = Headers::new("p", false, &decision);
+        headers.policy.to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn the_policy_announces_the_configured_rate() {
+        // 1/150 s rounds up to 6 666 667 ns: 149.99997 a second, announced as 150.
+        assert_eq!(policy(150, 50), "\"p\";q=150;w=1");
+        assert_eq!(policy(1000, 200), "\"p\";q=1000;w=1");
+        // Over the 4 s window (the 3.3 s refill rounded up) the rate refills 12.
+        assert_eq!(policy(3, 10), "\"p\";q=12;w=4");
     }
 }
