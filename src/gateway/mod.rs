@@ -99,7 +99,13 @@
 //!
 //! `GET /metrics` and `GET /status.json` are answered before routing. The counters are
 //! the gateway's own (see [`status`]); the layers underneath also report through the
-//! `metrics` crate to whatever recorder the application installs.
+//! `metrics` crate to whatever recorder the application installs, named after the route:
+//! `seawall_rate_limit_decisions_total{limiter="<route>/global"}` and
+//! `{limiter="<route>/per-client"}`, the endpoint breakers' `seawall_circuit_breaker_*`
+//! under `<route>/<service>/<endpoint>`, and the balancer's `seawall_balance_*` under
+//! `<route>/<service>`. With the `tracing` feature every request is a `DEBUG` event
+//! `request` (target `seawall::gateway`) with its route, method, path, peer, status,
+//! whether a fallback answered, and the time taken.
 //!
 //! `/status.json` is a [`GatewayStatus`]:
 //!

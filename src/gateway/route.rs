@@ -231,7 +231,9 @@ impl Route {
         let handle = balance.handle().clone();
         let global = match &config.rate_limit.global {
             Some(g) => Some((
-                RateLimiter::new(quota(g.per_second, g.burst)?).named("global"),
+                // Metrics tell routes apart: `seawall_rate_limit_decisions_total{limiter="users/global"}`.
+                RateLimiter::new(quota(g.per_second, g.burst)?)
+                    .named(&format!("{}/global", config.name)),
                 g.per_second,
             )),
             None => None,
@@ -239,10 +241,11 @@ impl Route {
         let per_client = match &config.rate_limit.per_client {
             Some(c) => {
                 let q = quota(c.per_second, c.burst)?;
+                let name = format!("{}/per-client", config.name);
                 let limiter = match c.client_key()? {
-                    ClientKey::Ip => PerClient::Ip(KeyedRateLimiter::new(q).named("per-client")),
+                    ClientKey::Ip => PerClient::Ip(KeyedRateLimiter::new(q).named(&name)),
                     ClientKey::Header(h) => {
-                        PerClient::Header(KeyedRateLimiter::new(q).named("per-client"), h)
+                        PerClient::Header(KeyedRateLimiter::new(q).named(&name), h)
                     }
                 };
                 Some((limiter, c.per_second, q.burst(), c.key.clone()))
@@ -305,8 +308,23 @@ impl Route {
         let start = tokio::time::Instant::now();
         let stats = &self.core.stats;
         stats.requests.fetch_add(1, Relaxed);
+        #[cfg(feature = "tracing")]
+        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
         let response = self.respond(request, peer).await;
-        stats.record(response.status(), start.elapsed());
+        let elapsed = start.elapsed();
+        stats.record(response.status(), elapsed);
+        #[cfg(feature = "tracing")]
+        tracing::debug!(
+            target: "seawall::gateway",
+            route = %self.core.name,
+            %method,
+            path,
+            %peer,
+            status = response.status().as_u16(),
+            fallback = response.headers().contains_key(&FALLBACK_HEADER),
+            elapsed_us = elapsed.as_micros() as u64,
+            "request"
+        );
         response
     }
 
