@@ -113,6 +113,20 @@ where
         self.set.is_empty()
     }
 
+    /// Applies the discovery changes that are ready, without reserving an endpoint, and
+    /// registers `cx`'s waker for the next ones. `poll_ready` does this on every request; a
+    /// status page of an idle balancer calls it to show the current endpoints.
+    ///
+    /// # Errors
+    ///
+    /// The discovery stream's error (the changes before it are applied).
+    pub fn poll_discovery(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError>
+    where
+        D::Error: Into<BoxError>,
+    {
+        self.poll_discover(cx)
+    }
+
     /// Applies every discovery change that is ready.
     fn poll_discover(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError>
     where

@@ -131,6 +131,13 @@ impl SharedBalance {
         }
     }
 
+    /// Applies ready discovery changes, so that an idle route's status is current. The
+    /// fan-out waker stays registered, so waiting requests still hear of new endpoints.
+    fn refresh(&self) {
+        let mut balance = self.balance.lock();
+        let _ = balance.poll_discovery(&mut Context::from_waker(&self.fanout));
+    }
+
     async fn call(&self, request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
         let mut request = Some(request);
         let future = std::future::poll_fn(|cx| {
@@ -362,6 +369,7 @@ impl Route {
     /// The route's state now.
     pub(crate) fn status(&self) -> RouteStatus {
         let core = &self.core;
+        core.balance.refresh();
         let stats = &core.stats;
         RouteStatus {
             name: core.name.clone(),
