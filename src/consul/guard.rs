@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use super::client::ConsulClient;
 use super::error::{ConfigError, ConsulError};
@@ -444,7 +443,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, period: Duration, retry_base: Durat
     status.borrow_and_update();
     let mut rng = seed(shared.registration.id());
     let mut failures = 0u32;
-    let mut next = later(period);
+    let mut next = super::later(period);
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
@@ -474,7 +473,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, period: Duration, retry_base: Durat
         match result {
             Ok(()) => {
                 failures = 0;
-                next = later(period);
+                next = super::later(period);
             }
             Err(_error) => {
                 failures = failures.saturating_add(1);
@@ -487,7 +486,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, period: Duration, retry_base: Durat
                     retry_in = ?delay,
                     "consul heartbeat failed"
                 );
-                next = later(delay);
+                next = super::later(delay);
             }
         }
     }
@@ -519,14 +518,6 @@ async fn verify_loop(shared: Arc<Shared>, period: Duration, retry_base: Duration
             delay = backoff(failures, retry_base, period.max(retry_base), &mut rng);
         }
     }
-}
-
-/// Now plus `d`, saturating far in the future instead of overflowing (a configured period
-/// of years must not panic the background task).
-fn later(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(60 * 60 * 24 * 365 * 30))
 }
 
 #[cfg(test)]

@@ -99,3 +99,11 @@ pub use registration::{
     ServiceRegistrationBuilder,
 };
 pub use watch::{ConsulWatch, WatchConfig, WatchConfigBuilder};
+
+/// Now plus `d`, saturating far in the future instead of overflowing: a configured period
+/// of years must not panic a background task.
+pub(crate) fn later(d: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(60 * 60 * 24 * 365 * 30))
+}

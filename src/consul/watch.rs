@@ -423,7 +423,7 @@ async fn run(
     let base_query = config.query(&service);
     let mut rng = seed(&service);
     let mut index: u64 = 0;
-    let mut next_resync = later(config.resync_interval);
+    let mut next_resync = super::later(config.resync_interval);
     let mut failures: u32 = 0;
     let mut stale_since: Option<Instant> = None;
     loop {
@@ -444,7 +444,7 @@ async fn run(
         match client.health_service(&query).await {
             Ok(response) => {
                 if full {
-                    next_resync = later(config.resync_interval);
+                    next_resync = super::later(config.resync_interval);
                 }
                 let mut next = response.index;
                 if next < sent {
@@ -521,14 +521,6 @@ async fn run(
             }
         }
     }
-}
-
-/// Now plus `d`, saturating far in the future instead of overflowing (a configured
-/// interval of years must not panic the watch task).
-fn later(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(60 * 60 * 24 * 365 * 30))
 }
 
 #[cfg(test)]
