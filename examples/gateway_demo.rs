@@ -254,7 +254,7 @@ async fn main() -> Result<(), BoxError> {
         println!("  {:<11} {}", instance.id(), instance.addr());
     }
     println!("  gateway     {base}  (/api/users, /api/products with a JWT)");
-    println!("  status      {base}/status.json  {base}/metrics");
+    println!("  status      {base}/status  (live page)  {base}/status.json  {base}/metrics");
     println!();
 
     let demo = Arc::new(Demo {
@@ -427,7 +427,7 @@ async fn main() -> Result<(), BoxError> {
             "  curl -i -H 'authorization: Bearer {}' {base}/api/products/1",
             demo.token
         );
-        println!("  curl {base}/status.json");
+        println!("  open {base}/status in a browser, or curl {base}/status.json");
         for instance in fleet.instances() {
             println!(
                 "  curl -X POST '{}/fault?mode=failing'   # then ?mode=healthy",

@@ -97,7 +97,11 @@
 //!
 //! ## Observability
 //!
-//! `GET /metrics` and `GET /status.json` are answered before routing. The counters are
+//! `GET /metrics`, `GET /status.json` and `GET /status` (a live status page in the spirit
+//! of the Hystrix dashboard: HTML with a little JavaScript, no build step, that reads
+//! `/status.json` every second, or every `?refresh=ms`, and shows per route the request,
+//! success, fallback, 429 and 401 counts and rates, latency, limiter headroom, and per
+//! endpoint its breaker state, load, failures and ejection) are answered before routing. The counters are
 //! the gateway's own (see [`status`]); the layers underneath also report through the
 //! `metrics` crate to whatever recorder the application installs, named after the route:
 //! `seawall_rate_limit_decisions_total{limiter="<route>/global"}` and
@@ -151,5 +155,7 @@ pub use config::{
     RouteConfig, ServerConfig, ServiceConfig, StrategyName,
 };
 pub use route::{Body, FALLBACK_HEADER};
-pub use server::{BuildError, Discovery, Gateway, GatewayHandle, METRICS_PATH, STATUS_PATH};
+pub use server::{
+    BuildError, Discovery, Gateway, GatewayHandle, METRICS_PATH, STATUS_PAGE_PATH, STATUS_PATH,
+};
 pub use status::GatewayStatus;

@@ -28,6 +28,11 @@ use crate::discovery::{Instance, InstanceWatch, Registry};
 pub const METRICS_PATH: &str = "/metrics";
 /// The path of the JSON status.
 pub const STATUS_PATH: &str = "/status.json";
+/// Where the live status page is served: HTML that reads [`STATUS_PATH`] every second.
+pub const STATUS_PAGE_PATH: &str = "/status";
+
+/// The live status page (no build step, no external resources).
+const STATUS_PAGE: &str = include_str!("status.html");
 
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -213,6 +218,9 @@ impl Gateway {
         if request.method() == Method::GET || request.method() == Method::HEAD {
             if path == METRICS_PATH {
                 return text(self.metrics(), "text/plain; version=0.0.4; charset=utf-8");
+            }
+            if path == STATUS_PAGE_PATH {
+                return text(STATUS_PAGE.to_owned(), "text/html; charset=utf-8");
             }
             if path == STATUS_PATH {
                 let json =
