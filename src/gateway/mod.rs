@@ -145,5 +145,7 @@ pub use config::{
     RouteConfig, ServerConfig, ServiceConfig, StrategyName,
 };
 pub use route::{Body, FALLBACK_HEADER};
-pub use server::{BuildError, Discovery, Gateway, GatewayHandle, METRICS_PATH, STATUS_PATH};
+pub use server::{
+    BuildError, Discovery, Gateway, GatewayHandle, METRICS_PATH, STATUS_PAGE_PATH, STATUS_PATH,
+};
 pub use status::GatewayStatus;
