@@ -97,14 +97,10 @@
 //!
 //! ## Observability
 //!
-//! `GET /metrics`, `GET /status.json` and `GET /status` (a live status page in the spirit
-//! of the Hystrix dashboard: HTML with a little JavaScript, no build step, that reads
-//! `/status.json` every second, or every `?refresh=ms`, and shows per route the request,
-//! success, fallback, 429 and 401 counts and rates, latency, limiter headroom, and per
-//! endpoint its breaker state, load, failures and ejection) are answered before routing. The counters are
-//! the gateway's own (see [`status`]); the layers underneath also report through the
-//! `metrics` crate to whatever recorder the application installs, named after the route:
-//! `seawall_rate_limit_decisions_total{limiter="<route>/global"}` and
+//! `GET /metrics`, `GET /status.json` and `GET /status` are answered before routing.
+//! The counters are the gateway's own (see [`status`]); the layers underneath also report
+//! through the `metrics` crate to whatever recorder the application installs, named after
+//! the route: `seawall_rate_limit_decisions_total{limiter="<route>/global"}` and
 //! `{limiter="<route>/per-client"}`, the endpoint breakers' `seawall_circuit_breaker_*`
 //! under `<route>/<service>/<endpoint>`, and the balancer's `seawall_balance_*` under
 //! `<route>/<service>`. With the `tracing` feature every request is a `DEBUG` event
@@ -142,6 +138,29 @@
 //!
 //! `/metrics` renders the same numbers as `seawall_gateway_*` families labelled by
 //! `route` (and `class`, `kind`, `quantile`, `endpoint`, `address`).
+//!
+//! ## Live status page
+//!
+//! `GET /status` ([`STATUS_PAGE_PATH`]) serves one self-contained HTML page (inline CSS and
+//! a little JavaScript, nothing loaded from elsewhere; `cache-control: no-store`), in the
+//! spirit of the Hystrix dashboard. It fetches `status.json` next to it every second
+//! (`/status?refresh=500` for every 500 ms, 100 at least) and shows per route the
+//! requests, successes, failures, fallbacks, 429s and 401s with their rates per second
+//! (computed in the browser from successive snapshots and the gateway's uptime), latency
+//! p50/p99 and the limiters' headroom; and per endpoint its address, breaker state as a
+//! coloured badge, requests in flight, calls, failures and ejection with the time left.
+//! "Failure" is the sum of `upstream_errors` (answered by a fallback or not); "success"
+//! is every other response that was neither a 429 nor a 401. A banner says when
+//! `/status.json` fails, and the last data stays on screen, faded. Strings from the JSON
+//! are set as text, never parsed as markup.
+//!
+//! For scripts and tests the elements carry stable attributes: `data-route="<name>"` on
+//! each route's `<section>`; `data-stat` (`requests`, `success`, `failure`, `fallbacks`,
+//! `rate_limited`, `unauthorized`) with `data-count` and `data-rate` (empty until two
+//! snapshots); `data-endpoint="<address>"` on each endpoint's row, with `data-breaker`
+//! (the JSON's state, or `none` without a breaker) and `data-ejected`; `#last-updated`
+//! (with `data-updated`, an ISO time) and `#error` (with `data-error`, empty while
+//! `/status.json` answers).
 
 mod config;
 pub mod jwt;

@@ -28,10 +28,10 @@ use crate::discovery::{Instance, InstanceWatch, Registry};
 pub const METRICS_PATH: &str = "/metrics";
 /// The path of the JSON status.
 pub const STATUS_PATH: &str = "/status.json";
-/// Where the live status page is served: HTML that reads [`STATUS_PATH`] every second.
+/// The path of the live status page, an HTML page that polls [`STATUS_PATH`].
 pub const STATUS_PAGE_PATH: &str = "/status";
 
-/// The live status page (no build step, no external resources).
+/// The live status page: one self-contained HTML file (no external resources).
 const STATUS_PAGE: &str = include_str!("status.html");
 
 /// How long a client may take to send a request head.
@@ -219,13 +219,13 @@ impl Gateway {
             if path == METRICS_PATH {
                 return text(self.metrics(), "text/plain; version=0.0.4; charset=utf-8");
             }
-            if path == STATUS_PAGE_PATH {
-                return text(STATUS_PAGE.to_owned(), "text/html; charset=utf-8");
-            }
             if path == STATUS_PATH {
                 let json =
                     serde_json::to_string(&self.status()).unwrap_or_else(|_| String::from("{}"));
                 return text(json, "application/json");
+            }
+            if path == STATUS_PAGE_PATH {
+                return text(STATUS_PAGE, "text/html; charset=utf-8");
             }
         }
         let route = self
@@ -344,7 +344,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-fn text(body: String, content_type: &'static str) -> Response<Body> {
+fn text(body: impl Into<bytes::Bytes>, content_type: &'static str) -> Response<Body> {
     let mut response = Response::new(full(body));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
