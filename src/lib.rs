@@ -82,6 +82,19 @@ pub mod rate_limit;
 /// The boxed error type used by layers that add failure modes of their own, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Whether `error` is a `T`, directly or anywhere in its `source()` chain (layers box and
+/// wrap each other's errors, so the type alone is not enough).
+pub(crate) fn caused_by<T: std::error::Error + 'static>(error: &BoxError) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(e) = current {
+        if e.is::<T>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
 /// The README's example, compiled as a doc test so that it cannot rot.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -66,12 +66,5 @@ pub use service::Fallback;
 /// ([`CircuitOpen`](crate::circuit_breaker::CircuitOpen)), directly or anywhere in its
 /// `source()` chain. Made for [`FallbackLayer::when`].
 pub fn is_circuit_open(error: &crate::BoxError) -> bool {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
-    while let Some(e) = current {
-        if e.is::<crate::circuit_breaker::CircuitOpen>() {
-            return true;
-        }
-        current = e.source();
-    }
-    false
+    crate::caused_by::<crate::circuit_breaker::CircuitOpen>(error)
 }

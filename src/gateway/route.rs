@@ -453,17 +453,6 @@ enum Failure {
     ServerError,
 }
 
-fn is<T: std::error::Error + 'static>(e: &BoxError) -> bool {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
-    while let Some(err) = next {
-        if err.is::<T>() {
-            return true;
-        }
-        next = err.source();
-    }
-    false
-}
-
 impl RouteCore {
     async fn forward(&self, request: Request<Body>) -> Response<Body> {
         let request = self.upstream_request(request);
@@ -477,7 +466,11 @@ impl RouteCore {
                 }
                 return downstream_response(response);
             }
-            Ok(Err(e)) if is::<CircuitOpen>(&e) || is::<NoEndpoints>(&e) => Failure::Unavailable,
+            Ok(Err(e))
+                if crate::caused_by::<CircuitOpen>(&e) || crate::caused_by::<NoEndpoints>(&e) =>
+            {
+                Failure::Unavailable
+            }
             Ok(Err(_)) => Failure::BadGateway,
             Err(_elapsed) => Failure::Timeout,
         };
