@@ -164,6 +164,7 @@
 
 mod config;
 pub mod jwt;
+mod pool;
 mod route;
 mod server;
 pub mod status;

@@ -16,13 +16,12 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service};
 
 use super::config::{ClientKey, FallbackSettings, RouteConfig, StrategyName};
 use super::jwt::JwtVerifier;
+use super::pool::{EndpointPool, PooledBody, UpstreamError};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
 use crate::BoxError;
 use crate::balance::{Balance, BalanceBuilder, BalanceHandle, NoEndpoints, Strategy, WhenEmpty};
@@ -33,9 +32,6 @@ use crate::rate_limit::{KeyedRateLimiter, Quota, Rate, RateLimiter};
 
 /// The body type of every request and response through the gateway.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
-
-/// The shared pooled client every endpoint uses.
-pub(crate) type HttpClient = Client<HttpConnector, Body>;
 
 type MakeUpstream = Box<dyn FnMut(&Instance) -> Upstream + Send>;
 type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, HttpClassifier>;
@@ -65,34 +61,24 @@ pub(crate) fn json_error(status: StatusCode, message: &str) -> Response<Body> {
 #[derive(Debug, Clone, Copy)]
 struct FromUpstream;
 
-/// One endpoint: the shared client, aimed at one instance.
+/// One endpoint: its pool of connections.
 #[derive(Clone, Debug)]
 pub(crate) struct Upstream {
-    client: HttpClient,
-    authority: http::uri::Authority,
+    pool: Arc<EndpointPool>,
 }
 
 impl Service<Request<Body>> for Upstream {
-    type Response = Response<Incoming>;
-    type Error = hyper_util::client::legacy::Error;
-    type Future = hyper_util::client::legacy::ResponseFuture;
+    type Response = Response<PooledBody>;
+    type Error = UpstreamError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The pool has no limit of its own: backpressure is the route's limits' job.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        let mut parts = request.uri().clone().into_parts();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(self.authority.clone());
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        }
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *request.uri_mut() = uri;
-        }
-        self.client.request(request)
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        Box::pin(self.pool.clone().send(request))
     }
 }
 
@@ -138,7 +124,7 @@ impl SharedBalance {
         let _ = balance.poll_discovery(&mut Context::from_waker(&self.fanout));
     }
 
-    async fn call(&self, request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+    async fn call(&self, request: Request<Body>) -> Result<Response<PooledBody>, BoxError> {
         let mut request = Some(request);
         let future = std::future::poll_fn(|cx| {
             let mut balance = self.balance.lock();
@@ -206,14 +192,9 @@ impl Route {
         config: &RouteConfig,
         auth: Option<JwtVerifier>,
         watch: InstanceWatch,
-        client: HttpClient,
     ) -> Result<Self, BoxError> {
-        let make: MakeUpstream = Box::new(move |instance: &Instance| Upstream {
-            client: client.clone(),
-            authority: instance
-                .authority()
-                .parse()
-                .unwrap_or_else(|_| http::uri::Authority::from_static("invalid.invalid:1")),
+        let make: MakeUpstream = Box::new(|instance: &Instance| Upstream {
+            pool: EndpointPool::new(instance),
         });
         let discover = ServiceDiscover::new(watch, make);
         let mut builder = BalanceBuilder::new()
@@ -514,28 +495,37 @@ impl RouteCore {
         }
     }
 
+    /// The request's URI as sent upstream, in origin form (`/path?query`), the prefix
+    /// stripped if asked. Allocates only when the path changes.
+    fn upstream_uri(&self, uri: &Uri) -> Uri {
+        let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+        let rest = if self.strip && self.prefix != "/" {
+            match path_and_query.strip_prefix(self.prefix.as_str()) {
+                Some(rest) => rest,
+                // The route matched on the path: cannot happen, but stay whole.
+                None => path_and_query,
+            }
+        } else if uri.scheme().is_none() && uri.authority().is_none() {
+            // Origin form already, unchanged: no copy.
+            return uri.clone();
+        } else {
+            path_and_query
+        };
+        let parsed = if rest.starts_with('/') {
+            Uri::try_from(rest)
+        } else {
+            // The whole path was the prefix: `/api` or `/api?q` becomes `/` or `/?q`.
+            Uri::try_from(format!("/{rest}"))
+        };
+        parsed.unwrap_or_else(|_| Uri::from_static("/"))
+    }
+
     /// The request as sent upstream: prefix stripped, hop-by-hop headers dropped,
     /// `X-Forwarded-For` / `-Host` / `-Proto` added.
     fn upstream_request(&self, request: Request<Body>) -> Request<Body> {
         let (mut parts, body) = request.into_parts();
         let peer = parts.extensions.get::<SocketAddr>().copied();
-        let path = parts.uri.path();
-        let path = if self.strip && self.prefix != "/" {
-            match path.strip_prefix(self.prefix.as_str()) {
-                Some("") | None => "/",
-                Some(rest) => rest,
-            }
-        } else {
-            path
-        };
-        let path_and_query = match parts.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_owned(),
-        };
-        parts.uri = Uri::builder()
-            .path_and_query(path_and_query)
-            .build()
-            .unwrap_or_else(|_| Uri::from_static("/"));
+        parts.uri = self.upstream_uri(&parts.uri);
         remove_hop_by_hop(&mut parts.headers);
         if let Some(host) = parts.headers.remove(header::HOST) {
             parts.headers.insert(X_FORWARDED_HOST.clone(), host);
@@ -568,8 +558,26 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Drops the hop-by-hop headers of RFC 9110 §7.6.1, and those `Connection` names.
+/// Drops the hop-by-hop headers of RFC 9110 §7.6.1, and those `Connection` names. Most
+/// messages have none: one pass over the names finds out, without a lookup per name.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let hop_by_hop = |name: &HeaderName| {
+        [
+            header::CONNECTION,
+            header::PROXY_AUTHENTICATE,
+            header::PROXY_AUTHORIZATION,
+            header::TE,
+            header::TRAILER,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+        ]
+        .contains(name)
+            || name == "keep-alive"
+            || name == "proxy-connection"
+    };
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -595,7 +603,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-fn downstream_response(response: Response<Incoming>) -> Response<Body> {
+fn downstream_response(response: Response<PooledBody>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     parts.extensions.insert(FromUpstream);

@@ -11,14 +11,14 @@ use std::time::Duration;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::config::{ConfigError, GatewayConfig};
 use super::jwt::JwtVerifier;
-use super::route::{Body, HttpClient, Route, full, json_error};
+use super::route::{Body, Route, full, json_error};
 use super::status::{GatewayStatus, render_prometheus};
 use crate::BoxError;
 use crate::consul::{ConsulClient, ConsulWatch, WatchConfig};
@@ -138,13 +138,6 @@ impl Gateway {
         if matches!(discovery, Discovery::Static) {
             config.check_static_services()?;
         }
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client: HttpClient = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         let verifier = config.auth.jwt.as_ref().map(JwtVerifier::from_config);
         let mut watches = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
@@ -170,11 +163,9 @@ impl Gateway {
                 (None, Discovery::Static) => unreachable!("checked by check_static_services"),
             };
             let auth = if route.auth { verifier.clone() } else { None };
-            let built = Route::new(route, auth, watch, client.clone()).map_err(|source| {
-                BuildError::Route {
-                    route: route.name.clone(),
-                    source,
-                }
+            let built = Route::new(route, auth, watch).map_err(|source| BuildError::Route {
+                route: route.name.clone(),
+                source,
             })?;
             routes.push(built);
         }

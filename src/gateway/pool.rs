@@ -1,0 +1,343 @@
+//! The upstream side of the proxy: one pool of HTTP/1 keep-alive connections per endpoint.
+//!
+//! Each endpoint of a route's balancer owns an [`EndpointPool`]: idle
+//! [`SendRequest`](hyper::client::conn::http1::SendRequest) handles, most recently used
+//! first. A request takes the most recent idle connection (or dials a new one), sends on
+//! it, and its response body puts the connection back once it has been read to the end.
+//! A body dropped before its end (the client went away, the route timed out) takes its
+//! connection with it: the upstream may still be writing, so it cannot be reused.
+//!
+//! Compared with hyper-util's legacy client this is less work per request: no pool keyed
+//! by scheme and authority behind one lock, no absolute URI built and parsed for every
+//! request, and above all no task spawned per request to wait until the connection is
+//! ready again — the response body returns it where the request ends, on the task that
+//! serves the request.
+//!
+//! A request that could not be written because a reused connection had just been closed
+//! by the upstream (an idle keep-alive connection racing its close) is sent again on a
+//! fresh connection, once; a request that was written is never sent twice.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::route::Body;
+use crate::discovery::Instance;
+
+/// How long a new connection may take to be established.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may stay idle in the pool before it is closed on the next use of
+/// the pool.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle connections kept per endpoint; more are closed as they are returned.
+const MAX_IDLE: usize = 128;
+
+/// Why a request could not be forwarded to an endpoint.
+#[derive(Debug)]
+pub(crate) enum UpstreamError {
+    /// The connection could not be established.
+    Connect(io::Error),
+    /// The connection took longer than 5 s to establish.
+    ConnectTimeout,
+    /// The HTTP exchange failed: the connection closed, a malformed response…
+    Http(hyper::Error),
+    /// The connection closed before the response came.
+    Closed,
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Connect(e) => write!(f, "connecting to the upstream: {e}"),
+            Self::ConnectTimeout => f.write_str("connecting to the upstream timed out"),
+            Self::Http(e) => write!(f, "upstream HTTP exchange: {e}"),
+            Self::Closed => f.write_str("the upstream closed the connection before answering"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Connect(e) => Some(e),
+            Self::ConnectTimeout | Self::Closed => None,
+            Self::Http(e) => Some(e),
+        }
+    }
+}
+
+/// Where to connect: an address, or a host name resolved on every new connection.
+#[derive(Debug)]
+enum Target {
+    Addr(SocketAddr),
+    Host(Arc<str>, u16),
+}
+
+type Io = TokioIo<TcpStream>;
+
+/// One HTTP/1 connection: the handle that sends on it and the state machine that drives
+/// it. The connection is driven by whichever task has it (the request's, through its
+/// response body), not by a task of its own: no hop between tasks on the way up or down.
+struct Conn {
+    sender: SendRequest<Body>,
+    /// `None` once it has finished: closed by the upstream or failed.
+    driver: Option<http1::Connection<Io, Body>>,
+}
+
+impl Conn {
+    /// Drives the connection: reads, writes, notices a close. `false` once it has ended.
+    fn poll_driver(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(driver) = &mut self.driver {
+            if Pin::new(driver).poll(cx).is_ready() {
+                self.driver = None;
+            }
+        }
+        self.driver.is_some()
+    }
+}
+
+/// The idle connections of one endpoint.
+pub(crate) struct EndpointPool {
+    target: Target,
+    /// The `Host` header sent upstream: the endpoint's authority.
+    host: HeaderValue,
+    /// Oldest first; taken from the back.
+    idle: parking_lot::Mutex<VecDeque<(Conn, Instant)>>,
+}
+
+impl fmt::Debug for EndpointPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointPool")
+            .field("target", &self.target)
+            .field("idle", &self.idle.lock().len())
+            .finish()
+    }
+}
+
+impl EndpointPool {
+    pub(crate) fn new(instance: &Instance) -> Arc<Self> {
+        let target = match instance.socket_addr() {
+            Some(addr) => Target::Addr(addr),
+            None => Target::Host(instance.address.clone(), instance.port),
+        };
+        let host = HeaderValue::from_str(&instance.authority())
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid.invalid"));
+        Arc::new(Self {
+            target,
+            host,
+            idle: parking_lot::Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// The most recently returned idle connection, closing any that idled too long.
+    fn checkout(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock();
+        let now = Instant::now();
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        idle.pop_back().map(|(conn, _)| conn)
+    }
+
+    /// Puts a connection whose last exchange is over back in the pool.
+    fn put(&self, conn: Conn) {
+        let mut idle = self.idle.lock();
+        if idle.len() >= MAX_IDLE {
+            // The oldest goes: the newest is the one most likely to be reused warm.
+            idle.pop_front();
+        }
+        idle.push_back((conn, Instant::now()));
+    }
+
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            match &self.target {
+                Target::Addr(addr) => TcpStream::connect(addr).await,
+                Target::Host(host, port) => TcpStream::connect((&**host, *port)).await,
+            }
+        })
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout)?
+        .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, driver) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Http)?;
+        Ok(Conn {
+            sender,
+            driver: Some(driver),
+        })
+    }
+
+    /// An idle connection ready for a request (an idle one the upstream closed is
+    /// noticed here and dropped), or a new one. `true` with a reused connection.
+    async fn ready_conn(&self) -> Result<(Conn, bool), UpstreamError> {
+        while let Some(mut conn) = self.checkout() {
+            let ready = std::future::poll_fn(|cx| {
+                if !conn.poll_driver(cx) {
+                    return Poll::Ready(false);
+                }
+                conn.sender.poll_ready(cx).map(|r| r.is_ok())
+            })
+            .await;
+            if ready {
+                return Ok((conn, true));
+            }
+        }
+        Ok((self.connect().await?, false))
+    }
+
+    /// Sends `request` (its URI in origin form) on an idle connection or a new one.
+    pub(crate) async fn send(
+        self: Arc<Self>,
+        mut request: Request<Body>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
+        let (mut conn, reused) = self.ready_conn().await?;
+        let mut exchange = std::pin::pin!(conn.sender.try_send_request(request));
+        let result = std::future::poll_fn(|cx| {
+            conn.poll_driver(cx);
+            match exchange.as_mut().poll(cx) {
+                // The driver ended without answering: dropping it fails the exchange.
+                Poll::Pending if conn.driver.is_none() => Poll::Ready(Err(None)),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(Some(e))),
+            }
+        })
+        .await;
+        let response = match result {
+            Ok(response) => response,
+            Err(None) => {
+                return Err(UpstreamError::Closed);
+            }
+            Err(Some(mut e)) => match e.take_message() {
+                // Not written: the connection closed under us. Once more, on a new one.
+                Some(request) if reused => {
+                    drop(conn);
+                    return Box::pin(self.send_fresh(request)).await;
+                }
+                _ => return Err(UpstreamError::Http(e.into_error())),
+            },
+        };
+        Ok(response.map(|body| PooledBody::new(body, conn, self)))
+    }
+
+    /// Sends `request` on a new connection.
+    async fn send_fresh(
+        self: Arc<Self>,
+        request: Request<Body>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let mut conn = self.connect().await?;
+        let mut exchange = std::pin::pin!(conn.sender.send_request(request));
+        let response = std::future::poll_fn(|cx| {
+            conn.poll_driver(cx);
+            match exchange.as_mut().poll(cx) {
+                Poll::Pending if conn.driver.is_none() => Poll::Ready(Err(UpstreamError::Closed)),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(r) => Poll::Ready(r.map_err(UpstreamError::Http)),
+            }
+        })
+        .await?;
+        Ok(response.map(|body| PooledBody::new(body, conn, self)))
+    }
+}
+
+/// A response body that drives its connection while it is read, and puts the connection
+/// back in the pool once it has been read to the end.
+pub(crate) struct PooledBody {
+    body: Incoming,
+    /// Until the body has ended.
+    conn: Option<Conn>,
+    pool: Arc<EndpointPool>,
+}
+
+impl PooledBody {
+    fn new(body: Incoming, conn: Conn, pool: Arc<EndpointPool>) -> Self {
+        Self {
+            body,
+            conn: Some(conn),
+            pool,
+        }
+    }
+
+    /// The body has ended: the connection goes back to the pool if it is ready for
+    /// another request (not if it is closing, or still sending this request's body).
+    fn release(&mut self, cx: &mut Context<'_>) {
+        if let Some(mut conn) = self.conn.take() {
+            if conn.poll_driver(cx) && conn.sender.is_ready() {
+                self.pool.put(conn);
+            }
+        }
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // An empty body (`HEAD`, `204`, `Content-Length: 0`) or one whose last frame
+        // said so may be dropped without being polled to its `None`.
+        if self.conn.is_some() && hyper::body::Body::is_end_stream(&self.body) {
+            self.release(&mut Context::from_waker(Waker::noop()));
+        }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(conn) = &mut this.conn {
+            conn.poll_driver(cx);
+        }
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.release(cx),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(cx),
+            Poll::Ready(Some(Ok(_))) => {}
+            // A failed body leaves the connection in an unknown state: it goes.
+            Poll::Ready(Some(Err(_))) => this.conn = None,
+            Poll::Pending => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledBody")
+            .field("pooled", &self.conn.is_some())
+            .finish()
+    }
+}

@@ -1,0 +1,357 @@
+//! The gateway's upstream connections over loopback: keep-alive reuse, bodies streamed
+//! both ways, connections the upstream closes, and bodies abandoned half-way. The upstream
+//! counts the connections it accepts, so reuse is checked, not assumed. Every wait is
+//! bounded.
+#![cfg(feature = "gateway")]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+const BOUND: Duration = Duration::from_secs(10);
+const BIG: usize = 1 << 20;
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// An upstream whose answer depends on the path:
+/// - `/echo`: the request body back, streamed;
+/// - `/big`: `BIG` bytes in 64 KiB chunks (chunked encoding);
+/// - `/empty`: `204`, no body;
+/// - `/close`: a small body and `Connection: close`;
+/// - anything else: `ok`.
+///
+/// `HEAD` gets the headers of a `GET`. Counts the connections it accepts.
+struct Upstream {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+async fn upstream() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, SeqCst);
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let response: Response<UpBody> = match req.uri().path() {
+                    "/echo" => {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        Response::new(Full::new(body).boxed())
+                    }
+                    "/big" => {
+                        let chunks = (0..BIG / 65536).map(|i| {
+                            Ok::<_, Infallible>(Frame::data(Bytes::from(vec![i as u8; 65536])))
+                        });
+                        Response::new(StreamBody::new(futures::stream::iter(chunks)).boxed())
+                    }
+                    "/empty" => {
+                        let mut r = Response::new(Empty::new().boxed());
+                        *r.status_mut() = StatusCode::NO_CONTENT;
+                        r
+                    }
+                    "/close" => {
+                        let mut r = Response::new(Full::new(Bytes::from_static(b"bye")).boxed());
+                        r.headers_mut()
+                            .insert(http::header::CONNECTION, "close".parse().unwrap());
+                        r
+                    }
+                    _ => Response::new(Full::new(Bytes::from_static(b"ok")).boxed()),
+                };
+                Ok::<_, Infallible>(response)
+            });
+            tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+        }
+    });
+    Upstream { addr, accepted }
+}
+
+async fn gateway(upstream: SocketAddr, timeout: &str) -> GatewayHandle {
+    let config = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         strip_prefix = true\ntimeout = \"{timeout}\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
+    );
+    let config = GatewayConfig::from_toml_str(&config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Gateway::build(config, Discovery::Static)
+        .await
+        .unwrap()
+        .spawn(listener)
+}
+
+type Sender<B> = hyper::client::conn::http1::SendRequest<B>;
+
+/// A client connection of its own to the gateway.
+async fn connect<B>(gw: &GatewayHandle) -> Sender<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+async fn exchange<B>(
+    sender: &mut Sender<B>,
+    req: Request<B>,
+) -> (StatusCode, http::HeaderMap, Bytes)
+where
+    B: hyper::body::Body + Send + 'static,
+{
+    timeout(BOUND, async {
+        sender.ready().await.expect("the connection is ready");
+        let response = sender.send_request(req).await.expect("an answer");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("a whole body").to_bytes();
+        (parts.status, parts.headers, body)
+    })
+    .await
+    .expect("a request hung past its bound")
+}
+
+fn get(path: &str) -> Request<Empty<Bytes>> {
+    Request::get(path)
+        .header(http::header::HOST, "gw")
+        .body(Empty::new())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let up = upstream().await;
+    let gw = gateway(up.addr, "2s").await;
+    let mut client = connect(&gw).await;
+    for i in 0..50 {
+        let path = match i % 4 {
+            0 => "/api/item",
+            1 => "/api/empty",
+            2 => "/api/big",
+            _ => "/api/echo",
+        };
+        let (status, _, body) = exchange(&mut client, get(path)).await;
+        assert!(status.is_success(), "{path}: {status}");
+        if path == "/api/big" {
+            assert_eq!(body.len(), BIG);
+        }
+    }
+    // HEAD answers have no body at all: the connection must come back all the same.
+    for _ in 0..5 {
+        let req = Request::builder()
+            .method(Method::HEAD)
+            .uri("/api/item")
+            .header(http::header::HOST, "gw")
+            .body(Empty::new())
+            .unwrap();
+        let (status, _, body) = exchange(&mut client, req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.is_empty());
+    }
+    assert_eq!(
+        up.accepted.load(SeqCst),
+        1,
+        "one request at a time needs one upstream connection"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_open_one_connection_each_then_reuse_them() {
+    let up = upstream().await;
+    let gw = gateway(up.addr, "2s").await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(connect::<Empty<Bytes>>(&gw).await);
+    }
+    for _round in 0..10 {
+        let tasks: Vec<_> = clients
+            .drain(..)
+            .map(|mut c| {
+                tokio::spawn(async move {
+                    let (status, _, body) = exchange(&mut c, get("/api/big")).await;
+                    assert_eq!(status, StatusCode::OK);
+                    assert_eq!(body.len(), BIG);
+                    c
+                })
+            })
+            .collect();
+        for t in tasks {
+            clients.push(t.await.unwrap());
+        }
+    }
+    let accepted = up.accepted.load(SeqCst);
+    assert!(
+        (1..=8).contains(&accepted),
+        "8 clients need at most 8 upstream connections, not {accepted}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_stream_up_whole() {
+    let up = upstream().await;
+    let gw = gateway(up.addr, "5s").await;
+    let mut client = connect(&gw).await;
+    let payload: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+    for _ in 0..3 {
+        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = payload
+            .chunks(10_000)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        let req = Request::post("/api/echo")
+            .header(http::header::HOST, "gw")
+            .body(StreamBody::new(futures::stream::iter(chunks)))
+            .unwrap();
+        let (status, _, body) = exchange(&mut client, req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.len(), payload.len());
+        assert!(body[..] == payload[..], "the body came back changed");
+    }
+    assert_eq!(up.accepted.load(SeqCst), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_close_from_the_upstream_is_honoured() {
+    let up = upstream().await;
+    let gw = gateway(up.addr, "2s").await;
+    let mut client = connect(&gw).await;
+    for _ in 0..10 {
+        let (status, headers, body) = exchange(&mut client, get("/api/close")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"bye");
+        assert!(
+            !headers.contains_key(http::header::CONNECTION),
+            "hop-by-hop headers stay on their hop"
+        );
+    }
+    assert_eq!(
+        up.accepted.load(SeqCst),
+        10,
+        "a connection the upstream closes is never reused"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_abandoned_half_way_does_not_poison_the_pool() {
+    let up = upstream().await;
+    let gw = gateway(up.addr, "2s").await;
+    for _ in 0..3 {
+        // A client that reads the head of a 1 MiB answer, then goes away.
+        let mut client = connect::<Empty<Bytes>>(&gw).await;
+        let response = timeout(BOUND, async {
+            client.ready().await.unwrap();
+            client.send_request(get("/api/big")).await.unwrap()
+        })
+        .await
+        .expect("a head");
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let first = timeout(BOUND, body.frame()).await.expect("a first frame");
+        assert!(first.is_some());
+        drop(body);
+        drop(client);
+        // The next request, on a fresh client, is answered in full.
+        let mut next = connect(&gw).await;
+        let (status, _, body) = exchange(&mut next, get("/api/big")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.len(), BIG);
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+    let silent = silent_closer().await;
+    let gw = gateway(silent.addr, "2s").await;
+    let mut client = connect(&gw).await;
+    let mut ok = 0;
+    for _ in 0..20 {
+        let (status, _, body) = exchange(&mut client, get("/api/x")).await;
+        if status == StatusCode::OK {
+            assert_eq!(&body[..], b"ok");
+            ok += 1;
+        }
+        // The answer is in: the gateway holds the connection idle. Now the upstream
+        // closes it; wait until it has.
+        silent.close.notify_one();
+        timeout(BOUND, silent.closed.notified())
+            .await
+            .expect("the upstream closes");
+    }
+    assert_eq!(
+        ok, 20,
+        "a pooled connection closed by the upstream was used"
+    );
+    gw.shutdown().await;
+}
+
+/// An upstream that answers one request per connection with keep-alive headers, then,
+/// when told to (`close`), closes the connection without a word, as an upstream's idle
+/// timeout does, and says it has (`closed`).
+struct SilentCloser {
+    addr: SocketAddr,
+    close: Arc<tokio::sync::Notify>,
+    closed: Arc<tokio::sync::Notify>,
+}
+
+async fn silent_closer() -> SilentCloser {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = Arc::new(tokio::sync::Notify::new());
+    let close = Arc::new(tokio::sync::Notify::new());
+    let (notify, told) = (closed.clone(), close.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (notify, told) = (notify.clone(), told.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                told.notified().await;
+                drop(stream);
+                notify.notify_one();
+            });
+        }
+    });
+    SilentCloser {
+        addr,
+        close,
+        closed,
+    }
+}
