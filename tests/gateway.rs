@@ -21,6 +21,7 @@ use seawall::gateway::jwt::JwtVerifier;
 use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle, GatewayStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 
@@ -28,16 +29,21 @@ const BOUND: Duration = Duration::from_secs(10);
 const OK: u8 = 0;
 const FAIL: u8 = 1;
 const HANG: u8 = 2;
+/// Holds each request until [`Upstream::release`], then answers as `OK` does.
+const HOLD: u8 = 3;
 const SECRET: &str = "a test secret of enough bytes";
 
 /// One upstream instance: answers with its name, the path and query it saw, and the
-/// `x-forwarded-for` it got; or 500, or never, depending on its mode.
+/// `x-forwarded-for` it got; or 500, or never, or once released, depending on its mode.
 struct Upstream {
     name: String,
     addr: SocketAddr,
     mode: Arc<AtomicU8>,
+    /// Requests that reached it (counted on arrival, before the mode applies).
     hits: Arc<AtomicUsize>,
     failures: Arc<AtomicUsize>,
+    /// Opened by [`Upstream::release`]: held requests (mode `HOLD`) wait for it.
+    gate: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -50,11 +56,13 @@ async fn upstream_at(name: &str, addr: SocketAddr, mode: Arc<AtomicU8>) -> Upstr
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicUsize::new(0));
-    let (n, m, h, f) = (
+    let gate = watch::Sender::new(false);
+    let (n, m, h, f, g) = (
         name.to_owned(),
         mode.clone(),
         hits.clone(),
         failures.clone(),
+        gate.subscribe(),
     );
     let task = tokio::spawn(async move {
         let mut connections = tokio::task::JoinSet::new();
@@ -62,9 +70,9 @@ async fn upstream_at(name: &str, addr: SocketAddr, mode: Arc<AtomicU8>) -> Upstr
             let Ok((stream, _)) = listener.accept().await else {
                 break;
             };
-            let (n, m, h, f) = (n.clone(), m.clone(), h.clone(), f.clone());
+            let (n, m, h, f, g) = (n.clone(), m.clone(), h.clone(), f.clone(), g.clone());
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (n, m, h, f) = (n.clone(), m.clone(), h.clone(), f.clone());
+                let (n, m, h, f, mut g) = (n.clone(), m.clone(), h.clone(), f.clone(), g.clone());
                 async move {
                     h.fetch_add(1, SeqCst);
                     match m.load(SeqCst) {
@@ -75,6 +83,10 @@ async fn upstream_at(name: &str, addr: SocketAddr, mode: Arc<AtomicU8>) -> Upstr
                             return Ok::<_, Infallible>(r);
                         }
                         HANG => std::future::pending::<()>().await,
+                        HOLD => {
+                            // Let through as well once the `Upstream`, and its gate, are gone.
+                            let _ = g.wait_for(|open| *open).await;
+                        }
                         OK => {}
                         _ => unreachable!("unknown mode"),
                     }
@@ -97,6 +109,7 @@ async fn upstream_at(name: &str, addr: SocketAddr, mode: Arc<AtomicU8>) -> Upstr
         mode,
         hits,
         failures,
+        gate,
         task,
     }
 }
@@ -112,6 +125,28 @@ impl Upstream {
 
     async fn restart(&self) -> Upstream {
         upstream_at(&self.name, self.addr, self.mode.clone()).await
+    }
+
+    /// Lets every request held by mode `HOLD` answer, and the next ones through at once.
+    fn release(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// Waits until `n` requests have reached this upstream.
+    async fn wait_for_hits(&self, n: usize) {
+        timeout(BOUND, async {
+            while self.hits.load(SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} of {n} requests reached upstream {}",
+                self.hits.load(SeqCst),
+                self.name
+            )
+        });
     }
 }
 
@@ -697,4 +732,223 @@ outlier = {{ consecutive_failures = 3, base_ejection = \"5s\", max_ejected_perce
         .unwrap();
     assert!(c.ejected || c.breaker.as_deref() == Some("open"), "{c:?}");
     gw.shutdown().await;
+}
+
+/// A route to a service that holds its answers (`HOLD`), each answer bounded by `timeout`.
+fn held_route(timeout: &str) -> String {
+    format!(
+        "{HEAD}
+[[routes]]
+name = \"slow\"
+path_prefix = \"/slow\"
+service = \"slow\"
+timeout = \"{timeout}\"
+"
+    )
+}
+
+/// Whether a new connection to `addr` is turned away: refused, or closed without an answer.
+/// `false` when answered: the gateway accepted it before it stopped.
+async fn turned_away(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return true;
+    };
+    let request = b"GET /status.json HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n";
+    if stream.write_all(request).await.is_err() {
+        return true;
+    }
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer).await {
+        Ok(_) => answer.is_empty(),
+        Err(_) if answer.is_empty() => true,
+        Err(e) => panic!(
+            "an answer cut off ({e}): {}",
+            String::from_utf8_lossy(&answer)
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_requests_in_flight_finish() {
+    const N: usize = 4;
+    let registry = Registry::new();
+    let a = upstream("a").await;
+    a.mode.store(HOLD, SeqCst);
+    let _r = a.register(&registry, "slow");
+    let gw = gateway(&held_route("30s"), &registry).await;
+    let addr = gw.local_addr();
+    let mut requests = Vec::new();
+    for i in 0..N {
+        // A client each, so a connection each.
+        let http = client();
+        let req = Request::get(format!("http://{addr}/slow/{i}"))
+            .body(Full::default())
+            .unwrap();
+        requests.push(tokio::spawn(async move { send(&http, req).await }));
+    }
+    a.wait_for_hits(N).await;
+
+    let mut shutdown = tokio::spawn(gw.shutdown());
+    // (a) The listener goes: new connections are refused (or closed unanswered if the
+    // gateway accepted them just before it stopped). Bounded well within the requests'
+    // own bound, so that they are still held after.
+    timeout(Duration::from_secs(5), async {
+        while !turned_away(addr).await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("new connections were neither refused nor closed within 5 s of shutdown()");
+    // (b) The shutdown waits for the requests in flight, which are still held.
+    assert!(
+        timeout(Duration::from_millis(200), &mut shutdown)
+            .await
+            .is_err(),
+        "the shutdown completed while requests were in flight"
+    );
+    for request in &requests {
+        assert!(
+            !request.is_finished(),
+            "a request in flight ended before its upstream answered"
+        );
+    }
+    assert_eq!(a.hits.load(SeqCst), N);
+
+    // (c) Released, every one of them gets its full answer, and the shutdown completes.
+    a.release();
+    for (i, request) in requests.into_iter().enumerate() {
+        let answer = timeout(BOUND, request)
+            .await
+            .expect("a request in flight hung after its upstream answered")
+            .expect("a request in flight failed");
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        let json = answer.json();
+        assert_eq!(json["instance"], "a", "{}", answer.body);
+        assert_eq!(json["path"], format!("/slow/{i}"), "{}", answer.body);
+    }
+    timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("the shutdown did not complete once the requests in flight were answered")
+        .expect("the shutdown panicked");
+    assert_eq!(a.hits.load(SeqCst), N);
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still listening after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_keep_alive_connections() {
+    // Well under both the drain bound and the header read timeout (10 s each), which would
+    // close the idle connection anyway.
+    const PROMPT: Duration = Duration::from_secs(3);
+    let registry = Registry::new();
+    let a = upstream("a").await;
+    let _r = a.register(&registry, "users");
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"users\"
+path_prefix = \"/users\"
+service = \"users\"
+"
+    );
+    let gw = gateway(&config, &registry).await;
+    let addr = gw.local_addr();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = timeout(
+        BOUND,
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)),
+    )
+    .await
+    .expect("the handshake hung")
+    .unwrap();
+    let mut connection = tokio::spawn(connection);
+    let request = || {
+        Request::get("/users/1")
+            .header(http::header::HOST, addr.to_string())
+            .body(Full::default())
+            .unwrap()
+    };
+    let (status, body) = timeout(BOUND, async {
+        let response = sender
+            .send_request(request())
+            .await
+            .expect("the gateway answers");
+        let status = response.status();
+        let body = response.into_body().collect().await.expect("a body");
+        (status, body.to_bytes())
+    })
+    .await
+    .expect("the request hung");
+    assert_eq!(status, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["instance"], "a");
+    // Kept alive, and idle: ready for the next request.
+    timeout(BOUND, sender.ready())
+        .await
+        .expect("the connection never got ready again")
+        .expect("the connection was not kept alive");
+    assert!(!connection.is_finished());
+
+    let start = Instant::now();
+    let shutdown = tokio::spawn(gw.shutdown());
+    let _ = timeout(PROMPT, &mut connection)
+        .await
+        .expect("the gateway kept an idle keep-alive connection open after shutdown()")
+        .expect("the connection task panicked");
+    timeout(PROMPT, shutdown)
+        .await
+        .expect("the shutdown waited on an idle keep-alive connection")
+        .expect("the shutdown panicked");
+    eprintln!(
+        "shutdown with an idle connection took {:?}",
+        start.elapsed()
+    );
+    assert!(sender.is_closed());
+    assert!(
+        sender.send_request(request()).await.is_err(),
+        "a request went through a connection closed by the shutdown"
+    );
+}
+
+/// The drain bound (10 s with `Gateway::spawn`) without waiting for it: once the request is
+/// held, nothing waits on the network until the bound is reached, so the clock is paused
+/// and tokio jumps straight to the next timer, the drain's. Needs the current-thread runtime.
+#[tokio::test]
+async fn shutdown_gives_up_on_a_request_held_past_the_drain_bound() {
+    let registry = Registry::new();
+    let a = upstream("a").await;
+    a.mode.store(HOLD, SeqCst);
+    let _r = a.register(&registry, "slow");
+    // Longer than the drain: the drain is what ends the request, not the route's timeout.
+    let gw = gateway(&held_route("60s"), &registry).await;
+    let http = client();
+    let req = Request::get(format!("http://{}/slow", gw.local_addr()))
+        .body(Full::default())
+        .unwrap();
+    // Not `send`: its bound would run out with the drain once the clock is paused. This one
+    // is bounded below, after the clock resumes.
+    let held = tokio::spawn(async move { http.request(req).await.map(|r| r.status()) });
+    a.wait_for_hits(1).await;
+
+    tokio::time::pause();
+    let start = Instant::now();
+    let shutdown = tokio::spawn(gw.shutdown());
+    timeout(Duration::from_secs(60), shutdown)
+        .await
+        .expect("the shutdown did not give up at its drain bound")
+        .expect("the shutdown panicked");
+    let waited = start.elapsed();
+    tokio::time::resume();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "the shutdown gave up after {waited:?}, not at its 10 s drain bound"
+    );
+    let cut = timeout(BOUND, held)
+        .await
+        .expect("the held request outlived the shutdown")
+        .expect("the request task panicked");
+    assert!(cut.is_err(), "the held request was answered: {cut:?}");
+    assert_eq!(a.hits.load(SeqCst), 1);
 }
