@@ -18,13 +18,22 @@
 //! 4. **timeout**: the route's bound, until the upstream's response head;
 //! 5. a [`Balance`](crate::balance::Balance) over the service's instances (listed in
 //!    `[[services]]`, or discovered through the [`Discovery`] given to
-//!    [`Gateway::build`]), each endpoint the shared pooled hyper client with its own
+//!    [`Gateway::build`]), each endpoint a pool of HTTP/1 keep-alive connections with its own
 //!    circuit breaker and outlier ejection; 5xx answers count as failures
 //!    ([`HttpClassifier`](crate::circuit_breaker::HttpClassifier)).
 //!
 //! Proxying forwards the method, the path (with the prefix stripped if asked), the query,
 //! the headers (less hop-by-hop ones, plus `X-Forwarded-For`, `-Host` and `-Proto`) and
 //! the body, streamed both ways.
+//!
+//! Each endpoint keeps its idle HTTP/1 keep-alive connections (up to 128; each use of the
+//! pool closes those idle for over 30 s, and an endpoint that leaves discovery closes
+//! them all). A request takes the most recently used one, or dials a new one (5 s connect
+//! bound); the request's own task drives that connection, with no task of its own and no
+//! hop between tasks, and the response body puts it back once read to the end. A
+//! connection is never reused after a body abandoned half-way, an error, or the
+//! upstream's `Connection: close`; a request that a reused connection could not even send
+//! (the upstream had just closed it) is sent once more on a new connection.
 //!
 //! The balancer is shared by all of a route's requests behind a `parking_lot` mutex held
 //! only to reserve an endpoint and start the call (never across an await), rather than a

@@ -1,5 +1,5 @@
 //! One route's stack: limits, fallback, timeout, and a balancer over the service's
-//! endpoints, each a pooled hyper client behind its own breaker.
+//! endpoints, each a pool of keep-alive connections behind its own breaker.
 
 use std::convert::Infallible;
 use std::future::Future;

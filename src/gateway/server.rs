@@ -126,8 +126,8 @@ impl fmt::Debug for Gateway {
 
 impl Gateway {
     /// Builds every route: its limiters, its balancer over the service's instances (listed
-    /// in `[[services]]`, or else found through `discovery`), one pooled HTTP client shared
-    /// by all endpoints.
+    /// in `[[services]]`, or else found through `discovery`), a pool of keep-alive
+    /// connections per endpoint.
     ///
     /// # Errors
     ///
