@@ -331,11 +331,9 @@ impl Route {
         let (mut parts, body) = request.into_parts();
         parts.extensions.insert(peer);
         let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
-        let mut stack = self.stack.clone();
-        // Every layer of the stack is always ready: limits answer in `call`.
-        let future: Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>> =
-            Box::pin(stack.call(request));
-        let response = match future.await {
+        // Every layer of the stack is always ready: limits answer in `call`. The call
+        // returns the stack's boxed future, which owns all it needs.
+        let response = match self.stack.clone().call(request).await {
             Ok(response) => response,
             Err(never) => match never {},
         };

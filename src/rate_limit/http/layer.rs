@@ -108,14 +108,14 @@ where
 #[derive(Clone)]
 pub struct HttpRateLimitLayer<L> {
     limit: L,
-    name: Arc<str>,
+    name: Arc<PolicyName>,
     legacy: bool,
 }
 
 impl<L> fmt::Debug for HttpRateLimitLayer<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpRateLimitLayer")
-            .field("name", &self.name)
+            .field("name", &self.name.as_str())
             .field("legacy", &self.legacy)
             .finish_non_exhaustive()
     }
@@ -140,7 +140,7 @@ impl<L> HttpRateLimitLayer<L> {
     pub fn new(limit: L) -> Self {
         Self {
             limit,
-            name: Arc::from("default"),
+            name: PolicyName::new("default"),
             legacy: false,
         }
     }
@@ -148,7 +148,7 @@ impl<L> HttpRateLimitLayer<L> {
     /// Names the policy in the headers (default `default`).
     #[must_use]
     pub fn name(mut self, name: &str) -> Self {
-        self.name = Arc::from(name);
+        self.name = PolicyName::new(name);
         self
     }
 
@@ -192,28 +192,33 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-fn value(s: String) -> HeaderValue {
-    // Built from a name checked at construction and digits: always valid; fall back to
-    // a bare token rather than panic.
-    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("invalid"))
+/// A policy's name, made a valid sf-string once, and its `RateLimit-Policy` value for the
+/// last quota seen (a limiter's quota rarely changes): admitted requests neither format
+/// nor allocate it again.
+pub(super) struct PolicyName {
+    name: Box<str>,
+    policy: std::sync::OnceLock<(u32, Duration, HeaderValue)>,
 }
 
-/// The headers one decision adds to a response.
-#[derive(Debug)]
-pub(super) struct Headers {
-    policy: HeaderValue,
-    state: HeaderValue,
-    legacy: Option<(HeaderValue, HeaderValue)>,
-    retry_after: Option<HeaderValue>,
-}
+impl PolicyName {
+    pub(super) fn new(name: &str) -> Arc<Self> {
+        Arc::new(Self {
+            name: sanitize(name).into(),
+            policy: std::sync::OnceLock::new(),
+        })
+    }
 
-impl Headers {
-    pub(super) fn new(name: &str, legacy: bool, decision: &Result<Admitted, RateLimited>) -> Self {
-        let name = sanitize(name);
-        let (limit, window, remaining, reset, retry) = match decision {
-            Ok(a) => (a.limit, a.window, a.remaining, a.full_in, None),
-            Err(r) => (r.limit(), r.window(), 0, r.full_in(), r.retry_after()),
-        };
+    pub(super) fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// `"name";q=…;w=…` for this quota.
+    fn policy(&self, limit: u32, window: Duration) -> HeaderValue {
+        if let Some((l, w, value)) = self.policy.get() {
+            if *l == limit && *w == window {
+                return value.clone();
+            }
+        }
         // The policy in whole seconds: over `w`, the bucket admits its burst or what the
         // rate refills in `w`, whichever is more (a 1000/s bucket of 200 is q=1000;w=1).
         let w = ceil_secs(window).max(1);
@@ -229,9 +234,50 @@ impl Headers {
                 .unwrap_or(u64::MAX)
                 .max(u64::from(limit))
         };
+        let value = value(format!("\"{}\";q={q};w={w}", self.name));
+        let _ = self.policy.set((limit, window, value.clone()));
+        value
+    }
+}
+
+impl fmt::Debug for PolicyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.name, f)
+    }
+}
+
+fn value(s: String) -> HeaderValue {
+    // Built from a name sanitized at construction and digits: always valid; fall back to
+    // a bare token rather than panic. Takes the string's buffer without copying it.
+    HeaderValue::try_from(s).unwrap_or(HeaderValue::from_static("invalid"))
+}
+
+/// The headers one decision adds to a response.
+#[derive(Debug)]
+pub(super) struct Headers {
+    policy: HeaderValue,
+    state: HeaderValue,
+    legacy: Option<(HeaderValue, HeaderValue)>,
+    retry_after: Option<HeaderValue>,
+}
+
+impl Headers {
+    pub(super) fn new(
+        name: &PolicyName,
+        legacy: bool,
+        decision: &Result<Admitted, RateLimited>,
+    ) -> Self {
+        let (limit, window, remaining, reset, retry) = match decision {
+            Ok(a) => (a.limit, a.window, a.remaining, a.full_in, None),
+            Err(r) => (r.limit(), r.window(), 0, r.full_in(), r.retry_after()),
+        };
         Self {
-            policy: value(format!("\"{name}\";q={q};w={w}")),
-            state: value(format!("\"{name}\";r={remaining};t={}", ceil_secs(reset))),
+            policy: name.policy(limit, window),
+            state: value(format!(
+                "\"{}\";r={remaining};t={}",
+                name.as_str(),
+                ceil_secs(reset)
+            )),
             legacy: legacy.then(|| (HeaderValue::from(limit), HeaderValue::from(remaining))),
             retry_after: retry.map(|d| HeaderValue::from(ceil_secs(d))),
         }
@@ -355,14 +401,34 @@ mod tests {
     use super::*;
     use crate::rate_limit::{ManualClock, Quota, Rate};
 
-    fn policy(per_second: u32, burst: u32) -> String {
+    fn policy_of(name: &PolicyName, per_second: u32, burst: u32) -> String {
         let limiter = RateLimiter::with_clock(
             Quota::new(Rate::per_second(per_second), burst).unwrap(),
             ManualClock::new(),
         );
         let decision = limiter.acquire(1);
-        let headers = Headers::new("p", false, &decision);
+        let headers = Headers::new(name, false, &decision);
         headers.policy.to_str().unwrap().to_owned()
+    }
+
+    fn policy(per_second: u32, burst: u32) -> String {
+        policy_of(&PolicyName::new("p"), per_second, burst)
+    }
+
+    #[test]
+    fn a_cached_policy_follows_a_changed_quota() {
+        let name = PolicyName::new("p");
+        assert_eq!(policy_of(&name, 150, 50), "\"p\";q=150;w=1");
+        assert_eq!(policy_of(&name, 150, 50), "\"p\";q=150;w=1");
+        assert_eq!(policy_of(&name, 3, 10), "\"p\";q=12;w=4");
+        assert_eq!(policy_of(&name, 1000, 200), "\"p\";q=1000;w=1");
+    }
+
+    #[test]
+    fn names_are_made_valid_sf_strings_once() {
+        let name = PolicyName::new("a \"quoted\"\\ näme");
+        assert_eq!(name.as_str(), "a quoted nme");
+        assert_eq!(policy_of(&name, 10, 10), "\"a quoted nme\";q=10;w=1");
     }
 
     #[test]

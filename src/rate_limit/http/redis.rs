@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
-use super::layer::Headers;
+use super::layer::{Headers, PolicyName};
 use crate::rate_limit::KeyExtractor;
 use crate::rate_limit::redis::{RedisLimitError, RedisRateLimiter};
 
@@ -46,7 +46,7 @@ use crate::rate_limit::redis::{RedisLimitError, RedisRateLimiter};
 pub struct HttpRedisRateLimitLayer<E> {
     limiter: RedisRateLimiter,
     extractor: E,
-    name: Arc<str>,
+    name: Arc<PolicyName>,
     legacy: bool,
 }
 
@@ -56,7 +56,7 @@ impl<E> HttpRedisRateLimitLayer<E> {
         Self {
             limiter,
             extractor,
-            name: Arc::from("default"),
+            name: PolicyName::new("default"),
             legacy: false,
         }
     }
@@ -64,7 +64,7 @@ impl<E> HttpRedisRateLimitLayer<E> {
     /// The policy name in the `RateLimit-Policy` / `RateLimit` headers.
     #[must_use]
     pub fn name(mut self, name: &str) -> Self {
-        self.name = Arc::from(name);
+        self.name = PolicyName::new(name);
         self
     }
 
