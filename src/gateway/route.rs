@@ -541,7 +541,8 @@ impl RouteCore {
                 Some(prior) => format!("{prior}, {ip}"),
                 None => ip,
             };
-            if let Ok(v) = HeaderValue::from_str(&value) {
+            // Takes the string's buffer: no copy.
+            if let Ok(v) = HeaderValue::try_from(value) {
                 parts.headers.insert(X_FORWARDED_FOR.clone(), v);
             }
         }
