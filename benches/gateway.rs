@@ -1,15 +1,24 @@
-//! Gateway overhead on loopback: throughput and latency percentiles of a load client
-//! talking to an upstream directly, against the same client going through the gateway.
-//! Not a criterion bench: what matters is the latency distribution of real HTTP round
-//! trips, so each run sends a fixed number of requests and prints p50 / p90 / p99 /
-//! p99.9.
+//! Gateway overhead on loopback: throughput, latency percentiles and CPU per request of a
+//! load client talking to an upstream directly, against the same client going through
+//! the gateway, a bare hyper proxy and nginx. Not a criterion bench: what matters is the
+//! latency distribution of real HTTP round trips, so each run sends a fixed number of
+//! requests and prints p50 / p90 / p99 / p99.9.
 //!
 //! Configurations, all on 127.0.0.1:
 //!
 //! - `direct`: the load client → one upstream (a minimal hyper server answering a small
 //!   static JSON body);
 //! - `hyper proxy`: a minimal hand-written hyper proxy (server + pooled legacy client,
-//!   forwarding to one upstream): the cost of one more HTTP hop itself, whoever makes it;
+//!   forwarding to that same upstream): the cost of one more HTTP hop itself, whoever
+//!   makes it, for a hyper-based proxy;
+//! - `nginx`: nginx as a reference production proxy, started as a child process with as
+//!   many worker processes as the gateway runtime has workers, forwarding to that same
+//!   upstream over a keep-alive upstream pool (`keepalive 64`, HTTP/1.1, no access log),
+//!   listening with `reuseport` (without it one worker took every connection of a run and
+//!   the other stayed idle, leaving nginx a single core).
+//!   The bench never installs it: if no `nginx` is on `PATH` or at `/usr/sbin/nginx`, or
+//!   it fails to start (its error log is printed), the row is skipped
+//!   (`apt-get install -y nginx-light`);
 //! - `gw routing`: the gateway with one route, prefix routing with `strip_prefix`,
 //!   balancing (least requests) over three upstream instances, no limits or breaker;
 //! - `gw full`: the same plus a global and a per-client (IP) rate limit set far above
@@ -17,10 +26,34 @@
 //!   fallback;
 //! - `gw full+jwt`: `gw full` with `auth = true` (HS256, a valid token on every request).
 //!
-//! Every response must be a 200 from an upstream: a 429, a fallback (marked
-//! `x-seawall-fallback`) or any other status fails the bench. After each gateway run the
-//! gateway's status must show no rate-limited request and no fallback, and each of the
-//! three instances must have served calls.
+//! Two scenarios, each with its own table, its own upstream instances, proxies and
+//! gateways, and its own `direct` baseline for the "vs direct" columns:
+//!
+//! - a no-op upstream answering at once (at C = 1 and C = 16): the proxy's overhead laid
+//!   bare, the worst case for any proxy;
+//! - an I/O-bound upstream answering after a 1 ms sleep, as a service waiting on a
+//!   database would (at C = 16 and C = 64, with a quarter of the requests per run, at
+//!   least 2000; tokio's timer has millisecond resolution and its runtime parks in whole
+//!   milliseconds, so the sleep lasts about 2 ms, which `direct`'s p50 shows): the
+//!   realistic case, where the hop's cost is set against the service time.
+//!
+//! Every response must be a 200 from an upstream with the upstream's body: a 429, a 502,
+//! a fallback (marked `x-seawall-fallback`) or any other status fails the bench. After
+//! each scenario each gateway's status must show no rate-limited request and no fallback,
+//! and each of the three instances must have served calls.
+//!
+//! ## CPU per request
+//!
+//! For each proxied row, `proxy CPU/req` is the CPU time the proxy spent during the
+//! timed run (its connection setup included) divided by the requests sent; `upstream
+//! CPU/req` is the same for the upstreams' thread, on every row. Both are read from the
+//! first field of `/proc/…/schedstat` (nanoseconds on CPU) before and after the run: for
+//! the gateway and the `hyper proxy`, summed over the threads of their runtime (whose ids
+//! are recorded as the threads start; the runtime also hosts the idle gateways and proxy
+//! of the other configurations, which cost next to nothing); for nginx, over its master
+//! and worker processes. Without `/proc` they read `n/a`. On a CPU-bound machine this is
+//! what decides throughput: a proxy that needs X µs of CPU per request cannot pass more
+//! than (cores / X) requests a second, whatever its latency.
 //!
 //! ## Threads on a 2-core machine
 //!
@@ -31,30 +64,40 @@
 //! - the load client: a current-thread runtime on its own thread (C connections as C
 //!   tasks, each sending its requests back to back over an HTTP/1 keep-alive connection);
 //! - the upstreams: a current-thread runtime on its own thread (a stand-in for another
-//!   process; one thread serves all three instances, as one would under a 2-core budget);
+//!   process; one thread serves all six instances of both scenarios, as one would under
+//!   a 2-core budget);
 //! - the gateway (and the `hyper proxy`): a multi-thread runtime with 2 workers, as
-//!   `#[tokio::main]` would give it on this machine.
+//!   `#[tokio::main]` would give it on this machine; nginx gets the same number of worker
+//!   processes.
 //!
 //! `direct` runs the same client thread against the same upstream thread, so the only
 //! difference between configurations is the proxy in the middle. At C = 1 the machine is
-//! mostly idle and the difference is the added latency of the hop. At C = 16 the 2 cores
-//! are saturated and every configuration is CPU-bound: the proxy must parse and write
-//! each request and response twice (as a server and as a client), about as much work as
-//! the load client and the upstream together, so on 2 cores a proxied run cannot keep much
-//! more than half of the direct throughput; `hyper proxy` shows that ceiling for any
-//! hyper-based proxy, and the gateway is best judged against it.
+//! mostly idle and the difference is the added latency of the hop. At C = 16 with the
+//! no-op upstream the 2 cores are saturated and every configuration is CPU-bound: the
+//! proxy must parse and write each request and response twice (as a server and as a
+//! client), about as much work as the load client and the upstream together, so on 2
+//! cores a proxied run cannot keep much more than half of the direct throughput; `hyper
+//! proxy` shows that ceiling for any hyper-based proxy and `nginx` for a production C
+//! proxy, and the gateway is best judged against them, and by its CPU per request.
 //!
-//! Configurations are interleaved (direct, proxy, gateway…, direct, proxy, …) and
+//! Configurations are interleaved (direct, proxies, gateways…, direct, proxies, …) and
 //! repeated; the table gives the median over the runs of each statistic. Every run is
-//! bounded in count (`GATEWAY_BENCH_REQUESTS`, default 20 000) and in time (60 s).
+//! bounded in count (`GATEWAY_BENCH_REQUESTS`, default 20 000, a quarter of it with the
+//! 1 ms upstream) and in time (60 s). `GATEWAY_BENCH_WORKERS` sets the gateway runtime's
+//! workers and nginx's worker processes (default 2); `GATEWAY_BENCH_ONLY` keeps only the
+//! configurations whose names contain one of its comma-separated parts (`direct` always
+//! runs), e.g. `nginx,gw full`.
 //!
 //! `cargo bench --features gateway --bench gateway`
 #![allow(clippy::disallowed_types)] // std's Instant: real time against real servers
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -69,6 +112,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use seawall::gateway::jwt::JwtVerifier;
 use seawall::gateway::{Discovery, FALLBACK_HEADER, Gateway, GatewayConfig, GatewayHandle};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
 
 /// Runs of each configuration at each concurrency.
 const RUNS: usize = 3;
@@ -76,11 +120,19 @@ const RUNS: usize = 3;
 const WARMUP: usize = 500;
 /// The bound on one run.
 const RUN_BOUND: Duration = Duration::from_secs(60);
+/// Concurrencies with the no-op upstream.
 const CONCURRENCY: [usize; 2] = [1, 16];
+/// Concurrencies with the I/O-bound upstream (C = 1 would take too long).
+const SLOW_CONCURRENCY: [usize; 2] = [16, 64];
+/// How long the I/O-bound upstream sleeps before answering.
+const SERVICE_TIME: Duration = Duration::from_millis(1);
+/// How long nginx may take to listen.
+const NGINX_START_BOUND: Duration = Duration::from_secs(5);
 const SECRET: &str = "a benchmark secret of enough bytes";
 const UPSTREAM_BODY: &str = r#"{"ok":true,"items":[1,2,3],"message":"hello from upstream"}"#;
 
-/// The gateway runtime's workers (`GATEWAY_BENCH_WORKERS`, default 2).
+/// The gateway runtime's workers and nginx's worker processes (`GATEWAY_BENCH_WORKERS`,
+/// default 2).
 fn workers() -> usize {
     std::env::var("GATEWAY_BENCH_WORKERS")
         .ok()
@@ -106,15 +158,19 @@ fn requests_per_run() -> usize {
         .unwrap_or(20_000)
 }
 
-/// The upstream: a minimal hyper HTTP/1 server answering a small static JSON body.
-async fn upstream(listener: TcpListener) {
+/// The upstream: a minimal hyper HTTP/1 server answering a small static JSON body, at once
+/// or after sleeping `service_time`.
+async fn upstream(listener: TcpListener, service_time: Option<Duration>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             return;
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+            let svc = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
+                if let Some(service_time) = service_time {
+                    tokio::time::sleep(service_time).await;
+                }
                 let mut response =
                     Response::new(Full::new(Bytes::from_static(UPSTREAM_BODY.as_bytes())));
                 response.headers_mut().insert(
@@ -173,19 +229,285 @@ async fn hyper_proxy(listener: TcpListener, upstream: SocketAddr) {
     }
 }
 
+/// The calling thread's id (its entry under `/proc/self/task`), if `/proc` is there.
+fn current_tid() -> Option<u32> {
+    std::fs::read_link("/proc/thread-self")
+        .ok()?
+        .file_name()?
+        .to_str()?
+        .parse()
+        .ok()
+}
+
+/// Nanoseconds on CPU of one task: the first field of its `schedstat`.
+fn schedstat_ns(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whose CPU time a row reports.
+#[derive(Clone)]
+enum Cpu {
+    /// Threads of this process, by id.
+    Threads(Arc<Mutex<Vec<u32>>>),
+    /// A process and its children (nginx's master and workers), by pid.
+    Process(u32),
+    /// Nothing to measure (`direct` has no proxy).
+    None,
+}
+
+/// CPU time of each task of a [`Cpu`] at one moment, in ns, by task id.
+type CpuSample = HashMap<u32, u64>;
+
+impl Cpu {
+    fn sample(&self) -> Option<CpuSample> {
+        let tasks: Vec<(u32, String)> = match self {
+            Self::Threads(tids) => tids
+                .lock()
+                .expect("thread ids")
+                .iter()
+                .map(|&tid| (tid, format!("/proc/self/task/{tid}/schedstat")))
+                .collect(),
+            Self::Process(pid) => {
+                let children =
+                    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+                std::iter::once(*pid)
+                    .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+                    .map(|p| (p, format!("/proc/{p}/schedstat")))
+                    .collect()
+            }
+            Self::None => return None,
+        };
+        let sample: CpuSample = tasks
+            .into_iter()
+            .filter_map(|(id, path)| Some((id, schedstat_ns(&path)?)))
+            .collect();
+        (!sample.is_empty()).then_some(sample)
+    }
+
+    /// CPU time spent between two samples, in µs: tasks that started in between count in
+    /// full, tasks that ended in between are lost.
+    fn spent_us(before: Option<CpuSample>, after: Option<CpuSample>) -> Option<f64> {
+        let (before, after) = (before?, after?);
+        let ns: u64 = after
+            .iter()
+            .map(|(id, &ns)| ns.saturating_sub(before.get(id).copied().unwrap_or(0)))
+            .sum();
+        Some(ns as f64 / 1e3)
+    }
+}
+
+/// The `nginx` binary: on `PATH`, else Debian's `/usr/sbin/nginx`.
+fn nginx_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("nginx"))
+        .chain(std::iter::once(PathBuf::from("/usr/sbin/nginx")))
+        .find(|p| p.is_file())
+}
+
+/// A free port on 127.0.0.1 (bound, read, released for nginx to take).
+fn free_port() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// nginx's configuration: `workers` worker processes, everything it writes (pid, error
+/// log, temporary files) inside `dir`, and one `server` per `(listen, upstream)` pair
+/// forwarding over a keep-alive pool. `version` (`nginx -V`) tells which modules with a
+/// temporary directory are built in.
+fn nginx_config(
+    dir: &Path,
+    workers: usize,
+    servers: &[(SocketAddr, SocketAddr)],
+    version: &str,
+) -> String {
+    let dir = dir.display();
+    let mut config = format!(
+        "worker_processes {workers};
+pid \"{dir}/nginx.pid\";
+error_log \"{dir}/error.log\";
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    # A load connection sends all its requests over one connection (1000 by default).
+    keepalive_requests 1000000;
+    client_body_temp_path \"{dir}/client_body\";
+    proxy_temp_path \"{dir}/proxy\";
+"
+    );
+    for module in ["fastcgi", "uwsgi", "scgi"] {
+        if !version.contains(&format!("--without-http_{module}_module")) {
+            config.push_str(&format!("    {module}_temp_path \"{dir}/{module}\";\n"));
+        }
+    }
+    for (i, (listen, upstream)) in servers.iter().enumerate() {
+        config.push_str(&format!(
+            "    upstream items{i} {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        # One listening socket per worker: with a shared one, one worker took every
+        # connection of a run.
+        listen {listen} reuseport;
+        location / {{
+            proxy_pass http://items{i};
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+    }}
+"
+        ));
+    }
+    config.push_str("}\n");
+    config
+}
+
+/// nginx running as a child process for the bench; dropping it (a panic included) stops
+/// it and removes its directory.
+struct Nginx {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    /// Starts nginx in a fresh directory with one `server` per upstream, and waits until
+    /// all of them accept connections; returns it and their addresses, in the order of
+    /// `upstreams`. On failure, says why (with nginx's error log).
+    fn start(binary: &Path, upstreams: &[SocketAddr]) -> Result<(Self, Vec<SocketAddr>), String> {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "seawall-bench-nginx-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        // Readable by the workers when nginx runs as root (they switch to `nobody`).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+        }
+        let version = Command::new(binary)
+            .arg("-V")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .unwrap_or_default();
+        let mut servers = Vec::with_capacity(upstreams.len());
+        for &upstream in upstreams {
+            servers.push((
+                free_port().map_err(|e| format!("a free port: {e}"))?,
+                upstream,
+            ));
+        }
+        let config = dir.join("nginx.conf");
+        std::fs::write(&config, nginx_config(&dir, workers(), &servers, &version))
+            .map_err(|e| format!("writing {}: {e}", config.display()))?;
+        let output = std::fs::File::create(dir.join("output.log"))
+            .map_err(|e| format!("creating nginx's output file: {e}"))?;
+        let child = Command::new(binary)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&config)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(output.try_clone().map_err(|e| e.to_string())?)
+            .stderr(output)
+            .spawn()
+            .map_err(|e| format!("running {}: {e}", binary.display()))?;
+        let mut nginx = Self { child, dir };
+        let deadline = Instant::now() + NGINX_START_BOUND;
+        loop {
+            if let Ok(Some(status)) = nginx.child.try_wait() {
+                return Err(format!("nginx exited ({status})\n{}", nginx.logs()));
+            }
+            let listening = servers.iter().all(|(listen, _)| {
+                std::net::TcpStream::connect_timeout(listen, Duration::from_millis(100)).is_ok()
+            });
+            if listening {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "nginx not listening after {NGINX_START_BOUND:?}\n{}",
+                    nginx.logs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok((
+            nginx,
+            servers.into_iter().map(|(listen, _)| listen).collect(),
+        ))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What nginx wrote to its error log and its output.
+    fn logs(&self) -> String {
+        ["error.log", "output.log"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(self.dir.join(f)).ok())
+            .collect::<Vec<_>>()
+            .join("")
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let pid = self.pid();
+        let workers =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        // SIGTERM: the master stops its workers and exits (std can only send SIGKILL, which
+        // would leave the workers running).
+        let _ = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(Some(_)) => break,
+                _ => {
+                    let _ = Command::new("sh")
+                        .args(["-c", &format!("kill -KILL {workers}")])
+                        .status();
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
     Direct,
     HyperProxy,
+    Nginx,
     GwRouting,
     GwFull,
     GwJwt,
 }
 
 impl Target {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Direct,
         Self::HyperProxy,
+        Self::Nginx,
         Self::GwRouting,
         Self::GwFull,
         Self::GwJwt,
@@ -195,6 +517,7 @@ impl Target {
         match self {
             Self::Direct => "direct",
             Self::HyperProxy => "hyper proxy",
+            Self::Nginx => "nginx",
             Self::GwRouting => "gw routing",
             Self::GwFull => "gw full",
             Self::GwJwt => "gw full+jwt",
@@ -260,6 +583,99 @@ instances = [{instances}]
     config
 }
 
+fn start_gateway(rt: &Runtime, instances: &[SocketAddr], full: bool, jwt: bool) -> GatewayHandle {
+    rt.block_on(async {
+        let config =
+            GatewayConfig::from_toml_str(&gateway_config(instances, full, jwt)).expect("toml");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Gateway::build(config, Discovery::Static)
+            .await
+            .expect("gateway")
+            .spawn(listener)
+    })
+}
+
+/// One upstream behaviour with everything that fronts it: three instances, a `hyper
+/// proxy` and nginx (both forwarding to the first instance) and the three gateways
+/// (balancing over all three).
+struct Scenario {
+    title: &'static str,
+    concurrency: &'static [usize],
+    requests: usize,
+    instances: Vec<SocketAddr>,
+    proxy: SocketAddr,
+    nginx: Option<SocketAddr>,
+    /// `gw routing`, `gw full`, `gw full+jwt`.
+    gateways: [GatewayHandle; 3],
+}
+
+impl Scenario {
+    fn start(
+        rt: &Runtime,
+        title: &'static str,
+        concurrency: &'static [usize],
+        requests: usize,
+        instances: Vec<SocketAddr>,
+        nginx: Option<SocketAddr>,
+    ) -> Self {
+        let proxy = rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(hyper_proxy(listener, instances[0]));
+            addr
+        });
+        let gateways = [
+            start_gateway(rt, &instances, false, false),
+            start_gateway(rt, &instances, true, false),
+            start_gateway(rt, &instances, true, true),
+        ];
+        Self {
+            title,
+            concurrency,
+            requests,
+            instances,
+            proxy,
+            nginx,
+            gateways,
+        }
+    }
+
+    /// Where the load client sends `target`'s requests, if it runs in this scenario.
+    fn address(&self, target: Target) -> Option<SocketAddr> {
+        match target {
+            Target::Direct => Some(self.instances[0]),
+            Target::HyperProxy => Some(self.proxy),
+            Target::Nginx => self.nginx,
+            Target::GwRouting => Some(self.gateways[0].local_addr()),
+            Target::GwFull => Some(self.gateways[1].local_addr()),
+            Target::GwJwt => Some(self.gateways[2].local_addr()),
+        }
+    }
+
+    /// Each selected gateway served every request from an upstream, spread over all three.
+    fn check_status(&self) {
+        for (handle, target) in
+            self.gateways
+                .iter()
+                .zip([Target::GwRouting, Target::GwFull, Target::GwJwt])
+        {
+            if !selected(target) {
+                continue;
+            }
+            let status = handle.gateway().status();
+            let route = &status.routes[0];
+            assert_eq!(route.rate_limited, 0, "a request was rate limited");
+            assert_eq!(route.fallbacks, 0, "a fallback was served");
+            assert_eq!(route.unauthorized, 0, "a request was refused");
+            assert_eq!(route.endpoints.len(), 3);
+            for e in &route.endpoints {
+                assert!(e.calls > 0, "balancing: {} served nothing", e.address);
+                assert!(!e.ejected, "{} ejected", e.address);
+            }
+        }
+    }
+}
+
 /// One run's numbers.
 #[derive(Clone, Copy)]
 struct Run {
@@ -268,6 +684,10 @@ struct Run {
     p90: f64,
     p99: f64,
     p999: f64,
+    /// The proxy's CPU time per request (µs), when measured.
+    proxy_cpu: Option<f64>,
+    /// The upstreams' thread's CPU time per request (µs), when measured.
+    upstream_cpu: Option<f64>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -343,6 +763,8 @@ async fn load(
         p90: percentile(&all, 0.9),
         p99: percentile(&all, 0.99),
         p999: percentile(&all, 0.999),
+        proxy_cpu: None,
+        upstream_cpu: None,
     }
 }
 
@@ -356,62 +778,132 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Starts `n` upstream instances on a thread of their own, driving a current-thread
-/// runtime until the program ends (the thread is detached); returns their addresses.
-fn spawn_upstreams(n: usize) -> Vec<SocketAddr> {
+/// Starts one upstream instance per entry of `service_times` on a thread of their own,
+/// driving a current-thread runtime until the program ends (the thread is detached);
+/// returns their addresses and the thread's id.
+fn spawn_upstreams(service_times: &[Option<Duration>]) -> (Vec<SocketAddr>, Option<u32>) {
     let (tx, rx) = std::sync::mpsc::channel();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let service_times = service_times.to_vec();
+    let n = service_times.len();
     std::thread::Builder::new()
         .name("upstreams".to_owned())
         .spawn(move || {
+            tid_tx.send(current_tid()).expect("main");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
                 let mut servers = tokio::task::JoinSet::new();
-                for _ in 0..n {
+                for service_time in service_times {
                     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
                     tx.send(listener.local_addr().expect("addr")).expect("main");
-                    servers.spawn(upstream(listener));
+                    servers.spawn(upstream(listener, service_time));
                 }
                 while servers.join_next().await.is_some() {}
             });
         })
         .expect("thread");
-    (0..n).map(|_| rx.recv().expect("an upstream")).collect()
+    let tid = tid_rx.recv().expect("the upstreams' thread id");
+    (
+        (0..n).map(|_| rx.recv().expect("an upstream")).collect(),
+        tid,
+    )
+}
+
+/// A CPU-per-request cell.
+fn cpu_cell(us: Option<f64>) -> String {
+    us.map_or_else(|| "n/a".to_owned(), |us| format!("{us:.1}"))
 }
 
 fn main() {
     let count = requests_per_run();
-    // Upstreams: their own thread and current-thread runtime.
-    let instances = spawn_upstreams(3);
+    let slow_count = (count / 4).max(2000.min(count));
+    // Upstreams: their own thread and current-thread runtime; three no-op instances, then
+    // three answering after SERVICE_TIME.
+    let (all_instances, upstream_tid) = spawn_upstreams(&[
+        None,
+        None,
+        None,
+        Some(SERVICE_TIME),
+        Some(SERVICE_TIME),
+        Some(SERVICE_TIME),
+    ]);
+    let (fast, slow) = all_instances.split_at(3);
+    let upstream_cpu = upstream_tid.map_or(Cpu::None, |tid| {
+        Cpu::Threads(Arc::new(Mutex::new(vec![tid])))
+    });
 
-    // The gateway and the baseline proxy: a 2-worker runtime.
+    // The gateways and the baseline proxies: a 2-worker runtime whose threads' ids are
+    // kept for their CPU time.
+    let server_tids = Arc::new(Mutex::new(Vec::new()));
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers())
         .enable_all()
+        .on_thread_start({
+            let tids = server_tids.clone();
+            move || {
+                if let Some(tid) = current_tid() {
+                    tids.lock().expect("thread ids").push(tid);
+                }
+            }
+        })
+        .on_thread_stop({
+            let tids = server_tids.clone();
+            move || {
+                if let Some(tid) = current_tid() {
+                    tids.lock().expect("thread ids").retain(|&t| t != tid);
+                }
+            }
+        })
         .build()
         .expect("runtime");
-    let proxy_addr = server_rt.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(hyper_proxy(listener, instances[0]));
-        addr
-    });
-    let gateway = |full: bool, jwt: bool| -> GatewayHandle {
-        server_rt.block_on(async {
-            let config =
-                GatewayConfig::from_toml_str(&gateway_config(&instances, full, jwt)).expect("toml");
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            Gateway::build(config, Discovery::Static)
-                .await
-                .expect("gateway")
-                .spawn(listener)
-        })
-    };
-    let gw_routing = gateway(false, false);
-    let gw_full = gateway(true, false);
-    let gw_jwt = gateway(true, true);
+    let server_cpu = Cpu::Threads(server_tids);
+
+    // nginx, if there is one: one server per scenario, each forwarding to the instance the
+    // `hyper proxy` forwards to. Stopped when `nginx` drops, on a panic too.
+    let mut nginx = None;
+    let mut nginx_addrs = None;
+    if selected(Target::Nginx) {
+        match nginx_binary() {
+            None => println!(
+                "nginx: not found on PATH or at /usr/sbin/nginx, its rows are skipped \
+                 (install it with `apt-get install -y nginx-light`)"
+            ),
+            Some(binary) => match Nginx::start(&binary, &[fast[0], slow[0]]) {
+                Ok((n, addrs)) => {
+                    nginx = Some(n);
+                    nginx_addrs = Some(addrs);
+                }
+                Err(e) => println!(
+                    "nginx ({}) failed to start, its rows are skipped: {e}",
+                    binary.display()
+                ),
+            },
+        }
+    }
+    let nginx_cpu = nginx.as_ref().map_or(Cpu::None, |n| Cpu::Process(n.pid()));
+
+    let scenarios = [
+        Scenario::start(
+            &server_rt,
+            "No-op upstream (answers at once)",
+            &CONCURRENCY,
+            count,
+            fast.to_vec(),
+            nginx_addrs.as_ref().map(|a| a[0]),
+        ),
+        Scenario::start(
+            &server_rt,
+            "Upstream service time 1 ms (sleeps 1 ms before answering, as a service waiting \
+             on a database would; tokio's timer makes it about 2 ms)",
+            &SLOW_CONCURRENCY,
+            slow_count,
+            slow.to_vec(),
+            nginx_addrs.as_ref().map(|a| a[1]),
+        ),
+    ];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -429,102 +921,111 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let run = |target: Target, concurrency: usize, n: usize| -> Run {
-        let (addr, path, auth) = match target {
-            Target::Direct => (instances[0], "/items/1", None),
-            Target::HyperProxy => (proxy_addr, "/items/1", None),
-            Target::GwRouting => (gw_routing.local_addr(), "/api/items/1", None),
-            Target::GwFull => (gw_full.local_addr(), "/api/items/1", None),
-            Target::GwJwt => (gw_jwt.local_addr(), "/api/items/1", Some(token.clone())),
+    let run = |addr: SocketAddr, target: Target, concurrency: usize, n: usize| -> Run {
+        let (path, auth) = match target {
+            Target::Direct | Target::HyperProxy | Target::Nginx => ("/items/1", None),
+            Target::GwRouting | Target::GwFull => ("/api/items/1", None),
+            Target::GwJwt => ("/api/items/1", Some(token.clone())),
         };
-        client_rt.block_on(async {
+        let proxy_cpu = match target {
+            Target::Direct => &Cpu::None,
+            Target::Nginx => &nginx_cpu,
+            _ => &server_cpu,
+        };
+        let before = (proxy_cpu.sample(), upstream_cpu.sample());
+        let run = client_rt.block_on(async {
             tokio::time::timeout(RUN_BOUND, load(addr, path, auth, concurrency, n))
                 .await
                 .expect("a run took longer than its bound")
-        })
-    };
-    let check_status = |handle: &GatewayHandle| {
-        let status = handle.gateway().status();
-        let route = &status.routes[0];
-        assert_eq!(route.rate_limited, 0, "a request was rate limited");
-        assert_eq!(route.fallbacks, 0, "a fallback was served");
-        assert_eq!(route.unauthorized, 0, "a request was refused");
-        assert_eq!(route.endpoints.len(), 3);
-        for e in &route.endpoints {
-            assert!(e.calls > 0, "balancing: {} served nothing", e.address);
-            assert!(!e.ejected, "{} ejected", e.address);
+        });
+        let after = (proxy_cpu.sample(), upstream_cpu.sample());
+        Run {
+            proxy_cpu: Cpu::spent_us(before.0, after.0).map(|us| us / n as f64),
+            upstream_cpu: Cpu::spent_us(before.1, after.1).map(|us| us / n as f64),
+            ..run
         }
     };
 
-    println!(
-        "{count} requests a run, {RUNS} runs interleaved per configuration and concurrency; \
-         medians of runs (µs); gateway runtime: {} workers",
-        workers()
-    );
-    println!();
-    println!(
-        "| configuration | C | req/s | p50 | p90 | p99 | p99.9 | req/s vs direct | p99 − direct |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for concurrency in CONCURRENCY {
-        let mut results: Vec<Vec<Run>> = vec![Vec::new(); Target::ALL.len()];
-        for round in 0..RUNS {
+    for scenario in &scenarios {
+        println!();
+        println!("### {}", scenario.title);
+        println!();
+        println!(
+            "{} requests a run, {RUNS} runs interleaved per configuration and concurrency; \
+             medians of runs (µs); gateway runtime: {} workers, nginx: {} worker processes",
+            scenario.requests,
+            workers(),
+            workers()
+        );
+        println!();
+        println!(
+            "| configuration | C | req/s | p50 | p90 | p99 | p99.9 | req/s vs direct | \
+             p99 − direct | proxy CPU/req | upstream CPU/req |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        for &concurrency in scenario.concurrency {
+            let mut results: Vec<Vec<Run>> = vec![Vec::new(); Target::ALL.len()];
+            for round in 0..RUNS {
+                for (i, &target) in Target::ALL.iter().enumerate() {
+                    let Some(addr) = scenario.address(target).filter(|_| selected(target)) else {
+                        continue;
+                    };
+                    run(addr, target, concurrency, WARMUP);
+                    let r = run(addr, target, concurrency, scenario.requests);
+                    eprintln!(
+                        "  run {round}: {:<12} C={concurrency:<3} {:>8.0} req/s  p50 {:>6.1}  \
+                         p99 {:>7.1}  p99.9 {:>7.1} µs  CPU/req proxy {} upstream {} µs",
+                        target.name(),
+                        r.rps,
+                        r.p50,
+                        r.p99,
+                        r.p999,
+                        cpu_cell(r.proxy_cpu),
+                        cpu_cell(r.upstream_cpu),
+                    );
+                    results[i].push(r);
+                }
+            }
+            let stat = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+            let cpu = |runs: &[Run], f: fn(&Run) -> Option<f64>| {
+                runs.iter().map(f).collect::<Option<Vec<f64>>>().map(median)
+            };
+            let direct_rps = stat(&results[0], |r| r.rps);
+            let direct_p99 = stat(&results[0], |r| r.p99);
             for (i, &target) in Target::ALL.iter().enumerate() {
-                if !selected(target) {
+                let runs = &results[i];
+                if runs.is_empty() {
                     continue;
                 }
-                run(target, concurrency, WARMUP);
-                let r = run(target, concurrency, count);
-                eprintln!(
-                    "  run {round}: {:<12} C={concurrency:<3} {:>8.0} req/s  p50 {:>6.1}  \
-                     p99 {:>7.1}  p99.9 {:>7.1} µs",
+                let (rps, p99) = (stat(runs, |r| r.rps), stat(runs, |r| r.p99));
+                let (ratio, diff, proxy_cpu) = if target == Target::Direct {
+                    ("–".to_owned(), "–".to_owned(), "–".to_owned())
+                } else {
+                    (
+                        format!("{:.0}%", rps * 100.0 / direct_rps),
+                        format!("{:+.0} µs", p99 - direct_p99),
+                        cpu_cell(cpu(runs, |r| r.proxy_cpu)),
+                    )
+                };
+                println!(
+                    "| {} | {concurrency} | {rps:.0} | {:.0} | {:.0} | {p99:.0} | {:.0} | {ratio} \
+                     | {diff} | {proxy_cpu} | {} |",
                     target.name(),
-                    r.rps,
-                    r.p50,
-                    r.p99,
-                    r.p999
+                    stat(runs, |r| r.p50),
+                    stat(runs, |r| r.p90),
+                    stat(runs, |r| r.p999),
+                    cpu_cell(cpu(runs, |r| r.upstream_cpu)),
                 );
-                results[i].push(r);
             }
         }
-        let stat = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
-        let direct_rps = stat(&results[0], |r| r.rps);
-        let direct_p99 = stat(&results[0], |r| r.p99);
-        for (i, &target) in Target::ALL.iter().enumerate() {
-            let runs = &results[i];
-            if runs.is_empty() {
-                continue;
-            }
-            let (rps, p99) = (stat(runs, |r| r.rps), stat(runs, |r| r.p99));
-            let (ratio, diff) = if target == Target::Direct {
-                ("–".to_owned(), "–".to_owned())
-            } else {
-                (
-                    format!("{:.0}%", rps * 100.0 / direct_rps),
-                    format!("{:+.0} µs", p99 - direct_p99),
-                )
-            };
-            println!(
-                "| {} | {concurrency} | {rps:.0} | {:.0} | {:.0} | {p99:.0} | {:.0} | {ratio} | {diff} |",
-                target.name(),
-                stat(runs, |r| r.p50),
-                stat(runs, |r| r.p90),
-                stat(runs, |r| r.p999),
-            );
-        }
+        scenario.check_status();
     }
-    for (handle, target) in [
-        (&gw_routing, Target::GwRouting),
-        (&gw_full, Target::GwFull),
-        (&gw_jwt, Target::GwJwt),
-    ] {
-        if selected(target) {
-            check_status(handle);
-        }
-    }
+    drop(nginx);
     server_rt.block_on(async {
-        for handle in [gw_routing, gw_full, gw_jwt] {
-            handle.shutdown().await;
+        for scenario in scenarios {
+            for handle in scenario.gateways {
+                handle.shutdown().await;
+            }
         }
     });
 }
