@@ -31,10 +31,11 @@
 //!
 //! - a no-op upstream answering at once (at C = 1 and C = 16): the proxy's overhead laid
 //!   bare, the worst case for any proxy;
-//! - an I/O-bound upstream answering after a 1 ms sleep, as a service waiting on a
-//!   database would (at C = 16 and C = 64, with a quarter of the requests per run, at
-//!   least 2000; tokio's timer has millisecond resolution and its runtime parks in whole
-//!   milliseconds, so the sleep lasts about 2 ms, which `direct`'s p50 shows): the
+//! - an I/O-bound upstream answering 1 ms after each request arrives, as a service
+//!   waiting on a database would (at C = 16 and C = 64, with a quarter of the requests per
+//!   run, at least 2000; the 1 ms is kept by a thread of its own with the OS's
+//!   high-resolution timer, not by tokio's millisecond wheel, whose ticks would release
+//!   every answer in flight at once, see `DelayLine`): the
 //!   realistic case, where the hop's cost is set against the service time.
 //!
 //! Every response must be a 200 from an upstream with the upstream's body: a 429, a 502,
@@ -158,8 +159,75 @@ fn requests_per_run() -> usize {
         .unwrap_or(20_000)
 }
 
+/// Precise service times. tokio's timer rounds every deadline up to its next millisecond
+/// tick, so a 1 ms sleep lasts 1 to 2 ms, and the answers of all the requests in flight
+/// leave together at each tick: the proxies then see bursts of 16 or 64 answers at once
+/// and queue them, which measures the upstream's timer more than the hop. This thread
+/// holds the deadlines and releases each at its own time, sleeping with the OS's
+/// high-resolution timer (about 50 µs of slack on Linux).
+struct DelayLine {
+    due: std::sync::Mutex<Vec<(Instant, tokio::sync::oneshot::Sender<()>)>>,
+    thread: std::thread::Thread,
+}
+
+fn delay_line() -> &'static DelayLine {
+    static LINE: std::sync::OnceLock<DelayLine> = std::sync::OnceLock::new();
+    LINE.get_or_init(|| {
+        let thread = std::thread::Builder::new()
+            .name("delay-line".to_owned())
+            .spawn(|| {
+                let line = delay_line();
+                loop {
+                    let now = Instant::now();
+                    let next = {
+                        let mut due = line.due.lock().expect("delay line");
+                        let mut i = 0;
+                        while i < due.len() {
+                            if due[i].0 <= now {
+                                let _ = due.swap_remove(i).1.send(());
+                            } else {
+                                i += 1;
+                            }
+                        }
+                        due.iter().map(|(at, _)| *at).min()
+                    };
+                    match next {
+                        Some(at) => std::thread::park_timeout(at.saturating_duration_since(now)),
+                        None => std::thread::park(),
+                    }
+                }
+            })
+            .expect("thread")
+            .thread()
+            .clone();
+        DelayLine {
+            due: std::sync::Mutex::new(Vec::new()),
+            thread,
+        }
+    })
+}
+
+impl DelayLine {
+    /// Resolves `after` from now.
+    async fn wait(&self, after: Duration) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let at = Instant::now() + after;
+        let earliest = {
+            let mut due = self.due.lock().expect("delay line");
+            let earliest = due.iter().all(|(d, _)| *d > at);
+            due.push((at, tx));
+            earliest
+        };
+        // Only a new earliest deadline needs the thread awake early.
+        if earliest {
+            self.thread.unpark();
+        }
+        let _ = rx.await;
+    }
+}
+
 /// The upstream: a minimal hyper HTTP/1 server answering a small static JSON body, at once
-/// or after sleeping `service_time`.
+/// or after `service_time` (kept by the [`DelayLine`]).
 async fn upstream(listener: TcpListener, service_time: Option<Duration>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -169,7 +237,7 @@ async fn upstream(listener: TcpListener, service_time: Option<Duration>) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
                 if let Some(service_time) = service_time {
-                    tokio::time::sleep(service_time).await;
+                    delay_line().wait(service_time).await;
                 }
                 let mut response =
                     Response::new(Full::new(Bytes::from_static(UPSTREAM_BODY.as_bytes())));
@@ -896,8 +964,8 @@ fn main() {
         ),
         Scenario::start(
             &server_rt,
-            "Upstream service time 1 ms (sleeps 1 ms before answering, as a service waiting \
-             on a database would; tokio's timer makes it about 2 ms)",
+            "Upstream service time 1 ms (answers 1 ms after each request arrives, as a \
+             service waiting on a database would)",
             &SLOW_CONCURRENCY,
             slow_count,
             slow.to_vec(),

@@ -1,6 +1,7 @@
 //! HS256 JSON Web Tokens: verification of `Authorization: Bearer` credentials.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -73,6 +74,8 @@ pub struct JwtVerifier {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Duration,
+    /// Shared by clones; a new one whenever a setting changes.
+    cache: Arc<TokenCache>,
 }
 
 impl fmt::Debug for JwtVerifier {
@@ -95,6 +98,7 @@ impl JwtVerifier {
             issuer: None,
             audience: None,
             leeway: Duration::ZERO,
+            cache: Arc::new(TokenCache::new()),
         }
     }
 
@@ -104,6 +108,7 @@ impl JwtVerifier {
         v.issuer = config.issuer.clone();
         v.audience = config.audience.clone();
         v.leeway = config.leeway;
+        v.cache = Arc::new(TokenCache::new());
         v
     }
 
@@ -111,6 +116,7 @@ impl JwtVerifier {
     #[must_use]
     pub fn issuer(mut self, issuer: impl Into<String>) -> Self {
         self.issuer = Some(issuer.into());
+        self.cache = Arc::new(TokenCache::new());
         self
     }
 
@@ -118,6 +124,7 @@ impl JwtVerifier {
     #[must_use]
     pub fn audience(mut self, audience: impl Into<String>) -> Self {
         self.audience = Some(audience.into());
+        self.cache = Arc::new(TokenCache::new());
         self
     }
 
@@ -125,6 +132,7 @@ impl JwtVerifier {
     #[must_use]
     pub fn leeway(mut self, leeway: Duration) -> Self {
         self.leeway = leeway;
+        self.cache = Arc::new(TokenCache::new());
         self
     }
 
@@ -148,15 +156,44 @@ impl JwtVerifier {
         &self,
         headers: &http::HeaderMap,
     ) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
-        let value = headers
-            .get(http::header::AUTHORIZATION)
-            .ok_or(JwtError::Missing)?;
-        let value = value.to_str().map_err(|_| JwtError::Malformed)?.trim();
-        let (scheme, token) = value.split_once(' ').ok_or(JwtError::Missing)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(JwtError::Missing);
+        self.verify(bearer(headers)?)
+    }
+
+    /// Checks the `Authorization` header's bearer token as [`verify_header`] does, without
+    /// returning the claims, answering from a cache of tokens this verifier (or a clone)
+    /// has already verified: a client sending the same token again costs a hash and a
+    /// comparison, not a signature check and two JSON parses. `exp` and `nbf` are checked
+    /// again on every use, so a cached token expires on time. The cache holds up to 1024
+    /// tokens of up to 1 KiB (longer ones are verified every time), only ones whose
+    /// signature and claims passed, so an attacker cannot fill it.
+    ///
+    /// [`verify_header`]: Self::verify_header
+    ///
+    /// # Errors
+    ///
+    /// As [`verify_header`](Self::verify_header).
+    pub fn check_header(&self, headers: &http::HeaderMap) -> Result<(), JwtError> {
+        let token = bearer(headers)?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.check_at(token, now)
+    }
+
+    /// [`check_header`](Self::check_header) for a token, as if the time were `now`.
+    fn check_at(&self, token: &str, now: u64) -> Result<(), JwtError> {
+        if let Some(times) = self.cache.get(token) {
+            return times.check(now, self.leeway.as_secs());
         }
-        self.verify(token.trim())
+        let claims = self.verify_at(token, now)?;
+        // Both were read successfully by `verify_at` when present.
+        let times = Times {
+            exp: claims.get("exp").and_then(|v| numeric_date(v).ok()),
+            nbf: claims.get("nbf").and_then(|v| numeric_date(v).ok()),
+        };
+        self.cache.insert(token, times);
+        Ok(())
     }
 
     /// Verifies a compact token now; on success, its claims.
@@ -215,19 +252,11 @@ impl JwtVerifier {
         mac.verify_slice(&signature)
             .map_err(|_| JwtError::BadSignature)?;
         let claims = decode_json(payload)?;
-        let leeway = self.leeway.as_secs();
-        if let Some(exp) = claims.get("exp") {
-            let exp = numeric_date(exp)?;
-            if now >= exp.saturating_add(leeway) {
-                return Err(JwtError::Expired);
-            }
+        Times {
+            exp: claims.get("exp").map(numeric_date).transpose()?,
+            nbf: claims.get("nbf").map(numeric_date).transpose()?,
         }
-        if let Some(nbf) = claims.get("nbf") {
-            let nbf = numeric_date(nbf)?;
-            if now.saturating_add(leeway) < nbf {
-                return Err(JwtError::NotYetValid);
-            }
-        }
+        .check(now, self.leeway.as_secs())?;
         if let Some(issuer) = &self.issuer {
             if claims.get("iss").and_then(|i| i.as_str()) != Some(issuer.as_str()) {
                 return Err(JwtError::WrongIssuer);
@@ -247,6 +276,103 @@ impl JwtVerifier {
         }
         Ok(claims)
     }
+}
+
+/// The bearer token of an `Authorization` header.
+fn bearer(headers: &http::HeaderMap) -> Result<&str, JwtError> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or(JwtError::Missing)?;
+    let value = value.to_str().map_err(|_| JwtError::Malformed)?.trim();
+    let (scheme, token) = value.split_once(' ').ok_or(JwtError::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(JwtError::Missing);
+    }
+    Ok(token.trim())
+}
+
+/// A token's validity period.
+#[derive(Clone, Copy)]
+struct Times {
+    exp: Option<u64>,
+    nbf: Option<u64>,
+}
+
+impl Times {
+    fn check(self, now: u64, leeway: u64) -> Result<(), JwtError> {
+        if self
+            .exp
+            .is_some_and(|exp| now >= exp.saturating_add(leeway))
+        {
+            return Err(JwtError::Expired);
+        }
+        if self.nbf.is_some_and(|nbf| now.saturating_add(leeway) < nbf) {
+            return Err(JwtError::NotYetValid);
+        }
+        Ok(())
+    }
+}
+
+/// Tokens verified lately: a direct-mapped table, each token in the slot its keyed hash
+/// picks (the key is random per cache, so nobody can aim tokens at one slot), a newer
+/// token replacing an older one.
+struct TokenCache {
+    hasher: std::hash::RandomState,
+    slots: Box<[parking_lot::Mutex<Option<CachedToken>>]>,
+}
+
+struct CachedToken {
+    hash: u64,
+    token: Box<str>,
+    times: Times,
+}
+
+impl TokenCache {
+    const SLOTS: usize = 1024;
+    const MAX_LEN: usize = 1024;
+
+    fn new() -> Self {
+        Self {
+            hasher: std::hash::RandomState::new(),
+            slots: (0..Self::SLOTS)
+                .map(|_| parking_lot::Mutex::new(None))
+                .collect(),
+        }
+    }
+
+    fn slot(&self, hash: u64) -> &parking_lot::Mutex<Option<CachedToken>> {
+        // SLOTS is a power of two.
+        &self.slots[hash as usize & (Self::SLOTS - 1)]
+    }
+
+    fn get(&self, token: &str) -> Option<Times> {
+        if token.len() > Self::MAX_LEN {
+            return None;
+        }
+        let hash = std::hash::BuildHasher::hash_one(&self.hasher, token);
+        let slot = self.slot(hash).lock();
+        let cached = slot.as_ref()?;
+        // The keyed hash first: a different token matches it by chance only. The bytes
+        // then in constant time, so that timing tells nothing of a cached token.
+        (cached.hash == hash && constant_time_eq(cached.token.as_bytes(), token.as_bytes()))
+            .then_some(cached.times)
+    }
+
+    fn insert(&self, token: &str, times: Times) {
+        if token.len() > Self::MAX_LEN {
+            return;
+        }
+        let hash = std::hash::BuildHasher::hash_one(&self.hasher, token);
+        *self.slot(hash).lock() = Some(CachedToken {
+            hash,
+            token: token.into(),
+            times,
+        });
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn decode_json(part: &str) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
@@ -297,6 +423,90 @@ mod tests {
             URL_SAFE_NO_PAD.encode(header),
             URL_SAFE_NO_PAD.encode(payload.to_string())
         )
+    }
+
+    #[test]
+    fn cached_tokens_still_expire_and_wait_for_nbf() {
+        let v = verifier();
+        let token = v.sign(&good());
+        assert!(v.cache.get(&token).is_none());
+        assert_eq!(v.check_at(&token, NOW), Ok(()));
+        assert!(v.cache.get(&token).is_some(), "a verified token is cached");
+        // Served from the cache, with the times checked on every use.
+        assert_eq!(v.check_at(&token, NOW), Ok(()));
+        assert_eq!(v.check_at(&token, NOW + 60), Err(JwtError::Expired));
+        assert_eq!(v.check_at(&token, NOW - 61), Err(JwtError::NotYetValid));
+        // A clone shares the cache; a changed setting starts a new one.
+        assert!(v.clone().cache.get(&token).is_some());
+        let stricter = v.clone().audience("admin");
+        assert!(stricter.cache.get(&token).is_none());
+        assert_eq!(
+            stricter.check_at(&token, NOW),
+            Err(JwtError::WrongAudience),
+            "the cache never answers for another configuration"
+        );
+    }
+
+    #[test]
+    fn only_good_tokens_are_cached() {
+        let v = verifier();
+        let token = v.sign(&good());
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        for _ in 0..2 {
+            assert_eq!(v.check_at(&tampered, NOW), Err(JwtError::BadSignature));
+            assert!(v.cache.get(&tampered).is_none());
+        }
+        let expired = v.sign(&json!({ "iss": "seawall", "aud": "api", "exp": NOW - 1 }));
+        assert_eq!(v.check_at(&expired, NOW), Err(JwtError::Expired));
+        assert!(v.cache.get(&expired).is_none());
+        // A token that differs from a cached one in its last byte is not taken for it.
+        assert_eq!(v.check_at(&token, NOW), Ok(()));
+        assert_eq!(v.check_at(&tampered, NOW), Err(JwtError::BadSignature));
+    }
+
+    #[test]
+    fn check_header_agrees_with_verify_header() {
+        let v = verifier();
+        let token = v.sign(&good());
+        for value in [
+            format!("Bearer {token}"),
+            format!("bearer   {token} "),
+            format!("Basic {token}"),
+            "Bearer a.b.c".to_owned(),
+            "Bearer".to_owned(),
+        ] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(
+                v.check_header(&headers),
+                v.verify_header(&headers).map(|_| ()),
+                "{value}"
+            );
+        }
+        assert_eq!(
+            v.check_header(&http::HeaderMap::new()),
+            Err(JwtError::Missing)
+        );
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let v = verifier();
+        let tokens: Vec<String> = (0..3 * TokenCache::SLOTS)
+            .map(|i| v.sign(&json!({ "iss": "seawall", "aud": "api", "n": i })))
+            .collect();
+        for t in &tokens {
+            assert_eq!(v.check_at(t, NOW), Ok(()));
+        }
+        let cached = v.cache.slots.iter().filter(|s| s.lock().is_some()).count();
+        assert!(cached <= TokenCache::SLOTS);
+        assert_eq!(v.cache.slots.len(), TokenCache::SLOTS);
+        // Too long to be cached: verified every time, and still accepted.
+        let long = v.sign(&json!({ "iss": "seawall", "aud": "api", "pad": "x".repeat(2000) }));
+        assert_eq!(v.check_at(&long, NOW), Ok(()));
+        assert!(v.cache.get(&long).is_none());
     }
 
     #[test]

@@ -318,7 +318,7 @@ impl Route {
 
     async fn respond(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         if let Some(verifier) = &self.auth {
-            if let Err(e) = verifier.verify_header(request.headers()) {
+            if let Err(e) = verifier.check_header(request.headers()) {
                 self.core.stats.unauthorized.fetch_add(1, Relaxed);
                 let mut response = json_error(StatusCode::UNAUTHORIZED, &e.to_string());
                 response.headers_mut().insert(
