@@ -578,6 +578,57 @@ timeout = \"300ms\"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_a_first_instance_are_all_served_when_it_comes() {
+    const WAITING: usize = 8;
+    let registry = Registry::new();
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"late\"
+path_prefix = \"/late\"
+service = \"late\"
+timeout = \"30s\"
+"
+    );
+    let gw = gateway(&config, &registry).await;
+    let http = client();
+    let started = Instant::now();
+    let requests: Vec<_> = (0..WAITING)
+        .map(|i| {
+            let (http, addr) = (http.clone(), gw.local_addr());
+            tokio::spawn(async move {
+                let req = Request::get(format!("http://{addr}/late/{i}"))
+                    .body(Full::default())
+                    .unwrap();
+                send(&http, req).await
+            })
+        })
+        .collect();
+    // Every request reaches the route and waits on the empty balancer: none is answered.
+    timeout(BOUND, async {
+        while gw.gateway().status().routes[0].requests < WAITING as u64 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("every request reaches the route");
+    assert!(requests.iter().all(|r| !r.is_finished()));
+    let a = upstream("a").await;
+    let _r = a.register(&registry, "late");
+    for r in requests {
+        let answer = r.await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        assert_eq!(answer.json()["instance"], "a");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the waiting requests were woken by the new instance, not by their timeout"
+    );
+    assert_eq!(a.hits.load(SeqCst), WAITING);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_do_not_panic() {
     let registry = Registry::new();
     let a = upstream("a").await;

@@ -23,7 +23,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -96,18 +97,119 @@ struct Conn {
     sender: SendRequest<Body>,
     /// `None` once it has finished: closed by the upstream or failed.
     driver: Option<http1::Connection<Io, Body>>,
+    /// The waker everything of this connection is polled with.
+    wake: Arc<LocalWake>,
 }
 
 impl Conn {
+    fn new(sender: SendRequest<Body>, driver: http1::Connection<Io, Body>) -> Self {
+        Self {
+            sender,
+            driver: Some(driver),
+            wake: Arc::new(LocalWake::default()),
+        }
+    }
+
     /// Drives the connection: reads, writes, notices a close. `false` once it has ended.
     fn poll_driver(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(driver) = &mut self.driver {
-            if Pin::new(driver).poll(cx).is_ready() {
-                self.driver = None;
+        poll_driver(&mut self.driver, cx)
+    }
+}
+
+/// [`Conn::poll_driver`] on the driver alone, for when the sender is borrowed elsewhere.
+fn poll_driver(driver: &mut Option<http1::Connection<Io, Body>>, cx: &mut Context<'_>) -> bool {
+    if let Some(d) = driver {
+        if Pin::new(d).poll(cx).is_ready() {
+            *driver = None;
+        }
+    }
+    driver.is_some()
+}
+
+/// The driver and the futures fed by it (the response, the response body, the `want`
+/// signals) live on one task, so most of their wake-ups are the task waking itself in the
+/// middle of its own poll: the driver completes the response and wakes whoever awaits
+/// it, that is, the same task. tokio answers a task woken during its own poll by
+/// rescheduling it and waking an idle worker to share the load — a futex call, a thread
+/// woken for nothing, often the task moved to the other core. Polled through this waker,
+/// such a wake-up only marks the poll to be run again at once (`poll_local`); wake-ups from
+/// outside the poll (the socket became readable) reach the task.
+#[derive(Default)]
+struct LocalWake {
+    state: AtomicU8,
+    task: parking_lot::Mutex<Option<Waker>>,
+}
+
+const IDLE: u8 = 0;
+const POLLING: u8 = 1;
+const WOKEN: u8 = 2;
+
+impl Wake for LocalWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            match state {
+                POLLING => {
+                    match self.state.compare_exchange_weak(
+                        POLLING,
+                        WOKEN,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => return,
+                        Err(now) => state = now,
+                    }
+                }
+                WOKEN => return,
+                _ => {
+                    if let Some(task) = &*self.task.lock() {
+                        task.wake_by_ref();
+                    }
+                    return;
+                }
             }
         }
-        self.driver.is_some()
     }
+}
+
+/// Runs `poll` with `wake`'s waker on behalf of the task of `cx`, again as long as it was
+/// woken during the run, until it is ready or pending without a wake-up of its own.
+fn poll_local<T>(
+    wake: &Arc<LocalWake>,
+    cx: &Context<'_>,
+    mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>,
+) -> Poll<T> {
+    {
+        let mut task = wake.task.lock();
+        if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+            *task = Some(cx.waker().clone());
+        }
+    }
+    let waker = Waker::from(wake.clone());
+    let mut local = Context::from_waker(&waker);
+    // Bounded like tokio's own budget: a connection busy enough to wake itself forever
+    // yields to the rest of the task now and then.
+    for _ in 0..32 {
+        wake.state.store(POLLING, Ordering::Release);
+        if let Poll::Ready(out) = poll(&mut local) {
+            wake.state.store(IDLE, Ordering::Release);
+            return Poll::Ready(out);
+        }
+        if wake
+            .state
+            .compare_exchange(POLLING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return Poll::Pending;
+        }
+    }
+    wake.state.store(IDLE, Ordering::Release);
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 /// The idle connections of one endpoint.
@@ -180,21 +282,21 @@ impl EndpointPool {
         let (sender, driver) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Http)?;
-        Ok(Conn {
-            sender,
-            driver: Some(driver),
-        })
+        Ok(Conn::new(sender, driver))
     }
 
     /// An idle connection ready for a request (an idle one the upstream closed is
     /// noticed here and dropped), or a new one. `true` with a reused connection.
     async fn ready_conn(&self) -> Result<(Conn, bool), UpstreamError> {
         while let Some(mut conn) = self.checkout() {
+            let wake = conn.wake.clone();
             let ready = std::future::poll_fn(|cx| {
-                if !conn.poll_driver(cx) {
-                    return Poll::Ready(false);
-                }
-                conn.sender.poll_ready(cx).map(|r| r.is_ok())
+                poll_local(&wake, cx, |cx| {
+                    if !conn.poll_driver(cx) {
+                        return Poll::Ready(false);
+                    }
+                    conn.sender.poll_ready(cx).map(|r| r.is_ok())
+                })
             })
             .await;
             if ready {
@@ -213,18 +315,29 @@ impl EndpointPool {
             .headers_mut()
             .insert(header::HOST, self.host.clone());
         let (mut conn, reused) = self.ready_conn().await?;
-        let mut exchange = std::pin::pin!(conn.sender.try_send_request(request));
-        let result = std::future::poll_fn(|cx| {
-            conn.poll_driver(cx);
-            match exchange.as_mut().poll(cx) {
-                // The driver ended without answering: dropping it fails the exchange.
-                Poll::Pending if conn.driver.is_none() => Poll::Ready(Err(None)),
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
-                Poll::Ready(Err(e)) => Poll::Ready(Err(Some(e))),
-            }
-        })
-        .await;
+        let result = {
+            let Conn {
+                sender,
+                driver,
+                wake,
+            } = &mut conn;
+            // Sent on the first poll, inside `poll_local`: sending wakes the driver's waker,
+            // which is this task's.
+            let mut exchange = std::pin::pin!(async { sender.try_send_request(request).await });
+            std::future::poll_fn(|cx| {
+                poll_local(wake, cx, |cx| {
+                    poll_driver(driver, cx);
+                    match exchange.as_mut().poll(cx) {
+                        // The driver ended without answering: dropping it fails the exchange.
+                        Poll::Pending if driver.is_none() => Poll::Ready(Err(None)),
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(Some(e))),
+                    }
+                })
+            })
+            .await
+        };
         let response = match result {
             Ok(response) => response,
             Err(None) => {
@@ -248,16 +361,27 @@ impl EndpointPool {
         request: Request<Body>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let mut conn = self.connect().await?;
-        let mut exchange = std::pin::pin!(conn.sender.send_request(request));
-        let response = std::future::poll_fn(|cx| {
-            conn.poll_driver(cx);
-            match exchange.as_mut().poll(cx) {
-                Poll::Pending if conn.driver.is_none() => Poll::Ready(Err(UpstreamError::Closed)),
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(r) => Poll::Ready(r.map_err(UpstreamError::Http)),
-            }
-        })
-        .await?;
+        let response = {
+            let Conn {
+                sender,
+                driver,
+                wake,
+            } = &mut conn;
+            let mut exchange = std::pin::pin!(async { sender.send_request(request).await });
+            std::future::poll_fn(|cx| {
+                poll_local(wake, cx, |cx| {
+                    poll_driver(driver, cx);
+                    match exchange.as_mut().poll(cx) {
+                        Poll::Pending if driver.is_none() => {
+                            Poll::Ready(Err(UpstreamError::Closed))
+                        }
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(r) => Poll::Ready(r.map_err(UpstreamError::Http)),
+                    }
+                })
+            })
+            .await?
+        };
         Ok(response.map(|body| PooledBody::new(body, conn, self)))
     }
 }
@@ -282,9 +406,9 @@ impl PooledBody {
 
     /// The body has ended: the connection goes back to the pool if it is ready for
     /// another request (not if it is closing, or still sending this request's body).
-    fn release(&mut self, cx: &mut Context<'_>) {
-        if let Some(mut conn) = self.conn.take() {
-            if conn.poll_driver(cx) && conn.sender.is_ready() {
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if conn.driver.is_some() && conn.sender.is_ready() {
                 self.pool.put(conn);
             }
         }
@@ -295,8 +419,12 @@ impl Drop for PooledBody {
     fn drop(&mut self) {
         // An empty body (`HEAD`, `204`, `Content-Length: 0`) or one whose last frame
         // said so may be dropped without being polled to its `None`.
-        if self.conn.is_some() && hyper::body::Body::is_end_stream(&self.body) {
-            self.release(&mut Context::from_waker(Waker::noop()));
+        if hyper::body::Body::is_end_stream(&self.body) {
+            if let Some(conn) = &mut self.conn {
+                // Nobody to wake: the pool's next user polls it with its own waker.
+                conn.poll_driver(&mut Context::from_waker(Waker::noop()));
+            }
+            self.release();
         }
     }
 }
@@ -310,13 +438,24 @@ impl hyper::body::Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some(conn) = &mut this.conn {
+        let Some(conn) = &mut this.conn else {
+            // Released or failed: the body is all that is left.
+            return Pin::new(&mut this.body).poll_frame(cx);
+        };
+        let (wake, body) = (conn.wake.clone(), &mut this.body);
+        let frame = poll_local(&wake, cx, |cx| {
             conn.poll_driver(cx);
-        }
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
+            let frame = Pin::new(&mut *body).poll_frame(cx);
+            if matches!(frame, Poll::Ready(None)) || body.is_end_stream() {
+                // The end: one more turn of the driver so that it takes in the end of
+                // the exchange and is ready for the next request.
+                conn.poll_driver(cx);
+            }
+            frame
+        });
         match &frame {
-            Poll::Ready(None) => this.release(cx),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(cx),
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
             Poll::Ready(Some(Ok(_))) => {}
             // A failed body leaves the connection in an unknown state: it goes.
             Poll::Ready(Some(Err(_))) => this.conn = None,

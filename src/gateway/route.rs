@@ -126,25 +126,38 @@ impl SharedBalance {
 
     async fn call(&self, request: Request<Body>) -> Result<Response<PooledBody>, BoxError> {
         let mut request = Some(request);
+        // Whether this task's waker may be among the waiters: only then is there one to
+        // take out. The common case (an endpoint ready at once) touches no waiter list.
+        let mut waiting = false;
         let future = std::future::poll_fn(|cx| {
             let mut balance = self.balance.lock();
-            {
-                let mut waiters = self.waiters.0.lock();
-                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                    waiters.push(cx.waker().clone());
-                }
-            }
             let mut fanout = Context::from_waker(&self.fanout);
-            let out = match Service::<Request<Body>>::poll_ready(&mut *balance, &mut fanout) {
-                Poll::Ready(Ok(())) => match request.take() {
-                    Some(r) => Poll::Ready(Ok(Service::<Request<Body>>::call(&mut *balance, r))),
-                    None => Poll::Ready(Err(BoxError::from("request already sent"))),
-                },
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+            let mut registered = false;
+            let ready = loop {
+                match Service::<Request<Body>>::poll_ready(&mut *balance, &mut fanout) {
+                    Poll::Ready(ready) => break ready,
+                    Poll::Pending if registered => return Poll::Pending,
+                    Poll::Pending => {
+                        // Registered (again: a wake-up takes every waker), then polled once
+                        // more: a wake-up between the first poll and the registration
+                        // would otherwise be lost.
+                        let mut waiters = self.waiters.0.lock();
+                        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                            waiters.push(cx.waker().clone());
+                        }
+                        registered = true;
+                        waiting = true;
+                    }
+                }
             };
-            self.waiters.0.lock().retain(|w| !w.will_wake(cx.waker()));
-            out
+            if waiting {
+                self.waiters.0.lock().retain(|w| !w.will_wake(cx.waker()));
+                waiting = false;
+            }
+            Poll::Ready(ready.and_then(|()| match request.take() {
+                Some(r) => Ok(Service::<Request<Body>>::call(&mut *balance, r)),
+                None => Err(BoxError::from("request already sent")),
+            }))
         })
         .await?;
         future.await
