@@ -480,3 +480,93 @@ impl fmt::Debug for PooledBody {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts the wake-ups of the task.
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    impl Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_wake_up_inside_the_poll_reruns_it_without_waking_the_task() {
+        let task = Arc::new(Counting::default());
+        let task_waker = Waker::from(task.clone());
+        let cx = Context::from_waker(&task_waker);
+        let wake = Arc::new(LocalWake::default());
+        let mut runs = 0;
+        let out = poll_local(&wake, &cx, |cx| {
+            runs += 1;
+            if runs < 3 {
+                // What the driver does when it completes what this poll awaits.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            } else {
+                Poll::Ready(runs)
+            }
+        });
+        assert_eq!(out, Poll::Ready(3));
+        assert_eq!(task.0.load(Ordering::SeqCst), 0, "the task was not woken");
+    }
+
+    #[test]
+    fn a_wake_up_from_outside_reaches_the_task() {
+        let task = Arc::new(Counting::default());
+        let task_waker = Waker::from(task.clone());
+        let cx = Context::from_waker(&task_waker);
+        let wake = Arc::new(LocalWake::default());
+        let mut stored = None;
+        let out: Poll<()> = poll_local(&wake, &cx, |cx| {
+            // A socket registering the waker for readiness.
+            stored = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        assert_eq!(out, Poll::Pending);
+        assert_eq!(task.0.load(Ordering::SeqCst), 0);
+        // The socket became readable, long after the poll.
+        stored.expect("registered").wake();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_connection_waking_itself_forever_yields_to_its_task() {
+        let task = Arc::new(Counting::default());
+        let task_waker = Waker::from(task.clone());
+        let cx = Context::from_waker(&task_waker);
+        let wake = Arc::new(LocalWake::default());
+        let mut runs = 0;
+        let out: Poll<()> = poll_local(&wake, &cx, |cx| {
+            runs += 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        });
+        assert_eq!(out, Poll::Pending);
+        assert_eq!(runs, 32, "bounded");
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "and woken to come back");
+    }
+
+    #[test]
+    fn the_latest_task_is_the_one_woken() {
+        let (first, second) = (Arc::new(Counting::default()), Arc::new(Counting::default()));
+        let wake = Arc::new(LocalWake::default());
+        let mut stored = None;
+        for task in [&first, &second] {
+            let waker = Waker::from(task.clone());
+            let _: Poll<()> = poll_local(&wake, &Context::from_waker(&waker), |cx| {
+                stored = Some(cx.waker().clone());
+                Poll::Pending
+            });
+        }
+        stored.expect("registered").wake();
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+    }
+}
