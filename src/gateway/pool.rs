@@ -315,74 +315,57 @@ impl EndpointPool {
             .headers_mut()
             .insert(header::HOST, self.host.clone());
         let (mut conn, reused) = self.ready_conn().await?;
-        let result = {
-            let Conn {
-                sender,
-                driver,
-                wake,
-            } = &mut conn;
-            // Sent on the first poll, inside `poll_local`: sending wakes the driver's waker,
-            // which is this task's.
-            let mut exchange = std::pin::pin!(async { sender.try_send_request(request).await });
-            std::future::poll_fn(|cx| {
-                poll_local(wake, cx, |cx| {
-                    poll_driver(driver, cx);
-                    match exchange.as_mut().poll(cx) {
-                        // The driver ended without answering: dropping it fails the exchange.
-                        Poll::Pending if driver.is_none() => Poll::Ready(Err(None)),
-                        Poll::Pending => Poll::Pending,
-                        Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
-                        Poll::Ready(Err(e)) => Poll::Ready(Err(Some(e))),
-                    }
-                })
-            })
-            .await
-        };
-        let response = match result {
+        let response = match conn.exchange(request).await {
             Ok(response) => response,
-            Err(None) => {
-                return Err(UpstreamError::Closed);
+            // Not written: a reused connection closed under us. Once more, on a new one.
+            Err(Unsent(Some(request), _)) if reused => {
+                conn = self.connect().await?;
+                conn.exchange(request).await?
             }
-            Err(Some(mut e)) => match e.take_message() {
-                // Not written: the connection closed under us. Once more, on a new one.
-                Some(request) if reused => {
-                    drop(conn);
-                    return Box::pin(self.send_fresh(request)).await;
-                }
-                _ => return Err(UpstreamError::Http(e.into_error())),
-            },
+            Err(e) => return Err(e.into()),
         };
         Ok(response.map(|body| PooledBody::new(body, conn, self)))
     }
+}
 
-    /// Sends `request` on a new connection.
-    async fn send_fresh(
-        self: Arc<Self>,
-        request: Request<Body>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        let mut conn = self.connect().await?;
-        let response = {
-            let Conn {
-                sender,
-                driver,
-                wake,
-            } = &mut conn;
-            let mut exchange = std::pin::pin!(async { sender.send_request(request).await });
-            std::future::poll_fn(|cx| {
-                poll_local(wake, cx, |cx| {
-                    poll_driver(driver, cx);
-                    match exchange.as_mut().poll(cx) {
-                        Poll::Pending if driver.is_none() => {
-                            Poll::Ready(Err(UpstreamError::Closed))
-                        }
-                        Poll::Pending => Poll::Pending,
-                        Poll::Ready(r) => Poll::Ready(r.map_err(UpstreamError::Http)),
+/// Why an exchange failed, with the request when it was not written at all.
+struct Unsent(Option<Request<Body>>, UpstreamError);
+
+impl From<Unsent> for UpstreamError {
+    fn from(e: Unsent) -> Self {
+        e.1
+    }
+}
+
+impl Conn {
+    /// Sends `request` and drives the connection until the response head.
+    async fn exchange(&mut self, request: Request<Body>) -> Result<Response<Incoming>, Unsent> {
+        let Conn {
+            sender,
+            driver,
+            wake,
+        } = self;
+        // Sent on the first poll, inside `poll_local`: sending wakes the driver's waker,
+        // which is this task's.
+        let mut exchange = std::pin::pin!(async { sender.try_send_request(request).await });
+        std::future::poll_fn(|cx| {
+            poll_local(wake, cx, |cx| {
+                poll_driver(driver, cx);
+                match exchange.as_mut().poll(cx) {
+                    // The driver ended without answering: dropping it fails the exchange.
+                    Poll::Pending if driver.is_none() => {
+                        Poll::Ready(Err(Unsent(None, UpstreamError::Closed)))
                     }
-                })
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
+                    Poll::Ready(Err(mut e)) => {
+                        let request = e.take_message();
+                        Poll::Ready(Err(Unsent(request, UpstreamError::Http(e.into_error()))))
+                    }
+                }
             })
-            .await?
-        };
-        Ok(response.map(|body| PooledBody::new(body, conn, self)))
+        })
+        .await
     }
 }
 

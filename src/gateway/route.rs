@@ -570,22 +570,22 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// The hop-by-hop headers of RFC 9110 §7.6.1 with a name of their own in `http`.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
 /// Drops the hop-by-hop headers of RFC 9110 §7.6.1, and those `Connection` names. Most
 /// messages have none: one pass over the names finds out, without a lookup per name.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let hop_by_hop = |name: &HeaderName| {
-        [
-            header::CONNECTION,
-            header::PROXY_AUTHENTICATE,
-            header::PROXY_AUTHORIZATION,
-            header::TE,
-            header::TRAILER,
-            header::TRANSFER_ENCODING,
-            header::UPGRADE,
-        ]
-        .contains(name)
-            || name == "keep-alive"
-            || name == "proxy-connection"
+        HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
     };
     if !headers.keys().any(hop_by_hop) {
         return;
@@ -597,18 +597,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for name in named.into_iter().chain(HOP_BY_HOP) {
         headers.remove(name);
     }
     headers.remove("keep-alive");
