@@ -25,6 +25,9 @@
 //!   what the run can send, an endpoint breaker, outlier detection, a timeout and a
 //!   fallback;
 //! - `gw full+jwt`: `gw full` with `auth = true` (HS256, a valid token on every request).
+//! - `gw full, threads`: `gw full` served by `Gateway::spawn_threads` on as many threads
+//!   as the gateway runtime has workers, each with its own current-thread runtime and
+//!   `SO_REUSEPORT` listener (nginx's model); its CPU is that of those threads.
 //!
 //! Two scenarios, each with its own table, its own upstream instances, proxies and
 //! gateways, and its own `direct` baseline for the "vs direct" columns:
@@ -111,7 +114,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use seawall::gateway::jwt::JwtVerifier;
-use seawall::gateway::{Discovery, FALLBACK_HEADER, Gateway, GatewayConfig, GatewayHandle};
+use seawall::gateway::{
+    Discovery, FALLBACK_HEADER, Gateway, GatewayConfig, GatewayHandle, GatewayThreads,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
@@ -305,6 +310,22 @@ fn current_tid() -> Option<u32> {
         .to_str()?
         .parse()
         .ok()
+}
+
+/// The ids of this process's threads whose names start with `prefix`.
+fn threads_named(prefix: &str) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            comm.starts_with(prefix)
+                .then(|| t.file_name().to_str()?.parse().ok())
+                .flatten()
+        })
+        .collect()
 }
 
 /// Nanoseconds on CPU of one task: the first field of its `schedstat`.
@@ -569,16 +590,18 @@ enum Target {
     GwRouting,
     GwFull,
     GwJwt,
+    GwThreads,
 }
 
 impl Target {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::Direct,
         Self::HyperProxy,
         Self::Nginx,
         Self::GwRouting,
         Self::GwFull,
         Self::GwJwt,
+        Self::GwThreads,
     ];
 
     fn name(self) -> &'static str {
@@ -589,6 +612,7 @@ impl Target {
             Self::GwRouting => "gw routing",
             Self::GwFull => "gw full",
             Self::GwJwt => "gw full+jwt",
+            Self::GwThreads => "gw full, threads",
         }
     }
 }
@@ -675,6 +699,8 @@ struct Scenario {
     nginx: Option<SocketAddr>,
     /// `gw routing`, `gw full`, `gw full+jwt`.
     gateways: [GatewayHandle; 3],
+    /// `gw full, threads`: `gw full` served by `Gateway::spawn_threads`.
+    threads: GatewayThreads,
 }
 
 impl Scenario {
@@ -697,6 +723,18 @@ impl Scenario {
             start_gateway(rt, &instances, true, false),
             start_gateway(rt, &instances, true, true),
         ];
+        let threads = rt.block_on(async {
+            let config = GatewayConfig::from_toml_str(&gateway_config(&instances, true, false))
+                .expect("toml");
+            Gateway::build(config, Discovery::Static)
+                .await
+                .expect("gateway")
+                .spawn_threads(
+                    "127.0.0.1:0".parse().expect("addr"),
+                    workers().try_into().expect("at least one worker"),
+                )
+                .expect("gateway threads")
+        });
         Self {
             title,
             concurrency,
@@ -705,6 +743,7 @@ impl Scenario {
             proxy,
             nginx,
             gateways,
+            threads,
         }
     }
 
@@ -717,20 +756,28 @@ impl Scenario {
             Target::GwRouting => Some(self.gateways[0].local_addr()),
             Target::GwFull => Some(self.gateways[1].local_addr()),
             Target::GwJwt => Some(self.gateways[2].local_addr()),
+            Target::GwThreads => Some(self.threads.local_addr()),
         }
     }
 
     /// Each selected gateway served every request from an upstream, spread over all three.
     fn check_status(&self) {
-        for (handle, target) in
-            self.gateways
-                .iter()
-                .zip([Target::GwRouting, Target::GwFull, Target::GwJwt])
+        for (gateway, target) in self
+            .gateways
+            .iter()
+            .map(GatewayHandle::gateway)
+            .chain([self.threads.gateway()])
+            .zip([
+                Target::GwRouting,
+                Target::GwFull,
+                Target::GwJwt,
+                Target::GwThreads,
+            ])
         {
             if !selected(target) {
                 continue;
             }
-            let status = handle.gateway().status();
+            let status = gateway.status();
             let route = &status.routes[0];
             assert_eq!(route.rate_limited, 0, "a request was rate limited");
             assert_eq!(route.fallbacks, 0, "a fallback was served");
@@ -972,6 +1019,8 @@ fn main() {
             nginx_addrs.as_ref().map(|a| a[1]),
         ),
     ];
+    // The threads of `Gateway::spawn_threads`, found by their names.
+    let threads_cpu = Cpu::Threads(Arc::new(Mutex::new(threads_named("seawall-gw-"))));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -992,12 +1041,13 @@ fn main() {
     let run = |addr: SocketAddr, target: Target, concurrency: usize, n: usize| -> Run {
         let (path, auth) = match target {
             Target::Direct | Target::HyperProxy | Target::Nginx => ("/items/1", None),
-            Target::GwRouting | Target::GwFull => ("/api/items/1", None),
+            Target::GwRouting | Target::GwFull | Target::GwThreads => ("/api/items/1", None),
             Target::GwJwt => ("/api/items/1", Some(token.clone())),
         };
         let proxy_cpu = match target {
             Target::Direct => &Cpu::None,
             Target::Nginx => &nginx_cpu,
+            Target::GwThreads => &threads_cpu,
             _ => &server_cpu,
         };
         let before = (proxy_cpu.sample(), upstream_cpu.sample());
@@ -1094,6 +1144,7 @@ fn main() {
             for handle in scenario.gateways {
                 handle.shutdown().await;
             }
+            scenario.threads.shutdown();
         }
     });
 }

@@ -1003,3 +1003,91 @@ async fn shutdown_gives_up_on_a_request_held_past_the_drain_bound() {
     assert!(cut.is_err(), "the held request was answered: {cut:?}");
     assert_eq!(a.hits.load(SeqCst), 1);
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_threads_serve_with_shared_limits_and_shut_down() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 5;
+    let registry = Registry::new();
+    let a = upstream("a").await;
+    let _r = a.register(&registry, "svc");
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"api\"
+path_prefix = \"/api\"
+service = \"svc\"
+
+[routes.rate_limit]
+global = {{ per_second = 1, burst = 10 }}
+"
+    );
+    let gw = Gateway::build(
+        GatewayConfig::from_toml_str(&config).unwrap(),
+        Discovery::Registry(registry.clone()),
+    )
+    .await
+    .unwrap();
+    // An address taken by a socket without SO_REUSEPORT is refused, with no thread left.
+    let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = gw
+        .clone()
+        .spawn_threads(taken.local_addr().unwrap(), 2.try_into().unwrap());
+    assert!(refused.is_err(), "bound a port in use");
+    drop(taken);
+
+    let threads = gw
+        .spawn_threads("127.0.0.1:0".parse().unwrap(), 2.try_into().unwrap())
+        .unwrap();
+    let addr = threads.local_addr();
+    let started = Instant::now();
+    // Each client its own connection: the kernel spreads them over the threads.
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            tokio::spawn(async move {
+                let http = client();
+                let mut statuses = Vec::new();
+                for i in 0..EACH {
+                    let req = Request::get(format!("http://{addr}/api/{i}"))
+                        .body(Full::default())
+                        .unwrap();
+                    statuses.push(send(&http, req).await.status);
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let limited = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(ok + limited, CLIENTS * EACH, "{statuses:?}");
+    // One bucket for every thread: its burst, plus what it refilled meanwhile.
+    let refilled = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        (10..=10 + refilled).contains(&ok),
+        "{ok} admitted: the threads did not share the global limit"
+    );
+    let status = threads.gateway().status();
+    assert_eq!(status.routes[0].requests, (CLIENTS * EACH) as u64);
+    assert_eq!(status.routes[0].rate_limited, limited as u64);
+    assert_eq!(a.hits.load(SeqCst), ok);
+
+    timeout(
+        BOUND,
+        tokio::task::spawn_blocking(move || threads.shutdown()),
+    )
+    .await
+    .expect("the threads stop within their drain bound")
+    .unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "nothing listens once the threads are down"
+    );
+}

@@ -184,6 +184,8 @@ pub use config::{
     RouteConfig, ServerConfig, ServiceConfig, StrategyName,
 };
 pub use route::{Body, FALLBACK_HEADER};
+#[cfg(unix)]
+pub use server::GatewayThreads;
 pub use server::{
     BuildError, Discovery, Gateway, GatewayHandle, METRICS_PATH, STATUS_PAGE_PATH, STATUS_PATH,
 };

@@ -44,7 +44,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection may stay idle in the pool before it is closed on the next use of
 /// the pool.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Idle connections kept per endpoint; more are closed as they are returned.
+/// Idle connections kept per endpoint (and per thread of
+/// [`Gateway::spawn_threads`](super::Gateway::spawn_threads)); more are closed as they are
+/// returned.
 const MAX_IDLE: usize = 128;
 
 /// Why a request could not be forwarded to an endpoint.
@@ -212,20 +214,41 @@ fn poll_local<T>(
     Poll::Pending
 }
 
+/// Shards of idle connections per endpoint (see [`set_thread_shard`]).
+const SHARDS: usize = 16;
+
+std::thread_local! {
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes this thread use its own shard of every pool: the threads of
+/// [`Gateway::spawn_threads`](super::Gateway::spawn_threads) each run a runtime of their
+/// own, and a connection belongs to the runtime whose reactor it is registered with, so
+/// each thread keeps its own idle connections. Threads of any other runtime share shard
+/// 0: tasks move between the workers of one runtime, and so may its connections.
+pub(crate) fn set_thread_shard(index: usize) {
+    SHARD.with(|s| s.set(index % SHARDS));
+}
+
+type Idle = parking_lot::Mutex<VecDeque<(Conn, Instant)>>;
+
 /// The idle connections of one endpoint.
 pub(crate) struct EndpointPool {
     target: Target,
     /// The `Host` header sent upstream: the endpoint's authority.
     host: HeaderValue,
-    /// Oldest first; taken from the back.
-    idle: parking_lot::Mutex<VecDeque<(Conn, Instant)>>,
+    /// Per shard, oldest first; taken from the back.
+    idle: Box<[Idle]>,
 }
 
 impl fmt::Debug for EndpointPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EndpointPool")
             .field("target", &self.target)
-            .field("idle", &self.idle.lock().len())
+            .field(
+                "idle",
+                &self.idle.iter().map(|i| i.lock().len()).sum::<usize>(),
+            )
             .finish()
     }
 }
@@ -241,13 +264,20 @@ impl EndpointPool {
         Arc::new(Self {
             target,
             host,
-            idle: parking_lot::Mutex::new(VecDeque::new()),
+            idle: (0..SHARDS)
+                .map(|_| parking_lot::Mutex::new(VecDeque::new()))
+                .collect(),
         })
+    }
+
+    /// This thread's idle connections.
+    fn shard(&self) -> &Idle {
+        &self.idle[SHARD.with(std::cell::Cell::get)]
     }
 
     /// The most recently returned idle connection, closing any that idled too long.
     fn checkout(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock();
+        let mut idle = self.shard().lock();
         let now = Instant::now();
         while idle
             .front()
@@ -260,7 +290,7 @@ impl EndpointPool {
 
     /// Puts a connection whose last exchange is over back in the pool.
     fn put(&self, conn: Conn) {
-        let mut idle = self.idle.lock();
+        let mut idle = self.shard().lock();
         if idle.len() >= MAX_IDLE {
             // The oldest goes: the newest is the one most likely to be reused warm.
             idle.pop_front();

@@ -326,6 +326,152 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Serves `addr` on `threads` threads of its own, each with its own current-thread
+    /// runtime and its own listening socket (`SO_REUSEPORT`: the kernel spreads the
+    /// connections), the way nginx runs its worker processes. A connection and its
+    /// upstream connections stay on one thread, so no request wakes another thread, and
+    /// each thread keeps its own idle upstream connections; routes, limits, breakers,
+    /// balancers and counters stay shared by all the threads. On a 2-core machine this
+    /// served about 10% more requests than a 2-worker multi-thread runtime, and added
+    /// 10–40 µs less at p99 for one caller (`benches/gateway.rs`).
+    ///
+    /// Consul discovery goes on in the runtime that built the gateway, which must keep
+    /// running. Unix only.
+    ///
+    /// # Errors
+    ///
+    /// When a socket cannot be bound (the address is taken) or a runtime cannot be
+    /// built; no thread is left running then.
+    #[cfg(unix)]
+    pub fn spawn_threads(
+        self,
+        addr: SocketAddr,
+        threads: std::num::NonZeroUsize,
+    ) -> std::io::Result<GatewayThreads> {
+        // Every socket takes SO_REUSEPORT before its bind; the first resolves port 0.
+        let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpSocket> {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            Ok(socket)
+        };
+        let first = bind(addr)?;
+        let local_addr = first.local_addr()?;
+        let mut sockets = vec![first];
+        for _ in 1..threads.get() {
+            sockets.push(bind(local_addr)?);
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let mut handles = Vec::with_capacity(sockets.len());
+        let mut started = Vec::with_capacity(sockets.len());
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let (gateway, mut stop_rx) = (self.clone(), stop_rx.clone());
+            let (tx, rx) = std::sync::mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("seawall-gw-{i}"))
+                .spawn(move || {
+                    super::pool::set_thread_shard(i + 1);
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        let listener = match socket.listen(1024) {
+                            Ok(listener) => listener,
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        };
+                        let _ = tx.send(Ok(()));
+                        gateway
+                            .serve_inner(
+                                listener,
+                                async move { stopped(&mut stop_rx).await },
+                                Duration::from_secs(10),
+                            )
+                            .await;
+                    });
+                });
+            match thread {
+                Ok(handle) => {
+                    handles.push(handle);
+                    started.push(rx);
+                }
+                Err(e) => {
+                    let _ = stop.send(true);
+                    return Err(e);
+                }
+            }
+        }
+        let threads = GatewayThreads {
+            local_addr,
+            gateway: self,
+            stop,
+            threads: handles,
+        };
+        for rx in started {
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    threads.shutdown();
+                    return Err(e);
+                }
+                Err(_) => {
+                    threads.shutdown();
+                    return Err(std::io::Error::other(
+                        "a gateway thread died while starting",
+                    ));
+                }
+            }
+        }
+        Ok(threads)
+    }
+}
+
+/// A gateway serving on threads of its own ([`Gateway::spawn_threads`]).
+#[derive(Debug)]
+pub struct GatewayThreads {
+    local_addr: SocketAddr,
+    gateway: Gateway,
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl GatewayThreads {
+    /// The address every thread listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The gateway (for its status).
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Stops accepting connections, lets requests in flight finish (for 10 s at most) and
+    /// returns once every thread is done. Blocks the calling thread: from async code, call
+    /// it through `tokio::task::spawn_blocking`.
+    pub fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Resolves once the stop flag is set (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     while !*stop.borrow_and_update() {
