@@ -332,9 +332,11 @@ impl Gateway {
     /// connections), the way nginx runs its worker processes. A connection and its
     /// upstream connections stay on one thread, so no request wakes another thread, and
     /// each thread keeps its own idle upstream connections; routes, limits, breakers,
-    /// balancers and counters stay shared by all the threads. On a 2-core machine this
-    /// served about 10% more requests than a 2-worker multi-thread runtime, and added
-    /// 10–40 µs less at p99 for one caller (`benches/gateway.rs`).
+    /// balancers and counters stay shared by all the threads. On a 2-core machine, with
+    /// two threads against a 2-worker multi-thread runtime, it served 9–10% more requests
+    /// when the cores were saturated, and added half as much at p99 (50–150 µs against
+    /// 100–290 µs) in front of an upstream taking 1 ms at 16 concurrent callers
+    /// (`benches/gateway.rs`).
     ///
     /// Consul discovery goes on in the runtime that built the gateway, which must keep
     /// running. Unix only.
