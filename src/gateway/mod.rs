@@ -41,6 +41,15 @@
 //! endpoint for a moment) as fatal and would fail every later request of the route, and
 //! adds a channel hop and a task per route.
 //!
+//! ## Serving
+//!
+//! [`Gateway::serve`] / [`Gateway::serve_with_shutdown`] serve a listener on the caller's
+//! runtime, [`Gateway::spawn`] on a task of its own with a [`GatewayHandle`] for graceful
+//! shutdown. On Unix, [`Gateway::spawn_threads`] serves on threads of its own, each with a
+//! current-thread runtime and an `SO_REUSEPORT` listener (nginx's model): no request
+//! crosses threads, which costs less CPU per request than a multi-thread runtime when
+//! the cores are busy.
+//!
 //! ## Configuration
 //!
 //! ```toml
