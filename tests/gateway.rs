@@ -188,10 +188,14 @@ async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Answer {
 }
 
 async fn get(client: &HttpClient, gw: &GatewayHandle, path: &str) -> Answer {
-    let req = Request::get(format!("http://{}{path}", gw.local_addr()))
+    send(client, get_request(gw.local_addr(), path)).await
+}
+
+/// A GET of `path` from the gateway at `addr`.
+fn get_request(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("http://{addr}{path}"))
         .body(Full::default())
-        .unwrap();
-    send(client, req).await
+        .unwrap()
 }
 
 async fn gateway(config: &str, registry: &Registry) -> GatewayHandle {
@@ -552,9 +556,7 @@ timeout = \"300ms\"
         let (http, addr) = (http.clone(), gw.local_addr());
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
-            let req = Request::get(format!("http://{addr}/slow"))
-                .body(Full::default())
-                .unwrap();
+            let req = get_request(addr, "/slow");
             let answer = send(&http, req).await;
             (answer.status, answer.json(), start.elapsed())
         }));
@@ -597,9 +599,7 @@ timeout = \"30s\"
         .map(|i| {
             let (http, addr) = (http.clone(), gw.local_addr());
             tokio::spawn(async move {
-                let req = Request::get(format!("http://{addr}/late/{i}"))
-                    .body(Full::default())
-                    .unwrap();
+                let req = get_request(addr, &format!("/late/{i}"));
                 send(&http, req).await
             })
         })
@@ -727,9 +727,7 @@ outlier = {{ consecutive_failures = 3, base_ejection = \"5s\", max_ejected_perce
                 if i == REQUESTS / 5 {
                     bad.store(FAIL, SeqCst); // instance c starts failing
                 }
-                let req = Request::get(format!("http://{addr}/load/{i}"))
-                    .body(Full::default())
-                    .unwrap();
+                let req = get_request(addr, &format!("/load/{i}"));
                 let answer = send(&http, req).await;
                 assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
                 if answer.is_fallback() {
@@ -832,9 +830,7 @@ async fn shutdown_lets_requests_in_flight_finish() {
     for i in 0..N {
         // A client each, so a connection each.
         let http = client();
-        let req = Request::get(format!("http://{addr}/slow/{i}"))
-            .body(Full::default())
-            .unwrap();
+        let req = get_request(addr, &format!("/slow/{i}"));
         requests.push(tokio::spawn(async move { send(&http, req).await }));
     }
     a.wait_for_hits(N).await;
@@ -1049,9 +1045,7 @@ global = {{ per_second = 1, burst = 10 }}
                 let http = client();
                 let mut statuses = Vec::new();
                 for i in 0..EACH {
-                    let req = Request::get(format!("http://{addr}/api/{i}"))
-                        .body(Full::default())
-                        .unwrap();
+                    let req = get_request(addr, &format!("/api/{i}"));
                     statuses.push(send(&http, req).await.status);
                 }
                 statuses

@@ -186,12 +186,7 @@ impl JwtVerifier {
         if let Some(times) = self.cache.get(token) {
             return times.check(now, self.leeway.as_secs());
         }
-        let claims = self.verify_at(token, now)?;
-        // Both were read successfully by `verify_at` when present.
-        let times = Times {
-            exp: claims.get("exp").and_then(|v| numeric_date(v).ok()),
-            nbf: claims.get("nbf").and_then(|v| numeric_date(v).ok()),
-        };
+        let (_, times) = self.verify_with_times(token, now)?;
         self.cache.insert(token, times);
         Ok(())
     }
@@ -222,6 +217,15 @@ impl JwtVerifier {
         token: &str,
         now: u64,
     ) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
+        self.verify_with_times(token, now).map(|(claims, _)| claims)
+    }
+
+    /// [`verify_at`](Self::verify_at), with the validity period it read.
+    fn verify_with_times(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<(serde_json::Map<String, serde_json::Value>, Times), JwtError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(JwtError::Malformed);
         }
@@ -252,11 +256,11 @@ impl JwtVerifier {
         mac.verify_slice(&signature)
             .map_err(|_| JwtError::BadSignature)?;
         let claims = decode_json(payload)?;
-        Times {
+        let times = Times {
             exp: claims.get("exp").map(numeric_date).transpose()?,
             nbf: claims.get("nbf").map(numeric_date).transpose()?,
-        }
-        .check(now, self.leeway.as_secs())?;
+        };
+        times.check(now, self.leeway.as_secs())?;
         if let Some(issuer) = &self.issuer {
             if claims.get("iss").and_then(|i| i.as_str()) != Some(issuer.as_str()) {
                 return Err(JwtError::WrongIssuer);
@@ -274,7 +278,7 @@ impl JwtVerifier {
                 return Err(JwtError::WrongAudience);
             }
         }
-        Ok(claims)
+        Ok((claims, times))
     }
 }
 

@@ -99,8 +99,8 @@ struct Conn {
     sender: SendRequest<Body>,
     /// `None` once it has finished: closed by the upstream or failed.
     driver: Option<http1::Connection<Io, Body>>,
-    /// The waker everything of this connection is polled with.
-    wake: Arc<LocalWake>,
+    /// What everything of this connection is polled with.
+    local: Local,
 }
 
 impl Conn {
@@ -108,7 +108,7 @@ impl Conn {
         Self {
             sender,
             driver: Some(driver),
-            wake: Arc::new(LocalWake::default()),
+            local: Local::new(),
         }
     }
 
@@ -178,10 +178,33 @@ impl Wake for LocalWake {
     }
 }
 
-/// Runs `poll` with `wake`'s waker on behalf of the task of `cx`, again as long as it was
-/// woken during the run, until it is ready or pending without a wake-up of its own.
+/// A connection's [`LocalWake`] and the waker made of it once, so that a poll costs no
+/// clone.
+struct Local {
+    wake: Arc<LocalWake>,
+    waker: Waker,
+}
+
+impl Local {
+    fn new() -> Self {
+        let wake = Arc::new(LocalWake::default());
+        Self {
+            waker: Waker::from(wake.clone()),
+            wake,
+        }
+    }
+
+    /// Runs `poll` with this waker on behalf of the task of `cx`, again as long as it was
+    /// woken during the run, until it is ready or pending without a wake-up of its own.
+    fn poll<T>(&self, cx: &Context<'_>, poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        poll_local(&self.wake, &self.waker, cx, poll)
+    }
+}
+
+/// [`Local::poll`].
 fn poll_local<T>(
-    wake: &Arc<LocalWake>,
+    wake: &LocalWake,
+    waker: &Waker,
     cx: &Context<'_>,
     mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>,
 ) -> Poll<T> {
@@ -191,8 +214,7 @@ fn poll_local<T>(
             *task = Some(cx.waker().clone());
         }
     }
-    let waker = Waker::from(wake.clone());
-    let mut local = Context::from_waker(&waker);
+    let mut local = Context::from_waker(waker);
     // Bounded like tokio's own budget: a connection busy enough to wake itself forever
     // yields to the rest of the task now and then.
     for _ in 0..32 {
@@ -319,10 +341,9 @@ impl EndpointPool {
     /// noticed here and dropped), or a new one. `true` with a reused connection.
     async fn ready_conn(&self) -> Result<(Conn, bool), UpstreamError> {
         while let Some(mut conn) = self.checkout() {
-            let wake = conn.wake.clone();
             let ready = std::future::poll_fn(|cx| {
-                poll_local(&wake, cx, |cx| {
-                    if !conn.poll_driver(cx) {
+                conn.local.poll(cx, |cx| {
+                    if !poll_driver(&mut conn.driver, cx) {
                         return Poll::Ready(false);
                     }
                     conn.sender.poll_ready(cx).map(|r| r.is_ok())
@@ -373,13 +394,13 @@ impl Conn {
         let Conn {
             sender,
             driver,
-            wake,
+            local,
         } = self;
         // Sent on the first poll, inside `poll_local`: sending wakes the driver's waker,
         // which is this task's.
         let mut exchange = std::pin::pin!(async { sender.try_send_request(request).await });
         std::future::poll_fn(|cx| {
-            poll_local(wake, cx, |cx| {
+            local.poll(cx, |cx| {
                 poll_driver(driver, cx);
                 match exchange.as_mut().poll(cx) {
                     // The driver ended without answering: dropping it fails the exchange.
@@ -455,14 +476,14 @@ impl hyper::body::Body for PooledBody {
             // Released or failed: the body is all that is left.
             return Pin::new(&mut this.body).poll_frame(cx);
         };
-        let (wake, body) = (conn.wake.clone(), &mut this.body);
-        let frame = poll_local(&wake, cx, |cx| {
-            conn.poll_driver(cx);
+        let body = &mut this.body;
+        let frame = conn.local.poll(cx, |cx| {
+            poll_driver(&mut conn.driver, cx);
             let frame = Pin::new(&mut *body).poll_frame(cx);
             if matches!(frame, Poll::Ready(None)) || body.is_end_stream() {
                 // The end: one more turn of the driver so that it takes in the end of
                 // the exchange and is ready for the next request.
-                conn.poll_driver(cx);
+                poll_driver(&mut conn.driver, cx);
             }
             frame
         });
@@ -514,9 +535,9 @@ mod tests {
         let task = Arc::new(Counting::default());
         let task_waker = Waker::from(task.clone());
         let cx = Context::from_waker(&task_waker);
-        let wake = Arc::new(LocalWake::default());
+        let local = Local::new();
         let mut runs = 0;
-        let out = poll_local(&wake, &cx, |cx| {
+        let out = local.poll(&cx, |cx| {
             runs += 1;
             if runs < 3 {
                 // What the driver does when it completes what this poll awaits.
@@ -535,9 +556,9 @@ mod tests {
         let task = Arc::new(Counting::default());
         let task_waker = Waker::from(task.clone());
         let cx = Context::from_waker(&task_waker);
-        let wake = Arc::new(LocalWake::default());
+        let local = Local::new();
         let mut stored = None;
-        let out: Poll<()> = poll_local(&wake, &cx, |cx| {
+        let out: Poll<()> = local.poll(&cx, |cx| {
             // A socket registering the waker for readiness.
             stored = Some(cx.waker().clone());
             Poll::Pending
@@ -554,9 +575,9 @@ mod tests {
         let task = Arc::new(Counting::default());
         let task_waker = Waker::from(task.clone());
         let cx = Context::from_waker(&task_waker);
-        let wake = Arc::new(LocalWake::default());
+        let local = Local::new();
         let mut runs = 0;
-        let out: Poll<()> = poll_local(&wake, &cx, |cx| {
+        let out: Poll<()> = local.poll(&cx, |cx| {
             runs += 1;
             cx.waker().wake_by_ref();
             Poll::Pending
@@ -569,11 +590,11 @@ mod tests {
     #[test]
     fn the_latest_task_is_the_one_woken() {
         let (first, second) = (Arc::new(Counting::default()), Arc::new(Counting::default()));
-        let wake = Arc::new(LocalWake::default());
+        let local = Local::new();
         let mut stored = None;
         for task in [&first, &second] {
             let waker = Waker::from(task.clone());
-            let _: Poll<()> = poll_local(&wake, &Context::from_waker(&waker), |cx| {
+            let _: Poll<()> = local.poll(&Context::from_waker(&waker), |cx| {
                 stored = Some(cx.waker().clone());
                 Poll::Pending
             });

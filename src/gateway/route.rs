@@ -508,17 +508,19 @@ impl RouteCore {
 
     /// The request's URI as sent upstream, in origin form (`/path?query`), the prefix
     /// stripped if asked. Allocates only when the path changes.
-    fn upstream_uri(&self, uri: &Uri) -> Uri {
+    fn upstream_uri(&self, uri: Uri) -> Uri {
+        let strip = self.strip && self.prefix != "/";
+        if !strip && uri.scheme().is_none() && uri.authority().is_none() {
+            // Origin form already, unchanged: moved as it is.
+            return uri;
+        }
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-        let rest = if self.strip && self.prefix != "/" {
+        let rest = if strip {
             match path_and_query.strip_prefix(self.prefix.as_str()) {
                 Some(rest) => rest,
                 // The route matched on the path: cannot happen, but stay whole.
                 None => path_and_query,
             }
-        } else if uri.scheme().is_none() && uri.authority().is_none() {
-            // Origin form already, unchanged: no copy.
-            return uri.clone();
         } else {
             path_and_query
         };
@@ -536,7 +538,7 @@ impl RouteCore {
     fn upstream_request(&self, request: Request<Body>) -> Request<Body> {
         let (mut parts, body) = request.into_parts();
         let peer = parts.extensions.get::<SocketAddr>().copied();
-        parts.uri = self.upstream_uri(&parts.uri);
+        parts.uri = self.upstream_uri(std::mem::take(&mut parts.uri));
         remove_hop_by_hop(&mut parts.headers);
         if let Some(host) = parts.headers.remove(header::HOST) {
             parts.headers.insert(X_FORWARDED_HOST.clone(), host);
