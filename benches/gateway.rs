@@ -92,8 +92,18 @@
 //! configurations whose names contain one of its comma-separated parts (`direct` always
 //! runs), e.g. `nginx,gw full`.
 //!
+//! ## Allocations per request
+//!
+//! With `GATEWAY_BENCH_ALLOCS=1` a counting global allocator counts every allocation of
+//! the bench process (load client, upstreams, in-process proxies) and the tables gain a
+//! `proxy allocs/req` column: a row's allocations per request minus `direct`'s, that is
+//! the allocations the proxy in the middle made per request. Counting costs an atomic
+//! add per allocation, so take the timings from a run without it. nginx, another
+//! process, reads `n/a`.
+//!
 //! `cargo bench --features gateway --bench gateway`
 #![allow(clippy::disallowed_types)] // std's Instant: real time against real servers
+#![allow(unsafe_code)] // the counting allocator's `unsafe impl GlobalAlloc`
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -119,6 +129,18 @@ use seawall::gateway::{
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
+
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::{ALLOCATIONS, COUNTING};
+
+#[global_allocator]
+static ALLOCATOR: counting_alloc::Counting = counting_alloc::Counting;
+
+/// Allocations so far, when counting.
+fn allocations() -> Option<u64> {
+    COUNTING.load(Relaxed).then(|| ALLOCATIONS.load(Relaxed))
+}
 
 /// Runs of each configuration at each concurrency.
 const RUNS: usize = 3;
@@ -803,6 +825,8 @@ struct Run {
     proxy_cpu: Option<f64>,
     /// The upstreams' thread's CPU time per request (µs), when measured.
     upstream_cpu: Option<f64>,
+    /// The whole process's allocations per request, when counted.
+    allocs: Option<f64>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -880,6 +904,7 @@ async fn load(
         p999: percentile(&all, 0.999),
         proxy_cpu: None,
         upstream_cpu: None,
+        allocs: None,
     }
 }
 
@@ -933,6 +958,9 @@ fn cpu_cell(us: Option<f64>) -> String {
 }
 
 fn main() {
+    if std::env::var_os("GATEWAY_BENCH_ALLOCS").is_some_and(|v| v == "1") {
+        COUNTING.store(true, Relaxed);
+    }
     let count = requests_per_run();
     let slow_count = (count / 4).max(2000.min(count));
     // Upstreams: their own thread and current-thread runtime; three no-op instances, then
@@ -1050,16 +1078,20 @@ fn main() {
             Target::GwThreads => &threads_cpu,
             _ => &server_cpu,
         };
-        let before = (proxy_cpu.sample(), upstream_cpu.sample());
+        let before = (proxy_cpu.sample(), upstream_cpu.sample(), allocations());
         let run = client_rt.block_on(async {
             tokio::time::timeout(RUN_BOUND, load(addr, path, auth, concurrency, n))
                 .await
                 .expect("a run took longer than its bound")
         });
-        let after = (proxy_cpu.sample(), upstream_cpu.sample());
+        let after = (proxy_cpu.sample(), upstream_cpu.sample(), allocations());
         Run {
             proxy_cpu: Cpu::spent_us(before.0, after.0).map(|us| us / n as f64),
             upstream_cpu: Cpu::spent_us(before.1, after.1).map(|us| us / n as f64),
+            allocs: before
+                .2
+                .zip(after.2)
+                .map(|(b, a)| (a - b) as f64 / n as f64),
             ..run
         }
     };
@@ -1078,9 +1110,9 @@ fn main() {
         println!();
         println!(
             "| configuration | C | req/s | p50 | p90 | p99 | p99.9 | req/s vs direct | \
-             p99 − direct | proxy CPU/req | upstream CPU/req |"
+             p99 − direct | proxy CPU/req | upstream CPU/req | proxy allocs/req |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for &concurrency in scenario.concurrency {
             let mut results: Vec<Vec<Run>> = vec![Vec::new(); Target::ALL.len()];
             for round in 0..RUNS {
@@ -1092,7 +1124,8 @@ fn main() {
                     let r = run(addr, target, concurrency, scenario.requests);
                     eprintln!(
                         "  run {round}: {:<12} C={concurrency:<3} {:>8.0} req/s  p50 {:>6.1}  \
-                         p99 {:>7.1}  p99.9 {:>7.1} µs  CPU/req proxy {} upstream {} µs",
+                         p99 {:>7.1}  p99.9 {:>7.1} µs  CPU/req proxy {} upstream {} µs  \
+                         allocs/req (process) {}",
                         target.name(),
                         r.rps,
                         r.p50,
@@ -1100,6 +1133,7 @@ fn main() {
                         r.p999,
                         cpu_cell(r.proxy_cpu),
                         cpu_cell(r.upstream_cpu),
+                        cpu_cell(r.allocs),
                     );
                     results[i].push(r);
                 }
@@ -1110,24 +1144,36 @@ fn main() {
             };
             let direct_rps = stat(&results[0], |r| r.rps);
             let direct_p99 = stat(&results[0], |r| r.p99);
+            let direct_allocs = cpu(&results[0], |r| r.allocs);
             for (i, &target) in Target::ALL.iter().enumerate() {
                 let runs = &results[i];
                 if runs.is_empty() {
                     continue;
                 }
                 let (rps, p99) = (stat(runs, |r| r.rps), stat(runs, |r| r.p99));
-                let (ratio, diff, proxy_cpu) = if target == Target::Direct {
-                    ("–".to_owned(), "–".to_owned(), "–".to_owned())
+                let (ratio, diff, proxy_cpu, allocs) = if target == Target::Direct {
+                    (
+                        "–".to_owned(),
+                        "–".to_owned(),
+                        "–".to_owned(),
+                        "–".to_owned(),
+                    )
                 } else {
+                    let allocs = match (target, cpu(runs, |r| r.allocs), direct_allocs) {
+                        (Target::Nginx, ..) => None,
+                        (_, Some(a), Some(d)) => Some(a - d),
+                        _ => None,
+                    };
                     (
                         format!("{:.0}%", rps * 100.0 / direct_rps),
                         format!("{:+.0} µs", p99 - direct_p99),
                         cpu_cell(cpu(runs, |r| r.proxy_cpu)),
+                        cpu_cell(allocs),
                     )
                 };
                 println!(
                     "| {} | {concurrency} | {rps:.0} | {:.0} | {:.0} | {p99:.0} | {:.0} | {ratio} \
-                     | {diff} | {proxy_cpu} | {} |",
+                     | {diff} | {proxy_cpu} | {} | {allocs} |",
                     target.name(),
                     stat(runs, |r| r.p50),
                     stat(runs, |r| r.p90),

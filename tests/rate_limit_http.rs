@@ -12,10 +12,10 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer};
+use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer, Refused};
 use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate, RateLimiter};
 use tokio::net::TcpListener;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 /// Serves `trusted`-aware limits on a loopback port: a global 100/s and a per-client
 /// 2 per 2 s (a minute's 60, burst 2).
@@ -152,6 +152,45 @@ async fn an_untrusted_peer_cannot_pick_its_key() {
         StatusCode::TOO_MANY_REQUESTS,
         "a new X-Forwarded-For did not buy a new bucket"
     );
+}
+
+#[tokio::test]
+async fn the_layers_own_429s_are_marked_and_an_absent_limit_passes_all() {
+    // The inner service answers 429 itself for `/busy`: not marked.
+    let inner = tower::service_fn(|req: Request<()>| async move {
+        let mut response = Response::new(String::new());
+        if req.uri().path() == "/busy" {
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        }
+        Ok::<_, Infallible>(response)
+    });
+    let limiter = RateLimiter::with_clock(
+        Quota::new(Rate::per_second(1), 1).unwrap(),
+        ManualClock::new(),
+    );
+    let mut svc = HttpRateLimitLayer::new(Some(limiter)).layer(inner);
+    let call = |svc: &mut _, path: &str| {
+        let request = Request::get(path).body(()).unwrap();
+        tower::Service::call(svc, request)
+    };
+    let busy = call(&mut svc, "/busy").await.unwrap();
+    assert_eq!(busy.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        busy.extensions().get::<Refused>().is_none(),
+        "the inner 429"
+    );
+    assert!(busy.headers().contains_key("ratelimit"));
+    let refused = call(&mut svc, "/").await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.extensions().get::<Refused>(), Some(&Refused));
+
+    // `None`: no limit, no headers.
+    let mut open = HttpRateLimitLayer::new(None::<RateLimiter<ManualClock>>).layer(inner);
+    for _ in 0..10 {
+        let response = call(&mut open, "/").await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(!response.headers().contains_key("ratelimit"));
+    }
 }
 
 mod retry_after {

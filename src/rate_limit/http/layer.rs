@@ -29,6 +29,13 @@ pub trait HttpLimit<Request> {
     fn check(&self, request: &Request) -> Option<Result<Admitted, RateLimited>>;
 }
 
+/// No limit when `None`: a limit that configuration may leave out keeps one service type.
+impl<Request, L: HttpLimit<Request>> HttpLimit<Request> for Option<L> {
+    fn check(&self, request: &Request) -> Option<Result<Admitted, RateLimited>> {
+        self.as_ref()?.check(request)
+    }
+}
+
 impl<Request, C: Clock> HttpLimit<Request> for RateLimiter<C> {
     fn check(&self, _: &Request) -> Option<Result<Admitted, RateLimited>> {
         Some(self.acquire(1))
@@ -39,6 +46,13 @@ impl<Request, C: Clock> HttpLimit<Request> for RateLimiter<C> {
 pub struct PerKey<E, Key, C> {
     limiter: KeyedRateLimiter<Key, C>,
     extractor: E,
+}
+
+impl<E, Key, C> PerKey<E, Key, C> {
+    /// A bucket per key taken by `extractor`; requests without a key pass unlimited.
+    pub fn new(limiter: KeyedRateLimiter<Key, C>, extractor: E) -> Self {
+        Self { limiter, extractor }
+    }
 }
 
 impl<E: Clone, Key, C> Clone for PerKey<E, Key, C> {
@@ -83,7 +97,8 @@ where
 /// Stacked layers (a global limit over a per-client one) each add their own, named,
 /// entries to the header lists; a request the inner layer refuses has still used a token
 /// of the outer one. The inner service's error type is kept: this layer adds
-/// no error. The 429 body is the response body type's `Default` (empty for most).
+/// no error. The 429 body is the response body type's `Default` (empty for most), and
+/// the 429 carries [`Refused`] in its extensions.
 ///
 /// ```
 /// use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer};
@@ -131,7 +146,7 @@ impl<C: Clock> HttpRateLimitLayer<RateLimiter<C>> {
 impl<E, Key, C> HttpRateLimitLayer<PerKey<E, Key, C>> {
     /// A bucket per key taken by `extractor`; requests without a key pass unlimited.
     pub fn per_key(limiter: KeyedRateLimiter<Key, C>, extractor: E) -> Self {
-        Self::new(PerKey { limiter, extractor })
+        Self::new(PerKey::new(limiter, extractor))
     }
 }
 
@@ -252,6 +267,54 @@ fn value(s: String) -> HeaderValue {
     HeaderValue::try_from(s).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
+/// Marks the responses a rate-limit layer answered itself (its `429`s), so that code
+/// further out can tell them from an inner service's own `429`: look for it with
+/// `response.extensions().get::<Refused>()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused;
+
+/// The `429` of a refused request: the decision's headers, [`Refused`] in the
+/// extensions, the body type's default.
+pub(super) fn refusal<B: Default>(headers: Headers) -> Response<B> {
+    let mut response = Response::new(B::default());
+    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    headers.apply(response.headers_mut());
+    response.extensions_mut().insert(Refused);
+    response
+}
+
+/// `"name";r=remaining;t=reset`, written into a buffer of the exact size: one
+/// allocation, which the header value then owns.
+fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
+    let mut digits = [0u8; 20];
+    let mut digits_t = [0u8; 20];
+    let r = decimal(remaining, &mut digits);
+    let t = decimal(reset, &mut digits_t);
+    let mut buf = Vec::with_capacity(name.len() + r.len() + t.len() + 8);
+    buf.push(b'"');
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(b"\";r=");
+    buf.extend_from_slice(r);
+    buf.extend_from_slice(b";t=");
+    buf.extend_from_slice(t);
+    // A vector exactly full becomes the value's bytes without a copy or a second
+    // allocation. Built from a sanitized name and digits: always valid.
+    HeaderValue::try_from(buf).unwrap_or(HeaderValue::from_static("invalid"))
+}
+
+/// `n` in decimal, in the tail of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
 /// The headers one decision adds to a response.
 #[derive(Debug)]
 pub(super) struct Headers {
@@ -273,11 +336,7 @@ impl Headers {
         };
         Self {
             policy: name.policy(limit, window),
-            state: value(format!(
-                "\"{}\";r={remaining};t={}",
-                name.as_str(),
-                ceil_secs(reset)
-            )),
+            state: state_value(name.as_str(), u64::from(remaining), ceil_secs(reset)),
             legacy: legacy.then(|| (HeaderValue::from(limit), HeaderValue::from(remaining))),
             retry_after: retry.map(|d| HeaderValue::from(ceil_secs(d))),
         }
@@ -326,12 +385,7 @@ where
         let headers = Headers::new(&self.layer.name, self.layer.legacy, &decision);
         match decision {
             Ok(_) => ResponseFuture::called(self.inner.call(request), Some(headers)),
-            Err(_) => {
-                let mut response = Response::new(ResB::default());
-                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-                headers.apply(response.headers_mut());
-                ResponseFuture::refused(response)
-            }
+            Err(_) => ResponseFuture::refused(refusal(headers)),
         }
     }
 }
@@ -438,5 +492,21 @@ mod tests {
         assert_eq!(policy(1000, 200), "\"p\";q=1000;w=1");
         // Over the 4 s window (the 3.3 s refill rounded up) the rate refills 12.
         assert_eq!(policy(3, 10), "\"p\";q=12;w=4");
+    }
+
+    #[test]
+    fn state_values_are_written_whole() {
+        let state = |name, r, t| state_value(name, r, t).to_str().unwrap().to_owned();
+        assert_eq!(state("p", 0, 0), "\"p\";r=0;t=0");
+        assert_eq!(state("global", 9, 10), "\"global\";r=9;t=10");
+        assert_eq!(state("", 1_000_000, 1), "\"\";r=1000000;t=1");
+        assert_eq!(
+            state("x", u64::MAX, u64::MAX),
+            format!("\"x\";r={0};t={0}", u64::MAX)
+        );
+        for n in [1, 7, 10, 99, 100, 101, 65_535, 4_294_967_295] {
+            let mut buf = [0; 20];
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
     }
 }

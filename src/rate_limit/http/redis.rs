@@ -7,18 +7,19 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
-use super::layer::{Headers, PolicyName};
+use super::layer::{Headers, PolicyName, refusal};
 use crate::rate_limit::KeyExtractor;
 use crate::rate_limit::redis::{RedisLimitError, RedisRateLimiter};
 
 /// [`HttpRateLimitLayer`](super::HttpRateLimitLayer) for a fleet: each request's key (a
 /// client IP, an API key, a route…) is checked against a [`RedisRateLimiter`] shared by
 /// every replica. A refused request is answered here with `429`, `Retry-After` and the
-/// same `RateLimit-Policy` / `RateLimit` (and optionally Kong-style) headers; admitted
-/// responses carry them too. When Redis cannot answer and the limiter fails closed, the
-/// answer is `503` with `Retry-After: 1`; with
-/// [`FailOpen`](crate::rate_limit::redis::FailurePolicy::FailOpen) the local share decides
-/// and the headers describe it. Requests without a key pass unlimited.
+/// same `RateLimit-Policy` / `RateLimit` (and optionally Kong-style) headers, marked
+/// [`Refused`](super::Refused) in its extensions; admitted responses carry the headers
+/// too. When Redis cannot answer and the limiter fails closed, the answer is `503` with
+/// `Retry-After: 1`; with [`FailOpen`](crate::rate_limit::redis::FailurePolicy::FailOpen)
+/// the local share decides and the headers describe it. Requests without a key pass
+/// unlimited.
 ///
 /// The check is a round trip before the inner service is called, so the call holds a
 /// ready clone of the inner service (tower's usual pattern) and its future is boxed.
@@ -155,10 +156,7 @@ where
                     Ok(response)
                 }
                 Err(RedisLimitError::Limited(refused)) => {
-                    let mut response = Response::new(ResB::default());
-                    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-                    Headers::new(&name, legacy, &Err(refused)).apply(response.headers_mut());
-                    Ok(response)
+                    Ok(refusal(Headers::new(&name, legacy, &Err(refused))))
                 }
                 Err(RedisLimitError::Unavailable(_)) => {
                     let mut response = Response::new(ResB::default());
