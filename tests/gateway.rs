@@ -31,6 +31,8 @@ const FAIL: u8 = 1;
 const HANG: u8 = 2;
 /// Holds each request until [`Upstream::release`], then answers as `OK` does.
 const HOLD: u8 = 3;
+/// Answers `429 Too Many Requests` itself.
+const BUSY: u8 = 4;
 const SECRET: &str = "a test secret of enough bytes";
 
 /// One upstream instance: answers with its name, the path and query it saw, and the
@@ -83,6 +85,11 @@ async fn upstream_at(name: &str, addr: SocketAddr, mode: Arc<AtomicU8>) -> Upstr
                             return Ok::<_, Infallible>(r);
                         }
                         HANG => std::future::pending::<()>().await,
+                        BUSY => {
+                            let mut r = Response::new(Full::new(Bytes::from("slow down")));
+                            *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                            return Ok(r);
+                        }
                         HOLD => {
                             // Let through as well once the `Upstream`, and its gate, are gone.
                             let _ = g.wait_for(|open| *open).await;
@@ -289,7 +296,13 @@ service = \"orders\"
 async fn global_and_per_client_limits_answer_429_with_headers() {
     let registry = Registry::new();
     let a = upstream("a").await;
-    let _r = (a.register(&registry, "g"), a.register(&registry, "c"));
+    let busy = upstream("busy").await;
+    busy.mode.store(BUSY, SeqCst);
+    let _r = (
+        a.register(&registry, "g"),
+        a.register(&registry, "c"),
+        busy.register(&registry, "b"),
+    );
     let config = format!(
         "{HEAD}
 [[routes]]
@@ -297,6 +310,12 @@ name = \"global\"
 path_prefix = \"/g\"
 service = \"g\"
 rate_limit = {{ global = {{ per_second = 1, burst = 3 }} }}
+
+[[routes]]
+name = \"busy\"
+path_prefix = \"/b\"
+service = \"b\"
+rate_limit = {{ global = {{ per_second = 100, burst = 100 }} }}
 
 [[routes]]
 name = \"client\"
@@ -348,14 +367,29 @@ rate_limit = {{ per_client = {{ per_second = 1, burst = 2, key = \"header:x-api-
         "another client has its own bucket"
     );
 
+    // The upstream's own 429 passes through, with the gateway's headers, and is not
+    // counted as the gateway's.
+    for _ in 0..3 {
+        let answer = get(&http, &gw, "/b").await;
+        assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(answer.body, "slow down");
+        assert!(answer.headers.contains_key("ratelimit"));
+    }
+
     let s = status(&http, &gw).await;
+    assert_eq!(s.routes[1].name, "busy");
+    assert_eq!(
+        s.routes[1].rate_limited, 0,
+        "the upstream's 429s are not the gateway's"
+    );
+    assert_eq!(s.routes[1].requests, 3);
     let refused_g = statuses
         .iter()
         .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
         .count();
     assert_eq!(s.routes[0].rate_limited, refused_g as u64);
     assert_eq!(s.routes[0].limits.global.as_ref().unwrap().burst, 3);
-    assert_eq!(s.routes[1].limits.per_client.as_ref().unwrap().clients, 2);
+    assert_eq!(s.routes[2].limits.per_client.as_ref().unwrap().clients, 2);
     let metrics = get(&http, &gw, "/metrics").await.body;
     assert!(
         metrics.contains(&format!(

@@ -16,7 +16,6 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
-use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service};
 
 use super::config::{ClientKey, FallbackSettings, RouteConfig, StrategyName};
@@ -27,15 +26,21 @@ use crate::BoxError;
 use crate::balance::{Balance, BalanceBuilder, BalanceHandle, NoEndpoints, Strategy, WhenEmpty};
 use crate::circuit_breaker::{CircuitOpen, HttpClassifier};
 use crate::discovery::{Instance, InstanceWatch, ServiceDiscover};
-use crate::rate_limit::http::{ClientIp, HeaderKey, HttpRateLimitLayer};
-use crate::rate_limit::{KeyedRateLimiter, Quota, Rate, RateLimiter};
+use crate::rate_limit::http::{
+    ClientIp, HeaderKey, HttpLimit, HttpRateLimit, HttpRateLimitLayer, PerKey, Refused,
+};
+use crate::rate_limit::{
+    Admitted, KeyedRateLimiter, Quota, Rate, RateLimited, RateLimiter, TokioClock,
+};
 
 /// The body type of every request and response through the gateway.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 type MakeUpstream = Box<dyn FnMut(&Instance) -> Upstream + Send>;
 type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, HttpClassifier>;
-type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+/// A route's tower stack: global limit → per-client limit → [`Core`]. Concrete, so a
+/// request costs no boxed service clone and one boxed future (the core's) in all.
+type Stack = HttpRateLimit<HttpRateLimit<Core, Option<PerClient>>, Option<RateLimiter>>;
 
 /// A body of bytes.
 pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
@@ -56,10 +61,24 @@ pub(crate) fn json_error(status: StatusCode, message: &str) -> Response<Body> {
     response
 }
 
-/// Marks responses that came from the upstream (so a 429 from it is not counted as the
-/// gateway's own).
-#[derive(Debug, Clone, Copy)]
-struct FromUpstream;
+/// The client end of a connection, its `X-Forwarded-For` entry made once for all the
+/// connection's requests.
+#[derive(Clone, Debug)]
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            // An IP address's text is always a valid value.
+            forwarded_for: HeaderValue::try_from(addr.ip().to_string())
+                .unwrap_or(HeaderValue::from_static("unknown")),
+        }
+    }
+}
 
 /// One endpoint: its pool of connections.
 #[derive(Clone, Debug)]
@@ -164,11 +183,29 @@ impl SharedBalance {
     }
 }
 
-/// The per-client limiter, keyed by IP or by header.
+/// The per-client limit, keyed by the peer's IP or by a header.
 #[derive(Clone)]
 enum PerClient {
-    Ip(KeyedRateLimiter<IpAddr>),
-    Header(KeyedRateLimiter<String>, HeaderName),
+    Ip(PerKey<ClientIp, IpAddr, TokioClock>),
+    Header(PerKey<HeaderKey, String, TokioClock>),
+}
+
+impl PerClient {
+    fn clients(&self) -> usize {
+        match self {
+            Self::Ip(l) => l.limiter().len(),
+            Self::Header(l) => l.limiter().len(),
+        }
+    }
+}
+
+impl HttpLimit<Request<Body>> for PerClient {
+    fn check(&self, request: &Request<Body>) -> Option<Result<Admitted, RateLimited>> {
+        match self {
+            Self::Ip(l) => l.check(request),
+            Self::Header(l) => l.check(request),
+        }
+    }
 }
 
 /// What one route needs to forward a request, shared by the stack's clones.
@@ -191,6 +228,8 @@ pub(crate) struct Route {
     pub(crate) core: Arc<RouteCore>,
     auth: Option<JwtVerifier>,
     stack: Stack,
+    /// Whether the stack keys clients by IP, and so needs the peer in the request.
+    keyed_by_ip: bool,
 }
 
 fn quota(per_second: u32, burst: Option<u32>) -> Result<Quota, BoxError> {
@@ -244,10 +283,14 @@ impl Route {
                 let q = quota(c.per_second, c.burst)?;
                 let name = format!("{}/per-client", config.name);
                 let limiter = match c.client_key()? {
-                    ClientKey::Ip => PerClient::Ip(KeyedRateLimiter::new(q).named(&name)),
-                    ClientKey::Header(h) => {
-                        PerClient::Header(KeyedRateLimiter::new(q).named(&name), h)
-                    }
+                    ClientKey::Ip => PerClient::Ip(PerKey::new(
+                        KeyedRateLimiter::new(q).named(&name),
+                        ClientIp::peer(),
+                    )),
+                    ClientKey::Header(h) => PerClient::Header(PerKey::new(
+                        KeyedRateLimiter::new(q).named(&name),
+                        HeaderKey(h),
+                    )),
                 };
                 Some((limiter, c.per_second, q.burst(), c.key.clone()))
             }
@@ -266,29 +309,16 @@ impl Route {
             global: global.clone(),
             per_client: per_client.clone(),
         });
-        let mut stack = Stack::new(Core(core.clone()));
-        if let Some((limiter, ..)) = per_client {
-            stack = match limiter {
-                PerClient::Ip(l) => Stack::new(
-                    HttpRateLimitLayer::per_key(l, ClientIp::peer())
-                        .name("per-client")
-                        .layer(stack),
-                ),
-                PerClient::Header(l, h) => Stack::new(
-                    HttpRateLimitLayer::per_key(l, HeaderKey(h))
-                        .name("per-client")
-                        .layer(stack),
-                ),
-            };
-        }
-        if let Some((limiter, _)) = global {
-            stack = Stack::new(
-                HttpRateLimitLayer::global(limiter)
-                    .name("global")
-                    .layer(stack),
-            );
-        }
-        Ok(Self { core, auth, stack })
+        let keyed_by_ip = matches!(per_client, Some((PerClient::Ip(_), ..)));
+        let per_client = HttpRateLimitLayer::new(per_client.map(|(l, ..)| l)).name("per-client");
+        let global = HttpRateLimitLayer::new(global.map(|(l, _)| l)).name("global");
+        let stack = global.layer(per_client.layer(Core(core.clone())));
+        Ok(Self {
+            core,
+            auth,
+            stack,
+            keyed_by_ip,
+        })
     }
 
     /// Whether `path` falls under this route's prefix, on a segment boundary.
@@ -301,11 +331,7 @@ impl Route {
     }
 
     /// Serves one request matched to this route.
-    pub(crate) async fn handle(
-        &self,
-        request: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<Body> {
+    pub(crate) async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let start = tokio::time::Instant::now();
         let stats = &self.core.stats;
         stats.requests.fetch_add(1, Relaxed);
@@ -320,7 +346,7 @@ impl Route {
             route = %self.core.name,
             %method,
             path,
-            %peer,
+            peer = %peer.addr,
             status = response.status().as_u16(),
             fallback = response.headers().contains_key(&FALLBACK_HEADER),
             elapsed_us = elapsed.as_micros() as u64,
@@ -329,7 +355,7 @@ impl Route {
         response
     }
 
-    async fn respond(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn respond(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
         if let Some(verifier) = &self.auth {
             if let Err(e) = verifier.check_header(request.headers()) {
                 self.core.stats.unauthorized.fetch_add(1, Relaxed);
@@ -342,17 +368,19 @@ impl Route {
             }
         }
         let (mut parts, body) = request.into_parts();
-        parts.extensions.insert(peer);
+        if self.keyed_by_ip {
+            // What `ClientIp` reads; only inserted when a limit needs it.
+            parts.extensions.insert(peer.addr);
+        }
+        self.core.upstream_parts(&mut parts, peer);
         let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
-        // Every layer of the stack is always ready: limits answer in `call`. The call
-        // returns the stack's boxed future, which owns all it needs.
+        // Every layer of the stack is always ready: limits answer in `call`. The clone is
+        // a few reference counts; the future owns all it needs.
         let response = match self.stack.clone().call(request).await {
             Ok(response) => response,
             Err(never) => match never {},
         };
-        if response.status() == StatusCode::TOO_MANY_REQUESTS
-            && response.extensions().get::<FromUpstream>().is_none()
-        {
+        if response.extensions().get::<Refused>().is_some() {
             self.core.stats.rate_limited.fetch_add(1, Relaxed);
         }
         response
@@ -382,10 +410,7 @@ impl Route {
                 }),
                 per_client: core.per_client.as_ref().map(|(l, per_second, burst, key)| {
                     ClientLimit {
-                        clients: match l {
-                            PerClient::Ip(l) => l.len(),
-                            PerClient::Header(l, _) => l.len(),
-                        },
+                        clients: l.clients(),
                         burst: *burst,
                         per_second: *per_second,
                         key: key.clone(),
@@ -447,7 +472,6 @@ enum Failure {
 
 impl RouteCore {
     async fn forward(&self, request: Request<Body>) -> Response<Body> {
-        let request = self.upstream_request(request);
         let failure = match tokio::time::timeout(self.timeout, self.balance.call(request)).await {
             Ok(Ok(response)) if response.status().is_server_error() && self.fallback.is_some() => {
                 Failure::ServerError
@@ -533,11 +557,9 @@ impl RouteCore {
         parsed.unwrap_or_else(|_| Uri::from_static("/"))
     }
 
-    /// The request as sent upstream: prefix stripped, hop-by-hop headers dropped,
-    /// `X-Forwarded-For` / `-Host` / `-Proto` added.
-    fn upstream_request(&self, request: Request<Body>) -> Request<Body> {
-        let (mut parts, body) = request.into_parts();
-        let peer = parts.extensions.get::<SocketAddr>().copied();
+    /// Makes a request's head the one sent upstream: prefix stripped, hop-by-hop headers
+    /// dropped, `X-Forwarded-For` / `-Host` / `-Proto` added.
+    fn upstream_parts(&self, parts: &mut http::request::Parts, peer: &Peer) {
         parts.uri = self.upstream_uri(std::mem::take(&mut parts.uri));
         remove_hop_by_hop(&mut parts.headers);
         if let Some(host) = parts.headers.remove(header::HOST) {
@@ -546,23 +568,23 @@ impl RouteCore {
         parts
             .headers
             .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        if let Some(peer) = peer {
-            let ip = peer.ip().to_string();
-            let value = match parts
-                .headers
-                .get(&X_FORWARDED_FOR)
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prior) => format!("{prior}, {ip}"),
-                None => ip,
-            };
-            // Takes the string's buffer: no copy.
-            if let Ok(v) = HeaderValue::try_from(value) {
-                parts.headers.insert(X_FORWARDED_FOR.clone(), v);
+        let forwarded_for = match parts.headers.get(&X_FORWARDED_FOR) {
+            // Appended to what earlier proxies said.
+            Some(prior) => {
+                let ip = peer.forwarded_for.as_bytes();
+                let mut value = Vec::with_capacity(prior.len() + 2 + ip.len());
+                value.extend_from_slice(prior.as_bytes());
+                value.extend_from_slice(b", ");
+                value.extend_from_slice(ip);
+                HeaderValue::try_from(value).ok()
             }
+            // The connection's own, shared: no allocation.
+            None => Some(peer.forwarded_for.clone()),
+        };
+        if let Some(v) = forwarded_for {
+            parts.headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         parts.version = http::Version::HTTP_11;
-        Request::from_parts(parts, body)
     }
 }
 
@@ -609,7 +631,6 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 fn downstream_response(response: Response<PooledBody>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    parts.extensions.insert(FromUpstream);
     Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
 }
 

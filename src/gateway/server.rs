@@ -18,7 +18,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::config::{ConfigError, GatewayConfig};
 use super::jwt::JwtVerifier;
-use super::route::{Body, Route, full, json_error};
+use super::route::{Body, Peer, Route, full, json_error};
 use super::status::{GatewayStatus, render_prometheus};
 use crate::BoxError;
 use crate::consul::{ConsulClient, ConsulWatch, WatchConfig};
@@ -205,6 +205,11 @@ impl Gateway {
     /// Answers one request from `peer`: the admin paths, else the route with the longest
     /// matching prefix, else 404. Never fails.
     pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        self.handle_from(request, &Peer::new(peer)).await
+    }
+
+    /// [`Gateway::handle`] for a connection's peer, made once per connection.
+    async fn handle_from(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let path = request.uri().path();
         if request.method() == Method::GET || request.method() == Method::HEAD {
             if path == METRICS_PATH {
@@ -277,9 +282,10 @@ impl Gateway {
             let gateway = self.clone();
             let mut stop = stop_rx.clone();
             connections.spawn(async move {
+                let peer = Peer::new(peer);
                 let service = hyper::service::service_fn(move |request| {
-                    let gateway = gateway.clone();
-                    async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
+                    let (gateway, peer) = (gateway.clone(), peer.clone());
+                    async move { Ok::<_, Infallible>(gateway.handle_from(request, &peer).await) }
                 });
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())

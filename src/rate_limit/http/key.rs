@@ -109,7 +109,8 @@ impl IpNet {
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct ClientIp {
-    trusted: Vec<IpNet>,
+    /// Shared: services clone their extractor, often once per request.
+    trusted: std::sync::Arc<[IpNet]>,
     use_forwarded: bool,
 }
 
@@ -128,7 +129,8 @@ impl ClientIp {
         let trusted = proxies
             .into_iter()
             .map(|p| p.as_ref().parse())
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<IpNet>, _>>()?
+            .into();
         Ok(Self {
             trusted,
             use_forwarded: false,

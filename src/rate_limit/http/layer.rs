@@ -53,6 +53,11 @@ impl<E, Key, C> PerKey<E, Key, C> {
     pub fn new(limiter: KeyedRateLimiter<Key, C>, extractor: E) -> Self {
         Self { limiter, extractor }
     }
+
+    /// The limiter (for its state: how many keys it holds, say).
+    pub fn limiter(&self) -> &KeyedRateLimiter<Key, C> {
+        &self.limiter
+    }
 }
 
 impl<E: Clone, Key, C> Clone for PerKey<E, Key, C> {
