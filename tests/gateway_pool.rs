@@ -32,23 +32,27 @@ type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// - `/close`: a small body and `Connection: close`;
 /// - anything else: `ok`.
 ///
-/// `HEAD` gets the headers of a `GET`. Counts the connections it accepts.
+/// `HEAD` gets the headers of a `GET`. Counts the connections it accepts, and those still
+/// open.
 struct Upstream {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
 }
 
 async fn upstream() -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
+    let open = Arc::new(AtomicUsize::new(0));
+    let (counter, open_now) = (accepted.clone(), open.clone());
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             counter.fetch_add(1, SeqCst);
+            open_now.fetch_add(1, SeqCst);
             let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                 let response: Response<UpBody> = match req.uri().path() {
                     "/echo" => {
@@ -76,10 +80,19 @@ async fn upstream() -> Upstream {
                 };
                 Ok::<_, Infallible>(response)
             });
-            tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let open_now = open_now.clone();
+            tokio::spawn(async move {
+                let _ = connection.await;
+                open_now.fetch_sub(1, SeqCst);
+            });
         }
     });
-    Upstream { addr, accepted }
+    Upstream {
+        addr,
+        accepted,
+        open,
+    }
 }
 
 async fn gateway(upstream: SocketAddr, timeout: &str) -> GatewayHandle {
@@ -354,4 +367,41 @@ async fn silent_closer() -> SilentCloser {
         close,
         closed,
     }
+}
+
+/// Paused time: the runtime jumps ahead whenever it has nothing else to do.
+#[tokio::test(start_paused = true)]
+async fn idle_upstream_connections_are_closed_after_30_s_even_if_unused() {
+    let up = upstream().await;
+    let gw = gateway(up.addr, "2s").await;
+    let mut client = connect(&gw).await;
+    for _ in 0..3 {
+        let (status, _, body) = exchange(&mut client, get("/api/x")).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    }
+    assert_eq!(up.accepted.load(SeqCst), 1);
+    assert_eq!(up.open.load(SeqCst), 1, "idle in the pool");
+
+    // Just under the idle timeout: still there (nobody used the pool since).
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    assert_eq!(up.open.load(SeqCst), 1, "closed before its time");
+
+    // The sweep closes it within 5 s of its timeout, with no request to prompt it.
+    let mut waited = Duration::ZERO;
+    while up.open.load(SeqCst) > 0 {
+        assert!(
+            waited < Duration::from_secs(8),
+            "still open 37 s after its last use"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+    assert_eq!(up.accepted.load(SeqCst), 1);
+
+    // The pool still works: a new connection.
+    let mut client = connect(&gw).await;
+    let (status, ..) = exchange(&mut client, get("/api/x")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(up.accepted.load(SeqCst), 2);
+    gw.shutdown().await;
 }

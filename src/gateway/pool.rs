@@ -22,8 +22,8 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -41,9 +41,12 @@ use crate::discovery::Instance;
 
 /// How long a new connection may take to be established.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a connection may stay idle in the pool before it is closed on the next use of
-/// the pool.
+/// How long a connection may stay idle in the pool: it is closed by the next use of the
+/// pool, or by the gateway's sweep, whichever comes first.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the gateway closes the connections idle for longer than [`IDLE_TIMEOUT`] in
+/// pools nobody uses: an idle connection lives 30 to 35 s.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Idle connections kept per endpoint (and per thread of
 /// [`Gateway::spawn_threads`](super::Gateway::spawn_threads)); more are closed as they are
 /// returned.
@@ -276,7 +279,7 @@ impl fmt::Debug for EndpointPool {
 }
 
 impl EndpointPool {
-    pub(crate) fn new(instance: &Instance) -> Arc<Self> {
+    fn new(instance: &Instance) -> Arc<Self> {
         let target = match instance.socket_addr() {
             Some(addr) => Target::Addr(addr),
             None => Target::Host(instance.address.clone(), instance.port),
@@ -300,14 +303,21 @@ impl EndpointPool {
     /// The most recently returned idle connection, closing any that idled too long.
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.shard().lock();
-        let now = Instant::now();
-        while idle
-            .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
-        {
-            idle.pop_front();
-        }
+        drop(expired(&mut idle, Instant::now()));
         idle.pop_back().map(|(conn, _)| conn)
+    }
+
+    /// Closes the connections of every shard idle for longer than [`IDLE_TIMEOUT`];
+    /// returns how many.
+    fn prune(&self, now: Instant) -> usize {
+        self.idle
+            .iter()
+            .map(|shard| {
+                let expired = expired(&mut shard.lock(), now);
+                // Closed (dropped) outside the lock.
+                expired.len()
+            })
+            .sum()
     }
 
     /// Puts a connection whose last exchange is over back in the pool.
@@ -376,6 +386,73 @@ impl EndpointPool {
             Err(e) => return Err(e.into()),
         };
         Ok(response.map(|body| PooledBody::new(body, conn, self)))
+    }
+}
+
+/// Takes the connections idle since before `now - IDLE_TIMEOUT` out of a shard (oldest
+/// first, so they are at its front).
+fn expired(idle: &mut VecDeque<(Conn, Instant)>, now: Instant) -> Vec<Conn> {
+    let mut expired = Vec::new();
+    while idle
+        .front()
+        .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
+    {
+        expired.extend(idle.pop_front().map(|(conn, _)| conn));
+    }
+    expired
+}
+
+/// Every endpoint pool of a gateway, so that idle connections are closed on time even in
+/// the pools of routes that have gone quiet.
+#[derive(Default)]
+pub(crate) struct Pools(parking_lot::Mutex<Vec<Weak<EndpointPool>>>);
+
+impl Pools {
+    /// A new pool for `instance`, swept with the others.
+    pub(crate) fn pool(&self, instance: &Instance) -> Arc<EndpointPool> {
+        let pool = EndpointPool::new(instance);
+        self.0.lock().push(Arc::downgrade(&pool));
+        pool
+    }
+
+    /// Closes the connections idle for too long in every pool, and forgets the pools of
+    /// endpoints gone from discovery. Returns how many connections it closed.
+    fn sweep(&self) -> usize {
+        let pools: Vec<Arc<EndpointPool>> = {
+            let mut all = self.0.lock();
+            all.retain(|p| p.strong_count() > 0);
+            all.iter().filter_map(Weak::upgrade).collect()
+        };
+        let now = Instant::now();
+        pools.iter().map(|p| p.prune(now)).sum()
+    }
+
+    /// Sweeps every [`SWEEP_EVERY`] on a task of the current runtime, until the pools are
+    /// dropped.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub(crate) fn spawn_sweeper(self: &Arc<Self>) {
+        let pools = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(pools) = pools.upgrade() else { return };
+                let _closed = pools.sweep();
+                #[cfg(feature = "tracing")]
+                if _closed > 0 {
+                    tracing::debug!(
+                        target: "seawall::gateway",
+                        closed = _closed,
+                        "idle upstream connections closed"
+                    );
+                }
+            }
+        });
     }
 }
 

@@ -20,7 +20,7 @@ use tower::{Layer, Service};
 
 use super::config::{ClientKey, FallbackSettings, RouteConfig, StrategyName};
 use super::jwt::JwtVerifier;
-use super::pool::{EndpointPool, PooledBody, UpstreamError};
+use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
 use crate::BoxError;
 use crate::balance::{Balance, BalanceBuilder, BalanceHandle, NoEndpoints, Strategy, WhenEmpty};
@@ -244,9 +244,11 @@ impl Route {
         config: &RouteConfig,
         auth: Option<JwtVerifier>,
         watch: InstanceWatch,
+        pools: &Arc<Pools>,
     ) -> Result<Self, BoxError> {
-        let make: MakeUpstream = Box::new(|instance: &Instance| Upstream {
-            pool: EndpointPool::new(instance),
+        let pools = pools.clone();
+        let make: MakeUpstream = Box::new(move |instance: &Instance| Upstream {
+            pool: pools.pool(instance),
         });
         let discover = ServiceDiscover::new(watch, make);
         let mut builder = BalanceBuilder::new()

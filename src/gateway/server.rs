@@ -18,6 +18,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::config::{ConfigError, GatewayConfig};
 use super::jwt::JwtVerifier;
+use super::pool::Pools;
 use super::route::{Body, Peer, Route, full, json_error};
 use super::status::{GatewayStatus, render_prometheus};
 use crate::BoxError;
@@ -105,6 +106,8 @@ struct Inner {
     listen: SocketAddr,
     /// Kept alive for as long as the gateway.
     _watches: Vec<ConsulWatch>,
+    /// Every endpoint's pool; the sweeper stops once this is dropped.
+    _pools: Arc<Pools>,
 }
 
 impl fmt::Debug for Gateway {
@@ -133,6 +136,11 @@ impl Gateway {
     ///
     /// [`BuildError::Config`] when a route's service is unknown with
     /// [`Discovery::Static`], or the configuration does not validate.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime: the gateway spawns a task that closes upstream
+    /// connections left idle for 30 s (and, with [`Discovery::Consul`], one per watch).
     pub async fn build(config: GatewayConfig, discovery: Discovery) -> Result<Self, BuildError> {
         config.validate()?;
         if matches!(discovery, Discovery::Static) {
@@ -141,6 +149,7 @@ impl Gateway {
         let verifier = config.auth.jwt.as_ref().map(JwtVerifier::from_config);
         let mut watches = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
+        let pools = Arc::new(Pools::default());
         for route in &config.routes {
             let watch = match (config.service(&route.service), &discovery) {
                 (Some(s), _) => InstanceWatch::fixed(
@@ -163,12 +172,15 @@ impl Gateway {
                 (None, Discovery::Static) => unreachable!("checked by check_static_services"),
             };
             let auth = if route.auth { verifier.clone() } else { None };
-            let built = Route::new(route, auth, watch).map_err(|source| BuildError::Route {
-                route: route.name.clone(),
-                source,
-            })?;
+            let built =
+                Route::new(route, auth, watch, &pools).map_err(|source| BuildError::Route {
+                    route: route.name.clone(),
+                    source,
+                })?;
             routes.push(built);
         }
+        // Idle upstream connections are closed on time even where nobody asks for one.
+        pools.spawn_sweeper();
         let mut by_prefix: Vec<usize> = (0..routes.len()).collect();
         by_prefix.sort_by_key(|&i| std::cmp::Reverse(routes[i].core.prefix.len()));
         Ok(Self {
@@ -179,6 +191,7 @@ impl Gateway {
                 started: tokio::time::Instant::now(),
                 listen: config.gateway.listen,
                 _watches: watches,
+                _pools: pools,
             }),
         })
     }
