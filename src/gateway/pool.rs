@@ -370,12 +370,23 @@ impl EndpointPool {
     /// Sends `request` (its URI in origin form) on an idle connection or a new one.
     pub(crate) async fn send(
         self: Arc<Self>,
+        request: Request<Body>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let (conn, reused) = self.ready_conn().await?;
+        self.send_on(conn, reused, request).await
+    }
+
+    /// Sends `request` on `conn`; if `conn` was `reused` and could not even take the
+    /// request, once more on a new connection.
+    async fn send_on(
+        self: Arc<Self>,
+        mut conn: Conn,
+        reused: bool,
         mut request: Request<Body>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
-        let (mut conn, reused) = self.ready_conn().await?;
         let response = match conn.exchange(request).await {
             Ok(response) => response,
             // Not written: a reused connection closed under us. Once more, on a new one.
@@ -679,5 +690,81 @@ mod tests {
         stored.expect("registered").wake();
         assert_eq!(first.0.load(Ordering::SeqCst), 0);
         assert_eq!(second.0.load(Ordering::SeqCst), 1);
+    }
+
+    /// An upstream whose first connection is closed as soon as it is accepted, and
+    /// whose later ones answer `ok`; returns its address, the connections accepted, and
+    /// a notice sent once the first is closed.
+    async fn closing_first_upstream() -> (
+        SocketAddr,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<tokio::sync::Notify>,
+    ) {
+        use std::sync::atomic::AtomicUsize;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(tokio::sync::Notify::new());
+        let (count, notify) = (accepted.clone(), closed.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                    drop(stream);
+                    notify.notify_one();
+                    continue;
+                }
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        (addr, accepted, closed)
+    }
+
+    fn get() -> Request<Body> {
+        Request::get("/")
+            .body(super::super::route::full(""))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_under_the_request_is_retried_once_on_a_new_one() {
+        let (addr, accepted, closed) = closing_first_upstream().await;
+        let pool = EndpointPool::new(&Instance::local("up", addr));
+        let stale = pool.connect().await.unwrap();
+        closed.notified().await;
+        // As if taken from the pool an instant before the upstream's close arrived.
+        let response = pool.clone().send_on(stale, true, get()).await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "sent again on a new one"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_closed_under_the_request_is_not_retried() {
+        let (addr, accepted, closed) = closing_first_upstream().await;
+        let pool = EndpointPool::new(&Instance::local("up", addr));
+        let fresh = pool.connect().await.unwrap();
+        closed.notified().await;
+        let error = pool.clone().send_on(fresh, false, get()).await.unwrap_err();
+        assert!(
+            matches!(error, UpstreamError::Http(_) | UpstreamError::Closed),
+            "{error}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
     }
 }
