@@ -405,3 +405,50 @@ async fn idle_upstream_connections_are_closed_after_30_s_even_if_unused() {
     assert_eq!(up.accepted.load(SeqCst), 2);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_stalling_past_the_timeout_is_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers a head announcing 100 bytes, sends 7, then nothing, keeping the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+                    .await;
+                // Held open until the gateway gives up on it.
+                let _ = stream.read(&mut buf).await;
+            });
+        }
+    });
+    let gw = gateway(addr, "300ms").await;
+    let mut client = connect::<Empty<Bytes>>(&gw).await;
+    let start = std::time::Instant::now();
+    let response = timeout(BOUND, client.send_request(get("/api/x")))
+        .await
+        .expect("the head comes")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = timeout(BOUND, response.into_body().collect())
+        .await
+        .expect("the body does not hang past the route's timeout");
+    assert!(
+        body.is_err(),
+        "a body cut short is an error, not a short body"
+    );
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    let status = gw.gateway().status();
+    assert_eq!(status.routes[0].upstream_errors.timeout, 1);
+    gw.shutdown().await;
+}

@@ -93,7 +93,9 @@ pub struct RouteConfig {
     /// Whether the prefix is removed from the path sent upstream (default false).
     #[serde(default)]
     pub strip_prefix: bool,
-    /// The bound on each request, until the upstream's response head (default 10s).
+    /// The bound on each request until the upstream's response head, and then on each
+    /// wait for more of its body: a body the upstream stops sending for this long is cut
+    /// (default 10s).
     #[serde(default = "default_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
     /// Whether a valid bearer token is required (default false; needs `[auth.jwt]`).

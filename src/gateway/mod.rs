@@ -15,7 +15,9 @@
 //!    of any upstream failure: a timeout, open breakers, no endpoint, a transport error or
 //!    a 5xx answer. Without one, failures are `504` (timeout), `503` (no endpoint, every
 //!    breaker open) or `502` (transport error), with a small JSON body;
-//! 4. **timeout**: the route's bound, until the upstream's response head;
+//! 4. **timeout**: the route's bound, until the upstream's response head (`504` past it),
+//!    then on each wait for more of the body: a body stalled that long is cut, closing the
+//!    client's connection, as nginx's `proxy_read_timeout` does;
 //! 5. a [`Balance`](crate::balance::Balance) over the service's instances (listed in
 //!    `[[services]]`, or discovered through the [`Discovery`] given to
 //!    [`Gateway::build`]), each endpoint a pool of HTTP/1 keep-alive connections with its own

@@ -459,7 +459,7 @@ impl Service<Request<Body>> for Core {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let core = self.0.clone();
-        Box::pin(async move { Ok(core.forward(request).await) })
+        Box::pin(async move { Ok(RouteCore::forward(core, request).await) })
     }
 }
 
@@ -473,7 +473,8 @@ enum Failure {
 }
 
 impl RouteCore {
-    async fn forward(&self, request: Request<Body>) -> Response<Body> {
+    /// Takes the route by `Arc` to hand it on to the response body without a clone.
+    async fn forward(self: Arc<Self>, request: Request<Body>) -> Response<Body> {
         let failure = match tokio::time::timeout(self.timeout, self.balance.call(request)).await {
             Ok(Ok(response)) if response.status().is_server_error() && self.fallback.is_some() => {
                 Failure::ServerError
@@ -482,7 +483,7 @@ impl RouteCore {
                 if response.status().is_server_error() {
                     self.stats.server_errors.fetch_add(1, Relaxed);
                 }
-                return downstream_response(response);
+                return downstream_response(response, self);
             }
             Ok(Err(e))
                 if crate::caused_by::<CircuitOpen>(&e) || crate::caused_by::<NoEndpoints>(&e) =>
@@ -630,10 +631,71 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-fn downstream_response(response: Response<PooledBody>) -> Response<Body> {
+fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+    let body = BodyTimeout {
+        body,
+        route,
+        sleep: None,
+        progressed: false,
+    };
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// An upstream response body that fails once the upstream has sent nothing of it for the
+/// route's timeout: a response whose head came in time cannot hang after it either. The
+/// timer is made only when the body first has to wait (most bodies come whole with their
+/// head), then pushed back at each frame.
+struct BodyTimeout {
+    body: PooledBody,
+    route: Arc<RouteCore>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last set.
+    progressed: bool,
+}
+
+impl hyper::body::Body for BodyTimeout {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            this.progressed = true;
+            return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
+        }
+        let timeout = this.route.timeout;
+        let sleep = match &mut this.sleep {
+            Some(sleep) => {
+                if this.progressed {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + timeout);
+                }
+                sleep
+            }
+            None => this.sleep.insert(Box::pin(tokio::time::sleep(timeout))),
+        };
+        this.progressed = false;
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.route.stats.timeouts.fetch_add(1, Relaxed);
+        this.sleep = None;
+        Poll::Ready(Some(Err(BoxError::from(
+            "the upstream sent nothing of the response body for the route's timeout",
+        ))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 #[cfg(test)]

@@ -82,7 +82,8 @@ pub struct ResponseClasses {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct UpstreamErrors {
-    /// The route timeout elapsed (504).
+    /// The route timeout elapsed: before the response head (504), or while waiting for
+    /// more of its body (the body cut).
     pub timeout: u64,
     /// No endpoint, or every endpoint's breaker open (503).
     pub unavailable: u64,
