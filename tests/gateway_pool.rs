@@ -433,7 +433,7 @@ async fn a_response_body_stalling_past_the_timeout_is_cut() {
     });
     let gw = gateway(addr, "300ms").await;
     let mut client = connect::<Empty<Bytes>>(&gw).await;
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let response = timeout(BOUND, client.send_request(get("/api/x")))
         .await
         .expect("the head comes")
