@@ -94,12 +94,13 @@
 //!
 //! ## Allocations per request
 //!
-//! With `GATEWAY_BENCH_ALLOCS=1` a counting global allocator counts every allocation of
-//! the bench process (load client, upstreams, in-process proxies) and the tables gain a
-//! `proxy allocs/req` column: a row's allocations per request minus `direct`'s, that is
-//! the allocations the proxy in the middle made per request. Counting costs an atomic
-//! add per allocation, so take the timings from a run without it. nginx, another
-//! process, reads `n/a`.
+//! With `GATEWAY_BENCH_ALLOCS=1` a counting global allocator counts the allocations made
+//! on the proxies' threads (those of the gateway runtime and of `spawn_threads`: the
+//! load client's, the upstreams' and the delay line's threads are left out) and the
+//! tables gain a `proxy allocs/req` column: the allocations the proxy in the middle made
+//! per request. `direct` reads 0.0, which checks that nothing else is counted. Counting
+//! costs an atomic add per allocation, so take the timings from a run without it. nginx,
+//! another process, reads `n/a`.
 //!
 //! `cargo bench --features gateway --bench gateway`
 #![allow(clippy::disallowed_types)] // std's Instant: real time against real servers
@@ -203,6 +204,7 @@ fn delay_line() -> &'static DelayLine {
         let thread = std::thread::Builder::new()
             .name("delay-line".to_owned())
             .spawn(|| {
+                counting_alloc::exclude_this_thread();
                 let line = delay_line();
                 loop {
                     let now = Instant::now();
@@ -825,7 +827,7 @@ struct Run {
     proxy_cpu: Option<f64>,
     /// The upstreams' thread's CPU time per request (µs), when measured.
     upstream_cpu: Option<f64>,
-    /// The whole process's allocations per request, when counted.
+    /// The proxy's allocations per request, when counted.
     allocs: Option<f64>,
 }
 
@@ -929,6 +931,7 @@ fn spawn_upstreams(service_times: &[Option<Duration>]) -> (Vec<SocketAddr>, Opti
     std::thread::Builder::new()
         .name("upstreams".to_owned())
         .spawn(move || {
+            counting_alloc::exclude_this_thread();
             tid_tx.send(current_tid()).expect("main");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -961,6 +964,8 @@ fn main() {
     if std::env::var_os("GATEWAY_BENCH_ALLOCS").is_some_and(|v| v == "1") {
         COUNTING.store(true, Relaxed);
     }
+    // The load client runs on this thread.
+    counting_alloc::exclude_this_thread();
     let count = requests_per_run();
     let slow_count = (count / 4).max(2000.min(count));
     // Upstreams: their own thread and current-thread runtime; three no-op instances, then
@@ -1125,7 +1130,7 @@ fn main() {
                     eprintln!(
                         "  run {round}: {:<12} C={concurrency:<3} {:>8.0} req/s  p50 {:>6.1}  \
                          p99 {:>7.1}  p99.9 {:>7.1} µs  CPU/req proxy {} upstream {} µs  \
-                         allocs/req (process) {}",
+                         allocs/req (proxy) {}",
                         target.name(),
                         r.rps,
                         r.p50,
@@ -1144,33 +1149,26 @@ fn main() {
             };
             let direct_rps = stat(&results[0], |r| r.rps);
             let direct_p99 = stat(&results[0], |r| r.p99);
-            let direct_allocs = cpu(&results[0], |r| r.allocs);
             for (i, &target) in Target::ALL.iter().enumerate() {
                 let runs = &results[i];
                 if runs.is_empty() {
                     continue;
                 }
                 let (rps, p99) = (stat(runs, |r| r.rps), stat(runs, |r| r.p99));
-                let (ratio, diff, proxy_cpu, allocs) = if target == Target::Direct {
-                    (
-                        "–".to_owned(),
-                        "–".to_owned(),
-                        "–".to_owned(),
-                        "–".to_owned(),
-                    )
+                let allocs = match target {
+                    Target::Nginx => None,
+                    _ => cpu(runs, |r| r.allocs),
+                };
+                let (ratio, diff, proxy_cpu) = if target == Target::Direct {
+                    ("–".to_owned(), "–".to_owned(), "–".to_owned())
                 } else {
-                    let allocs = match (target, cpu(runs, |r| r.allocs), direct_allocs) {
-                        (Target::Nginx, ..) => None,
-                        (_, Some(a), Some(d)) => Some(a - d),
-                        _ => None,
-                    };
                     (
                         format!("{:.0}%", rps * 100.0 / direct_rps),
                         format!("{:+.0} µs", p99 - direct_p99),
                         cpu_cell(cpu(runs, |r| r.proxy_cpu)),
-                        cpu_cell(allocs),
                     )
                 };
+                let allocs = cpu_cell(allocs);
                 println!(
                     "| {} | {concurrency} | {rps:.0} | {:.0} | {:.0} | {p99:.0} | {:.0} | {ratio} \
                      | {diff} | {proxy_cpu} | {} | {allocs} |",

@@ -10,9 +10,22 @@ pub(crate) struct Counting;
 pub(crate) static COUNTING: AtomicBool = AtomicBool::new(false);
 pub(crate) static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
+std::thread_local! {
+    /// Set on threads whose allocations are not to be counted.
+    static EXCLUDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Leaves this thread's allocations out of the count (a load client's, say, when only a
+/// server's are wanted).
+#[allow(dead_code)] // not every bench needs it
+pub(crate) fn exclude_this_thread() {
+    EXCLUDED.with(|e| e.set(true));
+}
+
 #[inline]
 fn count() {
-    if COUNTING.load(Relaxed) {
+    // `try_with`: nothing to count once the thread-local is gone (thread exit).
+    if COUNTING.load(Relaxed) && !EXCLUDED.try_with(std::cell::Cell::get).unwrap_or(true) {
         ALLOCATIONS.fetch_add(1, Relaxed);
     }
 }
