@@ -398,8 +398,11 @@ impl Gateway {
                 .name(format!("seawall-gw-{i}"))
                 .spawn(move || {
                     super::pool::set_thread_shard(i + 1);
+                    // Sockets and timers only: no signal or process driver to check at
+                    // every park.
                     let runtime = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
+                        .enable_io()
+                        .enable_time()
                         .build()
                     {
                         Ok(runtime) => runtime,
