@@ -318,6 +318,12 @@ service = \"b\"
 rate_limit = {{ global = {{ per_second = 100, burst = 100 }} }}
 
 [[routes]]
+name = \"hidden\"
+path_prefix = \"/h\"
+service = \"g\"
+rate_limit = {{ global = {{ per_second = 1, burst = 1 }}, hide_client_headers = true }}
+
+[[routes]]
 name = \"client\"
 path_prefix = \"/c\"
 service = \"c\"
@@ -376,7 +382,19 @@ rate_limit = {{ per_client = {{ per_second = 1, burst = 2, key = \"header:x-api-
         assert!(answer.headers.contains_key("ratelimit"));
     }
 
+    // Hidden limits: no RateLimit headers, only Retry-After on the 429.
+    let admitted = get(&http, &gw, "/h").await;
+    assert_eq!(admitted.status, StatusCode::OK);
+    assert!(!admitted.headers.contains_key("ratelimit"));
+    assert!(!admitted.headers.contains_key("ratelimit-policy"));
+    let refused = get(&http, &gw, "/h").await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers.contains_key("retry-after"));
+    assert!(!refused.headers.contains_key("ratelimit"));
+
     let s = status(&http, &gw).await;
+    assert_eq!(s.routes[2].name, "hidden");
+    assert_eq!(s.routes[2].rate_limited, 1);
     assert_eq!(s.routes[1].name, "busy");
     assert_eq!(
         s.routes[1].rate_limited, 0,
@@ -389,7 +407,7 @@ rate_limit = {{ per_client = {{ per_second = 1, burst = 2, key = \"header:x-api-
         .count();
     assert_eq!(s.routes[0].rate_limited, refused_g as u64);
     assert_eq!(s.routes[0].limits.global.as_ref().unwrap().burst, 3);
-    assert_eq!(s.routes[2].limits.per_client.as_ref().unwrap().clients, 2);
+    assert_eq!(s.routes[3].limits.per_client.as_ref().unwrap().clients, 2);
     let metrics = get(&http, &gw, "/metrics").await.body;
     assert!(
         metrics.contains(&format!(

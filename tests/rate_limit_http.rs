@@ -184,6 +184,26 @@ async fn the_layers_own_429s_are_marked_and_an_absent_limit_passes_all() {
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(refused.extensions().get::<Refused>(), Some(&Refused));
 
+    // Hidden headers: none on admitted responses, only Retry-After on the 429.
+    let limiter = RateLimiter::with_clock(
+        Quota::new(Rate::per_second(1), 1).unwrap(),
+        ManualClock::new(),
+    );
+    let mut hidden = HttpRateLimitLayer::new(Some(limiter))
+        .legacy_headers(true)
+        .hide_headers(true)
+        .layer(inner);
+    let admitted = call(&mut hidden, "/").await.unwrap();
+    assert_eq!(admitted.status(), StatusCode::OK);
+    assert!(admitted.headers().is_empty(), "{:?}", admitted.headers());
+    let refused = call(&mut hidden, "/").await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.extensions().get::<Refused>(), Some(&Refused));
+    assert_eq!(
+        refused.headers().keys().collect::<Vec<_>>(),
+        [http::header::RETRY_AFTER]
+    );
+
     // `None`: no limit, no headers.
     let mut open = HttpRateLimitLayer::new(None::<RateLimiter<ManualClock>>).layer(inner);
     for _ in 0..10 {

@@ -463,6 +463,48 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
     assert_eq!(keyless.status(), 200);
     assert!(keyless.headers().get("ratelimit").is_none());
 
+    // Hidden headers: none when admitted, only Retry-After on the 429 (marked Refused).
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(60, 1))
+        .prefix("hidden")
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let mut hidden = HttpRedisRateLimitLayer::new(
+        limiter,
+        HeaderKey(http::HeaderName::from_static("x-api-key")),
+    )
+    .hide_headers(true)
+    .layer(tower::service_fn(|_req: http::Request<()>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+    }));
+    let admitted = hidden
+        .ready()
+        .await
+        .unwrap()
+        .call(request("h"))
+        .await
+        .unwrap();
+    assert_eq!(admitted.status(), 200);
+    assert!(admitted.headers().is_empty(), "{:?}", admitted.headers());
+    let refused = hidden
+        .ready()
+        .await
+        .unwrap()
+        .call(request("h"))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(
+        refused.headers().keys().collect::<Vec<_>>(),
+        [http::header::RETRY_AFTER]
+    );
+    assert!(
+        refused
+            .extensions()
+            .get::<seawall::rate_limit::http::Refused>()
+            .is_some()
+    );
+
     // Redis gone, failing closed: 503 with Retry-After, never a hang.
     drop(redis);
     let response = tokio::time::timeout(

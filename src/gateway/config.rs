@@ -189,6 +189,11 @@ pub struct RateLimitSettings {
     pub global: Option<LimitSettings>,
     /// One bucket per client.
     pub per_client: Option<ClientLimitSettings>,
+    /// Sends no `RateLimit-Policy` / `RateLimit` headers (default false), as Kong's
+    /// `hide_client_headers`: clients cannot read the limits; refusals still carry
+    /// `Retry-After`.
+    #[serde(default)]
+    pub hide_client_headers: bool,
 }
 
 /// A token bucket: `per_second` tokens a second, at most `burst` at once.

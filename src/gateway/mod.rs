@@ -87,6 +87,7 @@
 //! [routes.rate_limit]
 //! global = { per_second = 1000, burst = 200 }
 //! per_client = { per_second = 10, burst = 20, key = "ip" }   # or "header:x-api-key"
+//! hide_client_headers = false     # true: no RateLimit headers, only Retry-After on 429
 //!
 //! [routes.balance]
 //! strategy = "least-requests"     # or "peak-ewma", "round-robin"

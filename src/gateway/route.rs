@@ -312,8 +312,13 @@ impl Route {
             per_client: per_client.clone(),
         });
         let keyed_by_ip = matches!(per_client, Some((PerClient::Ip(_), ..)));
-        let per_client = HttpRateLimitLayer::new(per_client.map(|(l, ..)| l)).name("per-client");
-        let global = HttpRateLimitLayer::new(global.map(|(l, _)| l)).name("global");
+        let hide = config.rate_limit.hide_client_headers;
+        let per_client = HttpRateLimitLayer::new(per_client.map(|(l, ..)| l))
+            .name("per-client")
+            .hide_headers(hide);
+        let global = HttpRateLimitLayer::new(global.map(|(l, _)| l))
+            .name("global")
+            .hide_headers(hide);
         let stack = global.layer(per_client.layer(Core(core.clone())));
         Ok(Self {
             core,

@@ -129,14 +129,14 @@ where
 pub struct HttpRateLimitLayer<L> {
     limit: L,
     name: Arc<PolicyName>,
-    legacy: bool,
+    style: HeaderStyle,
 }
 
 impl<L> fmt::Debug for HttpRateLimitLayer<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpRateLimitLayer")
             .field("name", &self.name.as_str())
-            .field("legacy", &self.legacy)
+            .field("style", &self.style)
             .finish_non_exhaustive()
     }
 }
@@ -161,7 +161,7 @@ impl<L> HttpRateLimitLayer<L> {
         Self {
             limit,
             name: PolicyName::new("default"),
-            legacy: false,
+            style: HeaderStyle::default(),
         }
     }
 
@@ -175,7 +175,16 @@ impl<L> HttpRateLimitLayer<L> {
     /// Also sends `X-RateLimit-Limit` and `X-RateLimit-Remaining`, as Kong does.
     #[must_use]
     pub fn legacy_headers(mut self, on: bool) -> Self {
-        self.legacy = on;
+        self.style.legacy = on;
+        self
+    }
+
+    /// Sends no rate-limit headers, so clients cannot read the limits (Kong's
+    /// `hide_client_headers`): admitted responses get none, refused ones only
+    /// `Retry-After`. Admitted requests then cost no header work at all.
+    #[must_use]
+    pub fn hide_headers(mut self, on: bool) -> Self {
+        self.style.hidden = on;
         self
     }
 }
@@ -280,10 +289,12 @@ pub struct Refused;
 
 /// The `429` of a refused request: the decision's headers, [`Refused`] in the
 /// extensions, the body type's default.
-pub(super) fn refusal<B: Default>(headers: Headers) -> Response<B> {
+pub(super) fn refusal<B: Default>(headers: Option<Headers>) -> Response<B> {
     let mut response = Response::new(B::default());
     *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-    headers.apply(response.headers_mut());
+    if let Some(headers) = headers {
+        headers.apply(response.headers_mut());
+    }
     response.extensions_mut().insert(Refused);
     response
 }
@@ -320,36 +331,60 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+/// Which rate-limit headers a layer sends.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct HeaderStyle {
+    /// Kong's `X-RateLimit-Limit` / `X-RateLimit-Remaining` too.
+    pub(super) legacy: bool,
+    /// None but `Retry-After` on refusals.
+    pub(super) hidden: bool,
+}
+
 /// The headers one decision adds to a response.
 #[derive(Debug)]
 pub(super) struct Headers {
-    policy: HeaderValue,
-    state: HeaderValue,
+    /// `RateLimit-Policy` and `RateLimit`, unless hidden.
+    draft: Option<(HeaderValue, HeaderValue)>,
     legacy: Option<(HeaderValue, HeaderValue)>,
     retry_after: Option<HeaderValue>,
 }
 
 impl Headers {
+    /// `None` when there is nothing to add: an admitted request, its headers hidden.
     pub(super) fn new(
         name: &PolicyName,
-        legacy: bool,
+        style: HeaderStyle,
         decision: &Result<Admitted, RateLimited>,
-    ) -> Self {
+    ) -> Option<Self> {
         let (limit, window, remaining, reset, retry) = match decision {
             Ok(a) => (a.limit, a.window, a.remaining, a.full_in, None),
             Err(r) => (r.limit(), r.window(), 0, r.full_in(), r.retry_after()),
         };
-        Self {
-            policy: name.policy(limit, window),
-            state: state_value(name.as_str(), u64::from(remaining), ceil_secs(reset)),
-            legacy: legacy.then(|| (HeaderValue::from(limit), HeaderValue::from(remaining))),
-            retry_after: retry.map(|d| HeaderValue::from(ceil_secs(d))),
+        let retry_after = retry.map(|d| HeaderValue::from(ceil_secs(d)));
+        if style.hidden {
+            return retry_after.map(|v| Self {
+                draft: None,
+                legacy: None,
+                retry_after: Some(v),
+            });
         }
+        Some(Self {
+            draft: Some((
+                name.policy(limit, window),
+                state_value(name.as_str(), u64::from(remaining), ceil_secs(reset)),
+            )),
+            legacy: style
+                .legacy
+                .then(|| (HeaderValue::from(limit), HeaderValue::from(remaining))),
+            retry_after,
+        })
     }
 
     pub(super) fn apply(self, headers: &mut http::HeaderMap) {
-        headers.append(RATELIMIT_POLICY.clone(), self.policy);
-        headers.append(RATELIMIT.clone(), self.state);
+        if let Some((policy, state)) = self.draft {
+            headers.append(RATELIMIT_POLICY.clone(), policy);
+            headers.append(RATELIMIT.clone(), state);
+        }
         if let Some((limit, remaining)) = self.legacy {
             // Appended: with stacked layers the innermost (applied first) comes first.
             headers.append(X_RATELIMIT_LIMIT.clone(), limit);
@@ -387,9 +422,9 @@ where
         let Some(decision) = self.layer.limit.check(&request) else {
             return ResponseFuture::called(self.inner.call(request), None);
         };
-        let headers = Headers::new(&self.layer.name, self.layer.legacy, &decision);
+        let headers = Headers::new(&self.layer.name, self.layer.style, &decision);
         match decision {
-            Ok(_) => ResponseFuture::called(self.inner.call(request), Some(headers)),
+            Ok(_) => ResponseFuture::called(self.inner.call(request), headers),
             Err(_) => ResponseFuture::refused(refusal(headers)),
         }
     }
@@ -466,8 +501,8 @@ mod tests {
             ManualClock::new(),
         );
         let decision = limiter.acquire(1);
-        let headers = Headers::new(name, false, &decision);
-        headers.policy.to_str().unwrap().to_owned()
+        let headers = Headers::new(name, HeaderStyle::default(), &decision).unwrap();
+        headers.draft.unwrap().0.to_str().unwrap().to_owned()
     }
 
     fn policy(per_second: u32, burst: u32) -> String {

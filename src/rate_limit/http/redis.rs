@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
-use super::layer::{Headers, PolicyName, refusal};
+use super::layer::{HeaderStyle, Headers, PolicyName, refusal};
 use crate::rate_limit::KeyExtractor;
 use crate::rate_limit::redis::{RedisLimitError, RedisRateLimiter};
 
@@ -48,7 +48,7 @@ pub struct HttpRedisRateLimitLayer<E> {
     limiter: RedisRateLimiter,
     extractor: E,
     name: Arc<PolicyName>,
-    legacy: bool,
+    style: HeaderStyle,
 }
 
 impl<E> HttpRedisRateLimitLayer<E> {
@@ -58,7 +58,7 @@ impl<E> HttpRedisRateLimitLayer<E> {
             limiter,
             extractor,
             name: PolicyName::new("default"),
-            legacy: false,
+            style: HeaderStyle::default(),
         }
     }
 
@@ -72,7 +72,15 @@ impl<E> HttpRedisRateLimitLayer<E> {
     /// Adds Kong-style `X-RateLimit-Limit` / `X-RateLimit-Remaining` headers.
     #[must_use]
     pub fn legacy_headers(mut self, on: bool) -> Self {
-        self.legacy = on;
+        self.style.legacy = on;
+        self
+    }
+
+    /// Sends no rate-limit headers (Kong's `hide_client_headers`): admitted responses
+    /// get none, refused ones only `Retry-After`.
+    #[must_use]
+    pub fn hide_headers(mut self, on: bool) -> Self {
+        self.style.hidden = on;
         self
     }
 }
@@ -82,7 +90,7 @@ impl<E> fmt::Debug for HttpRedisRateLimitLayer<E> {
         f.debug_struct("HttpRedisRateLimitLayer")
             .field("limiter", &self.limiter)
             .field("name", &self.name)
-            .field("legacy", &self.legacy)
+            .field("style", &self.style)
             .finish_non_exhaustive()
     }
 }
@@ -142,21 +150,23 @@ where
             return Box::pin(inner.call(request));
         };
         let key = key.to_string();
-        let (limiter, name, legacy) = (
+        let (limiter, name, style) = (
             self.layer.limiter.clone(),
             self.layer.name.clone(),
-            self.layer.legacy,
+            self.layer.style,
         );
         Box::pin(async move {
             match limiter.acquire(&key, 1).await {
                 Ok((admitted, _source)) => {
-                    let headers = Headers::new(&name, legacy, &Ok(admitted));
+                    let headers = Headers::new(&name, style, &Ok(admitted));
                     let mut response = inner.call(request).await?;
-                    headers.apply(response.headers_mut());
+                    if let Some(headers) = headers {
+                        headers.apply(response.headers_mut());
+                    }
                     Ok(response)
                 }
                 Err(RedisLimitError::Limited(refused)) => {
-                    Ok(refusal(Headers::new(&name, legacy, &Err(refused))))
+                    Ok(refusal(Headers::new(&name, style, &Err(refused))))
                 }
                 Err(RedisLimitError::Unavailable(_)) => {
                     let mut response = Response::new(ResB::default());
