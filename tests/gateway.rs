@@ -324,6 +324,12 @@ service = \"g\"
 rate_limit = {{ global = {{ per_second = 1, burst = 1 }}, hide_client_headers = true }}
 
 [[routes]]
+name = \"tenant\"
+path_prefix = \"/t\"
+service = \"g\"
+rate_limit = {{ per_client = {{ per_second = 1, burst = 1, key = \"header:host\" }} }}
+
+[[routes]]
 name = \"client\"
 path_prefix = \"/c\"
 service = \"c\"
@@ -392,6 +398,27 @@ rate_limit = {{ per_client = {{ per_second = 1, burst = 2, key = \"header:x-api-
     assert!(refused.headers.contains_key("retry-after"));
     assert!(!refused.headers.contains_key("ratelimit"));
 
+    // Keyed on Host, which the gateway moves to X-Forwarded-Host for the upstream: the
+    // limit sees the request as the client sent it.
+    let tenant = |host: &'static str| {
+        Request::get(format!("http://{}/t", gw.local_addr()))
+            .header("host", host)
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(
+        send(&http, tenant("a.example")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&http, tenant("a.example")).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(&http, tenant("b.example")).await.status,
+        StatusCode::OK
+    );
+
     let s = status(&http, &gw).await;
     assert_eq!(s.routes[2].name, "hidden");
     assert_eq!(s.routes[2].rate_limited, 1);
@@ -407,6 +434,7 @@ rate_limit = {{ per_client = {{ per_second = 1, burst = 2, key = \"header:x-api-
         .count();
     assert_eq!(s.routes[0].rate_limited, refused_g as u64);
     assert_eq!(s.routes[0].limits.global.as_ref().unwrap().burst, 3);
+    assert_eq!(s.routes[4].limits.per_client.as_ref().unwrap().clients, 2);
     assert_eq!(s.routes[3].limits.per_client.as_ref().unwrap().clients, 2);
     let metrics = get(&http, &gw, "/metrics").await.body;
     assert!(

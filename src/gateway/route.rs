@@ -319,7 +319,10 @@ impl Route {
         let global = HttpRateLimitLayer::new(global.map(|(l, _)| l))
             .name("global")
             .hide_headers(hide);
-        let stack = global.layer(per_client.layer(Core(core.clone())));
+        let stack = global.layer(per_client.layer(Core {
+            route: core.clone(),
+            forwarded_for: None,
+        }));
         Ok(Self {
             core,
             auth,
@@ -379,11 +382,15 @@ impl Route {
             // What `ClientIp` reads; only inserted when a limit needs it.
             parts.extensions.insert(peer.addr);
         }
-        self.core.upstream_parts(&mut parts, peer);
         let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
-        // Every layer of the stack is always ready: limits answer in `call`. The clone is
-        // a few reference counts; the future owns all it needs.
-        let response = match self.stack.clone().call(request).await {
+        // The clone is a few reference counts. Its core learns the peer here rather than
+        // from the request's extensions (an allocation or three); the limits see the
+        // request as the client sent it, and the core rewrites it for the upstream.
+        let mut stack = self.stack.clone();
+        stack.get_mut().get_mut().forwarded_for = Some(peer.forwarded_for.clone());
+        // Every layer of the stack is always ready: limits answer in `call`. The future
+        // owns all it needs.
+        let response = match stack.call(request).await {
             Ok(response) => response,
             Err(never) => match never {},
         };
@@ -451,7 +458,11 @@ impl Route {
 /// The innermost service of a route's stack: fallback, timeout and the balancer. It
 /// never fails: every error becomes a response.
 #[derive(Clone)]
-struct Core(Arc<RouteCore>);
+struct Core {
+    route: Arc<RouteCore>,
+    /// The peer's `X-Forwarded-For` entry, set on the stack's clone for each request.
+    forwarded_for: Option<HeaderValue>,
+}
 
 impl Service<Request<Body>> for Core {
     type Response = Response<Body>;
@@ -463,8 +474,9 @@ impl Service<Request<Body>> for Core {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let core = self.0.clone();
-        Box::pin(async move { Ok(RouteCore::forward(core, request).await) })
+        let route = self.route.clone();
+        let forwarded_for = self.forwarded_for.take();
+        Box::pin(async move { Ok(RouteCore::forward(route, request, forwarded_for).await) })
     }
 }
 
@@ -479,7 +491,12 @@ enum Failure {
 
 impl RouteCore {
     /// Takes the route by `Arc` to hand it on to the response body without a clone.
-    async fn forward(self: Arc<Self>, request: Request<Body>) -> Response<Body> {
+    async fn forward(
+        self: Arc<Self>,
+        request: Request<Body>,
+        forwarded_for: Option<HeaderValue>,
+    ) -> Response<Body> {
+        let request = self.upstream_request(request, forwarded_for);
         let failure = match tokio::time::timeout(self.timeout, self.balance.call(request)).await {
             Ok(Ok(response)) if response.status().is_server_error() && self.fallback.is_some() => {
                 Failure::ServerError
@@ -565,9 +582,10 @@ impl RouteCore {
         parsed.unwrap_or_else(|_| Uri::from_static("/"))
     }
 
-    /// Makes a request's head the one sent upstream: prefix stripped, hop-by-hop headers
-    /// dropped, `X-Forwarded-For` / `-Host` / `-Proto` added.
-    fn upstream_parts(&self, parts: &mut http::request::Parts, peer: &Peer) {
+    /// The request as sent upstream: prefix stripped, hop-by-hop headers dropped,
+    /// `X-Forwarded-For` (the peer's entry appended) / `-Host` / `-Proto` added.
+    fn upstream_request(&self, request: Request<Body>, peer: Option<HeaderValue>) -> Request<Body> {
+        let (mut parts, body) = request.into_parts();
         parts.uri = self.upstream_uri(std::mem::take(&mut parts.uri));
         remove_hop_by_hop(&mut parts.headers);
         if let Some(host) = parts.headers.remove(header::HOST) {
@@ -576,10 +594,11 @@ impl RouteCore {
         parts
             .headers
             .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        let forwarded_for = match parts.headers.get(&X_FORWARDED_FOR) {
+        let forwarded_for = match (parts.headers.get(&X_FORWARDED_FOR), peer) {
+            (_, None) => None,
             // Appended to what earlier proxies said.
-            Some(prior) => {
-                let ip = peer.forwarded_for.as_bytes();
+            (Some(prior), Some(peer)) => {
+                let ip = peer.as_bytes();
                 let mut value = Vec::with_capacity(prior.len() + 2 + ip.len());
                 value.extend_from_slice(prior.as_bytes());
                 value.extend_from_slice(b", ");
@@ -587,12 +606,13 @@ impl RouteCore {
                 HeaderValue::try_from(value).ok()
             }
             // The connection's own, shared: no allocation.
-            None => Some(peer.forwarded_for.clone()),
+            (None, Some(peer)) => Some(peer),
         };
         if let Some(v) = forwarded_for {
             parts.headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         parts.version = http::Version::HTTP_11;
+        Request::from_parts(parts, body)
     }
 }
 

@@ -207,6 +207,23 @@ pub struct HttpRateLimit<S, L> {
     layer: HttpRateLimitLayer<L>,
 }
 
+impl<S, L> HttpRateLimit<S, L> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably (to hand it per-request state on a clone, say).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, the layer gone.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
 impl<S: fmt::Debug, L> fmt::Debug for HttpRateLimit<S, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpRateLimit")
