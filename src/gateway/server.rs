@@ -352,10 +352,10 @@ impl Gateway {
     /// upstream connections stay on one thread, so no request wakes another thread, and
     /// each thread keeps its own idle upstream connections; routes, limits, breakers,
     /// balancers and counters stay shared by all the threads. On a 2-core machine, with
-    /// two threads against a 2-worker multi-thread runtime, it served 9–10% more requests
-    /// when the cores were saturated, and added half as much at p99 (50–150 µs against
-    /// 100–290 µs) in front of an upstream taking 1 ms at 16 concurrent callers
-    /// (`benches/gateway.rs`).
+    /// two threads against a 2-worker multi-thread runtime, it served 8–12% more requests
+    /// when the cores were saturated, with 5–10% less CPU per request, and in front of an
+    /// upstream taking 1 ms at 16 concurrent callers it added 50–200 µs at p99 against
+    /// 100–290 µs (`benches/gateway.rs`).
     ///
     /// Consul discovery goes on in the runtime that built the gateway, which must keep
     /// running. Unix only.
