@@ -322,6 +322,20 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
     gw.shutdown().await;
 }
 
+/// Reads a request head off `stream`; `false` if it closed first.
+async fn read_head(stream: &mut TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 /// An upstream that answers one request per connection with keep-alive headers, then,
 /// when told to (`close`), closes the connection without a word, as an upstream's idle
 /// timeout does, and says it has (`closed`).
@@ -345,13 +359,8 @@ async fn silent_closer() -> SilentCloser {
             };
             let (notify, told) = (notify.clone(), told.clone());
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if !read_head(&mut stream).await {
+                    return;
                 }
                 let _ = stream
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
@@ -415,19 +424,14 @@ async fn a_response_body_stalling_past_the_timeout_is_cut() {
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if !read_head(&mut stream).await {
+                    return;
                 }
                 let _ = stream
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
                     .await;
                 // Held open until the gateway gives up on it.
-                let _ = stream.read(&mut buf).await;
+                let _ = stream.read(&mut [0u8; 64]).await;
             });
         }
     });

@@ -382,6 +382,19 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
     use tower::{Layer, Service, ServiceExt};
 
     let redis = Redis::start(Redis::free_port()).await;
+    // The layer, keyed on `x-api-key`, over a service answering "hello".
+    let over_hello = |limiter: RedisRateLimiter,
+                      configure: fn(
+        HttpRedisRateLimitLayer<HeaderKey>,
+    ) -> HttpRedisRateLimitLayer<HeaderKey>| {
+        configure(HttpRedisRateLimitLayer::new(
+            limiter,
+            HeaderKey(http::HeaderName::from_static("x-api-key")),
+        ))
+        .layer(tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+        }))
+    };
     let make = |url: String| {
         let limiter = RedisRateLimiter::builder(url, quota(60, 2))
             .prefix("http")
@@ -389,15 +402,7 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
             .breaker(quick_breaker())
             .build()
             .unwrap();
-        HttpRedisRateLimitLayer::new(
-            limiter,
-            HeaderKey(http::HeaderName::from_static("x-api-key")),
-        )
-        .name("per-key")
-        .legacy_headers(true)
-        .layer(tower::service_fn(|_req: http::Request<()>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
-        }))
+        over_hello(limiter, |l| l.name("per-key").legacy_headers(true))
     };
     // Two replicas, one limit of 2 per key.
     let mut replicas = [make(redis.url()), make(redis.url())];
@@ -469,14 +474,7 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
         .timeout(Duration::from_millis(300))
         .build()
         .unwrap();
-    let mut hidden = HttpRedisRateLimitLayer::new(
-        limiter,
-        HeaderKey(http::HeaderName::from_static("x-api-key")),
-    )
-    .hide_headers(true)
-    .layer(tower::service_fn(|_req: http::Request<()>| async {
-        Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
-    }));
+    let mut hidden = over_hello(limiter, |l| l.hide_headers(true));
     let admitted = hidden
         .ready()
         .await
