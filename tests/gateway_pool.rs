@@ -346,7 +346,7 @@ struct SilentCloser {
 }
 
 async fn silent_closer() -> SilentCloser {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let closed = Arc::new(tokio::sync::Notify::new());
