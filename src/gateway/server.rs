@@ -4,8 +4,10 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode, header};
@@ -274,7 +276,7 @@ impl Gateway {
         signal: impl Future<Output = ()> + Send,
         drain: Duration,
     ) {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop = Arc::new(Stop::default());
         let mut connections = JoinSet::new();
         let mut signal = std::pin::pin!(signal);
         loop {
@@ -293,7 +295,7 @@ impl Gateway {
             };
             let _ = stream.set_nodelay(true);
             let gateway = self.clone();
-            let mut stop = stop_rx.clone();
+            let stop = stop.clone();
             connections.spawn(async move {
                 let peer = Peer::new(peer);
                 let service = hyper::service::service_fn(move |request| {
@@ -304,17 +306,11 @@ impl Gateway {
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
-                let mut connection = std::pin::pin!(connection);
-                tokio::select! {
-                    _ = connection.as_mut() => return,
-                    () = stopped(&mut stop) => {}
-                }
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
+                let _ = Graceful::new(connection, stop).await;
             });
         }
         drop(listener);
-        let _ = stop_tx.send(true);
+        stop.stop();
         let _ = tokio::time::timeout(drain, async {
             while connections.join_next().await.is_some() {}
         })
@@ -493,6 +489,112 @@ impl GatewayThreads {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// Tells every connection of a server to finish its request in flight and close, without
+/// a shared lock on their way: each checks one flag when polled and registers its waker
+/// once (a `watch` or `Notify` receiver would lock their shared waiter list at every poll
+/// of every connection).
+#[derive(Default)]
+struct Stop {
+    stopping: AtomicBool,
+    /// The wakers of the connections still open, by id; the next id.
+    wakers: parking_lot::Mutex<(std::collections::HashMap<u64, Waker>, u64)>,
+}
+
+impl Stop {
+    fn stop(&self) {
+        self.stopping.store(true, SeqCst);
+        let wakers = std::mem::take(&mut self.wakers.lock().0);
+        for waker in wakers.into_values() {
+            waker.wake();
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(SeqCst)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Serves a connection until it ends, shutting it down gracefully once [`Stop`] says so.
+    struct Graceful<I, S>
+    where
+        S: hyper::service::HttpService<Incoming>,
+    {
+        #[pin]
+        connection: http1::Connection<I, S>,
+        stop: Arc<Stop>,
+        // This connection's id in `stop`'s wakers, and the waker registered there.
+        registered: Option<(u64, Waker)>,
+        shutting_down: bool,
+    }
+
+    impl<I, S> PinnedDrop for Graceful<I, S>
+    where
+        S: hyper::service::HttpService<Incoming>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some((id, _)) = this.registered.take() {
+                this.stop.wakers.lock().0.remove(&id);
+            }
+        }
+    }
+}
+
+impl<I, S> Graceful<I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+{
+    fn new(connection: http1::Connection<I, S>, stop: Arc<Stop>) -> Self {
+        Self {
+            connection,
+            stop,
+            registered: None,
+            shutting_down: false,
+        }
+    }
+}
+
+impl<I, S, B> Future for Graceful<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = hyper::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if !*this.shutting_down {
+            // Registered (again only if the task changed), then the flag read: a stop
+            // after the read finds the waker; one before it, the flag.
+            if !this
+                .registered
+                .as_ref()
+                .is_some_and(|(_, w)| w.will_wake(cx.waker()))
+            {
+                let mut wakers = this.stop.wakers.lock();
+                let id = match this.registered {
+                    Some((id, _)) => *id,
+                    None => {
+                        wakers.1 += 1;
+                        wakers.1
+                    }
+                };
+                wakers.0.insert(id, cx.waker().clone());
+                *this.registered = Some((id, cx.waker().clone()));
+            }
+            if this.stop.is_stopping() {
+                *this.shutting_down = true;
+                this.connection.as_mut().graceful_shutdown();
+            }
+        }
+        this.connection.poll(cx)
     }
 }
 
