@@ -297,10 +297,15 @@ impl Gateway {
             let gateway = self.clone();
             let stop = stop.clone();
             connections.spawn(async move {
-                let peer = Peer::new(peer);
+                // The connection's own reference count, touched by its requests alone:
+                // cloning the gateway for each would bounce one shared by every thread.
+                let context = Arc::new((gateway, Peer::new(peer)));
                 let service = hyper::service::service_fn(move |request| {
-                    let (gateway, peer) = (gateway.clone(), peer.clone());
-                    async move { Ok::<_, Infallible>(gateway.handle_from(request, &peer).await) }
+                    let context = context.clone();
+                    async move {
+                        let (gateway, peer) = &*context;
+                        Ok::<_, Infallible>(gateway.handle_from(request, peer).await)
+                    }
                 });
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
