@@ -303,8 +303,12 @@ impl EndpointPool {
     /// The most recently returned idle connection, closing any that idled too long.
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.shard().lock();
-        drop(expired(&mut idle, Instant::now()));
-        idle.pop_back().map(|(conn, _)| conn)
+        let expired = expired(&mut idle, Instant::now());
+        let conn = idle.pop_back().map(|(conn, _)| conn);
+        drop(idle);
+        // Closed outside the lock.
+        drop(expired);
+        conn
     }
 
     /// Closes the connections of every shard idle for longer than [`IDLE_TIMEOUT`];
