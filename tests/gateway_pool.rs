@@ -96,10 +96,15 @@ async fn upstream() -> Upstream {
 }
 
 async fn gateway(upstream: SocketAddr, timeout: &str) -> GatewayHandle {
+    gateway_with(upstream, &format!("timeout = \"{timeout}\"")).await
+}
+
+/// A gateway with one route, `/api` to `upstream`, with these route `settings`.
+async fn gateway_with(upstream: SocketAddr, settings: &str) -> GatewayHandle {
     let config = format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
          [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
-         strip_prefix = true\ntimeout = \"{timeout}\"\n\n\
+         strip_prefix = true\n{settings}\n\n\
          [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
     );
     let config = GatewayConfig::from_toml_str(&config).unwrap();
@@ -455,4 +460,68 @@ async fn a_response_body_stalling_past_the_timeout_is_cut() {
     let status = gw.gateway().status();
     assert_eq!(status.routes[0].upstream_errors.timeout, 1);
     gw.shutdown().await;
+}
+
+/// An upstream answering every request with a chunked body of `chunks` parts, one every
+/// `every`.
+async fn trickler(chunks: usize, every: Duration) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if !read_head(&mut stream).await {
+                    return;
+                }
+                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if stream.write_all(head).await.is_err() {
+                    return;
+                }
+                for i in 0..chunks {
+                    tokio::time::sleep(every).await;
+                    let chunk = format!("5\r\npart{i}\r\n");
+                    if stream.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = stream.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    addr
+}
+
+/// Paused time: the runtime jumps ahead whenever it has nothing else to do.
+#[tokio::test(start_paused = true)]
+async fn a_body_that_keeps_coming_is_not_cut_and_body_timeout_is_its_own() {
+    let slow = trickler(6, Duration::from_millis(200)).await;
+    let read = |gw: GatewayHandle| async move {
+        let mut client = connect::<Empty<Bytes>>(&gw).await;
+        let response = client.send_request(get("/api/x")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.map(|b| b.to_bytes());
+        let timeouts = gw.gateway().status().routes[0].upstream_errors.timeout;
+        gw.shutdown().await;
+        (body, timeouts)
+    };
+
+    // 1.2 s in all, never 300 ms without a chunk: delivered whole (the timer is pushed
+    // back at each chunk, not set once).
+    let (body, timeouts) = read(gateway(slow, "300ms").await).await;
+    assert_eq!(&body.unwrap()[..], b"part0part1part2part3part4part5");
+    assert_eq!(timeouts, 0);
+
+    // A body timeout of its own, shorter than the gaps: cut at the first gap.
+    let settings = "timeout = \"300ms\"\nbody_timeout = \"100ms\"";
+    let (body, timeouts) = read(gateway_with(slow, settings).await).await;
+    assert!(body.is_err(), "cut");
+    assert_eq!(timeouts, 1);
+
+    // Longer than the route timeout: a 500 ms gap passes.
+    let slower = trickler(2, Duration::from_millis(500)).await;
+    let settings = "timeout = \"300ms\"\nbody_timeout = \"1s\"";
+    let (body, timeouts) = read(gateway_with(slower, settings).await).await;
+    assert_eq!(&body.unwrap()[..], b"part0part1");
+    assert_eq!(timeouts, 0);
 }

@@ -93,11 +93,15 @@ pub struct RouteConfig {
     /// Whether the prefix is removed from the path sent upstream (default false).
     #[serde(default)]
     pub strip_prefix: bool,
-    /// The bound on each request until the upstream's response head, and then on each
-    /// wait for more of its body: a body the upstream stops sending for this long is cut
-    /// (default 10s).
+    /// The bound on each request until the upstream's response head (default 10s).
     #[serde(default = "default_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
+    /// The bound on each wait for more of the upstream's response body once its head has
+    /// come (default: `timeout`): a body the upstream stops sending for this long is cut,
+    /// closing the client's connection, as nginx's `proxy_read_timeout` does. Set it
+    /// longer on routes that stream with pauses (server-sent events, long polls).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub body_timeout: Option<Duration>,
     /// Whether a valid bearer token is required (default false; needs `[auth.jwt]`).
     #[serde(default)]
     pub auth: bool,
@@ -321,6 +325,10 @@ pub struct ServiceConfig {
 }
 
 /// Durations as in Go and Consul: `500ms`, `2s`, `1m30s`.
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     crate::consul::parse_go_duration(&s).map_err(serde::de::Error::custom)
@@ -491,6 +499,9 @@ impl GatewayConfig {
                 ));
             }
             check_duration(&format!("{at}.timeout"), route.timeout, false)?;
+            if let Some(d) = route.body_timeout {
+                check_duration(&format!("{at}.body_timeout"), d, false)?;
+            }
             if route.auth && self.auth.jwt.is_none() {
                 return Err(ConfigError::invalid(
                     format!("{at}.auth"),
@@ -755,6 +766,11 @@ outlier = { consecutive_failures = 3, base_ejection = "10s", max_ejected_percent
         );
         let e = err(&BASE.replace("timeout = \"2s\"", "timeout = \"0s\""));
         assert_eq!(e, "routes[0].timeout: must be more than zero");
+        let e = err(&BASE.replace(
+            "timeout = \"2s\"",
+            "timeout = \"2s\"\nbody_timeout = \"0s\"",
+        ));
+        assert_eq!(e, "routes[0].body_timeout: must be more than zero");
         let e = err(&BASE.replace("0123456789abcdef0123", "short"));
         assert_eq!(e, "auth.jwt.secret: must be at least 16 bytes");
         let e = err(&BASE.replace("max_ejected_percent = 50", "max_ejected_percent = 150"));

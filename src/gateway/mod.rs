@@ -10,14 +10,17 @@
 //!    `WWW-Authenticate: Bearer error="invalid_token"`;
 //! 2. **global limit**, then **per-client limit** (by peer IP or by a header):
 //!    [`HttpRateLimitLayer`](crate::rate_limit::http::HttpRateLimitLayer) answers `429`
-//!    with `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers;
+//!    with `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers (which admitted
+//!    responses carry too), or `Retry-After` alone with `hide_client_headers = true`;
 //! 3. **fallback**: the configured response (marked `x-seawall-fallback: true`) in place
 //!    of any upstream failure: a timeout, open breakers, no endpoint, a transport error or
 //!    a 5xx answer. Without one, failures are `504` (timeout), `503` (no endpoint, every
 //!    breaker open) or `502` (transport error), with a small JSON body;
-//! 4. **timeout**: the route's bound, until the upstream's response head (`504` past it),
-//!    then on each wait for more of the body: a body stalled that long is cut, closing the
-//!    client's connection, as nginx's `proxy_read_timeout` does;
+//! 4. **timeout**: the route's bound, until the upstream's response head (`504` past it);
+//!    then `body_timeout` (by default the same) bounds each wait for more of the body: a
+//!    body stalled that long is cut, closing the client's connection, as nginx's
+//!    `proxy_read_timeout` does. A stall after the head reaches neither the breaker nor
+//!    outlier detection, which have seen a good head: it is counted as a timeout;
 //! 5. a [`Balance`](crate::balance::Balance) over the service's instances (listed in
 //!    `[[services]]`, or discovered through the [`Discovery`] given to
 //!    [`Gateway::build`]), each endpoint a pool of HTTP/1 keep-alive connections with its own
@@ -28,9 +31,9 @@
 //! the headers (less hop-by-hop ones, plus `X-Forwarded-For`, `-Host` and `-Proto`) and
 //! the body, streamed both ways.
 //!
-//! Each endpoint keeps its idle HTTP/1 keep-alive connections (up to 128; each use of the
-//! pool closes those idle for over 30 s, and an endpoint that leaves discovery closes
-//! them all). A request takes the most recently used one, or dials a new one (5 s connect
+//! Each endpoint keeps its idle HTTP/1 keep-alive connections (up to 128; those idle for
+//! over 30 s are closed by the next use of the pool or by a sweep of every pool every 5 s,
+//! whichever comes first, and an endpoint that leaves discovery closes them all). A request takes the most recently used one, or dials a new one (5 s connect
 //! bound); the request's own task drives that connection, with no task of its own and no
 //! hop between tasks, and the response body puts it back once read to the end. A
 //! connection is never reused after a body abandoned half-way, an error, or the
@@ -70,6 +73,7 @@
 //! service = "users"
 //! strip_prefix = true             # /api/users/42 is sent as /42
 //! timeout = "2s"                  # Go-style durations: 500ms, 2s, 1m30s (default 10s)
+//! body_timeout = "30s"            # each wait for more of the body (default: timeout)
 //! auth = true
 //!
 //! [routes.breaker]                # a breaker per endpoint

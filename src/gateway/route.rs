@@ -215,6 +215,8 @@ pub(crate) struct RouteCore {
     service: String,
     strip: bool,
     timeout: Duration,
+    /// The bound on each wait for more of a response body.
+    body_timeout: Duration,
     fallback: Option<FallbackSettings>,
     balance: SharedBalance,
     handle: BalanceHandle,
@@ -304,6 +306,7 @@ impl Route {
             service: config.service.clone(),
             strip: config.strip_prefix,
             timeout: config.timeout,
+            body_timeout: config.body_timeout.unwrap_or(config.timeout),
             fallback: config.fallback.clone(),
             balance: SharedBalance::new(balance),
             handle,
@@ -320,7 +323,7 @@ impl Route {
             .name("global")
             .hide_headers(hide);
         let stack = global.layer(per_client.layer(Core {
-            route: core.clone(),
+            route: Some(core.clone()),
             forwarded_for: None,
         }));
         Ok(Self {
@@ -459,7 +462,8 @@ impl Route {
 /// never fails: every error becomes a response.
 #[derive(Clone)]
 struct Core {
-    route: Arc<RouteCore>,
+    /// Taken by `call`: the clone of the stack made for a request is called once.
+    route: Option<Arc<RouteCore>>,
     /// The peer's `X-Forwarded-For` entry, set on the stack's clone for each request.
     forwarded_for: Option<HeaderValue>,
 }
@@ -474,7 +478,15 @@ impl Service<Request<Body>> for Core {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let route = self.route.clone();
+        // A clone of the stack is made for each request and called once: its reference
+        // is moved into the future, not counted again.
+        let Some(route) = self.route.take() else {
+            // Called twice: cannot happen (`Route::respond` clones the stack each time).
+            return Box::pin(std::future::ready(Ok(json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "route stack reused",
+            ))));
+        };
         let forwarded_for = self.forwarded_for.take();
         Box::pin(async move { Ok(RouteCore::forward(route, request, forwarded_for).await) })
     }
@@ -664,6 +676,7 @@ fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) ->
         route,
         sleep: None,
         progressed: false,
+        failed: false,
     };
     Response::from_parts(parts, body.boxed_unsync())
 }
@@ -678,6 +691,8 @@ struct BodyTimeout {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A frame came since the timer was last set.
     progressed: bool,
+    /// Timed out: ended, whoever polls it again.
+    failed: bool,
 }
 
 impl hyper::body::Body for BodyTimeout {
@@ -689,11 +704,14 @@ impl hyper::body::Body for BodyTimeout {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(None);
+        }
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.progressed = true;
             return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
         }
-        let timeout = this.route.timeout;
+        let timeout = this.route.body_timeout;
         let sleep = match &mut this.sleep {
             Some(sleep) => {
                 if this.progressed {
@@ -709,16 +727,20 @@ impl hyper::body::Body for BodyTimeout {
         }
         this.route.stats.timeouts.fetch_add(1, Relaxed);
         this.sleep = None;
+        this.failed = true;
         Poll::Ready(Some(Err(BoxError::from(
-            "the upstream sent nothing of the response body for the route's timeout",
+            "the upstream sent nothing of the response body for the route's body timeout",
         ))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.failed || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
+        if self.failed {
+            return hyper::body::SizeHint::with_exact(0);
+        }
         self.body.size_hint()
     }
 }

@@ -109,8 +109,9 @@ impl IpNet {
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct ClientIp {
-    /// Shared: services clone their extractor, often once per request.
-    trusted: std::sync::Arc<[IpNet]>,
+    /// Shared: services clone their extractor, often once per request. `None` when
+    /// nothing is trusted, so that cloning [`ClientIp::peer`] touches no shared count.
+    trusted: Option<std::sync::Arc<[IpNet]>>,
     use_forwarded: bool,
 }
 
@@ -126,11 +127,11 @@ impl ClientIp {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let trusted = proxies
+        let trusted: Vec<IpNet> = proxies
             .into_iter()
             .map(|p| p.as_ref().parse())
-            .collect::<Result<Vec<IpNet>, _>>()?
-            .into();
+            .collect::<Result<_, _>>()?;
+        let trusted = (!trusted.is_empty()).then(|| trusted.into());
         Ok(Self {
             trusted,
             use_forwarded: false,
@@ -146,7 +147,9 @@ impl ClientIp {
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.trusted.iter().any(|net| net.contains(ip))
+        self.trusted
+            .as_deref()
+            .is_some_and(|nets| nets.iter().any(|net| net.contains(ip)))
     }
 
     /// The client address for a connection from `peer` with these headers.
