@@ -163,6 +163,13 @@ fn client() -> HttpClient {
     Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
 }
 
+/// A client whose connections come from `local` (any of 127.0.0.0/8 on loopback).
+fn client_from(local: &str) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_local_address(Some(local.parse().unwrap()));
+    Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
+}
+
 struct Answer {
     status: StatusCode,
     headers: http::HeaderMap,
@@ -450,6 +457,57 @@ rate_limit = {{ per_client = {{ per_second = 1, burst = 2, key = \"header:x-api-
         )),
         "{metrics}"
     );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_client_limits_keyed_by_ip_give_each_peer_its_bucket() {
+    let registry = Registry::new();
+    let a = upstream("a").await;
+    let _r = a.register(&registry, "ip");
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"ip\"
+path_prefix = \"/ip\"
+service = \"ip\"
+rate_limit = {{ per_client = {{ per_second = 1, burst = 2 }} }}
+"
+    );
+    let gw = gateway(&config, &registry).await;
+    let (one, two) = (client_from("127.0.0.1"), client_from("127.0.0.2"));
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(get(&one, &gw, "/ip").await.status);
+    }
+    assert_eq!(
+        first,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    let other = get(&two, &gw, "/ip").await;
+    assert_eq!(
+        other.status,
+        StatusCode::OK,
+        "another peer has its own bucket"
+    );
+    assert_eq!(other.json()["xff"], "127.0.0.2");
+    // Claiming another address in X-Forwarded-For buys no new bucket.
+    let spoofed = Request::get(format!("http://{}/ip", gw.local_addr()))
+        .header("x-forwarded-for", "203.0.113.9")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(
+        send(&one, spoofed).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    let s = status(&one, &gw).await;
+    assert_eq!(s.routes[0].limits.per_client.as_ref().unwrap().clients, 2);
+    assert_eq!(s.routes[0].rate_limited, 2);
     gw.shutdown().await;
 }
 

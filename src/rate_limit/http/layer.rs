@@ -222,6 +222,12 @@ impl<S, L> HttpRateLimit<S, L> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+
+    /// The limit, mutably (to hand a clone per-request state, such as the peer's
+    /// address, without putting it in the request's extensions).
+    pub fn limit_mut(&mut self) -> &mut L {
+        &mut self.layer.limit
+    }
 }
 
 impl<S: fmt::Debug, L> fmt::Debug for HttpRateLimit<S, L> {
