@@ -341,6 +341,29 @@ async fn read_head(stream: &mut TcpStream) -> bool {
     true
 }
 
+/// A hand-written upstream: each accepted connection's request head is read, then
+/// `answer` has the connection.
+async fn raw_upstream<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                if read_head(&mut stream).await {
+                    answer(stream).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// An upstream that answers one request per connection with keep-alive headers, then,
 /// when told to (`close`), closes the connection without a word, as an upstream's idle
 /// timeout does, and says it has (`closed`).
@@ -352,30 +375,21 @@ struct SilentCloser {
 
 async fn silent_closer() -> SilentCloser {
     use tokio::io::AsyncWriteExt;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let closed = Arc::new(tokio::sync::Notify::new());
     let close = Arc::new(tokio::sync::Notify::new());
     let (notify, told) = (closed.clone(), close.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            let (notify, told) = (notify.clone(), told.clone());
-            tokio::spawn(async move {
-                if !read_head(&mut stream).await {
-                    return;
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                told.notified().await;
-                drop(stream);
-                notify.notify_one();
-            });
+    let addr = raw_upstream(move |mut stream| {
+        let (notify, told) = (notify.clone(), told.clone());
+        async move {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            told.notified().await;
+            drop(stream);
+            notify.notify_one();
         }
-    });
+    })
+    .await;
     SilentCloser {
         addr,
         close,
@@ -424,22 +438,14 @@ async fn idle_upstream_connections_are_closed_after_30_s_even_if_unused() {
 async fn a_response_body_stalling_past_the_timeout_is_cut() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Answers a head announcing 100 bytes, sends 7, then nothing, keeping the connection.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if !read_head(&mut stream).await {
-                    return;
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
-                    .await;
-                // Held open until the gateway gives up on it.
-                let _ = stream.read(&mut [0u8; 64]).await;
-            });
-        }
-    });
+    let addr = raw_upstream(|mut stream| async move {
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+            .await;
+        // Held open until the gateway gives up on it.
+        let _ = stream.read(&mut [0u8; 64]).await;
+    })
+    .await;
     let gw = gateway(addr, "300ms").await;
     let mut client = connect::<Empty<Bytes>>(&gw).await;
     let start = tokio::time::Instant::now();
@@ -466,30 +472,21 @@ async fn a_response_body_stalling_past_the_timeout_is_cut() {
 /// `every`.
 async fn trickler(chunks: usize, every: Duration) -> SocketAddr {
     use tokio::io::AsyncWriteExt;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if !read_head(&mut stream).await {
-                    return;
-                }
-                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
-                if stream.write_all(head).await.is_err() {
-                    return;
-                }
-                for i in 0..chunks {
-                    tokio::time::sleep(every).await;
-                    let chunk = format!("5\r\npart{i}\r\n");
-                    if stream.write_all(chunk.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = stream.write_all(b"0\r\n\r\n").await;
-            });
+    raw_upstream(move |mut stream| async move {
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        if stream.write_all(head).await.is_err() {
+            return;
         }
-    });
-    addr
+        for i in 0..chunks {
+            tokio::time::sleep(every).await;
+            let chunk = format!("5\r\npart{i}\r\n");
+            if stream.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+    })
+    .await
 }
 
 /// Paused time: the runtime jumps ahead whenever it has nothing else to do.

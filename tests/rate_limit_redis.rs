@@ -376,6 +376,15 @@ async fn a_named_limiter_reports_decisions_and_where_they_were_answered() {
 }
 
 #[cfg(feature = "http")]
+/// One call on a ready service, which must succeed.
+async fn ask<S: tower::Service<R>, R>(svc: &mut S, request: R) -> S::Response
+where
+    S::Error: std::fmt::Debug,
+{
+    use tower::ServiceExt;
+    svc.ready().await.unwrap().call(request).await.unwrap()
+}
+
 #[tokio::test]
 async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redis_is_gone() {
     use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
@@ -415,13 +424,7 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
     let mut statuses = Vec::new();
     for i in 0..3 {
         let svc = &mut replicas[i % 2];
-        let response = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(request("k1"))
-            .await
-            .unwrap();
+        let response = ask(svc, request("k1")).await;
         statuses.push(response.status().as_u16());
         let h = |name: &str| {
             response
@@ -450,21 +453,9 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
     assert_eq!(statuses, vec![200, 200, 429]);
     // Another key, and a request without one, pass.
     let svc = &mut replicas[0];
-    let other = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request("k2"))
-        .await
-        .unwrap();
+    let other = ask(svc, request("k2")).await;
     assert_eq!(other.status(), 200);
-    let keyless = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(http::Request::new(()))
-        .await
-        .unwrap();
+    let keyless = ask(svc, http::Request::new(())).await;
     assert_eq!(keyless.status(), 200);
     assert!(keyless.headers().get("ratelimit").is_none());
 
@@ -475,22 +466,10 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
         .build()
         .unwrap();
     let mut hidden = over_hello(limiter, |l| l.hide_headers(true));
-    let admitted = hidden
-        .ready()
-        .await
-        .unwrap()
-        .call(request("h"))
-        .await
-        .unwrap();
+    let admitted = ask(&mut hidden, request("h")).await;
     assert_eq!(admitted.status(), 200);
     assert!(admitted.headers().is_empty(), "{:?}", admitted.headers());
-    let refused = hidden
-        .ready()
-        .await
-        .unwrap()
-        .call(request("h"))
-        .await
-        .unwrap();
+    let refused = ask(&mut hidden, request("h")).await;
     assert_eq!(refused.status(), 429);
     assert_eq!(
         refused.headers().keys().collect::<Vec<_>>(),
