@@ -35,8 +35,9 @@
 //! - a no-op upstream answering at once (at C = 1 and C = 16): the proxy's overhead laid
 //!   bare, the worst case for any proxy;
 //! - an I/O-bound upstream answering 1 ms after each request arrives, as a service
-//!   waiting on a database would (at C = 16 and C = 64, with a quarter of the requests per
-//!   run, at least 2000; the 1 ms is kept by a thread of its own with the OS's
+//!   waiting on a database would (at C = 16 and C = 64, with half the requests per run,
+//!   at least 2000, and 5 runs instead of 3: the p99 of these runs moves the most from
+//!   one to the next; the 1 ms is kept by a thread of its own with the OS's
 //!   high-resolution timer, not by tokio's millisecond wheel, whose ticks would release
 //!   every answer in flight at once, see `DelayLine`): the
 //!   realistic case, where the hop's cost is set against the service time.
@@ -86,11 +87,13 @@
 //!
 //! Configurations are interleaved (direct, proxies, gateways…, direct, proxies, …) and
 //! repeated; the table gives the median over the runs of each statistic. Every run is
-//! bounded in count (`GATEWAY_BENCH_REQUESTS`, default 20 000, a quarter of it with the
-//! 1 ms upstream) and in time (60 s). `GATEWAY_BENCH_WORKERS` sets the gateway runtime's
-//! workers and nginx's worker processes (default 2); `GATEWAY_BENCH_ONLY` keeps only the
-//! configurations whose names contain one of its comma-separated parts (`direct` always
-//! runs), e.g. `nginx,gw full`.
+//! bounded in count (`GATEWAY_BENCH_REQUESTS`, default 20 000, half of it with the 1 ms
+//! upstream) and in time (60 s). `GATEWAY_BENCH_WORKERS` sets the gateway runtime's
+//! workers and nginx's worker processes (default 2). To profile one case:
+//! `GATEWAY_BENCH_ONLY` keeps only the configurations whose names contain one of its
+//! comma-separated parts (`direct` always runs), e.g. `nginx,gw full`;
+//! `GATEWAY_BENCH_SCENARIO` only the scenario whose title contains it (`no-op`, `1 ms`);
+//! `GATEWAY_BENCH_C` only the concurrencies it lists (e.g. `16`).
 //!
 //! ## Allocations per request
 //!
@@ -143,8 +146,11 @@ fn allocations() -> Option<u64> {
     COUNTING.load(Relaxed).then(|| ALLOCATIONS.load(Relaxed))
 }
 
-/// Runs of each configuration at each concurrency.
+/// Runs of each configuration at each concurrency with the no-op upstream.
 const RUNS: usize = 3;
+/// Runs with the I/O-bound upstream, whose p99 moves the most from run to run on a shared
+/// machine (its runs are short: 10 000 requests at C = 16 take about a second).
+const SLOW_RUNS: usize = 5;
 /// Requests sent before each timed run (connections opened, pools filled).
 const WARMUP: usize = 500;
 /// The bound on one run.
@@ -178,6 +184,22 @@ fn selected(target: Target) -> bool {
         }
         Err(_) => true,
     }
+}
+
+/// Only the scenarios whose titles contain `GATEWAY_BENCH_SCENARIO` (any case), if set:
+/// `no-op` or `1 ms`.
+fn scenario_selected(title: &str) -> bool {
+    std::env::var("GATEWAY_BENCH_SCENARIO").map_or(true, |only| {
+        title.to_lowercase().contains(&only.trim().to_lowercase())
+    })
+}
+
+/// Only the concurrencies listed in `GATEWAY_BENCH_C` (comma-separated), if set (for
+/// profiling one of them).
+fn concurrency_selected(concurrency: usize) -> bool {
+    std::env::var("GATEWAY_BENCH_C").map_or(true, |only| {
+        only.split(',').any(|c| c.trim().parse() == Ok(concurrency))
+    })
 }
 
 fn requests_per_run() -> usize {
@@ -718,6 +740,7 @@ struct Scenario {
     title: &'static str,
     concurrency: &'static [usize],
     requests: usize,
+    runs: usize,
     instances: Vec<SocketAddr>,
     proxy: SocketAddr,
     nginx: Option<SocketAddr>,
@@ -732,7 +755,7 @@ impl Scenario {
         rt: &Runtime,
         title: &'static str,
         concurrency: &'static [usize],
-        requests: usize,
+        (requests, runs): (usize, usize),
         instances: Vec<SocketAddr>,
         nginx: Option<SocketAddr>,
     ) -> Self {
@@ -763,6 +786,7 @@ impl Scenario {
             title,
             concurrency,
             requests,
+            runs,
             instances,
             proxy,
             nginx,
@@ -967,7 +991,7 @@ fn main() {
     // The load client runs on this thread.
     counting_alloc::exclude_this_thread();
     let count = requests_per_run();
-    let slow_count = (count / 4).max(2000.min(count));
+    let slow_count = (count / 2).max(2000.min(count));
     // Upstreams: their own thread and current-thread runtime; three no-op instances, then
     // three answering after SERVICE_TIME.
     let (all_instances, upstream_tid) = spawn_upstreams(&[
@@ -1038,7 +1062,7 @@ fn main() {
             &server_rt,
             "No-op upstream (answers at once)",
             &CONCURRENCY,
-            count,
+            (count, RUNS),
             fast.to_vec(),
             nginx_addrs.as_ref().map(|a| a[0]),
         ),
@@ -1047,7 +1071,7 @@ fn main() {
             "Upstream service time 1 ms (answers 1 ms after each request arrives, as a \
              service waiting on a database would)",
             &SLOW_CONCURRENCY,
-            slow_count,
+            (slow_count, SLOW_RUNS),
             slow.to_vec(),
             nginx_addrs.as_ref().map(|a| a[1]),
         ),
@@ -1101,14 +1125,15 @@ fn main() {
         }
     };
 
-    for scenario in &scenarios {
+    for scenario in scenarios.iter().filter(|s| scenario_selected(s.title)) {
         println!();
         println!("### {}", scenario.title);
         println!();
         println!(
-            "{} requests a run, {RUNS} runs interleaved per configuration and concurrency; \
+            "{} requests a run, {} runs interleaved per configuration and concurrency; \
              medians of runs (µs); gateway runtime: {} workers, nginx: {} worker processes",
             scenario.requests,
+            scenario.runs,
             workers(),
             workers()
         );
@@ -1118,9 +1143,13 @@ fn main() {
              p99 − direct | proxy CPU/req | upstream CPU/req | proxy allocs/req |"
         );
         println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-        for &concurrency in scenario.concurrency {
+        for &concurrency in scenario
+            .concurrency
+            .iter()
+            .filter(|&&c| concurrency_selected(c))
+        {
             let mut results: Vec<Vec<Run>> = vec![Vec::new(); Target::ALL.len()];
-            for round in 0..RUNS {
+            for round in 0..scenario.runs {
                 for (i, &target) in Target::ALL.iter().enumerate() {
                     let Some(addr) = scenario.address(target).filter(|_| selected(target)) else {
                         continue;
