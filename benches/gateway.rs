@@ -71,9 +71,14 @@
 //! - the upstreams: a current-thread runtime on its own thread (a stand-in for another
 //!   process; one thread serves all six instances of both scenarios, as one would under
 //!   a 2-core budget);
-//! - the gateway (and the `hyper proxy`): a multi-thread runtime with 2 workers, as
-//!   `#[tokio::main]` would give it on this machine; nginx gets the same number of worker
-//!   processes.
+//! - the gateway (and the `hyper proxy`): a multi-thread runtime with one worker per core
+//!   the client and the upstreams leave it: all cores but one, at least one (1 on a
+//!   2-core machine); nginx gets the same number of worker processes. A proxy deployed
+//!   on a machine of its own would have every core; here the load client, the upstreams
+//!   and the delay line keep most of a core busy, and a proxy with as many threads as the
+//!   machine has cores has them wait behind those for the CPU: with 2 workers on 2 cores,
+//!   nginx's and the gateway's p99 with the 1 ms upstream moved by hundreds of µs from
+//!   one invocation to the next (`GATEWAY_BENCH_WORKERS=2` measures it).
 //!
 //! `direct` runs the same client thread against the same upstream thread, so the only
 //! difference between configurations is the proxy in the middle. At C = 1 the machine is
@@ -89,7 +94,8 @@
 //! repeated; the table gives the median over the runs of each statistic. Every run is
 //! bounded in count (`GATEWAY_BENCH_REQUESTS`, default 20 000, half of it with the 1 ms
 //! upstream) and in time (60 s). `GATEWAY_BENCH_WORKERS` sets the gateway runtime's
-//! workers and nginx's worker processes (default 2). To profile one case:
+//! workers and nginx's worker processes (default: all cores but one, at least one). To
+//! profile one case:
 //! `GATEWAY_BENCH_ONLY` keeps only the configurations whose names contain one of its
 //! comma-separated parts (`direct` always runs), e.g. `nginx,gw full`;
 //! `GATEWAY_BENCH_SCENARIO` only the scenario whose title contains it (`no-op`, `1 ms`);
@@ -167,12 +173,17 @@ const SECRET: &str = "a benchmark secret of enough bytes";
 const UPSTREAM_BODY: &str = r#"{"ok":true,"items":[1,2,3],"message":"hello from upstream"}"#;
 
 /// The gateway runtime's workers and nginx's worker processes (`GATEWAY_BENCH_WORKERS`,
-/// default 2).
+/// default: the cores left once one is kept for the load client and the upstreams, at
+/// least one).
 fn workers() -> usize {
     std::env::var("GATEWAY_BENCH_WORKERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1))
+                .max(1)
+        })
 }
 
 /// Only the configurations whose names contain `GATEWAY_BENCH_ONLY` (comma-separated),
@@ -1007,7 +1018,7 @@ fn main() {
         Cpu::Threads(Arc::new(Mutex::new(vec![tid])))
     });
 
-    // The gateways and the baseline proxies: a 2-worker runtime whose threads' ids are
+    // The gateways and the baseline proxies: a multi-thread runtime whose threads' ids are
     // kept for their CPU time.
     let server_tids = Arc::new(Mutex::new(Vec::new()));
     let server_rt = tokio::runtime::Builder::new_multi_thread()
