@@ -323,13 +323,15 @@ impl SendTimeout {
         ))
     }
 
-    fn written<T>(
+    /// A write's result: progress disarms the timer; a blocked write arms it.
+    fn written(
         &mut self,
         cx: &mut Context<'_>,
-        poll: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
+        poll: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
         match poll {
             Poll::Pending => self.blocked(cx).map(Err),
+            Poll::Ready(Ok(0)) => poll,
             ready => {
                 self.armed = false;
                 ready
@@ -373,16 +375,13 @@ impl AsyncWrite for SendTimeout {
         self.io.is_write_vectored()
     }
 
+    // Neither ever waits on a TCP socket: no timer.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.io).poll_flush(cx);
-        this.written(cx, poll)
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
-        this.written(cx, poll)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
