@@ -40,7 +40,43 @@ pub struct ServerConfig {
     /// The address to listen on (`"127.0.0.1:8080"`); [`Gateway::spawn`](super::Gateway)
     /// callers may bind their own listener instead.
     pub listen: SocketAddr,
+    /// How long a write to a client may stay blocked (the client reads nothing) before
+    /// its connection is closed, and the upstream connection serving it released (default
+    /// 60s, as nginx's `send_timeout`). The bound is on each wait, not on the whole
+    /// response: a slow reader that keeps reading is served.
+    #[serde(default = "default_send_timeout", deserialize_with = "duration")]
+    pub send_timeout: Duration,
+    /// The largest request body, in bytes, of routes that set none (default 1 MiB;
+    /// `0`: no limit). See [`RouteConfig::max_request_body`].
+    #[serde(default = "default_max_request_body")]
+    pub max_request_body: u64,
+    /// The longest header line (name, `: ` and value) a request may carry, in bytes
+    /// (default 16 KiB); longer is answered `431`.
+    #[serde(default = "default_max_header_line")]
+    pub max_header_line: usize,
+    /// The largest request head (request line and every header), in bytes (default 64
+    /// KiB, at least 8 KiB); larger is answered `431` before any routing.
+    #[serde(default = "default_max_headers_size")]
+    pub max_headers_size: usize,
 }
+
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_request_body() -> u64 {
+    1 << 20
+}
+fn default_max_header_line() -> usize {
+    16 << 10
+}
+fn default_max_headers_size() -> usize {
+    64 << 10
+}
+
+/// The smallest `max_headers_size`: hyper's smallest read buffer.
+const MIN_HEADERS_SIZE: usize = 8 << 10;
+/// The largest `max_headers_size` accepted: larger heads are mistakes or attacks.
+const MAX_HEADERS_SIZE: usize = 1 << 20;
 
 /// `[auth]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -102,6 +138,12 @@ pub struct RouteConfig {
     /// longer on routes that stream with pauses (server-sent events, long polls).
     #[serde(default, deserialize_with = "optional_duration")]
     pub body_timeout: Option<Duration>,
+    /// The largest request body, in bytes (default: `[gateway] max_request_body`; `0`:
+    /// no limit). A larger `Content-Length` is answered `413` without contacting the
+    /// upstream; a streamed (chunked) body that grows past it is cut, the exchange with
+    /// the upstream aborted, and answered `413` (never counted against the upstream).
+    #[serde(default)]
+    pub max_request_body: Option<u64>,
     /// Whether a valid bearer token is required (default false; needs `[auth.jwt]`).
     #[serde(default)]
     pub auth: bool,
@@ -432,6 +474,7 @@ impl GatewayConfig {
     ///
     /// A [`ConfigError::Invalid`] naming the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.gateway.validate()?;
         if let Some(jwt) = &self.auth.jwt {
             if jwt.secret.len() < 16 {
                 return Err(ConfigError::invalid(
@@ -608,6 +651,37 @@ impl GatewayConfig {
     /// The statically listed service called `name`.
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name == name)
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_duration("gateway.send_timeout", self.send_timeout, false)?;
+        if self.max_header_line == 0 {
+            return Err(ConfigError::invalid(
+                "gateway.max_header_line",
+                "must be at least 1",
+            ));
+        }
+        if self.max_headers_size < MIN_HEADERS_SIZE {
+            return Err(ConfigError::invalid(
+                "gateway.max_headers_size",
+                "must be at least 8192 (8 KiB)",
+            ));
+        }
+        if self.max_headers_size > MAX_HEADERS_SIZE {
+            return Err(ConfigError::invalid(
+                "gateway.max_headers_size",
+                "must be at most 1048576 (1 MiB)",
+            ));
+        }
+        if self.max_header_line > self.max_headers_size {
+            return Err(ConfigError::invalid(
+                "gateway.max_header_line",
+                "must be at most max_headers_size",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -837,6 +911,42 @@ rate_limit = { global = { per_second = 0 } }
             GatewayConfig::from_file("/nonexistent/gw.toml"),
             Err(ConfigError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn client_limits_default_and_are_checked() {
+        let c = GatewayConfig::from_toml_str(BASE).unwrap();
+        let g = &c.gateway;
+        assert_eq!(g.send_timeout, Duration::from_secs(60));
+        assert_eq!(g.max_request_body, 1 << 20);
+        assert_eq!(
+            (g.max_header_line, g.max_headers_size),
+            (16 << 10, 64 << 10)
+        );
+        assert_eq!(c.routes[0].max_request_body, None);
+        let with = |line: &str| {
+            BASE.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\n{line}"),
+            )
+        };
+        assert_eq!(
+            err(&with("max_headers_size = 2000000")),
+            "gateway.max_headers_size: must be at most 1048576 (1 MiB)"
+        );
+        assert_eq!(
+            err(&with("max_header_line = 70000")),
+            "gateway.max_header_line: must be at most max_headers_size"
+        );
+        assert_eq!(
+            err(&with("send_timeout = \"48h\"")),
+            "gateway.send_timeout: must be at most 24h"
+        );
+        let c = GatewayConfig::from_toml_str(
+            &BASE.replace("timeout = \"2s\"", "timeout = \"2s\"\nmax_request_body = 0"),
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].max_request_body, Some(0));
     }
 
     #[test]

@@ -24,8 +24,12 @@
 //! 5. a [`Balance`](crate::balance::Balance) over the service's instances (listed in
 //!    `[[services]]`, or discovered through the [`Discovery`] given to
 //!    [`Gateway::build`]), each endpoint a pool of HTTP/1 keep-alive connections with its own
-//!    circuit breaker and outlier ejection; 5xx answers count as failures
-//!    ([`HttpClassifier`](crate::circuit_breaker::HttpClassifier)).
+//!    circuit breaker and outlier ejection. Failures, for both, are 5xx answers
+//!    ([`HttpClassifier`](crate::circuit_breaker::HttpClassifier)), refused or timed-out
+//!    connections, connections reset or closed before the response head, and the route
+//!    timeout passing before the head (the timeout is applied inside the balancer's call,
+//!    so it completes as a failure rather than a cancellation). What the *client* causes
+//!    never counts against an upstream: see [Client faults and limits](#client-faults-and-limits).
 //!
 //! Proxying forwards the method, the path (with the prefix stripped if asked), the query,
 //! the headers (less hop-by-hop ones, plus `X-Forwarded-For`, `-Host` and `-Proto`) and
@@ -45,6 +49,40 @@
 //! `tower::buffer::Buffer`: a buffer's worker treats an error from `poll_ready` (no
 //! endpoint for a moment) as fatal and would fail every later request of the route, and
 //! adds a channel hop and a task per route.
+//!
+//! ## Client faults and limits
+//!
+//! A client cannot make an upstream look unhealthy. Errors that come from the client's
+//! side of the connection are answered as client errors, counted in the route's
+//! `client_errors`, and recorded neither by the endpoint's breaker nor by outlier
+//! detection (they are [`Outcome::Ignored`](crate::circuit_breaker::Outcome)), nor in
+//! `upstream_errors`:
+//!
+//! - a request body that cannot be read (malformed chunked encoding; a client that
+//!   closes part-way, whose connection is then just closed): `400`;
+//! - the route timeout passing while the exchange waits on the client's body (the body is
+//!   not over and the last attempt to read more of it found nothing): `408`. The same
+//!   timeout passing while the upstream has the whole body, or is not reading it, is the
+//!   upstream's failure (`504`);
+//! - a body over `max_request_body` (default 1 MiB, per route or `[gateway]`; `0`: no
+//!   limit): `413`, at once and without contacting the upstream when `Content-Length`
+//!   says so, or when a streamed (chunked) body grows past it, the exchange with the
+//!   upstream then aborted (`413` if the upstream has not answered yet);
+//! - a header line (`name: value`) over `max_header_line` (default 16 KiB), or a request
+//!   head over `max_headers_size` (default 64 KiB): `431`. hyper stops reading a head at
+//!   `max_headers_size` (its read buffer bound) and answers `431` itself; the exact check
+//!   is one pass over the parsed headers before the route's stack.
+//!
+//! These answers carry `Connection: close`. Bodies are forwarded for every method, as RFC
+//! 9110 allows: a chunked body on a `GET`, `HEAD` or `DELETE` reaches the upstream chunked
+//! (hyper's client would otherwise send such a `GET` or `HEAD` with no body at all).
+//!
+//! A client that stops reading its response cannot hold the gateway's connections
+//! either: a write to a client that stays blocked for `send_timeout` (default 60s, as
+//! nginx's `send_timeout`; each wait, not the whole response) closes the client's
+//! connection with a reset and drops the response body, closing the upstream
+//! connection that was streaming it (never returned to the pool half-read). The
+//! gateway-wide `send_timeouts` counts them.
 //!
 //! ## Serving
 //!
@@ -69,6 +107,10 @@
 //! ```toml
 //! [gateway]
 //! listen = "127.0.0.1:8080"
+//! send_timeout = "60s"            # each blocked write to a client (default 60s)
+//! max_request_body = 1048576      # bytes, routes without their own (default 1 MiB; 0: none)
+//! max_header_line = 16384         # bytes per request header line (default 16 KiB), else 431
+//! max_headers_size = 65536        # bytes per request head, at least 8192 (default 64 KiB)
 //!
 //! [auth.jwt]                      # optional; needed by routes with auth = true
 //! secret = "at least sixteen bytes of secret"
@@ -83,6 +125,7 @@
 //! strip_prefix = true             # /api/users/42 is sent as /42
 //! timeout = "2s"                  # Go-style durations: 500ms, 2s, 1m30s (default 10s)
 //! body_timeout = "30s"            # each wait for more of the body (default: timeout)
+//! max_request_body = 10485760     # bytes (default: [gateway] max_request_body), else 413
 //! auth = true
 //!
 //! [routes.breaker]                # a breaker per endpoint
@@ -147,6 +190,7 @@
 //! {
 //!   "uptime_seconds": 12.5,
 //!   "unmatched": 0,                    // requests answered 404 (no route)
+//!   "send_timeouts": 0,                // client connections closed by send_timeout
 //!   "routes": [{
 //!     "name": "users", "path_prefix": "/api/users", "service": "users",
 //!     "requests": 120,                 // matched to the route
@@ -155,6 +199,8 @@
 //!     "rate_limited": 10,              // 429 from the route's limits
 //!     "unauthorized": 5,               // 401
 //!     "upstream_errors": { "timeout": 1, "unavailable": 2, "bad_gateway": 0, "server_error": 2 },
+//!     // the client's doing (400, 408, 413, 431), never counted against the upstream
+//!     "client_errors": { "bad_body": 0, "body_timeout": 0, "too_large": 1, "headers_too_large": 0 },
 //!     "latency_ms": { "p50": 1.2, "p99": 8.7, "samples": 120 },   // last 1024 responses
 //!     "limits": {
 //!       "global": { "available": 180, "burst": 200, "per_second": 1000 },      // or null
@@ -196,6 +242,7 @@
 //! (with `data-updated`, an ISO time) and `#error` (with `data-error`, empty while
 //! `/status.json` answers).
 
+mod client;
 mod config;
 pub mod jwt;
 mod pool;

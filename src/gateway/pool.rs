@@ -36,6 +36,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::client::ClientBodyError;
 use super::route::Body;
 use crate::discovery::Instance;
 
@@ -63,6 +64,33 @@ pub(crate) enum UpstreamError {
     Http(hyper::Error),
     /// The connection closed before the response came.
     Closed,
+    /// The route timeout passed before the response head: the upstream's fault.
+    Timeout,
+    /// The route timeout passed while the exchange was waiting on the client's request
+    /// body: the client's fault, not the upstream's.
+    ClientBodyTimeout,
+}
+
+impl UpstreamError {
+    /// Whether the client caused it: its request body failed (malformed, cut short, too
+    /// large; found as a [`ClientBodyError`] in the source chain) or stalled past the route
+    /// timeout. Such errors never count against the upstream.
+    pub(crate) fn is_client_fault(&self) -> bool {
+        match self {
+            Self::ClientBodyTimeout => true,
+            Self::Http(e) => {
+                let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+                while let Some(e) = current {
+                    if e.is::<ClientBodyError>() {
+                        return true;
+                    }
+                    current = e.source();
+                }
+                false
+            }
+            _ => false,
+        }
+    }
 }
 
 impl fmt::Display for UpstreamError {
@@ -72,6 +100,10 @@ impl fmt::Display for UpstreamError {
             Self::ConnectTimeout => f.write_str("connecting to the upstream timed out"),
             Self::Http(e) => write!(f, "upstream HTTP exchange: {e}"),
             Self::Closed => f.write_str("the upstream closed the connection before answering"),
+            Self::Timeout => f.write_str("the upstream did not answer within the route timeout"),
+            Self::ClientBodyTimeout => {
+                f.write_str("the client's request body did not come within the route timeout")
+            }
         }
     }
 }
@@ -80,7 +112,7 @@ impl std::error::Error for UpstreamError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Connect(e) => Some(e),
-            Self::ConnectTimeout | Self::Closed => None,
+            Self::ConnectTimeout | Self::Closed | Self::Timeout | Self::ClientBodyTimeout => None,
             Self::Http(e) => Some(e),
         }
     }
@@ -391,6 +423,7 @@ impl EndpointPool {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
+        frame_body(&mut request);
         let response = match conn.exchange(request).await {
             Ok(response) => response,
             // Not written: a reused connection closed under us. Once more, on a new one.
@@ -401,6 +434,35 @@ impl EndpointPool {
             Err(e) => return Err(e.into()),
         };
         Ok(response.map(|body| PooledBody::new(body, conn, self)))
+    }
+}
+
+/// Makes sure a body of unknown length is sent, whatever the method: hyper's client sends
+/// no body at all for a `GET`, `HEAD` or `CONNECT` whose body has no known length (a
+/// chunked body from the client) unless the request says `Transfer-Encoding: chunked`
+/// itself. RFC 9110 allows a body on every method, and dropping it silently would make
+/// the upstream see a request other than the client's. A body of known length goes with
+/// its `Content-Length` already.
+fn frame_body(request: &mut Request<Body>) {
+    use hyper::body::Body as _;
+    if !matches!(
+        *request.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::CONNECT
+    ) {
+        // hyper frames these itself.
+        return;
+    }
+    let body = request.body();
+    if body.is_end_stream() || body.size_hint().exact().is_some() {
+        return;
+    }
+    let headers = request.headers_mut();
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
     }
 }
 

@@ -18,7 +18,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use tower::{Layer, Service};
 
-use super::config::{ClientKey, FallbackSettings, RouteConfig, StrategyName};
+use super::client::{BodyState, ClientBody, ClientFault, UpstreamClassifier, head_too_large};
+use super::config::{ClientKey, FallbackSettings, RouteConfig, ServerConfig, StrategyName};
 use super::jwt::JwtVerifier;
 use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
@@ -32,12 +33,13 @@ use crate::rate_limit::http::{
 use crate::rate_limit::{
     Admitted, KeyedRateLimiter, Quota, Rate, RateLimited, RateLimiter, TokioClock,
 };
+use tokio::time::Instant;
 
 /// The body type of every request and response through the gateway.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 type MakeUpstream = Box<dyn FnMut(&Instance) -> Upstream + Send>;
-type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, HttpClassifier>;
+type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, UpstreamClassifier>;
 /// A route's tower stack: global limit → per-client limit → [`Core`]. Concrete, so a
 /// request costs no boxed service clone and one boxed future (the core's) in all.
 type Stack = HttpRateLimit<HttpRateLimit<Core, Option<PerClient>>, Option<RateLimiter>>;
@@ -86,7 +88,17 @@ pub(crate) struct Upstream {
     pool: Arc<EndpointPool>,
 }
 
-impl Service<Request<Body>> for Upstream {
+/// What an upstream call needs besides the request: when the route timeout passes, and
+/// the state of the client's request body (`None` without one).
+pub(crate) struct Call {
+    deadline: Instant,
+    body: Option<Arc<BodyState>>,
+}
+
+/// A request as the balancer passes it to an endpoint.
+type UpstreamRequest = (Request<Body>, Call);
+
+impl Service<UpstreamRequest> for Upstream {
     type Response = Response<PooledBody>;
     type Error = UpstreamError;
     type Future = Pin<Box<dyn Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send>>;
@@ -96,8 +108,21 @@ impl Service<Request<Body>> for Upstream {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        Box::pin(self.pool.clone().send(request))
+    /// The route timeout is applied here, inside the balancer's call, so that a timeout
+    /// completes the call as an error its classifier sees (a failure of the upstream),
+    /// rather than dropping it unrecorded; unless the exchange was waiting on the
+    /// client's body then, which is the client's fault.
+    fn call(&mut self, (request, call): UpstreamRequest) -> Self::Future {
+        let send = self.pool.clone().send(request);
+        Box::pin(async move {
+            match tokio::time::timeout_at(call.deadline, send).await {
+                Ok(result) => result,
+                Err(_) if call.body.is_some_and(|b| b.waiting_on_client()) => {
+                    Err(UpstreamError::ClientBodyTimeout)
+                }
+                Err(_) => Err(UpstreamError::Timeout),
+            }
+        })
     }
 }
 
@@ -143,8 +168,14 @@ impl SharedBalance {
         let _ = balance.poll_discovery(&mut Context::from_waker(&self.fanout));
     }
 
-    async fn call(&self, request: Request<Body>) -> Result<Response<PooledBody>, BoxError> {
-        let mut request = Some(request);
+    /// Reserves an endpoint (waiting until `call.deadline` at most) and calls it.
+    async fn call(
+        &self,
+        request: Request<Body>,
+        call: Call,
+    ) -> Result<Response<PooledBody>, BoxError> {
+        let deadline = call.deadline;
+        let mut request = Some((request, call));
         // Whether this task's waker may be among the waiters: only then is there one to
         // take out. The common case (an endpoint ready at once) touches no waiter list.
         let mut waiting = false;
@@ -153,7 +184,7 @@ impl SharedBalance {
             let mut fanout = Context::from_waker(&self.fanout);
             let mut registered = false;
             let ready = loop {
-                match Service::<Request<Body>>::poll_ready(&mut *balance, &mut fanout) {
+                match Service::<UpstreamRequest>::poll_ready(&mut *balance, &mut fanout) {
                     Poll::Ready(ready) => break ready,
                     Poll::Pending if registered => return Poll::Pending,
                     Poll::Pending => {
@@ -174,11 +205,15 @@ impl SharedBalance {
                 waiting = false;
             }
             Poll::Ready(ready.and_then(|()| match request.take() {
-                Some(r) => Ok(Service::<Request<Body>>::call(&mut *balance, r)),
+                Some(r) => Ok(Service::<UpstreamRequest>::call(&mut *balance, r)),
                 None => Err(BoxError::from("request already sent")),
             }))
-        })
-        .await?;
+        });
+        // No endpoint ready by the deadline: nothing was called, nothing is recorded.
+        let future = match tokio::time::timeout_at(deadline, future).await {
+            Ok(future) => future?,
+            Err(_) => return Err(Box::new(UpstreamError::Timeout)),
+        };
         future.await
     }
 }
@@ -217,6 +252,11 @@ pub(crate) struct RouteCore {
     service: String,
     strip: bool,
     timeout: Duration,
+    /// The largest request body (`0`: no limit).
+    max_request_body: u64,
+    /// The longest request header line, and the largest request head.
+    max_header_line: usize,
+    max_headers_size: usize,
     /// The bound on each wait for more of a response body.
     body_timeout: Duration,
     fallback: Option<FallbackSettings>,
@@ -244,6 +284,7 @@ fn quota(per_second: u32, burst: Option<u32>) -> Result<Quota, BoxError> {
 impl Route {
     pub(crate) fn new(
         config: &RouteConfig,
+        server: &ServerConfig,
         auth: Option<JwtVerifier>,
         watch: InstanceWatch,
         pools: &Arc<Pools>,
@@ -270,7 +311,7 @@ impl Route {
             builder = builder.endpoint_breaker(super::config::breaker_config(&config.name, b)?);
         }
         let balance = builder
-            .classifier(HttpClassifier::new())
+            .classifier(UpstreamClassifier(HttpClassifier::new()))
             .try_build(discover)?;
         let handle = balance.handle().clone();
         let global = match &config.rate_limit.global {
@@ -303,6 +344,9 @@ impl Route {
             service: config.service.clone(),
             strip: config.strip_prefix,
             timeout: config.timeout,
+            max_request_body: config.max_request_body.unwrap_or(server.max_request_body),
+            max_header_line: server.max_header_line,
+            max_headers_size: server.max_headers_size,
             body_timeout: config.body_timeout.unwrap_or(config.timeout),
             fallback: config.fallback.clone(),
             balance: SharedBalance::new(balance),
@@ -321,6 +365,7 @@ impl Route {
         let stack = global.layer(per_client.layer(Core {
             route: Some(core.clone()),
             forwarded_for: None,
+            body: None,
         }));
         Ok(Self { core, auth, stack })
     }
@@ -360,6 +405,10 @@ impl Route {
     }
 
     async fn respond(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let core = &self.core;
+        if head_too_large(&request, core.max_header_line, core.max_headers_size) {
+            return self.core.client_fault(ClientFault::HeaderTooLong);
+        }
         if let Some(verifier) = &self.auth {
             if let Err(e) = verifier.check_header(request.headers()) {
                 self.core.stats.unauthorized.fetch_add(1, Relaxed);
@@ -371,7 +420,13 @@ impl Route {
                 return response;
             }
         }
-        let request = request.map(|body| body.map_err(BoxError::from).boxed_unsync());
+        let (parts, body) = request.into_parts();
+        let (body, state) = match ClientBody::new(body, self.core.max_request_body) {
+            Ok(body) => body,
+            // A declared length over the limit: refused before the upstream is contacted.
+            Err(_) => return self.core.client_fault(ClientFault::TooLarge),
+        };
+        let request = Request::from_parts(parts, body.boxed_unsync());
         // The clone is a few reference counts. Its per-client limit and its core learn
         // the peer here rather than from the request's extensions (three allocations);
         // the limits see the request as the client sent it, and the core rewrites it for
@@ -381,7 +436,9 @@ impl Route {
         if let Some(PerClient::Ip(_, ip)) = per_client.limit_mut() {
             *ip = Some(peer.addr.ip());
         }
-        per_client.get_mut().forwarded_for = Some(peer.forwarded_for.clone());
+        let core = per_client.get_mut();
+        core.forwarded_for = Some(peer.forwarded_for.clone());
+        core.body = state;
         // Every layer of the stack is always ready: limits answer in `call`. The future
         // owns all it needs.
         let response = match stack.call(request).await {
@@ -409,6 +466,7 @@ impl Route {
             rate_limited: stats.rate_limited.load(Relaxed),
             unauthorized: stats.unauthorized.load(Relaxed),
             upstream_errors: stats.upstream_errors(),
+            client_errors: stats.client_errors(),
             latency_ms: stats.latency(),
             limits: Limits {
                 global: core.global.as_ref().map(|(l, per_second)| GlobalLimit {
@@ -457,6 +515,8 @@ struct Core {
     route: Option<Arc<RouteCore>>,
     /// The peer's `X-Forwarded-For` entry, set on the stack's clone for each request.
     forwarded_for: Option<HeaderValue>,
+    /// The state of the request's body, if it has one, set likewise.
+    body: Option<Arc<BodyState>>,
 }
 
 impl Service<Request<Body>> for Core {
@@ -479,7 +539,8 @@ impl Service<Request<Body>> for Core {
             ))));
         };
         let forwarded_for = self.forwarded_for.take();
-        Box::pin(async move { Ok(RouteCore::forward(route, request, forwarded_for).await) })
+        let body = self.body.take();
+        Box::pin(async move { Ok(RouteCore::forward(route, request, forwarded_for, body).await) })
     }
 }
 
@@ -498,25 +559,40 @@ impl RouteCore {
         self: Arc<Self>,
         request: Request<Body>,
         forwarded_for: Option<HeaderValue>,
+        body: Option<Arc<BodyState>>,
     ) -> Response<Body> {
         let request = self.upstream_request(request, forwarded_for);
-        let failure = match tokio::time::timeout(self.timeout, self.balance.call(request)).await {
-            Ok(Ok(response)) if response.status().is_server_error() && self.fallback.is_some() => {
+        let call = Call {
+            deadline: Instant::now() + self.timeout,
+            body,
+        };
+        let failure = match self.balance.call(request, call).await {
+            Ok(response) if response.status().is_server_error() && self.fallback.is_some() => {
                 Failure::ServerError
             }
-            Ok(Ok(response)) => {
+            Ok(response) => {
                 if response.status().is_server_error() {
                     self.stats.server_errors.fetch_add(1, Relaxed);
                 }
                 return downstream_response(response, self);
             }
-            Ok(Err(e))
-                if crate::caused_by::<CircuitOpen>(&e) || crate::caused_by::<NoEndpoints>(&e) =>
-            {
-                Failure::Unavailable
-            }
-            Ok(Err(_)) => Failure::BadGateway,
-            Err(_elapsed) => Failure::Timeout,
+            Err(e) => match ClientFault::of(&e) {
+                // The client's doing: its answer, never the fallback's.
+                Some(fault) => return self.client_fault(fault),
+                None if crate::caused_by::<CircuitOpen>(&e)
+                    || crate::caused_by::<NoEndpoints>(&e) =>
+                {
+                    Failure::Unavailable
+                }
+                None if matches!(
+                    e.downcast_ref::<UpstreamError>(),
+                    Some(UpstreamError::Timeout)
+                ) =>
+                {
+                    Failure::Timeout
+                }
+                None => Failure::BadGateway,
+            },
         };
         let (counter, status, message) = match failure {
             Failure::Timeout => (
@@ -556,6 +632,48 @@ impl RouteCore {
             }
             None => json_error(status, message),
         }
+    }
+
+    /// The answer to a request the client is to blame for, counted in `client_errors`.
+    /// The connection is closed after it: the rest of the client's body, if any, is not
+    /// read.
+    fn client_fault(&self, fault: ClientFault) -> Response<Body> {
+        let stats = &self.stats;
+        let (counter, status, message) = match fault {
+            ClientFault::BadBody => (
+                &stats.bad_body,
+                StatusCode::BAD_REQUEST,
+                "malformed or incomplete request body",
+            ),
+            ClientFault::BodyTimeout => (
+                &stats.body_timeouts,
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not come in time",
+            ),
+            ClientFault::TooLarge => (
+                &stats.too_large,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large",
+            ),
+            ClientFault::HeaderTooLong => (
+                &stats.headers_too_large,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request header too large",
+            ),
+        };
+        counter.fetch_add(1, Relaxed);
+        #[cfg(feature = "tracing")]
+        tracing::debug!(
+            target: "seawall::gateway",
+            route = %self.name,
+            status = status.as_u16(),
+            "client error: {message}"
+        );
+        let mut response = json_error(status, message);
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
     }
 
     /// The request's URI as sent upstream, in origin form (`/path?query`), the prefix

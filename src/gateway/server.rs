@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::client::SendTimeout;
 use super::config::{ConfigError, GatewayConfig};
 use super::jwt::JwtVerifier;
 use super::pool::Pools;
@@ -104,6 +105,11 @@ struct Inner {
     /// Indices into `routes`, longest prefix first.
     by_prefix: Vec<usize>,
     unmatched: AtomicU64,
+    /// `[gateway] send_timeout`, and the connections it closed.
+    send_timeout: Duration,
+    send_timeouts: Arc<AtomicU64>,
+    /// `[gateway] max_headers_size`: hyper's read buffer bound, `431` past it.
+    max_headers_size: usize,
     started: tokio::time::Instant,
     listen: SocketAddr,
     /// Kept alive for as long as the gateway.
@@ -175,9 +181,11 @@ impl Gateway {
             };
             let auth = if route.auth { verifier.clone() } else { None };
             let built =
-                Route::new(route, auth, watch, &pools).map_err(|source| BuildError::Route {
-                    route: route.name.clone(),
-                    source,
+                Route::new(route, &config.gateway, auth, watch, &pools).map_err(|source| {
+                    BuildError::Route {
+                        route: route.name.clone(),
+                        source,
+                    }
                 })?;
             routes.push(built);
         }
@@ -190,6 +198,9 @@ impl Gateway {
                 routes,
                 by_prefix,
                 unmatched: AtomicU64::new(0),
+                send_timeout: config.gateway.send_timeout,
+                send_timeouts: Arc::default(),
+                max_headers_size: config.gateway.max_headers_size,
                 started: tokio::time::Instant::now(),
                 listen: config.gateway.listen,
                 _watches: watches,
@@ -208,6 +219,7 @@ impl Gateway {
         GatewayStatus {
             uptime_seconds: self.inner.started.elapsed().as_secs_f64(),
             unmatched: self.inner.unmatched.load(Relaxed),
+            send_timeouts: self.inner.send_timeouts.load(Relaxed),
             routes: self.inner.routes.iter().map(Route::status).collect(),
         }
     }
@@ -294,7 +306,13 @@ impl Gateway {
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             };
             let _ = stream.set_nodelay(true);
+            let stream = SendTimeout::new(
+                stream,
+                self.inner.send_timeout,
+                self.inner.send_timeouts.clone(),
+            );
             let gateway = self.clone();
+            let gateway_max_headers = self.inner.max_headers_size;
             let stop = stop.clone();
             connections.spawn(async move {
                 // The connection's own reference count, touched by its requests alone:
@@ -310,6 +328,8 @@ impl Gateway {
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
+                    // A larger head is answered 431 by hyper.
+                    .max_buf_size(gateway_max_headers)
                     .serve_connection(TokioIo::new(stream), service);
                 let _ = Graceful::new(connection, stop).await;
             });

@@ -23,6 +23,10 @@ pub struct GatewayStatus {
     pub uptime_seconds: f64,
     /// Requests that matched no route (answered 404).
     pub unmatched: u64,
+    /// Client connections closed because a write to them stayed blocked for
+    /// `send_timeout` (the client read nothing).
+    #[serde(default)]
+    pub send_timeouts: u64,
     /// One entry per route, in configuration order.
     pub routes: Vec<RouteStatus>,
 }
@@ -49,6 +53,10 @@ pub struct RouteStatus {
     pub unauthorized: u64,
     /// Upstream failures, by kind (whether or not a fallback answered them).
     pub upstream_errors: UpstreamErrors,
+    /// Requests failed by the client's side, by kind: never counted against the upstream
+    /// (its breaker, outlier detection, `upstream_errors`).
+    #[serde(default)]
+    pub client_errors: ClientErrors,
     /// Latency percentiles over the last [`LATENCY_WINDOW`] responses.
     pub latency_ms: Latency,
     /// The rate limiters' headroom.
@@ -91,6 +99,21 @@ pub struct UpstreamErrors {
     pub bad_gateway: u64,
     /// A 5xx answer from the upstream.
     pub server_error: u64,
+}
+
+/// Requests the client is to blame for, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ClientErrors {
+    /// A request body that could not be read: malformed chunked encoding, or the client
+    /// closed its connection part-way (400, if the client is still there).
+    pub bad_body: u64,
+    /// The route timeout passed while waiting on the client's request body (408).
+    pub body_timeout: u64,
+    /// A request body over `max_request_body`, declared or streamed (413).
+    pub too_large: u64,
+    /// A request header line over `max_header_line` (431).
+    pub headers_too_large: u64,
 }
 
 /// Latency percentiles, in milliseconds (0 with no sample).
@@ -178,6 +201,10 @@ pub(crate) struct RouteStats {
     pub(crate) unavailable: AtomicU64,
     pub(crate) bad_gateway: AtomicU64,
     pub(crate) server_errors: AtomicU64,
+    pub(crate) bad_body: AtomicU64,
+    pub(crate) body_timeouts: AtomicU64,
+    pub(crate) too_large: AtomicU64,
+    pub(crate) headers_too_large: AtomicU64,
     latencies: parking_lot::Mutex<VecDeque<u32>>,
 }
 
@@ -210,6 +237,15 @@ impl RouteStats {
             unavailable: self.unavailable.load(Relaxed),
             bad_gateway: self.bad_gateway.load(Relaxed),
             server_error: self.server_errors.load(Relaxed),
+        }
+    }
+
+    pub(crate) fn client_errors(&self) -> ClientErrors {
+        ClientErrors {
+            bad_body: self.bad_body.load(Relaxed),
+            body_timeout: self.body_timeouts.load(Relaxed),
+            too_large: self.too_large.load(Relaxed),
+            headers_too_large: self.headers_too_large.load(Relaxed),
         }
     }
 
@@ -271,6 +307,12 @@ pub fn render_prometheus(status: &GatewayStatus) -> String {
         &mut std::iter::once((String::new(), status.unmatched.to_string())),
     );
     family(
+        "seawall_gateway_send_timeouts_total",
+        "counter",
+        "Client connections closed for reading nothing for send_timeout.",
+        &mut std::iter::once((String::new(), status.send_timeouts.to_string())),
+    );
+    family(
         "seawall_gateway_requests_total",
         "counter",
         "Requests matched to a route.",
@@ -328,6 +370,22 @@ pub fn render_prometheus(status: &GatewayStatus) -> String {
                 ("unavailable", e.unavailable),
                 ("bad_gateway", e.bad_gateway),
                 ("server_error", e.server_error),
+            ]
+            .into_iter()
+            .map(move |(kind, n)| (format!("{},kind=\"{kind}\"", route(r)), n.to_string()))
+        }),
+    );
+    family(
+        "seawall_gateway_client_errors_total",
+        "counter",
+        "Requests failed by the client's side, by kind (never counted against upstreams).",
+        &mut routes.iter().flat_map(|r| {
+            let e = &r.client_errors;
+            [
+                ("bad_body", e.bad_body),
+                ("body_timeout", e.body_timeout),
+                ("too_large", e.too_large),
+                ("headers_too_large", e.headers_too_large),
             ]
             .into_iter()
             .map(move |(kind, n)| (format!("{},kind=\"{kind}\"", route(r)), n.to_string()))

@@ -1,0 +1,427 @@
+//! The client's side of a proxied exchange, and what must never be blamed on the upstream.
+//!
+//! - [`ClientBody`] wraps the request body read from the client: it enforces
+//!   `max_request_body` on streamed bodies, marks every error it yields as a
+//!   [`ClientBodyError`], and tells whether the exchange is waiting on the client;
+//! - [`UpstreamClassifier`] is the balancer's classifier: errors caused by the client's
+//!   body (found through the error's `source()` chain: hyper's client reports a failed
+//!   request body as a user error whose source is the body's own error) and timeouts
+//!   spent waiting on the client's body are [`Outcome::Ignored`], so that neither the
+//!   endpoint's breaker nor outlier detection ever sees them; upstream timeouts and
+//!   transport errors are failures;
+//! - [`SendTimeout`] bounds each blocked write to the client's socket.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use super::pool::{PooledBody, UpstreamError};
+use crate::BoxError;
+use crate::circuit_breaker::{Classify, HttpClassifier, Outcome};
+
+/// Why the client's request body failed: the client's fault, never the upstream's.
+#[derive(Debug)]
+pub(crate) enum ClientBodyError {
+    /// The body could not be read: malformed chunked encoding, or the client closed its
+    /// connection part-way.
+    Read(hyper::Error),
+    /// The body grew past the route's `max_request_body` (the limit).
+    TooLarge(u64),
+}
+
+impl fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read(e) => write!(f, "reading the client's request body: {e}"),
+            Self::TooLarge(limit) => write!(f, "the request body is larger than {limit} bytes"),
+        }
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Read(e) => Some(e),
+            Self::TooLarge(_) => None,
+        }
+    }
+}
+
+/// The body has ended (read to its end, or failed).
+const DONE: u8 = 1;
+/// The last poll of the body found nothing from the client: the exchange waits on it.
+const WAITING: u8 = 2;
+
+/// What a [`ClientBody`] tells the upstream call about itself, shared with it. Made only
+/// for bodies that are not empty from the start: a `GET` costs no allocation.
+#[derive(Debug, Default)]
+pub(crate) struct BodyState(AtomicU8);
+
+impl BodyState {
+    /// Whether the exchange is stalled on the client: its body is not over and the last
+    /// attempt to read more of it found nothing.
+    pub(crate) fn waiting_on_client(&self) -> bool {
+        self.0.load(Relaxed) & (DONE | WAITING) == WAITING
+    }
+}
+
+/// The client's request body, as forwarded upstream: bounded by `max_request_body`, its
+/// errors marked as [`ClientBodyError`]s.
+pub(crate) struct ClientBody {
+    body: Incoming,
+    /// Bytes still allowed; `u64::MAX` without a limit.
+    left: u64,
+    /// The configured limit, for the error.
+    limit: u64,
+    state: Option<Arc<BodyState>>,
+}
+
+impl ClientBody {
+    /// Wraps `body` with a limit of `limit` bytes (`0`: none). Returns the body, or
+    /// `Err(body)` when its declared length is over the limit already, and the state to
+    /// share with the upstream call (`None` for an empty body).
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn new(
+        body: Incoming,
+        limit: u64,
+    ) -> Result<(Self, Option<Arc<BodyState>>), Incoming> {
+        let left = if limit == 0 { u64::MAX } else { limit };
+        if body.size_hint().lower() > left {
+            return Err(body);
+        }
+        let state = (!body.is_end_stream()).then(Arc::<BodyState>::default);
+        let wrapped = Self {
+            body,
+            left,
+            limit,
+            state: state.clone(),
+        };
+        Ok((wrapped, state))
+    }
+
+    fn set(&self, flag: u8, on: bool) {
+        if let Some(state) = &self.state {
+            if on {
+                state.0.fetch_or(flag, Relaxed);
+            } else {
+                state.0.fetch_and(!flag, Relaxed);
+            }
+        }
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending => {
+                this.set(WAITING, true);
+                return Poll::Pending;
+            }
+            Poll::Ready(frame) => frame,
+        };
+        this.set(WAITING, false);
+        match frame {
+            None => {
+                this.set(DONE, true);
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                this.set(DONE, true);
+                Poll::Ready(Some(Err(Box::new(ClientBodyError::Read(e)))))
+            }
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.left {
+                        this.set(DONE, true);
+                        #[cfg(feature = "tracing")]
+                        tracing::debug!(
+                            target: "seawall::gateway",
+                            limit = this.limit,
+                            "request body over max_request_body: cut"
+                        );
+                        return Poll::Ready(Some(Err(Box::new(ClientBodyError::TooLarge(
+                            this.limit,
+                        )))));
+                    }
+                    this.left -= len;
+                }
+                if this.body.is_end_stream() {
+                    this.set(DONE, true);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A request the client is to blame for, and how it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientFault {
+    /// A malformed or truncated body: `400` (if the client is still there to read it).
+    BadBody,
+    /// The route timeout passed while waiting on the client's body: `408`.
+    BodyTimeout,
+    /// A body over `max_request_body`: `413`.
+    TooLarge,
+    /// A header line over `max_header_line`: `431`.
+    HeaderTooLong,
+}
+
+impl ClientFault {
+    /// The client's fault in the upstream call's error, if any.
+    pub(crate) fn of(error: &BoxError) -> Option<Self> {
+        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+        while let Some(e) = current {
+            if let Some(e) = e.downcast_ref::<ClientBodyError>() {
+                return Some(match e {
+                    ClientBodyError::Read(_) => Self::BadBody,
+                    ClientBodyError::TooLarge(_) => Self::TooLarge,
+                });
+            }
+            if let Some(UpstreamError::ClientBodyTimeout) = e.downcast_ref::<UpstreamError>() {
+                return Some(Self::BodyTimeout);
+            }
+            current = e.source();
+        }
+        None
+    }
+}
+
+/// The gateway balancer's classifier: [`HttpClassifier`] on responses (5xx are
+/// failures); every upstream error a failure (refused or timed-out connections, resets,
+/// malformed answers, the route timeout before the response head) except those the
+/// client caused, which are [`Outcome::Ignored`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct UpstreamClassifier(pub(crate) HttpClassifier);
+
+impl Classify<Response<PooledBody>, UpstreamError> for UpstreamClassifier {
+    #[inline]
+    fn classify(&self, result: Result<&Response<PooledBody>, &UpstreamError>) -> Outcome {
+        match result {
+            Ok(response) => self.0.classify_status(response.status()),
+            Err(e) if e.is_client_fault() => Outcome::Ignored,
+            Err(_) => Outcome::Failure,
+        }
+    }
+}
+
+/// Whether a request's head is over the limits: a header line (`name: value`) longer
+/// than `max_line` bytes, or the whole head (request line and header lines with their
+/// line ends) larger than `max_total`. hyper bounds the head with its read buffer, but
+/// only loosely (a read may fill the buffer past the bound with a whole head in it):
+/// this is the exact check, one pass over the parsed headers, no allocation.
+#[inline]
+pub(crate) fn head_too_large<B>(request: &Request<B>, max_line: usize, max_total: usize) -> bool {
+    let uri = request.uri();
+    // `GET /path?query HTTP/1.1\r\n`; an absolute-form target with its scheme and host.
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let mut total = request.method().as_str().len() + 1 + target + 11 + 2;
+    for (name, value) in request.headers() {
+        let line = name.as_str().len() + 2 + value.len();
+        if line > max_line {
+            return true;
+        }
+        total += line + 2;
+    }
+    total > max_total
+}
+
+/// A client connection whose writes may stay blocked (the client reads nothing) for
+/// `timeout` at most: past it, the write fails with [`io::ErrorKind::TimedOut`], which
+/// ends the connection (and drops the response body, closing the upstream connection
+/// that was streaming it). The timer is made the first time a write blocks, once per
+/// connection, then reset each time one blocks again; any write that goes through
+/// disarms it.
+pub(crate) struct SendTimeout {
+    io: TcpStream,
+    timeout: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+    /// Counts the connections closed this way (the gateway's `send_timeouts`).
+    fired: Arc<AtomicU64>,
+}
+
+impl SendTimeout {
+    pub(crate) fn new(io: TcpStream, timeout: Duration, fired: Arc<AtomicU64>) -> Self {
+        Self {
+            io,
+            timeout,
+            sleep: None,
+            armed: false,
+            fired,
+        }
+    }
+
+    /// A write would block: arms the timer if it is not, and fails once it has fired.
+    fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let sleep = if self.armed {
+            match &mut self.sleep {
+                Some(sleep) => sleep,
+                None => return Poll::Pending,
+            }
+        } else {
+            self.armed = true;
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            match &mut self.sleep {
+                Some(sleep) => {
+                    sleep.as_mut().reset(deadline);
+                    sleep
+                }
+                None => self
+                    .sleep
+                    .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        };
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.fired.fetch_add(1, Relaxed);
+        #[cfg(feature = "tracing")]
+        tracing::debug!(
+            target: "seawall::gateway",
+            peer = ?self.io.peer_addr().ok(),
+            timeout_ms = self.timeout.as_millis() as u64,
+            "the client read nothing for send_timeout: connection closed"
+        );
+        // Reset rather than closed: the kernel drops what the client never read at once
+        // instead of trying to deliver it for minutes. A zero linger never blocks.
+        #[allow(deprecated)]
+        let _ = self.io.set_linger(Some(Duration::ZERO));
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read nothing for the send timeout",
+        ))
+    }
+
+    /// A write's result: progress disarms the timer; a blocked write arms it.
+    fn written(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match poll {
+            Poll::Pending => self.blocked(cx).map(Err),
+            Poll::Ready(Ok(0)) => poll,
+            ready => {
+                self.armed = false;
+                ready
+            }
+        }
+    }
+}
+
+impl AsyncRead for SendTimeout {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendTimeout {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.written(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.written(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    // Neither ever waits on a TCP socket: no timer.
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_measured_line_by_line_and_whole() {
+        let request = |value: &'static str| {
+            Request::get("/abc")
+                .header("x-a", http::HeaderValue::from_static(value))
+                .body(())
+                .unwrap()
+        };
+        // "x-a: 12345" is 10 bytes.
+        assert!(!head_too_large(&request("12345"), 10, 1000));
+        assert!(head_too_large(&request("12345"), 9, 1000));
+        // "GET /abc HTTP/1.1\r\n" (19) + "x-a: 12345\r\n" (12) + "\r\n" (2).
+        assert!(!head_too_large(&request("12345"), 10, 33));
+        assert!(head_too_large(&request("12345"), 10, 32));
+    }
+
+    #[test]
+    fn body_state_waits_on_the_client_only_while_the_body_is_open() {
+        let s = BodyState::default();
+        assert!(!s.waiting_on_client());
+        s.0.fetch_or(WAITING, Relaxed);
+        assert!(s.waiting_on_client());
+        s.0.fetch_or(DONE, Relaxed);
+        assert!(!s.waiting_on_client());
+    }
+
+    #[test]
+    fn client_faults_are_found_through_the_source_chain() {
+        let e: BoxError = Box::new(UpstreamError::ClientBodyTimeout);
+        assert_eq!(ClientFault::of(&e), Some(ClientFault::BodyTimeout));
+        let e: BoxError = Box::new(ClientBodyError::TooLarge(10));
+        assert_eq!(ClientFault::of(&e), Some(ClientFault::TooLarge));
+        let e: BoxError = Box::new(UpstreamError::Timeout);
+        assert_eq!(ClientFault::of(&e), None);
+    }
+}
