@@ -228,17 +228,26 @@ async fn main() -> Result<(), BoxError> {
         .jwt
         .clone()
         .ok_or("examples/gateway.toml has no [auth.jwt]")?;
-    let listen = if keep_running {
-        config.gateway.listen
+    let loopback: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    let (listen, admin_listen) = if keep_running {
+        (
+            config.gateway.listen,
+            config.admin.listen.unwrap_or(loopback),
+        )
     } else {
-        "127.0.0.1:0".parse()?
+        (loopback, loopback)
     };
     let discovery = match &consul {
         Some(client) => Discovery::Consul(client.clone()),
         None => Discovery::Registry(registry.clone()),
     };
     let listener = TcpListener::bind(listen).await?;
-    let gateway = Gateway::build(config, discovery).await?.spawn(listener);
+    // The admin endpoints (status page, metrics) on a loopback listener of their own.
+    let admin_listener = TcpListener::bind(admin_listen).await?;
+    let gateway = Gateway::build(config, discovery).await?;
+    let admin = gateway.clone().spawn_admin(admin_listener);
+    let gateway = gateway.spawn(listener);
+    let admin_base = format!("http://{}", admin.local_addr());
     let base = format!("http://{}", gateway.local_addr());
 
     println!("seawall demo: an API gateway in front of two services");
@@ -254,13 +263,15 @@ async fn main() -> Result<(), BoxError> {
         println!("  {:<11} {}", instance.id(), instance.addr());
     }
     println!("  gateway     {base}  (/api/users, /api/products with a JWT)");
-    println!("  status      {base}/status  (live page)  {base}/status.json  {base}/metrics");
+    println!(
+        "  admin       {admin_base}/status  (live page)  {admin_base}/status.json  {admin_base}/metrics"
+    );
     println!();
 
     let demo = Arc::new(Demo {
         base: base.clone(),
         http: Client::builder(TokioExecutor::new()).build_http(),
-        token: token(&jwt.secret, jwt.issuer.as_deref().unwrap_or("")),
+        token: token(&jwt.resolve_secret()?, jwt.issuer.as_deref().unwrap_or("")),
         users: Tally::default(),
         products: Tally::default(),
         stop: AtomicBool::new(false),
@@ -427,7 +438,7 @@ async fn main() -> Result<(), BoxError> {
             "  curl -i -H 'authorization: Bearer {}' {base}/api/products/1",
             demo.token
         );
-        println!("  open {base}/status in a browser, or curl {base}/status.json");
+        println!("  open {admin_base}/status in a browser, or curl {admin_base}/status.json");
         for instance in fleet.instances() {
             println!(
                 "  curl -X POST '{}/fault?mode=failing'   # then ?mode=healthy",
@@ -437,6 +448,7 @@ async fn main() -> Result<(), BoxError> {
         tokio::signal::ctrl_c().await?;
     }
     gateway.shutdown().await;
+    admin.shutdown().await;
     fleet.shutdown().await?;
 
     // The demo is also a test: each of these must have happened.

@@ -103,17 +103,42 @@ async fn get(client: &HttpClient, addr: SocketAddr, path: &str) -> Answer {
     .expect("a request hung past its bound")
 }
 
-async fn gateway(config: &str, registry: &Registry) -> GatewayHandle {
+/// The proxy and, on a listener of its own, the admin endpoints (the status page).
+struct Gw {
+    proxy: GatewayHandle,
+    admin: GatewayHandle,
+}
+
+impl Gw {
+    fn local_addr(&self) -> SocketAddr {
+        self.proxy.local_addr()
+    }
+
+    fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr()
+    }
+
+    async fn shutdown(self) {
+        self.proxy.shutdown().await;
+        self.admin.shutdown().await;
+    }
+}
+
+async fn gateway(config: &str, registry: &Registry) -> Gw {
     let config = GatewayConfig::from_toml_str(config).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw = Gateway::build(config, Discovery::Registry(registry.clone()))
         .await
         .unwrap();
-    gw.spawn(listener)
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Gw {
+        admin: gw.clone().spawn_admin(admin),
+        proxy: gw.spawn(listener),
+    }
 }
 
-async fn status(client: &HttpClient, gw: &GatewayHandle) -> GatewayStatus {
-    let answer = get(client, gw.local_addr(), "/status.json").await;
+async fn status(client: &HttpClient, gw: &Gw) -> GatewayStatus {
+    let answer = get(client, gw.admin_addr(), "/status.json").await;
     assert_eq!(answer.status, StatusCode::OK);
     serde_json::from_str(&answer.body).unwrap()
 }
@@ -263,7 +288,7 @@ async fn the_page_is_served_as_uncached_html() {
         &registry,
     )
     .await;
-    let page = get(&client(), gw.local_addr(), "/status").await;
+    let page = get(&client(), gw.admin_addr(), "/status").await;
     assert_eq!(page.status, StatusCode::OK);
     assert_eq!(page.headers["content-type"], "text/html; charset=utf-8");
     assert_eq!(page.headers["cache-control"], "no-store");
@@ -336,7 +361,7 @@ body = '{{\"cached\":true}}'
             StatusCode::OK
         );
     }
-    let url = format!("http://{}/status?refresh=500", gw.local_addr());
+    let url = format!("http://{}/status?refresh=500", gw.admin_addr());
 
     let dom = dump_dom(&chromium, &url).await;
     let users = route_section(&dom, "users");
@@ -476,7 +501,7 @@ async fn chromium_escapes_strings_and_shows_an_error_banner() {
         &registry,
     )
     .await;
-    let page = get(&client(), gw.local_addr(), "/status").await.body;
+    let page = get(&client(), gw.admin_addr(), "/status").await.body;
     gw.shutdown().await;
     let (addr, server) = hostile_server(page).await;
 

@@ -24,6 +24,9 @@ pub struct GatewayConfig {
     /// `[auth]`: credentials checked on routes with `auth = true`.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// `[admin]`: where `/metrics`, `/status` and `/status.json` are served.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// `[[routes]]`: matched by longest path prefix.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -58,6 +61,28 @@ pub struct ServerConfig {
     /// KiB, at least 8 KiB); larger is answered `431` before any routing.
     #[serde(default = "default_max_headers_size")]
     pub max_headers_size: usize,
+    /// Decode escaped unreserved characters and remove dot segments before matching
+    /// (default true); when false, paths with dot segments are refused with 400. See
+    /// [`path`](super::path).
+    #[serde(default = "yes")]
+    pub normalize_path: bool,
+    /// Merge repeated slashes before matching (default true). See [`path`](super::path).
+    #[serde(default = "yes")]
+    pub merge_slashes: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ServerConfig {
+    /// The path normalisation these settings ask for.
+    pub fn path_options(&self) -> super::path::PathOptions {
+        super::path::PathOptions {
+            normalize: self.normalize_path,
+            merge_slashes: self.merge_slashes,
+        }
+    }
 }
 
 fn default_send_timeout() -> Duration {
@@ -87,13 +112,68 @@ pub struct AuthConfig {
     pub jwt: Option<JwtConfig>,
 }
 
+/// `[admin]`: the admin endpoints (`/metrics`, `/status`, `/status.json`), which show
+/// upstream addresses, routes and limits. They are served on a listener of their own
+/// ([`Gateway::spawn_admin`](super::Gateway::spawn_admin)), never on the proxy listener
+/// unless `on_proxy_listener = true`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AdminConfig {
+    /// The admin listener's address (keep it on loopback or a private network), for
+    /// callers that bind it from the configuration; none by default.
+    pub listen: Option<SocketAddr>,
+    /// The environment variable holding a bearer token the admin endpoints require
+    /// (`Authorization: Bearer <token>`, else `401`); none by default.
+    pub token_env: Option<String>,
+    /// The file holding that token (instead of `token_env`).
+    pub token_file: Option<std::path::PathBuf>,
+    /// Also answer the admin paths on the proxy listener, before routing (default
+    /// false), for single-port setups; routes under an admin path are then refused. Set
+    /// a token too: the proxy listener faces the clients.
+    #[serde(default)]
+    pub on_proxy_listener: bool,
+}
+
+impl AdminConfig {
+    /// The admin token, read now from `token_env` or `token_file`; `None` without either.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError::Invalid`] naming the field, never showing the token: both set, an
+    /// unset variable, an unreadable file, or a weak token (the rules of
+    /// [`JwtConfig`]'s secret).
+    pub fn resolve_token(&self) -> Result<Option<String>, ConfigError> {
+        super::secret::resolve(
+            "admin",
+            "token",
+            None,
+            self.token_env.as_deref(),
+            self.token_file.as_deref(),
+        )
+    }
+}
+
 /// `[auth.jwt]`: how bearer tokens are checked (HS256 only).
+///
+/// The secret comes from exactly one of `secret` (in the file), `secret_env` (the name
+/// of an environment variable) or `secret_file` (a file holding it; a final newline is
+/// dropped). It must be at least 16 bytes with at least 8 distinct byte values, not one
+/// short pattern repeated, and a literal `secret` must not contain `${…}`: the file is
+/// not interpolated, so `secret = "${JWT_SECRET}"` is refused rather than used as the
+/// key (write `secret_env = "JWT_SECRET"`). No error ever shows the secret.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct JwtConfig {
-    /// The shared HMAC secret (at least 16 bytes).
-    pub secret: String,
+    /// The shared HMAC secret, written in the file. Prefer `secret_env` or `secret_file`;
+    /// read the secret in use with [`resolve_secret`](Self::resolve_secret).
+    #[serde(default, deserialize_with = "secret_string")]
+    pub secret: Option<String>,
+    /// The environment variable holding the secret.
+    pub secret_env: Option<String>,
+    /// The file holding the secret (a regular file, at most 64 KiB).
+    pub secret_file: Option<std::path::PathBuf>,
     /// The required `iss` claim, if any.
     pub issuer: Option<String>,
     /// The required `aud` claim (a string, or one of an array), if any.
@@ -101,15 +181,75 @@ pub struct JwtConfig {
     /// Clock skew tolerated on `exp` and `nbf` (default 0s).
     #[serde(default, deserialize_with = "duration")]
     pub leeway: Duration,
+    /// Whether a token without an `exp` claim is refused (default true): a token that
+    /// never expires is valid for as long as the secret is.
+    #[serde(default = "yes")]
+    pub require_exp: bool,
+}
+
+impl JwtConfig {
+    /// The secret, from `secret`, `secret_env` or `secret_file` (read now), checked as the
+    /// [type's docs](Self) say.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError::Invalid`] naming the field (`auth.jwt.secret_env: ...`), never
+    /// showing the secret: none or several sources, an unset variable, an unreadable
+    /// file, an unresolved `${…}`, or a weak secret.
+    pub fn resolve_secret(&self) -> Result<String, ConfigError> {
+        super::secret::resolve(
+            "auth.jwt",
+            "secret",
+            self.secret.as_deref(),
+            self.secret_env.as_deref(),
+            self.secret_file.as_deref(),
+        )?
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "auth.jwt.secret",
+                "one of secret, secret_env or secret_file is required",
+            )
+        })
+    }
+}
+
+/// A string; any other type is refused without echoing the value.
+fn secret_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<String, E> {
+            Err(E::custom("the secret must be a string"))
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<String, E> {
+            Err(E::custom("the secret must be a string"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<String, E> {
+            Err(E::custom("the secret must be a string"))
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<String, E> {
+            Err(E::custom("the secret must be a string"))
+        }
+    }
+    d.deserialize_any(Visitor).map(Some)
 }
 
 impl fmt::Debug for JwtConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JwtConfig")
-            .field("secret", &"<redacted>")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_env", &self.secret_env)
+            .field("secret_file", &self.secret_file)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway", &self.leeway)
+            .field("require_exp", &self.require_exp)
             .finish()
     }
 }
@@ -400,7 +540,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Invalid {
             field: field.into(),
             reason: reason.into(),
@@ -442,14 +582,9 @@ impl GatewayConfig {
     ///
     /// A [`ConfigError`] naming the first bad field.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| {
-            ConfigError::Parse(
-                e.to_string()
-                    .trim_end()
-                    .replace('\n', " ")
-                    .replace("  ", " "),
-            )
-        })?;
+        // Without the `toml` crate's excerpt of the source, which could show a secret.
+        let config: Self = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(super::secret::parse_error(text, &e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -476,13 +611,24 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.gateway.validate()?;
         if let Some(jwt) = &self.auth.jwt {
-            if jwt.secret.len() < 16 {
+            jwt.resolve_secret()?;
+            check_duration("auth.jwt.leeway", jwt.leeway, true)?;
+        }
+        self.admin.resolve_token()?;
+        if let Some(listen) = self.admin.listen {
+            if listen == self.gateway.listen && listen.port() != 0 {
                 return Err(ConfigError::invalid(
-                    "auth.jwt.secret",
-                    "must be at least 16 bytes",
+                    "admin.listen",
+                    "must differ from gateway.listen (set admin.on_proxy_listener = true to \
+                     serve both on one port)",
                 ));
             }
-            check_duration("auth.jwt.leeway", jwt.leeway, true)?;
+        }
+        if self.routes.is_empty() {
+            return Err(ConfigError::invalid(
+                "routes",
+                "at least one [[routes]] entry is needed",
+            ));
         }
         let mut services = HashSet::new();
         for (i, service) in self.services.iter().enumerate() {
@@ -498,6 +644,27 @@ impl GatewayConfig {
                     format!("{at}.name"),
                     format!("duplicate service `{}`", service.name),
                 ));
+            }
+            if service.instances.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.instances"),
+                    "must list at least one instance (leave the service out to discover it)",
+                ));
+            }
+            let mut instances = HashSet::new();
+            for (j, addr) in service.instances.iter().enumerate() {
+                if addr.port() == 0 {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.instances[{j}]"),
+                        "port 0 is not an address to connect to",
+                    ));
+                }
+                if !instances.insert(addr) {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.instances[{j}]"),
+                        format!("duplicate instance {addr}"),
+                    ));
+                }
             }
         }
         let mut names = HashSet::new();
@@ -517,17 +684,26 @@ impl GatewayConfig {
                 ));
             }
             let prefix = &route.path_prefix;
-            if !prefix.starts_with('/') {
-                return Err(ConfigError::invalid(
-                    format!("{at}.path_prefix"),
-                    "must start with '/'",
-                ));
-            }
-            if prefix.contains(['?', '#']) || prefix.chars().any(|c| c.is_whitespace()) {
-                return Err(ConfigError::invalid(
-                    format!("{at}.path_prefix"),
-                    "must be a plain path (no query, fragment or spaces)",
-                ));
+            super::path::check_prefix(prefix)
+                .map_err(|reason| ConfigError::invalid(format!("{at}.path_prefix"), reason))?;
+            if self.admin.on_proxy_listener {
+                let normal = normalize_prefix(prefix);
+                let admin = [
+                    super::server::METRICS_PATH,
+                    super::server::STATUS_PATH,
+                    super::server::STATUS_PAGE_PATH,
+                ]
+                .into_iter()
+                .find(|admin| super::path::under_prefix(normal, admin));
+                if let Some(admin) = admin {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.path_prefix"),
+                        format!(
+                            "`{prefix}` lies under the admin path `{admin}`, which \
+                             admin.on_proxy_listener answers first"
+                        ),
+                    ));
+                }
             }
             if !prefixes.insert(normalize_prefix(prefix)) {
                 return Err(ConfigError::invalid(
@@ -695,6 +871,9 @@ fn check_duration(field: &str, d: Duration, zero_ok: bool) -> Result<(), ConfigE
     if d.is_zero() && !zero_ok {
         return Err(ConfigError::invalid(field, "must be more than zero"));
     }
+    if !d.is_zero() && d < Duration::from_millis(1) {
+        return Err(ConfigError::invalid(field, "must be at least 1ms"));
+    }
     if d > MAX_SETTING {
         return Err(ConfigError::invalid(field, "must be at most 24h"));
     }
@@ -714,6 +893,11 @@ fn check_limit(at: &str, per_second: u32, burst: Option<u32>) -> Result<(), Conf
             "must be at least 1",
         ));
     }
+    // What building the route does: a rate whose refill interval rounds to nothing fails.
+    let rate = crate::rate_limit::Rate::per_second(per_second);
+    crate::rate_limit::Quota::new(rate, burst.unwrap_or(per_second)).map_err(|e| {
+        ConfigError::invalid(format!("{at}.per_second"), format!("cannot be used: {e}"))
+    })?;
     Ok(())
 }
 
@@ -964,5 +1148,244 @@ rate_limit = { global = { per_second = 0 } }
         let e = c.check_static_services().unwrap_err();
         assert_eq!(e.field(), Some("routes[0].service"));
         assert!(e.to_string().contains("unknown service `ghosts`"));
+    }
+
+    fn jwt_with(line: &str) -> String {
+        BASE.replace("secret = \"0123456789abcdef0123\"", line)
+    }
+
+    #[test]
+    fn the_secret_comes_from_exactly_one_source() {
+        let e = err(&jwt_with(
+            "secret = \"0123456789abcdef0123\"\nsecret_env = \"X\"",
+        ));
+        assert_eq!(
+            e,
+            "auth.jwt.secret: set only one of secret, secret_env or secret_file"
+        );
+        assert_eq!(
+            err(&jwt_with("")),
+            "auth.jwt.secret: one of secret, secret_env or secret_file is required"
+        );
+        assert_eq!(
+            err(&jwt_with(
+                "secret_env = \"SEAWALL_CONFIG_TEST_SURELY_UNSET_VARIABLE\""
+            )),
+            "auth.jwt.secret_env: the environment variable \
+             `SEAWALL_CONFIG_TEST_SURELY_UNSET_VARIABLE` is not set"
+        );
+        let dir = std::env::temp_dir().join(format!("seawall-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("jwt");
+        std::fs::write(&file, "a file secret, long enough\r\n").unwrap();
+        let c = GatewayConfig::from_toml_str(&jwt_with(&format!(
+            "secret_file = \"{}\"",
+            file.display()
+        )))
+        .unwrap();
+        let jwt = c.auth.jwt.as_ref().unwrap();
+        assert_eq!(jwt.resolve_secret().unwrap(), "a file secret, long enough");
+        assert!(!format!("{jwt:?}").contains("file secret"));
+        let e = GatewayConfig::from_toml_str(&jwt_with(&format!(
+            "secret_file = \"{}\"",
+            dir.display()
+        )))
+        .unwrap_err();
+        assert_eq!(e.field(), Some("auth.jwt.secret_file"));
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let e = GatewayConfig::from_toml_str(&jwt_with(&format!(
+            "secret_file = \"{}\"",
+            dir.join("missing").display()
+        )))
+        .unwrap_err();
+        assert_eq!(e.field(), Some("auth.jwt.secret_file"));
+        std::fs::write(&file, "aaaaaaaaaaaaaaaaaaaa\n").unwrap();
+        let e = GatewayConfig::from_toml_str(&jwt_with(&format!(
+            "secret_file = \"{}\"",
+            file.display()
+        )))
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "auth.jwt.secret_file: is too weak: fewer than 8 distinct bytes"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn placeholders_and_weak_secrets_are_refused_without_showing_them() {
+        let e = err(&jwt_with("secret = \"${GATEWAY_JWT_SECRET}\""));
+        assert!(
+            e.starts_with("auth.jwt.secret: contains an unresolved `${...}` placeholder"),
+            "{e}"
+        );
+        assert!(!e.contains("GATEWAY_JWT_SECRET"), "{e}");
+        let e = err(&jwt_with("secret = \"prefix-${X}-and-more-bytes\""));
+        assert!(e.contains("placeholder"), "{e}");
+        for (secret, reason) in [
+            (
+                "                        ",
+                "must not be empty or whitespace",
+            ),
+            ("", "must not be empty or whitespace"),
+            (
+                "abababababababababab",
+                "is too weak: fewer than 8 distinct bytes",
+            ),
+            (
+                "Secret!12Secret!12Secret!12",
+                "is too weak: one short pattern repeated",
+            ),
+        ] {
+            let e = err(&jwt_with(&format!("secret = \"{secret}\"")));
+            assert_eq!(e, format!("auth.jwt.secret: {reason}"));
+        }
+    }
+
+    #[test]
+    fn parse_errors_do_not_show_the_source_line() {
+        const SECRET: &str = "hunter2-is-not-a-good-secret-987";
+        for line in [
+            format!("secret = \"{SECRET}\" trailing"),
+            format!("secret = \"{SECRET}"),
+            format!("secret = \"{SECRET}\"\nsecret = \"{SECRET}\""),
+            format!("secret = \"{SECRET}\"\nsecrett = \"{SECRET}\""),
+            format!("secret = '{SECRET}' = 1"),
+            format!("secret = \"{SECRET}\\q\""),
+            "secret = 98765432109876543".to_owned(),
+            format!("secret = [\"{SECRET}\"]"),
+            format!("secret = {{ a = \"{SECRET}\" }}"),
+        ] {
+            let e = GatewayConfig::from_toml_str(&jwt_with(&line)).unwrap_err();
+            let shown = e.to_string();
+            assert!(matches!(e, ConfigError::Parse(_)), "{line}: {shown}");
+            assert!(!shown.contains(SECRET), "{line}: {shown}");
+            assert!(!shown.contains("98765432109876543"), "{line}: {shown}");
+            assert!(shown.contains("line "), "{shown}");
+        }
+        let e = err(&jwt_with("secret = \"0123456789abcdef0123\" x"));
+        assert!(
+            e.starts_with("invalid gateway configuration: line 6, column"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn values_building_would_refuse_are_refused_at_load() {
+        let e = err(&BASE.replace("per_second = 100", "per_second = 4294967295"));
+        assert!(
+            e.starts_with("routes[0].rate_limit.global.per_second: cannot be used"),
+            "{e}"
+        );
+        let e = err(&BASE.replace("per_second = 5,", "per_second = 4294967295,"));
+        assert!(
+            e.starts_with("routes[0].rate_limit.per_client.per_second: cannot be used"),
+            "{e}"
+        );
+        let e = err(&BASE.replace("timeout = \"2s\"", "timeout = \"1ns\""));
+        assert_eq!(e, "routes[0].timeout: must be at least 1ms");
+        let e = err(&BASE.replace("wait_in_open = \"5s\"", "wait_in_open = \"999us\""));
+        assert_eq!(e, "routes[0].breaker.wait_in_open: must be at least 1ms");
+        GatewayConfig::from_toml_str(&BASE.replace("timeout = \"2s\"", "timeout = \"1ms\""))
+            .unwrap();
+    }
+
+    #[test]
+    fn instances_must_be_listed_once_with_a_port() {
+        let e = err(&BASE.replace(
+            "instances = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]",
+            "instances = []",
+        ));
+        assert!(e.starts_with("services[0].instances: must list"), "{e}");
+        let e = err(&BASE.replace("127.0.0.1:9002", "127.0.0.1:0"));
+        assert_eq!(
+            e,
+            "services[0].instances[1]: port 0 is not an address to connect to"
+        );
+        let e = err(&BASE.replace("127.0.0.1:9002", "127.0.0.1:9001"));
+        assert_eq!(
+            e,
+            "services[0].instances[1]: duplicate instance 127.0.0.1:9001"
+        );
+    }
+
+    #[test]
+    fn a_config_needs_routes_and_normal_prefixes() {
+        let routes = BASE.find("[[routes]]").unwrap();
+        assert_eq!(
+            err(&BASE[..routes].replace("[auth.jwt]", "[auth]").replace(
+                "secret = \"0123456789abcdef0123\"\nissuer = \"seawall\"\n",
+                ""
+            )),
+            "routes: at least one [[routes]] entry is needed"
+        );
+        for prefix in [
+            "/api/../admin",
+            "/api/./x",
+            "/api//x",
+            "/api/%2e%2e",
+            "/a\\\\b",
+            "/..;/x",
+        ] {
+            let e = GatewayConfig::from_toml_str(
+                &BASE.replace("\"/api/users\"", &format!("\"{prefix}\"")),
+            )
+            .unwrap_err();
+            assert_eq!(e.field(), Some("routes[0].path_prefix"), "{prefix}: {e}");
+        }
+    }
+
+    #[test]
+    fn require_exp_defaults_to_true() {
+        let c = GatewayConfig::from_toml_str(BASE).unwrap();
+        assert!(c.auth.jwt.as_ref().unwrap().require_exp);
+        let c = GatewayConfig::from_toml_str(&BASE.replace(
+            "issuer = \"seawall\"",
+            "issuer = \"seawall\"\nrequire_exp = false",
+        ))
+        .unwrap();
+        assert!(!c.auth.jwt.as_ref().unwrap().require_exp);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let v = crate::gateway::jwt::JwtVerifier::new(b"0123456789abcdef0123");
+        let no_exp = v.sign(&serde_json::json!({ "iss": "seawall" }));
+        let strict = crate::gateway::jwt::JwtVerifier::from_config(
+            GatewayConfig::from_toml_str(BASE)
+                .unwrap()
+                .auth
+                .jwt
+                .as_ref()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            strict.verify(&no_exp),
+            Err(crate::gateway::jwt::JwtError::MissingExpiry)
+        );
+        let with_exp = v.sign(&serde_json::json!({ "iss": "seawall", "exp": now + 60 }));
+        assert!(strict.verify(&with_exp).is_ok());
+        assert!(
+            v.verify(&no_exp).is_ok(),
+            "JwtVerifier::new does not require exp"
+        );
+    }
+
+    #[test]
+    fn admin_settings() {
+        let e = err(&format!(
+            "{BASE}\n[admin]\ntoken_env = \"A\"\ntoken_file = \"/b\"\n"
+        ));
+        assert_eq!(e, "admin.token: set only one of token_env or token_file");
+        let e = err(&format!("{BASE}\n[admin]\nlisten = \"127.0.0.1:8080\"\n"));
+        assert!(e.starts_with("admin.listen: must differ"), "{e}");
+        let c = GatewayConfig::from_toml_str(&format!(
+            "{BASE}\n[admin]\nlisten = \"127.0.0.1:9901\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9901".parse().unwrap()));
+        assert!(!c.admin.on_proxy_listener);
+        assert_eq!(c.admin.resolve_token().unwrap(), None);
     }
 }

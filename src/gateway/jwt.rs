@@ -9,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::config::JwtConfig;
+use super::config::{ConfigError, JwtConfig};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -37,6 +37,8 @@ pub enum JwtError {
     WrongIssuer,
     /// `aud` does not contain the configured audience.
     WrongAudience,
+    /// No `exp` claim, while one is required ([`JwtVerifier::require_exp`]).
+    MissingExpiry,
 }
 
 impl fmt::Display for JwtError {
@@ -50,6 +52,7 @@ impl fmt::Display for JwtError {
             Self::NotYetValid => "token not yet valid",
             Self::WrongIssuer => "wrong issuer",
             Self::WrongAudience => "wrong audience",
+            Self::MissingExpiry => "token without exp",
         })
     }
 }
@@ -74,6 +77,7 @@ pub struct JwtVerifier {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Duration,
+    require_exp: bool,
     /// Shared by clones; a new one whenever a setting changes.
     cache: Arc<TokenCache>,
 }
@@ -84,12 +88,15 @@ impl fmt::Debug for JwtVerifier {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway", &self.leeway)
+            .field("require_exp", &self.require_exp)
             .finish_non_exhaustive()
     }
 }
 
 impl JwtVerifier {
-    /// A verifier for tokens signed with `secret`, with no issuer or audience check.
+    /// A verifier for tokens signed with `secret`, with no issuer or audience check, and
+    /// no `exp` required (see [`require_exp`](Self::require_exp); `[auth.jwt]` requires
+    /// it by default).
     pub fn new(secret: &[u8]) -> Self {
         Self {
             // HMAC takes keys of any length.
@@ -98,18 +105,33 @@ impl JwtVerifier {
             issuer: None,
             audience: None,
             leeway: Duration::ZERO,
+            require_exp: false,
             cache: Arc::new(TokenCache::new()),
         }
     }
 
-    /// A verifier from `[auth.jwt]`.
-    pub fn from_config(config: &JwtConfig) -> Self {
-        let mut v = Self::new(config.secret.as_bytes());
+    /// A verifier from `[auth.jwt]`, its secret read from where the section says.
+    ///
+    /// # Errors
+    ///
+    /// When the secret cannot be read or is refused
+    /// ([`JwtConfig::resolve_secret`]).
+    pub fn from_config(config: &JwtConfig) -> Result<Self, ConfigError> {
+        let mut v = Self::new(config.resolve_secret()?.as_bytes());
         v.issuer = config.issuer.clone();
         v.audience = config.audience.clone();
         v.leeway = config.leeway;
+        v.require_exp = config.require_exp;
         v.cache = Arc::new(TokenCache::new());
-        v
+        Ok(v)
+    }
+
+    /// Refuses tokens without an `exp` claim ([`JwtError::MissingExpiry`]) when `true`.
+    #[must_use]
+    pub fn require_exp(mut self, require: bool) -> Self {
+        self.require_exp = require;
+        self.cache = Arc::new(TokenCache::new());
+        self
     }
 
     /// Requires `iss` to be `issuer`.
@@ -260,6 +282,9 @@ impl JwtVerifier {
             exp: claims.get("exp").map(numeric_date).transpose()?,
             nbf: claims.get("nbf").map(numeric_date).transpose()?,
         };
+        if self.require_exp && times.exp.is_none() {
+            return Err(JwtError::MissingExpiry);
+        }
         times.check(now, self.leeway.as_secs())?;
         if let Some(issuer) = &self.issuer {
             if claims.get("iss").and_then(|i| i.as_str()) != Some(issuer.as_str()) {

@@ -2,8 +2,13 @@
 //! TOML file in the spirit of Kong's declarative configuration, built from seawall's
 //! layers.
 //!
-//! Every request is matched to the route with the longest path prefix (on segment
-//! boundaries; none matches: `404` with a JSON body) and goes through that route's stack:
+//! Every request's path is first normalised ([`path`]: escaped unreserved characters
+//! decoded, slashes merged, dot segments removed, as Envoy's `normalize_path` and
+//! `merge_slashes` do; `400` for an encoded `/` or `\`, a `..` above the root, a
+//! `..;` segment, a control byte or a bad escape). It is then matched to the route with
+//! the longest path prefix (on segment boundaries; none matches: `404` with a JSON body),
+//! so `/api/open/../admin` is matched, and forwarded, as `/api/admin`, and goes through
+//! that route's stack:
 //!
 //! 1. **JWT auth** (`auth = true`): an HS256 `Authorization: Bearer` token, its signature,
 //!    `exp`/`nbf`, `iss`/`aud` ([`jwt`]); any failure is `401` with
@@ -31,7 +36,8 @@
 //!    so it completes as a failure rather than a cancellation). What the *client* causes
 //!    never counts against an upstream: see [Client faults and limits](#client-faults-and-limits).
 //!
-//! Proxying forwards the method, the path (with the prefix stripped if asked), the query,
+//! Proxying forwards the method, the normalised path (with the prefix stripped if asked;
+//! what is left never starts with `//`), the query as the client sent it,
 //! the headers (less hop-by-hop ones, plus `X-Forwarded-For`, `-Host` and `-Proto`) and
 //! the body, streamed both ways.
 //!
@@ -88,7 +94,9 @@
 //!
 //! [`Gateway::serve`] / [`Gateway::serve_with_shutdown`] serve a listener on the caller's
 //! runtime, [`Gateway::spawn`] on a task of its own with a [`GatewayHandle`] for graceful
-//! shutdown. On Unix, [`Gateway::spawn_threads`] serves on threads of its own, each with a
+//! shutdown. The admin endpoints (below) are served on a listener of their own:
+//! [`Gateway::spawn_admin`] (or [`Gateway::serve_admin`]) with a clone of the gateway.
+//! On Unix, [`Gateway::spawn_threads`] serves on threads of its own, each with a
 //! current-thread runtime and an `SO_REUSEPORT` listener (nginx's model): no request
 //! crosses threads, which costs less CPU per request than a multi-thread runtime when
 //! the cores are busy.
@@ -111,12 +119,23 @@
 //! max_request_body = 1048576      # bytes, routes without their own (default 1 MiB; 0: none)
 //! max_header_line = 16384         # bytes per request header line (default 16 KiB), else 431
 //! max_headers_size = 65536        # bytes per request head, at least 8192 (default 64 KiB)
+//! normalize_path = true           # decode %-escaped unreserved, remove dot segments (default)
+//! merge_slashes = true            # /a//b is /a/b (default)
+//!
+//! [admin]                         # /metrics, /status, /status.json
+//! listen = "127.0.0.1:9901"       # for Gateway::spawn_admin; keep it on loopback
+//! token_env = "GATEWAY_ADMIN_TOKEN"   # optional: require `Authorization: Bearer <token>`
+//! # token_file = "/run/secrets/admin-token"  # or from a file
+//! on_proxy_listener = false       # true: also answer them on the proxy listener (default false)
 //!
 //! [auth.jwt]                      # optional; needed by routes with auth = true
-//! secret = "at least sixteen bytes of secret"
+//! secret_env = "GATEWAY_JWT_SECRET"   # exactly one of secret_env, secret_file, secret
+//! # secret_file = "/run/secrets/jwt"  # the file's content, less a final newline
+//! # secret = "in the file itself"     # `${...}` is refused: nothing is interpolated
 //! issuer = "https://issuer.example"   # optional: required `iss`
 //! audience = "api"                    # optional: required in `aud`
 //! leeway = "30s"                      # optional clock skew on exp/nbf (default 0s)
+//! require_exp = true                  # tokens without `exp` are refused (default true)
 //!
 //! [[routes]]
 //! name = "users"
@@ -155,7 +174,21 @@
 //! ```
 //!
 //! Unknown keys are rejected, and every invalid value is a [`ConfigError`] naming its
-//! field: `routes[1].rate_limit.global.per_second: must be at least 1`.
+//! field: `routes[1].rate_limit.global.per_second: must be at least 1`. Every value the
+//! gateway's build would refuse is refused at load (`per_second = 4294967295`: a refill
+//! interval below a nanosecond). So are: a configuration without routes; a `path_prefix`
+//! that is not a normal path (dot segments, `//`, `%`-escapes, `\`); a service with no
+//! instances, an instance with port 0 or listed twice; durations below 1 ms (but zero
+//! where zero is allowed); and, with `admin.on_proxy_listener = true`, a route whose
+//! prefix is or lies under an admin path.
+//!
+//! Secrets (the JWT secret, the admin token) are read from the environment or a file
+//! (`*_env`, `*_file`; a literal `secret` is allowed for the JWT secret, not for the
+//! token) when the configuration loads and again when the gateway is built. Each must
+//! have at least 16 bytes, 8 distinct byte values and no short pattern repeated (no
+//! period of half its length or less); an all-whitespace secret is refused too. No
+//! error shows a secret: TOML syntax errors give the line, the column and the message,
+//! without the `toml` crate's excerpt of the source line.
 //!
 //! ```no_run
 //! use seawall::discovery::Registry;
@@ -174,7 +207,16 @@
 //!
 //! ## Observability
 //!
-//! `GET /metrics`, `GET /status.json` and `GET /status` are answered before routing.
+//! `GET /metrics`, `GET /status.json` and `GET /status` (the admin endpoints) show
+//! upstream addresses, routes and limits, so they are not served on the proxy listener:
+//! serve them with [`Gateway::spawn_admin`] on a listener of their own (loopback or a
+//! private network; `[admin] listen` names one for callers who bind from the
+//! configuration). With `[admin] token_env` or `token_file` they answer `401` without
+//! `Authorization: Bearer <token>` (compared in constant time; the status page, loaded in
+//! a browser, cannot send it: use it through a tunnel or a proxy that adds the header).
+//! On the proxy listener these paths are routed like any other, unless
+//! `admin.on_proxy_listener = true` (for single-port setups) answers them first, after
+//! path normalisation; then set a token, since that listener faces the clients.
 //! The counters are the gateway's own (see [`status`]); the layers underneath also report
 //! through the `metrics` crate to whatever recorder the application installs, named after
 //! the route: `seawall_rate_limit_decisions_total{limiter="<route>/global"}` and
@@ -245,15 +287,17 @@
 mod client;
 mod config;
 pub mod jwt;
+pub mod path;
 mod pool;
 mod route;
+mod secret;
 mod server;
 pub mod status;
 
 pub use config::{
-    AuthConfig, BalanceSettings, BreakerSettings, ClientKey, ClientLimitSettings, ConfigError,
-    FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OutlierSettings, RateLimitSettings,
-    RouteConfig, ServerConfig, ServiceConfig, StrategyName,
+    AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, ClientKey, ClientLimitSettings,
+    ConfigError, FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OutlierSettings,
+    RateLimitSettings, RouteConfig, ServerConfig, ServiceConfig, StrategyName,
 };
 pub use route::{Body, FALLBACK_HEADER};
 #[cfg(unix)]

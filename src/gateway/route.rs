@@ -372,11 +372,7 @@ impl Route {
 
     /// Whether `path` falls under this route's prefix, on a segment boundary.
     pub(crate) fn matches(&self, path: &str) -> bool {
-        let prefix = self.core.prefix.as_str();
-        prefix == "/"
-            || path
-                .strip_prefix(prefix)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        super::path::under_prefix(path, &self.core.prefix)
     }
 
     /// Serves one request matched to this route.
@@ -677,7 +673,10 @@ impl RouteCore {
     }
 
     /// The request's URI as sent upstream, in origin form (`/path?query`), the prefix
-    /// stripped if asked. Allocates only when the path changes.
+    /// stripped if asked. Allocates only when the path changes. The path is the normalised
+    /// one ([`super::path`]); what is left after the prefix never starts with `//`
+    /// (`/api//evil.example/x` is sent as `/evil.example/x`), even with `merge_slashes`
+    /// off.
     fn upstream_uri(&self, uri: Uri) -> Uri {
         let strip = self.strip && self.prefix != "/";
         if !strip && uri.scheme().is_none() && uri.authority().is_none() {
@@ -694,7 +693,9 @@ impl RouteCore {
         } else {
             path_and_query
         };
-        let parsed = if rest.starts_with('/') {
+        let parsed = if rest.starts_with("//") {
+            Uri::try_from(format!("/{}", rest.trim_start_matches('/')))
+        } else if rest.starts_with('/') {
             Uri::try_from(rest)
         } else {
             // The whole path was the prefix: `/api` or `/api?q` becomes `/` or `/?q`.

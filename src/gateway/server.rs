@@ -10,10 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqC
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode, header};
+use std::borrow::Cow;
+
+use http::{Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -21,6 +24,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::client::SendTimeout;
 use super::config::{ConfigError, GatewayConfig};
 use super::jwt::JwtVerifier;
+use super::path::{PathOptions, normalize};
 use super::pool::Pools;
 use super::route::{Body, Peer, Route, full, json_error};
 use super::status::{GatewayStatus, render_prometheus};
@@ -112,6 +116,10 @@ struct Inner {
     max_headers_size: usize,
     started: tokio::time::Instant,
     listen: SocketAddr,
+    /// How request paths are normalised before matching.
+    paths: PathOptions,
+    /// The admin endpoints' settings.
+    admin: Admin,
     /// Kept alive for as long as the gateway.
     _watches: Vec<ConsulWatch>,
     /// Every endpoint's pool; the sweeper stops once this is dropped.
@@ -154,7 +162,20 @@ impl Gateway {
         if matches!(discovery, Discovery::Static) {
             config.check_static_services()?;
         }
-        let verifier = config.auth.jwt.as_ref().map(JwtVerifier::from_config);
+        let verifier = config
+            .auth
+            .jwt
+            .as_ref()
+            .map(JwtVerifier::from_config)
+            .transpose()?;
+        let admin = Admin {
+            listen: config.admin.listen,
+            on_proxy: config.admin.on_proxy_listener,
+            token: config
+                .admin
+                .resolve_token()?
+                .map(|token| Sha256::digest(token.as_bytes()).into()),
+        };
         let mut watches = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         let pools = Arc::new(Pools::default());
@@ -203,6 +224,8 @@ impl Gateway {
                 max_headers_size: config.gateway.max_headers_size,
                 started: tokio::time::Instant::now(),
                 listen: config.gateway.listen,
+                paths: config.gateway.path_options(),
+                admin,
                 _watches: watches,
                 _pools: pools,
             }),
@@ -229,27 +252,35 @@ impl Gateway {
         render_prometheus(&self.status())
     }
 
-    /// Answers one request from `peer`: the admin paths, else the route with the longest
-    /// matching prefix, else 404. Never fails.
+    /// Answers one request from `peer` as the proxy listener does: its path normalised
+    /// ([`path`](super::path); `400` when refused), then the admin paths if
+    /// `admin.on_proxy_listener` is set, else the route with the longest matching prefix,
+    /// else 404. Never fails.
     pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         self.handle_from(request, &Peer::new(peer)).await
     }
 
     /// [`Gateway::handle`] for a connection's peer, made once per connection.
-    async fn handle_from(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    async fn handle_from(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        // Matched and forwarded on its normal form; rewritten only when not normal.
+        let rewritten = match normalize(request.uri().path(), self.inner.paths) {
+            Ok(Cow::Borrowed(_)) => None,
+            Ok(Cow::Owned(path)) => Some(path),
+            Err(e) => return bad_path(&request, peer, &e.to_string()),
+        };
+        if let Some(mut path) = rewritten {
+            if let Some(query) = request.uri().query() {
+                path.push('?');
+                path.push_str(query);
+            }
+            match Uri::try_from(path) {
+                Ok(uri) => *request.uri_mut() = uri,
+                Err(_) => return bad_path(&request, peer, "invalid path"),
+            }
+        }
         let path = request.uri().path();
-        if request.method() == Method::GET || request.method() == Method::HEAD {
-            if path == METRICS_PATH {
-                return text(self.metrics(), "text/plain; version=0.0.4; charset=utf-8");
-            }
-            if path == STATUS_PATH {
-                let json =
-                    serde_json::to_string(&self.status()).unwrap_or_else(|_| String::from("{}"));
-                return text(json, "application/json");
-            }
-            if path == STATUS_PAGE_PATH {
-                return text(STATUS_PAGE, "text/html; charset=utf-8");
-            }
+        if self.inner.admin.on_proxy && is_admin_path(path) {
+            return self.handle_admin(&request);
         }
         let route = self
             .inner
@@ -266,6 +297,94 @@ impl Gateway {
         }
     }
 
+    /// Answers a request to the admin listener: `GET` or `HEAD` of [`METRICS_PATH`],
+    /// [`STATUS_PATH`] or [`STATUS_PAGE_PATH`], with the bearer token when `[admin]` sets
+    /// one (`401` without it, compared in constant time); `404` for other paths, `405` for
+    /// other methods. Embedders serving the admin endpoints themselves can call it.
+    pub fn handle_admin<B>(&self, request: &Request<B>) -> Response<Body> {
+        if let Some(expected) = &self.inner.admin.token {
+            if !admin_token_matches(request.headers(), expected) {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(
+                    target: "seawall::gateway",
+                    path = request.uri().path(),
+                    "admin request without a valid token"
+                );
+                let mut response = json_error(StatusCode::UNAUTHORIZED, "admin token required");
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer realm=\"seawall-admin\""),
+                );
+                return response;
+            }
+        }
+        let path = request.uri().path();
+        if !is_admin_path(path) {
+            return json_error(StatusCode::NOT_FOUND, "no such admin endpoint");
+        }
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            let mut response = json_error(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only");
+            response
+                .headers_mut()
+                .insert(header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
+            return response;
+        }
+        match path {
+            METRICS_PATH => text(self.metrics(), "text/plain; version=0.0.4; charset=utf-8"),
+            STATUS_PATH => {
+                let json =
+                    serde_json::to_string(&self.status()).unwrap_or_else(|_| String::from("{}"));
+                text(json, "application/json")
+            }
+            _ => text(STATUS_PAGE, "text/html; charset=utf-8"),
+        }
+    }
+
+    /// The admin listener's address from `[admin] listen`, if set.
+    pub fn admin_listen_addr(&self) -> Option<SocketAddr> {
+        self.inner.admin.listen
+    }
+
+    /// Serves the admin endpoints ([`handle_admin`](Self::handle_admin)) on `listener`
+    /// until the future is dropped. Bind it to loopback or a private address.
+    pub fn serve_admin(self, listener: TcpListener) -> impl Future<Output = ()> + Send {
+        self.serve_inner(
+            listener,
+            std::future::pending(),
+            Duration::from_secs(30),
+            true,
+        )
+    }
+
+    /// Serves the admin endpoints on `listener`, on a task of its own, until the returned
+    /// handle's [`shutdown`](GatewayHandle::shutdown): the admin counterpart of
+    /// [`spawn`](Self::spawn), for the same gateway (or a clone):
+    ///
+    /// ```no_run
+    /// # use seawall::gateway::{Discovery, Gateway, GatewayConfig};
+    /// # async fn run(config: GatewayConfig) -> Result<(), seawall::BoxError> {
+    /// let proxy = tokio::net::TcpListener::bind(config.gateway.listen).await?;
+    /// let admin = tokio::net::TcpListener::bind(
+    ///     config.admin.listen.unwrap_or("127.0.0.1:9901".parse()?),
+    /// )
+    /// .await?;
+    /// let gateway = Gateway::build(config, Discovery::Static).await?;
+    /// let admin = gateway.clone().spawn_admin(admin);
+    /// let proxy = gateway.spawn(proxy);
+    /// // ...
+    /// proxy.shutdown().await;
+    /// admin.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn_admin(self, listener: TcpListener) -> GatewayHandle {
+        self.spawn_inner(listener, true)
+    }
+
     /// Serves connections from `listener` until the future is dropped.
     pub fn serve(self, listener: TcpListener) -> impl Future<Output = ()> + Send {
         self.serve_with_shutdown(listener, std::future::pending())
@@ -279,14 +398,16 @@ impl Gateway {
         listener: TcpListener,
         signal: impl Future<Output = ()> + Send,
     ) -> impl Future<Output = ()> + Send {
-        self.serve_inner(listener, signal, Duration::from_secs(30))
+        self.serve_inner(listener, signal, Duration::from_secs(30), false)
     }
 
+    /// Serves `listener`: the proxy, or the admin endpoints alone when `admin`.
     async fn serve_inner(
         self,
         listener: TcpListener,
         signal: impl Future<Output = ()> + Send,
         drain: Duration,
+        admin: bool,
     ) {
         let stop = Arc::new(Stop::default());
         let mut connections = JoinSet::new();
@@ -322,7 +443,11 @@ impl Gateway {
                     let context = context.clone();
                     async move {
                         let (gateway, peer) = &*context;
-                        Ok::<_, Infallible>(gateway.handle_from(request, peer).await)
+                        Ok::<_, Infallible>(if admin {
+                            gateway.handle_admin(&request)
+                        } else {
+                            gateway.handle_from(request, peer).await
+                        })
                     }
                 });
                 let connection = http1::Builder::new()
@@ -349,6 +474,10 @@ impl Gateway {
     ///
     /// Outside a tokio runtime.
     pub fn spawn(self, listener: TcpListener) -> GatewayHandle {
+        self.spawn_inner(listener, false)
+    }
+
+    fn spawn_inner(self, listener: TcpListener, admin: bool) -> GatewayHandle {
         let local_addr = listener.local_addr().unwrap_or(self.inner.listen);
         let (tx, mut rx) = watch::channel(false);
         let gateway = self.clone();
@@ -356,6 +485,7 @@ impl Gateway {
             listener,
             async move { stopped(&mut rx).await },
             Duration::from_secs(10),
+            admin,
         ));
         GatewayHandle {
             local_addr,
@@ -446,6 +576,7 @@ impl Gateway {
                                 listener,
                                 async move { stopped(&mut stop_rx).await },
                                 Duration::from_secs(10),
+                                false,
                             )
                             .await;
                     });
@@ -630,6 +761,55 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
             return;
         }
     }
+}
+
+/// The admin endpoints' settings, resolved at build.
+struct Admin {
+    listen: Option<SocketAddr>,
+    on_proxy: bool,
+    /// The SHA-256 of the token, if one is required.
+    token: Option<[u8; 32]>,
+}
+
+fn is_admin_path(path: &str) -> bool {
+    matches!(path, METRICS_PATH | STATUS_PATH | STATUS_PAGE_PATH)
+}
+
+/// Whether the request carries one `Authorization: Bearer <token>` whose SHA-256 is
+/// `expected`. The digests are compared in constant time; comparing digests, not tokens,
+/// leaks neither the token's length nor a prefix of it.
+fn admin_token_matches(headers: &http::HeaderMap, expected: &[u8; 32]) -> bool {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let Some(token) = value
+        .as_bytes()
+        .strip_prefix(b"Bearer ")
+        .or_else(|| value.as_bytes().strip_prefix(b"bearer "))
+    else {
+        return false;
+    };
+    let digest: [u8; 32] = Sha256::digest(token).into();
+    digest
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// `400` for a path [`normalize`] refuses; logged, never routed.
+fn bad_path(request: &Request<Incoming>, peer: &Peer, reason: &str) -> Response<Body> {
+    #[cfg(feature = "tracing")]
+    tracing::debug!(
+        target: "seawall::gateway",
+        path = request.uri().path(),
+        peer = %peer.addr,
+        reason,
+        "request path refused"
+    );
+    let _ = (request, peer);
+    json_error(StatusCode::BAD_REQUEST, reason)
 }
 
 fn text(body: impl Into<bytes::Bytes>, content_type: &'static str) -> Response<Body> {

@@ -1,0 +1,449 @@
+//! Request path normalisation, done before route matching (as Envoy's `normalize_path`
+//! and `merge_slashes` do), so that a route is chosen on the path an upstream will act on,
+//! and that normal path is what the upstream receives.
+//!
+//! [`normalize`] with both options on (the default):
+//!
+//! - decodes percent-encoded *unreserved* characters (`ALPHA DIGIT - . _ ~`, RFC 3986
+//!   §2.3), so `%2e%2e` is `..` and `%7euser` is `~user`, and writes the hex digits of the
+//!   other escapes in upper case (`%2a` is `%2A`, RFC 3986 §6.2.2.1); `%25` stays `%25`
+//!   (nothing is decoded twice);
+//! - merges repeated slashes (`/a//b` is `/a/b`);
+//! - removes dot segments (RFC 3986 §5.2.4): `/a/./b/../c` is `/a/c`, `/a/b/..` is `/a/`.
+//!
+//! It refuses (the gateway answers `400`): a path that does not start with `/`; an encoded
+//! `/` or `\` (`%2F`, `%5C`, either case) and a raw `\`, which upstreams disagree about; a
+//! control byte, raw or encoded (`%00`–`%1F`, `%7F`); an invalid escape (`%zz`, `%2`); a
+//! `..` that would climb above the root (`/../etc`); and any segment that starts with
+//! `..;` or `.;` once decoded (`;` raw or as `%3B`): Tomcat and the servlet containers
+//! behind many proxies drop `;parameters` from a segment and then resolve `..;x` as `..`,
+//! so such a segment is refused rather than guessed at.
+//!
+//! With `normalize_path = false` no escape is decoded and no dot segment removed: the path
+//! is matched and forwarded byte for byte as the client sent it, *and a path that would
+//! need normalising* (a `.` or `..` segment, raw or encoded) is refused with `400` rather
+//! than forwarded, since the route chosen on the raw path need not be the one an upstream
+//! resolving dot segments would serve. The other refusals apply as well.
+//!
+//! With `merge_slashes = false` repeated slashes are kept (`/a//b` is matched and sent as
+//! such; `..` after `//` removes the empty segment, as RFC 3986 says), except at the start
+//! of the path: a path is never matched or forwarded with a leading `//`, which upstreams
+//! may read as a network-path reference (`//evil.example/x`). Nor does stripping a prefix
+//! leave one: the rest of `/api//evil.example/x` after `/api` is sent as
+//! `/evil.example/x`.
+//!
+//! A path that is already normal (the common case) costs one pass over its bytes and no
+//! allocation; only a path that changes is copied.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// How request paths are normalised: the `[gateway]` keys `normalize_path` and
+/// `merge_slashes`, both on by default. See the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathOptions {
+    /// Decode escaped unreserved characters and remove dot segments; when off, refuse
+    /// paths that would need it.
+    pub normalize: bool,
+    /// Merge repeated slashes.
+    pub merge_slashes: bool,
+}
+
+impl Default for PathOptions {
+    fn default() -> Self {
+        Self {
+            normalize: true,
+            merge_slashes: true,
+        }
+    }
+}
+
+/// Why a request path is refused (the gateway answers `400 Bad Request`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PathError {
+    /// The path does not start with `/` (`*`, an authority).
+    NotAbsolute,
+    /// A `%` not followed by two hex digits.
+    InvalidEscape,
+    /// `%2F` or `%5C`: a separator hidden in a segment.
+    EncodedSeparator,
+    /// A raw `\`.
+    Backslash,
+    /// A control byte, raw or encoded (`%00`–`%1F`, `%7F`).
+    ControlByte,
+    /// A `..` above the root.
+    AboveRoot,
+    /// A segment starting with `..;` or `.;`.
+    DotSegmentParameter,
+    /// A `.` or `..` segment while `normalize_path` is off.
+    DotSegment,
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotAbsolute => "the path must start with '/'",
+            Self::InvalidEscape => "invalid percent-encoding in the path",
+            Self::EncodedSeparator => "encoded '/' or '\\' in the path",
+            Self::Backslash => "'\\' in the path",
+            Self::ControlByte => "control byte in the path",
+            Self::AboveRoot => "the path climbs above the root",
+            Self::DotSegmentParameter => "dot segment with a ';' parameter in the path",
+            Self::DotSegment => "dot segment in the path",
+        })
+    }
+}
+
+impl std::error::Error for PathError {}
+
+/// What a segment is, once `%2E` and `%3B` are read as `.` and `;`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dots {
+    /// Anything else.
+    Plain,
+    /// `.`
+    One,
+    /// `..`
+    Two,
+    /// `.;…` or `..;…`
+    WithParameter,
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Classifies a raw segment (its escapes already checked valid). Most segments are told
+/// apart by their first byte.
+fn dots(segment: &[u8]) -> Dots {
+    let mut decoded = [0u8; 3];
+    let mut n = 0;
+    let mut i = 0;
+    while i < segment.len() && n < 3 {
+        let b = if segment[i] == b'%' && i + 2 < segment.len() {
+            let v = hex(segment[i + 1]).unwrap_or(0) << 4 | hex(segment[i + 2]).unwrap_or(0);
+            i += 3;
+            v
+        } else {
+            i += 1;
+            segment[i - 1]
+        };
+        decoded[n] = b;
+        n += 1;
+        let done = i >= segment.len();
+        match (&decoded[..n], done) {
+            (b".", true) => return Dots::One,
+            (b"..", true) => return Dots::Two,
+            (b"." | b"..", false) => {}
+            (b".;" | b"..;", _) => return Dots::WithParameter,
+            _ => return Dots::Plain,
+        }
+    }
+    Dots::Plain
+}
+
+/// Normalises a request path (without its query) as the [module docs](self) say: the path
+/// itself, borrowed, when it is already normal; a normal copy when it is not.
+///
+/// # Errors
+///
+/// A [`PathError`] for the paths refused.
+pub fn normalize(path: &str, options: PathOptions) -> Result<Cow<'_, str>, PathError> {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    // One pass: refuse what is refused, find whether anything changes.
+    let mut rewrite = bytes.get(1) == Some(&b'/');
+    let mut segment_start = 1;
+    let mut i = 1;
+    while i <= bytes.len() {
+        let b = bytes.get(i).copied().unwrap_or(b'/');
+        match b {
+            b'/' => {
+                let segment = &bytes[segment_start..i];
+                if segment.is_empty() {
+                    rewrite |= options.merge_slashes && i < bytes.len();
+                } else {
+                    match dots(segment) {
+                        Dots::Plain => {}
+                        Dots::WithParameter => return Err(PathError::DotSegmentParameter),
+                        Dots::One | Dots::Two if !options.normalize => {
+                            return Err(PathError::DotSegment);
+                        }
+                        Dots::One | Dots::Two => rewrite = true,
+                    }
+                }
+                segment_start = i + 1;
+            }
+            b'%' => {
+                let (Some(hi), Some(lo)) = (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(PathError::InvalidEscape);
+                };
+                let v = hi << 4 | lo;
+                match v {
+                    b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+                    0..=0x1f | 0x7f => return Err(PathError::ControlByte),
+                    _ => {}
+                }
+                rewrite |= options.normalize
+                    && (unreserved(v)
+                        || bytes[i + 1].is_ascii_lowercase()
+                        || bytes[i + 2].is_ascii_lowercase());
+                i += 2;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            0..=0x1f | 0x7f => return Err(PathError::ControlByte),
+            _ => {}
+        }
+        i += 1;
+    }
+    if !rewrite {
+        return Ok(Cow::Borrowed(path));
+    }
+    rewrite_path(bytes, options).map(Cow::Owned)
+}
+
+/// The normal form of a path that passed [`normalize`]'s checks.
+fn rewrite_path(bytes: &[u8], options: PathOptions) -> Result<String, PathError> {
+    let mut out: Vec<u8> = Vec::with_capacity(bytes.len());
+    // Where each kept segment starts in `out` (at its '/').
+    let mut starts: Vec<usize> = Vec::new();
+    let mut segment: Vec<u8> = Vec::new();
+    let raw_segments = bytes[1..].split(|&b| b == b'/');
+    let count = bytes[1..].iter().filter(|&&b| b == b'/').count() + 1;
+    for (n, raw) in raw_segments.enumerate() {
+        let last = n + 1 == count;
+        segment.clear();
+        let mut i = 0;
+        while i < raw.len() {
+            if raw[i] == b'%' {
+                let v = hex(raw[i + 1]).unwrap_or(0) << 4 | hex(raw[i + 2]).unwrap_or(0);
+                if options.normalize && unreserved(v) {
+                    segment.push(v);
+                } else if options.normalize {
+                    segment.push(b'%');
+                    segment.push(raw[i + 1].to_ascii_uppercase());
+                    segment.push(raw[i + 2].to_ascii_uppercase());
+                } else {
+                    segment.extend_from_slice(&raw[i..i + 3]);
+                }
+                i += 3;
+            } else {
+                segment.push(raw[i]);
+                i += 1;
+            }
+        }
+        match &segment[..] {
+            b"." if options.normalize => {
+                if last {
+                    starts.push(out.len());
+                    out.push(b'/');
+                }
+            }
+            b".." if options.normalize => {
+                let start = starts.pop().ok_or(PathError::AboveRoot)?;
+                out.truncate(start);
+                if last {
+                    starts.push(out.len());
+                    out.push(b'/');
+                }
+            }
+            // Merged, or the leading `//` that is never kept; a trailing slash stays.
+            b"" if !last && (options.merge_slashes || starts.is_empty()) => {}
+            _ => {
+                starts.push(out.len());
+                out.push(b'/');
+                out.extend_from_slice(&segment);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    // Only ASCII was decoded, and the rest copied whole.
+    String::from_utf8(out).map_err(|_| PathError::InvalidEscape)
+}
+
+/// Whether `path` falls under `prefix` on a segment boundary: `/api` covers `/api` and
+/// `/api/x`, not `/apix`; `/` covers everything. `prefix` has no trailing slash (but `/`).
+pub fn under_prefix(path: &str, prefix: &str) -> bool {
+    prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Why a configured `path_prefix` is refused, if it is: it must be a normal path (as
+/// [`normalize`] leaves it, with both options on) with no escapes, no query or fragment,
+/// no whitespace, no `;`-parameter dot segment and no `//`.
+pub(crate) fn check_prefix(prefix: &str) -> Result<(), &'static str> {
+    if !prefix.starts_with('/') {
+        return Err("must start with '/'");
+    }
+    if prefix.contains(['?', '#']) || prefix.chars().any(char::is_whitespace) {
+        return Err("must be a plain path (no query, fragment or spaces)");
+    }
+    if prefix.contains('%') {
+        return Err("must not contain percent-encoding (write the characters themselves)");
+    }
+    match normalize(prefix, PathOptions::default()) {
+        Ok(Cow::Borrowed(_)) => Ok(()),
+        Ok(Cow::Owned(_)) | Err(PathError::AboveRoot | PathError::DotSegmentParameter) => {
+            Err("must be a normal path (no '.' or '..' segments, no '//')")
+        }
+        Err(PathError::Backslash) => Err("must not contain '\\'"),
+        Err(_) => Err("must be a plain path"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OFF: PathOptions = PathOptions {
+        normalize: false,
+        merge_slashes: true,
+    };
+    const KEEP_SLASHES: PathOptions = PathOptions {
+        normalize: true,
+        merge_slashes: false,
+    };
+
+    fn n(path: &str) -> Result<String, PathError> {
+        normalize(path, PathOptions::default()).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        for p in [
+            "/",
+            "/api/users/42",
+            "/a/b/",
+            "/a.b/..c/...",
+            "/sp%20ace/%2A",
+            "/x;y=1",
+            "/a/%25",
+            "/%C3%A9",
+        ] {
+            assert!(
+                matches!(normalize(p, PathOptions::default()), Ok(Cow::Borrowed(_))),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn dot_segments_escapes_and_slashes_are_normalised() {
+        let cases = [
+            ("/a/./b/../c", "/a/c"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/%2e%2E/b", "/b"),
+            ("/a/.%2e/b", "/b"),
+            ("/%7Euser/%41%2d", "/~user/A-"),
+            ("/a/%2a", "/a/%2A"),
+            ("//a///b//", "/a/b/"),
+            ("/a//../b", "/b"),
+            ("/api/open/../admin/secret", "/api/admin/secret"),
+            ("/..a/a..", "/..a/a.."),
+            ("/.", "/"),
+            ("/a/..", "/"),
+            ("/%252e%252e", "/%252e%252e"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(n(input).as_deref(), Ok(expected), "{input}");
+            assert!(
+                matches!(
+                    normalize(expected, PathOptions::default()),
+                    Ok(Cow::Borrowed(_))
+                ),
+                "{expected} is normal"
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        let cases = [
+            ("", PathError::NotAbsolute),
+            ("*", PathError::NotAbsolute),
+            ("/a/..%2fb", PathError::EncodedSeparator),
+            ("/a/%2F", PathError::EncodedSeparator),
+            ("/a/%5c", PathError::EncodedSeparator),
+            ("/a\\b", PathError::Backslash),
+            ("/a%00", PathError::ControlByte),
+            ("/a%1f", PathError::ControlByte),
+            ("/a%7F", PathError::ControlByte),
+            ("/a\tb", PathError::ControlByte),
+            ("/a%zz", PathError::InvalidEscape),
+            ("/a%2", PathError::InvalidEscape),
+            ("/a%", PathError::InvalidEscape),
+            ("/..", PathError::AboveRoot),
+            ("/a/../..", PathError::AboveRoot),
+            ("/%2e%2e/x", PathError::AboveRoot),
+            ("/a/..;/b", PathError::DotSegmentParameter),
+            ("/a/..;x=1/b", PathError::DotSegmentParameter),
+            ("/a/.;/b", PathError::DotSegmentParameter),
+            ("/a/%2e%2e;/b", PathError::DotSegmentParameter),
+            ("/a/..%3B/b", PathError::DotSegmentParameter),
+            ("/a/..;", PathError::DotSegmentParameter),
+        ];
+        for (input, error) in cases {
+            assert_eq!(n(input), Err(error), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn options_off() {
+        assert_eq!(normalize("/a/../b", OFF), Err(PathError::DotSegment));
+        assert_eq!(normalize("/a/%2e", OFF), Err(PathError::DotSegment));
+        assert_eq!(normalize("/%7e/%2a", OFF).as_deref(), Ok("/%7e/%2a"));
+        assert_eq!(normalize("/a//%7e", OFF).as_deref(), Ok("/a/%7e"));
+        assert_eq!(
+            normalize("/a//b/./c", KEEP_SLASHES).as_deref(),
+            Ok("/a//b/c")
+        );
+        assert_eq!(normalize("//a//b", KEEP_SLASHES).as_deref(), Ok("/a//b"));
+        assert_eq!(normalize("///a", KEEP_SLASHES).as_deref(), Ok("/a"));
+        assert_eq!(normalize("/a//..", KEEP_SLASHES).as_deref(), Ok("/a/"));
+        assert!(matches!(
+            normalize("/a//b", KEEP_SLASHES),
+            Ok(Cow::Borrowed(_))
+        ));
+    }
+
+    #[test]
+    fn prefixes() {
+        assert!(under_prefix("/api", "/api"));
+        assert!(under_prefix("/api/x", "/api"));
+        assert!(!under_prefix("/apix", "/api"));
+        assert!(under_prefix("/anything", "/"));
+        assert_eq!(check_prefix("/api/v1"), Ok(()));
+        assert_eq!(check_prefix("/api/"), Ok(()));
+        for bad in [
+            "/api/../admin",
+            "/api/.",
+            "/a//b",
+            "/a%2e",
+            "/a\\b",
+            "/..;/x",
+            "api",
+        ] {
+            assert!(check_prefix(bad).is_err(), "{bad}");
+        }
+    }
+}

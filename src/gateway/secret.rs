@@ -1,0 +1,228 @@
+//! Secrets in the configuration (the JWT key, the admin token): where they are read from,
+//! how weak ones are told apart, and errors that never show them.
+
+use std::io::Read as _;
+use std::path::Path;
+
+use super::config::ConfigError;
+
+/// The largest secret file read.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+/// The shortest secret accepted.
+const MIN_LEN: usize = 16;
+/// The fewest distinct byte values a secret may have.
+const MIN_DISTINCT: usize = 8;
+
+/// The secret `<section>.<key>` from the one source set: the literal `<key>`, the
+/// environment variable `<key>_env` names, or the file `<key>_file` names. `None` when
+/// none is set.
+pub(crate) fn resolve(
+    section: &str,
+    key: &str,
+    literal: Option<&str>,
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<String>, ConfigError> {
+    let set =
+        usize::from(literal.is_some()) + usize::from(env.is_some()) + usize::from(file.is_some());
+    if set > 1 {
+        let choices = if literal.is_some() {
+            format!("{key}, {key}_env or {key}_file")
+        } else {
+            format!("{key}_env or {key}_file")
+        };
+        return Err(ConfigError::invalid(
+            format!("{section}.{key}"),
+            format!("set only one of {choices}"),
+        ));
+    }
+    if let Some(secret) = literal {
+        let field = format!("{section}.{key}");
+        if let Some(start) = secret.find("${") {
+            if secret[start..].contains('}') {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!(
+                        "contains an unresolved `${{...}}` placeholder (the file is not \
+                         interpolated): use {key}_env = \"NAME\" to read it from the environment"
+                    ),
+                ));
+            }
+        }
+        check_strength(&field, secret.as_bytes())?;
+        return Ok(Some(secret.to_owned()));
+    }
+    if let Some(name) = env {
+        let field = format!("{section}.{key}_env");
+        let secret = match std::env::var(name) {
+            Ok(secret) => secret,
+            Err(std::env::VarError::NotPresent) => {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("the environment variable `{name}` is not set"),
+                ));
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("the environment variable `{name}` is not valid UTF-8"),
+                ));
+            }
+        };
+        check_strength(&field, secret.as_bytes())?;
+        return Ok(Some(secret));
+    }
+    if let Some(path) = file {
+        let field = format!("{section}.{key}_file");
+        let secret = read_file(path).map_err(|reason| {
+            ConfigError::invalid(
+                field.clone(),
+                format!("cannot read {}: {reason}", path.display()),
+            )
+        })?;
+        check_strength(&field, secret.as_bytes())?;
+        return Ok(Some(secret));
+    }
+    Ok(None)
+}
+
+/// A regular file of at most [`MAX_SECRET_FILE`] bytes of UTF-8, less one final newline.
+fn read_file(path: &Path) -> Result<String, String> {
+    // Not a FIFO, a device or a terminal: those could block or never end.
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(format!("longer than {MAX_SECRET_FILE} bytes"));
+    }
+    let mut text = String::from_utf8(bytes).map_err(|_| "not UTF-8".to_owned())?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
+}
+
+/// Refuses a weak secret: shorter than 16 bytes, all whitespace, fewer than 8 distinct
+/// byte values, or one pattern repeated (`abcdefghabcdefgh`: a period of at most half
+/// its length). The reason never quotes the secret.
+pub(crate) fn check_strength(field: &str, secret: &[u8]) -> Result<(), ConfigError> {
+    if secret.iter().all(u8::is_ascii_whitespace) {
+        return Err(ConfigError::invalid(
+            field,
+            "must not be empty or whitespace",
+        ));
+    }
+    if secret.len() < MIN_LEN {
+        return Err(ConfigError::invalid(field, "must be at least 16 bytes"));
+    }
+    let mut seen = [false; 256];
+    for &b in secret {
+        seen[usize::from(b)] = true;
+    }
+    if seen.iter().filter(|s| **s).count() < MIN_DISTINCT {
+        return Err(ConfigError::invalid(
+            field,
+            "is too weak: fewer than 8 distinct bytes",
+        ));
+    }
+    if smallest_period(secret) * 2 <= secret.len() {
+        return Err(ConfigError::invalid(
+            field,
+            "is too weak: one short pattern repeated",
+        ));
+    }
+    Ok(())
+}
+
+/// The smallest `p` with `s[i] == s[i + p]` for every `i` (the prefix function).
+fn smallest_period(s: &[u8]) -> usize {
+    let mut border = vec![0usize; s.len()];
+    for i in 1..s.len() {
+        let mut k = border[i - 1];
+        while k > 0 && s[i] != s[k] {
+            k = border[k - 1];
+        }
+        if s[i] == s[k] {
+            k += 1;
+        }
+        border[i] = k;
+    }
+    s.len() - border.last().copied().unwrap_or(0)
+}
+
+/// A TOML error without the source excerpt the `toml` crate shows (the line at fault,
+/// which may hold a secret): the line, the column and the message.
+pub(crate) fn parse_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error
+        .message()
+        .trim_end()
+        .replace('\n', " ")
+        .replace("  ", " ");
+    match error.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weak(s: &str) -> Option<String> {
+        check_strength("k", s.as_bytes())
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    #[test]
+    fn strength_rules() {
+        assert_eq!(weak("0123456789abcdef0123"), None);
+        assert_eq!(weak("a test secret of enough bytes"), None);
+        assert_eq!(
+            weak("                    ").as_deref(),
+            Some("k: must not be empty or whitespace")
+        );
+        assert_eq!(
+            weak("").as_deref(),
+            Some("k: must not be empty or whitespace")
+        );
+        assert_eq!(
+            weak("short").as_deref(),
+            Some("k: must be at least 16 bytes")
+        );
+        assert_eq!(
+            weak("aaaaaaaaaaaaaaaaaaaaaaaa").as_deref(),
+            Some("k: is too weak: fewer than 8 distinct bytes")
+        );
+        assert_eq!(
+            weak("abcdefghabcdefgh").as_deref(),
+            Some("k: is too weak: one short pattern repeated")
+        );
+        assert_eq!(
+            weak("abcdefghabcdefghabc").as_deref(),
+            Some("k: is too weak: one short pattern repeated")
+        );
+        assert_eq!(weak("abcdefghijabcdefgh"), None);
+    }
+
+    #[test]
+    fn periods() {
+        assert_eq!(smallest_period(b"abab"), 2);
+        assert_eq!(smallest_period(b"abc"), 3);
+        assert_eq!(smallest_period(b"aaaa"), 1);
+        assert_eq!(smallest_period(b"abcab"), 3);
+    }
+}
