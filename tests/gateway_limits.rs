@@ -284,7 +284,10 @@ outlier = { consecutive_failures = 5, base_ejection = \"30s\", max_ejected_perce
     let started = Instant::now();
     let answer = exchange(gw.local_addr(), get("/api/x").as_bytes()).await;
     assert_eq!(status_of(&answer), 503, "{answer}");
-    assert!(started.elapsed() < Duration::from_secs(1), "refused at once");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
     gw.shutdown().await;
 }
 

@@ -171,7 +171,25 @@ pub(crate) fn parse_error(text: &str, error: &toml::de::Error) -> String {
             let before = &text.as_bytes()[..span.start.min(text.len())];
             let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
             let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
-            format!("line {line}, column {column}: {message}")
+            // The key of the line, never its value: `max_request_body = -1` names the
+            // setting without the excerpt that could show a secret.
+            let start = before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            let line_text = text[start..].split('\n').next().unwrap_or("");
+            let key = line_text
+                .split_once('=')
+                .map(|(key, _)| key.trim())
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_-.\"".contains(&b))
+                });
+            match key {
+                Some(key) => format!("line {line}, column {column} (`{key}`): {message}"),
+                None => format!("line {line}, column {column}: {message}"),
+            }
         }
         None => message,
     }
@@ -185,6 +203,32 @@ mod tests {
         check_strength("k", s.as_bytes())
             .err()
             .map(|e| e.to_string())
+    }
+
+    #[test]
+    fn parse_errors_name_the_key_not_the_value() {
+        let text = "[gateway]\nmax_request_body = -1\n";
+        let e = toml::from_str::<toml::Table>("a = \"\\q secretsecret\"").unwrap_err();
+        let shown = parse_error("a = \"\\q secretsecret\"", &e);
+        assert!(!shown.contains("secretsecret"), "{shown}");
+        #[derive(Debug, serde::Deserialize)]
+        struct G {
+            #[allow(dead_code)]
+            max_request_body: u64,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        struct T {
+            #[allow(dead_code)]
+            gateway: G,
+        }
+        let e = toml::from_str::<T>(text).unwrap_err();
+        let shown = parse_error(text, &e);
+        assert!(shown.contains("`max_request_body`"), "{shown}");
+        // A line inside a multi-line string has no `key =`: nothing of it is shown.
+        let text = "secret = \"\"\"\nabcdefabcdef\\q\n\"\"\"\n";
+        let e = toml::from_str::<toml::Table>(text).unwrap_err();
+        let shown = parse_error(text, &e);
+        assert!(!shown.contains("abcdefabcdef"), "{shown}");
     }
 
     #[test]
