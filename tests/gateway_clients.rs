@@ -108,9 +108,7 @@ fn route(extra: &str) -> String {
 /// returns the status and the whole answer.
 async fn raw_from(local: &str, gw: SocketAddr, raw: &[u8]) -> (u16, String) {
     let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(format!("{local}:0").parse().unwrap())
-        .unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
     let mut stream: TcpStream = timeout(BOUND, socket.connect(gw)).await.unwrap().unwrap();
     stream.write_all(raw).await.unwrap();
     let mut answer = Vec::new();
@@ -145,9 +143,7 @@ fn get(path: &str, headers: &str) -> Vec<u8> {
 async fn a_client_refused_by_its_own_limit_does_not_drain_the_global_limit() {
     let up = Recorder::start().await;
     let (gw, _r) = gateway(
-        &route(
-            "rate_limit = { global = { per_second = 5 }, per_client = { per_second = 1 } }",
-        ),
+        &route("rate_limit = { global = { per_second = 5 }, per_client = { per_second = 1 } }"),
         &up,
     )
     .await;
@@ -199,7 +195,11 @@ async fn two_authorization_headers_are_refused_on_authenticated_routes() {
     assert_eq!(status, 400, "{answer}");
     assert_eq!(up.count(), 0, "never forwarded");
     // One valid token: forwarded, alone.
-    let (status, answer) = raw(addr, &get("/x", &format!("Authorization: Bearer {good}\r\n"))).await;
+    let (status, answer) = raw(
+        addr,
+        &get("/x", &format!("Authorization: Bearer {good}\r\n")),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(up.last("authorization"), [format!("Bearer {good}")]);
     gw.shutdown().await;
@@ -237,7 +237,11 @@ async fn connection_cannot_remove_host() {
     assert_eq!(status, 200);
     assert_eq!(up.last("x-forwarded-host"), ["gw.example"]);
     assert_eq!(up.last("host").len(), 1);
-    assert_eq!(up.last("x-drop"), Vec::<String>::new(), "other named headers go");
+    assert_eq!(
+        up.last("x-drop"),
+        Vec::<String>::new(),
+        "other named headers go"
+    );
     assert_eq!(up.last("connection"), Vec::<String>::new());
     gw.shutdown().await;
 }
@@ -294,12 +298,10 @@ async fn missing_or_duplicate_host_is_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trusted_proxy_is_appended_to_and_its_clients_are_limited_apart() {
     let up = Recorder::start().await;
-    let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.2\"]\n\n\
+    let config = "[gateway]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.2\"]\n\n\
          [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nservice = \"svc\"\n\
-         rate_limit = {{ per_client = {{ per_second = 1 }} }}\n"
-    );
-    let (gw, _r) = gateway(&config, &up).await;
+         rate_limit = { per_client = { per_second = 1 } }\n";
+    let (gw, _r) = gateway(config, &up).await;
     let addr = gw.local_addr();
     let from_proxy = |client: &str| {
         get(
@@ -371,7 +373,10 @@ async fn missing_key_header_can_be_rejected_or_allowed() {
     .await;
     let (status, answer) = raw(gw.local_addr(), &get("/x", "")).await;
     assert_eq!(status, 400, "{answer}");
-    assert_eq!(raw(gw.local_addr(), &get("/x", "X-Api-Key: k\r\n")).await.0, 200);
+    assert_eq!(
+        raw(gw.local_addr(), &get("/x", "X-Api-Key: k\r\n")).await.0,
+        200
+    );
     gw.shutdown().await;
     let (gw, _r) = gateway(
         &route("rate_limit = { per_client = { per_second = 1, key = \"header:x-api-key\", on_missing = \"allow\" } }"),
@@ -417,6 +422,9 @@ async fn huge_keys_are_accepted_and_limited() {
     .await;
     assert_eq!(status, 200);
     let status = gw.gateway().status();
-    assert_eq!(status.routes[0].limits.per_client.as_ref().unwrap().clients, 22);
+    assert_eq!(
+        status.routes[0].limits.per_client.as_ref().unwrap().clients,
+        22
+    );
     gw.shutdown().await;
 }

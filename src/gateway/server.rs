@@ -149,6 +149,7 @@ impl Gateway {
             config.check_static_services()?;
         }
         let verifier = config.auth.jwt.as_ref().map(JwtVerifier::from_config);
+        let trusted = config.trusted_proxies()?;
         let mut watches = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         let pools = Arc::new(Pools::default());
@@ -174,11 +175,12 @@ impl Gateway {
                 (None, Discovery::Static) => unreachable!("checked by check_static_services"),
             };
             let auth = if route.auth { verifier.clone() } else { None };
-            let built =
-                Route::new(route, auth, watch, &pools).map_err(|source| BuildError::Route {
+            let built = Route::new(route, auth, watch, &pools, &trusted).map_err(|source| {
+                BuildError::Route {
                     route: route.name.clone(),
                     source,
-                })?;
+                }
+            })?;
             routes.push(built);
         }
         // Idle upstream connections are closed on time even where nobody asks for one.
