@@ -426,6 +426,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
             return gcra_acquire(&self.inner.overflow, now, interval, tau, tokens)
                 .map(|admitted| (admitted, 0, false));
         }
+        guard.next_idle = guard.next_idle.min(entry.tat);
         guard
             .table
             .insert_unique(hash, (hash, owned, entry), |row| row.0);
