@@ -320,14 +320,65 @@ mod keyed {
     fn refilled_buckets_are_dropped_first() {
         let clock = ManualClock::new();
         let limiter: KeyedRateLimiter<u64, _> =
-            KeyedRateLimiter::with_clock(quota(1, 1), clock.clone()).max_keys(64);
-        for key in 0..64u64 {
-            limiter.try_acquire(&key, 1).unwrap();
+            KeyedRateLimiter::with_clock(quota(1, 1), clock.clone()).max_keys(6_400);
+        // Every shard full (the keys beyond share the overflow bucket).
+        for key in 0..20_000u64 {
+            let _ = limiter.try_acquire(&key, 1);
         }
+        assert_eq!(limiter.len(), 6_400);
         clock.advance(Duration::from_secs(2));
-        // Everything refilled: the next new key sweeps them all out.
-        limiter.try_acquire(&1_000, 1).unwrap();
-        assert!(limiter.len() < 64);
+        // Everything refilled: each new key sweeps its shard and gets a bucket of its own.
+        for key in 100_000..100_064u64 {
+            assert_eq!(limiter.try_acquire(&key, 1), Ok(0));
+            assert!(limiter.try_acquire(&key, 1).is_err(), "its own bucket");
+        }
+        assert!(limiter.len() < 6_400);
+    }
+
+    /// Keys chosen by clients cannot grow memory through their length: 3 000 distinct
+    /// 64 KiB keys are stored in a fixed 65 bytes each, inline (the key type is `Copy`:
+    /// nothing on the heap), so the keys' bytes stay within capacity × 65.
+    #[test]
+    fn huge_keys_are_stored_in_bounded_bytes() {
+        use seawall::rate_limit::{BoundedKey, INLINE_KEY_BYTES};
+        fn no_heap<T: Copy>() {}
+        no_heap::<BoundedKey>();
+        let limiter: KeyedRateLimiter<BoundedKey, _> =
+            KeyedRateLimiter::with_clock(quota(1, 10), ManualClock::new()).max_keys(6_400);
+        let mut value = vec![b'k'; 64 * 1024];
+        for i in 0..3_000u32 {
+            value[..4].copy_from_slice(&i.to_be_bytes());
+            limiter.try_acquire(&BoundedKey::new(&value), 1).unwrap();
+        }
+        assert_eq!(limiter.len(), 3_000, "every huge key has its own bucket");
+        let key_bytes = limiter.len() * std::mem::size_of::<BoundedKey>();
+        assert!(key_bytes <= 3_000 * (INLINE_KEY_BYTES + 1), "{key_bytes}");
+        // The same huge value finds its bucket again.
+        value[..4].copy_from_slice(&7u32.to_be_bytes());
+        assert_eq!(limiter.try_acquire(&BoundedKey::new(&value), 1), Ok(8));
+    }
+
+    /// A flood of fresh keys beyond the table's capacity neither evicts the buckets that
+    /// hold a debt nor goes unlimited: the fresh keys share one overflow bucket.
+    #[test]
+    fn a_flood_of_fresh_keys_shares_one_overflow_bucket() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, _> =
+            KeyedRateLimiter::with_clock(quota(1, 10), clock.clone()).max_keys(640);
+        // A real client, half-way through its bucket.
+        assert_eq!(limiter.try_acquire(&0, 5), Ok(5));
+        let admitted = (1..100_000u64)
+            .filter(|key| limiter.try_acquire(key, 1).is_ok())
+            .count();
+        assert!(limiter.len() <= limiter.capacity());
+        // At most one bucket per free row, plus the overflow bucket's burst.
+        assert!(admitted <= 640 + 10, "{admitted} admitted");
+        // The real client's bucket was kept, debt and all: 5 left, not a fresh 10.
+        assert_eq!(limiter.try_acquire(&0, 5), Ok(0));
+        assert!(limiter.try_acquire(&0, 1).is_err());
+        // Once buckets refill, new keys get buckets of their own again.
+        clock.advance(Duration::from_secs(20));
+        assert_eq!(limiter.try_acquire(&200_000, 1), Ok(9));
     }
 
     #[test]
@@ -391,9 +442,14 @@ mod keyed {
                 .unwrap_err(),
         );
         assert_eq!(refused.limit(), 2);
-        // Requests without a key are not limited per key, but still count globally: the
-        // global bucket (3) was drawn by all three requests so far, the refused one too.
-        assert_eq!(global_limiter.available(), 0);
+        // The request Ann's own limit refused got its global token back: the global
+        // bucket (3) paid only for the two admitted.
+        assert_eq!(global_limiter.available(), 1);
+        // Requests without a key are not limited per key, but count globally.
+        assert_eq!(
+            svc.ready().await.unwrap().call(None).await.unwrap(),
+            "anonymous"
+        );
         let refused = limited(svc.ready().await.unwrap().call(None).await.unwrap_err());
         assert_eq!(refused.limit(), 3, "refused by the global limit");
     }
@@ -675,4 +731,125 @@ async fn a_dropped_wait_hands_its_booking_back() {
             .unwrap_err()
             .exceeds_capacity()
     );
+}
+
+/// Stacked limits: a request refused by an inner limit gets the outer limit's tokens
+/// back, so the outer bucket pays only for requests every limit admitted.
+mod stacked {
+    use super::*;
+    use seawall::rate_limit::{KeyedRateLimitLayer, KeyedRateLimiter, Taken};
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_by_the_inner_layer_never_consume_the_outer() {
+        let outer = RateLimitLayer::new(quota(1, 5));
+        let outer_limiter = outer.limiter().clone();
+        let inner = RateLimitLayer::new(quota(1, 1));
+        let mut svc = ServiceBuilder::new()
+            .layer(outer)
+            .layer(inner)
+            .service(echo());
+        let mut admitted = 0;
+        for i in 0..40 {
+            match svc.ready().await.unwrap().call(i).await {
+                Ok(_) => admitted += 1,
+                Err(e) => assert_eq!(limited(e).limit(), 1, "refused by the inner layer"),
+            }
+        }
+        assert_eq!(admitted, 1);
+        assert_eq!(
+            outer_limiter.available(),
+            4,
+            "the 39 refusals cost the outer nothing"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_refused_per_key_leaves_the_global_bucket_to_the_others() {
+        let global = RateLimitLayer::new(quota(1, 5));
+        let global_limiter = global.limiter().clone();
+        let mut svc = ServiceBuilder::new()
+            .layer(global)
+            .layer(KeyedRateLimitLayer::new(quota(1, 1), |client: &u32| {
+                Some(*client)
+            }))
+            .service(echo());
+        let mut admitted = 0;
+        for _ in 0..40 {
+            admitted += usize::from(svc.ready().await.unwrap().call(1).await.is_ok());
+        }
+        assert_eq!(admitted, 1);
+        assert_eq!(global_limiter.available(), 4);
+        for other in 2..6 {
+            assert_eq!(svc.ready().await.unwrap().call(other).await.unwrap(), other);
+        }
+    }
+
+    #[test]
+    fn refunds_are_exact_and_bounded() {
+        let clock = ManualClock::new();
+        let limiter = RateLimiter::with_clock(quota(10, 4), clock.clone());
+        let (_, taken) = limiter.take(3).unwrap();
+        assert_eq!(limiter.available(), 1);
+        limiter.refund(taken);
+        assert_eq!(limiter.available(), 4, "all of it back");
+        // Part of a take refilled since: only the rest comes back; never above burst.
+        let (_, a) = limiter.take(2).unwrap();
+        clock.advance(Duration::from_millis(100)); // one token refilled
+        assert_eq!(limiter.available(), 3);
+        limiter.refund(a);
+        assert_eq!(limiter.available(), 4);
+        // A take long refilled gives nothing back, even after another take.
+        let (_, old) = limiter.take(1).unwrap();
+        clock.advance(Duration::from_secs(1));
+        let (_, _) = limiter.take(1).unwrap();
+        limiter.refund(old);
+        assert_eq!(limiter.available(), 3, "the second take stays paid");
+
+        let keyed = KeyedRateLimiter::with_clock(quota(10, 4), clock.clone());
+        let (_, taken) = keyed.take("k", 3).unwrap();
+        assert_eq!(Taken::tokens(&taken), 3);
+        keyed.refund("k", taken);
+        assert_eq!(keyed.try_acquire("k", 4), Ok(0));
+    }
+
+    /// One step: after `gap_ms`, take `cost` tokens, or (`refund`) hand back the oldest
+    /// take not yet handed back.
+    fn steps() -> impl Strategy<Value = Vec<(u64, u32, bool)>> {
+        prop::collection::vec((0u64..200, 0u32..4, any::<bool>()), 1..300)
+    }
+
+    proptest! {
+        /// Whatever the interleaving of takes and refunds, the tokens kept (taken and
+        /// not handed back) never exceed burst + rate × elapsed, and the bucket never
+        /// holds more than its burst.
+        #[test]
+        fn takes_and_refunds_never_admit_more_than_burst_plus_rate_times_elapsed(
+            per_second in 1u32..1_000,
+            burst in 1u32..50,
+            seq in steps(),
+        ) {
+            let clock = ManualClock::new();
+            let limiter = RateLimiter::with_clock(quota(per_second, burst), clock.clone());
+            let interval = limiter.interval().as_nanos() as u64;
+            let mut outstanding = std::collections::VecDeque::new();
+            let mut kept = 0u64;
+            let mut elapsed = 0u64;
+            for (gap_ms, cost, refund) in seq {
+                clock.advance(Duration::from_millis(gap_ms));
+                elapsed += gap_ms * 1_000_000;
+                if refund {
+                    if let Some(taken) = outstanding.pop_front() {
+                        kept -= u64::from(Taken::tokens(&taken));
+                        limiter.refund(taken);
+                    }
+                } else if let Ok((_, taken)) = limiter.take(cost) {
+                    kept += u64::from(cost);
+                    outstanding.push_back(taken);
+                }
+                prop_assert!(kept <= u64::from(burst) + elapsed / interval,
+                    "kept {} after {} ns", kept, elapsed);
+                prop_assert!(limiter.available() <= burst);
+            }
+        }
+    }
 }

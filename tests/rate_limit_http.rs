@@ -408,3 +408,50 @@ async fn policy_of_a_sub_second_window_states_the_rate() {
     );
     assert_eq!(all(resp.headers(), "ratelimit"), ["\"default\";r=199;t=1"]);
 }
+
+/// Stacked HTTP layers: a request the inner (per-client) layer refuses gets the outer
+/// (global) layer's token back, so one client hammering cannot drain the global bucket.
+#[tokio::test]
+async fn refusals_by_the_inner_layer_never_consume_the_outer() {
+    let clock = ManualClock::new();
+    let global =
+        RateLimiter::with_clock(Quota::new(Rate::per_second(5), 5).unwrap(), clock.clone());
+    let per_ip = KeyedRateLimiter::with_clock(Quota::new(Rate::per_second(1), 1).unwrap(), clock);
+    let mut svc = ServiceBuilder::new()
+        .layer(HttpRateLimitLayer::global(global.clone()).name("global"))
+        .layer(HttpRateLimitLayer::per_key(per_ip, ClientIp::peer()).name("per-ip"))
+        .service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(String::from("hello")))
+        });
+    let from = |peer: &str| {
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert(peer.parse::<SocketAddr>().unwrap());
+        req
+    };
+    let mut admitted = 0;
+    for _ in 0..40 {
+        let response = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(from("192.0.2.1:1000"))
+            .await
+            .unwrap();
+        if response.status() == StatusCode::OK {
+            admitted += 1;
+        } else {
+            assert!(response.extensions().get::<Refused>().is_some());
+        }
+    }
+    assert_eq!(admitted, 1);
+    assert_eq!(
+        global.available(),
+        4,
+        "the refusals cost the global bucket nothing"
+    );
+    for peer in ["192.0.2.2:1", "192.0.2.3:1", "192.0.2.4:1", "192.0.2.5:1"] {
+        let response = svc.ready().await.unwrap().call(from(peer)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{peer}");
+    }
+}

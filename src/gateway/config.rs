@@ -69,6 +69,14 @@ pub struct ServerConfig {
     /// Merge repeated slashes before matching (default true). See [`path`](super::path).
     #[serde(default = "yes")]
     pub merge_slashes: bool,
+    /// Proxies in front of the gateway whose forwarding headers are believed: addresses
+    /// or CIDR networks (`["10.0.0.0/8", "::1"]`; default none). From a trusted peer,
+    /// `X-Forwarded-For` and `Forwarded` are appended to and its `X-Forwarded-Host` /
+    /// `-Proto` kept, and per-client IP limits key on the client it reports in
+    /// `X-Forwarded-For`; from any other peer, these headers are replaced by what the
+    /// gateway saw.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -402,11 +410,31 @@ pub struct ClientLimitSettings {
     pub per_second: u32,
     /// The bucket size (default: `per_second`).
     pub burst: Option<u32>,
-    /// How clients are told apart: `"ip"` (the peer address, the default) or
-    /// `"header:<name>"` (for example `"header:x-api-key"`; requests without the header
-    /// are not limited by this bucket).
+    /// How clients are told apart: `"ip"` (the client's address: the peer's, or the one
+    /// a trusted proxy reports) or `"header:<name>"` (for example `"header:x-api-key"`).
+    /// Header values longer than 64 bytes are kept as a 128-bit keyed digest, so a key
+    /// costs the same memory whatever its length.
     #[serde(default = "default_key")]
     pub key: String,
+    /// With a `header:` key, what a request without the header (or with a value that is
+    /// not visible ASCII) gets: `"ip"` (the default, as Kong does) limits it by the
+    /// client's address instead; `"reject"` answers `400`; `"allow"` lets it through
+    /// without a per-client limit.
+    #[serde(default)]
+    pub on_missing: OnMissing,
+}
+
+/// `on_missing = "..."`: requests without the key header of a per-client limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMissing {
+    /// Limited by the client's address.
+    #[default]
+    Ip,
+    /// Answered `400 Bad Request`.
+    Reject,
+    /// Not limited per client.
+    Allow,
 }
 
 fn default_key() -> String {
@@ -610,6 +638,11 @@ impl GatewayConfig {
     /// A [`ConfigError::Invalid`] naming the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.gateway.validate()?;
+        for (i, net) in self.gateway.trusted_proxies.iter().enumerate() {
+            net.parse::<crate::rate_limit::http::IpNet>().map_err(|e| {
+                ConfigError::invalid(format!("gateway.trusted_proxies[{i}]"), e.to_string())
+            })?;
+        }
         if let Some(jwt) = &self.auth.jwt {
             jwt.resolve_secret()?;
             check_duration("auth.jwt.leeway", jwt.leeway, true)?;
@@ -824,6 +857,12 @@ impl GatewayConfig {
         Ok(())
     }
 
+    /// `[gateway] trusted_proxies`, parsed.
+    pub(crate) fn trusted_proxies(&self) -> Result<crate::rate_limit::http::ClientIp, ConfigError> {
+        crate::rate_limit::http::ClientIp::trusting(&self.gateway.trusted_proxies)
+            .map_err(|e| ConfigError::invalid("gateway.trusted_proxies", e.to_string()))
+    }
+
     /// The statically listed service called `name`.
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name == name)
@@ -1036,6 +1075,39 @@ outlier = { consecutive_failures = 3, base_ejection = "10s", max_ejected_percent
             e,
             "routes[0].balance.outlier.max_ejected_percent: must be at most 100"
         );
+    }
+
+    #[test]
+    fn trusted_proxies_and_on_missing() {
+        let with = |nets: &str| {
+            BASE.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\ntrusted_proxies = {nets}"),
+            )
+        };
+        let c = GatewayConfig::from_toml_str(&with("[\"10.0.0.0/8\", \"::1\"]")).unwrap();
+        assert_eq!(c.gateway.trusted_proxies.len(), 2);
+        let e = err(&with("[\"10.0.0.0/8\", \"10.0.0.0/33\"]"));
+        assert!(
+            e.starts_with("gateway.trusted_proxies[1]: invalid trusted proxy"),
+            "{e}"
+        );
+        let c = GatewayConfig::from_toml_str(BASE).unwrap();
+        assert!(c.gateway.trusted_proxies.is_empty());
+        let limit = c.routes[0].rate_limit.per_client.as_ref().unwrap();
+        assert_eq!(limit.on_missing, OnMissing::Ip);
+        let c = GatewayConfig::from_toml_str(&BASE.replace(
+            "key = \"header:x-api-key\"",
+            "key = \"header:x-api-key\", on_missing = \"reject\"",
+        ))
+        .unwrap();
+        let limit = c.routes[0].rate_limit.per_client.as_ref().unwrap();
+        assert_eq!(limit.on_missing, OnMissing::Reject);
+        let e = err(&BASE.replace(
+            "key = \"header:x-api-key\"",
+            "key = \"header:x-api-key\", on_missing = \"maybe\"",
+        ));
+        assert!(e.contains("maybe"), "{e}");
     }
 
     #[test]

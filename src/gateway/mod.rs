@@ -13,10 +13,25 @@
 //! 1. **JWT auth** (`auth = true`): an HS256 `Authorization: Bearer` token, its signature,
 //!    `exp`/`nbf`, `iss`/`aud` ([`jwt`]); any failure is `401` with
 //!    `WWW-Authenticate: Bearer error="invalid_token"`;
-//! 2. **global limit**, then **per-client limit** (by peer IP or by a header):
+//! 2. **global limit**, then **per-client limit** (by client IP or by a header):
 //!    [`HttpRateLimitLayer`](crate::rate_limit::http::HttpRateLimitLayer) answers `429`
 //!    with `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers (which admitted
-//!    responses carry too), or `Retry-After` alone with `hide_client_headers = true`;
+//!    responses carry too), or `Retry-After` alone with `hide_client_headers = true`. A
+//!    request is charged only if both admit it: one the per-client limit refuses gets its
+//!    global token back, so a client hammering the route is refused by its own limit
+//!    without draining the global one for the others ([stacked
+//!    limits](crate::rate_limit#stacked-limits)). The client IP is the peer's address, or,
+//!    when the peer is one of `trusted_proxies`, the client it reports in
+//!    `X-Forwarded-For` (read from the right, as
+//!    [`ClientIp`](crate::rate_limit::http::ClientIp) does). A header key of over 64
+//!    bytes is kept as a 128-bit digest keyed per process (see
+//!    [`BoundedKey`](crate::rate_limit::BoundedKey)), so every client costs the same
+//!    memory whatever it sends. A request without the key header is limited by its IP
+//!    (`on_missing = "ip"`, the default, as Kong does), refused with `400`
+//!    (`"reject"`) or let through (`"allow"`). Each limit tracks up to 100 000 clients;
+//!    when its table is full of clients still holding a debt, new clients share one
+//!    overflow bucket of the per-client quota (never evicting a client mid-debt), so a
+//!    flood of invented keys gets one client's quota in all;
 //! 3. **fallback**: the configured response (marked `x-seawall-fallback: true`) in place
 //!    of any upstream failure: a timeout, open breakers, no endpoint, a transport error or
 //!    a 5xx answer. Without one, failures are `504` (timeout), `503` (no endpoint, every
@@ -36,10 +51,23 @@
 //!    so it completes as a failure rather than a cancellation). What the *client* causes
 //!    never counts against an upstream: see [Client faults and limits](#client-faults-and-limits).
 //!
+//! Before auth, a request must have exactly one valid `Host` (RFC 9112 §3.2: `400`
+//! without one in HTTP/1.1, or with two, or with one that is not `host[:port]`; HTTP/1.0
+//! requests, which have no `Host`, may come without, and then get no `X-Forwarded-Host`)
+//! and, on routes with `auth = true`, at most one `Authorization` (`400` for two, so the
+//! token verified is the one forwarded).
+//!
 //! Proxying forwards the method, the normalised path (with the prefix stripped if asked;
 //! what is left never starts with `//`), the query as the client sent it,
-//! the headers (less hop-by-hop ones, plus `X-Forwarded-For`, `-Host` and `-Proto`) and
-//! the body, streamed both ways.
+//! the headers and the body, streamed both ways. Hop-by-hop headers are dropped, and so
+//! are those `Connection` names, except `Host`, `Authorization` and `Content-Length`
+//! (never removed that way). Forwarding headers are the gateway's: from a peer that is
+//! not one of `[gateway] trusted_proxies`, `Forwarded`, `X-Real-IP` and every
+//! `X-Forwarded-*` the client sent are dropped, and `X-Forwarded-For` (the peer's
+//! address), `X-Forwarded-Host` (the `Host`) and `X-Forwarded-Proto` (`http`) are set;
+//! from a trusted proxy, the peer is appended to `X-Forwarded-For` (and to `Forwarded`,
+//! if sent) and its `X-Forwarded-Host` / `-Proto` / `X-Real-IP` are kept. A request with
+//! none of these headers costs one pass over the header names and no allocation.
 //!
 //! Each endpoint keeps its idle HTTP/1 keep-alive connections (up to 128; those idle for
 //! over 30 s are closed by the next use of the pool or by a sweep of every pool every 5 s,
@@ -121,6 +149,8 @@
 //! max_headers_size = 65536        # bytes per request head, at least 8192 (default 64 KiB)
 //! normalize_path = true           # decode %-escaped unreserved, remove dot segments (default)
 //! merge_slashes = true            # /a//b is /a/b (default)
+//! trusted_proxies = ["10.0.0.0/8"]   # optional (default none): proxies whose
+//!                                    # X-Forwarded-For / Forwarded are believed
 //!
 //! [admin]                         # /metrics, /status, /status.json
 //! listen = "127.0.0.1:9901"       # for Gateway::spawn_admin; keep it on loopback
@@ -162,6 +192,7 @@
 //! [routes.rate_limit]
 //! global = { per_second = 1000, burst = 200 }
 //! per_client = { per_second = 10, burst = 20, key = "ip" }   # or "header:x-api-key"
+//! # with a header key, requests without it: on_missing = "ip" (default), "reject" (400), "allow"
 //! hide_client_headers = false     # true: no RateLimit headers, only Retry-After on 429
 //!
 //! [routes.balance]
@@ -286,6 +317,8 @@
 
 mod client;
 mod config;
+#[doc(hidden)]
+pub mod headers;
 pub mod jwt;
 pub mod path;
 mod pool;
@@ -296,8 +329,8 @@ pub mod status;
 
 pub use config::{
     AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, ClientKey, ClientLimitSettings,
-    ConfigError, FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OutlierSettings,
-    RateLimitSettings, RouteConfig, ServerConfig, ServiceConfig, StrategyName,
+    ConfigError, FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OnMissing,
+    OutlierSettings, RateLimitSettings, RouteConfig, ServerConfig, ServiceConfig, StrategyName,
 };
 pub use route::{Body, FALLBACK_HEADER};
 #[cfg(unix)]

@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -19,7 +19,10 @@ use hyper::body::Incoming;
 use tower::{Layer, Service};
 
 use super::client::{BodyState, ClientBody, ClientFault, UpstreamClassifier, head_too_large};
-use super::config::{ClientKey, FallbackSettings, RouteConfig, ServerConfig, StrategyName};
+use super::config::{
+    ClientKey, FallbackSettings, OnMissing, RouteConfig, ServerConfig, StrategyName,
+};
+use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
 use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
@@ -28,10 +31,10 @@ use crate::balance::{Balance, BalanceBuilder, BalanceHandle, NoEndpoints, Strate
 use crate::circuit_breaker::{CircuitOpen, HttpClassifier};
 use crate::discovery::{Instance, InstanceWatch, ServiceDiscover};
 use crate::rate_limit::http::{
-    HeaderKey, HttpLimit, HttpRateLimit, HttpRateLimitLayer, PerKey, Refused,
+    ClientIp, HeaderKey, HttpLimit, HttpRateLimit, HttpRateLimitLayer, Refused,
 };
 use crate::rate_limit::{
-    Admitted, KeyedRateLimiter, Quota, Rate, RateLimited, RateLimiter, TokioClock,
+    Admitted, BoundedKey, KeyedRateLimiter, Quota, Rate, RateLimited, RateLimiter, TokioClock,
 };
 use tokio::time::Instant;
 
@@ -218,30 +221,62 @@ impl SharedBalance {
     }
 }
 
-/// The per-client limit, keyed by the peer's IP or by a header.
+/// Who a per-client limit charges: a client's address, or its key header's value (of
+/// bounded size, however long the value).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum ClientId {
+    Ip(IpAddr),
+    Key(BoundedKey),
+}
+
+/// The per-client limit, keyed by the client's IP or by a header.
 #[derive(Clone)]
-enum PerClient {
-    /// The peer's address is set on the stack's clone for each request: no allocation,
-    /// where the request's extensions would take three.
-    Ip(KeyedRateLimiter<IpAddr, TokioClock>, Option<IpAddr>),
-    Header(PerKey<HeaderKey, String, TokioClock>),
+struct PerClient {
+    limiter: KeyedRateLimiter<ClientId, TokioClock>,
+    /// `None`: keyed by IP.
+    header: Option<HeaderName>,
+    on_missing: OnMissing,
+    /// The client's address (the peer's, or what a trusted proxy reports), set on the
+    /// stack's clone for each request: no allocation, where the request's extensions
+    /// would take three.
+    client: Option<IpAddr>,
 }
 
 impl PerClient {
     fn clients(&self) -> usize {
-        match self {
-            Self::Ip(l, _) => l.len(),
-            Self::Header(l) => l.limiter().len(),
-        }
+        self.limiter.len()
+    }
+
+    /// Whether the request lacks the key header and must be refused for it.
+    fn rejects<B>(&self, request: &Request<B>) -> bool {
+        self.on_missing == OnMissing::Reject
+            && self.header.as_ref().is_some_and(|h| {
+                request
+                    .headers()
+                    .get(h)
+                    .and_then(HeaderKey::key_of)
+                    .is_none()
+            })
     }
 }
 
 impl HttpLimit<Request<Body>> for PerClient {
-    fn check(&self, request: &Request<Body>) -> Option<Result<Admitted, RateLimited>> {
-        match self {
-            Self::Ip(l, peer) => Some(l.acquire(peer.as_ref()?, 1)),
-            Self::Header(l) => l.check(request),
-        }
+    /// The innermost limit: nothing further in refuses, so nothing to hand back (and no
+    /// reference count taken per request).
+    type Charge = ();
+
+    fn check(&self, request: &Request<Body>) -> Option<Result<(Admitted, ()), RateLimited>> {
+        let id = match &self.header {
+            None => ClientId::Ip(self.client?),
+            Some(h) => match request.headers().get(h).and_then(HeaderKey::key_of) {
+                Some(key) => ClientId::Key(key),
+                None => match self.on_missing {
+                    OnMissing::Ip => ClientId::Ip(self.client?),
+                    OnMissing::Allow | OnMissing::Reject => return None,
+                },
+            },
+        };
+        Some(self.limiter.acquire(&id, 1).map(|a| (a, ())))
     }
 }
 
@@ -265,6 +300,8 @@ pub(crate) struct RouteCore {
     pub(crate) stats: RouteStats,
     global: Option<(RateLimiter, u32)>,
     per_client: Option<(PerClient, u32, u32, String)>,
+    /// `[gateway] trusted_proxies`.
+    trusted: ClientIp,
 }
 
 /// A route: auth, then the tower stack (limits → fallback → timeout → balancer).
@@ -272,6 +309,11 @@ pub(crate) struct Route {
     pub(crate) core: Arc<RouteCore>,
     auth: Option<JwtVerifier>,
     stack: Stack,
+}
+
+/// A `400 Bad Request` for a request refused before the route's stack.
+fn bad_request(message: &str) -> Response<Body> {
+    json_error(StatusCode::BAD_REQUEST, message)
 }
 
 fn quota(per_second: u32, burst: Option<u32>) -> Result<Quota, BoxError> {
@@ -288,6 +330,7 @@ impl Route {
         auth: Option<JwtVerifier>,
         watch: InstanceWatch,
         pools: &Arc<Pools>,
+        trusted: &ClientIp,
     ) -> Result<Self, BoxError> {
         let pools = pools.clone();
         let make: MakeUpstream = Box::new(move |instance: &Instance| Upstream {
@@ -327,12 +370,14 @@ impl Route {
             Some(c) => {
                 let q = quota(c.per_second, c.burst)?;
                 let name = format!("{}/per-client", config.name);
-                let limiter = match c.client_key()? {
-                    ClientKey::Ip => PerClient::Ip(KeyedRateLimiter::new(q).named(&name), None),
-                    ClientKey::Header(h) => PerClient::Header(PerKey::new(
-                        KeyedRateLimiter::new(q).named(&name),
-                        HeaderKey(h),
-                    )),
+                let limiter = PerClient {
+                    limiter: KeyedRateLimiter::new(q).named(&name),
+                    header: match c.client_key()? {
+                        ClientKey::Ip => None,
+                        ClientKey::Header(h) => Some(h),
+                    },
+                    on_missing: c.on_missing,
+                    client: None,
                 };
                 Some((limiter, c.per_second, q.burst(), c.key.clone()))
             }
@@ -354,6 +399,7 @@ impl Route {
             stats: RouteStats::default(),
             global: global.clone(),
             per_client: per_client.clone(),
+            trusted: trusted.clone(),
         });
         let hide = config.rate_limit.hide_client_headers;
         let per_client = HttpRateLimitLayer::new(per_client.map(|(l, ..)| l))
@@ -405,6 +451,13 @@ impl Route {
         if head_too_large(&request, core.max_header_line, core.max_headers_size) {
             return self.core.client_fault(ClientFault::HeaderTooLong);
         }
+        // Host (RFC 9112 §3.2) and, with auth, a single Authorization: the token verified
+        // is then the one forwarded.
+        if let Err(bad) =
+            super::headers::check_request(request.version(), request.headers(), self.auth.is_some())
+        {
+            return bad_request(bad.message());
+        }
         if let Some(verifier) = &self.auth {
             if let Err(e) = verifier.check_header(request.headers()) {
                 self.core.stats.unauthorized.fetch_add(1, Relaxed);
@@ -429,8 +482,12 @@ impl Route {
         // the upstream.
         let mut stack = self.stack.clone();
         let per_client = stack.get_mut();
-        if let Some(PerClient::Ip(_, ip)) = per_client.limit_mut() {
-            *ip = Some(peer.addr.ip());
+        if let Some(limit) = per_client.limit_mut() {
+            if limit.rejects(&request) {
+                return bad_request("missing client key header");
+            }
+            // The client behind a trusted proxy; the peer itself otherwise (no work).
+            limit.client = Some(self.core.trusted.resolve(peer.addr.ip(), request.headers()));
         }
         let core = per_client.get_mut();
         core.forwarded_for = Some(peer.forwarded_for.clone());
@@ -704,35 +761,18 @@ impl RouteCore {
         parsed.unwrap_or_else(|_| Uri::from_static("/"))
     }
 
-    /// The request as sent upstream: prefix stripped, hop-by-hop headers dropped,
-    /// `X-Forwarded-For` (the peer's entry appended) / `-Host` / `-Proto` added.
+    /// The request as sent upstream: prefix stripped, hop-by-hop headers dropped, the
+    /// forwarding headers set from what the gateway saw (see [`super::headers`]).
     fn upstream_request(&self, request: Request<Body>, peer: Option<HeaderValue>) -> Request<Body> {
         let (mut parts, body) = request.into_parts();
         parts.uri = self.upstream_uri(std::mem::take(&mut parts.uri));
-        remove_hop_by_hop(&mut parts.headers);
-        if let Some(host) = parts.headers.remove(header::HOST) {
-            parts.headers.insert(X_FORWARDED_HOST.clone(), host);
-        }
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        let forwarded_for = match (parts.headers.get(&X_FORWARDED_FOR), peer) {
-            (_, None) => None,
-            // Appended to what earlier proxies said.
-            (Some(prior), Some(peer)) => {
-                let ip = peer.as_bytes();
-                let mut value = Vec::with_capacity(prior.len() + 2 + ip.len());
-                value.extend_from_slice(prior.as_bytes());
-                value.extend_from_slice(b", ");
-                value.extend_from_slice(ip);
-                HeaderValue::try_from(value).ok()
-            }
-            // The connection's own, shared: no allocation.
-            (None, Some(peer)) => Some(peer),
-        };
-        if let Some(v) = forwarded_for {
-            parts.headers.insert(X_FORWARDED_FOR.clone(), v);
-        }
+        // The peer's entry is its address's text: parsed back only if a proxy is trusted.
+        let trusted = self.trusted.trusts_any()
+            && peer
+                .as_ref()
+                .and_then(|p| p.to_str().ok()?.parse::<IpAddr>().ok())
+                .is_some_and(|ip| self.trusted.trusts(ip));
+        super::headers::rewrite_for_upstream(&mut parts.headers, peer.as_ref(), trusted);
         parts.version = http::Version::HTTP_11;
         Request::from_parts(parts, body)
     }
@@ -740,43 +780,6 @@ impl RouteCore {
 
 /// Set to `true` on fallback responses.
 pub static FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-seawall-fallback");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-
-/// The hop-by-hop headers of RFC 9110 §7.6.1 with a name of their own in `http`.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Drops the hop-by-hop headers of RFC 9110 §7.6.1, and those `Connection` names. Most
-/// messages have none: one pass over the names finds out, without a lookup per name.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let hop_by_hop = |name: &HeaderName| {
-        HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
-    };
-    if !headers.keys().any(hop_by_hop) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.into_iter().chain(HOP_BY_HOP) {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-}
 
 fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
@@ -852,29 +855,5 @@ impl hyper::body::Body for BodyTimeout {
             return hyper::body::SizeHint::with_exact(0);
         }
         self.body.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
     }
 }

@@ -176,6 +176,7 @@ impl Gateway {
                 .resolve_token()?
                 .map(|token| Sha256::digest(token.as_bytes()).into()),
         };
+        let trusted = config.trusted_proxies()?;
         let mut watches = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         let pools = Arc::new(Pools::default());
@@ -201,13 +202,12 @@ impl Gateway {
                 (None, Discovery::Static) => unreachable!("checked by check_static_services"),
             };
             let auth = if route.auth { verifier.clone() } else { None };
-            let built =
-                Route::new(route, &config.gateway, auth, watch, &pools).map_err(|source| {
-                    BuildError::Route {
-                        route: route.name.clone(),
-                        source,
-                    }
-                })?;
+            let built = Route::new(route, &config.gateway, auth, watch, &pools, &trusted).map_err(
+                |source| BuildError::Route {
+                    route: route.name.clone(),
+                    source,
+                },
+            )?;
             routes.push(built);
         }
         // Idle upstream connections are closed on time even where nobody asks for one.

@@ -97,6 +97,59 @@ pub struct Reservation {
     pub wait: Duration,
 }
 
+/// Tokens an admitted request took, as [`RateLimiter::take`] and
+/// [`KeyedRateLimiter::take`](super::KeyedRateLimiter::take) return them: hand them back
+/// with `refund` when a limit further in refuses the request, so that stacked limits
+/// charge a request only when every one of them admits it. Neither `Copy` nor `Clone`:
+/// a receipt is handed back once.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Taken {
+    pub(crate) tokens: u32,
+    /// The bucket's arrival time just after the take, in the clock's nanoseconds: the
+    /// tokens taken are the debt just below it, and what time has refilled since is not
+    /// handed back.
+    pub(crate) until: u64,
+}
+
+impl Taken {
+    /// The tokens taken.
+    pub fn tokens(&self) -> u32 {
+        self.tokens
+    }
+}
+
+/// How far a refund of `taken` moves an arrival time back, at `now`, with `interval`
+/// nanoseconds a token: the tokens taken, less what has refilled since the take (the
+/// debt they made, `until - tokens × interval ..= until`, that is still ahead of `now`).
+#[inline]
+pub(crate) fn refund_nanos(taken: Taken, now: u64, interval: u64) -> u64 {
+    u64::from(taken.tokens)
+        .saturating_mul(interval)
+        .min(taken.until.saturating_sub(now))
+}
+
+/// Tokens an admitted request took from a [`RateLimiter`], and the limiter: handed back
+/// with [`Refund::refund`](super::Refund::refund) when a limit further in refuses the
+/// request.
+pub struct Charge<C = TokioClock> {
+    limiter: RateLimiter<C>,
+    taken: Taken,
+}
+
+impl<C: Clock> fmt::Debug for Charge<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Charge")
+            .field("taken", &self.taken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Clock> super::Refund for Charge<C> {
+    fn refund(self) {
+        self.limiter.refund(self.taken);
+    }
+}
+
 impl RateLimiter<TokioClock> {
     /// A full bucket of `quota` on the tokio clock.
     pub fn new(quota: Quota) -> Self {
@@ -182,6 +235,49 @@ impl<C: Clock> RateLimiter<C> {
         let result = gcra_acquire(&self.inner.tat, now, interval, tau, tokens);
         self.inner.telemetry.record(&result);
         result
+    }
+
+    /// Like [`acquire`](Self::acquire), with a receipt of the tokens taken, for
+    /// [`refund`](Self::refund).
+    #[inline]
+    pub fn take(&self, tokens: u32) -> Result<(Admitted, Taken), RateLimited> {
+        let (interval, tau) = self.shape();
+        let now = self.inner.clock.now_nanos();
+        let result = gcra_acquire(&self.inner.tat, now, interval, tau, tokens);
+        self.inner.telemetry.record(&result);
+        let admitted = result?;
+        let until = now.saturating_add(admitted.full_in.as_nanos() as u64);
+        Ok((admitted, Taken { tokens, until }))
+    }
+
+    /// [`take`](Self::take), the receipt with a handle on this limiter (one reference
+    /// count) for [`Refund`](super::Refund).
+    #[inline]
+    pub fn charge(&self, tokens: u32) -> Result<(Admitted, Charge<C>), RateLimited> {
+        let (admitted, taken) = self.take(tokens)?;
+        Ok((
+            admitted,
+            Charge {
+                limiter: self.clone(),
+                taken,
+            },
+        ))
+    }
+
+    /// Hands back tokens taken by [`take`](Self::take) for a request that a limit further
+    /// in refused. Exact and bounded: it gives back at most the tokens taken, less what
+    /// the bucket has refilled since the take (those would be there anyway), and never
+    /// fills the bucket above its burst.
+    pub fn refund(&self, taken: Taken) {
+        let interval = self.inner.shape.interval.load(Relaxed);
+        let now = self.inner.clock.now_nanos();
+        let back = refund_nanos(taken, now, interval);
+        if back == 0 {
+            return;
+        }
+        let _ = self.inner.tat.fetch_update(Relaxed, Relaxed, |tat| {
+            Some(tat.saturating_sub(back).max(now.min(tat)))
+        });
     }
 
     /// Names the limiter for metrics and tracing (see the [module docs](super#observing));

@@ -7,29 +7,33 @@ use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 
+use super::Refund;
 use super::error::RateLimited;
 use crate::BoxError;
 
 pin_project! {
-    /// Response future of [`RateLimit`](super::RateLimit).
-    pub struct ResponseFuture<F> {
+    /// Response future of [`RateLimit`](super::RateLimit) and
+    /// [`KeyedRateLimit`](super::KeyedRateLimit). When the inner service fails with a
+    /// [`RateLimited`] (a limit further in refused the request), the tokens this layer
+    /// took are handed back (`R`, see [stacked limits](super#stacked-limits)).
+    pub struct ResponseFuture<F, R = ()> {
         #[pin]
-        kind: Kind<F>,
+        kind: Kind<F, R>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F> {
-        Called { #[pin] future: F },
+    enum Kind<F, R> {
+        Called { #[pin] future: F, charge: Option<R> },
         Refused { error: Option<RateLimited> },
     }
 }
 
-impl<F> ResponseFuture<F> {
-    pub(crate) fn called(future: F) -> Self {
+impl<F, R> ResponseFuture<F, R> {
+    pub(crate) fn called(future: F, charge: Option<R>) -> Self {
         Self {
-            kind: Kind::Called { future },
+            kind: Kind::Called { future, charge },
         }
     }
 
@@ -40,23 +44,36 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-impl<F> fmt::Debug for ResponseFuture<F> {
+impl<F, R> fmt::Debug for ResponseFuture<F, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<F, R, T, E> Future for ResponseFuture<F, R>
 where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
+    R: Refund,
 {
     type Output = Result<T, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Called { future } => future.poll(cx).map_err(Into::into),
+            KindProj::Called { future, charge } => {
+                let result = std::task::ready!(future.poll(cx)).map_err(Into::into);
+                match &result {
+                    // Refused further in: this layer's tokens were not used.
+                    Err(e) if crate::caused_by::<RateLimited>(e) => {
+                        if let Some(charge) = charge.take() {
+                            charge.refund();
+                        }
+                    }
+                    _ => drop(charge.take()),
+                }
+                Poll::Ready(result)
+            }
             KindProj::Refused { error } => Poll::Ready(Err(Box::new(
                 error
                     .take()

@@ -11,7 +11,9 @@ use std::time::Duration;
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 
-use super::bucket::{Admitted, Reservation, gcra_step, rescale_tat};
+use super::bucket::{
+    Admitted, Reservation, Taken, gcra_acquire, gcra_step, refund_nanos, rescale_tat,
+};
 use super::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::Quota;
@@ -37,16 +39,30 @@ struct Entry {
 /// (its top bits chose the shard).
 struct Shard<K> {
     table: HashTable<(u64, K, Entry)>,
+    /// No bucket of the table is refilled before this time (the smallest arrival time
+    /// when the table was last swept, lowered by refunds): a full table is not swept
+    /// again before it, so a flood of new keys costs no scan per request.
+    next_idle: u64,
 }
 
 /// Token buckets per key (client IP, API key, route, …), sharded, with a bound on how
 /// many keys are tracked, so that keys chosen by callers cannot grow memory without bound.
 ///
-/// When the table is full, buckets that have refilled completely are dropped first (they
-/// hold nothing a fresh bucket would not); if that is not enough, the buckets closest to
-/// full are dropped, so at worst a key gets back the few tokens it was missing. Each key's
-/// quota comes from a function of the key (for example a customer's tier) or the default,
-/// and both can be changed at run time.
+/// When the table is full, buckets that have refilled completely are dropped (they hold
+/// nothing a fresh bucket would not). A bucket that still holds a debt is never dropped
+/// to make room: that would hand its key the tokens it owes. If no bucket is refilled, a
+/// new key gets no bucket of its own: every such key draws from one shared **overflow
+/// bucket** with the default quota, until buckets refill and make room. So a flood of
+/// fresh keys (a client inventing a new API key per request) can neither evict real
+/// clients' buckets nor go unlimited: beyond the table's capacity, all the fresh keys
+/// together get one key's quota. Real new clients arriving during such a flood share
+/// that bucket too, and may be refused with it; size `max_keys` for the clients you
+/// expect (a bucket is about 40 bytes plus the key; with [`BoundedKey`](super::BoundedKey)
+/// keys no row exceeds about 100 bytes, so the default 100 000 keys are about 10 MB).
+/// With the `tracing` feature, a key sent to the overflow bucket is a `DEBUG` event.
+///
+/// Each key's quota comes from a function of the key (for example a customer's tier) or
+/// the default, and both can be changed at run time.
 ///
 /// ```
 /// use std::time::Duration;
@@ -66,6 +82,8 @@ pub struct KeyedRateLimiter<K, C = TokioClock> {
 
 struct KeyedInner<K, C> {
     shards: Box<[Mutex<Shard<K>>]>,
+    /// The bucket shared by new keys while the table is full (default quota).
+    overflow: AtomicU64,
     hasher: RandomState,
     per_shard: AtomicUsize,
     default: RwLock<Quota>,
@@ -110,9 +128,11 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
                     .map(|_| {
                         Mutex::new(Shard {
                             table: HashTable::new(),
+                            next_idle: 0,
                         })
                     })
                     .collect(),
+                overflow: AtomicU64::new(0),
                 hasher: RandomState::new(),
                 per_shard: AtomicUsize::new(per_shard(DEFAULT_MAX_KEYS)),
                 default: RwLock::new(quota),
@@ -248,6 +268,73 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
             let entry = &mut row.2;
             let cost = u64::from(reservation.tokens).saturating_mul(entry.interval);
             entry.tat = entry.tat.saturating_sub(cost);
+            let tat = entry.tat;
+            guard.next_idle = guard.next_idle.min(tat);
+        }
+    }
+
+    /// Like [`acquire`](Self::acquire), with a receipt of the tokens taken, for
+    /// [`refund`](Self::refund).
+    pub fn take<Q>(&self, key: &Q, tokens: u32) -> Result<(Admitted, Taken), RateLimited>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let now = self.inner.clock.now_nanos();
+        let result = self.book_at(key, tokens, 0, now);
+        self.inner
+            .telemetry
+            .record(&result.as_ref().map(|_| ()).map_err(|e| *e));
+        let (admitted, _, own) = result?;
+        // Tokens from the overflow bucket are not handed back to any key's bucket.
+        let tokens = if own { tokens } else { 0 };
+        let until = now.saturating_add(admitted.full_in.as_nanos() as u64);
+        Ok((admitted, Taken { tokens, until }))
+    }
+
+    /// [`take`](Self::take), the receipt with the key and a handle on this limiter (one
+    /// reference count) for [`Refund`](super::Refund).
+    pub fn charge(
+        &self,
+        key: K,
+        tokens: u32,
+    ) -> Result<(Admitted, KeyedCharge<K, C>), RateLimited> {
+        let (admitted, taken) = self.take(&key, tokens)?;
+        Ok((
+            admitted,
+            KeyedCharge {
+                limiter: self.clone(),
+                key,
+                taken,
+            },
+        ))
+    }
+
+    /// Hands back tokens taken from `key`'s bucket by [`take`](Self::take) (with that
+    /// same key) for a request that a limit further in refused. Exact and bounded, as
+    /// [`RateLimiter::refund`](super::RateLimiter::refund): at most the tokens taken, less
+    /// what has refilled since, never above the burst. Nothing happens if the key's bucket
+    /// has since been dropped, or if the tokens came from the overflow bucket.
+    pub fn refund<Q>(&self, key: &Q, taken: Taken)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let now = self.inner.clock.now_nanos();
+        let hash = self.inner.hasher.hash_one(key);
+        let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
+        let mut guard = shard.lock();
+        if let Some(row) = guard
+            .table
+            .find_mut(hash, |row| row.0 == hash && row.1.borrow() == key)
+        {
+            let entry = &mut row.2;
+            let back = refund_nanos(taken, now, entry.interval);
+            if entry.tat > now {
+                entry.tat = entry.tat.saturating_sub(back).max(now);
+            }
+            let tat = entry.tat;
+            guard.next_idle = guard.next_idle.min(tat);
         }
     }
 
@@ -266,7 +353,23 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let now = self.inner.clock.now_nanos();
+        self.book_at(key, tokens, max_wait, self.inner.clock.now_nanos())
+            .map(|(admitted, wait, _)| (admitted, wait))
+    }
+
+    /// [`book`](Self::book) at `now`; also says whether the tokens came from the key's
+    /// own bucket (not the overflow bucket).
+    fn book_at<Q>(
+        &self,
+        key: &Q,
+        tokens: u32,
+        max_wait: u64,
+        now: u64,
+    ) -> Result<(Admitted, u64, bool), RateLimited>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let version = self.inner.version.load(Relaxed) as u32;
         let hash = self.inner.hasher.hash_one(key);
         // The low bits pick the shard: hashbrown's tags use the high ones.
@@ -275,7 +378,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let mut guard = shard.lock();
         if let Some(row) = guard.table.find_mut(hash, eq) {
             if row.2.version == version {
-                return take(&mut row.2, now, tokens, max_wait);
+                return own(take(&mut row.2, now, tokens, max_wait));
             }
             // The quota changed since this bucket was built: look the new one up outside
             // the lock, then rescale.
@@ -285,7 +388,10 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
             guard = shard.lock();
             if let Some(row) = guard.table.find_mut(hash, eq) {
                 rescale(&mut row.2, fresh, now);
-                return take(&mut row.2, now, tokens, max_wait);
+                let rescaled = row.2.tat;
+                let result = own(take(&mut row.2, now, tokens, max_wait));
+                guard.next_idle = guard.next_idle.min(rescaled);
+                return result;
             }
         } else {
             drop(guard);
@@ -293,7 +399,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         // A new key: its quota is looked up outside the shard lock.
         let owned = key.to_owned();
         let mut entry = self.entry_for(&owned, now, version);
-        let result = take(&mut entry, now, tokens, max_wait);
+        let result = own(take(&mut entry, now, tokens, max_wait));
         if result.as_ref().is_err_and(RateLimited::exceeds_capacity) {
             // Never admissible: no bucket is kept for it.
             return result;
@@ -301,12 +407,26 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let mut guard = shard.lock();
         if let Some(row) = guard.table.find_mut(hash, eq) {
             // Another caller inserted it meanwhile: charge that bucket instead.
-            return take(&mut row.2, now, tokens, max_wait);
+            return own(take(&mut row.2, now, tokens, max_wait));
         }
         let cap = self.inner.per_shard.load(Relaxed);
-        if guard.table.len() >= cap {
-            make_room(&mut guard.table, now, cap);
+        if guard.table.len() >= cap && !make_room(&mut guard, now, cap) {
+            // Full of buckets that still hold a debt: the new key draws from the
+            // overflow bucket, shared by every key without a bucket of its own.
+            drop(guard);
+            #[cfg(feature = "tracing")]
+            tracing::debug!(
+                target: "seawall::rate_limit",
+                limiter = self.inner.telemetry.get_name().unwrap_or(""),
+                "keyed limiter full: a new key draws from the overflow bucket"
+            );
+            let quota = *self.inner.default.read();
+            let interval = quota.interval_nanos();
+            let tau = u64::from(quota.burst()).saturating_mul(interval);
+            return gcra_acquire(&self.inner.overflow, now, interval, tau, tokens)
+                .map(|admitted| (admitted, 0, false));
         }
+        guard.next_idle = guard.next_idle.min(entry.tat);
         guard
             .table
             .insert_unique(hash, (hash, owned, entry), |row| row.0);
@@ -329,6 +449,29 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
     }
 }
 
+/// Tokens an admitted request took from a key's bucket in a [`KeyedRateLimiter`], with
+/// the key and the limiter: handed back with [`Refund::refund`](super::Refund::refund)
+/// when a limit further in refuses the request.
+pub struct KeyedCharge<K, C = TokioClock> {
+    limiter: KeyedRateLimiter<K, C>,
+    key: K,
+    taken: Taken,
+}
+
+impl<K, C> fmt::Debug for KeyedCharge<K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCharge")
+            .field("taken", &self.taken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Hash + Eq + Clone, C: Clock> super::Refund for KeyedCharge<K, C> {
+    fn refund(self) {
+        self.limiter.refund(&self.key, self.taken);
+    }
+}
+
 fn per_shard(max_keys: usize) -> usize {
     max_keys.div_ceil(SHARDS).max(1)
 }
@@ -339,6 +482,12 @@ fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
         tat: rescale_tat(entry.tat, now, entry.interval, fresh.interval),
         ..fresh
     };
+}
+
+/// A decision on the key's own bucket.
+#[inline]
+fn own(result: Result<(Admitted, u64), RateLimited>) -> Result<(Admitted, u64, bool), RateLimited> {
+    result.map(|(admitted, wait)| (admitted, wait, true))
 }
 
 /// The GCRA step of [`RateLimiter`](super::RateLimiter), on a bucket held under its
@@ -355,26 +504,14 @@ fn take(
     Ok((admitted, wait))
 }
 
-/// Frees at least a quarter of a full shard: idle (refilled) buckets first, then those
-/// closest to full. Amortised O(1) per inserted key.
-fn make_room<K>(table: &mut HashTable<(u64, K, Entry)>, now: u64, cap: usize) {
-    table.retain(|row| row.2.tat > now);
-    let target = cap - cap.div_ceil(4);
-    if table.len() <= target {
-        return;
+/// Drops the shard's idle (refilled) buckets; whether there is room now. A sweep happens
+/// only once some bucket may have refilled (`next_idle`), so a shard full of debts is not
+/// scanned again for every new key: amortised O(1) per request.
+fn make_room<K>(shard: &mut Shard<K>, now: u64, cap: usize) -> bool {
+    if now < shard.next_idle {
+        return false;
     }
-    // `target < cap <= len`, so `excess >= 1`.
-    let excess = table.len() - target;
-    let mut debts: Vec<u64> = table.iter().map(|row| row.2.tat).collect();
-    let (_, &mut cutoff, _) = debts.select_nth_unstable(excess - 1);
-    // Drop the `excess` buckets with the smallest debt (ties broken by position).
-    let mut dropped = 0;
-    table.retain(|row| {
-        if dropped < excess && row.2.tat <= cutoff {
-            dropped += 1;
-            false
-        } else {
-            true
-        }
-    });
+    shard.table.retain(|row| row.2.tat > now);
+    shard.next_idle = shard.table.iter().map(|row| row.2.tat).min().unwrap_or(0);
+    shard.table.len() < cap
 }

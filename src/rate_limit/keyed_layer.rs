@@ -11,7 +11,7 @@ use tower::{Layer, Service};
 
 use super::clock::{Clock, TokioClock};
 use super::future::ResponseFuture;
-use super::{Cost, KeyExtractor, KeyedRateLimiter, RateLimited, Reservation};
+use super::{Cost, KeyExtractor, KeyedCharge, KeyedRateLimiter, RateLimited, Reservation};
 use crate::BoxError;
 
 /// Limits requests per key: each request draws from the bucket of the key `key_fn` takes
@@ -20,7 +20,9 @@ use crate::BoxError;
 ///
 /// Stack it with a [`RateLimitLayer`](super::RateLimitLayer) for a global limit on top of
 /// the per-key ones (as Kong's per-consumer and per-service limits): the outer layer is
-/// checked first, and a request refused by the inner one has still used the outer's token.
+/// checked first, and a request refused by the inner one gets the outer's tokens back (see
+/// [stacked limits](super#stacked-limits)), so a client refused by its own limit does not
+/// drain the global one.
 ///
 /// ```
 /// use seawall::rate_limit::{KeyedRateLimitLayer, Quota, Rate, RateLimitLayer};
@@ -484,19 +486,21 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, KeyedCharge<Key, C>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        let mut charge = None;
         if let Some(key) = self.key_fn.extract(&request) {
             let tokens = self.cost.cost(&request);
-            if let Err(refused) = self.limiter.try_acquire(&key, tokens) {
-                return ResponseFuture::refused(refused);
+            match self.limiter.charge(key, tokens) {
+                Ok((_, c)) => charge = Some(c),
+                Err(refused) => return ResponseFuture::refused(refused),
             }
         }
-        ResponseFuture::called(self.inner.call(request))
+        ResponseFuture::called(self.inner.call(request), charge)
     }
 }

@@ -51,6 +51,33 @@
 //! to a local share or fail-closed, optional batching). [`ShardedRateLimiter`] scales a
 //! single very hot limiter across cores.
 //!
+//! # Stacked limits
+//!
+//! Layers stack: a global limit over a per-client one, say. A request is charged only
+//! when every limit admits it, as nginx's `limit_req` zones do: each layer takes its
+//! tokens on the way in, and when a limit further in refuses the request, the layers
+//! outside it hand their tokens back ([`Refund`]). So a client refused by its own
+//! per-client limit does not drain the global bucket for everybody else.
+//!
+//! * [`RateLimitLayer`] in [`Mode::Reject`] and [`KeyedRateLimitLayer`] refund when the
+//!   inner service fails with a [`RateLimited`] (anywhere in the error's source chain):
+//!   the refusal of any seawall limit further in, local or Redis.
+//! * [`http::HttpRateLimitLayer`] refunds when the inner service's response is a `429`
+//!   marked [`http::Refused`]: the refusal of another HTTP layer, local or Redis.
+//! * Refunds are exact and bounded ([`RateLimiter::refund`]): at most the tokens taken,
+//!   less what the bucket has refilled since, never above the burst. For the instant
+//!   between the take and the inner refusal the tokens are out of the bucket, so a
+//!   concurrent request may see one token fewer. A refund is one atomic update (a shard
+//!   lock for keyed limiters), done only on refusal; an admitted request pays one
+//!   reference count for the receipt ([`Charge`], [`KeyedCharge`]).
+//! * Not refunded: [`Mode::Wait`] tokens (waited for, then used), the waiting keyed
+//!   layer ([`KeyedRateLimitLayer::wait`]), and the Redis limiters as *outer* layers (a
+//!   refund there would be another round trip to Redis; see [`redis`]). Put the Redis
+//!   limit innermost: the local layers outside it refund when it refuses.
+//! * HTTP and tower layers do not see each other's refusals (a `429` response is no
+//!   error, and an error is no response): stack HTTP layers with HTTP layers, tower
+//!   layers with tower layers.
+//!
 //! # Observing
 //!
 //! A limiter given a name ([`RateLimiter::named`], [`KeyedRateLimiter::named`]) reports
@@ -60,6 +87,7 @@
 //! metric; with the `tracing` feature, a `DEBUG` event per refusal (fields `limiter`,
 //! `retry_after`). Unnamed limiters report nothing and pay one atomic load per check.
 
+mod bounded_key;
 mod bucket;
 mod clock;
 mod error;
@@ -79,12 +107,13 @@ pub mod http;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
-pub use bucket::{Admitted, RateLimiter, Reservation};
+pub use bounded_key::{BoundedKey, INLINE_KEY_BYTES};
+pub use bucket::{Admitted, Charge, RateLimiter, Reservation, Taken};
 #[cfg(feature = "quanta")]
 pub use clock::QuantaClock;
 pub use clock::{Clock, ManualClock, TokioClock};
 pub use error::RateLimited;
-pub use keyed::{DEFAULT_MAX_KEYS, KeyedRateLimiter};
+pub use keyed::{DEFAULT_MAX_KEYS, KeyedCharge, KeyedRateLimiter};
 pub use keyed_layer::{
     KeyedRateLimit, KeyedRateLimitLayer, KeyedRateLimitWait, KeyedWaitLayer, WaitFuture,
 };
@@ -92,6 +121,26 @@ pub use layer::{Mode, RateLimitLayer};
 pub use quota::{MAX_PERIOD, Quota, QuotaError, Rate};
 pub use service::RateLimit;
 pub use sharded::ShardedRateLimiter;
+
+/// Hands back what an admitted request took from a limit, when a limit further in
+/// refused the request (see [stacked limits](self#stacked-limits)).
+pub trait Refund {
+    /// Gives the tokens back.
+    fn refund(self);
+}
+
+/// Nothing to hand back (a request no limit applied to).
+impl Refund for () {
+    fn refund(self) {}
+}
+
+impl<R: Refund> Refund for Option<R> {
+    fn refund(self) {
+        if let Some(r) = self {
+            r.refund();
+        }
+    }
+}
 
 /// How many tokens a request costs.
 ///

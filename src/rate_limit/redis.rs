@@ -1,4 +1,11 @@
 //! A token bucket kept in Redis, shared by a fleet of replicas (feature `redis`).
+//!
+//! No refunds: tokens taken in Redis are not handed back when a limit further in refuses
+//! the request (see [stacked limits](super#stacked-limits)). A refund would be a second
+//! round trip (a script moving the key's arrival time back), paid on every inner refusal,
+//! racing the key's expiry, and lost while Redis is unavailable; with batching, tokens
+//! are taken ahead, so there would be nothing exact to give back either. Put the Redis
+//! limit innermost: the local limits outside it refund when it refuses.
 
 use std::fmt;
 use std::sync::Arc;

@@ -9,16 +9,19 @@ use super::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::future::ResponseFuture;
 use super::layer::Mode;
-use super::{Cost, RateLimiter, Reservation};
+use super::{Charge, Cost, RateLimiter, Reservation};
 use crate::BoxError;
 
 /// A service whose requests draw tokens from a shared [`RateLimiter`]. See the
 /// [module docs](super).
 ///
 /// In [`Mode::Reject`], each `call` takes its request's cost or fails at once with
-/// [`RateLimited`]. In [`Mode::Wait`], `poll_ready` books the tokens (first come, first
-/// served) and stays pending until they are due; a booking that is never used (the service
-/// dropped or cloned away before `call`) is handed back.
+/// [`RateLimited`]; if the inner service then fails with a [`RateLimited`] (a limit
+/// further in refused the request), the tokens are handed back, so stacked limits charge
+/// only requests they all admit. In [`Mode::Wait`], `poll_ready` books the tokens (first
+/// come, first served) and stays pending until they are due; a booking that is never used
+/// (the service dropped or cloned away before `call`) is handed back, but tokens waited
+/// for and used are not refunded when a limit further in refuses.
 pub struct RateLimit<S, K = u32, C: Clock = TokioClock> {
     inner: S,
     booking: Booking<C>,
@@ -129,7 +132,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, Charge<C>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if let Mode::Wait { max_wait } = self.mode {
@@ -174,13 +177,15 @@ where
         match self.mode {
             Mode::Reject => {
                 let tokens = self.cost.cost(&request);
-                match self.booking.limiter.try_acquire(tokens) {
-                    Ok(_) => ResponseFuture::called(self.inner.call(request)),
+                match self.booking.limiter.charge(tokens) {
+                    Ok((_, charge)) => {
+                        ResponseFuture::called(self.inner.call(request), Some(charge))
+                    }
                     Err(refused) => ResponseFuture::refused(refused),
                 }
             }
             Mode::Wait { .. } => match std::mem::replace(&mut self.booking.state, State::Idle) {
-                State::Reserved(_) => ResponseFuture::called(self.inner.call(request)),
+                State::Reserved(_) => ResponseFuture::called(self.inner.call(request), None),
                 State::Refused(refused) => ResponseFuture::refused(refused),
                 State::Idle | State::Waiting(_) => {
                     panic!("RateLimit::call invoked before poll_ready returned Ready(Ok(()))")

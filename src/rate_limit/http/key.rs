@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::{HeaderName, Request};
 
 use super::parse;
-use crate::rate_limit::KeyExtractor;
+use crate::rate_limit::{BoundedKey, KeyExtractor};
 
 /// A network of trusted proxies, such as `10.0.0.0/8` or `::1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,10 +146,20 @@ impl ClientIp {
         self
     }
 
-    fn is_trusted(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is one of the trusted proxies (always false for [`ClientIp::peer`]).
+    pub fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted
             .as_deref()
             .is_some_and(|nets| nets.iter().any(|net| net.contains(ip)))
+    }
+
+    /// Whether any proxy is trusted.
+    pub fn trusts_any(&self) -> bool {
+        self.trusted.is_some()
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusts(ip)
     }
 
     /// The client address for a connection from `peer` with these headers.
@@ -203,16 +213,27 @@ impl<B> KeyExtractor<Request<B>> for ClientIp {
     }
 }
 
-/// The value of a header (for example an API key); requests without it, or with a value
-/// that is not visible ASCII, have no key.
+/// The value of a header (for example an API key), as a [`BoundedKey`]: values up to 64
+/// bytes as they are, longer ones as a 128-bit keyed digest, so that clients choosing
+/// long values cannot grow a keyed limiter's memory (each key is 65 bytes, with no
+/// allocation). Requests without the header, or with a value that is not visible ASCII,
+/// have no key (and pass a [`PerKey`](super::PerKey) limit unlimited: put a limit by
+/// [`ClientIp`] or a global one beside it, or see the gateway's `on_missing`).
 #[derive(Debug, Clone)]
 pub struct HeaderKey(pub HeaderName);
 
-impl<B> KeyExtractor<Request<B>> for HeaderKey {
-    type Key = String;
+impl HeaderKey {
+    /// The key of a header value, if it is visible ASCII.
+    pub fn key_of(value: &http::HeaderValue) -> Option<BoundedKey> {
+        value.to_str().ok().map(|v| BoundedKey::new(v.as_bytes()))
+    }
+}
 
-    fn extract(&self, request: &Request<B>) -> Option<String> {
-        Some(request.headers().get(&self.0)?.to_str().ok()?.to_owned())
+impl<B> KeyExtractor<Request<B>> for HeaderKey {
+    type Key = BoundedKey;
+
+    fn extract(&self, request: &Request<B>) -> Option<BoundedKey> {
+        Self::key_of(request.headers().get(&self.0)?)
     }
 }
 
@@ -362,8 +383,13 @@ mod tests {
         let r = req("1.2.3.4:5", &[("x-api-key", "k-123")]);
         assert_eq!(
             HeaderKey(HeaderName::from_static("x-api-key")).extract(&r),
-            Some("k-123".to_owned())
+            Some(BoundedKey::from("k-123"))
         );
+        let huge = "k".repeat(100_000);
+        let r = req("1.2.3.4:5", &[("x-api-key", &huge)]);
+        let key = HeaderKey(HeaderName::from_static("x-api-key")).extract(&r);
+        assert_eq!(key, Some(BoundedKey::from(huge.as_str())));
+        assert_eq!(key.unwrap().as_inline(), None);
         assert_eq!(
             HeaderKey(HeaderName::from_static("x-other")).extract(&r),
             None

@@ -12,7 +12,9 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::rate_limit::clock::Clock;
-use crate::rate_limit::{Admitted, KeyExtractor, KeyedRateLimiter, RateLimited, RateLimiter};
+use crate::rate_limit::{
+    Admitted, Charge, KeyExtractor, KeyedCharge, KeyedRateLimiter, RateLimited, RateLimiter, Refund,
+};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-09).
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -25,20 +27,29 @@ pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-rateli
 
 /// What an [`HttpRateLimitLayer`] checks a request against.
 pub trait HttpLimit<Request> {
-    /// `None` when the request is not subject to this limit (for example it has no key).
-    fn check(&self, request: &Request) -> Option<Result<Admitted, RateLimited>>;
+    /// What an admitted request took, handed back if a limit further in refuses it
+    /// (see [`HttpRateLimitLayer`] on stacked limits); `()` for nothing to hand back.
+    type Charge: Refund;
+
+    /// `None` when the request is not subject to this limit (for example it has no key);
+    /// else the decision, with what an admission took.
+    fn check(&self, request: &Request) -> Option<Result<(Admitted, Self::Charge), RateLimited>>;
 }
 
 /// No limit when `None`: a limit that configuration may leave out keeps one service type.
 impl<Request, L: HttpLimit<Request>> HttpLimit<Request> for Option<L> {
-    fn check(&self, request: &Request) -> Option<Result<Admitted, RateLimited>> {
+    type Charge = L::Charge;
+
+    fn check(&self, request: &Request) -> Option<Result<(Admitted, L::Charge), RateLimited>> {
         self.as_ref()?.check(request)
     }
 }
 
 impl<Request, C: Clock> HttpLimit<Request> for RateLimiter<C> {
-    fn check(&self, _: &Request) -> Option<Result<Admitted, RateLimited>> {
-        Some(self.acquire(1))
+    type Charge = Charge<C>;
+
+    fn check(&self, _: &Request) -> Option<Result<(Admitted, Charge<C>), RateLimited>> {
+        Some(self.charge(1))
     }
 }
 
@@ -84,9 +95,11 @@ where
     Key: std::hash::Hash + Eq + Clone,
     C: Clock,
 {
-    fn check(&self, request: &Request) -> Option<Result<Admitted, RateLimited>> {
+    type Charge = KeyedCharge<Key, C>;
+
+    fn check(&self, request: &Request) -> Option<Result<(Admitted, Self::Charge), RateLimited>> {
         let key = self.extractor.extract(request)?;
-        Some(self.limiter.acquire(&key, 1))
+        Some(self.limiter.charge(key, 1))
     }
 }
 
@@ -100,9 +113,16 @@ where
 /// alike; on a 429, `Retry-After` says when the next request will be admitted.
 ///
 /// Stacked layers (a global limit over a per-client one) each add their own, named,
-/// entries to the header lists; a request the inner layer refuses has still used a token
-/// of the outer one. The inner service's error type is kept: this layer adds
-/// no error. The 429 body is the response body type's `Default` (empty for most), and
+/// entries to the header lists. A request is charged only when every layer admits it, as
+/// nginx's `limit_req` zones do: the outer layer takes its token, and hands it back when
+/// the response comes back marked [`Refused`] by a layer further in (for the instant in
+/// between, the token is out of the bucket). So a client refused by its own per-client
+/// limit does not drain the global one for everybody else. The outer layer's headers on
+/// such a 429 describe its bucket as it was with the token taken. The inner service's
+/// error type is kept: this layer adds no error. A
+/// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer) marks its refusals
+/// [`Refused`] too, so local layers outside it refund; it does not refund itself
+/// (a refund would be another round trip to Redis): put it innermost. The 429 body is the response body type's `Default` (empty for most), and
 /// the 429 carries [`Refused`] in its extensions.
 ///
 /// ```
@@ -435,7 +455,7 @@ where
 {
     type Response = Response<ResB>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB>;
+    type Future = ResponseFuture<S::Future, ResB, L::Charge>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -443,36 +463,46 @@ where
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         let Some(decision) = self.layer.limit.check(&request) else {
-            return ResponseFuture::called(self.inner.call(request), None);
+            return ResponseFuture::called(self.inner.call(request), None, None);
         };
-        let headers = Headers::new(&self.layer.name, self.layer.style, &decision);
         match decision {
-            Ok(_) => ResponseFuture::called(self.inner.call(request), headers),
-            Err(_) => ResponseFuture::refused(refusal(headers)),
+            Ok((admitted, charge)) => {
+                let headers = Headers::new(&self.layer.name, self.layer.style, &Ok(admitted));
+                ResponseFuture::called(self.inner.call(request), headers, Some(charge))
+            }
+            Err(refused) => {
+                let headers = Headers::new(&self.layer.name, self.layer.style, &Err(refused));
+                ResponseFuture::refused(refusal(headers))
+            }
         }
     }
 }
 
 pin_project! {
-    /// Response future of [`HttpRateLimit`].
-    pub struct ResponseFuture<F, B> {
+    /// Response future of [`HttpRateLimit`]: hands the layer's token back when the
+    /// response is a [`Refused`] 429 from a layer further in.
+    pub struct ResponseFuture<F, B, R = ()> {
         #[pin]
-        kind: Kind<F, B>,
+        kind: Kind<F, B, R>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, B> {
-        Called { #[pin] future: F, headers: Option<Headers> },
+    enum Kind<F, B, R> {
+        Called { #[pin] future: F, headers: Option<Headers>, charge: Option<R> },
         Refused { response: Option<Response<B>> },
     }
 }
 
-impl<F, B> ResponseFuture<F, B> {
-    fn called(future: F, headers: Option<Headers>) -> Self {
+impl<F, B, R> ResponseFuture<F, B, R> {
+    fn called(future: F, headers: Option<Headers>, charge: Option<R>) -> Self {
         Self {
-            kind: Kind::Called { future, headers },
+            kind: Kind::Called {
+                future,
+                headers,
+                charge,
+            },
         }
     }
 
@@ -485,13 +515,13 @@ impl<F, B> ResponseFuture<F, B> {
     }
 }
 
-impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+impl<F, B, R> fmt::Debug for ResponseFuture<F, B, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B>
+impl<F, B, E, R: Refund> Future for ResponseFuture<F, B, R>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
@@ -499,8 +529,18 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Called { future, headers } => {
+            KindProj::Called {
+                future,
+                headers,
+                charge,
+            } => {
                 let mut response = ready!(future.poll(cx))?;
+                // Refused further in: this layer's token was not used.
+                if let Some(charge) = charge.take() {
+                    if response.extensions().get::<Refused>().is_some() {
+                        charge.refund();
+                    }
+                }
                 if let Some(h) = headers.take() {
                     h.apply(response.headers_mut());
                 }

@@ -1,0 +1,423 @@
+//! The request headers the gateway checks and rewrites: `Host` (RFC 9112 §3.2), one
+//! `Authorization` on authenticated routes, hop-by-hop headers (RFC 9110 §7.6.1) and the
+//! forwarding headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`).
+//!
+//! Public (hidden from the docs) for the fuzz target `request_headers`; not a stable API.
+//!
+//! What the upstream gets, from a peer that is **not** a trusted proxy (every peer, unless
+//! `[gateway] trusted_proxies` names it):
+//!
+//! * `X-Forwarded-For`: the peer's address, alone;
+//! * `X-Forwarded-Host`: the request's `Host` (none for an HTTP/1.0 request without one);
+//! * `X-Forwarded-Proto`: `http`;
+//! * no `Forwarded`, no `X-Real-IP`, and no other `X-Forwarded-*` (`-Port`, `-Prefix`,
+//!   `-Ssl`…): whatever the client sent of these is dropped.
+//!
+//! From a trusted proxy, its headers are believed and extended: the peer's address is
+//! appended to `X-Forwarded-For` (every line of it, joined) and, if the proxy sent one, to
+//! `Forwarded` (`for=…`); its `X-Forwarded-Host` / `-Proto` are kept (ours are set when it
+//! sent none), as are `X-Real-IP` and the other `X-Forwarded-*`.
+//!
+//! Hop-by-hop headers are dropped, and so are the headers `Connection` names, except the
+//! end-to-end ones the exchange depends on: `Host`, `Authorization` and `Content-Length`
+//! are never removed that way (RFC 9110 forbids naming them; a client that does is ignored
+//! on that point rather than obeyed).
+//!
+//! A client that sends none of these headers costs one pass over the header names and no
+//! allocation.
+
+use std::net::IpAddr;
+
+use http::Version;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// The hop-by-hop headers of RFC 9110 §7.6.1 with a name of their own in `http`.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Headers a `Connection` option never removes.
+const PROTECTED: [HeaderName; 3] = [header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+}
+
+/// `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`: what a client may not set.
+fn is_forwarding(name: &HeaderName) -> bool {
+    name == header::FORWARDED || name == X_REAL_IP || name.as_str().starts_with("x-forwarded-")
+}
+
+/// Why a request is answered `400 Bad Request` before it reaches a route's stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadRequest {
+    /// An HTTP/1.1 request without `Host`.
+    MissingHost,
+    /// More than one `Host` line.
+    DuplicateHost,
+    /// A `Host` that is not `host[:port]`.
+    InvalidHost,
+    /// More than one `Authorization` line on a route with `auth = true`.
+    DuplicateAuthorization,
+}
+
+impl BadRequest {
+    /// The message of the 400.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::MissingHost => "missing Host header",
+            Self::DuplicateHost => "more than one Host header",
+            Self::InvalidHost => "invalid Host header",
+            Self::DuplicateAuthorization => "more than one Authorization header",
+        }
+    }
+}
+
+/// Checks a request as it enters a route: exactly one valid `Host` in HTTP/1.1 (RFC 9112
+/// §3.2; HTTP/1.0 requests may have none, as HTTP/1.0 has no `Host`, but not two), and at
+/// most one `Authorization` when the route checks tokens (`auth`), so that the token
+/// verified is the one forwarded. No allocation.
+pub fn check_request(version: Version, headers: &HeaderMap, auth: bool) -> Result<(), BadRequest> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version != Version::HTTP_10 && version != Version::HTTP_09 => {
+            return Err(BadRequest::MissingHost);
+        }
+        (None, _) => {}
+        (Some(_), Some(_)) => return Err(BadRequest::DuplicateHost),
+        (Some(host), None) => {
+            if !valid_host(host.as_bytes()) {
+                return Err(BadRequest::InvalidHost);
+            }
+        }
+    }
+    if auth
+        && headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .nth(1)
+            .is_some()
+    {
+        return Err(BadRequest::DuplicateAuthorization);
+    }
+    Ok(())
+}
+
+/// `host[:port]`: a registered name (letters, digits, `-._~` and `%`-escapes), an IPv4
+/// address or a bracketed IPv6 literal, and a port of up to 5 digits. Empty is valid
+/// (RFC 9112 §3.2: a target without authority). Stricter than RFC 3986's `reg-name` on
+/// purpose: no sub-delimiters (`,;=!$&'()*+`), which no host name has.
+fn valid_host(host: &[u8]) -> bool {
+    if host.is_empty() {
+        return true;
+    }
+    let (name, port) = if host[0] == b'[' {
+        let Some(end) = host.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &host[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        match &host[end + 1..] {
+            [] => (&host[..0], None),
+            [b':', port @ ..] => (&host[..0], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match host.iter().position(|&b| b == b':') {
+            Some(colon) => (&host[..colon], Some(&host[colon + 1..])),
+            None => (host, None),
+        }
+    };
+    let name_ok = name
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'%'));
+    let port_ok = port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    name_ok && port_ok && (host[0] == b'[' || !name.is_empty())
+}
+
+/// Rewrites a request's headers for the upstream (see the [module docs](self)):
+/// hop-by-hop headers out, forwarding headers replaced (`trusted_peer`: extended) from
+/// what the gateway saw. `peer` is the peer's address as `X-Forwarded-For` writes it.
+/// `Host` is left in place (the upstream connection sets its own).
+pub fn rewrite_for_upstream(
+    headers: &mut HeaderMap,
+    peer: Option<&HeaderValue>,
+    trusted_peer: bool,
+) {
+    // One pass over the names finds out what there is to do.
+    let (mut hop, mut forwarding) = (false, false);
+    for name in headers.keys() {
+        hop |= is_hop_by_hop(name);
+        forwarding |= is_forwarding(name);
+    }
+    if hop {
+        remove_hop_by_hop(headers);
+    }
+    if forwarding && !trusted_peer {
+        strip_forwarding(headers);
+    }
+    let host = headers.get(header::HOST).filter(|h| !h.is_empty()).cloned();
+    if trusted_peer {
+        if let Some(peer) = peer {
+            append_forwarded_for(headers, peer);
+            append_forwarded(headers, peer);
+        }
+        if let Some(host) = host {
+            if !headers.contains_key(&X_FORWARDED_HOST) {
+                headers.insert(X_FORWARDED_HOST.clone(), host);
+            }
+        }
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+    } else {
+        match peer {
+            // The connection's own value, shared: no allocation.
+            Some(peer) => {
+                headers.insert(X_FORWARDED_FOR.clone(), peer.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_FOR);
+            }
+        }
+        match host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST.clone(), host);
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+}
+
+/// Drops `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`.
+fn strip_forwarding(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_forwarding(n))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+/// `X-Forwarded-For: <all lines joined>, <peer>`.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
+    let mut lines = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if lines.peek().is_none() {
+        headers.insert(X_FORWARDED_FOR.clone(), peer.clone());
+        return;
+    }
+    let mut value = Vec::new();
+    for line in lines {
+        value.extend_from_slice(line.as_bytes());
+        value.extend_from_slice(b", ");
+    }
+    value.extend_from_slice(peer.as_bytes());
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+/// `Forwarded: <all lines joined>, for=<peer>`, if the trusted proxy sent one.
+fn append_forwarded(headers: &mut HeaderMap, peer: &HeaderValue) {
+    let mut lines = headers.get_all(header::FORWARDED).iter().peekable();
+    if lines.peek().is_none() {
+        return;
+    }
+    let mut value = Vec::new();
+    for line in lines {
+        value.extend_from_slice(line.as_bytes());
+        value.extend_from_slice(b", ");
+    }
+    // RFC 7239 §6: IPv6 addresses are bracketed and quoted.
+    let v6 = std::str::from_utf8(peer.as_bytes())
+        .ok()
+        .and_then(|p| p.parse::<IpAddr>().ok())
+        .is_some_and(|ip| ip.is_ipv6());
+    if v6 {
+        value.extend_from_slice(b"for=\"[");
+        value.extend_from_slice(peer.as_bytes());
+        value.extend_from_slice(b"]\"");
+    } else {
+        value.extend_from_slice(b"for=");
+        value.extend_from_slice(peer.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// Drops the hop-by-hop headers of RFC 9110 §7.6.1, and those `Connection` names, except
+/// `Host`, `Authorization` and `Content-Length`. Most messages have none: one pass over
+/// the names finds out, without a lookup per name.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !PROTECTED.contains(name))
+        .collect();
+    for name in named.into_iter().chain(HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn all(h: &HeaderMap, name: &str) -> Vec<String> {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_but_not_host() {
+        let mut h = map(&[
+            (
+                "connection",
+                "close, x-secret, host, authorization, content-length",
+            ),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("host", "a.example"),
+            ("authorization", "Bearer t"),
+            ("content-length", "3"),
+            ("x-kept", "1"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["authorization", "content-length", "host", "x-kept"]);
+    }
+
+    #[test]
+    fn host_checks() {
+        let ok = |v: &str| valid_host(v.as_bytes());
+        for good in [
+            "a.example",
+            "a.example:8080",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:80",
+            "x_y-z~",
+            "",
+        ] {
+            assert!(ok(good), "{good}");
+        }
+        for bad in [
+            "a b", "a,b", "a/b", "a:123456", "a:x", "[::1", "[]", "[::1]x", ":80", "a@b",
+        ] {
+            assert!(!ok(bad), "{bad}");
+        }
+        let h11 = Version::HTTP_11;
+        assert_eq!(
+            check_request(h11, &map(&[]), false),
+            Err(BadRequest::MissingHost)
+        );
+        assert_eq!(check_request(Version::HTTP_10, &map(&[]), false), Ok(()));
+        assert_eq!(
+            check_request(h11, &map(&[("host", "a"), ("host", "a")]), false),
+            Err(BadRequest::DuplicateHost)
+        );
+        let two_tokens = map(&[
+            ("host", "a"),
+            ("authorization", "x"),
+            ("authorization", "y"),
+        ]);
+        assert_eq!(check_request(h11, &two_tokens, false), Ok(()));
+        assert_eq!(
+            check_request(h11, &two_tokens, true),
+            Err(BadRequest::DuplicateAuthorization)
+        );
+    }
+
+    #[test]
+    fn untrusted_peers_get_fresh_forwarding_headers() {
+        let mut h = map(&[
+            ("host", "gw.example"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-port", "1"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+        ]);
+        let peer = HeaderValue::from_static("198.51.100.1");
+        rewrite_for_upstream(&mut h, Some(&peer), false);
+        assert_eq!(all(&h, "x-forwarded-for"), ["198.51.100.1"]);
+        assert_eq!(all(&h, "x-forwarded-host"), ["gw.example"]);
+        assert_eq!(all(&h, "x-forwarded-proto"), ["http"]);
+        assert_eq!(all(&h, "host"), ["gw.example"]);
+        for gone in ["x-forwarded-port", "forwarded", "x-real-ip"] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_are_appended_to() {
+        let mut h = map(&[
+            ("host", "gw.internal"),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-for", "10.0.0.9"),
+            ("x-forwarded-host", "shop.example"),
+            ("forwarded", "for=203.0.113.7"),
+        ]);
+        let peer = HeaderValue::from_static("2001:db8::1");
+        rewrite_for_upstream(&mut h, Some(&peer), true);
+        assert_eq!(
+            all(&h, "x-forwarded-for"),
+            ["203.0.113.7, 10.0.0.9, 2001:db8::1"]
+        );
+        assert_eq!(all(&h, "x-forwarded-host"), ["shop.example"]);
+        assert_eq!(all(&h, "x-forwarded-proto"), ["http"]);
+        assert_eq!(
+            all(&h, "forwarded"),
+            ["for=203.0.113.7, for=\"[2001:db8::1]\""]
+        );
+    }
+}

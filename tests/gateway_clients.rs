@@ -1,0 +1,433 @@
+//! Hostile clients against a real gateway, over raw loopback sockets (issue 11, items 3,
+//! 4, 5 and 7): stacked limits, two `Authorization` headers, client-set forwarding
+//! headers and `Host`, header-keyed per-client limits. The upstream is hand-written and
+//! records every request head it receives. Every wait is bounded.
+#![cfg(feature = "gateway")]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use seawall::discovery::{Instance, Registry};
+use seawall::gateway::jwt::JwtVerifier;
+use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::time::timeout;
+
+const BOUND: Duration = Duration::from_secs(10);
+const HEAD: &str = "[gateway]\nlisten = \"127.0.0.1:0\"\n";
+const SECRET: &str = "a test secret of enough bytes";
+
+/// One request head as the upstream got it: header names lower-cased, in order.
+type Seen = Vec<(String, String)>;
+
+/// A hand-written upstream: reads request heads (no bodies: GETs only) on keep-alive
+/// connections, records their headers and answers `200 ok`.
+struct Recorder {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Recorder {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        let headers = head
+                            .split("\r\n")
+                            .skip(1)
+                            .filter_map(|line| line.split_once(':'))
+                            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                            .collect();
+                        record.lock().push(headers);
+                        if stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().len()
+    }
+
+    /// The values of `name` in the last request received.
+    fn last(&self, name: &str) -> Vec<String> {
+        let seen = self.seen.lock();
+        let last = seen.last().expect("the upstream got a request");
+        last.iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+async fn gateway(config: &str, up: &Recorder) -> (GatewayHandle, Registry) {
+    let registry = Registry::new();
+    std::mem::forget(registry.register(Instance::local("svc", up.addr)));
+    let config = GatewayConfig::from_toml_str(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = Gateway::build(config, Discovery::Registry(registry.clone()))
+        .await
+        .unwrap();
+    (gw.spawn(listener), registry)
+}
+
+fn route(extra: &str) -> String {
+    format!("{HEAD}\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nservice = \"svc\"\n{extra}\n")
+}
+
+/// Sends `raw` from `local` (an address of 127.0.0.0/8) on a new connection and reads
+/// the answer to the end (the requests say `Connection: close`, or are HTTP/1.0):
+/// returns the status and the whole answer.
+async fn raw_from(local: &str, gw: SocketAddr, raw: &[u8]) -> (u16, String) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let mut stream: TcpStream = timeout(BOUND, socket.connect(gw)).await.unwrap().unwrap();
+    stream.write_all(raw).await.unwrap();
+    let mut answer = Vec::new();
+    timeout(BOUND, stream.read_to_end(&mut answer))
+        .await
+        .expect("the gateway answers and closes")
+        .unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+async fn raw(gw: SocketAddr, raw: &[u8]) -> (u16, String) {
+    raw_from("127.0.0.1", gw, raw).await
+}
+
+fn get(path: &str, headers: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: gw.example\r\n{headers}Connection: close\r\n\r\n")
+        .into_bytes()
+}
+
+// ---------------------------------------------------------------------------------
+// Item 3: stacked limits.
+
+/// Global 5/s over per-client 1/s: one client hammering is refused by its own limit,
+/// and those refusals must not drain the global bucket for everybody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refused_by_its_own_limit_does_not_drain_the_global_limit() {
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(
+        &route("rate_limit = { global = { per_second = 5 }, per_client = { per_second = 1 } }"),
+        &up,
+    )
+    .await;
+    let addr = gw.local_addr();
+    let mut admitted = 0;
+    for _ in 0..40 {
+        let (status, _) = raw(addr, &get("/x", "")).await;
+        assert!(status == 200 || status == 429, "{status}");
+        admitted += usize::from(status == 200);
+    }
+    assert!((1..=2).contains(&admitted), "{admitted} admitted");
+    // Three clients that sent nothing yet: the global bucket still has room for them.
+    for client in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        let (status, answer) = raw_from(client, addr, &get("/x", "")).await;
+        assert_eq!(status, 200, "{client}: {answer}");
+    }
+    gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------
+// Item 4: two Authorization headers.
+
+fn token() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    JwtVerifier::new(SECRET.as_bytes()).sign(&serde_json::json!({ "sub": "ada", "exp": now + 60 }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_authorization_headers_are_refused_on_authenticated_routes() {
+    let up = Recorder::start().await;
+    let config = format!(
+        "{HEAD}\n[auth.jwt]\nsecret = \"{SECRET}\"\n\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nservice = \"svc\"\nauth = true\n"
+    );
+    let (gw, _r) = gateway(&config, &up).await;
+    let addr = gw.local_addr();
+    let good = token();
+    let forged = JwtVerifier::new(b"some other secret!!").sign(&serde_json::json!({"sub": "root"}));
+    let (status, answer) = raw(
+        addr,
+        &get(
+            "/x",
+            &format!("Authorization: Bearer {good}\r\nAuthorization: Bearer {forged}\r\n"),
+        ),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(up.count(), 0, "never forwarded");
+    // One valid token: forwarded, alone.
+    let (status, answer) = raw(
+        addr,
+        &get("/x", &format!("Authorization: Bearer {good}\r\n")),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(up.last("authorization"), [format!("Bearer {good}")]);
+    gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------
+// Item 5: forwarding headers and Host.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_set_x_forwarded_host_never_reaches_the_upstream() {
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(&route(""), &up).await;
+    let addr = gw.local_addr();
+    // With a Host: replaced by the Host the gateway saw.
+    let (status, _) = raw(addr, &get("/x", "X-Forwarded-Host: evil.example\r\n")).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.last("x-forwarded-host"), ["gw.example"]);
+    // HTTP/1.0 without a Host (accepted): no X-Forwarded-Host at all, not the client's.
+    let (status, _) = raw(
+        addr,
+        b"GET /x HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(up.last("x-forwarded-host"), Vec::<String>::new());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cannot_remove_host() {
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(&route(""), &up).await;
+    let raw_request = b"GET /x HTTP/1.1\r\nHost: gw.example\r\nX-Drop: 1\r\nConnection: close, host, x-drop\r\n\r\n";
+    let (status, _) = raw(gw.local_addr(), raw_request).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.last("x-forwarded-host"), ["gw.example"]);
+    assert_eq!(up.last("host").len(), 1);
+    assert_eq!(
+        up.last("x-drop"),
+        Vec::<String>::new(),
+        "other named headers go"
+    );
+    assert_eq!(up.last("connection"), Vec::<String>::new());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_from_an_untrusted_client_are_replaced() {
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(&route(""), &up).await;
+    let spoofed = "Forwarded: for=6.6.6.6;host=evil.example;proto=https\r\nX-Real-IP: 6.6.6.6\r\n\
+                   X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Port: 8443\r\nX-Forwarded-Proto: https\r\n\
+                   X-Forwarded-Prefix: /evil\r\n";
+    let (status, _) = raw(gw.local_addr(), &get("/x", spoofed)).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.last("forwarded"), Vec::<String>::new());
+    assert_eq!(up.last("x-real-ip"), Vec::<String>::new());
+    assert_eq!(up.last("x-forwarded-port"), Vec::<String>::new());
+    assert_eq!(up.last("x-forwarded-prefix"), Vec::<String>::new());
+    assert_eq!(up.last("x-forwarded-proto"), ["http"]);
+    assert_eq!(up.last("x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(up.last("x-forwarded-host"), ["gw.example"]);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_duplicate_host_is_400() {
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(&route(""), &up).await;
+    let addr = gw.local_addr();
+    for bad in [
+        &b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+        b"GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a.example, b.example\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.0\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+    ] {
+        let (status, answer) = raw(addr, bad).await;
+        assert_eq!(status, 400, "{}: {answer}", String::from_utf8_lossy(bad));
+    }
+    assert_eq!(up.count(), 0, "none forwarded");
+    for good in [
+        &b"GET /x HTTP/1.1\r\nHost: a.example:8080\r\nConnection: close\r\n\r\n"[..],
+        b"GET /x HTTP/1.1\r\nHost: [::1]:80\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.0\r\n\r\n",
+    ] {
+        let (status, answer) = raw(addr, good).await;
+        assert_eq!(status, 200, "{}: {answer}", String::from_utf8_lossy(good));
+    }
+    gw.shutdown().await;
+}
+
+/// Behind a trusted proxy (127.0.0.2 here), its forwarding headers are kept and appended
+/// to, and the per-client IP limit keys on the client it reports; from anyone else they
+/// are replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxy_is_appended_to_and_its_clients_are_limited_apart() {
+    let up = Recorder::start().await;
+    let config = "[gateway]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.2\"]\n\n\
+         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nservice = \"svc\"\n\
+         rate_limit = { per_client = { per_second = 1 } }\n";
+    let (gw, _r) = gateway(config, &up).await;
+    let addr = gw.local_addr();
+    let from_proxy = |client: &str| {
+        get(
+            "/x",
+            &format!(
+                "X-Forwarded-For: {client}\r\nX-Forwarded-Host: shop.example\r\n\
+                 X-Forwarded-Proto: https\r\nForwarded: for={client}\r\nX-Real-IP: {client}\r\n"
+            ),
+        )
+    };
+    let (status, _) = raw_from("127.0.0.2", addr, &from_proxy("203.0.113.7")).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.last("x-forwarded-for"), ["203.0.113.7, 127.0.0.2"]);
+    assert_eq!(up.last("x-forwarded-host"), ["shop.example"]);
+    assert_eq!(up.last("x-forwarded-proto"), ["https"]);
+    assert_eq!(up.last("forwarded"), ["for=203.0.113.7, for=127.0.0.2"]);
+    assert_eq!(up.last("x-real-ip"), ["203.0.113.7"]);
+    // Its client used up its bucket; another client behind the same proxy has its own.
+    let (status, _) = raw_from("127.0.0.2", addr, &from_proxy("203.0.113.7")).await;
+    assert_eq!(status, 429);
+    let (status, _) = raw_from("127.0.0.2", addr, &from_proxy("203.0.113.8")).await;
+    assert_eq!(status, 200);
+    // The same headers from an untrusted peer: replaced, and keyed on the peer.
+    let (status, _) = raw_from("127.0.0.3", addr, &from_proxy("203.0.113.9")).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.last("x-forwarded-for"), ["127.0.0.3"]);
+    assert_eq!(up.last("x-forwarded-host"), ["gw.example"]);
+    assert_eq!(up.last("x-forwarded-proto"), ["http"]);
+    assert_eq!(up.last("forwarded"), Vec::<String>::new());
+    assert_eq!(up.last("x-real-ip"), Vec::<String>::new());
+    let (status, _) = raw_from("127.0.0.3", addr, &from_proxy("203.0.113.10")).await;
+    assert_eq!(status, 429, "an untrusted peer cannot pick its key");
+    gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------
+// Item 7: header-keyed per-client limits.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_the_key_header_are_limited_by_ip() {
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(
+        &route("rate_limit = { per_client = { per_second = 1, burst = 2, key = \"header:x-api-key\" } }"),
+        &up,
+    )
+    .await;
+    let addr = gw.local_addr();
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(raw(addr, &get("/x", "")).await.0);
+        }
+        v
+    };
+    assert_eq!(statuses, [200, 200, 429]);
+    // Another address without the header has its own bucket; a key has its own too.
+    assert_eq!(raw_from("127.0.0.2", addr, &get("/x", "")).await.0, 200);
+    assert_eq!(raw(addr, &get("/x", "X-Api-Key: k1\r\n")).await.0, 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_key_header_can_be_rejected_or_allowed() {
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(
+        &route("rate_limit = { per_client = { per_second = 1, key = \"header:x-api-key\", on_missing = \"reject\" } }"),
+        &up,
+    )
+    .await;
+    let (status, answer) = raw(gw.local_addr(), &get("/x", "")).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(
+        raw(gw.local_addr(), &get("/x", "X-Api-Key: k\r\n")).await.0,
+        200
+    );
+    gw.shutdown().await;
+    let (gw, _r) = gateway(
+        &route("rate_limit = { per_client = { per_second = 1, key = \"header:x-api-key\", on_missing = \"allow\" } }"),
+        &up,
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(raw(gw.local_addr(), &get("/x", "")).await.0, 200);
+    }
+    gw.shutdown().await;
+}
+
+/// A huge key: far over the 64 bytes kept inline, under any sane header line limit.
+const KEY: usize = 8 * 1024;
+
+/// Huge keys are accepted, each its own client, and a repeated huge key finds its bucket
+/// again (it is stored as a digest: the status shows the clients, not their bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_keys_are_accepted_and_limited() {
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(
+        &route("rate_limit = { per_client = { per_second = 1, key = \"header:x-api-key\" } }"),
+        &up,
+    )
+    .await;
+    let addr = gw.local_addr();
+    for i in 0..20 {
+        let key = format!("{i:04}{}", "k".repeat(KEY));
+        let (status, _) = raw(addr, &get("/x", &format!("X-Api-Key: {key}\r\n"))).await;
+        assert_eq!(status, 200, "key {i}");
+    }
+    let key = format!("{:04}{}", 7, "k".repeat(KEY));
+    let (status, _) = raw(addr, &get("/x", &format!("X-Api-Key: {key}\r\n"))).await;
+    assert_eq!(status, 429, "the same huge key is the same client");
+    // Two keys sharing all but their last byte are still two clients.
+    let (status, _) = raw(
+        addr,
+        &get("/x", &format!("X-Api-Key: {}x\r\n", "k".repeat(KEY))),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = raw(
+        addr,
+        &get("/x", &format!("X-Api-Key: {}y\r\n", "k".repeat(KEY))),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let status = gw.gateway().status();
+    assert_eq!(
+        status.routes[0].limits.per_client.as_ref().unwrap().clients,
+        22
+    );
+    gw.shutdown().await;
+}
