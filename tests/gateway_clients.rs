@@ -290,6 +290,20 @@ async fn missing_or_duplicate_host_is_400() {
         assert_eq!(status, 200, "{}: {answer}", String::from_utf8_lossy(good));
     }
     gw.shutdown().await;
+    // Before routing: a path no route matches is held to the same rule (400, not 404).
+    let config =
+        format!("{HEAD}\n[[routes]]\nname = \"r\"\npath_prefix = \"/api\"\nservice = \"svc\"\n");
+    let (gw, _r) = gateway(&config, &up).await;
+    let addr = gw.local_addr();
+    let (status, answer) = raw(
+        addr,
+        b"GET /elsewhere HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = raw(addr, &get("/elsewhere", "")).await;
+    assert_eq!(status, 404, "{answer}");
+    gw.shutdown().await;
 }
 
 /// Behind a trusted proxy (127.0.0.2 here), its forwarding headers are kept and appended

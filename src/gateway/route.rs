@@ -451,12 +451,12 @@ impl Route {
         if head_too_large(&request, core.max_header_line, core.max_headers_size) {
             return self.core.client_fault(ClientFault::HeaderTooLong);
         }
-        // Host (RFC 9112 §3.2) and, with auth, a single Authorization: the token verified
-        // is then the one forwarded.
-        if let Err(bad) =
-            super::headers::check_request(request.version(), request.headers(), self.auth.is_some())
-        {
-            return bad_request(bad.message());
+        // With auth, a single Authorization: the token verified is then the one forwarded.
+        // (`Host` was checked before routing.)
+        if self.auth.is_some() {
+            if let Err(bad) = super::headers::check_authorization(request.headers()) {
+                return bad_request(bad.message());
+            }
         }
         if let Some(verifier) = &self.auth {
             if let Err(e) = verifier.check_header(request.headers()) {

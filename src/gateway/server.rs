@@ -23,6 +23,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::client::SendTimeout;
 use super::config::{ConfigError, GatewayConfig};
+use super::headers::check_request;
 use super::jwt::JwtVerifier;
 use super::path::{PathOptions, normalize};
 use super::pool::Pools;
@@ -262,6 +263,11 @@ impl Gateway {
 
     /// [`Gateway::handle`] for a connection's peer, made once per connection.
     async fn handle_from(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        // Exactly one valid `Host` (RFC 9112 §3.2), whatever the path: before routing, so
+        // that unmatched and admin paths are held to it too.
+        if let Err(bad) = check_request(request.version(), request.headers(), false) {
+            return bad_path(&request, peer, bad.message());
+        }
         // Matched and forwarded on its normal form; rewritten only when not normal.
         let rewritten = match normalize(request.uri().path(), self.inner.paths) {
             Ok(Cow::Borrowed(_)) => None,
