@@ -212,10 +212,18 @@ impl SharedBalance {
                 None => Err(BoxError::from("request already sent")),
             }))
         });
-        // No endpoint ready by the deadline: nothing was called, nothing is recorded.
-        let future = match tokio::time::timeout_at(deadline, future).await {
-            Ok(future) => future?,
-            Err(_) => return Err(Box::new(UpstreamError::Timeout)),
+        // An endpoint is almost always ready at once: polled once without a timer (a
+        // `Sleep` costs a clone of the runtime's handle and a timer entry), and bounded by
+        // the deadline only when it has to wait. No endpoint ready by the deadline:
+        // nothing was called, nothing is recorded.
+        let mut future = std::pin::pin!(future);
+        let first = std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await;
+        let future = match first {
+            Poll::Ready(called) => called?,
+            Poll::Pending => match tokio::time::timeout_at(deadline, future).await {
+                Ok(called) => called?,
+                Err(_) => return Err(Box::new(UpstreamError::Timeout)),
+            },
         };
         future.await
     }
