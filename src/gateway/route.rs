@@ -104,7 +104,7 @@ type UpstreamRequest = (Request<Body>, Call);
 impl Service<UpstreamRequest> for Upstream {
     type Response = Response<PooledBody>;
     type Error = UpstreamError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send>>;
+    type Future = UpstreamFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The pool has no limit of its own: backpressure is the route's limits' job.
@@ -116,16 +116,49 @@ impl Service<UpstreamRequest> for Upstream {
     /// rather than dropping it unrecorded; unless the exchange was waiting on the
     /// client's body then, which is the client's fault.
     fn call(&mut self, (request, call): UpstreamRequest) -> Self::Future {
-        let send = self.pool.clone().send(request);
-        Box::pin(async move {
-            match tokio::time::timeout_at(call.deadline, send).await {
-                Ok(result) => result,
-                Err(_) if call.body.is_some_and(|b| b.waiting_on_client()) => {
-                    Err(UpstreamError::ClientBodyTimeout)
-                }
-                Err(_) => Err(UpstreamError::Timeout),
-            }
-        })
+        UpstreamFuture {
+            // Boxed where it is made: the exchange's state is large, and moving it into
+            // a wrapper first would copy it once more per request.
+            send: Box::pin(self.pool.clone().send(request)),
+            deadline: tokio::time::sleep_until(call.deadline),
+            body: call.body,
+        }
+    }
+}
+
+type SendFuture = Pin<Box<dyn Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// An endpoint's exchange, bounded by the route's deadline: past it, an
+    /// [`UpstreamError::Timeout`] (the upstream's failure), or an
+    /// [`UpstreamError::ClientBodyTimeout`] when the exchange was waiting on the client's
+    /// body.
+    pub(crate) struct UpstreamFuture {
+        send: SendFuture,
+        #[pin]
+        deadline: tokio::time::Sleep,
+        body: Option<Arc<BodyState>>,
+    }
+}
+
+impl Future for UpstreamFuture {
+    type Output = Result<Response<PooledBody>, UpstreamError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.send.as_mut().poll(cx) {
+            return Poll::Ready(result);
+        }
+        if this.deadline.poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(Err(
+            if this.body.as_ref().is_some_and(|b| b.waiting_on_client()) {
+                UpstreamError::ClientBodyTimeout
+            } else {
+                UpstreamError::Timeout
+            },
+        ))
     }
 }
 
@@ -182,6 +215,10 @@ impl SharedBalance {
         // Whether this task's waker may be among the waiters: only then is there one to
         // take out. The common case (an endpoint ready at once) touches no waiter list.
         let mut waiting = false;
+        // The deadline's timer, made only once the request has to wait for an endpoint
+        // (almost never): a `Sleep` costs a clone of the runtime's handle and a timer
+        // entry, and kept here unboxed it would make every request's future larger.
+        let mut sleep: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let future = std::future::poll_fn(|cx| {
             let mut balance = self.balance.lock();
             let mut fanout = Context::from_waker(&self.fanout);
@@ -189,7 +226,16 @@ impl SharedBalance {
             let ready = loop {
                 match Service::<UpstreamRequest>::poll_ready(&mut *balance, &mut fanout) {
                     Poll::Ready(ready) => break ready,
-                    Poll::Pending if registered => return Poll::Pending,
+                    Poll::Pending if registered => {
+                        let sleep = sleep
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        if sleep.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        // No endpoint ready by the deadline: nothing was called, nothing
+                        // is recorded.
+                        break Err(BoxError::from(UpstreamError::Timeout));
+                    }
                     Poll::Pending => {
                         // Registered (again: a wake-up takes every waker), then polled once
                         // more: a wake-up between the first poll and the registration
@@ -211,20 +257,8 @@ impl SharedBalance {
                 Some(r) => Ok(Service::<UpstreamRequest>::call(&mut *balance, r)),
                 None => Err(BoxError::from("request already sent")),
             }))
-        });
-        // An endpoint is almost always ready at once: polled once without a timer (a
-        // `Sleep` costs a clone of the runtime's handle and a timer entry), and bounded by
-        // the deadline only when it has to wait. No endpoint ready by the deadline:
-        // nothing was called, nothing is recorded.
-        let mut future = std::pin::pin!(future);
-        let first = std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await;
-        let future = match first {
-            Poll::Ready(called) => called?,
-            Poll::Pending => match tokio::time::timeout_at(deadline, future).await {
-                Ok(called) => called?,
-                Err(_) => return Err(Box::new(UpstreamError::Timeout)),
-            },
-        };
+        })
+        .await?;
         future.await
     }
 }
