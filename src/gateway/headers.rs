@@ -37,7 +37,6 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// `X-Forwarded-Proto`.
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// The hop-by-hop headers of RFC 9110 §7.6.1 with a name of their own in `http`.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -53,13 +52,18 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Headers a `Connection` option never removes.
 const PROTECTED: [HeaderName; 3] = [header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH];
 
+#[inline]
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+    // Names are lower case: plain comparisons, not `HeaderName == &str`'s case-insensitive
+    // one (this runs for every header of every request).
+    HOP_BY_HOP.contains(name) || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`: what a client may not set.
+#[inline]
 fn is_forwarding(name: &HeaderName) -> bool {
-    name == header::FORWARDED || name == X_REAL_IP || name.as_str().starts_with("x-forwarded-")
+    let name = name.as_str();
+    name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
 }
 
 /// Why a request is answered `400 Bad Request` before it reaches a route's stack.
