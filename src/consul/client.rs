@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::config::ConsulConfig;
+use super::conn::{WatchedConnector, exchanges_of};
 use super::error::{ConfigError, ConsulError};
 use super::parse::{self, SkippedEntry};
 use super::registration::{CheckStatus, ServiceRegistration};
@@ -34,6 +36,17 @@ const MAX_BODY: usize = 64 << 20;
 /// for blocking queries (the agent adds up to `wait/16` of jitter), so a healthy long poll
 /// is never cut.
 ///
+/// An agent closes a keep-alive connection that has been idle for its timeout; a request
+/// sent on it in that instant fails with `Connection reset by peer` or an early EOF. Every
+/// request this client sends is idempotent (`GET`, `PUT`) with a body it can send again,
+/// so, as Go's `net/http` does, one that fails that way (a reused connection, reset or
+/// closed after the request was written and before any byte of an answer) is sent once
+/// more, on a new connection, within the same time limit; [`retried_stale`] counts them.
+/// A request that fails on a new connection, or after part of an answer, is not sent
+/// again.
+///
+/// [`retried_stale`]: ConsulClient::retried_stale
+///
 /// ```no_run
 /// use seawall::consul::{ConsulClient, ConsulConfig, HealthQuery};
 ///
@@ -52,8 +65,13 @@ pub struct ConsulClient {
 }
 
 struct Inner {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<WatchedConnector, Full<Bytes>>,
+    /// For a request sent again after a reused connection failed under it: a client
+    /// without a pool, so that it goes on a new connection.
+    fresh: Client<WatchedConnector, Full<Bytes>>,
     config: ConsulConfig,
+    /// Requests sent again after a reused connection failed under them.
+    retried_stale: AtomicU64,
 }
 
 /// Which servers may answer a health query.
@@ -278,11 +296,20 @@ impl ConsulClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.request_timeout));
+        let connector = WatchedConnector(connector);
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector.clone());
+        let fresh = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
             .build(connector);
         Self {
-            inner: Arc::new(Inner { http, config }),
+            inner: Arc::new(Inner {
+                http,
+                fresh,
+                config,
+                retried_stale: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -298,6 +325,12 @@ impl ConsulClient {
     /// The configuration.
     pub fn config(&self) -> &ConsulConfig {
         &self.inner.config
+    }
+
+    /// How many requests were sent again because the pooled keep-alive connection they
+    /// went out on failed before any byte of an answer came (see [`ConsulClient`]).
+    pub fn retried_stale(&self) -> u64 {
+        self.inner.retried_stale.load(Ordering::Relaxed)
     }
 
     /// Registers (or re-registers) a service with the local agent:
@@ -559,21 +592,48 @@ impl ConsulClient {
         } else {
             format!("http://{}{path}?{}", config.authority, query.0)
         };
-        let mut builder = Request::builder().method(method).uri(uri);
-        if let Some(token) = &config.token {
-            builder = builder.header("x-consul-token", token.clone());
-        }
-        if body.is_some() {
-            builder = builder.header(http::header::CONTENT_TYPE, "application/json");
-        }
-        let request = builder
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| ConsulError::transport(false, e).with_request(request_name.clone()))?;
+        let idempotent = is_idempotent(&method);
+        let content_type = body.is_some();
+        let body = body.unwrap_or_default();
+        let request = || {
+            let mut builder = Request::builder().method(method.clone()).uri(uri.as_str());
+            if let Some(token) = &config.token {
+                builder = builder.header("x-consul-token", token.clone());
+            }
+            if content_type {
+                builder = builder.header(http::header::CONTENT_TYPE, "application/json");
+            }
+            builder
+                .body(Full::new(body.clone()))
+                .map_err(|e| ConsulError::transport(false, e).with_request(request_name.clone()))
+        };
+        let first = request()?;
         let exchange = async {
-            let response = self.inner.http.request(request).await.map_err(|e| {
+            let transport = |e: hyper_util::client::legacy::Error| {
                 let connect = e.is_connect();
                 ConsulError::transport(connect, e)
-            })?;
+            };
+            let response = match self.inner.http.request(first).await {
+                Ok(response) => response,
+                Err(e) if idempotent && failed_stale(&e) => {
+                    // The agent closed the pooled connection as the request went out:
+                    // it never answered. Once more, on a new connection.
+                    self.inner.retried_stale.fetch_add(1, Ordering::Relaxed);
+                    #[cfg(feature = "tracing")]
+                    tracing::debug!(
+                        request = %request_name,
+                        error = ?e,
+                        "a reused connection to the agent failed before answering: \
+                         the request is sent again on a new connection"
+                    );
+                    self.inner
+                        .fresh
+                        .request(request()?)
+                        .await
+                        .map_err(transport)?
+                }
+                Err(e) => return Err(transport(e)),
+            };
             let (parts, body) = response.into_parts();
             let bytes = Limited::new(body, MAX_BODY)
                 .collect()
@@ -597,6 +657,32 @@ impl ConsulClient {
             Err(_) => Err(ConsulError::timeout(limit).with_request(request_name)),
         }
     }
+}
+
+/// Whether a request with `method` may be sent twice (RFC 9110, 9.2.2). Every body the
+/// client sends is a buffer it can send again.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether `error` is a reused connection failing (reset, closed) after the request was
+/// written and before any byte of an answer came: the agent closed it as it went idle.
+/// A new connection that fails, or one that failed part-way through an answer, is not.
+fn failed_stale(error: &hyper_util::client::legacy::Error) -> bool {
+    if error.is_connect() || !exchanges_of(error).is_some_and(|x| x.reused_and_unanswered()) {
+        return false;
+    }
+    let Some(e) = std::error::Error::source(error).and_then(|s| s.downcast_ref::<hyper::Error>())
+    else {
+        return false;
+    };
+    e.is_incomplete_message()
+        || e.is_canceled()
+        || e.is_closed()
+        || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
 }
 
 fn status_error(status: StatusCode, body: &[u8]) -> ConsulError {

@@ -70,6 +70,7 @@
 
 mod client;
 mod config;
+mod conn;
 mod duration;
 mod error;
 mod guard;

@@ -70,13 +70,21 @@
 //! none of these headers costs one pass over the header names and no allocation.
 //!
 //! Each endpoint keeps its idle HTTP/1 keep-alive connections (up to 128; those idle for
-//! over 30 s are closed by the next use of the pool or by a sweep of every pool every 5 s,
+//! over 30 s, or past the idle timeout the upstream advertises in `Keep-Alive: timeout=N`
+//! less a quarter of it (at most 1 s), are closed by the next use of the pool or by a
+//! sweep of every pool every 5 s,
 //! whichever comes first, and an endpoint that leaves discovery closes them all). A request takes the most recently used one, or dials a new one (5 s connect
 //! bound); the request's own task drives that connection, with no task of its own and no
 //! hop between tasks, and the response body puts it back once read to the end. A
 //! connection is never reused after a body abandoned half-way, an error, or the
-//! upstream's `Connection: close`; a request that a reused connection could not even send
-//! (the upstream had just closed it) is sent once more on a new connection.
+//! upstream's `Connection: close`. A reused connection the upstream closes just as a
+//! request goes out on it (its idle timeout racing the request) is handled as Go's
+//! `net/http` does: a request it could not even send is sent once more on a new
+//! connection, and so is one it sent if that is harmless: an idempotent method (`GET`,
+//! `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`), no request body (a streamed body cannot
+//! be replayed), and the connection reset or closed before any byte of an answer came.
+//! Anything else (a `POST`, a body, a new connection, an answer cut part-way) is a 502.
+//! The gateway-wide `retried_stale` counts the requests sent again.
 //!
 //! The balancer is shared by all of a route's requests behind a `parking_lot` mutex held
 //! only to reserve an endpoint and start the call (never across an await), rather than a
@@ -264,6 +272,7 @@
 //!   "uptime_seconds": 12.5,
 //!   "unmatched": 0,                    // requests answered 404 (no route)
 //!   "send_timeouts": 0,                // client connections closed by send_timeout
+//!   "retried_stale": 0,                // sent again: a reused upstream connection failed first
 //!   "routes": [{
 //!     "name": "users", "path_prefix": "/api/users", "service": "users",
 //!     "requests": 120,                 // matched to the route

@@ -13,16 +13,24 @@
 //! ready again — the response body returns it where the request ends, on the task that
 //! serves the request.
 //!
-//! A request that could not be written because a reused connection had just been closed
-//! by the upstream (an idle keep-alive connection racing its close) is sent again on a
-//! fresh connection, once; a request that was written is never sent twice.
+//! A reused connection may have just been closed by the upstream: an idle keep-alive
+//! connection racing the upstream's idle timeout. A request that could not be written on
+//! it is sent again on a new connection, once. A request that was written is sent again,
+//! once, on a new connection only if sending it twice is harmless and possible, as Go's
+//! `net/http` does: its method is idempotent (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`,
+//! `DELETE`), it has no body (a client's streamed body cannot be replayed), and the
+//! connection failed (reset, closed) before any byte of an answer came. A request that
+//! failed on a new connection is never sent again. The gateway counts these retries
+//! (`retried_stale`). And a connection is not reused past the idle timeout the upstream
+//! advertises (`Keep-Alive: timeout=N`): it is closed a little before (a quarter of `N`
+//! before, at most 1 s), so the race does not arise with upstreams that say it.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -125,7 +133,62 @@ enum Target {
     Host(Arc<str>, u16),
 }
 
-type Io = TokioIo<TcpStream>;
+type Io = TokioIo<Marked>;
+
+/// A connection's socket, marking when bytes of an answer arrive, so that a request that
+/// failed before any byte of its answer is known to have had none (hyper reports an
+/// answer cut after a few bytes and no answer at all alike).
+struct Marked {
+    stream: TcpStream,
+    /// Set when bytes are read; cleared by [`Conn::exchange`] before it sends.
+    answered: Arc<AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Marked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.answered.store(true, Ordering::Relaxed);
+        }
+        read
+    }
+}
+
+impl tokio::io::AsyncWrite for Marked {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
 
 /// One HTTP/1 connection: the handle that sends on it and the state machine that drives
 /// it. The connection is driven by whichever task has it (the request's, through its
@@ -136,14 +199,24 @@ struct Conn {
     driver: Option<http1::Connection<Io, Body>>,
     /// What everything of this connection is polled with.
     local: Local,
+    /// Whether bytes came since the last request was sent ([`Marked`]).
+    answered: Arc<AtomicBool>,
+    /// How long it may stay idle: [`IDLE_TIMEOUT`], or less if the upstream said so.
+    max_idle: Duration,
 }
 
 impl Conn {
-    fn new(sender: SendRequest<Body>, driver: http1::Connection<Io, Body>) -> Self {
+    fn new(
+        sender: SendRequest<Body>,
+        driver: http1::Connection<Io, Body>,
+        answered: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             sender,
             driver: Some(driver),
             local: Local::new(),
+            answered,
+            max_idle: IDLE_TIMEOUT,
         }
     }
 
@@ -287,6 +360,7 @@ pub(crate) fn set_thread_shard(index: usize) {
     SHARD.with(|s| s.set(index % SHARDS));
 }
 
+/// Idle connections and when each expires.
 type Idle = parking_lot::Mutex<VecDeque<(Conn, Instant)>>;
 
 /// The idle connections of one endpoint.
@@ -296,6 +370,8 @@ pub(crate) struct EndpointPool {
     host: HeaderValue,
     /// Per shard, oldest first; taken from the back.
     idle: Box<[Idle]>,
+    /// The gateway's count of requests sent again ([`Pools::retried_stale`]).
+    retried_stale: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for EndpointPool {
@@ -311,7 +387,7 @@ impl fmt::Debug for EndpointPool {
 }
 
 impl EndpointPool {
-    fn new(instance: &Instance) -> Arc<Self> {
+    fn new(instance: &Instance, retried_stale: Arc<AtomicU64>) -> Arc<Self> {
         let target = match instance.socket_addr() {
             Some(addr) => Target::Addr(addr),
             None => Target::Host(instance.address.clone(), instance.port),
@@ -324,6 +400,7 @@ impl EndpointPool {
             idle: (0..SHARDS)
                 .map(|_| parking_lot::Mutex::new(VecDeque::new()))
                 .collect(),
+            retried_stale,
         })
     }
 
@@ -334,22 +411,39 @@ impl EndpointPool {
 
     /// The most recently returned idle connection, closing any that idled too long.
     fn checkout(&self) -> Option<Conn> {
+        let now = Instant::now();
         let mut idle = self.shard().lock();
-        let expired = expired(&mut idle, Instant::now());
-        let conn = idle.pop_back().map(|(conn, _)| conn);
+        let mut expired = expired(&mut idle, now);
+        let mut conn = None;
+        while let Some((newest, expires)) = idle.pop_back() {
+            if expires > now {
+                conn = Some(newest);
+                break;
+            }
+            // Only with an upstream whose advertised timeout changed.
+            expired.push(newest);
+        }
         drop(idle);
         // Closed outside the lock.
         drop(expired);
         conn
     }
 
-    /// Closes the connections of every shard idle for longer than [`IDLE_TIMEOUT`];
-    /// returns how many.
+    /// Closes the connections of every shard idle for too long; returns how many.
     fn prune(&self, now: Instant) -> usize {
         self.idle
             .iter()
             .map(|shard| {
-                let expired = expired(&mut shard.lock(), now);
+                let mut shard = shard.lock();
+                let mut expired = expired(&mut shard, now);
+                if shard.iter().any(|(_, expires)| *expires <= now) {
+                    let (keep, out): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut *shard)
+                        .into_iter()
+                        .partition(|(_, expires)| *expires > now);
+                    *shard = keep;
+                    expired.extend(out.into_iter().map(|(conn, _)| conn));
+                }
+                drop(shard);
                 // Closed (dropped) outside the lock.
                 expired.len()
             })
@@ -358,12 +452,17 @@ impl EndpointPool {
 
     /// Puts a connection whose last exchange is over back in the pool.
     fn put(&self, conn: Conn) {
+        if conn.max_idle.is_zero() {
+            // The upstream keeps no idle connection.
+            return;
+        }
+        let expires = Instant::now() + conn.max_idle;
         let mut idle = self.shard().lock();
         if idle.len() >= MAX_IDLE {
             // The oldest goes: the newest is the one most likely to be reused warm.
             idle.pop_front();
         }
-        idle.push_back((conn, Instant::now()));
+        idle.push_back((conn, expires));
     }
 
     async fn connect(&self) -> Result<Conn, UpstreamError> {
@@ -377,10 +476,15 @@ impl EndpointPool {
         .map_err(|_| UpstreamError::ConnectTimeout)?
         .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
+        let answered = Arc::new(AtomicBool::new(false));
+        let stream = Marked {
+            stream,
+            answered: answered.clone(),
+        };
         let (sender, driver) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Http)?;
-        Ok(Conn::new(sender, driver))
+        Ok(Conn::new(sender, driver, answered))
     }
 
     /// An idle connection ready for a request (an idle one the upstream closed is
@@ -412,8 +516,8 @@ impl EndpointPool {
         self.send_on(conn, reused, request).await
     }
 
-    /// Sends `request` on `conn`; if `conn` was `reused` and could not even take the
-    /// request, once more on a new connection.
+    /// Sends `request` on `conn`. If `conn` was `reused` and failed under the request
+    /// (see the module's documentation for when), once more on a new connection.
     async fn send_on(
         self: Arc<Self>,
         mut conn: Conn,
@@ -424,17 +528,123 @@ impl EndpointPool {
             .headers_mut()
             .insert(header::HOST, self.host.clone());
         frame_body(&mut request);
+        // A copy of the head, for a request that may be sent again after it was written.
+        let replay = (reused && replayable(&request)).then(|| head_of(&request));
         let response = match conn.exchange(request).await {
             Ok(response) => response,
             // Not written: a reused connection closed under us. Once more, on a new one.
-            Err(Unsent(Some(request), _)) if reused => {
+            Err(Unsent(Some(request), _e)) if reused => {
+                self.count_retry(&_e);
                 conn = self.connect().await?;
                 conn.exchange(request).await?
             }
+            // Written, and the connection failed before any byte of an answer.
+            Err(Unsent(None, e))
+                if replay.is_some()
+                    && !conn.answered.load(Ordering::Relaxed)
+                    && e.is_connection_lost() =>
+            {
+                self.count_retry(&e);
+                conn = self.connect().await?;
+                conn.exchange(replay.unwrap_or_default()).await?
+            }
             Err(e) => return Err(e.into()),
         };
+        conn.max_idle = max_idle(response.headers());
         Ok(response.map(|body| PooledBody::new(body, conn, self)))
     }
+
+    /// Counts (and logs) a request sent again after `_error` on a reused connection.
+    fn count_retry(&self, _error: &UpstreamError) {
+        self.retried_stale.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "tracing")]
+        tracing::debug!(
+            target: "seawall::gateway",
+            upstream = ?self.target,
+            error = %_error,
+            "a reused upstream connection failed before answering: \
+             the request is sent again on a new connection"
+        );
+    }
+}
+
+/// Whether `request` may be sent a second time after it was written: its method is
+/// idempotent (RFC 9110, 9.2.2) and it has no body (a client's body, streamed, is gone
+/// once sent).
+fn replayable(request: &Request<Body>) -> bool {
+    use hyper::body::Body as _;
+    matches!(
+        *request.method(),
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    ) && request.body().is_end_stream()
+}
+
+/// A copy of the head of `request`, with an empty body. Its extensions are not copied:
+/// the upstream request has none that matter to hyper's HTTP/1 client.
+fn head_of(request: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// An empty body: boxes a zero-sized value, so allocates nothing.
+fn empty() -> Body {
+    use http_body_util::BodyExt as _;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// `Keep-Alive` (RFC 2068, 19.7.1.1; not a registered name of the `http` crate).
+static KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
+
+/// How long a connection whose last response had these `headers` may stay idle: the
+/// upstream's advertised `Keep-Alive: timeout=N` less a margin (a quarter of it, at most
+/// 1 s: the upstream's clock starts a little before ours), at most [`IDLE_TIMEOUT`].
+fn max_idle(headers: &http::HeaderMap) -> Duration {
+    let Some(timeout) = headers
+        .get(&KEEP_ALIVE)
+        .and_then(|v| keep_alive_timeout(v.as_bytes()))
+    else {
+        return IDLE_TIMEOUT;
+    };
+    if timeout >= IDLE_TIMEOUT.as_secs() {
+        return IDLE_TIMEOUT;
+    }
+    let timeout = Duration::from_secs(timeout);
+    timeout - (timeout / 4).min(Duration::from_secs(1))
+}
+
+/// The `timeout` parameter of a `Keep-Alive` header value (`timeout=5, max=1000`), in
+/// seconds; `None` without one, or if it is not a number. One pass over the bytes, no
+/// allocation.
+fn keep_alive_timeout(value: &[u8]) -> Option<u64> {
+    value.split(|&b| b == b',').find_map(|param| {
+        let param = param.trim_ascii();
+        let eq = param.iter().position(|&b| b == b'=')?;
+        let (name, value) = (param[..eq].trim_ascii(), param[eq + 1..].trim_ascii());
+        if !name.eq_ignore_ascii_case(b"timeout") {
+            return None;
+        }
+        let value = value
+            .strip_prefix(b"\"")
+            .and_then(|v| v.strip_suffix(b"\""))
+            .unwrap_or(value);
+        if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        value.iter().try_fold(0u64, |n, &d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+    })
 }
 
 /// Makes sure a body of unknown length is sent, whatever the method: hyper's client sends
@@ -466,14 +676,11 @@ fn frame_body(request: &mut Request<Body>) {
     }
 }
 
-/// Takes the connections idle since before `now - IDLE_TIMEOUT` out of a shard (oldest
-/// first, so they are at its front).
+/// Takes the connections expired by `now` off the front of a shard (oldest first, so
+/// with one upstream's timeout, expired ones are at its front).
 fn expired(idle: &mut VecDeque<(Conn, Instant)>, now: Instant) -> Vec<Conn> {
     let mut expired = Vec::new();
-    while idle
-        .front()
-        .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
-    {
+    while idle.front().is_some_and(|(_, expires)| *expires <= now) {
         expired.extend(idle.pop_front().map(|(conn, _)| conn));
     }
     expired
@@ -482,21 +689,32 @@ fn expired(idle: &mut VecDeque<(Conn, Instant)>, now: Instant) -> Vec<Conn> {
 /// Every endpoint pool of a gateway, so that idle connections are closed on time even in
 /// the pools of routes that have gone quiet.
 #[derive(Default)]
-pub(crate) struct Pools(parking_lot::Mutex<Vec<Weak<EndpointPool>>>);
+pub(crate) struct Pools {
+    all: parking_lot::Mutex<Vec<Weak<EndpointPool>>>,
+    /// Requests sent again after a reused connection failed under them, in every pool.
+    retried_stale: Arc<AtomicU64>,
+}
 
 impl Pools {
     /// A new pool for `instance`, swept with the others.
     pub(crate) fn pool(&self, instance: &Instance) -> Arc<EndpointPool> {
-        let pool = EndpointPool::new(instance);
-        self.0.lock().push(Arc::downgrade(&pool));
+        let pool = EndpointPool::new(instance, self.retried_stale.clone());
+        self.all.lock().push(Arc::downgrade(&pool));
         pool
+    }
+
+    /// How many requests were sent again on a new connection because the reused one
+    /// they were written on failed before any byte of an answer (the gateway's
+    /// `retried_stale`).
+    pub(crate) fn retried_stale(&self) -> u64 {
+        self.retried_stale.load(Ordering::Relaxed)
     }
 
     /// Closes the connections idle for too long in every pool, and forgets the pools of
     /// endpoints gone from discovery. Returns how many connections it closed.
     fn sweep(&self) -> usize {
         let pools: Vec<Arc<EndpointPool>> = {
-            let mut all = self.0.lock();
+            let mut all = self.all.lock();
             all.retain(|p| p.strong_count() > 0);
             all.iter().filter_map(Weak::upgrade).collect()
         };
@@ -536,6 +754,23 @@ impl Pools {
 /// Why an exchange failed, with the request when it was not written at all.
 struct Unsent(Option<Request<Body>>, UpstreamError);
 
+impl UpstreamError {
+    /// Whether the connection was lost (reset, closed, cut) rather than the exchange
+    /// going wrong in a way a new connection would not fix.
+    fn is_connection_lost(&self) -> bool {
+        match self {
+            Self::Closed => true,
+            Self::Http(e) => {
+                e.is_incomplete_message()
+                    || e.is_canceled()
+                    || e.is_closed()
+                    || std::error::Error::source(e).is_some_and(|s| s.is::<io::Error>())
+            }
+            _ => false,
+        }
+    }
+}
+
 impl From<Unsent> for UpstreamError {
     fn from(e: Unsent) -> Self {
         e.1
@@ -549,7 +784,10 @@ impl Conn {
             sender,
             driver,
             local,
+            answered,
+            ..
         } = self;
+        answered.store(false, Ordering::Relaxed);
         // Sent on the first poll, inside `poll_local`: sending wakes the driver's waker,
         // which is this task's.
         let mut exchange = std::pin::pin!(async { sender.try_send_request(request).await });
@@ -802,7 +1040,7 @@ mod tests {
     #[tokio::test]
     async fn a_reused_connection_closed_under_the_request_is_retried_once_on_a_new_one() {
         let (addr, accepted, closed) = closing_first_upstream().await;
-        let pool = EndpointPool::new(&Instance::local("up", addr));
+        let pool = EndpointPool::new(&Instance::local("up", addr), Arc::default());
         let stale = pool.connect().await.unwrap();
         closed.notified().await;
         // As if taken from the pool an instant before the upstream's close arrived.
@@ -820,10 +1058,53 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_keep_alive_timeout_is_parsed() {
+        for (value, timeout) in [
+            (&b"timeout=5"[..], Some(5)),
+            (b"timeout=5, max=1000", Some(5)),
+            (b"max=100 , Timeout = 15", Some(15)),
+            (b"timeout=\"2\"", Some(2)),
+            (b"timeout=0", Some(0)),
+            (b"max=5", None),
+            (b"timeout=", None),
+            (b"timeout=-1", None),
+            (b"timeout=1.5", None),
+            (b"timeout=99999999999999999999", None),
+            (b"timeout", None),
+            (b"", None),
+            (b",,=,", None),
+        ] {
+            assert_eq!(
+                keep_alive_timeout(value),
+                timeout,
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+        }
+    }
+
+    #[test]
+    fn an_idle_connection_expires_a_little_before_the_advertised_timeout() {
+        let idle = |value: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("keep-alive", HeaderValue::from_static(value));
+            max_idle(&headers)
+        };
+        assert_eq!(max_idle(&http::HeaderMap::new()), IDLE_TIMEOUT);
+        assert_eq!(idle("max=10"), IDLE_TIMEOUT);
+        assert_eq!(idle("timeout=0"), Duration::ZERO);
+        assert_eq!(idle("timeout=1"), Duration::from_millis(750));
+        assert_eq!(idle("timeout=2"), Duration::from_millis(1500));
+        assert_eq!(idle("timeout=5"), Duration::from_secs(4));
+        assert_eq!(idle("timeout=29"), Duration::from_secs(28));
+        assert_eq!(idle("timeout=75"), IDLE_TIMEOUT);
+    }
+
     #[tokio::test]
     async fn a_new_connection_closed_under_the_request_is_not_retried() {
         let (addr, accepted, closed) = closing_first_upstream().await;
-        let pool = EndpointPool::new(&Instance::local("up", addr));
+        let pool = EndpointPool::new(&Instance::local("up", addr), Arc::default());
         let fresh = pool.connect().await.unwrap();
         closed.notified().await;
         let error = pool.clone().send_on(fresh, false, get()).await.unwrap_err();

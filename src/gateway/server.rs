@@ -124,7 +124,7 @@ struct Inner {
     /// Kept alive for as long as the gateway.
     _watches: Vec<ConsulWatch>,
     /// Every endpoint's pool; the sweeper stops once this is dropped.
-    _pools: Arc<Pools>,
+    pools: Arc<Pools>,
 }
 
 impl fmt::Debug for Gateway {
@@ -228,7 +228,7 @@ impl Gateway {
                 paths: config.gateway.path_options(),
                 admin,
                 _watches: watches,
-                _pools: pools,
+                pools,
             }),
         })
     }
@@ -244,6 +244,7 @@ impl Gateway {
             uptime_seconds: self.inner.started.elapsed().as_secs_f64(),
             unmatched: self.inner.unmatched.load(Relaxed),
             send_timeouts: self.inner.send_timeouts.load(Relaxed),
+            retried_stale: self.inner.pools.retried_stale(),
             routes: self.inner.routes.iter().map(Route::status).collect(),
         }
     }

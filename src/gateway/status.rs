@@ -27,6 +27,11 @@ pub struct GatewayStatus {
     /// `send_timeout` (the client read nothing).
     #[serde(default)]
     pub send_timeouts: u64,
+    /// Idempotent requests without a body sent again on a new upstream connection because
+    /// the reused keep-alive connection they were written on failed before any byte of an
+    /// answer came (the upstream closed it as it went idle).
+    #[serde(default)]
+    pub retried_stale: u64,
     /// One entry per route, in configuration order.
     pub routes: Vec<RouteStatus>,
 }
@@ -311,6 +316,12 @@ pub fn render_prometheus(status: &GatewayStatus) -> String {
         "counter",
         "Client connections closed for reading nothing for send_timeout.",
         &mut std::iter::once((String::new(), status.send_timeouts.to_string())),
+    );
+    family(
+        "seawall_gateway_retried_stale_total",
+        "counter",
+        "Requests sent again after a reused upstream connection failed before answering.",
+        &mut std::iter::once((String::new(), status.retried_stale.to_string())),
     );
     family(
         "seawall_gateway_requests_total",
