@@ -82,8 +82,10 @@
 //! `net/http` does: a request it could not even send is sent once more on a new
 //! connection, and so is one it sent if that is harmless: an idempotent method (`GET`,
 //! `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`), no request body (a streamed body cannot
-//! be replayed), and the connection reset or closed before any byte of an answer came.
-//! Anything else (a `POST`, a body, a new connection, an answer cut part-way) is a 502.
+//! be replayed), the connection reset or closed before any byte of an answer came, and
+//! it had idled for 200 ms or more (a connection reused sooner is not at risk from an
+//! idle timer, and its request's head is not copied). Anything else (a `POST`, a body, a
+//! new connection, an answer cut part-way) is a 502.
 //! The gateway-wide `retried_stale` counts the requests sent again.
 //!
 //! The balancer is shared by all of a route's requests behind a `parking_lot` mutex held

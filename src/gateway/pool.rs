@@ -19,8 +19,11 @@
 //! once, on a new connection only if sending it twice is harmless and possible, as Go's
 //! `net/http` does: its method is idempotent (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`,
 //! `DELETE`), it has no body (a client's streamed body cannot be replayed), and the
-//! connection failed (reset, closed) before any byte of an answer came. A request that
-//! failed on a new connection is never sent again. The gateway counts these retries
+//! connection failed (reset, closed) before any byte of an answer came, and the
+//! connection had idled for 200 ms or more before it (only then can an upstream's idle
+//! timer close it under the request; a connection reused sooner, as every connection of a
+//! busy pool is, costs no copy of the request's head). A request that failed on a new
+//! connection is never sent again. The gateway counts these retries
 //! (`retried_stale`). And a connection is not reused past the idle timeout the upstream
 //! advertises (`Keep-Alive: timeout=N`): it is closed a little before (a quarter of `N`
 //! before, at most 1 s), so the race does not arise with upstreams that say it.
@@ -53,6 +56,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection may stay idle in the pool: it is closed by the next use of the
 /// pool, or by the gateway's sweep, whichever comes first.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A reused connection idle for this long or more may be closed by the upstream's idle
+/// timer just as a request is written on it: the head of an idempotent request without a
+/// body is then kept, to send it again on a new connection if the old one fails before
+/// any byte of an answer. Upstreams' idle timeouts are seconds (nginx 75 s, Node 5 s);
+/// a connection reused sooner than this costs no copy.
+const STALE_AFTER: Duration = Duration::from_millis(200);
 /// How often the gateway closes the connections idle for longer than [`IDLE_TIMEOUT`] in
 /// pools nobody uses: an idle connection lives 30 to 35 s.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -203,6 +213,9 @@ struct Conn {
     answered: Arc<AtomicBool>,
     /// How long it may stay idle: [`IDLE_TIMEOUT`], or less if the upstream said so.
     max_idle: Duration,
+    /// Checked out after idling for [`STALE_AFTER`] or more: the upstream's idle timer
+    /// may close it under the next request.
+    idled: bool,
 }
 
 impl Conn {
@@ -217,6 +230,7 @@ impl Conn {
             local: Local::new(),
             answered,
             max_idle: IDLE_TIMEOUT,
+            idled: false,
         }
     }
 
@@ -415,8 +429,10 @@ impl EndpointPool {
         let mut idle = self.shard().lock();
         let mut expired = expired(&mut idle, now);
         let mut conn = None;
-        while let Some((newest, expires)) = idle.pop_back() {
+        while let Some((mut newest, expires)) = idle.pop_back() {
             if expires > now {
+                // Idle since `expires - max_idle`.
+                newest.idled = now + newest.max_idle >= expires + STALE_AFTER;
                 conn = Some(newest);
                 break;
             }
@@ -529,7 +545,9 @@ impl EndpointPool {
             .insert(header::HOST, self.host.clone());
         frame_body(&mut request);
         // A copy of the head, for a request that may be sent again after it was written.
-        let replay = (reused && replayable(&request)).then(|| head_of(&request));
+        // Only for a connection that idled long enough for the upstream to close it: one
+        // reused at once (every connection of a busy pool) costs no copy.
+        let replay = (reused && conn.idled && replayable(&request)).then(|| head_of(&request));
         let response = match conn.exchange(request).await {
             Ok(response) => response,
             // Not written: a reused connection closed under us. Once more, on a new one.
