@@ -385,6 +385,7 @@ where
     svc.ready().await.unwrap().call(request).await.unwrap()
 }
 
+#[cfg(feature = "http")]
 #[tokio::test]
 async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redis_is_gone() {
     use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
@@ -557,4 +558,176 @@ async fn a_saturated_key_is_refused_without_round_trips_until_redis_said() {
         limiter.acquire("j", 1).await.is_ok(),
         "one token is back after 100 ms"
     );
+}
+
+/// Breaker transitions received so far, as `from->to`.
+fn transitions(
+    rx: &mut tokio::sync::broadcast::Receiver<seawall::circuit_breaker::Event>,
+) -> Vec<String> {
+    use seawall::circuit_breaker::EventKind;
+    let mut seen = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        if let EventKind::StateTransition { from, to } = event.kind() {
+            seen.push(format!("{from}->{to}"));
+        }
+    }
+    seen
+}
+
+/// Issue 12, item 1: Redis killed, left down until the connection manager's own
+/// reconnection has failed (so a stale `Reconnecting failed` error waits in it), then
+/// restarted on the same port. `served_by_redis` makes one check: `Some(true)` when Redis
+/// answered it, `Some(false)` when the failure policy did. The first Redis-served check
+/// must come at most 100 ms after the breaker admits a probe (and so within the open wait
+/// + 100 ms of the restart), and the breaker must not have re-opened.
+async fn restart_recovers_at_the_first_probe<F, Fut>(
+    limiter: &RedisRateLimiter,
+    redis: Redis,
+    wait: Duration,
+    mut served_by_redis: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    use seawall::circuit_breaker::EventKind;
+    let port = redis.port;
+    let mut events = limiter.breaker().subscribe();
+    assert!(served_by_redis().await, "Redis is up");
+
+    drop(redis);
+    let killed = Instant::now();
+    // Load goes on: checks until the breaker opens, each answered by the policy.
+    let retry_at = loop {
+        assert!(!served_by_redis().await, "Redis is down");
+        let mut opened = None;
+        while let Ok(event) = events.try_recv() {
+            if let EventKind::StateTransition {
+                to: State::Open, ..
+            } = event.kind()
+            {
+                opened = event.retry_at();
+            }
+        }
+        if let Some(at) = opened {
+            break at;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "the breaker never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // Down for longer than the manager's reconnection takes to fail (one retry after
+    // 1 to 2 s in the old configuration), so a stale error waits for the first probe.
+    tokio::time::sleep_until(killed + Duration::from_millis(2100)).await;
+    let _redis = Redis::start(port).await;
+    let restarted = Instant::now();
+    assert!(
+        restarted < retry_at,
+        "the restart must come before the probe: lengthen `wait`"
+    );
+
+    // Load again: a check every 5 ms, until one is served by Redis.
+    let deadline = retry_at + wait * 3;
+    let first = loop {
+        if served_by_redis().await {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not served by Redis {:?} after the restart; transitions {:?}",
+            restarted.elapsed(),
+            transitions(&mut events)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let seen = transitions(&mut events);
+    assert!(
+        first <= retry_at + Duration::from_millis(100),
+        "first Redis-served check {:?} after the probe was allowed ({:?} after the restart); \
+         transitions {seen:?}",
+        first.saturating_duration_since(retry_at),
+        first - restarted
+    );
+    assert!(first - restarted <= wait + Duration::from_millis(100));
+    assert_eq!(
+        seen,
+        ["open->half_open", "half_open->closed"],
+        "no second trip"
+    );
+}
+
+fn restart_breaker(wait: Duration) -> CircuitBreakerConfig {
+    CircuitBreakerConfig::builder()
+        .name("redis-restart")
+        .sliding_window(SlidingWindow::count_based(2))
+        .minimum_calls(2)
+        .wait_in_open(wait)
+        .exponential_backoff(2.0, Duration::from_secs(30))
+        .permitted_calls_in_half_open(1)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_restarted_redis_answers_the_first_probe() {
+    let redis = Redis::start(Redis::free_port()).await;
+    let wait = Duration::from_millis(2600);
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
+        .prefix("restart")
+        .timeout(Duration::from_millis(200))
+        .failure_policy(FailurePolicy::FailOpen {
+            local_share: quota(60_000, 1000),
+        })
+        .breaker(restart_breaker(wait))
+        .build()
+        .unwrap();
+    let check = || async {
+        match limiter.acquire("k", 1).await {
+            Ok((_, Source::Redis)) => true,
+            Ok((_, Source::Local)) => false,
+            other => panic!("unexpected: {other:?}"),
+        }
+    };
+    restart_recovers_at_the_first_probe(&limiter, redis, wait, check).await;
+    assert!(limiter.reconnect_retries() >= 1, "the retry was counted");
+}
+
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn over_http_503_lasts_only_while_redis_is_down() {
+    use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
+    use tower::{Layer, Service, ServiceExt};
+
+    let redis = Redis::start(Redis::free_port()).await;
+    let wait = Duration::from_millis(2600);
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
+        .prefix("restart-http")
+        .timeout(Duration::from_millis(200))
+        .breaker(restart_breaker(wait))
+        .build()
+        .unwrap();
+    let svc = HttpRedisRateLimitLayer::new(
+        limiter.clone(),
+        HeaderKey(http::HeaderName::from_static("x-api-key")),
+    )
+    .layer(tower::service_fn(|_req: http::Request<()>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+    }));
+    let check = || {
+        let mut svc = svc.clone();
+        async move {
+            let request = http::Request::builder()
+                .header("x-api-key", "k")
+                .body(())
+                .unwrap();
+            let response = svc.ready().await.unwrap().call(request).await.unwrap();
+            match response.status().as_u16() {
+                200 => true,
+                503 => false, // failing closed while Redis is away
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    };
+    restart_recovers_at_the_first_probe(&limiter, redis, wait, check).await;
 }

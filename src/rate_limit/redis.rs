@@ -6,9 +6,33 @@
 //! racing the key's expiry, and lost while Redis is unavailable; with batching, tokens
 //! are taken ahead, so there would be nothing exact to give back either. Put the Redis
 //! limit innermost: the local limits outside it refund when it refuses.
+//!
+//! # Failures, timeouts and recovery
+//!
+//! Every check waits at most the [timeout](RedisRateLimiterBuilder::timeout) for Redis,
+//! and runs behind a [circuit breaker](crate::circuit_breaker); a check Redis could not
+//! answer (an error or the timeout) is answered by the [`FailurePolicy`]: this replica's
+//! local share, or a refusal.
+//!
+//! While open, checks go straight to the policy; after the open wait one probe goes to
+//! Redis, and limiting is distributed again as soon as it succeeds.
+//!
+//! **Reconnection.** The connection is re-made by redis' connection manager. After a
+//! failed reconnection, it hands the *stale* error (`Reconnecting failed: Connection
+//! refused`) to the next call, at once, and only then starts reconnecting; left alone, the
+//! first probe after Redis came back would fail that way and re-open the breaker for
+//! twice as long. So a check that fails with a connection error (not a timeout) is retried
+//! once, at once, inside the same timeout: the retry awaits the fresh reconnection, and the
+//! first check after Redis is reachable again succeeds. The manager does not retry with
+//! backoff by itself (a failed reconnection fails at once; the next check starts another).
+//! Retries are counted ([`RedisRateLimiter::reconnect_retries`], and
+//! `seawall_rate_limit_redis_retries_total{limiter}` for a named limiter) and logged at
+//! debug level. A retried check may take tokens twice if Redis ran the script but the
+//! answer was lost with the connection: the fleet then admits less, never more.
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use std::collections::HashMap;
@@ -24,6 +48,9 @@ use super::quota::Quota;
 use super::{KeyedRateLimiter, TokioClock};
 use crate::BoxError;
 use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow};
+
+/// The default [`timeout`](RedisRateLimiterBuilder::timeout).
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// GCRA in one atomic step on the server, timed by the server's clock (so replicas'
 /// clocks need not agree). Numbers are microseconds; Lua's doubles hold them exactly.
@@ -131,6 +158,8 @@ struct Inner {
     batch: Option<Batching>,
     refusals: Refusals,
     telemetry: super::telemetry::Telemetry,
+    /// Checks retried after a connection error.
+    retries: AtomicU64,
 }
 
 /// Refusals Redis gave, per key, until they run out: a saturated key is refused here
@@ -273,7 +302,7 @@ impl RedisRateLimiter {
             url: url.into(),
             quota,
             prefix: "seawall".to_owned(),
-            timeout: Duration::from_millis(50),
+            timeout: DEFAULT_TIMEOUT,
             policy: FailurePolicy::FailClosed,
             breaker: None,
             batch: None,
@@ -409,20 +438,34 @@ impl RedisRateLimiter {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(inner.timeout)
                     .set_response_timeout(inner.timeout)
-                    .set_number_of_retries(1);
+                    // No retries with backoff inside the manager: a failed reconnection
+                    // fails at once (one more is started by the next call), instead of
+                    // holding every check until its timeout for 1 to 2 s.
+                    .set_number_of_retries(0);
                 ConnectionManager::new_with_config(inner.client.clone(), config).await
             })
             .await?;
         let mut conn = conn.clone();
-        let reply: Vec<i64> = inner
-            .script
-            .key(key)
-            .arg(inner.interval_us)
-            .arg(inner.tau_us)
-            .arg(need)
-            .arg(want)
-            .invoke_async(&mut conn)
-            .await?;
+        let reply = match self.invoke(&mut conn, key, need, want).await {
+            Err(error) if error.is_io_error() && !error.is_timeout() => {
+                // A connection error (often the stale `Reconnecting failed` of an earlier
+                // reconnection, returned at once): the manager has just started a new
+                // reconnection, and one retry awaits it, inside the same timeout. Without
+                // it, the first probe after Redis comes back fails and re-opens the
+                // breaker for twice as long.
+                inner.retries.fetch_add(1, Relaxed);
+                inner.telemetry.record_redis_retry();
+                #[cfg(feature = "tracing")]
+                tracing::debug!(
+                    limiter = self.name().unwrap_or(&inner.prefix),
+                    %error,
+                    "retrying a Redis check once after a connection error"
+                );
+                let _ = error;
+                self.invoke(&mut conn, key, need, want).await?
+            }
+            result => result?,
+        };
         let &[granted, value, full_in] = reply.as_slice() else {
             return Err(format!("unexpected reply from the rate-limit script: {reply:?}").into());
         };
@@ -444,6 +487,35 @@ impl RedisRateLimiter {
                 us(full_in),
             ))
         })
+    }
+}
+
+impl RedisRateLimiter {
+    /// One run of the script on `conn`.
+    async fn invoke(
+        &self,
+        conn: &mut ConnectionManager,
+        key: &str,
+        need: u32,
+        want: u32,
+    ) -> redis::RedisResult<Vec<i64>> {
+        let inner = &self.inner;
+        inner
+            .script
+            .key(key)
+            .arg(inner.interval_us)
+            .arg(inner.tau_us)
+            .arg(need)
+            .arg(want)
+            .invoke_async(conn)
+            .await
+    }
+
+    /// How many checks were retried once after a connection error (see
+    /// [the module docs](self#failures-timeouts-and-recovery)); also reported, for a
+    /// named limiter, as `seawall_rate_limit_redis_retries_total{limiter}`.
+    pub fn reconnect_retries(&self) -> u64 {
+        self.inner.retries.load(Relaxed)
     }
 }
 
@@ -544,6 +616,7 @@ impl RedisRateLimiterBuilder {
                 local,
                 breaker: Breaker::new(breaker),
                 refusals: Refusals::new(10_000),
+                retries: AtomicU64::new(0),
                 telemetry: {
                     let t = super::telemetry::Telemetry::default();
                     if let Some(name) = &self.name {
