@@ -731,3 +731,199 @@ async fn over_http_503_lasts_only_while_redis_is_down() {
     };
     restart_recovers_at_the_first_probe(&limiter, redis, wait, check).await;
 }
+
+/// A loopback TCP proxy in front of a real Redis that, once `slow` is set, delays every
+/// chunk Redis sends back by 20 to 80 ms (uniform jitter, order kept): a healthy Redis on
+/// a saturated machine.
+struct SlowProxy {
+    port: u16,
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowProxy {
+    async fn start(upstream: u16) -> SlowProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let slow = Arc::new(AtomicBool::new(false));
+        let flag = slow.clone();
+        let task = tokio::spawn(async move {
+            let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                seed = seed.wrapping_add(0x1234_5678_9abc_def1);
+                tokio::spawn(Self::pipe(client, server, flag.clone(), seed));
+            }
+        });
+        SlowProxy { port, slow, task }
+    }
+
+    async fn pipe(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        mut seed: u64,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_rx, mut client_tx) = client.into_split();
+        let (mut server_rx, mut server_tx) = server.into_split();
+        // Requests pass at once.
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+        });
+        // Replies: each chunk is due 20..80 ms after it arrived, written in order.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+        tokio::spawn(async move {
+            while let Some((due, chunk)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if client_tx.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = vec![0; 16 * 1024];
+        loop {
+            let n = match server_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // xorshift64: jitter without a dependency.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let delay = if slow.load(Relaxed) {
+                Duration::from_millis(20 + seed % 61)
+            } else {
+                Duration::ZERO
+            };
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Issue 12, item 2: with the default timeout and breaker, a healthy Redis answering in
+/// 20 to 80 ms (many answers slower than the old 50 ms timeout) never opens the breaker,
+/// and every decision comes from Redis.
+#[tokio::test]
+async fn a_slow_but_healthy_redis_does_not_flip_the_replica() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let redis = Redis::start(Redis::free_port()).await;
+    let proxy = SlowProxy::start(redis.port).await;
+    let limiter = RedisRateLimiter::builder(proxy.url(), quota(600_000, 10_000))
+        .prefix("slow")
+        .failure_policy(FailurePolicy::FailOpen {
+            local_share: quota(600_000, 10_000),
+        })
+        .build()
+        .unwrap();
+    let mut events = limiter.breaker().subscribe();
+    // Connected and the script loaded while Redis is fast; then the machine gets busy.
+    assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Redis);
+    proxy.slow.store(true, Relaxed);
+
+    // Four concurrent callers, 15 checks each.
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                let mut took = Vec::new();
+                for _ in 0..15 {
+                    let started = Instant::now();
+                    let answer = limiter.acquire("k", 1).await;
+                    took.push((started.elapsed(), answer.map(|(_, source)| source)));
+                }
+                took
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for caller in callers {
+        answers.extend(caller.await.unwrap());
+    }
+    let slow = answers
+        .iter()
+        .filter(|(took, _)| *took > Duration::from_millis(50))
+        .count();
+    let not_redis: Vec<_> = answers
+        .iter()
+        .filter(|(_, source)| !matches!(source, Ok(Source::Redis)))
+        .collect();
+    assert!(
+        not_redis.is_empty(),
+        "{} of {} checks not served by Redis ({slow} took over 50 ms): {:?}; transitions {:?}",
+        not_redis.len(),
+        answers.len(),
+        not_redis.first(),
+        transitions(&mut events)
+    );
+    assert!(
+        slow >= 10,
+        "the proxy made Redis slow: {slow} answers over 50 ms"
+    );
+    assert_eq!(
+        transitions(&mut events),
+        Vec::<String>::new(),
+        "never opened"
+    );
+    assert_eq!(limiter.breaker().state(), State::Closed);
+}
+
+/// Issue 12, item 2: the defaults that tolerate a slow Redis still trip fast on a dead
+/// one (connection refused): at most 10 checks, each answered by the policy at once.
+#[tokio::test]
+async fn a_killed_redis_trips_the_default_breaker_within_the_documented_bound() {
+    let redis = Redis::start(Redis::free_port()).await;
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
+        .prefix("dead")
+        .failure_policy(FailurePolicy::FailOpen {
+            local_share: quota(60_000, 1000),
+        })
+        .build()
+        .unwrap();
+    // A full window of successes first: the worst case for tripping.
+    for _ in 0..25 {
+        assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Redis);
+    }
+    drop(redis);
+    let killed = Instant::now();
+    let mut checks = 0;
+    while limiter.breaker().state() != State::Open {
+        let started = Instant::now();
+        let (_, source) = limiter.acquire("k", 1).await.unwrap();
+        assert_eq!(source, Source::Local, "Redis is dead");
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "a refused connection is answered at once, not after the timeout: {:?}",
+            started.elapsed()
+        );
+        checks += 1;
+        assert!(checks <= 10, "still closed after {checks} failed checks");
+    }
+    assert!(
+        killed.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert!(checks >= 2);
+}

@@ -14,6 +14,34 @@
 //! answer (an error or the timeout) is answered by the [`FailurePolicy`]: this replica's
 //! local share, or a refusal.
 //!
+//! The defaults are chosen so that a *slow but healthy* Redis does not flip replicas to
+//! their local shares, while a *dead* one still trips the breaker quickly:
+//!
+//! | setting | default |
+//! |---|---|
+//! | timeout | 200 ms |
+//! | window | the last 20 calls, evaluated from the 10th |
+//! | opens at | 50 % failed (timeouts count as failures) |
+//! | open wait | 1 s, doubling on each failed probe, up to 30 s; one probe |
+//!
+//! - **Slow but healthy.** A healthy Redis answers in well under a millisecond; on a
+//!   saturated machine (say load 7 on 2 cores) answers of 20 to 80 ms were seen, with
+//!   spikes. Those stay inside 200 ms, and to open the breaker half of the last 20 checks
+//!   must have failed: isolated slow answers cannot reach it, only a Redis (or a
+//!   machine) slower than 200 ms for most checks can. The old defaults (50 ms, 5 of the
+//!   last 10) flipped a replica for about a second after a handful of 50 ms answers.
+//! - **Dead (connection refused).** Every check fails at once (two refused connection
+//!   attempts, well under a millisecond on a LAN), and is answered by the policy without
+//!   waiting; the breaker opens after at most 10 failed checks (half of the window of 20
+//!   when Redis had been answering; the minimum of 10 calls from the start). So a dead
+//!   Redis costs at most 10 checks of well under a millisecond each before it is no
+//!   longer tried.
+//! - **Hung (accepts, never answers; or an unreachable host).** Each check waits the
+//!   whole timeout, 200 ms, before the policy answers it; the breaker opens after 10 such
+//!   checks (with concurrent traffic they overlap: about 200 ms in all). This is the price
+//!   of tolerating slow answers: lower the timeout when a request cannot afford 200 ms,
+//!   and keep the window large enough that a few timeouts do not reach half of it.
+//!
 //! While open, checks go straight to the policy; after the open wait one probe goes to
 //! Redis, and limiting is distributed again as soon as it succeeds.
 //!
@@ -50,7 +78,7 @@ use crate::BoxError;
 use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow};
 
 /// The default [`timeout`](RedisRateLimiterBuilder::timeout).
-const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// GCRA in one atomic step on the server, timed by the server's clock (so replicas'
 /// clocks need not agree). Numbers are microseconds; Lua's doubles hold them exactly.
@@ -256,7 +284,7 @@ struct Reserve {
 /// # async fn run() -> Result<(), seawall::BoxError> {
 /// let limiter = RedisRateLimiter::builder("redis://127.0.0.1:6379", Quota::new(Rate::per_second(100), 100)?)
 ///     .prefix("api")
-///     .timeout(Duration::from_millis(20))
+///     .timeout(Duration::from_millis(200))
 ///     .failure_policy(FailurePolicy::FailOpen {
 ///         // Four replicas: each keeps a quarter while Redis is away.
 ///         local_share: Quota::new(Rate::per_second(25), 25)?,
@@ -527,7 +555,9 @@ impl RedisRateLimiterBuilder {
         self
     }
 
-    /// The longest a check waits for Redis (default 50 ms), connecting included.
+    /// The longest a check waits for Redis (default 200 ms), connecting included. See
+    /// [the trade-off](self#failures-timeouts-and-recovery) before lowering it: a timeout
+    /// counts as a failure for the breaker.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -541,8 +571,9 @@ impl RedisRateLimiterBuilder {
         self
     }
 
-    /// The breaker around Redis (default: opens after 5 of the last 10 calls failed, waits
-    /// 1 s, then 2 s, 4 s… up to 30 s, before probing with one call).
+    /// The breaker around Redis (default: opens when half of the last 20 calls failed,
+    /// evaluated from the 10th call on, waits 1 s, then 2 s, 4 s… up to 30 s, before
+    /// probing with one call; see [the trade-off](self#failures-timeouts-and-recovery)).
     #[must_use]
     pub fn breaker(mut self, config: CircuitBreakerConfig) -> Self {
         self.breaker = Some(config);
@@ -590,8 +621,8 @@ impl RedisRateLimiterBuilder {
             Some(config) => config,
             None => CircuitBreakerConfig::builder()
                 .name(format!("redis-rate-limit:{}", self.prefix))
-                .sliding_window(SlidingWindow::count_based(10))
-                .minimum_calls(5)
+                .sliding_window(SlidingWindow::count_based(20))
+                .minimum_calls(10)
                 .failure_rate_threshold(50.0)
                 .wait_in_open(Duration::from_secs(1))
                 .exponential_backoff(2.0, Duration::from_secs(30))
