@@ -385,6 +385,7 @@ where
     svc.ready().await.unwrap().call(request).await.unwrap()
 }
 
+#[cfg(feature = "http")]
 #[tokio::test]
 async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redis_is_gone() {
     use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
@@ -557,4 +558,372 @@ async fn a_saturated_key_is_refused_without_round_trips_until_redis_said() {
         limiter.acquire("j", 1).await.is_ok(),
         "one token is back after 100 ms"
     );
+}
+
+/// Breaker transitions received so far, as `from->to`.
+fn transitions(
+    rx: &mut tokio::sync::broadcast::Receiver<seawall::circuit_breaker::Event>,
+) -> Vec<String> {
+    use seawall::circuit_breaker::EventKind;
+    let mut seen = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        if let EventKind::StateTransition { from, to } = event.kind() {
+            seen.push(format!("{from}->{to}"));
+        }
+    }
+    seen
+}
+
+/// Issue 12, item 1: Redis killed, left down until the connection manager's own
+/// reconnection has failed (so a stale `Reconnecting failed` error waits in it), then
+/// restarted on the same port. `served_by_redis` makes one check: `Some(true)` when Redis
+/// answered it, `Some(false)` when the failure policy did. The first Redis-served check
+/// must come at most 100 ms after the breaker admits a probe (and so within the open wait
+/// + 100 ms of the restart), and the breaker must not have re-opened.
+async fn restart_recovers_at_the_first_probe<F, Fut>(
+    limiter: &RedisRateLimiter,
+    redis: Redis,
+    wait: Duration,
+    mut served_by_redis: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    use seawall::circuit_breaker::EventKind;
+    let port = redis.port;
+    let mut events = limiter.breaker().subscribe();
+    assert!(served_by_redis().await, "Redis is up");
+
+    drop(redis);
+    let killed = Instant::now();
+    // Load goes on: checks until the breaker opens, each answered by the policy.
+    let retry_at = loop {
+        assert!(!served_by_redis().await, "Redis is down");
+        let mut opened = None;
+        while let Ok(event) = events.try_recv() {
+            if let EventKind::StateTransition {
+                to: State::Open, ..
+            } = event.kind()
+            {
+                opened = event.retry_at();
+            }
+        }
+        if let Some(at) = opened {
+            break at;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "the breaker never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // Down for longer than the manager's reconnection takes to fail (one retry after
+    // 1 to 2 s in the old configuration), so a stale error waits for the first probe.
+    tokio::time::sleep_until(killed + Duration::from_millis(2100)).await;
+    let _redis = Redis::start(port).await;
+    let restarted = Instant::now();
+    assert!(
+        restarted < retry_at,
+        "the restart must come before the probe: lengthen `wait`"
+    );
+
+    // Load again: a check every 5 ms, until one is served by Redis.
+    let deadline = retry_at + wait * 3;
+    let first = loop {
+        if served_by_redis().await {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not served by Redis {:?} after the restart; transitions {:?}",
+            restarted.elapsed(),
+            transitions(&mut events)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let seen = transitions(&mut events);
+    assert!(
+        first <= retry_at + Duration::from_millis(100),
+        "first Redis-served check {:?} after the probe was allowed ({:?} after the restart); \
+         transitions {seen:?}",
+        first.saturating_duration_since(retry_at),
+        first - restarted
+    );
+    assert!(first - restarted <= wait + Duration::from_millis(100));
+    assert_eq!(
+        seen,
+        ["open->half_open", "half_open->closed"],
+        "no second trip"
+    );
+}
+
+fn restart_breaker(wait: Duration) -> CircuitBreakerConfig {
+    CircuitBreakerConfig::builder()
+        .name("redis-restart")
+        .sliding_window(SlidingWindow::count_based(2))
+        .minimum_calls(2)
+        .wait_in_open(wait)
+        .exponential_backoff(2.0, Duration::from_secs(30))
+        .permitted_calls_in_half_open(1)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_restarted_redis_answers_the_first_probe() {
+    let redis = Redis::start(Redis::free_port()).await;
+    let wait = Duration::from_millis(2600);
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
+        .prefix("restart")
+        .timeout(Duration::from_millis(200))
+        .failure_policy(FailurePolicy::FailOpen {
+            local_share: quota(60_000, 1000),
+        })
+        .breaker(restart_breaker(wait))
+        .build()
+        .unwrap();
+    let check = || async {
+        match limiter.acquire("k", 1).await {
+            Ok((_, Source::Redis)) => true,
+            Ok((_, Source::Local)) => false,
+            other => panic!("unexpected: {other:?}"),
+        }
+    };
+    restart_recovers_at_the_first_probe(&limiter, redis, wait, check).await;
+    assert!(limiter.reconnect_retries() >= 1, "the retry was counted");
+}
+
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn over_http_503_lasts_only_while_redis_is_down() {
+    use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
+    use tower::{Layer, Service, ServiceExt};
+
+    let redis = Redis::start(Redis::free_port()).await;
+    let wait = Duration::from_millis(2600);
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
+        .prefix("restart-http")
+        .timeout(Duration::from_millis(200))
+        .breaker(restart_breaker(wait))
+        .build()
+        .unwrap();
+    let svc = HttpRedisRateLimitLayer::new(
+        limiter.clone(),
+        HeaderKey(http::HeaderName::from_static("x-api-key")),
+    )
+    .layer(tower::service_fn(|_req: http::Request<()>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+    }));
+    let check = || {
+        let mut svc = svc.clone();
+        async move {
+            let request = http::Request::builder()
+                .header("x-api-key", "k")
+                .body(())
+                .unwrap();
+            let response = svc.ready().await.unwrap().call(request).await.unwrap();
+            match response.status().as_u16() {
+                200 => true,
+                503 => false, // failing closed while Redis is away
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    };
+    restart_recovers_at_the_first_probe(&limiter, redis, wait, check).await;
+}
+
+/// A loopback TCP proxy in front of a real Redis that, once `slow` is set, delays every
+/// chunk Redis sends back by 20 to 80 ms (uniform jitter, order kept): a healthy Redis on
+/// a saturated machine.
+struct SlowProxy {
+    port: u16,
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowProxy {
+    async fn start(upstream: u16) -> SlowProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let slow = Arc::new(AtomicBool::new(false));
+        let flag = slow.clone();
+        let task = tokio::spawn(async move {
+            let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                seed = seed.wrapping_add(0x1234_5678_9abc_def1);
+                tokio::spawn(Self::pipe(client, server, flag.clone(), seed));
+            }
+        });
+        SlowProxy { port, slow, task }
+    }
+
+    async fn pipe(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        mut seed: u64,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_rx, mut client_tx) = client.into_split();
+        let (mut server_rx, mut server_tx) = server.into_split();
+        // Requests pass at once.
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+        });
+        // Replies: each chunk is due 20..80 ms after it arrived, written in order.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+        tokio::spawn(async move {
+            while let Some((due, chunk)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if client_tx.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = vec![0; 16 * 1024];
+        loop {
+            let n = match server_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // xorshift64: jitter without a dependency.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let delay = if slow.load(Relaxed) {
+                Duration::from_millis(20 + seed % 61)
+            } else {
+                Duration::ZERO
+            };
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Issue 12, item 2: with the default timeout and breaker, a healthy Redis answering in
+/// 20 to 80 ms (many answers slower than the old 50 ms timeout) never opens the breaker,
+/// and every decision comes from Redis.
+#[tokio::test]
+async fn a_slow_but_healthy_redis_does_not_flip_the_replica() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let redis = Redis::start(Redis::free_port()).await;
+    let proxy = SlowProxy::start(redis.port).await;
+    let limiter = RedisRateLimiter::builder(proxy.url(), quota(600_000, 10_000))
+        .prefix("slow")
+        .failure_policy(FailurePolicy::FailOpen {
+            local_share: quota(600_000, 10_000),
+        })
+        .build()
+        .unwrap();
+    let mut events = limiter.breaker().subscribe();
+    // Connected and the script loaded while Redis is fast; then the machine gets busy.
+    assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Redis);
+    proxy.slow.store(true, Relaxed);
+
+    // Four concurrent callers, 15 checks each.
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                let mut took = Vec::new();
+                for _ in 0..15 {
+                    let started = Instant::now();
+                    let answer = limiter.acquire("k", 1).await;
+                    took.push((started.elapsed(), answer.map(|(_, source)| source)));
+                }
+                took
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for caller in callers {
+        answers.extend(caller.await.unwrap());
+    }
+    let slow = answers
+        .iter()
+        .filter(|(took, _)| *took > Duration::from_millis(50))
+        .count();
+    let not_redis: Vec<_> = answers
+        .iter()
+        .filter(|(_, source)| !matches!(source, Ok(Source::Redis)))
+        .collect();
+    assert!(
+        not_redis.is_empty(),
+        "{} of {} checks not served by Redis ({slow} took over 50 ms): {:?}; transitions {:?}",
+        not_redis.len(),
+        answers.len(),
+        not_redis.first(),
+        transitions(&mut events)
+    );
+    assert!(
+        slow >= 10,
+        "the proxy made Redis slow: {slow} answers over 50 ms"
+    );
+    assert_eq!(
+        transitions(&mut events),
+        Vec::<String>::new(),
+        "never opened"
+    );
+    assert_eq!(limiter.breaker().state(), State::Closed);
+}
+
+/// Issue 12, item 2: the defaults that tolerate a slow Redis still trip fast on a dead
+/// one (connection refused): at most 10 checks, each answered by the policy at once.
+#[tokio::test]
+async fn a_killed_redis_trips_the_default_breaker_within_the_documented_bound() {
+    let redis = Redis::start(Redis::free_port()).await;
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
+        .prefix("dead")
+        .failure_policy(FailurePolicy::FailOpen {
+            local_share: quota(60_000, 1000),
+        })
+        .build()
+        .unwrap();
+    // A full window of successes first: the worst case for tripping.
+    for _ in 0..25 {
+        assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Redis);
+    }
+    drop(redis);
+    let killed = Instant::now();
+    let mut checks = 0;
+    while limiter.breaker().state() != State::Open {
+        let started = Instant::now();
+        let (_, source) = limiter.acquire("k", 1).await.unwrap();
+        assert_eq!(source, Source::Local, "Redis is dead");
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "a refused connection is answered at once, not after the timeout: {:?}",
+            started.elapsed()
+        );
+        checks += 1;
+        assert!(checks <= 10, "still closed after {checks} failed checks");
+    }
+    assert!(
+        killed.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert!(checks >= 2);
 }

@@ -6,9 +6,61 @@
 //! racing the key's expiry, and lost while Redis is unavailable; with batching, tokens
 //! are taken ahead, so there would be nothing exact to give back either. Put the Redis
 //! limit innermost: the local limits outside it refund when it refuses.
+//!
+//! # Failures, timeouts and recovery
+//!
+//! Every check waits at most the [timeout](RedisRateLimiterBuilder::timeout) for Redis,
+//! and runs behind a [circuit breaker](crate::circuit_breaker); a check Redis could not
+//! answer (an error or the timeout) is answered by the [`FailurePolicy`]: this replica's
+//! local share, or a refusal.
+//!
+//! The defaults are chosen so that a *slow but healthy* Redis does not flip replicas to
+//! their local shares, while a *dead* one still trips the breaker quickly:
+//!
+//! | setting | default |
+//! |---|---|
+//! | timeout | 200 ms |
+//! | window | the last 20 calls, evaluated from the 10th |
+//! | opens at | 50 % failed (timeouts count as failures) |
+//! | open wait | 1 s, doubling on each failed probe, up to 30 s; one probe |
+//!
+//! - **Slow but healthy.** A healthy Redis answers in well under a millisecond; on a
+//!   saturated machine (say load 7 on 2 cores) answers of 20 to 80 ms were seen, with
+//!   spikes. Those stay inside 200 ms, and to open the breaker half of the last 20 checks
+//!   must have failed: isolated slow answers cannot reach it, only a Redis (or a
+//!   machine) slower than 200 ms for most checks can. The old defaults (50 ms, 5 of the
+//!   last 10) flipped a replica for about a second after a handful of 50 ms answers.
+//! - **Dead (connection refused).** Every check fails at once (two refused connection
+//!   attempts, well under a millisecond on a LAN), and is answered by the policy without
+//!   waiting; the breaker opens after at most 10 failed checks (half of the window of 20
+//!   when Redis had been answering; the minimum of 10 calls from the start). So a dead
+//!   Redis costs at most 10 checks of well under a millisecond each before it is no
+//!   longer tried.
+//! - **Hung (accepts, never answers; or an unreachable host).** Each check waits the
+//!   whole timeout, 200 ms, before the policy answers it; the breaker opens after 10 such
+//!   checks (with concurrent traffic they overlap: about 200 ms in all). This is the price
+//!   of tolerating slow answers: lower the timeout when a request cannot afford 200 ms,
+//!   and keep the window large enough that a few timeouts do not reach half of it.
+//!
+//! While open, checks go straight to the policy; after the open wait one probe goes to
+//! Redis, and limiting is distributed again as soon as it succeeds.
+//!
+//! **Reconnection.** The connection is re-made by redis' connection manager. After a
+//! failed reconnection, it hands the *stale* error (`Reconnecting failed: Connection
+//! refused`) to the next call, at once, and only then starts reconnecting; left alone, the
+//! first probe after Redis came back would fail that way and re-open the breaker for
+//! twice as long. So a check that fails with a connection error (not a timeout) is retried
+//! once, at once, inside the same timeout: the retry awaits the fresh reconnection, and the
+//! first check after Redis is reachable again succeeds. The manager does not retry with
+//! backoff by itself (a failed reconnection fails at once; the next check starts another).
+//! Retries are counted ([`RedisRateLimiter::reconnect_retries`], and
+//! `seawall_rate_limit_redis_retries_total{limiter}` for a named limiter) and logged at
+//! debug level. A retried check may take tokens twice if Redis ran the script but the
+//! answer was lost with the connection: the fleet then admits less, never more.
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use std::collections::HashMap;
@@ -24,6 +76,9 @@ use super::quota::Quota;
 use super::{KeyedRateLimiter, TokioClock};
 use crate::BoxError;
 use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow};
+
+/// The default [`timeout`](RedisRateLimiterBuilder::timeout).
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// GCRA in one atomic step on the server, timed by the server's clock (so replicas'
 /// clocks need not agree). Numbers are microseconds; Lua's doubles hold them exactly.
@@ -131,6 +186,8 @@ struct Inner {
     batch: Option<Batching>,
     refusals: Refusals,
     telemetry: super::telemetry::Telemetry,
+    /// Checks retried after a connection error.
+    retries: AtomicU64,
 }
 
 /// Refusals Redis gave, per key, until they run out: a saturated key is refused here
@@ -227,7 +284,7 @@ struct Reserve {
 /// # async fn run() -> Result<(), seawall::BoxError> {
 /// let limiter = RedisRateLimiter::builder("redis://127.0.0.1:6379", Quota::new(Rate::per_second(100), 100)?)
 ///     .prefix("api")
-///     .timeout(Duration::from_millis(20))
+///     .timeout(Duration::from_millis(200))
 ///     .failure_policy(FailurePolicy::FailOpen {
 ///         // Four replicas: each keeps a quarter while Redis is away.
 ///         local_share: Quota::new(Rate::per_second(25), 25)?,
@@ -273,7 +330,7 @@ impl RedisRateLimiter {
             url: url.into(),
             quota,
             prefix: "seawall".to_owned(),
-            timeout: Duration::from_millis(50),
+            timeout: DEFAULT_TIMEOUT,
             policy: FailurePolicy::FailClosed,
             breaker: None,
             batch: None,
@@ -409,20 +466,34 @@ impl RedisRateLimiter {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(inner.timeout)
                     .set_response_timeout(inner.timeout)
-                    .set_number_of_retries(1);
+                    // No retries with backoff inside the manager: a failed reconnection
+                    // fails at once (one more is started by the next call), instead of
+                    // holding every check until its timeout for 1 to 2 s.
+                    .set_number_of_retries(0);
                 ConnectionManager::new_with_config(inner.client.clone(), config).await
             })
             .await?;
         let mut conn = conn.clone();
-        let reply: Vec<i64> = inner
-            .script
-            .key(key)
-            .arg(inner.interval_us)
-            .arg(inner.tau_us)
-            .arg(need)
-            .arg(want)
-            .invoke_async(&mut conn)
-            .await?;
+        let reply = match self.invoke(&mut conn, key, need, want).await {
+            Err(error) if error.is_io_error() && !error.is_timeout() => {
+                // A connection error (often the stale `Reconnecting failed` of an earlier
+                // reconnection, returned at once): the manager has just started a new
+                // reconnection, and one retry awaits it, inside the same timeout. Without
+                // it, the first probe after Redis comes back fails and re-opens the
+                // breaker for twice as long.
+                inner.retries.fetch_add(1, Relaxed);
+                inner.telemetry.record_redis_retry();
+                #[cfg(feature = "tracing")]
+                tracing::debug!(
+                    limiter = self.name().unwrap_or(&inner.prefix),
+                    %error,
+                    "retrying a Redis check once after a connection error"
+                );
+                let _ = error;
+                self.invoke(&mut conn, key, need, want).await?
+            }
+            result => result?,
+        };
         let &[granted, value, full_in] = reply.as_slice() else {
             return Err(format!("unexpected reply from the rate-limit script: {reply:?}").into());
         };
@@ -447,6 +518,35 @@ impl RedisRateLimiter {
     }
 }
 
+impl RedisRateLimiter {
+    /// One run of the script on `conn`.
+    async fn invoke(
+        &self,
+        conn: &mut ConnectionManager,
+        key: &str,
+        need: u32,
+        want: u32,
+    ) -> redis::RedisResult<Vec<i64>> {
+        let inner = &self.inner;
+        inner
+            .script
+            .key(key)
+            .arg(inner.interval_us)
+            .arg(inner.tau_us)
+            .arg(need)
+            .arg(want)
+            .invoke_async(conn)
+            .await
+    }
+
+    /// How many checks were retried once after a connection error (see
+    /// [the module docs](self#failures-timeouts-and-recovery)); also reported, for a
+    /// named limiter, as `seawall_rate_limit_redis_retries_total{limiter}`.
+    pub fn reconnect_retries(&self) -> u64 {
+        self.inner.retries.load(Relaxed)
+    }
+}
+
 impl RedisRateLimiterBuilder {
     /// Prefixes every Redis key (default `seawall`).
     #[must_use]
@@ -455,7 +555,9 @@ impl RedisRateLimiterBuilder {
         self
     }
 
-    /// The longest a check waits for Redis (default 50 ms), connecting included.
+    /// The longest a check waits for Redis (default 200 ms), connecting included. See
+    /// [the trade-off](self#failures-timeouts-and-recovery) before lowering it: a timeout
+    /// counts as a failure for the breaker.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -469,8 +571,9 @@ impl RedisRateLimiterBuilder {
         self
     }
 
-    /// The breaker around Redis (default: opens after 5 of the last 10 calls failed, waits
-    /// 1 s, then 2 s, 4 s… up to 30 s, before probing with one call).
+    /// The breaker around Redis (default: opens when half of the last 20 calls failed,
+    /// evaluated from the 10th call on, waits 1 s, then 2 s, 4 s… up to 30 s, before
+    /// probing with one call; see [the trade-off](self#failures-timeouts-and-recovery)).
     #[must_use]
     pub fn breaker(mut self, config: CircuitBreakerConfig) -> Self {
         self.breaker = Some(config);
@@ -518,8 +621,8 @@ impl RedisRateLimiterBuilder {
             Some(config) => config,
             None => CircuitBreakerConfig::builder()
                 .name(format!("redis-rate-limit:{}", self.prefix))
-                .sliding_window(SlidingWindow::count_based(10))
-                .minimum_calls(5)
+                .sliding_window(SlidingWindow::count_based(20))
+                .minimum_calls(10)
                 .failure_rate_threshold(50.0)
                 .wait_in_open(Duration::from_secs(1))
                 .exponential_backoff(2.0, Duration::from_secs(30))
@@ -544,6 +647,7 @@ impl RedisRateLimiterBuilder {
                 local,
                 breaker: Breaker::new(breaker),
                 refusals: Refusals::new(10_000),
+                retries: AtomicU64::new(0),
                 telemetry: {
                     let t = super::telemetry::Telemetry::default();
                     if let Some(name) = &self.name {

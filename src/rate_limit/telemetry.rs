@@ -118,4 +118,19 @@ impl Telemetry {
         }
         let _ = (named, source);
     }
+
+    /// Reports a check retried after a connection error (rare: registered on use).
+    #[cfg(feature = "redis")]
+    pub(crate) fn record_redis_retry(&self) {
+        let Some(named) = self.named.get() else {
+            return;
+        };
+        #[cfg(feature = "metrics")]
+        metrics::counter!(
+            "seawall_rate_limit_redis_retries_total",
+            "limiter" => named.name.clone()
+        )
+        .increment(1);
+        let _ = named;
+    }
 }
