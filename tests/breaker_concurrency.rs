@@ -160,3 +160,125 @@ async fn concurrent_outcomes_are_counted_once() {
     assert_eq!(snap.failed_calls, 200);
     assert_eq!(breaker.state(), State::Closed);
 }
+
+/// Issue 12, item 3: threads that race across the end of the open wait, each driving its
+/// calls with its own current-thread runtime, admit exactly the permitted probes, whether the
+/// breaker's timer task never runs (tripped on a runtime that then sits idle) or runs at the
+/// same moment on another runtime's worker. No call is admitted before the wait is over.
+#[test]
+fn threads_racing_at_the_open_deadline_admit_only_the_permitted_probes() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Barrier;
+    use std::task::{Context, Poll};
+    use tokio::time::Instant;
+
+    const PERMITS: usize = 3;
+    const THREADS: usize = 8;
+    let wait = Duration::from_millis(20);
+    for round in 0..16 {
+        let idle_timer = round % 2 == 0;
+        let trip_rt = if idle_timer {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(1);
+            b
+        }
+        .enable_all()
+        .build()
+        .unwrap();
+        let layer = CircuitBreakerLayer::new(
+            CircuitBreakerConfig::builder()
+                .sliding_window(SlidingWindow::count_based(10))
+                .minimum_calls(1)
+                .wait_in_open(wait)
+                .permitted_calls_in_half_open(PERMITS as u32)
+                .build()
+                .unwrap(),
+        );
+        let breaker = layer.breaker().clone();
+        let entered = Arc::new(AtomicUsize::new(0));
+        // Probes hang here, so the half-open episode stays open while the threads race.
+        let gate = Arc::new(Semaphore::new(0));
+        let svc = {
+            let (entered, gate) = (entered.clone(), gate.clone());
+            ServiceBuilder::new()
+                .layer(layer)
+                .service_fn(move |fail: bool| {
+                    let gate = gate.clone();
+                    if !fail {
+                        entered.fetch_add(1, SeqCst);
+                    }
+                    async move {
+                        if fail {
+                            return Err::<(), BoxError>("boom".into());
+                        }
+                        gate.acquire().await.unwrap().forget();
+                        Ok(())
+                    }
+                })
+        };
+        let mut s = svc.clone();
+        let before_trip = Instant::now();
+        trip_rt.block_on(async {
+            let _ = s.ready().await.unwrap().call(true).await;
+        });
+        assert_eq!(breaker.state(), State::Open);
+
+        let start = Arc::new(Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (mut s, start) = (svc.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    let mut cx = Context::from_waker(std::task::Waker::noop());
+                    start.wait();
+                    let give_up = Instant::now() + Duration::from_secs(5);
+                    while Instant::now() < give_up {
+                        rt.block_on(s.ready()).unwrap();
+                        let mut fut = {
+                            let _runtime = rt.enter();
+                            Box::pin(s.call(false))
+                        };
+                        match Pin::new(&mut fut).poll(&mut cx) {
+                            // Admitted: held, unfinished, to the end of the round.
+                            Poll::Pending => return (Some(Instant::now()), Some(fut)),
+                            Poll::Ready(Err(e)) => {
+                                let open = e.downcast_ref::<CircuitOpen>().unwrap();
+                                if open.state() == State::HalfOpen {
+                                    // Every permit is taken.
+                                    return (None, None);
+                                }
+                            }
+                            Poll::Ready(Ok(())) => panic!("a probe completed while gated"),
+                        }
+                    }
+                    panic!("still rejected 5 s after the open wait");
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let probes = results.iter().filter(|(_, fut)| fut.is_some()).count();
+        assert_eq!(
+            probes, PERMITS,
+            "round {round} (idle timer: {idle_timer}): probes admitted"
+        );
+        assert_eq!(entered.load(SeqCst), PERMITS, "round {round}: inner calls");
+        for (at, _) in &results {
+            if let Some(at) = at {
+                assert!(
+                    at.duration_since(before_trip) >= wait,
+                    "round {round}: admitted before the open wait was over"
+                );
+            }
+        }
+        assert_eq!(breaker.state(), State::HalfOpen, "round {round}");
+        gate.add_permits(PERMITS);
+        drop(results);
+        drop(trip_rt);
+    }
+}

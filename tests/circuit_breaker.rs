@@ -814,3 +814,77 @@ fn half_open_deadline_is_enforced_without_a_runtime() {
         );
     });
 }
+
+/// Issue 12, item 3: on paused time, the call made right after `advance()` past the open
+/// wait, before the timer task has had a chance to run, is the first probe (it used to be
+/// rejected with `retry_after == Some(0)`).
+#[tokio::test(start_paused = true)]
+async fn first_call_right_after_the_open_wait_is_a_probe_before_the_timer_runs() {
+    let (mut svc, breaker, inner_calls) = scripted(config().build().unwrap());
+    calls(&mut svc, Do::Fail, 4).await;
+    assert_eq!(breaker.state(), State::Open);
+    // A rejection while open, as traffic goes on.
+    let open = rejection(call(&mut svc, Do::Succeed).await);
+    assert_eq!(open.retry_after(), Some(Duration::from_secs(10)));
+    let before = inner_calls.load(Ordering::SeqCst);
+
+    advance(Duration::from_secs(10)).await;
+    // No yield in between: the timer task may not have run.
+    let result = call(&mut svc, Do::Succeed).await;
+    if let Err(e) = &result {
+        let open = e.downcast_ref::<CircuitOpen>();
+        panic!(
+            "first call after the open wait: {e} (state {:?}, retry_after {:?})",
+            open.map(CircuitOpen::state),
+            open.map(CircuitOpen::retry_after)
+        );
+    }
+    assert_eq!(inner_calls.load(Ordering::SeqCst), before + 1, "admitted");
+    assert_eq!(breaker.state(), State::HalfOpen);
+    // The (late) timer of that open period must not disturb the half-open episode.
+    settle().await;
+    assert_eq!(breaker.state(), State::HalfOpen);
+    call(&mut svc, Do::Succeed).await.unwrap();
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+/// Issue 12, item 3: a caller that drives each call with its own `block_on` on a
+/// current-thread runtime never lets the breaker's timer task run; after the open wait its
+/// first call must still be admitted as a probe (it used to take 63 more rejections).
+/// Real time: a 50 ms open wait and a bounded sleep just past it.
+#[test]
+fn first_call_after_the_open_wait_is_a_probe_when_each_call_has_its_own_block_on() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let wait = Duration::from_millis(50);
+    let (mut svc, breaker, inner_calls) = scripted(config().wait_in_open(wait).build().unwrap());
+    for _ in 0..4 {
+        let _ = rt.block_on(call(&mut svc, Do::Fail));
+    }
+    assert_eq!(breaker.state(), State::Open);
+    // Tripped inside `block_on`, so the timer task is armed on `rt`, which is never left
+    // idle long enough to run it.
+    let open = rejection(rt.block_on(call(&mut svc, Do::Succeed)));
+    assert!(
+        open.retry_after()
+            .is_some_and(|d| d > Duration::ZERO && d <= wait)
+    );
+    let before = inner_calls.load(Ordering::SeqCst);
+
+    std::thread::sleep(wait + Duration::from_millis(10));
+    let result = rt.block_on(call(&mut svc, Do::Succeed));
+    if let Err(e) = &result {
+        let open = e.downcast_ref::<CircuitOpen>();
+        panic!(
+            "first call after the open wait: {e} (state {:?}, retry_after {:?})",
+            open.map(CircuitOpen::state),
+            open.map(CircuitOpen::retry_after)
+        );
+    }
+    assert_eq!(inner_calls.load(Ordering::SeqCst), before + 1, "admitted");
+    assert_eq!(breaker.state(), State::HalfOpen);
+    rt.block_on(call(&mut svc, Do::Succeed)).unwrap();
+    assert_eq!(breaker.state(), State::Closed);
+}

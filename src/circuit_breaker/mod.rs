@@ -64,10 +64,13 @@
 //! read, no allocation (about 12 ns over a bare service in `benches/breaker.rs`). A time-based window reads the
 //! clock once per call and takes a short lock; slow-call detection reads it twice.
 //!
-//! The rejection path reads no clock either: a task on the tokio runtime moves the breaker
-//! to half-open when the wait is over (outside a tokio runtime the rejection path reads the
-//! clock instead). In the default [`Boxed`] error mode a rejection costs one allocation
-//! (the `BoxError`); with [`CircuitBreakerLayer::typed_errors`] it costs none.
+//! The rejection path of an open breaker reads the clock once, to compare it with the end
+//! of the wait: the first call after the wait is admitted as a probe whether or not the
+//! task that moves the breaker to half-open on time (on the tokio runtime it tripped on)
+//! has run yet, for instance when each call is driven by its own `block_on` or the runtime
+//! is too busy. A forced-open breaker reads no clock. In the default [`Boxed`] error mode a
+//! rejection costs one allocation (the `BoxError`); with
+//! [`CircuitBreakerLayer::typed_errors`] it costs none.
 //!
 //! Under concurrency the window's running totals are updated with separate atomics, so a
 //! reading taken while other calls are being recorded may be off by the number of records

@@ -266,7 +266,7 @@ impl Shared {
     }
 
     /// Decides whether a call may go ahead. The closed path is one atomic load; the open
-    /// path, while a timer is armed, two more loads and a counter.
+    /// path one more load, one clock read and a counter.
     #[inline]
     pub(crate) fn admit(self: &Arc<Self>) -> Decision {
         let w = self.word.load(Acquire);
@@ -299,14 +299,15 @@ impl Shared {
                 State::Closed => return Decision::new(Decision::CLOSED, generation, 0),
                 State::Disabled => return Decision::new(Decision::DISABLED, 0, 0),
                 State::Open => {
+                    // The first call after the wait is a probe whether or not the timer
+                    // task has run: its runtime may be busy, or driven only by this
+                    // caller's own `block_on`, or its time just advanced (paused time).
+                    // So one clock read, against the deadline published with this state
+                    // word: before it, a plain rejection; after it, the move to half-open,
+                    // which only succeeds while the word is still this open period's, so a
+                    // stale reading or a late timer can never move a newer period.
                     let until = self.open_until.load(Relaxed);
-                    // While the timer task is armed it moves the breaker to half-open on
-                    // time; without one (no runtime when it tripped) the clock is read here.
-                    // Every 64th rejection reads it anyway, in case the timer's runtime
-                    // is not being driven.
-                    let timed = self.timer_gen.load(Relaxed) == generation;
-                    let check = !timed || self.rejected.load(Relaxed) % 64 == 0;
-                    if check && self.nanos(Instant::now()) >= until {
+                    if self.nanos(Instant::now()) >= until {
                         self.transition(Some(w), State::HalfOpen);
                         continue;
                     }
@@ -568,7 +569,9 @@ impl Shared {
     }
 
     /// Schedules the move out of a timed state on the current tokio runtime, so that the
-    /// rejection path needs no clock. Without a runtime the admission path reads the clock.
+    /// state, events and metrics follow time without calls. The open state does not depend
+    /// on it (a rejection compares the clock with the deadline); the half-open deadline,
+    /// without a timer (no runtime), is checked by the admission path.
     fn arm_timer(self: &Arc<Self>, generation: u64, deadline: Instant, expected: u64, to: State) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             self.timer_gen.store(NO_TIMER, Relaxed);
