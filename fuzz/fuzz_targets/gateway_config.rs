@@ -26,9 +26,9 @@ fuzz_target!(|input: (&str, &str, u8)| {
     };
     // The property holds where the secret is only on its own line: fuzzed text could
     // open a multi-line string that swallows it into another key's value, or repeat it.
-    let checkable = ![before, after].iter().any(|t| {
-        t.contains("\"\"\"") || t.contains("'''") || t.contains(&SECRET[..8])
-    });
+    let checkable = ![before, after]
+        .iter()
+        .any(|t| t.contains("\"\"\"") || t.contains("'''") || t.contains(&SECRET[..8]));
     if checkable {
         let shown = e.to_string();
         assert!(!shown.contains(SECRET), "{shown}");
