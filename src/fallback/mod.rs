@@ -64,7 +64,35 @@ pub use service::Fallback;
 
 /// True when `error` is a circuit breaker's rejection
 /// ([`CircuitOpen`](crate::circuit_breaker::CircuitOpen)), directly or anywhere in its
-/// `source()` chain. Made for [`FallbackLayer::when`].
-pub fn is_circuit_open(error: &crate::BoxError) -> bool {
-    crate::caused_by::<crate::circuit_breaker::CircuitOpen>(error)
+/// `source()` chain. Made for [`FallbackLayer::when`], in both of the breaker's error
+/// modes: `error` is a [`BoxError`](crate::BoxError) or a typed
+/// [`circuit_breaker::Error<E>`](crate::circuit_breaker::Error) (see [`BreakerError`]).
+pub fn is_circuit_open<E: BreakerError + ?Sized>(error: &E) -> bool {
+    error.is_circuit_open()
+}
+
+/// The errors [`is_circuit_open`] reads: [`BoxError`](crate::BoxError) (the breaker's
+/// default mode, and what most tower layers return) and the typed
+/// [`circuit_breaker::Error<E>`](crate::circuit_breaker::Error).
+pub trait BreakerError {
+    /// Whether this is a breaker's rejection, directly or in its `source()` chain.
+    fn is_circuit_open(&self) -> bool;
+}
+
+impl BreakerError for crate::BoxError {
+    fn is_circuit_open(&self) -> bool {
+        crate::caused_by::<crate::circuit_breaker::CircuitOpen>(self)
+    }
+}
+
+/// A rejection by this breaker, or, for an inner `BoxError`, one by a breaker further in.
+impl<E: 'static> BreakerError for crate::circuit_breaker::Error<E> {
+    fn is_circuit_open(&self) -> bool {
+        match self {
+            crate::circuit_breaker::Error::Open(_) => true,
+            crate::circuit_breaker::Error::Inner(inner) => (inner as &dyn std::any::Any)
+                .downcast_ref::<crate::BoxError>()
+                .is_some_and(BreakerError::is_circuit_open),
+        }
+    }
 }
