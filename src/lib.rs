@@ -77,6 +77,9 @@ pub mod fallback;
 #[cfg(feature = "gateway")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
 pub mod gateway;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod problem;
 pub mod rate_limit;
 
 /// The boxed error type used by layers that add failure modes of their own, as in tower.

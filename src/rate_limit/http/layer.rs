@@ -11,6 +11,7 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::problem::ProblemBody;
 use crate::rate_limit::clock::Clock;
 use crate::rate_limit::{
     Admitted, Charge, KeyExtractor, KeyedCharge, KeyedRateLimiter, RateLimited, RateLimiter, Refund,
@@ -34,6 +35,27 @@ pub trait HttpLimit<Request> {
     /// `None` when the request is not subject to this limit (for example it has no key);
     /// else the decision, with what an admission took.
     fn check(&self, request: &Request) -> Option<Result<(Admitted, Self::Charge), RateLimited>>;
+
+    /// Whether a request [`check`](Self::check) passed over (`None`) must be refused with
+    /// `500` instead of passing unlimited: true for a [`PerKey`] whose key could not be
+    /// taken under [`OnMissingKey::Reject`]. Asked only on that path.
+    fn rejects_unkeyed(&self) -> bool {
+        false
+    }
+}
+
+/// What a [`PerKey`] limit does with a request whose key cannot be taken (no peer address
+/// for [`ClientIp`](super::ClientIp), no header for [`HeaderKey`](super::HeaderKey)): such
+/// a request is never silently unlimited unless asked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnMissingKey {
+    /// Answer `500 Internal Server Error` (an `application/problem+json` body) and log an
+    /// error (feature `tracing`), as tower_governor does: a missing key is a setup fault,
+    /// such as an axum router served without `into_make_service_with_connect_info`.
+    #[default]
+    Reject,
+    /// Let the request through, unlimited by this layer (a limit beside it may hold it).
+    Allow,
 }
 
 /// No limit when `None`: a limit that configuration may leave out keeps one service type.
@@ -42,6 +64,10 @@ impl<Request, L: HttpLimit<Request>> HttpLimit<Request> for Option<L> {
 
     fn check(&self, request: &Request) -> Option<Result<(Admitted, L::Charge), RateLimited>> {
         self.as_ref()?.check(request)
+    }
+
+    fn rejects_unkeyed(&self) -> bool {
+        self.as_ref().is_some_and(L::rejects_unkeyed)
     }
 }
 
@@ -57,12 +83,26 @@ impl<Request, C: Clock> HttpLimit<Request> for RateLimiter<C> {
 pub struct PerKey<E, Key, C> {
     limiter: KeyedRateLimiter<Key, C>,
     extractor: E,
+    on_missing_key: OnMissingKey,
 }
 
 impl<E, Key, C> PerKey<E, Key, C> {
-    /// A bucket per key taken by `extractor`; requests without a key pass unlimited.
+    /// A bucket per key taken by `extractor`; a request without a key is refused with
+    /// `500` (see [`OnMissingKey`] and [`on_missing_key`](Self::on_missing_key)).
     pub fn new(limiter: KeyedRateLimiter<Key, C>, extractor: E) -> Self {
-        Self { limiter, extractor }
+        Self {
+            limiter,
+            extractor,
+            on_missing_key: OnMissingKey::default(),
+        }
+    }
+
+    /// What to do with a request whose key cannot be taken (default
+    /// [`OnMissingKey::Reject`]).
+    #[must_use]
+    pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
+        self.on_missing_key = policy;
+        self
     }
 
     /// The limiter (for its state: how many keys it holds, say).
@@ -76,6 +116,7 @@ impl<E: Clone, Key, C> Clone for PerKey<E, Key, C> {
         Self {
             limiter: self.limiter.clone(),
             extractor: self.extractor.clone(),
+            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -101,6 +142,10 @@ where
         let key = self.extractor.extract(request)?;
         Some(self.limiter.charge(key, 1))
     }
+
+    fn rejects_unkeyed(&self) -> bool {
+        self.on_missing_key == OnMissingKey::Reject
+    }
 }
 
 /// Rate limiting for HTTP servers: a refused request is answered here with
@@ -122,8 +167,10 @@ where
 /// error type is kept: this layer adds no error. A
 /// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer) marks its refusals
 /// [`Refused`] too, so local layers outside it refund; it does not refund itself
-/// (a refund would be another round trip to Redis): put it innermost. The 429 body is the response body type's `Default` (empty for most), and
-/// the 429 carries [`Refused`] in its extensions.
+/// (a refund would be another round trip to Redis): put it innermost. The 429 body is an
+/// RFC 9457 `application/problem+json` document (any [`ProblemBody`]), and the 429
+/// carries [`Refused`] in its extensions. A [`PerKey`] request without a key is answered
+/// per [`OnMissingKey`]: `500` by default, never silently unlimited.
 ///
 /// ```
 /// use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer};
@@ -169,9 +216,18 @@ impl<C: Clock> HttpRateLimitLayer<RateLimiter<C>> {
 }
 
 impl<E, Key, C> HttpRateLimitLayer<PerKey<E, Key, C>> {
-    /// A bucket per key taken by `extractor`; requests without a key pass unlimited.
+    /// A bucket per key taken by `extractor`; a request without a key is refused with
+    /// `500` by default (see [`on_missing_key`](Self::on_missing_key)).
     pub fn per_key(limiter: KeyedRateLimiter<Key, C>, extractor: E) -> Self {
         Self::new(PerKey::new(limiter, extractor))
+    }
+
+    /// What to do with a request whose key cannot be taken (default
+    /// [`OnMissingKey::Reject`]: `500` with a problem+json body, and an error log).
+    #[must_use]
+    pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
+        self.limit.on_missing_key = policy;
+        self
     }
 }
 
@@ -331,15 +387,32 @@ fn value(s: String) -> HeaderValue {
 pub struct Refused;
 
 /// The `429` of a refused request: the decision's headers, [`Refused`] in the
-/// extensions, the body type's default.
-pub(super) fn refusal<B: Default>(headers: Option<Headers>) -> Response<B> {
-    let mut response = Response::new(B::default());
-    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+/// extensions, an RFC 9457 `application/problem+json` body.
+pub(super) fn refusal<B: ProblemBody>(headers: Option<Headers>) -> Response<B> {
+    let mut response = crate::problem::problem(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate limit exceeded; see Retry-After",
+    );
     if let Some(headers) = headers {
         headers.apply(response.headers_mut());
     }
     response.extensions_mut().insert(Refused);
     response
+}
+
+/// The `500` for a request without a key under [`OnMissingKey::Reject`].
+pub(super) fn missing_key<B: ProblemBody>(name: &PolicyName) -> Response<B> {
+    #[cfg(feature = "tracing")]
+    tracing::error!(
+        policy = name.as_str(),
+        "rate limit: no key could be taken from the request (for ClientIp: no peer address; \
+         serve axum with into_make_service_with_connect_info); refused with 500"
+    );
+    let _ = name;
+    crate::problem::problem(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the rate limit key could not be taken from the request",
+    )
 }
 
 /// `"name";r=remaining;t=reset`, written into a buffer of the exact size: one
@@ -451,7 +524,7 @@ impl<S, L, ReqB, ResB> Service<Request<ReqB>> for HttpRateLimit<S, L>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     L: HttpLimit<Request<ReqB>>,
-    ResB: Default,
+    ResB: ProblemBody,
 {
     type Response = Response<ResB>;
     type Error = S::Error;
@@ -463,6 +536,9 @@ where
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         let Some(decision) = self.layer.limit.check(&request) else {
+            if self.layer.limit.rejects_unkeyed() {
+                return ResponseFuture::refused(missing_key(&self.layer.name));
+            }
             return ResponseFuture::called(self.inner.call(request), None, None);
         };
         match decision {

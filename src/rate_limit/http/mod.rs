@@ -21,8 +21,8 @@ mod retry_after;
 
 pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
 pub use layer::{
-    HttpLimit, HttpRateLimit, HttpRateLimitLayer, PerKey, RATELIMIT, RATELIMIT_POLICY, Refused,
-    ResponseFuture, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
+    HttpLimit, HttpRateLimit, HttpRateLimitLayer, OnMissingKey, PerKey, RATELIMIT,
+    RATELIMIT_POLICY, Refused, ResponseFuture, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
