@@ -1,5 +1,35 @@
 //! HTTP answers in the shape of RFC 9457 (`application/problem+json`), shared by the
-//! HTTP layers (feature `http`): the rate limiter's 429 and its missing-key 500.
+//! HTTP layers (feature `http`): the rate limiter's 429 and its missing-key 500, and
+//! [`error_response`] / [`handle_error`], which answer a stack's errors the HTTP way (for
+//! axum's `HandleErrorLayer`).
+//!
+//! | error, anywhere in the `source()` chain | answer |
+//! |---|---|
+//! | [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) | `503 Service Unavailable`, `Retry-After` when the breaker knows when it probes again |
+//! | [`RateLimited`](crate::rate_limit::RateLimited) | `429 Too Many Requests`, `Retry-After`, `RateLimit-Policy` / `RateLimit` (policy `default`) |
+//! | tower's `timeout::error::Elapsed` | `504 Gateway Timeout` |
+//! | anything else | `502 Bad Gateway` |
+//!
+//! ```
+//! use std::time::Duration;
+//! use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::default());
+//! breaker.breaker().force_open();
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(breaker)
+//!     .timeout(Duration::from_secs(1))
+//!     .service_fn(|_: ()| async { Ok::<_, seawall::BoxError>("hi") });
+//! let error = svc.ready().await.unwrap().call(()).await.unwrap_err();
+//! let response = seawall::problem::error_response::<String>(&error);
+//! assert_eq!(response.status(), 503);
+//! assert_eq!(response.headers()["content-type"], "application/problem+json");
+//! // With axum: `.layer(HandleErrorLayer::new(seawall::problem::handle_error))`.
+//! # }
+//! ```
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
@@ -104,6 +134,46 @@ pub fn problem<B: ProblemBody>(status: StatusCode, detail: &str) -> Response<B> 
         .headers_mut()
         .insert(http::header::CONTENT_TYPE, PROBLEM_JSON.clone());
     response
+}
+
+/// Ceil to whole seconds, as `Retry-After` wants.
+fn retry_after_secs(d: std::time::Duration) -> HeaderValue {
+    HeaderValue::from(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+/// The HTTP answer to a stack's `error`, by the first known error in its `source()` chain
+/// (see the [module docs](self)), with an `application/problem+json` body whose `detail`
+/// is the error's message (the breaker's name and state, say: keep messages you do not
+/// want shown out of it, or map those errors yourself first).
+pub fn error_response<B: ProblemBody>(error: &crate::BoxError) -> Response<B> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(e) = current {
+        if let Some(open) = e.downcast_ref::<crate::circuit_breaker::CircuitOpen>() {
+            let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, &open.to_string());
+            if let Some(after) = open.retry_after() {
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, retry_after_secs(after));
+            }
+            return response;
+        }
+        if let Some(limited) = e.downcast_ref::<crate::rate_limit::RateLimited>() {
+            let mut response = problem(StatusCode::TOO_MANY_REQUESTS, &limited.to_string());
+            crate::rate_limit::http::refusal_headers(limited, response.headers_mut());
+            return response;
+        }
+        if e.is::<tower::timeout::error::Elapsed>() {
+            return problem(StatusCode::GATEWAY_TIMEOUT, &e.to_string());
+        }
+        current = e.source();
+    }
+    problem(StatusCode::BAD_GATEWAY, &error.to_string())
+}
+
+/// [`error_response`] as the function axum's `HandleErrorLayer` takes:
+/// `.layer(HandleErrorLayer::new(seawall::problem::handle_error))`.
+pub async fn handle_error(error: crate::BoxError) -> Response<http_body_util::Full<Bytes>> {
+    error_response(&error)
 }
 
 #[cfg(test)]

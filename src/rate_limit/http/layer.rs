@@ -197,6 +197,8 @@ pub struct HttpRateLimitLayer<L> {
     limit: L,
     name: Arc<PolicyName>,
     style: HeaderStyle,
+    /// `None`: the RFC 9457 problem.
+    body: Option<Arc<RefusalBody>>,
 }
 
 impl<L> fmt::Debug for HttpRateLimitLayer<L> {
@@ -238,7 +240,37 @@ impl<L> HttpRateLimitLayer<L> {
             limit,
             name: PolicyName::new("default"),
             style: HeaderStyle::default(),
+            body: None,
         }
+    }
+
+    /// The body of this layer's 429s, in place of the default RFC 9457
+    /// `application/problem+json` document: `body(&refusal)` gives the content type and
+    /// the bytes (as tower_governor's error handler does). The status, `Retry-After`, the
+    /// rate-limit headers and [`Refused`] stay.
+    ///
+    /// ```
+    /// use http::HeaderValue;
+    /// use seawall::rate_limit::http::HttpRateLimitLayer;
+    /// use seawall::rate_limit::{Quota, Rate, RateLimiter};
+    ///
+    /// # fn main() -> Result<(), seawall::BoxError> {
+    /// let layer = HttpRateLimitLayer::global(RateLimiter::new(Quota::new(Rate::per_second(10), 10)?))
+    ///     .refusal_body(|refused| {
+    ///         let secs = refused.retry_after().unwrap_or_default().as_secs();
+    ///         (HeaderValue::from_static("text/plain"), format!("slow down, {secs}s").into())
+    ///     });
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn refusal_body<F>(mut self, body: F) -> Self
+    where
+        F: Fn(&RateLimited) -> (HeaderValue, bytes::Bytes) + Send + Sync + 'static,
+    {
+        self.body = Some(Arc::new(body));
+        self
     }
 
     /// Names the policy in the headers (default `default`).
@@ -415,6 +447,19 @@ pub(super) fn missing_key<B: ProblemBody>(name: &PolicyName) -> Response<B> {
     )
 }
 
+/// Adds the headers of a refusal by a limiter of unknown name (policy `default`):
+/// `Retry-After`, `RateLimit-Policy`, `RateLimit`. For [`crate::problem::error_response`].
+pub(crate) fn refusal_headers(refused: &RateLimited, headers: &mut http::HeaderMap) {
+    static DEFAULT: std::sync::OnceLock<Arc<PolicyName>> = std::sync::OnceLock::new();
+    let name = DEFAULT.get_or_init(|| PolicyName::new("default"));
+    if let Some(h) = Headers::new(name, HeaderStyle::default(), &Err(*refused)) {
+        h.apply(headers);
+    }
+}
+
+/// The body of a layer's own 429: a content type and the bytes, built per refusal.
+pub type RefusalBody = dyn Fn(&RateLimited) -> (HeaderValue, bytes::Bytes) + Send + Sync;
+
 /// `"name";r=remaining;t=reset`, written into a buffer of the exact size: one
 /// allocation, which the header value then owns.
 fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
@@ -547,8 +592,16 @@ where
                 ResponseFuture::called(self.inner.call(request), headers, Some(charge))
             }
             Err(refused) => {
+                let custom = self.layer.body.as_ref().map(|body| body(&refused));
                 let headers = Headers::new(&self.layer.name, self.layer.style, &Err(refused));
-                ResponseFuture::refused(refusal(headers))
+                let mut response = refusal(headers);
+                if let Some((content_type, bytes)) = custom {
+                    *response.body_mut() = ResB::from_bytes(bytes);
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONTENT_TYPE, content_type);
+                }
+                ResponseFuture::refused(response)
             }
         }
     }
