@@ -200,3 +200,41 @@ async fn the_429_body_is_configurable() {
     assert!(headers.contains_key("retry-after"));
     assert!(body.starts_with("slow down for "), "{body}");
 }
+
+/// Item 4: an HTTP response fallback inside axum's `route_service` (which wants the
+/// service `Send + Sync`), answering a breaker's rejections.
+#[tokio::test]
+async fn an_http_response_fallback_serves_in_route_service() {
+    use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+    use seawall::fallback::{FallbackLayer, is_circuit_open};
+    use tower::ServiceBuilder;
+
+    type Res = http::Response<axum::body::Body>;
+    let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::default());
+    breaker.breaker().force_open();
+    let mut headers = HeaderMap::new();
+    headers.insert("x-fallback", http::HeaderValue::from_static("1"));
+    let stock = ServiceBuilder::new()
+        .layer(axum::error_handling::HandleErrorLayer::new(
+            seawall::problem::handle_error,
+        ))
+        .layer(
+            FallbackLayer::response(StatusCode::OK, headers, r#"{"stock":null}"#)
+                .content_type(http::HeaderValue::from_static("application/json"))
+                .when(is_circuit_open),
+        )
+        .layer(breaker)
+        .service_fn(|_: Request<axum::body::Body>| async {
+            Ok::<Res, seawall::BoxError>(http::Response::new(axum::body::Body::from("3")))
+        });
+    let app = Router::new().route_service("/stock", stock);
+    let (listener, addr) = listener().await;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    for _ in 0..2 {
+        let (status, headers, body) = fetch_path(addr, "/stock").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-fallback"], "1");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(body, r#"{"stock":null}"#);
+    }
+}

@@ -5,6 +5,8 @@
 //! * [`FallbackLayer::value`]: a fixed value;
 //! * [`FallbackLayer::from_fn`]: a closure over the error;
 //! * [`FallbackLayer::from_async_fn`]: an async closure over the error;
+//! * [`FallbackLayer::response`] (feature `http`): an HTTP response built per use from a
+//!   status, headers and bytes, for any body `B: From<Bytes>` (axum's included);
 //! * [`LastKnownGood`]: the most recent successful response for the same key, a cache
 //!   fallback as opossum users write by hand;
 //! * [`FallbackLayer::new`] with your own [`Policy`].
@@ -50,6 +52,8 @@
 //! # }
 //! ```
 
+#[cfg(feature = "http")]
+mod http;
 mod last_known_good;
 mod layer;
 mod policy;
@@ -57,6 +61,9 @@ mod service;
 
 pub mod future;
 
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub use http::HttpResponse;
 pub use last_known_good::{DEFAULT_MAX_ENTRIES, LastKnownGood, LastKnownGoodHandler};
 pub use layer::FallbackLayer;
 pub use policy::{FromAsyncFn, FromFn, Handler, MaybeFallback, OkFuture, Policy, Value, When};
