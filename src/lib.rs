@@ -53,7 +53,8 @@
 //!
 //! | feature | adds |
 //! |---|---|
-//! | `http` | [`circuit_breaker::HttpClassifier`] (5xx and transport errors are failures) |
+//! | `http` | [`circuit_breaker::HttpClassifier`] (5xx and transport errors are failures) ; [`problem`]: RFC 9457 answers for stack errors |
+//! | `axum` | `ClientIp` reads axum 0.8's `ConnectInfo<SocketAddr>`; axum's `Body` for the ready-made answers (enables `http`) |
 //! | `metrics` | counters and gauges through the [`metrics`](https://docs.rs/metrics) crate |
 //! | `tracing` | events through [`tracing`](https://docs.rs/tracing) |
 //! | `quanta` | `QuantaClock`, a TSC clock for limiters and balancers |

@@ -126,6 +126,22 @@ pub fn problem_json(status: StatusCode, detail: &str) -> Bytes {
     Bytes::from(s)
 }
 
+/// The body of a rate-limit layer's own 429, made once.
+pub(crate) const RATE_LIMITED: &[u8] = br#"{"type":"about:blank","title":"Too Many Requests","status":429,"detail":"rate limit exceeded; see Retry-After"}"#;
+
+/// A response of `status` with a ready-made problem+json `body`: no formatting, no copy.
+pub(crate) fn problem_static<B: ProblemBody>(
+    status: StatusCode,
+    body: &'static [u8],
+) -> Response<B> {
+    let mut response = Response::new(B::from_bytes(Bytes::from_static(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, PROBLEM_JSON.clone());
+    response
+}
+
 /// A response of `status` with an `application/problem+json` body saying `detail`.
 pub fn problem<B: ProblemBody>(status: StatusCode, detail: &str) -> Response<B> {
     let mut response = Response::new(B::from_bytes(problem_json(status, detail)));
@@ -179,6 +195,17 @@ pub async fn handle_error(error: crate::BoxError) -> Response<http_body_util::Fu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_static_429_is_the_formatted_one() {
+        assert_eq!(
+            RATE_LIMITED,
+            &problem_json(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limit exceeded; see Retry-After"
+            )[..]
+        );
+    }
 
     #[test]
     fn bodies_are_json() {

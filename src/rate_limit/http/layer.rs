@@ -421,10 +421,8 @@ pub struct Refused;
 /// The `429` of a refused request: the decision's headers, [`Refused`] in the
 /// extensions, an RFC 9457 `application/problem+json` body.
 pub(super) fn refusal<B: ProblemBody>(headers: Option<Headers>) -> Response<B> {
-    let mut response = crate::problem::problem(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate limit exceeded; see Retry-After",
-    );
+    let mut response =
+        crate::problem::problem_static(StatusCode::TOO_MANY_REQUESTS, crate::problem::RATE_LIMITED);
     if let Some(headers) = headers {
         headers.apply(response.headers_mut());
     }
