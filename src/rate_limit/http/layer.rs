@@ -12,6 +12,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::problem::ProblemBody;
+pub use crate::rate_limit::OnMissingKey;
 use crate::rate_limit::clock::Clock;
 use crate::rate_limit::{
     Admitted, Charge, KeyExtractor, KeyedCharge, KeyedRateLimiter, RateLimited, RateLimiter, Refund,
@@ -42,20 +43,6 @@ pub trait HttpLimit<Request> {
     fn rejects_unkeyed(&self) -> bool {
         false
     }
-}
-
-/// What a [`PerKey`] limit does with a request whose key cannot be taken (no peer address
-/// for [`ClientIp`](super::ClientIp), no header for [`HeaderKey`](super::HeaderKey)): such
-/// a request is never silently unlimited unless asked.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum OnMissingKey {
-    /// Answer `500 Internal Server Error` (an `application/problem+json` body) and log an
-    /// error (feature `tracing`), as tower_governor does: a missing key is a setup fault,
-    /// such as an axum router served without `into_make_service_with_connect_info`.
-    #[default]
-    Reject,
-    /// Let the request through, unlimited by this layer (a limit beside it may hold it).
-    Allow,
 }
 
 /// No limit when `None`: a limit that configuration may leave out keeps one service type.
@@ -432,13 +419,7 @@ pub(super) fn refusal<B: ProblemBody>(headers: Option<Headers>) -> Response<B> {
 
 /// The `500` for a request without a key under [`OnMissingKey::Reject`].
 pub(super) fn missing_key<B: ProblemBody>(name: &PolicyName) -> Response<B> {
-    #[cfg(feature = "tracing")]
-    tracing::error!(
-        policy = name.as_str(),
-        "rate limit: no key could be taken from the request (for ClientIp: no peer address; \
-         serve axum with into_make_service_with_connect_info); refused with 500"
-    );
-    let _ = name;
+    crate::rate_limit::error::log_missing_key(name.as_str());
     crate::problem::problem(
         StatusCode::INTERNAL_SERVER_ERROR,
         "the rate limit key could not be taken from the request",
