@@ -53,7 +53,8 @@
 //!
 //! | feature | adds |
 //! |---|---|
-//! | `http` | [`circuit_breaker::HttpClassifier`] (5xx and transport errors are failures) |
+//! | `http` | [`circuit_breaker::HttpClassifier`] (5xx and transport errors are failures) ; [`problem`]: RFC 9457 answers for stack errors |
+//! | `axum` | `ClientIp` reads axum 0.8's `ConnectInfo<SocketAddr>`; axum's `Body` for the ready-made answers (enables `http`) |
 //! | `metrics` | counters and gauges through the [`metrics`](https://docs.rs/metrics) crate |
 //! | `tracing` | events through [`tracing`](https://docs.rs/tracing) |
 //! | `quanta` | `QuantaClock`, a TSC clock for limiters and balancers |
@@ -77,6 +78,9 @@ pub mod fallback;
 #[cfg(feature = "gateway")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
 pub mod gateway;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod problem;
 pub mod rate_limit;
 
 /// The boxed error type used by layers that add failure modes of their own, as in tower.

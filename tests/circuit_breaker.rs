@@ -703,8 +703,10 @@ async fn typed_errors_keep_the_inner_error_type_and_reject_without_boxing() {
     let open = err.as_open().unwrap();
     assert_eq!(open.retry_after(), Some(Duration::from_secs(10)));
     assert_eq!(err.to_string(), "circuit breaker 'test' is open");
-    // Still an `std::error::Error`, so it boxes into `BoxError` for outer layers.
-    let boxed: BoxError = Box::new(err);
+    assert!(seawall::fallback::is_circuit_open(&err));
+    // Converts into `BoxError` for outer layers, flat: the rejection itself.
+    let boxed: BoxError = err.into();
+    assert!(boxed.is::<seawall::circuit_breaker::CircuitOpen>());
     assert!(seawall::fallback::is_circuit_open(&boxed));
 }
 

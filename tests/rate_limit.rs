@@ -417,10 +417,11 @@ mod keyed {
         let global_limiter = global.limiter().clone();
         let mut svc = ServiceBuilder::new()
             .layer(global)
-            .layer(KeyedRateLimitLayer::new(
-                quota(1, 2),
-                |user: &Option<&'static str>| *user,
-            ))
+            .layer(
+                KeyedRateLimitLayer::new(quota(1, 2), |user: &Option<&'static str>| *user)
+                    // Anonymous requests are meant to be held by the global limit only.
+                    .on_missing_key(seawall::rate_limit::OnMissingKey::Allow),
+            )
             .service_fn(|user: Option<&'static str>| async move {
                 Ok::<_, BoxError>(user.unwrap_or("anonymous"))
             });
@@ -851,5 +852,32 @@ mod stacked {
                 prop_assert!(limiter.available() <= burst);
             }
         }
+    }
+}
+
+/// Issue 13, item 1: a request without a key is never silently unlimited.
+#[tokio::test(start_paused = true)]
+async fn a_keyed_layer_refuses_requests_without_a_key_unless_allowed() {
+    use seawall::rate_limit::{KeyedRateLimitLayer, MissingKey, OnMissingKey};
+    let key = |n: &u32| (*n != 0).then_some(*n);
+
+    let mut strict = ServiceBuilder::new()
+        .layer(KeyedRateLimitLayer::new(quota(1, 1), key))
+        .service(echo());
+    let err = strict.ready().await.unwrap().call(0).await.unwrap_err();
+    assert!(err.is::<MissingKey>(), "{err}");
+    assert_eq!(strict.ready().await.unwrap().call(7).await.unwrap(), 7);
+
+    let mut waiting = ServiceBuilder::new()
+        .layer(KeyedRateLimitLayer::new(quota(1, 1), key).wait(Duration::from_secs(1)))
+        .service(echo());
+    let err = waiting.ready().await.unwrap().call(0).await.unwrap_err();
+    assert!(err.is::<MissingKey>(), "{err}");
+
+    let mut lenient = ServiceBuilder::new()
+        .layer(KeyedRateLimitLayer::new(quota(1, 1), key).on_missing_key(OnMissingKey::Allow))
+        .service(echo());
+    for _ in 0..3 {
+        assert_eq!(lenient.ready().await.unwrap().call(0).await.unwrap(), 0);
     }
 }

@@ -119,7 +119,12 @@ async fn admitted_and_refused_requests_carry_the_headers() {
 
     let (status, h, body) = get(&client, addr, "203.0.113.1").await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(body, "", "the 429 body is the body type's default");
+    assert_eq!(
+        one(&h, "content-type").as_deref(),
+        Some("application/problem+json"),
+        "the 429 body is an RFC 9457 problem"
+    );
+    assert!(body.contains("\"status\":429"), "{body}");
     assert_eq!(one(&h, "retry-after").as_deref(), Some("1"));
     assert_eq!(
         all(&h, "ratelimit-policy"),
@@ -201,7 +206,7 @@ async fn the_layers_own_429s_are_marked_and_an_absent_limit_passes_all() {
     assert_eq!(refused.extensions().get::<Refused>(), Some(&Refused));
     assert_eq!(
         refused.headers().keys().collect::<Vec<_>>(),
-        [http::header::RETRY_AFTER]
+        [http::header::CONTENT_TYPE, http::header::RETRY_AFTER]
     );
 
     // `None`: no limit, no headers.

@@ -447,17 +447,21 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
             _ => {
                 assert_eq!(h("retry-after").as_deref(), Some("1"));
                 assert!(h("ratelimit").unwrap().starts_with("\"per-key\";r=0;t="));
-                assert_eq!(response.body(), "", "the 429 body is the default body");
+                assert!(
+                    response.body().contains("\"status\":429"),
+                    "the 429 body is an RFC 9457 problem: {}",
+                    response.body()
+                );
             }
         }
     }
     assert_eq!(statuses, vec![200, 200, 429]);
-    // Another key, and a request without one, pass.
+    // Another key passes; a request without one is refused with 500 (OnMissingKey::Reject).
     let svc = &mut replicas[0];
     let other = ask(svc, request("k2")).await;
     assert_eq!(other.status(), 200);
     let keyless = ask(svc, http::Request::new(())).await;
-    assert_eq!(keyless.status(), 200);
+    assert_eq!(keyless.status(), 500);
     assert!(keyless.headers().get("ratelimit").is_none());
 
     // Hidden headers: none when admitted, only Retry-After on the 429 (marked Refused).
@@ -474,7 +478,7 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
     assert_eq!(refused.status(), 429);
     assert_eq!(
         refused.headers().keys().collect::<Vec<_>>(),
-        [http::header::RETRY_AFTER]
+        [http::header::CONTENT_TYPE, http::header::RETRY_AFTER]
     );
     assert!(
         refused

@@ -163,6 +163,39 @@ impl<E> ErrorMode<E> for Typed {
 /// }
 /// # }
 /// ```
+///
+/// It composes as [`BoxError`](crate::BoxError) does: with a tower timeout inside (inner
+/// error `BoxError`), `?` turns it into a `BoxError`, and
+/// [`is_circuit_open`](crate::fallback::is_circuit_open) fits
+/// [`FallbackLayer::when`](crate::fallback::FallbackLayer::when) in both modes:
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+/// use seawall::fallback::{FallbackLayer, is_circuit_open};
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), seawall::BoxError> {
+/// let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::default()).typed_errors();
+/// let handle = breaker.breaker().clone();
+/// let mut client = ServiceBuilder::new()
+///     .layer(FallbackLayer::value("stock unknown".to_string()).when(is_circuit_open))
+///     .layer(breaker)
+///     .timeout(Duration::from_millis(800))
+///     .service_fn(|sku: u32| async move { Ok::<_, seawall::BoxError>(format!("{sku}: 3 left")) });
+/// let answer = client.ready().await?.call(42).await?; // `?`: Error<BoxError> into BoxError
+/// assert_eq!(answer, "42: 3 left");
+/// handle.force_open();
+/// assert_eq!(client.ready().await?.call(42).await?, "stock unknown");
+///
+/// // The error converts on its own too, its cause kept.
+/// let open: seawall::BoxError = Error::<seawall::BoxError>::Inner("boom".into()).into();
+/// assert_eq!(open.to_string(), "boom");
+/// # use seawall::circuit_breaker::Error;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub enum Error<E> {
     /// The breaker rejected the call; the inner service was not called.
@@ -203,11 +236,19 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
     }
 }
 
-impl<E: std::error::Error + 'static> std::error::Error for Error<E> {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::Open(open) => Some(open),
-            Error::Inner(e) => Some(e),
+/// `?` into [`BoxError`](crate::BoxError), whatever the inner error (a `BoxError` under
+/// a tower timeout, too). The result is flat: a rejection becomes a boxed [`CircuitOpen`]
+/// (`err.is::<CircuitOpen>()`, as in the [`Boxed`] mode), an inner error converts as it
+/// would have without the breaker (`err.is::<Elapsed>()` still works).
+///
+/// `Error<E>` is therefore not a `std::error::Error` itself: that would make this
+/// conversion overlap std's for every error type, and std's cannot take an inner
+/// `BoxError` (not a sized error). Convert it, or match on it.
+impl<E: Into<crate::BoxError>> From<Error<E>> for crate::BoxError {
+    fn from(error: Error<E>) -> Self {
+        match error {
+            Error::Open(open) => Box::new(open),
+            Error::Inner(inner) => inner.into(),
         }
     }
 }

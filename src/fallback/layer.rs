@@ -44,6 +44,49 @@ impl<R> FallbackLayer<Value<R>> {
     }
 }
 
+#[cfg(feature = "http")]
+impl<B> FallbackLayer<super::HttpResponse<B>> {
+    /// Answers every failure with an HTTP response of `status`, `headers` and `body`,
+    /// built afresh for each use (the layer is `Send + Sync` whatever `B` is, as axum's
+    /// `route_service` needs).
+    ///
+    /// ```
+    /// use http::{HeaderMap, HeaderValue, StatusCode};
+    /// use seawall::fallback::{FallbackLayer, is_circuit_open};
+    /// use tower::{Service, ServiceBuilder, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let mut svc = ServiceBuilder::new()
+    ///     .layer(
+    ///         FallbackLayer::response(StatusCode::OK, HeaderMap::new(), r#"{"stock":null}"#)
+    ///             .when(is_circuit_open),
+    ///     )
+    ///     .service_fn(|_: ()| async {
+    ///         Err::<http::Response<http_body_util::Full<bytes::Bytes>>, seawall::BoxError>(
+    ///             "down".into(),
+    ///         )
+    ///     });
+    /// let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+    /// assert_eq!(err.to_string(), "down"); // not a breaker's rejection: passed through
+    /// # }
+    /// ```
+    pub fn response(
+        status: http::StatusCode,
+        headers: http::HeaderMap,
+        body: impl Into<bytes::Bytes>,
+    ) -> Self {
+        Self::new(super::HttpResponse::new(status, headers, body.into()))
+    }
+
+    /// Sets the fallback response's `content-type`.
+    #[must_use]
+    pub fn content_type(self, value: http::HeaderValue) -> Self {
+        let policy = Arc::try_unwrap(self.policy).unwrap_or_else(|shared| (*shared).clone());
+        Self::new(policy.content_type(value))
+    }
+}
+
 impl<F> FallbackLayer<FromFn<F>> {
     /// Answers a failure with `f(error)`.
     pub fn from_fn(f: F) -> Self {

@@ -5,6 +5,8 @@
 //! * [`FallbackLayer::value`]: a fixed value;
 //! * [`FallbackLayer::from_fn`]: a closure over the error;
 //! * [`FallbackLayer::from_async_fn`]: an async closure over the error;
+//! * [`FallbackLayer::response`] (feature `http`): an HTTP response built per use from a
+//!   status, headers and bytes, for any body `B: From<Bytes>` (axum's included);
 //! * [`LastKnownGood`]: the most recent successful response for the same key, a cache
 //!   fallback as opossum users write by hand;
 //! * [`FallbackLayer::new`] with your own [`Policy`].
@@ -50,6 +52,8 @@
 //! # }
 //! ```
 
+#[cfg(feature = "http")]
+mod http;
 mod last_known_good;
 mod layer;
 mod policy;
@@ -57,6 +61,9 @@ mod service;
 
 pub mod future;
 
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub use http::HttpResponse;
 pub use last_known_good::{DEFAULT_MAX_ENTRIES, LastKnownGood, LastKnownGoodHandler};
 pub use layer::FallbackLayer;
 pub use policy::{FromAsyncFn, FromFn, Handler, MaybeFallback, OkFuture, Policy, Value, When};
@@ -64,7 +71,35 @@ pub use service::Fallback;
 
 /// True when `error` is a circuit breaker's rejection
 /// ([`CircuitOpen`](crate::circuit_breaker::CircuitOpen)), directly or anywhere in its
-/// `source()` chain. Made for [`FallbackLayer::when`].
-pub fn is_circuit_open(error: &crate::BoxError) -> bool {
-    crate::caused_by::<crate::circuit_breaker::CircuitOpen>(error)
+/// `source()` chain. Made for [`FallbackLayer::when`], in both of the breaker's error
+/// modes: `error` is a [`BoxError`](crate::BoxError) or a typed
+/// [`circuit_breaker::Error<E>`](crate::circuit_breaker::Error) (see [`BreakerError`]).
+pub fn is_circuit_open<E: BreakerError + ?Sized>(error: &E) -> bool {
+    error.is_circuit_open()
+}
+
+/// The errors [`is_circuit_open`] reads: [`BoxError`](crate::BoxError) (the breaker's
+/// default mode, and what most tower layers return) and the typed
+/// [`circuit_breaker::Error<E>`](crate::circuit_breaker::Error).
+pub trait BreakerError {
+    /// Whether this is a breaker's rejection, directly or in its `source()` chain.
+    fn is_circuit_open(&self) -> bool;
+}
+
+impl BreakerError for crate::BoxError {
+    fn is_circuit_open(&self) -> bool {
+        crate::caused_by::<crate::circuit_breaker::CircuitOpen>(self)
+    }
+}
+
+/// A rejection by this breaker, or, for an inner `BoxError`, one by a breaker further in.
+impl<E: 'static> BreakerError for crate::circuit_breaker::Error<E> {
+    fn is_circuit_open(&self) -> bool {
+        match self {
+            crate::circuit_breaker::Error::Open(_) => true,
+            crate::circuit_breaker::Error::Inner(inner) => (inner as &dyn std::any::Any)
+                .downcast_ref::<crate::BoxError>()
+                .is_some_and(BreakerError::is_circuit_open),
+        }
+    }
 }

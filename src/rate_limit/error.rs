@@ -94,3 +94,42 @@ impl fmt::Display for RateLimited {
 }
 
 impl std::error::Error for RateLimited {}
+
+/// What a keyed layer does with a request whose key cannot be taken (for
+/// [`ClientIp`](crate::rate_limit::http::ClientIp): no peer address; for
+/// [`HeaderKey`](crate::rate_limit::http::HeaderKey): no header; for a closure: `None`).
+/// Such a request is never silently unlimited unless asked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnMissingKey {
+    /// Refuse it: the HTTP layers answer `500 Internal Server Error` (an
+    /// `application/problem+json` body), the others fail with [`MissingKey`]; an error is
+    /// logged (feature `tracing`), as tower_governor does. A missing key is a setup fault,
+    /// such as an axum router served without `into_make_service_with_connect_info`.
+    #[default]
+    Reject,
+    /// Let it through, unlimited by this layer (a limit beside it may hold it).
+    Allow,
+}
+
+/// A keyed layer under [`OnMissingKey::Reject`] could not take a key from the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingKey;
+
+impl fmt::Display for MissingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("no rate limit key could be taken from the request")
+    }
+}
+
+impl std::error::Error for MissingKey {}
+
+/// Logs a request refused for its missing key.
+pub(crate) fn log_missing_key(layer: &str) {
+    #[cfg(feature = "tracing")]
+    tracing::error!(
+        layer,
+        "rate limit: no key could be taken from the request (for ClientIp: no peer address; \
+         serve axum with into_make_service_with_connect_info); refused"
+    );
+    let _ = layer;
+}

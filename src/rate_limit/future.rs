@@ -27,6 +27,7 @@ pin_project! {
     enum Kind<F, R> {
         Called { #[pin] future: F, charge: Option<R> },
         Refused { error: Option<RateLimited> },
+        MissingKey,
     }
 }
 
@@ -34,6 +35,12 @@ impl<F, R> ResponseFuture<F, R> {
     pub(crate) fn called(future: F, charge: Option<R>) -> Self {
         Self {
             kind: Kind::Called { future, charge },
+        }
+    }
+
+    pub(crate) fn missing_key() -> Self {
+        Self {
+            kind: Kind::MissingKey,
         }
     }
 
@@ -79,6 +86,7 @@ where
                     .take()
                     .expect("rate limit ResponseFuture polled after completion"),
             ))),
+            KindProj::MissingKey => Poll::Ready(Err(Box::new(super::MissingKey))),
         }
     }
 }

@@ -11,12 +11,15 @@ use tower::{Layer, Service};
 
 use super::clock::{Clock, TokioClock};
 use super::future::ResponseFuture;
-use super::{Cost, KeyExtractor, KeyedCharge, KeyedRateLimiter, RateLimited, Reservation};
+use super::{
+    Cost, KeyExtractor, KeyedCharge, KeyedRateLimiter, OnMissingKey, RateLimited, Reservation,
+};
 use crate::BoxError;
 
 /// Limits requests per key: each request draws from the bucket of the key `key_fn` takes
 /// from it (any [`KeyExtractor`], closures included), in a shared [`KeyedRateLimiter`].
-/// Requests for which `key_fn` returns `None` are not limited by this layer.
+/// A request for which `key_fn` returns `None` fails with [`MissingKey`](super::MissingKey)
+/// by default; [`on_missing_key`](Self::on_missing_key) can let it through unlimited.
 ///
 /// Stack it with a [`RateLimitLayer`](super::RateLimitLayer) for a global limit on top of
 /// the per-key ones (as Kong's per-consumer and per-service limits): the outer layer is
@@ -48,6 +51,7 @@ pub struct KeyedRateLimitLayer<F, Key, K = u32, C = TokioClock> {
     limiter: KeyedRateLimiter<Key, C>,
     key_fn: F,
     cost: K,
+    on_missing_key: OnMissingKey,
 }
 
 impl<F: Clone, Key, K: Clone, C> Clone for KeyedRateLimitLayer<F, Key, K, C> {
@@ -56,6 +60,7 @@ impl<F: Clone, Key, K: Clone, C> Clone for KeyedRateLimitLayer<F, Key, K, C> {
             limiter: self.limiter.clone(),
             key_fn: self.key_fn.clone(),
             cost: self.cost.clone(),
+            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -86,6 +91,7 @@ impl<F, Key, C> KeyedRateLimitLayer<F, Key, u32, C> {
             limiter,
             key_fn,
             cost: 1,
+            on_missing_key: OnMissingKey::default(),
         }
     }
 }
@@ -98,7 +104,16 @@ impl<F, Key, K, C> KeyedRateLimitLayer<F, Key, K, C> {
             limiter: self.limiter,
             key_fn: self.key_fn,
             cost,
+            on_missing_key: self.on_missing_key,
         }
+    }
+
+    /// What to do with a request whose key cannot be taken (default
+    /// [`OnMissingKey::Reject`]: it fails with [`MissingKey`](super::MissingKey)).
+    #[must_use]
+    pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
+        self.on_missing_key = policy;
+        self
     }
 
     /// The limiter shared by every service this layer wraps.
@@ -120,6 +135,7 @@ impl<F, Key, K, C> KeyedRateLimitLayer<F, Key, K, C> {
             key_fn: self.key_fn,
             cost: self.cost,
             max_wait,
+            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -152,6 +168,7 @@ pub struct KeyedWaitLayer<F, Key, K = u32, C = TokioClock> {
     key_fn: F,
     cost: K,
     max_wait: Duration,
+    on_missing_key: OnMissingKey,
 }
 
 impl<F: Clone, Key, K: Clone, C> Clone for KeyedWaitLayer<F, Key, K, C> {
@@ -161,6 +178,7 @@ impl<F: Clone, Key, K: Clone, C> Clone for KeyedWaitLayer<F, Key, K, C> {
             key_fn: self.key_fn.clone(),
             cost: self.cost.clone(),
             max_wait: self.max_wait,
+            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -254,6 +272,10 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let Some(key) = self.layer.key_fn.extract(&request) else {
+            if self.layer.on_missing_key == OnMissingKey::Reject {
+                super::error::log_missing_key("keyed wait");
+                return WaitFuture::missing_key();
+            }
             return WaitFuture::called(self.inner.call(request));
         };
         let tokens = self.layer.cost.cost(&request);
@@ -331,6 +353,7 @@ pin_project! {
         },
         Called { #[pin] future: S::Future },
         Refused { error: Option<RateLimited> },
+        MissingKey,
     }
 }
 
@@ -349,6 +372,12 @@ where
     fn refused(error: RateLimited) -> Self {
         Self {
             state: WaitState::Refused { error: Some(error) },
+        }
+    }
+
+    fn missing_key() -> Self {
+        Self {
+            state: WaitState::MissingKey,
         }
     }
 
@@ -411,6 +440,7 @@ where
                         error.take().expect("WaitFuture polled after completion"),
                     )));
                 }
+                WaitProj::MissingKey => return Poll::Ready(Err(Box::new(super::MissingKey))),
             };
             self.as_mut().project().state.set(next);
         }
@@ -426,6 +456,7 @@ impl<S, F: Clone, Key, K: Clone, C> Layer<S> for KeyedRateLimitLayer<F, Key, K, 
             limiter: self.limiter.clone(),
             key_fn: self.key_fn.clone(),
             cost: self.cost.clone(),
+            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -436,6 +467,7 @@ pub struct KeyedRateLimit<S, F, Key, K = u32, C = TokioClock> {
     limiter: KeyedRateLimiter<Key, C>,
     key_fn: F,
     cost: K,
+    on_missing_key: OnMissingKey,
 }
 
 impl<S: Clone, F: Clone, Key, K: Clone, C> Clone for KeyedRateLimit<S, F, Key, K, C> {
@@ -445,6 +477,7 @@ impl<S: Clone, F: Clone, Key, K: Clone, C> Clone for KeyedRateLimit<S, F, Key, K
             limiter: self.limiter.clone(),
             key_fn: self.key_fn.clone(),
             cost: self.cost.clone(),
+            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -500,6 +533,9 @@ where
                 Ok((_, c)) => charge = Some(c),
                 Err(refused) => return ResponseFuture::refused(refused),
             }
+        } else if self.on_missing_key == OnMissingKey::Reject {
+            super::error::log_missing_key("keyed");
+            return ResponseFuture::missing_key();
         }
         ResponseFuture::called(self.inner.call(request), charge)
     }

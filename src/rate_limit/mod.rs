@@ -112,7 +112,7 @@ pub use bucket::{Admitted, Charge, RateLimiter, Reservation, Taken};
 #[cfg(feature = "quanta")]
 pub use clock::QuantaClock;
 pub use clock::{Clock, ManualClock, TokioClock};
-pub use error::RateLimited;
+pub use error::{MissingKey, OnMissingKey, RateLimited};
 pub use keyed::{DEFAULT_MAX_KEYS, KeyedCharge, KeyedRateLimiter};
 pub use keyed_layer::{
     KeyedRateLimit, KeyedRateLimitLayer, KeyedRateLimitWait, KeyedWaitLayer, WaitFuture,

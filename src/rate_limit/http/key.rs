@@ -89,9 +89,12 @@ impl IpNet {
 /// proxy is the client. A client cannot pick its own key by sending these headers, since
 /// what it sends sits to the left of the address its first trusted proxy appended.
 ///
-/// The peer address is read from the request's extensions, as a [`SocketAddr`]: insert it
-/// where the connection is accepted (`req.extensions_mut().insert(peer)` in a hyper
-/// `service_fn`, or map axum's `ConnectInfo`). A request without one has no key.
+/// The peer address is read from the request's extensions, as a [`SocketAddr`] (insert it
+/// where the connection is accepted: `req.extensions_mut().insert(peer)` in a hyper
+/// `service_fn`) or, with the feature `axum`, as axum's `ConnectInfo<SocketAddr>` (serve
+/// the router with `into_make_service_with_connect_info::<SocketAddr>()`). A request
+/// without either has no key: [`HttpRateLimitLayer`](super::HttpRateLimitLayer) then
+/// answers per its [`OnMissingKey`](super::OnMissingKey), `500` by default.
 ///
 /// ```
 /// use std::net::SocketAddr;
@@ -204,11 +207,26 @@ impl ClientIp {
     }
 }
 
+/// The peer's address: a bare [`SocketAddr`] extension, or (feature `axum`) axum's
+/// `ConnectInfo<SocketAddr>`.
+fn peer_of(extensions: &http::Extensions) -> Option<IpAddr> {
+    if let Some(peer) = extensions.get::<SocketAddr>() {
+        return Some(peer.ip());
+    }
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::ConnectInfo(peer)) =
+        extensions.get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(peer.ip());
+    }
+    None
+}
+
 impl<B> KeyExtractor<Request<B>> for ClientIp {
     type Key = IpAddr;
 
     fn extract(&self, request: &Request<B>) -> Option<IpAddr> {
-        let peer = request.extensions().get::<SocketAddr>()?.ip();
+        let peer = peer_of(request.extensions())?;
         Some(self.resolve(peer, request.headers()))
     }
 }

@@ -11,6 +11,8 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::problem::ProblemBody;
+pub use crate::rate_limit::OnMissingKey;
 use crate::rate_limit::clock::Clock;
 use crate::rate_limit::{
     Admitted, Charge, KeyExtractor, KeyedCharge, KeyedRateLimiter, RateLimited, RateLimiter, Refund,
@@ -34,6 +36,13 @@ pub trait HttpLimit<Request> {
     /// `None` when the request is not subject to this limit (for example it has no key);
     /// else the decision, with what an admission took.
     fn check(&self, request: &Request) -> Option<Result<(Admitted, Self::Charge), RateLimited>>;
+
+    /// Whether a request [`check`](Self::check) passed over (`None`) must be refused with
+    /// `500` instead of passing unlimited: true for a [`PerKey`] whose key could not be
+    /// taken under [`OnMissingKey::Reject`]. Asked only on that path.
+    fn rejects_unkeyed(&self) -> bool {
+        false
+    }
 }
 
 /// No limit when `None`: a limit that configuration may leave out keeps one service type.
@@ -42,6 +51,10 @@ impl<Request, L: HttpLimit<Request>> HttpLimit<Request> for Option<L> {
 
     fn check(&self, request: &Request) -> Option<Result<(Admitted, L::Charge), RateLimited>> {
         self.as_ref()?.check(request)
+    }
+
+    fn rejects_unkeyed(&self) -> bool {
+        self.as_ref().is_some_and(L::rejects_unkeyed)
     }
 }
 
@@ -57,12 +70,26 @@ impl<Request, C: Clock> HttpLimit<Request> for RateLimiter<C> {
 pub struct PerKey<E, Key, C> {
     limiter: KeyedRateLimiter<Key, C>,
     extractor: E,
+    on_missing_key: OnMissingKey,
 }
 
 impl<E, Key, C> PerKey<E, Key, C> {
-    /// A bucket per key taken by `extractor`; requests without a key pass unlimited.
+    /// A bucket per key taken by `extractor`; a request without a key is refused with
+    /// `500` (see [`OnMissingKey`] and [`on_missing_key`](Self::on_missing_key)).
     pub fn new(limiter: KeyedRateLimiter<Key, C>, extractor: E) -> Self {
-        Self { limiter, extractor }
+        Self {
+            limiter,
+            extractor,
+            on_missing_key: OnMissingKey::default(),
+        }
+    }
+
+    /// What to do with a request whose key cannot be taken (default
+    /// [`OnMissingKey::Reject`]).
+    #[must_use]
+    pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
+        self.on_missing_key = policy;
+        self
     }
 
     /// The limiter (for its state: how many keys it holds, say).
@@ -76,6 +103,7 @@ impl<E: Clone, Key, C> Clone for PerKey<E, Key, C> {
         Self {
             limiter: self.limiter.clone(),
             extractor: self.extractor.clone(),
+            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -101,6 +129,10 @@ where
         let key = self.extractor.extract(request)?;
         Some(self.limiter.charge(key, 1))
     }
+
+    fn rejects_unkeyed(&self) -> bool {
+        self.on_missing_key == OnMissingKey::Reject
+    }
 }
 
 /// Rate limiting for HTTP servers: a refused request is answered here with
@@ -122,8 +154,10 @@ where
 /// error type is kept: this layer adds no error. A
 /// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer) marks its refusals
 /// [`Refused`] too, so local layers outside it refund; it does not refund itself
-/// (a refund would be another round trip to Redis): put it innermost. The 429 body is the response body type's `Default` (empty for most), and
-/// the 429 carries [`Refused`] in its extensions.
+/// (a refund would be another round trip to Redis): put it innermost. The 429 body is an
+/// RFC 9457 `application/problem+json` document (any [`ProblemBody`]), and the 429
+/// carries [`Refused`] in its extensions. A [`PerKey`] request without a key is answered
+/// per [`OnMissingKey`]: `500` by default, never silently unlimited.
 ///
 /// ```
 /// use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer};
@@ -150,6 +184,8 @@ pub struct HttpRateLimitLayer<L> {
     limit: L,
     name: Arc<PolicyName>,
     style: HeaderStyle,
+    /// `None`: the RFC 9457 problem.
+    body: Option<Arc<RefusalBody>>,
 }
 
 impl<L> fmt::Debug for HttpRateLimitLayer<L> {
@@ -169,9 +205,18 @@ impl<C: Clock> HttpRateLimitLayer<RateLimiter<C>> {
 }
 
 impl<E, Key, C> HttpRateLimitLayer<PerKey<E, Key, C>> {
-    /// A bucket per key taken by `extractor`; requests without a key pass unlimited.
+    /// A bucket per key taken by `extractor`; a request without a key is refused with
+    /// `500` by default (see [`on_missing_key`](Self::on_missing_key)).
     pub fn per_key(limiter: KeyedRateLimiter<Key, C>, extractor: E) -> Self {
         Self::new(PerKey::new(limiter, extractor))
+    }
+
+    /// What to do with a request whose key cannot be taken (default
+    /// [`OnMissingKey::Reject`]: `500` with a problem+json body, and an error log).
+    #[must_use]
+    pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
+        self.limit.on_missing_key = policy;
+        self
     }
 }
 
@@ -182,7 +227,37 @@ impl<L> HttpRateLimitLayer<L> {
             limit,
             name: PolicyName::new("default"),
             style: HeaderStyle::default(),
+            body: None,
         }
+    }
+
+    /// The body of this layer's 429s, in place of the default RFC 9457
+    /// `application/problem+json` document: `body(&refusal)` gives the content type and
+    /// the bytes (as tower_governor's error handler does). The status, `Retry-After`, the
+    /// rate-limit headers and [`Refused`] stay.
+    ///
+    /// ```
+    /// use http::HeaderValue;
+    /// use seawall::rate_limit::http::HttpRateLimitLayer;
+    /// use seawall::rate_limit::{Quota, Rate, RateLimiter};
+    ///
+    /// # fn main() -> Result<(), seawall::BoxError> {
+    /// let layer = HttpRateLimitLayer::global(RateLimiter::new(Quota::new(Rate::per_second(10), 10)?))
+    ///     .refusal_body(|refused| {
+    ///         let secs = refused.retry_after().unwrap_or_default().as_secs();
+    ///         (HeaderValue::from_static("text/plain"), format!("slow down, {secs}s").into())
+    ///     });
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn refusal_body<F>(mut self, body: F) -> Self
+    where
+        F: Fn(&RateLimited) -> (HeaderValue, bytes::Bytes) + Send + Sync + 'static,
+    {
+        self.body = Some(Arc::new(body));
+        self
     }
 
     /// Names the policy in the headers (default `default`).
@@ -331,16 +406,38 @@ fn value(s: String) -> HeaderValue {
 pub struct Refused;
 
 /// The `429` of a refused request: the decision's headers, [`Refused`] in the
-/// extensions, the body type's default.
-pub(super) fn refusal<B: Default>(headers: Option<Headers>) -> Response<B> {
-    let mut response = Response::new(B::default());
-    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+/// extensions, an RFC 9457 `application/problem+json` body.
+pub(super) fn refusal<B: ProblemBody>(headers: Option<Headers>) -> Response<B> {
+    let mut response =
+        crate::problem::problem_static(StatusCode::TOO_MANY_REQUESTS, crate::problem::RATE_LIMITED);
     if let Some(headers) = headers {
         headers.apply(response.headers_mut());
     }
     response.extensions_mut().insert(Refused);
     response
 }
+
+/// The `500` for a request without a key under [`OnMissingKey::Reject`].
+pub(super) fn missing_key<B: ProblemBody>(name: &PolicyName) -> Response<B> {
+    crate::rate_limit::error::log_missing_key(name.as_str());
+    crate::problem::problem(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the rate limit key could not be taken from the request",
+    )
+}
+
+/// Adds the headers of a refusal by a limiter of unknown name (policy `default`):
+/// `Retry-After`, `RateLimit-Policy`, `RateLimit`. For [`crate::problem::error_response`].
+pub(crate) fn refusal_headers(refused: &RateLimited, headers: &mut http::HeaderMap) {
+    static DEFAULT: std::sync::OnceLock<Arc<PolicyName>> = std::sync::OnceLock::new();
+    let name = DEFAULT.get_or_init(|| PolicyName::new("default"));
+    if let Some(h) = Headers::new(name, HeaderStyle::default(), &Err(*refused)) {
+        h.apply(headers);
+    }
+}
+
+/// The body of a layer's own 429: a content type and the bytes, built per refusal.
+pub type RefusalBody = dyn Fn(&RateLimited) -> (HeaderValue, bytes::Bytes) + Send + Sync;
 
 /// `"name";r=remaining;t=reset`, written into a buffer of the exact size: one
 /// allocation, which the header value then owns.
@@ -451,7 +548,7 @@ impl<S, L, ReqB, ResB> Service<Request<ReqB>> for HttpRateLimit<S, L>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     L: HttpLimit<Request<ReqB>>,
-    ResB: Default,
+    ResB: ProblemBody,
 {
     type Response = Response<ResB>;
     type Error = S::Error;
@@ -463,6 +560,9 @@ where
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         let Some(decision) = self.layer.limit.check(&request) else {
+            if self.layer.limit.rejects_unkeyed() {
+                return ResponseFuture::refused(missing_key(&self.layer.name));
+            }
             return ResponseFuture::called(self.inner.call(request), None, None);
         };
         match decision {
@@ -471,8 +571,16 @@ where
                 ResponseFuture::called(self.inner.call(request), headers, Some(charge))
             }
             Err(refused) => {
+                let custom = self.layer.body.as_ref().map(|body| body(&refused));
                 let headers = Headers::new(&self.layer.name, self.layer.style, &Err(refused));
-                ResponseFuture::refused(refusal(headers))
+                let mut response = refusal(headers);
+                if let Some((content_type, bytes)) = custom {
+                    *response.body_mut() = ResB::from_bytes(bytes);
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONTENT_TYPE, content_type);
+                }
+                ResponseFuture::refused(response)
             }
         }
     }

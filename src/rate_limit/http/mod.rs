@@ -20,9 +20,11 @@ mod redis;
 mod retry_after;
 
 pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
+pub(crate) use layer::refusal_headers;
 pub use layer::{
-    HttpLimit, HttpRateLimit, HttpRateLimitLayer, PerKey, RATELIMIT, RATELIMIT_POLICY, Refused,
-    ResponseFuture, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
+    HttpLimit, HttpRateLimit, HttpRateLimitLayer, OnMissingKey, PerKey, RATELIMIT,
+    RATELIMIT_POLICY, RefusalBody, Refused, ResponseFuture, X_RATELIMIT_LIMIT,
+    X_RATELIMIT_REMAINING,
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -7,7 +7,8 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
-use super::layer::{HeaderStyle, Headers, PolicyName, refusal};
+use super::layer::{HeaderStyle, Headers, OnMissingKey, PolicyName, missing_key, refusal};
+use crate::problem::ProblemBody;
 use crate::rate_limit::KeyExtractor;
 use crate::rate_limit::redis::{RedisLimitError, RedisRateLimiter};
 
@@ -49,6 +50,7 @@ pub struct HttpRedisRateLimitLayer<E> {
     extractor: E,
     name: Arc<PolicyName>,
     style: HeaderStyle,
+    on_missing_key: OnMissingKey,
 }
 
 impl<E> HttpRedisRateLimitLayer<E> {
@@ -59,7 +61,16 @@ impl<E> HttpRedisRateLimitLayer<E> {
             extractor,
             name: PolicyName::new("default"),
             style: HeaderStyle::default(),
+            on_missing_key: OnMissingKey::default(),
         }
+    }
+
+    /// What to do with a request whose key cannot be taken (default
+    /// [`OnMissingKey::Reject`]: `500` with a problem+json body, and an error log).
+    #[must_use]
+    pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
+        self.on_missing_key = policy;
+        self
     }
 
     /// The policy name in the `RateLimit-Policy` / `RateLimit` headers.
@@ -132,7 +143,7 @@ where
     E: KeyExtractor<Request<ReqB>>,
     E::Key: fmt::Display,
     ReqB: Send + 'static,
-    ResB: Default + Send + 'static,
+    ResB: ProblemBody + Send + 'static,
 {
     type Response = Response<ResB>;
     type Error = S::Error;
@@ -147,6 +158,10 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let Some(key) = self.layer.extractor.extract(&request) else {
+            if self.layer.on_missing_key == OnMissingKey::Reject {
+                let response = missing_key(&self.layer.name);
+                return Box::pin(async move { Ok(response) });
+            }
             return Box::pin(inner.call(request));
         };
         let key = key.to_string();
@@ -169,8 +184,10 @@ where
                     Ok(refusal(Headers::new(&name, style, &Err(refused))))
                 }
                 Err(RedisLimitError::Unavailable(_)) => {
-                    let mut response = Response::new(ResB::default());
-                    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    let mut response = crate::problem::problem::<ResB>(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the rate limiter's store is unavailable",
+                    );
                     response
                         .headers_mut()
                         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
