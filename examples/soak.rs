@@ -337,6 +337,7 @@ struct Seen {
     /// Answers per instance since the start.
     per_instance: [AtomicU64; UPSTREAMS],
     redis_decisions: AtomicU64,
+    local_decisions: AtomicU64,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -361,7 +362,9 @@ impl Seen {
             watch[instance].seen = Some(at);
         }
         drop(watch);
-        if redis {
+        if !redis {
+            self.local_decisions.fetch_add(1, Relaxed);
+        } else {
             self.redis_decisions.fetch_add(1, Relaxed);
             let mut watch = self.redis_watch.lock();
             if watch[instance].armed.is_some() && watch[instance].seen.is_none() {
@@ -515,6 +518,9 @@ impl Rng {
 /// One fault's outcome.
 struct Outcome {
     kind: Kind,
+    /// Fallback answers, and decisions from a local share, from the fault to recovery.
+    fallbacks: u64,
+    local: u64,
     recovery: Option<Duration>,
     configured: Duration,
 }
@@ -607,6 +613,10 @@ impl Soak {
 
     /// Runs one fault, then waits for recovery (bounded).
     async fn fault(&mut self, kind: Kind, n: usize) -> Result<Outcome, BoxError> {
+        let (fallbacks, local) = (
+            self.seen.fallback.load(Relaxed),
+            self.seen.local_decisions.load(Relaxed),
+        );
         let cleared = self.inject(kind, n).await?;
         let redis = kind == Kind::KillRedis;
         let watch = if redis {
@@ -662,6 +672,8 @@ impl Soak {
         }
         Ok(Outcome {
             kind,
+            fallbacks: self.seen.fallback.load(Relaxed) - fallbacks,
+            local: self.seen.local_decisions.load(Relaxed) - local,
             recovery: recovered.map(|at| at.saturating_duration_since(cleared)),
             configured: deadline - cleared,
         })
@@ -822,8 +834,10 @@ async fn soak(seconds: u64, seed: u64) -> Result<(), BoxError> {
             format!("upstream {n}")
         };
         println!(
-            "  {t:>6.1}s  {:<22} {target:<10} recovered in {:>6} ms (configured {:>5} ms){}",
+            "  {t:>6.1}s  {:<22} {target:<10} {:>4} fallbacks {:>5} local  recovered in {:>6} ms (configured {:>5} ms){}",
             kind.label(),
+            outcome.fallbacks,
+            outcome.local,
             outcome
                 .recovery
                 .map_or_else(|| "never".to_owned(), |r| ms(r).to_string()),
