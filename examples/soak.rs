@@ -195,7 +195,10 @@ async fn upstream(port: u16, redis_url: String, id: String) -> Result<(), BoxErr
 // ---------------------------------------------------------------------------------------
 // Child processes.
 
-/// Every child process; all killed on drop, whatever happens.
+/// Every child process; all killed on drop, whatever happens (an error, a panic, SIGTERM
+/// or Ctrl-C, which drop the soak's future). Were the soak killed outright (SIGKILL), the
+/// upstreams would still exit (their stdin, a pipe from the soak, closes); `redis-server`
+/// would not.
 struct Children {
     dir: PathBuf,
     exe: PathBuf,
@@ -234,6 +237,7 @@ impl Children {
             .args(["--upstream", &port.to_string()])
             .args(["--redis", &self.redis_url()])
             .args(["--id", &n.to_string()])
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(self.log(&format!("upstream-{n}.stderr"))?)
             .spawn()?;
@@ -712,6 +716,11 @@ fn main() -> Result<(), BoxError> {
     if let Some(port) = arg(&args, "--upstream") {
         let redis = arg(&args, "--redis").ok_or("--redis is required")?;
         let id = arg(&args, "--id").ok_or("--id is required")?;
+        // Ends with the soak, even when the soak was killed: its end of our stdin closes.
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
         return tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -733,7 +742,17 @@ fn main() -> Result<(), BoxError> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(soak(seconds, seed.max(1)))
+        .block_on(async {
+            // On SIGTERM (`timeout`) or Ctrl-C the soak's future is dropped, and with it the
+            // guard that kills the children.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                result = soak(seconds, seed.max(1)) => result,
+                _ = term.recv() => Err("terminated".into()),
+                _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+            }
+        })
 }
 
 async fn soak(seconds: u64, seed: u64) -> Result<(), BoxError> {
