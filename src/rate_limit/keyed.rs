@@ -258,19 +258,10 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let hash = self.inner.hasher.hash_one(key);
-        let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
-        let mut guard = shard.lock();
-        if let Some(row) = guard
-            .table
-            .find_mut(hash, |row| row.0 == hash && row.1.borrow() == key)
-        {
-            let entry = &mut row.2;
+        self.move_back(key, |entry| {
             let cost = u64::from(reservation.tokens).saturating_mul(entry.interval);
-            entry.tat = entry.tat.saturating_sub(cost);
-            let tat = entry.tat;
-            guard.next_idle = guard.next_idle.min(tat);
-        }
+            entry.tat.saturating_sub(cost)
+        });
     }
 
     /// Like [`acquire`](Self::acquire), with a receipt of the tokens taken, for
@@ -321,6 +312,24 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         Q: Hash + Eq + ?Sized,
     {
         let now = self.inner.clock.now_nanos();
+        self.move_back(key, |entry| {
+            let back = refund_nanos(taken, now, entry.interval);
+            if entry.tat > now {
+                entry.tat.saturating_sub(back).max(now)
+            } else {
+                entry.tat
+            }
+        });
+    }
+
+    /// Sets `key`'s arrival time to what `earlier` computes from its bucket (never later
+    /// than it was), keeping the shard's next idle time in step. Nothing happens if the
+    /// key has no bucket.
+    fn move_back<Q>(&self, key: &Q, earlier: impl FnOnce(&Entry) -> u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let hash = self.inner.hasher.hash_one(key);
         let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
         let mut guard = shard.lock();
@@ -328,12 +337,8 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
             .table
             .find_mut(hash, |row| row.0 == hash && row.1.borrow() == key)
         {
-            let entry = &mut row.2;
-            let back = refund_nanos(taken, now, entry.interval);
-            if entry.tat > now {
-                entry.tat = entry.tat.saturating_sub(back).max(now);
-            }
-            let tat = entry.tat;
+            let tat = earlier(&row.2).min(row.2.tat);
+            row.2.tat = tat;
             guard.next_idle = guard.next_idle.min(tat);
         }
     }
