@@ -36,7 +36,7 @@ use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover, PendingRequestsDiscover};
 use tower::{Service, ServiceExt};
 
-use seawall::balance::{BalanceBuilder, Strategy, hash_key};
+use seawall::balance::{Balance, Strategy, hash_key};
 use seawall::discovery::{Instance, InstanceId, InstanceWatch, Publisher, ServiceDiscover};
 use seawall::rate_limit::QuantaClock;
 
@@ -145,26 +145,26 @@ fn balancers(n: usize, v: &mut impl Visitor) {
 
     let discover = || ServiceDiscover::new(InstanceWatch::fixed(instances(n)), make);
 
-    let mut least = BalanceBuilder::new().build(discover());
+    let mut least = Balance::builder().build(discover());
     v.visit(&rt, "seawall p2c least-requests", &mut least);
 
-    let mut ewma = BalanceBuilder::new()
+    let mut ewma = Balance::builder()
         .strategy(Strategy::peak_ewma())
         .build(discover());
     v.visit(&rt, "seawall p2c peak-EWMA", &mut ewma);
 
-    let mut ewma_quanta = BalanceBuilder::new()
+    let mut ewma_quanta = Balance::builder()
         .strategy(Strategy::peak_ewma())
         .clock(QuantaClock::new())
         .build(discover());
     v.visit(&rt, "seawall p2c peak-EWMA QuantaClock", &mut ewma_quanta);
 
-    let mut rr = BalanceBuilder::new()
+    let mut rr = Balance::builder()
         .strategy(Strategy::RoundRobin)
         .build(discover());
     v.visit(&rt, "seawall round-robin", &mut rr);
 
-    let mut hashed = BalanceBuilder::new().build_hashed(discover(), |x: &u64| Some(hash_key(x)));
+    let mut hashed = Balance::builder().build_hashed(discover(), |x: &u64| Some(hash_key(x)));
     v.visit(&rt, "seawall Maglev hash", &mut hashed);
 }
 
@@ -215,7 +215,7 @@ fn discovery_update(c: &mut Criterion) {
         ),
     ] {
         let d = ServiceDiscover::new(publisher.subscribe(), make);
-        let builder = BalanceBuilder::new().strategy(strategy);
+        let builder = Balance::builder().strategy(strategy);
         let mut flip = false;
         if hashed {
             let mut svc = builder.build_hashed(d, |x: &u64| Some(hash_key(x)));

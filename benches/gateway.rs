@@ -705,7 +705,7 @@ global = { per_second = 10000000, burst = 10000000 }
 per_client = { per_second = 10000000, burst = 10000000, key = \"ip\" }
 
 [routes.breaker]
-failure_rate = 50
+failure_rate = 0.5
 window = 100
 minimum_calls = 20
 wait_in_open = \"5s\"
@@ -718,7 +718,7 @@ content_type = \"application/json\"
 
 [routes.balance]
 strategy = \"least-requests\"
-outlier = { consecutive_failures = 5, base_ejection = \"30s\", max_ejected_percent = 50 }
+outlier = { consecutive_failures = 5, base_ejection = \"30s\", max_ejected = 0.5 }
 ",
         );
     }

@@ -439,7 +439,7 @@ async fn main() -> Result<ExitCode, BoxError> {
         .name("flaky-upstream")
         .sliding_window(SlidingWindow::count_based(10))
         .minimum_calls(5)
-        .failure_rate_threshold(50.0)
+        .failure_rate_threshold(0.5)
         .wait_in_open(Duration::from_secs(1))
         .exponential_backoff(2.0, Duration::from_secs(4))
         .permitted_calls_in_half_open(2)

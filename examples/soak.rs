@@ -94,7 +94,7 @@ service = "soak-up"
 timeout = "1s"
 
 [routes.breaker]
-failure_rate = 50
+failure_rate = 0.5
 window = 10
 minimum_calls = 5
 wait_in_open = "1s"
@@ -107,7 +107,7 @@ content_type = "application/json"
 
 [routes.balance]
 strategy = "least-requests"
-outlier = { consecutive_failures = 3, base_ejection = "1s", max_ejected_percent = 50 }
+outlier = { consecutive_failures = 3, base_ejection = "1s", max_ejected = 0.5 }
 "#;
 
 // ---------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ async fn upstream(port: u16, redis_url: String, id: String) -> Result<(), BoxErr
         .name(format!("soak-redis-{id}"))
         .sliding_window(SlidingWindow::count_based(20))
         .minimum_calls(10)
-        .failure_rate_threshold(50.0)
+        .failure_rate_threshold(0.5)
         .wait_in_open(REDIS_BREAKER_WAIT)
         .permitted_calls_in_half_open(1)
         .build()?;

@@ -82,6 +82,10 @@ pub mod gateway;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod problem;
 pub mod rate_limit;
+mod util;
+
+mod config_error;
+pub use config_error::{ConfigError, ConfigErrorKind};
 
 /// The boxed error type used by layers that add failure modes of their own, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use seawall::BoxError;
-use seawall::balance::{
-    Balance, BalanceBuilder, NoEndpoints, OutlierDetection, Strategy, WhenEmpty, hash_key,
-};
+use seawall::balance::{Balance, NoEndpoints, OutlierDetection, Strategy, WhenEmpty, hash_key};
 use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitOpen, SlidingWindow, State};
 use seawall::discovery::{
     Instance, InstanceId, InstanceWatch, Publisher, Registry, ServiceDiscover,
@@ -131,7 +129,7 @@ async fn send<S: Service<u64, Response = u16, Error = BoxError>>(
 async fn least_requests_spreads_and_prefers_the_idle() {
     let fleet = Fleet::default();
     let d = ServiceDiscover::new(InstanceWatch::fixed(ports(4)), fleet.make());
-    let mut lb = BalanceBuilder::new().seed(7).build(d);
+    let mut lb = Balance::builder().seed(7).build(d);
     for _ in 0..4000 {
         send(&mut lb).await.unwrap();
     }
@@ -145,7 +143,7 @@ async fn least_requests_spreads_and_prefers_the_idle() {
     let gate = Arc::new(Semaphore::new(0));
     fleet.hold = Some(gate.clone());
     let d = ServiceDiscover::new(InstanceWatch::fixed(ports(2)), fleet.make());
-    let mut lb = BalanceBuilder::new().seed(1).build(d);
+    let mut lb = Balance::builder().seed(1).build(d);
     let first = lb.ready().await.unwrap().call(0);
     let busy = if fleet.calls(1) == 1 { 1 } else { 2 };
     let mut in_flight = vec![first];
@@ -182,7 +180,7 @@ async fn weights_set_the_shares() {
     let fleet = Fleet::default();
     let heavy = instance(1).with_weight(NonZeroU32::new(3).unwrap());
     let d = ServiceDiscover::new(InstanceWatch::fixed(vec![heavy, instance(2)]), fleet.make());
-    let mut lb = BalanceBuilder::new().seed(3).build(d);
+    let mut lb = Balance::builder().seed(3).build(d);
     for _ in 0..8000 {
         send(&mut lb).await.unwrap();
     }
@@ -196,9 +194,7 @@ async fn weights_set_the_shares() {
         InstanceWatch::fixed(vec![heavy, instance(2), instance(3)]),
         fleet.make(),
     );
-    let mut rr = BalanceBuilder::new()
-        .strategy(Strategy::RoundRobin)
-        .build(d);
+    let mut rr = Balance::builder().strategy(Strategy::RoundRobin).build(d);
     let mut order = Vec::new();
     for _ in 0..8 {
         order.push(send(&mut rr).await.unwrap());
@@ -223,7 +219,7 @@ async fn endpoints_that_are_not_ready_are_skipped() {
         Strategy::RoundRobin,
         Strategy::peak_ewma(),
     ] {
-        let mut lb = BalanceBuilder::new()
+        let mut lb = Balance::builder()
             .strategy(strategy)
             .build(ServiceDiscover::new(
                 InstanceWatch::fixed(ports(3)),
@@ -247,14 +243,14 @@ async fn endpoints_that_are_not_ready_are_skipped() {
 async fn an_empty_set_fails_fast_or_waits_as_configured() {
     let registry = Registry::new();
     let fleet = Fleet::default();
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .name("users")
         .build(ServiceDiscover::new(registry.watch("svc"), fleet.make()));
     let err = send(&mut lb).await.unwrap_err();
     let err = err.downcast_ref::<NoEndpoints>().expect("NoEndpoints");
     assert_eq!(err.balancer(), "users");
 
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .when_empty(WhenEmpty::Wait(Duration::from_secs(2)))
         .build(ServiceDiscover::new(registry.watch("svc"), fleet.make()));
     let start = tokio::time::Instant::now();
@@ -315,7 +311,7 @@ async fn failing_endpoints_are_ejected_for_a_growing_time_and_readmitted() {
         .max_ejection_time(Duration::from_secs(25))
         .build()
         .unwrap();
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .name("ej")
         .outlier_detection(detection)
         .build(ServiceDiscover::new(
@@ -388,10 +384,10 @@ async fn at_most_the_maximum_share_is_ejected_and_traffic_keeps_flowing() {
     }
     let detection = OutlierDetection::builder()
         .consecutive_failures(1)
-        .max_ejected_percent(50)
+        .max_ejected(0.5)
         .build()
         .unwrap();
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .outlier_detection(detection)
         .build(ServiceDiscover::new(
             InstanceWatch::fixed(ports(4)),
@@ -411,10 +407,10 @@ async fn failure_rate_ejects_too() {
     let fleet = Fleet::default();
     let detection = OutlierDetection::builder()
         .no_consecutive_failures()
-        .failure_rate(50, 10)
+        .failure_rate(0.5, 10)
         .build()
         .unwrap();
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .seed(5)
         .outlier_detection(detection)
         .build(ServiceDiscover::new(
@@ -439,12 +435,12 @@ async fn an_open_endpoint_breaker_takes_it_out_of_rotation() {
     let template = CircuitBreakerConfig::builder()
         .sliding_window(SlidingWindow::count_based(4))
         .minimum_calls(4)
-        .failure_rate_threshold(50.0)
+        .failure_rate_threshold(0.5)
         .wait_in_open(Duration::from_secs(5))
         .permitted_calls_in_half_open(1)
         .build()
         .unwrap();
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .name("users")
         .endpoint_breaker(template)
         .build(ServiceDiscover::new(
@@ -491,7 +487,7 @@ async fn an_open_endpoint_breaker_takes_it_out_of_rotation() {
 async fn consistent_hashing_keeps_keys_on_their_endpoint() {
     let publisher = Publisher::live(ports(5));
     let fleet = Fleet::default();
-    let mut lb = BalanceBuilder::new().build_hashed(
+    let mut lb = Balance::builder().build_hashed(
         ServiceDiscover::new(publisher.subscribe(), fleet.make()),
         |key: &u64| Some(hash_key(key)),
     );
@@ -522,7 +518,7 @@ async fn consistent_hashing_keeps_keys_on_their_endpoint() {
         .build()
         .unwrap();
     let fleet = Fleet::default();
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .outlier_detection(detection)
         .build_hashed(
             ServiceDiscover::new(InstanceWatch::fixed(ports(5)), fleet.make()),
@@ -551,7 +547,7 @@ proptest! {
                 .collect();
             let publisher = Publisher::live(instances.clone());
             let fleet = Fleet::default();
-            let mut lb = BalanceBuilder::new().build_hashed(
+            let mut lb = Balance::builder().build_hashed(
                 ServiceDiscover::new(publisher.subscribe(), fleet.make()),
                 |key: &u64| Some(hash_key(key)),
             );
@@ -600,12 +596,12 @@ proptest! {
             let fleet = Fleet::default();
             let detection = OutlierDetection::builder()
                 .consecutive_failures(2)
-                .failure_rate(50, 4)
+                .failure_rate(0.5, 4)
                 .base_ejection_time(Duration::from_secs(1))
-                .max_ejected_percent(percent)
+                .max_ejected(f64::from(percent) / 100.0)
                 .build()
                 .unwrap();
-            let mut lb = BalanceBuilder::new()
+            let mut lb = Balance::builder()
                 .seed(11)
                 .outlier_detection(detection)
                 .build(ServiceDiscover::new(InstanceWatch::fixed(ports(n)), fleet.make()));

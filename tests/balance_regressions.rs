@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use seawall::BoxError;
-use seawall::balance::{BalanceBuilder, OutlierDetection};
+use seawall::balance::{Balance, OutlierDetection};
 use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitOpen, SlidingWindow, State};
 use seawall::discovery::{Instance, Publisher, Registry, ServiceDiscover};
 use tokio::sync::Semaphore;
@@ -85,13 +85,13 @@ fn ctls(n: usize) -> Arc<Vec<Ctl>> {
 async fn a_removed_endpoints_late_failure_does_not_leak_into_the_ejected_count() {
     let c = ctls(5);
     let publisher = Publisher::live(vec![inst(1)]);
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .outlier_detection(
             OutlierDetection::builder()
                 .consecutive_failures(1)
                 .base_ejection_time(Duration::from_secs(1))
                 .max_ejection_time(Duration::from_secs(2))
-                .max_ejected_percent(50)
+                .max_ejected(0.5)
                 .build()
                 .unwrap(),
         )
@@ -156,7 +156,7 @@ async fn a_replaced_registration_does_not_deregister_its_successor() {
 #[tokio::test]
 async fn a_handle_reports_no_endpoints_once_the_balancer_is_gone() {
     let c = ctls(5);
-    let lb = BalanceBuilder::new().build(ServiceDiscover::new(
+    let lb = Balance::builder().build(ServiceDiscover::new(
         seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
         make(c.clone()),
     ));
@@ -171,7 +171,7 @@ async fn a_handle_reports_no_endpoints_once_the_balancer_is_gone() {
 #[tokio::test]
 async fn one_broken_endpoint_leaves_the_set_instead_of_failing_the_balancer() {
     let c = ctls(5);
-    let mut lb = BalanceBuilder::new().build(ServiceDiscover::new(
+    let mut lb = Balance::builder().build(ServiceDiscover::new(
         seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
         make(c.clone()),
     ));
@@ -202,12 +202,12 @@ async fn a_busy_half_open_endpoint_does_not_fail_requests_another_endpoint_could
     let template = CircuitBreakerConfig::builder()
         .sliding_window(SlidingWindow::count_based(1))
         .minimum_calls(1)
-        .failure_rate_threshold(50.0)
+        .failure_rate_threshold(0.5)
         .wait_in_open(Duration::from_secs(5))
         .permitted_calls_in_half_open(1)
         .build()
         .unwrap();
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .endpoint_breaker(template)
         .build(ServiceDiscover::new(
             seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
@@ -264,7 +264,7 @@ async fn a_busy_half_open_endpoint_does_not_fail_requests_another_endpoint_could
 #[tokio::test(start_paused = true)]
 async fn a_pending_balancer_wakes_when_an_ejection_ends() {
     let c = ctls(5);
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .outlier_detection(
             OutlierDetection::builder()
                 .consecutive_failures(1)
@@ -319,7 +319,7 @@ async fn hash_balance_waits_for_an_endpoint_when_told_to() {
     use seawall::balance::{WhenEmpty, hash_key};
     let c = ctls(5);
     let registry = Registry::new();
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .when_empty(WhenEmpty::Wait(Duration::from_secs(5)))
         .build_hashed(
             ServiceDiscover::new(registry.watch("svc"), make(c.clone())),
@@ -345,7 +345,7 @@ async fn a_broken_first_choice_does_not_leave_the_second_pointing_past_the_end()
     // (its position moved in the swap-remove).
     for seed in 0..64 {
         let c = ctls(5);
-        let mut lb = BalanceBuilder::new().seed(seed).build(ServiceDiscover::new(
+        let mut lb = Balance::builder().seed(seed).build(ServiceDiscover::new(
             seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2), inst(3)]),
             make(c.clone()),
         ));

@@ -127,7 +127,7 @@ async fn concurrent_outcomes_are_counted_once() {
         CircuitBreakerConfig::builder()
             .sliding_window(SlidingWindow::count_based(1_000))
             .minimum_calls(1_000)
-            .failure_rate_threshold(100.0)
+            .failure_rate_threshold(1.0)
             .build()
             .unwrap(),
     );

@@ -29,7 +29,7 @@ fn config() -> seawall::circuit_breaker::CircuitBreakerConfigBuilder {
         .name("test")
         .sliding_window(SlidingWindow::count_based(10))
         .minimum_calls(4)
-        .failure_rate_threshold(50.0)
+        .failure_rate_threshold(0.5)
         .wait_in_open(Duration::from_secs(10))
         .permitted_calls_in_half_open(2)
 }
@@ -119,7 +119,7 @@ async fn opens_when_failure_rate_reaches_threshold() {
 
 #[tokio::test(start_paused = true)]
 async fn does_not_open_just_below_threshold() {
-    let (mut svc, breaker, _) = scripted(config().failure_rate_threshold(60.0).build().unwrap());
+    let (mut svc, breaker, _) = scripted(config().failure_rate_threshold(0.6).build().unwrap());
     calls(&mut svc, Do::Succeed, 3).await;
     calls(&mut svc, Do::Fail, 4).await;
     // 4 of 7 = 57 % < 60 %.
@@ -135,7 +135,7 @@ async fn count_window_forgets_old_failures() {
         config()
             .sliding_window(SlidingWindow::count_based(4))
             .minimum_calls(4)
-            .failure_rate_threshold(75.0)
+            .failure_rate_threshold(0.75)
             .build()
             .unwrap(),
     );
@@ -179,7 +179,7 @@ async fn opens_on_slow_call_rate() {
     let (mut svc, breaker, _) = scripted(
         config()
             .slow_call_duration(Duration::from_millis(100))
-            .slow_call_rate_threshold(50.0)
+            .slow_call_rate_threshold(0.5)
             .build()
             .unwrap(),
     );

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use consul_double::{ConsulDouble, DoubleOptions, TestAgent, agent};
 use seawall::consul::{
-    Check, CheckStatus, ConfigError, ConsulClient, ConsulConfig, ConsulWatch, GuardConfig,
-    HealthQuery, RegistrationGuard, ServiceRegistration, WatchConfig,
+    Check, CheckStatus, ConsulClient, ConsulConfig, ConsulWatch, GuardConfig, HealthQuery,
+    RegistrationGuard, ServiceRegistration, WatchConfig,
 };
 use seawall::discovery::{Health, Instance, InstanceWatch, SourceStatus};
 use serde_json::json;
@@ -216,17 +216,7 @@ async fn invalid_registrations_are_typed_errors() {
         .check(Check::http("http://127.0.0.1:1/health", Duration::ZERO))
         .build()
         .expect_err("zero interval");
-    assert!(
-        matches!(
-            e,
-            ConfigError::Check {
-                index: 0,
-                field: "interval",
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert_eq!(e.field(), "checks[0].interval", "{e:?}");
 
     // Refused by the agent: a 400 with its reason, as a status error.
     let Some(double) = &agent.double else { return };

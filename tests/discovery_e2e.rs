@@ -25,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use seawall::BoxError;
-use seawall::balance::{Balance, BalanceBuilder, OutlierDetection};
+use seawall::balance::{Balance, OutlierDetection};
 use seawall::consul::{
     Check, CheckStatus, ConsulClient, ConsulConfig, ConsulWatch, HealthHandle, RegistrationGuard,
     ServiceRegistration, WatchConfig,
@@ -220,7 +220,7 @@ async fn traffic_follows_deregistration_failed_checks_and_killed_instances() {
         .unwrap();
     eventually("live status", || watch.status().is_live()).await;
 
-    let mut lb = BalanceBuilder::new()
+    let mut lb = Balance::builder()
         .name("users")
         .outlier_detection(
             OutlierDetection::builder()
@@ -323,7 +323,7 @@ async fn discovery_rides_out_an_agent_restart() {
         .await
         .unwrap()
         .unwrap();
-    let mut lb: Balance<_> = BalanceBuilder::new().build(ServiceDiscover::new(
+    let mut lb: Balance<_> = Balance::builder().build(ServiceDiscover::new(
         watch.instances(),
         client_for(http_client()),
     ));
@@ -364,7 +364,7 @@ async fn a_thousand_instances_come_and_go() {
         let port = i.port;
         tower::service_fn(move |()| async move { Ok::<_, BoxError>(port) })
     });
-    let mut lb = BalanceBuilder::new().name("echo").build(discover);
+    let mut lb = Balance::builder().name("echo").build(discover);
 
     let start = Instant::now();
     for i in 0..1000u16 {

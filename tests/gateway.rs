@@ -592,7 +592,7 @@ service = \"flaky\"
 timeout = \"1s\"
 
 [routes.breaker]
-failure_rate = 50
+failure_rate = 0.5
 minimum_calls = 2
 window = 4
 wait_in_open = \"300ms\"
@@ -603,7 +603,7 @@ status = 200
 body = '{{\"cached\":true}}'
 
 [routes.balance]
-outlier = {{ consecutive_failures = 2, base_ejection = \"300ms\", max_ejected_percent = 50 }}
+outlier = {{ consecutive_failures = 2, base_ejection = \"300ms\", max_ejected = 0.5 }}
 "
     );
     let gw = gateway(&config, &registry).await;
@@ -838,7 +838,7 @@ service = \"load\"
 timeout = \"2s\"
 
 [routes.breaker]
-failure_rate = 50
+failure_rate = 0.5
 minimum_calls = 5
 window = 10
 wait_in_open = \"5s\"
@@ -848,7 +848,7 @@ status = 200
 body = '{{\"fallback\":true}}'
 
 [routes.balance]
-outlier = {{ consecutive_failures = 3, base_ejection = \"5s\", max_ejected_percent = 50 }}
+outlier = {{ consecutive_failures = 3, base_ejection = \"5s\", max_ejected = 0.5 }}
 "
     );
     let gw = gateway(&config, &registry).await;

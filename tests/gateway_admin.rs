@@ -214,7 +214,7 @@ async fn admin_on_the_proxy_listener_is_opt_in_and_refuses_colliding_routes() {
             prefix,
         ))
         .unwrap_err();
-        assert_eq!(e.field(), Some("routes[0].path_prefix"), "{prefix}: {e}");
+        assert_eq!(e.field(), "routes[0].path_prefix", "{prefix}: {e}");
         assert!(e.to_string().contains("admin path"), "{e}");
     }
     // Without the opt-in, such routes are the proxy's to serve.
@@ -278,6 +278,6 @@ async fn a_gateway_reads_its_jwt_secret_from_the_environment() {
         "secret = \"${GATEWAY_JWT_SECRET}\"",
     ))
     .unwrap_err();
-    assert_eq!(e.field(), Some("auth.jwt.secret"));
+    assert_eq!(e.field(), "auth.jwt.secret");
     assert!(!e.to_string().contains("GATEWAY_JWT_SECRET"), "{e}");
 }

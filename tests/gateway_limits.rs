@@ -95,13 +95,13 @@ async fn gateway(upstream: SocketAddr, server: &str, route: &str) -> GatewayHand
 /// after 3 failures in a row, even the only endpoint.
 const STRICT: &str = "
 [routes.breaker]
-failure_rate = 50
+failure_rate = 0.5
 minimum_calls = 4
 window = 8
 wait_in_open = \"30s\"
 
 [routes.balance]
-outlier = { consecutive_failures = 3, base_ejection = \"30s\", max_ejected_percent = 100 }
+outlier = { consecutive_failures = 3, base_ejection = \"30s\", max_ejected = 1.0 }
 ";
 
 /// Writes `raw`, then reads until the peer closes or the bound passes; returns what was
@@ -261,13 +261,13 @@ async fn upstream_timeouts_count_as_failures() {
     let route = "timeout = \"200ms\"
 
 [routes.breaker]
-failure_rate = 50
+failure_rate = 0.5
 minimum_calls = 8
 window = 8
 wait_in_open = \"30s\"
 
 [routes.balance]
-outlier = { consecutive_failures = 5, base_ejection = \"30s\", max_ejected_percent = 100 }
+outlier = { consecutive_failures = 5, base_ejection = \"30s\", max_ejected = 1.0 }
 ";
     let gw = gateway(addr, "", route).await;
     for i in 0..8 {
@@ -597,9 +597,8 @@ fn limit_settings_are_validated() {
             "[gateway]\nlisten = \"127.0.0.1:0\"\n{server}\n\n\
              [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n{route}\n"
         );
-        GatewayConfig::from_toml_str(&config)
-            .unwrap_err()
-            .to_string()
+        let e = GatewayConfig::from_toml_str(&config).unwrap_err();
+        format!("{}: {}", e.field(), e.reason())
     };
     assert_eq!(
         err("max_headers_size = 4096", ""),

@@ -299,8 +299,10 @@ mod keyed {
     #[test]
     fn a_flood_of_keys_cannot_grow_memory_or_free_an_abusive_key() {
         let clock = ManualClock::new();
-        let limiter: KeyedRateLimiter<u64, _> =
-            KeyedRateLimiter::with_clock(quota(1, 10), clock.clone()).max_keys(640);
+        let limiter: KeyedRateLimiter<u64, _> = KeyedRateLimiter::builder(quota(1, 10))
+            .clock(clock.clone())
+            .max_keys(640)
+            .build();
         // One key uses up its bucket...
         assert_eq!(limiter.try_acquire(&0, 10), Ok(0));
         // ...then 100 000 distinct keys arrive, one request each.
@@ -319,8 +321,10 @@ mod keyed {
     #[test]
     fn refilled_buckets_are_dropped_first() {
         let clock = ManualClock::new();
-        let limiter: KeyedRateLimiter<u64, _> =
-            KeyedRateLimiter::with_clock(quota(1, 1), clock.clone()).max_keys(6_400);
+        let limiter: KeyedRateLimiter<u64, _> = KeyedRateLimiter::builder(quota(1, 1))
+            .clock(clock.clone())
+            .max_keys(6_400)
+            .build();
         // Every shard full (the keys beyond share the overflow bucket).
         for key in 0..20_000u64 {
             let _ = limiter.try_acquire(&key, 1);
@@ -343,8 +347,10 @@ mod keyed {
         use seawall::rate_limit::{BoundedKey, INLINE_KEY_BYTES};
         fn no_heap<T: Copy>() {}
         no_heap::<BoundedKey>();
-        let limiter: KeyedRateLimiter<BoundedKey, _> =
-            KeyedRateLimiter::with_clock(quota(1, 10), ManualClock::new()).max_keys(6_400);
+        let limiter: KeyedRateLimiter<BoundedKey, _> = KeyedRateLimiter::builder(quota(1, 10))
+            .clock(ManualClock::new())
+            .max_keys(6_400)
+            .build();
         let mut value = vec![b'k'; 64 * 1024];
         for i in 0..3_000u32 {
             value[..4].copy_from_slice(&i.to_be_bytes());
@@ -363,8 +369,10 @@ mod keyed {
     #[test]
     fn a_flood_of_fresh_keys_shares_one_overflow_bucket() {
         let clock = ManualClock::new();
-        let limiter: KeyedRateLimiter<u64, _> =
-            KeyedRateLimiter::with_clock(quota(1, 10), clock.clone()).max_keys(640);
+        let limiter: KeyedRateLimiter<u64, _> = KeyedRateLimiter::builder(quota(1, 10))
+            .clock(clock.clone())
+            .max_keys(640)
+            .build();
         // A real client, half-way through its bucket.
         assert_eq!(limiter.try_acquire(&0, 5), Ok(5));
         let admitted = (1..100_000u64)
@@ -588,11 +596,20 @@ fn named_limiters_report_their_decisions() {
     let snapshotter = recorder.snapshotter();
     let (global, keyed, sharded) = metrics::with_local_recorder(&recorder, || {
         (
-            RateLimiter::with_clock(quota(1, 2), ManualClock::new()).named("global"),
-            KeyedRateLimiter::with_clock(quota(1, 1), ManualClock::new()).named("per-user"),
-            seawall::rate_limit::ShardedRateLimiter::with_clock(quota(1, 2), 2, ManualClock::new())
-                .unwrap()
-                .named("sharded"),
+            RateLimiter::builder(quota(1, 2))
+                .clock(ManualClock::new())
+                .name("global")
+                .build(),
+            KeyedRateLimiter::builder(quota(1, 1))
+                .clock(ManualClock::new())
+                .name("per-user")
+                .build(),
+            seawall::rate_limit::ShardedRateLimiter::builder(quota(1, 2))
+                .shards(2)
+                .clock(ManualClock::new())
+                .name("sharded")
+                .build()
+                .unwrap(),
         )
     });
     assert_eq!(sharded.name(), Some("sharded"));

@@ -338,7 +338,7 @@ service = \"flaky\"
 timeout = \"1s\"
 
 [routes.breaker]
-failure_rate = 50
+failure_rate = 0.5
 minimum_calls = 2
 window = 4
 wait_in_open = \"60s\"

@@ -1,8 +1,9 @@
 //! Balancer configuration: the picking strategy and outlier detection.
 
-use std::fmt;
 use std::num::NonZeroU32;
 use std::time::Duration;
+
+use crate::ConfigError;
 
 /// How [`Balance`](super::Balance) picks an endpoint for the next request.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -51,8 +52,8 @@ pub enum WhenEmpty {
 
 /// Passive health checking, as Envoy's outlier detection: an endpoint that fails too
 /// often is taken out of rotation for a while, longer each time it is ejected again, and
-/// put back afterwards. At most [`max_ejected_percent`](OutlierDetectionBuilder::max_ejected_percent)
-/// of the endpoints are out at once (at least one may always be), so traffic keeps flowing
+/// put back afterwards. At most a [share](OutlierDetectionBuilder::max_ejected) of the
+/// endpoints are out at once (at least one may always be), so traffic keeps flowing
 /// when most endpoints look bad.
 ///
 /// Outcomes are classified by the balancer's classifier
@@ -64,20 +65,20 @@ pub enum WhenEmpty {
 ///
 /// let detection = OutlierDetection::builder()
 ///     .consecutive_failures(5)
-///     .failure_rate(50, 20) // half of the last 20 calls failed
+///     .failure_rate(0.5, 20) // half of the last 20 calls failed
 ///     .base_ejection_time(Duration::from_secs(10))
 ///     .max_ejection_time(Duration::from_secs(300))
-///     .max_ejected_percent(50)
+///     .max_ejected(0.5) // at most half of the endpoints out at once
 ///     .build()?;
-/// # Ok::<(), seawall::balance::ConfigError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutlierDetection {
     pub(crate) consecutive_failures: Option<NonZeroU32>,
-    pub(crate) failure_rate: Option<(u8, NonZeroU32)>,
+    pub(crate) failure_rate: Option<(f64, NonZeroU32)>,
     pub(crate) base_ejection: Duration,
     pub(crate) max_ejection: Duration,
-    pub(crate) max_ejected_percent: u8,
+    pub(crate) max_ejected: f64,
 }
 
 impl OutlierDetection {
@@ -97,8 +98,9 @@ impl OutlierDetection {
         self.consecutive_failures
     }
 
-    /// The failure-rate rule, if on: the percentage of the last `calls` calls.
-    pub fn failure_rate(&self) -> Option<(u8, NonZeroU32)> {
+    /// The failure-rate rule, if on: the share (a fraction in `(0, 1]`) of every `calls`
+    /// calls that ejects.
+    pub fn failure_rate(&self) -> Option<(f64, NonZeroU32)> {
         self.failure_rate
     }
 
@@ -112,15 +114,17 @@ impl OutlierDetection {
         self.max_ejection
     }
 
-    /// The largest share of endpoints ejected at once, in percent.
-    pub fn max_ejected_percent(&self) -> u8 {
-        self.max_ejected_percent
+    /// The largest share of endpoints ejected at once, a fraction in `[0, 1]`.
+    pub fn max_ejected(&self) -> f64 {
+        self.max_ejected
     }
 
     /// How many of `endpoints` may be ejected at once: the configured share, but at least
     /// one.
-    pub(crate) fn max_ejected(&self, endpoints: usize) -> usize {
-        (endpoints * usize::from(self.max_ejected_percent) / 100).max(1)
+    pub(crate) fn max_ejected_count(&self, endpoints: usize) -> usize {
+        // A share of at most 1 and a count of endpoints well under 2^52 stay exact enough;
+        // the small epsilon keeps 0.3 × 10 at 3.
+        ((endpoints as f64 * self.max_ejected + 1e-9).floor() as usize).max(1)
     }
 }
 
@@ -131,7 +135,7 @@ impl Default for OutlierDetection {
             failure_rate: None,
             base_ejection: Duration::from_secs(30),
             max_ejection: Duration::from_secs(300),
-            max_ejected_percent: 50,
+            max_ejected: 0.5,
         }
     }
 }
@@ -141,7 +145,7 @@ impl Default for OutlierDetection {
 pub struct OutlierDetectionBuilder {
     config: OutlierDetection,
     consecutive: Option<u32>,
-    rate: Option<(u8, u32)>,
+    rate: Option<(f64, u32)>,
 }
 
 impl OutlierDetectionBuilder {
@@ -159,11 +163,12 @@ impl OutlierDetectionBuilder {
         self
     }
 
-    /// Ejects an endpoint when at least `percent` of its calls failed, judged over every
-    /// `calls` calls (a tumbling window; `percent` in 1..=100, `calls` at least 1).
+    /// Ejects an endpoint when at least `threshold` of its calls failed, judged over every
+    /// `calls` calls (a tumbling window). `threshold` is a fraction in `(0, 1]`, as every
+    /// share in seawall (`0.5`: half of them); `calls` is at least 1.
     #[must_use]
-    pub fn failure_rate(mut self, percent: u8, calls: u32) -> Self {
-        self.rate = Some((percent, calls));
+    pub fn failure_rate(mut self, threshold: f64, calls: u32) -> Self {
+        self.rate = Some((threshold, calls));
         self
     }
 
@@ -182,11 +187,11 @@ impl OutlierDetectionBuilder {
         self
     }
 
-    /// The largest share of endpoints ejected at once, in percent (0..=100; one endpoint
-    /// may always be ejected).
+    /// The largest share of endpoints ejected at once, a fraction in `[0, 1]` (`0.5`: half
+    /// of them; one endpoint may always be ejected).
     #[must_use]
-    pub fn max_ejected_percent(mut self, percent: u8) -> Self {
-        self.config.max_ejected_percent = percent;
+    pub fn max_ejected(mut self, fraction: f64) -> Self {
+        self.config.max_ejected = fraction;
         self
     }
 
@@ -199,95 +204,60 @@ impl OutlierDetectionBuilder {
         let mut config = self.config;
         config.consecutive_failures = match self.consecutive {
             None => None,
-            Some(n) => Some(NonZeroU32::new(n).ok_or(ConfigError::ConsecutiveFailures)?),
+            Some(n) => Some(NonZeroU32::new(n).ok_or_else(|| {
+                ConfigError::invalid("consecutive_failures", "must be at least 1")
+            })?),
         };
         config.failure_rate = match self.rate {
             None => None,
-            Some((percent, calls)) => {
-                if percent == 0 || percent > 100 {
-                    return Err(ConfigError::FailureRatePercent(percent));
+            Some((threshold, calls)) => {
+                if !(threshold.is_finite() && threshold > 0.0 && threshold <= 1.0) {
+                    return Err(ConfigError::invalid(
+                        "failure_rate",
+                        crate::util::not_a_fraction(threshold, "(0, 1]"),
+                    ));
                 }
                 Some((
-                    percent,
-                    NonZeroU32::new(calls).ok_or(ConfigError::FailureRateCalls)?,
+                    threshold,
+                    NonZeroU32::new(calls).ok_or_else(|| {
+                        ConfigError::invalid("failure_rate", "calls must be at least 1")
+                    })?,
                 ))
             }
         };
         if config.base_ejection < Duration::from_millis(1) {
-            return Err(ConfigError::BaseEjectionTime(config.base_ejection));
+            return Err(ConfigError::invalid(
+                "base_ejection_time",
+                format!("{:?} must be at least 1ms", config.base_ejection),
+            ));
         }
         if config.max_ejection < config.base_ejection || config.max_ejection > MAX_DURATION {
-            return Err(ConfigError::MaxEjectionTime(config.max_ejection));
+            return Err(ConfigError::invalid(
+                "max_ejection_time",
+                format!(
+                    "{:?} must be between the base time and 365 days",
+                    config.max_ejection
+                ),
+            ));
         }
-        if config.max_ejected_percent > 100 {
-            return Err(ConfigError::MaxEjectedPercent(config.max_ejected_percent));
+        let m = config.max_ejected;
+        if !(m.is_finite() && (0.0..=1.0).contains(&m)) {
+            return Err(ConfigError::invalid(
+                "max_ejected",
+                crate::util::not_a_fraction(m, "[0, 1]"),
+            ));
         }
         if config.consecutive_failures.is_none() && config.failure_rate.is_none() {
-            return Err(ConfigError::NoRule);
+            return Err(ConfigError::invalid(
+                "outlier_detection",
+                "neither consecutive_failures nor failure_rate is on",
+            ));
         }
         Ok(config)
     }
 }
 
 pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// An invalid balancer setting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// `consecutive_failures` was 0.
-    ConsecutiveFailures,
-    /// The failure-rate percentage was not in 1..=100.
-    FailureRatePercent(u8),
-    /// The failure-rate window was 0 calls.
-    FailureRateCalls,
-    /// The base ejection time was under 1 ms.
-    BaseEjectionTime(Duration),
-    /// The maximum ejection time was below the base time or above 365 days.
-    MaxEjectionTime(Duration),
-    /// The maximum ejected share was above 100 %.
-    MaxEjectedPercent(u8),
-    /// Outlier detection with neither rule on.
-    NoRule,
-    /// A peak-EWMA default latency or decay of zero or above 365 days.
-    PeakEwma(Duration),
-    /// A `WhenEmpty::Wait` above 365 days.
-    EmptyWait(Duration),
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::ConsecutiveFailures => {
-                f.write_str("invalid consecutive_failures: must be at least 1")
-            }
-            Self::FailureRatePercent(p) => {
-                write!(f, "invalid failure_rate percent {p}: must be in 1..=100")
-            }
-            Self::FailureRateCalls => f.write_str("invalid failure_rate calls: must be at least 1"),
-            Self::BaseEjectionTime(d) => {
-                write!(f, "invalid base_ejection_time {d:?}: must be at least 1ms")
-            }
-            Self::MaxEjectionTime(d) => write!(
-                f,
-                "invalid max_ejection_time {d:?}: must be between the base time and 365 days"
-            ),
-            Self::MaxEjectedPercent(p) => {
-                write!(f, "invalid max_ejected_percent {p}: must be at most 100")
-            }
-            Self::NoRule => f.write_str(
-                "invalid outlier detection: neither consecutive_failures nor failure_rate is on",
-            ),
-            Self::PeakEwma(d) => write!(
-                f,
-                "invalid peak-EWMA duration {d:?}: must be above zero and at most 365 days"
-            ),
-            Self::EmptyWait(d) => write!(f, "invalid when_empty wait {d:?}: at most 365 days"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 #[cfg(test)]
 mod tests {
@@ -296,33 +266,32 @@ mod tests {
     #[test]
     fn invalid_settings_are_named() {
         let b = OutlierDetection::builder;
+        let field =
+            |r: Result<OutlierDetection, ConfigError>| r.expect_err("invalid").field().to_owned();
         assert_eq!(
-            b().consecutive_failures(0).build(),
-            Err(ConfigError::ConsecutiveFailures)
+            field(b().consecutive_failures(0).build()),
+            "consecutive_failures"
+        );
+        assert_eq!(field(b().failure_rate(1.01, 10).build()), "failure_rate");
+        let e = b()
+            .failure_rate(50.0, 10)
+            .build()
+            .expect_err("a percentage");
+        assert!(e.reason().contains("write 0.5"), "{e}");
+        assert_eq!(field(b().failure_rate(0.5, 0).build()), "failure_rate");
+        assert_eq!(
+            field(b().base_ejection_time(Duration::ZERO).build()),
+            "base_ejection_time"
         );
         assert_eq!(
-            b().failure_rate(101, 10).build(),
-            Err(ConfigError::FailureRatePercent(101))
+            field(b().max_ejection_time(Duration::from_secs(1)).build()),
+            "max_ejection_time"
         );
+        assert_eq!(field(b().max_ejected(1.5).build()), "max_ejected");
+        assert_eq!(field(b().max_ejected(f64::NAN).build()), "max_ejected");
         assert_eq!(
-            b().failure_rate(50, 0).build(),
-            Err(ConfigError::FailureRateCalls)
-        );
-        assert!(matches!(
-            b().base_ejection_time(Duration::ZERO).build(),
-            Err(ConfigError::BaseEjectionTime(_))
-        ));
-        assert!(matches!(
-            b().max_ejection_time(Duration::from_secs(1)).build(),
-            Err(ConfigError::MaxEjectionTime(_))
-        ));
-        assert_eq!(
-            b().max_ejected_percent(101).build(),
-            Err(ConfigError::MaxEjectedPercent(101))
-        );
-        assert_eq!(
-            b().no_consecutive_failures().build(),
-            Err(ConfigError::NoRule)
+            field(b().no_consecutive_failures().build()),
+            "outlier_detection"
         );
         assert!(b().build().is_ok());
     }
@@ -330,15 +299,20 @@ mod tests {
     #[test]
     fn one_endpoint_may_always_be_ejected() {
         let d = OutlierDetection::builder()
-            .max_ejected_percent(10)
+            .max_ejected(0.1)
             .build()
             .unwrap();
-        assert_eq!(d.max_ejected(3), 1);
-        assert_eq!(d.max_ejected(30), 3);
+        assert_eq!(d.max_ejected_count(3), 1);
+        assert_eq!(d.max_ejected_count(30), 3);
+        let d = OutlierDetection::builder()
+            .max_ejected(0.3)
+            .build()
+            .unwrap();
+        assert_eq!(d.max_ejected_count(10), 3);
         let none = OutlierDetection::builder()
-            .max_ejected_percent(0)
+            .max_ejected(0.0)
             .build()
             .unwrap();
-        assert_eq!(none.max_ejected(100), 1);
+        assert_eq!(none.max_ejected_count(100), 1);
     }
 }

@@ -30,7 +30,7 @@ use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
 /// before calling it. Requests without a key go to a random endpoint in rotation.
 ///
 /// ```
-/// use seawall::balance::{BalanceBuilder, hash_key};
+/// use seawall::balance::{Balance, hash_key};
 /// use seawall::discovery::{Instance, InstanceWatch, ServiceDiscover};
 /// use tower::{Service, ServiceExt, service_fn};
 ///
@@ -43,7 +43,7 @@ use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
 ///     let port = i.port;
 ///     service_fn(move |_user: String| async move { Ok::<_, seawall::BoxError>(port) })
 /// });
-/// let mut balance = BalanceBuilder::new()
+/// let mut balance = Balance::builder()
 ///     .name("cache")
 ///     .build_hashed(discover, |user: &String| Some(hash_key(user)));
 /// let first = balance.ready().await?.call("ada".to_string()).await?;

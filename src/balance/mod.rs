@@ -26,7 +26,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use seawall::balance::{BalanceBuilder, OutlierDetection, Strategy};
+//! use seawall::balance::{Balance, OutlierDetection, Strategy};
 //! use seawall::discovery::{Instance, Registry, ServiceDiscover};
 //! use tower::{Service, ServiceExt, service_fn};
 //!
@@ -41,7 +41,7 @@
 //!     let port = i.port;
 //!     service_fn(move |_req: ()| async move { Ok::<_, seawall::BoxError>(port) })
 //! });
-//! let mut users = BalanceBuilder::new()
+//! let mut users = Balance::builder()
 //!     .name("users")
 //!     .strategy(Strategy::peak_ewma())
 //!     .outlier_detection(OutlierDetection::builder().consecutive_failures(3).build()?)
@@ -79,7 +79,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
-pub use config::{ConfigError, OutlierDetection, OutlierDetectionBuilder, Strategy, WhenEmpty};
+use crate::ConfigError;
+pub use config::{OutlierDetection, OutlierDetectionBuilder, Strategy, WhenEmpty};
 pub use error::NoEndpoints;
 pub use hash::HashBalance;
 pub use service::Balance;
@@ -123,12 +124,44 @@ pub struct BalanceBuilder<C = ErrorsAreFailures> {
     seed: u64,
 }
 
-impl BalanceBuilder {
-    /// A builder holding the defaults: power of two choices on outstanding requests, no
-    /// outlier detection, no per-endpoint breakers, every error a failure, failing at once
-    /// when there is no endpoint, tokio's clock.
+impl Balance<Unbuilt> {
+    /// A [`BalanceBuilder`] holding the defaults: power of two choices on outstanding
+    /// requests, no outlier detection, no per-endpoint breakers, every error a failure,
+    /// failing at once when there is no endpoint, tokio's clock. It builds a [`Balance`]
+    /// ([`build`](BalanceBuilder::build)) or a [`HashBalance`]
+    /// ([`build_hashed`](BalanceBuilder::build_hashed)).
+    ///
+    /// ```
+    /// use seawall::balance::{Balance, Strategy};
+    ///
+    /// let builder = Balance::builder().name("users").strategy(Strategy::RoundRobin);
+    /// # let _ = builder;
+    /// ```
     #[must_use]
-    pub fn new() -> Self {
+    pub fn builder() -> BalanceBuilder {
+        BalanceBuilder::default()
+    }
+}
+
+/// The type [`Balance::builder`] is defined on, as `HashMap::new` is on `HashMap<K, V,
+/// RandomState>`: no balancer is ever built over it.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Unbuilt {}
+
+impl futures_core::Stream for Unbuilt {
+    type Item = Result<tower::discover::Change<(), ()>, std::convert::Infallible>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match *self {}
+    }
+}
+
+impl Default for BalanceBuilder {
+    fn default() -> Self {
         Self {
             name: Arc::from("balance"),
             strategy: Strategy::default(),
@@ -139,12 +172,6 @@ impl BalanceBuilder {
             clock: Arc::new(TokioClock::new()),
             seed: seed(),
         }
-    }
-}
-
-impl Default for BalanceBuilder {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -238,13 +265,21 @@ impl<C> BalanceBuilder<C> {
         if let Strategy::PeakEwma { default_rtt, decay } = self.strategy {
             for d in [default_rtt, decay] {
                 if d.is_zero() || d > config::MAX_DURATION {
-                    return Err(ConfigError::PeakEwma(d));
+                    return Err(ConfigError::invalid(
+                        "strategy",
+                        format!(
+                            "a peak-EWMA duration of {d:?}: must be above zero and at most 365 days"
+                        ),
+                    ));
                 }
             }
         }
         if let WhenEmpty::Wait(d) = self.when_empty {
             if d > config::MAX_DURATION {
-                return Err(ConfigError::EmptyWait(d));
+                return Err(ConfigError::invalid(
+                    "when_empty",
+                    format!("a wait of {d:?}: at most 365 days"),
+                ));
             }
         }
         Ok(())

@@ -66,7 +66,7 @@ where
     /// A balancer over `discover` with the defaults: power of two choices on outstanding
     /// requests, no outlier detection, no per-endpoint breaker, failing at once when empty.
     pub fn new(discover: D) -> Self {
-        BalanceBuilder::new().build(discover)
+        Balance::builder().build(discover)
     }
 }
 

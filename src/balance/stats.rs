@@ -235,7 +235,8 @@ impl EndpointStats {
     /// The failure-rate window: judged every `calls` calls, then started again.
     #[inline]
     fn window(&self, failed: bool) -> bool {
-        let Some((percent, calls)) = self.set.outlier.as_ref().and_then(|o| o.failure_rate) else {
+        let Some((threshold, calls)) = self.set.outlier.as_ref().and_then(|o| o.failure_rate)
+        else {
             return false;
         };
         if failed {
@@ -254,7 +255,8 @@ impl EndpointStats {
             return false;
         }
         let failures = self.window_failures.swap(0, AcqRel);
-        u64::from(failures) * 100 >= u64::from(percent) * u64::from(n)
+        // The quotient rounds as the threshold literal does: 3 of 10 meets 0.3.
+        f64::from(failures) / f64::from(n) >= threshold
     }
 
     fn on_failure(&self) {
@@ -276,7 +278,7 @@ impl EndpointStats {
             return;
         }
         let set = &self.set;
-        let allowed = outlier.max_ejected(set.endpoints.load(Acquire));
+        let allowed = outlier.max_ejected_count(set.endpoints.load(Acquire));
         let admitted = set
             .ejected
             .fetch_update(AcqRel, Acquire, |n| (n < allowed).then_some(n + 1))

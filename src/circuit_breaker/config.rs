@@ -1,8 +1,9 @@
 //! Validated configuration for a circuit breaker.
 
-use std::borrow::Cow;
-use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::ConfigError;
 
 /// Largest count-based window accepted (one byte of memory per slot).
 pub const MAX_WINDOW_SIZE: u32 = 1 << 20;
@@ -56,115 +57,6 @@ impl SlidingWindow {
     }
 }
 
-/// An invalid circuit breaker setting, reported by [`CircuitBreakerConfigBuilder::build`].
-///
-/// Every variant names the setting at fault and carries the rejected value.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// `failure_rate_threshold` must be a percentage in `(0, 100]`.
-    FailureRateThreshold(f64),
-    /// `slow_call_rate_threshold` must be a percentage in `(0, 100]`.
-    SlowCallRateThreshold(f64),
-    /// `slow_call_duration` must be greater than zero and at most [`MAX_DURATION`].
-    SlowCallDuration(Duration),
-    /// A count-based window must hold between 1 and [`MAX_WINDOW_SIZE`] calls.
-    WindowSize(u32),
-    /// A time-based window needs between 1 and [`MAX_BUCKETS`] buckets of at least one
-    /// millisecond, and may span at most [`MAX_DURATION`].
-    TimeWindow {
-        /// The requested window length.
-        window: Duration,
-        /// The requested number of buckets.
-        buckets: u32,
-    },
-    /// `minimum_calls` must be at least 1, and no larger than a count-based window
-    /// (otherwise the breaker could never trip).
-    MinimumCalls(u32),
-    /// `wait_in_open` must be greater than zero and at most [`MAX_DURATION`].
-    WaitInOpen(Duration),
-    /// The backoff multiplier must be finite and at least 1.
-    BackoffMultiplier(f64),
-    /// The backoff cap must be at least `wait_in_open` and at most [`MAX_DURATION`].
-    BackoffMax(Duration),
-    /// Jitter must be a fraction in `[0, 1)`.
-    Jitter(f64),
-    /// `permitted_calls_in_half_open` must be between 1 and [`MAX_WINDOW_SIZE`].
-    PermittedCallsInHalfOpen(u32),
-    /// `max_wait_in_half_open`, when set, must be greater than zero and at most
-    /// [`MAX_DURATION`].
-    MaxWaitInHalfOpen(Duration),
-    /// The name must not be empty.
-    EmptyName,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::FailureRateThreshold(v) => {
-                write!(
-                    f,
-                    "invalid failure_rate_threshold {v}: must be a percentage in (0, 100]"
-                )
-            }
-            Self::SlowCallRateThreshold(v) => {
-                write!(
-                    f,
-                    "invalid slow_call_rate_threshold {v}: must be a percentage in (0, 100]"
-                )
-            }
-            Self::SlowCallDuration(d) => {
-                write!(
-                    f,
-                    "invalid slow_call_duration {d:?}: must be greater than zero"
-                )
-            }
-            Self::WindowSize(n) => write!(
-                f,
-                "invalid sliding window size {n}: must be between 1 and {MAX_WINDOW_SIZE} calls"
-            ),
-            Self::TimeWindow { window, buckets } => write!(
-                f,
-                "invalid time-based sliding window {window:?} in {buckets} buckets: \
-                 needs 1 to {MAX_BUCKETS} buckets of at least 1ms, at most 365 days in all"
-            ),
-            Self::MinimumCalls(n) => write!(
-                f,
-                "invalid minimum_calls {n}: must be at least 1 and at most the window size"
-            ),
-            Self::WaitInOpen(d) => {
-                write!(f, "invalid wait_in_open {d:?}: must be in (0, 365 days]")
-            }
-            Self::BackoffMultiplier(m) => {
-                write!(
-                    f,
-                    "invalid backoff multiplier {m}: must be finite and at least 1"
-                )
-            }
-            Self::BackoffMax(d) => {
-                write!(
-                    f,
-                    "invalid backoff max {d:?}: must be at least wait_in_open"
-                )
-            }
-            Self::Jitter(j) => write!(f, "invalid jitter {j}: must be a fraction in [0, 1)"),
-            Self::PermittedCallsInHalfOpen(n) => write!(
-                f,
-                "invalid permitted_calls_in_half_open {n}: must be between 1 and {MAX_WINDOW_SIZE}"
-            ),
-            Self::MaxWaitInHalfOpen(d) => {
-                write!(
-                    f,
-                    "invalid max_wait_in_half_open {d:?}: must be greater than zero"
-                )
-            }
-            Self::EmptyName => f.write_str("invalid name: must not be empty"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 /// How long the breaker stays open, possibly growing on repeated trips.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct WaitPolicy {
@@ -196,7 +88,7 @@ impl WaitPolicy {
 ///
 /// let config = CircuitBreakerConfig::builder()
 ///     .name("payments")
-///     .failure_rate_threshold(50.0)
+///     .failure_rate_threshold(0.5)
 ///     .sliding_window(SlidingWindow::count_based(20))
 ///     .minimum_calls(10)
 ///     .wait_in_open(Duration::from_secs(5))
@@ -204,11 +96,11 @@ impl WaitPolicy {
 ///     .permitted_calls_in_half_open(3)
 ///     .build()?;
 /// assert_eq!(config.name(), "payments");
-/// # Ok::<(), seawall::circuit_breaker::ConfigError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct CircuitBreakerConfig {
-    pub(crate) name: Cow<'static, str>,
+    pub(crate) name: Arc<str>,
     pub(crate) failure_rate_threshold: f64,
     pub(crate) slow_call_rate_threshold: f64,
     pub(crate) slow_call_duration: Option<Duration>,
@@ -223,9 +115,9 @@ impl Default for CircuitBreakerConfig {
     /// The defaults documented on [`CircuitBreakerConfigBuilder`].
     fn default() -> Self {
         Self {
-            name: Cow::Borrowed("default"),
-            failure_rate_threshold: 50.0,
-            slow_call_rate_threshold: 100.0,
+            name: Arc::from("default"),
+            failure_rate_threshold: 0.5,
+            slow_call_rate_threshold: 1.0,
             slow_call_duration: None,
             window: SlidingWindow::CountBased { size: 100 },
             minimum_calls: 100,
@@ -254,7 +146,7 @@ impl CircuitBreakerConfig {
     /// The same configuration under another name: a template for many breakers, such as
     /// one per endpoint of a balancer. An empty name keeps the current one.
     #[must_use]
-    pub fn with_name(&self, name: impl Into<Cow<'static, str>>) -> Self {
+    pub fn with_name(&self, name: impl Into<Arc<str>>) -> Self {
         let name = name.into();
         let mut config = self.clone();
         if !name.is_empty() {
@@ -268,12 +160,12 @@ impl CircuitBreakerConfig {
         &self.name
     }
 
-    /// Failure-rate threshold, in percent.
+    /// Failure-rate threshold, a fraction in `(0, 1]`.
     pub fn failure_rate_threshold(&self) -> f64 {
         self.failure_rate_threshold
     }
 
-    /// Slow-call-rate threshold, in percent.
+    /// Slow-call-rate threshold, a fraction in `(0, 1]`.
     pub fn slow_call_rate_threshold(&self) -> f64 {
         self.slow_call_rate_threshold
     }
@@ -316,8 +208,8 @@ impl CircuitBreakerConfig {
 ///
 /// | setting | default |
 /// |---|---|
-/// | `failure_rate_threshold` | 50 % |
-/// | `slow_call_rate_threshold` | 100 % |
+/// | `failure_rate_threshold` | 0.5 (50 % of the calls in the window) |
+/// | `slow_call_rate_threshold` | 1.0 (all of them) |
 /// | `slow_call_duration` | off |
 /// | `sliding_window` | count-based, 100 calls |
 /// | `minimum_calls` | 100 |
@@ -333,22 +225,25 @@ pub struct CircuitBreakerConfigBuilder {
 impl CircuitBreakerConfigBuilder {
     /// Names the breaker (events, metrics labels, registry key).
     #[must_use]
-    pub fn name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.config.name = name.into();
         self
     }
 
-    /// Opens the breaker when at least this percentage of the calls in the window failed.
+    /// Opens the breaker when at least this share of the calls in the window failed: a
+    /// fraction in `(0, 1]`, as every share in seawall (`0.5` is half of them). A value
+    /// above 1, such as `50.0` meant as a percentage, is rejected by [`build`](Self::build).
     #[must_use]
-    pub fn failure_rate_threshold(mut self, percent: f64) -> Self {
-        self.config.failure_rate_threshold = percent;
+    pub fn failure_rate_threshold(mut self, fraction: f64) -> Self {
+        self.config.failure_rate_threshold = fraction;
         self
     }
 
-    /// Opens the breaker when at least this percentage of the calls in the window were slow.
+    /// Opens the breaker when at least this share of the calls in the window were slow: a
+    /// fraction in `(0, 1]` (`1.0`, the default, means all of them).
     #[must_use]
-    pub fn slow_call_rate_threshold(mut self, percent: f64) -> Self {
-        self.config.slow_call_rate_threshold = percent;
+    pub fn slow_call_rate_threshold(mut self, fraction: f64) -> Self {
+        self.config.slow_call_rate_threshold = fraction;
         self
     }
 
@@ -390,7 +285,8 @@ impl CircuitBreakerConfigBuilder {
     }
 
     /// Spreads the open wait uniformly over `wait × (1 ± jitter)` (the backoff cap applies
-    /// before the jitter), so that a fleet of clients does not probe in lockstep.
+    /// before the jitter), so that a fleet of clients does not probe in lockstep. A fraction
+    /// in `[0, 1)`: `0.2` spreads a 10 s wait over 8–12 s.
     #[must_use]
     pub fn jitter(mut self, jitter: f64) -> Self {
         self.config.wait.jitter = jitter;
@@ -412,35 +308,56 @@ impl CircuitBreakerConfigBuilder {
         self
     }
 
-    /// Validates every setting.
+    /// Validates every setting; the error names the first one at fault.
     pub fn build(self) -> Result<CircuitBreakerConfig, ConfigError> {
         let mut c = self.config;
         (c.wait.multiplier, c.wait.max) = self.backoff.unwrap_or((1.0, c.wait.base));
-        let percent = |v: f64| v.is_finite() && v > 0.0 && v <= 100.0;
-        if c.name.is_empty() {
-            return Err(ConfigError::EmptyName);
-        }
-        if !percent(c.failure_rate_threshold) {
-            return Err(ConfigError::FailureRateThreshold(c.failure_rate_threshold));
-        }
-        if !percent(c.slow_call_rate_threshold) {
-            return Err(ConfigError::SlowCallRateThreshold(
-                c.slow_call_rate_threshold,
-            ));
-        }
-        let bad = |d: Duration| d.is_zero() || d > MAX_DURATION;
-        if let Some(d) = c.slow_call_duration {
-            if bad(d) {
-                return Err(ConfigError::SlowCallDuration(d));
+        let share = |field: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 && v <= 1.0 {
+                Ok(())
+            } else {
+                Err(ConfigError::invalid(
+                    field,
+                    crate::util::not_a_fraction(v, "(0, 1]"),
+                ))
             }
+        };
+        let duration = |field: &'static str, d: Duration| {
+            if d.is_zero() || d > MAX_DURATION {
+                Err(ConfigError::invalid(
+                    field,
+                    format!("{d:?} must be greater than zero and at most 365 days"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        if c.name.is_empty() {
+            return Err(ConfigError::invalid("name", "must not be empty"));
+        }
+        share("failure_rate_threshold", c.failure_rate_threshold)?;
+        share("slow_call_rate_threshold", c.slow_call_rate_threshold)?;
+        if let Some(d) = c.slow_call_duration {
+            duration("slow_call_duration", d)?;
         }
         match c.window {
             SlidingWindow::CountBased { size } => {
                 if size == 0 || size > MAX_WINDOW_SIZE {
-                    return Err(ConfigError::WindowSize(size));
+                    return Err(ConfigError::invalid(
+                        "sliding_window",
+                        format!(
+                            "a count-based window of {size} calls: must hold 1 to {MAX_WINDOW_SIZE}"
+                        ),
+                    ));
                 }
                 if c.minimum_calls > size {
-                    return Err(ConfigError::MinimumCalls(c.minimum_calls));
+                    return Err(ConfigError::invalid(
+                        "minimum_calls",
+                        format!(
+                            "{} is more than the window's {size} calls: the breaker could never trip",
+                            c.minimum_calls
+                        ),
+                    ));
                 }
             }
             SlidingWindow::TimeBased { window, buckets } => {
@@ -449,34 +366,55 @@ impl CircuitBreakerConfigBuilder {
                     && window <= MAX_DURATION
                     && window / buckets >= Duration::from_millis(1);
                 if !ok {
-                    return Err(ConfigError::TimeWindow { window, buckets });
+                    return Err(ConfigError::invalid(
+                        "sliding_window",
+                        format!(
+                            "a time-based window of {window:?} in {buckets} buckets: needs 1 to \
+                             {MAX_BUCKETS} buckets of at least 1ms, at most 365 days in all"
+                        ),
+                    ));
                 }
             }
         }
         if c.minimum_calls == 0 {
-            return Err(ConfigError::MinimumCalls(0));
+            return Err(ConfigError::invalid("minimum_calls", "must be at least 1"));
         }
-        if bad(c.wait.base) {
-            return Err(ConfigError::WaitInOpen(c.wait.base));
-        }
+        duration("wait_in_open", c.wait.base)?;
         if !(c.wait.multiplier.is_finite() && c.wait.multiplier >= 1.0) {
-            return Err(ConfigError::BackoffMultiplier(c.wait.multiplier));
+            return Err(ConfigError::invalid(
+                "exponential_backoff",
+                format!(
+                    "multiplier {} must be finite and at least 1",
+                    c.wait.multiplier
+                ),
+            ));
         }
         if c.wait.max < c.wait.base || c.wait.max > MAX_DURATION {
-            return Err(ConfigError::BackoffMax(c.wait.max));
+            return Err(ConfigError::invalid(
+                "exponential_backoff",
+                format!(
+                    "max {:?} must be at least wait_in_open ({:?}) and at most 365 days",
+                    c.wait.max, c.wait.base
+                ),
+            ));
         }
         if !(c.wait.jitter.is_finite() && (0.0..1.0).contains(&c.wait.jitter)) {
-            return Err(ConfigError::Jitter(c.wait.jitter));
+            return Err(ConfigError::invalid(
+                "jitter",
+                crate::util::not_a_fraction(c.wait.jitter, "[0, 1)"),
+            ));
         }
         if c.permitted_calls_in_half_open == 0 || c.permitted_calls_in_half_open > MAX_WINDOW_SIZE {
-            return Err(ConfigError::PermittedCallsInHalfOpen(
-                c.permitted_calls_in_half_open,
+            return Err(ConfigError::invalid(
+                "permitted_calls_in_half_open",
+                format!(
+                    "{} must be between 1 and {MAX_WINDOW_SIZE}",
+                    c.permitted_calls_in_half_open
+                ),
             ));
         }
         if let Some(d) = c.max_wait_in_half_open {
-            if bad(d) {
-                return Err(ConfigError::MaxWaitInHalfOpen(d));
-            }
+            duration("max_wait_in_half_open", d)?;
         }
         Ok(c)
     }
@@ -495,86 +433,108 @@ mod tests {
     }
 
     #[test]
-    fn every_invalid_value_has_its_error() {
+    fn every_invalid_value_names_its_setting() {
         let b = || CircuitBreakerConfig::builder();
-        let cases: Vec<(CircuitBreakerConfigBuilder, ConfigError)> = vec![
-            (b().name(""), ConfigError::EmptyName),
+        let cases: Vec<(CircuitBreakerConfigBuilder, &str, &str)> = vec![
+            (b().name(""), "name", "empty"),
             (
                 b().failure_rate_threshold(0.0),
-                ConfigError::FailureRateThreshold(0.0),
+                "failure_rate_threshold",
+                "0",
+            ),
+            (
+                b().failure_rate_threshold(50.0),
+                "failure_rate_threshold",
+                "for 50 % write 0.5",
             ),
             (
                 b().failure_rate_threshold(100.5),
-                ConfigError::FailureRateThreshold(100.5),
+                "failure_rate_threshold",
+                "100.5",
             ),
             (
                 b().slow_call_rate_threshold(-1.0),
-                ConfigError::SlowCallRateThreshold(-1.0),
+                "slow_call_rate_threshold",
+                "-1",
             ),
             (
                 b().slow_call_duration(Duration::ZERO),
-                ConfigError::SlowCallDuration(Duration::ZERO),
+                "slow_call_duration",
+                "0ns",
             ),
             (
                 b().sliding_window(SlidingWindow::count_based(0)),
-                ConfigError::WindowSize(0),
+                "sliding_window",
+                "0 calls",
             ),
             (
                 b().sliding_window(SlidingWindow::count_based(MAX_WINDOW_SIZE + 1)),
-                ConfigError::WindowSize(MAX_WINDOW_SIZE + 1),
+                "sliding_window",
+                "1048577",
             ),
             (
                 b().sliding_window(SlidingWindow::count_based(10))
                     .minimum_calls(11),
-                ConfigError::MinimumCalls(11),
+                "minimum_calls",
+                "11",
             ),
             (
                 b().sliding_window(SlidingWindow::count_based(10))
                     .minimum_calls(0),
-                ConfigError::MinimumCalls(0),
+                "minimum_calls",
+                "at least 1",
             ),
             (
                 b().sliding_window(SlidingWindow::time_based(Duration::from_millis(5), 10)),
-                ConfigError::TimeWindow {
-                    window: Duration::from_millis(5),
-                    buckets: 10,
-                },
+                "sliding_window",
+                "5ms in 10 buckets",
             ),
             (
                 b().sliding_window(SlidingWindow::time_based(Duration::from_secs(5), 0)),
-                ConfigError::TimeWindow {
-                    window: Duration::from_secs(5),
-                    buckets: 0,
-                },
+                "sliding_window",
+                "0 buckets",
             ),
-            (
-                b().wait_in_open(Duration::ZERO),
-                ConfigError::WaitInOpen(Duration::ZERO),
-            ),
+            (b().wait_in_open(Duration::ZERO), "wait_in_open", "0ns"),
             (
                 b().exponential_backoff(0.5, Duration::from_secs(600)),
-                ConfigError::BackoffMultiplier(0.5),
+                "exponential_backoff",
+                "0.5",
             ),
             (
                 b().exponential_backoff(2.0, Duration::from_secs(1)),
-                ConfigError::BackoffMax(Duration::from_secs(1)),
+                "exponential_backoff",
+                "1s",
             ),
-            (b().jitter(1.0), ConfigError::Jitter(1.0)),
-            (b().jitter(f64::NAN), ConfigError::Jitter(f64::NAN)),
+            (b().jitter(1.0), "jitter", "1"),
+            (b().jitter(f64::NAN), "jitter", "NaN"),
             (
                 b().permitted_calls_in_half_open(0),
-                ConfigError::PermittedCallsInHalfOpen(0),
+                "permitted_calls_in_half_open",
+                "0",
             ),
             (
                 b().max_wait_in_half_open(Duration::ZERO),
-                ConfigError::MaxWaitInHalfOpen(Duration::ZERO),
+                "max_wait_in_half_open",
+                "0ns",
             ),
         ];
-        for (builder, expected) in cases {
+        for (builder, field, shown) in cases {
             let err = builder.build().expect_err("must be rejected");
-            // NaN != NaN: compare the rendered text, which names the field.
-            assert_eq!(err.to_string(), expected.to_string());
+            assert_eq!(err.field(), field, "{err}");
+            assert!(err.reason().contains(shown), "{err} should show {shown}");
         }
+    }
+
+    #[test]
+    fn shares_are_fractions() {
+        let c = CircuitBreakerConfig::builder()
+            .failure_rate_threshold(1.0)
+            .slow_call_rate_threshold(0.25)
+            .jitter(0.2)
+            .build()
+            .expect("valid");
+        assert_eq!(c.failure_rate_threshold(), 1.0);
+        assert_eq!(c.slow_call_rate_threshold(), 0.25);
     }
 
     #[test]

@@ -32,7 +32,7 @@
 //!     .name("flaky")
 //!     .sliding_window(SlidingWindow::count_based(10))
 //!     .minimum_calls(4)
-//!     .failure_rate_threshold(50.0)
+//!     .failure_rate_threshold(0.5)
 //!     .wait_in_open(Duration::from_secs(5))
 //!     .build()?;
 //! let layer = CircuitBreakerLayer::new(config);
@@ -140,8 +140,8 @@ pub mod future;
 
 pub use classify::{Classify, ErrorsAreFailures, Outcome};
 pub use config::{
-    CircuitBreakerConfig, CircuitBreakerConfigBuilder, ConfigError, MAX_BUCKETS, MAX_DURATION,
-    MAX_WINDOW_SIZE, SlidingWindow,
+    CircuitBreakerConfig, CircuitBreakerConfigBuilder, MAX_BUCKETS, MAX_DURATION, MAX_WINDOW_SIZE,
+    SlidingWindow,
 };
 pub use error::{Boxed, CircuitOpen, Error, ErrorMode, Typed};
 pub use events::{EVENT_CHANNEL_CAPACITY, Event, EventKind};

@@ -20,7 +20,7 @@ use super::{Breaker, CircuitBreakerConfig, Snapshot};
 /// a.force_open();
 /// assert_eq!(b.state(), State::ForcedOpen);
 /// assert_eq!(registry.names(), vec!["inventory".to_string()]);
-/// # Ok::<(), seawall::circuit_breaker::ConfigError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Registry {

@@ -108,9 +108,11 @@ pub struct Snapshot {
     pub failed_calls: u64,
     /// Slow calls in the window.
     pub slow_calls: u64,
-    /// Failure rate in percent, once the window holds the minimum number of calls.
+    /// Failure rate, a fraction in `[0, 1]`, once the window holds the minimum number of
+    /// calls.
     pub failure_rate: Option<f64>,
-    /// Slow-call rate in percent, once the window holds the minimum number of calls.
+    /// Slow-call rate, a fraction in `[0, 1]`, once the window holds the minimum number of
+    /// calls.
     pub slow_call_rate: Option<f64>,
     /// Calls rejected since the breaker was created.
     pub rejected_calls: u64,
@@ -443,9 +445,11 @@ impl Shared {
         if c.total == 0 || c.total < u64::from(minimum) {
             return false;
         }
+        // A quotient rounds to the double nearest the exact share, as the threshold literal
+        // does: 3 failures in 10 calls meet a threshold of 0.3 (0.3 × 10 would not).
         let total = c.total as f64;
-        c.failed as f64 * 100.0 >= self.config.failure_rate_threshold * total
-            || c.slow as f64 * 100.0 >= self.config.slow_call_rate_threshold * total
+        c.failed as f64 / total >= self.config.failure_rate_threshold
+            || c.slow as f64 / total >= self.config.slow_call_rate_threshold
     }
 
     /// Records the outcome of a probe; decides the half-open episode when all are in.
@@ -600,7 +604,7 @@ impl Shared {
         };
         let rate = |n: u64| {
             (counts.total > 0 && counts.total >= u64::from(self.config.minimum_calls))
-                .then(|| n as f64 * 100.0 / counts.total as f64)
+                .then(|| n as f64 / counts.total as f64)
         };
         Snapshot {
             state,

@@ -17,9 +17,10 @@ use serde_json::Value;
 
 use super::config::ConsulConfig;
 use super::conn::{WatchedConnector, exchanges_of};
-use super::error::{ConfigError, ConsulError};
+use super::error::ConsulError;
 use super::parse::{self, SkippedEntry};
 use super::registration::{CheckStatus, ServiceRegistration};
+use crate::ConfigError;
 use crate::discovery::Instance;
 
 /// The longest `wait` Consul honours.

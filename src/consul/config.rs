@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use http::uri::Authority;
 
-use super::error::ConfigError;
+use crate::ConfigError;
 
 /// The agent address used when none is configured.
 pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8500";
@@ -22,7 +22,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// errors or logs.
 ///
 /// Plain HTTP only: an `https://` address is rejected with
-/// [`ConfigError::HttpsUnsupported`], since seawall has no TLS dependency. Reach a
+/// a [`ConfigError`] naming `address`, since seawall has no TLS dependency. Reach a
 /// TLS-only agent through a local plain-HTTP listener (the usual setup: every host runs
 /// an agent listening on loopback) or a TLS sidecar.
 ///
@@ -38,7 +38,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 ///     .build()?;
 /// assert_eq!(config.address(), "10.0.0.2:8500");
 /// assert!(!format!("{config:?}").contains("s3cr3t"));
-/// # Ok::<(), seawall::consul::ConfigError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
 #[derive(Clone)]
 pub struct ConsulConfig {
@@ -75,7 +75,7 @@ impl ConsulConfig {
         let address = var("CONSUL_HTTP_ADDR").filter(|a| !a.trim().is_empty());
         if let Some(ssl) = var("CONSUL_HTTP_SSL") {
             if matches!(ssl.trim().to_ascii_lowercase().as_str(), "1" | "true") {
-                return Err(ConfigError::HttpsUnsupported(
+                return Err(super::error::https_error(
                     address.unwrap_or_else(|| DEFAULT_ADDRESS.to_owned()),
                 ));
             }
@@ -178,10 +178,9 @@ impl ConsulConfigBuilder {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Address`] for an address that is not `host:port` or
-    /// `http://host:port`, [`ConfigError::HttpsUnsupported`] for an `https://` one,
-    /// [`ConfigError::Token`] for a token that is not a valid header value,
-    /// [`ConfigError::Setting`] for a zero `request_timeout` or an empty `datacenter`.
+    /// A [`ConfigError`] naming `address` for an address that is not `host:port` or
+    /// `http://host:port` or is an `https://` one, `token` for a token that is not a valid
+    /// header value, `request_timeout` for zero, or `datacenter` for an empty one.
     pub fn build(self) -> Result<ConsulConfig, ConfigError> {
         let authority = match &self.address {
             Some(address) => parse_address(address)?,
@@ -189,21 +188,22 @@ impl ConsulConfigBuilder {
         };
         let token = match self.token.filter(|t| !t.is_empty()) {
             Some(token) => {
-                let mut value = HeaderValue::from_str(&token).map_err(|_| ConfigError::Token)?;
+                let mut value =
+                    HeaderValue::from_str(&token).map_err(|_| super::error::token_error())?;
                 value.set_sensitive(true);
                 Some(value)
             }
             None => None,
         };
         if self.request_timeout.is_zero() {
-            return Err(ConfigError::setting(
+            return Err(ConfigError::invalid(
                 "request_timeout",
                 "must be greater than zero",
             ));
         }
         if let Some(dc) = &self.datacenter {
             if dc.trim().is_empty() || !dc.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(ConfigError::setting(
+                return Err(ConfigError::invalid(
                     "datacenter",
                     "must be a non-empty name without spaces",
                 ));
@@ -242,12 +242,12 @@ fn shown(address: &str) -> String {
 }
 
 fn parse_address(address: &str) -> Result<Authority, ConfigError> {
-    let invalid = || ConfigError::Address(shown(address));
+    let invalid = || super::error::address_error(shown(address));
     let trimmed = address.trim();
     let (rest, default_port) = match trimmed.split_once("://") {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (rest, 80),
         Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
-            return Err(ConfigError::HttpsUnsupported(shown(address)));
+            return Err(super::error::https_error(shown(address)));
         }
         Some(_) => return Err(invalid()),
         None => (trimmed, 8500),
@@ -299,10 +299,8 @@ mod tests {
         assert_eq!(addr("consul").unwrap(), "consul:8500");
         assert_eq!(addr("http://consul").unwrap(), "consul:80");
         assert_eq!(addr("[::1]:8500").unwrap(), "[::1]:8500");
-        assert!(matches!(
-            addr("https://consul:8501"),
-            Err(ConfigError::HttpsUnsupported(_))
-        ));
+        let e = addr("https://consul:8501").unwrap_err();
+        assert!(e.reason().contains("https needs TLS"), "{e}");
         for bad in [
             "",
             "unix:///tmp/consul.sock",
@@ -313,10 +311,10 @@ mod tests {
             "user@consul:8500",
             "consul:99999",
         ] {
+            let e = addr(bad).unwrap_err();
             assert!(
-                matches!(addr(bad), Err(ConfigError::Address(_))),
-                "{bad}: {:?}",
-                addr(bad)
+                e.field() == "address" && e.reason().contains("expected host:port"),
+                "{bad}: {e:?}"
             );
         }
         assert_eq!(ConsulConfig::default().address(), DEFAULT_ADDRESS);
@@ -335,7 +333,7 @@ mod tests {
             .token("bad\ntoken-value")
             .build()
             .unwrap_err();
-        assert_eq!(e, ConfigError::Token);
+        assert_eq!(e.field(), "token");
         assert!(!e.to_string().contains("token-value"));
     }
 
@@ -371,9 +369,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.address(), "10.1.2.3:8500");
         assert!(c.has_token());
-        assert!(matches!(
-            ConsulConfig::from_vars(env(&[("CONSUL_HTTP_SSL", "true")])),
-            Err(ConfigError::HttpsUnsupported(_))
-        ));
+        let e = ConsulConfig::from_vars(env(&[("CONSUL_HTTP_SSL", "true")])).unwrap_err();
+        assert!(e.reason().contains("https needs TLS"), "{e}");
     }
 }

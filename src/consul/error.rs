@@ -8,109 +8,41 @@ use std::time::Duration;
 /// The longest error body kept in a [`ConsulError`], in bytes.
 pub(crate) const MAX_ERROR_BODY: usize = 512;
 
-/// An invalid setting, reported when a configuration, registration or check is built.
-///
-/// Every variant names the setting at fault. None of them carries the ACL token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The agent address is not `host:port` or `http://host:port` (the address given).
-    Address(String),
-    /// The agent address is an `https://` URL (the address given): this client has no TLS
-    /// implementation. Reach a TLS-only agent through a local plain-HTTP listener or a
-    /// sidecar.
-    HttpsUnsupported(String),
-    /// The ACL token is not a valid HTTP header value (the token itself is not kept).
-    Token,
-    /// A setting of the client, a watch or a registration guard is out of range.
-    Setting {
-        /// The setting, as its builder method is named (`request_timeout`, `wait`…).
-        name: &'static str,
-        /// What is wrong with it.
-        reason: Cow<'static, str>,
-    },
-    /// A field of a service registration is invalid.
-    Registration {
-        /// The field, as its builder method is named (`name`, `id`, `meta`, `weights`…).
-        field: &'static str,
-        /// What is wrong with it.
-        reason: Cow<'static, str>,
-    },
-    /// A field of one of a registration's checks is invalid.
-    Check {
-        /// The check's position in the registration (0-based).
-        index: usize,
-        /// The field, as its builder method is named (`interval`, `ttl`, `timeout`…).
-        field: &'static str,
-        /// What is wrong with it.
-        reason: Cow<'static, str>,
-    },
+use crate::ConfigError;
+
+/// An invalid field of one of a registration's checks: `checks[1].interval`.
+pub(crate) fn check_error(
+    index: usize,
+    field: &'static str,
+    reason: impl Into<Cow<'static, str>>,
+) -> ConfigError {
+    ConfigError::invalid(format!("checks[{index}].{field}"), reason)
 }
 
-impl ConfigError {
-    pub(crate) fn setting(name: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
-        Self::Setting {
-            name,
-            reason: reason.into(),
-        }
-    }
-
-    pub(crate) fn registration(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
-        Self::Registration {
-            field,
-            reason: reason.into(),
-        }
-    }
-
-    pub(crate) fn check(
-        index: usize,
-        field: &'static str,
-        reason: impl Into<Cow<'static, str>>,
-    ) -> Self {
-        Self::Check {
-            index,
-            field,
-            reason: reason.into(),
-        }
-    }
-
-    /// The name of the setting or field at fault (`address`, `token`, `interval`…).
-    pub fn field(&self) -> &'static str {
-        match self {
-            Self::Address(_) | Self::HttpsUnsupported(_) => "address",
-            Self::Token => "token",
-            Self::Setting { name, .. } => name,
-            Self::Registration { field, .. } | Self::Check { field, .. } => field,
-        }
-    }
+/// An agent address that is not `host:port` or `http://host:port`.
+pub(crate) fn address_error(shown: String) -> ConfigError {
+    ConfigError::invalid(
+        "address",
+        format!("{shown:?}: expected host:port or http://host:port"),
+    )
 }
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Address(a) => write!(
-                f,
-                "invalid consul address {a:?}: expected host:port or http://host:port"
-            ),
-            Self::HttpsUnsupported(a) => write!(
-                f,
-                "unsupported consul address {a:?}: https needs TLS, which this client does not have"
-            ),
-            Self::Token => f.write_str("invalid consul token: not a valid http header value"),
-            Self::Setting { name, reason } => write!(f, "invalid {name}: {reason}"),
-            Self::Registration { field, reason } => {
-                write!(f, "invalid service registration {field}: {reason}")
-            }
-            Self::Check {
-                index,
-                field,
-                reason,
-            } => write!(f, "invalid check #{index} {field}: {reason}"),
-        }
-    }
+/// An `https://` agent address: this client has no TLS. Reach a TLS-only agent through a
+/// local plain-HTTP listener or a sidecar.
+pub(crate) fn https_error(shown: String) -> ConfigError {
+    ConfigError::invalid(
+        "address",
+        format!(
+            "{shown:?}: https needs TLS, which this client does not have; reach the agent \
+             through a local plain-HTTP listener"
+        ),
+    )
 }
 
-impl StdError for ConfigError {}
+/// A token that is not a valid header value (the token itself is never shown).
+pub(crate) fn token_error() -> ConfigError {
+    ConfigError::invalid("token", "not a valid HTTP header value")
+}
 
 /// What kind of failure a [`ConsulError`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -389,10 +321,9 @@ mod tests {
         let e = ConsulError::decode("missing X-Consul-Index header");
         assert!(e.is_decode());
         assert!(!e.to_string().ends_with('.'));
-        let e: ConsulError = ConfigError::Token.into();
+        let e: ConsulError = token_error().into();
         assert!(e.is_config());
-        assert_eq!(e.config_error(), Some(&ConfigError::Token));
-        assert_eq!(ConfigError::Token.field(), "token");
+        assert_eq!(e.config_error().map(ConfigError::field), Some("token"));
     }
 
     #[test]

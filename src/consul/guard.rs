@@ -9,9 +9,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::client::ConsulClient;
-use super::error::{ConfigError, ConsulError};
+use super::error::ConsulError;
 use super::registration::{CheckStatus, ServiceRegistration};
 use super::watch::{backoff, seed};
+use crate::ConfigError;
 
 /// How a [`RegistrationGuard`] keeps its registration alive.
 ///
@@ -24,7 +25,7 @@ use super::watch::{backoff, seed};
 ///     .initial_status(CheckStatus::Warning, Some("warming up"))
 ///     .build()?;
 /// # let _ = config;
-/// # Ok::<(), seawall::consul::ConfigError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardConfig {
@@ -113,11 +114,11 @@ impl GuardConfigBuilder {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Setting`] naming `heartbeat`, `retry_base` or `verify_interval` when
+    /// A [`ConfigError`] naming `heartbeat`, `retry_base` or `verify_interval` when
     /// zero.
     pub fn build(self) -> Result<GuardConfig, ConfigError> {
         let c = self.config;
-        let zero = |name| Err(ConfigError::setting(name, "must be greater than zero"));
+        let zero = |name| Err(ConfigError::invalid(name, "must be greater than zero"));
         if c.heartbeat.is_some_and(|d| d.is_zero()) {
             return zero("heartbeat");
         }

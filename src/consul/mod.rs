@@ -89,7 +89,7 @@ pub use duration::{
     MAX_GO_DURATION, ParseDurationError, ParseDurationErrorKind, format_go_duration,
     parse_go_duration,
 };
-pub use error::{ConfigError, ConsulError, ErrorKind};
+pub use error::{ConsulError, ErrorKind};
 pub use guard::{GuardConfig, GuardConfigBuilder, RegistrationGuard, StatusHandle};
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::duration::{MAX_GO_DURATION, format_go_duration};
-use super::error::ConfigError;
+use crate::ConfigError;
 
 /// The shortest `deregister_critical_after` Consul honours (it raises shorter values to
 /// it): one minute.
@@ -234,7 +234,8 @@ impl Check {
     }
 
     fn validate(&self, index: usize) -> Result<(), ConfigError> {
-        let err = |field, reason: &'static str| Err(ConfigError::check(index, field, reason));
+        let err =
+            |field, reason: &'static str| Err(super::error::check_error(index, field, reason));
         let positive = |field, d: Duration| {
             if d.is_zero() {
                 err(field, "must be greater than zero")
@@ -356,7 +357,7 @@ impl Check {
 ///     .build()?;
 /// assert_eq!(registration.id(), "users-1");
 /// assert_eq!(registration.checks()[0].check_id(), Some("service:users-1"));
-/// # Ok::<(), seawall::consul::ConfigError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRegistration {
@@ -558,30 +559,30 @@ impl ServiceRegistrationBuilder {
     /// # Errors
     ///
     /// A [`ConfigError`] naming the field: an empty name or ID, passing weight 0,
-    /// invalid metadata, or an invalid check ([`ConfigError::Check`], with its position):
+    /// invalid metadata, or an invalid check (named `checks[i].field`, with its position):
     /// a zero interval or TTL, an HTTP URL without scheme, `deregister_critical_after`
     /// under a minute, an HTTP-only setting on another kind, a duplicate check ID.
     pub fn build(self) -> Result<ServiceRegistration, ConfigError> {
         if self.name.trim().is_empty() {
-            return Err(ConfigError::registration("name", "must not be empty"));
+            return Err(ConfigError::invalid("name", "must not be empty"));
         }
         let id = match self.id {
             Some(id) if id.trim().is_empty() => {
-                return Err(ConfigError::registration("id", "must not be empty"));
+                return Err(ConfigError::invalid("id", "must not be empty"));
             }
             Some(id) => id,
             None => self.name.clone(),
         };
         if let Some((passing, _)) = self.weights {
             if passing == 0 {
-                return Err(ConfigError::registration(
+                return Err(ConfigError::invalid(
                     "weights",
                     "the passing weight must be at least 1",
                 ));
             }
         }
         if self.meta.len() > MAX_META_PAIRS {
-            return Err(ConfigError::registration(
+            return Err(ConfigError::invalid(
                 "meta",
                 format!("at most {MAX_META_PAIRS} pairs"),
             ));
@@ -593,7 +594,7 @@ impl ServiceRegistrationBuilder {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                 && !k.starts_with("consul-");
             if !valid {
-                return Err(ConfigError::registration(
+                return Err(ConfigError::invalid(
                     "meta",
                     format!(
                         "invalid key {k:?}: up to 128 letters, digits, - and _, not starting with consul-"
@@ -601,7 +602,7 @@ impl ServiceRegistrationBuilder {
                 ));
             }
             if v.len() > MAX_META_VALUE_LEN {
-                return Err(ConfigError::registration(
+                return Err(ConfigError::invalid(
                     "meta",
                     format!("the value of {k:?} is over 512 bytes"),
                 ));
@@ -621,7 +622,7 @@ impl ServiceRegistrationBuilder {
         }
         for (index, check) in checks.iter().enumerate() {
             if checks[..index].iter().any(|c| c.id == check.id) {
-                return Err(ConfigError::check(
+                return Err(super::error::check_error(
                     index,
                     "id",
                     "duplicates another check's ID",
@@ -791,11 +792,12 @@ mod tests {
         assert_eq!(field(reg().meta("consul-x", "1")).field(), "meta");
         assert_eq!(field(reg().meta("a b", "1")).field(), "meta");
         assert_eq!(field(reg().meta("k", "v".repeat(513))).field(), "meta");
-        let check_err = |c: Check| match field(reg().check(Check::ttl(secs(1))).check(c)) {
-            ConfigError::Check {
-                index: 1, field, ..
-            } => field,
-            other => panic!("{other:?}"),
+        let check_err = |c: Check| {
+            let e = field(reg().check(Check::ttl(secs(1))).check(c));
+            e.field()
+                .strip_prefix("checks[1].")
+                .unwrap_or_else(|| panic!("{e:?}"))
+                .to_owned()
         };
         assert_eq!(
             check_err(Check::http("http://x/h", Duration::ZERO)),
@@ -827,7 +829,7 @@ mod tests {
         let e = field(reg().check(Check::tcp("x:1", Duration::ZERO)));
         assert_eq!(
             e.to_string(),
-            "invalid check #0 interval: must be greater than zero"
+            "invalid checks[0].interval: must be greater than zero"
         );
         // A minute is fine.
         reg()

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::client::{Consistency, ConsulClient, HealthQuery, MAX_WAIT};
-use super::error::ConfigError;
+use crate::ConfigError;
 use crate::discovery::{Health, InstanceWatch, Publisher, SourceStatus};
 use crate::rate_limit::{Quota, Rate, RateLimiter};
 
@@ -27,7 +27,7 @@ use crate::rate_limit::{Quota, Rate, RateLimiter};
 ///     .tag("v2")
 ///     .build()?;
 /// assert_eq!(config.wait(), Duration::from_secs(30));
-/// # Ok::<(), seawall::consul::ConfigError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchConfig {
@@ -214,31 +214,31 @@ impl WatchConfigBuilder {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Setting`] naming `wait` (zero or over 10 minutes), `min_interval`
+    /// A [`ConfigError`] naming `wait` (zero or over 10 minutes), `min_interval`
     /// (zero, over a year, or a zero burst), `resync_interval` (zero) or `backoff` (a zero
     /// base, or a max under the base).
     pub fn build(self) -> Result<WatchConfig, ConfigError> {
         let c = self.config;
         if c.wait.is_zero() || c.wait > MAX_WAIT {
-            return Err(ConfigError::setting(
+            return Err(ConfigError::invalid(
                 "wait",
                 "must be greater than zero and at most 10m",
             ));
         }
         if c.quota().is_none() {
-            return Err(ConfigError::setting(
+            return Err(ConfigError::invalid(
                 "min_interval",
                 "needs an interval between 1ns and 365 days and a burst of at least 1",
             ));
         }
         if c.resync_interval.is_zero() {
-            return Err(ConfigError::setting(
+            return Err(ConfigError::invalid(
                 "resync_interval",
                 "must be greater than zero",
             ));
         }
         if c.backoff_base.is_zero() || c.backoff_max < c.backoff_base {
-            return Err(ConfigError::setting(
+            return Err(ConfigError::invalid(
                 "backoff",
                 "needs a base greater than zero and a max of at least the base",
             ));
@@ -549,7 +549,7 @@ mod tests {
 
     #[test]
     fn config_is_validated() {
-        let field = |b: WatchConfigBuilder| b.build().unwrap_err().field();
+        let field = |b: WatchConfigBuilder| b.build().unwrap_err().field().to_owned();
         assert_eq!(field(WatchConfig::builder().wait(Duration::ZERO)), "wait");
         assert_eq!(
             field(WatchConfig::builder().wait(Duration::from_secs(601))),

@@ -9,7 +9,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::config::{ConfigError, JwtConfig};
+use super::config::JwtConfig;
+use crate::ConfigError;
 
 type HmacSha256 = Hmac<Sha256>;
 

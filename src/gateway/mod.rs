@@ -188,7 +188,7 @@
 //! auth = true
 //!
 //! [routes.breaker]                # a breaker per endpoint
-//! failure_rate = 50               # percent, over...
+//! failure_rate = 0.5              # a share (or "50%"), over...
 //! window = 20                     # ...the last 20 calls, once...
 //! minimum_calls = 10              # ...10 are recorded
 //! wait_in_open = "5s"
@@ -207,7 +207,7 @@
 //!
 //! [routes.balance]
 //! strategy = "least-requests"     # or "peak-ewma", "round-robin"
-//! outlier = { consecutive_failures = 5, base_ejection = "30s", max_ejected_percent = 50 }
+//! outlier = { consecutive_failures = 5, base_ejection = "30s", max_ejected = 0.5 }
 //!
 //! [[services]]                    # static; other services are discovered
 //! name = "users"
@@ -340,8 +340,8 @@ pub mod status;
 
 pub use config::{
     AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, ClientKey, ClientLimitSettings,
-    ConfigError, FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OnMissing,
-    OutlierSettings, RateLimitSettings, RouteConfig, ServerConfig, ServiceConfig, StrategyName,
+    FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OnMissing, OutlierSettings,
+    RateLimitSettings, RouteConfig, ServerConfig, ServiceConfig, StrategyName,
 };
 pub use route::{Body, FALLBACK_HEADER};
 #[cfg(unix)]

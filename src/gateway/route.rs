@@ -27,7 +27,7 @@ use super::jwt::JwtVerifier;
 use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
 use crate::BoxError;
-use crate::balance::{Balance, BalanceBuilder, BalanceHandle, NoEndpoints, Strategy, WhenEmpty};
+use crate::balance::{Balance, BalanceHandle, NoEndpoints, Strategy, WhenEmpty};
 use crate::circuit_breaker::{CircuitOpen, HttpClassifier};
 use crate::discovery::{Instance, InstanceWatch, ServiceDiscover};
 use crate::rate_limit::http::{
@@ -379,7 +379,7 @@ impl Route {
             pool: pools.pool(instance),
         });
         let discover = ServiceDiscover::new(watch, make);
-        let mut builder = BalanceBuilder::new()
+        let mut builder = Balance::builder()
             .name(format!("{}/{}", config.name, config.service))
             .strategy(match config.balance.strategy {
                 StrategyName::LeastRequests => Strategy::default(),
@@ -402,8 +402,9 @@ impl Route {
         let global = match &config.rate_limit.global {
             Some(g) => Some((
                 // Metrics tell routes apart: `seawall_rate_limit_decisions_total{limiter="users/global"}`.
-                RateLimiter::new(quota(g.per_second, g.burst)?)
-                    .named(&format!("{}/global", config.name)),
+                RateLimiter::builder(quota(g.per_second, g.burst)?)
+                    .name(format!("{}/global", config.name))
+                    .build(),
                 g.per_second,
             )),
             None => None,
@@ -413,7 +414,7 @@ impl Route {
                 let q = quota(c.per_second, c.burst)?;
                 let name = format!("{}/per-client", config.name);
                 let limiter = PerClient {
-                    limiter: KeyedRateLimiter::new(q).named(&name),
+                    limiter: KeyedRateLimiter::builder(q).name(name).build(),
                     header: match c.client_key()? {
                         ClientKey::Ip => None,
                         ClientKey::Header(h) => Some(h),

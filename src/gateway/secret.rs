@@ -4,7 +4,7 @@
 use std::io::Read as _;
 use std::path::Path;
 
-use super::config::ConfigError;
+use crate::ConfigError;
 
 /// The largest secret file read.
 const MAX_SECRET_FILE: u64 = 64 * 1024;
@@ -116,12 +116,15 @@ fn read_file(path: &Path) -> Result<String, String> {
 pub(crate) fn check_strength(field: &str, secret: &[u8]) -> Result<(), ConfigError> {
     if secret.iter().all(u8::is_ascii_whitespace) {
         return Err(ConfigError::invalid(
-            field,
+            field.to_owned(),
             "must not be empty or whitespace",
         ));
     }
     if secret.len() < MIN_LEN {
-        return Err(ConfigError::invalid(field, "must be at least 16 bytes"));
+        return Err(ConfigError::invalid(
+            field.to_owned(),
+            "must be at least 16 bytes",
+        ));
     }
     let mut seen = [false; 256];
     for &b in secret {
@@ -129,13 +132,13 @@ pub(crate) fn check_strength(field: &str, secret: &[u8]) -> Result<(), ConfigErr
     }
     if seen.iter().filter(|s| **s).count() < MIN_DISTINCT {
         return Err(ConfigError::invalid(
-            field,
+            field.to_owned(),
             "is too weak: fewer than 8 distinct bytes",
         ));
     }
     if smallest_period(secret) * 2 <= secret.len() {
         return Err(ConfigError::invalid(
-            field,
+            field.to_owned(),
             "is too weak: one short pattern repeated",
         ));
     }
@@ -202,7 +205,7 @@ mod tests {
     fn weak(s: &str) -> Option<String> {
         check_strength("k", s.as_bytes())
             .err()
-            .map(|e| e.to_string())
+            .map(|e| format!("{}: {}", e.field(), e.reason()))
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::client::SendTimeout;
-use super::config::{ConfigError, GatewayConfig};
+use super::config::GatewayConfig;
 use super::headers::check_request;
 use super::jwt::JwtVerifier;
 use super::path::{PathOptions, normalize};
@@ -30,6 +30,7 @@ use super::pool::Pools;
 use super::route::{Body, Peer, Route, full, json_error};
 use super::status::{GatewayStatus, render_prometheus};
 use crate::BoxError;
+use crate::ConfigError;
 use crate::consul::{ConsulClient, ConsulWatch, WatchConfig};
 use crate::discovery::{Instance, InstanceWatch, Registry};
 

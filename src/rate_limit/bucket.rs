@@ -48,7 +48,7 @@ pub(crate) struct Inner<C> {
 /// assert_eq!(denied.retry_after(), Some(Duration::from_millis(100)));
 /// clock.advance(Duration::from_millis(100));
 /// assert!(limiter.try_acquire(1).is_ok());
-/// # Ok::<(), seawall::rate_limit::QuotaError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
 pub struct RateLimiter<C = TokioClock> {
     pub(crate) inner: Arc<Inner<C>>,
@@ -151,14 +151,16 @@ impl<C: Clock> super::Refund for Charge<C> {
 }
 
 impl RateLimiter<TokioClock> {
-    /// A full bucket of `quota` on the tokio clock.
+    /// A full bucket of `quota` on the tokio clock, unnamed: short for
+    /// `RateLimiter::builder(quota).build()`.
     pub fn new(quota: Quota) -> Self {
         Self::with_clock(quota, TokioClock::new())
     }
 }
 
 impl<C: Clock> RateLimiter<C> {
-    /// A full bucket of `quota` on `clock`.
+    /// A full bucket of `quota` on `clock`, unnamed: short for
+    /// `RateLimiter::builder(quota).clock(clock).build()`.
     pub fn with_clock(quota: Quota, clock: C) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -280,15 +282,11 @@ impl<C: Clock> RateLimiter<C> {
         });
     }
 
-    /// Names the limiter for metrics and tracing (see the [module docs](super#observing));
-    /// the first name given sticks, for every clone.
-    #[must_use]
-    pub fn named(self, name: &str) -> Self {
+    pub(crate) fn set_name(&self, name: &str) {
         self.inner.telemetry.name(name);
-        self
     }
 
-    /// The limiter's name, if it was given one.
+    /// The limiter's name, if its [builder](RateLimiter::builder) gave it one.
     pub fn name(&self) -> Option<&str> {
         self.inner.telemetry.get_name()
     }

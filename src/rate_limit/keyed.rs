@@ -69,12 +69,14 @@ struct Shard<K> {
 /// use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate};
 ///
 /// let clock = ManualClock::new();
-/// let limiter = KeyedRateLimiter::with_clock(Quota::new(Rate::per_second(1), 2)?, clock.clone())
-///     .max_keys(10_000);
+/// let limiter = KeyedRateLimiter::builder(Quota::new(Rate::per_second(1), 2)?)
+///     .clock(clock.clone())
+///     .max_keys(10_000)
+///     .build();
 /// assert!(limiter.try_acquire("alice", 2).is_ok());
 /// assert!(limiter.try_acquire("alice", 1).is_err());
 /// assert!(limiter.try_acquire("bob", 1).is_ok(), "every key has its own bucket");
-/// # Ok::<(), seawall::rate_limit::QuotaError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
 pub struct KeyedRateLimiter<K, C = TokioClock> {
     inner: Arc<KeyedInner<K, C>>,
@@ -145,14 +147,8 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
     }
 
     /// Tracks at most about `n` keys (rounded up to a multiple of the shard count, at
-    /// least one per shard), for every clone, from now on.
-    #[must_use]
-    pub fn max_keys(self, n: usize) -> Self {
-        self.set_max_keys(n);
-        self
-    }
-
-    /// Like [`max_keys`](Self::max_keys), through a shared reference.
+    /// least one per shard), for every clone, from now on (the
+    /// [builder's](super::KeyedRateLimiterBuilder::max_keys) setting, changed at run time).
     pub fn set_max_keys(&self, n: usize) {
         self.inner.per_shard.store(per_shard(n), Relaxed);
     }
@@ -217,12 +213,14 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         result
     }
 
-    /// Names the limiter for metrics and tracing (see the [module docs](super#observing));
-    /// the first name given sticks, for every clone.
-    #[must_use]
-    pub fn named(self, name: &str) -> Self {
+    /// Names the limiter for metrics and tracing, if it has no name yet (the builder's).
+    pub(crate) fn set_name(&self, name: &str) {
         self.inner.telemetry.name(name);
-        self
+    }
+
+    /// The limiter's name, if its [builder](KeyedRateLimiter::builder) gave it one.
+    pub fn name(&self) -> Option<&str> {
+        self.inner.telemetry.get_name()
     }
 
     /// Books `tokens` from `key`'s bucket for the earliest time they will be there, if that

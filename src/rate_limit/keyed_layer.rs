@@ -31,7 +31,7 @@ use crate::BoxError;
 /// use seawall::rate_limit::{KeyedRateLimitLayer, Quota, Rate, RateLimitLayer};
 /// use tower::ServiceBuilder;
 ///
-/// # fn main() -> Result<(), seawall::rate_limit::QuotaError> {
+/// # fn main() -> Result<(), seawall::ConfigError> {
 /// struct Request { api_key: String }
 ///
 /// let svc = ServiceBuilder::new()

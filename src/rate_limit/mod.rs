@@ -80,7 +80,7 @@
 //!
 //! # Observing
 //!
-//! A limiter given a name ([`RateLimiter::named`], [`KeyedRateLimiter::named`]) reports
+//! A limiter given a name ([`RateLimiterBuilder::name`], [`KeyedRateLimiterBuilder::name`]) reports
 //! each decision: with the `metrics` feature, the counter
 //! `seawall_rate_limit_decisions_total` with labels `limiter` (the name) and `decision`
 //! (`admitted` or `refused`), keys left out so that their number cannot blow up the
@@ -89,6 +89,7 @@
 
 mod bounded_key;
 mod bucket;
+mod builder;
 mod clock;
 mod error;
 mod keyed;
@@ -109,6 +110,7 @@ pub mod redis;
 
 pub use bounded_key::{BoundedKey, INLINE_KEY_BYTES};
 pub use bucket::{Admitted, Charge, RateLimiter, Reservation, Taken};
+pub use builder::{KeyedRateLimiterBuilder, RateLimiterBuilder, ShardedRateLimiterBuilder};
 #[cfg(feature = "quanta")]
 pub use clock::QuantaClock;
 pub use clock::{Clock, ManualClock, TokioClock};
@@ -118,7 +120,7 @@ pub use keyed_layer::{
     KeyedRateLimit, KeyedRateLimitLayer, KeyedRateLimitWait, KeyedWaitLayer, WaitFuture,
 };
 pub use layer::{Mode, RateLimitLayer};
-pub use quota::{MAX_PERIOD, Quota, QuotaError, Rate};
+pub use quota::{MAX_PERIOD, Quota, Rate};
 pub use service::RateLimit;
 pub use sharded::ShardedRateLimiter;
 

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::ConfigError;
+
 /// How many tokens are replenished per period.
 ///
 /// The constructors say what they mean: [`Rate::per_second(100)`](Rate::per_second) is a
@@ -72,34 +74,18 @@ impl fmt::Display for Rate {
     }
 }
 
-/// An invalid [`Quota`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum QuotaError {
-    /// The rate must replenish at least one token per period, at most one per nanosecond,
-    /// over a period of at most [`MAX_PERIOD`].
-    Rate(Rate),
-    /// The burst must be at least 1.
-    Burst(u32),
-}
-
 /// The longest period a [`Rate`] may have (365 days).
 pub const MAX_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
 
-impl fmt::Display for QuotaError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QuotaError::Rate(r) => write!(
-                f,
-                "invalid rate {r}: needs at least 1 token per period, at most 1 per nanosecond, \
-                 and a period of at most 365 days"
-            ),
-            QuotaError::Burst(b) => write!(f, "invalid burst {b}: must be at least 1"),
-        }
-    }
+fn rate_error(rate: Rate) -> ConfigError {
+    ConfigError::invalid(
+        "rate",
+        format!(
+            "{rate}: needs at least 1 token per period, at most 1 per nanosecond, and a period \
+             of at most 365 days"
+        ),
+    )
 }
-
-impl std::error::Error for QuotaError {}
 
 /// A token bucket's shape: it refills at `rate` and holds at most `burst` tokens (it starts
 /// full).
@@ -112,7 +98,7 @@ impl std::error::Error for QuotaError {}
 /// assert_eq!(quota.burst(), 20);
 /// // A burst defaults to one period's worth of tokens.
 /// assert_eq!(Quota::from_rate(Rate::per_minute(30))?.burst(), 30);
-/// # Ok::<(), seawall::rate_limit::QuotaError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Quota {
@@ -123,13 +109,18 @@ pub struct Quota {
 
 impl Quota {
     /// A quota refilling at `rate` with room for `burst` tokens.
-    pub fn new(rate: Rate, burst: u32) -> Result<Self, QuotaError> {
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming `rate` (no token per period, more than one per nanosecond, or
+    /// a period over 365 days) or `burst` (zero).
+    pub fn new(rate: Rate, burst: u32) -> Result<Self, ConfigError> {
         if rate.period > MAX_PERIOD {
-            return Err(QuotaError::Rate(rate));
+            return Err(rate_error(rate));
         }
-        let interval = rate.interval().ok_or(QuotaError::Rate(rate))?;
+        let interval = rate.interval().ok_or_else(|| rate_error(rate))?;
         if burst == 0 {
-            return Err(QuotaError::Burst(burst));
+            return Err(ConfigError::invalid("burst", "must be at least 1, got 0"));
         }
         Ok(Self {
             rate,
@@ -139,7 +130,11 @@ impl Quota {
     }
 
     /// A quota whose burst is one period's worth of tokens.
-    pub fn from_rate(rate: Rate) -> Result<Self, QuotaError> {
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new).
+    pub fn from_rate(rate: Rate) -> Result<Self, ConfigError> {
         Self::new(rate, rate.tokens)
     }
 
@@ -169,24 +164,16 @@ mod tests {
 
     #[test]
     fn invalid_quotas_are_typed_errors() {
-        assert_eq!(
-            Quota::new(Rate::per_second(0), 1),
-            Err(QuotaError::Rate(Rate::per_second(0)))
-        );
-        assert_eq!(
-            Quota::new(Rate::new(1, Duration::ZERO), 1),
-            Err(QuotaError::Rate(Rate::new(1, Duration::ZERO)))
-        );
+        let field = |r: Result<Quota, ConfigError>| r.expect_err("invalid").field().to_owned();
+        assert_eq!(field(Quota::new(Rate::per_second(0), 1)), "rate");
+        assert_eq!(field(Quota::new(Rate::new(1, Duration::ZERO), 1)), "rate");
         // More than one token per nanosecond.
-        let fast = Rate::new(2, Duration::from_nanos(1));
-        assert_eq!(Quota::new(fast, 1), Err(QuotaError::Rate(fast)));
-        let slow = Rate::new(1, Duration::MAX);
-        assert_eq!(Quota::new(slow, 1), Err(QuotaError::Rate(slow)));
         assert_eq!(
-            Quota::new(Rate::per_second(1), 0),
-            Err(QuotaError::Burst(0))
+            field(Quota::new(Rate::new(2, Duration::from_nanos(1)), 1)),
+            "rate"
         );
-        assert!(QuotaError::Burst(0).to_string().contains("burst"));
+        assert_eq!(field(Quota::new(Rate::new(1, Duration::MAX), 1)), "rate");
+        assert_eq!(field(Quota::new(Rate::per_second(1), 0)), "burst");
     }
 
     #[test]

@@ -594,13 +594,13 @@ impl RedisRateLimiterBuilder {
     }
 
     /// Names the limiter for metrics and tracing: decisions as for
-    /// [`RateLimiter::named`](super::RateLimiter::named), and where each check was answered
+    /// [`RateLimiterBuilder::name`](super::RateLimiterBuilder::name), and where each check was answered
     /// (`seawall_rate_limit_redis_checks_total{limiter, source}` with `source` one of
     /// `redis`, `batch`, `local`, `unavailable`, and `cached` for a refusal answered from
     /// the last one Redis gave for that key, without a round trip).
     #[must_use]
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into().to_string());
         self
     }
 
@@ -623,7 +623,7 @@ impl RedisRateLimiterBuilder {
                 .name(format!("redis-rate-limit:{}", self.prefix))
                 .sliding_window(SlidingWindow::count_based(20))
                 .minimum_calls(10)
-                .failure_rate_threshold(50.0)
+                .failure_rate_threshold(0.5)
                 .wait_in_open(Duration::from_secs(1))
                 .exponential_backoff(2.0, Duration::from_secs(30))
                 .permitted_calls_in_half_open(1)

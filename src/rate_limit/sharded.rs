@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use super::bucket::{Admitted, gcra_acquire};
 use super::clock::{Clock, TokioClock};
 use super::error::RateLimited;
-use super::quota::{Quota, QuotaError, Rate};
+use super::quota::{Quota, Rate};
+use crate::ConfigError;
 
 /// One shard's bucket, alone on its cache lines so that shards do not slow each other.
 #[repr(align(128))]
@@ -46,7 +47,7 @@ struct Inner<C> {
 /// let limiter = ShardedRateLimiter::with_clock(Quota::new(Rate::per_second(1_000), 8)?, 4, ManualClock::new())?;
 /// // Eight tokens in all, whichever threads take them.
 /// assert_eq!((0..10).filter(|_| limiter.try_acquire(1).is_ok()).count(), 8);
-/// # Ok::<(), seawall::rate_limit::QuotaError>(())
+/// # Ok::<(), seawall::ConfigError>(())
 /// ```
 pub struct ShardedRateLimiter<C = TokioClock> {
     inner: Arc<Inner<C>>,
@@ -90,7 +91,7 @@ fn my_shard() -> usize {
 
 impl ShardedRateLimiter<TokioClock> {
     /// `quota` split over as many shards as the machine has cores, on the tokio clock.
-    pub fn new(quota: Quota) -> Result<Self, QuotaError> {
+    pub fn new(quota: Quota) -> Result<Self, ConfigError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self::with_clock(quota, cores, TokioClock::new())
     }
@@ -101,7 +102,7 @@ impl<C: Clock> ShardedRateLimiter<C> {
     ///
     /// Fails when a shard's share would not be a valid quota (a rate below one token per
     /// period per shard is not: lower the shard count).
-    pub fn with_clock(quota: Quota, shards: usize, clock: C) -> Result<Self, QuotaError> {
+    pub fn with_clock(quota: Quota, shards: usize, clock: C) -> Result<Self, ConfigError> {
         let n = shards.clamp(1, quota.burst() as usize) as u32;
         let rate = quota.rate();
         // Each shard refills n times slower and holds a whole share of the burst.
@@ -138,15 +139,11 @@ impl<C: Clock> ShardedRateLimiter<C> {
         self.acquire(tokens).map(|a| a.remaining)
     }
 
-    /// Names the limiter for metrics and tracing (as
-    /// [`RateLimiter::named`](super::RateLimiter::named)); the first name given sticks.
-    #[must_use]
-    pub fn named(self, name: &str) -> Self {
+    pub(crate) fn set_name(&self, name: &str) {
         self.inner.telemetry.name(name);
-        self
     }
 
-    /// The limiter's name, if it was given one.
+    /// The limiter's name, if its [builder](ShardedRateLimiter::builder) gave it one.
     pub fn name(&self) -> Option<&str> {
         self.inner.telemetry.get_name()
     }

@@ -262,8 +262,8 @@ impl<L> HttpRateLimitLayer<L> {
 
     /// Names the policy in the headers (default `default`).
     #[must_use]
-    pub fn name(mut self, name: &str) -> Self {
-        self.name = PolicyName::new(name);
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = PolicyName::new(&name.into());
         self
     }
 

@@ -75,8 +75,8 @@ impl<E> HttpRedisRateLimitLayer<E> {
 
     /// The policy name in the `RateLimit-Policy` / `RateLimit` headers.
     #[must_use]
-    pub fn name(mut self, name: &str) -> Self {
-        self.name = PolicyName::new(name);
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = PolicyName::new(&name.into());
         self
     }
 
