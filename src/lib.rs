@@ -64,6 +64,34 @@
 //! | `full` | all of the above |
 //!
 //! The core layers need only tower and tokio.
+//!
+//! ## What is written here, and why
+//!
+//! Where a well-kept crate does the job it is used: `ipnet` for trusted-proxy networks,
+//! `hmac` / `sha2` for the JWT signature, `toml` and `serde` for configuration, `redis` for
+//! Redis, `metrics` and `tracing` for telemetry. A few pieces are written here, each for a
+//! reason:
+//!
+//! * **The Consul client** (`consul`): the crates that exist wrap Consul's whole API over
+//!   `reqwest` (a second HTTP stack, with its TLS) or are unmaintained. seawall needs four
+//!   endpoints with blocking queries, index resets, a bounded response size and typed
+//!   errors that never show the ACL token, on the hyper 1 connection it already has.
+//! * **HS256 JWT** (`gateway`): `jsonwebtoken` brings `ring` and every algorithm; the gateway
+//!   verifies one (HMAC-SHA256, compared in constant time by `hmac`) and refuses the rest
+//!   (`alg: none`, RS/ES confusion) before decoding claims, in one small module.
+//! * **Go durations** (`"1h30m"`, `"250ms"`): Consul speaks Go's `time.Duration` format,
+//!   which `humantime` does not parse the same way (`"1.5h"`, `"µs"`, no spaces); the
+//!   gateway's TOML takes the same format so that one syntax serves both.
+//! * **The `Forwarded` / `X-Forwarded-For` parser**: no maintained crate resolves the client
+//!   from the right through trusted hops (RFC 7239 quoting, IPv6 brackets, obfuscated
+//!   identifiers); a mistake there lets a client pick its own rate-limit key, so it is
+//!   fuzzed here (`fuzz/`).
+//! * **The gateway's upstream pool**: `hyper-util`'s legacy client keys one pool by scheme
+//!   and authority behind one lock, builds an absolute URI and spawns a task per request to
+//!   wait for the connection; the gateway's pool is per endpoint, returns the connection
+//!   when the response body ends, retries a request written on a keep-alive connection the
+//!   upstream closed while idle (only when that is harmless, as Go's `net/http` does), and
+//!   honours an upstream's `Keep-Alive: timeout`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(clippy::unwrap_used)]
 #![forbid(unsafe_code)]

@@ -89,6 +89,34 @@ async fn a_router_without_connect_info_is_not_silently_unlimited() {
     }
 }
 
+/// `OnMissingKey::Shared`: an axum router served without connect info has no client
+/// address; its requests are limited together in one bucket instead of being refused.
+#[tokio::test]
+async fn requests_without_a_key_can_share_one_bucket_in_axum() {
+    let (listener, addr) = listener().await;
+    let per_ip =
+        KeyedRateLimiter::<std::net::IpAddr>::new(Quota::new(Rate::per_minute(2), 2).unwrap());
+    let app = Router::new().route("/", get(|| async { "hello" })).layer(
+        HttpRateLimitLayer::per_key(per_ip, ClientIp::peer())
+            .on_missing_key(seawall::rate_limit::OnMissingKey::Shared)
+            .name("per-ip"),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    for i in 0..2 {
+        let (status, headers, _) = fetch(addr).await;
+        assert_eq!(status, StatusCode::OK, "request {i} fits the shared bucket");
+        assert!(headers.contains_key("ratelimit"), "{headers:?}");
+    }
+    let (status, headers, _) = fetch(addr).await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the shared bucket is empty"
+    );
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+}
+
 async fn fetch_path(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, String) {
     let client: Client<HttpConnector, Empty<bytes::Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();

@@ -401,6 +401,18 @@ async fn missing_key_header_can_be_rejected_or_allowed() {
         assert_eq!(raw(gw.local_addr(), &get("/x", "")).await.0, 200);
     }
     gw.shutdown().await;
+    // "shared": every request without the header, from any address, shares one bucket.
+    let (gw, _r) = gateway(
+        &route("rate_limit = { per_client = { per_second = 1, burst = 2, key = \"header:x-api-key\", on_missing = \"shared\" } }"),
+        &up,
+    )
+    .await;
+    let addr = gw.local_addr();
+    assert_eq!(raw(addr, &get("/x", "")).await.0, 200);
+    assert_eq!(raw_from("127.0.0.2", addr, &get("/x", "")).await.0, 200);
+    assert_eq!(raw_from("127.0.0.3", addr, &get("/x", "")).await.0, 429);
+    assert_eq!(raw(addr, &get("/x", "X-Api-Key: k\r\n")).await.0, 200);
+    gw.shutdown().await;
 }
 
 /// A huge key: far over the 64 bytes kept inline, under any sane header line limit.

@@ -898,3 +898,36 @@ async fn a_keyed_layer_refuses_requests_without_a_key_unless_allowed() {
         assert_eq!(lenient.ready().await.unwrap().call(0).await.unwrap(), 0);
     }
 }
+
+/// Issue 13, item 1: `OnMissingKey::Shared` limits every request without a key together, in
+/// one bucket of the default quota, separate from every key's own bucket.
+#[tokio::test(start_paused = true)]
+async fn requests_without_a_key_can_share_one_bucket() {
+    use seawall::rate_limit::{KeyedRateLimitLayer, OnMissingKey};
+    let key = |n: &u32| (*n != 0).then_some(*n);
+
+    for waiting in [false, true] {
+        let layer = KeyedRateLimitLayer::new(quota(1, 2), key).on_missing_key(OnMissingKey::Shared);
+        let mut svc: tower::util::BoxService<u32, u32, seawall::BoxError> = if waiting {
+            tower::util::BoxService::new(
+                ServiceBuilder::new()
+                    .layer(layer.wait(Duration::from_secs(5)))
+                    .service(echo()),
+            )
+        } else {
+            tower::util::BoxService::new(ServiceBuilder::new().layer(layer).service(echo()))
+        };
+        // Two unkeyed requests fit the shared bucket (burst 2); the third is refused at
+        // once, even by the waiting layer (the shared bucket does not queue).
+        for _ in 0..2 {
+            assert_eq!(svc.ready().await.unwrap().call(0).await.unwrap(), 0);
+        }
+        let err = svc.ready().await.unwrap().call(0).await.unwrap_err();
+        assert!(err.is::<RateLimited>(), "waiting={waiting}: {err}");
+        // A keyed client is untouched by the unkeyed ones.
+        assert_eq!(svc.ready().await.unwrap().call(7).await.unwrap(), 7);
+        // The shared bucket refills at the quota's rate.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(svc.ready().await.unwrap().call(0).await.unwrap(), 0);
+    }
+}

@@ -464,6 +464,41 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
     assert_eq!(keyless.status(), 500);
     assert!(keyless.headers().get("ratelimit").is_none());
 
+    // OnMissingKey::Shared: keyless requests from both replicas share one Redis bucket.
+    let shared = |url: String| {
+        let limiter = RedisRateLimiter::builder(url, quota(60, 2))
+            .prefix("shared")
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        over_hello(limiter, |l| {
+            l.on_missing_key(seawall::rate_limit::OnMissingKey::Shared)
+        })
+    };
+    let mut fleet = [shared(redis.url()), shared(redis.url())];
+    let keyless: Vec<u16> = {
+        let mut out = Vec::new();
+        for i in 0..3 {
+            out.push(
+                ask(&mut fleet[i % 2], http::Request::new(()))
+                    .await
+                    .status()
+                    .as_u16(),
+            );
+        }
+        out
+    };
+    assert_eq!(
+        keyless,
+        [200, 200, 429],
+        "one shared bucket across the replicas"
+    );
+    assert_eq!(
+        ask(&mut fleet[0], request("k1")).await.status(),
+        200,
+        "keys are apart"
+    );
+
     // Hidden headers: none when admitted, only Retry-After on the 429 (marked Refused).
     let limiter = RedisRateLimiter::builder(redis.url(), quota(60, 1))
         .prefix("hidden")

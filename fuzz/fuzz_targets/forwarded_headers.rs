@@ -6,14 +6,14 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use libfuzzer_sys::fuzz_target;
-use seawall::rate_limit::http::{ClientIp, IpNet, parse};
+use seawall::rate_limit::http::{ClientIp, parse};
 
 fuzz_target!(|input: (&str, &str, &str, &str)| {
     let (xff, forwarded, retry_after, net) = input;
     let xff_hops = parse::x_forwarded_for(xff);
     let fwd_hops = parse::forwarded_for(forwarded);
     let _ = parse::retry_after_seconds(retry_after);
-    let _ = net.parse::<IpNet>();
+    let _ = ClientIp::trusting([net]);
 
     let peer = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     let key = ClientIp::trusting(["10.0.0.0/8", "::1"]).expect("valid networks");

@@ -436,6 +436,9 @@ pub enum OnMissing {
     Ip,
     /// Answered `400 Bad Request`.
     Reject,
+    /// Limited together, in one bucket of the per-client quota shared by every request
+    /// without the header.
+    Shared,
     /// Not limited per client.
     Allow,
 }
@@ -610,7 +613,7 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.gateway.validate()?;
         for (i, net) in self.gateway.trusted_proxies.iter().enumerate() {
-            net.parse::<crate::rate_limit::http::IpNet>().map_err(|e| {
+            crate::rate_limit::http::parse_net(net).map_err(|e| {
                 ConfigError::invalid(format!("gateway.trusted_proxies[{i}]"), e.to_string())
             })?;
         }

@@ -28,7 +28,8 @@
 //!    [`BoundedKey`](crate::rate_limit::BoundedKey)), so every client costs the same
 //!    memory whatever it sends. A request without the key header is limited by its IP
 //!    (`on_missing = "ip"`, the default, as Kong does), refused with `400`
-//!    (`"reject"`) or let through (`"allow"`). Each limit tracks up to 100 000 clients;
+//!    (`"reject"`), limited together in one shared bucket of the per-client quota
+//!    (`"shared"`) or let through (`"allow"`). Each limit tracks up to 100 000 clients;
 //!    when its table is full of clients still holding a debt, new clients share one
 //!    overflow bucket of the per-client quota (never evicting a client mid-debt), so a
 //!    flood of invented keys gets one client's quota in all;
@@ -202,7 +203,8 @@
 //! [routes.rate_limit]
 //! global = { per_second = 1000, burst = 200 }
 //! per_client = { per_second = 10, burst = 20, key = "ip" }   # or "header:x-api-key"
-//! # with a header key, requests without it: on_missing = "ip" (default), "reject" (400), "allow"
+//! # with a header key, requests without it: on_missing = "ip" (default), "reject" (400),
+//! # "shared" (one bucket for all of them), "allow"
 //! hide_client_headers = false     # true: no RateLimit headers, only Retry-After on 429
 //!
 //! [routes.balance]
@@ -214,7 +216,7 @@
 //! instances = ["127.0.0.1:9001", "127.0.0.1:9002"]
 //! ```
 //!
-//! Unknown keys are rejected, and every invalid value is a [`ConfigError`] naming its
+//! Unknown keys are rejected, and every invalid value is a [`ConfigError`](crate::ConfigError) naming its
 //! field: `routes[1].rate_limit.global.per_second: must be at least 1`. Every value the
 //! gateway's build would refuse is refused at load (`per_second = 4294967295`: a refill
 //! interval below a nanosecond). So are: a configuration without routes; a `path_prefix`

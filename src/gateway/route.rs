@@ -314,6 +314,9 @@ impl HttpLimit<Request<Body>> for PerClient {
                 Some(key) => ClientId::Key(key),
                 None => match self.on_missing {
                     OnMissing::Ip => ClientId::Ip(self.client?),
+                    OnMissing::Shared => {
+                        return Some(self.limiter.acquire_shared(1).map(|a| (a, ())));
+                    }
                     OnMissing::Allow | OnMissing::Reject => return None,
                 },
             },

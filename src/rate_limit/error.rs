@@ -107,6 +107,13 @@ pub enum OnMissingKey {
     /// such as an axum router served without `into_make_service_with_connect_info`.
     #[default]
     Reject,
+    /// Limit every request without a key together, in one bucket of the limiter's default
+    /// quota: for the local keyed limiters, the shared bucket that new keys also draw from
+    /// when the limiter is full ([`KeyedRateLimiter::acquire_shared`](super::KeyedRateLimiter::acquire_shared));
+    /// for the Redis-backed layer, one Redis key of its own. A warning is logged (feature
+    /// `tracing`). The shared bucket does not queue: a waiting layer refuses at once when
+    /// it is empty, and tokens taken from it are not handed back to stacked limits.
+    Shared,
     /// Let it through, unlimited by this layer (a limit beside it may hold it).
     Allow,
 }
@@ -122,6 +129,16 @@ impl fmt::Display for MissingKey {
 }
 
 impl std::error::Error for MissingKey {}
+
+/// Logs a request without a key sent to the shared bucket.
+pub(crate) fn log_shared_key(layer: &str) {
+    #[cfg(feature = "tracing")]
+    tracing::warn!(
+        layer,
+        "rate limit: no key could be taken from the request; limited in the shared bucket"
+    );
+    let _ = layer;
+}
 
 /// Logs a request refused for its missing key.
 pub(crate) fn log_missing_key(layer: &str) {

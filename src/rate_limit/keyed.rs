@@ -213,6 +213,24 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         result
     }
 
+    /// Takes `tokens` from the limiter's shared bucket: one bucket of the default quota,
+    /// for requests that have no key ([`OnMissingKey::Shared`](super::OnMissingKey::Shared)),
+    /// also drawn from by new keys while the limiter is full. It does not queue and its
+    /// tokens are not refunded.
+    pub fn acquire_shared(&self, tokens: u32) -> Result<Admitted, RateLimited> {
+        let now = self.inner.clock.now_nanos();
+        let result = self.acquire_overflow(now, tokens);
+        self.inner.telemetry.record(&result);
+        result
+    }
+
+    fn acquire_overflow(&self, now: u64, tokens: u32) -> Result<Admitted, RateLimited> {
+        let quota = *self.inner.default.read();
+        let interval = quota.interval_nanos();
+        let tau = u64::from(quota.burst()).saturating_mul(interval);
+        gcra_acquire(&self.inner.overflow, now, interval, tau, tokens)
+    }
+
     /// Names the limiter for metrics and tracing, if it has no name yet (the builder's).
     pub(crate) fn set_name(&self, name: &str) {
         self.inner.telemetry.name(name);
@@ -423,10 +441,8 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
                 limiter = self.inner.telemetry.get_name().unwrap_or(""),
                 "keyed limiter full: a new key draws from the overflow bucket"
             );
-            let quota = *self.inner.default.read();
-            let interval = quota.interval_nanos();
-            let tau = u64::from(quota.burst()).saturating_mul(interval);
-            return gcra_acquire(&self.inner.overflow, now, interval, tau, tokens)
+            return self
+                .acquire_overflow(now, tokens)
                 .map(|admitted| (admitted, 0, false));
         }
         guard.next_idle = guard.next_idle.min(entry.tat);

@@ -272,9 +272,19 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let Some(key) = self.layer.key_fn.extract(&request) else {
-            if self.layer.on_missing_key == OnMissingKey::Reject {
-                super::error::log_missing_key("keyed wait");
-                return WaitFuture::missing_key();
+            match self.layer.on_missing_key {
+                OnMissingKey::Reject => {
+                    super::error::log_missing_key("keyed wait");
+                    return WaitFuture::missing_key();
+                }
+                OnMissingKey::Shared => {
+                    super::error::log_shared_key("keyed wait");
+                    let tokens = self.layer.cost.cost(&request);
+                    if let Err(refused) = self.layer.limiter.acquire_shared(tokens) {
+                        return WaitFuture::refused(refused);
+                    }
+                }
+                OnMissingKey::Allow => {}
             }
             return WaitFuture::called(self.inner.call(request));
         };
@@ -533,9 +543,21 @@ where
                 Ok((_, c)) => charge = Some(c),
                 Err(refused) => return ResponseFuture::refused(refused),
             }
-        } else if self.on_missing_key == OnMissingKey::Reject {
-            super::error::log_missing_key("keyed");
-            return ResponseFuture::missing_key();
+        } else {
+            match self.on_missing_key {
+                OnMissingKey::Reject => {
+                    super::error::log_missing_key("keyed");
+                    return ResponseFuture::missing_key();
+                }
+                OnMissingKey::Shared => {
+                    super::error::log_shared_key("keyed");
+                    let tokens = self.cost.cost(&request);
+                    if let Err(refused) = self.limiter.acquire_shared(tokens) {
+                        return ResponseFuture::refused(refused);
+                    }
+                }
+                OnMissingKey::Allow => {}
+            }
         }
         ResponseFuture::called(self.inner.call(request), charge)
     }

@@ -8,12 +8,7 @@ use http::{HeaderName, Request};
 use super::parse;
 use crate::rate_limit::{BoundedKey, KeyExtractor};
 
-/// A network of trusted proxies, such as `10.0.0.0/8` or `::1`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub use ipnet::IpNet;
 
 /// An address or network that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,51 +26,27 @@ impl fmt::Display for InvalidNet {
 
 impl std::error::Error for InvalidNet {}
 
-impl std::str::FromStr for IpNet {
-    type Err = InvalidNet;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || InvalidNet(s.to_owned());
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr.trim().parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p.trim().parse::<u8>().map_err(|_| bad())?,
-            None => max,
-        };
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Self { addr, prefix })
+/// A trusted proxy: a CIDR network (`10.0.0.0/8`, `2001:db8::/32`) or a single address
+/// (`::1`, a network of one).
+pub(crate) fn parse_net(s: &str) -> Result<IpNet, InvalidNet> {
+    let t = s.trim();
+    if t.contains('/') {
+        t.parse::<IpNet>().map_err(|_| InvalidNet(s.to_owned()))
+    } else {
+        t.parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| InvalidNet(s.to_owned()))
     }
 }
 
-impl IpNet {
-    /// Whether `ip` is in this network (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
+/// Whether `ip` is in `net`; an IPv4-mapped IPv6 address (`::ffff:10.1.1.1`, what a
+/// dual-stack socket reports for an IPv4 peer) counts as its IPv4 address.
+pub(crate) fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    net.contains(&ip)
 }
 
 /// The client's IP address: the connection's peer address, or, when the peer is a
@@ -132,13 +103,23 @@ impl ClientIp {
     {
         let trusted: Vec<IpNet> = proxies
             .into_iter()
-            .map(|p| p.as_ref().parse())
+            .map(|p| parse_net(p.as_ref()))
             .collect::<Result<_, _>>()?;
         let trusted = (!trusted.is_empty()).then(|| trusted.into());
         Ok(Self {
             trusted,
             use_forwarded: false,
         })
+    }
+
+    /// Believes forwarding headers from these networks, already parsed ([`IpNet`] is the
+    /// [`ipnet`](https://docs.rs/ipnet) crate's, re-exported).
+    pub fn trusting_nets(nets: impl IntoIterator<Item = IpNet>) -> Self {
+        let trusted: Vec<IpNet> = nets.into_iter().collect();
+        Self {
+            trusted: (!trusted.is_empty()).then(|| trusted.into()),
+            use_forwarded: false,
+        }
     }
 
     /// Reads the standard `Forwarded` header instead of `X-Forwarded-For`: only when your
@@ -153,7 +134,7 @@ impl ClientIp {
     pub fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted
             .as_deref()
-            .is_some_and(|nets| nets.iter().any(|net| net.contains(ip)))
+            .is_some_and(|nets| nets.iter().any(|net| net_contains(net, ip)))
     }
 
     /// Whether any proxy is trusted.
@@ -313,19 +294,24 @@ mod tests {
 
     #[test]
     fn networks() {
-        let net: IpNet = "10.0.0.0/8".parse().unwrap();
-        assert!(net.contains(ip("10.200.0.1")));
-        assert!(!net.contains(ip("11.0.0.1")));
-        assert!(net.contains(ip("::ffff:10.1.1.1")), "IPv4-mapped");
-        let v6: IpNet = "2001:db8::/32".parse().unwrap();
-        assert!(v6.contains(ip("2001:db8:1::1")));
-        assert!(!v6.contains(ip("10.0.0.1")));
-        let all: IpNet = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains(ip("1.2.3.4")));
-        for bad in ["10.0.0.0/33", "10.0.0/8", "x", "::/129", "1.2.3.4/"] {
-            assert!(bad.parse::<IpNet>().is_err(), "{bad}");
+        let net = parse_net("10.0.0.0/8").unwrap();
+        assert!(net_contains(&net, ip("10.200.0.1")));
+        assert!(!net_contains(&net, ip("11.0.0.1")));
+        assert!(net_contains(&net, ip("::ffff:10.1.1.1")), "IPv4-mapped");
+        let v6 = parse_net("2001:db8::/32").unwrap();
+        assert!(net_contains(&v6, ip("2001:db8:1::1")));
+        assert!(!net_contains(&v6, ip("10.0.0.1")));
+        let all = parse_net("0.0.0.0/0").unwrap();
+        assert!(net_contains(&all, ip("1.2.3.4")));
+        let one = parse_net(" ::1 ").unwrap();
+        assert!(net_contains(&one, ip("::1")));
+        assert!(!net_contains(&one, ip("::2")));
+        for bad in ["10.0.0.0/33", "10.0.0/8", "x", "::/129", "1.2.3.4/", ""] {
+            assert!(parse_net(bad).is_err(), "{bad}");
         }
         assert!(ClientIp::trusting(["10.0.0.0/8", "nope"]).is_err());
+        let parsed = ClientIp::trusting_nets(["10.0.0.0/8".parse().unwrap()]);
+        assert!(parsed.trusts(ip("10.9.9.9")) && !parsed.trusts(ip("11.0.0.1")));
     }
 
     #[test]

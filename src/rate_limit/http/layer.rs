@@ -123,11 +123,22 @@ where
     Key: std::hash::Hash + Eq + Clone,
     C: Clock,
 {
-    type Charge = KeyedCharge<Key, C>;
+    /// `None` for a request drawn from the shared bucket (nothing to refund).
+    type Charge = Option<KeyedCharge<Key, C>>;
 
     fn check(&self, request: &Request) -> Option<Result<(Admitted, Self::Charge), RateLimited>> {
-        let key = self.extractor.extract(request)?;
-        Some(self.limiter.charge(key, 1))
+        let Some(key) = self.extractor.extract(request) else {
+            if self.on_missing_key != OnMissingKey::Shared {
+                return None;
+            }
+            super::super::error::log_shared_key("http");
+            return Some(
+                self.limiter
+                    .acquire_shared(1)
+                    .map(|admitted| (admitted, None)),
+            );
+        };
+        Some(self.limiter.charge(key, 1).map(|(a, c)| (a, Some(c))))
     }
 
     fn rejects_unkeyed(&self) -> bool {

@@ -19,6 +19,7 @@ pub mod parse;
 mod redis;
 mod retry_after;
 
+pub(crate) use key::parse_net;
 pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
 pub(crate) use layer::refusal_headers;
 pub use layer::{

@@ -7,6 +7,11 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
+/// The Redis key suffix of the bucket shared by requests without a key
+/// ([`OnMissingKey::Shared`]): a NUL byte, which no extracted key holds (header values,
+/// addresses and paths cannot).
+const SHARED_KEY: &str = "\0shared";
+
 use super::layer::{HeaderStyle, Headers, OnMissingKey, PolicyName, missing_key, refusal};
 use crate::problem::ProblemBody;
 use crate::rate_limit::KeyExtractor;
@@ -157,14 +162,20 @@ where
         // The ready service goes into the future; this one keeps a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Some(key) = self.layer.extractor.extract(&request) else {
-            if self.layer.on_missing_key == OnMissingKey::Reject {
-                let response = missing_key(&self.layer.name);
-                return Box::pin(async move { Ok(response) });
-            }
-            return Box::pin(inner.call(request));
+        let key = match self.layer.extractor.extract(&request) {
+            Some(key) => key.to_string(),
+            None => match self.layer.on_missing_key {
+                OnMissingKey::Reject => {
+                    let response = missing_key(&self.layer.name);
+                    return Box::pin(async move { Ok(response) });
+                }
+                OnMissingKey::Allow => return Box::pin(inner.call(request)),
+                OnMissingKey::Shared => {
+                    crate::rate_limit::error::log_shared_key("http redis");
+                    SHARED_KEY.to_owned()
+                }
+            },
         };
-        let key = key.to_string();
         let (limiter, name, style) = (
             self.layer.limiter.clone(),
             self.layer.name.clone(),
