@@ -113,6 +113,25 @@ impl<S> BalanceEndpoint for Endpoint<S> {
 }
 
 /// Configures a [`Balance`] or a [`HashBalance`].
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::balance::{Balance, OutlierDetection, Strategy, WhenEmpty};
+/// use seawall::circuit_breaker::{CircuitBreakerConfig, HttpClassifier};
+///
+/// let builder = Balance::builder()
+///     .name("users")
+///     .strategy(Strategy::peak_ewma())
+///     // Eject an endpoint after 5 failures in a row, for 30 s at first.
+///     .outlier_detection(OutlierDetection::builder().consecutive_failures(5).build()?)
+///     // And give each endpoint its own breaker, named `users/<address>`.
+///     .endpoint_breaker(CircuitBreakerConfig::builder().failure_rate_threshold(0.5).build()?)
+///     // 5xx answers are failures; wait up to 2 s for an endpoint when there is none.
+///     .classifier(HttpClassifier::default())
+///     .when_empty(WhenEmpty::Wait(Duration::from_secs(2)));
+/// # let _ = builder;
+/// # Ok::<(), seawall::ConfigError>(())
+/// ```
 pub struct BalanceBuilder<C = ErrorsAreFailures> {
     name: Arc<str>,
     strategy: Strategy,

@@ -36,6 +36,29 @@ struct Reserved {
 /// readiness; `call` sends the request there. Endpoints that are not ready are skipped
 /// without waiting for them; it is pending only when none is ready, and then every
 /// endpoint (and discovery) will wake it.
+///
+/// ```
+/// use seawall::balance::{Balance, Strategy};
+/// use seawall::discovery::{Instance, Registry, ServiceDiscover};
+/// use tower::{Service, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), seawall::BoxError> {
+/// let registry = Registry::new();
+/// let _a = registry.register(Instance::local("users", "127.0.0.1:8081".parse()?));
+/// let _b = registry.register(Instance::local("users", "127.0.0.1:8082".parse()?));
+/// // One service per instance (in a real program an HTTP client for its address).
+/// let discover = ServiceDiscover::new(registry.watch("users"), |i: &Instance| {
+///     let port = i.port;
+///     service_fn(move |_: ()| async move { Ok::<_, seawall::BoxError>(port) })
+/// });
+/// let mut users = Balance::builder().strategy(Strategy::RoundRobin).build(discover);
+/// let first = users.ready().await?.call(()).await?;
+/// let second = users.ready().await?.call(()).await?;
+/// assert_ne!(first, second, "round robin alternates");
+/// # Ok(())
+/// # }
+/// ```
 pub struct Balance<D, C = ErrorsAreFailures>
 where
     D: Discover,

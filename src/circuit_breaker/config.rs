@@ -216,6 +216,33 @@ impl CircuitBreakerConfig {
 /// | `wait_in_open` | 60 s, no backoff, no jitter |
 /// | `permitted_calls_in_half_open` | 10 |
 /// | `max_wait_in_half_open` | unbounded |
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::circuit_breaker::{CircuitBreakerConfig, SlidingWindow};
+///
+/// let config = CircuitBreakerConfig::builder()
+///     .name("payments")
+///     // Open when 30 % of the calls of the last minute failed, or 80 % took over 2 s...
+///     .sliding_window(SlidingWindow::time_based(Duration::from_secs(60), 12))
+///     .minimum_calls(20)
+///     .failure_rate_threshold(0.3)
+///     .slow_call_duration(Duration::from_secs(2))
+///     .slow_call_rate_threshold(0.8)
+///     // ...stay open 5 s, doubling on each trip in a row up to 2 min, spread ±10 %...
+///     .wait_in_open(Duration::from_secs(5))
+///     .exponential_backoff(2.0, Duration::from_secs(120))
+///     .jitter(0.1)
+///     // ...then let 3 probes decide.
+///     .permitted_calls_in_half_open(3)
+///     .build()?;
+/// assert_eq!(config.failure_rate_threshold(), 0.3);
+///
+/// // Every invalid value is a `ConfigError` naming the setting.
+/// let err = CircuitBreakerConfig::builder().minimum_calls(0).build().unwrap_err();
+/// assert_eq!(err.field(), "minimum_calls");
+/// # Ok::<(), seawall::ConfigError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerConfigBuilder {
     config: CircuitBreakerConfig,

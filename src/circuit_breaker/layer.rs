@@ -11,6 +11,36 @@ use super::{Breaker, CircuitBreaker, CircuitBreakerConfig};
 /// Cloning the layer does **not** create a new breaker: every service it wraps, and every
 /// clone of those services, shares one breaker. Build one layer per dependency you protect,
 /// or one [`Breaker`] per endpoint when balancing.
+///
+/// ```
+/// use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, SlidingWindow, State};
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), seawall::BoxError> {
+/// let layer = CircuitBreakerLayer::new(
+///     CircuitBreakerConfig::builder()
+///         .name("inventory")
+///         .sliding_window(SlidingWindow::count_based(4))
+///         .minimum_calls(4)
+///         .failure_rate_threshold(0.5)
+///         .build()?,
+/// );
+/// let breaker = layer.breaker().clone();
+/// let mut svc = ServiceBuilder::new()
+///     .layer(layer)
+///     .service_fn(|fail: bool| async move { if fail { Err("down") } else { Ok("ok") } });
+///
+/// for fail in [true, false, true, false] {
+///     let _ = svc.ready().await?.call(fail).await;
+/// }
+/// // Half of the last four calls failed: the breaker opened, and rejects without calling.
+/// assert_eq!(breaker.state(), State::Open);
+/// let err = svc.ready().await?.call(false).await.unwrap_err();
+/// assert!(err.is::<CircuitOpen>());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct CircuitBreakerLayer<C = ErrorsAreFailures, M = Boxed> {
     breaker: Breaker,

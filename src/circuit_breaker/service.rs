@@ -21,6 +21,32 @@ use super::{Breaker, CircuitBreakerLayer};
 ///
 /// Errors are [`BoxError`](crate::BoxError) by default; see [`ErrorMode`] for the typed,
 /// allocation-free alternative.
+///
+/// Built by [`CircuitBreakerLayer`], or around a service directly, sharing a [`Breaker`]
+/// that other code can watch and control:
+///
+/// ```
+/// use seawall::circuit_breaker::{Breaker, CircuitBreaker, CircuitBreakerConfig, CircuitOpen, State};
+/// use tower::{Service, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), seawall::BoxError> {
+/// let breaker = Breaker::new(CircuitBreakerConfig::builder().name("search").build()?);
+/// let mut svc = CircuitBreaker::with_breaker(
+///     service_fn(|q: &'static str| async move { Ok::<_, seawall::BoxError>(q.len()) }),
+///     breaker.clone(),
+/// );
+/// assert_eq!(svc.ready().await?.call("seawall").await?, 7);
+///
+/// // Manual control: an operator takes the dependency out during maintenance.
+/// breaker.force_open();
+/// assert_eq!(svc.breaker().state(), State::ForcedOpen);
+/// assert!(svc.ready().await?.call("x").await.unwrap_err().is::<CircuitOpen>());
+/// breaker.reset();
+/// assert_eq!(svc.ready().await?.call("back").await?, 4);
+/// # Ok(())
+/// # }
+/// ```
 pub struct CircuitBreaker<S, C = ErrorsAreFailures, M = Boxed> {
     inner: S,
     breaker: Breaker,

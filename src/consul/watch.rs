@@ -270,6 +270,35 @@ impl WatchConfigBuilder {
 /// gauges `seawall_consul_instances` (instances published) and `seawall_consul_watch_stale`
 /// (1 while queries fail). With the `tracing` feature: a `DEBUG` event per published
 /// change, `WARN` per failed query and when the index goes backwards, `INFO` on recovery.
+///
+/// # Example
+///
+/// Not run here (it needs an agent; `tests/consul.rs` runs the same against a Consul API
+/// double, or a real agent when `CONSUL_HTTP_ADDR` is set):
+///
+/// ```no_run
+/// use seawall::balance::Balance;
+/// use seawall::consul::{ConsulClient, ConsulWatch, WatchConfig};
+/// use seawall::discovery::{Instance, ServiceDiscover};
+/// use tower::service_fn;
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), seawall::BoxError> {
+/// let client = ConsulClient::from_env()?; // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN
+/// let watch = ConsulWatch::spawn(client, "users", WatchConfig::builder().tag("v2").build()?);
+/// let discover = ServiceDiscover::new(watch.instances(), |i: &Instance| {
+///     let authority = i.authority();
+///     service_fn(move |_: ()| {
+///         let authority = authority.clone();
+///         async move { Ok::<_, seawall::BoxError>(authority) }
+///     })
+/// });
+/// let users = Balance::builder().name("users").build(discover);
+/// # let _ = users;
+/// println!("watching users: {:?}", watch.status());
+/// # Ok(())
+/// # }
+/// ```
 #[must_use = "dropping the watch stops it"]
 pub struct ConsulWatch {
     service: Arc<str>,

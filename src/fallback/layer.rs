@@ -9,6 +9,28 @@ use super::policy::{FromAsyncFn, FromFn, Value, When};
 ///
 /// Clones of the layer share the policy (and so a [`LastKnownGood`](super::LastKnownGood)
 /// cache).
+///
+/// ```
+/// use seawall::fallback::{FallbackLayer, is_circuit_open};
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), seawall::BoxError> {
+/// // Any failure: a fixed value.
+/// let mut quotes = ServiceBuilder::new()
+///     .layer(FallbackLayer::value("the sea is calm"))
+///     .service_fn(|_: ()| async { Err::<&str, _>("upstream down") });
+/// assert_eq!(quotes.ready().await?.call(()).await?, "the sea is calm");
+///
+/// // A closure that sees the error (by value), only for an open breaker's rejections.
+/// let mut prices = ServiceBuilder::new()
+///     .layer(FallbackLayer::from_fn(|_err: seawall::BoxError| 0u32).when(is_circuit_open))
+///     .service_fn(|_: ()| async { Err::<u32, seawall::BoxError>("timeout".into()) });
+/// // Not an open breaker: the error goes through.
+/// assert!(prices.ready().await?.call(()).await.is_err());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct FallbackLayer<P> {
     policy: Arc<P>,

@@ -7,6 +7,20 @@ use std::time::Duration;
 ///
 /// Either the bucket did not hold enough tokens (then [`retry_after`](Self::retry_after)
 /// says when it will), or the request costs more tokens than the bucket can ever hold.
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::rate_limit::{ManualClock, Quota, Rate, RateLimiter};
+///
+/// let limiter = RateLimiter::with_clock(Quota::new(Rate::per_second(10), 1)?, ManualClock::new());
+/// limiter.try_acquire(1).expect("the first token is there");
+/// let refused = limiter.try_acquire(1).unwrap_err();
+/// assert_eq!(refused.retry_after(), Some(Duration::from_millis(100)));
+/// assert_eq!(refused.limit(), 1);
+/// // A request costing more than the burst can never pass.
+/// assert!(limiter.try_acquire(5).unwrap_err().exceeds_capacity());
+/// # Ok::<(), seawall::ConfigError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimited {
     retry_after: Option<Duration>,

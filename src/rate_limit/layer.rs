@@ -26,6 +26,32 @@ pub enum Mode {
 /// clone of those (as axum's router makes per request), shares one [`RateLimiter`]. That is
 /// what makes the limit hold under axum, unlike tower's `RateLimit`, whose state lives in
 /// each service.
+///
+/// ```
+/// use std::time::Duration;
+/// use seawall::rate_limit::{Mode, Quota, Rate, RateLimitLayer, RateLimited};
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), seawall::BoxError> {
+/// // 2 requests a second, refusing past the burst of 2.
+/// let layer = RateLimitLayer::new(Quota::new(Rate::per_second(2), 2)?);
+/// let mut svc = ServiceBuilder::new().layer(layer.clone()).service_fn(|n: u32| async move {
+///     Ok::<_, seawall::BoxError>(n)
+/// });
+/// assert_eq!(svc.ready().await?.call(1).await?, 1);
+/// assert_eq!(svc.ready().await?.call(2).await?, 2);
+/// let refused = svc.ready().await?.call(3).await.unwrap_err();
+/// assert!(refused.downcast_ref::<RateLimited>().is_some_and(|r| r.retry_after().is_some()));
+///
+/// // The same bucket, shared by a clone of the layer, waiting up to a second instead.
+/// let mut patient = ServiceBuilder::new()
+///     .layer(layer.mode(Mode::Wait { max_wait: Duration::from_secs(1) }))
+///     .service_fn(|n: u32| async move { Ok::<_, seawall::BoxError>(n) });
+/// assert_eq!(patient.ready().await?.call(4).await?, 4, "admitted after a wait");
+/// # Ok(())
+/// # }
+/// ```
 pub struct RateLimitLayer<K = u32, C = TokioClock> {
     limiter: RateLimiter<C>,
     mode: Mode,
