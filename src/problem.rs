@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) | `503 Service Unavailable`, `Retry-After` when the breaker knows when it probes again |
 //! | [`RateLimited`](crate::rate_limit::RateLimited) | `429 Too Many Requests`, `Retry-After`, `RateLimit-Policy` / `RateLimit` (policy `default`) |
+//! | [`HoldingOff`](crate::rate_limit::http::HoldingOff) (an upstream's `Retry-After` honoured by [`RetryAfterLayer`](crate::rate_limit::http::RetryAfterLayer)) | `503 Service Unavailable`, `Retry-After` the rest of the hold |
 //! | tower's `timeout::error::Elapsed` | `504 Gateway Timeout` |
 //! | anything else | `502 Bad Gateway` |
 //!
@@ -176,6 +177,15 @@ pub fn error_response<B: ProblemBody>(error: &crate::BoxError) -> Response<B> {
         if let Some(limited) = e.downcast_ref::<crate::rate_limit::RateLimited>() {
             let mut response = problem(StatusCode::TOO_MANY_REQUESTS, &limited.to_string());
             crate::rate_limit::http::refusal_headers(limited, response.headers_mut());
+            return response;
+        }
+        if let Some(hold) = e.downcast_ref::<crate::rate_limit::http::HoldingOff>() {
+            // The upstream asked to be left alone: pass its wait on to the caller.
+            let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, &hold.to_string());
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                retry_after_secs(hold.retry_after()),
+            );
             return response;
         }
         if e.is::<tower::timeout::error::Elapsed>() {

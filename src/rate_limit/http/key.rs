@@ -216,8 +216,9 @@ impl<B> KeyExtractor<Request<B>> for ClientIp {
 /// bytes as they are, longer ones as a 128-bit keyed digest, so that clients choosing
 /// long values cannot grow a keyed limiter's memory (each key is 65 bytes, with no
 /// allocation). Requests without the header, or with a value that is not visible ASCII,
-/// have no key (and pass a [`PerKey`](super::PerKey) limit unlimited: put a limit by
-/// [`ClientIp`] or a global one beside it, or see the gateway's `on_missing`).
+/// have no key: a [`PerKey`](super::PerKey) limit answers them per its
+/// [`OnMissingKey`](super::OnMissingKey) (`500` by default; or one shared bucket; or let
+/// through, with a limit by [`ClientIp`] or a global one beside it).
 #[derive(Debug, Clone)]
 pub struct HeaderKey(pub HeaderName);
 
