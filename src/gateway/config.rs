@@ -16,7 +16,47 @@ const MAX_SETTING: Duration = Duration::from_secs(24 * 3600);
 /// The whole configuration: the listener, authentication, routes and static services.
 ///
 /// Read with [`from_toml_str`](Self::from_toml_str) or [`from_file`](Self::from_file),
-/// which reject unknown keys and validate every value (see [`ConfigError`]).
+/// which reject unknown keys and validate every value (see [`ConfigError`]). The keys are
+/// documented in the [module docs](super).
+///
+/// ```
+/// use seawall::gateway::GatewayConfig;
+///
+/// let config = GatewayConfig::from_toml_str(r#"
+///     [gateway]
+///     listen = "127.0.0.1:8080"
+///
+///     [[routes]]
+///     name = "users"
+///     path_prefix = "/api/users"
+///     service = "users"
+///     timeout = "2s"
+///     breaker = { failure_rate = "50%", window = 20, minimum_calls = 10 }
+///     rate_limit = { per_client = { per_second = 10, burst = 20 } }
+///
+///     [[services]]
+///     name = "users"
+///     instances = ["127.0.0.1:9001", "127.0.0.1:9002"]
+/// "#)?;
+/// assert_eq!(config.routes[0].breaker.as_ref().map(|b| b.failure_rate), Some(0.5));
+///
+/// // A share above 1 reads like a percentage: refused, naming the key and the fix.
+/// let err = GatewayConfig::from_toml_str(r#"
+///     [gateway]
+///     listen = "127.0.0.1:8080"
+///     [[routes]]
+///     name = "users"
+///     path_prefix = "/api/users"
+///     service = "users"
+///     breaker = { failure_rate = 50 }
+///     [[services]]
+///     name = "users"
+///     instances = ["127.0.0.1:9001"]
+/// "#).unwrap_err();
+/// assert_eq!(err.field(), "routes[0].breaker.failure_rate");
+/// assert!(err.reason().contains("write 0.5"), "{err}");
+/// # Ok::<(), seawall::ConfigError>(())
+/// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
