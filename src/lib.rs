@@ -65,6 +65,27 @@
 //!
 //! The core layers need only tower and tokio.
 //!
+//! ## Conventions
+//!
+//! * **Builders**: anything with settings to check is configured through `X::builder()`
+//!   and `build()` ([`CircuitBreakerConfig::builder`](circuit_breaker::CircuitBreakerConfig::builder),
+//!   [`Balance::builder`](balance::Balance::builder),
+//!   [`RateLimiter::builder`](rate_limit::RateLimiter::builder), …); a constructor
+//!   `new(required)` is a shortcut for the defaults, and layers take their settings as
+//!   chained methods, as tower's do.
+//! * **Names**: breakers, balancers, limiters and HTTP rate-limit policies are named with
+//!   `name(impl Into<Arc<str>>)` (a `&str`, a `String` or an `Arc<str>`), on their builder or
+//!   layer; the name labels their metrics and events. Strings sent to Consul (service
+//!   names, tags, addresses) are `impl Into<String>`.
+//! * **Errors**: every invalid setting is a [`ConfigError`] naming the setting as its
+//!   builder method or configuration key is spelled, with the rejected value; nothing
+//!   panics on bad configuration.
+//! * **Units**: durations are [`Duration`](std::time::Duration)s (`"250ms"` in the
+//!   gateway's TOML); rates are [`Rate`](rate_limit::Rate)s whose constructor says its
+//!   period; every share or threshold is a fraction in `[0, 1]` (`0.5` is half; the TOML
+//!   also takes `"50%"`), and a whole number from 2 to 100 in its place is refused with a
+//!   hint rather than read as a percentage.
+//!
 //! ## What is written here, and why
 //!
 //! Where a well-kept crate does the job it is used: `ipnet` for trusted-proxy networks,
