@@ -129,6 +129,30 @@ async fn does_not_open_just_below_threshold() {
     assert_eq!(breaker.state(), State::Open);
 }
 
+/// Thresholds are fractions, compared exactly at the boundary: 3 failures in 10 calls meet
+/// 0.3 (where `0.3 × 10` in floating point is 3.0000000000000004, just above 3).
+#[tokio::test(start_paused = true)]
+async fn a_fractional_threshold_is_met_exactly_at_the_boundary() {
+    for (threshold, failures) in [(0.3, 3), (0.7, 7), (0.1, 1)] {
+        let (mut svc, breaker, _) = scripted(
+            config()
+                .minimum_calls(10)
+                .failure_rate_threshold(threshold)
+                .build()
+                .unwrap(),
+        );
+        calls(&mut svc, Do::Succeed, 10 - failures).await;
+        calls(&mut svc, Do::Fail, failures - 1).await;
+        assert_eq!(breaker.state(), State::Closed, "{threshold}: below");
+        call(&mut svc, Do::Fail).await.unwrap_err();
+        assert_eq!(
+            breaker.state(),
+            State::Open,
+            "{threshold}: {failures} of 10"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn count_window_forgets_old_failures() {
     let (mut svc, breaker, _) = scripted(
