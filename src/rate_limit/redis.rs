@@ -7,6 +7,34 @@
 //! are taken ahead, so there would be nothing exact to give back either. Put the Redis
 //! limit innermost: the local limits outside it refund when it refuses.
 //!
+//! # Redis Cluster
+//!
+//! [`RedisRateLimiter::cluster_builder`] takes a cluster's seed nodes instead of one URL.
+//! Each bucket is one key, `prefix:{key}`; its script reads and writes that key only, so it
+//! runs on the one master holding the key's slot (the braces are a hash tag: a key the
+//! script might add for the same bucket would land in the same slot). The client follows
+//! the cluster's slot map: `MOVED` / `ASK` redirections, resharding and failovers need no
+//! restart. Every check still runs under the timeout and the breaker below, which guard
+//! the cluster as a whole.
+//!
+//! - **A master with a replica fails:** after the cluster's `cluster-node-timeout` the
+//!   replica is promoted and holds the buckets as replicated; until then the failed
+//!   master's keys are answered by the [`FailurePolicy`], and the client reaches the new
+//!   master by itself (tested: promoted within seconds at a 1 s node timeout, with the
+//!   bucket's level kept, less any writes not yet replicated).
+//! - **A master without a replica fails:** its slots have no owner. With
+//!   `cluster-require-full-coverage no` (recommended) the other masters keep serving their
+//!   keys; the dead master's keys are answered by the policy, within the timeout. Their
+//!   failures count in the one breaker, so when they are a large part of the traffic the
+//!   breaker opens and every key goes to the policy until a probe succeeds. When the
+//!   master is back (same node, same `nodes.conf`), its keys are in Redis again. With
+//!   full coverage required (Redis' default) the whole cluster refuses writes meanwhile
+//!   (`CLUSTERDOWN`), and every key takes the policy.
+//!
+//! When to use a cluster: one Redis on loopback carries tens of thousands of checks a
+//! second per connection (see the crate's BENCHMARKS.md); a cluster spreads the keys, and
+//! so the load, over its masters, for fleets whose checks outgrow one server's core.
+//!
 //! # Failures, timeouts and recovery
 //!
 //! Every check waits at most the [timeout](RedisRateLimiterBuilder::timeout) for Redis,
@@ -66,7 +94,9 @@ use std::time::Duration;
 use std::collections::HashMap;
 
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use tokio::sync::OnceCell;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -74,8 +104,8 @@ use super::bucket::Admitted;
 use super::error::RateLimited;
 use super::quota::Quota;
 use super::{KeyedRateLimiter, TokioClock};
-use crate::BoxError;
 use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow};
+use crate::{BoxError, ConfigError};
 
 /// The default [`timeout`](RedisRateLimiterBuilder::timeout).
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -171,9 +201,24 @@ pub enum Source {
     Local,
 }
 
+/// Where the buckets live: one Redis server, or a Redis Cluster.
+enum Backend {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
+/// A connection to the [`Backend`], made on the first check and re-made by itself: redis'
+/// connection manager for one server; for a cluster, its connection, which follows the
+/// slot map (`MOVED` / `ASK` redirections, failovers) and reconnects to each node.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
 struct Inner {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    client: Backend,
+    conn: OnceCell<Conn>,
     script: redis::Script,
     prefix: String,
     interval_us: u64,
@@ -314,6 +359,8 @@ impl fmt::Debug for RedisRateLimiter {
 #[derive(Debug)]
 pub struct RedisRateLimiterBuilder {
     url: String,
+    /// A cluster's seed nodes, for [`RedisRateLimiter::cluster_builder`].
+    cluster: Option<Vec<String>>,
     quota: Quota,
     prefix: String,
     timeout: Duration,
@@ -328,6 +375,7 @@ impl RedisRateLimiter {
     pub fn builder(url: impl Into<String>, quota: Quota) -> RedisRateLimiterBuilder {
         RedisRateLimiterBuilder {
             url: url.into(),
+            cluster: None,
             quota,
             prefix: "seawall".to_owned(),
             timeout: DEFAULT_TIMEOUT,
@@ -336,6 +384,21 @@ impl RedisRateLimiter {
             batch: None,
             name: None,
         }
+    }
+
+    /// Starts a builder for buckets of `quota` in the Redis Cluster reached through
+    /// `nodes` (seed URLs such as `redis://10.0.0.1:7000`; the client learns the others
+    /// from them). Each bucket is one key, `prefix:{key}`, whose script touches that key
+    /// only: one slot, on one master. See [the module docs](self#redis-cluster) for what
+    /// happens when a master fails.
+    pub fn cluster_builder<I, S>(nodes: I, quota: Quota) -> RedisRateLimiterBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut builder = Self::builder(String::new(), quota);
+        builder.cluster = Some(nodes.into_iter().map(Into::into).collect());
+        builder
     }
 
     /// The breaker guarding the calls to Redis.
@@ -446,7 +509,9 @@ impl RedisRateLimiter {
             });
         match svc.ready().await {
             Ok(svc) => {
-                svc.call((format!("{}:{key}", inner.prefix), need, want))
+                // `prefix:{key}`: the braces are a hash tag, so in a cluster the bucket's
+                // key (and any key a script adds for it later) maps to one slot.
+                svc.call((format!("{}:{{{key}}}", inner.prefix), need, want))
                     .await
             }
             Err(e) => Err(e),
@@ -463,14 +528,24 @@ impl RedisRateLimiter {
         let conn = inner
             .conn
             .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(inner.timeout)
-                    .set_response_timeout(inner.timeout)
-                    // No retries with backoff inside the manager: a failed reconnection
-                    // fails at once (one more is started by the next call), instead of
-                    // holding every check until its timeout for 1 to 2 s.
-                    .set_number_of_retries(0);
-                ConnectionManager::new_with_config(inner.client.clone(), config).await
+                match &inner.client {
+                    Backend::Single(client) => {
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(inner.timeout)
+                            .set_response_timeout(inner.timeout)
+                            // No retries with backoff inside the manager: a failed
+                            // reconnection fails at once (one more is started by the next
+                            // call), instead of holding every check until its timeout for
+                            // 1 to 2 s.
+                            .set_number_of_retries(0);
+                        ConnectionManager::new_with_config(client.clone(), config)
+                            .await
+                            .map(Conn::Single)
+                    }
+                    Backend::Cluster(client) => {
+                        client.get_async_connection().await.map(Conn::Cluster)
+                    }
+                }
             })
             .await?;
         let mut conn = conn.clone();
@@ -522,7 +597,20 @@ impl RedisRateLimiter {
     /// One run of the script on `conn`.
     async fn invoke(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
+        key: &str,
+        need: u32,
+        want: u32,
+    ) -> redis::RedisResult<Vec<i64>> {
+        match conn {
+            Conn::Single(c) => self.invoke_on(c, key, need, want).await,
+            Conn::Cluster(c) => self.invoke_on(c, key, need, want).await,
+        }
+    }
+
+    async fn invoke_on<C: ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
         key: &str,
         need: u32,
         want: u32,
@@ -605,17 +693,42 @@ impl RedisRateLimiterBuilder {
     }
 
     /// Checks the URL and settings; does not connect (the first check does).
-    pub fn build(self) -> Result<RedisRateLimiter, BoxError> {
-        let client = redis::Client::open(self.url.as_str())?;
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming `url` (or `nodes` for a cluster), `timeout` (zero) or
+    /// `quota` (faster than one token per microsecond).
+    pub fn build(self) -> Result<RedisRateLimiter, ConfigError> {
+        let client = match &self.cluster {
+            None => Backend::Single(
+                redis::Client::open(self.url.as_str())
+                    .map_err(|e| ConfigError::invalid("url", e.to_string()))?,
+            ),
+            Some(nodes) => {
+                if nodes.is_empty() {
+                    return Err(ConfigError::invalid("nodes", "needs at least one node"));
+                }
+                Backend::Cluster(
+                    ClusterClient::builder(nodes.clone())
+                        .connection_timeout(self.timeout)
+                        .response_timeout(self.timeout)
+                        .build()
+                        .map_err(|e| ConfigError::invalid("nodes", e.to_string()))?,
+                )
+            }
+        };
         if self.timeout.is_zero() {
-            return Err("invalid timeout: must be greater than zero".into());
+            return Err(ConfigError::invalid("timeout", "must be greater than zero"));
         }
         let interval_us =
             u64::try_from(self.quota.interval().as_nanos().div_ceil(1000)).unwrap_or(u64::MAX);
         // Rounded up to whole microseconds (the script's unit), so the rate is never
         // exceeded; a quota faster than one token per microsecond is refused.
         if self.quota.interval() < Duration::from_micros(1) {
-            return Err("invalid quota for Redis: at most one token per microsecond".into());
+            return Err(ConfigError::invalid(
+                "quota",
+                "at most one token per microsecond in Redis",
+            ));
         }
         let breaker = match self.breaker {
             Some(config) => config,
