@@ -2,8 +2,8 @@
 //! several instances each, on loopback.
 //!
 //! ```sh
-//! cargo run --example gateway_demo --features gateway                  # about 25 s, then exits
-//! cargo run --example gateway_demo --features gateway -- --keep-running  # then keeps serving
+//! cargo run --example gateway_demo --features gateway,consul           # about 25 s, then exits
+//! cargo run --example gateway_demo --features gateway,consul -- --keep-running  # keeps serving
 //! ```
 //!
 //! The services register themselves (in the in-process registry, or in Consul through the

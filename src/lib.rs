@@ -60,7 +60,7 @@
 //! | `quanta` | `QuantaClock`, a TSC clock for limiters and balancers |
 //! | `redis` | the Redis-backed distributed rate limiter |
 //! | `consul` | the Consul client, registration guard and discovery watch |
-//! | `gateway` | the API gateway (enables `http`, `consul` and `metrics`) |
+//! | `gateway` | the API gateway (enables `http` and `metrics`; with `consul`, services found in Consul) |
 //! | `full` | all of the above |
 //!
 //! The core layers need only tower and tokio.
@@ -132,6 +132,11 @@ pub mod gateway;
 pub mod problem;
 pub mod rate_limit;
 mod util;
+
+/// Go's `time.Duration` text (`"1h30m"`), spoken by Consul and the gateway's TOML.
+#[cfg(any(feature = "consul", feature = "gateway"))]
+#[cfg_attr(not(feature = "consul"), allow(dead_code, unreachable_pub))]
+mod go_duration;
 
 mod config_error;
 pub use config_error::{ConfigError, ConfigErrorKind};

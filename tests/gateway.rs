@@ -289,7 +289,7 @@ service = \"orders\"
 
     let answer = get(&http, &gw, "/nowhere").await;
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
-    assert_eq!(answer.json()["error"], "no route");
+    assert_eq!(answer.json()["detail"], "no route");
 
     let s = status(&http, &gw).await;
     assert_eq!(s.unmatched, 1);
@@ -561,7 +561,7 @@ auth = true
             answer.headers["www-authenticate"],
             "Bearer error=\"invalid_token\""
         );
-        assert_eq!(answer.json()["error"], what);
+        assert_eq!(answer.json()["detail"], what);
     }
     let answer = send(&http, with(Some(format!("Bearer {good}")))).await;
     assert_eq!(answer.status, StatusCode::OK);
@@ -709,7 +709,7 @@ timeout = \"300ms\"
     for task in tasks {
         let (status, json, took) = task.await.unwrap();
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(json["error"], "upstream timed out");
+        assert_eq!(json["detail"], "upstream timed out");
         assert!(
             took >= Duration::from_millis(300) && took < Duration::from_secs(2),
             "{took:?}"

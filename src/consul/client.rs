@@ -465,7 +465,7 @@ impl ConsulClient {
         if let Some(index) = query.index.filter(|i| *i > 0) {
             q.push("index", &index.to_string());
             if let Some(wait) = query.wait {
-                q.push("wait", &super::duration::format_go_duration(wait));
+                q.push("wait", &crate::go_duration::format_go_duration(wait));
             }
         }
         for tag in &query.tags {

@@ -71,7 +71,6 @@
 mod client;
 mod config;
 mod conn;
-mod duration;
 mod error;
 mod guard;
 #[cfg(feature = "http")]
@@ -80,15 +79,15 @@ mod parse;
 mod registration;
 mod watch;
 
+pub use crate::go_duration::{
+    MAX_GO_DURATION, ParseDurationError, ParseDurationErrorKind, format_go_duration,
+    parse_go_duration,
+};
 pub use client::{
     AgentService, Consistency, ConsulClient, HealthQuery, HealthResponse, MAX_WAIT,
     parse_health_response,
 };
 pub use config::{ConsulConfig, ConsulConfigBuilder, DEFAULT_ADDRESS, DEFAULT_REQUEST_TIMEOUT};
-pub use duration::{
-    MAX_GO_DURATION, ParseDurationError, ParseDurationErrorKind, format_go_duration,
-    parse_go_duration,
-};
 pub use error::{ConsulError, ErrorKind};
 pub use guard::{GuardConfig, GuardConfigBuilder, RegistrationGuard, StatusHandle};
 #[cfg(feature = "http")]

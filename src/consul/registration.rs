@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::duration::{MAX_GO_DURATION, format_go_duration};
 use crate::ConfigError;
+use crate::go_duration::{MAX_GO_DURATION, format_go_duration};
 
 /// The shortest `deregister_critical_after` Consul honours (it raises shorter values to
 /// it): one minute.

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
@@ -35,8 +35,8 @@ use crate::circuit_breaker::{Classify, HttpClassifier, Outcome};
 #[derive(Debug)]
 pub(crate) enum ClientBodyError {
     /// The body could not be read: malformed chunked encoding, or the client closed its
-    /// connection part-way.
-    Read(hyper::Error),
+    /// connection part-way (or whatever error the server's body type reports).
+    Read(BoxError),
     /// The body grew past the route's `max_request_body` (the limit).
     TooLarge(u64),
 }
@@ -53,7 +53,7 @@ impl fmt::Display for ClientBodyError {
 impl std::error::Error for ClientBodyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Read(e) => Some(e),
+            Self::Read(e) => Some(e.as_ref()),
             Self::TooLarge(_) => None,
         }
     }
@@ -77,26 +77,27 @@ impl BodyState {
     }
 }
 
-/// The client's request body, as forwarded upstream: bounded by `max_request_body`, its
-/// errors marked as [`ClientBodyError`]s.
-pub(crate) struct ClientBody {
-    body: Incoming,
-    /// Bytes still allowed; `u64::MAX` without a limit.
-    left: u64,
-    /// The configured limit, for the error.
-    limit: u64,
-    state: Option<Arc<BodyState>>,
+pin_project_lite::pin_project! {
+    /// The client's request body, as forwarded upstream: bounded by `max_request_body`,
+    /// its errors marked as [`ClientBodyError`]s. Any body type: hyper's `Incoming` when
+    /// the gateway serves, or the body of the server it is a service of.
+    pub(crate) struct ClientBody<B> {
+        #[pin]
+        body: B,
+        // Bytes still allowed; `u64::MAX` without a limit.
+        left: u64,
+        // The configured limit, for the error.
+        limit: u64,
+        state: Option<Arc<BodyState>>,
+    }
 }
 
-impl ClientBody {
+impl<B: HttpBody> ClientBody<B> {
     /// Wraps `body` with a limit of `limit` bytes (`0`: none). Returns the body, or
     /// `Err(body)` when its declared length is over the limit already, and the state to
     /// share with the upstream call (`None` for an empty body).
     #[allow(clippy::result_large_err)]
-    pub(crate) fn new(
-        body: Incoming,
-        limit: u64,
-    ) -> Result<(Self, Option<Arc<BodyState>>), Incoming> {
+    pub(crate) fn new(body: B, limit: u64) -> Result<(Self, Option<Arc<BodyState>>), B> {
         let left = if limit == 0 { u64::MAX } else { limit };
         if body.size_hint().lower() > left {
             return Err(body);
@@ -110,19 +111,23 @@ impl ClientBody {
         };
         Ok((wrapped, state))
     }
+}
 
-    fn set(&self, flag: u8, on: bool) {
-        if let Some(state) = &self.state {
-            if on {
-                state.0.fetch_or(flag, Relaxed);
-            } else {
-                state.0.fetch_and(!flag, Relaxed);
-            }
+fn set(state: &Option<Arc<BodyState>>, flag: u8, on: bool) {
+    if let Some(state) = state {
+        if on {
+            state.0.fetch_or(flag, Relaxed);
+        } else {
+            state.0.fetch_and(!flag, Relaxed);
         }
     }
 }
 
-impl hyper::body::Body for ClientBody {
+impl<B> HttpBody for ClientBody<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -130,43 +135,43 @@ impl hyper::body::Body for ClientBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let frame = match Pin::new(&mut this.body).poll_frame(cx) {
+        let mut this = self.project();
+        let frame = match this.body.as_mut().poll_frame(cx) {
             Poll::Pending => {
-                this.set(WAITING, true);
+                set(this.state, WAITING, true);
                 return Poll::Pending;
             }
             Poll::Ready(frame) => frame,
         };
-        this.set(WAITING, false);
+        set(this.state, WAITING, false);
         match frame {
             None => {
-                this.set(DONE, true);
+                set(this.state, DONE, true);
                 Poll::Ready(None)
             }
             Some(Err(e)) => {
-                this.set(DONE, true);
-                Poll::Ready(Some(Err(Box::new(ClientBodyError::Read(e)))))
+                set(this.state, DONE, true);
+                Poll::Ready(Some(Err(Box::new(ClientBodyError::Read(e.into())))))
             }
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
-                    if len > this.left {
-                        this.set(DONE, true);
+                    if len > *this.left {
+                        set(this.state, DONE, true);
                         #[cfg(feature = "tracing")]
                         tracing::debug!(
                             target: "seawall::gateway",
-                            limit = this.limit,
+                            limit = *this.limit,
                             "request body over max_request_body: cut"
                         );
                         return Poll::Ready(Some(Err(Box::new(ClientBodyError::TooLarge(
-                            this.limit,
+                            *this.limit,
                         )))));
                     }
-                    this.left -= len;
+                    *this.left -= len;
                 }
                 if this.body.is_end_stream() {
-                    this.set(DONE, true);
+                    set(this.state, DONE, true);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -616,7 +616,7 @@ fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    crate::consul::parse_go_duration(&s).map_err(serde::de::Error::custom)
+    crate::go_duration::parse_go_duration(&s).map_err(serde::de::Error::custom)
 }
 
 impl GatewayConfig {

@@ -6,7 +6,7 @@
 //! decoded, slashes merged, dot segments removed, as Envoy's `normalize_path` and
 //! `merge_slashes` do; `400` for an encoded `/` or `\`, a `..` above the root, a
 //! `..;` segment, a control byte or a bad escape). It is then matched to the route with
-//! the longest path prefix (on segment boundaries; none matches: `404` with a JSON body),
+//! the longest path prefix (on segment boundaries; none matches: `404`),
 //! so `/api/open/../admin` is matched, and forwarded, as `/api/admin`, and goes through
 //! that route's stack:
 //!
@@ -139,6 +139,21 @@
 //! current-thread runtime and an `SO_REUSEPORT` listener (nginx's model): no request
 //! crosses threads, which costs less CPU per request than a multi-thread runtime when
 //! the cores are busy.
+//!
+//! The gateway is also a [`tower::Service`] of `Request<B>` for any body type `B`, so it
+//! can be nested in an axum router (`Router::nest_service("/api", gateway)`, the nest's
+//! prefix stripped by axum before routing) or served by another server; one route alone is
+//! [`Gateway::route`]. The peer is read from the request's extensions (a `SocketAddr`, or
+//! axum's `ConnectInfo<SocketAddr>` with the feature `axum`); without one, no client
+//! address is forwarded and per-client IP limits refuse with `500` rather than pass.
+//! The feature `gateway` does not need `consul`: add it for
+//! [`Discovery::Consul`](Discovery).
+//!
+//! The gateway's own error answers (`400`, `401`, `404`, `408`, `413`, `429`, `431`,
+//! `500`, `502`, `503`, `504`) carry an RFC 9457 `application/problem+json` body, as
+//! [`seawall::problem`](crate::problem) answers for the layers:
+//! `{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"no upstream available"}`;
+//! a `503` from open breakers says in `Retry-After` when one probes again.
 //!
 //! Give the gateway as many threads (runtime workers, or `spawn_threads` threads) as
 //! cores it has to itself, not as many as the machine has. A proxy thread that shares a
@@ -349,6 +364,7 @@ pub use route::{Body, FALLBACK_HEADER};
 #[cfg(unix)]
 pub use server::GatewayThreads;
 pub use server::{
-    BuildError, Discovery, Gateway, GatewayHandle, METRICS_PATH, STATUS_PAGE_PATH, STATUS_PATH,
+    BuildError, Discovery, Gateway, GatewayHandle, METRICS_PATH, RouteService, STATUS_PAGE_PATH,
+    STATUS_PATH,
 };
 pub use status::GatewayStatus;

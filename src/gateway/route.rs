@@ -15,7 +15,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::Incoming;
 use tower::{Layer, Service};
 
 use super::client::{BodyState, ClientBody, ClientFault, UpstreamClassifier, head_too_large};
@@ -54,34 +53,39 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
-/// A small JSON error answer.
+/// The gateway's own error answers: RFC 9457 `application/problem+json`, as
+/// [`seawall::problem`](crate::problem) answers for the layers.
 pub(crate) fn json_error(status: StatusCode, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "error": message, "status": status.as_u16() }).to_string();
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    crate::problem::problem(status, message)
 }
 
 /// The client end of a connection, its `X-Forwarded-For` entry made once for all the
-/// connection's requests.
+/// connection's requests. Unknown (`None`) when the gateway is a service of a server that
+/// did not say who the peer is.
 #[derive(Clone, Debug)]
 pub(crate) struct Peer {
-    pub(crate) addr: SocketAddr,
-    forwarded_for: HeaderValue,
+    pub(crate) addr: Option<IpAddr>,
+    forwarded_for: Option<HeaderValue>,
 }
 
 impl Peer {
     pub(crate) fn new(addr: SocketAddr) -> Self {
+        Self::of(Some(addr.ip()))
+    }
+
+    pub(crate) fn of(ip: Option<IpAddr>) -> Self {
         Self {
-            addr,
+            addr: ip,
             // An IP address's text is always a valid value.
-            forwarded_for: HeaderValue::try_from(addr.ip().to_string())
-                .unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded_for: ip.and_then(|ip| HeaderValue::try_from(ip.to_string()).ok()),
         }
+    }
+
+    /// For tracing: the address, or `unknown`.
+    #[cfg(feature = "tracing")]
+    pub(crate) fn shown(&self) -> String {
+        self.addr
+            .map_or_else(|| String::from("unknown"), |a| a.to_string())
     }
 }
 
@@ -323,6 +327,14 @@ impl HttpLimit<Request<Body>> for PerClient {
         };
         Some(self.limiter.acquire(&id, 1).map(|a| (a, ())))
     }
+
+    /// Asked when `check` passed a request over: refused (`500`, logged) when the limit
+    /// needed the client's address and the gateway was not told the peer (a service of a
+    /// server that sets neither a `SocketAddr` extension nor axum's connect info), never
+    /// let through unlimited.
+    fn rejects_unkeyed(&self) -> bool {
+        self.client.is_none() && (self.header.is_none() || self.on_missing == OnMissing::Ip)
+    }
 }
 
 /// What one route needs to forward a request, shared by the stack's clones.
@@ -468,7 +480,11 @@ impl Route {
     }
 
     /// Serves one request matched to this route.
-    pub(crate) async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    pub(crate) async fn handle<B>(&self, request: Request<B>, peer: &Peer) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let start = tokio::time::Instant::now();
         let stats = &self.core.stats;
         stats.requests.fetch_add(1, Relaxed);
@@ -483,7 +499,7 @@ impl Route {
             route = %self.core.name,
             %method,
             path,
-            peer = %peer.addr,
+            peer = %peer.shown(),
             status = response.status().as_u16(),
             fallback = response.headers().contains_key(&FALLBACK_HEADER),
             elapsed_us = elapsed.as_micros() as u64,
@@ -492,7 +508,11 @@ impl Route {
         response
     }
 
-    async fn respond(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    async fn respond<B>(&self, request: Request<B>, peer: &Peer) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let core = &self.core;
         if head_too_large(&request, core.max_header_line, core.max_headers_size) {
             return self.core.client_fault(ClientFault::HeaderTooLong);
@@ -532,11 +552,14 @@ impl Route {
             if limit.rejects(&request) {
                 return bad_request("missing client key header");
             }
-            // The client behind a trusted proxy; the peer itself otherwise (no work).
-            limit.client = Some(self.core.trusted.resolve(peer.addr.ip(), request.headers()));
+            // The client behind a trusted proxy; the peer itself otherwise (no work). No
+            // peer known: a limit that needs the address refuses (see `rejects_unkeyed`).
+            limit.client = peer
+                .addr
+                .map(|ip| self.core.trusted.resolve(ip, request.headers()));
         }
         let core = per_client.get_mut();
-        core.forwarded_for = Some(peer.forwarded_for.clone());
+        core.forwarded_for = peer.forwarded_for.clone();
         core.body = state;
         // Every layer of the stack is always ready: limits answer in `call`. The future
         // owns all it needs.
@@ -647,9 +670,22 @@ impl Service<Request<Body>> for Core {
 #[derive(Clone, Copy)]
 enum Failure {
     Timeout,
-    Unavailable,
+    /// Breakers open or no endpoint; when an open breaker knows when it probes again.
+    Unavailable(Option<Duration>),
     BadGateway,
     ServerError,
+}
+
+/// When the first open breaker in `error`'s source chain admits a probe again.
+fn breaker_retry_after(error: &BoxError) -> Option<Duration> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(e) = current {
+        if let Some(open) = e.downcast_ref::<CircuitOpen>() {
+            return open.retry_after();
+        }
+        current = e.source();
+    }
+    None
 }
 
 impl RouteCore {
@@ -681,7 +717,7 @@ impl RouteCore {
                 None if crate::caused_by::<CircuitOpen>(&e)
                     || crate::caused_by::<NoEndpoints>(&e) =>
                 {
-                    Failure::Unavailable
+                    Failure::Unavailable(breaker_retry_after(&e))
                 }
                 None if matches!(
                     e.downcast_ref::<UpstreamError>(),
@@ -699,7 +735,7 @@ impl RouteCore {
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream timed out",
             ),
-            Failure::Unavailable => (
+            Failure::Unavailable(_) => (
                 &self.stats.unavailable,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no upstream available",
@@ -729,7 +765,17 @@ impl RouteCore {
                     .insert(FALLBACK_HEADER.clone(), HeaderValue::from_static("true"));
                 response
             }
-            None => json_error(status, message),
+            None => {
+                let mut response = json_error(status, message);
+                if let Failure::Unavailable(Some(after)) = failure {
+                    // Whole seconds, rounded up, as `Retry-After` wants.
+                    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                }
+                response
+            }
         }
     }
 

@@ -31,6 +31,7 @@ use super::route::{Body, Peer, Route, full, json_error};
 use super::status::{GatewayStatus, render_prometheus};
 use crate::BoxError;
 use crate::ConfigError;
+#[cfg(feature = "consul")]
 use crate::consul::{ConsulClient, ConsulWatch, WatchConfig};
 use crate::discovery::{Instance, InstanceWatch, Registry};
 
@@ -55,7 +56,8 @@ pub enum Discovery {
     Static,
     /// An in-process [`Registry`].
     Registry(Registry),
-    /// A Consul agent, followed with a [`ConsulWatch`] per service.
+    /// A Consul agent, followed with a [`ConsulWatch`] per service (feature `consul`).
+    #[cfg(feature = "consul")]
     Consul(ConsulClient),
 }
 
@@ -100,6 +102,40 @@ impl From<ConfigError> for BuildError {
 
 /// An API gateway: routes built from a [`GatewayConfig`]. Cloning is cheap and clones
 /// share everything (routes, limiters, balancers, counters).
+///
+/// Served on a listener of its own ([`spawn`](Self::spawn), [`serve`](Self::serve),
+/// [`spawn_threads`](Self::spawn_threads)), or as a [`tower::Service`] inside another
+/// server:
+///
+/// ```
+/// use std::net::SocketAddr;
+/// use seawall::discovery::{Instance, Registry};
+/// use seawall::gateway::{Discovery, Gateway, GatewayConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), seawall::BoxError> {
+/// let config = GatewayConfig::from_toml_str(r#"
+///     [gateway]
+///     listen = "127.0.0.1:0"
+///     [[routes]]
+///     name = "users"
+///     path_prefix = "/users"
+///     service = "users"
+///     rate_limit = { per_client = { per_second = 10, burst = 20 } }
+/// "#)?;
+/// let registry = Registry::new();
+/// let _users = registry.register(Instance::local("users", "127.0.0.1:9001".parse()?));
+/// let gateway = Gateway::build(config, Discovery::Registry(registry)).await?;
+///
+/// // In an axum application, under /api, with the peer's address from connect info.
+/// let app = axum::Router::new().nest_service("/api", gateway.clone());
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>());
+/// # drop(server);
+/// assert_eq!(gateway.status().routes[0].name, "users");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Gateway {
     inner: Arc<Inner>,
@@ -123,6 +159,7 @@ struct Inner {
     /// The admin endpoints' settings.
     admin: Admin,
     /// Kept alive for as long as the gateway.
+    #[cfg(feature = "consul")]
     _watches: Vec<ConsulWatch>,
     /// Every endpoint's pool; the sweeper stops once this is dropped.
     pools: Arc<Pools>,
@@ -179,6 +216,7 @@ impl Gateway {
                 .map(|token| Sha256::digest(token.as_bytes()).into()),
         };
         let trusted = config.trusted_proxies()?;
+        #[cfg(feature = "consul")]
         let mut watches = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         let pools = Arc::new(Pools::default());
@@ -191,6 +229,7 @@ impl Gateway {
                         .collect(),
                 ),
                 (None, Discovery::Registry(registry)) => registry.watch(&route.service),
+                #[cfg(feature = "consul")]
                 (None, Discovery::Consul(client)) => {
                     let watch = ConsulWatch::spawn(
                         client.clone(),
@@ -228,6 +267,7 @@ impl Gateway {
                 listen: config.gateway.listen,
                 paths: config.gateway.path_options(),
                 admin,
+                #[cfg(feature = "consul")]
                 _watches: watches,
                 pools,
             }),
@@ -259,22 +299,45 @@ impl Gateway {
     /// ([`path`](super::path); `400` when refused), then the admin paths if
     /// `admin.on_proxy_listener` is set, else the route with the longest matching prefix,
     /// else 404. Never fails.
-    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    ///
+    /// Any body type will do; the gateway is also a [`tower::Service`] of requests (see
+    /// [`Gateway`]), which finds the peer in the request's extensions.
+    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         self.handle_from(request, &Peer::new(peer)).await
     }
 
-    /// [`Gateway::handle`] for a connection's peer, made once per connection.
-    async fn handle_from(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    /// The route named `name` as a service of its own: what the gateway does for a request
+    /// matched to it (`Host` and path checks, authentication, limits, forwarding), for any
+    /// request given to it, whatever its path. `None` when there is no such route.
+    ///
+    /// A route with `strip_prefix` strips its prefix only from paths under it.
+    pub fn route(&self, name: &str) -> Option<RouteService> {
+        let index = self.inner.routes.iter().position(|r| r.core.name == name)?;
+        Some(RouteService {
+            gateway: self.clone(),
+            index,
+        })
+    }
+
+    /// Checks a request's `Host` and normalises its path in place; the answer when refused.
+    // The answer is returned by value, on the refusal path only: boxing it would cost an
+    // allocation there and change nothing on the path every request takes.
+    #[allow(clippy::result_large_err)]
+    fn prepare<B>(&self, request: &mut Request<B>, peer: &Peer) -> Result<(), Response<Body>> {
         // Exactly one valid `Host` (RFC 9112 §3.2), whatever the path: before routing, so
         // that unmatched and admin paths are held to it too.
         if let Err(bad) = check_request(request.version(), request.headers(), false) {
-            return bad_path(&request, peer, bad.message());
+            return Err(bad_path(request, peer, bad.message()));
         }
         // Matched and forwarded on its normal form; rewritten only when not normal.
         let rewritten = match normalize(request.uri().path(), self.inner.paths) {
             Ok(Cow::Borrowed(_)) => None,
             Ok(Cow::Owned(path)) => Some(path),
-            Err(e) => return bad_path(&request, peer, &e.to_string()),
+            Err(e) => return Err(bad_path(request, peer, &e.to_string())),
         };
         if let Some(mut path) = rewritten {
             if let Some(query) = request.uri().query() {
@@ -283,8 +346,20 @@ impl Gateway {
             }
             match Uri::try_from(path) {
                 Ok(uri) => *request.uri_mut() = uri,
-                Err(_) => return bad_path(&request, peer, "invalid path"),
+                Err(_) => return Err(bad_path(request, peer, "invalid path")),
             }
+        }
+        Ok(())
+    }
+
+    /// [`Gateway::handle`] for a connection's peer, made once per connection.
+    async fn handle_from<B>(&self, mut request: Request<B>, peer: &Peer) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if let Err(refused) = self.prepare(&mut request, peer) {
+            return refused;
         }
         let path = request.uri().path();
         if self.inner.admin.on_proxy && is_admin_path(path) {
@@ -807,12 +882,12 @@ fn admin_token_matches(headers: &http::HeaderMap, expected: &[u8; 32]) -> bool {
 }
 
 /// `400` for a path [`normalize`] refuses; logged, never routed.
-fn bad_path(request: &Request<Incoming>, peer: &Peer, reason: &str) -> Response<Body> {
+fn bad_path<B>(request: &Request<B>, peer: &Peer, reason: &str) -> Response<Body> {
     #[cfg(feature = "tracing")]
     tracing::debug!(
         target: "seawall::gateway",
         path = request.uri().path(),
-        peer = %peer.addr,
+        peer = %peer.shown(),
         reason,
         "request path refused"
     );
@@ -858,5 +933,83 @@ impl GatewayHandle {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// The gateway as a [`tower::Service`]: [`Gateway::handle`] for requests of any body type,
+/// so that it can be nested in an axum router (`Router::nest_service("/api", gateway)`)
+/// or served by another server. The peer is read from the request's extensions: a
+/// [`SocketAddr`] (insert it where the connection is accepted), or, with the feature
+/// `axum`, axum's `ConnectInfo<SocketAddr>` (serve the router with
+/// `into_make_service_with_connect_info::<SocketAddr>()`).
+///
+/// Without a peer, `X-Forwarded-For` carries no client address, and a route whose
+/// per-client limit keys on the client's address refuses the request with `500` (and an
+/// error log under `tracing`) rather than let it through unlimited. The admin endpoints
+/// are served only when `[admin] on_proxy_listener` is set, as on the proxy listener.
+///
+/// Always ready (limits answer in `call`); never fails: every error is an answer.
+impl<B> tower::Service<Request<B>> for Gateway
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let gateway = self.clone();
+        Box::pin(async move {
+            let peer = Peer::of(crate::rate_limit::http::peer_of(request.extensions()));
+            Ok(gateway.handle_from(request, &peer).await)
+        })
+    }
+}
+
+/// One route of a [`Gateway`] as a [`tower::Service`] ([`Gateway::route`]): the same
+/// checks and answers as through the gateway, without the routing. The peer is found as
+/// for the gateway's own `Service` implementation.
+#[derive(Clone)]
+pub struct RouteService {
+    gateway: Gateway,
+    index: usize,
+}
+
+impl fmt::Debug for RouteService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteService")
+            .field("route", &self.gateway.inner.routes[self.index].core.name)
+            .finish()
+    }
+}
+
+impl<B> tower::Service<Request<B>> for RouteService
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let peer = Peer::of(crate::rate_limit::http::peer_of(request.extensions()));
+            if let Err(refused) = this.gateway.prepare(&mut request, &peer) {
+                return Ok(refused);
+            }
+            let route = &this.gateway.inner.routes[this.index];
+            Ok(route.handle(request, &peer).await)
+        })
     }
 }

@@ -190,7 +190,7 @@ impl ClientIp {
 
 /// The peer's address: a bare [`SocketAddr`] extension, or (feature `axum`) axum's
 /// `ConnectInfo<SocketAddr>`.
-fn peer_of(extensions: &http::Extensions) -> Option<IpAddr> {
+pub(crate) fn peer_of(extensions: &http::Extensions) -> Option<IpAddr> {
     if let Some(peer) = extensions.get::<SocketAddr>() {
         return Some(peer.ip());
     }

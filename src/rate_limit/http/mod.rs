@@ -19,8 +19,8 @@ pub mod parse;
 mod redis;
 mod retry_after;
 
-pub(crate) use key::parse_net;
 pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
+pub(crate) use key::{parse_net, peer_of};
 pub(crate) use layer::refusal_headers;
 pub use layer::{
     HttpLimit, HttpRateLimit, HttpRateLimitLayer, OnMissingKey, PerKey, RATELIMIT,
