@@ -21,13 +21,16 @@
 //!                      hyper-util client -> inventory (a 5xx is an error: a failure)
 //!   /report  HttpRateLimitLayer::per_key "tier": by x-api-key, gold-* keys 100 a minute,
 //!            others 3; requests without a key share one bucket (OnMissingKey::Shared)
+//!   /metrics Prometheus text: the breaker's and the limiters' series, reported through the
+//!            `metrics` facade to metrics-exporter-prometheus's recorder
 //! ```
 //!
 //! It then acts as its own client and checks: a healthy answer with rate-limit headers;
 //! `502` problems while the upstream fails, then the fallback once the breaker opens; a
 //! `504` when the upstream hangs; the upstream's `429` passed on, then `503` with
 //! `Retry-After` without calling it again while it asked to be left alone; a `429` with
-//! `Retry-After` past the per-IP limit; a basic API key limited where a gold one is not.
+//! `Retry-After` past the per-IP limit; a basic API key limited where a gold one is not;
+//! `/metrics` showing the breaker's trip and the limiters' refusals.
 //! It ends in about a second, and exits non-zero if a check fails (CI runs it).
 
 use std::net::SocketAddr;
@@ -46,6 +49,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use seawall::BoxError;
 use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow};
 use seawall::fallback::{FallbackLayer, is_circuit_open};
@@ -91,7 +95,7 @@ async fn inventory(mode: Arc<AtomicU8>, hits: Arc<AtomicUsize>) -> Result<Socket
 }
 
 /// The service under test.
-fn app(upstream: SocketAddr) -> Result<Router, BoxError> {
+fn app(upstream: SocketAddr, metrics: PrometheusHandle) -> Result<Router, BoxError> {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let call_upstream = move |_: Request<Body>| {
@@ -152,7 +156,11 @@ fn app(upstream: SocketAddr) -> Result<Router, BoxError> {
     Ok(Router::new()
         .route_service("/stock", stock)
         .layer(HttpRateLimitLayer::per_key(per_ip, ClientIp::peer()).name("per-ip"))
-        .merge(report))
+        .merge(report)
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        ))
 }
 
 struct Answer {
@@ -196,12 +204,15 @@ async fn fetch_with(
 
 #[tokio::main]
 async fn main() -> Result<ExitCode, BoxError> {
+    // The recorder first: breakers and limiters register their series when built.
+    let metrics = PrometheusBuilder::new().install_recorder()?;
     let mode = Arc::new(AtomicU8::new(HEALTHY));
     let hits = Arc::new(AtomicUsize::new(0));
     let upstream = inventory(mode.clone(), hits.clone()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let service = app(upstream)?.into_make_service_with_connect_info::<SocketAddr>();
+    let service =
+        app(upstream, metrics.clone())?.into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, service).await });
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
@@ -248,7 +259,8 @@ async fn main() -> Result<ExitCode, BoxError> {
     mode.store(HANGING, Ordering::SeqCst);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let hanging = listener.local_addr()?;
-    let service = app(upstream)?.into_make_service_with_connect_info::<SocketAddr>();
+    let service =
+        app(upstream, metrics.clone())?.into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, service).await });
     let a = fetch(&client, hanging).await;
     check(
@@ -260,7 +272,8 @@ async fn main() -> Result<ExitCode, BoxError> {
     mode.store(THROTTLING, Ordering::SeqCst);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let throttled = listener.local_addr()?;
-    let service = app(upstream)?.into_make_service_with_connect_info::<SocketAddr>();
+    let service =
+        app(upstream, metrics.clone())?.into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, service).await });
     let first = fetch(&client, throttled).await;
     let before = hits.load(Ordering::SeqCst);
@@ -321,6 +334,16 @@ async fn main() -> Result<ExitCode, BoxError> {
     check(
         refused.is_some_and(|a| a.headers.contains_key("retry-after") && problem(&a)),
         "past the per-IP limit: 429 with Retry-After, problem+json",
+    );
+
+    // One metrics path: the breaker and the limiters, through the `metrics` facade.
+    let m = fetch_with(&client, addr, "/metrics", None).await;
+    let has = |needle: &str| m.body.lines().any(|l| l.contains(needle));
+    check(
+        has(
+            "seawall_circuit_breaker_transitions_total{breaker=\"inventory\",from=\"closed\",to=\"open\"} 1",
+        ) && has("seawall_rate_limit_decisions_total{limiter=\"tier\",decision=\"refused\"}"),
+        "/metrics: the breaker's trip and the tier limiter's refusals",
     );
 
     if failures.is_empty() {

@@ -34,6 +34,8 @@ pub struct ConfigError {
 }
 
 #[derive(Clone)]
+// Files are read and parsed by the gateway only.
+#[cfg_attr(not(feature = "gateway"), allow(dead_code))]
 enum Source {
     Invalid,
     Parse,

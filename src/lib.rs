@@ -53,14 +53,14 @@
 //!
 //! | feature | adds |
 //! |---|---|
-//! | `http` | [`circuit_breaker::HttpClassifier`] (5xx and transport errors are failures) ; [`problem`]: RFC 9457 answers for stack errors |
+//! | `http` | `HttpClassifier` (5xx and transport errors are failures); `rate_limit::http` (429 layer with RFC 9457 bodies, key extractors, `RetryAfterLayer`); `problem`: HTTP answers for stack errors |
 //! | `axum` | `ClientIp` reads axum 0.8's `ConnectInfo<SocketAddr>`; axum's `Body` for the ready-made answers (enables `http`) |
-//! | `metrics` | counters and gauges through the [`metrics`](https://docs.rs/metrics) crate |
-//! | `tracing` | events through [`tracing`](https://docs.rs/tracing) |
-//! | `quanta` | `QuantaClock`, a TSC clock for limiters and balancers |
-//! | `redis` | the Redis-backed distributed rate limiter |
-//! | `consul` | the Consul client, registration guard and discovery watch |
-//! | `gateway` | the API gateway (enables `http` and `metrics`; with `consul`, services found in Consul) |
+//! | `metrics` | counters and gauges of breakers, limiters, balancers and Consul watches through the `metrics` crate (every name in `observability`) |
+//! | `tracing` | events of the same components, and one per gateway request, through `tracing` |
+//! | `quanta` | `QuantaClock`, a TSC clock for limiters and balancers where the OS clock is slow |
+//! | `redis` | `rate_limit::redis`: the limiter shared by a fleet in Redis or a Redis Cluster, and its layers |
+//! | `consul` | `consul`: the Consul client, registration guard and discovery watch (`HealthEndpoint` with `http`) |
+//! | `gateway` | `gateway`: the TOML-configured API gateway, a `tower::Service` too, with Prometheus `/metrics` (enables `http` and `metrics`; add `consul` for services found in Consul) |
 //! | `full` | all of the above |
 //!
 //! The core layers need only tower and tokio.
@@ -127,6 +127,7 @@ pub mod fallback;
 #[cfg(feature = "gateway")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
 pub mod gateway;
+pub mod observability;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod problem;

@@ -275,14 +275,16 @@
 //! On the proxy listener these paths are routed like any other, unless
 //! `admin.on_proxy_listener = true` (for single-port setups) answers them first, after
 //! path normalisation; then set a token, since that listener faces the clients.
-//! The counters are the gateway's own (see [`status`]); the layers underneath also report
-//! through the `metrics` crate to whatever recorder the application installs, named after
-//! the route: `seawall_rate_limit_decisions_total{limiter="<route>/global"}` and
-//! `{limiter="<route>/per-client"}`, the endpoint breakers' `seawall_circuit_breaker_*`
-//! under `<route>/<service>/<endpoint>`, and the balancer's `seawall_balance_*` under
-//! `<route>/<service>`. With the `tracing` feature every request is a `DEBUG` event
-//! `request` (target `seawall::gateway`) with its route, method, path, peer, status,
-//! whether a fallback answered, and the time taken.
+//! `/metrics` is rendered by `metrics-exporter-prometheus` from one path, the `metrics`
+//! facade: the gateway's `seawall_gateway_*` series, and what its breakers, limiters and
+//! balancers report, named after the route (`seawall_rate_limit_decisions_total{limiter="<route>/global"}`,
+//! the endpoint breakers' `seawall_circuit_breaker_*` under `<route>/<service>/<endpoint>`,
+//! the balancer's `seawall_balance_*` under `<route>/<service>`). Every name and label is
+//! in [`observability`](crate::observability). The first gateway of a process installs a
+//! Prometheus recorder as the global one; if the application installed its own first, its
+//! series go there (see [`use_prometheus_handle`]). With the `tracing` feature every
+//! request is a `DEBUG` event `request` (target `seawall::gateway`) with its route,
+//! method, path, peer, status, whether a fallback answered, and the time taken.
 //!
 //! `/status.json` is a [`GatewayStatus`]:
 //!
@@ -317,8 +319,8 @@
 //! }
 //! ```
 //!
-//! `/metrics` renders the same numbers as `seawall_gateway_*` families labelled by
-//! `route` (and `class`, `kind`, `quantile`, `endpoint`, `address`).
+//! `/metrics` shows the same numbers as `seawall_gateway_*` series labelled by `route`
+//! (and `class`, `kind`, `quantile`, `endpoint`, `address`).
 //!
 //! ## Live status page
 //!
@@ -348,6 +350,7 @@ mod config;
 #[doc(hidden)]
 pub mod headers;
 pub mod jwt;
+mod metrics;
 pub mod path;
 mod pool;
 mod route;
@@ -360,6 +363,9 @@ pub use config::{
     FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OnMissing, OutlierSettings,
     RateLimitSettings, RouteConfig, ServerConfig, ServiceConfig, StrategyName,
 };
+pub use metrics::use_prometheus_handle;
+/// The handle [`use_prometheus_handle`] takes, from `metrics-exporter-prometheus`.
+pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use route::{Body, FALLBACK_HEADER};
 #[cfg(unix)]
 pub use server::GatewayThreads;

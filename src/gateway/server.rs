@@ -25,10 +25,11 @@ use super::client::SendTimeout;
 use super::config::GatewayConfig;
 use super::headers::check_request;
 use super::jwt::JwtVerifier;
+use super::metrics::GatewayMetrics;
 use super::path::{PathOptions, normalize};
 use super::pool::Pools;
 use super::route::{Body, Peer, Route, full, json_error};
-use super::status::{GatewayStatus, render_prometheus};
+use super::status::GatewayStatus;
 use crate::BoxError;
 use crate::ConfigError;
 #[cfg(feature = "consul")]
@@ -163,6 +164,8 @@ struct Inner {
     _watches: Vec<ConsulWatch>,
     /// Every endpoint's pool; the sweeper stops once this is dropped.
     pools: Arc<Pools>,
+    /// The recorder `/metrics` renders.
+    metrics: GatewayMetrics,
 }
 
 impl fmt::Debug for Gateway {
@@ -198,6 +201,8 @@ impl Gateway {
     /// connections left idle for 30 s (and, with [`Discovery::Consul`], one per watch).
     pub async fn build(config: GatewayConfig, discovery: Discovery) -> Result<Self, BuildError> {
         config.validate()?;
+        // Before any breaker or limiter registers its metric handles.
+        let metrics = GatewayMetrics::new();
         if matches!(discovery, Discovery::Static) {
             config.check_static_services()?;
         }
@@ -270,6 +275,7 @@ impl Gateway {
                 #[cfg(feature = "consul")]
                 _watches: watches,
                 pools,
+                metrics,
             }),
         })
     }
@@ -290,9 +296,11 @@ impl Gateway {
         }
     }
 
-    /// The Prometheus text `GET /metrics` serves.
+    /// The Prometheus text `GET /metrics` serves: the gateway's series and those the
+    /// breakers, limiters and balancers report through the `metrics` facade (see
+    /// [`observability`](crate::observability) for every name and label).
     pub fn metrics(&self) -> String {
-        render_prometheus(&self.status())
+        self.inner.metrics.render(&self.status())
     }
 
     /// Answers one request from `peer` as the proxy listener does: its path normalised

@@ -1,12 +1,11 @@
 //! What the gateway reports: per-route counters and latencies, endpoints and limiters, as
 //! `GET /status.json` ([`GatewayStatus`]) and `GET /metrics` (Prometheus text).
 //!
-//! The counters are the gateway's own atomics, rendered by hand: no global `metrics`
-//! recorder is installed, so several gateways (or a gateway and the application's own
-//! recorder) can live in one process, and the status page and `/metrics` always agree.
+//! The counters are the gateway's own atomics, so several gateways can live in one
+//! process; `/metrics` writes them into the gateway's own recorder when scraped, so the
+//! status page and `/metrics` always agree.
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -283,205 +282,6 @@ pub(crate) fn breaker_state(state: crate::circuit_breaker::State) -> &'static st
     }
 }
 
-/// Escapes a Prometheus label value.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// Renders a status as Prometheus text exposition (format 0.0.4).
-pub fn render_prometheus(status: &GatewayStatus) -> String {
-    let mut out = String::with_capacity(4096);
-    let mut family = |name: &str,
-                      kind: &str,
-                      help: &str,
-                      samples: &mut dyn Iterator<Item = (String, String)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{{{labels}}} {value}");
-        }
-    };
-    let route = |r: &RouteStatus| format!("route=\"{}\"", label(&r.name));
-    let routes = &status.routes;
-    family(
-        "seawall_gateway_unmatched_total",
-        "counter",
-        "Requests that matched no route.",
-        &mut std::iter::once((String::new(), status.unmatched.to_string())),
-    );
-    family(
-        "seawall_gateway_send_timeouts_total",
-        "counter",
-        "Client connections closed for reading nothing for send_timeout.",
-        &mut std::iter::once((String::new(), status.send_timeouts.to_string())),
-    );
-    family(
-        "seawall_gateway_retried_stale_total",
-        "counter",
-        "Requests sent again after a reused upstream connection failed before answering.",
-        &mut std::iter::once((String::new(), status.retried_stale.to_string())),
-    );
-    family(
-        "seawall_gateway_requests_total",
-        "counter",
-        "Requests matched to a route.",
-        &mut routes.iter().map(|r| (route(r), r.requests.to_string())),
-    );
-    family(
-        "seawall_gateway_responses_total",
-        "counter",
-        "Responses sent, by status class.",
-        &mut routes.iter().flat_map(|r| {
-            let c = &r.responses;
-            [
-                ("1xx", c.informational),
-                ("2xx", c.success),
-                ("3xx", c.redirection),
-                ("4xx", c.client_error),
-                ("5xx", c.server_error),
-            ]
-            .into_iter()
-            .map(move |(class, n)| (format!("{},class=\"{class}\"", route(r)), n.to_string()))
-        }),
-    );
-    for (name, help, get) in [
-        (
-            "seawall_gateway_fallbacks_total",
-            "Fallback responses served in place of upstream failures.",
-            (|r: &RouteStatus| r.fallbacks) as fn(&RouteStatus) -> u64,
-        ),
-        (
-            "seawall_gateway_rate_limited_total",
-            "Requests refused by the route's rate limits.",
-            |r: &RouteStatus| r.rate_limited,
-        ),
-        (
-            "seawall_gateway_unauthorized_total",
-            "Requests refused for a missing or invalid token.",
-            |r: &RouteStatus| r.unauthorized,
-        ),
-    ] {
-        family(
-            name,
-            "counter",
-            help,
-            &mut routes.iter().map(|r| (route(r), get(r).to_string())),
-        );
-    }
-    family(
-        "seawall_gateway_upstream_errors_total",
-        "counter",
-        "Upstream failures, by kind.",
-        &mut routes.iter().flat_map(|r| {
-            let e = &r.upstream_errors;
-            [
-                ("timeout", e.timeout),
-                ("unavailable", e.unavailable),
-                ("bad_gateway", e.bad_gateway),
-                ("server_error", e.server_error),
-            ]
-            .into_iter()
-            .map(move |(kind, n)| (format!("{},kind=\"{kind}\"", route(r)), n.to_string()))
-        }),
-    );
-    family(
-        "seawall_gateway_client_errors_total",
-        "counter",
-        "Requests failed by the client's side, by kind (never counted against upstreams).",
-        &mut routes.iter().flat_map(|r| {
-            let e = &r.client_errors;
-            [
-                ("bad_body", e.bad_body),
-                ("body_timeout", e.body_timeout),
-                ("too_large", e.too_large),
-                ("headers_too_large", e.headers_too_large),
-            ]
-            .into_iter()
-            .map(move |(kind, n)| (format!("{},kind=\"{kind}\"", route(r)), n.to_string()))
-        }),
-    );
-    family(
-        "seawall_gateway_latency_seconds",
-        "gauge",
-        "Latency quantiles over the route's recent responses.",
-        &mut routes.iter().flat_map(|r| {
-            [("0.5", r.latency_ms.p50), ("0.99", r.latency_ms.p99)]
-                .into_iter()
-                .map(move |(q, ms)| {
-                    (
-                        format!("{},quantile=\"{q}\"", route(r)),
-                        (ms / 1000.0).to_string(),
-                    )
-                })
-        }),
-    );
-    family(
-        "seawall_gateway_global_limit_available",
-        "gauge",
-        "Tokens left in the route's global bucket.",
-        &mut routes.iter().filter_map(|r| {
-            r.limits
-                .global
-                .as_ref()
-                .map(|g| (route(r), g.available.to_string()))
-        }),
-    );
-    let endpoint = |r: &RouteStatus, e: &EndpointReport| {
-        format!(
-            "{},endpoint=\"{}\",address=\"{}\"",
-            route(r),
-            label(&e.key),
-            label(&e.address)
-        )
-    };
-    family(
-        "seawall_gateway_endpoint_outstanding",
-        "gauge",
-        "Requests in flight to the endpoint.",
-        &mut routes.iter().flat_map(|r| {
-            r.endpoints
-                .iter()
-                .map(move |e| (endpoint(r, e), e.outstanding.to_string()))
-        }),
-    );
-    family(
-        "seawall_gateway_endpoint_ejected",
-        "gauge",
-        "1 while outlier detection has the endpoint out of rotation.",
-        &mut routes.iter().flat_map(|r| {
-            r.endpoints
-                .iter()
-                .map(move |e| (endpoint(r, e), u8::from(e.ejected).to_string()))
-        }),
-    );
-    family(
-        "seawall_gateway_endpoint_ejections_total",
-        "counter",
-        "Times the endpoint was ejected.",
-        &mut routes.iter().flat_map(|r| {
-            r.endpoints
-                .iter()
-                .map(move |e| (endpoint(r, e), e.ejections.to_string()))
-        }),
-    );
-    family(
-        "seawall_gateway_endpoint_breaker_open",
-        "gauge",
-        "1 while the endpoint's circuit breaker rejects calls (open or forced open).",
-        &mut routes.iter().flat_map(|r| {
-            r.endpoints.iter().filter_map(move |e| {
-                let open = matches!(e.breaker.as_deref(), Some("open" | "forced_open"));
-                e.breaker
-                    .as_ref()
-                    .map(|_| (endpoint(r, e), u8::from(open).to_string()))
-            })
-        }),
-    );
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,10 +300,5 @@ mod tests {
         }
         assert_eq!(stats.latency().p99, 7.0);
         assert_eq!(stats.responses().server_error, LATENCY_WINDOW as u64);
-    }
-
-    #[test]
-    fn labels_are_escaped() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

@@ -1,0 +1,196 @@
+//! One metrics path (issue 13, item 8): `GET /metrics` on the admin listener, scraped over
+//! loopback, shows the route series and what the route's breakers, limiters and balancer
+//! report through the `metrics` facade. Before, only the hand-rendered `seawall_gateway_*`
+//! families were there.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use seawall::discovery::{Instance, Registry};
+use seawall::gateway::{Discovery, Gateway, GatewayConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BOUND: Duration = Duration::from_secs(10);
+
+/// An upstream answering `200 ok` to everything.
+async fn upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn get(addr: SocketAddr, target: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {target} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(BOUND, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the series whose line starts with `prefix` (name and labels, in the
+/// exporter's order), or `None`.
+fn value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (labels_part, v) = match rest.strip_prefix('{') {
+            Some(r) => {
+                let (l, v) = r.split_once("} ")?;
+                (l, v)
+            }
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        labels
+            .iter()
+            .all(|(k, want)| labels_part.contains(&format!("{k}=\"{want}\"")))
+            .then(|| v.trim().parse().ok())?
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_route_breaker_limiter_and_balancer_series() {
+    let (a, b) = (upstream().await, upstream().await);
+    let registry = Registry::new();
+    let _a = registry.register(Instance::local("metered-svc", a));
+    let _b = registry.register(Instance::local("metered-svc", b));
+    let config = GatewayConfig::from_toml_str(
+        r#"
+[gateway]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[routes]]
+name = "metered"
+path_prefix = "/m"
+service = "metered-svc"
+breaker = { failure_rate = 0.5, window = 10, minimum_calls = 5 }
+rate_limit = { global = { per_second = 1, burst = 3 } }
+
+[routes.balance]
+outlier = { consecutive_failures = 5, base_ejection = "30s" }
+"#,
+    )
+    .unwrap();
+    let gateway = Gateway::build(config, Discovery::Registry(registry))
+        .await
+        .unwrap();
+    let admin = gateway
+        .clone()
+        .spawn_admin(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let proxy = gateway.spawn(TcpListener::bind("127.0.0.1:0").await.unwrap());
+
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(get(proxy.local_addr(), "/m/x").await.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+
+    let (status, metrics) = get(admin.local_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    let route = [("route", "metered")];
+    // The route's own series.
+    assert_eq!(
+        value(&metrics, "seawall_gateway_requests_total", &route),
+        Some(5.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value(&metrics, "seawall_gateway_rate_limited_total", &route),
+        Some(2.0)
+    );
+    assert!(
+        metrics.contains("# HELP seawall_gateway_requests_total"),
+        "{metrics}"
+    );
+    // The global limiter's decisions, through the facade.
+    let limiter = |decision| [("limiter", "metered/global"), ("decision", decision)];
+    assert_eq!(
+        value(
+            &metrics,
+            "seawall_rate_limit_decisions_total",
+            &limiter("admitted")
+        ),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            "seawall_rate_limit_decisions_total",
+            &limiter("refused")
+        ),
+        Some(2.0)
+    );
+    // The balancer's endpoints, and every endpoint's breaker, closed, with its calls.
+    assert_eq!(
+        value(
+            &metrics,
+            "seawall_balance_endpoints",
+            &[("balancer", "metered/metered-svc")]
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    let breakers: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("seawall_circuit_breaker_state{")
+                && l.contains("breaker=\"metered/metered-svc/")
+        })
+        .collect();
+    assert_eq!(breakers.len(), 2, "{metrics}");
+    assert!(
+        breakers.iter().all(|l| l.ends_with(" 0")),
+        "closed: {breakers:?}"
+    );
+    let calls: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("seawall_circuit_breaker_calls_total{")
+                && l.contains("breaker=\"metered/metered-svc/")
+                && l.contains("outcome=\"success\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(calls, 3.0, "the three admitted requests: {metrics}");
+
+    // /status.json and /metrics agree.
+    let (_, json) = get(admin.local_addr(), "/status.json").await;
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["routes"][0]["requests"], 5);
+    proxy.shutdown().await;
+    admin.shutdown().await;
+}
