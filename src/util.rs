@@ -1,4 +1,73 @@
-//! Small crate-private helpers shared by several layers.
+//! Small crate-private helpers shared by several layers: one home for the random numbers
+//! that spread retries and picks, and for time arithmetic in nanoseconds.
+
+use std::hash::{BuildHasher, Hash};
+use std::time::Duration;
+
+/// splitmix64's increment (the golden ratio in 64 bits).
+pub(crate) const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// splitmix64's finalizer: spreads the bits of `z` (a hash or a counter).
+#[inline]
+pub(crate) fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The next number of a splitmix64 stream: spread, not cryptographic strength (jitter,
+/// random picks, ids that must not collide by accident).
+#[inline]
+pub(crate) fn next_u64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(GOLDEN);
+    mix(*state)
+}
+
+/// [`next_u64`] mapped to `[0, 1)`.
+#[inline]
+pub(crate) fn next_unit(state: &mut u64) -> f64 {
+    (next_u64(state) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A seed that differs between processes and calls (the standard library's per-process
+/// random keys, hashed with `salt` and a counter), so that replicas and instances do not
+/// draw in step.
+pub(crate) fn seed(salt: impl Hash) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    std::collections::hash_map::RandomState::new().hash_one((salt, COUNTER.fetch_add(1, Relaxed)))
+}
+
+/// `get_ref`, `get_mut` and `into_inner` for a service wrapping an inner service `S` in
+/// its field `$field` (`inner` by default), as tower-http's `define_inner_service_accessors!`.
+macro_rules! inner_service_accessors {
+    () => {
+        $crate::util::inner_service_accessors!(inner);
+    };
+    ($field:ident) => {
+        /// A reference to the inner service.
+        pub fn get_ref(&self) -> &S {
+            &self.$field
+        }
+
+        /// A mutable reference to the inner service.
+        pub fn get_mut(&mut self) -> &mut S {
+            &mut self.$field
+        }
+
+        /// The inner service.
+        pub fn into_inner(self) -> S {
+            self.$field
+        }
+    };
+}
+pub(crate) use inner_service_accessors;
+
+/// `d` in nanoseconds, saturating at `u64::MAX` (584 years).
+#[inline]
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// The reason given for a share that is not a fraction in `range` (`"(0, 1]"` or
 /// `"[0, 1]"`): every share in seawall is a fraction, and a whole number from 2 to 100, which
@@ -16,6 +85,24 @@ pub(crate) fn not_a_fraction(value: f64, range: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn streams_spread_and_seeds_differ() {
+        let mut state = 1;
+        let draws: Vec<f64> = (0..1000).map(|_| super::next_unit(&mut state)).collect();
+        assert!(draws.iter().all(|u| (0.0..1.0).contains(u)));
+        let mean = draws.iter().sum::<f64>() / 1000.0;
+        assert!((0.45..0.55).contains(&mean), "{mean}");
+        assert_ne!(
+            super::seed("a"),
+            super::seed("a"),
+            "a counter makes each call differ"
+        );
+        assert_eq!(super::nanos(Duration::MAX), u64::MAX);
+        assert_eq!(super::nanos(Duration::from_micros(3)), 3_000);
+    }
+
     #[test]
     fn percentages_get_a_hint() {
         assert_eq!(

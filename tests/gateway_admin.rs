@@ -4,16 +4,16 @@
 //! environment.
 #![cfg(feature = "gateway")]
 
+#[path = "support/raw_http.rs"]
+mod raw_http;
+
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use seawall::gateway::jwt::JwtVerifier;
 use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::time::timeout;
+use tokio::net::TcpListener;
 
-const BOUND: Duration = Duration::from_secs(10);
 const TOKEN: &str = "an admin token of enough bytes";
 
 /// A hand-written upstream answering every request `200` with `upstream <target>`.
@@ -62,26 +62,7 @@ async fn start(config: &str) -> GatewayHandle {
 
 /// Sends a raw request (`extra` headers, each ending in `\r\n`); the status and body.
 async fn raw(addr: SocketAddr, method: &str, target: &str, extra: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request =
-        format!("{method} {target} HTTP/1.1\r\nhost: gw\r\n{extra}connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    timeout(BOUND, stream.read_to_end(&mut answer))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    raw_http::request(addr, method, target, extra).await
 }
 
 fn config(upstream: SocketAddr, extra: &str, prefix: &str) -> String {

@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use http::{Request, Response};
 use http_body_util::Full;
@@ -13,10 +12,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use seawall::discovery::{Instance, Registry};
 use seawall::gateway::{Discovery, Gateway, GatewayConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
-const BOUND: Duration = Duration::from_secs(10);
+#[path = "support/raw_http.rs"]
+mod raw_http;
+use raw_http::get;
 
 /// An upstream answering `200 ok` to everything.
 async fn upstream() -> SocketAddr {
@@ -35,28 +35,6 @@ async fn upstream() -> SocketAddr {
         }
     });
     addr
-}
-
-async fn get(addr: SocketAddr, target: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {target} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(BOUND, stream.read_to_end(&mut answer))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// The value of the series whose line starts with `prefix` (name and labels, in the

@@ -5,18 +5,18 @@
 //! route's upstream is hand-written and records the request line it received.
 #![cfg(feature = "gateway")]
 
+#[path = "support/raw_http.rs"]
+mod raw_http;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::time::timeout;
+use tokio::net::TcpListener;
 
-const BOUND: Duration = Duration::from_secs(10);
 const SECRET: &str = "a test secret of enough bytes";
 
 /// A hand-written upstream: reads request heads (bodiless GETs) on keep-alive
@@ -126,25 +126,7 @@ instances = [\"{}\"]
 
 /// Sends `GET <target>` as raw bytes; the status and the body.
 async fn raw_get(addr: SocketAddr, target: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {target} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    timeout(BOUND, stream.read_to_end(&mut answer))
-        .await
-        .expect("the gateway answers")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    raw_http::get(addr, target).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,6 @@ use crate::circuit_breaker::{CircuitOpen, Classify, ErrorsAreFailures};
 use super::error::NoEndpoints;
 use super::future::{BreakerRecord, CallGuard, HashResponseFuture};
 use super::set::{EndpointSet, Index};
-use super::weights::mix;
 use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
 
 /// Consistent hashing: requests with the same key go to the same endpoint while it is in
@@ -164,10 +163,7 @@ where
         }
         let hash = match (self.key)(&request) {
             Some(hash) => hash,
-            None => {
-                self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                mix(self.rng)
-            }
+            None => crate::util::next_u64(&mut self.rng),
         };
         let at = self.route(hash);
         let slot = &self.set.slots[at];

@@ -189,21 +189,10 @@ impl Default for BalanceBuilder {
             classifier: ErrorsAreFailures,
             when_empty: WhenEmpty::Fail,
             clock: Arc::new(TokioClock::new()),
-            seed: seed(),
+            // Differs between balancers and processes: balancers do not draw in lockstep.
+            seed: crate::util::seed("balance"),
         }
     }
-}
-
-/// A seed that differs between balancers and processes, so that balancers do not draw in
-/// lockstep.
-fn seed() -> u64 {
-    use std::sync::atomic::AtomicU64;
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    std::time::SystemTime::now().hash(&mut h);
-    std::process::id().hash(&mut h);
-    COUNTER.fetch_add(1, Relaxed).hash(&mut h);
-    h.finish()
 }
 
 impl<C> BalanceBuilder<C> {

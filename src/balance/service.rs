@@ -167,8 +167,7 @@ where
 
     #[inline]
     fn next_random(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mix(self.rng)
+        crate::util::next_u64(&mut self.rng)
     }
 
     /// Tries to reserve endpoint `at`: its breaker first, then its readiness.

@@ -208,7 +208,7 @@ impl Maglev {
         let offsets: Vec<u64> = hashes.iter().map(|&h| mix(h) % m).collect();
         let skips: Vec<u64> = hashes
             .iter()
-            .map(|&h| mix(h ^ 0x9e37_79b9_7f4a_7c15) % (m - 1) + 1)
+            .map(|&h| mix(h ^ crate::util::GOLDEN) % (m - 1) + 1)
             .collect();
         let max_w = f64::from(weights.iter().copied().max().unwrap_or(1).max(1));
         let share: Vec<f64> = weights
@@ -251,19 +251,13 @@ impl Maglev {
         let h = if attempt == 0 {
             hash
         } else {
-            mix(hash.wrapping_add(attempt.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            mix(hash.wrapping_add(attempt.wrapping_mul(crate::util::GOLDEN)))
         };
         self.table[(h % m) as usize] as usize
     }
 }
 
-/// splitmix64's finalizer: spreads the bits of a hash.
-#[inline]
-pub(crate) fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+pub(crate) use crate::util::mix;
 
 #[cfg(test)]
 mod tests {

@@ -89,20 +89,7 @@ impl<S, C, M> CircuitBreaker<S, C, M> {
         &self.breaker
     }
 
-    /// A reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// A mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service; a reserved probe permit is returned to the breaker.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::util::inner_service_accessors!();
 }
 
 impl<S, C, M> CircuitBreaker<S, C, M> {

@@ -1,7 +1,6 @@
 //! The shared state machine behind every clone of a breaker.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::time::Duration;
@@ -224,14 +223,12 @@ impl Shared {
         let window = match config.window {
             SlidingWindow::CountBased { size } => Window::Count(CountWindow::new(size)),
             SlidingWindow::TimeBased { window, buckets } => {
-                let width = (window / buckets).as_nanos().min(u128::from(u64::MAX)) as u64;
+                let width = crate::util::nanos(window / buckets);
                 Window::Time(TimeWindow::new(buckets, width))
             }
         };
         let name: Arc<str> = Arc::from(config.name.as_ref());
-        let seed = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
+        let seed = crate::util::seed(&*name);
         Self {
             #[cfg(feature = "metrics")]
             metrics: super::telemetry::Metrics::new(&name),
@@ -620,15 +617,7 @@ impl Shared {
     }
 }
 
-/// splitmix64, mapped to `[0, 1)`; jitter needs spread, not cryptographic strength.
-fn next_unit(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
-}
+use crate::util::next_unit;
 
 /// Clears the timer mark when the timer task ends or is dropped with its runtime, so the
 /// admission path falls back to reading the clock instead of waiting for a dead timer.

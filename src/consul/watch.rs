@@ -395,22 +395,7 @@ pub(crate) fn backoff(failures: u32, base: Duration, max: Duration, rng: &mut u6
     full.mul_f64(0.5 + 0.5 * next_unit(rng))
 }
 
-/// splitmix64, mapped to `[0, 1)`; jitter needs spread, not cryptographic strength.
-pub(crate) fn next_unit(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// A seed that differs between processes and watches, so that replicas do not retry in
-/// step.
-pub(crate) fn seed(salt: &str) -> u64 {
-    use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(salt)
-}
+pub(crate) use crate::util::{next_unit, seed};
 
 #[cfg(feature = "metrics")]
 struct Metrics {

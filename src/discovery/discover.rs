@@ -35,20 +35,7 @@ impl<S> Endpoint<S> {
         &self.instance
     }
 
-    /// A reference to the service.
-    pub fn get_ref(&self) -> &S {
-        &self.service
-    }
-
-    /// A mutable reference to the service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.service
-    }
-
-    /// The service.
-    pub fn into_inner(self) -> S {
-        self.service
-    }
+    crate::util::inner_service_accessors!(service);
 }
 
 impl<S, Request> Service<Request> for Endpoint<S>

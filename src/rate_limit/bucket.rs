@@ -297,7 +297,7 @@ impl<C: Clock> RateLimiter<C> {
     pub fn reserve(&self, tokens: u32, max_wait: Duration) -> Result<Reservation, RateLimited> {
         let (interval, tau) = self.shape();
         let now = self.inner.clock.now_nanos();
-        let max_wait = max_wait.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let max_wait = crate::util::nanos(max_wait);
         let (_, wait) = gcra_update(&self.inner.tat, now, interval, tau, tokens, max_wait)?;
         Ok(Reservation {
             tokens,

@@ -45,7 +45,7 @@ impl Default for TokioClock {
 impl Clock for TokioClock {
     #[inline]
     fn now_nanos(&self) -> u64 {
-        self.origin.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64
+        crate::util::nanos(self.origin.elapsed())
     }
 }
 
@@ -80,7 +80,7 @@ impl ManualClock {
 
     /// Moves the clock forward.
     pub fn advance(&self, by: Duration) {
-        let by = by.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let by = crate::util::nanos(by);
         let _ = self
             .nanos
             .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_add(by)));

@@ -255,7 +255,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let max_wait = max_wait.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let max_wait = crate::util::nanos(max_wait);
         let result = self.book(key, tokens, max_wait);
         self.inner
             .telemetry

@@ -237,20 +237,7 @@ impl<S: fmt::Debug, F, Key, K, C> fmt::Debug for KeyedRateLimitWait<S, F, Key, K
 }
 
 impl<S, F, Key, K, C> KeyedRateLimitWait<S, F, Key, K, C> {
-    /// A reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// A mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::util::inner_service_accessors!();
 }
 
 impl<S, F, Key, K, C, Request> Service<Request> for KeyedRateLimitWait<S, F, Key, K, C>
@@ -502,20 +489,7 @@ impl<S: fmt::Debug, F, Key, K, C> fmt::Debug for KeyedRateLimit<S, F, Key, K, C>
 }
 
 impl<S, F, Key, K, C> KeyedRateLimit<S, F, Key, K, C> {
-    /// A reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// A mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::util::inner_service_accessors!();
 }
 
 impl<S, F, Key, K, C, Request> Service<Request> for KeyedRateLimit<S, F, Key, K, C>

@@ -84,20 +84,8 @@ impl<S, K, C: Clock> RateLimit<S, K, C> {
         &self.booking.limiter
     }
 
-    /// A reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// A mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service; a booking not yet used is handed back.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    // `into_inner` hands back a booking not yet used (the booking's drop does).
+    crate::util::inner_service_accessors!();
 }
 
 impl<S: Clone, K: Clone, C: Clock> Clone for RateLimit<S, K, C> {

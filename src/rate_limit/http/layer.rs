@@ -314,20 +314,7 @@ pub struct HttpRateLimit<S, L> {
 }
 
 impl<S, L> HttpRateLimit<S, L> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably (to hand it per-request state on a clone, say).
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, the layer gone.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::util::inner_service_accessors!();
 
     /// The limit, mutably (to hand a clone per-request state, such as the peer's
     /// address, without putting it in the request's extensions).
