@@ -5,8 +5,7 @@
 //! process; `/metrics` writes them into the gateway's own recorder when scraped, so the
 //! status page and `/metrics` always agree.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -209,7 +208,27 @@ pub(crate) struct RouteStats {
     pub(crate) body_timeouts: AtomicU64,
     pub(crate) too_large: AtomicU64,
     pub(crate) headers_too_large: AtomicU64,
-    latencies: parking_lot::Mutex<VecDeque<u32>>,
+    latencies: Latencies,
+}
+
+/// The last [`LATENCY_WINDOW`] latencies, in microseconds: a ring of atomics that every
+/// response writes one slot of, with no lock (a status read while responses are recorded
+/// may see a slot's newer value in place of the older: a percentile over the window
+/// either way).
+#[derive(Debug)]
+struct Latencies {
+    slots: Box<[AtomicU32]>,
+    /// Latencies recorded so far; the next slot is this modulo the window.
+    recorded: AtomicU64,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Self {
+            slots: (0..LATENCY_WINDOW).map(|_| AtomicU32::new(0)).collect(),
+            recorded: AtomicU64::new(0),
+        }
+    }
 }
 
 impl RouteStats {
@@ -217,11 +236,8 @@ impl RouteStats {
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
         self.classes[class].fetch_add(1, Relaxed);
         let micros = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX);
-        let mut window = self.latencies.lock();
-        if window.len() == LATENCY_WINDOW {
-            window.pop_front();
-        }
-        window.push_back(micros);
+        let at = self.latencies.recorded.fetch_add(1, Relaxed) as usize % LATENCY_WINDOW;
+        self.latencies.slots[at].store(micros, Relaxed);
     }
 
     pub(crate) fn responses(&self) -> ResponseClasses {
@@ -254,7 +270,11 @@ impl RouteStats {
     }
 
     pub(crate) fn latency(&self) -> Latency {
-        let mut samples: Vec<u32> = self.latencies.lock().iter().copied().collect();
+        let held = (self.latencies.recorded.load(Relaxed) as usize).min(LATENCY_WINDOW);
+        let mut samples: Vec<u32> = self.latencies.slots[..held]
+            .iter()
+            .map(|slot| slot.load(Relaxed))
+            .collect();
         if samples.is_empty() {
             return Latency::default();
         }
