@@ -761,11 +761,25 @@ async fn check_intervals_below_one_second_are_raised_like_consul() {
     let target = flip_server(Arc::new(AtomicU16::new(200)), hits.clone(), Arc::default()).await;
     d.register(json!({"Name": "slow", "Check": {"HTTP": format!("http://{target}/"), "Interval": "100ms"}}))
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        1,
-        "first run at once, the next one after 1 s"
+    // The time between the first two runs, seen from the target (polled every 5 ms; a
+    // loaded machine can only lengthen it, so the bound below cannot flake under load).
+    let when = |n: usize| {
+        let hits = hits.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while hits.load(Ordering::SeqCst) < n {
+                assert!(tokio::time::Instant::now() < deadline, "run {n} never came");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::Instant::now()
+        }
+    };
+    let first = when(1).await;
+    let second = when(2).await;
+    let gap = second - first;
+    assert!(
+        gap >= Duration::from_millis(900),
+        "a 100ms interval is raised to 1 s, as Consul does: {gap:?} between runs"
     );
 }
 
