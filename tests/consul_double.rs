@@ -1,5 +1,5 @@
 //! Self-test of the Consul HTTP API double (`tests/support/consul_double.rs`): every rule of
-//! `shared/consul-api.md` it reproduces, exercised over loopback with a plain hyper client.
+//! `docs/consul-api.md` it reproduces, exercised over loopback with a plain hyper client.
 #![allow(unreachable_pub)]
 
 #[path = "support/consul_double.rs"]

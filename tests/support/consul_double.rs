@@ -1,6 +1,6 @@
 #![allow(dead_code, unreachable_pub)]
 //! A Consul HTTP API double for integration tests: a real HTTP/1.1 server on loopback that
-//! follows `shared/consul-api.md` (and Consul's own behaviour where the sheet is silent).
+//! follows `docs/consul-api.md` (and Consul's own behaviour where the sheet is silent).
 //!
 //! Include it with `#[path = "support/consul_double.rs"] mod consul_double;`.
 //!
