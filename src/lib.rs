@@ -119,6 +119,7 @@
 
 pub mod balance;
 pub mod circuit_breaker;
+pub mod clock;
 #[cfg(feature = "consul")]
 #[cfg_attr(docsrs, doc(cfg(feature = "consul")))]
 pub mod consul;

@@ -87,7 +87,7 @@ pub use service::Balance;
 
 use crate::circuit_breaker::{CircuitBreakerConfig, ErrorsAreFailures, State};
 use crate::discovery::Endpoint;
-use crate::rate_limit::{Clock, TokioClock};
+use crate::clock::{Clock, TokioClock};
 use set::{EndpointSet, Index, StatusEntry};
 use stats::SetShared;
 

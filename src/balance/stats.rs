@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 use std::time::Duration;
 
 use crate::circuit_breaker::Outcome;
-use crate::rate_limit::Clock;
+use crate::clock::Clock;
 
 use super::config::{OutlierDetection, Strategy};
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use super::clock::{Clock, TokioClock};
+use crate::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::Quota;
 

@@ -4,7 +4,7 @@ use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use super::clock::{Clock, TokioClock};
+use crate::clock::{Clock, TokioClock};
 use super::keyed::{DEFAULT_MAX_KEYS, KeyedRateLimiter};
 use super::quota::Quota;
 use super::{RateLimiter, ShardedRateLimiter};

@@ -14,7 +14,7 @@ use parking_lot::{Mutex, RwLock};
 use super::bucket::{
     Admitted, Reservation, Taken, gcra_acquire, gcra_step, refund_nanos, rescale_tat,
 };
-use super::clock::{Clock, TokioClock};
+use crate::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::Quota;
 

@@ -9,7 +9,7 @@ use pin_project_lite::pin_project;
 
 use tower::{Layer, Service};
 
-use super::clock::{Clock, TokioClock};
+use crate::clock::{Clock, TokioClock};
 use super::future::ResponseFuture;
 use super::{
     Cost, KeyExtractor, KeyedCharge, KeyedRateLimiter, OnMissingKey, RateLimited, Reservation,

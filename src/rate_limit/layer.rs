@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use tower::Layer;
 
-use super::clock::{Clock, TokioClock};
+use crate::clock::{Clock, TokioClock};
 use super::service::RateLimit;
 use super::{Quota, RateLimiter};
 

@@ -90,7 +90,6 @@
 mod bounded_key;
 mod bucket;
 mod builder;
-mod clock;
 mod error;
 mod keyed;
 mod keyed_layer;
@@ -112,8 +111,9 @@ pub use bounded_key::{BoundedKey, INLINE_KEY_BYTES};
 pub use bucket::{Admitted, Charge, RateLimiter, Reservation, Taken};
 pub use builder::{KeyedRateLimiterBuilder, RateLimiterBuilder, ShardedRateLimiterBuilder};
 #[cfg(feature = "quanta")]
-pub use clock::QuantaClock;
-pub use clock::{Clock, ManualClock, TokioClock};
+pub use crate::clock::QuantaClock;
+/// The clocks, defined in [`crate::clock`] (shared with the balancers), re-exported here.
+pub use crate::clock::{Clock, ManualClock, TokioClock};
 pub use error::{MissingKey, OnMissingKey, RateLimited};
 pub use keyed::{DEFAULT_MAX_KEYS, KeyedCharge, KeyedRateLimiter};
 pub use keyed_layer::{

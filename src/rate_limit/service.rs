@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use tokio::time::Sleep;
 use tower::Service;
 
-use super::clock::{Clock, TokioClock};
+use crate::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::future::ResponseFuture;
 use super::layer::Mode;

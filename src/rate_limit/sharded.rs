@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use super::bucket::{Admitted, gcra_acquire};
-use super::clock::{Clock, TokioClock};
+use crate::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::{Quota, Rate};
 use crate::ConfigError;

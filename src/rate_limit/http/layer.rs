@@ -13,7 +13,7 @@ use tower::{Layer, Service};
 
 use crate::problem::ProblemBody;
 pub use crate::rate_limit::OnMissingKey;
-use crate::rate_limit::clock::Clock;
+use crate::clock::Clock;
 use crate::rate_limit::{
     Admitted, Charge, KeyExtractor, KeyedCharge, KeyedRateLimiter, RateLimited, RateLimiter, Refund,
 };

@@ -1,4 +1,6 @@
-//! Clocks for rate limiters: the tokio clock by default, a manual one for tests.
+//! Clocks for the rate limiters and the balancers: the tokio clock by default, a manual
+//! one for tests, and (feature `quanta`) a TSC clock. Also re-exported from
+//! [`rate_limit`](crate::rate_limit).
 
 use std::fmt;
 use std::sync::Arc;
