@@ -914,3 +914,51 @@ fn first_call_after_the_open_wait_is_a_probe_when_each_call_has_its_own_block_on
     rt.block_on(call(&mut svc, Do::Succeed)).unwrap();
     assert_eq!(breaker.state(), State::Closed);
 }
+
+/// The admission API for work that is not a tower service: tickets record outcomes, a
+/// rejected acquisition says when to retry, and a probe ticket dropped unrecorded gives its
+/// slot back instead of wedging the breaker half-open.
+#[tokio::test(start_paused = true)]
+async fn tickets_guard_work_that_is_not_a_service() {
+    let breaker = Breaker::new(
+        config()
+            .sliding_window(SlidingWindow::count_based(4))
+            .minimum_calls(4)
+            .permitted_calls_in_half_open(1)
+            .build()
+            .unwrap(),
+    );
+    breaker.try_acquire().unwrap().success();
+    breaker.try_acquire().unwrap().record(Outcome::Ignored);
+    for _ in 0..2 {
+        breaker.try_acquire().unwrap().failure();
+    }
+    assert_eq!(
+        breaker.state(),
+        State::Closed,
+        "3 recorded, ignored one not counted"
+    );
+    breaker.try_acquire().unwrap().failure();
+    assert_eq!(breaker.state(), State::Open, "3 failures of 4");
+    let open = breaker.try_acquire().unwrap_err();
+    assert_eq!(open.retry_after(), Some(Duration::from_secs(10)));
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let probe = breaker.try_acquire().expect("a probe after the open wait");
+    assert!(breaker.try_acquire().is_err(), "one probe at a time");
+    drop(probe);
+    let probe = breaker
+        .try_acquire()
+        .expect("the dropped probe's slot came back");
+    probe.success();
+    assert_eq!(breaker.state(), State::Closed);
+
+    breaker.disable();
+    let ticket = breaker.try_acquire().unwrap();
+    ticket.failure();
+    assert_eq!(
+        breaker.snapshot().failed_calls,
+        0,
+        "disabled: nothing recorded"
+    );
+}

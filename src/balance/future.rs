@@ -10,36 +10,22 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::BoxError;
-use crate::circuit_breaker::state::{ProbePermit, Shared, Start};
-use crate::circuit_breaker::{Classify, Outcome};
+use crate::circuit_breaker::{Classify, Outcome, Ticket};
 
 use super::stats::EndpointStats;
-
-/// How the call's outcome reaches the endpoint's breaker.
-pub(crate) enum BreakerRecord {
-    None,
-    Closed {
-        shared: Arc<Shared>,
-        generation: u64,
-        start: Start,
-    },
-    Probe {
-        permit: ProbePermit,
-        start: Start,
-    },
-}
 
 /// One call in flight on an endpoint: counted in its outstanding requests until dropped.
 pub(crate) struct CallGuard {
     stats: Arc<EndpointStats>,
     /// Clock nanoseconds at the call, 0 when latency is not tracked.
     start: u64,
-    breaker: BreakerRecord,
+    /// The endpoint breaker's ticket for this call, if the endpoint has a breaker.
+    breaker: Option<Ticket>,
 }
 
 impl CallGuard {
     #[inline]
-    pub(crate) fn new(stats: &Arc<EndpointStats>, start: u64, breaker: BreakerRecord) -> Self {
+    pub(crate) fn new(stats: &Arc<EndpointStats>, start: u64, breaker: Option<Ticket>) -> Self {
         stats.start_call();
         Self {
             stats: stats.clone(),
@@ -51,14 +37,8 @@ impl CallGuard {
     #[inline]
     fn complete(mut self, outcome: Outcome) {
         self.stats.complete(outcome, self.start);
-        match std::mem::replace(&mut self.breaker, BreakerRecord::None) {
-            BreakerRecord::None => {}
-            BreakerRecord::Closed {
-                shared,
-                generation,
-                start,
-            } => shared.record_closed(generation, outcome, start),
-            BreakerRecord::Probe { permit, start } => permit.complete(outcome, start),
+        if let Some(ticket) = self.breaker.take() {
+            ticket.record(outcome);
         }
     }
 }

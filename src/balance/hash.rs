@@ -9,11 +9,10 @@ use tower::Service;
 use tower::discover::Discover;
 
 use crate::BoxError;
-use crate::circuit_breaker::state::{Decision, ProbePermit};
-use crate::circuit_breaker::{CircuitOpen, Classify, ErrorsAreFailures};
+use crate::circuit_breaker::{Classify, ErrorsAreFailures};
 
 use super::error::NoEndpoints;
-use super::future::{BreakerRecord, CallGuard, HashResponseFuture};
+use super::future::{CallGuard, HashResponseFuture};
 use super::set::{EndpointSet, Index};
 use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
 
@@ -167,35 +166,14 @@ where
         };
         let at = self.route(hash);
         let slot = &self.set.slots[at];
-        let mut record = BreakerRecord::None;
-        if let Some(breaker) = &slot.breaker {
-            let shared = &breaker.shared;
-            let decision = shared.admit();
-            match decision.tag() {
-                Decision::REJECTED => {
-                    return HashResponseFuture::failed(Box::new(CircuitOpen::new(
-                        shared.clone(),
-                        decision.rejecting_state(),
-                        decision.until,
-                    )));
-                }
-                Decision::CLOSED => {
-                    record = BreakerRecord::Closed {
-                        shared: shared.clone(),
-                        generation: decision.generation(),
-                        start: shared.start(),
-                    }
-                }
-                Decision::PROBE => {
-                    record = BreakerRecord::Probe {
-                        permit: ProbePermit::new(shared.clone(), decision.generation()),
-                        start: shared.start(),
-                    }
-                }
-                _ => {}
-            }
-        }
-        let guard = CallGuard::new(&slot.stats, 0, record);
+        let ticket = match &slot.breaker {
+            None => None,
+            Some(breaker) => match breaker.try_acquire() {
+                Ok(ticket) => Some(ticket),
+                Err(open) => return HashResponseFuture::failed(Box::new(open)),
+            },
+        };
+        let guard = CallGuard::new(&slot.stats, 0, ticket);
         HashResponseFuture::waiting(
             slot.endpoint.clone(),
             request,

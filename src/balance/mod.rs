@@ -86,8 +86,8 @@ pub use hash::HashBalance;
 pub use service::Balance;
 
 use crate::circuit_breaker::{CircuitBreakerConfig, ErrorsAreFailures, State};
-use crate::discovery::Endpoint;
 use crate::clock::{Clock, TokioClock};
+use crate::discovery::Endpoint;
 use set::{EndpointSet, Index, StatusEntry};
 use stats::SetShared;
 

@@ -12,12 +12,11 @@ use tower::Service;
 use tower::discover::Discover;
 
 use crate::BoxError;
-use crate::circuit_breaker::state::{Decision, ProbePermit};
-use crate::circuit_breaker::{CircuitOpen, Classify, ErrorsAreFailures};
+use crate::circuit_breaker::{Admission, Classify, ErrorsAreFailures};
 
 use super::config::{Strategy, WhenEmpty};
 use super::error::NoEndpoints;
-use super::future::{BreakerRecord, CallGuard, ResponseFuture};
+use super::future::{CallGuard, ResponseFuture};
 use super::set::{EndpointSet, Index, Slot};
 use super::weights::{mix, reduce};
 use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
@@ -25,8 +24,8 @@ use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
 /// A reserved endpoint: picked, ready, and admitted by its breaker.
 struct Reserved {
     at: usize,
-    decision: Decision,
-    probe: Option<ProbePermit>,
+    /// The endpoint breaker's decision (with its probe slot), `NONE` without a breaker.
+    admission: Admission,
 }
 
 /// A load balancer over discovered endpoints. See the [module docs](super).
@@ -178,28 +177,19 @@ where
         <D::Service as Service<Req>>::Error: Into<BoxError>,
     {
         let slot = &mut self.set.slots[at];
-        let (decision, probe) = match &slot.breaker {
-            None => (Decision::NONE, None),
+        let admission = match &slot.breaker {
+            None => Admission::NONE,
             Some(breaker) => {
-                let shared = &breaker.shared;
-                let decision = shared.admit();
-                match decision.tag() {
-                    Decision::REJECTED => return Attempt::Rejected(decision),
-                    Decision::PROBE => (
-                        decision,
-                        Some(ProbePermit::new(shared.clone(), decision.generation())),
-                    ),
-                    _ => (decision, None),
+                let admission = Admission::ask(breaker);
+                if admission.rejects() {
+                    return Attempt::Rejected(admission);
                 }
+                admission
             }
         };
         match slot.endpoint.poll_ready(cx) {
             Poll::Ready(Ok(())) => {
-                self.ready = Some(Reserved {
-                    at,
-                    decision,
-                    probe,
-                });
+                self.ready = Some(Reserved { at, admission });
                 Attempt::Reserved
             }
             Poll::Pending => Attempt::Pending,
@@ -375,14 +365,10 @@ where
                 continue;
             }
             if !pending {
-                if let Some((at, decision)) = rejected {
+                if let Some((at, admission)) = rejected {
                     // Every usable endpoint's breaker refused: fail fast with the breaker's
                     // error, as a single breaker would.
-                    self.ready = Some(Reserved {
-                        at,
-                        decision,
-                        probe: None,
-                    });
+                    self.ready = Some(Reserved { at, admission });
                     return Poll::Ready(Ok(()));
                 }
             }
@@ -446,7 +432,7 @@ use std::future::Future as _;
 
 enum Attempt {
     Reserved,
-    Rejected(Decision),
+    Rejected(Admission),
     Pending,
     Failed(BoxError),
 }
@@ -478,59 +464,22 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        let Reserved {
-            at,
-            mut decision,
-            mut probe,
-        } = self
+        let Reserved { at, admission } = self
             .ready
             .take()
             .expect("Balance::call without a successful poll_ready");
         let slot: &mut Slot<D::Service> = &mut self.set.slots[at];
-        let mut record = BreakerRecord::None;
-        if let Some(breaker) = &slot.breaker {
-            let shared = &breaker.shared;
-            // The breaker may have moved since poll_ready: decide again if so.
-            let current = match decision.tag() {
-                Decision::CLOSED | Decision::PROBE => shared.is_current(decision),
-                _ => true,
-            };
-            if !current {
-                probe = None;
-                decision = shared.admit();
-                if decision.tag() == Decision::PROBE {
-                    probe = Some(ProbePermit::new(shared.clone(), decision.generation()));
-                }
-            }
-            match decision.tag() {
-                Decision::REJECTED => {
-                    return ResponseFuture::failed(Box::new(CircuitOpen::new(
-                        shared.clone(),
-                        decision.rejecting_state(),
-                        decision.until,
-                    )));
-                }
-                Decision::CLOSED => {
-                    record = BreakerRecord::Closed {
-                        shared: shared.clone(),
-                        generation: decision.generation(),
-                        start: shared.start(),
-                    };
-                }
-                Decision::PROBE => {
-                    if let Some(permit) = probe.take() {
-                        record = BreakerRecord::Probe {
-                            permit,
-                            start: shared.start(),
-                        };
-                    }
-                }
-                _ => {}
-            }
-        }
+        // The breaker may have moved since poll_ready: `start` decides again if so.
+        let ticket = match &slot.breaker {
+            None => None,
+            Some(breaker) => match admission.start(breaker) {
+                Ok(ticket) => Some(ticket),
+                Err(open) => return ResponseFuture::failed(Box::new(open)),
+            },
+        };
         // Read once in poll_ready, next to this call.
         let start = self.picked_at;
-        let guard = CallGuard::new(&slot.stats, start, record);
+        let guard = CallGuard::new(&slot.stats, start, ticket);
         let future = slot.endpoint.call(request);
         ResponseFuture::called(future, guard, self.classifier.clone())
     }

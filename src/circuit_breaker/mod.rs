@@ -85,6 +85,14 @@
 //! such a half-open episode ends, and put a timeout *inside* the breaker so that a hung
 //! dependency produces failures rather than cancellations.
 //!
+//! # Without a tower service
+//!
+//! [`Breaker::try_acquire`] guards any work: it answers with a [`Ticket`] to record the
+//! outcome with ([`Ticket::success`], [`Ticket::failure`], [`Ticket::record`]), or with the
+//! [`CircuitOpen`] rejection, as resilience4j's `tryAcquirePermission` and `onResult`. The
+//! layer, the balancers' per-endpoint breakers and this API take the same path: one
+//! admission, checked again when the call starts, one recording.
+//!
 //! # Composition
 //!
 //! * **Timeouts**: put [`tower::timeout`](https://docs.rs/tower/latest/tower/timeout/) *inside*
@@ -122,6 +130,7 @@
 //! With the `tracing` feature, transitions are logged at `INFO` (`WARN` when opening) and
 //! rejections at `DEBUG`, with the fields `breaker`, `from`, `to` and `state`.
 
+mod admission;
 mod classify;
 mod config;
 pub mod error;
@@ -131,13 +140,15 @@ mod http;
 mod layer;
 mod registry;
 mod service;
-pub(crate) mod state;
+mod state;
 #[cfg(feature = "metrics")]
 mod telemetry;
 mod window;
 
 pub mod future;
 
+pub(crate) use admission::Admission;
+pub use admission::Ticket;
 pub use classify::{Classify, ErrorsAreFailures, Outcome};
 pub use config::{
     CircuitBreakerConfig, CircuitBreakerConfigBuilder, MAX_BUCKETS, MAX_DURATION, MAX_WINDOW_SIZE,

@@ -92,6 +92,10 @@ impl<S, C, M> CircuitBreaker<S, C, M> {
     crate::util::inner_service_accessors!();
 }
 
+// The layer keeps its own inlined copy of the admission path (`Admission` / `Ticket` in
+// `admission.rs` serve the balancers and `Breaker::try_acquire`): routing it through
+// `Ticket` cost about 6 ns on the closed path (29.7 → 35.9 ns median, benches/breaker.rs),
+// a fifth of the layer's cost, from moving the larger ticket through memory.
 impl<S, C, M> CircuitBreaker<S, C, M> {
     /// Asks the breaker; a probe decision's permit is kept in `self.probe`.
     #[inline(always)]

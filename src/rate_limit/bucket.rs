@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::Quota;
+use crate::clock::{Clock, TokioClock};
 
 /// Quota figures kept in atomics so that the quota can change at run time.
 #[derive(Debug)]

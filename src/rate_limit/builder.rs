@@ -4,11 +4,11 @@ use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use crate::clock::{Clock, TokioClock};
 use super::keyed::{DEFAULT_MAX_KEYS, KeyedRateLimiter};
 use super::quota::Quota;
 use super::{RateLimiter, ShardedRateLimiter};
 use crate::ConfigError;
+use crate::clock::{Clock, TokioClock};
 
 /// Configures a [`RateLimiter`]: start with [`RateLimiter::builder`].
 ///

@@ -14,9 +14,9 @@ use parking_lot::{Mutex, RwLock};
 use super::bucket::{
     Admitted, Reservation, Taken, gcra_acquire, gcra_step, refund_nanos, rescale_tat,
 };
-use crate::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::Quota;
+use crate::clock::{Clock, TokioClock};
 
 /// Default number of keys a [`KeyedRateLimiter`] tracks.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;

@@ -9,12 +9,12 @@ use pin_project_lite::pin_project;
 
 use tower::{Layer, Service};
 
-use crate::clock::{Clock, TokioClock};
 use super::future::ResponseFuture;
 use super::{
     Cost, KeyExtractor, KeyedCharge, KeyedRateLimiter, OnMissingKey, RateLimited, Reservation,
 };
 use crate::BoxError;
+use crate::clock::{Clock, TokioClock};
 
 /// Limits requests per key: each request draws from the bucket of the key `key_fn` takes
 /// from it (any [`KeyExtractor`], closures included), in a shared [`KeyedRateLimiter`].

@@ -2,9 +2,9 @@ use std::time::Duration;
 
 use tower::Layer;
 
-use crate::clock::{Clock, TokioClock};
 use super::service::RateLimit;
 use super::{Quota, RateLimiter};
+use crate::clock::{Clock, TokioClock};
 
 /// What a limiter does with a request when the bucket is empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -107,13 +107,13 @@ pub mod http;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
-pub use bounded_key::{BoundedKey, INLINE_KEY_BYTES};
-pub use bucket::{Admitted, Charge, RateLimiter, Reservation, Taken};
-pub use builder::{KeyedRateLimiterBuilder, RateLimiterBuilder, ShardedRateLimiterBuilder};
 #[cfg(feature = "quanta")]
 pub use crate::clock::QuantaClock;
 /// The clocks, defined in [`crate::clock`] (shared with the balancers), re-exported here.
 pub use crate::clock::{Clock, ManualClock, TokioClock};
+pub use bounded_key::{BoundedKey, INLINE_KEY_BYTES};
+pub use bucket::{Admitted, Charge, RateLimiter, Reservation, Taken};
+pub use builder::{KeyedRateLimiterBuilder, RateLimiterBuilder, ShardedRateLimiterBuilder};
 pub use error::{MissingKey, OnMissingKey, RateLimited};
 pub use keyed::{DEFAULT_MAX_KEYS, KeyedCharge, KeyedRateLimiter};
 pub use keyed_layer::{

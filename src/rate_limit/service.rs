@@ -5,12 +5,12 @@ use std::task::{Context, Poll};
 use tokio::time::Sleep;
 use tower::Service;
 
-use crate::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::future::ResponseFuture;
 use super::layer::Mode;
 use super::{Charge, Cost, RateLimiter, Reservation};
 use crate::BoxError;
+use crate::clock::{Clock, TokioClock};
 
 /// A service whose requests draw tokens from a shared [`RateLimiter`]. See the
 /// [module docs](super).

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use super::bucket::{Admitted, gcra_acquire};
-use crate::clock::{Clock, TokioClock};
 use super::error::RateLimited;
 use super::quota::{Quota, Rate};
 use crate::ConfigError;
+use crate::clock::{Clock, TokioClock};
 
 /// One shard's bucket, alone on its cache lines so that shards do not slow each other.
 #[repr(align(128))]

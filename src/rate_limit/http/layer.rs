@@ -11,9 +11,9 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::clock::Clock;
 use crate::problem::ProblemBody;
 pub use crate::rate_limit::OnMissingKey;
-use crate::clock::Clock;
 use crate::rate_limit::{
     Admitted, Charge, KeyExtractor, KeyedCharge, KeyedRateLimiter, RateLimited, RateLimiter, Refund,
 };
