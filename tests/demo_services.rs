@@ -413,3 +413,28 @@ async fn registers_in_consul_with_an_http_check_on_health() {
     fleet.shutdown().await.unwrap();
     assert!(double.service_ids().is_empty());
 }
+
+/// A request can be followed into the instance that served it: the request id and the
+/// trace id it received come back with the answer.
+#[tokio::test]
+async fn instances_echo_the_request_and_trace_ids_they_received() {
+    let fleet = DemoFleet::start(FleetSpec::new(1, 1)).await.unwrap();
+    let users = fleet.service("users");
+    let request = Request::get(format!("{}/users", users[0].base_url()))
+        .header("x-request-id", "follow-me-1")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = timeout(BOUND, client().request(request))
+        .await
+        .expect("answered in time")
+        .expect("answered");
+    assert_eq!(response.headers()["x-request-id"], "follow-me-1");
+    assert_eq!(
+        response.headers()["x-trace-id"],
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+}

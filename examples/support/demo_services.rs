@@ -17,8 +17,11 @@
 //!   for Consul's HTTP check;
 //! * `POST /fault?mode=healthy|failing|slow|down[&ms=300]`: flips the instance's fault.
 //!
-//! Every answer carries `x-instance: <instance id>` (`users-1`, `products-2`, ...). Paths are
-//! routed as received: a gateway in front strips its own prefix (`/api`).
+//! Every answer carries `x-instance: <instance id>` (`users-1`, `products-2`, ...), and echoes
+//! the request id and the trace id it received (`x-request-id`, and `x-trace-id` from a W3C
+//! `traceparent`), so that one request can be followed from the gateway to the instance
+//! that served it. Paths are routed as received: a gateway in front strips its own prefix
+//! (`/api`).
 //!
 //! Faults ([`Fault`], set through a [`FaultHandle`] or `/fault`): `Failing` answers `503`,
 //! `Slow(d)` waits `d` before answering, `Down` closes the listener and every open
@@ -678,6 +681,13 @@ async fn handle(
     mut health: HealthEndpoint,
 ) -> Result<Answer, Infallible> {
     let path = req.uri().path().to_owned();
+    let request_id = req.headers().get("x-request-id").cloned();
+    // `00-<trace id>-<parent id>-<flags>`: the trace id is bytes 3..35.
+    let trace_id = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.as_bytes().get(3..35))
+        .and_then(|id| HeaderValue::from_bytes(id).ok());
     let mut response = if path == "/health" {
         health.call(req).await?
     } else if path == "/fault" {
@@ -698,6 +708,12 @@ async fn handle(
     };
     if let Ok(value) = HeaderValue::from_str(instance.id()) {
         response.headers_mut().insert(INSTANCE_HEADER, value);
+    }
+    if let Some(id) = request_id {
+        response.headers_mut().insert("x-request-id", id);
+    }
+    if let Some(id) = trace_id {
+        response.headers_mut().insert("x-trace-id", id);
     }
     Ok(response)
 }

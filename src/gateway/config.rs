@@ -119,6 +119,21 @@ pub struct ServerConfig {
     /// gateway saw.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// The request id header (Kong's correlation id; default `"x-request-id"`, `""`
+    /// turns it off): a client's (one value, 1 to 128 bytes of visible ASCII) is passed
+    /// on, any other replaced by a new UUID-v4-shaped id; sent upstream and set on the
+    /// route's response. See [following a request](super#following-a-request).
+    #[serde(default = "default_request_id_header")]
+    pub request_id_header: String,
+    /// W3C Trace Context (default true): `traceparent` sent upstream with the gateway's
+    /// hop as parent, continuing a client's valid trace or starting one. See
+    /// [following a request](super#following-a-request).
+    #[serde(default = "yes")]
+    pub trace_context: bool,
+}
+
+fn default_request_id_header() -> String {
+    String::from("x-request-id")
 }
 
 fn yes() -> bool {
@@ -912,6 +927,8 @@ impl ServerConfig {
                 "must be at most max_headers_size",
             ));
         }
+        super::trace::request_id_header(&self.request_id_header)
+            .map_err(|reason| ConfigError::invalid("gateway.request_id_header", reason))?;
         Ok(())
     }
 }

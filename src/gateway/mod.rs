@@ -177,6 +177,8 @@
 //! merge_slashes = true            # /a//b is /a/b (default)
 //! trusted_proxies = ["10.0.0.0/8"]   # optional (default none): proxies whose
 //!                                    # X-Forwarded-For / Forwarded are believed
+//! request_id_header = "x-request-id"  # passed on or made, echoed ("" turns it off)
+//! trace_context = true            # W3C traceparent continued or started (default true)
 //!
 //! [admin]                         # /metrics, /status, /status.json
 //! listen = "127.0.0.1:9901"       # for Gateway::spawn_admin; keep it on loopback
@@ -322,6 +324,39 @@
 //! `/metrics` shows the same numbers as `seawall_gateway_*` series labelled by `route`
 //! (and `class`, `kind`, `quantile`, `endpoint`, `address`).
 //!
+//! ## Following a request
+//!
+//! Every request routed to an upstream carries, there and back:
+//!
+//! - **W3C Trace Context** (`[gateway] trace_context = true`, the default): the gateway
+//!   is a participant with a hop of its own. A client's `traceparent` (exactly one, valid
+//!   per the specification: lowercase hex, non-zero ids, version `ff` refused, a future
+//!   version read by the `00` layout) is forwarded with the same trace id, the client's
+//!   `sampled` flag and a new parent id (the gateway's span id), with its `tracestate` as
+//!   it came. A missing or invalid one is replaced, never forwarded, by a new trace
+//!   (random 16-byte trace id, 8-byte span id, flagged sampled: the gateway does not
+//!   sample, and services that follow their parent's decision then record it), and the
+//!   client's `tracestate`, which belonged to no continued trace, is dropped.
+//! - **A request id** (`[gateway] request_id_header`, default `"x-request-id"`, Kong's
+//!   correlation id; `""` turns it off): a client's (one value, 1 to 128 bytes of visible
+//!   ASCII) is passed on as it is, any other replaced by a new UUID-v4-shaped id; it is
+//!   sent upstream and set on the response to the client. Headers the gateway or HTTP
+//!   manage (`Host`, `X-Forwarded-*`, `traceparent`, …) are refused as its name.
+//!
+//! Ids come from a per-thread splitmix64 generator seeded from the standard library's
+//! random keys: unique enough to follow requests, **not** secret; never use them as
+//! tokens. Making them costs no lock and one allocation per header value.
+//!
+//! With the `tracing` feature, each request is an `INFO` span `request` (target
+//! `seawall::gateway`) with the fields `method`, `route`, `upstream` (the endpoint chosen),
+//! `status` and `latency_us` (to the response head, not the end of the body), `trace_id`,
+//! `span_id` (the parent id sent upstream) and `request_id`; the field values are
+//! computed only when a subscriber wants the span. To export the gateway's hops with
+//! OpenTelemetry, put `tracing-opentelemetry`'s layer in the subscriber and use the
+//! `trace_id` / `span_id` fields to correlate (the span is not linked to the incoming
+//! context by itself: that needs the OpenTelemetry propagator, which seawall does not
+//! depend on).
+//!
 //! ## Live status page
 //!
 //! `GET /status` ([`STATUS_PAGE_PATH`]) serves one self-contained HTML page (inline CSS and
@@ -357,6 +392,8 @@ mod route;
 mod secret;
 mod server;
 pub mod status;
+#[doc(hidden)]
+pub mod trace;
 
 pub use config::{
     AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, ClientKey, ClientLimitSettings,

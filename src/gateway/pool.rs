@@ -401,6 +401,12 @@ impl fmt::Debug for EndpointPool {
 }
 
 impl EndpointPool {
+    /// The endpoint's authority (`host:port`), as sent in `Host`.
+    #[cfg(feature = "tracing")]
+    pub(crate) fn authority(&self) -> &HeaderValue {
+        &self.host
+    }
+
     fn new(instance: &Instance, retried_stale: Arc<AtomicU64>) -> Arc<Self> {
         let target = match instance.socket_addr() {
             Some(addr) => Target::Addr(addr),

@@ -25,6 +25,7 @@ use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
 use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
+use super::trace::TraceSettings;
 use crate::BoxError;
 use crate::balance::{Balance, BalanceHandle, NoEndpoints, Strategy, WhenEmpty};
 use crate::circuit_breaker::{CircuitOpen, HttpClassifier};
@@ -120,6 +121,8 @@ impl Service<UpstreamRequest> for Upstream {
     /// rather than dropping it unrecorded; unless the exchange was waiting on the
     /// client's body then, which is the client's fault.
     fn call(&mut self, (request, call): UpstreamRequest) -> Self::Future {
+        #[cfg(feature = "tracing")]
+        super::trace::record_upstream(self.pool.authority());
         UpstreamFuture {
             // Boxed where it is made: the exchange's state is large, and moving it into
             // a wrapper first would copy it once more per request.
@@ -359,6 +362,8 @@ pub(crate) struct RouteCore {
     per_client: Option<(PerClient, u32, u32, String)>,
     /// `[gateway] trusted_proxies`.
     trusted: ClientIp,
+    /// `[gateway] request_id_header`, `trace_context`.
+    trace: TraceSettings,
 }
 
 /// A route: auth, then the tower stack (limits → fallback → timeout → balancer).
@@ -458,6 +463,7 @@ impl Route {
             global: global.clone(),
             per_client: per_client.clone(),
             trusted: trusted.clone(),
+            trace: TraceSettings::new(server),
         });
         let hide = config.rate_limit.hide_client_headers;
         let per_client = HttpRateLimitLayer::new(per_client.map(|(l, ..)| l))
@@ -480,7 +486,7 @@ impl Route {
     }
 
     /// Serves one request matched to this route.
-    pub(crate) async fn handle<B>(&self, request: Request<B>, peer: &Peer) -> Response<Body>
+    pub(crate) async fn handle<B>(&self, mut request: Request<B>, peer: &Peer) -> Response<Body>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -490,8 +496,10 @@ impl Route {
         stats.requests.fetch_add(1, Relaxed);
         #[cfg(feature = "tracing")]
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-        let response = self.respond(request, peer).await;
+        let hop = self.core.trace.begin(&mut request, &self.core.name);
+        let mut response = hop.run(self.respond(request, peer)).await;
         let elapsed = start.elapsed();
+        hop.finish(&mut response, elapsed);
         stats.record(response.status(), elapsed);
         #[cfg(feature = "tracing")]
         tracing::debug!(

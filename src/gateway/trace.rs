@@ -1,0 +1,517 @@
+//! Following a request: W3C Trace Context (`traceparent`, `tracestate`), the request id
+//! (`x-request-id`, Kong's correlation id) and, with the `tracing` feature, a span per
+//! request. See the gateway's [module docs](super#following-a-request).
+//!
+//! [`TraceParent`] is public (hidden) for the fuzz target; the rest is the gateway's.
+
+use std::cell::Cell;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response};
+
+/// `traceparent`.
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// `tracestate`.
+pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// The length of a version `00` `traceparent`.
+pub const TRACEPARENT_LEN: usize = 55;
+/// The longest request id passed on; a longer one is replaced.
+pub const MAX_REQUEST_ID: usize = 128;
+/// The `sampled` flag.
+const SAMPLED: u8 = 0x01;
+/// The flags forwarded from a client's `traceparent`: `sampled` and Level 2's `random`
+/// (both describe the trace, which the gateway keeps). Others are unknown and sent as 0.
+const KNOWN_FLAGS: u8 = 0x03;
+
+/// A parsed W3C `traceparent` (Trace Context Level 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TraceParent {
+    /// The trace id; never all zero.
+    pub trace_id: [u8; 16],
+    /// The caller's span id; never all zero.
+    pub parent_id: [u8; 8],
+    /// The trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        // Uppercase is invalid (W3C: lowercase hex only).
+        _ => None,
+    }
+}
+
+/// Decodes lowercase hex into `out` (`hex.len() == 2 * out.len()`).
+fn decode(hex: &[u8], out: &mut [u8]) -> Option<()> {
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = hex_digit(pair[0])? << 4 | hex_digit(pair[1])?;
+    }
+    Some(())
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn encode_into(bytes: &[u8], out: &mut [u8]) {
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
+}
+
+impl TraceParent {
+    /// Parses a `traceparent` value strictly, as W3C Trace Context says: `version`
+    /// `-` `trace-id` `-` `parent-id` `-` `flags`, lowercase hex only, neither id all
+    /// zeros, version `ff` invalid. Version `00` is exactly 55 bytes; a higher
+    /// (future) version is parsed by the `00` layout and may carry more after a `-` at
+    /// byte 55. `None` when invalid. No allocation.
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        if value.len() < TRACEPARENT_LEN {
+            return None;
+        }
+        let mut version = [0u8; 1];
+        decode(&value[0..2], &mut version)?;
+        match version[0] {
+            0xff => return None,
+            0 if value.len() != TRACEPARENT_LEN => return None,
+            0 => {}
+            _ if value.len() > TRACEPARENT_LEN && value[TRACEPARENT_LEN] != b'-' => return None,
+            _ => {}
+        }
+        if value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
+            return None;
+        }
+        let mut parsed = Self {
+            trace_id: [0; 16],
+            parent_id: [0; 8],
+            flags: 0,
+        };
+        decode(&value[3..35], &mut parsed.trace_id)?;
+        decode(&value[36..52], &mut parsed.parent_id)?;
+        let mut flags = [0u8; 1];
+        decode(&value[53..55], &mut flags)?;
+        parsed.flags = flags[0];
+        if parsed.trace_id == [0; 16] || parsed.parent_id == [0; 8] {
+            return None;
+        }
+        Some(parsed)
+    }
+
+    /// The version `00` text of this `traceparent` (whatever version it was parsed
+    /// from: W3C has a participant send the version it supports).
+    pub fn encode(&self) -> [u8; TRACEPARENT_LEN] {
+        let mut out = [b'-'; TRACEPARENT_LEN];
+        out[0] = b'0';
+        out[1] = b'0';
+        encode_into(&self.trace_id, &mut out[3..35]);
+        encode_into(&self.parent_id, &mut out[36..52]);
+        encode_into(&[self.flags], &mut out[53..55]);
+        out
+    }
+}
+
+/// Whether `value` may be passed on as a request id: 1 to [`MAX_REQUEST_ID`] bytes of
+/// visible ASCII (no space, no control byte, nothing above `~`).
+pub fn valid_request_id(value: &[u8]) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_REQUEST_ID
+        && value.iter().all(|b| (0x21..=0x7e).contains(b))
+}
+
+thread_local! {
+    /// splitmix64's state, seeded per thread from the standard library's per-process
+    /// random keys and the thread's id (see `crate::util::seed`).
+    static RNG: Cell<u64> = Cell::new(crate::util::seed(std::thread::current().id()));
+}
+
+/// The next 64 random bits of this thread's splitmix64 generator: fast, well spread,
+/// and NOT cryptographic. Trace and request ids need uniqueness, not secrecy: never
+/// use them as tokens.
+fn next_u64() -> u64 {
+    RNG.with(|state| {
+        let mut s = state.get();
+        let next = crate::util::next_u64(&mut s);
+        state.set(s);
+        next
+    })
+}
+
+/// A random non-zero span id.
+fn span_id() -> [u8; 8] {
+    loop {
+        let id = next_u64();
+        if id != 0 {
+            return id.to_be_bytes();
+        }
+    }
+}
+
+/// 16 random bytes, not all zero.
+fn random16() -> [u8; 16] {
+    loop {
+        let id = (u128::from(next_u64()) << 64) | u128::from(next_u64());
+        if id != 0 {
+            return id.to_be_bytes();
+        }
+    }
+}
+
+/// A request id shaped as a UUID v4 (`8-4-4-4-12` lowercase hex, version 4, RFC 9562
+/// variant), from the thread's generator.
+fn new_request_id() -> [u8; 36] {
+    let mut bytes = random16();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut out = [b'-'; 36];
+    encode_into(&bytes[0..4], &mut out[0..8]);
+    encode_into(&bytes[4..6], &mut out[9..13]);
+    encode_into(&bytes[6..8], &mut out[14..18]);
+    encode_into(&bytes[8..10], &mut out[19..23]);
+    encode_into(&bytes[10..16], &mut out[24..36]);
+    out
+}
+
+/// The request id header named by `[gateway] request_id_header`: `None` when empty
+/// (disabled); an error (the reason) for an invalid name or one the gateway manages
+/// otherwise.
+pub(crate) fn request_id_header(name: &str) -> Result<Option<HeaderName>, String> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let parsed = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("`{name}` is not a valid header name"))?;
+    let reserved = [
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::AUTHORIZATION,
+        header::COOKIE,
+        header::SET_COOKIE,
+        header::CONTENT_TYPE,
+        header::FORWARDED,
+        TRACEPARENT.clone(),
+        TRACESTATE.clone(),
+    ];
+    let s = parsed.as_str();
+    if reserved.contains(&parsed)
+        || matches!(s, "keep-alive" | "proxy-connection" | "x-real-ip")
+        || s.starts_with("x-forwarded-")
+        || s.starts_with("proxy-")
+        || s.starts_with("x-seawall-")
+        || s.starts_with("ratelimit")
+    {
+        return Err(format!(
+            "`{name}` is a header the gateway or HTTP itself manages; choose another"
+        ));
+    }
+    Ok(Some(parsed))
+}
+
+/// The gateway's tracing settings, from `[gateway]`.
+#[derive(Clone, Debug)]
+pub(crate) struct TraceSettings {
+    /// `request_id_header`; `None`: disabled.
+    request_id: Option<HeaderName>,
+    /// `trace_context`.
+    trace_context: bool,
+}
+
+impl TraceSettings {
+    pub(crate) fn new(server: &super::config::ServerConfig) -> Self {
+        Self {
+            // Validated with the configuration; an invalid name here disables it.
+            request_id: request_id_header(&server.request_id_header).ok().flatten(),
+            trace_context: server.trace_context,
+        }
+    }
+
+    /// Rewrites the request's trace headers for the upstream, in place, and opens the
+    /// request's span:
+    ///
+    /// - `traceparent`: the client's (one, valid) with a new parent id, the gateway's
+    ///   hop; otherwise a new trace, and the client's `tracestate`, if any, dropped
+    ///   (it belongs to a trace that is not continued);
+    /// - the request id: the client's (one, valid) as it is, or a new one.
+    ///
+    /// The request's `Connection` header, if it names one of these, stops naming it:
+    /// the gateway's values are for the upstream.
+    pub(crate) fn begin<B>(&self, request: &mut Request<B>, route: &str) -> Hop<'_> {
+        let headers = request.headers_mut();
+        let mut hop_trace: Option<[u8; TRACEPARENT_LEN]> = None;
+        if self.trace_context {
+            let mut values = headers.get_all(&TRACEPARENT).iter();
+            let client = match (values.next(), values.next()) {
+                (Some(v), None) => TraceParent::parse(v.as_bytes()),
+                _ => None,
+            };
+            let next = match client {
+                Some(parent) => TraceParent {
+                    trace_id: parent.trace_id,
+                    parent_id: span_id(),
+                    flags: parent.flags & KNOWN_FLAGS,
+                },
+                None => {
+                    headers.remove(&TRACESTATE);
+                    TraceParent {
+                        trace_id: random16(),
+                        parent_id: span_id(),
+                        // The gateway does not sample: a trace it starts is marked
+                        // sampled, so services that follow their parent's decision
+                        // record it (see the module docs).
+                        flags: SAMPLED,
+                    }
+                }
+            };
+            let text = next.encode();
+            // Lowercase hex and `-`: always a valid value.
+            if let Ok(value) = HeaderValue::from_bytes(&text) {
+                headers.insert(&TRACEPARENT, value);
+            }
+            hop_trace = Some(text);
+        }
+        let request_id = self.request_id.as_ref().map(|name| {
+            let mut values = headers.get_all(name).iter();
+            match (values.next(), values.next()) {
+                (Some(v), None) if valid_request_id(v.as_bytes()) => v.clone(),
+                _ => {
+                    let value = HeaderValue::from_bytes(&new_request_id())
+                        .unwrap_or(HeaderValue::from_static("invalid"));
+                    headers.insert(name, value.clone());
+                    value
+                }
+            }
+        });
+        if headers.contains_key(header::CONNECTION) {
+            self.unlist(headers);
+        }
+        #[cfg(feature = "tracing")]
+        let span = {
+            let text = hop_trace.as_ref();
+            let hex = |range: std::ops::Range<usize>| {
+                text.and_then(|t| std::str::from_utf8(&t[range]).ok())
+            };
+            // Field values are evaluated only when a subscriber wants the span.
+            tracing::info_span!(
+                target: "seawall::gateway",
+                "request",
+                method = %request.method(),
+                route,
+                upstream = tracing::field::Empty,
+                status = tracing::field::Empty,
+                latency_us = tracing::field::Empty,
+                trace_id = hex(3..35),
+                span_id = hex(36..52),
+                request_id = request_id.as_ref().and_then(|v| v.to_str().ok()),
+            )
+        };
+        #[cfg(not(feature = "tracing"))]
+        let _ = (hop_trace, route);
+        Hop {
+            request_id: self.request_id.as_ref().zip(request_id),
+            #[cfg(feature = "tracing")]
+            span,
+        }
+    }
+
+    /// Takes the gateway's trace headers out of the request's `Connection` list (rare:
+    /// a client naming them there), so hop-by-hop removal keeps them.
+    #[cold]
+    fn unlist(&self, headers: &mut HeaderMap) {
+        let ours = |token: &str| {
+            let token = token.trim();
+            (self.trace_context
+                && (token.eq_ignore_ascii_case("traceparent")
+                    || token.eq_ignore_ascii_case("tracestate")))
+                || self
+                    .request_id
+                    .as_ref()
+                    .is_some_and(|n| token.eq_ignore_ascii_case(n.as_str()))
+        };
+        let named = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(ours);
+        if !named {
+            return;
+        }
+        let kept: Vec<String> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter(|t| !ours(t) && !t.trim().is_empty())
+            .map(|t| t.trim().to_owned())
+            .collect();
+        headers.remove(header::CONNECTION);
+        if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
+            if !kept.is_empty() {
+                headers.insert(header::CONNECTION, value);
+            }
+        }
+    }
+}
+
+/// One request's trace state, from [`TraceSettings::begin`] until its response head.
+#[derive(Debug)]
+pub(crate) struct Hop<'a> {
+    /// The request id header and the value sent upstream, echoed to the client.
+    request_id: Option<(&'a HeaderName, HeaderValue)>,
+    /// The request's span (disabled when no subscriber wants it).
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
+}
+
+impl Hop<'_> {
+    /// Runs `future` (the request's handling) inside the request's span.
+    pub(crate) async fn run<F: std::future::Future>(&self, future: F) -> F::Output {
+        #[cfg(feature = "tracing")]
+        {
+            use tracing::Instrument as _;
+            future.instrument(self.span.clone()).await
+        }
+        #[cfg(not(feature = "tracing"))]
+        {
+            future.await
+        }
+    }
+
+    /// Sets the request id on the response (replacing an upstream's), and records the
+    /// status and the latency (to the response head) on the span, which then closes.
+    pub(crate) fn finish<B>(self, response: &mut Response<B>, elapsed: std::time::Duration) {
+        #[cfg(feature = "tracing")]
+        if !self.span.is_disabled() {
+            self.span.record("status", response.status().as_u16());
+            self.span.record(
+                "latency_us",
+                u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            );
+        }
+        #[cfg(not(feature = "tracing"))]
+        let _ = elapsed;
+        if let Some((name, value)) = self.request_id {
+            response.headers_mut().insert(name, value);
+        }
+    }
+}
+
+/// Records the endpoint chosen for the request on the request's span, if it is the
+/// current one and enabled.
+#[cfg(feature = "tracing")]
+pub(crate) fn record_upstream(authority: &HeaderValue) {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("upstream", authority.to_str().unwrap_or("?"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn parses_the_spec_example() {
+        let p = TraceParent::parse(VALID.as_bytes()).unwrap();
+        assert_eq!(p.flags, 1);
+        assert_eq!(p.parent_id, 0x00f0_67aa_0ba9_02b7u64.to_be_bytes());
+        assert_eq!(&p.encode()[..], VALID.as_bytes());
+    }
+
+    #[test]
+    fn refuses_what_w3c_calls_invalid() {
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", // uppercase
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01", // zero trace
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", // zero parent
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",  // short
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-", // 00 + more
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01", // dash moved
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", // version ff
+            "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", // bad version
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x", // bad flags
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x", // future, no dash
+            "",
+        ] {
+            assert_eq!(TraceParent::parse(bad.as_bytes()), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn future_versions_are_read_by_the_00_layout() {
+        let v = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-holds";
+        let p = TraceParent::parse(v.as_bytes()).unwrap();
+        assert_eq!(&p.encode()[..], VALID.as_bytes());
+        let exact = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(TraceParent::parse(exact.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn request_ids() {
+        let id = new_request_id();
+        let text = std::str::from_utf8(&id).unwrap();
+        assert_eq!(text.len(), 36);
+        assert_eq!(&text[14..15], "4");
+        assert!(matches!(&text[19..20], "8" | "9" | "a" | "b"));
+        assert!(valid_request_id(&id));
+        assert_ne!(new_request_id(), id);
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"has space"));
+        assert!(!valid_request_id("caf\u{e9}".as_bytes()));
+        assert!(!valid_request_id(&[b'a'; MAX_REQUEST_ID + 1]));
+        assert!(valid_request_id(&[b'a'; MAX_REQUEST_ID]));
+    }
+
+    #[test]
+    fn request_id_header_names() {
+        assert_eq!(request_id_header("").unwrap(), None);
+        assert!(request_id_header("x-correlation-id").unwrap().is_some());
+        for bad in [
+            "host",
+            "x-forwarded-for",
+            "traceparent",
+            "bad name",
+            "connection",
+        ] {
+            assert!(request_id_header(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn encode_parse_round_trip(trace in any::<u128>(), parent in any::<u64>(), flags in any::<u8>()) {
+            prop_assume!(trace != 0 && parent != 0);
+            let p = TraceParent { trace_id: trace.to_be_bytes(), parent_id: parent.to_be_bytes(), flags };
+            prop_assert_eq!(TraceParent::parse(&p.encode()), Some(p));
+        }
+
+        #[test]
+        fn parse_encode_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            if let Some(p) = TraceParent::parse(&bytes) {
+                let text = p.encode();
+                prop_assert_eq!(TraceParent::parse(&text), Some(p));
+                if bytes.len() == TRACEPARENT_LEN && bytes.starts_with(b"00") {
+                    prop_assert_eq!(&text[..], &bytes[..]);
+                }
+            }
+        }
+
+        #[test]
+        fn one_byte_changed_is_still_strict(i in 0..TRACEPARENT_LEN, b in any::<u8>()) {
+            let mut bytes = VALID.as_bytes().to_vec();
+            bytes[i] = b;
+            if let Some(p) = TraceParent::parse(&bytes) {
+                prop_assert_eq!(&p.encode()[2..], &bytes[2..]);
+            }
+        }
+    }
+}
