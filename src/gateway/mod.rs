@@ -380,6 +380,7 @@
 //! (with `data-updated`, an ISO time) and `#error` (with `data-error`, empty while
 //! `/status.json` answers).
 
+mod body;
 mod client;
 mod config;
 #[doc(hidden)]
@@ -403,7 +404,8 @@ pub use config::{
 pub use metrics::use_prometheus_handle;
 /// The handle [`use_prometheus_handle`] takes, from `metrics-exporter-prometheus`.
 pub use metrics_exporter_prometheus::PrometheusHandle;
-pub use route::{Body, FALLBACK_HEADER};
+pub use body::Body;
+pub use route::FALLBACK_HEADER;
 #[cfg(unix)]
 pub use server::GatewayThreads;
 pub use server::{

@@ -48,7 +48,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::client::ClientBodyError;
-use super::route::Body;
+use super::body::Body;
 use crate::discovery::Instance;
 
 /// How long a new connection may take to be established.
@@ -1057,7 +1057,7 @@ mod tests {
 
     fn get() -> Request<Body> {
         Request::get("/")
-            .body(super::super::route::full(""))
+            .body(super::super::body::full(""))
             .unwrap()
     }
 

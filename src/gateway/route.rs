@@ -14,7 +14,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use http_body_util::combinators::UnsyncBoxBody;
 use tower::{Layer, Service};
 
 use super::client::{BodyState, ClientBody, ClientFault, UpstreamClassifier, head_too_large};
@@ -23,6 +22,7 @@ use super::config::{
 };
 use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
+use super::body::{Body, full, json_error};
 use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
 use super::trace::TraceSettings;
@@ -38,27 +38,11 @@ use crate::rate_limit::{
 };
 use tokio::time::Instant;
 
-/// The body type of every request and response through the gateway.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
-
 type MakeUpstream = Box<dyn FnMut(&Instance) -> Upstream + Send>;
 type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, UpstreamClassifier>;
 /// A route's tower stack: global limit → per-client limit → [`Core`]. Concrete, so a
 /// request costs no boxed service clone and one boxed future (the core's) in all.
 type Stack = HttpRateLimit<HttpRateLimit<Core, Option<PerClient>>, Option<RateLimiter>>;
-
-/// A body of bytes.
-pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// The gateway's own error answers: RFC 9457 `application/problem+json`, as
-/// [`seawall::problem`](crate::problem) answers for the layers.
-pub(crate) fn json_error(status: StatusCode, message: &str) -> Response<Body> {
-    crate::problem::problem(status, message)
-}
 
 /// The client end of a connection, its `X-Forwarded-For` entry made once for all the
 /// connection's requests. Unknown (`None`) when the gateway is a service of a server that

@@ -1,0 +1,25 @@
+//! The gateway's body type and the answers it makes itself, shared by the routes, the
+//! upstream pool and the server (so that neither depends on another for them).
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+
+use crate::BoxError;
+
+/// The body type of every request and response through the gateway.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body of bytes.
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The gateway's own error answers: RFC 9457 `application/problem+json`, as
+/// [`seawall::problem`](crate::problem) answers for the layers.
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Response<Body> {
+    crate::problem::problem(status, message)
+}
