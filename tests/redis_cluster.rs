@@ -407,8 +407,23 @@ async fn a_failover_to_the_replica_is_followed() {
         assert_eq!(limiter.acquire(key, 1).await.unwrap().1, Source::Redis);
     }
     let old = cluster.master_of(&format!("fo:{{{key}}}")).await.unwrap();
-    // Let the replica receive the writes before its master goes.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Replication is asynchronous: make sure the replica has the writes before its master
+    // goes. `WAIT` covers the writes of its own connection, so write a marker in the same
+    // slot on that connection first; the replication stream is ordered, so once the
+    // replica acknowledged the marker it holds the bucket's writes too.
+    let client = redis::Client::open(cluster.node(old).url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (_, acked): (String, i64) = redis::pipe()
+        .cmd("SET")
+        .arg(format!("fo:{{{key}}}:marker"))
+        .arg(1)
+        .cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(acked, 1, "the replica acknowledged the writes");
     cluster.node(old).kill();
 
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -396,6 +396,7 @@ pub mod status;
 #[doc(hidden)]
 pub mod trace;
 
+pub use body::Body;
 pub use config::{
     AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, ClientKey, ClientLimitSettings,
     FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OnMissing, OutlierSettings,
@@ -404,7 +405,6 @@ pub use config::{
 pub use metrics::use_prometheus_handle;
 /// The handle [`use_prometheus_handle`] takes, from `metrics-exporter-prometheus`.
 pub use metrics_exporter_prometheus::PrometheusHandle;
-pub use body::Body;
 pub use route::FALLBACK_HEADER;
 #[cfg(unix)]
 pub use server::GatewayThreads;

@@ -47,8 +47,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::client::ClientBodyError;
 use super::body::Body;
+use super::client::ClientBodyError;
 use crate::discovery::Instance;
 
 /// How long a new connection may take to be established.

@@ -16,13 +16,13 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
+use super::body::{Body, full, json_error};
 use super::client::{BodyState, ClientBody, ClientFault, UpstreamClassifier, head_too_large};
 use super::config::{
     ClientKey, FallbackSettings, OnMissing, RouteConfig, ServerConfig, StrategyName,
 };
 use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
-use super::body::{Body, full, json_error};
 use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
 use super::trace::TraceSettings;

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::body::{Body, full, json_error};
 use super::client::SendTimeout;
 use super::config::GatewayConfig;
 use super::headers::check_request;
@@ -28,7 +29,6 @@ use super::jwt::JwtVerifier;
 use super::metrics::GatewayMetrics;
 use super::path::{PathOptions, normalize};
 use super::pool::Pools;
-use super::body::{Body, full, json_error};
 use super::route::{Peer, Route};
 use super::status::GatewayStatus;
 use crate::BoxError;
