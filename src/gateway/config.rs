@@ -75,6 +75,101 @@ pub struct GatewayConfig {
     /// `[[services]]`: statically listed services; the others are discovered.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// `[redis]`: where limits with `policy = "redis"` keep their buckets, shared by every
+    /// gateway replica with the same configuration.
+    #[serde(default)]
+    pub redis: Option<RedisSettings>,
+}
+
+/// `[redis]`: the store of the limits with `policy = "redis"` (feature `redis`).
+///
+/// Each such limit is a [`RedisRateLimiter`](crate::rate_limit::redis::RedisRateLimiter)
+/// of its own (one connection, one breaker around Redis), keyed
+/// `<prefix>:<route>:global:{all}` or `<prefix>:<route>:client:{<client>}`, so replicas
+/// with the same routes share the same buckets. A client key longer than 64 bytes is
+/// stored as its SHA-256 digest (the same in every replica).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RedisSettings {
+    /// One Redis server: `redis://host:port/` (or `rediss://`, `redis+unix://`).
+    pub url: Option<String>,
+    /// A Redis Cluster's seed nodes, instead of `url`.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// The keys' prefix (default `seawall`).
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+    /// How long a check may wait for Redis before the failure policy answers it (default
+    /// 200ms; see the [Redis limiter's defaults](crate::rate_limit::redis)).
+    #[serde(default = "default_redis_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// While Redis cannot answer: `"open"` (the default) limits each replica with its
+    /// [`local_share`](Self::local_share); `"closed"` answers `503` with `Retry-After: 1`.
+    #[serde(default)]
+    pub failure: RedisFailure,
+    /// The share of each limit (its rate and burst) one replica enforces on its own while
+    /// Redis is away, a fraction in `(0, 1]` or a percentage (`"34%"`): about 1 / the
+    /// number of replicas keeps the fleet near the limit; 1 (the default) lets each
+    /// replica admit the whole limit, so a fleet of N admits up to N times it.
+    #[serde(default = "default_local_share", deserialize_with = "fraction")]
+    pub local_share: f64,
+    /// Tokens taken from Redis per round trip (default 1: none ahead). Larger batches
+    /// spare round trips for busy keys; the fleet never admits more than the limit, but
+    /// tokens a replica holds are not available to the others.
+    #[serde(default = "default_batch")]
+    pub batch: u32,
+    /// How long tokens taken ahead may be used before they are given up (default 100ms).
+    #[serde(default = "default_batch_max_age", deserialize_with = "duration")]
+    pub batch_max_age: Duration,
+}
+
+/// `failure = "..."` of `[redis]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisFailure {
+    /// Each replica limits with its local share.
+    #[default]
+    Open,
+    /// Every limited request is answered `503`.
+    Closed,
+}
+
+fn default_redis_prefix() -> String {
+    "seawall".to_owned()
+}
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_local_share() -> f64 {
+    1.0
+}
+fn default_batch() -> u32 {
+    1
+}
+fn default_batch_max_age() -> Duration {
+    Duration::from_millis(100)
+}
+
+/// `policy = "..."` of a limit: where its buckets live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitPolicy {
+    /// In this process: each replica enforces the whole limit.
+    #[default]
+    Local,
+    /// In Redis (`[redis]`), shared by every replica.
+    Redis,
+}
+
+impl LimitPolicy {
+    /// `local` or `redis`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Redis => "redis",
+        }
+    }
 }
 
 /// `[gateway]`.
@@ -457,6 +552,9 @@ pub struct LimitSettings {
     pub per_second: u32,
     /// The bucket size (default: `per_second`).
     pub burst: Option<u32>,
+    /// `"local"` (the default) or `"redis"` (shared through `[redis]`).
+    #[serde(default)]
+    pub policy: LimitPolicy,
 }
 
 /// A token bucket per client.
@@ -480,6 +578,9 @@ pub struct ClientLimitSettings {
     /// without a per-client limit.
     #[serde(default)]
     pub on_missing: OnMissing,
+    /// `"local"` (the default) or `"redis"` (shared through `[redis]`).
+    #[serde(default)]
+    pub policy: LimitPolicy,
 }
 
 /// `on_missing = "..."`: requests without the key header of a per-client limit.
@@ -686,6 +787,9 @@ impl GatewayConfig {
                 ));
             }
         }
+        if let Some(redis) = &self.redis {
+            redis.validate()?;
+        }
         if self.routes.is_empty() {
             return Err(ConfigError::invalid(
                 "routes",
@@ -836,13 +940,16 @@ impl GatewayConfig {
                 }
             }
             if let Some(g) = &route.rate_limit.global {
-                check_limit(&format!("{at}.rate_limit.global"), g.per_second, g.burst)?;
+                let at = format!("{at}.rate_limit.global");
+                check_limit(&at, g.per_second, g.burst)?;
+                self.check_policy(&at, g.policy)?;
             }
             if let Some(c) = &route.rate_limit.per_client {
                 let at = format!("{at}.rate_limit.per_client");
                 check_limit(&at, c.per_second, c.burst)?;
                 c.client_key()
                     .map_err(|reason| ConfigError::invalid(format!("{at}.key"), reason))?;
+                self.check_policy(&at, c.policy)?;
             }
             if let Some(o) = &route.balance.outlier {
                 let at = format!("{at}.balance.outlier");
@@ -863,6 +970,26 @@ impl GatewayConfig {
                 outlier_detection(o)
                     .map_err(|e| ConfigError::invalid(at.clone(), e.to_string()))?;
             }
+        }
+        Ok(())
+    }
+
+    /// A limit's `policy = "redis"` needs a `[redis]` section, and the `redis` feature.
+    fn check_policy(&self, at: &str, policy: LimitPolicy) -> Result<(), ConfigError> {
+        if policy != LimitPolicy::Redis {
+            return Ok(());
+        }
+        if !cfg!(feature = "redis") {
+            return Err(ConfigError::invalid(
+                format!("{at}.policy"),
+                "\"redis\" needs seawall's `redis` feature, which this build lacks",
+            ));
+        }
+        if self.redis.is_none() {
+            return Err(ConfigError::invalid(
+                format!("{at}.policy"),
+                "\"redis\" needs a [redis] section saying where Redis is",
+            ));
         }
         Ok(())
     }
@@ -898,6 +1025,67 @@ impl GatewayConfig {
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name == name)
     }
+}
+
+impl RedisSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.url, self.nodes.is_empty()) {
+            (Some(_), false) => {
+                return Err(ConfigError::invalid(
+                    "redis.nodes",
+                    "give either `url` (one server) or `nodes` (a cluster), not both",
+                ));
+            }
+            (None, true) => {
+                return Err(ConfigError::invalid(
+                    "redis.url",
+                    "missing: where Redis is (`url`), or a cluster's seed nodes (`nodes`)",
+                ));
+            }
+            _ => {}
+        }
+        for (i, url) in self.url.iter().chain(&self.nodes).enumerate() {
+            let at = if self.url.is_some() {
+                "redis.url".to_owned()
+            } else {
+                format!("redis.nodes[{i}]")
+            };
+            let parsed = redis_url(url);
+            if !parsed {
+                return Err(ConfigError::invalid(
+                    at,
+                    "not a Redis URL (`redis://host:port/`, `rediss://…` or `redis+unix://…`)",
+                ));
+            }
+        }
+        if self.prefix.is_empty() {
+            return Err(ConfigError::invalid("redis.prefix", "must not be empty"));
+        }
+        check_duration("redis.timeout", self.timeout, false)?;
+        let share = self.local_share;
+        if !(share.is_finite() && share > 0.0 && share <= 1.0) {
+            return Err(ConfigError::invalid(
+                "redis.local_share",
+                crate::util::not_a_fraction(share, "(0, 1]"),
+            ));
+        }
+        if self.batch == 0 {
+            return Err(ConfigError::invalid(
+                "redis.batch",
+                "must be at least 1 (1: no tokens taken ahead)",
+            ));
+        }
+        check_duration("redis.batch_max_age", self.batch_max_age, false)?;
+        Ok(())
+    }
+}
+
+/// Whether `url` reads as a Redis URL (the `redis` crate has the last word when it
+/// connects; this catches a host:port without a scheme at load).
+fn redis_url(url: &str) -> bool {
+    ["redis://", "rediss://", "redis+unix://", "unix://"]
+        .iter()
+        .any(|scheme| url.len() > scheme.len() && url.starts_with(scheme))
 }
 
 impl ServerConfig {

@@ -278,9 +278,11 @@ fn record_route(r: &RouteStatus) {
         metrics::gauge!("seawall_gateway_latency_seconds", "route" => route.clone(), "quantile" => quantile)
             .set(ms / 1000.0);
     }
-    if let Some(g) = &r.limits.global {
+    // A limit in Redis has no level known here: its decisions are counted by the
+    // limiter's own series (`seawall_rate_limit_*{limiter="<route>/global"}`).
+    if let Some(available) = r.limits.global.as_ref().and_then(|g| g.available) {
         metrics::gauge!("seawall_gateway_global_limit_available", "route" => route.clone())
-            .set(f64::from(g.available));
+            .set(f64::from(available));
     }
     for e in &r.endpoints {
         record_endpoint(&route, e);

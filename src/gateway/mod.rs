@@ -32,7 +32,14 @@
 //!    (`"shared"`) or let through (`"allow"`). Each limit tracks up to 100 000 clients;
 //!    when its table is full of clients still holding a debt, new clients share one
 //!    overflow bucket of the per-client quota (never evicting a client mid-debt), so a
-//!    flood of invented keys gets one client's quota in all;
+//!    flood of invented keys gets one client's quota in all. Each limit is kept in this
+//!    process (`policy = "local"`, the default: N replicas admit N times the limit) or
+//!    in Redis (`policy = "redis"`, with a gateway-level `[redis]` section): one bucket
+//!    shared by every replica with the same routes, checked after the local limits
+//!    (which hand their tokens back when it refuses), with the same answers and
+//!    headers; while Redis cannot answer, each replica limits with its `local_share` of
+//!    the limit (`failure = "open"`, the default) or answers `503` with `Retry-After: 1`
+//!    (`failure = "closed"`). See [`RedisSettings`] and [fleets](#a-fleet-of-gateways);
 //! 3. **fallback**: the configured response (marked `x-seawall-fallback: true`) in place
 //!    of any upstream failure: a timeout, open breakers, no endpoint, a transport error or
 //!    a 5xx answer. Without one, failures are `504` (timeout), `503` (no endpoint, every
@@ -222,6 +229,7 @@
 //! per_client = { per_second = 10, burst = 20, key = "ip" }   # or "header:x-api-key"
 //! # with a header key, requests without it: on_missing = "ip" (default), "reject" (400),
 //! # "shared" (one bucket for all of them), "allow"
+//! # policy = "redis" on either limit: its buckets in [redis], shared by the fleet
 //! hide_client_headers = false     # true: no RateLimit headers, only Retry-After on 429
 //!
 //! [routes.balance]
@@ -231,6 +239,15 @@
 //! [[services]]                    # static; other services are discovered
 //! name = "users"
 //! instances = ["127.0.0.1:9001", "127.0.0.1:9002"]
+//!
+//! [redis]                         # for limits with policy = "redis" (feature `redis`)
+//! url = "redis://127.0.0.1:6379/" # or nodes = ["redis://10.0.0.1:7000/", ...]: a Redis Cluster
+//! prefix = "seawall"              # keys: <prefix>:<route>:global:{all}, <prefix>:<route>:client:{<client>}
+//! timeout = "200ms"               # each check's bound
+//! failure = "open"                # Redis away: "open" (local shares) or "closed" (503)
+//! local_share = 0.34              # a share (or "34%") of each limit per replica while Redis is away (default 1)
+//! batch = 1                       # tokens taken per round trip (default 1: none ahead)
+//! batch_max_age = "100ms"         # how long tokens taken ahead may wait to be used
 //! ```
 //!
 //! Unknown keys are rejected, and every invalid value is a [`ConfigError`](crate::ConfigError) naming its
@@ -264,6 +281,21 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## A fleet of gateways
+//!
+//! Replicas behind a load balancer each hold their own local limits, so N of them admit N
+//! times a local limit. With `policy = "redis"` a limit is one bucket per key in Redis
+//! (a GCRA script timed by Redis's clock, so the replicas' clocks need not agree), and
+//! the fleet admits the limit once: the [Redis limiter](crate::rate_limit::redis)'s
+//! guarantees apply (never more than burst + rate × elapsed; with `batch`, tokens a
+//! replica took ahead are not available to the others until used or given up). A check is
+//! a round trip (about 70 µs on loopback) made only for requests the local limits
+//! admitted; refusals Redis gave are answered locally until they expire. A client key
+//! longer than 64 bytes is stored as its SHA-256, the same in every replica. Each Redis
+//! limit has a breaker around Redis (opens when half of the last 20 checks failed, probes
+//! after 1 s, doubling up to 30 s); `/status.json` and the status page show where each
+//! limit's decisions come from now and the state of that breaker.
 //!
 //! ## Observability
 //!
@@ -308,8 +340,13 @@
 //!     "client_errors": { "bad_body": 0, "body_timeout": 0, "too_large": 1, "headers_too_large": 0 },
 //!     "latency_ms": { "p50": 1.2, "p99": 8.7, "samples": 120 },   // last 1024 responses
 //!     "limits": {
-//!       "global": { "available": 180, "burst": 200, "per_second": 1000 },      // or null
-//!       "per_client": { "clients": 3, "burst": 20, "per_second": 10, "key": "ip" } // or null
+//!       "global": { "available": 180, "burst": 200, "per_second": 1000,          // or null
+//!                   "policy": "local", "redis": null },
+//!       "per_client": { "clients": null, "burst": 20, "per_second": 10, "key": "ip", // or null
+//!                       "policy": "redis",       // a limit in Redis: available / clients are null
+//!                       "redis": { "source": "redis",   // the last decision's: batch, local (the
+//!                                                       // local share: Redis away), cached, unavailable
+//!                                  "breaker": "closed" } } // the breaker around Redis
 //!     },
 //!     "endpoints": [{
 //!       "key": "local/users-9001", "address": "127.0.0.1:9001",
@@ -392,6 +429,8 @@ mod pool;
 mod route;
 mod secret;
 mod server;
+#[cfg(feature = "redis")]
+mod shared_limit;
 pub mod status;
 #[doc(hidden)]
 pub mod trace;
@@ -399,8 +438,9 @@ pub mod trace;
 pub use body::Body;
 pub use config::{
     AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, ClientKey, ClientLimitSettings,
-    FallbackSettings, GatewayConfig, JwtConfig, LimitSettings, OnMissing, OutlierSettings,
-    RateLimitSettings, RouteConfig, ServerConfig, ServiceConfig, StrategyName,
+    FallbackSettings, GatewayConfig, JwtConfig, LimitPolicy, LimitSettings, OnMissing,
+    OutlierSettings, RateLimitSettings, RedisFailure, RedisSettings, RouteConfig, ServerConfig,
+    ServiceConfig, StrategyName,
 };
 pub use metrics::use_prometheus_handle;
 /// The handle [`use_prometheus_handle`] takes, from `metrics-exporter-prometheus`.

@@ -19,11 +19,14 @@ use tower::{Layer, Service};
 use super::body::{Body, full, json_error};
 use super::client::{BodyState, ClientBody, ClientFault, UpstreamClassifier, head_too_large};
 use super::config::{
-    ClientKey, FallbackSettings, OnMissing, RouteConfig, ServerConfig, StrategyName,
+    ClientKey, ClientLimitSettings, FallbackSettings, LimitPolicy, OnMissing, RedisSettings,
+    RouteConfig, ServerConfig, StrategyName,
 };
 use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
 use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
+#[cfg(feature = "redis")]
+use super::shared_limit::{ClientKey as RedisClientKey, GlobalKey, MaybeRedis, SharedLimit};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
 use super::trace::TraceSettings;
 use crate::BoxError;
@@ -34,15 +37,24 @@ use crate::rate_limit::http::{
     ClientIp, HeaderKey, HttpLimit, HttpRateLimit, HttpRateLimitLayer, Refused,
 };
 use crate::rate_limit::{
-    Admitted, BoundedKey, KeyedRateLimiter, Quota, Rate, RateLimited, RateLimiter, TokioClock,
+    Admitted, BoundedKey, KeyedCharge, KeyedRateLimiter, Quota, Rate, RateLimited, RateLimiter,
+    TokioClock,
 };
 use tokio::time::Instant;
 
 type MakeUpstream = Box<dyn FnMut(&Instance) -> Upstream + Send>;
 type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, UpstreamClassifier>;
-/// A route's tower stack: global limit → per-client limit → [`Core`]. Concrete, so a
-/// request costs no boxed service clone and one boxed future (the core's) in all.
-type Stack = HttpRateLimit<HttpRateLimit<Core, Option<PerClient>>, Option<RateLimiter>>;
+/// A route's tower stack: global limit → per-client limit → (with `policy = "redis"`)
+/// the global and per-client limits in Redis → [`Core`]. Concrete, so a request costs no
+/// boxed service clone and one boxed future (the core's) in all, plus one per Redis limit.
+type Stack = HttpRateLimit<HttpRateLimit<Shared, Option<PerClient>>, Option<RateLimiter>>;
+
+/// The limits kept in Redis, innermost: the local ones outside hand their tokens back
+/// when these refuse.
+#[cfg(feature = "redis")]
+type Shared = MaybeRedis<MaybeRedis<Core, RedisClientKey>, GlobalKey>;
+#[cfg(not(feature = "redis"))]
+type Shared = Core;
 
 /// The client end of a connection, its `X-Forwarded-For` entry made once for all the
 /// connection's requests. Unknown (`None`) when the gateway is a service of a server that
@@ -262,10 +274,9 @@ enum ClientId {
     Key(BoundedKey),
 }
 
-/// The per-client limit, keyed by the client's IP or by a header.
+/// How a per-client limit (local or in Redis) tells clients apart.
 #[derive(Clone)]
-struct PerClient {
-    limiter: KeyedRateLimiter<ClientId, TokioClock>,
+pub(crate) struct ClientKeying {
     /// `None`: keyed by IP.
     header: Option<HeaderName>,
     on_missing: OnMissing,
@@ -275,9 +286,44 @@ struct PerClient {
     client: Option<IpAddr>,
 }
 
-impl PerClient {
-    fn clients(&self) -> usize {
-        self.limiter.len()
+/// A request's client key, as [`ClientKeying`] reads it.
+pub(crate) enum ClientKeyOf<'a> {
+    Ip(IpAddr),
+    /// The key header's value (visible ASCII).
+    Header(&'a str),
+    /// Without the key header, under `on_missing = "shared"`.
+    Shared,
+    /// Not limited per client: without the header under `"allow"` (or `"reject"`, refused
+    /// before the stack); or with no client address known, which
+    /// [`rejects_unkeyed`](ClientKeying::rejects_unkeyed) refuses.
+    Unlimited,
+}
+
+impl ClientKeying {
+    fn new(settings: &ClientLimitSettings) -> Result<Self, BoxError> {
+        Ok(Self {
+            header: match settings.client_key()? {
+                ClientKey::Ip => None,
+                ClientKey::Header(h) => Some(h),
+            },
+            on_missing: settings.on_missing,
+            client: None,
+        })
+    }
+
+    pub(crate) fn key<'a, B>(&self, request: &'a Request<B>) -> ClientKeyOf<'a> {
+        let ip = || self.client.map_or(ClientKeyOf::Unlimited, ClientKeyOf::Ip);
+        let Some(h) = &self.header else {
+            return ip();
+        };
+        match request.headers().get(h).and_then(|v| v.to_str().ok()) {
+            Some(value) => ClientKeyOf::Header(value),
+            None => match self.on_missing {
+                OnMissing::Ip => ip(),
+                OnMissing::Shared => ClientKeyOf::Shared,
+                OnMissing::Allow | OnMissing::Reject => ClientKeyOf::Unlimited,
+            },
+        }
     }
 
     /// Whether the request lacks the key header and must be refused for it.
@@ -291,36 +337,69 @@ impl PerClient {
                     .is_none()
             })
     }
+
+    /// Whether a request with no key (see [`ClientKeyOf::Unlimited`]) is refused (`500`,
+    /// logged): when the limit needed the client's address and the gateway was not told
+    /// the peer (a service of a server that sets neither a `SocketAddr` extension nor
+    /// axum's connect info). Never let through unlimited.
+    fn rejects_unkeyed(&self) -> bool {
+        self.client.is_none() && (self.header.is_none() || self.on_missing == OnMissing::Ip)
+    }
+
+    /// The same rule for the Redis layer, which asks only when the key is missing.
+    #[cfg(feature = "redis")]
+    pub(crate) fn on_missing_key(&self) -> crate::rate_limit::OnMissingKey {
+        use crate::rate_limit::OnMissingKey;
+        match (&self.header, self.on_missing) {
+            (Some(_), OnMissing::Shared) => OnMissingKey::Shared,
+            (Some(_), OnMissing::Allow) => OnMissingKey::Allow,
+            // Keyed by address and none known: refused.
+            _ => OnMissingKey::Reject,
+        }
+    }
+}
+
+/// The per-client limit, keyed by the client's IP or by a header.
+#[derive(Clone)]
+struct PerClient {
+    limiter: KeyedRateLimiter<ClientId, TokioClock>,
+    keying: ClientKeying,
+    /// Whether a limit further in (in Redis) may refuse what this one admitted: then the
+    /// token is handed back, which costs a reference count per request; otherwise this
+    /// is the innermost limit and takes none.
+    refunds: bool,
+}
+
+impl PerClient {
+    fn clients(&self) -> usize {
+        self.limiter.len()
+    }
 }
 
 impl HttpLimit<Request<Body>> for PerClient {
-    /// The innermost limit: nothing further in refuses, so nothing to hand back (and no
-    /// reference count taken per request).
-    type Charge = ();
+    /// `None` when nothing further in can refuse, or for the shared bucket.
+    type Charge = Option<KeyedCharge<ClientId, TokioClock>>;
 
-    fn check(&self, request: &Request<Body>) -> Option<Result<(Admitted, ()), RateLimited>> {
-        let id = match &self.header {
-            None => ClientId::Ip(self.client?),
-            Some(h) => match request.headers().get(h).and_then(HeaderKey::key_of) {
-                Some(key) => ClientId::Key(key),
-                None => match self.on_missing {
-                    OnMissing::Ip => ClientId::Ip(self.client?),
-                    OnMissing::Shared => {
-                        return Some(self.limiter.acquire_shared(1).map(|a| (a, ())));
-                    }
-                    OnMissing::Allow | OnMissing::Reject => return None,
-                },
-            },
+    fn check(
+        &self,
+        request: &Request<Body>,
+    ) -> Option<Result<(Admitted, Self::Charge), RateLimited>> {
+        let id = match self.keying.key(request) {
+            ClientKeyOf::Ip(ip) => ClientId::Ip(ip),
+            ClientKeyOf::Header(value) => ClientId::Key(BoundedKey::new(value.as_bytes())),
+            ClientKeyOf::Shared => {
+                return Some(self.limiter.acquire_shared(1).map(|a| (a, None)));
+            }
+            ClientKeyOf::Unlimited => return None,
         };
-        Some(self.limiter.acquire(&id, 1).map(|a| (a, ())))
+        if self.refunds {
+            return Some(self.limiter.charge(id, 1).map(|(a, c)| (a, Some(c))));
+        }
+        Some(self.limiter.acquire(&id, 1).map(|a| (a, None)))
     }
 
-    /// Asked when `check` passed a request over: refused (`500`, logged) when the limit
-    /// needed the client's address and the gateway was not told the peer (a service of a
-    /// server that sets neither a `SocketAddr` extension nor axum's connect info), never
-    /// let through unlimited.
     fn rejects_unkeyed(&self) -> bool {
-        self.client.is_none() && (self.header.is_none() || self.on_missing == OnMissing::Ip)
+        self.keying.rejects_unkeyed()
     }
 }
 
@@ -344,6 +423,13 @@ pub(crate) struct RouteCore {
     pub(crate) stats: RouteStats,
     global: Option<(RateLimiter, u32)>,
     per_client: Option<(PerClient, u32, u32, String)>,
+    /// How the per-client limit, local or in Redis, tells clients apart.
+    client_keying: Option<ClientKeying>,
+    /// The limits in Redis, with their rate (and burst, key).
+    #[cfg(feature = "redis")]
+    redis_global: Option<(SharedLimit, u32, u32)>,
+    #[cfg(feature = "redis")]
+    redis_per_client: Option<(SharedLimit, u32, u32, String)>,
     /// `[gateway] trusted_proxies`.
     trusted: ClientIp,
     /// `[gateway] request_id_header`, `trace_context`.
@@ -377,6 +463,7 @@ impl Route {
         watch: InstanceWatch,
         pools: &Arc<Pools>,
         trusted: &ClientIp,
+        redis: Option<&RedisSettings>,
     ) -> Result<Self, BoxError> {
         let pools = pools.clone();
         let make: MakeUpstream = Box::new(move |instance: &Instance| Upstream {
@@ -403,33 +490,77 @@ impl Route {
             .classifier(UpstreamClassifier(HttpClassifier::new()))
             .try_build(discover)?;
         let handle = balance.handle().clone();
-        let global = match &config.rate_limit.global {
-            Some(g) => Some((
+        let limits = &config.rate_limit;
+        let local = |policy: LimitPolicy| policy == LimitPolicy::Local;
+        let global = match &limits.global {
+            Some(g) if local(g.policy) => Some((
                 // Metrics tell routes apart: `seawall_rate_limit_decisions_total{limiter="users/global"}`.
                 RateLimiter::builder(quota(g.per_second, g.burst)?)
                     .name(format!("{}/global", config.name))
                     .build(),
                 g.per_second,
             )),
+            _ => None,
+        };
+        let client_keying = match &limits.per_client {
+            Some(c) => Some(ClientKeying::new(c)?),
             None => None,
         };
-        let per_client = match &config.rate_limit.per_client {
-            Some(c) => {
+        let redis_inside = [
+            limits.global.as_ref().map(|g| g.policy),
+            limits.per_client.as_ref().map(|c| c.policy),
+        ]
+        .contains(&Some(LimitPolicy::Redis));
+        let per_client = match (&limits.per_client, &client_keying) {
+            (Some(c), Some(keying)) if local(c.policy) => {
                 let q = quota(c.per_second, c.burst)?;
                 let name = format!("{}/per-client", config.name);
                 let limiter = PerClient {
                     limiter: KeyedRateLimiter::builder(q).name(name).build(),
-                    header: match c.client_key()? {
-                        ClientKey::Ip => None,
-                        ClientKey::Header(h) => Some(h),
-                    },
-                    on_missing: c.on_missing,
-                    client: None,
+                    keying: keying.clone(),
+                    refunds: redis_inside,
                 };
                 Some((limiter, c.per_second, q.burst(), c.key.clone()))
             }
-            None => None,
+            _ => None,
         };
+        #[cfg(feature = "redis")]
+        let (redis_global, redis_per_client) = {
+            let shared = |policy: LimitPolicy, scope: &str, name: &str, quota: Quota| match (
+                policy, redis,
+            ) {
+                (LimitPolicy::Redis, Some(settings)) => {
+                    SharedLimit::new(settings, &config.name, scope, name, quota).map(Some)
+                }
+                (LimitPolicy::Redis, None) => {
+                    Err(BoxError::from("policy = \"redis\" needs a [redis] section"))
+                }
+                (LimitPolicy::Local, _) => Ok(None),
+            };
+            let global = match &limits.global {
+                Some(g) => {
+                    let q = quota(g.per_second, g.burst)?;
+                    shared(g.policy, "global", "global", q)?.map(|l| (l, g.per_second, q.burst()))
+                }
+                None => None,
+            };
+            let per_client = match &limits.per_client {
+                Some(c) => {
+                    let q = quota(c.per_second, c.burst)?;
+                    shared(c.policy, "client", "per-client", q)?
+                        .map(|l| (l, c.per_second, q.burst(), c.key.clone()))
+                }
+                None => None,
+            };
+            (global, per_client)
+        };
+        #[cfg(not(feature = "redis"))]
+        {
+            let _ = redis;
+            if redis_inside {
+                return Err("policy = \"redis\" needs seawall's `redis` feature".into());
+            }
+        }
         let core = Arc::new(RouteCore {
             name: config.name.clone(),
             prefix: super::config::normalize_prefix(&config.path_prefix).to_owned(),
@@ -446,6 +577,11 @@ impl Route {
             stats: RouteStats::default(),
             global: global.clone(),
             per_client: per_client.clone(),
+            client_keying,
+            #[cfg(feature = "redis")]
+            redis_global: redis_global.clone(),
+            #[cfg(feature = "redis")]
+            redis_per_client: redis_per_client.clone(),
             trusted: trusted.clone(),
             trace: TraceSettings::new(server),
         });
@@ -456,11 +592,30 @@ impl Route {
         let global = HttpRateLimitLayer::new(global.map(|(l, _)| l))
             .name("global")
             .hide_headers(hide);
-        let stack = global.layer(per_client.layer(Core {
+        let inner = Core {
             route: Some(core.clone()),
             forwarded_for: None,
             body: None,
-        }));
+        };
+        #[cfg(feature = "redis")]
+        let inner = {
+            let inner = match (&redis_per_client, &core.client_keying) {
+                (Some((limit, ..)), Some(keying)) => MaybeRedis::On(
+                    limit
+                        .layer(RedisClientKey(keying.clone()), "per-client", hide)
+                        .on_missing_key(keying.on_missing_key())
+                        .layer(inner),
+                ),
+                _ => MaybeRedis::Off(inner),
+            };
+            match &redis_global {
+                Some((limit, ..)) => {
+                    MaybeRedis::On(limit.layer(GlobalKey, "global", hide).layer(inner))
+                }
+                None => MaybeRedis::Off(inner),
+            }
+        };
+        let stack = global.layer(per_client.layer(inner));
         Ok(Self { core, auth, stack })
     }
 
@@ -540,16 +695,29 @@ impl Route {
         // the upstream.
         let mut stack = self.stack.clone();
         let per_client = stack.get_mut();
-        if let Some(limit) = per_client.limit_mut() {
-            if limit.rejects(&request) {
+        let mut client = None;
+        if let Some(keying) = &self.core.client_keying {
+            if keying.rejects(&request) {
                 return bad_request("missing client key header");
             }
             // The client behind a trusted proxy; the peer itself otherwise (no work). No
             // peer known: a limit that needs the address refuses (see `rejects_unkeyed`).
-            limit.client = peer
+            client = peer
                 .addr
                 .map(|ip| self.core.trusted.resolve(ip, request.headers()));
         }
+        if let Some(limit) = per_client.limit_mut() {
+            limit.keying.client = client;
+        }
+        #[cfg(feature = "redis")]
+        let core = {
+            let per_client = per_client.get_mut().get_mut();
+            if let Some(key) = per_client.extractor_mut() {
+                key.0.client = client;
+            }
+            per_client.get_mut()
+        };
+        #[cfg(not(feature = "redis"))]
         let core = per_client.get_mut();
         core.forwarded_for = peer.forwarded_for.clone();
         core.body = state;
@@ -582,21 +750,7 @@ impl Route {
             upstream_errors: stats.upstream_errors(),
             client_errors: stats.client_errors(),
             latency_ms: stats.latency(),
-            limits: Limits {
-                global: core.global.as_ref().map(|(l, per_second)| GlobalLimit {
-                    available: l.available(),
-                    burst: l.burst(),
-                    per_second: *per_second,
-                }),
-                per_client: core.per_client.as_ref().map(|(l, per_second, burst, key)| {
-                    ClientLimit {
-                        clients: l.clients(),
-                        burst: *burst,
-                        per_second: *per_second,
-                        key: key.clone(),
-                    }
-                }),
-            },
+            limits: core.limits(),
             endpoints: core
                 .handle
                 .endpoints()
@@ -618,6 +772,56 @@ impl Route {
                 })
                 .collect(),
         }
+    }
+}
+
+impl RouteCore {
+    /// The route's limits now.
+    fn limits(&self) -> Limits {
+        let global = self.global.as_ref().map(|(l, per_second)| GlobalLimit {
+            available: Some(l.available()),
+            burst: l.burst(),
+            per_second: *per_second,
+            policy: LimitPolicy::Local.as_str().to_owned(),
+            redis: None,
+        });
+        let per_client = self
+            .per_client
+            .as_ref()
+            .map(|(l, per_second, burst, key)| ClientLimit {
+                clients: Some(l.clients()),
+                burst: *burst,
+                per_second: *per_second,
+                key: key.clone(),
+                policy: LimitPolicy::Local.as_str().to_owned(),
+                redis: None,
+            });
+        #[cfg(feature = "redis")]
+        let global = global.or_else(|| {
+            self.redis_global
+                .as_ref()
+                .map(|(l, per_second, burst)| GlobalLimit {
+                    available: None,
+                    burst: *burst,
+                    per_second: *per_second,
+                    policy: LimitPolicy::Redis.as_str().to_owned(),
+                    redis: Some(l.status()),
+                })
+        });
+        #[cfg(feature = "redis")]
+        let per_client = per_client.or_else(|| {
+            self.redis_per_client
+                .as_ref()
+                .map(|(l, per_second, burst, key)| ClientLimit {
+                    clients: None,
+                    burst: *burst,
+                    per_second: *per_second,
+                    key: key.clone(),
+                    policy: LimitPolicy::Redis.as_str().to_owned(),
+                    redis: Some(l.status()),
+                })
+        });
+        Limits { global, per_client }
     }
 }
 

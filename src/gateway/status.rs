@@ -145,26 +145,56 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct GlobalLimit {
-    /// Tokens available now.
-    pub available: u32,
+    /// Tokens available now; `null` for a limit kept in Redis (not known here).
+    pub available: Option<u32>,
     /// The bucket size.
     pub burst: u32,
     /// Tokens added a second.
     pub per_second: u32,
+    /// Where the bucket lives: `local` (this process) or `redis` (shared by the fleet).
+    #[serde(default = "local_policy")]
+    pub policy: String,
+    /// For a limit in Redis: where its decisions come from now, and its breaker.
+    #[serde(default)]
+    pub redis: Option<RedisLimitStatus>,
+}
+
+fn local_policy() -> String {
+    "local".to_owned()
+}
+
+/// A limit kept in Redis (`policy = "redis"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RedisLimitStatus {
+    /// Where the last decision came from: `redis` (the shared bucket), `batch` (tokens
+    /// taken ahead), `local` (this replica's local share: Redis unavailable), `cached` (a
+    /// refusal Redis gave, still in force), `unavailable` (Redis unavailable, failing
+    /// closed); `null` before the first request.
+    pub source: Option<String>,
+    /// The state of the breaker around Redis: `closed`, `open` (decisions are local, or
+    /// refusals when failing closed, until a probe succeeds) or `half_open`.
+    pub breaker: String,
 }
 
 /// The per-client buckets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ClientLimit {
-    /// Clients with a bucket now.
-    pub clients: usize,
+    /// Clients with a bucket now; `null` for a limit kept in Redis (not known here).
+    pub clients: Option<usize>,
     /// Each bucket's size.
     pub burst: u32,
     /// Tokens added to each a second.
     pub per_second: u32,
     /// `ip` or `header:<name>`.
     pub key: String,
+    /// Where the buckets live: `local` (this process) or `redis` (shared by the fleet).
+    #[serde(default = "local_policy")]
+    pub policy: String,
+    /// For a limit in Redis: where its decisions come from now, and its breaker.
+    #[serde(default)]
+    pub redis: Option<RedisLimitStatus>,
 }
 
 /// One upstream endpoint.

@@ -88,7 +88,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use std::collections::HashMap;
@@ -233,7 +233,13 @@ struct Inner {
     telemetry: super::telemetry::Telemetry,
     /// Checks retried after a connection error.
     retries: AtomicU64,
+    /// Where the last decision came from: an index into [`DECISION_SOURCES`], `0` before
+    /// the first.
+    last_source: AtomicU8,
 }
+
+/// The labels of [`RedisRateLimiter::last_source`], by index (`0`: no decision yet).
+const DECISION_SOURCES: [&str; 6] = ["", "redis", "batch", "local", "cached", "unavailable"];
 
 /// Refusals Redis gave, per key, until they run out: a saturated key is refused here
 /// without a round trip. Exact, not an approximation: Redis's bucket is shared, so no
@@ -416,22 +422,37 @@ impl RedisRateLimiter {
         let telemetry = &self.inner.telemetry;
         if let Some(refused) = self.inner.refusals.check(key, tokens) {
             telemetry.record::<()>(&Err(refused));
-            telemetry.record_source("cached");
+            self.record_source("cached");
             return Err(RedisLimitError::Limited(refused));
         }
-        let result = self.acquire_untraced(key, tokens).await;
+        let (result, source) = self.acquire_untraced(key, tokens).await;
         match &result {
-            Ok((admitted, source)) => {
-                telemetry.record::<&Admitted>(&Ok(admitted));
-                telemetry.record_source(source.label());
-            }
-            Err(RedisLimitError::Limited(limited)) => {
-                telemetry.record::<()>(&Err(*limited));
-                telemetry.record_source("redis");
-            }
-            Err(RedisLimitError::Unavailable(_)) => telemetry.record_source("unavailable"),
+            Ok((admitted, _)) => telemetry.record::<&Admitted>(&Ok(admitted)),
+            Err(RedisLimitError::Limited(limited)) => telemetry.record::<()>(&Err(*limited)),
+            Err(RedisLimitError::Unavailable(_)) => {}
         }
+        self.record_source(source);
         result
+    }
+
+    fn record_source(&self, label: &'static str) {
+        self.inner.telemetry.record_source(label);
+        let index = DECISION_SOURCES
+            .iter()
+            .position(|s| *s == label)
+            .unwrap_or(0);
+        self.inner.last_source.store(index as u8, Relaxed);
+    }
+
+    /// Where the last decision came from, as its `source` label in metrics: `redis` (the
+    /// shared bucket), `batch` (tokens taken ahead), `local` (the local share, Redis being
+    /// unavailable), `cached` (a refusal Redis gave, still in force) or `unavailable`
+    /// (Redis could not answer and the limiter fails closed); `None` before the first.
+    pub fn last_source(&self) -> Option<&'static str> {
+        match self.inner.last_source.load(Relaxed) {
+            0 => None,
+            i => DECISION_SOURCES.get(usize::from(i)).copied(),
+        }
     }
 
     /// The limiter's name, if it was given one.
@@ -439,23 +460,26 @@ impl RedisRateLimiter {
         self.inner.telemetry.get_name()
     }
 
+    /// The decision, and where it came from (its metrics label).
     async fn acquire_untraced(
         &self,
         key: &str,
         tokens: u32,
-    ) -> Result<(Admitted, Source), RedisLimitError> {
+    ) -> (Result<(Admitted, Source), RedisLimitError>, &'static str) {
         let inner = &self.inner;
         if tokens > inner.limit {
-            return Err(RedisLimitError::Limited(RateLimited::exceeds_burst(
+            let refused = RateLimited::exceeds_burst(
                 tokens,
                 inner.limit,
                 Duration::from_micros(inner.tau_us),
-            )));
+            );
+            // Never admissible, in Redis or anywhere: the quota's answer, as Redis's.
+            return (Err(RedisLimitError::Limited(refused)), "redis");
         }
         let mut want = tokens;
         if let Some(batch) = &inner.batch {
             if let Some(admitted) = batch.take(key, tokens) {
-                return Ok((admitted, Source::Batch));
+                return (Ok((admitted, Source::Batch)), "batch");
             }
             want = want.max(batch.size);
         }
@@ -466,11 +490,11 @@ impl RedisRateLimiter {
                         batch.store(key, granted - tokens, admitted);
                     }
                 }
-                Ok((admitted, Source::Redis))
+                (Ok((admitted, Source::Redis)), "redis")
             }
             Ok(Err(limited)) => {
                 inner.refusals.store(key, tokens, limited);
-                Err(RedisLimitError::Limited(limited))
+                (Err(RedisLimitError::Limited(limited)), "redis")
             }
             Err(error) => self.unavailable(key, tokens, error),
         }
@@ -482,13 +506,16 @@ impl RedisRateLimiter {
         key: &str,
         tokens: u32,
         error: BoxError,
-    ) -> Result<(Admitted, Source), RedisLimitError> {
+    ) -> (Result<(Admitted, Source), RedisLimitError>, &'static str) {
         match (&self.inner.policy, &self.inner.local) {
-            (FailurePolicy::FailOpen { .. }, Some(local)) => local
-                .acquire(key, tokens)
-                .map(|a| (a, Source::Local))
-                .map_err(RedisLimitError::Limited),
-            _ => Err(RedisLimitError::Unavailable(error)),
+            (FailurePolicy::FailOpen { .. }, Some(local)) => (
+                local
+                    .acquire(key, tokens)
+                    .map(|a| (a, Source::Local))
+                    .map_err(RedisLimitError::Limited),
+                "local",
+            ),
+            _ => (Err(RedisLimitError::Unavailable(error)), "unavailable"),
         }
     }
 
@@ -761,6 +788,7 @@ impl RedisRateLimiterBuilder {
                 breaker: Breaker::new(breaker),
                 refusals: Refusals::new(10_000),
                 retries: AtomicU64::new(0),
+                last_source: AtomicU8::new(0),
                 telemetry: {
                     let t = super::telemetry::Telemetry::default();
                     if let Some(name) = &self.name {

@@ -24,8 +24,8 @@ use crate::rate_limit::redis::{RedisLimitError, RedisRateLimiter};
 /// [`Refused`](super::Refused) in its extensions; admitted responses carry the headers
 /// too. When Redis cannot answer and the limiter fails closed, the answer is `503` with
 /// `Retry-After: 1`; with [`FailOpen`](crate::rate_limit::redis::FailurePolicy::FailOpen)
-/// the local share decides and the headers describe it. Requests without a key pass
-/// unlimited.
+/// the local share decides and the headers describe it. A request without a key follows
+/// the layer's [`OnMissingKey`] (`500` and an error log by default).
 ///
 /// The check is a round trip before the inner service is called, so the call holds a
 /// ready clone of the inner service (tower's usual pattern) and its future is boxed.
@@ -127,6 +127,21 @@ impl<S, E: Clone> Layer<S> for HttpRedisRateLimitLayer<E> {
 pub struct HttpRedisRateLimit<S, E> {
     inner: S,
     layer: HttpRedisRateLimitLayer<E>,
+}
+
+impl<S, E> HttpRedisRateLimit<S, E> {
+    crate::util::inner_service_accessors!();
+
+    /// The key extractor, to change per request on a clone of the service (the gateway
+    /// sets the client's address there, rather than in the request's extensions).
+    pub fn extractor_mut(&mut self) -> &mut E {
+        &mut self.layer.extractor
+    }
+
+    /// The limiter.
+    pub fn limiter(&self) -> &RedisRateLimiter {
+        &self.layer.limiter
+    }
 }
 
 impl<S: fmt::Debug, E> fmt::Debug for HttpRedisRateLimit<S, E> {

@@ -1,0 +1,411 @@
+//! Gateway limits with `policy = "redis"`: replicas (separate gateways, each with its
+//! own limiters and connections, as separate processes would have) share one bucket in a
+//! real `redis-server` on loopback; a dead Redis hands over to each replica's local share
+//! (or to `503` when failing closed), shown in the status, and a restarted one takes back.
+//! Rates are slow (1 a second) so that what a burst admits does not depend on timing;
+//! every wait is bounded.
+#![cfg(all(feature = "gateway", feature = "redis"))]
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use redis_server::RedisServer;
+use seawall::gateway::status::{ClientLimit, GlobalLimit};
+use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            });
+            tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+        }
+    });
+    addr
+}
+
+/// A gateway with one route `/api` to `upstream`, its `[routes.rate_limit]` and `[redis]`
+/// as given.
+async fn gateway(upstream: SocketAddr, limits: &str, redis: &str) -> GatewayHandle {
+    let config = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n{redis}\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\n\
+         [routes.rate_limit]\n{limits}\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
+    );
+    let config = GatewayConfig::from_toml_str(&config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Gateway::build(config, Discovery::Static)
+        .await
+        .unwrap()
+        .spawn(listener)
+}
+
+async fn get(
+    client: &HttpClient,
+    gateway: &GatewayHandle,
+    key: Option<&str>,
+) -> (StatusCode, HeaderMap, String) {
+    let mut request = Request::get(format!("http://{}/api/x", gateway.local_addr()));
+    if let Some(key) = key {
+        request = request.header("x-api-key", key);
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(request.body(Empty::new()).unwrap()),
+    )
+    .await
+    .expect("answered within 5 s")
+    .expect("an answer");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+fn global(g: &GatewayHandle) -> GlobalLimit {
+    g.gateway().status().routes[0]
+        .limits
+        .global
+        .clone()
+        .unwrap()
+}
+
+fn per_client(g: &GatewayHandle) -> ClientLimit {
+    g.gateway().status().routes[0]
+        .limits
+        .per_client
+        .clone()
+        .unwrap()
+}
+
+fn redis_section(url: &str, extra: &str) -> String {
+    format!("[redis]\nurl = \"{url}\"\ntimeout = \"200ms\"\n{extra}")
+}
+
+#[tokio::test]
+async fn two_replicas_share_one_global_limit_in_redis() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let up = upstream().await;
+    let limits = "global = { per_second = 1, burst = 4, policy = \"redis\" }";
+    let section = redis_section(&redis.url(), "");
+    let (a, b) = (
+        gateway(up, limits, &section).await,
+        gateway(up, limits, &section).await,
+    );
+    let client = client();
+    let start = Instant::now();
+    let mut admitted = 0;
+    let mut refusal = None;
+    for i in 0..12 {
+        let (status, headers, body) = get(&client, if i % 2 == 0 { &a } else { &b }, None).await;
+        match status {
+            StatusCode::OK => {
+                admitted += 1;
+                assert!(headers.contains_key("ratelimit-policy"), "{headers:?}");
+            }
+            StatusCode::TOO_MANY_REQUESTS => refusal = Some((headers, body)),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    // One bucket of 4 refilled at 1 a second, whichever replica is asked: with local
+    // buckets the two would have admitted 8.
+    let refilled = start.elapsed().as_secs() as usize + 1;
+    assert!(
+        (4..=4 + refilled).contains(&admitted),
+        "admitted {admitted} in {:?}",
+        start.elapsed()
+    );
+    let (headers, body) = refusal.expect("a refusal");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    assert_eq!(
+        headers.get("ratelimit-policy").unwrap(),
+        "\"global\";q=4;w=4",
+        "the same headers as a local limit"
+    );
+    assert_eq!(
+        headers.get("content-type").unwrap(),
+        "application/problem+json"
+    );
+    assert!(body.contains("429"), "{body}");
+    // The status says where the bucket is and where the decisions come from.
+    for g in [&a, &b] {
+        let limit = global(g);
+        assert_eq!(limit.policy, "redis");
+        assert_eq!(limit.available, None);
+        let shared = limit.redis.expect("redis status");
+        // The last decision: Redis's, or a refusal it gave still in force.
+        assert!(
+            matches!(shared.source.as_deref(), Some("redis" | "cached")),
+            "{shared:?}"
+        );
+        assert_eq!(shared.breaker, "closed");
+    }
+    let refused: u64 = [&a, &b]
+        .iter()
+        .map(|g| g.gateway().status().routes[0].rate_limited)
+        .sum();
+    assert_eq!(
+        refused as usize,
+        12 - admitted,
+        "refusals are counted by each replica"
+    );
+    assert_eq!(
+        redis.keys("seawall:api:global:*").await,
+        ["seawall:api:global:{all}"]
+    );
+}
+
+#[tokio::test]
+async fn per_client_keys_are_shared_by_replicas_even_when_long() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let up = upstream().await;
+    let limits = "per_client = { per_second = 1, burst = 3, key = \"header:x-api-key\", policy = \"redis\" }";
+    let section = redis_section(&redis.url(), "");
+    let (a, b) = (
+        gateway(up, limits, &section).await,
+        gateway(up, limits, &section).await,
+    );
+    let client = client();
+    // A key longer than 64 bytes: kept locally as a per-process digest, it must reach
+    // Redis as the same key from both replicas.
+    let long = "k".repeat(300);
+    for key in ["alice", long.as_str()] {
+        let start = Instant::now();
+        let mut admitted = 0;
+        for i in 0..8 {
+            let (status, _, body) = get(&client, if i % 2 == 0 { &a } else { &b }, Some(key)).await;
+            match status {
+                StatusCode::OK => admitted += 1,
+                StatusCode::TOO_MANY_REQUESTS => {}
+                other => panic!("unexpected {other}: {body}"),
+            }
+        }
+        let refilled = start.elapsed().as_secs() as usize + 1;
+        assert!(
+            (3..=3 + refilled).contains(&admitted),
+            "key of {} bytes: admitted {admitted}",
+            key.len()
+        );
+    }
+    // Another client is not affected.
+    assert_eq!(get(&client, &a, Some("bob")).await.0, StatusCode::OK);
+    let mut keys = redis.keys("seawall:api:client:*").await;
+    keys.sort();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert!(
+        keys.contains(&"seawall:api:client:{key:alice}".to_owned()),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("seawall:api:client:{key#") && k.len() < 100),
+        "the long key is stored as its digest: {keys:?}"
+    );
+    // Without the key header: limited by address (the default `on_missing = "ip"`).
+    assert_eq!(get(&client, &a, None).await.0, StatusCode::OK);
+    assert!(redis.keys("seawall:api:client:{ip:127.0.0.1}").await.len() == 1);
+    let limit = per_client(&a);
+    assert_eq!((limit.policy.as_str(), limit.clients), ("redis", None));
+}
+
+#[tokio::test]
+async fn a_local_limit_hands_back_its_token_when_redis_refuses() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let up = upstream().await;
+    // Per client locally (2), globally in Redis (1): the second request of a client is
+    // refused by Redis, and its per-client token handed back.
+    let limits = "global = { per_second = 1, burst = 1, policy = \"redis\" }\n\
+                  per_client = { per_second = 1, burst = 2, key = \"header:x-api-key\" }";
+    let g = gateway(up, limits, &redis_section(&redis.url(), "")).await;
+    let client = client();
+    let (first, ..) = get(&client, &g, Some("alice")).await;
+    let (second, headers, _) = get(&client, &g, Some("alice")).await;
+    assert_eq!(
+        (first, second),
+        (StatusCode::OK, StatusCode::TOO_MANY_REQUESTS)
+    );
+    // Refused by the Redis limit (the outer, local one adds its own state).
+    let states: Vec<_> = headers.get_all("ratelimit").iter().collect();
+    assert!(
+        states[0].to_str().unwrap().starts_with("\"global\";r=0;"),
+        "{states:?}"
+    );
+    // Alice's bucket got its token back (1 left, not 0): once the global bucket has
+    // refilled, her next request leaves 1 (2 with the refill, less this one), where
+    // without the refund it would leave 0.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (third, headers, _) = get(&client, &g, Some("alice")).await;
+    assert_eq!(third, StatusCode::OK, "{headers:?}");
+    let per_client = headers
+        .get_all("ratelimit")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|v| v.starts_with("\"per-client\""))
+        .expect("the per-client state");
+    assert!(
+        per_client.starts_with("\"per-client\";r=1;"),
+        "{per_client}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_redis_hands_over_to_local_shares_and_back() {
+    let port = RedisServer::free_port();
+    let redis = RedisServer::start(port).await;
+    let up = upstream().await;
+    let limits = "global = { per_second = 1, burst = 10, policy = \"redis\" }";
+    let g = gateway(
+        up,
+        limits,
+        &redis_section(&redis.url(), "local_share = 0.25"),
+    )
+    .await;
+    let client = client();
+    assert_eq!(get(&client, &g, None).await.0, StatusCode::OK);
+    assert_eq!(global(&g).redis.unwrap().source.as_deref(), Some("redis"));
+
+    drop(redis);
+    // Redis is gone: this replica admits its share, 3 of the burst of 10 (2.5 rounded
+    // up), then refuses
+    // with the same 429; never a 5xx.
+    let mut admitted = 0;
+    for _ in 0..8 {
+        match get(&client, &g, None).await {
+            (StatusCode::OK, ..) => admitted += 1,
+            (StatusCode::TOO_MANY_REQUESTS, headers, _) => {
+                assert!(headers.contains_key("retry-after"));
+            }
+            (other, _, body) => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(admitted, 3, "the local share admitted {admitted}");
+    let shared = global(&g).redis.unwrap();
+    assert_eq!(shared.source.as_deref(), Some("local"));
+    // Eight failed checks (the minimum of ten calls is not reached): keep failing until
+    // the breaker opens, bounded.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while global(&g).redis.unwrap().breaker != "open" {
+        assert!(
+            Instant::now() < deadline,
+            "the breaker around Redis never opened"
+        );
+        get(&client, &g, None).await;
+    }
+
+    // Back on the same port: the breaker's probe (after its 1 s open wait) finds it,
+    // and decisions come from Redis again.
+    let _redis = RedisServer::start(port).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        get(&client, &g, None).await;
+        let shared = global(&g).redis.unwrap();
+        if shared.source.as_deref() == Some("redis") {
+            assert_eq!(shared.breaker, "closed");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never back to Redis: {shared:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn failing_closed_answers_503_while_redis_is_away() {
+    let port = RedisServer::free_port();
+    let up = upstream().await;
+    // No Redis at all on that port.
+    let limits = "global = { per_second = 100, policy = \"redis\" }";
+    let g = gateway(
+        up,
+        limits,
+        &redis_section(
+            &format!("redis://127.0.0.1:{port}/"),
+            "failure = \"closed\"",
+        ),
+    )
+    .await;
+    let (status, headers, body) = get(&client(), &g, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    assert_eq!(
+        headers.get("content-type").unwrap(),
+        "application/problem+json"
+    );
+    assert_eq!(
+        global(&g).redis.unwrap().source.as_deref(),
+        Some("unavailable")
+    );
+}
+
+#[test]
+fn redis_settings_are_checked_at_load() {
+    let config = |redis: &str, limits: &str| {
+        GatewayConfig::from_toml_str(&format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n{redis}\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+             rate_limit = {{ {limits} }}\n\
+             [[services]]\nname = \"up\"\ninstances = [\"127.0.0.1:9\"]\n"
+        ))
+    };
+    let redis_limit = "global = { per_second = 5, policy = \"redis\" }";
+    let err = config("", redis_limit).unwrap_err();
+    assert_eq!(err.field(), "routes[0].rate_limit.global.policy");
+    assert!(err.reason().contains("[redis]"), "{err}");
+    let err = config(
+        "[redis]\nurl = \"redis://127.0.0.1:6379/\"\nlocal_share = 34",
+        redis_limit,
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), "redis.local_share");
+    assert!(err.reason().contains("write 0.34"), "{err}");
+    let err = config("[redis]\nurl = \"127.0.0.1:6379\"", redis_limit).unwrap_err();
+    assert_eq!(err.field(), "redis.url");
+    let err = config(
+        "[redis]\nurl = \"redis://a/\"\nnodes = [\"redis://b/\"]",
+        redis_limit,
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), "redis.nodes");
+    let err = config("[redis]\nurl = \"redis://a/\"\nbatch = 0", redis_limit).unwrap_err();
+    assert_eq!(err.field(), "redis.batch");
+    let err = config("", "per_client = { per_second = 5, policy = \"cluster\" }").unwrap_err();
+    assert!(
+        err.to_string().contains("expected `local` or `redis`"),
+        "{err}"
+    );
+    // A percentage is read as a fraction, as every share in the configuration.
+    let ok = config(
+        "[redis]\nurl = \"redis://127.0.0.1:6379/\"\nlocal_share = \"34%\"\nbatch = 8",
+        redis_limit,
+    )
+    .unwrap();
+    let redis = ok.redis.unwrap();
+    assert!((redis.local_share - 0.34).abs() < 1e-9);
+    assert_eq!(redis.batch, 8);
+}
