@@ -444,3 +444,76 @@ async fn a_failover_to_the_replica_is_followed() {
         "the promoted replica kept the bucket: {remaining} left"
     );
 }
+
+/// The gateway's `[redis] nodes`: two gateways (as two replicas would be) share per-client
+/// buckets placed over the three masters' slots; each client gets its burst once, whichever
+/// replica it reaches.
+#[cfg(feature = "gateway")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_share_per_client_limits_in_a_cluster() {
+    use http_body_util::Empty;
+    use seawall::gateway::{Discovery, Gateway, GatewayConfig};
+    use tower::ServiceExt;
+
+    let cluster = Cluster::start(3, 0).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                )))
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, svc));
+        }
+    });
+    let nodes: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
+    let config = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [redis]\nnodes = [{}]\ntimeout = \"1s\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         rate_limit = {{ per_client = {{ per_second = 1, burst = 5, key = \"header:x-api-key\", policy = \"redis\" }} }}\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n",
+        nodes.join(", ")
+    );
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let config = GatewayConfig::from_toml_str(&config).unwrap();
+        replicas.push(Gateway::build(config, Discovery::Static).await.unwrap());
+    }
+    let keys: Vec<String> = (0..12).map(|i| format!("client-{i}")).collect();
+    let start = Instant::now();
+    let mut admitted: HashMap<&str, usize> = HashMap::new();
+    for round in 0..8 {
+        for key in &keys {
+            let request = http::Request::get("/api/x")
+                .header("host", "gw")
+                .header("x-api-key", key.as_str())
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let response = replicas[round % 2].clone().oneshot(request).await.unwrap();
+            match response.status().as_u16() {
+                200 => *admitted.entry(key.as_str()).or_default() += 1,
+                429 => {}
+                other => panic!("{key}: {other}"),
+            }
+        }
+    }
+    // Burst 5 at 1 a second: 5, plus what refilled while the rounds ran.
+    let refilled = start.elapsed().as_secs() as usize + 1;
+    for key in &keys {
+        let n = admitted.get(key.as_str()).copied().unwrap_or(0);
+        assert!((5..=5 + refilled).contains(&n), "{key}: admitted {n}");
+    }
+    let mut masters = BTreeSet::new();
+    for key in &keys {
+        let redis_key = format!("seawall:api:client:{{key:{key}}}");
+        masters.insert(cluster.master_of(&redis_key).await.unwrap());
+    }
+    assert_eq!(masters.len(), 3, "buckets on every master: {masters:?}");
+    let status = replicas[0].status();
+    let limit = status.routes[0].limits.per_client.as_ref().unwrap();
+    assert_eq!(limit.redis.as_ref().unwrap().breaker, "closed");
+}
