@@ -28,3 +28,23 @@ impl fmt::Display for NoEndpoints {
 }
 
 impl std::error::Error for NoEndpoints {}
+
+/// A [`SharedBalance`](super::SharedBalance) caller's deadline passed before the service
+/// was ready: nothing was called.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct ReadyTimeout;
+
+impl ReadyTimeout {
+    pub(crate) fn new() -> Self {
+        Self
+    }
+}
+
+impl fmt::Display for ReadyTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("no endpoint was ready before the deadline")
+    }
+}
+
+impl std::error::Error for ReadyTimeout {}

@@ -69,6 +69,7 @@ pub mod future;
 mod hash;
 mod service;
 mod set;
+mod shared;
 mod stats;
 mod telemetry;
 mod weights;
@@ -81,9 +82,10 @@ use std::time::Duration;
 
 use crate::ConfigError;
 pub use config::{OutlierDetection, OutlierDetectionBuilder, Strategy, WhenEmpty};
-pub use error::NoEndpoints;
+pub use error::{NoEndpoints, ReadyTimeout};
 pub use hash::HashBalance;
 pub use service::Balance;
+pub use shared::SharedBalance;
 
 use crate::circuit_breaker::{CircuitBreakerConfig, ErrorsAreFailures, State};
 use crate::clock::{Clock, TokioClock};
