@@ -570,8 +570,8 @@ pub struct ClientLimitSettings {
     /// a trusted proxy reports) or `"header:<name>"` (for example `"header:x-api-key"`).
     /// Header values longer than 64 bytes are kept as a 128-bit keyed digest, so a key
     /// costs the same memory whatever its length.
-    #[serde(default = "default_key")]
-    pub key: String,
+    #[serde(default)]
+    pub key: ClientKey,
     /// With a `header:` key, what a request without the header (or with a value that is
     /// not visible ASCII) gets: `"ip"` (the default, as Kong does) limits it by the
     /// client's address instead; `"reject"` answers `400`; `"allow"` lets it through
@@ -599,38 +599,48 @@ pub enum OnMissing {
     Allow,
 }
 
-fn default_key() -> String {
-    "ip".to_owned()
-}
-
-/// How a per-client limit tells clients apart.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a per-client limit tells clients apart: `key = "ip"` or `"header:<name>"`, parsed
+/// when the configuration is read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum ClientKey {
-    /// The peer's IP address.
+    /// The client's IP address (the peer's, or what a trusted proxy reports).
+    #[default]
     Ip,
     /// A request header's value.
     Header(http::HeaderName),
 }
 
-impl ClientLimitSettings {
-    /// The parsed `key`.
-    ///
-    /// # Errors
-    ///
-    /// A message when `key` is neither `ip` nor `header:<valid header name>`.
-    pub fn client_key(&self) -> Result<ClientKey, String> {
-        if self.key == "ip" {
-            return Ok(ClientKey::Ip);
+impl std::str::FromStr for ClientKey {
+    type Err = String;
+
+    fn from_str(key: &str) -> Result<Self, String> {
+        if key == "ip" {
+            return Ok(Self::Ip);
         }
-        match self.key.strip_prefix("header:") {
+        match key.strip_prefix("header:") {
             Some(name) => http::HeaderName::from_bytes(name.trim().as_bytes())
-                .map(ClientKey::Header)
+                .map(Self::Header)
                 .map_err(|_| format!("`{name}` is not a valid header name")),
-            None => Err(format!(
-                "must be \"ip\" or \"header:<name>\", not `{}`",
-                self.key
-            )),
+            None => Err(format!("must be \"ip\" or \"header:<name>\", not `{key}`")),
         }
+    }
+}
+
+impl fmt::Display for ClientKey {
+    /// As written in the configuration: `ip` or `header:<name>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ip => f.write_str("ip"),
+            Self::Header(name) => write!(f, "header:{name}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(|e: String| serde::de::Error::custom(format!("key: {e}")))
     }
 }
 
@@ -947,8 +957,6 @@ impl GatewayConfig {
             if let Some(c) = &route.rate_limit.per_client {
                 let at = format!("{at}.rate_limit.per_client");
                 check_limit(&at, c.per_second, c.burst)?;
-                c.client_key()
-                    .map_err(|reason| ConfigError::invalid(format!("{at}.key"), reason))?;
                 self.check_policy(&at, c.policy)?;
             }
             if let Some(o) = &route.balance.outlier {
@@ -1255,12 +1263,7 @@ outlier = { consecutive_failures = 3, base_ejection = "10s", max_ejected = "50%"
         assert_eq!(r.timeout, Duration::from_secs(2));
         assert_eq!(r.balance.strategy, StrategyName::PeakEwma);
         assert_eq!(
-            r.rate_limit
-                .per_client
-                .as_ref()
-                .unwrap()
-                .client_key()
-                .unwrap(),
+            r.rate_limit.per_client.as_ref().unwrap().key,
             ClientKey::Header(http::HeaderName::from_static("x-api-key"))
         );
         assert_eq!(
@@ -1300,9 +1303,10 @@ outlier = { consecutive_failures = 3, base_ejection = "10s", max_ejected = "50%"
             e,
             "routes[0].fallback.status: must be an HTTP status in 200..=599"
         );
+        // Parsed as it is read: the error says where.
         let e = err(&BASE.replace("header:x-api-key", "cookie"));
         assert!(
-            e.starts_with("routes[0].rate_limit.per_client.key: must be"),
+            e.contains("(`per_client`): key: must be \"ip\" or \"header:<name>\""),
             "{e}"
         );
         let e = err(&BASE.replace("timeout = \"2s\"", "timeout = \"0s\""));

@@ -7,14 +7,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use tower::{Layer, Service};
+use tower::{Layer, Service, ServiceExt};
 
 use super::body::{Body, full, json_error};
 use super::client::{BodyState, ClientBody, ClientFault, UpstreamClassifier, head_too_large};
@@ -30,7 +30,9 @@ use super::shared_limit::{ClientKey as RedisClientKey, GlobalKey, MaybeRedis, Sh
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
 use super::trace::TraceSettings;
 use crate::BoxError;
-use crate::balance::{Balance, BalanceHandle, NoEndpoints, Strategy, WhenEmpty};
+use crate::balance::{
+    Balance, BalanceHandle, NoEndpoints, ReadyTimeout, SharedBalance, Strategy, WhenEmpty,
+};
 use crate::circuit_breaker::{CircuitOpen, HttpClassifier};
 use crate::discovery::{Instance, InstanceWatch, ServiceDiscover};
 use crate::rate_limit::http::{
@@ -165,107 +167,6 @@ impl Future for UpstreamFuture {
     }
 }
 
-/// Wakes every task waiting on the balancer: a balancer keeps one waker, the tasks
-/// sharing it are many.
-#[derive(Default)]
-struct Waiters(parking_lot::Mutex<Vec<Waker>>);
-
-impl Wake for Waiters {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        for waker in std::mem::take(&mut *self.0.lock()) {
-            waker.wake();
-        }
-    }
-}
-
-/// The balancer shared by every request of a route: locked only to reserve an endpoint
-/// and start the call, never across an await.
-struct SharedBalance {
-    balance: parking_lot::Mutex<Upstreams>,
-    waiters: Arc<Waiters>,
-    fanout: Waker,
-}
-
-impl SharedBalance {
-    fn new(balance: Upstreams) -> Self {
-        let waiters = Arc::new(Waiters::default());
-        Self {
-            balance: parking_lot::Mutex::new(balance),
-            fanout: Waker::from(waiters.clone()),
-            waiters,
-        }
-    }
-
-    /// Applies ready discovery changes, so that an idle route's status is current. The
-    /// fan-out waker stays registered, so waiting requests still hear of new endpoints.
-    fn refresh(&self) {
-        let mut balance = self.balance.lock();
-        let _ = balance.poll_discovery(&mut Context::from_waker(&self.fanout));
-    }
-
-    /// Reserves an endpoint (waiting until `call.deadline` at most) and calls it.
-    async fn call(
-        &self,
-        request: Request<Body>,
-        call: Call,
-    ) -> Result<Response<PooledBody>, BoxError> {
-        let deadline = call.deadline;
-        let mut request = Some((request, call));
-        // Whether this task's waker may be among the waiters: only then is there one to
-        // take out. The common case (an endpoint ready at once) touches no waiter list.
-        let mut waiting = false;
-        // The deadline's timer, made only once the request has to wait for an endpoint
-        // (almost never): a `Sleep` costs a clone of the runtime's handle and a timer
-        // entry, and kept here unboxed it would make every request's future larger.
-        let mut sleep: Option<Pin<Box<tokio::time::Sleep>>> = None;
-        let future = std::future::poll_fn(|cx| {
-            let mut balance = self.balance.lock();
-            let mut fanout = Context::from_waker(&self.fanout);
-            let mut registered = false;
-            let ready = loop {
-                match Service::<UpstreamRequest>::poll_ready(&mut *balance, &mut fanout) {
-                    Poll::Ready(ready) => break ready,
-                    Poll::Pending if registered => {
-                        let sleep = sleep
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                        if sleep.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
-                        }
-                        // No endpoint ready by the deadline: nothing was called, nothing
-                        // is recorded.
-                        break Err(BoxError::from(UpstreamError::Timeout));
-                    }
-                    Poll::Pending => {
-                        // Registered (again: a wake-up takes every waker), then polled once
-                        // more: a wake-up between the first poll and the registration
-                        // would otherwise be lost.
-                        let mut waiters = self.waiters.0.lock();
-                        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                            waiters.push(cx.waker().clone());
-                        }
-                        registered = true;
-                        waiting = true;
-                    }
-                }
-            };
-            if waiting {
-                self.waiters.0.lock().retain(|w| !w.will_wake(cx.waker()));
-                waiting = false;
-            }
-            Poll::Ready(ready.and_then(|()| match request.take() {
-                Some(r) => Ok(Service::<UpstreamRequest>::call(&mut *balance, r)),
-                None => Err(BoxError::from("request already sent")),
-            }))
-        })
-        .await?;
-        future.await
-    }
-}
-
 /// Who a per-client limit charges: a client's address, or its key header's value (of
 /// bounded size, however long the value).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -300,15 +201,15 @@ pub(crate) enum ClientKeyOf<'a> {
 }
 
 impl ClientKeying {
-    fn new(settings: &ClientLimitSettings) -> Result<Self, BoxError> {
-        Ok(Self {
-            header: match settings.client_key()? {
+    fn new(settings: &ClientLimitSettings) -> Self {
+        Self {
+            header: match settings.key.clone() {
                 ClientKey::Ip => None,
                 ClientKey::Header(h) => Some(h),
             },
             on_missing: settings.on_missing,
             client: None,
-        })
+        }
     }
 
     pub(crate) fn key<'a, B>(&self, request: &'a Request<B>) -> ClientKeyOf<'a> {
@@ -418,7 +319,7 @@ pub(crate) struct RouteCore {
     /// The bound on each wait for more of a response body.
     body_timeout: Duration,
     fallback: Option<FallbackSettings>,
-    balance: SharedBalance,
+    balance: SharedBalance<Upstreams>,
     handle: BalanceHandle,
     pub(crate) stats: RouteStats,
     global: Option<(RateLimiter, u32)>,
@@ -502,10 +403,7 @@ impl Route {
             )),
             _ => None,
         };
-        let client_keying = match &limits.per_client {
-            Some(c) => Some(ClientKeying::new(c)?),
-            None => None,
-        };
+        let client_keying = limits.per_client.as_ref().map(ClientKeying::new);
         let redis_inside = [
             limits.global.as_ref().map(|g| g.policy),
             limits.per_client.as_ref().map(|c| c.policy),
@@ -520,7 +418,7 @@ impl Route {
                     keying: keying.clone(),
                     refunds: redis_inside,
                 };
-                Some((limiter, c.per_second, q.burst(), c.key.clone()))
+                Some((limiter, c.per_second, q.burst(), c.key.to_string()))
             }
             _ => None,
         };
@@ -548,7 +446,7 @@ impl Route {
                 Some(c) => {
                     let q = quota(c.per_second, c.burst)?;
                     shared(c.policy, "client", "per-client", q)?
-                        .map(|l| (l, c.per_second, q.burst(), c.key.clone()))
+                        .map(|l| (l, c.per_second, q.burst(), c.key.to_string()))
                 }
                 None => None,
             };
@@ -721,10 +619,14 @@ impl Route {
         let core = per_client.get_mut();
         core.forwarded_for = peer.forwarded_for.clone();
         core.body = state;
-        // Every layer of the stack is always ready: limits answer in `call`. The future
-        // owns all it needs.
-        let response = match stack.call(request).await {
-            Ok(response) => response,
+        // Readied as tower's contract asks, though every layer is always ready (limits
+        // answer in `call`, the balancer is waited for in the core's future): one poll
+        // through the layers. The future owns all it needs.
+        let response = match stack.ready().await {
+            Ok(ready) => match ready.call(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            },
             Err(never) => match never {},
         };
         if response.extensions().get::<Refused>().is_some() {
@@ -893,11 +795,14 @@ impl RouteCore {
         body: Option<Arc<BodyState>>,
     ) -> Response<Body> {
         let request = self.upstream_request(request, forwarded_for);
-        let call = Call {
-            deadline: Instant::now() + self.timeout,
-            body,
-        };
-        let failure = match self.balance.call(request, call).await {
+        let deadline = Instant::now() + self.timeout;
+        let call = Call { deadline, body };
+        // Waiting for an endpoint counts against the route's timeout too.
+        let failure = match self
+            .balance
+            .call::<UpstreamRequest>((request, call), Some(deadline))
+            .await
+        {
             Ok(response) if response.status().is_server_error() && self.fallback.is_some() => {
                 Failure::ServerError
             }
@@ -915,10 +820,12 @@ impl RouteCore {
                 {
                     Failure::Unavailable(breaker_retry_after(&e))
                 }
-                None if matches!(
-                    e.downcast_ref::<UpstreamError>(),
-                    Some(UpstreamError::Timeout)
-                ) =>
+                // No endpoint ready in time, or no answer in time.
+                None if e.is::<ReadyTimeout>()
+                    || matches!(
+                        e.downcast_ref::<UpstreamError>(),
+                        Some(UpstreamError::Timeout)
+                    ) =>
                 {
                     Failure::Timeout
                 }
