@@ -38,6 +38,26 @@ pub(crate) fn seed(salt: impl Hash) -> u64 {
     std::collections::hash_map::RandomState::new().hash_one((salt, COUNTER.fetch_add(1, Relaxed)))
 }
 
+/// Exponential backoff with jitter, one formula for the breaker's open waits and the
+/// Consul watch's and registration's retries: `base × multiplier^(attempt − 1)`, capped
+/// at `max` before the jitter (so that waits at the cap still spread), then scaled by a
+/// factor in `spread` drawn with `unit`, a uniform sample in `[0, 1)`. At least 1 ms.
+pub(crate) fn backoff(
+    attempt: u32,
+    base: Duration,
+    multiplier: f64,
+    max: Duration,
+    spread: (f64, f64),
+    unit: f64,
+) -> Duration {
+    let exp = attempt.saturating_sub(1).min(1024) as i32;
+    let grown = base.as_secs_f64() * multiplier.powi(exp);
+    let capped = grown.min(max.as_secs_f64());
+    let factor = spread.0 + (spread.1 - spread.0) * unit;
+    // Callers validate their settings, which keeps this finite; stay total regardless.
+    Duration::try_from_secs_f64((capped * factor).max(0.001)).unwrap_or(max)
+}
+
 /// `get_ref`, `get_mut` and `into_inner` for a service wrapping an inner service `S` in
 /// its field `$field` (`inner` by default), as tower-http's `define_inner_service_accessors!`.
 macro_rules! inner_service_accessors {

@@ -70,13 +70,8 @@ impl WaitPolicy {
     /// The wait before the `trip`-th consecutive trip (1-based) moves to half-open,
     /// with `unit` a uniform sample in `[0, 1)` for the jitter.
     pub(crate) fn wait(&self, trip: u32, unit: f64) -> Duration {
-        let exp = trip.saturating_sub(1).min(1024) as i32;
-        let grown = self.base.as_secs_f64() * self.multiplier.powi(exp);
-        // The cap applies before the jitter, so that waits at the cap still spread.
-        let capped = grown.min(self.max.as_secs_f64());
-        let jittered = capped * (1.0 - self.jitter + 2.0 * self.jitter * unit);
-        // Validation keeps this finite and small; stay total regardless.
-        Duration::try_from_secs_f64(jittered.max(0.001)).unwrap_or(self.max)
+        let spread = (1.0 - self.jitter, 1.0 + self.jitter);
+        crate::util::backoff(trip, self.base, self.multiplier, self.max, spread, unit)
     }
 }
 

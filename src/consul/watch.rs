@@ -386,13 +386,10 @@ impl fmt::Debug for ConsulWatch {
     }
 }
 
-/// Exponential backoff with jitter: `base × 2^(failures − 1)` capped at `max`, drawn
-/// between half and all of it.
+/// Exponential backoff with jitter ([`crate::util::backoff`]): `base × 2^(failures − 1)`
+/// capped at `max`, drawn between half and all of it.
 pub(crate) fn backoff(failures: u32, base: Duration, max: Duration, rng: &mut u64) -> Duration {
-    let exp = failures.saturating_sub(1).min(32);
-    let full = base.saturating_mul(1u32 << exp.min(31)).min(max);
-    let full = if exp > 31 { max } else { full };
-    full.mul_f64(0.5 + 0.5 * next_unit(rng))
+    crate::util::backoff(failures, base, 2.0, max, (0.5, 1.0), next_unit(rng))
 }
 
 pub(crate) use crate::util::{next_unit, seed};
