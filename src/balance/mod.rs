@@ -85,7 +85,7 @@ pub use config::{OutlierDetection, OutlierDetectionBuilder, Strategy, WhenEmpty}
 pub use error::{NoEndpoints, ReadyTimeout};
 pub use hash::HashBalance;
 pub use service::Balance;
-pub use shared::SharedBalance;
+pub use shared::{SharedBalance, SharedCall};
 
 use crate::circuit_breaker::{CircuitBreakerConfig, ErrorsAreFailures, State};
 use crate::clock::{Clock, TokioClock};

@@ -931,8 +931,6 @@ impl GatewayConfig {
                     ));
                 }
                 check_duration(&format!("{at}.wait_in_open"), b.wait_in_open, false)?;
-                breaker_config(&route.name, b)
-                    .map_err(|e| ConfigError::invalid(at.clone(), e.to_string()))?;
             }
             if let Some(f) = &route.fallback {
                 let at = format!("{at}.fallback");
@@ -948,16 +946,6 @@ impl GatewayConfig {
                         "must be a valid header value",
                     ));
                 }
-            }
-            if let Some(g) = &route.rate_limit.global {
-                let at = format!("{at}.rate_limit.global");
-                check_limit(&at, g.per_second, g.burst)?;
-                self.check_policy(&at, g.policy)?;
-            }
-            if let Some(c) = &route.rate_limit.per_client {
-                let at = format!("{at}.rate_limit.per_client");
-                check_limit(&at, c.per_second, c.burst)?;
-                self.check_policy(&at, c.policy)?;
             }
             if let Some(o) = &route.balance.outlier {
                 let at = format!("{at}.balance.outlier");
@@ -975,11 +963,44 @@ impl GatewayConfig {
                     ));
                 }
                 check_duration(&format!("{at}.base_ejection"), o.base_ejection, false)?;
-                outlier_detection(o)
-                    .map_err(|e| ConfigError::invalid(at.clone(), e.to_string()))?;
             }
+            // The values the gateway builds with, converted here once: what fails to
+            // convert is refused at load.
+            self.route_plan(i)?;
         }
         Ok(())
+    }
+
+    /// Route `i`'s limits, breaker and outlier detection in the types the gateway builds
+    /// with. The one place they are converted: validation runs it (so every value the
+    /// build would refuse is refused at load, naming its field), and the build uses what
+    /// it returns.
+    pub(crate) fn route_plan(&self, i: usize) -> Result<RoutePlan, ConfigError> {
+        let route = &self.routes[i];
+        let at = format!("routes[{i}]");
+        let mut plan = RoutePlan::default();
+        if let Some(g) = &route.rate_limit.global {
+            let at = format!("{at}.rate_limit.global");
+            plan.global = Some(limit_quota(&at, g.per_second, g.burst)?);
+            self.check_policy(&at, g.policy)?;
+        }
+        if let Some(c) = &route.rate_limit.per_client {
+            let at = format!("{at}.rate_limit.per_client");
+            plan.per_client = Some(limit_quota(&at, c.per_second, c.burst)?);
+            self.check_policy(&at, c.policy)?;
+        }
+        if let Some(b) = &route.breaker {
+            plan.breaker = Some(
+                breaker_config(&route.name, b)
+                    .map_err(|e| ConfigError::invalid(format!("{at}.breaker"), e.to_string()))?,
+            );
+        }
+        if let Some(o) = &route.balance.outlier {
+            plan.outlier = Some(outlier_detection(o).map_err(|e| {
+                ConfigError::invalid(format!("{at}.balance.outlier"), e.to_string())
+            })?);
+        }
+        Ok(plan)
     }
 
     /// A limit's `policy = "redis"` needs a `[redis]` section, and the `redis` feature.
@@ -1157,7 +1178,22 @@ fn check_duration(field: &str, d: Duration, zero_ok: bool) -> Result<(), ConfigE
     Ok(())
 }
 
-fn check_limit(at: &str, per_second: u32, burst: Option<u32>) -> Result<(), ConfigError> {
+/// A route's settings in the types the gateway builds with: see
+/// [`GatewayConfig::route_plan`].
+#[derive(Default)]
+pub(crate) struct RoutePlan {
+    pub(crate) global: Option<crate::rate_limit::Quota>,
+    pub(crate) per_client: Option<crate::rate_limit::Quota>,
+    pub(crate) breaker: Option<crate::circuit_breaker::CircuitBreakerConfig>,
+    pub(crate) outlier: Option<crate::balance::OutlierDetection>,
+}
+
+/// A limit's quota: `per_second`, and a `burst` of as many by default.
+fn limit_quota(
+    at: &str,
+    per_second: u32,
+    burst: Option<u32>,
+) -> Result<crate::rate_limit::Quota, ConfigError> {
     if per_second == 0 {
         return Err(ConfigError::invalid(
             format!("{at}.per_second"),
@@ -1170,15 +1206,14 @@ fn check_limit(at: &str, per_second: u32, burst: Option<u32>) -> Result<(), Conf
             "must be at least 1",
         ));
     }
-    // What building the route does: a rate whose refill interval rounds to nothing fails.
+    // A rate whose refill interval rounds to nothing fails.
     let rate = crate::rate_limit::Rate::per_second(per_second);
     crate::rate_limit::Quota::new(rate, burst.unwrap_or(per_second)).map_err(|e| {
         ConfigError::invalid(format!("{at}.per_second"), format!("cannot be used: {e}"))
-    })?;
-    Ok(())
+    })
 }
 
-pub(crate) fn breaker_config(
+fn breaker_config(
     route: &str,
     b: &BreakerSettings,
 ) -> Result<crate::circuit_breaker::CircuitBreakerConfig, ConfigError> {
@@ -1192,9 +1227,7 @@ pub(crate) fn breaker_config(
         .build()
 }
 
-pub(crate) fn outlier_detection(
-    o: &OutlierSettings,
-) -> Result<crate::balance::OutlierDetection, ConfigError> {
+fn outlier_detection(o: &OutlierSettings) -> Result<crate::balance::OutlierDetection, ConfigError> {
     crate::balance::OutlierDetection::builder()
         .consecutive_failures(o.consecutive_failures)
         .base_ejection_time(o.base_ejection)

@@ -20,7 +20,7 @@ use super::body::{Body, full, json_error};
 use super::client::{BodyState, ClientBody, ClientFault, UpstreamClassifier, head_too_large};
 use super::config::{
     ClientKey, ClientLimitSettings, FallbackSettings, LimitPolicy, OnMissing, RedisSettings,
-    RouteConfig, ServerConfig, StrategyName,
+    RouteConfig, RoutePlan, ServerConfig, StrategyName,
 };
 use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
@@ -35,12 +35,14 @@ use crate::balance::{
 };
 use crate::circuit_breaker::{CircuitOpen, HttpClassifier};
 use crate::discovery::{Instance, InstanceWatch, ServiceDiscover};
+use crate::fallback::{FallbackLayer, FromFn};
+#[cfg(feature = "redis")]
+use crate::rate_limit::Quota;
 use crate::rate_limit::http::{
     ClientIp, HeaderKey, HttpLimit, HttpRateLimit, HttpRateLimitLayer, Refused,
 };
 use crate::rate_limit::{
-    Admitted, BoundedKey, KeyedCharge, KeyedRateLimiter, Quota, Rate, RateLimited, RateLimiter,
-    TokioClock,
+    Admitted, BoundedKey, KeyedCharge, KeyedRateLimiter, RateLimited, RateLimiter, TokioClock,
 };
 use tokio::time::Instant;
 
@@ -318,7 +320,7 @@ pub(crate) struct RouteCore {
     max_headers_size: usize,
     /// The bound on each wait for more of a response body.
     body_timeout: Duration,
-    fallback: Option<FallbackSettings>,
+    fallback: Option<RouteFallback>,
     balance: SharedBalance<Upstreams>,
     handle: BalanceHandle,
     pub(crate) stats: RouteStats,
@@ -349,16 +351,10 @@ fn bad_request(message: &str) -> Response<Body> {
     json_error(StatusCode::BAD_REQUEST, message)
 }
 
-fn quota(per_second: u32, burst: Option<u32>) -> Result<Quota, BoxError> {
-    Ok(Quota::new(
-        Rate::per_second(per_second),
-        burst.unwrap_or(per_second),
-    )?)
-}
-
 impl Route {
     pub(crate) fn new(
         config: &RouteConfig,
+        plan: RoutePlan,
         server: &ServerConfig,
         auth: Option<JwtVerifier>,
         watch: InstanceWatch,
@@ -381,11 +377,11 @@ impl Route {
             // Discovery may still be on its way (Consul's first answer): wait for an
             // endpoint, within the route's timeout.
             .when_empty(WhenEmpty::Wait(config.timeout));
-        if let Some(o) = &config.balance.outlier {
-            builder = builder.outlier_detection(super::config::outlier_detection(o)?);
+        if let Some(outlier) = plan.outlier {
+            builder = builder.outlier_detection(outlier);
         }
-        if let Some(b) = &config.breaker {
-            builder = builder.endpoint_breaker(super::config::breaker_config(&config.name, b)?);
+        if let Some(breaker) = plan.breaker {
+            builder = builder.endpoint_breaker(breaker);
         }
         let balance = builder
             .classifier(UpstreamClassifier(HttpClassifier::new()))
@@ -393,10 +389,10 @@ impl Route {
         let handle = balance.handle().clone();
         let limits = &config.rate_limit;
         let local = |policy: LimitPolicy| policy == LimitPolicy::Local;
-        let global = match &limits.global {
-            Some(g) if local(g.policy) => Some((
+        let global = match (&limits.global, plan.global) {
+            (Some(g), Some(q)) if local(g.policy) => Some((
                 // Metrics tell routes apart: `seawall_rate_limit_decisions_total{limiter="users/global"}`.
-                RateLimiter::builder(quota(g.per_second, g.burst)?)
+                RateLimiter::builder(q)
                     .name(format!("{}/global", config.name))
                     .build(),
                 g.per_second,
@@ -409,9 +405,8 @@ impl Route {
             limits.per_client.as_ref().map(|c| c.policy),
         ]
         .contains(&Some(LimitPolicy::Redis));
-        let per_client = match (&limits.per_client, &client_keying) {
-            (Some(c), Some(keying)) if local(c.policy) => {
-                let q = quota(c.per_second, c.burst)?;
+        let per_client = match (&limits.per_client, &client_keying, plan.per_client) {
+            (Some(c), Some(keying), Some(q)) if local(c.policy) => {
                 let name = format!("{}/per-client", config.name);
                 let limiter = PerClient {
                     limiter: KeyedRateLimiter::builder(q).name(name).build(),
@@ -435,20 +430,16 @@ impl Route {
                 }
                 (LimitPolicy::Local, _) => Ok(None),
             };
-            let global = match &limits.global {
-                Some(g) => {
-                    let q = quota(g.per_second, g.burst)?;
+            let global = match (&limits.global, plan.global) {
+                (Some(g), Some(q)) => {
                     shared(g.policy, "global", "global", q)?.map(|l| (l, g.per_second, q.burst()))
                 }
-                None => None,
+                _ => None,
             };
-            let per_client = match &limits.per_client {
-                Some(c) => {
-                    let q = quota(c.per_second, c.burst)?;
-                    shared(c.policy, "client", "per-client", q)?
-                        .map(|l| (l, c.per_second, q.burst(), c.key.to_string()))
-                }
-                None => None,
+            let per_client = match (&limits.per_client, plan.per_client) {
+                (Some(c), Some(q)) => shared(c.policy, "client", "per-client", q)?
+                    .map(|l| (l, c.per_second, q.burst(), c.key.to_string())),
+                _ => None,
             };
             (global, per_client)
         };
@@ -469,7 +460,7 @@ impl Route {
             max_header_line: server.max_header_line,
             max_headers_size: server.max_headers_size,
             body_timeout: config.body_timeout.unwrap_or(config.timeout),
-            fallback: config.fallback.clone(),
+            fallback: config.fallback.as_ref().map(route_fallback),
             balance: SharedBalance::new(balance),
             handle,
             stats: RouteStats::default(),
@@ -786,6 +777,125 @@ fn breaker_retry_after(error: &BoxError) -> Option<Duration> {
     None
 }
 
+/// A failed upstream call, as [`UpstreamCall`] classified and counted it: answered by the
+/// route's fallback, or by [`RouteCore::failure_response`].
+#[derive(Debug)]
+struct RouteFailure(Failure);
+
+impl std::fmt::Display for RouteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Failure::Timeout => "upstream timed out",
+            Failure::Unavailable(_) => "no upstream available",
+            Failure::BadGateway | Failure::ServerError => "upstream failed",
+        })
+    }
+}
+
+impl std::error::Error for RouteFailure {}
+
+impl std::fmt::Debug for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Failure::Timeout => "Timeout",
+            Failure::Unavailable(_) => "Unavailable",
+            Failure::BadGateway => "BadGateway",
+            Failure::ServerError => "ServerError",
+        })
+    }
+}
+
+/// Marks a response the route's fallback made (in its extensions: an upstream cannot set
+/// it, as it could a header).
+#[derive(Clone, Copy)]
+struct FellBack;
+
+/// The route's `[routes.fallback]`: a [`FallbackLayer`] answering every upstream failure
+/// with the configured response, marked `x-seawall-fallback: true`.
+type RouteFallback = FallbackLayer<FromFn<FallbackFn>>;
+type FallbackFn = Box<dyn Fn(BoxError) -> Response<Body> + Send + Sync>;
+
+fn route_fallback(settings: &FallbackSettings) -> RouteFallback {
+    let status = StatusCode::from_u16(settings.status).unwrap_or(StatusCode::OK);
+    let content_type = HeaderValue::from_str(&settings.content_type).ok();
+    let body = Bytes::from(settings.body.clone());
+    let answer: FallbackFn = Box::new(move |_failure: BoxError| {
+        let mut response = Response::new(full(body.clone()));
+        *response.status_mut() = status;
+        if let Some(v) = &content_type {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, v.clone());
+        }
+        response
+            .headers_mut()
+            .insert(FALLBACK_HEADER.clone(), HeaderValue::from_static("true"));
+        response.extensions_mut().insert(FellBack);
+        response
+    });
+    FallbackLayer::from_fn(answer)
+}
+
+/// The call to the route's endpoints through its shared balancer, as a service: an
+/// answer is a response; the client's own faults are answered here (never by the
+/// fallback); upstream failures (and 5xx answers, when the route has a fallback) are
+/// counted by kind and become [`RouteFailure`] errors for the fallback layer above.
+struct UpstreamCall {
+    route: Arc<RouteCore>,
+}
+
+impl Service<UpstreamRequest> for UpstreamCall {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = Classified;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The shared balancer is waited for in the call, within the route's deadline.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: UpstreamRequest) -> Classified {
+        let deadline = request.1.deadline;
+        // Waiting for an endpoint counts against the route's timeout too.
+        let call = self
+            .route
+            .balance
+            .call::<UpstreamRequest>(request, Some(deadline));
+        Classified {
+            call,
+            route: Some(self.route.clone()),
+        }
+    }
+}
+
+type BalanceCall = crate::balance::SharedCall<
+    Upstreams,
+    UpstreamRequest,
+    <Upstreams as Service<UpstreamRequest>>::Future,
+>;
+
+pin_project_lite::pin_project! {
+    /// The future of [`UpstreamCall`].
+    struct Classified {
+        #[pin]
+        call: BalanceCall,
+        route: Option<Arc<RouteCore>>,
+    }
+}
+
+impl Future for Classified {
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.call.poll(cx));
+        let Some(route) = this.route.take() else {
+            return Poll::Ready(Err("UpstreamCall polled after completion".into()));
+        };
+        Poll::Ready(route.classify(result))
+    }
+}
+
 impl RouteCore {
     /// Takes the route by `Arc` to hand it on to the response body without a clone.
     async fn forward(
@@ -795,14 +905,34 @@ impl RouteCore {
         body: Option<Arc<BodyState>>,
     ) -> Response<Body> {
         let request = self.upstream_request(request, forwarded_for);
-        let deadline = Instant::now() + self.timeout;
-        let call = Call { deadline, body };
-        // Waiting for an endpoint counts against the route's timeout too.
-        let failure = match self
-            .balance
-            .call::<UpstreamRequest>((request, call), Some(deadline))
-            .await
-        {
+        let call = Call {
+            deadline: Instant::now() + self.timeout,
+            body,
+        };
+        let mut upstream = UpstreamCall {
+            route: self.clone(),
+        };
+        let result = match &self.fallback {
+            Some(fallback) => fallback.layer(upstream).call((request, call)).await,
+            None => upstream.call((request, call)).await,
+        };
+        match result {
+            Ok(response) => {
+                if response.extensions().get::<FellBack>().is_some() {
+                    self.stats.fallbacks.fetch_add(1, Relaxed);
+                }
+                response
+            }
+            Err(e) => self.failure_response(&e),
+        }
+    }
+
+    /// An endpoint's answer or error, as the route passes it on: see [`UpstreamCall`].
+    fn classify(
+        self: Arc<Self>,
+        result: Result<Response<PooledBody>, BoxError>,
+    ) -> Result<Response<Body>, BoxError> {
+        let failure = match result {
             Ok(response) if response.status().is_server_error() && self.fallback.is_some() => {
                 Failure::ServerError
             }
@@ -810,11 +940,11 @@ impl RouteCore {
                 if response.status().is_server_error() {
                     self.stats.server_errors.fetch_add(1, Relaxed);
                 }
-                return downstream_response(response, self);
+                return Ok(downstream_response(response, self));
             }
             Err(e) => match ClientFault::of(&e) {
                 // The client's doing: its answer, never the fallback's.
-                Some(fault) => return self.client_fault(fault),
+                Some(fault) => return Ok(self.client_fault(fault)),
                 None if crate::caused_by::<CircuitOpen>(&e)
                     || crate::caused_by::<NoEndpoints>(&e) =>
                 {
@@ -832,54 +962,36 @@ impl RouteCore {
                 None => Failure::BadGateway,
             },
         };
-        let (counter, status, message) = match failure {
-            Failure::Timeout => (
-                &self.stats.timeouts,
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream timed out",
-            ),
-            Failure::Unavailable(_) => (
-                &self.stats.unavailable,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no upstream available",
-            ),
-            Failure::BadGateway => (
-                &self.stats.bad_gateway,
-                StatusCode::BAD_GATEWAY,
-                "upstream failed",
-            ),
-            Failure::ServerError => (
-                &self.stats.server_errors,
-                StatusCode::BAD_GATEWAY,
-                "upstream failed",
-            ),
+        let counter = match failure {
+            Failure::Timeout => &self.stats.timeouts,
+            Failure::Unavailable(_) => &self.stats.unavailable,
+            Failure::BadGateway => &self.stats.bad_gateway,
+            Failure::ServerError => &self.stats.server_errors,
         };
         counter.fetch_add(1, Relaxed);
-        match &self.fallback {
-            Some(f) => {
-                self.stats.fallbacks.fetch_add(1, Relaxed);
-                let mut response = Response::new(full(f.body.clone()));
-                *response.status_mut() = StatusCode::from_u16(f.status).unwrap_or(StatusCode::OK);
-                if let Ok(v) = HeaderValue::from_str(&f.content_type) {
-                    response.headers_mut().insert(header::CONTENT_TYPE, v);
-                }
-                response
-                    .headers_mut()
-                    .insert(FALLBACK_HEADER.clone(), HeaderValue::from_static("true"));
-                response
-            }
-            None => {
-                let mut response = json_error(status, message);
-                if let Failure::Unavailable(Some(after)) = failure {
-                    // Whole seconds, rounded up, as `Retry-After` wants.
-                    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-                    response
-                        .headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-                }
-                response
-            }
+        Err(Box::new(RouteFailure(failure)))
+    }
+
+    /// The answer to an upstream failure the route has no fallback for: `504`, `503`
+    /// (with `Retry-After` when an open breaker says when it probes again) or `502`.
+    fn failure_response(&self, error: &BoxError) -> Response<Body> {
+        let failure = error
+            .downcast_ref::<RouteFailure>()
+            .map_or(Failure::BadGateway, |f| f.0);
+        let status = match failure {
+            Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::BadGateway | Failure::ServerError => StatusCode::BAD_GATEWAY,
+        };
+        let mut response = json_error(status, &RouteFailure(failure).to_string());
+        if let Failure::Unavailable(Some(after)) = failure {
+            // Whole seconds, rounded up, as `Retry-After` wants.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
+        response
     }
 
     /// The answer to a request the client is to blame for, counted in `client_errors`.

@@ -226,7 +226,8 @@ impl Gateway {
         let mut watches = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         let pools = Arc::new(Pools::default());
-        for route in &config.routes {
+        for (i, route) in config.routes.iter().enumerate() {
+            let plan = config.route_plan(i).map_err(BuildError::Config)?;
             let watch = match (config.service(&route.service), &discovery) {
                 (Some(s), _) => InstanceWatch::fixed(
                     s.instances
@@ -251,6 +252,7 @@ impl Gateway {
             let auth = if route.auth { verifier.clone() } else { None };
             let built = Route::new(
                 route,
+                plan,
                 &config.gateway,
                 auth,
                 watch,
