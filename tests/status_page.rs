@@ -7,6 +7,10 @@
 //! on `PATH`. Missing, the tests fail, unless `SEAWALL_SKIP_BROWSER_TESTS=1` is set.
 #![cfg(feature = "gateway")]
 
+#[cfg(feature = "redis")]
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -524,4 +528,87 @@ async fn chromium_escapes_strings_and_shows_an_error_banner() {
     assert!(dom.contains("/status.json failed: HTTP 500"), "{dom}");
     assert!(dom.contains("class=\"route stale\""), "{dom}");
     server.abort();
+}
+
+/// Limits kept in Redis: the page says where each one's decisions come from (the shared
+/// bucket, or this replica's local share while Redis is away) and the state of the
+/// breaker around Redis.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn chromium_shows_where_redis_limits_decide() {
+    use redis_server::RedisServer;
+
+    let Some(chromium) = chromium() else { return };
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let registry = Registry::new();
+    let u1 = upstream("u1").await;
+    let _r = u1.register(&registry, "users");
+    let config = format!(
+        "{HEAD}
+[redis]
+url = \"{}\"
+local_share = 0.5
+
+[[routes]]
+name = \"users\"
+path_prefix = \"/u\"
+service = \"users\"
+
+[routes.rate_limit]
+global = {{ per_second = 100, burst = 50, policy = \"redis\" }}
+per_client = {{ per_second = 10, burst = 10 }}
+",
+        redis.url()
+    );
+    let gw = gateway(&config, &registry).await;
+    let http = client();
+    for _ in 0..3 {
+        assert_eq!(
+            get(&http, gw.local_addr(), "/u").await.status,
+            StatusCode::OK
+        );
+    }
+    let url = format!("http://{}/status?refresh=500", gw.admin_addr());
+    let dom = dump_dom(&chromium, &url).await;
+    let users = route_section(&dom, "users");
+    let global = tag_with(users, "data-fact", "global-limit");
+    assert!(
+        users.contains("[redis: redis, breaker closed]"),
+        "the shared bucket decides: {global} in {users}"
+    );
+    assert!(
+        users.contains("10 burst, 10/s"),
+        "the local per-client limit: {users}"
+    );
+
+    // Redis goes: the local share decides, then the breaker around Redis opens.
+    drop(redis);
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        get(&http, gw.local_addr(), "/u").await;
+        let s = status(&http, &gw).await;
+        let shared = s.routes[0]
+            .limits
+            .global
+            .as_ref()
+            .unwrap()
+            .redis
+            .clone()
+            .unwrap();
+        if shared.breaker == "open" {
+            assert_eq!(shared.source.as_deref(), Some("local"));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{shared:?}");
+    }
+    let dom = dump_dom(&chromium, &url).await;
+    let users = route_section(&dom, "users");
+    // Open, or half-open by the time the page is read (the open wait is 1 s): either
+    // way no probe has succeeded, and the page says the local share decides.
+    assert!(
+        users.contains("[redis: LOCAL SHARE, breaker open]")
+            || users.contains("[redis: LOCAL SHARE, breaker half_open]"),
+        "the local share decides: {users}"
+    );
+    gw.shutdown().await;
 }

@@ -978,7 +978,10 @@ impl GatewayConfig {
     pub(crate) fn route_plan(&self, i: usize) -> Result<RoutePlan, ConfigError> {
         let route = &self.routes[i];
         let at = format!("routes[{i}]");
-        let mut plan = RoutePlan::default();
+        let mut plan = RoutePlan {
+            redis: self.redis.clone(),
+            ..RoutePlan::default()
+        };
         if let Some(g) = &route.rate_limit.global {
             let at = format!("{at}.rate_limit.global");
             plan.global = Some(limit_quota(&at, g.per_second, g.burst)?);
@@ -1186,6 +1189,8 @@ pub(crate) struct RoutePlan {
     pub(crate) per_client: Option<crate::rate_limit::Quota>,
     pub(crate) breaker: Option<crate::circuit_breaker::CircuitBreakerConfig>,
     pub(crate) outlier: Option<crate::balance::OutlierDetection>,
+    /// `[redis]`, for the limits with `policy = "redis"`.
+    pub(crate) redis: Option<RedisSettings>,
 }
 
 /// A limit's quota: `per_second`, and a `burst` of as many by default.

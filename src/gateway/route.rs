@@ -19,8 +19,8 @@ use tower::{Layer, Service, ServiceExt};
 use super::body::{Body, full, json_error};
 use super::client::{BodyState, ClientBody, ClientFault, UpstreamClassifier, head_too_large};
 use super::config::{
-    ClientKey, ClientLimitSettings, FallbackSettings, LimitPolicy, OnMissing, RedisSettings,
-    RouteConfig, RoutePlan, ServerConfig, StrategyName,
+    ClientKey, ClientLimitSettings, FallbackSettings, LimitPolicy, OnMissing, RouteConfig,
+    RoutePlan, ServerConfig, StrategyName,
 };
 use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
@@ -360,8 +360,8 @@ impl Route {
         watch: InstanceWatch,
         pools: &Arc<Pools>,
         trusted: &ClientIp,
-        redis: Option<&RedisSettings>,
     ) -> Result<Self, BoxError> {
+        let redis = plan.redis.as_ref();
         let pools = pools.clone();
         let make: MakeUpstream = Box::new(move |instance: &Instance| Upstream {
             pool: pools.pool(instance),

@@ -250,20 +250,11 @@ impl Gateway {
                 (None, Discovery::Static) => unreachable!("checked by check_static_services"),
             };
             let auth = if route.auth { verifier.clone() } else { None };
-            let built = Route::new(
-                route,
-                plan,
-                &config.gateway,
-                auth,
-                watch,
-                &pools,
-                &trusted,
-                config.redis.as_ref(),
-            )
-            .map_err(|source| BuildError::Route {
-                route: route.name.clone(),
-                source,
-            })?;
+            let built = Route::new(route, plan, &config.gateway, auth, watch, &pools, &trusted)
+                .map_err(|source| BuildError::Route {
+                    route: route.name.clone(),
+                    source,
+                })?;
             routes.push(built);
         }
         // Idle upstream connections are closed on time even where nobody asks for one.
