@@ -88,7 +88,10 @@ pub struct GatewayConfig {
 /// `<prefix>:<route>:global:{all}` or `<prefix>:<route>:client:{<client>}`, so replicas
 /// with the same routes share the same buckets. A client key longer than 64 bytes is
 /// stored as its SHA-256 digest (the same in every replica).
-#[derive(Debug, Clone, Deserialize)]
+///
+/// Its `Debug` output hides the user and password of the URLs
+/// (`redis://***@host:6379/`), so that logging the configuration does not log them.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RedisSettings {
@@ -122,6 +125,36 @@ pub struct RedisSettings {
     /// How long tokens taken ahead may be used before they are given up (default 100ms).
     #[serde(default = "default_batch_max_age", deserialize_with = "duration")]
     pub batch_max_age: Duration,
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
+            )
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("failure", &self.failure)
+            .field("local_share", &self.local_share)
+            .field("batch", &self.batch)
+            .field("batch_max_age", &self.batch_max_age)
+            .finish()
+    }
+}
+
+/// `url` without its credentials: `redis://user:pass@host/` → `redis://***@host/`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
 }
 
 /// `failure = "..."` of `[redis]`.
@@ -1310,6 +1343,26 @@ outlier = { consecutive_failures = 3, base_ejection = "10s", max_ejected = "50%"
         );
         c.check_static_services().unwrap();
         assert!(!format!("{:?}", c.auth.jwt).contains("0123456789"));
+    }
+
+    #[test]
+    fn redis_credentials_stay_out_of_debug_output() {
+        assert_eq!(
+            redact_url("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://***@10.0.0.1:6379/0"
+        );
+        assert_eq!(redact_url("rediss://u:p@h/"), "rediss://***@h/");
+        assert_eq!(redact_url("redis://h:6379/"), "redis://h:6379/");
+        assert_eq!(redact_url("redis://h/k@v"), "redis://h/k@v");
+        let c = GatewayConfig::from_toml_str(&format!(
+            "{BASE}\n[redis]\nurl = \"redis://:s3cret@127.0.0.1:6379/\"\n"
+        ))
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("***@127.0.0.1"),
+            "{shown}"
+        );
     }
 
     #[test]
