@@ -19,6 +19,11 @@
 //!   service is built once; `iter_custom` times, with `std::time::Instant`, one loop of
 //!   `svc.ready().await.unwrap()` + `svc.call(x).await` (result black-boxed) inside one
 //!   `block_on` of a current-thread tokio runtime.
+//!   `rate_limit/layer` also times `KeyedRateLimitLayer` over 1 024 keys (the request's
+//!   number modulo 1 024).
+//! * `rate_limit/http` (with the `http` feature, on with `gateway`): the same loop through
+//!   `HttpRateLimitLayer` over a bare `http` service, global (headers built on every
+//!   admitted response, and hidden) and per key over 1 024 keys.
 //! * `rate_limit/two_threads`: one limiter shared by N std threads (1 or 2), each running
 //!   `iters` checks after a barrier. The time returned to criterion is the wall time from the
 //!   first thread's start to the last thread's end divided by N, so the per-iteration figure
@@ -49,8 +54,8 @@ use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 use seawall::rate_limit::{
-    KeyedRateLimiter, ManualClock, QuantaClock, Quota, Rate, RateLimitLayer, RateLimited,
-    RateLimiter, ShardedRateLimiter, TokioClock,
+    KeyedRateLimitLayer, KeyedRateLimiter, ManualClock, QuantaClock, Quota, Rate, RateLimitLayer,
+    RateLimited, RateLimiter, ShardedRateLimiter, TokioClock,
 };
 // tower-resilience (feature "ratelimiter") re-exports its sub-crate as `ratelimiter`.
 use tower_resilience::ratelimiter as tr;
@@ -423,6 +428,15 @@ fn layers(v: &mut impl Visitor) {
     admits(&rt, "seawall reject quanta", &mut svc);
     v.visit(&rt, "seawall RateLimitLayer reject QuantaClock", &mut svc);
 
+    let mut svc =
+        KeyedRateLimitLayer::new(seawall_quota(), |x: &u64| Some(*x % 1024)).layer(bare());
+    admits(&rt, "seawall keyed reject", &mut svc);
+    v.visit(
+        &rt,
+        "seawall KeyedRateLimitLayer reject 1024 keys",
+        &mut svc,
+    );
+
     let mut svc = RateLimitLayer::new(seawall_quota())
         .wait_up_to(Duration::from_secs(1))
         .layer(bare());
@@ -451,6 +465,82 @@ fn layers(v: &mut impl Visitor) {
     let mut svc = layer.layer(bare());
     admits(&rt, "tower-resilience bucket", &mut svc);
     v.visit(&rt, "tower-resilience token bucket", &mut svc);
+}
+
+/// `rate_limit/http` (feature `http`): the 429-answering layer, global and per key, over
+/// a bare `http` service, with the default headers (built on every admitted response);
+/// the same timed loop as `rate_limit/layer`.
+#[cfg(feature = "http")]
+fn http_layers(group: &mut BenchmarkGroup<'_, WallTime>) {
+    use seawall::rate_limit::http::HttpRateLimitLayer;
+
+    type Req = http::Request<()>;
+    fn http_bare() -> impl Service<Req, Response = http::Response<String>, Error = io::Error> + Clone
+    {
+        service_fn(|_: Req| async { Ok::<_, io::Error>(http::Response::new(String::new())) })
+    }
+    async fn drive_http<S>(svc: &mut S, iters: u64) -> Duration
+    where
+        S: Service<Req, Response = http::Response<String>>,
+        S::Error: Debug,
+    {
+        let start = stopwatch::now();
+        for _ in 0..iters {
+            let request = http::Request::new(());
+            let result = svc.ready().await.unwrap().call(request).await;
+            let _ = black_box(result);
+        }
+        start.elapsed()
+    }
+    fn run<S>(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, name: &str, mut svc: S)
+    where
+        S: Service<Req, Response = http::Response<String>>,
+        S::Error: Debug,
+    {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let elapsed = rt.block_on(drive_http(&mut svc, iters));
+                let status = rt
+                    .block_on(async {
+                        let request = http::Request::new(());
+                        svc.ready().await.unwrap().call(request).await
+                    })
+                    .expect("answered")
+                    .status();
+                assert_eq!(status, http::StatusCode::OK, "{name} refused");
+                elapsed
+            });
+        });
+    }
+
+    let rt = runtime();
+    run(group, &rt, "bare http service_fn", http_bare());
+    let layer = HttpRateLimitLayer::global(RateLimiter::new(seawall_quota()));
+    run(
+        group,
+        &rt,
+        "seawall HttpRateLimitLayer global",
+        layer.layer(http_bare()),
+    );
+    let layer = HttpRateLimitLayer::global(RateLimiter::new(seawall_quota())).hide_headers(true);
+    run(
+        group,
+        &rt,
+        "seawall HttpRateLimitLayer global hidden headers",
+        layer.layer(http_bare()),
+    );
+    // Keys cycled by the extractor itself (a request carries none), as `keyed_1024`.
+    static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let layer =
+        HttpRateLimitLayer::per_key(KeyedRateLimiter::<u64>::new(seawall_quota()), |_: &Req| {
+            Some(NEXT_KEY.fetch_add(1, Relaxed) % 1024)
+        });
+    run(
+        group,
+        &rt,
+        "seawall HttpRateLimitLayer per_key 1024 keys",
+        layer.layer(http_bare()),
+    );
 }
 
 fn runtime() -> Runtime {
@@ -571,6 +661,13 @@ fn main() {
     let mut group = c.benchmark_group("rate_limit/layer");
     layers(&mut Bench(&mut group));
     group.finish();
+
+    #[cfg(feature = "http")]
+    {
+        let mut group = c.benchmark_group("rate_limit/http");
+        http_layers(&mut group);
+        group.finish();
+    }
 
     let mut group = c.benchmark_group("rate_limit/two_threads");
     // One element per iteration: with the time returned per check across all threads,
