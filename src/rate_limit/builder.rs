@@ -4,8 +4,8 @@ use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use super::keyed::{DEFAULT_MAX_KEYS, KeyedRateLimiter};
 use super::quota::Quota;
+use super::{DEFAULT_MAX_KEYS, KeyedRateLimiter};
 use super::{RateLimiter, ShardedRateLimiter};
 use crate::ConfigError;
 use crate::clock::{Clock, TokioClock};

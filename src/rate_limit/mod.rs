@@ -87,15 +87,11 @@
 //! metric; with the `tracing` feature, a `DEBUG` event per refusal (fields `limiter`,
 //! `retry_after`). Unnamed limiters report nothing and pay one atomic load per check.
 
-mod bounded_key;
-mod bucket;
 mod builder;
 mod error;
 mod keyed;
-mod keyed_layer;
-mod layer;
+mod local;
 mod quota;
-mod service;
 mod sharded;
 mod telemetry;
 
@@ -111,17 +107,16 @@ pub mod redis;
 pub use crate::clock::QuantaClock;
 /// The clocks, defined in [`crate::clock`] (shared with the balancers), re-exported here.
 pub use crate::clock::{Clock, ManualClock, TokioClock};
-pub use bounded_key::{BoundedKey, INLINE_KEY_BYTES};
-pub use bucket::{Admitted, Charge, RateLimiter, Reservation, Taken};
 pub use builder::{KeyedRateLimiterBuilder, RateLimiterBuilder, ShardedRateLimiterBuilder};
 pub use error::{MissingKey, OnMissingKey, RateLimited};
-pub use keyed::{DEFAULT_MAX_KEYS, KeyedCharge, KeyedRateLimiter};
-pub use keyed_layer::{
-    KeyedRateLimit, KeyedRateLimitLayer, KeyedRateLimitWait, KeyedWaitLayer, WaitFuture,
+pub use keyed::{
+    BoundedKey, DEFAULT_MAX_KEYS, INLINE_KEY_BYTES, KeyedCharge, KeyedRateLimit,
+    KeyedRateLimitLayer, KeyedRateLimitWait, KeyedRateLimiter, KeyedWaitLayer, WaitFuture,
 };
-pub use layer::{Mode, RateLimitLayer};
+pub use local::{
+    Admitted, Charge, Mode, RateLimit, RateLimitLayer, RateLimiter, Reservation, Taken,
+};
 pub use quota::{MAX_PERIOD, Quota, Rate};
-pub use service::RateLimit;
 pub use sharded::ShardedRateLimiter;
 
 /// Hands back what an admitted request took from a limit, when a limit further in

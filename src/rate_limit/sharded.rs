@@ -6,8 +6,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
-use super::bucket::{Admitted, gcra_acquire};
 use super::error::RateLimited;
+use super::local::bucket::{Admitted, gcra_acquire};
 use super::quota::{Quota, Rate};
 use crate::ConfigError;
 use crate::clock::{Clock, TokioClock};

@@ -14,7 +14,7 @@ const DIGEST: u8 = u8::MAX;
 /// A key of fixed size, whatever its value's length: values of up to
 /// [`INLINE_KEY_BYTES`] bytes are kept as they are, longer ones as a 128-bit keyed digest.
 ///
-/// A [`KeyedRateLimiter`](super::KeyedRateLimiter) bounds the number of keys it tracks;
+/// A [`KeyedRateLimiter`](crate::rate_limit::KeyedRateLimiter) bounds the number of keys it tracks;
 /// with keys taken from requests (an `x-api-key` header, say) that is not a bound on
 /// memory, since a client picks the length: 3 000 keys of 64 KiB each are 190 MB. With
 /// `BoundedKey` every key is the same 65 bytes, inline, with no allocation of its own,

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use super::error::RateLimited;
-use super::quota::Quota;
 use crate::clock::{Clock, TokioClock};
+use crate::rate_limit::error::RateLimited;
+use crate::rate_limit::quota::Quota;
 
 /// Quota figures kept in atomics so that the quota can change at run time.
 #[derive(Debug)]
@@ -25,7 +25,7 @@ pub(crate) struct Inner<C> {
     /// nanoseconds. The bucket holds `(now + burst × interval − tat) / interval` tokens.
     tat: AtomicU64,
     shape: Shape,
-    telemetry: super::telemetry::Telemetry,
+    telemetry: crate::rate_limit::telemetry::Telemetry,
     pub(crate) clock: C,
 }
 
@@ -88,7 +88,7 @@ pub struct Admitted {
     pub window: Duration,
 }
 
-/// A booking made by [`RateLimiter::reserve`] or [`KeyedRateLimiter::reserve`](super::KeyedRateLimiter::reserve).
+/// A booking made by [`RateLimiter::reserve`] or [`KeyedRateLimiter::reserve`](crate::rate_limit::KeyedRateLimiter::reserve).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
     /// Tokens booked.
@@ -98,7 +98,7 @@ pub struct Reservation {
 }
 
 /// Tokens an admitted request took, as [`RateLimiter::take`] and
-/// [`KeyedRateLimiter::take`](super::KeyedRateLimiter::take) return them: hand them back
+/// [`KeyedRateLimiter::take`](crate::rate_limit::KeyedRateLimiter::take) return them: hand them back
 /// with `refund` when a limit further in refuses the request, so that stacked limits
 /// charge a request only when every one of them admits it. Neither `Copy` nor `Clone`:
 /// a receipt is handed back once.
@@ -129,7 +129,7 @@ pub(crate) fn refund_nanos(taken: Taken, now: u64, interval: u64) -> u64 {
 }
 
 /// Tokens an admitted request took from a [`RateLimiter`], and the limiter: handed back
-/// with [`Refund::refund`](super::Refund::refund) when a limit further in refuses the
+/// with [`Refund::refund`](crate::rate_limit::Refund::refund) when a limit further in refuses the
 /// request.
 pub struct Charge<C = TokioClock> {
     limiter: RateLimiter<C>,
@@ -144,7 +144,7 @@ impl<C: Clock> fmt::Debug for Charge<C> {
     }
 }
 
-impl<C: Clock> super::Refund for Charge<C> {
+impl<C: Clock> crate::rate_limit::Refund for Charge<C> {
     fn refund(self) {
         self.limiter.refund(self.taken);
     }
@@ -170,7 +170,7 @@ impl<C: Clock> RateLimiter<C> {
                     interval: AtomicU64::new(quota.interval_nanos()),
                     burst: AtomicU64::new(u64::from(quota.burst())),
                 },
-                telemetry: super::telemetry::Telemetry::default(),
+                telemetry: crate::rate_limit::telemetry::Telemetry::default(),
                 clock,
             }),
         }
@@ -253,7 +253,7 @@ impl<C: Clock> RateLimiter<C> {
     }
 
     /// [`take`](Self::take), the receipt with a handle on this limiter (one reference
-    /// count) for [`Refund`](super::Refund).
+    /// count) for [`Refund`](crate::rate_limit::Refund).
     #[inline]
     pub fn charge(&self, tokens: u32) -> Result<(Admitted, Charge<C>), RateLimited> {
         let (admitted, taken) = self.take(tokens)?;

@@ -9,22 +9,22 @@ use pin_project_lite::pin_project;
 
 use tower::{Layer, Service};
 
-use super::future::ResponseFuture;
-use super::{
-    Cost, KeyExtractor, KeyedCharge, KeyedRateLimiter, OnMissingKey, RateLimited, Reservation,
-};
 use crate::BoxError;
 use crate::clock::{Clock, TokioClock};
+use crate::rate_limit::future::ResponseFuture;
+use crate::rate_limit::{
+    Cost, KeyExtractor, KeyedCharge, KeyedRateLimiter, OnMissingKey, RateLimited, Reservation,
+};
 
 /// Limits requests per key: each request draws from the bucket of the key `key_fn` takes
 /// from it (any [`KeyExtractor`], closures included), in a shared [`KeyedRateLimiter`].
-/// A request for which `key_fn` returns `None` fails with [`MissingKey`](super::MissingKey)
+/// A request for which `key_fn` returns `None` fails with [`MissingKey`](crate::rate_limit::MissingKey)
 /// by default; [`on_missing_key`](Self::on_missing_key) can let it through unlimited.
 ///
-/// Stack it with a [`RateLimitLayer`](super::RateLimitLayer) for a global limit on top of
+/// Stack it with a [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) for a global limit on top of
 /// the per-key ones (as Kong's per-consumer and per-service limits): the outer layer is
 /// checked first, and a request refused by the inner one gets the outer's tokens back (see
-/// [stacked limits](super#stacked-limits)), so a client refused by its own limit does not
+/// [stacked limits](crate::rate_limit#stacked-limits)), so a client refused by its own limit does not
 /// drain the global one.
 ///
 /// ```
@@ -76,7 +76,7 @@ impl<F, Key, K, C> fmt::Debug for KeyedRateLimitLayer<F, Key, K, C> {
 
 impl<F, Key: Hash + Eq + Clone> KeyedRateLimitLayer<F, Key> {
     /// Buckets of `quota` per key taken by `key_fn`, on the tokio clock.
-    pub fn new<Request>(quota: super::Quota, key_fn: F) -> Self
+    pub fn new<Request>(quota: crate::rate_limit::Quota, key_fn: F) -> Self
     where
         F: KeyExtractor<Request, Key = Key>,
     {
@@ -109,7 +109,7 @@ impl<F, Key, K, C> KeyedRateLimitLayer<F, Key, K, C> {
     }
 
     /// What to do with a request whose key cannot be taken (default
-    /// [`OnMissingKey::Reject`]: it fails with [`MissingKey`](super::MissingKey)).
+    /// [`OnMissingKey::Reject`]: it fails with [`MissingKey`](crate::rate_limit::MissingKey)).
     #[must_use]
     pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
         self.on_missing_key = policy;
@@ -127,7 +127,7 @@ impl<F, Key, K, C> KeyedRateLimitLayer<F, Key, K, C> {
     /// response future, which holds the inner service's ready clone (tower's usual
     /// pattern: the inner service must be `Clone`). Dropping the future before its turn
     /// hands the booking back. Requests are charged their real [`Cost`], unlike
-    /// [`RateLimitLayer`](super::RateLimitLayer)'s wait mode, which decides in `poll_ready`.
+    /// [`RateLimitLayer`](crate::rate_limit::RateLimitLayer)'s wait mode, which decides in `poll_ready`.
     #[must_use]
     pub fn wait(self, max_wait: Duration) -> KeyedWaitLayer<F, Key, K, C> {
         KeyedWaitLayer {
@@ -261,11 +261,11 @@ where
         let Some(key) = self.layer.key_fn.extract(&request) else {
             match self.layer.on_missing_key {
                 OnMissingKey::Reject => {
-                    super::error::log_missing_key("keyed wait");
+                    crate::rate_limit::error::log_missing_key("keyed wait");
                     return WaitFuture::missing_key();
                 }
                 OnMissingKey::Shared => {
-                    super::error::log_shared_key("keyed wait");
+                    crate::rate_limit::error::log_shared_key("keyed wait");
                     let tokens = self.layer.cost.cost(&request);
                     if let Err(refused) = self.layer.limiter.acquire_shared(tokens) {
                         return WaitFuture::refused(refused);
@@ -437,7 +437,9 @@ where
                         error.take().expect("WaitFuture polled after completion"),
                     )));
                 }
-                WaitProj::MissingKey => return Poll::Ready(Err(Box::new(super::MissingKey))),
+                WaitProj::MissingKey => {
+                    return Poll::Ready(Err(Box::new(crate::rate_limit::MissingKey)));
+                }
             };
             self.as_mut().project().state.set(next);
         }
@@ -520,11 +522,11 @@ where
         } else {
             match self.on_missing_key {
                 OnMissingKey::Reject => {
-                    super::error::log_missing_key("keyed");
+                    crate::rate_limit::error::log_missing_key("keyed");
                     return ResponseFuture::missing_key();
                 }
                 OnMissingKey::Shared => {
-                    super::error::log_shared_key("keyed");
+                    crate::rate_limit::error::log_shared_key("keyed");
                     let tokens = self.cost.cost(&request);
                     if let Err(refused) = self.limiter.acquire_shared(tokens) {
                         return ResponseFuture::refused(refused);

@@ -3,13 +3,13 @@ use std::time::Duration;
 use tower::Layer;
 
 use super::service::RateLimit;
-use super::{Quota, RateLimiter};
 use crate::clock::{Clock, TokioClock};
+use crate::rate_limit::{Quota, RateLimiter};
 
 /// What a limiter does with a request when the bucket is empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Refuse at once: the call fails with [`RateLimited`](super::RateLimited) carrying
+    /// Refuse at once: the call fails with [`RateLimited`](crate::rate_limit::RateLimited) carrying
     /// `retry_after`, without reaching the inner service.
     Reject,
     /// Hold `poll_ready` until a token is due, first come first served, if that is within
@@ -113,7 +113,7 @@ impl<K, C: Clock> RateLimitLayer<K, C> {
 
     /// Charges each request `cost` tokens: a number, or any `Fn(&Request) -> u32`
     /// (weights). In [`Mode::Wait`] the cost is decided before the request is known, in
-    /// `poll_ready`, so waiting layers charge [`Cost::fixed`](super::Cost::fixed) tokens.
+    /// `poll_ready`, so waiting layers charge [`Cost::fixed`](crate::rate_limit::Cost::fixed) tokens.
     #[must_use]
     pub fn cost<K2>(self, cost: K2) -> RateLimitLayer<K2, C> {
         RateLimitLayer {

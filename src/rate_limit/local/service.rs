@@ -5,15 +5,15 @@ use std::task::{Context, Poll};
 use tokio::time::Sleep;
 use tower::Service;
 
-use super::error::RateLimited;
-use super::future::ResponseFuture;
 use super::layer::Mode;
-use super::{Charge, Cost, RateLimiter, Reservation};
 use crate::BoxError;
 use crate::clock::{Clock, TokioClock};
+use crate::rate_limit::error::RateLimited;
+use crate::rate_limit::future::ResponseFuture;
+use crate::rate_limit::{Charge, Cost, RateLimiter, Reservation};
 
 /// A service whose requests draw tokens from a shared [`RateLimiter`]. See the
-/// [module docs](super).
+/// [module docs](crate::rate_limit).
 ///
 /// In [`Mode::Reject`], each `call` takes its request's cost or fails at once with
 /// [`RateLimited`]; if the inner service then fails with a [`RateLimited`] (a limit

@@ -11,12 +11,12 @@ use std::time::Duration;
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 
-use super::bucket::{
+use crate::clock::{Clock, TokioClock};
+use crate::rate_limit::error::RateLimited;
+use crate::rate_limit::local::bucket::{
     Admitted, Reservation, Taken, gcra_acquire, gcra_step, refund_nanos, rescale_tat,
 };
-use super::error::RateLimited;
-use super::quota::Quota;
-use crate::clock::{Clock, TokioClock};
+use crate::rate_limit::quota::Quota;
 
 /// Default number of keys a [`KeyedRateLimiter`] tracks.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
@@ -57,7 +57,7 @@ struct Shard<K> {
 /// clients' buckets nor go unlimited: beyond the table's capacity, all the fresh keys
 /// together get one key's quota. Real new clients arriving during such a flood share
 /// that bucket too, and may be refused with it; size `max_keys` for the clients you
-/// expect (a bucket is about 40 bytes plus the key; with [`BoundedKey`](super::BoundedKey)
+/// expect (a bucket is about 40 bytes plus the key; with [`BoundedKey`](crate::rate_limit::BoundedKey)
 /// keys no row exceeds about 100 bytes, so the default 100 000 keys are about 10 MB).
 /// With the `tracing` feature, a key sent to the overflow bucket is a `DEBUG` event.
 ///
@@ -92,7 +92,7 @@ struct KeyedInner<K, C> {
     quota_fn: RwLock<Option<QuotaFn<K>>>,
     /// Bumped on every quota change; entries built under an older version are rescaled.
     version: AtomicU64,
-    telemetry: super::telemetry::Telemetry,
+    telemetry: crate::rate_limit::telemetry::Telemetry,
     clock: C,
 }
 
@@ -140,7 +140,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
                 default: RwLock::new(quota),
                 quota_fn: RwLock::new(None),
                 version: AtomicU64::new(0),
-                telemetry: super::telemetry::Telemetry::default(),
+                telemetry: crate::rate_limit::telemetry::Telemetry::default(),
                 clock,
             }),
         }
@@ -148,7 +148,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
 
     /// Tracks at most about `n` keys (rounded up to a multiple of the shard count, at
     /// least one per shard), for every clone, from now on (the
-    /// [builder's](super::KeyedRateLimiterBuilder::max_keys) setting, changed at run time).
+    /// [builder's](crate::rate_limit::KeyedRateLimiterBuilder::max_keys) setting, changed at run time).
     pub fn set_max_keys(&self, n: usize) {
         self.inner.per_shard.store(per_shard(n), Relaxed);
     }
@@ -214,7 +214,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
     }
 
     /// Takes `tokens` from the limiter's shared bucket: one bucket of the default quota,
-    /// for requests that have no key ([`OnMissingKey::Shared`](super::OnMissingKey::Shared)),
+    /// for requests that have no key ([`OnMissingKey::Shared`](crate::rate_limit::OnMissingKey::Shared)),
     /// also drawn from by new keys while the limiter is full. It does not queue and its
     /// tokens are not refunded.
     pub fn acquire_shared(&self, tokens: u32) -> Result<Admitted, RateLimited> {
@@ -242,7 +242,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
     }
 
     /// Books `tokens` from `key`'s bucket for the earliest time they will be there, if that
-    /// is within `max_wait` (as [`RateLimiter::reserve`](super::RateLimiter::reserve), per
+    /// is within `max_wait` (as [`RateLimiter::reserve`](crate::rate_limit::RateLimiter::reserve), per
     /// key). Bookings for one key are served in the order they were made; a booking that is
     /// not used must be handed back with [`cancel`](Self::cancel).
     pub fn reserve<Q>(
@@ -300,7 +300,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
     }
 
     /// [`take`](Self::take), the receipt with the key and a handle on this limiter (one
-    /// reference count) for [`Refund`](super::Refund).
+    /// reference count) for [`Refund`](crate::rate_limit::Refund).
     pub fn charge(
         &self,
         key: K,
@@ -319,7 +319,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
 
     /// Hands back tokens taken from `key`'s bucket by [`take`](Self::take) (with that
     /// same key) for a request that a limit further in refused. Exact and bounded, as
-    /// [`RateLimiter::refund`](super::RateLimiter::refund): at most the tokens taken, less
+    /// [`RateLimiter::refund`](crate::rate_limit::RateLimiter::refund): at most the tokens taken, less
     /// what has refilled since, never above the burst. Nothing happens if the key's bucket
     /// has since been dropped, or if the tokens came from the overflow bucket.
     pub fn refund<Q>(&self, key: &Q, taken: Taken)
@@ -469,7 +469,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
 }
 
 /// Tokens an admitted request took from a key's bucket in a [`KeyedRateLimiter`], with
-/// the key and the limiter: handed back with [`Refund::refund`](super::Refund::refund)
+/// the key and the limiter: handed back with [`Refund::refund`](crate::rate_limit::Refund::refund)
 /// when a limit further in refuses the request.
 pub struct KeyedCharge<K, C = TokioClock> {
     limiter: KeyedRateLimiter<K, C>,
@@ -485,7 +485,7 @@ impl<K, C> fmt::Debug for KeyedCharge<K, C> {
     }
 }
 
-impl<K: Hash + Eq + Clone, C: Clock> super::Refund for KeyedCharge<K, C> {
+impl<K: Hash + Eq + Clone, C: Clock> crate::rate_limit::Refund for KeyedCharge<K, C> {
     fn refund(self) {
         self.limiter.refund(&self.key, self.taken);
     }
@@ -509,7 +509,7 @@ fn own(result: Result<(Admitted, u64), RateLimited>) -> Result<(Admitted, u64, b
     result.map(|(admitted, wait)| (admitted, wait, true))
 }
 
-/// The GCRA step of [`RateLimiter`](super::RateLimiter), on a bucket held under its
+/// The GCRA step of [`RateLimiter`](crate::rate_limit::RateLimiter), on a bucket held under its
 /// shard's lock.
 fn take(
     entry: &mut Entry,
