@@ -9,8 +9,9 @@
 //!   events, metrics and manual control.
 //! * [`fallback`]: serve a response when a call fails or the breaker is open: a value, a
 //!   closure, an async closure, or the last known good response.
-//! * [`rate_limit`]: token buckets (local, per key, sharded, Redis-backed), waiting or
-//!   rejecting, with HTTP 429 answers and rate-limit headers.
+//! * [`rate_limit`]: token buckets (local, per key, sharded, Redis-backed) behind one
+//!   [`Limit`](rate_limit::Limit) trait, waiting or rejecting, with HTTP 429 answers and
+//!   rate-limit headers.
 //! * [`discovery`]: where a service's instances are (a static list, an in-process
 //!   registry, Consul), as a `tower::discover::Discover` stream of per-instance stacks.
 //! * [`balance`]: client-side load balancing over them: power of two choices, round

@@ -931,3 +931,85 @@ async fn requests_without_a_key_can_share_one_bucket() {
         assert_eq!(svc.ready().await.unwrap().call(0).await.unwrap(), 0);
     }
 }
+
+/// `LimitLayer` over each kind of `Limit`: the one check-and-answer path of the tower
+/// layers.
+mod limit_layer {
+    use super::*;
+    use seawall::rate_limit::{
+        Decision, KeyedRateLimiter, Limit, LimitLayer, MissingKey, OnMissingKey, PerKey,
+        ShardedRateLimiter,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sharded_limiter_behind_the_generic_layer_refuses_past_its_burst() {
+        let limiter = ShardedRateLimiter::with_clock(quota(1, 4), 2, ManualClock::new()).unwrap();
+        let mut svc = ServiceBuilder::new()
+            .layer(LimitLayer::new(limiter))
+            .service(echo());
+        for n in 0..4 {
+            assert_eq!(svc.ready().await.unwrap().call(n).await.unwrap(), n);
+        }
+        let refused = limited(svc.ready().await.unwrap().call(4).await.unwrap_err());
+        assert!(refused.retry_after().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_key_follows_on_missing_key_and_the_cost() {
+        let keyed = |policy| {
+            PerKey::new(KeyedRateLimiter::new(quota(1, 3)), |n: &u32| {
+                (*n != 0).then_some(*n % 2)
+            })
+            .on_missing_key(policy)
+        };
+        // Two tokens a request: key 1 (odd numbers) admits one, then refuses.
+        let mut svc = ServiceBuilder::new()
+            .layer(LimitLayer::new(keyed(OnMissingKey::Reject)).cost(2))
+            .service(echo());
+        assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+        limited(svc.ready().await.unwrap().call(3).await.unwrap_err());
+        assert_eq!(svc.ready().await.unwrap().call(2).await.unwrap(), 2);
+        let err = svc.ready().await.unwrap().call(0).await.unwrap_err();
+        assert!(err.downcast_ref::<MissingKey>().is_some(), "{err}");
+
+        let allow = keyed(OnMissingKey::Allow);
+        for _ in 0..10 {
+            assert!(matches!(allow.check(&0, 1), Decision::Unlimited));
+        }
+        let shared = keyed(OnMissingKey::Shared);
+        assert!(matches!(shared.check(&0, 3), Decision::Admitted(_, None)));
+        assert!(matches!(shared.check(&0, 1), Decision::Refused(_)));
+        assert!(matches!(
+            shared.check(&1, 1),
+            Decision::Admitted(_, Some(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absent_limit_is_no_limit() {
+        let mut svc = ServiceBuilder::new()
+            .layer(LimitLayer::new(None::<RateLimiter>))
+            .service(echo());
+        for n in 0..100 {
+            assert_eq!(svc.ready().await.unwrap().call(n).await.unwrap(), n);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outer_generic_layer_refunds_when_an_inner_limit_refuses() {
+        let global = RateLimiter::new(quota(1, 10));
+        let mut svc = ServiceBuilder::new()
+            .layer(LimitLayer::new(global.clone()))
+            .layer(LimitLayer::new(RateLimiter::new(quota(1, 1))))
+            .service(echo());
+        svc.ready().await.unwrap().call(1).await.unwrap();
+        for _ in 0..5 {
+            limited(svc.ready().await.unwrap().call(2).await.unwrap_err());
+        }
+        assert_eq!(
+            global.available(),
+            9,
+            "only the admitted request was charged"
+        );
+    }
+}

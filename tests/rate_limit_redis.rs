@@ -278,10 +278,67 @@ async fn the_layer_refuses_without_calling_the_service() {
         2,
         "the refused request did not reach the service"
     );
-    // No key: not limited.
+}
+
+#[tokio::test]
+async fn the_layer_never_lets_a_request_without_a_key_pass_silently() {
+    use seawall::rate_limit::redis::RedisRateLimitLayer;
+    use seawall::rate_limit::{MissingKey, OnMissingKey};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use tower::{Service, ServiceBuilder, ServiceExt};
+
+    let redis = Redis::start(Redis::free_port()).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = |policy: Option<OnMissingKey>, prefix: &str| {
+        let limiter = RedisRateLimiter::builder(redis.url(), quota(2, 2))
+            .prefix(prefix)
+            .timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let mut layer = RedisRateLimitLayer::new(limiter, |tenant: &&'static str| {
+            (!tenant.is_empty()).then_some(*tenant)
+        });
+        if let Some(policy) = policy {
+            layer = layer.on_missing_key(policy);
+        }
+        let counter = calls.clone();
+        ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(move |tenant: &'static str| {
+                counter.fetch_add(1, SeqCst);
+                async move { Ok::<_, seawall::BoxError>(tenant) }
+            })
+    };
+
+    // By default a request without a key fails with `MissingKey`, before the service.
+    let mut svc = service(None, "missing-default");
+    let err = svc.ready().await.unwrap().call("").await.unwrap_err();
+    assert!(err.downcast_ref::<MissingKey>().is_some(), "{err}");
+    assert_eq!(calls.load(SeqCst), 0, "refused before the service");
+
+    // Shared: every request without a key draws from one bucket (of 2 here).
+    let mut svc = service(Some(OnMissingKey::Shared), "missing-shared");
+    svc.ready().await.unwrap().call("").await.unwrap();
+    svc.ready().await.unwrap().call("").await.unwrap();
+    let err = svc.ready().await.unwrap().call("").await.unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<RedisLimitError>(),
+            Some(RedisLimitError::Limited(_))
+        ),
+        "{err}"
+    );
+    assert_eq!(calls.load(SeqCst), 2);
+    // ...apart from the keyed requests' buckets.
+    svc.ready().await.unwrap().call("acme").await.unwrap();
+
+    // Allow, asked for: unlimited by this layer.
+    let mut svc = service(Some(OnMissingKey::Allow), "missing-allow");
     for _ in 0..5 {
         svc.ready().await.unwrap().call("").await.unwrap();
     }
+    assert_eq!(calls.load(SeqCst), 3 + 5);
 }
 
 #[tokio::test]

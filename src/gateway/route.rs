@@ -38,11 +38,9 @@ use crate::discovery::{Instance, InstanceWatch, ServiceDiscover};
 use crate::fallback::{FallbackLayer, FromFn};
 #[cfg(feature = "redis")]
 use crate::rate_limit::Quota;
-use crate::rate_limit::http::{
-    ClientIp, HeaderKey, HttpLimit, HttpRateLimit, HttpRateLimitLayer, Refused,
-};
+use crate::rate_limit::http::{ClientIp, HeaderKey, HttpRateLimit, HttpRateLimitLayer, Refused};
 use crate::rate_limit::{
-    Admitted, BoundedKey, KeyedCharge, KeyedRateLimiter, RateLimited, RateLimiter, TokioClock,
+    BoundedKey, Decision, KeyedCharge, KeyedRateLimiter, Limit, RateLimiter, TokioClock,
 };
 use tokio::time::Instant;
 
@@ -279,30 +277,34 @@ impl PerClient {
     }
 }
 
-impl HttpLimit<Request<Body>> for PerClient {
+impl Limit<Request<Body>> for PerClient {
     /// `None` when nothing further in can refuse, or for the shared bucket.
     type Charge = Option<KeyedCharge<ClientId, TokioClock>>;
 
-    fn check(
-        &self,
-        request: &Request<Body>,
-    ) -> Option<Result<(Admitted, Self::Charge), RateLimited>> {
+    fn check(&self, request: &Request<Body>, tokens: u32) -> Decision<Self::Charge> {
         let id = match self.keying.key(request) {
             ClientKeyOf::Ip(ip) => ClientId::Ip(ip),
             ClientKeyOf::Header(value) => ClientId::Key(BoundedKey::new(value.as_bytes())),
             ClientKeyOf::Shared => {
-                return Some(self.limiter.acquire_shared(1).map(|a| (a, None)));
+                return self
+                    .limiter
+                    .acquire_shared(tokens)
+                    .map(|a| (a, None))
+                    .into();
             }
-            ClientKeyOf::Unlimited => return None,
+            ClientKeyOf::Unlimited if self.keying.rejects_unkeyed() => {
+                return Decision::MissingKey;
+            }
+            ClientKeyOf::Unlimited => return Decision::Unlimited,
         };
         if self.refunds {
-            return Some(self.limiter.charge(id, 1).map(|(a, c)| (a, Some(c))));
+            return self
+                .limiter
+                .charge(id, tokens)
+                .map(|(a, c)| (a, Some(c)))
+                .into();
         }
-        Some(self.limiter.acquire(&id, 1).map(|a| (a, None)))
-    }
-
-    fn rejects_unkeyed(&self) -> bool {
-        self.keying.rejects_unkeyed()
+        self.limiter.acquire(&id, tokens).map(|a| (a, None)).into()
     }
 }
 

@@ -42,6 +42,20 @@
 //! [`KeyedRateLimiter`] and [`KeyedRateLimitLayer`] keep a bucket per key (client, API key,
 //! route…) with a bound on the keys tracked, per-key quotas and quota changes at run time.
 //!
+//! # One trait, thin layers
+//!
+//! Every local limit is a [`Limit`]: [`RateLimiter`], [`ShardedRateLimiter`], [`PerKey`]
+//! (a keyed limiter with the extractor that picks each request's bucket and what to do
+//! without a key, [`OnMissingKey`]), `Option<L>` (no limit), or your own. A check answers
+//! a [`Decision`]; the layers only turn it into an answer: [`LimitLayer`] (any `Limit`; a
+//! refusal is a [`RateLimited`] error), [`RateLimitLayer`] and [`KeyedRateLimitLayer`]
+//! (built from a quota, with a waiting mode), and, with the `http` feature,
+//! `http::HttpRateLimitLayer` (a refusal is a `429` with rate-limit headers). The
+//! Redis-backed limiter checks asynchronously, one round trip each; its layers resolve a
+//! missing key the same way. The modules follow the concepts: `local` (one bucket),
+//! `keyed` (a bucket per key), `sharded` (one bucket split across cores), [`redis`] and
+//! [`http`]; everything is re-exported here.
+//!
 //! With the `http` feature, [`http`] answers refused requests with 429 and the IETF
 //! `RateLimit` headers, extracts keys (client IP behind trusted proxies, API-key header,
 //! route), and honours an upstream's `Retry-After` on the client side.
@@ -59,7 +73,7 @@
 //! outside it hand their tokens back ([`Refund`]). So a client refused by its own
 //! per-client limit does not drain the global bucket for everybody else.
 //!
-//! * [`RateLimitLayer`] in [`Mode::Reject`] and [`KeyedRateLimitLayer`] refund when the
+//! * [`LimitLayer`], [`RateLimitLayer`] in [`Mode::Reject`] and [`KeyedRateLimitLayer`] refund when the
 //!   inner service fails with a [`RateLimited`] (anywhere in the error's source chain):
 //!   the refusal of any seawall limit further in, local or Redis.
 //! * [`http::HttpRateLimitLayer`] refunds when the inner service's response is a `429`
@@ -90,6 +104,7 @@
 mod builder;
 mod error;
 mod keyed;
+mod limit;
 mod local;
 mod quota;
 mod sharded;
@@ -111,8 +126,11 @@ pub use builder::{KeyedRateLimiterBuilder, RateLimiterBuilder, ShardedRateLimite
 pub use error::{MissingKey, OnMissingKey, RateLimited};
 pub use keyed::{
     BoundedKey, DEFAULT_MAX_KEYS, INLINE_KEY_BYTES, KeyedCharge, KeyedRateLimit,
-    KeyedRateLimitLayer, KeyedRateLimitWait, KeyedRateLimiter, KeyedWaitLayer, WaitFuture,
+    KeyedRateLimitLayer, KeyedRateLimitWait, KeyedRateLimiter, KeyedWaitLayer, PerKey, WaitFuture,
 };
+#[cfg(feature = "redis")]
+pub(crate) use keyed::{KeyOf, key_of};
+pub use limit::{Decision, Limit, LimitLayer, LimitService};
 pub use local::{
     Admitted, Charge, Mode, RateLimit, RateLimitLayer, RateLimiter, Reservation, Taken,
 };

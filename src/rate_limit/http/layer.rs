@@ -13,10 +13,10 @@ use tower::{Layer, Service};
 
 use crate::clock::Clock;
 use crate::problem::ProblemBody;
-pub use crate::rate_limit::OnMissingKey;
 use crate::rate_limit::{
-    Admitted, Charge, KeyExtractor, KeyedCharge, KeyedRateLimiter, RateLimited, RateLimiter, Refund,
+    Admitted, Decision, KeyedRateLimiter, Limit, RateLimited, RateLimiter, Refund,
 };
+pub use crate::rate_limit::{OnMissingKey, PerKey};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-09).
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -26,125 +26,6 @@ pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 /// Kong-style `X-RateLimit-Remaining`.
 pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-
-/// What an [`HttpRateLimitLayer`] checks a request against.
-pub trait HttpLimit<Request> {
-    /// What an admitted request took, handed back if a limit further in refuses it
-    /// (see [`HttpRateLimitLayer`] on stacked limits); `()` for nothing to hand back.
-    type Charge: Refund;
-
-    /// `None` when the request is not subject to this limit (for example it has no key);
-    /// else the decision, with what an admission took.
-    fn check(&self, request: &Request) -> Option<Result<(Admitted, Self::Charge), RateLimited>>;
-
-    /// Whether a request [`check`](Self::check) passed over (`None`) must be refused with
-    /// `500` instead of passing unlimited: true for a [`PerKey`] whose key could not be
-    /// taken under [`OnMissingKey::Reject`]. Asked only on that path.
-    fn rejects_unkeyed(&self) -> bool {
-        false
-    }
-}
-
-/// No limit when `None`: a limit that configuration may leave out keeps one service type.
-impl<Request, L: HttpLimit<Request>> HttpLimit<Request> for Option<L> {
-    type Charge = L::Charge;
-
-    fn check(&self, request: &Request) -> Option<Result<(Admitted, L::Charge), RateLimited>> {
-        self.as_ref()?.check(request)
-    }
-
-    fn rejects_unkeyed(&self) -> bool {
-        self.as_ref().is_some_and(L::rejects_unkeyed)
-    }
-}
-
-impl<Request, C: Clock> HttpLimit<Request> for RateLimiter<C> {
-    type Charge = Charge<C>;
-
-    fn check(&self, _: &Request) -> Option<Result<(Admitted, Charge<C>), RateLimited>> {
-        Some(self.charge(1))
-    }
-}
-
-/// A [`KeyedRateLimiter`] with the [`KeyExtractor`] that picks each request's bucket.
-pub struct PerKey<E, Key, C> {
-    limiter: KeyedRateLimiter<Key, C>,
-    extractor: E,
-    on_missing_key: OnMissingKey,
-}
-
-impl<E, Key, C> PerKey<E, Key, C> {
-    /// A bucket per key taken by `extractor`; a request without a key is refused with
-    /// `500` (see [`OnMissingKey`] and [`on_missing_key`](Self::on_missing_key)).
-    pub fn new(limiter: KeyedRateLimiter<Key, C>, extractor: E) -> Self {
-        Self {
-            limiter,
-            extractor,
-            on_missing_key: OnMissingKey::default(),
-        }
-    }
-
-    /// What to do with a request whose key cannot be taken (default
-    /// [`OnMissingKey::Reject`]).
-    #[must_use]
-    pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
-        self.on_missing_key = policy;
-        self
-    }
-
-    /// The limiter (for its state: how many keys it holds, say).
-    pub fn limiter(&self) -> &KeyedRateLimiter<Key, C> {
-        &self.limiter
-    }
-}
-
-impl<E: Clone, Key, C> Clone for PerKey<E, Key, C> {
-    fn clone(&self) -> Self {
-        Self {
-            limiter: self.limiter.clone(),
-            extractor: self.extractor.clone(),
-            on_missing_key: self.on_missing_key,
-        }
-    }
-}
-
-impl<E, Key, C> fmt::Debug for PerKey<E, Key, C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PerKey")
-            .field("limiter", &self.limiter)
-            .field("extractor", &std::any::type_name::<E>())
-            .finish()
-    }
-}
-
-impl<Request, E, Key, C> HttpLimit<Request> for PerKey<E, Key, C>
-where
-    E: KeyExtractor<Request, Key = Key>,
-    Key: std::hash::Hash + Eq + Clone,
-    C: Clock,
-{
-    /// `None` for a request drawn from the shared bucket (nothing to refund).
-    type Charge = Option<KeyedCharge<Key, C>>;
-
-    fn check(&self, request: &Request) -> Option<Result<(Admitted, Self::Charge), RateLimited>> {
-        let Some(key) = self.extractor.extract(request) else {
-            if self.on_missing_key != OnMissingKey::Shared {
-                return None;
-            }
-            super::super::error::log_shared_key("http");
-            return Some(
-                self.limiter
-                    .acquire_shared(1)
-                    .map(|admitted| (admitted, None)),
-            );
-        };
-        Some(self.limiter.charge(key, 1).map(|(a, c)| (a, Some(c))))
-    }
-
-    fn rejects_unkeyed(&self) -> bool {
-        self.on_missing_key == OnMissingKey::Reject
-    }
-}
 
 /// Rate limiting for HTTP servers: a refused request is answered here with
 /// `429 Too Many Requests`, `Retry-After`, and the `RateLimit-Policy` / `RateLimit`
@@ -193,17 +74,13 @@ where
 #[derive(Clone)]
 pub struct HttpRateLimitLayer<L> {
     limit: L,
-    name: Arc<PolicyName>,
-    style: HeaderStyle,
-    /// `None`: the RFC 9457 problem.
-    body: Option<Arc<RefusalBody>>,
+    settings: HeaderSettings,
 }
 
 impl<L> fmt::Debug for HttpRateLimitLayer<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpRateLimitLayer")
-            .field("name", &self.name.as_str())
-            .field("style", &self.style)
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
@@ -226,73 +103,21 @@ impl<E, Key, C> HttpRateLimitLayer<PerKey<E, Key, C>> {
     /// [`OnMissingKey::Reject`]: `500` with a problem+json body, and an error log).
     #[must_use]
     pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
-        self.limit.on_missing_key = policy;
+        self.limit.set_on_missing_key(policy);
         self
     }
 }
 
 impl<L> HttpRateLimitLayer<L> {
-    /// A layer over any [`HttpLimit`].
+    /// A layer over any [`Limit`] (each request costs one token).
     pub fn new(limit: L) -> Self {
         Self {
             limit,
-            name: PolicyName::new("default"),
-            style: HeaderStyle::default(),
-            body: None,
+            settings: HeaderSettings::default(),
         }
     }
 
-    /// The body of this layer's 429s, in place of the default RFC 9457
-    /// `application/problem+json` document: `body(&refusal)` gives the content type and
-    /// the bytes (as tower_governor's error handler does). The status, `Retry-After`, the
-    /// rate-limit headers and [`Refused`] stay.
-    ///
-    /// ```
-    /// use http::HeaderValue;
-    /// use seawall::rate_limit::http::HttpRateLimitLayer;
-    /// use seawall::rate_limit::{Quota, Rate, RateLimiter};
-    ///
-    /// # fn main() -> Result<(), seawall::BoxError> {
-    /// let layer = HttpRateLimitLayer::global(RateLimiter::new(Quota::new(Rate::per_second(10), 10)?))
-    ///     .refusal_body(|refused| {
-    ///         let secs = refused.retry_after().unwrap_or_default().as_secs();
-    ///         (HeaderValue::from_static("text/plain"), format!("slow down, {secs}s").into())
-    ///     });
-    /// # let _ = layer;
-    /// # Ok(())
-    /// # }
-    /// ```
-    #[must_use]
-    pub fn refusal_body<F>(mut self, body: F) -> Self
-    where
-        F: Fn(&RateLimited) -> (HeaderValue, bytes::Bytes) + Send + Sync + 'static,
-    {
-        self.body = Some(Arc::new(body));
-        self
-    }
-
-    /// Names the policy in the headers (default `default`).
-    #[must_use]
-    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
-        self.name = PolicyName::new(&name.into());
-        self
-    }
-
-    /// Also sends `X-RateLimit-Limit` and `X-RateLimit-Remaining`, as Kong does.
-    #[must_use]
-    pub fn legacy_headers(mut self, on: bool) -> Self {
-        self.style.legacy = on;
-        self
-    }
-
-    /// Sends no rate-limit headers, so clients cannot read the limits (Kong's
-    /// `hide_client_headers`): admitted responses get none, refused ones only
-    /// `Retry-After`. Admitted requests then cost no header work at all.
-    #[must_use]
-    pub fn hide_headers(mut self, on: bool) -> Self {
-        self.style.hidden = on;
-        self
-    }
+    header_settings_methods!();
 }
 
 impl<S, L: Clone> Layer<S> for HttpRateLimitLayer<L> {
@@ -331,6 +156,127 @@ impl<S: fmt::Debug, L> fmt::Debug for HttpRateLimit<S, L> {
             .finish()
     }
 }
+
+/// What the HTTP layers put in their answers: the policy name, which headers, and the
+/// 429's body. Defined once for [`HttpRateLimitLayer`] and
+/// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer).
+#[derive(Clone)]
+pub(super) struct HeaderSettings {
+    pub(super) name: Arc<PolicyName>,
+    pub(super) style: HeaderStyle,
+    /// `None`: the RFC 9457 problem.
+    pub(super) body: Option<Arc<RefusalBody>>,
+}
+
+impl Default for HeaderSettings {
+    fn default() -> Self {
+        Self {
+            name: PolicyName::new("default"),
+            style: HeaderStyle::default(),
+            body: None,
+        }
+    }
+}
+
+impl fmt::Debug for HeaderSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeaderSettings")
+            .field("name", &self.name.as_str())
+            .field("style", &self.style)
+            .field("custom_body", &self.body.is_some())
+            .finish()
+    }
+}
+
+impl HeaderSettings {
+    /// The headers of an admitted request (`None` when hidden).
+    #[inline]
+    pub(super) fn admitted(&self, admitted: Admitted) -> Option<Headers> {
+        Headers::new(&self.name, self.style, &Ok(admitted))
+    }
+
+    /// The `429` of a refused request: its headers, [`Refused`], and the body (the
+    /// problem, or the custom one).
+    pub(super) fn refusal<B: ProblemBody>(&self, refused: RateLimited) -> Response<B> {
+        let custom = self.body.as_ref().map(|body| body(&refused));
+        let mut response = refusal(Headers::new(&self.name, self.style, &Err(refused)));
+        if let Some((content_type, bytes)) = custom {
+            *response.body_mut() = B::from_bytes(bytes);
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_TYPE, content_type);
+        }
+        response
+    }
+
+    /// The `500` of a request without the key its limit needs (logged).
+    pub(super) fn missing_key<B: ProblemBody>(&self) -> Response<B> {
+        missing_key(&self.name)
+    }
+}
+
+/// The header settings' builder methods, for a layer with a `settings: HeaderSettings`
+/// field: written once, for every HTTP layer.
+macro_rules! header_settings_methods {
+    () => {
+        /// The body of this layer's 429s, in place of the default RFC 9457
+        /// `application/problem+json` document: `body(&refusal)` gives the content type
+        /// and the bytes (as tower_governor's error handler does). The status,
+        /// `Retry-After`, the rate-limit headers and [`Refused`](super::Refused) stay.
+        ///
+        /// ```
+        /// use http::HeaderValue;
+        /// use seawall::rate_limit::http::HttpRateLimitLayer;
+        /// use seawall::rate_limit::{Quota, Rate, RateLimiter};
+        ///
+        /// # fn main() -> Result<(), seawall::BoxError> {
+        /// let layer = HttpRateLimitLayer::global(RateLimiter::new(Quota::new(Rate::per_second(10), 10)?))
+        ///     .refusal_body(|refused| {
+        ///         let secs = refused.retry_after().unwrap_or_default().as_secs();
+        ///         (HeaderValue::from_static("text/plain"), format!("slow down, {secs}s").into())
+        ///     });
+        /// # let _ = layer;
+        /// # Ok(())
+        /// # }
+        /// ```
+        #[must_use]
+        pub fn refusal_body<F>(mut self, body: F) -> Self
+        where
+            F: Fn(&crate::rate_limit::RateLimited) -> (http::HeaderValue, bytes::Bytes)
+                + Send
+                + Sync
+                + 'static,
+        {
+            self.settings.body = Some(std::sync::Arc::new(body));
+            self
+        }
+
+        /// Names the policy in the `RateLimit-Policy` / `RateLimit` headers (default
+        /// `default`).
+        #[must_use]
+        pub fn name(mut self, name: impl Into<std::sync::Arc<str>>) -> Self {
+            self.settings.name = super::layer::PolicyName::new(&name.into());
+            self
+        }
+
+        /// Also sends `X-RateLimit-Limit` and `X-RateLimit-Remaining`, as Kong does.
+        #[must_use]
+        pub fn legacy_headers(mut self, on: bool) -> Self {
+            self.settings.style.legacy = on;
+            self
+        }
+
+        /// Sends no rate-limit headers, so clients cannot read the limits (Kong's
+        /// `hide_client_headers`): admitted responses get none, refused ones only
+        /// `Retry-After`. Admitted requests then cost no header work at all.
+        #[must_use]
+        pub fn hide_headers(mut self, on: bool) -> Self {
+            self.settings.style.hidden = on;
+            self
+        }
+    };
+}
+pub(super) use header_settings_methods;
 
 /// Rounds up to whole seconds, as `Retry-After` and `t=` want.
 fn ceil_secs(d: Duration) -> u64 {
@@ -545,7 +491,7 @@ fn sanitize(name: &str) -> String {
 impl<S, L, ReqB, ResB> Service<Request<ReqB>> for HttpRateLimit<S, L>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
-    L: HttpLimit<Request<ReqB>>,
+    L: Limit<Request<ReqB>>,
     ResB: ProblemBody,
 {
     type Response = Response<ResB>;
@@ -557,29 +503,16 @@ where
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        let Some(decision) = self.layer.limit.check(&request) else {
-            if self.layer.limit.rejects_unkeyed() {
-                return ResponseFuture::refused(missing_key(&self.layer.name));
-            }
-            return ResponseFuture::called(self.inner.call(request), None, None);
-        };
-        match decision {
-            Ok((admitted, charge)) => {
-                let headers = Headers::new(&self.layer.name, self.layer.style, &Ok(admitted));
-                ResponseFuture::called(self.inner.call(request), headers, Some(charge))
-            }
-            Err(refused) => {
-                let custom = self.layer.body.as_ref().map(|body| body(&refused));
-                let headers = Headers::new(&self.layer.name, self.layer.style, &Err(refused));
-                let mut response = refusal(headers);
-                if let Some((content_type, bytes)) = custom {
-                    *response.body_mut() = ResB::from_bytes(bytes);
-                    response
-                        .headers_mut()
-                        .insert(http::header::CONTENT_TYPE, content_type);
-                }
-                ResponseFuture::refused(response)
-            }
+        let settings = &self.layer.settings;
+        match self.layer.limit.check(&request, 1) {
+            Decision::Admitted(admitted, charge) => ResponseFuture::called(
+                self.inner.call(request),
+                settings.admitted(admitted),
+                Some(charge),
+            ),
+            Decision::Unlimited => ResponseFuture::called(self.inner.call(request), None, None),
+            Decision::Refused(refused) => ResponseFuture::refused(settings.refusal(refused)),
+            Decision::MissingKey => ResponseFuture::refused(settings.missing_key()),
         }
     }
 }

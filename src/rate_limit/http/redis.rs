@@ -1,21 +1,15 @@
 //! The server-side 429 layer over the Redis-backed limiter (features `http` and `redis`).
 
 use std::fmt;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
-/// The Redis key suffix of the bucket shared by requests without a key
-/// ([`OnMissingKey::Shared`]): a NUL byte, which no extracted key holds (header values,
-/// addresses and paths cannot).
-const SHARED_KEY: &str = "\0shared";
-
-use super::layer::{HeaderStyle, Headers, OnMissingKey, PolicyName, missing_key, refusal};
+use super::layer::{HeaderSettings, OnMissingKey, header_settings_methods};
 use crate::problem::ProblemBody;
-use crate::rate_limit::KeyExtractor;
-use crate::rate_limit::redis::{RedisLimitError, RedisRateLimiter};
+use crate::rate_limit::redis::{RedisLimitError, RedisRateLimiter, SHARED_KEY};
+use crate::rate_limit::{KeyExtractor, KeyOf, key_of};
 
 /// [`HttpRateLimitLayer`](super::HttpRateLimitLayer) for a fleet: each request's key (a
 /// client IP, an API key, a route…) is checked against a [`RedisRateLimiter`] shared by
@@ -53,8 +47,7 @@ use crate::rate_limit::redis::{RedisLimitError, RedisRateLimiter};
 pub struct HttpRedisRateLimitLayer<E> {
     limiter: RedisRateLimiter,
     extractor: E,
-    name: Arc<PolicyName>,
-    style: HeaderStyle,
+    settings: HeaderSettings,
     on_missing_key: OnMissingKey,
 }
 
@@ -64,8 +57,7 @@ impl<E> HttpRedisRateLimitLayer<E> {
         Self {
             limiter,
             extractor,
-            name: PolicyName::new("default"),
-            style: HeaderStyle::default(),
+            settings: HeaderSettings::default(),
             on_missing_key: OnMissingKey::default(),
         }
     }
@@ -78,35 +70,15 @@ impl<E> HttpRedisRateLimitLayer<E> {
         self
     }
 
-    /// The policy name in the `RateLimit-Policy` / `RateLimit` headers.
-    #[must_use]
-    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
-        self.name = PolicyName::new(&name.into());
-        self
-    }
-
-    /// Adds Kong-style `X-RateLimit-Limit` / `X-RateLimit-Remaining` headers.
-    #[must_use]
-    pub fn legacy_headers(mut self, on: bool) -> Self {
-        self.style.legacy = on;
-        self
-    }
-
-    /// Sends no rate-limit headers (Kong's `hide_client_headers`): admitted responses
-    /// get none, refused ones only `Retry-After`.
-    #[must_use]
-    pub fn hide_headers(mut self, on: bool) -> Self {
-        self.style.hidden = on;
-        self
-    }
+    header_settings_methods!();
 }
 
 impl<E> fmt::Debug for HttpRedisRateLimitLayer<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpRedisRateLimitLayer")
             .field("limiter", &self.limiter)
-            .field("name", &self.name)
-            .field("style", &self.style)
+            .field("settings", &self.settings)
+            .field("on_missing_key", &self.on_missing_key)
             .finish_non_exhaustive()
     }
 }
@@ -177,38 +149,33 @@ where
         // The ready service goes into the future; this one keeps a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let key = match self.layer.extractor.extract(&request) {
-            Some(key) => key.to_string(),
-            None => match self.layer.on_missing_key {
-                OnMissingKey::Reject => {
-                    let response = missing_key(&self.layer.name);
-                    return Box::pin(async move { Ok(response) });
-                }
-                OnMissingKey::Allow => return Box::pin(inner.call(request)),
-                OnMissingKey::Shared => {
-                    crate::rate_limit::error::log_shared_key("http redis");
-                    SHARED_KEY.to_owned()
-                }
-            },
+        let layer = &self.layer;
+        let key = match key_of(
+            &layer.extractor,
+            &request,
+            layer.on_missing_key,
+            "http redis",
+        ) {
+            KeyOf::Key(key) => key.to_string(),
+            KeyOf::Shared => SHARED_KEY.to_owned(),
+            KeyOf::Unlimited => return Box::pin(inner.call(request)),
+            KeyOf::Missing => {
+                let response = layer.settings.missing_key();
+                return Box::pin(async move { Ok(response) });
+            }
         };
-        let (limiter, name, style) = (
-            self.layer.limiter.clone(),
-            self.layer.name.clone(),
-            self.layer.style,
-        );
+        let (limiter, settings) = (layer.limiter.clone(), layer.settings.clone());
         Box::pin(async move {
             match limiter.acquire(&key, 1).await {
                 Ok((admitted, _source)) => {
-                    let headers = Headers::new(&name, style, &Ok(admitted));
+                    let headers = settings.admitted(admitted);
                     let mut response = inner.call(request).await?;
                     if let Some(headers) = headers {
                         headers.apply(response.headers_mut());
                     }
                     Ok(response)
                 }
-                Err(RedisLimitError::Limited(refused)) => {
-                    Ok(refusal(Headers::new(&name, style, &Err(refused))))
-                }
+                Err(RedisLimitError::Limited(refused)) => Ok(settings.refusal(refused)),
                 Err(RedisLimitError::Unavailable(_)) => {
                     let mut response = crate::problem::problem::<ResB>(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -9,11 +9,12 @@ use pin_project_lite::pin_project;
 
 use tower::{Layer, Service};
 
+use super::PerKey;
+use super::per_key::{KeyOf, key_of};
 use crate::BoxError;
 use crate::clock::{Clock, TokioClock};
-use crate::rate_limit::future::ResponseFuture;
 use crate::rate_limit::{
-    Cost, KeyExtractor, KeyedCharge, KeyedRateLimiter, OnMissingKey, RateLimited, Reservation,
+    Cost, KeyExtractor, KeyedRateLimiter, LimitService, OnMissingKey, RateLimited, Reservation,
 };
 
 /// Limits requests per key: each request draws from the bucket of the key `key_fn` takes
@@ -48,19 +49,15 @@ use crate::rate_limit::{
 /// # }
 /// ```
 pub struct KeyedRateLimitLayer<F, Key, K = u32, C = TokioClock> {
-    limiter: KeyedRateLimiter<Key, C>,
-    key_fn: F,
+    limit: PerKey<F, Key, C>,
     cost: K,
-    on_missing_key: OnMissingKey,
 }
 
 impl<F: Clone, Key, K: Clone, C> Clone for KeyedRateLimitLayer<F, Key, K, C> {
     fn clone(&self) -> Self {
         Self {
-            limiter: self.limiter.clone(),
-            key_fn: self.key_fn.clone(),
+            limit: self.limit.clone(),
             cost: self.cost.clone(),
-            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -68,8 +65,7 @@ impl<F: Clone, Key, K: Clone, C> Clone for KeyedRateLimitLayer<F, Key, K, C> {
 impl<F, Key, K, C> fmt::Debug for KeyedRateLimitLayer<F, Key, K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedRateLimitLayer")
-            .field("limiter", &self.limiter)
-            .field("key_fn", &std::any::type_name::<F>())
+            .field("limit", &self.limit)
             .finish()
     }
 }
@@ -88,10 +84,8 @@ impl<F, Key, C> KeyedRateLimitLayer<F, Key, u32, C> {
     /// A layer over an existing keyed limiter (shared with its other users).
     pub fn from_limiter(limiter: KeyedRateLimiter<Key, C>, key_fn: F) -> Self {
         Self {
-            limiter,
-            key_fn,
+            limit: PerKey::new(limiter, key_fn),
             cost: 1,
-            on_missing_key: OnMissingKey::default(),
         }
     }
 }
@@ -101,10 +95,8 @@ impl<F, Key, K, C> KeyedRateLimitLayer<F, Key, K, C> {
     #[must_use]
     pub fn cost<K2>(self, cost: K2) -> KeyedRateLimitLayer<F, Key, K2, C> {
         KeyedRateLimitLayer {
-            limiter: self.limiter,
-            key_fn: self.key_fn,
+            limit: self.limit,
             cost,
-            on_missing_key: self.on_missing_key,
         }
     }
 
@@ -112,13 +104,18 @@ impl<F, Key, K, C> KeyedRateLimitLayer<F, Key, K, C> {
     /// [`OnMissingKey::Reject`]: it fails with [`MissingKey`](crate::rate_limit::MissingKey)).
     #[must_use]
     pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
-        self.on_missing_key = policy;
+        self.limit.set_on_missing_key(policy);
         self
     }
 
     /// The limiter shared by every service this layer wraps.
     pub fn limiter(&self) -> &KeyedRateLimiter<Key, C> {
-        &self.limiter
+        self.limit.limiter()
+    }
+
+    /// The keyed [`Limit`](crate::rate_limit::Limit) this layer checks.
+    pub fn limit(&self) -> &PerKey<F, Key, C> {
+        &self.limit
     }
 
     /// Waits instead of refusing: a request whose key's tokens are due within `max_wait`
@@ -131,11 +128,9 @@ impl<F, Key, K, C> KeyedRateLimitLayer<F, Key, K, C> {
     #[must_use]
     pub fn wait(self, max_wait: Duration) -> KeyedWaitLayer<F, Key, K, C> {
         KeyedWaitLayer {
-            limiter: self.limiter,
-            key_fn: self.key_fn,
+            limit: self.limit,
             cost: self.cost,
             max_wait,
-            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -164,21 +159,17 @@ impl<F, Key, K, C> KeyedRateLimitLayer<F, Key, K, C> {
 /// # }
 /// ```
 pub struct KeyedWaitLayer<F, Key, K = u32, C = TokioClock> {
-    limiter: KeyedRateLimiter<Key, C>,
-    key_fn: F,
+    limit: PerKey<F, Key, C>,
     cost: K,
     max_wait: Duration,
-    on_missing_key: OnMissingKey,
 }
 
 impl<F: Clone, Key, K: Clone, C> Clone for KeyedWaitLayer<F, Key, K, C> {
     fn clone(&self) -> Self {
         Self {
-            limiter: self.limiter.clone(),
-            key_fn: self.key_fn.clone(),
+            limit: self.limit.clone(),
             cost: self.cost.clone(),
             max_wait: self.max_wait,
-            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -186,8 +177,7 @@ impl<F: Clone, Key, K: Clone, C> Clone for KeyedWaitLayer<F, Key, K, C> {
 impl<F, Key, K, C> fmt::Debug for KeyedWaitLayer<F, Key, K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedWaitLayer")
-            .field("limiter", &self.limiter)
-            .field("key_fn", &std::any::type_name::<F>())
+            .field("limit", &self.limit)
             .field("max_wait", &self.max_wait)
             .finish()
     }
@@ -196,7 +186,7 @@ impl<F, Key, K, C> fmt::Debug for KeyedWaitLayer<F, Key, K, C> {
 impl<F, Key, K, C> KeyedWaitLayer<F, Key, K, C> {
     /// The limiter shared by every service this layer wraps.
     pub fn limiter_handle(&self) -> KeyedRateLimiter<Key, C> {
-        self.limiter.clone()
+        self.limit.limiter().clone()
     }
 }
 
@@ -258,29 +248,29 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let Some(key) = self.layer.key_fn.extract(&request) else {
-            match self.layer.on_missing_key {
-                OnMissingKey::Reject => {
-                    crate::rate_limit::error::log_missing_key("keyed wait");
-                    return WaitFuture::missing_key();
-                }
-                OnMissingKey::Shared => {
-                    crate::rate_limit::error::log_shared_key("keyed wait");
-                    let tokens = self.layer.cost.cost(&request);
-                    if let Err(refused) = self.layer.limiter.acquire_shared(tokens) {
-                        return WaitFuture::refused(refused);
-                    }
-                }
-                OnMissingKey::Allow => {}
+        let limit = &self.layer.limit;
+        let key = match key_of(
+            limit.extractor(),
+            &request,
+            limit.missing_key_policy(),
+            "keyed wait",
+        ) {
+            KeyOf::Key(key) => key,
+            KeyOf::Missing => {
+                crate::rate_limit::error::log_missing_key("keyed wait");
+                return WaitFuture::missing_key();
             }
-            return WaitFuture::called(self.inner.call(request));
+            KeyOf::Shared => {
+                let tokens = self.layer.cost.cost(&request);
+                if let Err(refused) = limit.limiter().acquire_shared(tokens) {
+                    return WaitFuture::refused(refused);
+                }
+                return WaitFuture::called(self.inner.call(request));
+            }
+            KeyOf::Unlimited => return WaitFuture::called(self.inner.call(request)),
         };
         let tokens = self.layer.cost.cost(&request);
-        match self
-            .layer
-            .limiter
-            .reserve(&key, tokens, self.layer.max_wait)
-        {
+        match limit.limiter().reserve(&key, tokens, self.layer.max_wait) {
             Err(refused) => WaitFuture::refused(refused),
             Ok(booking) if booking.wait.is_zero() => WaitFuture::called(self.inner.call(request)),
             Ok(booking) => {
@@ -291,7 +281,7 @@ where
                     ready,
                     request,
                     Booking {
-                        limiter: self.layer.limiter.clone(),
+                        limiter: self.layer.limit.limiter().clone(),
                         key,
                         reservation: Some(booking),
                     },
@@ -450,91 +440,10 @@ impl<S, F: Clone, Key, K: Clone, C> Layer<S> for KeyedRateLimitLayer<F, Key, K, 
     type Service = KeyedRateLimit<S, F, Key, K, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        KeyedRateLimit {
-            inner,
-            limiter: self.limiter.clone(),
-            key_fn: self.key_fn.clone(),
-            cost: self.cost.clone(),
-            on_missing_key: self.on_missing_key,
-        }
+        LimitService::new(inner, self.limit.clone(), self.cost.clone())
     }
 }
 
-/// A service limited per key. See [`KeyedRateLimitLayer`].
-pub struct KeyedRateLimit<S, F, Key, K = u32, C = TokioClock> {
-    inner: S,
-    limiter: KeyedRateLimiter<Key, C>,
-    key_fn: F,
-    cost: K,
-    on_missing_key: OnMissingKey,
-}
-
-impl<S: Clone, F: Clone, Key, K: Clone, C> Clone for KeyedRateLimit<S, F, Key, K, C> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            limiter: self.limiter.clone(),
-            key_fn: self.key_fn.clone(),
-            cost: self.cost.clone(),
-            on_missing_key: self.on_missing_key,
-        }
-    }
-}
-
-impl<S: fmt::Debug, F, Key, K, C> fmt::Debug for KeyedRateLimit<S, F, Key, K, C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyedRateLimit")
-            .field("inner", &self.inner)
-            .field("limiter", &self.limiter)
-            .finish()
-    }
-}
-
-impl<S, F, Key, K, C> KeyedRateLimit<S, F, Key, K, C> {
-    crate::util::inner_service_accessors!();
-}
-
-impl<S, F, Key, K, C, Request> Service<Request> for KeyedRateLimit<S, F, Key, K, C>
-where
-    S: Service<Request>,
-    S::Error: Into<BoxError>,
-    F: KeyExtractor<Request, Key = Key>,
-    Key: Hash + Eq + Clone,
-    K: Cost<Request>,
-    C: Clock,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = ResponseFuture<S::Future, KeyedCharge<Key, C>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        let mut charge = None;
-        if let Some(key) = self.key_fn.extract(&request) {
-            let tokens = self.cost.cost(&request);
-            match self.limiter.charge(key, tokens) {
-                Ok((_, c)) => charge = Some(c),
-                Err(refused) => return ResponseFuture::refused(refused),
-            }
-        } else {
-            match self.on_missing_key {
-                OnMissingKey::Reject => {
-                    crate::rate_limit::error::log_missing_key("keyed");
-                    return ResponseFuture::missing_key();
-                }
-                OnMissingKey::Shared => {
-                    crate::rate_limit::error::log_shared_key("keyed");
-                    let tokens = self.cost.cost(&request);
-                    if let Err(refused) = self.limiter.acquire_shared(tokens) {
-                        return ResponseFuture::refused(refused);
-                    }
-                }
-                OnMissingKey::Allow => {}
-            }
-        }
-        ResponseFuture::called(self.inner.call(request), charge)
-    }
-}
+/// A service limited per key: the generic [`LimitService`] over a [`PerKey`]. See
+/// [`KeyedRateLimitLayer`].
+pub type KeyedRateLimit<S, F, Key, K = u32, C = TokioClock> = LimitService<S, PerKey<F, Key, C>, K>;

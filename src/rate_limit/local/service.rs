@@ -165,12 +165,13 @@ where
         match self.mode {
             Mode::Reject => {
                 let tokens = self.cost.cost(&request);
-                match self.booking.limiter.charge(tokens) {
-                    Ok((_, charge)) => {
-                        ResponseFuture::called(self.inner.call(request), Some(charge))
-                    }
-                    Err(refused) => ResponseFuture::refused(refused),
-                }
+                crate::rate_limit::limit::call(
+                    &mut self.inner,
+                    &self.booking.limiter,
+                    tokens,
+                    request,
+                    "local",
+                )
             }
             Mode::Wait { .. } => match std::mem::replace(&mut self.booking.state, State::Idle) {
                 State::Reserved(_) => ResponseFuture::called(self.inner.call(request), None),

@@ -4,12 +4,15 @@ use std::fmt;
 
 use tower::Service;
 
-use super::RedisRateLimiter;
+use super::{RedisRateLimiter, SHARED_KEY};
 use crate::BoxError;
+use crate::rate_limit::{KeyOf, MissingKey, OnMissingKey, error::log_missing_key, key_of};
 
 /// Limits requests per key through a [`RedisRateLimiter`], for a fleet sharing one limit.
-/// A refused request fails with [`RedisLimitError`](super::RedisLimitError) (boxed) without reaching the inner
-/// service; requests without a key pass unlimited.
+/// A refused request fails with [`RedisLimitError`](super::RedisLimitError) (boxed)
+/// without reaching the inner service. A request without a key is handled per
+/// [`OnMissingKey`]: by default it fails with [`MissingKey`](crate::rate_limit::MissingKey),
+/// never silently unlimited.
 ///
 /// The check needs a round trip before the inner service is called, so the call holds a
 /// ready clone of the inner service (tower's usual pattern) and its future is boxed.
@@ -33,6 +36,7 @@ use crate::BoxError;
 pub struct RedisRateLimitLayer<E> {
     limiter: RedisRateLimiter,
     extractor: E,
+    on_missing_key: OnMissingKey,
 }
 
 impl<E> fmt::Debug for RedisRateLimitLayer<E> {
@@ -46,7 +50,21 @@ impl<E> fmt::Debug for RedisRateLimitLayer<E> {
 impl<E> RedisRateLimitLayer<E> {
     /// Limits each request under the key `extractor` takes from it.
     pub fn new(limiter: RedisRateLimiter, extractor: E) -> Self {
-        Self { limiter, extractor }
+        Self {
+            limiter,
+            extractor,
+            on_missing_key: OnMissingKey::default(),
+        }
+    }
+
+    /// What to do with a request whose key cannot be taken (default
+    /// [`OnMissingKey::Reject`]: it fails with [`MissingKey`], and an error is logged).
+    /// [`OnMissingKey::Shared`] limits such requests together, under one Redis key of
+    /// their own.
+    #[must_use]
+    pub fn on_missing_key(mut self, policy: OnMissingKey) -> Self {
+        self.on_missing_key = policy;
+        self
     }
 }
 
@@ -58,6 +76,7 @@ impl<S, E: Clone> tower::Layer<S> for RedisRateLimitLayer<E> {
             inner,
             limiter: self.limiter.clone(),
             extractor: self.extractor.clone(),
+            on_missing_key: self.on_missing_key,
         }
     }
 }
@@ -68,6 +87,7 @@ pub struct RedisRateLimit<S, E> {
     inner: S,
     limiter: RedisRateLimiter,
     extractor: E,
+    on_missing_key: OnMissingKey,
 }
 
 impl<S: fmt::Debug, E> fmt::Debug for RedisRateLimit<S, E> {
@@ -105,10 +125,15 @@ where
         // The ready service goes into the future; this one keeps a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let key = self
-            .extractor
-            .extract(&request)
-            .map(|k| k.as_ref().to_owned());
+        let key = match key_of(&self.extractor, &request, self.on_missing_key, "redis") {
+            KeyOf::Key(key) => Some(key.as_ref().to_owned()),
+            KeyOf::Shared => Some(SHARED_KEY.to_owned()),
+            KeyOf::Unlimited => None,
+            KeyOf::Missing => {
+                log_missing_key("redis");
+                return Box::pin(async { Err(Box::new(MissingKey) as BoxError) });
+            }
+        };
         let limiter = self.limiter.clone();
         Box::pin(async move {
             if let Some(key) = key {

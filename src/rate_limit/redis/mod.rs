@@ -110,6 +110,11 @@ mod layer;
 
 pub use layer::{RedisRateLimit, RedisRateLimitLayer};
 
+/// The Redis key suffix of the bucket shared by requests without a key
+/// ([`OnMissingKey::Shared`](super::OnMissingKey::Shared)): a NUL byte, which no extracted
+/// key holds (header values, addresses and paths cannot).
+pub(crate) const SHARED_KEY: &str = "\0shared";
+
 /// The default [`timeout`](RedisRateLimiterBuilder::timeout).
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
 
