@@ -1012,4 +1012,36 @@ mod limit_layer {
             "only the admitted request was charged"
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_generic_waiting_layer_holds_a_local_limit_until_the_tokens_are_due() {
+        let limiter = RateLimiter::new(quota(2, 1));
+        let mut svc = ServiceBuilder::new()
+            .layer(LimitLayer::new(limiter.clone()).wait(Duration::from_secs(1)))
+            .service(echo());
+        let start = Instant::now();
+        for n in 0..3 {
+            assert_eq!(svc.ready().await.unwrap().call(n).await.unwrap(), n);
+        }
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(1),
+            "two waits of 500 ms"
+        );
+
+        // A wait beyond `max_wait` is refused at once, booking nothing.
+        let mut short = ServiceBuilder::new()
+            .layer(LimitLayer::new(limiter.clone()).wait(Duration::from_millis(100)))
+            .service(echo());
+        let refused = limited(short.ready().await.unwrap().call(9).await.unwrap_err());
+        assert_eq!(refused.retry_after(), Some(Duration::from_millis(500)));
+
+        // A booking dropped before its turn is handed back: the next caller waits only
+        // for the token the dropped one would have used.
+        let booked = svc.ready().await.unwrap().call(4);
+        drop(booked);
+        let start = Instant::now();
+        svc.ready().await.unwrap().call(5).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+    }
 }

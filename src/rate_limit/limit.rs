@@ -2,10 +2,12 @@
 
 use std::fmt;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tower::{Layer, Service};
 
 use super::future::ResponseFuture;
+use super::wait::LimitWaitLayer;
 use super::{
     Admitted, Charge, Cost, RateLimited, RateLimiter, Refund, ShardedRateLimiter,
     error::log_missing_key,
@@ -198,6 +200,25 @@ impl<L, K> LimitLayer<L, K> {
     /// The limit shared by every service this layer wraps.
     pub fn limit(&self) -> &L {
         &self.limit
+    }
+}
+
+impl<L, K> LimitLayer<L, K> {
+    /// Waits instead of refusing: a request whose tokens are due within `max_wait` is
+    /// booked and held until then (first come first served), later ones are refused. The
+    /// request is known only in `call`, so the wait happens in the response future, which
+    /// holds the inner service's ready clone (tower's usual pattern: the inner service
+    /// must be `Clone`). Dropping the future before its turn hands the booking back.
+    /// Requests are charged their real [`Cost`](super::Cost), unlike
+    /// [`RateLimitLayer`](super::RateLimitLayer)'s wait mode, which books one fixed cost
+    /// in `poll_ready` (backpressure before the request is known).
+    #[must_use]
+    pub fn wait(self, max_wait: Duration) -> LimitWaitLayer<L, K> {
+        LimitWaitLayer {
+            limit: self.limit,
+            cost: self.cost,
+            max_wait,
+        }
     }
 }
 

@@ -48,7 +48,8 @@
 //! (a keyed limiter with the extractor that picks each request's bucket and what to do
 //! without a key, [`OnMissingKey`]), `Option<L>` (no limit), or your own. A check answers
 //! a [`Decision`]; the layers only turn it into an answer: [`LimitLayer`] (any `Limit`; a
-//! refusal is a [`RateLimited`] error), [`RateLimitLayer`] and [`KeyedRateLimitLayer`]
+//! refusal is a [`RateLimited`] error; [`LimitLayer::wait`] waits instead, for a limit
+//! that can book ahead, a [`Reserve`]), [`RateLimitLayer`] and [`KeyedRateLimitLayer`]
 //! (built from a quota, with a waiting mode), and, with the `http` feature,
 //! `http::HttpRateLimitLayer` (a refusal is a `429` with rate-limit headers). The
 //! Redis-backed limiter checks asynchronously, one round trip each; its layers resolve a
@@ -109,6 +110,7 @@ mod local;
 mod quota;
 mod sharded;
 mod telemetry;
+mod wait;
 
 pub mod future;
 #[cfg(feature = "http")]
@@ -126,7 +128,7 @@ pub use builder::{KeyedRateLimiterBuilder, RateLimiterBuilder, ShardedRateLimite
 pub use error::{MissingKey, OnMissingKey, RateLimited};
 pub use keyed::{
     BoundedKey, DEFAULT_MAX_KEYS, INLINE_KEY_BYTES, KeyedCharge, KeyedRateLimit,
-    KeyedRateLimitLayer, KeyedRateLimitWait, KeyedRateLimiter, KeyedWaitLayer, PerKey, WaitFuture,
+    KeyedRateLimitLayer, KeyedRateLimitWait, KeyedRateLimiter, KeyedWaitLayer, PerKey,
 };
 #[cfg(feature = "redis")]
 pub(crate) use keyed::{KeyOf, key_of};
@@ -136,6 +138,9 @@ pub use local::{
 };
 pub use quota::{MAX_PERIOD, Quota, Rate};
 pub use sharded::ShardedRateLimiter;
+pub use wait::{
+    Booked, Booking, KeyedBooking, LimitWait, LimitWaitLayer, LocalBooking, Reserve, WaitFuture,
+};
 
 /// Hands back what an admitted request took from a limit, when a limit further in
 /// refused the request (see [stacked limits](self#stacked-limits)).

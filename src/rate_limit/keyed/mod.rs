@@ -9,9 +9,7 @@ mod limiter;
 mod per_key;
 
 pub use bounded_key::{BoundedKey, INLINE_KEY_BYTES};
-pub use layer::{
-    KeyedRateLimit, KeyedRateLimitLayer, KeyedRateLimitWait, KeyedWaitLayer, WaitFuture,
-};
+pub use layer::{KeyedRateLimit, KeyedRateLimitLayer, KeyedRateLimitWait, KeyedWaitLayer};
 pub use limiter::{DEFAULT_MAX_KEYS, KeyedCharge, KeyedRateLimiter};
 pub use per_key::PerKey;
 pub(crate) use per_key::{KeyOf, key_of};
