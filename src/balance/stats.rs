@@ -292,7 +292,7 @@ impl EndpointStats {
             return;
         }
         let now = set.clock.now_nanos();
-        let base = outlier.base_ejection.as_nanos() as u64;
+        let base = crate::util::nanos(outlier.base_ejection);
         // An endpoint that stayed in rotation for as long as its last ejection lasted has
         // earned a fresh start: the run of ejections ends, as Envoy's multiplier decays.
         let previous = self.ejections_in_row.load(Relaxed);
@@ -305,7 +305,7 @@ impl EndpointStats {
         self.ejections_in_row.store(in_row, Relaxed);
         let length = base
             .saturating_mul(u64::from(in_row))
-            .min(outlier.max_ejection.as_nanos() as u64);
+            .min(crate::util::nanos(outlier.max_ejection));
         // Never 0: 0 means "in rotation".
         let until = now.saturating_add(length).max(1);
         if self

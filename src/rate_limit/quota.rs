@@ -125,7 +125,7 @@ impl Quota {
         Ok(Self {
             rate,
             burst,
-            interval_nanos: interval.as_nanos() as u64,
+            interval_nanos: crate::util::nanos(interval),
         })
     }
 

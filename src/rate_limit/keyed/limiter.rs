@@ -295,7 +295,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let (admitted, _, own) = result?;
         // Tokens from the overflow bucket are not handed back to any key's bucket.
         let tokens = if own { tokens } else { 0 };
-        let until = now.saturating_add(admitted.full_in.as_nanos() as u64);
+        let until = now.saturating_add(crate::util::nanos(admitted.full_in));
         Ok((admitted, Taken { tokens, until }))
     }
 

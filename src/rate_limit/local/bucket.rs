@@ -248,7 +248,7 @@ impl<C: Clock> RateLimiter<C> {
         let result = gcra_acquire(&self.inner.tat, now, interval, tau, tokens);
         self.inner.telemetry.record(&result);
         let admitted = result?;
-        let until = now.saturating_add(admitted.full_in.as_nanos() as u64);
+        let until = now.saturating_add(crate::util::nanos(admitted.full_in));
         Ok((admitted, Taken { tokens, until }))
     }
 
