@@ -5,7 +5,8 @@
 //!
 //! Shared by examples and tests:
 //! `#[path = "support/demo_services.rs"] mod demo_services;` from `examples/`,
-//! `#[path = "../examples/support/demo_services.rs"] mod demo_services;` from `tests/`.
+//! `#[path = "../../examples/support/demo_services.rs"] mod demo_services;` from
+//! `tests/consul/main.rs`.
 //! Needs the features `http` and `consul`.
 //!
 //! Each instance answers:

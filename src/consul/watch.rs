@@ -273,7 +273,7 @@ impl WatchConfigBuilder {
 ///
 /// # Example
 ///
-/// Not run here (it needs an agent; `tests/consul.rs` runs the same against a Consul API
+/// Not run here (it needs an agent; `tests/consul/client.rs` runs the same against a Consul API
 /// double, or a real agent when `CONSUL_HTTP_ADDR` is set):
 ///
 /// ```no_run

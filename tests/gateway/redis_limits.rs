@@ -4,15 +4,12 @@
 //! (or to `503` when failing closed), shown in the status, and a restarted one takes back.
 //! Rates are slow (1 a second) so that what a burst admits does not depend on timing;
 //! every wait is bounded.
-#![cfg(all(feature = "gateway", feature = "redis"))]
-
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::redis_server::RedisServer;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
@@ -21,7 +18,6 @@ use hyper::server::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use redis_server::RedisServer;
 use seawall::gateway::status::{ClientLimit, GlobalLimit};
 use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
 use tokio::net::TcpListener;

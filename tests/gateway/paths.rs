@@ -3,10 +3,6 @@
 //! cannot climb out of an open route into an authenticated one with `..`, `%2e%2e`,
 //! `..;/` or an encoded slash, nor make a stripped prefix leave `//host` behind. Each
 //! route's upstream is hand-written and records the request line it received.
-#![cfg(feature = "gateway")]
-
-#[path = "support/raw_http.rs"]
-mod raw_http;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -126,7 +122,7 @@ instances = [\"{}\"]
 
 /// Sends `GET <target>` as raw bytes; the status and the body.
 async fn raw_get(addr: SocketAddr, target: &str) -> (u16, String) {
-    raw_http::get(addr, target).await
+    crate::raw_http::get(addr, target).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,7 +282,11 @@ fn under(path: &str, prefix: &str) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: crate::regressions_next_to_source(),
+        ..ProptestConfig::default()
+    })]
 
     /// Whatever reaches the upstream of a route resolves, for a strict upstream, under
     /// that route's prefix and under no other: the route chosen is the one a strict

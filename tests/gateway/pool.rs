@@ -2,7 +2,6 @@
 //! both ways, connections the upstream closes, and bodies abandoned half-way. The upstream
 //! counts the connections it accepts, so reuse is checked, not assumed. Every wait is
 //! bounded.
-#![cfg(feature = "gateway")]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

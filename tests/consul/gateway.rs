@@ -2,12 +2,6 @@
 //! `CONSUL_HTTP_ADDR` is set): the demo's services register through the registration
 //! guard with HTTP checks, the gateway follows them with blocking queries, and an instance
 //! that fails its check leaves the gateway's rotation.
-#![cfg(feature = "gateway")]
-
-#[path = "support/consul_double.rs"]
-mod consul_double;
-#[path = "../examples/support/demo_services.rs"]
-mod demo_services;
 
 use std::time::Duration;
 
@@ -20,7 +14,7 @@ use seawall::gateway::{Discovery, Gateway, GatewayConfig};
 use tokio::net::TcpListener;
 use tokio::time::{Instant, sleep, timeout};
 
-use demo_services::{DemoFleet, Fault, FleetSpec};
+use crate::demo_services::{DemoFleet, Fault, FleetSpec};
 
 const CONFIG: &str = r#"
 [gateway]
@@ -39,7 +33,7 @@ body = '{"fallback":true}'
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_follows_consul() {
-    let agent = consul_double::agent().await;
+    let agent = crate::double::agent().await;
     let mut config = ConsulConfig::builder().address(agent.http_addr.as_str());
     if let Some(token) = &agent.token {
         config = config.token(token.as_str());

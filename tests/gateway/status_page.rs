@@ -5,11 +5,6 @@
 //!
 //! Chromium is looked up at `/usr/bin/chromium`, then as `chromium` or `chromium-browser`
 //! on `PATH`. Missing, the tests fail, unless `SEAWALL_SKIP_BROWSER_TESTS=1` is set.
-#![cfg(feature = "gateway")]
-
-#[cfg(feature = "redis")]
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -536,7 +531,7 @@ async fn chromium_escapes_strings_and_shows_an_error_banner() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn chromium_shows_where_redis_limits_decide() {
-    use redis_server::RedisServer;
+    use crate::redis_server::RedisServer;
 
     let Some(chromium) = chromium() else { return };
     let redis = RedisServer::start(RedisServer::free_port()).await;

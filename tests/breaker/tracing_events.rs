@@ -1,6 +1,5 @@
 //! With the `tracing` feature, transitions and rejections are reported as `tracing` events
 //! with the documented fields.
-#![cfg(feature = "tracing")]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -2,7 +2,6 @@
 //! --cluster-enabled yes` processes joined by `redis-cli --cluster create` (both in Debian's
 //! `redis-server` / `redis-tools` packages, which `.ci/run` installs). Time here is real,
 //! since Redis is: bounds are generous and only what must hold is asserted.
-#![cfg(feature = "redis")]
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;

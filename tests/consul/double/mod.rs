@@ -2,7 +2,7 @@
 //! A Consul HTTP API double for integration tests: a real HTTP/1.1 server on loopback that
 //! follows `docs/consul-api.md` (and Consul's own behaviour where the sheet is silent).
 //!
-//! Include it with `#[path = "support/consul_double.rs"] mod consul_double;`.
+//! Its own tests are in `tests.rs` beside it.
 //!
 //! What it models: one local agent (`DoubleOptions::node`) plus instances "registered through
 //! other agents" (`register_on_node`), a single raft-like index bumped by every write, per-service
@@ -35,6 +35,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
+
+mod tests;
 
 const PASSING: &str = "passing";
 const WARNING: &str = "warning";

@@ -3,10 +3,6 @@
 //! check on seawall's health endpoint; a client follows them with `ConsulWatch` and
 //! balances over them. Instances are deregistered, fail their check, are killed; the agent
 //! stops and restarts; a thousand instances come and go. Every wait is bounded.
-#![cfg(all(feature = "consul", feature = "http"))]
-
-#[path = "support/consul_double.rs"]
-mod consul_double;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -36,7 +32,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tower::{Service, ServiceExt};
 
-use consul_double::{ConsulDouble, agent};
+use crate::double::{ConsulDouble, agent};
 
 /// A bound on every wait for a condition.
 const BOUND: Duration = Duration::from_secs(10);

@@ -1,16 +1,12 @@
 //! The Consul client, registration guard and watch against the Consul API double (or a
 //! real agent when `CONSUL_HTTP_ADDR` is set: tests that need the double's controls are
 //! skipped then).
-#![cfg(feature = "consul")]
-
-#[path = "support/consul_double.rs"]
-mod consul_double;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use consul_double::{ConsulDouble, DoubleOptions, TestAgent, agent};
+use crate::double::{ConsulDouble, DoubleOptions, TestAgent, agent};
 use seawall::consul::{
     Check, CheckStatus, ConsulClient, ConsulConfig, ConsulWatch, GuardConfig, HealthQuery,
     RegistrationGuard, ServiceRegistration, WatchConfig,

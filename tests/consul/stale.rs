@@ -3,7 +3,6 @@
 //! the request does (issue 12, item 4): an idempotent request is sent again, once, on a
 //! new connection, and counted; a request that failed on a new connection is not. Every
 //! wait is bounded.
-#![cfg(feature = "consul")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -533,7 +533,11 @@ async fn consistent_hashing_keeps_keys_on_their_endpoint() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(ProptestConfig {
+        cases: 24,
+        failure_persistence: crate::regressions_next_to_source(),
+        ..ProptestConfig::default()
+    })]
 
     /// Maglev: shares stay near 1/N, and when one of N endpoints leaves, the share of keys
     /// that move stays near 1/N.

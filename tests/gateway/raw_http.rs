@@ -1,7 +1,6 @@
 //! Raw HTTP/1.1 over loopback for the gateway's tests: the bytes a test writes are the
 //! bytes the server reads, with no client library normalising them first.
 
-#![allow(dead_code)] // each test file uses what it needs
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -2,10 +2,6 @@
 //! endpoints live on a listener of their own (the proxy listener routes their paths like
 //! any other), a bearer token guards them when set, and the JWT secret can come from the
 //! environment.
-#![cfg(feature = "gateway")]
-
-#[path = "support/raw_http.rs"]
-mod raw_http;
 
 use std::net::SocketAddr;
 
@@ -62,7 +58,7 @@ async fn start(config: &str) -> GatewayHandle {
 
 /// Sends a raw request (`extra` headers, each ending in `\r\n`); the status and body.
 async fn raw(addr: SocketAddr, method: &str, target: &str, extra: &str) -> (u16, String) {
-    raw_http::request(addr, method, target, extra).await
+    crate::raw_http::request(addr, method, target, extra).await
 }
 
 fn config(upstream: SocketAddr, extra: &str, prefix: &str) -> String {

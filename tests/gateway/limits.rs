@@ -2,7 +2,6 @@
 //! bodies that break, stall or never end, clients that never read, oversized heads; and
 //! upstreams that never answer or refuse connections, which must count as failures where
 //! client faults must not. Every wait is bounded.
-#![cfg(feature = "gateway")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

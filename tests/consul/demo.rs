@@ -2,13 +2,6 @@
 //! loopback: JSON routes and `x-instance`, each fault mode, the `/fault` control endpoint,
 //! the registry mirroring the health flag, and registration in Consul (the API double)
 //! through the registration guard. Every wait is bounded.
-#![cfg(all(feature = "http", feature = "consul"))]
-
-#[path = "../examples/support/demo_services.rs"]
-mod demo_services;
-
-#[path = "support/consul_double.rs"]
-mod consul_double;
 
 use std::time::Duration;
 
@@ -23,8 +16,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
-use consul_double::ConsulDouble;
-use demo_services::{DemoFleet, Fault, FleetSpec, INSTANCE_HEADER, InstanceHandle};
+use crate::demo_services::{DemoFleet, Fault, FleetSpec, INSTANCE_HEADER, InstanceHandle};
+use crate::double::ConsulDouble;
 
 const BOUND: Duration = Duration::from_secs(5);
 

@@ -2,7 +2,6 @@
 //! 4, 5 and 7): stacked limits, two `Authorization` headers, client-set forwarding
 //! headers and `Host`, header-keyed per-client limits. The upstream is hand-written and
 //! records every request head it receives. Every wait is bounded.
-#![cfg(feature = "gateway")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -236,6 +236,11 @@ fn arrivals() -> impl Strategy<Value = Vec<(u64, u32)>> {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: crate::regressions_next_to_source(),
+        ..ProptestConfig::default()
+    })]
+
     /// Whatever the arrivals, admitted cost never exceeds burst + rate × elapsed.
     #[test]
     fn never_admits_more_than_burst_plus_rate_times_elapsed(
@@ -464,6 +469,11 @@ mod keyed {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig {
+            failure_persistence: crate::regressions_next_to_source(),
+            ..ProptestConfig::default()
+        })]
+
         /// Per key, admitted cost never exceeds burst + rate × elapsed (with room for
         /// every key).
         #[test]
@@ -536,6 +546,11 @@ mod sharded {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig {
+            failure_persistence: crate::regressions_next_to_source(),
+            ..ProptestConfig::default()
+        })]
+
         /// Whatever the arrivals, the shards together admit no more than
         /// burst + rate × elapsed.
         #[test]
@@ -837,6 +852,11 @@ mod stacked {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig {
+            failure_persistence: crate::regressions_next_to_source(),
+            ..ProptestConfig::default()
+        })]
+
         /// Whatever the interleaving of takes and refunds, the tokens kept (taken and
         /// not handed back) never exceed burst + rate × elapsed, and the bucket never
         /// holds more than its burst.

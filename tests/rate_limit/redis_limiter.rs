@@ -1,9 +1,7 @@
 //! The Redis-backed limiter against a real `redis-server` on a free loopback port
 //! (`.ci/run` installs it). Time here is real, since Redis is: only upper bounds are
 //! asserted.
-#![cfg(feature = "redis")]
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use seawall::circuit_breaker::{CircuitBreakerConfig, SlidingWindow, State};
@@ -11,54 +9,7 @@ use seawall::rate_limit::redis::{FailurePolicy, RedisLimitError, RedisRateLimite
 use seawall::rate_limit::{Quota, Rate};
 use tokio::time::Instant;
 
-/// A `redis-server` child on `port`, killed when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn free_port() -> u16 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        l.local_addr().expect("local address").port()
-    }
-
-    async fn start(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (apt-get install -y redis-server)");
-        let redis = Redis { child, port };
-        // Up within five seconds, or fail.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Ok(client) = redis::Client::open(redis.url()) {
-                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
-                    if pong.is_ok() {
-                        return redis;
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::redis_server::RedisServer;
 
 fn quota(per_minute: u32, burst: u32) -> Quota {
     Quota::new(Rate::per_minute(per_minute), burst).unwrap()
@@ -78,7 +29,7 @@ fn quick_breaker() -> CircuitBreakerConfig {
 
 #[tokio::test]
 async fn replicas_share_one_limit() {
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     let replicas: Vec<RedisRateLimiter> = (0..3)
         .map(|_| {
             RedisRateLimiter::builder(redis.url(), quota(10, 10))
@@ -109,8 +60,8 @@ async fn replicas_share_one_limit() {
 
 #[tokio::test]
 async fn redis_down_applies_the_policy_fast_and_recovers_when_it_returns() {
-    let port = Redis::free_port();
-    let redis = Redis::start(port).await;
+    let port = RedisServer::free_port();
+    let redis = RedisServer::start(port).await;
     let open = RedisRateLimiter::builder(redis.url(), quota(60, 60))
         .prefix("policy")
         .timeout(Duration::from_millis(200))
@@ -161,7 +112,7 @@ async fn redis_down_applies_the_policy_fast_and_recovers_when_it_returns() {
     }
 
     // Redis comes back on the same port: distributed limiting resumes by itself.
-    let _redis = Redis::start(port).await;
+    let _redis = RedisServer::start(port).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok((_, Source::Redis)) = open.acquire("k2", 1).await {
@@ -199,7 +150,7 @@ fn bad_settings_are_typed_errors() {
 
 #[tokio::test]
 async fn batching_cuts_round_trips_and_never_over_admits() {
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     let replicas: Vec<RedisRateLimiter> = (0..3)
         .map(|_| {
             RedisRateLimiter::builder(redis.url(), quota(20, 20))
@@ -243,7 +194,7 @@ async fn the_layer_refuses_without_calling_the_service() {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use tower::{Service, ServiceBuilder, ServiceExt};
 
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     let limiter = RedisRateLimiter::builder(redis.url(), quota(2, 2))
         .prefix("layer")
         .timeout(Duration::from_secs(1))
@@ -288,7 +239,7 @@ async fn the_layer_never_lets_a_request_without_a_key_pass_silently() {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use tower::{Service, ServiceBuilder, ServiceExt};
 
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let service = |policy: Option<OnMissingKey>, prefix: &str| {
         let limiter = RedisRateLimiter::builder(redis.url(), quota(2, 2))
@@ -344,7 +295,7 @@ async fn the_layer_never_lets_a_request_without_a_key_pass_silently() {
 #[tokio::test]
 async fn fail_open_shares_are_per_key_and_oversized_requests_never_reach_redis() {
     // Nothing listens on this port: Redis is down from the start.
-    let url = format!("redis://127.0.0.1:{}/", Redis::free_port());
+    let url = format!("redis://127.0.0.1:{}/", RedisServer::free_port());
     let limiter = RedisRateLimiter::builder(url, quota(60, 10))
         .timeout(Duration::from_millis(100))
         .failure_policy(FailurePolicy::FailOpen {
@@ -371,7 +322,7 @@ async fn fail_open_shares_are_per_key_and_oversized_requests_never_reach_redis()
 async fn a_named_limiter_reports_decisions_and_where_they_were_answered() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let limiter = metrics::with_local_recorder(&recorder, || {
@@ -448,7 +399,7 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
     use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
     use tower::{Layer, Service, ServiceExt};
 
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     // The layer, keyed on `x-api-key`, over a service answering "hello".
     let over_hello = |limiter: RedisRateLimiter,
                       configure: fn(
@@ -594,7 +545,7 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
 
 #[tokio::test]
 async fn a_saturated_key_is_refused_without_round_trips_until_redis_said() {
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     let limiter = RedisRateLimiter::builder(redis.url(), quota(600, 2)) // 10/s, burst 2
         .prefix("saturated")
         .timeout(Duration::from_secs(1))
@@ -678,7 +629,7 @@ fn transitions(
 /// + 100 ms of the restart), and the breaker must not have re-opened.
 async fn restart_recovers_at_the_first_probe<F, Fut>(
     limiter: &RedisRateLimiter,
-    redis: Redis,
+    redis: RedisServer,
     wait: Duration,
     mut served_by_redis: F,
 ) where
@@ -716,7 +667,7 @@ async fn restart_recovers_at_the_first_probe<F, Fut>(
     // Down for longer than the manager's reconnection takes to fail (one retry after
     // 1 to 2 s in the old configuration), so a stale error waits for the first probe.
     tokio::time::sleep_until(killed + Duration::from_millis(2100)).await;
-    let _redis = Redis::start(port).await;
+    let _redis = RedisServer::start(port).await;
     let restarted = Instant::now();
     assert!(
         restarted < retry_at,
@@ -767,7 +718,7 @@ fn restart_breaker(wait: Duration) -> CircuitBreakerConfig {
 
 #[tokio::test]
 async fn a_restarted_redis_answers_the_first_probe() {
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     let wait = Duration::from_millis(2600);
     let limiter = RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
         .prefix("restart")
@@ -795,7 +746,7 @@ async fn over_http_503_lasts_only_while_redis_is_down() {
     use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
     use tower::{Layer, Service, ServiceExt};
 
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     let wait = Duration::from_millis(2600);
     let limiter = RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
         .prefix("restart-http")
@@ -924,7 +875,7 @@ impl Drop for SlowProxy {
 #[tokio::test]
 async fn a_slow_but_healthy_redis_does_not_flip_the_replica() {
     use std::sync::atomic::Ordering::Relaxed;
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     let proxy = SlowProxy::start(redis.port).await;
     let limiter = RedisRateLimiter::builder(proxy.url(), quota(600_000, 10_000))
         .prefix("slow")
@@ -989,7 +940,7 @@ async fn a_slow_but_healthy_redis_does_not_flip_the_replica() {
 /// one (connection refused): at most 10 checks, each answered by the policy at once.
 #[tokio::test]
 async fn a_killed_redis_trips_the_default_breaker_within_the_documented_bound() {
-    let redis = Redis::start(Redis::free_port()).await;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
     let limiter = RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
         .prefix("dead")
         .failure_policy(FailurePolicy::FailOpen {

@@ -251,7 +251,11 @@ fn run(p: Params, ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: crate::regressions_next_to_source(),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn breaker_matches_reference_model(p in params(), ops in prop::collection::vec(op(), 1..120)) {

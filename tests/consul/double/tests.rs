@@ -1,9 +1,5 @@
-//! Self-test of the Consul HTTP API double (`tests/support/consul_double.rs`): every rule of
+//! Self-test of the Consul HTTP API double (`mod.rs` beside this file): every rule of
 //! `docs/consul-api.md` it reproduces, exercised over loopback with a plain hyper client.
-#![allow(unreachable_pub)]
-
-#[path = "support/consul_double.rs"]
-mod consul_double;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use consul_double::{
+use super::{
     ConsulDouble, DoubleOptions, agent, go_duration_nanos, go_duration_string, parse_go_duration,
 };
+use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;

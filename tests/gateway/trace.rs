@@ -2,7 +2,6 @@
 //! `tracestate` propagation, the request id (`x-request-id`) passed on or made and echoed,
 //! and the request's `tracing` span with its fields. A hand-written upstream records the
 //! headers it received. Every wait is bounded.
-#![cfg(all(feature = "gateway", feature = "tracing"))]
 
 use std::collections::HashMap;
 use std::convert::Infallible;

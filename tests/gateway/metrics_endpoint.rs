@@ -14,9 +14,7 @@ use seawall::discovery::{Instance, Registry};
 use seawall::gateway::{Discovery, Gateway, GatewayConfig};
 use tokio::net::TcpListener;
 
-#[path = "support/raw_http.rs"]
-mod raw_http;
-use raw_http::get;
+use crate::raw_http::get;
 
 /// An upstream answering `200 ok` to everything.
 async fn upstream() -> SocketAddr {

@@ -1,6 +1,5 @@
 //! End to end over loopback: real hyper upstreams registered in the in-process `Registry`,
 //! the gateway in front of them, and an HTTP client. Every wait is bounded.
-#![cfg(feature = "gateway")]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

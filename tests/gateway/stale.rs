@@ -4,7 +4,6 @@
 //! (`retried_stale`). An upstream's advertised `Keep-Alive: timeout` is honoured: its idle
 //! connections are not reused past it. The upstreams are hand-written, so what happens
 //! on each connection is exact. Every wait is bounded.
-#![cfg(feature = "gateway")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,7 +1,6 @@
 //! The HTTP rate-limit layer over loopback: a real hyper server and client, checking
 //! status codes and every header value. Limiters run on a manual clock, so the figures
 //! are exact.
-#![cfg(feature = "http")]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

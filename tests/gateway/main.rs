@@ -1,0 +1,36 @@
+//! The API gateway end to end over loopback: proxying, the admin surface, hostile
+//! clients, limits (local and in a real `redis-server`), path normalisation, upstream
+//! connections, metrics, tracing, the gateway as a `tower::Service`, and the status page
+//! in a real headless Chromium.
+
+use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
+
+mod admin;
+mod clients;
+mod limits;
+mod metrics_endpoint;
+mod paths;
+mod pool;
+mod proxy;
+#[cfg(feature = "redis")]
+mod redis_limits;
+#[cfg(feature = "axum")]
+mod service;
+mod stale;
+mod status_page;
+#[cfg(feature = "tracing")]
+mod trace;
+
+mod raw_http;
+#[cfg(feature = "redis")]
+#[path = "../support/redis_server.rs"]
+mod redis_server;
+
+/// Where proptest keeps the failing cases it found: next to the test's file
+/// (`paths.rs` → `paths.proptest-regressions`). Its default would find this `main.rs` and
+/// use `tests/proptest-regressions/paths.txt`, one folder for every area.
+fn regressions_next_to_source() -> Option<Box<dyn FailurePersistence>> {
+    Some(Box::new(FileFailurePersistence::WithSource(
+        "proptest-regressions",
+    )))
+}

@@ -1,0 +1,28 @@
+//! Rate limiting: the local, keyed and sharded buckets and their layer, the HTTP answers
+//! (also inside an axum service), and the Redis-backed limiter against a real
+//! `redis-server` and a real Redis Cluster on loopback.
+
+use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
+
+#[cfg(feature = "axum")]
+mod axum_service;
+#[cfg(feature = "http")]
+mod http_answers;
+mod limiters;
+#[cfg(feature = "redis")]
+mod redis_cluster;
+#[cfg(feature = "redis")]
+mod redis_limiter;
+
+#[cfg(feature = "redis")]
+#[path = "../support/redis_server.rs"]
+mod redis_server;
+
+/// Where proptest keeps the failing cases it found: next to the test's file
+/// (`limiters.rs` → `limiters.proptest-regressions`). Its default would find this
+/// `main.rs` and use `tests/proptest-regressions/limiters.txt`, one folder for every area.
+fn regressions_next_to_source() -> Option<Box<dyn FailurePersistence>> {
+    Some(Box::new(FileFailurePersistence::WithSource(
+        "proptest-regressions",
+    )))
+}
