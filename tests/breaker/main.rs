@@ -1,5 +1,6 @@
 //! The circuit breaker and the fallback layer: transition rules, a reference model,
-//! concurrency, `tracing` events, and fallbacks composed with the breaker.
+//! concurrency, and fallbacks composed with the breaker (its `tracing` events are in
+//! `tests/traces/`).
 
 use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
 
@@ -7,8 +8,6 @@ mod circuit_breaker;
 mod concurrency;
 mod fallback;
 mod model;
-#[cfg(feature = "tracing")]
-mod tracing_events;
 
 /// Where proptest keeps the failing cases it found: next to the test's file
 /// (`model.rs` → `model.proptest-regressions`). Its default would find this `main.rs` and

@@ -1,7 +1,7 @@
 //! The API gateway end to end over loopback: proxying, the admin surface, hostile
 //! clients, limits (local and in a real `redis-server`), path normalisation, upstream
-//! connections, metrics, tracing, the gateway as a `tower::Service`, and the status page
-//! in a real headless Chromium.
+//! connections, metrics, the gateway as a `tower::Service`, and the status page in a real
+//! headless Chromium (its `tracing` spans are in `tests/traces/`).
 
 use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
 
@@ -18,8 +18,6 @@ mod redis_limits;
 mod service;
 mod stale;
 mod status_page;
-#[cfg(feature = "tracing")]
-mod trace;
 
 mod raw_http;
 #[cfg(feature = "redis")]

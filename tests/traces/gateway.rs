@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -150,6 +149,7 @@ fn is_uuid_v4(id: &str) -> bool {
 
 #[tokio::test]
 async fn without_client_headers_a_trace_and_request_id_are_made() {
+    crate::recorded();
     let (addr, seen) = upstream().await;
     let gw = gateway("", addr).await;
     let response = get(&gw, &[]).await;
@@ -172,6 +172,7 @@ async fn without_client_headers_a_trace_and_request_id_are_made() {
 
 #[tokio::test]
 async fn a_client_trace_is_continued_with_a_new_parent() {
+    crate::recorded();
     let (addr, seen) = upstream().await;
     let gw = gateway("", addr).await;
     get(
@@ -207,6 +208,7 @@ async fn a_client_trace_is_continued_with_a_new_parent() {
 
 #[tokio::test]
 async fn an_invalid_traceparent_is_replaced_never_forwarded() {
+    crate::recorded();
     let (addr, seen) = upstream().await;
     let gw = gateway("", addr).await;
     for bad in [
@@ -254,6 +256,7 @@ async fn an_invalid_traceparent_is_replaced_never_forwarded() {
 
 #[tokio::test]
 async fn a_client_request_id_is_passed_on_and_bad_ones_replaced() {
+    crate::recorded();
     let (addr, seen) = upstream().await;
     let gw = gateway("", addr).await;
     let response = get(&gw, &[("x-request-id", b"client-id-42")]).await;
@@ -273,6 +276,7 @@ async fn a_client_request_id_is_passed_on_and_bad_ones_replaced() {
 
 #[tokio::test]
 async fn the_header_is_configurable_and_both_can_be_turned_off() {
+    crate::recorded();
     let (addr, seen) = upstream().await;
     let gw = gateway("request_id_header = \"x-correlation-id\"", addr).await;
     let response = get(&gw, &[]).await;
@@ -295,92 +299,9 @@ async fn the_header_is_configurable_and_both_can_be_turned_off() {
     assert_eq!(bad.field(), "gateway.request_id_header", "{bad}");
 }
 
-/// Records the fields of every `request` span of `seawall::gateway`, installed as the
-/// global subscriber once for this test binary (a scoped one would race the callsite
-/// interest cache with the tests running beside it), with the span stack per thread that
-/// `Span::current()` needs.
-#[derive(Clone, Default)]
-struct Spans {
-    next: Arc<AtomicU64>,
-    spans: Arc<Mutex<HashMap<u64, HashMap<String, String>>>>,
-    metadata: Arc<Mutex<HashMap<u64, &'static tracing::Metadata<'static>>>>,
-}
-
-thread_local! {
-    static STACK: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-fn spans() -> &'static Spans {
-    static SPANS: std::sync::OnceLock<Spans> = std::sync::OnceLock::new();
-    SPANS.get_or_init(|| {
-        let spans = Spans::default();
-        tracing::subscriber::set_global_default(spans.clone()).expect("the only subscriber");
-        spans
-    })
-}
-
-struct Fields<'a>(&'a mut HashMap<String, String>);
-
-impl tracing::field::Visit for Fields<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(
-            field.name().to_owned(),
-            format!("{value:?}").replace('"', ""),
-        );
-    }
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-}
-
-impl tracing::Subscriber for Spans {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        let id = self.next.fetch_add(1, SeqCst) + 1;
-        let meta = attrs.metadata();
-        self.metadata.lock().unwrap().insert(id, meta);
-        if meta.name() == "request" && meta.target() == "seawall::gateway" {
-            let mut fields = HashMap::new();
-            attrs.record(&mut Fields(&mut fields));
-            fields.insert("level".into(), meta.level().to_string());
-            self.spans.lock().unwrap().insert(id, fields);
-        }
-        tracing::span::Id::from_u64(id)
-    }
-    fn record(&self, id: &tracing::span::Id, values: &tracing::span::Record<'_>) {
-        if let Some(fields) = self.spans.lock().unwrap().get_mut(&id.into_u64()) {
-            values.record(&mut Fields(fields));
-        }
-    }
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, _: &tracing::Event<'_>) {}
-    fn enter(&self, id: &tracing::span::Id) {
-        STACK.with(|s| s.borrow_mut().push(id.into_u64()));
-    }
-    fn exit(&self, id: &tracing::span::Id) {
-        STACK.with(|s| {
-            let mut s = s.borrow_mut();
-            if let Some(at) = s.iter().rposition(|&i| i == id.into_u64()) {
-                s.remove(at);
-            }
-        });
-    }
-    fn current_span(&self) -> tracing_core::span::Current {
-        let top = STACK.with(|s| s.borrow().last().copied());
-        match top.and_then(|id| Some((id, *self.metadata.lock().unwrap().get(&id)?))) {
-            Some((id, meta)) => {
-                tracing_core::span::Current::new(tracing::span::Id::from_u64(id), meta)
-            }
-            None => tracing_core::span::Current::none(),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_request_is_a_span_with_its_fields() {
-    let spans = spans();
+    let recorded = crate::recorded();
     let (addr, seen) = upstream().await;
     let gw = gateway("", addr).await;
     get(
@@ -395,7 +316,7 @@ async fn each_request_is_a_span_with_its_fields() {
     gw.shutdown().await;
 
     // Other tests of this binary make spans too: this one's carries its request id.
-    let all = spans.spans.lock().unwrap();
+    let all = recorded.spans.lock().unwrap();
     let ours: Vec<_> = all
         .values()
         .filter(|f| f.get("request_id").map(String::as_str) == Some("span-test-7"))
