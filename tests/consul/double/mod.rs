@@ -1,25 +1,39 @@
-#![allow(dead_code, unreachable_pub)]
-//! A Consul HTTP API double for integration tests: a real HTTP/1.1 server on loopback that
-//! follows `docs/consul-api.md` (and Consul's own behaviour where the sheet is silent).
+//! A Consul HTTP API double for the integration tests: a real HTTP/1.1 server on loopback
+//! answering the part of the agent API that seawall's Consul client uses, as
+//! `docs/consul-api.md` describes it. Its own tests are in `tests.rs` beside it.
 //!
-//! Its own tests are in `tests.rs` beside it.
+//! What it models: one local agent (`DoubleOptions::node`) plus instances registered
+//! through other agents (`register_on_node`); a single raft-like index bumped by every
+//! write, with per-service indexes; blocking health queries; TTL checks expiring on tokio
+//! time and HTTP checks run against loopback targets; node health (`serfHealth`); an ACL
+//! token; stop and restart; an index that goes backwards (`set_index`); injected failures
+//! (`fail_next`); and a log of the requests received.
 //!
-//! What it models: one local agent (`DoubleOptions::node`) plus instances "registered through
-//! other agents" (`register_on_node`), a single raft-like index bumped by every write, per-service
-//! modify indexes, blocking queries, an agent check runner (HTTP, TCP and TTL checks, the critical
-//! service reaper) driven by tokio time, ACL tokens, leader loss, stop/restart and fault injection.
+//! Endpoints: `PUT /v1/agent/service/register` (`?replace-existing-checks`),
+//! `PUT /v1/agent/service/deregister/:id`, `PUT /v1/agent/check/{pass,warn,fail}/:id`
+//! (`?note=`), `PUT /v1/agent/check/update/:id`, `GET /v1/agent/services`, and
+//! `GET /v1/health/service/:service` (`?passing`, `?index`, `?wait`).
 //!
-//! Deliberate simplifications: HTTP/TCP checks run at once after registration (Consul staggers
-//! the first run randomly within the interval); check runners keep running while the agent is
-//! stopped; output-only check updates change the stored output without bumping the index (Consul
-//! defers them by `check_update_interval`); reads with a missing/wrong ACL token get `403` instead of
-//! being filtered to an empty result. Paused-time tests should drive TTL checks and the reaper only:
-//! HTTP/TCP checks do real loopback I/O, which auto-advancing paused time can race.
+//! Stricter than Consul, so that no test passes on something the double ignores: a query
+//! parameter it does not model (`tag`, `filter`, `dc`, `stale`, `near`, `node-meta`…), a
+//! body field it does not know and a check that is neither TTL nor HTTP (TCP, gRPC…) are
+//! answered `400` naming them. Add the behaviour here, with its self-test in `tests.rs`,
+//! when a test needs it.
+//!
+//! Simplifications: HTTP checks run at once after registration (Consul staggers the first
+//! run within the interval) and keep running while the agent is stopped; an output-only
+//! check update does not bump the index (Consul defers it by `check_update_interval`);
+//! `DeregisterCriticalServiceAfter` is validated but nothing is reaped; a missing or wrong
+//! token gets `403` rather than a filtered result. Paused-time tests should drive TTL
+//! checks only: HTTP checks do real loopback I/O, which auto-advancing paused time can race.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+// Every item serves a test of the full build; with fewer features some go unused.
+#![cfg_attr(not(all(feature = "http", feature = "gateway")), allow(dead_code))]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
-use std::hash::{BuildHasher, DefaultHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -30,6 +44,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -51,11 +66,8 @@ const MAX_OUTPUT_BYTES: usize = 4 * 1024;
 const DEFAULT_WAIT: Duration = Duration::from_secs(5 * 60);
 const MAX_WAIT: Duration = Duration::from_secs(10 * 60);
 const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
-const REAP_INTERVAL: Duration = Duration::from_secs(30);
 const RESTART_INDEX_JUMP: u64 = 1000;
 const INITIAL_INDEX: u64 = 10;
-const LEADER_ADDR: &str = "127.0.0.1:8300";
 
 // ---------------------------------------------------------------------------------------------
 // Public API
@@ -63,20 +75,17 @@ const LEADER_ADDR: &str = "127.0.0.1:8300";
 
 /// Options of a double.
 #[derive(Clone, Debug)]
-pub struct DoubleOptions {
+pub(crate) struct DoubleOptions {
     /// Name of the local agent's node.
-    pub node: String,
+    pub(crate) node: String,
     /// Address of the local agent's node.
-    pub node_address: String,
-    /// When set, every request (except `/v1/status/*`, which Consul leaves open) must present
-    /// this token (`X-Consul-Token`, `Authorization: Bearer`, or `?token=`), else `403`.
-    pub acl_token: Option<String>,
+    pub(crate) node_address: String,
+    /// When set, every request must present this token as `X-Consul-Token`, else `403`.
+    pub(crate) acl_token: Option<String>,
     /// `true` (recent Consul): deregistering an unknown ID answers `404`; `false`: `200`.
-    pub deregister_unknown_is_404: bool,
-    /// The agent's datacenter; `?dc=` naming another one answers `500 No path to datacenter`.
-    pub datacenter: String,
-    /// Consul raises HTTP/TCP check intervals below 1 s to 1 s; tests may lower the floor.
-    pub min_check_interval: Duration,
+    pub(crate) deregister_unknown_is_404: bool,
+    /// Consul raises HTTP check intervals below 1 s to 1 s; tests may lower the floor.
+    pub(crate) min_check_interval: Duration,
 }
 
 impl Default for DoubleOptions {
@@ -86,7 +95,6 @@ impl Default for DoubleOptions {
             node_address: "127.0.0.1".to_owned(),
             acl_token: None,
             deregister_unknown_is_404: true,
-            datacenter: "dc1".to_owned(),
             min_check_interval: Duration::from_secs(1),
         }
     }
@@ -94,20 +102,20 @@ impl Default for DoubleOptions {
 
 /// One request the double received.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecordedRequest {
+pub(crate) struct RecordedRequest {
     /// HTTP method, e.g. `GET`.
-    pub method: String,
+    pub(crate) method: String,
     /// The raw URL path.
-    pub path: String,
+    pub(crate) path: String,
     /// The raw query string (without `?`), empty when none.
-    pub query: String,
+    pub(crate) query: String,
     /// The ACL token presented, if any.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
 }
 
 /// A handle on a running Consul double (cheap to clone).
 #[derive(Clone)]
-pub struct ConsulDouble {
+pub(crate) struct ConsulDouble {
     inner: Arc<Inner>,
 }
 
@@ -121,36 +129,28 @@ impl fmt::Debug for ConsulDouble {
 
 impl ConsulDouble {
     /// Starts a double with default options on `127.0.0.1:0`.
-    pub async fn start() -> ConsulDouble {
+    pub(crate) async fn start() -> ConsulDouble {
         Self::start_with(DoubleOptions::default()).await
     }
 
     /// Starts a double with `opts` on `127.0.0.1:0`.
-    pub async fn start_with(opts: DoubleOptions) -> ConsulDouble {
+    pub(crate) async fn start_with(opts: DoubleOptions) -> ConsulDouble {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("consul double: bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("consul double: local addr");
-        let now = Instant::now();
         let mut nodes = BTreeMap::new();
-        nodes.insert(
-            opts.node.clone(),
-            NodeEntry::new(opts.node_address.clone(), INITIAL_INDEX),
-        );
+        nodes.insert(opts.node.clone(), NodeEntry::new(opts.node_address.clone()));
         let state = State {
-            datacenter: opts.datacenter.clone(),
             index: INITIAL_INDEX,
             extinction_index: 0,
             service_index: HashMap::new(),
             abandon_epoch: 0,
-            leader: true,
-            leader_lost_at: now,
             nodes,
             services: BTreeMap::new(),
             checks: BTreeMap::new(),
             next_generation: 1,
             fail_next: None,
-            latency: Duration::ZERO,
             requests: VecDeque::new(),
         };
         let (changes, _) = watch::channel(0u64);
@@ -161,33 +161,30 @@ impl ConsulDouble {
             state: Mutex::new(state),
             changes,
             server: tokio::sync::Mutex::new(None),
-            reaper: Mutex::new(None),
             waiting: AtomicUsize::new(0),
         });
-        let reaper = inner.handle.spawn(reaper(Arc::downgrade(&inner)));
-        *lock(&inner.reaper) = Some(reaper.abort_handle());
         inner.spawn_server(listener).await;
         ConsulDouble { inner }
     }
 
     /// The listening address.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.inner.addr
     }
 
     /// `127.0.0.1:PORT`, what `CONSUL_HTTP_ADDR` would hold.
-    pub fn http_addr(&self) -> String {
+    pub(crate) fn http_addr(&self) -> String {
         self.inner.addr.to_string()
     }
 
     /// `http://127.0.0.1:PORT`.
-    pub fn base_url(&self) -> String {
+    pub(crate) fn base_url(&self) -> String {
         format!("http://{}", self.inner.addr)
     }
 
     /// The agent goes down: stops listening and closes every open connection, including held
     /// blocking queries. Registered state is kept.
-    pub async fn stop(&self) {
+    pub(crate) async fn stop(&self) {
         let ctl = self.inner.server.lock().await.take();
         if let Some(ctl) = ctl {
             let _ = ctl.shutdown.send(true);
@@ -198,7 +195,7 @@ impl ConsulDouble {
     /// Listens again on the same port. Services and checks survive; the index jumps forward by
     /// 1000 and every service's index moves to it (the agent re-syncs). Use `set_index` after
     /// this to force another value.
-    pub async fn restart(&self) {
+    pub(crate) async fn restart(&self) {
         self.stop().await;
         let mut tries = 0;
         let listener = loop {
@@ -224,15 +221,10 @@ impl ConsulDouble {
         self.inner.spawn_server(listener).await;
     }
 
-    /// Whether the double is listening.
-    pub async fn is_running(&self) -> bool {
-        self.inner.server.lock().await.is_some()
-    }
-
     /// Forces the raft index to `n` (a jump up, or lower to simulate a server whose index went
     /// backwards, e.g. a snapshot restore): every service index becomes `n` and every blocking
     /// query returns at once with the new state, as Consul's abandoned state store does.
-    pub fn set_index(&self, n: u64) {
+    pub(crate) fn set_index(&self, n: u64) {
         {
             let mut st = self.inner.st();
             st.reindex(n.max(1));
@@ -242,23 +234,13 @@ impl ConsulDouble {
     }
 
     /// The current raft index.
-    pub fn index(&self) -> u64 {
+    pub(crate) fn index(&self) -> u64 {
         self.inner.st().index
-    }
-
-    /// Simulates leadership: without a leader `/v1/status/leader` answers `""` and health/catalog
-    /// reads answer `500 No cluster leader` unless `?stale`.
-    pub fn set_leader(&self, leader: bool) {
-        let mut st = self.inner.st();
-        if st.leader && !leader {
-            st.leader_lost_at = Instant::now();
-        }
-        st.leader = leader;
     }
 
     /// Registers an instance as if through the local agent (same body and validation as
     /// `PUT /v1/agent/service/register`).
-    pub fn register(&self, registration: Value) -> Result<(), String> {
+    pub(crate) fn register(&self, registration: Value) -> Result<(), String> {
         let node = self.inner.opts.node.clone();
         let address = self.inner.opts.node_address.clone();
         self.register_on_node(&node, &address, registration)
@@ -266,7 +248,7 @@ impl ConsulDouble {
 
     /// Registers an instance on another node (as if through that node's agent). Same body
     /// format and validation as the register endpoint.
-    pub fn register_on_node(
+    pub(crate) fn register_on_node(
         &self,
         node: &str,
         node_address: &str,
@@ -279,7 +261,7 @@ impl ConsulDouble {
     }
 
     /// Deregisters `service_id` on `node`; `false` when it was not there.
-    pub fn deregister_on_node(&self, node: &str, service_id: &str) -> bool {
+    pub(crate) fn deregister_on_node(&self, node: &str, service_id: &str) -> bool {
         self.inner.deregister(node, service_id)
     }
 
@@ -287,11 +269,14 @@ impl ConsulDouble {
     /// wakes blocking queries when the status changes; resets a TTL check's timer). Looks on the
     /// local node first, else on every node holding that check ID. `false` when no such check or
     /// the status is not `passing`/`warning`/`critical`.
-    pub fn set_check_status(&self, check_id: &str, status: &str, output: &str) -> bool {
-        let local = (self.inner.opts.node.clone(), check_id.to_owned());
-        let keys: Vec<CheckKey> = {
-            let st = self.inner.st();
-            if st.checks.contains_key(&local) {
+    pub(crate) fn set_check_status(&self, check_id: &str, status: &str, output: &str) -> bool {
+        if !valid_status(status) {
+            return false;
+        }
+        let changed = {
+            let mut st = self.inner.st();
+            let local = (self.inner.opts.node.clone(), check_id.to_owned());
+            let keys: Vec<CheckKey> = if st.checks.contains_key(&local) {
                 vec![local]
             } else {
                 st.checks
@@ -299,34 +284,16 @@ impl ConsulDouble {
                     .filter(|(_, id)| id == check_id)
                     .cloned()
                     .collect()
-            }
-        };
-        let mut any = false;
-        for (node, id) in keys {
-            any |= self.set_check_status_on_node(&node, &id, status, output);
-        }
-        any
-    }
-
-    /// `set_check_status` for the check `check_id` of `node`.
-    pub fn set_check_status_on_node(
-        &self,
-        node: &str,
-        check_id: &str,
-        status: &str,
-        output: &str,
-    ) -> bool {
-        if !valid_status(status) {
-            return false;
-        }
-        let key = (node.to_owned(), check_id.to_owned());
-        let changed = {
-            let mut st = self.inner.st();
-            if !st.checks.contains_key(&key) {
+            };
+            if keys.is_empty() {
                 return false;
             }
-            st.reset_ttl(&key);
-            st.set_status(&key, status, output)
+            let mut changed = false;
+            for key in keys {
+                st.reset_ttl(&key);
+                changed |= st.set_status(&key, status, output);
+            }
+            changed
         };
         if changed {
             self.inner.changed();
@@ -336,22 +303,19 @@ impl ConsulDouble {
 
     /// `serfHealth` of `node` (created with the local node address if unknown); a failing node
     /// makes all of its services unhealthy.
-    pub fn set_node_health(&self, node: &str, passing: bool) {
+    pub(crate) fn set_node_health(&self, node: &str, passing: bool) {
         let changed = {
             let mut st = self.inner.st();
             let status = if passing { PASSING } else { CRITICAL };
-            let exists = st.nodes.contains_key(node);
-            if exists && st.nodes[node].serf_status == status {
+            if st.nodes.get(node).is_some_and(|n| n.serf_status == status) {
                 false
             } else {
                 let idx = st.bump();
                 let address = self.inner.opts.node_address.clone();
-                let entry = st
-                    .nodes
+                st.nodes
                     .entry(node.to_owned())
-                    .or_insert_with(|| NodeEntry::new(address, idx));
-                entry.serf_status = status;
-                entry.serf_modify_index = idx;
+                    .or_insert_with(|| NodeEntry::new(address))
+                    .serf_status = status;
                 let names: BTreeSet<String> = st
                     .services
                     .iter()
@@ -370,7 +334,7 @@ impl ConsulDouble {
     }
 
     /// The next `n` requests (any endpoint) are answered with `status` and `body` (plain text).
-    pub fn fail_next(&self, n: usize, status: u16, body: &str) {
+    pub(crate) fn fail_next(&self, n: usize, status: u16, body: &str) {
         self.inner.st().fail_next = (n > 0).then(|| FailSpec {
             remaining: n,
             status,
@@ -378,18 +342,13 @@ impl ConsulDouble {
         });
     }
 
-    /// Extra delay before every answer (before a blocking query starts waiting).
-    pub fn set_latency(&self, d: Duration) {
-        self.inner.st().latency = d;
-    }
-
     /// Requests received so far (the most recent 10 000).
-    pub fn requests(&self) -> Vec<RecordedRequest> {
+    pub(crate) fn requests(&self) -> Vec<RecordedRequest> {
         self.inner.st().requests.iter().cloned().collect()
     }
 
     /// How many recorded requests have a path starting with `path_prefix`.
-    pub fn request_count(&self, path_prefix: &str) -> usize {
+    pub(crate) fn request_count(&self, path_prefix: &str) -> usize {
         self.inner
             .st()
             .requests
@@ -398,43 +357,29 @@ impl ConsulDouble {
             .count()
     }
 
-    /// Forgets the recorded requests.
-    pub fn clear_requests(&self) {
-        self.inner.st().requests.clear();
-    }
-
     /// Every registered instance as `(node, service id)`, sorted.
-    pub fn service_ids(&self) -> Vec<(String, String)> {
+    pub(crate) fn service_ids(&self) -> Vec<(String, String)> {
         self.inner.st().services.keys().cloned().collect()
     }
 
     /// Status of `check_id` (local node first, else the first node holding it).
-    pub fn check_status(&self, check_id: &str) -> Option<String> {
+    pub(crate) fn check_status(&self, check_id: &str) -> Option<String> {
         self.inner.find_check(check_id, |c| c.status.clone())
     }
 
     /// Output of `check_id` (local node first, else the first node holding it).
-    pub fn check_output(&self, check_id: &str) -> Option<String> {
+    pub(crate) fn check_output(&self, check_id: &str) -> Option<String> {
         self.inner.find_check(check_id, |c| c.output.clone())
     }
 
-    /// Status of `check_id` on `node`.
-    pub fn check_status_on_node(&self, node: &str, check_id: &str) -> Option<String> {
-        self.inner
-            .st()
-            .checks
-            .get(&(node.to_owned(), check_id.to_owned()))
-            .map(|c| c.status.clone())
-    }
-
     /// How many blocking queries are being held right now.
-    pub fn waiting_queries(&self) -> usize {
+    pub(crate) fn waiting_queries(&self) -> usize {
         self.inner.waiting.load(Ordering::SeqCst)
     }
 
     /// Waits (polling) until at least `n` blocking queries are held, up to `timeout` (tokio time:
     /// do not call it with paused time, which would jump past the deadline).
-    pub async fn wait_for_waiting_queries(&self, n: usize, timeout: Duration) -> bool {
+    pub(crate) async fn wait_for_waiting_queries(&self, n: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             if self.waiting_queries() >= n {
@@ -450,17 +395,17 @@ impl ConsulDouble {
 
 /// For tests that run against a real agent when `CONSUL_HTTP_ADDR` is set, else the double.
 #[derive(Debug)]
-pub struct TestAgent {
+pub(crate) struct TestAgent {
     /// The agent's address as `CONSUL_HTTP_ADDR` holds it (`host:port` or a URL).
-    pub http_addr: String,
+    pub(crate) http_addr: String,
     /// `CONSUL_HTTP_TOKEN` when running against a real agent.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     /// The double, when no real agent was configured.
-    pub double: Option<ConsulDouble>,
+    pub(crate) double: Option<ConsulDouble>,
 }
 
 /// Reads `CONSUL_HTTP_ADDR` (and `CONSUL_HTTP_TOKEN`); otherwise starts a double.
-pub async fn agent() -> TestAgent {
+pub(crate) async fn agent() -> TestAgent {
     match std::env::var("CONSUL_HTTP_ADDR") {
         Ok(addr) if !addr.trim().is_empty() => TestAgent {
             http_addr: addr.trim().to_owned(),
@@ -482,7 +427,7 @@ pub async fn agent() -> TestAgent {
 
 /// Parses a Go duration string (`"10s"`, `"1m30s"`, `"1.5h"`, `"500ms"`, `"0"`) into
 /// nanoseconds, with Go's error texts.
-pub fn go_duration_nanos(orig: &str) -> Result<i128, String> {
+fn go_duration_nanos(orig: &str) -> Result<i128, String> {
     let invalid = || format!("time: invalid duration \"{orig}\"");
     let mut s = orig;
     let mut neg = false;
@@ -558,49 +503,6 @@ pub fn go_duration_nanos(orig: &str) -> Result<i128, String> {
     Ok(if neg { -total } else { total })
 }
 
-/// Parses a non-negative Go duration string.
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let nanos = go_duration_nanos(s)?;
-    u64::try_from(nanos)
-        .map(Duration::from_nanos)
-        .map_err(|_| format!("negative duration \"{s}\""))
-}
-
-/// Formats a duration the way Go's `time.Duration.String()` does (`1m30s`, `100ms`, `0s`).
-pub fn go_duration_string(d: Duration) -> String {
-    fn trim(v: f64) -> String {
-        let s = format!("{v:.9}");
-        let s = s.trim_end_matches('0').trim_end_matches('.');
-        s.to_owned()
-    }
-    let ns = d.as_nanos();
-    if ns == 0 {
-        return "0s".to_owned();
-    }
-    if ns < 1_000 {
-        return format!("{ns}ns");
-    }
-    if ns < 1_000_000 {
-        return format!("{}µs", trim(ns as f64 / 1e3));
-    }
-    if ns < 1_000_000_000 {
-        return format!("{}ms", trim(ns as f64 / 1e6));
-    }
-    let secs_total = ns / 1_000_000_000;
-    let hours = secs_total / 3600;
-    let minutes = (secs_total % 3600) / 60;
-    let secs = (ns % 60_000_000_000) as f64 / 1e9;
-    let mut out = String::new();
-    if hours > 0 {
-        out.push_str(&format!("{hours}h"));
-    }
-    if hours > 0 || minutes > 0 {
-        out.push_str(&format!("{minutes}m"));
-    }
-    out.push_str(&format!("{}s", trim(secs)));
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // State
 // ---------------------------------------------------------------------------------------------
@@ -615,16 +517,7 @@ struct Inner {
     state: Mutex<State>,
     changes: watch::Sender<u64>,
     server: tokio::sync::Mutex<Option<ServerCtl>>,
-    reaper: Mutex<Option<AbortHandle>>,
     waiting: AtomicUsize,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(reaper) = lock(&self.reaper).take() {
-            reaper.abort();
-        }
-    }
 }
 
 struct ServerCtl {
@@ -641,19 +534,13 @@ struct FailSpec {
 struct NodeEntry {
     address: String,
     serf_status: &'static str,
-    create_index: u64,
-    modify_index: u64,
-    serf_modify_index: u64,
 }
 
 impl NodeEntry {
-    fn new(address: String, index: u64) -> Self {
+    fn new(address: String) -> Self {
         Self {
             address,
             serf_status: PASSING,
-            create_index: index,
-            modify_index: index,
-            serf_modify_index: index,
         }
     }
 }
@@ -665,32 +552,14 @@ struct ServiceEntry {
     address: String,
     port: u16,
     meta: Option<BTreeMap<String, String>>,
-    tagged: BTreeMap<String, (String, u16)>,
     weights: (i64, i64),
     enable_tag_override: bool,
-    create_index: u64,
-    modify_index: u64,
 }
 
 #[derive(Clone, Debug)]
 enum CheckKind {
     Ttl(Duration),
     Http(HttpSpec),
-    Tcp(String),
-    /// Kinds the double accepts but does not run (gRPC, H2PING, UDP, alias): the status stays
-    /// where the registration or `set_check_status` put it.
-    NotRun(&'static str),
-}
-
-impl CheckKind {
-    fn type_name(&self) -> &'static str {
-        match self {
-            CheckKind::Ttl(_) => "ttl",
-            CheckKind::Http(_) => "http",
-            CheckKind::Tcp(_) => "tcp",
-            CheckKind::NotRun(t) => t,
-        }
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -703,21 +572,14 @@ struct HttpSpec {
 
 struct CheckEntry {
     name: String,
-    notes: String,
     status: String,
     output: String,
     service_id: String,
     kind: CheckKind,
-    interval: Option<Duration>,
-    timeout: Option<Duration>,
-    deregister_after: Option<Duration>,
-    critical_since: Option<Instant>,
     ttl_deadline: Option<Instant>,
     notify: Arc<Notify>,
     generation: u64,
     task: Option<AbortHandle>,
-    create_index: u64,
-    modify_index: u64,
 }
 
 impl Drop for CheckEntry {
@@ -729,19 +591,15 @@ impl Drop for CheckEntry {
 }
 
 struct State {
-    datacenter: String,
     index: u64,
     extinction_index: u64,
     service_index: HashMap<String, u64>,
     abandon_epoch: u64,
-    leader: bool,
-    leader_lost_at: Instant,
     nodes: BTreeMap<String, NodeEntry>,
     services: BTreeMap<(String, String), ServiceEntry>,
     checks: BTreeMap<CheckKey, CheckEntry>,
     next_generation: u64,
     fail_next: Option<FailSpec>,
-    latency: Duration,
     requests: VecDeque<RecordedRequest>,
 }
 
@@ -762,19 +620,6 @@ impl State {
         }
         if self.extinction_index > 0 {
             self.extinction_index = n;
-        }
-        for node in self.nodes.values_mut() {
-            node.create_index = node.create_index.min(n);
-            node.modify_index = node.modify_index.min(n);
-            node.serf_modify_index = node.serf_modify_index.min(n);
-        }
-        for s in self.services.values_mut() {
-            s.create_index = s.create_index.min(n);
-            s.modify_index = n;
-        }
-        for c in self.checks.values_mut() {
-            c.create_index = c.create_index.min(n);
-            c.modify_index = c.modify_index.min(n);
         }
     }
 
@@ -800,13 +645,15 @@ impl State {
         idx.max(1)
     }
 
-    fn remove_service(&mut self, node: &str, id: &str) -> Option<u64> {
-        let svc = self.services.remove(&(node.to_owned(), id.to_owned()))?;
+    fn remove_service(&mut self, node: &str, id: &str) -> bool {
+        let Some(svc) = self.services.remove(&(node.to_owned(), id.to_owned())) else {
+            return false;
+        };
         let idx = self.bump();
         self.checks
             .retain(|(n, _), c| !(n == node && c.service_id == id));
         self.touch_service(&svc.name, idx);
-        Some(idx)
+        true
     }
 
     fn reset_ttl(&mut self, key: &CheckKey) {
@@ -829,12 +676,8 @@ impl State {
             return false;
         }
         c.status = status.to_owned();
-        c.critical_since = (status == CRITICAL).then(Instant::now);
         let service_id = c.service_id.clone();
         let idx = self.bump();
-        if let Some(c) = self.checks.get_mut(key) {
-            c.modify_index = idx;
-        }
         if let Some(svc) = self.services.get(&(key.0.clone(), service_id)) {
             let name = svc.name.clone();
             self.service_index.insert(name, idx);
@@ -859,137 +702,49 @@ impl State {
         Some(reply)
     }
 
-    // --- JSON views -------------------------------------------------------------------------
-
-    fn node_json(&self, name: &str, n: &NodeEntry) -> Value {
-        json!({
-            "ID": node_uuid(name),
-            "Node": name,
-            "Address": n.address,
-            "Datacenter": self.datacenter,
-            "TaggedAddresses": {
-                "lan": n.address, "lan_ipv4": n.address,
-                "wan": n.address, "wan_ipv4": n.address,
-            },
-            "Meta": { "consul-network-segment": "" },
-            "CreateIndex": n.create_index,
-            "ModifyIndex": n.modify_index,
-        })
-    }
-
-    fn serf_json(&self, node: &str, n: &NodeEntry) -> Value {
-        let output = if n.serf_status == PASSING {
+    /// One entry of `GET /v1/health/service/:service`: the node, the service, and its
+    /// checks after the node's `serfHealth`, by check ID.
+    fn health_entry(&self, node: &str, id: &str, svc: &ServiceEntry) -> Option<Value> {
+        let n = self.nodes.get(node)?;
+        let serf_output = if n.serf_status == PASSING {
             "Agent alive and reachable"
         } else {
             "Agent not live or unreachable"
         };
-        json!({
-            "Node": node, "CheckID": "serfHealth", "Name": "Serf Health Status",
-            "Status": n.serf_status, "Notes": "", "Output": output,
-            "ServiceID": "", "ServiceName": "", "ServiceTags": [], "Type": "",
-            "Interval": "", "Timeout": "", "ExposedPort": 0, "Definition": {},
-            "CreateIndex": n.create_index, "ModifyIndex": n.serf_modify_index,
-        })
-    }
-
-    fn check_json(&self, node: &str, id: &str, c: &CheckEntry) -> Value {
-        let svc = self.services.get(&(node.to_owned(), c.service_id.clone()));
-        json!({
-            "Node": node, "CheckID": id, "Name": c.name, "Status": c.status,
-            "Notes": c.notes, "Output": c.output, "ServiceID": c.service_id,
-            "ServiceName": svc.map(|s| s.name.clone()).unwrap_or_default(),
-            "ServiceTags": svc.and_then(|s| s.tags.clone()),
-            "Type": c.kind.type_name(),
-            "Interval": c.interval.map(go_duration_string).unwrap_or_default(),
-            "Timeout": c.timeout.map(go_duration_string).unwrap_or_default(),
-            "ExposedPort": 0, "Definition": {},
-            "CreateIndex": c.create_index, "ModifyIndex": c.modify_index,
-        })
-    }
-
-    fn health_entry(&self, node: &str, id: &str, svc: &ServiceEntry) -> Option<Value> {
-        let n = self.nodes.get(node)?;
-        let mut checks = vec![("serfHealth".to_owned(), self.serf_json(node, n))];
+        let mut checks = vec![(
+            "serfHealth".to_owned(),
+            json!({
+                "Node": node, "CheckID": "serfHealth", "Name": "Serf Health Status",
+                "Status": n.serf_status, "Output": serf_output,
+                "ServiceID": "", "ServiceName": "",
+            }),
+        )];
         for ((cn, cid), c) in &self.checks {
             if cn == node && c.service_id == id {
-                checks.push((cid.clone(), self.check_json(node, cid, c)));
+                let check = json!({
+                    "Node": node, "CheckID": cid, "Name": c.name, "Status": c.status,
+                    "Output": c.output, "ServiceID": c.service_id, "ServiceName": svc.name,
+                });
+                checks.push((cid.clone(), check));
             }
         }
         checks.sort_by(|a, b| a.0.cmp(&b.0));
         Some(json!({
-            "Node": self.node_json(node, n),
-            "Service": service_json(id, svc, false, &self.datacenter),
+            "Node": { "Node": node, "Address": n.address },
+            "Service": service_json(id, svc),
             "Checks": checks.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
         }))
     }
-
-    fn catalog_entry(&self, node: &str, id: &str, svc: &ServiceEntry) -> Option<Value> {
-        let n = self.nodes.get(node)?;
-        Some(json!({
-            "ID": node_uuid(node), "Node": node, "Address": n.address,
-            "Datacenter": self.datacenter,
-            "TaggedAddresses": { "lan": n.address, "lan_ipv4": n.address, "wan": n.address, "wan_ipv4": n.address },
-            "NodeMeta": { "consul-network-segment": "" },
-            "ServiceKind": "", "ServiceID": id, "ServiceName": svc.name,
-            "ServiceTags": svc.tags, "ServiceAddress": svc.address,
-            "ServiceTaggedAddresses": tagged_json(&svc.tagged),
-            "ServiceWeights": { "Passing": svc.weights.0, "Warning": svc.weights.1 },
-            "ServiceMeta": svc.meta, "ServicePort": svc.port,
-            "ServiceEnableTagOverride": svc.enable_tag_override,
-            "CreateIndex": svc.create_index, "ModifyIndex": svc.modify_index,
-        }))
-    }
 }
 
-fn tagged_json(tagged: &BTreeMap<String, (String, u16)>) -> Value {
-    let mut m = Map::new();
-    for (k, (a, p)) in tagged {
-        m.insert(k.clone(), json!({ "Address": a, "Port": p }));
-    }
-    Value::Object(m)
-}
-
-fn service_json(id: &str, s: &ServiceEntry, agent_view: bool, dc: &str) -> Value {
-    let mut v = json!({
+/// A service as both `GET /v1/agent/services` and the health endpoint show it.
+fn service_json(id: &str, s: &ServiceEntry) -> Value {
+    json!({
         "ID": id, "Service": s.name, "Tags": s.tags, "Address": s.address,
         "Meta": s.meta, "Port": s.port,
         "Weights": { "Passing": s.weights.0, "Warning": s.weights.1 },
         "EnableTagOverride": s.enable_tag_override,
-    });
-    let obj = v.as_object_mut().expect("object");
-    if !s.tagged.is_empty() {
-        obj.insert("TaggedAddresses".to_owned(), tagged_json(&s.tagged));
-    }
-    if agent_view {
-        obj.insert("Datacenter".to_owned(), json!(dc));
-    } else {
-        obj.insert(
-            "Proxy".to_owned(),
-            json!({ "Mode": "", "MeshGateway": {}, "Expose": {} }),
-        );
-        obj.insert("Connect".to_owned(), json!({}));
-        obj.insert("PeerName".to_owned(), json!(""));
-        obj.insert("CreateIndex".to_owned(), json!(s.create_index));
-        obj.insert("ModifyIndex".to_owned(), json!(s.modify_index));
-    }
-    v
-}
-
-fn node_uuid(name: &str) -> String {
-    let mut a = DefaultHasher::new();
-    name.hash(&mut a);
-    let x = a.finish();
-    let mut b = DefaultHasher::new();
-    (name, 1u8).hash(&mut b);
-    let y = b.finish();
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        x >> 32,
-        (x >> 16) & 0xffff,
-        x & 0xffff,
-        y >> 48,
-        y & 0xffff_ffff_ffff
-    )
+    })
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -1055,12 +810,6 @@ impl Inner {
         reg: Registration,
         replace_existing_checks: bool,
     ) -> Result<(), Reply> {
-        if reg.checks.iter().any(|c| c.script) {
-            return Err((
-                500,
-                "Scripts are disabled on this agent; to enable, configure 'enable_script_checks' or 'enable_local_script_checks' to true".to_owned(),
-            ));
-        }
         let now = Instant::now();
         let key = (node.to_owned(), reg.id.clone());
         let mut spawn = Vec::new();
@@ -1070,21 +819,11 @@ impl Inner {
                 return Err((500, "consul double: too many services".to_owned()));
             }
             let idx = st.bump();
-            match st.nodes.get_mut(node) {
-                Some(n) => {
-                    if n.address != node_address {
-                        n.address = node_address.to_owned();
-                        n.modify_index = idx;
-                    }
-                }
-                None => {
-                    st.nodes.insert(
-                        node.to_owned(),
-                        NodeEntry::new(node_address.to_owned(), idx),
-                    );
-                }
-            }
-            let previous = st.services.get(&key).cloned();
+            st.nodes
+                .entry(node.to_owned())
+                .or_insert_with(|| NodeEntry::new(node_address.to_owned()))
+                .address = node_address.to_owned();
+            let previous = st.services.get(&key).map(|p| p.name.clone());
             let total = reg.checks.len();
             let service = ServiceEntry {
                 name: reg.name.clone(),
@@ -1092,44 +831,34 @@ impl Inner {
                 address: reg.address,
                 port: reg.port,
                 meta: reg.meta,
-                tagged: reg.tagged,
                 weights: reg.weights,
                 enable_tag_override: reg.enable_tag_override,
-                create_index: previous.as_ref().map_or(idx, |p| p.create_index),
-                modify_index: idx,
             };
             st.services.insert(key.clone(), service);
-            let mut keep = HashSet::new();
+            let mut keep = BTreeSet::new();
             for (i, def) in reg.checks.into_iter().enumerate() {
+                // Consul numbers default IDs when the service has more than one check.
                 let check_id = match def.check_id.clone().filter(|s| !s.is_empty()) {
                     Some(id) => id,
                     None if total > 1 => format!("service:{}:{}", reg.id, i + 1),
                     None => format!("service:{}", reg.id),
                 };
                 keep.insert(check_id.clone());
-                let ckey = (node.to_owned(), check_id.clone());
-                let prev = st.checks.get(&ckey).map(|c| {
-                    (
-                        c.status.clone(),
-                        c.output.clone(),
-                        c.create_index,
-                        c.critical_since,
-                    )
-                });
-                let (status, output, create_index, critical_since) = match prev {
-                    Some(p) => p,
-                    None => {
-                        let status = def.status.clone().unwrap_or_else(|| CRITICAL.to_owned());
-                        let since = (status == CRITICAL).then_some(now);
-                        (status, String::new(), idx, since)
-                    }
+                let ckey = (node.to_owned(), check_id);
+                // Re-registering keeps a check's status and output.
+                let (status, output) = match st.checks.get(&ckey) {
+                    Some(c) => (c.status.clone(), c.output.clone()),
+                    None => (
+                        def.status.clone().unwrap_or_else(|| CRITICAL.to_owned()),
+                        String::new(),
+                    ),
                 };
                 let generation = st.next_generation;
                 st.next_generation += 1;
                 let notify = Arc::new(Notify::new());
                 let ttl_deadline = match def.kind {
                     CheckKind::Ttl(ttl) => Some(now + ttl),
-                    _ => None,
+                    CheckKind::Http(_) => None,
                 };
                 let entry = CheckEntry {
                     name: def
@@ -1137,21 +866,14 @@ impl Inner {
                         .clone()
                         .filter(|n| !n.is_empty())
                         .unwrap_or_else(|| format!("Service '{}' check", reg.name)),
-                    notes: def.notes.clone(),
                     status,
                     output,
                     service_id: reg.id.clone(),
                     kind: def.kind.clone(),
-                    interval: def.interval,
-                    timeout: def.timeout,
-                    deregister_after: def.deregister_after,
-                    critical_since,
                     ttl_deadline,
                     notify: notify.clone(),
                     generation,
                     task: None,
-                    create_index,
-                    modify_index: idx,
                 };
                 st.checks.insert(ckey.clone(), entry);
                 spawn.push((ckey, generation, def, notify));
@@ -1161,14 +883,14 @@ impl Inner {
                     !(n == node && c.service_id == reg.id && !keep.contains(id))
                 });
             }
-            if let Some(p) = previous.filter(|p| p.name != reg.name) {
-                st.touch_service(&p.name, idx);
+            if let Some(previous) = previous.filter(|p| *p != reg.name) {
+                st.touch_service(&previous, idx);
             }
             st.touch_service(&reg.name, idx);
             for (ckey, generation, def, notify) in spawn {
                 let task = self.spawn_runner(ckey.clone(), generation, &def, notify);
                 if let Some(c) = st.checks.get_mut(&ckey) {
-                    c.task = task;
+                    c.task = Some(task);
                 }
             }
         }
@@ -1177,7 +899,7 @@ impl Inner {
     }
 
     fn deregister(&self, node: &str, id: &str) -> bool {
-        let removed = self.st().remove_service(node, id).is_some();
+        let removed = self.st().remove_service(node, id);
         if removed {
             self.changed();
         }
@@ -1190,34 +912,31 @@ impl Inner {
         generation: u64,
         def: &CheckDef,
         notify: Arc<Notify>,
-    ) -> Option<AbortHandle> {
+    ) -> AbortHandle {
         let weak = Arc::downgrade(self);
-        let timeout = def
-            .timeout
-            .filter(|t| !t.is_zero())
-            .unwrap_or(DEFAULT_CHECK_TIMEOUT);
-        let interval = def
-            .interval
-            .unwrap_or_default()
-            .max(self.opts.min_check_interval)
-            .max(Duration::from_millis(1));
         let task = match &def.kind {
             CheckKind::Ttl(_) => self.handle.spawn(ttl_runner(weak, key, generation, notify)),
             CheckKind::Http(spec) => {
-                let probe = Probe::Http(spec.clone());
-                self.handle.spawn(probe_runner(
-                    weak, key, generation, probe, interval, timeout,
+                let timeout = def
+                    .timeout
+                    .filter(|t| !t.is_zero())
+                    .unwrap_or(DEFAULT_CHECK_TIMEOUT);
+                let interval = def
+                    .interval
+                    .unwrap_or_default()
+                    .max(self.opts.min_check_interval)
+                    .max(Duration::from_millis(1));
+                self.handle.spawn(http_runner(
+                    weak,
+                    key,
+                    generation,
+                    spec.clone(),
+                    interval,
+                    timeout,
                 ))
             }
-            CheckKind::Tcp(target) => {
-                let probe = Probe::Tcp(target.clone());
-                self.handle.spawn(probe_runner(
-                    weak, key, generation, probe, interval, timeout,
-                ))
-            }
-            CheckKind::NotRun(_) => return None,
         };
-        Some(task.abort_handle())
+        task.abort_handle()
     }
 
     /// Applies a check runner's observation; `false` when the check is gone or replaced.
@@ -1268,51 +987,11 @@ impl Inner {
         }
         Some(true)
     }
-
-    fn reap(&self) {
-        let now = Instant::now();
-        let removed = {
-            let mut st = self.st();
-            let victims: BTreeSet<(String, String)> = st
-                .checks
-                .iter()
-                .filter_map(|((node, _), c)| {
-                    let after = c.deregister_after?.max(MIN_DEREGISTER_AFTER);
-                    let since = c.critical_since?;
-                    (c.status == CRITICAL && now.duration_since(since) > after)
-                        .then(|| (node.clone(), c.service_id.clone()))
-                })
-                .collect();
-            let mut any = false;
-            for (node, id) in victims {
-                any |= st.remove_service(&node, &id).is_some();
-            }
-            any
-        };
-        if removed {
-            self.changed();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Check runner
+// Check runners
 // ---------------------------------------------------------------------------------------------
-
-enum Probe {
-    Http(HttpSpec),
-    Tcp(String),
-}
-
-async fn reaper(weak: Weak<Inner>) {
-    let mut ticker = tokio::time::interval_at(Instant::now() + REAP_INTERVAL, REAP_INTERVAL);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let Some(inner) = weak.upgrade() else { return };
-        inner.reap();
-    }
-}
 
 async fn ttl_runner(weak: Weak<Inner>, key: CheckKey, generation: u64, notify: Arc<Notify>) {
     loop {
@@ -1342,11 +1021,11 @@ async fn ttl_runner(weak: Weak<Inner>, key: CheckKey, generation: u64, notify: A
     }
 }
 
-async fn probe_runner(
+async fn http_runner(
     weak: Weak<Inner>,
     key: CheckKey,
     generation: u64,
-    probe: Probe,
+    spec: HttpSpec,
     interval: Duration,
     timeout: Duration,
 ) {
@@ -1354,10 +1033,7 @@ async fn probe_runner(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let (status, output) = match &probe {
-            Probe::Http(spec) => http_probe(spec, timeout).await,
-            Probe::Tcp(target) => tcp_probe(target, timeout).await,
-        };
+        let (status, output) = http_probe(&spec, timeout).await;
         let Some(inner) = weak.upgrade() else { return };
         if !inner.apply_runner_result(&key, generation, status, &output) {
             return;
@@ -1393,24 +1069,6 @@ fn split_host_port(s: &str, default_port: Option<u16>) -> Option<(String, u16)> 
         Some((h, p)) if !h.contains(':') => Some((h.to_owned(), p.parse().ok()?)),
         Some(_) => None,
         None => Some((s.to_owned(), default_port?)),
-    }
-}
-
-async fn tcp_probe(target: &str, timeout: Duration) -> (&'static str, String) {
-    let Some((host, port)) = split_host_port(target, None) else {
-        return (
-            CRITICAL,
-            format!("dial tcp {target}: missing port in address"),
-        );
-    };
-    let addr = match loopback_target(&host, port) {
-        Ok(a) => a,
-        Err(e) => return (CRITICAL, e),
-    };
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => (PASSING, format!("TCP connect {target}: Success")),
-        Ok(Err(e)) => (CRITICAL, format!("dial tcp {addr}: connect: {e}")),
-        Err(_) => (CRITICAL, format!("dial tcp {addr}: i/o timeout")),
     }
 }
 
@@ -1516,6 +1174,63 @@ async fn http_probe(spec: &HttpSpec, timeout: Duration) -> (&'static str, String
 // Registration parsing and validation
 // ---------------------------------------------------------------------------------------------
 
+/// A registration body, as seawall sends it (PascalCase). A field the double does not know
+/// is refused rather than ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+struct WireRegistration {
+    #[serde(rename = "ID", default)]
+    id: String,
+    #[serde(default)]
+    name: String,
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    port: i64,
+    meta: Option<BTreeMap<String, String>>,
+    weights: Option<WireWeights>,
+    #[serde(default)]
+    enable_tag_override: bool,
+    check: Option<WireCheck>,
+    checks: Option<Vec<WireCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+struct WireWeights {
+    #[serde(default)]
+    passing: i64,
+    #[serde(default)]
+    warning: i64,
+}
+
+/// A check of a registration: TTL or HTTP. `Notes`, `TLSSkipVerify` and
+/// `DeregisterCriticalServiceAfter` are decoded and otherwise ignored (nothing is reaped).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+struct WireCheck {
+    #[serde(rename = "CheckID")]
+    check_id: Option<String>,
+    name: Option<String>,
+    #[serde(rename = "Notes")]
+    _notes: Option<String>,
+    status: Option<String>,
+    #[serde(rename = "TTL")]
+    ttl: Option<String>,
+    #[serde(rename = "HTTP")]
+    http: Option<String>,
+    method: Option<String>,
+    header: Option<BTreeMap<String, Vec<String>>>,
+    body: Option<String>,
+    #[serde(rename = "TLSSkipVerify")]
+    _tls_skip_verify: Option<bool>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    #[serde(rename = "DeregisterCriticalServiceAfter")]
+    deregister_after: Option<String>,
+}
+
 struct Registration {
     id: String,
     name: String,
@@ -1523,7 +1238,6 @@ struct Registration {
     address: String,
     port: u16,
     meta: Option<BTreeMap<String, String>>,
-    tagged: BTreeMap<String, (String, u16)>,
     weights: (i64, i64),
     enable_tag_override: bool,
     checks: Vec<CheckDef>,
@@ -1533,882 +1247,129 @@ struct Registration {
 struct CheckDef {
     check_id: Option<String>,
     name: Option<String>,
-    notes: String,
     status: Option<String>,
     kind: CheckKind,
-    script: bool,
     interval: Option<Duration>,
     timeout: Option<Duration>,
-    deregister_after: Option<Duration>,
 }
 
-/// Key normalisation: Go's JSON decoding is case-insensitive and Consul also accepts snake_case.
-fn norm(k: &str) -> String {
-    k.chars()
-        .filter(|c| *c != '_')
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
-}
-
-fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    let v = obj.get(name).or_else(|| {
-        let n = norm(name);
-        obj.iter().find(|(k, _)| norm(k) == n).map(|(_, v)| v)
-    })?;
-    (!v.is_null()).then_some(v)
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "bool",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
+/// A duration field (a Go duration string) in nanoseconds; 0 when absent.
+fn nanos(field: &Option<String>) -> Result<i128, String> {
+    match field {
+        None => Ok(0),
+        Some(s) => go_duration_nanos(s).map_err(|e| format!("Request decode failed: {e}")),
     }
 }
 
-fn decode_err(v: &Value, field: &str, go_type: &str) -> String {
-    format!(
-        "Request decode failed: json: cannot unmarshal {} into Go struct field {field} of type {go_type}",
-        json_kind(v)
-    )
+fn positive(nanos: i128) -> Option<Duration> {
+    (nanos > 0).then(|| Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)))
 }
 
-fn str_field(obj: &Map<String, Value>, name: &str, ctx: &str) -> Result<Option<String>, String> {
-    match field(obj, name) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(v) => Err(decode_err(v, &format!("{ctx}{name}"), "string")),
+/// Consul's `CheckType.Validate`, for the TTL and HTTP checks the double runs.
+fn parse_check(c: WireCheck) -> Result<CheckDef, String> {
+    let (ttl, interval, timeout) = (nanos(&c.ttl)?, nanos(&c.interval)?, nanos(&c.timeout)?);
+    nanos(&c.deregister_after)?;
+    let http = c.http.filter(|u| !u.is_empty());
+    if interval > 0 && ttl > 0 {
+        return Err("Invalid check: Interval and TTL cannot both be specified".to_owned());
     }
-}
-
-fn bool_field(obj: &Map<String, Value>, name: &str, ctx: &str) -> Result<bool, String> {
-    match field(obj, name) {
-        None => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(decode_err(v, &format!("{ctx}{name}"), "bool")),
+    if http.is_some() && interval <= 0 {
+        return Err(
+            "Invalid check: Interval must be > 0 for Script, HTTP, H2PING, or TCP checks"
+                .to_owned(),
+        );
     }
-}
-
-fn int_field(obj: &Map<String, Value>, name: &str, ctx: &str) -> Result<Option<i64>, String> {
-    match field(obj, name) {
-        None => Ok(None),
-        Some(v @ Value::Number(n)) => n
-            .as_i64()
-            .map(Some)
-            .ok_or_else(|| decode_err(v, &format!("{ctx}{name}"), "int")),
-        Some(v) => Err(decode_err(v, &format!("{ctx}{name}"), "int")),
+    if http.is_none() && ttl <= 0 {
+        return Err("Invalid check: TTL must be > 0 for TTL checks".to_owned());
     }
-}
-
-fn str_list_field(
-    obj: &Map<String, Value>,
-    name: &str,
-    ctx: &str,
-) -> Result<Option<Vec<String>>, String> {
-    match field(obj, name) {
-        None => Ok(None),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|i| match i {
-                Value::String(s) => Ok(s.clone()),
-                v => Err(decode_err(v, &format!("{ctx}{name}"), "string")),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
-        Some(v) => Err(decode_err(v, &format!("{ctx}{name}"), "[]string")),
+    if timeout < 0 {
+        return Err("Invalid check: Timeout must be >= 0".to_owned());
     }
-}
-
-fn str_map_field(
-    obj: &Map<String, Value>,
-    name: &str,
-    ctx: &str,
-) -> Result<Option<BTreeMap<String, String>>, String> {
-    match field(obj, name) {
-        None => Ok(None),
-        Some(Value::Object(m)) => m
-            .iter()
-            .map(|(k, v)| match v {
-                Value::String(s) => Ok((k.clone(), s.clone())),
-                v => Err(decode_err(v, &format!("{ctx}{name}"), "string")),
-            })
-            .collect::<Result<BTreeMap<_, _>, _>>()
-            .map(Some),
-        Some(v) => Err(decode_err(v, &format!("{ctx}{name}"), "map[string]string")),
+    let status = c.status.filter(|s| !s.is_empty());
+    if status.as_deref().is_some_and(|s| !valid_status(s)) {
+        return Err("Status for checks must 'passing', 'warning', 'critical'".to_owned());
     }
-}
-
-/// A duration field: a Go duration string or a number of nanoseconds.
-fn dur_field(obj: &Map<String, Value>, name: &str, ctx: &str) -> Result<Option<i128>, String> {
-    match field(obj, name) {
-        None => Ok(None),
-        Some(Value::String(s)) => go_duration_nanos(s)
-            .map(Some)
-            .map_err(|e| format!("Request decode failed: {e}")),
-        Some(v @ Value::Number(n)) => n
-            .as_i64()
-            .map(|n| Some(i128::from(n)))
-            .ok_or_else(|| decode_err(v, &format!("{ctx}{name}"), "time.Duration")),
-        Some(v) => Err(decode_err(v, &format!("{ctx}{name}"), "time.Duration")),
-    }
-}
-
-fn nanos_to_duration(n: Option<i128>) -> Option<Duration> {
-    n.filter(|n| *n > 0)
-        .map(|n| Duration::from_nanos(u64::try_from(n).unwrap_or(u64::MAX)))
-}
-
-/// Parses one check object. `Ok(None)` for an empty object (Consul ignores an empty `Check`).
-fn parse_check(v: &Value, ctx: &str) -> Result<Option<(CheckDef, CheckShape)>, String> {
-    let Value::Object(obj) = v else {
-        return Err(decode_err(
-            v,
-            ctx.trim_end_matches('.'),
-            "structs.CheckType",
-        ));
-    };
-    if obj.values().all(Value::is_null) {
-        return Ok(None);
-    }
-    let http = str_field(obj, "HTTP", ctx)?.filter(|s| !s.is_empty());
-    let tcp = str_field(obj, "TCP", ctx)?.filter(|s| !s.is_empty());
-    let grpc = str_field(obj, "GRPC", ctx)?.filter(|s| !s.is_empty());
-    let h2ping = str_field(obj, "H2PING", ctx)?.filter(|s| !s.is_empty());
-    let udp = str_field(obj, "UDP", ctx)?.filter(|s| !s.is_empty());
-    let alias = str_field(obj, "AliasService", ctx)?.is_some_and(|s| !s.is_empty())
-        || str_field(obj, "AliasNode", ctx)?.is_some_and(|s| !s.is_empty());
-    let script = str_list_field(obj, "Args", ctx)?.is_some_and(|a| !a.is_empty())
-        || str_list_field(obj, "ScriptArgs", ctx)?.is_some_and(|a| !a.is_empty());
-    let ttl = dur_field(obj, "TTL", ctx)?;
-    let interval = dur_field(obj, "Interval", ctx)?;
-    let timeout = dur_field(obj, "Timeout", ctx)?;
-    let dcsa = dur_field(obj, "DeregisterCriticalServiceAfter", ctx)?;
-    let mut headers = Vec::new();
-    match field(obj, "Header") {
-        None => {}
-        Some(Value::Object(m)) => {
-            for (k, vals) in m {
-                match vals {
-                    Value::Array(items) => {
-                        for item in items {
-                            match item {
-                                Value::String(s) => headers.push((k.clone(), s.clone())),
-                                other => {
-                                    return Err(decode_err(
-                                        other,
-                                        &format!("{ctx}Header"),
-                                        "string",
-                                    ));
-                                }
-                            }
-                        }
-                    }
-                    Value::Null => {}
-                    other => return Err(decode_err(other, &format!("{ctx}Header"), "[]string")),
-                }
-            }
-        }
-        Some(other) => {
-            return Err(decode_err(
-                other,
-                &format!("{ctx}Header"),
-                "map[string][]string",
-            ));
-        }
-    }
-    let _tls_skip_verify = bool_field(obj, "TLSSkipVerify", ctx)?;
-    let interval_kind = script
-        || http.is_some()
-        || tcp.is_some()
-        || grpc.is_some()
-        || h2ping.is_some()
-        || udp.is_some();
-    let kind = if let Some(url) = http {
-        CheckKind::Http(HttpSpec {
+    let kind = match http {
+        Some(url) => CheckKind::Http(HttpSpec {
             url,
-            method: str_field(obj, "Method", ctx)?.unwrap_or_default(),
-            headers,
-            body: str_field(obj, "Body", ctx)?.unwrap_or_default(),
-        })
-    } else if let Some(target) = tcp {
-        CheckKind::Tcp(target)
-    } else if grpc.is_some() {
-        CheckKind::NotRun("grpc")
-    } else if h2ping.is_some() {
-        CheckKind::NotRun("h2ping")
-    } else if udp.is_some() {
-        CheckKind::NotRun("udp")
-    } else if script {
-        CheckKind::NotRun("script")
-    } else if alias {
-        CheckKind::NotRun("alias")
-    } else {
-        CheckKind::Ttl(nanos_to_duration(ttl).unwrap_or_default())
+            method: c.method.unwrap_or_default(),
+            headers: c
+                .header
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|(k, vs)| vs.into_iter().map(move |v| (k.clone(), v)))
+                .collect(),
+            body: c.body.unwrap_or_default(),
+        }),
+        None => CheckKind::Ttl(positive(ttl).unwrap_or_default()),
     };
-    let def = CheckDef {
-        check_id: str_field(obj, "CheckID", ctx)?.or(str_field(obj, "ID", ctx)?),
-        name: str_field(obj, "Name", ctx)?,
-        notes: str_field(obj, "Notes", ctx)?.unwrap_or_default(),
-        status: str_field(obj, "Status", ctx)?.filter(|s| !s.is_empty()),
+    Ok(CheckDef {
+        check_id: c.check_id,
+        name: c.name,
+        status,
         kind,
-        script,
-        interval: nanos_to_duration(interval),
-        timeout: nanos_to_duration(timeout),
-        deregister_after: nanos_to_duration(dcsa),
-    };
-    let shape = CheckShape {
-        interval_kind,
-        alias,
-        ttl: ttl.unwrap_or(0),
-        interval: interval.unwrap_or(0),
-        timeout: timeout.unwrap_or(0),
-    };
-    Ok(Some((def, shape)))
+        interval: positive(interval),
+        timeout: positive(timeout),
+    })
 }
 
-struct CheckShape {
-    interval_kind: bool,
-    alias: bool,
-    ttl: i128,
-    interval: i128,
-    timeout: i128,
-}
-
-/// Consul's `CheckType.Validate`.
-fn validate_check(s: &CheckShape) -> Result<(), String> {
-    if s.interval > 0 && s.ttl > 0 {
-        return Err("Interval and TTL cannot both be specified".to_owned());
-    }
-    if s.interval_kind && s.interval <= 0 {
-        return Err("Interval must be > 0 for Script, HTTP, H2PING, or TCP checks".to_owned());
-    }
-    if s.interval_kind && s.alias {
-        return Err("Interval cannot be set for Alias checks".to_owned());
-    }
-    if s.alias && s.ttl > 0 {
-        return Err("TTL must be not be set for Alias checks".to_owned());
-    }
-    if !s.interval_kind && !s.alias && s.ttl <= 0 {
-        return Err("TTL must be > 0 for TTL checks".to_owned());
-    }
-    if s.timeout < 0 {
-        return Err("Timeout must be >= 0".to_owned());
-    }
-    Ok(())
-}
-
-fn valid_meta_key(k: &str) -> bool {
-    !k.is_empty()
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
-/// Parses and validates a registration body the way `PUT /v1/agent/service/register` does.
+/// Parses and validates a registration body the way `PUT /v1/agent/service/register` does:
+/// decoding (types, durations) first, then the rules.
 fn parse_registration(v: &Value) -> Result<Registration, Reply> {
     let bad = |reason: String| (400u16, reason);
-    let Value::Object(obj) = v else {
+    // serde would also take a struct from an array of its fields; Consul wants an object.
+    if !v.is_object() {
         return Err(bad(format!(
-            "Request decode failed: json: cannot unmarshal {} into Go value of type structs.ServiceDefinition",
-            json_kind(v)
+            "Request decode failed: json: cannot unmarshal {v} into Go value of type structs.ServiceDefinition"
         )));
-    };
-    // Decoding (types, durations) comes first, as in Consul.
-    let name = str_field(obj, "Name", "").map_err(bad)?.unwrap_or_default();
-    let id = str_field(obj, "ID", "").map_err(bad)?.unwrap_or_default();
-    let tags = str_list_field(obj, "Tags", "").map_err(bad)?;
-    let address = str_field(obj, "Address", "")
-        .map_err(bad)?
-        .unwrap_or_default();
-    let port = int_field(obj, "Port", "").map_err(bad)?.unwrap_or(0);
-    let meta = str_map_field(obj, "Meta", "").map_err(bad)?;
-    let enable_tag_override = bool_field(obj, "EnableTagOverride", "").map_err(bad)?;
-    let mut tagged = BTreeMap::new();
-    match field(obj, "TaggedAddresses") {
-        None => {}
-        Some(Value::Object(m)) => {
-            for (k, tv) in m {
-                let Value::Object(t) = tv else {
-                    return Err(bad(decode_err(
-                        tv,
-                        "TaggedAddresses",
-                        "structs.ServiceAddress",
-                    )));
-                };
-                let a = str_field(t, "Address", "TaggedAddresses.").map_err(bad)?;
-                let p = int_field(t, "Port", "TaggedAddresses.").map_err(bad)?;
-                tagged.insert(
-                    k.clone(),
-                    (
-                        a.unwrap_or_default(),
-                        u16::try_from(p.unwrap_or(0)).unwrap_or(0),
-                    ),
-                );
-            }
-        }
-        Some(other) => {
-            return Err(bad(decode_err(
-                other,
-                "TaggedAddresses",
-                "map[string]structs.ServiceAddress",
-            )));
-        }
     }
-    let weights = match field(obj, "Weights") {
-        None => None,
-        Some(Value::Object(w)) => Some((
-            int_field(w, "Passing", "Weights.")
-                .map_err(bad)?
-                .unwrap_or(0),
-            int_field(w, "Warning", "Weights.")
-                .map_err(bad)?
-                .unwrap_or(0),
-        )),
-        Some(other) => return Err(bad(decode_err(other, "Weights", "structs.Weights"))),
-    };
-    let mut checks = Vec::new();
-    if let Some(c) = field(obj, "Check") {
-        if let Some(parsed) = parse_check(c, "Check.").map_err(bad)? {
-            checks.push(parsed);
-        }
-    }
-    match field(obj, "Checks") {
-        None => {}
-        Some(Value::Array(items)) => {
-            for item in items {
-                match parse_check(item, "Checks.").map_err(bad)? {
-                    Some(parsed) => checks.push(parsed),
-                    // An empty entry of `Checks` is still validated (and fails) in Consul.
-                    None => {
-                        return Err(bad(
-                            "Invalid check: TTL must be > 0 for TTL checks".to_owned()
-                        ));
-                    }
-                }
-            }
-        }
-        Some(other) => return Err(bad(decode_err(other, "Checks", "structs.CheckTypes"))),
-    }
-
-    // Validation.
-    if name.is_empty() {
+    let wire =
+        WireRegistration::deserialize(v).map_err(|e| bad(format!("Request decode failed: {e}")))?;
+    let checks = wire
+        .check
+        .into_iter()
+        .chain(wire.checks.into_iter().flatten())
+        .map(parse_check)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
+    if wire.name.is_empty() {
         return Err(bad("Missing service name".to_owned()));
     }
-    if matches!(address.as_str(), "0.0.0.0" | "::" | "[::]") {
-        return Err(bad("Invalid service address".to_owned()));
+    let weights = wire.weights.map_or((1, 1), |w| (w.passing, w.warning));
+    if weights.0 < 1 {
+        return Err(bad(
+            "Invalid Weights: Passing must be greater than 0".to_owned()
+        ));
     }
-    if let Some((passing, warning)) = weights {
-        if passing < 1 {
-            return Err(bad(
-                "Invalid Weights: Passing must be greater than 0".to_owned()
-            ));
-        }
-        if warning < 0 {
-            return Err(bad(
-                "Invalid Weights: Warning must be greater or equal than 0".to_owned(),
-            ));
-        }
+    if weights.1 < 0 {
+        return Err(bad(
+            "Invalid Weights: Warning must be greater or equal than 0".to_owned(),
+        ));
     }
-    if let Some(meta) = &meta {
-        if meta.len() > 64 {
-            return Err(bad(
-                "Invalid Service Meta: Node metadata cannot contain more than 64 key/value pairs"
-                    .to_owned(),
-            ));
-        }
-        for (k, v) in meta {
-            let problem = if !valid_meta_key(k) {
-                Some(format!("Key contains invalid characters: {k:?}"))
-            } else if k.len() > 128 {
-                Some(format!("Key is too long (limit: 128 characters): {k:?}"))
-            } else if k.starts_with("consul-") {
-                Some("Key prefix 'consul-' is reserved for internal use".to_owned())
-            } else if v.len() > 512 {
-                Some(format!("Value is too long (limit: 512 characters): {k:?}"))
-            } else {
-                None
-            };
-            if let Some(p) = problem {
-                return Err(bad(format!("Invalid Service Meta: {p}")));
-            }
-        }
-    }
-    let port = u16::try_from(port).map_err(|_| {
+    let port = u16::try_from(wire.port).map_err(|_| {
         bad(format!(
-            "Invalid service port {port}: must be within 0-65535"
+            "Invalid service port {}: must be within 0-65535",
+            wire.port
         ))
     })?;
     if checks.len() > MAX_CHECKS_PER_SERVICE {
         return Err(bad("consul double: too many checks".to_owned()));
     }
-    for (_, shape) in &checks {
-        validate_check(shape).map_err(|e| bad(format!("Invalid check: {e}")))?;
-    }
-    for (def, _) in &checks {
-        if def.status.as_deref().is_some_and(|s| !valid_status(s)) {
-            return Err(bad(
-                "Status for checks must 'passing', 'warning', 'critical'".to_owned(),
-            ));
-        }
-    }
-
-    // Consul adds lan/wan tagged addresses for an IP service address.
-    if let Ok(ip) = address.parse::<IpAddr>() {
-        let (lan, wan) = if ip.is_ipv4() {
-            ("lan_ipv4", "wan_ipv4")
-        } else {
-            ("lan_ipv6", "wan_ipv6")
-        };
-        for k in [lan, wan] {
-            tagged
-                .entry(k.to_owned())
-                .or_insert_with(|| (address.clone(), port));
-        }
-    }
     Ok(Registration {
-        id: if id.is_empty() { name.clone() } else { id },
-        name,
-        tags,
-        address,
-        port,
-        meta,
-        tagged,
-        weights: weights.unwrap_or((1, 1)),
-        enable_tag_override,
-        checks: checks.into_iter().map(|(d, _)| d).collect(),
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Filter expressions (a subset of go-bexpr)
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq)]
-enum Tok {
-    Str(String),
-    Word(String),
-    Eq,
-    Ne,
-    LParen,
-    RParen,
-}
-
-#[derive(Debug, Clone)]
-enum Expr {
-    And(Box<Expr>, Box<Expr>),
-    Or(Box<Expr>, Box<Expr>),
-    Not(Box<Expr>),
-    Match {
-        selector: Vec<String>,
-        op: Op,
-        value: String,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Eq,
-    Ne,
-    Contains,
-    NotContains,
-    IsEmpty,
-    IsNotEmpty,
-}
-
-const KEYWORDS: &[&str] = &[
-    "and", "or", "not", "in", "contains", "is", "empty", "matches",
-];
-
-fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
-    let chars: Vec<char> = s.chars().collect();
-    let mut i = 0;
-    let mut out = Vec::new();
-    while i < chars.len() {
-        let c = chars[i];
-        match c {
-            c if c.is_whitespace() => i += 1,
-            '(' => {
-                out.push(Tok::LParen);
-                i += 1;
-            }
-            ')' => {
-                out.push(Tok::RParen);
-                i += 1;
-            }
-            '=' | '!' => {
-                if chars.get(i + 1) != Some(&'=') {
-                    return Err(format!("unexpected {c:?} at position {i}"));
-                }
-                out.push(if c == '=' { Tok::Eq } else { Tok::Ne });
-                i += 2;
-            }
-            '"' | '`' => {
-                let quote = c;
-                let mut v = String::new();
-                i += 1;
-                loop {
-                    let Some(&ch) = chars.get(i) else {
-                        return Err("unterminated string literal".to_owned());
-                    };
-                    i += 1;
-                    if ch == quote {
-                        break;
-                    }
-                    if ch == '\\' && quote == '"' {
-                        let Some(&esc) = chars.get(i) else {
-                            return Err("unterminated string literal".to_owned());
-                        };
-                        i += 1;
-                        v.push(match esc {
-                            'n' => '\n',
-                            't' => '\t',
-                            other => other,
-                        });
-                    } else {
-                        v.push(ch);
-                    }
-                }
-                out.push(Tok::Str(v));
-            }
-            _ => {
-                let start = i;
-                while i < chars.len()
-                    && !chars[i].is_whitespace()
-                    && !matches!(chars[i], '(' | ')' | '"' | '`' | '=' | '!')
-                {
-                    i += 1;
-                }
-                out.push(Tok::Word(chars[start..i].iter().collect()));
-            }
-        }
-    }
-    Ok(out)
-}
-
-struct Parser {
-    toks: Vec<Tok>,
-    pos: usize,
-}
-
-impl Parser {
-    fn peek(&self) -> Option<&Tok> {
-        self.toks.get(self.pos)
-    }
-    fn peek_word(&self, offset: usize, w: &str) -> bool {
-        matches!(self.toks.get(self.pos + offset), Some(Tok::Word(x)) if x == w)
-    }
-    fn next(&mut self) -> Option<Tok> {
-        let t = self.toks.get(self.pos).cloned();
-        self.pos += 1;
-        t
-    }
-    fn or(&mut self) -> Result<Expr, String> {
-        let mut left = self.and()?;
-        while self.peek_word(0, "or") {
-            self.pos += 1;
-            left = Expr::Or(Box::new(left), Box::new(self.and()?));
-        }
-        Ok(left)
-    }
-    fn and(&mut self) -> Result<Expr, String> {
-        let mut left = self.unary()?;
-        while self.peek_word(0, "and") {
-            self.pos += 1;
-            left = Expr::And(Box::new(left), Box::new(self.unary()?));
-        }
-        Ok(left)
-    }
-    fn unary(&mut self) -> Result<Expr, String> {
-        if self.peek_word(0, "not") {
-            self.pos += 1;
-            return Ok(Expr::Not(Box::new(self.unary()?)));
-        }
-        if self.peek() == Some(&Tok::LParen) {
-            self.pos += 1;
-            let e = self.or()?;
-            if self.next() != Some(Tok::RParen) {
-                return Err("expected \")\"".to_owned());
-            }
-            return Ok(e);
-        }
-        self.matcher()
-    }
-    fn value(&mut self) -> Result<String, String> {
-        match self.next() {
-            Some(Tok::Str(s)) => Ok(s),
-            Some(Tok::Word(w)) if !KEYWORDS.contains(&w.as_str()) => Ok(w),
-            other => Err(format!("expected a value, found {other:?}")),
-        }
-    }
-    fn selector(&mut self) -> Result<Vec<String>, String> {
-        match self.next() {
-            Some(Tok::Word(w)) if !KEYWORDS.contains(&w.as_str()) => {
-                let parts: Vec<String> = w.split('.').map(str::to_owned).collect();
-                if parts.iter().any(String::is_empty) {
-                    return Err(format!("invalid selector {w:?}"));
-                }
-                Ok(parts)
-            }
-            other => Err(format!("expected a selector, found {other:?}")),
-        }
-    }
-    fn in_form(&mut self, value: String) -> Result<Expr, String> {
-        let negated = self.peek_word(0, "not");
-        self.pos += if negated { 2 } else { 1 };
-        let selector = self.selector()?;
-        let op = if negated {
-            Op::NotContains
+        id: if wire.id.is_empty() {
+            wire.name.clone()
         } else {
-            Op::Contains
-        };
-        Ok(Expr::Match {
-            selector,
-            op,
-            value,
-        })
-    }
-    fn matcher(&mut self) -> Result<Expr, String> {
-        let first = self.peek().cloned();
-        let is_in =
-            |p: &Parser| p.peek_word(1, "in") || (p.peek_word(1, "not") && p.peek_word(2, "in"));
-        match first {
-            Some(Tok::Str(_)) => {
-                let value = self.value()?;
-                if !(self.peek_word(0, "in")
-                    || (self.peek_word(0, "not") && self.peek_word(1, "in")))
-                {
-                    return Err("expected \"in\" after a value".to_owned());
-                }
-                self.in_form(value)
-            }
-            Some(Tok::Word(_)) if is_in(self) => {
-                let value = self.value()?;
-                self.in_form(value)
-            }
-            Some(Tok::Word(_)) => {
-                let selector = self.selector()?;
-                let (op, value) = match self.next() {
-                    Some(Tok::Eq) => (Op::Eq, self.value()?),
-                    Some(Tok::Ne) => (Op::Ne, self.value()?),
-                    Some(Tok::Word(w)) if w == "contains" => (Op::Contains, self.value()?),
-                    Some(Tok::Word(w)) if w == "not" && self.peek_word(0, "contains") => {
-                        self.pos += 1;
-                        (Op::NotContains, self.value()?)
-                    }
-                    Some(Tok::Word(w)) if w == "is" => {
-                        let negated = self.peek_word(0, "not");
-                        if negated {
-                            self.pos += 1;
-                        }
-                        if !self.peek_word(0, "empty") {
-                            return Err("expected \"empty\" after \"is\"".to_owned());
-                        }
-                        self.pos += 1;
-                        (
-                            if negated { Op::IsNotEmpty } else { Op::IsEmpty },
-                            String::new(),
-                        )
-                    }
-                    Some(Tok::Word(w)) if w == "matches" || w == "not" => {
-                        return Err("the double does not support \"matches\"".to_owned());
-                    }
-                    other => return Err(format!("expected a match operator, found {other:?}")),
-                };
-                Ok(Expr::Match {
-                    selector,
-                    op,
-                    value,
-                })
-            }
-            other => Err(format!("unexpected {other:?}")),
-        }
-    }
-}
-
-enum Resolved<'a> {
-    Found(&'a Value),
-    Missing,
-}
-
-/// Walks `selector` through `entry`. Keys under `map_paths` (user maps such as `Service.Meta`)
-/// may be missing; any other unknown field makes the selector invalid.
-fn resolve<'a>(
-    entry: &'a Value,
-    selector: &[String],
-    map_paths: &[&str],
-) -> Result<Resolved<'a>, String> {
-    let mut cur = entry;
-    let mut path = String::new();
-    for seg in selector {
-        let in_map = map_paths.contains(&path.as_str());
-        let next_path = if path.is_empty() {
-            seg.clone()
-        } else {
-            format!("{path}.{seg}")
-        };
-        match cur {
-            Value::Object(m) => match m.get(seg) {
-                Some(v) => cur = v,
-                None if in_map || map_paths.contains(&next_path.as_str()) => {
-                    return Ok(Resolved::Missing);
-                }
-                None => return Err(format!("Selector {:?} is not valid", selector.join("."))),
-            },
-            Value::Null if in_map => return Ok(Resolved::Missing),
-            Value::Array(_) => {
-                return Err(format!(
-                    "selector {:?} goes into a list: not supported by the double",
-                    selector.join(".")
-                ));
-            }
-            _ => return Err(format!("Selector {:?} is not valid", selector.join("."))),
-        }
-        path = next_path;
-    }
-    Ok(Resolved::Found(cur))
-}
-
-fn scalar_text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Filter {
-    expr: Expr,
-    map_paths: &'static [&'static str],
-}
-
-const HEALTH_MAPS: &[&str] = &[
-    "Node.Meta",
-    "Node.TaggedAddresses",
-    "Service.Meta",
-    "Service.TaggedAddresses",
-];
-const AGENT_SERVICE_MAPS: &[&str] = &["Meta", "TaggedAddresses"];
-const CATALOG_MAPS: &[&str] = &[
-    "NodeMeta",
-    "ServiceMeta",
-    "TaggedAddresses",
-    "ServiceTaggedAddresses",
-];
-
-impl Filter {
-    /// Parses `src` and validates its selectors against `template`.
-    fn parse(
-        src: &str,
-        template: &Value,
-        map_paths: &'static [&'static str],
-    ) -> Result<Self, String> {
-        let wrap = |e: String| format!("Failed to create boolean expression evaluator: {e}");
-        let toks = tokenize(src).map_err(wrap)?;
-        if toks.is_empty() {
-            return Err(wrap("empty expression".to_owned()));
-        }
-        let mut p = Parser { toks, pos: 0 };
-        let expr = p.or().map_err(wrap)?;
-        if p.pos < p.toks.len() {
-            return Err(wrap(format!("unexpected {:?}", p.toks[p.pos])));
-        }
-        validate_expr(&expr, template, map_paths).map_err(wrap)?;
-        Ok(Self { expr, map_paths })
-    }
-
-    fn matches(&self, entry: &Value) -> bool {
-        eval(&self.expr, entry, self.map_paths)
-    }
-}
-
-fn validate_expr(e: &Expr, template: &Value, maps: &[&str]) -> Result<(), String> {
-    match e {
-        Expr::And(a, b) | Expr::Or(a, b) => {
-            validate_expr(a, template, maps)?;
-            validate_expr(b, template, maps)
-        }
-        Expr::Not(a) => validate_expr(a, template, maps),
-        Expr::Match { selector, op, .. } => match resolve(template, selector, maps)? {
-            Resolved::Missing => Ok(()),
-            Resolved::Found(v) => {
-                let collection = matches!(v, Value::Array(_) | Value::Object(_));
-                let ok = match op {
-                    Op::Eq | Op::Ne => !collection,
-                    Op::Contains | Op::NotContains => collection || v.is_string() || v.is_null(),
-                    Op::IsEmpty | Op::IsNotEmpty => true,
-                };
-                if ok {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "Invalid match operator for selector {:?}",
-                        selector.join(".")
-                    ))
-                }
-            }
+            wire.id
         },
-    }
-}
-
-fn eval(e: &Expr, entry: &Value, maps: &[&str]) -> bool {
-    match e {
-        Expr::And(a, b) => eval(a, entry, maps) && eval(b, entry, maps),
-        Expr::Or(a, b) => eval(a, entry, maps) || eval(b, entry, maps),
-        Expr::Not(a) => !eval(a, entry, maps),
-        Expr::Match {
-            selector,
-            op,
-            value,
-        } => {
-            let found = match resolve(entry, selector, maps) {
-                Ok(Resolved::Found(v)) => Some(v),
-                _ => None,
-            };
-            let contains = || match found {
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .any(|i| scalar_text(i).as_deref() == Some(value.as_str())),
-                Some(Value::Object(m)) => m.contains_key(value),
-                Some(Value::String(s)) => s.contains(value.as_str()),
-                _ => false,
-            };
-            let empty = || match found {
-                None | Some(Value::Null) => true,
-                Some(Value::Array(a)) => a.is_empty(),
-                Some(Value::Object(m)) => m.is_empty(),
-                Some(Value::String(s)) => s.is_empty(),
-                Some(_) => false,
-            };
-            let equal = || found.and_then(scalar_text).as_deref() == Some(value.as_str());
-            match op {
-                Op::Eq => equal(),
-                Op::Ne => !equal(),
-                Op::Contains => contains(),
-                Op::NotContains => !contains(),
-                Op::IsEmpty => empty(),
-                Op::IsNotEmpty => !empty(),
-            }
-        }
-    }
-}
-
-fn template_service() -> ServiceEntry {
-    ServiceEntry {
-        name: "t".to_owned(),
-        tags: Some(Vec::new()),
-        address: String::new(),
-        port: 0,
-        meta: Some(BTreeMap::new()),
-        tagged: BTreeMap::new(),
-        weights: (1, 1),
-        enable_tag_override: false,
-        create_index: 1,
-        modify_index: 1,
-    }
+        name: wire.name,
+        tags: wire.tags,
+        address: wire.address,
+        port,
+        meta: wire.meta,
+        weights,
+        enable_tag_override: wire.enable_tag_override,
+        checks,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2487,10 +1448,6 @@ fn json_response(body: &Value, headers: &[(&str, String)]) -> Resp {
     .expect("valid response")
 }
 
-fn method_not_allowed(m: &Method) -> Resp {
-    text(405, format!("method {m} not allowed"))
-}
-
 fn percent_decode(s: &str, plus_is_space: bool) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -2523,6 +1480,10 @@ fn percent_decode(s: &str, plus_is_space: bool) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+fn method_not_allowed(m: &Method) -> Resp {
+    text(405, format!("method {m} not allowed"))
+}
+
 struct Query {
     pairs: Vec<(String, String)>,
 }
@@ -2548,13 +1509,6 @@ impl Query {
             .find(|(key, _)| key == k)
             .map(|(_, v)| v.as_str())
     }
-    fn all(&self, k: &str) -> Vec<&str> {
-        self.pairs
-            .iter()
-            .filter(|(key, _)| key == k)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
     /// Go's `getBoolQueryParam`: absent → false, present and empty → true, else `ParseBool`.
     fn flag(&self, k: &str) -> Result<bool, ()> {
         match self.get(k) {
@@ -2565,25 +1519,18 @@ impl Query {
             Some(_) => Err(()),
         }
     }
-}
-
-fn presented_token(req: &Request<Incoming>, q: &Query) -> Option<String> {
-    if let Some(t) = q.get("token").filter(|t| !t.is_empty()) {
-        return Some(t.to_owned());
+    /// `400` naming the first parameter outside `modelled`: Consul would act on it, and the
+    /// double does not.
+    fn refuse_unmodelled(&self, modelled: &[&str]) -> Option<Resp> {
+        let (k, _) = self
+            .pairs
+            .iter()
+            .find(|(k, _)| !modelled.contains(&k.as_str()))?;
+        Some(text(
+            400,
+            format!("consul double: query parameter {k:?} is not modelled"),
+        ))
     }
-    let headers = req.headers();
-    if let Some(t) = headers
-        .get("x-consul-token")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-    {
-        return Some(t.to_owned());
-    }
-    let auth = headers.get("authorization")?.to_str().ok()?.trim();
-    let (scheme, rest) = auth.split_once(' ')?;
-    let rest = rest.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty()).then(|| rest.to_owned())
 }
 
 async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Resp {
@@ -2591,8 +1538,14 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_owned();
     let raw_query = req.uri().query().unwrap_or("").to_owned();
     let query = Query::parse(&raw_query);
-    let token = presented_token(&req, &query);
-    let (failure, latency) = {
+    let token = req
+        .headers()
+        .get("x-consul-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
+    let failure = {
         let mut st = inner.st();
         st.record(RecordedRequest {
             method: method.to_string(),
@@ -2600,20 +1553,12 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Resp {
             query: raw_query,
             token: token.clone(),
         });
-        (st.take_failure(), st.latency)
+        st.take_failure()
     };
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
     if let Some((status, body)) = failure {
         return text(status, body);
     }
-    let acl = inner
-        .opts
-        .acl_token
-        .as_ref()
-        .filter(|_| !path.starts_with("/v1/status/"));
-    if let Some(expected) = acl {
+    if let Some(expected) = &inner.opts.acl_token {
         match &token {
             None => return text(403, "Permission denied"),
             Some(t) if t != expected => return text(403, "ACL not found"),
@@ -2635,15 +1580,20 @@ async fn route(inner: &Arc<Inner>, method: &Method, path: &str, q: &Query, body:
     let is_get = *method == Method::GET || *method == Method::HEAD;
     let tail = |prefix: &str| path.strip_prefix(prefix).map(|t| percent_decode(t, false));
     if path == "/v1/agent/service/register" {
-        return if is_put {
-            agent_register(inner, q, body)
-        } else {
-            method_not_allowed(method)
-        };
+        if !is_put {
+            return method_not_allowed(method);
+        }
+        if let Some(refused) = q.refuse_unmodelled(&["replace-existing-checks"]) {
+            return refused;
+        }
+        return agent_register(inner, q, body);
     }
     if let Some(id) = tail("/v1/agent/service/deregister/") {
         if !is_put {
             return method_not_allowed(method);
+        }
+        if let Some(refused) = q.refuse_unmodelled(&[]) {
+            return refused;
         }
         if id.is_empty() {
             return text(400, "Missing service ID");
@@ -2664,6 +1614,9 @@ async fn route(inner: &Arc<Inner>, method: &Method, path: &str, q: &Query, body:
             if !is_put {
                 return method_not_allowed(method);
             }
+            if let Some(refused) = q.refuse_unmodelled(&["note"]) {
+                return refused;
+            }
             let note = q.get("note").unwrap_or("").to_owned();
             return ttl_update(inner, &id, status, &note);
         }
@@ -2672,88 +1625,39 @@ async fn route(inner: &Arc<Inner>, method: &Method, path: &str, q: &Query, body:
         if !is_put {
             return method_not_allowed(method);
         }
-        let v: Value = match serde_json::from_slice(body) {
-            Ok(v) => v,
-            Err(e) if body.is_empty() => {
-                let _ = e;
-                return text(400, "Request decode failed: EOF");
-            }
-            Err(e) => return text(400, format!("Request decode failed: {e}")),
-        };
-        let Value::Object(obj) = &v else {
-            return text(
-                400,
-                format!(
-                    "Request decode failed: json: cannot unmarshal {} into Go value of type agent.checkUpdate",
-                    json_kind(&v)
-                ),
-            );
-        };
-        let status = match str_field(obj, "Status", "") {
-            Ok(s) => s.unwrap_or_default(),
-            Err(e) => return text(400, e),
-        };
-        let output = match str_field(obj, "Output", "") {
-            Ok(s) => s.unwrap_or_default(),
-            Err(e) => return text(400, e),
-        };
-        if !valid_status(&status) {
-            return text(400, format!("Invalid check status: '{status}'"));
+        if let Some(refused) = q.refuse_unmodelled(&[]) {
+            return refused;
         }
-        return ttl_update(inner, &id, &status, &output);
+        return check_update(inner, &id, body);
     }
     if path == "/v1/agent/services" {
-        return if is_get {
-            agent_services(inner, q).await
-        } else {
-            method_not_allowed(method)
-        };
-    }
-    if path == "/v1/agent/checks" {
-        return if is_get {
-            agent_checks(inner)
-        } else {
-            method_not_allowed(method)
-        };
+        if !is_get {
+            return method_not_allowed(method);
+        }
+        if let Some(refused) = q.refuse_unmodelled(&[]) {
+            return refused;
+        }
+        return agent_services(inner);
     }
     if let Some(name) = tail("/v1/health/service/") {
-        return if is_get {
-            health_service(inner, &name, q, false).await
-        } else {
-            method_not_allowed(method)
-        };
-    }
-    if let Some(name) = tail("/v1/catalog/service/") {
-        return if is_get {
-            health_service(inner, &name, q, true).await
-        } else {
-            method_not_allowed(method)
-        };
-    }
-    if path == "/v1/status/leader" {
         if !is_get {
             return method_not_allowed(method);
         }
-        let leader = if inner.st().leader { LEADER_ADDR } else { "" };
-        return json_response(&json!(leader), &[]);
-    }
-    if path == "/v1/status/peers" {
-        if !is_get {
-            return method_not_allowed(method);
+        if let Some(refused) = q.refuse_unmodelled(&["passing", "index", "wait"]) {
+            return refused;
         }
-        return json_response(&json!([LEADER_ADDR]), &[]);
+        return health_service(inner, &name, q).await;
     }
     text(404, "404 page not found\n")
 }
 
 fn agent_register(inner: &Arc<Inner>, q: &Query, body: &Bytes) -> Resp {
-    let v: Value = if body.is_empty() {
+    if body.is_empty() {
         return text(400, "Request decode failed: EOF");
-    } else {
-        match serde_json::from_slice(body) {
-            Ok(v) => v,
-            Err(e) => return text(400, format!("Request decode failed: {e}")),
-        }
+    }
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return text(400, format!("Request decode failed: {e}")),
     };
     let reg = match parse_registration(&v) {
         Ok(r) => r,
@@ -2767,6 +1671,41 @@ fn agent_register(inner: &Arc<Inner>, q: &Query, body: &Bytes) -> Resp {
         Ok(()) => empty_ok(),
         Err((status, reason)) => text(status, reason),
     }
+}
+
+/// `PUT /v1/agent/check/update/:id` with `{ "Status": …, "Output": … }`.
+fn check_update(inner: &Arc<Inner>, id: &str, body: &Bytes) -> Resp {
+    if body.is_empty() {
+        return text(400, "Request decode failed: EOF");
+    }
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return text(400, format!("Request decode failed: {e}")),
+    };
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "PascalCase")]
+    struct Update {
+        #[serde(default)]
+        status: String,
+        #[serde(default)]
+        output: String,
+    }
+    if !v.is_object() {
+        return text(
+            400,
+            format!(
+                "Request decode failed: json: cannot unmarshal {v} into Go value of type agent.checkUpdate"
+            ),
+        );
+    }
+    let Update { status, output } = match Update::deserialize(&v) {
+        Ok(u) => u,
+        Err(e) => return text(400, format!("Request decode failed: {e}")),
+    };
+    if !valid_status(&status) {
+        return text(400, format!("Invalid check status: '{status}'"));
+    }
+    ttl_update(inner, id, &status, &output)
 }
 
 fn ttl_update(inner: &Arc<Inner>, id: &str, status: &str, output: &str) -> Resp {
@@ -2796,75 +1735,16 @@ fn ttl_update(inner: &Arc<Inner>, id: &str, status: &str, output: &str) -> Resp 
     empty_ok()
 }
 
-fn content_hash(v: &Value) -> String {
-    let mut h = DefaultHasher::new();
-    serde_json::to_string(v).unwrap_or_default().hash(&mut h);
-    format!("{:016x}", h.finish())
-}
-
-fn agent_check_json(st: &State, node: &str, id: &str, c: &CheckEntry) -> Value {
-    let mut v = st.check_json(node, id, c);
-    if let Some(o) = v.as_object_mut() {
-        o.remove("CreateIndex");
-        o.remove("ModifyIndex");
-    }
-    v
-}
-
-fn agent_checks(inner: &Arc<Inner>) -> Resp {
+/// `GET /v1/agent/services`: the local agent's services by ID.
+fn agent_services(inner: &Arc<Inner>) -> Resp {
     let st = inner.st();
-    let mut m = Map::new();
-    for ((node, id), c) in &st.checks {
-        if *node == inner.opts.node {
-            m.insert(id.clone(), agent_check_json(&st, node, id, c));
-        }
-    }
-    json_response(&Value::Object(m), &[])
-}
-
-async fn agent_services(inner: &Arc<Inner>, q: &Query) -> Resp {
-    let filter = match q.get("filter").filter(|f| !f.is_empty()) {
-        Some(src) => {
-            let template = service_json("t", &template_service(), true, "dc");
-            match Filter::parse(src, &template, AGENT_SERVICE_MAPS) {
-                Ok(f) => Some(f),
-                Err(e) => return text(400, e),
-            }
-        }
-        None => None,
-    };
-    let wait = match parse_wait(q) {
-        Ok(w) => w,
-        Err(reason) => return text(400, reason),
-    };
-    let want_hash = q.get("hash").filter(|h| !h.is_empty()).map(str::to_owned);
-    let node = inner.opts.node.clone();
-    let compute = |st: &State| {
-        let mut m = Map::new();
-        for ((n, id), s) in &st.services {
-            if *n != node {
-                continue;
-            }
-            let v = service_json(id, s, true, &st.datacenter);
-            if filter.as_ref().is_none_or(|f| f.matches(&v)) {
-                m.insert(id.clone(), v);
-            }
-        }
-        let v = Value::Object(m);
-        (content_hash(&v), v)
-    };
-    let (hash, value) = match want_hash {
-        None => compute(&inner.st()),
-        Some(want) => {
-            block_until(inner, wait, |st| {
-                let (h, v) = compute(st);
-                let ready = h != want;
-                (ready, (h, v))
-            })
-            .await
-        }
-    };
-    json_response(&value, &[("x-consul-contenthash", hash)])
+    let services: Map<String, Value> = st
+        .services
+        .iter()
+        .filter(|((node, _), _)| *node == inner.opts.node)
+        .map(|((_, id), s)| (id.clone(), service_json(id, s)))
+        .collect();
+    json_response(&Value::Object(services), &[])
 }
 
 fn parse_wait(q: &Query) -> Result<Duration, &'static str> {
@@ -2926,30 +1806,14 @@ async fn block_until<T>(
     f(&st).1
 }
 
-async fn health_service(inner: &Arc<Inner>, name: &str, q: &Query, catalog: bool) -> Resp {
+/// `GET /v1/health/service/:service`, blocking when `?index` is given.
+async fn health_service(inner: &Arc<Inner>, name: &str, q: &Query) -> Resp {
     if name.is_empty() {
         return text(400, "Missing service name");
     }
-    let stale = q.has("stale");
-    let consistent = q.has("consistent");
-    if stale && consistent {
-        return text(
-            400,
-            "Cannot specify ?stale with ?consistent, conflicting semantics.",
-        );
-    }
-    if q.get("dc")
-        .is_some_and(|dc| !dc.is_empty() && dc != inner.opts.datacenter)
-    {
-        return text(500, "No path to datacenter");
-    }
-    let passing = if catalog {
-        false
-    } else {
-        match q.flag("passing") {
-            Ok(p) => p,
-            Err(()) => return text(400, "Invalid value for ?passing"),
-        }
+    let passing = match q.flag("passing") {
+        Ok(p) => p,
+        Err(()) => return text(400, "Invalid value for ?passing"),
     };
     let min_index = match q.get("index").filter(|i| !i.is_empty()) {
         None => 0,
@@ -2962,93 +1826,20 @@ async fn health_service(inner: &Arc<Inner>, name: &str, q: &Query, catalog: bool
         Ok(w) => w,
         Err(reason) => return text(400, reason),
     };
-    let tags: Vec<String> = q.all("tag").into_iter().map(str::to_lowercase).collect();
-    let node_meta: Vec<(String, String)> = q
-        .all("node-meta")
-        .into_iter()
-        .map(|nm| match nm.split_once(':') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (nm.to_owned(), String::new()),
-        })
-        .collect();
-    let filter = match q.get("filter").filter(|f| !f.is_empty()) {
-        Some(src) => {
-            let st = inner.st();
-            let svc = template_service();
-            let node = NodeEntry::new(String::new(), 1);
-            let mut template = if catalog {
-                st.catalog_entry("t", "t", &svc).unwrap_or_default()
-            } else {
-                json!({
-                    "Node": st.node_json("t", &node),
-                    "Service": service_json("t", &svc, false, ""),
-                    "Checks": [],
-                })
-            };
-            if template.is_null() {
-                template = json!({});
-            }
-            let maps = if catalog { CATALOG_MAPS } else { HEALTH_MAPS };
-            match Filter::parse(src, &template, maps) {
-                Ok(f) => Some(f),
-                Err(e) => return text(400, e),
-            }
-        }
-        None => None,
-    };
-    {
-        let st = inner.st();
-        if !st.leader && !stale {
-            return text(500, "No cluster leader");
-        }
-    }
     let compute = |st: &State| {
-        let mut out = Vec::new();
-        for ((node, id), svc) in &st.services {
-            if svc.name != name {
-                continue;
-            }
-            let svc_tags: Vec<String> = svc
-                .tags
-                .iter()
-                .flatten()
-                .map(|t| t.to_lowercase())
-                .collect();
-            if !tags.iter().all(|t| svc_tags.contains(t)) {
-                continue;
-            }
-            let entry = if catalog {
-                st.catalog_entry(node, id, svc)
-            } else {
-                st.health_entry(node, id, svc)
-            };
-            let Some(entry) = entry else { continue };
-            let node_meta_ok = node_meta.iter().all(|(k, v)| {
-                let meta = if catalog {
-                    &entry["NodeMeta"]
-                } else {
-                    &entry["Node"]["Meta"]
-                };
-                meta.get(k).and_then(Value::as_str) == Some(v.as_str())
-            });
-            if !node_meta_ok {
-                continue;
-            }
-            if passing {
-                let all_passing = entry["Checks"]
-                    .as_array()
-                    .is_some_and(|cs| cs.iter().all(|c| c["Status"] == PASSING));
-                if !all_passing {
-                    continue;
-                }
-            }
-            if filter.as_ref().is_some_and(|f| !f.matches(&entry)) {
-                continue;
-            }
-            out.push(entry);
-        }
-        let idx = st.service_result_index(name);
-        (idx, Value::Array(out))
+        let entries: Vec<Value> = st
+            .services
+            .iter()
+            .filter(|(_, svc)| svc.name == name)
+            .filter_map(|((node, id), svc)| st.health_entry(node, id, svc))
+            .filter(|entry| {
+                !passing
+                    || entry["Checks"]
+                        .as_array()
+                        .is_some_and(|cs| cs.iter().all(|c| c["Status"] == PASSING))
+            })
+            .collect();
+        (st.service_result_index(name), Value::Array(entries))
     };
     let (index, value) = if min_index == 0 {
         compute(&inner.st())
@@ -3059,30 +1850,12 @@ async fn health_service(inner: &Arc<Inner>, name: &str, q: &Query, catalog: bool
         })
         .await
     };
-    let (leader, last_contact) = {
-        let st = inner.st();
-        let lc = if st.leader {
-            0
-        } else {
-            st.leader_lost_at.elapsed().as_millis()
-        };
-        (st.leader, lc)
-    };
-    let consistency = if stale {
-        "stale"
-    } else if consistent {
-        "consistent"
-    } else {
-        "leader"
-    };
     json_response(
         &value,
         &[
             ("x-consul-index", index.to_string()),
-            ("x-consul-knownleader", leader.to_string()),
-            ("x-consul-lastcontact", last_contact.to_string()),
-            ("x-consul-effective-consistency", consistency.to_owned()),
-            ("x-consul-query-backend", "blocking-query".to_owned()),
+            ("x-consul-knownleader", "true".to_owned()),
+            ("x-consul-lastcontact", "0".to_owned()),
         ],
     )
 }
