@@ -405,3 +405,23 @@ fn redis_settings_are_checked_at_load() {
     assert!((redis.local_share - 0.34).abs() < 1e-9);
     assert_eq!(redis.batch, 8);
 }
+
+/// A 30/s bucket refills every 33 333 334 ns (33 334 µs in Redis): 30 tokens take a hair
+/// over a second, which is still a one-second policy, not `q=60;w=2`.
+#[tokio::test]
+async fn the_policy_header_is_not_stretched_by_rounded_intervals() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let up = upstream().await;
+    let client = client();
+    for policy in ["local", "redis"] {
+        let limits = format!("global = {{ per_second = 30, policy = \"{policy}\" }}");
+        let g = gateway(up, &limits, &redis_section(&redis.url(), "")).await;
+        let (status, headers, _) = get(&client, &g, None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers.get("ratelimit-policy").unwrap(),
+            "\"global\";q=30;w=1",
+            "{policy}"
+        );
+    }
+}

@@ -283,6 +283,22 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// A policy window in whole seconds: rounded up, except for the rounding of the refill
+/// interval itself. A 30/s bucket of 30 refills one token every 33 333 334 ns (rounded up
+/// to the nanosecond; to the microsecond in Redis), so its window is 1.00000002 s: that is
+/// one second, not two (a policy of `q=60;w=2` would misstate it). Up to a thousandth of a
+/// second over a whole number of seconds is taken as that number.
+fn policy_secs(window: Duration) -> u64 {
+    let secs = window.as_secs();
+    let over = window - Duration::from_secs(secs);
+    let slack = Duration::from_secs(secs.max(1)) / 1000;
+    if secs > 0 && over <= slack {
+        secs
+    } else {
+        ceil_secs(window)
+    }
+}
+
 /// A policy's name, made a valid sf-string once, and its `RateLimit-Policy` value for the
 /// last quota seen (a limiter's quota rarely changes): admitted requests neither format
 /// nor allocate it again.
@@ -312,7 +328,7 @@ impl PolicyName {
         }
         // The policy in whole seconds: over `w`, the bucket admits its burst or what the
         // rate refills in `w`, whichever is more (a 1000/s bucket of 200 is q=1000;w=1).
-        let w = ceil_secs(window).max(1);
+        let w = policy_secs(window).max(1);
         let q = if window.is_zero() {
             u64::from(limit)
         } else {
