@@ -35,10 +35,36 @@ impl Admission {
         Self { decision, probe }
     }
 
+    /// Whether no decision has been taken yet.
+    #[inline(always)]
+    pub(crate) fn is_none(&self) -> bool {
+        self.decision == Decision::NONE
+    }
+
     /// Whether the breaker refused.
     #[inline(always)]
     pub(crate) fn rejects(&self) -> bool {
         self.decision.tag() == Decision::REJECTED
+    }
+
+    /// The call starts now, on the closed path: a ticket when the breaker admitted the call
+    /// closed and is still in that closed period (one atomic load); `None` for every
+    /// other case, which [`start`](Self::start) then settles. Split so that the common
+    /// case returns its ticket in registers.
+    #[inline(always)]
+    pub(crate) fn start_closed(&mut self, breaker: &Breaker) -> Option<Ticket> {
+        let shared = &breaker.shared;
+        if self.decision.tag() == Decision::CLOSED && shared.is_current(self.decision) {
+            let ticket = Ticket {
+                shared: Some(shared.clone()),
+                word: self.decision.word,
+                start: shared.start(),
+            };
+            self.decision = Decision::NONE;
+            Some(ticket)
+        } else {
+            None
+        }
     }
 
     /// The call starts now: the decision is taken again if the breaker moved since it was
@@ -61,30 +87,37 @@ impl Admission {
 
     #[inline(always)]
     fn into_ticket(mut self, shared: &Arc<Shared>) -> Result<Ticket, CircuitOpen> {
-        let kind = match self.decision.tag() {
-            Decision::CLOSED => Kind::Closed {
-                shared: shared.clone(),
-                generation: self.decision.generation(),
+        match self.decision.tag() {
+            Decision::CLOSED => Ok(Ticket {
+                shared: Some(shared.clone()),
+                word: self.decision.word,
                 start: shared.start(),
-            },
+            }),
+            Decision::DISABLED => Ok(Ticket::NONE),
+            _ => self.ticket_other(shared),
+        }
+    }
+
+    /// A probe or a rejection: kept out of line so that the closed path stays small.
+    #[cold]
+    #[inline(never)]
+    fn ticket_other(&mut self, shared: &Arc<Shared>) -> Result<Ticket, CircuitOpen> {
+        match self.decision.tag() {
             Decision::PROBE => match self.probe.take() {
-                Some(permit) => Kind::Probe {
-                    permit,
+                Some(permit) => Ok(Ticket {
+                    shared: Some(permit.disarm()),
+                    word: self.decision.word,
                     start: shared.start(),
-                },
+                }),
                 None => unreachable!("a probe decision holds its permit"),
             },
-            Decision::DISABLED => Kind::Passthrough,
-            Decision::REJECTED => {
-                return Err(CircuitOpen::new(
-                    shared.clone(),
-                    self.decision.rejecting_state(),
-                    self.decision.until,
-                ));
-            }
+            Decision::REJECTED => Err(CircuitOpen::new(
+                shared.clone(),
+                self.decision.rejecting_state(),
+                self.decision.until,
+            )),
             _ => panic!("a call started before its service was ready (poll_ready)"),
-        };
-        Ok(Ticket { kind })
+        }
     }
 }
 
@@ -117,35 +150,27 @@ impl Admission {
 /// ```
 #[must_use = "a ticket records nothing unless its outcome is recorded"]
 pub struct Ticket {
-    kind: Kind,
-}
-
-enum Kind {
-    /// Admitted while closed: the outcome counts in that closed period's window.
-    Closed {
-        shared: Arc<Shared>,
-        generation: u64,
-        start: Start,
-    },
-    /// A half-open probe: its outcome decides the half-open episode.
-    Probe { permit: ProbePermit, start: Start },
-    /// The breaker is disabled: nothing is recorded.
-    Passthrough,
+    /// The breaker, while the outcome is still to be recorded; `None` once recorded, or
+    /// for a disabled breaker (nothing is recorded).
+    shared: Option<Arc<Shared>>,
+    /// The admitting decision's tag (closed or probe) and generation: an outcome counts
+    /// only in the closed period or half-open episode that admitted the call.
+    word: u64,
+    start: Start,
 }
 
 impl Ticket {
+    /// A ticket that records nothing.
+    pub(crate) const NONE: Ticket = Ticket {
+        shared: None,
+        word: Decision::NONE.word,
+        start: Start::NONE,
+    };
+
     /// Records the call's outcome (an [`Outcome::Ignored`] counts for nothing).
     #[inline(always)]
-    pub fn record(self, outcome: Outcome) {
-        match self.kind {
-            Kind::Closed {
-                shared,
-                generation,
-                start,
-            } => shared.record_closed(generation, outcome, start),
-            Kind::Probe { permit, start } => permit.complete(outcome, start),
-            Kind::Passthrough => {}
-        }
+    pub fn record(mut self, outcome: Outcome) {
+        self.settle(outcome);
     }
 
     /// Records a success.
@@ -157,14 +182,45 @@ impl Ticket {
     pub fn failure(self) {
         self.record(Outcome::Failure);
     }
+
+    /// Whether an outcome is still to be recorded (a disabled breaker records none).
+    #[inline(always)]
+    pub(crate) fn is_pending(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Records `outcome` in place; the ticket then records nothing more.
+    #[inline(always)]
+    pub(crate) fn settle(&mut self, outcome: Outcome) {
+        if let Some(shared) = self.shared.take() {
+            let generation = self.word >> 3;
+            if self.word & 7 == Decision::CLOSED {
+                shared.record_closed(generation, outcome, self.start);
+            } else {
+                shared.record_probe(generation, outcome, self.start);
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    /// An unrecorded probe's slot goes back to the breaker.
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take()
+            && self.word & 7 == Decision::PROBE
+        {
+            shared.release_probe(self.word >> 3);
+        }
+    }
 }
 
 impl fmt::Debug for Ticket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.kind {
-            Kind::Closed { .. } => "closed",
-            Kind::Probe { .. } => "probe",
-            Kind::Passthrough => "disabled",
+        let kind = match (&self.shared, self.word & 7) {
+            (None, _) => "recorded or disabled",
+            (Some(_), Decision::CLOSED) => "closed",
+            (Some(_), _) => "probe",
         };
         f.debug_struct("Ticket").field("kind", &kind).finish()
     }

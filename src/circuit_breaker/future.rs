@@ -4,14 +4,13 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
 
+use super::admission::Ticket;
 use super::classify::Classify;
 use super::error::{Boxed, CircuitOpen, ErrorMode};
-use super::state::{ProbePermit, Shared, Start};
 
 pin_project! {
     /// Response future of [`CircuitBreaker`](super::CircuitBreaker).
@@ -28,64 +27,26 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F, C> {
-        // Admitted while closed; `shared` is taken when the outcome is recorded.
-        Closed {
+        // Admitted (closed, probe or disabled): the ticket records the outcome.
+        Called {
             #[pin]
             future: F,
-            shared: Option<Arc<Shared>>,
+            ticket: Ticket,
             classifier: C,
-            generation: u64,
-            start: Start,
         },
-        // A half-open probe; the permit returns to the breaker if this is dropped unfinished.
-        Probe {
-            #[pin]
-            future: F,
-            permit: Option<ProbePermit>,
-            classifier: C,
-            start: Start,
-        },
-        Passthrough { #[pin] future: F },
         Rejected { error: Option<CircuitOpen> },
     }
 }
 
 impl<F, C, M> ResponseFuture<F, C, M> {
     #[inline(always)]
-    pub(crate) fn closed(
-        future: F,
-        shared: Arc<Shared>,
-        classifier: C,
-        generation: u64,
-        start: Start,
-    ) -> Self {
+    pub(crate) fn called(future: F, ticket: Ticket, classifier: C) -> Self {
         Self {
-            kind: Kind::Closed {
+            kind: Kind::Called {
                 future,
-                shared: Some(shared),
+                ticket,
                 classifier,
-                generation,
-                start,
             },
-            _mode: PhantomData,
-        }
-    }
-
-    pub(crate) fn probe(future: F, permit: ProbePermit, classifier: C, start: Start) -> Self {
-        Self {
-            kind: Kind::Probe {
-                future,
-                permit: Some(permit),
-                classifier,
-                start,
-            },
-            _mode: PhantomData,
-        }
-    }
-
-    pub(crate) fn passthrough(future: F) -> Self {
-        Self {
-            kind: Kind::Passthrough { future },
             _mode: PhantomData,
         }
     }
@@ -115,34 +76,17 @@ where
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Closed {
+            KindProj::Called {
                 future,
-                shared,
+                ticket,
                 classifier,
-                generation,
-                start,
             } => {
                 let result = ready!(future.poll(cx));
-                if let Some(shared) = shared.take() {
-                    let outcome = classifier.classify(result.as_ref());
-                    shared.record_closed(*generation, outcome, *start);
+                if ticket.is_pending() {
+                    ticket.settle(classifier.classify(result.as_ref()));
                 }
                 Poll::Ready(result.map_err(M::inner))
             }
-            KindProj::Probe {
-                future,
-                permit,
-                classifier,
-                start,
-            } => {
-                let result = ready!(future.poll(cx));
-                if let Some(permit) = permit.take() {
-                    let outcome = classifier.classify(result.as_ref());
-                    permit.complete(outcome, *start);
-                }
-                Poll::Ready(result.map_err(M::inner))
-            }
-            KindProj::Passthrough { future } => future.poll(cx).map_err(M::inner),
             KindProj::Rejected { error } => Poll::Ready(Err(M::rejected(
                 error
                     .take()

@@ -4,10 +4,10 @@ use std::task::{Context, Poll};
 
 use tower::Service;
 
+use super::admission::Admission;
 use super::classify::{Classify, ErrorsAreFailures};
-use super::error::{Boxed, CircuitOpen, ErrorMode};
+use super::error::{Boxed, ErrorMode};
 use super::future::ResponseFuture;
-use super::state::{Decision, ProbePermit};
 use super::{Breaker, CircuitBreakerLayer};
 
 /// A service guarded by a circuit breaker. See the [module docs](super).
@@ -51,11 +51,8 @@ pub struct CircuitBreaker<S, C = ErrorsAreFailures, M = Boxed> {
     inner: S,
     breaker: Breaker,
     classifier: C,
-    /// What the breaker decided for the next call: plain words, so the hot path moves
-    /// them through registers.
-    decision: Decision,
-    /// The permit of a probe decision.
-    probe: Option<ProbePermit>,
+    /// What the breaker decided for the next call (with a probe's reserved slot).
+    admission: Admission,
     _mode: PhantomData<fn() -> M>,
 }
 
@@ -78,8 +75,7 @@ impl<S, C, M> CircuitBreaker<S, C, M> {
             inner,
             breaker,
             classifier,
-            decision: Decision::NONE,
-            probe: None,
+            admission: Admission::NONE,
             _mode: PhantomData,
         }
     }
@@ -92,23 +88,6 @@ impl<S, C, M> CircuitBreaker<S, C, M> {
     crate::util::inner_service_accessors!();
 }
 
-// The layer keeps its own inlined copy of the admission path (`Admission` / `Ticket` in
-// `admission.rs` serve the balancers and `Breaker::try_acquire`): routing it through
-// `Ticket` cost about 6 ns on the closed path (29.7 → 35.9 ns median, benches/breaker.rs),
-// a fifth of the layer's cost, from moving the larger ticket through memory.
-impl<S, C, M> CircuitBreaker<S, C, M> {
-    /// Asks the breaker; a probe decision's permit is kept in `self.probe`.
-    #[inline(always)]
-    fn decide(&mut self) -> Decision {
-        let shared = &self.breaker.shared;
-        let decision = shared.admit();
-        if decision.tag() == Decision::PROBE {
-            self.probe = Some(ProbePermit::new(shared.clone(), decision.generation()));
-        }
-        decision
-    }
-}
-
 impl<S: Clone, C: Clone, M> Clone for CircuitBreaker<S, C, M> {
     /// The clone shares the breaker but not this instance's readiness or probe permit.
     fn clone(&self) -> Self {
@@ -116,8 +95,7 @@ impl<S: Clone, C: Clone, M> Clone for CircuitBreaker<S, C, M> {
             inner: self.inner.clone(),
             breaker: self.breaker.clone(),
             classifier: self.classifier.clone(),
-            decision: Decision::NONE,
-            probe: None,
+            admission: Admission::NONE,
             _mode: PhantomData,
         }
     }
@@ -149,10 +127,10 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Decided once per call: at the first `poll_ready` after the previous `call`. A
         // reserved probe permit is thereby kept until it is used or the service dropped.
-        if self.decision == Decision::NONE {
-            self.decision = self.decide();
+        if self.admission.is_none() {
+            self.admission = Admission::ask(&self.breaker);
         }
-        if self.decision.tag() == Decision::REJECTED {
+        if self.admission.rejects() {
             return Poll::Ready(Ok(()));
         }
         self.inner.poll_ready(cx).map_err(M::inner)
@@ -160,47 +138,34 @@ where
 
     #[inline(always)]
     fn call(&mut self, request: Request) -> Self::Future {
-        let mut decision = std::mem::replace(&mut self.decision, Decision::NONE);
-        let shared = &self.breaker.shared;
         // The breaker may have moved since `poll_ready` (the inner service may have been
-        // pending for long): an admission from an earlier state is decided again, so a
-        // breaker that opened meanwhile is not bypassed.
-        let still = match decision.tag() {
-            Decision::CLOSED | Decision::PROBE => shared.is_current(decision),
-            _ => true,
-        };
-        if !still {
-            self.probe = None;
-            decision = self.decide();
-        }
-        let shared = &self.breaker.shared;
-        match decision.tag() {
-            Decision::CLOSED => ResponseFuture::closed(
-                self.inner.call(request),
-                shared.clone(),
-                self.classifier.clone(),
-                decision.generation(),
-                shared.start(),
-            ),
-            Decision::REJECTED => ResponseFuture::rejected(CircuitOpen::new(
-                shared.clone(),
-                decision.rejecting_state(),
-                decision.until,
-            )),
-            Decision::DISABLED => ResponseFuture::passthrough(self.inner.call(request)),
-            Decision::PROBE => {
-                let permit = self
-                    .probe
-                    .take()
-                    .expect("a probe decision holds its permit");
-                ResponseFuture::probe(
-                    self.inner.call(request),
-                    permit,
-                    self.classifier.clone(),
-                    shared.start(),
-                )
+        // pending for long): the decision is checked again, and taken again if it moved, so
+        // a breaker that opened meanwhile is not bypassed.
+        match self.admission.start_closed(&self.breaker) {
+            Some(ticket) => {
+                ResponseFuture::called(self.inner.call(request), ticket, self.classifier.clone())
             }
-            _ => panic!("CircuitBreaker::call invoked before poll_ready returned Ready(Ok(()))"),
+            None => self.call_other(request),
+        }
+    }
+}
+
+impl<S, C, M> CircuitBreaker<S, C, M> {
+    /// Every call not admitted closed: a probe, a disabled breaker, a rejection, or a
+    /// decision that no longer holds.
+    #[cold]
+    #[inline(never)]
+    fn call_other<Request>(&mut self, request: Request) -> ResponseFuture<S::Future, C, M>
+    where
+        S: Service<Request>,
+        C: Clone,
+    {
+        let admission = std::mem::replace(&mut self.admission, Admission::NONE);
+        match admission.start(&self.breaker) {
+            Ok(ticket) => {
+                ResponseFuture::called(self.inner.call(request), ticket, self.classifier.clone())
+            }
+            Err(open) => ResponseFuture::rejected(open),
         }
     }
 }

@@ -148,6 +148,11 @@ struct Transitions {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Start(Option<Instant>);
 
+impl Start {
+    /// Not timed.
+    pub(crate) const NONE: Start = Start(None);
+}
+
 /// A breaker's answer to "may this call go ahead?", packed in two plain words so that
 /// it moves through registers: a tag in the low bits of `word`, the generation (closed,
 /// probe) or the rejecting state's code above it, and for a rejection `until`, the time
@@ -450,7 +455,7 @@ impl Shared {
     }
 
     /// Records the outcome of a probe; decides the half-open episode when all are in.
-    fn record_probe(self: &Arc<Self>, generation: u64, outcome: Outcome, start: Start) {
+    pub(crate) fn record_probe(self: &Arc<Self>, generation: u64, outcome: Outcome, start: Start) {
         let (slow, _) = self.slowness(start);
         #[cfg(feature = "metrics")]
         self.metrics.outcome(outcome, slow);
@@ -486,7 +491,7 @@ impl Shared {
         self.transition(Some(word(generation, State::HalfOpen)), to);
     }
 
-    fn release_probe(&self, generation: u64) {
+    pub(crate) fn release_probe(&self, generation: u64) {
         let mut ho = self.half_open.lock();
         if ho.generation == generation {
             ho.available += 1;
@@ -661,9 +666,11 @@ impl ProbePermit {
         }
     }
 
-    pub(crate) fn complete(mut self, outcome: Outcome, start: Start) {
+    /// The breaker, for a ticket that now holds the slot (and returns it if dropped
+    /// unrecorded).
+    pub(crate) fn disarm(mut self) -> Arc<Shared> {
         self.live = false;
-        self.shared.record_probe(self.generation, outcome, start);
+        self.shared.clone()
     }
 }
 
