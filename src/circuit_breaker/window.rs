@@ -8,6 +8,13 @@ pub(crate) const PRESENT: u8 = 1;
 pub(crate) const FAILED: u8 = 2;
 pub(crate) const SLOW: u8 = 4;
 
+/// `count % size`, given `magic = u64::MAX / size + 1` (wrapping).
+#[inline(always)]
+fn remainder(magic: u64, count: u32, size: u64) -> u64 {
+    let low = magic.wrapping_mul(u64::from(count));
+    ((u128::from(low) * u128::from(size)) >> 64) as u64
+}
+
 /// Figures read off a window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
@@ -18,12 +25,17 @@ pub(crate) struct Counts {
 
 /// The last `N` outcomes, lock-free: one byte per slot, running totals in atomics.
 ///
-/// Recording a success over a success (the steady state of a healthy dependency) costs a
-/// compare-exchange on the cursor and a swap on the slot, and touches no counter.
+/// Recording a success over a success (the steady state of a healthy dependency) costs one
+/// atomic add on the cursor and a load of the slot: no other write, no counter.
 #[derive(Debug)]
 pub(crate) struct CountWindow {
     slots: Box<[AtomicU8]>,
+    /// Counts records; the slot is the count modulo the window's size. It wraps after 2³²
+    /// records, when one slot is reused early: harmless.
     cursor: AtomicU32,
+    /// `u64::MAX / size + 1`, for the remainder by two multiplications rather than a division
+    /// (Lemire, "Faster remainder by direct computation", 2019).
+    magic: u64,
     total: AtomicI64,
     failed: AtomicI64,
     slow: AtomicI64,
@@ -34,6 +46,7 @@ impl CountWindow {
         Self {
             slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
             cursor: AtomicU32::new(0),
+            magic: (u64::MAX / u64::from(size.max(1))).wrapping_add(1),
             total: AtomicI64::new(0),
             failed: AtomicI64::new(0),
             slow: AtomicI64::new(0),
@@ -43,13 +56,14 @@ impl CountWindow {
     /// Records one outcome (`PRESENT` plus flags); returns whether any figure changed.
     #[inline]
     pub(crate) fn record(&self, flags: u8) -> bool {
-        let len = self.slots.len() as u32;
-        let idx = match self.cursor.fetch_update(Relaxed, Relaxed, |c| {
-            Some(if c + 1 >= len { 0 } else { c + 1 })
-        }) {
-            Ok(c) | Err(c) => c,
-        };
-        let old = self.slots[idx as usize].swap(flags, Relaxed);
+        let count = self.cursor.fetch_add(1, Relaxed);
+        let slot = &self.slots[self.index(count)];
+        // The same outcome over itself changes nothing: no write. (A reset racing with it
+        // may then drop this one outcome, as it would drop one recorded just before it.)
+        if slot.load(Relaxed) == flags {
+            return false;
+        }
+        let old = slot.swap(flags, Relaxed);
         if old == flags {
             return false;
         }
@@ -66,6 +80,12 @@ impl CountWindow {
             self.slow.fetch_add(s, Relaxed);
         }
         true
+    }
+
+    /// `count % size`.
+    #[inline(always)]
+    fn index(&self, count: u32) -> usize {
+        remainder(self.magic, count, self.slots.len() as u64) as usize
     }
 
     pub(crate) fn counts(&self) -> Counts {
@@ -196,6 +216,34 @@ impl TimeWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The slot is the record count modulo the size, for every size and count.
+        #[test]
+        fn index_is_the_remainder(size in 1u32..=1_000_000, count in proptest::prelude::any::<u32>()) {
+            let w = CountWindow::new(size);
+            proptest::prop_assert_eq!(w.index(count), (count % size) as usize);
+        }
+    }
+
+    #[test]
+    fn index_is_the_remainder_at_the_edges() {
+        for size in [1, 2, 3, 7, 100, 1 << 16, u32::MAX / 2, u32::MAX] {
+            let magic = (u64::MAX / u64::from(size)).wrapping_add(1);
+            for count in [
+                0,
+                1,
+                size - 1,
+                size,
+                size.wrapping_add(1),
+                u32::MAX - 1,
+                u32::MAX,
+            ] {
+                let index = remainder(magic, count, u64::from(size));
+                assert_eq!(index, u64::from(count % size), "size {size}, count {count}");
+            }
+        }
+    }
 
     #[test]
     fn count_window_keeps_the_last_n() {
