@@ -57,8 +57,9 @@ impl CircuitOpen {
     /// [`retry_at`](Self::retry_at)); zero when that moment has passed. For a
     /// `Retry-After` header, round it up to whole seconds.
     pub fn retry_after(&self) -> Option<Duration> {
-        self.retry_at()
-            .map(|at| at.saturating_duration_since(Instant::now()))
+        let now = self.shared.now();
+        (self.until != super::state::NO_RETRY)
+            .then(|| Duration::from_nanos(self.until.saturating_sub(now)))
     }
 }
 

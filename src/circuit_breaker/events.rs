@@ -135,8 +135,14 @@ impl Events {
     /// Delivers an event to callbacks and channels; call only after
     /// [`is_active`](Self::is_active) said yes.
     #[cold]
-    pub(crate) fn emit(&self, breaker: &Arc<str>, kind: EventKind, retry_at: Option<Instant>) {
-        let event = self.publish(breaker, kind, retry_at);
+    pub(crate) fn emit(
+        &self,
+        breaker: &Arc<str>,
+        kind: EventKind,
+        at: Instant,
+        retry_at: Option<Instant>,
+    ) {
+        let event = self.publish(breaker, kind, at, retry_at);
         self.call_back(&event);
     }
 
@@ -146,11 +152,12 @@ impl Events {
         &self,
         breaker: &Arc<str>,
         kind: EventKind,
+        at: Instant,
         retry_at: Option<Instant>,
     ) -> Event {
         let event = Event {
             breaker: breaker.clone(),
-            at: Instant::now(),
+            at,
             kind,
             retry_at,
         };

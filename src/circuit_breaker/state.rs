@@ -3,10 +3,11 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::time::Instant;
+
+use crate::clock::{Clock, TokioClock};
 
 use super::classify::Outcome;
 use super::config::{CircuitBreakerConfig, SlidingWindow};
@@ -78,7 +79,7 @@ const STATE_BITS: u32 = 3;
 const STATE_MASK: u64 = (1 << STATE_BITS) - 1;
 const NO_TIMER: u64 = u64::MAX;
 /// A rejection without a known retry time.
-const NO_RETRY: u64 = u64::MAX;
+pub(crate) const NO_RETRY: u64 = u64::MAX;
 
 #[inline]
 fn state_of(word: u64) -> State {
@@ -135,7 +136,8 @@ struct HalfOpen {
     done: u32,
     failed: u32,
     slow: u32,
-    deadline: Option<Instant>,
+    /// Nanoseconds on the breaker's clock.
+    deadline: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -144,19 +146,20 @@ struct Transitions {
     rng: u64,
 }
 
-/// When a call started; `None` when the configuration does not time calls.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Start(Option<Instant>);
+/// When a call started, in nanoseconds on the breaker's clock; [`Start::NONE`] when the
+/// configuration does not time calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Start(u64);
 
 impl Start {
     /// Not timed.
-    pub(crate) const NONE: Start = Start(None);
+    pub(crate) const NONE: Start = Start(u64::MAX);
 }
 
 /// A breaker's answer to "may this call go ahead?", packed in two plain words so that
 /// it moves through registers: a tag in the low bits of `word`, the generation (closed,
 /// probe) or the rejecting state's code above it, and for a rejection `until`, the time
-/// probes resume (nanoseconds since the breaker's base instant, [`NO_RETRY`] if unknown).
+/// probes resume (nanoseconds on the breaker's clock, [`NO_RETRY`] if unknown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Decision {
     pub(crate) word: u64,
@@ -203,7 +206,8 @@ pub(crate) struct Shared {
     pub(crate) times_calls: bool,
     word: AtomicU64,
     window: Window,
-    base: Instant,
+    /// Every time the breaker reads: tokio's (paused in tests), read cheaply.
+    clock: TokioClock,
     open_until: AtomicU64,
     timer_gen: AtomicU64,
     rejected: AtomicU64,
@@ -241,7 +245,7 @@ impl Shared {
             times_calls: config.slow_call_duration.is_some(),
             word: AtomicU64::new(word(0, State::Closed)),
             window,
-            base: Instant::now(),
+            clock: TokioClock::new(),
             open_until: AtomicU64::new(0),
             timer_gen: AtomicU64::new(NO_TIMER),
             rejected: AtomicU64::new(0),
@@ -255,14 +259,14 @@ impl Shared {
         }
     }
 
-    fn nanos(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.base)
-            .as_nanos()
-            .min(u128::from(u64::MAX)) as u64
+    /// Now, in nanoseconds on the breaker's clock.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.now_nanos()
     }
 
     fn instant(&self, nanos: u64) -> Instant {
-        self.base + Duration::from_nanos(nanos)
+        self.clock.instant(nanos)
     }
 
     pub(crate) fn state(&self) -> State {
@@ -311,7 +315,7 @@ impl Shared {
                     // which only succeeds while the word is still this open period's, so a
                     // stale reading or a late timer can never move a newer period.
                     let until = self.open_until.load(Relaxed);
-                    if self.nanos(Instant::now()) >= until {
+                    if self.now() >= until {
                         self.transition(Some(w), State::HalfOpen);
                         continue;
                     }
@@ -324,7 +328,7 @@ impl Shared {
                     }
                     // Without a timer task, the half-open deadline is enforced here.
                     let expired = self.timer_gen.load(Relaxed) != generation
-                        && ho.deadline.is_some_and(|d| Instant::now() >= d);
+                        && ho.deadline.is_some_and(|d| self.now() >= d);
                     if expired {
                         drop(ho);
                         self.transition(Some(w), State::Open);
@@ -360,6 +364,7 @@ impl Shared {
         self.events.emit(
             &self.name,
             EventKind::CallRejected { state },
+            self.instant(self.now()),
             self.retry_at(until),
         );
     }
@@ -370,27 +375,34 @@ impl Shared {
 
     /// Whether a call that started at `start` (read only when slow-call detection is on)
     /// and ends now was slow, and the time now if it had to be read.
-    fn slowness(&self, start: Start) -> (bool, Option<Instant>) {
-        match (start.0, self.config.slow_call_duration) {
-            (Some(start), Some(limit)) => {
-                let now = Instant::now();
-                (now.saturating_duration_since(start) >= limit, Some(now))
+    fn slowness(&self, start: Start) -> (bool, Option<u64>) {
+        match (start, self.config.slow_call_duration) {
+            (Start::NONE, _) | (_, None) => (false, None),
+            (Start(start), Some(limit)) => {
+                let now = self.now();
+                (
+                    now.saturating_sub(start) >= crate::util::nanos(limit),
+                    Some(now),
+                )
             }
-            _ => (false, None),
         }
     }
 
     /// When a call starts: read only if slow-call detection is on.
     #[inline]
     pub(crate) fn start(&self) -> Start {
-        Start(self.times_calls.then(Instant::now))
+        if self.times_calls {
+            Start(self.now())
+        } else {
+            Start::NONE
+        }
     }
 
     /// Records the outcome of a call admitted in the closed state of `generation`.
     #[inline]
     pub(crate) fn record_closed(self: &Arc<Self>, generation: u64, outcome: Outcome, start: Start) {
         let expected = word(generation, State::Closed);
-        if let (Window::Count(w), Start(None)) = (&self.window, start) {
+        if let (Window::Count(w), Start::NONE) = (&self.window, start) {
             // The common case: no clock to read, a lock-free window.
             #[cfg(feature = "metrics")]
             self.metrics.outcome(outcome, false);
@@ -429,8 +441,8 @@ impl Shared {
                 w.counts()
             }
             Window::Time(w) => {
-                let now = now.unwrap_or_else(Instant::now);
-                w.record(self.nanos(now), flags)
+                let now = now.unwrap_or_else(|| self.now());
+                w.record(now, flags)
             }
         };
         self.check_thresholds(expected, counts);
@@ -509,14 +521,14 @@ impl Shared {
         let from = state_of(current);
         let generation = gen_of(current) + 1;
         let next = word(generation, to);
-        let now = Instant::now();
+        let now = self.now();
         // Set up everything the new state needs, then publish it with one release store.
         match to {
             State::Closed => {
                 tr.consecutive_trips = 0;
                 match &self.window {
                     Window::Count(w) => w.reset(),
-                    Window::Time(w) => w.reset(self.nanos(now)),
+                    Window::Time(w) => w.reset(now),
                 }
                 self.timer_gen.store(NO_TIMER, Relaxed);
             }
@@ -524,15 +536,15 @@ impl Shared {
                 tr.consecutive_trips = tr.consecutive_trips.saturating_add(1);
                 let unit = next_unit(&mut tr.rng);
                 let wait = self.config.wait.wait(tr.consecutive_trips, unit);
-                let until = now.checked_add(wait).unwrap_or(now + super::MAX_DURATION);
-                self.open_until.store(self.nanos(until), Relaxed);
+                let until = now.saturating_add(crate::util::nanos(wait.min(super::MAX_DURATION)));
+                self.open_until.store(until, Relaxed);
                 self.arm_timer(generation, until, next, State::HalfOpen);
             }
             State::HalfOpen => {
                 let deadline = self
                     .config
                     .max_wait_in_half_open
-                    .map(|d| now.checked_add(d).unwrap_or(now + super::MAX_DURATION));
+                    .map(|d| now.saturating_add(crate::util::nanos(d.min(super::MAX_DURATION))));
                 *self.half_open.lock() = HalfOpen {
                     generation,
                     available: self.config.permitted_calls_in_half_open,
@@ -564,6 +576,7 @@ impl Shared {
             self.events.publish(
                 &self.name,
                 EventKind::StateTransition { from, to },
+                self.instant(now),
                 retry_at,
             )
         });
@@ -578,12 +591,13 @@ impl Shared {
     /// state, events and metrics follow time without calls. The open state does not depend
     /// on it (a rejection compares the clock with the deadline); the half-open deadline,
     /// without a timer (no runtime), is checked by the admission path.
-    fn arm_timer(self: &Arc<Self>, generation: u64, deadline: Instant, expected: u64, to: State) {
+    fn arm_timer(self: &Arc<Self>, generation: u64, deadline: u64, expected: u64, to: State) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             self.timer_gen.store(NO_TIMER, Relaxed);
             return;
         };
         self.timer_gen.store(generation, Relaxed);
+        let deadline = self.instant(deadline);
         let guard = TimerGuard {
             shared: Arc::downgrade(self),
             generation,
@@ -602,7 +616,7 @@ impl Shared {
         let state = state_of(w);
         let counts = match &self.window {
             Window::Count(win) => win.counts(),
-            Window::Time(win) => win.counts(self.nanos(Instant::now())),
+            Window::Time(win) => win.counts(self.now()),
         };
         let rate = |n: u64| {
             (counts.total > 0 && counts.total >= u64::from(self.config.minimum_calls))
