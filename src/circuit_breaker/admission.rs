@@ -35,10 +35,22 @@ impl Admission {
         Self { decision, probe }
     }
 
-    /// Whether no decision has been taken yet.
+    /// Takes a decision in place, if none is held (the layer's `poll_ready`): the closed
+    /// path writes one word pair and nothing else.
     #[inline(always)]
-    pub(crate) fn is_none(&self) -> bool {
-        self.decision == Decision::NONE
+    pub(crate) fn ask_if_none(&mut self, breaker: &Breaker) {
+        if self.decision == Decision::NONE {
+            let shared = &breaker.shared;
+            self.decision = shared.admit();
+            if self.decision.tag() == Decision::PROBE {
+                self.hold_probe(shared);
+            }
+        }
+    }
+
+    #[cold]
+    fn hold_probe(&mut self, shared: &Arc<Shared>) {
+        self.probe = Some(ProbePermit::new(shared.clone(), self.decision.generation()));
     }
 
     /// Whether the breaker refused.

@@ -127,9 +127,7 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Decided once per call: at the first `poll_ready` after the previous `call`. A
         // reserved probe permit is thereby kept until it is used or the service dropped.
-        if self.admission.is_none() {
-            self.admission = Admission::ask(&self.breaker);
-        }
+        self.admission.ask_if_none(&self.breaker);
         if self.admission.rejects() {
             return Poll::Ready(Ok(()));
         }
