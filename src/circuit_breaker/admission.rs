@@ -79,6 +79,23 @@ impl Admission {
         }
     }
 
+    /// The rejection, when the breaker refused (a rejection is not checked again: the
+    /// breaker said no, and a retry after it moved is the caller's to make); `None`
+    /// otherwise.
+    #[inline(always)]
+    pub(crate) fn take_rejection(&mut self, breaker: &Breaker) -> Option<CircuitOpen> {
+        if self.decision.tag() == Decision::REJECTED {
+            let decision = std::mem::replace(&mut self.decision, Decision::NONE);
+            Some(CircuitOpen::new(
+                breaker.shared.clone(),
+                decision.rejecting_state(),
+                decision.until,
+            ))
+        } else {
+            None
+        }
+    }
+
     /// The call starts now: the decision is taken again if the breaker moved since it was
     /// taken (a pending inner service can take long), so that a breaker that opened
     /// meanwhile is not bypassed; then a [`Ticket`], or the rejection.

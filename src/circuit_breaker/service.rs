@@ -143,14 +143,17 @@ where
             Some(ticket) => {
                 ResponseFuture::called(self.inner.call(request), ticket, self.classifier.clone())
             }
-            None => self.call_other(request),
+            None => match self.admission.take_rejection(&self.breaker) {
+                Some(open) => ResponseFuture::rejected(open),
+                None => self.call_other(request),
+            },
         }
     }
 }
 
 impl<S, C, M> CircuitBreaker<S, C, M> {
-    /// Every call not admitted closed: a probe, a disabled breaker, a rejection, or a
-    /// decision that no longer holds.
+    /// Every call neither admitted closed nor rejected: a probe, a disabled breaker, or a
+    /// closed admission that no longer holds.
     #[cold]
     #[inline(never)]
     fn call_other<Request>(&mut self, request: Request) -> ResponseFuture<S::Future, C, M>
