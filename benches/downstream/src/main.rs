@@ -1,6 +1,16 @@
-//! `count <case> <iterations>`: runs one case, for instruction counts under callgrind
-//! (run twice with different iteration counts; the difference over the extra iterations is
-//! the cost of one call, setup excluded).
+//! `count <case> <iterations>`: runs one case and prints the CPU time per call, read from
+//! `/proc/thread-self/schedstat` (nanoseconds on a CPU, so time the thread spent preempted
+//! by other processes does not count: steadier than wall time on a shared machine). Under
+//! `valgrind --tool=callgrind`, run it twice with different iteration counts: the
+//! difference over the extra iterations is one call's instructions, setup excluded.
+
+use std::time::Duration;
+
+/// Nanoseconds this thread has run on a CPU (Linux), if readable.
+fn cpu_nanos() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    stat.split_whitespace().next()?.parse().ok()
+}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -10,6 +20,19 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .expect("iterations");
     let rt = seawall_downstream_bench::runtime();
-    let took = seawall_downstream_bench::with_case(&rt, &case, |drive| drive(iters));
-    eprintln!("{case}: {iters} calls in {took:?}");
+    let (wall, cpu) = seawall_downstream_bench::with_case(&rt, &case, |drive| {
+        drive(iters.min(100_000)); // warm up
+        let before = cpu_nanos();
+        let wall: Duration = drive(iters);
+        (wall, before.zip(cpu_nanos()).map(|(b, a)| a - b))
+    });
+    let per_call = |nanos: u128| nanos as f64 / iters as f64;
+    match cpu {
+        Some(cpu) => println!(
+            "{case}: {:.1} ns CPU, {:.1} ns wall per call",
+            per_call(u128::from(cpu)),
+            per_call(wall.as_nanos())
+        ),
+        None => println!("{case}: {:.1} ns wall per call", per_call(wall.as_nanos())),
+    }
 }
