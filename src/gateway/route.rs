@@ -280,6 +280,7 @@ impl PerClient {
 impl Limit<Request<Body>> for PerClient {
     /// `None` when nothing further in can refuse, or for the shared bucket.
     type Charge = Option<KeyedCharge<ClientId, TokioClock>>;
+    type Check = Decision<Self::Charge>;
 
     fn check(&self, request: &Request<Body>, tokens: u32) -> Decision<Self::Charge> {
         let id = match self.keying.key(request) {

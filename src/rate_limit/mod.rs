@@ -132,7 +132,7 @@ pub use keyed::{
 };
 #[cfg(feature = "redis")]
 pub(crate) use keyed::{KeyOf, key_of};
-pub use limit::{Decision, Limit, LimitLayer, LimitService};
+pub use limit::{Decision, Limit, LimitLayer, LimitService, Outcome, Proceed};
 pub use local::{
     Admitted, Charge, Mode, RateLimit, RateLimitLayer, RateLimiter, Reservation, Taken,
 };

@@ -23,8 +23,9 @@ pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
 pub(crate) use key::{parse_net, peer_of};
 pub(crate) use layer::refusal_headers;
 pub use layer::{
-    HttpRateLimit, HttpRateLimitLayer, OnMissingKey, PerKey, RATELIMIT, RATELIMIT_POLICY,
-    RefusalBody, Refused, ResponseFuture, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
+    DeferredResponse, HeaderSettings, HttpRateLimit, HttpRateLimitLayer, OnMissingKey, PerKey,
+    RATELIMIT, RATELIMIT_POLICY, RefusalBody, Refused, Respond, ResponseFuture, X_RATELIMIT_LIMIT,
+    X_RATELIMIT_REMAINING,
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
