@@ -43,13 +43,18 @@ pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-rateli
 /// between, the token is out of the bucket). So a client refused by its own per-client
 /// limit does not drain the global one for everybody else. The outer layer's headers on
 /// such a 429 describe its bucket as it was with the token taken. The inner service's
-/// error type is kept: this layer adds no error. A
-/// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer) marks its refusals
-/// [`Refused`] too, so local layers outside it refund; it does not refund itself
-/// (a refund would be another round trip to Redis): put it innermost. The 429 body is an
-/// RFC 9457 `application/problem+json` document (any [`ProblemBody`]), and the 429
-/// carries [`Refused`] in its extensions. A [`PerKey`] request without a key is answered
-/// per [`OnMissingKey`]: `500` by default, never silently unlimited.
+/// error type is kept: this layer adds no error. The 429 body is an RFC 9457
+/// `application/problem+json` document (any [`ProblemBody`]), and the 429 carries
+/// [`Refused`] in its extensions. A [`PerKey`] request without a key is answered per
+/// [`OnMissingKey`]: `500` by default, never silently unlimited.
+///
+/// Over the Redis-backed limiter (feature `redis`: `HttpRateLimitLayer::new(limiter)` for
+/// one global bucket, `HttpRateLimitLayer::new(limiter.per_key(extractor))` per key; see
+/// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer)) the answers are the same,
+/// after one round trip, and a `503` with `Retry-After: 1` when Redis cannot answer and
+/// the limiter fails closed. Its refusals are marked [`Refused`] too, so local layers
+/// outside it refund; it does not refund itself (a refund would be another round trip to
+/// Redis): put it innermost.
 ///
 /// ```
 /// use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer};
@@ -73,7 +78,7 @@ pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-rateli
 /// ```
 #[derive(Clone)]
 pub struct HttpRateLimitLayer<L> {
-    limit: L,
+    pub(super) limit: L,
     settings: HeaderSettings,
 }
 

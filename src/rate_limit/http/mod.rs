@@ -4,6 +4,8 @@
 //!   `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers of
 //!   draft-ietf-httpapi-ratelimit-headers-09, and adds the same headers to admitted
 //!   responses (optionally Kong's `X-RateLimit-Limit` / `X-RateLimit-Remaining` too).
+//!   Over any [`Limit`](super::Limit): local, keyed, sharded, or (feature `redis`) kept
+//!   in Redis for a fleet.
 //! * Key extractors: [`ClientIp`] (the peer address, or what trusted proxies report in
 //!   `Forwarded` / `X-Forwarded-For`), [`HeaderKey`] (an API key header) and [`PathKey`]
 //!   (the route).
