@@ -11,6 +11,9 @@
 //! and against a Redis Cluster of 3 masters. Each step prints the redis-server CPU (from
 //! `INFO`) and this process's, since client and servers share the machine's cores.
 //!
+//! After `1 caller`, the same checks through the generic tower layer and (with the `http`
+//! feature) the HTTP layer, over the limiter per key.
+//!
 //! `cargo bench --features redis --bench redis_limit` (steps of 0.6 s, as CI runs it);
 //! `REDIS_BENCH_LONG=1 cargo bench --features redis --bench redis_limit` (steps of 3 s).
 #![allow(clippy::disallowed_types)] // std's Instant: real time against a real server
@@ -536,6 +539,56 @@ async fn connect(port: u16) -> redis::aio::MultiplexedConnection {
     }
 }
 
+/// The same checks as `1 caller`, through the generic tower layer over the limiter per
+/// key: the round trip plus what the layer adds (a ready clone of the inner service held
+/// while the check is out, the boxed check).
+async fn through_layer(limiter: &RedisRateLimiter) {
+    use tower::{Layer, Service, ServiceExt};
+
+    let inner = tower::service_fn(|k: &'static str| async move { Ok::<_, seawall::BoxError>(k) });
+    let mut svc =
+        seawall::rate_limit::LimitLayer::new(limiter.per_key(|k: &&'static str| Some(*k)))
+            .layer(inner);
+    let mut latencies = Vec::with_capacity(CHECKS);
+    let start = Instant::now();
+    for i in 0..CHECKS {
+        let t = Instant::now();
+        let ready = svc.ready().await.expect("ready");
+        let r = ready.call(if i % 2 == 0 { "a" } else { "b" }).await;
+        latencies.push(t.elapsed());
+        assert!(r.is_ok(), "check {i}: {r:?}");
+    }
+    report("1 caller, tower layer", latencies, start.elapsed());
+}
+
+/// The same checks through the HTTP layer (features `http` and `redis`), keyed on a
+/// header: the round trip plus the layer and the rate-limit headers of the answer.
+#[cfg(feature = "http")]
+async fn through_http_layer(limiter: &RedisRateLimiter) {
+    use seawall::rate_limit::http::{HeaderKey, HttpRateLimitLayer};
+    use tower::{Layer, Service, ServiceExt};
+
+    let inner = tower::service_fn(|_: http::Request<()>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    });
+    let key = HeaderKey(http::HeaderName::from_static("x-key"));
+    let mut svc = HttpRateLimitLayer::new(limiter.per_key(key)).layer(inner);
+    let mut latencies = Vec::with_capacity(CHECKS);
+    let start = Instant::now();
+    for i in 0..CHECKS {
+        let request = http::Request::builder()
+            .header("x-key", if i % 2 == 0 { "a" } else { "b" })
+            .body(())
+            .expect("request");
+        let t = Instant::now();
+        let ready = svc.ready().await.expect("ready");
+        let r = ready.call(request).await.expect("answered");
+        latencies.push(t.elapsed());
+        assert_eq!(r.status(), 200, "check {i}");
+    }
+    report("1 caller, HTTP layer", latencies, start.elapsed());
+}
+
 fn main() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -581,6 +634,9 @@ fn main() {
             assert!(matches!(r, Ok((_, Source::Redis))), "check {i}: {r:?}");
         }
         report("1 caller", latencies, start.elapsed());
+        through_layer(&limiter).await;
+        #[cfg(feature = "http")]
+        through_http_layer(&limiter).await;
 
         let limiter = Arc::new(limiter);
         let start = Instant::now();

@@ -9,14 +9,14 @@
 //!
 //! The soak starts a `redis-server` on a free loopback port and three upstream instances,
 //! each a child process (this same executable, re-run with `--upstream <port> --redis <url>
-//! --id <n>`) that serves through [`HttpRedisRateLimitLayer`] with a fleet-wide limit high
-//! enough never to refuse the steady load, failing open to a local share. Each answer says
-//! which instance gave it (`x-instance`) and where its limit decision came from
-//! (`x-limit-source: redis|local`, inferred from the limiter's breaker: the layer does not
-//! expose the decision's source). The upstreams are registered in an in-process
-//! [`Registry`] that the gateway follows. 16 client tasks send requests on keep-alive
-//! connections through the gateway, whose route has a 1 s timeout, a breaker per endpoint,
-//! outlier ejection and a fallback.
+//! --id <n>`) that serves through [`HttpRateLimitLayer`] over the Redis limiter, with a
+//! fleet-wide limit high enough never to refuse the steady load, failing open to a local
+//! share. Each answer says which instance gave it (`x-instance`) and where its limit
+//! decision came from (`x-limit-source: redis|local`, inferred from the limiter's
+//! breaker: the layer does not expose the decision's source). The upstreams are
+//! registered in an in-process [`Registry`] that the gateway follows. 16 client tasks send
+//! requests on keep-alive connections through the gateway, whose route has a 1 s timeout,
+//! a breaker per endpoint, outlier ejection and a fallback.
 //!
 //! Every few seconds a fault, drawn with a seeded xorshift (the seed is printed; `--seed`
 //! replays it): kill and restart an upstream, kill and restart Redis, stall an upstream
@@ -58,7 +58,7 @@ use seawall::BoxError;
 use seawall::circuit_breaker::{CircuitBreakerConfig, SlidingWindow, State};
 use seawall::discovery::{Instance, Registration, Registry};
 use seawall::gateway::{Discovery, FALLBACK_HEADER, Gateway, GatewayConfig, GatewayHandle};
-use seawall::rate_limit::http::HttpRedisRateLimitLayer;
+use seawall::rate_limit::http::HttpRateLimitLayer;
 use seawall::rate_limit::redis::{FailurePolicy, RedisRateLimiter};
 use seawall::rate_limit::{Quota, Rate};
 use tokio::net::{TcpListener, TcpStream};
@@ -164,7 +164,7 @@ async fn upstream(port: u16, redis_url: String, id: String) -> Result<(), BoxErr
         })
     };
     let key = |_: &Request<Incoming>| Some("soak");
-    let service = HttpRedisRateLimitLayer::new(limiter, key)
+    let service = HttpRateLimitLayer::new(limiter.per_key(key))
         .name("soak")
         .layer(inner);
     loop {

@@ -26,7 +26,7 @@ use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
 use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
 #[cfg(feature = "redis")]
-use super::shared_limit::{ClientKey as RedisClientKey, GlobalKey, MaybeRedis, SharedLimit};
+use super::shared_limit::{ClientKey as RedisClientKey, MaybeRedis, SharedLimit};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
 use super::trace::TraceSettings;
 use crate::BoxError;
@@ -39,6 +39,8 @@ use crate::fallback::{FallbackLayer, FromFn};
 #[cfg(feature = "redis")]
 use crate::rate_limit::Quota;
 use crate::rate_limit::http::{ClientIp, HeaderKey, HttpRateLimit, HttpRateLimitLayer, Refused};
+#[cfg(feature = "redis")]
+use crate::rate_limit::redis::{RedisLimit, RedisRateLimiter};
 use crate::rate_limit::{
     BoundedKey, Decision, KeyedCharge, KeyedRateLimiter, Limit, RateLimiter, TokioClock,
 };
@@ -48,13 +50,14 @@ type MakeUpstream = Box<dyn FnMut(&Instance) -> Upstream + Send>;
 type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, UpstreamClassifier>;
 /// A route's tower stack: global limit → per-client limit → (with `policy = "redis"`)
 /// the global and per-client limits in Redis → [`Core`]. Concrete, so a request costs no
-/// boxed service clone and one boxed future (the core's) in all, plus one per Redis limit.
+/// boxed service clone and one boxed future (the core's) in all, plus one per Redis limit
+/// (its round trip) and a clone of the services below it.
 type Stack = HttpRateLimit<HttpRateLimit<Shared, Option<PerClient>>, Option<RateLimiter>>;
 
 /// The limits kept in Redis, innermost: the local ones outside hand their tokens back
 /// when these refuse.
 #[cfg(feature = "redis")]
-type Shared = MaybeRedis<MaybeRedis<Core, RedisClientKey>, GlobalKey>;
+type Shared = MaybeRedis<MaybeRedis<Core, RedisLimit<RedisClientKey>>, RedisRateLimiter>;
 #[cfg(not(feature = "redis"))]
 type Shared = Core;
 
@@ -280,6 +283,7 @@ impl PerClient {
 impl Limit<Request<Body>> for PerClient {
     /// `None` when nothing further in can refuse, or for the shared bucket.
     type Charge = Option<KeyedCharge<ClientId, TokioClock>>;
+    type Check = Decision<Self::Charge>;
 
     fn check(&self, request: &Request<Body>, tokens: u32) -> Decision<Self::Charge> {
         let id = match self.keying.key(request) {
@@ -501,7 +505,7 @@ impl Route {
             };
             match &redis_global {
                 Some((limit, ..)) => {
-                    MaybeRedis::On(limit.layer(GlobalKey, "global", hide).layer(inner))
+                    MaybeRedis::On(limit.global_layer("global", hide).layer(inner))
                 }
                 None => MaybeRedis::Off(inner),
             }
@@ -603,8 +607,8 @@ impl Route {
         #[cfg(feature = "redis")]
         let core = {
             let per_client = per_client.get_mut().get_mut();
-            if let Some(key) = per_client.extractor_mut() {
-                key.0.client = client;
+            if let Some(limit) = per_client.limit_mut() {
+                limit.extractor_mut().0.client = client;
             }
             per_client.get_mut()
         };

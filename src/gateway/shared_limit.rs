@@ -1,10 +1,11 @@
 //! Limits with `policy = "redis"`: buckets kept in Redis, shared by every replica of the
 //! gateway (features `gateway` and `redis`).
 //!
-//! Each such limit is an [`HttpRedisRateLimit`] placed innermost in the route's stack,
-//! after the local limits (which hand their tokens back when it refuses: a Redis token is
-//! never refunded, see [the Redis limiter](crate::rate_limit::redis)), so its answers are
-//! the library's: `429` with `Retry-After` and the `RateLimit` headers, `503` with
+//! Each such limit is the library's [`HttpRateLimit`] over the Redis limiter (global, or
+//! per client through a [`RedisLimit`]), placed innermost in the route's stack, after the
+//! local limits (which hand their tokens back when it refuses: a Redis token is never
+//! refunded, see [the Redis limiter](crate::rate_limit::redis)), so its answers are the
+//! library's: `429` with `Retry-After` and the `RateLimit` headers, `503` with
 //! `Retry-After: 1` when Redis cannot answer and the limit fails closed.
 
 use std::convert::Infallible;
@@ -16,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
+use pin_project_lite::pin_project;
 use sha2::{Digest, Sha256};
 use tower::Service;
 
@@ -24,22 +26,19 @@ use super::config::{RedisFailure, RedisSettings};
 use super::route::{ClientKeyOf, ClientKeying};
 use super::status::RedisLimitStatus;
 use crate::BoxError;
-use crate::rate_limit::http::{HttpRedisRateLimit, HttpRedisRateLimitLayer};
-use crate::rate_limit::redis::{FailurePolicy, RedisRateLimiter};
+use crate::rate_limit::http::{HttpRateLimit, HttpRateLimitLayer};
+use crate::rate_limit::redis::{FailurePolicy, RedisLimit, RedisRateLimiter};
 use crate::rate_limit::{INLINE_KEY_BYTES, KeyExtractor, Quota, Rate};
 
-/// The future of every service in a route's stack below the local limits.
-pub(crate) type RouteFuture =
-    Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-/// A Redis limit, or none: `Off` adds nothing (not even a box) to a route without one.
+/// A Redis limit `L` (the global limiter, or a [`RedisLimit`] per client), or none: `Off`
+/// adds nothing (not even a clone of the inner service) to a route without one.
 #[derive(Clone)]
-pub(crate) enum MaybeRedis<S, E> {
+pub(crate) enum MaybeRedis<S, L> {
     Off(S),
-    On(HttpRedisRateLimit<S, E>),
+    On(HttpRateLimit<S, L>),
 }
 
-impl<S, E> MaybeRedis<S, E> {
+impl<S, L> MaybeRedis<S, L> {
     pub(crate) fn get_mut(&mut self) -> &mut S {
         match self {
             Self::Off(inner) => inner,
@@ -47,26 +46,24 @@ impl<S, E> MaybeRedis<S, E> {
         }
     }
 
-    pub(crate) fn extractor_mut(&mut self) -> Option<&mut E> {
+    /// The limit, to set per-request state on (the client's address).
+    pub(crate) fn limit_mut(&mut self) -> Option<&mut L> {
         match self {
             Self::Off(_) => None,
-            Self::On(limit) => Some(limit.extractor_mut()),
+            Self::On(limit) => Some(limit.limit_mut()),
         }
     }
 }
 
-impl<S, E> Service<Request<Body>> for MaybeRedis<S, E>
+impl<S, L> Service<Request<Body>> for MaybeRedis<S, L>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = RouteFuture>
-        + Clone
-        + Send
-        + 'static,
-    E: KeyExtractor<Request<Body>>,
-    E::Key: fmt::Display,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    HttpRateLimit<S, L>: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = RouteFuture;
+    type Future =
+        MaybeRedisFuture<S::Future, <HttpRateLimit<S, L> as Service<Request<Body>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         match self {
@@ -75,23 +72,36 @@ where
         }
     }
 
-    fn call(&mut self, request: Request<Body>) -> RouteFuture {
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
         match self {
-            Self::Off(inner) => inner.call(request),
-            Self::On(limit) => limit.call(request),
+            Self::Off(inner) => MaybeRedisFuture::Off {
+                future: inner.call(request),
+            },
+            Self::On(limit) => MaybeRedisFuture::On {
+                future: limit.call(request),
+            },
         }
     }
 }
 
-/// The one key of a route's global Redis limit.
-#[derive(Clone, Copy)]
-pub(crate) struct GlobalKey;
+pin_project! {
+    /// The future of a [`MaybeRedis`]: the inner service's, or the Redis limit's (which
+    /// holds its round trip, boxed, and then the inner service's).
+    #[project = MaybeRedisProj]
+    pub(crate) enum MaybeRedisFuture<A, B> {
+        Off { #[pin] future: A },
+        On { #[pin] future: B },
+    }
+}
 
-impl<B> KeyExtractor<Request<B>> for GlobalKey {
-    type Key = &'static str;
+impl<A: Future, B: Future<Output = A::Output>> Future for MaybeRedisFuture<A, B> {
+    type Output = A::Output;
 
-    fn extract(&self, _: &Request<B>) -> Option<&'static str> {
-        Some("all")
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<A::Output> {
+        match self.project() {
+            MaybeRedisProj::Off { future } => future.poll(cx),
+            MaybeRedisProj::On { future } => future.poll(cx),
+        }
     }
 }
 
@@ -186,14 +196,25 @@ impl SharedLimit {
         })
     }
 
-    /// The layer answering for this limit.
+    /// The layer answering for this limit per client, keyed by `extractor`.
     pub(crate) fn layer<E>(
         &self,
         extractor: E,
         name: &str,
         hide: bool,
-    ) -> HttpRedisRateLimitLayer<E> {
-        HttpRedisRateLimitLayer::new(self.limiter.clone(), extractor)
+    ) -> HttpRateLimitLayer<RedisLimit<E>> {
+        HttpRateLimitLayer::new(self.limiter.per_key(extractor))
+            .name(name)
+            .hide_headers(hide)
+    }
+
+    /// The layer answering for this limit as one global bucket.
+    pub(crate) fn global_layer(
+        &self,
+        name: &str,
+        hide: bool,
+    ) -> HttpRateLimitLayer<RedisRateLimiter> {
+        HttpRateLimitLayer::new(self.limiter.clone())
             .name(name)
             .hide_headers(hide)
     }

@@ -1,4 +1,5 @@
-//! The response future of [`RateLimit`](super::RateLimit).
+//! The response futures of the tower rate-limit layers: [`ResponseFuture`] for a limit that
+//! decides at once, [`Deferred`] for one that answers after a round trip.
 
 use std::fmt;
 use std::future::Future;
@@ -7,8 +8,10 @@ use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 
-use super::Refund;
+use tower::Service;
+
 use super::error::RateLimited;
+use super::{Decision, Refund};
 use crate::BoxError;
 
 pin_project! {
@@ -28,6 +31,7 @@ pin_project! {
         Called { #[pin] future: F, charge: Option<R> },
         Refused { error: Option<RateLimited> },
         MissingKey,
+        Failed { error: Option<BoxError> },
     }
 }
 
@@ -47,6 +51,13 @@ impl<F, R> ResponseFuture<F, R> {
     pub(crate) fn refused(error: RateLimited) -> Self {
         Self {
             kind: Kind::Refused { error: Some(error) },
+        }
+    }
+
+    /// Refused with the limit's own error ([`Decision::Unavailable`]).
+    pub(crate) fn failed(error: BoxError) -> Self {
+        Self {
+            kind: Kind::Failed { error: Some(error) },
         }
     }
 }
@@ -87,6 +98,84 @@ where
                     .expect("rate limit ResponseFuture polled after completion"),
             ))),
             KindProj::MissingKey => Poll::Ready(Err(Box::new(super::MissingKey))),
+            KindProj::Failed { error } => Poll::Ready(Err(error
+                .take()
+                .expect("rate limit ResponseFuture polled after completion"))),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`LimitService`](super::LimitService) over a limit whose check
+    /// is a round trip (the Redis limiter): waits for the decision, holding a ready clone
+    /// of the inner service and the request, then answers it as [`ResponseFuture`] does.
+    pub struct Deferred<C, S, Request, F, Ch> {
+        #[pin]
+        state: DeferredState<C, S, Request, F, Ch>,
+    }
+}
+
+pin_project! {
+    #[project = DeferredProj]
+    enum DeferredState<C, S, Request, F, Ch> {
+        Checking {
+            #[pin]
+            check: C,
+            inner: Option<S>,
+            request: Option<Request>,
+            layer: &'static str,
+        },
+        Answered { #[pin] future: ResponseFuture<F, Ch> },
+    }
+}
+
+impl<C, S, Request, F, Ch> Deferred<C, S, Request, F, Ch> {
+    pub(crate) fn new(check: C, inner: S, request: Request, layer: &'static str) -> Self {
+        Self {
+            state: DeferredState::Checking {
+                check,
+                inner: Some(inner),
+                request: Some(request),
+                layer,
+            },
+        }
+    }
+}
+
+impl<C, S, Request, F, Ch> fmt::Debug for Deferred<C, S, Request, F, Ch> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deferred").finish_non_exhaustive()
+    }
+}
+
+impl<C, S, Request, T, E, Ch> Future for Deferred<C, S, Request, S::Future, Ch>
+where
+    C: Future<Output = Decision<Ch>>,
+    S: Service<Request, Response = T, Error = E>,
+    E: Into<BoxError>,
+    Ch: Refund,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                DeferredProj::Checking {
+                    check,
+                    inner,
+                    request,
+                    layer,
+                } => {
+                    let decision = std::task::ready!(check.poll(cx));
+                    let mut inner = inner.take().expect("Deferred polled after completion");
+                    let request = request.take().expect("Deferred polled after completion");
+                    DeferredState::Answered {
+                        future: super::limit::answer(&mut inner, decision, request, layer),
+                    }
+                }
+                DeferredProj::Answered { future } => return future.poll(cx),
+            };
+            self.as_mut().project().state.set(next);
         }
     }
 }

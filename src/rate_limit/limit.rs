@@ -1,12 +1,14 @@
-//! The one trait every local limiter implements, and the tower layer over any of them.
+//! The one trait every limiter implements (the local ones decide at once, the Redis one
+//! after a round trip), and the tower layer over any of them.
 
 use std::fmt;
+use std::future::Future;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tower::{Layer, Service};
 
-use super::future::ResponseFuture;
+use super::future::{Deferred, ResponseFuture};
 use super::wait::LimitWaitLayer;
 use super::{
     Admitted, Charge, Cost, RateLimited, RateLimiter, Refund, ShardedRateLimiter,
@@ -30,6 +32,12 @@ pub enum Decision<Ch> {
     /// ([`OnMissingKey::Reject`](super::OnMissingKey::Reject)): the tower layers fail with
     /// [`MissingKey`](super::MissingKey), the HTTP layers answer `500`. Never let through.
     MissingKey,
+    /// Refused because the limit could not decide: its store did not answer and it fails
+    /// closed (the Redis limiter under
+    /// [`FailurePolicy::FailClosed`](super::redis::FailurePolicy::FailClosed)). The tower
+    /// layers fail with this error, the HTTP layers answer `503` with `Retry-After: 1`.
+    /// Never let through.
+    Unavailable(BoxError),
 }
 
 impl<Ch> From<Result<(Admitted, Ch), RateLimited>> for Decision<Ch> {
@@ -44,15 +52,22 @@ impl<Ch> From<Result<(Admitted, Ch), RateLimited>> for Decision<Ch> {
 
 /// A rate limit a request is checked against: the one interface of the local
 /// ([`RateLimiter`]), keyed ([`PerKey`](super::PerKey) over a
-/// [`KeyedRateLimiter`](super::KeyedRateLimiter)) and sharded ([`ShardedRateLimiter`])
-/// limiters, and of your own.
+/// [`KeyedRateLimiter`](super::KeyedRateLimiter)), sharded ([`ShardedRateLimiter`]) and
+/// Redis-backed (`redis::RedisRateLimiter`, `redis::RedisLimit`) limiters, and of your own.
 ///
 /// The layers are thin wrappers over it: [`LimitLayer`] (a refusal is an error, for any
 /// tower service), [`RateLimitLayer`](super::RateLimitLayer) and
 /// [`KeyedRateLimitLayer`](super::KeyedRateLimitLayer) (the same, built from a quota, with
 /// a waiting mode), and the HTTP layer `http::HttpRateLimitLayer` (a refusal is a `429`
-/// with rate-limit headers). The check is synchronous: the Redis-backed limiter, one round
-/// trip per check, has layers of its own that resolve keys the same way.
+/// with rate-limit headers).
+///
+/// A check answers at once or after a round trip, as its [`Check`](Limit::Check) type
+/// says. A local limit decides in the call: its `Check` is the [`Decision`] itself, and
+/// the layers call the inner service at once, as if the check were written in them (no
+/// allocation, no clone of the service). A limit kept in a store (the Redis limiter, one
+/// round trip) answers with a future of its decision: the layers then hold a ready clone
+/// of the inner service (tower's usual pattern, so the service must be `Clone`) until the
+/// decision comes, and answer it the same way.
 ///
 /// ```
 /// use seawall::rate_limit::{Decision, Limit, LimitLayer, Quota, Rate, RateLimiter, RateLimited};
@@ -64,6 +79,7 @@ impl<Ch> From<Result<(Admitted, Ch), RateLimited>> for Decision<Ch> {
 ///
 /// impl Limit<(&'static str, u32)> for Writes {
 ///     type Charge = <RateLimiter as Limit<()>>::Charge;
+///     type Check = Decision<Self::Charge>;
 ///
 ///     fn check(&self, request: &(&'static str, u32), tokens: u32) -> Decision<Self::Charge> {
 ///         match request.0 {
@@ -91,19 +107,44 @@ pub trait Limit<Request> {
     /// [stacked limits](super#stacked-limits)); `()` for nothing to hand back.
     type Charge: Refund;
 
+    /// What [`check`](Limit::check) returns: `Decision<Self::Charge>` for a limit that
+    /// decides in the call (every local one), or a future of it for a limit that asks a
+    /// store first (see [`Outcome`]).
+    type Check: Outcome<Self::Charge>;
+
     /// Checks `request`, costing `tokens`, and takes them if it is admitted.
-    fn check(&self, request: &Request, tokens: u32) -> Decision<Self::Charge>;
+    fn check(&self, request: &Request, tokens: u32) -> Self::Check;
 }
 
+mod sealed {
+    pub trait Sealed<Ch> {}
+}
+
+/// What a [`Limit`]'s check returns: a [`Decision`] at once, or a future of one. Sealed:
+/// implemented for `Decision<Ch>` and for every `Future<Output = Decision<Ch>>`, the two
+/// shapes the layers know how to answer.
+pub trait Outcome<Ch>: sealed::Sealed<Ch> {}
+
+impl<Ch> sealed::Sealed<Ch> for Decision<Ch> {}
+impl<Ch> Outcome<Ch> for Decision<Ch> {}
+impl<Ch, F: Future<Output = Decision<Ch>>> sealed::Sealed<Ch> for F {}
+impl<Ch, F: Future<Output = Decision<Ch>>> Outcome<Ch> for F {}
+
 /// No limit when `None`: a limit that configuration may leave out keeps one service type.
-impl<Request, L: Limit<Request>> Limit<Request> for Option<L> {
+/// For a limit answering with a future, that future must be buildable from a decision
+/// (`From<Decision<_>>`, as the Redis limiter's is).
+impl<Request, L: Limit<Request>> Limit<Request> for Option<L>
+where
+    L::Check: From<Decision<L::Charge>>,
+{
     type Charge = L::Charge;
+    type Check = L::Check;
 
     #[inline]
-    fn check(&self, request: &Request, tokens: u32) -> Decision<L::Charge> {
+    fn check(&self, request: &Request, tokens: u32) -> L::Check {
         match self {
             Some(limit) => limit.check(request, tokens),
-            None => Decision::Unlimited,
+            None => Decision::Unlimited.into(),
         }
     }
 }
@@ -111,6 +152,7 @@ impl<Request, L: Limit<Request>> Limit<Request> for Option<L> {
 /// One bucket for every request.
 impl<Request, C: Clock> Limit<Request> for RateLimiter<C> {
     type Charge = Charge<C>;
+    type Check = Decision<Charge<C>>;
 
     #[inline]
     fn check(&self, _: &Request, tokens: u32) -> Decision<Charge<C>> {
@@ -121,6 +163,7 @@ impl<Request, C: Clock> Limit<Request> for RateLimiter<C> {
 /// One bucket for every request, split across cores. Its tokens are not refunded.
 impl<Request, C: Clock> Limit<Request> for ShardedRateLimiter<C> {
     type Charge = ();
+    type Check = Decision<()>;
 
     #[inline]
     fn check(&self, _: &Request, tokens: u32) -> Decision<()> {
@@ -131,22 +174,21 @@ impl<Request, C: Clock> Limit<Request> for ShardedRateLimiter<C> {
     }
 }
 
-/// Checks `request` against `limit` and calls `inner` unless it is refused: the one
+/// Answers `decision` for `request`: calls `inner` unless it is refused. The one
 /// check-and-answer of the tower layers ([`LimitService`], [`RateLimit`](super::RateLimit)
-/// in reject mode, [`KeyedRateLimit`](super::KeyedRateLimit)).
+/// in reject mode, [`KeyedRateLimit`](super::KeyedRateLimit)), at once or after a round
+/// trip ([`Deferred`]).
 #[inline]
-pub(crate) fn call<S, L, Request>(
+pub(crate) fn answer<S, Ch, Request>(
     inner: &mut S,
-    limit: &L,
-    tokens: u32,
+    decision: Decision<Ch>,
     request: Request,
     layer: &str,
-) -> ResponseFuture<S::Future, L::Charge>
+) -> ResponseFuture<S::Future, Ch>
 where
     S: Service<Request>,
-    L: Limit<Request>,
 {
-    match limit.check(&request, tokens) {
+    match decision {
         Decision::Admitted(_, charge) => ResponseFuture::called(inner.call(request), Some(charge)),
         Decision::Unlimited => ResponseFuture::called(inner.call(request), None),
         Decision::Refused(refused) => ResponseFuture::refused(refused),
@@ -154,6 +196,49 @@ where
             log_missing_key(layer);
             ResponseFuture::missing_key()
         }
+        Decision::Unavailable(error) => ResponseFuture::failed(error),
+    }
+}
+
+/// How the tower layers go on from a [`Limit`]'s [`Outcome`]: implemented for a
+/// [`Decision`] (the inner service is called at once) and for a future of one (a ready
+/// clone of the inner service, which must be `Clone`, waits in the response future for
+/// the decision). Not meant to be implemented or called outside seawall.
+pub trait Proceed<S: Service<Request>, Request>: Sized {
+    /// The response future.
+    type Future: Future<Output = Result<S::Response, BoxError>>;
+
+    /// Answers this outcome for `request`, calling `inner` when it is admitted.
+    fn proceed(self, inner: &mut S, request: Request, layer: &'static str) -> Self::Future;
+}
+
+impl<S, Ch, Request> Proceed<S, Request> for Decision<Ch>
+where
+    S: Service<Request>,
+    S::Error: Into<BoxError>,
+    Ch: Refund,
+{
+    type Future = ResponseFuture<S::Future, Ch>;
+
+    #[inline]
+    fn proceed(self, inner: &mut S, request: Request, layer: &'static str) -> Self::Future {
+        answer(inner, self, request, layer)
+    }
+}
+
+impl<S, Ch, Request, F> Proceed<S, Request> for F
+where
+    S: Service<Request> + Clone,
+    S::Error: Into<BoxError>,
+    F: Future<Output = Decision<Ch>>,
+    Ch: Refund,
+{
+    type Future = Deferred<F, S, Request, S::Future, Ch>;
+
+    fn proceed(self, inner: &mut S, request: Request, layer: &'static str) -> Self::Future {
+        // The ready service goes into the future; this one keeps a fresh clone.
+        let clone = inner.clone();
+        Deferred::new(self, std::mem::replace(inner, clone), request, layer)
     }
 }
 
@@ -200,6 +285,11 @@ impl<L, K> LimitLayer<L, K> {
     /// The limit shared by every service this layer wraps.
     pub fn limit(&self) -> &L {
         &self.limit
+    }
+    /// The limit, mutably (to set it up further: its policy for requests without a key,
+    /// say).
+    pub fn limit_mut(&mut self) -> &mut L {
+        &mut self.limit
     }
 }
 
@@ -271,11 +361,12 @@ where
     S: Service<Request>,
     S::Error: Into<BoxError>,
     L: Limit<Request>,
+    L::Check: Proceed<S, Request>,
     K: Cost<Request>,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, L::Charge>;
+    type Future = <L::Check as Proceed<S, Request>>::Future;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -285,6 +376,8 @@ where
     #[inline]
     fn call(&mut self, request: Request) -> Self::Future {
         let tokens = self.cost.cost(&request);
-        call(&mut self.inner, &self.limit, tokens, request, "limit")
+        self.limit
+            .check(&request, tokens)
+            .proceed(&mut self.inner, request, "limit")
     }
 }

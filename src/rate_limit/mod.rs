@@ -44,16 +44,17 @@
 //!
 //! # One trait, thin layers
 //!
-//! Every local limit is a [`Limit`]: [`RateLimiter`], [`ShardedRateLimiter`], [`PerKey`]
-//! (a keyed limiter with the extractor that picks each request's bucket and what to do
-//! without a key, [`OnMissingKey`]), `Option<L>` (no limit), or your own. A check answers
-//! a [`Decision`]; the layers only turn it into an answer: [`LimitLayer`] (any `Limit`; a
-//! refusal is a [`RateLimited`] error; [`LimitLayer::wait`] waits instead, for a limit
-//! that can book ahead, a [`Reserve`]), [`RateLimitLayer`] and [`KeyedRateLimitLayer`]
-//! (built from a quota, with a waiting mode), and, with the `http` feature,
-//! `http::HttpRateLimitLayer` (a refusal is a `429` with rate-limit headers). The
-//! Redis-backed limiter checks asynchronously, one round trip each; its layers resolve a
-//! missing key the same way. The modules follow the concepts: `local` (one bucket),
+//! Every limit is a [`Limit`]: [`RateLimiter`], [`ShardedRateLimiter`], [`PerKey`] (a
+//! keyed limiter with the extractor that picks each request's bucket and what to do
+//! without a key, [`OnMissingKey`]), `Option<L>` (no limit), with the `redis` feature the
+//! Redis-backed limiter (global, or per key with the same extractors and
+//! [`OnMissingKey`]), or your own. A check answers a [`Decision`], at once for the local
+//! limits, after one round trip for Redis; the layers only turn it into an answer:
+//! [`LimitLayer`] (any `Limit`; a refusal is a [`RateLimited`] error; [`LimitLayer::wait`]
+//! waits instead, for a limit that can book ahead, a [`Reserve`]), [`RateLimitLayer`] and
+//! [`KeyedRateLimitLayer`] (built from a quota, with a waiting mode), and, with the `http`
+//! feature, `http::HttpRateLimitLayer` (a refusal is a `429` with rate-limit headers). The
+//! modules follow the concepts: `local` (one bucket),
 //! `keyed` (a bucket per key), `sharded` (one bucket split across cores), [`redis`] and
 //! [`http`]; everything is re-exported here.
 //!
@@ -63,8 +64,8 @@
 //!
 //! With the `redis` feature, [`redis::RedisRateLimiter`] keeps the buckets in Redis for a
 //! fleet of replicas (one round trip per check, a circuit breaker around Redis, fail-open
-//! to a local share or fail-closed, optional batching). [`ShardedRateLimiter`] scales a
-//! single very hot limiter across cores.
+//! to a local share or fail-closed, optional batching), under the same layers.
+//! [`ShardedRateLimiter`] scales a single very hot limiter across cores.
 //!
 //! # Stacked limits
 //!
@@ -86,7 +87,7 @@
 //!   lock for keyed limiters), done only on refusal; an admitted request pays one
 //!   reference count for the receipt ([`Charge`], [`KeyedCharge`]).
 //! * Not refunded: [`Mode::Wait`] tokens (waited for, then used), the waiting keyed
-//!   layer ([`KeyedRateLimitLayer::wait`]), and the Redis limiters as *outer* layers (a
+//!   layer ([`KeyedRateLimitLayer::wait`]), and the Redis limits as *outer* layers (a
 //!   refund there would be another round trip to Redis; see [`redis`]). Put the Redis
 //!   limit innermost: the local layers outside it refund when it refuses.
 //! * HTTP and tower layers do not see each other's refusals (a `429` response is no
@@ -132,7 +133,7 @@ pub use keyed::{
 };
 #[cfg(feature = "redis")]
 pub(crate) use keyed::{KeyOf, key_of};
-pub use limit::{Decision, Limit, LimitLayer, LimitService};
+pub use limit::{Decision, Limit, LimitLayer, LimitService, Outcome, Proceed};
 pub use local::{
     Admitted, Charge, Mode, RateLimit, RateLimitLayer, RateLimiter, Reservation, Taken,
 };

@@ -49,7 +49,10 @@ pub trait Reserve<Request>: Limit<Request> {
     fn reserve(&self, request: &Request, tokens: u32, max_wait: Duration) -> Booked<Self::Booking>;
 }
 
-impl<Request, L: Reserve<Request>> Reserve<Request> for Option<L> {
+impl<Request, L: Reserve<Request>> Reserve<Request> for Option<L>
+where
+    L::Check: From<super::Decision<L::Charge>>,
+{
     type Booking = L::Booking;
 
     fn reserve(&self, request: &Request, tokens: u32, max_wait: Duration) -> Booked<L::Booking> {

@@ -1,6 +1,6 @@
 //! Rate limiting: the local, keyed and sharded buckets and their layer, the HTTP answers
-//! (also inside an axum service), and the Redis-backed limiter against a real
-//! `redis-server` and a real Redis Cluster on loopback.
+//! (also inside an axum service), and the Redis-backed limiter, alone and under the
+//! generic layers, against a real `redis-server` and a real Redis Cluster on loopback.
 
 use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
 
@@ -11,6 +11,8 @@ mod http_answers;
 mod limiters;
 #[cfg(feature = "redis")]
 mod redis_cluster;
+#[cfg(feature = "redis")]
+mod redis_layers;
 #[cfg(feature = "redis")]
 mod redis_limiter;
 

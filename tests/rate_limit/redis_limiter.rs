@@ -203,10 +203,9 @@ async fn the_layer_refuses_without_calling_the_service() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
     let mut svc = ServiceBuilder::new()
-        .layer(RedisRateLimitLayer::new(
-            limiter,
+        .layer(RedisRateLimitLayer::new(limiter.per_key(
             |tenant: &&'static str| (!tenant.is_empty()).then_some(*tenant),
-        ))
+        )))
         .service_fn(move |tenant: &'static str| {
             counter.fetch_add(1, SeqCst);
             async move { Ok::<_, seawall::BoxError>(tenant) }
@@ -220,10 +219,12 @@ async fn the_layer_refuses_without_calling_the_service() {
         "acme"
     );
     let err = svc.ready().await.unwrap().call("acme").await.unwrap_err();
-    assert!(matches!(
-        err.downcast_ref::<RedisLimitError>(),
-        Some(RedisLimitError::Limited(_))
-    ));
+    // The generic layer's refusal: a `RateLimited`, as for every other limit.
+    assert!(
+        err.downcast_ref::<seawall::rate_limit::RateLimited>()
+            .is_some(),
+        "{err}"
+    );
     assert_eq!(
         calls.load(SeqCst),
         2,
@@ -247,9 +248,9 @@ async fn the_layer_never_lets_a_request_without_a_key_pass_silently() {
             .timeout(Duration::from_secs(1))
             .build()
             .unwrap();
-        let mut layer = RedisRateLimitLayer::new(limiter, |tenant: &&'static str| {
-            (!tenant.is_empty()).then_some(*tenant)
-        });
+        let mut layer = RedisRateLimitLayer::new(
+            limiter.per_key(|tenant: &&'static str| (!tenant.is_empty()).then_some(*tenant)),
+        );
         if let Some(policy) = policy {
             layer = layer.on_missing_key(policy);
         }
@@ -274,10 +275,8 @@ async fn the_layer_never_lets_a_request_without_a_key_pass_silently() {
     svc.ready().await.unwrap().call("").await.unwrap();
     let err = svc.ready().await.unwrap().call("").await.unwrap_err();
     assert!(
-        matches!(
-            err.downcast_ref::<RedisLimitError>(),
-            Some(RedisLimitError::Limited(_))
-        ),
+        err.downcast_ref::<seawall::rate_limit::RateLimited>()
+            .is_some(),
         "{err}"
     );
     assert_eq!(calls.load(SeqCst), 2);
@@ -406,8 +405,7 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
         HttpRedisRateLimitLayer<HeaderKey>,
     ) -> HttpRedisRateLimitLayer<HeaderKey>| {
         configure(HttpRedisRateLimitLayer::new(
-            limiter,
-            HeaderKey(http::HeaderName::from_static("x-api-key")),
+            limiter.per_key(HeaderKey(http::HeaderName::from_static("x-api-key"))),
         ))
         .layer(tower::service_fn(|_req: http::Request<()>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
@@ -755,8 +753,7 @@ async fn over_http_503_lasts_only_while_redis_is_down() {
         .build()
         .unwrap();
     let svc = HttpRedisRateLimitLayer::new(
-        limiter.clone(),
-        HeaderKey(http::HeaderName::from_static("x-api-key")),
+        limiter.per_key(HeaderKey(http::HeaderName::from_static("x-api-key"))),
     )
     .layer(tower::service_fn(|_req: http::Request<()>| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))

@@ -43,13 +43,18 @@ pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-rateli
 /// between, the token is out of the bucket). So a client refused by its own per-client
 /// limit does not drain the global one for everybody else. The outer layer's headers on
 /// such a 429 describe its bucket as it was with the token taken. The inner service's
-/// error type is kept: this layer adds no error. A
-/// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer) marks its refusals
-/// [`Refused`] too, so local layers outside it refund; it does not refund itself
-/// (a refund would be another round trip to Redis): put it innermost. The 429 body is an
-/// RFC 9457 `application/problem+json` document (any [`ProblemBody`]), and the 429
-/// carries [`Refused`] in its extensions. A [`PerKey`] request without a key is answered
-/// per [`OnMissingKey`]: `500` by default, never silently unlimited.
+/// error type is kept: this layer adds no error. The 429 body is an RFC 9457
+/// `application/problem+json` document (any [`ProblemBody`]), and the 429 carries
+/// [`Refused`] in its extensions. A [`PerKey`] request without a key is answered per
+/// [`OnMissingKey`]: `500` by default, never silently unlimited.
+///
+/// Over the Redis-backed limiter (feature `redis`: `HttpRateLimitLayer::new(limiter)` for
+/// one global bucket, `HttpRateLimitLayer::new(limiter.per_key(extractor))` per key; see
+/// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer)) the answers are the same,
+/// after one round trip, and a `503` with `Retry-After: 1` when Redis cannot answer and
+/// the limiter fails closed. Its refusals are marked [`Refused`] too, so local layers
+/// outside it refund; it does not refund itself (a refund would be another round trip to
+/// Redis): put it innermost.
 ///
 /// ```
 /// use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer};
@@ -73,7 +78,7 @@ pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-rateli
 /// ```
 #[derive(Clone)]
 pub struct HttpRateLimitLayer<L> {
-    limit: L,
+    pub(super) limit: L,
     settings: HeaderSettings,
 }
 
@@ -157,11 +162,13 @@ impl<S: fmt::Debug, L> fmt::Debug for HttpRateLimit<S, L> {
     }
 }
 
-/// What the HTTP layers put in their answers: the policy name, which headers, and the
-/// 429's body. Defined once for [`HttpRateLimitLayer`] and
-/// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer).
+/// What an [`HttpRateLimitLayer`] puts in its answers: the policy name, which headers, and
+/// the 429's body, set with the layer's methods ([`name`](HttpRateLimitLayer::name),
+/// [`legacy_headers`](HttpRateLimitLayer::legacy_headers),
+/// [`hide_headers`](HttpRateLimitLayer::hide_headers),
+/// [`refusal_body`](HttpRateLimitLayer::refusal_body)). Defined once, for every limit.
 #[derive(Clone)]
-pub(super) struct HeaderSettings {
+pub struct HeaderSettings {
     pub(super) name: Arc<PolicyName>,
     pub(super) style: HeaderStyle,
     /// `None`: the RFC 9457 problem.
@@ -508,27 +515,187 @@ impl<S, L, ReqB, ResB> Service<Request<ReqB>> for HttpRateLimit<S, L>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     L: Limit<Request<ReqB>>,
+    L::Check: Respond<S, Request<ReqB>>,
     ResB: ProblemBody,
 {
     type Response = Response<ResB>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB, L::Charge>;
+    type Future = <L::Check as Respond<S, Request<ReqB>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        let settings = &self.layer.settings;
-        match self.layer.limit.check(&request, 1) {
-            Decision::Admitted(admitted, charge) => ResponseFuture::called(
-                self.inner.call(request),
-                settings.admitted(admitted),
-                Some(charge),
-            ),
-            Decision::Unlimited => ResponseFuture::called(self.inner.call(request), None, None),
-            Decision::Refused(refused) => ResponseFuture::refused(settings.refusal(refused)),
-            Decision::MissingKey => ResponseFuture::refused(settings.missing_key()),
+        self.layer
+            .limit
+            .check(&request, 1)
+            .respond(&mut self.inner, request, &self.layer.settings)
+    }
+}
+
+/// Answers `decision` for `request`: calls `inner` when it is admitted (its response gets
+/// the headers), or answers the refusal. The one check-and-answer of the HTTP layer, at
+/// once or after a round trip ([`DeferredResponse`]).
+#[inline]
+fn answer<S, Ch, ReqB, ResB>(
+    inner: &mut S,
+    decision: Decision<Ch>,
+    request: Request<ReqB>,
+    settings: &HeaderSettings,
+) -> ResponseFuture<S::Future, ResB, Ch>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: ProblemBody,
+{
+    match decision {
+        Decision::Admitted(admitted, charge) => ResponseFuture::called(
+            inner.call(request),
+            settings.admitted(admitted),
+            Some(charge),
+        ),
+        Decision::Unlimited => ResponseFuture::called(inner.call(request), None, None),
+        Decision::Refused(refused) => ResponseFuture::refused(settings.refusal(refused)),
+        Decision::MissingKey => ResponseFuture::refused(settings.missing_key()),
+        Decision::Unavailable(_) => ResponseFuture::refused(unavailable()),
+    }
+}
+
+/// How [`HttpRateLimit`] goes on from a [`Limit`]'s [`Outcome`](crate::rate_limit::Outcome):
+/// implemented for a [`Decision`] (the inner service is called at once) and for a future
+/// of one (a ready clone of the inner service, which must be `Clone`, waits in the
+/// response future for the decision). Not meant to be implemented or called outside
+/// seawall.
+pub trait Respond<S: Service<Request>, Request>: Sized {
+    /// The response future.
+    type Future: Future<Output = Result<S::Response, S::Error>>;
+
+    /// Answers this outcome for `request`, calling `inner` when it is admitted.
+    fn respond(self, inner: &mut S, request: Request, settings: &HeaderSettings) -> Self::Future;
+}
+
+impl<S, Ch, ReqB, ResB> Respond<S, Request<ReqB>> for Decision<Ch>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: ProblemBody,
+    Ch: Refund,
+{
+    type Future = ResponseFuture<S::Future, ResB, Ch>;
+
+    #[inline]
+    fn respond(
+        self,
+        inner: &mut S,
+        request: Request<ReqB>,
+        settings: &HeaderSettings,
+    ) -> Self::Future {
+        answer(inner, self, request, settings)
+    }
+}
+
+impl<S, Ch, ReqB, ResB, F> Respond<S, Request<ReqB>> for F
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    F: Future<Output = Decision<Ch>>,
+    ResB: ProblemBody,
+    Ch: Refund,
+{
+    type Future = DeferredResponse<F, S, Request<ReqB>, S::Future, ResB, Ch>;
+
+    fn respond(
+        self,
+        inner: &mut S,
+        request: Request<ReqB>,
+        settings: &HeaderSettings,
+    ) -> Self::Future {
+        // The ready service goes into the future; this one keeps a fresh clone.
+        let clone = inner.clone();
+        DeferredResponse {
+            state: DeferredState::Checking {
+                check: self,
+                inner: Some(std::mem::replace(inner, clone)),
+                request: Some(request),
+                settings: Some(settings.clone()),
+            },
+        }
+    }
+}
+
+/// The `503` of a limit that could not decide and fails closed
+/// ([`Decision::Unavailable`]): `Retry-After: 1`, not marked [`Refused`] (no limit said
+/// no: the layers outside keep their tokens).
+fn unavailable<B: ProblemBody>() -> Response<B> {
+    let mut response = crate::problem::problem::<B>(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the rate limiter's store is unavailable",
+    );
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+pin_project! {
+    /// Response future of [`HttpRateLimit`] over a limit whose check is a round trip (the
+    /// Redis limiter): waits for the decision, holding a ready clone of the inner service
+    /// and the request, then answers it as [`ResponseFuture`] does.
+    pub struct DeferredResponse<C, S, Request, F, B, Ch> {
+        #[pin]
+        state: DeferredState<C, S, Request, F, B, Ch>,
+    }
+}
+
+pin_project! {
+    #[project = DeferredProj]
+    enum DeferredState<C, S, Request, F, B, Ch> {
+        Checking {
+            #[pin]
+            check: C,
+            inner: Option<S>,
+            request: Option<Request>,
+            settings: Option<HeaderSettings>,
+        },
+        Answered { #[pin] future: ResponseFuture<F, B, Ch> },
+    }
+}
+
+impl<C, S, Request, F, B, Ch> fmt::Debug for DeferredResponse<C, S, Request, F, B, Ch> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeferredResponse").finish_non_exhaustive()
+    }
+}
+
+impl<C, S, ReqB, B, E, Ch> Future for DeferredResponse<C, S, Request<ReqB>, S::Future, B, Ch>
+where
+    C: Future<Output = Decision<Ch>>,
+    S: Service<Request<ReqB>, Response = Response<B>, Error = E>,
+    B: ProblemBody,
+    Ch: Refund,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                DeferredProj::Checking {
+                    check,
+                    inner,
+                    request,
+                    settings,
+                } => {
+                    let decision = ready!(check.poll(cx));
+                    let gone = "DeferredResponse polled after completion";
+                    let mut inner = inner.take().expect(gone);
+                    let request = request.take().expect(gone);
+                    let settings = settings.take().expect(gone);
+                    DeferredState::Answered {
+                        future: answer(&mut inner, decision, request, &settings),
+                    }
+                }
+                DeferredProj::Answered { future } => return future.poll(cx),
+            };
+            self.as_mut().project().state.set(next);
         }
     }
 }

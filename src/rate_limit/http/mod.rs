@@ -4,6 +4,8 @@
 //!   `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers of
 //!   draft-ietf-httpapi-ratelimit-headers-09, and adds the same headers to admitted
 //!   responses (optionally Kong's `X-RateLimit-Limit` / `X-RateLimit-Remaining` too).
+//!   Over any [`Limit`](super::Limit): local, keyed, sharded, or (feature `redis`) kept
+//!   in Redis for a fleet.
 //! * Key extractors: [`ClientIp`] (the peer address, or what trusted proxies report in
 //!   `Forwarded` / `X-Forwarded-For`), [`HeaderKey`] (an API key header) and [`PathKey`]
 //!   (the route).
@@ -23,8 +25,9 @@ pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
 pub(crate) use key::{parse_net, peer_of};
 pub(crate) use layer::refusal_headers;
 pub use layer::{
-    HttpRateLimit, HttpRateLimitLayer, OnMissingKey, PerKey, RATELIMIT, RATELIMIT_POLICY,
-    RefusalBody, Refused, ResponseFuture, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
+    DeferredResponse, HeaderSettings, HttpRateLimit, HttpRateLimitLayer, OnMissingKey, PerKey,
+    RATELIMIT, RATELIMIT_POLICY, RefusalBody, Refused, Respond, ResponseFuture, X_RATELIMIT_LIMIT,
+    X_RATELIMIT_REMAINING,
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -117,6 +117,7 @@ where
 {
     /// `None` for a request drawn from the shared bucket (nothing to refund).
     type Charge = Option<KeyedCharge<Key, C>>;
+    type Check = Decision<Self::Charge>;
 
     #[inline]
     fn check(&self, request: &Request, tokens: u32) -> Decision<Self::Charge> {

@@ -165,13 +165,8 @@ where
         match self.mode {
             Mode::Reject => {
                 let tokens = self.cost.cost(&request);
-                crate::rate_limit::limit::call(
-                    &mut self.inner,
-                    &self.booking.limiter,
-                    tokens,
-                    request,
-                    "local",
-                )
+                let decision = self.booking.limiter.charge(tokens).into();
+                crate::rate_limit::limit::answer(&mut self.inner, decision, request, "local")
             }
             Mode::Wait { .. } => match std::mem::replace(&mut self.booking.state, State::Idle) {
                 State::Reserved(_) => ResponseFuture::called(self.inner.call(request), None),

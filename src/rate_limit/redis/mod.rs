@@ -1,5 +1,38 @@
 //! A token bucket kept in Redis, shared by a fleet of replicas (feature `redis`).
 //!
+//! [`RedisRateLimiter`] is a [`Limit`](super::Limit), as the local limiters are: used
+//! directly, one global bucket (the Redis key `prefix:{all}`); through
+//! [`RedisRateLimiter::per_key`], a [`RedisLimit`], a bucket per key taken from each
+//! request (the same extractors and [`OnMissingKey`](super::OnMissingKey) as
+//! [`PerKey`](super::PerKey)). The generic layers answer for it: [`LimitLayer`](super::LimitLayer)
+//! (a refusal is a [`RateLimited`] error; Redis unavailable under
+//! [`FailurePolicy::FailClosed`] is a [`RedisLimitError::Unavailable`] error) and, with
+//! the `http` feature, `http::HttpRateLimitLayer` (a `429` with rate-limit headers; `503`
+//! with `Retry-After: 1` while Redis is unavailable and the limit fails closed).
+//! [`RedisRateLimitLayer`] and `http::HttpRedisRateLimitLayer` name those layers over a
+//! [`RedisLimit`]. The check is one round trip, so these layers hold a ready clone of the
+//! inner service (which must be `Clone`) until the decision comes.
+//!
+//! ```no_run
+//! use seawall::rate_limit::redis::RedisRateLimiter;
+//! use seawall::rate_limit::{LimitLayer, Quota, Rate, RateLimitLayer};
+//! use tower::ServiceBuilder;
+//!
+//! # fn main() -> Result<(), seawall::BoxError> {
+//! let fleet = RedisRateLimiter::builder("redis://127.0.0.1:6379", Quota::new(Rate::per_second(100), 100)?)
+//!     .prefix("tenants")
+//!     .build()?;
+//! let svc = ServiceBuilder::new()
+//!     // This replica's own limit outside: it hands its token back when Redis refuses.
+//!     .layer(RateLimitLayer::new(Quota::new(Rate::per_second(500), 500)?))
+//!     // 100 a second per tenant across the fleet, innermost.
+//!     .layer(LimitLayer::new(fleet.per_key(|tenant: &String| Some(tenant.clone()))))
+//!     .service_fn(|_tenant: String| async { Ok::<_, seawall::BoxError>("ok") });
+//! # let _ = svc;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! No refunds: tokens taken in Redis are not handed back when a limit further in refuses
 //! the request (see [stacked limits](super#stacked-limits)). A refund would be a second
 //! round trip (a script moving the key's arrival time back), paid on every inner refusal,
@@ -108,7 +141,7 @@ use crate::{BoxError, ConfigError};
 
 mod layer;
 
-pub use layer::{RedisRateLimit, RedisRateLimitLayer};
+pub use layer::{RedisCheck, RedisLimit, RedisRateLimit, RedisRateLimitLayer};
 
 /// The Redis key suffix of the bucket shared by requests without a key
 /// ([`OnMissingKey::Shared`](super::OnMissingKey::Shared)): a NUL byte, which no extracted
