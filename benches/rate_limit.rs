@@ -8,11 +8,12 @@
 //!
 //! Groups (peers share a group so their ratios come from one run):
 //!
-//! * `rate_limit/check`: one direct check, no tower. seawall `RateLimiter::try_acquire(1)`
-//!   on its default `TokioClock` and on a `ManualClock` (the check without the clock read);
-//!   governor's `RateLimiter::direct` on its default clock (quanta, TSC-based), on
-//!   `MonotonicClock` (`std::time::Instant`, the clock source seawall's `TokioClock` reads)
-//!   and on `FakeRelativeClock` (no clock read). The manual/fake clocks never move by
+//! * `rate_limit/check`: one direct check, no tower, outside any runtime. seawall
+//!   `RateLimiter::try_acquire(1)` on its default `TokioClock` (which, outside a runtime,
+//!   reads the TSC after looking for a runtime context to decide in), on `QuantaClock` and
+//!   on a `ManualClock` (the check without the clock read); governor's
+//!   `RateLimiter::direct` on its default clock (quanta, TSC-based), on `MonotonicClock`
+//!   (`std::time::Instant`, the OS clock) and on `FakeRelativeClock` (no clock read). The manual/fake clocks never move by
 //!   themselves, so before each timed batch (untimed) they are advanced by as much time as
 //!   the batch consumes, which keeps the bucket full.
 //! * `rate_limit/layer`: through tower, with the method of `benches/breaker.rs`: every
@@ -265,9 +266,8 @@ trait LimiterVisitor {
 
 /// Builds each direct limiter in turn, checks that it admits, hands it to `v`.
 fn direct_checks(v: &mut impl LimiterVisitor) {
-    // Outside any runtime, as a plain `try_acquire` caller would be; `TokioClock` then
-    // reads `std::time::Instant` (tokio's test-util, on in dev builds, only adds an atomic
-    // load while the clock has never been paused).
+    // Outside any runtime, as a plain `try_acquire` caller would be: `TokioClock` decides
+    // nothing there (no paused time to follow) and reads the TSC.
     let limiter = RateLimiter::new(seawall_quota());
     assert!(limiter.admits(), "seawall (TokioClock) refused in setup");
     v.visit("seawall try_acquire TokioClock", &limiter);
