@@ -6,7 +6,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{
-    AtomicBool, AtomicU8, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+    AtomicU8, AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
 use std::time::Duration;
 
@@ -29,6 +29,10 @@ const REAL: u8 = 1;
 const TOKIO: u8 = 2;
 /// One thread is deciding; the others wait for it (a few hundred nanoseconds, once).
 const DECIDING: u8 = 3;
+/// Reads outside any runtime after which an undecided clock settles on real time: each
+/// undecided read looks for a runtime context (about 10 ns on the project's machines),
+/// which a limiter only ever used from plain threads would otherwise pay on every check.
+const OUTSIDE_READS: u32 = 1_024;
 
 /// The default clock: tokio's time, read cheaply.
 ///
@@ -59,6 +63,9 @@ const DECIDING: u8 = 3;
 /// * read outside any runtime (a setup check before the runtime starts), then inside a
 ///   paused runtime: follows paused time from there on, never stepping back (the value may
 ///   jump forward once, to where real time had got);
+/// * read more than 1 024 times outside any runtime before its first read inside one (a
+///   limiter used from plain threads): settles on real time, as if first read in a
+///   real-time runtime;
 /// * first read inside a runtime **before** time is paused (`tokio::time::pause()` called
 ///   after the limiter's first check): stays on real time, so `advance` does not move it.
 ///   Pause first, or build with [`TokioClock::exact`], which reads tokio's clock every
@@ -80,8 +87,8 @@ pub struct TokioClock {
     /// Added to tokio reads after real reads made outside a runtime, so that the clock
     /// never steps back when it moves on to paused time.
     offset: AtomicU64,
-    /// Whether a real read was made while undecided.
-    read_real: AtomicBool,
+    /// Real reads made while undecided (counted up to `OUTSIDE_READS`).
+    outside_reads: AtomicU32,
     /// The counter (or the OS clock), anchored at the same moment as `origin`.
     fast: Fast,
 }
@@ -106,7 +113,7 @@ impl TokioClock {
             origin: Instant::now(),
             mode: AtomicU8::new(mode),
             offset: AtomicU64::new(0),
-            read_real: AtomicBool::new(false),
+            outside_reads: AtomicU32::new(0),
             fast: Fast::new(),
         }
     }
@@ -143,8 +150,10 @@ impl TokioClock {
     #[inline(never)]
     fn undecided(&self) -> u64 {
         if tokio::runtime::Handle::try_current().is_err() {
-            if !self.read_real.load(Relaxed) {
-                self.read_real.store(true, Relaxed);
+            if self.outside_reads.fetch_add(1, Relaxed) >= OUTSIDE_READS {
+                let _ = self
+                    .mode
+                    .compare_exchange(UNDECIDED, REAL, Release, Relaxed);
             }
             return self.fast.nanos();
         }
@@ -162,7 +171,7 @@ impl TokioClock {
             },
         }
         if tokio_is_paused() {
-            if self.read_real.load(Relaxed) {
+            if self.outside_reads.load(Relaxed) > 0 {
                 // Real reads came first: start paused time no earlier than where they got.
                 let gap = self.fast.nanos().saturating_sub(self.tokio_nanos());
                 self.offset.store(gap, Relaxed);
@@ -209,7 +218,7 @@ impl Clone for TokioClock {
             origin: self.origin,
             mode: AtomicU8::new(mode),
             offset: AtomicU64::new(self.offset.load(Relaxed)),
-            read_real: AtomicBool::new(self.read_real.load(Relaxed)),
+            outside_reads: AtomicU32::new(self.outside_reads.load(Relaxed)),
             fast: self.fast.clone(),
         }
     }
@@ -476,6 +485,22 @@ mod tests {
             assert!(first >= outside, "stepped back from {outside} to {first}");
             tokio::time::advance(Duration::from_millis(7)).await;
             assert_eq!(clock.now_nanos() - first, 7 * MS);
+        });
+    }
+
+    #[test]
+    fn many_reads_outside_a_runtime_settle_on_real_time() {
+        let clock = TokioClock::new();
+        for _ in 0..OUTSIDE_READS {
+            let _ = clock.now_nanos();
+        }
+        assert_eq!(clock.follows_tokio(), None);
+        let _ = clock.now_nanos();
+        assert_eq!(clock.follows_tokio(), Some(false));
+        paused_runtime().block_on(async {
+            let before = clock.now_nanos();
+            tokio::time::advance(Duration::from_secs(60)).await;
+            assert!(clock.now_nanos() - before < 60_000 * MS);
         });
     }
 
