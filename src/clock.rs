@@ -87,7 +87,7 @@ pub struct TokioClock {
     /// Added to tokio reads after real reads made outside a runtime, so that the clock
     /// never steps back when it moves on to paused time.
     offset: AtomicU64,
-    /// Real reads made while undecided (counted up to `OUTSIDE_READS`).
+    /// Real reads made while undecided, outside any runtime.
     outside_reads: AtomicU32,
     /// The counter (or the OS clock), anchored at the same moment as `origin`.
     fast: Fast,
@@ -271,10 +271,18 @@ struct Fast {
     origin: u64,
 }
 
+/// The process's quanta clock, made once: `quanta::Clock::new` asks the CPU (CPUID) whether
+/// its counter is invariant, which a virtual machine traps, tens of microseconds a clock.
+#[cfg(feature = "quanta")]
+fn quanta_clock() -> quanta::Clock {
+    static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(quanta::Clock::new).clone()
+}
+
 #[cfg(feature = "quanta")]
 impl Fast {
     fn new() -> Self {
-        let clock = quanta::Clock::new();
+        let clock = quanta_clock();
         let origin = clock.raw();
         Self { clock, origin }
     }
@@ -369,7 +377,7 @@ pub struct QuantaClock {
 impl QuantaClock {
     /// A clock whose origin is now.
     pub fn new() -> Self {
-        let clock = quanta::Clock::new();
+        let clock = quanta_clock();
         let origin = clock.raw();
         Self { clock, origin }
     }
