@@ -525,6 +525,33 @@ mod tests {
         assert_eq!(exact.now_nanos() - exact_before, 60_000 * MS);
     }
 
+    #[test]
+    fn first_read_in_a_real_time_runtime_decides_for_later_paused_ones() {
+        let clock = TokioClock::new();
+        let real = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        real.block_on(async { clock.now_nanos() });
+        assert_eq!(clock.follows_tokio(), Some(false));
+        paused_runtime().block_on(async {
+            let before = clock.now_nanos();
+            tokio::time::advance(Duration::from_secs(60)).await;
+            assert!(clock.now_nanos() - before < 60_000 * MS);
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_resume_follows_tokio_in_real_time() {
+        let clock = TokioClock::new();
+        let paused = clock.now_nanos();
+        assert_eq!(clock.follows_tokio(), Some(true));
+        tokio::time::resume();
+        spin(Duration::from_millis(1));
+        assert!(clock.now_nanos() >= paused + MS);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn clones_carry_the_decision_made_so_far() {
         let early = TokioClock::new();
