@@ -13,7 +13,8 @@
 //! * tower `p2c` (peak-EWMA): over `PeakEwmaDiscover(ServiceList)`, 30 ms default RTT, 10 s
 //!   decay (seawall's `Strategy::peak_ewma()` uses the same).
 //! * seawall `Balance` over `ServiceDiscover(InstanceWatch::fixed)`: least requests,
-//!   peak-EWMA on tokio's clock and on `QuantaClock`, round robin; `HashBalance` (Maglev).
+//!   peak-EWMA on the default clock (`TokioClock`, on the TSC here) and on `QuantaClock`,
+//!   round robin; `HashBalance` (Maglev).
 //!
 //! `cargo bench --bench balance --features quanta -- --warm-up-time 1 --measurement-time 3`
 //!

@@ -8,11 +8,12 @@
 //!
 //! Groups (peers share a group so their ratios come from one run):
 //!
-//! * `rate_limit/check`: one direct check, no tower. seawall `RateLimiter::try_acquire(1)`
-//!   on its default `TokioClock` and on a `ManualClock` (the check without the clock read);
-//!   governor's `RateLimiter::direct` on its default clock (quanta, TSC-based), on
-//!   `MonotonicClock` (`std::time::Instant`, the clock source seawall's `TokioClock` reads)
-//!   and on `FakeRelativeClock` (no clock read). The manual/fake clocks never move by
+//! * `rate_limit/check`: one direct check, no tower, outside any runtime. seawall
+//!   `RateLimiter::try_acquire(1)` on its default `TokioClock` (which, outside a runtime,
+//!   reads the TSC after looking for a runtime context to decide in), on `QuantaClock` and
+//!   on a `ManualClock` (the check without the clock read); governor's
+//!   `RateLimiter::direct` on its default clock (quanta, TSC-based), on `MonotonicClock`
+//!   (`std::time::Instant`, the OS clock) and on `FakeRelativeClock` (no clock read). The manual/fake clocks never move by
 //!   themselves, so before each timed batch (untimed) they are advanced by as much time as
 //!   the batch consumes, which keeps the bucket full.
 //! * `rate_limit/layer`: through tower, with the method of `benches/breaker.rs`: every
@@ -24,6 +25,15 @@
 //! * `rate_limit/http` (with the `http` feature, on with `gateway`): the same loop through
 //!   `HttpRateLimitLayer` over a bare `http` service, global (headers built on every
 //!   admitted response, and hidden) and per key over 1 024 keys.
+//! * `rate_limit/default_clock`: every limiter on its default clock, as a downstream crate
+//!   uses it, all timed inside one `block_on` of a current-thread runtime (as the layer
+//!   entries): seawall's direct check (`RateLimiter::new`) against governor's
+//!   (`RateLimiter::direct`), seawall's keyed check over 1 024 keys (`KeyedRateLimiter::new`,
+//!   the loop counter modulo 1 024) against governor's keyed limiter, and seawall's
+//!   `RateLimitLayer::new` and `KeyedRateLimitLayer::new` (1 024 keys) against tower's
+//!   `RateLimit`. Each limiter or service is built once, before its runtime's first
+//!   `block_on`; checks are black-boxed and each must admit (checked untimed after each
+//!   batch).
 //! * `rate_limit/two_threads`: one limiter shared by N std threads (1 or 2), each running
 //!   `iters` checks after a barrier. The time returned to criterion is the wall time from the
 //!   first thread's start to the last thread's end divided by N, so the per-iteration figure
@@ -256,9 +266,8 @@ trait LimiterVisitor {
 
 /// Builds each direct limiter in turn, checks that it admits, hands it to `v`.
 fn direct_checks(v: &mut impl LimiterVisitor) {
-    // Outside any runtime, as a plain `try_acquire` caller would be; `TokioClock` then
-    // reads `std::time::Instant` (tokio's test-util, on in dev builds, only adds an atomic
-    // load while the clock has never been paused).
+    // Outside any runtime, as a plain `try_acquire` caller would be: `TokioClock` decides
+    // nothing there (no paused time to follow) and reads the TSC.
     let limiter = RateLimiter::new(seawall_quota());
     assert!(limiter.admits(), "seawall (TokioClock) refused in setup");
     v.visit("seawall try_acquire TokioClock", &limiter);
@@ -650,6 +659,105 @@ fn keyed(group: &mut BenchmarkGroup<'_, WallTime>) {
     });
 }
 
+/// `rate_limit/default_clock` (see the module docs).
+fn default_clock(group: &mut BenchmarkGroup<'_, WallTime>) {
+    const KEYS: u64 = 1024;
+
+    /// Times `iters` calls of `check(i)` inside one `block_on`, then asks `admits`
+    /// (untimed).
+    fn direct(
+        group: &mut BenchmarkGroup<'_, WallTime>,
+        rt: &Runtime,
+        name: &str,
+        check: impl Fn(u64),
+        admits: impl Fn() -> bool,
+    ) {
+        assert!(admits(), "{name} refused in setup");
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let elapsed = rt.block_on(async {
+                    let start = stopwatch::now();
+                    for i in 0..iters {
+                        check(black_box(i));
+                    }
+                    start.elapsed()
+                });
+                assert!(admits(), "{name} refused during the measurement");
+                elapsed
+            });
+        });
+    }
+
+    let rt = runtime();
+    // tower's RateLimit creates its `Sleep` when built: it needs the runtime's timer.
+    let _guard = rt.enter();
+
+    let seawall = RateLimiter::new(seawall_quota());
+    direct(
+        group,
+        &rt,
+        "seawall check default clock",
+        |_| {
+            let _ = black_box(seawall.try_acquire(1));
+        },
+        || seawall.try_acquire(1).is_ok(),
+    );
+    let governor = governor::RateLimiter::direct(governor_quota());
+    direct(
+        group,
+        &rt,
+        "governor check default clock",
+        |_| {
+            let _ = black_box(governor.check());
+        },
+        || governor.check().is_ok(),
+    );
+
+    let seawall: KeyedRateLimiter<u64> = KeyedRateLimiter::new(seawall_quota());
+    direct(
+        group,
+        &rt,
+        "seawall keyed 1024 keys default clock",
+        |i| {
+            let _ = black_box(seawall.try_acquire(&(i % KEYS), 1));
+        },
+        || seawall.try_acquire(&0, 1).is_ok(),
+    );
+    let governor = governor::RateLimiter::keyed(governor_quota());
+    direct(
+        group,
+        &rt,
+        "governor keyed 1024 keys default clock",
+        |i| {
+            let _ = black_box(governor.check_key(&(i % KEYS)));
+        },
+        || governor.check_key(&0).is_ok(),
+    );
+
+    let mut v = Bench(group);
+    let mut svc = bare();
+    admits(&rt, "bare", &mut svc);
+    v.visit(&rt, "bare service_fn", &mut svc);
+
+    let mut svc = RateLimitLayer::new(seawall_quota()).layer(bare());
+    admits(&rt, "seawall layer", &mut svc);
+    v.visit(&rt, "seawall RateLimitLayer default clock", &mut svc);
+
+    let mut svc =
+        KeyedRateLimitLayer::new(seawall_quota(), |x: &u64| Some(*x % KEYS)).layer(bare());
+    admits(&rt, "seawall keyed layer", &mut svc);
+    v.visit(
+        &rt,
+        "seawall KeyedRateLimitLayer 1024 keys default clock",
+        &mut svc,
+    );
+
+    let mut svc =
+        tower::limit::RateLimitLayer::new(u64::from(RATE), Duration::from_secs(1)).layer(bare());
+    admits(&rt, "tower", &mut svc);
+    v.visit(&rt, "tower RateLimitLayer", &mut svc);
+}
+
 fn main() {
     alloc_table();
     let mut c = Criterion::default().configure_from_args();
@@ -668,6 +776,10 @@ fn main() {
         http_layers(&mut group);
         group.finish();
     }
+
+    let mut group = c.benchmark_group("rate_limit/default_clock");
+    default_clock(&mut group);
+    group.finish();
 
     let mut group = c.benchmark_group("rate_limit/two_threads");
     // One element per iteration: with the time returned per check across all threads,

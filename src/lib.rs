@@ -58,13 +58,13 @@
 //! | `axum` | `ClientIp` reads axum 0.8's `ConnectInfo<SocketAddr>`; axum's `Body` for the ready-made answers (enables `http`) |
 //! | `metrics` | counters and gauges of breakers, limiters, balancers and Consul watches through the `metrics` crate (every name in `observability`) |
 //! | `tracing` | events of the same components, and one per gateway request, through `tracing` |
-//! | `quanta` | `QuantaClock`, a TSC clock for limiters and balancers where the OS clock is slow |
+//! | `quanta` | on by default: the default clock (`TokioClock`) reads the CPU's time-stamp counter outside tokio's paused time, several times cheaper than the OS clock; `QuantaClock`, the counter alone. Without it the default clock reads the OS clock |
 //! | `redis` | `rate_limit::redis`: the limiter shared by a fleet in Redis or a Redis Cluster, and its layers |
 //! | `consul` | `consul`: the Consul client, registration guard and discovery watch (`HealthEndpoint` with `http`) |
 //! | `gateway` | `gateway`: the TOML-configured API gateway, a `tower::Service` too, with Prometheus `/metrics` (enables `http` and `metrics`; add `consul` for services found in Consul) |
 //! | `full` | all of the above |
 //!
-//! The core layers need only tower and tokio.
+//! The core layers need only tower and tokio (`--no-default-features`).
 //!
 //! ## Conventions
 //!

@@ -234,8 +234,8 @@ impl<C> BalanceBuilder<C> {
         self
     }
 
-    /// The clock for latency and ejection times (default: tokio's, which follows paused
-    /// time in tests; [`QuantaClock`](crate::rate_limit) is cheaper to read).
+    /// The clock for latency and ejection times (default: [`TokioClock`], which follows
+    /// tokio's paused time in tests and reads the CPU's time-stamp counter otherwise).
     #[must_use]
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);

@@ -35,9 +35,10 @@
 //! # }
 //! ```
 //!
-//! Time comes from a [`Clock`]: [`TokioClock`] by default (so tests run on tokio's paused
-//! time), `QuantaClock` (feature `quanta`), several times cheaper to read where the OS
-//! clock is slow, [`ManualClock`], or your own implementation.
+//! Time comes from a [`Clock`]: [`TokioClock`] by default (tests run on tokio's paused
+//! time; otherwise it reads the CPU's time-stamp counter, several times cheaper than the OS
+//! clock, with the default feature `quanta`), [`ManualClock`], `QuantaClock` (the counter
+//! alone), or your own implementation.
 //!
 //! [`KeyedRateLimiter`] and [`KeyedRateLimitLayer`] keep a bucket per key (client, API key,
 //! route…) with a bound on the keys tracked, per-key quotas and quota changes at run time.
