@@ -38,8 +38,10 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// `X-Forwarded-Proto`.
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// How many hop-by-hop headers have a name of their own in `http`.
+const HOP_BY_HOP_LEN: usize = 7;
 /// The hop-by-hop headers of RFC 9110 §7.6.1 with a name of their own in `http`.
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -279,25 +281,65 @@ fn append_forwarded(headers: &mut HeaderMap, peer: &HeaderValue) {
 }
 
 /// Drops the hop-by-hop headers of RFC 9110 §7.6.1, and those `Connection` names, except
-/// `Host`, `Authorization` and `Content-Length`. Most messages have none: one pass over
-/// the names finds out, without a lookup per name.
+/// `Host`, `Authorization` and `Content-Length`. One pass over the names finds which are
+/// there (most messages have none, a response from a keep-alive upstream only
+/// `Connection`), and only those are looked up and removed; `Connection` options that are
+/// such names already (`keep-alive`) cost no parse and no allocation.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
+    // Bit i: HOP_BY_HOP[i]; then `keep-alive` and `proxy-connection`.
+    const KEEP_ALIVE: u16 = 1 << HOP_BY_HOP_LEN;
+    const PROXY_CONNECTION: u16 = KEEP_ALIVE << 1;
+    let mut present = 0u16;
+    for name in headers.keys() {
+        present |= match HOP_BY_HOP.iter().position(|h| h == name) {
+            Some(i) => 1 << i,
+            None => match name.as_str() {
+                "keep-alive" => KEEP_ALIVE,
+                "proxy-connection" => PROXY_CONNECTION,
+                _ => 0,
+            },
+        };
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !PROTECTED.contains(name))
-        .collect();
-    for name in named.into_iter().chain(HOP_BY_HOP) {
-        headers.remove(name);
+    // HOP_BY_HOP[0] is `Connection`.
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|token| !removed_anyway(token))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .filter(|name| !PROTECTED.contains(name))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if present & KEEP_ALIVE != 0 {
+        headers.remove("keep-alive");
+    }
+    if present & PROXY_CONNECTION != 0 {
+        headers.remove("proxy-connection");
+    }
+}
+
+/// Whether a `Connection` option names a header [`remove_hop_by_hop`] removes in any
+/// case (when present).
+fn removed_anyway(token: &str) -> bool {
+    token.eq_ignore_ascii_case("keep-alive")
+        || token.eq_ignore_ascii_case("proxy-connection")
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| token.eq_ignore_ascii_case(h.as_str()))
 }
 
 #[cfg(test)]
@@ -341,6 +383,34 @@ mod tests {
         let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["authorization", "content-length", "host", "x-kept"]);
+    }
+
+    #[test]
+    fn connection_options_that_are_hop_by_hop_names_are_removed_once() {
+        let mut h = map(&[
+            ("connection", "Keep-Alive, X-Foo, close"),
+            ("keep-alive", "timeout=5"),
+            ("x-foo", "1"),
+            ("close", "1"),
+            ("content-type", "text/plain"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-type"]);
+        // A keep-alive upstream's answer: only `Connection` to drop.
+        let mut h = map(&[("connection", "keep-alive"), ("content-length", "2")]);
+        remove_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-length"]);
+        // Named but absent, and protected names: nothing else goes.
+        let mut h = map(&[
+            ("connection", "upgrade, te, content-length"),
+            ("content-length", "2"),
+            ("proxy-connection", "keep-alive"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-length"]);
     }
 
     #[test]

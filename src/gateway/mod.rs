@@ -432,6 +432,7 @@ mod server;
 #[cfg(feature = "redis")]
 mod shared_limit;
 pub mod status;
+mod timers;
 #[doc(hidden)]
 pub mod trace;
 

@@ -240,6 +240,13 @@ impl Conn {
     }
 }
 
+/// A connection as the pool and the response body hold it: boxed once when dialled, so
+/// that handing it on (taken from the pool, into the exchange, into the response body
+/// and every move of the response, back to the pool) moves a pointer, not the
+/// connection's state (its HTTP/1 state machine and buffers: hundreds of bytes copied
+/// several times a request).
+type Pooled = Box<Conn>;
+
 /// [`Conn::poll_driver`] on the driver alone, for when the sender is borrowed elsewhere.
 fn poll_driver(driver: &mut Option<http1::Connection<Io, Body>>, cx: &mut Context<'_>) -> bool {
     if let Some(d) = driver {
@@ -375,7 +382,7 @@ pub(crate) fn set_thread_shard(index: usize) {
 }
 
 /// Idle connections and when each expires.
-type Idle = parking_lot::Mutex<VecDeque<(Conn, Instant)>>;
+type Idle = parking_lot::Mutex<VecDeque<(Pooled, Instant)>>;
 
 /// The idle connections of one endpoint.
 pub(crate) struct EndpointPool {
@@ -430,7 +437,7 @@ impl EndpointPool {
     }
 
     /// The most recently returned idle connection, closing any that idled too long.
-    fn checkout(&self) -> Option<Conn> {
+    fn checkout(&self) -> Option<Pooled> {
         let now = Instant::now();
         let mut idle = self.shard().lock();
         let mut expired = expired(&mut idle, now);
@@ -473,7 +480,7 @@ impl EndpointPool {
     }
 
     /// Puts a connection whose last exchange is over back in the pool.
-    fn put(&self, conn: Conn) {
+    fn put(&self, conn: Pooled) {
         if conn.max_idle.is_zero() {
             // The upstream keeps no idle connection.
             return;
@@ -487,7 +494,7 @@ impl EndpointPool {
         idle.push_back((conn, expires));
     }
 
-    async fn connect(&self) -> Result<Conn, UpstreamError> {
+    async fn connect(&self) -> Result<Pooled, UpstreamError> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, async {
             match &self.target {
                 Target::Addr(addr) => TcpStream::connect(addr).await,
@@ -506,12 +513,12 @@ impl EndpointPool {
         let (sender, driver) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Http)?;
-        Ok(Conn::new(sender, driver, answered))
+        Ok(Box::new(Conn::new(sender, driver, answered)))
     }
 
     /// An idle connection ready for a request (an idle one the upstream closed is
     /// noticed here and dropped), or a new one. `true` with a reused connection.
-    async fn ready_conn(&self) -> Result<(Conn, bool), UpstreamError> {
+    async fn ready_conn(&self) -> Result<(Pooled, bool), UpstreamError> {
         while let Some(mut conn) = self.checkout() {
             let ready = std::future::poll_fn(|cx| {
                 conn.local.poll(cx, |cx| {
@@ -542,7 +549,7 @@ impl EndpointPool {
     /// (see the module's documentation for when), once more on a new connection.
     async fn send_on(
         self: Arc<Self>,
-        mut conn: Conn,
+        mut conn: Pooled,
         reused: bool,
         mut request: Request<Body>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
@@ -702,7 +709,7 @@ fn frame_body(request: &mut Request<Body>) {
 
 /// Takes the connections expired by `now` off the front of a shard (oldest first, so
 /// with one upstream's timeout, expired ones are at its front).
-fn expired(idle: &mut VecDeque<(Conn, Instant)>, now: Instant) -> Vec<Conn> {
+fn expired(idle: &mut VecDeque<(Pooled, Instant)>, now: Instant) -> Vec<Pooled> {
     let mut expired = Vec::new();
     while idle.front().is_some_and(|(_, expires)| *expires <= now) {
         expired.extend(idle.pop_front().map(|(conn, _)| conn));
@@ -841,12 +848,12 @@ impl Conn {
 pub(crate) struct PooledBody {
     body: Incoming,
     /// Until the body has ended.
-    conn: Option<Conn>,
+    conn: Option<Pooled>,
     pool: Arc<EndpointPool>,
 }
 
 impl PooledBody {
-    fn new(body: Incoming, conn: Conn, pool: Arc<EndpointPool>) -> Self {
+    fn new(body: Incoming, conn: Pooled, pool: Arc<EndpointPool>) -> Self {
         Self {
             body,
             conn: Some(conn),

@@ -28,6 +28,7 @@ use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
 #[cfg(feature = "redis")]
 use super::shared_limit::{ClientKey as RedisClientKey, MaybeRedis, SharedLimit};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
+use super::timers::{ConnTimers, Reused};
 use super::trace::TraceSettings;
 use crate::BoxError;
 use crate::balance::{
@@ -68,6 +69,8 @@ type Shared = Core;
 pub(crate) struct Peer {
     pub(crate) addr: Option<IpAddr>,
     forwarded_for: Option<HeaderValue>,
+    /// The connection's reusable timers, when the gateway serves the connection itself.
+    timers: Option<ConnTimers>,
 }
 
 impl Peer {
@@ -80,7 +83,14 @@ impl Peer {
             addr: ip,
             // An IP address's text is always a valid value.
             forwarded_for: ip.and_then(|ip| HeaderValue::try_from(ip.to_string()).ok()),
+            timers: None,
         }
+    }
+
+    /// The peer of a connection the gateway serves, whose requests reuse `timers`.
+    pub(crate) fn with_timers(mut self, timers: ConnTimers) -> Self {
+        self.timers = Some(timers);
+        self
     }
 
     /// For tracing: the address, or `unknown`.
@@ -102,6 +112,8 @@ pub(crate) struct Upstream {
 pub(crate) struct Call {
     deadline: Instant,
     body: Option<Arc<BodyState>>,
+    /// The client connection's timers, to wait for the deadline with.
+    timers: Option<ConnTimers>,
 }
 
 /// A request as the balancer passes it to an endpoint.
@@ -124,11 +136,16 @@ impl Service<UpstreamRequest> for Upstream {
     fn call(&mut self, (request, call): UpstreamRequest) -> Self::Future {
         #[cfg(feature = "tracing")]
         super::trace::record_upstream(self.pool.authority());
+        let (reused, own) = match &call.timers {
+            Some(timers) => (Some(timers.deadline(call.deadline)), None),
+            None => (None, Some(tokio::time::sleep_until(call.deadline))),
+        };
         UpstreamFuture {
             // Boxed where it is made: the exchange's state is large, and moving it into
             // a wrapper first would copy it once more per request.
             send: Box::pin(self.pool.clone().send(request)),
-            deadline: tokio::time::sleep_until(call.deadline),
+            reused,
+            deadline: own,
             body: call.body,
         }
     }
@@ -143,8 +160,11 @@ pin_project_lite::pin_project! {
     /// body.
     pub(crate) struct UpstreamFuture {
         send: SendFuture,
+        // The deadline: a timer of the client connection's, or one of its own (the
+        // gateway as a service of another server).
+        reused: Option<Reused>,
         #[pin]
-        deadline: tokio::time::Sleep,
+        deadline: Option<tokio::time::Sleep>,
         body: Option<Arc<BodyState>>,
     }
 }
@@ -157,7 +177,12 @@ impl Future for UpstreamFuture {
         if let Poll::Ready(result) = this.send.as_mut().poll(cx) {
             return Poll::Ready(result);
         }
-        if this.deadline.poll(cx).is_pending() {
+        let elapsed = match (this.reused, this.deadline.as_pin_mut()) {
+            (Some(reused), _) => Pin::new(reused).poll(cx).is_ready(),
+            (None, Some(own)) => own.poll(cx).is_ready(),
+            (None, None) => true,
+        };
+        if !elapsed {
             return Poll::Pending;
         }
         Poll::Ready(Err(
@@ -491,6 +516,7 @@ impl Route {
             route: Some(core.clone()),
             forwarded_for: None,
             body: None,
+            timers: None,
         };
         #[cfg(feature = "redis")]
         let inner = {
@@ -616,6 +642,7 @@ impl Route {
         let core = per_client.get_mut();
         core.forwarded_for = peer.forwarded_for.clone();
         core.body = state;
+        core.timers = peer.timers.clone();
         // Readied as tower's contract asks, though every layer is always ready (limits
         // answer in `call`, the balancer is waited for in the core's future): one poll
         // through the layers. The future owns all it needs.
@@ -734,6 +761,8 @@ struct Core {
     forwarded_for: Option<HeaderValue>,
     /// The state of the request's body, if it has one, set likewise.
     body: Option<Arc<BodyState>>,
+    /// The client connection's timers, set likewise.
+    timers: Option<ConnTimers>,
 }
 
 impl Service<Request<Body>> for Core {
@@ -757,7 +786,10 @@ impl Service<Request<Body>> for Core {
         };
         let forwarded_for = self.forwarded_for.take();
         let body = self.body.take();
-        Box::pin(async move { Ok(RouteCore::forward(route, request, forwarded_for, body).await) })
+        let timers = self.timers.take();
+        Box::pin(async move {
+            Ok(RouteCore::forward(route, request, forwarded_for, body, timers).await)
+        })
     }
 }
 
@@ -909,11 +941,13 @@ impl RouteCore {
         request: Request<Body>,
         forwarded_for: Option<HeaderValue>,
         body: Option<Arc<BodyState>>,
+        timers: Option<ConnTimers>,
     ) -> Response<Body> {
         let request = self.upstream_request(request, forwarded_for);
         let call = Call {
             deadline: Instant::now() + self.timeout,
             body,
+            timers,
         };
         let mut upstream = UpstreamCall {
             route: self.clone(),

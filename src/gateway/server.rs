@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use http::{Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -31,6 +31,7 @@ use super::path::{PathOptions, normalize};
 use super::pool::Pools;
 use super::route::{Peer, Route};
 use super::status::GatewayStatus;
+use super::timers::ConnTimers;
 use crate::BoxError;
 use crate::ConfigError;
 #[cfg(feature = "consul")]
@@ -528,9 +529,11 @@ impl Gateway {
             let gateway_max_headers = self.inner.max_headers_size;
             let stop = stop.clone();
             connections.spawn(async move {
+                // The connection's timers, reused by its requests (see `timers`).
+                let timers = ConnTimers::default();
                 // The connection's own reference count, touched by its requests alone:
                 // cloning the gateway for each would bounce one shared by every thread.
-                let context = Arc::new((gateway, Peer::new(peer)));
+                let context = Arc::new((gateway, Peer::new(peer).with_timers(timers.clone())));
                 let service = hyper::service::service_fn(move |request| {
                     let context = context.clone();
                     async move {
@@ -543,7 +546,7 @@ impl Gateway {
                     }
                 });
                 let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
+                    .timer(timers)
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     // A larger head is answered 431 by hyper.
                     .max_buf_size(gateway_max_headers)

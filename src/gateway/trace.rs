@@ -280,8 +280,12 @@ impl TraceSettings {
             match (values.next(), values.next()) {
                 (Some(v), None) if valid_request_id(v.as_bytes()) => v.clone(),
                 _ => {
-                    let value = HeaderValue::from_bytes(&new_request_id())
-                        .unwrap_or(HeaderValue::from_static("invalid"));
+                    // Held by a reference-counted owner: the copy echoed to the client
+                    // costs no allocation of its own (a copied value's first clone
+                    // would allocate its shared header).
+                    let value =
+                        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(new_request_id()))
+                            .unwrap_or(HeaderValue::from_static("invalid"));
                     headers.insert(name, value.clone());
                     value
                 }

@@ -1,0 +1,302 @@
+#!/usr/bin/env bash
+# The gateway against nginx as a reverse proxy, measured by `wrk` (an outside load client,
+# as issue 16 measured it), beside the project's own load client in benches/gateway.rs.
+#
+#   bash benches/wrk_vs_nginx.sh                    # 1 worker, 1 run of each, ~1 min
+#   RUNS=5 WORKERS="1 2" bash benches/wrk_vs_nginx.sh
+#
+# On loopback only: an nginx upstream answering at once (1 worker, `return 200`), and in
+# front of it, one after the other, interleaved run by run:
+#
+#   - nginx as a reverse proxy (W workers, `reuseport`, a keep-alive upstream pool);
+#   - the gateway, routing only (one route from a TOML file: prefix, strip, balancing);
+#   - the gateway, full stack: global and per-client limits (set far above what a run
+#     sends), an endpoint breaker, outlier detection, a timeout and a fallback;
+#
+# each served by `examples/gateway_bench_server.rs` (built here in release) on W threads
+# (`Gateway::spawn_threads`, or a multi-thread runtime with GATEWAY_RUNTIME=multi).
+# `wrk -t1 -c16 -d8s --latency` against each, for each W in WORKERS. For each run:
+# req/s and p99 from wrk, and CPU per request: the proxy's utime + stime from
+# /proc/PID/stat (every nginx process: master and workers; the whole gateway process)
+# over the run, divided by wrk's request count. The table gives the median of RUNS runs.
+#
+# Idempotent, bounded in time (each wrk run is DURATION; each process start is bounded),
+# leaves nothing running (a trap stops every process it started; its files are in a
+# temporary directory that is removed). Installs `wrk` and `nginx-light` with apt-get when
+# missing and run as root.
+#
+# Environment:
+#   RUNS (3)              runs of each configuration (interleaved), medians reported
+#   WORKERS ("1")         proxy worker counts to measure (nginx workers = gateway threads)
+#   DURATION (8s)         each wrk run; CONNECTIONS (16); WRK_THREADS (1)
+#   GATEWAY_RUNTIME       threads (default: spawn_threads) or multi (multi-thread runtime)
+#   GATEWAY_BINS          "label=path ..." prebuilt gateway_bench_server binaries to
+#                         compare (e.g. base=/tmp/base/gateway_bench_server new=...);
+#                         default: this checkout's, built in release, labelled gateway
+#   CONFIGS ("routing full")  which gateway configurations to run
+set -euo pipefail
+
+RUNS=${RUNS:-3}
+WORKERS=${WORKERS:-1}
+DURATION=${DURATION:-8s}
+CONNECTIONS=${CONNECTIONS:-16}
+WRK_THREADS=${WRK_THREADS:-1}
+GATEWAY_RUNTIME=${GATEWAY_RUNTIME:-threads}
+CONFIGS=${CONFIGS:-routing full}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+die() { echo "wrk_vs_nginx: $*" >&2; exit 1; }
+
+# --- tools -----------------------------------------------------------------------------
+NGINX=$(command -v nginx || true)
+[ -z "$NGINX" ] && [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx
+if ! command -v wrk >/dev/null || [ -z "$NGINX" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null
+        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+    fi
+fi
+command -v wrk >/dev/null || die "wrk is missing (apt-get install wrk)"
+[ -x "$NGINX" ] || die "nginx is missing (apt-get install nginx-light)"
+
+if [ -z "${GATEWAY_BINS:-}" ]; then
+    (cd "$HERE" && cargo build --quiet --release --features gateway --example gateway_bench_server)
+    dir=$(cd "$HERE" && cargo metadata --format-version 1 --no-deps \
+        | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+    GATEWAY_BINS="gateway=${dir:-$HERE/target}/release/examples/gateway_bench_server"
+fi
+for entry in $GATEWAY_BINS; do
+    [ -x "${entry#*=}" ] || die "no gateway binary at ${entry#*=}"
+done
+
+# --- processes -------------------------------------------------------------------------
+WORK=$(mktemp -d /tmp/seawall-wrk.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A free loopback port (bound, read, released).
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits (5 s at most) until something accepts connections on 127.0.0.1:$1.
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    return 1
+}
+
+# nginx with `$2` workers and the `http` block `$3`, in directory `$1`; sets NGINX_PID.
+start_nginx() {
+    local dir=$1 workers=$2 http=$3
+    mkdir -p "$dir"
+    chmod 755 "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+worker_processes $workers;
+daemon off;
+master_process on;
+pid "$dir/nginx.pid";
+error_log "$dir/error.log" warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path "$dir/client_body";
+    proxy_temp_path "$dir/proxy";
+    fastcgi_temp_path "$dir/fastcgi";
+    uwsgi_temp_path "$dir/uwsgi";
+    scgi_temp_path "$dir/scgi";
+$http
+}
+EOF
+    "$NGINX" -p "$dir" -c "$dir/nginx.conf" >"$dir/out.log" 2>&1 &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+}
+
+stop() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# The process `$1` and its children: their utime + stime, in clock ticks.
+cpu_ticks() {
+    local total=0 pid fields
+    for pid in "$1" $(pgrep -P "$1"); do
+        fields=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
+        # After the command: state is field 3, utime 14 and stime 15 of the whole line.
+        set -- $fields
+        total=$((total + ${12} + ${13}))
+    done
+    echo "$total"
+}
+TICK=$(getconf CLK_TCK)
+
+# Latency text from wrk (123.45us, 1.20ms, 2.00s) in milliseconds.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0
+        if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000
+        printf "%.3f", n }'
+}
+
+# One wrk run against port $1, the proxy's CPU read from pid $2: "req/s p99_ms cpu_us".
+measure() {
+    local port=$1 pid=$2 before after out requests rps p99 errors
+    before=$(cpu_ticks "$pid")
+    out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
+        "http://127.0.0.1:$port/api/items" 2>&1)
+    after=$(cpu_ticks "$pid")
+    requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+    rps=$(awk '/^Requests\/sec/ { print $2 }' <<<"$out")
+    p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
+    errors=$(awk '/Non-2xx|Socket errors/' <<<"$out")
+    [ -n "$requests" ] && [ "$requests" -gt 0 ] || die "wrk failed: $out"
+    [ -z "$errors" ] || echo "  warning: $errors" >&2
+    awk -v r="$rps" -v p="$(to_ms "$p99")" -v t=$((after - before)) -v n="$requests" \
+        -v hz="$TICK" 'BEGIN { printf "%.0f %.3f %.2f\n", r, p, t / hz * 1e6 / n }'
+}
+
+# --- the upstream ----------------------------------------------------------------------
+UP_PORT=$(free_port)
+start_nginx "$WORK/upstream" 1 "    server {
+        listen 127.0.0.1:$UP_PORT;
+        location / { default_type application/json; return 200 '{\"items\":[]}'; }
+    }"
+wait_port "$UP_PORT" || die "the upstream did not start: $(cat "$WORK/upstream/"*.log)"
+
+gateway_toml() { # $1: routing|full, $2: port
+    cat <<EOF
+[gateway]
+listen = "127.0.0.1:$2"
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+service = "items"
+strip_prefix = true
+EOF
+    if [ "$1" = full ]; then
+        cat <<'EOF'
+timeout = "2s"
+
+[routes.rate_limit]
+global = { per_second = 10000000, burst = 10000000 }
+per_client = { per_second = 10000000, burst = 10000000, key = "ip" }
+
+[routes.breaker]
+failure_rate = 0.5
+window = 100
+minimum_calls = 20
+wait_in_open = "5s"
+permitted_in_half_open = 2
+
+[routes.fallback]
+status = 200
+body = '{"items":[]}'
+content_type = "application/json"
+
+[routes.balance]
+strategy = "least-requests"
+outlier = { consecutive_failures = 5, base_ejection = "30s", max_ejected = 0.5 }
+EOF
+    fi
+    cat <<EOF
+
+[[services]]
+name = "items"
+instances = ["127.0.0.1:$UP_PORT"]
+EOF
+}
+
+# Starts proxy `$1` (nginx, or label:config) with `$2` workers; sets PROXY_PID, PROXY_PORT.
+start_proxy() {
+    local name=$1 workers=$2 port
+    port=$(free_port)
+    if [ "$name" = nginx ]; then
+        start_nginx "$WORK/proxy" "$workers" "    upstream items {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$port reuseport;
+        location / {
+            proxy_pass http://items;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }"
+        PROXY_PID=$NGINX_PID
+    else
+        local label=${name%%:*} config=${name#*:} bin
+        for entry in $GATEWAY_BINS; do
+            [ "${entry%%=*}" = "$label" ] && bin=${entry#*=}
+        done
+        gateway_toml "$config" "$port" >"$WORK/gateway.toml"
+        "$bin" "$WORK/gateway.toml" --workers "$workers" --runtime "$GATEWAY_RUNTIME" \
+            >"$WORK/gateway.log" 2>&1 &
+        PROXY_PID=$!
+        PIDS+=("$PROXY_PID")
+    fi
+    PROXY_PORT=$port
+    wait_port "$port" || die "$name did not start: $(cat "$WORK"/*.log "$WORK"/proxy/*.log 2>/dev/null)"
+    # Warm up: connections to the upstream opened, caches filled.
+    wrk -t1 -c"$CONNECTIONS" -d1s "http://127.0.0.1:$port/api/items" >/dev/null 2>&1
+}
+
+# --- runs ------------------------------------------------------------------------------
+PROXIES=(nginx)
+for entry in $GATEWAY_BINS; do
+    for config in $CONFIGS; do PROXIES+=("${entry%%=*}:$config"); done
+done
+RESULTS=$WORK/results
+: >"$RESULTS"
+for workers in $WORKERS; do
+    for run in $(seq "$RUNS"); do
+        for proxy in "${PROXIES[@]}"; do
+            start_proxy "$proxy" "$workers"
+            line=$(measure "$PROXY_PORT" "$PROXY_PID")
+            stop "$PROXY_PID"
+            rm -rf "$WORK/proxy"
+            echo "$workers|$proxy|$line" >>"$RESULTS"
+            echo "  W=$workers run $run $proxy: $line (req/s, p99 ms, CPU µs/req)" >&2
+        done
+    done
+done
+
+# --- the table -------------------------------------------------------------------------
+echo
+echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION, upstream: nginx (1 worker, return 200);" \
+    "gateway runtime: $GATEWAY_RUNTIME; medians of $RUNS runs"
+echo
+echo "| proxy | workers | req/s | p99 (ms) | CPU/req (µs) | CPU/req vs nginx |"
+echo "|---|---|---|---|---|---|"
+for workers in $WORKERS; do
+    nginx_cpu=""
+    for proxy in "${PROXIES[@]}"; do
+        read -r rps p99 cpu < <(awk -F'|' -v w="$workers" -v p="$proxy" '
+            BEGIN { n = 0 }
+            $1 == w && $2 == p { split($3, f, " "); r[n] = f[1]; l[n] = f[2]; c[n] = f[3]; n++ }
+            function median(a, n,   i, j, t) {
+                for (i = 0; i < n; i++) for (j = i + 1; j < n; j++)
+                    if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+                return n % 2 ? a[int(n / 2)] : (a[n / 2 - 1] + a[n / 2]) / 2
+            }
+            END { print median(r, n), median(l, n), median(c, n) }' "$RESULTS")
+        [ "$proxy" = nginx ] && nginx_cpu=$cpu
+        ratio=$(awk -v c="$cpu" -v n="$nginx_cpu" 'BEGIN { printf "%.2f×", c / n }')
+        printf '| %s | %s | %.0f | %.2f | %.1f | %s |\n' \
+            "${proxy/:/ }" "$workers" "$rps" "$p99" "$cpu" "$ratio"
+    done
+done
