@@ -22,6 +22,7 @@ mod redis;
 mod retry_after;
 
 pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
+#[cfg(feature = "gateway")]
 pub(crate) use key::{parse_net, peer_of};
 pub(crate) use layer::refusal_headers;
 pub use layer::{
