@@ -218,6 +218,17 @@ impl Ticket {
         self.shared.is_some()
     }
 
+    /// The ticket, moved out: this one then records nothing (only its breaker reference is
+    /// written).
+    #[inline(always)]
+    pub(crate) fn take(&mut self) -> Ticket {
+        Ticket {
+            shared: self.shared.take(),
+            word: self.word,
+            start: self.start,
+        }
+    }
+
     /// Records `outcome` in place; the ticket then records nothing more.
     #[inline(always)]
     pub(crate) fn settle(&mut self, outcome: Outcome) {
