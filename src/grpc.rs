@@ -96,6 +96,10 @@
 //! endpoint breaker see the same outcome, recorded when its body ends. An endpoint's call
 //! then counts as outstanding until its response body ends or is dropped.
 //!
+//! A deferred call's duration (for the breaker's slow-call rate and the balancers'
+//! latency) runs until its body ends: for long-lived streams, leave the slow-call
+//! threshold off or above the streams' lifetime.
+//!
 //! [`Recorder`]: crate::circuit_breaker::Recorder
 //! [`Classify::record`]: crate::circuit_breaker::Classify::record
 //! [`Outcome::Ignored`]: crate::circuit_breaker::Outcome::Ignored

@@ -119,3 +119,66 @@ async fn unavailable_opens_the_endpoint_breaker() {
     // Its successes came in the trailers (`grpc-status: 0`), and counted as such.
     assert_eq!(breaker(healthy.port()), Some(State::Closed));
 }
+
+#[tokio::test]
+async fn unavailable_in_the_trailers_counts_for_the_endpoint_when_the_stream_ends() {
+    let addr = server("ok").await;
+    let detection = OutlierDetection::builder()
+        .consecutive_failures(3)
+        .base_ejection_time(Duration::from_secs(60))
+        .max_ejected(1.0)
+        .build()
+        .expect("valid");
+    let lb = Balance::builder()
+        .name("watch")
+        .outlier_detection(detection)
+        .classifier(GrpcClassifier::new())
+        .build(ServiceDiscover::new(instances(&[addr]), endpoint));
+    let handle = lb.handle().clone();
+    let mut client = HealthClient::new(lb);
+    for round in 0..3 {
+        let mut stream = client
+            .watch(named("unavailable"))
+            .await
+            .expect("the stream starts")
+            .into_inner();
+        assert!(stream.message().await.expect("one message").is_some());
+        // Until the trailers: still outstanding, not yet counted.
+        let before = &handle.endpoints()[0];
+        assert_eq!((before.outstanding, before.failures), (1, round));
+        let status = stream.message().await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let after = &handle.endpoints()[0];
+        assert_eq!(after.failures, round + 1);
+    }
+    assert_eq!(
+        handle.ejected(),
+        1,
+        "three failures in a row, read in the trailers"
+    );
+    // A stream the client drops is not counted, and no longer outstanding.
+    let (mut client, handle) = {
+        let lb = Balance::builder()
+            .name("dropped")
+            .outlier_detection(
+                OutlierDetection::builder()
+                    .consecutive_failures(1)
+                    .build()
+                    .expect("valid"),
+            )
+            .classifier(GrpcClassifier::new())
+            .build(ServiceDiscover::new(instances(&[addr]), endpoint));
+        let handle = lb.handle().clone();
+        (HealthClient::new(lb), handle)
+    };
+    let mut stream = client
+        .watch(named("hang"))
+        .await
+        .expect("starts")
+        .into_inner();
+    assert!(stream.message().await.expect("one message").is_some());
+    drop(stream);
+    let status = &handle.endpoints()[0];
+    assert_eq!((status.outstanding, status.failures), (0, 0));
+    assert_eq!(handle.ejected(), 0);
+}
