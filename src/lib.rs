@@ -16,6 +16,8 @@
 //!   registry, Consul), as a `tower::discover::Discover` stream of per-instance stacks.
 //! * [`balance`]: client-side load balancing over them: power of two choices, round
 //!   robin, consistent hashing, per-endpoint breakers and outlier ejection.
+//! * `grpc` (feature `grpc`): classification by `grpc-status`, read from the headers or
+//!   the trailers at the end of the body, for the breakers and balancers.
 //! * `consul` (feature `consul`): a Consul client, registration with health checks, and a
 //!   blocking-query watch feeding [`discovery`].
 //! * `gateway` (feature `gateway`): an embeddable API gateway configured by a TOML file:
@@ -55,6 +57,7 @@
 //! | feature | adds |
 //! |---|---|
 //! | `http` | `HttpClassifier` (5xx and transport errors are failures); `rate_limit::http` (429 layer with RFC 9457 bodies, key extractors, `RetryAfterLayer`); `problem`: HTTP answers for stack errors |
+//! | `grpc` | `grpc`: `GrpcClassifier`, which counts calls by their `grpc-status` (in the headers or the trailers), for breakers and balancers (enables `http`) |
 //! | `axum` | `ClientIp` reads axum 0.8's `ConnectInfo<SocketAddr>`; axum's `Body` for the ready-made answers (enables `http`) |
 //! | `metrics` | counters and gauges of breakers, limiters, balancers and Consul watches through the `metrics` crate (every name in `observability`) |
 //! | `tracing` | events of the same components, and one per gateway request, through `tracing` |
@@ -129,6 +132,9 @@ pub mod fallback;
 #[cfg(feature = "gateway")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
 pub mod gateway;
+#[cfg(feature = "grpc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
+pub mod grpc;
 pub mod observability;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::BoxError;
-use crate::circuit_breaker::{Classify, Outcome, Ticket};
+use crate::circuit_breaker::{Classify, Outcome, Recorder, Ticket};
 
 use super::stats::EndpointStats;
 
@@ -35,7 +35,7 @@ impl CallGuard {
     }
 
     #[inline]
-    fn complete(mut self, outcome: Outcome) {
+    pub(crate) fn complete(mut self, outcome: Outcome) {
         self.stats.complete(outcome, self.start);
         if let Some(ticket) = self.breaker.take() {
             ticket.record(outcome);
@@ -117,9 +117,9 @@ where
                 guard,
                 classifier,
             } => {
-                let result = ready!(future.poll(cx));
+                let mut result = ready!(future.poll(cx));
                 if let Some(guard) = guard.take() {
-                    guard.complete(classifier.classify(result.as_ref()));
+                    classifier.record(&mut result, Recorder::call(guard));
                 }
                 Poll::Ready(result.map_err(Into::into))
             }

@@ -74,6 +74,8 @@ mod stats;
 mod telemetry;
 mod weights;
 
+pub(crate) use future::CallGuard;
+
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;

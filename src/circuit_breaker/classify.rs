@@ -1,5 +1,10 @@
 //! Deciding whether a call succeeded, failed, or does not count.
 
+use std::fmt;
+
+use super::admission::Ticket;
+use crate::balance::CallGuard;
+
 /// How a completed call counts towards the breaker's rates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -30,9 +35,77 @@ pub enum Outcome {
 /// };
 /// assert_eq!(classify.classify(Err(&DbError::NotFound)), Outcome::Ignored);
 /// ```
+///
+/// A classifier whose outcome is known only later (gRPC's `grpc-status` arrives in the
+/// trailers, after the response) overrides [`record`](Self::record), which the breaker and
+/// the balancers call: it may hand the [`Recorder`] to the response (its body) to record
+/// when the outcome is known.
 pub trait Classify<T, E> {
     /// Classifies one result.
     fn classify(&self, result: Result<&T, &E>) -> Outcome;
+
+    /// Records the outcome of one call with `recorder`, which the breaker and the balancers
+    /// call as a call completes. The default classifies the result now and records it; a
+    /// classifier may instead keep `recorder` in the result (for example in a response body
+    /// that records at its end). A `recorder` dropped unrecorded counts as
+    /// [`Outcome::Ignored`].
+    #[inline(always)]
+    fn record(&self, result: &mut Result<T, E>, recorder: Recorder) {
+        recorder.record(self.classify(result.as_ref()));
+    }
+}
+
+/// Where the outcome of one call goes: a breaker's [`Ticket`], or a balanced endpoint's
+/// call (its outlier-detection and latency statistics and its endpoint breaker's ticket).
+/// Handed to [`Classify::record`].
+///
+/// Record it once with [`record`](Self::record); dropped unrecorded, it records nothing (as
+/// [`Outcome::Ignored`]) and a half-open probe slot it holds goes back to its breaker.
+#[must_use = "a recorder records nothing unless its outcome is recorded"]
+pub struct Recorder {
+    kind: RecorderKind,
+}
+
+enum RecorderKind {
+    Ticket(Ticket),
+    Call(CallGuard),
+}
+
+impl Recorder {
+    /// A balanced call's recorder.
+    #[inline(always)]
+    pub(crate) fn call(guard: CallGuard) -> Self {
+        Self {
+            kind: RecorderKind::Call(guard),
+        }
+    }
+
+    /// Records the call's outcome.
+    #[inline(always)]
+    pub fn record(self, outcome: Outcome) {
+        match self.kind {
+            RecorderKind::Ticket(ticket) => ticket.record(outcome),
+            RecorderKind::Call(guard) => guard.complete(outcome),
+        }
+    }
+}
+
+impl From<Ticket> for Recorder {
+    #[inline(always)]
+    fn from(ticket: Ticket) -> Self {
+        Self {
+            kind: RecorderKind::Ticket(ticket),
+        }
+    }
+}
+
+impl fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            RecorderKind::Ticket(ticket) => f.debug_tuple("Recorder").field(ticket).finish(),
+            RecorderKind::Call(_) => f.debug_tuple("Recorder").field(&"balanced call").finish(),
+        }
+    }
 }
 
 impl<T, E, F> Classify<T, E> for F

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 
 use super::admission::Ticket;
-use super::classify::Classify;
+use super::classify::{Classify, Recorder};
 use super::error::{Boxed, CircuitOpen, ErrorMode};
 
 pin_project! {
@@ -81,9 +81,9 @@ where
                 ticket,
                 classifier,
             } => {
-                let result = ready!(future.poll(cx));
+                let mut result = ready!(future.poll(cx));
                 if ticket.is_pending() {
-                    ticket.settle(classifier.classify(result.as_ref()));
+                    classifier.record(&mut result, Recorder::from(ticket.take()));
                 }
                 Poll::Ready(result.map_err(M::inner))
             }

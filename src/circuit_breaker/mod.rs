@@ -149,7 +149,7 @@ pub mod future;
 
 pub(crate) use admission::Admission;
 pub use admission::Ticket;
-pub use classify::{Classify, ErrorsAreFailures, Outcome};
+pub use classify::{Classify, ErrorsAreFailures, Outcome, Recorder};
 pub use config::{
     CircuitBreakerConfig, CircuitBreakerConfigBuilder, MAX_BUCKETS, MAX_DURATION, MAX_WINDOW_SIZE,
     SlidingWindow,

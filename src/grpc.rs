@@ -1,0 +1,760 @@
+//! gRPC-aware classification (feature `grpc`).
+//!
+//! gRPC answers a failed call with HTTP `200 OK` and puts its status in `grpc-status`: in
+//! the headers of a trailers-only response (an error before any message), or in the
+//! trailers at the end of the body. [`HttpClassifier`](crate::circuit_breaker::HttpClassifier)
+//! or [`ErrorsAreFailures`](crate::circuit_breaker::ErrorsAreFailures) would count every
+//! such call as a success. [`GrpcClassifier`] reads the status instead:
+//!
+//! * [`GrpcBodyLayer`], placed *inside* the breaker or under the balancer (around each
+//!   endpoint, such as a tonic `Channel`), wraps every response body in a [`GrpcBody`];
+//! * the breaker (or balancer) hands the call's [`Recorder`] to the classifier
+//!   ([`Classify::record`]). A trailers-only response or a non-200 HTTP status is decided
+//!   at once; otherwise the recorder goes into the [`GrpcBody`], which records when the
+//!   body ends:
+//!   * trailers: their `grpc-status`, classified as configured (missing: `INTERNAL`);
+//!   * a body error (a stream reset, a broken connection): a failure;
+//!   * the end of the body without trailers: `INTERNAL`, as the gRPC spec says;
+//!   * the body dropped before its end (the client cancelled, or stopped reading a
+//!     stream): nothing is recorded, as for [`Outcome::Ignored`]: a client's own
+//!     cancellation never counts against an upstream.
+//!
+//! By default `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `INTERNAL` and
+//! `UNKNOWN` are failures, `CANCELLED` is ignored and every other code is a success;
+//! [`GrpcClassifier::with_failures`], [`fail_on`](GrpcClassifier::fail_on),
+//! [`ignore`](GrpcClassifier::ignore) and [`succeed_on`](GrpcClassifier::succeed_on)
+//! change that. A non-200 HTTP status is mapped to a code as the gRPC spec's HTTP to gRPC
+//! status mapping says (429, 502, 503 and 504 are `UNAVAILABLE`), and a transport error
+//! (an `Err` from the service) is a failure.
+//!
+//! With a tonic client, the stack over a `Channel` is
+//! `CircuitBreakerLayer::new(config).with_classifier(GrpcClassifier::new())` over
+//! `GrpcBodyLayer`; its response body is a `GrpcBody<tonic::body::Body>`, which tonic's
+//! generated clients accept as they accept any `http_body::Body`:
+//!
+//! ```ignore
+//! let channel = tonic::transport::Endpoint::from_static("http://[::1]:50051").connect().await?;
+//! let svc = tower::ServiceBuilder::new()
+//!     .layer(CircuitBreakerLayer::new(config).with_classifier(GrpcClassifier::new()))
+//!     .layer(GrpcBodyLayer)
+//!     .service(channel);
+//! let mut client = HealthClient::new(svc);
+//! ```
+//!
+//! A runnable example, with a service answering `UNAVAILABLE` in its trailers:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, StreamBody};
+//! use http_body::Frame;
+//! use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, SlidingWindow, State};
+//! use seawall::grpc::{GrpcBodyLayer, GrpcClassifier};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), seawall::BoxError> {
+//! let layer = CircuitBreakerLayer::new(
+//!     CircuitBreakerConfig::builder()
+//!         .name("inventory")
+//!         .sliding_window(SlidingWindow::count_based(2))
+//!         .minimum_calls(2)
+//!         .build()?,
+//! )
+//! .with_classifier(GrpcClassifier::new());
+//! let breaker = layer.breaker().clone();
+//!
+//! // HTTP 200, one message, then `grpc-status: 14` (UNAVAILABLE) in the trailers.
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .layer(GrpcBodyLayer)
+//!     .service_fn(|_req: http::Request<()>| async {
+//!         let mut trailers = http::HeaderMap::new();
+//!         trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+//!         let frames = vec![
+//!             Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+//!             Ok(Frame::trailers(trailers)),
+//!         ];
+//!         Ok::<_, Infallible>(http::Response::new(StreamBody::new(futures::stream::iter(frames))))
+//!     });
+//!
+//! for _ in 0..2 {
+//!     let response = svc.ready().await?.call(http::Request::new(())).await?;
+//!     // Still closed: the status is in the trailers, read with the body.
+//!     assert_eq!(breaker.state(), State::Closed);
+//!     let _ = response.into_body().collect().await;
+//! }
+//! assert_eq!(breaker.state(), State::Open);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The balancers ([`Balance`](crate::balance::Balance),
+//! [`HashBalance`](crate::balance::HashBalance)) take the classifier through
+//! [`BalanceBuilder::classifier`](crate::balance::BalanceBuilder::classifier); with each
+//! endpoint wrapped in [`GrpcBodyLayer`], an endpoint's outlier detection, latency and
+//! endpoint breaker see the same outcome, recorded when its body ends. An endpoint's call
+//! then counts as outstanding until its response body ends or is dropped.
+//!
+//! A deferred call's duration (for the breaker's slow-call rate and the balancers'
+//! latency) runs until its body ends: for long-lived streams, leave the slow-call
+//! threshold off or above the streams' lifetime.
+//!
+//! [`Recorder`]: crate::circuit_breaker::Recorder
+//! [`Classify::record`]: crate::circuit_breaker::Classify::record
+//! [`Outcome::Ignored`]: crate::circuit_breaker::Outcome::Ignored
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::circuit_breaker::{Classify, Outcome, Recorder};
+
+/// A gRPC status code (`grpc-status`), 0 to 16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum GrpcCode {
+    /// 0: not an error.
+    Ok = 0,
+    /// 1: the operation was cancelled, typically by the caller.
+    Cancelled = 1,
+    /// 2: an unknown error (also any code outside 0–16).
+    Unknown = 2,
+    /// 3: the client specified an invalid argument.
+    InvalidArgument = 3,
+    /// 4: the deadline expired before the operation could complete.
+    DeadlineExceeded = 4,
+    /// 5: some requested entity was not found.
+    NotFound = 5,
+    /// 6: the entity that a client attempted to create already exists.
+    AlreadyExists = 6,
+    /// 7: the caller does not have permission.
+    PermissionDenied = 7,
+    /// 8: some resource has been exhausted (a quota, the server's capacity).
+    ResourceExhausted = 8,
+    /// 9: the system is not in a state required for the operation.
+    FailedPrecondition = 9,
+    /// 10: the operation was aborted (a concurrency conflict).
+    Aborted = 10,
+    /// 11: the operation was attempted past the valid range.
+    OutOfRange = 11,
+    /// 12: the operation is not implemented or supported.
+    Unimplemented = 12,
+    /// 13: an internal error.
+    Internal = 13,
+    /// 14: the service is currently unavailable.
+    Unavailable = 14,
+    /// 15: unrecoverable data loss or corruption.
+    DataLoss = 15,
+    /// 16: the request lacks valid authentication credentials.
+    Unauthenticated = 16,
+}
+
+impl GrpcCode {
+    const ALL: [GrpcCode; 17] = [
+        GrpcCode::Ok,
+        GrpcCode::Cancelled,
+        GrpcCode::Unknown,
+        GrpcCode::InvalidArgument,
+        GrpcCode::DeadlineExceeded,
+        GrpcCode::NotFound,
+        GrpcCode::AlreadyExists,
+        GrpcCode::PermissionDenied,
+        GrpcCode::ResourceExhausted,
+        GrpcCode::FailedPrecondition,
+        GrpcCode::Aborted,
+        GrpcCode::OutOfRange,
+        GrpcCode::Unimplemented,
+        GrpcCode::Internal,
+        GrpcCode::Unavailable,
+        GrpcCode::DataLoss,
+        GrpcCode::Unauthenticated,
+    ];
+
+    /// The code for a number; anything outside 0–16 is [`Unknown`](Self::Unknown), as the
+    /// gRPC spec says of codes a client does not know.
+    pub const fn from_i32(code: i32) -> Self {
+        if code >= 0 && code <= 16 {
+            Self::ALL[code as usize]
+        } else {
+            Self::Unknown
+        }
+    }
+
+    /// The code's number.
+    pub const fn as_i32(self) -> i32 {
+        self as i32
+    }
+
+    /// The code in a `grpc-status` value (ASCII decimal); anything else is
+    /// [`Unknown`](Self::Unknown).
+    pub const fn from_bytes(value: &[u8]) -> Self {
+        match value {
+            [d @ b'0'..=b'9'] => Self::from_i32((*d - b'0') as i32),
+            [b'1', d @ b'0'..=b'6'] => Self::from_i32(10 + (*d - b'0') as i32),
+            _ => Self::Unknown,
+        }
+    }
+
+    /// The `grpc-status` in `headers` (headers of a trailers-only response, or trailers),
+    /// if there is one.
+    pub fn from_headers(headers: &http::HeaderMap) -> Option<Self> {
+        headers
+            .get("grpc-status")
+            .map(|value| Self::from_bytes(value.as_bytes()))
+    }
+
+    /// The code for a response whose HTTP status is not `200 OK`, as the gRPC spec's HTTP
+    /// to gRPC status mapping says: 400 `INTERNAL`, 401 `UNAUTHENTICATED`, 403
+    /// `PERMISSION_DENIED`, 404 `UNIMPLEMENTED`, 429, 502, 503 and 504 `UNAVAILABLE`,
+    /// anything else `UNKNOWN`.
+    pub const fn from_http_status(status: http::StatusCode) -> Self {
+        match status.as_u16() {
+            400 => Self::Internal,
+            401 => Self::Unauthenticated,
+            403 => Self::PermissionDenied,
+            404 => Self::Unimplemented,
+            429 | 502 | 503 | 504 => Self::Unavailable,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// The code's name as the gRPC spec writes it (`"UNAVAILABLE"`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "OK",
+            Self::Cancelled => "CANCELLED",
+            Self::Unknown => "UNKNOWN",
+            Self::InvalidArgument => "INVALID_ARGUMENT",
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Self::NotFound => "NOT_FOUND",
+            Self::AlreadyExists => "ALREADY_EXISTS",
+            Self::PermissionDenied => "PERMISSION_DENIED",
+            Self::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Self::FailedPrecondition => "FAILED_PRECONDITION",
+            Self::Aborted => "ABORTED",
+            Self::OutOfRange => "OUT_OF_RANGE",
+            Self::Unimplemented => "UNIMPLEMENTED",
+            Self::Internal => "INTERNAL",
+            Self::Unavailable => "UNAVAILABLE",
+            Self::DataLoss => "DATA_LOSS",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+
+    const fn bit(self) -> u32 {
+        1 << self as u32
+    }
+}
+
+impl fmt::Display for GrpcCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Failures by default: `UNKNOWN`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `INTERNAL`,
+/// `UNAVAILABLE`.
+const DEFAULT_FAILURES: u32 = GrpcCode::Unknown.bit()
+    | GrpcCode::DeadlineExceeded.bit()
+    | GrpcCode::ResourceExhausted.bit()
+    | GrpcCode::Internal.bit()
+    | GrpcCode::Unavailable.bit();
+
+/// The gRPC classifier (feature `grpc`): classifies a call by its `grpc-status`, read from
+/// the headers of a trailers-only response or, through a [`GrpcBody`], from the trailers
+/// when the body ends (see the [module docs](self)).
+///
+/// Responses must have a [`GrpcBody`]: put [`GrpcBodyLayer`] inside the breaker or around
+/// each balanced endpoint.
+///
+/// ```
+/// use seawall::circuit_breaker::Outcome;
+/// use seawall::grpc::{GrpcClassifier, GrpcCode};
+///
+/// let default = GrpcClassifier::new();
+/// assert_eq!(default.classify_code(GrpcCode::Unavailable), Outcome::Failure);
+/// assert_eq!(default.classify_code(GrpcCode::NotFound), Outcome::Success);
+/// assert_eq!(default.classify_code(GrpcCode::Cancelled), Outcome::Ignored);
+///
+/// // Only these two are failures; every other code counts as before.
+/// let narrow = GrpcClassifier::new()
+///     .with_failures([GrpcCode::Unavailable, GrpcCode::DeadlineExceeded])
+///     .ignore(GrpcCode::ResourceExhausted);
+/// assert_eq!(narrow.classify_code(GrpcCode::Internal), Outcome::Success);
+/// assert_eq!(narrow.classify_code(GrpcCode::ResourceExhausted), Outcome::Ignored);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcClassifier {
+    /// Bit `c` set: code `c` is a failure.
+    failures: u32,
+    /// Bit `c` set: code `c` is ignored (never also a failure).
+    ignored: u32,
+}
+
+impl Default for GrpcClassifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GrpcClassifier {
+    /// `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `INTERNAL` and `UNKNOWN`
+    /// are failures, `CANCELLED` is ignored, every other code is a success.
+    pub const fn new() -> Self {
+        Self {
+            failures: DEFAULT_FAILURES,
+            ignored: GrpcCode::Cancelled.bit(),
+        }
+    }
+
+    /// Exactly these codes are failures; the others are successes, or ignored if they
+    /// were.
+    #[must_use]
+    pub fn with_failures(mut self, codes: impl IntoIterator<Item = GrpcCode>) -> Self {
+        self.failures = 0;
+        for code in codes {
+            self = self.fail_on(code);
+        }
+        self
+    }
+
+    /// Counts `code` as a failure.
+    #[must_use]
+    pub const fn fail_on(mut self, code: GrpcCode) -> Self {
+        self.failures |= code.bit();
+        self.ignored &= !code.bit();
+        self
+    }
+
+    /// Leaves `code` out of the window.
+    #[must_use]
+    pub const fn ignore(mut self, code: GrpcCode) -> Self {
+        self.ignored |= code.bit();
+        self.failures &= !code.bit();
+        self
+    }
+
+    /// Counts `code` as a success.
+    #[must_use]
+    pub const fn succeed_on(mut self, code: GrpcCode) -> Self {
+        self.ignored &= !code.bit();
+        self.failures &= !code.bit();
+        self
+    }
+
+    /// The outcome for a status code.
+    pub const fn classify_code(&self, code: GrpcCode) -> Outcome {
+        if self.failures & code.bit() != 0 {
+            Outcome::Failure
+        } else if self.ignored & code.bit() != 0 {
+            Outcome::Ignored
+        } else {
+            Outcome::Success
+        }
+    }
+
+    /// The outcome for a response if its head decides it: a non-200 HTTP status (mapped
+    /// with [`GrpcCode::from_http_status`]) or a `grpc-status` header (a trailers-only
+    /// response); `None` when the status is to come in the trailers.
+    pub fn classify_head<B>(&self, response: &http::Response<B>) -> Option<Outcome> {
+        if response.status() != http::StatusCode::OK {
+            return Some(self.classify_code(GrpcCode::from_http_status(response.status())));
+        }
+        GrpcCode::from_headers(response.headers()).map(|code| self.classify_code(code))
+    }
+}
+
+impl<B, E> Classify<http::Response<GrpcBody<B>>, E> for GrpcClassifier {
+    /// The outcome as far as the response's head tells: a status still to come in the
+    /// trailers is [`Outcome::Ignored`] here. The breaker and the balancers call
+    /// [`record`](Classify::record), which waits for the trailers.
+    fn classify(&self, result: Result<&http::Response<GrpcBody<B>>, &E>) -> Outcome {
+        match result {
+            Ok(response) => self.classify_head(response).unwrap_or(Outcome::Ignored),
+            Err(_) => Outcome::Failure,
+        }
+    }
+
+    /// Records at once when the head decides, else when the body ends.
+    fn record(&self, result: &mut Result<http::Response<GrpcBody<B>>, E>, recorder: Recorder) {
+        match result {
+            Ok(response) => match self.classify_head(response) {
+                Some(outcome) => recorder.record(outcome),
+                None => response.body_mut().defer(recorder, *self),
+            },
+            Err(_) => recorder.record(Outcome::Failure),
+        }
+    }
+}
+
+/// An outcome to record when the body ends.
+struct Deferred {
+    recorder: Recorder,
+    classifier: GrpcClassifier,
+}
+
+pin_project! {
+    /// A response body that records the call's outcome when it ends (feature `grpc`): by
+    /// the `grpc-status` of its trailers, `INTERNAL` if it ends without one, a failure on
+    /// a body error; dropped before its end, it records nothing. Made by
+    /// [`GrpcBodyLayer`]; see the [module docs](self).
+    pub struct GrpcBody<B> {
+        #[pin]
+        inner: B,
+        // Empty (no allocation) unless a classifier deferred an outcome to the end.
+        deferred: Vec<Deferred>,
+    }
+}
+
+impl<B> GrpcBody<B> {
+    /// Wraps `inner`; nothing is recorded until [`defer`](Self::defer) is called.
+    pub const fn new(inner: B) -> Self {
+        Self {
+            inner,
+            deferred: Vec::new(),
+        }
+    }
+
+    /// Records with `recorder` when the body ends, classifying its trailers'
+    /// `grpc-status` with `classifier`.
+    pub fn defer(&mut self, recorder: Recorder, classifier: GrpcClassifier) {
+        self.deferred.push(Deferred {
+            recorder,
+            classifier,
+        });
+    }
+
+    /// The wrapped body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// The wrapped body; outcomes still deferred are dropped unrecorded.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+
+    fn settle(deferred: &mut Vec<Deferred>, status: Result<GrpcCode, Outcome>) {
+        for Deferred {
+            recorder,
+            classifier,
+        } in deferred.drain(..)
+        {
+            let outcome = match status {
+                Ok(code) => classifier.classify_code(code),
+                Err(outcome) => outcome,
+            };
+            recorder.record(outcome);
+        }
+    }
+}
+
+impl<B: Body> Body for GrpcBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if !this.deferred.is_empty() {
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        let code = GrpcCode::from_headers(trailers).unwrap_or(GrpcCode::Internal);
+                        Self::settle(this.deferred, Ok(code));
+                    }
+                }
+                Some(Err(_)) => Self::settle(this.deferred, Err(Outcome::Failure)),
+                None => Self::settle(this.deferred, Ok(GrpcCode::Internal)),
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // An outcome still to record: one more poll, to see how the body ends.
+        self.deferred.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for GrpcBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcBody")
+            .field("inner", &self.inner)
+            .field("deferred", &self.deferred.len())
+            .finish()
+    }
+}
+
+/// Wraps every response body of the service in a [`GrpcBody`] (feature `grpc`), so that
+/// [`GrpcClassifier`] can record outcomes at the end of the body. Goes inside the breaker,
+/// or around each balanced endpoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcBodyLayer;
+
+impl<S> Layer<S> for GrpcBodyLayer {
+    type Service = GrpcBodyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcBodyService { inner }
+    }
+}
+
+/// The service of [`GrpcBodyLayer`]: `inner` with its response bodies wrapped in
+/// [`GrpcBody`].
+#[derive(Debug, Clone)]
+pub struct GrpcBodyService<S> {
+    inner: S,
+}
+
+impl<S> GrpcBodyService<S> {
+    /// Wraps `inner`.
+    pub const fn new(inner: S) -> Self {
+        Self { inner }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, Req, B> Service<Req> for GrpcBodyService<S>
+where
+    S: Service<Req, Response = http::Response<B>>,
+{
+    type Response = http::Response<GrpcBody<B>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, request: Req) -> Self::Future {
+        ResponseFuture {
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`GrpcBodyService`].
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<GrpcBody<B>>, E>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = ready!(self.project().inner.poll(cx))?;
+        Poll::Ready(Ok(response.map(GrpcBody::new)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, SlidingWindow, State};
+
+    fn breaker() -> Breaker {
+        Breaker::new(
+            CircuitBreakerConfig::builder()
+                .name("grpc-unit")
+                .sliding_window(SlidingWindow::count_based(2))
+                .minimum_calls(2)
+                .build()
+                .expect("valid"),
+        )
+    }
+
+    fn response(status: u16, headers: &[(&'static str, &'static str)]) -> http::Response<()> {
+        let mut response = http::Response::builder().status(status);
+        for (name, value) in headers {
+            response = response.header(*name, *value);
+        }
+        response.body(()).expect("valid response")
+    }
+
+    /// A body: one data frame, then `trailers` if any (else it just ends), or an error.
+    #[derive(Debug)]
+    struct TestBody {
+        frames: Vec<Result<Frame<Bytes>, &'static str>>,
+    }
+
+    impl Body for TestBody {
+        type Data = Bytes;
+        type Error = &'static str;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+            Poll::Ready(if self.frames.is_empty() {
+                None
+            } else {
+                Some(self.frames.remove(0))
+            })
+        }
+    }
+
+    fn body(trailer: Option<&'static str>, error: bool) -> GrpcBody<TestBody> {
+        let mut frames = vec![Ok(Frame::data(Bytes::from_static(b"m")))];
+        if error {
+            frames.push(Err("reset"));
+        } else if let Some(status) = trailer {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static(status));
+            frames.push(Ok(Frame::trailers(trailers)));
+        }
+        GrpcBody::new(TestBody { frames })
+    }
+
+    /// Records through the classifier twice (the window's size); the breaker's state after.
+    async fn twice(
+        make: impl Fn() -> Result<http::Response<GrpcBody<TestBody>>, Infallible>,
+    ) -> State {
+        let breaker = breaker();
+        for _ in 0..2 {
+            let mut result = make();
+            let ticket = breaker.try_acquire().expect("closed");
+            GrpcClassifier::new().record(&mut result, Recorder::from(ticket));
+            let Ok(response) = result;
+            let _ = response.into_body().collect().await;
+        }
+        breaker.state()
+    }
+
+    #[test]
+    fn codes() {
+        assert_eq!(GrpcCode::from_bytes(b"14"), GrpcCode::Unavailable);
+        assert_eq!(GrpcCode::from_bytes(b"0"), GrpcCode::Ok);
+        assert_eq!(GrpcCode::from_bytes(b"16"), GrpcCode::Unauthenticated);
+        assert_eq!(GrpcCode::from_bytes(b"17"), GrpcCode::Unknown);
+        assert_eq!(GrpcCode::from_bytes(b""), GrpcCode::Unknown);
+        assert_eq!(GrpcCode::from_bytes(b"x"), GrpcCode::Unknown);
+        assert_eq!(GrpcCode::from_i32(-1), GrpcCode::Unknown);
+        for (n, code) in GrpcCode::ALL.iter().enumerate() {
+            assert_eq!(code.as_i32(), n as i32);
+            assert_eq!(GrpcCode::from_bytes(n.to_string().as_bytes()), *code);
+        }
+        assert_eq!(GrpcCode::Unavailable.to_string(), "UNAVAILABLE");
+        for (status, code) in [
+            (400, GrpcCode::Internal),
+            (401, GrpcCode::Unauthenticated),
+            (403, GrpcCode::PermissionDenied),
+            (404, GrpcCode::Unimplemented),
+            (429, GrpcCode::Unavailable),
+            (502, GrpcCode::Unavailable),
+            (503, GrpcCode::Unavailable),
+            (504, GrpcCode::Unavailable),
+            (500, GrpcCode::Unknown),
+        ] {
+            let status = http::StatusCode::from_u16(status).expect("valid");
+            assert_eq!(GrpcCode::from_http_status(status), code, "{status}");
+        }
+    }
+
+    #[test]
+    fn configuration() {
+        let c = GrpcClassifier::new();
+        for code in GrpcCode::ALL {
+            let expected = match code {
+                GrpcCode::Unavailable
+                | GrpcCode::DeadlineExceeded
+                | GrpcCode::ResourceExhausted
+                | GrpcCode::Internal
+                | GrpcCode::Unknown => Outcome::Failure,
+                GrpcCode::Cancelled => Outcome::Ignored,
+                _ => Outcome::Success,
+            };
+            assert_eq!(c.classify_code(code), expected, "{code}");
+        }
+        let c = c
+            .with_failures([GrpcCode::NotFound, GrpcCode::Cancelled])
+            .succeed_on(GrpcCode::NotFound);
+        assert_eq!(c.classify_code(GrpcCode::Cancelled), Outcome::Failure);
+        assert_eq!(c.classify_code(GrpcCode::NotFound), Outcome::Success);
+        assert_eq!(c.classify_code(GrpcCode::Unavailable), Outcome::Success);
+    }
+
+    #[test]
+    fn head_decides() {
+        let c = GrpcClassifier::new();
+        assert_eq!(
+            c.classify_head(&response(200, &[("grpc-status", "14")])),
+            Some(Outcome::Failure)
+        );
+        assert_eq!(
+            c.classify_head(&response(200, &[("grpc-status", "5")])),
+            Some(Outcome::Success)
+        );
+        assert_eq!(c.classify_head(&response(503, &[])), Some(Outcome::Failure));
+        assert_eq!(c.classify_head(&response(404, &[])), Some(Outcome::Success));
+        assert_eq!(c.classify_head(&response(200, &[])), None);
+        let ok: Result<_, Infallible> = Ok(response(200, &[]).map(|()| body(None, false)));
+        assert_eq!(c.classify(ok.as_ref()), Outcome::Ignored);
+        let err: Result<http::Response<GrpcBody<TestBody>>, &str> = Err("refused");
+        assert_eq!(c.classify(err.as_ref()), Outcome::Failure);
+    }
+
+    #[tokio::test]
+    async fn trailers_decide_at_the_end() {
+        let ok = |t, e| move || Ok(response(200, &[]).map(|()| body(t, e)));
+        assert_eq!(twice(ok(Some("14"), false)).await, State::Open);
+        assert_eq!(twice(ok(Some("0"), false)).await, State::Closed);
+        assert_eq!(twice(ok(Some("5"), false)).await, State::Closed);
+        // A body error, or an end without `grpc-status`: failures.
+        assert_eq!(twice(ok(None, true)).await, State::Open);
+        assert_eq!(twice(ok(None, false)).await, State::Open);
+        // Trailers-only: decided at once, the body is never read for it.
+        let head = || Ok(response(200, &[("grpc-status", "14")]).map(|()| body(Some("0"), false)));
+        assert_eq!(twice(head).await, State::Open);
+    }
+
+    #[test]
+    fn a_dropped_body_records_nothing() {
+        let breaker = breaker();
+        for _ in 0..4 {
+            let mut result: Result<_, Infallible> =
+                Ok(response(200, &[]).map(|()| body(Some("14"), false)));
+            let ticket = breaker.try_acquire().expect("closed");
+            GrpcClassifier::new().record(&mut result, Recorder::from(ticket));
+            drop(result);
+        }
+        assert_eq!(breaker.state(), State::Closed);
+        assert_eq!(breaker.snapshot().calls, 0);
+    }
+}
