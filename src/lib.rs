@@ -57,12 +57,12 @@
 //! | feature | adds |
 //! |---|---|
 //! | `http` | `HttpClassifier` (5xx and transport errors are failures); `rate_limit::http` (429 layer with RFC 9457 bodies, key extractors, `RetryAfterLayer`); `problem`: HTTP answers for stack errors |
-//! | `grpc` | `grpc`: `GrpcClassifier`, which counts calls by their `grpc-status` (in the headers or the trailers), for breakers and balancers (enables `http`) |
+//! | `grpc` | `grpc`: `GrpcClassifier`, `GrpcBodyLayer`: breakers and balancers count gRPC calls by their `grpc-status`, from the headers or the trailers (enables `http`) |
 //! | `axum` | `ClientIp` reads axum 0.8's `ConnectInfo<SocketAddr>`; axum's `Body` for the ready-made answers (enables `http`) |
 //! | `metrics` | counters and gauges of breakers, limiters, balancers and Consul watches through the `metrics` crate (every name in `observability`) |
 //! | `tracing` | events of the same components, and one per gateway request, through `tracing` |
 //! | `quanta` | on by default: the default clock (`TokioClock`) reads the CPU's time-stamp counter outside tokio's paused time, several times cheaper than the OS clock; `QuantaClock`, the counter alone. Without it the default clock reads the OS clock |
-//! | `redis` | `rate_limit::redis`: the limiter shared by a fleet in Redis or a Redis Cluster, and its layers |
+//! | `redis` | `rate_limit::redis`: the limiter shared by a fleet in Redis or a Redis Cluster, global or per key, under the same layers as the local limits (`LimitLayer`, `HttpRateLimitLayer`) |
 //! | `consul` | `consul`: the Consul client, registration guard and discovery watch (`HealthEndpoint` with `http`) |
 //! | `gateway` | `gateway`: the TOML-configured API gateway, a `tower::Service` too, with Prometheus `/metrics` (enables `http` and `metrics`; add `consul` for services found in Consul) |
 //! | `full` | all of the above |
