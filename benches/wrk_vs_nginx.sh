@@ -4,6 +4,7 @@
 #
 #   bash benches/wrk_vs_nginx.sh                    # 1 worker, 1 run of each, ~1 min
 #   RUNS=5 WORKERS="1 2" bash benches/wrk_vs_nginx.sh
+#   MODES="https handshake h2" bash benches/wrk_vs_nginx.sh   # TLS and HTTP/2 downstream
 #
 # On loopback only: an nginx upstream answering at once (1 worker, `return 200`), and in
 # front of it, one after the other, interleaved run by run:
@@ -20,10 +21,23 @@
 # /proc/PID/stat (every nginx process: master and workers; the whole gateway process)
 # over the run, divided by wrk's request count. The table gives the median of RUNS runs.
 #
+# MODES picks what the clients do (each proxy configured the same way for each mode):
+#
+#   - http: cleartext HTTP/1.1 keep-alive, `wrk` (the default);
+#   - https: HTTP/1.1 keep-alive over TLS, `wrk` (the handshakes are in the warm-up);
+#   - handshake: HTTP/1.1 over TLS, `Connection: close` on every request, `wrk`: a full
+#     TLS handshake per request (neither side resumes sessions), so req/s is handshakes/s
+#     and CPU per request is CPU per handshake plus one request;
+#   - h2: HTTP/2 over TLS (ALPN h2), `h2load -c CONNECTIONS -m STREAMS` (Debian's
+#     nghttp2-client): multiplexed streams. h2load reports no p99: its mean is shown.
+#
+# TLS: an ECDSA P-256 certificate made here with `openssl` for 127.0.0.1; TLS 1.2 and 1.3
+# on both (TLS 1.3 is what wrk and h2load negotiate); the upstream stays cleartext HTTP/1.
+#
 # Idempotent, bounded in time (each wrk run is DURATION; each process start is bounded),
 # leaves nothing running (a trap stops every process it started; its files are in a
 # temporary directory that is removed). Installs `wrk` and `nginx-light` with apt-get when
-# missing and run as root.
+# missing and run as root (and `nghttp2-client` for MODES with h2).
 #
 # Environment:
 #   RUNS (3)              runs of each configuration (interleaved), medians reported
@@ -34,6 +48,7 @@
 #                         compare (e.g. base=/tmp/base/gateway_bench_server new=...);
 #                         default: this checkout's, built in release, labelled gateway
 #   CONFIGS ("routing full")  which gateway configurations to run
+#   MODES ("http")        http, https, handshake, h2 (see above); STREAMS (10) for h2
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -43,6 +58,8 @@ CONNECTIONS=${CONNECTIONS:-16}
 WRK_THREADS=${WRK_THREADS:-1}
 GATEWAY_RUNTIME=${GATEWAY_RUNTIME:-threads}
 CONFIGS=${CONFIGS:-routing full}
+MODES=${MODES:-http}
+STREAMS=${STREAMS:-10}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 die() { echo "wrk_vs_nginx: $*" >&2; exit 1; }
@@ -59,9 +76,24 @@ if ! command -v wrk >/dev/null || [ -z "$NGINX" ]; then
 fi
 command -v wrk >/dev/null || die "wrk is missing (apt-get install wrk)"
 [ -x "$NGINX" ] || die "nginx is missing (apt-get install nginx-light)"
+TLS=""
+for mode in $MODES; do
+    case $mode in
+        http) ;;
+        https | handshake) TLS=1 ;;
+        h2) TLS=1
+            if ! command -v h2load >/dev/null && [ "$(id -u)" = 0 ]; then
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null
+            fi
+            command -v h2load >/dev/null || die "h2load is missing (apt-get install nghttp2-client)" ;;
+        *) die "unknown mode $mode (http, https, handshake, h2)" ;;
+    esac
+done
+[ -z "$TLS" ] || command -v openssl >/dev/null || die "openssl is missing"
 
 if [ -z "${GATEWAY_BINS:-}" ]; then
-    (cd "$HERE" && cargo build --quiet --release --features gateway --example gateway_bench_server)
+    (cd "$HERE" && cargo build --quiet --release --features gateway${TLS:+,tls} \
+        --example gateway_bench_server)
     dir=$(cd "$HERE" && cargo metadata --format-version 1 --no-deps \
         | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
     GATEWAY_BINS="gateway=${dir:-$HERE/target}/release/examples/gateway_bench_server"
@@ -150,22 +182,62 @@ to_ms() {
         printf "%.3f", n }'
 }
 
-# One wrk run against port $1, the proxy's CPU read from pid $2: "req/s p99_ms cpu_us".
+# The URL of proxy port $1 in mode $2.
+url_of() {
+    case $2 in
+        http) echo "http://127.0.0.1:$1/api/items" ;;
+        *) echo "https://127.0.0.1:$1/api/items" ;;
+    esac
+}
+
+# One load run against port $1 in mode $3, the proxy's CPU read from pid $2:
+# "req/s p99_ms cpu_us" (for h2, the mean latency in place of p99).
 measure() {
-    local port=$1 pid=$2 before after out requests rps p99 errors
+    local port=$1 pid=$2 mode=$3 before after out requests rps p99 errors url
+    url=$(url_of "$port" "$mode")
     before=$(cpu_ticks "$pid")
-    out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
-        "http://127.0.0.1:$port/api/items" 2>&1)
-    after=$(cpu_ticks "$pid")
-    requests=$(awk '/requests in/ { print $1 }' <<<"$out")
-    rps=$(awk '/^Requests\/sec/ { print $2 }' <<<"$out")
-    p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
-    errors=$(awk '/Non-2xx|Socket errors/' <<<"$out")
-    [ -n "$requests" ] && [ "$requests" -gt 0 ] || die "wrk failed: $out"
+    case $mode in
+        h2)
+            out=$(h2load -t1 -c"$CONNECTIONS" -m"$STREAMS" -D "${DURATION%s}" "$url" 2>&1)
+            after=$(cpu_ticks "$pid")
+            requests=$(awk '/^requests:/ { print $8 }' <<<"$out")
+            rps=$(awk '/^finished in/ { print $4 }' <<<"$out")
+            p99=$(awk '/^time for request:/ { print $6 }' <<<"$out")
+            errors=$(awk '/^requests:/ && ($10 + $12 + $14 > 0) { print $0 }
+                /^status codes:/ && ($5 + $7 + $9 > 0) { print $0 }' <<<"$out")
+            ;;
+        *)
+            local close=()
+            [ "$mode" = handshake ] && close=(-H "Connection: close")
+            out=$(wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${close[@]}" \
+                "$url" 2>&1)
+            after=$(cpu_ticks "$pid")
+            requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+            rps=$(awk '/^Requests\/sec/ { print $2 }' <<<"$out")
+            p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
+            errors=$(awk '/Non-2xx|Socket errors/' <<<"$out")
+            ;;
+    esac
+    [ -n "$requests" ] && [ "$requests" -gt 0 ] || die "$mode load failed: $out"
     [ -z "$errors" ] || echo "  warning: $errors" >&2
-    awk -v r="$rps" -v p="$(to_ms "$p99")" -v t=$((after - before)) -v n="$requests" \
+    awk -v r="${rps%%,*}" -v p="$(to_ms "$p99")" -v t=$((after - before)) -v n="$requests" \
         -v hz="$TICK" 'BEGIN { printf "%.0f %.3f %.2f\n", r, p, t / hz * 1e6 / n }'
 }
+
+# A CA and a certificate for 127.0.0.1 signed by it (ECDSA P-256), in $WORK/tls.
+make_certificates() {
+    local dir=$WORK/tls
+    mkdir -p "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=bench-ca -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+        -keyout "$dir/key.pem" -out "$dir/req.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$dir/ext"
+    openssl x509 -req -in "$dir/req.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+        -CAcreateserial -days 2 -extfile "$dir/ext" -out "$dir/cert.pem" 2>/dev/null
+    chmod 644 "$dir"/*.pem
+}
+[ -z "$TLS" ] || make_certificates
 
 # --- the upstream ----------------------------------------------------------------------
 UP_PORT=$(free_port)
@@ -175,10 +247,21 @@ start_nginx "$WORK/upstream" 1 "    server {
     }"
 wait_port "$UP_PORT" || die "the upstream did not start: $(cat "$WORK/upstream/"*.log)"
 
-gateway_toml() { # $1: routing|full, $2: port
+gateway_toml() { # $1: routing|full, $2: port, $3: mode
     cat <<EOF
 [gateway]
 listen = "127.0.0.1:$2"
+EOF
+    if [ "$3" != http ]; then
+        cat <<EOF
+
+[gateway.tls]
+[[gateway.tls.certificates]]
+cert = "$WORK/tls/cert.pem"
+key = "$WORK/tls/key.pem"
+EOF
+    fi
+    cat <<EOF
 
 [[routes]]
 name = "api"
@@ -219,10 +302,20 @@ instances = ["127.0.0.1:$UP_PORT"]
 EOF
 }
 
-# Starts proxy `$1` (nginx, or label:config) with `$2` workers; sets PROXY_PID, PROXY_PORT.
+# Starts proxy `$1` (nginx, or label:config) with `$2` workers for mode `$3`; sets
+# PROXY_PID, PROXY_PORT.
 start_proxy() {
-    local name=$1 workers=$2 port
+    local name=$1 workers=$2 mode=$3 port listen tls=""
     port=$(free_port)
+    listen="127.0.0.1:$port reuseport"
+    if [ "$mode" != http ]; then
+        # nginx 1.22 (Debian 12) spells HTTP/2 on the listen line.
+        listen="127.0.0.1:$port ssl http2 reuseport"
+        tls="
+        ssl_certificate $WORK/tls/cert.pem;
+        ssl_certificate_key $WORK/tls/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;"
+    fi
     if [ "$name" = nginx ]; then
         start_nginx "$WORK/proxy" "$workers" "    upstream items {
         server 127.0.0.1:$UP_PORT;
@@ -230,7 +323,7 @@ start_proxy() {
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$port reuseport;
+        listen $listen;$tls
         location / {
             proxy_pass http://items;
             proxy_http_version 1.1;
@@ -243,7 +336,7 @@ start_proxy() {
         for entry in $GATEWAY_BINS; do
             [ "${entry%%=*}" = "$label" ] && bin=${entry#*=}
         done
-        gateway_toml "$config" "$port" >"$WORK/gateway.toml"
+        gateway_toml "$config" "$port" "$mode" >"$WORK/gateway.toml"
         "$bin" "$WORK/gateway.toml" --workers "$workers" --runtime "$GATEWAY_RUNTIME" \
             >"$WORK/gateway.log" 2>&1 &
         PROXY_PID=$!
@@ -252,7 +345,11 @@ start_proxy() {
     PROXY_PORT=$port
     wait_port "$port" || die "$name did not start: $(cat "$WORK"/*.log "$WORK"/proxy/*.log 2>/dev/null)"
     # Warm up: connections to the upstream opened, caches filled.
-    wrk -t1 -c"$CONNECTIONS" -d1s "http://127.0.0.1:$port/api/items" >/dev/null 2>&1
+    if [ "$mode" = h2 ]; then
+        h2load -t1 -c"$CONNECTIONS" -m"$STREAMS" -D 1 "$(url_of "$port" "$mode")" >/dev/null 2>&1
+    else
+        wrk -t1 -c"$CONNECTIONS" -d1s "$(url_of "$port" "$mode")" >/dev/null 2>&1
+    fi
 }
 
 # --- runs ------------------------------------------------------------------------------
@@ -262,41 +359,48 @@ for entry in $GATEWAY_BINS; do
 done
 RESULTS=$WORK/results
 : >"$RESULTS"
-for workers in $WORKERS; do
-    for run in $(seq "$RUNS"); do
-        for proxy in "${PROXIES[@]}"; do
-            start_proxy "$proxy" "$workers"
-            line=$(measure "$PROXY_PORT" "$PROXY_PID")
-            stop "$PROXY_PID"
-            rm -rf "$WORK/proxy"
-            echo "$workers|$proxy|$line" >>"$RESULTS"
-            echo "  W=$workers run $run $proxy: $line (req/s, p99 ms, CPU µs/req)" >&2
+for mode in $MODES; do
+    for workers in $WORKERS; do
+        for run in $(seq "$RUNS"); do
+            for proxy in "${PROXIES[@]}"; do
+                start_proxy "$proxy" "$workers" "$mode"
+                line=$(measure "$PROXY_PORT" "$PROXY_PID" "$mode")
+                stop "$PROXY_PID"
+                rm -rf "$WORK/proxy"
+                echo "$mode|$workers|$proxy|$line" >>"$RESULTS"
+                echo "  $mode W=$workers run $run $proxy: $line (req/s, p99 ms, CPU µs/req)" >&2
+            done
         done
     done
 done
 
 # --- the table -------------------------------------------------------------------------
 echo
-echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION, upstream: nginx (1 worker, return 200);" \
-    "gateway runtime: $GATEWAY_RUNTIME; medians of $RUNS runs"
+echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (h2: h2load -t1 -c$CONNECTIONS -m$STREAMS)," \
+    "upstream: nginx (1 worker, return 200); gateway runtime: $GATEWAY_RUNTIME;" \
+    "medians of $RUNS runs; for h2 the latency is h2load's mean, not p99"
 echo
-echo "| proxy | workers | req/s | p99 (ms) | CPU/req (µs) | CPU/req vs nginx |"
-echo "|---|---|---|---|---|---|"
-for workers in $WORKERS; do
-    nginx_cpu=""
-    for proxy in "${PROXIES[@]}"; do
-        read -r rps p99 cpu < <(awk -F'|' -v w="$workers" -v p="$proxy" '
-            BEGIN { n = 0 }
-            $1 == w && $2 == p { split($3, f, " "); r[n] = f[1]; l[n] = f[2]; c[n] = f[3]; n++ }
-            function median(a, n,   i, j, t) {
-                for (i = 0; i < n; i++) for (j = i + 1; j < n; j++)
-                    if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
-                return n % 2 ? a[int(n / 2)] : (a[n / 2 - 1] + a[n / 2]) / 2
-            }
-            END { print median(r, n), median(l, n), median(c, n) }' "$RESULTS")
-        [ "$proxy" = nginx ] && nginx_cpu=$cpu
-        ratio=$(awk -v c="$cpu" -v n="$nginx_cpu" 'BEGIN { printf "%.2f×", c / n }')
-        printf '| %s | %s | %.0f | %.2f | %.1f | %s |\n' \
-            "${proxy/:/ }" "$workers" "$rps" "$p99" "$cpu" "$ratio"
+echo "| mode | proxy | workers | req/s | p99 (ms) | CPU/req (µs) | CPU/req vs nginx |"
+echo "|---|---|---|---|---|---|---|"
+for mode in $MODES; do
+    for workers in $WORKERS; do
+        nginx_cpu=""
+        for proxy in "${PROXIES[@]}"; do
+            read -r rps p99 cpu < <(awk -F'|' -v m="$mode" -v w="$workers" -v p="$proxy" '
+                BEGIN { n = 0 }
+                $1 == m && $2 == w && $3 == p {
+                    split($4, f, " "); r[n] = f[1]; l[n] = f[2]; c[n] = f[3]; n++
+                }
+                function median(a, n,   i, j, t) {
+                    for (i = 0; i < n; i++) for (j = i + 1; j < n; j++)
+                        if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+                    return n % 2 ? a[int(n / 2)] : (a[n / 2 - 1] + a[n / 2]) / 2
+                }
+                END { print median(r, n), median(l, n), median(c, n) }' "$RESULTS")
+            [ "$proxy" = nginx ] && nginx_cpu=$cpu
+            ratio=$(awk -v c="$cpu" -v n="$nginx_cpu" 'BEGIN { printf "%.2f×", c / n }')
+            printf '| %s | %s | %s | %.0f | %.2f | %.1f | %s |\n' \
+                "$mode" "${proxy/:/ }" "$workers" "$rps" "$p99" "$cpu" "$ratio"
+        done
     done
 done
