@@ -64,7 +64,7 @@
 //! | `quanta` | on by default: the default clock (`TokioClock`) reads the CPU's time-stamp counter outside tokio's paused time, several times cheaper than the OS clock; `QuantaClock`, the counter alone. Without it the default clock reads the OS clock |
 //! | `redis` | `rate_limit::redis`: the limiter shared by a fleet in Redis or a Redis Cluster, global or per key, under the same layers as the local limits (`LimitLayer`, `HttpRateLimitLayer`) |
 //! | `consul` | `consul`: the Consul client, registration guard and discovery watch (`HealthEndpoint` with `http`) |
-//! | `gateway` | `gateway`: the TOML-configured API gateway, a `tower::Service` too, with Prometheus `/metrics` (enables `http` and `metrics`; add `consul` for services found in Consul) |
+//! | `gateway` | `gateway`: the TOML-configured API gateway, a `tower::Service` too, with Prometheus `/metrics`; gRPC callers get gRPC statuses (enables `http`, `metrics` and `grpc`; add `consul` for services found in Consul) |
 //! | `full` | all of the above |
 //!
 //! The core layers need only tower and tokio (`--no-default-features`).

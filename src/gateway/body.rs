@@ -20,6 +20,12 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// The gateway's own error answers: RFC 9457 `application/problem+json`, as
 /// [`seawall::problem`](crate::problem) answers for the layers.
+/// Marked as the gateway's own ([`Answer`](super::grpc::Answer)): a gRPC caller gets it in
+/// gRPC's form.
 pub(crate) fn json_error(status: StatusCode, message: &str) -> Response<Body> {
-    crate::problem::problem(status, message)
+    let mut response = crate::problem::problem(status, message);
+    response
+        .extensions_mut()
+        .insert(super::grpc::Answer(message.into()));
+    response
 }

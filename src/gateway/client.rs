@@ -30,6 +30,7 @@ use tokio::time::Sleep;
 use super::pool::{PooledBody, UpstreamError};
 use crate::BoxError;
 use crate::circuit_breaker::{Classify, HttpClassifier, Outcome};
+use crate::grpc::{GrpcClassifier, GrpcCode};
 
 /// Why the client's request body failed: the client's fault, never the upstream's.
 #[derive(Debug)]
@@ -231,6 +232,13 @@ impl Classify<Response<PooledBody>, UpstreamError> for UpstreamClassifier {
     #[inline]
     fn classify(&self, result: Result<&Response<PooledBody>, &UpstreamError>) -> Outcome {
         match result {
+            // A gRPC answer in one head (trailers-only): its `grpc-status` decides.
+            Ok(response) if response.status() == http::StatusCode::OK => {
+                match GrpcCode::from_headers(response.headers()) {
+                    Some(code) => GrpcClassifier::new().classify_code(code),
+                    None => Outcome::Success,
+                }
+            }
             Ok(response) => self.0.classify_status(response.status()),
             Err(e) if e.is_client_fault() => Outcome::Ignored,
             Err(_) => Outcome::Failure,

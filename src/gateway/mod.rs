@@ -136,6 +136,23 @@
 //! connection that was streaming it (never returned to the pool half-read). The
 //! gateway-wide `send_timeouts` counts them.
 //!
+//! ## gRPC callers
+//!
+//! A request with `content-type: application/grpc` (any suffix, and gRPC-Web's) is a gRPC
+//! call. The gateway's own answers to it (limits, open breakers, timeouts, no route,
+//! authentication, malformed requests) are trailers-only gRPC responses: `200`,
+//! `grpc-status` and a percent-encoded `grpc-message`, no body, and
+//! `grpc-retry-pushback-ms` wherever the HTTP answer has `Retry-After`. A limit's refusal
+//! is `RESOURCE_EXHAUSTED` (8); open breakers, no endpoint or an unreachable upstream
+//! `UNAVAILABLE` (14); a timeout `DEADLINE_EXCEEDED` (4); `401` `UNAUTHENTICATED`; no
+//! route `UNIMPLEMENTED`. The upstream's answers and a route's configured fallback pass
+//! unchanged. An upstream's answer of `200` carrying `grpc-status` in its head (a
+//! trailers-only answer, as gRPC servers send a failed call) is classified as
+//! [`GrpcClassifier`](crate::grpc::GrpcClassifier) does by default, for the endpoint's
+//! breaker and outlier detection: `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
+//! `RESOURCE_EXHAUSTED`, `INTERNAL` and `UNKNOWN` are failures, `CANCELLED` is ignored,
+//! the others (`NOT_FOUND`, say) are successes.
+//!
 //! ## Serving
 //!
 //! [`Gateway::serve`] / [`Gateway::serve_with_shutdown`] serve a listener on the caller's
@@ -420,6 +437,7 @@
 mod body;
 mod client;
 mod config;
+mod grpc;
 #[doc(hidden)]
 pub mod headers;
 pub mod jwt;

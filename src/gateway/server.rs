@@ -363,7 +363,20 @@ impl Gateway {
     }
 
     /// [`Gateway::handle`] for a connection's peer, made once per connection.
-    async fn handle_from<B>(&self, mut request: Request<B>, peer: &Peer) -> Response<Body>
+    async fn handle_from<B>(&self, request: Request<B>, peer: &Peer) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        // A gRPC caller gets the gateway's own answers as gRPC statuses.
+        if super::grpc::is_grpc(request.headers()) {
+            return super::grpc::for_grpc_caller(self.route_request(request, peer).await);
+        }
+        self.route_request(request, peer).await
+    }
+
+    /// Checks, routes and serves a request.
+    async fn route_request<B>(&self, mut request: Request<B>, peer: &Peer) -> Response<Body>
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
 
-const BOUND: Duration = Duration::from_secs(10);
+pub(crate) const BOUND: Duration = Duration::from_secs(10);
 
 /// A healthy upstream: reads the whole request body, then answers `200` with the method,
 /// the body's length and its first bytes as JSON. A request whose body fails is dropped
@@ -59,7 +59,7 @@ async fn upstream() -> Upstream {
 }
 
 /// An upstream that accepts connections and never answers; returns how many it accepted.
-async fn silent_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+pub(crate) async fn silent_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -76,7 +76,7 @@ async fn silent_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 
 /// A gateway with `[gateway]` settings `server` and one route `/api` (plus `route`
 /// settings) to a static service at `upstream`.
-async fn gateway(upstream: SocketAddr, server: &str, route: &str) -> GatewayHandle {
+pub(crate) async fn gateway(upstream: SocketAddr, server: &str, route: &str) -> GatewayHandle {
     let config = format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\n{server}\n\n\
          [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n{route}\n\n\
@@ -92,7 +92,7 @@ async fn gateway(upstream: SocketAddr, server: &str, route: &str) -> GatewayHand
 
 /// A breaker that opens after 4 failures of 4 calls, and outlier detection that ejects
 /// after 3 failures in a row, even the only endpoint.
-const STRICT: &str = "
+pub(crate) const STRICT: &str = "
 [routes.breaker]
 failure_rate = 0.5
 minimum_calls = 4
@@ -105,7 +105,7 @@ outlier = { consecutive_failures = 3, base_ejection = \"30s\", max_ejected = 1.0
 
 /// Writes `raw`, then reads until the peer closes or the bound passes; returns what was
 /// read (empty when the connection was reset).
-async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
+pub(crate) async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(raw).await.unwrap();
     read_answer(&mut stream).await
@@ -113,7 +113,7 @@ async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
 
 /// Reads one answer: its head, and its body if it has a `Content-Length`; or what comes
 /// until the peer closes.
-async fn read_answer(stream: &mut TcpStream) -> String {
+pub(crate) async fn read_answer(stream: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     let _ = timeout(BOUND, async {
@@ -142,7 +142,7 @@ async fn read_answer(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn status_of(answer: &str) -> u16 {
+pub(crate) fn status_of(answer: &str) -> u16 {
     answer
         .strip_prefix("HTTP/1.1 ")
         .and_then(|rest| rest.get(..3))
@@ -150,20 +150,20 @@ fn status_of(answer: &str) -> u16 {
         .unwrap_or(0)
 }
 
-fn get(path: &str) -> String {
+pub(crate) fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
 }
 
-fn route(gw: &GatewayHandle) -> RouteStatus {
+pub(crate) fn route(gw: &GatewayHandle) -> RouteStatus {
     gw.gateway().status().routes.remove(0)
 }
 
-fn endpoint(gw: &GatewayHandle) -> EndpointReport {
+pub(crate) fn endpoint(gw: &GatewayHandle) -> EndpointReport {
     route(gw).endpoints.remove(0)
 }
 
 /// Waits until the route has seen `requests` and none is in flight to its endpoint.
-async fn settled(gw: &GatewayHandle, requests: u64) {
+pub(crate) async fn settled(gw: &GatewayHandle, requests: u64) {
     timeout(BOUND, async {
         loop {
             let r = route(gw);

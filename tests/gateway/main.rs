@@ -7,6 +7,7 @@ use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
 
 mod admin;
 mod clients;
+mod grpc;
 mod limits;
 mod metrics_endpoint;
 mod paths;

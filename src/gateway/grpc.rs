@@ -1,0 +1,148 @@
+//! gRPC callers: the gateway's own answers in gRPC's form.
+//!
+//! A gRPC client reads the outcome of a call from `grpc-status`, not from the HTTP
+//! status: a `429` or `503` with a JSON body is, to it, a broken response
+//! (`UNKNOWN` or `UNAVAILABLE` with a message about the transport, whatever the reason).
+//! So when a request says it is gRPC (`content-type: application/grpc`, with or without
+//! a `+proto`-style suffix, or gRPC-Web's `application/grpc-web`), every answer the
+//! gateway makes itself (limits, open breakers, timeouts, authentication, no route, a
+//! malformed request) is sent as a *trailers-only* gRPC response: `200`,
+//! `content-type: application/grpc`, `grpc-status`, `grpc-message` (the problem's text,
+//! percent-encoded as the gRPC spec asks), no body; `Retry-After` becomes
+//! `grpc-retry-pushback-ms` as well. The upstream's own answers, and the route's
+//! configured fallback, pass unchanged.
+//!
+//! | the gateway's answer | `grpc-status` |
+//! |---|---|
+//! | `429` rate limited, `413` body too large, `431` head too large | `RESOURCE_EXHAUSTED` (8) |
+//! | `503` breakers open / no endpoint, `502` upstream unreachable | `UNAVAILABLE` (14) |
+//! | `504` upstream timeout, `408` request body too slow | `DEADLINE_EXCEEDED` (4) |
+//! | `401` authentication | `UNAUTHENTICATED` (16) |
+//! | `404` no route | `UNIMPLEMENTED` (12) |
+//! | `400` malformed request | `INTERNAL` (13), as gRPC's HTTP mapping says |
+//! | anything else | gRPC's HTTP to gRPC mapping ([`GrpcCode::from_http_status`]) |
+
+use std::fmt::Write as _;
+
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Response, StatusCode};
+
+use super::body::Body;
+use crate::grpc::GrpcCode;
+use crate::rate_limit::http::Refused;
+
+/// Marks a response the gateway made itself, with the text a gRPC caller is told.
+#[derive(Debug, Clone)]
+pub(crate) struct Answer(pub(crate) Box<str>);
+
+/// Whether the request is a gRPC (or gRPC-Web) call, by its `content-type`.
+#[inline]
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The gRPC code for an answer of `status` made by the gateway.
+fn code_for(status: StatusCode) -> GrpcCode {
+    match status.as_u16() {
+        413 | 429 | 431 => GrpcCode::ResourceExhausted,
+        408 | 504 => GrpcCode::DeadlineExceeded,
+        502 | 503 => GrpcCode::Unavailable,
+        _ => GrpcCode::from_http_status(status),
+    }
+}
+
+/// `response` as a gRPC caller is to get it: a trailers-only gRPC response in place of
+/// one the gateway made itself; an upstream's answer (or a fallback) unchanged.
+pub(crate) fn for_grpc_caller(response: Response<Body>) -> Response<Body> {
+    let message = match response.extensions().get::<Answer>() {
+        Some(answer) => answer.0.clone(),
+        None if response.extensions().get::<Refused>().is_some() => "rate limit exceeded".into(),
+        None => return response,
+    };
+    let (mut parts, _) = response.into_parts();
+    let code = code_for(parts.status);
+    let headers = &mut parts.headers;
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code.as_i32()));
+    if let Ok(value) = HeaderValue::from_str(&percent_encode(&message)) {
+        headers.insert("grpc-message", value);
+    }
+    let pushback = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(secs) = pushback {
+        headers.insert(
+            "grpc-retry-pushback-ms",
+            HeaderValue::from(secs.saturating_mul(1000)),
+        );
+    }
+    parts.status = StatusCode::OK;
+    Response::from_parts(parts, super::body::full(bytes::Bytes::new()))
+}
+
+/// `grpc-message`'s encoding: bytes outside printable ASCII (`0x20`–`0x7E`), and `%`
+/// itself, as `%XX`.
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &byte in message.as_bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_is_percent_encoded() {
+        assert_eq!(percent_encode("plain text"), "plain text");
+        assert_eq!(percent_encode("100% é\n"), "100%25 %C3%A9%0A");
+    }
+
+    #[test]
+    fn grpc_requests_are_told_by_their_content_type() {
+        let mut headers = HeaderMap::new();
+        assert!(!is_grpc(&headers));
+        for (value, grpc) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("application/grpc-web+proto", true),
+            ("application/json", false),
+            ("text/application/grpc", false),
+        ] {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            assert_eq!(is_grpc(&headers), grpc, "{value}");
+        }
+    }
+
+    #[test]
+    fn answers_map_to_the_codes_in_the_table() {
+        for (status, code) in [
+            (429, GrpcCode::ResourceExhausted),
+            (413, GrpcCode::ResourceExhausted),
+            (431, GrpcCode::ResourceExhausted),
+            (503, GrpcCode::Unavailable),
+            (502, GrpcCode::Unavailable),
+            (504, GrpcCode::DeadlineExceeded),
+            (408, GrpcCode::DeadlineExceeded),
+            (401, GrpcCode::Unauthenticated),
+            (404, GrpcCode::Unimplemented),
+            (400, GrpcCode::Internal),
+            (500, GrpcCode::Unknown),
+        ] {
+            assert_eq!(code_for(StatusCode::from_u16(status).unwrap()), code);
+        }
+    }
+}
