@@ -199,6 +199,8 @@ pub(crate) enum ClientFault {
     TooLarge,
     /// A header line over `max_header_line`: `431`.
     HeaderTooLong,
+    /// A gRPC call's own deadline passed: `504`, `DEADLINE_EXCEEDED` to the caller.
+    Deadline,
 }
 
 impl ClientFault {
@@ -212,8 +214,10 @@ impl ClientFault {
                     ClientBodyError::TooLarge(_) => Self::TooLarge,
                 });
             }
-            if let Some(UpstreamError::ClientBodyTimeout) = e.downcast_ref::<UpstreamError>() {
-                return Some(Self::BodyTimeout);
+            match e.downcast_ref::<UpstreamError>() {
+                Some(UpstreamError::ClientBodyTimeout) => return Some(Self::BodyTimeout),
+                Some(UpstreamError::CallerDeadline) => return Some(Self::Deadline),
+                _ => {}
             }
             current = e.source();
         }

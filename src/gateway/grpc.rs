@@ -21,8 +21,15 @@
 //! | `404` no route | `UNIMPLEMENTED` (12) |
 //! | `400` malformed request | `INTERNAL` (13), as gRPC's HTTP mapping says |
 //! | anything else | gRPC's HTTP to gRPC mapping ([`GrpcCode::from_http_status`]) |
+//!
+//! A gRPC call's own deadline (`grpc-timeout`) bounds the route's timeout when it is the
+//! shorter: the gateway answers `DEADLINE_EXCEEDED` when it passes, and counts it in the
+//! route's `client_errors.deadline`, never against the endpoint (a caller choosing a
+//! deadline of a microsecond must not open breakers). A malformed `grpc-timeout` is
+//! ignored (the route's timeout applies), as gRPC's servers ignore one.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
@@ -41,6 +48,36 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A gRPC call's deadline: its `grpc-timeout` (`1*8DIGIT` and a unit, `H`, `M`, `S`, `m`,
+/// `u` or `n`), `None` for other requests or a malformed value.
+#[inline]
+pub(crate) fn caller_budget(headers: &HeaderMap) -> Option<Duration> {
+    if !is_grpc(headers) {
+        return None;
+    }
+    parse_timeout(headers.get("grpc-timeout")?.as_bytes())
+}
+
+/// A `grpc-timeout` value: `1*8DIGIT TimeoutUnit`, as the gRPC over HTTP/2 spec has it.
+pub fn parse_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The gRPC code for an answer of `status` made by the gateway.
@@ -104,6 +141,35 @@ fn percent_encode(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_writes_them() {
+        assert_eq!(parse_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_timeout(b"99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        assert_eq!(parse_timeout(b"0n"), Some(Duration::ZERO));
+        assert_eq!(parse_timeout(b"5u"), Some(Duration::from_micros(5)));
+        for bad in [
+            &b""[..],
+            b"m",
+            b"100",
+            b"123456789S",
+            b"-1S",
+            b"1.5S",
+            b"10s",
+            b" 1S",
+        ] {
+            assert_eq!(
+                parse_timeout(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 
     #[test]
     fn the_message_is_percent_encoded() {

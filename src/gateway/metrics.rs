@@ -270,6 +270,7 @@ fn record_route(r: &RouteStatus) {
         ("body_timeout", e.body_timeout),
         ("too_large", e.too_large),
         ("headers_too_large", e.headers_too_large),
+        ("deadline", e.deadline),
     ] {
         metrics::counter!("seawall_gateway_client_errors_total", "route" => route.clone(), "kind" => kind)
             .absolute(n);

@@ -354,7 +354,7 @@
 //!     "unauthorized": 5,               // 401
 //!     "upstream_errors": { "timeout": 1, "unavailable": 2, "bad_gateway": 0, "server_error": 2 },
 //!     // the client's doing (400, 408, 413, 431), never counted against the upstream
-//!     "client_errors": { "bad_body": 0, "body_timeout": 0, "too_large": 1, "headers_too_large": 0 },
+//!     "client_errors": { "bad_body": 0, "body_timeout": 0, "too_large": 1, "headers_too_large": 0, "deadline": 0 },
 //!     "latency_ms": { "p50": 1.2, "p99": 8.7, "samples": 120 },   // last 1024 responses
 //!     "limits": {
 //!       "global": { "available": 180, "burst": 200, "per_second": 1000,          // or null
@@ -437,7 +437,8 @@
 mod body;
 mod client;
 mod config;
-mod grpc;
+#[doc(hidden)]
+pub mod grpc;
 #[doc(hidden)]
 pub mod headers;
 pub mod jwt;

@@ -87,6 +87,10 @@ pub(crate) enum UpstreamError {
     /// The route timeout passed while the exchange was waiting on the client's request
     /// body: the client's fault, not the upstream's.
     ClientBodyTimeout,
+    /// The caller's own deadline (a gRPC call's `grpc-timeout`, shorter than the route
+    /// timeout) passed before the response head: the caller's choice, not the upstream's
+    /// fault.
+    CallerDeadline,
 }
 
 impl UpstreamError {
@@ -95,7 +99,7 @@ impl UpstreamError {
     /// timeout. Such errors never count against the upstream.
     pub(crate) fn is_client_fault(&self) -> bool {
         match self {
-            Self::ClientBodyTimeout => true,
+            Self::ClientBodyTimeout | Self::CallerDeadline => true,
             Self::Http(e) => {
                 let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
                 while let Some(e) = current {
@@ -122,6 +126,7 @@ impl fmt::Display for UpstreamError {
             Self::ClientBodyTimeout => {
                 f.write_str("the client's request body did not come within the route timeout")
             }
+            Self::CallerDeadline => f.write_str("the caller's deadline (grpc-timeout) passed"),
         }
     }
 }
@@ -130,7 +135,11 @@ impl std::error::Error for UpstreamError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Connect(e) => Some(e),
-            Self::ConnectTimeout | Self::Closed | Self::Timeout | Self::ClientBodyTimeout => None,
+            Self::ConnectTimeout
+            | Self::Closed
+            | Self::Timeout
+            | Self::ClientBodyTimeout
+            | Self::CallerDeadline => None,
             Self::Http(e) => Some(e),
         }
     }

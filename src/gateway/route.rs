@@ -111,6 +111,9 @@ pub(crate) struct Upstream {
 /// the state of the client's request body (`None` without one).
 pub(crate) struct Call {
     deadline: Instant,
+    /// The deadline is the caller's (`grpc-timeout`), earlier than the route's: passing
+    /// it is not the upstream's fault.
+    caller_deadline: bool,
     body: Option<Arc<BodyState>>,
     /// The client connection's timers, to wait for the deadline with.
     timers: Option<ConnTimers>,
@@ -147,6 +150,7 @@ impl Service<UpstreamRequest> for Upstream {
             reused,
             deadline: own,
             body: call.body,
+            caller_deadline: call.caller_deadline,
         }
     }
 }
@@ -166,6 +170,7 @@ pin_project_lite::pin_project! {
         #[pin]
         deadline: Option<tokio::time::Sleep>,
         body: Option<Arc<BodyState>>,
+        caller_deadline: bool,
     }
 }
 
@@ -188,6 +193,8 @@ impl Future for UpstreamFuture {
         Poll::Ready(Err(
             if this.body.as_ref().is_some_and(|b| b.waiting_on_client()) {
                 UpstreamError::ClientBodyTimeout
+            } else if *this.caller_deadline {
+                UpstreamError::CallerDeadline
             } else {
                 UpstreamError::Timeout
             },
@@ -944,8 +951,11 @@ impl RouteCore {
         timers: Option<ConnTimers>,
     ) -> Response<Body> {
         let request = self.upstream_request(request, forwarded_for);
+        // A gRPC caller's own deadline, when it is the earlier one.
+        let budget = super::grpc::caller_budget(request.headers()).filter(|b| *b < self.timeout);
         let call = Call {
-            deadline: Instant::now() + self.timeout,
+            deadline: Instant::now() + budget.unwrap_or(self.timeout),
+            caller_deadline: budget.is_some(),
             body,
             timers,
         };
@@ -1060,6 +1070,11 @@ impl RouteCore {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request header too large",
             ),
+            ClientFault::Deadline => (
+                &stats.deadlines,
+                StatusCode::GATEWAY_TIMEOUT,
+                "the call's deadline (grpc-timeout) passed before the upstream answered",
+            ),
         };
         counter.fetch_add(1, Relaxed);
         #[cfg(feature = "tracing")]
@@ -1070,9 +1085,11 @@ impl RouteCore {
             "client error: {message}"
         );
         let mut response = json_error(status, message);
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        if !matches!(fault, ClientFault::Deadline) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 

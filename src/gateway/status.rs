@@ -117,6 +117,9 @@ pub struct ClientErrors {
     pub too_large: u64,
     /// A request header line over `max_header_line` (431).
     pub headers_too_large: u64,
+    /// A gRPC call whose own deadline (`grpc-timeout`, shorter than the route timeout)
+    /// passed before the upstream's answer (`DEADLINE_EXCEEDED`).
+    pub deadline: u64,
 }
 
 /// Latency percentiles, in milliseconds (0 with no sample).
@@ -238,6 +241,7 @@ pub(crate) struct RouteStats {
     pub(crate) body_timeouts: AtomicU64,
     pub(crate) too_large: AtomicU64,
     pub(crate) headers_too_large: AtomicU64,
+    pub(crate) deadlines: AtomicU64,
     latencies: Latencies,
 }
 
@@ -296,6 +300,7 @@ impl RouteStats {
             body_timeout: self.body_timeouts.load(Relaxed),
             too_large: self.too_large.load(Relaxed),
             headers_too_large: self.headers_too_large.load(Relaxed),
+            deadline: self.deadlines.load(Relaxed),
         }
     }
 

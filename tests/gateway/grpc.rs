@@ -172,3 +172,27 @@ async fn an_upstream_grpc_not_found_is_not_a_failure() {
     assert_eq!(hits.load(SeqCst), 8);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_short_deadline_is_deadline_exceeded_and_never_blamed_on_the_upstream() {
+    let (addr, accepted) = silent_upstream().await;
+    let route = format!("timeout = \"30s\"\n{STRICT}");
+    let gw = gateway(addr, "", &route).await;
+    let call = grpc_call("/api/svc/M").replace("TE: trailers", "TE: trailers\r\ngrpc-timeout: 50m");
+    let started = std::time::Instant::now();
+    for i in 0..6 {
+        let answer = exchange(gw.local_addr(), call.as_bytes()).await;
+        assert_grpc_status(&answer, "4");
+        assert!(answer.contains("grpc-timeout"), "call {i}: {answer}");
+    }
+    // Six calls at the caller's 50 ms, not the route's 30 s.
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    settled(&gw, 6).await;
+    let e = endpoint(&gw);
+    assert_eq!(e.failures, 0, "{e:?}");
+    assert!(!e.ejected, "{e:?}");
+    assert_eq!(e.breaker.as_deref(), Some("closed"), "{e:?}");
+    assert_eq!(super::limits::route(&gw).client_errors.deadline, 6);
+    assert!(accepted.load(SeqCst) >= 1, "the calls reached the upstream");
+    gw.shutdown().await;
+}
