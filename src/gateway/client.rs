@@ -29,7 +29,7 @@ use tokio::time::Sleep;
 
 use super::pool::{PooledBody, UpstreamError};
 use crate::BoxError;
-use crate::circuit_breaker::{Classify, HttpClassifier, Outcome};
+use crate::circuit_breaker::{Classify, HttpClassifier, Outcome, Recorder};
 use crate::grpc::{GrpcClassifier, GrpcCode};
 
 /// Why the client's request body failed: the client's fault, never the upstream's.
@@ -246,6 +246,24 @@ impl Classify<Response<PooledBody>, UpstreamError> for UpstreamClassifier {
             Ok(response) => self.0.classify_status(response.status()),
             Err(e) if e.is_client_fault() => Outcome::Ignored,
             Err(_) => Outcome::Failure,
+        }
+    }
+
+    /// A gRPC answer whose status is in its trailers is recorded when its body ends
+    /// (the route's response body takes the recorder from the response's extensions);
+    /// any other, now.
+    #[inline]
+    fn record(&self, result: &mut Result<Response<PooledBody>, UpstreamError>, recorder: Recorder) {
+        match result {
+            Ok(response)
+                if response.status() == http::StatusCode::OK
+                    && super::grpc::status_in_trailers(response.headers()) =>
+            {
+                response
+                    .extensions_mut()
+                    .insert(super::grpc::PendingOutcome::new(recorder));
+            }
+            _ => recorder.record(self.classify(result.as_ref())),
         }
     }
 }

@@ -29,14 +29,67 @@
 //! ignored (the route's timeout applies), as gRPC's servers ignore one.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 
 use super::body::Body;
-use crate::grpc::GrpcCode;
+use crate::circuit_breaker::{Outcome, Recorder};
+use crate::grpc::{GrpcClassifier, GrpcCode};
 use crate::rate_limit::http::Refused;
+
+/// An endpoint's outcome still to record: a gRPC answer whose status comes in its
+/// trailers. Carried from the balancer's classifier to the response body in the
+/// response's extensions (which want `Clone`), taken out once by the body.
+#[derive(Clone)]
+pub(crate) struct PendingOutcome(Arc<parking_lot::Mutex<Option<Recorder>>>);
+
+impl PendingOutcome {
+    pub(crate) fn new(recorder: Recorder) -> Self {
+        Self(Arc::new(parking_lot::Mutex::new(Some(recorder))))
+    }
+
+    /// The recorder, to the first taker.
+    pub(crate) fn take(&self) -> Option<Recorder> {
+        self.0.lock().take()
+    }
+}
+
+/// Whether an upstream's `200` answer is a gRPC one whose status is still to come, in
+/// its trailers.
+pub(crate) fn status_in_trailers(headers: &HeaderMap) -> bool {
+    !headers.contains_key("grpc-status")
+        && headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Records a gRPC answer's outcome once `frame` ends its body: the `grpc-status` of its
+/// trailers (none: `INTERNAL`, as gRPC's clients read it), `INTERNAL` for a body ended
+/// without trailers, a failure for a body that broke. A data frame records nothing.
+pub(crate) fn settle<E>(
+    pending: &mut Option<Recorder>,
+    frame: &Option<Result<hyper::body::Frame<bytes::Bytes>, E>>,
+) {
+    let code = match frame {
+        Some(Ok(frame)) => match frame.trailers_ref() {
+            Some(trailers) => GrpcCode::from_headers(trailers).unwrap_or(GrpcCode::Internal),
+            None => return,
+        },
+        Some(Err(_)) => {
+            if let Some(recorder) = pending.take() {
+                recorder.record(Outcome::Failure);
+            }
+            return;
+        }
+        None => GrpcCode::Internal,
+    };
+    if let Some(recorder) = pending.take() {
+        recorder.record(GrpcClassifier::new().classify_code(code));
+    }
+}
 
 /// Marks a response the gateway made itself, with the text a gRPC caller is told.
 #[derive(Debug, Clone)]

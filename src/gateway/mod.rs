@@ -146,12 +146,17 @@
 //! is `RESOURCE_EXHAUSTED` (8); open breakers, no endpoint or an unreachable upstream
 //! `UNAVAILABLE` (14); a timeout `DEADLINE_EXCEEDED` (4); `401` `UNAUTHENTICATED`; no
 //! route `UNIMPLEMENTED`. The upstream's answers and a route's configured fallback pass
-//! unchanged. An upstream's answer of `200` carrying `grpc-status` in its head (a
-//! trailers-only answer, as gRPC servers send a failed call) is classified as
+//! unchanged. An upstream's gRPC answer is classified as
 //! [`GrpcClassifier`](crate::grpc::GrpcClassifier) does by default, for the endpoint's
 //! breaker and outlier detection: `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
 //! `RESOURCE_EXHAUSTED`, `INTERNAL` and `UNKNOWN` are failures, `CANCELLED` is ignored,
-//! the others (`NOT_FOUND`, say) are successes.
+//! the others (`NOT_FOUND`, say) are successes. The `grpc-status` is read from the
+//! answer's head (a trailers-only answer, as gRPC servers send a call that failed at
+//! once) or, when the head has none, from the trailers at the end of its body: the call
+//! is recorded when the body ends (its endpoint's load counts it until then), as a
+//! failure if the body breaks, as `INTERNAL` if it ends without a status, and not at all
+//! if the client goes away first. A call's deadline (`grpc-timeout`) shorter than the
+//! route's timeout bounds it: see [`grpc`](self::grpc).
 //!
 //! ## Serving
 //!

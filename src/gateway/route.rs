@@ -1148,12 +1148,17 @@ pub static FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-seawall-fall
 fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
+    let grpc_outcome = parts
+        .extensions
+        .remove::<super::grpc::PendingOutcome>()
+        .and_then(|pending| pending.take());
     let body = BodyTimeout {
         body,
         route,
         sleep: None,
         progressed: false,
         failed: false,
+        grpc_outcome,
     };
     Response::from_parts(parts, body.boxed_unsync())
 }
@@ -1170,6 +1175,10 @@ struct BodyTimeout {
     progressed: bool,
     /// Timed out: ended, whoever polls it again.
     failed: bool,
+    /// A gRPC answer's outcome, recorded when its trailers (or its end) come. Dropped
+    /// unrecorded (ignored) if the body is dropped or times out first: a stall after a
+    /// good head is counted as a timeout, as for other answers.
+    grpc_outcome: Option<crate::circuit_breaker::Recorder>,
 }
 
 impl hyper::body::Body for BodyTimeout {
@@ -1186,6 +1195,9 @@ impl hyper::body::Body for BodyTimeout {
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.progressed = true;
+            if this.grpc_outcome.is_some() {
+                super::grpc::settle(&mut this.grpc_outcome, &frame);
+            }
             return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
         }
         let timeout = this.route.body_timeout;
@@ -1211,7 +1223,8 @@ impl hyper::body::Body for BodyTimeout {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.failed || self.body.is_end_stream()
+        // An outcome still to record: one more poll, to see how the body ends.
+        self.failed || (self.grpc_outcome.is_none() && self.body.is_end_stream())
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {

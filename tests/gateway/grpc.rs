@@ -196,3 +196,86 @@ async fn a_callers_short_deadline_is_deadline_exceeded_and_never_blamed_on_the_u
     assert!(accepted.load(SeqCst) >= 1, "the calls reached the upstream");
     gw.shutdown().await;
 }
+
+/// An HTTP/1 upstream written by hand that answers every request as a gRPC server does a
+/// call that sent a message and then failed: `200`, one message, and `grpc-status: code`
+/// in the trailers of a chunked body. Returns how many requests it answered.
+async fn trailers_upstream(code: u8) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request at a time: its head, then its 5-byte body.
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    while buf.len() < end + 5 {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 5);
+                    h.fetch_add(1, SeqCst);
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\n\
+                         transfer-encoding: chunked\r\n\r\n5\r\n\0\0\0\0\0\r\n\
+                         0\r\ngrpc-status: {code}\r\ngrpc-message: failed\r\n\r\n"
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_status_in_the_trailers_counts_when_the_body_ends() {
+    let (addr, hits) = trailers_upstream(14).await;
+    let gw = gateway(addr, "", STRICT).await;
+    for i in 0..4 {
+        let answer = exchange(gw.local_addr(), grpc_call("/api/svc/M").as_bytes()).await;
+        // (HTTP/1 sends trailers only where the response declares them, in `Trailer`,
+        // which the gateway does not forward: HTTP/2 callers get them.)
+        assert_eq!(status_of(&answer), 200, "call {i}: {answer}");
+    }
+    settled(&gw, 4).await;
+    let e = endpoint(&gw);
+    assert_eq!(e.failures, 4, "{e:?}");
+    assert_eq!(e.breaker.as_deref(), Some("open"), "{e:?}");
+    let answer = exchange(gw.local_addr(), grpc_call("/api/svc/M").as_bytes()).await;
+    assert_grpc_status(&answer, "14");
+    assert_eq!(hits.load(SeqCst), 4);
+    gw.shutdown().await;
+
+    // NOT_FOUND in the trailers is an answer, not a failure.
+    let (addr, _) = trailers_upstream(5).await;
+    let gw = gateway(addr, "", STRICT).await;
+    for _ in 0..6 {
+        let answer = exchange(gw.local_addr(), grpc_call("/api/svc/M").as_bytes()).await;
+        assert_eq!(status_of(&answer), 200, "{answer}");
+    }
+    settled(&gw, 6).await;
+    let e = endpoint(&gw);
+    assert_eq!(
+        (e.failures, e.breaker.as_deref()),
+        (0, Some("closed")),
+        "{e:?}"
+    );
+    gw.shutdown().await;
+}

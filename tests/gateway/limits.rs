@@ -132,7 +132,7 @@ pub(crate) async fn read_answer(stream: &mut TcpStream) -> String {
                             .then(|| value.trim().parse::<usize>().ok())?
                     })
                     .unwrap_or(usize::MAX);
-                if out.len() >= end + 4 + length {
+                if out.len() >= (end + 4).saturating_add(length) {
                     return;
                 }
             }
