@@ -66,7 +66,7 @@ fuzz_target!(|input: Input| {
         .filter(|n| HeaderName::from_bytes(n.as_bytes()).is_ok())
         .collect();
     let peer = HeaderValue::from_static("198.51.100.1");
-    rewrite_for_upstream(&mut headers, Some(&peer), trusted);
+    rewrite_for_upstream(&mut headers, Some(&peer), trusted, false);
 
     assert_eq!(
         values(&headers, "host"),

@@ -258,6 +258,126 @@ pub struct ServerConfig {
     /// [following a request](super#following-a-request).
     #[serde(default = "yes")]
     pub trace_context: bool,
+    /// Serve HTTP/2 with prior knowledge (h2c) on a cleartext listener too (default
+    /// false): a connection opening with HTTP/2's preface is served as HTTP/2, any other
+    /// as HTTP/1.
+    #[serde(default)]
+    pub h2c: bool,
+    /// `[gateway.tls]`: terminate TLS on the listener (feature `tls`); absent: cleartext.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+    /// `[gateway.http2]`: the bounds of HTTP/2 connections (over TLS by ALPN, or h2c).
+    #[serde(default)]
+    pub http2: Http2Settings,
+}
+
+/// `[gateway.tls]`: TLS termination (feature `tls`). rustls' safe defaults: TLS 1.2 and
+/// 1.3 only, its default cipher suites, no client certificates.
+///
+/// ```toml
+/// [gateway.tls]
+/// handshake_timeout = "10s"
+/// reload_every = "5s"
+/// alpn = ["h2", "http/1.1"]
+/// [[gateway.tls.certificates]]
+/// cert = "/etc/seawall/example.com.pem"   # the chain, leaf first, PEM
+/// key = "/etc/seawall/example.com.key"    # PKCS#8, PKCS#1 or SEC1, PEM
+/// # server_names = ["example.com"]        # default: the certificate's DNS names
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TlsSettings {
+    /// The certificates; the first also answers handshakes whose SNI names none of them
+    /// (or that send no SNI).
+    #[serde(default)]
+    pub certificates: Vec<CertificateSettings>,
+    /// How long a client has to complete its handshake (default 10s); past it, the
+    /// connection is closed.
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// How often the certificate and key files are checked for changes (default 5s; `0s`:
+    /// never). Changed files are loaded and used for new handshakes; files that fail to
+    /// load leave the certificates in use as they were.
+    #[serde(default = "default_reload_every", deserialize_with = "duration")]
+    pub reload_every: Duration,
+    /// The protocols offered by ALPN, in order of preference (default `["h2",
+    /// "http/1.1"]`; `["http/1.1"]` turns HTTP/2 off).
+    #[serde(default = "default_alpn")]
+    pub alpn: Vec<String>,
+}
+
+/// One certificate of `[gateway.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CertificateSettings {
+    /// The certificate chain, leaf first, in a PEM file.
+    pub cert: std::path::PathBuf,
+    /// Its private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
+    /// The SNI names it answers (`*.example.com` for one label); default: the DNS names
+    /// the certificate holds.
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reload_every() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_alpn() -> Vec<String> {
+    vec![String::from("h2"), String::from("http/1.1")]
+}
+
+/// `[gateway.http2]`: the bounds of each HTTP/2 connection, as Envoy's edge defaults
+/// suggest. A client resetting streams it just opened faster than the gateway can
+/// accept them (CVE-2023-44487, rapid reset) gets a `GOAWAY` once more than
+/// `max_pending_accept_reset_streams` wait; one making the gateway reset its streams
+/// (malformed requests) once more than `max_local_error_reset_streams` did.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct Http2Settings {
+    /// Streams a client may have open at once (default 100).
+    pub max_concurrent_streams: u32,
+    /// The largest header list (HPACK-decoded, as HTTP/2 counts it) of a request, in
+    /// bytes (default: `max_headers_size`).
+    pub max_header_list_size: Option<u32>,
+    /// Each stream's flow-control window, in bytes (default 65 535, HTTP/2's; 65 535 to
+    /// 2³¹ − 1).
+    pub initial_stream_window: u32,
+    /// The connection's flow-control window, in bytes (default 1 MiB; 65 535 to 2³¹ − 1).
+    pub initial_connection_window: u32,
+    /// Streams reset by the client before the gateway accepted them, at most, before the
+    /// connection is closed with `GOAWAY` (default 20).
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the gateway reset for the client's errors, at most, before the connection
+    /// is closed with `GOAWAY` (default 1 024).
+    pub max_local_error_reset_streams: usize,
+    /// Send a `PING` after this long without a frame (default: never).
+    #[serde(deserialize_with = "optional_duration")]
+    pub keep_alive_interval: Option<Duration>,
+    /// How long a `PING` may go unanswered before the connection is closed (default 20s).
+    #[serde(deserialize_with = "duration")]
+    pub keep_alive_timeout: Duration,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 100,
+            max_header_list_size: None,
+            initial_stream_window: 65_535,
+            initial_connection_window: 1 << 20,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+            keep_alive_interval: None,
+            keep_alive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 fn default_request_id_header() -> String {
@@ -1182,6 +1302,107 @@ impl ServerConfig {
         }
         super::trace::request_id_header(&self.request_id_header)
             .map_err(|reason| ConfigError::invalid("gateway.request_id_header", reason))?;
+        self.http2.validate()?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// HTTP/2's bounds on a flow-control window (RFC 9113 §6.9.2).
+const WINDOWS: std::ops::RangeInclusive<u32> = 65_535..=(1 << 31) - 1;
+
+impl Http2Settings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_concurrent_streams == 0 {
+            return Err(ConfigError::invalid(
+                "gateway.http2.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        if self.max_header_list_size.is_some_and(|n| n < 1024) {
+            return Err(ConfigError::invalid(
+                "gateway.http2.max_header_list_size",
+                "must be at least 1024",
+            ));
+        }
+        for (field, window) in [
+            (
+                "gateway.http2.initial_stream_window",
+                self.initial_stream_window,
+            ),
+            (
+                "gateway.http2.initial_connection_window",
+                self.initial_connection_window,
+            ),
+        ] {
+            if !WINDOWS.contains(&window) {
+                return Err(ConfigError::invalid(
+                    field,
+                    "must be from 65535 to 2147483647 (HTTP/2's bounds)",
+                ));
+            }
+        }
+        if self.keep_alive_interval.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::invalid(
+                "gateway.http2.keep_alive_interval",
+                "must be more than zero (leave it out to send no PING)",
+            ));
+        }
+        check_duration(
+            "gateway.http2.keep_alive_timeout",
+            self.keep_alive_timeout,
+            false,
+        )
+    }
+}
+
+impl TlsSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !cfg!(feature = "tls") {
+            return Err(ConfigError::invalid(
+                "gateway.tls",
+                "TLS needs seawall's `tls` feature",
+            ));
+        }
+        if self.certificates.is_empty() {
+            return Err(ConfigError::invalid(
+                "gateway.tls.certificates",
+                "at least one [[gateway.tls.certificates]] entry is needed",
+            ));
+        }
+        check_duration(
+            "gateway.tls.handshake_timeout",
+            self.handshake_timeout,
+            false,
+        )?;
+        check_duration("gateway.tls.reload_every", self.reload_every, true)?;
+        if self.alpn.is_empty() {
+            return Err(ConfigError::invalid(
+                "gateway.tls.alpn",
+                "at least one of \"h2\" and \"http/1.1\"",
+            ));
+        }
+        for (i, protocol) in self.alpn.iter().enumerate() {
+            if protocol != "h2" && protocol != "http/1.1" {
+                return Err(ConfigError::invalid(
+                    format!("gateway.tls.alpn[{i}]"),
+                    format!("{protocol:?}: only \"h2\" and \"http/1.1\" are served"),
+                ));
+            }
+        }
+        for (i, cert) in self.certificates.iter().enumerate() {
+            for name in &cert.server_names {
+                let bare = name.strip_prefix("*.").unwrap_or(name);
+                if bare.is_empty() || bare.contains('*') || !bare.is_ascii() {
+                    return Err(ConfigError::invalid(
+                        format!("gateway.tls.certificates[{i}].server_names"),
+                        format!("{name:?} is not a host name (or `*.` and one)"),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }

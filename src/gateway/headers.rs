@@ -166,13 +166,16 @@ fn valid_host(host: &[u8]) -> bool {
 
 /// Rewrites a request's headers for the upstream (see the [module docs](self)):
 /// hop-by-hop headers out, forwarding headers replaced (`trusted_peer`: extended) from
-/// what the gateway saw. `peer` is the peer's address as `X-Forwarded-For` writes it.
-/// `Host` is left in place (the upstream connection sets its own).
+/// what the gateway saw. `peer` is the peer's address as `X-Forwarded-For` writes it;
+/// `https` whether its connection came over TLS (`X-Forwarded-Proto`). `Host` is left in
+/// place (the upstream connection sets its own).
 pub fn rewrite_for_upstream(
     headers: &mut HeaderMap,
     peer: Option<&HeaderValue>,
     trusted_peer: bool,
+    https: bool,
 ) {
+    let proto = HeaderValue::from_static(if https { "https" } else { "http" });
     // One pass over the names finds out what there is to do.
     let (mut hop, mut forwarding) = (false, false);
     for name in headers.keys() {
@@ -197,7 +200,7 @@ pub fn rewrite_for_upstream(
             }
         }
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            headers.insert(X_FORWARDED_PROTO.clone(), proto);
         }
     } else {
         match peer {
@@ -217,7 +220,7 @@ pub fn rewrite_for_upstream(
                 headers.remove(&X_FORWARDED_HOST);
             }
         }
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO.clone(), proto);
     }
 }
 
@@ -465,7 +468,7 @@ mod tests {
             ("x-real-ip", "6.6.6.6"),
         ]);
         let peer = HeaderValue::from_static("198.51.100.1");
-        rewrite_for_upstream(&mut h, Some(&peer), false);
+        rewrite_for_upstream(&mut h, Some(&peer), false, false);
         assert_eq!(all(&h, "x-forwarded-for"), ["198.51.100.1"]);
         assert_eq!(all(&h, "x-forwarded-host"), ["gw.example"]);
         assert_eq!(all(&h, "x-forwarded-proto"), ["http"]);
@@ -485,7 +488,7 @@ mod tests {
             ("forwarded", "for=203.0.113.7"),
         ]);
         let peer = HeaderValue::from_static("2001:db8::1");
-        rewrite_for_upstream(&mut h, Some(&peer), true);
+        rewrite_for_upstream(&mut h, Some(&peer), true, false);
         assert_eq!(
             all(&h, "x-forwarded-for"),
             ["203.0.113.7, 10.0.0.9, 2001:db8::1"]

@@ -460,15 +460,17 @@ mod server;
 mod shared_limit;
 pub mod status;
 mod timers;
+#[cfg(feature = "tls")]
+mod tls;
 #[doc(hidden)]
 pub mod trace;
 
 pub use body::Body;
 pub use config::{
-    AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, ClientKey, ClientLimitSettings,
-    FallbackSettings, GatewayConfig, JwtConfig, LimitPolicy, LimitSettings, OnMissing,
-    OutlierSettings, RateLimitSettings, RedisFailure, RedisSettings, RouteConfig, ServerConfig,
-    ServiceConfig, StrategyName,
+    AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, CertificateSettings, ClientKey,
+    ClientLimitSettings, FallbackSettings, GatewayConfig, Http2Settings, JwtConfig, LimitPolicy,
+    LimitSettings, OnMissing, OutlierSettings, RateLimitSettings, RedisFailure, RedisSettings,
+    RouteConfig, ServerConfig, ServiceConfig, StrategyName, TlsSettings,
 };
 pub use metrics::use_prometheus_handle;
 /// The handle [`use_prometheus_handle`] takes, from `metrics-exporter-prometheus`.

@@ -69,6 +69,8 @@ type Shared = Core;
 pub(crate) struct Peer {
     pub(crate) addr: Option<IpAddr>,
     forwarded_for: Option<HeaderValue>,
+    /// Whether the connection came over TLS (`X-Forwarded-Proto: https`).
+    https: bool,
     /// The connection's reusable timers, when the gateway serves the connection itself.
     timers: Option<ConnTimers>,
 }
@@ -83,8 +85,16 @@ impl Peer {
             addr: ip,
             // An IP address's text is always a valid value.
             forwarded_for: ip.and_then(|ip| HeaderValue::try_from(ip.to_string()).ok()),
+            https: false,
             timers: None,
         }
+    }
+
+    /// The peer of a connection that came over TLS.
+    #[cfg(feature = "tls")]
+    pub(crate) fn over_tls(mut self) -> Self {
+        self.https = true;
+        self
     }
 
     /// The peer of a connection the gateway serves, whose requests reuse `timers`.
@@ -105,6 +115,15 @@ impl Peer {
 #[derive(Clone, Debug)]
 pub(crate) struct Upstream {
     pool: Arc<EndpointPool>,
+}
+
+/// What the forwarding headers say of a request's connection.
+#[derive(Clone, Default)]
+pub(crate) struct Forwarding {
+    /// The peer's `X-Forwarded-For` entry.
+    peer: Option<HeaderValue>,
+    /// It came over TLS.
+    https: bool,
 }
 
 /// What an upstream call needs besides the request: when the route timeout passes, and
@@ -521,7 +540,7 @@ impl Route {
             .hide_headers(hide);
         let inner = Core {
             route: Some(core.clone()),
-            forwarded_for: None,
+            forwarded_for: Forwarding::default(),
             body: None,
             timers: None,
         };
@@ -647,7 +666,10 @@ impl Route {
         };
         #[cfg(not(feature = "redis"))]
         let core = per_client.get_mut();
-        core.forwarded_for = peer.forwarded_for.clone();
+        core.forwarded_for = Forwarding {
+            peer: peer.forwarded_for.clone(),
+            https: peer.https,
+        };
         core.body = state;
         core.timers = peer.timers.clone();
         // Readied as tower's contract asks, though every layer is always ready (limits
@@ -764,8 +786,9 @@ impl RouteCore {
 struct Core {
     /// Taken by `call`: the clone of the stack made for a request is called once.
     route: Option<Arc<RouteCore>>,
-    /// The peer's `X-Forwarded-For` entry, set on the stack's clone for each request.
-    forwarded_for: Option<HeaderValue>,
+    /// The peer's `X-Forwarded-For` entry and whether it came over TLS, set on the
+    /// stack's clone for each request.
+    forwarded_for: Forwarding,
     /// The state of the request's body, if it has one, set likewise.
     body: Option<Arc<BodyState>>,
     /// The client connection's timers, set likewise.
@@ -791,7 +814,7 @@ impl Service<Request<Body>> for Core {
                 "route stack reused",
             ))));
         };
-        let forwarded_for = self.forwarded_for.take();
+        let forwarded_for = std::mem::take(&mut self.forwarded_for);
         let body = self.body.take();
         let timers = self.timers.take();
         Box::pin(async move {
@@ -946,7 +969,7 @@ impl RouteCore {
     async fn forward(
         self: Arc<Self>,
         request: Request<Body>,
-        forwarded_for: Option<HeaderValue>,
+        forwarded_for: Forwarding,
         body: Option<Arc<BodyState>>,
         timers: Option<ConnTimers>,
     ) -> Response<Body> {
@@ -1127,7 +1150,8 @@ impl RouteCore {
 
     /// The request as sent upstream: prefix stripped, hop-by-hop headers dropped, the
     /// forwarding headers set from what the gateway saw (see [`super::headers`]).
-    fn upstream_request(&self, request: Request<Body>, peer: Option<HeaderValue>) -> Request<Body> {
+    fn upstream_request(&self, request: Request<Body>, forwarding: Forwarding) -> Request<Body> {
+        let Forwarding { peer, https } = forwarding;
         let (mut parts, body) = request.into_parts();
         parts.uri = self.upstream_uri(std::mem::take(&mut parts.uri));
         // The peer's entry is its address's text: parsed back only if a proxy is trusted.
@@ -1136,7 +1160,7 @@ impl RouteCore {
                 .as_ref()
                 .and_then(|p| p.to_str().ok()?.parse::<IpAddr>().ok())
                 .is_some_and(|ip| self.trusted.trusts(ip));
-        super::headers::rewrite_for_upstream(&mut parts.headers, peer.as_ref(), trusted);
+        super::headers::rewrite_for_upstream(&mut parts.headers, peer.as_ref(), trusted, https);
         parts.version = http::Version::HTTP_11;
         Request::from_parts(parts, body)
     }

@@ -14,8 +14,8 @@ use std::borrow::Cow;
 
 use http::{Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -168,6 +168,13 @@ struct Inner {
     pools: Arc<Pools>,
     /// The recorder `/metrics` renders.
     metrics: GatewayMetrics,
+    /// `[gateway] h2c`: HTTP/2 with prior knowledge on a cleartext listener.
+    h2c: bool,
+    /// `[gateway.http2]`.
+    http2: super::config::Http2Settings,
+    /// `[gateway.tls]`, loaded.
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<super::tls::Tls>>,
 }
 
 impl fmt::Debug for Gateway {
@@ -223,6 +230,13 @@ impl Gateway {
                 .map(|token| Sha256::digest(token.as_bytes()).into()),
         };
         let trusted = config.trusted_proxies()?;
+        #[cfg(feature = "tls")]
+        let tls = config
+            .gateway
+            .tls
+            .as_ref()
+            .map(super::tls::Tls::new)
+            .transpose()?;
         #[cfg(feature = "consul")]
         let mut watches = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
@@ -278,6 +292,10 @@ impl Gateway {
                 _watches: watches,
                 pools,
                 metrics,
+                h2c: config.gateway.h2c,
+                http2: config.gateway.http2.clone(),
+                #[cfg(feature = "tls")]
+                tls,
             }),
         })
     }
@@ -294,6 +312,10 @@ impl Gateway {
             unmatched: self.inner.unmatched.load(Relaxed),
             send_timeouts: self.inner.send_timeouts.load(Relaxed),
             retried_stale: self.inner.pools.retried_stale(),
+            #[cfg(feature = "tls")]
+            tls: self.inner.tls.as_ref().map(|tls| tls.status()),
+            #[cfg(not(feature = "tls"))]
+            tls: None,
             routes: self.inner.routes.iter().map(Route::status).collect(),
         }
     }
@@ -338,6 +360,19 @@ impl Gateway {
     // allocation there and change nothing on the path every request takes.
     #[allow(clippy::result_large_err)]
     fn prepare<B>(&self, request: &mut Request<B>, peer: &Peer) -> Result<(), Response<Body>> {
+        // HTTP/2 names the host in `:authority` (in the URI): as `Host` from here on, so
+        // that it is checked, and forwarded, as HTTP/1's is.
+        if request.version() == http::Version::HTTP_2
+            && !request.headers().contains_key(header::HOST)
+        {
+            if let Some(host) = request
+                .uri()
+                .authority()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+            {
+                request.headers_mut().insert(header::HOST, host);
+            }
+        }
         // Exactly one valid `Host` (RFC 9112 §3.2), whatever the path: before routing, so
         // that unmatched and admin paths are held to it too.
         if let Err(bad) = check_request(request.version(), request.headers(), false) {
@@ -532,40 +567,9 @@ impl Gateway {
                 // Reap finished connections as we go.
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             };
-            let _ = stream.set_nodelay(true);
-            let stream = SendTimeout::new(
-                stream,
-                self.inner.send_timeout,
-                self.inner.send_timeouts.clone(),
-            );
             let gateway = self.clone();
-            let gateway_max_headers = self.inner.max_headers_size;
             let stop = stop.clone();
-            connections.spawn(async move {
-                // The connection's timers, reused by its requests (see `timers`).
-                let timers = ConnTimers::default();
-                // The connection's own reference count, touched by its requests alone:
-                // cloning the gateway for each would bounce one shared by every thread.
-                let context = Arc::new((gateway, Peer::new(peer).with_timers(timers.clone())));
-                let service = hyper::service::service_fn(move |request| {
-                    let context = context.clone();
-                    async move {
-                        let (gateway, peer) = &*context;
-                        Ok::<_, Infallible>(if admin {
-                            gateway.handle_admin(&request)
-                        } else {
-                            gateway.handle_from(request, peer).await
-                        })
-                    }
-                });
-                let connection = http1::Builder::new()
-                    .timer(timers)
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    // A larger head is answered 431 by hyper.
-                    .max_buf_size(gateway_max_headers)
-                    .serve_connection(TokioIo::new(stream), service);
-                let _ = Graceful::new(connection, stop).await;
-            });
+            connections.spawn(gateway.serve_connection(stream, peer, stop, admin));
         }
         drop(listener);
         stop.stop();
@@ -574,6 +578,94 @@ impl Gateway {
         })
         .await;
         connections.abort_all();
+    }
+
+    /// Serves one accepted connection: TLS first if the listener terminates it, then
+    /// HTTP/2 (ALPN `h2`, or h2c's preface when `h2c` is on) or HTTP/1.
+    async fn serve_connection(
+        self,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        stop: Arc<Stop>,
+        admin: bool,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let inner = &self.inner;
+        let mut io = SendTimeout::new(stream, inner.send_timeout, inner.send_timeouts.clone());
+        #[cfg(feature = "tls")]
+        if let (Some(tls), false) = (&inner.tls, admin) {
+            let tls = tls.clone();
+            let accepted = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(io));
+            let io = match accepted.await {
+                Ok(Ok(io)) => io,
+                Ok(Err(_)) => return tls.count(super::tls::Handshake::Failed),
+                Err(_) => return tls.count(super::tls::Handshake::TimedOut),
+            };
+            tls.count(super::tls::Handshake::Done);
+            let h2 = io.get_ref().1.alpn_protocol() == Some(b"h2");
+            let peer = Peer::new(peer).over_tls();
+            return self.serve_io(io, peer, stop, false, h2).await;
+        }
+        let peer = Peer::new(peer);
+        if inner.h2c && !admin {
+            let sniffed = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff_preface(&mut io)).await;
+            let Ok(Ok((prefix, h2))) = sniffed else {
+                return;
+            };
+            let io = Prefixed {
+                prefix,
+                read: 0,
+                io,
+            };
+            return self.serve_io(io, peer, stop, false, h2).await;
+        }
+        self.serve_io(io, peer, stop, admin, false).await;
+    }
+
+    /// Serves HTTP on `io` (HTTP/2 when `h2`) until the connection ends or the gateway
+    /// stops.
+    async fn serve_io<I>(self, io: I, peer: Peer, stop: Arc<Stop>, admin: bool, h2: bool)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let max_headers = self.inner.max_headers_size;
+        if h2 {
+            // Streams are served concurrently: no timers shared by a connection's
+            // requests (each request has its own).
+            let settings = self.inner.http2.clone();
+            let context = Arc::new((self, peer));
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(settings.max_concurrent_streams)
+                .max_header_list_size(
+                    settings
+                        .max_header_list_size
+                        .unwrap_or(u32::try_from(max_headers).unwrap_or(u32::MAX)),
+                )
+                .initial_stream_window_size(settings.initial_stream_window)
+                .initial_connection_window_size(settings.initial_connection_window)
+                .max_pending_accept_reset_streams(settings.max_pending_accept_reset_streams)
+                .max_local_error_reset_streams(settings.max_local_error_reset_streams)
+                .keep_alive_interval(settings.keep_alive_interval)
+                .keep_alive_timeout(settings.keep_alive_timeout);
+            let connection =
+                builder.serve_connection(TokioIo::new(io), serve_requests(context, false));
+            let _ = Graceful::new(connection, stop).await;
+            return;
+        }
+        // The connection's timers, reused by its requests (see `timers`).
+        let timers = ConnTimers::default();
+        // The connection's own reference count, touched by its requests alone: cloning
+        // the gateway for each would bounce one shared by every thread.
+        let context = Arc::new((self, peer.with_timers(timers.clone())));
+        let connection = http1::Builder::new()
+            .timer(timers)
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            // A larger head is answered 431 by hyper.
+            .max_buf_size(max_headers)
+            .serve_connection(TokioIo::new(io), serve_requests(context, admin));
+        let _ = Graceful::new(connection, stop).await;
     }
 
     /// Serves `listener` on a new task, returning a handle to stop it.
@@ -781,24 +873,51 @@ impl Stop {
     }
 }
 
+/// A served connection that can be asked to finish gracefully: HTTP/1 (after the
+/// request in flight) or HTTP/2 (`GOAWAY`, then the streams in flight).
+trait ServedConnection: Future<Output = hyper::Result<()>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> ServedConnection for http1::Connection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::Connection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, E, B> ServedConnection for http2::Connection<I, S, E>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
+    }
+}
+
 pin_project_lite::pin_project! {
     /// Serves a connection until it ends, shutting it down gracefully once [`Stop`] says so.
-    struct Graceful<I, S>
-    where
-        S: hyper::service::HttpService<Incoming>,
-    {
+    struct Graceful<C> {
         #[pin]
-        connection: http1::Connection<I, S>,
+        connection: C,
         stop: Arc<Stop>,
         // This connection's id in `stop`'s wakers, and the waker registered there.
         registered: Option<(u64, Waker)>,
         shutting_down: bool,
     }
 
-    impl<I, S> PinnedDrop for Graceful<I, S>
-    where
-        S: hyper::service::HttpService<Incoming>,
-    {
+    impl<C> PinnedDrop for Graceful<C> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some((id, _)) = this.registered.take() {
@@ -808,11 +927,8 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<I, S> Graceful<I, S>
-where
-    S: hyper::service::HttpService<Incoming>,
-{
-    fn new(connection: http1::Connection<I, S>, stop: Arc<Stop>) -> Self {
+impl<C> Graceful<C> {
+    fn new(connection: C, stop: Arc<Stop>) -> Self {
         Self {
             connection,
             stop,
@@ -822,14 +938,7 @@ where
     }
 }
 
-impl<I, S, B> Future for Graceful<I, S>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-{
+impl<C: ServedConnection> Future for Graceful<C> {
     type Output = hyper::Result<()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -859,6 +968,115 @@ where
             }
         }
         this.connection.poll(cx)
+    }
+}
+
+/// A connection's requests, answered by the gateway (the admin endpoints alone when
+/// `admin`).
+fn serve_requests(
+    context: Arc<(Gateway, Peer)>,
+    admin: bool,
+) -> impl hyper::service::HttpService<
+    Incoming,
+    ResBody = Body,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+> + Clone
++ Send
++ 'static {
+    hyper::service::service_fn(move |request| {
+        let context = context.clone();
+        async move {
+            let (gateway, peer) = &*context;
+            Ok::<_, Infallible>(if admin {
+                gateway.handle_admin(&request)
+            } else {
+                gateway.handle_from(request, peer).await
+            })
+        }
+    })
+}
+
+/// HTTP/2's connection preface, which an h2c client sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a cleartext connection's first bytes, as far as tells HTTP/2's preface from
+/// anything else (an HTTP/1 request differs by its second byte at the latest): the bytes
+/// read, and whether they are the preface.
+async fn sniff_preface<I: tokio::io::AsyncRead + Unpin>(
+    io: &mut I,
+) -> std::io::Result<(Vec<u8>, bool)> {
+    use tokio::io::AsyncReadExt;
+    let mut read = Vec::with_capacity(H2_PREFACE.len());
+    let mut chunk = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = io.read(&mut chunk[..H2_PREFACE.len() - read.len()]).await?;
+        read.extend_from_slice(&chunk[..n]);
+        if n == 0 || !H2_PREFACE.starts_with(&read) {
+            return Ok((read, false));
+        }
+        if read.len() == H2_PREFACE.len() {
+            return Ok((read, true));
+        }
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again first.
+struct Prefixed<I> {
+    prefix: Vec<u8>,
+    read: usize,
+    io: I,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read < this.prefix.len() {
+            let rest = &this.prefix[this.read..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.read += n;
+            if this.read == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

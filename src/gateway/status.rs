@@ -30,8 +30,30 @@ pub struct GatewayStatus {
     /// answer came (the upstream closed it as it went idle).
     #[serde(default)]
     pub retried_stale: u64,
+    /// The listener's TLS, when it terminates TLS (`[gateway.tls]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsStatus>,
     /// One entry per route, in configuration order.
     pub routes: Vec<RouteStatus>,
+}
+
+/// The listener's TLS: handshakes and certificate reloads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TlsStatus {
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Handshakes that failed (no common protocol version or cipher, a client that
+    /// rejected the certificate, bytes that are not TLS).
+    pub handshake_failures: u64,
+    /// Connections closed because their handshake took longer than `handshake_timeout`.
+    pub handshake_timeouts: u64,
+    /// Times the certificates were loaded again after their files changed.
+    pub reloads: u64,
+    /// Times changed files could not be loaded (the certificates in use were kept).
+    pub reload_failures: u64,
+    /// The names each certificate answers, the default one first.
+    pub server_names: Vec<Vec<String>>,
 }
 
 /// One route's counters and state.

@@ -19,11 +19,16 @@ mod redis_limits;
 mod service;
 mod stale;
 mod status_page;
+#[cfg(feature = "tls")]
+mod tls;
 
 mod raw_http;
 #[cfg(feature = "redis")]
 #[path = "../support/redis_server.rs"]
 mod redis_server;
+#[cfg(feature = "tls")]
+#[path = "../support/tls.rs"]
+mod tls_support;
 
 /// Where proptest keeps the failing cases it found: next to the test's file
 /// (`paths.rs` → `paths.proptest-regressions`). Its default would find this `main.rs` and

@@ -1,0 +1,413 @@
+//! TLS termination with certificates made at test time (rcgen), real rustls clients and
+//! curl over loopback: certificates chosen by SNI, HTTP/2 by ALPN, reload when the files
+//! change (and not when they are broken), the handshake timeout, and clients that do not
+//! speak TLS (or speak an old one). Every wait is bounded.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, timeout};
+
+use crate::tls_support::{Leaf, Pki, connect, served, temp_dir, trusting_client, write};
+
+const BOUND: Duration = Duration::from_secs(10);
+
+/// An upstream answering `200` with the request's `x-forwarded-proto` and `host`.
+async fn upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let header = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                let body = format!(
+                    "proto={} host={}",
+                    header("x-forwarded-proto"),
+                    header("x-forwarded-host")
+                );
+                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(body))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    addr
+}
+
+/// A gateway terminating TLS with `certificates` (`(cert, key)` files, the default first)
+/// and `tls` settings, one route `/api` to `upstream`.
+fn config(upstream: SocketAddr, certificates: &[(PathBuf, PathBuf)], tls: &str) -> String {
+    let mut config = format!("[gateway]\nlisten = \"127.0.0.1:0\"\n\n[gateway.tls]\n{tls}\n");
+    for (cert, key) in certificates {
+        config.push_str(&format!(
+            "[[gateway.tls.certificates]]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ));
+    }
+    config.push_str(&format!(
+        "\n[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
+    ));
+    config
+}
+
+async fn gateway(config: &str) -> GatewayHandle {
+    let config = GatewayConfig::from_toml_str(config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Gateway::build(config, Discovery::Static)
+        .await
+        .unwrap()
+        .spawn(listener)
+}
+
+/// Two certificates, A (default: `a.test` and 127.0.0.1) and B (`b.test`,
+/// `*.wild.test`), written in a new directory.
+struct Certs {
+    pki: Pki,
+    dir: PathBuf,
+    a: Leaf,
+    b: Leaf,
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+fn certs() -> Certs {
+    let pki = Pki::new();
+    let dir = temp_dir("tls");
+    let a = pki.leaf(&["a.test", "127.0.0.1"], "A");
+    let b = pki.leaf(&["b.test", "*.wild.test"], "B");
+    let files = vec![write(&dir, "a", &a), write(&dir, "b", &b)];
+    Certs {
+        pki,
+        dir,
+        a,
+        b,
+        files,
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One `GET` on a TLS stream: status, body, and the HTTP version it was served in.
+async fn get<S>(stream: S, h2: bool, path: &str) -> (u16, String, http::Version)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let request = Request::get(path)
+        .header("host", "a.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = if h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = {
+            let (mut parts, body) = request.into_parts();
+            parts.uri = format!("https://a.test{path}").parse().unwrap();
+            Request::from_parts(parts, body)
+        };
+        sender.send_request(request).await.unwrap()
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender.send_request(request).await.unwrap()
+    };
+    let (status, version) = (response.status().as_u16(), response.version());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_tls_are_proxied_with_https_forwarded() {
+    let c = certs();
+    let gw = gateway(&config(upstream().await, &c.files, "")).await;
+    let client = c.pki.client(&[b"http/1.1"]);
+    let stream = connect(&client, gw.local_addr(), "a.test").await.unwrap();
+    let (status, body, version) = get(stream, false, "/api/x").await;
+    assert_eq!((status, version), (200, http::Version::HTTP_11), "{body}");
+    assert_eq!(body, "proto=https host=a.test");
+    // HTTP/2 by ALPN, its `:authority` forwarded as the host.
+    let client = c.pki.client(&[b"h2", b"http/1.1"]);
+    let stream = connect(&client, gw.local_addr(), "a.test").await.unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (status, body, version) = get(stream, true, "/api/x").await;
+    assert_eq!((status, version), (200, http::Version::HTTP_2), "{body}");
+    assert_eq!(body, "proto=https host=a.test");
+    let tls = gw.gateway().status().tls.expect("TLS status");
+    assert_eq!((tls.handshakes, tls.handshake_failures), (2, 0));
+    assert_eq!(tls.server_names[0], ["a.test"]);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_is_chosen_by_sni() {
+    let c = certs();
+    let gw = gateway(&config(upstream().await, &c.files, "")).await;
+    let client = trusting_client(&[], rustls::ALL_VERSIONS);
+    for (sni, expected, which) in [
+        ("a.test", &c.a.der, "A"),
+        ("b.test", &c.b.der, "B"),
+        ("B.Test", &c.b.der, "B, whatever the case"),
+        ("x.wild.test", &c.b.der, "B by its wildcard"),
+        (
+            "x.y.wild.test",
+            &c.a.der,
+            "the default: a wildcard is one label",
+        ),
+        ("unknown.test", &c.a.der, "the default"),
+        ("127.0.0.1", &c.a.der, "the default: no SNI for an address"),
+    ] {
+        let stream = connect(&client, gw.local_addr(), sni).await.unwrap();
+        assert_eq!(&served(&stream), expected, "{sni}: expected {which}");
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleartext_and_old_protocols_are_refused_and_the_gateway_keeps_serving() {
+    let c = certs();
+    let gw = gateway(&config(upstream().await, &c.files, "")).await;
+    // Plain HTTP to the TLS port: the connection is closed, nothing proxied.
+    let mut tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+    tcp.write_all(b"GET /api/x HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = timeout(BOUND, tcp.read_to_end(&mut buf))
+        .await
+        .expect("closed");
+    assert!(read.is_err() || !String::from_utf8_lossy(&buf).contains("200"));
+    // TLS 1.2 is served; rustls offers nothing older, and curl below tries TLS 1.1.
+    let tls12 = trusting_client(&[], &[&rustls::version::TLS12]);
+    let stream = connect(&tls12, gw.local_addr(), "a.test").await.unwrap();
+    assert_eq!(
+        stream.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let client = c.pki.client(&[]);
+    let stream = connect(&client, gw.local_addr(), "a.test").await.unwrap();
+    assert_eq!(get(stream, false, "/api/x").await.0, 200);
+    let tls = gw.gateway().status().tls.unwrap();
+    assert_eq!((tls.handshake_failures, tls.handshakes), (1, 2), "{tls:?}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_completes_its_handshake_is_closed() {
+    let c = certs();
+    let gw = gateway(&config(
+        upstream().await,
+        &c.files,
+        "handshake_timeout = \"200ms\"",
+    ))
+    .await;
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(gw.local_addr()).await.unwrap();
+    // Meanwhile others are served.
+    let client = c.pki.client(&[]);
+    let stream = connect(&client, gw.local_addr(), "a.test").await.unwrap();
+    assert_eq!(get(stream, false, "/api/x").await.0, 200);
+    let mut buf = [0u8; 16];
+    let read = timeout(BOUND, silent.read(&mut buf))
+        .await
+        .expect("closed within the bound");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    let tls = gw.gateway().status().tls.unwrap();
+    assert_eq!(tls.handshake_timeouts, 1, "{tls:?}");
+    gw.shutdown().await;
+}
+
+/// Polls new handshakes with SNI `a.test` until the served certificate is `expected`.
+async fn until_served(gw: &GatewayHandle, expected: &rustls::pki_types::CertificateDer<'_>) {
+    let client = trusting_client(&[], rustls::ALL_VERSIONS);
+    timeout(BOUND, async {
+        loop {
+            let stream = connect(&client, gw.local_addr(), "a.test").await.unwrap();
+            if &served(&stream) == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the new certificate is served within the bound");
+}
+
+fn replace(path: &Path, contents: &str) {
+    // Written aside and renamed, as deployment tools do: never seen half written.
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, contents).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_files_are_served_to_new_handshakes_and_broken_ones_are_not() {
+    let c = certs();
+    let gw = gateway(&config(
+        upstream().await,
+        &c.files,
+        "reload_every = \"50ms\"",
+    ))
+    .await;
+    let client = c.pki.client(&[]);
+    // A connection open before the change, kept alive across it.
+    let stream = connect(&client, gw.local_addr(), "a.test").await.unwrap();
+    assert_eq!(served(&stream), c.a.der);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+
+    let renewed = c.pki.leaf(&["a.test", "127.0.0.1"], "A renewed");
+    let (cert, key) = &c.files[0];
+    replace(key, &renewed.key_pem);
+    replace(cert, &renewed.cert_pem);
+    until_served(&gw, &renewed.der).await;
+    assert!(gw.gateway().status().tls.unwrap().reloads >= 1);
+    let request = Request::get("/api/x")
+        .header("host", "a.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+
+    // A key that does not match: kept out, the renewed certificate still served.
+    let other = c.pki.leaf(&["a.test"], "other");
+    replace(key, &other.key_pem);
+    timeout(BOUND, async {
+        while gw.gateway().status().tls.unwrap().reload_failures == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the failed reload is counted");
+    let stream = connect(
+        &trusting_client(&[], rustls::ALL_VERSIONS),
+        gw.local_addr(),
+        "a.test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(served(&stream), renewed.der);
+    // Garbage in the certificate file: the same.
+    replace(key, &renewed.key_pem);
+    replace(cert, "not a certificate");
+    timeout(BOUND, async {
+        while gw.gateway().status().tls.unwrap().reload_failures < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the second failed reload is counted");
+    until_served(&gw, &renewed.der).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_certificate_files_are_refused_when_the_gateway_is_built() {
+    let c = certs();
+    let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let missing = (c.dir.join("missing.pem"), c.files[0].1.clone());
+    let mismatched = (c.files[0].0.clone(), c.files[1].1.clone());
+    let garbage = c.dir.join("garbage.pem");
+    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    let empty = c.dir.join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    for (files, expected) in [
+        (vec![missing], "missing.pem"),
+        (vec![mismatched], "does not match"),
+        (vec![(garbage, c.files[0].1.clone())], "garbage.pem"),
+        (vec![(empty, c.files[0].1.clone())], "no CERTIFICATE"),
+        (vec![], "at least one"),
+    ] {
+        // Refused when the file is read, or when the gateway is built and loads them.
+        let message = match GatewayConfig::from_toml_str(&config(up, &files, "")) {
+            Ok(config) => Gateway::build(config, Discovery::Static)
+                .await
+                .unwrap_err()
+                .to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(message.contains(expected), "{message}");
+        assert!(
+            message.contains("gateway.tls"),
+            "names the setting: {message}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_gets_through_with_the_ca_and_not_with_tls_1_1() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("curl is not installed: skipped (apt-get install curl)");
+        return;
+    }
+    let c = certs();
+    let ca = c.dir.join("ca.pem");
+    std::fs::write(&ca, c.pki.ca_pem()).unwrap();
+    let gw = gateway(&config(upstream().await, &c.files, "")).await;
+    let port = gw.local_addr().port();
+    let curl = |extra: &'static [&'static str]| {
+        let ca = ca.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "5", "--cacert"])
+                .arg(&ca)
+                .arg("--resolve")
+                .arg(format!("b.test:{port}:127.0.0.1"))
+                .args(extra)
+                .arg(format!("https://b.test:{port}/api/x"))
+                .output()
+                .unwrap()
+        })
+    };
+    let out = curl(&["--http1.1"]).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("proto=https host=b.test:{port}")
+    );
+    let out = curl(&["--http2", "-w", " %{http_version}"]).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(" 2"));
+    let out = curl(&["--tlsv1.1", "--tls-max", "1.1"]).await.unwrap();
+    assert!(!out.status.success(), "TLS 1.1 must be refused");
+    gw.shutdown().await;
+}
