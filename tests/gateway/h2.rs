@@ -1,0 +1,302 @@
+//! HTTP/2 clients over loopback on a cleartext listener (h2c, prior knowledge): HTTP/1
+//! still served on the same port, the stream and header-list bounds, rapid reset
+//! (CVE-2023-44487) answered with `GOAWAY`, and a graceful shutdown that lets streams in
+//! flight finish. Every wait is bounded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::timeout;
+
+use super::limits::{exchange, get, status_of};
+
+const BOUND: Duration = Duration::from_secs(10);
+
+/// An upstream that answers `200` once `release` is notified (or at once when `hold` is
+/// false); counts the requests it got and the most it held at once.
+struct Upstream {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+    release: Arc<Notify>,
+}
+
+async fn upstream(hold: bool) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (hits, most, now) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let release = Arc::new(Notify::new());
+    let state = (hits.clone(), most.clone(), now, release.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let state = state.clone();
+            let svc = hyper::service::service_fn(move |_: Request<Incoming>| {
+                let (hits, most, now, release) = state.clone();
+                async move {
+                    hits.fetch_add(1, SeqCst);
+                    let held = now.fetch_add(1, SeqCst) + 1;
+                    most.fetch_max(held, SeqCst);
+                    if hold {
+                        release.notified().await;
+                    }
+                    now.fetch_sub(1, SeqCst);
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    Upstream {
+        addr,
+        hits,
+        most,
+        release,
+    }
+}
+
+/// A gateway with `h2c` on and `[gateway.http2]` settings `http2`, one route `/api`.
+async fn gateway(upstream: SocketAddr, h2c: bool, http2: &str) -> GatewayHandle {
+    let config = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = {h2c}\n\n[gateway.http2]\n{http2}\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
+    );
+    let config = GatewayConfig::from_toml_str(&config).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Gateway::build(config, Discovery::Static)
+        .await
+        .unwrap()
+        .spawn(listener)
+}
+
+/// An HTTP/2 (prior knowledge) client of `addr`.
+async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn request(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
+    Request::get(format!("http://{addr}{path}"))
+        .body(Empty::new())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_and_http1_share_the_port_and_h2c_is_off_by_default() {
+    let up = upstream(false).await;
+    let gw = gateway(up.addr, true, "").await;
+    let mut client = h2_client(gw.local_addr()).await;
+    let response = client
+        .send_request(request(gw.local_addr(), "/api/x"))
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    // HTTP/1 on the same listener.
+    let answer = exchange(gw.local_addr(), get("/api/x").as_bytes()).await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    gw.shutdown().await;
+
+    // Without h2c, HTTP/2's preface is an HTTP/1 request hyper refuses.
+    let gw = gateway(up.addr, false, "").await;
+    let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let refused = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await?;
+        tokio::spawn(conn);
+        sender
+            .send_request(request(gw.local_addr(), "/api/x"))
+            .await
+    };
+    assert!(timeout(BOUND, refused).await.unwrap().is_err());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gets_no_more_streams_than_allowed() {
+    let up = upstream(true).await;
+    let gw = gateway(up.addr, true, "max_concurrent_streams = 2").await;
+    let mut client = h2_client(gw.local_addr()).await;
+    // One exchange first, so that the client has the gateway's SETTINGS (a client that
+    // opens streams before it has them gets the extra ones refused: REFUSED_STREAM).
+    let unrouted = client
+        .send_request(request(gw.local_addr(), "/elsewhere"))
+        .await
+        .unwrap();
+    assert_eq!(unrouted.status(), 404);
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let mut client = client.clone();
+            let request = request(gw.local_addr(), "/api/x");
+            tokio::spawn(async move { client.send_request(request).await.map(|r| r.status()) })
+        })
+        .collect();
+    // Two reach the upstream; the others wait for a stream.
+    timeout(BOUND, async {
+        while up.hits.load(SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(up.hits.load(SeqCst), 2);
+    // Released one by one, all five are answered, never more than two at once.
+    timeout(BOUND, async {
+        while up.hits.load(SeqCst) < 5 || !calls.iter().all(|c| c.is_finished()) {
+            up.release.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "hits {} most {} finished {:?}",
+            up.hits.load(SeqCst),
+            up.most.load(SeqCst),
+            calls.iter().map(|c| c.is_finished()).collect::<Vec<_>>()
+        )
+    });
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), 200);
+    }
+    assert_eq!(up.most.load(SeqCst), 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_header_list_is_refused_and_the_gateway_keeps_serving() {
+    let up = upstream(false).await;
+    let gw = gateway(up.addr, true, "max_header_list_size = 4096").await;
+    let mut client = h2_client(gw.local_addr()).await;
+    let mut big = request(gw.local_addr(), "/api/x");
+    big.headers_mut()
+        .insert("x-big", "a".repeat(8192).parse().unwrap());
+    let refused = client.send_request(big).await;
+    assert!(
+        refused.as_ref().map_or(true, |r| r.status() == 431),
+        "{refused:?}"
+    );
+    assert_eq!(up.hits.load(SeqCst), 0);
+    let mut client = h2_client(gw.local_addr()).await;
+    let response = client
+        .send_request(request(gw.local_addr(), "/api/x"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_ends_the_connection_with_goaway() {
+    const STREAMS: usize = 10_000;
+    let up = upstream(false).await;
+    let gw = gateway(up.addr, true, "").await;
+    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let uri = format!("http://{}/api/x", gw.local_addr());
+    let mut opened = 0;
+    let flood = timeout(BOUND, async {
+        for _ in 0..STREAMS {
+            client = match client.ready().await {
+                Ok(client) => client,
+                Err(e) => return Some(e),
+            };
+            let request = http::Request::get(&uri).body(()).unwrap();
+            match client.send_request(request, false) {
+                Ok((_, mut stream)) => {
+                    opened += 1;
+                    stream.send_reset(h2::Reason::CANCEL);
+                }
+                Err(e) => return Some(e),
+            }
+        }
+        None
+    })
+    .await
+    .expect("the flood ends within the bound");
+    let ended = timeout(BOUND, connection)
+        .await
+        .expect("the connection ends")
+        .unwrap();
+    let reason = flood
+        .and_then(|e| e.reason())
+        .or_else(|| ended.err().and_then(|e| e.reason()));
+    assert_eq!(
+        reason,
+        Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "GOAWAY after {opened} streams opened and reset"
+    );
+    assert!(opened < STREAMS, "stopped before {STREAMS}: {opened}");
+    let forwarded = up.hits.load(SeqCst);
+    eprintln!("rapid reset: GOAWAY after {opened} streams, {forwarded} forwarded");
+    assert!(
+        forwarded < 200,
+        "{forwarded} of {opened} reset streams reached the upstream"
+    );
+    // Others are served at once.
+    let mut client = h2_client(gw.local_addr()).await;
+    let response = timeout(
+        Duration::from_secs(2),
+        client.send_request(request(gw.local_addr(), "/api/x")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_lets_streams_in_flight_finish() {
+    let up = upstream(true).await;
+    let gw = gateway(up.addr, true, "").await;
+    let mut client = h2_client(gw.local_addr()).await;
+    let request = request(gw.local_addr(), "/api/x");
+    let call = tokio::spawn(async move { client.send_request(request).await.map(|r| r.status()) });
+    timeout(BOUND, async {
+        while up.hits.load(SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let addr = gw.local_addr();
+    let shutdown = tokio::spawn(gw.shutdown());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // No new connection is taken.
+    assert!(
+        timeout(Duration::from_secs(1), TcpStream::connect(addr))
+            .await
+            .map_or(true, |c| c.is_err())
+    );
+    up.release.notify_waiters();
+    assert_eq!(timeout(BOUND, call).await.unwrap().unwrap().unwrap(), 200);
+    timeout(BOUND, shutdown).await.unwrap().unwrap();
+}
