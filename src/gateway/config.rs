@@ -856,8 +856,45 @@ fn default_max_ejected() -> f64 {
 pub struct ServiceConfig {
     /// The name routes refer to.
     pub name: String,
-    /// Its instances, as `ip:port`.
+    /// Its instances, as `ip:port`. Empty (or left out): the instances come from the
+    /// gateway's discovery source, spoken to with this entry's `protocol` and `tls`.
+    #[serde(default)]
     pub instances: Vec<SocketAddr>,
+    /// How its instances are spoken to (default `"http1"`).
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// `[services.tls]`: connect to its instances over TLS (feature `tls`), verifying
+    /// their certificates. Absent: cleartext.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsSettings>,
+}
+
+/// How a service's instances are spoken to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, a pool of keep-alive connections per endpoint (the default).
+    #[default]
+    Http1,
+    /// HTTP/2: its requests multiplexed on one connection per endpoint (and per thread
+    /// of [`Gateway::spawn_threads`](super::Gateway::spawn_threads)), over TLS with ALPN
+    /// `h2`, or cleartext with prior knowledge (h2c). Needed for gRPC upstreams.
+    H2,
+}
+
+/// `[services.tls]`: TLS to a service's instances. Certificates are always verified.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct UpstreamTlsSettings {
+    /// The name sent by SNI and verified in the instances' certificates (default: each
+    /// instance's host: a DNS name, or an IP address, verified against the certificate's
+    /// IP addresses and sent without SNI).
+    pub server_name: Option<String>,
+    /// Trust the CA certificates in this PEM file instead of the Mozilla roots that
+    /// webpki-roots ships.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Durations as in Go and Consul: `500ms`, `2s`, `1m30s`.
@@ -974,10 +1011,10 @@ impl GatewayConfig {
                     format!("duplicate service `{}`", service.name),
                 ));
             }
-            if service.instances.is_empty() {
+            if service.tls.is_some() && !cfg!(feature = "tls") {
                 return Err(ConfigError::invalid(
-                    format!("{at}.instances"),
-                    "must list at least one instance (leave the service out to discover it)",
+                    format!("{at}.tls"),
+                    "TLS to upstreams needs seawall's `tls` feature",
                 ));
             }
             let mut instances = HashSet::new();
@@ -1187,11 +1224,15 @@ impl GatewayConfig {
     /// A [`ConfigError`] naming the first route with an unknown service.
     pub fn check_static_services(&self) -> Result<(), ConfigError> {
         for (i, route) in self.routes.iter().enumerate() {
-            if self.service(&route.service).is_none() {
+            if self
+                .service(&route.service)
+                .is_none_or(|s| s.instances.is_empty())
+            {
                 return Err(ConfigError::invalid(
                     format!("routes[{i}].service"),
                     format!(
-                        "unknown service `{}` (not in [[services]] and no discovery source)",
+                        "unknown service `{}` (no instances in [[services]] and no \
+                         discovery source)",
                         route.service
                     ),
                 ));
@@ -1926,11 +1967,15 @@ rate_limit = { global = { per_second = 0 } }
 
     #[test]
     fn instances_must_be_listed_once_with_a_port() {
-        let e = err(&BASE.replace(
+        // No instances: settings for a discovered service, refused without discovery.
+        let discovered = GatewayConfig::from_toml_str(&BASE.replace(
             "instances = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]",
-            "instances = []",
-        ));
-        assert!(e.starts_with("services[0].instances: must list"), "{e}");
+            "instances = []\nprotocol = \"h2\"",
+        ))
+        .unwrap();
+        assert_eq!(discovered.services[0].protocol, super::UpstreamProtocol::H2);
+        let e = discovered.check_static_services().unwrap_err().to_string();
+        assert!(e.contains("no instances in [[services]]"), "{e}");
         let e = err(&BASE.replace("127.0.0.1:9002", "127.0.0.1:0"));
         assert_eq!(
             e,

@@ -464,13 +464,16 @@ mod timers;
 mod tls;
 #[doc(hidden)]
 pub mod trace;
+#[cfg(feature = "tls")]
+mod upstream_tls;
 
 pub use body::Body;
 pub use config::{
     AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, CertificateSettings, ClientKey,
     ClientLimitSettings, FallbackSettings, GatewayConfig, Http2Settings, JwtConfig, LimitPolicy,
     LimitSettings, OnMissing, OutlierSettings, RateLimitSettings, RedisFailure, RedisSettings,
-    RouteConfig, ServerConfig, ServiceConfig, StrategyName, TlsSettings,
+    RouteConfig, ServerConfig, ServiceConfig, StrategyName, TlsSettings, UpstreamProtocol,
+    UpstreamTlsSettings,
 };
 pub use metrics::use_prometheus_handle;
 /// The handle [`use_prometheus_handle`] takes, from `metrics-exporter-prometheus`.

@@ -43,6 +43,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -91,6 +92,10 @@ pub(crate) enum UpstreamError {
     /// timeout) passed before the response head: the caller's choice, not the upstream's
     /// fault.
     CallerDeadline,
+    /// The TLS handshake with the upstream failed: an unknown CA, a certificate for
+    /// another name or expired, no common protocol, an upstream that does not speak TLS.
+    #[cfg(feature = "tls")]
+    Tls(io::Error),
 }
 
 impl UpstreamError {
@@ -127,6 +132,8 @@ impl fmt::Display for UpstreamError {
                 f.write_str("the client's request body did not come within the route timeout")
             }
             Self::CallerDeadline => f.write_str("the caller's deadline (grpc-timeout) passed"),
+            #[cfg(feature = "tls")]
+            Self::Tls(e) => write!(f, "TLS handshake with the upstream: {e}"),
         }
     }
 }
@@ -135,6 +142,8 @@ impl std::error::Error for UpstreamError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Connect(e) => Some(e),
+            #[cfg(feature = "tls")]
+            Self::Tls(e) => Some(e),
             Self::ConnectTimeout
             | Self::Closed
             | Self::Timeout
@@ -158,7 +167,7 @@ type Io = TokioIo<Marked>;
 /// failed before any byte of its answer is known to have had none (hyper reports an
 /// answer cut after a few bytes and no answer at all alike).
 struct Marked {
-    stream: TcpStream,
+    stream: Stream,
     /// Set when bytes are read; cleared by [`Conn::exchange`] before it sends.
     answered: Arc<AtomicBool>,
 }
@@ -206,6 +215,107 @@ impl tokio::io::AsyncWrite for Marked {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// An upstream connection's socket: TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// `$body` on the stream inside, whichever it is.
+macro_rules! on_stream {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            Stream::Plain($s) => $body,
+            #[cfg(feature = "tls")]
+            Stream::Tls($s) => $body,
+        }
+    };
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        on_stream!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        on_stream!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        on_stream!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        on_stream!(self, s => s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+/// How a service's endpoints are spoken to: `[[services]]`' `protocol` and `tls`.
+#[derive(Clone, Default)]
+pub(crate) struct UpstreamSettings {
+    h2: bool,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<super::upstream_tls::UpstreamTls>>,
+}
+
+impl UpstreamSettings {
+    /// The settings of `service` (none listed: HTTP/1 in cleartext), its TLS client made.
+    pub(crate) fn new(
+        service: Option<&super::config::ServiceConfig>,
+        _index: usize,
+    ) -> Result<Self, crate::ConfigError> {
+        let Some(service) = service else {
+            return Ok(Self::default());
+        };
+        Ok(Self {
+            h2: service.protocol == super::config::UpstreamProtocol::H2,
+            #[cfg(feature = "tls")]
+            tls: service
+                .tls
+                .as_ref()
+                .map(|tls| {
+                    super::upstream_tls::UpstreamTls::new(
+                        tls,
+                        &service.name,
+                        service.protocol == super::config::UpstreamProtocol::H2,
+                    )
+                })
+                .transpose()?,
+        })
+    }
+
+    fn scheme(&self) -> &'static str {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return "https";
+        }
+        "http"
     }
 }
 
@@ -400,6 +510,13 @@ pub(crate) struct EndpointPool {
     host: HeaderValue,
     /// Per shard, oldest first; taken from the back.
     idle: Box<[Idle]>,
+    /// HTTP/1 or HTTP/2, cleartext or TLS.
+    settings: UpstreamSettings,
+    /// HTTP/2: per shard, the connection requests are multiplexed on.
+    h2: Box<[parking_lot::Mutex<Option<http2::SendRequest<Body>>>]>,
+    /// HTTP/2: one dial at a time per endpoint, so that requests arriving together share
+    /// the connection the first one makes.
+    dialing: tokio::sync::Mutex<()>,
     /// The gateway's count of requests sent again ([`Pools::retried_stale`]).
     retried_stale: Arc<AtomicU64>,
 }
@@ -423,7 +540,11 @@ impl EndpointPool {
         &self.host
     }
 
-    fn new(instance: &Instance, retried_stale: Arc<AtomicU64>) -> Arc<Self> {
+    fn new(
+        instance: &Instance,
+        settings: &UpstreamSettings,
+        retried_stale: Arc<AtomicU64>,
+    ) -> Arc<Self> {
         let target = match instance.socket_addr() {
             Some(addr) => Target::Addr(addr),
             None => Target::Host(instance.address.clone(), instance.port),
@@ -436,6 +557,13 @@ impl EndpointPool {
             idle: (0..SHARDS)
                 .map(|_| parking_lot::Mutex::new(VecDeque::new()))
                 .collect(),
+            h2: if settings.h2 {
+                (0..SHARDS).map(|_| parking_lot::Mutex::new(None)).collect()
+            } else {
+                Box::new([])
+            },
+            settings: settings.clone(),
+            dialing: tokio::sync::Mutex::new(()),
             retried_stale,
         })
     }
@@ -503,7 +631,8 @@ impl EndpointPool {
         idle.push_back((conn, expires));
     }
 
-    async fn connect(&self) -> Result<Pooled, UpstreamError> {
+    /// A new connection to the endpoint: TCP, and TLS over it if the service says so.
+    async fn dial(&self) -> Result<Stream, UpstreamError> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, async {
             match &self.target {
                 Target::Addr(addr) => TcpStream::connect(addr).await,
@@ -514,6 +643,23 @@ impl EndpointPool {
         .map_err(|_| UpstreamError::ConnectTimeout)?
         .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.settings.tls {
+            let host = match &self.target {
+                Target::Addr(addr) => addr.ip().to_string(),
+                Target::Host(host, _) => host.to_string(),
+            };
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls.handshake(stream, &host))
+                .await
+                .map_err(|_| UpstreamError::ConnectTimeout)?
+                .map_err(UpstreamError::Tls)?;
+            return Ok(Stream::Tls(Box::new(stream)));
+        }
+        Ok(Stream::Plain(stream))
+    }
+
+    async fn connect(&self) -> Result<Pooled, UpstreamError> {
+        let stream = self.dial().await?;
         let answered = Arc::new(AtomicBool::new(false));
         let stream = Marked {
             stream,
@@ -550,8 +696,79 @@ impl EndpointPool {
         self: Arc<Self>,
         request: Request<Body>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
+        if self.settings.h2 {
+            return self.send_h2(request).await;
+        }
         let (conn, reused) = self.ready_conn().await?;
         self.send_on(conn, reused, request).await
+    }
+
+    /// This thread's HTTP/2 connection, if it is open.
+    fn h2_sender(&self) -> Option<http2::SendRequest<Body>> {
+        let shard = &self.h2[SHARD.with(std::cell::Cell::get)];
+        let mut sender = shard.lock();
+        if sender.as_ref().is_some_and(http2::SendRequest::is_closed) {
+            *sender = None;
+        }
+        sender.clone()
+    }
+
+    /// This thread's HTTP/2 connection, dialled if there is none (or it closed).
+    async fn h2_connection(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        if let Some(sender) = self.h2_sender() {
+            return Ok(sender);
+        }
+        let _dialing = self.dialing.lock().await;
+        if let Some(sender) = self.h2_sender() {
+            return Ok(sender);
+        }
+        let stream = self.dial().await?;
+        let (sender, connection) =
+            http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(UpstreamError::Http)?;
+        // Driven by a task of its own: its streams belong to many requests.
+        tokio::spawn(connection);
+        *self.h2[SHARD.with(std::cell::Cell::get)].lock() = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Sends `request` on the endpoint's HTTP/2 connection; if that connection turns out
+    /// closed before the request could be sent on it, once more on a new one.
+    async fn send_h2(
+        self: Arc<Self>,
+        mut request: Request<Body>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        // HTTP/2 names the target in `:scheme` and `:authority`, not in `Host`.
+        let target = http::uri::Builder::new()
+            .scheme(self.settings.scheme())
+            .authority(self.host.as_bytes())
+            .path_and_query(request.uri().path_and_query().map_or("/", |p| p.as_str()))
+            .build();
+        if let Ok(uri) = target {
+            *request.uri_mut() = uri;
+        }
+        request.headers_mut().remove(header::HOST);
+        *request.version_mut() = http::Version::HTTP_2;
+        let mut sender = self.h2_connection().await?;
+        let response = match sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut e) => match e.take_message() {
+                Some(request) => {
+                    self.count_retry(&UpstreamError::Closed);
+                    if let Some(shard) = self.h2.get(SHARD.with(std::cell::Cell::get)) {
+                        *shard.lock() = None;
+                    }
+                    let mut sender = self.h2_connection().await?;
+                    sender
+                        .send_request(request)
+                        .await
+                        .map_err(UpstreamError::Http)?
+                }
+                None => return Err(UpstreamError::Http(e.into_error())),
+            },
+        };
+        Ok(response.map(|body| PooledBody::unpooled(body, self)))
     }
 
     /// Sends `request` on `conn`. If `conn` was `reused` and failed under the request
@@ -737,8 +954,12 @@ pub(crate) struct Pools {
 
 impl Pools {
     /// A new pool for `instance`, swept with the others.
-    pub(crate) fn pool(&self, instance: &Instance) -> Arc<EndpointPool> {
-        let pool = EndpointPool::new(instance, self.retried_stale.clone());
+    pub(crate) fn pool(
+        &self,
+        instance: &Instance,
+        settings: &UpstreamSettings,
+    ) -> Arc<EndpointPool> {
+        let pool = EndpointPool::new(instance, settings, self.retried_stale.clone());
         self.all.lock().push(Arc::downgrade(&pool));
         pool
     }
@@ -866,6 +1087,15 @@ impl PooledBody {
         Self {
             body,
             conn: Some(conn),
+            pool,
+        }
+    }
+
+    /// A body of a multiplexed (HTTP/2) connection: nothing to put back.
+    fn unpooled(body: Incoming, pool: Arc<EndpointPool>) -> Self {
+        Self {
+            body,
+            conn: None,
             pool,
         }
     }
@@ -1080,7 +1310,11 @@ mod tests {
     #[tokio::test]
     async fn a_reused_connection_closed_under_the_request_is_retried_once_on_a_new_one() {
         let (addr, accepted, closed) = closing_first_upstream().await;
-        let pool = EndpointPool::new(&Instance::local("up", addr), Arc::default());
+        let pool = EndpointPool::new(
+            &Instance::local("up", addr),
+            &UpstreamSettings::default(),
+            Arc::default(),
+        );
         let stale = pool.connect().await.unwrap();
         closed.notified().await;
         // As if taken from the pool an instant before the upstream's close arrived.
@@ -1144,7 +1378,11 @@ mod tests {
     #[tokio::test]
     async fn a_new_connection_closed_under_the_request_is_not_retried() {
         let (addr, accepted, closed) = closing_first_upstream().await;
-        let pool = EndpointPool::new(&Instance::local("up", addr), Arc::default());
+        let pool = EndpointPool::new(
+            &Instance::local("up", addr),
+            &UpstreamSettings::default(),
+            Arc::default(),
+        );
         let fresh = pool.connect().await.unwrap();
         closed.notified().await;
         let error = pool.clone().send_on(fresh, false, get()).await.unwrap_err();

@@ -24,7 +24,7 @@ use super::config::{
 };
 use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
-use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError};
+use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError, UpstreamSettings};
 #[cfg(feature = "redis")]
 use super::shared_limit::{ClientKey as RedisClientKey, MaybeRedis, SharedLimit};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
@@ -415,13 +415,13 @@ impl Route {
         server: &ServerConfig,
         auth: Option<JwtVerifier>,
         watch: InstanceWatch,
-        pools: &Arc<Pools>,
+        (pools, upstream): (&Arc<Pools>, UpstreamSettings),
         trusted: &ClientIp,
     ) -> Result<Self, BoxError> {
         let redis = plan.redis.as_ref();
         let pools = pools.clone();
         let make: MakeUpstream = Box::new(move |instance: &Instance| Upstream {
-            pool: pools.pool(instance),
+            pool: pools.pool(instance, &upstream),
         });
         let discover = ServiceDiscover::new(watch, make);
         let mut builder = Balance::builder()
@@ -1154,6 +1154,12 @@ impl RouteCore {
         let Forwarding { peer, https } = forwarding;
         let (mut parts, body) = request.into_parts();
         parts.uri = self.upstream_uri(std::mem::take(&mut parts.uri));
+        // `TE: trailers`, and only that, goes on (gRPC servers ask for it); any other `TE`
+        // is the client's hop alone.
+        let te_trailers = parts
+            .headers
+            .get(header::TE)
+            .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
         // The peer's entry is its address's text: parsed back only if a proxy is trusted.
         let trusted = self.trusted.trusts_any()
             && peer
@@ -1161,6 +1167,11 @@ impl RouteCore {
                 .and_then(|p| p.to_str().ok()?.parse::<IpAddr>().ok())
                 .is_some_and(|ip| self.trusted.trusts(ip));
         super::headers::rewrite_for_upstream(&mut parts.headers, peer.as_ref(), trusted, https);
+        if te_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         parts.version = http::Version::HTTP_11;
         Request::from_parts(parts, body)
     }

@@ -243,7 +243,9 @@ impl Gateway {
         let pools = Arc::new(Pools::default());
         for (i, route) in config.routes.iter().enumerate() {
             let plan = config.route_plan(i).map_err(BuildError::Config)?;
-            let watch = match (config.service(&route.service), &discovery) {
+            let service = config.service(&route.service);
+            let upstream = super::pool::UpstreamSettings::new(service, i)?;
+            let watch = match (service.filter(|s| !s.instances.is_empty()), &discovery) {
                 (Some(s), _) => InstanceWatch::fixed(
                     s.instances
                         .iter()
@@ -262,14 +264,30 @@ impl Gateway {
                     watches.push(watch);
                     instances
                 }
-                (None, Discovery::Static) => unreachable!("checked by check_static_services"),
+                (None, Discovery::Static) => {
+                    return Err(config.check_static_services().err().map_or_else(
+                        || BuildError::Route {
+                            route: route.name.clone(),
+                            source: "no instances".into(),
+                        },
+                        BuildError::Config,
+                    ));
+                }
             };
             let auth = if route.auth { verifier.clone() } else { None };
-            let built = Route::new(route, plan, &config.gateway, auth, watch, &pools, &trusted)
-                .map_err(|source| BuildError::Route {
-                    route: route.name.clone(),
-                    source,
-                })?;
+            let built = Route::new(
+                route,
+                plan,
+                &config.gateway,
+                auth,
+                watch,
+                (&pools, upstream),
+                &trusted,
+            )
+            .map_err(|source| BuildError::Route {
+                route: route.name.clone(),
+                source,
+            })?;
             routes.push(built);
         }
         // Idle upstream connections are closed on time even where nobody asks for one.

@@ -8,6 +8,7 @@ use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
 mod admin;
 mod clients;
 mod grpc;
+mod grpc_tonic;
 mod h2;
 mod limits;
 mod metrics_endpoint;
