@@ -23,6 +23,8 @@ mod stale;
 mod status_page;
 #[cfg(feature = "tls")]
 mod tls;
+#[cfg(feature = "tls")]
+mod upstream_tls;
 
 mod raw_http;
 #[cfg(feature = "redis")]
