@@ -1,6 +1,6 @@
-//! An embeddable API gateway (feature `gateway`): a hyper 1 HTTP/1 server configured by a
-//! TOML file in the spirit of Kong's declarative configuration, built from seawall's
-//! layers.
+//! An embeddable API gateway (feature `gateway`): a hyper 1 server (HTTP/1, and HTTP/2
+//! by ALPN over TLS or h2c) configured by a TOML file in the spirit of Kong's declarative
+//! configuration, built from seawall's layers.
 //!
 //! Every request's path is first normalised ([`path`]: escaped unreserved characters
 //! decoded, slashes merged, dot segments removed, as Envoy's `normalize_path` and
@@ -160,6 +160,54 @@
 //! in the route's `client_errors.deadline` and never against the endpoint (a caller
 //! asking for a microsecond must not open breakers); a malformed `grpc-timeout` is
 //! ignored, as gRPC servers ignore one.
+//!
+//! ## TLS and HTTP/2
+//!
+//! With the feature `tls`, `[gateway.tls]` terminates TLS on the proxy listener (rustls
+//! with *ring*; TLS 1.2 and 1.3 only): certificates and keys from PEM files, chosen by
+//! SNI (a certificate's DNS names or its `server_names`, exact first, then `*.` wildcards
+//! of one label; the first certificate for anything else and for clients without SNI),
+//! reloaded without a restart when the files change (checked every `reload_every`;
+//! files that fail to load leave the certificates in use as they were, counted in
+//! `/status.json`'s `tls.reload_failures`), each handshake bounded by
+//! `handshake_timeout` on its connection's own task. ALPN offers `h2` and `http/1.1`.
+//! `[gateway] h2c = true` serves HTTP/2 with prior knowledge on a cleartext listener
+//! beside HTTP/1. `[gateway.http2]` bounds every HTTP/2 connection: concurrent streams
+//! (100), the header list (`max_headers_size`), flow-control windows (64 KiB a stream,
+//! 1 MiB the connection), and resets: a client that opens and resets streams faster
+//! than they are accepted (rapid reset, CVE-2023-44487) gets `GOAWAY`
+//! (`ENHANCE_YOUR_CALM`) once more than `max_pending_accept_reset_streams` (20) are
+//! pending, as does one that makes the gateway reset more than
+//! `max_local_error_reset_streams` (1 024) of its streams. An HTTP/2 request's
+//! `:authority` is its `Host`; over TLS, `X-Forwarded-Proto` is `https`.
+//!
+//! Upstreams: a `[[services]]` entry's `protocol = "h2"` speaks HTTP/2 to its instances,
+//! every request multiplexed on one connection per endpoint (and per thread of
+//! [`Gateway::spawn_threads`]), dialled by the first request and again when it closes (a
+//! request the closed connection never took is sent on the new one); requests beyond the
+//! upstream's stream limit wait for a stream. `[services.tls]` (feature `tls`) speaks TLS
+//! to them, certificates always verified, against webpki-roots' Mozilla roots or a
+//! `ca_file`, for `server_name` (sent by SNI) or each instance's host; a failed handshake
+//! (unknown CA, wrong name, expired, an upstream without TLS) is `502` and a failure of
+//! the endpoint for its breaker and outlier detection. An entry without `instances`
+//! gives these settings to a service found by discovery.
+//!
+//! ```toml
+//! [gateway]
+//! listen = "0.0.0.0:8443"
+//!
+//! [gateway.tls]
+//! [[gateway.tls.certificates]]
+//! cert = "/etc/seawall/api.example.com.pem"
+//! key = "/etc/seawall/api.example.com.key"
+//!
+//! [[services]]
+//! name = "orders"                      # a gRPC service found in Consul
+//! protocol = "h2"
+//! [services.tls]
+//! server_name = "orders.internal"
+//! ca_file = "/etc/seawall/internal-ca.pem"
+//! ```
 //!
 //! ## Serving
 //!
