@@ -100,14 +100,34 @@
 //! latency) runs until its body ends: for long-lived streams, leave the slow-call
 //! threshold off or above the streams' lifetime.
 //!
+//! # Refusals as gRPC statuses
+//!
+//! A gRPC caller reads `grpc-status`, not errors of the transport: to a tonic client, a
+//! stack's error is a `Status` of code `UNKNOWN` (or `UNAVAILABLE`) with the error's
+//! text. [`GrpcRefusalLayer`], on top of a client's (or a server's) stack, answers
+//! seawall's own refusals as trailers-only gRPC responses instead ([`refusal_response`]),
+//! with `grpc-retry-pushback-ms` (gRPC's retry pushback) when the refusal says when to
+//! come back:
+//!
+//! | error, anywhere in the `source()` chain | `grpc-status` |
+//! |---|---|
+//! | [`RateLimited`](crate::rate_limit::RateLimited) | `RESOURCE_EXHAUSTED` (8), pushback: when a token comes |
+//! | [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) | `UNAVAILABLE` (14), pushback: when the breaker probes again |
+//! | [`NoEndpoints`](crate::balance::NoEndpoints) | `UNAVAILABLE` (14) |
+//! | [`HoldingOff`](crate::rate_limit::http::HoldingOff) | `UNAVAILABLE` (14), pushback: the rest of the hold |
+//! | tower's `timeout::error::Elapsed` | `DEADLINE_EXCEEDED` (4) |
+//! | anything else | passed on as the error it is (tonic makes its own status of it) |
+//!
 //! [`Recorder`]: crate::circuit_breaker::Recorder
 //! [`Classify::record`]: crate::circuit_breaker::Classify::record
 //! [`Outcome::Ignored`]: crate::circuit_breaker::Outcome::Ignored
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -409,6 +429,13 @@ pin_project! {
         inner: B,
         // Empty (no allocation) unless a classifier deferred an outcome to the end.
         deferred: Vec<Deferred>,
+    }
+}
+
+impl<B: Default> Default for GrpcBody<B> {
+    /// An empty body (of a trailers-only answer, say), with nothing to record.
+    fn default() -> Self {
+        Self::new(B::default())
     }
 }
 
@@ -756,5 +783,224 @@ mod tests {
         }
         assert_eq!(breaker.state(), State::Closed);
         assert_eq!(breaker.snapshot().calls, 0);
+    }
+}
+
+/// Makes `headers` those of a trailers-only gRPC answer: `content-type:
+/// application/grpc`, `grpc-status: code`, `grpc-message` (percent-encoded as the gRPC
+/// spec asks: bytes outside printable ASCII, and `%`), and `grpc-retry-pushback-ms` when
+/// `pushback` is given; `content-length` removed. Other headers are kept.
+pub fn set_status_headers(
+    headers: &mut http::HeaderMap,
+    code: GrpcCode,
+    message: &str,
+    pushback: Option<Duration>,
+) {
+    headers.remove(http::header::CONTENT_LENGTH);
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", http::HeaderValue::from(code.as_i32()));
+    if let Ok(value) = http::HeaderValue::from_str(&percent_encode(message)) {
+        headers.insert("grpc-message", value);
+    }
+    if let Some(pushback) = pushback {
+        let millis = u64::try_from(pushback.as_millis()).unwrap_or(u64::MAX);
+        headers.insert("grpc-retry-pushback-ms", http::HeaderValue::from(millis));
+    }
+}
+
+/// `grpc-message`'s encoding: bytes outside printable ASCII (`0x20`–`0x7E`), and `%`
+/// itself, as `%XX`.
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &byte in message.as_bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+/// The trailers-only gRPC answer to one of seawall's refusals found in `error`'s
+/// `source()` chain (see the [module docs](self#refusals-as-grpc-statuses)), with an
+/// empty body; `None` for any other error.
+pub fn refusal_response<B: Default>(error: &crate::BoxError) -> Option<http::Response<B>> {
+    use crate::problem::Refusal;
+    let (code, message, pushback) = match crate::problem::refusal_of(error) {
+        Refusal::Limited(limited) => (
+            GrpcCode::ResourceExhausted,
+            limited.to_string(),
+            limited.retry_after(),
+        ),
+        Refusal::Open(open) => (GrpcCode::Unavailable, open.to_string(), open.retry_after()),
+        Refusal::NoEndpoints(none) => (GrpcCode::Unavailable, none.to_string(), None),
+        Refusal::HoldingOff(hold) => (
+            GrpcCode::Unavailable,
+            hold.to_string(),
+            Some(hold.retry_after()),
+        ),
+        Refusal::Timeout(e) => (GrpcCode::DeadlineExceeded, e.to_string(), None),
+        Refusal::Other => return None,
+    };
+    let mut response = http::Response::new(B::default());
+    set_status_headers(response.headers_mut(), code, &message, pushback);
+    Some(response)
+}
+
+/// Answers the refusals of the stack it wraps as gRPC statuses ([`refusal_response`]):
+/// put it on top of a tonic client's channel stack (or a tonic server's layers), above the
+/// limits, breakers and balancers whose refusals it answers.
+///
+/// ```
+/// use seawall::grpc::GrpcRefusalLayer;
+/// use seawall::rate_limit::{Quota, Rate, RateLimitLayer};
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), seawall::BoxError> {
+/// // In a client: `.service(channel)`, a tonic `Channel` or seawall's balancer.
+/// let mut stack = ServiceBuilder::new()
+///     .layer(GrpcRefusalLayer)
+///     .layer(RateLimitLayer::new(Quota::new(Rate::per_second(10), 1)?))
+///     .service_fn(|_: ()| async { Ok::<_, seawall::BoxError>(http::Response::new(String::new())) });
+/// assert!(stack.ready().await?.call(()).await?.headers().get("grpc-status").is_none());
+/// let refused = stack.ready().await?.call(()).await?;
+/// assert_eq!(refused.headers()["grpc-status"], "8"); // RESOURCE_EXHAUSTED
+/// assert_eq!(refused.headers()["grpc-retry-pushback-ms"], "100");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcRefusalLayer;
+
+impl<S> Layer<S> for GrpcRefusalLayer {
+    type Service = GrpcRefusal<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcRefusal { inner }
+    }
+}
+
+/// The service of [`GrpcRefusalLayer`].
+#[derive(Debug, Clone)]
+pub struct GrpcRefusal<S> {
+    inner: S,
+}
+
+impl<S> GrpcRefusal<S> {
+    /// Wraps `inner`.
+    pub const fn new(inner: S) -> Self {
+        Self { inner }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, Req, B> Service<Req> for GrpcRefusal<S>
+where
+    S: Service<Req, Response = http::Response<B>>,
+    S::Error: Into<crate::BoxError>,
+    B: Default,
+{
+    type Response = http::Response<B>;
+    type Error = crate::BoxError;
+    type Future = RefusalFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        RefusalFuture {
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`GrpcRefusal`].
+    pub struct RefusalFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: fmt::Debug> fmt::Debug for RefusalFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefusalFuture")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<F, B, E> Future for RefusalFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    E: Into<crate::BoxError>,
+    B: Default,
+{
+    type Output = Result<http::Response<B>, crate::BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match ready!(self.project().inner.poll(cx)) {
+            Ok(response) => Poll::Ready(Ok(response)),
+            Err(e) => {
+                let e = e.into();
+                Poll::Ready(refusal_response(&e).ok_or(e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+    use crate::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+    use tower::ServiceExt;
+
+    #[test]
+    fn the_message_is_percent_encoded() {
+        assert_eq!(percent_encode("plain text"), "plain text");
+        assert_eq!(percent_encode("100% é\n"), "100%25 %C3%A9%0A");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_is_unavailable_with_pushback_and_other_errors_pass() {
+        let layer = CircuitBreakerLayer::new(
+            CircuitBreakerConfig::builder()
+                .wait_in_open(Duration::from_secs(2))
+                .build()
+                .unwrap(),
+        );
+        layer.breaker().force_open();
+        let mut stack = tower::ServiceBuilder::new()
+            .layer(GrpcRefusalLayer)
+            .layer(layer)
+            .service_fn(|fail: bool| async move {
+                if fail {
+                    Err(crate::BoxError::from("connection refused"))
+                } else {
+                    Ok(http::Response::new(String::from("ok")))
+                }
+            });
+        let refused = stack.ready().await.unwrap().call(false).await.unwrap();
+        assert_eq!(refused.status(), 200);
+        assert_eq!(refused.headers()["grpc-status"], "14");
+        assert_eq!(refused.headers()["content-type"], "application/grpc");
+        assert!(refused.body().is_empty());
+        assert!(refused.headers().contains_key("grpc-message"));
+
+        let other: crate::BoxError = "connection refused".into();
+        assert!(refusal_response::<String>(&other).is_none());
+        let elapsed: crate::BoxError = Box::new(tower::timeout::error::Elapsed::new());
+        let answer = refusal_response::<String>(&elapsed).unwrap();
+        assert_eq!(answer.headers()["grpc-status"], "4");
     }
 }

@@ -6,6 +6,7 @@
 //! | error, anywhere in the `source()` chain | answer |
 //! |---|---|
 //! | [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) | `503 Service Unavailable`, `Retry-After` when the breaker knows when it probes again |
+//! | [`NoEndpoints`](crate::balance::NoEndpoints) (a balancer with no endpoint to call) | `503 Service Unavailable` |
 //! | [`RateLimited`](crate::rate_limit::RateLimited) | `429 Too Many Requests`, `Retry-After`, `RateLimit-Policy` / `RateLimit` (policy `default`) |
 //! | [`HoldingOff`](crate::rate_limit::http::HoldingOff) (an upstream's `Retry-After` honoured by [`RetryAfterLayer`](crate::rate_limit::http::RetryAfterLayer)) | `503 Service Unavailable`, `Retry-After` the rest of the hold |
 //! | tower's `timeout::error::Elapsed` | `504 Gateway Timeout` |
@@ -163,37 +164,75 @@ fn retry_after_secs(d: std::time::Duration) -> HeaderValue {
 /// is the error's message (the breaker's name and state, say: keep messages you do not
 /// want shown out of it, or map those errors yourself first).
 pub fn error_response<B: ProblemBody>(error: &crate::BoxError) -> Response<B> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
-    while let Some(e) = current {
-        if let Some(open) = e.downcast_ref::<crate::circuit_breaker::CircuitOpen>() {
-            let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, &open.to_string());
-            if let Some(after) = open.retry_after() {
-                response
-                    .headers_mut()
-                    .insert(http::header::RETRY_AFTER, retry_after_secs(after));
-            }
-            return response;
-        }
-        if let Some(limited) = e.downcast_ref::<crate::rate_limit::RateLimited>() {
+    let (status, detail, retry_after) = match refusal_of(error) {
+        Refusal::Open(open) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            open.to_string(),
+            open.retry_after(),
+        ),
+        Refusal::NoEndpoints(none) => (StatusCode::SERVICE_UNAVAILABLE, none.to_string(), None),
+        Refusal::Limited(limited) => {
             let mut response = problem(StatusCode::TOO_MANY_REQUESTS, &limited.to_string());
             crate::rate_limit::http::refusal_headers(limited, response.headers_mut());
             return response;
         }
+        // The upstream asked to be left alone: pass its wait on to the caller.
+        Refusal::HoldingOff(hold) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            hold.to_string(),
+            Some(hold.retry_after()),
+        ),
+        Refusal::Timeout(e) => (StatusCode::GATEWAY_TIMEOUT, e.to_string(), None),
+        Refusal::Other => (StatusCode::BAD_GATEWAY, error.to_string(), None),
+    };
+    let mut response = problem(status, &detail);
+    if let Some(after) = retry_after {
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, retry_after_secs(after));
+    }
+    response
+}
+
+/// What a stack's error is, by the first of seawall's refusals (or a timeout) in its
+/// `source()` chain: what [`error_response`] and the gRPC answers
+/// (`seawall::grpc::refusal_response`) answer by.
+pub(crate) enum Refusal<'a> {
+    /// A breaker refused the call.
+    Open(&'a crate::circuit_breaker::CircuitOpen),
+    /// A balancer had no endpoint.
+    NoEndpoints(&'a crate::balance::NoEndpoints),
+    /// A limit refused it.
+    Limited(&'a crate::rate_limit::RateLimited),
+    /// An upstream's `Retry-After` is being honoured.
+    HoldingOff(&'a crate::rate_limit::http::HoldingOff),
+    /// tower's timeout passed.
+    Timeout(&'a (dyn std::error::Error + 'static)),
+    /// None of these.
+    Other,
+}
+
+pub(crate) fn refusal_of(error: &crate::BoxError) -> Refusal<'_> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(e) = current {
+        if let Some(open) = e.downcast_ref::<crate::circuit_breaker::CircuitOpen>() {
+            return Refusal::Open(open);
+        }
+        if let Some(none) = e.downcast_ref::<crate::balance::NoEndpoints>() {
+            return Refusal::NoEndpoints(none);
+        }
+        if let Some(limited) = e.downcast_ref::<crate::rate_limit::RateLimited>() {
+            return Refusal::Limited(limited);
+        }
         if let Some(hold) = e.downcast_ref::<crate::rate_limit::http::HoldingOff>() {
-            // The upstream asked to be left alone: pass its wait on to the caller.
-            let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, &hold.to_string());
-            response.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                retry_after_secs(hold.retry_after()),
-            );
-            return response;
+            return Refusal::HoldingOff(hold);
         }
         if e.is::<tower::timeout::error::Elapsed>() {
-            return problem(StatusCode::GATEWAY_TIMEOUT, &e.to_string());
+            return Refusal::Timeout(e);
         }
         current = e.source();
     }
-    problem(StatusCode::BAD_GATEWAY, &error.to_string())
+    Refusal::Other
 }
 
 /// [`error_response`] as the function axum's `HandleErrorLayer` takes:

@@ -28,11 +28,10 @@
 //! deadline of a microsecond must not open breakers). A malformed `grpc-timeout` is
 //! ignored (the route's timeout applies), as gRPC's servers ignore one.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{HeaderMap, Response, StatusCode};
 
 use super::body::Body;
@@ -153,42 +152,15 @@ pub(crate) fn for_grpc_caller(response: Response<Body>) -> Response<Body> {
     };
     let (mut parts, _) = response.into_parts();
     let code = code_for(parts.status);
-    let headers = &mut parts.headers;
-    headers.remove(header::CONTENT_LENGTH);
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert("grpc-status", HeaderValue::from(code.as_i32()));
-    if let Ok(value) = HeaderValue::from_str(&percent_encode(&message)) {
-        headers.insert("grpc-message", value);
-    }
-    let pushback = headers
+    let pushback = parts
+        .headers
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(secs) = pushback {
-        headers.insert(
-            "grpc-retry-pushback-ms",
-            HeaderValue::from(secs.saturating_mul(1000)),
-        );
-    }
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    crate::grpc::set_status_headers(&mut parts.headers, code, &message, pushback);
     parts.status = StatusCode::OK;
     Response::from_parts(parts, super::body::full(bytes::Bytes::new()))
-}
-
-/// `grpc-message`'s encoding: bytes outside printable ASCII (`0x20`–`0x7E`), and `%`
-/// itself, as `%XX`.
-fn percent_encode(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    for &byte in message.as_bytes() {
-        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
-            out.push(char::from(byte));
-        } else {
-            let _ = write!(out, "%{byte:02X}");
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -225,12 +197,6 @@ mod tests {
     }
 
     #[test]
-    fn the_message_is_percent_encoded() {
-        assert_eq!(percent_encode("plain text"), "plain text");
-        assert_eq!(percent_encode("100% é\n"), "100%25 %C3%A9%0A");
-    }
-
-    #[test]
     fn grpc_requests_are_told_by_their_content_type() {
         let mut headers = HeaderMap::new();
         assert!(!is_grpc(&headers));
@@ -241,7 +207,7 @@ mod tests {
             ("application/json", false),
             ("text/application/grpc", false),
         ] {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(value));
             assert_eq!(is_grpc(&headers), grpc, "{value}");
         }
     }
