@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
+use seawall::gateway::GatewayHandle;
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint, Server, server::TcpIncoming};
 use tonic::{Code, Request, Response, Status};
@@ -98,12 +98,7 @@ async fn gateway(upstream: SocketAddr, route: &str) -> GatewayHandle {
          wait_in_open = \"30s\"\n\n\
          [[services]]\nname = \"health\"\ninstances = [\"{upstream}\"]\nprotocol = \"h2\"\n"
     );
-    let config = GatewayConfig::from_toml_str(&config).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Gateway::build(config, Discovery::Static)
-        .await
-        .unwrap()
-        .spawn(listener)
+    super::spawn_gateway(&config).await
 }
 
 async fn client(gw: &GatewayHandle) -> HealthClient<Channel> {

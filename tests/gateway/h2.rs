@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
+use seawall::gateway::GatewayHandle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::time::timeout;
@@ -78,12 +78,7 @@ async fn gateway(upstream: SocketAddr, h2c: bool, http2: &str) -> GatewayHandle 
          [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\n\
          [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
     );
-    let config = GatewayConfig::from_toml_str(&config).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Gateway::build(config, Discovery::Static)
-        .await
-        .unwrap()
-        .spawn(listener)
+    super::spawn_gateway(&config).await
 }
 
 /// An HTTP/2 (prior knowledge) client of `addr`.

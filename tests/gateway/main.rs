@@ -34,6 +34,17 @@ mod redis_server;
 #[path = "../support/tls.rs"]
 mod tls_support;
 
+/// A gateway built from `toml` (services listed statically), on a loopback port of its
+/// own.
+async fn spawn_gateway(toml: &str) -> seawall::gateway::GatewayHandle {
+    let config = seawall::gateway::GatewayConfig::from_toml_str(toml).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    seawall::gateway::Gateway::build(config, seawall::gateway::Discovery::Static)
+        .await
+        .unwrap()
+        .spawn(listener)
+}
+
 /// Where proptest keeps the failing cases it found: next to the test's file
 /// (`paths.rs` → `paths.proptest-regressions`). Its default would find this `main.rs` and
 /// use `tests/proptest-regressions/paths.txt`, one folder for every area.

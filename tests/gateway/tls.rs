@@ -70,12 +70,7 @@ fn config(upstream: SocketAddr, certificates: &[(PathBuf, PathBuf)], tls: &str) 
 }
 
 async fn gateway(config: &str) -> GatewayHandle {
-    let config = GatewayConfig::from_toml_str(config).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Gateway::build(config, Discovery::Static)
-        .await
-        .unwrap()
-        .spawn(listener)
+    super::spawn_gateway(config).await
 }
 
 /// Two certificates, A (default: `a.test` and 127.0.0.1) and B (`b.test`,

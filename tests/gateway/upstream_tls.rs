@@ -15,7 +15,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
+use seawall::gateway::GatewayHandle;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
@@ -131,12 +131,7 @@ async fn gateway(upstream: SocketAddr, route: &str, service: &str) -> GatewayHan
          [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n{route}\n\n\
          [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n{service}\n"
     );
-    let config = GatewayConfig::from_toml_str(&config).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Gateway::build(config, Discovery::Static)
-        .await
-        .unwrap()
-        .spawn(listener)
+    super::spawn_gateway(&config).await
 }
 
 /// `[services.tls]` trusting the CA in `ca`, verifying `server_name`.
