@@ -33,7 +33,7 @@
 //! | `seawall_gateway_rate_limited_total` | counter | `route` | 429s from the route's limits |
 //! | `seawall_gateway_unauthorized_total` | counter | `route` | 401s |
 //! | `seawall_gateway_upstream_errors_total` | counter | `route`, `kind` (`timeout`, `unavailable`, `bad_gateway`, `server_error`) | upstream failures |
-//! | `seawall_gateway_client_errors_total` | counter | `route`, `kind` (`bad_body`, `body_timeout`, `too_large`, `headers_too_large`) | the client's own faults |
+//! | `seawall_gateway_client_errors_total` | counter | `route`, `kind` (`bad_body`, `body_timeout`, `too_large`, `headers_too_large`, `deadline`) | the client's own faults |
 //! | `seawall_gateway_latency_seconds` | gauge | `route`, `quantile` (`0.5`, `0.99`) | latency over the last 1 024 responses |
 //! | `seawall_gateway_global_limit_available` | gauge | `route` | tokens left in the global bucket |
 //! | `seawall_gateway_endpoint_outstanding` | gauge | `route`, `endpoint`, `address` | requests in flight |
@@ -43,6 +43,8 @@
 //! | `seawall_gateway_unmatched_total` | counter | – | requests no route matched (404) |
 //! | `seawall_gateway_send_timeouts_total` | counter | – | client connections cut by `send_timeout` |
 //! | `seawall_gateway_retried_stale_total` | counter | – | requests sent again after a stale keep-alive connection failed |
+//! | `seawall_gateway_tls_handshakes_total` | counter | `result` (`ok`, `failed`, `timeout`) | TLS handshakes on the proxy listener (feature `tls`) |
+//! | `seawall_gateway_tls_reloads_total` | counter | `result` (`ok`, `failed`) | certificate reloads after their files changed |
 //!
 //! In the gateway, the components are named after their route: the limiters
 //! `<route>/global` and `<route>/per-client`, the balancer `<route>/<service>`, and each

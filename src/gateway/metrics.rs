@@ -222,6 +222,14 @@ fn describe_gateway() {
         "seawall_gateway_endpoint_breaker_open",
         "1 while the endpoint's circuit breaker rejects calls (open or forced open)."
     );
+    describe_counter!(
+        "seawall_gateway_tls_handshakes_total",
+        "TLS handshakes on the listener, by result (ok, failed, timeout)."
+    );
+    describe_counter!(
+        "seawall_gateway_tls_reloads_total",
+        "Certificate reloads after their files changed, by result (ok, failed)."
+    );
 }
 
 /// Writes `status` into the current (the gateway's own) recorder.
@@ -229,6 +237,20 @@ fn record(status: &GatewayStatus) {
     metrics::counter!("seawall_gateway_unmatched_total").absolute(status.unmatched);
     metrics::counter!("seawall_gateway_send_timeouts_total").absolute(status.send_timeouts);
     metrics::counter!("seawall_gateway_retried_stale_total").absolute(status.retried_stale);
+    if let Some(tls) = &status.tls {
+        for (result, value) in [
+            ("ok", tls.handshakes),
+            ("failed", tls.handshake_failures),
+            ("timeout", tls.handshake_timeouts),
+        ] {
+            metrics::counter!("seawall_gateway_tls_handshakes_total", "result" => result)
+                .absolute(value);
+        }
+        for (result, value) in [("ok", tls.reloads), ("failed", tls.reload_failures)] {
+            metrics::counter!("seawall_gateway_tls_reloads_total", "result" => result)
+                .absolute(value);
+        }
+    }
     for r in &status.routes {
         record_route(r);
     }

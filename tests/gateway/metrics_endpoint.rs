@@ -37,7 +37,7 @@ async fn upstream() -> SocketAddr {
 
 /// The value of the series whose line starts with `prefix` (name and labels, in the
 /// exporter's order), or `None`.
-fn value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     metrics.lines().find_map(|line| {
         let rest = line.strip_prefix(name)?;
         let (labels_part, v) = match rest.strip_prefix('{') {

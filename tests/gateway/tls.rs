@@ -209,6 +209,24 @@ async fn cleartext_and_old_protocols_are_refused_and_the_gateway_keeps_serving()
     assert_eq!(get(stream, false, "/api/x").await.0, 200);
     let tls = gw.gateway().status().tls.unwrap();
     assert_eq!((tls.handshake_failures, tls.handshakes), (1, 2), "{tls:?}");
+    // The same counters on the admin listener's /metrics.
+    let admin = gw
+        .gateway()
+        .clone()
+        .spawn_admin(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let (status, metrics) = crate::raw_http::get(admin.local_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    let series =
+        |name, result| crate::metrics_endpoint::value(&metrics, name, &[("result", result)]);
+    let handshakes = "seawall_gateway_tls_handshakes_total";
+    assert_eq!(series(handshakes, "ok"), Some(2.0), "{metrics}");
+    assert_eq!(series(handshakes, "failed"), Some(1.0), "{metrics}");
+    assert_eq!(series(handshakes, "timeout"), Some(0.0), "{metrics}");
+    assert_eq!(
+        series("seawall_gateway_tls_reloads_total", "failed"),
+        Some(0.0),
+        "{metrics}"
+    );
     gw.shutdown().await;
 }
 
