@@ -287,3 +287,112 @@ async fn the_body_layer_is_transparent() {
     let response = client.check(named("ok")).await.expect("serving");
     assert_eq!(response.into_inner().status, ServingStatus::Serving as i32);
 }
+
+/// `GrpcRefusalLayer` on a real tonic client: a rate limit's refusal reaches the caller as
+/// `RESOURCE_EXHAUSTED` and an open breaker's as `UNAVAILABLE`, each with gRPC's retry
+/// pushback, where without the layer tonic would see a transport error (`UNKNOWN`); a
+/// server's own status passes untouched.
+#[tokio::test]
+async fn refusals_reach_a_tonic_client_as_grpc_statuses() {
+    use seawall::grpc::GrpcRefusalLayer;
+    use seawall::rate_limit::{Quota, Rate, RateLimitLayer};
+
+    let addr = server("ok").await;
+    let breaker_layer = CircuitBreakerLayer::new(config()).with_classifier(GrpcClassifier::new());
+    let breaker = breaker_layer.breaker().clone();
+    let svc = ServiceBuilder::new()
+        .layer(GrpcRefusalLayer)
+        .layer(RateLimitLayer::new(
+            Quota::new(Rate::per_minute(1), 2).expect("quota"),
+        ))
+        .layer(breaker_layer)
+        .layer(GrpcBodyLayer)
+        .service(channel(addr).await);
+    let mut client = HealthClient::new(svc);
+
+    // The server's own answers, OK and NOT_FOUND, pass as they are.
+    client.check(named("ok")).await.expect("served");
+    let not_found = client
+        .check(named("not_found"))
+        .await
+        .expect_err("not found");
+    assert_eq!(not_found.code(), Code::NotFound);
+    assert!(not_found.metadata().get("grpc-retry-pushback-ms").is_none());
+
+    // The burst of 2 is spent: the limit refuses, as RESOURCE_EXHAUSTED with pushback.
+    let limited = client.check(named("ok")).await.expect_err("limited");
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    let pushback: u64 = limited
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .expect("pushback")
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("milliseconds");
+    assert!((1..=60_000).contains(&pushback), "pushback {pushback} ms");
+
+    // A breaker opened by the server's UNAVAILABLE answers: its refusals are UNAVAILABLE
+    // too, but with pushback until the half-open probe, and the server is not called.
+    let failing = server("unavailable").await;
+    let breaker_layer = CircuitBreakerLayer::new(config()).with_classifier(GrpcClassifier::new());
+    let tripped = breaker_layer.breaker().clone();
+    let svc = ServiceBuilder::new()
+        .layer(GrpcRefusalLayer)
+        .layer(breaker_layer)
+        .layer(GrpcBodyLayer)
+        .service(channel(failing).await);
+    let mut client = HealthClient::new(svc);
+    for _ in 0..4 {
+        let served = client.check(named("")).await.expect_err("draining");
+        assert_eq!(served.code(), Code::Unavailable);
+        assert_eq!(served.message(), "draining");
+        assert!(served.metadata().get("grpc-retry-pushback-ms").is_none());
+    }
+    assert_eq!(tripped.state(), State::Open);
+    let open = client.check(named("")).await.expect_err("open");
+    assert_eq!(open.code(), Code::Unavailable, "{open:?}");
+    assert_ne!(open.message(), "draining");
+    assert!(
+        open.metadata().contains_key("grpc-retry-pushback-ms"),
+        "{open:?}"
+    );
+    // The first breaker saw two calls, both recorded (OK and NOT_FOUND are not failures).
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+/// The same layers on a real tonic *server*: a limit in front of the service refuses the
+/// extra calls as `RESOURCE_EXHAUSTED`, which the tonic client reads as such, and the
+/// service is not called for them.
+#[tokio::test]
+async fn a_tonic_server_behind_a_limit_answers_resource_exhausted() {
+    use seawall::grpc::GrpcRefusalLayer;
+    use seawall::rate_limit::{Quota, Rate, RateLimitLayer};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(
+        Server::builder()
+            .layer(
+                ServiceBuilder::new()
+                    .layer(GrpcRefusalLayer)
+                    .layer(RateLimitLayer::new(
+                        Quota::new(Rate::per_minute(1), 2).expect("quota"),
+                    ))
+                    .into_inner(),
+            )
+            .add_service(HealthServer::new(Fixed { default: "ok" }))
+            .serve_with_incoming(TcpIncoming::from(listener)),
+    );
+    let mut client = HealthClient::new(channel(addr).await);
+    client.check(named("ok")).await.expect("first");
+    client.check(named("ok")).await.expect("second");
+    let limited = client.check(named("ok")).await.expect_err("limited");
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    assert!(limited.metadata().contains_key("grpc-retry-pushback-ms"));
+    // The connection is still usable, and still limited.
+    let again = client.check(named("ok")).await.expect_err("still limited");
+    assert_eq!(again.code(), Code::ResourceExhausted);
+}
