@@ -9,7 +9,8 @@
 //!   spent waiting on the client's body are [`Outcome::Ignored`], so that neither the
 //!   endpoint's breaker nor outlier detection ever sees them; upstream timeouts and
 //!   transport errors are failures;
-//! - [`SendTimeout`] bounds each blocked write to the client's socket.
+//! - [`SendTimeout`] bounds each blocked write to the client's socket, and closes it
+//!   with a lingering close: see [`SendTimeout`]'s `Drop`.
 
 use std::fmt;
 use std::future::Future;
@@ -304,6 +305,11 @@ pub(crate) struct SendTimeout {
     armed: bool,
     /// Counts the connections closed this way (the gateway's `send_timeouts`).
     fired: Arc<AtomicU64>,
+    /// The server shut its side down (a closing answer, or a GOAWAY sent): the socket
+    /// lingers when dropped. Never after the send timeout reset the connection.
+    shut: bool,
+    /// The send timeout reset the connection: it never lingers.
+    reset: bool,
 }
 
 impl SendTimeout {
@@ -314,6 +320,8 @@ impl SendTimeout {
             sleep: None,
             armed: false,
             fired,
+            shut: false,
+            reset: false,
         }
     }
 
@@ -352,6 +360,7 @@ impl SendTimeout {
         // instead of trying to deliver it for minutes. A zero linger never blocks.
         #[allow(deprecated)]
         let _ = self.io.set_linger(Some(Duration::ZERO));
+        self.reset = true;
         Poll::Ready(io::Error::new(
             io::ErrorKind::TimedOut,
             "the client read nothing for the send timeout",
@@ -416,7 +425,77 @@ impl AsyncWrite for SendTimeout {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
+        if matches!(poll, Poll::Ready(Ok(()))) && !this.reset {
+            this.shut = true;
+        }
+        poll
+    }
+}
+
+/// The longest a closed connection lingers, reading and discarding what the client
+/// still sends (nginx's `lingering_time`).
+const LINGER_TIME: Duration = Duration::from_secs(30);
+/// A lingering connection is closed once the client has sent nothing for this long
+/// (nginx's `lingering_timeout`).
+const LINGER_IDLE: Duration = Duration::from_secs(5);
+
+/// A lingering close. Once the gateway has shut its side of a connection down (an
+/// answer that closes the connection, such as a 413 to a body it will not read, or an
+/// HTTP/2 `GOAWAY`), closing the socket while the client is still sending would make
+/// the kernel answer the client's next bytes with a reset, and a client that is
+/// writing then fails on its write before it reads the answer or the `GOAWAY` meant for
+/// it. So, unless the client has already closed its side, the socket is kept open on a
+/// task of its own that reads and discards until the client closes, is silent for
+/// [`LINGER_IDLE`], or [`LINGER_TIME`] has passed, as nginx does.
+impl Drop for SendTimeout {
+    fn drop(&mut self) {
+        if self.shut && !self.reset {
+            linger(&self.io);
+        }
+    }
+}
+
+#[cfg(unix)]
+fn linger(io: &TcpStream) {
+    use std::os::fd::AsFd;
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    // The same socket under a second descriptor: it stays open once `io` is closed.
+    let Ok(fd) = io.as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let socket = std::net::TcpStream::from(fd);
+    match socket.peek(&mut [0; 1]) {
+        // The client has closed its side: nothing can be reset.
+        Ok(0) => return,
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(_) => return,
+    }
+    let _guard = runtime.enter();
+    let Ok(socket) = TcpStream::from_std(socket) else {
+        return;
+    };
+    runtime.spawn(drain(socket));
+}
+
+#[cfg(not(unix))]
+fn linger(_: &TcpStream) {}
+
+/// Reads and discards until the client closes, goes quiet or the lingering time ends.
+async fn drain(mut socket: TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let give_up = tokio::time::Instant::now() + LINGER_TIME;
+    let mut buf = [0; 8192];
+    loop {
+        let deadline = give_up.min(tokio::time::Instant::now() + LINGER_IDLE);
+        match tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
     }
 }
 

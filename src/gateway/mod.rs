@@ -136,6 +136,12 @@
 //! connection that was streaming it (never returned to the pool half-read). The
 //! gateway-wide `send_timeouts` counts them.
 //!
+//! A connection the gateway closes while the client may still be sending (a `413` to a
+//! body it will not read, an HTTP/2 `GOAWAY`) closes the way nginx's do, with a
+//! lingering close: the socket stays open, reading and discarding, until the client
+//! closes, is silent for 5 s or 30 s have passed, so that the client reads its answer
+//! instead of a reset.
+//!
 //! ## gRPC callers
 //!
 //! A request with `content-type: application/grpc` (any suffix, and gRPC-Web's) is a gRPC

@@ -419,6 +419,35 @@ async fn a_declared_body_over_the_limit_is_413_without_reaching_the_upstream() {
     gw.shutdown().await;
 }
 
+/// A client that sends its whole body before reading (as most do) must get its 413, not
+/// a connection reset: the gateway closes with a lingering close, reading and discarding
+/// the body it refused instead of closing a socket with unread bytes in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_sending_a_refused_body_reads_its_413() {
+    const BODY: usize = 32 << 20;
+    let up = upstream().await;
+    let gw = gateway(up.addr, "", "max_request_body = 1000").await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let head = format!("POST /api/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: {BODY}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'a'; 64 << 10];
+    let sent = timeout(BOUND, async {
+        let mut sent = 0;
+        while sent < BODY {
+            stream.write_all(&chunk).await?;
+            sent += chunk.len();
+        }
+        Ok::<_, std::io::Error>(sent)
+    })
+    .await
+    .expect("the body is taken within the bound");
+    assert_eq!(sent.as_ref().ok(), Some(&BODY), "{sent:?}");
+    let answer = read_answer(&mut stream).await;
+    assert_eq!(status_of(&answer), 413, "{answer}");
+    assert_eq!(up.hits.load(SeqCst), 0);
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_wide_body_limit_applies_by_default() {
     let up = upstream().await;
