@@ -270,7 +270,7 @@ impl TraceSettings {
             };
             let text = next.encode();
             // Lowercase hex and `-`: always a valid value.
-            if let Ok(value) = HeaderValue::from_bytes(&text) {
+            if let Ok(value) = crate::header_arena::value(&[&text]) {
                 headers.insert(&TRACEPARENT, value);
             }
             hop_trace = Some(text);
@@ -280,12 +280,10 @@ impl TraceSettings {
             match (values.next(), values.next()) {
                 (Some(v), None) if valid_request_id(v.as_bytes()) => v.clone(),
                 _ => {
-                    // Held by a reference-counted owner: the copy echoed to the client
-                    // costs no allocation of its own (a copied value's first clone
-                    // would allocate its shared header).
-                    let value =
-                        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(new_request_id()))
-                            .unwrap_or(HeaderValue::from_static("invalid"));
+                    // Reference-counted, in the thread's header chunk: neither the
+                    // value nor the copy echoed to the client costs an allocation.
+                    let value = crate::header_arena::value(&[&new_request_id()])
+                        .unwrap_or(HeaderValue::from_static("invalid"));
                     headers.insert(name, value.clone());
                     value
                 }

@@ -406,23 +406,16 @@ pub(crate) fn refusal_headers(refused: &RateLimited, headers: &mut http::HeaderM
 /// The body of a layer's own 429: a content type and the bytes, built per refusal.
 pub type RefusalBody = dyn Fn(&RateLimited) -> (HeaderValue, bytes::Bytes) + Send + Sync;
 
-/// `"name";r=remaining;t=reset`, written into a buffer of the exact size: one
-/// allocation, which the header value then owns.
+/// `"name";r=remaining;t=reset`, written into the thread's header chunk: no allocation
+/// of its own (see `header_arena`).
 fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
     let mut digits = [0u8; 20];
     let mut digits_t = [0u8; 20];
     let r = decimal(remaining, &mut digits);
     let t = decimal(reset, &mut digits_t);
-    let mut buf = Vec::with_capacity(name.len() + r.len() + t.len() + 8);
-    buf.push(b'"');
-    buf.extend_from_slice(name.as_bytes());
-    buf.extend_from_slice(b"\";r=");
-    buf.extend_from_slice(r);
-    buf.extend_from_slice(b";t=");
-    buf.extend_from_slice(t);
-    // A vector exactly full becomes the value's bytes without a copy or a second
-    // allocation. Built from a sanitized name and digits: always valid.
-    HeaderValue::try_from(buf).unwrap_or(HeaderValue::from_static("invalid"))
+    let parts: [&[u8]; 6] = [b"\"", name.as_bytes(), b"\";r=", r, b";t=", t];
+    // Built from a sanitized name and digits: always valid.
+    crate::header_arena::value(&parts).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
 /// `n` in decimal, in the tail of `buf`.
