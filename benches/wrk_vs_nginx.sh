@@ -19,7 +19,8 @@
 # `wrk -t1 -c16 -d8s --latency` against each, for each W in WORKERS. For each run:
 # req/s and p99 from wrk, and CPU per request: the proxy's utime + stime from
 # /proc/PID/stat (every nginx process: master and workers; the whole gateway process)
-# over the run, divided by wrk's request count. The table gives the median of RUNS runs.
+# over the run, divided by wrk's request count, and the part of it spent in user space
+# (utime alone). The table gives the median of RUNS runs.
 #
 # MODES picks what the clients do (each proxy configured the same way for each mode):
 #
@@ -49,6 +50,13 @@
 #                         default: this checkout's, built in release, labelled gateway
 #   CONFIGS ("routing full")  which gateway configurations to run
 #   MODES ("http")        http, https, handshake, h2 (see above); STREAMS (10) for h2
+#   PROFILE=callgrind     instead of the runs: each gateway binary and configuration
+#                         under valgrind's callgrind (cleartext HTTP/1, 1 worker), counters
+#                         zeroed after a warm-up, then `wrk` for PROFILE_DURATION (4s):
+#                         instructions and calls to `malloc` per request in the gateway's
+#                         user space, which move far less from run to run than CPU time.
+#                         PROFILE_KEEP=DIR keeps the profiles (for callgrind_annotate).
+#                         Installs valgrind with apt-get when missing and run as root.
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -90,6 +98,12 @@ for mode in $MODES; do
     esac
 done
 [ -z "$TLS" ] || command -v openssl >/dev/null || die "openssl is missing"
+if [ "${PROFILE:-}" = callgrind ] && ! command -v callgrind_control >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+    fi
+    command -v callgrind_control >/dev/null || die "valgrind is missing (apt-get install valgrind)"
+fi
 
 if [ -z "${GATEWAY_BINS:-}" ]; then
     (cd "$HERE" && cargo build --quiet --release --features gateway${TLS:+,tls} \
@@ -119,9 +133,10 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# Waits (5 s at most) until something accepts connections on 127.0.0.1:$1.
+# Waits ($2 × 50 ms, 5 s by default) until something accepts connections on
+# 127.0.0.1:$1.
 wait_port() {
-    for _ in $(seq 100); do
+    for _ in $(seq "${2:-100}"); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.05
     done
@@ -161,16 +176,18 @@ stop() {
     wait "$1" 2>/dev/null || true
 }
 
-# The process `$1` and its children: their utime + stime, in clock ticks.
+# The process `$1` and its children: their utime + stime, and their utime alone, in clock
+# ticks ("total user").
 cpu_ticks() {
-    local total=0 pid fields
+    local total=0 user=0 pid fields
     for pid in "$1" $(pgrep -P "$1"); do
         fields=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
         # After the command: state is field 3, utime 14 and stime 15 of the whole line.
         set -- $fields
         total=$((total + ${12} + ${13}))
+        user=$((user + ${12}))
     done
-    echo "$total"
+    echo "$total $user"
 }
 TICK=$(getconf CLK_TCK)
 
@@ -191,7 +208,7 @@ url_of() {
 }
 
 # One load run against port $1 in mode $3, the proxy's CPU read from pid $2:
-# "req/s p99_ms cpu_us" (for h2, the mean latency in place of p99).
+# "req/s p99_ms cpu_us user_cpu_us" (for h2, the mean latency in place of p99).
 measure() {
     local port=$1 pid=$2 mode=$3 before after out requests rps p99 errors url
     url=$(url_of "$port" "$mode")
@@ -220,8 +237,12 @@ measure() {
     esac
     [ -n "$requests" ] && [ "$requests" -gt 0 ] || die "$mode load failed: $out"
     [ -z "$errors" ] || echo "  warning: $errors" >&2
-    awk -v r="${rps%%,*}" -v p="$(to_ms "$p99")" -v t=$((after - before)) -v n="$requests" \
-        -v hz="$TICK" 'BEGIN { printf "%.0f %.3f %.2f\n", r, p, t / hz * 1e6 / n }'
+    local total_before user_before total_after user_after
+    read -r total_before user_before <<<"$before"
+    read -r total_after user_after <<<"$after"
+    awk -v r="${rps%%,*}" -v p="$(to_ms "$p99")" -v t=$((total_after - total_before)) \
+        -v u=$((user_after - user_before)) -v n="$requests" -v hz="$TICK" \
+        'BEGIN { printf "%.0f %.3f %.2f %.2f\n", r, p, t / hz * 1e6 / n, u / hz * 1e6 / n }'
 }
 
 # A CA and a certificate for 127.0.0.1 signed by it (ECDSA P-256), in $WORK/tls.
@@ -352,6 +373,57 @@ start_proxy() {
     fi
 }
 
+# --- profiles --------------------------------------------------------------------------
+# Calls to `malloc` in a callgrind profile: the call counts of its callers.
+malloc_calls() {
+    callgrind_annotate --threshold=100 --auto=no --tree=caller "$1" 2>/dev/null | awk '
+        found { next }
+        /^[[:space:]]*$/ { calls = 0; next }
+        /\*  .*malloc\.c:malloc / { found = 1; next }
+        match($0, /\(([0-9,]+)x\)/) {
+            n = substr($0, RSTART + 1, RLENGTH - 3); gsub(",", "", n); calls += n
+        }
+        END { print found ? calls : 0 }'
+}
+
+if [ "${PROFILE:-}" = callgrind ]; then
+    echo "| gateway | configuration | requests | instructions/req | malloc calls/req |"
+    echo "|---|---|---|---|---|"
+    for entry in $GATEWAY_BINS; do
+        for config in $CONFIGS; do
+            port=$(free_port)
+            gateway_toml "$config" "$port" http >"$WORK/gateway.toml"
+            valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%p" \
+                "${entry#*=}" "$WORK/gateway.toml" --workers 1 --runtime threads \
+                >"$WORK/gateway.log" 2>&1 &
+            pid=$!
+            PIDS+=("$pid")
+            wait_port "$port" 600 || die "the gateway did not start: $(cat "$WORK/gateway.log")"
+            url=$(url_of "$port" http)
+            wrk -t1 -c"$CONNECTIONS" -d2s "$url" >/dev/null 2>&1
+            callgrind_control -z "$pid" >/dev/null 2>&1
+            out=$(wrk -t1 -c"$CONNECTIONS" -d"${PROFILE_DURATION:-4s}" "$url" 2>&1)
+            callgrind_control -d "$pid" >/dev/null 2>&1
+            kill -INT "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+            requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+            [ -n "$requests" ] && [ "$requests" -gt 0 ] || die "load failed: $out"
+            profile=$WORK/callgrind.$pid.1
+            [ -s "$profile" ] || die "no profile dumped: $(cat "$WORK/gateway.log")"
+            instructions=$(callgrind_annotate --threshold=100 --auto=no "$profile" 2>/dev/null \
+                | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+            mallocs=$(malloc_calls "$profile")
+            awk -v l="${entry%%=*}" -v c="$config" -v n="$requests" -v i="$instructions" \
+                -v m="$mallocs" 'BEGIN { printf "| %s | %s | %d | %.0f | %.2f |\n", l, c, n, i / n, m / n }'
+            if [ -n "${PROFILE_KEEP:-}" ]; then
+                mkdir -p "$PROFILE_KEEP"
+                cp "$profile" "$PROFILE_KEEP/callgrind.${entry%%=*}.$config"
+            fi
+        done
+    done
+    exit 0
+fi
+
 # --- runs ------------------------------------------------------------------------------
 PROXIES=(nginx)
 for entry in $GATEWAY_BINS; do
@@ -368,7 +440,7 @@ for mode in $MODES; do
                 stop "$PROXY_PID"
                 rm -rf "$WORK/proxy"
                 echo "$mode|$workers|$proxy|$line" >>"$RESULTS"
-                echo "  $mode W=$workers run $run $proxy: $line (req/s, p99 ms, CPU µs/req)" >&2
+                echo "  $mode W=$workers run $run $proxy: $line (req/s, p99 ms, CPU and user CPU µs/req)" >&2
             done
         done
     done
@@ -380,27 +452,27 @@ echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (h2: h2load -t1 -c$CONNECTIO
     "upstream: nginx (1 worker, return 200); gateway runtime: $GATEWAY_RUNTIME;" \
     "medians of $RUNS runs; for h2 the latency is h2load's mean, not p99"
 echo
-echo "| mode | proxy | workers | req/s | p99 (ms) | CPU/req (µs) | CPU/req vs nginx |"
-echo "|---|---|---|---|---|---|---|"
+echo "| mode | proxy | workers | req/s | p99 (ms) | CPU/req (µs) | of which user | CPU/req vs nginx |"
+echo "|---|---|---|---|---|---|---|---|"
 for mode in $MODES; do
     for workers in $WORKERS; do
         nginx_cpu=""
         for proxy in "${PROXIES[@]}"; do
-            read -r rps p99 cpu < <(awk -F'|' -v m="$mode" -v w="$workers" -v p="$proxy" '
+            read -r rps p99 cpu user < <(awk -F'|' -v m="$mode" -v w="$workers" -v p="$proxy" '
                 BEGIN { n = 0 }
                 $1 == m && $2 == w && $3 == p {
-                    split($4, f, " "); r[n] = f[1]; l[n] = f[2]; c[n] = f[3]; n++
+                    split($4, f, " "); r[n] = f[1]; l[n] = f[2]; c[n] = f[3]; u[n] = f[4]; n++
                 }
                 function median(a, n,   i, j, t) {
                     for (i = 0; i < n; i++) for (j = i + 1; j < n; j++)
                         if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
                     return n % 2 ? a[int(n / 2)] : (a[n / 2 - 1] + a[n / 2]) / 2
                 }
-                END { print median(r, n), median(l, n), median(c, n) }' "$RESULTS")
+                END { print median(r, n), median(l, n), median(c, n), median(u, n) }' "$RESULTS")
             [ "$proxy" = nginx ] && nginx_cpu=$cpu
             ratio=$(awk -v c="$cpu" -v n="$nginx_cpu" 'BEGIN { printf "%.2f×", c / n }')
-            printf '| %s | %s | %s | %.0f | %.2f | %.1f | %s |\n' \
-                "$mode" "${proxy/:/ }" "$workers" "$rps" "$p99" "$cpu" "$ratio"
+            printf '| %s | %s | %s | %.0f | %.2f | %.1f | %.1f | %s |\n' \
+                "$mode" "${proxy/:/ }" "$workers" "$rps" "$p99" "$cpu" "$user" "$ratio"
         done
     done
 done
