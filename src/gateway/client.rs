@@ -514,6 +514,87 @@ async fn drain(socket: TcpStream) {
 mod tests {
     use super::*;
 
+    /// A connection pair on loopback: (client, server side wrapped as the gateway wraps
+    /// it).
+    async fn linger_pair() -> (TcpStream, SendTimeout) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        // Each write leaves at once (no Nagle delay, which runs on real time).
+        client.set_nodelay(true).unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let server = SendTimeout::new(server, Duration::from_secs(60), Arc::default());
+        (client, server)
+    }
+
+    /// Whether the server side has closed the socket for good: a write gets a reset back,
+    /// and the next write fails.
+    async fn fully_closed(client: &mut TcpStream) -> bool {
+        use tokio::io::AsyncWriteExt;
+        for _ in 0..2 {
+            if client.write_all(b"x").await.is_err() {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        false
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_connection_ends_after_silence_or_at_the_lingering_time() {
+        use tokio::io::AsyncWriteExt;
+        // A client that goes quiet: closed LINGER_IDLE after its last bytes.
+        let (mut client, mut server) = linger_pair().await;
+        client
+            .write_all(b"a body the server will not read")
+            .await
+            .unwrap();
+        server.write_all(b"HTTP/1.1 413 \r\n\r\n").await.unwrap();
+        server.shutdown().await.unwrap();
+        drop(server);
+        tokio::time::sleep(LINGER_IDLE - Duration::from_secs(1)).await;
+        assert!(
+            !fully_closed(&mut client).await,
+            "closed before the idle time"
+        );
+        tokio::time::sleep(LINGER_IDLE + Duration::from_secs(1)).await;
+        assert!(
+            fully_closed(&mut client).await,
+            "still open after the idle time"
+        );
+
+        // A client that keeps sending: closed at LINGER_TIME, not later.
+        let (mut client, mut server) = linger_pair().await;
+        client.write_all(b"more").await.unwrap();
+        server.shutdown().await.unwrap();
+        drop(server);
+        let start = tokio::time::Instant::now();
+        while !fully_closed(&mut client).await {
+            assert!(start.elapsed() <= LINGER_TIME + Duration::from_secs(1));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(start.elapsed() >= LINGER_TIME - Duration::from_secs(1));
+
+        // A client that has closed its side: nothing lingers, no task is spawned; one
+        // that has not: a task.
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let (mut client, mut server) = linger_pair().await;
+        client.shutdown().await.unwrap();
+        tokio::task::yield_now().await;
+        server.shutdown().await.unwrap();
+        drop(server);
+        assert_eq!(tasks(), 0);
+        let (_client, mut server) = linger_pair().await;
+        server.shutdown().await.unwrap();
+        drop(server);
+        assert_eq!(tasks(), 1);
+    }
+
     #[tokio::test]
     async fn a_lingering_connection_keeps_no_buffer_in_its_task() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
