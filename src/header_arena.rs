@@ -7,7 +7,8 @@
 //! slices of it: one allocation per chunk (and one for its shared count), then a
 //! counter increment per value. A chunk is freed when the last value cut from it is
 //! dropped; a thread keeps one chunk with space left, so the memory held is a chunk a
-//! thread plus the chunks still referenced by values in flight.
+//! thread plus the chunks still referenced by values in flight, or kept: a response
+//! cached with such a header keeps its whole chunk (4 KiB) alive.
 
 use std::cell::RefCell;
 
