@@ -47,8 +47,9 @@ pub(crate) fn value(parts: &[&[u8]]) -> Result<HeaderValue, InvalidHeaderValue> 
     };
     match shared {
         Some(bytes) => HeaderValue::from_maybe_shared(bytes),
-        // Too long, or the thread is ending: a value of its own.
-        None => HeaderValue::from_bytes(&parts.concat()),
+        // Too long, or the thread is ending: a value of its own (the vector's buffer,
+        // not a copy of it).
+        None => HeaderValue::from_maybe_shared(bytes::Bytes::from(parts.concat())),
     }
 }
 

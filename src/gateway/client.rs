@@ -475,7 +475,8 @@ fn linger(io: &TcpStream) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
         Err(_) => return,
     }
-    let _guard = runtime.enter();
+    // Registered with this runtime's reactor: `try_current` found one, so this is
+    // inside its context.
     let Ok(socket) = TcpStream::from_std(socket) else {
         return;
     };
