@@ -117,9 +117,13 @@ impl Server {
             .unwrap()
     }
 
-    /// Kills the server: stops accepting; open connections are closed with it.
-    fn kill(&self) {
+    /// Kills the server and returns once it is gone: it stops accepting, and its open
+    /// connections are closed with it. `abort` alone only asks: on a multi-thread runtime
+    /// the task is dropped later, on a worker, and until then a pooled connection to it
+    /// still answers.
+    async fn kill(&mut self) {
         self.task.abort();
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -193,7 +197,7 @@ where
 async fn traffic_follows_deregistration_failed_checks_and_killed_instances() {
     let agent = agent().await;
     let client = consul(&agent.http_addr, agent.token.as_deref());
-    let servers = [
+    let mut servers = [
         serve("users-a").await,
         serve("users-b").await,
         serve("users-c").await,
@@ -274,7 +278,7 @@ async fn traffic_follows_deregistration_failed_checks_and_killed_instances() {
 
     // 3. Killed: the balancer ejects it at the first failure, before Consul notices; then its
     //    check fails and it leaves discovery too. No request hangs.
-    servers[2].kill();
+    servers[2].kill().await;
     let seen = spread(&mut lb, 100).await;
     assert!(seen.get("error").copied().unwrap_or(0) <= 1, "{seen:?}");
     assert!(seen.get("users-d").copied().unwrap_or(0) >= 99, "{seen:?}");

@@ -125,8 +125,12 @@ impl Upstream {
         registry.register(Instance::local(service, self.addr))
     }
 
-    fn kill(&self) {
+    /// Kills the server and returns once it is gone, with its connections: `abort` alone
+    /// only asks, and on a multi-thread runtime a pooled connection would still answer
+    /// until a worker drops the task.
+    async fn kill(&mut self) {
         self.task.abort();
+        let _ = (&mut self.task).await;
     }
 
     async fn restart(&self) -> Upstream {
@@ -586,7 +590,7 @@ auth = true
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fallback_while_all_instances_are_down_then_recovery() {
     let registry = Registry::new();
-    let (a, b) = (upstream("a").await, upstream("b").await);
+    let (mut a, mut b) = (upstream("a").await, upstream("b").await);
     let _r = (
         a.register(&registry, "flaky"),
         b.register(&registry, "flaky"),
@@ -618,10 +622,8 @@ outlier = {{ consecutive_failures = 2, base_ejection = \"300ms\", max_ejected = 
     let http = client();
     assert!(!get(&http, &gw, "/f").await.is_fallback());
 
-    a.kill();
-    b.kill();
-    // Aborting is asynchronous: let the servers' connection tasks go.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.kill().await;
+    b.kill().await;
     for _ in 0..20 {
         let answer = get(&http, &gw, "/f").await;
         assert_eq!(answer.status, StatusCode::OK);

@@ -67,8 +67,12 @@ impl Upstream {
         registry.register(Instance::local(service, self.addr))
     }
 
-    fn kill(&self) {
+    /// Kills the server and returns once it is gone, with its connections: `abort` alone
+    /// only asks, and on a multi-thread runtime a pooled connection would still answer
+    /// until a worker drops the task.
+    async fn kill(&mut self) {
         self.task.abort();
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -312,7 +316,7 @@ async fn chromium_shows_routes_then_open_breakers_and_fallbacks() {
     let Some(chromium) = chromium() else { return };
     let registry = Registry::new();
     let (u1, u2) = (upstream("u1").await, upstream("u2").await);
-    let (f1, f2) = (upstream("f1").await, upstream("f2").await);
+    let (mut f1, mut f2) = (upstream("f1").await, upstream("f2").await);
     let _r = [
         u1.register(&registry, "users"),
         u2.register(&registry, "users"),
@@ -391,9 +395,8 @@ body = '{{\"cached\":true}}'
     );
 
     // Every instance of flaky goes; traffic opens both breakers and gets the fallback.
-    f1.kill();
-    f2.kill();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    f1.kill().await;
+    f2.kill().await;
     for _ in 0..12 {
         let answer = get(&http, gw.local_addr(), "/f").await;
         assert_eq!(answer.status, StatusCode::OK);
