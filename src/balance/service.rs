@@ -4,6 +4,7 @@
 use std::fmt;
 use std::hash::Hash;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -114,6 +115,69 @@ where
             when_empty: builder.when_empty,
             empty_since: None,
             handle,
+            discover_closed: false,
+            picked_at: 0,
+            return_timer: None,
+        }
+    }
+
+    /// Another balancer over the same endpoints, for another thread: it follows
+    /// `discover` (a discovery of the same instances, e.g. over a clone of the same
+    /// [`InstanceWatch`](crate::discovery::InstanceWatch)) and shares with this one, per
+    /// endpoint, the figures it picks by (requests in flight, peak-EWMA latency), the
+    /// outlier detection and ejections, and the breaker; and the [`handle`](Self::handle).
+    /// Only the picking is its own: its random draws, its round-robin schedule, its
+    /// readiness reservation.
+    ///
+    /// One balancer shared by threads ([`SharedBalance`](super::SharedBalance)) is locked
+    /// by every request of every thread; a replica per thread is locked by none of the
+    /// others', and an endpoint ejected or broken on one thread is out of rotation on all.
+    /// When an endpoint's instance changes (address or weight), the first replica to see
+    /// the change starts its figures over and the others take those when they see it.
+    ///
+    /// ```
+    /// use seawall::balance::{Balance, OutlierDetection};
+    /// use seawall::discovery::{Instance, Registry, ServiceDiscover};
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), seawall::BoxError> {
+    /// let registry = Registry::new();
+    /// let _a = registry.register(Instance::local("users", "127.0.0.1:8081".parse()?));
+    /// let make = |i: &Instance| {
+    ///     let port = i.port;
+    ///     service_fn(move |_: ()| async move { Err::<u16, _>(format!("{port} is down")) })
+    /// };
+    /// let watch = registry.watch("users");
+    /// let mut first = Balance::builder()
+    ///     .outlier_detection(OutlierDetection::builder().consecutive_failures(1).build()?)
+    ///     .build(ServiceDiscover::new(watch.clone(), make));
+    /// let mut second = first.replica(ServiceDiscover::new(watch, make));
+    /// assert!(first.ready().await?.call(()).await.is_err());
+    /// // The failure on the first ejected the endpoint for both.
+    /// assert_eq!(second.handle().ejected(), 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn replica(&self, discover: D) -> Self
+    where
+        C: Clone,
+    {
+        let set = self.set.replica();
+        // Replicas draw differently from each other.
+        let replicas = set.shared.replicas.load(Relaxed) as u64;
+        Self {
+            discover,
+            set,
+            strategy: self.strategy,
+            rng: mix(self.rng ^ replicas.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            classifier: self.classifier.clone(),
+            cursor: 0,
+            ready: None,
+            when_empty: self.when_empty,
+            empty_since: None,
+            handle: self.handle.clone(),
             discover_closed: false,
             picked_at: 0,
             return_timer: None,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::BalanceEndpoint;
 use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, State};
 
-use super::stats::{EndpointStats, SetShared};
+use super::stats::{EndpointStats, Member, SetShared};
 use super::weights::{Maglev, Schedule, WeightedSampler};
 
 /// One endpoint: its service stack, figures and optional breaker.
@@ -76,6 +76,21 @@ pub(crate) struct StatusEntry {
 }
 
 impl<K, S> EndpointSet<K, S> {
+    /// Lets go of `slot`'s endpoint: the last replica holding these figures takes them out
+    /// of the shared registry (a newer version registered since stays). Under the
+    /// registry's lock, so that no replica adopts figures whose last holder is letting go.
+    fn release(&self, slot: &Slot<S>) {
+        let mut members = self.shared.members.lock();
+        let last = slot.stats.release();
+        if last
+            && members
+                .get(&slot.stats.label)
+                .is_some_and(|m| Arc::ptr_eq(&m.stats, &slot.stats))
+        {
+            members.remove(&slot.stats.label);
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.slots.len()
     }
@@ -135,6 +150,7 @@ where
         index: Index,
         status: Arc<parking_lot::RwLock<Vec<StatusEntry>>>,
     ) -> Self {
+        shared.replicas.fetch_add(1, AcqRel);
         Self {
             slots: Vec::new(),
             keys: Vec::new(),
@@ -152,18 +168,25 @@ where
         }
     }
 
+    /// Another set over the same endpoints (empty until its own discovery fills it),
+    /// sharing this one's figures: each endpoint's stats and breaker, ejections, the
+    /// status entries.
+    pub(crate) fn replica(&self) -> Self {
+        Self::new(
+            self.shared.clone(),
+            self.breaker.clone(),
+            self.default_rtt,
+            self.index,
+            self.status.clone(),
+        )
+    }
+
     /// Inserts or replaces the endpoint of `key`. A replaced endpoint's figures start over:
     /// its instance changed.
     pub(crate) fn insert(&mut self, key: K, endpoint: S) {
-        let label: Arc<str> = Arc::from(key.to_string());
-        let stats = Arc::new(EndpointStats::new(
-            self.shared.clone(),
-            label.clone(),
-            self.default_rtt,
-        ));
-        let breaker = self.breaker.as_ref().map(|template| {
-            Breaker::new(template.with_name(format!("{}/{}", self.shared.name, label)))
-        });
+        let at = self.positions.get(&key).copied();
+        let replacing = at.map(|at| &self.slots[at].stats);
+        let (stats, breaker) = self.member(&key, &endpoint, replacing);
         let weight = endpoint.weight().max(1);
         let slot = Slot {
             endpoint,
@@ -171,10 +194,10 @@ where
             breaker,
             weight,
         };
-        match self.positions.get(&key) {
-            Some(&at) => {
+        match at {
+            Some(at) => {
                 let old = std::mem::replace(&mut self.slots[at], slot);
-                old.stats.removed();
+                self.release(&old);
             }
             None => {
                 self.positions.insert(key.clone(), self.slots.len());
@@ -183,6 +206,55 @@ where
             }
         }
         self.changed();
+    }
+
+    /// The figures and breaker for `key`'s `endpoint`: those another replica already made
+    /// for this version of the endpoint, or new ones (registered for the replicas to come)
+    /// when there is none, or when this set held the registered ones (`replacing`): the
+    /// first replica to see an endpoint change starts its figures over.
+    fn member(
+        &self,
+        key: &K,
+        endpoint: &S,
+        replacing: Option<&Arc<EndpointStats>>,
+    ) -> (Arc<EndpointStats>, Option<Breaker>) {
+        let label: Arc<str> = Arc::from(key.to_string());
+        let (address, weight) = (endpoint.address(), endpoint.weight().max(1));
+        let mut members = self.shared.members.lock();
+        let registered = members.get(&label);
+        if let Some(m) = registered {
+            let ours = replacing.is_some_and(|r| Arc::ptr_eq(r, &m.stats));
+            if !ours && m.address == address && m.weight == weight {
+                m.stats.hold();
+                return (m.stats.clone(), m.breaker.clone());
+            }
+        }
+        let stats = Arc::new(EndpointStats::new(
+            self.shared.clone(),
+            label.clone(),
+            self.default_rtt,
+        ));
+        let breaker = self.breaker.as_ref().map(|template| {
+            Breaker::new(template.with_name(format!("{}/{}", self.shared.name, label)))
+        });
+        // A version other than the one this set held is another replica's, maybe newer:
+        // it stays registered, and this set's copy is its own until discovery agrees.
+        let supersedes = match registered {
+            None => true,
+            Some(m) => replacing.is_some_and(|r| Arc::ptr_eq(r, &m.stats)),
+        };
+        if supersedes {
+            members.insert(
+                label,
+                Member {
+                    stats: stats.clone(),
+                    breaker: breaker.clone(),
+                    address,
+                    weight,
+                },
+            );
+        }
+        (stats, breaker)
     }
 
     /// Applies every change `discover` has ready, then rebuilds the lookup structures;
@@ -246,7 +318,7 @@ where
         };
         let old = self.slots.swap_remove(at);
         self.keys.swap_remove(at);
-        old.stats.removed();
+        self.release(&old);
         if at < self.slots.len() {
             self.positions.insert(self.keys[at].clone(), at);
         }
@@ -292,11 +364,13 @@ where
 
 impl<K, S> Drop for EndpointSet<K, S> {
     fn drop(&mut self) {
-        for slot in &self.slots {
-            slot.stats.removed();
+        for slot in std::mem::take(&mut self.slots) {
+            self.release(&slot);
         }
-        self.shared.endpoints.store(0, Release);
-        // A handle that outlives the balancer reports no endpoints (and holds none).
-        self.status.write().clear();
+        if self.shared.replicas.fetch_sub(1, AcqRel) == 1 {
+            self.shared.endpoints.store(0, Release);
+            // A handle that outlives the balancer reports no endpoints (and holds none).
+            self.status.write().clear();
+        }
     }
 }

@@ -1,10 +1,11 @@
 //! Per-endpoint figures shared between a balancer and its in-flight calls.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 use std::time::Duration;
 
-use crate::circuit_breaker::Outcome;
+use crate::circuit_breaker::{Breaker, Outcome};
 use crate::clock::Clock;
 
 use super::config::{OutlierDetection, Strategy};
@@ -25,6 +26,22 @@ pub(crate) struct SetShared {
     pub(crate) ejections_suppressed: AtomicU64,
     /// Set when an ejection was refused: the balancer then ends ejections that ran out.
     pub(crate) sweep: std::sync::atomic::AtomicBool,
+    /// Balancers over this set: one, or several made by
+    /// [`Balance::replica`](super::Balance::replica).
+    pub(crate) replicas: AtomicUsize,
+    /// Each endpoint's current figures and breaker, by label, for the replicas to share.
+    /// Touched only when the endpoints change.
+    pub(crate) members: parking_lot::Mutex<HashMap<Arc<str>, Member>>,
+}
+
+/// An endpoint's figures and breaker as the replicas of a balancer share them, with what
+/// tells one version of the endpoint from the next (an instance whose address or weight
+/// changed starts over).
+pub(crate) struct Member {
+    pub(crate) stats: Arc<EndpointStats>,
+    pub(crate) breaker: Option<Breaker>,
+    pub(crate) address: String,
+    pub(crate) weight: u32,
 }
 
 impl SetShared {
@@ -47,6 +64,8 @@ impl SetShared {
             ejected: AtomicUsize::new(0),
             ejections_suppressed: AtomicU64::new(0),
             sweep: std::sync::atomic::AtomicBool::new(false),
+            replicas: AtomicUsize::new(0),
+            members: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 }
@@ -81,6 +100,8 @@ pub(crate) struct EndpointStats {
     readmitted_at: AtomicU64,
     pub(crate) ejections_total: AtomicU64,
     pub(crate) failures_total: AtomicU64,
+    /// The balancer replicas holding the endpoint with these figures.
+    holders: AtomicUsize,
 }
 
 impl EndpointStats {
@@ -105,6 +126,7 @@ impl EndpointStats {
             readmitted_at: AtomicU64::new(0),
             ejections_total: AtomicU64::new(0),
             failures_total: AtomicU64::new(0),
+            holders: AtomicUsize::new(1),
         }
     }
 
@@ -170,6 +192,21 @@ impl EndpointStats {
         Some(Duration::from_nanos(
             until.saturating_sub(self.set.clock.now_nanos()),
         ))
+    }
+
+    /// One more balancer replica holds the endpoint with these figures.
+    pub(crate) fn hold(&self) {
+        self.holders.fetch_add(1, Relaxed);
+    }
+
+    /// A replica lets the endpoint go; the last one to do so [`removed`](Self::removed) it.
+    /// Returns whether it was the last.
+    pub(crate) fn release(&self) -> bool {
+        let last = self.holders.fetch_sub(1, AcqRel) == 1;
+        if last {
+            self.removed();
+        }
+        last
     }
 
     /// Called when the endpoint leaves the set: an ejection stops counting, and calls

@@ -651,3 +651,169 @@ async fn service_discover_plugs_into_towers_balancer_too() {
         "tower dropped the removed endpoint's stack"
     );
 }
+
+/// Replicas of a balancer (one per thread) each follow discovery and pick on their own,
+/// and share per endpoint what they learn: failures seen by one eject the endpoint for
+/// all, an open breaker takes it out of every replica's rotation, an endpoint's figures
+/// live until the last replica lets it go, and a changed instance starts over once, not
+/// once per replica.
+#[tokio::test(start_paused = true)]
+async fn replicas_share_ejections_breakers_and_endpoints() {
+    let registry = Registry::new();
+    let fleet = Fleet::default();
+    let one = registry.register(instance(1));
+    let _two = registry.register(instance(2));
+    let _three = registry.register(instance(3));
+    let mut first = Balance::builder()
+        .name("users")
+        .outlier_detection(
+            OutlierDetection::builder()
+                .consecutive_failures(2)
+                .base_ejection_time(Duration::from_secs(30))
+                .max_ejected(1.0)
+                .build()
+                .unwrap(),
+        )
+        .build(ServiceDiscover::new(registry.watch("svc"), fleet.make()));
+    let mut second = first.replica(ServiceDiscover::new(registry.watch("svc"), fleet.make()));
+    // (`stacks` counts one `make` closure out; the second replica holds another.)
+    assert_eq!(fleet.stacks() - 1, 6, "each replica builds its own stacks");
+
+    // Two failures seen by the first: the second sends no more there.
+    fleet.fail(1, true);
+    let mut sent = 0;
+    for _ in 0..200 {
+        if fleet.calls(1) == 2 {
+            break;
+        }
+        let _ = send(&mut first).await;
+        sent += 1;
+    }
+    assert_eq!(fleet.calls(1), 2);
+    assert_eq!(second.handle().ejected(), 1);
+    for _ in 0..100 {
+        assert_ne!(send(&mut second).await.unwrap(), 1);
+    }
+    assert_eq!(
+        fleet.calls(1),
+        2,
+        "the second replica called an ejected endpoint"
+    );
+    // One set of figures: each endpoint's calls through either replica.
+    let status = first.handle().endpoints();
+    assert_eq!(status.iter().map(|e| e.calls).sum::<u64>(), sent + 100);
+
+    // Deregistered: gone from the first, still held by the second, so still ejected;
+    // once the second lets it go too, its figures go.
+    drop(one);
+    send(&mut first).await.unwrap();
+    assert_eq!(first.len(), 2);
+    assert_eq!(
+        first.handle().ejected(),
+        1,
+        "the second replica still holds it"
+    );
+    send(&mut second).await.unwrap();
+    assert_eq!(second.len(), 2);
+    assert_eq!(first.handle().ejected(), 0);
+    assert_eq!(fleet.stacks() - 1, 4);
+
+    // Instance 3 changes (its weight): the first replica to see it starts its figures
+    // over; the second takes those, so a failure through each makes two in a row.
+    let mut changed = instance(3);
+    changed.weight = NonZeroU32::new(5).unwrap();
+    let _three = registry.register(changed);
+    fleet.fail(3, true);
+    let calls = fleet.calls(3);
+    while fleet.calls(3) == calls {
+        let _ = send(&mut first).await;
+    }
+    let calls = fleet.calls(3);
+    for _ in 0..200 {
+        if fleet.calls(3) > calls {
+            break;
+        }
+        let _ = send(&mut second).await;
+    }
+    assert_eq!(fleet.calls(3), calls + 1);
+    assert_eq!(
+        first.handle().ejected(),
+        1,
+        "the replicas counted the changed instance's failures apart"
+    );
+    for _ in 0..50 {
+        assert_eq!(send(&mut first).await.unwrap(), 2);
+        assert_eq!(send(&mut second).await.unwrap(), 2);
+    }
+
+    // A change the figures cannot tell (its tags): they start over all the same, once.
+    let calls_of = |lb: &Balance<_>, port: u16| {
+        let status = lb.handle().endpoints();
+        let address = format!("127.0.0.1:{port}");
+        status.iter().find(|e| e.address == address).unwrap().calls
+    };
+    fleet.fail(3, false);
+    let mut tagged = instance(2);
+    tagged.tags = vec![String::from("canary")];
+    let _two = registry.register(tagged);
+    assert!(calls_of(&first, 2) >= 100);
+    send(&mut first).await.unwrap();
+    assert_eq!(
+        calls_of(&first, 2),
+        1,
+        "the changed instance's figures started over"
+    );
+    send(&mut second).await.unwrap();
+    assert_eq!(
+        calls_of(&second, 2),
+        2,
+        "the replicas share the new figures"
+    );
+
+    // The handle outlives one replica, not both.
+    let handle = first.handle().clone();
+    drop(first);
+    assert_eq!(handle.endpoints().len(), 2);
+    drop(second);
+    assert!(handle.endpoints().is_empty());
+    assert_eq!(handle.len(), 0);
+    assert_eq!(
+        Arc::strong_count(&fleet.alive),
+        1,
+        "every stack was dropped"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_is_open_on_every_replica() {
+    let fleet = Fleet::default();
+    let template = CircuitBreakerConfig::builder()
+        .sliding_window(SlidingWindow::count_based(4))
+        .minimum_calls(4)
+        .failure_rate_threshold(0.5)
+        .wait_in_open(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let watch = InstanceWatch::fixed(ports(2));
+    let mut first = Balance::builder()
+        .name("users")
+        .endpoint_breaker(template)
+        .build(ServiceDiscover::new(watch.clone(), fleet.make()));
+    let mut second = first.replica(ServiceDiscover::new(watch, fleet.make()));
+    fleet.fail(1, true);
+    for _ in 0..100 {
+        let _ = send(&mut first).await;
+    }
+    assert_eq!(fleet.calls(1), 4);
+    let status = second.handle().endpoints();
+    let one = status.iter().find(|e| e.address == "127.0.0.1:1").unwrap();
+    assert_eq!(one.breaker, Some(State::Open));
+    for _ in 0..50 {
+        assert_eq!(send(&mut second).await.unwrap(), 2);
+    }
+    assert_eq!(
+        fleet.calls(1),
+        4,
+        "no calls from either replica once it opened"
+    );
+}
