@@ -485,7 +485,7 @@ fn poll_local<T>(
 }
 
 /// Shards of idle connections per endpoint (see [`set_thread_shard`]).
-const SHARDS: usize = 16;
+pub(crate) const SHARDS: usize = 16;
 
 std::thread_local! {
     static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -498,6 +498,11 @@ std::thread_local! {
 /// 0: tasks move between the workers of one runtime, and so may its connections.
 pub(crate) fn set_thread_shard(index: usize) {
     SHARD.with(|s| s.set(index % SHARDS));
+}
+
+/// This thread's shard (see [`set_thread_shard`]), below [`SHARDS`].
+pub(crate) fn thread_shard() -> usize {
+    SHARD.with(std::cell::Cell::get)
 }
 
 /// Idle connections and when each expires.
@@ -570,7 +575,7 @@ impl EndpointPool {
 
     /// This thread's idle connections.
     fn shard(&self) -> &Idle {
-        &self.idle[SHARD.with(std::cell::Cell::get)]
+        &self.idle[thread_shard()]
     }
 
     /// The most recently returned idle connection, closing any that idled too long.
@@ -705,7 +710,7 @@ impl EndpointPool {
 
     /// This thread's HTTP/2 connection, if it is open.
     fn h2_sender(&self) -> Option<http2::SendRequest<Body>> {
-        let shard = &self.h2[SHARD.with(std::cell::Cell::get)];
+        let shard = &self.h2[thread_shard()];
         let mut sender = shard.lock();
         if sender.as_ref().is_some_and(http2::SendRequest::is_closed) {
             *sender = None;
@@ -729,7 +734,7 @@ impl EndpointPool {
                 .map_err(UpstreamError::Http)?;
         // Driven by a task of its own: its streams belong to many requests.
         tokio::spawn(connection);
-        *self.h2[SHARD.with(std::cell::Cell::get)].lock() = Some(sender.clone());
+        *self.h2[thread_shard()].lock() = Some(sender.clone());
         Ok(sender)
     }
 
@@ -756,7 +761,7 @@ impl EndpointPool {
             Err(mut e) => match e.take_message() {
                 Some(request) => {
                     self.count_retry(&UpstreamError::Closed);
-                    if let Some(shard) = self.h2.get(SHARD.with(std::cell::Cell::get)) {
+                    if let Some(shard) = self.h2.get(thread_shard()) {
                         *shard.lock() = None;
                     }
                     let mut sender = self.h2_connection().await?;

@@ -24,7 +24,7 @@ use super::config::{
 };
 use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
-use super::pool::{EndpointPool, PooledBody, Pools, UpstreamError, UpstreamSettings};
+use super::pool::{self, EndpointPool, PooledBody, Pools, UpstreamError, UpstreamSettings};
 #[cfg(feature = "redis")]
 use super::shared_limit::{ClientKey as RedisClientKey, MaybeRedis, SharedLimit};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
@@ -363,6 +363,52 @@ impl Limit<Request<Body>> for PerClient {
     }
 }
 
+/// A discovery of the route's instances, for another replica of its balancer.
+type Rediscover = Box<dyn Fn() -> ServiceDiscover<MakeUpstream, Upstream> + Send + Sync>;
+
+/// The route's balancer, one replica per thread shard ([`pool::thread_shard`]): each
+/// thread of [`Gateway::spawn_threads`](super::Gateway::spawn_threads) picks endpoints
+/// without taking a lock another thread takes, while the replicas share every
+/// endpoint's figures, ejection and breaker ([`Balance::replica`]). Threads of other
+/// runtimes share the first. A replica is made when its thread first needs it.
+struct RouteBalance {
+    first: SharedBalance<Upstreams>,
+    /// Shards 1 and up.
+    others: Box<[std::sync::OnceLock<SharedBalance<Upstreams>>]>,
+    rediscover: Rediscover,
+}
+
+impl RouteBalance {
+    fn new(first: Upstreams, rediscover: Rediscover) -> Self {
+        Self {
+            first: SharedBalance::new(first),
+            others: (1..pool::SHARDS)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            rediscover,
+        }
+    }
+
+    /// This thread's replica.
+    fn local(&self) -> &SharedBalance<Upstreams> {
+        match pool::thread_shard().checked_sub(1) {
+            None => &self.first,
+            Some(i) => self.others[i].get_or_init(|| {
+                let replica = self
+                    .first
+                    .with(|first, _| first.replica((self.rediscover)()));
+                SharedBalance::new(replica)
+            }),
+        }
+    }
+
+    /// Applies the discovery changes that are ready, for a status read: the replicas
+    /// share what it reads.
+    fn refresh(&self) {
+        self.first.refresh();
+    }
+}
+
 /// What one route needs to forward a request, shared by the stack's clones.
 pub(crate) struct RouteCore {
     pub(crate) name: String,
@@ -378,7 +424,7 @@ pub(crate) struct RouteCore {
     /// The bound on each wait for more of a response body.
     body_timeout: Duration,
     fallback: Option<RouteFallback>,
-    balance: SharedBalance<Upstreams>,
+    balance: RouteBalance,
     handle: BalanceHandle,
     pub(crate) stats: RouteStats,
     global: Option<(RateLimiter, u32)>,
@@ -420,10 +466,13 @@ impl Route {
     ) -> Result<Self, BoxError> {
         let redis = plan.redis.as_ref();
         let pools = pools.clone();
-        let make: MakeUpstream = Box::new(move |instance: &Instance| Upstream {
-            pool: pools.pool(instance, &upstream),
-        });
-        let discover = ServiceDiscover::new(watch, make);
+        let discover = move || {
+            let (pools, upstream) = (pools.clone(), upstream.clone());
+            let make: MakeUpstream = Box::new(move |instance: &Instance| Upstream {
+                pool: pools.pool(instance, &upstream),
+            });
+            ServiceDiscover::new(watch.clone(), make)
+        };
         let mut builder = Balance::builder()
             .name(format!("{}/{}", config.name, config.service))
             .strategy(match config.balance.strategy {
@@ -442,7 +491,7 @@ impl Route {
         }
         let balance = builder
             .classifier(UpstreamClassifier(HttpClassifier::new()))
-            .try_build(discover)?;
+            .try_build(discover())?;
         let handle = balance.handle().clone();
         let limits = &config.rate_limit;
         let local = |policy: LimitPolicy| policy == LimitPolicy::Local;
@@ -518,7 +567,7 @@ impl Route {
             max_headers_size: server.max_headers_size,
             body_timeout: config.body_timeout.unwrap_or(config.timeout),
             fallback: config.fallback.as_ref().map(route_fallback),
-            balance: SharedBalance::new(balance),
+            balance: RouteBalance::new(balance, Box::new(discover)),
             handle,
             stats: RouteStats::default(),
             global: global.clone(),
@@ -928,6 +977,7 @@ impl Service<UpstreamRequest> for UpstreamCall {
         let call = self
             .route
             .balance
+            .local()
             .call::<UpstreamRequest>(request, Some(deadline));
         Classified {
             call,

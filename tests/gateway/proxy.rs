@@ -1155,6 +1155,78 @@ async fn shutdown_gives_up_on_a_request_held_past_the_drain_bound() {
     assert_eq!(a.hits.load(SeqCst), 1);
 }
 
+/// Each thread of `spawn_threads` picks endpoints with a balancer of its own, and what
+/// one thread learns holds on all: a failure seen on one ejects the endpoint for every
+/// thread.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_threads_share_ejections() {
+    const CLIENTS: usize = 16;
+    const EACH: usize = 4;
+    let registry = Registry::new();
+    let (good, bad) = (upstream("good").await, upstream("bad").await);
+    bad.mode.store(FAIL, SeqCst);
+    let _r = (
+        good.register(&registry, "svc"),
+        bad.register(&registry, "svc"),
+    );
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"api\"
+path_prefix = \"/api\"
+service = \"svc\"
+
+[routes.balance]
+outlier = {{ consecutive_failures = 1, base_ejection = \"60s\", max_ejected = 0.5 }}
+"
+    );
+    let gw = Gateway::build(
+        GatewayConfig::from_toml_str(&config).unwrap(),
+        Discovery::Registry(registry.clone()),
+    )
+    .await
+    .unwrap();
+    let threads = gw
+        .spawn_threads("127.0.0.1:0".parse().unwrap(), 2.try_into().unwrap())
+        .unwrap();
+    let addr = threads.local_addr();
+    // One client after another, each on a connection of its own: the kernel spreads the
+    // connections over both threads (all on one: 1 in 2^15).
+    let mut failed = 0;
+    for _ in 0..CLIENTS {
+        let http = client();
+        for i in 0..EACH {
+            let answer = send(&http, get_request(addr, &format!("/api/{i}"))).await;
+            if answer.status != StatusCode::OK {
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(
+        bad.hits.load(SeqCst),
+        1,
+        "a thread called an ejected endpoint"
+    );
+    assert_eq!(failed, 1);
+    assert_eq!(good.hits.load(SeqCst), CLIENTS * EACH - 1);
+    let status = threads.gateway().status();
+    let ejected: Vec<_> = status.routes[0]
+        .endpoints
+        .iter()
+        .filter(|e| e.ejected)
+        .collect();
+    assert_eq!(ejected.len(), 1, "{:?}", status.routes[0].endpoints);
+
+    timeout(
+        BOUND,
+        tokio::task::spawn_blocking(move || threads.shutdown()),
+    )
+    .await
+    .expect("the threads stop within their drain bound")
+    .unwrap();
+}
+
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_threads_serve_with_shared_limits_and_shut_down() {
