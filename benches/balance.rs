@@ -16,6 +16,14 @@
 //!   peak-EWMA on the default clock (`TokioClock`, on the TSC here) and on `QuantaClock`,
 //!   round robin; `HashBalance` (Maglev).
 //!
+//! `balance/two_threads/10`: two threads, each on its own current-thread runtime, call
+//! one balancer at once (10 endpoints, least requests, outlier detection and an endpoint
+//! breaker, as the gateway configures a route); the time is the slower thread's loop,
+//! divided by the calls per thread. Shared through tower's `Buffer` (its worker on a
+//! third thread), through one `SharedBalance` (locked by every call of both threads), as
+//! two `Balance::replica`s (each thread its own, sharing the endpoints' figures, ejection
+//! and breakers), and as two independent balancers (the floor: nothing shared).
+//!
 //! `cargo bench --bench balance --features quanta -- --warm-up-time 1 --measurement-time 3`
 //!
 //! Allocations per call are counted first (counting global allocator) and printed as a
@@ -37,7 +45,8 @@ use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover, PendingRequestsDiscover};
 use tower::{Service, ServiceExt};
 
-use seawall::balance::{Balance, Strategy, hash_key};
+use seawall::balance::{Balance, OutlierDetection, SharedBalance, Strategy, hash_key};
+use seawall::circuit_breaker::CircuitBreakerConfig;
 use seawall::discovery::{Instance, InstanceId, InstanceWatch, Publisher, ServiceDiscover};
 use seawall::rate_limit::QuantaClock;
 
@@ -259,6 +268,108 @@ fn discovery_update(c: &mut Criterion) {
     group.finish();
 }
 
+// ------------------------------------------------------------------------ two threads
+
+/// Runs `run(handle, iters)` on two threads at once, each in a current-thread runtime of
+/// its own, started together; returns the slower thread's time.
+fn on_two_threads<T, F, Fut>(iters: u64, handles: [T; 2], run: F) -> Duration
+where
+    T: Send,
+    F: Fn(T, u64) -> Fut + Sync,
+    Fut: std::future::Future<Output = ()>,
+{
+    let start_together = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        let threads: Vec<_> = handles
+            .into_iter()
+            .map(|handle| {
+                let (start_together, run) = (&start_together, &run);
+                s.spawn(move || {
+                    runtime().block_on(async move {
+                        start_together.wait();
+                        let start = stopwatch::now();
+                        run(handle, iters).await;
+                        start.elapsed()
+                    })
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("bench thread"))
+            .max()
+            .unwrap_or_default()
+    })
+}
+
+async fn drive_shared<S>(shared: SharedBalance<S>, iters: u64)
+where
+    S: Service<u64, Response = u64>,
+    S::Error: Into<seawall::BoxError>,
+{
+    for i in 0..iters {
+        black_box(shared.call(i, None).await.unwrap());
+    }
+}
+
+fn two_threads(c: &mut Criterion) {
+    const N: usize = 10;
+    let discover = || ServiceDiscover::new(InstanceWatch::fixed(instances(N)), make);
+    let builder = || {
+        Balance::builder()
+            .outlier_detection(
+                OutlierDetection::builder()
+                    .consecutive_failures(5)
+                    .build()
+                    .expect("outlier detection"),
+            )
+            .endpoint_breaker(CircuitBreakerConfig::default())
+    };
+    let mut group = c.benchmark_group(format!("balance/two_threads/{N}"));
+
+    let services = (0..N as u64).map(Echo).collect::<Vec<_>>();
+    let p2c = tower::balance::p2c::Balance::new(PendingRequestsDiscover::new(
+        ServiceList::new(services),
+        CompleteOnResponse::default(),
+    ));
+    let (buffer, worker) = tower::buffer::Buffer::pair(p2c, 1024);
+    let worker = std::thread::spawn(move || runtime().block_on(worker));
+    group.bench_function("tower Buffer(p2c outstanding)", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(
+                iters,
+                [buffer.clone(), buffer.clone()],
+                |mut svc, iters| async move {
+                    drive(&mut svc, iters).await;
+                },
+            )
+        })
+    });
+    drop(buffer);
+    worker.join().expect("buffer worker");
+
+    let shared = SharedBalance::new(builder().build(discover()));
+    group.bench_function("seawall one SharedBalance", |b| {
+        b.iter_custom(|iters| on_two_threads(iters, [shared.clone(), shared.clone()], drive_shared))
+    });
+
+    let first = builder().build(discover());
+    let second = first.replica(discover());
+    let replicas = [SharedBalance::new(first), SharedBalance::new(second)];
+    group.bench_function("seawall Balance::replica per thread", |b| {
+        b.iter_custom(|iters| on_two_threads(iters, replicas.clone(), drive_shared))
+    });
+
+    let independent = [
+        SharedBalance::new(builder().build(discover())),
+        SharedBalance::new(builder().build(discover())),
+    ];
+    group.bench_function("seawall independent per thread (nothing shared)", |b| {
+        b.iter_custom(|iters| on_two_threads(iters, independent.clone(), drive_shared))
+    });
+    group.finish();
+}
+
 // ------------------------------------------------------------------- allocation counting
 
 #[path = "support/counting_alloc.rs"]
@@ -311,5 +422,6 @@ fn main() {
         group.finish();
     }
     discovery_update(&mut c);
+    two_threads(&mut c);
     c.final_summary();
 }
