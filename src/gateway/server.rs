@@ -719,9 +719,12 @@ impl Gateway {
     /// runtime and its own listening socket (`SO_REUSEPORT`: the kernel spreads the
     /// connections), the way nginx runs its worker processes. A connection and its
     /// upstream connections stay on one thread, so no request wakes another thread, and
-    /// each thread keeps its own idle upstream connections; routes, limits, breakers,
-    /// balancers and counters stay shared by all the threads. On a 2-core machine, with
-    /// two threads against a 2-worker multi-thread runtime, it served 8–12% more requests
+    /// each thread keeps its own idle upstream connections and picks endpoints with its
+    /// own replica of each route's balancer
+    /// ([`Balance::replica`](crate::balance::Balance::replica): no lock shared with the
+    /// other threads on the request path); routes, limits, breakers, ejections and
+    /// counters stay shared by all the threads. On a 2-core machine, with two threads
+    /// against a 2-worker multi-thread runtime, it served 8–12% more requests
     /// when the cores were saturated, with 5–10% less CPU per request, and in front of an
     /// upstream taking 1 ms at 16 concurrent callers it added 50–200 µs at p99 against
     /// 100–290 µs (`benches/gateway.rs`).
