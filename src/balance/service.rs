@@ -134,6 +134,10 @@ where
     /// others', and an endpoint ejected or broken on one thread is out of rotation on all.
     /// When an endpoint's instance changes (address or weight), the first replica to see
     /// the change starts its figures over and the others take those when they see it.
+    /// Each replica applies discovery changes when it is polled (or
+    /// [`poll_discovery`](Self::poll_discovery) is called): an endpoint removed from
+    /// discovery keeps its figures, and an ejection keeps counting against the maximum
+    /// ejected share, until the last replica holding it has let it go.
     ///
     /// ```
     /// use seawall::balance::{Balance, OutlierDetection};

@@ -402,10 +402,14 @@ impl RouteBalance {
         }
     }
 
-    /// Applies the discovery changes that are ready, for a status read: the replicas
-    /// share what it reads.
+    /// Applies the discovery changes that are ready, for a status read, in every
+    /// replica: one whose thread is idle still holds the endpoints it last saw (and
+    /// keeps a removed endpoint's ejection counted) until it is polled.
     fn refresh(&self) {
         self.first.refresh();
+        for replica in self.others.iter().filter_map(std::sync::OnceLock::get) {
+            replica.refresh();
+        }
     }
 }
 
