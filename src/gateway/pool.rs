@@ -484,6 +484,10 @@ fn poll_local<T>(
     Poll::Pending
 }
 
+/// An exchange with an endpoint ([`EndpointPool::send`]).
+pub(crate) type SendFuture =
+    Pin<Box<dyn Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send>>;
+
 /// Shards of idle connections per endpoint (see [`set_thread_shard`]).
 pub(crate) const SHARDS: usize = 16;
 
@@ -663,7 +667,14 @@ impl EndpointPool {
         Ok(Stream::Plain(stream))
     }
 
-    async fn connect(&self) -> Result<Pooled, UpstreamError> {
+    /// A new connection. Boxed: a dial's state (the TCP connect, a TLS handshake, hyper's)
+    /// is large, and the exchanges that reuse a connection, nearly all of them, would
+    /// otherwise carry it and copy it with them.
+    fn connect(&self) -> Pin<Box<dyn Future<Output = Result<Pooled, UpstreamError>> + Send + '_>> {
+        Box::pin(self.open())
+    }
+
+    async fn open(&self) -> Result<Pooled, UpstreamError> {
         let stream = self.dial().await?;
         let answered = Arc::new(AtomicBool::new(false));
         let stream = Marked {
@@ -696,16 +707,17 @@ impl EndpointPool {
         Ok((self.connect().await?, false))
     }
 
-    /// Sends `request` (its URI in origin form) on an idle connection or a new one.
-    pub(crate) async fn send(
-        self: Arc<Self>,
-        request: Request<Body>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
+    /// Sends `request` (its URI in origin form) on an idle connection or a new one, over
+    /// HTTP/1 or HTTP/2 as the endpoint speaks: each future boxed on its own, so neither
+    /// carries the other's state.
+    pub(crate) fn send(self: Arc<Self>, request: Request<Body>) -> SendFuture {
         if self.settings.h2 {
-            return self.send_h2(request).await;
+            return Box::pin(self.send_h2(request));
         }
-        let (conn, reused) = self.ready_conn().await?;
-        self.send_on(conn, reused, request).await
+        Box::pin(async move {
+            let (conn, reused) = self.ready_conn().await?;
+            self.send_on(conn, reused, request).await
+        })
     }
 
     /// This thread's HTTP/2 connection, if it is open.

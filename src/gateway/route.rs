@@ -24,7 +24,9 @@ use super::config::{
 };
 use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
-use super::pool::{self, EndpointPool, PooledBody, Pools, UpstreamError, UpstreamSettings};
+use super::pool::{
+    self, EndpointPool, PooledBody, Pools, SendFuture, UpstreamError, UpstreamSettings,
+};
 #[cfg(feature = "redis")]
 use super::shared_limit::{ClientKey as RedisClientKey, MaybeRedis, SharedLimit};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
@@ -163,9 +165,7 @@ impl Service<UpstreamRequest> for Upstream {
             None => (None, Some(tokio::time::sleep_until(call.deadline))),
         };
         UpstreamFuture {
-            // Boxed where it is made: the exchange's state is large, and moving it into
-            // a wrapper first would copy it once more per request.
-            send: Box::pin(self.pool.clone().send(request)),
+            send: self.pool.clone().send(request),
             reused,
             deadline: own,
             body: call.body,
@@ -173,8 +173,6 @@ impl Service<UpstreamRequest> for Upstream {
         }
     }
 }
-
-type SendFuture = Pin<Box<dyn Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send>>;
 
 pin_project_lite::pin_project! {
     /// An endpoint's exchange, bounded by the route's deadline: past it, an
