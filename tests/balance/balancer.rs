@@ -817,3 +817,105 @@ async fn an_open_breaker_is_open_on_every_replica() {
         "no calls from either replica once it opened"
     );
 }
+
+/// Replicas on two threads while discovery churns: endpoints come, go and change weight,
+/// some fail (ejections, breakers). No call panics or hangs, the ejected count never runs
+/// below zero (it would wrap) or above the endpoints, and once every endpoint is gone
+/// nothing is counted ejected, the handle lists nothing and every stack is dropped.
+#[test]
+fn replicas_on_two_threads_stay_consistent_while_discovery_churns() {
+    const PORTS: u16 = 20;
+    let fleet = Fleet::default();
+    let publisher = Publisher::live(ports(10));
+    let first = Balance::builder()
+        .outlier_detection(
+            OutlierDetection::builder()
+                .consecutive_failures(2)
+                .base_ejection_time(Duration::from_millis(2))
+                .build()
+                .unwrap(),
+        )
+        .endpoint_breaker(
+            CircuitBreakerConfig::builder()
+                .sliding_window(SlidingWindow::count_based(10))
+                .minimum_calls(5)
+                .failure_rate_threshold(0.5)
+                .wait_in_open(Duration::from_millis(2))
+                .build()
+                .unwrap(),
+        )
+        .build(ServiceDiscover::new(publisher.subscribe(), fleet.make()));
+    let second = first.replica(ServiceDiscover::new(publisher.subscribe(), fleet.make()));
+    let handle = first.handle().clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = [first, second]
+        .into_iter()
+        .map(|mut lb| {
+            let (stop, calls) = (stop.clone(), calls.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    while !stop.load(SeqCst) {
+                        // With nothing in rotation a call fails at once: it never waits.
+                        let call = tokio::time::timeout(Duration::from_secs(5), send(&mut lb));
+                        let _ = call.await.expect("a call hung");
+                        calls.fetch_add(1, SeqCst);
+                    }
+                });
+                lb
+            })
+        })
+        .collect();
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for _ in 0..300 {
+        let mut snapshot = Vec::new();
+        for port in 1..=PORTS {
+            let r = next();
+            if r % 3 != 0 {
+                let mut i = instance(port);
+                i.weight = NonZeroU32::new((r >> 8) as u32 % 3 + 1).unwrap();
+                snapshot.push(i);
+            }
+            fleet.fail(port, (r >> 16) % 4 == 0);
+        }
+        publisher.publish(snapshot);
+        // Paced by the callers, not by a clock: each snapshot sees 20 calls at least.
+        let seen = calls.load(SeqCst);
+        while calls.load(SeqCst) < seen + 20 {
+            std::thread::yield_now();
+        }
+        let ejected = handle.ejected();
+        assert!(ejected <= usize::from(PORTS), "{ejected} ejected");
+    }
+    publisher.publish(Vec::new());
+    stop.store(true, SeqCst);
+    let replicas: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for mut lb in replicas {
+        let err = rt.block_on(send(&mut lb)).unwrap_err();
+        assert!(err.is::<NoEndpoints>(), "{err}");
+        assert_eq!(lb.len(), 0);
+    }
+    assert_eq!(handle.ejected(), 0, "an ejection outlived its endpoint");
+    assert_eq!(handle.len(), 0);
+    assert!(handle.endpoints().is_empty());
+    assert!(calls.load(SeqCst) >= 300 * 20);
+    assert_eq!(
+        Arc::strong_count(&fleet.alive),
+        1,
+        "a stack outlived its replica"
+    );
+}
