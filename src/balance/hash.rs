@@ -86,6 +86,60 @@ where
         }
     }
 
+    /// Another hashing balancer over the same endpoints, for another thread, as
+    /// [`Balance::replica`](super::Balance::replica) is: it follows `discover` and builds
+    /// its own Maglev table (the same one, as the endpoints are the same: a key goes to
+    /// the same endpoint through either), and shares per endpoint the figures, outlier
+    /// detection, ejections and breaker, and the [`handle`](Self::handle).
+    ///
+    /// ```
+    /// use seawall::balance::{Balance, hash_key};
+    /// use seawall::discovery::{Instance, InstanceWatch, ServiceDiscover};
+    /// use tower::{Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), seawall::BoxError> {
+    /// let instances: Vec<_> = (0..3)
+    ///     .map(|i| Instance::local("cache", ([127, 0, 0, 1], 7000 + i).into()))
+    ///     .collect();
+    /// let make = |i: &Instance| {
+    ///     let port = i.port;
+    ///     service_fn(move |_user: String| async move { Ok::<_, seawall::BoxError>(port) })
+    /// };
+    /// let watch = InstanceWatch::fixed(instances);
+    /// let key = |user: &String| Some(hash_key(user));
+    /// let mut first = Balance::builder().build_hashed(ServiceDiscover::new(watch.clone(), make), key);
+    /// let mut second = first.replica(ServiceDiscover::new(watch, make));
+    /// let a = first.ready().await?.call("ada".to_string()).await?;
+    /// let b = second.ready().await?.call("ada".to_string()).await?;
+    /// assert_eq!(a, b);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn replica(&self, discover: D) -> Self
+    where
+        F: Clone,
+        C: Clone,
+    {
+        let set = self.set.replica();
+        let replicas = set
+            .shared
+            .replicas
+            .load(std::sync::atomic::Ordering::Relaxed) as u64;
+        Self {
+            discover,
+            set,
+            key: self.key.clone(),
+            rng: super::weights::mix(self.rng ^ replicas.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            classifier: self.classifier.clone(),
+            handle: self.handle.clone(),
+            discover_closed: false,
+            when_empty: self.when_empty,
+            empty_since: None,
+        }
+    }
+
     /// A handle to the endpoints' live state.
     pub fn handle(&self) -> &BalanceHandle {
         &self.handle

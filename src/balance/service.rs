@@ -4,7 +4,6 @@
 use std::fmt;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -169,13 +168,11 @@ where
         C: Clone,
     {
         let set = self.set.replica();
-        // Replicas draw differently from each other.
-        let replicas = set.shared.replicas.load(Relaxed) as u64;
         Self {
             discover,
+            rng: set.replica_rng(self.rng),
             set,
             strategy: self.strategy,
-            rng: mix(self.rng ^ replicas.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
             classifier: self.classifier.clone(),
             cursor: 0,
             ready: None,

@@ -181,6 +181,13 @@ where
         )
     }
 
+    /// A replica's random state, drawn from its original's `rng` and the replicas made so
+    /// far (this one included): replicas do not draw in lockstep.
+    pub(crate) fn replica_rng(&self, rng: u64) -> u64 {
+        let replicas = self.shared.replicas.load(Relaxed) as u64;
+        super::weights::mix(rng ^ replicas.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
     /// Inserts or replaces the endpoint of `key`. A replaced endpoint's figures start over:
     /// its instance changed.
     pub(crate) fn insert(&mut self, key: K, endpoint: S) {

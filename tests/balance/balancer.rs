@@ -919,3 +919,53 @@ fn replicas_on_two_threads_stay_consistent_while_discovery_churns() {
         "a stack outlived its replica"
     );
 }
+
+/// Hashing replicas send a key to the same endpoint, and an endpoint ejected through one
+/// sends its keys to their next choice through both.
+#[tokio::test(start_paused = true)]
+async fn hashing_replicas_agree_on_keys_and_share_ejections() {
+    let publisher = Publisher::live(ports(5));
+    let fleet = Fleet::default();
+    let key = |key: &u64| Some(hash_key(key));
+    let mut first = Balance::builder()
+        .outlier_detection(
+            OutlierDetection::builder()
+                .consecutive_failures(1)
+                .build()
+                .unwrap(),
+        )
+        .build_hashed(
+            ServiceDiscover::new(publisher.subscribe(), fleet.make()),
+            key,
+        );
+    let mut second = first.replica(ServiceDiscover::new(publisher.subscribe(), fleet.make()));
+    let mut owner = HashMap::new();
+    for k in 0..200u64 {
+        let a = first.ready().await.unwrap().call(k).await.unwrap();
+        let b = second.ready().await.unwrap().call(k).await.unwrap();
+        assert_eq!(a, b, "key {k}");
+        owner.insert(k, a);
+    }
+    let (&victim_key, &victim) = owner.iter().next().unwrap();
+    fleet.fail(victim, true);
+    assert!(first.ready().await.unwrap().call(victim_key).await.is_err());
+    let before = fleet.calls(victim);
+    for (&k, &port) in &owner {
+        let through_second = second.ready().await.unwrap().call(k).await.unwrap();
+        let through_first = first.ready().await.unwrap().call(k).await.unwrap();
+        assert_eq!(through_first, through_second, "key {k}");
+        if port == victim {
+            assert_ne!(through_second, victim);
+        } else {
+            assert_eq!(
+                through_second, port,
+                "key {k} moved though its endpoint is fine"
+            );
+        }
+    }
+    assert_eq!(
+        fleet.calls(victim),
+        before,
+        "an ejected endpoint was called"
+    );
+}
