@@ -429,17 +429,22 @@ async fn failure_rate_ejects_too() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_open_endpoint_breaker_takes_it_out_of_rotation() {
-    let fleet = Fleet::default();
-    let template = CircuitBreakerConfig::builder()
+/// Endpoint breakers that open at half of 4 calls failed, for 5 s, then let one probe.
+fn breaker_template() -> CircuitBreakerConfig {
+    CircuitBreakerConfig::builder()
         .sliding_window(SlidingWindow::count_based(4))
         .minimum_calls(4)
         .failure_rate_threshold(0.5)
         .wait_in_open(Duration::from_secs(5))
         .permitted_calls_in_half_open(1)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_endpoint_breaker_takes_it_out_of_rotation() {
+    let fleet = Fleet::default();
+    let template = breaker_template();
     let mut lb = Balance::builder()
         .name("users")
         .endpoint_breaker(template)
@@ -787,13 +792,7 @@ async fn replicas_share_ejections_breakers_and_endpoints() {
 #[tokio::test(start_paused = true)]
 async fn an_open_breaker_is_open_on_every_replica() {
     let fleet = Fleet::default();
-    let template = CircuitBreakerConfig::builder()
-        .sliding_window(SlidingWindow::count_based(4))
-        .minimum_calls(4)
-        .failure_rate_threshold(0.5)
-        .wait_in_open(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let template = breaker_template();
     let watch = InstanceWatch::fixed(ports(2));
     let mut first = Balance::builder()
         .name("users")

@@ -216,12 +216,16 @@ fn get_request(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
 }
 
 async fn gateway(config: &str, registry: &Registry) -> GatewayHandle {
-    let config = GatewayConfig::from_toml_str(config).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw = Gateway::build(config, Discovery::Registry(registry.clone()))
+    build(config, registry).await.spawn(listener)
+}
+
+/// The gateway of `config` over `registry`, not yet serving.
+async fn build(config: &str, registry: &Registry) -> Gateway {
+    let config = GatewayConfig::from_toml_str(config).unwrap();
+    Gateway::build(config, Discovery::Registry(registry.clone()))
         .await
-        .unwrap();
-    gw.spawn(listener)
+        .unwrap()
 }
 
 /// The gateway's status (the admin endpoints are not on the proxy listener).
@@ -1181,12 +1185,7 @@ service = \"svc\"
 outlier = {{ consecutive_failures = 1, base_ejection = \"60s\", max_ejected = 0.5 }}
 "
     );
-    let gw = Gateway::build(
-        GatewayConfig::from_toml_str(&config).unwrap(),
-        Discovery::Registry(registry.clone()),
-    )
-    .await
-    .unwrap();
+    let gw = build(&config, &registry).await;
     let threads = gw
         .spawn_threads("127.0.0.1:0".parse().unwrap(), 2.try_into().unwrap())
         .unwrap();
@@ -1246,12 +1245,7 @@ service = \"svc\"
 global = {{ per_second = 1, burst = 10 }}
 "
     );
-    let gw = Gateway::build(
-        GatewayConfig::from_toml_str(&config).unwrap(),
-        Discovery::Registry(registry.clone()),
-    )
-    .await
-    .unwrap();
+    let gw = build(&config, &registry).await;
     // An address taken by a socket without SO_REUSEPORT is refused, with no thread left.
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let refused = gw
