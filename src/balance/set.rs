@@ -381,3 +381,89 @@ impl<K, S> Drop for EndpointSet<K, S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Strategy;
+    use crate::clock::TokioClock;
+
+    /// An endpoint at `address` with `weight`.
+    struct Fake(String, u32);
+
+    impl BalanceEndpoint for Fake {
+        fn weight(&self) -> u32 {
+            self.1
+        }
+
+        fn address(&self) -> String {
+            self.0.clone()
+        }
+    }
+
+    fn fake(port: u16, weight: u32) -> Fake {
+        Fake(format!("127.0.0.1:{port}"), weight)
+    }
+
+    fn shared() -> Arc<SetShared> {
+        Arc::new(SetShared::new(
+            Arc::from("test"),
+            Arc::new(TokioClock::new()),
+            None,
+            Strategy::default(),
+        ))
+    }
+
+    fn set(shared: &Arc<SetShared>) -> EndpointSet<&'static str, Fake> {
+        let status = Arc::new(parking_lot::RwLock::new(Vec::new()));
+        EndpointSet::new(shared.clone(), None, None, Index::Sampler, status)
+    }
+
+    /// The registry of shared figures holds every figure of the endpoints a replica
+    /// holds, and nothing more: once the replicas let go, the figures (which point back at
+    /// the shared state) are gone, no cycle keeps them.
+    #[test]
+    fn the_registry_lets_go_of_what_no_replica_holds() {
+        let shared = shared();
+        let mut a = set(&shared);
+        let mut b = a.replica();
+        a.insert("one", fake(1, 1));
+        a.insert("two", fake(2, 1));
+        b.insert("one", fake(1, 1));
+        b.insert("two", fake(2, 1));
+        assert!(Arc::ptr_eq(&a.slots[0].stats, &b.slots[0].stats));
+        assert_eq!(shared.members.lock().len(), 2);
+
+        // Replaced (its weight changed) by one replica, then by the other: one new set of
+        // figures, the old ones gone.
+        a.insert("two", fake(2, 3));
+        assert_eq!(shared.members.lock().len(), 2);
+        b.insert("two", fake(2, 3));
+        let two = a.position(&"two").unwrap();
+        assert!(Arc::ptr_eq(
+            &a.slots[two].stats,
+            &b.slots[b.position(&"two").unwrap()].stats
+        ));
+        assert_eq!(
+            Arc::strong_count(&a.slots[two].stats),
+            3,
+            "a, b, the registry"
+        );
+
+        // Removed from one: still registered; from both: gone.
+        a.remove(&"one");
+        assert_eq!(shared.members.lock().len(), 2);
+        b.remove(&"one");
+        assert_eq!(shared.members.lock().len(), 1);
+
+        drop(a);
+        assert_eq!(shared.members.lock().len(), 1, "b still holds two");
+        drop(b);
+        assert!(shared.members.lock().is_empty());
+        assert_eq!(
+            Arc::strong_count(&shared),
+            1,
+            "figures outlived every replica"
+        );
+    }
+}
