@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::classify::Outcome;
 use super::error::CircuitOpen;
+use super::hot::Hot;
 use super::state::{Breaker, Decision, ProbePermit, Shared, Start};
 
 /// A decision taken ahead of a call (in `poll_ready`), with the probe slot it reserved in
@@ -68,7 +69,7 @@ impl Admission {
         let shared = &breaker.shared;
         if self.decision.tag() == Decision::CLOSED && shared.is_current(self.decision) {
             let ticket = Ticket {
-                shared: Some(shared.clone()),
+                hold: shared.closed_hold(),
                 word: self.decision.word,
                 start: shared.start(),
             };
@@ -118,7 +119,7 @@ impl Admission {
     fn into_ticket(mut self, shared: &Arc<Shared>) -> Result<Ticket, CircuitOpen> {
         match self.decision.tag() {
             Decision::CLOSED => Ok(Ticket {
-                shared: Some(shared.clone()),
+                hold: shared.closed_hold(),
                 word: self.decision.word,
                 start: shared.start(),
             }),
@@ -134,7 +135,7 @@ impl Admission {
         match self.decision.tag() {
             Decision::PROBE => match self.probe.take() {
                 Some(permit) => Ok(Ticket {
-                    shared: Some(permit.disarm()),
+                    hold: Hold::Shared(permit.disarm()),
                     word: self.decision.word,
                     start: shared.start(),
                 }),
@@ -179,9 +180,8 @@ impl Admission {
 /// ```
 #[must_use = "a ticket records nothing unless its outcome is recorded"]
 pub struct Ticket {
-    /// The breaker, while the outcome is still to be recorded; `None` once recorded, or
-    /// for a disabled breaker (nothing is recorded).
-    shared: Option<Arc<Shared>>,
+    /// The breaker, while the outcome is still to be recorded.
+    hold: Hold,
     /// The admitting decision's tag (closed or probe) and generation: an outcome counts
     /// only in the closed period or half-open episode that admitted the call.
     word: u64,
@@ -191,7 +191,7 @@ pub struct Ticket {
 impl Ticket {
     /// A ticket that records nothing.
     pub(crate) const NONE: Ticket = Ticket {
-        shared: None,
+        hold: Hold::None,
         word: Decision::NONE.word,
         start: Start::NONE,
     };
@@ -217,7 +217,7 @@ impl Ticket {
     /// Whether an outcome is still to be recorded (a disabled breaker records none).
     #[inline(always)]
     pub(crate) fn is_pending(&self) -> bool {
-        self.shared.is_some()
+        !matches!(self.hold, Hold::None)
     }
 
     /// The ticket, moved out: this one then records nothing (only its breaker reference is
@@ -225,7 +225,7 @@ impl Ticket {
     #[inline(always)]
     pub(crate) fn take(&mut self) -> Ticket {
         Ticket {
-            shared: self.shared.take(),
+            hold: std::mem::replace(&mut self.hold, Hold::None),
             word: self.word,
             start: self.start,
         }
@@ -234,13 +234,35 @@ impl Ticket {
     /// Records `outcome` in place; the ticket then records nothing more.
     #[inline(always)]
     pub(crate) fn settle(&mut self, outcome: Outcome) {
-        if let Some(shared) = self.shared.take() {
-            let generation = self.word >> 3;
-            if self.word & 7 == Decision::CLOSED {
-                shared.record_closed(generation, outcome, self.start);
-            } else {
-                shared.record_probe(generation, outcome, self.start);
+        let generation = self.word >> 3;
+        match std::mem::replace(&mut self.hold, Hold::None) {
+            Hold::None => {}
+            // Admitted closed while a success changed nothing: if it still does, there is
+            // nothing to write.
+            Hold::Lean(hot, id) => {
+                if !(outcome == Outcome::Success && hot.is_clean()) {
+                    Self::settle_lean(hot, id, generation, outcome, self.start);
+                }
             }
+            Hold::Shared(shared) => {
+                if self.word & 7 == Decision::CLOSED {
+                    shared.record_closed(generation, outcome, self.start);
+                } else {
+                    shared.record_probe(generation, outcome, self.start);
+                }
+            }
+        }
+    }
+
+    /// A lean call whose outcome must be written: through the breaker, if it is alive.
+    #[cold]
+    #[inline(never)]
+    fn settle_lean(hot: &Hot, id: u64, generation: u64, outcome: Outcome, start: Start) {
+        if outcome == Outcome::Ignored {
+            return;
+        }
+        if let Some(shared) = hot.breaker(id) {
+            shared.record_closed(generation, outcome, start);
         }
     }
 }
@@ -249,7 +271,7 @@ impl Drop for Ticket {
     /// An unrecorded probe's slot goes back to the breaker.
     #[inline]
     fn drop(&mut self) {
-        if let Some(shared) = self.shared.take()
+        if let Hold::Shared(shared) = std::mem::replace(&mut self.hold, Hold::None)
             && self.word & 7 == Decision::PROBE
         {
             shared.release_probe(self.word >> 3);
@@ -257,12 +279,23 @@ impl Drop for Ticket {
     }
 }
 
+/// How a [`Ticket`] reaches its breaker.
+pub(crate) enum Hold {
+    /// Recorded, or a disabled breaker's: nothing to record.
+    None,
+    /// Admitted closed while the breaker's window was clean: its completion block and the
+    /// breaker's id, with no reference count (see [`Hot`]).
+    Lean(&'static Hot, u64),
+    /// A reference to the breaker.
+    Shared(Arc<Shared>),
+}
+
 impl fmt::Debug for Ticket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match (&self.shared, self.word & 7) {
-            (None, _) => "recorded or disabled",
-            (Some(_), Decision::CLOSED) => "closed",
-            (Some(_), _) => "probe",
+        let kind = match (&self.hold, self.word & 7) {
+            (Hold::None, _) => "recorded or disabled",
+            (_, Decision::CLOSED) => "closed",
+            (_, _) => "probe",
         };
         f.debug_struct("Ticket").field("kind", &kind).finish()
     }

@@ -59,10 +59,17 @@
 //! # Cost
 //!
 //! With a count-based window and no slow-call detection, the closed path is an atomic load
-//! in `poll_ready` and another in `call`, a reference-count increment for the response
-//! future, and on completion a compare-exchange and a swap in the window: no lock, no clock
-//! read, no allocation (about 12 ns over a bare service in `benches/breaker.rs`). A time-based window reads the
-//! clock once per call and takes a short lock; slow-call detection reads it twice.
+//! in `poll_ready` and two in `call`, and on completion a load: no lock, no clock read, no
+//! allocation, no reference count. That holds while the window is full of successes (the
+//! steady state of a healthy dependency), where a success changes nothing in the window:
+//! the call then holds no reference to the breaker, only a `&'static` block with the flag
+//! that says so. A failure, or any call made while the window is not clean, records as
+//! before: a reference count for the response future, then an atomic add on the window's
+//! cursor and a swap when the outcome differs from the one it replaces. The blocks are
+//! kept for the breakers made later (64 bytes each, as many as the most breakers alive at
+//! once). With the `metrics` feature every outcome is counted, so calls always record. A
+//! time-based window reads the clock once per call and takes a short lock; slow-call
+//! detection reads it twice.
 //!
 //! The rejection path of an open breaker reads the clock once, to compare it with the end
 //! of the wait: the first call after the wait is admitted as a probe whether or not the
@@ -135,6 +142,7 @@ mod classify;
 mod config;
 pub mod error;
 mod events;
+mod hot;
 #[cfg(feature = "http")]
 mod http;
 mod layer;

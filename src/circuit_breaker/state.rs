@@ -1,8 +1,10 @@
 //! The shared state machine behind every clone of a breaker.
 
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::sync::atomic::{
+    AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release, Ordering::SeqCst, fence,
+};
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 use tokio::time::Instant;
@@ -12,6 +14,7 @@ use crate::clock::{Clock, TokioClock};
 use super::classify::Outcome;
 use super::config::{CircuitBreakerConfig, SlidingWindow};
 use super::events::{Event, EventKind, Events};
+use super::hot::Hot;
 use super::window::{CountWindow, Counts, FAILED, PRESENT, SLOW, TimeWindow};
 
 /// The state of a circuit breaker.
@@ -204,6 +207,12 @@ pub(crate) struct Shared {
     pub(crate) name: Arc<str>,
     pub(crate) config: CircuitBreakerConfig,
     pub(crate) times_calls: bool,
+    /// Calls admitted closed complete through [`Hot`] while its flag says a success would
+    /// change nothing: a count window, untimed, and no per-outcome metrics.
+    lean: bool,
+    pub(crate) hot: &'static Hot,
+    /// This breaker's unique id, which its lean calls carry back to [`Hot::breaker`].
+    pub(crate) id: u64,
     word: AtomicU64,
     window: Window,
     /// Every time the breaker reads: tokio's (paused in tests), read cheaply.
@@ -218,6 +227,12 @@ pub(crate) struct Shared {
     metrics: super::telemetry::Metrics,
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.hot.release();
+    }
+}
+
 impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Breaker")
@@ -228,7 +243,9 @@ impl fmt::Debug for Shared {
 }
 
 impl Shared {
-    fn new(config: CircuitBreakerConfig) -> Self {
+    /// `lean_with_metrics`: completes calls through [`Hot`] even with the `metrics` feature,
+    /// which then misses the successes written nowhere (tests of the lean path only).
+    fn new(config: CircuitBreakerConfig, this: Weak<Shared>, lean_with_metrics: bool) -> Self {
         let window = match config.window {
             SlidingWindow::CountBased { size } => Window::Count(CountWindow::new(size)),
             SlidingWindow::TimeBased { window, buckets } => {
@@ -238,7 +255,14 @@ impl Shared {
         };
         let name: Arc<str> = Arc::from(config.name.as_ref());
         let seed = crate::util::seed(&*name);
+        let lean = matches!(window, Window::Count(_))
+            && config.slow_call_duration.is_none()
+            && (!cfg!(feature = "metrics") || lean_with_metrics);
+        let (hot, id) = Hot::claim(this);
         Self {
+            lean,
+            hot,
+            id,
             #[cfg(feature = "metrics")]
             metrics: super::telemetry::Metrics::new(&name),
             name,
@@ -414,9 +438,43 @@ impl Shared {
             // An outcome from an earlier closed period does not count in this one.
             if self.word.load(Relaxed) == expected && w.record(flags) {
                 self.check_thresholds(expected, w.counts());
+                if self.lean {
+                    self.update_clean(w);
+                }
             }
         } else {
             self.record_closed_timed(expected, outcome, start);
+        }
+    }
+
+    /// Keeps [`Hot`]'s flag true only while the window is clean, after a record that changed
+    /// it. A record that spoils the window clears the flag after its writes; one that may
+    /// have cleaned it sets the flag and then reads the window again. The fences order each
+    /// side's writes before its reads, so of two racing records at least one sees the
+    /// other's: a record spoiling the window cannot be followed by a flag left set, and a
+    /// window made clean is not left with its flag unset.
+    #[inline(never)]
+    fn update_clean(&self, w: &CountWindow) {
+        fence(SeqCst);
+        if w.is_clean() {
+            self.hot.set_clean(true);
+            fence(SeqCst);
+            if !w.is_clean() {
+                self.hot.set_clean(false);
+            }
+        } else {
+            self.hot.set_clean(false);
+        }
+    }
+
+    /// What a call admitted closed holds until it completes: the completion flag's block
+    /// while a success would change nothing, a reference to the breaker otherwise.
+    #[inline(always)]
+    pub(crate) fn closed_hold(self: &Arc<Self>) -> super::admission::Hold {
+        if self.hot.is_clean() {
+            super::admission::Hold::Lean(self.hot, self.id)
+        } else {
+            super::admission::Hold::Shared(self.clone())
         }
     }
 
@@ -527,7 +585,12 @@ impl Shared {
             State::Closed => {
                 tr.consecutive_trips = 0;
                 match &self.window {
-                    Window::Count(w) => w.reset(),
+                    Window::Count(w) => {
+                        w.reset();
+                        // An empty window is not clean (see `update_clean`).
+                        fence(SeqCst);
+                        self.hot.set_clean(false);
+                    }
                     Window::Time(w) => w.reset(now),
                 }
                 self.timer_gen.store(NO_TIMER, Relaxed);
@@ -729,7 +792,16 @@ impl Breaker {
     /// metrics recorder before creating breakers.
     pub fn new(config: CircuitBreakerConfig) -> Self {
         Self {
-            shared: Arc::new(Shared::new(config)),
+            shared: Arc::new_cyclic(|this| Shared::new(config, this.clone(), false)),
+        }
+    }
+
+    /// A breaker whose clean-window calls go the lean way whatever the features, so that
+    /// tests run with `metrics` exercise that path too.
+    #[cfg(test)]
+    pub(crate) fn lean_for_test(config: CircuitBreakerConfig) -> Self {
+        Self {
+            shared: Arc::new_cyclic(|this| Shared::new(config, this.clone(), true)),
         }
     }
 

@@ -82,6 +82,14 @@ impl CountWindow {
         true
     }
 
+    /// Whether the window is full and holds only plain successes, read off the raw totals
+    /// (a total a racing reset has made negative is not clean).
+    pub(crate) fn is_clean(&self) -> bool {
+        self.failed.load(Relaxed) == 0
+            && self.slow.load(Relaxed) == 0
+            && self.total.load(Relaxed) == self.slots.len() as i64
+    }
+
     /// `count % size`.
     #[inline(always)]
     fn index(&self, count: u32) -> usize {

@@ -695,6 +695,29 @@ mod metrics_reporting {
             "gauge shows open"
         );
     }
+
+    /// Once the window is full of successes a success changes nothing in it, but the
+    /// metric still counts every one.
+    #[tokio::test(start_paused = true)]
+    async fn every_success_is_counted_past_a_clean_window() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let (mut svc, _breaker, _) = metrics::with_local_recorder(&recorder, || {
+            scripted(config().name("clean").build().unwrap())
+        });
+        calls(&mut svc, Do::Succeed, 25).await;
+        let successes = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find(|(key, ..)| {
+                let k = key.key();
+                k.name() == "seawall_circuit_breaker_calls_total"
+                    && k.labels().any(|l| l.value() == "success")
+            })
+            .map(|(.., value)| value);
+        assert_eq!(successes, Some(DebugValue::Counter(25)));
+    }
 }
 
 #[tokio::test(start_paused = true)]
