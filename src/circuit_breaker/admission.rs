@@ -38,13 +38,19 @@ impl Admission {
 
     /// Takes a decision in place, if none is held (the layer's `poll_ready`): the closed
     /// path writes one word pair and nothing else.
+    ///
+    /// A closed breaker's answer is not kept: `call` reads the state again anyway (see
+    /// [`start_closed`](Self::start_closed)), so it takes its ticket from that reading.
     #[inline(always)]
     pub(crate) fn ask_if_none(&mut self, breaker: &Breaker) {
         if self.decision == Decision::NONE {
             let shared = &breaker.shared;
-            self.decision = shared.admit();
-            if self.decision.tag() == Decision::PROBE {
-                self.hold_probe(shared);
+            let decision = shared.admit();
+            if decision.tag() != Decision::CLOSED {
+                self.decision = decision;
+                if decision.tag() == Decision::PROBE {
+                    self.hold_probe(shared);
+                }
             }
         }
     }
@@ -60,24 +66,18 @@ impl Admission {
         self.decision.tag() == Decision::REJECTED
     }
 
-    /// The call starts now, on the closed path: a ticket when the breaker admitted the call
-    /// closed and is still in that closed period (one atomic load); `None` for every
-    /// other case, which [`start`](Self::start) then settles. Split so that the common
-    /// case returns its ticket in registers.
+    /// The call starts now, on the closed path: a ticket when `poll_ready` kept no other
+    /// decision and the breaker is closed now (one atomic load); `None` for every other
+    /// case, which [`start`](Self::start) then settles. Split so that the common case
+    /// returns its ticket in registers.
     #[inline(always)]
     pub(crate) fn start_closed(&mut self, breaker: &Breaker) -> Option<Ticket> {
-        let shared = &breaker.shared;
-        if self.decision.tag() == Decision::CLOSED && shared.is_current(self.decision) {
-            let ticket = Ticket {
-                hold: shared.closed_hold(),
-                word: self.decision.word,
-                start: shared.start(),
-            };
-            self.decision = Decision::NONE;
-            Some(ticket)
-        } else {
-            None
+        if self.decision != Decision::NONE {
+            return None;
         }
+        let shared = &breaker.shared;
+        let decision = shared.admit_closed()?;
+        Some(Ticket::closed(shared, decision.word))
     }
 
     /// The rejection, when the breaker refused (a rejection is not checked again: the
@@ -104,6 +104,8 @@ impl Admission {
     pub(crate) fn start(self, breaker: &Breaker) -> Result<Ticket, CircuitOpen> {
         let current = match self.decision.tag() {
             Decision::CLOSED | Decision::PROBE => breaker.shared.is_current(self.decision),
+            // No decision kept: the breaker was closed at `poll_ready` and has moved since.
+            0 => false,
             _ => true,
         };
         if current {
@@ -118,11 +120,7 @@ impl Admission {
     #[inline(always)]
     fn into_ticket(mut self, shared: &Arc<Shared>) -> Result<Ticket, CircuitOpen> {
         match self.decision.tag() {
-            Decision::CLOSED => Ok(Ticket {
-                hold: shared.closed_hold(),
-                word: self.decision.word,
-                start: shared.start(),
-            }),
+            Decision::CLOSED => Ok(Ticket::closed(shared, self.decision.word)),
             Decision::DISABLED => Ok(Ticket::NONE),
             _ => self.ticket_other(shared),
         }
@@ -146,7 +144,7 @@ impl Admission {
                 self.decision.rejecting_state(),
                 self.decision.until,
             )),
-            _ => panic!("a call started before its service was ready (poll_ready)"),
+            _ => unreachable!("a decision is taken again when none is kept"),
         }
     }
 }
@@ -195,6 +193,25 @@ impl Ticket {
         word: Decision::NONE.word,
         start: Start::NONE,
     };
+
+    /// A call admitted closed: the completion flag's block while a success would change
+    /// nothing (such a breaker does not time calls), a reference to the breaker otherwise.
+    #[inline(always)]
+    fn closed(shared: &Arc<Shared>, word: u64) -> Ticket {
+        if shared.hot.is_clean() {
+            Ticket {
+                hold: Hold::Lean(shared.hot, shared.id),
+                word,
+                start: Start::NONE,
+            }
+        } else {
+            Ticket {
+                hold: Hold::Shared(shared.clone()),
+                word,
+                start: shared.start(),
+            }
+        }
+    }
 
     /// Records the call's outcome (an [`Outcome::Ignored`] counts for nothing).
     #[inline(always)]

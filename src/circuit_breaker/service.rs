@@ -12,9 +12,10 @@ use super::{Breaker, CircuitBreakerLayer};
 
 /// A service guarded by a circuit breaker. See the [module docs](super).
 ///
-/// `poll_ready` asks the breaker first, once per call (a decision taken at the first
-/// `poll_ready` after a `call` is kept while the inner service is pending, and checked
-/// again, with one atomic load, in `call`). When it rejects, `poll_ready` is ready at once and
+/// `poll_ready` asks the breaker first (a rejection or a probe permit taken at the first
+/// `poll_ready` after a `call` is kept while the inner service is pending; a closed
+/// breaker is read again, with one atomic load, in `call`, so a breaker that opened
+/// meanwhile is not bypassed). When it rejects, `poll_ready` is ready at once and
 /// `call` returns a [`CircuitOpen`](super::CircuitOpen) error without touching the inner
 /// service. A half-open probe permit is reserved in `poll_ready` and returned if the
 /// service, or the call's future, is dropped before the call completes.
@@ -125,8 +126,9 @@ where
     // copying them back costs store-forwarding stalls that double the layer's cost.
     #[inline(always)]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Decided once per call: at the first `poll_ready` after the previous `call`. A
-        // reserved probe permit is thereby kept until it is used or the service dropped.
+        // A rejection or a probe is decided once per call, at the first `poll_ready` after
+        // the previous `call`: a reserved probe permit is thereby kept until it is used or
+        // the service dropped. A closed breaker keeps nothing: `call` reads it again.
         self.admission.ask_if_none(&self.breaker);
         if self.admission.rejects() {
             return Poll::Ready(Ok(()));
@@ -137,8 +139,9 @@ where
     #[inline(always)]
     fn call(&mut self, request: Request) -> Self::Future {
         // The breaker may have moved since `poll_ready` (the inner service may have been
-        // pending for long): the decision is checked again, and taken again if it moved, so
-        // a breaker that opened meanwhile is not bypassed.
+        // pending for long): a closed breaker is read again and a kept probe decision
+        // checked again, and the decision taken again if it moved, so a breaker that
+        // opened meanwhile is not bypassed.
         match self.admission.start_closed(&self.breaker) {
             Some(ticket) => {
                 ResponseFuture::called(self.inner.call(request), ticket, self.classifier.clone())

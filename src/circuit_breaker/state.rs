@@ -308,6 +308,13 @@ impl Shared {
         self.admit_slow()
     }
 
+    /// A closed decision, if the breaker is closed now (one atomic load).
+    #[inline(always)]
+    pub(crate) fn admit_closed(&self) -> Option<Decision> {
+        let w = self.word.load(Acquire);
+        (state_of(w) == State::Closed).then(|| Decision::new(Decision::CLOSED, gen_of(w), 0))
+    }
+
     /// Whether a closed or probe decision still belongs to the current state.
     #[inline(always)]
     pub(crate) fn is_current(&self, decision: Decision) -> bool {
@@ -464,17 +471,6 @@ impl Shared {
             }
         } else {
             self.hot.set_clean(false);
-        }
-    }
-
-    /// What a call admitted closed holds until it completes: the completion flag's block
-    /// while a success would change nothing, a reference to the breaker otherwise.
-    #[inline(always)]
-    pub(crate) fn closed_hold(self: &Arc<Self>) -> super::admission::Hold {
-        if self.hot.is_clean() {
-            super::admission::Hold::Lean(self.hot, self.id)
-        } else {
-            super::admission::Hold::Shared(self.clone())
         }
     }
 
