@@ -24,6 +24,7 @@ pub const CASES: &[&str] = &[
     "seawall closed typed",
     "failsafe closed",
     "seawall forced open",
+    "seawall forced open typed",
     "seawall tripped open",
     "seawall tripped open typed",
     "failsafe tripped open",
@@ -151,6 +152,11 @@ pub fn with_case<R>(
             let layer = layer();
             layer.breaker().force_open();
             go!(layer.layer(bare()), true)
+        }
+        "seawall forced open typed" => {
+            let layer = layer();
+            layer.breaker().force_open();
+            go!(layer.typed_errors().layer(bare()), true)
         }
         "seawall tripped open" | "seawall tripped open typed" => {
             let layer = layer();
