@@ -36,11 +36,10 @@ impl Admission {
         Self { decision, probe }
     }
 
-    /// Takes a decision in place, if none is held (the layer's `poll_ready`): the closed
-    /// path writes one word pair and nothing else.
-    ///
-    /// A closed breaker's answer is not kept: `call` reads the state again anyway (see
-    /// [`start_closed`](Self::start_closed)), so it takes its ticket from that reading.
+    /// Takes a decision in place, if none is held (the layer's `poll_ready`). A closed
+    /// breaker's answer is not kept, so the closed path is one atomic load and no write:
+    /// `call` reads the state again anyway (see [`start_closed`](Self::start_closed)) and
+    /// takes its ticket from that reading.
     #[inline(always)]
     pub(crate) fn ask_if_none(&mut self, breaker: &Breaker) {
         if self.decision == Decision::NONE {
