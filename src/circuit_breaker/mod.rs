@@ -63,9 +63,9 @@
 //! allocation, no reference count. That holds while the window is full of successes (the
 //! steady state of a healthy dependency), where a success changes nothing in the window:
 //! the call then holds no reference to the breaker, only a `&'static` block with the flag
-//! that says so. A failure, or any call made while the window is not clean, records as
-//! before: a reference count for the response future, then an atomic add on the window's
-//! cursor and a swap when the outcome differs from the one it replaces. The blocks are
+//! that says so. A failure, and any call made while the window is not clean, records: a
+//! reference count for the response future, then an atomic add on the window's cursor
+//! and a swap when the outcome differs from the one it replaces. The blocks are
 //! kept for the breakers made later (64 bytes each, as many as the most breakers alive at
 //! once). With the `metrics` feature every outcome is counted, so calls always record. A
 //! time-based window reads the clock once per call and takes a short lock; slow-call
