@@ -22,11 +22,42 @@ use parking_lot::Mutex;
 
 use super::state::Shared;
 
-/// Blocks of dropped breakers, for the next breakers made.
-static FREE: Mutex<Vec<&'static Hot>> = Mutex::new(Vec::new());
+/// Where breakers take their blocks: the process's one pool (tests make their own).
+pub(crate) static POOL: Pool = Pool::new();
 
 /// Unique breaker ids; 0 is no breaker's.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Blocks of dropped breakers, for the next breakers made.
+pub(crate) struct Pool {
+    free: Mutex<Vec<&'static Hot>>,
+}
+
+impl Pool {
+    pub(crate) const fn new() -> Self {
+        Self {
+            free: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A block for a new breaker, with the id the breaker's lean calls carry.
+    pub(crate) fn claim(&'static self, breaker: Weak<Shared>) -> (&'static Hot, u64) {
+        let id = NEXT_ID.fetch_add(1, Relaxed);
+        let hot = self.free.lock().pop().unwrap_or_else(|| {
+            Box::leak(Box::new(Hot {
+                clean: AtomicBool::new(false),
+                owner: Mutex::new(Owner {
+                    id: 0,
+                    breaker: Weak::new(),
+                }),
+                pool: self,
+            }))
+        });
+        hot.clean.store(false, Relaxed);
+        *hot.owner.lock() = Owner { id, breaker };
+        (hot, id)
+    }
+}
 
 /// A breaker's completion flag and a way back to the breaker. Cache-line aligned: blocks of
 /// different breakers do not share a line.
@@ -37,6 +68,8 @@ pub(crate) struct Hot {
     /// breaker's recording (see [`Shared::record_closed`]); read by completing calls.
     clean: AtomicBool,
     owner: Mutex<Owner>,
+    /// The pool it goes back to.
+    pool: &'static Pool,
 }
 
 struct Owner {
@@ -45,23 +78,6 @@ struct Owner {
 }
 
 impl Hot {
-    /// A block for a new breaker, with the id the breaker's lean calls carry.
-    pub(crate) fn claim(breaker: Weak<Shared>) -> (&'static Hot, u64) {
-        let id = NEXT_ID.fetch_add(1, Relaxed);
-        let hot = FREE.lock().pop().unwrap_or_else(|| {
-            Box::leak(Box::new(Hot {
-                clean: AtomicBool::new(false),
-                owner: Mutex::new(Owner {
-                    id: 0,
-                    breaker: Weak::new(),
-                }),
-            }))
-        });
-        hot.clean.store(false, Relaxed);
-        *hot.owner.lock() = Owner { id, breaker };
-        (hot, id)
-    }
-
     /// Gives the block back, when its breaker is dropped: calls still holding it find no
     /// breaker under their id and record nothing, as a dropped breaker's calls would.
     pub(crate) fn release(&'static self) {
@@ -74,7 +90,7 @@ impl Hot {
             },
         );
         drop(old);
-        FREE.lock().push(self);
+        self.pool.free.lock().push(self);
     }
 
     /// Whether a success recorded now would change nothing.
@@ -83,6 +99,7 @@ impl Hot {
         self.clean.load(Relaxed)
     }
 
+    /// Sets the flag, writing only if it changes (see `Shared::update_clean` for when).
     pub(crate) fn set_clean(&self, clean: bool) {
         if self.clean.load(Relaxed) != clean {
             self.clean.store(clean, Relaxed);
@@ -110,7 +127,17 @@ mod tests {
     use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, SlidingWindow, State, Ticket};
 
     fn breaker(size: u32, threshold: f64) -> Breaker {
+        breaker_in(&super::POOL, size, threshold)
+    }
+
+    /// A pool of its own, so that tests running at the same time take no block from it.
+    fn own_pool() -> &'static super::Pool {
+        Box::leak(Box::new(super::Pool::new()))
+    }
+
+    fn breaker_in(pool: &'static super::Pool, size: u32, threshold: f64) -> Breaker {
         Breaker::lean_for_test(
+            pool,
             CircuitBreakerConfig::builder()
                 .name("hot")
                 .sliding_window(SlidingWindow::count_based(size))
@@ -179,7 +206,8 @@ mod tests {
 
     #[test]
     fn an_outcome_never_lands_in_the_breaker_that_took_over_a_block() {
-        let a = breaker(2, 1.0);
+        let pool = own_pool();
+        let a = breaker_in(pool, 2, 1.0);
         fill(&a, 2);
         let stale = a.try_acquire().expect("closed");
         let (hot, id) = (a.shared.hot, a.shared.id);
@@ -188,17 +216,9 @@ mod tests {
             hot.breaker(id).is_none(),
             "the dropped breaker's id finds nothing"
         );
-        // The block is on the free list: the next breaker made takes it, unless a test on
-        // another thread took it first (then it comes back when that breaker is dropped).
-        let mut others = Vec::new();
-        let b = loop {
-            let b = breaker(2, 1.0);
-            if std::ptr::eq(b.shared.hot, hot) {
-                break b;
-            }
-            others.push(b);
-            assert!(others.len() < 100_000, "the block never came back");
-        };
+        // The next breaker made takes the block.
+        let b = breaker_in(pool, 2, 1.0);
+        assert!(std::ptr::eq(b.shared.hot, hot), "the block is reused");
         fill(&b, 2);
         stale.failure();
         assert_eq!(
@@ -211,18 +231,20 @@ mod tests {
 
     #[test]
     fn blocks_are_bounded_by_the_breakers_alive_not_those_made() {
+        let pool = own_pool();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..10_000 {
-            let b = breaker(2, 1.0);
+            let b = breaker_in(pool, 2, 1.0);
             seen.insert(std::ptr::from_ref(b.shared.hot) as usize);
         }
-        // Without reuse: 10 000 blocks. With it, one, plus any that breakers of tests on
-        // other threads held while this loop ran.
-        assert!(
-            seen.len() < 1_000,
-            "{} blocks for 10 000 breakers",
-            seen.len()
+        assert_eq!(
+            seen.len(),
+            1,
+            "one block serves breakers made one after another"
         );
+        let alive: Vec<Breaker> = (0..3).map(|_| breaker_in(pool, 2, 1.0)).collect();
+        drop(alive);
+        assert_eq!(pool.free.lock().len(), 3, "as many as were alive at once");
     }
 
     #[test]

@@ -245,7 +245,12 @@ impl fmt::Debug for Shared {
 impl Shared {
     /// `lean_with_metrics`: completes calls through [`Hot`] even with the `metrics` feature,
     /// which then misses the successes written nowhere (tests of the lean path only).
-    fn new(config: CircuitBreakerConfig, this: Weak<Shared>, lean_with_metrics: bool) -> Self {
+    fn new(
+        config: CircuitBreakerConfig,
+        this: Weak<Shared>,
+        pool: &'static super::hot::Pool,
+        lean_with_metrics: bool,
+    ) -> Self {
         let window = match config.window {
             SlidingWindow::CountBased { size } => Window::Count(CountWindow::new(size)),
             SlidingWindow::TimeBased { window, buckets } => {
@@ -258,7 +263,7 @@ impl Shared {
         let lean = matches!(window, Window::Count(_))
             && config.slow_call_duration.is_none()
             && (!cfg!(feature = "metrics") || lean_with_metrics);
-        let (hot, id) = Hot::claim(this);
+        let (hot, id) = pool.claim(this);
         Self {
             lean,
             hot,
@@ -788,16 +793,21 @@ impl Breaker {
     /// metrics recorder before creating breakers.
     pub fn new(config: CircuitBreakerConfig) -> Self {
         Self {
-            shared: Arc::new_cyclic(|this| Shared::new(config, this.clone(), false)),
+            shared: Arc::new_cyclic(|this| {
+                Shared::new(config, this.clone(), &super::hot::POOL, false)
+            }),
         }
     }
 
     /// A breaker whose clean-window calls go the lean way whatever the features, so that
     /// tests run with `metrics` exercise that path too.
     #[cfg(test)]
-    pub(crate) fn lean_for_test(config: CircuitBreakerConfig) -> Self {
+    pub(crate) fn lean_for_test(
+        pool: &'static super::hot::Pool,
+        config: CircuitBreakerConfig,
+    ) -> Self {
         Self {
-            shared: Arc::new_cyclic(|this| Shared::new(config, this.clone(), true)),
+            shared: Arc::new_cyclic(|this| Shared::new(config, this.clone(), pool, true)),
         }
     }
 
