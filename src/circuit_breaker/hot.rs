@@ -99,11 +99,9 @@ impl Hot {
         self.clean.load(Relaxed)
     }
 
-    /// Sets the flag, writing only if it changes (see `Shared::update_clean` for when).
+    /// Sets the flag (see `Shared::update_clean` for when).
     pub(crate) fn set_clean(&self, clean: bool) {
-        if self.clean.load(Relaxed) != clean {
-            self.clean.store(clean, Relaxed);
-        }
+        self.clean.store(clean, Relaxed);
     }
 
     /// The breaker with id `id`, if this block is still its and it is alive.

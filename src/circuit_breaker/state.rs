@@ -459,23 +459,22 @@ impl Shared {
         }
     }
 
-    /// Keeps [`Hot`]'s flag true only while the window is clean, after a record that changed
-    /// it. A record that spoils the window clears the flag after its writes; one that may
-    /// have cleaned it sets the flag and then reads the window again. The fences order each
-    /// side's writes before its reads, so of two racing records at least one sees the
-    /// other's: a record spoiling the window cannot be followed by a flag left set, and a
-    /// window made clean is not left with its flag unset.
+    /// Brings [`Hot`]'s flag to what the window says, after a record (or a reset) that
+    /// changed the window: read the window, store the flag if it differs, and read again
+    /// until a reading agrees with the flag. The fences order each caller's window writes
+    /// before its reads, and its flag store before its next read, so whichever caller
+    /// stores last has read the window after every change: once records stop, the flag is
+    /// true exactly when the window is clean. Each further turn needs another caller's
+    /// change to the window in between.
     #[inline(never)]
     fn update_clean(&self, w: &CountWindow) {
-        fence(SeqCst);
-        if w.is_clean() {
-            self.hot.set_clean(true);
+        loop {
             fence(SeqCst);
-            if !w.is_clean() {
-                self.hot.set_clean(false);
+            let clean = w.is_clean();
+            if self.hot.is_clean() == clean {
+                return;
             }
-        } else {
-            self.hot.set_clean(false);
+            self.hot.set_clean(clean);
         }
     }
 
@@ -588,9 +587,9 @@ impl Shared {
                 match &self.window {
                     Window::Count(w) => {
                         w.reset();
-                        // An empty window is not clean (see `update_clean`).
-                        fence(SeqCst);
-                        self.hot.set_clean(false);
+                        if self.lean {
+                            self.update_clean(w);
+                        }
                     }
                     Window::Time(w) => w.reset(now),
                 }
