@@ -112,7 +112,8 @@
 //! | error, anywhere in the `source()` chain | `grpc-status` |
 //! |---|---|
 //! | [`RateLimited`](crate::rate_limit::RateLimited) | `RESOURCE_EXHAUSTED` (8), pushback: when a token comes |
-//! | [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) | `UNAVAILABLE` (14), pushback: when the breaker probes again |
+//! | [`Rejection`](crate::circuit_breaker::Rejection) (typed errors, `try_acquire`, a balancer's endpoint breakers) | `UNAVAILABLE` (14), pushback: when the breaker probes again |
+//! | [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) (the default error mode's zero-sized rejection) | `UNAVAILABLE` (14) |
 //! | [`NoEndpoints`](crate::balance::NoEndpoints) | `UNAVAILABLE` (14) |
 //! | [`HoldingOff`](crate::rate_limit::http::HoldingOff) | `UNAVAILABLE` (14), pushback: the rest of the hold |
 //! | tower's `timeout::error::Elapsed` | `DEADLINE_EXCEEDED` (4) |
@@ -836,7 +837,7 @@ pub fn refusal_response<B: Default>(error: &crate::BoxError) -> Option<http::Res
             limited.to_string(),
             limited.retry_after(),
         ),
-        Refusal::Open(open) => (GrpcCode::Unavailable, open.to_string(), open.retry_after()),
+        Refusal::Open(open, retry_after) => (GrpcCode::Unavailable, open.to_string(), retry_after),
         Refusal::NoEndpoints(none) => (GrpcCode::Unavailable, none.to_string(), None),
         Refusal::HoldingOff(hold) => (
             GrpcCode::Unavailable,

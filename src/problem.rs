@@ -5,7 +5,8 @@
 //!
 //! | error, anywhere in the `source()` chain | answer |
 //! |---|---|
-//! | [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) | `503 Service Unavailable`, `Retry-After` when the breaker knows when it probes again |
+//! | [`Rejection`](crate::circuit_breaker::Rejection) (typed errors, `try_acquire`, a balancer's endpoint breakers) | `503 Service Unavailable`, `Retry-After` when the breaker knows when it probes again |
+//! | [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) (the default error mode's zero-sized rejection, which says no more) | `503 Service Unavailable` |
 //! | [`NoEndpoints`](crate::balance::NoEndpoints) (a balancer with no endpoint to call) | `503 Service Unavailable` |
 //! | [`RateLimited`](crate::rate_limit::RateLimited) | `429 Too Many Requests`, `Retry-After`, `RateLimit-Policy` / `RateLimit` (policy `default`) |
 //! | [`HoldingOff`](crate::rate_limit::http::HoldingOff) (an upstream's `Retry-After` honoured by [`RetryAfterLayer`](crate::rate_limit::http::RetryAfterLayer)) | `503 Service Unavailable`, `Retry-After` the rest of the hold |
@@ -165,10 +166,10 @@ fn retry_after_secs(d: std::time::Duration) -> HeaderValue {
 /// want shown out of it, or map those errors yourself first).
 pub fn error_response<B: ProblemBody>(error: &crate::BoxError) -> Response<B> {
     let (status, detail, retry_after) = match refusal_of(error) {
-        Refusal::Open(open) => (
+        Refusal::Open(open, retry_after) => (
             StatusCode::SERVICE_UNAVAILABLE,
             open.to_string(),
-            open.retry_after(),
+            retry_after,
         ),
         Refusal::NoEndpoints(none) => (StatusCode::SERVICE_UNAVAILABLE, none.to_string(), None),
         Refusal::Limited(limited) => {
@@ -198,8 +199,13 @@ pub fn error_response<B: ProblemBody>(error: &crate::BoxError) -> Response<B> {
 /// `source()` chain: what [`error_response`] and the gRPC answers
 /// (`seawall::grpc::refusal_response`) answer by.
 pub(crate) enum Refusal<'a> {
-    /// A breaker refused the call.
-    Open(&'a crate::circuit_breaker::CircuitOpen),
+    /// A breaker refused the call: its message, and when it probes again if the error
+    /// says ([`Rejection`](crate::circuit_breaker::Rejection) does, the default mode's
+    /// zero-sized [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) does not).
+    Open(
+        &'a (dyn std::error::Error + 'static),
+        Option<std::time::Duration>,
+    ),
     /// A balancer had no endpoint.
     NoEndpoints(&'a crate::balance::NoEndpoints),
     /// A limit refused it.
@@ -215,8 +221,11 @@ pub(crate) enum Refusal<'a> {
 pub(crate) fn refusal_of(error: &crate::BoxError) -> Refusal<'_> {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
     while let Some(e) = current {
-        if let Some(open) = e.downcast_ref::<crate::circuit_breaker::CircuitOpen>() {
-            return Refusal::Open(open);
+        if let Some(rejection) = e.downcast_ref::<crate::circuit_breaker::Rejection>() {
+            return Refusal::Open(e, rejection.retry_after());
+        }
+        if e.is::<crate::circuit_breaker::CircuitOpen>() {
+            return Refusal::Open(e, None);
         }
         if let Some(none) = e.downcast_ref::<crate::balance::NoEndpoints>() {
             return Refusal::NoEndpoints(none);
@@ -236,9 +245,14 @@ pub(crate) fn refusal_of(error: &crate::BoxError) -> Refusal<'_> {
 }
 
 /// [`error_response`] as the function axum's `HandleErrorLayer` takes:
-/// `.layer(HandleErrorLayer::new(seawall::problem::handle_error))`.
-pub async fn handle_error(error: crate::BoxError) -> Response<http_body_util::Full<Bytes>> {
-    error_response(&error)
+/// `.layer(HandleErrorLayer::new(seawall::problem::handle_error))`. It takes any error that
+/// converts into a [`BoxError`](crate::BoxError), so a breaker with
+/// [typed errors](crate::circuit_breaker::CircuitBreakerLayer::typed_errors) can sit right
+/// under it, its rejections answered with `Retry-After`.
+pub async fn handle_error<E: Into<crate::BoxError>>(
+    error: E,
+) -> Response<http_body_util::Full<Bytes>> {
+    error_response(&error.into())
 }
 
 #[cfg(test)]

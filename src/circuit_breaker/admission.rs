@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use super::classify::Outcome;
-use super::error::CircuitOpen;
+use super::error::{Refused, Rejection};
 use super::hot::Hot;
 use super::state::{Breaker, Decision, ProbePermit, Shared, Start};
 
@@ -81,13 +81,14 @@ impl Admission {
 
     /// The rejection, when the breaker refused (a rejection is not checked again: the
     /// breaker said no, and a retry after it moved is the caller's to make); `None`
-    /// otherwise.
+    /// otherwise. It refers to the breaker only if `detailed`.
     #[inline(always)]
-    pub(crate) fn take_rejection(&mut self, breaker: &Breaker) -> Option<CircuitOpen> {
+    pub(crate) fn take_rejection(&mut self, breaker: &Breaker, detailed: bool) -> Option<Refused> {
         if self.decision.tag() == Decision::REJECTED {
             let decision = std::mem::replace(&mut self.decision, Decision::NONE);
-            Some(CircuitOpen::new(
-                breaker.shared.clone(),
+            Some(Refused::new(
+                &breaker.shared,
+                detailed,
                 decision.rejecting_state(),
                 decision.until,
             ))
@@ -100,7 +101,7 @@ impl Admission {
     /// taken (a pending inner service can take long), so that a breaker that opened
     /// meanwhile is not bypassed; then a [`Ticket`], or the rejection.
     #[inline(always)]
-    pub(crate) fn start(self, breaker: &Breaker) -> Result<Ticket, CircuitOpen> {
+    pub(crate) fn start(self, breaker: &Breaker) -> Result<Ticket, Rejection> {
         let current = match self.decision.tag() {
             Decision::CLOSED | Decision::PROBE => breaker.shared.is_current(self.decision),
             // No decision kept: the breaker was closed at `poll_ready` and has moved since.
@@ -117,7 +118,7 @@ impl Admission {
     }
 
     #[inline(always)]
-    fn into_ticket(mut self, shared: &Arc<Shared>) -> Result<Ticket, CircuitOpen> {
+    fn into_ticket(mut self, shared: &Arc<Shared>) -> Result<Ticket, Rejection> {
         match self.decision.tag() {
             Decision::CLOSED => Ok(Ticket::closed(shared, self.decision.word)),
             Decision::DISABLED => Ok(Ticket::NONE),
@@ -128,7 +129,7 @@ impl Admission {
     /// A probe or a rejection: kept out of line so that the closed path stays small.
     #[cold]
     #[inline(never)]
-    fn ticket_other(&mut self, shared: &Arc<Shared>) -> Result<Ticket, CircuitOpen> {
+    fn ticket_other(&mut self, shared: &Arc<Shared>) -> Result<Ticket, Rejection> {
         match self.decision.tag() {
             Decision::PROBE => match self.probe.take() {
                 Some(permit) => Ok(Ticket {
@@ -138,7 +139,7 @@ impl Admission {
                 }),
                 None => unreachable!("a probe decision holds its permit"),
             },
-            Decision::REJECTED => Err(CircuitOpen::new(
+            Decision::REJECTED => Err(Rejection::new(
                 shared.clone(),
                 self.decision.rejecting_state(),
                 self.decision.until,
@@ -320,9 +321,9 @@ impl fmt::Debug for Ticket {
 impl Breaker {
     /// Asks for permission to make one call, for work that is not a tower service (the
     /// layers ask by themselves): a [`Ticket`] to record the outcome with, or the
-    /// rejection ([`CircuitOpen`], which says when the breaker probes again).
+    /// rejection ([`Rejection`], which says when the breaker probes again).
     #[inline]
-    pub fn try_acquire(&self) -> Result<Ticket, CircuitOpen> {
+    pub fn try_acquire(&self) -> Result<Ticket, Rejection> {
         Admission::ask(self).into_ticket(&self.shared)
     }
 }

@@ -9,26 +9,59 @@ use tokio::time::Instant;
 use super::State;
 use super::state::Shared;
 
-/// A call was rejected because the breaker did not admit it.
+/// A call was rejected because the breaker did not admit it: the error of the default
+/// [`Boxed`] mode, zero-sized, so that boxing it allocates nothing.
 ///
-/// Returned (boxed in [`BoxError`](crate::BoxError)) when the breaker is open or forced open,
-/// or half-open with all its probe permits taken. The inner service was neither called nor
-/// reserved.
+/// Returned (boxed in [`BoxError`](crate::BoxError)) when the breaker is open or forced
+/// open, or half-open with all its probe permits taken. The inner service was neither called
+/// nor reserved. Like tower's own `Overloaded` and `Elapsed`, it says only what happened:
+/// which breaker and when it probes again are in a [`Rejection`], which the [`Typed`] mode,
+/// [`Breaker::try_acquire`](super::Breaker::try_acquire) and the balancer's endpoint
+/// breakers return (a rejection is rare there, or its details are needed:
+/// `Retry-After`). [`is_circuit_open`](crate::fallback::is_circuit_open) recognises both.
 ///
 /// ```
 /// # use seawall::circuit_breaker::CircuitOpen;
 /// fn is_breaker_rejection(err: &seawall::BoxError) -> bool {
 ///     err.is::<CircuitOpen>()
 /// }
+/// assert_eq!(std::mem::size_of::<CircuitOpen>(), 0);
 /// ```
-#[derive(Clone)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CircuitOpen {
+    _p: (),
+}
+
+impl CircuitOpen {
+    /// The rejection, as the breaker returns it.
+    pub const fn new() -> Self {
+        Self { _p: () }
+    }
+}
+
+impl fmt::Display for CircuitOpen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("circuit breaker is open")
+    }
+}
+
+impl std::error::Error for CircuitOpen {}
+
+/// A rejection with its details: which breaker refused, in which state, and when it probes
+/// again.
+///
+/// The error of [`Breaker::try_acquire`](super::Breaker::try_acquire), of the [`Typed`] mode
+/// ([`Error::Open`]) and, boxed, of a balancer whose endpoints' breakers all refuse. The
+/// default [`Boxed`] mode returns the zero-sized [`CircuitOpen`] instead, which needs no
+/// allocation. [`is_circuit_open`](crate::fallback::is_circuit_open) recognises both.
+#[derive(Clone)]
+pub struct Rejection {
     shared: Arc<Shared>,
     state: State,
     until: u64,
 }
 
-impl CircuitOpen {
+impl Rejection {
     pub(crate) fn new(shared: Arc<Shared>, state: State, until: u64) -> Self {
         Self {
             shared,
@@ -63,9 +96,9 @@ impl CircuitOpen {
     }
 }
 
-impl fmt::Debug for CircuitOpen {
+impl fmt::Debug for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CircuitOpen")
+        f.debug_struct("Rejection")
             .field("breaker", &self.breaker())
             .field("state", &self.state)
             .field("retry_after", &self.retry_after())
@@ -73,7 +106,7 @@ impl fmt::Debug for CircuitOpen {
     }
 }
 
-impl fmt::Display for CircuitOpen {
+impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = self.breaker();
         match self.state {
@@ -84,7 +117,24 @@ impl fmt::Display for CircuitOpen {
     }
 }
 
-impl std::error::Error for CircuitOpen {}
+impl std::error::Error for Rejection {}
+
+/// Whether `error` is a breaker's rejection ([`CircuitOpen`] or [`Rejection`]), directly
+/// or anywhere in its `source()` chain, and the first [`Rejection`] found there (for its
+/// `retry_after`).
+pub(crate) fn rejection_in(error: &crate::BoxError) -> Option<Option<&Rejection>> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(e) = current {
+        if let Some(rejection) = e.downcast_ref::<Rejection>() {
+            return Some(Some(rejection));
+        }
+        if e.is::<CircuitOpen>() {
+            return Some(None);
+        }
+        current = e.source();
+    }
+    None
+}
 
 /// How a [`CircuitBreaker`](super::CircuitBreaker) reports errors: its own rejections and
 /// the inner service's errors. Chosen with
@@ -93,31 +143,82 @@ pub trait ErrorMode<E>: sealed::Sealed {
     /// The service's error type.
     type Error;
 
+    /// Whether a rejection carries its [`Rejection`] details (and so a reference to the
+    /// breaker, taken per rejection).
+    #[doc(hidden)]
+    const DETAILED: bool;
+
     /// The error for a call the breaker rejected.
-    fn rejected(open: CircuitOpen) -> Self::Error;
+    #[doc(hidden)]
+    fn rejected(refused: sealed::Refused) -> Self::Error;
 
     /// The error for a call the inner service failed.
     fn inner(error: E) -> Self::Error;
 }
 
+pub(crate) use sealed::Refused;
+
 mod sealed {
+    use super::*;
+
     pub trait Sealed {}
     impl Sealed for super::Boxed {}
     impl Sealed for super::Typed {}
+
+    /// A rejection on its way to the caller: the breaker only when the mode needs it.
+    /// Public in a private module, so nameable by no one outside the crate.
+    #[derive(Debug)]
+    pub struct Refused {
+        shared: Option<Arc<Shared>>,
+        state: State,
+        until: u64,
+    }
+
+    impl Refused {
+        /// `shared` is cloned only if `detailed`.
+        #[inline(always)]
+        pub(crate) fn new(shared: &Arc<Shared>, detailed: bool, state: State, until: u64) -> Self {
+            Self {
+                shared: detailed.then(|| shared.clone()),
+                state,
+                until,
+            }
+        }
+
+        pub(crate) fn rejection(self) -> Rejection {
+            let shared = self
+                .shared
+                .expect("a detailed error mode keeps the breaker with its rejection");
+            Rejection::new(shared, self.state, self.until)
+        }
+    }
+
+    impl From<Rejection> for Refused {
+        fn from(rejection: Rejection) -> Self {
+            Self {
+                shared: Some(rejection.shared),
+                state: rejection.state,
+                until: rejection.until,
+            }
+        }
+    }
 }
 
 /// The default [`ErrorMode`]: errors are [`BoxError`](crate::BoxError), as everywhere in
 /// tower. Inner errors pass through unchanged (so `err.is::<tower::timeout::error::Elapsed>()`
-/// still works) and a rejection is a boxed [`CircuitOpen`], which costs one allocation.
+/// still works) and a rejection is a boxed [`CircuitOpen`], which is zero-sized: rejecting
+/// allocates nothing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Boxed;
 
 impl<E: Into<crate::BoxError>> ErrorMode<E> for Boxed {
     type Error = crate::BoxError;
 
-    #[inline]
-    fn rejected(open: CircuitOpen) -> crate::BoxError {
-        Box::new(open)
+    const DETAILED: bool = false;
+
+    #[inline(always)]
+    fn rejected(_: Refused) -> crate::BoxError {
+        Box::new(CircuitOpen::new())
     }
 
     #[inline]
@@ -127,16 +228,18 @@ impl<E: Into<crate::BoxError>> ErrorMode<E> for Boxed {
 }
 
 /// The typed [`ErrorMode`]: errors are [`Error<E>`], which keeps the inner error's type and
-/// rejects without allocating.
+/// a rejection's details ([`Rejection`]), and rejects without allocating.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Typed;
 
 impl<E> ErrorMode<E> for Typed {
     type Error = Error<E>;
 
+    const DETAILED: bool = true;
+
     #[inline]
-    fn rejected(open: CircuitOpen) -> Error<E> {
-        Error::Open(open)
+    fn rejected(refused: Refused) -> Error<E> {
+        Error::Open(refused.rejection())
     }
 
     #[inline]
@@ -200,7 +303,7 @@ impl<E> ErrorMode<E> for Typed {
 #[derive(Debug, Clone)]
 pub enum Error<E> {
     /// The breaker rejected the call; the inner service was not called.
-    Open(CircuitOpen),
+    Open(Rejection),
     /// The inner service failed.
     Inner(E),
 }
@@ -212,7 +315,7 @@ impl<E> Error<E> {
     }
 
     /// The rejection, if this is one.
-    pub fn as_open(&self) -> Option<&CircuitOpen> {
+    pub fn as_open(&self) -> Option<&Rejection> {
         match self {
             Error::Open(open) => Some(open),
             Error::Inner(_) => None,
@@ -238,9 +341,10 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
 }
 
 /// `?` into [`BoxError`](crate::BoxError), whatever the inner error (a `BoxError` under
-/// a tower timeout, too). The result is flat: a rejection becomes a boxed [`CircuitOpen`]
-/// (`err.is::<CircuitOpen>()`, as in the [`Boxed`] mode), an inner error converts as it
-/// would have without the breaker (`err.is::<Elapsed>()` still works).
+/// a tower timeout, too). The result is flat: a rejection becomes a boxed [`Rejection`],
+/// details kept (`err.is::<Rejection>()`; [`is_circuit_open`](crate::fallback::is_circuit_open)
+/// recognises it as it does the [`Boxed`] mode's [`CircuitOpen`]), an inner error converts
+/// as it would have without the breaker (`err.is::<Elapsed>()` still works).
 ///
 /// `Error<E>` is therefore not a `std::error::Error` itself: that would make this
 /// conversion overlap std's for every error type, and std's cannot take an inner

@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 
 use super::admission::Ticket;
 use super::classify::{Classify, Recorder};
-use super::error::{Boxed, CircuitOpen, ErrorMode};
+use super::error::{Boxed, ErrorMode, Refused};
 
 pin_project! {
     /// Response future of [`CircuitBreaker`](super::CircuitBreaker).
@@ -34,7 +34,7 @@ pin_project! {
             ticket: Ticket,
             classifier: C,
         },
-        Rejected { error: Option<CircuitOpen> },
+        Rejected { error: Option<Refused> },
     }
 }
 
@@ -51,7 +51,8 @@ impl<F, C, M> ResponseFuture<F, C, M> {
         }
     }
 
-    pub(crate) fn rejected(error: CircuitOpen) -> Self {
+    #[inline(always)]
+    pub(crate) fn rejected(error: Refused) -> Self {
         Self {
             kind: Kind::Rejected { error: Some(error) },
             _mode: PhantomData,

@@ -4,8 +4,9 @@
 //! call in a sliding window — the last N calls, or the calls of the last N seconds. When,
 //! with at least `minimum_calls` in the window, the failure rate or the slow-call rate
 //! reaches its threshold, the breaker **opens**: calls are rejected at once with a
-//! [`CircuitOpen`] error carrying `retry_after`, without calling or reserving the inner
-//! service. After the open wait (which can grow exponentially on repeated trips, with
+//! [`CircuitOpen`] error (or, with [typed errors](CircuitBreakerLayer::typed_errors), a
+//! [`Rejection`] that says which breaker refused and its `retry_after`), without calling
+//! or reserving the inner service. After the open wait (which can grow exponentially on repeated trips, with
 //! jitter) the breaker turns **half-open** and admits a fixed number of probe calls; their
 //! outcomes **close** it (with an empty window) or **open** it again. It can also be
 //! **forced open** or **disabled** by hand through its [`Breaker`] handle.
@@ -23,7 +24,7 @@
 //! ```
 //! use std::time::Duration;
 //! use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen,
-//!     SlidingWindow, State};
+//!     Error, SlidingWindow, State};
 //! use tower::{Service, ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -50,8 +51,19 @@
 //! assert_eq!(breaker.state(), State::Open);
 //!
 //! let err = svc.ready().await?.call(false).await.unwrap_err();
-//! let open = err.downcast_ref::<CircuitOpen>().expect("rejected by the breaker");
-//! assert!(open.retry_after().unwrap() <= Duration::from_secs(5));
+//! assert!(err.is::<CircuitOpen>(), "rejected by the breaker");
+//!
+//! // Typed errors say more: which breaker refused, and when it probes again.
+//! let mut typed = ServiceBuilder::new()
+//!     .layer(CircuitBreakerLayer::from_breaker(breaker.clone()).typed_errors())
+//!     .service_fn(|_: bool| async { Ok::<_, std::io::Error>("fine") });
+//! match typed.ready().await?.call(false).await {
+//!     Err(Error::Open(rejection)) => {
+//!         assert_eq!(rejection.breaker(), "flaky");
+//!         assert!(rejection.retry_after().unwrap() <= Duration::from_secs(5));
+//!     }
+//!     other => panic!("expected a rejection, got {other:?}"),
+//! }
 //! # Ok(())
 //! # }
 //! ```
@@ -75,9 +87,11 @@
 //! of the wait: the first call after the wait is admitted as a probe whether or not the
 //! task that moves the breaker to half-open on time (on the tokio runtime it tripped on)
 //! has run yet, for instance when each call is driven by its own `block_on` or the runtime
-//! is too busy. A forced-open breaker reads no clock. In the default [`Boxed`] error mode a
-//! rejection costs one allocation (the `BoxError`); with
-//! [`CircuitBreakerLayer::typed_errors`] it costs none.
+//! is too busy. A forced-open breaker reads no clock. Either way a rejection takes one
+//! atomic add (the count behind [`Snapshot::rejected_calls`]) and no lock. In the default
+//! [`Boxed`] error mode it allocates nothing (the [`CircuitOpen`] it boxes is zero-sized)
+//! and takes no reference to the breaker; with [`CircuitBreakerLayer::typed_errors`] the
+//! [`Rejection`] holds a reference count, and also allocates nothing.
 //!
 //! Under concurrency the window's running totals are updated with separate atomics, so a
 //! reading taken while other calls are being recorded may be off by the number of records
@@ -95,8 +109,8 @@
 //! # Without a tower service
 //!
 //! [`Breaker::try_acquire`] guards any work: it answers with a [`Ticket`] to record the
-//! outcome with ([`Ticket::success`], [`Ticket::failure`], [`Ticket::record`]), or with the
-//! [`CircuitOpen`] rejection, as resilience4j's `tryAcquirePermission` and `onResult`. The
+//! outcome with ([`Ticket::success`], [`Ticket::failure`], [`Ticket::record`]), or with a
+//! [`Rejection`], as resilience4j's `tryAcquirePermission` and `onResult`. The
 //! layer, the balancers' per-endpoint breakers and this API take the same path: one
 //! admission, checked again when the call starts, one recording.
 //!
@@ -108,12 +122,15 @@
 //! * **Classification**: [`CircuitBreakerLayer::with_classifier`] takes any
 //!   `Fn(Result<&Res, &Err>) -> Outcome`; [`HttpClassifier`] (feature `http`) counts 5xx
 //!   responses and transport errors as failures and 4xx as successes.
-//! * **Fallbacks**: [`crate::fallback`] turns a [`CircuitOpen`] rejection (or any error)
-//!   into a response.
+//! * **Fallbacks**: [`crate::fallback`] turns a rejection (or any error) into a response.
 //! * **Errors**: by default the service's error is [`BoxError`](crate::BoxError), as in
-//!   tower: inner errors pass through unchanged and a rejection is a boxed [`CircuitOpen`].
-//!   [`CircuitBreakerLayer::typed_errors`] switches to [`Error<E>`], which keeps the inner
-//!   error's type and rejects without allocating.
+//!   tower: inner errors pass through unchanged and a rejection is a boxed [`CircuitOpen`],
+//!   zero-sized like tower's `Overloaded`. [`CircuitBreakerLayer::typed_errors`] switches to
+//!   [`Error<E>`], which keeps the inner error's type and a rejection's details
+//!   ([`Rejection`]: the breaker's name, its state, `retry_after`); `?` turns it into a
+//!   `BoxError` holding the [`Rejection`], which is what
+//!   [`problem`](crate::problem) and [`grpc`](crate::grpc) need to send `Retry-After` or
+//!   pushback. Both modes reject without allocating.
 //! * **Sharing**: clones of a service, and every service wrapped by one layer, share one
 //!   breaker. Keep breakers by name in a [`Registry`].
 //!
@@ -162,7 +179,7 @@ pub use config::{
     CircuitBreakerConfig, CircuitBreakerConfigBuilder, MAX_BUCKETS, MAX_DURATION, MAX_WINDOW_SIZE,
     SlidingWindow,
 };
-pub use error::{Boxed, CircuitOpen, Error, ErrorMode, Typed};
+pub use error::{Boxed, CircuitOpen, Error, ErrorMode, Rejection, Typed};
 pub use events::{EVENT_CHANNEL_CAPACITY, Event, EventKind};
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

@@ -146,7 +146,7 @@ where
             Some(ticket) => {
                 ResponseFuture::called(self.inner.call(request), ticket, self.classifier.clone())
             }
-            None => match self.admission.take_rejection(&self.breaker) {
+            None => match self.admission.take_rejection(&self.breaker, M::DETAILED) {
                 Some(open) => ResponseFuture::rejected(open),
                 None => self.call_other(request),
             },
@@ -169,7 +169,7 @@ impl<S, C, M> CircuitBreaker<S, C, M> {
             Ok(ticket) => {
                 ResponseFuture::called(self.inner.call(request), ticket, self.classifier.clone())
             }
-            Err(open) => ResponseFuture::rejected(open),
+            Err(rejection) => ResponseFuture::rejected(rejection.into()),
         }
     }
 }

@@ -70,7 +70,8 @@ pub use policy::{FromAsyncFn, FromFn, Handler, MaybeFallback, OkFuture, Policy, 
 pub use service::Fallback;
 
 /// True when `error` is a circuit breaker's rejection
-/// ([`CircuitOpen`](crate::circuit_breaker::CircuitOpen)), directly or anywhere in its
+/// ([`CircuitOpen`](crate::circuit_breaker::CircuitOpen) or
+/// [`Rejection`](crate::circuit_breaker::Rejection)), directly or anywhere in its
 /// `source()` chain. Made for [`FallbackLayer::when`], in both of the breaker's error
 /// modes: `error` is a [`BoxError`](crate::BoxError) or a typed
 /// [`circuit_breaker::Error<E>`](crate::circuit_breaker::Error) (see [`BreakerError`]).
@@ -88,7 +89,7 @@ pub trait BreakerError {
 
 impl BreakerError for crate::BoxError {
     fn is_circuit_open(&self) -> bool {
-        crate::caused_by::<crate::circuit_breaker::CircuitOpen>(self)
+        crate::circuit_breaker::error::rejection_in(self).is_some()
     }
 }
 

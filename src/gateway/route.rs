@@ -36,7 +36,8 @@ use crate::BoxError;
 use crate::balance::{
     Balance, BalanceHandle, NoEndpoints, ReadyTimeout, SharedBalance, Strategy, WhenEmpty,
 };
-use crate::circuit_breaker::{CircuitOpen, HttpClassifier};
+use crate::circuit_breaker::HttpClassifier;
+use crate::circuit_breaker::error::rejection_in;
 use crate::discovery::{Instance, InstanceWatch, ServiceDiscover};
 use crate::fallback::{FallbackLayer, FromFn};
 #[cfg(feature = "redis")]
@@ -886,14 +887,7 @@ enum Failure {
 
 /// When the first open breaker in `error`'s source chain admits a probe again.
 fn breaker_retry_after(error: &BoxError) -> Option<Duration> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
-    while let Some(e) = current {
-        if let Some(open) = e.downcast_ref::<CircuitOpen>() {
-            return open.retry_after();
-        }
-        current = e.source();
-    }
-    None
+    rejection_in(error).flatten()?.retry_after()
 }
 
 /// A failed upstream call, as [`UpstreamCall`] classified and counted it: answered by the
@@ -1070,9 +1064,7 @@ impl RouteCore {
             Err(e) => match ClientFault::of(&e) {
                 // The client's doing: its answer, never the fallback's.
                 Some(fault) => return Ok(self.client_fault(fault)),
-                None if crate::caused_by::<CircuitOpen>(&e)
-                    || crate::caused_by::<NoEndpoints>(&e) =>
-                {
+                None if rejection_in(&e).is_some() || crate::caused_by::<NoEndpoints>(&e) => {
                     Failure::Unavailable(breaker_retry_after(&e))
                 }
                 // No endpoint ready in time, or no answer in time.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use seawall::BoxError;
 use seawall::balance::{Balance, NoEndpoints, OutlierDetection, Strategy, WhenEmpty, hash_key};
-use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitOpen, SlidingWindow, State};
+use seawall::circuit_breaker::{CircuitBreakerConfig, Rejection, SlidingWindow, State};
 use seawall::discovery::{
     Instance, InstanceId, InstanceWatch, Publisher, Registry, ServiceDiscover,
 };
@@ -468,7 +468,7 @@ async fn an_open_endpoint_breaker_takes_it_out_of_rotation() {
         let _ = send(&mut lb).await;
     }
     let err = send(&mut lb).await.unwrap_err();
-    assert!(err.is::<CircuitOpen>(), "{err}");
+    assert!(err.is::<Rejection>(), "{err}");
     let before = fleet.calls(1) + fleet.calls(2);
 
     // After the wait, a single probe each; success closes them.

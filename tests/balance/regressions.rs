@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use seawall::BoxError;
 use seawall::balance::{Balance, OutlierDetection};
-use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitOpen, SlidingWindow, State};
+use seawall::circuit_breaker::{CircuitBreakerConfig, Rejection, SlidingWindow, State};
 use seawall::discovery::{Instance, Publisher, Registry, ServiceDiscover};
 use tokio::sync::Semaphore;
 use tower::{Service, ServiceExt};
@@ -253,7 +253,7 @@ async fn a_busy_half_open_endpoint_does_not_fail_requests_another_endpoint_could
     );
     if r.is_ready() {
         let e = lb.call(0).await.unwrap_err();
-        eprintln!("call error: {e} is CircuitOpen={}", e.is::<CircuitOpen>());
+        eprintln!("call error: {e} is a Rejection={}", e.is::<Rejection>());
     }
     c[1].hold.add_permits(1);
     let _ = probe.await;

@@ -7,10 +7,10 @@ use std::time::Duration;
 use seawall::BoxError;
 use seawall::circuit_breaker::{
     Breaker, CircuitBreaker, CircuitBreakerConfig, CircuitBreakerLayer, CircuitOpen, EventKind,
-    Outcome, SlidingWindow, State,
+    Outcome, Rejection, SlidingWindow, State,
 };
 use tokio::time::{advance, sleep};
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_test::mock;
 
 /// What the test service should do with a request.
@@ -36,7 +36,8 @@ fn config() -> seawall::circuit_breaker::CircuitBreakerConfigBuilder {
 
 type TestSvc = tower::util::BoxCloneService<Do, &'static str, BoxError>;
 
-/// A breaker around a scripted service that counts how often it was called.
+/// A breaker around a scripted service that counts how often it was called. Typed errors,
+/// turned into `BoxError`: a rejection is a boxed [`Rejection`], with its details.
 fn scripted(config: CircuitBreakerConfig) -> (TestSvc, Breaker, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
@@ -50,7 +51,8 @@ fn scripted(config: CircuitBreakerConfig) -> (TestSvc, Breaker, Arc<AtomicUsize>
         });
     let breaker = layer.breaker().clone();
     let svc = ServiceBuilder::new()
-        .layer(layer)
+        .map_err(BoxError::from)
+        .layer(layer.typed_errors())
         .service_fn(move |what: Do| {
             counter.fetch_add(1, Ordering::SeqCst);
             async move {
@@ -78,10 +80,10 @@ async fn calls(svc: &mut TestSvc, what: Do, n: usize) {
     }
 }
 
-fn rejection(result: Result<&'static str, BoxError>) -> CircuitOpen {
+fn rejection(result: Result<&'static str, BoxError>) -> Rejection {
     let err = result.expect_err("expected a rejection");
-    err.downcast_ref::<CircuitOpen>()
-        .unwrap_or_else(|| panic!("expected CircuitOpen, got {err}"))
+    err.downcast_ref::<Rejection>()
+        .unwrap_or_else(|| panic!("expected a Rejection, got {err}"))
         .clone()
 }
 
@@ -237,6 +239,9 @@ async fn open_rejects_without_touching_the_inner_service() {
     tokio_test::assert_ready_ok!(svc.poll_ready());
     let err = svc.call(Do::Succeed).await.unwrap_err();
     assert!(err.is::<CircuitOpen>());
+    // Issue 16, item 3: the default mode's rejection is zero-sized, so boxing it allocated
+    // nothing (it was 24 bytes, one allocation per rejection).
+    assert_eq!(std::mem::size_of_val(&*err), 0, "{err:?}");
     assert!(
         handle.poll_request().is_pending(),
         "no request reached the inner service"
@@ -347,7 +352,10 @@ async fn half_open_admits_exactly_the_permitted_probes() {
     let layer = CircuitBreakerLayer::new(config().permitted_calls_in_half_open(2).build().unwrap());
     let breaker = layer.breaker().clone();
     let (svc, mut handle) = mock::pair::<Do, &'static str>();
-    let svc = ServiceBuilder::new().layer(layer).service(svc);
+    // Typed errors: a rejection says the state that refused it.
+    let svc = ServiceBuilder::new()
+        .layer(layer.typed_errors())
+        .service(svc);
     handle.allow(100);
     // Trip it.
     for _ in 0..4 {
@@ -369,10 +377,7 @@ async fn half_open_admits_exactly_the_permitted_probes() {
     // The third is ready too, but only to reject.
     c.ready().await.unwrap();
     let rejected = c.call(Do::Succeed).await.unwrap_err();
-    assert_eq!(
-        rejected.downcast_ref::<CircuitOpen>().unwrap().state(),
-        State::HalfOpen
-    );
+    assert_eq!(rejected.as_open().unwrap().state(), State::HalfOpen);
 
     // Dropping a reserved service gives its permit back.
     drop(b);
@@ -753,7 +758,7 @@ async fn typed_errors_keep_the_inner_error_type_and_reject_without_boxing() {
     assert!(seawall::fallback::is_circuit_open(&err));
     // Converts into `BoxError` for outer layers, flat: the rejection itself.
     let boxed: BoxError = err.into();
-    assert!(boxed.is::<seawall::circuit_breaker::CircuitOpen>());
+    assert!(boxed.is::<Rejection>());
     assert!(seawall::fallback::is_circuit_open(&boxed));
 }
 
@@ -850,17 +855,15 @@ fn half_open_deadline_is_enforced_without_a_runtime() {
     assert_eq!(breaker.state(), State::HalfOpen);
     drop(svc);
     std::thread::sleep(Duration::from_millis(3));
-    let mut svc = CircuitBreaker::with_breaker(
-        tower::service_fn(|_: bool| async move { Ok::<_, BoxError>("ok") }),
-        breaker.clone(),
-    );
+    let mut svc = CircuitBreakerLayer::from_breaker(breaker.clone())
+        .typed_errors()
+        .layer(tower::service_fn(|_: bool| async move {
+            Ok::<_, BoxError>("ok")
+        }));
     futures::executor::block_on(async {
         // The permit is free again, but the half-open deadline has passed: open again.
         let err = svc.ready().await.unwrap().call(false).await.unwrap_err();
-        assert_eq!(
-            err.downcast_ref::<CircuitOpen>().unwrap().state(),
-            State::Open
-        );
+        assert_eq!(err.as_open().unwrap().state(), State::Open);
     });
 }
 
@@ -881,11 +884,11 @@ async fn first_call_right_after_the_open_wait_is_a_probe_before_the_timer_runs()
     // No yield in between: the timer task may not have run.
     let result = call(&mut svc, Do::Succeed).await;
     if let Err(e) = &result {
-        let open = e.downcast_ref::<CircuitOpen>();
+        let open = e.downcast_ref::<Rejection>();
         panic!(
             "first call after the open wait: {e} (state {:?}, retry_after {:?})",
-            open.map(CircuitOpen::state),
-            open.map(CircuitOpen::retry_after)
+            open.map(Rejection::state),
+            open.map(Rejection::retry_after)
         );
     }
     assert_eq!(inner_calls.load(Ordering::SeqCst), before + 1, "admitted");
@@ -925,11 +928,11 @@ fn first_call_after_the_open_wait_is_a_probe_when_each_call_has_its_own_block_on
     std::thread::sleep(wait + Duration::from_millis(10));
     let result = rt.block_on(call(&mut svc, Do::Succeed));
     if let Err(e) = &result {
-        let open = e.downcast_ref::<CircuitOpen>();
+        let open = e.downcast_ref::<Rejection>();
         panic!(
             "first call after the open wait: {e} (state {:?}, retry_after {:?})",
-            open.map(CircuitOpen::state),
-            open.map(CircuitOpen::retry_after)
+            open.map(Rejection::state),
+            open.map(Rejection::retry_after)
         );
     }
     assert_eq!(inner_calls.load(Ordering::SeqCst), before + 1, "admitted");

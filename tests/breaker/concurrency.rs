@@ -203,8 +203,9 @@ fn threads_racing_at_the_open_deadline_admit_only_the_permitted_probes() {
         let gate = Arc::new(Semaphore::new(0));
         let svc = {
             let (entered, gate) = (entered.clone(), gate.clone());
+            // Typed errors: a rejection says the state that refused it.
             ServiceBuilder::new()
-                .layer(layer)
+                .layer(layer.typed_errors())
                 .service_fn(move |fail: bool| {
                     let gate = gate.clone();
                     if !fail {
@@ -248,7 +249,7 @@ fn threads_racing_at_the_open_deadline_admit_only_the_permitted_probes() {
                             // Admitted: held, unfinished, to the end of the round.
                             Poll::Pending => return (Some(Instant::now()), Some(fut)),
                             Poll::Ready(Err(e)) => {
-                                let open = e.downcast_ref::<CircuitOpen>().unwrap();
+                                let open = e.as_open().unwrap();
                                 if open.state() == State::HalfOpen {
                                     // Every permit is taken.
                                     return (None, None);

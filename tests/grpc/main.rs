@@ -334,8 +334,11 @@ async fn refusals_reach_a_tonic_client_as_grpc_statuses() {
 
     // A breaker opened by the server's UNAVAILABLE answers: its refusals are UNAVAILABLE
     // too, but with pushback until the half-open probe, and the server is not called.
+    // Typed errors: the rejection carries when the breaker probes again.
     let failing = server("unavailable").await;
-    let breaker_layer = CircuitBreakerLayer::new(config()).with_classifier(GrpcClassifier::new());
+    let breaker_layer = CircuitBreakerLayer::new(config())
+        .with_classifier(GrpcClassifier::new())
+        .typed_errors();
     let tripped = breaker_layer.breaker().clone();
     let svc = ServiceBuilder::new()
         .layer(GrpcRefusalLayer)

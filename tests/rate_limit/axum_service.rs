@@ -154,11 +154,29 @@ async fn handle_error_layer_answers_breaker_limit_timeout_and_the_rest() {
             .build()
             .unwrap(),
     );
+    // Typed errors: its rejections say when it probes again, for `Retry-After`.
     let open = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(seawall::problem::handle_error))
-        .layer(breaker)
+        .layer(breaker.typed_errors())
         .service_fn(|_: Request<axum::body::Body>| async {
             Err::<Res, seawall::BoxError>("upstream refused".into())
+        });
+    // The default mode's zero-sized rejection says no more than "open": 503 alone.
+    let plain = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::builder()
+            .name("plain")
+            .minimum_calls(1)
+            .sliding_window(seawall::circuit_breaker::SlidingWindow::count_based(1))
+            .wait_in_open(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+    );
+    plain.breaker().force_open();
+    let open_plain = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(seawall::problem::handle_error))
+        .layer(plain)
+        .service_fn(|_: Request<axum::body::Body>| async {
+            Ok::<Res, seawall::BoxError>(http::Response::new(axum::body::Body::empty()))
         });
     let limited = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(seawall::problem::handle_error))
@@ -177,6 +195,7 @@ async fn handle_error_layer_answers_breaker_limit_timeout_and_the_rest() {
         });
     let app = Router::new()
         .route_service("/open", open)
+        .route_service("/open-plain", open_plain)
         .route_service("/limited", limited)
         .route_service("/slow", slow);
     let (listener, addr) = listener().await;
@@ -191,6 +210,10 @@ async fn handle_error_layer_answers_breaker_limit_timeout_and_the_rest() {
     assert!((29..=30).contains(&retry), "Retry-After {retry}");
     let problem: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(problem["status"], 503);
+    let (status, headers, body) = fetch_path(addr, "/open-plain").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert!(!headers.contains_key("retry-after"), "{headers:?}");
 
     assert_eq!(fetch_path(addr, "/limited").await.0, StatusCode::OK);
     let (status, headers, _) = fetch_path(addr, "/limited").await;
