@@ -34,6 +34,7 @@ pub struct CircuitOpen {
 
 impl CircuitOpen {
     /// The rejection, as the breaker returns it.
+    #[inline]
     pub const fn new() -> Self {
         Self { _p: () }
     }
@@ -62,6 +63,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
+    #[inline(always)]
     pub(crate) fn new(shared: Arc<Shared>, state: State, until: u64) -> Self {
         Self {
             shared,
@@ -185,6 +187,7 @@ mod sealed {
             }
         }
 
+        #[inline(always)]
         pub(crate) fn rejection(self) -> Rejection {
             let shared = self
                 .shared
@@ -194,6 +197,7 @@ mod sealed {
     }
 
     impl From<Rejection> for Refused {
+        #[inline]
         fn from(rejection: Rejection) -> Self {
             Self {
                 shared: Some(rejection.shared),
