@@ -128,6 +128,7 @@ pub mod clock;
 #[cfg(feature = "consul")]
 #[cfg_attr(docsrs, doc(cfg(feature = "consul")))]
 pub mod consul;
+mod counter;
 pub mod discovery;
 pub mod fallback;
 #[cfg(feature = "gateway")]
