@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use super::classify::Outcome;
-use super::error::{Refused, Rejection};
+use super::error::{Mode, Rejection};
 use super::hot::Hot;
 use super::state::{Breaker, Decision, ProbePermit, Shared, Start};
 
@@ -81,14 +81,13 @@ impl Admission {
 
     /// The rejection, when the breaker refused (a rejection is not checked again: the
     /// breaker said no, and a retry after it moved is the caller's to make); `None`
-    /// otherwise. It refers to the breaker only if `detailed`.
+    /// otherwise, as the error mode `M` keeps it.
     #[inline(always)]
-    pub(crate) fn take_rejection(&mut self, breaker: &Breaker, detailed: bool) -> Option<Refused> {
+    pub(crate) fn take_rejection<M: Mode>(&mut self, breaker: &Breaker) -> Option<M::Refusal> {
         if self.decision.tag() == Decision::REJECTED {
             let decision = std::mem::replace(&mut self.decision, Decision::NONE);
-            Some(Refused::new(
-                &breaker.shared,
-                detailed,
+            Some(M::refusal(
+                breaker,
                 decision.rejecting_state(),
                 decision.until,
             ))

@@ -145,65 +145,55 @@ pub trait ErrorMode<E>: sealed::Sealed {
     /// The service's error type.
     type Error;
 
-    /// Whether a rejection carries its [`Rejection`] details (and so a reference to the
-    /// breaker, taken per rejection).
+    /// The error for a call the breaker rejected, from what its future held.
     #[doc(hidden)]
-    const DETAILED: bool;
-
-    /// The error for a call the breaker rejected.
-    #[doc(hidden)]
-    fn rejected(refused: sealed::Refused) -> Self::Error;
+    fn rejected(refusal: <Self as sealed::Sealed>::Refusal) -> Self::Error;
 
     /// The error for a call the inner service failed.
     fn inner(error: E) -> Self::Error;
 }
 
-pub(crate) use sealed::Refused;
+pub(crate) use sealed::Sealed as Mode;
 
 mod sealed {
     use super::*;
 
-    pub trait Sealed {}
-    impl Sealed for super::Boxed {}
-    impl Sealed for super::Typed {}
+    /// What each mode keeps of a rejection until its future is polled. Public in a private
+    /// module, so nameable by no one outside the crate.
+    pub trait Sealed {
+        /// Nothing in the [`Boxed`] mode, whose [`CircuitOpen`] says nothing more; the
+        /// [`Rejection`] in the [`Typed`] mode. A future that moves a few words less
+        /// through memory costs a rejection several nanoseconds less.
+        type Refusal;
 
-    /// A rejection on its way to the caller: the breaker only when the mode needs it.
-    /// Public in a private module, so nameable by no one outside the crate.
-    #[derive(Debug)]
-    pub struct Refused {
-        shared: Option<Arc<Shared>>,
-        state: State,
-        until: u64,
+        /// The refusal of a call `breaker` rejected in `state`, probing again at `until`.
+        fn refusal(breaker: &super::super::Breaker, state: State, until: u64) -> Self::Refusal;
+
+        /// The refusal for a rejection already made.
+        fn from_rejection(rejection: Rejection) -> Self::Refusal;
     }
 
-    impl Refused {
-        /// `shared` is cloned only if `detailed`.
+    impl Sealed for super::Boxed {
+        type Refusal = ();
+
         #[inline(always)]
-        pub(crate) fn new(shared: &Arc<Shared>, detailed: bool, state: State, until: u64) -> Self {
-            Self {
-                shared: detailed.then(|| shared.clone()),
-                state,
-                until,
-            }
+        fn refusal(_: &super::super::Breaker, _: State, _: u64) {}
+
+        #[inline(always)]
+        fn from_rejection(_: Rejection) {}
+    }
+
+    impl Sealed for super::Typed {
+        type Refusal = Rejection;
+
+        #[inline(always)]
+        fn refusal(breaker: &super::super::Breaker, state: State, until: u64) -> Rejection {
+            Rejection::new(breaker.shared.clone(), state, until)
         }
 
         #[inline(always)]
-        pub(crate) fn rejection(self) -> Rejection {
-            let shared = self
-                .shared
-                .expect("a detailed error mode keeps the breaker with its rejection");
-            Rejection::new(shared, self.state, self.until)
-        }
-    }
-
-    impl From<Rejection> for Refused {
-        #[inline]
-        fn from(rejection: Rejection) -> Self {
-            Self {
-                shared: Some(rejection.shared),
-                state: rejection.state,
-                until: rejection.until,
-            }
+        fn from_rejection(rejection: Rejection) -> Rejection {
+            rejection
         }
     }
 }
@@ -218,10 +208,8 @@ pub struct Boxed;
 impl<E: Into<crate::BoxError>> ErrorMode<E> for Boxed {
     type Error = crate::BoxError;
 
-    const DETAILED: bool = false;
-
     #[inline(always)]
-    fn rejected(_: Refused) -> crate::BoxError {
+    fn rejected((): ()) -> crate::BoxError {
         Box::new(CircuitOpen::new())
     }
 
@@ -239,11 +227,9 @@ pub struct Typed;
 impl<E> ErrorMode<E> for Typed {
     type Error = Error<E>;
 
-    const DETAILED: bool = true;
-
-    #[inline]
-    fn rejected(refused: Refused) -> Error<E> {
-        Error::Open(refused.rejection())
+    #[inline(always)]
+    fn rejected(rejection: Rejection) -> Error<E> {
+        Error::Open(rejection)
     }
 
     #[inline]

@@ -10,23 +10,26 @@ use pin_project_lite::pin_project;
 
 use super::admission::Ticket;
 use super::classify::{Classify, Recorder};
-use super::error::{Boxed, ErrorMode, Refused};
+use super::error::{Boxed, ErrorMode, Mode};
 
 pin_project! {
     /// Response future of [`CircuitBreaker`](super::CircuitBreaker).
     ///
     /// Dropping it before completion records nothing; a probe permit it holds goes back
     /// to the breaker.
-    pub struct ResponseFuture<F, C, M = Boxed> {
+    pub struct ResponseFuture<F, C, M = Boxed>
+    where
+        M: Mode,
+    {
         #[pin]
-        kind: Kind<F, C>,
+        kind: Kind<F, C, M::Refusal>,
         _mode: PhantomData<fn() -> M>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, C> {
+    enum Kind<F, C, R> {
         // Admitted (closed, probe or disabled): the ticket records the outcome.
         Called {
             #[pin]
@@ -34,11 +37,12 @@ pin_project! {
             ticket: Ticket,
             classifier: C,
         },
-        Rejected { error: Option<Refused> },
+        // What the error mode keeps of the rejection: nothing by default.
+        Rejected { error: Option<R> },
     }
 }
 
-impl<F, C, M> ResponseFuture<F, C, M> {
+impl<F, C, M: Mode> ResponseFuture<F, C, M> {
     #[inline(always)]
     pub(crate) fn called(future: F, ticket: Ticket, classifier: C) -> Self {
         Self {
@@ -52,7 +56,7 @@ impl<F, C, M> ResponseFuture<F, C, M> {
     }
 
     #[inline(always)]
-    pub(crate) fn rejected(error: Refused) -> Self {
+    pub(crate) fn rejected(error: M::Refusal) -> Self {
         Self {
             kind: Kind::Rejected { error: Some(error) },
             _mode: PhantomData,
@@ -60,7 +64,7 @@ impl<F, C, M> ResponseFuture<F, C, M> {
     }
 }
 
-impl<F, C, M> fmt::Debug for ResponseFuture<F, C, M> {
+impl<F, C, M: Mode> fmt::Debug for ResponseFuture<F, C, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

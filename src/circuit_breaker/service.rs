@@ -6,7 +6,7 @@ use tower::Service;
 
 use super::admission::Admission;
 use super::classify::{Classify, ErrorsAreFailures};
-use super::error::{Boxed, ErrorMode};
+use super::error::{Boxed, ErrorMode, Mode};
 use super::future::ResponseFuture;
 use super::{Breaker, CircuitBreakerLayer};
 
@@ -146,7 +146,7 @@ where
             Some(ticket) => {
                 ResponseFuture::called(self.inner.call(request), ticket, self.classifier.clone())
             }
-            None => match self.admission.take_rejection(&self.breaker, M::DETAILED) {
+            None => match self.admission.take_rejection::<M>(&self.breaker) {
                 Some(open) => ResponseFuture::rejected(open),
                 None => self.call_other(request),
             },
@@ -163,13 +163,14 @@ impl<S, C, M> CircuitBreaker<S, C, M> {
     where
         S: Service<Request>,
         C: Clone,
+        M: Mode,
     {
         let admission = std::mem::replace(&mut self.admission, Admission::NONE);
         match admission.start(&self.breaker) {
             Ok(ticket) => {
                 ResponseFuture::called(self.inner.call(request), ticket, self.classifier.clone())
             }
-            Err(rejection) => ResponseFuture::rejected(rejection.into()),
+            Err(rejection) => ResponseFuture::rejected(M::from_rejection(rejection)),
         }
     }
 }
