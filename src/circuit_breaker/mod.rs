@@ -87,10 +87,11 @@
 //! of the wait: the first call after the wait is admitted as a probe whether or not the
 //! task that moves the breaker to half-open on time (on the tokio runtime it tripped on)
 //! has run yet, for instance when each call is driven by its own `block_on` or the runtime
-//! is too busy. A forced-open breaker reads no clock. Either way a rejection takes one
-//! atomic add (the count behind [`Snapshot::rejected_calls`]) and no lock. In the default
-//! [`Boxed`] error mode it allocates nothing (the [`CircuitOpen`] it boxes is zero-sized)
-//! and takes no reference to the breaker; with [`CircuitBreakerLayer::typed_errors`] the
+//! is too busy. A forced-open breaker reads no clock. Either way a rejection takes no lock
+//! and no locked instruction: the count behind [`Snapshot::rejected_calls`] has a slot per
+//! thread, written with a plain store, which a snapshot sums. In the default [`Boxed`]
+//! error mode it allocates nothing (the [`CircuitOpen`] it boxes is zero-sized) and its
+//! future holds nothing of the breaker's; with [`CircuitBreakerLayer::typed_errors`] the
 //! [`Rejection`] holds a reference count, and also allocates nothing.
 //!
 //! Under concurrency the window's running totals are updated with separate atomics, so a
