@@ -20,7 +20,10 @@
 # req/s and p99 from wrk, and CPU per request: the proxy's utime + stime from
 # /proc/PID/stat (every nginx process: master and workers; the whole gateway process)
 # over the run, divided by wrk's request count, and the part of it spent in user space
-# (utime alone). The table gives the median of RUNS runs.
+# (utime alone); and the TCP segments sent per request on the machine (`OutSegs` of
+# /proc/net/snmp: client, proxy and upstream together, all on loopback), which tells a
+# proxy that sends more packets from one that spends more per packet. The table gives the
+# median of RUNS runs.
 #
 # MODES picks what the clients do (each proxy configured the same way for each mode):
 #
@@ -207,11 +210,19 @@ url_of() {
     esac
 }
 
+# TCP segments this machine has sent (all on loopback in these runs).
+tcp_out_segments() {
+    awk '$1 == "Tcp:" && $12 ~ /^[0-9]+$/ { print $12 }' /proc/net/snmp
+}
+
 # One load run against port $1 in mode $3, the proxy's CPU read from pid $2:
-# "req/s p99_ms cpu_us user_cpu_us" (for h2, the mean latency in place of p99).
+# "req/s p99_ms cpu_us user_cpu_us segments_per_request" (for h2, the mean latency in
+# place of p99).
 measure() {
     local port=$1 pid=$2 mode=$3 before after out requests rps p99 errors url
+    local segments_before segments_after
     url=$(url_of "$port" "$mode")
+    segments_before=$(tcp_out_segments)
     before=$(cpu_ticks "$pid")
     case $mode in
         h2)
@@ -235,6 +246,7 @@ measure() {
             errors=$(awk '/Non-2xx|Socket errors/' <<<"$out")
             ;;
     esac
+    segments_after=$(tcp_out_segments)
     [ -n "$requests" ] && [ "$requests" -gt 0 ] || die "$mode load failed: $out"
     [ -z "$errors" ] || echo "  warning: $errors" >&2
     local total_before user_before total_after user_after
@@ -242,7 +254,8 @@ measure() {
     read -r total_after user_after <<<"$after"
     awk -v r="${rps%%,*}" -v p="$(to_ms "$p99")" -v t=$((total_after - total_before)) \
         -v u=$((user_after - user_before)) -v n="$requests" -v hz="$TICK" \
-        'BEGIN { printf "%.0f %.3f %.2f %.2f\n", r, p, t / hz * 1e6 / n, u / hz * 1e6 / n }'
+        -v s=$((segments_after - segments_before)) \
+        'BEGIN { printf "%.0f %.3f %.2f %.2f %.2f\n", r, p, t / hz * 1e6 / n, u / hz * 1e6 / n, s / n }'
 }
 
 # A CA and a certificate for 127.0.0.1 signed by it (ECDSA P-256), in $WORK/tls.
@@ -440,7 +453,7 @@ for mode in $MODES; do
                 stop "$PROXY_PID"
                 rm -rf "$WORK/proxy"
                 echo "$mode|$workers|$proxy|$line" >>"$RESULTS"
-                echo "  $mode W=$workers run $run $proxy: $line (req/s, p99 ms, CPU and user CPU µs/req)" >&2
+                echo "  $mode W=$workers run $run $proxy: $line (req/s, p99 ms, CPU and user CPU µs/req, TCP segments/req)" >&2
             done
         done
     done
@@ -452,27 +465,31 @@ echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (h2: h2load -t1 -c$CONNECTIO
     "upstream: nginx (1 worker, return 200); gateway runtime: $GATEWAY_RUNTIME;" \
     "medians of $RUNS runs; for h2 the latency is h2load's mean, not p99"
 echo
-echo "| mode | proxy | workers | req/s | p99 (ms) | CPU/req (µs) | of which user | CPU/req vs nginx |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| mode | proxy | workers | req/s | p99 (ms) | CPU/req (µs) | of which user | CPU/req vs nginx | TCP segments/req |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for mode in $MODES; do
     for workers in $WORKERS; do
         nginx_cpu=""
         for proxy in "${PROXIES[@]}"; do
-            read -r rps p99 cpu user < <(awk -F'|' -v m="$mode" -v w="$workers" -v p="$proxy" '
+            read -r rps p99 cpu user segments < <(awk -F'|' -v m="$mode" -v w="$workers" -v p="$proxy" '
                 BEGIN { n = 0 }
                 $1 == m && $2 == w && $3 == p {
-                    split($4, f, " "); r[n] = f[1]; l[n] = f[2]; c[n] = f[3]; u[n] = f[4]; n++
+                    split($4, f, " "); r[n] = f[1]; l[n] = f[2]; c[n] = f[3]; u[n] = f[4]
+                    g[n] = f[5]; n++
                 }
                 function median(a, n,   i, j, t) {
                     for (i = 0; i < n; i++) for (j = i + 1; j < n; j++)
                         if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
                     return n % 2 ? a[int(n / 2)] : (a[n / 2 - 1] + a[n / 2]) / 2
                 }
-                END { print median(r, n), median(l, n), median(c, n), median(u, n) }' "$RESULTS")
+                END {
+                    print median(r, n), median(l, n), median(c, n), median(u, n), median(g, n)
+                }' "$RESULTS")
             [ "$proxy" = nginx ] && nginx_cpu=$cpu
             ratio=$(awk -v c="$cpu" -v n="$nginx_cpu" 'BEGIN { printf "%.2f×", c / n }')
-            printf '| %s | %s | %s | %.0f | %.2f | %.1f | %.1f | %s |\n' \
-                "$mode" "${proxy/:/ }" "$workers" "$rps" "$p99" "$cpu" "$user" "$ratio"
+            printf '| %s | %s | %s | %.0f | %.2f | %.1f | %.1f | %s | %.2f |\n' \
+                "$mode" "${proxy/:/ }" "$workers" "$rps" "$p99" "$cpu" "$user" "$ratio" \
+                "$segments"
         done
     done
 done
