@@ -14,11 +14,12 @@ use super::state::Shared;
 ///
 /// Returned (boxed in [`BoxError`](crate::BoxError)) when the breaker is open or forced
 /// open, or half-open with all its probe permits taken. The inner service was neither called
-/// nor reserved. Like tower's own `Overloaded` and `Elapsed`, it says only what happened:
-/// which breaker and when it probes again are in a [`Rejection`], which the [`Typed`] mode,
-/// [`Breaker::try_acquire`](super::Breaker::try_acquire) and the balancer's endpoint
-/// breakers return (a rejection is rare there, or its details are needed:
-/// `Retry-After`). [`is_circuit_open`](crate::fallback::is_circuit_open) recognises both.
+/// nor reserved. Like tower's own `Overloaded` and `Elapsed`, it says only what happened.
+/// Which breaker refused and when it probes again are in a [`Rejection`], which the
+/// [`Typed`] mode, [`Breaker::try_acquire`](super::Breaker::try_acquire) and the
+/// balancers' endpoint breakers return: use typed errors on a breaker whose retry time you
+/// forward (a `Retry-After`, gRPC pushback).
+/// [`is_circuit_open`](crate::fallback::is_circuit_open) recognises both.
 ///
 /// ```
 /// # use seawall::circuit_breaker::CircuitOpen;

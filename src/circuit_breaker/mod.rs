@@ -6,10 +6,11 @@
 //! reaches its threshold, the breaker **opens**: calls are rejected at once with a
 //! [`CircuitOpen`] error (or, with [typed errors](CircuitBreakerLayer::typed_errors), a
 //! [`Rejection`] that says which breaker refused and its `retry_after`), without calling
-//! or reserving the inner service. After the open wait (which can grow exponentially on repeated trips, with
-//! jitter) the breaker turns **half-open** and admits a fixed number of probe calls; their
-//! outcomes **close** it (with an empty window) or **open** it again. It can also be
-//! **forced open** or **disabled** by hand through its [`Breaker`] handle.
+//! or reserving the inner service. After the open wait (which can grow exponentially on
+//! repeated trips, with jitter) the breaker turns **half-open** and admits a fixed number
+//! of probe calls; their outcomes **close** it (with an empty window) or **open** it
+//! again. It can also be **forced open** or **disabled** by hand through its [`Breaker`]
+//! handle.
 //!
 //! ```text
 //!            rate ≥ threshold              wait elapsed
