@@ -36,8 +36,8 @@ use crate::BoxError;
 use crate::balance::{
     Balance, BalanceHandle, NoEndpoints, ReadyTimeout, SharedBalance, Strategy, WhenEmpty,
 };
-use crate::circuit_breaker::HttpClassifier;
 use crate::circuit_breaker::error::rejection_in;
+use crate::circuit_breaker::{HttpClassifier, Rejection};
 use crate::discovery::{Instance, InstanceWatch, ServiceDiscover};
 use crate::fallback::{FallbackLayer, FromFn};
 #[cfg(feature = "redis")]
@@ -885,9 +885,14 @@ enum Failure {
     ServerError,
 }
 
-/// When the first open breaker in `error`'s source chain admits a probe again.
-fn breaker_retry_after(error: &BoxError) -> Option<Duration> {
-    rejection_in(error).flatten()?.retry_after()
+/// `Some` when `error` is, anywhere in its source chain, a breaker's rejection or a
+/// balancer's [`NoEndpoints`]: with when the first open breaker admits a probe again, if
+/// its rejection says. One walk of the chain.
+fn unavailable(error: &BoxError) -> Option<Option<Duration>> {
+    match rejection_in(error) {
+        Some(rejection) => Some(rejection.and_then(Rejection::retry_after)),
+        None => crate::caused_by::<NoEndpoints>(error).then_some(None),
+    }
 }
 
 /// A failed upstream call, as [`UpstreamCall`] classified and counted it: answered by the
@@ -1064,19 +1069,19 @@ impl RouteCore {
             Err(e) => match ClientFault::of(&e) {
                 // The client's doing: its answer, never the fallback's.
                 Some(fault) => return Ok(self.client_fault(fault)),
-                None if rejection_in(&e).is_some() || crate::caused_by::<NoEndpoints>(&e) => {
-                    Failure::Unavailable(breaker_retry_after(&e))
-                }
-                // No endpoint ready in time, or no answer in time.
-                None if e.is::<ReadyTimeout>()
-                    || matches!(
-                        e.downcast_ref::<UpstreamError>(),
-                        Some(UpstreamError::Timeout)
-                    ) =>
-                {
-                    Failure::Timeout
-                }
-                None => Failure::BadGateway,
+                None => match unavailable(&e) {
+                    Some(retry_after) => Failure::Unavailable(retry_after),
+                    // No endpoint ready in time, or no answer in time.
+                    None if e.is::<ReadyTimeout>()
+                        || matches!(
+                            e.downcast_ref::<UpstreamError>(),
+                            Some(UpstreamError::Timeout)
+                        ) =>
+                    {
+                        Failure::Timeout
+                    }
+                    None => Failure::BadGateway,
+                },
             },
         };
         let counter = match failure {
