@@ -502,6 +502,8 @@ mod config;
 #[doc(hidden)]
 pub mod grpc;
 #[doc(hidden)]
+pub mod h1;
+#[doc(hidden)]
 pub mod headers;
 pub mod jwt;
 mod metrics;

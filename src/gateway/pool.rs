@@ -1,8 +1,8 @@
 //! The upstream side of the proxy: one pool of HTTP/1 keep-alive connections per endpoint.
 //!
-//! Each endpoint of a route's balancer owns an [`EndpointPool`]: idle
-//! [`SendRequest`](hyper::client::conn::http1::SendRequest) handles, most recently used
-//! first. A request takes the most recent idle connection (or dials a new one), sends on
+//! Each endpoint of a route's balancer owns an [`EndpointPool`]: idle HTTP/1 connections
+//! (spoken by the gateway's own client, [`h1`]), most recently used first; HTTP/2
+//! upstreams get hyper's client, one multiplexed connection per thread. A request takes the most recent idle connection (or dials a new one), sends on
 //! it, and its response body puts the connection back once it has been read to the end.
 //! A body dropped before its end (the client went away, the route timed out) takes its
 //! connection with it: the upstream may still be writing, so it cannot be reused.
@@ -33,16 +33,15 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -50,6 +49,7 @@ use tokio::time::Instant;
 
 use super::body::Body;
 use super::client::ClientBodyError;
+use super::h1;
 use crate::discovery::Instance;
 
 /// How long a new connection may take to be established.
@@ -79,8 +79,11 @@ pub(crate) enum UpstreamError {
     Connect(io::Error),
     /// The connection took longer than 5 s to establish.
     ConnectTimeout,
-    /// The HTTP exchange failed: the connection closed, a malformed response…
+    /// The HTTP/2 exchange failed: the connection closed, a malformed response…
     Http(hyper::Error),
+    /// The HTTP/1 exchange failed: the connection closed or failed, a malformed
+    /// response, the request body failed.
+    H1(h1::Failure),
     /// The connection closed before the response came.
     Closed,
     /// The route timeout passed before the response head: the upstream's fault.
@@ -105,8 +108,8 @@ impl UpstreamError {
     pub(crate) fn is_client_fault(&self) -> bool {
         match self {
             Self::ClientBodyTimeout | Self::CallerDeadline => true,
-            Self::Http(e) => {
-                let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+            Self::Http(_) | Self::H1(_) => {
+                let mut current: Option<&(dyn std::error::Error + 'static)> = Some(self);
                 while let Some(e) = current {
                     if e.is::<ClientBodyError>() {
                         return true;
@@ -126,6 +129,7 @@ impl fmt::Display for UpstreamError {
             Self::Connect(e) => write!(f, "connecting to the upstream: {e}"),
             Self::ConnectTimeout => f.write_str("connecting to the upstream timed out"),
             Self::Http(e) => write!(f, "upstream HTTP exchange: {e}"),
+            Self::H1(e) => write!(f, "upstream HTTP exchange: {e}"),
             Self::Closed => f.write_str("the upstream closed the connection before answering"),
             Self::Timeout => f.write_str("the upstream did not answer within the route timeout"),
             Self::ClientBodyTimeout => {
@@ -150,6 +154,7 @@ impl std::error::Error for UpstreamError {
             | Self::ClientBodyTimeout
             | Self::CallerDeadline => None,
             Self::Http(e) => Some(e),
+            Self::H1(e) => Some(e),
         }
     }
 }
@@ -159,63 +164,6 @@ impl std::error::Error for UpstreamError {
 enum Target {
     Addr(SocketAddr),
     Host(Arc<str>, u16),
-}
-
-type Io = TokioIo<Marked>;
-
-/// A connection's socket, marking when bytes of an answer arrive, so that a request that
-/// failed before any byte of its answer is known to have had none (hyper reports an
-/// answer cut after a few bytes and no answer at all alike).
-struct Marked {
-    stream: Stream,
-    /// Set when bytes are read; cleared by [`Conn::exchange`] before it sends.
-    answered: Arc<AtomicBool>,
-}
-
-impl tokio::io::AsyncRead for Marked {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.answered.store(true, Ordering::Relaxed);
-        }
-        read
-    }
-}
-
-impl tokio::io::AsyncWrite for Marked {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
 }
 
 /// An upstream connection's socket: TCP, or TLS over it.
@@ -319,17 +267,11 @@ impl UpstreamSettings {
     }
 }
 
-/// One HTTP/1 connection: the handle that sends on it and the state machine that drives
-/// it. The connection is driven by whichever task has it (the request's, through its
-/// response body), not by a task of its own: no hop between tasks on the way up or down.
+/// One HTTP/1 connection, with what the pool knows of it. Driven by whichever task has
+/// it (the request's, through its response body), not by a task of its own: no hop
+/// between tasks on the way up or down.
 struct Conn {
-    sender: SendRequest<Body>,
-    /// `None` once it has finished: closed by the upstream or failed.
-    driver: Option<http1::Connection<Io, Body>>,
-    /// What everything of this connection is polled with.
-    local: Local,
-    /// Whether bytes came since the last request was sent ([`Marked`]).
-    answered: Arc<AtomicBool>,
+    h1: h1::Conn<Stream>,
     /// How long it may stay idle: [`IDLE_TIMEOUT`], or less if the upstream said so.
     max_idle: Duration,
     /// Checked out after idling for [`STALE_AFTER`] or more: the upstream's idle timer
@@ -337,152 +279,11 @@ struct Conn {
     idled: bool,
 }
 
-impl Conn {
-    fn new(
-        sender: SendRequest<Body>,
-        driver: http1::Connection<Io, Body>,
-        answered: Arc<AtomicBool>,
-    ) -> Self {
-        Self {
-            sender,
-            driver: Some(driver),
-            local: Local::new(),
-            answered,
-            max_idle: IDLE_TIMEOUT,
-            idled: false,
-        }
-    }
-
-    /// Drives the connection: reads, writes, notices a close. `false` once it has ended.
-    fn poll_driver(&mut self, cx: &mut Context<'_>) -> bool {
-        poll_driver(&mut self.driver, cx)
-    }
-}
-
 /// A connection as the pool and the response body hold it: boxed once when dialled, so
 /// that handing it on (taken from the pool, into the exchange, into the response body
 /// and every move of the response, back to the pool) moves a pointer, not the
-/// connection's state (its HTTP/1 state machine and buffers: hundreds of bytes copied
-/// several times a request).
+/// connection's state and buffers.
 type Pooled = Box<Conn>;
-
-/// [`Conn::poll_driver`] on the driver alone, for when the sender is borrowed elsewhere.
-fn poll_driver(driver: &mut Option<http1::Connection<Io, Body>>, cx: &mut Context<'_>) -> bool {
-    if let Some(d) = driver {
-        if Pin::new(d).poll(cx).is_ready() {
-            *driver = None;
-        }
-    }
-    driver.is_some()
-}
-
-/// The driver and the futures fed by it (the response, the response body, the `want`
-/// signals) live on one task, so most of their wake-ups are the task waking itself in the
-/// middle of its own poll: the driver completes the response and wakes whoever awaits
-/// it, that is, the same task. tokio answers a task woken during its own poll by
-/// rescheduling it and waking an idle worker to share the load — a futex call, a thread
-/// woken for nothing, often the task moved to the other core. Polled through this waker,
-/// such a wake-up only marks the poll to be run again at once (`poll_local`); wake-ups from
-/// outside the poll (the socket became readable) reach the task.
-#[derive(Default)]
-struct LocalWake {
-    state: AtomicU8,
-    task: parking_lot::Mutex<Option<Waker>>,
-}
-
-const IDLE: u8 = 0;
-const POLLING: u8 = 1;
-const WOKEN: u8 = 2;
-
-impl Wake for LocalWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let mut state = self.state.load(Ordering::Acquire);
-        loop {
-            match state {
-                POLLING => {
-                    match self.state.compare_exchange_weak(
-                        POLLING,
-                        WOKEN,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    ) {
-                        Ok(_) => return,
-                        Err(now) => state = now,
-                    }
-                }
-                WOKEN => return,
-                _ => {
-                    if let Some(task) = &*self.task.lock() {
-                        task.wake_by_ref();
-                    }
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// A connection's [`LocalWake`] and the waker made of it once, so that a poll costs no
-/// clone.
-struct Local {
-    wake: Arc<LocalWake>,
-    waker: Waker,
-}
-
-impl Local {
-    fn new() -> Self {
-        let wake = Arc::new(LocalWake::default());
-        Self {
-            waker: Waker::from(wake.clone()),
-            wake,
-        }
-    }
-
-    /// Runs `poll` with this waker on behalf of the task of `cx`, again as long as it was
-    /// woken during the run, until it is ready or pending without a wake-up of its own.
-    fn poll<T>(&self, cx: &Context<'_>, poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
-        poll_local(&self.wake, &self.waker, cx, poll)
-    }
-}
-
-/// [`Local::poll`].
-fn poll_local<T>(
-    wake: &LocalWake,
-    waker: &Waker,
-    cx: &Context<'_>,
-    mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>,
-) -> Poll<T> {
-    {
-        let mut task = wake.task.lock();
-        if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
-            *task = Some(cx.waker().clone());
-        }
-    }
-    let mut local = Context::from_waker(waker);
-    // Bounded like tokio's own budget: a connection busy enough to wake itself forever
-    // yields to the rest of the task now and then.
-    for _ in 0..32 {
-        wake.state.store(POLLING, Ordering::Release);
-        if let Poll::Ready(out) = poll(&mut local) {
-            wake.state.store(IDLE, Ordering::Release);
-            return Poll::Ready(out);
-        }
-        if wake
-            .state
-            .compare_exchange(POLLING, IDLE, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            return Poll::Pending;
-        }
-    }
-    wake.state.store(IDLE, Ordering::Release);
-    cx.waker().wake_by_ref();
-    Poll::Pending
-}
 
 /// An exchange with an endpoint ([`EndpointPool::send`]).
 pub(crate) type SendFuture =
@@ -676,31 +477,19 @@ impl EndpointPool {
 
     async fn open(&self) -> Result<Pooled, UpstreamError> {
         let stream = self.dial().await?;
-        let answered = Arc::new(AtomicBool::new(false));
-        let stream = Marked {
-            stream,
-            answered: answered.clone(),
-        };
-        let (sender, driver) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Http)?;
-        Ok(Box::new(Conn::new(sender, driver, answered)))
+        Ok(Box::new(Conn {
+            h1: h1::Conn::new(stream),
+            max_idle: IDLE_TIMEOUT,
+            idled: false,
+        }))
     }
 
-    /// An idle connection ready for a request (an idle one the upstream closed is
-    /// noticed here and dropped), or a new one. `true` with a reused connection.
+    /// An idle connection ready for a request (an idle one the upstream closed, or sent
+    /// something on, is noticed here and dropped), or a new one. `true` with a reused
+    /// connection.
     async fn ready_conn(&self) -> Result<(Pooled, bool), UpstreamError> {
         while let Some(mut conn) = self.checkout() {
-            let ready = std::future::poll_fn(|cx| {
-                conn.local.poll(cx, |cx| {
-                    if !poll_driver(&mut conn.driver, cx) {
-                        return Poll::Ready(false);
-                    }
-                    conn.sender.poll_ready(cx).map(|r| r.is_ok())
-                })
-            })
-            .await;
-            if ready {
+            if conn.h1.idle_is_usable() {
                 return Ok((conn, true));
             }
         }
@@ -799,33 +588,34 @@ impl EndpointPool {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
-        frame_body(&mut request);
         // A copy of the head, for a request that may be sent again after it was written.
         // Only for a connection that idled long enough for the upstream to close it: one
         // reused at once (every connection of a busy pool) costs no copy.
         let replay = (reused && conn.idled && replayable(&request)).then(|| head_of(&request));
-        let response = match conn.exchange(request).await {
+        let response = match h1::exchange(&mut conn.h1, request).await {
             Ok(response) => response,
-            // Not written: a reused connection closed under us. Once more, on a new one.
-            Err(Unsent(Some(request), _e)) if reused => {
-                self.count_retry(&_e);
-                conn = self.connect().await?;
-                conn.exchange(request).await?
-            }
-            // Written, and the connection failed before any byte of an answer.
-            Err(Unsent(None, e))
-                if replay.is_some()
-                    && !conn.answered.load(Ordering::Relaxed)
-                    && e.is_connection_lost() =>
-            {
+            Err(e) => {
+                let retry = match conn.h1.take_unsent() {
+                    // Not written: a reused connection closed under us.
+                    Some(request) if reused => Some(request),
+                    // Written, and the connection failed before any byte of an answer.
+                    _ if !conn.h1.answered() && e.is_connection_lost() => replay,
+                    _ => None,
+                };
+                let e = UpstreamError::H1(e);
+                let Some(request) = retry else {
+                    return Err(e);
+                };
+                // Once more, on a new connection.
                 self.count_retry(&e);
                 conn = self.connect().await?;
-                conn.exchange(replay.unwrap_or_default()).await?
+                h1::exchange(&mut conn.h1, request)
+                    .await
+                    .map_err(UpstreamError::H1)?
             }
-            Err(e) => return Err(e.into()),
         };
         conn.max_idle = max_idle(response.headers());
-        Ok(response.map(|body| PooledBody::new(body, conn, self)))
+        Ok(response.map(|()| PooledBody::new(conn, self)))
     }
 
     /// Counts (and logs) a request sent again after `_error` on a reused connection.
@@ -921,35 +711,6 @@ fn keep_alive_timeout(value: &[u8]) -> Option<u64> {
     })
 }
 
-/// Makes sure a body of unknown length is sent, whatever the method: hyper's client sends
-/// no body at all for a `GET`, `HEAD` or `CONNECT` whose body has no known length (a
-/// chunked body from the client) unless the request says `Transfer-Encoding: chunked`
-/// itself. RFC 9110 allows a body on every method, and dropping it silently would make
-/// the upstream see a request other than the client's. A body of known length goes with
-/// its `Content-Length` already.
-fn frame_body(request: &mut Request<Body>) {
-    use hyper::body::Body as _;
-    if !matches!(
-        *request.method(),
-        http::Method::GET | http::Method::HEAD | http::Method::CONNECT
-    ) {
-        // hyper frames these itself.
-        return;
-    }
-    let body = request.body();
-    if body.is_end_stream() || body.size_hint().exact().is_some() {
-        return;
-    }
-    let headers = request.headers_mut();
-    if !headers.contains_key(header::TRANSFER_ENCODING) {
-        headers.remove(header::CONTENT_LENGTH);
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-    }
-}
-
 /// Takes the connections expired by `now` off the front of a shard (oldest first, so
 /// with one upstream's timeout, expired ones are at its front).
 fn expired(idle: &mut VecDeque<(Pooled, Instant)>, now: Instant) -> Vec<Pooled> {
@@ -1029,167 +790,111 @@ impl Pools {
     }
 }
 
-/// Why an exchange failed, with the request when it was not written at all.
-struct Unsent(Option<Request<Body>>, UpstreamError);
-
-impl UpstreamError {
-    /// Whether the connection was lost (reset, closed, cut) rather than the exchange
-    /// going wrong in a way a new connection would not fix.
-    fn is_connection_lost(&self) -> bool {
-        match self {
-            Self::Closed => true,
-            Self::Http(e) => {
-                e.is_incomplete_message()
-                    || e.is_canceled()
-                    || e.is_closed()
-                    || std::error::Error::source(e).is_some_and(|s| s.is::<io::Error>())
-            }
-            _ => false,
-        }
-    }
-}
-
-impl From<Unsent> for UpstreamError {
-    fn from(e: Unsent) -> Self {
-        e.1
-    }
-}
-
-impl Conn {
-    /// Sends `request` and drives the connection until the response head.
-    async fn exchange(&mut self, request: Request<Body>) -> Result<Response<Incoming>, Unsent> {
-        let Conn {
-            sender,
-            driver,
-            local,
-            answered,
-            ..
-        } = self;
-        answered.store(false, Ordering::Relaxed);
-        // Sent on the first poll, inside `poll_local`: sending wakes the driver's waker,
-        // which is this task's.
-        let mut exchange = std::pin::pin!(async { sender.try_send_request(request).await });
-        std::future::poll_fn(|cx| {
-            local.poll(cx, |cx| {
-                poll_driver(driver, cx);
-                match exchange.as_mut().poll(cx) {
-                    // The driver ended without answering: dropping it fails the exchange.
-                    Poll::Pending if driver.is_none() => {
-                        Poll::Ready(Err(Unsent(None, UpstreamError::Closed)))
-                    }
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
-                    Poll::Ready(Err(mut e)) => {
-                        let request = e.take_message();
-                        Poll::Ready(Err(Unsent(request, UpstreamError::Http(e.into_error()))))
-                    }
-                }
-            })
-        })
-        .await
-    }
-}
-
-/// A response body that drives its connection while it is read, and puts the connection
-/// back in the pool once it has been read to the end.
+/// A response body: on HTTP/1, read from its connection, which goes back in the pool
+/// once the body has been read to its end; on HTTP/2, a stream of the shared connection.
 pub(crate) struct PooledBody {
-    body: Incoming,
-    /// Until the body has ended.
-    conn: Option<Pooled>,
+    inner: Inner,
     pool: Arc<EndpointPool>,
 }
 
+enum Inner {
+    /// The connection, until the body has ended (or failed).
+    H1(Option<Pooled>),
+    H2(Incoming),
+}
+
 impl PooledBody {
-    fn new(body: Incoming, conn: Pooled, pool: Arc<EndpointPool>) -> Self {
-        Self {
-            body,
-            conn: Some(conn),
+    fn new(conn: Pooled, pool: Arc<EndpointPool>) -> Self {
+        let mut body = Self {
+            inner: Inner::H1(Some(conn)),
             pool,
-        }
+        };
+        // No body (`HEAD`, `204`, `Content-Length: 0`): the connection is free at once.
+        body.release_if_done();
+        body
     }
 
     /// A body of a multiplexed (HTTP/2) connection: nothing to put back.
     fn unpooled(body: Incoming, pool: Arc<EndpointPool>) -> Self {
         Self {
-            body,
-            conn: None,
+            inner: Inner::H2(body),
             pool,
         }
     }
 
-    /// The body has ended: the connection goes back to the pool if it is ready for
+    /// Once the body has ended, the connection goes back to the pool if it can carry
     /// another request (not if it is closing, or still sending this request's body).
-    fn release(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if conn.driver.is_some() && conn.sender.is_ready() {
-                self.pool.put(conn);
+    fn release_if_done(&mut self) {
+        if let Inner::H1(slot) = &mut self.inner {
+            if slot.as_ref().is_some_and(|conn| conn.h1.body_done()) {
+                if let Some(conn) = slot.take() {
+                    if conn.h1.is_reusable() {
+                        self.pool.put(conn);
+                    }
+                }
             }
-        }
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // An empty body (`HEAD`, `204`, `Content-Length: 0`) or one whose last frame
-        // said so may be dropped without being polled to its `None`.
-        if hyper::body::Body::is_end_stream(&self.body) {
-            if let Some(conn) = &mut self.conn {
-                // Nobody to wake: the pool's next user polls it with its own waker.
-                conn.poll_driver(&mut Context::from_waker(Waker::noop()));
-            }
-            self.release();
         }
     }
 }
 
 impl hyper::body::Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = self.get_mut();
-        let Some(conn) = &mut this.conn else {
-            // Released or failed: the body is all that is left.
-            return Pin::new(&mut this.body).poll_frame(cx);
-        };
-        let body = &mut this.body;
-        let frame = conn.local.poll(cx, |cx| {
-            poll_driver(&mut conn.driver, cx);
-            let frame = Pin::new(&mut *body).poll_frame(cx);
-            if matches!(frame, Poll::Ready(None)) || body.is_end_stream() {
-                // The end: one more turn of the driver so that it takes in the end of
-                // the exchange and is ready for the next request.
-                poll_driver(&mut conn.driver, cx);
+        let frame = match &mut this.inner {
+            Inner::H2(body) => {
+                return Pin::new(body).poll_frame(cx).map_err(UpstreamError::Http);
             }
-            frame
-        });
-        match &frame {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
-            Poll::Ready(Some(Ok(_))) => {}
-            // A failed body leaves the connection in an unknown state: it goes.
-            Poll::Ready(Some(Err(_))) => this.conn = None,
-            Poll::Pending => {}
+            // Ended: released, or failed.
+            Inner::H1(None) => return Poll::Ready(None),
+            Inner::H1(Some(conn)) => ready!(conn.h1.poll_body(cx)),
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                this.release_if_done();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            None => {
+                this.release_if_done();
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                // A failed body leaves the connection in an unknown state: it goes.
+                this.inner = Inner::H1(None);
+                Poll::Ready(Some(Err(UpstreamError::H1(e))))
+            }
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.inner {
+            Inner::H1(None) => true,
+            Inner::H1(Some(conn)) => conn.h1.body_done(),
+            Inner::H2(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.inner {
+            Inner::H1(None) => SizeHint::with_exact(0),
+            Inner::H1(Some(conn)) => conn
+                .h1
+                .body_remaining()
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
+            Inner::H2(body) => body.size_hint(),
+        }
     }
 }
 
 impl fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PooledBody")
-            .field("pooled", &self.conn.is_some())
+            .field("pooled", &matches!(self.inner, Inner::H1(Some(_))))
             .finish()
     }
 }
@@ -1197,91 +902,6 @@ impl fmt::Debug for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    /// Counts the wake-ups of the task.
-    #[derive(Default)]
-    struct Counting(AtomicUsize);
-
-    impl Wake for Counting {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[test]
-    fn a_wake_up_inside_the_poll_reruns_it_without_waking_the_task() {
-        let task = Arc::new(Counting::default());
-        let task_waker = Waker::from(task.clone());
-        let cx = Context::from_waker(&task_waker);
-        let local = Local::new();
-        let mut runs = 0;
-        let out = local.poll(&cx, |cx| {
-            runs += 1;
-            if runs < 3 {
-                // What the driver does when it completes what this poll awaits.
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            } else {
-                Poll::Ready(runs)
-            }
-        });
-        assert_eq!(out, Poll::Ready(3));
-        assert_eq!(task.0.load(Ordering::SeqCst), 0, "the task was not woken");
-    }
-
-    #[test]
-    fn a_wake_up_from_outside_reaches_the_task() {
-        let task = Arc::new(Counting::default());
-        let task_waker = Waker::from(task.clone());
-        let cx = Context::from_waker(&task_waker);
-        let local = Local::new();
-        let mut stored = None;
-        let out: Poll<()> = local.poll(&cx, |cx| {
-            // A socket registering the waker for readiness.
-            stored = Some(cx.waker().clone());
-            Poll::Pending
-        });
-        assert_eq!(out, Poll::Pending);
-        assert_eq!(task.0.load(Ordering::SeqCst), 0);
-        // The socket became readable, long after the poll.
-        stored.expect("registered").wake();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1);
-    }
-
-    #[test]
-    fn a_connection_waking_itself_forever_yields_to_its_task() {
-        let task = Arc::new(Counting::default());
-        let task_waker = Waker::from(task.clone());
-        let cx = Context::from_waker(&task_waker);
-        let local = Local::new();
-        let mut runs = 0;
-        let out: Poll<()> = local.poll(&cx, |cx| {
-            runs += 1;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        });
-        assert_eq!(out, Poll::Pending);
-        assert_eq!(runs, 32, "bounded");
-        assert_eq!(task.0.load(Ordering::SeqCst), 1, "and woken to come back");
-    }
-
-    #[test]
-    fn the_latest_task_is_the_one_woken() {
-        let (first, second) = (Arc::new(Counting::default()), Arc::new(Counting::default()));
-        let local = Local::new();
-        let mut stored = None;
-        for task in [&first, &second] {
-            let waker = Waker::from(task.clone());
-            let _: Poll<()> = local.poll(&Context::from_waker(&waker), |cx| {
-                stored = Some(cx.waker().clone());
-                Poll::Pending
-            });
-        }
-        stored.expect("registered").wake();
-        assert_eq!(first.0.load(Ordering::SeqCst), 0);
-        assert_eq!(second.0.load(Ordering::SeqCst), 1);
-    }
 
     /// An upstream whose first connection is closed as soon as it is accepted, and
     /// whose later ones answer `ok`; returns its address, the connections accepted, and
@@ -1403,10 +1023,7 @@ mod tests {
         let fresh = pool.connect().await.unwrap();
         closed.notified().await;
         let error = pool.clone().send_on(fresh, false, get()).await.unwrap_err();
-        assert!(
-            matches!(error, UpstreamError::Http(_) | UpstreamError::Closed),
-            "{error}"
-        );
+        assert!(matches!(error, UpstreamError::H1(_)), "{error}");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
     }
 }

@@ -1,0 +1,1416 @@
+//! HTTP/1.1 to the upstreams, spoken by the gateway itself on its pooled sockets.
+//!
+//! hyper's client connection puts a dispatch channel, a oneshot and a `want` signal
+//! between the request and its socket, and builds its request head in a buffer of its
+//! own every time; here the exchange writes straight from the request into a buffer the
+//! connection keeps, and reads into a buffer the connection keeps, on the task of the
+//! request. What the upstream sends is checked as strictly as nginx does:
+//!
+//! - a response head larger than [`MAX_HEAD`] bytes or with more than [`MAX_HEADERS`]
+//!   fields, obsolete line folding, a bare `LF` where `CRLF` belongs, an invalid name or
+//!   value: a [`ProtocolError`] (the gateway answers `502`);
+//! - framing (RFC 9112 §6.3): no body for `HEAD`, `1xx`, `204`, `304`; interim `1xx`
+//!   answers (`100 Continue`, `103 Early Hints`) skipped, `101` refused (the gateway
+//!   never asks for an upgrade); `Transfer-Encoding` and `Content-Length` together, a
+//!   `Transfer-Encoding` in an HTTP/1.0 answer, `chunked` applied twice, differing or
+//!   malformed `Content-Length` values: errors, not guesses; a last coding other than
+//!   `chunked`, or no length at all: the body runs to the close, and the connection is
+//!   not reused;
+//! - chunked bodies: hexadecimal sizes of at most 16 digits, extensions skipped (at most
+//!   [`MAX_CHUNK_LINE`] bytes a line), `CRLF` after every line and every chunk's data,
+//!   trailers parsed as a header section (at most [`MAX_HEAD`] bytes).
+//!
+//! A connection is reused only when its last exchange ended cleanly on both sides: the
+//! request's body sent whole, the response read to its end with nothing after it, and
+//! keep-alive in force (HTTP/1.1 without `Connection: close`, HTTP/1.0 with
+//! `Connection: keep-alive`).
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body as HttpBody, Frame};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::body::Body;
+use crate::BoxError;
+
+/// The largest response head (or chunked trailer section) accepted from an upstream.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields accepted in a response head (hyper's default too).
+pub const MAX_HEADERS: usize = 100;
+/// The longest chunk-size line (size and extensions) accepted.
+pub const MAX_CHUNK_LINE: usize = 4096;
+/// How much a read asks for at least.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// An upstream's answer that is not HTTP/1.1 as RFC 9112 frames it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProtocolError(&'static str);
+
+impl ProtocolError {
+    /// What was wrong, in a few words.
+    pub fn reason(&self) -> &'static str {
+        self.0
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed response from the upstream: {}", self.0)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+impl From<httparse::Error> for ProtocolError {
+    fn from(e: httparse::Error) -> Self {
+        Self(match e {
+            httparse::Error::HeaderName => "invalid header name",
+            httparse::Error::HeaderValue => "invalid header value",
+            httparse::Error::NewLine => "invalid line ending",
+            httparse::Error::Status => "invalid status line",
+            httparse::Error::Token => "invalid token",
+            httparse::Error::TooManyHeaders => "too many header fields",
+            httparse::Error::Version => "not HTTP/1.x",
+        })
+    }
+}
+
+/// How a response's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: a `HEAD` request's answer, `204`, `304`, or `Content-Length: 0`.
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// The status code (never `1xx`: interim answers are skipped).
+    pub status: StatusCode,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub version: Version,
+    /// The header fields, as sent; their values share the connection's buffer.
+    pub headers: HeaderMap,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// Whether the connection may carry another request after this exchange.
+    pub keep_alive: bool,
+}
+
+/// Where a header field's name and value are in the head: offsets and lengths.
+type Span = [u32; 4];
+
+/// Parses a response head off the front of `buf`: `Ok(None)` while it is incomplete.
+/// Interim `1xx` heads before it are consumed and skipped. `head_request`: the request
+/// was `HEAD` (its answer has no body whatever its head says).
+pub fn parse_response(
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<Option<ResponseHead>, ProtocolError> {
+    loop {
+        let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
+        let (len, code, minor, count) = {
+            let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut []);
+            let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut response,
+                buf,
+                &mut slots,
+            );
+            match parsed {
+                Ok(httparse::Status::Complete(len)) => {
+                    if len > MAX_HEAD {
+                        return Err(ProtocolError("response head too large"));
+                    }
+                    let base = buf.as_ptr() as usize;
+                    let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+                    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+                        *span = [
+                            offset(field.name.as_bytes()),
+                            field.name.len() as u32,
+                            offset(field.value),
+                            field.value.len() as u32,
+                        ];
+                    }
+                    (
+                        len,
+                        response.code.unwrap_or(0),
+                        response.version.unwrap_or(1),
+                        response.headers.len(),
+                    )
+                }
+                Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                    return Err(ProtocolError("response head too large"));
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if code == 101 {
+            return Err(ProtocolError("unexpected 101 Switching Protocols"));
+        }
+        if (100..200).contains(&code) {
+            buf.advance(len);
+            continue;
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| ProtocolError("invalid status code"))?;
+        let version = if minor == 0 {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let head = buf.split_to(len).freeze();
+        return head_of(&head, &spans[..count], status, version, head_request).map(Some);
+    }
+}
+
+/// The [`ResponseHead`] of a complete head whose fields are at `spans`.
+fn head_of(
+    head: &Bytes,
+    spans: &[Span],
+    status: StatusCode,
+    version: Version,
+    head_request: bool,
+) -> Result<ResponseHead, ProtocolError> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut length: Option<u64> = None;
+    let mut transfer_encoding = false;
+    let mut chunked = false;
+    let (mut close, mut keep_alive) = (false, false);
+    for &[name_at, name_len, value_at, value_len] in spans {
+        let (name_at, value_at) = (name_at as usize, value_at as usize);
+        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len as usize])
+            .map_err(|_| ProtocolError("invalid header name"))?;
+        let value = &head[value_at..value_at + value_len as usize];
+        if name == header::CONTENT_LENGTH {
+            let n = content_length(value)?;
+            if length.is_some_and(|seen| seen != n) {
+                return Err(ProtocolError("differing Content-Length values"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
+            for coding in tokens(value) {
+                if chunked {
+                    // `chunked` is only ever the last coding, and only once.
+                    return Err(ProtocolError("a coding applied after chunked"));
+                }
+                chunked = coding.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name == header::CONNECTION {
+            for option in tokens(value) {
+                close |= option.eq_ignore_ascii_case(b"close");
+                keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
+                .map_err(|_| ProtocolError("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let mut keep_alive = match version {
+        Version::HTTP_10 => keep_alive && !close,
+        _ => !close,
+    };
+    let no_body =
+        head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Framing::Empty
+    } else if transfer_encoding {
+        if length.is_some() {
+            return Err(ProtocolError("both Content-Length and Transfer-Encoding"));
+        }
+        if version == Version::HTTP_10 {
+            return Err(ProtocolError("Transfer-Encoding in an HTTP/1.0 response"));
+        }
+        if chunked {
+            Framing::Chunked
+        } else {
+            keep_alive = false;
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => {
+                keep_alive = false;
+                Framing::Close
+            }
+        }
+    };
+    Ok(ResponseHead {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    })
+}
+
+/// The non-empty elements of a comma-separated list, trimmed of optional whitespace.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// A `Content-Length` value: digits, or a list of identical ones (RFC 9110 §8.6).
+fn content_length(value: &[u8]) -> Result<u64, ProtocolError> {
+    const BAD: ProtocolError = ProtocolError("invalid Content-Length");
+    let mut length = None;
+    for element in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if element.is_empty() || element.len() > 19 || !element.iter().all(u8::is_ascii_digit) {
+            return Err(BAD);
+        }
+        let n = element
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if length.is_some_and(|seen| seen != n) {
+            return Err(ProtocolError("differing Content-Length values"));
+        }
+        length = Some(n);
+    }
+    length.ok_or(BAD)
+}
+
+/// What [`ChunkedDecoder::decode`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Chunk {
+    /// Some of the body's data.
+    Data(Bytes),
+    /// The trailer section (the body ends after it).
+    Trailers(HeaderMap),
+    /// The end of the body.
+    End,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// In the hexadecimal size.
+    Size,
+    /// Whitespace after the size: more of it, `;` or `CR`.
+    SizeSpace,
+    /// After `;`: extensions until `CR`.
+    Extension,
+    /// The `LF` of a size line.
+    SizeLf,
+    /// In a chunk's data.
+    Data,
+    /// The `CR` after a chunk's data.
+    DataCr,
+    /// The `LF` after a chunk's data.
+    DataLf,
+    /// After the last chunk: the trailer section.
+    Trailers,
+    /// The body has ended.
+    Done,
+}
+
+/// Decodes a chunked body (RFC 9112 §7.1) as its bytes arrive, in any pieces.
+#[derive(Debug, Clone)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    /// In `Size`: the size so far; in `Data`: what is left of the chunk.
+    size: u64,
+    /// Bytes of the current size line so far.
+    line: usize,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChunkedDecoder {
+    /// A decoder at the start of a body.
+    pub fn new() -> Self {
+        Self {
+            state: ChunkState::Size,
+            size: 0,
+            line: 0,
+        }
+    }
+
+    /// Whether the body has ended.
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Decodes what it can off the front of `buf`: `Ok(None)` when it needs more bytes.
+    /// Once the body has ended, [`Chunk::End`] again.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Chunk>, ProtocolError> {
+        loop {
+            match self.state {
+                ChunkState::Data => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = usize::try_from(self.size).map_or(buf.len(), |s| s.min(buf.len()));
+                    self.size -= n as u64;
+                    if self.size == 0 {
+                        self.state = ChunkState::DataCr;
+                    }
+                    return Ok(Some(Chunk::Data(buf.split_to(n).freeze())));
+                }
+                ChunkState::Trailers => return self.trailers(buf),
+                ChunkState::Done => return Ok(Some(Chunk::End)),
+                _ => {
+                    let mut used = 0;
+                    let result = self.lines(buf, &mut used);
+                    buf.advance(used);
+                    if !result? {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Steps through size lines and data delimiters byte by byte; `Ok(false)` when `buf`
+    /// ran out first. `used`: how many bytes of `buf` it consumed.
+    fn lines(&mut self, buf: &[u8], used: &mut usize) -> Result<bool, ProtocolError> {
+        for &b in buf {
+            *used += 1;
+            match self.state {
+                ChunkState::Size => {
+                    let digit = match b {
+                        b'0'..=b'9' => Some(b - b'0'),
+                        b'a'..=b'f' => Some(b - b'a' + 10),
+                        b'A'..=b'F' => Some(b - b'A' + 10),
+                        _ => None,
+                    };
+                    match (digit, self.line) {
+                        (Some(_), 16..) => return Err(ProtocolError("chunk size too large")),
+                        (Some(d), _) => self.size = self.size << 4 | u64::from(d),
+                        (None, 0) => return Err(ProtocolError("invalid chunk size")),
+                        (None, _) if b == b'\r' => self.state = ChunkState::SizeLf,
+                        (None, _) if b == b';' => self.state = ChunkState::Extension,
+                        (None, _) if matches!(b, b' ' | b'\t') => {
+                            self.state = ChunkState::SizeSpace;
+                        }
+                        (None, _) => return Err(ProtocolError("invalid chunk size")),
+                    }
+                    self.line += 1;
+                }
+                ChunkState::SizeSpace => {
+                    self.line += 1;
+                    match b {
+                        b' ' | b'\t' if self.line <= MAX_CHUNK_LINE => {}
+                        b';' => self.state = ChunkState::Extension,
+                        b'\r' => self.state = ChunkState::SizeLf,
+                        _ => return Err(ProtocolError("invalid chunk size")),
+                    }
+                }
+                ChunkState::Extension => {
+                    self.line += 1;
+                    if self.line > MAX_CHUNK_LINE {
+                        return Err(ProtocolError("chunk extension too long"));
+                    }
+                    match b {
+                        b'\r' => self.state = ChunkState::SizeLf,
+                        b'\t' | 0x20..=0x7e | 0x80.. => {}
+                        _ => return Err(ProtocolError("invalid chunk extension")),
+                    }
+                }
+                ChunkState::SizeLf => {
+                    if b != b'\n' {
+                        return Err(ProtocolError("invalid chunk size line ending"));
+                    }
+                    self.line = 0;
+                    self.state = if self.size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data
+                    };
+                    return Ok(true);
+                }
+                ChunkState::DataCr | ChunkState::DataLf => {
+                    let expected = if self.state == ChunkState::DataCr {
+                        b'\r'
+                    } else {
+                        b'\n'
+                    };
+                    if b != expected {
+                        return Err(ProtocolError("chunk data not followed by CRLF"));
+                    }
+                    if self.state == ChunkState::DataCr {
+                        self.state = ChunkState::DataLf;
+                    } else {
+                        self.state = ChunkState::Size;
+                        self.size = 0;
+                        self.line = 0;
+                    }
+                }
+                ChunkState::Data | ChunkState::Trailers | ChunkState::Done => {
+                    unreachable!("handled by decode")
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// The trailer section after the last chunk.
+    fn trailers(&mut self, buf: &mut BytesMut) -> Result<Option<Chunk>, ProtocolError> {
+        match buf.first() {
+            None => return Ok(None),
+            Some(b'\r') => {
+                if buf.len() < 2 {
+                    return Ok(None);
+                }
+                if buf[1] != b'\n' {
+                    return Err(ProtocolError("invalid line ending after the last chunk"));
+                }
+                buf.advance(2);
+                self.state = ChunkState::Done;
+                return Ok(Some(Chunk::End));
+            }
+            Some(b'\n') => return Err(ProtocolError("invalid line ending after the last chunk")),
+            Some(_) => {}
+        }
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        match httparse::parse_headers(buf, &mut slots) {
+            Ok(httparse::Status::Complete((len, fields))) => {
+                if len > MAX_HEAD {
+                    return Err(ProtocolError("trailer section too large"));
+                }
+                let mut trailers = HeaderMap::with_capacity(fields.len());
+                for field in fields {
+                    let name = HeaderName::from_bytes(field.name.as_bytes())
+                        .map_err(|_| ProtocolError("invalid trailer name"))?;
+                    let value = HeaderValue::from_bytes(field.value)
+                        .map_err(|_| ProtocolError("invalid trailer value"))?;
+                    trailers.append(name, value);
+                }
+                buf.advance(len);
+                self.state = ChunkState::Done;
+                Ok(Some(Chunk::Trailers(trailers)))
+            }
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                Err(ProtocolError("trailer section too large"))
+            }
+            Ok(httparse::Status::Partial) => Ok(None),
+            Err(e) => Err(ProtocolError::from(e)),
+        }
+    }
+}
+
+/// How a request's body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body and no framing header.
+    None,
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+impl RequestFraming {
+    /// How a request with `method`, `headers` and `body` is framed: by its body alone.
+    /// An empty body is `Content-Length: 0` for methods that define a body
+    /// (`POST`, `PUT`, `PATCH`) or when the client said it, and no header otherwise; a body
+    /// of known length is `Content-Length`, any other `chunked`, whatever the method (RFC
+    /// 9110 allows a body on every method; dropping one would change the request).
+    pub fn of<B: HttpBody>(method: &Method, headers: &HeaderMap, body: &B) -> Self {
+        if body.is_end_stream() {
+            let defines_body = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+            return if defines_body || headers.contains_key(header::CONTENT_LENGTH) {
+                Self::Length(0)
+            } else {
+                Self::None
+            };
+        }
+        match body.size_hint().exact() {
+            Some(n) => Self::Length(n),
+            None => Self::Chunked,
+        }
+    }
+}
+
+/// Writes a request head into `out`: the request line with `target` (origin form), every
+/// field of `headers` but `Content-Length` and `Transfer-Encoding`, then the framing
+/// field `framing` says.
+pub fn encode_request(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `n` in decimal.
+fn decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// `n` in hexadecimal.
+fn hexadecimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[(n & 15) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Why an exchange on a [`Conn`] failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Reading or writing the socket failed.
+    Io(io::Error),
+    /// The upstream closed the connection before the response (or its body) ended.
+    Closed,
+    /// The upstream's answer was malformed.
+    Protocol(ProtocolError),
+    /// The request body failed (the client's fault: its error is in the source chain).
+    RequestBody(BoxError),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "upstream connection: {e}"),
+            Self::Closed => f.write_str("the upstream closed the connection before the end"),
+            Self::Protocol(e) => e.fmt(f),
+            Self::RequestBody(e) => write!(f, "sending the request body: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io(e) => Some(e),
+            Self::Protocol(e) => Some(e),
+            Self::RequestBody(e) => Some(e.as_ref()),
+            Self::Closed => None,
+        }
+    }
+}
+
+impl Failure {
+    /// Whether the connection was lost (reset, closed, cut) rather than the exchange
+    /// going wrong in a way a new connection would not fix.
+    pub(crate) fn is_connection_lost(&self) -> bool {
+        match self {
+            Self::Closed => true,
+            Self::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::NotConnected
+            ),
+            Self::Protocol(_) | Self::RequestBody(_) => false,
+        }
+    }
+}
+
+/// Where the response body is.
+#[derive(Debug)]
+enum Reading {
+    /// No exchange, or its head has not come.
+    Head,
+    /// `Content-Length`: what is left of it.
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    /// Until the upstream closes.
+    Close,
+    /// The body has ended.
+    Done,
+}
+
+/// One HTTP/1.1 connection to an upstream: its socket and the two buffers every exchange
+/// on it reuses.
+pub(crate) struct Conn<IO> {
+    io: IO,
+    /// What has been read and not consumed.
+    read: BytesMut,
+    /// The head (or a chunk's size line) being written, from `written`.
+    out: Vec<u8>,
+    written: usize,
+    /// A chunk of the request body being written after `out`.
+    data: Bytes,
+    /// The request, until its first byte is written: what a failed write hands back.
+    unsent: Option<Request<Body>>,
+    /// The request body still to send (after its first byte was written).
+    body: Option<Body>,
+    framing: RequestFraming,
+    /// Bytes of a `Content-Length` body not yet taken from it.
+    to_send: u64,
+    /// A chunk's data was written: its `CRLF` is owed before the next size line.
+    crlf_owed: bool,
+    /// The request has been written whole (and flushed).
+    sent: bool,
+    /// Writing failed after part of the request was written: nothing more is written,
+    /// but the upstream may still answer.
+    write_failed: Option<io::Error>,
+    /// The request is `HEAD`.
+    head_request: bool,
+    reading: Reading,
+    /// Bytes came since the request began.
+    answered: bool,
+    /// The last response allows another request.
+    keep_alive: bool,
+}
+
+impl<IO> fmt::Debug for Conn<IO> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("reading", &self.reading)
+            .field("sent", &self.sent)
+            .field("keep_alive", &self.keep_alive)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
+    /// A connection over `io`, ready for a request.
+    pub(crate) fn new(io: IO) -> Self {
+        Self {
+            io,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            out: Vec::with_capacity(1024),
+            written: 0,
+            data: Bytes::new(),
+            unsent: None,
+            body: None,
+            framing: RequestFraming::None,
+            to_send: 0,
+            crlf_owed: false,
+            sent: true,
+            write_failed: None,
+            head_request: false,
+            reading: Reading::Done,
+            answered: false,
+            keep_alive: true,
+        }
+    }
+
+    /// Whether bytes of an answer came since the current request began.
+    pub(crate) fn answered(&self) -> bool {
+        self.answered
+    }
+
+    /// Whether the connection may carry another request: the last exchange ended
+    /// cleanly on both sides, keep-alive is in force, and nothing came after the answer.
+    pub(crate) fn is_reusable(&self) -> bool {
+        self.keep_alive
+            && self.sent
+            && self.write_failed.is_none()
+            && matches!(self.reading, Reading::Done)
+            && self.read.is_empty()
+    }
+
+    /// Whether the response body has been read to its end.
+    pub(crate) fn body_done(&self) -> bool {
+        matches!(self.reading, Reading::Done)
+    }
+
+    /// What is left of a `Content-Length` body, if that is how it is delimited.
+    pub(crate) fn body_remaining(&self) -> Option<u64> {
+        match self.reading {
+            Reading::Length(n) => Some(n),
+            Reading::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Whether an idle connection is still usable: the upstream has neither closed it
+    /// nor sent anything on it (an idle connection has no answer due). Costs no system
+    /// call when the socket has had no event since its last read.
+    pub(crate) fn idle_is_usable(&mut self) -> bool {
+        if !self.is_reusable() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Ready: closed, failed, or bytes nobody asked for.
+        self.poll_fill(&mut cx).is_pending()
+    }
+
+    /// Starts an exchange: encodes `request`'s head (its URI in origin form) into the
+    /// connection's buffer. Nothing is written until [`Conn::poll_head`].
+    pub(crate) fn start(&mut self, request: Request<Body>) {
+        let framing = RequestFraming::of(request.method(), request.headers(), request.body());
+        self.out.clear();
+        self.written = 0;
+        encode_request(
+            &mut self.out,
+            request.method(),
+            request.uri().path_and_query().map_or("/", |p| p.as_str()),
+            request.headers(),
+            framing,
+        );
+        self.head_request = request.method() == Method::HEAD;
+        self.framing = framing;
+        self.to_send = match framing {
+            RequestFraming::Length(n) => n,
+            _ => 0,
+        };
+        self.crlf_owed = false;
+        self.data = Bytes::new();
+        self.sent = false;
+        self.write_failed = None;
+        self.body = None;
+        self.unsent = Some(request);
+        self.reading = Reading::Head;
+        self.answered = false;
+        self.keep_alive = false;
+    }
+
+    /// The request, if no byte of it was written: it may be sent on another connection.
+    pub(crate) fn take_unsent(&mut self) -> Option<Request<Body>> {
+        self.unsent.take()
+    }
+
+    /// Writes what is buffered, then takes the next frame of the request body, until the
+    /// request has been sent whole (`Ready(Ok)`), or the socket or the body is not ready.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        if self.sent || self.write_failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while self.written < self.out.len() || !self.data.is_empty() {
+                let slices = [
+                    io::IoSlice::new(&self.out[self.written..]),
+                    io::IoSlice::new(&self.data),
+                ];
+                let n = match ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices)) {
+                    Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
+                    other => other,
+                };
+                let n = match n {
+                    Ok(n) => n,
+                    // Nothing written: the request is intact, for [`Conn::take_unsent`].
+                    Err(e) if self.unsent.is_some() => return Poll::Ready(Err(Failure::Io(e))),
+                    Err(e) => {
+                        // Part of it went: the upstream may answer still (an early
+                        // `413`, say); the exchange fails only if it does not.
+                        self.write_failed = Some(e);
+                        return Poll::Ready(Ok(()));
+                    }
+                };
+                if let Some(request) = self.unsent.take() {
+                    self.body = Some(request.into_body());
+                }
+                let from_out = n.min(self.out.len() - self.written);
+                self.written += from_out;
+                self.data.advance(n - from_out);
+            }
+            self.out.clear();
+            self.written = 0;
+            let Some(body) = &mut self.body else {
+                if let Err(e) = ready!(Pin::new(&mut self.io).poll_flush(cx)) {
+                    self.write_failed = Some(e);
+                    return Poll::Ready(Ok(()));
+                }
+                self.sent = true;
+                return Poll::Ready(Ok(()));
+            };
+            if self.framing == RequestFraming::None {
+                // An empty body: nothing to take from it.
+                self.body = None;
+                continue;
+            }
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        // Trailers: sent only in a chunked body, which ends with them.
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    let len = data.len() as u64;
+                    match self.framing {
+                        RequestFraming::Length(_) => {
+                            if len > self.to_send {
+                                return Poll::Ready(Err(Failure::RequestBody(
+                                    "the request body is longer than its Content-Length".into(),
+                                )));
+                            }
+                            self.to_send -= len;
+                        }
+                        RequestFraming::Chunked => {
+                            if self.crlf_owed {
+                                self.out.extend_from_slice(b"\r\n");
+                            }
+                            hexadecimal(&mut self.out, len);
+                            self.out.extend_from_slice(b"\r\n");
+                            self.crlf_owed = true;
+                        }
+                        RequestFraming::None => {}
+                    }
+                    self.data = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(Failure::RequestBody(e))),
+                None => {
+                    self.body = None;
+                    match self.framing {
+                        RequestFraming::Chunked => {
+                            if self.crlf_owed {
+                                self.out.extend_from_slice(b"\r\n");
+                            }
+                            self.out.extend_from_slice(b"0\r\n\r\n");
+                        }
+                        RequestFraming::Length(_) if self.to_send > 0 => {
+                            return Poll::Ready(Err(Failure::RequestBody(
+                                "the request body is shorter than its Content-Length".into(),
+                            )));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads into the buffer: `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
+            // Reclaims the buffer in place once the last response's head and body, which
+            // share it, are gone: a steady connection reads without allocating.
+            self.read.reserve(READ_CHUNK);
+        }
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.read
+        ))?;
+        if n > 0 {
+            self.answered = true;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Sends the request and reads until its response head.
+    pub(crate) fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<()>, Failure>> {
+        if self.unsent.is_some() && self.written == 0 {
+            // Before the first byte: a connection the upstream closed (or sent bytes on
+            // unasked) fails with the request intact, to be sent on another. Costs no
+            // system call while the socket has had no event since its last read.
+            match self.poll_fill(cx) {
+                Poll::Pending => {}
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(Failure::Closed)),
+                Poll::Ready(Ok(_)) => {
+                    return Poll::Ready(Err(Failure::Protocol(ProtocolError(
+                        "bytes before the request",
+                    ))));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Io(e))),
+            }
+        }
+        loop {
+            // Sending may wait on the socket or on the client's body: the answer is read
+            // meanwhile all the same (an upstream may answer before the body's end).
+            if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
+            match parse_response(&mut self.read, self.head_request) {
+                Ok(Some(head)) => return Poll::Ready(Ok(self.begin_body(head))),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(Failure::Protocol(e))),
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    return Poll::Ready(Err(match self.write_failed.take() {
+                        Some(e) => Failure::Io(e),
+                        None => Failure::Closed,
+                    }));
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(Failure::Io(e))),
+            }
+        }
+    }
+
+    /// The response of `head`, its body to be read from this connection.
+    fn begin_body(&mut self, head: ResponseHead) -> Response<()> {
+        self.keep_alive = head.keep_alive;
+        self.reading = match head.framing {
+            Framing::Empty => Reading::Done,
+            Framing::Length(n) => Reading::Length(n),
+            Framing::Chunked => Reading::Chunked(ChunkedDecoder::new()),
+            Framing::Close => Reading::Close,
+        };
+        let mut response = Response::new(());
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        response
+    }
+
+    /// The next frame of the response body (and the rest of the request sent meanwhile).
+    pub(crate) fn poll_body(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Failure>>> {
+        loop {
+            if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+                return Poll::Ready(Some(Err(e)));
+            }
+            match &mut self.reading {
+                Reading::Head | Reading::Done => return Poll::Ready(None),
+                Reading::Length(left) if !self.read.is_empty() => {
+                    let n =
+                        usize::try_from(*left).map_or(self.read.len(), |l| l.min(self.read.len()));
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.reading = Reading::Done;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(self.read.split_to(n).freeze()))));
+                }
+                Reading::Chunked(decoder) => match decoder.decode(&mut self.read) {
+                    Ok(Some(Chunk::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Some(Chunk::Trailers(trailers))) => {
+                        self.reading = Reading::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Some(Chunk::End)) => {
+                        self.reading = Reading::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Some(Err(Failure::Protocol(e)))),
+                },
+                Reading::Close if !self.read.is_empty() => {
+                    let data = self.read.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Reading::Length(_) | Reading::Close => {}
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) if matches!(self.reading, Reading::Close) => {
+                    self.reading = Reading::Done;
+                    self.keep_alive = false;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return Poll::Ready(Some(Err(Failure::Closed))),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(Failure::Io(e)))),
+            }
+        }
+    }
+}
+
+/// Sends `request` on `conn` and reads its response head.
+pub(crate) fn exchange<IO: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<IO>,
+    request: Request<Body>,
+) -> impl Future<Output = Result<Response<()>, Failure>> + '_ {
+    conn.start(request);
+    std::future::poll_fn(move |cx| conn.poll_head(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<ResponseHead>, ProtocolError> {
+        parse_response(&mut BytesMut::from(text), false)
+    }
+
+    fn framing(text: &str) -> Result<(Framing, bool), &'static str> {
+        match parse(text) {
+            Ok(Some(head)) => Ok((head.framing, head.keep_alive)),
+            Ok(None) => Err("incomplete"),
+            Err(e) => Err(e.reason()),
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        use Framing::*;
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            Ok((Length(5), true))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            Ok((Empty, true))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\n\r\n"),
+            Ok((Length(7), true))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 7\r\ncontent-length: 7\r\n\r\n"),
+            Ok((Length(7), true))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n"),
+            Ok((Chunked, true))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            Ok((Close, false))
+        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), Ok((Close, false)));
+        assert_eq!(
+            framing("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n"),
+            Ok((Empty, true))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"),
+            Ok((Empty, true))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n"),
+            Ok((Length(1), false))
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n"),
+            Ok((Length(1), false))
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 1\r\n\r\n"),
+            Ok((Length(1), true))
+        );
+        // A HEAD request's answer has no body, whatever its head says.
+        let head = parse_response(
+            &mut BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n"),
+            true,
+        );
+        assert_eq!(head.unwrap().unwrap().framing, Empty);
+    }
+
+    #[test]
+    fn ambiguous_or_malformed_framing_is_an_error() {
+        for (text, reason) in [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+                "both Content-Length and Transfer-Encoding",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+                "differing Content-Length values",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+                "differing Content-Length values",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\n",
+                "invalid Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+                "invalid Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0x5\r\n\r\n",
+                "invalid Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+                "invalid Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+                "invalid Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip, chunked\r\n\r\n",
+                "a coding applied after chunked",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+                "a coding applied after chunked",
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+                "unexpected 101 Switching Protocols",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nfolded: a\r\n b\r\n\r\n",
+                "invalid header name",
+            ),
+            ("HTTP/2.0 200 OK\r\n\r\n", "not HTTP/1.x"),
+            ("HTTP/1.1 20 OK\r\n\r\n", "invalid status line"),
+            (
+                "HTTP/1.1 200 OK\r\nbad name: y\r\n\r\n",
+                "invalid header name",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nx: a\u{1}b\r\n\r\n",
+                "invalid header value",
+            ),
+        ] {
+            assert_eq!(framing(text), Err(reason), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn bare_lf_heads_are_accepted_as_httparse_does_only_where_rfc_allows() {
+        // httparse accepts LF line endings in heads (RFC 9112 §2.2 lets a recipient);
+        // they cannot smuggle anything: the framing fields are parsed the same way.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\ncontent-length: 2\n\n").map(|f| f.0),
+            Ok(Framing::Length(2))
+        );
+    }
+
+    #[test]
+    fn interim_answers_are_skipped() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+        );
+        let head = parse_response(&mut buf, false).unwrap().unwrap();
+        assert_eq!(head.status, StatusCode::CREATED);
+        assert_eq!(head.headers.get("link"), None);
+        assert_eq!(&buf[..], b"ok");
+    }
+
+    #[test]
+    fn a_head_is_incomplete_until_its_blank_line_and_bounded() {
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+        assert!(parse_response(&mut buf, false).unwrap().is_none());
+        let mut big = BytesMut::from("HTTP/1.1 200 OK\r\n");
+        while big.len() <= MAX_HEAD {
+            big.extend_from_slice(
+                b"x-filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+            );
+        }
+        assert!(parse_response(&mut big, false).is_err());
+        let mut many = BytesMut::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-{i}: y\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(
+            parse_response(&mut many, false).unwrap_err().reason(),
+            "too many header fields"
+        );
+    }
+
+    #[test]
+    fn header_values_share_the_read_buffer() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nx-a: one\r\nX-B: two\r\nx-a: three\r\ncontent-length: 0\r\n\r\nrest",
+        );
+        let head = parse_response(&mut buf, false).unwrap().unwrap();
+        let a: Vec<_> = head.headers.get_all("x-a").iter().collect();
+        assert_eq!(a, ["one", "three"]);
+        assert_eq!(head.headers["x-b"], "two");
+        assert_eq!(&buf[..], b"rest");
+    }
+
+    /// Decodes `pieces` fed one after the other: the data, the trailers, and whether it
+    /// ended.
+    fn decode(pieces: &[&[u8]]) -> Result<(Vec<u8>, Option<HeaderMap>, bool), &'static str> {
+        let mut decoder = ChunkedDecoder::new();
+        let mut buf = BytesMut::new();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        for piece in pieces {
+            buf.extend_from_slice(piece);
+            loop {
+                match decoder.decode(&mut buf).map_err(|e| e.reason())? {
+                    Some(Chunk::Data(d)) => data.extend_from_slice(&d),
+                    Some(Chunk::Trailers(t)) => trailers = Some(t),
+                    Some(Chunk::End) => return Ok((data, trailers, true)),
+                    None => break,
+                }
+            }
+        }
+        Ok((data, trailers, false))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_in_any_pieces() {
+        let body = b"5\r\nhello\r\n6;ext=\"a b\"\r\n world\r\nA \r\n0123456789\r\n0\r\n\r\n";
+        for split in 0..body.len() {
+            let (data, trailers, ended) = decode(&[&body[..split], &body[split..]]).unwrap();
+            assert_eq!(data, b"hello world0123456789");
+            assert!(trailers.is_none() && ended, "split at {split}");
+        }
+        let one_by_one: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(decode(&one_by_one).unwrap().0, b"hello world0123456789");
+        let (data, trailers, ended) =
+            decode(&[b"3\r\nabc\r\n0\r\ngrpc-status: 0\r\nx-t: 1\r\n\r\n"]).unwrap();
+        assert_eq!(data, b"abc");
+        assert!(ended);
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        assert_eq!(
+            decode(&[b"3\r\nab"]).unwrap(),
+            (b"ab".to_vec(), None, false)
+        );
+    }
+
+    proptest::proptest! {
+        /// Any chunking of any data, with extensions and trailers, cut anywhere,
+        /// decodes to the data.
+        #[test]
+        fn chunked_encoding_round_trips(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..300), 0..8),
+            extension in proptest::option::of("[a-z]{1,8}(=[a-z0-9]{0,8})?"),
+            trailer in proptest::prelude::any::<bool>(),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let mut wire = Vec::new();
+            for chunk in &chunks {
+                wire.extend_from_slice(format!("{:X}", chunk.len()).as_bytes());
+                if let Some(ext) = &extension {
+                    wire.extend_from_slice(format!(" ; {ext}").as_bytes());
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(chunk);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailer {
+                wire.extend_from_slice(b"x-sum: 1\r\n");
+            }
+            wire.extend_from_slice(b"\r\n");
+            let at = cut.index(wire.len() + 1);
+            let (data, trailers, ended) = decode(&[&wire[..at], &wire[at..]]).unwrap();
+            proptest::prop_assert_eq!(data, chunks.concat());
+            proptest::prop_assert!(ended);
+            proptest::prop_assert_eq!(trailers.is_some(), trailer);
+        }
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for (body, reason) in [
+            (&b"\r\n"[..], "invalid chunk size"),
+            (b"x\r\n", "invalid chunk size"),
+            (b"-1\r\n", "invalid chunk size"),
+            (b"5 x\r\n", "invalid chunk size"),
+            (b"3\nabc\r\n", "invalid chunk size"),
+            (b"3\rabc\r\n", "invalid chunk size line ending"),
+            (b"3\r\nabcd\r\n", "chunk data not followed by CRLF"),
+            (b"3\r\nabc\n0\r\n\r\n", "chunk data not followed by CRLF"),
+            (b"10000000000000000\r\n", "chunk size too large"),
+            (b"0\r\n\n", "invalid line ending after the last chunk"),
+            (b"0\r\n\rx", "invalid line ending after the last chunk"),
+            (b"1;a\x01\r\n", "invalid chunk extension"),
+        ] {
+            assert_eq!(decode(&[body]).map(|_| ()), Err(reason), "{body:?}");
+        }
+        let mut long = b"1;".to_vec();
+        long.resize(MAX_CHUNK_LINE + 2, b'a');
+        assert_eq!(
+            decode(&[&long]).map(|_| ()),
+            Err("chunk extension too long")
+        );
+        // Sixteen digits are the most: with leading zeros the size still fits.
+        assert_eq!(decode(&[b"0000000000000003\r\nabc\r\n"]).unwrap().0, b"abc");
+    }
+
+    #[test]
+    fn request_heads_carry_the_body_s_framing_only() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("up:80"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        let mut out = Vec::new();
+        encode_request(
+            &mut out,
+            &Method::POST,
+            "/p?q=1",
+            &headers,
+            RequestFraming::Length(12345),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /p?q=1 HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 12345\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_request(
+            &mut out,
+            &Method::GET,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::Chunked,
+        );
+        assert_eq!(out, b"GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
+        let mut out = Vec::new();
+        encode_request(
+            &mut out,
+            &Method::GET,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::None,
+        );
+        assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+        let (mut d, mut h) = (Vec::new(), Vec::new());
+        decimal(&mut d, 0);
+        decimal(&mut d, u64::MAX);
+        hexadecimal(&mut h, 0);
+        hexadecimal(&mut h, u64::MAX);
+        assert_eq!(d, b"018446744073709551615");
+        assert_eq!(h, b"0ffffffffffffffff");
+    }
+}
