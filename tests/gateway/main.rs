@@ -23,6 +23,7 @@ mod stale;
 mod status_page;
 #[cfg(feature = "tls")]
 mod tls;
+mod upstream_h1;
 #[cfg(feature = "tls")]
 mod upstream_tls;
 

@@ -1,0 +1,525 @@
+//! The gateway's own HTTP/1 client against hand-written upstreams on loopback sockets:
+//! what a broken or hostile upstream sends (ambiguous framing, malformed heads and
+//! chunks, interim answers, bytes after the answer, early answers, bodies delimited by
+//! the close) and what reaches the client, and whether the connection is reused after.
+//! The upstream counts the connections it accepts, so reuse is checked, not assumed.
+//! Every wait is bounded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use seawall::gateway::GatewayHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tokio::time::timeout;
+
+const BOUND: Duration = Duration::from_secs(10);
+
+/// What a scripted upstream saw: the connections it accepted and every request head.
+#[derive(Default)]
+struct Seen {
+    accepted: AtomicUsize,
+    heads: Mutex<Vec<String>>,
+}
+
+/// Reads one request head (and a body of `Content-Length` bytes if it says so, or a
+/// chunked one to its last chunk) off `stream`; `None` once it closed.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    let lower = head.to_ascii_lowercase();
+    let length = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let chunked = lower.contains("transfer-encoding: chunked");
+    loop {
+        let done = match length {
+            Some(n) => buf.len() >= n,
+            None if chunked => buf.windows(5).any(|w| w == b"0\r\n\r\n"),
+            None => true,
+        };
+        if done {
+            let n = length.unwrap_or_else(|| {
+                buf.windows(5)
+                    .position(|w| w == b"0\r\n\r\n")
+                    .map_or(0, |at| at + 5)
+            });
+            buf.drain(..n.min(buf.len()));
+            return Some(head);
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// An upstream that answers every request on a connection with the bytes `answer` gives
+/// for that request's head, written in `pieces` writes (to cut the answer anywhere), then
+/// closes the connection if `close_after` says so.
+async fn scripted(
+    answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+    pieces: usize,
+    close_after: bool,
+) -> (SocketAddr, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let answer = Arc::new(answer);
+    let seen_by_upstream = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            seen_by_upstream.accepted.fetch_add(1, SeqCst);
+            let (seen, answer) = (seen_by_upstream.clone(), answer.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(head) = read_request(&mut stream, &mut buf).await {
+                    let bytes = answer(&head);
+                    seen.heads.lock().await.push(head);
+                    let size = bytes.len().div_ceil(pieces.max(1)).max(1);
+                    for piece in bytes.chunks(size) {
+                        if stream.write_all(piece).await.is_err() {
+                            return;
+                        }
+                        // Each piece on its own: the gateway reads it apart.
+                        let _ = stream.flush().await;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    if close_after {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn gateway(upstream: SocketAddr) -> GatewayHandle {
+    super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         strip_prefix = true\ntimeout = \"5s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
+    ))
+    .await
+}
+
+/// Sends `request` on a new client connection: status, headers and whole body (or the
+/// body's error).
+async fn send<B>(
+    gw: &GatewayHandle,
+    request: Request<B>,
+) -> (StatusCode, http::HeaderMap, Result<Bytes, String>)
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    timeout(BOUND, async {
+        let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let response = sender.send_request(request).await.expect("an answer");
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| e.to_string());
+        (parts.status, parts.headers, body)
+    })
+    .await
+    .expect("a request hung past its bound")
+}
+
+/// Like [`send`], but the whole exchange may fail: the status and the whole body, or
+/// what failed.
+async fn try_send(
+    gw: &GatewayHandle,
+    request: Request<Empty<Bytes>>,
+) -> Result<(StatusCode, Bytes), String> {
+    timeout(BOUND, async {
+        let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((status, body.to_bytes()))
+    })
+    .await
+    .expect("a request hung past its bound")
+}
+
+fn get(path: &str) -> Request<Empty<Bytes>> {
+    Request::get(path)
+        .header(http::header::HOST, "gw")
+        .body(Empty::new())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn ambiguous_or_malformed_answers_are_502_and_the_connection_is_dropped() {
+    for (name, answer) in [
+        (
+            "Content-Length with Transfer-Encoding",
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "differing Content-Lengths",
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 30\r\n\r\nabc",
+        ),
+        (
+            "a signed Content-Length",
+            "HTTP/1.1 200 OK\r\ncontent-length: +3\r\n\r\nabc",
+        ),
+        (
+            "Transfer-Encoding in HTTP/1.0",
+            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "an unasked upgrade",
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n",
+        ),
+        (
+            "obsolete line folding",
+            "HTTP/1.1 200 OK\r\nx-a: 1\r\n folded\r\ncontent-length: 3\r\n\r\nabc",
+        ),
+        (
+            "not HTTP/1",
+            "HTTP/2.0 200 OK\r\ncontent-length: 3\r\n\r\nabc",
+        ),
+        (
+            "a status of two digits",
+            "HTTP/1.1 20 OK\r\ncontent-length: 3\r\n\r\nabc",
+        ),
+        ("garbage", "\u{0}\u{1}\u{2} hello\r\n\r\n"),
+    ] {
+        let (addr, seen) = scripted(move |_| answer.as_bytes().to_vec(), 1, false).await;
+        let gw = gateway(addr).await;
+        let (status, _, body) = send(&gw, get("/api/x")).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{name}: {body:?}");
+        // The connection it came on is not used again.
+        let (status, _, _) = send(&gw, get("/api/x")).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{name}");
+        assert_eq!(
+            seen.accepted.load(SeqCst),
+            2,
+            "{name}: a new connection each"
+        );
+        gw.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_head_larger_than_64_kib_is_502() {
+    let (addr, _) = scripted(
+        |_| {
+            let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+            while head.len() <= 64 * 1024 {
+                head.extend_from_slice(
+                    format!("x-filler-{}: {}\r\n", head.len(), "a".repeat(100)).as_bytes(),
+                );
+            }
+            head.extend_from_slice(b"content-length: 2\r\n\r\nok");
+            head
+        },
+        1,
+        false,
+    )
+    .await;
+    let gw = gateway(addr).await;
+    let (status, _, _) = send(&gw, get("/api/x")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn chunked_answers_cut_anywhere_arrive_whole_and_the_connection_is_reused() {
+    const ANSWER: &str = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-up: 1\r\n\r\n\
+        5\r\nhello\r\n6;name=\"quoted value\"\r\n world\r\nA  \r\n0123456789\r\n0\r\n\r\n";
+    for pieces in [1, 7, ANSWER.len()] {
+        let (addr, seen) = scripted(|_| ANSWER.as_bytes().to_vec(), pieces, false).await;
+        let gw = gateway(addr).await;
+        for _ in 0..2 {
+            let (status, headers, body) = send(&gw, get("/api/x")).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(headers["x-up"], "1");
+            assert_eq!(body.unwrap(), "hello world0123456789", "in {pieces} pieces");
+        }
+        assert_eq!(seen.accepted.load(SeqCst), 1, "in {pieces} pieces: reused");
+        gw.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_chunk_fails_the_body_and_the_connection() {
+    let (addr, seen) = scripted(
+        |_| {
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n"
+                .to_vec()
+        },
+        1,
+        false,
+    )
+    .await;
+    let gw = gateway(addr).await;
+    for _ in 0..2 {
+        // The head was good, but the body breaks off: the client never gets a whole
+        // answer (the gateway may not have written the head yet when it fails).
+        assert!(try_send(&gw, get("/api/x")).await.is_err());
+    }
+    assert_eq!(seen.accepted.load(SeqCst), 2, "not reused");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_delimited_by_the_close_arrives_whole_on_a_connection_of_its_own() {
+    let (addr, seen) = scripted(
+        |_| b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end".to_vec(),
+        3,
+        true,
+    )
+    .await;
+    let gw = gateway(addr).await;
+    for _ in 0..2 {
+        let (status, _, body) = send(&gw, get("/api/x")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.unwrap(), "until the end");
+    }
+    assert_eq!(seen.accepted.load(SeqCst), 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn http_1_0_upstreams_keep_the_connection_only_when_they_say_so() {
+    for (keep_alive, connections) in [("", 2), ("connection: keep-alive\r\n", 1)] {
+        let (addr, seen) = scripted(
+            move |_| {
+                format!("HTTP/1.0 200 OK\r\n{keep_alive}content-length: 2\r\n\r\nok").into_bytes()
+            },
+            1,
+            keep_alive.is_empty(),
+        )
+        .await;
+        let gw = gateway(addr).await;
+        for _ in 0..2 {
+            let (status, _, body) = send(&gw, get("/api/x")).await;
+            assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
+        }
+        assert_eq!(seen.accepted.load(SeqCst), connections, "{keep_alive:?}");
+        gw.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn interim_answers_are_skipped() {
+    let (addr, seen) = scripted(
+        |_| {
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n\
+              HTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\nmade"
+                .to_vec()
+        },
+        5,
+        false,
+    )
+    .await;
+    let gw = gateway(addr).await;
+    for _ in 0..2 {
+        let (status, headers, body) = send(&gw, get("/api/x")).await;
+        assert_eq!(
+            (status, body.unwrap()),
+            (StatusCode::CREATED, Bytes::from("made"))
+        );
+        assert!(headers.get("link").is_none());
+    }
+    assert_eq!(seen.accepted.load(SeqCst), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn bytes_after_the_answer_keep_the_connection_out_of_the_pool() {
+    let (addr, seen) = scripted(
+        |_| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled".to_vec(),
+        1,
+        false,
+    )
+    .await;
+    let gw = gateway(addr).await;
+    for _ in 0..3 {
+        let (status, _, body) = send(&gw, get("/api/x")).await;
+        assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
+    }
+    assert_eq!(seen.accepted.load(SeqCst), 3, "never the smuggled answer");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn head_answers_have_no_body_and_the_connection_is_reused() {
+    let (addr, seen) = scripted(
+        |_| b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n".to_vec(),
+        1,
+        false,
+    )
+    .await;
+    let gw = gateway(addr).await;
+    for _ in 0..2 {
+        let request = Request::head("/api/x")
+            .header(http::header::HOST, "gw")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let (status, headers, body) = send(&gw, request).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["content-length"], "1234");
+        assert!(body.unwrap().is_empty());
+    }
+    assert_eq!(seen.accepted.load(SeqCst), 1);
+    let heads = seen.heads.lock().await;
+    assert!(
+        heads.iter().all(|h| h.starts_with("HEAD /x HTTP/1.1\r\n")),
+        "{heads:?}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_framing_comes_from_the_body() {
+    let (addr, seen) = scripted(
+        |_| b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        1,
+        false,
+    )
+    .await;
+    let gw = gateway(addr).await;
+    // An empty POST says so; a sized body goes with its length; a streamed one chunked,
+    // even on GET.
+    let empty_post = Request::post("/api/a")
+        .header(http::header::HOST, "gw")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(send(&gw, empty_post).await.0, StatusCode::OK);
+    let sized = Request::put("/api/b")
+        .header(http::header::HOST, "gw")
+        .body(Full::new(Bytes::from_static(b"12345")))
+        .unwrap();
+    assert_eq!(send(&gw, sized).await.0, StatusCode::OK);
+    let frames = futures::stream::iter(
+        ["ab", "cd"].map(|s| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(s)))),
+    );
+    // (hyper's client sends a `GET` body of unknown length only when told to.)
+    let streamed = Request::get("/api/c")
+        .header(http::header::HOST, "gw")
+        .header(http::header::TRANSFER_ENCODING, "chunked")
+        .body(StreamBody::new(frames))
+        .unwrap();
+    assert_eq!(send(&gw, streamed).await.0, StatusCode::OK);
+    let heads = seen.heads.lock().await;
+    assert!(heads[0].starts_with("POST /a HTTP/1.1\r\n"));
+    assert!(
+        heads[0].contains("\r\ncontent-length: 0\r\n"),
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[1].contains("\r\ncontent-length: 5\r\n"),
+        "{}",
+        heads[1]
+    );
+    assert!(!heads[1].contains("transfer-encoding"), "{}", heads[1]);
+    assert!(heads[2].starts_with("GET /c HTTP/1.1\r\n"));
+    assert!(
+        heads[2].contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{}",
+        heads[2]
+    );
+    assert!(!heads[2].contains("content-length"), "{}", heads[2]);
+    assert_eq!(seen.accepted.load(SeqCst), 1, "all on one connection");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_early_answer_reaches_the_client_while_its_body_is_still_coming() {
+    // The upstream refuses at the head, without reading the body, and closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: 8\r\n\r\ntoo big!")
+                    .await;
+                let _ = stream.shutdown().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            });
+        }
+    });
+    let gw = gateway(addr).await;
+    // A body that keeps coming for longer than the exchange lasts.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    tokio::spawn(async move {
+        for _ in 0..50 {
+            if tx
+                .send(Ok(Frame::data(Bytes::from(vec![b'x'; 1024]))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let request = Request::post("/api/upload")
+        .header(http::header::HOST, "gw")
+        .body(StreamBody::new(tokio_stream(rx)))
+        .unwrap();
+    let (status, _, body) = send(&gw, request).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body.unwrap(), "too big!");
+    gw.shutdown().await;
+}
+
+/// A stream of what `rx` receives.
+fn tokio_stream<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|t| (t, rx)) })
+}
