@@ -126,8 +126,17 @@
 //!   is one pass over the parsed headers before the route's stack.
 //!
 //! These answers carry `Connection: close`. Bodies are forwarded for every method, as RFC
-//! 9110 allows: a chunked body on a `GET`, `HEAD` or `DELETE` reaches the upstream chunked
-//! (hyper's client would otherwise send such a `GET` or `HEAD` with no body at all).
+//! 9110 allows: a chunked body on a `GET`, `HEAD` or `DELETE` reaches the upstream chunked;
+//! an empty `POST`, `PUT` or `PATCH` goes with `Content-Length: 0`.
+//!
+//! HTTP/1 upstreams are spoken to by the gateway's own client, which holds their answers
+//! to RFC 9112 as strictly as nginx does: a head over 64 KiB or with more than 100
+//! fields, obsolete line folding, `Content-Length` with `Transfer-Encoding`, differing
+//! `Content-Length` values, `Transfer-Encoding` in an HTTP/1.0 answer, an unasked `101`,
+//! or a malformed chunk is the upstream's failure (`502`, or the response body cut if its
+//! head has gone to the client), and the connection is closed. Interim `1xx` answers are
+//! skipped. A connection goes back to the pool only when its exchange ended cleanly on
+//! both sides with nothing after the answer.
 //!
 //! A client that stops reading its response cannot hold the gateway's connections
 //! either: a write to a client that stays blocked for `send_timeout` (default 60s, as
