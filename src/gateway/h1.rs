@@ -42,11 +42,13 @@ use super::body::Body;
 use crate::BoxError;
 
 /// The largest response head (or chunked trailer section) accepted from an upstream.
-pub const MAX_HEAD: usize = 64 * 1024;
+pub const MAX_HEAD: usize = 64 * 1024 - 1;
 /// The most header fields accepted in a response head (hyper's default too).
 pub const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line (size and extensions) accepted.
 pub const MAX_CHUNK_LINE: usize = 4096;
+/// Fields the map of a response is made with room for beyond its own (see [`head_of`]).
+const ADDED_LATER: usize = 6;
 /// How much a read asks for at least.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -111,8 +113,9 @@ pub struct ResponseHead {
     pub keep_alive: bool,
 }
 
-/// Where a header field's name and value are in the head: offsets and lengths.
-type Span = [u32; 4];
+/// Where a header field's name and value are in the head: offsets and lengths (a head is
+/// at most [`MAX_HEAD`] bytes: they fit).
+type Span = [u16; 4];
 
 /// Parses a response head off the front of `buf`: `Ok(None)` while it is incomplete.
 /// Interim `1xx` heads before it are consumed and skipped. `head_request`: the request
@@ -137,13 +140,13 @@ pub fn parse_response(
                         return Err(ProtocolError("response head too large"));
                     }
                     let base = buf.as_ptr() as usize;
-                    let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+                    let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u16;
                     for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
                         *span = [
                             offset(field.name.as_bytes()),
-                            field.name.len() as u32,
+                            field.name.len() as u16,
                             offset(field.value),
-                            field.value.len() as u32,
+                            field.value.len() as u16,
                         ];
                     }
                     (
@@ -187,7 +190,10 @@ fn head_of(
     version: Version,
     head_request: bool,
 ) -> Result<ResponseHead, ProtocolError> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // hyper's server keeps the map of a response it has written for the next request
+    // head of its connection, to which the gateway adds its own fields: room for them
+    // now spares that request a growth (a new allocation, every field rehashed).
+    let mut headers = HeaderMap::with_capacity(spans.len() + ADDED_LATER);
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut chunked = false;
