@@ -837,11 +837,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         }
         loop {
             while self.written < self.out.len() || !self.data.is_empty() {
-                let slices = [
-                    io::IoSlice::new(&self.out[self.written..]),
-                    io::IoSlice::new(&self.data),
-                ];
-                let n = match ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices)) {
+                let out = &self.out[self.written..];
+                let write = if self.data.is_empty() {
+                    Pin::new(&mut self.io).poll_write(cx, out)
+                } else {
+                    let slices = [io::IoSlice::new(out), io::IoSlice::new(&self.data)];
+                    Pin::new(&mut self.io).poll_write_vectored(cx, &slices)
+                };
+                let n = match ready!(write) {
                     Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
                     other => other,
                 };
@@ -865,11 +868,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             }
             self.out.clear();
             self.written = 0;
+            // Flushed before waiting on the body, or ending: a TLS stream may hold records
+            // back (a no-op on TCP).
+            if let Err(e) = ready!(Pin::new(&mut self.io).poll_flush(cx)) {
+                self.write_failed = Some(e);
+                return Poll::Ready(Ok(()));
+            }
             let Some(body) = &mut self.body else {
-                if let Err(e) = ready!(Pin::new(&mut self.io).poll_flush(cx)) {
-                    self.write_failed = Some(e);
-                    return Poll::Ready(Ok(()));
-                }
                 self.sent = true;
                 return Poll::Ready(Ok(()));
             };
@@ -881,7 +886,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             match ready!(Pin::new(body).poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else {
-                        // Trailers: sent only in a chunked body, which ends with them.
+                        // Trailers are not forwarded: the gateway drops `Trailer` (which
+                        // declares them) as hop-by-hop, and hyper's client sent none
+                        // undeclared either.
                         continue;
                     };
                     if data.is_empty() {
