@@ -372,16 +372,21 @@ pub(crate) struct Hop<'a> {
 }
 
 impl Hop<'_> {
-    /// Runs `future` (the request's handling) inside the request's span.
-    pub(crate) async fn run<F: std::future::Future>(&self, future: F) -> F::Output {
+    /// Runs `future` (the request's handling) inside the request's span. Not an `async
+    /// fn`: one would keep `future` twice, as its argument and as what it awaits
+    /// (rust-lang/rust#62958), kilobytes copied into every request's state.
+    pub(crate) fn run<F: std::future::Future>(
+        &self,
+        future: F,
+    ) -> impl std::future::Future<Output = F::Output> {
         #[cfg(feature = "tracing")]
         {
             use tracing::Instrument as _;
-            future.instrument(self.span.clone()).await
+            future.instrument(self.span.clone())
         }
         #[cfg(not(feature = "tracing"))]
         {
-            future.await
+            future
         }
     }
 
