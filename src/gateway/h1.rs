@@ -47,7 +47,8 @@ pub const MAX_HEAD: usize = 64 * 1024 - 1;
 pub const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line (size and extensions) accepted.
 pub const MAX_CHUNK_LINE: usize = 4096;
-/// Fields the map of a response is made with room for beyond its own (see [`head_of`]).
+/// Fields the map of a response is made with room for beyond its own (see
+/// [`parse_response_into`]).
 const ADDED_LATER: usize = 6;
 /// How much a read asks for at least.
 const READ_CHUNK: usize = 8 * 1024;
@@ -124,6 +125,16 @@ pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Option<ResponseHead>, ProtocolError> {
+    parse_response_into(buf, head_request, &mut None)
+}
+
+/// [`parse_response`], the head's fields put in `spare` (emptied) if there is one: a map
+/// reused, not allocated. `spare` is taken only when a head is complete.
+fn parse_response_into(
+    buf: &mut BytesMut,
+    head_request: bool,
+    spare: &mut Option<HeaderMap>,
+) -> Result<Option<ResponseHead>, ProtocolError> {
     loop {
         let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
         let (len, code, minor, count) = {
@@ -178,22 +189,33 @@ pub fn parse_response(
             Version::HTTP_11
         };
         let head = buf.split_to(len).freeze();
-        return head_of(&head, &spans[..count], status, version, head_request).map(Some);
+        let mut headers = spare.take().unwrap_or_default();
+        headers.clear();
+        // hyper's server keeps the map of a response it has written for the next request
+        // head of its connection, to which the gateway adds its own fields: room for them
+        // now spares that request a growth (a new allocation, every field rehashed).
+        headers.reserve(count + ADDED_LATER);
+        return head_of(
+            headers,
+            &head,
+            &spans[..count],
+            status,
+            version,
+            head_request,
+        )
+        .map(Some);
     }
 }
 
 /// The [`ResponseHead`] of a complete head whose fields are at `spans`.
 fn head_of(
+    mut headers: HeaderMap,
     head: &Bytes,
     spans: &[Span],
     status: StatusCode,
     version: Version,
     head_request: bool,
 ) -> Result<ResponseHead, ProtocolError> {
-    // hyper's server keeps the map of a response it has written for the next request
-    // head of its connection, to which the gateway adds its own fields: room for them
-    // now spares that request a growth (a new allocation, every field rehashed).
-    let mut headers = HeaderMap::with_capacity(spans.len() + ADDED_LATER);
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut chunked = false;
@@ -699,6 +721,10 @@ pub(crate) struct Conn<IO> {
     data: Bytes,
     /// The request, until its first byte is written: what a failed write hands back.
     unsent: Option<Request<Body>>,
+    /// The last request's header map, emptied, for the next response's fields: with
+    /// hyper's server reusing each response's map for its next request, the maps go
+    /// round without an allocation.
+    spare: Option<HeaderMap>,
     /// The request body still to send (after its first byte was written).
     body: Option<Body>,
     framing: RequestFraming,
@@ -740,6 +766,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             written: 0,
             data: Bytes::new(),
             unsent: None,
+            spare: None,
             body: None,
             framing: RequestFraming::None,
             to_send: 0,
@@ -860,7 +887,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                     }
                 };
                 if let Some(request) = self.unsent.take() {
-                    self.body = Some(request.into_body());
+                    let (parts, body) = request.into_parts();
+                    self.body = Some(body);
+                    self.spare = Some(parts.headers);
                 }
                 let from_out = n.min(self.out.len() - self.written);
                 self.written += from_out;
@@ -982,7 +1011,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             if let Poll::Ready(Err(e)) = self.poll_send(cx) {
                 return Poll::Ready(Err(e));
             }
-            match parse_response(&mut self.read, self.head_request) {
+            match parse_response_into(&mut self.read, self.head_request, &mut self.spare) {
                 Ok(Some(head)) => return Poll::Ready(Ok(self.begin_body(head))),
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Err(Failure::Protocol(e))),
@@ -1314,6 +1343,117 @@ mod tests {
             decode(&[b"3\r\nab"]).unwrap(),
             (b"ab".to_vec(), None, false)
         );
+    }
+
+    /// A request with `headers` header fields and `body`.
+    fn request(method: Method, fields: usize, body: Body) -> Request<Body> {
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = http::Uri::from_static("/p?q");
+        for i in 0..fields {
+            request.headers_mut().append(
+                HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        request
+    }
+
+    /// Reads from `upstream` until `end` has been seen; what was read.
+    async fn read_until(upstream: &mut tokio::io::DuplexStream, end: &[u8]) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.windows(end.len()).any(|w| w == end) {
+            let n = upstream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        seen
+    }
+
+    /// The body of the response on `conn`, to its end.
+    async fn body_of(conn: &mut Conn<tokio::io::DuplexStream>) -> (Vec<u8>, bool) {
+        let mut data = Vec::new();
+        let mut trailers = false;
+        while let Some(frame) = std::future::poll_fn(|cx| conn.poll_body(cx)).await {
+            let frame = frame.unwrap();
+            trailers |= frame.is_trailers();
+            if let Ok(d) = frame.into_data() {
+                data.extend_from_slice(&d);
+            }
+        }
+        (data, trailers)
+    }
+
+    #[tokio::test]
+    async fn exchanges_on_one_connection_reuse_its_buffers_and_maps() {
+        use tokio::io::AsyncWriteExt;
+        let (io, mut upstream) = tokio::io::duplex(64 * 1024);
+        let mut conn = Conn::new(io);
+        // A GET with many fields: its map, emptied, takes the response's fields.
+        let response = {
+            let sending = exchange(
+                &mut conn,
+                request(Method::GET, 40, super::super::body::full("")),
+            );
+            let answer = async {
+                let head = read_until(&mut upstream, b"\r\n\r\n").await;
+                let head = String::from_utf8(head).unwrap();
+                assert!(
+                    head.starts_with("GET /p?q HTTP/1.1\r\nx-0: v\r\n"),
+                    "{head}"
+                );
+                assert!(!head.contains("content-length"), "{head}");
+                upstream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc")
+                    .await
+                    .unwrap();
+            };
+            let (response, ()) = tokio::join!(sending, answer);
+            response.unwrap()
+        };
+        assert!(
+            response.headers().capacity() >= 40,
+            "the request's map, reused"
+        );
+        assert_eq!(body_of(&mut conn).await, (b"abc".to_vec(), false));
+        assert!(conn.is_reusable());
+        // A POST with a streamed body, answered chunked with trailers.
+        let frames = futures::stream::iter(
+            ["hello", " world"]
+                .map(|s| Ok::<_, BoxError>(Frame::data(Bytes::from_static(s.as_bytes())))),
+        );
+        let body = http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(frames));
+        let sending = exchange(&mut conn, request(Method::POST, 0, body));
+        let answer = async {
+            let sent = read_until(&mut upstream, b"0\r\n\r\n").await;
+            let sent = String::from_utf8(sent).unwrap();
+            assert!(
+                sent.ends_with(
+                    "transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+                ),
+                "{sent:?}"
+            );
+            upstream
+                .write_all(b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: 1\r\n\r\n")
+                .await
+                .unwrap();
+        };
+        let (response, ()) = tokio::join!(sending, answer);
+        assert_eq!(response.unwrap().status(), StatusCode::CREATED);
+        assert_eq!(body_of(&mut conn).await, (b"ok".to_vec(), true));
+        assert!(conn.is_reusable());
+        // The upstream closes: the next exchange fails before a byte is written, and the
+        // request is handed back whole.
+        drop(upstream);
+        let failed = exchange(
+            &mut conn,
+            request(Method::GET, 1, super::super::body::full("")),
+        )
+        .await;
+        assert!(failed.unwrap_err().is_connection_lost());
+        assert!(conn.take_unsent().is_some());
     }
 
     proptest::proptest! {
