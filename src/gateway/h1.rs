@@ -52,6 +52,8 @@ pub const MAX_CHUNK_LINE: usize = 4096;
 const ADDED_LATER: usize = 6;
 /// How much a read asks for at least.
 const READ_CHUNK: usize = 8 * 1024;
+/// How much a read asks for at most (see [`Conn::poll_fill`]).
+const MAX_READ: usize = 256 * 1024;
 
 /// An upstream's answer that is not HTTP/1.1 as RFC 9112 frames it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -740,6 +742,8 @@ pub(crate) struct Conn<IO> {
     /// The request is `HEAD`.
     head_request: bool,
     reading: Reading,
+    /// How much the next read asks for (see [`Conn::poll_fill`]).
+    read_size: usize,
     /// Bytes came since the request began.
     answered: bool,
     /// The last response allows another request.
@@ -775,6 +779,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             write_failed: None,
             head_request: false,
             reading: Reading::Done,
+            read_size: READ_CHUNK,
             answered: false,
             keep_alive: true,
         }
@@ -967,13 +972,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         }
     }
 
-    /// Reads into the buffer: `Ok(0)` at the end of the stream.
+    /// Reads into the buffer: `Ok(0)` at the end of the stream. Reads ask for
+    /// [`READ_CHUNK`] bytes, twice as much each time one fills what it asked for (a large
+    /// body: fewer system calls and frames), up to [`MAX_READ`], and half as much again
+    /// when one brings less than an eighth.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
+        if self.read.capacity() - self.read.len() < self.read_size / 4 {
             // Reclaims the buffer in place once the last response's head and body, which
             // share it, are gone: a steady connection reads without allocating.
-            self.read.reserve(READ_CHUNK);
+            self.read.reserve(self.read_size);
         }
+        let asked = self.read.capacity() - self.read.len();
         let n = ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut self.io),
             cx,
@@ -982,7 +991,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         if n > 0 {
             self.answered = true;
         }
+        if n == asked && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        } else if n < self.read_size / 8 && self.read_size > READ_CHUNK {
+            self.read_size /= 2;
+        }
         Poll::Ready(Ok(n))
+    }
+
+    /// Called when the connection goes back to the pool, its buffers empty: buffers grown
+    /// for a large answer (or head) are given back rather than kept by an idle connection.
+    pub(crate) fn shrink_idle(&mut self) {
+        if self.read.capacity() > 2 * READ_CHUNK {
+            self.read = BytesMut::with_capacity(READ_CHUNK);
+        }
+        self.read_size = READ_CHUNK;
+        if self.out.capacity() > 16 * 1024 {
+            self.out = Vec::with_capacity(1024);
+        }
     }
 
     /// Sends the request and reads until its response head.
@@ -1454,6 +1480,45 @@ mod tests {
         .await;
         assert!(failed.unwrap_err().is_connection_lost());
         assert!(conn.take_unsent().is_some());
+    }
+
+    #[tokio::test]
+    async fn large_bodies_are_read_in_growing_reads_and_the_buffer_is_given_back() {
+        use tokio::io::AsyncWriteExt;
+        const SIZE: usize = 1 << 20;
+        let (io, mut upstream) = tokio::io::duplex(512 * 1024);
+        let mut conn = Conn::new(io);
+        let sending = exchange(
+            &mut conn,
+            request(Method::GET, 0, super::super::body::full("")),
+        );
+        let answer = async {
+            read_until(&mut upstream, b"\r\n\r\n").await;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\n\r\n");
+            upstream.write_all(head.as_bytes()).await.unwrap();
+        };
+        let (response, ()) = tokio::join!(sending, answer);
+        response.unwrap();
+        let writer = tokio::spawn(async move {
+            upstream.write_all(&vec![7u8; SIZE]).await.unwrap();
+            upstream
+        });
+        let (mut frames, mut total, mut largest) = (0, 0, 0);
+        while let Some(frame) = std::future::poll_fn(|cx| conn.poll_body(cx)).await {
+            let data = frame.unwrap().into_data().unwrap();
+            frames += 1;
+            total += data.len();
+            largest = largest.max(data.len());
+        }
+        let _upstream = writer.await.unwrap();
+        assert_eq!(total, SIZE);
+        // At 8 KiB a read it would take 128.
+        assert!(frames < 40, "{frames} frames");
+        assert!(largest > 4 * READ_CHUNK, "largest frame {largest}");
+        assert!(conn.is_reusable());
+        conn.shrink_idle();
+        assert!(conn.read.capacity() <= 2 * READ_CHUNK);
+        assert_eq!(conn.read_size, READ_CHUNK);
     }
 
     proptest::proptest! {

@@ -827,8 +827,9 @@ impl PooledBody {
     fn release_if_done(&mut self) {
         if let Inner::H1(slot) = &mut self.inner {
             if slot.as_ref().is_some_and(|conn| conn.h1.body_done()) {
-                if let Some(conn) = slot.take() {
+                if let Some(mut conn) = slot.take() {
                     if conn.h1.is_reusable() {
+                        conn.h1.shrink_idle();
                         self.pool.put(conn);
                     }
                 }
