@@ -729,6 +729,13 @@ pub(crate) struct Conn<IO> {
     spare: Option<HeaderMap>,
     /// The request body still to send (after its first byte was written).
     body: Option<Body>,
+    /// The request's body was polled once before its first write (for a frame to go
+    /// with the head).
+    peeked: bool,
+    /// A frame was taken from the body then: the unsent request is no longer whole.
+    consumed: bool,
+    /// The body ended then.
+    body_ended: bool,
     framing: RequestFraming,
     /// Bytes of a `Content-Length` body not yet taken from it.
     to_send: u64,
@@ -772,6 +779,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             unsent: None,
             spare: None,
             body: None,
+            peeked: false,
+            consumed: false,
+            body_ended: false,
             framing: RequestFraming::None,
             to_send: 0,
             crlf_owed: false,
@@ -850,6 +860,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         self.sent = false;
         self.write_failed = None;
         self.body = None;
+        self.peeked = false;
+        self.consumed = false;
+        self.body_ended = false;
         self.unsent = Some(request);
         self.reading = Reading::Head;
         self.answered = false;
@@ -867,6 +880,23 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         if self.sent || self.write_failed.is_some() {
             return Poll::Ready(Ok(()));
         }
+        if self.written == 0 && self.framing != RequestFraming::None {
+            if let Some(request) = &mut self.unsent {
+                if !self.peeked {
+                    // A body frame already there goes with the head, in one write (and,
+                    // on TCP, one segment). Once one is taken, the request is no longer
+                    // whole: a failed first write no longer hands it back.
+                    self.peeked = true;
+                    if let Poll::Ready(frame) = Pin::new(request.body_mut()).poll_frame(cx) {
+                        self.consumed = true;
+                        match self.take_frame(frame) {
+                            Ok(ended) => self.body_ended = ended,
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
+                    }
+                }
+            }
+        }
         loop {
             while self.written < self.out.len() || !self.data.is_empty() {
                 let out = &self.out[self.written..];
@@ -882,8 +912,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 };
                 let n = match n {
                     Ok(n) => n,
-                    // Nothing written: the request is intact, for [`Conn::take_unsent`].
-                    Err(e) if self.unsent.is_some() => return Poll::Ready(Err(Failure::Io(e))),
+                    // Nothing written: the request is intact, for [`Conn::take_unsent`],
+                    // unless part of its body was taken.
+                    Err(e) if self.unsent.is_some() => {
+                        if self.consumed {
+                            self.unsent = None;
+                        }
+                        return Poll::Ready(Err(Failure::Io(e)));
+                    }
                     Err(e) => {
                         // Part of it went: the upstream may answer still (an early
                         // `413`, say); the exchange fails only if it does not.
@@ -893,7 +929,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 };
                 if let Some(request) = self.unsent.take() {
                     let (parts, body) = request.into_parts();
-                    self.body = Some(body);
+                    if !self.body_ended {
+                        self.body = Some(body);
+                    }
                     self.spare = Some(parts.headers);
                 }
                 let from_out = n.min(self.out.len() - self.written);
@@ -917,57 +955,72 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 self.body = None;
                 continue;
             }
-            match ready!(Pin::new(body).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else {
-                        // Trailers are not forwarded: the gateway drops `Trailer` (which
-                        // declares them) as hop-by-hop, and hyper's client sent none
-                        // undeclared either.
-                        continue;
-                    };
-                    if data.is_empty() {
-                        continue;
-                    }
-                    let len = data.len() as u64;
-                    match self.framing {
-                        RequestFraming::Length(_) => {
-                            if len > self.to_send {
-                                return Poll::Ready(Err(Failure::RequestBody(
-                                    "the request body is longer than its Content-Length".into(),
-                                )));
-                            }
-                            self.to_send -= len;
+            let frame = ready!(Pin::new(body).poll_frame(cx));
+            match self.take_frame(frame) {
+                Ok(true) => self.body = None,
+                Ok(false) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Frames what the request body gave for the wire (the chunk's size line in `out`,
+    /// its data in `data`); `Ok(true)` when the body has ended.
+    fn take_frame(
+        &mut self,
+        frame: Option<Result<Frame<Bytes>, BoxError>>,
+    ) -> Result<bool, Failure> {
+        match frame {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    // Trailers are not forwarded: the gateway drops `Trailer` (which
+                    // declares them) as hop-by-hop, and hyper's client sent none
+                    // undeclared either.
+                    return Ok(false);
+                };
+                if data.is_empty() {
+                    return Ok(false);
+                }
+                let len = data.len() as u64;
+                match self.framing {
+                    RequestFraming::Length(_) => {
+                        if len > self.to_send {
+                            return Err(Failure::RequestBody(
+                                "the request body is longer than its Content-Length".into(),
+                            ));
                         }
-                        RequestFraming::Chunked => {
-                            if self.crlf_owed {
-                                self.out.extend_from_slice(b"\r\n");
-                            }
-                            hexadecimal(&mut self.out, len);
+                        self.to_send -= len;
+                    }
+                    RequestFraming::Chunked => {
+                        if self.crlf_owed {
                             self.out.extend_from_slice(b"\r\n");
-                            self.crlf_owed = true;
                         }
-                        RequestFraming::None => {}
+                        hexadecimal(&mut self.out, len);
+                        self.out.extend_from_slice(b"\r\n");
+                        self.crlf_owed = true;
                     }
-                    self.data = data;
+                    RequestFraming::None => {}
                 }
-                Some(Err(e)) => return Poll::Ready(Err(Failure::RequestBody(e))),
-                None => {
-                    self.body = None;
-                    match self.framing {
-                        RequestFraming::Chunked => {
-                            if self.crlf_owed {
-                                self.out.extend_from_slice(b"\r\n");
-                            }
-                            self.out.extend_from_slice(b"0\r\n\r\n");
+                self.data = data;
+                Ok(false)
+            }
+            Some(Err(e)) => Err(Failure::RequestBody(e)),
+            None => {
+                match self.framing {
+                    RequestFraming::Chunked => {
+                        if self.crlf_owed {
+                            self.out.extend_from_slice(b"\r\n");
                         }
-                        RequestFraming::Length(_) if self.to_send > 0 => {
-                            return Poll::Ready(Err(Failure::RequestBody(
-                                "the request body is shorter than its Content-Length".into(),
-                            )));
-                        }
-                        _ => {}
+                        self.out.extend_from_slice(b"0\r\n\r\n");
                     }
+                    RequestFraming::Length(_) if self.to_send > 0 => {
+                        return Err(Failure::RequestBody(
+                            "the request body is shorter than its Content-Length".into(),
+                        ));
+                    }
+                    _ => {}
                 }
+                Ok(true)
             }
         }
     }
@@ -1480,6 +1533,125 @@ mod tests {
         .await;
         assert!(failed.unwrap_err().is_connection_lost());
         assert!(conn.take_unsent().is_some());
+    }
+
+    /// An upstream socket that counts the writes made on it, or fails every write.
+    struct Writes {
+        inner: tokio::io::DuplexStream,
+        count: usize,
+        fail: bool,
+    }
+
+    impl AsyncRead for Writes {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            if self.fail {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            self.count += 1;
+            // All of it, as a socket with room does.
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            Pin::new(&mut self.inner).poll_write(cx, &all)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_ready_with_its_head_goes_in_the_same_write() {
+        use tokio::io::AsyncWriteExt;
+        let (io, mut upstream) = tokio::io::duplex(64 * 1024);
+        let mut conn = Conn::new(Writes {
+            inner: io,
+            count: 0,
+            fail: false,
+        });
+        let frames = futures::stream::iter(
+            ["abc", "de"].map(|s| Ok::<_, BoxError>(Frame::data(Bytes::from_static(s.as_bytes())))),
+        );
+        for (body, wire, writes) in [
+            (
+                super::super::body::full("hello"),
+                "content-length: 5\r\n\r\nhello",
+                1,
+            ),
+            (
+                http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(frames)),
+                "transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+                // The head with the first chunk; the second; the last chunk.
+                3,
+            ),
+        ] {
+            conn.io.count = 0;
+            let sending = exchange(&mut conn, request(Method::POST, 0, body));
+            let answer = async {
+                let sent = read_until(&mut upstream, wire.as_bytes()).await;
+                assert!(String::from_utf8(sent).unwrap().ends_with(wire));
+                upstream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await
+                    .unwrap();
+            };
+            let (response, ()) = tokio::join!(sending, answer);
+            response.unwrap();
+            assert_eq!(conn.io.count, writes, "{wire:?}");
+            assert!(conn.is_reusable());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_body_was_taken_is_not_handed_back() {
+        let (io, _upstream) = tokio::io::duplex(1024);
+        let mut conn = Conn::new(Writes {
+            inner: io,
+            count: 0,
+            fail: true,
+        });
+        let failed = exchange(
+            &mut conn,
+            request(Method::GET, 0, super::super::body::full("")),
+        )
+        .await;
+        assert!(failed.unwrap_err().is_connection_lost());
+        assert!(conn.take_unsent().is_some(), "nothing taken: whole");
+        let failed = exchange(
+            &mut conn,
+            request(Method::POST, 0, super::super::body::full("x")),
+        )
+        .await;
+        assert!(failed.unwrap_err().is_connection_lost());
+        assert!(conn.take_unsent().is_none(), "its body's frame was taken");
     }
 
     #[tokio::test]
