@@ -2,8 +2,9 @@
 //!
 //! Each endpoint of a route's balancer owns an [`EndpointPool`]: idle HTTP/1 connections
 //! (spoken by the gateway's own client, [`h1`]), most recently used first; HTTP/2
-//! upstreams get hyper's client, one multiplexed connection per thread. A request takes the most recent idle connection (or dials a new one), sends on
-//! it, and its response body puts the connection back once it has been read to the end.
+//! upstreams get hyper's client, one multiplexed connection per thread. A request takes
+//! the most recent idle connection (or dials a new one), sends on it, and its response
+//! body puts the connection back once it has been read to the end.
 //! A body dropped before its end (the client went away, the route timed out) takes its
 //! connection with it: the upstream may still be writing, so it cannot be reused.
 //!
@@ -14,8 +15,9 @@
 //! serves the request.
 //!
 //! A reused connection may have just been closed by the upstream: an idle keep-alive
-//! connection racing the upstream's idle timeout. A request that could not be written on
-//! it is sent again on a new connection, once. A request that was written is sent again,
+//! connection racing the upstream's idle timeout. A request none of which could be
+//! written on it (and none of whose body had been taken to go with its head) is sent
+//! again on a new connection, once. A request that was written is sent again,
 //! once, on a new connection only if sending it twice is harmless and possible, as Go's
 //! `net/http` does: its method is idempotent (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`,
 //! `DELETE`), it has no body (a client's streamed body cannot be replayed), and the
