@@ -287,9 +287,55 @@ struct Conn {
 /// connection's state and buffers.
 type Pooled = Box<Conn>;
 
-/// An exchange with an endpoint ([`EndpointPool::send`]).
-pub(crate) type SendFuture =
-    Pin<Box<dyn Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send>>;
+/// What an exchange with an endpoint gives.
+type Exchanged = Result<Response<PooledBody>, UpstreamError>;
+
+/// An exchange with an endpoint ([`EndpointPool::send`]). On an HTTP/1 connection taken
+/// from the pool and reused at once (nearly every request of a busy route) it is driven
+/// in place: no future boxed, no state copied into one. Anything else (a dial, a request
+/// sent again, a connection that idled long enough to keep a copy of the head, HTTP/2)
+/// is boxed on its own, so that neither carries the other's state.
+pub(crate) struct SendFuture(Sending);
+
+enum Sending {
+    Pooled {
+        pool: Arc<EndpointPool>,
+        /// Until the response head.
+        conn: Option<Pooled>,
+    },
+    Boxed(Pin<Box<dyn Future<Output = Exchanged> + Send>>),
+}
+
+impl Future for SendFuture {
+    type Output = Exchanged;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Exchanged> {
+        let this = &mut self.get_mut().0;
+        loop {
+            let (pool, slot) = match this {
+                Sending::Boxed(future) => return future.as_mut().poll(cx),
+                Sending::Pooled { pool, conn } => (pool, conn),
+            };
+            let Some(conn) = slot else {
+                return Poll::Ready(Err(UpstreamError::Closed));
+            };
+            let result = ready!(conn.h1.poll_head(cx));
+            let Some(mut conn) = slot.take() else {
+                return Poll::Ready(Err(UpstreamError::Closed));
+            };
+            let e = match result {
+                Ok(response) => return Poll::Ready(Ok(pool.respond(conn, response))),
+                Err(e) => UpstreamError::H1(e),
+            };
+            // Not written: a reused connection closed under us. Once more, on a new one.
+            let Some(request) = conn.h1.take_unsent() else {
+                return Poll::Ready(Err(e));
+            };
+            pool.count_retry(&e);
+            *this = Sending::Boxed(Box::pin(pool.clone().resend(request)));
+        }
+    }
+}
 
 /// Shards of idle connections per endpoint (see [`set_thread_shard`]).
 pub(crate) const SHARDS: usize = 16;
@@ -486,29 +532,59 @@ impl EndpointPool {
         }))
     }
 
-    /// An idle connection ready for a request (an idle one the upstream closed, or sent
-    /// something on, is noticed here and dropped), or a new one. `true` with a reused
-    /// connection.
-    async fn ready_conn(&self) -> Result<(Pooled, bool), UpstreamError> {
+    /// An idle connection ready for a request: one the upstream closed, or sent something
+    /// on, is noticed here and dropped.
+    fn ready_idle(&self) -> Option<Pooled> {
         while let Some(mut conn) = self.checkout() {
             if conn.h1.idle_is_usable() {
-                return Ok((conn, true));
+                return Some(conn);
             }
         }
-        Ok((self.connect().await?, false))
+        None
     }
 
     /// Sends `request` (its URI in origin form) on an idle connection or a new one, over
     /// HTTP/1 or HTTP/2 as the endpoint speaks: each future boxed on its own, so neither
     /// carries the other's state.
-    pub(crate) fn send(self: Arc<Self>, request: Request<Body>) -> SendFuture {
+    pub(crate) fn send(self: Arc<Self>, mut request: Request<Body>) -> SendFuture {
         if self.settings.h2 {
-            return Box::pin(self.send_h2(request));
+            return SendFuture(Sending::Boxed(Box::pin(self.send_h2(request))));
         }
-        Box::pin(async move {
-            let (conn, reused) = self.ready_conn().await?;
-            self.send_on(conn, reused, request).await
-        })
+        match self.ready_idle() {
+            // May be closed under the request: the path that keeps a copy of the head.
+            Some(conn) if conn.idled => {
+                SendFuture(Sending::Boxed(Box::pin(self.send_on(conn, true, request))))
+            }
+            Some(mut conn) => {
+                request
+                    .headers_mut()
+                    .insert(header::HOST, self.host.clone());
+                conn.h1.start(request);
+                SendFuture(Sending::Pooled {
+                    pool: self,
+                    conn: Some(conn),
+                })
+            }
+            None => SendFuture(Sending::Boxed(Box::pin(async move {
+                let conn = self.connect().await?;
+                self.send_on(conn, false, request).await
+            }))),
+        }
+    }
+
+    /// `request` sent again, on a new connection, after a reused one failed under it.
+    async fn resend(self: Arc<Self>, request: Request<Body>) -> Exchanged {
+        let mut conn = self.connect().await?;
+        let response = h1::exchange(&mut conn.h1, request)
+            .await
+            .map_err(UpstreamError::H1)?;
+        Ok(self.respond(conn, response))
+    }
+
+    /// The response whose head came on `conn`, its body read from it.
+    fn respond(self: &Arc<Self>, mut conn: Pooled, response: Response<()>) -> Response<PooledBody> {
+        conn.max_idle = max_idle(response.headers());
+        response.map(|()| PooledBody::new(conn, self.clone()))
     }
 
     /// This thread's HTTP/2 connection, if it is open.
@@ -586,7 +662,7 @@ impl EndpointPool {
         mut conn: Pooled,
         reused: bool,
         mut request: Request<Body>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
+    ) -> Exchanged {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
@@ -610,14 +686,10 @@ impl EndpointPool {
                 };
                 // Once more, on a new connection.
                 self.count_retry(&e);
-                conn = self.connect().await?;
-                h1::exchange(&mut conn.h1, request)
-                    .await
-                    .map_err(UpstreamError::H1)?
+                return self.resend(request).await;
             }
         };
-        conn.max_idle = max_idle(response.headers());
-        Ok(response.map(|()| PooledBody::new(conn, self)))
+        Ok(self.respond(conn, response))
     }
 
     /// Counts (and logs) a request sent again after `_error` on a reused connection.
@@ -970,6 +1042,39 @@ mod tests {
             2,
             "sent again on a new one"
         );
+    }
+
+    #[tokio::test]
+    async fn a_pooled_exchange_closed_under_the_request_is_retried_once_on_a_new_one() {
+        let (addr, accepted, closed) = closing_first_upstream().await;
+        let retried = Arc::new(AtomicU64::new(0));
+        let pool = EndpointPool::new(
+            &Instance::local("up", addr),
+            &UpstreamSettings::default(),
+            retried.clone(),
+        );
+        let mut stale = pool.connect().await.unwrap();
+        closed.notified().await;
+        // As `send` drives a connection taken from the pool an instant before the
+        // upstream's close arrived.
+        stale.h1.start(get());
+        let send = SendFuture(Sending::Pooled {
+            pool: pool.clone(),
+            conn: Some(stale),
+        });
+        let response = send.await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "sent again on a new one"
+        );
+        assert_eq!(retried.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -197,7 +197,7 @@ impl Future for UpstreamFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Poll::Ready(result) = this.send.as_mut().poll(cx) {
+        if let Poll::Ready(result) = Pin::new(this.send).poll(cx) {
             return Poll::Ready(result);
         }
         let elapsed = match (this.reused, this.deadline.as_pin_mut()) {
