@@ -1,4 +1,5 @@
-//! Header values made per request without an allocation each.
+//! Header values (and rewritten request paths) made per request without an allocation
+//! each.
 //!
 //! A value such as `RateLimit: "global";r=9;t=1`, a request id or a `traceparent` is a
 //! few dozen bytes that change with every request. Made the usual way (a `Vec` turned
@@ -28,6 +29,13 @@ thread_local! {
 /// The concatenation of `parts` as a header value (checked as
 /// [`HeaderValue::from_bytes`] checks it), written into this thread's current chunk.
 pub(crate) fn value(parts: &[&[u8]]) -> Result<HeaderValue, InvalidHeaderValue> {
+    HeaderValue::from_maybe_shared(bytes(parts))
+}
+
+/// The concatenation of `parts`, written into this thread's current chunk (a request
+/// path rewritten for the upstream, say); longer than [`LARGEST_SHARED`], or while the
+/// thread ends, a buffer of its own.
+pub(crate) fn bytes(parts: &[&[u8]]) -> bytes::Bytes {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let shared = if len <= LARGEST_SHARED {
         CHUNK_LEFT
@@ -45,12 +53,9 @@ pub(crate) fn value(parts: &[&[u8]]) -> Result<HeaderValue, InvalidHeaderValue> 
     } else {
         None
     };
-    match shared {
-        Some(bytes) => HeaderValue::from_maybe_shared(bytes),
-        // Too long, or the thread is ending: a value of its own (the vector's buffer,
-        // not a copy of it).
-        None => HeaderValue::from_maybe_shared(bytes::Bytes::from(parts.concat())),
-    }
+    // Too long, or the thread is ending: a buffer of its own (the vector's, not a copy
+    // of it).
+    shared.unwrap_or_else(|| bytes::Bytes::from(parts.concat()))
 }
 
 #[cfg(test)]

@@ -1186,15 +1186,12 @@ impl RouteCore {
         } else {
             path_and_query
         };
-        let parsed = if rest.starts_with("//") {
-            Uri::try_from(format!("/{}", rest.trim_start_matches('/')))
-        } else if rest.starts_with('/') {
-            Uri::try_from(rest)
-        } else {
-            // The whole path was the prefix: `/api` or `/api?q` becomes `/` or `/?q`.
-            Uri::try_from(format!("/{rest}"))
-        };
-        parsed.unwrap_or_else(|_| Uri::from_static("/"))
+        // One `/` first: never `//`, an authority to whoever reads it as a URL; and when
+        // the whole path was the prefix, `/api` or `/api?q` becomes `/` or `/?q`. Written
+        // into the thread's header chunk: no allocation of its own.
+        let rest = rest.trim_start_matches('/');
+        let path = crate::header_arena::bytes(&[b"/", rest.as_bytes()]);
+        Uri::from_maybe_shared(path).unwrap_or_else(|_| Uri::from_static("/"))
     }
 
     /// The request as sent upstream: prefix stripped, hop-by-hop headers dropped, the
