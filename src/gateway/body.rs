@@ -12,6 +12,13 @@ use crate::BoxError;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body of bytes.
+/// An empty body: boxes a zero-sized value, so allocates nothing.
+pub(crate) fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     http_body_util::Full::new(bytes.into())
         .map_err(|never| match never {})

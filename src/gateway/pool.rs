@@ -725,20 +725,12 @@ fn replayable(request: &Request<Body>) -> bool {
 /// A copy of the head of `request`, with an empty body. Its extensions are not copied:
 /// the upstream request has none that matter to hyper's HTTP/1 client.
 fn head_of(request: &Request<Body>) -> Request<Body> {
-    let mut copy = Request::new(empty());
+    let mut copy = Request::new(super::body::empty());
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
     copy
-}
-
-/// An empty body: boxes a zero-sized value, so allocates nothing.
-fn empty() -> Body {
-    use http_body_util::BodyExt as _;
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
 }
 
 /// `Keep-Alive` (RFC 2068, 19.7.1.1; not a registered name of the `http` crate).

@@ -687,7 +687,13 @@ impl Route {
             // A declared length over the limit: refused before the upstream is contacted.
             Err(_) => return self.core.client_fault(ClientFault::TooLarge),
         };
-        let request = Request::from_parts(parts, body.boxed_unsync());
+        let body = match state {
+            // Empty from the start (a `GET`): nothing to read from the client's, and an
+            // empty body boxed costs no allocation.
+            None => super::body::empty(),
+            Some(_) => body.boxed_unsync(),
+        };
+        let request = Request::from_parts(parts, body);
         // The clone is a few reference counts. Its per-client limit and its core learn
         // the peer here rather than from the request's extensions (three allocations);
         // the limits see the request as the client sent it, and the core rewrites it for
