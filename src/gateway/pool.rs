@@ -1011,33 +1011,14 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test]
-    async fn a_reused_connection_closed_under_the_request_is_retried_once_on_a_new_one() {
-        let (addr, accepted, closed) = closing_first_upstream().await;
-        let pool = EndpointPool::new(
-            &Instance::local("up", addr),
-            &UpstreamSettings::default(),
-            Arc::default(),
-        );
-        let stale = pool.connect().await.unwrap();
-        closed.notified().await;
-        // As if taken from the pool an instant before the upstream's close arrived.
-        let response = pool.clone().send_on(stale, true, get()).await.unwrap();
-        assert_eq!(response.status(), http::StatusCode::OK);
-        let body = http_body_util::BodyExt::collect(response.into_body())
-            .await
-            .unwrap()
-            .to_bytes();
-        assert_eq!(&body[..], b"ok");
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            2,
-            "sent again on a new one"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_pooled_exchange_closed_under_the_request_is_retried_once_on_a_new_one() {
+    /// A pool, a connection of it the upstream has closed, the count of connections
+    /// the upstream accepted, and the pool's count of requests sent again.
+    async fn stale_connection() -> (
+        Arc<EndpointPool>,
+        Pooled,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<AtomicU64>,
+    ) {
         let (addr, accepted, closed) = closing_first_upstream().await;
         let retried = Arc::new(AtomicU64::new(0));
         let pool = EndpointPool::new(
@@ -1045,15 +1026,18 @@ mod tests {
             &UpstreamSettings::default(),
             retried.clone(),
         );
-        let mut stale = pool.connect().await.unwrap();
+        let stale = pool.connect().await.unwrap();
         closed.notified().await;
-        // As `send` drives a connection taken from the pool an instant before the
-        // upstream's close arrived.
-        stale.h1.start(get());
-        let send = SendFuture(Sending::Pooled {
-            pool: pool.clone(),
-            conn: Some(stale),
-        });
+        (pool, stale, accepted, retried)
+    }
+
+    /// Checks that `send` was answered `ok` after being sent once more on a new
+    /// connection.
+    async fn answered_on_a_second_connection(
+        send: impl Future<Output = Exchanged>,
+        accepted: &std::sync::atomic::AtomicUsize,
+        retried: &AtomicU64,
+    ) {
         let response = send.await.unwrap();
         assert_eq!(response.status(), http::StatusCode::OK);
         let body = http_body_util::BodyExt::collect(response.into_body())
@@ -1067,6 +1051,27 @@ mod tests {
             "sent again on a new one"
         );
         assert_eq!(retried.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_under_the_request_is_retried_once_on_a_new_one() {
+        let (pool, stale, accepted, retried) = stale_connection().await;
+        // As if taken from the pool an instant before the upstream's close arrived.
+        let send = pool.clone().send_on(stale, true, get());
+        answered_on_a_second_connection(send, &accepted, &retried).await;
+    }
+
+    #[tokio::test]
+    async fn a_pooled_exchange_closed_under_the_request_is_retried_once_on_a_new_one() {
+        let (pool, mut stale, accepted, retried) = stale_connection().await;
+        // As `send` drives a connection taken from the pool an instant before the
+        // upstream's close arrived.
+        stale.h1.start(get());
+        let send = SendFuture(Sending::Pooled {
+            pool: pool.clone(),
+            conn: Some(stale),
+        });
+        answered_on_a_second_connection(send, &accepted, &retried).await;
     }
 
     #[test]

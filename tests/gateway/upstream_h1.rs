@@ -124,6 +124,21 @@ async fn gateway(upstream: SocketAddr) -> GatewayHandle {
     .await
 }
 
+/// A client connection of its own to the gateway.
+async fn connect<B>(gw: &GatewayHandle) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
 /// Sends `request` on a new client connection: status, headers and whole body (or the
 /// body's error).
 async fn send<B>(
@@ -136,12 +151,11 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     timeout(BOUND, async {
-        let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let response = connect(gw)
             .await
-            .unwrap();
-        tokio::spawn(connection);
-        let response = sender.send_request(request).await.expect("an answer");
+            .send_request(request)
+            .await
+            .expect("an answer");
         let (parts, body) = response.into_parts();
         let body = body
             .collect()
@@ -161,12 +175,8 @@ async fn try_send(
     request: Request<Empty<Bytes>>,
 ) -> Result<(StatusCode, Bytes), String> {
     timeout(BOUND, async {
-        let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let response = connect(gw)
             .await
-            .unwrap();
-        tokio::spawn(connection);
-        let response = sender
             .send_request(request)
             .await
             .map_err(|e| e.to_string())?;
