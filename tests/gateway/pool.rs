@@ -116,8 +116,8 @@ async fn gateway_with(upstream: SocketAddr, settings: &str) -> GatewayHandle {
 
 type Sender<B> = hyper::client::conn::http1::SendRequest<B>;
 
-/// A client connection of its own to the gateway.
-async fn connect<B>(gw: &GatewayHandle) -> Sender<B>
+/// A client connection of its own to the gateway (also `upstream_h1`'s).
+pub(super) async fn connect<B>(gw: &GatewayHandle) -> Sender<B>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,

@@ -14,8 +14,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use seawall::gateway::GatewayHandle;
+
+use super::pool::connect;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
@@ -122,21 +123,6 @@ async fn gateway(upstream: SocketAddr) -> GatewayHandle {
          [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
     ))
     .await
-}
-
-/// A client connection of its own to the gateway.
-async fn connect<B>(gw: &GatewayHandle) -> hyper::client::conn::http1::SendRequest<B>
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    sender
 }
 
 /// Sends `request` on a new client connection: status, headers and whole body (or the
