@@ -1329,13 +1329,18 @@ mod tests {
     }
 
     #[test]
-    fn bare_lf_heads_are_accepted_as_httparse_does_only_where_rfc_allows() {
-        // httparse accepts LF line endings in heads (RFC 9112 §2.2 lets a recipient);
-        // they cannot smuggle anything: the framing fields are parsed the same way.
+    fn bare_lf_line_endings_are_accepted_in_heads_not_in_chunk_framing() {
+        // httparse accepts LF line endings in heads (RFC 9112 §2.2 lets a recipient):
+        // the end of a head is found the same way whichever ending it uses.
         assert_eq!(
             framing("HTTP/1.1 200 OK\ncontent-length: 2\n\n").map(|f| f.0),
             Ok(Framing::Length(2))
         );
+        // Chunk framing is strict: a bare LF where CRLF belongs is an error, never a
+        // guess at where the next chunk starts.
+        assert!(decode(&[b"3\nabc\r\n0\r\n\r\n"]).is_err());
+        assert!(decode(&[b"3\r\nabc\n0\r\n\r\n"]).is_err());
+        assert!(decode(&[b"3\r\nabc\r\n0\r\n\n"]).is_err());
     }
 
     #[test]
