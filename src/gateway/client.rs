@@ -4,8 +4,8 @@
 //!   `max_request_body` on streamed bodies, marks every error it yields as a
 //!   [`ClientBodyError`], and tells whether the exchange is waiting on the client;
 //! - [`UpstreamClassifier`] is the balancer's classifier: errors caused by the client's
-//!   body (found through the error's `source()` chain: hyper's client reports a failed
-//!   request body as a user error whose source is the body's own error) and timeouts
+//!   body (found through the error's `source()` chain: the upstream client reports a
+//!   failed request body as an error whose source is the body's own error) and timeouts
 //!   spent waiting on the client's body are [`Outcome::Ignored`], so that neither the
 //!   endpoint's breaker nor outlier detection ever sees them; upstream timeouts and
 //!   transport errors are failures;
