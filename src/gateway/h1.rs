@@ -7,8 +7,9 @@
 //! request. What the upstream sends is checked as strictly as nginx does:
 //!
 //! - a response head larger than [`MAX_HEAD`] bytes or with more than [`MAX_HEADERS`]
-//!   fields, obsolete line folding, a bare `LF` where `CRLF` belongs, an invalid name or
-//!   value: a [`ProtocolError`] (the gateway answers `502`);
+//!   fields, obsolete line folding, an invalid name or value: a [`ProtocolError`] (the
+//!   gateway answers `502`); heads may end their lines with a bare `LF`, as httparse
+//!   allows (RFC 9112 §2.2);
 //! - framing (RFC 9112 §6.3): no body for `HEAD`, `1xx`, `204`, `304`; interim `1xx`
 //!   answers (`100 Continue`, `103 Early Hints`) skipped, `101` refused (the gateway
 //!   never asks for an upgrade); `Transfer-Encoding` and `Content-Length` together, a
@@ -17,8 +18,9 @@
 //!   `chunked`, or no length at all: the body runs to the close, and the connection is
 //!   not reused;
 //! - chunked bodies: hexadecimal sizes of at most 16 digits, extensions skipped (at most
-//!   [`MAX_CHUNK_LINE`] bytes a line), `CRLF` after every line and every chunk's data,
-//!   trailers parsed as a header section (at most [`MAX_HEAD`] bytes).
+//!   [`MAX_CHUNK_LINE`] bytes a line), `CRLF` (never a bare `LF`) after every size line
+//!   and every chunk's data, trailers parsed as a header section (at most [`MAX_HEAD`]
+//!   bytes).
 //!
 //! A connection is reused only when its last exchange ended cleanly on both sides: the
 //! request's body sent whole, the response read to its end with nothing after it, and
