@@ -149,7 +149,8 @@ where
     .expect("a request hung past its bound")
 }
 
-fn get(path: &str) -> Request<Empty<Bytes>> {
+/// A `GET` of `path` (also `upstream_h1`'s).
+pub(super) fn get(path: &str) -> Request<Empty<Bytes>> {
     Request::get(path)
         .header(http::header::HOST, "gw")
         .body(Empty::new())

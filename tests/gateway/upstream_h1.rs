@@ -16,7 +16,7 @@ use hyper::body::Frame;
 use hyper::{Request, StatusCode};
 use seawall::gateway::GatewayHandle;
 
-use super::pool::connect;
+use super::pool::{connect, get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
@@ -176,13 +176,6 @@ async fn try_send(
     })
     .await
     .expect("a request hung past its bound")
-}
-
-fn get(path: &str) -> Request<Empty<Bytes>> {
-    Request::get(path)
-        .header(http::header::HOST, "gw")
-        .body(Empty::new())
-        .unwrap()
 }
 
 #[tokio::test]
