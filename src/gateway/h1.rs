@@ -53,7 +53,7 @@ pub const MAX_CHUNK_LINE: usize = 4096;
 /// [`parse_response_into`]).
 const ADDED_LATER: usize = 6;
 /// How much a read asks for at least.
-const READ_CHUNK: usize = 8 * 1024;
+pub(crate) const READ_CHUNK: usize = 8 * 1024;
 /// How much a read asks for at most (see [`Conn::poll_fill`]).
 const MAX_READ: usize = 256 * 1024;
 
@@ -296,7 +296,7 @@ fn head_of(
 }
 
 /// The non-empty elements of a comma-separated list, trimmed of optional whitespace.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
@@ -304,7 +304,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// A `Content-Length` value: digits, or a list of identical ones (RFC 9110 §8.6).
-fn content_length(value: &[u8]) -> Result<u64, ProtocolError> {
+pub(crate) fn content_length(value: &[u8]) -> Result<u64, ProtocolError> {
     const BAD: ProtocolError = ProtocolError("invalid Content-Length");
     let mut length = None;
     for element in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -613,7 +613,7 @@ pub fn encode_request(
 }
 
 /// `n` in decimal.
-fn decimal(out: &mut Vec<u8>, n: u64) {
+pub(crate) fn decimal(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut n = n;
@@ -629,7 +629,7 @@ fn decimal(out: &mut Vec<u8>, n: u64) {
 }
 
 /// `n` in hexadecimal.
-fn hexadecimal(out: &mut Vec<u8>, n: u64) {
+pub(crate) fn hexadecimal(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 16];
     let mut at = digits.len();
     let mut n = n;
@@ -1027,29 +1027,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         }
     }
 
-    /// Reads into the buffer: `Ok(0)` at the end of the stream. Reads ask for
-    /// [`READ_CHUNK`] bytes, twice as much each time one fills what it asked for (a large
-    /// body: fewer system calls and frames), up to [`MAX_READ`], and half as much again
-    /// when one brings less than an eighth.
+    /// Reads into the buffer (see [`poll_fill`]), noting that an answer began.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < self.read_size / 4 {
-            // Reclaims the buffer in place once the last response's head and body, which
-            // share it, are gone: a steady connection reads without allocating.
-            self.read.reserve(self.read_size);
-        }
-        let asked = self.read.capacity() - self.read.len();
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
-            cx,
-            &mut self.read
+        let n = ready!(poll_fill(
+            &mut self.io,
+            &mut self.read,
+            &mut self.read_size,
+            cx
         ))?;
         if n > 0 {
             self.answered = true;
-        }
-        if n == asked && self.read_size < MAX_READ {
-            self.read_size *= 2;
-        } else if n < self.read_size / 8 && self.read_size > READ_CHUNK {
-            self.read_size /= 2;
         }
         Poll::Ready(Ok(n))
     }
@@ -1177,6 +1164,31 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             }
         }
     }
+}
+
+/// Reads from `io` into `read`: `Ok(0)` at the end of the stream. Reads ask for
+/// [`READ_CHUNK`] bytes, twice as much each time one fills what it asked for (a large
+/// body: fewer system calls and frames), up to [`MAX_READ`], and half as much again when
+/// one brings less than an eighth; `read_size` keeps the connection's current size.
+pub(crate) fn poll_fill<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    read: &mut BytesMut,
+    read_size: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if read.capacity() - read.len() < *read_size / 4 {
+        // Reclaims the buffer in place once the heads and bodies that share it are gone:
+        // a steady connection reads without allocating.
+        read.reserve(*read_size);
+    }
+    let asked = read.capacity() - read.len();
+    let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, read))?;
+    if n == asked && *read_size < MAX_READ {
+        *read_size *= 2;
+    } else if n < *read_size / 8 && *read_size > READ_CHUNK {
+        *read_size /= 2;
+    }
+    Poll::Ready(Ok(n))
 }
 
 /// Sends `request` on `conn` and reads its response head.

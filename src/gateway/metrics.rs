@@ -162,6 +162,10 @@ fn describe_gateway() {
         "Requests that matched no route."
     );
     describe_counter!(
+        "seawall_gateway_refused_total",
+        "HTTP/1 request heads refused before routing (400, 431, 501, 505)."
+    );
+    describe_counter!(
         "seawall_gateway_send_timeouts_total",
         "Client connections closed for reading nothing for send_timeout."
     );
@@ -235,6 +239,7 @@ fn describe_gateway() {
 /// Writes `status` into the current (the gateway's own) recorder.
 fn record(status: &GatewayStatus) {
     metrics::counter!("seawall_gateway_unmatched_total").absolute(status.unmatched);
+    metrics::counter!("seawall_gateway_refused_total").absolute(status.refused);
     metrics::counter!("seawall_gateway_send_timeouts_total").absolute(status.send_timeouts);
     metrics::counter!("seawall_gateway_retried_stale_total").absolute(status.retried_stale);
     if let Some(tls) = &status.tls {

@@ -414,6 +414,7 @@
 //! {
 //!   "uptime_seconds": 12.5,
 //!   "unmatched": 0,                    // requests answered 404 (no route)
+//!   "refused": 0,                      // request heads refused before routing (400, 431, ...)
 //!   "send_timeouts": 0,                // client connections closed by send_timeout
 //!   "retried_stale": 0,                // sent again: a reused upstream connection failed first
 //!   "routes": [{
@@ -512,6 +513,8 @@ mod config;
 pub mod grpc;
 #[doc(hidden)]
 pub mod h1;
+#[doc(hidden)]
+pub mod h1_server;
 #[doc(hidden)]
 pub mod headers;
 pub mod jwt;

@@ -150,6 +150,8 @@ struct Inner {
     /// Indices into `routes`, longest prefix first.
     by_prefix: Vec<usize>,
     unmatched: AtomicU64,
+    /// Request heads the HTTP/1 server refused.
+    refused: AtomicU64,
     /// `[gateway] send_timeout`, and the connections it closed.
     send_timeout: Duration,
     send_timeouts: Arc<AtomicU64>,
@@ -299,6 +301,7 @@ impl Gateway {
                 routes,
                 by_prefix,
                 unmatched: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
                 send_timeout: config.gateway.send_timeout,
                 send_timeouts: Arc::default(),
                 max_headers_size: config.gateway.max_headers_size,
@@ -328,6 +331,7 @@ impl Gateway {
         GatewayStatus {
             uptime_seconds: self.inner.started.elapsed().as_secs_f64(),
             unmatched: self.inner.unmatched.load(Relaxed),
+            refused: self.inner.refused.load(Relaxed),
             send_timeouts: self.inner.send_timeouts.load(Relaxed),
             retried_stale: self.inner.pools.retried_stale(),
             #[cfg(feature = "tls")]
@@ -673,17 +677,39 @@ impl Gateway {
             return;
         }
         // The connection's timers, reused by its requests (see `timers`).
-        let timers = ConnTimers::default();
-        // The connection's own reference count, touched by its requests alone: cloning
-        // the gateway for each would bounce one shared by every thread.
-        let context = Arc::new((self, peer.with_timers(timers.clone())));
-        let connection = http1::Builder::new()
-            .timer(timers)
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            // A larger head is answered 431 by hyper.
-            .max_buf_size(max_headers)
-            .serve_connection(TokioIo::new(io), serve_requests(context, admin));
-        let _ = Graceful::new(connection, stop).await;
+        let peer = peer.with_timers(ConnTimers::default());
+        let gateway = &self;
+        let peer = &peer;
+        let stopping = || stop.is_stopping();
+        let refused = || {
+            gateway.inner.refused.fetch_add(1, Relaxed);
+        };
+        let connection = async {
+            if admin {
+                let route = |request| std::future::ready(gateway.handle_admin(&request));
+                super::h1_server::serve(
+                    io,
+                    max_headers,
+                    HEADER_READ_TIMEOUT,
+                    stopping,
+                    refused,
+                    route,
+                )
+                .await;
+            } else {
+                let route = |request| gateway.handle_from(request, peer);
+                super::h1_server::serve(
+                    io,
+                    max_headers,
+                    HEADER_READ_TIMEOUT,
+                    stopping,
+                    refused,
+                    route,
+                )
+                .await;
+            }
+        };
+        let _ = Graceful::new(ReadsTheStop { connection }, stop.clone()).await;
     }
 
     /// Serves `listener` on a new task, returning a handle to stop it.
@@ -925,6 +951,27 @@ where
     fn graceful_shutdown(self: Pin<&mut Self>) {
         http2::Connection::graceful_shutdown(self);
     }
+}
+
+pin_project_lite::pin_project! {
+    /// The gateway's own HTTP/1 connection, which reads [`Stop`]'s flag itself between
+    /// requests ([`Graceful`] wakes it).
+    struct ReadsTheStop<F> {
+        #[pin]
+        connection: F,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for ReadsTheStop<F> {
+    type Output = hyper::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().connection.poll(cx).map(Ok)
+    }
+}
+
+impl<F: Future<Output = ()>> ServedConnection for ReadsTheStop<F> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {}
 }
 
 pin_project_lite::pin_project! {

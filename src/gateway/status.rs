@@ -21,6 +21,12 @@ pub struct GatewayStatus {
     pub uptime_seconds: f64,
     /// Requests that matched no route (answered 404).
     pub unmatched: u64,
+    /// HTTP/1 request heads refused before any route saw them: malformed or ambiguous
+    /// (`400`: conflicting framing, no `Host`, ...), too large (`431`), with a transfer
+    /// coding other than `chunked` (`501`) or not HTTP/1.x (`505`). The connection is
+    /// closed after the answer.
+    #[serde(default)]
+    pub refused: u64,
     /// Client connections closed because a write to them stayed blocked for
     /// `send_timeout` (the client read nothing).
     #[serde(default)]

@@ -535,15 +535,16 @@ async fn oversized_header_lines_and_heads_are_431() {
     let long = vec![("x-long".to_owned(), "a".repeat(20 * 1024))];
     let answer = exchange(gw.local_addr(), with_headers(&long).as_bytes()).await;
     assert_eq!(status_of(&answer), 431, "{answer}");
-    // 80 KiB of lines of 10 KiB each.
+    assert_eq!(route(&gw).client_errors.headers_too_large, 1);
+    // 80 KiB of lines of 10 KiB each: refused by the server before routing.
     let many: Vec<_> = (0..8)
         .map(|i| (format!("x-many-{i}"), "a".repeat(10 * 1024)))
         .collect();
     let answer = exchange(gw.local_addr(), with_headers(&many).as_bytes()).await;
     assert_eq!(status_of(&answer), 431, "{answer}");
-    assert_eq!(route(&gw).client_errors.headers_too_large, 2);
-    // A head far larger than the bound, sent in pieces: hyper gives up reading it at the
-    // bound (it never holds ~400 KB, its default) and answers 431 itself.
+    assert_eq!(gw.gateway().status().refused, 1);
+    // A head far larger than the bound, sent in pieces: the server gives up reading it
+    // at the bound (it never holds ~400 KB) and answers 431 itself.
     let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
     stream
         .write_all(b"GET /api/x HTTP/1.1\r\nHost: gw\r\nx-huge: ")
@@ -560,6 +561,7 @@ async fn oversized_header_lines_and_heads_are_431() {
     }
     let answer = read_answer(&mut stream).await;
     assert_eq!(status_of(&answer), 431, "after {sent} bytes: {answer}");
+    assert_eq!(gw.gateway().status().refused, 2);
     assert_eq!(up.hits.load(SeqCst), 1, "only the fine request reached it");
     gw.shutdown().await;
 }

@@ -1,0 +1,1503 @@
+//! HTTP/1.1 to the clients, spoken by the gateway itself.
+//!
+//! hyper's server connection reads each request head into a new buffer (its read-ahead,
+//! which notices a client gone, cannot reuse the one the head still points into), boxes
+//! a timer for every head it waits for, and hands a request body over through a channel.
+//! Here a connection keeps one read buffer and one write buffer for all its requests,
+//! each request's header map is the emptied map of the response before it, the head
+//! timer is one sleep per connection, re-armed once in seconds, and a body-less request
+//! (nearly all of them) allocates nothing of its own.
+//!
+//! Every request head is checked before anything is routed, as strictly as nginx does,
+//! and refused with the connection closed after the answer:
+//!
+//! - `431`: a head larger than `max_headers_size` or with more than [`MAX_HEADERS`]
+//!   fields;
+//! - `400`: an invalid request line, name or value, obsolete line folding, an HTTP/1.1
+//!   request without exactly one `Host`, `Content-Length` with `Transfer-Encoding`,
+//!   differing or malformed `Content-Length` values, `Transfer-Encoding` in an HTTP/1.0
+//!   request or with `chunked` not last (or twice) (RFC 9112 §6.1, §6.3: the framings
+//!   request smuggling plays one proxy against another with);
+//! - `501`: a transfer coding other than `chunked` alone, which the gateway cannot
+//!   decode;
+//! - `505`: a version other than HTTP/1.0 and HTTP/1.1.
+//!
+//! A request body is `Content-Length` bytes or chunked (RFC 9112 §7.1, decoded strictly:
+//! [`ChunkedDecoder`]); it is read as the route reads it, with `100 Continue` sent first
+//! when the client asked for it, and the route may answer before it ends. A client that
+//! closes its side while its request is served cancels the request (a request body cut
+//! short fails as the client's fault instead). A body left unread when the answer is done
+//! is skipped if it is already here, and otherwise the connection is closed.
+//!
+//! Answers are framed by their body: `Content-Length` when its length is known, `chunked`
+//! otherwise (read to the close for an HTTP/1.0 client), nothing for `HEAD`, `1xx`,
+//! `204` and `304`; every answer gets a `Date`. Requests on a connection are served one
+//! after the other, pipelined ones too, and keep-alive follows RFC 9112 §9.3 (HTTP/1.1
+//! unless `Connection: close`, HTTP/1.0 only with `Connection: keep-alive`). A client has
+//! [`HEADER_READ_TIMEOUT`](super::server) to send each head, idle time included.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
+
+use super::body::Body;
+use super::h1::{Chunk, ChunkedDecoder, MAX_HEADERS, READ_CHUNK, content_length, tokens};
+
+/// A request head the gateway refuses: the status it answers with, then it closes the
+/// connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestError {
+    status: StatusCode,
+    reason: &'static str,
+}
+
+impl RequestError {
+    const fn new(status: StatusCode, reason: &'static str) -> Self {
+        Self { status, reason }
+    }
+
+    const fn bad(reason: &'static str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, reason)
+    }
+
+    /// The status answered.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// What was wrong, in a few words.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "refused request ({}): {}", self.status, self.reason)
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+/// How a request's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestBodyFraming {
+    /// No body.
+    None,
+    /// `Content-Length` bytes (more than zero).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// The method.
+    pub method: Method,
+    /// The request target, as sent.
+    pub uri: Uri,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub version: Version,
+    /// The header fields, as sent; their values share the connection's buffer.
+    pub headers: HeaderMap,
+    /// How the body is delimited.
+    pub body: RequestBodyFraming,
+    /// Whether the client allows another request on the connection after this one.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` (HTTP/1.1).
+    pub expect_continue: bool,
+}
+
+/// Where a header field's name and value are in the head: offsets and lengths.
+type Span = [u32; 4];
+
+/// Parses a request head off the front of `buf`: `Ok(None)` while it is incomplete.
+/// `max_head`: the largest head accepted (`431` past it).
+pub fn parse_request(
+    buf: &mut BytesMut,
+    max_head: usize,
+) -> Result<Option<RequestHead>, RequestError> {
+    parse_request_into(buf, max_head, &mut None)
+}
+
+/// [`parse_request`], the fields put in `spare` (emptied) if there is one.
+fn parse_request_into(
+    buf: &mut BytesMut,
+    max_head: usize,
+    spare: &mut Option<HeaderMap>,
+) -> Result<Option<RequestHead>, RequestError> {
+    const TOO_LARGE: RequestError = RequestError::new(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "request head too large",
+    );
+    let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
+    let (len, method, target, minor, count) = {
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+            &mut request,
+            buf,
+            &mut slots,
+        );
+        match parsed {
+            Ok(httparse::Status::Complete(len)) => {
+                if len > max_head {
+                    return Err(TOO_LARGE);
+                }
+                let base = buf.as_ptr() as usize;
+                let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+                for (span, field) in spans.iter_mut().zip(request.headers.iter()) {
+                    *span = [
+                        offset(field.name.as_bytes()),
+                        field.name.len() as u32,
+                        offset(field.value),
+                        field.value.len() as u32,
+                    ];
+                }
+                let method = request.method.unwrap_or_default();
+                let method = Method::from_bytes(method.as_bytes())
+                    .map_err(|_| RequestError::bad("invalid method"))?;
+                let target = request.path.unwrap_or_default();
+                let target = [offset(target.as_bytes()), target.len() as u32];
+                (
+                    len,
+                    method,
+                    target,
+                    request.version.unwrap_or(1),
+                    request.headers.len(),
+                )
+            }
+            Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(TOO_LARGE),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(RequestError::new(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "too many header fields",
+                ));
+            }
+            Err(httparse::Error::Version) if names_another_version(buf) => {
+                return Err(RequestError::new(
+                    StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                    "not HTTP/1.x",
+                ));
+            }
+            Err(e) => {
+                return Err(RequestError::bad(
+                    super::h1::ProtocolError::from(e).reason(),
+                ));
+            }
+        }
+    };
+    let head = buf.split_to(len).freeze();
+    let [target_at, target_len] = target.map(|n| n as usize);
+    let uri = Uri::from_maybe_shared(head.slice(target_at..target_at + target_len))
+        .map_err(|_| RequestError::bad("invalid request target"))?;
+    let version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let mut headers = spare.take().unwrap_or_default();
+    headers.clear();
+    headers.reserve(count);
+    head_of(headers, &head, &spans[..count], method, uri, version).map(Some)
+}
+
+/// Whether a request line httparse refused for its version names a version of HTTP
+/// (`HTTP/2.0`) rather than being malformed (`GET /a b HTTP/1.1`).
+fn names_another_version(buf: &[u8]) -> bool {
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut words = line.trim_ascii_end().split(|&b| b == b' ');
+    let version = words.nth(2);
+    words.next().is_none()
+        && version.is_some_and(|v| v.len() == 8 && v.starts_with(b"HTTP/") && v[6] == b'.')
+}
+
+/// The [`RequestHead`] of a complete head whose fields are at `spans`.
+fn head_of(
+    mut headers: HeaderMap,
+    head: &Bytes,
+    spans: &[Span],
+    method: Method,
+    uri: Uri,
+    version: Version,
+) -> Result<RequestHead, RequestError> {
+    let mut length: Option<u64> = None;
+    let (mut transfer_encoding, mut codings, mut chunked_last) = (false, 0usize, false);
+    let (mut close, mut keep_alive, mut expect_continue) = (false, false, false);
+    let mut hosts = 0usize;
+    for &[name_at, name_len, value_at, value_len] in spans {
+        let (name_at, value_at) = (name_at as usize, value_at as usize);
+        let (name_end, value_end) = (name_at + name_len as usize, value_at + value_len as usize);
+        let name = HeaderName::from_bytes(&head[name_at..name_end])
+            .map_err(|_| RequestError::bad("invalid header name"))?;
+        let value = &head[value_at..value_end];
+        if name == header::CONTENT_LENGTH {
+            let n = content_length(value).map_err(|e| RequestError::bad(e.reason()))?;
+            if length.is_some_and(|seen| seen != n) {
+                return Err(RequestError::bad("differing Content-Length values"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
+            for coding in tokens(value) {
+                codings += 1;
+                chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name == header::HOST {
+            hosts += 1;
+        } else if name == header::CONNECTION {
+            for option in tokens(value) {
+                close |= option.eq_ignore_ascii_case(b"close");
+                keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::EXPECT {
+            expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_end))
+            .map_err(|_| RequestError::bad("invalid header value"))?;
+        headers.append(name, value);
+    }
+    if version == Version::HTTP_11 && hosts != 1 {
+        return Err(RequestError::bad(if hosts == 0 {
+            "no Host header field"
+        } else {
+            "more than one Host header field"
+        }));
+    }
+    if hosts > 1 {
+        return Err(RequestError::bad("more than one Host header field"));
+    }
+    let body = if transfer_encoding {
+        if length.is_some() {
+            return Err(RequestError::bad(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        if version == Version::HTTP_10 {
+            return Err(RequestError::bad(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
+        }
+        if !chunked_last {
+            return Err(RequestError::bad("Transfer-Encoding without chunked last"));
+        }
+        if codings != 1 {
+            return Err(RequestError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "a transfer coding other than chunked",
+            ));
+        }
+        RequestBodyFraming::Chunked
+    } else {
+        match length {
+            None | Some(0) => RequestBodyFraming::None,
+            Some(n) => RequestBodyFraming::Length(n),
+        }
+    };
+    let keep_alive = match version {
+        Version::HTTP_10 => keep_alive && !close,
+        _ => !close,
+    };
+    Ok(RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+        body,
+        keep_alive,
+        expect_continue: expect_continue && version == Version::HTTP_11,
+    })
+}
+
+/// A request body read from the client's connection as the route asks for it.
+pub struct RequestBody(Option<Arc<Feed>>);
+
+impl fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestBody").finish_non_exhaustive()
+    }
+}
+
+/// The hand-over between a request body and the connection reading it: a frame at a
+/// time. Both sides are usually polled by the connection's task, which then re-polls the
+/// route at once instead of waking itself; a body polled on another task (an HTTP/2
+/// upstream's) is woken, and wakes the connection when it wants more.
+struct Feed(parking_lot::Mutex<Slot>);
+
+#[derive(Default)]
+struct Slot {
+    frame: Option<Result<Frame<Bytes>, io::Error>>,
+    /// The body has ended (after `frame`).
+    ended: bool,
+    /// The body was polled and found nothing.
+    wanted: bool,
+    /// What is left of a `Content-Length` body, not yet taken from the connection.
+    remaining: Option<u64>,
+    /// The body's task, waiting for a frame.
+    body: Option<Waker>,
+    /// The connection's task, waiting for the body to want one.
+    conn: Option<Waker>,
+    /// The body was dropped.
+    dropped: bool,
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let Some(feed) = &self.0 else {
+            return Poll::Ready(None);
+        };
+        let mut slot = feed.0.lock();
+        if let Some(frame) = slot.frame.take() {
+            return Poll::Ready(Some(frame));
+        }
+        if slot.ended {
+            return Poll::Ready(None);
+        }
+        slot.wanted = true;
+        if !slot.body.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            slot.body = Some(cx.waker().clone());
+        }
+        if let Some(conn) = &slot.conn {
+            if !conn.will_wake(cx.waker()) {
+                conn.wake_by_ref();
+            }
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(|feed| {
+            let slot = feed.0.lock();
+            slot.ended && slot.frame.is_none()
+        })
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let Some(feed) = &self.0 else {
+            return SizeHint::with_exact(0);
+        };
+        let slot = feed.0.lock();
+        let ready = match &slot.frame {
+            Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => 0,
+        };
+        match slot.remaining {
+            Some(n) => SizeHint::with_exact(n + ready),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Some(feed) = &self.0 {
+            feed.0.lock().dropped = true;
+        }
+    }
+}
+
+/// The connection's side of a request body being read.
+struct Feeding {
+    feed: Arc<Feed>,
+    decoding: Decoding,
+    /// `100 Continue` is owed before the body is first read.
+    continue_owed: bool,
+}
+
+enum Decoding {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    /// Read whole: nothing more is taken from the connection.
+    Done,
+    /// Failed (malformed, cut short): nothing more is taken, and the connection is not
+    /// reused.
+    Failed,
+}
+
+/// One client connection: its socket and the buffers its requests reuse.
+pub(crate) struct ServerConn<IO> {
+    io: IO,
+    read: BytesMut,
+    read_size: usize,
+    out: Vec<u8>,
+    written: usize,
+    /// Body data written after `out`.
+    data: Bytes,
+    /// The last response's header map, emptied, for the next request's fields.
+    spare: Option<HeaderMap>,
+    max_head: usize,
+}
+
+/// A client connection's request, as the connection serves it.
+struct Exchange {
+    method: Method,
+    version: Version,
+    keep_alive: bool,
+    feeding: Option<Feeding>,
+}
+
+/// How much the connection reads ahead while a request is served: the client's next
+/// heads (pipelined) or its unread body, at most.
+const READ_AHEAD: usize = 64 * 1024;
+/// How much of a refused request is read and dropped after the answer, before closing
+/// (so that the close does not reset the connection before the client read the answer).
+const LINGER_BYTES: usize = 256 * 1024;
+/// How long that may take.
+const LINGER: Duration = Duration::from_secs(2);
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
+    pub(crate) fn new(io: IO, max_head: usize) -> Self {
+        Self {
+            io,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            read_size: READ_CHUNK,
+            out: Vec::with_capacity(1024),
+            written: 0,
+            data: Bytes::new(),
+            spare: None,
+            max_head,
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        super::h1::poll_fill(&mut self.io, &mut self.read, &mut self.read_size, cx)
+    }
+
+    /// Reads until a request head: `Ok(None)` when the connection should close instead
+    /// (the client closed it or went quiet past `deadline`, or the gateway is stopping
+    /// and no request has begun).
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut timer: Pin<&mut Sleep>,
+        deadline: Instant,
+        stopping: &impl Fn() -> bool,
+    ) -> Poll<Result<Option<RequestHead>, RequestError>> {
+        loop {
+            if self.read.is_empty() {
+                if stopping() {
+                    return Poll::Ready(Ok(None));
+                }
+            } else if let Some(head) =
+                parse_request_into(&mut self.read, self.max_head, &mut self.spare)?
+            {
+                return Poll::Ready(Ok(Some(head)));
+            }
+            match self.poll_fill(cx) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Ok(None)),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Pending => {}
+            }
+            // The timer is one per connection, left armed: it is moved only when it
+            // fires before the deadline of the head now awaited (once in seconds), or
+            // when that deadline is earlier than where it is armed.
+            if timer.deadline() > deadline {
+                timer.as_mut().reset(deadline);
+            }
+            while timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= deadline {
+                    return Poll::Ready(Ok(None));
+                }
+                timer.as_mut().reset(deadline);
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// The request of `head`, and the exchange that serves it.
+    fn begin(&mut self, head: RequestHead) -> (Request<RequestBody>, Exchange) {
+        let feeding = match head.body {
+            RequestBodyFraming::None => None,
+            framing => {
+                let remaining = match framing {
+                    RequestBodyFraming::Length(n) => Some(n),
+                    _ => None,
+                };
+                let feed = Arc::new(Feed(parking_lot::Mutex::new(Slot {
+                    remaining,
+                    ..Slot::default()
+                })));
+                Some(Feeding {
+                    feed,
+                    decoding: match framing {
+                        RequestBodyFraming::Length(n) => Decoding::Length(n),
+                        _ => Decoding::Chunked(ChunkedDecoder::new()),
+                    },
+                    continue_owed: head.expect_continue,
+                })
+            }
+        };
+        let body = RequestBody(feeding.as_ref().map(|f| f.feed.clone()));
+        let mut request = Request::new(body);
+        *request.method_mut() = head.method.clone();
+        *request.uri_mut() = head.uri;
+        *request.version_mut() = head.version;
+        *request.headers_mut() = head.headers;
+        let exchange = Exchange {
+            method: head.method,
+            version: head.version,
+            keep_alive: head.keep_alive,
+            feeding,
+        };
+        (request, exchange)
+    }
+
+    /// Gives the request body the next frame if it wants one and one can be had:
+    /// `Ready(true)` when something changed for the body (a frame, its end, an error),
+    /// `Ready(false)` when there is nothing to do for it, `Pending` when waiting on the
+    /// socket for it.
+    fn poll_feed(&mut self, cx: &mut Context<'_>, feeding: &mut Feeding) -> Poll<bool> {
+        if matches!(feeding.decoding, Decoding::Done | Decoding::Failed) {
+            return Poll::Ready(false);
+        }
+        {
+            let mut slot = feeding.feed.0.lock();
+            if slot.dropped {
+                return Poll::Ready(false);
+            }
+            if !slot.wanted || slot.frame.is_some() {
+                if !slot.conn.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    slot.conn = Some(cx.waker().clone());
+                }
+                return Poll::Ready(false);
+            }
+        }
+        if feeding.continue_owed {
+            feeding.continue_owed = false;
+            if self.read.is_empty() {
+                // Written before anything else goes on the connection, and small: one
+                // write takes it whole or the connection is failing.
+                self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+        }
+        if !self.out.is_empty() {
+            match ready!(self.poll_write_out(cx)) {
+                Ok(()) => {}
+                Err(e) => return Poll::Ready(self.deliver(feeding, Some(Err(e)), true)),
+            }
+        }
+        loop {
+            let frame = match &mut feeding.decoding {
+                Decoding::Done | Decoding::Failed => return Poll::Ready(false),
+                Decoding::Length(left) if !self.read.is_empty() => {
+                    let n =
+                        usize::try_from(*left).map_or(self.read.len(), |l| l.min(self.read.len()));
+                    *left -= n as u64;
+                    let ended = *left == 0;
+                    let data = self.read.split_to(n).freeze();
+                    return Poll::Ready(self.deliver(feeding, Some(Ok(Frame::data(data))), ended));
+                }
+                Decoding::Chunked(decoder) => match decoder.decode(&mut self.read) {
+                    Ok(Some(Chunk::Data(data))) => Some((Ok(Frame::data(data)), false)),
+                    Ok(Some(Chunk::Trailers(trailers))) => {
+                        Some((Ok(Frame::trailers(trailers)), true))
+                    }
+                    Ok(Some(Chunk::End)) => {
+                        return Poll::Ready(self.deliver(feeding, None, true));
+                    }
+                    Ok(None) => None,
+                    Err(e) => Some((
+                        Err(io::Error::new(io::ErrorKind::InvalidData, e.reason())),
+                        true,
+                    )),
+                },
+                Decoding::Length(_) => None,
+            };
+            if let Some((frame, ended)) = frame {
+                return Poll::Ready(self.deliver(feeding, Some(frame), ended));
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    let e = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the client closed the connection before the end of the request body",
+                    );
+                    return Poll::Ready(self.deliver(feeding, Some(Err(e)), true));
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(self.deliver(feeding, Some(Err(e)), true)),
+            }
+        }
+    }
+
+    /// Hands `frame` (and the end when `ended`) to the body; wakes it if it waits on
+    /// another task. Always `true`.
+    fn deliver(
+        &mut self,
+        feeding: &mut Feeding,
+        frame: Option<Result<Frame<Bytes>, io::Error>>,
+        ended: bool,
+    ) -> bool {
+        if matches!(frame, Some(Err(_))) {
+            feeding.decoding = Decoding::Failed;
+        } else if ended {
+            feeding.decoding = Decoding::Done;
+        }
+        let mut slot = feeding.feed.0.lock();
+        slot.frame = frame;
+        slot.wanted = false;
+        if ended {
+            slot.ended = true;
+            slot.remaining = slot.remaining.map(|_| 0);
+        } else if let (Some(remaining), Decoding::Length(left)) =
+            (&mut slot.remaining, &feeding.decoding)
+        {
+            *remaining = *left;
+        }
+        if let Some(waker) = slot.body.take() {
+            waker.wake();
+        }
+        true
+    }
+
+    /// Serves the request until its route answers: the body fed as it is read, and the
+    /// connection watched meanwhile. `None`: the client closed the connection (or it
+    /// failed) with the request whole, which cancels it.
+    fn poll_answer<F: Future<Output = Response<Body>>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut route: Pin<&mut F>,
+        exchange: &mut Exchange,
+    ) -> Poll<Option<Response<Body>>> {
+        loop {
+            if let Poll::Ready(response) = route.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            if let Some(feeding) = &mut exchange.feeding {
+                match self.poll_feed(cx, feeding) {
+                    Poll::Ready(true) => continue,
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(false) => {}
+                }
+                if matches!(feeding.decoding, Decoding::Length(_) | Decoding::Chunked(_))
+                    && !feeding.feed.0.lock().dropped
+                {
+                    // The body is not wanted now: its bytes wait in the socket (bounded
+                    // by the client's window) until it is.
+                    return Poll::Pending;
+                }
+            }
+            // Reads ahead to notice a client gone: a close cancels the request.
+            if self.read.len() >= READ_AHEAD {
+                return Poll::Pending;
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) | Err(_) => return Poll::Ready(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Writes `out` (from `written`) and `data`.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.out.len() || !self.data.is_empty() {
+            let out = &self.out[self.written..];
+            let write = if self.data.is_empty() {
+                Pin::new(&mut self.io).poll_write(cx, out)
+            } else if out.is_empty() {
+                Pin::new(&mut self.io).poll_write(cx, &self.data)
+            } else {
+                let slices = [io::IoSlice::new(out), io::IoSlice::new(&self.data)];
+                Pin::new(&mut self.io).poll_write_vectored(cx, &slices)
+            };
+            let n = ready!(write)?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let from_out = n.min(out.len());
+            self.written += from_out;
+            self.data.advance(n - from_out);
+        }
+        self.out.clear();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes the answer to `exchange`'s request, feeding the request body meanwhile (an
+    /// upstream may stream its answer while it still reads the request): `Ok(true)` when
+    /// the connection may serve another request.
+    async fn respond(
+        &mut self,
+        response: Response<Body>,
+        exchange: &mut Exchange,
+        stopping: bool,
+    ) -> io::Result<bool> {
+        let (mut parts, mut body) = response.into_parts();
+        let status = parts.status;
+        let no_body = exchange.method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let mut keep_alive = exchange.keep_alive && !stopping;
+        if parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")))
+        {
+            keep_alive = false;
+        }
+        if let Some(feeding) = &mut exchange.feeding {
+            // A body that failed, or that nobody will read and that is not all here
+            // (skipped if it is): the connection closes after this answer, and says so.
+            let abandoned = feeding.feed.0.lock().dropped;
+            if matches!(feeding.decoding, Decoding::Failed)
+                || (abandoned && !self.skip_unread_body(exchange))
+            {
+                keep_alive = false;
+            }
+        }
+        let framing = if no_body {
+            Framing::None
+        } else if body.is_end_stream() {
+            Framing::Length(0)
+        } else if let Some(n) = body.size_hint().exact() {
+            Framing::Length(n)
+        } else if exchange.version == Version::HTTP_11 {
+            Framing::Chunked
+        } else {
+            keep_alive = false;
+            Framing::Close
+        };
+        encode_head(&mut self.out, status, &parts.headers, framing, no_body);
+        // A request body still unread at the end closes the connection then, without
+        // `Connection: close` in this head (the route may still read it meanwhile).
+        finish_head(&mut self.out, exchange.version, !keep_alive);
+        // The map goes round to the next request, its values (which point into the
+        // upstream's buffer) dropped now.
+        parts.headers.clear();
+        self.spare = Some(parts.headers);
+        let mut left = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        if !no_body && framing != Framing::Length(0) {
+            loop {
+                let frame = std::future::poll_fn(|cx| {
+                    loop {
+                        if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                            return Poll::Ready(frame);
+                        }
+                        // Nothing from the answer: write what is buffered, feed the
+                        // request body.
+                        if !self.out.is_empty() || !self.data.is_empty() {
+                            if let Err(e) = ready!(self.poll_write_out(cx)) {
+                                return Poll::Ready(Some(Err(e.into())));
+                            }
+                            continue;
+                        }
+                        if let Some(feeding) = &mut exchange.feeding {
+                            if ready!(self.poll_feed(cx, feeding)) {
+                                continue;
+                            }
+                        }
+                        return Poll::Pending;
+                    }
+                })
+                .await;
+                match frame {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) if data.is_empty() => {}
+                        Ok(data) => {
+                            let len = data.len() as u64;
+                            match framing {
+                                Framing::Length(_) => {
+                                    if len > left {
+                                        // Longer than it said: the client cannot tell
+                                        // where it ends; the connection goes.
+                                        return Err(io::Error::other(
+                                            "response body longer than its length",
+                                        ));
+                                    }
+                                    left -= len;
+                                }
+                                Framing::Chunked => {
+                                    super::h1::hexadecimal(&mut self.out, len);
+                                    self.out.extend_from_slice(b"\r\n");
+                                }
+                                _ => {}
+                            }
+                            self.write_data(data).await?;
+                            if framing == Framing::Chunked {
+                                self.out.extend_from_slice(b"\r\n");
+                            }
+                            if matches!(framing, Framing::Length(_)) && left == 0 {
+                                break;
+                            }
+                        }
+                        Err(frame) => {
+                            // Trailers: sent in a chunked answer, dropped otherwise.
+                            if let (Framing::Chunked, Ok(trailers)) =
+                                (framing, frame.into_trailers())
+                            {
+                                self.out.extend_from_slice(b"0\r\n");
+                                for (name, value) in &trailers {
+                                    self.out.extend_from_slice(name.as_str().as_bytes());
+                                    self.out.extend_from_slice(b": ");
+                                    self.out.extend_from_slice(value.as_bytes());
+                                    self.out.extend_from_slice(b"\r\n");
+                                }
+                                self.out.extend_from_slice(b"\r\n");
+                                break;
+                            }
+                        }
+                    },
+                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    None => {
+                        match framing {
+                            Framing::Chunked => self.out.extend_from_slice(b"0\r\n\r\n"),
+                            Framing::Length(_) if left > 0 => {
+                                return Err(io::Error::other(
+                                    "response body shorter than its length",
+                                ));
+                            }
+                            _ => {}
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        drop(body);
+        std::future::poll_fn(|cx| self.poll_write_out(cx)).await?;
+        std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx)).await?;
+        if framing == Framing::Close {
+            return Ok(false);
+        }
+        Ok(keep_alive && self.skip_unread_body(exchange))
+    }
+
+    /// Appends `data` to what is to be written: copied when small (one write with the
+    /// head), written from its own buffer when large.
+    async fn write_data(&mut self, data: Bytes) -> io::Result<()> {
+        if data.len() <= 1024 && self.data.is_empty() {
+            self.out.extend_from_slice(&data);
+            return Ok(());
+        }
+        if !self.data.is_empty() {
+            std::future::poll_fn(|cx| self.poll_write_out(cx)).await?;
+        }
+        self.data = data;
+        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
+    }
+
+    /// Whether the request body is done with: read whole, absent, or its rest already
+    /// here (then skipped). `false`: its rest is still to come, and the connection
+    /// cannot serve another request.
+    fn skip_unread_body(&mut self, exchange: &mut Exchange) -> bool {
+        let Some(feeding) = &mut exchange.feeding else {
+            return true;
+        };
+        loop {
+            match &mut feeding.decoding {
+                Decoding::Done => return true,
+                Decoding::Failed => return false,
+                Decoding::Length(left) => {
+                    if (self.read.len() as u64) < *left {
+                        return false;
+                    }
+                    self.read.advance(*left as usize);
+                    feeding.decoding = Decoding::Done;
+                    return true;
+                }
+                Decoding::Chunked(decoder) => match decoder.decode(&mut self.read) {
+                    Ok(Some(Chunk::Data(_))) => {}
+                    Ok(Some(Chunk::Trailers(_) | Chunk::End)) => {
+                        feeding.decoding = Decoding::Done;
+                        return true;
+                    }
+                    Ok(None) | Err(_) => return false,
+                },
+            }
+        }
+    }
+
+    /// Answers a refused request head and closes.
+    async fn refuse(&mut self, error: RequestError) {
+        let body = crate::problem::problem_json(error.status, error.reason);
+        let mut headers = HeaderMap::with_capacity(1);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        encode_head(
+            &mut self.out,
+            error.status,
+            &headers,
+            Framing::Length(body.len() as u64),
+            false,
+        );
+        finish_head(&mut self.out, Version::HTTP_11, true);
+        self.out.extend_from_slice(&body);
+        if std::future::poll_fn(|cx| self.poll_write_out(cx))
+            .await
+            .is_ok()
+        {
+            self.close().await;
+        }
+    }
+
+    /// Closes the connection: the write side first, then what the client still sends is
+    /// read and dropped for a while (a close with unread bytes would reset the
+    /// connection, and the client might lose the answer).
+    async fn close(&mut self) {
+        if self.io.shutdown().await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut dropped = 0;
+            while dropped < LINGER_BYTES {
+                self.read.clear();
+                match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => dropped += n,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// How an answer's body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (`HEAD`, `1xx`, `204`, `304`): the fields as the route set them.
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client, a body of unknown length).
+    Close,
+}
+
+/// Writes the status line and the fields of an answer but `Connection` (and the end of
+/// the head): the framing field `framing` says, the route's own framing fields dropped
+/// unless the answer has no body, and `Date` unless the route set one.
+fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    no_body: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let keep_length = no_body && status != StatusCode::NO_CONTENT && !status.is_informational();
+    let mut dated = false;
+    for (name, value) in headers.iter() {
+        if name == header::CONNECTION
+            || name == header::TRANSFER_ENCODING
+            || (name == header::CONTENT_LENGTH && !keep_length)
+        {
+            continue;
+        }
+        dated |= name == header::DATE;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            super::h1::decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::None | Framing::Close => {}
+    }
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        date::write(out);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Ends a head: `Connection: close` when the connection closes after it, `keep-alive`
+/// for an HTTP/1.0 client whose connection stays.
+fn finish_head(out: &mut Vec<u8>, version: Version, close: bool) {
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `Date` of answers, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+
+    /// Appends the current date (IMF-fixdate).
+    pub(super) fn write(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            if cached.0 != second {
+                let text = httpdate::fmt_http_date(now);
+                if text.len() == 29 {
+                    cached.1.copy_from_slice(text.as_bytes());
+                    cached.0 = second;
+                } else {
+                    out.extend_from_slice(text.as_bytes());
+                    return;
+                }
+            }
+            out.extend_from_slice(&cached.1);
+        });
+    }
+}
+
+/// Serves HTTP/1.1 on `io` until the client closes it, a request or answer ends it, or
+/// `stopping` says so between requests. Each request is answered by `route`; `refused` is
+/// called for a request head refused.
+pub(crate) async fn serve<IO, R, F>(
+    io: IO,
+    max_head: usize,
+    head_timeout: Duration,
+    stopping: impl Fn() -> bool,
+    refused: impl Fn(),
+    mut route: R,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    R: FnMut(Request<RequestBody>) -> F,
+    F: Future<Output = Response<Body>>,
+{
+    let mut conn = ServerConn::new(io, max_head);
+    let timer = tokio::time::sleep(head_timeout);
+    let mut timer = std::pin::pin!(timer);
+    loop {
+        let deadline = Instant::now() + head_timeout;
+        let head =
+            std::future::poll_fn(|cx| conn.poll_head(cx, timer.as_mut(), deadline, &stopping))
+                .await;
+        let head = match head {
+            Ok(Some(head)) => head,
+            Ok(None) => return,
+            Err(error) => {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(
+                    target: "seawall::gateway",
+                    status = error.status().as_u16(),
+                    reason = error.reason(),
+                    "request head refused"
+                );
+                refused();
+                conn.refuse(error).await;
+                return;
+            }
+        };
+        let (request, mut exchange) = conn.begin(head);
+        let answer = {
+            let answer = route(request);
+            let mut answer = std::pin::pin!(answer);
+            std::future::poll_fn(|cx| conn.poll_answer(cx, answer.as_mut(), &mut exchange)).await
+        };
+        let Some(response) = answer else {
+            // The client went: the request was cancelled by dropping it.
+            return;
+        };
+        match conn.respond(response, &mut exchange, stopping()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                conn.close().await;
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<RequestHead>, RequestError> {
+        parse_request(&mut BytesMut::from(text), 64 * 1024)
+    }
+
+    fn refused(text: &str) -> (u16, &'static str) {
+        let e = parse(text).expect_err(text);
+        (e.status().as_u16(), e.reason())
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112_and_ambiguity_is_refused() {
+        let head = |extra: &str| format!("POST / HTTP/1.1\r\nHost: a\r\n{extra}\r\n");
+        let framing = |extra: &str| parse(&head(extra)).unwrap().unwrap().body;
+        assert_eq!(framing(""), RequestBodyFraming::None);
+        assert_eq!(framing("Content-Length: 0\r\n"), RequestBodyFraming::None);
+        assert_eq!(
+            framing("Content-Length: 5\r\n"),
+            RequestBodyFraming::Length(5)
+        );
+        assert_eq!(
+            framing("Content-Length: 5, 5\r\nContent-Length: 5\r\n"),
+            RequestBodyFraming::Length(5)
+        );
+        assert_eq!(
+            framing("Transfer-Encoding: chunked\r\n"),
+            RequestBodyFraming::Chunked
+        );
+        assert_eq!(
+            framing("Transfer-Encoding: CHUNKED\r\n"),
+            RequestBodyFraming::Chunked
+        );
+        for (extra, status) in [
+            ("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", 400),
+            ("Transfer-Encoding: chunked\r\nContent-Length: 0\r\n", 400),
+            ("Content-Length: 5\r\nContent-Length: 6\r\n", 400),
+            ("Content-Length: 5, 6\r\n", 400),
+            ("Content-Length: +5\r\n", 400),
+            ("Content-Length: 0x5\r\n", 400),
+            ("Content-Length: -1\r\n", 400),
+            ("Content-Length: 99999999999999999999\r\n", 400),
+            ("Transfer-Encoding: chunked, chunked\r\n", 501),
+            (
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                501,
+            ),
+            ("Transfer-Encoding: gzip, chunked\r\n", 501),
+            ("Transfer-Encoding: chunked, gzip\r\n", 400),
+            ("Transfer-Encoding: identity\r\n", 400),
+            ("Transfer-Encoding: \r\n", 400),
+        ] {
+            assert_eq!(refused(&head(extra)).0, status, "{extra:?}");
+        }
+        assert_eq!(
+            refused("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n").0,
+            400
+        );
+    }
+
+    #[test]
+    fn hosts_versions_folding_and_sizes() {
+        assert_eq!(
+            refused("GET / HTTP/1.1\r\n\r\n"),
+            (400, "no Host header field")
+        );
+        assert_eq!(
+            refused("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").0,
+            400
+        );
+        assert_eq!(
+            refused("GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n").0,
+            400
+        );
+        assert!(parse("GET / HTTP/1.0\r\n\r\n").unwrap().is_some());
+        assert_eq!(
+            refused("GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n").0,
+            400
+        );
+        assert_eq!(refused("GET / HTTP/2.0\r\nHost: a\r\n\r\n").0, 505);
+        assert_eq!(refused("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n").0, 400);
+        assert_eq!(refused("GET / HTTP/1.1 x\r\nHost: a\r\n\r\n").0, 400);
+        assert_eq!(refused("GET / HTTP/1.1\r\nHost : a\r\n\r\n").0, 400);
+        let many = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            "X: 1\r\n".repeat(100)
+        );
+        assert_eq!(refused(&many), (431, "too many header fields"));
+        let large = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "a".repeat(9000)
+        );
+        let e = parse_request(&mut BytesMut::from(&large[..]), 8 * 1024).unwrap_err();
+        assert_eq!(e.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        // Incomplete, past the bound: refused without waiting for the rest.
+        let e = parse_request(&mut BytesMut::from(&large[..8500]), 8 * 1024).unwrap_err();
+        assert_eq!(e.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        assert!(
+            parse_request(&mut BytesMut::from(&large[..8000]), 8 * 1024)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn keep_alive_and_expectations() {
+        let head = |text: &str| parse(text).unwrap().unwrap();
+        assert!(head("GET / HTTP/1.1\r\nHost: a\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        let post =
+            "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n";
+        assert!(head(post).expect_continue);
+        assert!(!head("POST / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expect_continue);
+        // The head is taken off the buffer; what follows stays.
+        let mut buf = BytesMut::from("GET /a?b HTTP/1.1\r\nHost: a\r\n\r\nGET /c");
+        let parsed = parse_request(&mut buf, 8192).unwrap().unwrap();
+        assert_eq!(parsed.uri, "/a?b");
+        assert_eq!(&buf[..], b"GET /c");
+        assert!(parse_request(&mut buf, 8192).unwrap().is_none());
+        assert_eq!(&buf[..], b"GET /c");
+    }
+
+    /// Serves a connection over an in-memory pipe with a route answering `echo`: the
+    /// method, path and body it read, as its body. Returns the client's end and a flag
+    /// the route's future sets when dropped unanswered.
+    fn serve_echo(read_body: bool) -> (DuplexStream, Arc<AtomicBool>, Arc<AtomicUsize>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let maps = Arc::new(AtomicUsize::new(0));
+        let (cancelled2, maps2) = (cancelled.clone(), maps.clone());
+        tokio::spawn(serve(
+            server,
+            8 * 1024,
+            Duration::from_secs(10),
+            || false,
+            || {},
+            move |request: Request<RequestBody>| {
+                let cancelled = cancelled2.clone();
+                let maps = maps2.clone();
+                async move {
+                    struct Guard(Arc<AtomicBool>, bool);
+                    impl Drop for Guard {
+                        fn drop(&mut self) {
+                            if !self.1 {
+                                self.0.store(true, SeqCst);
+                            }
+                        }
+                    }
+                    let mut guard = Guard(cancelled, false);
+                    // A map with room already: the last answer's, reused.
+                    if request.headers().capacity() >= 8 {
+                        maps.fetch_add(1, SeqCst);
+                    }
+                    let (parts, body) = request.into_parts();
+                    let text = if read_body {
+                        let data = body.collect().await.map(|c| c.to_bytes());
+                        match data {
+                            Ok(data) => String::from_utf8_lossy(&data).into_owned(),
+                            Err(e) => format!("error: {e}"),
+                        }
+                    } else {
+                        String::new()
+                    };
+                    if parts.uri.path() == "/slow" {
+                        std::future::pending::<()>().await;
+                    }
+                    guard.1 = true;
+                    let mut response = Response::new(super::super::body::full(format!(
+                        "{} {} {text}",
+                        parts.method,
+                        parts.uri.path()
+                    )));
+                    for i in 0..8 {
+                        response.headers_mut().insert(
+                            HeaderName::from_static(
+                                ["x-a", "x-b", "x-c", "x-d", "x-e", "x-f", "x-g", "x-h"][i],
+                            ),
+                            HeaderValue::from_static("1"),
+                        );
+                    }
+                    response
+                }
+            },
+        ));
+        (client, cancelled, maps)
+    }
+
+    async fn read_until(client: &mut DuplexStream, needle: &str) -> String {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&text).contains(needle) {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {needle:?}: {}",
+                String::from_utf8_lossy(&text)
+            );
+            text.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(text).unwrap()
+    }
+
+    async fn read_to_end(client: &mut DuplexStream) -> String {
+        let mut text = Vec::new();
+        client.read_to_end(&mut text).await.unwrap();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_with_maps_reused() {
+        let (mut client, _, maps) = serve_echo(true);
+        client
+            .write_all(
+                b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n\
+                  POST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc\
+                  POST /three HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  2\r\nde\r\n1;x=y\r\nf\r\n0\r\n\r\n\
+                  GET /four HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        let bodies: Vec<_> = text
+            .split("HTTP/1.1 200 OK\r\n")
+            .skip(1)
+            .map(|answer| answer.split_once("\r\n\r\n").unwrap().1)
+            .collect();
+        assert_eq!(
+            bodies,
+            [
+                "GET /one ",
+                "POST /two abc",
+                "POST /three def",
+                "GET /four "
+            ],
+            "{text}"
+        );
+        assert!(text.contains("content-length: 9\r\n"), "{text}");
+        assert!(text.contains("date: "), "{text}");
+        assert!(
+            text.ends_with("connection: close\r\n\r\nGET /four "),
+            "{text}"
+        );
+        // Every request after the first was parsed into the answer before it's map.
+        assert_eq!(maps.load(SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn continue_is_sent_when_the_body_is_read_and_only_then() {
+        let (mut client, _, _) = serve_echo(true);
+        client
+            .write_all(
+                b"POST /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        read_until(&mut client, "HTTP/1.1 100 Continue\r\n\r\n").await;
+        client.write_all(b"hi").await.unwrap();
+        let text = read_until(&mut client, "POST /x hi").await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+
+        // A route that answers without reading: no 100, and the connection closes (the
+        // body may still come).
+        let (mut client, _, _) = serve_echo(false);
+        client
+            .write_all(
+                b"POST /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(!text.contains("100 Continue"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_unread_body_already_here_is_skipped_and_the_connection_kept() {
+        let (mut client, _, _) = serve_echo(false);
+        client
+            .write_all(
+                b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nxyz\
+                  GET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.contains("POST /a "), "{text}");
+        assert!(text.ends_with("GET /b "), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_cancels_its_request_and_a_cut_body_fails_it() {
+        let (mut client, cancelled, _) = serve_echo(false);
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        assert!(!cancelled.load(SeqCst));
+        client.shutdown().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !cancelled.load(SeqCst) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the request cancelled");
+
+        let (mut client, _, _) = serve_echo(true);
+        client
+            .write_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.contains("POST /x error: "), "{text}");
+        assert!(text.contains("connection: close"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_head_is_answered_then_closed() {
+        let (mut client, _, _) = serve_echo(true);
+        client
+            .write_all(
+                b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(!text.contains("smuggled"), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_must_come_within_the_timeout_idle_time_included() {
+        let (mut client, _, _) = serve_echo(false);
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut client, "GET /a ").await;
+        // Idle, then half a head: the bound counts from the end of the last answer.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        client.write_all(b"GET /b HTTP/1.1\r\n").await.unwrap();
+        let start = Instant::now();
+        let rest = read_to_end(&mut client).await;
+        assert_eq!(rest, "");
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(3) && waited <= Duration::from_secs(5),
+            "{waited:?}"
+        );
+    }
+}
