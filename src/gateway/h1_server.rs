@@ -34,7 +34,7 @@
 //! `204` and `304`; every answer gets a `Date`. Requests on a connection are served one
 //! after the other, pipelined ones too, and keep-alive follows RFC 9112 §9.3 (HTTP/1.1
 //! unless `Connection: close`, HTTP/1.0 only with `Connection: keep-alive`). A client has
-//! [`HEADER_READ_TIMEOUT`](super::server) to send each head, idle time included.
+//! 10 s (the gateway's head timeout) to send each head, idle time included.
 
 use std::fmt;
 use std::future::Future;
@@ -459,11 +459,6 @@ struct Exchange {
 /// How much the connection reads ahead while a request is served: the client's next
 /// heads (pipelined) or its unread body, at most.
 const READ_AHEAD: usize = 64 * 1024;
-/// How much of a refused request is read and dropped after the answer, before closing
-/// (so that the close does not reset the connection before the client read the answer).
-const LINGER_BYTES: usize = 256 * 1024;
-/// How long that may take.
-const LINGER: Duration = Duration::from_secs(2);
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
     pub(crate) fn new(io: IO, max_head: usize) -> Self {
@@ -957,24 +952,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
         }
     }
 
-    /// Closes the connection: the write side first, then what the client still sends is
-    /// read and dropped for a while (a close with unread bytes would reset the
-    /// connection, and the client might lose the answer).
+    /// Closes the connection's write side. The gateway's sockets then linger when dropped
+    /// (reading and discarding what the client still sends, see `SendTimeout`): a close
+    /// with unread bytes would reset the connection, and the client might lose the
+    /// answer.
     async fn close(&mut self) {
-        if self.io.shutdown().await.is_err() {
-            return;
-        }
-        let _ = tokio::time::timeout(LINGER, async {
-            let mut dropped = 0;
-            while dropped < LINGER_BYTES {
-                self.read.clear();
-                match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => dropped += n,
-                }
-            }
-        })
-        .await;
+        let _ = self.io.shutdown().await;
     }
 }
 
