@@ -307,7 +307,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // HOP_BY_HOP[0] is `Connection`.
-    if present & 1 != 0 {
+    // Nearly always `Connection: keep-alive` or `close`, which name nothing else: no list
+    // to collect then.
+    let names_others = || {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes().split(|&b| b == b',').any(|token| {
+                let token = std::str::from_utf8(token).map_or("", str::trim);
+                !token.is_empty() && !removed_anyway(token)
+            })
+        })
+    };
+    if present & 1 != 0 && names_others() {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
