@@ -81,8 +81,9 @@ impl BodyState {
 
 pin_project_lite::pin_project! {
     /// The client's request body, as forwarded upstream: bounded by `max_request_body`,
-    /// its errors marked as [`ClientBodyError`]s. Any body type: hyper's `Incoming` when
-    /// the gateway serves, or the body of the server it is a service of.
+    /// its errors marked as [`ClientBodyError`]s. Any body type: the HTTP/1 server's or
+    /// hyper's HTTP/2 one when the gateway serves, or the body of the server it is a
+    /// service of.
     pub(crate) struct ClientBody<B> {
         #[pin]
         body: B,
@@ -271,9 +272,9 @@ impl Classify<Response<PooledBody>, UpstreamError> for UpstreamClassifier {
 
 /// Whether a request's head is over the limits: a header line (`name: value`) longer
 /// than `max_line` bytes, or the whole head (request line and header lines with their
-/// line ends) larger than `max_total`. hyper bounds the head with its read buffer, but
-/// only loosely (a read may fill the buffer past the bound with a whole head in it):
-/// this is the exact check, one pass over the parsed headers, no allocation.
+/// line ends) larger than `max_total`. The HTTP/1 server bounds the raw head already;
+/// this is the check for HTTP/2 and for the gateway as a service, and of each line: one
+/// pass over the parsed headers, no allocation.
 #[inline]
 pub(crate) fn head_too_large<B>(request: &Request<B>, max_line: usize, max_total: usize) -> bool {
     let uri = request.uri();

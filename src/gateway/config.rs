@@ -411,7 +411,7 @@ fn default_max_headers_size() -> usize {
     64 << 10
 }
 
-/// The smallest `max_headers_size`: hyper's smallest read buffer.
+/// The smallest `max_headers_size` (as hyper's HTTP/1 read buffer had it).
 const MIN_HEADERS_SIZE: usize = 8 << 10;
 /// The largest `max_headers_size` accepted: larger heads are mistakes or attacks.
 const MAX_HEADERS_SIZE: usize = 1 << 20;

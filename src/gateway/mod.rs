@@ -1,5 +1,5 @@
-//! An embeddable API gateway (feature `gateway`): a hyper 1 server (HTTP/1, and HTTP/2
-//! by ALPN over TLS or h2c) configured by a TOML file in the spirit of Kong's declarative
+//! An embeddable API gateway (feature `gateway`): an HTTP server (HTTP/1.1 of its own,
+//! and hyper's HTTP/2 by ALPN over TLS or h2c) configured by a TOML file in the spirit of Kong's declarative
 //! configuration, built from seawall's layers.
 //!
 //! Every request's path is first normalised ([`path`]: escaped unreserved characters
@@ -121,13 +121,30 @@
 //!   says so, or when a streamed (chunked) body grows past it, the exchange with the
 //!   upstream then aborted (`413` if the upstream has not answered yet);
 //! - a header line (`name: value`) over `max_header_line` (default 16 KiB), or a request
-//!   head over `max_headers_size` (default 64 KiB): `431`. hyper stops reading a head at
-//!   `max_headers_size` (its read buffer bound) and answers `431` itself; the exact check
-//!   is one pass over the parsed headers before the route's stack.
+//!   head over `max_headers_size` (default 64 KiB): `431`. The HTTP/1 server stops
+//!   reading a head at `max_headers_size` and answers `431` itself (counted in
+//!   `refused`); the check of each line is one pass over the parsed headers before the
+//!   route's stack.
 //!
 //! These answers carry `Connection: close`. Bodies are forwarded for every method, as RFC
 //! 9110 allows: a chunked body on a `GET`, `HEAD` or `DELETE` reaches the upstream chunked;
 //! an empty `POST`, `PUT` or `PATCH` goes with `Content-Length: 0`.
+//!
+//! HTTP/1 clients are served by the gateway's own server, which checks every request head
+//! before any route sees it, as strictly as nginx does, and answers with the connection
+//! closed after: `400` for `Content-Length` with `Transfer-Encoding`, differing or
+//! malformed `Content-Length` values, `Transfer-Encoding` in an HTTP/1.0 request or with
+//! `chunked` not last, an HTTP/1.1 request without exactly one `Host`, obsolete line
+//! folding or an invalid request line, name or value; `501` for a transfer coding other
+//! than `chunked` alone; `431` for a head over `max_headers_size` or with more than 100
+//! fields; `505` for a version other than HTTP/1.x. These are counted in `/status.json`'s
+//! `refused`. Requests are served in order, pipelined ones too; keep-alive follows RFC
+//! 9112 (HTTP/1.0 only with `Connection: keep-alive`); `Expect: 100-continue` is answered
+//! when the route first reads the body; a request body left unread is skipped when it is
+//! already there, and otherwise the connection closes after the answer; a client that
+//! closes its side while its request is served cancels it. Answers are framed by their
+//! body (`Content-Length` when known, else `chunked`, or the close for HTTP/1.0) and carry
+//! a `Date`.
 //!
 //! HTTP/1 upstreams are spoken to by the gateway's own client, which holds their answers
 //! to RFC 9112 as strictly as nginx does: a head over 64 KiB or with more than 100

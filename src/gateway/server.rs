@@ -1,4 +1,5 @@
-//! The gateway server: building the routes, serving HTTP/1 over hyper, shutting down.
+//! The gateway server: building the routes, serving HTTP/1 (`h1_server`) and HTTP/2
+//! (hyper), shutting down.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -155,7 +156,7 @@ struct Inner {
     /// `[gateway] send_timeout`, and the connections it closed.
     send_timeout: Duration,
     send_timeouts: Arc<AtomicU64>,
-    /// `[gateway] max_headers_size`: hyper's read buffer bound, `431` past it.
+    /// `[gateway] max_headers_size`: the largest request head, `431` past it.
     max_headers_size: usize,
     started: tokio::time::Instant,
     listen: SocketAddr,
