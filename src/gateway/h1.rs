@@ -753,6 +753,11 @@ pub(crate) struct Conn<IO> {
     reading: Reading,
     /// How much the next read asks for (see [`Conn::poll_fill`]).
     read_size: usize,
+    /// How many bytes the last incomplete parse of a response head had.
+    partial: usize,
+    /// [`Conn::idle_is_usable`] has just found the connection usable: the same check
+    /// before the first write is skipped once.
+    checked: bool,
     /// Bytes came since the request began.
     answered: bool,
     /// The last response allows another request.
@@ -792,6 +797,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             head_request: false,
             reading: Reading::Done,
             read_size: READ_CHUNK,
+            partial: 0,
+            checked: false,
             answered: false,
             keep_alive: true,
         }
@@ -835,7 +842,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
         // Ready: closed, failed, or bytes nobody asked for.
-        self.poll_fill(&mut cx).is_pending()
+        self.checked = self.poll_fill(&mut cx).is_pending();
+        self.checked
     }
 
     /// Starts an exchange: encodes `request`'s head (its URI in origin form) into the
@@ -867,6 +875,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         self.body_ended = false;
         self.unsent = Some(request);
         self.reading = Reading::Head;
+        self.partial = 0;
         self.answered = false;
         self.keep_alive = false;
     }
@@ -1058,8 +1067,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Response<()>, Failure>> {
-        if self.unsent.is_some() && self.written == 0 {
-            // Before the first byte: a connection the upstream closed (or sent bytes on
+        if self.unsent.is_some() && self.written == 0 && !std::mem::take(&mut self.checked) {
+            // Before the first byte (unless `idle_is_usable` just looked): a connection the upstream closed (or sent bytes on
             // unasked) fails with the request intact, to be sent on another. Costs no
             // system call while the socket has had no event since its last read.
             match self.poll_fill(cx) {
@@ -1079,10 +1088,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             if let Poll::Ready(Err(e)) = self.poll_send(cx) {
                 return Poll::Ready(Err(e));
             }
-            match parse_response_into(&mut self.read, self.head_request, &mut self.spare) {
-                Ok(Some(head)) => return Poll::Ready(Ok(self.begin_body(head))),
-                Ok(None) => {}
-                Err(e) => return Poll::Ready(Err(Failure::Protocol(e))),
+            // Parsed again only with more bytes than the last incomplete try had.
+            if self.read.len() > self.partial {
+                match parse_response_into(&mut self.read, self.head_request, &mut self.spare) {
+                    Ok(Some(head)) => return Poll::Ready(Ok(self.begin_body(head))),
+                    Ok(None) => self.partial = self.read.len(),
+                    Err(e) => return Poll::Ready(Err(Failure::Protocol(e))),
+                }
             }
             match ready!(self.poll_fill(cx)) {
                 Ok(0) => {
