@@ -324,7 +324,14 @@ fn head_of(
 }
 
 /// A request body read from the client's connection as the route asks for it.
-pub struct RequestBody(Option<Arc<Feed>>);
+pub struct RequestBody(BodyInner);
+
+enum BodyInner {
+    /// No body, or one that came whole with its head (`None` once taken).
+    Here(Option<Bytes>),
+    /// Fed by the connection as it is read.
+    Fed(Arc<Feed>),
+}
 
 impl fmt::Debug for RequestBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -363,8 +370,9 @@ impl HttpBody for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        let Some(feed) = &self.0 else {
-            return Poll::Ready(None);
+        let feed = match &mut self.get_mut().0 {
+            BodyInner::Here(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            BodyInner::Fed(feed) => feed,
         };
         let mut slot = feed.0.lock();
         if let Some(frame) = slot.frame.take() {
@@ -386,15 +394,21 @@ impl HttpBody for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.as_ref().is_none_or(|feed| {
-            let slot = feed.0.lock();
-            slot.ended && slot.frame.is_none()
-        })
+        match &self.0 {
+            BodyInner::Here(data) => data.is_none(),
+            BodyInner::Fed(feed) => {
+                let slot = feed.0.lock();
+                slot.ended && slot.frame.is_none()
+            }
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        let Some(feed) = &self.0 else {
-            return SizeHint::with_exact(0);
+        let feed = match &self.0 {
+            BodyInner::Here(data) => {
+                return SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64));
+            }
+            BodyInner::Fed(feed) => feed,
         };
         let slot = feed.0.lock();
         let ready = match &slot.frame {
@@ -410,7 +424,7 @@ impl HttpBody for RequestBody {
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
-        if let Some(feed) = &self.0 {
+        if let BodyInner::Fed(feed) = &self.0 {
             feed.0.lock().dropped = true;
         }
     }
@@ -439,10 +453,8 @@ pub(crate) struct ServerConn<IO> {
     io: IO,
     read: BytesMut,
     read_size: usize,
-    out: Vec<u8>,
-    written: usize,
-    /// Body data written after `out`.
-    data: Bytes,
+    /// What is to be written.
+    outbox: Outbox,
     /// The last response's header map, emptied, for the next request's fields.
     spare: Option<HeaderMap>,
     max_head: usize,
@@ -466,9 +478,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
             io,
             read: BytesMut::with_capacity(READ_CHUNK),
             read_size: READ_CHUNK,
-            out: Vec::with_capacity(1024),
-            written: 0,
-            data: Bytes::new(),
+            outbox: Outbox::default(),
             spare: None,
             max_head,
         }
@@ -521,8 +531,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
 
     /// The request of `head`, and the exchange that serves it.
     fn begin(&mut self, head: RequestHead) -> (Request<RequestBody>, Exchange) {
+        let mut here = None;
         let feeding = match head.body {
             RequestBodyFraming::None => None,
+            // Here whole already (a small body sent with its head): handed over as it is.
+            RequestBodyFraming::Length(n)
+                if (self.read.len() as u64) >= n && !head.expect_continue =>
+            {
+                here = Some(self.read.split_to(n as usize).freeze());
+                None
+            }
             framing => {
                 let remaining = match framing {
                     RequestBodyFraming::Length(n) => Some(n),
@@ -542,7 +560,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
                 })
             }
         };
-        let body = RequestBody(feeding.as_ref().map(|f| f.feed.clone()));
+        let body = RequestBody(match &feeding {
+            Some(feeding) => BodyInner::Fed(feeding.feed.clone()),
+            None => BodyInner::Here(here),
+        });
         let mut request = Request::new(body);
         *request.method_mut() = head.method.clone();
         *request.uri_mut() = head.uri;
@@ -580,15 +601,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
         if feeding.continue_owed {
             feeding.continue_owed = false;
             if self.read.is_empty() {
-                // Written before anything else goes on the connection, and small: one
-                // write takes it whole or the connection is failing.
-                self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                self.outbox
+                    .buf()
+                    .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             }
         }
-        if !self.out.is_empty() {
-            match ready!(self.poll_write_out(cx)) {
+        if !self.outbox.is_empty() {
+            match ready!(self.outbox.poll_write(&mut self.io, cx)) {
                 Ok(()) => {}
-                Err(e) => return Poll::Ready(self.deliver(feeding, Some(Err(e)), true)),
+                Err(e) => return Poll::Ready(self.deliver(cx, feeding, Some(Err(e)), true)),
             }
         }
         loop {
@@ -600,7 +621,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
                     *left -= n as u64;
                     let ended = *left == 0;
                     let data = self.read.split_to(n).freeze();
-                    return Poll::Ready(self.deliver(feeding, Some(Ok(Frame::data(data))), ended));
+                    return Poll::Ready(self.deliver(
+                        cx,
+                        feeding,
+                        Some(Ok(Frame::data(data))),
+                        ended,
+                    ));
                 }
                 Decoding::Chunked(decoder) => match decoder.decode(&mut self.read) {
                     Ok(Some(Chunk::Data(data))) => Some((Ok(Frame::data(data)), false)),
@@ -608,7 +634,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
                         Some((Ok(Frame::trailers(trailers)), true))
                     }
                     Ok(Some(Chunk::End)) => {
-                        return Poll::Ready(self.deliver(feeding, None, true));
+                        return Poll::Ready(self.deliver(cx, feeding, None, true));
                     }
                     Ok(None) => None,
                     Err(e) => Some((
@@ -619,7 +645,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
                 Decoding::Length(_) => None,
             };
             if let Some((frame, ended)) = frame {
-                return Poll::Ready(self.deliver(feeding, Some(frame), ended));
+                return Poll::Ready(self.deliver(cx, feeding, Some(frame), ended));
             }
             match ready!(self.poll_fill(cx)) {
                 Ok(0) => {
@@ -627,18 +653,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
                         io::ErrorKind::UnexpectedEof,
                         "the client closed the connection before the end of the request body",
                     );
-                    return Poll::Ready(self.deliver(feeding, Some(Err(e)), true));
+                    return Poll::Ready(self.deliver(cx, feeding, Some(Err(e)), true));
                 }
                 Ok(_) => {}
-                Err(e) => return Poll::Ready(self.deliver(feeding, Some(Err(e)), true)),
+                Err(e) => return Poll::Ready(self.deliver(cx, feeding, Some(Err(e)), true)),
             }
         }
     }
 
     /// Hands `frame` (and the end when `ended`) to the body; wakes it if it waits on
-    /// another task. Always `true`.
+    /// another task than the connection's (which polls the route again at once). Always
+    /// `true`.
     fn deliver(
         &mut self,
+        cx: &Context<'_>,
         feeding: &mut Feeding,
         frame: Option<Result<Frame<Bytes>, io::Error>>,
         ended: bool,
@@ -660,7 +688,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
             *remaining = *left;
         }
         if let Some(waker) = slot.body.take() {
-            waker.wake();
+            // The connection's own task polls the route again at once.
+            if !waker.will_wake(cx.waker()) {
+                waker.wake();
+            }
         }
         true
     }
@@ -701,31 +732,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
                 Ok(_) => {}
             }
         }
-    }
-
-    /// Writes `out` (from `written`) and `data`.
-    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.written < self.out.len() || !self.data.is_empty() {
-            let out = &self.out[self.written..];
-            let write = if self.data.is_empty() {
-                Pin::new(&mut self.io).poll_write(cx, out)
-            } else if out.is_empty() {
-                Pin::new(&mut self.io).poll_write(cx, &self.data)
-            } else {
-                let slices = [io::IoSlice::new(out), io::IoSlice::new(&self.data)];
-                Pin::new(&mut self.io).poll_write_vectored(cx, &slices)
-            };
-            let n = ready!(write)?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            let from_out = n.min(out.len());
-            self.written += from_out;
-            self.data.advance(n - from_out);
-        }
-        self.out.clear();
-        self.written = 0;
-        Poll::Ready(Ok(()))
     }
 
     /// Writes the answer to `exchange`'s request, feeding the request body meanwhile (an
@@ -774,10 +780,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
             keep_alive = false;
             Framing::Close
         };
-        encode_head(&mut self.out, status, &parts.headers, framing, no_body);
+        if let Some(feeding) = &mut exchange.feeding {
+            // The final answer is on its way: no `100 Continue` after it.
+            feeding.continue_owed = false;
+        }
+        encode_head(self.outbox.buf(), status, &parts.headers, framing, no_body);
         // A request body still unread at the end closes the connection then, without
         // `Connection: close` in this head (the route may still read it meanwhile).
-        finish_head(&mut self.out, exchange.version, !keep_alive);
+        finish_head(self.outbox.buf(), exchange.version, !keep_alive);
         // The map goes round to the next request, its values (which point into the
         // upstream's buffer) dropped now.
         parts.headers.clear();
@@ -786,114 +796,40 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
             Framing::Length(n) => n,
             _ => 0,
         };
-        if !no_body && framing != Framing::Length(0) {
+        let mut ended = no_body || framing == Framing::Length(0);
+        // The answer's frames are queued as they come and written together when it has
+        // no more for now (or enough is queued): a large body goes in few vectored
+        // writes. Meanwhile the request body is fed: an upstream may stream its answer
+        // while it still reads the request.
+        std::future::poll_fn(|cx| {
             loop {
-                let frame = std::future::poll_fn(|cx| {
-                    loop {
-                        if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
-                            return Poll::Ready(frame);
-                        }
-                        // Nothing from the answer: write what is buffered, feed the
-                        // request body.
-                        if !self.out.is_empty() || !self.data.is_empty() {
-                            if let Err(e) = ready!(self.poll_write_out(cx)) {
-                                return Poll::Ready(Some(Err(e.into())));
-                            }
-                            continue;
-                        }
-                        if let Some(feeding) = &mut exchange.feeding {
-                            if ready!(self.poll_feed(cx, feeding)) {
-                                continue;
-                            }
-                        }
-                        return Poll::Pending;
-                    }
-                })
-                .await;
-                match frame {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) if data.is_empty() => {}
-                        Ok(data) => {
-                            let len = data.len() as u64;
-                            match framing {
-                                Framing::Length(_) => {
-                                    if len > left {
-                                        // Longer than it said: the client cannot tell
-                                        // where it ends; the connection goes.
-                                        return Err(io::Error::other(
-                                            "response body longer than its length",
-                                        ));
-                                    }
-                                    left -= len;
-                                }
-                                Framing::Chunked => {
-                                    super::h1::hexadecimal(&mut self.out, len);
-                                    self.out.extend_from_slice(b"\r\n");
-                                }
-                                _ => {}
-                            }
-                            self.write_data(data).await?;
-                            if framing == Framing::Chunked {
-                                self.out.extend_from_slice(b"\r\n");
-                            }
-                            if matches!(framing, Framing::Length(_)) && left == 0 {
-                                break;
-                            }
-                        }
-                        Err(frame) => {
-                            // Trailers: sent in a chunked answer, dropped otherwise.
-                            if let (Framing::Chunked, Ok(trailers)) =
-                                (framing, frame.into_trailers())
-                            {
-                                self.out.extend_from_slice(b"0\r\n");
-                                for (name, value) in &trailers {
-                                    self.out.extend_from_slice(name.as_str().as_bytes());
-                                    self.out.extend_from_slice(b": ");
-                                    self.out.extend_from_slice(value.as_bytes());
-                                    self.out.extend_from_slice(b"\r\n");
-                                }
-                                self.out.extend_from_slice(b"\r\n");
-                                break;
-                            }
-                        }
-                    },
-                    Some(Err(e)) => return Err(io::Error::other(e)),
-                    None => {
-                        match framing {
-                            Framing::Chunked => self.out.extend_from_slice(b"0\r\n\r\n"),
-                            Framing::Length(_) if left > 0 => {
-                                return Err(io::Error::other(
-                                    "response body shorter than its length",
-                                ));
-                            }
-                            _ => {}
-                        }
-                        break;
+                if !ended && self.outbox.queued() < WRITE_AHEAD {
+                    if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                        ended = self.outbox.frame(frame, framing, &mut left)?;
+                        continue;
                     }
                 }
+                if !self.outbox.is_empty() {
+                    ready!(self.outbox.poll_write(&mut self.io, cx))?;
+                    continue;
+                }
+                if ended {
+                    return Pin::new(&mut self.io).poll_flush(cx);
+                }
+                if let Some(feeding) = &mut exchange.feeding {
+                    if ready!(self.poll_feed(cx, feeding)) {
+                        continue;
+                    }
+                }
+                return Poll::Pending;
             }
-        }
+        })
+        .await?;
         drop(body);
-        std::future::poll_fn(|cx| self.poll_write_out(cx)).await?;
-        std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx)).await?;
         if framing == Framing::Close {
             return Ok(false);
         }
         Ok(keep_alive && self.skip_unread_body(exchange))
-    }
-
-    /// Appends `data` to what is to be written: copied when small (one write with the
-    /// head), written from its own buffer when large.
-    async fn write_data(&mut self, data: Bytes) -> io::Result<()> {
-        if data.len() <= 1024 && self.data.is_empty() {
-            self.out.extend_from_slice(&data);
-            return Ok(());
-        }
-        if !self.data.is_empty() {
-            std::future::poll_fn(|cx| self.poll_write_out(cx)).await?;
-        }
-        self.data = data;
-        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
     }
 
     /// Whether the request body is done with: read whole, absent, or its rest already
@@ -936,15 +872,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
             HeaderValue::from_static("application/problem+json"),
         );
         encode_head(
-            &mut self.out,
+            self.outbox.buf(),
             error.status,
             &headers,
             Framing::Length(body.len() as u64),
             false,
         );
-        finish_head(&mut self.out, Version::HTTP_11, true);
-        self.out.extend_from_slice(&body);
-        if std::future::poll_fn(|cx| self.poll_write_out(cx))
+        finish_head(self.outbox.buf(), Version::HTTP_11, true);
+        self.outbox.buf().extend_from_slice(&body);
+        if std::future::poll_fn(|cx| self.outbox.poll_write(&mut self.io, cx))
             .await
             .is_ok()
         {
@@ -958,6 +894,201 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
     /// answer.
     async fn close(&mut self) {
         let _ = self.io.shutdown().await;
+    }
+}
+
+/// How much of an answer's body is queued at most before it is written. Small frames
+/// (the first reads of a large answer) go together; a large one is written before the
+/// next is read, so that the upstream connection's read buffer, which the frame shares,
+/// is free again for that read (reclaimed in place, not allocated anew).
+const WRITE_AHEAD: usize = 64 * 1024;
+/// The most pieces one vectored write takes.
+const MAX_SLICES: usize = 32;
+/// Body data up to this size is copied next to the head or chunk line before it (one
+/// slice less); larger data is written from its own buffer.
+const COPY_AT_MOST: usize = 1024;
+
+/// What is to be written on a connection, in order: bytes of its own (heads, chunk
+/// lines, small data copied) and body data written from where it is, in vectored writes.
+#[derive(Default)]
+struct Outbox {
+    /// The connection's own bytes; those from `sealed` on are the last piece, not yet
+    /// in `pieces`.
+    own: Vec<u8>,
+    sealed: usize,
+    pieces: std::collections::VecDeque<Piece>,
+    /// Bytes of the front piece already written.
+    front: usize,
+    /// Body data queued.
+    data: usize,
+}
+
+enum Piece {
+    Own(std::ops::Range<usize>),
+    Data(Bytes),
+}
+
+impl Outbox {
+    /// The buffer of own bytes, to append to.
+    fn buf(&mut self) -> &mut Vec<u8> {
+        &mut self.own
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pieces.is_empty() && self.own.len() == self.sealed
+    }
+
+    /// Body data queued, not written.
+    fn queued(&self) -> usize {
+        self.data
+    }
+
+    /// Makes the own bytes appended since the last piece a piece.
+    fn seal(&mut self) {
+        if self.own.len() > self.sealed {
+            let range = self.sealed..self.own.len();
+            match self.pieces.back_mut() {
+                Some(Piece::Own(last)) if last.end == range.start => last.end = range.end,
+                _ => self.pieces.push_back(Piece::Own(range)),
+            }
+            self.sealed = self.own.len();
+        }
+    }
+
+    fn push_data(&mut self, data: Bytes) {
+        if data.len() <= COPY_AT_MOST {
+            self.own.extend_from_slice(&data);
+            return;
+        }
+        self.seal();
+        self.data += data.len();
+        self.pieces.push_back(Piece::Data(data));
+    }
+
+    /// Queues a frame of an answer's body, framed as `framing` says (`left`: what a
+    /// `Content-Length` body still owes): `Ok(true)` once the body is whole.
+    fn frame(
+        &mut self,
+        frame: Option<Result<Frame<Bytes>, crate::BoxError>>,
+        framing: Framing,
+        left: &mut u64,
+    ) -> io::Result<bool> {
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Err(io::Error::other(e)),
+            None => {
+                return match framing {
+                    Framing::Chunked => {
+                        self.own.extend_from_slice(b"0\r\n\r\n");
+                        Ok(true)
+                    }
+                    // Shorter than it said: the client would wait for the rest.
+                    Framing::Length(_) if *left > 0 => {
+                        Err(io::Error::other("response body shorter than its length"))
+                    }
+                    _ => Ok(true),
+                };
+            }
+        };
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                // Trailers: sent in a chunked answer (which they end), dropped otherwise.
+                let Ok(trailers) = frame.into_trailers() else {
+                    return Ok(false);
+                };
+                if framing != Framing::Chunked {
+                    return Ok(false);
+                }
+                self.own.extend_from_slice(b"0\r\n");
+                for (name, value) in &trailers {
+                    self.own.extend_from_slice(name.as_str().as_bytes());
+                    self.own.extend_from_slice(b": ");
+                    self.own.extend_from_slice(value.as_bytes());
+                    self.own.extend_from_slice(b"\r\n");
+                }
+                self.own.extend_from_slice(b"\r\n");
+                return Ok(true);
+            }
+        };
+        if data.is_empty() {
+            return Ok(false);
+        }
+        let len = data.len() as u64;
+        match framing {
+            Framing::Length(_) => {
+                if len > *left {
+                    // Longer than it said: the client cannot tell where it ends.
+                    return Err(io::Error::other("response body longer than its length"));
+                }
+                *left -= len;
+                self.push_data(data);
+                Ok(*left == 0)
+            }
+            Framing::Chunked => {
+                super::h1::hexadecimal(&mut self.own, len);
+                self.own.extend_from_slice(b"\r\n");
+                self.push_data(data);
+                self.own.extend_from_slice(b"\r\n");
+                Ok(false)
+            }
+            Framing::Close | Framing::None => {
+                self.push_data(data);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Writes everything queued.
+    fn poll_write<IO: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut IO,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.seal();
+        while !self.pieces.is_empty() {
+            let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            for (i, piece) in self.pieces.iter().take(MAX_SLICES).enumerate() {
+                let skip = if i == 0 { self.front } else { 0 };
+                let bytes = match piece {
+                    Piece::Own(range) => &self.own[range.start + skip..range.end],
+                    Piece::Data(data) => &data[skip..],
+                };
+                slices[i] = io::IoSlice::new(bytes);
+                count += 1;
+            }
+            let write = if count == 1 {
+                Pin::new(&mut *io).poll_write(cx, &slices[0])
+            } else {
+                Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
+            };
+            let mut n = ready!(write)?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            while n > 0 {
+                let Some(piece) = self.pieces.front() else {
+                    break;
+                };
+                let len = match piece {
+                    Piece::Own(range) => range.len(),
+                    Piece::Data(data) => data.len(),
+                } - self.front;
+                if n < len {
+                    self.front += n;
+                    break;
+                }
+                n -= len;
+                self.front = 0;
+                if let Some(Piece::Data(data)) = self.pieces.pop_front() {
+                    self.data -= data.len();
+                }
+            }
+        }
+        self.own.clear();
+        self.sealed = 0;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -1482,5 +1613,152 @@ mod tests {
             waited >= Duration::from_secs(3) && waited <= Duration::from_secs(5),
             "{waited:?}"
         );
+    }
+
+    /// A writer taking at most `at_most` bytes a call, counting its calls.
+    struct Trickle {
+        written: Vec<u8>,
+        at_most: usize,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.calls += 1;
+            let n = buf.len().min(this.at_most);
+            this.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.calls += 1;
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(this.at_most - n);
+                this.written.extend_from_slice(&buf[..take]);
+                n += take;
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn queued_frames_go_out_whole_in_few_writes_however_the_socket_takes_them() {
+        let frames: Vec<Bytes> = [10usize, 3000, 5, 70_000, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Bytes::from(vec![b'a' + i as u8; n]))
+            .collect();
+        let mut expected = b"HEAD\r\n".to_vec();
+        for frame in &frames {
+            expected.extend_from_slice(format!("{:x}\r\n", frame.len()).as_bytes());
+            expected.extend_from_slice(frame);
+            expected.extend_from_slice(b"\r\n");
+        }
+        expected.extend_from_slice(b"0\r\nx-t: 1\r\n\r\n");
+        for at_most in [1, 7, 4096, usize::MAX] {
+            let mut outbox = Outbox::default();
+            let mut io = Trickle {
+                written: Vec::new(),
+                at_most,
+                calls: 0,
+            };
+            outbox.buf().extend_from_slice(b"HEAD\r\n");
+            let mut left = 0;
+            for frame in &frames {
+                let done = outbox
+                    .frame(
+                        Some(Ok(Frame::data(frame.clone()))),
+                        Framing::Chunked,
+                        &mut left,
+                    )
+                    .unwrap();
+                assert!(!done);
+            }
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-t", HeaderValue::from_static("1"));
+            assert!(
+                outbox
+                    .frame(
+                        Some(Ok(Frame::trailers(trailers))),
+                        Framing::Chunked,
+                        &mut left
+                    )
+                    .unwrap()
+            );
+            assert_eq!(outbox.queued(), 3000 + 70_000);
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(outbox.poll_write(&mut io, &mut cx).is_ready());
+            assert!(outbox.is_empty());
+            assert_eq!(outbox.queued(), 0);
+            assert_eq!(io.written, expected, "at most {at_most} a write");
+            if at_most == usize::MAX {
+                // Head, lines and small frames copied around the two large ones: one
+                // vectored write of five slices.
+                assert_eq!(io.calls, 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_length_body_must_be_as_long_as_it_said() {
+        let mut outbox = Outbox::default();
+        let mut left = 5;
+        let data = |s: &'static str| Some(Ok(Frame::data(Bytes::from_static(s.as_bytes()))));
+        assert!(
+            !outbox
+                .frame(data("abc"), Framing::Length(5), &mut left)
+                .unwrap()
+        );
+        assert!(
+            outbox
+                .frame(data("abcd"), Framing::Length(5), &mut left)
+                .is_err()
+        );
+        assert!(outbox.frame(None, Framing::Length(5), &mut left).is_err());
+        assert!(
+            outbox
+                .frame(data("de"), Framing::Length(5), &mut left)
+                .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_sent_with_its_head_is_handed_over_whole_and_a_streamed_one_fed() {
+        let (mut client, _, _) = serve_echo(true);
+        client
+            .write_all(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
+        read_until(&mut client, "POST /a hello").await;
+        client
+            .write_all(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nwor")
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        client.write_all(b"lds").await.unwrap();
+        read_until(&mut client, "POST /b worlds").await;
     }
 }
