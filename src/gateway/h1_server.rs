@@ -903,7 +903,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
 /// is free again for that read (reclaimed in place, not allocated anew).
 const WRITE_AHEAD: usize = 64 * 1024;
 /// The most pieces one vectored write takes.
-const MAX_SLICES: usize = 32;
+const MAX_SLICES: usize = 16;
 /// Body data up to this size is copied next to the head or chunk line before it (one
 /// slice less); larger data is written from its own buffer.
 const COPY_AT_MOST: usize = 1024;
@@ -917,7 +917,7 @@ struct Outbox {
     own: Vec<u8>,
     sealed: usize,
     pieces: std::collections::VecDeque<Piece>,
-    /// Bytes of the front piece already written.
+    /// Bytes of the front piece (or, with no pieces, of `own`) already written.
     front: usize,
     /// Body data queued.
     data: usize,
@@ -1045,6 +1045,21 @@ impl Outbox {
         io: &mut IO,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.pieces.is_empty() {
+            // Own bytes alone (a head, with a small body copied after it: nearly every
+            // answer): plain writes, `front` counting into them.
+            while self.front < self.own.len() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.own[self.front..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.front += n;
+            }
+            self.own.clear();
+            self.sealed = 0;
+            self.front = 0;
+            return Poll::Ready(Ok(()));
+        }
         self.seal();
         while !self.pieces.is_empty() {
             let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
@@ -1720,6 +1735,41 @@ mod tests {
                 assert_eq!(io.calls, 1);
             }
         }
+    }
+
+    #[test]
+    fn own_bytes_alone_go_in_plain_writes_and_data_may_follow_a_partial_one() {
+        let mut outbox = Outbox::default();
+        let mut io = Trickle {
+            written: Vec::new(),
+            at_most: 3,
+            calls: 0,
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        outbox
+            .buf()
+            .extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\nsmall");
+        assert!(outbox.poll_write(&mut io, &mut cx).is_ready());
+        assert_eq!(io.written, b"HTTP/1.1 200 OK\r\n\r\nsmall");
+        assert_eq!(io.calls, 8);
+        assert!(outbox.is_empty());
+        // Written in part (the socket full), then large data queued behind it.
+        io.written.clear();
+        outbox.buf().extend_from_slice(b"head:");
+        outbox.front = 2;
+        io.written.extend_from_slice(b"he");
+        let mut left = 0;
+        let large = Bytes::from(vec![b'x'; 2000]);
+        outbox
+            .frame(
+                Some(Ok(Frame::data(large.clone()))),
+                Framing::Close,
+                &mut left,
+            )
+            .unwrap();
+        io.at_most = usize::MAX;
+        assert!(outbox.poll_write(&mut io, &mut cx).is_ready());
+        assert_eq!(io.written, [&b"head:"[..], &large].concat());
     }
 
     #[test]
