@@ -243,12 +243,30 @@ impl TraceSettings {
     /// the gateway's values are for the upstream.
     pub(crate) fn begin<B>(&self, request: &mut Request<B>, route: &str) -> Hop<'_> {
         let headers = request.headers_mut();
+        // One pass over the names says which of these headers there are: a lookup hashes
+        // a name, and nearly every request has none of them.
+        let (mut parent, mut state, mut id, mut connection) = (false, false, false, false);
+        for name in headers.keys() {
+            if name == header::CONNECTION {
+                connection = true;
+            } else if name == TRACEPARENT {
+                parent = true;
+            } else if name == TRACESTATE {
+                state = true;
+            } else if self.request_id.as_ref() == Some(name) {
+                id = true;
+            }
+        }
         let mut hop_trace: Option<[u8; TRACEPARENT_LEN]> = None;
         if self.trace_context {
-            let mut values = headers.get_all(&TRACEPARENT).iter();
-            let client = match (values.next(), values.next()) {
-                (Some(v), None) => TraceParent::parse(v.as_bytes()),
-                _ => None,
+            let client = if parent {
+                let mut values = headers.get_all(&TRACEPARENT).iter();
+                match (values.next(), values.next()) {
+                    (Some(v), None) => TraceParent::parse(v.as_bytes()),
+                    _ => None,
+                }
+            } else {
+                None
             };
             let next = match client {
                 Some(parent) => TraceParent {
@@ -257,7 +275,9 @@ impl TraceSettings {
                     flags: parent.flags & KNOWN_FLAGS,
                 },
                 None => {
-                    headers.remove(&TRACESTATE);
+                    if state {
+                        headers.remove(&TRACESTATE);
+                    }
                     TraceParent {
                         trace_id: random16(),
                         parent_id: span_id(),
@@ -276,8 +296,13 @@ impl TraceSettings {
             hop_trace = Some(text);
         }
         let request_id = self.request_id.as_ref().map(|name| {
-            let mut values = headers.get_all(name).iter();
-            match (values.next(), values.next()) {
+            let client = if id {
+                let mut values = headers.get_all(name).iter();
+                (values.next(), values.next())
+            } else {
+                (None, None)
+            };
+            match client {
                 (Some(v), None) if valid_request_id(v.as_bytes()) => v.clone(),
                 _ => {
                     // Reference-counted, in the thread's header chunk: neither the
@@ -289,7 +314,7 @@ impl TraceSettings {
                 }
             }
         });
-        if headers.contains_key(header::CONNECTION) {
+        if connection {
             self.unlist(headers);
         }
         #[cfg(feature = "tracing")]
