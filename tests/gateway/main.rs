@@ -7,6 +7,7 @@ use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
 
 mod admin;
 mod clients;
+mod downstream_h1;
 mod grpc;
 mod grpc_tonic;
 mod h2;
