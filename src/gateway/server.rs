@@ -685,6 +685,8 @@ impl Gateway {
         let refused = || {
             gateway.inner.refused.fetch_add(1, Relaxed);
         };
+        // Two calls, not one through an enum or an async block: each is a future of its
+        // own type, and the proxy's path takes no extra layer (about 90 instructions).
         let connection = async {
             if admin {
                 let route = |request| std::future::ready(gateway.handle_admin(&request));
