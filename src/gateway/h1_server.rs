@@ -211,7 +211,10 @@ fn parse_request_into(
         Version::HTTP_11
     };
     let mut headers = spare.take().unwrap_or_default();
-    headers.clear();
+    // The last answer's map was emptied when it was written.
+    if !headers.is_empty() {
+        headers.clear();
+    }
     headers.reserve(count);
     head_of(headers, &head, &spans[..count], method, uri, version).map(Some)
 }
@@ -750,14 +753,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
         let mut keep_alive = exchange.keep_alive && !stopping;
-        if parts
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")))
-        {
-            keep_alive = false;
-        }
         if let Some(feeding) = &mut exchange.feeding {
             // A body that failed, or that nobody will read and that is not all here
             // (skipped if it is): the connection closes after this answer, and says so.
@@ -784,7 +779,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
             // The final answer is on its way: no `100 Continue` after it.
             feeding.continue_owed = false;
         }
-        encode_head(self.outbox.buf(), status, &parts.headers, framing, no_body);
+        // The route's `Connection: close` (its own answers that give up on the
+        // connection) closes it too.
+        if encode_head(self.outbox.buf(), status, &parts.headers, framing, no_body) {
+            keep_alive = false;
+        }
         // A request body still unread at the end closes the connection then, without
         // `Connection: close` in this head (the route may still read it meanwhile).
         finish_head(self.outbox.buf(), exchange.version, !keep_alive);
@@ -871,7 +870,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        encode_head(
+        let _ = encode_head(
             self.outbox.buf(),
             error.status,
             &headers,
@@ -1120,26 +1119,28 @@ enum Framing {
 
 /// Writes the status line and the fields of an answer but `Connection` (and the end of
 /// the head): the framing field `framing` says, the route's own framing fields dropped
-/// unless the answer has no body, and `Date` unless the route set one.
+/// unless the answer has no body, and `Date` unless the route set one. Whether the
+/// route's `Connection` said `close`.
 fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
     framing: Framing,
     no_body: bool,
-) {
+) -> bool {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let keep_length = no_body && status != StatusCode::NO_CONTENT && !status.is_informational();
-    let mut dated = false;
+    let (mut dated, mut close) = (false, false);
     for (name, value) in headers.iter() {
-        if name == header::CONNECTION
-            || name == header::TRANSFER_ENCODING
-            || (name == header::CONTENT_LENGTH && !keep_length)
-        {
+        if name == header::CONNECTION {
+            close |= tokens(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close"));
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING || (name == header::CONTENT_LENGTH && !keep_length) {
             continue;
         }
         dated |= name == header::DATE;
@@ -1162,6 +1163,7 @@ fn encode_head(
         date::write(out);
         out.extend_from_slice(b"\r\n");
     }
+    close
 }
 
 /// Ends a head: `Connection: close` when the connection closes after it, `keep-alive`
@@ -1446,6 +1448,11 @@ mod tests {
                         parts.method,
                         parts.uri.path()
                     )));
+                    if parts.uri.path() == "/close" {
+                        response
+                            .headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
                     for i in 0..8 {
                         response.headers_mut().insert(
                             HeaderName::from_static(
@@ -1519,6 +1526,21 @@ mod tests {
         );
         // Every request after the first was parsed into the answer before it's map.
         assert_eq!(maps.load(SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_route_s_connection_close_closes_the_connection() {
+        let (mut client, _, _) = serve_echo(false);
+        client
+            .write_all(
+                b"GET /close HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert_eq!(text.matches("connection").count(), 1, "{text}");
+        assert!(!text.contains("/next"), "{text}");
     }
 
     #[tokio::test]
