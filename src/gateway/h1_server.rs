@@ -1833,4 +1833,73 @@ mod tests {
         client.write_all(b"lds").await.unwrap();
         read_until(&mut client, "POST /b worlds").await;
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Any run of pipelined requests, bodies by length or chunked (with an extension
+        /// and a trailer or not), written in pieces cut anywhere, is served request by
+        /// request: each route call sees its own method, path and body, and the answers
+        /// come back in order.
+        #[test]
+        fn pipelined_requests_cut_anywhere_are_served_exactly(
+            requests in proptest::collection::vec(
+                (0u8..3, proptest::collection::vec(b'a'..=b'z', 0..40), 1usize..5),
+                1..6,
+            ),
+            cuts in proptest::collection::vec(1usize..50, 1..20),
+        ) {
+            let mut wire = Vec::new();
+            let mut expected = String::new();
+            for (i, (kind, body, chunk)) in requests.iter().enumerate() {
+                let body_text = String::from_utf8(body.clone()).unwrap();
+                match kind {
+                    0 => {
+                        wire.extend_from_slice(format!("GET /r{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+                        expected.push_str(&format!("GET /r{i} |"));
+                    }
+                    1 => {
+                        wire.extend_from_slice(
+                            format!("POST /r{i} HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{body_text}", body.len())
+                                .as_bytes(),
+                        );
+                        expected.push_str(&format!("POST /r{i} {body_text}|"));
+                    }
+                    _ => {
+                        wire.extend_from_slice(
+                            format!("PUT /r{i} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n").as_bytes(),
+                        );
+                        for piece in body.chunks(*chunk) {
+                            wire.extend_from_slice(format!("{:x};e=1\r\n", piece.len()).as_bytes());
+                            wire.extend_from_slice(piece);
+                            wire.extend_from_slice(b"\r\n");
+                        }
+                        wire.extend_from_slice(if chunk % 2 == 0 { &b"0\r\nx-t: 1\r\n\r\n"[..] } else { b"0\r\n\r\n" });
+                        expected.push_str(&format!("PUT /r{i} {body_text}|"));
+                    }
+                }
+            }
+            wire.extend_from_slice(b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            expected.push_str("GET /last |");
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let answers = runtime.block_on(async {
+                let (mut client, _, _) = serve_echo(true);
+                let mut rest = &wire[..];
+                let mut cut = cuts.iter().cycle();
+                while !rest.is_empty() {
+                    let (piece, after) = rest.split_at((*cut.next().unwrap()).min(rest.len()));
+                    client.write_all(piece).await.unwrap();
+                    tokio::task::yield_now().await;
+                    rest = after;
+                }
+                read_to_end(&mut client).await
+            });
+            let bodies: String = answers
+                .split("HTTP/1.1 200 OK\r\n")
+                .skip(1)
+                .map(|a| format!("{}|", a.split_once("\r\n\r\n").unwrap().1))
+                .collect();
+            proptest::prop_assert_eq!(bodies, expected);
+        }
+    }
 }
