@@ -219,14 +219,22 @@ fn parse_request_into(
     head_of(headers, &head, &spans[..count], method, uri, version).map(Some)
 }
 
-/// Whether a request line httparse refused for its version names a version of HTTP
-/// (`HTTP/2.0`) rather than being malformed (`GET /a b HTTP/1.1`).
+/// Whether a request line httparse refused for its version names another version of
+/// HTTP (`HTTP/2.0`, `HTTP/1.2`) rather than being malformed (`GET /a b HTTP/1.1`,
+/// `HTTP/1.1 x`). Read only up to the byte httparse stopped at, so the answer does not
+/// depend on how much of the line has come.
 fn names_another_version(buf: &[u8]) -> bool {
     let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut words = line.trim_ascii_end().split(|&b| b == b' ');
-    let version = words.nth(2);
-    words.next().is_none()
-        && version.is_some_and(|v| v.len() == 8 && v.starts_with(b"HTTP/") && v[6] == b'.')
+    let Some(version) = line.split(|&b| b == b' ').nth(2) else {
+        return false;
+    };
+    match version {
+        [b'H', b'T', b'T', b'P', b'/', major, rest @ ..] if major.is_ascii_digit() => {
+            *major != b'1'
+                || matches!(rest, [b'.', minor, ..] if minor.is_ascii_digit() && *minor > b'1')
+        }
+        _ => false,
+    }
 }
 
 /// The [`RequestHead`] of a complete head whose fields are at `spans`.
@@ -1354,6 +1362,18 @@ mod tests {
             400
         );
         assert_eq!(refused("GET / HTTP/2.0\r\nHost: a\r\n\r\n").0, 505);
+        assert_eq!(refused("GET / HTTP/1.2\r\nHost: a\r\n\r\n").0, 505);
+        assert_eq!(refused("GET / HTTP/0.9\r\n\r\n").0, 505);
+        // However much of the line has come (found by the fuzz target).
+        for cut in [
+            "GET / HTTP/0",
+            "GET / HTTP/0.",
+            "GET / HTTP/0.0",
+            "GET / HTTP/1.2",
+        ] {
+            assert_eq!(refused(cut).0, 505, "{cut}");
+        }
+        assert_eq!(refused("GET / HTTP/1x").0, 400);
         assert_eq!(refused("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n").0, 400);
         assert_eq!(refused("GET / HTTP/1.1 x\r\nHost: a\r\n\r\n").0, 400);
         assert_eq!(refused("GET / HTTP/1.1\r\nHost : a\r\n\r\n").0, 400);
