@@ -363,6 +363,8 @@ pub struct ChunkedDecoder {
     size: u64,
     /// Bytes of the current size line so far.
     line: usize,
+    /// In `Trailers`: how much of the trailer section was searched for its end.
+    scanned: usize,
 }
 
 impl Default for ChunkedDecoder {
@@ -378,6 +380,7 @@ impl ChunkedDecoder {
             state: ChunkState::Size,
             size: 0,
             line: 0,
+            scanned: 0,
         }
     }
 
@@ -517,6 +520,15 @@ impl ChunkedDecoder {
             Some(b'\n') => return Err(ProtocolError("invalid line ending after the last chunk")),
             Some(_) => {}
         }
+        // Parsed only once its end may be here: a section sent a byte at a time costs
+        // one search over it, not a parse per byte.
+        if !blank_line_since(buf, self.scanned) {
+            if buf.len() > MAX_HEAD {
+                return Err(ProtocolError("trailer section too large"));
+            }
+            self.scanned = buf.len();
+            return Ok(None);
+        }
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         match httparse::parse_headers(buf, &mut slots) {
             Ok(httparse::Status::Complete((len, fields))) => {
@@ -542,6 +554,14 @@ impl ChunkedDecoder {
             Err(e) => Err(ProtocolError::from(e)),
         }
     }
+}
+
+/// Whether `buf` has a blank line (`LF LF` or `LF CR LF`) ending after its first `from`
+/// bytes: where a head or a trailer section may end. Looks back over the few bytes before
+/// `from` in which one could have begun.
+pub(crate) fn blank_line_since(buf: &[u8], from: usize) -> bool {
+    let tail = &buf[from.saturating_sub(2).min(buf.len())..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// How a request's body is delimited on the wire.

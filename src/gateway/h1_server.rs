@@ -143,6 +143,8 @@ fn parse_request_into(
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         "request head too large",
     );
+    #[cfg(test)]
+    tests::PARSES.with(|n| n.set(n.get() + 1));
     let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
     let (len, method, target, minor, count) = {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -469,6 +471,8 @@ pub(crate) struct ServerConn<IO> {
     /// The last response's header map, emptied, for the next request's fields.
     spare: Option<HeaderMap>,
     max_head: usize,
+    /// How many bytes the last incomplete parse of a head had (0: none since a head).
+    partial: usize,
 }
 
 /// A client connection's request, as the connection serves it.
@@ -492,6 +496,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
             outbox: Outbox::default(),
             spare: None,
             max_head,
+            partial: 0,
         }
     }
 
@@ -514,10 +519,21 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
                 if stopping() {
                     return Poll::Ready(Ok(None));
                 }
-            } else if let Some(head) =
-                parse_request_into(&mut self.read, self.max_head, &mut self.spare)?
+            } else if self.partial == 0
+                || self.read.len() >= 2 * self.partial
+                || self.read.len() > self.max_head
+                || super::h1::blank_line_since(&self.read, self.partial)
             {
-                return Poll::Ready(Ok(Some(head)));
+                // Parsed again only once the head may have ended, or its bytes doubled
+                // (a malformed one is still found early), or it is past the bound: a head
+                // sent a byte at a time costs linear parsing, not quadratic.
+                match parse_request_into(&mut self.read, self.max_head, &mut self.spare)? {
+                    Some(head) => {
+                        self.partial = 0;
+                        return Poll::Ready(Ok(Some(head)));
+                    }
+                    None => self.partial = self.read.len(),
+                }
             }
             match self.poll_fill(cx) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Ok(None)),
@@ -1277,12 +1293,43 @@ pub(crate) async fn serve<IO, R, F>(
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, DuplexStream};
 
     use super::*;
+
+    thread_local! {
+        /// Calls of `parse_request_into` on this thread.
+        pub(super) static PARSES: Cell<usize> = const { Cell::new(0) };
+    }
+
+    #[tokio::test]
+    async fn a_head_sent_a_byte_at_a_time_is_not_parsed_at_every_byte() {
+        let (mut client, _, _) = serve_echo(false);
+        let mut head = String::from("GET /slow-loris HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..70 {
+            head.push_str(&format!("x-{i}: {}\r\n", "v".repeat(90)));
+        }
+        head.push_str("Connection: close\r\n\r\n");
+        assert!(head.len() > 6 * 1024);
+        PARSES.with(|n| n.set(0));
+        for byte in head.as_bytes() {
+            client.write_all(std::slice::from_ref(byte)).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let text = read_to_end(&mut client).await;
+        assert!(text.ends_with("GET /slow-loris "), "{text}");
+        // Once at each doubling and once at the end, not once a byte (or a line).
+        let parses = PARSES.with(Cell::get);
+        assert!(
+            parses <= 16,
+            "{parses} parses of a {}-byte head",
+            head.len()
+        );
+    }
 
     fn parse(text: &str) -> Result<Option<RequestHead>, RequestError> {
         parse_request(&mut BytesMut::from(text), 64 * 1024)
