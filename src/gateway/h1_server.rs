@@ -742,11 +742,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(false) => {}
                 }
-                if matches!(feeding.decoding, Decoding::Length(_) | Decoding::Chunked(_))
-                    && !feeding.feed.0.lock().dropped
-                {
+                let wait = match feeding.decoding {
                     // The body is not wanted now: its bytes wait in the socket (bounded
                     // by the client's window) until it is.
+                    Decoding::Length(_) | Decoding::Chunked(_) => !feeding.feed.0.lock().dropped,
+                    // It failed (cut short, malformed): the client's fault, which the
+                    // route answers, however long it takes; a close, likely now, must not
+                    // cancel that.
+                    Decoding::Failed => true,
+                    Decoding::Done => false,
+                };
+                if wait {
                     return Poll::Pending;
                 }
             }
@@ -1509,6 +1515,11 @@ mod tests {
                     if parts.uri.path() == "/slow" {
                         std::future::pending::<()>().await;
                     }
+                    if parts.uri.path() == "/late" {
+                        // An answer that takes a moment after the body failed (a route
+                        // recording the client's fault, say).
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                     guard.1 = true;
                     let mut response = Response::new(super::super::body::full(format!(
                         "{} {} {text}",
@@ -1680,6 +1691,19 @@ mod tests {
         let text = read_to_end(&mut client).await;
         assert!(text.contains("POST /x error: "), "{text}");
         assert!(text.contains("connection: close"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_answered_even_when_the_answer_takes_a_while() {
+        let (mut client, cancelled, _) = serve_echo(true);
+        client
+            .write_all(b"POST /late HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.contains("POST /late error: "), "{text}");
+        assert!(!cancelled.load(SeqCst));
     }
 
     #[tokio::test]
