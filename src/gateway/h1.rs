@@ -195,9 +195,10 @@ fn parse_response_into(
         let head = buf.split_to(len).freeze();
         let mut headers = spare.take().unwrap_or_default();
         headers.clear();
-        // hyper's server keeps the map of a response it has written for the next request
-        // head of its connection, to which the gateway adds its own fields: room for them
-        // now spares that request a growth (a new allocation, every field rehashed).
+        // The gateway's HTTP/1 server keeps the map of a response it has written for the
+        // next request head of its connection, to which the gateway adds its own fields:
+        // room for them now spares that request a growth (a new allocation, every field
+        // rehashed).
         headers.reserve(count + ADDED_LATER);
         return head_of(
             headers,
@@ -746,8 +747,8 @@ pub(crate) struct Conn<IO> {
     /// The request, until its first byte is written: what a failed write hands back.
     unsent: Option<Request<Body>>,
     /// The last request's header map, emptied, for the next response's fields: with
-    /// hyper's server reusing each response's map for its next request, the maps go
-    /// round without an allocation.
+    /// the gateway's HTTP/1 server reusing each response's map for its next request, the
+    /// maps go round without an allocation.
     spare: Option<HeaderMap>,
     /// The request body still to send (after its first byte was written).
     body: Option<Body>,
