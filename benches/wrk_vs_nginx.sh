@@ -48,6 +48,12 @@
 #   WORKERS ("1")         proxy worker counts to measure (nginx workers = gateway threads)
 #   DURATION (8s)         each wrk run; CONNECTIONS (16); WRK_THREADS (1)
 #   GATEWAY_RUNTIME       threads (default: spawn_threads) or multi (multi-thread runtime)
+#   GATEWAY_CPU_AFFINITY  auto, pin or off: the gateway's `--cpu-affinity` (unset: the
+#                         binary's default, `auto`: one thread per CPU pinned when there
+#                         are as many threads as CPUs)
+#   NGINX_CPU_AFFINITY ("off")  the proxy nginx's `worker_cpu_affinity` for each run:
+#                         off (nginx's default, shown as `nginx`), auto (`nginx pinned`),
+#                         or both ("off auto"); ratios are against the first
 #   GATEWAY_BINS          "label=path ..." prebuilt gateway_bench_server binaries to
 #                         compare (e.g. base=/tmp/base/gateway_bench_server new=...);
 #                         default: this checkout's, built in release, labelled gateway
@@ -68,6 +74,7 @@ DURATION=${DURATION:-8s}
 CONNECTIONS=${CONNECTIONS:-16}
 WRK_THREADS=${WRK_THREADS:-1}
 GATEWAY_RUNTIME=${GATEWAY_RUNTIME:-threads}
+NGINX_CPU_AFFINITY=${NGINX_CPU_AFFINITY:-off}
 CONFIGS=${CONFIGS:-routing full}
 MODES=${MODES:-http}
 STREAMS=${STREAMS:-10}
@@ -146,13 +153,15 @@ wait_port() {
     return 1
 }
 
-# nginx with `$2` workers and the `http` block `$3`, in directory `$1`; sets NGINX_PID.
+# nginx with `$2` workers and the `http` block `$3`, in directory `$1`, its workers'
+# `worker_cpu_affinity` `$4` (off by default); sets NGINX_PID.
 start_nginx() {
-    local dir=$1 workers=$2 http=$3
+    local dir=$1 workers=$2 http=$3 affinity=${4:-off}
     mkdir -p "$dir"
     chmod 755 "$dir"
     cat >"$dir/nginx.conf" <<EOF
 worker_processes $workers;
+$([ "$affinity" = off ] || echo "worker_cpu_affinity $affinity;")
 daemon off;
 master_process on;
 pid "$dir/nginx.pid";
@@ -350,7 +359,9 @@ start_proxy() {
         ssl_certificate_key $WORK/tls/key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;"
     fi
-    if [ "$name" = nginx ]; then
+    if [ "$name" = nginx ] || [ "$name" = nginx:pinned ]; then
+        local affinity=off
+        [ "$name" = nginx:pinned ] && affinity=auto
         start_nginx "$WORK/proxy" "$workers" "    upstream items {
         server 127.0.0.1:$UP_PORT;
         keepalive 64;
@@ -363,7 +374,7 @@ start_proxy() {
             proxy_http_version 1.1;
             proxy_set_header Connection \"\";
         }
-    }"
+    }" "$affinity"
         PROXY_PID=$NGINX_PID
     else
         local label=${name%%:*} config=${name#*:} bin
@@ -372,6 +383,7 @@ start_proxy() {
         done
         gateway_toml "$config" "$port" "$mode" >"$WORK/gateway.toml"
         "$bin" "$WORK/gateway.toml" --workers "$workers" --runtime "$GATEWAY_RUNTIME" \
+            ${GATEWAY_CPU_AFFINITY:+--cpu-affinity "$GATEWAY_CPU_AFFINITY"} \
             >"$WORK/gateway.log" 2>&1 &
         PROXY_PID=$!
         PIDS+=("$PROXY_PID")
@@ -438,7 +450,14 @@ if [ "${PROFILE:-}" = callgrind ]; then
 fi
 
 # --- runs ------------------------------------------------------------------------------
-PROXIES=(nginx)
+PROXIES=()
+for affinity in $NGINX_CPU_AFFINITY; do
+    case $affinity in
+        off) PROXIES+=(nginx) ;;
+        auto) PROXIES+=(nginx:pinned) ;;
+        *) die "NGINX_CPU_AFFINITY: off or auto, not $affinity" ;;
+    esac
+done
 for entry in $GATEWAY_BINS; do
     for config in $CONFIGS; do PROXIES+=("${entry%%=*}:$config"); done
 done
@@ -485,7 +504,7 @@ for mode in $MODES; do
                 END {
                     print median(r, n), median(l, n), median(c, n), median(u, n), median(g, n)
                 }' "$RESULTS")
-            [ "$proxy" = nginx ] && nginx_cpu=$cpu
+            [ -z "$nginx_cpu" ] && nginx_cpu=$cpu
             ratio=$(awk -v c="$cpu" -v n="$nginx_cpu" 'BEGIN { printf "%.2f×", c / n }')
             printf '| %s | %s | %s | %.0f | %.2f | %.1f | %.1f | %s | %.2f |\n' \
                 "$mode" "${proxy/:/ }" "$workers" "$rps" "$p99" "$cpu" "$user" "$ratio" \

@@ -4,14 +4,16 @@
 //! ```sh
 //! cargo run --release --example gateway_bench_server --features gateway -- gateway.toml
 //! cargo run --release --example gateway_bench_server --features gateway -- gateway.toml \
-//!     --workers 2 --runtime threads
+//!     --workers 2 --runtime threads --cpu-affinity auto
 //! ```
 //!
 //! Serves `[gateway] listen` (every service listed in `[[services]]`: no discovery) until
 //! it gets `SIGINT` or `SIGTERM`, then shuts down gracefully (Unix only). `--workers N` (default 1) and `--runtime`:
 //!
-//! - `threads` (the default): [`Gateway::spawn_threads`], N threads each with a
-//!   current-thread runtime and an `SO_REUSEPORT` listener, as nginx runs its workers;
+//! - `threads` (the default): [`Gateway::spawn_threads_with`], N threads each with a
+//!   current-thread runtime and an `SO_REUSEPORT` listener, as nginx runs its workers,
+//!   pinned to CPUs as `--cpu-affinity` says ([`CpuAffinity`]: `auto`, the default,
+//!   pins one thread per CPU when there are as many threads as CPUs; `pin`; `off`);
 //! - `multi`: one multi-thread tokio runtime with N workers, serving one listener.
 //!
 //! It prints `listening on <addr>` once it accepts connections.
@@ -19,7 +21,7 @@
 use std::num::NonZeroUsize;
 
 use seawall::BoxError;
-use seawall::gateway::{Discovery, Gateway, GatewayConfig};
+use seawall::gateway::{CpuAffinity, Discovery, Gateway, GatewayConfig};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Runtime {
@@ -28,7 +30,9 @@ enum Runtime {
 }
 
 fn usage() -> BoxError {
-    "usage: gateway_bench_server CONFIG.toml [--workers N] [--runtime threads|multi]".into()
+    "usage: gateway_bench_server CONFIG.toml [--workers N] [--runtime threads|multi] \
+     [--cpu-affinity auto|pin|off]"
+        .into()
 }
 
 fn main() -> Result<(), BoxError> {
@@ -36,6 +40,7 @@ fn main() -> Result<(), BoxError> {
     let mut path = None;
     let mut workers = NonZeroUsize::MIN;
     let mut runtime = Runtime::Threads;
+    let mut affinity = CpuAffinity::default();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--workers" => {
@@ -47,6 +52,9 @@ fn main() -> Result<(), BoxError> {
                     Some("multi") => Runtime::Multi,
                     _ => return Err(usage()),
                 };
+            }
+            "--cpu-affinity" => {
+                affinity = args.next().ok_or_else(usage)?.parse()?;
             }
             _ if path.is_none() && !arg.starts_with('-') => path = Some(arg),
             _ => return Err(usage()),
@@ -76,7 +84,7 @@ fn main() -> Result<(), BoxError> {
                 .build()?
                 .block_on(async move {
                     let gateway = Gateway::build(config, Discovery::Static).await?;
-                    let threads = gateway.spawn_threads(listen, workers)?;
+                    let threads = gateway.spawn_threads_with(listen, workers, affinity)?;
                     println!("listening on {}", threads.local_addr());
                     stopped().await;
                     tokio::task::spawn_blocking(move || threads.shutdown()).await?;

@@ -250,7 +250,9 @@
 //! On Unix, [`Gateway::spawn_threads`] serves on threads of its own, each with a
 //! current-thread runtime and an `SO_REUSEPORT` listener (nginx's model): no request
 //! crosses threads, which costs less CPU per request than a multi-thread runtime when
-//! the cores are busy.
+//! the cores are busy. With as many threads as CPUs the process may run on, each thread
+//! is pinned to its own CPU on Linux ([`CpuAffinity`]; nginx's `worker_cpu_affinity
+//! auto`), which keeps two of them from waiting on one core for each other.
 //!
 //! The gateway is also a [`tower::Service`] of `Request<B>` for any body type `B`, so it
 //! can be nested in an axum router (`Router::nest_service("/api", gateway)`, the nest's
@@ -274,7 +276,10 @@
 //! load client and the upstreams (upstream answering in 1 ms, 16 callers, 5 invocations
 //! of 5 runs each): the full gateway added −77 to +86 µs at p99 with one worker and +8 to
 //! +516 µs with two; nginx, −16 to +100 µs with one worker process and +32 to +184 µs
-//! with two.
+//! with two. Those figures are unpinned threads; pinned
+//! ([`CpuAffinity::Auto`], two threads on the two cores), the p99 of `wrk` through the
+//! gateway fell from 2.6–4.0 ms to 0.55–0.65 ms against nginx's 0.5–1.1 ms
+//! (`benches/wrk_vs_nginx.sh`).
 //!
 //! ## Configuration
 //!
@@ -523,6 +528,8 @@
 //! (with `data-updated`, an ISO time) and `#error` (with `data-error`, empty while
 //! `/status.json` answers).
 
+#[cfg(unix)]
+mod affinity;
 mod body;
 mod client;
 mod config;
@@ -552,6 +559,8 @@ pub mod trace;
 #[cfg(feature = "tls")]
 mod upstream_tls;
 
+#[cfg(unix)]
+pub use affinity::CpuAffinity;
 pub use body::Body;
 pub use config::{
     AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, CertificateSettings, ClientKey,

@@ -22,6 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+#[cfg(unix)]
+use super::affinity::CpuAffinity;
 use super::body::{Body, full, json_error};
 use super::client::SendTimeout;
 use super::config::GatewayConfig;
@@ -758,6 +760,12 @@ impl Gateway {
     /// upstream taking 1 ms at 16 concurrent callers it added 50–200 µs at p99 against
     /// 100–290 µs (`benches/gateway.rs`).
     ///
+    /// With as many threads as CPUs the process may run on, each thread is pinned to one
+    /// of them (Linux; [`CpuAffinity::Auto`]): left to the scheduler, two of them now and
+    /// then share a core and wait a whole scheduler tick for each other, which showed as
+    /// a p99 four times nginx's on a busy 2-core machine. [`spawn_threads_with`](Self::spawn_threads_with)
+    /// chooses otherwise.
+    ///
     /// Consul discovery and the sweep of idle upstream connections go on in the runtime
     /// that built the gateway, which must keep running. Unix only.
     ///
@@ -770,6 +778,24 @@ impl Gateway {
         self,
         addr: SocketAddr,
         threads: std::num::NonZeroUsize,
+    ) -> std::io::Result<GatewayThreads> {
+        self.spawn_threads_with(addr, threads, CpuAffinity::default())
+    }
+
+    /// [`spawn_threads`](Self::spawn_threads), with the threads pinned to CPUs as
+    /// `affinity` says. A thread that cannot be pinned (the CPU was taken from the
+    /// process meanwhile) runs unpinned, logged with the `tracing` feature;
+    /// [`GatewayThreads::cpus`] tells where each thread runs.
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn_threads`](Self::spawn_threads).
+    #[cfg(unix)]
+    pub fn spawn_threads_with(
+        self,
+        addr: SocketAddr,
+        threads: std::num::NonZeroUsize,
+        affinity: CpuAffinity,
     ) -> std::io::Result<GatewayThreads> {
         // Every socket takes SO_REUSEPORT before its bind; the first resolves port 0.
         let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpSocket> {
@@ -790,22 +816,47 @@ impl Gateway {
             sockets.push(bind(local_addr)?);
         }
         let (stop, stop_rx) = watch::channel(false);
+        let allowed: Arc<[usize]> = super::affinity::allowed().into();
+        let plan = super::affinity::assign(affinity, sockets.len(), &allowed);
         let mut handles = Vec::with_capacity(sockets.len());
         let mut started = Vec::with_capacity(sockets.len());
-        for (i, socket) in sockets.into_iter().enumerate() {
+        for ((i, socket), cpu) in sockets.into_iter().enumerate().zip(plan) {
             let (gateway, mut stop_rx) = (self.clone(), stop_rx.clone());
             let (tx, rx) = std::sync::mpsc::channel();
+            let allowed = allowed.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("seawall-gw-{i}"))
                 .spawn(move || {
                     super::pool::set_thread_shard(i + 1);
+                    let cpu = cpu.filter(|&cpu| match super::affinity::confine(&[cpu]) {
+                        Ok(()) => true,
+                        Err(_e) => {
+                            #[cfg(feature = "tracing")]
+                            tracing::warn!(
+                                target: "seawall::gateway",
+                                thread = i,
+                                cpu,
+                                error = %_e,
+                                "cannot pin a gateway thread to its CPU: it runs unpinned"
+                            );
+                            false
+                        }
+                    });
                     // Sockets and timers only: no signal or process driver to check at
-                    // every park.
-                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                    // every park. The blocking pool's threads (host name lookups) are
+                    // created by this thread and would inherit its pin: they may run on
+                    // any CPU the process may.
+                    let mut builder = tokio::runtime::Builder::new_current_thread();
+                    builder
                         .enable_io()
                         .enable_time()
-                        .build()
-                    {
+                        .thread_name(format!("seawall-gw-{i}-b"));
+                    if cpu.is_some() {
+                        builder.on_thread_start(move || {
+                            let _ = super::affinity::confine(&allowed);
+                        });
+                    }
+                    let runtime = match builder.build() {
                         Ok(runtime) => runtime,
                         Err(e) => {
                             let _ = tx.send(Err(e));
@@ -820,7 +871,7 @@ impl Gateway {
                                 return;
                             }
                         };
-                        let _ = tx.send(Ok(()));
+                        let _ = tx.send(Ok(cpu));
                         gateway
                             .serve_inner(
                                 listener,
@@ -842,15 +893,16 @@ impl Gateway {
                 }
             }
         }
-        let threads = GatewayThreads {
+        let mut threads = GatewayThreads {
             local_addr,
             gateway: self,
             stop,
             threads: handles,
+            cpus: Vec::with_capacity(started.len()),
         };
         for rx in started {
             match rx.recv() {
-                Ok(Ok(())) => {}
+                Ok(Ok(cpu)) => threads.cpus.push(cpu),
                 Ok(Err(e)) => {
                     threads.shutdown();
                     return Err(e);
@@ -874,12 +926,20 @@ pub struct GatewayThreads {
     gateway: Gateway,
     stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Where each thread is pinned.
+    cpus: Vec<Option<usize>>,
 }
 
 impl GatewayThreads {
     /// The address every thread listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// For each thread in order (named `seawall-gw-<i>`), the CPU it is pinned to, or
+    /// `None` when it runs wherever the operating system puts it ([`CpuAffinity`]).
+    pub fn cpus(&self) -> &[Option<usize>] {
+        &self.cpus
     }
 
     /// The gateway (for its status).

@@ -1159,12 +1159,18 @@ async fn shutdown_gives_up_on_a_request_held_past_the_drain_bound() {
     assert_eq!(a.hits.load(SeqCst), 1);
 }
 
+/// Held by each test that spawns gateway threads: the affinity test reads every thread of
+/// this process named `seawall-gw-*`.
+#[cfg(unix)]
+static GATEWAY_THREADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Each thread of `spawn_threads` picks endpoints with a balancer of its own, and what
 /// one thread learns holds on all: a failure seen on one ejects the endpoint for every
 /// thread.
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_threads_share_ejections() {
+    let _serial = GATEWAY_THREADS.lock().await;
     const CLIENTS: usize = 16;
     const EACH: usize = 4;
     let registry = Registry::new();
@@ -1229,6 +1235,7 @@ outlier = {{ consecutive_failures = 1, base_ejection = \"60s\", max_ejected = 0.
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_threads_serve_with_shared_limits_and_shut_down() {
+    let _serial = GATEWAY_THREADS.lock().await;
     const CLIENTS: usize = 8;
     const EACH: usize = 5;
     let registry = Registry::new();
@@ -1305,4 +1312,166 @@ global = {{ per_second = 1, burst = 10 }}
         TcpStream::connect(addr).await.is_err(),
         "nothing listens once the threads are down"
     );
+}
+
+/// `0-2,5` as `[0, 1, 2, 5]`.
+#[cfg(target_os = "linux")]
+fn cpu_list(list: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+/// `Cpus_allowed_list` of a `/proc/.../status` file.
+#[cfg(target_os = "linux")]
+fn allowed_in(status: &std::path::Path) -> Vec<usize> {
+    let status = std::fs::read_to_string(status).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    cpu_list(line)
+}
+
+/// The CPUs each thread of this process whose name satisfies `pick` may run on, read from
+/// `/proc`, by name.
+#[cfg(target_os = "linux")]
+fn threads_cpus(pick: impl Fn(&str) -> bool) -> Vec<(String, Vec<usize>)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        // A thread that ended since the listing is skipped.
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let name = comm.trim().to_string();
+        if pick(&name) {
+            found.push((name, allowed_in(&dir.join("status"))));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The gateway's threads (not their blocking pools'), by name.
+#[cfg(target_os = "linux")]
+fn gateway_threads_cpus() -> Vec<(String, Vec<usize>)> {
+    threads_cpus(|name| name.starts_with("seawall-gw-") && !name.ends_with("-b"))
+}
+
+/// With as many threads as CPUs, each thread is pinned to its own (checked in `/proc`, as
+/// `taskset -p` would show it), and the threads their runtimes start to resolve host
+/// names are not; with another count, or `Off`, none is pinned; `Pin` pins round robin.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_threads_are_pinned_one_per_cpu() {
+    use seawall::gateway::CpuAffinity;
+    let _serial = GATEWAY_THREADS.lock().await;
+    let allowed = allowed_in("/proc/self/status".as_ref());
+    let n = allowed.len();
+    let registry = Registry::new();
+    let a = upstream("a").await;
+    // A host name: each thread's runtime resolves it on a blocking thread of its own.
+    let _r = registry.register(Instance::new(
+        seawall::discovery::InstanceId::new("local", "a"),
+        "svc",
+        "localhost",
+        a.addr.port(),
+    ));
+    let config = format!(
+        "{HEAD}
+[[routes]]
+name = \"api\"
+path_prefix = \"/api\"
+service = \"svc\"
+"
+    );
+    let gw = build(&config, &registry).await;
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let stop = |threads: seawall::gateway::GatewayThreads| async move {
+        timeout(
+            BOUND,
+            tokio::task::spawn_blocking(move || threads.shutdown()),
+        )
+        .await
+        .expect("the threads stop within their drain bound")
+        .unwrap();
+    };
+    let unpinned = |count: usize| -> Vec<(String, Vec<usize>)> {
+        (0..count)
+            .map(|i| (format!("seawall-gw-{i}"), allowed.clone()))
+            .collect()
+    };
+
+    // The default: one thread per CPU, each pinned to its own.
+    let threads = gw
+        .clone()
+        .spawn_threads(any, n.try_into().unwrap())
+        .unwrap();
+    let expected: Vec<_> = allowed.iter().map(|&cpu| Some(cpu)).collect();
+    assert_eq!(threads.cpus(), expected);
+    let pinned: Vec<_> = allowed
+        .iter()
+        .enumerate()
+        .map(|(i, &cpu)| (format!("seawall-gw-{i}"), vec![cpu]))
+        .collect();
+    assert_eq!(gateway_threads_cpus(), pinned);
+    // Requests on connections of their own, spread by the kernel over the threads: each
+    // thread that gets one resolves `localhost` on its blocking pool.
+    let addr = threads.local_addr();
+    for i in 0..16 {
+        let answer = send(&client(), get_request(addr, &format!("/api/{i}"))).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    }
+    let blocking = threads_cpus(|name| name.starts_with("seawall-gw-") && name.ends_with("-b"));
+    assert!(
+        !blocking.is_empty(),
+        "no host name lookup on a blocking thread"
+    );
+    for (name, cpus) in &blocking {
+        assert_eq!(cpus, &allowed, "{name} kept its creator's pin");
+    }
+    assert_eq!(
+        gateway_threads_cpus(),
+        pinned,
+        "a lookup moved a gateway thread"
+    );
+    stop(threads).await;
+
+    // Another count than the CPUs: left to the scheduler.
+    let threads = gw
+        .clone()
+        .spawn_threads(any, (n + 1).try_into().unwrap())
+        .unwrap();
+    assert_eq!(threads.cpus(), vec![None; n + 1]);
+    assert_eq!(gateway_threads_cpus(), unpinned(n + 1));
+    stop(threads).await;
+
+    // Off: never pinned.
+    let threads = gw
+        .clone()
+        .spawn_threads_with(any, n.try_into().unwrap(), CpuAffinity::Off)
+        .unwrap();
+    assert_eq!(threads.cpus(), vec![None; n]);
+    assert_eq!(gateway_threads_cpus(), unpinned(n));
+    stop(threads).await;
+
+    // Pin: round robin, whatever the count.
+    let threads = gw
+        .spawn_threads_with(any, (n + 1).try_into().unwrap(), CpuAffinity::Pin)
+        .unwrap();
+    let expected: Vec<_> = (0..=n).map(|i| Some(allowed[i % n])).collect();
+    assert_eq!(threads.cpus(), expected);
+    let pinned: Vec<_> = (0..=n)
+        .map(|i| (format!("seawall-gw-{i}"), vec![allowed[i % n]]))
+        .collect();
+    assert_eq!(gateway_threads_cpus(), pinned);
+    let answer = send(&client(), get_request(threads.local_addr(), "/api/x")).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    stop(threads).await;
 }
