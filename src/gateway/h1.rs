@@ -110,7 +110,9 @@ pub struct ResponseHead {
     pub status: StatusCode,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
-    /// The header fields, as sent; their values share the connection's buffer.
+    /// The header fields, as sent, but for a `Connection` field of `close` or
+    /// `keep-alive` options only (read into `keep_alive`, and meaning nothing past this
+    /// hop); their values share the connection's buffer.
     pub headers: HeaderMap,
     /// How the body is delimited.
     pub framing: Framing,
@@ -227,7 +229,7 @@ fn head_of(
     let (mut close, mut keep_alive) = (false, false);
     for &[name_at, name_len, value_at, value_len] in spans {
         let (name_at, value_at) = (name_at as usize, value_at as usize);
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len as usize])
+        let name = field_name(&head[name_at..name_at + name_len as usize])
             .map_err(|_| ProtocolError("invalid header name"))?;
         let value = &head[value_at..value_at + value_len as usize];
         if name == header::CONTENT_LENGTH {
@@ -245,11 +247,10 @@ fn head_of(
                 }
                 chunked = coding.eq_ignore_ascii_case(b"chunked");
             }
-        } else if name == header::CONNECTION {
-            for option in tokens(value) {
-                close |= option.eq_ignore_ascii_case(b"close");
-                keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
-            }
+        } else if name == header::CONNECTION
+            && connection_options(value, &mut close, &mut keep_alive)
+        {
+            continue;
         }
         let value =
             HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
@@ -293,6 +294,50 @@ fn head_of(
         headers,
         framing,
         keep_alive,
+    })
+}
+
+/// Reads the options of a `Connection` field into `close` and `keep_alive`; true when
+/// they are all `close` or `keep-alive` (nearly every message's), and so the field names
+/// nothing else and means nothing past this hop: it is left out of the parsed head (it
+/// would only be looked up and removed again, RFC 9110 §7.6.1). Its value is then letters,
+/// `-`, commas and spaces: valid.
+pub(crate) fn connection_options(value: &[u8], close: &mut bool, keep_alive: &mut bool) -> bool {
+    let mut consumed = true;
+    for option in tokens(value) {
+        let (c, k) = (
+            option.eq_ignore_ascii_case(b"close"),
+            option.eq_ignore_ascii_case(b"keep-alive"),
+        );
+        *close |= c;
+        *keep_alive |= k;
+        consumed &= c || k;
+    }
+    consumed
+}
+
+/// The field name `name`, as [`HeaderName::from_bytes`] reads it, with the spellings
+/// clients and servers send most matched as sent: `from_bytes` copies every name into a
+/// buffer, lowercasing it, and then looks it up among all the standard names.
+pub(crate) fn field_name(name: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    Ok(match name {
+        b"Host" | b"host" => header::HOST,
+        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
+        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
+        b"Connection" | b"connection" => header::CONNECTION,
+        b"Date" | b"date" => header::DATE,
+        b"Server" | b"server" => header::SERVER,
+        b"User-Agent" | b"user-agent" => header::USER_AGENT,
+        b"Accept" | b"accept" => header::ACCEPT,
+        b"Accept-Encoding" | b"accept-encoding" => header::ACCEPT_ENCODING,
+        b"Accept-Language" | b"accept-language" => header::ACCEPT_LANGUAGE,
+        b"Authorization" | b"authorization" => header::AUTHORIZATION,
+        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
+        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
+        b"Vary" | b"vary" => header::VARY,
+        b"ETag" | b"etag" => header::ETAG,
+        b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
+        _ => return HeaderName::from_bytes(name),
     })
 }
 
@@ -1303,6 +1348,36 @@ mod tests {
             true,
         );
         assert_eq!(head.unwrap().unwrap().framing, Empty);
+    }
+
+    #[test]
+    fn connection_is_left_out_when_it_names_nothing_else() {
+        let head = |text: &str| parse(text).unwrap().unwrap();
+        for value in [
+            "keep-alive",
+            "Keep-Alive",
+            "close",
+            " close , keep-alive ",
+            "",
+        ] {
+            let text = format!("HTTP/1.1 200 OK\r\nConnection: {value}\r\nx-a: 1\r\n\r\n");
+            let h = head(&text);
+            assert!(!h.headers.contains_key(header::CONNECTION), "{value:?}");
+            assert_eq!(h.headers["x-a"], "1");
+        }
+        assert!(!head("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n").keep_alive);
+        // Naming another field: kept, for the proxy to remove that field too.
+        let h = head("HTTP/1.1 200 OK\r\nConnection: close, x-a\r\nx-a: 1\r\n\r\n");
+        assert_eq!(h.headers[header::CONNECTION], "close, x-a");
+        assert!(!h.keep_alive);
+        let (mut close, mut keep_alive) = (false, false);
+        assert!(!connection_options(b"upgrade", &mut close, &mut keep_alive));
+        assert!(connection_options(
+            b"keep-alive,,",
+            &mut close,
+            &mut keep_alive
+        ));
+        assert!(keep_alive && !close);
     }
 
     #[test]

@@ -46,14 +46,17 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
 use super::body::Body;
-use super::h1::{Chunk, ChunkedDecoder, MAX_HEADERS, READ_CHUNK, content_length, tokens};
+use super::h1::{
+    Chunk, ChunkedDecoder, MAX_HEADERS, READ_CHUNK, connection_options, content_length, field_name,
+    tokens,
+};
 
 /// A request head the gateway refuses: the status it answers with, then it closes the
 /// connection.
@@ -111,7 +114,9 @@ pub struct RequestHead {
     pub uri: Uri,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
-    /// The header fields, as sent; their values share the connection's buffer.
+    /// The header fields, as sent, but for a `Connection` field of `close` or
+    /// `keep-alive` options only (read into `keep_alive`, and meaning nothing past this
+    /// hop); their values share the connection's buffer.
     pub headers: HeaderMap,
     /// How the body is delimited.
     pub body: RequestBodyFraming,
@@ -255,7 +260,7 @@ fn head_of(
     for &[name_at, name_len, value_at, value_len] in spans {
         let (name_at, value_at) = (name_at as usize, value_at as usize);
         let (name_end, value_end) = (name_at + name_len as usize, value_at + value_len as usize);
-        let name = HeaderName::from_bytes(&head[name_at..name_end])
+        let name = field_name(&head[name_at..name_end])
             .map_err(|_| RequestError::bad("invalid header name"))?;
         let value = &head[value_at..value_end];
         if name == header::CONTENT_LENGTH {
@@ -273,9 +278,8 @@ fn head_of(
         } else if name == header::HOST {
             hosts += 1;
         } else if name == header::CONNECTION {
-            for option in tokens(value) {
-                close |= option.eq_ignore_ascii_case(b"close");
-                keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+            if connection_options(value, &mut close, &mut keep_alive) {
+                continue;
             }
         } else if name == header::EXPECT {
             expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
@@ -1302,6 +1306,7 @@ mod tests {
     use std::cell::Cell;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 
+    use http::header::HeaderName;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, DuplexStream};
 
@@ -1344,6 +1349,25 @@ mod tests {
     fn refused(text: &str) -> (u16, &'static str) {
         let e = parse(text).expect_err(text);
         (e.status().as_u16(), e.reason())
+    }
+
+    #[test]
+    fn connection_is_left_out_when_it_names_nothing_else() {
+        let head = |extra: &str| {
+            parse(&format!("GET / HTTP/1.1\r\nHost: a\r\n{extra}\r\n"))
+                .unwrap()
+                .unwrap()
+        };
+        let h = head("Connection: keep-alive\r\n");
+        assert!(!h.headers.contains_key(header::CONNECTION));
+        assert!(h.keep_alive);
+        let h = head("connection: Close\r\n");
+        assert!(!h.headers.contains_key(header::CONNECTION));
+        assert!(!h.keep_alive);
+        // Naming another field: kept, for the gateway to remove that one too.
+        let h = head("Connection: keep-alive, x-b\r\nx-b: 1\r\n");
+        assert_eq!(h.headers[header::CONNECTION], "keep-alive, x-b");
+        assert!(h.keep_alive);
     }
 
     #[test]

@@ -54,11 +54,34 @@ const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
 /// Headers a `Connection` option never removes.
 const PROTECTED: [HeaderName; 3] = [header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH];
 
+/// [`remove_hop_by_hop`]'s bit for `name`: bit *i* for `HOP_BY_HOP[i]`, then
+/// `keep-alive` and `proxy-connection`; 0 for any other name.
+#[inline]
+fn hop_bit(name: &HeaderName) -> u16 {
+    // Names are lower case: one match on the text (by length first), not a comparison
+    // with each entry of the list (this runs for every field of every message).
+    match name.as_str() {
+        "connection" => 1,
+        "proxy-authenticate" => 1 << 1,
+        "proxy-authorization" => 1 << 2,
+        "te" => 1 << 3,
+        "trailer" => 1 << 4,
+        "transfer-encoding" => 1 << 5,
+        "upgrade" => 1 << 6,
+        "keep-alive" => KEEP_ALIVE,
+        "proxy-connection" => PROXY_CONNECTION,
+        _ => 0,
+    }
+}
+
+/// [`hop_bit`] of `keep-alive`, past the bits of [`HOP_BY_HOP`].
+const KEEP_ALIVE: u16 = 1 << HOP_BY_HOP_LEN;
+/// [`hop_bit`] of `proxy-connection`.
+const PROXY_CONNECTION: u16 = KEEP_ALIVE << 1;
+
 #[inline]
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // Names are lower case: plain comparisons, not `HeaderName == &str`'s case-insensitive
-    // one (this runs for every header of every request).
-    HOP_BY_HOP.contains(name) || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+    hop_bit(name) != 0
 }
 
 /// `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`: what a client may not set.
@@ -289,19 +312,9 @@ fn append_forwarded(headers: &mut HeaderMap, peer: &HeaderValue) {
 /// `Connection`), and only those are looked up and removed; `Connection` options that are
 /// such names already (`keep-alive`) cost no parse and no allocation.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Bit i: HOP_BY_HOP[i]; then `keep-alive` and `proxy-connection`.
-    const KEEP_ALIVE: u16 = 1 << HOP_BY_HOP_LEN;
-    const PROXY_CONNECTION: u16 = KEEP_ALIVE << 1;
     let mut present = 0u16;
     for name in headers.keys() {
-        present |= match HOP_BY_HOP.iter().position(|h| h == name) {
-            Some(i) => 1 << i,
-            None => match name.as_str() {
-                "keep-alive" => KEEP_ALIVE,
-                "proxy-connection" => PROXY_CONNECTION,
-                _ => 0,
-            },
-        };
+        present |= hop_bit(name);
     }
     if present == 0 {
         return;
@@ -358,6 +371,21 @@ fn removed_anyway(token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_bits_follow_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_bit(name), 1 << i, "{name}");
+        }
+        let keep_alive = HeaderName::from_static("keep-alive");
+        let proxy_connection = HeaderName::from_static("proxy-connection");
+        assert_eq!(hop_bit(&keep_alive), KEEP_ALIVE);
+        assert_eq!(hop_bit(&proxy_connection), PROXY_CONNECTION);
+        for other in [header::HOST, header::DATE, header::CONTENT_LENGTH] {
+            assert_eq!(hop_bit(&other), 0, "{other}");
+        }
+        assert_eq!(hop_bit(&HeaderName::from_static("x-upgrade")), 0);
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
