@@ -136,6 +136,10 @@ use tower::{Layer, Service};
 
 use crate::circuit_breaker::{Classify, Outcome, Recorder};
 
+/// `grpc-status`, made once: looking a field up by a `&str` parses the name first, at
+/// every response.
+pub(crate) const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// A gRPC status code (`grpc-status`), 0 to 16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
@@ -226,7 +230,7 @@ impl GrpcCode {
     /// if there is one.
     pub fn from_headers(headers: &http::HeaderMap) -> Option<Self> {
         headers
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .map(|value| Self::from_bytes(value.as_bytes()))
     }
 

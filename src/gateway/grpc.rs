@@ -59,10 +59,10 @@ impl PendingOutcome {
 /// Whether an upstream's `200` answer is a gRPC one whose status is still to come, in
 /// its trailers.
 pub(crate) fn status_in_trailers(headers: &HeaderMap) -> bool {
-    !headers.contains_key("grpc-status")
-        && headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        && !headers.contains_key(&crate::grpc::GRPC_STATUS)
 }
 
 /// Records a gRPC answer's outcome once `frame` ends its body: the `grpc-status` of its
@@ -109,7 +109,8 @@ pub(crate) fn caller_budget(headers: &HeaderMap) -> Option<Duration> {
     if !is_grpc(headers) {
         return None;
     }
-    parse_timeout(headers.get("grpc-timeout")?.as_bytes())
+    const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+    parse_timeout(headers.get(&GRPC_TIMEOUT)?.as_bytes())
 }
 
 /// A `grpc-timeout` value: `1*8DIGIT TimeoutUnit`, as the gRPC over HTTP/2 spec has it.
