@@ -14,8 +14,9 @@
 #   - the gateway, full stack: global and per-client limits (set far above what a run
 #     sends), an endpoint breaker, outlier detection, a timeout and a fallback;
 #
-# each served by `examples/gateway_bench_server.rs` (built here in release) on W threads
-# (`Gateway::spawn_threads`, or a multi-thread runtime with GATEWAY_RUNTIME=multi).
+# each served by `examples/gateway_bench_server.rs` (built here with the `release-lto`
+# profile, as a production binary would be) on W threads (`Gateway::spawn_threads`, or a
+# multi-thread runtime with GATEWAY_RUNTIME=multi).
 # `wrk -t1 -c16 -d8s --latency` against each, for each W in WORKERS. For each run:
 # req/s and p99 from wrk, and CPU per request: the proxy's utime + stime from
 # /proc/PID/stat (every nginx process: master and workers; the whole gateway process)
@@ -56,7 +57,8 @@
 #                         or both ("off auto"); ratios are against the first
 #   GATEWAY_BINS          "label=path ..." prebuilt gateway_bench_server binaries to
 #                         compare (e.g. base=/tmp/base/gateway_bench_server new=...);
-#                         default: this checkout's, built in release, labelled gateway
+#                         default: this checkout's, built with `--profile
+#                         release-lto`, labelled gateway
 #   CONFIGS ("routing full")  which gateway configurations to run
 #   MODES ("http")        http, https, handshake, h2 (see above); STREAMS (10) for h2
 #   PROFILE=callgrind     instead of the runs: each gateway binary and configuration
@@ -116,11 +118,11 @@ if [ "${PROFILE:-}" = callgrind ] && ! command -v callgrind_control >/dev/null; 
 fi
 
 if [ -z "${GATEWAY_BINS:-}" ]; then
-    (cd "$HERE" && cargo build --quiet --release --features gateway${TLS:+,tls} \
+    (cd "$HERE" && cargo build --quiet --profile release-lto --features gateway${TLS:+,tls} \
         --example gateway_bench_server)
     dir=$(cd "$HERE" && cargo metadata --format-version 1 --no-deps \
         | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-    GATEWAY_BINS="gateway=${dir:-$HERE/target}/release/examples/gateway_bench_server"
+    GATEWAY_BINS="gateway=${dir:-$HERE/target}/release-lto/examples/gateway_bench_server"
 fi
 for entry in $GATEWAY_BINS; do
     [ -x "${entry#*=}" ] || die "no gateway binary at ${entry#*=}"

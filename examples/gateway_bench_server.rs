@@ -2,8 +2,8 @@
 //! `benches/wrk_vs_nginx.sh` measures against nginx with `wrk`.
 //!
 //! ```sh
-//! cargo run --release --example gateway_bench_server --features gateway -- gateway.toml
-//! cargo run --release --example gateway_bench_server --features gateway -- gateway.toml \
+//! cargo run --profile release-lto --example gateway_bench_server --features gateway -- gateway.toml
+//! cargo run --profile release-lto --example gateway_bench_server --features gateway -- gateway.toml \
 //!     --workers 2 --runtime threads --cpu-affinity auto
 //! ```
 //!

