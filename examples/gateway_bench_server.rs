@@ -54,7 +54,12 @@ fn main() -> Result<(), BoxError> {
                 };
             }
             "--cpu-affinity" => {
-                affinity = args.next().ok_or_else(usage)?.parse()?;
+                affinity = match args.next().as_deref() {
+                    Some("auto") => CpuAffinity::Auto,
+                    Some("pin") => CpuAffinity::Pin,
+                    Some("off") => CpuAffinity::Off,
+                    _ => return Err(usage()),
+                };
             }
             _ if path.is_none() && !arg.starts_with('-') => path = Some(arg),
             _ => return Err(usage()),

@@ -8,8 +8,6 @@
 //! workers), unpinned threads answered with a p99 of 2.6–4.0 ms in most runs; pinned, 0.5–0.65
 //! ms. nginx's `worker_cpu_affinity auto` does the same for its workers.
 
-use std::fmt;
-
 /// Whether [`Gateway::spawn_threads`](super::Gateway::spawn_threads) pins its threads to
 /// CPUs (Linux; elsewhere threads are never pinned).
 ///
@@ -32,32 +30,6 @@ pub enum CpuAffinity {
     Pin,
     /// No thread is pinned.
     Off,
-}
-
-impl fmt::Display for CpuAffinity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Pin => "pin",
-            Self::Off => "off",
-        })
-    }
-}
-
-impl std::str::FromStr for CpuAffinity {
-    type Err = String;
-
-    /// `auto`, `pin` or `off`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "pin" => Ok(Self::Pin),
-            "off" => Ok(Self::Off),
-            other => Err(format!(
-                "unknown CPU affinity `{other}` (expected auto, pin or off)"
-            )),
-        }
-    }
 }
 
 /// The CPU each of `threads` threads is to be pinned to, given the CPUs the process may
@@ -148,14 +120,6 @@ mod tests {
         );
         assert_eq!(assign(CpuAffinity::Pin, 2, &[]), [None, None]);
         assert_eq!(assign(CpuAffinity::Off, 2, &allowed), [None, None]);
-    }
-
-    #[test]
-    fn parses_and_prints() {
-        for a in [CpuAffinity::Auto, CpuAffinity::Pin, CpuAffinity::Off] {
-            assert_eq!(a.to_string().parse::<CpuAffinity>(), Ok(a));
-        }
-        assert!("on".parse::<CpuAffinity>().is_err());
     }
 
     #[cfg(target_os = "linux")]
