@@ -41,6 +41,7 @@ use hyper::body::{Body as HttpBody, Frame};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::Body;
+use super::headers::Forwarded;
 use crate::BoxError;
 
 /// The largest response head (or chunked trailer section) accepted from an upstream.
@@ -643,22 +644,32 @@ impl RequestFraming {
     }
 }
 
-/// Writes a request head into `out`: the request line with `target` (origin form), every
-/// field of `headers` but `Content-Length` and `Transfer-Encoding`, then the framing
-/// field `framing` says.
-pub fn encode_request(
+/// Writes a request head into `out`: the request line with `target` (origin form), the
+/// `Host` of `added` if it has one, every field of `headers` but `Content-Length`,
+/// `Transfer-Encoding` (and `Host`, if `added` has one), the forwarding fields of
+/// `added`, then the framing field `framing` says.
+pub(crate) fn encode_request(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    added: &Added,
     framing: RequestFraming,
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(host) = &added.host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || (name == header::HOST && added.host.is_some())
+        {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -666,6 +677,7 @@ pub fn encode_request(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    added.forwarded.encode(out);
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
@@ -676,6 +688,25 @@ pub fn encode_request(
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Fields the client writes into a request's head without their being in the request's
+/// map: the endpoint's `Host` (in place of the request's) and the forwarding fields. If
+/// the request is handed back unsent ([`Conn::take_unsent`]), they are put into its map.
+#[derive(Debug, Default)]
+pub(crate) struct Added {
+    pub(crate) host: Option<HeaderValue>,
+    pub(crate) forwarded: Forwarded,
+}
+
+impl Added {
+    /// Puts the fields into `headers`, replacing any of the same name.
+    fn insert_into(self, headers: &mut HeaderMap) {
+        if let Some(host) = self.host {
+            headers.insert(header::HOST, host);
+        }
+        self.forwarded.insert_into(headers);
+    }
 }
 
 /// `n` in decimal.
@@ -791,6 +822,9 @@ pub(crate) struct Conn<IO> {
     data: Bytes,
     /// The request, until its first byte is written: what a failed write hands back.
     unsent: Option<Request<Body>>,
+    /// The fields written with `unsent`'s head besides its own, put back into its map if
+    /// it is handed back.
+    added: Added,
     /// The last request's header map, emptied, for the next response's fields: with
     /// the gateway's HTTP/1 server reusing each response's map for its next request, the
     /// maps go round without an allocation.
@@ -850,6 +884,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             written: 0,
             data: Bytes::new(),
             unsent: None,
+            added: Added::default(),
             spare: None,
             body: None,
             peeked: false,
@@ -915,6 +950,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     /// Starts an exchange: encodes `request`'s head (its URI in origin form) into the
     /// connection's buffer. Nothing is written until [`Conn::poll_head`].
     pub(crate) fn start(&mut self, request: Request<Body>) {
+        self.start_with(request, Added::default());
+    }
+
+    /// [`start`](Self::start), with fields written besides the request's own.
+    pub(crate) fn start_with(&mut self, request: Request<Body>, added: Added) {
         let framing = RequestFraming::of(request.method(), request.headers(), request.body());
         self.out.clear();
         self.written = 0;
@@ -923,8 +963,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             request.method(),
             request.uri().path_and_query().map_or("/", |p| p.as_str()),
             request.headers(),
+            &added,
             framing,
         );
+        self.added = added;
         self.head_request = request.method() == Method::HEAD;
         self.framing = framing;
         self.to_send = match framing {
@@ -947,8 +989,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 
     /// The request, if no byte of it was written: it may be sent on another connection.
+    /// With the fields it was started with in its map.
     pub(crate) fn take_unsent(&mut self) -> Option<Request<Body>> {
-        self.unsent.take()
+        let mut request = self.unsent.take()?;
+        std::mem::take(&mut self.added).insert_into(request.headers_mut());
+        Some(request)
     }
 
     /// Writes what is buffered, then takes the next frame of the request body, until the
@@ -1005,6 +1050,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                     }
                 };
                 if let Some(request) = self.unsent.take() {
+                    self.added = Added::default();
                     let (parts, body) = request.into_parts();
                     if !self.body_ended {
                         self.body = Some(body);
@@ -1898,6 +1944,7 @@ mod tests {
             &Method::POST,
             "/p?q=1",
             &headers,
+            &Added::default(),
             RequestFraming::Length(12345),
         );
         assert_eq!(
@@ -1910,6 +1957,7 @@ mod tests {
             &Method::GET,
             "/",
             &HeaderMap::new(),
+            &Added::default(),
             RequestFraming::Chunked,
         );
         assert_eq!(out, b"GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
@@ -1919,6 +1967,7 @@ mod tests {
             &Method::GET,
             "/",
             &HeaderMap::new(),
+            &Added::default(),
             RequestFraming::None,
         );
         assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
@@ -1929,5 +1978,60 @@ mod tests {
         hexadecimal(&mut h, u64::MAX);
         assert_eq!(d, b"018446744073709551615");
         assert_eq!(h, b"0ffffffffffffffff");
+    }
+
+    /// The fields a request was started with besides its own: the endpoint's `Host` in
+    /// place of the request's, the forwarding fields after the request's; and in its map
+    /// when it is handed back unsent.
+    #[test]
+    fn added_fields_are_written_with_the_head_and_put_back_unsent() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("gw.example"));
+        headers.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        let peer = HeaderValue::from_static("198.51.100.1");
+        let forwarded =
+            super::super::headers::rewrite(&mut headers, Some(&peer), false, false).forwarded;
+        let added = Added {
+            host: Some(HeaderValue::from_static("up:80")),
+            forwarded,
+        };
+        let mut out = Vec::new();
+        encode_request(
+            &mut out,
+            &Method::GET,
+            "/",
+            &headers,
+            &added,
+            RequestFraming::None,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\n\
+             x-forwarded-for: 198.51.100.1\r\nx-forwarded-host: gw.example\r\n\
+             x-forwarded-proto: http\r\n\r\n"
+        );
+        // Unsent: the same fields, in the map, for another connection.
+        let (io, _upstream) = tokio::io::duplex(64);
+        let mut conn = Conn::new(io);
+        let mut request = Request::new(super::super::body::empty());
+        *request.headers_mut() = headers;
+        conn.start_with(request, added);
+        let request = conn.take_unsent().expect("nothing written");
+        let fields: Vec<_> = request
+            .headers()
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "host: up:80",
+                "x-a: 1",
+                "x-forwarded-for: 198.51.100.1",
+                "x-forwarded-host: gw.example",
+                "x-forwarded-proto: http",
+            ]
+        );
     }
 }

@@ -52,6 +52,7 @@ use tokio::time::Instant;
 use super::body::Body;
 use super::client::ClientBodyError;
 use super::h1;
+use super::headers::Forwarded;
 use crate::discovery::Instance;
 
 /// How long a new connection may take to be established.
@@ -543,32 +544,45 @@ impl EndpointPool {
         None
     }
 
-    /// Sends `request` (its URI in origin form) on an idle connection or a new one, over
-    /// HTTP/1 or HTTP/2 as the endpoint speaks: each future boxed on its own, so neither
-    /// carries the other's state.
-    pub(crate) fn send(self: Arc<Self>, mut request: Request<Body>) -> SendFuture {
+    /// Sends `request` (its URI in origin form) with the `forwarded` fields on an idle
+    /// connection or a new one, over HTTP/1 or HTTP/2 as the endpoint speaks: each future
+    /// boxed on its own, so neither carries the other's state.
+    pub(crate) fn send(
+        self: Arc<Self>,
+        mut request: Request<Body>,
+        forwarded: Forwarded,
+    ) -> SendFuture {
         if self.settings.h2 {
+            forwarded.insert_into(request.headers_mut());
             return SendFuture(Sending::Boxed(Box::pin(self.send_h2(request))));
         }
         match self.ready_idle() {
             // May be closed under the request: the path that keeps a copy of the head.
             Some(conn) if conn.idled => {
+                forwarded.insert_into(request.headers_mut());
                 SendFuture(Sending::Boxed(Box::pin(self.send_on(conn, true, request))))
             }
             Some(mut conn) => {
-                request
-                    .headers_mut()
-                    .insert(header::HOST, self.host.clone());
-                conn.h1.start(request);
+                // The endpoint's `Host` and the forwarding fields are written with the
+                // head, not put into its map first (four insertions saved); they are put
+                // there if the request comes back unsent, to go on another connection.
+                let added = h1::Added {
+                    host: Some(self.host.clone()),
+                    forwarded,
+                };
+                conn.h1.start_with(request, added);
                 SendFuture(Sending::Pooled {
                     pool: self,
                     conn: Some(conn),
                 })
             }
-            None => SendFuture(Sending::Boxed(Box::pin(async move {
-                let conn = self.connect().await?;
-                self.send_on(conn, false, request).await
-            }))),
+            None => {
+                forwarded.insert_into(request.headers_mut());
+                SendFuture(Sending::Boxed(Box::pin(async move {
+                    let conn = self.connect().await?;
+                    self.send_on(conn, false, request).await
+                })))
+            }
         }
     }
 
@@ -991,10 +1005,19 @@ mod tests {
                     notify.notify_one();
                     continue;
                 }
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                        Bytes::from_static(b"ok"),
-                    )))
+                // Echoes the fields the pool may write without their being in the map.
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let mut response =
+                        Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")));
+                    for name in ["host", "x-forwarded-for", "x-forwarded-proto"] {
+                        for value in req.headers().get_all(name) {
+                            let echoed = format!("x-seen-{name}");
+                            response
+                                .headers_mut()
+                                .append(http::HeaderName::try_from(echoed).unwrap(), value.clone());
+                        }
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
                 });
                 tokio::spawn(
                     hyper::server::conn::http1::Builder::new()
@@ -1032,14 +1055,15 @@ mod tests {
     }
 
     /// Checks that `send` was answered `ok` after being sent once more on a new
-    /// connection.
+    /// connection; the answer's head.
     async fn answered_on_a_second_connection(
         send: impl Future<Output = Exchanged>,
         accepted: &std::sync::atomic::AtomicUsize,
         retried: &AtomicU64,
-    ) {
+    ) -> http::HeaderMap {
         let response = send.await.unwrap();
         assert_eq!(response.status(), http::StatusCode::OK);
+        let head = response.headers().clone();
         let body = http_body_util::BodyExt::collect(response.into_body())
             .await
             .unwrap()
@@ -1051,6 +1075,7 @@ mod tests {
             "sent again on a new one"
         );
         assert_eq!(retried.load(Ordering::SeqCst), 1);
+        head
     }
 
     #[tokio::test]
@@ -1065,13 +1090,30 @@ mod tests {
     async fn a_pooled_exchange_closed_under_the_request_is_retried_once_on_a_new_one() {
         let (pool, mut stale, accepted, retried) = stale_connection().await;
         // As `send` drives a connection taken from the pool an instant before the
-        // upstream's close arrived.
-        stale.h1.start(get());
+        // upstream's close arrived: with the `Host` and forwarding fields written besides
+        // the map's, which go again with the request.
+        let mut request = get();
+        request
+            .headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("client.example"));
+        let peer = HeaderValue::from_static("198.51.100.1");
+        let forwarded =
+            super::super::headers::rewrite(request.headers_mut(), Some(&peer), false, false)
+                .forwarded;
+        let added = h1::Added {
+            host: Some(pool.host.clone()),
+            forwarded,
+        };
+        stale.h1.start_with(request, added);
         let send = SendFuture(Sending::Pooled {
             pool: pool.clone(),
             conn: Some(stale),
         });
-        answered_on_a_second_connection(send, &accepted, &retried).await;
+        let seen = answered_on_a_second_connection(send, &accepted, &retried).await;
+        let all = |name: &str| -> Vec<_> { seen.get_all(name).iter().cloned().collect() };
+        assert_eq!(all("x-seen-host"), std::slice::from_ref(&pool.host));
+        assert_eq!(all("x-seen-x-forwarded-for"), [peer]);
+        assert_eq!(all("x-seen-x-forwarded-proto"), ["http"]);
     }
 
     #[test]

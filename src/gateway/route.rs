@@ -22,7 +22,7 @@ use super::config::{
     ClientKey, ClientLimitSettings, FallbackSettings, LimitPolicy, OnMissing, RouteConfig,
     RoutePlan, ServerConfig, StrategyName,
 };
-use super::headers::remove_hop_by_hop;
+use super::headers::{Forwarded, remove_hop_by_hop};
 use super::jwt::JwtVerifier;
 use super::pool::{
     self, EndpointPool, PooledBody, Pools, SendFuture, UpstreamError, UpstreamSettings,
@@ -129,8 +129,8 @@ pub(crate) struct Forwarding {
     https: bool,
 }
 
-/// What an upstream call needs besides the request: when the route timeout passes, and
-/// the state of the client's request body (`None` without one).
+/// What an upstream call needs besides the request: when the route timeout passes, the
+/// state of the client's request body (`None` without one), and the forwarding fields.
 pub(crate) struct Call {
     deadline: Instant,
     /// The deadline is the caller's (`grpc-timeout`), earlier than the route's: passing
@@ -139,6 +139,8 @@ pub(crate) struct Call {
     body: Option<Arc<BodyState>>,
     /// The client connection's timers, to wait for the deadline with.
     timers: Option<ConnTimers>,
+    /// The forwarding fields, written with the request by the endpoint's connection.
+    forwarded: Forwarded,
 }
 
 /// A request as the balancer passes it to an endpoint.
@@ -166,7 +168,7 @@ impl Service<UpstreamRequest> for Upstream {
             None => (None, Some(tokio::time::sleep_until(call.deadline))),
         };
         UpstreamFuture {
-            send: self.pool.clone().send(request),
+            send: self.pool.clone().send(request, call.forwarded),
             reused,
             deadline: own,
             body: call.body,
@@ -1030,7 +1032,7 @@ impl RouteCore {
         body: Option<Arc<BodyState>>,
         timers: Option<ConnTimers>,
     ) -> Response<Body> {
-        let request = self.upstream_request(request, forwarded_for);
+        let (request, forwarded) = self.upstream_request(request, forwarded_for);
         // A gRPC caller's own deadline, when it is the earlier one.
         let budget = super::grpc::caller_budget(request.headers()).filter(|b| *b < self.timeout);
         let call = Call {
@@ -1038,6 +1040,7 @@ impl RouteCore {
             caller_deadline: budget.is_some(),
             body,
             timers,
+            forwarded,
         };
         let mut upstream = UpstreamCall {
             route: self.clone(),
@@ -1202,30 +1205,30 @@ impl RouteCore {
 
     /// The request as sent upstream: prefix stripped, hop-by-hop headers dropped, the
     /// forwarding headers set from what the gateway saw (see [`super::headers`]).
-    fn upstream_request(&self, request: Request<Body>, forwarding: Forwarding) -> Request<Body> {
+    fn upstream_request(
+        &self,
+        request: Request<Body>,
+        forwarding: Forwarding,
+    ) -> (Request<Body>, Forwarded) {
         let Forwarding { peer, https } = forwarding;
         let (mut parts, body) = request.into_parts();
         parts.uri = self.upstream_uri(std::mem::take(&mut parts.uri));
-        // `TE: trailers`, and only that, goes on (gRPC servers ask for it); any other `TE`
-        // is the client's hop alone.
-        let te_trailers = parts
-            .headers
-            .get(header::TE)
-            .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
         // The peer's entry is its address's text: parsed back only if a proxy is trusted.
         let trusted = self.trusted.trusts_any()
             && peer
                 .as_ref()
                 .and_then(|p| p.to_str().ok()?.parse::<IpAddr>().ok())
                 .is_some_and(|ip| self.trusted.trusts(ip));
-        super::headers::rewrite_for_upstream(&mut parts.headers, peer.as_ref(), trusted, https);
-        if te_trailers {
+        let rewritten = super::headers::rewrite(&mut parts.headers, peer.as_ref(), trusted, https);
+        // `TE: trailers`, and only that, goes on (gRPC servers ask for it); any other `TE`
+        // is the client's hop alone.
+        if rewritten.te_trailers {
             parts
                 .headers
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
         parts.version = http::Version::HTTP_11;
-        Request::from_parts(parts, body)
+        (Request::from_parts(parts, body), rewritten.forwarded)
     }
 }
 

@@ -83,7 +83,19 @@ async fn upstream(leaf: Option<&Leaf>, h2: bool) -> TestUpstream {
             let acceptor = acceptor.clone();
             c.lock().spawn(async move {
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let body = format!("{:?}", req.version());
+                    // The forwarding fields it got, then its version.
+                    let field = |name| {
+                        let values = req.headers().get_all(name).iter();
+                        values
+                            .map(|v| v.to_str().unwrap_or("?"))
+                            .collect::<Vec<_>>()
+                    };
+                    let body = format!(
+                        "for={:?} proto={:?} {:?}",
+                        field("x-forwarded-for"),
+                        field("x-forwarded-proto"),
+                        req.version()
+                    );
                     Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(body))))
                 });
                 match acceptor {
@@ -158,6 +170,10 @@ async fn an_https_upstream_is_verified_and_told_its_name_by_sni() {
         let answer = exchange(gw.local_addr(), get("/api/x").as_bytes()).await;
         assert_eq!(status_of(&answer), 200, "{answer}");
         assert!(answer.ends_with("HTTP/1.1"), "{answer}");
+        assert!(
+            answer.contains("for=[\"127.0.0.1\"] proto=[\"http\"] "),
+            "{answer}"
+        );
     }
     let sni = up.resolver.as_ref().unwrap().sni.lock().clone();
     assert_eq!(sni, [Some("up.test".to_owned())], "one connection, reused");
@@ -223,6 +239,11 @@ async fn h2_upstream_requests_share_one_connection_over_tls_and_h2c() {
             let answer = answer.unwrap();
             assert_eq!(status_of(&answer), 200, "{service}: {answer}");
             assert!(answer.ends_with("HTTP/2.0"), "{service}: {answer}");
+            // Over HTTP/2 as over HTTP/1, the forwarding fields, once each.
+            assert!(
+                answer.contains("for=[\"127.0.0.1\"] proto=[\"http\"] "),
+                "{service}: {answer}"
+            );
         }
         assert_eq!(up.accepted.load(SeqCst), 1, "{service}: one connection");
         gw.shutdown().await;
