@@ -54,11 +54,37 @@ fn decode(hex: &[u8], out: &mut [u8]) -> Option<()> {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// `bytes` in lowercase hex into `out` (`out.len() == 2 * bytes.len()`): four bytes at a
+/// time in one register, the rest a byte at a time.
 fn encode_into(bytes: &[u8], out: &mut [u8]) {
-    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+    let mut quads = bytes.chunks_exact(4);
+    let mut octets = out.chunks_exact_mut(8);
+    for (quad, octet) in (&mut quads).zip(&mut octets) {
+        if let Ok(quad) = <[u8; 4]>::try_from(quad) {
+            octet.copy_from_slice(&hex8(u32::from_be_bytes(quad)));
+        }
+    }
+    for (pair, byte) in octets
+        .into_remainder()
+        .chunks_exact_mut(2)
+        .zip(quads.remainder())
+    {
         pair[0] = HEX[usize::from(byte >> 4)];
         pair[1] = HEX[usize::from(byte & 0xf)];
     }
+}
+
+/// `x`'s eight hex digits, most significant first, without a lookup per digit: each
+/// nibble spread into a byte of its own, then `'0'` added to every byte, and `'a' - '0' -
+/// 10` more to those of 10 and above.
+fn hex8(x: u32) -> [u8; 8] {
+    let x = u64::from(x);
+    let v = ((x & 0xffff_0000) << 16) | (x & 0xffff);
+    let v = ((v & 0x0000_ff00_0000_ff00) << 8) | (v & 0x0000_00ff_0000_00ff);
+    let v = ((v & 0x00f0_00f0_00f0_00f0) << 4) | (v & 0x000f_000f_000f_000f);
+    // 1 in each byte whose nibble is 10 or more (adding 6 carries it into bit 4).
+    let letters = ((v + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (v + 0x3030_3030_3030_3030 + letters * u64::from(b'a' - b'0' - 10)).to_be_bytes()
 }
 
 impl TraceParent {
@@ -519,6 +545,14 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn hex_is_lowercase_hex_of_each_byte(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let mut out = vec![0u8; 2 * bytes.len()];
+            encode_into(&bytes, &mut out);
+            let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            prop_assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+
         #[test]
         fn encode_parse_round_trip(trace in any::<u128>(), parent in any::<u64>(), flags in any::<u8>()) {
             prop_assume!(trace != 0 && parent != 0);
