@@ -696,12 +696,6 @@ impl Route {
             Some(_) => body.boxed_unsync(),
         };
         let request = Request::from_parts(parts, body);
-        // The clone is a few reference counts. Its per-client limit and its core learn
-        // the peer here rather than from the request's extensions (three allocations);
-        // the limits see the request as the client sent it, and the core rewrites it for
-        // the upstream.
-        let mut stack = self.stack.clone();
-        let per_client = stack.get_mut();
         let mut client = None;
         if let Some(keying) = &self.core.client_keying {
             if keying.rejects(&request) {
@@ -713,39 +707,70 @@ impl Route {
                 .addr
                 .map(|ip| self.core.trusted.resolve(ip, request.headers()));
         }
-        if let Some(limit) = per_client.limit_mut() {
-            limit.keying.client = client;
-        }
-        #[cfg(feature = "redis")]
-        let core = {
-            let per_client = per_client.get_mut().get_mut();
-            if let Some(limit) = per_client.limit_mut() {
-                limit.extractor_mut().0.client = client;
-            }
-            per_client.get_mut()
-        };
-        #[cfg(not(feature = "redis"))]
-        let core = per_client.get_mut();
-        core.forwarded_for = Forwarding {
-            peer: peer.forwarded_for.clone(),
-            https: peer.https,
-        };
-        core.body = state;
-        core.timers = peer.timers.clone();
+        // The clone is a few reference counts. Its per-client limit and its core learn
+        // the peer here rather than from the request's extensions (three allocations);
+        // the limits see the request as the client sent it, and the core rewrites it for
+        // the upstream. Without a local limit, the two limit layers would only pass the
+        // request on: what is under them is cloned and called alone.
+        //
         // Readied as tower's contract asks, though every layer is always ready (limits
         // answer in `call`, the balancer is waited for in the core's future): one poll
         // through the layers. The future owns all it needs.
-        let response = match stack.ready().await {
-            Ok(ready) => match ready.call(request).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            },
+        let result = if self.core.global.is_none() && self.core.per_client.is_none() {
+            let mut shared = self.stack.get_ref().get_ref().clone();
+            self.prime(&mut shared, client, peer, state);
+            match shared.ready().await {
+                Ok(ready) => ready.call(request).await,
+                Err(never) => Err(never),
+            }
+        } else {
+            let mut stack = self.stack.clone();
+            let per_client = stack.get_mut();
+            if let Some(limit) = per_client.limit_mut() {
+                limit.keying.client = client;
+            }
+            self.prime(per_client.get_mut(), client, peer, state);
+            match stack.ready().await {
+                Ok(ready) => ready.call(request).await,
+                Err(never) => Err(never),
+            }
+        };
+        let response = match result {
+            Ok(response) => response,
             Err(never) => match never {},
         };
         if response.extensions().get::<Refused>().is_some() {
             self.core.stats.rate_limited.fetch_add(1, Relaxed);
         }
         response
+    }
+
+    /// Tells the clone of the stack's inner part made for a request who the client is
+    /// (for a per-client limit kept in Redis), and its core what the request's
+    /// connection and body are.
+    fn prime(
+        &self,
+        shared: &mut Shared,
+        client: Option<IpAddr>,
+        peer: &Peer,
+        body: Option<Arc<BodyState>>,
+    ) {
+        #[cfg(feature = "redis")]
+        let core = {
+            let per_client = shared.get_mut();
+            if let Some(limit) = per_client.limit_mut() {
+                limit.extractor_mut().0.client = client;
+            }
+            per_client.get_mut()
+        };
+        #[cfg(not(feature = "redis"))]
+        let (core, _) = (shared, client);
+        core.forwarded_for = Forwarding {
+            peer: peer.forwarded_for.clone(),
+            https: peer.https,
+        };
+        core.body = body;
+        core.timers = peer.timers.clone();
     }
 
     /// The route's state now.
