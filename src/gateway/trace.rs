@@ -190,12 +190,14 @@ fn new_request_id() -> [u8; 36] {
     let mut bytes = random16();
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut hex = [0u8; 32];
+    encode_into(&bytes, &mut hex);
     let mut out = [b'-'; 36];
-    encode_into(&bytes[0..4], &mut out[0..8]);
-    encode_into(&bytes[4..6], &mut out[9..13]);
-    encode_into(&bytes[6..8], &mut out[14..18]);
-    encode_into(&bytes[8..10], &mut out[19..23]);
-    encode_into(&bytes[10..16], &mut out[24..36]);
+    out[0..8].copy_from_slice(&hex[0..8]);
+    out[9..13].copy_from_slice(&hex[8..12]);
+    out[14..18].copy_from_slice(&hex[12..16]);
+    out[19..23].copy_from_slice(&hex[16..20]);
+    out[24..36].copy_from_slice(&hex[20..32]);
     out
 }
 
@@ -518,6 +520,13 @@ mod tests {
         let id = new_request_id();
         let text = std::str::from_utf8(&id).unwrap();
         assert_eq!(text.len(), 36);
+        for (i, c) in text.char_indices() {
+            if [8, 13, 18, 23].contains(&i) {
+                assert_eq!(c, '-', "{text}");
+            } else {
+                assert!(matches!(c, '0'..='9' | 'a'..='f'), "{text}");
+            }
+        }
         assert_eq!(&text[14..15], "4");
         assert!(matches!(&text[19..20], "8" | "9" | "a" | "b"));
         assert!(valid_request_id(&id));
