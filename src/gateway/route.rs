@@ -902,9 +902,14 @@ impl Service<Request<Body>> for Core {
         let forwarded_for = std::mem::take(&mut self.forwarded_for);
         let body = self.body.take();
         let timers = self.timers.take();
-        Box::pin(async move {
-            Ok(RouteCore::forward(route, request, forwarded_for, body, timers).await)
-        })
+        // Boxed as it is: an `async` block around it would be one more state to move.
+        Box::pin(RouteCore::forward(
+            route,
+            request,
+            forwarded_for,
+            body,
+            timers,
+        ))
     }
 }
 
@@ -1050,13 +1055,14 @@ impl Future for Classified {
 
 impl RouteCore {
     /// Takes the route by `Arc` to hand it on to the response body without a clone.
+    /// Never fails: the `Result` is [`Core`]'s.
     async fn forward(
         self: Arc<Self>,
         request: Request<Body>,
         forwarded_for: Forwarding,
         body: Option<Arc<BodyState>>,
         timers: Option<ConnTimers>,
-    ) -> Response<Body> {
+    ) -> Result<Response<Body>, Infallible> {
         let (request, forwarded) = self.upstream_request(request, forwarded_for);
         // A gRPC caller's own deadline, when it is the earlier one.
         let budget = super::grpc::caller_budget(request.headers()).filter(|b| *b < self.timeout);
@@ -1074,7 +1080,7 @@ impl RouteCore {
             Some(fallback) => fallback.layer(upstream).call((request, call)).await,
             None => upstream.call((request, call)).await,
         };
-        match result {
+        Ok(match result {
             Ok(response) => {
                 if response.extensions().get::<FellBack>().is_some() {
                     self.stats.fallbacks.fetch_add(1, Relaxed);
@@ -1082,7 +1088,7 @@ impl RouteCore {
                 response
             }
             Err(e) => self.failure_response(&e),
-        }
+        })
     }
 
     /// An endpoint's answer or error, as the route passes it on: see [`UpstreamCall`].
