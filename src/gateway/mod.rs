@@ -493,8 +493,9 @@
 //! - **A request id** (`[gateway] request_id_header`, default `"x-request-id"`, Kong's
 //!   correlation id; `""` turns it off): a client's (one value, 1 to 128 bytes of visible
 //!   ASCII) is passed on as it is, any other replaced by a new UUID-v4-shaped id; it is
-//!   sent upstream and set on the response to the client. Headers the gateway or HTTP
-//!   manage (`Host`, `X-Forwarded-*`, `traceparent`, …) are refused as its name.
+//!   sent upstream and set on the response to the client. A per-client limit keyed on
+//!   it (`key = "header:x-request-id"`) sees the value sent upstream. Headers the gateway
+//!   or HTTP manage (`Host`, `X-Forwarded-*`, `traceparent`, …) are refused as its name.
 //!
 //! Ids come from a per-thread splitmix64 generator seeded from the standard library's
 //! random keys: unique enough to follow requests, **not** secret; never use them as
