@@ -644,8 +644,9 @@ impl RequestFraming {
     }
 }
 
-/// Writes a request head into `out`: the request line with `target` (origin form), the
-/// `Host` of `added` if it has one, every field of `headers` but `Content-Length`,
+/// Writes a request head into `out`: the request line with `target` (origin form; with
+/// `added.target_from`, `/` and what follows that byte of it), the `Host` of `added` if it
+/// has one, every field of `headers` but `Content-Length`,
 /// `Transfer-Encoding` (and `Host`, if `added` has one), the forwarding fields of
 /// `added`, then the framing field `framing` says.
 pub(crate) fn encode_request(
@@ -658,7 +659,13 @@ pub(crate) fn encode_request(
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
+    match added.target_from {
+        Some(from) => {
+            out.push(b'/');
+            out.extend_from_slice(target.get(from..).unwrap_or("").as_bytes());
+        }
+        None => out.extend_from_slice(target.as_bytes()),
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if let Some(host) = &added.host {
         out.extend_from_slice(b"host: ");
@@ -690,22 +697,38 @@ pub(crate) fn encode_request(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Fields the client writes into a request's head without their being in the request's
-/// map: the endpoint's `Host` (in place of the request's) and the forwarding fields. If
-/// the request is handed back unsent ([`Conn::take_unsent`]), they are put into its map.
+/// What the client writes into a request's head without its being in the request: the
+/// endpoint's `Host` (in place of the request's), the forwarding fields, and the target
+/// with the route's prefix stripped. If the request is handed back unsent
+/// ([`Conn::take_unsent`]), or is not written by this client, they are put into it
+/// ([`Added::apply`]).
 #[derive(Debug, Default)]
 pub(crate) struct Added {
     pub(crate) host: Option<HeaderValue>,
     pub(crate) forwarded: Forwarded,
+    /// The target is `/` and what follows this byte of the request's path and query
+    /// (a byte boundary it has); `None`: its path and query as they are.
+    pub(crate) target_from: Option<usize>,
 }
 
 impl Added {
-    /// Puts the fields into `headers`, replacing any of the same name.
-    fn insert_into(self, headers: &mut HeaderMap) {
+    /// Puts the fields into `request`'s map, replacing any of the same name, and the
+    /// target into its URI.
+    pub(crate) fn apply(self, request: &mut Request<Body>) {
+        let headers = request.headers_mut();
         if let Some(host) = self.host {
             headers.insert(header::HOST, host);
         }
         self.forwarded.insert_into(headers);
+        if let Some(from) = self.target_from {
+            let uri = request.uri();
+            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+            let rest = path_and_query.get(from..).unwrap_or("");
+            // Written into the thread's header chunk: no allocation of its own.
+            let target = crate::header_arena::bytes(&[b"/", rest.as_bytes()]);
+            *request.uri_mut() = http::Uri::from_maybe_shared(target)
+                .unwrap_or_else(|_| http::Uri::from_static("/"));
+        }
     }
 }
 
@@ -992,7 +1015,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     /// With the fields it was started with in its map.
     pub(crate) fn take_unsent(&mut self) -> Option<Request<Body>> {
         let mut request = self.unsent.take()?;
-        std::mem::take(&mut self.added).insert_into(request.headers_mut());
+        std::mem::take(&mut self.added).apply(&mut request);
         Some(request)
     }
 
@@ -1980,9 +2003,9 @@ mod tests {
         assert_eq!(h, b"0ffffffffffffffff");
     }
 
-    /// The fields a request was started with besides its own: the endpoint's `Host` in
-    /// place of the request's, the forwarding fields after the request's; and in its map
-    /// when it is handed back unsent.
+    /// What a request was started with besides its own: the endpoint's `Host` in place of
+    /// the request's, the forwarding fields after the request's, the target stripped of
+    /// the route's prefix; and in the request when it is handed back unsent.
     #[test]
     fn added_fields_are_written_with_the_head_and_put_back_unsent() {
         let mut headers = HeaderMap::new();
@@ -1992,22 +2015,24 @@ mod tests {
         let peer = HeaderValue::from_static("198.51.100.1");
         let forwarded =
             super::super::headers::rewrite(&mut headers, Some(&peer), false, false).forwarded;
+        // `/api//x?q` with `/api` stripped.
         let added = Added {
             host: Some(HeaderValue::from_static("up:80")),
             forwarded,
+            target_from: Some(6),
         };
         let mut out = Vec::new();
         encode_request(
             &mut out,
             &Method::GET,
-            "/",
+            "/api//x?q",
             &headers,
             &added,
             RequestFraming::None,
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "GET / HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\n\
+            "GET /x?q HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\n\
              x-forwarded-for: 198.51.100.1\r\nx-forwarded-host: gw.example\r\n\
              x-forwarded-proto: http\r\n\r\n"
         );
@@ -2016,8 +2041,10 @@ mod tests {
         let mut conn = Conn::new(io);
         let mut request = Request::new(super::super::body::empty());
         *request.headers_mut() = headers;
+        *request.uri_mut() = http::Uri::from_static("/api//x?q");
         conn.start_with(request, added);
         let request = conn.take_unsent().expect("nothing written");
+        assert_eq!(request.uri(), "/x?q");
         let fields: Vec<_> = request
             .headers()
             .iter()

@@ -52,7 +52,6 @@ use tokio::time::Instant;
 use super::body::Body;
 use super::client::ClientBodyError;
 use super::h1;
-use super::headers::Forwarded;
 use crate::discovery::Instance;
 
 /// How long a new connection may take to be established.
@@ -544,32 +543,30 @@ impl EndpointPool {
         None
     }
 
-    /// Sends `request` (its URI in origin form) with the `forwarded` fields on an idle
-    /// connection or a new one, over HTTP/1 or HTTP/2 as the endpoint speaks: each future
-    /// boxed on its own, so neither carries the other's state.
+    /// Sends `request` with what is `added` to it on an idle connection or a new one,
+    /// over HTTP/1 or HTTP/2 as the endpoint speaks: each future boxed on its own, so
+    /// neither carries the other's state.
     pub(crate) fn send(
         self: Arc<Self>,
         mut request: Request<Body>,
-        forwarded: Forwarded,
+        mut added: h1::Added,
     ) -> SendFuture {
         if self.settings.h2 {
-            forwarded.insert_into(request.headers_mut());
+            added.apply(&mut request);
             return SendFuture(Sending::Boxed(Box::pin(self.send_h2(request))));
         }
         match self.ready_idle() {
             // May be closed under the request: the path that keeps a copy of the head.
             Some(conn) if conn.idled => {
-                forwarded.insert_into(request.headers_mut());
+                added.apply(&mut request);
                 SendFuture(Sending::Boxed(Box::pin(self.send_on(conn, true, request))))
             }
             Some(mut conn) => {
-                // The endpoint's `Host` and the forwarding fields are written with the
-                // head, not put into its map first (four insertions saved); they are put
-                // there if the request comes back unsent, to go on another connection.
-                let added = h1::Added {
-                    host: Some(self.host.clone()),
-                    forwarded,
-                };
+                // The endpoint's `Host`, the forwarding fields and the target are written
+                // with the head, not put into the request first (four insertions into
+                // its map, and a URI parsed, saved); they are put there if the request
+                // comes back unsent, to go on another connection.
+                added.host = Some(self.host.clone());
                 conn.h1.start_with(request, added);
                 SendFuture(Sending::Pooled {
                     pool: self,
@@ -577,7 +574,7 @@ impl EndpointPool {
                 })
             }
             None => {
-                forwarded.insert_into(request.headers_mut());
+                added.apply(&mut request);
                 SendFuture(Sending::Boxed(Box::pin(async move {
                     let conn = self.connect().await?;
                     self.send_on(conn, false, request).await
@@ -1009,6 +1006,9 @@ mod tests {
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     let mut response =
                         Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")));
+                    if let Ok(target) = HeaderValue::from_str(&req.uri().to_string()) {
+                        response.headers_mut().insert("x-seen-target", target);
+                    }
                     for name in ["host", "x-forwarded-for", "x-forwarded-proto"] {
                         for value in req.headers().get_all(name) {
                             let echoed = format!("x-seen-{name}");
@@ -1100,9 +1100,12 @@ mod tests {
         let forwarded =
             super::super::headers::rewrite(request.headers_mut(), Some(&peer), false, false)
                 .forwarded;
+        // `/api/x` was the client's, `/x` is what the upstream gets.
+        *request.uri_mut() = http::Uri::from_static("/api/x");
         let added = h1::Added {
             host: Some(pool.host.clone()),
             forwarded,
+            target_from: Some(5),
         };
         stale.h1.start_with(request, added);
         let send = SendFuture(Sending::Pooled {
@@ -1114,6 +1117,7 @@ mod tests {
         assert_eq!(all("x-seen-host"), std::slice::from_ref(&pool.host));
         assert_eq!(all("x-seen-x-forwarded-for"), [peer]);
         assert_eq!(all("x-seen-x-forwarded-proto"), ["http"]);
+        assert_eq!(all("x-seen-target"), ["/x"]);
     }
 
     #[test]

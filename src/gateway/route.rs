@@ -22,7 +22,8 @@ use super::config::{
     ClientKey, ClientLimitSettings, FallbackSettings, LimitPolicy, OnMissing, RouteConfig,
     RoutePlan, ServerConfig, StrategyName,
 };
-use super::headers::{Forwarded, remove_hop_by_hop};
+use super::h1;
+use super::headers::remove_hop_by_hop;
 use super::jwt::JwtVerifier;
 use super::pool::{
     self, EndpointPool, PooledBody, Pools, SendFuture, UpstreamError, UpstreamSettings,
@@ -130,7 +131,8 @@ pub(crate) struct Forwarding {
 }
 
 /// What an upstream call needs besides the request: when the route timeout passes, the
-/// state of the client's request body (`None` without one), and the forwarding fields.
+/// state of the client's request body (`None` without one), and what the endpoint's
+/// connection adds to the request.
 pub(crate) struct Call {
     deadline: Instant,
     /// The deadline is the caller's (`grpc-timeout`), earlier than the route's: passing
@@ -139,8 +141,8 @@ pub(crate) struct Call {
     body: Option<Arc<BodyState>>,
     /// The client connection's timers, to wait for the deadline with.
     timers: Option<ConnTimers>,
-    /// The forwarding fields, written with the request by the endpoint's connection.
-    forwarded: Forwarded,
+    /// What the endpoint's connection writes with the request (or puts into it).
+    added: h1::Added,
 }
 
 /// A request as the balancer passes it to an endpoint.
@@ -168,7 +170,7 @@ impl Service<UpstreamRequest> for Upstream {
             None => (None, Some(tokio::time::sleep_until(call.deadline))),
         };
         UpstreamFuture {
-            send: self.pool.clone().send(request, call.forwarded),
+            send: self.pool.clone().send(request, call.added),
             reused,
             deadline: own,
             body: call.body,
@@ -1063,7 +1065,7 @@ impl RouteCore {
         body: Option<Arc<BodyState>>,
         timers: Option<ConnTimers>,
     ) -> Result<Response<Body>, Infallible> {
-        let (request, forwarded) = self.upstream_request(request, forwarded_for);
+        let (request, added) = self.upstream_request(request, forwarded_for);
         // A gRPC caller's own deadline, when it is the earlier one.
         let budget = super::grpc::caller_budget(request.headers()).filter(|b| *b < self.timeout);
         let call = Call {
@@ -1071,7 +1073,7 @@ impl RouteCore {
             caller_deadline: budget.is_some(),
             body,
             timers,
-            forwarded,
+            added,
         };
         let mut upstream = UpstreamCall {
             route: self.clone(),
@@ -1205,16 +1207,18 @@ impl RouteCore {
         response
     }
 
-    /// The request's URI as sent upstream, in origin form (`/path?query`), the prefix
-    /// stripped if asked. Allocates only when the path changes. The path is the normalised
-    /// one ([`super::path`]); what is left after the prefix never starts with `//`
-    /// (`/api//evil.example/x` is sent as `/evil.example/x`), even with `merge_slashes`
-    /// off.
-    fn upstream_uri(&self, uri: Uri) -> Uri {
+    /// The request's target as sent upstream, in origin form (`/path?query`), the prefix
+    /// stripped if asked: `/` then what follows the returned byte of the URI's path and
+    /// query, for the endpoint's connection to write (or put into the URI: see
+    /// [`h1::Added::apply`]); `None` when it is the path and query as they are. The path
+    /// is the normalised one ([`super::path`]); what is left after the prefix never starts
+    /// with `//` (`/api//evil.example/x` is sent as `/evil.example/x`), even with
+    /// `merge_slashes` off.
+    fn upstream_target(&self, uri: &Uri) -> Option<usize> {
         let strip = self.strip && self.prefix != "/";
         if !strip && uri.scheme().is_none() && uri.authority().is_none() {
-            // Origin form already, unchanged: moved as it is.
-            return uri;
+            // Origin form already, unchanged.
+            return None;
         }
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
         let rest = if strip {
@@ -1227,23 +1231,22 @@ impl RouteCore {
             path_and_query
         };
         // One `/` first: never `//`, an authority to whoever reads it as a URL; and when
-        // the whole path was the prefix, `/api` or `/api?q` becomes `/` or `/?q`. Written
-        // into the thread's header chunk: no allocation of its own.
+        // the whole path was the prefix, `/api` or `/api?q` becomes `/` or `/?q`.
         let rest = rest.trim_start_matches('/');
-        let path = crate::header_arena::bytes(&[b"/", rest.as_bytes()]);
-        Uri::from_maybe_shared(path).unwrap_or_else(|_| Uri::from_static("/"))
+        Some(path_and_query.len() - rest.len())
     }
 
-    /// The request as sent upstream: prefix stripped, hop-by-hop headers dropped, the
-    /// forwarding headers set from what the gateway saw (see [`super::headers`]).
+    /// The request as sent upstream: hop-by-hop headers dropped, the forwarding headers
+    /// set from what the gateway saw (see [`super::headers`]); and what the endpoint's
+    /// connection adds to it: those headers and the target, the prefix stripped.
     fn upstream_request(
         &self,
         request: Request<Body>,
         forwarding: Forwarding,
-    ) -> (Request<Body>, Forwarded) {
+    ) -> (Request<Body>, h1::Added) {
         let Forwarding { peer, https } = forwarding;
         let (mut parts, body) = request.into_parts();
-        parts.uri = self.upstream_uri(std::mem::take(&mut parts.uri));
+        let target_from = self.upstream_target(&parts.uri);
         // The peer's entry is its address's text: parsed back only if a proxy is trusted.
         let trusted = self.trusted.trusts_any()
             && peer
@@ -1259,7 +1262,12 @@ impl RouteCore {
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
         parts.version = http::Version::HTTP_11;
-        (Request::from_parts(parts, body), rewritten.forwarded)
+        let added = h1::Added {
+            host: None,
+            forwarded: rewritten.forwarded,
+            target_from,
+        };
+        (Request::from_parts(parts, body), added)
     }
 }
 

@@ -83,7 +83,7 @@ async fn upstream(leaf: Option<&Leaf>, h2: bool) -> TestUpstream {
             let acceptor = acceptor.clone();
             c.lock().spawn(async move {
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    // The forwarding fields it got, then its version.
+                    // The forwarding fields it got, its target, then its version.
                     let field = |name| {
                         let values = req.headers().get_all(name).iter();
                         values
@@ -91,9 +91,10 @@ async fn upstream(leaf: Option<&Leaf>, h2: bool) -> TestUpstream {
                             .collect::<Vec<_>>()
                     };
                     let body = format!(
-                        "for={:?} proto={:?} {:?}",
+                        "for={:?} proto={:?} target={} {:?}",
                         field("x-forwarded-for"),
                         field("x-forwarded-proto"),
+                        req.uri().path_and_query().map_or("", |p| p.as_str()),
                         req.version()
                     );
                     Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(body))))
@@ -171,7 +172,7 @@ async fn an_https_upstream_is_verified_and_told_its_name_by_sni() {
         assert_eq!(status_of(&answer), 200, "{answer}");
         assert!(answer.ends_with("HTTP/1.1"), "{answer}");
         assert!(
-            answer.contains("for=[\"127.0.0.1\"] proto=[\"http\"] "),
+            answer.contains("for=[\"127.0.0.1\"] proto=[\"http\"] target=/api/x "),
             "{answer}"
         );
     }
@@ -229,7 +230,7 @@ async fn h2_upstream_requests_share_one_connection_over_tls_and_h2c() {
         (&tls_up, tls_settings(&ca, "up.test", "protocol = \"h2\"")),
         (&h2c_up, "protocol = \"h2\"".to_owned()),
     ] {
-        let gw = gateway(up.addr, "", &service).await;
+        let gw = gateway(up.addr, "strip_prefix = true", &service).await;
         let mut calls = JoinSet::new();
         for _ in 0..20 {
             let addr = gw.local_addr();
@@ -239,9 +240,10 @@ async fn h2_upstream_requests_share_one_connection_over_tls_and_h2c() {
             let answer = answer.unwrap();
             assert_eq!(status_of(&answer), 200, "{service}: {answer}");
             assert!(answer.ends_with("HTTP/2.0"), "{service}: {answer}");
-            // Over HTTP/2 as over HTTP/1, the forwarding fields, once each.
+            // Over HTTP/2 as over HTTP/1, the forwarding fields, once each, and the
+            // target without the route's prefix.
             assert!(
-                answer.contains("for=[\"127.0.0.1\"] proto=[\"http\"] "),
+                answer.contains("for=[\"127.0.0.1\"] proto=[\"http\"] target=/x "),
                 "{service}: {answer}"
             );
         }
