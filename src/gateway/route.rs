@@ -55,8 +55,8 @@ type MakeUpstream = Box<dyn FnMut(&Instance) -> Upstream + Send>;
 type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, UpstreamClassifier>;
 /// A route's tower stack: global limit → per-client limit → (with `policy = "redis"`)
 /// the global and per-client limits in Redis → [`Core`]. Concrete, so a request costs no
-/// boxed service clone and one boxed future (the core's) in all, plus one per Redis limit
-/// (its round trip) and a clone of the services below it.
+/// boxed service clone and no boxed future (the core's is [`Forward`]), but one per Redis
+/// limit (its round trip) and a clone of the services below it.
 type Stack = HttpRateLimit<HttpRateLimit<Shared, Option<PerClient>>, Option<RateLimiter>>;
 
 /// The limits kept in Redis, innermost: the local ones outside hand their tokens back
@@ -885,33 +885,108 @@ struct Core {
 impl Service<Request<Body>> for Core {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = Forward;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, request: Request<Body>) -> Forward {
         // A clone of the stack is made for each request and called once: its reference
         // is moved into the future, not counted again.
         let Some(route) = self.route.take() else {
             // Called twice: cannot happen (`Route::respond` clones the stack each time).
-            return Box::pin(std::future::ready(Ok(json_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "route stack reused",
-            ))));
+            return Forward {
+                call: ForwardCall::Done {
+                    response: Some(stack_reused()),
+                },
+                route: None,
+            };
         };
-        let forwarded_for = std::mem::take(&mut self.forwarded_for);
-        let body = self.body.take();
-        let timers = self.timers.take();
-        // Boxed as it is: an `async` block around it would be one more state to move.
-        Box::pin(RouteCore::forward(
-            route,
-            request,
-            forwarded_for,
-            body,
-            timers,
-        ))
+        let (request, added) =
+            route.upstream_request(request, std::mem::take(&mut self.forwarded_for));
+        // A gRPC caller's own deadline, when it is the earlier one.
+        let budget = super::grpc::caller_budget(request.headers()).filter(|b| *b < route.timeout);
+        let call = Call {
+            deadline: Instant::now() + budget.unwrap_or(route.timeout),
+            caller_deadline: budget.is_some(),
+            body: self.body.take(),
+            timers: self.timers.take(),
+            added,
+        };
+        let mut upstream = UpstreamCall {
+            route: route.clone(),
+        };
+        let call = match &route.fallback {
+            Some(fallback) => ForwardCall::Fallback {
+                future: fallback.layer(upstream).call((request, call)),
+            },
+            None => ForwardCall::Plain {
+                future: upstream.call((request, call)),
+            },
+        };
+        Forward {
+            call,
+            route: Some(route),
+        }
+    }
+}
+
+/// The answer of a [`Core`] called twice (or a [`Forward`] polled after completion).
+fn stack_reused() -> Response<Body> {
+    json_error(StatusCode::INTERNAL_SERVER_ERROR, "route stack reused")
+}
+
+/// The future of the route's fallback around [`UpstreamCall`].
+type FallbackCall = <crate::fallback::Fallback<UpstreamCall, FromFn<FallbackFn>> as Service<
+    UpstreamRequest,
+>>::Future;
+
+pin_project_lite::pin_project! {
+    /// The future of [`Core`]: the upstream call, through the route's fallback if it has
+    /// one; its error answered. Named, not boxed: no allocation per request.
+    pub(crate) struct Forward {
+        #[pin]
+        call: ForwardCall,
+        route: Option<Arc<RouteCore>>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = ForwardCallProj]
+    enum ForwardCall {
+        Plain { #[pin] future: Classified },
+        Fallback { #[pin] future: FallbackCall },
+        // Answered without a call.
+        Done { response: Option<Response<Body>> },
+    }
+}
+
+impl Future for Forward {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.call.project() {
+            ForwardCallProj::Plain { future } => std::task::ready!(future.poll(cx)),
+            ForwardCallProj::Fallback { future } => std::task::ready!(future.poll(cx)),
+            ForwardCallProj::Done { response } => {
+                return Poll::Ready(Ok(response.take().unwrap_or_else(stack_reused)));
+            }
+        };
+        let Some(route) = this.route.take() else {
+            // Polled after completion.
+            return Poll::Ready(Ok(stack_reused()));
+        };
+        Poll::Ready(Ok(match result {
+            Ok(response) => {
+                if response.extensions().get::<FellBack>().is_some() {
+                    route.stats.fallbacks.fetch_add(1, Relaxed);
+                }
+                response
+            }
+            Err(e) => route.failure_response(&e),
+        }))
     }
 }
 
@@ -1056,43 +1131,6 @@ impl Future for Classified {
 }
 
 impl RouteCore {
-    /// Takes the route by `Arc` to hand it on to the response body without a clone.
-    /// Never fails: the `Result` is [`Core`]'s.
-    async fn forward(
-        self: Arc<Self>,
-        request: Request<Body>,
-        forwarded_for: Forwarding,
-        body: Option<Arc<BodyState>>,
-        timers: Option<ConnTimers>,
-    ) -> Result<Response<Body>, Infallible> {
-        let (request, added) = self.upstream_request(request, forwarded_for);
-        // A gRPC caller's own deadline, when it is the earlier one.
-        let budget = super::grpc::caller_budget(request.headers()).filter(|b| *b < self.timeout);
-        let call = Call {
-            deadline: Instant::now() + budget.unwrap_or(self.timeout),
-            caller_deadline: budget.is_some(),
-            body,
-            timers,
-            added,
-        };
-        let mut upstream = UpstreamCall {
-            route: self.clone(),
-        };
-        let result = match &self.fallback {
-            Some(fallback) => fallback.layer(upstream).call((request, call)).await,
-            None => upstream.call((request, call)).await,
-        };
-        Ok(match result {
-            Ok(response) => {
-                if response.extensions().get::<FellBack>().is_some() {
-                    self.stats.fallbacks.fetch_add(1, Relaxed);
-                }
-                response
-            }
-            Err(e) => self.failure_response(&e),
-        })
-    }
-
     /// An endpoint's answer or error, as the route passes it on: see [`UpstreamCall`].
     fn classify(
         self: Arc<Self>,
