@@ -423,30 +423,39 @@ impl Gateway {
     }
 
     /// [`Gateway::handle`] for a connection's peer, made once per connection.
-    async fn handle_from<B>(&self, request: Request<B>, peer: &Peer) -> Response<Body>
+    async fn handle_from<B>(&self, mut request: Request<B>, peer: &Peer) -> Response<Body>
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         // A gRPC caller gets the gateway's own answers as gRPC statuses.
-        if super::grpc::is_grpc(request.headers()) {
-            return super::grpc::for_grpc_caller(self.route_request(request, peer).await);
+        let grpc = super::grpc::is_grpc(request.headers());
+        // The route is awaited here, not in an `async fn` of its own: each would keep
+        // another copy of the request in its state.
+        let response = match self.route_for(&mut request, peer) {
+            Ok(route) => route.handle(request, peer).await,
+            Err(answer) => answer,
+        };
+        if grpc {
+            super::grpc::for_grpc_caller(response)
+        } else {
+            response
         }
-        self.route_request(request, peer).await
     }
 
-    /// Checks, routes and serves a request.
-    async fn route_request<B>(&self, mut request: Request<B>, peer: &Peer) -> Response<Body>
-    where
-        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        if let Err(refused) = self.prepare(&mut request, peer) {
-            return refused;
-        }
+    /// Checks a request and finds its route; the answer when there is none to call (a
+    /// refusal, an admin path, or no route matched).
+    // The answer is returned by value, as `prepare`'s.
+    #[allow(clippy::result_large_err)]
+    fn route_for<B>(
+        &self,
+        request: &mut Request<B>,
+        peer: &Peer,
+    ) -> Result<&Route, Response<Body>> {
+        self.prepare(request, peer)?;
         let path = request.uri().path();
         if self.inner.admin.on_proxy && is_admin_path(path) {
-            return self.handle_admin(&request);
+            return Err(self.handle_admin(request));
         }
         let route = self
             .inner
@@ -454,13 +463,10 @@ impl Gateway {
             .iter()
             .map(|&i| &self.inner.routes[i])
             .find(|r| r.matches(path));
-        match route {
-            Some(route) => route.handle(request, peer).await,
-            None => {
-                self.inner.unmatched.fetch_add(1, Relaxed);
-                json_error(StatusCode::NOT_FOUND, "no route")
-            }
-        }
+        route.ok_or_else(|| {
+            self.inner.unmatched.fetch_add(1, Relaxed);
+            json_error(StatusCode::NOT_FOUND, "no route")
+        })
     }
 
     /// Answers a request to the admin listener: `GET` or `HEAD` of [`METRICS_PATH`],
