@@ -63,12 +63,17 @@ async fn upstream() -> (SocketAddr, Seen) {
 }
 
 async fn gateway(extra: &str, upstream: SocketAddr) -> GatewayHandle {
-    let config = format!(
+    spawn(&format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\n{extra}\n\
          [[routes]]\nname = \"traced\"\npath_prefix = \"/api\"\nservice = \"svc\"\n\
          [[services]]\nname = \"svc\"\ninstances = [\"{upstream}\"]\n"
-    );
-    let config = GatewayConfig::from_toml_str(&config).unwrap();
+    ))
+    .await
+}
+
+/// A gateway serving `config` on a port of its own.
+async fn spawn(config: &str) -> GatewayHandle {
+    let config = GatewayConfig::from_toml_str(config).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     Gateway::build(config, Discovery::Static)
         .await
@@ -348,19 +353,14 @@ async fn each_request_is_a_span_with_its_fields() {
 async fn a_limit_keyed_on_the_request_id_sees_the_id_the_gateway_made() {
     crate::recorded();
     let (addr, seen) = upstream().await;
-    let config = format!(
+    let gw = spawn(&format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\n\
          [[routes]]\nname = \"keyed\"\npath_prefix = \"/api\"\nservice = \"svc\"\n\
          [routes.rate_limit]\n\
          per_client = {{ per_second = 1, burst = 1, key = \"header:x-request-id\" }}\n\
          [[services]]\nname = \"svc\"\ninstances = [\"{addr}\"]\n"
-    );
-    let config = GatewayConfig::from_toml_str(&config).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw = Gateway::build(config, Discovery::Static)
-        .await
-        .unwrap()
-        .spawn(listener);
+    ))
+    .await;
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let status = |id: Option<&'static str>| {
