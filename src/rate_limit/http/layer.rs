@@ -418,17 +418,29 @@ fn state_value(name: &str, remaining: u64, reset: u64) -> HeaderValue {
     crate::header_arena::value(&parts).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
-/// `n` in decimal, in the tail of `buf`.
+/// `n` in decimal, in the tail of `buf`: two digits at a time, from a table.
 fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
     let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
     }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
+        i -= 1;
+        buf[i] = b'0' + n as u8;
+    }
+    &buf[i..]
 }
 
 /// Which rate-limit headers a layer sends.
@@ -822,7 +834,10 @@ mod tests {
             state("x", u64::MAX, u64::MAX),
             format!("\"x\";r={0};t={0}", u64::MAX)
         );
-        for n in [1, 7, 10, 99, 100, 101, 65_535, 4_294_967_295] {
+        // Every digit count, and each side of every power of ten.
+        let powers = (0..20).map(|p| 10u64.pow(p));
+        let around = powers.flat_map(|n| [n - 1, n, n + 1]);
+        for n in around.chain([7, 65_535, 4_294_967_295, u64::MAX - 1, u64::MAX]) {
             let mut buf = [0; 20];
             assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
         }
