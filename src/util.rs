@@ -1,5 +1,6 @@
 //! Small crate-private helpers shared by several layers: one home for the random numbers
-//! that spread retries and picks, and for time arithmetic in nanoseconds.
+//! that spread retries and picks, for time arithmetic in nanoseconds, and for numbers
+//! written into header fields.
 
 use std::hash::{BuildHasher, Hash};
 use std::time::Duration;
@@ -103,9 +104,48 @@ pub(crate) fn not_a_fraction(value: f64, range: &str) -> String {
     }
 }
 
+/// `n` in decimal, in the tail of `buf`: two digits at a time, from a table (the
+/// `RateLimit` fields' numbers, HTTP/1 `Content-Length`).
+#[cfg(feature = "http")]
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
+    let mut i = buf.len();
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        i -= 2;
+        buf[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
+        i -= 1;
+        buf[i] = b'0' + n as u8;
+    }
+    &buf[i..]
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn decimal_writes_every_digit_count() {
+        // Every digit count, and each side of every power of ten.
+        let powers = (0..20).map(|p| 10u64.pow(p));
+        let around = powers.flat_map(|n| [n - 1, n, n + 1]);
+        for n in around.chain([7, 65_535, 4_294_967_295, u64::MAX - 1, u64::MAX]) {
+            let mut buf = [0; 20];
+            assert_eq!(super::decimal(n, &mut buf), n.to_string().as_bytes());
+        }
+    }
 
     #[test]
     fn streams_spread_and_seeds_differ() {

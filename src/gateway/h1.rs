@@ -734,18 +734,7 @@ impl Added {
 
 /// `n` in decimal.
 pub(crate) fn decimal(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(crate::util::decimal(n, &mut [0; 20]));
 }
 
 /// `n` in hexadecimal.
