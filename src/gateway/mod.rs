@@ -13,11 +13,14 @@
 //! 1. **JWT auth** (`auth = true`): an HS256 `Authorization: Bearer` token, its signature,
 //!    `exp`/`nbf`, `iss`/`aud` ([`jwt`]); any failure is `401` with
 //!    `WWW-Authenticate: Bearer error="invalid_token"`;
-//! 2. **global limit**, then **per-client limit** (by client IP or by a header):
-//!    [`HttpRateLimitLayer`](crate::rate_limit::http::HttpRateLimitLayer) answers `429`
-//!    with `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers (which admitted
-//!    responses carry too), or `Retry-After` alone with `hide_client_headers = true`. A
-//!    request is charged only if both admit it: one the per-client limit refuses gets its
+//! 2. **global limit**, then **per-client limit** (by client IP or by a header), checked
+//!    in one layer that answers as two stacked
+//!    [`HttpRateLimitLayer`](crate::rate_limit::http::HttpRateLimitLayer)s do: `429` with
+//!    `Retry-After` and the `RateLimit-Policy` / `RateLimit` headers (which admitted
+//!    responses carry too), or `Retry-After` alone with `hide_client_headers = true`. On
+//!    an admitted response, one `RateLimit-Policy` and one `RateLimit` field list the
+//!    per-client policy, then the global one (`"per-client";r=4;t=1, "global";r=99;t=1`);
+//!    a 429 has a field line for each. A request is charged only if both admit it: one the per-client limit refuses gets its
 //!    global token back, so a client hammering the route is refused by its own limit
 //!    without draining the global one for the others ([stacked
 //!    limits](crate::rate_limit#stacked-limits)). The client IP is the peer's address, or,

@@ -43,7 +43,7 @@ use crate::discovery::{Instance, InstanceWatch, ServiceDiscover};
 use crate::fallback::{FallbackLayer, FromFn};
 #[cfg(feature = "redis")]
 use crate::rate_limit::Quota;
-use crate::rate_limit::http::{ClientIp, HeaderKey, HttpRateLimit, HttpRateLimitLayer, Refused};
+use crate::rate_limit::http::{ClientIp, HeaderKey, HttpRateLimitPair, PairedHeaders, Refused};
 #[cfg(feature = "redis")]
 use crate::rate_limit::redis::{RedisLimit, RedisRateLimiter};
 use crate::rate_limit::{
@@ -53,11 +53,12 @@ use tokio::time::Instant;
 
 type MakeUpstream = Box<dyn FnMut(&Instance) -> Upstream + Send>;
 type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, UpstreamClassifier>;
-/// A route's tower stack: global limit → per-client limit → (with `policy = "redis"`)
-/// the global and per-client limits in Redis → [`Core`]. Concrete, so a request costs no
-/// boxed service clone and no boxed future (the core's is [`Forward`]), but one per Redis
-/// limit (its round trip) and a clone of the services below it.
-type Stack = HttpRateLimit<HttpRateLimit<Shared, Option<PerClient>>, Option<RateLimiter>>;
+/// A route's tower stack: the global, then the per-client limit, in one layer (one
+/// `RateLimit` field lists both) → (with `policy = "redis"`) the global and per-client
+/// limits in Redis → [`Core`]. Concrete, so a request costs no boxed service clone and
+/// no boxed future (the core's is [`Forward`]), but one per Redis limit (its round trip)
+/// and a clone of the services below it.
+type Stack = HttpRateLimitPair<Shared, Option<RateLimiter>, Option<PerClient>>;
 
 /// The limits kept in Redis, innermost: the local ones outside hand their tokens back
 /// when these refuse.
@@ -588,12 +589,6 @@ impl Route {
             trace: TraceSettings::new(server),
         });
         let hide = config.rate_limit.hide_client_headers;
-        let per_client = HttpRateLimitLayer::new(per_client.map(|(l, ..)| l))
-            .name("per-client")
-            .hide_headers(hide);
-        let global = HttpRateLimitLayer::new(global.map(|(l, _)| l))
-            .name("global")
-            .hide_headers(hide);
         let inner = Core {
             route: Some(core.clone()),
             forwarded_for: Forwarding::default(),
@@ -618,7 +613,12 @@ impl Route {
                 None => MaybeRedis::Off(inner),
             }
         };
-        let stack = global.layer(per_client.layer(inner));
+        let stack = HttpRateLimitPair::new(
+            inner,
+            global.map(|(l, _)| l),
+            per_client.map(|(l, ..)| l),
+            PairedHeaders::new("global", "per-client", hide),
+        );
         Ok(Self { core, auth, stack })
     }
 
@@ -712,14 +712,14 @@ impl Route {
         // The clone is a few reference counts. Its per-client limit and its core learn
         // the peer here rather than from the request's extensions (three allocations);
         // the limits see the request as the client sent it, and the core rewrites it for
-        // the upstream. Without a local limit, the two limit layers would only pass the
-        // request on: what is under them is cloned and called alone.
+        // the upstream. Without a local limit, the limit layer would only pass the
+        // request on: what is under it is cloned and called alone.
         //
         // Readied as tower's contract asks, though every layer is always ready (limits
         // answer in `call`, the balancer is waited for in the core's future): one poll
         // through the layers. The future owns all it needs.
         let result = if self.core.global.is_none() && self.core.per_client.is_none() {
-            let mut shared = self.stack.get_ref().get_ref().clone();
+            let mut shared = self.stack.get_ref().clone();
             self.prime(&mut shared, client, peer, state);
             match shared.ready().await {
                 Ok(ready) => ready.call(request).await,
@@ -727,11 +727,10 @@ impl Route {
             }
         } else {
             let mut stack = self.stack.clone();
-            let per_client = stack.get_mut();
-            if let Some(limit) = per_client.limit_mut() {
+            if let Some(limit) = stack.inner_limit_mut() {
                 limit.keying.client = client;
             }
-            self.prime(per_client.get_mut(), client, peer, state);
+            self.prime(stack.get_mut(), client, peer, state);
             match stack.ready().await {
                 Ok(ready) => ready.call(request).await,
                 Err(never) => Err(never),

@@ -156,6 +156,14 @@ impl Refund for () {
     fn refund(self) {}
 }
 
+/// Both hand back theirs (two limits checked together).
+impl<A: Refund, B: Refund> Refund for (A, B) {
+    fn refund(self) {
+        self.0.refund();
+        self.1.refund();
+    }
+}
+
 impl<R: Refund> Refund for Option<R> {
     fn refund(self) {
         if let Some(r) = self {

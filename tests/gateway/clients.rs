@@ -162,6 +162,71 @@ async fn a_client_refused_by_its_own_limit_does_not_drain_the_global_limit() {
     gw.shutdown().await;
 }
 
+/// The values of the `name` fields in a raw answer's head, one per field line.
+fn field_lines(answer: &str, name: &str) -> Vec<String> {
+    answer
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_owned())
+        .collect()
+}
+
+/// Both limits on an admitted response: one `RateLimit-Policy` and one `RateLimit` field
+/// line, each listing the per-client policy, then the global one. A client's 429 names
+/// both policies too, with `Retry-After`; hidden limits send neither field.
+#[tokio::test]
+async fn both_limits_are_listed_in_one_field_line_each() {
+    let up = Recorder::start().await;
+    let limits = "global = { per_second = 100 }, per_client = { per_second = 1, burst = 1 }";
+    let (gw, _r) = gateway(&route(&format!("rate_limit = {{ {limits} }}")), &up).await;
+    let addr = gw.local_addr();
+    let (status, answer) = raw(addr, &get("/x", "")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        field_lines(&answer, "ratelimit-policy"),
+        ["\"per-client\";q=1;w=1, \"global\";q=100;w=1"],
+        "{answer}"
+    );
+    assert_eq!(
+        field_lines(&answer, "ratelimit"),
+        ["\"per-client\";r=0;t=1, \"global\";r=99;t=1"],
+        "{answer}"
+    );
+
+    let (status, answer) = raw(addr, &get("/x", "")).await;
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(field_lines(&answer, "retry-after"), ["1"], "{answer}");
+    assert_eq!(
+        field_lines(&answer, "ratelimit-policy").join(", "),
+        "\"per-client\";q=1;w=1, \"global\";q=100;w=1",
+        "{answer}"
+    );
+    let state = field_lines(&answer, "ratelimit").join(", ");
+    assert!(
+        state.starts_with("\"per-client\";r=0;t=1, \"global\";r="),
+        "{answer}"
+    );
+    gw.shutdown().await;
+
+    let (gw, _r) = gateway(
+        &route(&format!(
+            "rate_limit = {{ {limits}, hide_client_headers = true }}"
+        )),
+        &up,
+    )
+    .await;
+    let (status, answer) = raw(gw.local_addr(), &get("/x", "")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(field_lines(&answer, "ratelimit").is_empty(), "{answer}");
+    assert!(
+        field_lines(&answer, "ratelimit-policy").is_empty(),
+        "{answer}"
+    );
+    gw.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------
 // Item 4: two Authorization headers.
 

@@ -220,6 +220,23 @@ impl HeaderSettings {
     pub(super) fn missing_key<B: ProblemBody>(&self) -> Response<B> {
         missing_key(&self.name)
     }
+
+    /// What `decision` lets through: the admitted figures and the charge (`None` for a
+    /// request the limit does not apply to), or this layer's answer to a request it
+    /// does not let through (its `429`, `500` or `503`).
+    #[inline]
+    pub(crate) fn decide<B: ProblemBody, Ch>(
+        &self,
+        decision: Decision<Ch>,
+    ) -> Result<Option<(Admitted, Ch)>, Response<B>> {
+        match decision {
+            Decision::Admitted(admitted, charge) => Ok(Some((admitted, charge))),
+            Decision::Unlimited => Ok(None),
+            Decision::Refused(refused) => Err(self.refusal(refused)),
+            Decision::MissingKey => Err(self.missing_key()),
+            Decision::Unavailable(_) => Err(unavailable()),
+        }
+    }
 }
 
 /// The header settings' builder methods, for a layer with a `settings: HeaderSettings`
@@ -286,7 +303,7 @@ macro_rules! header_settings_methods {
 pub(super) use header_settings_methods;
 
 /// Rounds up to whole seconds, as `Retry-After` and `t=` want.
-fn ceil_secs(d: Duration) -> u64 {
+pub(super) fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
@@ -327,7 +344,7 @@ impl PolicyName {
     }
 
     /// `"name";q=…;w=…` for this quota.
-    fn policy(&self, limit: u32, window: Duration) -> HeaderValue {
+    pub(super) fn policy(&self, limit: u32, window: Duration) -> HeaderValue {
         if let Some((l, w, value)) = self.policy.get() {
             if *l == limit && *w == window {
                 return value.clone();
@@ -427,9 +444,9 @@ pub(super) struct HeaderStyle {
     pub(super) hidden: bool,
 }
 
-/// The headers one decision adds to a response.
+/// The headers one decision (or a pair's two) adds to a response.
 #[derive(Debug)]
-pub(super) struct Headers {
+pub(crate) struct Headers {
     /// `RateLimit-Policy` and `RateLimit`, unless hidden.
     draft: Option<(HeaderValue, HeaderValue)>,
     legacy: Option<(HeaderValue, HeaderValue)>,
@@ -437,6 +454,16 @@ pub(super) struct Headers {
 }
 
 impl Headers {
+    #[cfg(feature = "gateway")]
+    /// `RateLimit-Policy: policy` and `RateLimit: state`, nothing else.
+    pub(super) fn draft(policy: HeaderValue, state: HeaderValue) -> Self {
+        Self {
+            draft: Some((policy, state)),
+            legacy: None,
+            retry_after: None,
+        }
+    }
+
     /// `None` when there is nothing to add: an admitted request, its headers hidden.
     pub(super) fn new(
         name: &PolicyName,
@@ -467,7 +494,7 @@ impl Headers {
         })
     }
 
-    pub(super) fn apply(self, headers: &mut http::HeaderMap) {
+    pub(crate) fn apply(self, headers: &mut http::HeaderMap) {
         if let Some((policy, state)) = self.draft {
             headers.append(RATELIMIT_POLICY.clone(), policy);
             headers.append(RATELIMIT.clone(), state);
@@ -529,16 +556,14 @@ where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     ResB: ProblemBody,
 {
-    match decision {
-        Decision::Admitted(admitted, charge) => ResponseFuture::called(
+    match settings.decide(decision) {
+        Ok(Some((admitted, charge))) => ResponseFuture::called(
             inner.call(request),
             settings.admitted(admitted),
             Some(charge),
         ),
-        Decision::Unlimited => ResponseFuture::called(inner.call(request), None, None),
-        Decision::Refused(refused) => ResponseFuture::refused(settings.refusal(refused)),
-        Decision::MissingKey => ResponseFuture::refused(settings.missing_key()),
-        Decision::Unavailable(_) => ResponseFuture::refused(unavailable()),
+        Ok(None) => ResponseFuture::called(inner.call(request), None, None),
+        Err(refusal) => ResponseFuture::refused(refusal),
     }
 }
 
@@ -698,7 +723,7 @@ pin_project! {
 }
 
 impl<F, B, R> ResponseFuture<F, B, R> {
-    fn called(future: F, headers: Option<Headers>, charge: Option<R>) -> Self {
+    pub(crate) fn called(future: F, headers: Option<Headers>, charge: Option<R>) -> Self {
         Self {
             kind: Kind::Called {
                 future,
@@ -708,7 +733,7 @@ impl<F, B, R> ResponseFuture<F, B, R> {
         }
     }
 
-    fn refused(response: Response<B>) -> Self {
+    pub(crate) fn refused(response: Response<B>) -> Self {
         Self {
             kind: Kind::Refused {
                 response: Some(response),

@@ -16,6 +16,8 @@
 
 mod key;
 mod layer;
+#[cfg(feature = "gateway")]
+mod pair;
 pub mod parse;
 #[cfg(feature = "redis")]
 mod redis;
@@ -30,6 +32,8 @@ pub use layer::{
     RATELIMIT, RATELIMIT_POLICY, RefusalBody, Refused, Respond, ResponseFuture, X_RATELIMIT_LIMIT,
     X_RATELIMIT_REMAINING,
 };
+#[cfg(feature = "gateway")]
+pub(crate) use pair::{HttpRateLimitPair, PairedHeaders};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{HttpRedisRateLimit, HttpRedisRateLimitLayer};
