@@ -238,8 +238,13 @@ impl Classify<Response<PooledBody>, UpstreamError> for UpstreamClassifier {
     #[inline]
     fn classify(&self, result: Result<&Response<PooledBody>, &UpstreamError>) -> Outcome {
         match result {
-            // A gRPC answer in one head (trailers-only): its `grpc-status` decides.
-            Ok(response) if response.status() == http::StatusCode::OK => {
+            // A gRPC answer in one head (trailers-only): its `grpc-status` decides. An
+            // answer whose head had neither a gRPC type nor a `grpc-status` (most) is
+            // not looked up.
+            Ok(response)
+                if response.status() == http::StatusCode::OK
+                    && response.body().head_facts().grpc() =>
+            {
                 match GrpcCode::from_headers(response.headers()) {
                     Some(code) => GrpcClassifier::new().classify_code(code),
                     None => Outcome::Success,
@@ -259,6 +264,7 @@ impl Classify<Response<PooledBody>, UpstreamError> for UpstreamClassifier {
         match result {
             Ok(response)
                 if response.status() == http::StatusCode::OK
+                    && response.body().head_facts().grpc()
                     && super::grpc::status_in_trailers(response.headers()) =>
             {
                 response

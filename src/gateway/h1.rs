@@ -119,6 +119,59 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// Whether the connection may carry another request after this exchange.
     pub keep_alive: bool,
+    /// What the parse saw of the fields the gateway would otherwise look up again.
+    pub(crate) facts: HeadFacts,
+}
+
+/// What parsing a response head noticed of the few fields the gateway looks up in every
+/// response: seen in the one pass over the fields that builds the map, they spare a
+/// lookup each (a hash of the name and a probe) in every response that lacks them, which
+/// is nearly all. Each flag is conservative: set, the field may be there and is looked
+/// up as before.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct HeadFacts {
+    bits: u8,
+}
+
+impl HeadFacts {
+    const HOP_BY_HOP: u8 = 1;
+    const GRPC: u8 = 1 << 1;
+    const KEEP_ALIVE: u8 = 1 << 2;
+
+    /// Facts that rule nothing out: every lookup is made (an HTTP/2 response's).
+    pub(crate) const UNKNOWN: Self = Self { bits: u8::MAX };
+
+    /// Notes a field of the head, as it goes into the map.
+    #[inline]
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        let hop = super::headers::hop_bit(name);
+        if hop != 0 {
+            self.bits |= Self::HOP_BY_HOP;
+            if hop == super::headers::KEEP_ALIVE {
+                self.bits |= Self::KEEP_ALIVE;
+            }
+        } else if (*name == header::CONTENT_TYPE && value.starts_with(b"application/grpc"))
+            || *name == crate::grpc::GRPC_STATUS
+        {
+            self.bits |= Self::GRPC;
+        }
+    }
+
+    /// A hop-by-hop field (RFC 9110's list, `Keep-Alive` or `Proxy-Connection`) may be in
+    /// the head.
+    pub(crate) fn hop_by_hop(self) -> bool {
+        self.bits & Self::HOP_BY_HOP != 0
+    }
+
+    /// A gRPC content type or a `grpc-status` may be in the head.
+    pub(crate) fn grpc(self) -> bool {
+        self.bits & Self::GRPC != 0
+    }
+
+    /// A `Keep-Alive` field may be in the head.
+    pub(crate) fn keep_alive(self) -> bool {
+        self.bits & Self::KEEP_ALIVE != 0
+    }
 }
 
 /// Where a header field's name and value are in the head: offsets and lengths (a head is
@@ -228,6 +281,7 @@ fn head_of(
     let mut transfer_encoding = false;
     let mut chunked = false;
     let (mut close, mut keep_alive) = (false, false);
+    let mut facts = HeadFacts::default();
     for &[name_at, name_len, value_at, value_len] in spans {
         let (name_at, value_at) = (name_at as usize, value_at as usize);
         let name = field_name(&head[name_at..name_at + name_len as usize])
@@ -253,6 +307,7 @@ fn head_of(
         {
             continue;
         }
+        facts.note(&name, value);
         let value =
             HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
                 .map_err(|_| ProtocolError("invalid header value"))?;
@@ -295,6 +350,7 @@ fn head_of(
         headers,
         framing,
         keep_alive,
+        facts,
     })
 }
 
@@ -874,6 +930,8 @@ pub(crate) struct Conn<IO> {
     answered: bool,
     /// The last response allows another request.
     keep_alive: bool,
+    /// What the parse of the last response head saw.
+    facts: HeadFacts,
 }
 
 impl<IO> fmt::Debug for Conn<IO> {
@@ -914,7 +972,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             checked: false,
             answered: false,
             keep_alive: true,
+            facts: HeadFacts::UNKNOWN,
         }
+    }
+
+    /// What the parse of the last response head saw of the fields looked up later.
+    pub(crate) fn head_facts(&self) -> HeadFacts {
+        self.facts
     }
 
     /// Whether bytes of an answer came since the current request began.
@@ -1236,6 +1300,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     /// The response of `head`, its body to be read from this connection.
     fn begin_body(&mut self, head: ResponseHead) -> Response<()> {
         self.keep_alive = head.keep_alive;
+        self.facts = head.facts;
         self.reading = match head.framing {
             Framing::Empty => Reading::Done,
             Framing::Length(n) => Reading::Length(n),
@@ -1908,6 +1973,68 @@ mod tests {
             proptest::prop_assert_eq!(data, chunks.concat());
             proptest::prop_assert!(ended);
             proptest::prop_assert_eq!(trailers.is_some(), trailer);
+        }
+    }
+
+    proptest::proptest! {
+        /// What the parse notes of a head matches its map: where a fact rules a field
+        /// out, the lookups it spares find nothing; where it does not, the field is there.
+        #[test]
+        fn head_facts_match_the_fields(
+            picks in proptest::collection::vec(0usize..14, 0..8),
+        ) {
+            const FIELDS: [&str; 14] = [
+                "Content-Type: application/json",
+                "Content-Type: application/grpc+proto",
+                "content-type: text/plain",
+                "grpc-status: 0",
+                "Grpc-Status: 14",
+                "Keep-Alive: timeout=5",
+                "Proxy-Connection: keep-alive",
+                "Connection: close",
+                "Connection: keep-alive, x-secret",
+                "Upgrade: h2c",
+                "Trailer: x-sum",
+                "X-Custom: 1",
+                "Server: test",
+                "Date: Mon, 01 Jan 2024 00:00:00 GMT",
+            ];
+            let mut head = String::from("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n");
+            for &i in &picks {
+                head.push_str(FIELDS[i]);
+                head.push_str("\r\n");
+            }
+            head.push_str("\r\n");
+            let parsed = parse_response(&mut BytesMut::from(head.as_bytes()), false)
+                .unwrap()
+                .unwrap();
+            let (facts, headers) = (parsed.facts, parsed.headers);
+            let mut stripped = headers.clone();
+            super::super::headers::remove_hop_by_hop(&mut stripped);
+            let hop = headers
+                .keys()
+                .any(|name| super::super::headers::hop_bit(name) != 0);
+            proptest::prop_assert_eq!(facts.hop_by_hop(), hop, "{}", head);
+            if !facts.hop_by_hop() {
+                proptest::prop_assert_eq!(&stripped, &headers);
+            }
+            let grpc = super::super::grpc::status_in_trailers(&headers)
+                || crate::grpc::GrpcCode::from_headers(&headers).is_some();
+            let grpc_type = headers
+                .get_all(header::CONTENT_TYPE)
+                .iter()
+                .any(|v| v.as_bytes().starts_with(b"application/grpc"));
+            proptest::prop_assert_eq!(
+                facts.grpc(),
+                grpc_type || headers.contains_key(&crate::grpc::GRPC_STATUS),
+                "{}", head
+            );
+            proptest::prop_assert!(facts.grpc() || !grpc, "{}", head);
+            proptest::prop_assert_eq!(
+                facts.keep_alive(),
+                headers.contains_key("keep-alive"),
+                "{}", head
+            );
         }
     }
 

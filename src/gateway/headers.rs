@@ -57,7 +57,7 @@ const PROTECTED: [HeaderName; 3] = [header::HOST, header::AUTHORIZATION, header:
 /// [`remove_hop_by_hop`]'s bit for `name`: bit *i* for `HOP_BY_HOP[i]`, then
 /// `keep-alive` and `proxy-connection`; 0 for any other name.
 #[inline]
-fn hop_bit(name: &HeaderName) -> u16 {
+pub(crate) fn hop_bit(name: &HeaderName) -> u16 {
     // Names are lower case: one match on the text (by length first), not a comparison
     // with each entry of the list (this runs for every field of every message).
     match name.as_str() {
@@ -75,7 +75,7 @@ fn hop_bit(name: &HeaderName) -> u16 {
 }
 
 /// [`hop_bit`] of `keep-alive`, past the bits of [`HOP_BY_HOP`].
-const KEEP_ALIVE: u16 = 1 << HOP_BY_HOP_LEN;
+pub(crate) const KEEP_ALIVE: u16 = 1 << HOP_BY_HOP_LEN;
 /// [`hop_bit`] of `proxy-connection`.
 const PROXY_CONNECTION: u16 = KEEP_ALIVE << 1;
 

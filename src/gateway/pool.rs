@@ -51,7 +51,7 @@ use tokio::time::Instant;
 
 use super::body::Body;
 use super::client::ClientBodyError;
-use super::h1;
+use super::h1::{self, HeadFacts};
 use crate::discovery::Instance;
 
 /// How long a new connection may take to be established.
@@ -594,8 +594,14 @@ impl EndpointPool {
 
     /// The response whose head came on `conn`, its body read from it.
     fn respond(self: &Arc<Self>, mut conn: Pooled, response: Response<()>) -> Response<PooledBody> {
-        conn.max_idle = max_idle(response.headers());
-        response.map(|()| PooledBody::new(conn, self.clone()))
+        let facts = conn.h1.head_facts();
+        // Without a `Keep-Alive` field (nearly always), nothing to look up.
+        conn.max_idle = if facts.keep_alive() {
+            max_idle(response.headers())
+        } else {
+            IDLE_TIMEOUT
+        };
+        response.map(|()| PooledBody::new(conn, self.clone(), facts))
     }
 
     /// This thread's HTTP/2 connection, if it is open.
@@ -872,6 +878,8 @@ impl Pools {
 pub(crate) struct PooledBody {
     inner: Inner,
     pool: Arc<EndpointPool>,
+    /// What the parse of the response head saw ([`HeadFacts::UNKNOWN`] over HTTP/2).
+    facts: HeadFacts,
 }
 
 enum Inner {
@@ -881,10 +889,11 @@ enum Inner {
 }
 
 impl PooledBody {
-    fn new(conn: Pooled, pool: Arc<EndpointPool>) -> Self {
+    fn new(conn: Pooled, pool: Arc<EndpointPool>, facts: HeadFacts) -> Self {
         let mut body = Self {
             inner: Inner::H1(Some(conn)),
             pool,
+            facts,
         };
         // No body (`HEAD`, `204`, `Content-Length: 0`): the connection is free at once.
         body.release_if_done();
@@ -896,7 +905,14 @@ impl PooledBody {
         Self {
             inner: Inner::H2(body),
             pool,
+            facts: HeadFacts::UNKNOWN,
         }
+    }
+
+    /// What the parse of the response's head saw of the fields the gateway looks up in
+    /// every response: a field it rules out need not be looked up.
+    pub(crate) fn head_facts(&self) -> HeadFacts {
+        self.facts
     }
 
     /// Once the body has ended, the connection goes back to the pool if it can carry

@@ -1337,7 +1337,10 @@ pub static FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-seawall-fall
 
 fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
-    remove_hop_by_hop(&mut parts.headers);
+    // A head parsed without hop-by-hop fields (most) has nothing to remove.
+    if body.head_facts().hop_by_hop() {
+        remove_hop_by_hop(&mut parts.headers);
+    }
     let grpc_outcome = parts
         .extensions
         .remove::<super::grpc::PendingOutcome>()

@@ -23,11 +23,18 @@ const SECRET: &str = "a test secret of enough bytes";
 type Seen = Vec<(String, String)>;
 
 /// A hand-written upstream: reads request heads (no bodies: GETs only) on keep-alive
-/// connections, records their headers and answers `200 ok`.
+/// connections, records their headers and answers `200 ok` (to `GET /hop`, with
+/// hop-by-hop fields of its own).
 struct Recorder {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
+
+/// An answer with a field of every hop-by-hop kind: `Connection` naming another field,
+/// that field, `Keep-Alive`, `Proxy-Connection`, `Upgrade`; and one end-to-end field.
+const HOP_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nConnection: x-internal\r\nX-Internal: secret\r\n\
+    Keep-Alive: timeout=30\r\nProxy-Connection: keep-alive\r\nUpgrade: foo/1\r\n\
+    X-Kept: 1\r\nContent-Length: 2\r\n\r\nok";
 
 impl Recorder {
     async fn start() -> Self {
@@ -58,11 +65,12 @@ impl Recorder {
                             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
                             .collect();
                         record.lock().push(headers);
-                        if stream
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                            .await
-                            .is_err()
-                        {
+                        let answer: &[u8] = if head.starts_with("GET /hop ") {
+                            HOP_ANSWER
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        };
+                        if stream.write_all(answer).await.is_err() {
                             return;
                         }
                     }
@@ -171,6 +179,31 @@ fn field_lines(answer: &str, name: &str) -> Vec<String> {
         .filter(|(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.trim().to_owned())
         .collect()
+}
+
+/// An upstream's hop-by-hop fields stay on its hop, whether the answer before it on the
+/// same pooled connection had any or not; its other fields are passed on.
+#[tokio::test]
+async fn an_upstreams_hop_by_hop_fields_are_not_passed_on() {
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(&route(""), &up).await;
+    for path in ["/hop", "/plain", "/hop"] {
+        let (status, answer) = raw(gw.local_addr(), &get(path, "")).await;
+        assert_eq!(status, 200, "{answer}");
+        for name in ["x-internal", "keep-alive", "proxy-connection", "upgrade"] {
+            assert!(field_lines(&answer, name).is_empty(), "{name}: {answer}");
+        }
+        assert!(
+            field_lines(&answer, "connection")
+                .iter()
+                .all(|v| v == "close"),
+            "only the gateway's own Connection: {answer}"
+        );
+        let kept = if path == "/hop" { vec!["1"] } else { vec![] };
+        assert_eq!(field_lines(&answer, "x-kept"), kept, "{answer}");
+    }
+    assert_eq!(up.count(), 3);
+    gw.shutdown().await;
 }
 
 /// Both limits on an admitted response: one `RateLimit-Policy` and one `RateLimit` field
