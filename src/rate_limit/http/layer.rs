@@ -454,8 +454,8 @@ pub(crate) struct Headers {
 }
 
 impl Headers {
-    #[cfg(feature = "gateway")]
     /// `RateLimit-Policy: policy` and `RateLimit: state`, nothing else.
+    #[cfg(feature = "gateway")]
     pub(super) fn draft(policy: HeaderValue, state: HeaderValue) -> Self {
         Self {
             draft: Some((policy, state)),

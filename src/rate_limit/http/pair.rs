@@ -25,7 +25,7 @@ pub(crate) struct PairedHeaders {
     outer: HeaderSettings,
     inner: HeaderSettings,
     policy: OnceLock<(Quotas, HeaderValue)>,
-    /// `"inner";r=` and `, "outer";r=`: the state's text but its figures.
+    /// `"inner";r=` and `, "outer";r=`: the state's text around its figures.
     state_prefixes: [Box<[u8]>; 2],
 }
 
