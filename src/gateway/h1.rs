@@ -1013,13 +1013,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     /// Whether an idle connection is still usable: the upstream has neither closed it
     /// nor sent anything on it (an idle connection has no answer due). Costs no system
     /// call when the socket has had no event since its last read.
-    pub(crate) fn idle_is_usable(&mut self) -> bool {
+    ///
+    /// `try_read` is asked first: a read that neither waits nor leaves a waker behind (a
+    /// TCP socket's `try_read_buf`, `WouldBlock` when nothing came), `None` where the
+    /// transport has none, and the connection is then polled with a no-op waker. The
+    /// request's own read registers its waker a moment later: the poll spared costs
+    /// about what the read does.
+    pub(crate) fn idle_is_usable(
+        &mut self,
+        try_read: impl FnOnce(&mut IO, &mut BytesMut) -> Option<io::Result<usize>>,
+    ) -> bool {
         if !self.is_reusable() {
             return false;
         }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        // Ready: closed, failed, or bytes nobody asked for.
-        self.checked = self.poll_fill(&mut cx).is_pending();
+        self.checked = match try_read(&mut self.io, &mut self.read) {
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => true,
+            // Closed, failed, or bytes nobody asked for.
+            Some(_) => false,
+            None => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                self.poll_fill(&mut cx).is_pending()
+            }
+        };
         self.checked
     }
 

@@ -536,7 +536,13 @@ impl EndpointPool {
     /// on, is noticed here and dropped.
     fn ready_idle(&self) -> Option<Pooled> {
         while let Some(mut conn) = self.checkout() {
-            if conn.h1.idle_is_usable() {
+            // A cleartext socket is asked without a poll: no waker, no budget.
+            let usable = conn.h1.idle_is_usable(|stream, read| match stream {
+                Stream::Plain(tcp) => Some(tcp.try_read_buf(read)),
+                #[cfg(feature = "tls")]
+                Stream::Tls(_) => None,
+            });
+            if usable {
                 return Some(conn);
             }
         }
