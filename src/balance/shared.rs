@@ -128,11 +128,12 @@ impl<S> SharedBalance<S> {
     {
         SharedCall {
             shared: self.clone(),
-            request: Some(request),
             deadline,
             waiting: None,
             sleep: None,
-            future: None,
+            stage: Stage::Waiting {
+                request: Some(request),
+            },
         }
     }
 
@@ -217,12 +218,11 @@ pin_project_lite::pin_project! {
     // `async` block (higher-ranked lifetimes in the request type).
     pub struct SharedCall<S, Req, F> {
         shared: SharedBalance<S>,
-        request: Option<Req>,
         deadline: Option<Instant>,
         waiting: Option<Waker>,
         sleep: Option<Pin<Box<tokio::time::Sleep>>>,
         #[pin]
-        future: Option<F>,
+        stage: Stage<Req, F>,
     }
 
     impl<S, Req, F> PinnedDrop for SharedCall<S, Req, F> {
@@ -236,6 +236,16 @@ pin_project_lite::pin_project! {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// The request until the service is called, then the call's future, in the same
+    /// place: the future is as large as the larger of the two, not both.
+    #[project = StageProj]
+    enum Stage<Req, F> {
+        Waiting { request: Option<Req> },
+        Calling { #[pin] future: F },
+    }
+}
+
 impl<S, Req> Future for SharedCall<S, Req, S::Future>
 where
     S: Service<Req>,
@@ -245,9 +255,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if this.future.is_none() {
+        if let StageProj::Waiting { request } = this.stage.as_mut().project() {
             let mut state = CallState {
-                request: this.request,
+                request,
                 deadline: *this.deadline,
                 waiting: this.waiting,
                 sleep: this.sleep,
@@ -255,12 +265,13 @@ where
             match this.shared.poll_start(cx, &mut state) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(future)) => this.future.set(Some(future)),
+                Poll::Ready(Ok(future)) => this.stage.set(Stage::Calling { future }),
             }
         }
-        match this.future.as_pin_mut() {
-            Some(future) => future.poll(cx).map_err(Into::into),
-            None => Poll::Ready(Err(BoxError::from(
+        match this.stage.project() {
+            StageProj::Calling { future } => future.poll(cx).map_err(Into::into),
+            // The request was taken by a call that failed to start.
+            StageProj::Waiting { .. } => Poll::Ready(Err(BoxError::from(
                 "SharedBalance: polled after completion",
             ))),
         }
