@@ -1260,7 +1260,7 @@ pub(crate) async fn serve<IO, R, F>(
     let timer = tokio::time::sleep(head_timeout);
     let mut timer = std::pin::pin!(timer);
     loop {
-        let deadline = Instant::now() + head_timeout;
+        let deadline = super::poll_clock::now() + head_timeout;
         let head =
             std::future::poll_fn(|cx| conn.poll_head(cx, timer.as_mut(), deadline, &stopping))
                 .await;

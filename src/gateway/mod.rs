@@ -553,6 +553,7 @@ pub mod headers;
 pub mod jwt;
 mod metrics;
 pub mod path;
+mod poll_clock;
 mod pool;
 mod route;
 mod secret;

@@ -433,7 +433,7 @@ impl EndpointPool {
 
     /// The most recently returned idle connection, closing any that idled too long.
     fn checkout(&self) -> Option<Pooled> {
-        let now = Instant::now();
+        let now = super::poll_clock::now();
         let mut idle = self.shard().lock();
         let mut expired = expired(&mut idle, now);
         let mut conn = None;
@@ -480,7 +480,7 @@ impl EndpointPool {
             // The upstream keeps no idle connection.
             return;
         }
-        let expires = Instant::now() + conn.max_idle;
+        let expires = super::poll_clock::now() + conn.max_idle;
         let mut idle = self.shard().lock();
         if idle.len() >= MAX_IDLE {
             // The oldest goes: the newest is the one most likely to be reused warm.

@@ -657,14 +657,14 @@ impl Route {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let start = tokio::time::Instant::now();
+        let start = super::poll_clock::now();
         let stats = &self.core.stats;
         stats.requests.fetch_add(1, Relaxed);
         #[cfg(feature = "tracing")]
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
         let hop = self.core.trace.begin(&mut request, &self.core.name);
         let mut response = hop.run(self.respond(request, peer)).await;
-        let elapsed = start.elapsed();
+        let elapsed = super::poll_clock::now().saturating_duration_since(start);
         hop.finish(&mut response, elapsed);
         stats.record(response.status(), elapsed);
         #[cfg(feature = "tracing")]
@@ -931,7 +931,7 @@ impl Service<Request<Body>> for Core {
         // A gRPC caller's own deadline, when it is the earlier one.
         let budget = super::grpc::caller_budget(request.headers()).filter(|b| *b < route.timeout);
         let call = Call {
-            deadline: Instant::now() + budget.unwrap_or(route.timeout),
+            deadline: super::poll_clock::now() + budget.unwrap_or(route.timeout),
             caller_deadline: budget.is_some(),
             body: self.body.take(),
             timers: self.timers.take(),

@@ -600,7 +600,10 @@ impl Gateway {
             };
             let gateway = self.clone();
             let stop = stop.clone();
-            connections.spawn(gateway.serve_connection(stream, peer, stop, admin));
+            // Each poll of the connection reads the clock once (see `poll_clock`).
+            connections.spawn(super::poll_clock::Polled::new(
+                gateway.serve_connection(stream, peer, stop, admin),
+            ));
         }
         drop(listener);
         stop.stop();
