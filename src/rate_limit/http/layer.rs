@@ -329,6 +329,8 @@ fn policy_secs(window: Duration) -> u64 {
 pub(super) struct PolicyName {
     name: Box<str>,
     policy: std::sync::OnceLock<(u32, Duration, HeaderValue)>,
+    /// This name's slot key among the thread's last state values (`state_cache`).
+    id: u64,
 }
 
 impl PolicyName {
@@ -336,11 +338,20 @@ impl PolicyName {
         Arc::new(Self {
             name: sanitize(name).into(),
             policy: std::sync::OnceLock::new(),
+            id: super::state_cache::new_id(),
         })
     }
 
     pub(super) fn as_str(&self) -> &str {
         &self.name
+    }
+
+    /// `"name";r=remaining;t=reset`: the value this thread made last for the same
+    /// figures, if it did (see `state_cache`).
+    fn state(&self, remaining: u64, reset: u64) -> HeaderValue {
+        super::state_cache::value(self.id, [remaining, reset, 0, 0], || {
+            state_value(&self.name, remaining, reset)
+        })
     }
 
     /// `"name";q=…;w=…` for this quota.
@@ -485,7 +496,7 @@ impl Headers {
         Some(Self {
             draft: Some((
                 name.policy(limit, window),
-                state_value(name.as_str(), u64::from(remaining), ceil_secs(reset)),
+                name.state(u64::from(remaining), ceil_secs(reset)),
             )),
             legacy: style
                 .legacy

@@ -22,6 +22,7 @@ pub mod parse;
 #[cfg(feature = "redis")]
 mod redis;
 mod retry_after;
+mod state_cache;
 
 pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
 #[cfg(feature = "gateway")]

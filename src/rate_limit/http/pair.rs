@@ -27,6 +27,8 @@ pub(crate) struct PairedHeaders {
     policy: OnceLock<(Quotas, HeaderValue)>,
     /// `"inner";r=` and `, "outer";r=`: the state's text around its figures.
     state_prefixes: [Box<[u8]>; 2],
+    /// The pair's slot key among the thread's last state values (`state_cache`).
+    id: u64,
 }
 
 /// The two limits' `(limit, window)`, inner first: what the cached policy was made for.
@@ -64,6 +66,7 @@ impl PairedHeaders {
             inner,
             policy: OnceLock::new(),
             state_prefixes,
+            id: super::state_cache::new_id(),
         }
     }
 
@@ -86,20 +89,31 @@ impl PairedHeaders {
     }
 
     /// `"inner";r=…;t=…, "outer";r=…;t=…`, written into the thread's header chunk as a
-    /// single limit's state is.
+    /// single limit's state is: the value this thread made last for the same figures, if
+    /// it did (see `state_cache`).
     fn state(&self, outer: &Admitted, inner: &Admitted) -> HeaderValue {
+        let figures = [
+            u64::from(inner.remaining),
+            ceil_secs(inner.full_in),
+            u64::from(outer.remaining),
+            ceil_secs(outer.full_in),
+        ];
+        super::state_cache::value(self.id, figures, || self.make_state(figures))
+    }
+
+    fn make_state(&self, [inner_r, inner_t, outer_r, outer_t]: [u64; 4]) -> HeaderValue {
         use crate::util::decimal;
         let mut digits = [[0u8; 20]; 4];
         let [d0, d1, d2, d3] = &mut digits;
         let parts: [&[u8]; 8] = [
             &self.state_prefixes[0],
-            decimal(u64::from(inner.remaining), d0),
+            decimal(inner_r, d0),
             b";t=",
-            decimal(ceil_secs(inner.full_in), d1),
+            decimal(inner_t, d1),
             &self.state_prefixes[1],
-            decimal(u64::from(outer.remaining), d2),
+            decimal(outer_r, d2),
             b";t=",
-            decimal(ceil_secs(outer.full_in), d3),
+            decimal(outer_t, d3),
         ];
         // Built from sanitized names and digits: always valid.
         crate::header_arena::value(&parts).unwrap_or(HeaderValue::from_static("invalid"))
