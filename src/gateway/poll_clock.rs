@@ -67,6 +67,7 @@ pin_project_lite::pin_project! {
 }
 
 impl<F> Polled<F> {
+    /// `inner`, to be spawned as a connection's task.
     pub(crate) fn new(inner: F) -> Self {
         Self { inner }
     }
