@@ -331,6 +331,8 @@ pub(super) struct PolicyName {
     policy: std::sync::OnceLock<(u32, Duration, HeaderValue)>,
     /// This name's slot key among the thread's last state values (`state_cache`).
     id: u64,
+    /// The slot key of its policy for a quota other than the first (`state_cache`).
+    policy_id: u64,
 }
 
 impl PolicyName {
@@ -339,6 +341,7 @@ impl PolicyName {
             name: sanitize(name).into(),
             policy: std::sync::OnceLock::new(),
             id: super::state_cache::new_id(),
+            policy_id: super::state_cache::new_id(),
         })
     }
 
@@ -355,12 +358,27 @@ impl PolicyName {
     }
 
     /// `"name";q=…;w=…` for this quota.
+    ///
+    /// The first quota's value is kept for every thread. A later quota (changed with
+    /// `set_quota`, or another key's) is kept by each thread for as long as it stays the
+    /// same, rather than formatted and allocated for every response.
     pub(super) fn policy(&self, limit: u32, window: Duration) -> HeaderValue {
         if let Some((l, w, value)) = self.policy.get() {
             if *l == limit && *w == window {
                 return value.clone();
             }
+            let [a, b] = super::state_cache::quota(limit, window);
+            return super::state_cache::value(self.policy_id, [a, b, 0, 0], || {
+                self.make_policy(limit, window)
+            });
         }
+        let value = self.make_policy(limit, window);
+        let _ = self.policy.set((limit, window, value.clone()));
+        value
+    }
+
+    /// `"name";q=…;w=…`, made.
+    fn make_policy(&self, limit: u32, window: Duration) -> HeaderValue {
         // The policy in whole seconds: over `w`, the bucket admits its burst or what the
         // rate refills in `w`, whichever is more (a 1000/s bucket of 200 is q=1000;w=1).
         let w = policy_secs(window).max(1);
@@ -376,9 +394,7 @@ impl PolicyName {
                 .unwrap_or(u64::MAX)
                 .max(u64::from(limit))
         };
-        let value = value(format!("\"{}\";q={q};w={w}", self.name));
-        let _ = self.policy.set((limit, window, value.clone()));
-        value
+        value(format!("\"{}\";q={q};w={w}", self.name))
     }
 }
 
@@ -817,6 +833,25 @@ mod tests {
         assert_eq!(policy_of(&name, 150, 50), "\"p\";q=150;w=1");
         assert_eq!(policy_of(&name, 3, 10), "\"p\";q=12;w=4");
         assert_eq!(policy_of(&name, 1000, 200), "\"p\";q=1000;w=1");
+    }
+
+    #[test]
+    fn a_changed_quota_is_made_once_a_thread_not_once_a_response() {
+        let name = PolicyName::new("p");
+        let secs = Duration::from_secs;
+        let first = name.policy(5, secs(1));
+        let changed = name.policy(7, secs(2));
+        let again = name.policy(7, secs(2));
+        // The same bytes: kept, not formatted and allocated again.
+        assert_eq!(changed.as_bytes().as_ptr(), again.as_bytes().as_ptr());
+        assert_eq!(again, "\"p\";q=7;w=2");
+        let back = name.policy(5, secs(1));
+        assert_eq!(back.as_bytes().as_ptr(), first.as_bytes().as_ptr());
+        // Quotas that differ only below the second are told apart.
+        let (a, b) = (Duration::from_millis(1500), Duration::from_millis(1200));
+        assert_eq!(name.policy(9, a), name.make_policy(9, a));
+        assert_eq!(name.policy(9, b), name.make_policy(9, b));
+        assert_ne!(name.make_policy(9, a), name.make_policy(9, b));
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub(crate) struct PairedHeaders {
     state_prefixes: [Box<[u8]>; 2],
     /// The pair's slot key among the thread's last state values (`state_cache`).
     id: u64,
+    /// The slot key of the pair's policy for quotas other than the first.
+    policy_id: u64,
 }
 
 /// The two limits' `(limit, window)`, inner first: what the cached policy was made for.
@@ -67,6 +69,7 @@ impl PairedHeaders {
             policy: OnceLock::new(),
             state_prefixes,
             id: super::state_cache::new_id(),
+            policy_id: super::state_cache::new_id(),
         }
     }
 
@@ -119,22 +122,34 @@ impl PairedHeaders {
         crate::header_arena::value(&parts).unwrap_or(HeaderValue::from_static("invalid"))
     }
 
-    /// `"inner";q=…;w=…, "outer";q=…;w=…`, made again only when a quota changed.
+    /// `"inner";q=…;w=…, "outer";q=…;w=…`: the first quotas' value kept for every
+    /// thread, later ones by each thread while they stay the same (as a single
+    /// policy's).
     fn policy(&self, outer: &Admitted, inner: &Admitted) -> HeaderValue {
         let quotas = [(inner.limit, inner.window), (outer.limit, outer.window)];
         if let Some((cached, value)) = self.policy.get() {
             if *cached == quotas {
                 return value.clone();
             }
+            let [a, b] = super::state_cache::quota(inner.limit, inner.window);
+            let [c, d] = super::state_cache::quota(outer.limit, outer.window);
+            return super::state_cache::value(self.policy_id, [a, b, c, d], || {
+                self.make_policy(outer, inner)
+            });
         }
+        let value = self.make_policy(outer, inner);
+        let _ = self.policy.set((quotas, value.clone()));
+        value
+    }
+
+    /// `"inner";q=…;w=…, "outer";q=…;w=…`, made.
+    fn make_policy(&self, outer: &Admitted, inner: &Admitted) -> HeaderValue {
         let inner = self.inner.name.policy(inner.limit, inner.window);
         let outer = self.outer.name.policy(outer.limit, outer.window);
         let joined = [inner.as_bytes(), b", ", outer.as_bytes()].concat();
         // Two valid values and a comma: valid; fall back to the inner one rather than
         // panic.
-        let value = HeaderValue::from_bytes(&joined).unwrap_or(inner);
-        let _ = self.policy.set((quotas, value.clone()));
-        value
+        HeaderValue::from_bytes(&joined).unwrap_or(inner)
     }
 }
 
@@ -280,6 +295,13 @@ mod tests {
             values(pair.admitted(Some(&outer), Some(&changed)))[0].1,
             "\"per-client\";q=7;w=7, \"global\";q=100;w=1"
         );
+        // A changed quota is kept by the thread, not made for every response.
+        let policy = |inner: &Admitted| pair.policy(&outer, inner);
+        assert_eq!(
+            policy(&changed).as_bytes().as_ptr(),
+            policy(&changed).as_bytes().as_ptr()
+        );
+        assert_eq!(policy(&inner), expected[0].1.as_str());
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! count. A limit near its quota reports a new state each time: that costs a comparison
 //! more than before.
 //!
+//! A policy's `RateLimit-Policy` value for a quota other than its first (changed with
+//! `set_quota`, or another key's) is kept the same way: it was formatted and allocated
+//! for every response.
+//!
 //! A few slots a thread, each policy (or pair of policies) in the slot its id picks, so
 //! that routes served by one thread do not keep evicting each other. What a thread keeps
 //! is bounded: a value a slot, and the header chunk (4 KiB) that value was cut from.
@@ -19,8 +23,18 @@ use http::HeaderValue;
 /// The slots of a thread.
 const SLOTS: usize = 4;
 
-/// A policy's (or pair's) state figures: remaining and reset, per policy.
+/// A policy's (or pair's) state figures: remaining and reset, per policy; or a quota
+/// (see [`quota`]).
 pub(super) type Figures = [u64; 4];
+
+/// A quota as two figures, exactly: the limit with the window's nanoseconds, and the
+/// window's seconds.
+pub(super) fn quota(limit: u32, window: std::time::Duration) -> [u64; 2] {
+    [
+        u64::from(limit) << 32 | u64::from(window.subsec_nanos()),
+        window.as_secs(),
+    ]
+}
 
 type Slot = Option<(u64, Figures, HeaderValue)>;
 
@@ -38,25 +52,19 @@ pub(super) fn new_id() -> u64 {
 /// The value for the names `id` stands for and `figures`: the one this thread made last
 /// for them if the figures are the same, else `make()`'s, kept for next time.
 pub(super) fn value(id: u64, figures: Figures, make: impl FnOnce() -> HeaderValue) -> HeaderValue {
-    let mut make = Some(make);
-    let cached = LAST.try_with(|last| {
-        let mut last = last.borrow_mut();
-        let slot = &mut last[(id % SLOTS as u64) as usize];
-        if let Some((kept_id, kept, value)) = slot {
-            if *kept_id == id && *kept == figures {
-                return value.clone();
-            }
-        }
-        let value = make.take().map_or_else(empty, |make| make());
-        *slot = Some((id, figures, value.clone()));
-        value
+    let slot = (id % SLOTS as u64) as usize;
+    let kept = LAST.try_with(|last| match &last.borrow()[slot] {
+        Some((kept_id, kept, value)) if *kept_id == id && *kept == figures => Some(value.clone()),
+        _ => None,
     });
-    // The thread is ending: made, not kept.
-    cached.unwrap_or_else(|_| make.take().map_or_else(empty, |make| make()))
-}
-
-fn empty() -> HeaderValue {
-    HeaderValue::from_static("")
+    if let Ok(Some(value)) = kept {
+        return value;
+    }
+    // Made with the slots let go: `make` may ask for another value (a pair's policy asks
+    // for each of its two).
+    let value = make();
+    let _ = LAST.try_with(|last| last.borrow_mut()[slot] = Some((id, figures, value.clone())));
+    value
 }
 
 #[cfg(test)]
@@ -91,6 +99,16 @@ mod tests {
     }
 
     proptest! {
+        /// A quota's two figures tell every quota apart.
+        #[test]
+        fn quotas_are_told_apart(
+            a in (any::<u32>(), any::<u64>(), 0..1_000_000_000u32),
+            b in (any::<u32>(), any::<u64>(), 0..1_000_000_000u32),
+        ) {
+            let window = |(_, s, n): (u32, u64, u32)| std::time::Duration::new(s, n);
+            prop_assert_eq!(quota(a.0, window(a)) == quota(b.0, window(b)), a == b);
+        }
+
         /// Whatever the order of policies and figures (ids sharing a slot, figures
         /// repeating), each value is the one made for its own id and figures.
         #[test]
