@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use super::body::{Body, full, json_error};
 use super::client::{BodyState, ClientBody, ClientFault, UpstreamClassifier, head_too_large};
@@ -651,123 +651,136 @@ impl Route {
         super::path::under_prefix(path, &self.core.prefix)
     }
 
-    /// Serves one request matched to this route.
-    pub(crate) async fn handle<B>(&self, mut request: Request<B>, peer: &Peer) -> Response<Body>
+    /// Serves one request matched to this route. Not an `async fn`, nor is `respond`: one
+    /// would copy the request from its argument into its state before using it.
+    #[allow(clippy::manual_async_fn)]
+    pub(crate) fn handle<B>(
+        &self,
+        mut request: Request<B>,
+        peer: &Peer,
+    ) -> impl Future<Output = Response<Body>>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let start = super::poll_clock::now();
-        let stats = &self.core.stats;
-        stats.requests.fetch_add(1, Relaxed);
-        #[cfg(feature = "tracing")]
-        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-        let hop = self.core.trace.begin(&mut request, &self.core.name);
-        let mut response = hop.run(self.respond(request, peer)).await;
-        let elapsed = super::poll_clock::now().saturating_duration_since(start);
-        hop.finish(&mut response, elapsed);
-        stats.record(response.status(), elapsed);
-        #[cfg(feature = "tracing")]
-        tracing::debug!(
-            target: "seawall::gateway",
-            route = %self.core.name,
-            %method,
-            path,
-            peer = %peer.shown(),
-            status = response.status().as_u16(),
-            fallback = response.headers().contains_key(&FALLBACK_HEADER),
-            elapsed_us = elapsed.as_micros() as u64,
-            "request"
-        );
-        response
+        async move {
+            let start = super::poll_clock::now();
+            let stats = &self.core.stats;
+            stats.requests.fetch_add(1, Relaxed);
+            #[cfg(feature = "tracing")]
+            let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+            let hop = self.core.trace.begin(&mut request, &self.core.name);
+            let mut response = hop.run(self.respond(request, peer)).await;
+            let elapsed = super::poll_clock::now().saturating_duration_since(start);
+            hop.finish(&mut response, elapsed);
+            stats.record(response.status(), elapsed);
+            #[cfg(feature = "tracing")]
+            tracing::debug!(
+                target: "seawall::gateway",
+                route = %self.core.name,
+                %method,
+                path,
+                peer = %peer.shown(),
+                status = response.status().as_u16(),
+                fallback = response.headers().contains_key(&FALLBACK_HEADER),
+                elapsed_us = elapsed.as_micros() as u64,
+                "request"
+            );
+            response
+        }
     }
 
-    async fn respond<B>(&self, request: Request<B>, peer: &Peer) -> Response<Body>
+    #[allow(clippy::manual_async_fn)]
+    fn respond<B>(&self, request: Request<B>, peer: &Peer) -> impl Future<Output = Response<Body>>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let core = &self.core;
-        if head_too_large(&request, core.max_header_line, core.max_headers_size) {
-            return self.core.client_fault(ClientFault::HeaderTooLong);
+        async move {
+            let core = &self.core;
+            if head_too_large(&request, core.max_header_line, core.max_headers_size) {
+                return self.core.client_fault(ClientFault::HeaderTooLong);
+            }
+            // With auth, a single Authorization: the token verified is then the one forwarded.
+            // (`Host` was checked before routing.)
+            if self.auth.is_some() {
+                if let Err(bad) = super::headers::check_authorization(request.headers()) {
+                    return bad_request(bad.message());
+                }
+            }
+            if let Some(verifier) = &self.auth {
+                if let Err(e) = verifier.check_header(request.headers()) {
+                    self.core.stats.unauthorized.fetch_add(1, Relaxed);
+                    let mut response = json_error(StatusCode::UNAUTHORIZED, &e.to_string());
+                    response.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                    );
+                    return response;
+                }
+            }
+            let (parts, body) = request.into_parts();
+            let (body, state) = match ClientBody::new(body, self.core.max_request_body) {
+                Ok(body) => body,
+                // A declared length over the limit: refused before the upstream is contacted.
+                Err(_) => return self.core.client_fault(ClientFault::TooLarge),
+            };
+            let body = match state {
+                // Empty from the start (a `GET`): nothing to read from the client's, and an
+                // empty body boxed costs no allocation.
+                None => super::body::empty(),
+                Some(_) => body.boxed_unsync(),
+            };
+            let request = Request::from_parts(parts, body);
+            let mut client = None;
+            if let Some(keying) = &self.core.client_keying {
+                if keying.rejects(&request) {
+                    return bad_request("missing client key header");
+                }
+                // The client behind a trusted proxy; the peer itself otherwise (no work). No
+                // peer known: a limit that needs the address refuses (see `rejects_unkeyed`).
+                client = peer
+                    .addr
+                    .map(|ip| self.core.trusted.resolve(ip, request.headers()));
+            }
+            // The clone is a few reference counts. Its per-client limit and its core learn
+            // the peer here rather than from the request's extensions (three allocations);
+            // the limits see the request as the client sent it, and the core rewrites it for
+            // the upstream. Without a local limit, the limit layer would only pass the
+            // request on: what is under it is cloned and called alone.
+            //
+            // Readied as tower's contract asks, though every layer is always ready (limits
+            // answer in `call`, the balancer is waited for in the core's future): one poll
+            // through the layers. The future owns all it needs.
+            let result = if self.core.global.is_none() && self.core.per_client.is_none() {
+                let mut shared = self.stack.get_ref().clone();
+                self.prime(&mut shared, client, peer, state);
+                match std::future::poll_fn(|cx| shared.poll_ready(cx)).await {
+                    // Pinned where it is made, and awaited through the pin: awaited by value,
+                    // the future would be copied twice more.
+                    Ok(()) => std::pin::pin!(shared.call(request)).await,
+                    Err(never) => Err(never),
+                }
+            } else {
+                let mut stack = self.stack.clone();
+                if let Some(limit) = stack.inner_limit_mut() {
+                    limit.keying.client = client;
+                }
+                self.prime(stack.get_mut(), client, peer, state);
+                match std::future::poll_fn(|cx| stack.poll_ready(cx)).await {
+                    Ok(()) => std::pin::pin!(stack.call(request)).await,
+                    Err(never) => Err(never),
+                }
+            };
+            let response = match result {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+            if response.extensions().get::<Refused>().is_some() {
+                self.core.stats.rate_limited.fetch_add(1, Relaxed);
+            }
+            response
         }
-        // With auth, a single Authorization: the token verified is then the one forwarded.
-        // (`Host` was checked before routing.)
-        if self.auth.is_some() {
-            if let Err(bad) = super::headers::check_authorization(request.headers()) {
-                return bad_request(bad.message());
-            }
-        }
-        if let Some(verifier) = &self.auth {
-            if let Err(e) = verifier.check_header(request.headers()) {
-                self.core.stats.unauthorized.fetch_add(1, Relaxed);
-                let mut response = json_error(StatusCode::UNAUTHORIZED, &e.to_string());
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
-                );
-                return response;
-            }
-        }
-        let (parts, body) = request.into_parts();
-        let (body, state) = match ClientBody::new(body, self.core.max_request_body) {
-            Ok(body) => body,
-            // A declared length over the limit: refused before the upstream is contacted.
-            Err(_) => return self.core.client_fault(ClientFault::TooLarge),
-        };
-        let body = match state {
-            // Empty from the start (a `GET`): nothing to read from the client's, and an
-            // empty body boxed costs no allocation.
-            None => super::body::empty(),
-            Some(_) => body.boxed_unsync(),
-        };
-        let request = Request::from_parts(parts, body);
-        let mut client = None;
-        if let Some(keying) = &self.core.client_keying {
-            if keying.rejects(&request) {
-                return bad_request("missing client key header");
-            }
-            // The client behind a trusted proxy; the peer itself otherwise (no work). No
-            // peer known: a limit that needs the address refuses (see `rejects_unkeyed`).
-            client = peer
-                .addr
-                .map(|ip| self.core.trusted.resolve(ip, request.headers()));
-        }
-        // The clone is a few reference counts. Its per-client limit and its core learn
-        // the peer here rather than from the request's extensions (three allocations);
-        // the limits see the request as the client sent it, and the core rewrites it for
-        // the upstream. Without a local limit, the limit layer would only pass the
-        // request on: what is under it is cloned and called alone.
-        //
-        // Readied as tower's contract asks, though every layer is always ready (limits
-        // answer in `call`, the balancer is waited for in the core's future): one poll
-        // through the layers. The future owns all it needs.
-        let result = if self.core.global.is_none() && self.core.per_client.is_none() {
-            let mut shared = self.stack.get_ref().clone();
-            self.prime(&mut shared, client, peer, state);
-            match shared.ready().await {
-                Ok(ready) => ready.call(request).await,
-                Err(never) => Err(never),
-            }
-        } else {
-            let mut stack = self.stack.clone();
-            if let Some(limit) = stack.inner_limit_mut() {
-                limit.keying.client = client;
-            }
-            self.prime(stack.get_mut(), client, peer, state);
-            match stack.ready().await {
-                Ok(ready) => ready.call(request).await,
-                Err(never) => Err(never),
-            }
-        };
-        let response = match result {
-            Ok(response) => response,
-            Err(never) => match never {},
-        };
-        if response.extensions().get::<Refused>().is_some() {
-            self.core.stats.rate_limited.fetch_add(1, Relaxed);
-        }
-        response
     }
 
     /// Tells the clone of the stack's inner part made for a request who the client is
@@ -914,7 +927,7 @@ impl Service<Request<Body>> for Core {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Forward {
+    fn call(&mut self, mut request: Request<Body>) -> Forward {
         // A clone of the stack is made for each request and called once: its reference
         // is moved into the future, not counted again.
         let Some(route) = self.route.take() else {
@@ -926,8 +939,7 @@ impl Service<Request<Body>> for Core {
                 route: None,
             };
         };
-        let (request, added) =
-            route.upstream_request(request, std::mem::take(&mut self.forwarded_for));
+        let added = route.upstream_request(&mut request, std::mem::take(&mut self.forwarded_for));
         // A gRPC caller's own deadline, when it is the earlier one.
         let budget = super::grpc::caller_budget(request.headers()).filter(|b| *b < route.timeout);
         let call = Call {
@@ -1300,35 +1312,31 @@ impl RouteCore {
     /// The request as sent upstream: hop-by-hop headers dropped, the forwarding headers
     /// set from what the gateway saw (see [`super::headers`]); and what the endpoint's
     /// connection adds to it: those headers and the target, the prefix stripped.
-    fn upstream_request(
-        &self,
-        request: Request<Body>,
-        forwarding: Forwarding,
-    ) -> (Request<Body>, h1::Added) {
+    ///
+    /// Rewritten in place: taking the request apart and putting it together again would
+    /// copy it twice more.
+    fn upstream_request(&self, request: &mut Request<Body>, forwarding: Forwarding) -> h1::Added {
         let Forwarding { peer, https } = forwarding;
-        let (mut parts, body) = request.into_parts();
-        let target_from = self.upstream_target(&parts.uri);
+        let target_from = self.upstream_target(request.uri());
         // The peer's entry is its address's text: parsed back only if a proxy is trusted.
         let trusted = self.trusted.trusts_any()
             && peer
                 .as_ref()
                 .and_then(|p| p.to_str().ok()?.parse::<IpAddr>().ok())
                 .is_some_and(|ip| self.trusted.trusts(ip));
-        let rewritten = super::headers::rewrite(&mut parts.headers, peer.as_ref(), trusted, https);
+        let headers = request.headers_mut();
+        let rewritten = super::headers::rewrite(headers, peer.as_ref(), trusted, https);
         // `TE: trailers`, and only that, goes on (gRPC servers ask for it); any other `TE`
         // is the client's hop alone.
         if rewritten.te_trailers {
-            parts
-                .headers
-                .insert(header::TE, HeaderValue::from_static("trailers"));
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
-        parts.version = http::Version::HTTP_11;
-        let added = h1::Added {
+        *request.version_mut() = http::Version::HTTP_11;
+        h1::Added {
             host: None,
             forwarded: rewritten.forwarded,
             target_from,
-        };
-        (Request::from_parts(parts, body), added)
+        }
     }
 }
 

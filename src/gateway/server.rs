@@ -423,23 +423,33 @@ impl Gateway {
     }
 
     /// [`Gateway::handle`] for a connection's peer, made once per connection.
-    async fn handle_from<B>(&self, mut request: Request<B>, peer: &Peer) -> Response<Body>
+    ///
+    /// Not an `async fn`: one would copy the request from its argument into its state
+    /// before using it; the `async` block uses it where it was put.
+    #[allow(clippy::manual_async_fn)]
+    fn handle_from<B>(
+        &self,
+        mut request: Request<B>,
+        peer: &Peer,
+    ) -> impl Future<Output = Response<Body>>
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        // A gRPC caller gets the gateway's own answers as gRPC statuses.
-        let grpc = super::grpc::is_grpc(request.headers());
-        // The route is awaited here, not in an `async fn` of its own: each would keep
-        // another copy of the request in its state.
-        let response = match self.route_for(&mut request, peer) {
-            Ok(route) => route.handle(request, peer).await,
-            Err(answer) => answer,
-        };
-        if grpc {
-            super::grpc::for_grpc_caller(response)
-        } else {
-            response
+        async move {
+            // A gRPC caller gets the gateway's own answers as gRPC statuses.
+            let grpc = super::grpc::is_grpc(request.headers());
+            // The route is awaited here, not in an `async fn` of its own: each would keep
+            // another copy of the request in its state.
+            let response = match self.route_for(&mut request, peer) {
+                Ok(route) => route.handle(request, peer).await,
+                Err(answer) => answer,
+            };
+            if grpc {
+                super::grpc::for_grpc_caller(response)
+            } else {
+                response
+            }
         }
     }
 
