@@ -701,15 +701,16 @@ impl RequestFraming {
 }
 
 /// Writes a request head into `out`: the request line with `target` (origin form; with
-/// `added.target_from`, `/` and what follows that byte of it), the `Host` of `added` if it
-/// has one, every field of `headers` but `Content-Length`,
-/// `Transfer-Encoding` (and `Host`, if `added` has one), the forwarding fields of
-/// `added`, then the framing field `framing` says.
+/// `added.target_from`, `/` and what follows that byte of it), `host` if there is one,
+/// every field of `headers` but `Content-Length`, `Transfer-Encoding` (and `Host`, if
+/// `host` is given), the forwarding fields of `added`, then the framing field `framing`
+/// says.
 pub(crate) fn encode_request(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    host: Option<&HeaderValue>,
     added: &Added,
     framing: RequestFraming,
 ) {
@@ -723,7 +724,7 @@ pub(crate) fn encode_request(
         None => out.extend_from_slice(target.as_bytes()),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if let Some(host) = &added.host {
+    if let Some(host) = host {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -731,7 +732,7 @@ pub(crate) fn encode_request(
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
-            || (name == header::HOST && added.host.is_some())
+            || (name == header::HOST && host.is_some())
         {
             continue;
         }
@@ -754,13 +755,12 @@ pub(crate) fn encode_request(
 }
 
 /// What the client writes into a request's head without its being in the request: the
-/// endpoint's `Host` (in place of the request's), the forwarding fields, and the target
-/// with the route's prefix stripped. If the request is handed back unsent
+/// forwarding fields, and the target with the route's prefix stripped (the endpoint's
+/// `Host` is the connection's: [`Conn::set_host`]). If the request is handed back unsent
 /// ([`Conn::take_unsent`]), or is not written by this client, they are put into it
 /// ([`Added::apply`]).
 #[derive(Debug, Default)]
 pub(crate) struct Added {
-    pub(crate) host: Option<HeaderValue>,
     pub(crate) forwarded: Forwarded,
     /// The target is `/` and what follows this byte of the request's path and query
     /// (a byte boundary it has); `None`: its path and query as they are.
@@ -768,11 +768,11 @@ pub(crate) struct Added {
 }
 
 impl Added {
-    /// Puts the fields into `request`'s map, replacing any of the same name, and the
-    /// target into its URI.
-    pub(crate) fn apply(self, request: &mut Request<Body>) {
+    /// Puts the fields (and `host`, if given) into `request`'s map, replacing any of the
+    /// same name, and the target into its URI.
+    pub(crate) fn apply(self, request: &mut Request<Body>, host: Option<HeaderValue>) {
         let headers = request.headers_mut();
-        if let Some(host) = self.host {
+        if let Some(host) = host {
             headers.insert(header::HOST, host);
         }
         self.forwarded.insert_into(headers);
@@ -893,6 +893,9 @@ pub(crate) struct Conn<IO> {
     /// The fields written with `unsent`'s head besides its own, put back into its map if
     /// it is handed back.
     added: Added,
+    /// The `Host` written in place of each request's own: the endpoint's, set once for
+    /// the connection rather than carried with every request.
+    host: Option<HeaderValue>,
     /// The last request's header map, emptied, for the next response's fields: with
     /// the gateway's HTTP/1 server reusing each response's map for its next request, the
     /// maps go round without an allocation.
@@ -955,6 +958,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             data: Bytes::new(),
             unsent: None,
             added: Added::default(),
+            host: None,
             spare: None,
             body: None,
             peeked: false,
@@ -1054,6 +1058,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             request.method(),
             request.uri().path_and_query().map_or("/", |p| p.as_str()),
             request.headers(),
+            self.host.as_ref(),
             &added,
             framing,
         );
@@ -1083,8 +1088,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     /// With the fields it was started with in its map.
     pub(crate) fn take_unsent(&mut self) -> Option<Request<Body>> {
         let mut request = self.unsent.take()?;
-        std::mem::take(&mut self.added).apply(&mut request);
+        std::mem::take(&mut self.added).apply(&mut request, self.host.clone());
         Some(request)
+    }
+
+    /// Writes `host` as every request's `Host` on this connection, in place of the
+    /// request's own.
+    pub(crate) fn set_host(&mut self, host: HeaderValue) {
+        self.host = Some(host);
     }
 
     /// Writes what is buffered, then takes the next frame of the request body, until the
@@ -2098,6 +2109,7 @@ mod tests {
             &Method::POST,
             "/p?q=1",
             &headers,
+            None,
             &Added::default(),
             RequestFraming::Length(12345),
         );
@@ -2111,6 +2123,7 @@ mod tests {
             &Method::GET,
             "/",
             &HeaderMap::new(),
+            None,
             &Added::default(),
             RequestFraming::Chunked,
         );
@@ -2121,6 +2134,7 @@ mod tests {
             &Method::GET,
             "/",
             &HeaderMap::new(),
+            None,
             &Added::default(),
             RequestFraming::None,
         );
@@ -2148,16 +2162,17 @@ mod tests {
             super::super::headers::rewrite(&mut headers, Some(&peer), false, false).forwarded;
         // `/api//x?q` with `/api` stripped.
         let added = Added {
-            host: Some(HeaderValue::from_static("up:80")),
             forwarded,
             target_from: Some(6),
         };
+        let host = HeaderValue::from_static("up:80");
         let mut out = Vec::new();
         encode_request(
             &mut out,
             &Method::GET,
             "/api//x?q",
             &headers,
+            Some(&host),
             &added,
             RequestFraming::None,
         );
@@ -2170,6 +2185,7 @@ mod tests {
         // Unsent: the same fields, in the map, for another connection.
         let (io, _upstream) = tokio::io::duplex(64);
         let mut conn = Conn::new(io);
+        conn.set_host(host);
         let mut request = Request::new(super::super::body::empty());
         *request.headers_mut() = headers;
         *request.uri_mut() = http::Uri::from_static("/api//x?q");

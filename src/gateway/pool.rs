@@ -525,8 +525,10 @@ impl EndpointPool {
 
     async fn open(&self) -> Result<Pooled, UpstreamError> {
         let stream = self.dial().await?;
+        let mut h1 = h1::Conn::new(stream);
+        h1.set_host(self.host.clone());
         Ok(Box::new(Conn {
-            h1: h1::Conn::new(stream),
+            h1,
             max_idle: IDLE_TIMEOUT,
             idled: false,
         }))
@@ -555,24 +557,23 @@ impl EndpointPool {
     pub(crate) fn send(
         self: Arc<Self>,
         mut request: Request<Body>,
-        mut added: h1::Added,
+        added: h1::Added,
     ) -> SendFuture {
         if self.settings.h2 {
-            added.apply(&mut request);
+            added.apply(&mut request, None);
             return SendFuture(Sending::Boxed(Box::pin(self.send_h2(request))));
         }
         match self.ready_idle() {
             // May be closed under the request: the path that keeps a copy of the head.
             Some(conn) if conn.idled => {
-                added.apply(&mut request);
+                added.apply(&mut request, None);
                 SendFuture(Sending::Boxed(Box::pin(self.send_on(conn, true, request))))
             }
             Some(mut conn) => {
-                // The endpoint's `Host`, the forwarding fields and the target are written
-                // with the head, not put into the request first (four insertions into
-                // its map, and a URI parsed, saved); they are put there if the request
-                // comes back unsent, to go on another connection.
-                added.host = Some(self.host.clone());
+                // The endpoint's `Host` (the connection's), the forwarding fields and the
+                // target are written with the head, not put into the request first (four
+                // insertions into its map, and a URI parsed, saved); they are put there if
+                // the request comes back unsent, to go on another connection.
                 conn.h1.start_with(request, added);
                 SendFuture(Sending::Pooled {
                     pool: self,
@@ -580,7 +581,7 @@ impl EndpointPool {
                 })
             }
             None => {
-                added.apply(&mut request);
+                added.apply(&mut request, None);
                 SendFuture(Sending::Boxed(Box::pin(async move {
                     let conn = self.connect().await?;
                     self.send_on(conn, false, request).await
@@ -1125,7 +1126,6 @@ mod tests {
         // `/api/x` was the client's, `/x` is what the upstream gets.
         *request.uri_mut() = http::Uri::from_static("/api/x");
         let added = h1::Added {
-            host: Some(pool.host.clone()),
             forwarded,
             target_from: Some(5),
         };

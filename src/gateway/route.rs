@@ -1333,7 +1333,6 @@ impl RouteCore {
         }
         *request.version_mut() = http::Version::HTTP_11;
         h1::Added {
-            host: None,
             forwarded: rewritten.forwarded,
             target_from,
         }

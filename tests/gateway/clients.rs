@@ -28,6 +28,8 @@ type Seen = Vec<(String, String)>;
 struct Recorder {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections accepted.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// An answer with a field of every hop-by-hop kind: `Connection` naming another field,
@@ -41,9 +43,11 @@ impl Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let record = seen.clone();
+        let accepted: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let (record, count) = (seen.clone(), accepted.clone());
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let record = record.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
@@ -77,7 +81,11 @@ impl Recorder {
                 });
             }
         });
-        Self { addr, seen }
+        Self {
+            addr,
+            seen,
+            accepted,
+        }
     }
 
     fn count(&self) -> usize {
@@ -322,6 +330,27 @@ async fn client_set_x_forwarded_host_never_reaches_the_upstream() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(up.last("x-forwarded-host"), Vec::<String>::new());
+    gw.shutdown().await;
+}
+
+/// The upstream gets its own authority as `Host`, never the client's: on the connection
+/// the gateway dials for the first request, and on that connection reused for the next
+/// ones (where the `Host` is the connection's, written with each head).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_gets_its_own_host_on_a_new_and_a_reused_connection() {
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(&route(""), &up).await;
+    for _ in 0..3 {
+        let (status, _) = raw(gw.local_addr(), &get("/x", "")).await;
+        assert_eq!(status, 200);
+        assert_eq!(up.last("host"), [up.addr.to_string()]);
+        assert_eq!(up.last("x-forwarded-host"), ["gw.example"]);
+    }
+    assert_eq!(
+        up.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream connection, reused"
+    );
     gw.shutdown().await;
 }
 
