@@ -238,8 +238,17 @@ pub(crate) fn request_id_header(name: &str) -> Result<Option<HeaderName>, String
             "`{name}` is a header the gateway or HTTP itself manages; choose another"
         ));
     }
+    // The default name, static: a request's map then takes it (twice a request: the
+    // request's and the response's) without a reference count, as it would for a name
+    // read from the configuration.
+    if parsed == X_REQUEST_ID {
+        return Ok(Some(X_REQUEST_ID.clone()));
+    }
     Ok(Some(parsed))
 }
+
+/// `x-request-id`, the default `request_id_header`.
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The gateway's tracing settings, from `[gateway]`.
 #[derive(Clone, Debug)]
