@@ -68,6 +68,14 @@
 #                         user space, which move far less from run to run than CPU time.
 #                         PROFILE_KEEP=DIR keeps the profiles (for callgrind_annotate).
 #                         Installs valgrind with apt-get when missing and run as root.
+#   PROFILE=copies        instead of the runs: the bytes the gateway copies with libc's
+#                         `memmove`/`memcpy` per request (1 worker, cleartext HTTP/1), the
+#                         moves of large values (futures, requests) that callgrind counts
+#                         as few instructions but that cost time: uprobes on libc's copy
+#                         functions with their length, and on `send` (two a request) to
+#                         count requests; `wrk` for PROFILE_DURATION (2s, slowed by the
+#                         probes). Needs root and `perf` (Debian's linux-perf); the probes
+#                         are removed at the end.
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -115,6 +123,14 @@ if [ "${PROFILE:-}" = callgrind ] && ! command -v callgrind_control >/dev/null; 
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
     fi
     command -v callgrind_control >/dev/null || die "valgrind is missing (apt-get install valgrind)"
+fi
+
+if [ "${PROFILE:-}" = copies ]; then
+    [ "$(id -u)" = 0 ] || die "PROFILE=copies needs root (uprobes)"
+    if ! command -v perf >/dev/null && command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
+    fi
+    command -v perf >/dev/null || die "perf is missing (apt-get install linux-perf)"
 fi
 
 if [ -z "${GATEWAY_BINS:-}" ]; then
@@ -412,6 +428,68 @@ malloc_calls() {
         }
         END { print found ? calls : 0 }'
 }
+
+if [ "${PROFILE:-}" = copies ]; then
+    first=${GATEWAY_BINS%% *}
+    libc=$(ldd "${first#*=}" | awk '/libc\.so\.6/ { print $3 }')
+    [ -n "$libc" ] || die "no libc found for ${first#*=}"
+    # glibc picks one of its copy functions for the CPU at load time: probe each one it
+    # has (memcpy and memmove share them), and `send`.
+    perf probe -q -d "seawall_copies:*" >/dev/null 2>&1 || true
+    probes=0
+    for fn in $(perf probe -x "$libc" --no-demangle --funcs='__memmove_*unaligned*&!*_chk_*' 2>/dev/null); do
+        perf probe -q -x "$libc" --add "seawall_copies:c$probes=$fn len=%dx:u64" 2>/dev/null \
+            && probes=$((probes + 1))
+    done
+    [ "$probes" -gt 0 ] || die "no uprobe could be placed on libc's copy functions"
+    perf probe -q -x "$libc" --add "seawall_copies:send=__send" >/dev/null 2>&1 \
+        || die "no uprobe could be placed on libc's send"
+    trap 'perf probe -q -d "seawall_copies:*" >/dev/null 2>&1; cleanup' EXIT
+    echo "| gateway | configuration | requests | copies/req | bytes copied/req | largest (bytes × per request) |"
+    echo "|---|---|---|---|---|---|"
+    for entry in $GATEWAY_BINS; do
+        for config in $CONFIGS; do
+            port=$(free_port)
+            gateway_toml "$config" "$port" http >"$WORK/gateway.toml"
+            "${entry#*=}" "$WORK/gateway.toml" --workers 1 --runtime threads \
+                >"$WORK/gateway.log" 2>&1 &
+            pid=$!
+            PIDS+=("$pid")
+            wait_port "$port" 60 || die "the gateway did not start: $(cat "$WORK/gateway.log")"
+            url=$(url_of "$port" http)
+            wrk -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null 2>&1
+            perf record -q -e 'seawall_copies:*' -p "$pid" -o "$WORK/copies.data" \
+                >/dev/null 2>&1 &
+            recorder=$!
+            sleep 1
+            wrk -t1 -c"$CONNECTIONS" -d"${PROFILE_DURATION:-2s}" "$url" >/dev/null 2>&1
+            kill -INT "$recorder" 2>/dev/null || true
+            wait "$recorder" 2>/dev/null || true
+            kill -INT "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+            perf script -i "$WORK/copies.data" -F event,trace 2>/dev/null | awk \
+                -v l="${entry%%=*}" -v c="$config" '
+                /seawall_copies:send/ { sends++; next }
+                match($0, /len=[0-9]+/) {
+                    n = substr($0, RSTART + 4, RLENGTH - 4) + 0; calls++; bytes += n; by[n]++
+                }
+                END {
+                    r = sends / 2
+                    if (r < 1) { print "| " l " | " c " | 0 | - | - | - |"; exit }
+                    top = ""
+                    for (k = 0; k < 5; k++) {
+                        best = -1
+                        for (n in by) if (!(n in used) && (best < 0 || n * by[n] > best * by[best])) best = n
+                        if (best < 0) break
+                        used[best] = 1
+                        top = top sprintf("%s%d × %.1f", top == "" ? "" : ", ", best, by[best] / r)
+                    }
+                    printf "| %s | %s | %d | %.1f | %.0f | %s |\n", l, c, r, calls / r, bytes / r, top
+                }'
+        done
+    done
+    exit 0
+fi
 
 if [ "${PROFILE:-}" = callgrind ]; then
     echo "| gateway | configuration | requests | instructions/req | malloc calls/req |"
