@@ -360,6 +360,16 @@ fn head_of(
 /// would only be looked up and removed again, RFC 9110 §7.6.1). Its value is then letters,
 /// `-`, commas and spaces: valid.
 pub(crate) fn connection_options(value: &[u8], close: &mut bool, keep_alive: &mut bool) -> bool {
+    // The one option nearly every message sends, alone: one comparison, not the list's
+    // split, trim and two comparisons a token.
+    if value.eq_ignore_ascii_case(b"keep-alive") {
+        *keep_alive = true;
+        return true;
+    }
+    if value.eq_ignore_ascii_case(b"close") {
+        *close = true;
+        return true;
+    }
     let mut consumed = true;
     for option in tokens(value) {
         let (c, k) = (
@@ -1527,6 +1537,35 @@ mod tests {
             &mut keep_alive
         ));
         assert!(keep_alive && !close);
+    }
+
+    proptest::proptest! {
+        /// The single-option shortcut reads a value as the list's general reading does.
+        #[test]
+        fn connection_options_read_as_the_list_says(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "keep-alive", "Keep-Alive", "KEEP-ALIVE", "close", "Close", "keep-alivex",
+                    "clos", "upgrade", "x-a", ",", " ", "\t", "",
+                ]),
+                0..5,
+            )
+        ) {
+            let value = parts.concat();
+            let (mut close, mut keep_alive) = (false, false);
+            let consumed = connection_options(value.as_bytes(), &mut close, &mut keep_alive);
+            let (mut c, mut k, mut all) = (false, false, true);
+            for option in tokens(value.as_bytes()) {
+                let (is_c, is_k) = (
+                    option.eq_ignore_ascii_case(b"close"),
+                    option.eq_ignore_ascii_case(b"keep-alive"),
+                );
+                c |= is_c;
+                k |= is_k;
+                all &= is_c || is_k;
+            }
+            proptest::prop_assert_eq!((consumed, close, keep_alive), (all, c, k), "{:?}", value);
+        }
     }
 
     #[test]
