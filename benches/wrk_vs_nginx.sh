@@ -429,6 +429,21 @@ malloc_calls() {
         END { print found ? calls : 0 }'
 }
 
+# Starts gateway binary `$2` (a GATEWAY_BINS entry's path) on one worker for configuration
+# `$1`, under the command given after them if any (a profiler), waiting up to WAIT_START
+# seconds; sets PROXY_PID and PROXY_URL.
+start_profiled() {
+    local config=$1 bin=$2 port
+    shift 2
+    port=$(free_port)
+    gateway_toml "$config" "$port" http >"$WORK/gateway.toml"
+    "$@" "$bin" "$WORK/gateway.toml" --workers 1 --runtime threads >"$WORK/gateway.log" 2>&1 &
+    PROXY_PID=$!
+    PIDS+=("$PROXY_PID")
+    wait_port "$port" "${WAIT_START:-60}" || die "the gateway did not start: $(cat "$WORK/gateway.log")"
+    PROXY_URL=$(url_of "$port" http)
+}
+
 if [ "${PROFILE:-}" = copies ]; then
     first=${GATEWAY_BINS%% *}
     libc=$(ldd "${first#*=}" | awk '/libc\.so\.6/ { print $3 }')
@@ -449,14 +464,8 @@ if [ "${PROFILE:-}" = copies ]; then
     echo "|---|---|---|---|---|---|"
     for entry in $GATEWAY_BINS; do
         for config in $CONFIGS; do
-            port=$(free_port)
-            gateway_toml "$config" "$port" http >"$WORK/gateway.toml"
-            "${entry#*=}" "$WORK/gateway.toml" --workers 1 --runtime threads \
-                >"$WORK/gateway.log" 2>&1 &
-            pid=$!
-            PIDS+=("$pid")
-            wait_port "$port" 60 || die "the gateway did not start: $(cat "$WORK/gateway.log")"
-            url=$(url_of "$port" http)
+            start_profiled "$config" "${entry#*=}"
+            pid=$PROXY_PID url=$PROXY_URL
             wrk -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null 2>&1
             perf record -q -e 'seawall_copies:*' -p "$pid" -o "$WORK/copies.data" \
                 >/dev/null 2>&1 &
@@ -496,15 +505,9 @@ if [ "${PROFILE:-}" = callgrind ]; then
     echo "|---|---|---|---|---|"
     for entry in $GATEWAY_BINS; do
         for config in $CONFIGS; do
-            port=$(free_port)
-            gateway_toml "$config" "$port" http >"$WORK/gateway.toml"
-            valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%p" \
-                "${entry#*=}" "$WORK/gateway.toml" --workers 1 --runtime threads \
-                >"$WORK/gateway.log" 2>&1 &
-            pid=$!
-            PIDS+=("$pid")
-            wait_port "$port" 600 || die "the gateway did not start: $(cat "$WORK/gateway.log")"
-            url=$(url_of "$port" http)
+            WAIT_START=600 start_profiled "$config" "${entry#*=}" \
+                valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%p"
+            pid=$PROXY_PID url=$PROXY_URL
             wrk -t1 -c"$CONNECTIONS" -d2s "$url" >/dev/null 2>&1
             callgrind_control -z "$pid" >/dev/null 2>&1
             out=$(wrk -t1 -c"$CONNECTIONS" -d"${PROFILE_DURATION:-4s}" "$url" 2>&1)
