@@ -70,39 +70,9 @@ async fn fleet(port: u16, batch: u32) {
             Arc::new(b.build().expect("limiter"))
         })
         .collect();
-    let commands = || async {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connection");
-        let info: String = redis::cmd("INFO")
-            .arg("stats")
-            .query_async(&mut conn)
-            .await
-            .expect("INFO");
-        info.lines()
-            .find_map(|l| l.strip_prefix("total_commands_processed:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .expect("total_commands_processed")
-    };
-    // The quota is kept by the server's clock (`TIME` in the script), which need not run
-    // with this process' (a clock step or slew on the server's side moves it): the bound
-    // is taken over the run as the server timed it.
-    let server_time = || async {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connection");
-        let (secs, micros): (u64, u64) = redis::cmd("TIME")
-            .query_async(&mut conn)
-            .await
-            .expect("TIME");
-        Duration::from_secs(secs) + Duration::from_micros(micros)
-    };
-    let commands_before = commands().await;
-    let server_start = server_time().await;
+    let mut conn = connect(port).await;
+    let (_, scripts_before) = server_counters(std::slice::from_mut(&mut conn)).await;
+    let server_start = server_time(&mut conn).await;
     let start = Instant::now();
     let tasks: Vec<_> = (0..REPLICAS * CALLERS)
         .map(|i| {
@@ -127,19 +97,19 @@ async fn fleet(port: u16, batch: u32) {
         checks += n;
     }
     let elapsed = start.elapsed();
-    let server_elapsed = server_time()
+    let server_elapsed = server_time(&mut conn)
         .await
         .checked_sub(server_start)
         .unwrap_or_default();
-    // Our own INFO and TIME calls count once each.
-    let round_trips = commands().await - commands_before - 3;
+    let (_, scripts_after) = server_counters(std::slice::from_mut(&mut conn)).await;
+    let round_trips = scripts_after - scripts_before;
     let allowed = f64::from(burst) + f64::from(rate) * elapsed.as_secs_f64();
     let server_allowed = f64::from(burst) + f64::from(rate) * server_elapsed.as_secs_f64();
     let admitted: u64 = per_replica.iter().sum();
     println!(
         "fleet of {REPLICAS}, batch({batch}): admitted {admitted} of {allowed:.0} allowed ({:.1}%; \
          {server_allowed:.0} by the server's clock), {checks} checks, {round_trips} Redis \
-         commands, per replica {per_replica:?}",
+         round trips, per replica {per_replica:?}",
         admitted as f64 * 100.0 / allowed
     );
     assert!(
@@ -215,6 +185,13 @@ fn process_cpu() -> Duration {
     };
     // USER_HZ is 100 on Linux.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// The server's clock (`TIME`), by which the limiter's script keeps the quota. It need
+/// not run with this process' clock: a step or slew on the server's side moves it alone.
+async fn server_time(conn: &mut redis::aio::MultiplexedConnection) -> Duration {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    Duration::from_secs(secs) + Duration::from_micros(micros)
 }
 
 /// Counters of the servers a sweep runs against, summed: CPU seconds and script runs.
