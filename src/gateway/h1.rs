@@ -178,6 +178,48 @@ impl HeadFacts {
 /// at most [`MAX_HEAD`] bytes: they fit).
 type Span = [u16; 4];
 
+/// How many fields' spans a parse keeps in place; a head with more puts them on the heap.
+const INLINE_SPANS: usize = 32;
+
+/// Where each field of a parsed head is, kept while the parser's borrow of the buffer
+/// ends and the head is split off it. The first [`INLINE_SPANS`] are in place: zeroing
+/// room for [`MAX_HEADERS`] on every head cost more than reading its few fields.
+pub(crate) struct Spans<S> {
+    inline: [S; INLINE_SPANS],
+    heap: Vec<S>,
+    len: usize,
+}
+
+impl<S: Copy + Default> Spans<S> {
+    pub(crate) fn new() -> Self {
+        Spans {
+            inline: [S::default(); INLINE_SPANS],
+            heap: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Room for `n` spans, which replace any there were.
+    pub(crate) fn slots(&mut self, n: usize) -> &mut [S] {
+        self.len = n;
+        if n <= INLINE_SPANS {
+            &mut self.inline[..n]
+        } else {
+            self.heap.clear();
+            self.heap.resize(n, S::default());
+            &mut self.heap
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[S] {
+        if self.len <= INLINE_SPANS {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+}
+
 /// Parses a response head off the front of `buf`: `Ok(None)` while it is incomplete.
 /// Interim `1xx` heads before it are consumed and skipped. `head_request`: the request
 /// was `HEAD` (its answer has no body whatever its head says).
@@ -196,8 +238,8 @@ fn parse_response_into(
     spare: &mut Option<HeaderMap>,
 ) -> Result<Option<ResponseHead>, ProtocolError> {
     loop {
-        let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
-        let (len, code, minor, count) = {
+        let mut spans = Spans::<Span>::new();
+        let (len, code, minor) = {
             let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
             let mut response = httparse::Response::new(&mut []);
             let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -212,7 +254,8 @@ fn parse_response_into(
                     }
                     let base = buf.as_ptr() as usize;
                     let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u16;
-                    for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+                    let slots = spans.slots(response.headers.len());
+                    for (span, field) in slots.iter_mut().zip(response.headers.iter()) {
                         *span = [
                             offset(field.name.as_bytes()),
                             field.name.len() as u16,
@@ -224,7 +267,6 @@ fn parse_response_into(
                         len,
                         response.code.unwrap_or(0),
                         response.version.unwrap_or(1),
-                        response.headers.len(),
                     )
                 }
                 Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
@@ -255,16 +297,9 @@ fn parse_response_into(
         // next request head of its connection, to which the gateway adds its own fields:
         // room for them now spares that request a growth (a new allocation, every field
         // rehashed).
-        headers.reserve(count + ADDED_LATER);
-        return head_of(
-            headers,
-            &head,
-            &spans[..count],
-            status,
-            version,
-            head_request,
-        )
-        .map(Some);
+        let spans = spans.as_slice();
+        headers.reserve(spans.len() + ADDED_LATER);
+        return head_of(headers, &head, spans, status, version, head_request).map(Some);
     }
 }
 
@@ -1662,6 +1697,36 @@ mod tests {
         assert_eq!(head.status, StatusCode::CREATED);
         assert_eq!(head.headers.get("link"), None);
         assert_eq!(&buf[..], b"ok");
+    }
+
+    #[test]
+    fn every_field_is_read_however_many_the_head_has() {
+        // Up to INLINE_SPANS fields' places are kept in place, more on the heap.
+        for n in [
+            0,
+            1,
+            INLINE_SPANS - 1,
+            INLINE_SPANS,
+            INLINE_SPANS + 1,
+            MAX_HEADERS,
+        ] {
+            let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\n");
+            for i in 0..n {
+                buf.extend_from_slice(format!("x-{i}: value {i}\r\n").as_bytes());
+            }
+            buf.extend_from_slice(b"\r\nbody");
+            let head = parse_response(&mut buf, false).unwrap().unwrap();
+            let fields: Vec<(String, String)> = head
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+                .collect();
+            let sent: Vec<(String, String)> = (0..n)
+                .map(|i| (format!("x-{i}"), format!("value {i}")))
+                .collect();
+            assert_eq!(fields, sent, "{n} fields");
+            assert_eq!(&buf[..], b"body");
+        }
     }
 
     #[test]

@@ -150,8 +150,8 @@ fn parse_request_into(
     );
     #[cfg(test)]
     tests::PARSES.with(|n| n.set(n.get() + 1));
-    let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
-    let (len, method, target, minor, count) = {
+    let mut spans = super::h1::Spans::<Span>::new();
+    let (len, method, target, minor) = {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut []);
         let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -166,7 +166,8 @@ fn parse_request_into(
                 }
                 let base = buf.as_ptr() as usize;
                 let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
-                for (span, field) in spans.iter_mut().zip(request.headers.iter()) {
+                let slots = spans.slots(request.headers.len());
+                for (span, field) in slots.iter_mut().zip(request.headers.iter()) {
                     *span = [
                         offset(field.name.as_bytes()),
                         field.name.len() as u32,
@@ -179,13 +180,7 @@ fn parse_request_into(
                     .map_err(|_| RequestError::bad("invalid method"))?;
                 let target = request.path.unwrap_or_default();
                 let target = [offset(target.as_bytes()), target.len() as u32];
-                (
-                    len,
-                    method,
-                    target,
-                    request.version.unwrap_or(1),
-                    request.headers.len(),
-                )
+                (len, method, target, request.version.unwrap_or(1))
             }
             Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(TOO_LARGE),
             Ok(httparse::Status::Partial) => return Ok(None),
@@ -222,8 +217,9 @@ fn parse_request_into(
     if !headers.is_empty() {
         headers.clear();
     }
-    headers.reserve(count);
-    head_of(headers, &head, &spans[..count], method, uri, version).map(Some)
+    let spans = spans.as_slice();
+    headers.reserve(spans.len());
+    head_of(headers, &head, spans, method, uri, version).map(Some)
 }
 
 /// Whether a request line httparse refused for its version names another version of
@@ -1315,6 +1311,29 @@ mod tests {
     thread_local! {
         /// Calls of `parse_request_into` on this thread.
         pub(super) static PARSES: Cell<usize> = const { Cell::new(0) };
+    }
+
+    #[test]
+    fn every_field_is_read_however_many_the_head_has() {
+        // The first 32 fields' places are kept in place, more on the heap.
+        for n in [1, 31, 32, 33, MAX_HEADERS] {
+            let mut buf = BytesMut::from("GET /a HTTP/1.1\r\nhost: a\r\n");
+            for i in 1..n {
+                buf.extend_from_slice(format!("x-{i}: value {i}\r\n").as_bytes());
+            }
+            buf.extend_from_slice(b"\r\nnext");
+            let head = parse_request(&mut buf, 64 * 1024).unwrap().unwrap();
+            let fields: Vec<(String, String)> = head
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+                .collect();
+            let sent: Vec<(String, String)> = std::iter::once(("host".into(), "a".into()))
+                .chain((1..n).map(|i| (format!("x-{i}"), format!("value {i}"))))
+                .collect();
+            assert_eq!(fields, sent, "{n} fields");
+            assert_eq!(&buf[..], b"next");
+        }
     }
 
     #[tokio::test]
