@@ -55,6 +55,13 @@
 #   NGINX_CPU_AFFINITY ("off")  the proxy nginx's `worker_cpu_affinity` for each run:
 #                         off (nginx's default, shown as `nginx`), auto (`nginx pinned`),
 #                         or both ("off auto"); ratios are against the first
+#   NGINX_FIELDS          set (to anything): one more proxy, `nginx fields` (unpinned),
+#                         configured to add what the gateway adds to every request by
+#                         default: `X-Forwarded-For`, `-Host` and `-Proto`, a request id
+#                         (`X-Request-Id`: the client's, or a new one; sent upstream and
+#                         echoed to the client) and a `traceparent` (nginx's random
+#                         `$request_id` as the trace id, a fixed parent id). About equal
+#                         work, for comparison: not the plain proxy the ratios are against
 #   GATEWAY_BINS          "label=path ..." prebuilt gateway_bench_server binaries to
 #                         compare (e.g. base=/tmp/base/gateway_bench_server new=...);
 #                         default: this checkout's, built with `--profile
@@ -377,10 +384,28 @@ start_proxy() {
         ssl_certificate_key $WORK/tls/key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;"
     fi
-    if [ "$name" = nginx ] || [ "$name" = nginx:pinned ]; then
-        local affinity=off
+    if [ "$name" = nginx ] || [ "$name" = nginx:pinned ] || [ "$name" = nginx:fields ]; then
+        local affinity=off fields="" maps=""
         [ "$name" = nginx:pinned ] && affinity=auto
-        start_nginx "$WORK/proxy" "$workers" "    upstream items {
+        if [ "$name" = nginx:fields ]; then
+            # nginx's `$request_id` is 16 random bytes in hex: the trace id. nginx has no
+            # other random variable, and a regex taking half of it for the parent id
+            # would cost nginx more than the gateway pays for its own: the parent id is
+            # fixed (a little less work than the gateway's).
+            maps="    map \$http_x_request_id \$seawall_request_id {
+        default \$http_x_request_id;
+        \"\" \$request_id;
+    }
+"
+            fields="
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Host \$host;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Request-Id \$seawall_request_id;
+            proxy_set_header traceparent \"00-\$request_id-00f067aa0ba902b7-01\";
+            add_header X-Request-Id \$seawall_request_id always;"
+        fi
+        start_nginx "$WORK/proxy" "$workers" "$maps    upstream items {
         server 127.0.0.1:$UP_PORT;
         keepalive 64;
         keepalive_requests 1000000;
@@ -390,7 +415,7 @@ start_proxy() {
         location / {
             proxy_pass http://items;
             proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
+            proxy_set_header Connection \"\";$fields
         }
     }" "$affinity"
         PROXY_PID=$NGINX_PID
@@ -541,6 +566,7 @@ for affinity in $NGINX_CPU_AFFINITY; do
         *) die "NGINX_CPU_AFFINITY: off or auto, not $affinity" ;;
     esac
 done
+[ -z "${NGINX_FIELDS:-}" ] || PROXIES+=(nginx:fields)
 for entry in $GATEWAY_BINS; do
     for config in $CONFIGS; do PROXIES+=("${entry%%=*}:$config"); done
 done
