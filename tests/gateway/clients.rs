@@ -165,9 +165,17 @@ async fn a_client_refused_by_its_own_limit_does_not_drain_the_global_limit() {
     let addr = gw.local_addr();
     let mut admitted = 0;
     for _ in 0..40 {
-        let (status, _) = raw(addr, &get("/x", "")).await;
+        let (status, answer) = raw(addr, &get("/x", "")).await;
         assert!(status == 200 || status == 429, "{status}");
         admitted += usize::from(status == 200);
+        if status == 429 {
+            // The client's limit's fields, then those of the global limit, which admitted
+            // the request before handing its token back.
+            let policies = field_lines(&answer, "ratelimit-policy");
+            assert_eq!(policies.len(), 2, "{answer}");
+            assert!(policies[0].starts_with("\"per-client\";q=1"), "{answer}");
+            assert!(policies[1].starts_with("\"global\";q=5"), "{answer}");
+        }
     }
     assert!((1..=2).contains(&admitted), "{admitted} admitted");
     // Three clients that sent nothing yet: the global bucket still has room for them.

@@ -203,7 +203,10 @@ impl HeaderSettings {
     }
 
     /// The `429` of a refused request: its headers, [`Refused`], and the body (the
-    /// problem, or the custom one).
+    /// problem, or the custom one). Out of line: the admitting path, which the refusal
+    /// paths share a function with, then keeps no room for a response.
+    #[cold]
+    #[inline(never)]
     pub(super) fn refusal<B: ProblemBody>(&self, refused: RateLimited) -> Response<B> {
         let custom = self.body.as_ref().map(|body| body(&refused));
         let mut response = refusal(Headers::new(&self.name, self.style, &Err(refused)));
@@ -217,6 +220,8 @@ impl HeaderSettings {
     }
 
     /// The `500` of a request without the key its limit needs (logged).
+    #[cold]
+    #[inline(never)]
     pub(super) fn missing_key<B: ProblemBody>(&self) -> Response<B> {
         missing_key(&self.name)
     }
@@ -657,7 +662,9 @@ where
 /// The `503` of a limit that could not decide and fails closed
 /// ([`Decision::Unavailable`]): `Retry-After: 1`, not marked [`Refused`] (no limit said
 /// no: the layers outside keep their tokens).
-fn unavailable<B: ProblemBody>() -> Response<B> {
+#[cold]
+#[inline(never)]
+pub(super) fn unavailable<B: ProblemBody>() -> Response<B> {
     let mut response = crate::problem::problem::<B>(
         StatusCode::SERVICE_UNAVAILABLE,
         "the rate limiter's store is unavailable",

@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response};
 use tower::Service;
 
-use super::layer::{HeaderSettings, Headers, ResponseFuture, ceil_secs};
+use super::layer::{HeaderSettings, Headers, ResponseFuture, ceil_secs, unavailable};
 use crate::problem::ProblemBody;
 use crate::rate_limit::{Admitted, Decision, Limit, Refund};
 
@@ -89,6 +89,17 @@ impl PairedHeaders {
             self.policy(outer, inner),
             self.state(outer, inner),
         ))
+    }
+
+    /// `answer` (the inner limit's) with the outer limit's headers, if it admitted the
+    /// request.
+    #[cold]
+    #[inline(never)]
+    fn outer_added<B>(&self, mut answer: Response<B>, outer: Option<Admitted>) -> Response<B> {
+        if let Some(h) = outer.and_then(|admitted| self.outer.admitted(admitted)) {
+            h.apply(answer.headers_mut());
+        }
+        answer
     }
 
     /// `"inner";r=…;t=…, "outer";r=…;t=…`, written into the thread's header chunk as a
@@ -218,34 +229,46 @@ where
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        // Each decision is taken apart where it is matched, its figures and its charge
+        // apart, and a refusal's answer made out of line: a `Result` holding either what
+        // passed or a whole response was built and then read back field by field, loads
+        // that stalled on the narrower stores before them (`perf annotate`).
         let headers = &*self.headers;
-        let outer = match headers.outer.decide(self.outer.check(&request, 1)) {
-            Ok(outer) => outer,
-            Err(refusal) => return ResponseFuture::refused(refusal),
+        let (outer, outer_charge) = match self.outer.check(&request, 1) {
+            Decision::Admitted(admitted, charge) => (Some(admitted), Some(charge)),
+            Decision::Unlimited => (None, None),
+            Decision::Refused(refused) => {
+                return ResponseFuture::refused(headers.outer.refusal(refused));
+            }
+            Decision::MissingKey => return ResponseFuture::refused(headers.outer.missing_key()),
+            Decision::Unavailable(_) => return ResponseFuture::refused(unavailable()),
         };
-        let inner = match headers.inner.decide(self.inner.check(&request, 1)) {
-            Ok(inner) => inner,
-            Err(mut refusal) => {
+        let (inner, inner_charge) = match self.inner.check(&request, 1) {
+            Decision::Admitted(admitted, charge) => (Some(admitted), Some(charge)),
+            Decision::Unlimited => (None, None),
+            Decision::Refused(refused) => {
                 // As the outer of two stacked layers answers: its token back when the
-                // inner limit refused (not for a missing key's `500`), its headers added.
-                if let Some((admitted, charge)) = outer {
-                    if refusal.extensions().get::<super::Refused>().is_some() {
-                        charge.refund();
-                    }
-                    if let Some(h) = headers.outer.admitted(admitted) {
-                        h.apply(refusal.headers_mut());
-                    }
+                // inner limit refused, its headers added.
+                if let Some(charge) = outer_charge {
+                    charge.refund();
                 }
-                return ResponseFuture::refused(refusal);
+                let refusal = headers.inner.refusal(refused);
+                return ResponseFuture::refused(headers.outer_added(refusal, outer));
+            }
+            // No limit said no (a missing key's `500`, a store's `503`): the outer token
+            // stays taken, as the outer of two stacked layers keeps it.
+            Decision::MissingKey => {
+                let answer = headers.inner.missing_key();
+                return ResponseFuture::refused(headers.outer_added(answer, outer));
+            }
+            Decision::Unavailable(_) => {
+                return ResponseFuture::refused(headers.outer_added(unavailable(), outer));
             }
         };
-        let added = headers.admitted(
-            outer.as_ref().map(|(a, _)| a),
-            inner.as_ref().map(|(a, _)| a),
-        );
+        let added = headers.admitted(outer.as_ref(), inner.as_ref());
         // Something to hand back if a limit further in refuses: only what was taken.
-        let charges = (outer.is_some() || inner.is_some())
-            .then(|| (outer.map(|(_, c)| c), inner.map(|(_, c)| c)));
+        let charges = (outer_charge.is_some() || inner_charge.is_some())
+            .then_some((outer_charge, inner_charge));
         ResponseFuture::called(self.service.call(request), added, charges)
     }
 }
