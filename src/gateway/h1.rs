@@ -179,7 +179,7 @@ impl HeadFacts {
 type Span = [u16; 4];
 
 /// How many fields' spans a parse keeps in place; a head with more puts them on the heap.
-const INLINE_SPANS: usize = 32;
+pub(crate) const INLINE_SPANS: usize = 32;
 
 /// Where each field of a parsed head is, kept while the parser's borrow of the buffer
 /// ends and the head is split off it. The first [`INLINE_SPANS`] are in place: zeroing
@@ -191,6 +191,7 @@ pub(crate) struct Spans<S> {
 }
 
 impl<S: Copy + Default> Spans<S> {
+    /// No spans yet.
     pub(crate) fn new() -> Self {
         Spans {
             inline: [S::default(); INLINE_SPANS],
@@ -211,6 +212,7 @@ impl<S: Copy + Default> Spans<S> {
         }
     }
 
+    /// The spans last made room for.
     pub(crate) fn as_slice(&self) -> &[S] {
         if self.len <= INLINE_SPANS {
             &self.inline[..self.len]

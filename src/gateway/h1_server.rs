@@ -1315,8 +1315,15 @@ mod tests {
 
     #[test]
     fn every_field_is_read_however_many_the_head_has() {
-        // The first 32 fields' places are kept in place, more on the heap.
-        for n in [1, 31, 32, 33, MAX_HEADERS] {
+        // Up to INLINE_SPANS fields' places are kept in place, more on the heap.
+        use super::super::h1::INLINE_SPANS;
+        for n in [
+            1,
+            INLINE_SPANS - 1,
+            INLINE_SPANS,
+            INLINE_SPANS + 1,
+            MAX_HEADERS,
+        ] {
             let mut buf = BytesMut::from("GET /a HTTP/1.1\r\nhost: a\r\n");
             for i in 1..n {
                 buf.extend_from_slice(format!("x-{i}: value {i}\r\n").as_bytes());
