@@ -179,7 +179,7 @@ impl HeadFacts {
 type Span = [u16; 4];
 
 /// How many fields' spans a parse keeps in place; a head with more puts them on the heap.
-pub(crate) const INLINE_SPANS: usize = 32;
+const INLINE_SPANS: usize = 32;
 
 /// Where each field of a parsed head is, kept while the parser's borrow of the buffer
 /// ends and the head is split off it. The first [`INLINE_SPANS`] are in place: zeroing
@@ -219,6 +219,45 @@ impl<S: Copy + Default> Spans<S> {
         } else {
             &self.heap
         }
+    }
+}
+
+/// What the request and response head parsers' tests share.
+#[cfg(test)]
+pub(crate) mod head_tests {
+    use http::HeaderMap;
+
+    use super::{INLINE_SPANS, MAX_HEADERS};
+
+    /// Field counts either side of the room [`Spans`](super::Spans) keeps in place, and
+    /// the most a head may have.
+    pub(crate) const FIELD_COUNTS: [usize; 5] = [
+        1,
+        INLINE_SPANS - 1,
+        INLINE_SPANS,
+        INLINE_SPANS + 1,
+        MAX_HEADERS,
+    ];
+
+    /// Fields `x-i: value i` for `i` in `range`: their head lines, and the fields as a
+    /// map lists them.
+    pub(crate) fn numbered(range: std::ops::Range<usize>) -> (String, Vec<(String, String)>) {
+        let fields: Vec<(String, String)> = range
+            .map(|i| (format!("x-{i}"), format!("value {i}")))
+            .collect();
+        let lines = fields
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\r\n"))
+            .collect();
+        (lines, fields)
+    }
+
+    /// A map's fields, in order.
+    pub(crate) fn listed(headers: &HeaderMap) -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect()
     }
 }
 
@@ -1703,30 +1742,12 @@ mod tests {
 
     #[test]
     fn every_field_is_read_however_many_the_head_has() {
-        // Up to INLINE_SPANS fields' places are kept in place, more on the heap.
-        for n in [
-            0,
-            1,
-            INLINE_SPANS - 1,
-            INLINE_SPANS,
-            INLINE_SPANS + 1,
-            MAX_HEADERS,
-        ] {
-            let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\n");
-            for i in 0..n {
-                buf.extend_from_slice(format!("x-{i}: value {i}\r\n").as_bytes());
-            }
-            buf.extend_from_slice(b"\r\nbody");
+        use head_tests::{FIELD_COUNTS, listed, numbered};
+        for n in std::iter::once(0).chain(FIELD_COUNTS) {
+            let (lines, sent) = numbered(0..n);
+            let mut buf = BytesMut::from(format!("HTTP/1.1 200 OK\r\n{lines}\r\nbody").as_str());
             let head = parse_response(&mut buf, false).unwrap().unwrap();
-            let fields: Vec<(String, String)> = head
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
-                .collect();
-            let sent: Vec<(String, String)> = (0..n)
-                .map(|i| (format!("x-{i}"), format!("value {i}")))
-                .collect();
-            assert_eq!(fields, sent, "{n} fields");
+            assert_eq!(listed(&head.headers), sent, "{n} fields");
             assert_eq!(&buf[..], b"body");
         }
     }
