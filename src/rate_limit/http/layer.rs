@@ -203,10 +203,7 @@ impl HeaderSettings {
     }
 
     /// The `429` of a refused request: its headers, [`Refused`], and the body (the
-    /// problem, or the custom one). Out of line: the admitting path, which the refusal
-    /// paths share a function with, then keeps no room for a response.
-    #[cold]
-    #[inline(never)]
+    /// problem, or the custom one).
     pub(super) fn refusal<B: ProblemBody>(&self, refused: RateLimited) -> Response<B> {
         let custom = self.body.as_ref().map(|body| body(&refused));
         let mut response = refusal(Headers::new(&self.name, self.style, &Err(refused)));
@@ -220,28 +217,47 @@ impl HeaderSettings {
     }
 
     /// The `500` of a request without the key its limit needs (logged).
-    #[cold]
-    #[inline(never)]
     pub(super) fn missing_key<B: ProblemBody>(&self) -> Response<B> {
         missing_key(&self.name)
     }
 
     /// What `decision` lets through: the admitted figures and the charge (`None` for a
-    /// request the limit does not apply to), or this layer's answer to a request it
-    /// does not let through (its `429`, `500` or `503`).
+    /// request the limit does not apply to), or why it does not, answered by
+    /// [`refuse`](Self::refuse). Not the answer itself: a `Result` holding a whole
+    /// response was built and read back field by field on the admitting path, loads that
+    /// stalled on the narrower stores before them (`perf annotate`).
     #[inline]
-    pub(crate) fn decide<B: ProblemBody, Ch>(
-        &self,
-        decision: Decision<Ch>,
-    ) -> Result<Option<(Admitted, Ch)>, Response<B>> {
+    pub(crate) fn decide<Ch>(decision: Decision<Ch>) -> Result<Option<(Admitted, Ch)>, Refusal> {
         match decision {
             Decision::Admitted(admitted, charge) => Ok(Some((admitted, charge))),
             Decision::Unlimited => Ok(None),
-            Decision::Refused(refused) => Err(self.refusal(refused)),
-            Decision::MissingKey => Err(self.missing_key()),
-            Decision::Unavailable(_) => Err(unavailable()),
+            Decision::Refused(refused) => Err(Refusal::Limited(refused)),
+            Decision::MissingKey => Err(Refusal::MissingKey),
+            Decision::Unavailable(_) => Err(Refusal::Unavailable),
         }
     }
+
+    /// This layer's answer to a request it does not let through: its `429`, `500` or
+    /// `503`.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn refuse<B: ProblemBody>(&self, refusal: Refusal) -> Response<B> {
+        match refusal {
+            Refusal::Limited(refused) => self.refusal(refused),
+            Refusal::MissingKey => self.missing_key(),
+            Refusal::Unavailable => unavailable(),
+        }
+    }
+}
+
+/// Why a limit did not let a request through ([`HeaderSettings::decide`]).
+pub(crate) enum Refusal {
+    /// The limit is exhausted: a `429`, marked [`Refused`].
+    Limited(RateLimited),
+    /// The request lacks the key the limit needs: a `500`.
+    MissingKey,
+    /// The limit's store did not answer and it fails closed: a `503`.
+    Unavailable,
 }
 
 /// The header settings' builder methods, for a layer with a `settings: HeaderSettings`
@@ -588,14 +604,14 @@ where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     ResB: ProblemBody,
 {
-    match settings.decide(decision) {
+    match HeaderSettings::decide(decision) {
         Ok(Some((admitted, charge))) => ResponseFuture::called(
             inner.call(request),
             settings.admitted(admitted),
             Some(charge),
         ),
         Ok(None) => ResponseFuture::called(inner.call(request), None, None),
-        Err(refusal) => ResponseFuture::refused(refusal),
+        Err(refusal) => ResponseFuture::refused(settings.refuse(refusal)),
     }
 }
 
@@ -662,9 +678,7 @@ where
 /// The `503` of a limit that could not decide and fails closed
 /// ([`Decision::Unavailable`]): `Retry-After: 1`, not marked [`Refused`] (no limit said
 /// no: the layers outside keep their tokens).
-#[cold]
-#[inline(never)]
-pub(super) fn unavailable<B: ProblemBody>() -> Response<B> {
+fn unavailable<B: ProblemBody>() -> Response<B> {
     let mut response = crate::problem::problem::<B>(
         StatusCode::SERVICE_UNAVAILABLE,
         "the rate limiter's store is unavailable",

@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response};
 use tower::Service;
 
-use super::layer::{HeaderSettings, Headers, ResponseFuture, ceil_secs, unavailable};
+use super::layer::{HeaderSettings, Headers, Refusal, ResponseFuture, ceil_secs};
 use crate::problem::ProblemBody;
 use crate::rate_limit::{Admitted, Decision, Limit, Refund};
 
@@ -229,40 +229,26 @@ where
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        // Each decision is taken apart where it is matched, its figures and its charge
-        // apart, and a refusal's answer made out of line: a `Result` holding either what
-        // passed or a whole response was built and then read back field by field, loads
-        // that stalled on the narrower stores before them (`perf annotate`).
+        // The figures and the charge kept apart, refusals answered out of line
+        // (`HeaderSettings::decide`).
         let headers = &*self.headers;
-        let (outer, outer_charge) = match self.outer.check(&request, 1) {
-            Decision::Admitted(admitted, charge) => (Some(admitted), Some(charge)),
-            Decision::Unlimited => (None, None),
-            Decision::Refused(refused) => {
-                return ResponseFuture::refused(headers.outer.refusal(refused));
-            }
-            Decision::MissingKey => return ResponseFuture::refused(headers.outer.missing_key()),
-            Decision::Unavailable(_) => return ResponseFuture::refused(unavailable()),
+        let (outer, outer_charge) = match HeaderSettings::decide(self.outer.check(&request, 1)) {
+            Ok(Some((admitted, charge))) => (Some(admitted), Some(charge)),
+            Ok(None) => (None, None),
+            Err(refusal) => return ResponseFuture::refused(headers.outer.refuse(refusal)),
         };
-        let (inner, inner_charge) = match self.inner.check(&request, 1) {
-            Decision::Admitted(admitted, charge) => (Some(admitted), Some(charge)),
-            Decision::Unlimited => (None, None),
-            Decision::Refused(refused) => {
+        let (inner, inner_charge) = match HeaderSettings::decide(self.inner.check(&request, 1)) {
+            Ok(Some((admitted, charge))) => (Some(admitted), Some(charge)),
+            Ok(None) => (None, None),
+            Err(refusal) => {
                 // As the outer of two stacked layers answers: its token back when the
-                // inner limit refused, its headers added.
-                if let Some(charge) = outer_charge {
+                // inner limit refused (not for a missing key's `500` or a store's `503`:
+                // no limit said no), its headers added.
+                if let (Refusal::Limited(_), Some(charge)) = (&refusal, outer_charge) {
                     charge.refund();
                 }
-                let refusal = headers.inner.refusal(refused);
-                return ResponseFuture::refused(headers.outer_added(refusal, outer));
-            }
-            // No limit said no (a missing key's `500`, a store's `503`): the outer token
-            // stays taken, as the outer of two stacked layers keeps it.
-            Decision::MissingKey => {
-                let answer = headers.inner.missing_key();
+                let answer = headers.inner.refuse(refusal);
                 return ResponseFuture::refused(headers.outer_added(answer, outer));
-            }
-            Decision::Unavailable(_) => {
-                return ResponseFuture::refused(headers.outer_added(unavailable(), outer));
             }
         };
         let added = headers.admitted(outer.as_ref(), inner.as_ref());
