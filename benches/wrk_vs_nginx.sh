@@ -66,6 +66,16 @@
 #                         compare (e.g. base=/tmp/base/gateway_bench_server new=...);
 #                         default: this checkout's, built with `--profile
 #                         release-lto`, labelled gateway
+#   PGO                   set (to anything): one more gateway binary, `pgo`: this
+#                         checkout's built with profile-guided optimisation. Built with
+#                         `-Cprofile-generate` (in target/pgo/generate), trained by wrk
+#                         with benches/pgo_train.lua, a mix of API requests other than the
+#                         measured one (GETs with queries and browser fields, JSON POSTs
+#                         with a request id and a `traceparent`, a HEAD, an unknown path),
+#                         for PGO_TRAIN (5s) on each configuration in CONFIGS (cleartext
+#                         HTTP/1, 1 worker), merged with llvm-profdata (rustup's
+#                         `llvm-tools`, added when missing) and built again with
+#                         `-Cprofile-use` (in target/pgo/use)
 #   CONFIGS ("routing full")  which gateway configurations to run
 #   MODES ("http")        http, https, handshake, h2 (see above); STREAMS (10) for h2
 #   PROFILE=callgrind     instead of the runs: each gateway binary and configuration
@@ -469,6 +479,47 @@ start_profiled() {
     PROXY_URL=$(url_of "$port" http)
 }
 
+
+# --- profile-guided build (PGO) --------------------------------------------------------
+# This checkout's gateway_bench_server built with `-Cprofile-generate`, trained by wrk
+# with benches/pgo_train.lua on each configuration, its profiles merged, and built again
+# with `-Cprofile-use`; added to GATEWAY_BINS as `pgo`.
+build_pgo() {
+    local target sysroot host profdata raw config flags
+    target=$(cd "$HERE" && cargo metadata --format-version 1 --no-deps \
+        | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+    target=${target:-$HERE/target}/pgo
+    sysroot=$(rustc --print sysroot)
+    host=$(rustc -vV | sed -n 's/^host: //p')
+    profdata=$sysroot/lib/rustlib/$host/bin/llvm-profdata
+    if [ ! -x "$profdata" ]; then
+        rustup component add llvm-tools >/dev/null 2>&1 || true
+        [ -x "$profdata" ] || die "llvm-profdata is missing (rustup component add llvm-tools)"
+    fi
+    raw=$WORK/pgo-raw
+    rm -rf "$raw"
+    echo "PGO: building an instrumented gateway" >&2
+    (cd "$HERE" && CARGO_TARGET_DIR=$target/generate \
+        RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$raw" cargo build --quiet \
+        --profile release-lto --features gateway${TLS:+,tls} --example gateway_bench_server)
+    for config in $CONFIGS; do
+        start_profiled "$config" "$target/generate/release-lto/examples/gateway_bench_server"
+        echo "PGO: training on $config for ${PGO_TRAIN:-5s}" >&2
+        wrk -t1 -c"$CONNECTIONS" -d"${PGO_TRAIN:-5s}" -s "$HERE/benches/pgo_train.lua" \
+            "${PROXY_URL%/api/items}" >/dev/null 2>&1 || die "PGO training load failed"
+        # The profile is written when the process exits.
+        kill -INT "$PROXY_PID" 2>/dev/null || true
+        wait "$PROXY_PID" 2>/dev/null || true
+    done
+    ls "$raw"/*.profraw >/dev/null 2>&1 || die "PGO training wrote no profile"
+    "$profdata" merge -o "$WORK/pgo.profdata" "$raw" || die "llvm-profdata merge failed"
+    echo "PGO: building with the profile" >&2
+    flags="${RUSTFLAGS:-} -Cprofile-use=$WORK/pgo.profdata"
+    (cd "$HERE" && CARGO_TARGET_DIR=$target/use RUSTFLAGS="$flags" cargo build --quiet \
+        --profile release-lto --features gateway${TLS:+,tls} --example gateway_bench_server)
+    GATEWAY_BINS="$GATEWAY_BINS pgo=$target/use/release-lto/examples/gateway_bench_server"
+}
+[ -z "${PGO:-}" ] || build_pgo
 if [ "${PROFILE:-}" = copies ]; then
     first=${GATEWAY_BINS%% *}
     libc=$(ldd "${first#*=}" | awk '/libc\.so\.6/ { print $3 }')
