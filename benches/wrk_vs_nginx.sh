@@ -150,12 +150,18 @@ if [ "${PROFILE:-}" = copies ]; then
     command -v perf >/dev/null || die "perf is missing (apt-get install linux-perf)"
 fi
 
+# This checkout's cargo target directory.
+target_dir() {
+    local dir
+    dir=$(cd "$HERE" && cargo metadata --format-version 1 --no-deps \
+        | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+    echo "${dir:-$HERE/target}"
+}
+
 if [ -z "${GATEWAY_BINS:-}" ]; then
     (cd "$HERE" && cargo build --quiet --profile release-lto --features gateway${TLS:+,tls} \
         --example gateway_bench_server)
-    dir=$(cd "$HERE" && cargo metadata --format-version 1 --no-deps \
-        | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-    GATEWAY_BINS="gateway=${dir:-$HERE/target}/release-lto/examples/gateway_bench_server"
+    GATEWAY_BINS="gateway=$(target_dir)/release-lto/examples/gateway_bench_server"
 fi
 for entry in $GATEWAY_BINS; do
     [ -x "${entry#*=}" ] || die "no gateway binary at ${entry#*=}"
@@ -479,16 +485,13 @@ start_profiled() {
     PROXY_URL=$(url_of "$port" http)
 }
 
-
 # --- profile-guided build (PGO) --------------------------------------------------------
 # This checkout's gateway_bench_server built with `-Cprofile-generate`, trained by wrk
 # with benches/pgo_train.lua on each configuration, its profiles merged, and built again
 # with `-Cprofile-use`; added to GATEWAY_BINS as `pgo`.
 build_pgo() {
     local target sysroot host profdata raw config flags
-    target=$(cd "$HERE" && cargo metadata --format-version 1 --no-deps \
-        | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-    target=${target:-$HERE/target}/pgo
+    target=$(target_dir)/pgo
     sysroot=$(rustc --print sysroot)
     host=$(rustc -vV | sed -n 's/^host: //p')
     profdata=$sysroot/lib/rustlib/$host/bin/llvm-profdata
@@ -520,6 +523,7 @@ build_pgo() {
     GATEWAY_BINS="$GATEWAY_BINS pgo=$target/use/release-lto/examples/gateway_bench_server"
 }
 [ -z "${PGO:-}" ] || build_pgo
+
 if [ "${PROFILE:-}" = copies ]; then
     first=${GATEWAY_BINS%% *}
     libc=$(ldd "${first#*=}" | awk '/libc\.so\.6/ { print $3 }')
