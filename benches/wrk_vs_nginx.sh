@@ -93,6 +93,9 @@
 #                         count requests; `wrk` for PROFILE_DURATION (2s, slowed by the
 #                         probes). Needs root and `perf` (Debian's linux-perf); the probes
 #                         are removed at the end.
+#   STOP_WAIT (30)        seconds a stopped process (nginx, a gateway, an instrumented
+#                         or profiled one writing its profile) has to exit before it is
+#                         killed; a PGO training gateway killed so fails the bench
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -173,7 +176,7 @@ chmod 755 "$WORK"
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do stop "$pid" || true; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -224,9 +227,31 @@ EOF
     PIDS+=("$NGINX_PID")
 }
 
+# True while process `$1` runs (a child that has exited but not been waited for is a
+# zombie: `kill -0` would still find it).
+running() {
+    local stat
+    stat=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ "${stat%% *}" != Z ]
+}
+
+# Sends process `$1` the signal `$2` (TERM by default) and waits for it to end: at most
+# STOP_WAIT seconds (30), then kills it, says so, and returns 1. A process that ignores
+# the signal does not hang the bench.
 stop() {
-    kill "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
+    local pid=$1 signal=${2:-TERM} tenths=0
+    kill -"$signal" "$pid" 2>/dev/null || true
+    while running "$pid"; do
+        if [ "$tenths" -ge $((${STOP_WAIT:-30} * 10)) ]; then
+            echo "process $pid still running ${STOP_WAIT:-30}s after SIG$signal: killed" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+            return 1
+        fi
+        sleep 0.1
+        tenths=$((tenths + 1))
+    done
+    wait "$pid" 2>/dev/null || true
 }
 
 # The process `$1` and its children: their utime + stime, and their utime alone, in clock
@@ -510,9 +535,8 @@ build_pgo() {
         echo "PGO: training on $config for ${PGO_TRAIN:-5s}" >&2
         wrk -t1 -c"$CONNECTIONS" -d"${PGO_TRAIN:-5s}" -s "$HERE/benches/pgo_train.lua" \
             "${PROXY_URL%/api/items}" >/dev/null 2>&1 || die "PGO training load failed"
-        # The profile is written when the process exits.
-        kill -INT "$PROXY_PID" 2>/dev/null || true
-        wait "$PROXY_PID" 2>/dev/null || true
+        # The profile is written when the process exits: killed, it writes none.
+        stop "$PROXY_PID" INT || die "the instrumented gateway did not exit on SIGINT"
     done
     ls "$raw"/*.profraw >/dev/null 2>&1 || die "PGO training wrote no profile"
     "$profdata" merge -o "$WORK/pgo.profdata" "$raw" || die "llvm-profdata merge failed"
@@ -552,10 +576,8 @@ if [ "${PROFILE:-}" = copies ]; then
             recorder=$!
             sleep 1
             wrk -t1 -c"$CONNECTIONS" -d"${PROFILE_DURATION:-2s}" "$url" >/dev/null 2>&1
-            kill -INT "$recorder" 2>/dev/null || true
-            wait "$recorder" 2>/dev/null || true
-            kill -INT "$pid" 2>/dev/null || true
-            wait "$pid" 2>/dev/null || true
+            stop "$recorder" INT || true
+            stop "$pid" INT || true
             perf script -i "$WORK/copies.data" -F event,trace 2>/dev/null | awk \
                 -v l="${entry%%=*}" -v c="$config" '
                 /seawall_copies:send/ { sends++; next }
@@ -592,8 +614,7 @@ if [ "${PROFILE:-}" = callgrind ]; then
             callgrind_control -z "$pid" >/dev/null 2>&1
             out=$(wrk -t1 -c"$CONNECTIONS" -d"${PROFILE_DURATION:-4s}" "$url" 2>&1)
             callgrind_control -d "$pid" >/dev/null 2>&1
-            kill -INT "$pid" 2>/dev/null || true
-            wait "$pid" 2>/dev/null || true
+            stop "$pid" INT || true
             requests=$(awk '/requests in/ { print $1 }' <<<"$out")
             [ -n "$requests" ] && [ "$requests" -gt 0 ] || die "load failed: $out"
             profile=$WORK/callgrind.$pid.1
