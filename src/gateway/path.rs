@@ -163,6 +163,52 @@ pub fn normalize(path: &str, options: PathOptions) -> Result<Cow<'_, str>, PathE
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
     }
+    if plain(bytes) {
+        return Ok(Cow::Borrowed(path));
+    }
+    checked(path, options)
+}
+
+/// Bytes [`plain`] looks at twice: `%`, `\`, control bytes and `DEL`, and `.` and `/`
+/// (which matter only after a `/`).
+const NOTED: [bool; 256] = {
+    let mut noted = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        noted[b] = true;
+        b += 1;
+    }
+    noted[0x7f] = true;
+    noted[b'%' as usize] = true;
+    noted[b'\\' as usize] = true;
+    noted[b'.' as usize] = true;
+    noted[b'/' as usize] = true;
+    noted
+};
+
+/// Whether `bytes` (starting with `/`) is normal as it stands under any options, which
+/// most paths are: no escape, no backslash or control byte, no segment that starts with
+/// a dot, no repeated slash. One table lookup a byte; anything else is left to the full
+/// pass, which decides.
+fn plain(bytes: &[u8]) -> bool {
+    let mut after_slash = false;
+    for &b in bytes {
+        if NOTED[usize::from(b)] {
+            match b {
+                b'/' if !after_slash => after_slash = true,
+                b'.' if !after_slash => {}
+                _ => return false,
+            }
+        } else {
+            after_slash = false;
+        }
+    }
+    true
+}
+
+/// [`normalize`] for a path that starts with `/` but is not [`plain`].
+fn checked(path: &str, options: PathOptions) -> Result<Cow<'_, str>, PathError> {
+    let bytes = path.as_bytes();
     // One pass: refuse what is refused, find whether anything changes.
     let mut rewrite = bytes.get(1) == Some(&b'/');
     let mut segment_start = 1;
@@ -444,6 +490,31 @@ mod tests {
             "api",
         ] {
             assert!(check_prefix(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The shortcut for normal paths answers as the full pass does: a path it lets
+        /// through is one the full pass borrows, under every option.
+        #[test]
+        fn the_shortcut_agrees_with_the_full_pass(
+            rest in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "/", "//", ".", "..", "%", "%2e", "%2E", "%41", "%2f", "%7e", "%zz", "a",
+                    "b.c", ";", "\\", "\u{1}", "\u{7f}", "~", "é", "-",
+                ]),
+                0..12,
+            ),
+            normalize_path: bool,
+            merge_slashes: bool,
+        ) {
+            let path = format!("/{}", rest.concat());
+            let options = PathOptions { normalize: normalize_path, merge_slashes };
+            let full = checked(&path, options);
+            if plain(path.as_bytes()) {
+                proptest::prop_assert!(matches!(full, Ok(Cow::Borrowed(p)) if p == path), "{:?}", path);
+            }
+            proptest::prop_assert_eq!(normalize(&path, options), full);
         }
     }
 }
