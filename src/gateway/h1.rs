@@ -828,6 +828,7 @@ pub(crate) fn encode_request(
         out.extend_from_slice(b"\r\n");
     }
     added.forwarded.encode(out);
+    added.trace.encode(out);
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
@@ -841,7 +842,7 @@ pub(crate) fn encode_request(
 }
 
 /// What the client writes into a request's head without its being in the request: the
-/// forwarding fields, and the target with the route's prefix stripped (the endpoint's
+/// forwarding fields, the trace fields the gateway made, and the target with the route's prefix stripped (the endpoint's
 /// `Host` is the connection's: [`Conn::set_host`]). If the request is handed back unsent
 /// ([`Conn::take_unsent`]), or is not written by this client, they are put into it
 /// ([`Added::apply`]).
@@ -851,6 +852,8 @@ pub(crate) struct Added {
     /// The target is `/` and what follows this byte of the request's path and query
     /// (a byte boundary it has); `None`: its path and query as they are.
     pub(crate) target_from: Option<usize>,
+    /// The trace fields the gateway made for the request.
+    pub(crate) trace: super::trace::NewFields,
 }
 
 impl Added {
@@ -862,6 +865,7 @@ impl Added {
             headers.insert(header::HOST, host);
         }
         self.forwarded.insert_into(headers);
+        self.trace.insert_into(headers);
         if let Some(from) = self.target_from {
             let uri = request.uri();
             let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -2288,9 +2292,15 @@ mod tests {
         let forwarded =
             super::super::headers::rewrite(&mut headers, Some(&peer), false, false).forwarded;
         // `/api//x?q` with `/api` stripped.
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let added = Added {
             forwarded,
             target_from: Some(6),
+            trace: super::super::trace::NewFields::made(
+                parent,
+                HeaderName::from_static("x-request-id"),
+                HeaderValue::from_static("id-1"),
+            ),
         };
         let host = HeaderValue::from_static("up:80");
         let mut out = Vec::new();
@@ -2307,7 +2317,8 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "GET /x?q HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\n\
              x-forwarded-for: 198.51.100.1\r\nx-forwarded-host: gw.example\r\n\
-             x-forwarded-proto: http\r\n\r\n"
+             x-forwarded-proto: http\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-\
+             00f067aa0ba902b7-01\r\nx-request-id: id-1\r\n\r\n"
         );
         // Unsent: the same fields, in the map, for another connection.
         let (io, _upstream) = tokio::io::duplex(64);
@@ -2332,6 +2343,8 @@ mod tests {
                 "x-forwarded-for: 198.51.100.1",
                 "x-forwarded-host: gw.example",
                 "x-forwarded-proto: http",
+                "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "x-request-id: id-1",
             ]
         );
     }

@@ -1128,6 +1128,7 @@ mod tests {
         let added = h1::Added {
             forwarded,
             target_from: Some(5),
+            ..h1::Added::default()
         };
         stale.h1.start_with(request, added);
         let send = SendFuture(Sending::Pooled {

@@ -32,7 +32,7 @@ use super::pool::{
 use super::shared_limit::{ClientKey as RedisClientKey, MaybeRedis, SharedLimit};
 use super::status::{ClientLimit, EndpointReport, GlobalLimit, Limits, RouteStats, RouteStatus};
 use super::timers::{ConnTimers, Reused};
-use super::trace::TraceSettings;
+use super::trace::{NewFields, TraceSettings};
 use crate::BoxError;
 use crate::balance::{
     Balance, BalanceHandle, NoEndpoints, ReadyTimeout, SharedBalance, Strategy, WhenEmpty,
@@ -538,6 +538,8 @@ impl Route {
             _ => None,
         };
         let client_keying = limits.per_client.as_ref().map(ClientKeying::new);
+        let trace = TraceSettings::new(server)
+            .keyed_on(client_keying.as_ref().and_then(|k| k.header.as_ref()));
         let redis_inside = [
             limits.global.as_ref().map(|g| g.policy),
             limits.per_client.as_ref().map(|c| c.policy),
@@ -610,7 +612,7 @@ impl Route {
             #[cfg(feature = "redis")]
             redis_per_client: redis_per_client.clone(),
             trusted: trusted.clone(),
-            trace: TraceSettings::new(server),
+            trace,
         });
         let hide = config.rate_limit.hide_client_headers;
         let inner = Core {
@@ -618,6 +620,7 @@ impl Route {
             forwarded_for: Forwarding::default(),
             body: None,
             timers: None,
+            trace: NewFields::default(),
         };
         #[cfg(feature = "redis")]
         let inner = {
@@ -669,8 +672,9 @@ impl Route {
             stats.requests.fetch_add(1, Relaxed);
             #[cfg(feature = "tracing")]
             let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-            let hop = self.core.trace.begin(&mut request, &self.core.name);
-            let mut response = hop.run(self.respond(request, peer)).await;
+            let mut hop = self.core.trace.begin(&mut request, &self.core.name);
+            let fields = hop.take_fields();
+            let mut response = hop.run(self.respond(request, peer, fields)).await;
             let elapsed = super::poll_clock::now().saturating_duration_since(start);
             hop.finish(&mut response, elapsed);
             stats.record(response.status(), elapsed);
@@ -691,7 +695,12 @@ impl Route {
     }
 
     #[allow(clippy::manual_async_fn)]
-    fn respond<B>(&self, request: Request<B>, peer: &Peer) -> impl Future<Output = Response<Body>>
+    fn respond<B>(
+        &self,
+        request: Request<B>,
+        peer: &Peer,
+        fields: NewFields,
+    ) -> impl Future<Output = Response<Body>>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -754,7 +763,7 @@ impl Route {
             // through the layers. The future owns all it needs.
             let result = if self.core.global.is_none() && self.core.per_client.is_none() {
                 let mut shared = self.stack.get_ref().clone();
-                self.prime(&mut shared, client, peer, state);
+                self.prime(&mut shared, client, peer, state, fields);
                 match std::future::poll_fn(|cx| shared.poll_ready(cx)).await {
                     // Pinned where it is made, and awaited through the pin: awaited by value,
                     // the future would be copied twice more.
@@ -766,7 +775,7 @@ impl Route {
                 if let Some(limit) = stack.inner_limit_mut() {
                     limit.keying.client = client;
                 }
-                self.prime(stack.get_mut(), client, peer, state);
+                self.prime(stack.get_mut(), client, peer, state, fields);
                 match std::future::poll_fn(|cx| stack.poll_ready(cx)).await {
                     Ok(()) => std::pin::pin!(stack.call(request)).await,
                     Err(never) => Err(never),
@@ -785,13 +794,14 @@ impl Route {
 
     /// Tells the clone of the stack's inner part made for a request who the client is
     /// (for a per-client limit kept in Redis), and its core what the request's
-    /// connection and body are.
+    /// connection and body are, and the trace fields to send with it.
     fn prime(
         &self,
         shared: &mut Shared,
         client: Option<IpAddr>,
         peer: &Peer,
         body: Option<Arc<BodyState>>,
+        fields: NewFields,
     ) {
         #[cfg(feature = "redis")]
         let core = {
@@ -809,6 +819,7 @@ impl Route {
         };
         core.body = body;
         core.timers = peer.timers.clone();
+        core.trace = fields;
     }
 
     /// The route's state now.
@@ -916,6 +927,8 @@ struct Core {
     body: Option<Arc<BodyState>>,
     /// The client connection's timers, set likewise.
     timers: Option<ConnTimers>,
+    /// The trace fields the gateway made for the request, set likewise.
+    trace: NewFields,
 }
 
 impl Service<Request<Body>> for Core {
@@ -939,7 +952,11 @@ impl Service<Request<Body>> for Core {
                 route: None,
             };
         };
-        let added = route.upstream_request(&mut request, std::mem::take(&mut self.forwarded_for));
+        let added = route.upstream_request(
+            &mut request,
+            std::mem::take(&mut self.forwarded_for),
+            std::mem::take(&mut self.trace),
+        );
         // A gRPC caller's own deadline, when it is the earlier one.
         let budget = super::grpc::caller_budget(request.headers()).filter(|b| *b < route.timeout);
         let call = Call {
@@ -1315,7 +1332,12 @@ impl RouteCore {
     ///
     /// Rewritten in place: taking the request apart and putting it together again would
     /// copy it twice more.
-    fn upstream_request(&self, request: &mut Request<Body>, forwarding: Forwarding) -> h1::Added {
+    fn upstream_request(
+        &self,
+        request: &mut Request<Body>,
+        forwarding: Forwarding,
+        trace: NewFields,
+    ) -> h1::Added {
         let Forwarding { peer, https } = forwarding;
         let target_from = self.upstream_target(request.uri());
         // The peer's entry is its address's text: parsed back only if a proxy is trusted.
@@ -1335,6 +1357,7 @@ impl RouteCore {
         h1::Added {
             forwarded: rewritten.forwarded,
             target_from,
+            trace,
         }
     }
 }

@@ -257,6 +257,10 @@ pub(crate) struct TraceSettings {
     request_id: Option<HeaderName>,
     /// `trace_context`.
     trace_context: bool,
+    /// The fields the gateway makes go into the request's map at once, rather than with
+    /// its head ([`NewFields`]): a per-client limit is keyed on one of them and must see
+    /// it.
+    fields_in_map: bool,
 }
 
 impl TraceSettings {
@@ -265,7 +269,17 @@ impl TraceSettings {
             // Validated with the configuration; an invalid name here disables it.
             request_id: request_id_header(&server.request_id_header).ok().flatten(),
             trace_context: server.trace_context,
+            fields_in_map: false,
         }
+    }
+
+    /// These settings for a route whose per-client limit is keyed on `header`: the
+    /// limit sees the request id (or `traceparent`) the gateway made, as the upstream
+    /// does.
+    pub(crate) fn keyed_on(mut self, header: Option<&HeaderName>) -> Self {
+        self.fields_in_map =
+            header.is_some_and(|h| *h == TRACEPARENT || self.request_id.as_ref() == Some(h));
+        self
     }
 
     /// Rewrites the request's trace headers for the upstream, in place, and opens the
@@ -275,6 +289,11 @@ impl TraceSettings {
     ///   hop; otherwise a new trace, and the client's `tracestate`, if any, dropped
     ///   (it belongs to a trace that is not continued);
     /// - the request id: the client's (one, valid) as it is, or a new one.
+    ///
+    /// A value replacing one the client sent is put into the request's map; one the
+    /// client had none of is kept in the [`Hop`] ([`Hop::take_fields`]) for the endpoint's
+    /// connection to write, unless a per-client limit is keyed on it
+    /// ([`keyed_on`](Self::keyed_on)).
     ///
     /// The request's `Connection` header, if it names one of these, stops naming it:
     /// the gateway's values are for the upstream.
@@ -294,7 +313,8 @@ impl TraceSettings {
                 id = true;
             }
         }
-        let mut hop_trace: Option<[u8; TRACEPARENT_LEN]> = None;
+        let mut hop_trace: Option<TraceParent> = None;
+        let mut fields = NewFields::default();
         if self.trace_context {
             let client = if parent {
                 let mut values = headers.get_all(&TRACEPARENT).iter();
@@ -325,12 +345,17 @@ impl TraceSettings {
                     }
                 }
             };
-            let text = next.encode();
-            // Lowercase hex and `-`: always a valid value.
-            if let Ok(value) = crate::header_arena::value(&[&text]) {
-                headers.insert(&TRACEPARENT, value);
+            if parent || self.fields_in_map {
+                // Replacing the client's: in the map.
+                let text = next.encode();
+                // Lowercase hex and `-`: always a valid value.
+                if let Ok(value) = crate::header_arena::value(&[&text]) {
+                    headers.insert(&TRACEPARENT, value);
+                }
+            } else {
+                fields.traceparent = Some(next);
             }
-            hop_trace = Some(text);
+            hop_trace = Some(next);
         }
         let request_id = self.request_id.as_ref().map(|name| {
             let client = if id {
@@ -346,7 +371,12 @@ impl TraceSettings {
                     // value nor the copy echoed to the client costs an allocation.
                     let value = crate::header_arena::value(&[&new_request_id()])
                         .unwrap_or(HeaderValue::from_static("invalid"));
-                    headers.insert(name, value.clone());
+                    if id || self.fields_in_map {
+                        // Replacing the client's: in the map.
+                        headers.insert(name, value.clone());
+                    } else {
+                        fields.request_id = Some((name.clone(), value.clone()));
+                    }
                     value
                 }
             }
@@ -356,9 +386,10 @@ impl TraceSettings {
         }
         #[cfg(feature = "tracing")]
         let span = {
-            let text = hop_trace.as_ref();
+            let text = hop_trace.map(|t| t.encode());
             let hex = |range: std::ops::Range<usize>| {
-                text.and_then(|t| std::str::from_utf8(&t[range]).ok())
+                text.as_ref()
+                    .and_then(|t| std::str::from_utf8(&t[range]).ok())
             };
             // Field values are evaluated only when a subscriber wants the span.
             tracing::info_span!(
@@ -377,6 +408,7 @@ impl TraceSettings {
         #[cfg(not(feature = "tracing"))]
         let _ = (hop_trace, route);
         Hop {
+            fields,
             request_id: self.request_id.as_ref().zip(request_id),
             #[cfg(feature = "tracing")]
             span,
@@ -423,9 +455,62 @@ impl TraceSettings {
     }
 }
 
+/// The trace fields [`TraceSettings::begin`] made for a request that had none of its
+/// own: a new `traceparent` and request id. Not put into the request's map (an insertion
+/// each, a name hashed, and the `traceparent` text made a header value): the endpoint's
+/// HTTP/1 connection writes them with the head ([`encode`](Self::encode)); a request sent
+/// any other way gets them in its map ([`insert_into`](Self::insert_into)).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NewFields {
+    traceparent: Option<TraceParent>,
+    request_id: Option<(HeaderName, HeaderValue)>,
+}
+
+impl NewFields {
+    /// Writes the fields as HTTP/1 field lines.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        if let Some(parent) = &self.traceparent {
+            out.extend_from_slice(b"traceparent: ");
+            out.extend_from_slice(&parent.encode());
+            out.extend_from_slice(b"\r\n");
+        }
+        if let Some((name, value)) = &self.request_id {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Fields as [`TraceSettings::begin`] would make them: `traceparent` (valid) and a
+    /// request id.
+    #[cfg(test)]
+    pub(crate) fn made(traceparent: &str, id_name: HeaderName, id: HeaderValue) -> Self {
+        Self {
+            traceparent: TraceParent::parse(traceparent.as_bytes()),
+            request_id: Some((id_name, id)),
+        }
+    }
+
+    /// Puts the fields into `headers`, replacing any of the same name.
+    pub(crate) fn insert_into(self, headers: &mut HeaderMap) {
+        if let Some(parent) = self.traceparent {
+            // Lowercase hex and `-`: always a valid value.
+            if let Ok(value) = crate::header_arena::value(&[&parent.encode()]) {
+                headers.insert(&TRACEPARENT, value);
+            }
+        }
+        if let Some((name, value)) = self.request_id {
+            headers.insert(name, value);
+        }
+    }
+}
+
 /// One request's trace state, from [`TraceSettings::begin`] until its response head.
 #[derive(Debug)]
 pub(crate) struct Hop<'a> {
+    /// The fields made for the upstream, until taken: [`Hop::take_fields`].
+    fields: NewFields,
     /// The request id header and the value sent upstream, echoed to the client.
     request_id: Option<(&'a HeaderName, HeaderValue)>,
     /// The request's span (disabled when no subscriber wants it).
@@ -434,6 +519,12 @@ pub(crate) struct Hop<'a> {
 }
 
 impl Hop<'_> {
+    /// The fields [`TraceSettings::begin`] made for the upstream and did not put into the
+    /// request's map: for the endpoint's connection to write with the head.
+    pub(crate) fn take_fields(&mut self) -> NewFields {
+        std::mem::take(&mut self.fields)
+    }
+
     /// Runs `future` (the request's handling) inside the request's span. Not an `async
     /// fn`: one would keep `future` twice, as its argument and as what it awaits
     /// (rust-lang/rust#62958), kilobytes copied into every request's state.
@@ -487,6 +578,78 @@ mod tests {
     use proptest::prelude::*;
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn settings() -> TraceSettings {
+        TraceSettings {
+            request_id: Some(X_REQUEST_ID.clone()),
+            trace_context: true,
+            fields_in_map: false,
+        }
+    }
+
+    fn request_with(fields: &[(&str, &str)]) -> Request<()> {
+        let mut request = Request::new(());
+        for (name, value) in fields {
+            request.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        request
+    }
+
+    fn written(fields: &NewFields) -> String {
+        let mut out = Vec::new();
+        fields.encode(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn fields_a_request_had_none_of_go_with_its_head_not_into_its_map() {
+        let settings = settings();
+        let mut request = request_with(&[("x-a", "1")]);
+        let mut hop = settings.begin(&mut request, "r");
+        let fields = hop.take_fields();
+        let names: Vec<&str> = request.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-a"]);
+        let lines = written(&fields);
+        let (parent, id) = lines.split_once("\r\n").unwrap();
+        let parent = parent.strip_prefix("traceparent: ").unwrap();
+        assert!(TraceParent::parse(parent.as_bytes()).is_some(), "{parent}");
+        let id = id.strip_prefix("x-request-id: ").unwrap().trim_end();
+        // The id sent upstream is the one echoed to the client.
+        let mut response = Response::new(());
+        hop.finish(&mut response, std::time::Duration::ZERO);
+        assert_eq!(response.headers()["x-request-id"], id);
+        // Sent another way: in the map.
+        let mut headers = HeaderMap::new();
+        fields.insert_into(&mut headers);
+        assert_eq!(headers["traceparent"], parent);
+        assert_eq!(headers["x-request-id"], id);
+    }
+
+    #[test]
+    fn fields_replacing_the_clients_or_keying_a_limit_go_into_the_map() {
+        let settings = settings();
+        // The client's trace continued, its invalid request id replaced: in the map.
+        let mut request = request_with(&[("traceparent", VALID), ("x-request-id", "a b")]);
+        let mut hop = settings.begin(&mut request, "r");
+        assert_eq!(written(&hop.take_fields()), "");
+        let parent = request.headers()["traceparent"].to_str().unwrap();
+        assert_ne!(parent, VALID);
+        assert_eq!(
+            TraceParent::parse(parent.as_bytes()).unwrap().trace_id,
+            TraceParent::parse(VALID.as_bytes()).unwrap().trace_id
+        );
+        assert_ne!(request.headers()["x-request-id"], "a b");
+        // A per-client limit keyed on the request id sees both made fields.
+        let keyed = settings.keyed_on(Some(&X_REQUEST_ID));
+        let mut request = request_with(&[]);
+        let mut hop = keyed.begin(&mut request, "r");
+        assert_eq!(written(&hop.take_fields()), "");
+        assert!(request.headers().contains_key("traceparent"));
+        assert!(request.headers().contains_key("x-request-id"));
+    }
 
     #[test]
     fn parses_the_spec_example() {
