@@ -771,26 +771,45 @@ impl RequestFraming {
     /// of known length is `Content-Length`, any other `chunked`, whatever the method (RFC
     /// 9110 allows a body on every method; dropping one would change the request).
     pub fn of<B: HttpBody>(method: &Method, headers: &HeaderMap, body: &B) -> Self {
+        Self::by_body(method, body).unwrap_or_else(|| Self::empty(has_length(headers)))
+    }
+
+    /// The framing `method` and `body` decide alone: `None` for an empty body of a method
+    /// that defines none, which is `Content-Length: 0` if the client sent the field
+    /// ([`RequestFraming::empty`]).
+    pub(crate) fn by_body<B: HttpBody>(method: &Method, body: &B) -> Option<Self> {
         if body.is_end_stream() {
             let defines_body = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
-            return if defines_body || headers.contains_key(header::CONTENT_LENGTH) {
-                Self::Length(0)
-            } else {
-                Self::None
-            };
+            return defines_body.then_some(Self::Length(0));
         }
-        match body.size_hint().exact() {
+        Some(match body.size_hint().exact() {
             Some(n) => Self::Length(n),
             None => Self::Chunked,
+        })
+    }
+
+    /// An empty body's framing, for a method that defines none: `Content-Length: 0` if
+    /// the client sent `Content-Length` (`has_length`), none otherwise.
+    fn empty(has_length: bool) -> Self {
+        if has_length {
+            Self::Length(0)
+        } else {
+            Self::None
         }
     }
+}
+
+fn has_length(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::CONTENT_LENGTH)
 }
 
 /// Writes a request head into `out`: the request line with `target` (origin form; with
 /// `added.target_from`, `/` and what follows that byte of it), `host` if there is one,
 /// every field of `headers` but `Content-Length`, `Transfer-Encoding` (and `Host`, if
 /// `host` is given), the forwarding fields of `added`, then the framing field `framing`
-/// says.
+/// says: the framing returned. A `framing` of `None` ([`RequestFraming::by_body`]) is
+/// decided by whether `headers` has `Content-Length`, seen as they are written rather
+/// than looked up.
 pub(crate) fn encode_request(
     out: &mut Vec<u8>,
     method: &Method,
@@ -798,8 +817,8 @@ pub(crate) fn encode_request(
     headers: &HeaderMap,
     host: Option<&HeaderValue>,
     added: &Added,
-    framing: RequestFraming,
-) {
+    framing: Option<RequestFraming>,
+) -> RequestFraming {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     match added.target_from {
@@ -815,11 +834,13 @@ pub(crate) fn encode_request(
         out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    let mut has_length = false;
     for (name, value) in headers {
-        if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || (name == header::HOST && host.is_some())
-        {
+        if name == header::CONTENT_LENGTH {
+            has_length = true;
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING || (name == header::HOST && host.is_some()) {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -829,6 +850,7 @@ pub(crate) fn encode_request(
     }
     added.forwarded.encode(out);
     added.trace.encode(out);
+    let framing = framing.unwrap_or(RequestFraming::empty(has_length));
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
@@ -839,6 +861,7 @@ pub(crate) fn encode_request(
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+    framing
 }
 
 /// What the client writes into a request's head without its being in the request: the
@@ -1140,10 +1163,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
 
     /// [`start`](Self::start), with fields written besides the request's own.
     pub(crate) fn start_with(&mut self, request: Request<Body>, added: Added) {
-        let framing = RequestFraming::of(request.method(), request.headers(), request.body());
+        let framing = RequestFraming::by_body(request.method(), request.body());
         self.out.clear();
         self.written = 0;
-        encode_request(
+        let framing = encode_request(
             &mut self.out,
             request.method(),
             request.uri().path_and_query().map_or("/", |p| p.as_str()),
@@ -2242,7 +2265,7 @@ mod tests {
             &headers,
             None,
             &Added::default(),
-            RequestFraming::Length(12345),
+            Some(RequestFraming::Length(12345)),
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
@@ -2256,7 +2279,7 @@ mod tests {
             &HeaderMap::new(),
             None,
             &Added::default(),
-            RequestFraming::Chunked,
+            Some(RequestFraming::Chunked),
         );
         assert_eq!(out, b"GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
         let mut out = Vec::new();
@@ -2267,9 +2290,41 @@ mod tests {
             &HeaderMap::new(),
             None,
             &Added::default(),
-            RequestFraming::None,
+            Some(RequestFraming::None),
         );
         assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+        // An empty body of a method that defines none: `Content-Length: 0` only if the
+        // client sent the field.
+        let mut length = HeaderMap::new();
+        length.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        for (fields, framing, head) in [
+            (
+                HeaderMap::new(),
+                RequestFraming::None,
+                &b"GET / HTTP/1.1\r\n\r\n"[..],
+            ),
+            (
+                length,
+                RequestFraming::Length(0),
+                b"GET / HTTP/1.1\r\ncontent-length: 0\r\n\r\n",
+            ),
+        ] {
+            let mut out = Vec::new();
+            let written = encode_request(
+                &mut out,
+                &Method::GET,
+                "/",
+                &fields,
+                None,
+                &Added::default(),
+                None,
+            );
+            assert_eq!((written, &out[..]), (framing, head));
+            assert_eq!(
+                RequestFraming::of(&Method::GET, &fields, &super::super::body::empty()),
+                framing
+            );
+        }
         let (mut d, mut h) = (Vec::new(), Vec::new());
         decimal(&mut d, 0);
         decimal(&mut d, u64::MAX);
@@ -2311,7 +2366,7 @@ mod tests {
             &headers,
             Some(&host),
             &added,
-            RequestFraming::None,
+            Some(RequestFraming::None),
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
