@@ -102,13 +102,11 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// A gRPC call's deadline: its `grpc-timeout` (`1*8DIGIT` and a unit, `H`, `M`, `S`, `m`,
-/// `u` or `n`), `None` for other requests or a malformed value.
+/// A gRPC call's deadline (the caller has checked [`is_grpc`]): its `grpc-timeout`
+/// (`1*8DIGIT` and a unit, `H`, `M`, `S`, `m`, `u` or `n`), `None` without one or for a
+/// malformed value.
 #[inline]
 pub(crate) fn caller_budget(headers: &HeaderMap) -> Option<Duration> {
-    if !is_grpc(headers) {
-        return None;
-    }
     const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
     parse_timeout(headers.get(&GRPC_TIMEOUT)?.as_bytes())
 }

@@ -621,6 +621,7 @@ impl Route {
             body: None,
             timers: None,
             trace: NewFields::default(),
+            grpc: false,
         };
         #[cfg(feature = "redis")]
         let inner = {
@@ -657,10 +658,13 @@ impl Route {
     /// Serves one request matched to this route. Not an `async fn`, nor is `respond`: one
     /// would copy the request from its argument into its state before using it.
     #[allow(clippy::manual_async_fn)]
+    /// `grpc`: the request is a gRPC call ([`super::grpc::is_grpc`]), whose deadline may
+    /// be its own (`grpc-timeout`).
     pub(crate) fn handle<B>(
         &self,
         mut request: Request<B>,
         peer: &Peer,
+        grpc: bool,
     ) -> impl Future<Output = Response<Body>>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
@@ -674,7 +678,7 @@ impl Route {
             let (method, path) = (request.method().clone(), request.uri().path().to_owned());
             let mut hop = self.core.trace.begin(&mut request, &self.core.name);
             let fields = hop.take_fields();
-            let mut response = hop.run(self.respond(request, peer, fields)).await;
+            let mut response = hop.run(self.respond(request, peer, fields, grpc)).await;
             let elapsed = super::poll_clock::now().saturating_duration_since(start);
             hop.finish(&mut response, elapsed);
             stats.record(response.status(), elapsed);
@@ -700,6 +704,7 @@ impl Route {
         request: Request<B>,
         peer: &Peer,
         fields: NewFields,
+        grpc: bool,
     ) -> impl Future<Output = Response<Body>>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
@@ -763,7 +768,7 @@ impl Route {
             // through the layers. The future owns all it needs.
             let result = if self.core.global.is_none() && self.core.per_client.is_none() {
                 let mut shared = self.stack.get_ref().clone();
-                self.prime(&mut shared, client, peer, state, fields);
+                self.prime(&mut shared, client, peer, state, (fields, grpc));
                 match std::future::poll_fn(|cx| shared.poll_ready(cx)).await {
                     // Pinned where it is made, and awaited through the pin: awaited by value,
                     // the future would be copied twice more.
@@ -775,7 +780,7 @@ impl Route {
                 if let Some(limit) = stack.inner_limit_mut() {
                     limit.keying.client = client;
                 }
-                self.prime(stack.get_mut(), client, peer, state, fields);
+                self.prime(stack.get_mut(), client, peer, state, (fields, grpc));
                 match std::future::poll_fn(|cx| stack.poll_ready(cx)).await {
                     Ok(()) => std::pin::pin!(stack.call(request)).await,
                     Err(never) => Err(never),
@@ -794,14 +799,15 @@ impl Route {
 
     /// Tells the clone of the stack's inner part made for a request who the client is
     /// (for a per-client limit kept in Redis), and its core what the request's
-    /// connection and body are, and the trace fields to send with it.
+    /// connection and body are, the trace fields to send with it, and whether it is a
+    /// gRPC call.
     fn prime(
         &self,
         shared: &mut Shared,
         client: Option<IpAddr>,
         peer: &Peer,
         body: Option<Arc<BodyState>>,
-        fields: NewFields,
+        (fields, grpc): (NewFields, bool),
     ) {
         #[cfg(feature = "redis")]
         let core = {
@@ -820,6 +826,7 @@ impl Route {
         core.body = body;
         core.timers = peer.timers.clone();
         core.trace = fields;
+        core.grpc = grpc;
     }
 
     /// The route's state now.
@@ -929,6 +936,8 @@ struct Core {
     timers: Option<ConnTimers>,
     /// The trace fields the gateway made for the request, set likewise.
     trace: NewFields,
+    /// The request is a gRPC call, set likewise.
+    grpc: bool,
 }
 
 impl Service<Request<Body>> for Core {
@@ -958,7 +967,11 @@ impl Service<Request<Body>> for Core {
             std::mem::take(&mut self.trace),
         );
         // A gRPC caller's own deadline, when it is the earlier one.
-        let budget = super::grpc::caller_budget(request.headers()).filter(|b| *b < route.timeout);
+        let budget = self
+            .grpc
+            .then(|| super::grpc::caller_budget(request.headers()))
+            .flatten()
+            .filter(|b| *b < route.timeout);
         let call = Call {
             deadline: super::poll_clock::now() + budget.unwrap_or(route.timeout),
             caller_deadline: budget.is_some(),

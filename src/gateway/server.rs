@@ -442,7 +442,7 @@ impl Gateway {
             // The route is awaited here, not in an `async fn` of its own: each would keep
             // another copy of the request in its state.
             let response = match self.route_for(&mut request, peer) {
-                Ok(route) => route.handle(request, peer).await,
+                Ok(route) => route.handle(request, peer, grpc).await,
                 Err(answer) => answer,
             };
             if grpc {
@@ -1402,7 +1402,8 @@ where
                 return Ok(refused);
             }
             let route = &this.gateway.inner.routes[this.index];
-            Ok(route.handle(request, &peer).await)
+            let grpc = super::grpc::is_grpc(request.headers());
+            Ok(route.handle(request, &peer, grpc).await)
         })
     }
 }
