@@ -291,13 +291,12 @@ impl TraceSettings {
     /// - the request id: the client's (one, valid) as it is, or a new one.
     ///
     /// A value replacing one the client sent is put into the request's map; one the
-    /// client had none of is kept in the [`Hop`] ([`Hop::take_fields`]) for the endpoint's
-    /// connection to write, unless a per-client limit is keyed on it
-    /// ([`keyed_on`](Self::keyed_on)).
+    /// client had none of is returned ([`NewFields`]) for the endpoint's connection to
+    /// write, unless a per-client limit is keyed on it ([`keyed_on`](Self::keyed_on)).
     ///
     /// The request's `Connection` header, if it names one of these, stops naming it:
     /// the gateway's values are for the upstream.
-    pub(crate) fn begin<B>(&self, request: &mut Request<B>, route: &str) -> Hop<'_> {
+    pub(crate) fn begin<B>(&self, request: &mut Request<B>, route: &str) -> (Hop<'_>, NewFields) {
         let headers = request.headers_mut();
         // One pass over the names says which of these headers there are: a lookup hashes
         // a name, and nearly every request has none of them.
@@ -407,12 +406,12 @@ impl TraceSettings {
         };
         #[cfg(not(feature = "tracing"))]
         let _ = (hop_trace, route);
-        Hop {
-            fields,
+        let hop = Hop {
             request_id: self.request_id.as_ref().zip(request_id),
             #[cfg(feature = "tracing")]
             span,
-        }
+        };
+        (hop, fields)
     }
 
     /// Takes the gateway's trace headers out of the request's `Connection` list (rare:
@@ -509,8 +508,6 @@ impl NewFields {
 /// One request's trace state, from [`TraceSettings::begin`] until its response head.
 #[derive(Debug)]
 pub(crate) struct Hop<'a> {
-    /// The fields made for the upstream, until taken: [`Hop::take_fields`].
-    fields: NewFields,
     /// The request id header and the value sent upstream, echoed to the client.
     request_id: Option<(&'a HeaderName, HeaderValue)>,
     /// The request's span (disabled when no subscriber wants it).
@@ -519,15 +516,11 @@ pub(crate) struct Hop<'a> {
 }
 
 impl Hop<'_> {
-    /// The fields [`TraceSettings::begin`] made for the upstream and did not put into the
-    /// request's map: for the endpoint's connection to write with the head.
-    pub(crate) fn take_fields(&mut self) -> NewFields {
-        std::mem::take(&mut self.fields)
-    }
-
     /// Runs `future` (the request's handling) inside the request's span. Not an `async
     /// fn`: one would keep `future` twice, as its argument and as what it awaits
-    /// (rust-lang/rust#62958), kilobytes copied into every request's state.
+    /// (rust-lang/rust#62958), kilobytes copied into every request's state. Always
+    /// inlined: called, it would copy the future once more on its way out.
+    #[inline(always)]
     pub(crate) fn run<F: std::future::Future>(
         &self,
         future: F,
@@ -608,8 +601,7 @@ mod tests {
     fn fields_a_request_had_none_of_go_with_its_head_not_into_its_map() {
         let settings = settings();
         let mut request = request_with(&[("x-a", "1")]);
-        let mut hop = settings.begin(&mut request, "r");
-        let fields = hop.take_fields();
+        let (hop, fields) = settings.begin(&mut request, "r");
         let names: Vec<&str> = request.headers().keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-a"]);
         let lines = written(&fields);
@@ -633,8 +625,8 @@ mod tests {
         let settings = settings();
         // The client's trace continued, its invalid request id replaced: in the map.
         let mut request = request_with(&[("traceparent", VALID), ("x-request-id", "a b")]);
-        let mut hop = settings.begin(&mut request, "r");
-        assert_eq!(written(&hop.take_fields()), "");
+        let (_, fields) = settings.begin(&mut request, "r");
+        assert_eq!(written(&fields), "");
         let parent = request.headers()["traceparent"].to_str().unwrap();
         assert_ne!(parent, VALID);
         assert_eq!(
@@ -645,8 +637,8 @@ mod tests {
         // A per-client limit keyed on the request id sees both made fields.
         let keyed = settings.keyed_on(Some(&X_REQUEST_ID));
         let mut request = request_with(&[]);
-        let mut hop = keyed.begin(&mut request, "r");
-        assert_eq!(written(&hop.take_fields()), "");
+        let (_, fields) = keyed.begin(&mut request, "r");
+        assert_eq!(written(&fields), "");
         assert!(request.headers().contains_key("traceparent"));
         assert!(request.headers().contains_key("x-request-id"));
     }
