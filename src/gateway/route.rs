@@ -657,9 +657,9 @@ impl Route {
 
     /// Serves one request matched to this route. Not an `async fn`, nor is `respond`: one
     /// would copy the request from its argument into its state before using it.
-    #[allow(clippy::manual_async_fn)]
     /// `grpc`: the request is a gRPC call ([`super::grpc::is_grpc`]), whose deadline may
     /// be its own (`grpc-timeout`).
+    #[allow(clippy::manual_async_fn)]
     pub(crate) fn handle<B>(
         &self,
         mut request: Request<B>,
