@@ -385,7 +385,10 @@ impl TraceSettings {
         }
         #[cfg(feature = "tracing")]
         let span = {
-            let text = hop_trace.map(|t| t.encode());
+            // The ids' text only for a subscriber that wants the span (the text sent
+            // upstream is written with the head, not kept).
+            let wanted = tracing::enabled!(target: "seawall::gateway", tracing::Level::INFO);
+            let text = hop_trace.filter(|_| wanted).map(|t| t.encode());
             let hex = |range: std::ops::Range<usize>| {
                 text.as_ref()
                     .and_then(|t| std::str::from_utf8(&t[range]).ok())
