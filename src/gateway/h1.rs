@@ -771,7 +771,8 @@ impl RequestFraming {
     /// of known length is `Content-Length`, any other `chunked`, whatever the method (RFC
     /// 9110 allows a body on every method; dropping one would change the request).
     pub fn of<B: HttpBody>(method: &Method, headers: &HeaderMap, body: &B) -> Self {
-        Self::by_body(method, body).unwrap_or_else(|| Self::empty(has_length(headers)))
+        Self::by_body(method, body)
+            .unwrap_or_else(|| Self::empty(headers.contains_key(header::CONTENT_LENGTH)))
     }
 
     /// The framing `method` and `body` decide alone: `None` for an empty body of a method
@@ -797,10 +798,6 @@ impl RequestFraming {
             Self::None
         }
     }
-}
-
-fn has_length(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::CONTENT_LENGTH)
 }
 
 /// Writes a request head into `out`: the request line with `target` (origin form; with
@@ -865,10 +862,10 @@ pub(crate) fn encode_request(
 }
 
 /// What the client writes into a request's head without its being in the request: the
-/// forwarding fields, the trace fields the gateway made, and the target with the route's prefix stripped (the endpoint's
-/// `Host` is the connection's: [`Conn::set_host`]). If the request is handed back unsent
-/// ([`Conn::take_unsent`]), or is not written by this client, they are put into it
-/// ([`Added::apply`]).
+/// forwarding fields, the trace fields the gateway made, and the target with the route's
+/// prefix stripped (the endpoint's `Host` is the connection's: [`Conn::set_host`]). If
+/// the request is handed back unsent ([`Conn::take_unsent`]), or is not written by this
+/// client, they are put into it ([`Added::apply`]).
 #[derive(Debug, Default)]
 pub(crate) struct Added {
     pub(crate) forwarded: Forwarded,

@@ -776,7 +776,8 @@ impl Route {
                     client,
                     peer,
                     state,
-                    (std::mem::take(fields), grpc),
+                    std::mem::take(fields),
+                    grpc,
                 );
                 match std::future::poll_fn(|cx| shared.poll_ready(cx)).await {
                     // Pinned where it is made, and awaited through the pin: awaited by value,
@@ -794,7 +795,8 @@ impl Route {
                     client,
                     peer,
                     state,
-                    (std::mem::take(fields), grpc),
+                    std::mem::take(fields),
+                    grpc,
                 );
                 match std::future::poll_fn(|cx| stack.poll_ready(cx)).await {
                     Ok(()) => std::pin::pin!(stack.call(request)).await,
@@ -822,7 +824,8 @@ impl Route {
         client: Option<IpAddr>,
         peer: &Peer,
         body: Option<Arc<BodyState>>,
-        (fields, grpc): (NewFields, bool),
+        fields: NewFields,
+        grpc: bool,
     ) {
         #[cfg(feature = "redis")]
         let core = {
