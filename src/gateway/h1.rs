@@ -437,12 +437,13 @@ fn head_of(
 /// `-`, commas and spaces: valid.
 pub(crate) fn connection_options(value: &[u8], close: &mut bool, keep_alive: &mut bool) -> bool {
     // The one option nearly every message sends, alone: one comparison, not the list's
-    // split, trim and two comparisons a token.
-    if value.eq_ignore_ascii_case(b"keep-alive") {
+    // split, trim and two comparisons a token; as most send it first (a comparison of
+    // the bytes, not a byte at a time folding each one's case).
+    if value == b"keep-alive" || value.eq_ignore_ascii_case(b"keep-alive") {
         *keep_alive = true;
         return true;
     }
-    if value.eq_ignore_ascii_case(b"close") {
+    if value == b"close" || value.eq_ignore_ascii_case(b"close") {
         *close = true;
         return true;
     }
