@@ -150,9 +150,17 @@ impl HeadFacts {
             if hop == super::headers::KEEP_ALIVE {
                 self.bits |= Self::KEEP_ALIVE;
             }
-        } else if (*name == header::CONTENT_TYPE && value.starts_with(b"application/grpc"))
-            || *name == crate::grpc::GRPC_STATUS
-        {
+        } else if *name == header::CONTENT_TYPE {
+            self.note_content_type(value);
+        } else if *name == crate::grpc::GRPC_STATUS {
+            self.bits |= Self::GRPC;
+        }
+    }
+
+    /// [`note`](Self::note) of a `Content-Type` field.
+    #[inline]
+    fn note_content_type(&mut self, value: &[u8]) {
+        if value.starts_with(b"application/grpc") {
             self.bits |= Self::GRPC;
         }
     }
@@ -360,30 +368,38 @@ fn head_of(
     let mut facts = HeadFacts::default();
     for &[name_at, name_len, value_at, value_len] in spans {
         let (name_at, value_at) = (name_at as usize, value_at as usize);
-        let name = field_name(&head[name_at..name_at + name_len as usize])
+        let (name, role) = field_name(&head[name_at..name_at + name_len as usize])
             .map_err(|_| ProtocolError("invalid header name"))?;
         let value = &head[value_at..value_at + value_len as usize];
-        if name == header::CONTENT_LENGTH {
-            let n = content_length(value)?;
-            if length.is_some_and(|seen| seen != n) {
-                return Err(ProtocolError("differing Content-Length values"));
-            }
-            length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
-            transfer_encoding = true;
-            for coding in tokens(value) {
-                if chunked {
-                    // `chunked` is only ever the last coding, and only once.
-                    return Err(ProtocolError("a coding applied after chunked"));
+        match role {
+            Role::ContentLength => {
+                let n = content_length(value)?;
+                if length.is_some_and(|seen| seen != n) {
+                    return Err(ProtocolError("differing Content-Length values"));
                 }
-                chunked = coding.eq_ignore_ascii_case(b"chunked");
+                length = Some(n);
             }
-        } else if name == header::CONNECTION
-            && connection_options(value, &mut close, &mut keep_alive)
-        {
-            continue;
+            Role::TransferEncoding => {
+                transfer_encoding = true;
+                for coding in tokens(value) {
+                    if chunked {
+                        // `chunked` is only ever the last coding, and only once.
+                        return Err(ProtocolError("a coding applied after chunked"));
+                    }
+                    chunked = coding.eq_ignore_ascii_case(b"chunked");
+                }
+                facts.note(&name, value);
+            }
+            Role::Connection => {
+                if connection_options(value, &mut close, &mut keep_alive) {
+                    continue;
+                }
+                facts.note(&name, value);
+            }
+            Role::ContentType => facts.note_content_type(value),
+            Role::Host | Role::Plain => {}
+            Role::Expect | Role::Other => facts.note(&name, value),
         }
-        facts.note(&name, value);
         let value =
             HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
                 .map_err(|_| ProtocolError("invalid header value"))?;
@@ -460,28 +476,75 @@ pub(crate) fn connection_options(value: &[u8], close: &mut bool, keep_alive: &mu
     consumed
 }
 
-/// The field name `name`, as [`HeaderName::from_bytes`] reads it, with the spellings
-/// clients and servers send most matched as sent: `from_bytes` copies every name into a
-/// buffer, lowercasing it, and then looks it up among all the standard names.
-pub(crate) fn field_name(name: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+/// What the HTTP/1 parsers do with a field, told from its name where the name is
+/// matched ([`field_name`]): one branch a field, not a comparison with each name they
+/// look for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    Host,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    ContentType,
+    Expect,
+    /// None of the above, and known to be neither hop-by-hop nor gRPC's: nothing to note.
+    Plain,
+    /// None of the above, and not known to be plain: noted ([`HeadFacts::note`]).
+    Other,
+}
+
+impl Role {
+    /// The role of a name not among [`field_name`]'s common spellings.
+    fn of(name: &HeaderName) -> Self {
+        if *name == header::CONTENT_LENGTH {
+            Self::ContentLength
+        } else if *name == header::TRANSFER_ENCODING {
+            Self::TransferEncoding
+        } else if *name == header::HOST {
+            Self::Host
+        } else if *name == header::CONNECTION {
+            Self::Connection
+        } else if *name == header::CONTENT_TYPE {
+            Self::ContentType
+        } else if *name == header::EXPECT {
+            Self::Expect
+        } else {
+            Self::Other
+        }
+    }
+}
+
+/// The field name `name`, as [`HeaderName::from_bytes`] reads it, and its [`Role`], with
+/// the spellings clients and servers send most matched as sent: `from_bytes` copies every
+/// name into a buffer, lowercasing it, and then looks it up among all the standard names.
+pub(crate) fn field_name(
+    name: &[u8],
+) -> Result<(HeaderName, Role), http::header::InvalidHeaderName> {
+    use Role::*;
     Ok(match name {
-        b"Host" | b"host" => header::HOST,
-        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
-        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
-        b"Connection" | b"connection" => header::CONNECTION,
-        b"Date" | b"date" => header::DATE,
-        b"Server" | b"server" => header::SERVER,
-        b"User-Agent" | b"user-agent" => header::USER_AGENT,
-        b"Accept" | b"accept" => header::ACCEPT,
-        b"Accept-Encoding" | b"accept-encoding" => header::ACCEPT_ENCODING,
-        b"Accept-Language" | b"accept-language" => header::ACCEPT_LANGUAGE,
-        b"Authorization" | b"authorization" => header::AUTHORIZATION,
-        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
-        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
-        b"Vary" | b"vary" => header::VARY,
-        b"ETag" | b"etag" => header::ETAG,
-        b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
-        _ => return HeaderName::from_bytes(name),
+        b"Host" | b"host" => (header::HOST, Host),
+        b"Content-Length" | b"content-length" => (header::CONTENT_LENGTH, ContentLength),
+        b"Content-Type" | b"content-type" => (header::CONTENT_TYPE, ContentType),
+        b"Connection" | b"connection" => (header::CONNECTION, Connection),
+        b"Date" | b"date" => (header::DATE, Plain),
+        b"Server" | b"server" => (header::SERVER, Plain),
+        b"User-Agent" | b"user-agent" => (header::USER_AGENT, Plain),
+        b"Accept" | b"accept" => (header::ACCEPT, Plain),
+        b"Accept-Encoding" | b"accept-encoding" => (header::ACCEPT_ENCODING, Plain),
+        b"Accept-Language" | b"accept-language" => (header::ACCEPT_LANGUAGE, Plain),
+        b"Authorization" | b"authorization" => (header::AUTHORIZATION, Plain),
+        b"Cache-Control" | b"cache-control" => (header::CACHE_CONTROL, Plain),
+        b"Transfer-Encoding" | b"transfer-encoding" => {
+            (header::TRANSFER_ENCODING, TransferEncoding)
+        }
+        b"Vary" | b"vary" => (header::VARY, Plain),
+        b"ETag" | b"etag" => (header::ETAG, Plain),
+        b"Last-Modified" | b"last-modified" => (header::LAST_MODIFIED, Plain),
+        _ => {
+            let name = HeaderName::from_bytes(name)?;
+            let role = Role::of(&name);
+            (name, role)
+        }
     })
 }
 
@@ -1544,6 +1607,68 @@ mod tests {
 
     fn parse(text: &str) -> Result<Option<ResponseHead>, ProtocolError> {
         parse_response(&mut BytesMut::from(text), false)
+    }
+
+    /// The spellings `field_name` matches itself, and names that go to `from_bytes`.
+    const NAMES: [&str; 22] = [
+        "host",
+        "content-length",
+        "content-type",
+        "connection",
+        "date",
+        "server",
+        "user-agent",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "authorization",
+        "cache-control",
+        "transfer-encoding",
+        "vary",
+        "etag",
+        "last-modified",
+        "expect",
+        "keep-alive",
+        "te",
+        "grpc-status",
+        "x-request-id",
+        "upgrade",
+    ];
+
+    proptest::proptest! {
+        /// A name matched as sent is the name `from_bytes` reads, in the role the long
+        /// way (comparisons with each name) gives it; a `Plain` one has nothing to note.
+        #[test]
+        fn field_names_take_the_role_their_name_has(
+            index in 0..NAMES.len(),
+            upper in proptest::collection::vec(proptest::bool::ANY, 20),
+        ) {
+            let lower = NAMES[index];
+            let cased: String = lower
+                .chars()
+                .zip(upper.iter().cycle())
+                .map(|(c, &u)| if u { c.to_ascii_uppercase() } else { c })
+                .collect();
+            let title: String = lower
+                .split('-')
+                .map(|w| format!("{}{}", w[..1].to_ascii_uppercase(), &w[1..]))
+                .collect::<Vec<_>>()
+                .join("-");
+            for spelling in [lower, cased.as_str(), title.as_str()] {
+                let (name, role) = field_name(spelling.as_bytes()).unwrap();
+                let read = HeaderName::from_bytes(spelling.as_bytes()).unwrap();
+                proptest::prop_assert_eq!(&name, &read);
+                let long_way = Role::of(&read);
+                if role == Role::Plain {
+                    proptest::prop_assert_eq!(long_way, Role::Other, "{}", spelling);
+                    let mut facts = HeadFacts::default();
+                    facts.note(&read, b"application/grpc");
+                    proptest::prop_assert_eq!(facts.bits, 0, "{}", spelling);
+                } else {
+                    proptest::prop_assert_eq!(role, long_way, "{}", spelling);
+                }
+            }
+        }
     }
 
     fn framing(text: &str) -> Result<(Framing, bool), &'static str> {

@@ -54,8 +54,8 @@ use tokio::time::{Instant, Sleep};
 
 use super::body::Body;
 use super::h1::{
-    Chunk, ChunkedDecoder, MAX_HEADERS, READ_CHUNK, connection_options, content_length, field_name,
-    tokens,
+    Chunk, ChunkedDecoder, MAX_HEADERS, READ_CHUNK, Role, connection_options, content_length,
+    field_name, tokens,
 };
 
 /// A request head the gateway refuses: the status it answers with, then it closes the
@@ -256,29 +256,34 @@ fn head_of(
     for &[name_at, name_len, value_at, value_len] in spans {
         let (name_at, value_at) = (name_at as usize, value_at as usize);
         let (name_end, value_end) = (name_at + name_len as usize, value_at + value_len as usize);
-        let name = field_name(&head[name_at..name_end])
+        let (name, role) = field_name(&head[name_at..name_end])
             .map_err(|_| RequestError::bad("invalid header name"))?;
         let value = &head[value_at..value_end];
-        if name == header::CONTENT_LENGTH {
-            let n = content_length(value).map_err(|e| RequestError::bad(e.reason()))?;
-            if length.is_some_and(|seen| seen != n) {
-                return Err(RequestError::bad("differing Content-Length values"));
+        match role {
+            Role::ContentLength => {
+                let n = content_length(value).map_err(|e| RequestError::bad(e.reason()))?;
+                if length.is_some_and(|seen| seen != n) {
+                    return Err(RequestError::bad("differing Content-Length values"));
+                }
+                length = Some(n);
             }
-            length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
-            transfer_encoding = true;
-            for coding in tokens(value) {
-                codings += 1;
-                chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+            Role::TransferEncoding => {
+                transfer_encoding = true;
+                for coding in tokens(value) {
+                    codings += 1;
+                    chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+                }
             }
-        } else if name == header::HOST {
-            hosts += 1;
-        } else if name == header::CONNECTION {
-            if connection_options(value, &mut close, &mut keep_alive) {
-                continue;
+            Role::Host => hosts += 1,
+            Role::Connection => {
+                if connection_options(value, &mut close, &mut keep_alive) {
+                    continue;
+                }
             }
-        } else if name == header::EXPECT {
-            expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            Role::Expect => {
+                expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            }
+            Role::ContentType | Role::Plain | Role::Other => {}
         }
         let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_end))
             .map_err(|_| RequestError::bad("invalid header value"))?;
