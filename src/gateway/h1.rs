@@ -453,8 +453,8 @@ fn head_of(
 /// `-`, commas and spaces: valid.
 pub(crate) fn connection_options(value: &[u8], close: &mut bool, keep_alive: &mut bool) -> bool {
     // The one option nearly every message sends, alone: one comparison, not the list's
-    // split, trim and two comparisons a token; as most send it first (a comparison of
-    // the bytes, not a byte at a time folding each one's case).
+    // split, trim and two comparisons a token. Compared first as most spell it, byte for
+    // byte, before a comparison that folds the case of each byte.
     if value == b"keep-alive" || value.eq_ignore_ascii_case(b"keep-alive") {
         *keep_alive = true;
         return true;
