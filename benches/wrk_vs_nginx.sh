@@ -23,8 +23,14 @@
 # over the run, divided by wrk's request count, and the part of it spent in user space
 # (utime alone); and the TCP segments sent per request on the machine (`OutSegs` of
 # /proc/net/snmp: client, proxy and upstream together, all on loopback), which tells a
-# proxy that sends more packets from one that spends more per packet. The table gives the
-# median of RUNS runs.
+# proxy that sends more packets from one that spends more per packet; and the upstream's
+# CPU per request over the same run. The table gives the median of RUNS runs and two
+# ratios of CPU per request to the first proxy's (nginx's): of the medians, and paired
+# (the median of each run's ratio to the nginx run of the same round). The upstream's
+# figure shows the machine's slow spells (every process, the upstream as much as the
+# proxy, spending 10-20% more a request for a while: a run in one is no measure of the
+# proxy) and how a proxy's pace changes its neighbours' work: it is not a control to divide
+# by, since a faster proxy sends the upstream fewer requests a wake-up (BENCHMARKS.md).
 #
 # MODES picks what the clients do (each proxy configured the same way for each mode):
 #
@@ -291,13 +297,14 @@ tcp_out_segments() {
 }
 
 # One load run against port $1 in mode $3, the proxy's CPU read from pid $2:
-# "req/s p99_ms cpu_us user_cpu_us segments_per_request" (for h2, the mean latency in
-# place of p99).
+# "req/s p99_ms cpu_us user_cpu_us segments_per_request upstream_cpu_us" (for h2, the
+# mean latency in place of p99).
 measure() {
     local port=$1 pid=$2 mode=$3 before after out requests rps p99 errors url
-    local segments_before segments_after
+    local segments_before segments_after upstream_before upstream_after
     url=$(url_of "$port" "$mode")
     segments_before=$(tcp_out_segments)
+    upstream_before=$(cpu_ticks "$UP_PID")
     before=$(cpu_ticks "$pid")
     case $mode in
         h2)
@@ -322,6 +329,7 @@ measure() {
             ;;
     esac
     segments_after=$(tcp_out_segments)
+    upstream_after=$(cpu_ticks "$UP_PID")
     [ -n "$requests" ] && [ "$requests" -gt 0 ] || die "$mode load failed: $out"
     [ -z "$errors" ] || echo "  warning: $errors" >&2
     local total_before user_before total_after user_after
@@ -330,7 +338,9 @@ measure() {
     awk -v r="${rps%%,*}" -v p="$(to_ms "$p99")" -v t=$((total_after - total_before)) \
         -v u=$((user_after - user_before)) -v n="$requests" -v hz="$TICK" \
         -v s=$((segments_after - segments_before)) \
-        'BEGIN { printf "%.0f %.3f %.2f %.2f %.2f\n", r, p, t / hz * 1e6 / n, u / hz * 1e6 / n, s / n }'
+        -v up=$((${upstream_after%% *} - ${upstream_before%% *})) \
+        'BEGIN { printf "%.0f %.3f %.2f %.2f %.2f %.2f\n", r, p, t / hz * 1e6 / n, u / hz * 1e6 / n,
+            s / n, up / hz * 1e6 / n }'
 }
 
 # A CA and a certificate for 127.0.0.1 signed by it (ECDSA P-256), in $WORK/tls.
@@ -354,6 +364,7 @@ start_nginx "$WORK/upstream" 1 "    server {
         listen 127.0.0.1:$UP_PORT;
         location / { default_type application/json; return 200 '{\"items\":[]}'; }
     }"
+UP_PID=$NGINX_PID
 wait_port "$UP_PORT" || die "the upstream did not start: $(cat "$WORK/upstream/"*.log)"
 
 gateway_toml() { # $1: routing|full, $2: port, $3: mode
@@ -656,8 +667,8 @@ for mode in $MODES; do
                 line=$(measure "$PROXY_PORT" "$PROXY_PID" "$mode")
                 stop "$PROXY_PID"
                 rm -rf "$WORK/proxy"
-                echo "$mode|$workers|$proxy|$line" >>"$RESULTS"
-                echo "  $mode W=$workers run $run $proxy: $line (req/s, p99 ms, CPU and user CPU µs/req, TCP segments/req)" >&2
+                echo "$mode|$workers|$proxy|$line|$run" >>"$RESULTS"
+                echo "  $mode W=$workers run $run $proxy: $line (req/s, p99 ms, CPU and user CPU µs/req, TCP segments/req, upstream CPU µs/req)" >&2
             done
         done
     done
@@ -669,31 +680,35 @@ echo "wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (h2: h2load -t1 -c$CONNECTIO
     "upstream: nginx (1 worker, return 200); gateway runtime: $GATEWAY_RUNTIME;" \
     "medians of $RUNS runs; for h2 the latency is h2load's mean, not p99"
 echo
-echo "| mode | proxy | workers | req/s | p99 (ms) | CPU/req (µs) | of which user | CPU/req vs nginx | TCP segments/req |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| mode | proxy | workers | req/s | p99 (ms) | CPU/req (µs) | of which user | upstream CPU/req | CPU/req vs nginx | paired | TCP segments/req |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for mode in $MODES; do
     for workers in $WORKERS; do
-        nginx_cpu=""
         for proxy in "${PROXIES[@]}"; do
-            read -r rps p99 cpu user segments < <(awk -F'|' -v m="$mode" -v w="$workers" -v p="$proxy" '
-                BEGIN { n = 0 }
-                $1 == m && $2 == w && $3 == p {
-                    split($4, f, " "); r[n] = f[1]; l[n] = f[2]; c[n] = f[3]; u[n] = f[4]
-                    g[n] = f[5]; n++
-                }
+            # This proxy's medians, and its two ratios to the first proxy (see the top).
+            awk -F'|' -v m="$mode" -v w="$workers" -v p="$proxy" -v ref="${PROXIES[0]}" '
                 function median(a, n,   i, j, t) {
                     for (i = 0; i < n; i++) for (j = i + 1; j < n; j++)
                         if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
                     return n % 2 ? a[int(n / 2)] : (a[n / 2 - 1] + a[n / 2]) / 2
                 }
+                BEGIN { n = 0; nr = 0; np = 0 }
+                $1 == m && $2 == w && $3 == ref {
+                    split($4, f, " "); ref_cpu[$5] = f[3]; rc[nr++] = f[3]
+                }
+                $1 == m && $2 == w && $3 == p {
+                    split($4, f, " "); r[n] = f[1]; l[n] = f[2]; c[n] = f[3]; u[n] = f[4]
+                    g[n] = f[5]; up[n] = f[6]; run[n] = $5; n++
+                }
                 END {
-                    print median(r, n), median(l, n), median(c, n), median(u, n), median(g, n)
-                }' "$RESULTS")
-            [ -z "$nginx_cpu" ] && nginx_cpu=$cpu
-            ratio=$(awk -v c="$cpu" -v n="$nginx_cpu" 'BEGIN { printf "%.2f×", c / n }')
-            printf '| %s | %s | %s | %.0f | %.2f | %.1f | %.1f | %s | %.2f |\n' \
-                "$mode" "${proxy/:/ }" "$workers" "$rps" "$p99" "$cpu" "$user" "$ratio" \
-                "$segments"
+                    for (i = 0; i < n; i++)
+                        if (ref_cpu[run[i]] > 0) pair[np++] = c[i] / ref_cpu[run[i]]
+                    cpu = median(c, n)
+                    sub(":", " ", p)
+                    printf "| %s | %s | %s | %.0f | %.2f | %.1f | %.1f | %.1f | %.2f× | %.2f× | %.2f |\n",
+                        m, p, w, median(r, n), median(l, n), cpu, median(u, n), median(up, n),
+                        cpu / median(rc, nr), median(pair, np), median(g, n)
+                }' "$RESULTS"
         done
     done
 done
