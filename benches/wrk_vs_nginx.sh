@@ -68,6 +68,14 @@
 #                         echoed to the client) and a `traceparent` (nginx's random
 #                         `$request_id` as the trace id, a fixed parent id). About equal
 #                         work, for comparison: not the plain proxy the ratios are against
+#   NGINX_LIMITS          set (to anything): one more proxy, `nginx limits` (unpinned),
+#                         configured as the gateway's full stack is where nginx can be: a
+#                         global and a per-client `limit_req` (the same rates and bursts,
+#                         refusals answered 429), the upstream's passive failure checks as
+#                         the outlier settings (`max_fails=5 fail_timeout=30s`), a 2 s
+#                         upstream timeout and a fallback answer for the upstream's errors
+#                         (`error_page`). nginx has no breaker and sends no `RateLimit`
+#                         fields: a little less work than the full stack, for comparison
 #   GATEWAY_BINS          "label=path ..." prebuilt gateway_bench_server binaries to
 #                         compare (e.g. base=/tmp/base/gateway_bench_server new=...);
 #                         default: this checkout's, built with `--profile
@@ -436,8 +444,9 @@ start_proxy() {
         ssl_certificate_key $WORK/tls/key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;"
     fi
-    if [ "$name" = nginx ] || [ "$name" = nginx:pinned ] || [ "$name" = nginx:fields ]; then
-        local affinity=off fields="" maps=""
+    if [ "$name" = nginx ] || [ "$name" = nginx:pinned ] || [ "$name" = nginx:fields ] \
+        || [ "$name" = nginx:limits ]; then
+        local affinity=off fields="" maps="" server_options="" locations=""
         [ "$name" = nginx:pinned ] && affinity=auto
         if [ "$name" = nginx:fields ]; then
             # nginx's `$request_id` is 16 random bytes in hex: the trace id. nginx has no
@@ -457,8 +466,30 @@ start_proxy() {
             proxy_set_header traceparent \"00-\$request_id-00f067aa0ba902b7-01\";
             add_header X-Request-Id \$seawall_request_id always;"
         fi
+        if [ "$name" = nginx:limits ]; then
+            # The listener's port as the global key: never empty (an empty key is not
+            # counted), the same for every request.
+            maps="    limit_req_zone \$server_port zone=global:1m rate=10000000r/s;
+    limit_req_zone \$binary_remote_addr zone=per_client:10m rate=10000000r/s;
+    limit_req_status 429;
+"
+            server_options=" max_fails=5 fail_timeout=30s"
+            fields="
+            limit_req zone=global burst=10000000 nodelay;
+            limit_req zone=per_client burst=10000000 nodelay;
+            proxy_connect_timeout 2s;
+            proxy_send_timeout 2s;
+            proxy_read_timeout 2s;
+            proxy_intercept_errors on;
+            error_page 500 502 503 504 = @fallback;"
+            locations="
+        location @fallback {
+            default_type application/json;
+            return 200 '{\"items\":[]}';
+        }"
+        fi
         start_nginx "$WORK/proxy" "$workers" "$maps    upstream items {
-        server 127.0.0.1:$UP_PORT;
+        server 127.0.0.1:$UP_PORT$server_options;
         keepalive 64;
         keepalive_requests 1000000;
     }
@@ -468,7 +499,7 @@ start_proxy() {
             proxy_pass http://items;
             proxy_http_version 1.1;
             proxy_set_header Connection \"\";$fields
-        }
+        }$locations
     }" "$affinity"
         PROXY_PID=$NGINX_PID
     else
@@ -654,6 +685,7 @@ for affinity in $NGINX_CPU_AFFINITY; do
     esac
 done
 [ -z "${NGINX_FIELDS:-}" ] || PROXIES+=(nginx:fields)
+[ -z "${NGINX_LIMITS:-}" ] || PROXIES+=(nginx:limits)
 for entry in $GATEWAY_BINS; do
     for config in $CONFIGS; do PROXIES+=("${entry%%=*}:$config"); done
 done
