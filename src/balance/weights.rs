@@ -217,10 +217,7 @@ impl Maglev {
             .find(|&p| p >= 100 * n as u64)
             .unwrap_or(PRIMES[PRIMES.len() - 1]);
         let offsets: Vec<u64> = hashes.iter().map(|&h| mix(h) % m).collect();
-        let skips: Vec<u64> = hashes
-            .iter()
-            .map(|&h| mix(h ^ crate::util::GOLDEN) % (m - 1) + 1)
-            .collect();
+        let skips: Vec<u64> = hashes.iter().map(|&h| stride(h, m)).collect();
         let max_w = f64::from(weights.iter().copied().max().unwrap_or(1).max(1));
         let share: Vec<f64> = weights
             .iter()
@@ -266,6 +263,12 @@ impl Maglev {
         };
         self.table[(h % m) as usize] as usize
     }
+}
+
+/// The stride of the endpoint of `hash` through a Maglev table of `m` entries (a prime):
+/// one of `1..m`, so that its walk visits every entry.
+fn stride(hash: u64, m: u64) -> u64 {
+    mix(hash ^ crate::util::GOLDEN) % (m - 1) + 1
 }
 
 pub(crate) use crate::util::mix;
@@ -318,10 +321,6 @@ mod tests {
             .filter(|&(&b, &a)| hashes[b as usize] != rest[a as usize])
             .count();
         moved as f64 / before.table.len() as f64
-    }
-
-    fn stride(hash: u64, m: u64) -> u64 {
-        mix(hash ^ crate::util::GOLDEN) % (m - 1) + 1
     }
 
     proptest::proptest! {
