@@ -98,6 +98,14 @@
 #                         instructions and calls to `malloc` per request in the gateway's
 #                         user space, which move far less from run to run than CPU time.
 #                         PROFILE_KEEP=DIR keeps the profiles (for callgrind_annotate).
+#                         PROFILE_CACHE=1 adds callgrind's cache and branch simulation
+#                         (the machine's cache sizes) and three columns: first-level
+#                         instruction cache misses and mispredicted branches per request,
+#                         and the request path's code lines: the 64-byte lines holding the
+#                         instructions run at least every other request, and the share of
+#                         their bytes those instructions fill (benches/support/
+#                         code_footprint.py; needs objdump). Simulated, not measured: for
+#                         comparing builds, on machines without hardware counters too.
 #                         Installs valgrind with apt-get when missing and run as root.
 #   PROFILE=copies        instead of the runs: the bytes the gateway copies with libc's
 #                         `memmove`/`memcpy` per request (1 worker, cleartext HTTP/1), the
@@ -645,12 +653,20 @@ if [ "${PROFILE:-}" = copies ]; then
 fi
 
 if [ "${PROFILE:-}" = callgrind ]; then
-    echo "| gateway | configuration | requests | instructions/req | malloc calls/req |"
-    echo "|---|---|---|---|---|"
+    simulate=()
+    if [ -n "${PROFILE_CACHE:-}" ]; then
+        command -v objdump >/dev/null || die "PROFILE_CACHE needs objdump (apt-get install binutils)"
+        simulate=(--cache-sim=yes --branch-sim=yes --dump-instr=yes)
+        echo "| gateway | configuration | requests | instructions/req | malloc calls/req | I1 misses/req | mispredicted branches/req | code lines (share run) |"
+        echo "|---|---|---|---|---|---|---|---|"
+    else
+        echo "| gateway | configuration | requests | instructions/req | malloc calls/req |"
+        echo "|---|---|---|---|---|"
+    fi
     for entry in $GATEWAY_BINS; do
         for config in $CONFIGS; do
             WAIT_START=600 start_profiled "$config" "${entry#*=}" \
-                valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%p"
+                valgrind --tool=callgrind "${simulate[@]}" --callgrind-out-file="$WORK/callgrind.%p"
             pid=$PROXY_PID url=$PROXY_URL
             wrk -t1 -c"$CONNECTIONS" -d2s "$url" >/dev/null 2>&1
             callgrind_control -z "$pid" >/dev/null 2>&1
@@ -664,8 +680,22 @@ if [ "${PROFILE:-}" = callgrind ]; then
             instructions=$(callgrind_annotate --threshold=100 --auto=no "$profile" 2>/dev/null \
                 | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
             mallocs=$(malloc_calls "$profile")
+            extra=""
+            if [ -n "${PROFILE_CACHE:-}" ]; then
+                # The totals line, by the names on the events line (I1mr; Bcm + Bim).
+                extra=$(awk -v n="$requests" '
+                    /^events:/ { for (i = 2; i <= NF; i++) col[$i] = i }
+                    /^(summary|totals):/ {
+                        printf " %.0f | %.0f |", $(col["I1mr"]) / n, ($(col["Bcm"]) + $(col["Bim"])) / n
+                        exit
+                    }' "$profile")
+                footprint=$(python3 "$HERE/benches/support/code_footprint.py" "$profile" \
+                    "${entry#*=}" "$requests") || die "code_footprint.py failed"
+                extra="$extra $(awk -F'\t' '{ printf "%d (%.2f) |", $1, $3 }' <<<"$footprint")"
+            fi
             awk -v l="${entry%%=*}" -v c="$config" -v n="$requests" -v i="$instructions" \
-                -v m="$mallocs" 'BEGIN { printf "| %s | %s | %d | %.0f | %.2f |\n", l, c, n, i / n, m / n }'
+                -v m="$mallocs" -v x="$extra" \
+                'BEGIN { printf "| %s | %s | %d | %.0f | %.2f |%s\n", l, c, n, i / n, m / n, x }'
             if [ -n "${PROFILE_KEEP:-}" ]; then
                 mkdir -p "$PROFILE_KEEP"
                 cp "$profile" "$PROFILE_KEEP/callgrind.${entry%%=*}.$config"
