@@ -367,11 +367,12 @@ mod tests {
             share < ideal * 2.5 + 0.01,
             "{share:.4} moved, ideal {ideal:.4}"
         );
-        // Without one of the pair, the same change moves about its own share.
+        // Without one of the pair, the same change moves about its own share (of 13).
+        let ideal = 1.0 / 13.0;
         let share = moved_share(&hashes[..13], 0);
         assert!(
             share < ideal * 1.3 + 0.01,
-            "{share:.4} moved without the pair"
+            "{share:.4} moved without the pair, ideal {ideal:.4}"
         );
     }
 
