@@ -414,6 +414,9 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
                 guard.next_idle = guard.next_idle.min(rescaled);
                 return result;
             }
+            // Dropped meanwhile to make room for another key: on as a new key, without
+            // the lock (taken again below).
+            drop(guard);
         } else {
             drop(guard);
         }
@@ -533,4 +536,62 @@ fn make_room<K>(shard: &mut Shard<K>, now: u64, cap: usize) -> bool {
     shard.table.retain(|row| row.2.tat > now);
     shard.next_idle = shard.table.iter().map(|row| row.2.tat).min().unwrap_or(0);
     shard.table.len() < cap
+}
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::{Arc, OnceLock, mpsc};
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::rate_limit::Rate;
+
+    /// A key's bucket built under older quotas, dropped to make room for another key
+    /// while the check looks the key's new quota up (outside the shard's lock), so that
+    /// the key is gone when the lock is taken again. The check must go on as for a new
+    /// key. It used to take the shard's lock a second time while still holding it: a
+    /// deadlock.
+    #[test]
+    fn a_bucket_dropped_while_its_quota_is_looked_up_does_not_deadlock() {
+        let quota = Quota::new(Rate::per_second(10), 1).unwrap();
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(quota, clock.clone());
+        // One bucket a shard.
+        limiter.set_max_keys(SHARDS);
+        let a = 0u64;
+        let shard_of = |key: &u64| (limiter.inner.hasher.hash_one(key) as usize) & (SHARDS - 1);
+        let b = (1..).find(|key| shard_of(key) == shard_of(&a)).unwrap();
+        assert!(limiter.try_acquire(&a, 1).is_ok());
+        // `a` refills: its bucket may now be dropped to make room.
+        clock.advance(Duration::from_secs(1));
+
+        let handle: Arc<OnceLock<KeyedRateLimiter<u64, ManualClock>>> = Arc::default();
+        let evicted = Arc::new(AtomicBool::new(false));
+        limiter.set_quota_fn({
+            let (handle, evicted) = (handle.clone(), evicted.clone());
+            move |key: &u64| {
+                if *key == a && !evicted.swap(true, SeqCst) {
+                    // `b` takes the shard's only place: `a`'s idle bucket goes.
+                    let limiter = handle.get().unwrap();
+                    assert!(limiter.try_acquire(&b, 1).is_ok());
+                }
+                quota
+            }
+        });
+        handle.set(limiter.clone()).ok().unwrap();
+
+        let (done, finished) = mpsc::channel();
+        let checker = limiter.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(checker.try_acquire(&a, 1));
+        });
+        let answer = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the check of a key dropped meanwhile never returned (deadlock)");
+        assert!(evicted.load(SeqCst), "the quota function did not run");
+        // The shard is full of `b`'s debt: `a` draws from the overflow bucket.
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(limiter.len(), 1);
+    }
 }
