@@ -1,5 +1,6 @@
-//! The breaker from a downstream crate: floor (a bare `service_fn`), seawall and failsafe,
-//! closed and open, in one criterion group each; allocations per call first.
+//! The breaker and the rate limiters from a downstream crate: floor (a bare `service_fn`),
+//! seawall and failsafe, closed and open; seawall's limiters against governor's and
+//! tower's `RateLimit`; every case in one criterion group, allocations per call first.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::Ordering::Relaxed;

@@ -3,6 +3,9 @@
 //!
 //! Method, as in the independent harness: every service is built once; one loop of
 //! `ready().await` + `call().await` runs inside one `block_on` of a current-thread runtime.
+//! The rate limiters' direct checks (no `Service`) run the same way: one loop of checks
+//! inside one `block_on`, each limiter on its default clock, keyed ones over 1 024 keys
+//! (the loop counter modulo 1 024).
 
 use std::hint::black_box;
 use std::io;
@@ -14,6 +17,10 @@ use std::time::{Duration, Instant};
 use failsafe::futures::CircuitBreaker as _;
 use failsafe::{FailurePolicy, StateMachine, backoff, failure_policy};
 use seawall::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, State};
+use seawall::rate_limit::{
+    KeyedRateLimitLayer, KeyedRateLimiter, Quota, Rate, RateLimitLayer, RateLimiter,
+};
+use std::num::NonZeroU32;
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -28,7 +35,40 @@ pub const CASES: &[&str] = &[
     "seawall tripped open",
     "seawall tripped open typed",
     "failsafe tripped open",
+    "seawall check",
+    "governor check",
+    "seawall keyed",
+    "governor keyed",
+    "seawall RateLimitLayer",
+    "tower RateLimit",
+    "seawall KeyedRateLimitLayer",
 ];
+
+/// Tokens a second for every limiter, and the burst of those that have one: a bucket that
+/// never runs dry, so that every check measured admits.
+const RATE: u32 = 1_000_000_000;
+/// Keys the keyed limiters are checked over.
+const KEYS: u64 = 1024;
+
+fn seawall_quota() -> Quota {
+    Quota::new(Rate::per_second(RATE), RATE).expect("valid quota")
+}
+
+fn governor_quota() -> governor::Quota {
+    let rate = NonZeroU32::new(RATE).expect("non-zero");
+    governor::Quota::per_second(rate).allow_burst(rate)
+}
+
+/// The timed loop of a direct check: `check(i)` must admit.
+async fn checks(check: &impl Fn(u64) -> bool, iters: u64) -> Duration {
+    let start = Instant::now();
+    for i in 0..iters {
+        if !black_box(check(black_box(i))) {
+            panic!("a check was refused");
+        }
+    }
+    start.elapsed()
+}
 
 /// A current-thread runtime with timers (a tripped breaker arms one).
 pub fn runtime() -> Runtime {
@@ -137,8 +177,43 @@ pub fn with_case<R>(
             run(&mut |iters| rt.block_on(drive(&mut svc, iters)))
         }};
     }
+    macro_rules! direct {
+        ($check:expr) => {{
+            let check = $check;
+            assert!(check(0), "{case}: refused in setup");
+            run(&mut |iters| rt.block_on(checks(&check, iters)))
+        }};
+    }
+    // tower's `RateLimit` makes its `Sleep` when it is built: that needs the runtime.
+    let _guard = rt.enter();
     match case {
         "floor" => go!(bare(), false),
+        "seawall check" => {
+            let limiter = RateLimiter::new(seawall_quota());
+            direct!(|_| limiter.try_acquire(1).is_ok())
+        }
+        "governor check" => {
+            let limiter = governor::RateLimiter::direct(governor_quota());
+            direct!(|_| limiter.check().is_ok())
+        }
+        "seawall keyed" => {
+            let limiter: KeyedRateLimiter<u64> = KeyedRateLimiter::new(seawall_quota());
+            direct!(|i| limiter.try_acquire(&(i % KEYS), 1).is_ok())
+        }
+        "governor keyed" => {
+            let limiter = governor::RateLimiter::keyed(governor_quota());
+            direct!(|i| limiter.check_key(&(i % KEYS)).is_ok())
+        }
+        "seawall RateLimitLayer" => go!(RateLimitLayer::new(seawall_quota()).layer(bare()), false),
+        "tower RateLimit" => go!(
+            tower::limit::RateLimitLayer::new(u64::from(RATE), Duration::from_secs(1))
+                .layer(bare()),
+            false
+        ),
+        "seawall KeyedRateLimitLayer" => go!(
+            KeyedRateLimitLayer::new(seawall_quota(), |x: &u64| Some(*x % KEYS)).layer(bare()),
+            false
+        ),
         "seawall closed" => go!(layer().layer(bare()), false),
         "seawall closed typed" => go!(layer().typed_errors().layer(bare()), false),
         "failsafe closed" => go!(
