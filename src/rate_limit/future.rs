@@ -27,10 +27,11 @@ pin_project! {
 
 pin_project! {
     #[project = KindProj]
+    // Two variants, the refusal already boxed (the one allocation a refusal makes, in
+    // `call` rather than at the first poll): the future is the inner one and the
+    // receipt, and its poll a test rather than a jump table.
     enum Kind<F, R> {
         Called { #[pin] future: F, charge: Option<R> },
-        Refused { error: Option<RateLimited> },
-        MissingKey,
         Failed { error: Option<BoxError> },
     }
 }
@@ -42,16 +43,16 @@ impl<F, R> ResponseFuture<F, R> {
         }
     }
 
+    /// Refused for want of a key (`MissingKey` is zero-sized: boxing it allocates
+    /// nothing).
     pub(crate) fn missing_key() -> Self {
-        Self {
-            kind: Kind::MissingKey,
-        }
+        Self::failed(Box::new(super::MissingKey))
     }
 
+    /// Refused by the limit.
+    #[cold]
     pub(crate) fn refused(error: RateLimited) -> Self {
-        Self {
-            kind: Kind::Refused { error: Some(error) },
-        }
+        Self::failed(Box::new(error))
     }
 
     /// Refused with the limit's own error ([`Decision::Unavailable`]).
@@ -78,31 +79,37 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The admitted path inline, the rest out of line: a layer's future is polled
+        // inside every caller's loop.
         match self.project().kind.project() {
-            KindProj::Called { future, charge } => {
-                let result = std::task::ready!(future.poll(cx)).map_err(Into::into);
-                match &result {
-                    // Refused further in: this layer's tokens were not used.
-                    Err(e) if crate::caused_by::<RateLimited>(e) => {
-                        if let Some(charge) = charge.take() {
-                            charge.refund();
-                        }
-                    }
-                    _ => drop(charge.take()),
-                }
-                Poll::Ready(result)
-            }
-            KindProj::Refused { error } => Poll::Ready(Err(Box::new(
-                error
-                    .take()
-                    .expect("rate limit ResponseFuture polled after completion"),
-            ))),
-            KindProj::MissingKey => Poll::Ready(Err(Box::new(super::MissingKey))),
-            KindProj::Failed { error } => Poll::Ready(Err(error
-                .take()
-                .expect("rate limit ResponseFuture polled after completion"))),
+            KindProj::Called { future, charge } => match std::task::ready!(future.poll(cx)) {
+                Ok(response) => Poll::Ready(Ok(response)),
+                Err(error) => Poll::Ready(Err(refund_if_refused(error.into(), charge))),
+            },
+            KindProj::Failed { error } => Poll::Ready(Err(failed(error))),
         }
     }
+}
+
+/// The inner service's `error`; if a limit further in refused the request, this layer's
+/// tokens were not used and go back.
+#[cold]
+#[inline(never)]
+fn refund_if_refused<R: Refund>(error: BoxError, charge: &mut Option<R>) -> BoxError {
+    if crate::caused_by::<RateLimited>(&error) {
+        if let Some(charge) = charge.take() {
+            charge.refund();
+        }
+    }
+    error
+}
+
+#[cold]
+#[inline(never)]
+fn failed(error: &mut Option<BoxError>) -> BoxError {
+    error
+        .take()
+        .expect("rate limit ResponseFuture polled after completion")
 }
 
 pin_project! {
