@@ -156,7 +156,7 @@ impl<Request, C: Clock> Limit<Request> for RateLimiter<C> {
 
     #[inline]
     fn check(&self, _: &Request, tokens: u32) -> Decision<Charge<C>> {
-        self.charge(tokens).into()
+        self.decide(tokens)
     }
 }
 

@@ -169,10 +169,14 @@ impl<C: Clock> ShardedRateLimiter<C> {
             inner.tau,
             tokens,
         );
-        match first {
-            Ok(a) => Ok(a),
-            Err(refused) if refused.exceeds_capacity() || n == 1 => Err(refused),
-            Err(refused) => self.borrow(home, now, tokens, refused),
+        if first.admitted {
+            return Ok(first.admitted());
+        }
+        let refused = first.refusal();
+        if refused.exceeds_capacity() || n == 1 {
+            Err(refused)
+        } else {
+            self.borrow(home, now, tokens, refused)
         }
     }
 
@@ -188,11 +192,14 @@ impl<C: Clock> ShardedRateLimiter<C> {
         let n = inner.shards.len();
         for i in 1..n {
             let shard = &inner.shards[(home + i) % n];
-            match gcra_acquire(&shard.tat, now, inner.interval, inner.tau, tokens) {
-                Ok(a) => return Ok(a),
-                // Report the soonest any shard will have the tokens.
-                Err(r) if r.retry_after() < refused.retry_after() => refused = r,
-                Err(_) => {}
+            let step = gcra_acquire(&shard.tat, now, inner.interval, inner.tau, tokens);
+            if step.admitted {
+                return Ok(step.admitted());
+            }
+            // Report the soonest any shard will have the tokens.
+            let r = step.refusal();
+            if r.retry_after() < refused.retry_after() {
+                refused = r;
             }
         }
         Err(refused)

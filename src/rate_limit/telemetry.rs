@@ -2,7 +2,9 @@
 
 use std::sync::OnceLock;
 
+use super::Decision;
 use super::error::RateLimited;
+use super::local::bucket::Step;
 
 /// The `source` labels of distributed limiters' checks.
 #[cfg(all(feature = "metrics", feature = "redis"))]
@@ -67,30 +69,74 @@ impl Telemetry {
         self.named.get().map(|n| n.name.as_str())
     }
 
+    /// Reports one decision of a local bucket: `admitted(step)` if it admits, else the
+    /// refusal (made out of line). The step stays in registers: nothing here takes a
+    /// reference to it or puts it in a `Result` before it is decided.
+    #[inline]
+    pub(crate) fn report<T>(
+        &self,
+        step: Step,
+        admitted: impl FnOnce(Step) -> T,
+    ) -> Result<T, RateLimited> {
+        if step.admitted {
+            self.admitted();
+            Ok(admitted(step))
+        } else {
+            Err(self.refused(step.refusal()))
+        }
+    }
+
+    /// [`report`](Self::report) as a [`Decision`], with what the admitted request took:
+    /// built in place, with no `Result` in between for the optimiser to keep in memory.
+    #[inline]
+    pub(crate) fn decide<Ch>(&self, step: Step, charge: impl FnOnce(Step) -> Ch) -> Decision<Ch> {
+        if step.admitted {
+            self.admitted();
+            Decision::Admitted(step.admitted(), charge(step))
+        } else {
+            Decision::Refused(self.refused(step.refusal()))
+        }
+    }
+
     /// Reports one decision.
     #[inline]
     pub(crate) fn record<T>(&self, result: &Result<T, RateLimited>) {
+        match result {
+            Ok(_) => self.admitted(),
+            Err(refused) => {
+                self.refused(*refused);
+            }
+        }
+    }
+
+    /// Reports an admitted request.
+    #[inline]
+    fn admitted(&self) {
         let Some(named) = self.named.get() else {
             return;
         };
-        match result {
-            Ok(_) => {
-                #[cfg(feature = "metrics")]
-                named.admitted.increment(1);
-            }
-            Err(refused) => {
-                #[cfg(feature = "metrics")]
-                named.refused.increment(1);
-                #[cfg(feature = "tracing")]
-                tracing::debug!(
-                    limiter = %named.name,
-                    retry_after = ?refused.retry_after(),
-                    "rate limit refused a request"
-                );
-                let _ = refused;
-            }
-        }
+        #[cfg(feature = "metrics")]
+        named.admitted.increment(1);
         let _ = named;
+    }
+
+    /// Reports a refused request, handing the refusal back.
+    #[cold]
+    #[inline(never)]
+    fn refused(&self, refused: RateLimited) -> RateLimited {
+        let Some(named) = self.named.get() else {
+            return refused;
+        };
+        #[cfg(feature = "metrics")]
+        named.refused.increment(1);
+        #[cfg(feature = "tracing")]
+        tracing::debug!(
+            limiter = %named.name,
+            retry_after = ?refused.retry_after(),
+            "rate limit refused a request"
+        );
+        let _ = named;
+        refused
     }
 
     /// Names a distributed limiter: also registers its per-source counters.

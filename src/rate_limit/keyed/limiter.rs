@@ -14,7 +14,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::clock::{Clock, TokioClock};
 use crate::rate_limit::error::RateLimited;
 use crate::rate_limit::local::bucket::{
-    Admitted, Reservation, Taken, gcra_acquire, gcra_step, refund_nanos, rescale_tat,
+    Admitted, Reservation, Step, Taken, gcra_acquire, refund_nanos, rescale_tat,
 };
 use crate::rate_limit::quota::Quota;
 
@@ -199,7 +199,9 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        self.acquire(key, tokens).map(|a| a.remaining)
+        let now = self.inner.clock.now_nanos();
+        let (step, _) = self.book_at(key, tokens, 0, now);
+        self.inner.telemetry.report(step, Step::remaining)
     }
 
     /// Like [`try_acquire`](Self::try_acquire), with what rate-limit headers need.
@@ -208,9 +210,9 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let result = self.acquire_unreported(key, tokens);
-        self.inner.telemetry.record(&result);
-        result
+        let now = self.inner.clock.now_nanos();
+        let (step, _) = self.book_at(key, tokens, 0, now);
+        self.inner.telemetry.report(step, Step::admitted)
     }
 
     /// Takes `tokens` from the limiter's shared bucket: one bucket of the default quota,
@@ -219,12 +221,11 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
     /// tokens are not refunded.
     pub fn acquire_shared(&self, tokens: u32) -> Result<Admitted, RateLimited> {
         let now = self.inner.clock.now_nanos();
-        let result = self.acquire_overflow(now, tokens);
-        self.inner.telemetry.record(&result);
-        result
+        let step = self.acquire_overflow(now, tokens);
+        self.inner.telemetry.report(step, Step::admitted)
     }
 
-    fn acquire_overflow(&self, now: u64, tokens: u32) -> Result<Admitted, RateLimited> {
+    fn acquire_overflow(&self, now: u64, tokens: u32) -> Step {
         let quota = *self.inner.default.read();
         let interval = quota.interval_nanos();
         let tau = u64::from(quota.burst()).saturating_mul(interval);
@@ -256,11 +257,9 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let max_wait = crate::util::nanos(max_wait);
-        let result = self.book(key, tokens, max_wait);
-        self.inner
-            .telemetry
-            .record(&result.as_ref().map(|_| ()).map_err(|e| *e));
-        let (_, wait) = result?;
+        let now = self.inner.clock.now_nanos();
+        let (step, _) = self.book_at(key, tokens, max_wait, now);
+        let wait = self.inner.telemetry.report(step, Step::wait)?;
         Ok(Reservation {
             tokens,
             wait: Duration::from_nanos(wait),
@@ -282,25 +281,27 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
 
     /// Like [`acquire`](Self::acquire), with a receipt of the tokens taken, for
     /// [`refund`](Self::refund).
+    #[inline]
     pub fn take<Q>(&self, key: &Q, tokens: u32) -> Result<(Admitted, Taken), RateLimited>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let now = self.inner.clock.now_nanos();
-        let result = self.book_at(key, tokens, 0, now);
-        self.inner
-            .telemetry
-            .record(&result.as_ref().map(|_| ()).map_err(|e| *e));
-        let (admitted, _, own) = result?;
-        // Tokens from the overflow bucket are not handed back to any key's bucket.
-        let tokens = if own { tokens } else { 0 };
-        let until = now.saturating_add(crate::util::nanos(admitted.full_in));
-        Ok((admitted, Taken { tokens, until }))
+        let (step, own) = self.book_at(key, tokens, 0, now);
+        self.inner.telemetry.report(step, |step| {
+            let mut taken = step.taken();
+            // Tokens from the overflow bucket are not handed back to any key's bucket.
+            if !own {
+                taken.tokens = 0;
+            }
+            (step.admitted(), taken)
+        })
     }
 
     /// [`take`](Self::take), the receipt with the key and a handle on this limiter (one
     /// reference count) for [`Refund`](crate::rate_limit::Refund).
+    #[inline]
     pub fn charge(
         &self,
         key: K,
@@ -315,6 +316,29 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
                 taken,
             },
         ))
+    }
+
+    /// [`charge`](Self::charge) as the layers' [`Decision`](crate::rate_limit::Decision).
+    #[inline]
+    pub(crate) fn decide(
+        &self,
+        key: K,
+        tokens: u32,
+    ) -> crate::rate_limit::Decision<Option<KeyedCharge<K, C>>> {
+        let now = self.inner.clock.now_nanos();
+        let (step, own) = self.book_at(&key, tokens, 0, now);
+        self.inner.telemetry.decide(step, |step| {
+            let mut taken = step.taken();
+            // Tokens from the overflow bucket are not handed back to any key's bucket.
+            if !own {
+                taken.tokens = 0;
+            }
+            Some(KeyedCharge {
+                limiter: self.clone(),
+                key,
+                taken,
+            })
+        })
     }
 
     /// Hands back tokens taken from `key`'s bucket by [`take`](Self::take) (with that
@@ -359,34 +383,12 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         }
     }
 
-    fn acquire_unreported<Q>(&self, key: &Q, tokens: u32) -> Result<Admitted, RateLimited>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
-    {
-        self.book(key, tokens, 0).map(|(admitted, _)| admitted)
-    }
-
-    /// Takes `tokens` from `key`'s bucket, now or (booked) within `max_wait` nanoseconds;
-    /// returns what the caller learns and how long until the tokens are due.
-    fn book<Q>(&self, key: &Q, tokens: u32, max_wait: u64) -> Result<(Admitted, u64), RateLimited>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
-    {
-        self.book_at(key, tokens, max_wait, self.inner.clock.now_nanos())
-            .map(|(admitted, wait, _)| (admitted, wait))
-    }
-
-    /// [`book`](Self::book) at `now`; also says whether the tokens came from the key's
-    /// own bucket (not the overflow bucket).
-    fn book_at<Q>(
-        &self,
-        key: &Q,
-        tokens: u32,
-        max_wait: u64,
-        now: u64,
-    ) -> Result<(Admitted, u64, bool), RateLimited>
+    /// Takes `tokens` from `key`'s bucket, now or (booked) within `max_wait` nanoseconds,
+    /// at `now`; also says whether they came from the key's own bucket (not the overflow
+    /// bucket). The path of a key whose bucket exists under the current quotas, inline;
+    /// the others out of line.
+    #[inline]
+    fn book_at<Q>(&self, key: &Q, tokens: u32, max_wait: u64, now: u64) -> (Step, bool)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
@@ -395,43 +397,57 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let hash = self.inner.hasher.hash_one(key);
         // The low bits pick the shard: hashbrown's tags use the high ones.
         let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
-        let eq = |row: &(u64, K, Entry)| row.0 == hash && row.1.borrow() == key;
         let mut guard = shard.lock();
+        let eq = |row: &(u64, K, Entry)| row.0 == hash && row.1.borrow() == key;
         if let Some(row) = guard.table.find_mut(hash, eq) {
             if row.2.version == version {
-                return own(take(&mut row.2, now, tokens, max_wait));
+                return (take(&mut row.2, now, tokens, max_wait), true);
             }
-            // The quota changed since this bucket was built: look the new one up outside
-            // the lock, then rescale.
-            let owned = key.to_owned();
-            drop(guard);
-            let fresh = self.entry_for(&owned, now, version);
-            guard = shard.lock();
-            if let Some(row) = guard.table.find_mut(hash, eq) {
-                rescale(&mut row.2, fresh, now);
-                let rescaled = row.2.tat;
-                let result = own(take(&mut row.2, now, tokens, max_wait));
-                guard.next_idle = guard.next_idle.min(rescaled);
-                return result;
-            }
-            // Dropped meanwhile to make room for another key: on as a new key, without
-            // the lock (taken again below).
-            drop(guard);
-        } else {
-            drop(guard);
         }
-        // A new key: its quota is looked up outside the shard lock.
+        drop(guard);
+        self.book_slow(key, hash, version, tokens, max_wait, now)
+    }
+
+    /// [`book_at`](Self::book_at) for a key without a bucket, or whose bucket was built
+    /// under other quotas. The key's quota is looked up outside the shard's lock.
+    #[inline(never)]
+    fn book_slow<Q>(
+        &self,
+        key: &Q,
+        hash: u64,
+        version: u32,
+        tokens: u32,
+        max_wait: u64,
+        now: u64,
+    ) -> (Step, bool)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
+        let eq = |row: &(u64, K, Entry)| row.0 == hash && row.1.borrow() == key;
         let owned = key.to_owned();
         let mut entry = self.entry_for(&owned, now, version);
-        let result = own(take(&mut entry, now, tokens, max_wait));
-        if result.as_ref().is_err_and(RateLimited::exceeds_capacity) {
-            // Never admissible: no bucket is kept for it.
-            return result;
-        }
         let mut guard = shard.lock();
         if let Some(row) = guard.table.find_mut(hash, eq) {
-            // Another caller inserted it meanwhile: charge that bucket instead.
-            return own(take(&mut row.2, now, tokens, max_wait));
+            // Built under an older quota (or inserted by another caller meanwhile):
+            // rescale it if need be, then charge it.
+            let rescaled = (row.2.version != version).then(|| {
+                rescale(&mut row.2, entry, now);
+                row.2.tat
+            });
+            let step = take(&mut row.2, now, tokens, max_wait);
+            if let Some(tat) = rescaled {
+                guard.next_idle = guard.next_idle.min(tat);
+            }
+            return (step, true);
+        }
+        // A new key.
+        let step = take(&mut entry, now, tokens, max_wait);
+        if !step.admitted {
+            // A fresh bucket refuses only a request above its burst, which it never
+            // admits: no bucket is kept for it.
+            return (step, true);
         }
         let cap = self.inner.per_shard.load(Relaxed);
         if guard.table.len() >= cap && !make_room(&mut guard, now, cap) {
@@ -444,15 +460,13 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
                 limiter = self.inner.telemetry.get_name().unwrap_or(""),
                 "keyed limiter full: a new key draws from the overflow bucket"
             );
-            return self
-                .acquire_overflow(now, tokens)
-                .map(|admitted| (admitted, 0, false));
+            return (self.acquire_overflow(now, tokens), false);
         }
         guard.next_idle = guard.next_idle.min(entry.tat);
         guard
             .table
             .insert_unique(hash, (hash, owned, entry), |row| row.0);
-        result
+        (step, true)
     }
 
     fn entry_for(&self, key: &K, now: u64, version: u32) -> Entry {
@@ -506,24 +520,16 @@ fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
     };
 }
 
-/// A decision on the key's own bucket.
-#[inline]
-fn own(result: Result<(Admitted, u64), RateLimited>) -> Result<(Admitted, u64, bool), RateLimited> {
-    result.map(|(admitted, wait)| (admitted, wait, true))
-}
-
 /// The GCRA step of [`RateLimiter`](crate::rate_limit::RateLimiter), on a bucket held under its
 /// shard's lock.
-fn take(
-    entry: &mut Entry,
-    now: u64,
-    tokens: u32,
-    max_wait: u64,
-) -> Result<(Admitted, u64), RateLimited> {
+#[inline]
+fn take(entry: &mut Entry, now: u64, tokens: u32, max_wait: u64) -> Step {
     let tau = u64::from(entry.burst).saturating_mul(entry.interval);
-    let (next, admitted, wait) = gcra_step(entry.tat, now, entry.interval, tau, tokens, max_wait)?;
-    entry.tat = next;
-    Ok((admitted, wait))
+    let step = Step::new(entry.tat, now, entry.interval, tau, tokens, max_wait);
+    if step.admitted {
+        entry.tat = step.next;
+    }
+    step
 }
 
 /// Drops the shard's idle (refilled) buckets; whether there is room now. A sweep happens
@@ -537,6 +543,7 @@ fn make_room<K>(shard: &mut Shard<K>, now: u64, cap: usize) -> bool {
     shard.next_idle = shard.table.iter().map(|row| row.2.tat).min().unwrap_or(0);
     shard.table.len() < cap
 }
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};

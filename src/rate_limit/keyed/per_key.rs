@@ -122,10 +122,7 @@ where
     #[inline]
     fn check(&self, request: &Request, tokens: u32) -> Decision<Self::Charge> {
         match key_of(&self.extractor, request, self.on_missing_key, "keyed") {
-            KeyOf::Key(key) => match self.limiter.charge(key, tokens) {
-                Ok((admitted, charge)) => Decision::Admitted(admitted, Some(charge)),
-                Err(refused) => Decision::Refused(refused),
-            },
+            KeyOf::Key(key) => self.limiter.decide(key, tokens),
             KeyOf::Shared => match self.limiter.acquire_shared(tokens) {
                 Ok(admitted) => Decision::Admitted(admitted, None),
                 Err(refused) => Decision::Refused(refused),

@@ -225,45 +225,61 @@ impl<C: Clock> RateLimiter<C> {
     /// otherwise takes nothing and says when they will be there.
     #[inline]
     pub fn try_acquire(&self, tokens: u32) -> Result<u32, RateLimited> {
-        self.acquire(tokens).map(|a| a.remaining)
+        self.inner
+            .telemetry
+            .report(self.step(tokens), Step::remaining)
     }
 
     /// Like [`try_acquire`](Self::try_acquire), with what rate-limit headers need: the
     /// tokens left and how long until the bucket is full again.
     #[inline]
     pub fn acquire(&self, tokens: u32) -> Result<Admitted, RateLimited> {
-        let (interval, tau) = self.shape();
-        let now = self.inner.clock.now_nanos();
-        let result = gcra_acquire(&self.inner.tat, now, interval, tau, tokens);
-        self.inner.telemetry.record(&result);
-        result
+        self.inner
+            .telemetry
+            .report(self.step(tokens), Step::admitted)
     }
 
     /// Like [`acquire`](Self::acquire), with a receipt of the tokens taken, for
     /// [`refund`](Self::refund).
     #[inline]
     pub fn take(&self, tokens: u32) -> Result<(Admitted, Taken), RateLimited> {
+        self.inner
+            .telemetry
+            .report(self.step(tokens), |step| (step.admitted(), step.taken()))
+    }
+
+    /// Takes `tokens` now (unreported).
+    #[inline]
+    fn step(&self, tokens: u32) -> Step {
         let (interval, tau) = self.shape();
         let now = self.inner.clock.now_nanos();
-        let result = gcra_acquire(&self.inner.tat, now, interval, tau, tokens);
-        self.inner.telemetry.record(&result);
-        let admitted = result?;
-        let until = now.saturating_add(crate::util::nanos(admitted.full_in));
-        Ok((admitted, Taken { tokens, until }))
+        gcra_acquire(&self.inner.tat, now, interval, tau, tokens)
     }
 
     /// [`take`](Self::take), the receipt with a handle on this limiter (one reference
     /// count) for [`Refund`](crate::rate_limit::Refund).
     #[inline]
     pub fn charge(&self, tokens: u32) -> Result<(Admitted, Charge<C>), RateLimited> {
-        let (admitted, taken) = self.take(tokens)?;
-        Ok((
-            admitted,
-            Charge {
+        self.inner.telemetry.report(self.step(tokens), |step| {
+            (
+                step.admitted(),
+                Charge {
+                    limiter: self.clone(),
+                    taken: step.taken(),
+                },
+            )
+        })
+    }
+
+    /// [`charge`](Self::charge) as the layers' [`Decision`](crate::rate_limit::Decision).
+    #[inline]
+    pub(crate) fn decide(&self, tokens: u32) -> crate::rate_limit::Decision<Charge<C>> {
+        self.inner
+            .telemetry
+            .decide(self.step(tokens), |step| Charge {
                 limiter: self.clone(),
-                taken,
-            },
-        ))
+                taken: step.taken(),
+            })
     }
 
     /// Hands back tokens taken by [`take`](Self::take) for a request that a limit further
@@ -298,10 +314,13 @@ impl<C: Clock> RateLimiter<C> {
         let (interval, tau) = self.shape();
         let now = self.inner.clock.now_nanos();
         let max_wait = crate::util::nanos(max_wait);
-        let (_, wait) = gcra_update(&self.inner.tat, now, interval, tau, tokens, max_wait)?;
+        let step = gcra_update(&self.inner.tat, now, interval, tau, tokens, max_wait);
+        if !step.admitted {
+            return Err(step.refusal());
+        }
         Ok(Reservation {
             tokens,
-            wait: Duration::from_nanos(wait),
+            wait: Duration::from_nanos(step.wait()),
         })
     }
 
@@ -322,49 +341,115 @@ impl<C: Clock> RateLimiter<C> {
     }
 }
 
-/// The GCRA decision for a bucket whose theoretical arrival time is `tat`, at `now`:
-/// `tokens` fit if they are due within `max_wait` (zero: now) under the burst tolerance
-/// `tau`. Returns the new arrival time, what the caller learns, and how long until the
-/// tokens are due; or the refusal.
-#[inline]
-pub(crate) fn gcra_step(
-    tat: u64,
-    now: u64,
-    interval: u64,
-    tau: u64,
-    tokens: u32,
-    max_wait: u64,
-) -> Result<(u64, Admitted, u64), RateLimited> {
-    let burst = tau / interval;
-    if u64::from(tokens) > burst {
-        return Err(RateLimited::exceeds_burst(
-            tokens,
-            burst as u32,
-            Duration::from_nanos(tau),
-        ));
-    }
-    let limit = now.saturating_add(tau);
-    let next = tat.max(now).saturating_add(u64::from(tokens) * interval);
-    let wait = next.saturating_sub(limit);
-    if wait > max_wait {
-        return Err(RateLimited::after(
-            Duration::from_nanos(wait),
-            burst as u32,
-            Duration::from_nanos(tau),
-            Duration::from_nanos(tat.max(now) - now),
-        ));
-    }
-    let admitted = Admitted {
-        remaining: (limit.saturating_sub(next) / interval) as u32,
-        full_in: Duration::from_nanos(next - now),
-        limit: burst as u32,
-        window: Duration::from_nanos(tau),
-    };
-    Ok((next, admitted, wait))
+/// One GCRA decision, in the clock's nanoseconds: the words [`Admitted`] and
+/// [`RateLimited`] are made of, in a plain struct rather than a `Result` of two different
+/// payloads, which the optimiser keeps in memory and copies at each step out. The checks
+/// pass a `Step` along in registers and make the public figures only where a caller reads
+/// them, so that a caller that does not (the tower layers) pays for neither their
+/// divisions nor their moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Step {
+    pub(crate) now: u64,
+    pub(crate) interval: u64,
+    /// The burst tolerance: `burst × interval`.
+    pub(crate) tau: u64,
+    /// The arrival time the decision was made on.
+    pub(crate) tat: u64,
+    /// The arrival time after the take (meaningful when admitted).
+    pub(crate) next: u64,
+    pub(crate) tokens: u32,
+    pub(crate) admitted: bool,
 }
 
-/// [`gcra_step`] on a shared arrival time: one compare-exchange, retried only when
-/// another caller moved it meanwhile.
+impl Step {
+    /// The GCRA for a bucket whose theoretical arrival time is `tat`, at `now`: `tokens`
+    /// fit if they are due within `max_wait` (zero: now) under the burst tolerance `tau`.
+    #[inline]
+    pub(crate) fn new(
+        tat: u64,
+        now: u64,
+        interval: u64,
+        tau: u64,
+        tokens: u32,
+        max_wait: u64,
+    ) -> Self {
+        // Saturating: a request above the burst (refused below) may cost more than a word
+        // holds; one within it costs at most `tau`.
+        let next = tat
+            .max(now)
+            .saturating_add(u64::from(tokens).saturating_mul(interval));
+        let mut step = Self {
+            now,
+            interval,
+            tau,
+            tat,
+            next,
+            tokens,
+            admitted: false,
+        };
+        // Within the burst (`tokens <= tau / interval`, without the division) and due
+        // soon enough.
+        step.admitted =
+            u128::from(tokens) * u128::from(interval) <= u128::from(tau) && step.wait() <= max_wait;
+        step
+    }
+
+    /// What an admitted caller learns: tokens left, time until full, capacity, window.
+    #[inline]
+    pub(crate) fn admitted(self) -> Admitted {
+        Admitted {
+            remaining: self.remaining(),
+            full_in: Duration::from_nanos(self.next - self.now),
+            limit: (self.tau / self.interval) as u32,
+            window: Duration::from_nanos(self.tau),
+        }
+    }
+
+    /// Tokens left after the take.
+    #[inline]
+    pub(crate) fn remaining(self) -> u32 {
+        (self.now.saturating_add(self.tau).saturating_sub(self.next) / self.interval) as u32
+    }
+
+    /// How long until the tokens taken are due (zero: now).
+    #[inline]
+    pub(crate) fn wait(self) -> u64 {
+        self.next.saturating_sub(self.now.saturating_add(self.tau))
+    }
+
+    /// The receipt of the tokens taken.
+    #[inline]
+    pub(crate) fn taken(self) -> Taken {
+        Taken {
+            tokens: self.tokens,
+            until: self.next,
+        }
+    }
+
+    /// The refusal: the tokens cost more than the bucket holds, or when they will be
+    /// there. Out of line: refusals are the rare path.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn refusal(self) -> RateLimited {
+        let burst = self.tau / self.interval;
+        if u64::from(self.tokens) > burst {
+            return RateLimited::exceeds_burst(
+                self.tokens,
+                burst as u32,
+                Duration::from_nanos(self.tau),
+            );
+        }
+        RateLimited::after(
+            Duration::from_nanos(self.wait()),
+            burst as u32,
+            Duration::from_nanos(self.tau),
+            Duration::from_nanos(self.tat.max(self.now) - self.now),
+        )
+    }
+}
+
+/// [`Step::new`] on a shared arrival time: one compare-exchange when admitted, retried
+/// only when another caller moved it meanwhile.
 #[inline]
 pub(crate) fn gcra_update(
     cell: &AtomicU64,
@@ -373,18 +458,21 @@ pub(crate) fn gcra_update(
     tau: u64,
     tokens: u32,
     max_wait: u64,
-) -> Result<(Admitted, u64), RateLimited> {
+) -> Step {
     let mut tat = cell.load(Relaxed);
     loop {
-        let (next, admitted, wait) = gcra_step(tat, now, interval, tau, tokens, max_wait)?;
-        match cell.compare_exchange_weak(tat, next, Relaxed, Relaxed) {
-            Ok(_) => return Ok((admitted, wait)),
+        let step = Step::new(tat, now, interval, tau, tokens, max_wait);
+        if !step.admitted {
+            return step;
+        }
+        match cell.compare_exchange_weak(tat, step.next, Relaxed, Relaxed) {
+            Ok(_) => return step,
             Err(actual) => tat = actual,
         }
     }
 }
 
-/// Takes `tokens` now from a shared bucket (see [`gcra_step`]).
+/// Takes `tokens` now from a shared bucket (see [`Step::new`]).
 #[inline]
 pub(crate) fn gcra_acquire(
     cell: &AtomicU64,
@@ -392,8 +480,8 @@ pub(crate) fn gcra_acquire(
     interval: u64,
     tau: u64,
     tokens: u32,
-) -> Result<Admitted, RateLimited> {
-    gcra_update(cell, now, interval, tau, tokens, 0).map(|(admitted, _)| admitted)
+) -> Step {
+    gcra_update(cell, now, interval, tau, tokens, 0)
 }
 
 /// Moves an arrival time from one refill interval to another, keeping the debt (`tat -
@@ -403,4 +491,87 @@ pub(crate) fn rescale_tat(tat: u64, now: u64, old_interval: u64, new_interval: u
     let debt = u128::from(tat.saturating_sub(now)) * u128::from(new_interval)
         / u128::from(old_interval.max(1));
     now.saturating_add(debt.min(u128::from(u64::MAX)) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The GCRA step as it was written before `Step` (the public figures made at once,
+    /// with the burst found by division): what `Step` must keep answering.
+    fn reference(
+        tat: u64,
+        now: u64,
+        interval: u64,
+        tau: u64,
+        tokens: u32,
+        max_wait: u64,
+    ) -> Result<(u64, Admitted, u64), RateLimited> {
+        let burst = tau / interval;
+        if u64::from(tokens) > burst {
+            return Err(RateLimited::exceeds_burst(
+                tokens,
+                burst as u32,
+                Duration::from_nanos(tau),
+            ));
+        }
+        let limit = now.saturating_add(tau);
+        let next = tat.max(now).saturating_add(u64::from(tokens) * interval);
+        let wait = next.saturating_sub(limit);
+        if wait > max_wait {
+            return Err(RateLimited::after(
+                Duration::from_nanos(wait),
+                burst as u32,
+                Duration::from_nanos(tau),
+                Duration::from_nanos(tat.max(now) - now),
+            ));
+        }
+        let admitted = Admitted {
+            remaining: (limit.saturating_sub(next) / interval) as u32,
+            full_in: Duration::from_nanos(next - now),
+            limit: burst as u32,
+            window: Duration::from_nanos(tau),
+        };
+        Ok((next, admitted, wait))
+    }
+
+    proptest! {
+        /// Every decision, figure and refusal is the reference's, for any bucket state,
+        /// quota and request (the debt kept within what a bucket can owe: a day).
+        #[test]
+        fn step_decides_as_the_reference(
+            interval in 1u64..=1_000_000_000_000,
+            burst in 1u32..=100_000,
+            // Around the burst, where a refusal for cost begins, or anywhere (up to costs
+            // whose nanoseconds overflow a word).
+            tokens_off in prop_oneof![-2i64..=2, -200_000i64..=200_000, 0i64..=i64::from(u32::MAX)],
+            now in 0u64..=1 << 62,
+            debt in 0u64..=86_400_000_000_000,
+            behind in any::<bool>(),
+            max_wait in prop_oneof![Just(0u64), 0u64..=86_400_000_000_000],
+        ) {
+            let tokens = (i64::from(burst) + tokens_off).clamp(0, i64::from(u32::MAX)) as u32;
+            let tau = u64::from(burst).saturating_mul(interval);
+            // An arrival time ahead of `now` (a debt) or behind it (a full bucket).
+            let tat = if behind { now.saturating_sub(debt) } else { now + debt };
+            let step = Step::new(tat, now, interval, tau, tokens, max_wait);
+            match reference(tat, now, interval, tau, tokens, max_wait) {
+                Ok((next, admitted, wait)) => {
+                    prop_assert!(step.admitted);
+                    prop_assert_eq!(step.next, next);
+                    prop_assert_eq!(step.admitted(), admitted);
+                    prop_assert_eq!(step.remaining(), admitted.remaining);
+                    prop_assert_eq!(step.wait(), wait);
+                    let until = now + admitted.full_in.as_nanos() as u64;
+                    prop_assert_eq!(step.taken(), Taken { tokens, until });
+                }
+                Err(refused) => {
+                    prop_assert!(!step.admitted);
+                    prop_assert_eq!(step.refusal(), refused);
+                }
+            }
+        }
+    }
 }

@@ -165,7 +165,7 @@ where
         match self.mode {
             Mode::Reject => {
                 let tokens = self.cost.cost(&request);
-                let decision = self.booking.limiter.charge(tokens).into();
+                let decision = self.booking.limiter.decide(tokens);
                 crate::rate_limit::limit::answer(&mut self.inner, decision, request, "local")
             }
             Mode::Wait { .. } => match std::mem::replace(&mut self.booking.state, State::Idle) {
