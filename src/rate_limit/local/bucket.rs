@@ -104,7 +104,9 @@ pub struct Reservation {
 /// a receipt is handed back once.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Taken {
-    pub(crate) tokens: u32,
+    /// A whole word, not a `u32` and padding: a receipt is moved whole into the layers'
+    /// futures, and a move that reads padding the take never wrote stalls on it.
+    pub(crate) tokens: u64,
     /// The bucket's arrival time just after the take, in the clock's nanoseconds: the
     /// tokens taken are the debt just below it, and what time has refilled since is not
     /// handed back.
@@ -114,7 +116,7 @@ pub struct Taken {
 impl Taken {
     /// The tokens taken.
     pub fn tokens(&self) -> u32 {
-        self.tokens
+        self.tokens as u32
     }
 }
 
@@ -123,7 +125,8 @@ impl Taken {
 /// debt they made, `until - tokens × interval ..= until`, that is still ahead of `now`).
 #[inline]
 pub(crate) fn refund_nanos(taken: Taken, now: u64, interval: u64) -> u64 {
-    u64::from(taken.tokens)
+    taken
+        .tokens
         .saturating_mul(interval)
         .min(taken.until.saturating_sub(now))
 }
@@ -421,7 +424,7 @@ impl Step {
     #[inline]
     pub(crate) fn taken(self) -> Taken {
         Taken {
-            tokens: self.tokens,
+            tokens: u64::from(self.tokens),
             until: self.next,
         }
     }
@@ -565,7 +568,7 @@ mod tests {
                     prop_assert_eq!(step.remaining(), admitted.remaining);
                     prop_assert_eq!(step.wait(), wait);
                     let until = now + admitted.full_in.as_nanos() as u64;
-                    prop_assert_eq!(step.taken(), Taken { tokens, until });
+                    prop_assert_eq!(step.taken(), Taken { tokens: tokens.into(), until });
                 }
                 Err(refused) => {
                     prop_assert!(!step.admitted);
