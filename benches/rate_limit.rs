@@ -24,7 +24,13 @@
 //!   number modulo 1 024).
 //! * `rate_limit/http` (with the `http` feature, on with `gateway`): the same loop through
 //!   `HttpRateLimitLayer` over a bare `http` service, global (headers built on every
-//!   admitted response, and hidden) and per key over 1 024 keys.
+//!   admitted response, and hidden) and per key over 1 024 keys. With the `axum` feature,
+//!   the same against tower_governor 0.8 (`GovernorLayer`, the peer a tower user picks for
+//!   HTTP 429s), over a bare service answering axum's `Body` (the only bodies its refusals
+//!   can be made of without tonic): global (`GlobalKeyExtractor`, its default of no
+//!   fields on admitted responses, and with `use_headers`, its `x-ratelimit-*` fields on
+//!   each) and per key over the same 1 024 keys (a `KeyExtractor` on the same counter;
+//!   seawall with its headers and hidden).
 //! * `rate_limit/default_clock`: every limiter on its default clock, as a downstream crate
 //!   uses it, all timed inside one `block_on` of a current-thread runtime (as the layer
 //!   entries): seawall's direct check (`RateLimiter::new`) against governor's
@@ -552,6 +558,142 @@ fn http_layers(group: &mut BenchmarkGroup<'_, WallTime>) {
     );
 }
 
+/// `rate_limit/http`'s peers: tower_governor against `HttpRateLimitLayer`, both over a
+/// service answering axum's `Body` (see the module docs).
+#[cfg(feature = "axum")]
+fn http_peers(group: &mut BenchmarkGroup<'_, WallTime>) {
+    use std::sync::atomic::AtomicU64;
+
+    use axum::body::Body;
+    use seawall::rate_limit::http::HttpRateLimitLayer;
+    use tower_governor::governor::GovernorConfigBuilder;
+    use tower_governor::key_extractor::{GlobalKeyExtractor, KeyExtractor};
+    use tower_governor::{GovernorError, GovernorLayer};
+
+    type Req = http::Request<()>;
+    type Res = http::Response<Body>;
+    fn bare() -> impl Service<Req, Response = Res, Error = io::Error> + Clone {
+        service_fn(|_: Req| async { Ok::<_, io::Error>(http::Response::new(Body::empty())) })
+    }
+    fn run<S>(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, name: &str, mut svc: S)
+    where
+        S: Service<Req, Response = Res>,
+        S::Error: Debug,
+    {
+        let call = |svc: &mut S| {
+            let request = http::Request::new(());
+            rt.block_on(async { svc.ready().await.unwrap().call(request).await })
+        };
+        assert_eq!(call(&mut svc).expect("answered").status(), 200, "{name}");
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let elapsed = rt.block_on(async {
+                    let start = stopwatch::now();
+                    for _ in 0..iters {
+                        let request = http::Request::new(());
+                        let result = svc.ready().await.unwrap().call(request).await;
+                        let _ = black_box(result);
+                    }
+                    start.elapsed()
+                });
+                let status = call(&mut svc).expect("answered").status();
+                assert_eq!(status, http::StatusCode::OK, "{name} refused");
+                elapsed
+            });
+        });
+    }
+
+    /// Keys cycled by the extractors themselves, one counter for both libraries.
+    static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
+    fn next_key() -> u64 {
+        NEXT_KEY.fetch_add(1, Relaxed) % 1024
+    }
+    #[derive(Clone)]
+    struct Counter;
+    impl KeyExtractor for Counter {
+        type Key = u64;
+        fn extract<T>(&self, _: &http::Request<T>) -> Result<u64, GovernorError> {
+            Ok(next_key())
+        }
+    }
+    let period = Duration::from_nanos(1_000_000_000 / u64::from(RATE));
+
+    let rt = runtime();
+    run(group, &rt, "bare http service_fn, axum Body", bare());
+    let layer = HttpRateLimitLayer::global(RateLimiter::new(seawall_quota()));
+    run(
+        group,
+        &rt,
+        "seawall HttpRateLimitLayer global, axum Body",
+        layer.layer(bare()),
+    );
+    let layer = HttpRateLimitLayer::global(RateLimiter::new(seawall_quota())).hide_headers(true);
+    run(
+        group,
+        &rt,
+        "seawall HttpRateLimitLayer global hidden headers, axum Body",
+        layer.layer(bare()),
+    );
+    let config = GovernorConfigBuilder::default()
+        .key_extractor(GlobalKeyExtractor)
+        .period(period)
+        .burst_size(BURST)
+        .finish()
+        .expect("valid tower_governor config");
+    run(
+        group,
+        &rt,
+        "tower_governor global",
+        GovernorLayer::new(config).layer(bare()),
+    );
+    let config = GovernorConfigBuilder::default()
+        .key_extractor(GlobalKeyExtractor)
+        .period(period)
+        .burst_size(BURST)
+        .use_headers()
+        .finish()
+        .expect("valid tower_governor config");
+    run(
+        group,
+        &rt,
+        "tower_governor global use_headers",
+        GovernorLayer::new(config).layer(bare()),
+    );
+    let layer =
+        HttpRateLimitLayer::per_key(KeyedRateLimiter::<u64>::new(seawall_quota()), |_: &Req| {
+            Some(next_key())
+        });
+    run(
+        group,
+        &rt,
+        "seawall HttpRateLimitLayer per_key 1024 keys, axum Body",
+        layer.layer(bare()),
+    );
+    let layer =
+        HttpRateLimitLayer::per_key(KeyedRateLimiter::<u64>::new(seawall_quota()), |_: &Req| {
+            Some(next_key())
+        })
+        .hide_headers(true);
+    run(
+        group,
+        &rt,
+        "seawall HttpRateLimitLayer per_key 1024 keys hidden headers, axum Body",
+        layer.layer(bare()),
+    );
+    let config = GovernorConfigBuilder::default()
+        .key_extractor(Counter)
+        .period(period)
+        .burst_size(BURST)
+        .finish()
+        .expect("valid tower_governor config");
+    run(
+        group,
+        &rt,
+        "tower_governor per key 1024 keys",
+        GovernorLayer::new(config).layer(bare()),
+    );
+}
+
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -774,6 +916,8 @@ fn main() {
     {
         let mut group = c.benchmark_group("rate_limit/http");
         http_layers(&mut group);
+        #[cfg(feature = "axum")]
+        http_peers(&mut group);
         group.finish();
     }
 
