@@ -23,8 +23,8 @@
 //!   `rate_limit/layer` also times `KeyedRateLimitLayer` over 1 024 keys (the request's
 //!   number modulo 1 024).
 //! * `rate_limit/http` (with the `http` feature, on with `gateway`): the same loop through
-//!   `HttpRateLimitLayer` over a bare `http` service, global (headers built on every
-//!   admitted response, and hidden) and per key over 1 024 keys. With the `axum` feature,
+//!   `HttpRateLimitLayer` over a bare `http` service, global and per key over 1 024 keys,
+//!   each with headers built on every admitted response and hidden. With the `axum` feature,
 //!   the same against tower_governor 0.8 (`GovernorLayer`, the peer a tower user picks for
 //!   HTTP 429s), over a bare service answering axum's `Body` (the only bodies its refusals
 //!   can be made of without tonic): global (`GlobalKeyExtractor`, its default of no
@@ -482,165 +482,135 @@ fn layers(v: &mut impl Visitor) {
     v.visit(&rt, "tower-resilience token bucket", &mut svc);
 }
 
-/// `rate_limit/http` (feature `http`): the 429-answering layer, global and per key, over
-/// a bare `http` service, with the default headers (built on every admitted response);
-/// the same timed loop as `rate_limit/layer`.
+/// Times an HTTP service as `rate_limit/layer` times the others (a fresh `Request<()>`
+/// each call), asking after each batch (untimed) that it still answers `200`.
 #[cfg(feature = "http")]
-fn http_layers(group: &mut BenchmarkGroup<'_, WallTime>) {
+fn run_http<S, B>(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, name: &str, mut svc: S)
+where
+    S: Service<http::Request<()>, Response = http::Response<B>>,
+    S::Error: Debug,
+{
+    let answers = |svc: &mut S| {
+        let request = http::Request::new(());
+        let response = rt.block_on(async { svc.ready().await.unwrap().call(request).await });
+        assert_eq!(
+            response.expect("answered").status(),
+            http::StatusCode::OK,
+            "{name} refused"
+        );
+    };
+    answers(&mut svc);
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let elapsed = rt.block_on(async {
+                let start = stopwatch::now();
+                for _ in 0..iters {
+                    let request = http::Request::new(());
+                    let result = svc.ready().await.unwrap().call(request).await;
+                    let _ = black_box(result);
+                }
+                start.elapsed()
+            });
+            answers(&mut svc);
+            elapsed
+        });
+    });
+}
+
+/// Keys cycled by the HTTP groups' extractors themselves (a request carries none), one
+/// counter for every library, as `keyed_1024`.
+#[cfg(feature = "http")]
+fn next_http_key() -> u64 {
+    static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT_KEY.fetch_add(1, Relaxed) % 1024
+}
+
+/// seawall's HTTP cases over `bare` (named with `suffix`): the bare service, the layer
+/// global and per key over 1 024 keys, each with the default headers (built on every
+/// admitted response) and hidden.
+#[cfg(feature = "http")]
+fn seawall_http<S, B>(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, suffix: &str, bare: S)
+where
+    S: Service<http::Request<()>, Response = http::Response<B>> + Clone,
+    S::Error: Debug,
+    B: seawall::problem::ProblemBody,
+{
     use seawall::rate_limit::http::HttpRateLimitLayer;
 
-    type Req = http::Request<()>;
-    fn http_bare() -> impl Service<Req, Response = http::Response<String>, Error = io::Error> + Clone
-    {
-        service_fn(|_: Req| async { Ok::<_, io::Error>(http::Response::new(String::new())) })
+    run_http(
+        group,
+        rt,
+        &format!("bare http service_fn{suffix}"),
+        bare.clone(),
+    );
+    for hidden in [false, true] {
+        let hidden_label = if hidden { " hidden headers" } else { "" };
+        let layer =
+            HttpRateLimitLayer::global(RateLimiter::new(seawall_quota())).hide_headers(hidden);
+        run_http(
+            group,
+            rt,
+            &format!("seawall HttpRateLimitLayer global{hidden_label}{suffix}"),
+            layer.layer(bare.clone()),
+        );
+        let keyed = KeyedRateLimiter::<u64>::new(seawall_quota());
+        let layer =
+            HttpRateLimitLayer::per_key(keyed, |_: &http::Request<()>| Some(next_http_key()))
+                .hide_headers(hidden);
+        run_http(
+            group,
+            rt,
+            &format!("seawall HttpRateLimitLayer per_key 1024 keys{hidden_label}{suffix}"),
+            layer.layer(bare.clone()),
+        );
     }
-    async fn drive_http<S>(svc: &mut S, iters: u64) -> Duration
-    where
-        S: Service<Req, Response = http::Response<String>>,
-        S::Error: Debug,
-    {
-        let start = stopwatch::now();
-        for _ in 0..iters {
-            let request = http::Request::new(());
-            let result = svc.ready().await.unwrap().call(request).await;
-            let _ = black_box(result);
-        }
-        start.elapsed()
-    }
-    fn run<S>(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, name: &str, mut svc: S)
-    where
-        S: Service<Req, Response = http::Response<String>>,
-        S::Error: Debug,
-    {
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let elapsed = rt.block_on(drive_http(&mut svc, iters));
-                let status = rt
-                    .block_on(async {
-                        let request = http::Request::new(());
-                        svc.ready().await.unwrap().call(request).await
-                    })
-                    .expect("answered")
-                    .status();
-                assert_eq!(status, http::StatusCode::OK, "{name} refused");
-                elapsed
-            });
-        });
-    }
+}
 
-    let rt = runtime();
-    run(group, &rt, "bare http service_fn", http_bare());
-    let layer = HttpRateLimitLayer::global(RateLimiter::new(seawall_quota()));
-    run(
-        group,
-        &rt,
-        "seawall HttpRateLimitLayer global",
-        layer.layer(http_bare()),
-    );
-    let layer = HttpRateLimitLayer::global(RateLimiter::new(seawall_quota())).hide_headers(true);
-    run(
-        group,
-        &rt,
-        "seawall HttpRateLimitLayer global hidden headers",
-        layer.layer(http_bare()),
-    );
-    // Keys cycled by the extractor itself (a request carries none), as `keyed_1024`.
-    static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let layer =
-        HttpRateLimitLayer::per_key(KeyedRateLimiter::<u64>::new(seawall_quota()), |_: &Req| {
-            Some(NEXT_KEY.fetch_add(1, Relaxed) % 1024)
-        });
-    run(
-        group,
-        &rt,
-        "seawall HttpRateLimitLayer per_key 1024 keys",
-        layer.layer(http_bare()),
-    );
+/// `rate_limit/http` (feature `http`): the 429-answering layer over a bare `http` service
+/// answering `String`s (see [`seawall_http`]); the same timed loop as `rate_limit/layer`.
+#[cfg(feature = "http")]
+fn http_layers(group: &mut BenchmarkGroup<'_, WallTime>) {
+    let bare = service_fn(|_: http::Request<()>| async {
+        Ok::<_, io::Error>(http::Response::new(String::new()))
+    });
+    seawall_http(group, &runtime(), "", bare);
 }
 
 /// `rate_limit/http`'s peers: tower_governor against `HttpRateLimitLayer`, both over a
 /// service answering axum's `Body` (see the module docs).
 #[cfg(feature = "axum")]
 fn http_peers(group: &mut BenchmarkGroup<'_, WallTime>) {
-    use std::sync::atomic::AtomicU64;
-
     use axum::body::Body;
-    use seawall::rate_limit::http::HttpRateLimitLayer;
     use tower_governor::governor::GovernorConfigBuilder;
     use tower_governor::key_extractor::{GlobalKeyExtractor, KeyExtractor};
     use tower_governor::{GovernorError, GovernorLayer};
 
-    type Req = http::Request<()>;
-    type Res = http::Response<Body>;
-    fn bare() -> impl Service<Req, Response = Res, Error = io::Error> + Clone {
-        service_fn(|_: Req| async { Ok::<_, io::Error>(http::Response::new(Body::empty())) })
-    }
-    fn run<S>(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, name: &str, mut svc: S)
-    where
-        S: Service<Req, Response = Res>,
-        S::Error: Debug,
+    fn bare()
+    -> impl Service<http::Request<()>, Response = http::Response<Body>, Error = io::Error> + Clone
     {
-        let call = |svc: &mut S| {
-            let request = http::Request::new(());
-            rt.block_on(async { svc.ready().await.unwrap().call(request).await })
-        };
-        assert_eq!(call(&mut svc).expect("answered").status(), 200, "{name}");
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let elapsed = rt.block_on(async {
-                    let start = stopwatch::now();
-                    for _ in 0..iters {
-                        let request = http::Request::new(());
-                        let result = svc.ready().await.unwrap().call(request).await;
-                        let _ = black_box(result);
-                    }
-                    start.elapsed()
-                });
-                let status = call(&mut svc).expect("answered").status();
-                assert_eq!(status, http::StatusCode::OK, "{name} refused");
-                elapsed
-            });
-        });
-    }
-
-    /// Keys cycled by the extractors themselves, one counter for both libraries.
-    static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
-    fn next_key() -> u64 {
-        NEXT_KEY.fetch_add(1, Relaxed) % 1024
+        service_fn(|_: http::Request<()>| async {
+            Ok::<_, io::Error>(http::Response::new(Body::empty()))
+        })
     }
     #[derive(Clone)]
     struct Counter;
     impl KeyExtractor for Counter {
         type Key = u64;
         fn extract<T>(&self, _: &http::Request<T>) -> Result<u64, GovernorError> {
-            Ok(next_key())
+            Ok(next_http_key())
         }
     }
     let period = Duration::from_nanos(1_000_000_000 / u64::from(RATE));
 
     let rt = runtime();
-    run(group, &rt, "bare http service_fn, axum Body", bare());
-    let layer = HttpRateLimitLayer::global(RateLimiter::new(seawall_quota()));
-    run(
-        group,
-        &rt,
-        "seawall HttpRateLimitLayer global, axum Body",
-        layer.layer(bare()),
-    );
-    let layer = HttpRateLimitLayer::global(RateLimiter::new(seawall_quota())).hide_headers(true);
-    run(
-        group,
-        &rt,
-        "seawall HttpRateLimitLayer global hidden headers, axum Body",
-        layer.layer(bare()),
-    );
+    seawall_http(group, &rt, ", axum Body", bare());
     let config = GovernorConfigBuilder::default()
         .key_extractor(GlobalKeyExtractor)
         .period(period)
         .burst_size(BURST)
         .finish()
         .expect("valid tower_governor config");
-    run(
+    run_http(
         group,
         &rt,
         "tower_governor global",
@@ -653,32 +623,11 @@ fn http_peers(group: &mut BenchmarkGroup<'_, WallTime>) {
         .use_headers()
         .finish()
         .expect("valid tower_governor config");
-    run(
+    run_http(
         group,
         &rt,
         "tower_governor global use_headers",
         GovernorLayer::new(config).layer(bare()),
-    );
-    let layer =
-        HttpRateLimitLayer::per_key(KeyedRateLimiter::<u64>::new(seawall_quota()), |_: &Req| {
-            Some(next_key())
-        });
-    run(
-        group,
-        &rt,
-        "seawall HttpRateLimitLayer per_key 1024 keys, axum Body",
-        layer.layer(bare()),
-    );
-    let layer =
-        HttpRateLimitLayer::per_key(KeyedRateLimiter::<u64>::new(seawall_quota()), |_: &Req| {
-            Some(next_key())
-        })
-        .hide_headers(true);
-    run(
-        group,
-        &rt,
-        "seawall HttpRateLimitLayer per_key 1024 keys hidden headers, axum Body",
-        layer.layer(bare()),
     );
     let config = GovernorConfigBuilder::default()
         .key_extractor(Counter)
@@ -686,7 +635,7 @@ fn http_peers(group: &mut BenchmarkGroup<'_, WallTime>) {
         .burst_size(BURST)
         .finish()
         .expect("valid tower_governor config");
-    run(
+    run_http(
         group,
         &rt,
         "tower_governor per key 1024 keys",
