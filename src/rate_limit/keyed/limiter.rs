@@ -289,14 +289,9 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
     {
         let now = self.inner.clock.now_nanos();
         let (step, own) = self.book_at(key, tokens, 0, now);
-        self.inner.telemetry.report(step, |step| {
-            let mut taken = step.taken();
-            // Tokens from the overflow bucket are not handed back to any key's bucket.
-            if !own {
-                taken.tokens = 0;
-            }
-            (step.admitted(), taken)
-        })
+        self.inner
+            .telemetry
+            .report(step, |step| (step.admitted(), receipt(step, own)))
     }
 
     /// [`take`](Self::take), the receipt with the key and a handle on this limiter (one
@@ -328,15 +323,10 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let now = self.inner.clock.now_nanos();
         let (step, own) = self.book_at(&key, tokens, 0, now);
         self.inner.telemetry.decide(step, |step| {
-            let mut taken = step.taken();
-            // Tokens from the overflow bucket are not handed back to any key's bucket.
-            if !own {
-                taken.tokens = 0;
-            }
             Some(KeyedCharge {
                 limiter: self.clone(),
                 key,
-                taken,
+                taken: receipt(step, own),
             })
         })
     }
@@ -510,6 +500,17 @@ impl<K: Hash + Eq + Clone, C: Clock> crate::rate_limit::Refund for KeyedCharge<K
 
 fn per_shard(max_keys: usize) -> usize {
     max_keys.div_ceil(SHARDS).max(1)
+}
+
+/// The receipt of an admitted step, `own` if it drew from the key's own bucket: tokens
+/// from the overflow bucket are not handed back to any key's bucket.
+#[inline]
+fn receipt(step: Step, own: bool) -> Taken {
+    let mut taken = step.taken();
+    if !own {
+        taken.tokens = 0;
+    }
+    taken
 }
 
 /// Moves `entry` to a new quota, keeping its debt in tokens.

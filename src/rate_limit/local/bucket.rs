@@ -264,13 +264,7 @@ impl<C: Clock> RateLimiter<C> {
     #[inline]
     pub fn charge(&self, tokens: u32) -> Result<(Admitted, Charge<C>), RateLimited> {
         self.inner.telemetry.report(self.step(tokens), |step| {
-            (
-                step.admitted(),
-                Charge {
-                    limiter: self.clone(),
-                    taken: step.taken(),
-                },
-            )
+            (step.admitted(), self.receipt(step))
         })
     }
 
@@ -279,10 +273,16 @@ impl<C: Clock> RateLimiter<C> {
     pub(crate) fn decide(&self, tokens: u32) -> crate::rate_limit::Decision<Charge<C>> {
         self.inner
             .telemetry
-            .decide(self.step(tokens), |step| Charge {
-                limiter: self.clone(),
-                taken: step.taken(),
-            })
+            .decide(self.step(tokens), |step| self.receipt(step))
+    }
+
+    /// The receipt of an admitted step, with a handle on this limiter.
+    #[inline]
+    fn receipt(&self, step: Step) -> Charge<C> {
+        Charge {
+            limiter: self.clone(),
+            taken: step.taken(),
+        }
     }
 
     /// Hands back tokens taken by [`take`](Self::take) for a request that a limit further
