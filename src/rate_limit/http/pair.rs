@@ -251,10 +251,13 @@ where
                 return ResponseFuture::refused(headers.outer_added(answer, outer));
             }
         };
+        if outer_charge.is_none() && inner_charge.is_none() {
+            // Neither limit applies to this request: nothing to add or hand back.
+            return ResponseFuture::unlimited(self.service.call(request));
+        }
         let added = headers.admitted(outer.as_ref(), inner.as_ref());
-        // Something to hand back if a limit further in refuses: only what was taken.
-        let charges = (outer_charge.is_some() || inner_charge.is_some())
-            .then_some((outer_charge, inner_charge));
+        // Handed back if a limit further in refuses: only what was taken.
+        let charges = (outer_charge, inner_charge);
         ResponseFuture::called(self.service.call(request), added, charges)
     }
 }
