@@ -459,3 +459,51 @@ async fn refusals_by_the_inner_layer_never_consume_the_outer() {
         assert_eq!(response.status(), StatusCode::OK, "{peer}");
     }
 }
+
+/// Stacked HTTP layers, the outer one per key: a request the inner layer refuses hands
+/// the outer key's token back (the per-key receipt the outer layer's future holds).
+#[tokio::test]
+async fn refusals_by_the_inner_layer_never_consume_an_outer_key() {
+    let clock = ManualClock::new();
+    let quota = |burst| Quota::new(Rate::per_second(1), burst).unwrap();
+    let per_ip = KeyedRateLimiter::with_clock(quota(3), clock.clone());
+    let per_user = KeyedRateLimiter::with_clock(quota(1), clock);
+    let user = |req: &Request<()>| {
+        req.headers()
+            .get("x-user")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let mut svc = ServiceBuilder::new()
+        .layer(HttpRateLimitLayer::per_key(per_ip, ClientIp::peer()).name("per-ip"))
+        .layer(HttpRateLimitLayer::per_key(per_user, user).name("per-user"))
+        .service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(String::from("hello")))
+        });
+    let mut send = async |name: &str| {
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert("192.0.2.1:1000".parse::<SocketAddr>().unwrap());
+        req.headers_mut().insert("x-user", name.parse().unwrap());
+        svc.ready().await.unwrap().call(req).await.unwrap()
+    };
+    assert_eq!(send("a").await.status(), StatusCode::OK);
+    for _ in 0..10 {
+        let refused = send("a").await;
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            all(refused.headers(), "ratelimit-policy")[0].starts_with("\"per-user\""),
+            "refused by the inner layer"
+        );
+    }
+    // The address took 1 of its 3 tokens: two more users are admitted.
+    assert_eq!(send("b").await.status(), StatusCode::OK);
+    assert_eq!(send("c").await.status(), StatusCode::OK);
+    let spent = send("d").await;
+    assert_eq!(spent.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        all(spent.headers(), "ratelimit-policy")
+            .iter()
+            .any(|p| p.starts_with("\"per-ip\""))
+    );
+}
