@@ -139,6 +139,7 @@ pub mod gateway;
 pub mod grpc;
 #[cfg(feature = "http")]
 mod header_arena;
+mod lease;
 pub mod observability;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

@@ -85,8 +85,10 @@
 //!   less what the bucket has refilled since, never above the burst. For the instant
 //!   between the take and the inner refusal the tokens are out of the bucket, so a
 //!   concurrent request may see one token fewer. A refund is one atomic update (a shard
-//!   lock for keyed limiters), done only on refusal; an admitted request pays one
-//!   reference count for the receipt ([`Charge`], [`KeyedCharge`]).
+//!   lock for keyed limiters), done only on refusal. An admitted request's receipt
+//!   from a [`RateLimiter`] ([`Charge`]) takes no reference count on it (it reaches the
+//!   limiter through a block the limiter holds for its life, only when it refunds); one
+//!   from a [`KeyedRateLimiter`] ([`KeyedCharge`]) takes one.
 //! * Not refunded: [`Mode::Wait`] tokens (waited for, then used), the waiting keyed
 //!   layer ([`KeyedRateLimitLayer::wait`]), and the Redis limits as *outer* layers (a
 //!   refund there would be another round trip to Redis; see [`redis`]). Put the Redis

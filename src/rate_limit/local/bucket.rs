@@ -19,6 +19,8 @@ struct Shape {
 }
 
 pub(crate) struct Inner<C> {
+    /// The way back to this bucket its receipts ([`Charge`]) hold.
+    lease: crate::lease::Claim,
     /// Held while the quota changes, so that changes do not interleave.
     quota_change: parking_lot::Mutex<()>,
     /// Theoretical arrival time: when the bucket will next be full, in the clock's
@@ -131,25 +133,54 @@ pub(crate) fn refund_nanos(taken: Taken, now: u64, interval: u64) -> u64 {
         .min(taken.until.saturating_sub(now))
 }
 
-/// Tokens an admitted request took from a [`RateLimiter`], and the limiter: handed back
-/// with [`Refund::refund`](crate::rate_limit::Refund::refund) when a limit further in refuses the
-/// request.
+/// Tokens an admitted request took from a [`RateLimiter`], and the way back to the
+/// limiter: handed back with [`Refund::refund`](crate::rate_limit::Refund::refund) when a
+/// limit further in refuses the request. Plain words: making and dropping one takes no
+/// reference count on the limiter (a refund reaches it, if it is still alive, through a
+/// block the limiter holds for its life).
 pub struct Charge<C = TokioClock> {
-    limiter: RateLimiter<C>,
-    taken: Taken,
+    block: &'static crate::lease::Block,
+    /// The tokens taken (at most `u32::MAX`) in the low half, the lease's generation in
+    /// the high half: one word written whole (see [`Taken`]).
+    tokens_generation: u64,
+    until: u64,
+    _clock: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<C> Charge<C> {
+    fn new(lease: crate::lease::Lease, taken: Taken) -> Self {
+        Self {
+            block: lease.block(),
+            tokens_generation: taken.tokens | u64::from(lease.generation()) << 32,
+            until: taken.until,
+            _clock: std::marker::PhantomData,
+        }
+    }
+
+    fn taken(&self) -> Taken {
+        Taken {
+            tokens: self.tokens_generation & u64::from(u32::MAX),
+            until: self.until,
+        }
+    }
 }
 
 impl<C: Clock> fmt::Debug for Charge<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Charge")
-            .field("taken", &self.taken)
+            .field("taken", &self.taken())
             .finish_non_exhaustive()
     }
 }
 
 impl<C: Clock> crate::rate_limit::Refund for Charge<C> {
     fn refund(self) {
-        self.limiter.refund(self.taken);
+        let generation = (self.tokens_generation >> 32) as u32;
+        let lease = crate::lease::Lease::from_parts(self.block, generation);
+        // Nothing to hand back to a limiter that is gone.
+        if let Some(inner) = lease.get::<Inner<C>>() {
+            RateLimiter { inner }.refund(self.taken());
+        }
     }
 }
 
@@ -166,7 +197,8 @@ impl<C: Clock> RateLimiter<C> {
     /// `RateLimiter::builder(quota).clock(clock).build()`.
     pub fn with_clock(quota: Quota, clock: C) -> Self {
         Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|this| Inner {
+                lease: crate::lease::POOL.claim(this.clone()),
                 quota_change: parking_lot::Mutex::new(()),
                 tat: AtomicU64::new(0),
                 shape: Shape {
@@ -259,8 +291,8 @@ impl<C: Clock> RateLimiter<C> {
         gcra_acquire(&self.inner.tat, now, interval, tau, tokens)
     }
 
-    /// [`take`](Self::take), the receipt with a handle on this limiter (one reference
-    /// count) for [`Refund`](crate::rate_limit::Refund).
+    /// [`take`](Self::take), the receipt with the way back to this limiter (no reference
+    /// count: see [`Charge`]) for [`Refund`](crate::rate_limit::Refund).
     #[inline]
     pub fn charge(&self, tokens: u32) -> Result<(Admitted, Charge<C>), RateLimited> {
         self.inner.telemetry.report(self.step(tokens), |step| {
@@ -276,13 +308,10 @@ impl<C: Clock> RateLimiter<C> {
             .decide(self.step(tokens), |step| self.receipt(step))
     }
 
-    /// The receipt of an admitted step, with a handle on this limiter.
+    /// The receipt of an admitted step, with the way back to this limiter.
     #[inline]
     fn receipt(&self, step: Step) -> Charge<C> {
-        Charge {
-            limiter: self.clone(),
-            taken: step.taken(),
-        }
+        Charge::new(self.inner.lease.lease(), step.taken())
     }
 
     /// Hands back tokens taken by [`take`](Self::take) for a request that a limit further
@@ -501,6 +530,49 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    fn charged(
+        clock: &crate::rate_limit::ManualClock,
+    ) -> (
+        RateLimiter<crate::rate_limit::ManualClock>,
+        Charge<crate::rate_limit::ManualClock>,
+    ) {
+        let quota = Quota::new(crate::rate_limit::Rate::per_second(1), 2).unwrap();
+        let limiter = RateLimiter::with_clock(quota, clock.clone());
+        let (_, charge) = limiter.charge(2).unwrap();
+        assert_eq!(limiter.available(), 0);
+        (limiter, charge)
+    }
+
+    #[test]
+    fn a_charge_hands_its_tokens_back_without_a_handle_on_the_limiter() {
+        use crate::rate_limit::Refund;
+        let clock = crate::rate_limit::ManualClock::new();
+        let (limiter, charge) = charged(&clock);
+        // Plain words: no reference count on the limiter.
+        assert_eq!(Arc::strong_count(&limiter.inner), 1);
+        assert_eq!(
+            format!("{charge:?}"),
+            "Charge { taken: Taken { tokens: 2, until: 2000000000 }, .. }"
+        );
+        charge.refund();
+        assert_eq!(limiter.available(), 2);
+    }
+
+    #[test]
+    fn a_charge_outliving_its_limiter_reaches_no_other() {
+        use crate::rate_limit::Refund;
+        let clock = crate::rate_limit::ManualClock::new();
+        let (first, charge) = charged(&clock);
+        drop(first);
+        // The next limiter made most likely takes over the first one's block (the pool is
+        // the process's: a test running beside this one may take it first); either way the
+        // first one's receipt must not hand tokens to it.
+        let (second, _kept) = charged(&clock);
+        let reused = std::ptr::eq(charge.block, second.inner.lease.lease().block());
+        charge.refund();
+        assert_eq!(second.available(), 0, "block reused: {reused}");
+    }
 
     /// The GCRA step as it was written before `Step` (the public figures made at once,
     /// with the burst found by division): what `Step` must keep answering.
