@@ -83,7 +83,7 @@ impl RateLimiter<TokioClock> {
     }
 }
 
-impl<K: Hash + Eq + Clone> KeyedRateLimiter<K, TokioClock> {
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedRateLimiter<K, TokioClock> {
     /// A [`KeyedRateLimiterBuilder`] for buckets of `quota` per key, unnamed, on the tokio
     /// clock, tracking up to [`DEFAULT_MAX_KEYS`] keys.
     pub fn builder(quota: Quota) -> KeyedRateLimiterBuilder<K> {
@@ -136,7 +136,7 @@ impl<C: Clock> RateLimiterBuilder<C> {
     }
 }
 
-impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiterBuilder<K, C> {
+impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiterBuilder<K, C> {
     /// Names the limiter for metrics and tracing (see the [module docs](super#observing)).
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into());

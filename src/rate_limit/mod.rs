@@ -86,9 +86,8 @@
 //!   between the take and the inner refusal the tokens are out of the bucket, so a
 //!   concurrent request may see one token fewer. A refund is one atomic update (a shard
 //!   lock for keyed limiters), done only on refusal. An admitted request's receipt
-//!   from a [`RateLimiter`] ([`Charge`]) takes no reference count on it (it reaches the
-//!   limiter through a block the limiter holds for its life, only when it refunds); one
-//!   from a [`KeyedRateLimiter`] ([`KeyedCharge`]) takes one.
+//!   ([`Charge`], [`KeyedCharge`]) takes no reference count on its limiter: it reaches
+//!   the limiter through a block the limiter holds for its life, only when it refunds.
 //! * Not refunded: [`Mode::Wait`] tokens (waited for, then used), the waiting keyed
 //!   layer ([`KeyedRateLimitLayer::wait`]), and the Redis limits as *outer* layers (a
 //!   refund there would be another round trip to Redis; see [`redis`]). Put the Redis

@@ -111,13 +111,13 @@ impl<Request, C: Clock> Reserve<Request> for RateLimiter<C> {
 
 /// Tokens of one key of a [`KeyedRateLimiter`] booked ahead; handed back when dropped
 /// unused.
-pub struct KeyedBooking<Key: Hash + Eq + Clone, C: Clock> {
+pub struct KeyedBooking<Key: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> {
     limiter: KeyedRateLimiter<Key, C>,
     key: Key,
     reservation: Option<Reservation>,
 }
 
-impl<Key: Hash + Eq + Clone, C: Clock> fmt::Debug for KeyedBooking<Key, C> {
+impl<Key: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> fmt::Debug for KeyedBooking<Key, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedBooking")
             .field("reservation", &self.reservation)
@@ -125,13 +125,13 @@ impl<Key: Hash + Eq + Clone, C: Clock> fmt::Debug for KeyedBooking<Key, C> {
     }
 }
 
-impl<Key: Hash + Eq + Clone, C: Clock> Booking for KeyedBooking<Key, C> {
+impl<Key: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> Booking for KeyedBooking<Key, C> {
     fn used(mut self) {
         self.reservation = None;
     }
 }
 
-impl<Key: Hash + Eq + Clone, C: Clock> Drop for KeyedBooking<Key, C> {
+impl<Key: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> Drop for KeyedBooking<Key, C> {
     fn drop(&mut self) {
         if let Some(reservation) = self.reservation.take() {
             self.limiter.cancel(&self.key, reservation);
@@ -145,7 +145,7 @@ impl<Key: Hash + Eq + Clone, C: Clock> Drop for KeyedBooking<Key, C> {
 impl<Request, E, Key, C> Reserve<Request> for PerKey<E, Key, C>
 where
     E: KeyExtractor<Request, Key = Key>,
-    Key: Hash + Eq + Clone,
+    Key: Hash + Eq + Clone + Send + Sync + 'static,
     C: Clock,
 {
     type Booking = KeyedBooking<Key, C>;

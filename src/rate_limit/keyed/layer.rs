@@ -63,7 +63,7 @@ impl<F, Key, K, C> fmt::Debug for KeyedRateLimitLayer<F, Key, K, C> {
     }
 }
 
-impl<F, Key: Hash + Eq + Clone> KeyedRateLimitLayer<F, Key> {
+impl<F, Key: Hash + Eq + Clone + Send + Sync + 'static> KeyedRateLimitLayer<F, Key> {
     /// Buckets of `quota` per key taken by `key_fn`, on the tokio clock.
     pub fn new<Request>(quota: crate::rate_limit::Quota, key_fn: F) -> Self
     where

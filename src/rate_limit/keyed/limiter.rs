@@ -83,6 +83,8 @@ pub struct KeyedRateLimiter<K, C = TokioClock> {
 }
 
 struct KeyedInner<K, C> {
+    /// The way back to this limiter its receipts ([`KeyedCharge`]) hold.
+    lease: crate::lease::Claim,
     shards: Box<[Mutex<Shard<K>>]>,
     /// The bucket shared by new keys while the table is full (default quota).
     overflow: AtomicU64,
@@ -113,7 +115,7 @@ impl<K, C> fmt::Debug for KeyedRateLimiter<K, C> {
     }
 }
 
-impl<K: Hash + Eq + Clone> KeyedRateLimiter<K, TokioClock> {
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedRateLimiter<K, TokioClock> {
     /// Buckets of `quota` per key, on the tokio clock, tracking up to
     /// [`DEFAULT_MAX_KEYS`] keys.
     pub fn new(quota: Quota) -> Self {
@@ -121,11 +123,12 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K, TokioClock> {
     }
 }
 
-impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
+impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K, C> {
     /// Buckets of `quota` per key, on `clock`.
     pub fn with_clock(quota: Quota, clock: C) -> Self {
         Self {
-            inner: Arc::new(KeyedInner {
+            inner: Arc::new_cyclic(|this| KeyedInner {
+                lease: crate::lease::POOL.claim(this.clone()),
                 shards: (0..SHARDS)
                     .map(|_| {
                         Mutex::new(Shard {
@@ -305,11 +308,7 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let (admitted, taken) = self.take(&key, tokens)?;
         Ok((
             admitted,
-            KeyedCharge {
-                limiter: self.clone(),
-                key,
-                taken,
-            },
+            KeyedCharge::new(self.inner.lease.lease(), key, taken),
         ))
     }
 
@@ -323,11 +322,11 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
         let now = self.inner.clock.now_nanos();
         let (step, own) = self.book_at(&key, tokens, 0, now);
         self.inner.telemetry.decide(step, |step| {
-            Some(KeyedCharge {
-                limiter: self.clone(),
+            Some(KeyedCharge::new(
+                self.inner.lease.lease(),
                 key,
-                taken: receipt(step, own),
-            })
+                receipt(step, own),
+            ))
         })
     }
 
@@ -476,25 +475,57 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedRateLimiter<K, C> {
 }
 
 /// Tokens an admitted request took from a key's bucket in a [`KeyedRateLimiter`], with
-/// the key and the limiter: handed back with [`Refund::refund`](crate::rate_limit::Refund::refund)
-/// when a limit further in refuses the request.
+/// the key and the way back to the limiter: handed back with
+/// [`Refund::refund`](crate::rate_limit::Refund::refund) when a limit further in refuses the
+/// request. Making and dropping one takes no reference count on the limiter (see
+/// [`Charge`](crate::rate_limit::Charge)).
 pub struct KeyedCharge<K, C = TokioClock> {
-    limiter: KeyedRateLimiter<K, C>,
+    block: &'static crate::lease::Block,
     key: K,
-    taken: Taken,
+    /// The tokens taken in the low half, the lease's generation in the high half.
+    tokens_generation: u64,
+    until: u64,
+    _clock: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<K, C> KeyedCharge<K, C> {
+    fn new(lease: crate::lease::Lease, key: K, taken: Taken) -> Self {
+        Self {
+            block: lease.block(),
+            key,
+            tokens_generation: taken.tokens | u64::from(lease.generation()) << 32,
+            until: taken.until,
+            _clock: std::marker::PhantomData,
+        }
+    }
+
+    fn taken(&self) -> Taken {
+        Taken {
+            tokens: self.tokens_generation & u64::from(u32::MAX),
+            until: self.until,
+        }
+    }
 }
 
 impl<K, C> fmt::Debug for KeyedCharge<K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedCharge")
-            .field("taken", &self.taken)
+            .field("taken", &self.taken())
             .finish_non_exhaustive()
     }
 }
 
-impl<K: Hash + Eq + Clone, C: Clock> crate::rate_limit::Refund for KeyedCharge<K, C> {
+impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> crate::rate_limit::Refund
+    for KeyedCharge<K, C>
+{
     fn refund(self) {
-        self.limiter.refund(&self.key, self.taken);
+        let generation = (self.tokens_generation >> 32) as u32;
+        let lease = crate::lease::Lease::from_parts(self.block, generation);
+        // Nothing to hand back to a limiter that is gone.
+        if let Some(inner) = lease.get::<KeyedInner<K, C>>() {
+            let taken = self.taken();
+            KeyedRateLimiter { inner }.refund(&self.key, taken);
+        }
     }
 }
 
@@ -553,6 +584,46 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::rate_limit::Rate;
+
+    fn keyed_charged(
+        clock: &ManualClock,
+    ) -> (
+        KeyedRateLimiter<String, ManualClock>,
+        KeyedCharge<String, ManualClock>,
+    ) {
+        let quota = Quota::new(Rate::per_second(1), 2).unwrap();
+        let limiter = KeyedRateLimiter::with_clock(quota, clock.clone());
+        let (_, charge) = limiter.charge("k".to_owned(), 2).unwrap();
+        assert!(limiter.try_acquire("k", 1).is_err());
+        (limiter, charge)
+    }
+
+    #[test]
+    fn a_keyed_charge_hands_its_tokens_back_without_a_handle_on_the_limiter() {
+        use crate::rate_limit::Refund;
+        let clock = ManualClock::new();
+        let (limiter, charge) = keyed_charged(&clock);
+        // Plain words and the key: no reference count on the limiter.
+        assert_eq!(Arc::strong_count(&limiter.inner), 1);
+        charge.refund();
+        assert!(limiter.try_acquire("k", 2).is_ok(), "both tokens back");
+    }
+
+    #[test]
+    fn a_keyed_charge_outliving_its_limiter_reaches_no_other() {
+        use crate::rate_limit::Refund;
+        let clock = ManualClock::new();
+        let (first, charge) = keyed_charged(&clock);
+        drop(first);
+        // Most likely the first one's block, taken over (see the local limiter's test).
+        let (second, _kept) = keyed_charged(&clock);
+        let reused = std::ptr::eq(charge.block, second.inner.lease.lease().block());
+        charge.refund();
+        assert!(
+            second.try_acquire("k", 1).is_err(),
+            "block reused: {reused}"
+        );
+    }
 
     /// A key's bucket built under older quotas, dropped to make room for another key
     /// while the check looks the key's new quota up (outside the shard's lock), so that

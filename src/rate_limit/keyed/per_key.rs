@@ -112,7 +112,7 @@ impl<E, Key, C> fmt::Debug for PerKey<E, Key, C> {
 impl<Request, E, Key, C> Limit<Request> for PerKey<E, Key, C>
 where
     E: KeyExtractor<Request, Key = Key>,
-    Key: Hash + Eq + Clone,
+    Key: Hash + Eq + Clone + Send + Sync + 'static,
     C: Clock,
 {
     /// `None` for a request drawn from the shared bucket (nothing to refund).
