@@ -14,7 +14,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::clock::{Clock, TokioClock};
 use crate::rate_limit::error::RateLimited;
 use crate::rate_limit::local::bucket::{
-    Admitted, Reservation, Step, Taken, gcra_acquire, refund_nanos, rescale_tat,
+    Admitted, Receipt, Reservation, Step, Taken, gcra_acquire, refund_nanos, rescale_tat,
 };
 use crate::rate_limit::quota::Quota;
 
@@ -480,29 +480,18 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
 /// request. Making and dropping one takes no reference count on the limiter (see
 /// [`Charge`](crate::rate_limit::Charge)).
 pub struct KeyedCharge<K, C = TokioClock> {
-    block: &'static crate::lease::Block,
+    receipt: Receipt,
     key: K,
-    /// The tokens taken in the low half, the lease's generation in the high half.
-    tokens_generation: u64,
-    until: u64,
     _clock: std::marker::PhantomData<fn() -> C>,
 }
 
 impl<K, C> KeyedCharge<K, C> {
+    #[inline(always)]
     fn new(lease: crate::lease::Lease, key: K, taken: Taken) -> Self {
         Self {
-            block: lease.block(),
+            receipt: Receipt::new(lease, taken),
             key,
-            tokens_generation: taken.tokens | u64::from(lease.generation()) << 32,
-            until: taken.until,
             _clock: std::marker::PhantomData,
-        }
-    }
-
-    fn taken(&self) -> Taken {
-        Taken {
-            tokens: self.tokens_generation & u64::from(u32::MAX),
-            until: self.until,
         }
     }
 }
@@ -510,7 +499,7 @@ impl<K, C> KeyedCharge<K, C> {
 impl<K, C> fmt::Debug for KeyedCharge<K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedCharge")
-            .field("taken", &self.taken())
+            .field("taken", &self.receipt.taken())
             .finish_non_exhaustive()
     }
 }
@@ -519,12 +508,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> crate::rate_limit::
     for KeyedCharge<K, C>
 {
     fn refund(self) {
-        let generation = (self.tokens_generation >> 32) as u32;
-        let lease = crate::lease::Lease::from_parts(self.block, generation);
         // Nothing to hand back to a limiter that is gone.
-        if let Some(inner) = lease.get::<KeyedInner<K, C>>() {
-            let taken = self.taken();
-            KeyedRateLimiter { inner }.refund(&self.key, taken);
+        if let Some(inner) = self.receipt.limiter::<KeyedInner<K, C>>() {
+            KeyedRateLimiter { inner }.refund(&self.key, self.receipt.taken());
         }
     }
 }
@@ -617,7 +603,7 @@ mod tests {
         drop(first);
         // Most likely the first one's block, taken over (see the local limiter's test).
         let (second, _kept) = keyed_charged(&clock);
-        let reused = std::ptr::eq(charge.block, second.inner.lease.lease().block());
+        let reused = std::ptr::eq(charge.receipt.block(), second.inner.lease.lease().block());
         charge.refund();
         assert!(
             second.try_acquire("k", 1).is_err(),

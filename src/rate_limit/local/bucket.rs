@@ -139,47 +139,62 @@ pub(crate) fn refund_nanos(taken: Taken, now: u64, interval: u64) -> u64 {
 /// reference count on the limiter (a refund reaches it, if it is still alive, through a
 /// block the limiter holds for its life).
 pub struct Charge<C = TokioClock> {
+    receipt: Receipt,
+    _clock: std::marker::PhantomData<fn() -> C>,
+}
+
+/// A receipt's tokens and its lease on the limiter, in three words: what [`Charge`] and
+/// [`KeyedCharge`](crate::rate_limit::KeyedCharge) hold.
+pub(crate) struct Receipt {
     block: &'static crate::lease::Block,
     /// The tokens taken (at most `u32::MAX`) in the low half, the lease's generation in
     /// the high half: one word written whole (see [`Taken`]).
     tokens_generation: u64,
     until: u64,
-    _clock: std::marker::PhantomData<fn() -> C>,
 }
 
-impl<C> Charge<C> {
-    fn new(lease: crate::lease::Lease, taken: Taken) -> Self {
+impl Receipt {
+    #[inline(always)]
+    pub(crate) fn new(lease: crate::lease::Lease, taken: Taken) -> Self {
         Self {
             block: lease.block(),
             tokens_generation: taken.tokens | u64::from(lease.generation()) << 32,
             until: taken.until,
-            _clock: std::marker::PhantomData,
         }
     }
 
-    fn taken(&self) -> Taken {
+    pub(crate) fn taken(&self) -> Taken {
         Taken {
             tokens: self.tokens_generation & u64::from(u32::MAX),
             until: self.until,
         }
+    }
+
+    /// The limiter, if it is still alive (see [`crate::lease`]).
+    pub(crate) fn limiter<T: std::any::Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let generation = (self.tokens_generation >> 32) as u32;
+        crate::lease::Lease::from_parts(self.block, generation).get::<T>()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn block(&self) -> &'static crate::lease::Block {
+        self.block
     }
 }
 
 impl<C: Clock> fmt::Debug for Charge<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Charge")
-            .field("taken", &self.taken())
+            .field("taken", &self.receipt.taken())
             .finish_non_exhaustive()
     }
 }
 
 impl<C: Clock> crate::rate_limit::Refund for Charge<C> {
     fn refund(self) {
-        let generation = (self.tokens_generation >> 32) as u32;
-        let lease = crate::lease::Lease::from_parts(self.block, generation);
         // Nothing to hand back to a limiter that is gone.
-        if let Some(inner) = lease.get::<Inner<C>>() {
-            RateLimiter { inner }.refund(self.taken());
+        if let Some(inner) = self.receipt.limiter::<Inner<C>>() {
+            RateLimiter { inner }.refund(self.receipt.taken());
         }
     }
 }
@@ -311,7 +326,10 @@ impl<C: Clock> RateLimiter<C> {
     /// The receipt of an admitted step, with the way back to this limiter.
     #[inline]
     fn receipt(&self, step: Step) -> Charge<C> {
-        Charge::new(self.inner.lease.lease(), step.taken())
+        Charge {
+            receipt: Receipt::new(self.inner.lease.lease(), step.taken()),
+            _clock: std::marker::PhantomData,
+        }
     }
 
     /// Hands back tokens taken by [`take`](Self::take) for a request that a limit further
@@ -569,7 +587,7 @@ mod tests {
         // the process's: a test running beside this one may take it first); either way the
         // first one's receipt must not hand tokens to it.
         let (second, _kept) = charged(&clock);
-        let reused = std::ptr::eq(charge.block, second.inner.lease.lease().block());
+        let reused = std::ptr::eq(charge.receipt.block(), second.inner.lease.lease().block());
         charge.refund();
         assert_eq!(second.available(), 0, "block reused: {reused}");
     }
