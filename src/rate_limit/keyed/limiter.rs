@@ -64,6 +64,10 @@ struct Shard<K> {
 /// Each key's quota comes from a function of the key (for example a customer's tier) or
 /// the default, and both can be changed at run time.
 ///
+/// Keys are owned values (`Send + Sync + 'static`: `String`, `IpAddr`, `u64`, …), so that
+/// an admitted request's receipt ([`KeyedCharge`]) can reach the limiter again without
+/// holding a reference count on it.
+///
 /// ```
 /// use std::time::Duration;
 /// use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate};
