@@ -187,6 +187,51 @@ mod tests {
         assert!(rebuilt.get::<u64>().is_none());
     }
 
+    proptest::proptest! {
+        /// Any sequence of objects made and dropped, and leases of them kept: a lease
+        /// reaches its own object exactly while that object lives, never another one made
+        /// on its recycled block, and the blocks made number the most objects alive at once.
+        #[test]
+        fn a_lease_reaches_its_object_and_no_other(
+            ops in proptest::collection::vec((0u8..3, 0usize..8), 1..200)
+        ) {
+            let pool = own_pool();
+            // Alive objects: their value, Arc and claim. Every lease ever made, with the
+            // value of its object.
+            let mut alive: Vec<(u64, Arc<u64>, Claim)> = Vec::new();
+            let mut leases: Vec<(Lease, u64)> = Vec::new();
+            let (mut next, mut most, mut blocks) = (0u64, 0usize, std::collections::HashSet::new());
+            for (op, n) in ops {
+                match op {
+                    0 => {
+                        let object = Arc::new(next);
+                        let claim = pool.claim(Arc::downgrade(&object));
+                        blocks.insert(claim.lease().block() as *const Block as usize);
+                        leases.push((claim.lease(), next));
+                        alive.push((next, object, claim));
+                        next += 1;
+                        most = most.max(alive.len());
+                    }
+                    1 if !alive.is_empty() => {
+                        let (_, object, claim) = alive.remove(n % alive.len());
+                        // In the order an object's own drop takes: the last strong
+                        // reference, then its fields (the claim).
+                        drop(object);
+                        drop(claim);
+                    }
+                    _ if !leases.is_empty() => {
+                        let (lease, value) = leases[n % leases.len()];
+                        let lives = alive.iter().any(|(v, ..)| *v == value);
+                        let got = lease.get::<u64>().map(|o| *o);
+                        proptest::prop_assert_eq!(got, lives.then_some(value));
+                    }
+                    _ => {}
+                }
+            }
+            proptest::prop_assert!(blocks.len() <= most.max(1));
+        }
+    }
+
     #[test]
     fn blocks_number_the_most_objects_alive_at_once() {
         let pool = own_pool();
