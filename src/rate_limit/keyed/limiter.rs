@@ -317,7 +317,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     }
 
     /// [`charge`](Self::charge) as the layers' [`Decision`](crate::rate_limit::Decision).
-    #[inline]
+    /// Inlined whole (the lookup's slow paths stay out of line): returned from a call,
+    /// the decision would come back through memory and stall the layer that reads it.
+    #[inline(always)]
     pub(crate) fn decide(
         &self,
         key: K,
@@ -380,7 +382,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     /// at `now`; also says whether they came from the key's own bucket (not the overflow
     /// bucket). The path of a key whose bucket exists under the current quotas, inline;
     /// the others out of line.
-    #[inline]
+    #[inline(always)]
     fn book_at<Q>(&self, key: &Q, tokens: u32, max_wait: u64, now: u64) -> (Step, bool)
     where
         K: Borrow<Q>,
@@ -544,7 +546,7 @@ fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
 
 /// The GCRA step of [`RateLimiter`](crate::rate_limit::RateLimiter), on a bucket held under its
 /// shard's lock.
-#[inline]
+#[inline(always)]
 fn take(entry: &mut Entry, now: u64, tokens: u32, max_wait: u64) -> Step {
     let tau = u64::from(entry.burst).saturating_mul(entry.interval);
     let step = Step::new(entry.tat, now, entry.interval, tau, tokens, max_wait);

@@ -119,7 +119,7 @@ where
     type Charge = Option<KeyedCharge<Key, C>>;
     type Check = Decision<Self::Charge>;
 
-    #[inline]
+    #[inline(always)]
     fn check(&self, request: &Request, tokens: u32) -> Decision<Self::Charge> {
         match key_of(&self.extractor, request, self.on_missing_key, "keyed") {
             KeyOf::Key(key) => self.limiter.decide(key, tokens),
