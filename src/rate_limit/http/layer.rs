@@ -867,17 +867,19 @@ where
                 headers,
                 charge,
             } => {
-                let mut response = ready!(future.poll(cx))?;
-                // Refused further in: this layer's token was not used.
-                if let Some(charge) = charge.take() {
-                    if response.extensions().get::<Refused>().is_some() {
-                        charge.refund();
+                let mut poll = future.poll(cx);
+                if let Poll::Ready(Ok(response)) = &mut poll {
+                    // Refused further in: this layer's token was not used.
+                    if let Some(charge) = charge.take() {
+                        if response.extensions().get::<Refused>().is_some() {
+                            charge.refund();
+                        }
+                    }
+                    if let Some(h) = headers.take() {
+                        h.apply(response.headers_mut());
                     }
                 }
-                if let Some(h) = headers.take() {
-                    h.apply(response.headers_mut());
-                }
-                Poll::Ready(Ok(response))
+                poll
             }
             KindProj::Refused { response } => Poll::Ready(Ok(response
                 .take()
