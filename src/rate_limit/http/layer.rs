@@ -982,6 +982,63 @@ mod tests {
         assert!(std::mem::size_of::<ResponseFuture<Small, String, Keyed>>() <= 136);
     }
 
+    #[tokio::test]
+    async fn an_inner_error_passes_through_untouched_and_keeps_its_token() {
+        use tower::ServiceExt;
+        // The response is edited inside the inner future's `Poll` and that `Poll`
+        // returned: an error must come out as it went in, with its token spent (only a
+        // refusal further in hands it back), and a response must still get its fields.
+        let limiter = RateLimiter::with_clock(
+            Quota::new(Rate::per_second(1), 2).unwrap(),
+            ManualClock::new(),
+        );
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let inner = {
+            let fail = fail.clone();
+            tower::service_fn(move |_: Request<()>| {
+                let fail = fail.load(std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if fail {
+                        Err(std::io::Error::other("upstream down"))
+                    } else {
+                        Ok(Response::new(String::new()))
+                    }
+                }
+            })
+        };
+        let mut svc = HttpRateLimitLayer::global(limiter.clone()).layer(inner);
+        let error = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .expect_err("the inner error");
+        assert_eq!(error.to_string(), "upstream down");
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        let response = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()["ratelimit"],
+            "\"default\";r=0;t=2",
+            "the failed call's token stays spent"
+        );
+        let refused = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+
     #[test]
     fn state_values_are_written_whole() {
         let state = |name, r, t| state_value(name, r, t).to_str().unwrap().to_owned();
