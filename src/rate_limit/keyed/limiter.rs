@@ -301,8 +301,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             .report(step, |step| (step.admitted(), receipt(step, own)))
     }
 
-    /// [`take`](Self::take), the receipt with the key and a handle on this limiter (one
-    /// reference count) for [`Refund`](crate::rate_limit::Refund).
+    /// [`take`](Self::take), the receipt with the key and the way back to this limiter (no
+    /// reference count: see [`KeyedCharge`]) for [`Refund`](crate::rate_limit::Refund).
     #[inline]
     pub fn charge(
         &self,
