@@ -1007,35 +1007,20 @@ mod tests {
             })
         };
         let mut svc = HttpRateLimitLayer::global(limiter.clone()).layer(inner);
-        let error = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(Request::new(()))
-            .await
-            .expect_err("the inner error");
-        assert_eq!(error.to_string(), "upstream down");
+        let error = (&mut svc).oneshot(Request::new(())).await;
+        assert_eq!(
+            error.expect_err("the inner error").to_string(),
+            "upstream down"
+        );
         fail.store(false, std::sync::atomic::Ordering::SeqCst);
-        let response = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(Request::new(()))
-            .await
-            .unwrap();
+        let response = (&mut svc).oneshot(Request::new(())).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(
             response.headers()["ratelimit"],
             "\"default\";r=0;t=2",
             "the failed call's token stays spent"
         );
-        let refused = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(Request::new(()))
-            .await
-            .unwrap();
+        let refused = (&mut svc).oneshot(Request::new(())).await.unwrap();
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     }
 
