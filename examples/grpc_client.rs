@@ -243,6 +243,9 @@ async fn main() -> Result<(), BoxError> {
             Err(status) if status.code() == Code::Unavailable => unavailable += 1,
             Err(status) => return Err(format!("unexpected {status:?}").into()),
         }
+        // Paced below the client's rate limit (50/s): p2c may take more calls than the
+        // burst of 20 before the failing server has had its 4, and none may be refused.
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let failing_calls = servers[2].calls.load(SeqCst);
     println!(
