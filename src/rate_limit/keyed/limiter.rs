@@ -61,10 +61,10 @@ struct Shard<K> {
 /// clients' buckets nor go unlimited: beyond the table's capacity, all the fresh keys
 /// together get one key's quota. Real new clients arriving during such a flood share
 /// that bucket too, and may be refused with it; size `max_keys` for the clients you
-/// expect (a tracked key takes about 35 bytes plus the key itself, the table's spare room
-/// included: 43 bytes with a `u64` key, 64 with an `IpAddr`, and about 127 with a
-/// [`BoundedKey`](crate::rate_limit::BoundedKey), so that the default 100 000 keys take at
-/// most about 13 MB).
+/// expect (a tracked key takes a row, the key padded to 8 bytes and a 24-byte bucket, and
+/// about a third more for the table's spare room: 43 bytes with a `u64` key, 64 with an
+/// `IpAddr`, about 127 with a [`BoundedKey`](crate::rate_limit::BoundedKey), whose
+/// 100 000 keys, the default maximum, take about 13 MB).
 /// With the `tracing` feature, a key sent to the overflow bucket is a `DEBUG` event.
 ///
 /// Each key's quota comes from a function of the key (for example a customer's tier) or
