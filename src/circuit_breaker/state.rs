@@ -311,6 +311,28 @@ impl Shared {
         if state_of(w) == State::Closed {
             return Decision::new(Decision::CLOSED, gen_of(w), 0);
         }
+        self.admit_open(w)
+    }
+
+    /// The rejections an open breaker answers call after call (open before its deadline,
+    /// forced open): one load, at most one clock read, and a counter, in a function small
+    /// enough to save few registers. Everything else goes on to
+    /// [`admit_slow`](Self::admit_slow).
+    #[cold]
+    #[inline(never)]
+    fn admit_open(self: &Arc<Self>, w: u64) -> Decision {
+        let state = state_of(w);
+        if state == State::Open {
+            // Published with this state word, which `admit` read with `Acquire`.
+            let until = self.open_until.load(Relaxed);
+            if self.now() < until {
+                self.count_rejection(State::Open, until);
+                return Decision::new(Decision::REJECTED, State::Open.code(), until);
+            }
+        } else if state == State::ForcedOpen {
+            self.count_rejection(State::ForcedOpen, NO_RETRY);
+            return Decision::new(Decision::REJECTED, State::ForcedOpen.code(), NO_RETRY);
+        }
         self.admit_slow()
     }
 
