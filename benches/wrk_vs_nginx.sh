@@ -13,6 +13,10 @@
 #   - the gateway, routing only (one route from a TOML file: prefix, strip, balancing);
 #   - the gateway, full stack: global and per-client limits (set far above what a run
 #     sends), an endpoint breaker, outlier detection, a timeout and a fallback;
+#   - with CONFIGS naming it, the gateway, plain: routing only without the two fields it
+#     makes for every request by default, a request id and a `traceparent`
+#     (`request_id_header = ""`, `trace_context = false`), closer to what plain nginx
+#     does (it still adds `X-Forwarded-For`, `-Host` and `-Proto`);
 #
 # each served by `examples/gateway_bench_server.rs` (built here with the `release-lto`
 # profile, as a production binary would be) on W threads (`Gateway::spawn_threads`, or a
@@ -90,7 +94,7 @@
 #                         HTTP/1, 1 worker), merged with llvm-profdata (rustup's
 #                         `llvm-tools`, added when missing) and built again with
 #                         `-Cprofile-use` (in target/pgo/use)
-#   CONFIGS ("routing full")  which gateway configurations to run
+#   CONFIGS ("routing full")  which gateway configurations to run (routing, full, plain)
 #   MODES ("http")        http, https, handshake, h2 (see above); STREAMS (10) for h2
 #   PROFILE=callgrind     instead of the runs: each gateway binary and configuration
 #                         under valgrind's callgrind (cleartext HTTP/1, 1 worker), counters
@@ -383,11 +387,17 @@ start_nginx "$WORK/upstream" 1 "    server {
 UP_PID=$NGINX_PID
 wait_port "$UP_PORT" || die "the upstream did not start: $(cat "$WORK/upstream/"*.log)"
 
-gateway_toml() { # $1: routing|full, $2: port, $3: mode
+gateway_toml() { # $1: routing|full|plain, $2: port, $3: mode
     cat <<EOF
 [gateway]
 listen = "127.0.0.1:$2"
 EOF
+    if [ "$1" = plain ]; then
+        cat <<'EOF'
+request_id_header = ""
+trace_context = false
+EOF
+    fi
     if [ "$3" != http ]; then
         cat <<EOF
 
