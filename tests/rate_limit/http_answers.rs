@@ -226,7 +226,7 @@ mod retry_after {
     use seawall::BoxError;
     use seawall::rate_limit::http::{HoldingOff, RetryAfterLayer};
     use tokio::time::{Instant, advance};
-    use tower::{Service, ServiceBuilder, ServiceExt};
+    use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
     /// What the test upstream is asked to answer: a status and a `Retry-After` value.
     type Ask = (u16, Option<String>);
@@ -386,6 +386,58 @@ mod retry_after {
         assert!(err.is::<HoldingOff>());
         assert_eq!(start.elapsed(), Duration::ZERO, "refused at once");
         assert_eq!(calls.load(SeqCst), 3);
+    }
+
+    /// An inner service pending for a while: `poll_ready` must look at the hold again
+    /// when it is asked again, not go by what it saw before the inner service was ready.
+    #[tokio::test(start_paused = true)]
+    async fn wait_mode_waits_out_a_hold_set_while_the_inner_service_was_pending() {
+        use std::sync::atomic::AtomicBool;
+        use std::task::{Context, Poll};
+
+        /// Ready while `open`; answers 200.
+        #[derive(Clone)]
+        struct Gate(Arc<AtomicBool>);
+        impl Service<Request<Ask>> for Gate {
+            type Response = Response<()>;
+            type Error = BoxError;
+            type Future = std::future::Ready<Result<Response<()>, BoxError>>;
+            fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+                if self.0.load(SeqCst) {
+                    Poll::Ready(Ok(()))
+                } else {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+            }
+            fn call(&mut self, _: Request<Ask>) -> Self::Future {
+                std::future::ready(Ok(Response::new(())))
+            }
+        }
+
+        let layer = RetryAfterLayer::new().wait_up_to(Duration::from_secs(5));
+        let open = Arc::new(AtomicBool::new(false));
+        let mut gated = layer.layer(Gate(open.clone()));
+        let waker = std::task::Waker::noop();
+        assert!(
+            gated
+                .poll_ready(&mut Context::from_waker(waker))
+                .is_pending()
+        );
+        // Meanwhile another service of the layer hears `Retry-After: 1`.
+        let (mut other, _) = upstream(layer.clone());
+        other
+            .ready()
+            .await
+            .unwrap()
+            .call(req(429, Some("1")))
+            .await
+            .unwrap();
+        open.store(true, SeqCst);
+        let start = Instant::now();
+        let r = gated.ready().await.unwrap().call(req(200, None)).await;
+        assert_eq!(r.expect("the hold waited out").status(), StatusCode::OK);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
     }
 }
 

@@ -247,7 +247,13 @@ where
                 }
             }
         }
-        self.inner.poll_ready(cx).map_err(Into::into)
+        let ready = self.inner.poll_ready(cx).map_err(Into::into);
+        if ready.is_pending() {
+            // A hold may be set while the inner service is not ready: look again at the
+            // next `poll_ready`, rather than let `call` refuse one it should wait out.
+            self.waited = false;
+        }
+        ready
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
