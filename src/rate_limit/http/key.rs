@@ -238,7 +238,10 @@ impl<B> KeyExtractor<Request<B>> for HeaderKey {
 }
 
 /// The request path, or its first `segments` segments (`/api/users/42` → `/api/users`
-/// with 2), so that each route or API area has its own bucket.
+/// with 2), so that each route or API area has its own bucket. As a [`BoundedKey`], as
+/// [`HeaderKey`]'s values are: a path up to 64 bytes as it is, a longer one as a keyed
+/// digest, so that clients sending long paths cannot grow a keyed limiter's memory beyond
+/// its number of keys (each key is 65 bytes, with no allocation).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PathKey {
     segments: Option<usize>,
@@ -257,20 +260,18 @@ impl PathKey {
 }
 
 impl<B> KeyExtractor<Request<B>> for PathKey {
-    type Key = String;
+    type Key = BoundedKey;
 
-    fn extract(&self, request: &Request<B>) -> Option<String> {
+    fn extract(&self, request: &Request<B>) -> Option<BoundedKey> {
         let path = request.uri().path();
-        Some(match self.segments {
-            None => path.to_owned(),
-            Some(n) => {
-                let end = path
-                    .match_indices('/')
-                    .nth(n)
-                    .map_or(path.len(), |(i, _)| i);
-                path[..end].to_owned()
-            }
-        })
+        let end = match self.segments {
+            None => path.len(),
+            Some(n) => path
+                .match_indices('/')
+                .nth(n)
+                .map_or(path.len(), |(i, _)| i),
+        };
+        Some(BoundedKey::new(path[..end].as_bytes()))
     }
 }
 
@@ -401,16 +402,37 @@ mod tests {
         );
         assert_eq!(
             PathKey::full().extract(&r),
-            Some("/api/users/42".to_owned())
+            Some(BoundedKey::from("/api/users/42"))
         );
         assert_eq!(
             PathKey::prefix(2).extract(&r),
-            Some("/api/users".to_owned())
+            Some(BoundedKey::from("/api/users"))
         );
         assert_eq!(
             PathKey::prefix(9).extract(&r),
-            Some("/api/users/42".to_owned())
+            Some(BoundedKey::from("/api/users/42"))
         );
-        assert_eq!(PathKey::prefix(0).extract(&r), Some(String::new()));
+        assert_eq!(PathKey::prefix(0).extract(&r), Some(BoundedKey::from("")));
+    }
+
+    /// A client choosing its path chooses the key: a long one is kept as a digest, so
+    /// that a table of such keys takes no more memory than one of short ones.
+    #[test]
+    fn a_long_path_is_a_bounded_key() {
+        let long = format!("/{}", "a".repeat(60_000));
+        let r = Request::builder().uri(long.as_str()).body(()).unwrap();
+        let key = PathKey::full().extract(&r).expect("a key");
+        assert_eq!(key.as_inline(), None, "kept as a digest");
+        assert_eq!(key, BoundedKey::from(long.as_str()));
+        let other = format!("/{}b", "a".repeat(59_999));
+        let r = Request::builder().uri(other.as_str()).body(()).unwrap();
+        assert_ne!(PathKey::full().extract(&r), Some(key));
+        // The prefix is taken before the digest: one bucket for the area.
+        let deep = format!("/api/{}", "x".repeat(10_000));
+        let r = Request::builder().uri(deep.as_str()).body(()).unwrap();
+        assert_eq!(
+            PathKey::prefix(1).extract(&r),
+            Some(BoundedKey::from("/api"))
+        );
     }
 }
