@@ -524,8 +524,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> crate::rate_limit::
     }
 }
 
+/// Keys a shard tracks for `max_keys` in all: at least one, and so that the total
+/// (`per_shard * SHARDS`) is a `usize` (`usize::MAX` asks for no bound but memory's).
 fn per_shard(max_keys: usize) -> usize {
-    max_keys.div_ceil(SHARDS).max(1)
+    max_keys.div_ceil(SHARDS).clamp(1, usize::MAX / SHARDS)
 }
 
 /// The receipt of an admitted step, `own` if it drew from the key's own bucket: tokens
@@ -591,6 +593,20 @@ mod tests {
         let (_, charge) = limiter.charge("k".to_owned(), 2).unwrap();
         assert!(limiter.try_acquire("k", 1).is_err());
         (limiter, charge)
+    }
+
+    /// `usize::MAX` keys is a way to ask for no bound: the capacity says so, and
+    /// neither it nor `Debug` overflows.
+    #[test]
+    fn the_largest_max_keys_is_a_capacity() {
+        let limiter: KeyedRateLimiter<u64> =
+            KeyedRateLimiter::new(Quota::new(Rate::per_second(1), 1).unwrap());
+        limiter.set_max_keys(usize::MAX);
+        assert_eq!(limiter.capacity(), usize::MAX / SHARDS * SHARDS);
+        assert!(format!("{limiter:?}").contains(&limiter.capacity().to_string()));
+        assert!(limiter.try_acquire(&7, 1).is_ok());
+        limiter.set_max_keys(0);
+        assert_eq!(limiter.capacity(), SHARDS);
     }
 
     /// A row is the key and its bucket, without the key's hash.
