@@ -5,7 +5,9 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::time::Duration;
 
 use hashbrown::HashTable;
@@ -173,13 +175,15 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         F: Fn(&K) -> Quota + Send + Sync + 'static,
     {
         *self.inner.quota_fn.write() = Some(Arc::new(f));
-        self.inner.version.fetch_add(1, Relaxed);
+        // `Release`, with the check's `Acquire` load: a check that sees the new version
+        // sees the new function, so no bucket is tagged current with the old quota.
+        self.inner.version.fetch_add(1, Release);
     }
 
     /// Replaces the default quota, from now on (existing buckets keep their level).
     pub fn set_default_quota(&self, quota: Quota) {
         *self.inner.default.write() = quota;
-        self.inner.version.fetch_add(1, Relaxed);
+        self.inner.version.fetch_add(1, Release);
     }
 
     /// Keys currently tracked.
@@ -198,7 +202,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     }
 
     fn quota_for(&self, key: &K) -> Quota {
-        match &*self.inner.quota_fn.read() {
+        // The function is called with no lock held: it may call back into this limiter
+        // while another thread waits to change the quotas, and a read lock taken again
+        // behind a waiting writer would never be granted.
+        let f = self.inner.quota_fn.read().clone();
+        match f {
             Some(f) => f(key),
             None => *self.inner.default.read(),
         }
@@ -391,7 +399,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let version = self.inner.version.load(Relaxed) as u32;
+        let version = self.inner.version.load(Acquire) as u32;
         let hash = self.inner.hasher.hash_one(key);
         // The low bits pick the shard: hashbrown's tags use the high ones.
         let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
@@ -593,6 +601,43 @@ mod tests {
         let (_, charge) = limiter.charge("k".to_owned(), 2).unwrap();
         assert!(limiter.try_acquire("k", 1).is_err());
         (limiter, charge)
+    }
+
+    /// A quota function may call back into its limiter while another thread changes the
+    /// quotas: here the function waits for that change to finish, which it cannot while
+    /// a lock the change needs is held around the function.
+    #[test]
+    fn quotas_change_while_the_quota_function_runs() {
+        let quota = Quota::new(Rate::per_second(10), 1).unwrap();
+        let limiter: KeyedRateLimiter<u64> = KeyedRateLimiter::new(quota);
+        let handle: Arc<OnceLock<KeyedRateLimiter<u64>>> = Arc::default();
+        limiter.set_quota_fn({
+            let handle = handle.clone();
+            move |key: &u64| {
+                if *key == 1 {
+                    let limiter = handle.get().unwrap().clone();
+                    std::thread::spawn(move || {
+                        limiter.set_quota_fn(move |_: &u64| quota);
+                        // And a check from the function's own thread's point of view.
+                        limiter.try_acquire(&2, 1).is_ok()
+                    })
+                    .join()
+                    .unwrap();
+                }
+                quota
+            }
+        });
+        handle.set(limiter.clone()).ok().unwrap();
+        let (done, finished) = mpsc::channel();
+        let checker = limiter.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(checker.try_acquire(&1, 1));
+        });
+        let answer = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the quota function waited for good on the quota change (deadlock)");
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(limiter.len(), 2);
     }
 
     /// `usize::MAX` keys is a way to ask for no bound: the capacity says so, and
