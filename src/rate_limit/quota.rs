@@ -113,7 +113,8 @@ impl Quota {
     /// # Errors
     ///
     /// A [`ConfigError`] naming `rate` (no token per period, more than one per nanosecond, or
-    /// a period over 365 days) or `burst` (zero).
+    /// a period over 365 days) or `burst` (zero, or so large that an empty bucket would take
+    /// more than 584 years, `u64::MAX` nanoseconds, to refill).
     pub fn new(rate: Rate, burst: u32) -> Result<Self, ConfigError> {
         if rate.period > MAX_PERIOD {
             return Err(rate_error(rate));
@@ -122,10 +123,21 @@ impl Quota {
         if burst == 0 {
             return Err(ConfigError::invalid("burst", "must be at least 1, got 0"));
         }
+        let interval_nanos = crate::util::nanos(interval);
+        // A bucket's time to refill from empty, in nanoseconds, must be a `u64` (about 584
+        // years): the limiters would otherwise cap it there, a smaller burst than asked.
+        if u64::from(burst).checked_mul(interval_nanos).is_none() {
+            return Err(ConfigError::invalid(
+                "burst",
+                format!(
+                    "{burst} tokens at one per {interval:?} take more than 584 years to refill"
+                ),
+            ));
+        }
         Ok(Self {
             rate,
             burst,
-            interval_nanos: crate::util::nanos(interval),
+            interval_nanos,
         })
     }
 
@@ -174,6 +186,16 @@ mod tests {
         );
         assert_eq!(field(Quota::new(Rate::new(1, Duration::MAX), 1)), "rate");
         assert_eq!(field(Quota::new(Rate::per_second(1), 0)), "burst");
+        // Refilling from empty would take longer than a `u64` of nanoseconds: refused
+        // rather than capped to a smaller burst.
+        let yearly = Rate::new(1, Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(field(Quota::new(yearly, u32::MAX)), "burst");
+        let largest = u64::MAX / Quota::new(yearly, 1).unwrap().interval_nanos();
+        let largest = u32::try_from(largest).unwrap();
+        assert_eq!(Quota::new(yearly, largest).unwrap().burst(), largest);
+        assert_eq!(field(Quota::new(yearly, largest + 1)), "burst");
+        // Every burst fits at a second a token.
+        assert!(Quota::new(Rate::per_second(1), u32::MAX).is_ok());
     }
 
     #[test]
