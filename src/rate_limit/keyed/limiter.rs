@@ -456,7 +456,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             return (step, true);
         }
         let cap = self.inner.per_shard.load(Relaxed);
-        if guard.table.len() >= cap && !make_room(&mut guard, now, cap) {
+        if guard.table.len() >= cap && !make_room(&mut guard, now, cap, &self.inner.hasher) {
             // Full of buckets that still hold a debt: the new key draws from the
             // overflow bucket, shared by every key without a bucket of its own.
             drop(guard);
@@ -572,11 +572,17 @@ fn take(entry: &mut Entry, now: u64, tokens: u32, max_wait: u64) -> Step {
 /// Drops the shard's idle (refilled) buckets; whether there is room now. A sweep happens
 /// only once some bucket may have refilled (`next_idle`), so a shard full of debts is not
 /// scanned again for every new key: amortised O(1) per request.
-fn make_room<K>(shard: &mut Shard<K>, now: u64, cap: usize) -> bool {
+fn make_room<K: Hash>(shard: &mut Shard<K>, now: u64, cap: usize, hasher: &RandomState) -> bool {
     if now < shard.next_idle {
         return false;
     }
     shard.table.retain(|row| row.1.tat > now);
+    // The rows dropped leave markers that new rows may not fill, and a table out of room
+    // because of them doubles, though it holds no more rows: one sized for the rows
+    // kept (rebuilt only when that is smaller) keeps the memory to the keys tracked.
+    shard
+        .table
+        .shrink_to(shard.table.len(), |row| hasher.hash_one(&row.0));
     shard.next_idle = shard.table.iter().map(|row| row.1.tat).min().unwrap_or(0);
     shard.table.len() < cap
 }
