@@ -380,7 +380,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.inner.hasher.hash_one(key);
-        let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
+        let shard = &self.inner.shards[shard_index(hash)];
         let mut guard = shard.lock();
         if let Some(row) = guard.table.find_mut(hash, |row| row.0.borrow() == key) {
             let tat = earlier(&row.1).min(row.1.tat);
@@ -402,7 +402,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         let version = self.inner.version.load(Acquire) as u32;
         let hash = self.inner.hasher.hash_one(key);
         // The low bits pick the shard: hashbrown's tags use the high ones.
-        let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
+        let shard = &self.inner.shards[shard_index(hash)];
         let mut guard = shard.lock();
         let eq = |row: &Row<K>| row.0.borrow() == key;
         if let Some(row) = guard.table.find_mut(hash, eq) {
@@ -430,7 +430,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let shard = &self.inner.shards[(hash as usize) & (SHARDS - 1)];
+        let shard = &self.inner.shards[shard_index(hash)];
         let eq = |row: &Row<K>| row.0.borrow() == key;
         let owned = key.to_owned();
         let mut entry = self.entry_for(&owned, now, version);
@@ -530,6 +530,15 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> crate::rate_limit::
             KeyedRateLimiter { inner }.refund(&self.key, self.receipt.taken());
         }
     }
+}
+
+/// The shard of a key's hash: bits of it that its shard's table does not use. The table
+/// starts its search at the hash's low bits and tags rows with its top seven; a shard
+/// chosen by the low bits would leave every key of a shard starting at one slot in 64,
+/// in long runs, and one chosen by the top bits would leave the tags two values.
+#[inline(always)]
+fn shard_index(hash: u64) -> usize {
+    (hash >> 32) as usize & (SHARDS - 1)
 }
 
 /// Keys a shard tracks for `max_keys` in all: at least one, and so that the total
@@ -646,6 +655,23 @@ mod tests {
         assert_eq!(limiter.len(), 2);
     }
 
+    /// The bits that pick a key's shard are not those its shard's table starts its search
+    /// at (the low ones) or tags its rows with (the top seven): a shard's keys start
+    /// anywhere in its table and carry every tag.
+    #[test]
+    fn a_shards_keys_start_anywhere_in_its_table() {
+        let limiter: KeyedRateLimiter<u64> =
+            KeyedRateLimiter::new(Quota::new(Rate::per_second(1), 1).unwrap());
+        let hashes: Vec<u64> = (0..200_000u64)
+            .map(|key| limiter.inner.hasher.hash_one(key))
+            .filter(|hash| shard_index(*hash) == 5)
+            .collect();
+        let starts: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 63).collect();
+        assert_eq!(starts.len(), 64, "the low bits of one shard's keys");
+        let tags: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert_eq!(tags.len(), 128, "the top seven bits of one shard's keys");
+    }
+
     /// `usize::MAX` keys is a way to ask for no bound: the capacity says so, and
     /// neither it nor `Debug` overflows.
     #[test]
@@ -731,7 +757,7 @@ mod tests {
         // One bucket a shard.
         limiter.set_max_keys(SHARDS);
         let a = 0u64;
-        let shard_of = |key: &u64| (limiter.inner.hasher.hash_one(key) as usize) & (SHARDS - 1);
+        let shard_of = |key: &u64| shard_index(limiter.inner.hasher.hash_one(key));
         let b = (1..).find(|key| shard_of(key) == shard_of(&a)).unwrap();
         assert!(limiter.try_acquire(&a, 1).is_ok());
         // `a` refills: its bucket may now be dropped to make room.
