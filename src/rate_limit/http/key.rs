@@ -271,7 +271,7 @@ impl<B> KeyExtractor<Request<B>> for PathKey {
                 .nth(n)
                 .map_or(path.len(), |(i, _)| i),
         };
-        Some(BoundedKey::new(path[..end].as_bytes()))
+        Some(BoundedKey::new(&path.as_bytes()[..end]))
     }
 }
 
