@@ -117,7 +117,9 @@ impl std::error::Error for RateLimited {}
 pub enum OnMissingKey {
     /// Refuse it: the HTTP layers answer `500 Internal Server Error` (an
     /// `application/problem+json` body), the others fail with [`MissingKey`]; an error is
-    /// logged (feature `tracing`), as tower_governor does. A missing key is a setup fault,
+    /// logged (feature `tracing`), as tower_governor does, at most one line a second with
+    /// the count of refusals since the last (a client can leave its key out of every
+    /// request). A missing key is a setup fault,
     /// such as an axum router served without `into_make_service_with_connect_info`.
     #[default]
     Reject,
@@ -125,7 +127,7 @@ pub enum OnMissingKey {
     /// quota: for the local keyed limiters, the shared bucket that new keys also draw from
     /// when the limiter is full ([`KeyedRateLimiter::acquire_shared`](super::KeyedRateLimiter::acquire_shared));
     /// for the Redis-backed layer, one Redis key of its own. A warning is logged (feature
-    /// `tracing`). The shared bucket does not queue: a waiting layer refuses at once when
+    /// `tracing`; at most one line a second, as for `Reject`). The shared bucket does not queue: a waiting layer refuses at once when
     /// it is empty, and tokens taken from it are not handed back to stacked limits.
     Shared,
     /// Let it through, unlimited by this layer (a limit beside it may hold it).
@@ -144,23 +146,78 @@ impl fmt::Display for MissingKey {
 
 impl std::error::Error for MissingKey {}
 
-/// Logs a request without a key sent to the shared bucket.
+/// Logs a request without a key sent to the shared bucket (at most one line a second, as
+/// [`log_missing_key`]).
 pub(crate) fn log_shared_key(layer: &str) {
     #[cfg(feature = "tracing")]
-    tracing::warn!(
-        layer,
-        "rate limit: no key could be taken from the request; limited in the shared bucket"
-    );
+    {
+        static LINES: Throttle = Throttle::new();
+        if let Some(suppressed) = LINES.line() {
+            tracing::warn!(
+                layer,
+                suppressed,
+                "rate limit: no key could be taken from the request; limited in the shared \
+                 bucket"
+            );
+        }
+    }
     let _ = layer;
 }
 
-/// Logs a request refused for its missing key.
+/// Logs a request refused for its missing key: the first, then at most one line a second
+/// in the process, each with how many were refused so since the line before
+/// (`suppressed`). A client decides whether its requests carry a key (an API key header
+/// left out), so one line per refusal would let any client fill the logs.
 pub(crate) fn log_missing_key(layer: &str) {
     #[cfg(feature = "tracing")]
-    tracing::error!(
-        layer,
-        "rate limit: no key could be taken from the request (for ClientIp: no peer address; \
-         serve axum with into_make_service_with_connect_info); refused"
-    );
+    {
+        static LINES: Throttle = Throttle::new();
+        if let Some(suppressed) = LINES.line() {
+            tracing::error!(
+                layer,
+                suppressed,
+                "rate limit: no key could be taken from the request (for ClientIp: no peer \
+                 address; serve axum with into_make_service_with_connect_info); refused"
+            );
+        }
+    }
     let _ = layer;
+}
+
+/// At most one log line a second for events a client can repeat at will.
+#[cfg(feature = "tracing")]
+struct Throttle {
+    /// Milliseconds after `ORIGIN` before which no line is written.
+    next_line: std::sync::atomic::AtomicU64,
+    /// Events since the last line written.
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(feature = "tracing")]
+impl Throttle {
+    const fn new() -> Self {
+        Self {
+            next_line: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// For one event: `Some(events not written since the last line)` if a line is due.
+    fn line(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+        let origin = *ORIGIN.get_or_init(tokio::time::Instant::now);
+        let now = u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_line.load(Relaxed);
+        if now < next
+            || self
+                .next_line
+                .compare_exchange(next, now.saturating_add(1000), Relaxed, Relaxed)
+                .is_err()
+        {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Relaxed))
+    }
 }

@@ -17,6 +17,8 @@ use tracing::{Event, Metadata, Subscriber};
 mod breaker;
 #[cfg(feature = "gateway")]
 mod gateway;
+#[cfg(feature = "http")]
+mod rate_limit;
 
 /// What the subscriber saw: every event as "LEVEL message field=value …", and the fields
 /// of every `request` span of `seawall::gateway`, with the span stack per thread that
