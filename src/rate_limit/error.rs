@@ -119,16 +119,17 @@ pub enum OnMissingKey {
     /// `application/problem+json` body), the others fail with [`MissingKey`]; an error is
     /// logged (feature `tracing`), as tower_governor does, at most one line a second with
     /// the count of refusals since the last (a client can leave its key out of every
-    /// request). A missing key is a setup fault,
-    /// such as an axum router served without `into_make_service_with_connect_info`.
+    /// request). A missing key is a setup fault, such as an axum router served without
+    /// `into_make_service_with_connect_info`.
     #[default]
     Reject,
     /// Limit every request without a key together, in one bucket of the limiter's default
     /// quota: for the local keyed limiters, the shared bucket that new keys also draw from
     /// when the limiter is full ([`KeyedRateLimiter::acquire_shared`](super::KeyedRateLimiter::acquire_shared));
     /// for the Redis-backed layer, one Redis key of its own. A warning is logged (feature
-    /// `tracing`; at most one line a second, as for `Reject`). The shared bucket does not queue: a waiting layer refuses at once when
-    /// it is empty, and tokens taken from it are not handed back to stacked limits.
+    /// `tracing`; at most one line a second, as for `Reject`). The shared bucket does not
+    /// queue: a waiting layer refuses at once when it is empty, and tokens taken from it
+    /// are not handed back to stacked limits.
     Shared,
     /// Let it through, unlimited by this layer (a limit beside it may hold it).
     Allow,

@@ -401,7 +401,6 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     {
         let version = self.inner.version.load(Acquire) as u32;
         let hash = self.inner.hasher.hash_one(key);
-        // The low bits pick the shard: hashbrown's tags use the high ones.
         let shard = &self.inner.shards[shard_index(hash)];
         let mut guard = shard.lock();
         let eq = |row: &Row<K>| row.0.borrow() == key;
