@@ -20,6 +20,8 @@
 //! | `401` authentication | `UNAUTHENTICATED` (16) |
 //! | `404` no route | `UNIMPLEMENTED` (12) |
 //! | `400` malformed request | `INTERNAL` (13), as gRPC's HTTP mapping says |
+//! | `500` a limit keyed by the client's address and no address known (the gateway served as a `tower::Service` without the peer) | `INTERNAL` (13) |
+//! | `503` a Redis limit failing closed while Redis is away | `UNAVAILABLE` (14), with pushback |
 //! | anything else | gRPC's HTTP to gRPC mapping ([`GrpcCode::from_http_status`]) |
 //!
 //! A gRPC call's own deadline (`grpc-timeout`) bounds the route's timeout when it is the
@@ -37,7 +39,7 @@ use http::{HeaderMap, Response, StatusCode};
 use super::body::Body;
 use crate::circuit_breaker::{Outcome, Recorder};
 use crate::grpc::{GrpcClassifier, GrpcCode};
-use crate::rate_limit::http::Refused;
+use crate::rate_limit::http::{Refused, Undecided};
 
 /// An endpoint's outcome still to record: a gRPC answer whose status comes in its
 /// trailers. Carried from the balancer's classifier to the response body in the
@@ -144,13 +146,25 @@ fn code_for(status: StatusCode) -> GrpcCode {
 /// `response` as a gRPC caller is to get it: a trailers-only gRPC response in place of
 /// one the gateway made itself; an upstream's answer (or a fallback) unchanged.
 pub(crate) fn for_grpc_caller(response: Response<Body>) -> Response<Body> {
-    let message = match response.extensions().get::<Answer>() {
-        Some(answer) => answer.0.clone(),
-        None if response.extensions().get::<Refused>().is_some() => "rate limit exceeded".into(),
-        None => return response,
+    let extensions = response.extensions();
+    let (message, code) = match extensions.get::<Answer>() {
+        Some(answer) => (answer.0.clone(), None),
+        None if extensions.get::<Refused>().is_some() => ("rate limit exceeded".into(), None),
+        // A limit's own `500` or `503`, which an upstream's answer of the same status is not.
+        None => match extensions.get::<Undecided>() {
+            Some(Undecided::MissingKey) => (
+                "the rate limit key could not be taken from the request".into(),
+                Some(GrpcCode::Internal),
+            ),
+            Some(_) => (
+                "the rate limiter's store is unavailable".into(),
+                Some(GrpcCode::Unavailable),
+            ),
+            None => return response,
+        },
     };
     let (mut parts, _) = response.into_parts();
-    let code = code_for(parts.status);
+    let code = code.unwrap_or_else(|| code_for(parts.status));
     let pushback = parts
         .headers
         .get(header::RETRY_AFTER)

@@ -359,6 +359,45 @@ async fn failing_closed_answers_503_while_redis_is_away() {
     );
 }
 
+/// The same `503` to a gRPC caller: a trailers-only `UNAVAILABLE` with the reason and
+/// `grpc-retry-pushback-ms` for the `Retry-After`, as every other answer the gateway makes
+/// itself; before, the limiter's `503` and its JSON body went out as they were.
+#[tokio::test]
+async fn failing_closed_is_unavailable_to_grpc_callers() {
+    let port = RedisServer::free_port();
+    let up = upstream().await;
+    let limits = "global = { per_second = 100, policy = \"redis\" }";
+    let g = gateway(
+        up,
+        limits,
+        &redis_section(
+            &format!("redis://127.0.0.1:{port}/"),
+            "failure = \"closed\"",
+        ),
+    )
+    .await;
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::post(format!("http://{}/api/svc.Echo/Say", g.local_addr()))
+        .header("content-type", "application/grpc+proto")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), client.request(request))
+        .await
+        .expect("answered within 5 s")
+        .expect("an answer");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    assert_eq!(parts.status, StatusCode::OK, "{parts:?}");
+    assert_eq!(parts.headers["content-type"], "application/grpc");
+    assert_eq!(parts.headers["grpc-status"], "14", "{parts:?}");
+    assert_eq!(parts.headers["grpc-retry-pushback-ms"], "1000");
+    let message = parts.headers["grpc-message"].to_str().unwrap();
+    assert!(message.contains("unavailable"), "{message}");
+    assert!(body.is_empty(), "{body:?}");
+}
+
 #[test]
 fn redis_settings_are_checked_at_load() {
     let config = |redis: &str, limits: &str| {

@@ -219,6 +219,41 @@ async fn without_a_peer_per_ip_limits_refuse_rather_than_pass() {
     );
 }
 
+/// The same refusal to a gRPC caller: a trailers-only `INTERNAL` (gRPC's code for HTTP's
+/// `500`) with the reason in `grpc-message`, as every other answer the gateway makes
+/// itself; before, the limiter's `500` and its JSON body went out as they were, which a
+/// gRPC client reads as a broken response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_peer_a_grpc_caller_gets_the_refusal_as_a_grpc_status() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let gateway = build(echo_upstream(hits.clone()).await).await;
+    let app = Router::new().nest_service("/gw", gateway);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::post(format!("http://{addr}/gw/api/limited/svc.Echo/Say"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let response = tokio::time::timeout(BOUND, client.request(request))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    assert_eq!(parts.status, StatusCode::OK, "{parts:?}");
+    assert_eq!(parts.headers["content-type"], "application/grpc");
+    assert_eq!(parts.headers["grpc-status"], "13", "{parts:?}");
+    let message = parts.headers["grpc-message"].to_str().unwrap();
+    assert!(message.contains("rate limit key"), "{message}");
+    assert!(body.is_empty(), "{body:?}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "never reached the upstream");
+}
+
 /// A breaker opened by a dead upstream: `503` problem+json with `Retry-After`, as
 /// `seawall::problem` answers an open breaker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

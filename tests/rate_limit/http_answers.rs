@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer, Refused};
+use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer, Refused, Undecided};
 use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate, RateLimiter};
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -215,6 +215,39 @@ async fn the_layers_own_429s_are_marked_and_an_absent_limit_passes_all() {
         assert_eq!(response.status(), StatusCode::OK);
         assert!(!response.headers().contains_key("ratelimit"));
     }
+}
+
+/// A missing key's `500` is marked [`Undecided`], so code further out (the gateway
+/// answering a gRPC caller) can tell it from the inner service's own `500`.
+#[tokio::test]
+async fn a_missing_keys_500_is_marked_and_an_inner_500_is_not() {
+    let inner = tower::service_fn(|_: Request<()>| async move {
+        let mut response = Response::new(String::new());
+        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        Ok::<_, Infallible>(response)
+    });
+    let per_ip = KeyedRateLimiter::<std::net::IpAddr, _>::with_clock(
+        Quota::new(Rate::per_second(100), 100).unwrap(),
+        ManualClock::new(),
+    );
+    let mut svc = HttpRateLimitLayer::per_key(per_ip, ClientIp::peer()).layer(inner);
+    // No peer address in the extensions: no key.
+    let request = Request::get("/").body(()).unwrap();
+    let missing = svc.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(missing.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        missing.extensions().get::<Undecided>(),
+        Some(&Undecided::MissingKey)
+    );
+    assert!(missing.extensions().get::<Refused>().is_none());
+    // With one: the inner service's own 500, unmarked.
+    let mut request = Request::get("/").body(()).unwrap();
+    request
+        .extensions_mut()
+        .insert(SocketAddr::from(([127, 0, 0, 1], 9)));
+    let own = svc.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(own.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(own.extensions().get::<Undecided>().is_none());
 }
 
 mod retry_after {

@@ -46,15 +46,16 @@ pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-rateli
 /// error type is kept: this layer adds no error. The 429 body is an RFC 9457
 /// `application/problem+json` document (any [`ProblemBody`]), and the 429 carries
 /// [`Refused`] in its extensions. A [`PerKey`] request without a key is answered per
-/// [`OnMissingKey`]: `500` by default, never silently unlimited.
+/// [`OnMissingKey`]: `500` by default, never silently unlimited, marked
+/// [`Undecided::MissingKey`].
 ///
 /// Over the Redis-backed limiter (feature `redis`: `HttpRateLimitLayer::new(limiter)` for
 /// one global bucket, `HttpRateLimitLayer::new(limiter.per_key(extractor))` per key; see
 /// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer)) the answers are the same,
 /// after one round trip, and a `503` with `Retry-After: 1` when Redis cannot answer and
-/// the limiter fails closed. Its refusals are marked [`Refused`] too, so local layers
-/// outside it refund; it does not refund itself (a refund would be another round trip to
-/// Redis): put it innermost.
+/// the limiter fails closed (marked [`Undecided::Unavailable`]). Its refusals are marked
+/// [`Refused`] too, so local layers outside it refund; it does not refund itself (a refund
+/// would be another round trip to Redis): put it innermost.
 ///
 /// ```
 /// use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer};
@@ -464,13 +465,32 @@ pub(super) fn refusal<B: ProblemBody>(headers: Option<Headers>) -> Response<B> {
     response
 }
 
-/// The `500` for a request without a key under [`OnMissingKey::Reject`].
+/// Marks the responses a rate-limit layer answered itself without a decision of its
+/// limit: the `500` of a request without a key ([`OnMissingKey::Reject`]) and the `503`
+/// of a limit that could not reach its store and fails closed (the Redis limiter). Code
+/// further out can tell them from an inner service's own `500` or `503` (to answer a gRPC
+/// caller in gRPC's form, as the gateway does, or to keep them out of an upstream's error
+/// count): look for it with `response.extensions().get::<Undecided>()`. Not a
+/// [`Refused`]: no limit said no, so the layers outside keep their tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Undecided {
+    /// The `500` of a request the layer could take no key from.
+    MissingKey,
+    /// The `503` of a limit whose store could not be reached (`Retry-After: 1`).
+    Unavailable,
+}
+
+/// The `500` for a request without a key under [`OnMissingKey::Reject`], marked
+/// [`Undecided::MissingKey`].
 pub(super) fn missing_key<B: ProblemBody>(name: &PolicyName) -> Response<B> {
     crate::rate_limit::error::log_missing_key(name.as_str());
-    crate::problem::problem(
+    let mut response = crate::problem::problem(
         StatusCode::INTERNAL_SERVER_ERROR,
         "the rate limit key could not be taken from the request",
-    )
+    );
+    response.extensions_mut().insert(Undecided::MissingKey);
+    response
 }
 
 /// Adds the headers of a refusal by a limiter of unknown name (policy `default`):
@@ -724,8 +744,8 @@ where
 }
 
 /// The `503` of a limit that could not decide and fails closed
-/// ([`Decision::Unavailable`]): `Retry-After: 1`, not marked [`Refused`] (no limit said
-/// no: the layers outside keep their tokens).
+/// ([`Decision::Unavailable`]): `Retry-After: 1`, marked [`Undecided::Unavailable`], not
+/// [`Refused`] (no limit said no: the layers outside keep their tokens).
 fn unavailable<B: ProblemBody>() -> Response<B> {
     let mut response = crate::problem::problem::<B>(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -734,6 +754,7 @@ fn unavailable<B: ProblemBody>() -> Response<B> {
     response
         .headers_mut()
         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response.extensions_mut().insert(Undecided::Unavailable);
     response
 }
 

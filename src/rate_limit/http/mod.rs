@@ -30,8 +30,8 @@ pub(crate) use key::{parse_net, peer_of};
 pub(crate) use layer::refusal_headers;
 pub use layer::{
     DeferredResponse, HeaderSettings, HttpRateLimit, HttpRateLimitLayer, OnMissingKey, PerKey,
-    RATELIMIT, RATELIMIT_POLICY, RefusalBody, Refused, Respond, ResponseFuture, X_RATELIMIT_LIMIT,
-    X_RATELIMIT_REMAINING,
+    RATELIMIT, RATELIMIT_POLICY, RefusalBody, Refused, Respond, ResponseFuture, Undecided,
+    X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING,
 };
 #[cfg(feature = "gateway")]
 pub(crate) use pair::{HttpRateLimitPair, PairedHeaders};
