@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::classify::Outcome;
 use super::error::{Mode, Rejection};
 use super::hot::Hot;
-use super::state::{Breaker, Decision, ProbePermit, Shared, Start};
+use super::state::{Breaker, Decision, ProbePermit, Shared, Start, State};
 
 /// A decision taken ahead of a call (in `poll_ready`), with the probe slot it reserved in
 /// the half-open state. Dropped unused, the slot goes back to the breaker.
@@ -103,8 +103,12 @@ impl Admission {
     pub(crate) fn start(self, breaker: &Breaker) -> Result<Ticket, Rejection> {
         let current = match self.decision.tag() {
             Decision::CLOSED | Decision::PROBE => breaker.shared.is_current(self.decision),
+            // A disabled breaker may have been forced open (or reset) since: every call
+            // would pass it.
+            Decision::DISABLED => breaker.shared.state() == State::Disabled,
             // No decision kept: the breaker was closed at `poll_ready` and has moved since.
             0 => false,
+            // A rejection stands (see `take_rejection`).
             _ => true,
         };
         if current {

@@ -173,13 +173,62 @@ impl Events {
         event
     }
 
-    /// Runs the callbacks for an event.
+    /// Runs the callbacks for an event. An event caused by a callback (one that resets
+    /// the breaker it hears from, say) waits until every callback has heard the event
+    /// being delivered, so that each callback hears a thread's events in the order they
+    /// happened, not a nested transition before the one that caused it.
     #[cold]
     pub(crate) fn call_back(&self, event: &Event) {
         // Clone the list so that a callback may register another without deadlocking.
         let callbacks: Vec<Callback> = self.callbacks.read().clone();
-        for cb in &callbacks {
-            cb(event);
+        if callbacks.is_empty() {
+            return;
         }
+        DELIVERY.with(|delivery| {
+            if delivery.busy.replace(true) {
+                // Inside a callback on this thread: delivered when it is done.
+                delivery
+                    .queue
+                    .borrow_mut()
+                    .push_back((callbacks, event.clone()));
+                return;
+            }
+            // Not busy once this delivery ends, even if a callback panics (what it had
+            // queued is then dropped: its channels have it).
+            let _done = Done(delivery);
+            for cb in &callbacks {
+                cb(event);
+            }
+            loop {
+                let next = delivery.queue.borrow_mut().pop_front();
+                let Some((callbacks, event)) = next else {
+                    break;
+                };
+                for cb in &callbacks {
+                    cb(&event);
+                }
+            }
+        });
     }
+}
+
+/// A thread's callback delivery under way, and the events callbacks caused meanwhile.
+#[derive(Default)]
+struct Delivery {
+    busy: std::cell::Cell<bool>,
+    queue: std::cell::RefCell<std::collections::VecDeque<(Vec<Callback>, Event)>>,
+}
+
+/// Ends a thread's delivery.
+struct Done<'a>(&'a Delivery);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.queue.borrow_mut().clear();
+        self.0.busy.set(false);
+    }
+}
+
+std::thread_local! {
+    static DELIVERY: Delivery = Delivery::default();
 }

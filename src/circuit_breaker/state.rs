@@ -385,9 +385,10 @@ impl Shared {
                     if ho.generation != generation || self.word.load(Acquire) != w {
                         continue;
                     }
-                    // Without a timer task, the half-open deadline is enforced here.
-                    let expired = self.timer_gen.load(Relaxed) != generation
-                        && ho.deadline.is_some_and(|d| self.now() >= d);
+                    // The half-open deadline is enforced here whether or not a timer task
+                    // was armed for it: its runtime may be busy, or driven only by a
+                    // caller's own `block_on`, as for the open state's deadline.
+                    let expired = ho.deadline.is_some_and(|d| self.now() >= d);
                     if expired {
                         drop(ho);
                         self.transition(Some(w), State::Open);

@@ -988,3 +988,135 @@ async fn tickets_guard_work_that_is_not_a_service() {
         "disabled: nothing recorded"
     );
 }
+
+/// `State::ForcedOpen`: "every call is rejected until reset". A service made ready while
+/// the breaker was disabled keeps that decision, and its call reaches the inner service
+/// after the breaker was forced open.
+#[tokio::test(start_paused = true)]
+async fn ready_while_disabled_does_not_bypass_a_force_open() {
+    let breaker = Breaker::new(CircuitBreakerConfig::builder().name("r1").build().unwrap());
+    let inner_calls = Arc::new(AtomicUsize::new(0));
+    let counter = inner_calls.clone();
+    let mut svc = CircuitBreaker::with_breaker(
+        tower::service_fn(move |_: ()| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>("reached the dependency") }
+        }),
+        breaker.clone(),
+    );
+    breaker.disable();
+    svc.ready().await.unwrap();
+    // The operator takes the dependency out before the call is made.
+    breaker.force_open();
+    let result = svc.call(()).await;
+    assert_eq!(
+        inner_calls.load(Ordering::SeqCst),
+        0,
+        "inner service called while forced open: {result:?}"
+    );
+    assert!(result.unwrap_err().is::<CircuitOpen>());
+}
+
+/// `max_wait_in_half_open`: "Opens the breaker again when the probes have not all
+/// completed within max". With each call driven by its own `block_on` (the pattern the
+/// open state was fixed for), the armed timer never runs and the admission path skips
+/// the deadline check, so the breaker stays half-open and busy past its deadline.
+#[test]
+fn the_half_open_deadline_holds_when_each_call_has_its_own_block_on() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let breaker = Breaker::new(
+        CircuitBreakerConfig::builder()
+            .name("r2")
+            .sliding_window(SlidingWindow::count_based(4))
+            .minimum_calls(4)
+            .wait_in_open(Duration::from_millis(20))
+            .permitted_calls_in_half_open(1)
+            .max_wait_in_half_open(Duration::from_millis(20))
+            .build()
+            .unwrap(),
+    );
+    let svc = CircuitBreakerLayer::from_breaker(breaker.clone())
+        .typed_errors()
+        .layer(tower::service_fn(|fail: bool| async move {
+            if fail {
+                Err::<&str, BoxError>("boom".into())
+            } else {
+                Ok("ok")
+            }
+        }));
+    let mut a = svc.clone();
+    for _ in 0..4 {
+        let _ = rt.block_on(async { a.ready().await.unwrap().call(true).await });
+    }
+    assert_eq!(breaker.state(), State::Open);
+    std::thread::sleep(Duration::from_millis(30));
+    // A ready service holds the only probe permit and is neither called nor dropped.
+    let mut holder = svc.clone();
+    rt.block_on(async {
+        holder.ready().await.unwrap();
+    });
+    assert_eq!(breaker.state(), State::HalfOpen);
+    std::thread::sleep(Duration::from_millis(40));
+    let mut b = svc.clone();
+    let err = rt
+        .block_on(async { b.ready().await.unwrap().call(false).await })
+        .unwrap_err();
+    let state = err.as_open().map(|r| r.state());
+    assert_eq!(
+        state,
+        Some(State::Open),
+        "the half-open deadline passed 20 ms ago; breaker state {:?}",
+        breaker.state()
+    );
+    drop(holder);
+}
+
+/// Callbacks are documented to receive "every later event"; a callback that drives the
+/// breaker (supported: `callbacks_may_use_the_breaker`) makes the *other* callbacks see
+/// the nested transition before the one that caused it, while the channel, published
+/// under the lock, has them in order.
+#[tokio::test(start_paused = true)]
+async fn callbacks_see_transitions_in_the_order_they_happened() {
+    let breaker = Breaker::new(
+        CircuitBreakerConfig::builder()
+            .name("r3")
+            .sliding_window(SlidingWindow::count_based(2))
+            .minimum_calls(2)
+            .build()
+            .unwrap(),
+    );
+    // An operator's auto-reset hook...
+    let handle = breaker.clone();
+    breaker.on_event(move |e| {
+        if let EventKind::StateTransition {
+            to: State::Open, ..
+        } = *e.kind()
+        {
+            handle.reset();
+        }
+    });
+    // ...and an audit log.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    breaker.on_event(move |e| {
+        if let EventKind::StateTransition { from, to } = *e.kind() {
+            sink.lock().unwrap().push((from, to));
+        }
+    });
+    let mut channel = breaker.subscribe();
+    for _ in 0..2 {
+        breaker.try_acquire().unwrap().failure();
+    }
+    let mut from_channel = Vec::new();
+    while let Ok(e) = channel.try_recv() {
+        if let EventKind::StateTransition { from, to } = *e.kind() {
+            from_channel.push((from, to));
+        }
+    }
+    let expected = vec![(State::Closed, State::Open), (State::Open, State::Closed)];
+    assert_eq!(from_channel, expected, "the channel's order");
+    assert_eq!(*seen.lock().unwrap(), expected, "the callback's order");
+}
