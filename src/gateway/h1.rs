@@ -14,13 +14,16 @@
 //!   answers (`100 Continue`, `103 Early Hints`) skipped, `101` refused (the gateway
 //!   never asks for an upgrade); `Transfer-Encoding` and `Content-Length` together, a
 //!   `Transfer-Encoding` in an HTTP/1.0 answer, `chunked` applied twice, differing or
-//!   malformed `Content-Length` values: errors, not guesses; a last coding other than
-//!   `chunked`, or no length at all: the body runs to the close, and the connection is
-//!   not reused;
+//!   malformed `Content-Length` values, a transfer coding other than `chunked` (`gzip,
+//!   chunked`: its content would reach the client still coded, as nginx refuses it):
+//!   errors, not guesses; no length at all: the body runs to the close, and the
+//!   connection is not reused;
 //! - chunked bodies: hexadecimal sizes of at most 16 digits, extensions skipped (at most
 //!   [`MAX_CHUNK_LINE`] bytes a line), `CRLF` (never a bare `LF`) after every size line
 //!   and every chunk's data, trailers parsed as a header section (at most [`MAX_HEAD`]
-//!   bytes).
+//!   bytes) and forwarded without the hop-by-hop fields, those the head's `Connection`
+//!   names, and those a recipient needs before the content (`Content-Length`, `Host`,
+//!   `Content-Type`, `Content-Encoding`, `Content-Range`).
 //!
 //! A connection is reused only when its last exchange ended cleanly on both sides: the
 //! request's body sent whole, the response read to its end with nothing after it, and
@@ -364,6 +367,8 @@ fn head_of(
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut chunked = false;
+    // A transfer coding besides `chunked` (`gzip, chunked`).
+    let mut other_coding = false;
     let (mut close, mut keep_alive) = (false, false);
     let mut facts = HeadFacts::default();
     for &[name_at, name_len, value_at, value_len] in spans {
@@ -387,6 +392,7 @@ fn head_of(
                         return Err(ProtocolError("a coding applied after chunked"));
                     }
                     chunked = coding.eq_ignore_ascii_case(b"chunked");
+                    other_coding |= !chunked;
                 }
                 facts.note(&name, value);
             }
@@ -420,12 +426,13 @@ fn head_of(
         if version == Version::HTTP_10 {
             return Err(ProtocolError("Transfer-Encoding in an HTTP/1.0 response"));
         }
-        if chunked {
-            Framing::Chunked
-        } else {
-            keep_alive = false;
-            Framing::Close
+        if other_coding || !chunked {
+            // The content under another coding would reach the client as the content
+            // itself once `chunked` is taken off and the hop-by-hop `Transfer-Encoding`
+            // dropped: refused, as nginx refuses it.
+            return Err(ProtocolError("a transfer coding other than chunked"));
         }
+        Framing::Chunked
     } else {
         match length {
             Some(0) => Framing::Empty,
@@ -1109,6 +1116,9 @@ pub(crate) struct Conn<IO> {
     keep_alive: bool,
     /// What the parse of the last response head saw.
     facts: HeadFacts,
+    /// The fields the last response head named in `Connection` (rarely any): taken out of
+    /// its trailers as out of its head.
+    trailer_drop: Vec<HeaderName>,
 }
 
 impl<IO> fmt::Debug for Conn<IO> {
@@ -1151,6 +1161,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             answered: false,
             keep_alive: true,
             facts: HeadFacts::UNKNOWN,
+            trailer_drop: Vec::new(),
         }
     }
 
@@ -1289,7 +1300,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                         self.consumed = true;
                         match self.take_frame(frame) {
                             Ok(ended) => self.body_ended = ended,
-                            Err(e) => return Poll::Ready(Err(e)),
+                            // The body failed (the client's, or over the route's limit):
+                            // the request is not whole to be sent on another connection.
+                            Err(e) => {
+                                self.unsent = None;
+                                return Poll::Ready(Err(e));
+                            }
                         }
                     }
                 }
@@ -1501,6 +1517,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     fn begin_body(&mut self, head: ResponseHead) -> Response<()> {
         self.keep_alive = head.keep_alive;
         self.facts = head.facts;
+        self.trailer_drop.clear();
+        if head.facts.hop_by_hop() && matches!(head.framing, Framing::Chunked) {
+            self.trailer_drop = super::headers::connection_named(&head.headers);
+        }
         self.reading = match head.framing {
             Framing::Empty => Reading::Done,
             Framing::Length(n) => Reading::Length(n),
@@ -1536,8 +1556,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 }
                 Reading::Chunked(decoder) => match decoder.decode(&mut self.read) {
                     Ok(Some(Chunk::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Some(Chunk::Trailers(trailers))) => {
+                    Ok(Some(Chunk::Trailers(mut trailers))) => {
                         self.reading = Reading::Done;
+                        super::headers::sanitize_trailers(&mut trailers, &self.trailer_drop);
                         return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                     }
                     Ok(Some(Chunk::End)) => {
@@ -1699,12 +1720,19 @@ mod tests {
             Ok((Length(7), true))
         );
         assert_eq!(
-            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n"),
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n"),
             Ok((Chunked, true))
         );
+        // Another coding is refused (its content would be forwarded still coded), and
+        // so is no coding at all; not when no body follows.
+        for te in ["gzip, Chunked", "gzip", ""] {
+            let head = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n");
+            let parsed = framing(&head);
+            assert!(parsed.is_err(), "{te}: {parsed:?}");
+        }
         assert_eq!(
-            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
-            Ok((Close, false))
+            framing("HTTP/1.1 204 No Content\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            Ok((Empty, true))
         );
         assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), Ok((Close, false)));
         assert_eq!(

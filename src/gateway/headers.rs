@@ -442,17 +442,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         })
     };
     if present & 1 != 0 && names_others() {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|token| !removed_anyway(token))
-            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-            .filter(|name| !PROTECTED.contains(name))
-            .collect();
-        for name in named {
+        for name in connection_named(headers) {
             headers.remove(name);
         }
     }
@@ -471,6 +461,47 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Whether a `Connection` option names a header [`remove_hop_by_hop`] removes in any
 /// case (when present).
+/// The fields `headers`' `Connection` names beyond the hop-by-hop ones and the protected
+/// (`Host`, `Authorization`, `Content-Length`): what [`remove_hop_by_hop`] removes for
+/// it, and what is taken out of the message's trailers too ([`sanitize_trailers`]).
+pub(crate) fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|token| !removed_anyway(token))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .filter(|name| !PROTECTED.contains(name))
+        .collect()
+}
+
+/// Fields a trailer section may not carry on, whatever it says: a recipient needs them
+/// before the content (framing, routing, the content's form: RFC 9110 §6.5.1), and a
+/// client merging trailers into the head would take them as the message's own.
+const NOT_IN_TRAILERS: [HeaderName; 5] = [
+    header::CONTENT_LENGTH,
+    header::HOST,
+    header::CONTENT_TYPE,
+    header::CONTENT_ENCODING,
+    header::CONTENT_RANGE,
+];
+
+/// Takes out of a trailer section what a proxy may not forward in one: the hop-by-hop
+/// fields and those its own `Connection` names ([`remove_hop_by_hop`]), the fields the
+/// message's head named in `Connection` (`named`: RFC 9110 §7.6.1 says "header or
+/// trailer field"), and those [`NOT_IN_TRAILERS`] lists. gRPC's `grpc-status` and every
+/// other field pass.
+pub(crate) fn sanitize_trailers(trailers: &mut HeaderMap, named: &[HeaderName]) {
+    remove_hop_by_hop(trailers);
+    for name in named.iter().chain(&NOT_IN_TRAILERS) {
+        if trailers.contains_key(name) {
+            trailers.remove(name);
+        }
+    }
+}
+
 fn removed_anyway(token: &str) -> bool {
     token.eq_ignore_ascii_case("keep-alive")
         || token.eq_ignore_ascii_case("proxy-connection")
@@ -482,6 +513,31 @@ fn removed_anyway(token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trailers_keep_only_what_may_follow_the_content() {
+        let mut trailers = HeaderMap::new();
+        for (name, value) in [
+            ("grpc-status", "0"),
+            ("grpc-message", "ok"),
+            ("content-length", "5"),
+            ("transfer-encoding", "chunked"),
+            ("host", "elsewhere"),
+            ("content-type", "text/html"),
+            ("connection", "x-in-trailers"),
+            ("x-in-trailers", "1"),
+            ("x-named-in-head", "2"),
+            ("keep-alive", "timeout=5"),
+        ] {
+            trailers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        sanitize_trailers(&mut trailers, &[HeaderName::from_static("x-named-in-head")]);
+        let left: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["grpc-status", "grpc-message"]);
+    }
 
     #[test]
     fn hop_bits_follow_the_list() {

@@ -512,3 +512,208 @@ fn tokio_stream<T: Send + 'static>(
 ) -> impl futures::Stream<Item = T> + Send {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|t| (t, rx)) })
 }
+
+/// A gateway (not listening) whose route `/api` forwards to `upstream` with a
+/// `max_request_body` of 10 bytes.
+async fn limited_gateway(upstream: SocketAddr) -> seawall::gateway::Gateway {
+    let config = seawall::gateway::GatewayConfig::from_toml_str(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         strip_prefix = true\ntimeout = \"5s\"\nmax_request_body = 10\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
+    ))
+    .unwrap();
+    seawall::gateway::Gateway::build(config, seawall::gateway::Discovery::Static)
+        .await
+        .unwrap()
+}
+
+/// A request body that fails at its first frame (over `max_request_body`, or an error of
+/// the client's body) while the request goes out on a connection reused from the pool:
+/// nothing was written, but a frame of the body was taken. It must fail as the client's
+/// fault, not be sent again on a new connection with what is left of its body.
+#[tokio::test]
+async fn a_body_failed_at_its_first_frame_is_not_resent_without_it() {
+    let (addr, seen) = scripted(
+        |_| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        1,
+        false,
+    )
+    .await;
+    let gateway = limited_gateway(addr).await;
+    let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    type Frames = Vec<Result<Frame<Bytes>, std::io::Error>>;
+    type Case = (&'static str, fn() -> Frames, StatusCode);
+    let cases: [Case; 2] = [
+        (
+            "first frame over max_request_body",
+            || {
+                vec![
+                    Ok(Frame::data(Bytes::from(vec![b'A'; 20]))),
+                    Ok(Frame::data(Bytes::from_static(b"tail"))),
+                ]
+            },
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "first frame an error",
+            || vec![Err(std::io::Error::other("the client's body broke"))],
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (name, frames, expected) in cases {
+        // A first request leaves a connection in the pool.
+        let warm = gateway.handle(get("/api/warm"), peer).await;
+        assert_eq!(warm.status(), StatusCode::OK);
+        warm.into_body().collect().await.unwrap();
+        let posts_before = seen
+            .heads
+            .lock()
+            .await
+            .iter()
+            .filter(|h| h.starts_with("POST"))
+            .count();
+        let request = Request::post("/api/upload")
+            .header(http::header::HOST, "gw")
+            .body(StreamBody::new(futures::stream::iter(frames())))
+            .unwrap();
+        let response = timeout(BOUND, gateway.handle(request, peer)).await.unwrap();
+        let status = response.status();
+        let _ = response.into_body().collect().await;
+        let posts = seen
+            .heads
+            .lock()
+            .await
+            .iter()
+            .filter(|h| h.starts_with("POST"))
+            .count();
+        if status != expected || posts != posts_before {
+            wrong.push(format!(
+                "{name}: {status} (expected {expected}), POSTs forwarded: {}",
+                posts - posts_before
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// RFC 9110 §7.6.1: an intermediary removes every header *or trailer* field named by
+/// `Connection`. The upstream's `Connection: x-secret` must take its `x-secret` trailer
+/// off the forwarded answer as it takes the header field.
+#[tokio::test]
+async fn fields_named_by_connection_are_dropped_from_trailers_too() {
+    let (addr, _) = scripted(
+        |_| {
+            b"HTTP/1.1 200 OK\r\nconnection: x-secret\r\nx-secret: in-head\r\n\
+              transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-secret: in-trailer\r\n\r\n"
+                .to_vec()
+        },
+        1,
+        false,
+    )
+    .await;
+    let gw = gateway(addr).await;
+    let (status, body) =
+        super::raw_http::request(gw.local_addr(), "GET", "/api/x", "te: trailers\r\n").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("x-secret"), "forwarded: {body:?}");
+    gw.shutdown().await;
+}
+
+/// A response whose content carries a transfer coding besides `chunked` (`gzip,
+/// chunked`): the gateway removes the chunked framing and drops `Transfer-Encoding` as
+/// hop-by-hop, so the client gets gzip-coded bytes presented as the content itself.
+/// nginx answers 502 (`upstream sent unknown "Transfer-Encoding"`); either that, or the
+/// coding must stay declared.
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_not_silently_dropped() {
+    let mut wrong = Vec::new();
+    for te in ["gzip, chunked", "gzip"] {
+        let (addr, _) = scripted(
+            move |_| {
+                let mut answer =
+                    format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n").into_bytes();
+                let coded: &[u8] = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03";
+                if te.ends_with("chunked") {
+                    answer.extend_from_slice(format!("{:x}\r\n", coded.len()).as_bytes());
+                    answer.extend_from_slice(coded);
+                    answer.extend_from_slice(b"\r\n0\r\n\r\n");
+                } else {
+                    answer.extend_from_slice(coded);
+                }
+                answer
+            },
+            1,
+            true,
+        )
+        .await;
+        let gw = gateway(addr).await;
+        let (status, headers, body) = send(&gw, get("/api/x")).await;
+        let declared = headers
+            .iter()
+            .any(|(_, v)| v.to_str().is_ok_and(|v| v.contains("gzip")));
+        if !(status == StatusCode::BAD_GATEWAY || declared) {
+            wrong.push(format!("{te}: {status}, {headers:?}, body {body:?}"));
+        }
+        gw.shutdown().await;
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// The same through the gateway's own listener: an h2c client's streamed upload (no
+/// `content-length`) whose first DATA frame is over `max_request_body`, sent while an
+/// idle connection to the upstream is in the pool.
+#[tokio::test]
+async fn an_h2_upload_over_the_limit_is_413_not_forwarded_without_its_start() {
+    let (addr, seen) = scripted(
+        |_| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        1,
+        false,
+    )
+    .await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         strip_prefix = true\ntimeout = \"5s\"\nmax_request_body = 10\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n"
+    ))
+    .await;
+    let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let base = format!("http://{}", gw.local_addr());
+    let warm = Request::get(format!("{base}/api/warm"))
+        .body(http_body_util::Either::Left(Empty::<Bytes>::new()))
+        .unwrap();
+    let warm = timeout(BOUND, h2.send_request(warm))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(warm.status(), StatusCode::OK);
+    warm.into_body().collect().await.unwrap();
+    let frames = futures::stream::iter([
+        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'A'; 20]))),
+        Ok(Frame::data(Bytes::from_static(b"tail"))),
+    ]);
+    let upload = Request::post(format!("{base}/api/upload"))
+        .body(http_body_util::Either::Right(StreamBody::new(frames)))
+        .unwrap();
+    let response = timeout(BOUND, h2.send_request(upload))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = response.status();
+    let heads = seen.heads.lock().await.clone();
+    assert_eq!(
+        status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "the upstream saw {heads:?}"
+    );
+    gw.shutdown().await;
+}
