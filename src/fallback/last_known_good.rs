@@ -31,6 +31,10 @@ struct Store<K, R> {
 /// A cache fallback: remembers the last successful response per key (taken from the
 /// request) and serves it when a later call for the same key fails.
 ///
+/// "Successful" is every `Ok` unless [`keep_if`](Self::keep_if) says which: over an HTTP
+/// client a `5xx` is an `Ok` too, and would replace the good answer it is meant to stand
+/// in for. [`LastKnownGood::http`] keeps only `2xx` answers.
+///
 /// Memory is bounded: at most `max_entries` keys are kept (the oldest inserted key is
 /// evicted first), so request-chosen keys cannot grow it without bound. With
 /// [`max_age`](Self::max_age), entries older than that are not served.
@@ -49,16 +53,22 @@ struct Store<K, R> {
 /// ```
 pub struct LastKnownGood<K, R, F> {
     key: Arc<F>,
+    /// Which responses are remembered; all when `None`.
+    keep: Option<Arc<Keep<R>>>,
     store: Arc<Mutex<Store<K, R>>>,
     max_entries: usize,
     max_age: Option<Duration>,
 }
+
+/// [`LastKnownGood::keep_if`]'s predicate.
+type Keep<R> = dyn Fn(&R) -> bool + Send + Sync;
 
 impl<K, R, F> Clone for LastKnownGood<K, R, F> {
     /// The clone shares the cache.
     fn clone(&self) -> Self {
         Self {
             key: self.key.clone(),
+            keep: self.keep.clone(),
             store: self.store.clone(),
             max_entries: self.max_entries,
             max_age: self.max_age,
@@ -72,6 +82,7 @@ impl<K, R, F> fmt::Debug for LastKnownGood<K, R, F> {
             .field("entries", &self.store.lock().map.len())
             .field("max_entries", &self.max_entries)
             .field("max_age", &self.max_age)
+            .field("keep_if", &self.keep.is_some())
             .finish()
     }
 }
@@ -81,6 +92,7 @@ impl<K, R, F> LastKnownGood<K, R, F> {
     pub fn new(key: F) -> Self {
         Self {
             key: Arc::new(key),
+            keep: None,
             store: Arc::new(Mutex::new(Store {
                 map: HashMap::new(),
                 order: VecDeque::new(),
@@ -105,6 +117,26 @@ impl<K, R, F> LastKnownGood<K, R, F> {
         self
     }
 
+    /// Remembers only the responses `keep` accepts; the others still go to the caller,
+    /// and leave the last remembered one in place to be served when a later call fails.
+    ///
+    /// ```
+    /// use seawall::fallback::LastKnownGood;
+    ///
+    /// // Quotes with a price only: an answer saying "no price yet" is not kept.
+    /// let cache = LastKnownGood::new(|symbol: &String| symbol.clone())
+    ///     .keep_if(|quote: &Option<u64>| quote.is_some());
+    /// # let _: LastKnownGood<String, Option<u64>, _> = cache;
+    /// ```
+    #[must_use]
+    pub fn keep_if<P>(mut self, keep: P) -> Self
+    where
+        P: Fn(&R) -> bool + Send + Sync + 'static,
+    {
+        self.keep = Some(Arc::new(keep));
+        self
+    }
+
     /// Number of keys currently remembered.
     pub fn len(&self) -> usize {
         self.store.lock().map.len()
@@ -113,6 +145,27 @@ impl<K, R, F> LastKnownGood<K, R, F> {
     /// True when nothing is remembered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+impl<K, B, F> LastKnownGood<K, http::Response<B>, F> {
+    /// [`new`](Self::new) for HTTP answers: remembers only those with a `2xx` status, so
+    /// an upstream's `503` (an `Ok` to the client) never replaces the good answer that a
+    /// later failure is to be answered with.
+    ///
+    /// ```
+    /// use seawall::fallback::{FallbackLayer, LastKnownGood};
+    ///
+    /// // Product pages by path: the last 2xx page of each is served when the upstream fails.
+    /// let layer = FallbackLayer::new(LastKnownGood::http(|req: &http::Request<String>| {
+    ///     req.uri().path().to_owned()
+    /// }));
+    /// # let _: FallbackLayer<LastKnownGood<String, http::Response<String>, _>> = layer;
+    /// ```
+    pub fn http(key: F) -> Self {
+        Self::new(key).keep_if(|response: &http::Response<B>| response.status().is_success())
     }
 }
 
@@ -199,7 +252,9 @@ where
     type Future = Ready<Result<R, E>>;
 
     fn on_success(&mut self, response: &R) {
-        self.cache.put(self.key.clone(), response.clone());
+        if self.cache.keep.as_ref().is_none_or(|keep| keep(response)) {
+            self.cache.put(self.key.clone(), response.clone());
+        }
     }
 
     fn on_error(self, error: E) -> Self::Future {

@@ -252,3 +252,65 @@ fn is_circuit_open_walks_the_source_chain() {
     let other: BoxError = "nope".into();
     assert!(!is_circuit_open(&other));
 }
+
+/// `LastKnownGood::http` remembers `2xx` answers only: an upstream that answers 503 before
+/// it drops its connections leaves the good answer in place, and that is what the fallback
+/// serves. (`new` stored every `Ok`, 5xx answers included, and served the 503.)
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn last_known_good_over_http_keeps_a_good_answer_through_a_5xx() {
+    use std::sync::atomic::AtomicU16;
+    let status = Arc::new(AtomicU16::new(200));
+    let s = status.clone();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(FallbackLayer::new(LastKnownGood::http(|id: &u32| *id)))
+        .service_fn(move |_: u32| {
+            let code = s.load(SeqCst);
+            async move {
+                if code == 0 {
+                    return Err::<http::Response<&'static str>, BoxError>(
+                        "connection refused".into(),
+                    );
+                }
+                let body = if code == 200 { "3 left" } else { "unavailable" };
+                Ok(http::Response::builder().status(code).body(body).unwrap())
+            }
+        });
+    assert_eq!(
+        svc.ready().await.unwrap().call(1).await.unwrap().status(),
+        200
+    );
+    status.store(503, SeqCst); // the upstream starts failing...
+    assert_eq!(
+        svc.ready().await.unwrap().call(1).await.unwrap().status(),
+        503
+    );
+    status.store(0, SeqCst); // ...then goes away
+    let served = svc.ready().await.unwrap().call(1).await.unwrap();
+    assert_eq!(
+        (served.status().as_u16(), *served.body()),
+        (200, "3 left"),
+        "the last known good answer"
+    );
+}
+
+/// `keep_if` for any response type: answers it refuses pass to the caller and leave the
+/// remembered one in place.
+#[tokio::test]
+async fn last_known_good_remembers_only_what_keep_if_accepts() {
+    let answer = Arc::new(std::sync::Mutex::new(Ok::<&str, &str>("full")));
+    let a = answer.clone();
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(
+            LastKnownGood::new(|id: &u32| *id).keep_if(|r: &String| r != "partial"),
+        ))
+        .service_fn(move |_: u32| {
+            let now = *a.lock().unwrap();
+            async move { now.map(str::to_owned).map_err(BoxError::from) }
+        });
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "full");
+    *answer.lock().unwrap() = Ok("partial");
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "partial");
+    *answer.lock().unwrap() = Err("down");
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "full");
+}
