@@ -193,7 +193,8 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// Maglev implementations (Envoy's), the stride is not made unique: the table must stay a
 /// function of the endpoint set alone, so that replicas and other instances with the
 /// same endpoints agree on every key, and any rule that parts two strides changes one of
-/// them when the other endpoint leaves.
+/// them when the other endpoint leaves. For the same reason the endpoints fill the table
+/// in the order of their hashes, whatever order they came in.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Maglev {
     pub(crate) table: Vec<u32>,
@@ -205,7 +206,9 @@ const PRIMES: [u64; 7] = [
 ];
 
 impl Maglev {
-    /// Builds the table for endpoints identified by stable `hashes`, with `weights`.
+    /// Builds the table for endpoints identified by stable `hashes`, with `weights`; an
+    /// entry holds a position in `hashes`. The same endpoints in another order get the
+    /// same table, up to that renumbering.
     pub(crate) fn new(hashes: &[u64], weights: &[u32]) -> Self {
         let n = hashes.len();
         if n == 0 {
@@ -223,12 +226,18 @@ impl Maglev {
             .iter()
             .map(|&w| f64::from(w.max(1)) / max_w)
             .collect();
+        // Endpoints take turns in the order of their hashes, not of their positions: the
+        // positions follow the order discovery inserted them (and a removal moves the last
+        // one into the gap), so a table filled in position order would differ between
+        // replicas, and after an endpoint leaves and comes back, for the same set.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_unstable_by_key(|&i| (hashes[i], weights[i]));
         let mut credit = vec![0.0f64; n];
         let mut next = vec![0u64; n];
         let mut table = vec![u32::MAX; m as usize];
         let mut filled = 0u64;
         'fill: loop {
-            for i in 0..n {
+            for &i in &order {
                 credit[i] += share[i];
                 if credit[i] < 1.0 {
                     continue;
@@ -373,6 +382,27 @@ mod tests {
         assert!(
             share < ideal * 1.3 + 0.01,
             "{share:.4} moved without the pair, ideal {ideal:.4}"
+        );
+    }
+
+    /// The table depends on the endpoints, not on the order they are given in.
+    #[test]
+    fn maglev_ignores_the_order_of_the_endpoints() {
+        let hashes: Vec<u64> = (0..50u64).map(mix).collect();
+        let weights: Vec<u32> = (0..50u32).map(|i| 1 + i % 3).collect();
+        let before = Maglev::new(&hashes, &weights);
+        let mut order: Vec<usize> = (0..50).collect();
+        order.reverse();
+        order.swap(3, 17);
+        let shuffled: Vec<u64> = order.iter().map(|&i| hashes[i]).collect();
+        let reweighted: Vec<u32> = order.iter().map(|&i| weights[i]).collect();
+        let after = Maglev::new(&shuffled, &reweighted);
+        assert!(
+            before
+                .table
+                .iter()
+                .zip(&after.table)
+                .all(|(&b, &a)| hashes[b as usize] == shuffled[a as usize])
         );
     }
 

@@ -1,12 +1,13 @@
 //! Regressions found in review of the balancer, the registry and the Consul watch; each
 //! test is named after the bug it guards against.
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use seawall::BoxError;
-use seawall::balance::{Balance, OutlierDetection};
+use seawall::balance::{Balance, OutlierDetection, hash_key};
 use seawall::circuit_breaker::{CircuitBreakerConfig, Rejection, SlidingWindow, State};
 use seawall::discovery::{Instance, Publisher, Registry, ServiceDiscover};
 use tokio::sync::Semaphore;
@@ -356,4 +357,89 @@ async fn a_broken_first_choice_does_not_leave_the_second_pointing_past_the_end()
             assert_eq!(port, 2, "seed {seed}");
         }
     }
+}
+
+/// `HashBalance::replica` promises "its own Maglev table (the same one, as the endpoints are
+/// the same: a key goes to the same endpoint through either)".
+#[tokio::test]
+async fn hashing_replicas_agree_on_every_key() {
+    let c = ctls(51);
+    let publisher = Publisher::live((1..=50).map(inst).collect());
+    let key = |k: &u64| Some(hash_key(k));
+    let mut first = Balance::builder().build_hashed(
+        ServiceDiscover::new(publisher.subscribe(), make(c.clone())),
+        key,
+    );
+    let mut second = first.replica(ServiceDiscover::new(publisher.subscribe(), make(c)));
+    let mut differ = 0;
+    for k in 0..20_000u64 {
+        let a = first.ready().await.unwrap().call(k).await.unwrap();
+        let b = second.ready().await.unwrap().call(k).await.unwrap();
+        differ += usize::from(a != b);
+    }
+    assert_eq!(
+        differ, 0,
+        "{differ} of 20000 keys routed differently by two replicas"
+    );
+}
+
+/// Two independent balancers (two processes, two gateway replicas) over the same endpoint
+/// set must agree on where a key goes: the table must be a function of the set alone.
+#[tokio::test]
+async fn two_hashing_balancers_over_the_same_set_agree() {
+    let c = ctls(51);
+    let publisher = Publisher::live((1..=50).map(inst).collect());
+    let key = |k: &u64| Some(hash_key(k));
+    let mut a = Balance::builder().build_hashed(
+        ServiceDiscover::new(publisher.subscribe(), make(c.clone())),
+        key,
+    );
+    // Same instances, published in another order.
+    let mut rev: Vec<Instance> = (1..=50).map(inst).collect();
+    rev.reverse(); // (the publisher sorts; the set's order comes from discovery)
+    let other = Publisher::live(rev);
+    let mut b =
+        Balance::builder().build_hashed(ServiceDiscover::new(other.subscribe(), make(c)), key);
+    let mut differ = 0;
+    for k in 0..20_000u64 {
+        let x = a.ready().await.unwrap().call(k).await.unwrap();
+        let y = b.ready().await.unwrap().call(k).await.unwrap();
+        differ += usize::from(x != y);
+    }
+    assert_eq!(differ, 0, "{differ} of 20000 keys routed differently");
+}
+
+/// A flapping instance (leaves, comes back): once the set is what it was, every key must be
+/// back on its original endpoint; keys of the other endpoints must never have moved.
+#[tokio::test]
+async fn a_flapping_instance_does_not_reshuffle_other_keys() {
+    let all: Vec<Instance> = (1..=50).map(inst).collect();
+    let publisher = Publisher::live(all.clone());
+    let key = |k: &u64| Some(hash_key(k));
+    let mut lb = Balance::builder().build_hashed(
+        ServiceDiscover::new(publisher.subscribe(), make(ctls(51))),
+        key,
+    );
+    let mut owner = HashMap::new();
+    for k in 0..20_000u64 {
+        owner.insert(k, lb.ready().await.unwrap().call(k).await.unwrap());
+    }
+    // Instances flap, one after the other: gone, then back. The set is the same as before.
+    for gone in 0..10 {
+        let mut rest = all.clone();
+        rest.remove(gone);
+        publisher.publish(rest);
+        lb.ready().await.unwrap().call(0).await.unwrap();
+        publisher.publish(all.clone());
+        lb.ready().await.unwrap().call(0).await.unwrap();
+    }
+    let mut moved = 0;
+    for k in 0..20_000u64 {
+        let p = lb.ready().await.unwrap().call(k).await.unwrap();
+        moved += usize::from(p != owner[&k]);
+    }
+    assert_eq!(
+        moved, 0,
+        "{moved} of 20000 keys are on another endpoint though the set is the same again"
+    );
 }
