@@ -26,9 +26,9 @@ use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
 /// The key comes from the request, so the endpoint is chosen in `call`, not in
 /// `poll_ready`: `poll_ready` applies discovery changes and is ready as soon as there is an
 /// endpoint; `call` picks the key's endpoint (or, if it is out of rotation, the key's next
-/// choices in a fixed order, so a key's fallback is stable too), clones its service (`S:
-/// Clone`, as hyper's client is) and the response future waits for that clone's readiness
-/// before calling it. Requests without a key go to a random endpoint in rotation.
+/// choices in a fixed order, so a key's fallback is stable too, down to any endpoint in
+/// rotation when there is one), clones its service (`S: Clone`, as hyper's client is) and
+/// the response future waits for that clone's readiness before calling it. Requests without a key go to a random endpoint in rotation.
 ///
 /// ```
 /// use seawall::balance::{Balance, hash_key};
@@ -158,17 +158,31 @@ where
         self.set.is_empty()
     }
 
-    /// The position of the endpoint that `hash` maps to now (in rotation when any is).
+    /// The position of the endpoint that `hash` maps to now (in rotation when any is): the
+    /// key's owner, else its next choices in the table; past a bound (2N + 8 choices, so
+    /// that a fleet-wide outage costs O(N)), the first endpoint in rotation around a ring
+    /// of the endpoints' hashes from the key's point, which finds one whenever there is
+    /// one. With none in rotation, the owner.
     pub(crate) fn route(&self, hash: u64) -> usize {
         let n = self.set.len() as u64;
-        // The key's choices in order; bounded so a fleet-wide outage costs O(N) at most.
         for attempt in 0..(2 * n + 8) {
             let at = self.set.maglev.lookup(hash, attempt);
             if self.set.slots[at].available() {
                 return at;
             }
         }
-        self.set.maglev.lookup(hash, 0)
+        self.route_around(hash)
+    }
+
+    /// Where `route` goes once the key's choices in the table are spent.
+    #[cold]
+    #[inline(never)]
+    fn route_around(&self, hash: u64) -> usize {
+        self.set
+            .maglev
+            .ring(hash)
+            .find(|&at| self.set.slots[at].available())
+            .unwrap_or_else(|| self.set.maglev.lookup(hash, 0))
     }
 
     fn poll_discover(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError>

@@ -198,6 +198,9 @@ fn gcd(a: u32, b: u32) -> u32 {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Maglev {
     pub(crate) table: Vec<u32>,
+    /// The endpoints' hashes, sorted, with their positions: a ring for the keys whose
+    /// choices in the table are all out of rotation (see [`ring`](Self::ring)).
+    ring: Vec<(u64, u32)>,
 }
 
 /// Table sizes: primes, at least 100 entries per endpoint.
@@ -212,7 +215,7 @@ impl Maglev {
     pub(crate) fn new(hashes: &[u64], weights: &[u32]) -> Self {
         let n = hashes.len();
         if n == 0 {
-            return Self { table: Vec::new() };
+            return Self::default();
         }
         let m = PRIMES
             .iter()
@@ -258,7 +261,18 @@ impl Maglev {
                 }
             }
         }
-        Self { table }
+        let ring = order.iter().map(|&i| (hashes[i], i as u32)).collect();
+        Self { table, ring }
+    }
+
+    /// Every endpoint once, in an order fixed by `hash` and the endpoints alone: around
+    /// the ring of the endpoints' hashes from the key's point. Where a key goes when its
+    /// choices in the table are out of rotation; O(log N) to start, O(1) a step.
+    pub(crate) fn ring(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
+        let n = self.ring.len();
+        let point = mix(hash ^ crate::util::GOLDEN);
+        let start = self.ring.partition_point(|&(h, _)| h < point);
+        (0..n).map(move |j| self.ring[(start + j) % n].1 as usize)
     }
 
     /// The endpoint owning `hash`, and the ones after it to try in order.
@@ -404,6 +418,26 @@ mod tests {
                 .zip(&after.table)
                 .all(|(&b, &a)| hashes[b as usize] == shuffled[a as usize])
         );
+    }
+
+    /// The ring visits every endpoint once, in an order that depends on the key and the
+    /// endpoints, not on the order they are given in.
+    #[test]
+    fn the_ring_visits_every_endpoint_once_in_an_order_of_the_set() {
+        let hashes: Vec<u64> = (0..20u64).map(mix).collect();
+        let reversed: Vec<u64> = hashes.iter().rev().copied().collect();
+        let (a, b) = (
+            Maglev::new(&hashes, &[1; 20]),
+            Maglev::new(&reversed, &[1; 20]),
+        );
+        for key in 0..100u64 {
+            let mut seen: Vec<usize> = a.ring(key).collect();
+            let there: Vec<u64> = seen.iter().map(|&i| hashes[i]).collect();
+            let here: Vec<u64> = b.ring(key).map(|i| reversed[i]).collect();
+            assert_eq!(there, here);
+            seen.sort_unstable();
+            assert_eq!(seen, (0..20).collect::<Vec<_>>());
+        }
     }
 
     #[test]

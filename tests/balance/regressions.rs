@@ -443,3 +443,45 @@ async fn a_flapping_instance_does_not_reshuffle_other_keys() {
         "{moved} of 20000 keys are on another endpoint though the set is the same again"
     );
 }
+
+/// HashBalance: "if it is out of rotation, the key's next choices" — and `route` says "in
+/// rotation when any is". With 99 of 100 endpoints ejected, keyed requests must reach the
+/// one endpoint in rotation.
+#[tokio::test(start_paused = true)]
+async fn hashing_finds_the_endpoint_in_rotation() {
+    let c = ctls(101);
+    for ctl in &c[2..] {
+        ctl.fail.store(true, SeqCst);
+    }
+    let publisher = Publisher::live((1..=100).map(inst).collect());
+    let detection = OutlierDetection::builder()
+        .consecutive_failures(1)
+        .max_ejected(1.0)
+        .base_ejection_time(Duration::from_secs(300))
+        .max_ejection_time(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let mut lb = Balance::builder()
+        .outlier_detection(detection)
+        .build_hashed(
+            ServiceDiscover::new(publisher.subscribe(), make(c)),
+            |k: &u64| Some(hash_key(k)),
+        );
+    // Eject the 99 failing endpoints.
+    let mut k = 0u64;
+    while lb.handle().ejected() < 99 && k < 1_000_000 {
+        let _ = lb.ready().await.unwrap().call(k).await;
+        k += 1;
+    }
+    assert_eq!(lb.handle().ejected(), 99);
+    let mut errors = 0;
+    for k in 0..1000u64 {
+        if lb.ready().await.unwrap().call(k).await.is_err() {
+            errors += 1;
+        }
+    }
+    assert_eq!(
+        errors, 0,
+        "{errors} of 1000 keyed requests went to an ejected endpoint while one is in rotation"
+    );
+}
