@@ -9,7 +9,7 @@ use tower::Service;
 use tower::discover::Discover;
 
 use crate::BoxError;
-use crate::circuit_breaker::{Classify, ErrorsAreFailures};
+use crate::circuit_breaker::{Classify, ErrorsAreFailures, Rejection, Ticket};
 
 use super::error::NoEndpoints;
 use super::future::{CallGuard, HashResponseFuture};
@@ -25,9 +25,10 @@ use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
 ///
 /// The key comes from the request, so the endpoint is chosen in `call`, not in
 /// `poll_ready`: `poll_ready` applies discovery changes and is ready as soon as there is an
-/// endpoint; `call` picks the key's endpoint (or, if it is out of rotation, the key's next
-/// choices in a fixed order, so a key's fallback is stable too, down to any endpoint in
-/// rotation when there is one), clones its service (`S: Clone`, as hyper's client is) and
+/// endpoint; `call` picks the key's endpoint (or, if it is out of rotation or its breaker
+/// refuses the request, being half-open with its probe in flight, the key's next choices
+/// in a fixed order, so a key's fallback is stable too, down to any endpoint in rotation
+/// when there is one), clones its service (`S: Clone`, as hyper's client is) and
 /// the response future waits for that clone's readiness before calling it. Requests without a key go to a random endpoint in rotation.
 ///
 /// ```
@@ -158,31 +159,69 @@ where
         self.set.is_empty()
     }
 
-    /// The position of the endpoint that `hash` maps to now (in rotation when any is): the
-    /// key's owner, else its next choices in the table; past a bound (2N + 8 choices, so
-    /// that a fleet-wide outage costs O(N)), the first endpoint in rotation around a ring
-    /// of the endpoints' hashes from the key's point, which finds one whenever there is
-    /// one. With none in rotation, the owner.
-    pub(crate) fn route(&self, hash: u64) -> usize {
+    /// The endpoint `hash` goes to now, with its breaker's ticket: the first of the key's
+    /// choices that is in rotation and whose breaker (if any) admits the request (one
+    /// half-open with its probes in flight does not). The owner, else its next choices in
+    /// the table; past a bound (2N + 8 choices, so that a fleet-wide outage costs O(N)),
+    /// the first such endpoint around a ring of the endpoints' hashes from the key's
+    /// point, which finds one whenever there is one. When every endpoint in rotation
+    /// refuses, a breaker's rejection (as [`Balance`](super::Balance) fails fast); with
+    /// none in rotation, the owner, if its breaker admits the request.
+    pub(crate) fn pick(&self, hash: u64) -> Result<(usize, Option<Ticket>), Rejection> {
         let n = self.set.len() as u64;
+        let mut refused = None;
         for attempt in 0..(2 * n + 8) {
             let at = self.set.maglev.lookup(hash, attempt);
-            if self.set.slots[at].available() {
-                return at;
+            if let Some(ticket) = self.admit(at, &mut refused) {
+                return Ok((at, ticket));
             }
         }
-        self.route_around(hash)
+        self.pick_around(hash, refused)
     }
 
-    /// Where `route` goes once the key's choices in the table are spent.
+    /// Where `pick` goes once the key's choices in the table are spent.
     #[cold]
     #[inline(never)]
-    fn route_around(&self, hash: u64) -> usize {
-        self.set
-            .maglev
-            .ring(hash)
-            .find(|&at| self.set.slots[at].available())
-            .unwrap_or_else(|| self.set.maglev.lookup(hash, 0))
+    fn pick_around(
+        &self,
+        hash: u64,
+        mut refused: Option<Rejection>,
+    ) -> Result<(usize, Option<Ticket>), Rejection> {
+        for at in self.set.maglev.ring(hash) {
+            if let Some(ticket) = self.admit(at, &mut refused) {
+                return Ok((at, ticket));
+            }
+        }
+        if let Some(rejection) = refused {
+            return Err(rejection);
+        }
+        let at = self.set.maglev.lookup(hash, 0);
+        let ticket = match &self.set.slots[at].breaker {
+            None => None,
+            Some(breaker) => Some(breaker.try_acquire()?),
+        };
+        Ok((at, ticket))
+    }
+
+    /// The ticket for a request to the endpoint at `at` (`None` without a breaker) when it
+    /// is in rotation and its breaker admits the request; a breaker's refusal is kept in
+    /// `refused` (the first one).
+    #[inline]
+    fn admit(&self, at: usize, refused: &mut Option<Rejection>) -> Option<Option<Ticket>> {
+        let slot = &self.set.slots[at];
+        if !slot.available() {
+            return None;
+        }
+        match &slot.breaker {
+            None => Some(None),
+            Some(breaker) => match breaker.try_acquire() {
+                Ok(ticket) => Some(Some(ticket)),
+                Err(rejection) => {
+                    refused.get_or_insert(rejection);
+                    None
+                }
+            },
+        }
     }
 
     fn poll_discover(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError>
@@ -235,15 +274,11 @@ where
             Some(hash) => hash,
             None => crate::util::next_u64(&mut self.rng),
         };
-        let at = self.route(hash);
-        let slot = &self.set.slots[at];
-        let ticket = match &slot.breaker {
-            None => None,
-            Some(breaker) => match breaker.try_acquire() {
-                Ok(ticket) => Some(ticket),
-                Err(open) => return HashResponseFuture::failed(Box::new(open)),
-            },
+        let (at, ticket) = match self.pick(hash) {
+            Ok(picked) => picked,
+            Err(rejection) => return HashResponseFuture::failed(Box::new(rejection)),
         };
+        let slot = &self.set.slots[at];
         let guard = CallGuard::new(&slot.stats, 0, ticket);
         HashResponseFuture::waiting(
             slot.endpoint.clone(),

@@ -485,3 +485,68 @@ async fn hashing_finds_the_endpoint_in_rotation() {
         "{errors} of 1000 keyed requests went to an ejected endpoint while one is in rotation"
     );
 }
+
+/// HashBalance and per-endpoint breakers: while a half-open endpoint's probe is in flight,
+/// the other requests for its keys fail with the breaker's rejection, though the key's
+/// next choices are healthy (an open breaker's keys go to them; `Balance` sends such
+/// requests to other endpoints too).
+#[tokio::test(start_paused = true)]
+async fn hashing_sends_keys_of_a_half_open_endpoint_elsewhere() {
+    let c = ctls(6);
+    let victim = 1u16;
+    let template = CircuitBreakerConfig::builder()
+        .sliding_window(SlidingWindow::count_based(4))
+        .minimum_calls(4)
+        .failure_rate_threshold(0.5)
+        .wait_in_open(Duration::from_secs(5))
+        .permitted_calls_in_half_open(1)
+        .build()
+        .unwrap();
+    let publisher = Publisher::live((1..=5).map(inst).collect());
+    let mut lb = Balance::builder().endpoint_breaker(template).build_hashed(
+        ServiceDiscover::new(publisher.subscribe(), make(c.clone())),
+        |k: &u64| Some(hash_key(k)),
+    );
+    let mut key = None;
+    for k in 0..1000u64 {
+        if lb.ready().await.unwrap().call(k).await.unwrap() == victim {
+            key = Some(k);
+            break;
+        }
+    }
+    let key = key.expect("a key of the victim");
+    // The victim fails: its breaker opens; its key goes to its next choice meanwhile.
+    c[1].fail.store(true, SeqCst);
+    for _ in 0..4 {
+        let _ = lb.ready().await.unwrap().call(key).await;
+    }
+    let state = |lb: &seawall::balance::HashBalance<_, _>| {
+        lb.handle()
+            .endpoints()
+            .into_iter()
+            .find(|e| e.address == "127.0.0.1:1")
+            .unwrap()
+            .breaker
+    };
+    assert_eq!(state(&lb), Some(State::Open));
+    let next = lb.ready().await.unwrap().call(key).await.unwrap();
+    assert_ne!(
+        next, victim,
+        "an open endpoint's key goes to its next choice"
+    );
+    // The wait ends: half-open. The victim recovers, but answers slowly: the probe is held.
+    c[1].fail.store(false, SeqCst);
+    let _ = c[1].hold.forget_permits(usize::MAX);
+    tokio::time::advance(Duration::from_secs(6)).await;
+    tokio::task::yield_now().await;
+    let probe = tokio::spawn(lb.ready().await.unwrap().call(key));
+    tokio::task::yield_now().await;
+    // Meanwhile, the same key again: the healthy next choice exists.
+    let r = lb.ready().await.unwrap().call(key).await;
+    c[1].hold.add_permits(10);
+    let _ = probe.await;
+    assert_eq!(
+        r.expect("a request for the half-open endpoint's key goes to its next choice"),
+        next
+    );
+}
