@@ -28,8 +28,9 @@ use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
 /// endpoint; `call` picks the key's endpoint (or, if it is out of rotation or its breaker
 /// refuses the request, being half-open with its probe in flight, the key's next choices
 /// in a fixed order, so a key's fallback is stable too, down to any endpoint in rotation
-/// when there is one), clones its service (`S: Clone`, as hyper's client is) and
-/// the response future waits for that clone's readiness before calling it. Requests without a key go to a random endpoint in rotation.
+/// when there is one), clones its service (`S: Clone`, as hyper's client is) and the
+/// response future waits for that clone's readiness before calling it. Requests without
+/// a key go to a random endpoint in rotation.
 ///
 /// ```
 /// use seawall::balance::{Balance, hash_key};
