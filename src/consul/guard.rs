@@ -211,8 +211,8 @@ impl RegistrationGuard {
     ///
     /// # Errors
     ///
-    /// The registration's [`ConsulError`] (nothing is kept alive then), or the first
-    /// heartbeat's.
+    /// The registration's [`ConsulError`], or the first heartbeat's; see
+    /// [`register_with`](Self::register_with).
     pub async fn register(
         client: ConsulClient,
         registration: ServiceRegistration,
@@ -224,10 +224,16 @@ impl RegistrationGuard {
     /// reported once before this returns, so a registration that starts critical is
     /// passing (or what `config` says) when it does.
     ///
+    /// Cancel-safe: dropped before it returns (a timeout around it), even while the
+    /// registration request is in flight, it deregisters the service in the background
+    /// (best effort: only while a tokio runtime is running).
+    ///
     /// # Errors
     ///
-    /// The registration's [`ConsulError`], or the first heartbeat's; the service is
-    /// deregistered again when that fails.
+    /// The registration's [`ConsulError`], or the first heartbeat's; nothing is kept
+    /// alive then. When the heartbeat fails, the service is deregistered before this
+    /// returns; when the registration fails, in the background, in case the agent acted
+    /// on it all the same (an ID it does not know is no error).
     pub async fn register_with(
         client: ConsulClient,
         registration: ServiceRegistration,
@@ -241,10 +247,14 @@ impl RegistrationGuard {
             heartbeats: AtomicU64::new(0),
             registrations: AtomicU64::new(0),
         });
-        shared.register().await?;
         // Until this returns a guard, dropping the future (a timeout around `register`)
-        // must not leave the service registered with nobody to remove it.
+        // must not leave the service registered with nobody to remove it. Armed before
+        // the request is sent: the agent may act on it while its answer is still on the
+        // way, and deregistering an ID it never registered is no error.
         let mut undo = DeregisterOnDrop(Some(shared.clone()));
+        // A failed registration may still have reached the agent (a timeout, a reset
+        // connection): `undo` deregisters it in the background as it drops.
+        shared.register().await?;
         let heartbeat = config.heartbeat_for(&shared.registration);
         if heartbeat.is_some() {
             if let Err(e) = shared.beat().await {

@@ -405,6 +405,80 @@ async fn dropping_the_guard_deregisters() {
     .await;
 }
 
+/// A raw HTTP/1.1 agent that sends each request line it receives to `lines` as soon as it
+/// has it (the agent acts on the request), then answers `200` after `delay(line)` (its
+/// answer is slow).
+async fn slow_agent(
+    delay: fn(&str) -> Duration,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).into_owned();
+                let line = head.lines().next().unwrap_or_default().to_owned();
+                let _ = tx.send(line.clone());
+                tokio::time::sleep(delay(&line)).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A timeout around `register` that fires while the register request is in flight (the
+/// agent has it, its answer is slow) must not leave the service registered with nobody to
+/// remove it.
+#[tokio::test]
+async fn a_timeout_around_register_does_not_leave_the_service_registered() {
+    let (addr, mut lines) = slow_agent(|line| {
+        if line.contains("/v1/agent/service/register") {
+            Duration::from_secs(60)
+        } else {
+            Duration::ZERO
+        }
+    })
+    .await;
+    let registration = ServiceRegistration::builder("svc")
+        .id("svc-1")
+        .address("127.0.0.1")
+        .port(8080)
+        .build()
+        .unwrap();
+    let register = RegistrationGuard::register(client_for(&addr, None), registration);
+    // The "timeout" fires exactly once the agent has the registration.
+    tokio::select! {
+        _ = register => panic!("the agent's answer is 60 s away"),
+        line = lines.recv() => {
+            let line = line.unwrap();
+            assert!(line.contains("/v1/agent/service/register"), "{line}");
+        }
+    }
+    let line = timeout(PATIENCE, lines.recv())
+        .await
+        .expect("the service the agent registered was never deregistered")
+        .unwrap();
+    assert!(
+        line.contains("/v1/agent/service/deregister/svc-1"),
+        "{line}"
+    );
+}
+
 // --- watch --------------------------------------------------------------------------
 
 #[tokio::test]
