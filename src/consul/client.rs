@@ -229,9 +229,12 @@ pub struct HealthResponse {
     /// [`Instance::health`](crate::discovery::Instance::health) says which; a warning
     /// instance weighs `Weights.Warning`, and one whose warning weight is 0 is left out.
     pub instances: Vec<Instance>,
-    /// Entries left out because they cannot be dialed (no address, port 0) or are
-    /// malformed.
+    /// The first 16 entries left out because they cannot be dialed (no address, port 0)
+    /// or are malformed; [`skipped_count`](Self::skipped_count) counts them all.
     pub skipped: Vec<SkippedEntry>,
+    /// How many entries were left out because they cannot be dialed or are malformed
+    /// (at least `skipped.len()`).
+    pub skipped_count: usize,
     /// Entries left out because a check is critical, or a check warns and the warning
     /// weight is 0.
     pub unhealthy: usize,
@@ -253,6 +256,7 @@ pub fn parse_health_response(bytes: &[u8]) -> Result<HealthResponse, ConsulError
         last_contact: None,
         instances: parsed.instances,
         skipped: parsed.skipped,
+        skipped_count: parsed.skipped_count,
         unhealthy: parsed.unhealthy,
     })
 }

@@ -53,9 +53,10 @@
 //! As the Consul API requires: an instance is identified by its node and service ID
 //! ([`InstanceId`](crate::discovery::InstanceId)), since two nodes commonly register the
 //! same ID; the address is `Service.Address`, else `Node.Address`; entries with no
-//! address or port 0 are skipped (and counted in [`HealthResponse::skipped`], with a
-//! `tracing` warning); unknown fields are ignored and null ones read as empty; missing
-//! weights are 1/1. An instance's health is its worst check, node checks such as
+//! address or port 0 are skipped (counted in [`HealthResponse::skipped_count`], the first
+//! 16 listed in [`HealthResponse::skipped`], with one `tracing` warning per answer);
+//! unknown fields are ignored and null ones read as empty; missing weights are 1/1. An
+//! instance's health is its worst check, node checks such as
 //! `serfHealth` included: all passing is [`Health::Passing`](crate::discovery::Health),
 //! any critical (or unknown status) leaves it out, and otherwise it is
 //! [`Health::Warning`](crate::discovery::Health) with `Weights.Warning` as its weight

@@ -1,5 +1,6 @@
 //! Reading `GET /v1/health/service/:service` answers into instances, leniently.
 
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 
 use std::fmt;
@@ -35,12 +36,32 @@ pub struct SkippedEntry {
     pub reason: SkipReason,
 }
 
+/// How many skipped entries a parse keeps: every one is counted, the first this many are
+/// listed.
+pub(crate) const MAX_SKIPPED: usize = 16;
+
 /// What a health answer's body holds.
 #[derive(Debug, Default)]
 pub(crate) struct ParsedHealth {
     pub(crate) instances: Vec<Instance>,
+    /// The first [`MAX_SKIPPED`] entries skipped.
     pub(crate) skipped: Vec<SkippedEntry>,
+    /// Every entry skipped.
+    pub(crate) skipped_count: usize,
     pub(crate) unhealthy: usize,
+}
+
+impl ParsedHealth {
+    fn skip(&mut self, node: &str, service_id: &str, reason: SkipReason) {
+        self.skipped_count += 1;
+        if self.skipped.len() < MAX_SKIPPED {
+            self.skipped.push(SkippedEntry {
+                node: node.to_owned(),
+                service_id: service_id.to_owned(),
+                reason,
+            });
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -48,7 +69,7 @@ pub(crate) struct ParsedHealth {
 struct Entry {
     node: Obj<NodeInfo>,
     service: Obj<ServiceInfo>,
-    checks: List<Obj<CheckInfo>>,
+    checks: Checks,
 }
 
 #[derive(Deserialize, Default)]
@@ -64,7 +85,7 @@ struct ServiceInfo {
     #[serde(rename = "ID")]
     id: Loose,
     service: Loose,
-    tags: List<Loose>,
+    tags: Strings,
     address: Loose,
     port: Loose,
     meta: Dict,
@@ -127,18 +148,26 @@ impl<T> Default for Obj<T> {
     }
 }
 
-/// An array of `T`; anything else is empty.
-struct List<T>(Vec<T>);
+/// The strings of an array, read one at a time (other elements are skipped without being
+/// built); anything else is empty.
+#[derive(Default)]
+struct Strings(Vec<String>);
 
-impl<T> Default for List<T> {
+/// The string values of an object, read one at a time (other values are skipped without
+/// being built; a repeated key keeps its last string); anything else is empty.
+#[derive(Default)]
+struct Dict(BTreeMap<String, String>);
+
+/// The worst status among an array of checks, read one check at a time: `None` when some
+/// check is critical (or not an object, or has a status this client does not know, such
+/// as a maintenance mode), `Some(Passing)` when there are no checks (or no array).
+struct Checks(Option<Health>);
+
+impl Default for Checks {
     fn default() -> Self {
-        List(Vec::new())
+        Checks(Some(Health::Passing))
     }
 }
-
-/// An object of any values; anything else is empty.
-#[derive(Default)]
-struct Dict(Vec<(String, Loose)>);
 
 /// A type read from any JSON value without failing: what it does not expect reads as its
 /// default, and nested values it does not want are skipped without being built.
@@ -180,23 +209,42 @@ impl<T: DeserializeOwned> Lenient for Obj<T> {
     }
 }
 
-impl<T: DeserializeOwned> Lenient for List<T> {
+impl Lenient for Strings {
     fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
-        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
-        while let Some(item) = seq.next_element_seed(PhantomData::<T>)? {
-            out.push(item);
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element::<Loose>()? {
+            if let Loose::Str(s) = item {
+                out.push(s);
+            }
         }
-        Ok(List(out))
+        Ok(Strings(out))
     }
 }
 
 impl Lenient for Dict {
     fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
-        let mut out = Vec::new();
+        let mut out = BTreeMap::new();
         while let Some((k, v)) = map.next_entry::<String, Loose>()? {
-            out.push((k, v));
+            if let Loose::Str(v) = v {
+                out.insert(k, v);
+            }
         }
         Ok(Dict(out))
+    }
+}
+
+impl Lenient for Checks {
+    fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut health = Some(Health::Passing);
+        while let Some(Obj(check)) = seq.next_element::<Obj<CheckInfo>>()? {
+            health = match (health, check.as_ref().and_then(|c| c.status.as_str())) {
+                (None, _) => None,
+                (health, Some("passing")) => health,
+                (_, Some("warning")) => Some(Health::Warning),
+                _ => None,
+            };
+        }
+        Ok(Checks(health))
     }
 }
 
@@ -281,45 +329,40 @@ macro_rules! deserialize_leniently {
     )*};
 }
 
-deserialize_leniently!(Loose, Obj<T>, List<T>, Dict);
+deserialize_leniently!(Loose, Obj<T>, Strings, Dict, Checks);
 
-/// The worst status among an entry's checks; `None` when some check is critical (or has
-/// a status this client does not know, such as a maintenance mode), `Some(Passing)` when
-/// there are no checks.
-fn entry_health(checks: &[Obj<CheckInfo>]) -> Option<Health> {
-    let mut health = Health::Passing;
-    for check in checks {
-        match check.0.as_ref().and_then(|c| c.status.as_str()) {
-            Some("passing") => {}
-            Some("warning") => health = Health::Warning,
-            _ => return None,
-        }
+/// The top-level array of a health answer, read one entry at a time: each is turned into
+/// an instance (or counted as skipped or unhealthy) and dropped before the next is read,
+/// so the parse holds one entry and the results, never the whole array built.
+struct Entries;
+
+impl<'de> Visitor<'de> for Entries {
+    type Value = ParsedHealth;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON array of entries")
     }
-    Some(health)
+
+    fn visit_unit<E: de::Error>(self) -> Result<ParsedHealth, E> {
+        Ok(ParsedHealth::default())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ParsedHealth, A::Error> {
+        let mut out = ParsedHealth::default();
+        while let Some(Obj(entry)) = seq.next_element::<Obj<Entry>>()? {
+            out.add(entry.unwrap_or_default());
+        }
+        Ok(out)
+    }
 }
 
-/// Reads a health answer's body. Lenient, as the Consul API fact sheet requires:
-/// unknown fields are ignored, null or mistyped fields read as empty, missing weights as
-/// 1/1; an entry without a dialable address or port is skipped and reported, not an
-/// error. Instances are keyed by node and service ID. Only a body that is not a JSON array
-/// (or `null`) is an error.
-pub(crate) fn parse(bytes: &[u8]) -> Result<ParsedHealth, ConsulError> {
-    let entries: Option<Vec<Obj<Entry>>> = serde_json::from_slice(bytes).map_err(|e| {
-        ConsulError::decode(format!("health answer is not a JSON array of entries: {e}"))
-    })?;
-    let entries = entries.unwrap_or_default();
-    let mut out = ParsedHealth {
-        instances: Vec::with_capacity(entries.len()),
-        ..ParsedHealth::default()
-    };
-    for Obj(entry) in entries {
-        let entry = entry.unwrap_or_default();
+impl ParsedHealth {
+    fn add(&mut self, entry: Entry) {
         let node = entry.node.0.unwrap_or_default();
         let node_name = node.node.into_string();
         let Some(service) = entry.service.0 else {
-            out.skipped
-                .push(skipped(&node_name, "", SkipReason::Malformed));
-            continue;
+            self.skip(&node_name, "", SkipReason::Malformed);
+            return;
         };
         let name = service.service.into_string();
         let service_id = match service.id {
@@ -331,21 +374,19 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<ParsedHealth, ConsulError> {
             _ => node.address.into_string(),
         };
         if address.is_empty() {
-            out.skipped
-                .push(skipped(&node_name, &service_id, SkipReason::NoAddress));
-            continue;
+            self.skip(&node_name, &service_id, SkipReason::NoAddress);
+            return;
         }
         let port = match service.port.as_u64().and_then(|p| u16::try_from(p).ok()) {
             Some(p) if p != 0 => p,
             _ => {
-                out.skipped
-                    .push(skipped(&node_name, &service_id, SkipReason::NoPort));
-                continue;
+                self.skip(&node_name, &service_id, SkipReason::NoPort);
+                return;
             }
         };
-        let Some(health) = entry_health(&entry.checks.0) else {
-            out.unhealthy += 1;
-            continue;
+        let Some(health) = entry.checks.0 else {
+            self.unhealthy += 1;
+            return;
         };
         // Consul requires a passing weight of at least 1; 0 or missing reads as 1. A
         // warning weight of 0 takes the instance out of rotation while it warns.
@@ -357,44 +398,47 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<ParsedHealth, ConsulError> {
             _ => passing.max(1),
         };
         let Some(weight) = NonZeroU32::new(weight.min(u64::from(u32::MAX)) as u32) else {
-            out.unhealthy += 1;
-            continue;
+            self.unhealthy += 1;
+            return;
         };
         let mut instance =
             Instance::new(InstanceId::new(node_name, service_id), name, address, port)
                 .with_weight(weight)
-                .with_health(health)
-                .with_tags(service.tags.0.into_iter().filter_map(|t| match t {
-                    Loose::Str(t) => Some(t),
-                    _ => None,
-                }));
-        instance.meta = service
-            .meta
-            .0
-            .into_iter()
-            .filter_map(|(k, v)| match v {
-                Loose::Str(v) => Some((k, v)),
-                _ => None,
-            })
-            .collect();
-        out.instances.push(instance);
+                .with_health(health);
+        instance.tags = service.tags.0;
+        instance.meta = service.meta.0;
+        self.instances.push(instance);
     }
-    Ok(out)
 }
 
-fn skipped(node: &str, service_id: &str, reason: SkipReason) -> SkippedEntry {
+/// Reads a health answer's body. Lenient, as the Consul API fact sheet requires:
+/// unknown fields are ignored, null or mistyped fields read as empty, missing weights as
+/// 1/1; an entry without a dialable address or port is skipped and reported, not an
+/// error (all counted, the first [`MAX_SKIPPED`] listed, one warning per answer).
+/// Instances are keyed by node and service ID. Only a body that is not a JSON array (or
+/// `null`) is an error.
+///
+/// Entries are read one at a time and dropped once used, so the memory a parse takes is
+/// a small multiple of the body at most, whatever the body holds.
+pub(crate) fn parse(bytes: &[u8]) -> Result<ParsedHealth, ConsulError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let out = de
+        .deserialize_any(Entries)
+        .and_then(|out| de.end().map(|()| out))
+        .map_err(|e| {
+            ConsulError::decode(format!("health answer is not a JSON array of entries: {e}"))
+        })?;
     #[cfg(feature = "tracing")]
-    tracing::warn!(
-        node,
-        service_id,
-        ?reason,
-        "consul health entry skipped: not dialable"
-    );
-    SkippedEntry {
-        node: node.to_owned(),
-        service_id: service_id.to_owned(),
-        reason,
+    if let Some(first) = out.skipped.first() {
+        tracing::warn!(
+            skipped = out.skipped_count,
+            first.node = %first.node,
+            first.service_id = %first.service_id,
+            first.reason = ?first.reason,
+            "consul health entries skipped: not dialable or malformed"
+        );
     }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -521,6 +565,21 @@ mod tests {
             ]
         );
         assert_eq!(p.skipped[0].service_id, "a");
+        assert_eq!(p.skipped_count, 5);
+    }
+
+    #[test]
+    fn skipped_entries_are_all_counted_and_the_first_listed() {
+        let entries: Vec<Value> = (0..40)
+            .map(|i| entry("n", &format!("s{i}"), 0, &[]))
+            .collect();
+        let p = parse_json(Value::Array(entries));
+        assert_eq!(p.skipped_count, 40);
+        assert_eq!(p.skipped.len(), MAX_SKIPPED);
+        assert_eq!(
+            p.skipped[MAX_SKIPPED - 1].service_id,
+            format!("s{}", MAX_SKIPPED - 1)
+        );
     }
 
     #[test]

@@ -490,7 +490,7 @@ async fn run(
                         service = %service,
                         index = response.index,
                         instances = _count,
-                        skipped = response.skipped.len(),
+                        skipped = response.skipped_count,
                         "consul watch published a change"
                     );
                 }
