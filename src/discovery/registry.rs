@@ -11,7 +11,7 @@ use super::{Health, Instance, InstanceId, InstanceWatch, Publisher};
 /// An in-process service registry: services register instances, clients watch a service's
 /// healthy instances. The embedded default of the examples and tests when no Consul agent
 /// is configured; it follows the same rules (identity by node and service ID, only passing
-/// instances published, registration guards that deregister on drop).
+/// and dialable instances published, registration guards that deregister on drop).
 ///
 /// Clones share the registry.
 ///
@@ -53,7 +53,7 @@ impl ServiceEntry {
         let healthy = self
             .instances
             .values()
-            .filter(|(_, passing, _)| *passing)
+            .filter(|(instance, passing, _)| *passing && dialable(instance))
             .map(|(instance, _, _)| instance.clone())
             .collect();
         self.publisher.publish(healthy);
@@ -68,8 +68,22 @@ impl Registry {
 
     /// Registers `instance` (replacing one with the same identity), passing. The returned
     /// guard deregisters it when dropped.
+    ///
+    /// An instance that cannot be dialed (an empty address or port 0) is registered but
+    /// never published, as a Consul watch skips such entries (logged at warn with the
+    /// `tracing` feature).
     #[must_use = "dropping the guard deregisters the instance"]
     pub fn register(&self, instance: Instance) -> Registration {
+        #[cfg(feature = "tracing")]
+        if !dialable(&instance) {
+            tracing::warn!(
+                service = %instance.service,
+                id = %instance.id,
+                address = %instance.address,
+                port = instance.port,
+                "registered instance not published: not dialable"
+            );
+        }
         let service = instance.service.clone();
         let id = instance.id.clone();
         let mut inner = self.inner.lock();
@@ -187,6 +201,11 @@ impl Registry {
         names.sort();
         names
     }
+}
+
+/// Whether `instance` can be dialed: what every source publishes.
+fn dialable(instance: &Instance) -> bool {
+    !instance.address.is_empty() && instance.port != 0
 }
 
 /// A registry answers at once: its snapshots are always live.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use seawall::BoxError;
 use seawall::balance::{Balance, OutlierDetection, hash_key};
 use seawall::circuit_breaker::{CircuitBreakerConfig, Rejection, SlidingWindow, State};
-use seawall::discovery::{Instance, Publisher, Registry, ServiceDiscover};
+use seawall::discovery::{Instance, InstanceId, Publisher, Registry, ServiceDiscover};
 use tokio::sync::Semaphore;
 use tower::{Service, ServiceExt};
 
@@ -152,6 +152,24 @@ async fn a_replaced_registration_does_not_deregister_its_successor() {
     );
     drop(g);
     assert_eq!(w.current().len(), 0, "the current guard still deregisters");
+}
+
+/// `Instance::port` is never 0 ("sources skip undialable entries"), and the registry
+/// follows the same rules as Consul: an undialable instance (port 0, empty address) is
+/// never published.
+#[test]
+fn the_registry_skips_undialable_instances() {
+    let registry = Registry::new();
+    let mut watch = registry.watch("svc");
+    let _bad = registry.register(Instance::new(InstanceId::new("n", "bad"), "svc", "", 0));
+    let _no_port = registry.register(Instance::new(InstanceId::new("n", "p0"), "svc", "h", 0));
+    let _ok = registry.register(inst(8080));
+    let published: Vec<String> = watch.current().iter().map(|i| i.authority()).collect();
+    assert_eq!(
+        published,
+        ["127.0.0.1:8080"],
+        "an undialable instance was published"
+    );
 }
 
 #[tokio::test]
