@@ -232,8 +232,9 @@ impl RegistrationGuard {
     ///
     /// The registration's [`ConsulError`], or the first heartbeat's; nothing is kept
     /// alive then. When the heartbeat fails, the service is deregistered before this
-    /// returns; when the registration fails, in the background, in case the agent acted
-    /// on it all the same (an ID it does not know is no error).
+    /// returns; when the registration fails without the agent's refusal (a `4xx`), in the
+    /// background, in case the agent acted on it all the same (an ID it does not know is
+    /// no error).
     pub async fn register_with(
         client: ConsulClient,
         registration: ServiceRegistration,
@@ -253,8 +254,17 @@ impl RegistrationGuard {
         // way, and deregistering an ID it never registered is no error.
         let mut undo = DeregisterOnDrop(Some(shared.clone()));
         // A failed registration may still have reached the agent (a timeout, a reset
-        // connection): `undo` deregisters it in the background as it drops.
-        shared.register().await?;
+        // connection): `undo` deregisters it in the background as it drops. Not one the
+        // agent refused (`4xx`: a bad definition, an ACL denial): it registered nothing,
+        // and an earlier registration under the same ID stays.
+        if let Err(e) = shared.register().await {
+            if e.status_code()
+                .is_some_and(|code| (400..500).contains(&code))
+            {
+                undo.0 = None;
+            }
+            return Err(e);
+        }
         let heartbeat = config.heartbeat_for(&shared.registration);
         if heartbeat.is_some() {
             if let Err(e) = shared.beat().await {

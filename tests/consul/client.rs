@@ -479,6 +479,44 @@ async fn a_timeout_around_register_does_not_leave_the_service_registered() {
     );
 }
 
+/// A registration the agent refuses (a `4xx`: a bad definition, an ACL denial) registered
+/// nothing: nothing is deregistered for it, so an earlier registration under the same ID
+/// (this instance's previous run, say) stays.
+#[tokio::test]
+async fn a_refused_registration_deregisters_nothing() {
+    let double = ConsulDouble::start_with(DoubleOptions::default()).await;
+    let client = client_for(&double.http_addr(), None);
+    let service = unique("refused");
+    client
+        .register(&instance(&service, "r-1", 9201))
+        .await
+        .unwrap();
+    double.fail_next(1, 400, "Invalid check: TTL must be > 0");
+    let e = RegistrationGuard::register(client.clone(), instance(&service, "r-1", 9201))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.status_code(), Some(400));
+    // Two round trips later a deregistration spawned for the refusal would be in.
+    tokio::task::yield_now().await;
+    for _ in 0..2 {
+        client
+            .health_service(&HealthQuery::new(&service))
+            .await
+            .unwrap();
+    }
+    let requests = double.requests();
+    assert!(
+        !requests.iter().any(|r| r.path.contains("deregister")),
+        "{:?}",
+        requests.iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+    let answer = client
+        .health_service(&HealthQuery::new(&service))
+        .await
+        .unwrap();
+    assert_eq!(answer.instances.len(), 1, "the earlier registration stays");
+}
+
 // --- watch --------------------------------------------------------------------------
 
 #[tokio::test]
