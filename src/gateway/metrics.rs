@@ -10,9 +10,10 @@
 //!   `tracing`, and its `/metrics` shows its own series only; give it the application's
 //!   handle with [`use_prometheus_handle`](super::use_prometheus_handle) to show both).
 //! - **The gateway's own recorder**, into which its route, endpoint and connection figures
-//!   are written when `/metrics` is scraped, from the same counters `/status.json` reads
-//!   (so the two always agree, several gateways in one process stay apart, and a request
-//!   pays nothing for it).
+//!   are written when `/metrics` is scraped, from the same counters `/status.json` reads,
+//!   into a recorder made for the scrape (so the two always agree, endpoints discovery
+//!   removed leave no series behind, several gateways in one process stay apart, and a
+//!   request pays nothing for it).
 
 use std::sync::OnceLock;
 
@@ -127,28 +128,31 @@ fn describe_library() {
     );
 }
 
-/// One gateway's own recorder.
-pub(crate) struct GatewayMetrics {
-    recorder: PrometheusRecorder,
-    handle: PrometheusHandle,
-}
+/// One gateway's own series.
+pub(crate) struct GatewayMetrics(());
 
 impl GatewayMetrics {
     pub(crate) fn new() -> Self {
         // The library's series need the global recorder before any breaker or limiter
         // registers its handles: the routes are built after this.
         let _ = process_handle();
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        let this = Self { recorder, handle };
-        metrics::with_local_recorder(&this.recorder, describe_gateway);
-        this
+        Self(())
     }
 
     /// The Prometheus text: the gateway's series as of `status`, then the library's.
+    ///
+    /// The gateway's are written into a recorder made for this scrape, so they are
+    /// exactly what `status` holds: an endpoint discovery removed (or a route gone) has no
+    /// series left behind, and instances coming and going (a new port each deploy) do not
+    /// grow the output without bound.
     pub(crate) fn render(&self, status: &GatewayStatus) -> String {
-        metrics::with_local_recorder(&self.recorder, || record(status));
-        let mut out = self.handle.render();
+        let recorder: PrometheusRecorder = PrometheusBuilder::new().build_recorder();
+        let handle: PrometheusHandle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe_gateway();
+            record(status);
+        });
+        let mut out = handle.render();
         if let Some(process) = process_handle() {
             out.push_str(&process.render());
         }

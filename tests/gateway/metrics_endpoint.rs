@@ -170,3 +170,64 @@ outlier = { consecutive_failures = 5, base_ejection = "30s" }
     proxy.shutdown().await;
     admin.shutdown().await;
 }
+
+/// An endpoint discovery removed leaves `/metrics` as it leaves `/status.json`: before,
+/// its series stayed for the gateway's life, frozen, and instances coming and going (a
+/// new port each deploy) grew the output without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_drop_endpoints_that_discovery_removed() {
+    let (a, b) = (upstream().await, upstream().await);
+    let registry = Registry::new();
+    let ra = registry.register(Instance::local("churn-svc", a));
+    let _rb = registry.register(Instance::local("churn-svc", b));
+    let config = GatewayConfig::from_toml_str(
+        r#"
+[gateway]
+listen = "127.0.0.1:0"
+[[routes]]
+name = "churn"
+path_prefix = "/c"
+service = "churn-svc"
+"#,
+    )
+    .unwrap();
+    let gateway = Gateway::build(config, Discovery::Registry(registry))
+        .await
+        .unwrap();
+    let admin = gateway
+        .clone()
+        .spawn_admin(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let proxy = gateway.spawn(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    for _ in 0..4 {
+        assert_eq!(get(proxy.local_addr(), "/c/x").await.0, 200);
+    }
+    let a_label = format!("address=\"{a}\"");
+    let (_, metrics) = get(admin.local_addr(), "/metrics").await;
+    assert!(metrics.contains(&a_label), "{metrics}");
+
+    drop(ra);
+    // Until the gateway's status no longer lists `a`.
+    let mut gone = false;
+    for _ in 0..100 {
+        let (_, json) = get(admin.local_addr(), "/status.json").await;
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let endpoints = json["routes"][0]["endpoints"].as_array().unwrap().clone();
+        if endpoints.iter().all(|e| e["address"] != a.to_string()) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(gone, "the status still lists {a}");
+    let (_, metrics) = get(admin.local_addr(), "/metrics").await;
+    let stale: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("seawall_gateway_endpoint_") && l.contains(&a_label))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "/status.json has no endpoint {a}, /metrics still reports it: {stale:#?}"
+    );
+    proxy.shutdown().await;
+    admin.shutdown().await;
+}
