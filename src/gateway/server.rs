@@ -1259,14 +1259,17 @@ fn admin_token_matches(headers: &http::HeaderMap, expected: &[u8; 32]) -> bool {
     let (Some(value), None) = (values.next(), values.next()) else {
         return false;
     };
-    let Some(token) = value
-        .as_bytes()
-        .strip_prefix(b"Bearer ")
-        .or_else(|| value.as_bytes().strip_prefix(b"bearer "))
-    else {
+    // The scheme in any case (RFC 9110 §11.1), then one or more spaces, as `auth.jwt`
+    // reads its bearer tokens.
+    let value = value.as_bytes().trim_ascii();
+    let Some(at) = value.iter().position(|&b| b == b' ') else {
         return false;
     };
-    let digest: [u8; 32] = Sha256::digest(token).into();
+    let (scheme, token) = value.split_at(at);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return false;
+    }
+    let digest: [u8; 32] = Sha256::digest(token.trim_ascii_start()).into();
     digest
         .iter()
         .zip(expected)

@@ -151,6 +151,13 @@ async fn the_admin_listener_serves_the_admin_paths_behind_its_token() {
         assert_eq!(status, 401, "{headers:?}: {body}");
         assert!(!body.contains("routes"), "{body}");
     }
+    // The scheme in any case, and more than one space before the token, as RFC 9110
+    // §11.1 and `auth.jwt` read it (`BEARER <token>` was refused).
+    for scheme in ["BEARER ", "bearer ", "BeArEr ", "Bearer   "] {
+        let headers = format!("authorization: {scheme}{TOKEN}\r\n");
+        let (status, body) = raw(a, "GET", "/status.json", &headers).await;
+        assert_eq!(status, 200, "{headers:?}: {body}");
+    }
     let (status, _) = raw(a, "POST", "/status.json", &bearer).await;
     assert_eq!(status, 405);
     let (status, _) = raw(a, "GET", "/api/x", &bearer).await;
