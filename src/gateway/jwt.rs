@@ -197,17 +197,14 @@ impl JwtVerifier {
     /// As [`verify_header`](Self::verify_header).
     pub fn check_header(&self, headers: &http::HeaderMap) -> Result<(), JwtError> {
         let token = bearer(headers)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        self.check_at(token, now)
+        self.check_at(token, now_millis())
     }
 
-    /// [`check_header`](Self::check_header) for a token, as if the time were `now`.
+    /// [`check_header`](Self::check_header) for a token, as if the time were `now`
+    /// (milliseconds since the Unix epoch).
     fn check_at(&self, token: &str, now: u64) -> Result<(), JwtError> {
         if let Some(times) = self.cache.get(token) {
-            return times.check(now, self.leeway.as_secs());
+            return times.check(now, self.leeway_millis());
         }
         let (_, times) = self.verify_with_times(token, now)?;
         self.cache.insert(token, times);
@@ -223,11 +220,8 @@ impl JwtVerifier {
         &self,
         token: &str,
     ) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        self.verify_at(token, now)
+        self.verify_with_times(token, now_millis())
+            .map(|(claims, _)| claims)
     }
 
     /// Verifies a token as if the time were `now` (seconds since the Unix epoch).
@@ -240,10 +234,17 @@ impl JwtVerifier {
         token: &str,
         now: u64,
     ) -> Result<serde_json::Map<String, serde_json::Value>, JwtError> {
-        self.verify_with_times(token, now).map(|(claims, _)| claims)
+        self.verify_with_times(token, now.saturating_mul(1000))
+            .map(|(claims, _)| claims)
     }
 
-    /// [`verify_at`](Self::verify_at), with the validity period it read.
+    /// The leeway, in milliseconds: kept to the millisecond, as configured.
+    fn leeway_millis(&self) -> u64 {
+        u64::try_from(self.leeway.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// [`verify_at`](Self::verify_at) at `now` in milliseconds since the Unix epoch, with
+    /// the validity period it read.
     fn verify_with_times(
         &self,
         token: &str,
@@ -286,7 +287,7 @@ impl JwtVerifier {
         if self.require_exp && times.exp.is_none() {
             return Err(JwtError::MissingExpiry);
         }
-        times.check(now, self.leeway.as_secs())?;
+        times.check(now, self.leeway_millis())?;
         if let Some(issuer) = &self.issuer {
             if claims.get("iss").and_then(|i| i.as_str()) != Some(issuer.as_str()) {
                 return Err(JwtError::WrongIssuer);
@@ -321,7 +322,17 @@ fn bearer(headers: &http::HeaderMap) -> Result<&str, JwtError> {
     Ok(token.trim())
 }
 
-/// A token's validity period.
+/// Now, in milliseconds since the Unix epoch.
+fn now_millis() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    u64::try_from(now).unwrap_or(u64::MAX)
+}
+
+/// A token's validity period, in milliseconds since the Unix epoch (a fractional `exp` or
+/// `nbf` kept to the millisecond).
 #[derive(Clone, Copy)]
 struct Times {
     exp: Option<u64>,
@@ -416,15 +427,16 @@ fn decode_json(part: &str) -> Result<serde_json::Map<String, serde_json::Value>,
 }
 
 /// A NumericDate: seconds since the epoch, possibly fractional; negative counts as 0.
+/// A `NumericDate` (seconds since the Unix epoch, maybe fractional), in milliseconds.
 fn numeric_date(v: &serde_json::Value) -> Result<u64, JwtError> {
     if let Some(n) = v.as_u64() {
-        return Ok(n);
+        return Ok(n.saturating_mul(1000));
     }
     match v.as_f64() {
         Some(f) if f.is_finite() => Ok(if f <= 0.0 {
             0
         } else {
-            f.min(u64::MAX as f64) as u64
+            (f * 1000.0).min(u64::MAX as f64) as u64
         }),
         _ => Err(JwtError::Malformed),
     }
@@ -455,23 +467,60 @@ mod tests {
         )
     }
 
+    /// A leeway and a fractional `exp` or `nbf` count to the millisecond: `leeway =
+    /// "1500ms"` tolerated 1 s of skew (and "500ms" none), and a fractional `nbf` let a
+    /// token in up to a second early.
+    #[test]
+    fn leeway_and_fractional_times_keep_their_milliseconds() {
+        let v = JwtVerifier::new(b"0123456789abcdef-leeway-secret".as_slice())
+            .leeway(Duration::from_millis(1500));
+        let token = v.sign(&json!({ "exp": NOW }));
+        for _ in 0..2 {
+            // Verified, then from the cache.
+            assert_eq!(v.check_at(&token, NOW * 1000 + 1499), Ok(()));
+        }
+        assert_eq!(
+            v.check_at(&token, NOW * 1000 + 1500),
+            Err(JwtError::Expired)
+        );
+        let strict = JwtVerifier::new(b"0123456789abcdef-leeway-secret".as_slice());
+        let token = strict.sign(&json!({ "exp": NOW + 60, "nbf": NOW as f64 + 0.75 }));
+        assert_eq!(
+            strict.check_at(&token, NOW * 1000 + 749),
+            Err(JwtError::NotYetValid)
+        );
+        assert_eq!(strict.check_at(&token, NOW * 1000 + 750), Ok(()));
+        let token = strict.sign(&json!({ "exp": NOW as f64 + 0.25 }));
+        assert_eq!(strict.check_at(&token, NOW * 1000 + 249), Ok(()));
+        assert_eq!(
+            strict.check_at(&token, NOW * 1000 + 250),
+            Err(JwtError::Expired)
+        );
+    }
+
     #[test]
     fn cached_tokens_still_expire_and_wait_for_nbf() {
         let v = verifier();
         let token = v.sign(&good());
         assert!(v.cache.get(&token).is_none());
-        assert_eq!(v.check_at(&token, NOW), Ok(()));
+        assert_eq!(v.check_at(&token, NOW * 1000), Ok(()));
         assert!(v.cache.get(&token).is_some(), "a verified token is cached");
         // Served from the cache, with the times checked on every use.
-        assert_eq!(v.check_at(&token, NOW), Ok(()));
-        assert_eq!(v.check_at(&token, NOW + 60), Err(JwtError::Expired));
-        assert_eq!(v.check_at(&token, NOW - 61), Err(JwtError::NotYetValid));
+        assert_eq!(v.check_at(&token, NOW * 1000), Ok(()));
+        assert_eq!(
+            v.check_at(&token, (NOW + 60) * 1000),
+            Err(JwtError::Expired)
+        );
+        assert_eq!(
+            v.check_at(&token, (NOW - 61) * 1000),
+            Err(JwtError::NotYetValid)
+        );
         // A clone shares the cache; a changed setting starts a new one.
         assert!(v.clone().cache.get(&token).is_some());
         let stricter = v.clone().audience("admin");
         assert!(stricter.cache.get(&token).is_none());
         assert_eq!(
-            stricter.check_at(&token, NOW),
+            stricter.check_at(&token, NOW * 1000),
             Err(JwtError::WrongAudience),
             "the cache never answers for another configuration"
         );
@@ -485,15 +534,21 @@ mod tests {
         tampered.pop();
         tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
         for _ in 0..2 {
-            assert_eq!(v.check_at(&tampered, NOW), Err(JwtError::BadSignature));
+            assert_eq!(
+                v.check_at(&tampered, NOW * 1000),
+                Err(JwtError::BadSignature)
+            );
             assert!(v.cache.get(&tampered).is_none());
         }
         let expired = v.sign(&json!({ "iss": "seawall", "aud": "api", "exp": NOW - 1 }));
-        assert_eq!(v.check_at(&expired, NOW), Err(JwtError::Expired));
+        assert_eq!(v.check_at(&expired, NOW * 1000), Err(JwtError::Expired));
         assert!(v.cache.get(&expired).is_none());
         // A token that differs from a cached one in its last byte is not taken for it.
-        assert_eq!(v.check_at(&token, NOW), Ok(()));
-        assert_eq!(v.check_at(&tampered, NOW), Err(JwtError::BadSignature));
+        assert_eq!(v.check_at(&token, NOW * 1000), Ok(()));
+        assert_eq!(
+            v.check_at(&tampered, NOW * 1000),
+            Err(JwtError::BadSignature)
+        );
     }
 
     #[test]
@@ -528,14 +583,14 @@ mod tests {
             .map(|i| v.sign(&json!({ "iss": "seawall", "aud": "api", "n": i })))
             .collect();
         for t in &tokens {
-            assert_eq!(v.check_at(t, NOW), Ok(()));
+            assert_eq!(v.check_at(t, NOW * 1000), Ok(()));
         }
         let cached = v.cache.slots.iter().filter(|s| s.lock().is_some()).count();
         assert!(cached <= TokenCache::SLOTS);
         assert_eq!(v.cache.slots.len(), TokenCache::SLOTS);
         // Too long to be cached: verified every time, and still accepted.
         let long = v.sign(&json!({ "iss": "seawall", "aud": "api", "pad": "x".repeat(2000) }));
-        assert_eq!(v.check_at(&long, NOW), Ok(()));
+        assert_eq!(v.check_at(&long, NOW * 1000), Ok(()));
         assert!(v.cache.get(&long).is_none());
     }
 
