@@ -145,16 +145,36 @@ impl fmt::Debug for RedisSettings {
     }
 }
 
-/// `url` without its credentials: `redis://user:pass@host/` → `redis://***@host/`.
+/// `url` without its credentials: `redis://user:pass@host/` → `redis://***@host/`, and
+/// the `user` and `pass` a `redis+unix://` URL carries in its query (`?pass=…` →
+/// `?pass=***`, as the `redis` crate reads them; `username` and `password` too).
 fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
     let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    let mut out = match rest[..authority_end].rfind('@') {
         Some(at) => format!("{scheme}://***{}", &rest[at..]),
         None => url.to_owned(),
+    };
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _))
+                    if ["user", "pass", "username", "password"]
+                        .iter()
+                        .any(|k| key.eq_ignore_ascii_case(k)) =>
+                {
+                    format!("{key}=***")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
     }
+    out
 }
 
 /// `failure = "..."` of `[redis]`.
@@ -1616,6 +1636,14 @@ outlier = { consecutive_failures = 3, base_ejection = "10s", max_ejected = "50%"
         assert_eq!(redact_url("rediss://u:p@h/"), "rediss://***@h/");
         assert_eq!(redact_url("redis://h:6379/"), "redis://h:6379/");
         assert_eq!(redact_url("redis://h/k@v"), "redis://h/k@v");
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=0&pass=hunter2&user=ada"),
+            "redis+unix:///run/redis.sock?db=0&pass=***&user=***"
+        );
+        assert_eq!(
+            redact_url("redis://:s3cret@h/0?password=p&protocol=resp3"),
+            "redis://***@h/0?password=***&protocol=resp3"
+        );
         let c = GatewayConfig::from_toml_str(&format!(
             "{BASE}\n[redis]\nurl = \"redis://:s3cret@127.0.0.1:6379/\"\n"
         ))
