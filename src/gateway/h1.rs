@@ -21,9 +21,9 @@
 //! - chunked bodies: hexadecimal sizes of at most 16 digits, extensions skipped (at most
 //!   [`MAX_CHUNK_LINE`] bytes a line), `CRLF` (never a bare `LF`) after every size line
 //!   and every chunk's data, trailers parsed as a header section (at most [`MAX_HEAD`]
-//!   bytes) and forwarded without the hop-by-hop fields, those the head's `Connection`
-//!   names, and those a recipient needs before the content (`Content-Length`, `Host`,
-//!   `Content-Type`, `Content-Encoding`, `Content-Range`).
+//!   bytes) and handed on without the fields the head's `Connection` names (the route
+//!   takes out what no upstream's trailers may carry on: hop-by-hop fields,
+//!   `Content-Length`, `Host`, `Content-Type`, `Content-Encoding`, `Content-Range`).
 //!
 //! A connection is reused only when its last exchange ended cleanly on both sides: the
 //! request's body sent whole, the response read to its end with nothing after it, and
@@ -1558,7 +1558,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                     Ok(Some(Chunk::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(Some(Chunk::Trailers(mut trailers))) => {
                         self.reading = Reading::Done;
-                        super::headers::sanitize_trailers(&mut trailers, &self.trailer_drop);
+                        // What the head named in `Connection` (what no upstream's trailers may carry
+                        // on is taken out further out, for every upstream).
+                        for name in &self.trailer_drop {
+                            trailers.remove(name);
+                        }
                         return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                     }
                     Ok(Some(Chunk::End)) => {

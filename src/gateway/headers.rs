@@ -459,11 +459,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether a `Connection` option names a header [`remove_hop_by_hop`] removes in any
-/// case (when present).
 /// The fields `headers`' `Connection` names beyond the hop-by-hop ones and the protected
 /// (`Host`, `Authorization`, `Content-Length`): what [`remove_hop_by_hop`] removes for
-/// it, and what is taken out of the message's trailers too ([`sanitize_trailers`]).
+/// it, and what the HTTP/1 client takes out of the message's trailers too.
 pub(crate) fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
@@ -488,20 +486,23 @@ const NOT_IN_TRAILERS: [HeaderName; 5] = [
     header::CONTENT_RANGE,
 ];
 
-/// Takes out of a trailer section what a proxy may not forward in one: the hop-by-hop
-/// fields and those its own `Connection` names ([`remove_hop_by_hop`]), the fields the
-/// message's head named in `Connection` (`named`: RFC 9110 §7.6.1 says "header or
-/// trailer field"), and those [`NOT_IN_TRAILERS`] lists. gRPC's `grpc-status` and every
-/// other field pass.
-pub(crate) fn sanitize_trailers(trailers: &mut HeaderMap, named: &[HeaderName]) {
+/// Takes out of an upstream's trailer section what a proxy may not forward in one, from
+/// any upstream: the hop-by-hop fields and those its own `Connection` names
+/// ([`remove_hop_by_hop`]), and those [`NOT_IN_TRAILERS`] lists. gRPC's `grpc-status` and
+/// every other field pass. (The fields an HTTP/1 head named in `Connection` are taken out
+/// by the HTTP/1 client, where that head is known: RFC 9110 §7.6.1 says "header or
+/// trailer field".)
+pub(crate) fn sanitize_trailers(trailers: &mut HeaderMap) {
     remove_hop_by_hop(trailers);
-    for name in named.iter().chain(&NOT_IN_TRAILERS) {
+    for name in &NOT_IN_TRAILERS {
         if trailers.contains_key(name) {
             trailers.remove(name);
         }
     }
 }
 
+/// Whether a `Connection` option names a header [`remove_hop_by_hop`] removes in any
+/// case (when present).
 fn removed_anyway(token: &str) -> bool {
     token.eq_ignore_ascii_case("keep-alive")
         || token.eq_ignore_ascii_case("proxy-connection")
@@ -526,7 +527,7 @@ mod tests {
             ("content-type", "text/html"),
             ("connection", "x-in-trailers"),
             ("x-in-trailers", "1"),
-            ("x-named-in-head", "2"),
+            ("x-other", "2"),
             ("keep-alive", "timeout=5"),
         ] {
             trailers.append(
@@ -534,9 +535,9 @@ mod tests {
                 HeaderValue::from_static(value),
             );
         }
-        sanitize_trailers(&mut trailers, &[HeaderName::from_static("x-named-in-head")]);
+        sanitize_trailers(&mut trailers);
         let left: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
-        assert_eq!(left, ["grpc-status", "grpc-message"]);
+        assert_eq!(left, ["grpc-status", "grpc-message", "x-other"]);
     }
 
     #[test]

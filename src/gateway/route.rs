@@ -1447,10 +1447,18 @@ impl hyper::body::Body for BodyTimeout {
         if this.failed {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+        if let Poll::Ready(mut frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.progressed = true;
             if this.grpc_outcome.is_some() {
                 super::grpc::settle(&mut this.grpc_outcome, &frame);
+            }
+            // Trailers (HTTP/1 or HTTP/2 upstreams) lose what may not be forwarded in them.
+            if let Some(trailers) = frame
+                .as_mut()
+                .and_then(|f| f.as_mut().ok())
+                .and_then(|f| f.trailers_mut())
+            {
+                super::headers::sanitize_trailers(trailers);
             }
             return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
         }

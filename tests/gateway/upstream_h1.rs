@@ -717,3 +717,50 @@ async fn an_h2_upload_over_the_limit_is_413_not_forwarded_without_its_start() {
     );
     gw.shutdown().await;
 }
+
+/// Trailers from an HTTP/2 upstream lose the fields no trailer section may carry on
+/// (framing, routing, the content's form), as an HTTP/1 upstream's do; `grpc-status`
+/// passes.
+#[tokio::test]
+async fn an_h2_upstreams_trailers_lose_the_fields_they_may_not_carry() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|_: Request<hyper::body::Incoming>| async {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                trailers.insert("content-length", http::HeaderValue::from_static("99"));
+                trailers.insert("host", http::HeaderValue::from_static("elsewhere"));
+                trailers.insert("content-type", http::HeaderValue::from_static("text/html"));
+                let frames = futures::stream::iter([
+                    Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"ok"))),
+                    Ok(Frame::trailers(trailers)),
+                ]);
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(StreamBody::new(frames)))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let (status, body) =
+        super::raw_http::request(gw.local_addr(), "GET", "/api/x", "te: trailers\r\n").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, trailer_section) = body.split_once("\r\n0\r\n").expect("a last chunk");
+    assert!(trailer_section.contains("grpc-status: 0"), "{body:?}");
+    for name in ["content-length", "host", "content-type"] {
+        assert!(
+            !trailer_section.contains(name),
+            "{name} forwarded: {body:?}"
+        );
+    }
+    gw.shutdown().await;
+}
