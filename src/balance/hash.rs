@@ -168,26 +168,43 @@ where
     /// point, which finds one whenever there is one. When every endpoint in rotation
     /// refuses, a breaker's rejection (as [`Balance`](super::Balance) fails fast); with
     /// none in rotation, the owner, if its breaker admits the request.
+    ///
+    /// The owner in rotation and admitting the request (nearly every call) is decided
+    /// inline, the rest out of line.
+    #[inline(always)]
     pub(crate) fn pick(&self, hash: u64) -> Result<(usize, Option<Ticket>), Rejection> {
+        let at = self.set.maglev.lookup(hash, 0);
+        let slot = &self.set.slots[at];
+        let refused = if slot.available() {
+            match &slot.breaker {
+                None => return Ok((at, None)),
+                Some(breaker) => match breaker.try_acquire() {
+                    Ok(ticket) => return Ok((at, Some(ticket))),
+                    Err(rejection) => Some(rejection),
+                },
+            }
+        } else {
+            None
+        };
+        self.pick_next(hash, refused)
+    }
+
+    /// [`pick`](Self::pick) past the owner, with its breaker's refusal if it refused.
+    #[cold]
+    #[inline(never)]
+    fn pick_next(
+        &self,
+        hash: u64,
+        mut refused: Option<Rejection>,
+    ) -> Result<(usize, Option<Ticket>), Rejection> {
         let n = self.set.len() as u64;
-        let mut refused = None;
-        for attempt in 0..(2 * n + 8) {
+        for attempt in 1..(2 * n + 8) {
             let at = self.set.maglev.lookup(hash, attempt);
             if let Some(ticket) = self.admit(at, &mut refused) {
                 return Ok((at, ticket));
             }
         }
-        self.pick_around(hash, refused)
-    }
-
-    /// Where `pick` goes once the key's choices in the table are spent.
-    #[cold]
-    #[inline(never)]
-    fn pick_around(
-        &self,
-        hash: u64,
-        mut refused: Option<Rejection>,
-    ) -> Result<(usize, Option<Ticket>), Rejection> {
+        // The key's choices in the table are spent.
         for at in self.set.maglev.ring(hash) {
             if let Some(ticket) = self.admit(at, &mut refused) {
                 return Ok((at, ticket));
@@ -207,7 +224,6 @@ where
     /// The ticket for a request to the endpoint at `at` (`None` without a breaker) when it
     /// is in rotation and its breaker admits the request; a breaker's refusal is kept in
     /// `refused` (the first one).
-    #[inline]
     fn admit(&self, at: usize, refused: &mut Option<Rejection>) -> Option<Option<Ticket>> {
         let slot = &self.set.slots[at];
         if !slot.available() {
