@@ -107,6 +107,9 @@ pub struct Quota {
     interval_nanos: u64,
 }
 
+/// The longest a bucket may take to refill from empty, in nanoseconds (about 146 years).
+const MAX_REFILL_NANOS: u64 = u64::MAX / 4;
+
 impl Quota {
     /// A quota refilling at `rate` with room for `burst` tokens.
     ///
@@ -114,7 +117,7 @@ impl Quota {
     ///
     /// A [`ConfigError`] naming `rate` (no token per period, more than one per nanosecond, or
     /// a period over 365 days) or `burst` (zero, or so large that an empty bucket would take
-    /// more than 584 years, `u64::MAX` nanoseconds, to refill).
+    /// more than 146 years, a quarter of `u64::MAX` nanoseconds, to refill).
     pub fn new(rate: Rate, burst: u32) -> Result<Self, ConfigError> {
         if rate.period > MAX_PERIOD {
             return Err(rate_error(rate));
@@ -124,13 +127,18 @@ impl Quota {
             return Err(ConfigError::invalid("burst", "must be at least 1, got 0"));
         }
         let interval_nanos = crate::util::nanos(interval);
-        // A bucket's time to refill from empty, in nanoseconds, must be a `u64` (about 584
-        // years): the limiters would otherwise cap it there, a smaller burst than asked.
-        if u64::from(burst).checked_mul(interval_nanos).is_none() {
+        // A bucket's time to refill from empty, in nanoseconds, must stay well inside a
+        // `u64`: the limiters add it to the clock's reading (nanoseconds since the clock's
+        // origin), and a sum that saturated at `u64::MAX` would admit every request.
+        // A quarter of the range (146 years) leaves the clock three quarters.
+        if u64::from(burst)
+            .checked_mul(interval_nanos)
+            .is_none_or(|tau| tau > MAX_REFILL_NANOS)
+        {
             return Err(ConfigError::invalid(
                 "burst",
                 format!(
-                    "{burst} tokens at one per {interval:?} take more than 584 years to refill"
+                    "{burst} tokens at one per {interval:?} take more than 146 years to refill"
                 ),
             ));
         }
@@ -186,11 +194,12 @@ mod tests {
         );
         assert_eq!(field(Quota::new(Rate::new(1, Duration::MAX), 1)), "rate");
         assert_eq!(field(Quota::new(Rate::per_second(1), 0)), "burst");
-        // Refilling from empty would take longer than a `u64` of nanoseconds: refused
-        // rather than capped to a smaller burst.
+        // Refilling from empty would take longer than a quarter of a `u64` of
+        // nanoseconds (the rest is the clock's): refused rather than capped to a smaller
+        // burst, or saturating with the clock's reading.
         let yearly = Rate::new(1, Duration::from_secs(365 * 24 * 3600));
         assert_eq!(field(Quota::new(yearly, u32::MAX)), "burst");
-        let largest = u64::MAX / Quota::new(yearly, 1).unwrap().interval_nanos();
+        let largest = MAX_REFILL_NANOS / Quota::new(yearly, 1).unwrap().interval_nanos();
         let largest = u32::try_from(largest).unwrap();
         assert_eq!(Quota::new(yearly, largest).unwrap().burst(), largest);
         assert_eq!(field(Quota::new(yearly, largest + 1)), "burst");

@@ -98,13 +98,16 @@ impl<Request, C: Clock> Reserve<Request> for RateLimiter<C> {
         match RateLimiter::reserve(self, tokens, max_wait) {
             Err(refused) => Booked::Refused(refused),
             Ok(r) if r.wait.is_zero() => Booked::Now,
-            Ok(r) => Booked::Later(
-                LocalBooking {
-                    limiter: self.clone(),
-                    reservation: Some(r),
-                },
-                r.wait,
-            ),
+            Ok(r) => {
+                let wait = r.wait;
+                Booked::Later(
+                    LocalBooking {
+                        limiter: self.clone(),
+                        reservation: Some(r),
+                    },
+                    wait,
+                )
+            }
         }
     }
 }
@@ -175,14 +178,17 @@ where
         match self.limiter().reserve(&key, tokens, max_wait) {
             Err(refused) => Booked::Refused(refused),
             Ok(r) if r.wait.is_zero() => Booked::Now,
-            Ok(r) => Booked::Later(
-                KeyedBooking {
-                    limiter: self.limiter().clone(),
-                    key,
-                    reservation: Some(r),
-                },
-                r.wait,
-            ),
+            Ok(r) => {
+                let wait = r.wait;
+                Booked::Later(
+                    KeyedBooking {
+                        limiter: self.limiter().clone(),
+                        key,
+                        reservation: Some(r),
+                    },
+                    wait,
+                )
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
 
 #[cfg(feature = "axum")]
 mod axum_service;
+mod bookings;
 #[cfg(feature = "http")]
 mod http_answers;
 mod limiters;

@@ -284,6 +284,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         Ok(Reservation {
             tokens,
             wait: Duration::from_nanos(wait),
+            until: step.next,
         })
     }
 
@@ -294,10 +295,14 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.move_back(key, |entry| {
-            let cost = u64::from(reservation.tokens).saturating_mul(entry.interval);
-            entry.tat.saturating_sub(cost)
-        });
+        // As a refund: what of the booking has refilled since is not given back again.
+        self.refund(
+            key,
+            Taken {
+                tokens: u64::from(reservation.tokens),
+                until: reservation.until,
+            },
+        );
     }
 
     /// Like [`acquire`](Self::acquire), with a receipt of the tokens taken, for

@@ -91,12 +91,17 @@ pub struct Admitted {
 }
 
 /// A booking made by [`RateLimiter::reserve`] or [`KeyedRateLimiter::reserve`](crate::rate_limit::KeyedRateLimiter::reserve).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Neither `Copy` nor `Clone`: a booking is handed back once.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Reservation {
     /// Tokens booked.
     pub tokens: u32,
     /// How long until they are due (zero: now).
     pub wait: Duration,
+    /// The bucket's arrival time just after the booking, in the clock's nanoseconds: the
+    /// tokens booked are the debt just below it, and what time has refilled since is not
+    /// handed back by a cancel (as [`Taken::until`] for a refund).
+    pub(crate) until: u64,
 }
 
 /// Tokens an admitted request took, as [`RateLimiter::take`] and
@@ -371,18 +376,19 @@ impl<C: Clock> RateLimiter<C> {
         Ok(Reservation {
             tokens,
             wait: Duration::from_nanos(step.wait()),
+            until: step.next,
         })
     }
 
     /// Hands back a booking that will not be used, so that its tokens serve later callers.
-    /// Bookings made after it keep their (now slightly conservative) times.
+    /// Bookings made after it keep their (now slightly conservative) times. Exact and
+    /// bounded, as a [`refund`](Self::refund): what of the booking time has already
+    /// refilled (a booking handed back after its turn) is not given back again.
     pub fn cancel(&self, reservation: Reservation) {
-        let interval = self.inner.shape.interval.load(Relaxed);
-        let cost = u64::from(reservation.tokens) * interval;
-        let _ = self
-            .inner
-            .tat
-            .fetch_update(Relaxed, Relaxed, |tat| Some(tat.saturating_sub(cost)));
+        self.refund(Taken {
+            tokens: u64::from(reservation.tokens),
+            until: reservation.until,
+        });
     }
 
     /// The clock this limiter reads.

@@ -144,14 +144,17 @@ where
                             Err(refused) => State::Refused(refused),
                         };
                     }
-                    State::Waiting(r) => {
-                        let r = *r;
+                    State::Waiting(_) => {
                         if let Some(sleep) = &mut self.sleep {
                             if sleep.as_mut().poll(cx).is_pending() {
                                 return Poll::Pending;
                             }
                         }
-                        self.booking.state = State::Reserved(r);
+                        if let State::Waiting(r) =
+                            std::mem::replace(&mut self.booking.state, State::Idle)
+                        {
+                            self.booking.state = State::Reserved(r);
+                        }
                     }
                     State::Reserved(_) => break,
                     State::Refused(_) => return Poll::Ready(Ok(())),

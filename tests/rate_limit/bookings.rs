@@ -1,0 +1,161 @@
+//! Bookings handed back after their turn give back only what has not refilled since (a
+//! review found each handing back the whole booking again), and the longest quotas
+//! accepted stay limited.
+
+use std::time::Duration;
+
+use seawall::BoxError;
+use seawall::rate_limit::{
+    LimitLayer, MAX_PERIOD, ManualClock, Quota, Rate, RateLimitLayer, RateLimiter,
+};
+use tokio::time::advance;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+fn quota(per_second: u32, burst: u32) -> Quota {
+    Quota::new(Rate::per_second(per_second), burst).unwrap()
+}
+
+fn echo() -> impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone + Send {
+    tower::service_fn(|x: u32| async move { Ok::<_, BoxError>(x) })
+}
+
+/// `cancel` of a booking whose turn has passed gives back a token that time had already
+/// refilled: two tokens at one instant from a bucket of one.
+#[test]
+fn a_booking_cancelled_after_its_turn_gives_back_nothing() {
+    let clock = ManualClock::new();
+    let limiter = RateLimiter::with_clock(quota(1, 1), clock.clone());
+    limiter.try_acquire(1).unwrap(); // the burst
+    let booking = limiter.reserve(1, Duration::from_secs(10)).unwrap();
+    assert_eq!(booking.wait, Duration::from_secs(1));
+    clock.advance(Duration::from_secs(10)); // long past its turn: the bucket is full (1)
+    limiter.try_acquire(1).unwrap(); // someone takes the one token
+    limiter.cancel(booking); // the booking's holder gives up, late
+    assert_eq!(limiter.available(), 0, "burst 1, one token just taken");
+    assert!(
+        limiter.try_acquire(1).is_err(),
+        "a second token at the same instant"
+    );
+}
+
+/// `RateLimit` in `Mode::Wait`: a service made ready (its booking `Reserved`, as a
+/// ready-cache or balancer holds services) and dropped later hands back a token the bucket
+/// had already refilled.
+#[tokio::test(start_paused = true)]
+async fn a_ready_service_dropped_late_gives_back_nothing() {
+    let layer = RateLimitLayer::new(quota(1, 1)).wait_up_to(Duration::from_secs(10));
+    let limiter = layer.limiter().clone();
+    let mut idle = ServiceBuilder::new().layer(layer.clone()).service(echo());
+    idle.ready().await.unwrap(); // books the one token, at once
+    advance(Duration::from_secs(10)).await; // the bucket refills
+    let mut other = ServiceBuilder::new().layer(layer).service(echo());
+    other.ready().await.unwrap().call(1).await.unwrap(); // takes the refilled token
+    drop(idle); // the ready service is dropped unused
+    assert!(
+        limiter.try_acquire(1).is_err(),
+        "burst 1: a second token at the same instant"
+    );
+}
+
+/// `LimitLayer::wait`: a `WaitFuture` dropped after its turn (never polled again) hands
+/// back a token the bucket had already refilled.
+#[tokio::test(start_paused = true)]
+async fn a_wait_dropped_after_its_turn_gives_back_nothing() {
+    let limiter = RateLimiter::new(quota(1, 1));
+    let mut svc = ServiceBuilder::new()
+        .layer(LimitLayer::new(limiter.clone()).wait(Duration::from_secs(10)))
+        .service(echo());
+    svc.ready().await.unwrap().call(0).await.unwrap(); // the burst
+    let booked = svc.ready().await.unwrap().call(1); // booked for +1 s
+    advance(Duration::from_secs(10)).await;
+    assert!(limiter.try_acquire(1).is_ok(), "the refilled token");
+    drop(booked);
+    assert!(
+        limiter.try_acquire(1).is_err(),
+        "burst 1: a second token at the same instant"
+    );
+}
+
+/// The longest refill a quota may have is a quarter of the clock's range: one token a
+/// year with a burst of 584 (584 years, all of a `u64` of nanoseconds) was accepted, and
+/// once the limiter's clock had run 344 days `now + burst × interval` saturated and every
+/// request was admitted.
+#[test]
+fn the_longest_quota_accepted_stays_limited_for_its_clocks_range() {
+    let yearly = Rate::new(1, MAX_PERIOD);
+    assert!(Quota::new(yearly, 584).is_err(), "584 years to refill");
+    let burst = (1..=584u32)
+        .rev()
+        .find(|&b| Quota::new(yearly, b).is_ok())
+        .unwrap();
+    assert!((140..=146).contains(&burst), "{burst}");
+    let clock = ManualClock::new();
+    let limiter = RateLimiter::with_clock(Quota::new(yearly, burst).unwrap(), clock.clone());
+    // A century of the clock's time: the bucket, refilled, holds its burst and no more.
+    clock.advance(Duration::from_secs(100 * 365 * 24 * 3600));
+    let admitted = (0..10_000)
+        .filter(|_| limiter.try_acquire(1).is_ok())
+        .count();
+    assert_eq!(admitted, burst as usize);
+}
+
+/// The same through the keyed waiting layer (`KeyedBooking`'s drop → `KeyedRateLimiter::cancel`).
+#[tokio::test(start_paused = true)]
+async fn a_keyed_wait_dropped_after_its_turn_gives_back_nothing() {
+    use seawall::rate_limit::KeyedRateLimitLayer;
+
+    let layer = KeyedRateLimitLayer::new(quota(1, 1), |k: &&'static str| Some(*k))
+        .wait(Duration::from_secs(10));
+    let limiter = layer.limiter_handle();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(|k: &'static str| async move { Ok::<_, BoxError>(k) });
+    svc.ready().await.unwrap().call("k").await.unwrap(); // the burst
+    let booked = svc.ready().await.unwrap().call("k"); // booked for +1 s
+    advance(Duration::from_secs(10)).await;
+    assert!(limiter.try_acquire(&"k", 1).is_ok(), "the refilled token");
+    drop(booked);
+    assert!(
+        limiter.try_acquire(&"k", 1).is_err(),
+        "burst 1: a second token at the same instant"
+    );
+}
+
+/// `RateLimiter::cancel` multiplies `tokens × interval` unchecked: a booking of 1000 tokens
+/// (a weighted `Mode::Wait` layer) handed back after `set_quota` moved to a slow rate
+/// overflows (a panic in the booking's `Drop` with overflow checks, a wrapped,
+/// arbitrary credit without).
+#[tokio::test(start_paused = true)]
+async fn a_cancel_after_a_slower_quota_does_not_overflow() {
+    let layer = RateLimitLayer::new(quota(1000, 1000))
+        .wait_up_to(Duration::from_secs(10))
+        .cost(1000u32);
+    let limiter = layer.limiter().clone();
+    let mut svc = ServiceBuilder::new().layer(layer).service(echo());
+    svc.ready().await.unwrap(); // books 1000 tokens (Reserved)
+    limiter.set_quota(Quota::new(Rate::new(1, MAX_PERIOD), 1).unwrap());
+    drop(svc); // hands the booking back: 1000 × 31_536_000_000_000_000 ns
+    assert_eq!(limiter.available(), 0);
+}
+
+/// How far it goes: ten bookings handed back late, each after a take, admit eleven
+/// tokens at one instant from a bucket of one.
+#[test]
+fn late_cancels_do_not_add_up() {
+    let clock = ManualClock::new();
+    let limiter = RateLimiter::with_clock(quota(1, 1), clock.clone());
+    limiter.try_acquire(1).unwrap();
+    let bookings: Vec<_> = (0..10)
+        .map(|_| limiter.reserve(1, Duration::from_secs(60)).unwrap())
+        .collect();
+    clock.advance(Duration::from_secs(100));
+    let mut admitted = usize::from(limiter.try_acquire(1).is_ok());
+    for booking in bookings {
+        limiter.cancel(booking);
+        admitted += usize::from(limiter.try_acquire(1).is_ok());
+    }
+    assert!(
+        admitted <= 1,
+        "admitted {admitted} at one instant from a bucket of 1"
+    );
+}
