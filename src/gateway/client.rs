@@ -65,17 +65,41 @@ impl std::error::Error for ClientBodyError {
 const DONE: u8 = 1;
 /// The last poll of the body found nothing from the client: the exchange waits on it.
 const WAITING: u8 = 2;
+/// The body failed: it could not be read.
+const FAILED: u8 = 4;
+/// The body failed: it grew past the limit.
+const TOO_LARGE: u8 = 8;
 
 /// What a [`ClientBody`] tells the upstream call about itself, shared with it. Made only
 /// for bodies that are not empty from the start: a `GET` costs no allocation.
 #[derive(Debug, Default)]
-pub(crate) struct BodyState(AtomicU8);
+pub(crate) struct BodyState {
+    flags: AtomicU8,
+    /// The body's limit, for [`ClientBodyError::TooLarge`].
+    limit: u64,
+}
 
 impl BodyState {
     /// Whether the exchange is stalled on the client: its body is not over and the last
     /// attempt to read more of it found nothing.
     pub(crate) fn waiting_on_client(&self) -> bool {
-        self.0.load(Relaxed) & (DONE | WAITING) == WAITING
+        self.flags.load(Relaxed) & (DONE | WAITING) == WAITING
+    }
+
+    /// How the client's body failed, if it did: for an exchange whose own error does not
+    /// carry it (hyper's HTTP/2 client resets the stream on a body error and reports only
+    /// the reset), so that the client's fault is never taken for the upstream's.
+    pub(crate) fn failure(&self) -> Option<ClientBodyError> {
+        let flags = self.flags.load(Relaxed);
+        if flags & TOO_LARGE != 0 {
+            Some(ClientBodyError::TooLarge(self.limit))
+        } else if flags & FAILED != 0 {
+            Some(ClientBodyError::Read(
+                "the client's request body failed".into(),
+            ))
+        } else {
+            None
+        }
     }
 }
 
@@ -105,7 +129,12 @@ impl<B: HttpBody> ClientBody<B> {
         if body.size_hint().lower() > left {
             return Err(body);
         }
-        let state = (!body.is_end_stream()).then(Arc::<BodyState>::default);
+        let state = (!body.is_end_stream()).then(|| {
+            Arc::new(BodyState {
+                flags: AtomicU8::new(0),
+                limit,
+            })
+        });
         let wrapped = Self {
             body,
             left,
@@ -119,9 +148,9 @@ impl<B: HttpBody> ClientBody<B> {
 fn set(state: &Option<Arc<BodyState>>, flag: u8, on: bool) {
     if let Some(state) = state {
         if on {
-            state.0.fetch_or(flag, Relaxed);
+            state.flags.fetch_or(flag, Relaxed);
         } else {
-            state.0.fetch_and(!flag, Relaxed);
+            state.flags.fetch_and(!flag, Relaxed);
         }
     }
 }
@@ -153,14 +182,14 @@ where
                 Poll::Ready(None)
             }
             Some(Err(e)) => {
-                set(this.state, DONE, true);
+                set(this.state, DONE | FAILED, true);
                 Poll::Ready(Some(Err(Box::new(ClientBodyError::Read(e.into())))))
             }
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > *this.left {
-                        set(this.state, DONE, true);
+                        set(this.state, DONE | TOO_LARGE, true);
                         #[cfg(feature = "tracing")]
                         tracing::debug!(
                             target: "seawall::gateway",
@@ -633,10 +662,13 @@ mod tests {
     fn body_state_waits_on_the_client_only_while_the_body_is_open() {
         let s = BodyState::default();
         assert!(!s.waiting_on_client());
-        s.0.fetch_or(WAITING, Relaxed);
+        s.flags.fetch_or(WAITING, Relaxed);
         assert!(s.waiting_on_client());
-        s.0.fetch_or(DONE, Relaxed);
+        s.flags.fetch_or(DONE, Relaxed);
         assert!(!s.waiting_on_client());
+        assert!(s.failure().is_none());
+        s.flags.fetch_or(FAILED, Relaxed);
+        assert!(matches!(s.failure(), Some(ClientBodyError::Read(_))));
     }
 
     #[test]

@@ -97,6 +97,9 @@ pub(crate) enum UpstreamError {
     /// timeout) passed before the response head: the caller's choice, not the upstream's
     /// fault.
     CallerDeadline,
+    /// The client's request body failed while the exchange's own error says only how the
+    /// exchange ended (an HTTP/2 stream reset): the client's fault.
+    ClientBody(ClientBodyError),
     /// The TLS handshake with the upstream failed: an unknown CA, a certificate for
     /// another name or expired, no common protocol, an upstream that does not speak TLS.
     #[cfg(feature = "tls")]
@@ -109,7 +112,7 @@ impl UpstreamError {
     /// timeout. Such errors never count against the upstream.
     pub(crate) fn is_client_fault(&self) -> bool {
         match self {
-            Self::ClientBodyTimeout | Self::CallerDeadline => true,
+            Self::ClientBodyTimeout | Self::CallerDeadline | Self::ClientBody(_) => true,
             Self::Http(_) | Self::H1(_) => {
                 let mut current: Option<&(dyn std::error::Error + 'static)> = Some(self);
                 while let Some(e) = current {
@@ -138,6 +141,7 @@ impl fmt::Display for UpstreamError {
                 f.write_str("the client's request body did not come within the route timeout")
             }
             Self::CallerDeadline => f.write_str("the caller's deadline (grpc-timeout) passed"),
+            Self::ClientBody(e) => write!(f, "upstream HTTP exchange: {e}"),
             #[cfg(feature = "tls")]
             Self::Tls(e) => write!(f, "TLS handshake with the upstream: {e}"),
         }
@@ -157,6 +161,7 @@ impl std::error::Error for UpstreamError {
             | Self::CallerDeadline => None,
             Self::Http(e) => Some(e),
             Self::H1(e) => Some(e),
+            Self::ClientBody(e) => Some(e),
         }
     }
 }

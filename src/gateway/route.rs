@@ -203,7 +203,14 @@ impl Future for UpstreamFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(result) = Pin::new(this.send).poll(cx) {
-            return Poll::Ready(result);
+            return Poll::Ready(result.map_err(|e| {
+                // An exchange that failed with the client's body: the client's fault,
+                // whether or not the exchange's error says so (HTTP/2's does not).
+                match this.body.as_ref().and_then(|b| b.failure()) {
+                    Some(failure) if !e.is_client_fault() => UpstreamError::ClientBody(failure),
+                    _ => e,
+                }
+            }));
         }
         let elapsed = match (this.reused, this.deadline.as_pin_mut()) {
             (Some(reused), _) => Pin::new(reused).poll(cx).is_ready(),

@@ -300,3 +300,56 @@ async fn a_graceful_shutdown_lets_streams_in_flight_finish() {
     assert_eq!(timeout(BOUND, call).await.unwrap().unwrap().unwrap(), 200);
     timeout(BOUND, shutdown).await.unwrap().unwrap();
 }
+
+/// A client's request body over `max_request_body` (chunked: no length to refuse it by
+/// up front) is the client's fault: `413`, never counted against the endpoint. So is a
+/// malformed chunked body (`400`). Over an HTTP/2 upstream (`protocol = "h2"`) hyper
+/// resets the stream on the body's error and reports only the reset: both were a `502`
+/// counted against the endpoint, so a client could open its breaker at will.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_body_fault_over_an_h2_upstream_is_the_clients() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            // Reads the whole body, then answers.
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let _ = req.into_body().collect().await;
+                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nmax_request_body = 1024\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let chunk = "a".repeat(1000);
+    let too_large = format!(
+        "POST /api/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n3e8\r\n{chunk}\r\n3e8\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let malformed = "POST /api/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n5\r\nabcde\r\nzz\r\n";
+    let answer = timeout(BOUND, exchange(gw.local_addr(), too_large.as_bytes()))
+        .await
+        .expect("no hang");
+    let large_status = status_of(&answer);
+    let answer = timeout(BOUND, exchange(gw.local_addr(), malformed.as_bytes()))
+        .await
+        .expect("no hang");
+    let bad_status = status_of(&answer);
+    super::limits::settled(&gw, 2).await;
+    let e = super::limits::endpoint(&gw);
+    assert_eq!(
+        (large_status, bad_status, e.failures),
+        (413, 400, 0),
+        "(too large, malformed, endpoint failures): {e:?}"
+    );
+    gw.shutdown().await;
+}
