@@ -322,7 +322,10 @@ pub struct TlsSettings {
     #[serde(default = "default_reload_every", deserialize_with = "duration")]
     pub reload_every: Duration,
     /// The protocols offered by ALPN, in order of preference (default `["h2",
-    /// "http/1.1"]`; `["http/1.1"]` turns HTTP/2 off).
+    /// "http/1.1"]`; `["http/1.1"]` turns HTTP/2 off). `http/1.1` stands for `http/1.0`
+    /// too. A client that offers no ALPN gets HTTP/1.1; one whose offer shares nothing
+    /// with the list (an HTTP/2-only client when HTTP/2 is off) is refused in the
+    /// handshake (`no_application_protocol`, RFC 7301), as nginx refuses it.
     #[serde(default = "default_alpn")]
     pub alpn: Vec<String>,
 }

@@ -14,8 +14,10 @@
 //!   files are tried again when they change again.
 //! - **Handshake timeout**: a client has `handshake_timeout` to complete its handshake,
 //!   on its connection's own task (the accept loop never waits on a handshake).
-//! - **ALPN**: `h2` (HTTP/2) and `http/1.1`, in the configured order; a client that
-//!   offers neither gets HTTP/1.1.
+//! - **ALPN**: `h2` (HTTP/2) and `http/1.1`, in the configured order, `http/1.1` standing
+//!   for `http/1.0` too; a client that offers no ALPN gets HTTP/1.1, and one whose offer
+//!   shares nothing with the list is refused with `no_application_protocol`, as RFC 7301
+//!   asks and nginx does.
 
 use std::fmt;
 use std::path::Path;
@@ -76,10 +78,15 @@ impl Tls {
             .map_err(|e| ConfigError::invalid("gateway.tls", e.to_string()))?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
+        // `http/1.1` stands for HTTP/1.x: an HTTP/1.0 client (`curl --http1.0`) offers
+        // `http/1.0`, and would otherwise be refused.
         config.alpn_protocols = settings
             .alpn
             .iter()
-            .map(|p| p.as_bytes().to_vec())
+            .flat_map(|p| match p.as_str() {
+                "http/1.1" => vec![b"http/1.1".to_vec(), b"http/1.0".to_vec()],
+                other => vec![other.as_bytes().to_vec()],
+            })
             .collect();
         let tls = Arc::new(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),

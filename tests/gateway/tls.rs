@@ -424,3 +424,31 @@ async fn curl_gets_through_with_the_ca_and_not_with_tls_1_1() {
     assert!(!out.status.success(), "TLS 1.1 must be refused");
     gw.shutdown().await;
 }
+
+/// An HTTP/1.0 client offering ALPN `http/1.0` (`curl --http1.0`) gets HTTP/1.x, whatever
+/// the list: it was refused in the handshake. A client whose offer shares nothing with
+/// the list (`h2` only, HTTP/2 off) is refused, as RFC 7301 asks and nginx does (the
+/// documentation said it got HTTP/1.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_http_1_0_gets_http1_and_an_offer_sharing_nothing_is_refused() {
+    let c = certs();
+    let up = upstream().await;
+    for tls in ["", "alpn = [\"http/1.1\"]"] {
+        let gw = gateway(&config(up, &c.files, tls)).await;
+        let client = c.pki.client(&[b"http/1.0"]);
+        let stream = timeout(BOUND, connect(&client, gw.local_addr(), "a.test"))
+            .await
+            .expect("no hang")
+            .unwrap_or_else(|e| panic!("[{tls}] offering http/1.0: handshake failed: {e}"));
+        let (status, body, version) = get(stream, false, "/api/x").await;
+        assert_eq!((status, version), (200, http::Version::HTTP_11), "{body}");
+        gw.shutdown().await;
+    }
+    let gw = gateway(&config(up, &c.files, "alpn = [\"http/1.1\"]")).await;
+    let client = c.pki.client(&[b"h2"]);
+    let refused = timeout(BOUND, connect(&client, gw.local_addr(), "a.test"))
+        .await
+        .expect("no hang");
+    assert!(refused.is_err(), "an h2-only offer with HTTP/2 off");
+    gw.shutdown().await;
+}
