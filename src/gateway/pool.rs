@@ -309,6 +309,23 @@ enum Sending {
         conn: Option<Pooled>,
     },
     Boxed(Pin<Box<dyn Future<Output = Exchanged> + Send>>),
+    /// On the endpoint's HTTP/2 connection, the one numbered `number` when it was sent
+    /// (0: none yet).
+    H2 {
+        pool: Arc<EndpointPool>,
+        number: u64,
+        future: Pin<Box<dyn Future<Output = Exchanged> + Send>>,
+    },
+}
+
+impl SendFuture {
+    /// The route timeout passed before the answer's head: an HTTP/2 connection is not
+    /// given more requests (see [`EndpointPool::h2_timed_out`]).
+    pub(crate) fn timed_out(&self) {
+        if let Sending::H2 { pool, number, .. } = &self.0 {
+            pool.h2_timed_out(*number);
+        }
+    }
 }
 
 impl Future for SendFuture {
@@ -318,7 +335,9 @@ impl Future for SendFuture {
         let this = &mut self.get_mut().0;
         loop {
             let (pool, slot) = match this {
-                Sending::Boxed(future) => return future.as_mut().poll(cx),
+                Sending::Boxed(future) | Sending::H2 { future, .. } => {
+                    return future.as_mut().poll(cx);
+                }
                 Sending::Pooled { pool, conn } => (pool, conn),
             };
             let Some(conn) = slot else {
@@ -366,6 +385,9 @@ pub(crate) fn thread_shard() -> usize {
 /// Idle connections and when each expires.
 type Idle = parking_lot::Mutex<VecDeque<(Pooled, Instant)>>;
 
+/// An HTTP/2 connection's request handle, with the connection's number.
+type NumberedH2 = (u64, http2::SendRequest<Body>);
+
 /// The idle connections of one endpoint.
 pub(crate) struct EndpointPool {
     target: Target,
@@ -375,8 +397,11 @@ pub(crate) struct EndpointPool {
     idle: Box<[Idle]>,
     /// HTTP/1 or HTTP/2, cleartext or TLS.
     settings: UpstreamSettings,
-    /// HTTP/2: per shard, the connection requests are multiplexed on.
-    h2: Box<[parking_lot::Mutex<Option<http2::SendRequest<Body>>>]>,
+    /// HTTP/2: per shard, the connection requests are multiplexed on, and its number
+    /// (see [`h2_timed_out`](Self::h2_timed_out)).
+    h2: Box<[parking_lot::Mutex<Option<NumberedH2>>]>,
+    /// HTTP/2: the number of the last connection made.
+    h2_made: AtomicU64,
     /// HTTP/2: one dial at a time per endpoint, so that requests arriving together share
     /// the connection the first one makes.
     dialing: tokio::sync::Mutex<()>,
@@ -425,6 +450,7 @@ impl EndpointPool {
             } else {
                 Box::new([])
             },
+            h2_made: AtomicU64::new(0),
             settings: settings.clone(),
             dialing: tokio::sync::Mutex::new(()),
             retried_stale,
@@ -566,7 +592,13 @@ impl EndpointPool {
     ) -> SendFuture {
         if self.settings.h2 {
             added.apply(&mut request, None);
-            return SendFuture(Sending::Boxed(Box::pin(self.send_h2(request))));
+            let number = self.h2_current();
+            let pool = self.clone();
+            return SendFuture(Sending::H2 {
+                pool,
+                number,
+                future: Box::pin(self.send_h2(request)),
+            });
         }
         match self.ready_idle() {
             // May be closed under the request: the path that keeps a copy of the head.
@@ -620,10 +652,33 @@ impl EndpointPool {
     fn h2_sender(&self) -> Option<http2::SendRequest<Body>> {
         let shard = &self.h2[thread_shard()];
         let mut sender = shard.lock();
-        if sender.as_ref().is_some_and(http2::SendRequest::is_closed) {
+        if sender.as_ref().is_some_and(|(_, s)| s.is_closed()) {
             *sender = None;
         }
-        sender.clone()
+        sender.as_ref().map(|(_, s)| s.clone())
+    }
+
+    /// The number of this thread's HTTP/2 connection (0: none yet).
+    fn h2_current(&self) -> u64 {
+        self.h2
+            .get(thread_shard())
+            .and_then(|shard| shard.lock().as_ref().map(|(n, _)| *n))
+            .unwrap_or(0)
+    }
+
+    /// A request sent while connection `number` was this thread's timed out before its
+    /// answer's head: later requests go on a new connection. A connection that stalls
+    /// without closing (a frozen upstream, a silent drop on the way) would otherwise get
+    /// every request to its endpoint, each timing out, for as long as its socket stays
+    /// open; an HTTP/1 connection is given up the same way. Streams still open on it
+    /// finish there.
+    pub(crate) fn h2_timed_out(&self, number: u64) {
+        if let Some(shard) = self.h2.get(thread_shard()) {
+            let mut sender = shard.lock();
+            if sender.as_ref().is_some_and(|(n, _)| *n == number) {
+                *sender = None;
+            }
+        }
     }
 
     /// This thread's HTTP/2 connection, dialled if there is none (or it closed).
@@ -642,7 +697,8 @@ impl EndpointPool {
                 .map_err(UpstreamError::Http)?;
         // Driven by a task of its own: its streams belong to many requests.
         tokio::spawn(connection);
-        *self.h2[thread_shard()].lock() = Some(sender.clone());
+        let number = self.h2_made.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.h2[thread_shard()].lock() = Some((number, sender.clone()));
         Ok(sender)
     }
 

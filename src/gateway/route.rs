@@ -202,7 +202,7 @@ impl Future for UpstreamFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Poll::Ready(result) = Pin::new(this.send).poll(cx) {
+        if let Poll::Ready(result) = Pin::new(&mut *this.send).poll(cx) {
             return Poll::Ready(result.map_err(|e| {
                 // An exchange that failed with the client's body: the client's fault,
                 // whether or not the exchange's error says so (HTTP/2's does not).
@@ -226,6 +226,7 @@ impl Future for UpstreamFuture {
             } else if *this.caller_deadline {
                 UpstreamError::CallerDeadline
             } else {
+                this.send.timed_out();
                 UpstreamError::Timeout
             },
         ))
