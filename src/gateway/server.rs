@@ -693,9 +693,17 @@ impl Gateway {
                 .max_local_error_reset_streams(settings.max_local_error_reset_streams)
                 .keep_alive_interval(settings.keep_alive_interval)
                 .keep_alive_timeout(settings.keep_alive_timeout);
+            // A client that sends nothing for `HEADER_READ_TIMEOUT` (no request, not the
+            // rest of a head, no window update) has its connection shut down gracefully,
+            // as an HTTP/1 client waiting that long for its next head is cut off: streams
+            // in flight finish, no new ones start.
+            let io = ReadClock::new(io);
+            let last_read = io.last.clone();
             let connection =
                 builder.serve_connection(TokioIo::new(io), serve_requests(context, false));
-            let _ = Graceful::new(connection, stop).await;
+            let _ = Graceful::new(connection, stop)
+                .idle_after(HEADER_READ_TIMEOUT, last_read)
+                .await;
             return;
         }
         // The connection's timers, reused by its requests (see `timers`).
@@ -1065,6 +1073,8 @@ pin_project_lite::pin_project! {
         // This connection's id in `stop`'s wakers, and the waker registered there.
         registered: Option<(u64, Waker)>,
         shutting_down: bool,
+        // Shut down once the client has sent nothing for this long (HTTP/2).
+        idle: Option<Idle>,
     }
 
     impl<C> PinnedDrop for Graceful<C> {
@@ -1084,7 +1094,155 @@ impl<C> Graceful<C> {
             stop,
             registered: None,
             shutting_down: false,
+            idle: None,
         }
+    }
+
+    /// Shuts the connection down gracefully once the client has sent nothing for
+    /// `after`, as `last_read` tells.
+    fn idle_after(mut self, after: Duration, last_read: Arc<LastRead>) -> Self {
+        self.idle = Some(Idle {
+            sleep: Box::pin(tokio::time::sleep(after)),
+            after,
+            last_read,
+            shut_at: None,
+        });
+        self
+    }
+}
+
+/// [`Graceful`]'s bound on a connection the client sends nothing on.
+struct Idle {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    after: Duration,
+    last_read: Arc<LastRead>,
+    /// How many reads the connection had made when it was shut down for idling.
+    shut_at: Option<u64>,
+}
+
+impl Idle {
+    /// The connection is being shut down for idling: the client has a quarter of
+    /// `after` to answer (a round trip: HTTP/2's shutdown sends a `PING` its library
+    /// answers at once).
+    fn shut_down(&mut self) {
+        self.shut_at = Some(self.last_read.reads.load(Relaxed));
+        let now = tokio::time::Instant::now();
+        self.sleep.as_mut().reset(now + self.after / 4);
+    }
+
+    /// After [`shut_down`](Self::shut_down): `Some(true)` when the client has sent
+    /// nothing since in the time it had to answer, `Some(false)` once it has sent
+    /// something, `None` while neither is known.
+    fn poll_unanswered(&mut self, cx: &mut Context<'_>) -> Option<bool> {
+        let shut_at = self.shut_at?;
+        if self.last_read.reads.load(Relaxed) != shut_at {
+            return Some(false);
+        }
+        self.sleep.as_mut().poll(cx).is_ready().then_some(true)
+    }
+
+    /// Whether the client has sent nothing for `after`; if it has sent something since
+    /// the timer was set, the timer is set again from then.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let due = self.last_read.at() + self.after;
+            if due <= tokio::time::Instant::now() {
+                return true;
+            }
+            self.sleep.as_mut().reset(due);
+        }
+    }
+}
+
+/// When a connection last read anything from its client, in milliseconds from when it
+/// was made.
+struct LastRead {
+    origin: tokio::time::Instant,
+    millis: AtomicU64,
+    /// Reads that brought anything.
+    reads: AtomicU64,
+}
+
+impl LastRead {
+    fn at(&self) -> tokio::time::Instant {
+        self.origin + Duration::from_millis(self.millis.load(Relaxed))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's I/O, noting when the client last sent anything ([`Idle`]).
+    struct ReadClock<I> {
+        #[pin]
+        io: I,
+        last: Arc<LastRead>,
+    }
+}
+
+impl<I> ReadClock<I> {
+    fn new(io: I) -> Self {
+        Self {
+            io,
+            last: Arc::new(LastRead {
+                origin: tokio::time::Instant::now(),
+                millis: AtomicU64::new(0),
+                reads: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead> tokio::io::AsyncRead for ReadClock<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let read = this.io.poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let millis = this.last.origin.elapsed().as_millis();
+            this.last
+                .millis
+                .store(u64::try_from(millis).unwrap_or(u64::MAX), Relaxed);
+            // One writer (this connection's task): no locked instruction needed.
+            let reads = this.last.reads.load(Relaxed);
+            this.last.reads.store(reads.wrapping_add(1), Relaxed);
+        }
+        read
+    }
+}
+
+impl<I: tokio::io::AsyncWrite> tokio::io::AsyncWrite for ReadClock<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
     }
 }
 
@@ -1112,9 +1270,23 @@ impl<C: ServedConnection> Future for Graceful<C> {
                 wakers.0.insert(id, cx.waker().clone());
                 *this.registered = Some((id, cx.waker().clone()));
             }
-            if this.stop.is_stopping() {
+            let idle = this.idle.as_mut().is_some_and(|idle| idle.poll_expired(cx));
+            if this.stop.is_stopping() || idle {
                 *this.shutting_down = true;
                 this.connection.as_mut().graceful_shutdown();
+                match this.idle.as_mut() {
+                    Some(watch) if idle => watch.shut_down(),
+                    _ => *this.idle = None,
+                }
+            }
+        }
+        if *this.shutting_down {
+            // Shut down for idling: a client that answers nothing of it (HTTP/2's
+            // shutdown waits for the answer to a PING) loses the connection at once.
+            match this.idle.as_mut().map(|idle| idle.poll_unanswered(cx)) {
+                Some(Some(true)) => return Poll::Ready(Ok(())),
+                Some(Some(false)) => *this.idle = None,
+                _ => {}
             }
         }
         this.connection.poll(cx)

@@ -404,3 +404,79 @@ async fn a_stalled_h2_upstream_connection_is_replaced() {
     );
     gw.shutdown().await;
 }
+
+/// SECURITY.md: "a client has 10 s to send a request head (slowloris), idle keep-alive
+/// time included". An HTTP/2 client that sends the preface and SETTINGS and then nothing,
+/// or a HEADERS frame without END_HEADERS and never its CONTINUATION, must lose its
+/// connection after ~10 s as an HTTP/1 client does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_never_sends_a_request_head_is_closed() {
+    let up = upstream(false).await;
+    let gw = gateway(up.addr, true, "").await;
+    // SETTINGS, empty.
+    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    // HEADERS on stream 1, END_STREAM without END_HEADERS: `:method: GET` (0x82) and
+    // `:scheme: http` (0x86), the rest of the block never sent.
+    let headers = [0u8, 0, 2, 1, 0x01, 0, 0, 0, 1, 0x82, 0x86];
+    let mut idle = TcpStream::connect(gw.local_addr()).await.unwrap();
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    idle.write_all(&settings).await.unwrap();
+    let mut half = TcpStream::connect(gw.local_addr()).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    half.write_all(&settings).await.unwrap();
+    half.write_all(&headers).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let mut open = Vec::new();
+    for (name, stream) in [("idle", &mut idle), ("half a head", &mut half)] {
+        let left = Duration::from_secs(15).saturating_sub(start.elapsed());
+        let closed = timeout(left, async {
+            let mut buf = [0u8; 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        if closed.is_err() {
+            open.push(name);
+        }
+    }
+    assert!(open.is_empty(), "still open after 15 s: {open:?}");
+    gw.shutdown().await;
+}
+
+/// A client whose request is still being answered keeps it when its connection is shut
+/// down for idling (it sent nothing for 10 s while the upstream took its time): its
+/// library answers the shutdown's `PING`, and the stream finishes on the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_shutdown_lets_a_responsive_clients_stream_finish() {
+    let up = upstream(true).await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"30s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let mut client = h2_client(gw.local_addr()).await;
+    let request = request(gw.local_addr(), "/api/x");
+    let call = tokio::spawn(async move { client.send_request(request).await.map(|r| r.status()) });
+    timeout(BOUND, async {
+        while up.hits.load(SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // Past the idle bound (10 s) and the time a client has to answer the shutdown.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    up.release.notify_waiters();
+    assert_eq!(timeout(BOUND, call).await.unwrap().unwrap().unwrap(), 200);
+    gw.shutdown().await;
+}
