@@ -162,7 +162,10 @@
 //! either: a write to a client that stays blocked for `send_timeout` (default 60s, as
 //! nginx's `send_timeout`; each wait, not the whole response) closes the client's
 //! connection with a reset and drops the response body, closing the upstream
-//! connection that was streaming it (never returned to the pool half-read). The
+//! connection that was streaming it (never returned to the pool half-read). An HTTP/2
+//! client can stop reading one response without blocking a write (it drains its socket
+//! and never opens the stream's window); a response waiting that way for `send_timeout`
+//! (checked every quarter of it) ends the client's connection the same way. The
 //! gateway-wide `send_timeouts` counts them.
 //!
 //! A connection the gateway closes while the client may still be sending (a `413` to a
@@ -561,6 +564,7 @@ mod server;
 #[cfg(feature = "redis")]
 mod shared_limit;
 pub mod status;
+mod stream_watch;
 mod timers;
 #[cfg(feature = "tls")]
 mod tls;

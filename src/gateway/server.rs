@@ -34,6 +34,7 @@ use super::path::{PathOptions, normalize};
 use super::pool::Pools;
 use super::route::{Peer, Route};
 use super::status::GatewayStatus;
+use super::stream_watch::{HasWatch, Stalls, StreamWatch, Watched};
 use super::timers::ConnTimers;
 use crate::BoxError;
 use crate::ConfigError;
@@ -677,7 +678,14 @@ impl Gateway {
             // Streams are served concurrently: no timers shared by a connection's
             // requests (each request has its own).
             let settings = self.inner.http2.clone();
-            let context = Arc::new((self, peer));
+            let send_timeout = self.inner.send_timeout;
+            let send_timeouts = self.inner.send_timeouts.clone();
+            let context = Arc::new(H2Context {
+                gateway: self,
+                peer,
+                watch: StreamWatch::default(),
+            });
+            let stalls = Stalls::new(context.clone(), send_timeout);
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
@@ -701,9 +709,20 @@ impl Gateway {
             let last_read = io.last.clone();
             let connection =
                 builder.serve_connection(TokioIo::new(io), serve_requests(context, false));
-            let _ = Graceful::new(connection, stop)
+            let ended = Graceful::new(connection, stop)
                 .idle_after(HEADER_READ_TIMEOUT, last_read)
+                .stalls(stalls)
                 .await;
+            if matches!(ended, Err(Ended::Stalled)) {
+                send_timeouts.fetch_add(1, Relaxed);
+                #[cfg(feature = "tracing")]
+                tracing::debug!(
+                    target: "seawall::gateway",
+                    timeout_ms = send_timeout.as_millis() as u64,
+                    "an HTTP/2 response waited on the client's window for send_timeout: \
+                     connection closed"
+                );
+            }
             return;
         }
         // The connection's timers, reused by its requests (see `timers`).
@@ -1075,6 +1094,9 @@ pin_project_lite::pin_project! {
         shutting_down: bool,
         // Shut down once the client has sent nothing for this long (HTTP/2).
         idle: Option<Idle>,
+        // Ended once a stream has waited on the client's window for `send_timeout`
+        // (HTTP/2).
+        stalls: Option<Stalls>,
     }
 
     impl<C> PinnedDrop for Graceful<C> {
@@ -1095,7 +1117,15 @@ impl<C> Graceful<C> {
             registered: None,
             shutting_down: false,
             idle: None,
+            stalls: None,
         }
+    }
+
+    /// Ends the connection once one of its streams has waited on the client for
+    /// `send_timeout` ([`Stalls`]).
+    fn stalls(mut self, stalls: Stalls) -> Self {
+        self.stalls = Some(stalls);
+        self
     }
 
     /// Shuts the connection down gracefully once the client has sent nothing for
@@ -1246,11 +1276,28 @@ impl<I: tokio::io::AsyncWrite> tokio::io::AsyncWrite for ReadClock<I> {
     }
 }
 
+/// Why a [`Graceful`] connection ended, if not by itself.
+#[derive(Debug)]
+enum Ended {
+    /// hyper ended it with an error (a broken connection, a protocol error).
+    Failed,
+    /// A stream waited on the client's window for `send_timeout`: closed by [`Stalls`].
+    Stalled,
+}
+
 impl<C: ServedConnection> Future for Graceful<C> {
-    type Output = hyper::Result<()>;
+    type Output = Result<(), Ended>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        // Before a graceful shutdown as after it: a stalled stream would hold the drain.
+        if this
+            .stalls
+            .as_mut()
+            .is_some_and(|stalls| stalls.poll_stalled(cx))
+        {
+            return Poll::Ready(Err(Ended::Stalled));
+        }
         if !*this.shutting_down {
             // Registered (again only if the task changed), then the flag read: a stop
             // after the read finds the waker; one before it, the flag.
@@ -1289,34 +1336,50 @@ impl<C: ServedConnection> Future for Graceful<C> {
                 _ => {}
             }
         }
-        this.connection.poll(cx)
+        this.connection.poll(cx).map_err(|_| Ended::Failed)
     }
 }
 
 /// A connection's requests, answered by the gateway (the admin endpoints alone when
 /// `admin`).
 fn serve_requests(
-    context: Arc<(Gateway, Peer)>,
+    context: Arc<H2Context>,
     admin: bool,
 ) -> impl hyper::service::HttpService<
     Incoming,
-    ResBody = Body,
+    ResBody = Watched<H2Context>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+    Future = impl Future<Output = Result<Response<Watched<H2Context>>, Infallible>> + Send + 'static,
 > + Clone
 + Send
 + 'static {
     hyper::service::service_fn(move |request| {
         let context = context.clone();
         async move {
-            let (gateway, peer) = &*context;
-            Ok::<_, Infallible>(if admin {
+            let H2Context { gateway, peer, .. } = &*context;
+            let response = if admin {
                 gateway.handle_admin(&request)
             } else {
                 gateway.handle_from(request, peer).await
-            })
+            };
+            // The body keeps the context this request cloned anyway.
+            Ok::<_, Infallible>(response.map(|body| Watched::new(body, context)))
         }
     })
+}
+
+/// What an HTTP/2 connection's requests share: the gateway, the client, and the slots in
+/// which its response bodies say whether they wait on the client ([`Stalls`]).
+struct H2Context {
+    gateway: Gateway,
+    peer: Peer,
+    watch: StreamWatch,
+}
+
+impl HasWatch for H2Context {
+    fn watch(&self) -> &StreamWatch {
+        &self.watch
+    }
 }
 
 /// HTTP/2's connection preface, which an h2c client sends first.

@@ -480,3 +480,147 @@ async fn an_idle_shutdown_lets_a_responsive_clients_stream_finish() {
     assert_eq!(timeout(BOUND, call).await.unwrap().unwrap().unwrap(), 200);
     gw.shutdown().await;
 }
+
+/// An upstream over HTTP/1 answering with `chunks` frames of 16 KiB (`None`: without end)
+/// after `pause`; counts its open connections.
+async fn streaming_upstream(
+    chunks: Option<usize>,
+    pause: Duration,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    use futures::StreamExt as _;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let count = open.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(move |_: Request<Incoming>| async move {
+                let chunk = || {
+                    Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'x'; 16384])))
+                };
+                let later = futures::stream::once(async move {
+                    tokio::time::sleep(pause).await;
+                    chunk()
+                });
+                let rest = futures::stream::repeat_with(chunk)
+                    .take(chunks.map_or(usize::MAX, |n| n.saturating_sub(1)));
+                let body = StreamBody::new(later.chain(rest));
+                Ok::<_, hyper::Error>(Response::new(body))
+            });
+            count.fetch_add(1, SeqCst);
+            let count = count.clone();
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+                count.fetch_sub(1, SeqCst);
+            });
+        }
+    });
+    (addr, open)
+}
+
+/// A gateway with h2c on, `send_timeout = "1s"`, one route to `upstream`.
+async fn one_second_send_timeout(upstream: SocketAddr) -> GatewayHandle {
+    super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\nsend_timeout = \"1s\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         timeout = \"1s\"\nbody_timeout = \"10s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
+    ))
+    .await
+}
+
+/// An HTTP/2 client stops reading a response without blocking a write: it drains its
+/// socket and never opens the stream's window again. hyper then stops polling the
+/// response body, and the upstream connection streaming it was held for as long as
+/// the client liked. `send_timeout` now bounds that wait as it bounds a blocked write:
+/// the connection ends, and with it the upstream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_with_a_shut_window_cannot_hold_the_upstream() {
+    let (addr, open) = streaming_upstream(None, Duration::ZERO).await;
+    let gw = one_second_send_timeout(addr).await;
+    let mut client = h2_client(gw.local_addr()).await;
+    let response = timeout(
+        BOUND,
+        client.send_request(request(gw.local_addr(), "/api/x")),
+    )
+    .await
+    .expect("no hang")
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let start = tokio::time::Instant::now();
+    assert_eq!(open.load(SeqCst), 1);
+    // The body is never read: the stream's window stays shut.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(open.load(SeqCst), 1, "cut before send_timeout");
+    timeout(BOUND, async {
+        while open.load(SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the upstream connection is still streaming to a client that reads nothing");
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_secs(4), "closed after {waited:?}");
+    assert_eq!(gw.gateway().status().send_timeouts, 1);
+    // The client's connection is gone with it.
+    let err = timeout(BOUND, response.into_body().collect())
+        .await
+        .expect("no hang");
+    assert!(err.is_err(), "the body ended cleanly");
+    gw.shutdown().await;
+}
+
+/// A client that reads slowly, each wait for its window shorter than `send_timeout`,
+/// keeps its stream for as long as the whole answer takes (3 s here, three times the
+/// timeout): the bound is on each wait, not on the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_reading_slowly_keeps_its_stream() {
+    let (addr, _open) = streaming_upstream(Some(10), Duration::ZERO).await;
+    let gw = one_second_send_timeout(addr).await;
+    let mut client = h2_client(gw.local_addr()).await;
+    let response = timeout(
+        BOUND,
+        client.send_request(request(gw.local_addr(), "/api/x")),
+    )
+    .await
+    .expect("no hang")
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut read = 0;
+    while let Some(frame) = timeout(BOUND, body.frame()).await.expect("no hang") {
+        read += frame.unwrap().into_data().map_or(0, |d| d.len());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(read, 10 * 16384);
+    assert_eq!(gw.gateway().status().send_timeouts, 0);
+    gw.shutdown().await;
+}
+
+/// A stream waiting on its upstream (2.5 s before the first byte of the body, a long
+/// poll) is not waiting on the client: `send_timeout` does not end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_waiting_on_its_upstream_is_not_cut() {
+    let (addr, _open) = streaming_upstream(Some(1), Duration::from_millis(2500)).await;
+    let gw = one_second_send_timeout(addr).await;
+    let mut client = h2_client(gw.local_addr()).await;
+    let response = timeout(
+        BOUND,
+        client.send_request(request(gw.local_addr(), "/api/x")),
+    )
+    .await
+    .expect("no hang")
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = timeout(BOUND, response.into_body().collect())
+        .await
+        .expect("no hang")
+        .expect("the body came whole");
+    assert_eq!(body.to_bytes().len(), 16384);
+    assert_eq!(gw.gateway().status().send_timeouts, 0);
+    gw.shutdown().await;
+}
