@@ -383,7 +383,11 @@ pub struct Http2Settings {
     /// Streams the gateway reset for the client's errors, at most, before the connection
     /// is closed with `GOAWAY` (default 1 024).
     pub max_local_error_reset_streams: usize,
-    /// Send a `PING` after this long without a frame (default: never).
+    /// Send a `PING` after this long without a frame (default: never). A client's answer
+    /// counts as something sent: with this set, the connection of a client that answers
+    /// is never idle for the 10 s bound on HTTP/2 clients that send nothing (gRPC clients
+    /// that keep connections warm want that); only one that answers nothing is closed,
+    /// after `keep_alive_timeout`.
     #[serde(deserialize_with = "optional_duration")]
     pub keep_alive_interval: Option<Duration>,
     /// How long a `PING` may go unanswered before the connection is closed (default 20s).
