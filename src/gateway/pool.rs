@@ -388,6 +388,32 @@ type Idle = parking_lot::Mutex<VecDeque<(Pooled, Instant)>>;
 /// An HTTP/2 connection's request handle, with the connection's number.
 type NumberedH2 = (u64, http2::SendRequest<Body>);
 
+/// One shard's HTTP/2 connection, and its number where a request reads it without the
+/// lock (see [`EndpointPool::h2_timed_out`]).
+struct H2Shard {
+    sender: parking_lot::Mutex<Option<NumberedH2>>,
+    /// The number of the connection in `sender` (0: none), written under its lock.
+    number: AtomicU64,
+}
+
+impl H2Shard {
+    fn new() -> Self {
+        Self {
+            sender: parking_lot::Mutex::new(None),
+            number: AtomicU64::new(0),
+        }
+    }
+
+    /// Puts `connection` in the shard (`None`: empties it), under its lock.
+    fn set(&self, sender: &mut Option<NumberedH2>, connection: Option<NumberedH2>) {
+        self.number.store(
+            connection.as_ref().map_or(0, |(n, _)| *n),
+            Ordering::Relaxed,
+        );
+        *sender = connection;
+    }
+}
+
 /// The idle connections of one endpoint.
 pub(crate) struct EndpointPool {
     target: Target,
@@ -399,7 +425,7 @@ pub(crate) struct EndpointPool {
     settings: UpstreamSettings,
     /// HTTP/2: per shard, the connection requests are multiplexed on, and its number
     /// (see [`h2_timed_out`](Self::h2_timed_out)).
-    h2: Box<[parking_lot::Mutex<Option<NumberedH2>>]>,
+    h2: Box<[H2Shard]>,
     /// HTTP/2: the number of the last connection made.
     h2_made: AtomicU64,
     /// HTTP/2: one dial at a time per endpoint, so that requests arriving together share
@@ -446,7 +472,7 @@ impl EndpointPool {
                 .map(|_| parking_lot::Mutex::new(VecDeque::new()))
                 .collect(),
             h2: if settings.h2 {
-                (0..SHARDS).map(|_| parking_lot::Mutex::new(None)).collect()
+                (0..SHARDS).map(|_| H2Shard::new()).collect()
             } else {
                 Box::new([])
             },
@@ -651,19 +677,18 @@ impl EndpointPool {
     /// This thread's HTTP/2 connection, if it is open.
     fn h2_sender(&self) -> Option<http2::SendRequest<Body>> {
         let shard = &self.h2[thread_shard()];
-        let mut sender = shard.lock();
+        let mut sender = shard.sender.lock();
         if sender.as_ref().is_some_and(|(_, s)| s.is_closed()) {
-            *sender = None;
+            shard.set(&mut sender, None);
         }
         sender.as_ref().map(|(_, s)| s.clone())
     }
 
-    /// The number of this thread's HTTP/2 connection (0: none yet).
+    /// The number of this thread's HTTP/2 connection (0: none yet): one load, no lock.
     fn h2_current(&self) -> u64 {
         self.h2
             .get(thread_shard())
-            .and_then(|shard| shard.lock().as_ref().map(|(n, _)| *n))
-            .unwrap_or(0)
+            .map_or(0, |shard| shard.number.load(Ordering::Relaxed))
     }
 
     /// A request sent while connection `number` was this thread's timed out before its
@@ -674,9 +699,9 @@ impl EndpointPool {
     /// finish there.
     pub(crate) fn h2_timed_out(&self, number: u64) {
         if let Some(shard) = self.h2.get(thread_shard()) {
-            let mut sender = shard.lock();
+            let mut sender = shard.sender.lock();
             if sender.as_ref().is_some_and(|(n, _)| *n == number) {
-                *sender = None;
+                shard.set(&mut sender, None);
             }
         }
     }
@@ -698,7 +723,8 @@ impl EndpointPool {
         // Driven by a task of its own: its streams belong to many requests.
         tokio::spawn(connection);
         let number = self.h2_made.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.h2[thread_shard()].lock() = Some((number, sender.clone()));
+        let shard = &self.h2[thread_shard()];
+        shard.set(&mut shard.sender.lock(), Some((number, sender.clone())));
         Ok(sender)
     }
 
@@ -726,7 +752,7 @@ impl EndpointPool {
                 Some(request) => {
                     self.count_retry(&UpstreamError::Closed);
                     if let Some(shard) = self.h2.get(thread_shard()) {
-                        *shard.lock() = None;
+                        shard.set(&mut shard.sender.lock(), None);
                     }
                     let mut sender = self.h2_connection().await?;
                     sender
