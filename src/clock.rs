@@ -18,6 +18,11 @@ use tokio::time::Instant;
 /// and [`ManualClock`]; implement it to drive limiters from your own time source.
 pub trait Clock: Send + Sync + 'static {
     /// Nanoseconds since this clock's origin; never decreases.
+    ///
+    /// Readings must stay below `u64::MAX / 2` (292 years from the origin): a limiter adds
+    /// its refill time (up to 146 years, see [`Quota`](crate::rate_limit::Quota)) to a
+    /// reading, and past the range that sum saturates and the limiter admits everything.
+    /// The process's start (the built-in clocks' origin) and 1970 are both far enough.
     fn now_nanos(&self) -> u64;
 }
 
