@@ -291,7 +291,8 @@ impl CircuitBreakerConfigBuilder {
     }
 
     /// Sets how long the breaker stays open before admitting probes (the base wait when
-    /// backoff is on).
+    /// backoff is on). An open wait is never shorter than 1 ms, whatever this and the
+    /// jitter make of it.
     #[must_use]
     pub fn wait_in_open(mut self, wait: Duration) -> Self {
         self.config.wait.base = wait;
