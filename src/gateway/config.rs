@@ -237,9 +237,10 @@ pub struct ServerConfig {
     /// its connection is closed, and the upstream connection serving it released (default
     /// 60s, as nginx's `send_timeout`). The bound is on each wait, not on the whole
     /// response: a slow reader that keeps reading is served. An HTTP/2 response waiting
-    /// for the client to open its stream's flow-control window counts as a blocked write
-    /// (found by a check every quarter of the timeout, so it ends the connection after
-    /// one to one and a quarter times it).
+    /// that long for the client to open its stream's flow-control window (found by a
+    /// check every quarter of the timeout: one to one and a quarter times it) has its
+    /// stream reset and its upstream connection released; the client's connection and
+    /// its other streams go on.
     #[serde(default = "default_send_timeout", deserialize_with = "duration")]
     pub send_timeout: Duration,
     /// The largest request body, in bytes, of routes that set none (default 1 MiB;

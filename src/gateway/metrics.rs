@@ -171,7 +171,7 @@ fn describe_gateway() {
     );
     describe_counter!(
         "seawall_gateway_send_timeouts_total",
-        "Client connections closed for reading nothing for send_timeout."
+        "Client connections closed, and HTTP/2 streams reset, for reading nothing for send_timeout."
     );
     describe_counter!(
         "seawall_gateway_retried_stale_total",

@@ -165,8 +165,9 @@
 //! connection that was streaming it (never returned to the pool half-read). An HTTP/2
 //! client can stop reading one response without blocking a write (it drains its socket
 //! and never opens the stream's window); a response waiting that way for `send_timeout`
-//! (checked every quarter of it) ends the client's connection the same way. The
-//! gateway-wide `send_timeouts` counts them.
+//! (checked every quarter of it) has its stream reset and its body dropped, releasing
+//! the upstream connection, while the client's other streams go on. The gateway-wide
+//! `send_timeouts` counts both.
 //!
 //! A connection the gateway closes while the client may still be sending (a `413` to a
 //! body it will not read, an HTTP/2 `GOAWAY`) closes the way nginx's do, with a
@@ -448,7 +449,7 @@
 //!   "uptime_seconds": 12.5,
 //!   "unmatched": 0,                    // requests answered 404 (no route)
 //!   "refused": 0,                      // request heads refused before routing (400, 431, ...)
-//!   "send_timeouts": 0,                // client connections closed by send_timeout
+//!   "send_timeouts": 0,                // connections closed, HTTP/2 streams reset, by send_timeout
 //!   "retried_stale": 0,                // sent again: a reused upstream connection failed first
 //!   "routes": [{
 //!     "name": "users", "path_prefix": "/api/users", "service": "users",

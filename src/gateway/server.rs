@@ -685,7 +685,7 @@ impl Gateway {
                 peer,
                 watch: StreamWatch::default(),
             });
-            let stalls = Stalls::new(context.clone(), send_timeout);
+            let stalls = Stalls::new(context.clone(), send_timeout, send_timeouts);
             let mut builder = http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
@@ -709,20 +709,10 @@ impl Gateway {
             let last_read = io.last.clone();
             let connection =
                 builder.serve_connection(TokioIo::new(io), serve_requests(context, false));
-            let ended = Graceful::new(connection, stop)
+            let _ = Graceful::new(connection, stop)
                 .idle_after(HEADER_READ_TIMEOUT, last_read)
                 .stalls(stalls)
                 .await;
-            if matches!(ended, Err(Ended::Stalled)) {
-                send_timeouts.fetch_add(1, Relaxed);
-                #[cfg(feature = "tracing")]
-                tracing::debug!(
-                    target: "seawall::gateway",
-                    timeout_ms = send_timeout.as_millis() as u64,
-                    "an HTTP/2 response waited on the client's window for send_timeout: \
-                     connection closed"
-                );
-            }
             return;
         }
         // The connection's timers, reused by its requests (see `timers`).
@@ -1094,7 +1084,7 @@ pin_project_lite::pin_project! {
         shutting_down: bool,
         // Shut down once the client has sent nothing for this long (HTTP/2).
         idle: Option<Idle>,
-        // Ended once a stream has waited on the client's window for `send_timeout`
+        // Cuts the streams that waited on the client's window for `send_timeout`
         // (HTTP/2).
         stalls: Option<Stalls>,
     }
@@ -1121,8 +1111,7 @@ impl<C> Graceful<C> {
         }
     }
 
-    /// Ends the connection once one of its streams has waited on the client for
-    /// `send_timeout` ([`Stalls`]).
+    /// Cuts the streams that wait on the client for `send_timeout` ([`Stalls`]).
     fn stalls(mut self, stalls: Stalls) -> Self {
         self.stalls = Some(stalls);
         self
@@ -1276,27 +1265,14 @@ impl<I: tokio::io::AsyncWrite> tokio::io::AsyncWrite for ReadClock<I> {
     }
 }
 
-/// Why a [`Graceful`] connection ended, if not by itself.
-#[derive(Debug)]
-enum Ended {
-    /// hyper ended it with an error (a broken connection, a protocol error).
-    Failed,
-    /// A stream waited on the client's window for `send_timeout`: closed by [`Stalls`].
-    Stalled,
-}
-
 impl<C: ServedConnection> Future for Graceful<C> {
-    type Output = Result<(), Ended>;
+    type Output = hyper::Result<()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         // Before a graceful shutdown as after it: a stalled stream would hold the drain.
-        if this
-            .stalls
-            .as_mut()
-            .is_some_and(|stalls| stalls.poll_stalled(cx))
-        {
-            return Poll::Ready(Err(Ended::Stalled));
+        if let Some(stalls) = this.stalls.as_mut() {
+            stalls.poll(cx);
         }
         if !*this.shutting_down {
             // Registered (again only if the task changed), then the flag read: a stop
@@ -1336,7 +1312,7 @@ impl<C: ServedConnection> Future for Graceful<C> {
                 _ => {}
             }
         }
-        this.connection.poll(cx).map_err(|_| Ended::Failed)
+        this.connection.poll(cx)
     }
 }
 

@@ -28,8 +28,8 @@ pub struct GatewayStatus {
     #[serde(default)]
     pub refused: u64,
     /// Client connections closed because a write to them stayed blocked for
-    /// `send_timeout` (the client read nothing), or an HTTP/2 response waited that long
-    /// for the client's flow-control window.
+    /// `send_timeout` (the client read nothing), and HTTP/2 streams reset because their
+    /// response waited that long for the client's flow-control window.
     #[serde(default)]
     pub send_timeouts: u64,
     /// Idempotent requests without a body sent again on a new upstream connection because
