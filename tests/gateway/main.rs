@@ -18,6 +18,7 @@ mod pool;
 mod proxy;
 #[cfg(feature = "redis")]
 mod redis_limits;
+mod review_h1s;
 #[cfg(feature = "axum")]
 mod service;
 mod stale;
