@@ -11,7 +11,8 @@
 //! * `X-Forwarded-Host`: the request's `Host` (none for an HTTP/1.0 request without one);
 //! * `X-Forwarded-Proto`: `http`;
 //! * no `Forwarded`, no `X-Real-IP`, and no other `X-Forwarded-*` (`-Port`, `-Prefix`,
-//!   `-Ssl`…): whatever the client sent of these is dropped.
+//!   `-Ssl`…): whatever the client sent of these is dropped, spelled with `_` for `-`
+//!   too (`X_Forwarded_For`), which CGI-style upstreams read as the same field.
 //!
 //! From a trusted proxy, its headers are believed and extended: the peer's address is
 //! appended to `X-Forwarded-For` (every line of it, joined) and, if the proxy sent one, to
@@ -84,11 +85,26 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     hop_bit(name) != 0
 }
 
-/// `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`: what a client may not set.
+/// `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`: what a client may not set. With
+/// `_` for any `-` too (`X_Forwarded_For`, `X-Real_IP`): CGI-style upstreams (Rack, PHP,
+/// WSGI) read both spellings as the same `HTTP_X_FORWARDED_FOR`, so a client's
+/// underscored field would reach them as the forwarded client.
 #[inline]
 fn is_forwarding(name: &HeaderName) -> bool {
-    let name = name.as_str();
-    name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
+    /// Whether `name` is `expected`, a `_` in it standing for a `-`.
+    fn same(name: &[u8], expected: &[u8]) -> bool {
+        name.len() == expected.len()
+            && name
+                .iter()
+                .zip(expected)
+                .all(|(&n, &e)| n == e || (n == b'_' && e == b'-'))
+    }
+    let name = name.as_str().as_bytes();
+    name == b"forwarded"
+        || same(name, b"x-real-ip")
+        || name
+            .get(..12)
+            .is_some_and(|start| same(start, b"x-forwarded-"))
 }
 
 /// Why a request is answered `400 Bad Request` before it reaches a route's stack.
