@@ -19,7 +19,7 @@
 //!   request or with `chunked` not last (or twice) (RFC 9112 §6.1, §6.3: the framings
 //!   request smuggling plays one proxy against another with);
 //! - `501`: a transfer coding other than `chunked` alone, which the gateway cannot
-//!   decode;
+//!   decode, and `CONNECT` (the gateway makes no tunnels; nginx refuses it too);
 //! - `505`: a version other than HTTP/1.0 and HTTP/1.1.
 //!
 //! A request body is `Content-Length` bytes or chunked (RFC 9112 §7.1, decoded strictly:
@@ -178,6 +178,14 @@ fn parse_request_into(
                 let method = request.method.unwrap_or_default();
                 let method = Method::from_bytes(method.as_bytes())
                     .map_err(|_| RequestError::bad("invalid method"))?;
+                if method == Method::CONNECT {
+                    // A tunnel, which the gateway does not make: proxied, its 2xx would
+                    // make the client take the connection for a tunnel (RFC 9112 §6.3).
+                    return Err(RequestError::new(
+                        StatusCode::NOT_IMPLEMENTED,
+                        "CONNECT is not supported",
+                    ));
+                }
                 let target = request.path.unwrap_or_default();
                 let target = [offset(target.as_bytes()), target.len() as u32];
                 (len, method, target, request.version.unwrap_or(1))

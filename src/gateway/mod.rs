@@ -139,8 +139,8 @@
 //! malformed `Content-Length` values, `Transfer-Encoding` in an HTTP/1.0 request or with
 //! `chunked` not last, an HTTP/1.1 request without exactly one `Host`, obsolete line
 //! folding or an invalid request line, name or value; `501` for a transfer coding other
-//! than `chunked` alone; `431` for a head over `max_headers_size` or with more than 100
-//! fields; `505` for a version other than HTTP/1.x. These are counted in `/status.json`'s
+//! than `chunked` alone and for `CONNECT`; `431` for a head over `max_headers_size` or
+//! with more than 100 fields; `505` for a version other than HTTP/1.x. These are counted in `/status.json`'s
 //! `refused`. Requests are served in order, pipelined ones too; keep-alive follows RFC
 //! 9112 (HTTP/1.0 only with `Connection: keep-alive`); `Expect: 100-continue` is answered
 //! when the route first reads the body; a request body left unread is skipped when it is
