@@ -6,9 +6,9 @@
 //! decoded, slashes merged, dot segments removed, as Envoy's `normalize_path` and
 //! `merge_slashes` do; `400` for an encoded `/` or `\`, a `..` above the root, a
 //! `..;` segment, a control byte or a bad escape). It is then matched to the route with
-//! the longest path prefix (on segment boundaries; none matches: `404`),
-//! so `/api/open/../admin` is matched, and forwarded, as `/api/admin`, and goes through
-//! that route's stack:
+//! the longest path prefix (on segment boundaries, a `;` ending one too; none matches:
+//! `404`), so `/api/open/../admin` is matched, and forwarded, as `/api/admin`, and goes
+//! through that route's stack:
 //!
 //! 1. **JWT auth** (`auth = true`): an HS256 `Authorization: Bearer` token, its signature,
 //!    `exp`/`nbf`, `iss`/`aud` ([`jwt`]); any failure is `401` with

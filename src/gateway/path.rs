@@ -326,11 +326,14 @@ fn rewrite_path(bytes: &[u8], options: PathOptions) -> Result<String, PathError>
 
 /// Whether `path` falls under `prefix` on a segment boundary: `/api` covers `/api` and
 /// `/api/x`, not `/apix`; `/` covers everything. `prefix` has no trailing slash (but `/`).
+/// A `;` ends a segment too: `/api;x/y` is under `/api`, since Tomcat and the servlet
+/// containers behind many proxies drop `;parameters` and serve it as `/api/y` (matched to
+/// another route, it would escape `/api`'s policy).
 pub fn under_prefix(path: &str, prefix: &str) -> bool {
     prefix == "/"
         || path
             .strip_prefix(prefix)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with(';'))
 }
 
 /// Why a configured `path_prefix` is refused, if it is: it must be a normal path (as
@@ -477,6 +480,7 @@ mod tests {
         assert!(under_prefix("/api", "/api"));
         assert!(under_prefix("/api/x", "/api"));
         assert!(!under_prefix("/apix", "/api"));
+        assert!(under_prefix("/api;jsessionid=1/x", "/api"));
         assert!(under_prefix("/anything", "/"));
         assert_eq!(check_prefix("/api/v1"), Ok(()));
         assert_eq!(check_prefix("/api/"), Ok(()));
