@@ -64,8 +64,9 @@
 //!
 //! Before auth, a request must have exactly one valid `Host` (RFC 9112 §3.2: `400`
 //! without one in HTTP/1.1, or with two, or with one that is not `host[:port]`; HTTP/1.0
-//! requests, which have no `Host`, may come without, and then get no `X-Forwarded-Host`)
-//! and, on routes with `auth = true`, at most one `Authorization` (`400` for two, so the
+//! requests, which have no `Host`, may come without, and then get no `X-Forwarded-Host`;
+//! an HTTP/1 target in absolute form names the host instead, its authority replacing
+//! `Host`, RFC 9112 §3.2.2) and, on routes with `auth = true`, at most one `Authorization` (`400` for two, so the
 //! token verified is the one forwarded).
 //!
 //! Proxying forwards the method, the normalised path (with the prefix stripped if asked;

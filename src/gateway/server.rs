@@ -398,6 +398,15 @@ impl Gateway {
             {
                 request.headers_mut().insert(header::HOST, host);
             }
+        } else if let Some(authority) = request.uri().authority() {
+            // An HTTP/1 target in absolute form: its authority is the request's host,
+            // whatever `Host` says (RFC 9112 §3.2.2), checked and forwarded as `Host` is.
+            match http::HeaderValue::from_str(authority.as_str()) {
+                Ok(host) => {
+                    request.headers_mut().insert(header::HOST, host);
+                }
+                Err(_) => return Err(bad_path(request, peer, "invalid Host header")),
+            }
         }
         // Exactly one valid `Host` (RFC 9112 §3.2), whatever the path: before routing, so
         // that unmatched and admin paths are held to it too.
