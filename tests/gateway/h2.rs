@@ -636,3 +636,37 @@ async fn an_h2_stream_waiting_on_its_upstream_is_not_cut() {
     assert_eq!(gw.gateway().status().send_timeouts, 0);
     gw.shutdown().await;
 }
+
+/// `CONNECT` asks for a tunnel, which the gateway does not make: over HTTP/2 as over
+/// HTTP/1 it is refused and never proxied (an upstream's `2xx` to it would make the
+/// client take the stream for a tunnel). HTTP/2's carries no `:path`, so it is refused
+/// as a request without a valid path (`400`) before any route sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_over_h2_is_refused_and_never_proxied() {
+    let up = upstream(false).await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[routes]]\nname = \"all\"\npath_prefix = \"/\"\nservice = \"up\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let mut client = h2_client(gw.local_addr()).await;
+    let connect = Request::connect(format!("{}", up.addr))
+        .body(Empty::new())
+        .unwrap();
+    let status = match timeout(BOUND, client.send_request(connect))
+        .await
+        .expect("no hang")
+    {
+        Ok(response) => Some(response.status().as_u16()),
+        // A reset stream refuses it too.
+        Err(_) => None,
+    };
+    assert!(
+        status.is_none_or(|s| s == 501 || s == 400),
+        "CONNECT answered {status:?}"
+    );
+    assert_eq!(up.hits.load(SeqCst), 0, "CONNECT reached the upstream");
+    gw.shutdown().await;
+}
