@@ -66,8 +66,8 @@
 //! without one in HTTP/1.1, or with two, or with one that is not `host[:port]`; HTTP/1.0
 //! requests, which have no `Host`, may come without, and then get no `X-Forwarded-Host`;
 //! an HTTP/1 target in absolute form names the host instead, its authority replacing
-//! `Host`, RFC 9112 §3.2.2) and, on routes with `auth = true`, at most one `Authorization` (`400` for two, so the
-//! token verified is the one forwarded).
+//! `Host`, RFC 9112 §3.2.2) and, on routes with `auth = true`, at most one
+//! `Authorization` (`400` for two, so the token verified is the one forwarded).
 //!
 //! Proxying forwards the method, the normalised path (with the prefix stripped if asked;
 //! what is left never starts with `//`), the query as the client sent it,
@@ -141,8 +141,8 @@
 //! `chunked` not last, an HTTP/1.1 request without exactly one `Host`, obsolete line
 //! folding or an invalid request line, name or value; `501` for a transfer coding other
 //! than `chunked` alone and for `CONNECT`; `431` for a head over `max_headers_size` or
-//! with more than 100 fields; `505` for a version other than HTTP/1.x. These are counted in `/status.json`'s
-//! `refused`. Requests are served in order, pipelined ones too; keep-alive follows RFC
+//! with more than 100 fields; `505` for a version other than HTTP/1.x. These are counted
+//! in `/status.json`'s `refused`. Requests are served in order, pipelined ones too; keep-alive follows RFC
 //! 9112 (HTTP/1.0 only with `Connection: keep-alive`); `Expect: 100-continue` is answered
 //! when the route first reads the body; a request body left unread is skipped when it is
 //! already there, and otherwise the connection closes after the answer; a client that
