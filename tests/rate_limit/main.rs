@@ -16,6 +16,8 @@ mod redis_cluster;
 mod redis_layers;
 #[cfg(feature = "redis")]
 mod redis_limiter;
+#[cfg(feature = "redis")]
+mod review_redis;
 
 #[cfg(feature = "redis")]
 #[path = "../support/redis_server.rs"]

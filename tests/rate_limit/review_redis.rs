@@ -1,0 +1,316 @@
+//! A review of the Redis-backed limiter, as an attacker and as a demanding user: each
+//! test shows one defect against a real `redis-server` on a free loopback port.
+
+use std::time::Duration;
+
+use seawall::rate_limit::redis::{RedisLimitError, RedisRateLimiter, Source};
+use seawall::rate_limit::{Quota, Rate};
+
+use crate::redis_server::RedisServer;
+
+fn quota(per_minute: u32, burst: u32) -> Quota {
+    Quota::new(Rate::per_minute(per_minute), burst).unwrap()
+}
+
+fn limiter(redis: &RedisServer, prefix: &str, quota: Quota) -> RedisRateLimiter {
+    RedisRateLimiter::builder(redis.url(), quota)
+        .prefix(prefix)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+}
+
+/// A request that costs nothing (`LimitLayer::cost` returning 0 for a health check, say)
+/// is admitted by every local limit. The script's answer to it is `{0, remaining, …}`:
+/// read as a refusal (`granted == 0`), whose "retry after" is the number of tokens left,
+/// taken as microseconds.
+#[tokio::test]
+async fn a_request_costing_nothing_is_admitted() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let limiter = limiter(&redis, "zero-cost", quota(60, 5));
+    match limiter.acquire("k", 0).await {
+        Ok((admitted, Source::Redis)) => assert_eq!(admitted.remaining, 5),
+        other => panic!("a free request on a full bucket: {other:?}"),
+    }
+    // The same through the generic layer, as the local limits answer it.
+    use seawall::rate_limit::LimitLayer;
+    use tower::{Service, ServiceBuilder, ServiceExt};
+    let mut svc = ServiceBuilder::new()
+        .layer(LimitLayer::new(limiter.per_key(|t: &&'static str| Some(*t))).cost(0))
+        .service_fn(|t: &'static str| async move { Ok::<_, seawall::BoxError>(t) });
+    let answer = svc.ready().await.unwrap().call("j").await;
+    assert!(answer.is_ok(), "refused: {:?}", answer.err());
+}
+
+/// A refusal Redis gave for one token is kept and answers later requests for more tokens
+/// without a round trip, with the one-token wait: a client that asked for 2 tokens and
+/// honours `Retry-After` comes back when 1 is there, and is refused again. Redis itself
+/// tells it the 2-token wait.
+#[tokio::test]
+async fn a_cached_refusal_gives_a_larger_request_its_own_wait() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let quota = quota(600, 2); // 10/s, burst 2: a token every 100 ms
+    let cached = limiter(&redis, "cached-wait", quota);
+    assert!(cached.acquire("k", 2).await.is_ok());
+    let one = match cached.acquire("k", 1).await {
+        Err(RedisLimitError::Limited(r)) => r.retry_after().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(one <= Duration::from_millis(100), "{one:?}");
+    // Another replica, with no cached refusal, asks Redis for 2 tokens.
+    let fresh = limiter(&redis, "cached-wait", quota);
+    let from_redis = match fresh.acquire("k", 2).await {
+        Err(RedisLimitError::Limited(r)) => r.retry_after().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(from_redis > Duration::from_millis(150), "{from_redis:?}");
+    let from_cache = match cached.acquire("k", 2).await {
+        Err(RedisLimitError::Limited(r)) => r.retry_after().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        from_cache > Duration::from_millis(150),
+        "2 tokens are 200 ms away, the cached refusal says {from_cache:?}"
+    );
+    // Following it, the client is refused again.
+    tokio::time::sleep(from_cache + Duration::from_millis(5)).await;
+    assert!(
+        cached.acquire("k", 2).await.is_ok(),
+        "refused again after waiting the Retry-After it was given"
+    );
+}
+
+/// A Redis node started with cluster support, only to ask it `CLUSTER KEYSLOT`: which
+/// slot (and so which master) a key name maps to, by Redis's own hash-tag rule.
+struct SlotOracle {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl SlotOracle {
+    async fn start() -> SlotOracle {
+        let port = loop {
+            let port = RedisServer::free_port();
+            if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                break port;
+            }
+        };
+        let dir =
+            std::env::temp_dir().join(format!("seawall-review-slots-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--cluster-enabled", "yes"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let oracle = SlotOracle { child, port, dir };
+        for _ in 0..250 {
+            if oracle.slot("x").await.is_some() {
+                return oracle;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the cluster-enabled redis-server did not start");
+    }
+
+    async fn slot(&self, key: &str) -> Option<i64> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .ok()
+    }
+}
+
+impl Drop for SlotOracle {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The bucket of key `k` is `prefix:{k}`, the braces a hash tag: Redis Cluster hashes what
+/// is between the first `{` and the first `}` after it. A client choosing its key (an
+/// API-key header, say) with a `}` in it cuts the tag short: `victim}1`, `victim}2`, …
+/// all hash as `victim`, so an attacker puts every bucket it makes on the slot, and the
+/// master, of the key it targets, however many masters the cluster has.
+#[tokio::test]
+async fn a_key_with_a_closing_brace_cannot_choose_its_cluster_slot() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let oracle = SlotOracle::start().await;
+    let limiter = limiter(&redis, "slots", quota(60, 5));
+    limiter.acquire("victim", 1).await.unwrap();
+    for i in 0..16 {
+        limiter.acquire(&format!("victim}}{i}"), 1).await.unwrap();
+    }
+    let names = redis.keys("slots:*").await;
+    assert_eq!(names.len(), 17, "{names:?}");
+    let victim = oracle.slot("slots:{victim}").await.unwrap();
+    let mut on_victims_slot = 0;
+    for name in &names {
+        if oracle.slot(name).await.unwrap() == victim {
+            on_victims_slot += 1;
+        }
+    }
+    assert!(
+        on_victims_slot <= 2,
+        "{on_victims_slot} of 17 buckets on the victim's slot {victim}: {names:?}"
+    );
+}
+
+/// The batch docs: "The fleet never admits more than the quota (the tokens were taken
+/// from it)". Tokens one replica took ahead are still served after the shared bucket
+/// has refilled, while other replicas take the refill: the fleet admits nearly twice the
+/// burst at once.
+#[tokio::test]
+async fn batched_tokens_do_not_stretch_the_burst_across_replicas() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let quota = Quota::new(Rate::per_second(100), 10).unwrap();
+    let batched = RedisRateLimiter::builder(redis.url(), quota)
+        .prefix("batch-burst")
+        .timeout(Duration::from_secs(1))
+        .batch(10, Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let other = limiter(&redis, "batch-burst", quota);
+    // One request through the batching replica: it takes the whole burst, keeps 9.
+    assert_eq!(batched.acquire("k", 1).await.unwrap().1, Source::Redis);
+    // 110 ms later the shared bucket is full again (100/s).
+    tokio::time::sleep(Duration::from_millis(110)).await;
+    let started = tokio::time::Instant::now();
+    let mut admitted = 0;
+    for _ in 0..20 {
+        if other.acquire("k", 1).await.is_ok() {
+            admitted += 1;
+        }
+        if batched.acquire("k", 1).await.is_ok() {
+            admitted += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    // At most the burst and what refills meanwhile (one more for rounding).
+    let bound = 10 + (elapsed.as_secs_f64() * 100.0).ceil() as u32 + 1;
+    assert!(
+        admitted <= bound,
+        "{admitted} admitted in {elapsed:?}: over the quota's {bound}"
+    );
+}
+
+/// Two processes (the test binary runs itself for the second): a replica keyed by
+/// [`HeaderKey`] takes a client's whole burst in Redis in one process, then the same
+/// client, on a replica in this process, must be refused. A header value longer than 64
+/// bytes (a bearer token, a long API key) becomes a `BoundedKey` digest keyed per
+/// process, so each process has its own bucket in Redis for it: a fleet of N replicas
+/// admits N times the limit to such clients, and a restarted replica gives them a fresh
+/// one.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn a_long_header_key_is_one_bucket_across_processes() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "review_redis::child_takes_a_long_keys_burst",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env("SEAWALL_REVIEW_REDIS_URL", redis.url())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the other process failed");
+    assert_eq!(long_key_requests(&redis.url(), 1).await, [429]);
+    let names = redis.keys("long-key:*").await;
+    assert_eq!(names.len(), 1, "one client, one bucket: {names:?}");
+}
+
+/// The other process of [`a_long_header_key_is_one_bucket_across_processes`].
+#[cfg(feature = "http")]
+#[tokio::test]
+#[ignore = "run by a_long_header_key_is_one_bucket_across_processes"]
+async fn child_takes_a_long_keys_burst() {
+    let Ok(url) = std::env::var("SEAWALL_REVIEW_REDIS_URL") else {
+        return;
+    };
+    assert_eq!(long_key_requests(&url, 2).await, [200, 200]);
+}
+
+/// `n` requests with one 100-byte API key through a replica limiting 2 a minute per
+/// `x-api-key` in Redis; their statuses.
+#[cfg(feature = "http")]
+async fn long_key_requests(url: &str, n: usize) -> Vec<u16> {
+    use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
+    use tower::{Layer, Service, ServiceExt};
+
+    let limiter = RedisRateLimiter::builder(url, quota(2, 2))
+        .prefix("long-key")
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let mut svc = HttpRedisRateLimitLayer::new(
+        limiter.per_key(HeaderKey(http::HeaderName::from_static("x-api-key"))),
+    )
+    .layer(tower::service_fn(|_req: http::Request<()>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    }));
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        let request = http::Request::builder()
+            .header("x-api-key", "k".repeat(100))
+            .body(())
+            .unwrap();
+        let response = svc.ready().await.unwrap().call(request).await.unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    statuses
+}
+
+/// The script reads the time from Redis (`TIME`, the wall clock of the master holding the
+/// key), and keeps the arrival time it computed in the key. A failover to a replica whose
+/// clock is behind (or the master's clock stepped back by NTP) finds arrival times in its
+/// future, by the skew: here 10 minutes, as a master 10 minutes ahead left it (written
+/// directly, as replication would have). No bucket is ever more than its burst in debt,
+/// yet the key is refused, and told to retry, for the whole skew: 10 minutes of
+/// lock-out for a client of 60 a minute, burst 5.
+#[tokio::test]
+async fn a_clock_step_back_locks_a_key_out_for_at_most_its_burst() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let limiter = limiter(&redis, "skew", quota(60, 5)); // a token a second, burst 5
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let ahead = secs * 1_000_000 + micros + 600_000_000;
+    let _: () = redis::cmd("SET")
+        .arg("skew:{k}")
+        .arg(ahead.to_string())
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match limiter.acquire("k", 1).await {
+        Err(RedisLimitError::Limited(r)) => {
+            let wait = r.retry_after().unwrap();
+            assert!(
+                wait <= Duration::from_secs(1),
+                "an empty bucket refills a token in 1 s; told to wait {wait:?}"
+            );
+            tokio::time::sleep(wait + Duration::from_millis(20)).await;
+        }
+        Ok(_) => {}
+        Err(e) => panic!("{e}"),
+    }
+    assert!(
+        limiter.acquire("k", 1).await.is_ok(),
+        "still locked out after the wait it was told"
+    );
+}
