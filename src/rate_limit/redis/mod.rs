@@ -642,7 +642,9 @@ impl RedisRateLimiter {
         };
         let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
         let window = Duration::from_micros(inner.tau_us);
-        Ok(if granted > 0 {
+        // A request for no tokens is never refused by the script (nothing is short), but
+        // its answer reads `{0, remaining, full_in}`, as a refusal's leading `0` would.
+        Ok(if granted > 0 || need == 0 {
             let admitted = Admitted {
                 remaining: u32::try_from(value).unwrap_or(0),
                 full_in: us(full_in),
