@@ -56,6 +56,15 @@ impl RateLimited {
         }
     }
 
+    /// The same refusal, with a wait `extra` longer (a request for more tokens).
+    #[cfg(feature = "redis")]
+    pub(crate) fn later(self, extra: Duration) -> Self {
+        Self {
+            retry_after: self.retry_after.map(|d| d.saturating_add(extra)),
+            ..self
+        }
+    }
+
     pub(crate) fn exceeds_burst(cost: u32, limit: u32, window: Duration) -> Self {
         Self {
             retry_after: None,

@@ -285,9 +285,12 @@ const DECISION_SOURCES: [&str; 6] = ["", "redis", "batch", "local", "cached", "u
 /// Refusals Redis gave, per key, until they run out: a saturated key is refused here
 /// without a round trip. Exact, not an approximation: Redis's bucket is shared, so no
 /// replica can take those tokens before the refusal's `retry_after` either (a request for
-/// fewer tokens than the cached refusal's still goes to Redis).
+/// fewer tokens than the cached refusal's still goes to Redis; one for more is told its own
+/// wait: the cached one and a refill interval per extra token).
 struct Refusals {
     max_keys: usize,
+    /// The refill interval: each token more than the cached refusal's is that much later.
+    interval: Duration,
     by_key: Mutex<HashMap<String, Refusal>>,
 }
 
@@ -299,9 +302,10 @@ struct Refusal {
 }
 
 impl Refusals {
-    fn new(max_keys: usize) -> Self {
+    fn new(max_keys: usize, interval: Duration) -> Self {
         Self {
             max_keys,
+            interval,
             by_key: Mutex::new(HashMap::new()),
         }
     }
@@ -311,8 +315,10 @@ impl Refusals {
         let by_key = self.by_key.lock();
         let refusal = by_key.get(key)?;
         let now = tokio::time::Instant::now();
-        (tokens >= refusal.tokens && now < refusal.until)
-            .then(|| refusal.refused.aged(now - refusal.at))
+        (tokens >= refusal.tokens && now < refusal.until).then(|| {
+            let extra = self.interval.saturating_mul(tokens - refusal.tokens);
+            refusal.refused.aged(now - refusal.at).later(extra)
+        })
     }
 
     fn store(&self, key: &str, tokens: u32, refused: RateLimited) {
@@ -829,7 +835,7 @@ impl RedisRateLimiterBuilder {
                 policy: self.policy,
                 local,
                 breaker: Breaker::new(breaker),
-                refusals: Refusals::new(10_000),
+                refusals: Refusals::new(10_000, Duration::from_micros(interval_us)),
                 retries: AtomicU64::new(0),
                 last_source: AtomicU8::new(0),
                 telemetry: {
