@@ -23,7 +23,8 @@ pub(crate) const GLOBAL_KEY: &str = "all";
 /// unlimited; [`OnMissingKey::Shared`] limits such requests together, under one Redis key
 /// of their own.
 ///
-/// Keys are written into the Redis key with their `Display` form (`prefix:{key}`).
+/// Keys are written into the Redis key with their `Display` form (`prefix:{key}`, with
+/// `%`, `{` and `}` percent-encoded).
 ///
 /// ```no_run
 /// use seawall::rate_limit::redis::RedisRateLimiter;

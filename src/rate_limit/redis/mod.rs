@@ -45,7 +45,9 @@
 //! [`RedisRateLimiter::cluster_builder`] takes a cluster's seed nodes instead of one URL.
 //! Each bucket is one key, `prefix:{key}`; its script reads and writes that key only, so it
 //! runs on the one master holding the key's slot (the braces are a hash tag: a key the
-//! script might add for the same bucket would land in the same slot). The client follows
+//! script might add for the same bucket would land in the same slot). `%`, `{` and `}` in
+//! a key are written `%25`, `%7B` and `%7D`, so that the whole key is the tag: a client
+//! choosing its key cannot cut the tag short to put its buckets on a slot of its choice. The client follows
 //! the cluster's slot map: `MOVED` / `ASK` redirections, resharding and failovers need no
 //! restart. Every check still runs under the timeout and the breaker below, which guard
 //! the cluster as a whole.
@@ -585,7 +587,7 @@ impl RedisRateLimiter {
             Ok(svc) => {
                 // `prefix:{key}`: the braces are a hash tag, so in a cluster the bucket's
                 // key (and any key a script adds for it later) maps to one slot.
-                svc.call((format!("{}:{{{key}}}", inner.prefix), need, want))
+                svc.call((format!("{}:{{{}}}", inner.prefix, hash_tag(key)), need, want))
                     .await
             }
             Err(e) => Err(e),
@@ -667,6 +669,25 @@ impl RedisRateLimiter {
             ))
         })
     }
+}
+
+/// `key` as a whole hash tag: `%`, `{` and `}` percent-encoded (`%25`, `%7B`, `%7D`), so
+/// that a `}` in a client's key cannot end the tag early and choose the cluster slot of
+/// its bucket (`a}1`, `a}2`… would all hash as `a`). Keys without them are unchanged.
+fn hash_tag(key: &str) -> std::borrow::Cow<'_, str> {
+    if !key.contains(['%', '{', '}']) {
+        return key.into();
+    }
+    let mut tag = String::with_capacity(key.len() + 8);
+    for c in key.chars() {
+        match c {
+            '%' => tag.push_str("%25"),
+            '{' => tag.push_str("%7B"),
+            '}' => tag.push_str("%7D"),
+            c => tag.push(c),
+        }
+    }
+    tag.into()
 }
 
 impl RedisRateLimiter {
