@@ -157,8 +157,11 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
 /// clocks need not agree). Numbers are microseconds; Lua's doubles hold them exactly.
 /// Takes at least `need` and at most `want` tokens (batching: as many as are there).
 /// Returns `{granted, remaining, full_in}` or `{0, retry_after, full_in}`, and lets the key
-/// expire when the bucket would be full again, so idle keys cost nothing. Needs Redis 5 or
-/// later (a script that reads `TIME` before writing).
+/// expire when the bucket would be full again, so idle keys cost nothing. An arrival time
+/// more than the burst ahead of `TIME` (left by a master whose clock was ahead: a failover
+/// to a replica behind it, or a clock stepped back) is brought back to an empty bucket, so
+/// a clock step locks no key out for longer than its burst takes to refill. Needs Redis 5
+/// or later (a script that reads `TIME` before writing).
 const SCRIPT: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -170,6 +173,10 @@ local want = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 local limit = now + tau
+if not (tat <= limit) then
+  tat = limit
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor(tau / 1000) + 1)
+end
 local available = math.floor((limit - tat) / interval)
 if available < need then
   return {0, tat + need * interval - limit, tat - now}
