@@ -314,3 +314,24 @@ async fn a_clock_step_back_locks_a_key_out_for_at_most_its_burst() {
         "still locked out after the wait it was told"
     );
 }
+
+/// `[redis] url`'s docs: "One Redis server: `redis://host:port/` (or `rediss://`,
+/// `redis+unix://`)", and the configuration loads with a `rediss://` URL; but seawall
+/// builds `redis` without a TLS feature, so the gateway cannot be built with it ("can't
+/// connect with TLS, the feature is not enabled"), even with seawall's `tls` feature on.
+#[cfg(all(feature = "gateway", feature = "tls"))]
+#[tokio::test]
+async fn a_gateway_with_a_rediss_url_as_documented_builds() {
+    use seawall::gateway::{Discovery, Gateway, GatewayConfig};
+    let config = GatewayConfig::from_toml_str(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\
+         [redis]\nurl = \"rediss://127.0.0.1:6380/\"\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         rate_limit = { global = { per_second = 5, policy = \"redis\" } }\n\
+         [[services]]\nname = \"up\"\ninstances = [\"127.0.0.1:9\"]\n",
+    )
+    .expect("the documented URL loads");
+    if let Err(e) = Gateway::build(config, Discovery::Static).await {
+        panic!("a rediss:// URL, as documented: {e}");
+    }
+}
