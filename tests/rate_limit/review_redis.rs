@@ -335,3 +335,132 @@ async fn a_gateway_with_a_rediss_url_as_documented_builds() {
         panic!("a rediss:// URL, as documented: {e}");
     }
 }
+
+/// A loopback TCP proxy in front of a real Redis that can black-hole the connections it
+/// holds (no bytes either way, no FIN, no RST: a conntrack entry or load balancer that
+/// dropped an idle flow silently) while new connections go through as before.
+struct BlackHole {
+    port: u16,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHole {
+    async fn start(upstream: u16) -> BlackHole {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = Arc::new(AtomicU64::new(0));
+        let current = generation.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let born = current.load(SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ] {
+                    let current = current.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if current.load(SeqCst) != born {
+                                // Black-holed: hold both sockets open, forward nothing.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        BlackHole {
+            port,
+            generation,
+            task,
+        }
+    }
+
+    fn swallow_open_connections(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The connection to Redis is black-holed (an idle flow dropped by a NAT, a cloud load
+/// balancer or a firewall, silently), while Redis itself is healthy and a new connection
+/// reaches it. Checks time out and the breaker opens, as documented; but a timeout is not
+/// an error that makes redis' connection manager reconnect, so every probe goes down the
+/// dead connection again: the limiter stays on its failure policy until the kernel gives
+/// the socket up (about 15 minutes of retransmissions on Linux), not for the breaker's
+/// open wait.
+#[tokio::test]
+async fn a_black_holed_connection_is_replaced_and_redis_used_again() {
+    use seawall::circuit_breaker::{CircuitBreakerConfig, SlidingWindow};
+    use seawall::rate_limit::redis::FailurePolicy;
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let hole = BlackHole::start(redis.port).await;
+    let limiter = RedisRateLimiter::builder(
+        format!("redis://127.0.0.1:{}/", hole.port),
+        quota(60_000, 1000),
+    )
+    .prefix("black-hole")
+    .timeout(Duration::from_millis(200))
+    .failure_policy(FailurePolicy::FailOpen {
+        local_share: quota(60_000, 1000),
+    })
+    .breaker(
+        CircuitBreakerConfig::builder()
+            .name("black-hole")
+            .sliding_window(SlidingWindow::count_based(2))
+            .minimum_calls(2)
+            .wait_in_open(Duration::from_millis(300))
+            .permitted_calls_in_half_open(1)
+            .build()
+            .unwrap(),
+    )
+    .build()
+    .unwrap();
+    assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Redis);
+    hole.swallow_open_connections();
+    let started = tokio::time::Instant::now();
+    let mut local = 0;
+    loop {
+        let checked = tokio::time::Instant::now();
+        match limiter.acquire("k", 1).await {
+            Ok((_, Source::Redis)) => break,
+            Ok((_, Source::Local)) => local += 1,
+            other => panic!("{other:?}"),
+        }
+        assert!(checked.elapsed() < Duration::from_millis(500), "bounded by the timeout");
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "Redis is reachable, yet {local} checks over {:?} went to the local share",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(local > 0, "the black-holed connection was noticed");
+}
