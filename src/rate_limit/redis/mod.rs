@@ -120,6 +120,12 @@
 //! `seawall_rate_limit_redis_retries_total{limiter}` for a named limiter) and logged at
 //! debug level. A retried check may take tokens twice if Redis ran the script but the
 //! answer was lost with the connection: the fleet then admits less, never more.
+//!
+//! A timeout is not an error the manager reconnects on, so a connection that went silent
+//! (a flow a NAT, load balancer or firewall dropped without a reset) would carry every
+//! probe to nowhere until the kernel gives it up, many minutes later. So a check that
+//! times out and leaves the breaker open (the one that opened it, or a probe) drops the
+//! connection: the next probe makes a new one.
 
 use std::fmt;
 use std::sync::Arc;
@@ -268,7 +274,10 @@ enum Conn {
 
 struct Inner {
     client: Backend,
-    conn: OnceCell<Conn>,
+    /// The connection, made by the first check that finds the cell empty; replaced by a
+    /// new cell when a check times out with the breaker no longer closed (see
+    /// [`RedisRateLimiter::ask_redis_guarded`]).
+    conn: parking_lot::RwLock<Arc<OnceCell<Conn>>>,
     script: redis::Script,
     prefix: String,
     interval_us: u64,
@@ -583,33 +592,54 @@ impl RedisRateLimiter {
         want: u32,
     ) -> Result<Result<(Admitted, u32), RateLimited>, BoxError> {
         let inner = &self.inner;
+        let cell = inner.conn.read().clone();
         let mut svc = ServiceBuilder::new()
             .layer(CircuitBreakerLayer::from_breaker(inner.breaker.clone()))
             .timeout(inner.timeout)
             .service_fn(|(key, need, want): (String, u32, u32)| {
                 let this = self.clone();
-                async move { this.ask_redis(&key, need, want).await }
+                let cell = cell.clone();
+                async move { this.ask_redis(&cell, &key, need, want).await }
             });
-        match svc.ready().await {
+        let result = match svc.ready().await {
             Ok(svc) => {
                 // `prefix:{key}`: the braces are a hash tag, so in a cluster the bucket's
                 // key (and any key a script adds for it later) maps to one slot.
                 svc.call((format!("{}:{{{}}}", inner.prefix, hash_tag(key)), need, want))
                     .await
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(e),
+        };
+        // A timeout that opened the breaker (or a probe that timed out): the connection
+        // may be black-holed (a flow dropped silently by a NAT, a load balancer or a
+        // firewall), which redis' connection manager never notices, since a timeout is
+        // not an error it reconnects on; every probe would go down it again. The next
+        // check makes a new connection. Not on every timeout: a slow but healthy Redis
+        // would then be reconnected to under load.
+        if let Err(error) = &result {
+            let timed_out = error.is::<tower::timeout::error::Elapsed>()
+                || error
+                    .downcast_ref::<redis::RedisError>()
+                    .is_some_and(redis::RedisError::is_timeout);
+            if timed_out && inner.breaker.state() != crate::circuit_breaker::State::Closed {
+                let mut current = inner.conn.write();
+                if Arc::ptr_eq(&current, &cell) {
+                    *current = Arc::new(OnceCell::new());
+                }
+            }
         }
+        result
     }
 
     async fn ask_redis(
         &self,
+        cell: &OnceCell<Conn>,
         key: &str,
         need: u32,
         want: u32,
     ) -> Result<Result<(Admitted, u32), RateLimited>, BoxError> {
         let inner = &self.inner;
-        let conn = inner
-            .conn
+        let conn = cell
             .get_or_try_init(|| async {
                 match &inner.client {
                     Backend::Single(client) => {
@@ -853,7 +883,7 @@ impl RedisRateLimiterBuilder {
         Ok(RedisRateLimiter {
             inner: Arc::new(Inner {
                 client,
-                conn: OnceCell::new(),
+                conn: parking_lot::RwLock::new(Arc::new(OnceCell::new())),
                 script: redis::Script::new(SCRIPT),
                 prefix: self.prefix,
                 interval_us,
