@@ -621,7 +621,11 @@ impl RedisRateLimiter {
                 || error
                     .downcast_ref::<redis::RedisError>()
                     .is_some_and(redis::RedisError::is_timeout);
-            if timed_out && inner.breaker.state() != crate::circuit_breaker::State::Closed {
+            let open = matches!(
+                inner.breaker.state(),
+                crate::circuit_breaker::State::Open | crate::circuit_breaker::State::HalfOpen
+            );
+            if timed_out && open {
                 let mut current = inner.conn.write();
                 if Arc::ptr_eq(&current, &cell) {
                     *current = Arc::new(OnceCell::new());
