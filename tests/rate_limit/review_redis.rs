@@ -96,12 +96,21 @@ impl SlotOracle {
                 break port;
             }
         };
-        let dir =
-            std::env::temp_dir().join(format!("seawall-review-slots-{}-{port}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "seawall-review-slots-{}-{port}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--cluster-enabled", "yes"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--cluster-enabled",
+                "yes",
+            ])
             .arg("--dir")
             .arg(&dir)
             .stdout(std::process::Stdio::null())
@@ -454,7 +463,10 @@ async fn a_black_holed_connection_is_replaced_and_redis_used_again() {
             Ok((_, Source::Local)) => local += 1,
             other => panic!("{other:?}"),
         }
-        assert!(checked.elapsed() < Duration::from_millis(500), "bounded by the timeout");
+        assert!(
+            checked.elapsed() < Duration::from_millis(500),
+            "bounded by the timeout"
+        );
         assert!(
             started.elapsed() < Duration::from_secs(8),
             "Redis is reachable, yet {local} checks over {:?} went to the local share",

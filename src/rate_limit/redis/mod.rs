@@ -605,8 +605,12 @@ impl RedisRateLimiter {
             Ok(svc) => {
                 // `prefix:{key}`: the braces are a hash tag, so in a cluster the bucket's
                 // key (and any key a script adds for it later) maps to one slot.
-                svc.call((format!("{}:{{{}}}", inner.prefix, hash_tag(key)), need, want))
-                    .await
+                svc.call((
+                    format!("{}:{{{}}}", inner.prefix, hash_tag(key)),
+                    need,
+                    want,
+                ))
+                .await
             }
             Err(e) => return Err(e),
         };
