@@ -27,7 +27,7 @@
 //!    when the peer is one of `trusted_proxies`, the client it reports in
 //!    `X-Forwarded-For` (read from the right, as
 //!    [`ClientIp`](crate::rate_limit::http::ClientIp) does). A header key of over 64
-//!    bytes is kept as a 128-bit digest keyed per process (see
+//!    bytes is kept as a 128-bit digest (see
 //!    [`BoundedKey`](crate::rate_limit::BoundedKey)), so every client costs the same
 //!    memory whatever it sends. A request without the key header is limited by its IP
 //!    (`on_missing = "ip"`, the default, as Kong does), refused with `400`

@@ -213,9 +213,9 @@ impl<B> KeyExtractor<Request<B>> for ClientIp {
 }
 
 /// The value of a header (for example an API key), as a [`BoundedKey`]: values up to 64
-/// bytes as they are, longer ones as a 128-bit keyed digest, so that clients choosing
-/// long values cannot grow a keyed limiter's memory (each key is 65 bytes, with no
-/// allocation). Requests without the header, or with a value that is not visible ASCII,
+/// bytes as they are, longer ones as a 128-bit digest (the same in every process), so
+/// that clients choosing long values cannot grow a keyed limiter's memory (each key is
+/// 65 bytes, with no allocation). Requests without the header, or with a value that is not visible ASCII,
 /// have no key: a [`PerKey`](super::PerKey) limit answers them per its
 /// [`OnMissingKey`](super::OnMissingKey) (`500` by default; or one shared bucket; or let
 /// through, with a limit by [`ClientIp`] or a global one beside it).

@@ -1,9 +1,7 @@
 //! Keys of bounded size for keyed limiters fed by clients (API-key headers and the like).
 
-use std::collections::hash_map::RandomState;
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::OnceLock;
+use std::hash::{Hash, Hasher};
 
 /// The longest value a [`BoundedKey`] keeps as it is; longer ones are kept as a digest.
 pub const INLINE_KEY_BYTES: usize = 64;
@@ -20,13 +18,16 @@ const DIGEST: u8 = u8::MAX;
 /// `BoundedKey` every key is the same 65 bytes, inline, with no allocation of its own,
 /// so the table's memory is bounded by its number of keys.
 ///
-/// The digest is two SipHash-1-3 values of the value (domain-separated), keyed with a
-/// random key drawn once per process (std's `RandomState`), so clients cannot choose two
-/// long values with the same digest: they do not know the key, and a chance collision
-/// needs about 2^64 distinct long values. Two processes digest the same value
-/// differently, which is fine for a process's own table (do not persist or share
-/// digests). Short and long values never collide with each other (the length is part of
-/// the key).
+/// The digest is two SipHash-2-4 values of the value (domain-separated) under a fixed
+/// key: every process, and every version of this crate, digests a value alike, so that
+/// replicas sharing buckets through Redis ([`HeaderKey`](crate::rate_limit::http) with
+/// the Redis limiter) agree on a long value's bucket, and a restarted replica finds it
+/// again. A chance collision needs about 2^64 distinct long values. The key being public,
+/// a client could look for two long values of its own with one digest; that merges only
+/// the buckets of values it sends anyway. To collide with another client's value it
+/// would need that value's digest, which nothing shows. Maps of keys hash with their own
+/// random state (the table's), so a digest chosen by a client floods no table. Short and
+/// long values never collide with each other (the length is part of the key).
 ///
 /// ```
 /// use seawall::rate_limit::{BoundedKey, INLINE_KEY_BYTES};
@@ -46,9 +47,18 @@ pub struct BoundedKey {
     bytes: [u8; INLINE_KEY_BYTES],
 }
 
-fn digest_key() -> &'static RandomState {
-    static KEY: OnceLock<RandomState> = OnceLock::new();
-    KEY.get_or_init(RandomState::new)
+/// The digest's SipHash key: fixed, so that digests are the same in every process.
+const DIGEST_KEY: (u64, u64) = (0x7365_6177_616c_6c2d, 0x626f_756e_6465_646b);
+
+/// SipHash-2-4 of `domain` then `value`, under [`DIGEST_KEY`]: std's `SipHasher`,
+/// deprecated for hash tables (for which `RandomState` is the better choice) but
+/// specified as SipHash-2-4, so its values do not change with the Rust version.
+#[allow(deprecated)]
+fn sip(domain: u8, value: &[u8]) -> u64 {
+    let mut h = std::hash::SipHasher::new_with_keys(DIGEST_KEY.0, DIGEST_KEY.1);
+    h.write_u8(domain);
+    h.write(value);
+    h.finish()
 }
 
 impl BoundedKey {
@@ -63,15 +73,8 @@ impl BoundedKey {
                 bytes,
             };
         }
-        let key = digest_key();
-        let half = |domain: u8| {
-            let mut h = key.build_hasher();
-            h.write_u8(domain);
-            h.write(value);
-            h.finish()
-        };
-        bytes[..8].copy_from_slice(&half(0).to_le_bytes());
-        bytes[8..16].copy_from_slice(&half(1).to_le_bytes());
+        bytes[..8].copy_from_slice(&sip(0, value).to_le_bytes());
+        bytes[8..16].copy_from_slice(&sip(1, value).to_le_bytes());
         Self { len: DIGEST, bytes }
     }
 
@@ -106,10 +109,8 @@ impl fmt::Debug for BoundedKey {
     }
 }
 
-/// The value (lossily, as UTF-8) or, for a digest, `#` and its 32 hex digits. Digests
-/// differ between processes: a key shared through Redis by several replicas must not be
-/// a digest (use values of at most [`INLINE_KEY_BYTES`] bytes, or a key extractor of your
-/// own, with the `redis` limiters).
+/// The value (lossily, as UTF-8) or, for a digest, `#` and its 32 hex digits: the same in
+/// every process, so the `redis` limiters' replicas agree on a long value's bucket.
 impl fmt::Display for BoundedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.as_inline() {
@@ -149,6 +150,25 @@ mod tests {
         a[399_999] = b'x';
         assert_ne!(BoundedKey::new(&a), BoundedKey::new(&b));
         assert_eq!(BoundedKey::new(&b), BoundedKey::new(&b.clone()));
+    }
+
+    /// SipHash-2-4's reference vector (key `00..0f`, message `00..0e`): what the digest
+    /// is made of is the specified function, whatever std's hash tables use.
+    #[test]
+    #[allow(deprecated)]
+    fn the_digest_is_siphash_2_4() {
+        let key = |i: u64| (0..8).fold(0u64, |k, b| k | (8 * i + b) << (8 * b));
+        let mut h = std::hash::SipHasher::new_with_keys(key(0), key(1));
+        h.write(&(0u8..15).collect::<Vec<_>>());
+        assert_eq!(h.finish(), 0xa129_ca61_49be_45e5);
+    }
+
+    /// Digests are fixed: the same in every process and every version, for buckets
+    /// shared through Redis. A change here moves every long key's bucket.
+    #[test]
+    fn a_digest_is_the_same_everywhere() {
+        let key = BoundedKey::new(&[b'k'; 100]);
+        assert_eq!(key.to_string(), "#1e89178fea483a1e515a495ab554ba89");
     }
 
     #[test]
