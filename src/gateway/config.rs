@@ -118,8 +118,10 @@ pub struct RedisSettings {
     #[serde(default = "default_local_share", deserialize_with = "fraction")]
     pub local_share: f64,
     /// Tokens taken from Redis per round trip (default 1: none ahead). Larger batches
-    /// spare round trips for busy keys; the fleet never admits more than the limit, but
-    /// tokens a replica holds are not available to the others.
+    /// spare round trips for busy keys; tokens a replica holds are not available to the
+    /// others, and are used up to `batch_max_age` after they were taken, so over an
+    /// interval the fleet admits up to `batch_max_age` of refill more than the limit
+    /// would (see [`RedisRateLimiterBuilder::batch`](crate::rate_limit::redis::RedisRateLimiterBuilder::batch)).
     #[serde(default = "default_batch")]
     pub batch: u32,
     /// How long tokens taken ahead may be used before they are given up (default 100ms).

@@ -176,12 +176,13 @@ async fn a_key_with_a_closing_brace_cannot_choose_its_cluster_slot() {
     );
 }
 
-/// The batch docs: "The fleet never admits more than the quota (the tokens were taken
-/// from it)". Tokens one replica took ahead are still served after the shared bucket
-/// has refilled, while other replicas take the refill: the fleet admits nearly twice the
-/// burst at once.
+/// The batch docs said "The fleet never admits more than the quota (the tokens were
+/// taken from it)". Tokens one replica took ahead are still served after the shared
+/// bucket has refilled, while other replicas take the refill: the fleet admits nearly
+/// twice the burst at once (19 in a few ms, burst 10). The docs now give the bound that
+/// holds: burst + rate × (interval + `max_age`), which this checks.
 #[tokio::test]
-async fn batched_tokens_do_not_stretch_the_burst_across_replicas() {
+async fn batched_tokens_stretch_the_burst_by_at_most_max_age_of_refill() {
     let redis = RedisServer::start(RedisServer::free_port()).await;
     let quota = Quota::new(Rate::per_second(100), 10).unwrap();
     let batched = RedisRateLimiter::builder(redis.url(), quota)
@@ -206,11 +207,14 @@ async fn batched_tokens_do_not_stretch_the_burst_across_replicas() {
         }
     }
     let elapsed = started.elapsed();
-    // At most the burst and what refills meanwhile (one more for rounding).
-    let bound = 10 + (elapsed.as_secs_f64() * 100.0).ceil() as u32 + 1;
+    // The tokens taken ahead are served on top of the refilled bucket (19 in a few ms
+    // on a quiet machine: more than burst + rate × interval, as the docs now say; not
+    // asserted, since a slow machine spreads the 40 round trips), but at most
+    // burst + rate × (interval + max_age), one more for rounding.
+    let bound = 10 + ((elapsed.as_secs_f64() + 0.2) * 100.0).ceil() as u32 + 1;
     assert!(
         admitted <= bound,
-        "{admitted} admitted in {elapsed:?}: over the quota's {bound}"
+        "{admitted} admitted in {elapsed:?}: over the documented {bound}"
     );
 }
 

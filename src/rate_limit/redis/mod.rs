@@ -813,10 +813,13 @@ impl RedisRateLimiterBuilder {
     /// Takes up to `size` tokens (at most the burst) per round trip, as many as the shared
     /// bucket holds, and serves the next checks for the same key from them, for at most
     /// `max_age`: fewer round trips at high rates, still one round trip per check at most.
-    /// The fleet never admits more than the quota (the tokens were taken from it), but
-    /// tokens a replica holds unused make the others refuse early: up to `size - 1` per
+    /// Tokens a replica holds unused make the others refuse early: up to `size - 1` per
     /// replica and key (more while concurrent checks of one key each take a batch), for up
-    /// to `max_age`.
+    /// to `max_age`. Every token the fleet admits was taken from the shared bucket, but
+    /// up to `max_age` before it is used, when the bucket may have refilled since: over
+    /// any interval the fleet admits at most burst + rate × (interval + `max_age`), not
+    /// burst + rate × interval. A key's burst can so be served about twice within a
+    /// short interval: the bucket's burst again on top of what replicas held.
     #[must_use]
     pub fn batch(mut self, size: u32, max_age: Duration) -> Self {
         self.batch = (size > 1).then_some((size, max_age));
