@@ -95,7 +95,8 @@ pub struct GatewayConfig {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RedisSettings {
-    /// One Redis server: `redis://host:port/` (or `rediss://`, `redis+unix://`).
+    /// One Redis server: `redis://host:port/` (or `redis+unix://`). TLS to Redis
+    /// (`rediss://`) is not supported: the configuration is refused.
     pub url: Option<String>,
     /// A Redis Cluster's seed nodes, instead of `url`.
     #[serde(default)]
@@ -1309,11 +1310,17 @@ impl RedisSettings {
             } else {
                 format!("redis.nodes[{i}]")
             };
-            let parsed = redis_url(url);
-            if !parsed {
+            if url.starts_with("rediss://") {
                 return Err(ConfigError::invalid(
                     at,
-                    "not a Redis URL (`redis://host:port/`, `rediss://…` or `redis+unix://…`)",
+                    "TLS to Redis (`rediss://`) is not supported: reach Redis over a private \
+                     network or a local TLS tunnel, as `redis://`",
+                ));
+            }
+            if !redis_url(url) {
+                return Err(ConfigError::invalid(
+                    at,
+                    "not a Redis URL (`redis://host:port/` or `redis+unix://…`)",
                 ));
             }
         }
@@ -1342,7 +1349,7 @@ impl RedisSettings {
 /// Whether `url` reads as a Redis URL (the `redis` crate has the last word when it
 /// connects; this catches a host:port without a scheme at load).
 fn redis_url(url: &str) -> bool {
-    ["redis://", "rediss://", "redis+unix://", "unix://"]
+    ["redis://", "redis+unix://", "unix://"]
         .iter()
         .any(|scheme| url.len() > scheme.len() && url.starts_with(scheme))
 }

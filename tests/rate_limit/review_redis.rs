@@ -328,24 +328,32 @@ async fn a_clock_step_back_locks_a_key_out_for_at_most_its_burst() {
     );
 }
 
-/// `[redis] url`'s docs: "One Redis server: `redis://host:port/` (or `rediss://`,
-/// `redis+unix://`)", and the configuration loads with a `rediss://` URL; but seawall
-/// builds `redis` without a TLS feature, so the gateway cannot be built with it ("can't
-/// connect with TLS, the feature is not enabled"), even with seawall's `tls` feature on.
-#[cfg(all(feature = "gateway", feature = "tls"))]
-#[tokio::test]
-async fn a_gateway_with_a_rediss_url_as_documented_builds() {
-    use seawall::gateway::{Discovery, Gateway, GatewayConfig};
-    let config = GatewayConfig::from_toml_str(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\n\
-         [redis]\nurl = \"rediss://127.0.0.1:6380/\"\n\
-         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
-         rate_limit = { global = { per_second = 5, policy = \"redis\" } }\n\
-         [[services]]\nname = \"up\"\ninstances = [\"127.0.0.1:9\"]\n",
-    )
-    .expect("the documented URL loads");
-    if let Err(e) = Gateway::build(config, Discovery::Static).await {
-        panic!("a rediss:// URL, as documented: {e}");
+/// `[redis] url`'s docs said "One Redis server: `redis://host:port/` (or `rediss://`,
+/// `redis+unix://`)", and the configuration loaded with a `rediss://` URL; but seawall
+/// builds `redis` without a TLS feature, so the gateway could not be built with it
+/// ("can't connect with TLS, the feature is not enabled"), whatever seawall's features.
+/// The configuration is now refused when it loads, naming the field and saying why.
+#[cfg(feature = "gateway")]
+#[test]
+fn a_rediss_url_is_refused_when_the_configuration_loads() {
+    use seawall::gateway::GatewayConfig;
+    for (redis, field) in [
+        ("url = \"rediss://127.0.0.1:6380/\"", "redis.url"),
+        ("nodes = [\"rediss://127.0.0.1:7000\"]", "redis.nodes[0]"),
+    ] {
+        let error = GatewayConfig::from_toml_str(&format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n\
+             [redis]\n{redis}\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+             rate_limit = {{ global = {{ per_second = 5, policy = \"redis\" }} }}\n\
+             [[services]]\nname = \"up\"\ninstances = [\"127.0.0.1:9\"]\n",
+        ))
+        .expect_err("a rediss:// URL cannot work: refused at load")
+        .to_string();
+        assert!(
+            error.contains(field) && error.contains("TLS to Redis"),
+            "{error}"
+        );
     }
 }
 
