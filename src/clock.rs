@@ -243,6 +243,28 @@ impl fmt::Debug for TokioClock {
     }
 }
 
+impl TokioClock {
+    /// The counter's reading at `nanos` on this clock, rounded down, for a deadline that a
+    /// hot path compares with [`ticks`] instead of reading the time (no call into quanta,
+    /// no scaling); `0` where there is no such reading: paused time, a clock not decided
+    /// yet, quanta on the OS clock, or a processor other than x86-64. A reading of
+    /// [`ticks`] below it is before `nanos`; at or above it, read the time to know.
+    pub(crate) fn deadline_ticks(&self, nanos: u64) -> u64 {
+        if self.mode.load(Acquire) != REAL {
+            return 0;
+        }
+        self.fast.ticks_at(nanos)
+    }
+
+    /// The counter's reading now, unscaled, for comparing with
+    /// [`deadline_ticks`](Self::deadline_ticks) (which is 0, never passed, where there is
+    /// none).
+    #[inline]
+    pub(crate) fn ticks(&self) -> u64 {
+        self.fast.ticks()
+    }
+}
+
 impl Clock for TokioClock {
     #[inline]
     fn now_nanos(&self) -> u64 {
@@ -274,6 +296,9 @@ mod os_clock {
 struct Fast {
     clock: quanta::Clock,
     origin: u64,
+    /// quanta's raw units (the counter's ticks, or nanoseconds on the OS clock) in 2^40
+    /// ns, from quanta's own calibration (see [`TokioClock::deadline_ticks`]).
+    ticks_per_2_40_ns: u128,
 }
 
 /// The process's quanta clock, made once: `quanta::Clock::new` asks the CPU (CPUID) whether
@@ -289,7 +314,43 @@ impl Fast {
     fn new() -> Self {
         let clock = quanta_clock();
         let origin = clock.raw();
-        Self { clock, origin }
+        let ticks_per_2_40_ns = Self::counter_rate(&clock);
+        Self {
+            clock,
+            origin,
+            ticks_per_2_40_ns,
+        }
+    }
+
+    /// quanta's raw units in 2^40 ns: nanoseconds in 2^40 units, inverted (exact to about
+    /// a part in 10^11); 0 if quanta says nonsense.
+    fn counter_rate(clock: &quanta::Clock) -> u128 {
+        let span = 1u64 << 40;
+        let nanos = u128::from(clock.delta_as_nanos(0, span));
+        (u128::from(span) << 40).checked_div(nanos).unwrap_or(0)
+    }
+
+    #[inline]
+    fn ticks(&self) -> u64 {
+        self.clock.raw()
+    }
+
+    /// quanta's raw reading at `nanos` after the origin, rounded down; 0 for none (or
+    /// for a time already past). Converted from a reading taken now, so that only the
+    /// span to `nanos` is scaled back: a wait of a minute is off by well under a tick
+    /// however long the process has run.
+    fn ticks_at(&self, nanos: u64) -> u64 {
+        let raw = self.clock.raw();
+        let now = self.clock.delta_as_nanos(self.origin, raw);
+        let Some(span) = nanos.checked_sub(now).filter(|&span| span > 0) else {
+            return 0;
+        };
+        let ticks = (u128::from(span) * self.ticks_per_2_40_ns) >> 40;
+        u64::try_from(ticks)
+            .ok()
+            .and_then(|t| raw.checked_add(t))
+            // Rounded down by a tick more: the conversion's last bit is not exact.
+            .map_or(0, |t| t.saturating_sub(1))
     }
 
     #[inline]
@@ -316,6 +377,14 @@ impl Fast {
     #[inline]
     fn nanos(&self) -> u64 {
         crate::util::nanos(self.origin.elapsed())
+    }
+
+    fn ticks_at(&self, _nanos: u64) -> u64 {
+        0
+    }
+
+    fn ticks(&self) -> u64 {
+        u64::MAX
     }
 }
 
@@ -409,6 +478,43 @@ mod tests {
     use crate::rate_limit::{Quota, Rate, RateLimiter};
 
     const MS: u64 = 1_000_000;
+
+    /// The counter's deadline for a time says "before" only before it, and "passed" once
+    /// the clock has passed it: the open breaker's rejections lean on it (real time).
+    #[tokio::test]
+    async fn a_deadline_in_ticks_is_passed_when_the_time_is() {
+        let clock = TokioClock::new();
+        let start = clock.now_nanos();
+        assert_eq!(
+            clock.mode.load(Acquire),
+            REAL,
+            "decided in a real-time runtime"
+        );
+        for wait in [MS / 10, MS, 3 * MS] {
+            let until = clock.now_nanos() + wait;
+            let deadline = clock.deadline_ticks(until);
+            #[cfg(feature = "quanta")]
+            assert!(clock.ticks() < deadline, "before the deadline");
+            #[cfg(not(feature = "quanta"))]
+            assert_eq!(deadline, 0, "no counter: no deadline in ticks");
+            // Spun, not slept: the instant the clock passes `until`, so must the ticks.
+            while clock.now_nanos() < until {
+                std::hint::spin_loop();
+            }
+            assert!(
+                clock.ticks() >= deadline,
+                "passed with the time ({wait} ns)"
+            );
+        }
+        assert_eq!(clock.deadline_ticks(start), 0, "a time already past");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paused_time_has_no_deadline_in_ticks() {
+        let clock = TokioClock::new();
+        let now = clock.now_nanos();
+        assert_eq!(clock.deadline_ticks(now + 1_000 * MS), 0);
+    }
 
     fn paused_runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()

@@ -218,6 +218,10 @@ pub(crate) struct Shared {
     /// Every time the breaker reads: tokio's (paused in tests), read cheaply.
     clock: TokioClock,
     open_until: AtomicU64,
+    /// `open_until` as a reading of the time-stamp counter (0: none, see
+    /// [`TokioClock::deadline_ticks`]): an open breaker's rejection compares it with the
+    /// counter instead of reading the time.
+    open_until_ticks: AtomicU64,
     timer_gen: AtomicU64,
     /// Rejections, counted without a locked instruction (a third of a rejection's cost).
     rejected: crate::counter::Counter,
@@ -277,6 +281,7 @@ impl Shared {
             window,
             clock: TokioClock::new(),
             open_until: AtomicU64::new(0),
+            open_until_ticks: AtomicU64::new(0),
             timer_gen: AtomicU64::new(NO_TIMER),
             rejected: crate::counter::Counter::new(),
             half_open: Mutex::new(HalfOpen::default()),
@@ -304,7 +309,8 @@ impl Shared {
     }
 
     /// Decides whether a call may go ahead. The closed path is one atomic load; the open
-    /// path one more load, one clock read and a counter.
+    /// path two more loads, a reading of the time-stamp counter (on real time; the clock
+    /// where there is none) and a counter.
     #[inline]
     pub(crate) fn admit(self: &Arc<Self>) -> Decision {
         let w = self.word.load(Acquire);
@@ -315,8 +321,8 @@ impl Shared {
     }
 
     /// The rejections an open breaker answers call after call (open before its deadline,
-    /// forced open): one load, at most one clock read, and a counter, in a function small
-    /// enough to save few registers. Everything else goes on to
+    /// forced open): two loads, at most one counter reading, and a counter, in a function
+    /// small enough to save few registers. Everything else goes on to
     /// [`admit_slow`](Self::admit_slow).
     #[cold]
     #[inline(never)]
@@ -325,7 +331,9 @@ impl Shared {
         if state == State::Open {
             // Published with this state word, which `admit` read with `Acquire`.
             let until = self.open_until.load(Relaxed);
-            if self.now() < until {
+            // Before the deadline by the counter (no clock read, no scaling), or by the
+            // clock when the counter cannot tell.
+            if self.clock.ticks() < self.open_until_ticks.load(Relaxed) || self.now() < until {
                 self.count_rejection(State::Open, until);
                 return Decision::new(Decision::REJECTED, State::Open.code(), until);
             }
@@ -625,6 +633,8 @@ impl Shared {
                 let wait = self.config.wait.wait(tr.consecutive_trips, unit);
                 let until = now.saturating_add(crate::util::nanos(wait.min(super::MAX_DURATION)));
                 self.open_until.store(until, Relaxed);
+                self.open_until_ticks
+                    .store(self.clock.deadline_ticks(until), Relaxed);
                 self.arm_timer(generation, until, next, State::HalfOpen);
             }
             State::HalfOpen => {

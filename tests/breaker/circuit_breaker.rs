@@ -1120,3 +1120,36 @@ async fn callbacks_see_transitions_in_the_order_they_happened() {
     assert_eq!(from_channel, expected, "the channel's order");
     assert_eq!(*seen.lock().unwrap(), expected, "the callback's order");
 }
+
+/// On real time an open breaker's rejections compare the time-stamp counter with the
+/// deadline, converted once when it opened, instead of reading the time: before the
+/// wait is over it refuses, after it the probe goes through (and the breaker half-opens)
+/// as on the clock.
+#[tokio::test]
+async fn on_real_time_an_open_breaker_refuses_then_probes_after_its_wait() {
+    let breaker = Breaker::new(
+        CircuitBreakerConfig::builder()
+            .sliding_window(SlidingWindow::count_based(2))
+            .minimum_calls(2)
+            .wait_in_open(Duration::from_millis(500))
+            .permitted_calls_in_half_open(1)
+            .build()
+            .unwrap(),
+    );
+    for _ in 0..2 {
+        breaker.try_acquire().unwrap().failure();
+    }
+    assert_eq!(breaker.state(), State::Open);
+    for _ in 0..1000 {
+        let refused = breaker.try_acquire().expect_err("open: refused");
+        assert!(refused.retry_after().is_some());
+    }
+    // Slept past the wait (only a lower bound matters: the deadline has passed), the
+    // thread blocked: the breaker's timer, a task of this current-thread runtime, does
+    // not run, so the admission itself must see that the wait is over.
+    std::thread::sleep(Duration::from_millis(550));
+    let probe = breaker.try_acquire().expect("the wait is over: a probe");
+    assert_eq!(breaker.state(), State::HalfOpen);
+    probe.success();
+    assert_eq!(breaker.state(), State::Closed);
+}
