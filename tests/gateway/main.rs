@@ -18,7 +18,7 @@ mod pool;
 mod proxy;
 #[cfg(feature = "redis")]
 mod redis_limits;
-mod review_h1s;
+mod request_edges;
 #[cfg(feature = "axum")]
 mod service;
 mod stale;

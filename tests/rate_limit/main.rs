@@ -13,11 +13,11 @@ mod limiters;
 #[cfg(feature = "redis")]
 mod redis_cluster;
 #[cfg(feature = "redis")]
+mod redis_edges;
+#[cfg(feature = "redis")]
 mod redis_layers;
 #[cfg(feature = "redis")]
 mod redis_limiter;
-#[cfg(feature = "redis")]
-mod review_redis;
 
 #[cfg(feature = "redis")]
 #[path = "../support/redis_server.rs"]

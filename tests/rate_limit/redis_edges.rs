@@ -1,5 +1,7 @@
-//! A review of the Redis-backed limiter, as an attacker and as a demanding user: each
-//! test shows one defect against a real `redis-server` on a free loopback port.
+//! The Redis-backed limiter's edges, as an attacker and a demanding user find them
+//! (zero-cost requests, cached refusals, hash tags, clock steps, long keys across
+//! processes, batching's bound, black-holed connections, `rediss://`): each test pins a
+//! defect found in review, against a real `redis-server` on a free loopback port.
 
 use std::time::Duration;
 
@@ -232,7 +234,7 @@ async fn a_long_header_key_is_one_bucket_across_processes() {
     let status = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "review_redis::child_takes_a_long_keys_burst",
+            "redis_edges::child_takes_a_long_keys_burst",
             "--ignored",
             "--test-threads=1",
         ])

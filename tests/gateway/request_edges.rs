@@ -1,6 +1,8 @@
-//! An attacker's review of the gateway's client-facing HTTP/1 server and request
-//! handling: each test pins a defect found in review, over a real loopback socket to a
-//! spawned gateway, with a hand-written upstream that records the request heads it got.
+//! Requests an attacker shapes against the gateway's client-facing HTTP/1 server and
+//! request handling (underscored forwarding fields, `CONNECT`, `;` after a route's
+//! prefix, absolute-form targets): each test pins a defect found in review, over a real
+//! loopback socket to a spawned gateway, with a hand-written upstream that records the
+//! request heads it got.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
