@@ -4,7 +4,7 @@
 //! `application/problem+json`).
 //!
 //! ```text
-//! cargo run --example axum_service --features axum
+//! cargo run --example axum_service --features axum,metrics
 //! ```
 //!
 //! It starts, on loopback ports, an "inventory" upstream that can be made to fail, hang or

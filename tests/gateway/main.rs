@@ -19,6 +19,8 @@ mod proxy;
 #[cfg(feature = "redis")]
 mod redis_limits;
 mod request_edges;
+mod review_h1s;
+mod review_user;
 #[cfg(feature = "axum")]
 mod service;
 mod stale;

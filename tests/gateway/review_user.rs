@@ -1,0 +1,126 @@
+//! A demanding new user's review of the first hour: the commands the docs give, the
+//! gateway's TOML configuration (each invalid one refused at load or build, naming its
+//! field; each valid one doing what its docs say), over real loopback requests.
+
+/// Every `cargo run --example <name> --features <list>` written in the README, the docs,
+/// the examples and the benches' scripts names the features Cargo.toml requires for that
+/// example (directly or through the features it enables): a new user's first command
+/// must not end in cargo's "requires the features" error.
+#[test]
+fn every_documented_example_command_has_the_features_it_needs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    // [features]: name = ["a", "dep:x", "hyper/server", ...]
+    let mut implies = std::collections::HashMap::<String, Vec<String>>::new();
+    let features = manifest.split("[features]").nth(1).unwrap();
+    let features = features.split("\n[").next().unwrap();
+    for line in features.lines() {
+        let Some((name, list)) = line.split_once(" = [") else {
+            continue;
+        };
+        let items = list
+            .trim_end_matches(']')
+            .split(',')
+            .map(|i| i.trim().trim_matches('"').to_owned())
+            .filter(|i| !i.is_empty() && !i.contains(':') && !i.contains('/'))
+            .collect();
+        implies.insert(name.trim().to_owned(), items);
+    }
+    let mut required = std::collections::HashMap::<String, Vec<String>>::new();
+    for block in manifest.split("[[example]]").skip(1) {
+        let block = block.split("\n[").next().unwrap();
+        let field = |key: &str| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().trim_start_matches('=').trim().to_owned())
+        };
+        let name = field("name").unwrap().trim_matches('"').to_owned();
+        let needs = field("required-features")
+            .map(|v| {
+                v.trim_matches(['[', ']'])
+                    .split(',')
+                    .map(|f| f.trim().trim_matches('"').to_owned())
+                    .filter(|f| !f.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        required.insert(name, needs);
+    }
+    let enabled = |given: &[&str]| {
+        let mut on: std::collections::HashSet<String> =
+            given.iter().map(|s| s.to_string()).collect();
+        let mut todo: Vec<String> = on.iter().cloned().collect();
+        while let Some(f) = todo.pop() {
+            for g in implies.get(&f).into_iter().flatten() {
+                if on.insert(g.clone()) {
+                    todo.push(g.clone());
+                }
+            }
+        }
+        on
+    };
+    let mut files = vec![];
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if !name.starts_with('.') && name != "target" && name != "fuzz" {
+                    dirs.push(path);
+                }
+            } else if [".rs", ".md", ".toml", ".sh"]
+                .iter()
+                .any(|e| name.ends_with(e))
+            {
+                files.push(path);
+            }
+        }
+    }
+    let mut wrong = vec![];
+    let mut seen = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        for line in text.lines() {
+            let Some((_, rest)) = line.split_once("cargo run --example ") else {
+                continue;
+            };
+            let mut words = rest.split_whitespace();
+            let name = words.next().unwrap_or("").trim_matches(['`', '"', '\'']);
+            let Some(needs) = required.get(name) else {
+                continue;
+            };
+            seen += 1;
+            let given: Vec<&str> = rest
+                .split_once("--features")
+                .map(|(_, f)| {
+                    f.trim_start_matches('=')
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                })
+                .map(|f| {
+                    f.trim_matches(['`', '"', '\'', ')', ':'])
+                        .split(',')
+                        .collect()
+                })
+                .unwrap_or_default();
+            let on = enabled(&given);
+            let missing: Vec<&String> = needs.iter().filter(|f| !on.contains(*f)).collect();
+            if !missing.is_empty() {
+                wrong.push(format!(
+                    "{}: `{}` lacks {missing:?}",
+                    file.strip_prefix(root).unwrap().display(),
+                    line.trim()
+                ));
+            }
+        }
+    }
+    assert!(seen >= 10, "found only {seen} commands");
+    assert!(
+        wrong.is_empty(),
+        "commands that cargo refuses:\n{}",
+        wrong.join("\n")
+    );
+}
