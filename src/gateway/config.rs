@@ -762,7 +762,8 @@ pub struct ClientLimitSettings {
     /// With a `header:` key, what a request without the header (or with a value that is
     /// not visible ASCII) gets: `"ip"` (the default, as Kong does) limits it by the
     /// client's address instead; `"reject"` answers `400`; `"allow"` lets it through
-    /// without a per-client limit.
+    /// without a per-client limit. With `key = "ip"` anything but `"ip"` is refused, as
+    /// there is no header to miss.
     #[serde(default)]
     pub on_missing: OnMissing,
     /// `"local"` (the default) or `"redis"` (shared through `[redis]`).
@@ -1168,6 +1169,15 @@ impl GatewayConfig {
                     return Err(ConfigError::invalid(
                         format!("{at}.content_type"),
                         "must be a valid header value",
+                    ));
+                }
+            }
+            if let Some(c) = &route.rate_limit.per_client {
+                if c.key == ClientKey::Ip && c.on_missing != OnMissing::Ip {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.rate_limit.per_client.on_missing"),
+                        "applies to a `key = \"header:<name>\"` only (requests without the \
+                         header); this limit is keyed by IP",
                     ));
                 }
             }

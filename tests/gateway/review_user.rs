@@ -2,6 +2,8 @@
 //! gateway's TOML configuration (each invalid one refused at load or build, naming its
 //! field; each valid one doing what its docs say), over real loopback requests.
 
+use seawall::gateway::{BuildError, Discovery, Gateway, GatewayConfig};
+
 /// Every `cargo run --example <name> --features <list>` written in the README, the docs,
 /// the examples and the benches' scripts names the features Cargo.toml requires for that
 /// example (directly or through the features it enables): a new user's first command
@@ -123,4 +125,55 @@ fn every_documented_example_command_has_the_features_it_needs() {
         "commands that cargo refuses:\n{}",
         wrong.join("\n")
     );
+}
+
+/// The error `toml` gets: at load (`GatewayConfig::from_toml_str`) or, if it loads, when
+/// the gateway is built with its static services. Panics if it is accepted.
+async fn refusal(toml: &str) -> seawall::ConfigError {
+    let config = match GatewayConfig::from_toml_str(toml) {
+        Err(e) => return e,
+        Ok(config) => config,
+    };
+    match Gateway::build(config, Discovery::Static).await {
+        Err(BuildError::Config(e)) => e,
+        Err(e) => panic!("refused, but not as a ConfigError naming a field: {e}"),
+        Ok(_) => panic!("accepted:\n{toml}"),
+    }
+}
+
+/// One route `/api` with the settings `route` to a static service, `[gateway]` with
+/// `server`, and `extra` at the end (other sections).
+fn config(server: &str, route: &str, extra: &str) -> String {
+    format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n{server}\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n{route}\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"127.0.0.1:9\"]\n\n{extra}\n"
+    )
+}
+
+#[tokio::test]
+async fn on_missing_without_a_header_key_is_refused() {
+    // `on_missing` says what a request without the key header gets; with `key = "ip"`
+    // (or no key) there is no header, and the setting was silently ignored.
+    for limit in [
+        r#"per_client = { per_second = 5, key = "ip", on_missing = "reject" }"#,
+        r#"per_client = { per_second = 5, on_missing = "shared" }"#,
+        r#"per_client = { per_second = 5, key = "ip", on_missing = "allow" }"#,
+    ] {
+        let err = refusal(&config("", &format!("rate_limit = {{ {limit} }}"), "")).await;
+        assert_eq!(
+            err.field(),
+            "routes[0].rate_limit.per_client.on_missing",
+            "{err}"
+        );
+        assert!(err.reason().contains("header:"), "{err}");
+    }
+    // The default, written out, and a header key with any `on_missing`, are fine.
+    for limit in [
+        r#"per_client = { per_second = 5, key = "ip", on_missing = "ip" }"#,
+        r#"per_client = { per_second = 5, key = "header:x-api-key", on_missing = "reject" }"#,
+    ] {
+        GatewayConfig::from_toml_str(&config("", &format!("rate_limit = {{ {limit} }}"), ""))
+            .unwrap();
+    }
 }
