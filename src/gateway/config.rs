@@ -699,12 +699,76 @@ pub struct FallbackSettings {
     /// The status (default 200).
     #[serde(default = "default_fallback_status")]
     pub status: u16,
-    /// The body (default empty).
+    /// The body (default empty). JSON when the content type is (`application/json`, the
+    /// default, or `…+json`); none for a `204`, `205` or `304`.
     #[serde(default)]
     pub body: String,
-    /// The `Content-Type` (default `application/json`).
+    /// The `Content-Type`, a media type (default `application/json`).
     #[serde(default = "default_content_type")]
     pub content_type: String,
+}
+
+impl FallbackSettings {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if !(200..=599).contains(&self.status) {
+            return Err(ConfigError::invalid(
+                format!("{at}.status"),
+                "must be an HTTP status in 200..=599",
+            ));
+        }
+        // RFC 9110 §15.3.5, §15.3.6, §15.4.5: these answers carry no content.
+        if matches!(self.status, 204 | 205 | 304) && !self.body.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{at}.body"),
+                format!(
+                    "a {} answer carries no content: leave the body out",
+                    self.status
+                ),
+            ));
+        }
+        if http::HeaderValue::from_str(&self.content_type).is_err() {
+            return Err(ConfigError::invalid(
+                format!("{at}.content_type"),
+                "must be a valid header value",
+            ));
+        }
+        // `type/subtype`, then parameters: RFC 9110 §8.3.1.
+        let essence = self.content_type.split(';').next().unwrap_or("").trim();
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+                })
+        };
+        if !essence
+            .split_once('/')
+            .is_some_and(|(kind, sub)| token(kind) && token(sub))
+        {
+            return Err(ConfigError::invalid(
+                format!("{at}.content_type"),
+                format!(
+                    "{:?} is not a media type (`type/subtype`, such as \"text/plain\")",
+                    self.content_type
+                ),
+            ));
+        }
+        let essence = essence.to_ascii_lowercase();
+        let json = essence == "application/json" || essence.ends_with("+json");
+        if json
+            && !self.body.is_empty()
+            && serde_json::from_str::<serde::de::IgnoredAny>(&self.body).is_err()
+        {
+            return Err(ConfigError::invalid(
+                format!("{at}.body"),
+                format!(
+                    "is not JSON, but the content type is {} (application/json is the \
+                     default): write JSON, or set content_type (\"text/plain\")",
+                    self.content_type
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_fallback_status() -> u16 {
@@ -1158,19 +1222,7 @@ impl GatewayConfig {
                 check_duration(&format!("{at}.wait_in_open"), b.wait_in_open, false)?;
             }
             if let Some(f) = &route.fallback {
-                let at = format!("{at}.fallback");
-                if !(200..=599).contains(&f.status) {
-                    return Err(ConfigError::invalid(
-                        format!("{at}.status"),
-                        "must be an HTTP status in 200..=599",
-                    ));
-                }
-                if http::HeaderValue::from_str(&f.content_type).is_err() {
-                    return Err(ConfigError::invalid(
-                        format!("{at}.content_type"),
-                        "must be a valid header value",
-                    ));
-                }
+                f.validate(&format!("{at}.fallback"))?;
             }
             if let Some(c) = &route.rate_limit.per_client {
                 if c.key == ClientKey::Ip && c.on_missing != OnMissing::Ip {

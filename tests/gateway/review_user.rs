@@ -177,3 +177,61 @@ async fn on_missing_without_a_header_key_is_refused() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_fallback_body_on_a_status_without_content_is_refused() {
+    // 204 and 304 are sent without the body (silently dropped); 205 was sent with it,
+    // which RFC 9110 §15.3.6 forbids.
+    for status in [204, 205, 304] {
+        let route = format!("fallback = {{ status = {status}, body = '{{}}' }}");
+        let err = refusal(&config("", &route, "")).await;
+        assert_eq!(err.field(), "routes[0].fallback.body", "{status}: {err}");
+        assert!(err.reason().contains(&status.to_string()), "{err}");
+    }
+    // Without a body they are fine.
+    GatewayConfig::from_toml_str(&config("", "fallback = { status = 204 }", "")).unwrap();
+}
+
+#[tokio::test]
+async fn a_fallback_content_type_must_be_a_media_type() {
+    for content_type in ["", "json", "application/", "/json", "text plain"] {
+        let route = format!("fallback = {{ body = 'down', content_type = '{content_type}' }}");
+        let err = refusal(&config("", &route, "")).await;
+        assert_eq!(
+            err.field(),
+            "routes[0].fallback.content_type",
+            "{content_type:?}: {err}"
+        );
+    }
+    for content_type in [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/grpc",
+    ] {
+        let route = format!("fallback = {{ body = 'down', content_type = '{content_type}' }}");
+        GatewayConfig::from_toml_str(&config("", &route, "")).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_json_fallback_body_must_be_json() {
+    // The content type defaults to application/json: a plain-text body went out labelled
+    // JSON, and clients failed to parse the very answer meant to keep them working.
+    for route in [
+        "fallback = { body = 'Service temporarily unavailable' }",
+        "fallback = { body = '{\"users\":[]', content_type = 'application/json' }",
+        "fallback = { body = 'oops', content_type = 'application/problem+json' }",
+    ] {
+        let err = refusal(&config("", route, "")).await;
+        assert_eq!(err.field(), "routes[0].fallback.body", "{route}: {err}");
+        assert!(err.reason().contains("JSON"), "{err}");
+    }
+    for route in [
+        "fallback = { body = '{\"users\":[]}' }",
+        "fallback = { body = '' }",
+        "fallback = { body = 'down', content_type = 'text/plain' }",
+        "fallback = { body = '{\"x\":1}', content_type = 'Application/Problem+JSON; charset=utf-8' }",
+    ] {
+        GatewayConfig::from_toml_str(&config("", route, "")).unwrap();
+    }
+}
