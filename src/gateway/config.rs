@@ -609,7 +609,9 @@ pub struct RouteConfig {
     /// A unique name, in status reports and metrics.
     pub name: String,
     /// The path prefix matched, on segment boundaries: `/api/users` matches `/api/users`
-    /// and `/api/users/42`, not `/api/usersx`.
+    /// and `/api/users/42`, not `/api/usersx`. Written as requests are matched, after
+    /// normalisation: what clients percent-encode (non-ASCII characters, `{`, `}`, …) as
+    /// upper-case escapes (`/caf%C3%A9` for `/café`).
     pub path_prefix: String,
     /// The upstream service's name.
     pub service: String,

@@ -377,8 +377,10 @@
 //! field: `routes[1].rate_limit.global.per_second: must be at least 1`. Every value the
 //! gateway's build would refuse is refused at load (`per_second = 4294967295`: a refill
 //! interval below a nanosecond). So are: a configuration without routes; a `path_prefix`
-//! that is not a normal path (dot segments, `//`, `%`-escapes, `\`); a service with no
-//! instances, an instance with port 0 or listed twice; durations below 1 ms (but zero
+//! that is not a normal path (dot segments, `//`, `\`) or not written as requests are
+//! matched (what clients percent-encode, such as non-ASCII characters, written as
+//! upper-case escapes: `/caf%C3%A9`, not `/café`); an instance with port 0 or listed
+//! twice; durations below 1 ms (but zero
 //! where zero is allowed); and, with `admin.on_proxy_listener = true`, a route whose
 //! prefix is or lies under an admin path.
 //!

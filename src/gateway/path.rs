@@ -337,25 +337,54 @@ pub fn under_prefix(path: &str, prefix: &str) -> bool {
 }
 
 /// Why a configured `path_prefix` is refused, if it is: it must be a normal path (as
-/// [`normalize`] leaves it, with both options on) with no escapes, no query or fragment,
-/// no whitespace, no `;`-parameter dot segment and no `//`.
-pub(crate) fn check_prefix(prefix: &str) -> Result<(), &'static str> {
+/// [`normalize`] leaves it, with both options on), so written as requests are matched:
+/// no query or fragment, no whitespace, no `;`-parameter dot segment, no `//`; what
+/// clients percent-encode (any non-ASCII character, `"`, `<`, `>`, `` ` ``, `{`, `}`)
+/// written as its escapes, in upper case (`/caf%C3%A9`), and unreserved characters
+/// (letters, digits, `-._~`) never escaped.
+pub(crate) fn check_prefix(prefix: &str) -> Result<(), String> {
     if !prefix.starts_with('/') {
-        return Err("must start with '/'");
+        return Err("must start with '/'".into());
     }
     if prefix.contains(['?', '#']) || prefix.chars().any(char::is_whitespace) {
-        return Err("must be a plain path (no query, fragment or spaces)");
+        return Err("must be a plain path (no query, fragment or spaces)".into());
     }
-    if prefix.contains('%') {
-        return Err("must not contain percent-encoding (write the characters themselves)");
+    if let Some(c) = prefix
+        .chars()
+        .find(|c| !c.is_ascii() || matches!(c, '"' | '<' | '>' | '`' | '{' | '}'))
+    {
+        let mut utf8 = [0; 4];
+        let escaped: String = c
+            .encode_utf8(&mut utf8)
+            .bytes()
+            .map(|b| format!("%{b:02X}"))
+            .collect();
+        return Err(format!(
+            "{c:?} comes percent-encoded in requests, and is matched so: write it \
+             `{escaped}`"
+        ));
     }
     match normalize(prefix, PathOptions::default()) {
         Ok(Cow::Borrowed(_)) => Ok(()),
-        Ok(Cow::Owned(_)) | Err(PathError::AboveRoot | PathError::DotSegmentParameter) => {
-            Err("must be a normal path (no '.' or '..' segments, no '//')")
+        Ok(Cow::Owned(normal))
+            if prefix.contains('%')
+                && !prefix.contains("//")
+                && !prefix.split('/').any(|segment| {
+                    let dots = segment.to_ascii_lowercase().replace("%2e", ".");
+                    dots == "." || dots == ".."
+                }) =>
+        {
+            Err(format!(
+                "write percent-escapes as requests are matched (upper-case hex, letters, \
+                 digits and -._~ unescaped): `{normal}`"
+            ))
         }
-        Err(PathError::Backslash) => Err("must not contain '\\'"),
-        Err(_) => Err("must be a plain path"),
+        Ok(Cow::Owned(_)) | Err(PathError::AboveRoot | PathError::DotSegmentParameter) => {
+            Err("must be a normal path (no '.' or '..' segments, no '//')".into())
+        }
+        Err(PathError::Backslash) => Err("must not contain '\\'".into()),
+        Err(PathError::EncodedSeparator) => Err("must not contain an encoded '/' or '\\'".into()),
+        Err(e) => Err(format!("must be a plain path: {e}")),
     }
 }
 
@@ -484,6 +513,7 @@ mod tests {
         assert!(under_prefix("/anything", "/"));
         assert_eq!(check_prefix("/api/v1"), Ok(()));
         assert_eq!(check_prefix("/api/"), Ok(()));
+        assert_eq!(check_prefix("/caf%C3%A9"), Ok(()));
         for bad in [
             "/api/../admin",
             "/api/.",
@@ -492,6 +522,12 @@ mod tests {
             "/a\\b",
             "/..;/x",
             "api",
+            "/café",
+            "/caf%c3%a9",
+            "/%41",
+            "/a%zz",
+            "/a%2F",
+            "/a/%2e%2e/b",
         ] {
             assert!(check_prefix(bad).is_err(), "{bad}");
         }

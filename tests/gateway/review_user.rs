@@ -235,3 +235,109 @@ async fn a_json_fallback_body_must_be_json() {
         GatewayConfig::from_toml_str(&config("", route, "")).unwrap();
     }
 }
+
+/// An upstream that answers every request `200` with the request's target.
+async fn echo_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let target = head.split(' ').nth(1).unwrap_or("").to_owned();
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{target}",
+                        target.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A gateway with one route per `(name, prefix)` to an upstream that echoes the target.
+async fn routes_gateway(routes: &[(&str, &str)]) -> seawall::gateway::GatewayHandle {
+    let upstream = echo_upstream().await;
+    let mut toml = String::from("[gateway]\nlisten = \"127.0.0.1:0\"\n");
+    for (name, prefix) in routes {
+        toml.push_str(&format!(
+            "[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nservice = \"up\"\n"
+        ));
+    }
+    toml.push_str(&format!(
+        "[[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\n"
+    ));
+    super::spawn_gateway(&toml).await
+}
+
+#[tokio::test]
+async fn a_prefix_clients_must_percent_encode_is_refused_and_its_escape_routes() {
+    // `/ü` loaded, but clients send it as `/%C3%BC` (a raw non-ASCII byte is not allowed
+    // in a request target), which never matched it: a route nobody could reach. Its
+    // escaped form was refused ("write the characters themselves").
+    for prefix in ["/café", "/ü/x", "/a{b}", "/a<b>"] {
+        let err = refusal(&config("", "", "").replace("\"/api\"", &format!("{prefix:?}"))).await;
+        assert_eq!(err.field(), "routes[0].path_prefix", "{prefix}: {err}");
+        assert!(err.reason().contains('%'), "{prefix}: {err}");
+    }
+    // Escapes not in the form requests are matched in: named, with the form to write.
+    for (prefix, normal) in [("/caf%c3%a9", "/caf%C3%A9"), ("/%41pi", "/Api")] {
+        let err = refusal(&config("", "", "").replace("\"/api\"", &format!("{prefix:?}"))).await;
+        assert_eq!(err.field(), "routes[0].path_prefix", "{prefix}: {err}");
+        assert!(err.reason().contains(normal), "{prefix}: {err}");
+    }
+    for prefix in ["/a%2Fb", "/a%zz", "/a%00"] {
+        let err = refusal(&config("", "", "").replace("\"/api\"", &format!("{prefix:?}"))).await;
+        assert_eq!(err.field(), "routes[0].path_prefix", "{prefix}: {err}");
+    }
+
+    let gw = routes_gateway(&[("cafe", "/caf%C3%A9"), ("root", "/")]).await;
+    for (target, routed_to) in [
+        ("/caf%C3%A9", "cafe"),
+        ("/caf%c3%a9/menu", "cafe"),
+        ("/caf%C3%A9s", "root"),
+        ("/cafe", "root"),
+    ] {
+        assert_eq!(routed(&gw, target).await, routed_to, "{target}");
+    }
+}
+
+/// The route `target` went to (the one whose request count grew), after a `200`.
+async fn routed(gw: &seawall::gateway::GatewayHandle, target: &str) -> String {
+    let counts = || {
+        gw.gateway()
+            .status()
+            .routes
+            .into_iter()
+            .map(|r| (r.name, r.requests))
+            .collect::<Vec<_>>()
+    };
+    let before = counts();
+    let (status, body) = super::raw_http::get(gw.local_addr(), target).await;
+    assert_eq!(status, 200, "{target}: {body}");
+    let after = counts();
+    let grew: Vec<_> = after
+        .iter()
+        .zip(&before)
+        .filter(|(a, b)| a.1 > b.1)
+        .map(|(a, _)| a.0.clone())
+        .collect();
+    assert_eq!(grew.len(), 1, "{target}: {grew:?}");
+    grew[0].clone()
+}
