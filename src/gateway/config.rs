@@ -655,25 +655,51 @@ fn default_timeout() -> Duration {
 /// `[routes.breaker]`: every endpoint of the route's service gets a breaker with these
 /// settings; failures are 5xx answers, transport errors and timeouts.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "BreakerToml")]
 #[non_exhaustive]
 pub struct BreakerSettings {
     /// The share of failed calls in the window that opens the breaker: a fraction in
     /// `(0, 1]`, or a percentage written as a string (`"50%"`). Default 0.5.
-    #[serde(default = "default_failure_rate", deserialize_with = "fraction")]
     pub failure_rate: f64,
-    /// Calls recorded before the rate counts (default 10).
-    #[serde(default = "default_minimum_calls")]
+    /// Calls recorded before the rate counts, at most `window` (default 10, or the
+    /// window if smaller).
     pub minimum_calls: u32,
     /// The count-based window: the last this many calls (default 20).
-    #[serde(default = "default_window")]
     pub window: u32,
     /// How long the breaker stays open before probing (default 5s).
-    #[serde(default = "default_wait_in_open", deserialize_with = "duration")]
     pub wait_in_open: Duration,
     /// Probe calls let through when half-open (default 2).
-    #[serde(default = "default_half_open")]
     pub permitted_in_half_open: u32,
+}
+
+/// `[routes.breaker]` as written: `minimum_calls` left out defaults to what the window
+/// allows.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakerToml {
+    #[serde(default = "default_failure_rate", deserialize_with = "fraction")]
+    failure_rate: f64,
+    minimum_calls: Option<u32>,
+    #[serde(default = "default_window")]
+    window: u32,
+    #[serde(default = "default_wait_in_open", deserialize_with = "duration")]
+    wait_in_open: Duration,
+    #[serde(default = "default_half_open")]
+    permitted_in_half_open: u32,
+}
+
+impl From<BreakerToml> for BreakerSettings {
+    fn from(b: BreakerToml) -> Self {
+        Self {
+            failure_rate: b.failure_rate,
+            minimum_calls: b
+                .minimum_calls
+                .unwrap_or_else(|| default_minimum_calls().min(b.window.max(1))),
+            window: b.window,
+            wait_in_open: b.wait_in_open,
+            permitted_in_half_open: b.permitted_in_half_open,
+        }
+    }
 }
 
 fn default_failure_rate() -> f64 {
@@ -738,9 +764,8 @@ impl FallbackSettings {
         let essence = self.content_type.split(';').next().unwrap_or("").trim();
         let token = |t: &str| {
             !t.is_empty()
-                && t.bytes().all(|b| {
-                    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-                })
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
         };
         if !essence
             .split_once('/')
@@ -1215,6 +1240,15 @@ impl GatewayConfig {
                         "must be at least 1",
                     ));
                 }
+                if b.minimum_calls > b.window {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.minimum_calls"),
+                        format!(
+                            "{} is more calls than the window ({}) holds: at most the window",
+                            b.minimum_calls, b.window
+                        ),
+                    ));
+                }
                 if b.permitted_in_half_open == 0 {
                     return Err(ConfigError::invalid(
                         format!("{at}.permitted_in_half_open"),
@@ -1624,7 +1658,7 @@ fn breaker_config(
     crate::circuit_breaker::CircuitBreakerConfig::builder()
         .name(route.to_owned())
         .failure_rate_threshold(b.failure_rate)
-        .minimum_calls(b.minimum_calls.min(b.window))
+        .minimum_calls(b.minimum_calls)
         .sliding_window(crate::circuit_breaker::SlidingWindow::count_based(b.window))
         .wait_in_open(b.wait_in_open)
         .permitted_calls_in_half_open(b.permitted_in_half_open)

@@ -341,3 +341,27 @@ async fn routed(gw: &seawall::gateway::GatewayHandle, target: &str) -> String {
     assert_eq!(grew.len(), 1, "{target}: {grew:?}");
     grew[0].clone()
 }
+
+#[tokio::test]
+async fn a_breaker_minimum_calls_above_its_window_is_refused() {
+    // The gateway cut it to the window without a word (a window of 10 holds 10 calls),
+    // where the breaker's own builder refuses it.
+    let err = refusal(&config(
+        "",
+        "breaker = { window = 10, minimum_calls = 100 }",
+        "",
+    ))
+    .await;
+    assert_eq!(err.field(), "routes[0].breaker.minimum_calls", "{err}");
+    assert!(err.reason().contains("window"), "{err}");
+    // Left out, it is 10, or the window when that is smaller.
+    for (breaker, minimum) in [
+        ("breaker = { window = 5 }", 5),
+        ("breaker = { window = 50 }", 10),
+        ("breaker = { window = 50, minimum_calls = 50 }", 50),
+    ] {
+        let config = GatewayConfig::from_toml_str(&config("", breaker, "")).unwrap();
+        let settings = config.routes[0].breaker.as_ref().unwrap();
+        assert_eq!(settings.minimum_calls, minimum, "{breaker}");
+    }
+}
