@@ -374,7 +374,7 @@ pub struct Http2Settings {
     /// Streams a client may have open at once (default 100).
     pub max_concurrent_streams: u32,
     /// The largest header list (HPACK-decoded, as HTTP/2 counts it) of a request, in
-    /// bytes (default: `max_headers_size`).
+    /// bytes (default: `max_headers_size`; 1024 to 1 MiB).
     pub max_header_list_size: Option<u32>,
     /// Each stream's flow-control window, in bytes (default 65 535, HTTP/2's; 65 535 to
     /// 2³¹ − 1).
@@ -1504,6 +1504,15 @@ impl Http2Settings {
             return Err(ConfigError::invalid(
                 "gateway.http2.max_header_list_size",
                 "must be at least 1024",
+            ));
+        }
+        if self
+            .max_header_list_size
+            .is_some_and(|n| n as usize > MAX_HEADERS_SIZE)
+        {
+            return Err(ConfigError::invalid(
+                "gateway.http2.max_header_list_size",
+                "must be at most 1048576 (1 MiB), as max_headers_size",
             ));
         }
         for (field, window) in [

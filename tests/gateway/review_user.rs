@@ -365,3 +365,20 @@ async fn a_breaker_minimum_calls_above_its_window_is_refused() {
         assert_eq!(settings.minimum_calls, minimum, "{breaker}");
     }
 }
+
+#[tokio::test]
+async fn an_http2_header_list_bound_above_the_head_bound_is_refused() {
+    // `max_headers_size` stops at 1 MiB ("larger heads are mistakes or attacks"); the
+    // HTTP/2 bound on the same header list took anything up to 4 GiB.
+    for size in [4_294_967_295_u32, 1_048_577] {
+        let server = format!("http2 = {{ max_header_list_size = {size} }}");
+        let err = refusal(&config(&server, "", "")).await;
+        assert_eq!(
+            err.field(),
+            "gateway.http2.max_header_list_size",
+            "{size}: {err}"
+        );
+    }
+    let server = "http2 = { max_header_list_size = 1048576 }";
+    GatewayConfig::from_toml_str(&config(server, "", "")).unwrap();
+}
