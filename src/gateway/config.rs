@@ -521,9 +521,9 @@ pub struct JwtConfig {
     pub secret_env: Option<String>,
     /// The file holding the secret (a regular file, at most 64 KiB).
     pub secret_file: Option<std::path::PathBuf>,
-    /// The required `iss` claim, if any.
+    /// The required `iss` claim, if any (not empty: leave it out to accept any).
     pub issuer: Option<String>,
-    /// The required `aud` claim (a string, or one of an array), if any.
+    /// The required `aud` claim (a string, or one of an array), if any (not empty).
     pub audience: Option<String>,
     /// Clock skew tolerated on `exp` and `nbf` (default 0s).
     #[serde(default, deserialize_with = "duration")]
@@ -1101,6 +1101,14 @@ impl GatewayConfig {
         }
         if let Some(jwt) = &self.auth.jwt {
             jwt.resolve_secret()?;
+            for (field, value) in [("issuer", &jwt.issuer), ("audience", &jwt.audience)] {
+                if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                    return Err(ConfigError::invalid(
+                        format!("auth.jwt.{field}"),
+                        format!("must not be empty (leave it out to accept any {field})"),
+                    ));
+                }
+            }
             check_duration("auth.jwt.leeway", jwt.leeway, true)?;
         }
         self.admin.resolve_token()?;

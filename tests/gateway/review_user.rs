@@ -382,3 +382,17 @@ async fn an_http2_header_list_bound_above_the_head_bound_is_refused() {
     let server = "http2 = { max_header_list_size = 1048576 }";
     GatewayConfig::from_toml_str(&config(server, "", "")).unwrap();
 }
+
+#[tokio::test]
+async fn an_empty_jwt_issuer_or_audience_is_refused() {
+    // `issuer = ""` (a template whose variable was empty) loaded and then refused every
+    // token that had an issuer: only `"iss": ""` matched.
+    for (key, field) in [
+        ("issuer", "auth.jwt.issuer"),
+        ("audience", "auth.jwt.audience"),
+    ] {
+        let jwt = format!("[auth.jwt]\nsecret = \"0123456789abcdefghij\"\n{key} = \"\"\n");
+        let err = refusal(&config("", "auth = true", &jwt)).await;
+        assert_eq!(err.field(), field, "{err}");
+    }
+}
