@@ -48,6 +48,10 @@ pub enum WhenEmpty {
     /// Stay not ready until an endpoint appears, for at most this long, then fail with
     /// [`NoEndpoints`](super::error::NoEndpoints).
     Wait(Duration),
+    /// As [`Wait`](Self::Wait) until the balancer has had an endpoint (discovery's first
+    /// answer may take a while), then as [`Fail`](Self::Fail): once every instance has
+    /// left, requests are answered at once instead of each waiting out the bound.
+    WaitAtStart(Duration),
 }
 
 /// Passive health checking, as Envoy's outlier detection: an endpoint that fails too

@@ -68,6 +68,8 @@ where
     discover_closed: bool,
     when_empty: super::WhenEmpty,
     empty_since: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the balancer has had an endpoint (for `WhenEmpty::WaitAtStart`).
+    had_endpoints: bool,
 }
 
 impl<D, F, C> HashBalance<D, F, C>
@@ -88,6 +90,7 @@ where
             discover_closed: false,
             when_empty: builder.when_empty,
             empty_since: None,
+            had_endpoints: false,
         }
     }
 
@@ -142,6 +145,7 @@ where
             discover_closed: false,
             when_empty: self.when_empty,
             empty_since: None,
+            had_endpoints: self.had_endpoints,
         }
     }
 
@@ -271,12 +275,14 @@ where
         if self.set.is_empty() {
             return super::service::poll_empty(
                 self.when_empty,
+                self.had_endpoints,
                 &mut self.empty_since,
                 &self.set.shared.name,
                 cx,
             );
         }
         self.empty_since = None;
+        self.had_endpoints = true;
         self.set.sweep_if_asked();
         Poll::Ready(Ok(()))
     }

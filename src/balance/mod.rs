@@ -286,7 +286,7 @@ impl<C> BalanceBuilder<C> {
                 }
             }
         }
-        if let WhenEmpty::Wait(d) = self.when_empty {
+        if let WhenEmpty::Wait(d) | WhenEmpty::WaitAtStart(d) = self.when_empty {
             if d > config::MAX_DURATION {
                 return Err(ConfigError::invalid(
                     "when_empty",
@@ -347,8 +347,14 @@ impl<C> BalanceBuilder<C> {
             if matches!(self.strategy, Strategy::PeakEwma { .. }) {
                 self.strategy = Strategy::peak_ewma();
             }
-            if let WhenEmpty::Wait(d) = self.when_empty {
-                self.when_empty = WhenEmpty::Wait(d.min(config::MAX_DURATION));
+            match self.when_empty {
+                WhenEmpty::Wait(d) => {
+                    self.when_empty = WhenEmpty::Wait(d.min(config::MAX_DURATION));
+                }
+                WhenEmpty::WaitAtStart(d) => {
+                    self.when_empty = WhenEmpty::WaitAtStart(d.min(config::MAX_DURATION));
+                }
+                WhenEmpty::Fail => {}
             }
         }
         self

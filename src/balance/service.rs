@@ -71,6 +71,8 @@ where
     ready: Option<Reserved>,
     when_empty: WhenEmpty,
     empty_since: Option<Pin<Box<Sleep>>>,
+    /// Whether the balancer has had an endpoint (for [`WhenEmpty::WaitAtStart`]).
+    had_endpoints: bool,
     handle: BalanceHandle,
     discover_closed: bool,
     /// When the reserved endpoint was picked (peak-EWMA only; 0 otherwise).
@@ -113,6 +115,7 @@ where
             ready: None,
             when_empty: builder.when_empty,
             empty_since: None,
+            had_endpoints: false,
             handle,
             discover_closed: false,
             picked_at: 0,
@@ -178,6 +181,7 @@ where
             ready: None,
             when_empty: self.when_empty,
             empty_since: None,
+            had_endpoints: self.had_endpoints,
             handle: self.handle.clone(),
             discover_closed: false,
             picked_at: 0,
@@ -463,6 +467,7 @@ where
     fn poll_empty(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         poll_empty(
             self.when_empty,
+            self.had_endpoints,
             &mut self.empty_since,
             &self.set.shared.name,
             cx,
@@ -471,25 +476,31 @@ where
 }
 
 /// A balancer with no endpoint: fails at once, or waits (for discovery, which holds the
-/// task's waker) up to the configured time.
+/// task's waker) up to the configured time (with `WaitAtStart`, only until it has had an
+/// endpoint).
 pub(crate) fn poll_empty(
     when_empty: WhenEmpty,
+    had_endpoints: bool,
     empty_since: &mut Option<Pin<Box<Sleep>>>,
     name: &std::sync::Arc<str>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<(), BoxError>> {
-    match when_empty {
-        WhenEmpty::Fail => Poll::Ready(Err(NoEndpoints::new(name.clone()).into())),
-        WhenEmpty::Wait(wait) => {
-            let sleep = empty_since.get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
-            match sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    *empty_since = None;
-                    Poll::Ready(Err(NoEndpoints::new(name.clone()).into()))
-                }
-                Poll::Pending => Poll::Pending,
-            }
+    let wait = match when_empty {
+        WhenEmpty::Fail => None,
+        WhenEmpty::WaitAtStart(_) if had_endpoints => None,
+        WhenEmpty::Wait(wait) | WhenEmpty::WaitAtStart(wait) => Some(wait),
+    };
+    let Some(wait) = wait else {
+        *empty_since = None;
+        return Poll::Ready(Err(NoEndpoints::new(name.clone()).into()));
+    };
+    let sleep = empty_since.get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+    match sleep.as_mut().poll(cx) {
+        Poll::Ready(()) => {
+            *empty_since = None;
+            Poll::Ready(Err(NoEndpoints::new(name.clone()).into()))
         }
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -525,6 +536,7 @@ where
             return self.poll_empty(cx);
         }
         self.empty_since = None;
+        self.had_endpoints = true;
         self.pick::<Req>(cx)
     }
 

@@ -521,8 +521,9 @@ impl Route {
                 StrategyName::RoundRobin => Strategy::RoundRobin,
             })
             // Discovery may still be on its way (Consul's first answer): wait for an
-            // endpoint, within the route's timeout.
-            .when_empty(WhenEmpty::Wait(config.timeout));
+            // endpoint, within the route's timeout. Once the service has had instances and
+            // every one has left, answer at once (503, or the fallback).
+            .when_empty(WhenEmpty::WaitAtStart(config.timeout));
         if let Some(outlier) = plan.outlier {
             builder = builder.outlier_detection(outlier);
         }

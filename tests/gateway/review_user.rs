@@ -396,3 +396,39 @@ async fn an_empty_jwt_issuer_or_audience_is_refused() {
         assert_eq!(err.field(), field, "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_service_whose_instances_all_left_is_answered_without_waiting_out_the_timeout() {
+    // The demo's "every product instance goes down": once the instances have left
+    // discovery, each request waited the route's whole timeout (10 s by default) for an
+    // endpoint before its fallback, holding the client and a connection, where an empty
+    // service should be answered at once, as open breakers are.
+    use seawall::discovery::{Instance, Registry};
+    let upstream = echo_upstream().await;
+    let registry = Registry::new();
+    let guard = registry.register(Instance::local("up", upstream));
+    let toml = "[gateway]\nlisten = \"127.0.0.1:0\"\n\
+        [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"3s\"\n\
+        fallback = { body = '{\"fallback\":true}' }\n";
+    let config = GatewayConfig::from_toml_str(toml).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = Gateway::build(config, Discovery::Registry(registry.clone()))
+        .await
+        .unwrap()
+        .spawn(listener);
+    let (status, body) = super::raw_http::get(gw.local_addr(), "/api/x").await;
+    assert_eq!((status, body.as_str()), (200, "/api/x"));
+
+    drop(guard);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let started = tokio::time::Instant::now();
+        let (status, body) = super::raw_http::get(gw.local_addr(), "/api/x").await;
+        let took = started.elapsed();
+        assert_eq!((status, body.as_str()), (200, "{\"fallback\":true}"));
+        assert!(
+            took < std::time::Duration::from_millis(500),
+            "the fallback took {took:?}, the route timeout is 3 s"
+        );
+    }
+}
