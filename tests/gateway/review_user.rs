@@ -432,3 +432,50 @@ async fn a_service_whose_instances_all_left_is_answered_without_waiting_out_the_
         );
     }
 }
+
+/// The README's quick start is two blocks a new user copies: its `[dependencies]` must
+/// name every crate its Rust code uses (it named seawall alone, and the code did not
+/// compile: `unresolved import axum`, `http`, `tower`, `tokio`).
+#[test]
+fn the_quick_start_dependencies_name_every_crate_its_code_uses() {
+    let readme = include_str!("../../README.md");
+    let quick = &readme[readme.find("## Quick start").unwrap()..];
+    let quick = &quick[..quick[3..].find("\n## ").unwrap()];
+    let block = |fence: &str| {
+        let start = quick.find(fence).unwrap() + fence.len();
+        &quick[start..start + quick[start..].find("```").unwrap()]
+    };
+    let manifest = block("```toml\n");
+    let code = block("```rust\n");
+    let declared: Vec<&str> = manifest
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(name, _)| name.trim()))
+        .collect();
+    // Crates: the first segment of each `use`, and the root of each path in the code
+    // (not the paths inside a `use`'s braces).
+    let mut used = std::collections::BTreeSet::new();
+    for line in code.lines().map(str::trim) {
+        if let Some(path) = line.strip_prefix("use ") {
+            used.insert(path.split("::").next().unwrap().to_owned());
+            continue;
+        }
+        for word in line.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')) {
+            // (`name::<T>` is a turbofish, not a path.)
+            if let Some((root, rest)) = word.split_once("::") {
+                let crate_like = root.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+                if !root.is_empty() && !rest.is_empty() && crate_like {
+                    used.insert(root.to_owned());
+                }
+            }
+        }
+    }
+    let missing: Vec<_> = used
+        .iter()
+        .filter(|c| !["std", "seawall", "self", "super", "crate"].contains(&c.as_str()))
+        .filter(|c| !declared.contains(&c.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in the quick start's [dependencies]: {missing:?}"
+    );
+}
