@@ -7,6 +7,7 @@ use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
 
 mod admin;
 mod clients;
+mod config_edges;
 mod downstream_h1;
 mod grpc;
 mod grpc_tonic;
@@ -19,8 +20,6 @@ mod proxy;
 #[cfg(feature = "redis")]
 mod redis_limits;
 mod request_edges;
-mod review_h1s;
-mod review_user;
 #[cfg(feature = "axum")]
 mod service;
 mod stale;

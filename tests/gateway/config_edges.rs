@@ -1,6 +1,7 @@
-//! A demanding new user's review of the first hour: the commands the docs give, the
+//! What a demanding new user meets in the first hour: the commands the docs give, the
 //! gateway's TOML configuration (each invalid one refused at load or build, naming its
-//! field; each valid one doing what its docs say), over real loopback requests.
+//! field; each valid one doing what its docs say), over real loopback requests. Each test
+//! pins a defect found in review.
 
 use seawall::gateway::{BuildError, Discovery, Gateway, GatewayConfig};
 
