@@ -48,9 +48,10 @@ pub enum WhenEmpty {
     /// Stay not ready until an endpoint appears, for at most this long, then fail with
     /// [`NoEndpoints`](super::error::NoEndpoints).
     Wait(Duration),
-    /// As [`Wait`](Self::Wait) until the balancer has had an endpoint (discovery's first
-    /// answer may take a while), then as [`Fail`](Self::Fail): once every instance has
-    /// left, requests are answered at once instead of each waiting out the bound.
+    /// As [`Wait`](Self::Wait) until discovery has given the balancer's set an endpoint
+    /// (its first answer may take a while), then as [`Fail`](Self::Fail): once every
+    /// instance has left, requests are answered at once instead of each waiting out the
+    /// bound. Replicas share the set, so one made later does not wait either.
     WaitAtStart(Duration),
 }
 

@@ -68,8 +68,6 @@ where
     discover_closed: bool,
     when_empty: super::WhenEmpty,
     empty_since: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Whether the balancer has had an endpoint (for `WhenEmpty::WaitAtStart`).
-    had_endpoints: bool,
 }
 
 impl<D, F, C> HashBalance<D, F, C>
@@ -90,7 +88,6 @@ where
             discover_closed: false,
             when_empty: builder.when_empty,
             empty_since: None,
-            had_endpoints: false,
         }
     }
 
@@ -145,7 +142,6 @@ where
             discover_closed: false,
             when_empty: self.when_empty,
             empty_since: None,
-            had_endpoints: self.had_endpoints,
         }
     }
 
@@ -275,14 +271,16 @@ where
         if self.set.is_empty() {
             return super::service::poll_empty(
                 self.when_empty,
-                self.had_endpoints,
+                self.set
+                    .shared
+                    .had_endpoints
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 &mut self.empty_since,
                 &self.set.shared.name,
                 cx,
             );
         }
         self.empty_since = None;
-        self.had_endpoints = true;
         self.set.sweep_if_asked();
         Poll::Ready(Ok(()))
     }

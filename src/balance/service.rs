@@ -71,8 +71,6 @@ where
     ready: Option<Reserved>,
     when_empty: WhenEmpty,
     empty_since: Option<Pin<Box<Sleep>>>,
-    /// Whether the balancer has had an endpoint (for [`WhenEmpty::WaitAtStart`]).
-    had_endpoints: bool,
     handle: BalanceHandle,
     discover_closed: bool,
     /// When the reserved endpoint was picked (peak-EWMA only; 0 otherwise).
@@ -115,7 +113,6 @@ where
             ready: None,
             when_empty: builder.when_empty,
             empty_since: None,
-            had_endpoints: false,
             handle,
             discover_closed: false,
             picked_at: 0,
@@ -181,7 +178,6 @@ where
             ready: None,
             when_empty: self.when_empty,
             empty_since: None,
-            had_endpoints: self.had_endpoints,
             handle: self.handle.clone(),
             discover_closed: false,
             picked_at: 0,
@@ -467,7 +463,10 @@ where
     fn poll_empty(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         poll_empty(
             self.when_empty,
-            self.had_endpoints,
+            self.set
+                .shared
+                .had_endpoints
+                .load(std::sync::atomic::Ordering::Relaxed),
             &mut self.empty_since,
             &self.set.shared.name,
             cx,
@@ -536,7 +535,6 @@ where
             return self.poll_empty(cx);
         }
         self.empty_since = None;
-        self.had_endpoints = true;
         self.pick::<Req>(cx)
     }
 

@@ -191,6 +191,7 @@ where
     /// Inserts or replaces the endpoint of `key`. A replaced endpoint's figures start over:
     /// its instance changed.
     pub(crate) fn insert(&mut self, key: K, endpoint: S) {
+        self.shared.had_endpoints.store(true, Relaxed);
         let at = self.positions.get(&key).copied();
         let replacing = at.map(|at| &self.slots[at].stats);
         let (stats, breaker) = self.member(&key, &endpoint, replacing);

@@ -26,6 +26,9 @@ pub(crate) struct SetShared {
     pub(crate) ejections_suppressed: AtomicU64,
     /// Set when an ejection was refused: the balancer then ends ejections that ran out.
     pub(crate) sweep: std::sync::atomic::AtomicBool,
+    /// Set when discovery first gave an endpoint, for every replica: a balancer that has
+    /// had one no longer waits for one ([`WhenEmpty::WaitAtStart`](super::WhenEmpty)).
+    pub(crate) had_endpoints: std::sync::atomic::AtomicBool,
     /// Balancers over this set: one, or several made by
     /// [`Balance::replica`](super::Balance::replica).
     pub(crate) replicas: AtomicUsize,
@@ -64,6 +67,7 @@ impl SetShared {
             ejected: AtomicUsize::new(0),
             ejections_suppressed: AtomicU64::new(0),
             sweep: std::sync::atomic::AtomicBool::new(false),
+            had_endpoints: std::sync::atomic::AtomicBool::new(false),
             replicas: AtomicUsize::new(0),
             members: parking_lot::Mutex::new(HashMap::new()),
         }

@@ -568,3 +568,40 @@ async fn hashing_sends_keys_of_a_half_open_endpoint_elsewhere() {
         next
     );
 }
+
+/// `WhenEmpty::WaitAtStart` waits for discovery's first endpoint, then fails at once
+/// when every endpoint has left, on every replica: one made after the endpoints left
+/// (the gateway makes one per worker thread) knows the set has had endpoints, and does
+/// not wait out the bound for each request.
+#[tokio::test(start_paused = true)]
+async fn wait_at_start_waits_only_before_the_first_endpoint_on_every_replica() {
+    use seawall::balance::WhenEmpty;
+    let c = ctls(5);
+    let registry = Registry::new();
+    // An original that serves nothing itself, as the gateway's route holds one and each
+    // worker thread a replica of it.
+    let original = Balance::builder()
+        .when_empty(WhenEmpty::WaitAtStart(Duration::from_secs(5)))
+        .build(ServiceDiscover::new(registry.watch("svc"), make(c.clone())));
+    let mut lb = original.replica(ServiceDiscover::new(registry.watch("svc"), make(c.clone())));
+    // Before any endpoint: waits for one.
+    let r2 = registry.clone();
+    let guard = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        r2.register(inst(1))
+    });
+    let started = tokio::time::Instant::now();
+    assert_eq!(lb.ready().await.unwrap().call(0).await.unwrap(), 1);
+    assert!(started.elapsed() >= Duration::from_millis(50), "it waited");
+    // Every endpoint gone: at once, on this balancer and on a replica made now.
+    drop(guard.await.unwrap());
+    tokio::task::yield_now().await;
+    let mut replica =
+        original.replica(ServiceDiscover::new(registry.watch("svc"), make(c.clone())));
+    for lb in [&mut lb, &mut replica] {
+        let started = tokio::time::Instant::now();
+        let err = lb.ready().await.err().expect("no endpoint: refused");
+        assert!(err.is::<seawall::balance::NoEndpoints>(), "{err}");
+        assert_eq!(started.elapsed(), Duration::ZERO, "answered at once");
+    }
+}
