@@ -600,7 +600,9 @@ async fn wait_at_start_waits_only_before_the_first_endpoint_on_every_replica() {
         original.replica(ServiceDiscover::new(registry.watch("svc"), make(c.clone())));
     for lb in [&mut lb, &mut replica] {
         let started = tokio::time::Instant::now();
-        let err = lb.ready().await.err().expect("no endpoint: refused");
+        let Err(err) = lb.ready().await else {
+            panic!("no endpoint: refused");
+        };
         assert!(err.is::<seawall::balance::NoEndpoints>(), "{err}");
         assert_eq!(started.elapsed(), Duration::ZERO, "answered at once");
     }
