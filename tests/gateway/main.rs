@@ -20,6 +20,8 @@ mod proxy;
 #[cfg(feature = "redis")]
 mod redis_limits;
 mod request_edges;
+mod review_grpc;
+mod review_h1s;
 #[cfg(feature = "axum")]
 mod service;
 mod stale;

@@ -1,0 +1,255 @@
+//! A review of the gateway's gRPC handling, as an attacker and a production gRPC user:
+//! each test is a defect found, seen through a real gateway over loopback (or the gateway's
+//! public `tower::Service`s), with raw HTTP/2 clients and upstreams.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::channel::mpsc;
+use futures::SinkExt;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http2;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use seawall::gateway::GatewayHandle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tower::ServiceExt;
+
+use super::limits::{BOUND, STRICT, endpoint, settled};
+
+type Frames = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+
+/// How the HTTP/2 gRPC upstream answers each call: always its head at once, as gRPC
+/// servers of streaming calls do.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// Reads the request's messages and answers none for a minute (a client-streaming
+    /// call still taking its input).
+    Hold,
+    /// One message, then, when the call's `grpc-timeout` passes, `DEADLINE_EXCEEDED` in
+    /// the trailers: what grpc-go (and every server that keeps the deadline it is sent)
+    /// does to a server-streaming call.
+    KeepsTheDeadline,
+}
+
+/// An HTTP/2 (h2c) gRPC upstream on a loopback port; returns its address and its calls.
+async fn h2_upstream(behaviour: Behaviour) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let c = c.clone();
+            let svc = hyper::service::service_fn(move |request: Request<Incoming>| {
+                c.fetch_add(1, SeqCst);
+                let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+                tokio::spawn(answer(behaviour, request, tx));
+                let response = Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(StreamBody::new(rx))
+                    .unwrap();
+                async move { Ok::<_, Infallible>(response) }
+            });
+            tokio::spawn(
+                http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    (addr, calls)
+}
+
+async fn answer(behaviour: Behaviour, request: Request<Incoming>, mut tx: Frames) {
+    match behaviour {
+        Behaviour::Hold => {
+            let mut body = request.into_body();
+            while let Some(Ok(_)) = body.frame().await {}
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(tx);
+        }
+        Behaviour::KeepsTheDeadline => {
+            let deadline = request
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| seawall::gateway::grpc::parse_timeout(v.as_bytes()))
+                .unwrap_or(Duration::from_secs(60));
+            let started = tokio::time::Instant::now();
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))))
+                .await;
+            tokio::time::sleep_until(started + deadline).await;
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
+            trailers.insert(
+                "grpc-message",
+                http::HeaderValue::from_static("context deadline exceeded"),
+            );
+            let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        }
+    }
+}
+
+/// A gateway serving h2c, its route `/api` forwarding over h2c to `upstream`, with the
+/// strict breaker and outlier detection of `limits.rs` and `route` settings.
+async fn h2_gateway(upstream: SocketAddr, route: &str) -> GatewayHandle {
+    let config = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n{route}\n{STRICT}\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{upstream}\"]\nprotocol = \"h2\"\n"
+    );
+    super::spawn_gateway(&config).await
+}
+
+async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    client.ready().await.unwrap()
+}
+
+fn grpc_request(addr: SocketAddr, extra: &[(&str, &str)]) -> http::Request<()> {
+    let mut request = http::Request::post(format!("http://{addr}/api/svc.Svc/Call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    request.body(()).unwrap()
+}
+
+/// Reads a response body to its end (or its error); the trailers' `grpc-status`, if any.
+async fn drain(body: &mut h2::RecvStream) -> Result<Option<String>, h2::Error> {
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok(body.trailers().await?.and_then(|t| {
+        t.get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_string())
+    }))
+}
+
+/// SECURITY.md: "a body over the limit (413) [...] recorded as client errors, never by the
+/// endpoint's circuit breaker or outlier detection [...] So no anonymous client can open a
+/// breaker". A client-streaming (or bidi) gRPC call gets its answer's head at once; a
+/// client that then sends more than `max_request_body` makes the gateway reset the
+/// upstream stream, and the upstream body's error was recorded as the endpoint's failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_over_the_limit_after_the_head_is_not_the_upstreams_failure() {
+    let (addr, calls) = h2_upstream(Behaviour::Hold).await;
+    let gw = h2_gateway(addr, "max_request_body = 1024\ntimeout = \"30s\"").await;
+    for i in 0..4 {
+        let mut client = h2_client(gw.local_addr()).await;
+        let (response, mut send) = client
+            .send_request(grpc_request(gw.local_addr(), &[]), false)
+            .unwrap();
+        send.send_data(Bytes::from(vec![0u8; 512]), false).unwrap();
+        let response = timeout(BOUND, response).await.unwrap().unwrap();
+        assert_eq!(response.status(), 200, "call {i}: the upstream's head");
+        // Now past the limit.
+        send.send_data(Bytes::from(vec![0u8; 4096]), false).unwrap();
+        let mut body = response.into_body();
+        let ended = timeout(BOUND, drain(&mut body)).await.expect("the call ends");
+        assert!(
+            ended.as_ref().map_or(true, |s| s.is_some()),
+            "call {i}: {ended:?}"
+        );
+    }
+    settled(&gw, 4).await;
+    assert_eq!(calls.load(SeqCst), 4);
+    let e = endpoint(&gw);
+    assert_eq!(
+        (e.failures, e.ejected, e.breaker.as_deref()),
+        (0, false, Some("closed")),
+        "a client's oversized body counted against the upstream: {e:?}"
+    );
+    gw.shutdown().await;
+}
+
+/// SECURITY.md / gateway docs: a call's `grpc-timeout` "passing it answers
+/// `DEADLINE_EXCEEDED` [...] never against the endpoint (a caller asking for a microsecond
+/// must not open breakers)". The gateway forwards `grpc-timeout`, and a gRPC server keeps
+/// it (gRPC over HTTP/2: the deadline is the whole call's): a streaming call's head comes
+/// in time, and the upstream ends the call with `DEADLINE_EXCEEDED` in the trailers when
+/// the caller's deadline passes; that was the endpoint's failure, so any caller opens
+/// breakers with a short deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_deadline_kept_by_the_upstream_mid_stream_is_not_its_failure() {
+    let (addr, calls) = h2_upstream(Behaviour::KeepsTheDeadline).await;
+    let gw = h2_gateway(addr, "timeout = \"30s\"").await;
+    for i in 0..4 {
+        let mut client = h2_client(gw.local_addr()).await;
+        let (response, _send) = client
+            .send_request(grpc_request(gw.local_addr(), &[("grpc-timeout", "100m")]), true)
+            .unwrap();
+        let response = timeout(BOUND, response).await.unwrap().unwrap();
+        assert_eq!(response.status(), 200, "call {i}");
+        let mut body = response.into_body();
+        let status = timeout(BOUND, drain(&mut body)).await.unwrap().unwrap();
+        assert_eq!(status.as_deref(), Some("4"), "call {i}");
+    }
+    settled(&gw, 4).await;
+    assert_eq!(calls.load(SeqCst), 4);
+    let e = endpoint(&gw);
+    assert_eq!(
+        (e.failures, e.ejected, e.breaker.as_deref()),
+        (0, false, Some("closed")),
+        "the caller's own deadline counted against the upstream: {e:?}"
+    );
+    gw.shutdown().await;
+}
+
+/// `Gateway::route`'s `RouteService`: "the same checks and answers as through the
+/// gateway, without the routing". Through the gateway a gRPC caller gets the gateway's
+/// own answers as gRPC statuses; through the route's service it got HTTP `502` / `429`
+/// with a JSON problem, which a gRPC client reads as a broken response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_service_answers_grpc_callers_in_grpc() {
+    let unreachable = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let gw = h2_gateway(
+        unreachable,
+        "[routes.rate_limit]\nglobal = { per_second = 1, burst = 1 }\n",
+    )
+    .await;
+    let route = gw.gateway().route("api").expect("the route");
+    let call = || {
+        http::Request::post("http://gw/api/svc.Svc/Call")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap()
+    };
+    // The upstream refuses the connection: UNAVAILABLE.
+    let response = route.clone().oneshot(call()).await.unwrap();
+    assert_eq!(response.status(), 200, "{response:?}");
+    assert_eq!(
+        response.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"14"[..]),
+        "{response:?}"
+    );
+    // Rate limited: RESOURCE_EXHAUSTED.
+    let response = route.clone().oneshot(call()).await.unwrap();
+    assert_eq!(
+        response.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"8"[..]),
+        "{response:?}"
+    );
+    // Through the gateway itself, for comparison, the answer is gRPC's.
+    let through = gw.gateway().clone().oneshot(call()).await.unwrap();
+    assert_eq!(
+        through.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"8"[..]),
+        "{through:?}"
+    );
+    gw.shutdown().await;
+}
