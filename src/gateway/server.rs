@@ -1621,12 +1621,21 @@ where
         let this = self.clone();
         Box::pin(async move {
             let peer = Peer::of(crate::rate_limit::http::peer_of(request.extensions()));
-            if let Err(refused) = this.gateway.prepare(&mut request, &peer) {
-                return Ok(refused);
-            }
-            let route = &this.gateway.inner.routes[this.index];
+            // A gRPC caller gets the route's own answers as gRPC statuses, as through the
+            // gateway.
             let grpc = super::grpc::is_grpc(request.headers());
-            Ok(route.handle(request, &peer, grpc).await)
+            let response = match this.gateway.prepare(&mut request, &peer) {
+                Ok(()) => {
+                    let route = &this.gateway.inner.routes[this.index];
+                    route.handle(request, &peer, grpc).await
+                }
+                Err(refused) => refused,
+            };
+            Ok(if grpc {
+                super::grpc::for_grpc_caller(response)
+            } else {
+                response
+            })
         })
     }
 }
