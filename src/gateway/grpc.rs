@@ -37,6 +37,7 @@ use http::header;
 use http::{HeaderMap, Response, StatusCode};
 
 use super::body::Body;
+use super::client::{BodyState, ClientBodyError, ClientFault};
 use crate::circuit_breaker::{Outcome, Recorder};
 use crate::grpc::{GrpcClassifier, GrpcCode};
 use crate::rate_limit::http::{Refused, Undecided};
@@ -67,30 +68,77 @@ pub(crate) fn status_in_trailers(headers: &HeaderMap) -> bool {
         && !headers.contains_key(&crate::grpc::GRPC_STATUS)
 }
 
+/// What the end of a gRPC answer's body is judged against, besides the upstream: the
+/// client's own request body (an upstream stream the gateway reset because that body
+/// failed or grew past the limit is the client's doing).
+/// Put in the response's extensions by the endpoint's call, for gRPC answers whose status
+/// is still to come.
+#[derive(Clone)]
+pub(crate) struct CallContext {
+    pub(crate) body: Option<Arc<BodyState>>,
+}
+
 /// Records a gRPC answer's outcome once `frame` ends its body: the `grpc-status` of its
 /// trailers (none: `INTERNAL`, as gRPC's clients read it), `INTERNAL` for a body ended
 /// without trailers, a failure for a body that broke. A data frame records nothing.
+///
+/// The client's doing is never the upstream's: a body that broke because the client's
+/// request body failed (the gateway reset the upstream's stream for it) is recorded as
+/// ignored and returned, for the route's `client_errors`.
 pub(crate) fn settle<E>(
     pending: &mut Option<Recorder>,
+    call: Option<&CallContext>,
     frame: &Option<Result<hyper::body::Frame<bytes::Bytes>, E>>,
-) {
+) -> Option<ClientFault> {
     let code = match frame {
         Some(Ok(frame)) => match frame.trailers_ref() {
             Some(trailers) => GrpcCode::from_headers(trailers).unwrap_or(GrpcCode::Internal),
-            None => return,
+            None => return None,
         },
         Some(Err(_)) => {
-            if let Some(recorder) = pending.take() {
-                recorder.record(Outcome::Failure);
-            }
-            return;
+            let recorder = pending.take()?;
+            let fault = call
+                .and_then(|c| c.body.as_ref())
+                .and_then(|b| b.failure())
+                .map(|failure| match failure {
+                    ClientBodyError::TooLarge(_) => ClientFault::TooLarge,
+                    ClientBodyError::Read(_) => ClientFault::BadBody,
+                });
+            recorder.record(match fault {
+                Some(_) => Outcome::Ignored,
+                None => Outcome::Failure,
+            });
+            return fault;
         }
         None => GrpcCode::Internal,
     };
-    if let Some(recorder) = pending.take() {
-        recorder.record(GrpcClassifier::new().classify_code(code));
-    }
+    let recorder = pending.take()?;
+    recorder.record(GrpcClassifier::new().classify_code(code));
+    None
 }
+
+/// The trailers that end a gRPC answer the gateway cut for the client's `fault` (its
+/// request body failed or grew past the limit after the answer's head): `grpc-status` as
+/// the gateway's own answer of that fault would have it, and `message`.
+pub(crate) fn client_fault_trailers(
+    fault: ClientFault,
+    message: &'static str,
+) -> hyper::body::Frame<bytes::Bytes> {
+    let code = match fault {
+        ClientFault::TooLarge | ClientFault::HeaderTooLong => GrpcCode::ResourceExhausted,
+        ClientFault::BodyTimeout | ClientFault::Deadline => GrpcCode::DeadlineExceeded,
+        ClientFault::BadBody => GrpcCode::Internal,
+    };
+    let mut trailers = HeaderMap::new();
+    trailers.insert(
+        crate::grpc::GRPC_STATUS,
+        http::HeaderValue::from(code.as_i32()),
+    );
+    trailers.insert(GRPC_MESSAGE, http::HeaderValue::from_static(message));
+    hyper::body::Frame::trailers(trailers)
+}
+
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
 
 /// Marks a response the gateway made itself, with the text a gRPC caller is told.
 #[derive(Debug, Clone)]

@@ -203,7 +203,20 @@ impl Future for UpstreamFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(result) = Pin::new(&mut *this.send).poll(cx) {
-            return Poll::Ready(result.map_err(|e| {
+            return Poll::Ready(result.map(|mut response| {
+                // A gRPC answer whose status is still to come: how it ends is judged
+                // against the client's body too.
+                if this.body.is_some()
+                    && response.status() == StatusCode::OK
+                    && response.body().head_facts().grpc()
+                    && super::grpc::status_in_trailers(response.headers())
+                {
+                    response.extensions_mut().insert(super::grpc::CallContext {
+                        body: this.body.clone(),
+                    });
+                }
+                response
+            }).map_err(|e| {
                 // An exchange that failed with the client's body: the client's fault,
                 // whether or not the exchange's error says so (HTTP/2's does not).
                 match this.body.as_ref().and_then(|b| b.failure()) {
@@ -1292,6 +1305,19 @@ impl RouteCore {
     /// The connection is closed after it: the rest of the client's body, if any, is not
     /// read.
     fn client_fault(&self, fault: ClientFault) -> Response<Body> {
+        let (status, message) = self.count_client_fault(fault);
+        let mut response = json_error(status, message);
+        if !matches!(fault, ClientFault::Deadline) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    /// Counts a request the client is to blame for in `client_errors`; its answer's
+    /// status and text.
+    fn count_client_fault(&self, fault: ClientFault) -> (StatusCode, &'static str) {
         let stats = &self.stats;
         let (counter, status, message) = match fault {
             ClientFault::BadBody => (
@@ -1328,13 +1354,7 @@ impl RouteCore {
             status = status.as_u16(),
             "client error: {message}"
         );
-        let mut response = json_error(status, message);
-        if !matches!(fault, ClientFault::Deadline) {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
+        (status, message)
     }
 
     /// The request's target as sent upstream, in origin form (`/path?query`), the prefix
@@ -1415,6 +1435,7 @@ fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) ->
         .extensions
         .remove::<super::grpc::PendingOutcome>()
         .and_then(|pending| pending.take());
+    let grpc_call = parts.extensions.remove::<super::grpc::CallContext>();
     let body = BodyTimeout {
         body,
         route,
@@ -1422,6 +1443,7 @@ fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) ->
         progressed: false,
         failed: false,
         grpc_outcome,
+        grpc_call,
     };
     Response::from_parts(parts, body.boxed_unsync())
 }
@@ -1442,6 +1464,8 @@ struct BodyTimeout {
     /// unrecorded (ignored) if the body is dropped or times out first: a stall after a
     /// good head is counted as a timeout, as for other answers.
     grpc_outcome: Option<crate::circuit_breaker::Recorder>,
+    /// What that outcome is judged against besides the upstream: the client's body.
+    grpc_call: Option<super::grpc::CallContext>,
 }
 
 impl hyper::body::Body for BodyTimeout {
@@ -1459,7 +1483,19 @@ impl hyper::body::Body for BodyTimeout {
         if let Poll::Ready(mut frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.progressed = true;
             if this.grpc_outcome.is_some() {
-                super::grpc::settle(&mut this.grpc_outcome, &frame);
+                let fault =
+                    super::grpc::settle(&mut this.grpc_outcome, this.grpc_call.as_ref(), &frame);
+                if let Some(fault) = fault {
+                    let (_, message) = this.route.count_client_fault(fault);
+                    if matches!(frame, Some(Err(_))) {
+                        // The upstream's stream was reset for the client's body: the
+                        // caller is told why in gRPC's trailers, not by a reset.
+                        this.failed = true;
+                        return Poll::Ready(Some(Ok(super::grpc::client_fault_trailers(
+                            fault, message,
+                        ))));
+                    }
+                }
             }
             // Trailers (HTTP/1 or HTTP/2 upstreams) lose what may not be forwarded in them.
             if let Some(trailers) = frame
