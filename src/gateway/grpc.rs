@@ -70,12 +70,15 @@ pub(crate) fn status_in_trailers(headers: &HeaderMap) -> bool {
 
 /// What the end of a gRPC answer's body is judged against, besides the upstream: the
 /// client's own request body (an upstream stream the gateway reset because that body
-/// failed or grew past the limit is the client's doing).
+/// failed or grew past the limit is the client's doing) and the caller's own deadline
+/// (a gRPC server keeps the `grpc-timeout` it is sent, for the whole call).
 /// Put in the response's extensions by the endpoint's call, for gRPC answers whose status
 /// is still to come.
 #[derive(Clone)]
 pub(crate) struct CallContext {
     pub(crate) body: Option<Arc<BodyState>>,
+    /// The caller's deadline (`grpc-timeout`), when it bounded the call.
+    pub(crate) caller_deadline: Option<tokio::time::Instant>,
 }
 
 /// Records a gRPC answer's outcome once `frame` ends its body: the `grpc-status` of its
@@ -83,8 +86,10 @@ pub(crate) struct CallContext {
 /// without trailers, a failure for a body that broke. A data frame records nothing.
 ///
 /// The client's doing is never the upstream's: a body that broke because the client's
-/// request body failed (the gateway reset the upstream's stream for it) is recorded as
-/// ignored and returned, for the route's `client_errors`.
+/// request body failed (the gateway reset the upstream's stream for it), and a
+/// `DEADLINE_EXCEEDED` once the caller's own deadline has passed (the upstream kept the
+/// `grpc-timeout` it was sent), are recorded as ignored and returned, for the route's
+/// `client_errors`.
 pub(crate) fn settle<E>(
     pending: &mut Option<Recorder>,
     call: Option<&CallContext>,
@@ -113,6 +118,14 @@ pub(crate) fn settle<E>(
         None => GrpcCode::Internal,
     };
     let recorder = pending.take()?;
+    if code == GrpcCode::DeadlineExceeded
+        && call
+            .and_then(|c| c.caller_deadline)
+            .is_some_and(|deadline| tokio::time::Instant::now() >= deadline)
+    {
+        recorder.record(Outcome::Ignored);
+        return Some(ClientFault::Deadline);
+    }
     recorder.record(GrpcClassifier::new().classify_code(code));
     None
 }

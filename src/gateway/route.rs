@@ -175,7 +175,7 @@ impl Service<UpstreamRequest> for Upstream {
             reused,
             deadline: own,
             body: call.body,
-            caller_deadline: call.caller_deadline,
+            caller_deadline: call.caller_deadline.then_some(call.deadline),
         }
     }
 }
@@ -193,7 +193,8 @@ pin_project_lite::pin_project! {
         #[pin]
         deadline: Option<tokio::time::Sleep>,
         body: Option<Arc<BodyState>>,
-        caller_deadline: bool,
+        // The caller's own deadline (`grpc-timeout`), when it is the call's.
+        caller_deadline: Option<Instant>,
     }
 }
 
@@ -206,13 +207,14 @@ impl Future for UpstreamFuture {
             return Poll::Ready(result.map(|mut response| {
                 // A gRPC answer whose status is still to come: how it ends is judged
                 // against the client's body too.
-                if this.body.is_some()
+                if (this.body.is_some() || this.caller_deadline.is_some())
                     && response.status() == StatusCode::OK
                     && response.body().head_facts().grpc()
                     && super::grpc::status_in_trailers(response.headers())
                 {
                     response.extensions_mut().insert(super::grpc::CallContext {
                         body: this.body.clone(),
+                        caller_deadline: *this.caller_deadline,
                     });
                 }
                 response
@@ -236,7 +238,7 @@ impl Future for UpstreamFuture {
         Poll::Ready(Err(
             if this.body.as_ref().is_some_and(|b| b.waiting_on_client()) {
                 UpstreamError::ClientBodyTimeout
-            } else if *this.caller_deadline {
+            } else if this.caller_deadline.is_some() {
                 UpstreamError::CallerDeadline
             } else {
                 this.send.timed_out();
@@ -1464,7 +1466,8 @@ struct BodyTimeout {
     /// unrecorded (ignored) if the body is dropped or times out first: a stall after a
     /// good head is counted as a timeout, as for other answers.
     grpc_outcome: Option<crate::circuit_breaker::Recorder>,
-    /// What that outcome is judged against besides the upstream: the client's body.
+    /// What that outcome is judged against besides the upstream: the client's body and
+    /// the caller's deadline.
     grpc_call: Option<super::grpc::CallContext>,
 }
 

@@ -203,6 +203,7 @@ async fn a_callers_deadline_kept_by_the_upstream_mid_stream_is_not_its_failure()
         (0, false, Some("closed")),
         "the caller's own deadline counted against the upstream: {e:?}"
     );
+    assert_eq!(super::limits::route(&gw).client_errors.deadline, 4);
     gw.shutdown().await;
 }
 
