@@ -254,3 +254,30 @@ async fn a_route_service_answers_grpc_callers_in_grpc() {
     );
     gw.shutdown().await;
 }
+
+/// The gateway's docs: gRPC callers get the gateway's own answers as gRPC statuses, "a
+/// timeout `DEADLINE_EXCEEDED`". A streaming answer whose upstream goes silent for the
+/// route's `body_timeout` after its head was cut with a stream reset (`INTERNAL_ERROR`,
+/// which a gRPC client reads as `INTERNAL`, "h2 protocol error"), not ended with
+/// `grpc-status: 4`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_by_the_body_timeout_ends_with_deadline_exceeded() {
+    let (addr, _) = h2_upstream(Behaviour::Hold).await;
+    let gw = h2_gateway(addr, "body_timeout = \"200ms\"").await;
+    let mut client = h2_client(gw.local_addr()).await;
+    let (response, mut send) = client
+        .send_request(grpc_request(gw.local_addr(), &[]), false)
+        .unwrap();
+    send.send_data(Bytes::from_static(b"\0\0\0\0\0"), true)
+        .unwrap();
+    let response = timeout(BOUND, response).await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let ended = timeout(BOUND, drain(&mut body)).await.expect("cut in time");
+    assert_eq!(
+        ended.as_ref().ok().cloned().flatten().as_deref(),
+        Some("4"),
+        "{ended:?}"
+    );
+    gw.shutdown().await;
+}
