@@ -151,6 +151,21 @@ pub(crate) fn client_fault_trailers(
     hyper::body::Frame::trailers(trailers)
 }
 
+/// The trailers that end a gRPC answer the gateway cut because its upstream sent nothing
+/// of it for the route's body timeout: `DEADLINE_EXCEEDED`, as the gateway's timeouts are.
+pub(crate) fn timeout_trailers() -> hyper::body::Frame<bytes::Bytes> {
+    let mut trailers = HeaderMap::new();
+    trailers.insert(
+        crate::grpc::GRPC_STATUS,
+        http::HeaderValue::from(GrpcCode::DeadlineExceeded.as_i32()),
+    );
+    trailers.insert(
+        GRPC_MESSAGE,
+        http::HeaderValue::from_static("the upstream sent nothing for the route's body timeout"),
+    );
+    hyper::body::Frame::trailers(trailers)
+}
+
 const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
 
 /// Marks a response the gateway made itself, with the text a gRPC caller is told.

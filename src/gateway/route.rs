@@ -204,28 +204,34 @@ impl Future for UpstreamFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(result) = Pin::new(&mut *this.send).poll(cx) {
-            return Poll::Ready(result.map(|mut response| {
-                // A gRPC answer whose status is still to come: how it ends is judged
-                // against the client's body too.
-                if (this.body.is_some() || this.caller_deadline.is_some())
-                    && response.status() == StatusCode::OK
-                    && response.body().head_facts().grpc()
-                    && super::grpc::status_in_trailers(response.headers())
-                {
-                    response.extensions_mut().insert(super::grpc::CallContext {
-                        body: this.body.clone(),
-                        caller_deadline: *this.caller_deadline,
-                    });
-                }
-                response
-            }).map_err(|e| {
-                // An exchange that failed with the client's body: the client's fault,
-                // whether or not the exchange's error says so (HTTP/2's does not).
-                match this.body.as_ref().and_then(|b| b.failure()) {
-                    Some(failure) if !e.is_client_fault() => UpstreamError::ClientBody(failure),
-                    _ => e,
-                }
-            }));
+            return Poll::Ready(
+                result
+                    .map(|mut response| {
+                        // A gRPC answer whose status is still to come: how it ends is judged
+                        // against the client's body too.
+                        if (this.body.is_some() || this.caller_deadline.is_some())
+                            && response.status() == StatusCode::OK
+                            && response.body().head_facts().grpc()
+                            && super::grpc::status_in_trailers(response.headers())
+                        {
+                            response.extensions_mut().insert(super::grpc::CallContext {
+                                body: this.body.clone(),
+                                caller_deadline: *this.caller_deadline,
+                            });
+                        }
+                        response
+                    })
+                    .map_err(|e| {
+                        // An exchange that failed with the client's body: the client's fault,
+                        // whether or not the exchange's error says so (HTTP/2's does not).
+                        match this.body.as_ref().and_then(|b| b.failure()) {
+                            Some(failure) if !e.is_client_fault() => {
+                                UpstreamError::ClientBody(failure)
+                            }
+                            _ => e,
+                        }
+                    }),
+            );
         }
         let elapsed = match (this.reused, this.deadline.as_pin_mut()) {
             (Some(reused), _) => Pin::new(reused).poll(cx).is_ready(),
@@ -1527,6 +1533,11 @@ impl hyper::body::Body for BodyTimeout {
         this.route.stats.timeouts.fetch_add(1, Relaxed);
         this.sleep = None;
         this.failed = true;
+        if this.grpc_outcome.take().is_some() {
+            // A gRPC answer whose status was to come: the caller is told in gRPC's
+            // trailers (a timeout is `DEADLINE_EXCEEDED`), not by a stream reset.
+            return Poll::Ready(Some(Ok(super::grpc::timeout_trailers())));
+        }
         Poll::Ready(Some(Err(BoxError::from(
             "the upstream sent nothing of the response body for the route's body timeout",
         ))))

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::channel::mpsc;
 use futures::SinkExt;
+use futures::channel::mpsc;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http2;
@@ -156,7 +156,9 @@ async fn a_streamed_body_over_the_limit_after_the_head_is_not_the_upstreams_fail
         // Now past the limit.
         send.send_data(Bytes::from(vec![0u8; 4096]), false).unwrap();
         let mut body = response.into_body();
-        let ended = timeout(BOUND, drain(&mut body)).await.expect("the call ends");
+        let ended = timeout(BOUND, drain(&mut body))
+            .await
+            .expect("the call ends");
         // Told in gRPC's terms, RESOURCE_EXHAUSTED as for a declared length over the
         // limit, not by a reset.
         assert_eq!(ended.ok().flatten().as_deref(), Some("8"), "call {i}");
@@ -187,7 +189,10 @@ async fn a_callers_deadline_kept_by_the_upstream_mid_stream_is_not_its_failure()
     for i in 0..4 {
         let mut client = h2_client(gw.local_addr()).await;
         let (response, _send) = client
-            .send_request(grpc_request(gw.local_addr(), &[("grpc-timeout", "100m")]), true)
+            .send_request(
+                grpc_request(gw.local_addr(), &[("grpc-timeout", "100m")]),
+                true,
+            )
             .unwrap();
         let response = timeout(BOUND, response).await.unwrap().unwrap();
         assert_eq!(response.status(), 200, "call {i}");
