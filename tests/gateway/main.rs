@@ -10,6 +10,7 @@ mod clients;
 mod config_edges;
 mod downstream_h1;
 mod grpc;
+mod grpc_edges;
 mod grpc_tonic;
 mod h2;
 mod limits;
@@ -20,8 +21,6 @@ mod proxy;
 #[cfg(feature = "redis")]
 mod redis_limits;
 mod request_edges;
-mod review_grpc;
-mod review_h1s;
 #[cfg(feature = "axum")]
 mod service;
 mod stale;

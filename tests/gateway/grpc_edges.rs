@@ -1,6 +1,8 @@
-//! A review of the gateway's gRPC handling, as an attacker and a production gRPC user:
-//! each test is a defect found, seen through a real gateway over loopback (or the gateway's
-//! public `tower::Service`s), with raw HTTP/2 clients and upstreams.
+//! gRPC's edges, as an attacker and a production gRPC user meet them (a client's body
+//! failing mid-stream, a caller's deadline kept by the upstream, `RouteService`'s
+//! answers, a stream cut by the body timeout): each test pins a defect found in review,
+//! through a real gateway over loopback (or the gateway's public `tower::Service`s), with
+//! raw HTTP/2 clients and upstreams.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
