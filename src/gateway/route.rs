@@ -204,34 +204,29 @@ impl Future for UpstreamFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(result) = Pin::new(&mut *this.send).poll(cx) {
-            return Poll::Ready(
-                result
-                    .map(|mut response| {
-                        // A gRPC answer whose status is still to come: how it ends is judged
-                        // against the client's body too.
-                        if (this.body.is_some() || this.caller_deadline.is_some())
-                            && response.status() == StatusCode::OK
-                            && response.body().head_facts().grpc()
-                            && super::grpc::status_in_trailers(response.headers())
-                        {
-                            response.extensions_mut().insert(super::grpc::CallContext {
-                                body: this.body.clone(),
-                                caller_deadline: *this.caller_deadline,
-                            });
-                        }
-                        response
-                    })
-                    .map_err(|e| {
-                        // An exchange that failed with the client's body: the client's fault,
-                        // whether or not the exchange's error says so (HTTP/2's does not).
-                        match this.body.as_ref().and_then(|b| b.failure()) {
-                            Some(failure) if !e.is_client_fault() => {
-                                UpstreamError::ClientBody(failure)
-                            }
-                            _ => e,
-                        }
-                    }),
-            );
+            let mut result = result;
+            // A gRPC answer whose status is still to come: how it ends is judged against
+            // the client's body and the caller's deadline too. In place: no move of the
+            // response for the answers that are not.
+            if let Ok(response) = &mut result
+                && response.body().head_facts().grpc()
+                && (this.body.is_some() || this.caller_deadline.is_some())
+                && response.status() == StatusCode::OK
+                && super::grpc::status_in_trailers(response.headers())
+            {
+                response.extensions_mut().insert(super::grpc::CallContext {
+                    body: this.body.clone(),
+                    caller_deadline: *this.caller_deadline,
+                });
+            }
+            return Poll::Ready(result.map_err(|e| {
+                // An exchange that failed with the client's body: the client's fault,
+                // whether or not the exchange's error says so (HTTP/2's does not).
+                match this.body.as_ref().and_then(|b| b.failure()) {
+                    Some(failure) if !e.is_client_fault() => UpstreamError::ClientBody(failure),
+                    _ => e,
+                }
+            }));
         }
         let elapsed = match (this.reused, this.deadline.as_pin_mut()) {
             (Some(reused), _) => Pin::new(reused).poll(cx).is_ready(),
@@ -1443,7 +1438,12 @@ fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) ->
         .extensions
         .remove::<super::grpc::PendingOutcome>()
         .and_then(|pending| pending.take());
-    let grpc_call = parts.extensions.remove::<super::grpc::CallContext>();
+    // Only a gRPC answer whose status is still to come has one (and a pending outcome):
+    // no second look in the extensions for every other answer.
+    let grpc_call = match grpc_outcome {
+        Some(_) => parts.extensions.remove::<super::grpc::CallContext>(),
+        None => None,
+    };
     let body = BodyTimeout {
         body,
         route,
