@@ -7,44 +7,15 @@ use std::net::SocketAddr;
 
 use seawall::gateway::jwt::JwtVerifier;
 use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const TOKEN: &str = "an admin token of enough bytes";
 
 /// A hand-written upstream answering every request `200` with `upstream <target>`.
 async fn upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end + 4);
-                    let target = head.split(' ').nth(1).unwrap_or("").to_owned();
-                    let body = format!("upstream {target}");
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    super::raw_http::heads_upstream(|head| format!("upstream {}", super::raw_http::target_of(head)))
+        .await
+        .addr
 }
 
 async fn start(config: &str) -> GatewayHandle {

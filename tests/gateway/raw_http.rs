@@ -48,3 +48,68 @@ pub(crate) async fn request(
 pub(crate) async fn get(addr: SocketAddr, target: &str) -> (u16, String) {
     request(addr, "GET", target, "").await
 }
+
+/// A hand-written HTTP/1.1 upstream on a loopback port: reads bodiless request heads on
+/// keep-alive connections, records each head as it came, and answers each `200` with
+/// the body `answer` makes of the head. No library between the bytes and the test.
+pub(crate) struct HeadsUpstream {
+    pub(crate) addr: SocketAddr,
+    heads: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+impl HeadsUpstream {
+    /// The heads received so far, in order.
+    pub(crate) fn seen(&self) -> Vec<String> {
+        self.heads.lock().clone()
+    }
+
+    /// Forgets the heads received so far.
+    pub(crate) fn clear(&self) {
+        self.heads.lock().clear();
+    }
+}
+
+/// Starts a [`HeadsUpstream`].
+pub(crate) async fn heads_upstream(
+    answer: impl Fn(&str) -> String + Clone + Send + Sync + 'static,
+) -> HeadsUpstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let log = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (log, answer) = (log.clone(), answer.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let body = answer(&head);
+                    log.lock().push(head);
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    HeadsUpstream { addr, heads }
+}
+
+/// A request head's target (`GET /x HTTP/1.1` → `/x`).
+pub(crate) fn target_of(head: &str) -> &str {
+    head.split(' ').nth(1).unwrap_or("")
+}

@@ -4,64 +4,16 @@
 //! loopback socket to a spawned gateway, with a hand-written upstream that records the
 //! request heads it got.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use parking_lot::Mutex;
 use seawall::gateway::GatewayHandle;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use super::limits::{exchange, status_of};
 
-/// A hand-written upstream: reads request heads (bodiless) on keep-alive connections,
-/// records each head as it came, and answers `200` with `<name>`.
-struct Heads {
-    addr: SocketAddr,
-    heads: Arc<Mutex<Vec<String>>>,
-}
-
-impl Heads {
-    fn seen(&self) -> Vec<String> {
-        self.heads.lock().clone()
-    }
-}
-
+/// A hand-written upstream recording the request heads it gets, answering `<name>`.
 async fn heads_upstream(name: &'static str) -> Heads {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let heads = Arc::new(Mutex::new(Vec::new()));
-    let log = heads.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end + 4);
-                    log.lock().push(head);
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
-                        name.len()
-                    );
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Heads { addr, heads }
+    super::raw_http::heads_upstream(move |_| name.to_owned()).await
 }
+
+type Heads = super::raw_http::HeadsUpstream;
 
 /// A gateway with one route, `/api`, to `up`.
 async fn gateway(up: &Heads) -> GatewayHandle {
@@ -219,7 +171,7 @@ async fn an_absolute_form_target_s_authority_is_the_request_s_host() {
         assert_eq!(host, ["evil.example"], "{}", seen[0]);
     }
     // An authority that is not a valid host is refused as an invalid `Host` is.
-    up.heads.lock().clear();
+    up.clear();
     let raw =
         "GET http://user@evil.example/api/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n";
     let answer = exchange(gw.local_addr(), raw.as_bytes()).await;
