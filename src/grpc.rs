@@ -818,7 +818,7 @@ pub fn set_status_headers(
 
 /// `grpc-message`'s encoding: bytes outside printable ASCII (`0x20`–`0x7E`), and `%`
 /// itself, as `%XX`.
-fn percent_encode(message: &str) -> String {
+pub(crate) fn percent_encode(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     for &byte in message.as_bytes() {
         if (0x20..=0x7e).contains(&byte) && byte != b'%' {

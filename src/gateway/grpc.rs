@@ -130,43 +130,20 @@ pub(crate) fn settle<E>(
     None
 }
 
-/// The trailers that end a gRPC answer the gateway cut for the client's `fault` (its
-/// request body failed or grew past the limit after the answer's head): `grpc-status` as
-/// the gateway's own answer of that fault would have it, and `message`.
-pub(crate) fn client_fault_trailers(
-    fault: ClientFault,
-    message: &'static str,
-) -> hyper::body::Frame<bytes::Bytes> {
-    let code = match fault {
-        ClientFault::TooLarge | ClientFault::HeaderTooLong => GrpcCode::ResourceExhausted,
-        ClientFault::BodyTimeout | ClientFault::Deadline => GrpcCode::DeadlineExceeded,
-        ClientFault::BadBody => GrpcCode::Internal,
-    };
+/// The trailers that end a gRPC answer the gateway cut after its head: `grpc-status` as
+/// the gateway's own answer of `status` would have it ([`code_for`]), and `message`
+/// percent-encoded as `grpc-message` is.
+pub(crate) fn cut_trailers(status: StatusCode, message: &str) -> hyper::body::Frame<bytes::Bytes> {
     let mut trailers = HeaderMap::new();
     trailers.insert(
         crate::grpc::GRPC_STATUS,
-        http::HeaderValue::from(code.as_i32()),
+        http::HeaderValue::from(code_for(status).as_i32()),
     );
-    trailers.insert(GRPC_MESSAGE, http::HeaderValue::from_static(message));
+    if let Ok(value) = http::HeaderValue::from_str(&crate::grpc::percent_encode(message)) {
+        trailers.insert("grpc-message", value);
+    }
     hyper::body::Frame::trailers(trailers)
 }
-
-/// The trailers that end a gRPC answer the gateway cut because its upstream sent nothing
-/// of it for the route's body timeout: `DEADLINE_EXCEEDED`, as the gateway's timeouts are.
-pub(crate) fn timeout_trailers() -> hyper::body::Frame<bytes::Bytes> {
-    let mut trailers = HeaderMap::new();
-    trailers.insert(
-        crate::grpc::GRPC_STATUS,
-        http::HeaderValue::from(GrpcCode::DeadlineExceeded.as_i32()),
-    );
-    trailers.insert(
-        GRPC_MESSAGE,
-        http::HeaderValue::from_static("the upstream sent nothing for the route's body timeout"),
-    );
-    hyper::body::Frame::trailers(trailers)
-}
-
-const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
 
 /// Marks a response the gateway made itself, with the text a gRPC caller is told.
 #[derive(Debug, Clone)]

@@ -1495,14 +1495,12 @@ impl hyper::body::Body for BodyTimeout {
                 let fault =
                     super::grpc::settle(&mut this.grpc_outcome, this.grpc_call.as_ref(), &frame);
                 if let Some(fault) = fault {
-                    let (_, message) = this.route.count_client_fault(fault);
+                    let (status, message) = this.route.count_client_fault(fault);
                     if matches!(frame, Some(Err(_))) {
                         // The upstream's stream was reset for the client's body: the
                         // caller is told why in gRPC's trailers, not by a reset.
                         this.failed = true;
-                        return Poll::Ready(Some(Ok(super::grpc::client_fault_trailers(
-                            fault, message,
-                        ))));
+                        return Poll::Ready(Some(Ok(super::grpc::cut_trailers(status, message))));
                     }
                 }
             }
@@ -1536,7 +1534,10 @@ impl hyper::body::Body for BodyTimeout {
         if this.grpc_outcome.take().is_some() {
             // A gRPC answer whose status was to come: the caller is told in gRPC's
             // trailers (a timeout is `DEADLINE_EXCEEDED`), not by a stream reset.
-            return Poll::Ready(Some(Ok(super::grpc::timeout_trailers())));
+            return Poll::Ready(Some(Ok(super::grpc::cut_trailers(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the upstream sent nothing for the route's body timeout",
+            ))));
         }
         Poll::Ready(Some(Err(BoxError::from(
             "the upstream sent nothing of the response body for the route's body timeout",
