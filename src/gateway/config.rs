@@ -95,8 +95,8 @@ pub struct GatewayConfig {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RedisSettings {
-    /// One Redis server: `redis://host:port/` (or `redis+unix://`). TLS to Redis
-    /// (`rediss://`) is not supported: the configuration is refused.
+    /// One Redis server: `redis://host:port/`, `rediss://host:port/` (TLS, with seawall's
+    /// `redis-tls` feature; see [`tls`](Self::tls)) or `redis+unix://…`.
     pub url: Option<String>,
     /// A Redis Cluster's seed nodes, instead of `url`.
     #[serde(default)]
@@ -128,6 +128,28 @@ pub struct RedisSettings {
     /// How long tokens taken ahead may be used before they are given up (default 100ms).
     #[serde(default = "default_batch_max_age", deserialize_with = "duration")]
     pub batch_max_age: Duration,
+    /// `[redis.tls]`: the CA and client certificate for a `rediss://` URL. Without it a
+    /// `rediss://` server is checked against webpki-roots and offered no client
+    /// certificate.
+    #[serde(default)]
+    pub tls: Option<RedisTlsSettings>,
+}
+
+/// `[redis.tls]`: how the gateway checks a `rediss://` Redis, and what it shows it (feature
+/// `redis-tls`; see [`RedisTls`](crate::rate_limit::redis)). The files are read, and
+/// their certificates and key parsed, when the configuration loads.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RedisTlsSettings {
+    /// Trust the CA certificates in this PEM file, and only them, instead of the Mozilla
+    /// roots that webpki-roots ships: for a Redis whose certificate a private CA signed.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The client certificate chain (PEM, leaf first) shown when Redis asks for one
+    /// (`tls-auth-clients yes`, redis-server's default); needs `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The private key of `cert_file` (PEM: PKCS #8, PKCS #1 or SEC1).
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for RedisSettings {
@@ -144,6 +166,7 @@ impl fmt::Debug for RedisSettings {
             .field("local_share", &self.local_share)
             .field("batch", &self.batch)
             .field("batch_max_age", &self.batch_max_age)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -1394,6 +1417,61 @@ impl GatewayConfig {
 }
 
 impl RedisSettings {
+    /// `[redis.tls]` read and checked: the files read, their certificates and key parsed
+    /// and put together as rustls would on each connection, errors naming the file's
+    /// setting. `None` without a `[redis.tls]`.
+    #[cfg(feature = "redis-tls")]
+    pub(crate) fn tls_config(
+        &self,
+    ) -> Result<Option<crate::rate_limit::redis::RedisTls>, ConfigError> {
+        let Some(settings) = &self.tls else {
+            return Ok(None);
+        };
+        let read = |field: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                ConfigError::invalid(
+                    format!("redis.tls.{field}"),
+                    format!("{}: {e}", path.display()),
+                )
+            })
+        };
+        let mut tls = crate::rate_limit::redis::RedisTls::new();
+        if let Some(path) = &settings.ca_file {
+            tls = tls.ca_pem(read("ca_file", path)?);
+        }
+        match (&settings.cert_file, &settings.key_file) {
+            (Some(cert), Some(key)) => {
+                tls = tls.client_certificate(read("cert_file", cert)?, read("key_file", key)?);
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "redis.tls.key_file",
+                    "missing: `cert_file` needs the key it was issued for",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "redis.tls.cert_file",
+                    "missing: `key_file` is the key of a client certificate",
+                ));
+            }
+        }
+        tls.certificates().map_err(|e| {
+            let (field, path) = match e.field() {
+                "tls.ca" => ("ca_file", &settings.ca_file),
+                "tls.client_certificate" => ("cert_file", &settings.cert_file),
+                _ => ("key_file", &settings.key_file),
+            };
+            let file = path.as_deref().map(|p| p.display().to_string());
+            ConfigError::invalid(
+                format!("redis.tls.{field}"),
+                format!("{}: {}", file.unwrap_or_default(), e.reason()),
+            )
+        })?;
+        Ok(Some(tls))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         match (&self.url, self.nodes.is_empty()) {
             (Some(_), false) => {
@@ -1410,26 +1488,52 @@ impl RedisSettings {
             }
             _ => {}
         }
+        let mut secure = None;
         for (i, url) in self.url.iter().chain(&self.nodes).enumerate() {
             let at = if self.url.is_some() {
                 "redis.url".to_owned()
             } else {
                 format!("redis.nodes[{i}]")
             };
-            if url.starts_with("rediss://") {
-                return Err(ConfigError::invalid(
-                    at,
-                    "TLS to Redis (`rediss://`) is not supported: reach Redis over a private \
-                     network or a local TLS tunnel, as `redis://`",
-                ));
-            }
             if !redis_url(url) {
                 return Err(ConfigError::invalid(
                     at,
-                    "not a Redis URL (`redis://host:port/` or `redis+unix://…`)",
+                    "not a Redis URL (`redis://host:port/`, `rediss://host:port/` or \
+                     `redis+unix://…`)",
+                ));
+            }
+            let tls = url
+                .get(..9)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"));
+            if tls && !cfg!(feature = "redis-tls") {
+                return Err(ConfigError::invalid(
+                    at,
+                    "a `rediss://` URL (TLS to Redis) needs seawall's `redis-tls` feature, \
+                     which this build lacks",
+                ));
+            }
+            if tls && url.ends_with("#insecure") {
+                return Err(ConfigError::invalid(
+                    at,
+                    "`#insecure` would accept any certificate: not supported (give the CA \
+                     that signed the server's certificate in [redis.tls] ca_file)",
+                ));
+            }
+            if *secure.get_or_insert(tls) != tls {
+                return Err(ConfigError::invalid(
+                    at,
+                    "the nodes mix `redis://` and `rediss://`: one cluster, one scheme",
                 ));
             }
         }
+        if self.tls.is_some() && secure != Some(true) {
+            return Err(ConfigError::invalid(
+                "redis.tls",
+                "TLS settings need a `rediss://` URL: this one connects in plain text",
+            ));
+        }
+        #[cfg(feature = "redis-tls")]
+        self.tls_config()?;
         if self.prefix.is_empty() {
             return Err(ConfigError::invalid("redis.prefix", "must not be empty"));
         }
@@ -1455,7 +1559,7 @@ impl RedisSettings {
 /// Whether `url` reads as a Redis URL (the `redis` crate has the last word when it
 /// connects; this catches a host:port without a scheme at load).
 fn redis_url(url: &str) -> bool {
-    ["redis://", "redis+unix://", "unix://"]
+    ["redis://", "rediss://", "redis+unix://", "unix://"]
         .iter()
         .any(|scheme| url.len() > scheme.len() && url.starts_with(scheme))
 }

@@ -364,13 +364,19 @@
 //! instances = ["127.0.0.1:9001", "127.0.0.1:9002"]
 //!
 //! [redis]                         # for limits with policy = "redis" (feature `redis`)
-//! url = "redis://127.0.0.1:6379/" # or nodes = ["redis://10.0.0.1:7000/", ...]: a Redis Cluster
+//! url = "redis://127.0.0.1:6379/" # or nodes = ["redis://10.0.0.1:7000/", ...]: a Redis Cluster;
+//!                                 # rediss:// for TLS (feature `redis-tls`; [redis.tls] below)
 //! prefix = "seawall"              # keys: <prefix>:<route>:global:{all}, <prefix>:<route>:client:{<client>}
 //! timeout = "200ms"               # each check's bound
 //! failure = "open"                # Redis away: "open" (local shares) or "closed" (503)
 //! local_share = 0.34              # a share (or "34%") of each limit per replica while Redis is away (default 1)
 //! batch = 1                       # tokens taken per round trip (default 1: none ahead)
 //! batch_max_age = "100ms"         # how long tokens taken ahead may wait to be used
+//!
+//! # [redis.tls]                   # with rediss://: without it, checked against webpki-roots
+//! # ca_file = "/etc/seawall/redis-ca.pem"     # trust this CA (PEM) instead
+//! # cert_file = "/etc/seawall/redis-client.pem" # a client certificate, for a Redis that
+//! # key_file = "/etc/seawall/redis-client.key"  # asks for one (tls-auth-clients yes)
 //! ```
 //!
 //! Unknown keys are rejected, and every invalid value is a [`ConfigError`](crate::ConfigError) naming its
@@ -584,8 +590,8 @@ pub use config::{
     AdminConfig, AuthConfig, BalanceSettings, BreakerSettings, CertificateSettings, ClientKey,
     ClientLimitSettings, FallbackSettings, GatewayConfig, Http2Settings, JwtConfig, LimitPolicy,
     LimitSettings, OnMissing, OutlierSettings, RateLimitSettings, RedisFailure, RedisSettings,
-    RouteConfig, ServerConfig, ServiceConfig, StrategyName, TlsSettings, UpstreamProtocol,
-    UpstreamTlsSettings,
+    RedisTlsSettings, RouteConfig, ServerConfig, ServiceConfig, StrategyName, TlsSettings,
+    UpstreamProtocol, UpstreamTlsSettings,
 };
 pub use metrics::use_prometheus_handle;
 /// The handle [`use_prometheus_handle`] takes, from `metrics-exporter-prometheus`.

@@ -191,6 +191,10 @@ impl SharedLimit {
         if settings.batch > 1 {
             builder = builder.batch(settings.batch, settings.batch_max_age);
         }
+        #[cfg(feature = "redis-tls")]
+        if let Some(tls) = settings.tls_config()? {
+            builder = builder.tls(tls);
+        }
         Ok(Self {
             limiter: builder.build()?,
         })

@@ -35,7 +35,7 @@ mod raw_http;
 #[cfg(feature = "redis")]
 #[path = "../support/redis_server.rs"]
 mod redis_server;
-#[cfg(feature = "tls")]
+#[cfg(any(feature = "tls", feature = "redis-tls"))]
 #[path = "../support/tls.rs"]
 mod tls_support;
 

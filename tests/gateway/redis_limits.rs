@@ -464,3 +464,156 @@ async fn the_policy_header_is_not_stretched_by_rounded_intervals() {
         );
     }
 }
+
+/// TLS to Redis from the gateway's configuration: `rediss://` with `[redis.tls]` (the
+/// private CA that signed the server's certificate, and the client certificate
+/// redis-server asks for), against a real `redis-server` taking TLS on loopback. Two
+/// replicas share the bucket over TLS; a replica trusting another CA cannot verify the
+/// server, so its checks take the failure policy (`503` failing closed), not Redis'.
+#[cfg(feature = "redis-tls")]
+#[tokio::test]
+async fn replicas_share_a_limit_in_redis_over_tls() {
+    use crate::tls_support::{self, Pki};
+    let pki = Pki::new();
+    let dir = tls_support::temp_dir("gateway-redis-tls");
+    let (server_cert, server_key) =
+        tls_support::write(&dir, "server", &pki.leaf(&["127.0.0.1"], "redis"));
+    let (client_cert, client_key) =
+        tls_support::write(&dir, "client", &pki.leaf(&["gateway"], "gateway"));
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let other_ca = dir.join("other-ca.pem");
+    std::fs::write(&other_ca, Pki::new().ca_pem()).unwrap();
+    let tls_port = RedisServer::free_port();
+    let redis = RedisServer::start_tls(
+        RedisServer::free_port(),
+        tls_port,
+        &server_cert,
+        &server_key,
+        &ca,
+    )
+    .await;
+    let section = |ca: &std::path::Path| {
+        format!(
+            "[redis]\nurl = \"rediss://127.0.0.1:{tls_port}/\"\ntimeout = \"2s\"\n\
+             failure = \"closed\"\n\n[redis.tls]\nca_file = \"{}\"\n\
+             cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            ca.display(),
+            client_cert.display(),
+            client_key.display()
+        )
+    };
+    let up = upstream().await;
+    let limits = "global = { per_second = 1, burst = 2, policy = \"redis\" }";
+    let (a, b) = (
+        gateway(up, limits, &section(&ca)).await,
+        gateway(up, limits, &section(&ca)).await,
+    );
+    let client = client();
+    let statuses = [
+        get(&client, &a, None).await.0,
+        get(&client, &b, None).await.0,
+        get(&client, &a, None).await.0,
+        get(&client, &b, None).await.0,
+    ];
+    // A burst of 2 in one bucket (a token a second may refill meanwhile).
+    let admitted = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert!(
+        (2..=3).contains(&admitted)
+            && statuses
+                .iter()
+                .all(|s| { *s == StatusCode::OK || *s == StatusCode::TOO_MANY_REQUESTS }),
+        "{statuses:?}"
+    );
+    assert_eq!(global(&a).redis.unwrap().source.as_deref(), Some("redis"));
+    assert_eq!(redis.keys("seawall:api:global:*").await.len(), 1);
+    // Trusting another CA: the server is not verified, Redis cannot answer.
+    let stranger = gateway(up, limits, &section(&other_ca)).await;
+    let (status, _, body) = get(&client, &stranger, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        global(&stranger).redis.unwrap().source.as_deref(),
+        Some("unavailable")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `[redis.tls]` is checked when the configuration loads: it needs a `rediss://` URL
+/// (with `redis://` it would be ignored, in plain text), a certificate with its key, and
+/// files that hold what they should; `#insecure` and a cluster mixing schemes are refused.
+#[cfg(feature = "redis-tls")]
+#[test]
+fn redis_tls_settings_are_checked_at_load() {
+    use crate::tls_support::{self, Pki};
+    let pki = Pki::new();
+    let dir = tls_support::temp_dir("gateway-redis-tls-load");
+    let (cert, key) = tls_support::write(&dir, "client", &pki.leaf(&["gateway"], "gateway"));
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let load = |redis: &str| {
+        GatewayConfig::from_toml_str(&format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n{redis}\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+             rate_limit = {{ global = {{ per_second = 5, policy = \"redis\" }} }}\n\
+             [[services]]\nname = \"up\"\ninstances = [\"127.0.0.1:9\"]\n"
+        ))
+    };
+    let refused = |redis: String, field: &str| {
+        let err = load(&redis).expect_err(&redis);
+        assert_eq!(err.field(), field, "{err}");
+    };
+    let tls = "rediss://127.0.0.1:6380/";
+    load(&format!(
+        "[redis]\nurl = \"{tls}\"\n[redis.tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        ca.display(),
+        cert.display(),
+        key.display()
+    ))
+    .expect("a full [redis.tls]");
+    load(&format!("[redis]\nurl = \"{tls}\"")).expect("webpki-roots, no client certificate");
+    refused(
+        format!(
+            "[redis]\nurl = \"redis://127.0.0.1:6379/\"\n[redis.tls]\nca_file = \"{}\"",
+            ca.display()
+        ),
+        "redis.tls",
+    );
+    refused(format!("[redis]\nurl = \"{tls}#insecure\""), "redis.url");
+    refused(
+        "[redis]\nnodes = [\"rediss://10.0.0.1:7000/\", \"redis://10.0.0.2:7000/\"]".to_owned(),
+        "redis.nodes[1]",
+    );
+    refused(
+        format!(
+            "[redis]\nurl = \"{tls}\"\n[redis.tls]\ncert_file = \"{}\"",
+            cert.display()
+        ),
+        "redis.tls.key_file",
+    );
+    refused(
+        format!(
+            "[redis]\nurl = \"{tls}\"\n[redis.tls]\nca_file = \"{}\"",
+            dir.join("missing.pem").display()
+        ),
+        "redis.tls.ca_file",
+    );
+    // A key file given as the CA: no certificate in it.
+    refused(
+        format!(
+            "[redis]\nurl = \"{tls}\"\n[redis.tls]\nca_file = \"{}\"",
+            key.display()
+        ),
+        "redis.tls.ca_file",
+    );
+    // Another certificate's key.
+    let (_, stranger_key) = tls_support::write(&dir, "other", &pki.leaf(&["other"], "other"));
+    refused(
+        format!(
+            "[redis]\nurl = \"{tls}\"\n[redis.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            cert.display(),
+            stranger_key.display()
+        ),
+        "redis.tls.key_file",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

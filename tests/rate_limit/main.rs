@@ -18,10 +18,15 @@ mod redis_edges;
 mod redis_layers;
 #[cfg(feature = "redis")]
 mod redis_limiter;
+#[cfg(feature = "redis-tls")]
+mod redis_tls;
 
 #[cfg(feature = "redis")]
 #[path = "../support/redis_server.rs"]
 mod redis_server;
+#[cfg(feature = "redis-tls")]
+#[path = "../support/tls.rs"]
+mod tls_support;
 
 /// Where proptest keeps the failing cases it found: next to the test's file
 /// (`limiters.rs` → `limiters.proptest-regressions`). Its default would find this

@@ -21,9 +21,42 @@ impl RedisServer {
 
     /// Starts one on `port` and waits (at most five seconds) until it answers.
     pub(crate) async fn start(port: u16) -> Self {
+        Self::start_with(port, &[]).await
+    }
+
+    /// Starts one that also takes TLS connections on `tls_port`, with the certificate
+    /// `cert` and its key `key`, asking clients for a certificate signed by `ca` (Redis'
+    /// default, `tls-auth-clients yes`); plain connections on `port` stay open, for the
+    /// test to look at what the limiter wrote and to know when the server is up.
+    pub(crate) async fn start_tls(
+        port: u16,
+        tls_port: u16,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> Self {
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+        Self::start_with(
+            port,
+            &[
+                "--tls-port".to_owned(),
+                tls_port.to_string(),
+                "--tls-cert-file".to_owned(),
+                path(cert),
+                "--tls-key-file".to_owned(),
+                path(key),
+                "--tls-ca-cert-file".to_owned(),
+                path(ca),
+            ],
+        )
+        .await
+    }
+
+    async fn start_with(port: u16, extra: &[String]) -> Self {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

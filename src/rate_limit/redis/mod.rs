@@ -70,6 +70,17 @@
 //! second per connection (see the crate's BENCHMARKS.md); a cluster spreads the keys, and
 //! so the load, over its masters, for fleets whose checks outgrow one server's core.
 //!
+//! # TLS
+//!
+//! With the `redis-tls` feature, a `rediss://` URL (or cluster nodes) connects over TLS
+//! (rustls, TLS 1.2 and 1.3), the server's certificate checked for the URL's host against
+//! webpki-roots, or against a private CA given with [`RedisTls`], which also holds a client
+//! certificate for a server that asks for one. Without the feature a `rediss://` URL is
+//! refused when the limiter is built, as is one ending in `#insecure`: the certificate is
+//! always checked. The handshake is part of connecting, so it runs under the
+//! [timeout](RedisRateLimiterBuilder::timeout), and a server whose certificate fails the
+//! check is a Redis that cannot answer: its checks are answered by the [`FailurePolicy`].
+//!
 //! # Failures, timeouts and recovery
 //!
 //! Every check waits at most the [timeout](RedisRateLimiterBuilder::timeout) for Redis,
@@ -148,13 +159,47 @@ use crate::circuit_breaker::{Breaker, CircuitBreakerConfig, CircuitBreakerLayer,
 use crate::{BoxError, ConfigError};
 
 mod layer;
+#[cfg(feature = "redis-tls")]
+mod tls;
 
 pub use layer::{RedisCheck, RedisLimit, RedisRateLimit, RedisRateLimitLayer};
+#[cfg(feature = "redis-tls")]
+pub use tls::RedisTls;
 
 /// The Redis key suffix of the bucket shared by requests without a key
 /// ([`OnMissingKey::Shared`](super::OnMissingKey::Shared)): a NUL byte, which no extracted
 /// key holds (header values, addresses and paths cannot).
 pub(crate) const SHARED_KEY: &str = "\0shared";
+
+/// Refuses what the `redis` crate would take but this limiter must not: a `rediss://` URL
+/// without TLS built in (the crate's own error says only that a feature is missing), one
+/// that turns the certificate check off (`#insecure`), and TLS settings for a URL that
+/// would connect in plain text. `at` names the setting.
+fn check_url(at: &str, url: &str, tls_settings: bool) -> Result<(), ConfigError> {
+    let secure = url
+        .get(..9)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"));
+    if secure && !cfg!(feature = "redis-tls") {
+        return Err(ConfigError::invalid(
+            at.to_owned(),
+            "a `rediss://` URL (TLS) needs seawall's `redis-tls` feature, which this build lacks",
+        ));
+    }
+    if secure && url.ends_with("#insecure") {
+        return Err(ConfigError::invalid(
+            at.to_owned(),
+            "`#insecure` would accept any certificate: not supported (give the CA that signed \
+             the server's certificate instead)",
+        ));
+    }
+    if !secure && tls_settings {
+        return Err(ConfigError::invalid(
+            "tls",
+            format!("TLS settings need a `rediss://` URL: `{at}` connects in plain text"),
+        ));
+    }
+    Ok(())
+}
 
 /// The default [`timeout`](RedisRateLimiterBuilder::timeout).
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -439,6 +484,8 @@ pub struct RedisRateLimiterBuilder {
     breaker: Option<CircuitBreakerConfig>,
     batch: Option<(u32, Duration)>,
     name: Option<String>,
+    #[cfg(feature = "redis-tls")]
+    tls: Option<RedisTls>,
 }
 
 impl RedisRateLimiter {
@@ -454,6 +501,8 @@ impl RedisRateLimiter {
             breaker: None,
             batch: None,
             name: None,
+            #[cfg(feature = "redis-tls")]
+            tls: None,
         }
     }
 
@@ -837,26 +886,63 @@ impl RedisRateLimiterBuilder {
         self
     }
 
+    /// TLS settings for a `rediss://` URL (or cluster nodes): the CA to trust and a client
+    /// certificate (see [`RedisTls`]). A `rediss://` URL without them is checked against
+    /// webpki-roots.
+    #[cfg(feature = "redis-tls")]
+    #[must_use]
+    pub fn tls(mut self, tls: RedisTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Checks the URL and settings; does not connect (the first check does).
     ///
     /// # Errors
     ///
-    /// A [`ConfigError`] naming `url` (or `nodes` for a cluster), `timeout` (zero) or
-    /// `quota` (faster than one token per microsecond).
+    /// A [`ConfigError`] naming `url` (or `nodes` for a cluster: not a Redis URL; a
+    /// `rediss://` one without the `redis-tls` feature, or ending in `#insecure`),
+    /// `tls` (settings a `redis://` URL would ignore, a CA, certificate or key that
+    /// cannot be read), `timeout` (zero) or `quota` (faster than one token per
+    /// microsecond).
     pub fn build(self) -> Result<RedisRateLimiter, ConfigError> {
+        #[cfg(feature = "redis-tls")]
+        let certificates = self.tls.as_ref().map(RedisTls::certificates).transpose()?;
+        #[cfg(not(feature = "redis-tls"))]
+        let certificates: Option<std::convert::Infallible> = None;
         let client = match &self.cluster {
-            None => Backend::Single(
-                redis::Client::open(self.url.as_str())
-                    .map_err(|e| ConfigError::invalid("url", e.to_string()))?,
-            ),
+            None => {
+                check_url("url", &self.url, certificates.is_some())?;
+                let client = match certificates {
+                    #[cfg(feature = "redis-tls")]
+                    Some(certificates) => {
+                        redis::Client::build_with_tls(self.url.as_str(), certificates)
+                    }
+                    #[cfg(not(feature = "redis-tls"))]
+                    Some(never) => match never {},
+                    None => redis::Client::open(self.url.as_str()),
+                };
+                Backend::Single(client.map_err(|e| ConfigError::invalid("url", e.to_string()))?)
+            }
             Some(nodes) => {
                 if nodes.is_empty() {
                     return Err(ConfigError::invalid("nodes", "needs at least one node"));
                 }
+                for (i, node) in nodes.iter().enumerate() {
+                    check_url(&format!("nodes[{i}]"), node, certificates.is_some())?;
+                }
+                let builder = ClusterClient::builder(nodes.clone())
+                    .connection_timeout(self.timeout)
+                    .response_timeout(self.timeout);
+                let builder = match certificates {
+                    #[cfg(feature = "redis-tls")]
+                    Some(certificates) => builder.certs(certificates),
+                    #[cfg(not(feature = "redis-tls"))]
+                    Some(never) => match never {},
+                    None => builder,
+                };
                 Backend::Cluster(
-                    ClusterClient::builder(nodes.clone())
-                        .connection_timeout(self.timeout)
-                        .response_timeout(self.timeout)
+                    builder
                         .build()
                         .map_err(|e| ConfigError::invalid("nodes", e.to_string()))?,
                 )
