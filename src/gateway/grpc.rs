@@ -3,10 +3,12 @@
 //! A gRPC client reads the outcome of a call from `grpc-status`, not from the HTTP
 //! status: a `429` or `503` with a JSON body is, to it, a broken response
 //! (`UNKNOWN` or `UNAVAILABLE` with a message about the transport, whatever the reason).
-//! So when a request says it is gRPC (`content-type: application/grpc`, with or without
-//! a `+proto`-style suffix, or gRPC-Web's `application/grpc-web`), every answer the
-//! gateway makes itself (limits, open breakers, timeouts, authentication, no route, a
-//! malformed request) is sent as a *trailers-only* gRPC response: `200`,
+//! So when a request says it is gRPC (`content-type: application/grpc`, alone or followed
+//! by a `+proto`-style subtype or `;` parameters, or gRPC-Web's `application/grpc-web`
+//! and `application/grpc-web-text`, likewise; not any other type that merely begins with
+//! `application/grpc`), every answer the gateway makes itself (limits, open breakers,
+//! timeouts, authentication, no route, a malformed request) is sent as a *trailers-only*
+//! gRPC response: `200`,
 //! `content-type: application/grpc`, `grpc-status`, `grpc-message` (the problem's text,
 //! percent-encoded as the gRPC spec asks), no body; `Retry-After` becomes
 //! `grpc-retry-pushback-ms` as well. The upstream's own answers, and the route's
@@ -149,12 +151,49 @@ pub(crate) fn cut_trailers(status: StatusCode, message: &str) -> hyper::body::Fr
 #[derive(Debug, Clone)]
 pub(crate) struct Answer(pub(crate) Box<str>);
 
-/// Whether the request is a gRPC (or gRPC-Web) call, by its `content-type`.
+/// Whether the request is a gRPC (or gRPC-Web) call, by its `content-type`
+/// ([`grpc_family`]).
 #[inline]
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .is_some_and(|v| grpc_family(v.as_bytes()).is_some())
+}
+
+/// Which of gRPC's content types a request's is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// gRPC over HTTP/2: `application/grpc`.
+    Grpc,
+    /// gRPC-Web: `application/grpc-web`.
+    Web,
+    /// gRPC-Web, base64-encoded: `application/grpc-web-text`.
+    WebText,
+}
+
+/// The gRPC family of a `content-type` value, and what follows its name (empty, a
+/// `+subtype` or `;parameters`); `None` for any other content type.
+///
+/// gRPC over HTTP/2 has `application/grpc` followed by nothing, `+` (a subtype, `+proto`)
+/// or `;` (parameters), as grpc-go's `ContentSubtype` reads it; gRPC-Web (PROTOCOL-WEB.md)
+/// has `application/grpc-web` and `application/grpc-web-text`, likewise. The match is
+/// byte for byte, case-sensitive, as grpc-go's servers match (they do not lowercase the
+/// value): `application/grpcfoo`, `application/grpc-webby` or `Application/gRPC` are not
+/// gRPC. No allocation: it runs on every request.
+#[inline]
+fn grpc_family(value: &[u8]) -> Option<(Family, &[u8])> {
+    let rest = value.strip_prefix(b"application/grpc")?;
+    let (family, rest) = if let Some(rest) = rest.strip_prefix(b"-web-text") {
+        (Family::WebText, rest)
+    } else if let Some(rest) = rest.strip_prefix(b"-web") {
+        (Family::Web, rest)
+    } else {
+        (Family::Grpc, rest)
+    };
+    match rest.first() {
+        None | Some(b'+' | b';') => Some((family, rest)),
+        Some(_) => None,
+    }
 }
 
 /// A gRPC call's deadline (the caller has checked [`is_grpc`]): its `grpc-timeout`
@@ -269,9 +308,26 @@ mod tests {
         for (value, grpc) in [
             ("application/grpc", true),
             ("application/grpc+proto", true),
+            ("application/grpc+json", true),
+            ("application/grpc;charset=utf-8", true),
+            ("application/grpc+", true),
+            ("application/grpc-web", true),
             ("application/grpc-web+proto", true),
+            ("application/grpc-web;charset=utf-8", true),
+            ("application/grpc-web-text", true),
+            ("application/grpc-web-text+proto", true),
             ("application/json", false),
             ("text/application/grpc", false),
+            ("application/grpcfoo", false),
+            ("application/grpc-", false),
+            ("application/grpc-webby", false),
+            ("application/grpc-web-", false),
+            ("application/grpc-web-textual", false),
+            ("application/grpc-text", false),
+            ("application/grpc proto", false),
+            ("Application/gRPC", false),
+            ("application/gr", false),
+            ("", false),
         ] {
             headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(value));
             assert_eq!(is_grpc(&headers), grpc, "{value}");

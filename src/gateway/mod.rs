@@ -178,8 +178,10 @@
 //!
 //! ## gRPC callers
 //!
-//! A request with `content-type: application/grpc` (any suffix, and gRPC-Web's) is a gRPC
-//! call. The gateway's own answers to it (limits, open breakers, timeouts, no route,
+//! A request with `content-type: application/grpc` (alone, or followed by a `+proto`-style
+//! subtype or `;` parameters) or gRPC-Web's `application/grpc-web` or
+//! `application/grpc-web-text` (likewise) is a gRPC call; `application/grpcfoo` is not.
+//! The gateway's own answers to it (limits, open breakers, timeouts, no route,
 //! authentication, malformed requests) are trailers-only gRPC responses: `200`,
 //! `grpc-status` and a percent-encoded `grpc-message`, no body, and
 //! `grpc-retry-pushback-ms` wherever the HTTP answer has `Retry-After`. A limit's refusal

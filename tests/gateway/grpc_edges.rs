@@ -288,3 +288,70 @@ async fn a_stream_cut_by_the_body_timeout_ends_with_deadline_exceeded() {
     );
     gw.shutdown().await;
 }
+
+/// A loopback address nothing listens on: every call to it is refused.
+async fn refusing_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A call to `path` with `content-type` `content_type` through an HTTP/2 client; the
+/// answer's head.
+async fn call_typed(gw: SocketAddr, path: &str, content_type: &str) -> http::response::Parts {
+    let mut client = h2_client(gw).await;
+    let request = http::Request::post(format!("http://{gw}{path}"))
+        .header("content-type", content_type)
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, _send) = client.send_request(request, true).unwrap();
+    let response = timeout(BOUND, response).await.unwrap().unwrap();
+    response.into_parts().0
+}
+
+/// gRPC over HTTP/2: a gRPC call's content type is `application/grpc`, alone or followed
+/// by `+` (a subtype, `+proto`) or `;` (parameters); gRPC-Web's are `application/grpc-web`
+/// and `application/grpc-web-text`, likewise. Any content type merely beginning with
+/// `application/grpc` (`application/grpcfoo`, `application/grpc-webby`) made the request
+/// a gRPC call: its answers came as gRPC statuses (`200`, `grpc-status`) to a client that
+/// is not a gRPC client, and its `grpc-timeout` bounded it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_grpcs_own_content_types_make_a_grpc_call() {
+    let gw = h2_gateway(refusing_address().await, "").await;
+    for content_type in [
+        "application/grpcfoo",
+        "application/grpc-webby",
+        "application/grpc-web-textual",
+        "application/grpc-",
+        "application/grpc.proto",
+    ] {
+        let head = call_typed(gw.local_addr(), "/api/svc.Svc/Call", content_type).await;
+        assert!(
+            head.status == 502 || head.status == 503,
+            "{content_type}: an HTTP answer: {head:?}"
+        );
+        assert!(
+            !head.headers.contains_key("grpc-status"),
+            "{content_type} is no gRPC content type: {head:?}"
+        );
+    }
+    for content_type in [
+        "application/grpc",
+        "application/grpc+proto",
+        "application/grpc;charset=utf-8",
+        "application/grpc-web",
+        "application/grpc-web+proto",
+        "application/grpc-web-text",
+        "application/grpc-web-text+proto",
+        "application/grpc-web+json",
+    ] {
+        let head = call_typed(gw.local_addr(), "/api/svc.Svc/Call", content_type).await;
+        assert_eq!(head.status, 200, "{content_type}: {head:?}");
+        assert_eq!(
+            head.headers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"14"[..]),
+            "{content_type}: {head:?}"
+        );
+    }
+    gw.shutdown().await;
+}
