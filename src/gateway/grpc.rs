@@ -8,11 +8,11 @@
 //! and `application/grpc-web-text`, likewise; not any other type that merely begins with
 //! `application/grpc`), every answer the gateway makes itself (limits, open breakers,
 //! timeouts, authentication, no route, a malformed request) is sent as a *trailers-only*
-//! gRPC response: `200`,
-//! `content-type: application/grpc`, `grpc-status`, `grpc-message` (the problem's text,
-//! percent-encoded as the gRPC spec asks), no body; `Retry-After` becomes
-//! `grpc-retry-pushback-ms` as well. The upstream's own answers, and the route's
-//! configured fallback, pass unchanged.
+//! gRPC response: `200`, `content-type: application/grpc` (to a gRPC-Web caller, its own
+//! family, `application/grpc-web` or `application/grpc-web-text`, with `+proto` if it
+//! sent it), `grpc-status`, `grpc-message` (the problem's text, percent-encoded as the
+//! gRPC spec asks), no body; `Retry-After` becomes `grpc-retry-pushback-ms` as well. The
+//! upstream's own answers, and the route's configured fallback, pass unchanged.
 //!
 //! | the gateway's answer | `grpc-status` |
 //! |---|---|
@@ -151,13 +151,36 @@ pub(crate) fn cut_trailers(status: StatusCode, message: &str) -> hyper::body::Fr
 #[derive(Debug, Clone)]
 pub(crate) struct Answer(pub(crate) Box<str>);
 
-/// Whether the request is a gRPC (or gRPC-Web) call, by its `content-type`
-/// ([`grpc_family`]).
+/// A gRPC (or gRPC-Web) caller, told by its request's `content-type`: the content type
+/// the gateway's own answers to it carry, in its family (a gRPC-Web client rejects an
+/// answer of `application/grpc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GrpcCaller(&'static str);
+
+impl GrpcCaller {
+    /// The `content-type` of the gateway's own answers to this caller.
+    fn content_type(self) -> http::HeaderValue {
+        http::HeaderValue::from_static(self.0)
+    }
+}
+
+/// The gRPC (or gRPC-Web) caller a request is from, by its `content-type`
+/// ([`grpc_family`]); `None` for any other request.
+///
+/// Its answers' content type is the request's family (`application/grpc`,
+/// `application/grpc-web` or `application/grpc-web-text`), with `+proto` when the request
+/// has it (gRPC-Web's usual form); any other subtype or parameters are left out, to
+/// allocate nothing: a trailers-only answer has no message to encode.
 #[inline]
-pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| grpc_family(v.as_bytes()).is_some())
+pub(crate) fn grpc_caller(headers: &HeaderMap) -> Option<GrpcCaller> {
+    let (family, rest) = grpc_family(headers.get(header::CONTENT_TYPE)?.as_bytes())?;
+    Some(GrpcCaller(match (family, rest) {
+        (Family::Grpc, _) => "application/grpc",
+        (Family::Web, b"+proto") => "application/grpc-web+proto",
+        (Family::Web, _) => "application/grpc-web",
+        (Family::WebText, b"+proto") => "application/grpc-web-text+proto",
+        (Family::WebText, _) => "application/grpc-web-text",
+    }))
 }
 
 /// Which of gRPC's content types a request's is.
@@ -236,8 +259,9 @@ fn code_for(status: StatusCode) -> GrpcCode {
 }
 
 /// `response` as a gRPC caller is to get it: a trailers-only gRPC response in place of
-/// one the gateway made itself; an upstream's answer (or a fallback) unchanged.
-pub(crate) fn for_grpc_caller(response: Response<Body>) -> Response<Body> {
+/// one the gateway made itself, in the caller's content type; an upstream's answer (or a
+/// fallback) unchanged.
+pub(crate) fn for_grpc_caller(response: Response<Body>, caller: GrpcCaller) -> Response<Body> {
     let extensions = response.extensions();
     let (message, code) = match extensions.get::<Answer>() {
         Some(answer) => (answer.0.clone(), None),
@@ -264,6 +288,9 @@ pub(crate) fn for_grpc_caller(response: Response<Body>) -> Response<Body> {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     crate::grpc::set_status_headers(&mut parts.headers, code, &message, pushback);
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, caller.content_type());
     parts.status = StatusCode::OK;
     Response::from_parts(parts, super::body::full(bytes::Bytes::new()))
 }
@@ -304,7 +331,7 @@ mod tests {
     #[test]
     fn grpc_requests_are_told_by_their_content_type() {
         let mut headers = HeaderMap::new();
-        assert!(!is_grpc(&headers));
+        assert_eq!(grpc_caller(&headers), None);
         for (value, grpc) in [
             ("application/grpc", true),
             ("application/grpc+proto", true),
@@ -330,7 +357,36 @@ mod tests {
             ("", false),
         ] {
             headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(value));
-            assert_eq!(is_grpc(&headers), grpc, "{value}");
+            assert_eq!(grpc_caller(&headers).is_some(), grpc, "{value}");
+        }
+    }
+
+    #[test]
+    fn grpc_web_callers_are_answered_in_their_own_content_type() {
+        let mut headers = HeaderMap::new();
+        for (value, answered) in [
+            ("application/grpc", "application/grpc"),
+            ("application/grpc+proto", "application/grpc"),
+            ("application/grpc-web", "application/grpc-web"),
+            ("application/grpc-web+proto", "application/grpc-web+proto"),
+            ("application/grpc-web+json", "application/grpc-web"),
+            ("application/grpc-web;charset=utf-8", "application/grpc-web"),
+            ("application/grpc-web-text", "application/grpc-web-text"),
+            (
+                "application/grpc-web-text+proto",
+                "application/grpc-web-text+proto",
+            ),
+            (
+                "application/grpc-web-text+thrift",
+                "application/grpc-web-text",
+            ),
+        ] {
+            headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(value));
+            assert_eq!(
+                grpc_caller(&headers).map(GrpcCaller::content_type),
+                Some(http::HeaderValue::from_static(answered)),
+                "{value}"
+            );
         }
     }
 

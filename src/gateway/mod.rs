@@ -182,8 +182,11 @@
 //! subtype or `;` parameters) or gRPC-Web's `application/grpc-web` or
 //! `application/grpc-web-text` (likewise) is a gRPC call; `application/grpcfoo` is not.
 //! The gateway's own answers to it (limits, open breakers, timeouts, no route,
-//! authentication, malformed requests) are trailers-only gRPC responses: `200`,
-//! `grpc-status` and a percent-encoded `grpc-message`, no body, and
+//! authentication, malformed requests) are trailers-only gRPC responses: `200`, the
+//! caller's content type family (`application/grpc`; `application/grpc-web` or
+//! `application/grpc-web-text` to a gRPC-Web caller, which reads such an answer's
+//! headers as its trailers), `grpc-status` and a percent-encoded `grpc-message`, no
+//! body, and
 //! `grpc-retry-pushback-ms` wherever the HTTP answer has `Retry-After`. A limit's refusal
 //! is `RESOURCE_EXHAUSTED` (8); open breakers, no endpoint or an unreachable upstream
 //! `UNAVAILABLE` (14); a timeout `DEADLINE_EXCEEDED` (4); `401` `UNAUTHENTICATED`; no

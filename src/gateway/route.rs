@@ -682,7 +682,7 @@ impl Route {
 
     /// Serves one request matched to this route. Not an `async fn`, nor is `respond`: one
     /// would copy the request from its argument into its state before using it.
-    /// `grpc`: the request is a gRPC call ([`super::grpc::is_grpc`]), whose deadline may
+    /// `grpc`: the request is a gRPC call ([`super::grpc::grpc_caller`]), whose deadline may
     /// be its own (`grpc-timeout`).
     #[allow(clippy::manual_async_fn)]
     pub(crate) fn handle<B>(

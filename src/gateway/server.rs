@@ -448,17 +448,16 @@ impl Gateway {
     {
         async move {
             // A gRPC caller gets the gateway's own answers as gRPC statuses.
-            let grpc = super::grpc::is_grpc(request.headers());
+            let grpc = super::grpc::grpc_caller(request.headers());
             // The route is awaited here, not in an `async fn` of its own: each would keep
             // another copy of the request in its state.
             let response = match self.route_for(&mut request, peer) {
-                Ok(route) => route.handle(request, peer, grpc).await,
+                Ok(route) => route.handle(request, peer, grpc.is_some()).await,
                 Err(answer) => answer,
             };
-            if grpc {
-                super::grpc::for_grpc_caller(response)
-            } else {
-                response
+            match grpc {
+                Some(caller) => super::grpc::for_grpc_caller(response, caller),
+                None => response,
             }
         }
     }
@@ -1623,18 +1622,17 @@ where
             let peer = Peer::of(crate::rate_limit::http::peer_of(request.extensions()));
             // A gRPC caller gets the route's own answers as gRPC statuses, as through the
             // gateway.
-            let grpc = super::grpc::is_grpc(request.headers());
+            let grpc = super::grpc::grpc_caller(request.headers());
             let response = match this.gateway.prepare(&mut request, &peer) {
                 Ok(()) => {
                     let route = &this.gateway.inner.routes[this.index];
-                    route.handle(request, &peer, grpc).await
+                    route.handle(request, &peer, grpc.is_some()).await
                 }
                 Err(refused) => refused,
             };
-            Ok(if grpc {
-                super::grpc::for_grpc_caller(response)
-            } else {
-                response
+            Ok(match grpc {
+                Some(caller) => super::grpc::for_grpc_caller(response, caller),
+                None => response,
             })
         })
     }

@@ -355,3 +355,81 @@ async fn only_grpcs_own_content_types_make_a_grpc_call() {
     }
     gw.shutdown().await;
 }
+
+/// gRPC-Web (PROTOCOL-WEB.md): its content types are `application/grpc-web` and
+/// `application/grpc-web-text`, with an optional `+proto`-style subtype, and a gRPC-Web
+/// client rejects an answer of any other (`Unknown Content-type received`). The
+/// gateway's own answers to a gRPC-Web caller (no endpoint, no route, limits...) came
+/// with `content-type: application/grpc`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_web_caller_gets_the_gateways_answers_in_its_own_content_type() {
+    let gw = h2_gateway(refusing_address().await, "").await;
+    for (sent, answered) in [
+        ("application/grpc-web", "application/grpc-web"),
+        ("application/grpc-web+proto", "application/grpc-web+proto"),
+        ("application/grpc-web-text", "application/grpc-web-text"),
+        (
+            "application/grpc-web-text+proto",
+            "application/grpc-web-text+proto",
+        ),
+        // Another subtype: the family, at least.
+        ("application/grpc-web+json", "application/grpc-web"),
+        (
+            "application/grpc-web-text;charset=utf-8",
+            "application/grpc-web-text",
+        ),
+        // gRPC over HTTP/2 keeps its own.
+        ("application/grpc+proto", "application/grpc"),
+    ] {
+        // The upstream refuses (UNAVAILABLE), and no route (UNIMPLEMENTED).
+        for (path, code) in [
+            ("/api/svc.Svc/Call", "14"),
+            ("/elsewhere/svc.Svc/Call", "12"),
+        ] {
+            let head = call_typed(gw.local_addr(), path, sent).await;
+            assert_eq!(head.status, 200, "{sent} {path}: {head:?}");
+            assert_eq!(
+                head.headers.get("grpc-status").map(|v| v.as_bytes()),
+                Some(code.as_bytes()),
+                "{sent} {path}: {head:?}"
+            );
+            assert_eq!(
+                head.headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok()),
+                Some(answered),
+                "{sent} {path}: {head:?}"
+            );
+        }
+    }
+    // gRPC-Web from a browser is mostly HTTP/1.1: the same answer there.
+    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (mut client, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post("/api/svc.Svc/Call")
+        .header("host", "gw")
+        .header("content-type", "application/grpc-web-text+proto")
+        .body(Full::new(Bytes::from_static(b"AAAAAAA=")))
+        .unwrap();
+    let response = timeout(BOUND, client.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200, "{response:?}");
+    assert_eq!(
+        response.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"14"[..]),
+        "{response:?}"
+    );
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/grpc-web-text+proto"),
+        "{response:?}"
+    );
+    gw.shutdown().await;
+}
