@@ -647,7 +647,10 @@ pub struct RouteConfig {
     /// The bound on each wait for more of the upstream's response body once its head has
     /// come (default: `timeout`): a body the upstream stops sending for this long is cut,
     /// closing the client's connection, as nginx's `proxy_read_timeout` does. Set it
-    /// longer on routes that stream with pauses (server-sent events, long polls).
+    /// longer on routes that stream with pauses (server-sent events, long polls, gRPC
+    /// server-streaming calls such as watches: with the default, one that sends nothing
+    /// for `timeout`, 10 s unless set, is ended with `DEADLINE_EXCEEDED`, whatever the
+    /// caller's `grpc-timeout`).
     #[serde(default, deserialize_with = "optional_duration")]
     pub body_timeout: Option<Duration>,
     /// The largest request body, in bytes (default: `[gateway] max_request_body`; `0`:

@@ -50,8 +50,10 @@
 //! 4. **timeout**: the route's bound, until the upstream's response head (`504` past it);
 //!    then `body_timeout` (by default the same) bounds each wait for more of the body: a
 //!    body stalled that long is cut, closing the client's connection, as nginx's
-//!    `proxy_read_timeout` does. A stall after the head reaches neither the breaker nor
-//!    outlier detection, which have seen a good head: it is counted as a timeout;
+//!    `proxy_read_timeout` does (a gRPC answer is ended with `DEADLINE_EXCEEDED`
+//!    instead: raise `body_timeout` on routes with quiet server-streaming calls, see
+//!    [gRPC callers](#grpc-callers)). A stall after the head reaches neither the breaker
+//!    nor outlier detection, which have seen a good head: it is counted as a timeout;
 //! 5. a [`Balance`](crate::balance::Balance) over the service's instances (listed in
 //!    `[[services]]`, or discovered through the [`Discovery`] given to
 //!    [`Gateway::build`]), each endpoint a pool of HTTP/1 keep-alive connections with its own
@@ -206,6 +208,23 @@
 //! asking for a microsecond must not open breakers); a malformed `grpc-timeout` is
 //! ignored, as gRPC servers ignore one.
 //!
+//! Streaming calls go through message by message, and each wait for the upstream's next
+//! message is bounded by the route's `body_timeout`, which defaults to its `timeout`
+//! (10 s): a server-streaming call quiet for longer (a watch or subscription API, a
+//! stream of rare events) is ended with `DEADLINE_EXCEEDED` in its trailers, whatever
+//! the caller's `grpc-timeout` (which only ever shortens the route's bounds). On routes
+//! with such calls, set `body_timeout` above the longest quiet spell (at most `"24h"`),
+//! or have the server send a message (a heartbeat) more often:
+//!
+//! ```toml
+//! [[routes]]
+//! name = "watch"
+//! path_prefix = "/inventory.v1.Inventory/"
+//! service = "inventory"
+//! timeout = "5s"                  # until the answer's head, as for unary calls
+//! body_timeout = "1h"             # each wait for the stream's next message
+//! ```
+//!
 //! ## TLS and HTTP/2
 //!
 //! With the feature `tls`, `[gateway.tls]` terminates TLS on the proxy listener (rustls
@@ -336,7 +355,8 @@
 //! service = "users"
 //! strip_prefix = true             # /api/users/42 is sent as /42
 //! timeout = "2s"                  # Go-style durations: 500ms, 2s, 1m30s (default 10s)
-//! body_timeout = "30s"            # each wait for more of the body (default: timeout)
+//! body_timeout = "30s"            # each wait for more of the body (default: timeout);
+//!                                 # raise it for quiet streams (gRPC watches, SSE)
 //! max_request_body = 10485760     # bytes (default: [gateway] max_request_body), else 413
 //! auth = true
 //!
