@@ -101,7 +101,10 @@ pub struct RedisSettings {
     /// A Redis Cluster's seed nodes, instead of `url`.
     #[serde(default)]
     pub nodes: Vec<String>,
-    /// The keys' prefix (default `seawall`).
+    /// The keys' prefix (default `seawall`). It must not hold `{` or `}`, nor may the
+    /// name of a route with a limit in Redis: a Redis Cluster hashes only what lies
+    /// between the first `{` of a key and the next `}`, so a brace there would put every
+    /// bucket on one slot. The configuration is refused.
     #[serde(default = "default_redis_prefix")]
     pub prefix: String,
     /// How long a check may wait for Redis before the failure policy answers it (default
@@ -629,7 +632,9 @@ impl fmt::Debug for JwtConfig {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RouteConfig {
-    /// A unique name, in status reports and metrics.
+    /// A unique name, in status reports and metrics. With a limit in Redis it is also
+    /// part of the limit's Redis keys, and must not hold `{` or `}` (see
+    /// [`RedisSettings::prefix`]).
     pub name: String,
     /// The path prefix matched, on segment boundaries: `/api/users` matches `/api/users`
     /// and `/api/users/42`, not `/api/usersx`. Written as requests are matched, after
@@ -1348,6 +1353,14 @@ impl GatewayConfig {
             plan.per_client = Some(limit_quota(&at, c.per_second, c.burst)?);
             self.check_policy(&at, c.policy)?;
         }
+        let policies = [
+            route.rate_limit.global.as_ref().map(|g| g.policy),
+            route.rate_limit.per_client.as_ref().map(|c| c.policy),
+        ];
+        if policies.contains(&Some(LimitPolicy::Redis)) {
+            // The route's name is part of its Redis keys (`<prefix>:<route>:…`).
+            no_hash_tag(&format!("{at}.name"), &route.name)?;
+        }
         if let Some(b) = &route.breaker {
             plan.breaker = Some(
                 breaker_config(&route.name, b)
@@ -1540,6 +1553,7 @@ impl RedisSettings {
         if self.prefix.is_empty() {
             return Err(ConfigError::invalid("redis.prefix", "must not be empty"));
         }
+        no_hash_tag("redis.prefix", &self.prefix)?;
         check_duration("redis.timeout", self.timeout, false)?;
         let share = self.local_share;
         if !(share.is_finite() && share > 0.0 && share <= 1.0) {
@@ -1557,6 +1571,23 @@ impl RedisSettings {
         check_duration("redis.batch_max_age", self.batch_max_age, false)?;
         Ok(())
     }
+}
+
+/// Refuses `{` and `}` in `value`, a part of every Redis key of a limit: a Redis Cluster
+/// hashes only what lies between the first `{` of a key and the next `}`, so a brace
+/// there would make it every bucket's hash tag, all of them on one slot (one master).
+fn no_hash_tag(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.contains(['{', '}']) {
+        return Err(ConfigError::invalid(
+            field.to_owned(),
+            format!(
+                "`{value}` holds `{{` or `}}`, which would put every Redis bucket on one \
+                 cluster slot (a Redis Cluster hashes only what lies between the first `{{` \
+                 of a key and the next `}}`)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `url` reads as a Redis URL (the `redis` crate has the last word when it

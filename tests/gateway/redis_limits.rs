@@ -617,3 +617,32 @@ fn redis_tls_settings_are_checked_at_load() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A Redis Cluster hashes only what lies between the first `{` of a key and the next `}`.
+/// A limit's keys are `<prefix>:<route>:<scope>:{<client>}`: a `[redis] prefix` (or the
+/// name of a route with a limit in Redis) holding `{…}` made that every bucket's hash tag,
+/// all clients on one slot, and the configuration loaded without a word. It is now
+/// refused at load, naming the field.
+#[test]
+fn braces_in_the_parts_of_redis_keys_are_refused_at_load() {
+    let config = |prefix: &str, route: &str, policy: &str| {
+        GatewayConfig::from_toml_str(&format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n\
+             [redis]\nurl = \"redis://127.0.0.1:6379/\"\nprefix = \"{prefix}\"\n\
+             [[routes]]\nname = \"{route}\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+             rate_limit = {{ per_client = {{ per_second = 5, policy = \"{policy}\" }} }}\n\
+             [[services]]\nname = \"up\"\ninstances = [\"127.0.0.1:9\"]\n"
+        ))
+    };
+    for prefix in ["rl:{x}", "rl{", "rl}"] {
+        let err = config(prefix, "api", "redis").expect_err(prefix);
+        assert_eq!(err.field(), "redis.prefix", "{err}");
+        assert!(err.reason().contains("slot"), "{err}");
+    }
+    let err = config("rl", "api{tenant}", "redis").expect_err("a brace in a route's name");
+    assert_eq!(err.field(), "routes[0].name", "{err}");
+    assert!(err.reason().contains("api{tenant}"), "{err}");
+    // A route whose limits stay local puts nothing in Redis: its name may hold braces.
+    config("rl", "api{tenant}", "local").unwrap();
+    config("rl:x", "api", "redis").unwrap();
+}

@@ -494,3 +494,31 @@ async fn a_black_holed_connection_is_replaced_and_redis_used_again() {
     }
     assert!(local > 0, "the black-holed connection was noticed");
 }
+
+/// A Redis Cluster hashes only what lies between the first `{` of a key and the next `}`.
+/// The client's part of a bucket's key is percent-encoded so that it is the whole tag, but
+/// the configured prefix came first, as it was: with `rl:{x}:` every bucket (`rl:{x}::{k}`)
+/// had the tag `x`, all on one slot, one master, silently. The builder now refuses a
+/// prefix holding a brace, naming the field.
+#[tokio::test]
+async fn a_prefix_with_braces_is_refused_when_the_limiter_is_built() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    for prefix in ["rl:{x}:", "tenant{", "}x"] {
+        for builder in [
+            RedisRateLimiter::builder(redis.url(), quota(60, 5)),
+            RedisRateLimiter::cluster_builder([redis.url()], quota(60, 5)),
+        ] {
+            let error = builder
+                .prefix(prefix)
+                .build()
+                .expect_err("a brace in the prefix would be every bucket's hash tag");
+            assert_eq!(error.field(), "prefix", "{error}");
+            assert_eq!(error.kind(), seawall::ConfigErrorKind::Invalid);
+            assert!(error.reason().contains(prefix), "{error}");
+        }
+    }
+    // Braces in a client's key are still fine: encoded, the whole key is its tag.
+    let limiter = limiter(&redis, "rl", quota(60, 5));
+    limiter.acquire("a{b}c", 1).await.unwrap();
+    assert_eq!(redis.keys("rl:*").await, ["rl:{a%7Bb%7Dc}"]);
+}

@@ -47,7 +47,9 @@
 //! runs on the one master holding the key's slot (the braces are a hash tag: a key the
 //! script might add for the same bucket would land in the same slot). `%`, `{` and `}` in
 //! a key are written `%25`, `%7B` and `%7D`, so that the whole key is the tag: a client
-//! choosing its key cannot cut the tag short to put its buckets on a slot of its choice. The client follows
+//! choosing its key cannot cut the tag short to put its buckets on a slot of its choice. A
+//! [prefix](RedisRateLimiterBuilder::prefix) holding a brace is refused when the limiter
+//! is built: its `{` would open the tag first, putting every bucket on one slot. The client follows
 //! the cluster's slot map: `MOVED` / `ASK` redirections, resharding and failovers need no
 //! restart. Every check still runs under the timeout and the breaker below, which guard
 //! the cluster as a whole.
@@ -827,7 +829,10 @@ impl RedisRateLimiter {
 }
 
 impl RedisRateLimiterBuilder {
-    /// Prefixes every Redis key (default `seawall`).
+    /// Prefixes every Redis key (default `seawall`). It must not hold `{` or `}`
+    /// ([`build`](Self::build) refuses them): a Redis Cluster hashes only what lies
+    /// between the first `{` of a key and the next `}`, so a brace in the prefix would
+    /// become every bucket's hash tag and put them all on one slot, one master.
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -902,10 +907,21 @@ impl RedisRateLimiterBuilder {
     ///
     /// A [`ConfigError`] naming `url` (or `nodes` for a cluster: not a Redis URL; a
     /// `rediss://` one without the `redis-tls` feature, or ending in `#insecure`),
-    /// `tls` (settings a `redis://` URL would ignore, a CA, certificate or key that
-    /// cannot be read), `timeout` (zero) or `quota` (faster than one token per
-    /// microsecond).
+    /// `prefix` (holding `{` or `}`), `tls` (settings a `redis://` URL would ignore, a
+    /// CA, certificate or key that cannot be read), `timeout` (zero) or `quota` (faster
+    /// than one token per microsecond).
     pub fn build(self) -> Result<RedisRateLimiter, ConfigError> {
+        if self.prefix.contains(['{', '}']) {
+            return Err(ConfigError::invalid(
+                "prefix",
+                format!(
+                    "`{}` holds `{{` or `}}`: a Redis Cluster hashes only what lies between \
+                     the first `{{` of a key and the next `}}`, so every bucket would be on \
+                     one slot",
+                    self.prefix
+                ),
+            ));
+        }
         #[cfg(feature = "redis-tls")]
         let certificates = self.tls.as_ref().map(RedisTls::certificates).transpose()?;
         #[cfg(not(feature = "redis-tls"))]
