@@ -17,7 +17,7 @@
 //! | `seawall_circuit_breaker_transitions_total` | counter | `breaker`, `from`, `to` (`closed`, `open`, `half_open`, `forced_open`, `disabled`) | state changes |
 //! | `seawall_circuit_breaker_state` | gauge | `breaker` | 0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled |
 //! | `seawall_rate_limit_decisions_total` | counter | `limiter`, `decision` (`admitted`, `refused`) | limiter decisions |
-//! | `seawall_rate_limit_redis_checks_total` | counter | `limiter`, `source` (`redis`, `batch`, `local`, `unavailable`, `cached`) | where a Redis-backed check was answered |
+//! | `seawall_rate_limit_redis_checks_total` | counter | `limiter`, `source` (`redis`, `batch`, `local`, `unavailable`, `cached`, `exceeds_burst`) | where a Redis-backed check was answered |
 //! | `seawall_rate_limit_redis_retries_total` | counter | `limiter` | Redis checks retried after a connection error |
 //! | `seawall_balance_endpoints` | gauge | `balancer` | endpoints known |
 //! | `seawall_balance_ejections_total` | counter | `balancer`, `endpoint` | outlier ejections |

@@ -502,7 +502,8 @@
 //!       "per_client": { "clients": null, "burst": 20, "per_second": 10, "key": "ip", // or null
 //!                       "policy": "redis",       // a limit in Redis: available / clients are null
 //!                       "redis": { "source": "redis",   // the last decision's: batch, local (the
-//!                                                       // local share: Redis away), cached, unavailable
+//!                                                       // local share: Redis away), cached, unavailable,
+//!                                                       // exceeds_burst (more than the burst: never asked)
 //!                                  "breaker": "closed" } } // the breaker around Redis
 //!     },
 //!     "endpoints": [{

@@ -202,7 +202,8 @@ pub struct RedisLimitStatus {
     /// Where the last decision came from: `redis` (the shared bucket), `batch` (tokens
     /// taken ahead), `local` (this replica's local share: Redis unavailable), `cached` (a
     /// refusal Redis gave, still in force), `unavailable` (Redis unavailable, failing
-    /// closed); `null` before the first request.
+    /// closed), `exceeds_burst` (a request for more tokens than the burst, refused without
+    /// asking Redis); `null` before the first request.
     pub source: Option<String>,
     /// The state of the breaker around Redis: `closed`, `open` (decisions are local, or
     /// refusals when failing closed, until a probe succeeds) or `half_open`.

@@ -6,9 +6,18 @@ use super::Decision;
 use super::error::RateLimited;
 use super::local::bucket::Step;
 
-/// The `source` labels of distributed limiters' checks.
+/// The `source` labels of distributed limiters' checks. `exceeds_burst`: a request for
+/// more tokens than the burst, refused on the spot (no bucket, in Redis or local, could
+/// ever admit it), so that local refusals are not counted as answers from Redis.
 #[cfg(all(feature = "metrics", feature = "redis"))]
-const SOURCES: [&str; 5] = ["redis", "batch", "local", "unavailable", "cached"];
+const SOURCES: [&str; 6] = [
+    "redis",
+    "batch",
+    "local",
+    "unavailable",
+    "cached",
+    "exceeds_burst",
+];
 
 /// The reporting of one named limiter. Costs one atomic load per check while unnamed.
 #[derive(Debug, Default)]
@@ -26,12 +35,12 @@ struct Named {
     refused: metrics::Counter,
     /// Distributed limiters: checks by where they were answered, registered on first use.
     #[cfg(all(feature = "metrics", feature = "redis"))]
-    sources: OnceLock<[metrics::Counter; 5]>,
+    sources: OnceLock<[metrics::Counter; 6]>,
 }
 
 impl Named {
     #[cfg(all(feature = "metrics", feature = "redis"))]
-    fn source_counters(&self) -> [metrics::Counter; 5] {
+    fn source_counters(&self) -> [metrics::Counter; 6] {
         SOURCES.map(|source| {
             metrics::counter!(
                 "seawall_rate_limit_redis_checks_total",

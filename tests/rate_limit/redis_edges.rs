@@ -522,3 +522,75 @@ async fn a_prefix_with_braces_is_refused_when_the_limiter_is_built() {
     limiter.acquire("a{b}c", 1).await.unwrap();
     assert_eq!(redis.keys("rl:*").await, ["rl:{a%7Bb%7Dc}"]);
 }
+
+/// The `seawall_rate_limit_redis_checks_total{limiter, source}` counters of a named
+/// limiter, by `source`, those not zero.
+#[cfg(feature = "metrics")]
+fn checks_by_source(
+    snapshotter: &metrics_util::debugging::Snapshotter,
+) -> std::collections::BTreeMap<String, u64> {
+    use metrics_util::debugging::DebugValue;
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| {
+            let key = key.key();
+            let source = key
+                .labels()
+                .find(|l| l.key() == "source")?
+                .value()
+                .to_owned();
+            match value {
+                DebugValue::Counter(n)
+                    if n > 0 && key.name() == "seawall_rate_limit_redis_checks_total" =>
+                {
+                    Some((source, n))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// A request for more tokens than the burst is refused on the spot: no bucket could ever
+/// admit it, so Redis is not asked. It was counted under `source="redis"` all the same,
+/// so dashboards showed Redis refusing requests that never reached it (and Redis answering
+/// while it was down). It now has a source of its own, `exceeds_burst`.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn a_request_over_the_burst_is_not_counted_as_answered_by_redis() {
+    use metrics_util::debugging::DebuggingRecorder;
+
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let limiter = metrics::with_local_recorder(&recorder, || {
+        RedisRateLimiter::builder(redis.url(), quota(60, 10))
+            .name("oversized")
+            .prefix("oversized")
+            .timeout(Duration::from_secs(1))
+            .build()
+            .unwrap()
+    });
+    match limiter.acquire("k", 11).await {
+        Err(RedisLimitError::Limited(r)) => assert!(r.exceeds_capacity()),
+        other => panic!("expected a capacity refusal, got {other:?}"),
+    }
+    assert!(
+        redis.keys("oversized:*").await.is_empty(),
+        "Redis was asked"
+    );
+    assert_eq!(
+        checks_by_source(&snapshotter),
+        [("exceeds_burst".to_owned(), 1)].into()
+    );
+    assert_eq!(limiter.last_source(), Some("exceeds_burst"));
+    // A request Redis does answer is still counted under `redis` (a snapshot gives the
+    // counts since the one before).
+    limiter.acquire("k", 1).await.unwrap();
+    assert_eq!(
+        checks_by_source(&snapshotter),
+        [("redis".to_owned(), 1)].into()
+    );
+}

@@ -345,7 +345,15 @@ struct Inner {
 }
 
 /// The labels of [`RedisRateLimiter::last_source`], by index (`0`: no decision yet).
-const DECISION_SOURCES: [&str; 6] = ["", "redis", "batch", "local", "cached", "unavailable"];
+const DECISION_SOURCES: [&str; 7] = [
+    "",
+    "redis",
+    "batch",
+    "local",
+    "cached",
+    "unavailable",
+    "exceeds_burst",
+];
 
 /// Refusals Redis gave, per key, until they run out: a saturated key is refused here
 /// without a round trip. Exact, not an approximation: Redis's bucket is shared, so no
@@ -562,8 +570,10 @@ impl RedisRateLimiter {
 
     /// Where the last decision came from, as its `source` label in metrics: `redis` (the
     /// shared bucket), `batch` (tokens taken ahead), `local` (the local share, Redis being
-    /// unavailable), `cached` (a refusal Redis gave, still in force) or `unavailable`
-    /// (Redis could not answer and the limiter fails closed); `None` before the first.
+    /// unavailable), `cached` (a refusal Redis gave, still in force), `unavailable`
+    /// (Redis could not answer and the limiter fails closed) or `exceeds_burst` (a request
+    /// for more tokens than the burst, refused here without asking Redis, which could
+    /// never admit it either); `None` before the first.
     pub fn last_source(&self) -> Option<&'static str> {
         match self.inner.last_source.load(Relaxed) {
             0 => None,
@@ -589,8 +599,9 @@ impl RedisRateLimiter {
                 inner.limit,
                 Duration::from_micros(inner.tau_us),
             );
-            // Never admissible, in Redis or anywhere: the quota's answer, as Redis's.
-            return (Err(RedisLimitError::Limited(refused)), "redis");
+            // Never admissible, in Redis or anywhere: the quota's answer, as Redis's,
+            // but given here, without a round trip, and counted so.
+            return (Err(RedisLimitError::Limited(refused)), "exceeds_burst");
         }
         let mut want = tokens;
         if let Some(batch) = &inner.batch {
@@ -883,8 +894,9 @@ impl RedisRateLimiterBuilder {
     /// Names the limiter for metrics and tracing: decisions as for
     /// [`RateLimiterBuilder::name`](super::RateLimiterBuilder::name), and where each check was answered
     /// (`seawall_rate_limit_redis_checks_total{limiter, source}` with `source` one of
-    /// `redis`, `batch`, `local`, `unavailable`, and `cached` for a refusal answered from
-    /// the last one Redis gave for that key, without a round trip).
+    /// `redis`, `batch`, `local`, `unavailable`, `cached` for a refusal answered from
+    /// the last one Redis gave for that key, without a round trip, and `exceeds_burst`
+    /// for a request for more tokens than the burst, refused here without a round trip).
     #[must_use]
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = Some(name.into().to_string());
