@@ -594,3 +594,127 @@ async fn a_request_over_the_burst_is_not_counted_as_answered_by_redis() {
         [("redis".to_owned(), 1)].into()
     );
 }
+
+/// The events a scoped `tracing` subscriber saw, one line each: the level, the message,
+/// then `field=value`.
+#[cfg(feature = "tracing")]
+#[derive(Clone, Default)]
+struct Events(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+#[cfg(feature = "tracing")]
+impl Events {
+    fn containing(&self, text: &str) -> Vec<String> {
+        let events = self.0.lock().unwrap();
+        events
+            .iter()
+            .filter(|l| l.contains(text))
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(feature = "tracing")]
+impl tracing::Subscriber for Events {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Line(String);
+        impl tracing::field::Visit for Line {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0.push_str(&format!(" {value:?}"));
+                } else {
+                    self.0.push_str(&format!(" {}={value:?}", field.name()));
+                }
+            }
+        }
+        let mut line = Line(event.metadata().level().to_string());
+        event.record(&mut line);
+        self.0.lock().unwrap().push(line.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// With `FailurePolicy::FailOpen`, a check Redis cannot answer is admitted by the local
+/// share. Only the breaker's state changes were logged: the checks that failed before it
+/// opened (up to 10 with the defaults, many more under a slow Redis or a breaker that
+/// needs more calls) admitted requests unchecked without a line of their own. Every
+/// decision of the local share is now logged, throttled: the first at once, then at most
+/// a line every 10 s with how many were admitted meanwhile; and counted, under
+/// `source="local"`, before the breaker opens as after.
+#[cfg(all(feature = "tracing", feature = "metrics"))]
+#[tokio::test]
+async fn failing_open_is_logged_and_counted_from_the_first_failed_check() {
+    use metrics_util::debugging::DebuggingRecorder;
+    use seawall::circuit_breaker::{CircuitBreakerConfig, SlidingWindow, State};
+    use seawall::rate_limit::redis::FailurePolicy;
+
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let limiter = metrics::with_local_recorder(&recorder, || {
+        RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
+            .name("fail-open")
+            .prefix("fail-open")
+            .timeout(Duration::from_millis(500))
+            .failure_policy(FailurePolicy::FailOpen {
+                local_share: quota(60_000, 1000),
+            })
+            // The defaults' window, and an open wait no probe comes within.
+            .breaker(
+                CircuitBreakerConfig::builder()
+                    .name("fail-open-redis")
+                    .sliding_window(SlidingWindow::count_based(20))
+                    .minimum_calls(10)
+                    .failure_rate_threshold(0.5)
+                    .wait_in_open(Duration::from_secs(600))
+                    .permitted_calls_in_half_open(1)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap()
+    });
+    assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Redis);
+    let _ = checks_by_source(&snapshotter);
+    drop(redis); // killed
+
+    let events = Events::default();
+    let _subscriber = tracing::subscriber::set_default(events.clone());
+    let warnings = || events.containing("failing open");
+    // The first failed check: the breaker is still closed.
+    assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Local);
+    assert_eq!(limiter.breaker().state(), State::Closed);
+    assert_eq!(warnings().len(), 1, "{:?}", events.0.lock().unwrap());
+    let first = &warnings()[0];
+    assert!(first.starts_with("WARN"), "{first}");
+    assert!(first.contains("limiter=\"fail-open\""), "{first}");
+    assert!(first.contains("admitted_unchecked=1"), "{first}");
+    // Until the breaker opens, then while it is open: no line each.
+    for _ in 0..29 {
+        assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Local);
+    }
+    assert_eq!(limiter.breaker().state(), State::Open);
+    assert_eq!(warnings().len(), 1, "{:?}", warnings());
+    assert_eq!(
+        checks_by_source(&snapshotter),
+        [("local".to_owned(), 30)].into()
+    );
+    // The interval later, the next one is a line, with the 29 admitted meanwhile.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Local);
+    assert_eq!(warnings().len(), 2, "{:?}", warnings());
+    let second = &warnings()[1];
+    assert!(
+        second.contains("checks=30") && second.contains("admitted_unchecked=30"),
+        "{second}"
+    );
+}

@@ -121,6 +121,14 @@
 //! While open, checks go straight to the policy; after the open wait one probe goes to
 //! Redis, and limiting is distributed again as soon as it succeeds.
 //!
+//! **Failing open is never silent.** Every check the local share answers under
+//! [`FailurePolicy::FailOpen`], from the first failed check on (before the breaker opens,
+//! while it is open, and on a failed probe), is counted
+//! (`seawall_rate_limit_redis_checks_total{limiter, source="local"}` for a named limiter)
+//! and, with the `tracing` feature, logged at warn level: the first, then at most one line
+//! every 10 s per limiter, with the error met, the `checks` the local share answered since
+//! the line before and how many of them it admitted (`admitted_unchecked`).
+//!
 //! **Reconnection.** The connection is re-made by redis' connection manager. After a
 //! failed reconnection, it hands the *stale* error (`Reconnecting failed: Connection
 //! refused`) to the next call, at once, and only then starts reconnecting; left alone, the
@@ -342,6 +350,62 @@ struct Inner {
     /// Where the last decision came from: an index into [`DECISION_SOURCES`], `0` before
     /// the first.
     last_source: AtomicU8,
+    /// The warnings of decisions taken by the local share, Redis being unavailable.
+    #[cfg(feature = "tracing")]
+    fail_open_log: FailOpenLog,
+}
+
+/// The shortest interval between two warnings of one limiter failing open.
+#[cfg(feature = "tracing")]
+const FAIL_OPEN_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The warnings of a limiter failing open: at its first decision by the local share, then
+/// at most one every [`FAIL_OPEN_LOG_INTERVAL`], each saying how many checks the local
+/// share answered (and how many it admitted, unchecked by Redis) since the one before. A
+/// check that fails open is never silent, yet an outage writes a line per interval, not
+/// one per request. Atomics only: no lock, no allocation but the line itself.
+#[cfg(feature = "tracing")]
+struct FailOpenLog {
+    origin: tokio::time::Instant,
+    /// Milliseconds after `origin` before which no line is written.
+    next_line: AtomicU64,
+    /// Checks answered by the local share since the last line.
+    checks: AtomicU64,
+    /// Of those, the admitted ones.
+    admitted: AtomicU64,
+}
+
+#[cfg(feature = "tracing")]
+impl FailOpenLog {
+    fn new() -> Self {
+        Self {
+            origin: tokio::time::Instant::now(),
+            next_line: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
+            admitted: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes one decision of the local share: `Some((checks, admitted))` since the last
+    /// line, this one included, if a line is due.
+    fn note(&self, admitted: bool) -> Option<(u64, u64)> {
+        self.checks.fetch_add(1, Relaxed);
+        if admitted {
+            self.admitted.fetch_add(1, Relaxed);
+        }
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_line.load(Relaxed);
+        let after = now.saturating_add(FAIL_OPEN_LOG_INTERVAL.as_millis() as u64);
+        if now < next
+            || self
+                .next_line
+                .compare_exchange(next, after, Relaxed, Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        Some((self.checks.swap(0, Relaxed), self.admitted.swap(0, Relaxed)))
+    }
 }
 
 /// The labels of [`RedisRateLimiter::last_source`], by index (`0`: no decision yet).
@@ -635,15 +699,40 @@ impl RedisRateLimiter {
         error: BoxError,
     ) -> (Result<(Admitted, Source), RedisLimitError>, &'static str) {
         match (&self.inner.policy, &self.inner.local) {
-            (FailurePolicy::FailOpen { .. }, Some(local)) => (
-                local
-                    .acquire(key, tokens)
-                    .map(|a| (a, Source::Local))
-                    .map_err(RedisLimitError::Limited),
-                "local",
-            ),
+            (FailurePolicy::FailOpen { .. }, Some(local)) => {
+                let decision = local.acquire(key, tokens);
+                self.failed_open(&error, decision.is_ok());
+                (
+                    decision
+                        .map(|a| (a, Source::Local))
+                        .map_err(RedisLimitError::Limited),
+                    "local",
+                )
+            }
             _ => (Err(RedisLimitError::Unavailable(error)), "unavailable"),
         }
+    }
+
+    /// Reports a decision of the local share, Redis being unavailable (`error`: what the
+    /// check met, Redis's error, the timeout or the open breaker): never silent, whether
+    /// the breaker has opened yet or not. Counted in
+    /// `seawall_rate_limit_redis_checks_total{source="local"}` (by the caller), and
+    /// logged at warn level, the first and then at most one line every 10 s with how
+    /// many checks failed open since the line before.
+    #[cold]
+    fn failed_open(&self, error: &BoxError, admitted: bool) {
+        #[cfg(feature = "tracing")]
+        if let Some((checks, admitted_unchecked)) = self.inner.fail_open_log.note(admitted) {
+            tracing::warn!(
+                limiter = self.name().unwrap_or(&self.inner.prefix),
+                %error,
+                checks,
+                admitted_unchecked,
+                "Redis could not answer rate-limit checks: failing open, answered by this \
+                 replica's local share (counts since the last such line)"
+            );
+        }
+        let _ = (error, admitted);
     }
 
     /// One check in Redis, behind the breaker and the timeout.
@@ -1021,6 +1110,8 @@ impl RedisRateLimiterBuilder {
                 refusals: Refusals::new(10_000, Duration::from_micros(interval_us)),
                 retries: AtomicU64::new(0),
                 last_source: AtomicU8::new(0),
+                #[cfg(feature = "tracing")]
+                fail_open_log: FailOpenLog::new(),
                 telemetry: {
                     let t = super::telemetry::Telemetry::default();
                     if let Some(name) = &self.name {
