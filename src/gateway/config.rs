@@ -1007,6 +1007,13 @@ fn default_max_ejected() -> f64 {
 }
 
 /// `[[services]]`: a statically listed service.
+///
+/// Every entry is checked when the configuration loads, whether a route names it or not:
+/// its `[services.tls]` client is made as a route's would be (the `ca_file` read, the
+/// `server_name` parsed), so an entry staged for a route to come is refused now, with the
+/// error it would get then. An entry no route names is no error (it may be staged, or
+/// left behind by a route removed): [`Gateway::build`](super::Gateway::build) builds
+/// nothing for it and logs a warning (feature `tracing`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -1181,6 +1188,17 @@ impl GatewayConfig {
                     format!("{at}.tls"),
                     "TLS to upstreams needs seawall's `tls` feature",
                 ));
+            }
+            // Its TLS client is made as a route's would be (the CA file read, the server
+            // name parsed), whether or not a route uses it yet: an entry staged for later
+            // is refused now, not when the route that needs it is added.
+            #[cfg(feature = "tls")]
+            if let Some(tls) = &service.tls {
+                super::upstream_tls::UpstreamTls::new(
+                    tls,
+                    &service.name,
+                    service.protocol == UpstreamProtocol::H2,
+                )?;
             }
             let mut instances = HashSet::new();
             for (j, addr) in service.instances.iter().enumerate() {

@@ -413,7 +413,11 @@
 //! upper-case escapes: `/caf%C3%A9`, not `/café`); an instance with port 0 or listed
 //! twice; durations below 1 ms (but zero
 //! where zero is allowed); and, with `admin.on_proxy_listener = true`, a route whose
-//! prefix is or lies under an admin path.
+//! prefix is or lies under an admin path. Sections are checked whether or not anything
+//! uses them: each `[[services]]` entry (its `[services.tls]` client made: the `ca_file`
+//! read, the `server_name` parsed). An entry no route names is not an error, so a
+//! service can be staged before its route; the build logs a warning for it (feature
+//! `tracing`).
 //!
 //! Secrets (the JWT secret, the admin token) are read from the environment or a file
 //! (`*_env`, `*_file`; a literal `secret` is allowed for the JWT secret, not for the

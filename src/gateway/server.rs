@@ -221,6 +221,18 @@ impl Gateway {
         if matches!(discovery, Discovery::Static) {
             config.check_static_services()?;
         }
+        // A service no route names is checked as the others are (at load), and built
+        // into nothing: staged for a route to come, or forgotten when its route went.
+        #[cfg(feature = "tracing")]
+        for service in &config.services {
+            if !config.routes.iter().any(|r| r.service == service.name) {
+                tracing::warn!(
+                    target: "seawall::gateway",
+                    service = %service.name,
+                    "[[services]] entry used by no route: checked, but not served"
+                );
+            }
+        }
         let verifier = config
             .auth
             .jwt

@@ -452,3 +452,41 @@ fn the_quick_start_dependencies_name_every_crate_its_code_uses() {
         "not in the quick start's [dependencies]: {missing:?}"
     );
 }
+
+/// A `[[services]]` entry no route names was never checked: a `ca_file` that is not
+/// there (or a `server_name` that is no name) loaded and built, and was refused only
+/// when a route came to use it, in another deploy. Every entry is now checked at load as
+/// a used one is, with the same error; one that is valid and unused is built into
+/// nothing (and logged as a warning), so a service can still be staged before its route.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn an_unused_service_is_checked_as_a_used_one_is() {
+    for (tls, field) in [
+        (
+            "ca_file = \"/nonexistent/seawall-review/ca.pem\"",
+            "services `staged`.tls.ca_file",
+        ),
+        (
+            "server_name = \"not a name\"",
+            "services `staged`.tls.server_name",
+        ),
+    ] {
+        let staged = format!(
+            "[[services]]\nname = \"staged\"\ninstances = [\"127.0.0.1:9\"]\n\
+             [services.tls]\n{tls}\n"
+        );
+        let unused = config("", "", &staged);
+        let used = unused.replace("service = \"up\"", "service = \"staged\"");
+        let (unused, used) = (refusal(&unused).await, refusal(&used).await);
+        assert_eq!(unused.field(), field, "{unused}");
+        assert_eq!(unused.to_string(), used.to_string());
+        // Refused when the configuration loads, not later when it is built.
+        let text = config("", "", &staged);
+        assert!(GatewayConfig::from_toml_str(&text).is_err());
+    }
+    // Valid and unused: loads and builds.
+    let staged = "[[services]]\nname = \"staged\"\ninstances = [\"127.0.0.1:9\"]\n\
+                  [services.tls]\nserver_name = \"staged.internal\"\n";
+    let config = GatewayConfig::from_toml_str(&config("", "", staged)).unwrap();
+    Gateway::build(config, Discovery::Static).await.unwrap();
+}
