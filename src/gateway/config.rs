@@ -96,9 +96,12 @@ pub struct GatewayConfig {
 #[non_exhaustive]
 pub struct RedisSettings {
     /// One Redis server: `redis://host:port/`, `rediss://host:port/` (TLS, with seawall's
-    /// `redis-tls` feature; see [`tls`](Self::tls)) or `redis+unix://…`.
+    /// `redis-tls` feature; see [`tls`](Self::tls)) or `redis+unix://…`. Parsed when the
+    /// configuration loads as the limiter's Redis client parses it (without connecting),
+    /// whether or not a limit uses the section.
     pub url: Option<String>,
-    /// A Redis Cluster's seed nodes, instead of `url`.
+    /// A Redis Cluster's seed nodes, instead of `url`, checked at load as `url` is and as
+    /// a cluster client checks them together (no Unix sockets).
     #[serde(default)]
     pub nodes: Vec<String>,
     /// The keys' prefix (default `seawall`). It must not hold `{` or `}`, nor may the
@@ -1559,6 +1562,19 @@ impl RedisSettings {
                     "the nodes mix `redis://` and `rediss://`: one cluster, one scheme",
                 ));
             }
+            // Parsed as the limiter's client will parse it (host, port, database,
+            // credentials), without connecting.
+            #[cfg(feature = "redis")]
+            redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|e| ConfigError::invalid(at, e.to_string()))?;
+        }
+        // What a cluster client refuses of its seed nodes together (a Unix socket, nodes
+        // with different credentials), refused here, as building one would.
+        #[cfg(feature = "redis")]
+        if !self.nodes.is_empty() {
+            redis::cluster::ClusterClient::builder(self.nodes.clone())
+                .build()
+                .map_err(|e| ConfigError::invalid("redis.nodes", e.to_string()))?;
         }
         if self.tls.is_some() && secure != Some(true) {
             return Err(ConfigError::invalid(

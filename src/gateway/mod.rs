@@ -415,7 +415,8 @@
 //! where zero is allowed); and, with `admin.on_proxy_listener = true`, a route whose
 //! prefix is or lies under an admin path. Sections are checked whether or not anything
 //! uses them: each `[[services]]` entry (its `[services.tls]` client made: the `ca_file`
-//! read, the `server_name` parsed). An entry no route names is not an error, so a
+//! read, the `server_name` parsed), and `[redis]` (its URLs parsed as the Redis client
+//! parses them, without connecting). An entry no route names is not an error, so a
 //! service can be staged before its route; the build logs a warning for it (feature
 //! `tracing`).
 //!

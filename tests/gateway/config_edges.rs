@@ -490,3 +490,37 @@ async fn an_unused_service_is_checked_as_a_used_one_is() {
     let config = GatewayConfig::from_toml_str(&config("", "", staged)).unwrap();
     Gateway::build(config, Discovery::Static).await.unwrap();
 }
+
+/// `[redis]` was checked at load only as far as its URL's scheme: a URL the Redis client
+/// cannot parse (a port that is no number, a path that is no database) or seed nodes a
+/// cluster client refuses (a Unix socket) loaded while no limit used the section, and
+/// failed the build (as a route's error, not one naming the field) once one did. The
+/// section is now parsed at load as the limiter's client parses it, used or not, without
+/// connecting.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn an_unused_redis_section_is_checked_as_a_used_one_is() {
+    let redis_limit = "rate_limit = { global = { per_second = 5, policy = \"redis\" } }";
+    for (redis, field) in [
+        ("url = \"redis://127.0.0.1:notaport/\"", "redis.url"),
+        ("url = \"redis://127.0.0.1:6379/notadb\"", "redis.url"),
+        ("url = \"rediss://127.0.0.1:6380/\"", "redis.url"),
+        (
+            "nodes = [\"redis://127.0.0.1:7000/\", \"redis://127.0.0.1:x/\"]",
+            "redis.nodes[1]",
+        ),
+        ("nodes = [\"redis+unix:///run/redis.sock\"]", "redis.nodes"),
+    ] {
+        let section = format!("[redis]\n{redis}\n");
+        let unused = refusal(&config("", "", &section)).await;
+        let used = refusal(&config("", redis_limit, &section)).await;
+        assert_eq!(unused.field(), field, "{redis}: {unused}");
+        assert_eq!(unused.to_string(), used.to_string(), "{redis}");
+    }
+    // A valid section loads and builds, used or not, without Redis being there.
+    for route in ["", redis_limit] {
+        let text = config("", route, "[redis]\nurl = \"redis://127.0.0.1:9/\"\n");
+        let config = GatewayConfig::from_toml_str(&text).unwrap();
+        Gateway::build(config, Discovery::Static).await.unwrap();
+    }
+}
