@@ -504,7 +504,8 @@ async fn an_unused_redis_section_is_checked_as_a_used_one_is() {
     for (redis, field) in [
         ("url = \"redis://127.0.0.1:notaport/\"", "redis.url"),
         ("url = \"redis://127.0.0.1:6379/notadb\"", "redis.url"),
-        ("url = \"rediss://127.0.0.1:6380/\"", "redis.url"),
+        // Without the `redis-tls` feature, for the feature; with it, for `#insecure`.
+        ("url = \"rediss://127.0.0.1:6380/#insecure\"", "redis.url"),
         (
             "nodes = [\"redis://127.0.0.1:7000/\", \"redis://127.0.0.1:x/\"]",
             "redis.nodes[1]",
