@@ -2,9 +2,10 @@
 //! upstream pool and the server (so that neither depends on another for them).
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Body as _;
 
 use crate::BoxError;
 
@@ -23,6 +24,27 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     http_body_util::Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+/// Makes `response` the answer to a `HEAD` request when it is one the gateway made
+/// itself (a `404`, a refusal, a fallback, an admin page): its body, whole here, is
+/// dropped, and its length goes in `Content-Length`, as its `GET` would have had it (RFC
+/// 9110 §9.3.2, §8.6). An answer that has a `Content-Length` or an empty body (an
+/// upstream's answer to `HEAD`) is left as it is.
+///
+/// Called by the servers for `HEAD` requests only, and does nothing to a proxied answer
+/// but read its body's size hint.
+pub(crate) fn answer_head(response: &mut Response<Body>) {
+    let Some(length) = response.body().size_hint().exact().filter(|&n| n > 0) else {
+        return;
+    };
+    if response.headers().contains_key(header::CONTENT_LENGTH) {
+        return;
+    }
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    *response.body_mut() = empty();
 }
 
 /// The gateway's own error answers: RFC 9457 `application/problem+json`, as

@@ -785,13 +785,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
     /// the connection may serve another request.
     async fn respond(
         &mut self,
-        response: Response<Body>,
+        mut response: Response<Body>,
         exchange: &mut Exchange,
         stopping: bool,
     ) -> io::Result<bool> {
+        let head = exchange.method == Method::HEAD;
+        if head {
+            // The gateway's own answer gets the `Content-Length` its `GET` would have.
+            super::body::answer_head(&mut response);
+        }
         let (mut parts, mut body) = response.into_parts();
         let status = parts.status;
-        let no_body = exchange.method == Method::HEAD
+        let no_body = head
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;

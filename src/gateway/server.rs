@@ -1353,11 +1353,17 @@ fn serve_requests(
         let context = context.clone();
         async move {
             let H2Context { gateway, peer, .. } = &*context;
-            let response = if admin {
+            let head = request.method() == Method::HEAD;
+            let mut response = if admin {
                 gateway.handle_admin(&request)
             } else {
                 gateway.handle_from(request, peer).await
             };
+            if head {
+                // hyper sends whatever body it is given, `HEAD` or not: the gateway's own
+                // answer goes without its body, with the `Content-Length` of its `GET`.
+                super::body::answer_head(&mut response);
+            }
             // The body keeps the context this request cloned anyway.
             Ok::<_, Infallible>(response.map(|body| Watched::new(body, context)))
         }

@@ -113,3 +113,61 @@ pub(crate) async fn heads_upstream(
 pub(crate) fn target_of(head: &str) -> &str {
     head.split(' ').nth(1).unwrap_or("")
 }
+
+/// Writes `raw` (requests, pipelined) and reads until the gateway closes the connection
+/// (the last request should say `Connection: close`).
+pub(crate) async fn pipelined(addr: SocketAddr, raw: &str) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(BOUND, stream.read_to_end(&mut answer))
+        .await
+        .expect("the answers in time")
+        .unwrap();
+    answer
+}
+
+/// A head's `Content-Length`, if it has one.
+pub(crate) fn content_length(head: &str) -> Option<usize> {
+    head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().unwrap())
+    })
+}
+
+/// Splits `bytes`, the answers to pipelined requests, into each answer's head and body:
+/// no body for an answer `bodiless` flags (one to `HEAD`), else as many bytes as its
+/// `Content-Length` says. Panics where an answer should start and none does, or where
+/// bytes are left over: the framing of the answers before it was wrong.
+pub(crate) fn split_answers(mut bytes: &[u8], bodiless: &[bool]) -> Vec<(String, String)> {
+    let mut answers = Vec::new();
+    for (i, &bodiless) in bodiless.iter().enumerate() {
+        assert!(
+            bytes.starts_with(b"HTTP/1.1 "),
+            "answer {i} does not start where the one before it ended:\n{}",
+            String::from_utf8_lossy(bytes)
+        );
+        let end = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a whole head");
+        let head = String::from_utf8_lossy(&bytes[..end]).into_owned();
+        bytes = &bytes[end + 4..];
+        let length = if bodiless {
+            0
+        } else {
+            content_length(&head).unwrap_or_else(|| panic!("no Content-Length:\n{head}"))
+        };
+        let body = String::from_utf8_lossy(&bytes[..length]).into_owned();
+        bytes = &bytes[length..];
+        answers.push((head, body));
+    }
+    assert!(
+        bytes.is_empty(),
+        "bytes after the last answer:\n{}",
+        String::from_utf8_lossy(bytes)
+    );
+    answers
+}

@@ -179,3 +179,133 @@ async fn an_absolute_form_target_s_authority_is_the_request_s_host() {
     assert!(up.seen().is_empty(), "{:?}", up.seen());
     gw.shutdown().await;
 }
+
+/// RFC 9110 §9.3.2: the answer to `HEAD` is the `GET`'s without its content, and (§8.6)
+/// may carry the `Content-Length` the `GET` would have. The gateway's own answers (no
+/// route, a limit's `429`, `502`, open breakers' `503`, a fallback, the admin pages)
+/// went out to `HEAD` without any, where their `GET` had one: a client or cache checking
+/// a resource's size with `HEAD` saw none. Each `HEAD` is followed on the same
+/// connection by its `GET`, so a body sent after the `HEAD`'s head would be read as the
+/// next answer and fail the split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_to_the_gateway_s_own_answers_has_its_get_s_content_length() {
+    use super::raw_http::{content_length, pipelined, split_answers};
+    let up = heads_upstream("up").await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [admin]\non_proxy_listener = true\n\n\
+         [[routes]]\nname = \"limited\"\npath_prefix = \"/limited\"\nservice = \"up\"\n\
+         rate_limit = {{ global = {{ per_second = 1, burst = 1 }} }}\n\n\
+         [[routes]]\nname = \"down\"\npath_prefix = \"/down\"\nservice = \"dead\"\n\n\
+         [[routes]]\nname = \"open\"\npath_prefix = \"/open\"\nservice = \"dead\"\n\
+         breaker = {{ window = 1, minimum_calls = 1, wait_in_open = \"60s\" }}\n\n\
+         [[routes]]\nname = \"fallback\"\npath_prefix = \"/fallback\"\nservice = \"dead\"\n\
+         fallback = {{ body = '{{\"fallback\":true}}' }}\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{}\"]\n\n\
+         [[services]]\nname = \"dead\"\ninstances = [\"127.0.0.1:9\"]\n",
+        up.addr
+    ))
+    .await;
+    let addr = gw.local_addr();
+    // The limit's one token, and the breaker's one call (which opens it), spent first.
+    for target in ["/limited/x", "/open/x"] {
+        let _ = super::raw_http::get(addr, target).await;
+    }
+    for (target, status, same_length) in [
+        ("/nowhere", 404, true),
+        ("/limited/x", 429, true),
+        ("/down/x", 502, true),
+        ("/open/x", 503, true),
+        ("/fallback/x", 200, true),
+        ("/status", 200, true),
+        // The counters may change between the two: a length, not the same one.
+        ("/status.json", 200, false),
+        ("/metrics", 200, false),
+    ] {
+        let raw = format!(
+            "HEAD {target} HTTP/1.1\r\nHost: gw\r\n\r\n\
+             GET {target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+        );
+        let answers = split_answers(&pipelined(addr, &raw).await, &[true, false]);
+        let [(head, _), (get, body)] = &answers[..] else {
+            unreachable!()
+        };
+        for answer in [head, get] {
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{target}:\n{answer}"
+            );
+        }
+        let length = content_length(head);
+        assert!(
+            length.is_some_and(|n| n > 0),
+            "{target}: HEAD answered without the GET's Content-Length:\n{head}"
+        );
+        if same_length {
+            assert_eq!(length, Some(body.len()), "{target}:\n{head}\n\n{get}");
+        }
+    }
+    // An upstream's answer to HEAD is passed on as it was (this one has a length).
+    let raw = "HEAD /limited/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n";
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let answers = split_answers(&pipelined(addr, raw).await, &[true]);
+    assert!(
+        answers[0].0.starts_with("HTTP/1.1 200 "),
+        "{}",
+        answers[0].0
+    );
+    assert_eq!(content_length(&answers[0].0), Some(2), "{}", answers[0].0);
+    gw.shutdown().await;
+}
+
+/// The same over HTTP/2 (h2c): the `HEAD`'s answer has the `GET`'s `Content-Length`
+/// and no `DATA` (a client refuses a `HEAD` answer with content as malformed, RFC 9113
+/// §8.1.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_over_http2_to_the_gateway_s_own_answers_has_no_body() {
+    use http_body_util::{BodyExt, Empty};
+    let up = heads_upstream("up").await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let stream = tokio::net::TcpStream::connect(gw.local_addr())
+        .await
+        .unwrap();
+    let (mut client, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut exchange = async |method: http::Method| {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}/nowhere", gw.local_addr()))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = tokio::time::timeout(super::raw_http::BOUND, client.send_request(request))
+            .await
+            .unwrap()
+            .expect("an answer");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("a well-formed body").to_bytes();
+        (parts, body)
+    };
+    let (get, body) = exchange(http::Method::GET).await;
+    let (head, nothing) = exchange(http::Method::HEAD).await;
+    assert_eq!((get.status.as_u16(), head.status.as_u16()), (404, 404));
+    assert!(!body.is_empty());
+    assert!(nothing.is_empty(), "{nothing:?}");
+    let length = head.headers.get(http::header::CONTENT_LENGTH);
+    assert_eq!(
+        length.and_then(|v| v.to_str().ok()),
+        Some(body.len().to_string().as_str()),
+        "{head:?}"
+    );
+    gw.shutdown().await;
+}
