@@ -639,8 +639,11 @@ pub struct RouteConfig {
     /// part of the limit's Redis keys, and must not hold `{` or `}` (see
     /// [`RedisSettings::prefix`]).
     pub name: String,
-    /// The path prefix matched, on segment boundaries: `/api/users` matches `/api/users`
-    /// and `/api/users/42`, not `/api/usersx`. Written as requests are matched, after
+    /// The path prefix matched, on segment boundaries: `/api/users` matches `/api/users`,
+    /// `/api/users/42` and `/api/users;x`, not `/api/usersx` or `/api/users.json` (only
+    /// `/` and `;` end a segment; an upstream that serves `/api/users.json` as
+    /// `/api/users` needs a route for that path with this one's policy, see
+    /// [the module docs](super)). Written as requests are matched, after
     /// normalisation: what clients percent-encode (non-ASCII characters, `{`, `}`, …) as
     /// upper-case escapes (`/caf%C3%A9` for `/café`).
     pub path_prefix: String,

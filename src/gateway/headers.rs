@@ -8,6 +8,8 @@
 //! `[gateway] trusted_proxies` names it):
 //!
 //! * `X-Forwarded-For`: the peer's address, alone;
+//! * `Host`: the endpoint's own address (`host:port`), written by the upstream
+//!   connection, as nginx's default `proxy_set_header Host $proxy_host` does;
 //! * `X-Forwarded-Host`: the request's `Host` (none for an HTTP/1.0 request without one);
 //! * `X-Forwarded-Proto`: `http`;
 //! * no `Forwarded`, no `X-Real-IP`, and no other `X-Forwarded-*` (`-Port`, `-Prefix`,

@@ -64,6 +64,16 @@
 //!    so it completes as a failure rather than a cancellation). What the *client* causes
 //!    never counts against an upstream: see [Client faults and limits](#client-faults-and-limits).
 //!
+//! A prefix ends a segment only at `/` or `;`: `/api/admin` covers `/api/admin`,
+//! `/api/admin/x` and `/api/admin;x`, not `/api/admin.json` or `/api/admin-old`, which
+//! go to the route with the next longest prefix that covers them (a catch-all `/`, say).
+//! An upstream framework that matches suffixes (Rails' `.:format`, Spring MVC's old
+//! suffix pattern matching, static files served with extensions) may serve
+//! `/api/admin.json` as `/api/admin`, under the catch-all route's policy rather than the
+//! admin route's. Guard such paths with routes of their own that carry the admin route's
+//! policy (`path_prefix = "/api/admin.json"`, `auth = true`, its limits), keep the
+//! catch-all route off that upstream, or turn suffix matching off in the upstream.
+//!
 //! Before auth, a request must have exactly one valid `Host` (RFC 9112 §3.2: `400`
 //! without one in HTTP/1.1, or with two, or with one that is not `host[:port]`; HTTP/1.0
 //! requests, which have no `Host`, may come without, and then get no `X-Forwarded-Host`;
@@ -73,7 +83,13 @@
 //!
 //! Proxying forwards the method, the normalised path (with the prefix stripped if asked;
 //! what is left never starts with `//`), the query as the client sent it,
-//! the headers and the body, streamed both ways. Hop-by-hop headers are dropped, and so
+//! the headers and the body, streamed both ways. The upstream's `Host` (HTTP/2's
+//! `:authority`) is the endpoint's own address, `host:port` as the instance is listed
+//! or discovered (`10.0.0.7:8080`, also with `[services.tls] server_name`), not the
+//! client's: the client's `Host` goes in `X-Forwarded-Host`, as nginx's default
+//! `proxy_set_header Host $proxy_host` and `X-Forwarded-Host $host` would send them. An
+//! upstream that builds links or picks a virtual host from `Host` must read
+//! `X-Forwarded-Host` instead (behind a trusted proxy, the one it sent). Hop-by-hop headers are dropped, and so
 //! are those `Connection` names, except `Host`, `Authorization` and `Content-Length`
 //! (never removed that way). Forwarding headers are the gateway's: from a peer that is
 //! not one of `[gateway] trusted_proxies`, `Forwarded`, `X-Real-IP` and every
