@@ -19,6 +19,11 @@ mod breaker;
 mod gateway;
 #[cfg(feature = "http")]
 mod rate_limit;
+#[cfg(all(feature = "redis", feature = "metrics"))]
+mod redis;
+#[cfg(all(feature = "redis", feature = "metrics"))]
+#[path = "../support/redis_server.rs"]
+mod redis_server;
 
 /// What the subscriber saw: every event as "LEVEL message field=value …", and the fields
 /// of every `request` span of `seawall::gateway`, with the span stack per thread that
