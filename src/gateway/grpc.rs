@@ -14,6 +14,13 @@
 //! gRPC spec asks), no body; `Retry-After` becomes `grpc-retry-pushback-ms` as well. The
 //! upstream's own answers, and the route's configured fallback, pass unchanged.
 //!
+//! An upstream's gRPC answer counts for its endpoint by its `grpc-status`: from its head
+//! (trailers-only), or, for gRPC over HTTP/2 (`application/grpc`), from the HTTP trailers
+//! that end its body. A gRPC-Web answer (`application/grpc-web` or `-web-text`) carries
+//! its status inside its body, in a trailers frame, which the gateway does not read:
+//! without a `grpc-status` in its head it counts by its HTTP status, as any HTTP answer
+//! does (a `200` is a success, whatever status its trailers frame has).
+//!
 //! | the gateway's answer | `grpc-status` |
 //! |---|---|
 //! | `429` rate limited, `413` body too large, `431` head too large | `RESOURCE_EXHAUSTED` (8) |
@@ -62,11 +69,20 @@ impl PendingOutcome {
 }
 
 /// Whether an upstream's `200` answer is a gRPC one whose status is still to come, in
-/// its trailers.
+/// its HTTP trailers: gRPC over HTTP/2's content type (`application/grpc`, alone or with
+/// a subtype or parameters, [`grpc_family`]) and no `grpc-status` in its head.
+///
+/// A gRPC-Web answer (`application/grpc-web`, `application/grpc-web-text`) is not: its
+/// status comes inside its body, in a trailers frame (a message flagged `0x80`,
+/// PROTOCOL-WEB.md), and its HTTP body ends without trailers. Waited for here, every
+/// call of a healthy gRPC-Web upstream ended as `INTERNAL`, its failure. Such an answer
+/// is classified by its head alone, as the gateway reads no body: its `grpc-status`
+/// when it has one (trailers-only), else its HTTP status (`200`: a success).
 pub(crate) fn status_in_trailers(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .and_then(|v| grpc_family(v.as_bytes()))
+        .is_some_and(|(family, _)| family == Family::Grpc)
         && !headers.contains_key(&crate::grpc::GRPC_STATUS)
 }
 
@@ -388,6 +404,38 @@ mod tests {
                 "{value}"
             );
         }
+    }
+
+    #[test]
+    fn only_grpc_over_http2_answers_wait_for_their_status_in_http_trailers() {
+        let mut headers = HeaderMap::new();
+        assert!(!status_in_trailers(&headers));
+        for (value, waits) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("application/grpc;charset=utf-8", true),
+            // gRPC-Web: the status is in the body's trailers frame.
+            ("application/grpc-web", false),
+            ("application/grpc-web+proto", false),
+            ("application/grpc-web-text", false),
+            ("application/grpc-web-text+proto", false),
+            // No gRPC content type.
+            ("application/grpcfoo", false),
+            ("application/json", false),
+        ] {
+            headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(value));
+            assert_eq!(status_in_trailers(&headers), waits, "{value}");
+        }
+        // Trailers-only: the status is in the head.
+        headers.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(
+            crate::grpc::GRPC_STATUS,
+            http::HeaderValue::from_static("0"),
+        );
+        assert!(!status_in_trailers(&headers));
     }
 
     #[test]

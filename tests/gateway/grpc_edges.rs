@@ -433,3 +433,123 @@ async fn a_grpc_web_caller_gets_the_gateways_answers_in_its_own_content_type() {
     );
     gw.shutdown().await;
 }
+
+/// A gRPC-Web answer's body (PROTOCOL-WEB.md): one message (`08 01`), then the call's
+/// status in a trailers frame, a message flagged `0x80` whose payload is the trailers as
+/// HTTP/1 header lines.
+const GRPC_WEB_ANSWER: &[u8] =
+    b"\x00\x00\x00\x00\x02\x08\x01\x80\x00\x00\x00\x1egrpc-status:0\r\ngrpc-message:\r\n";
+
+/// A gRPC-Web upstream (tonic-web, grpc-web-go, Envoy's `grpc_web` filter) on a loopback
+/// port, over HTTP/1.1 or (`h2`) h2c: every call succeeds, its status in the body's
+/// trailers frame and no HTTP trailers, as gRPC-Web has it. `streamed`: the message and
+/// the trailers frame come as they are made, without a length (chunked over HTTP/1.1),
+/// as tonic-web sends them; else in one body of known length. Returns its address and
+/// its calls.
+async fn grpc_web_upstream(h2: bool, streamed: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let c = c.clone();
+            let svc = hyper::service::service_fn(move |request: Request<Incoming>| {
+                c.fetch_add(1, SeqCst);
+                async move {
+                    let _ = request.into_body().collect().await;
+                    let (message, trailers) = GRPC_WEB_ANSWER.split_at(7);
+                    let body = if streamed {
+                        let frames = [message, trailers]
+                            .map(|part| Ok::<_, Infallible>(Frame::data(Bytes::from_static(part))));
+                        StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
+                    } else {
+                        Full::new(Bytes::from_static(GRPC_WEB_ANSWER)).boxed_unsync()
+                    };
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/grpc-web+proto")
+                            .body(body)
+                            .unwrap(),
+                    )
+                }
+            });
+            let io = TokioIo::new(stream);
+            if h2 {
+                tokio::spawn(http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc));
+            } else {
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, svc));
+            }
+        }
+    });
+    (addr, calls)
+}
+
+/// gRPC-Web (PROTOCOL-WEB.md) carries a call's status in a trailers frame at the end of
+/// the body, not in HTTP trailers. The gateway waited for HTTP trailers from any answer
+/// whose content type began with `application/grpc`, and recorded a gRPC-Web answer's
+/// body ending without them as `INTERNAL`: every successful call through a gRPC-Web
+/// upstream was the endpoint's failure, and a healthy upstream was ejected and its
+/// breaker opened after a handful of calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_web_upstreams_successful_calls_are_not_its_failures() {
+    const CALLS: usize = 8;
+    for (h2, streamed) in [(false, true), (true, true), (false, false), (true, false)] {
+        let (addr, calls) = grpc_web_upstream(h2, streamed).await;
+        let protocol = if h2 { "h2" } else { "http1" };
+        let case = format!("{protocol}, streamed: {streamed}");
+        let gw = super::spawn_gateway(&format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n{STRICT}\n\
+             [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"{protocol}\"\n"
+        ))
+        .await;
+        // A browser's gRPC-Web client: HTTP/1.1, one connection.
+        let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+        let (mut client, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        for i in 0..CALLS {
+            let request = http::Request::post("/api/svc.Svc/Call")
+                .header("host", "gw")
+                .header("content-type", "application/grpc-web+proto")
+                .header("x-grpc-web", "1")
+                .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                .unwrap();
+            client.ready().await.unwrap();
+            let response = timeout(BOUND, client.send_request(request))
+                .await
+                .unwrap()
+                .unwrap();
+            let (head, body) = response.into_parts();
+            let body = timeout(BOUND, body.collect())
+                .await
+                .unwrap()
+                .unwrap()
+                .to_bytes();
+            assert_eq!(head.status, 200, "{case}, call {i}: {head:?}");
+            assert!(
+                !head.headers.contains_key("grpc-status"),
+                "{case}, call {i}: the gateway answered itself: {head:?}"
+            );
+            assert_eq!(
+                head.headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok()),
+                Some("application/grpc-web+proto"),
+                "{case}, call {i}: {head:?}"
+            );
+            assert_eq!(&body[..], GRPC_WEB_ANSWER, "{case}, call {i}");
+        }
+        settled(&gw, CALLS as u64).await;
+        assert_eq!(calls.load(SeqCst), CALLS, "{case}");
+        let e = endpoint(&gw);
+        assert_eq!(
+            (e.calls, e.failures, e.ejected, e.breaker.as_deref()),
+            (CALLS as u64, 0, false, Some("closed")),
+            "{case}: a gRPC-Web upstream's successful calls counted as its failures: {e:?}"
+        );
+        gw.shutdown().await;
+    }
+}
