@@ -218,7 +218,11 @@
 //! once) or, when the head has none, from the trailers at the end of its body: the call
 //! is recorded when the body ends (its endpoint's load counts it until then), as a
 //! failure if the body breaks, as `INTERNAL` if it ends without a status, and not at all
-//! if the client goes away first. A call's own deadline (`grpc-timeout`), when shorter
+//! if the client goes away first. A gRPC-Web upstream's answer (`application/grpc-web`,
+//! `application/grpc-web-text`) has its status inside its body, in a trailers frame the
+//! gateway does not read, and no HTTP trailers: without a `grpc-status` in its head it
+//! counts by its HTTP status, as any HTTP answer (a `200` is a success, even if its
+//! trailers frame says otherwise). A call's own deadline (`grpc-timeout`), when shorter
 //! than the route's timeout, bounds it: passing it answers `DEADLINE_EXCEEDED`, counted
 //! in the route's `client_errors.deadline` and never against the endpoint (a caller
 //! asking for a microsecond must not open breakers); a malformed `grpc-timeout` is
