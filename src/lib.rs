@@ -63,6 +63,7 @@
 //! | `tracing` | events of the same components, and one per gateway request, through `tracing` |
 //! | `quanta` | on by default: the default clock (`TokioClock`) reads the CPU's time-stamp counter outside tokio's paused time, several times cheaper than the OS clock; `QuantaClock`, the counter alone. Without it the default clock reads the OS clock |
 //! | `redis` | `rate_limit::redis`: the limiter shared by a fleet in Redis or a Redis Cluster, global or per key, under the same layers as the local limits (`LimitLayer`, `HttpRateLimitLayer`) |
+//! | `redis-tls` | TLS to Redis (`rediss://`, rustls, *ring*): the server checked against webpki-roots or a private CA, a client certificate for a server that asks for one (`RedisTls`; `[redis.tls]` in the gateway) (enables `redis`) |
 //! | `consul` | `consul`: the Consul client, registration guard and discovery watch (`HealthEndpoint` with `http`) |
 //! | `gateway` | `gateway`: the TOML-configured API gateway, a `tower::Service` too, with Prometheus `/metrics`; HTTP/1 and HTTP/2 (h2c) to clients and upstreams, gRPC proxied and answered in gRPC statuses (enables `http`, `metrics` and `grpc`; add `consul` for services found in Consul) |
 //! | `tls` | TLS in the gateway (rustls, *ring*): termination with certificates chosen by SNI and reloaded when their files change, HTTP/2 by ALPN; HTTPS upstreams verified against webpki-roots or a CA file (enables `gateway`) |
