@@ -235,7 +235,7 @@ fn grpc_family(value: &[u8]) -> Option<(Family, &[u8])> {
     }
 }
 
-/// A gRPC call's deadline (the caller has checked [`is_grpc`]): its `grpc-timeout`
+/// A gRPC call's deadline (the caller has checked [`grpc_caller`]): its `grpc-timeout`
 /// (`1*8DIGIT` and a unit, `H`, `M`, `S`, `m`, `u` or `n`), `None` without one or for a
 /// malformed value.
 #[inline]
