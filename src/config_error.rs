@@ -34,7 +34,7 @@ pub struct ConfigError {
 }
 
 #[derive(Clone)]
-// Files are read and parsed by the gateway only.
+// Files are read and parsed by the gateway (`ConsulConfig::from_env` reads some too).
 #[cfg_attr(not(feature = "gateway"), allow(dead_code))]
 enum Source {
     Invalid,
@@ -51,7 +51,8 @@ pub enum ConfigErrorKind {
     /// A configuration file that is not valid TOML, has an unknown key or a value of the
     /// wrong type (the gateway).
     Parse,
-    /// A configuration or secret file that could not be read (the gateway).
+    /// A configuration or secret file that could not be read (the gateway, or a file a
+    /// Consul variable names).
     Io,
 }
 
@@ -79,7 +80,7 @@ impl ConfigError {
     }
 
     /// A file that cannot be read; `field` names the file (or the setting that names it).
-    #[cfg(feature = "gateway")]
+    #[cfg(any(feature = "gateway", feature = "consul-tls"))]
     pub(crate) fn io(field: impl Into<Cow<'static, str>>, error: std::io::Error) -> Self {
         Self {
             field: field.into(),

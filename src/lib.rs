@@ -65,6 +65,7 @@
 //! | `redis` | `rate_limit::redis`: the limiter shared by a fleet in Redis or a Redis Cluster, global or per key, under the same layers as the local limits (`LimitLayer`, `HttpRateLimitLayer`) |
 //! | `redis-tls` | TLS to Redis (`rediss://`, rustls, *ring*): the server checked against webpki-roots or a private CA, a client certificate for a server that asks for one (`RedisTls`; `[redis.tls]` in the gateway) (enables `redis`) |
 //! | `consul` | `consul`: the Consul client, registration guard and discovery watch (`HealthEndpoint` with `http`) |
+//! | `consul-tls` | HTTPS to the Consul agent (rustls, *ring*): `https://` addresses and `CONSUL_HTTP_SSL`, the agent verified against webpki-roots or a private CA, a client certificate for `verify_incoming` (`ConsulConfigBuilder::ca_pem`, `client_certificate`, `tls_server_name`; `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`, `CONSUL_CLIENT_KEY`, `CONSUL_TLS_SERVER_NAME`) (enables `consul`) |
 //! | `gateway` | `gateway`: the TOML-configured API gateway, a `tower::Service` too, with Prometheus `/metrics`; HTTP/1 and HTTP/2 (h2c) to clients and upstreams, gRPC proxied and answered in gRPC statuses (enables `http`, `metrics` and `grpc`; add `consul` for services found in Consul) |
 //! | `tls` | TLS in the gateway (rustls, *ring*): termination with certificates chosen by SNI and reloaded when their files change, HTTP/2 by ALPN; HTTPS upstreams verified against webpki-roots or a CA file (enables `gateway`) |
 //! | `full` | all of the above |

@@ -301,7 +301,7 @@ impl ConsulClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.request_timeout));
-        let connector = WatchedConnector(connector);
+        let connector = WatchedConnector::new(connector, &config);
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector.clone());
@@ -592,10 +592,11 @@ impl ConsulClient {
         let config = &self.inner.config;
         let limit =
             config.request_timeout + blocking.map_or(Duration::ZERO, |wait| wait + wait / 16);
+        let scheme = config.scheme();
         let uri = if query.0.is_empty() {
-            format!("http://{}{path}", config.authority)
+            format!("{scheme}://{}{path}", config.authority)
         } else {
-            format!("http://{}{path}?{}", config.authority, query.0)
+            format!("{scheme}://{}{path}?{}", config.authority, query.0)
         };
         let idempotent = is_idempotent(&method);
         let content_type = body.is_some();

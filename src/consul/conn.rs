@@ -22,6 +22,7 @@ use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+#[cfg(not(feature = "consul-tls"))]
 use tokio::net::TcpStream;
 
 /// What crossed one connection: bytes read in all, and how many had been read when the
@@ -59,10 +60,18 @@ impl Exchanges {
     }
 }
 
-/// A TCP connection whose reads and writes are recorded in its [`Exchanges`].
+/// What a connection to the agent is: TCP alone without the feature `consul-tls`, so the
+/// plain-HTTP path is exactly what it was; with it, TCP or TLS over TCP.
+#[cfg(not(feature = "consul-tls"))]
+type Stream = TcpStream;
+#[cfg(feature = "consul-tls")]
+type Stream = super::tls::MaybeTls;
+
+/// A connection whose reads and writes (of plaintext, over TLS) are recorded in its
+/// [`Exchanges`].
 #[derive(Debug)]
 pub(crate) struct Watched {
-    stream: TcpStream,
+    stream: Stream,
     exchanges: Arc<Exchanges>,
 }
 
@@ -120,9 +129,35 @@ impl Connection for Watched {
     }
 }
 
-/// An [`HttpConnector`] whose connections are [`Watched`].
+/// An [`HttpConnector`] whose connections are [`Watched`], with a TLS handshake after
+/// the TCP one when the agent is reached over `https://`.
 #[derive(Debug, Clone)]
-pub(crate) struct WatchedConnector(pub(crate) HttpConnector);
+pub(crate) struct WatchedConnector {
+    tcp: HttpConnector,
+    #[cfg(feature = "consul-tls")]
+    tls: Option<Arc<super::tls::ConsulTls>>,
+}
+
+impl WatchedConnector {
+    /// Connections to the agent `config` points at, made by `tcp`.
+    pub(crate) fn new(
+        #[allow(unused_mut)] mut tcp: HttpConnector,
+        config: &super::config::ConsulConfig,
+    ) -> Self {
+        #[cfg(feature = "consul-tls")]
+        if config.tls.is_some() {
+            // The requests' URIs say `https`, which the TCP connector refuses by default.
+            tcp.enforce_http(false);
+        }
+        #[cfg(not(feature = "consul-tls"))]
+        let _ = config;
+        Self {
+            tcp,
+            #[cfg(feature = "consul-tls")]
+            tls: config.tls.clone(),
+        }
+    }
+}
 
 type Connecting = Pin<
     Box<
@@ -137,13 +172,20 @@ impl tower::Service<Uri> for WatchedConnector {
     type Future = Connecting;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower::Service::<Uri>::poll_ready(&mut self.0, cx).map_err(Into::into)
+        tower::Service::<Uri>::poll_ready(&mut self.tcp, cx).map_err(Into::into)
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
-        let connecting = tower::Service::call(&mut self.0, dst);
+        let connecting = tower::Service::call(&mut self.tcp, dst);
+        #[cfg(feature = "consul-tls")]
+        let tls = self.tls.clone();
         Box::pin(async move {
             let stream = connecting.await?.into_inner();
+            #[cfg(feature = "consul-tls")]
+            let stream = match tls {
+                Some(tls) => super::tls::MaybeTls::Tls(Box::new(tls.handshake(stream).await?)),
+                None => super::tls::MaybeTls::Plain(stream),
+            };
             Ok(TokioIo::new(Watched {
                 stream,
                 exchanges: Arc::default(),

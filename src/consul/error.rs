@@ -27,14 +27,15 @@ pub(crate) fn address_error(shown: String) -> ConfigError {
     )
 }
 
-/// An `https://` agent address: this client has no TLS. Reach a TLS-only agent through a
-/// local plain-HTTP listener or a sidecar.
+/// An `https://` agent address (or `CONSUL_HTTP_SSL=true`) without the feature
+/// `consul-tls`: build with it, or reach the agent through a local plain-HTTP listener.
+#[cfg(not(feature = "consul-tls"))]
 pub(crate) fn https_error(shown: String) -> ConfigError {
     ConfigError::invalid(
         "address",
         format!(
-            "{shown:?}: https needs TLS, which this client does not have; reach the agent \
-             through a local plain-HTTP listener"
+            "{shown:?}: https needs TLS, which needs seawall's feature `consul-tls`; build \
+             with it, or reach the agent through a local plain-HTTP listener"
         ),
     )
 }
@@ -143,6 +144,30 @@ impl ConsulError {
     /// Whether the connection to the agent could not be made (refused, unreachable…).
     pub fn is_connect(&self) -> bool {
         matches!(self.inner.kind, Repr::Transport { connect: true })
+    }
+
+    /// Whether the TLS handshake with an `https://` agent failed (feature `consul-tls`):
+    /// its certificate was refused (signed by another CA, for another name, expired), it
+    /// refused the connection during the handshake, or it does not speak TLS. Such an
+    /// error is also [`is_connect`](Self::is_connect); nothing was sent. An agent that
+    /// refuses the client certificate after the handshake completed on this side (as TLS
+    /// 1.3 allows) fails the request as a [transport](Self::is_transport) error instead.
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "consul-tls")]
+        {
+            let mut cur = self
+                .inner
+                .source
+                .as_deref()
+                .map(|e| e as &(dyn StdError + 'static));
+            while let Some(e) = cur {
+                if e.is::<super::tls::HandshakeError>() {
+                    return true;
+                }
+                cur = e.source();
+            }
+        }
+        false
     }
 
     /// Whether the request ran out of time.

@@ -1,9 +1,12 @@
 //! Consul: service registration with health checks, and discovery of healthy instances
 //! through blocking queries (feature `consul`).
 //!
-//! * [`ConsulClient`]: a typed client of the agent's HTTP API (hyper 1, plain HTTP, ACL
-//!   token as `X-Consul-Token`, a time limit on every request), configured by
-//!   [`ConsulConfig`] or from `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN`.
+//! * [`ConsulClient`]: a typed client of the agent's HTTP API (hyper 1, ACL token as
+//!   `X-Consul-Token`, a time limit on every request), configured by [`ConsulConfig`] or
+//!   from Consul's environment variables (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`…).
+//!   Plain HTTP, or with the feature `consul-tls` HTTPS (rustls): the agent's certificate
+//!   always verified, against webpki-roots or a private CA, and a client certificate for
+//!   an agent with `verify_incoming` (see [`ConsulConfig`]).
 //! * [`ServiceRegistration`] and [`Check`] (HTTP, TCP, TTL): validated when built,
 //!   serialized as Consul expects (PascalCase, Go duration strings:
 //!   [`format_go_duration`], [`parse_go_duration`]).
@@ -78,6 +81,8 @@ mod guard;
 mod health_endpoint;
 mod parse;
 mod registration;
+#[cfg(feature = "consul-tls")]
+mod tls;
 mod watch;
 
 pub use crate::go_duration::{
