@@ -6,7 +6,8 @@
 //! through other agents (`register_on_node`); a single raft-like index bumped by every
 //! write, with per-service indexes; blocking health queries; TTL checks expiring on tokio
 //! time and HTTP checks run against loopback targets; node health (`serfHealth`); an ACL
-//! token; stop and restart; an index that goes backwards (`set_index`); injected failures
+//! token; TLS with client certificates (`DoubleOptions::tls`); stop and restart; an index
+//! that goes backwards (`set_index`); injected failures
 //! (`fail_next`); and a log of the requests received.
 //!
 //! Endpoints: `PUT /v1/agent/service/register` (`?replace-existing-checks`),
@@ -86,6 +87,10 @@ pub(crate) struct DoubleOptions {
     pub(crate) deregister_unknown_is_404: bool,
     /// Consul raises HTTP check intervals below 1 s to 1 s; tests may lower the floor.
     pub(crate) min_check_interval: Duration,
+    /// When set, the API is served over TLS only (Consul's `ports.https`), with this
+    /// rustls configuration (which may require a client certificate, as
+    /// `verify_incoming` does). A failed handshake closes the connection unanswered.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for DoubleOptions {
@@ -96,6 +101,7 @@ impl Default for DoubleOptions {
             acl_token: None,
             deregister_unknown_is_404: true,
             min_check_interval: Duration::from_secs(1),
+            tls: None,
         }
     }
 }
@@ -162,6 +168,7 @@ impl ConsulDouble {
             changes,
             server: tokio::sync::Mutex::new(None),
             waiting: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
         });
         inner.spawn_server(listener).await;
         ConsulDouble { inner }
@@ -372,6 +379,11 @@ impl ConsulDouble {
         self.inner.find_check(check_id, |c| c.output.clone())
     }
 
+    /// How many connections it has served (over TLS: how many handshakes succeeded).
+    pub(crate) fn connections(&self) -> usize {
+        self.inner.connections.load(Ordering::SeqCst)
+    }
+
     /// How many blocking queries are being held right now.
     pub(crate) fn waiting_queries(&self) -> usize {
         self.inner.waiting.load(Ordering::SeqCst)
@@ -518,6 +530,8 @@ struct Inner {
     changes: watch::Sender<u64>,
     server: tokio::sync::Mutex<Option<ServerCtl>>,
     waiting: AtomicUsize,
+    /// Connections served (over TLS: handshakes that succeeded).
+    connections: AtomicUsize,
 }
 
 struct ServerCtl {
@@ -799,7 +813,10 @@ impl Inner {
 
     async fn spawn_server(self: &Arc<Self>, listener: TcpListener) {
         let (tx, rx) = watch::channel(false);
-        let task = self.handle.spawn(serve(listener, Arc::downgrade(self), rx));
+        let tls = self.opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let task = self
+            .handle
+            .spawn(serve(listener, Arc::downgrade(self), rx, tls));
         *self.server.lock().await = Some(ServerCtl { shutdown: tx, task });
     }
 
@@ -1378,7 +1395,12 @@ fn parse_registration(v: &Value) -> Result<Registration, Reply> {
 
 type Resp = Response<Full<Bytes>>;
 
-async fn serve(listener: TcpListener, weak: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
+async fn serve(
+    listener: TcpListener,
+    weak: Weak<Inner>,
+    mut shutdown: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -1397,25 +1419,47 @@ async fn serve(listener: TcpListener, weak: Weak<Inner>, mut shutdown: watch::Re
                     continue;
                 }
                 let weak = weak.clone();
+                let tls = tls.clone();
                 conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let weak = weak.clone();
-                        async move {
-                            Ok::<_, Infallible>(match weak.upgrade() {
-                                Some(inner) => handle(inner, req).await,
-                                None => text(503, "consul double: agent gone"),
-                            })
+                    match tls {
+                        None => serve_connection(stream, weak).await,
+                        Some(acceptor) => {
+                            let accepting = acceptor.accept(stream);
+                            if let Ok(Ok(stream)) =
+                                tokio::time::timeout(Duration::from_secs(10), accepting).await
+                            {
+                                serve_connection(stream, weak).await;
+                            }
                         }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    }
                 });
             }
         }
     }
     drop(listener);
     conns.shutdown().await;
+}
+
+/// Serves the API on one connection (TCP, or TLS over it).
+async fn serve_connection<I>(io: I, weak: Weak<Inner>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if let Some(inner) = weak.upgrade() {
+        inner.connections.fetch_add(1, Ordering::SeqCst);
+    }
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let weak = weak.clone();
+        async move {
+            Ok::<_, Infallible>(match weak.upgrade() {
+                Some(inner) => handle(inner, req).await,
+                None => text(503, "consul double: agent gone"),
+            })
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
 }
 
 fn text(status: u16, msg: impl Into<String>) -> Resp {
