@@ -313,7 +313,11 @@
 //! axum's `ConnectInfo<SocketAddr>` with the feature `axum`); without one, no client
 //! address is forwarded and per-client IP limits refuse with `500` rather than pass.
 //! The feature `gateway` does not need `consul`: add it for
-//! [`Discovery::Consul`](Discovery).
+//! [`Discovery::Consul`](Discovery). The gateway's TOML has no Consul section: it uses the
+//! `ConsulClient` it is given, usually from Consul's environment variables
+//! (`ConsulClient::from_env`, as the demos do); with the feature `consul-tls` those
+//! include `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`, `CONSUL_CLIENT_KEY`
+//! and `CONSUL_TLS_SERVER_NAME` for an agent served over HTTPS.
 //!
 //! The gateway's own error answers (`400`, `401`, `404`, `408`, `413`, `429`, `431`,
 //! `500`, `502`, `503`, `504`) carry an RFC 9457 `application/problem+json` body, as
