@@ -523,36 +523,6 @@ async fn a_prefix_with_braces_is_refused_when_the_limiter_is_built() {
     assert_eq!(redis.keys("rl:*").await, ["rl:{a%7Bb%7Dc}"]);
 }
 
-/// The `seawall_rate_limit_redis_checks_total{limiter, source}` counters of a named
-/// limiter, by `source`, those not zero.
-#[cfg(feature = "metrics")]
-fn checks_by_source(
-    snapshotter: &metrics_util::debugging::Snapshotter,
-) -> std::collections::BTreeMap<String, u64> {
-    use metrics_util::debugging::DebugValue;
-    snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter_map(|(key, _, _, value)| {
-            let key = key.key();
-            let source = key
-                .labels()
-                .find(|l| l.key() == "source")?
-                .value()
-                .to_owned();
-            match value {
-                DebugValue::Counter(n)
-                    if n > 0 && key.name() == "seawall_rate_limit_redis_checks_total" =>
-                {
-                    Some((source, n))
-                }
-                _ => None,
-            }
-        })
-        .collect()
-}
-
 /// A request for more tokens than the burst is refused on the spot: no bucket could ever
 /// admit it, so Redis is not asked. It was counted under `source="redis"` all the same,
 /// so dashboards showed Redis refusing requests that never reached it (and Redis answering
@@ -582,7 +552,7 @@ async fn a_request_over_the_burst_is_not_counted_as_answered_by_redis() {
         "Redis was asked"
     );
     assert_eq!(
-        checks_by_source(&snapshotter),
+        crate::redis_server::checks_by_source(&snapshotter),
         [("exceeds_burst".to_owned(), 1)].into()
     );
     assert_eq!(limiter.last_source(), Some("exceeds_burst"));
@@ -590,7 +560,7 @@ async fn a_request_over_the_burst_is_not_counted_as_answered_by_redis() {
     // counts since the one before).
     limiter.acquire("k", 1).await.unwrap();
     assert_eq!(
-        checks_by_source(&snapshotter),
+        crate::redis_server::checks_by_source(&snapshotter),
         [("redis".to_owned(), 1)].into()
     );
 }

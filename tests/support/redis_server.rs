@@ -99,3 +99,32 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// The `seawall_rate_limit_redis_checks_total{limiter, source}` counters not zero, by
+/// `source`, since the last snapshot.
+pub(crate) fn checks_by_source(
+    snapshotter: &metrics_util::debugging::Snapshotter,
+) -> std::collections::BTreeMap<String, u64> {
+    use metrics_util::debugging::DebugValue;
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| {
+            let key = key.key();
+            let source = key
+                .labels()
+                .find(|l| l.key() == "source")?
+                .value()
+                .to_owned();
+            match value {
+                DebugValue::Counter(n)
+                    if n > 0 && key.name() == "seawall_rate_limit_redis_checks_total" =>
+                {
+                    Some((source, n))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}

@@ -6,39 +6,10 @@ use std::time::Duration;
 use seawall::rate_limit::redis::{RedisRateLimiter, Source};
 use seawall::rate_limit::{Quota, Rate};
 
-use crate::redis_server::RedisServer;
+use crate::redis_server::{RedisServer, checks_by_source};
 
 fn quota(per_minute: u32, burst: u32) -> Quota {
     Quota::new(Rate::per_minute(per_minute), burst).unwrap()
-}
-
-/// The checks of `seawall_rate_limit_redis_checks_total` by `source`, since the last
-/// snapshot.
-fn checks_by_source(
-    snapshotter: &metrics_util::debugging::Snapshotter,
-) -> std::collections::BTreeMap<String, u64> {
-    use metrics_util::debugging::DebugValue;
-    snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter_map(|(key, _, _, value)| {
-            let key = key.key();
-            let source = key
-                .labels()
-                .find(|l| l.key() == "source")?
-                .value()
-                .to_owned();
-            match value {
-                DebugValue::Counter(n)
-                    if n > 0 && key.name() == "seawall_rate_limit_redis_checks_total" =>
-                {
-                    Some((source, n))
-                }
-                _ => None,
-            }
-        })
-        .collect()
 }
 
 /// With `FailurePolicy::FailOpen`, a check Redis cannot answer is admitted by the local
