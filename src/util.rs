@@ -131,6 +131,42 @@ pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     &buf[i..]
 }
 
+/// What a Redis URL asks of TLS, read as the `redis` crate's URL parser (WHATWG's) will
+/// read it: spaces and control characters around it are dropped and tabs and line breaks
+/// inside it removed before the scheme and the fragment are looked at, so that a URL
+/// read from a file with its line break, or with a tab inside, cannot hide its scheme or
+/// a `#insecure` from these checks.
+#[cfg(any(feature = "redis", feature = "gateway"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RedisUrlTls {
+    /// `rediss://` or `valkeys://` (any case): TLS.
+    pub(crate) secure: bool,
+    /// A `#` fragment: the `redis` crate's only one, `#insecure`, turns the certificate
+    /// check off for a TLS URL.
+    pub(crate) fragment: bool,
+}
+
+#[cfg(any(feature = "redis", feature = "gateway"))]
+impl RedisUrlTls {
+    pub(crate) fn of(url: &str) -> Self {
+        let mut url = url
+            .trim_matches(|c: char| c <= ' ')
+            .chars()
+            .filter(|c| !matches!(c, '\t' | '\n' | '\r'));
+        let scheme: String = url
+            .by_ref()
+            .take_while(|c| *c != ':')
+            .take(8)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let secure = matches!(scheme.as_str(), "rediss" | "valkeys");
+        Self {
+            secure,
+            fragment: url.any(|c| c == '#'),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

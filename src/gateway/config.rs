@@ -1542,9 +1542,10 @@ impl RedisSettings {
                      `redis+unix://…`)",
                 ));
             }
-            let tls = url
-                .get(..9)
-                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"));
+            let crate::util::RedisUrlTls {
+                secure: tls,
+                fragment,
+            } = crate::util::RedisUrlTls::of(url);
             if tls && !cfg!(feature = "redis-tls") {
                 return Err(ConfigError::invalid(
                     at,
@@ -1552,11 +1553,12 @@ impl RedisSettings {
                      which this build lacks",
                 ));
             }
-            if tls && url.ends_with("#insecure") {
+            if tls && fragment {
                 return Err(ConfigError::invalid(
                     at,
-                    "`#insecure` would accept any certificate: not supported (give the CA \
-                     that signed the server's certificate in [redis.tls] ca_file)",
+                    "a TLS URL's `#` fragment (`#insecure`) would accept any certificate: \
+                     not supported (give the CA that signed the server's certificate in \
+                     [redis.tls] ca_file)",
                 ));
             }
             if *secure.get_or_insert(tls) != tls {

@@ -540,7 +540,8 @@ async fn replicas_share_a_limit_in_redis_over_tls() {
 
 /// `[redis.tls]` is checked when the configuration loads: it needs a `rediss://` URL
 /// (with `redis://` it would be ignored, in plain text), a certificate with its key, and
-/// files that hold what they should; `#insecure` and a cluster mixing schemes are refused.
+/// files that hold what they should; `#insecure` (however spelled) and a cluster mixing
+/// schemes are refused.
 #[cfg(feature = "redis-tls")]
 #[test]
 fn redis_tls_settings_are_checked_at_load() {
@@ -579,6 +580,11 @@ fn redis_tls_settings_are_checked_at_load() {
         "redis.tls",
     );
     refused(format!("[redis]\nurl = \"{tls}#insecure\""), "redis.url");
+    // Spelled as the URL parser still reads `#insecure`: a line break (a TOML escape
+    // here, as a URL pasted with its line ending), a trailing space, a tab inside.
+    refused(format!("[redis]\nurl = \"{tls}#insecure\\n\""), "redis.url");
+    refused(format!("[redis]\nurl = \"{tls}#insecure \""), "redis.url");
+    refused(format!("[redis]\nurl = \"{tls}#insec\\ture\""), "redis.url");
     refused(
         "[redis]\nnodes = [\"rediss://10.0.0.1:7000/\", \"redis://10.0.0.2:7000/\"]".to_owned(),
         "redis.nodes[1]",

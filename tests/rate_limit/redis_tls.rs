@@ -204,3 +204,40 @@ fn tls_settings_that_cannot_work_are_refused_when_built() {
     );
     assert!(!shown.contains("PRIVATE KEY"), "{shown}");
 }
+
+/// `#insecure` is refused however the URL spells it for the `redis` crate's parser, which
+/// drops spaces and control characters around a URL and tabs and line breaks inside it
+/// (a URL read from a file keeps its line break): each of these would build a limiter
+/// whose certificate check is off, or that never connects.
+#[test]
+fn an_insecure_fragment_is_refused_however_spelled() {
+    for url in [
+        "rediss://127.0.0.1:6380/#insecure ",
+        "rediss://127.0.0.1:6380/#insecure\n",
+        "rediss://127.0.0.1:6380/#insec\ture",
+        " rediss://127.0.0.1:6380/#insecure",
+        "\trediss://127.0.0.1:6380/#insecure",
+        "REDISS://127.0.0.1:6380/#insecure",
+        "valkeys://127.0.0.1:6380/#insecure",
+    ] {
+        let error = RedisRateLimiter::builder(url, quota())
+            .build()
+            .expect_err(url);
+        assert_eq!(error.field(), "url", "{url:?}: {error}");
+        assert!(error.reason().contains("#insecure"), "{url:?}: {error}");
+    }
+}
+
+/// `valkeys://`, which the `redis` crate takes as TLS as it does `rediss://`, takes the
+/// TLS settings (it was refused as a plain-text URL) and shares the bucket over TLS.
+#[tokio::test]
+async fn a_valkeys_url_is_tls() {
+    let redis = TlsRedis::start().await;
+    let url = format!("valkeys://127.0.0.1:{}/", redis.tls_port);
+    let limiter = limiter(url, "valkeys", Some(redis.tls()));
+    match limiter.acquire("client", 1).await {
+        Ok((_, Source::Redis)) => {}
+        other => panic!("over TLS: {other:?}"),
+    }
+    assert_eq!(redis.server.keys("valkeys:*").await.len(), 1);
+}

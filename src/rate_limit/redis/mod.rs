@@ -77,9 +77,10 @@
 //! With the `redis-tls` feature, a `rediss://` URL (or cluster nodes) connects over TLS
 //! (rustls, TLS 1.2 and 1.3), the server's certificate checked for the URL's host against
 //! webpki-roots, or against a private CA given with [`RedisTls`], which also holds a client
-//! certificate for a server that asks for one. Without the feature a `rediss://` URL is
-//! refused when the limiter is built, as is one ending in `#insecure`: the certificate is
-//! always checked. The handshake is part of connecting, so it runs under the
+//! certificate for a server that asks for one (`valkeys://` is TLS too). Without the
+//! feature a `rediss://` URL is refused when the limiter is built, as is a TLS URL with a
+//! `#insecure` fragment (also with spaces, tabs or line breaks, which the URL parser
+//! drops): the certificate is always checked. The handshake is part of connecting, so it runs under the
 //! [timeout](RedisRateLimiterBuilder::timeout), and a server whose certificate fails the
 //! check is a Redis that cannot answer: its checks are answered by the [`FailurePolicy`].
 //!
@@ -181,25 +182,24 @@ pub use tls::RedisTls;
 /// key holds (header values, addresses and paths cannot).
 pub(crate) const SHARED_KEY: &str = "\0shared";
 
-/// Refuses what the `redis` crate would take but this limiter must not: a `rediss://` URL
-/// without TLS built in (the crate's own error says only that a feature is missing), one
-/// that turns the certificate check off (`#insecure`), and TLS settings for a URL that
-/// would connect in plain text. `at` names the setting.
+/// Refuses what the `redis` crate would take but this limiter must not: a `rediss://` (or
+/// `valkeys://`) URL without TLS built in (the crate's own error says only that a feature
+/// is missing), one that turns the certificate check off (`#insecure`, however spelled
+/// with spaces, tabs or line breaks the URL parser drops), and TLS settings for a URL
+/// that would connect in plain text. `at` names the setting.
 fn check_url(at: &str, url: &str, tls_settings: bool) -> Result<(), ConfigError> {
-    let secure = url
-        .get(..9)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"));
+    let crate::util::RedisUrlTls { secure, fragment } = crate::util::RedisUrlTls::of(url);
     if secure && !cfg!(feature = "redis-tls") {
         return Err(ConfigError::invalid(
             at.to_owned(),
             "a `rediss://` URL (TLS) needs seawall's `redis-tls` feature, which this build lacks",
         ));
     }
-    if secure && url.ends_with("#insecure") {
+    if secure && fragment {
         return Err(ConfigError::invalid(
             at.to_owned(),
-            "`#insecure` would accept any certificate: not supported (give the CA that signed \
-             the server's certificate instead)",
+            "a TLS URL's `#` fragment (`#insecure`) would accept any certificate: not \
+             supported (give the CA that signed the server's certificate instead)",
         ));
     }
     if !secure && tls_settings {
@@ -1007,7 +1007,7 @@ impl RedisRateLimiterBuilder {
     /// # Errors
     ///
     /// A [`ConfigError`] naming `url` (or `nodes` for a cluster: not a Redis URL; a
-    /// `rediss://` one without the `redis-tls` feature, or ending in `#insecure`),
+    /// `rediss://` one without the `redis-tls` feature, or with `#insecure`),
     /// `prefix` (holding `{` or `}`), `tls` (settings a `redis://` URL would ignore, a
     /// CA, certificate or key that cannot be read), `timeout` (zero) or `quota` (faster
     /// than one token per microsecond).
