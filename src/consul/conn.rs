@@ -136,6 +136,9 @@ pub(crate) struct WatchedConnector {
     tcp: HttpConnector,
     #[cfg(feature = "consul-tls")]
     tls: Option<Arc<super::tls::ConsulTls>>,
+    /// The time a TLS handshake may take: the configuration's `request_timeout`.
+    #[cfg(feature = "consul-tls")]
+    handshake_timeout: std::time::Duration,
 }
 
 impl WatchedConnector {
@@ -155,6 +158,8 @@ impl WatchedConnector {
             tcp,
             #[cfg(feature = "consul-tls")]
             tls: config.tls.clone(),
+            #[cfg(feature = "consul-tls")]
+            handshake_timeout: config.request_timeout,
         }
     }
 }
@@ -178,12 +183,14 @@ impl tower::Service<Uri> for WatchedConnector {
     fn call(&mut self, dst: Uri) -> Self::Future {
         let connecting = tower::Service::call(&mut self.tcp, dst);
         #[cfg(feature = "consul-tls")]
-        let tls = self.tls.clone();
+        let (tls, limit) = (self.tls.clone(), self.handshake_timeout);
         Box::pin(async move {
             let stream = connecting.await?.into_inner();
             #[cfg(feature = "consul-tls")]
             let stream = match tls {
-                Some(tls) => super::tls::MaybeTls::Tls(Box::new(tls.handshake(stream).await?)),
+                Some(tls) => {
+                    super::tls::MaybeTls::Tls(Box::new(tls.handshake(stream, limit).await?))
+                }
                 None => super::tls::MaybeTls::Plain(stream),
             };
             Ok(TokioIo::new(Watched {

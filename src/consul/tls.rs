@@ -11,6 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use rustls::pki_types::pem::PemObject;
@@ -169,15 +170,27 @@ impl ConsulTls {
         })
     }
 
-    /// The handshake over `stream`.
+    /// The handshake over `stream`, given up after `limit`: a peer that takes the TCP
+    /// connection and never answers the TLS hello would otherwise hold it for the whole
+    /// request's time limit (a blocking query's wait and more), and past it, a connection
+    /// hyper left to finish in the background, for good.
     pub(crate) async fn handshake(
         &self,
         stream: TcpStream,
+        limit: Duration,
     ) -> Result<TlsStream<TcpStream>, HandshakeError> {
-        self.connector
-            .connect(self.server_name.clone(), stream)
-            .await
-            .map_err(HandshakeError)
+        match tokio::time::timeout(
+            limit,
+            self.connector.connect(self.server_name.clone(), stream),
+        )
+        .await
+        {
+            Ok(done) => done.map_err(HandshakeError),
+            Err(_) => Err(HandshakeError(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {limit:?}"),
+            ))),
+        }
     }
 }
 

@@ -242,6 +242,47 @@ mod with_tls {
         assert_eq!(agent.double.connections(), 0);
     }
 
+    /// A peer that takes the TCP connection and never answers the TLS hello is given up
+    /// on after the request's time limit, as a TLS failure: a blocking query (its limit
+    /// the wait and more, 32 s here) no longer waits out its whole wait on a handshake.
+    #[tokio::test]
+    async fn a_peer_that_never_answers_the_tls_hello_is_given_up_on() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                held.push(socket);
+            }
+        });
+        let pki = Pki::new();
+        let client = ConsulClient::new(
+            ConsulConfig::builder()
+                .address(format!("https://{addr}"))
+                .request_timeout(Duration::from_millis(300))
+                .ca_pem(pki.ca_pem())
+                .build()
+                .unwrap(),
+        );
+        let started = tokio::time::Instant::now();
+        let query = HealthQuery::new("users")
+            .index(7)
+            .wait(Duration::from_secs(30));
+        let e = timeout(Duration::from_secs(5), client.health_service(&query))
+            .await
+            .expect("given up on within the request's time limit, not the wait's")
+            .unwrap_err();
+        assert!(e.is_tls() && e.is_connect(), "{e:?}");
+        assert!(e.to_string().contains("TLS handshake failed"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        silent.abort();
+    }
+
     #[tokio::test]
     async fn an_agent_with_verify_incoming_refuses_a_client_without_certificate() {
         let agent = TlsAgent::start(&["127.0.0.1"]).await;
