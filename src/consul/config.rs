@@ -96,17 +96,20 @@ impl ConsulConfig {
     ///   `CONSUL_TLS_SERVER_NAME` (the name the agent's certificate is verified for).
     ///
     /// The files are read and parsed here. `CONSUL_HTTP_SSL_VERIFY=false`, which asks
-    /// Consul's tools not to verify the agent's certificate, is refused: seawall always
-    /// verifies it (give the agent's CA with `CONSUL_CACERT` instead).
+    /// Consul's tools not to verify the agent's certificate, is refused for an agent
+    /// reached over HTTPS: seawall always verifies it (give the agent's CA with
+    /// `CONSUL_CACERT` instead). With a plain-HTTP agent it has nothing to turn off, and
+    /// is let be.
     ///
     /// # Errors
     ///
     /// A [`ConfigError`] naming the variable for a value that is not a boolean, a file
     /// that cannot be read or a certificate, key or name that is invalid
-    /// (`CONSUL_CACERT`, `CONSUL_CLIENT_KEY`…) or `CONSUL_HTTP_SSL_VERIFY=false`; naming
-    /// `address` for an invalid address, an `https://` one (or `CONSUL_HTTP_SSL=true`)
-    /// without the feature `consul-tls`, `CONSUL_HTTP_SSL=true` with an `http://`
-    /// address, or TLS settings for a plain-HTTP agent; `token` for a token that is not a
+    /// (`CONSUL_CACERT`, `CONSUL_CLIENT_KEY`…) or `CONSUL_HTTP_SSL_VERIFY=false` for an
+    /// HTTPS agent; naming `address` for an invalid address, an `https://` one (or
+    /// `CONSUL_HTTP_SSL=true`) without the feature `consul-tls`, `CONSUL_HTTP_SSL=true`
+    /// with an `http://` address, or TLS settings for a plain-HTTP agent; `token` for a
+    /// token that is not a
     /// valid header value.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(|name| std::env::var(name).ok())
@@ -114,13 +117,7 @@ impl ConsulConfig {
 
     pub(crate) fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let address = var("CONSUL_HTTP_ADDR").filter(|a| !a.trim().is_empty());
-        if env_bool(&var, "CONSUL_HTTP_SSL_VERIFY")? == Some(false) {
-            return Err(ConfigError::invalid(
-                "CONSUL_HTTP_SSL_VERIFY",
-                "false would turn off the verification of the agent's certificate, which \
-                 seawall always does: give the agent's CA with CONSUL_CACERT instead",
-            ));
-        }
+        let verify = env_bool(&var, "CONSUL_HTTP_SSL_VERIFY")?;
         let ssl = env_bool(&var, "CONSUL_HTTP_SSL")?.unwrap_or(false);
         let mut builder = Self::builder();
         if ssl {
@@ -147,9 +144,19 @@ impl ConsulConfig {
         #[cfg(feature = "consul-tls")]
         let (builder, files) = env_tls(&var, builder)?;
         #[cfg(feature = "consul-tls")]
-        return builder.build().map_err(|e| files.rename(e));
+        let config = builder.build().map_err(|e| files.rename(e))?;
         #[cfg(not(feature = "consul-tls"))]
-        builder.build()
+        let config = builder.build()?;
+        // Over plain HTTP there is no certificate to verify, and the variable is moot
+        // there, as it is for Consul's tools: refused only where it would mean something.
+        if verify == Some(false) && config.is_https() {
+            return Err(ConfigError::invalid(
+                "CONSUL_HTTP_SSL_VERIFY",
+                "false would turn off the verification of the agent's certificate, which \
+                 seawall always does: give the agent's CA with CONSUL_CACERT instead",
+            ));
+        }
+        Ok(config)
     }
 
     /// The agent's `host:port`.
@@ -677,17 +684,28 @@ mod tests {
         }
     }
 
-    /// No insecure mode, with or without the feature.
+    /// No insecure mode for an HTTPS agent; over plain HTTP, where there is nothing to
+    /// verify, the variable is let be (a `consul`-only service with it exported starts).
     #[test]
-    fn ssl_verify_false_is_refused() {
+    fn ssl_verify_false_is_refused_for_https_only() {
         for value in ["false", "0", "FALSE"] {
-            let e = ConsulConfig::from_vars(env(vec![
-                ("CONSUL_HTTP_ADDR", "https://consul:8501".into()),
-                ("CONSUL_HTTP_SSL_VERIFY", value.into()),
-            ]))
-            .unwrap_err();
-            assert_eq!(e.field(), "CONSUL_HTTP_SSL_VERIFY", "{e}");
-            assert!(e.reason().contains("CONSUL_CACERT"), "{e}");
+            #[cfg(feature = "consul-tls")]
+            for https in [
+                vec![("CONSUL_HTTP_ADDR", "https://consul:8501".to_owned())],
+                vec![("CONSUL_HTTP_SSL", "true".to_owned())],
+            ] {
+                let mut vars = https;
+                vars.push(("CONSUL_HTTP_SSL_VERIFY", value.into()));
+                let e = ConsulConfig::from_vars(env(vars)).unwrap_err();
+                assert_eq!(e.field(), "CONSUL_HTTP_SSL_VERIFY", "{e}");
+                assert!(e.reason().contains("CONSUL_CACERT"), "{e}");
+            }
+            for plain in [None, Some("127.0.0.1:8500"), Some("http://consul:8500")] {
+                let mut vars = vec![("CONSUL_HTTP_SSL_VERIFY", value.to_owned())];
+                vars.extend(plain.map(|a| ("CONSUL_HTTP_ADDR", a.to_owned())));
+                let config = ConsulConfig::from_vars(env(vars)).expect(value);
+                assert!(!config.is_https());
+            }
         }
         let e = ConsulConfig::from_vars(env(vec![("CONSUL_HTTP_SSL_VERIFY", "nope".into())]))
             .unwrap_err();
