@@ -17,13 +17,19 @@ use crate::ConfigError;
 /// certificate expect. A Redis with its own CA needs [`ca_pem`](Self::ca_pem); one
 /// started with `tls-auth-clients yes` (`redis-server`'s default when TLS is on) also
 /// needs [`client_certificate`](Self::client_certificate). The server's certificate is
-/// always checked, for the URL's host: a URL ending in `#insecure` (which would turn that
-/// off) is refused when the limiter is built.
+/// always checked, for the URL's host: a URL with `#insecure` (which would turn that off)
+/// is refused when the limiter is built.
 ///
 /// Everything given here is parsed when the limiter is
 /// [built](super::RedisRateLimiterBuilder::build): a PEM without a certificate, a key that
 /// cannot be read or does not suit rustls is a [`ConfigError`] then, not a failed
 /// connection later. Its `Debug` output leaves the key out.
+///
+/// The `redis` crate makes each connection's rustls configuration with the process's
+/// default crypto provider: *ring*, when it is the only one built in (seawall enables no
+/// other). An application whose other dependencies also build in rustls' `aws-lc-rs`
+/// must install one (`rustls::crypto::CryptoProvider::install_default`) before the first
+/// connection: without a default rustls cannot choose, and panics.
 ///
 /// ```no_run
 /// use seawall::rate_limit::redis::{RedisRateLimiter, RedisTls};
