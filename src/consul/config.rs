@@ -297,7 +297,8 @@ impl ConsulConfigBuilder {
     }
 
     /// Sets the time limit of a request that does not block (default 10 s). Blocking
-    /// queries get `wait + wait/16` on top of it.
+    /// queries get `wait + wait/16` on top of it. Connecting to the agent, and the TLS
+    /// handshake with an `https://` one, each have this limit alone, whatever the wait.
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
