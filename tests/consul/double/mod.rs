@@ -380,6 +380,8 @@ impl ConsulDouble {
     }
 
     /// How many connections it has served (over TLS: how many handshakes succeeded).
+    /// Only the TLS tests read it.
+    #[cfg_attr(not(feature = "consul-tls"), allow(dead_code))]
     pub(crate) fn connections(&self) -> usize {
         self.inner.connections.load(Ordering::SeqCst)
     }
