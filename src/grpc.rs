@@ -14,7 +14,8 @@
 //!   body ends:
 //!   * trailers: their `grpc-status`, classified as configured (missing: `INTERNAL`);
 //!   * a body error (a stream reset, a broken connection): a failure;
-//!   * the end of the body without trailers: `INTERNAL`, as the gRPC spec says;
+//!   * the end of the body without trailers: `INTERNAL`, as the gRPC spec says (a
+//!     gRPC-Web answer is decided by its head instead: [below](#grpc-web));
 //!   * the body dropped before its end (the client cancelled, or stopped reading a
 //!     stream): nothing is recorded, as for [`Outcome::Ignored`]: a client's own
 //!     cancellation never counts against an upstream.
@@ -99,6 +100,18 @@
 //! A deferred call's duration (for the breaker's slow-call rate and the balancers'
 //! latency) runs until its body ends: for long-lived streams, leave the slow-call
 //! threshold off or above the streams' lifetime.
+//!
+//! # gRPC-Web
+//!
+//! A gRPC-Web answer (`application/grpc-web`, `application/grpc-web-text`, as tonic-web
+//! and Envoy's grpc_web filter send them) carries its status inside its body, in a
+//! trailers frame (a message flagged `0x80`, PROTOCOL-WEB.md), and its HTTP body ends
+//! without trailers. [`GrpcClassifier`] does not read bodies: such an answer is decided by
+//! its head, its `grpc-status` when it has one (trailers-only) and otherwise its HTTP
+//! status, so a `200` is a success whatever its trailers frame says. (Waiting for HTTP
+//! trailers would record every healthy gRPC-Web call as `INTERNAL`.) To count gRPC-Web
+//! failures, classify the calls under the gRPC-Web translation, where they are plain
+//! gRPC.
 //!
 //! # Refusals as gRPC statuses
 //!
@@ -385,13 +398,23 @@ impl GrpcClassifier {
     }
 
     /// The outcome for a response if its head decides it: a non-200 HTTP status (mapped
-    /// with [`GrpcCode::from_http_status`]) or a `grpc-status` header (a trailers-only
-    /// response); `None` when the status is to come in the trailers.
+    /// with [`GrpcCode::from_http_status`]), a `grpc-status` header (a trailers-only
+    /// response), or a gRPC-Web content type (`application/grpc-web`, `-web-text`: a
+    /// success, see the [module docs](self#grpc-web)); `None` when the status is to come
+    /// in the trailers.
     pub fn classify_head<B>(&self, response: &http::Response<B>) -> Option<Outcome> {
         if response.status() != http::StatusCode::OK {
             return Some(self.classify_code(GrpcCode::from_http_status(response.status())));
         }
-        GrpcCode::from_headers(response.headers()).map(|code| self.classify_code(code))
+        let headers = response.headers();
+        if let Some(code) = GrpcCode::from_headers(headers) {
+            return Some(self.classify_code(code));
+        }
+        headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| grpc_family(v.as_bytes()))
+            .is_some_and(|(family, _)| family != Family::Grpc)
+            .then(|| self.classify_code(GrpcCode::Ok))
     }
 }
 
@@ -415,6 +438,42 @@ impl<B, E> Classify<http::Response<GrpcBody<B>>, E> for GrpcClassifier {
             },
             Err(_) => recorder.record(Outcome::Failure),
         }
+    }
+}
+
+/// Which of gRPC's content types a request's (or an answer's) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    /// gRPC over HTTP/2: `application/grpc`.
+    Grpc,
+    /// gRPC-Web: `application/grpc-web`.
+    Web,
+    /// gRPC-Web, base64-encoded: `application/grpc-web-text`.
+    WebText,
+}
+
+/// The gRPC family of a `content-type` value, and what follows its name (empty, a
+/// `+subtype` or `;parameters`); `None` for any other content type.
+///
+/// gRPC over HTTP/2 has `application/grpc` followed by nothing, `+` (a subtype, `+proto`)
+/// or `;` (parameters), as grpc-go's `ContentSubtype` reads it; gRPC-Web (PROTOCOL-WEB.md)
+/// has `application/grpc-web` and `application/grpc-web-text`, likewise. The match is
+/// byte for byte, case-sensitive, as grpc-go's servers match (they do not lowercase the
+/// value): `application/grpcfoo`, `application/grpc-webby` or `Application/gRPC` are not
+/// gRPC. No allocation: it runs on every request.
+#[inline]
+pub(crate) fn grpc_family(value: &[u8]) -> Option<(Family, &[u8])> {
+    let rest = value.strip_prefix(b"application/grpc")?;
+    let (family, rest) = if let Some(rest) = rest.strip_prefix(b"-web-text") {
+        (Family::WebText, rest)
+    } else if let Some(rest) = rest.strip_prefix(b"-web") {
+        (Family::Web, rest)
+    } else {
+        (Family::Grpc, rest)
+    };
+    match rest.first() {
+        None | Some(b'+' | b';') => Some((family, rest)),
+        Some(_) => None,
     }
 }
 

@@ -48,7 +48,7 @@ use http::{HeaderMap, Response, StatusCode};
 use super::body::Body;
 use super::client::{BodyState, ClientBodyError, ClientFault};
 use crate::circuit_breaker::{Outcome, Recorder};
-use crate::grpc::{GrpcClassifier, GrpcCode};
+use crate::grpc::{Family, GrpcClassifier, GrpcCode, grpc_family};
 use crate::rate_limit::http::{Refused, Undecided};
 
 /// An endpoint's outcome still to record: a gRPC answer whose status comes in its
@@ -197,42 +197,6 @@ pub(crate) fn grpc_caller(headers: &HeaderMap) -> Option<GrpcCaller> {
         (Family::WebText, b"+proto") => "application/grpc-web-text+proto",
         (Family::WebText, _) => "application/grpc-web-text",
     }))
-}
-
-/// Which of gRPC's content types a request's is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    /// gRPC over HTTP/2: `application/grpc`.
-    Grpc,
-    /// gRPC-Web: `application/grpc-web`.
-    Web,
-    /// gRPC-Web, base64-encoded: `application/grpc-web-text`.
-    WebText,
-}
-
-/// The gRPC family of a `content-type` value, and what follows its name (empty, a
-/// `+subtype` or `;parameters`); `None` for any other content type.
-///
-/// gRPC over HTTP/2 has `application/grpc` followed by nothing, `+` (a subtype, `+proto`)
-/// or `;` (parameters), as grpc-go's `ContentSubtype` reads it; gRPC-Web (PROTOCOL-WEB.md)
-/// has `application/grpc-web` and `application/grpc-web-text`, likewise. The match is
-/// byte for byte, case-sensitive, as grpc-go's servers match (they do not lowercase the
-/// value): `application/grpcfoo`, `application/grpc-webby` or `Application/gRPC` are not
-/// gRPC. No allocation: it runs on every request.
-#[inline]
-fn grpc_family(value: &[u8]) -> Option<(Family, &[u8])> {
-    let rest = value.strip_prefix(b"application/grpc")?;
-    let (family, rest) = if let Some(rest) = rest.strip_prefix(b"-web-text") {
-        (Family::WebText, rest)
-    } else if let Some(rest) = rest.strip_prefix(b"-web") {
-        (Family::Web, rest)
-    } else {
-        (Family::Grpc, rest)
-    };
-    match rest.first() {
-        None | Some(b'+' | b';') => Some((family, rest)),
-        Some(_) => None,
-    }
 }
 
 /// A gRPC call's deadline (the caller has checked [`grpc_caller`]): its `grpc-timeout`

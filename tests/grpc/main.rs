@@ -20,6 +20,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tower::{Layer, ServiceBuilder};
 
 mod balance;
+mod web;
 
 /// A health service whose answers the request's `service` name chooses, or else its
 /// `default`:
