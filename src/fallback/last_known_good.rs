@@ -151,21 +151,77 @@ impl<K, R, F> LastKnownGood<K, R, F> {
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 impl<K, B, F> LastKnownGood<K, http::Response<B>, F> {
-    /// [`new`](Self::new) for HTTP answers: remembers only those with a `2xx` status, so
-    /// an upstream's `503` (an `Ok` to the client) never replaces the good answer that a
-    /// later failure is to be answered with.
+    /// [`new`](Self::new) for an HTTP service: a cache of `GET` answers that is safe to
+    /// serve to any caller asking for the same key.
+    ///
+    /// * Only `GET` requests are keyed: other methods neither store nor are served an
+    ///   answer (a failed `POST` must fail, not be told the last call succeeded; a `HEAD`
+    ///   answer has no body to stand in for a `GET`'s).
+    /// * Only answers with a `2xx` status are kept, so an upstream's `503` (an `Ok` to the
+    ///   client) never replaces the good answer a later failure is to be answered with.
+    /// * Answers meant for one caller are not kept: those that set a cookie
+    ///   (`Set-Cookie`), are marked `Cache-Control: private`, `no-store` or `no-cache`, or
+    ///   carry `Vary` (they depend on request fields that `key` may not cover: the
+    ///   caller's `Cookie`, `Authorization`, `Accept-Encoding`). A key that covers them can
+    ///   take such answers with [`keep_if`](Self::keep_if), which replaces this rule.
     ///
     /// ```
     /// use seawall::fallback::{FallbackLayer, LastKnownGood};
     ///
-    /// // Product pages by path: the last 2xx page of each is served when the upstream fails.
+    /// // Product pages by path: the last shareable 2xx page of each is served when the
+    /// // upstream fails a GET for it.
     /// let layer = FallbackLayer::new(LastKnownGood::http(|req: &http::Request<String>| {
     ///     req.uri().path().to_owned()
     /// }));
     /// # let _: FallbackLayer<LastKnownGood<String, http::Response<String>, _>> = layer;
     /// ```
-    pub fn http(key: F) -> Self {
-        Self::new(key).keep_if(|response: &http::Response<B>| response.status().is_success())
+    pub fn http(key: F) -> LastKnownGood<K, http::Response<B>, HttpKey<F>> {
+        LastKnownGood::new(HttpKey(key)).keep_if(|response: &http::Response<B>| shareable(response))
+    }
+}
+
+/// The key of [`LastKnownGood::http`]: `F`'s, for `GET` requests only.
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+#[derive(Clone, Copy, Debug)]
+pub struct HttpKey<F>(F);
+
+/// Whether an answer may be kept by [`LastKnownGood::http`] and served to any caller.
+#[cfg(feature = "http")]
+fn shareable<B>(response: &http::Response<B>) -> bool {
+    use http::header;
+    let headers = response.headers();
+    response.status().is_success()
+        && !headers.contains_key(header::SET_COOKIE)
+        && !headers.contains_key(header::VARY)
+        && !headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|b| *b == b','))
+            .any(|directive| {
+                let name = directive.trim_ascii();
+                let name = name.split(|b| *b == b'=').next().unwrap_or_default();
+                ["private", "no-store", "no-cache"]
+                    .iter()
+                    .any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
+            })
+}
+
+#[cfg(feature = "http")]
+impl<ReqB, K, B, E, F> Policy<http::Request<ReqB>, http::Response<B>, E>
+    for LastKnownGood<K, http::Response<B>, HttpKey<F>>
+where
+    F: Fn(&http::Request<ReqB>) -> K,
+    K: Hash + Eq + Clone,
+    B: Clone,
+{
+    type Handler = LastKnownGoodHandler<K, http::Response<B>, HttpKey<F>>;
+
+    fn handler(&self, request: &http::Request<ReqB>) -> Self::Handler {
+        LastKnownGoodHandler {
+            key: (request.method() == http::Method::GET).then(|| (self.key.0)(request)),
+            cache: self.clone(),
+        }
     }
 }
 
@@ -225,7 +281,7 @@ where
 
     fn handler(&self, request: &Req) -> Self::Handler {
         LastKnownGoodHandler {
-            key: (self.key)(request),
+            key: Some((self.key)(request)),
             cache: self.clone(),
         }
     }
@@ -233,7 +289,9 @@ where
 
 /// Per-call state of [`LastKnownGood`].
 pub struct LastKnownGoodHandler<K, R, F> {
-    key: K,
+    /// `None`: a request the cache does not take (not a `GET`, for
+    /// [`LastKnownGood::http`]).
+    key: Option<K>,
     cache: LastKnownGood<K, R, F>,
 }
 
@@ -252,12 +310,16 @@ where
     type Future = Ready<Result<R, E>>;
 
     fn on_success(&mut self, response: &R) {
+        let Some(key) = &self.key else { return };
         if self.cache.keep.as_ref().is_none_or(|keep| keep(response)) {
-            self.cache.put(self.key.clone(), response.clone());
+            self.cache.put(key.clone(), response.clone());
         }
     }
 
     fn on_error(self, error: E) -> Self::Future {
-        ready(self.cache.get(&self.key).ok_or(error))
+        let Some(key) = &self.key else {
+            return ready(Err(error));
+        };
+        ready(self.cache.get(key).ok_or(error))
     }
 }

@@ -263,8 +263,10 @@ async fn last_known_good_over_http_keeps_a_good_answer_through_a_5xx() {
     let status = Arc::new(AtomicU16::new(200));
     let s = status.clone();
     let mut svc = tower::ServiceBuilder::new()
-        .layer(FallbackLayer::new(LastKnownGood::http(|id: &u32| *id)))
-        .service_fn(move |_: u32| {
+        .layer(FallbackLayer::new(LastKnownGood::http(
+            |req: &http::Request<()>| req.uri().path().to_owned(),
+        )))
+        .service_fn(move |_: http::Request<()>| {
             let code = s.load(SeqCst);
             async move {
                 if code == 0 {
@@ -276,21 +278,110 @@ async fn last_known_good_over_http_keeps_a_good_answer_through_a_5xx() {
                 Ok(http::Response::builder().status(code).body(body).unwrap())
             }
         });
+    let get = || http::Request::get("/stock/1").body(()).unwrap();
     assert_eq!(
-        svc.ready().await.unwrap().call(1).await.unwrap().status(),
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get())
+            .await
+            .unwrap()
+            .status(),
         200
     );
     status.store(503, SeqCst); // the upstream starts failing...
     assert_eq!(
-        svc.ready().await.unwrap().call(1).await.unwrap().status(),
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get())
+            .await
+            .unwrap()
+            .status(),
         503
     );
     status.store(0, SeqCst); // ...then goes away
-    let served = svc.ready().await.unwrap().call(1).await.unwrap();
+    let served = svc.ready().await.unwrap().call(get()).await.unwrap();
     assert_eq!(
         (served.status().as_u16(), *served.body()),
         (200, "3 left"),
         "the last known good answer"
+    );
+}
+
+/// `LastKnownGood::http` serves only what any caller may see, and only to `GET`s: an
+/// answer that set a cookie, was marked private or not to be stored, or varies on
+/// request fields the key does not cover is never served to another caller; a failed
+/// `POST` or `HEAD` fails rather than be told of the last `GET`'s success, and a `POST`'s
+/// answer is never served to a `GET`. (Every 2xx answer was kept, whatever its method or
+/// headers: user B got user A's page and session cookie, and a failed `POST /orders`
+/// was answered `200`.)
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn last_known_good_over_http_never_serves_one_callers_answer_to_another() {
+    use std::sync::Mutex;
+    // The upstream's next answer's extra header, or `None`: it fails.
+    let next: Arc<Mutex<Option<(&'static str, &'static str)>>> = Arc::new(Mutex::new(None));
+    let n = next.clone();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(FallbackLayer::new(LastKnownGood::http(
+            |req: &http::Request<()>| req.uri().path().to_owned(),
+        )))
+        .service_fn(move |req: http::Request<()>| {
+            let answer = *n.lock().unwrap();
+            async move {
+                let Some((name, value)) = answer else {
+                    return Err::<_, BoxError>("connection refused".into());
+                };
+                let mut response = http::Response::builder().status(200);
+                if !name.is_empty() {
+                    response = response.header(name, value);
+                }
+                Ok(response
+                    .body(format!("{} {}", req.method(), req.uri().path()))
+                    .unwrap())
+            }
+        });
+    let mut call = async |method: http::Method, path: &str, answer| {
+        *next.lock().unwrap() = answer;
+        let request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .unwrap();
+        svc.ready().await.unwrap().call(request).await
+    };
+    use http::Method;
+    for (i, (name, value)) in [
+        ("set-cookie", "session=A"),
+        ("cache-control", "private"),
+        ("cache-control", "max-age=60, No-Store"),
+        ("cache-control", "no-cache=\"set-cookie\""),
+        ("vary", "Accept-Encoding"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = format!("/account/{i}");
+        call(Method::GET, &path, Some((name, value))).await.unwrap();
+        assert!(
+            call(Method::GET, &path, None).await.is_err(),
+            "an answer with {name}: {value} was served to another caller"
+        );
+    }
+    // A shareable GET answer is kept, and served to GETs only.
+    call(Method::GET, "/orders", Some(("", ""))).await.unwrap();
+    assert!(call(Method::POST, "/orders", None).await.is_err(), "POST");
+    assert!(call(Method::HEAD, "/orders", None).await.is_err(), "HEAD");
+    assert_eq!(
+        call(Method::GET, "/orders", None).await.unwrap().body(),
+        "GET /orders"
+    );
+    // A POST's answer is never kept.
+    call(Method::POST, "/cart", Some(("", ""))).await.unwrap();
+    assert!(
+        call(Method::GET, "/cart", None).await.is_err(),
+        "a POST's answer"
     );
 }
 
