@@ -303,6 +303,11 @@ pub struct ServerConfig {
     /// gateway saw.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// The leading bits of an IPv6 client's address that per-client IP limits key on
+    /// (default 64: a host's /64, within which it can pick a new address for every
+    /// request; 128: each address alone). IPv4 clients are keyed by their address.
+    #[serde(default = "default_client_ipv6_prefix")]
+    pub client_ipv6_prefix: u8,
     /// The request id header (Kong's correlation id; default `"x-request-id"`, `""`
     /// turns it off): a client's (one value, 1 to 128 bytes of visible ASCII) is passed
     /// on, any other replaced by a new UUID-v4-shaped id; sent upstream and set on the
@@ -441,6 +446,10 @@ impl Default for Http2Settings {
             keep_alive_timeout: Duration::from_secs(20),
         }
     }
+}
+
+fn default_client_ipv6_prefix() -> u8 {
+    crate::rate_limit::http::DEFAULT_IPV6_PREFIX
 }
 
 fn default_request_id_header() -> String {
@@ -1143,6 +1152,7 @@ impl GatewayConfig {
                 ConfigError::invalid(format!("gateway.trusted_proxies[{i}]"), e.to_string())
             })?;
         }
+        self.trusted_proxies()?;
         if let Some(jwt) = &self.auth.jwt {
             jwt.resolve_secret()?;
             for (field, value) in [("issuer", &jwt.issuer), ("audience", &jwt.audience)] {
@@ -1447,7 +1457,9 @@ impl GatewayConfig {
     /// `[gateway] trusted_proxies`, parsed.
     pub(crate) fn trusted_proxies(&self) -> Result<crate::rate_limit::http::ClientIp, ConfigError> {
         crate::rate_limit::http::ClientIp::trusting(&self.gateway.trusted_proxies)
-            .map_err(|e| ConfigError::invalid("gateway.trusted_proxies", e.to_string()))
+            .map_err(|e| ConfigError::invalid("gateway.trusted_proxies", e.to_string()))?
+            .ipv6_prefix(self.gateway.client_ipv6_prefix)
+            .map_err(|e| ConfigError::invalid("gateway.client_ipv6_prefix", e.reason().to_owned()))
     }
 
     /// The statically listed service called `name`.

@@ -355,6 +355,7 @@
 //! merge_slashes = true            # /a//b is /a/b (default)
 //! trusted_proxies = ["10.0.0.0/8"]   # optional (default none): proxies whose
 //!                                    # X-Forwarded-For / Forwarded are believed
+//! client_ipv6_prefix = 64         # per-client IP limits key IPv6 clients by their /64
 //! request_id_header = "x-request-id"  # passed on or made, echoed ("" turns it off)
 //! trace_context = true            # W3C traceparent continued or started (default true)
 //!

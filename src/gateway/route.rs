@@ -781,9 +781,11 @@ impl Route {
                 }
                 // The client behind a trusted proxy; the peer itself otherwise (no work). No
                 // peer known: a limit that needs the address refuses (see `rejects_unkeyed`).
+                // Keyed as `ClientIp` keys it: an IPv6 client by its network's prefix.
+                let trusted = &self.core.trusted;
                 client = peer
                     .addr
-                    .map(|ip| self.core.trusted.resolve(ip, request.headers()));
+                    .map(|ip| trusted.key_of(trusted.resolve(ip, request.headers())));
             }
             // The clone is a few reference counts. Its per-client limit and its core learn
             // the peer here rather than from the request's extensions (three allocations);

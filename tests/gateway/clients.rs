@@ -485,6 +485,39 @@ async fn a_trusted_proxy_is_appended_to_and_its_clients_are_limited_apart() {
     gw.shutdown().await;
 }
 
+/// An IPv6 client behind a trusted proxy keys its per-client limit by its /64 (by
+/// default): a new address of the same network for each request no longer gets a
+/// bucket of its own. `client_ipv6_prefix = 128` keys each address alone; more than 128
+/// is refused at load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_client_is_limited_by_its_network() {
+    let up = Recorder::start().await;
+    for (prefix, expected) in [
+        ("", [200, 429, 429]),
+        ("client_ipv6_prefix = 128\n", [200, 200, 200]),
+    ] {
+        let config = format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.2\"]\n{prefix}\n\
+             [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nservice = \"svc\"\n\
+             rate_limit = {{ per_client = {{ per_second = 1 }} }}\n"
+        );
+        let (gw, _r) = gateway(&config, &up).await;
+        let addr = gw.local_addr();
+        let mut statuses = Vec::new();
+        for n in 1..=3 {
+            let request = get("/x", &format!("X-Forwarded-For: 2001:db8:0:1::{n}\r\n"));
+            statuses.push(raw_from("127.0.0.2", addr, &request).await.0);
+        }
+        assert_eq!(statuses, expected, "{prefix:?}");
+        gw.shutdown().await;
+    }
+    let refused = seawall::gateway::GatewayConfig::from_toml_str(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nclient_ipv6_prefix = 129\n",
+    )
+    .unwrap_err();
+    assert_eq!(refused.field(), "gateway.client_ipv6_prefix", "{refused}");
+}
+
 // ---------------------------------------------------------------------------------
 // Item 7: header-keyed per-client limits.
 

@@ -592,3 +592,32 @@ async fn refusals_by_the_inner_layer_never_consume_an_outer_key() {
             .any(|p| p.starts_with("\"per-ip\""))
     );
 }
+
+/// An IPv6 client holds a /64 and can send each request from a new address in it: keyed
+/// by the whole address, every request had a bucket (and a burst) of its own, and the
+/// per-client limit refused nothing. Keyed by the /64, the third request of the network
+/// is refused; another /64 has its own bucket. An IPv4 client seen as an IPv4-mapped IPv6
+/// address shares its IPv4 address's bucket.
+#[tokio::test]
+async fn an_ipv6_client_is_limited_by_its_network_not_each_address() {
+    let addr = server(&["127.0.0.1"]).await;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let mut statuses = Vec::new();
+    for n in 1..=20 {
+        let (status, _, _) = get(&client, addr, &format!("2001:db8:0:1::{n:x}")).await;
+        statuses.push(status.as_u16());
+    }
+    assert_eq!(&statuses[..2], [200, 200]);
+    assert!(statuses[2..].iter().all(|s| *s == 429), "{statuses:?}");
+    let (status, _, _) = get(&client, addr, "2001:db8:0:2::1").await;
+    assert_eq!(status, StatusCode::OK, "another /64");
+
+    let (a, _, _) = get(&client, addr, "::ffff:203.0.113.50").await;
+    let (b, _, _) = get(&client, addr, "203.0.113.50").await;
+    let (c, _, _) = get(&client, addr, "::ffff:203.0.113.50").await;
+    assert_eq!(
+        [a.as_u16(), b.as_u16(), c.as_u16()],
+        [200, 200, 429],
+        "one bucket for the IPv4 address in both forms"
+    );
+}

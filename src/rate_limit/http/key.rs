@@ -81,18 +81,70 @@ pub(crate) fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
 /// assert_eq!(key.extract(&req), Some("203.0.113.9".parse().unwrap()));
 /// # Ok::<(), seawall::rate_limit::http::InvalidNet>(())
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ClientIp {
     /// Shared: services clone their extractor, often once per request. `None` when
     /// nothing is trusted, so that cloning [`ClientIp::peer`] touches no shared count.
     trusted: Option<std::sync::Arc<[IpNet]>>,
     use_forwarded: bool,
+    /// The leading bits of an IPv6 address that make its key.
+    ipv6_prefix: u8,
+}
+
+/// The default [`ClientIp::ipv6_prefix`]: a /64, the network one subscriber or host is
+/// given (RFC 6177), within which it picks addresses at will.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+impl Default for ClientIp {
+    fn default() -> Self {
+        Self {
+            trusted: None,
+            use_forwarded: false,
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
+        }
+    }
 }
 
 impl ClientIp {
     /// The peer address only; forwarding headers are ignored.
     pub fn peer() -> Self {
         Self::default()
+    }
+
+    /// Keys an IPv6 client by its first `bits` bits (default [`DEFAULT_IPV6_PREFIX`], 64;
+    /// 128: each address alone). A host given a /64, as most are, holds 2^64 addresses
+    /// and can use a new one for every request: keyed by the whole address, each would
+    /// get a bucket and a full burst of its own, and the limit would hold nothing back
+    /// (and fill a keyed limiter's table, pushing other clients into its overflow
+    /// bucket). IPv4 addresses, and IPv4 clients seen as IPv4-mapped IPv6 addresses
+    /// (`::ffff:203.0.113.9` on a dual-stack socket), are keyed by the IPv4 address.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`](crate::ConfigError) naming `ipv6_prefix` for more than 128 bits.
+    pub fn ipv6_prefix(mut self, bits: u8) -> Result<Self, crate::ConfigError> {
+        if bits > 128 {
+            return Err(crate::ConfigError::invalid(
+                "ipv6_prefix",
+                format!("{bits} bits: an IPv6 prefix is at most 128"),
+            ));
+        }
+        self.ipv6_prefix = bits;
+        Ok(self)
+    }
+
+    /// The key of the client at `ip` ([`resolve`](Self::resolve)'s answer): an IPv4
+    /// address as it is (an IPv4-mapped IPv6 one as its IPv4 address), an IPv6 one cut
+    /// to its [`ipv6_prefix`](Self::ipv6_prefix) (the rest of its bits zero).
+    pub fn key_of(&self, ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let bits = u32::from(self.ipv6_prefix);
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            v4 => v4,
+        }
     }
 
     /// Believes forwarding headers from these proxies (addresses or CIDR networks).
@@ -108,7 +160,7 @@ impl ClientIp {
         let trusted = (!trusted.is_empty()).then(|| trusted.into());
         Ok(Self {
             trusted,
-            use_forwarded: false,
+            ..Self::default()
         })
     }
 
@@ -118,7 +170,7 @@ impl ClientIp {
         let trusted: Vec<IpNet> = nets.into_iter().collect();
         Self {
             trusted: (!trusted.is_empty()).then(|| trusted.into()),
-            use_forwarded: false,
+            ..Self::default()
         }
     }
 
@@ -206,9 +258,10 @@ pub(crate) fn peer_of(extensions: &http::Extensions) -> Option<IpAddr> {
 impl<B> KeyExtractor<Request<B>> for ClientIp {
     type Key = IpAddr;
 
+    /// The [`key_of`](ClientIp::key_of) the client's address.
     fn extract(&self, request: &Request<B>) -> Option<IpAddr> {
         let peer = peer_of(request.extensions())?;
-        Some(self.resolve(peer, request.headers()))
+        Some(self.key_of(self.resolve(peer, request.headers())))
     }
 }
 
@@ -370,7 +423,8 @@ mod tests {
         let fwd = ClientIp::trusting(["10.0.0.0/8"])
             .unwrap()
             .forwarded_header();
-        assert_eq!(fwd.extract(&r), Some(ip("2001:db8::7")));
+        // (Keyed by its /64.)
+        assert_eq!(fwd.extract(&r), Some(ip("2001:db8::")));
         // The chosen header is absent: the peer, never the other header.
         let only_forwarded = req("10.0.0.2:80", &[("forwarded", "for=1.2.3.4")]);
         assert_eq!(xff.extract(&only_forwarded), Some(ip("10.0.0.2")));

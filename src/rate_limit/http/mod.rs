@@ -24,7 +24,7 @@ mod redis;
 mod retry_after;
 mod state_cache;
 
-pub use key::{ClientIp, HeaderKey, InvalidNet, IpNet, PathKey};
+pub use key::{ClientIp, DEFAULT_IPV6_PREFIX, HeaderKey, InvalidNet, IpNet, PathKey};
 #[cfg(feature = "gateway")]
 pub(crate) use key::{parse_net, peer_of};
 pub(crate) use layer::refusal_headers;
