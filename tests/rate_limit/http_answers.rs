@@ -621,3 +621,31 @@ async fn an_ipv6_client_is_limited_by_its_network_not_each_address() {
         "one bucket for the IPv4 address in both forms"
     );
 }
+
+/// A proxy appends the client's address to the `X-Forwarded-For` line the client sent.
+/// A client that put a byte that is not ASCII in its line had the whole line dropped,
+/// the address its proxy appended with it, and was keyed on the proxy: a bucket of its
+/// own, whatever its own was. Only the unreadable hop is dropped now.
+#[tokio::test]
+async fn a_non_ascii_byte_in_the_clients_part_does_not_hide_the_address_appended() {
+    let addr = server(&["127.0.0.1"]).await;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    for _ in 0..2 {
+        let (status, _, _) = get(&client, addr, "203.0.113.77").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let request = Request::builder()
+        .uri(format!("http://{addr}/"))
+        .header(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.77").unwrap(),
+        )
+        .body(Empty::new())
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "keyed on 203.0.113.77, whose bucket is empty"
+    );
+}

@@ -203,12 +203,16 @@ impl ClientIp {
         if !self.is_trusted(peer) {
             return peer;
         }
-        // Several header lines form one comma-separated list.
+        // Several header lines form one comma-separated list. A line with bytes that are
+        // not visible ASCII is read with them replaced, so that only the hop holding them
+        // is unreadable: a proxy appends the client's address to the line the client
+        // sent, and dropping the whole line would drop that address with the client's
+        // garbage, keying the request on the proxy.
         let joined = |name: &str| {
-            let parts: Vec<&str> = headers
+            let parts: Vec<std::borrow::Cow<'_, str>> = headers
                 .get_all(name)
                 .iter()
-                .filter_map(|v| v.to_str().ok())
+                .map(|v| String::from_utf8_lossy(v.as_bytes()))
                 .collect();
             (!parts.is_empty()).then(|| parts.join(","))
         };
