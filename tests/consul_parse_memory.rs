@@ -11,7 +11,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
-use seawall::consul::{HealthResponse, parse_health_response};
+use seawall::consul::{HealthResponse, parse_agent_services, parse_health_response};
 
 /// Bytes allocated and not yet freed.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -101,6 +101,32 @@ fn measure(what: &str, body: &[u8]) -> (HealthResponse, f64) {
     (parsed, ratio)
 }
 
+/// The most the agent services' parser may allocate, as a multiple of the body: a
+/// string of two bytes (`"",`) is a 24-byte `String`, the most any entry grows.
+const MAX_SERVICES_RATIO: f64 = 10.0;
+
+/// Parses `body` as the agent's services, returning their number and the peak
+/// allocation as a multiple of the body.
+fn measure_services(what: &str, body: &[u8]) -> usize {
+    let base = LIVE.load(SeqCst);
+    PEAK.store(base, SeqCst);
+    let parsed = parse_agent_services(body).unwrap();
+    let peak = PEAK.load(SeqCst) - base;
+    let ratio = peak as f64 / body.len() as f64;
+    eprintln!(
+        "{what}: body {} bytes, peak {peak} bytes ({ratio:.1}x)",
+        body.len()
+    );
+    assert!(
+        ratio <= MAX_SERVICES_RATIO,
+        "{what}: a {} byte body made the agent services' parser allocate {peak} bytes \
+         ({ratio:.0}x): the 64 MiB cap admits ~{:.1} GiB",
+        body.len(),
+        ratio * 64.0 / 1024.0
+    );
+    parsed.len()
+}
+
 /// One test, so that no other parse runs while one is measured.
 #[test]
 fn parsing_a_body_within_the_cap_allocates_a_bounded_multiple_of_it() {
@@ -145,4 +171,26 @@ fn parsing_a_body_within_the_cap_allocates_a_bounded_multiple_of_it() {
         &array_body("", r#"{"Service":{"Address":"a","Port":1}}"#, n / 16, ""),
     );
     assert_eq!(parsed.instances.len(), n / 16);
+
+    // `GET /v1/agent/services` (the registration guard reads it every 30 s): it was
+    // parsed into a tree of JSON values, 16 times the body for `[0,0,…]` (each two bytes
+    // a 32-byte value), and more while the array doubled: a GiB at the cap.
+    assert_eq!(
+        measure_services("a service of [0,0,…]", &array_body("{\"x\":", "0", n, "}")),
+        1
+    );
+    assert_eq!(
+        measure_services(
+            "a service of many tags",
+            &array_body("{\"x\":{\"Tags\":", "\"\"", n, "}}")
+        ),
+        1
+    );
+    assert_eq!(
+        measure_services(
+            "a service of a huge object",
+            &array_body("{\"x\":{\"Service\":\"s\",\"Weights\":", "{}", n, "}}")
+        ),
+        1
+    );
 }

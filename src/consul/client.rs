@@ -13,7 +13,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::config::ConsulConfig;
 use super::conn::{WatchedConnector, exchanges_of};
@@ -259,6 +258,33 @@ pub fn parse_health_response(bytes: &[u8]) -> Result<HealthResponse, ConsulError
         skipped_count: parsed.skipped_count,
         unhealthy: parsed.unhealthy,
     })
+}
+
+/// Parses a `GET /v1/agent/services` answer: a JSON object of services by ID (`null`:
+/// none), sorted by ID. An entry that is not a service object is kept as a service of
+/// that ID and nothing else. Each entry is read from the body's text where it lies (no
+/// tree of JSON values is built), so a hostile agent's body within the client's cap
+/// cannot make it allocate more than a small multiple of the body. Public for the
+/// memory tests only.
+///
+/// # Errors
+///
+/// A decode error when the body is not a JSON object (or `null`).
+#[doc(hidden)]
+pub fn parse_agent_services(bytes: &[u8]) -> Result<Vec<AgentService>, ConsulError> {
+    let map: Option<BTreeMap<String, &serde_json::value::RawValue>> = serde_json::from_slice(bytes)
+        .map_err(|e| ConsulError::decode(format!("agent services are not a JSON object: {e}")))?;
+    Ok(map
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, raw)| {
+            let mut service: AgentService = serde_json::from_str(raw.get()).unwrap_or_default();
+            if service.id.is_empty() {
+                service.id = id;
+            }
+            service
+        })
+        .collect())
 }
 
 /// A service registered on the local agent, as `GET /v1/agent/services` lists it.
@@ -542,21 +568,7 @@ impl ConsulClient {
         let (_, body) = self
             .send(Method::GET, path, Query::default(), None, None)
             .await?;
-        let map: Option<BTreeMap<String, Value>> = serde_json::from_slice(&body).map_err(|e| {
-            ConsulError::decode(format!("agent services are not a JSON object: {e}"))
-                .with_request("GET /v1/agent/services".into())
-        })?;
-        Ok(map
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(id, v)| {
-                let mut service = AgentService::deserialize(v).unwrap_or_default();
-                if service.id.is_empty() {
-                    service.id = id;
-                }
-                service
-            })
-            .collect())
+        parse_agent_services(&body).map_err(|e| e.with_request("GET /v1/agent/services".into()))
     }
 
     /// The leader's address (`GET /v1/status/leader`), `None` when there is no leader: a

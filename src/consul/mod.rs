@@ -91,7 +91,7 @@ pub use crate::go_duration::{
 };
 pub use client::{
     AgentService, Consistency, ConsulClient, HealthQuery, HealthResponse, MAX_WAIT,
-    parse_health_response,
+    parse_agent_services, parse_health_response,
 };
 pub use config::{ConsulConfig, ConsulConfigBuilder, DEFAULT_ADDRESS, DEFAULT_REQUEST_TIMEOUT};
 pub use error::{ConsulError, ErrorKind};
