@@ -254,7 +254,10 @@ impl EndpointStats {
     #[inline]
     /// Records a completed call started at `start` (clock nanoseconds; 0 when untimed).
     pub(crate) fn complete(&self, outcome: Outcome, start: u64) {
-        if start != 0 {
+        // An ignored call's time is not the endpoint's (a client that cancelled, or was
+        // slow to send its body): taken as a latency, a peak, it would be believed at once
+        // and keep the endpoint out of the picks for as long as it takes to decay.
+        if start != 0 && outcome != Outcome::Ignored {
             let now = self.set.clock.now_nanos();
             self.observe_rtt(now.saturating_sub(start) as f64, now);
         }

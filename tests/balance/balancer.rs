@@ -979,3 +979,58 @@ async fn hashing_replicas_agree_on_keys_and_share_ejections() {
         "an ejected endpoint was called"
     );
 }
+
+/// Peak-EWMA takes no latency from a call its classifier ignores (a client that went
+/// away, or was slow to send its body): taken as a peak, one 30 s call kept the endpoint
+/// out of every pick while its estimate decayed.
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_takes_no_latency_from_an_ignored_call() {
+    use seawall::circuit_breaker::Outcome;
+    // The next call to port 1 takes 30 s and fails: the client's doing, ignored.
+    let slow = Arc::new(AtomicBool::new(false));
+    let make = {
+        let slow = slow.clone();
+        move |i: &Instance| {
+            let port = i.port;
+            let slow = slow.clone();
+            tower::service_fn(move |_: u64| {
+                let this_slow = port == 1 && slow.swap(false, SeqCst);
+                async move {
+                    if this_slow {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return Err::<u16, BoxError>("the client went away".into());
+                    }
+                    Ok(port)
+                }
+            })
+        }
+    };
+    let mut lb = Balance::builder()
+        .strategy(Strategy::peak_ewma())
+        .classifier(|result: Result<&u16, &BoxError>| {
+            if result.is_ok() {
+                Outcome::Success
+            } else {
+                Outcome::Ignored
+            }
+        })
+        .build(ServiceDiscover::new(InstanceWatch::fixed(ports(2)), make));
+    slow.store(true, SeqCst);
+    let mut tries = 0;
+    while send(&mut lb).await.is_ok() {
+        tries += 1;
+        assert!(tries < 200, "port 1 never picked");
+        slow.store(true, SeqCst);
+    }
+    slow.store(false, SeqCst);
+    let mut to_1 = 0;
+    for _ in 0..200 {
+        if send(&mut lb).await.unwrap() == 1 {
+            to_1 += 1;
+        }
+    }
+    assert!(
+        (50..=150).contains(&to_1),
+        "port 1 got {to_1} of 200 after an ignored slow call"
+    );
+}
