@@ -188,8 +188,8 @@ where
         super::weights::mix(rng ^ replicas.wrapping_mul(0x9e37_79b9_7f4a_7c15))
     }
 
-    /// Inserts or replaces the endpoint of `key`. A replaced endpoint's figures start over:
-    /// its instance changed.
+    /// Inserts or replaces the endpoint of `key`. A replaced endpoint's figures start over
+    /// when its address or weight changed, and are kept otherwise.
     pub(crate) fn insert(&mut self, key: K, endpoint: S) {
         self.shared.had_endpoints.store(true, Relaxed);
         let at = self.positions.get(&key).copied();
@@ -216,10 +216,10 @@ where
         self.changed();
     }
 
-    /// The figures and breaker for `key`'s `endpoint`: those another replica already made
-    /// for this version of the endpoint, or new ones (registered for the replicas to come)
-    /// when there is none, or when this set held the registered ones (`replacing`): the
-    /// first replica to see an endpoint change starts its figures over.
+    /// The figures and breaker for `key`'s `endpoint`: those registered for its address and
+    /// weight (made by another replica, or by this set for the endpoint it replaces), or
+    /// new ones (registered for the replicas to come) when there are none: the first
+    /// replica to see an endpoint's address or weight change starts its figures over.
     fn member(
         &self,
         key: &K,
@@ -230,9 +230,12 @@ where
         let (address, weight) = (endpoint.address(), endpoint.weight().max(1));
         let mut members = self.shared.members.lock();
         let registered = members.get(&label);
+        // The same address and weight are the same endpoint, whoever registered its
+        // figures: this set itself when the instance changed otherwise (its health from
+        // passing to warning, its tags), which must not end an ejection or close a
+        // breaker, or a sick instance whose check flaps would be readmitted at each flip.
         if let Some(m) = registered {
-            let ours = replacing.is_some_and(|r| Arc::ptr_eq(r, &m.stats));
-            if !ours && m.address == address && m.weight == weight {
+            if m.address == address && m.weight == weight {
                 m.stats.hold();
                 return (m.stats.clone(), m.breaker.clone());
             }

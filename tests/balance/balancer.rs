@@ -762,7 +762,8 @@ async fn replicas_share_ejections_breakers_and_endpoints() {
         assert_eq!(send(&mut second).await.unwrap(), 2);
     }
 
-    // A change the figures cannot tell (its tags): they start over all the same, once.
+    // A change of neither address nor weight (its tags): the same endpoint, its figures
+    // kept, and still shared.
     let calls_of = |lb: &Balance<_>, port: u16| {
         let status = lb.handle().endpoints();
         let address = format!("127.0.0.1:{port}");
@@ -772,18 +773,19 @@ async fn replicas_share_ejections_breakers_and_endpoints() {
     let mut tagged = instance(2);
     tagged.tags = vec![String::from("canary")];
     let _two = registry.register(tagged);
-    assert!(calls_of(&first, 2) >= 100);
+    let before = calls_of(&first, 2);
+    assert!(before >= 100);
     send(&mut first).await.unwrap();
     assert_eq!(
         calls_of(&first, 2),
-        1,
-        "the changed instance's figures started over"
+        before + 1,
+        "the retagged instance's figures were kept"
     );
     send(&mut second).await.unwrap();
     assert_eq!(
         calls_of(&second, 2),
-        2,
-        "the replicas share the new figures"
+        before + 2,
+        "the replicas still share them"
     );
 
     // The handle outlives one replica, not both.
@@ -1033,4 +1035,48 @@ async fn peak_ewma_takes_no_latency_from_an_ignored_call() {
         (50..=150).contains(&to_1),
         "port 1 got {to_1} of 200 after an ignored slow call"
     );
+}
+
+/// An instance that changes in discovery without changing its address or weight (its
+/// health going from passing to warning, its tags) is the same endpoint: it keeps its
+/// ejection, breaker and figures. (They started over: a sick instance whose check
+/// flapped between passing and warning was readmitted at every flip.)
+#[tokio::test(start_paused = true)]
+async fn an_instance_changing_but_its_address_and_weight_keeps_its_ejection() {
+    use seawall::discovery::Health;
+    let registry = Registry::new();
+    let regs: Vec<_> = (1..=3).map(|p| registry.register(instance(p))).collect();
+    let fleet = Fleet::default();
+    fleet.fail(1, true);
+    let detection = OutlierDetection::builder()
+        .consecutive_failures(3)
+        .base_ejection_time(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut lb = Balance::builder()
+        .outlier_detection(detection)
+        .build(ServiceDiscover::new(registry.watch("svc"), fleet.make()));
+    let handle = lb.handle().clone();
+    for _ in 0..100 {
+        let _ = send(&mut lb).await;
+    }
+    assert_eq!(handle.ejected(), 1);
+    let calls_before = fleet.calls(1);
+
+    // Its check goes to warning, same weight: a new version of the instance in discovery.
+    assert!(registry.set_health(
+        "svc",
+        regs[0].id(),
+        Health::Warning,
+        NonZeroU32::new(1).unwrap()
+    ));
+    let mut failures = 0;
+    for _ in 0..100 {
+        if send(&mut lb).await.is_err() {
+            failures += 1;
+        }
+    }
+    assert_eq!(handle.ejected(), 1, "still ejected");
+    assert_eq!(failures, 0, "no call reached it");
+    assert_eq!(fleet.calls(1), calls_before);
 }
