@@ -453,10 +453,18 @@ impl fmt::Debug for StatusHandle {
     }
 }
 
+/// Sets the status the TTL checks are reported with; the heartbeat reports it at once
+/// only when it changed: the agent writes every check update to disk, and a caller
+/// setting the same status on every request (a readiness probe's result) would otherwise
+/// send one update each, and while the agent is down, skip the heartbeat's back-off.
 fn set_status(shared: &Shared, status: CheckStatus, note: Option<&str>) {
-    shared
-        .status
-        .send_replace((status, note.map(str::to_owned)));
+    shared.status.send_if_modified(|current| {
+        if current.0 == status && current.1.as_deref() == note {
+            return false;
+        }
+        *current = (status, note.map(str::to_owned));
+        true
+    });
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, period: Duration, retry_base: Duration) {

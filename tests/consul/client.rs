@@ -261,6 +261,54 @@ async fn acl_token_is_sent_and_a_refusal_is_typed() {
 
 // --- registration guard -------------------------------------------------------------
 
+/// Setting the status the checks already have (a readiness probe's result, set on
+/// every request) sends nothing: each set sent an update at once, which the agent writes
+/// to disk, and while the agent was down each skipped the heartbeat's back-off. A change
+/// is still reported at once.
+#[tokio::test]
+async fn setting_the_same_status_again_sends_no_update() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("same-status");
+    let registration = ServiceRegistration::builder(&service)
+        .id(format!("{service}-1"))
+        .address("127.0.0.1")
+        .port(9003)
+        // A heartbeat every 20 s: none falls within the test.
+        .check(Check::ttl(Duration::from_secs(60)).id(format!("{service}:ttl")))
+        .build()
+        .unwrap();
+    let guard = RegistrationGuard::register(client.clone(), registration)
+        .await
+        .unwrap();
+    let before = guard.heartbeats();
+    for _ in 0..50 {
+        guard.set_status(CheckStatus::Passing, None);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    guard.set_status(CheckStatus::Warning, Some("slow"));
+    eventually("the warning to be reported", PATIENCE, || {
+        let (client, service) = (client.clone(), service.clone());
+        async move {
+            client
+                .health_service(&HealthQuery::new(&service))
+                .await
+                .is_ok_and(|r| {
+                    r.instances
+                        .first()
+                        .is_some_and(|i| i.health == Health::Warning)
+                })
+        }
+    })
+    .await;
+    assert_eq!(
+        guard.heartbeats(),
+        before + 1,
+        "one update: the change to warning"
+    );
+    guard.shutdown(Duration::ZERO).await.unwrap();
+}
+
 #[tokio::test]
 async fn ttl_heartbeat_keeps_the_check_passing_and_set_status_flips_it() {
     let agent = agent().await;
