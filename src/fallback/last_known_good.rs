@@ -23,7 +23,8 @@ struct Entry<R> {
 
 struct Store<K, R> {
     map: HashMap<K, Entry<R>>,
-    /// Insertion order, for evicting the oldest key; `seq` tells live entries from stale ones.
+    /// Store order, for evicting the key stored longest ago; `seq` tells live entries from
+    /// stale ones.
     order: VecDeque<(K, u64)>,
     seq: u64,
 }
@@ -35,8 +36,9 @@ struct Store<K, R> {
 /// client a `5xx` is an `Ok` too, and would replace the good answer it is meant to stand
 /// in for. [`LastKnownGood::http`] keeps only `2xx` answers.
 ///
-/// Memory is bounded: at most `max_entries` keys are kept (the oldest inserted key is
-/// evicted first), so request-chosen keys cannot grow it without bound. With
+/// Memory is bounded: at most `max_entries` keys are kept (the key stored longest ago is
+/// evicted first: a key whose answers keep coming stays), so request-chosen keys cannot
+/// grow it without bound. With
 /// [`max_age`](Self::max_age), entries older than that are not served.
 ///
 /// ```
@@ -233,8 +235,18 @@ impl<K: Hash + Eq + Clone, R: Clone, F> LastKnownGood<K, R, F> {
         store.seq += 1;
         let seq = store.seq;
         if let Some(entry) = store.map.get_mut(&key) {
+            // Stored again: the most recent key now, so that eviction takes the keys
+            // stored longest ago (its earlier place in `order` is left stale).
             entry.value = value;
             entry.stored = stored;
+            entry.seq = seq;
+            store.order.push_back((key, seq));
+            if store.order.len() > 2 * self.max_entries {
+                let map = &store.map;
+                store
+                    .order
+                    .retain(|(k, s)| map.get(k).is_some_and(|e| e.seq == *s));
+            }
             return;
         }
         while store.map.len() >= self.max_entries {

@@ -90,6 +90,26 @@ async fn when_limits_the_fallback_to_matching_errors() {
     );
 }
 
+/// Eviction takes the key stored longest ago, not the one inserted first: a key whose
+/// answers keep coming (the most used) stays while new keys come and go. (A key stored
+/// again kept its first place, so a client sending new keys flushed the hottest first.)
+#[tokio::test(start_paused = true)]
+async fn last_known_good_keeps_the_keys_stored_most_recently() {
+    let down = Arc::new(AtomicBool::new(false));
+    let cache = LastKnownGood::new(|id: &u32| *id).max_entries(2);
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(cache.clone()))
+        .service(switchable(down.clone()));
+    for id in [1, 2, 1, 3, 1, 4, 1, 5] {
+        svc.ready().await.unwrap().call(id).await.unwrap();
+    }
+    assert_eq!(cache.len(), 2);
+    down.store(true, SeqCst);
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "item-1");
+    assert_eq!(svc.ready().await.unwrap().call(5).await.unwrap(), "item-5");
+    assert!(svc.ready().await.unwrap().call(4).await.is_err());
+}
+
 #[tokio::test(start_paused = true)]
 async fn last_known_good_serves_the_latest_success_per_key() {
     let down = Arc::new(AtomicBool::new(false));
