@@ -22,6 +22,23 @@ pub enum SkipReason {
     NoPort,
     /// The entry is not an object with a `Service` object.
     Malformed,
+    /// The address is neither an IP address nor a host name (it holds a port, a path,
+    /// spaces, an IPv6 zone...): no request could be sent to it.
+    BadAddress,
+}
+
+/// Whether `address` can be a request's host: an IP address (an IPv6 one bare or in
+/// brackets), or a host name of letters, digits, `-`, `_` and `.` (at most 253 bytes).
+fn dialable(address: &str) -> bool {
+    let bare = address.strip_prefix('[').and_then(|a| a.strip_suffix(']'));
+    if let Some(inner) = bare {
+        return inner.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    address.parse::<std::net::IpAddr>().is_ok()
+        || (address.len() <= 253
+            && address
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
 }
 
 /// An entry of a health answer that could not be used: not dialable, or malformed.
@@ -375,6 +392,12 @@ impl ParsedHealth {
         };
         if address.is_empty() {
             self.skip(&node_name, &service_id, SkipReason::NoAddress);
+            return;
+        }
+        // A port, a path, spaces or a zone in the address would make every call to the
+        // instance fail, each counted against it as its failure: left out, and reported.
+        if !dialable(&address) {
+            self.skip(&node_name, &service_id, SkipReason::BadAddress);
             return;
         }
         let port = match service.port.as_u64().and_then(|p| u16::try_from(p).ok()) {

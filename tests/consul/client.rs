@@ -259,6 +259,65 @@ async fn acl_token_is_sent_and_a_refusal_is_typed() {
     assert!(!format!("{authorized:?}").contains("s3cret"));
 }
 
+/// An instance registered with an address no request can go to (a port in it, spaces,
+/// an IPv6 zone) is left out of the answer's instances and reported as skipped: taken,
+/// every call to it failed, each counted against it. Host names and IPv6 addresses, bare
+/// or in brackets, are kept.
+#[tokio::test]
+async fn an_address_no_request_can_go_to_is_skipped() {
+    use seawall::consul::SkipReason;
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("addresses");
+    let addresses = [
+        ("good-v4", "127.0.0.1", true),
+        ("good-name", "users.service.consul", true),
+        ("good-v6", "::1", true),
+        ("good-v6-brackets", "[::1]", true),
+        ("with-port", "10.0.0.1:8080", false),
+        ("spaces", " 10.0.0.2", false),
+        ("zone", "fe80::1%eth0", false),
+        ("path", "10.0.0.3/admin", false),
+    ];
+    for (id, address, _) in addresses {
+        let registration = ServiceRegistration::builder(&service)
+            .id(id)
+            .address(address)
+            .port(9004)
+            .build()
+            .unwrap();
+        client.register(&registration).await.unwrap();
+    }
+    let answer = client
+        .health_service(&HealthQuery::new(&service))
+        .await
+        .unwrap();
+    let mut kept: Vec<&str> = answer.instances.iter().map(|i| i.id.service_id()).collect();
+    kept.sort_unstable();
+    let mut expected: Vec<&str> = addresses
+        .iter()
+        .filter(|(_, _, ok)| *ok)
+        .map(|(id, _, _)| *id)
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(kept, expected);
+    let mut skipped: Vec<(&str, SkipReason)> = answer
+        .skipped
+        .iter()
+        .map(|s| (s.service_id.as_str(), s.reason))
+        .collect();
+    skipped.sort_unstable_by_key(|s| s.0);
+    assert_eq!(
+        skipped,
+        [
+            ("path", SkipReason::BadAddress),
+            ("spaces", SkipReason::BadAddress),
+            ("with-port", SkipReason::BadAddress),
+            ("zone", SkipReason::BadAddress),
+        ]
+    );
+}
+
 // --- registration guard -------------------------------------------------------------
 
 /// Setting the status the checks already have (a readiness probe's result, set on
