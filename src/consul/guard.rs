@@ -77,7 +77,8 @@ pub struct GuardConfigBuilder {
 
 impl GuardConfigBuilder {
     /// Sets how often TTL checks are reported (default: a third of the shortest TTL, so
-    /// that two reports can be lost before the check lapses).
+    /// that two reports can be lost before the check lapses). It must be shorter than the
+    /// shortest TTL: [`RegistrationGuard::register_with`] refuses it otherwise.
     #[must_use]
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.config.heartbeat = Some(every);
@@ -230,8 +231,10 @@ impl RegistrationGuard {
     ///
     /// # Errors
     ///
-    /// The registration's [`ConsulError`], or the first heartbeat's; nothing is kept
-    /// alive then. When the heartbeat fails, the service is deregistered before this
+    /// A [`Config`](super::ErrorKind::Config) error naming `heartbeat` when `config`'s
+    /// heartbeat is not shorter than the shortest TTL check (nothing is sent); the
+    /// registration's [`ConsulError`], or the first heartbeat's; nothing is kept alive
+    /// then. When the heartbeat fails, the service is deregistered before this
     /// returns; when the registration fails without the agent's refusal (a `4xx`), in the
     /// background, in case the agent acted on it all the same (an ID it does not know is
     /// no error).
@@ -240,6 +243,23 @@ impl RegistrationGuard {
         registration: ServiceRegistration,
         config: GuardConfig,
     ) -> Result<Self, ConsulError> {
+        // A heartbeat no shorter than a TTL lets that check lapse to critical between
+        // reports, over and over: refused before anything is sent.
+        if let (Some(every), Some(shortest)) = (
+            config.heartbeat,
+            registration.ttl_checks().map(|(_, ttl)| ttl).min(),
+        ) {
+            if every >= shortest {
+                return Err(ConfigError::invalid(
+                    "heartbeat",
+                    format!(
+                        "{every:?} is not shorter than the shortest TTL check's {shortest:?}: \
+                         the check would lapse between reports (the default is a third of it)"
+                    ),
+                )
+                .into());
+            }
+        }
         let (status, _) = watch::channel((config.initial_status, config.initial_note.clone()));
         let shared = Arc::new(Shared {
             client,

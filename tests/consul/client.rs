@@ -320,6 +320,37 @@ async fn an_address_no_request_can_go_to_is_skipped() {
 
 // --- registration guard -------------------------------------------------------------
 
+/// A heartbeat no shorter than a TTL check would let the check lapse to critical between
+/// reports, over and over: refused before anything is sent. (It was taken, and the
+/// instance flapped in and out of the passing set.)
+#[tokio::test]
+async fn a_heartbeat_not_shorter_than_a_ttl_is_refused() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("slow-heartbeat");
+    let registration = ServiceRegistration::builder(&service)
+        .id(format!("{service}-1"))
+        .address("127.0.0.1")
+        .port(9005)
+        .check(Check::ttl(Duration::from_secs(10)).id(format!("{service}:ttl")))
+        .build()
+        .unwrap();
+    let config = GuardConfig::builder()
+        .heartbeat(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let e = RegistrationGuard::register_with(client.clone(), registration, config)
+        .await
+        .unwrap_err();
+    assert!(e.is_config(), "{e:?}");
+    assert_eq!(e.config_error().unwrap().field(), "heartbeat", "{e}");
+    let answer = client
+        .health_service(&HealthQuery::new(&service))
+        .await
+        .unwrap();
+    assert!(answer.instances.is_empty(), "nothing was registered");
+}
+
 /// Setting the status the checks already have (a readiness probe's result, set on
 /// every request) sends nothing: each set sent an update at once, which the agent writes
 /// to disk, and while the agent was down each skipped the heartbeat's back-off. A change
