@@ -79,11 +79,12 @@ fn array_body(prefix: &str, item: &str, n: usize, suffix: &str) -> Vec<u8> {
     body
 }
 
-/// Parses `body`, returning the parse and its peak allocation as a multiple of the body.
-fn measure(what: &str, body: &[u8]) -> (HealthResponse, f64) {
+/// Runs `parse` on `body`, returning its answer, after checking its peak allocation is at
+/// most `max_ratio` times the body.
+fn measured<T>(what: &str, body: &[u8], max_ratio: f64, parse: impl FnOnce(&[u8]) -> T) -> T {
     let base = LIVE.load(SeqCst);
     PEAK.store(base, SeqCst);
-    let parsed = parse_health_response(body).unwrap();
+    let parsed = parse(body);
     let peak = PEAK.load(SeqCst) - base;
     let ratio = peak as f64 / body.len() as f64;
     eprintln!(
@@ -92,39 +93,29 @@ fn measure(what: &str, body: &[u8]) -> (HealthResponse, f64) {
         ratio * 64.0 / 1024.0
     );
     assert!(
-        ratio <= MAX_RATIO,
+        ratio <= max_ratio,
         "{what}: a {} byte body made the parser allocate {peak} bytes ({ratio:.0}x): the \
          64 MiB cap admits ~{:.1} GiB",
         body.len(),
         ratio * 64.0 / 1024.0
     );
-    (parsed, ratio)
+    parsed
+}
+
+/// Parses `body` as a health answer, within [`MAX_RATIO`].
+fn measure(what: &str, body: &[u8]) -> HealthResponse {
+    measured(what, body, MAX_RATIO, |b| parse_health_response(b).unwrap())
 }
 
 /// The most the agent services' parser may allocate, as a multiple of the body: a
 /// string of two bytes (`"",`) is a 24-byte `String`, the most any entry grows.
 const MAX_SERVICES_RATIO: f64 = 10.0;
 
-/// Parses `body` as the agent's services, returning their number and the peak
-/// allocation as a multiple of the body.
+/// Parses `body` as the agent's services, within [`MAX_SERVICES_RATIO`]; their number.
 fn measure_services(what: &str, body: &[u8]) -> usize {
-    let base = LIVE.load(SeqCst);
-    PEAK.store(base, SeqCst);
-    let parsed = parse_agent_services(body).unwrap();
-    let peak = PEAK.load(SeqCst) - base;
-    let ratio = peak as f64 / body.len() as f64;
-    eprintln!(
-        "{what}: body {} bytes, peak {peak} bytes ({ratio:.1}x)",
-        body.len()
-    );
-    assert!(
-        ratio <= MAX_SERVICES_RATIO,
-        "{what}: a {} byte body made the agent services' parser allocate {peak} bytes \
-         ({ratio:.0}x): the 64 MiB cap admits ~{:.1} GiB",
-        body.len(),
-        ratio * 64.0 / 1024.0
-    );
-    parsed.len()
+    measured(what, body, MAX_SERVICES_RATIO, |b| {
+        parse_agent_services(b).unwrap().len()
+    })
 }
 
 /// One test, so that no other parse runs while one is measured.
@@ -133,13 +124,13 @@ fn parsing_a_body_within_the_cap_allocates_a_bounded_multiple_of_it() {
     let n = 1 << 20; // bodies of 2 MiB and more
 
     // Entries that are not objects: each is skipped, all counted, the first 16 listed.
-    let (parsed, _) = measure("[0,0,…]", &array_body("", "0", n, ""));
+    let parsed = measure("[0,0,…]", &array_body("", "0", n, ""));
     assert_eq!(parsed.skipped_count, n);
     assert_eq!(parsed.skipped.len(), 16);
     assert!(parsed.instances.is_empty());
 
     // Undialable entries, each with a name to keep.
-    let (parsed, _) = measure(
+    let parsed = measure(
         "undialable entries",
         &array_body("", r#"{"Service":{"ID":"x"}}"#, n / 8, ""),
     );
@@ -149,24 +140,24 @@ fn parsing_a_body_within_the_cap_allocates_a_bounded_multiple_of_it() {
     let one = |field: &str| {
         format!(r#"{{"Node":{{"Node":"n","Address":"h"}},"Service":{{"Port":1,{field}:"#)
     };
-    let (parsed, _) = measure(
+    let parsed = measure(
         "checks",
         &array_body(&format!("[{}0}},\"Checks\":", one("\"ID\"")), "0", n, "}]"),
     );
     assert_eq!(parsed.unhealthy, 1);
-    let (parsed, _) = measure(
+    let parsed = measure(
         "tags",
         &array_body(&format!("[{}", one("\"Tags\"")), "0", n, "}}]"),
     );
     assert!(parsed.instances[0].tags.is_empty());
-    let (parsed, _) = measure(
+    let parsed = measure(
         "string tags",
         &array_body(&format!("[{}", one("\"Tags\"")), "\"\"", n, "}}]"),
     );
     assert_eq!(parsed.instances[0].tags.len(), n);
 
     // The smallest dialable entries: every one an instance.
-    let (parsed, _) = measure(
+    let parsed = measure(
         "instances",
         &array_body("", r#"{"Service":{"Address":"a","Port":1}}"#, n / 16, ""),
     );

@@ -29,6 +29,27 @@ fn switchable(
     })
 }
 
+/// A `LastKnownGood` keyed by the request (an id).
+type ById = LastKnownGood<u32, String, fn(&u32) -> u32>;
+
+/// [`switchable`] behind a `LastKnownGood` of at most `max_entries` ids: the cache, the
+/// service and its switch.
+fn cached_by_id(
+    max_entries: usize,
+) -> (
+    ById,
+    impl Service<u32, Response = String, Error = BoxError>,
+    Arc<AtomicBool>,
+) {
+    let down = Arc::new(AtomicBool::new(false));
+    let by_id: fn(&u32) -> u32 = |id| *id;
+    let cache = LastKnownGood::new(by_id).max_entries(max_entries);
+    let svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(cache.clone()))
+        .service(switchable(down.clone()));
+    (cache, svc, down)
+}
+
 #[tokio::test]
 async fn value_answers_every_failure() {
     let mut svc = ServiceBuilder::new()
@@ -95,11 +116,7 @@ async fn when_limits_the_fallback_to_matching_errors() {
 /// again kept its first place, so a client sending new keys flushed the hottest first.)
 #[tokio::test(start_paused = true)]
 async fn last_known_good_keeps_the_keys_stored_most_recently() {
-    let down = Arc::new(AtomicBool::new(false));
-    let cache = LastKnownGood::new(|id: &u32| *id).max_entries(2);
-    let mut svc = ServiceBuilder::new()
-        .layer(FallbackLayer::new(cache.clone()))
-        .service(switchable(down.clone()));
+    let (cache, mut svc, down) = cached_by_id(2);
     for id in [1, 2, 1, 3, 1, 4, 1, 5] {
         svc.ready().await.unwrap().call(id).await.unwrap();
     }
@@ -112,11 +129,7 @@ async fn last_known_good_keeps_the_keys_stored_most_recently() {
 
 #[tokio::test(start_paused = true)]
 async fn last_known_good_serves_the_latest_success_per_key() {
-    let down = Arc::new(AtomicBool::new(false));
-    let cache = LastKnownGood::new(|id: &u32| *id).max_entries(2);
-    let mut svc = ServiceBuilder::new()
-        .layer(FallbackLayer::new(cache.clone()))
-        .service(switchable(down.clone()));
+    let (cache, mut svc, down) = cached_by_id(2);
     for id in [1, 2] {
         svc.ready().await.unwrap().call(id).await.unwrap();
     }

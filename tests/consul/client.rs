@@ -54,7 +54,7 @@ fn quick_watch() -> WatchConfig {
 }
 
 /// An instance of `service` on loopback with a TTL check that starts passing.
-fn instance(service: &str, id: &str, port: u16) -> ServiceRegistration {
+pub(crate) fn instance(service: &str, id: &str, port: u16) -> ServiceRegistration {
     ServiceRegistration::builder(service)
         .id(id)
         .address("127.0.0.1")

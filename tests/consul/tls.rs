@@ -24,12 +24,10 @@ mod with_tls {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use rustls::server::WebPkiClientVerifier;
-    use seawall::consul::{
-        Check, CheckStatus, ConsulClient, ConsulConfig, ConsulConfigBuilder, HealthQuery,
-        ServiceRegistration,
-    };
+    use seawall::consul::{ConsulClient, ConsulConfig, ConsulConfigBuilder, HealthQuery};
     use tokio::time::timeout;
 
+    use crate::client::instance;
     use crate::double::{ConsulDouble, DoubleOptions};
     use crate::tls_support::{Leaf, Pki};
 
@@ -104,21 +102,6 @@ mod with_tls {
         pub(crate) fn client(&self) -> ConsulClient {
             ConsulClient::new(self.config().build().unwrap())
         }
-    }
-
-    /// An instance of `service` with a TTL check that starts passing.
-    pub(crate) fn instance(service: &str, id: &str, port: u16) -> ServiceRegistration {
-        ServiceRegistration::builder(service)
-            .id(id)
-            .address("127.0.0.1")
-            .port(port)
-            .check(
-                Check::ttl(Duration::from_secs(60))
-                    .id(format!("{id}:ttl"))
-                    .initial_status(CheckStatus::Passing),
-            )
-            .build()
-            .unwrap()
     }
 
     #[tokio::test]
