@@ -109,8 +109,7 @@ impl ConsulConfig {
     /// HTTPS agent; naming `address` for an invalid address, an `https://` one (or
     /// `CONSUL_HTTP_SSL=true`) without the feature `consul-tls`, `CONSUL_HTTP_SSL=true`
     /// with an `http://` address, or TLS settings for a plain-HTTP agent; `token` for a
-    /// token that is not a
-    /// valid header value.
+    /// token that is not a valid header value.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(|name| std::env::var(name).ok())
     }

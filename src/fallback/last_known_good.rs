@@ -38,8 +38,8 @@ struct Store<K, R> {
 ///
 /// Memory is bounded: at most `max_entries` keys are kept (the key stored longest ago is
 /// evicted first: a key whose answers keep coming stays), so request-chosen keys cannot
-/// grow it without bound. With
-/// [`max_age`](Self::max_age), entries older than that are not served.
+/// grow it without bound. With [`max_age`](Self::max_age), entries older than that are
+/// not served.
 ///
 /// ```
 /// use seawall::fallback::{FallbackLayer, LastKnownGood};

@@ -80,9 +80,10 @@
 //! certificate for a server that asks for one (`valkeys://` is TLS too). Without the
 //! feature a `rediss://` URL is refused when the limiter is built, as is a TLS URL with a
 //! `#insecure` fragment (also with spaces, tabs or line breaks, which the URL parser
-//! drops): the certificate is always checked. The handshake is part of connecting, so it runs under the
-//! [timeout](RedisRateLimiterBuilder::timeout), and a server whose certificate fails the
-//! check is a Redis that cannot answer: its checks are answered by the [`FailurePolicy`].
+//! drops): the certificate is always checked. The handshake is part of connecting, so it
+//! runs under the [timeout](RedisRateLimiterBuilder::timeout), and a server whose
+//! certificate fails the check is a Redis that cannot answer: its checks are answered by
+//! the [`FailurePolicy`].
 //!
 //! # Failures, timeouts and recovery
 //!
