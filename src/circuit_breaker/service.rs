@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 
 use tower::Service;
 
-use super::admission::Admission;
+use super::admission::{Admission, Ticket};
 use super::classify::{Classify, ErrorsAreFailures};
 use super::error::{Boxed, ErrorMode, Mode};
 use super::future::ResponseFuture;
@@ -142,14 +142,20 @@ where
         // pending for long): a closed breaker is read again and a kept probe decision
         // checked again, and the decision taken again if it moved, so a breaker that
         // opened meanwhile is not bypassed.
-        match self.admission.start_closed(&self.breaker) {
-            Some(ticket) => {
+        let admitted = match self.admission.start_closed(&self.breaker) {
+            Some(ticket) => Ok(ticket),
+            None => match self.admission.take_rejection::<M>(&self.breaker) {
+                Some(open) => Err(open),
+                None => self.admit_other(),
+            },
+        };
+        // Built in one place from what the branches decided, so that the compiler writes
+        // the future straight where the caller keeps it (see `ResponseFuture`).
+        match admitted {
+            Ok(ticket) => {
                 ResponseFuture::called(self.inner.call(request), ticket, self.classifier.clone())
             }
-            None => match self.admission.take_rejection::<M>(&self.breaker) {
-                Some(open) => ResponseFuture::rejected(open),
-                None => self.call_other(request),
-            },
+            Err(refusal) => ResponseFuture::rejected(refusal),
         }
     }
 }
@@ -159,18 +165,11 @@ impl<S, C, M> CircuitBreaker<S, C, M> {
     /// closed admission that no longer holds.
     #[cold]
     #[inline(never)]
-    fn call_other<Request>(&mut self, request: Request) -> ResponseFuture<S::Future, C, M>
+    fn admit_other(&mut self) -> Result<Ticket, M::Refusal>
     where
-        S: Service<Request>,
-        C: Clone,
         M: Mode,
     {
         let admission = std::mem::replace(&mut self.admission, Admission::NONE);
-        match admission.start(&self.breaker) {
-            Ok(ticket) => {
-                ResponseFuture::called(self.inner.call(request), ticket, self.classifier.clone())
-            }
-            Err(rejection) => ResponseFuture::rejected(M::from_rejection(rejection)),
-        }
+        admission.start(&self.breaker).map_err(M::from_rejection)
     }
 }
