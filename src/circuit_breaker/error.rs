@@ -59,7 +59,9 @@ impl std::error::Error for CircuitOpen {}
 #[derive(Clone)]
 pub struct Rejection {
     shared: Arc<Shared>,
-    state: State,
+    // The state's code, a whole word: a one-byte `State` left seven bytes of padding,
+    // which the compiler moved as overlapping narrow copies that stalled each rejection.
+    state: u64,
     until: u64,
 }
 
@@ -68,7 +70,7 @@ impl Rejection {
     pub(crate) fn new(shared: Arc<Shared>, state: State, until: u64) -> Self {
         Self {
             shared,
-            state,
+            state: state.code(),
             until,
         }
     }
@@ -80,7 +82,7 @@ impl Rejection {
 
     /// The breaker's state when it rejected the call.
     pub fn state(&self) -> State {
-        self.state
+        State::from_code(self.state)
     }
 
     /// When the breaker will next admit a probe, if known: `None` while forced open, or
@@ -103,7 +105,7 @@ impl fmt::Debug for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Rejection")
             .field("breaker", &self.breaker())
-            .field("state", &self.state)
+            .field("state", &self.state())
             .field("retry_after", &self.retry_after())
             .finish()
     }
@@ -112,7 +114,7 @@ impl fmt::Debug for Rejection {
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = self.breaker();
-        match self.state {
+        match self.state() {
             State::HalfOpen => write!(f, "circuit breaker '{name}' is half-open and busy"),
             State::ForcedOpen => write!(f, "circuit breaker '{name}' is forced open"),
             _ => write!(f, "circuit breaker '{name}' is open"),
