@@ -159,3 +159,37 @@ fn late_cancels_do_not_add_up() {
         "admitted {admitted} at one instant from a bucket of 1"
     );
 }
+
+/// A keyed booking drawn from the overflow bucket (the table full) and cancelled after
+/// the key got a bucket of its own handed the tokens back to that bucket, which had never
+/// lent them: two tokens at one instant from a key's bucket of one.
+#[test]
+fn a_cancelled_overflow_booking_gives_the_keys_own_bucket_nothing() {
+    use seawall::rate_limit::KeyedRateLimiter;
+
+    let clock = ManualClock::new();
+    let limiter: KeyedRateLimiter<String, ManualClock> =
+        KeyedRateLimiter::with_clock(quota(1, 1), clock.clone());
+    limiter.set_max_keys(1); // one bucket a shard
+    // Every shard full of a bucket booked 3 s ahead (the keys past the table's room draw
+    // from the overflow bucket, which books no waits: the first of them empties it).
+    for i in 0..2_000 {
+        for _ in 0..3 {
+            let _ = limiter.reserve(format!("filler-{i}").as_str(), 1, Duration::from_secs(10));
+        }
+    }
+    clock.advance(Duration::from_secs(1)); // the overflow bucket refills; the fillers owe
+    // `a` has no bucket and no room: its booking is the overflow bucket's token.
+    let booking = limiter
+        .reserve("a", 1, Duration::from_secs(10))
+        .expect("booked from the overflow bucket");
+    assert_eq!(booking.wait, Duration::ZERO);
+    // Room for `a`: it gets a bucket of its own and takes its one token.
+    limiter.set_max_keys(limiter.capacity() * 2);
+    limiter.try_acquire("a", 1).expect("a's own bucket, full");
+    limiter.cancel("a", booking);
+    assert!(
+        limiter.try_acquire("a", 1).is_err(),
+        "burst 1: a second token at the same instant, from the overflow booking's cancel"
+    );
+}

@@ -279,17 +279,21 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     {
         let max_wait = crate::util::nanos(max_wait);
         let now = self.inner.clock.now_nanos();
-        let (step, _) = self.book_at(key, tokens, max_wait, now);
+        let (step, own) = self.book_at(key, tokens, max_wait, now);
         let wait = self.inner.telemetry.report(step, Step::wait)?;
         Ok(Reservation {
             tokens,
             wait: Duration::from_nanos(wait),
-            until: step.next,
+            // A booking drawn from the overflow bucket hands nothing back (as a refund of
+            // its tokens does not): the key's own bucket, if it has one by then, never
+            // lent them.
+            until: if own { step.next } else { 0 },
         })
     }
 
     /// Hands back a booking of `key` that will not be used, so that its tokens serve later
-    /// callers. Nothing happens if the key's bucket has since been dropped.
+    /// callers. Nothing happens if the key's bucket has since been dropped, or if the
+    /// booking came from the overflow bucket.
     pub fn cancel<Q>(&self, key: &Q, reservation: Reservation)
     where
         K: Borrow<Q>,
