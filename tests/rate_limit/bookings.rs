@@ -1,6 +1,8 @@
 //! Bookings handed back after their turn give back only what has not refilled since (a
 //! review found each handing back the whole booking again), and the longest quotas
 //! accepted stay limited.
+//! The keyed limiter's overflow bucket gives a key's own bucket nothing, and keeps its
+//! level across default quota changes.
 
 use std::time::Duration;
 
@@ -192,4 +194,40 @@ fn a_cancelled_overflow_booking_gives_the_keys_own_bucket_nothing() {
         limiter.try_acquire("a", 1).is_err(),
         "burst 1: a second token at the same instant, from the overflow booking's cancel"
     );
+}
+
+/// `set_default_quota` left the overflow bucket's debt in nanoseconds of the old rate: cut
+/// from 1000/s to 1/s right after the bucket was emptied, it gave 999 tokens at once...
+#[test]
+fn the_shared_bucket_keeps_its_level_across_a_slower_default_quota() {
+    use seawall::rate_limit::KeyedRateLimiter;
+
+    let clock = ManualClock::new();
+    let keyed: KeyedRateLimiter<String, _> =
+        KeyedRateLimiter::with_clock(quota(1000, 1000), clock.clone());
+    keyed.acquire_shared(1000).unwrap();
+    keyed.set_default_quota(quota(1, 1000));
+    let admitted = (0..2000)
+        .filter(|_| keyed.acquire_shared(1).is_ok())
+        .count();
+    assert_eq!(admitted, 0, "right after taking all 1000");
+    clock.advance(Duration::from_secs(1));
+    assert!(keyed.acquire_shared(1).is_ok(), "one token a second now");
+}
+
+/// ...and raised from 1/min to 100/s, it stayed shut for the old debt (10 min) rather
+/// than its 10 tokens at the new rate (0.1 s).
+#[test]
+fn a_faster_default_quota_does_not_leave_the_shared_bucket_shut() {
+    use seawall::rate_limit::KeyedRateLimiter;
+
+    let clock = ManualClock::new();
+    let keyed: KeyedRateLimiter<String, _> = KeyedRateLimiter::with_clock(
+        Quota::new(Rate::new(1, Duration::from_secs(60)), 10).unwrap(),
+        clock.clone(),
+    );
+    keyed.acquire_shared(10).unwrap(); // 10 tokens owed: 10 min at 1/min
+    keyed.set_default_quota(quota(100, 100)); // 10 tokens owed: 0.1 s
+    clock.advance(Duration::from_secs(1));
+    assert!(keyed.acquire_shared(1).is_ok());
 }

@@ -182,7 +182,18 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
 
     /// Replaces the default quota, from now on (existing buckets keep their level).
     pub fn set_default_quota(&self, quota: Quota) {
-        *self.inner.default.write() = quota;
+        let mut default = self.inner.default.write();
+        // The overflow bucket (shared by the keys without a bucket of their own, and by
+        // `acquire_shared`) keeps its level too: its debt moves to the new rate as
+        // tokens, as `RateLimiter::set_quota` moves its bucket's.
+        let old = default.interval_nanos();
+        let new = quota.interval_nanos();
+        let now = self.inner.clock.now_nanos();
+        let _ = self.inner.overflow.fetch_update(Relaxed, Relaxed, |tat| {
+            Some(rescale_tat(tat, now, old, new))
+        });
+        *default = quota;
+        drop(default);
         self.inner.version.fetch_add(1, Release);
     }
 
