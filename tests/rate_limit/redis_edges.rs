@@ -564,3 +564,49 @@ async fn a_request_over_the_burst_is_not_counted_as_answered_by_redis() {
         [("redis".to_owned(), 1)].into()
     );
 }
+
+/// Redis names a [`HeaderKey`] bucket by the key's text, and a short value spelling out a
+/// long value's digest (`#` and 32 hex digits) was named alike: a client sending that
+/// text drew from the long key's bucket in Redis (here, refused once the long key's
+/// client had taken its burst).
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn a_value_spelling_out_a_digest_has_a_bucket_of_its_own() {
+    use seawall::rate_limit::BoundedKey;
+    use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
+    use tower::{Layer, Service, ServiceExt};
+
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(2, 2))
+        .prefix("spelled")
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let mut svc = HttpRedisRateLimitLayer::new(
+        limiter.per_key(HeaderKey(http::HeaderName::from_static("x-api-key"))),
+    )
+    .layer(tower::service_fn(|_req: http::Request<()>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    }));
+    let long = "k".repeat(100);
+    let spelled = BoundedKey::new(long.as_bytes()).to_string();
+    let mut statuses = Vec::new();
+    for key in [&long, &long, &spelled] {
+        let request = http::Request::builder()
+            .header("x-api-key", key.as_str())
+            .body(())
+            .unwrap();
+        let response = svc.ready().await.unwrap().call(request).await.unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200],
+        "the spelled-out digest's own burst"
+    );
+    assert_eq!(
+        redis.keys("spelled:*").await.len(),
+        2,
+        "two clients, two buckets"
+    );
+}

@@ -109,17 +109,28 @@ impl fmt::Debug for BoundedKey {
     }
 }
 
-/// The value (lossily, as UTF-8) or, for a digest, `#` and its 32 hex digits: the same in
-/// every process, so the `redis` limiters' replicas agree on a long value's bucket.
+/// The value as it is when it is UTF-8 and does not begin with `#`; otherwise `#x` and its
+/// bytes in hex; for a digest, `#` and its 32 hex digits. One string for one key and one
+/// key for one string (a value spelling out a digest, or bytes that are not UTF-8, are
+/// written out in hex), and the same in every process: the `redis` limiters name their
+/// buckets with it, so the replicas agree on a long value's bucket, and no value shares
+/// another's.
 impl fmt::Display for BoundedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hex = |f: &mut fmt::Formatter<'_>, bytes: &[u8]| {
+            bytes.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        };
         match self.as_inline() {
-            Some(value) => f.write_str(&String::from_utf8_lossy(value)),
+            Some(value) => match std::str::from_utf8(value) {
+                Ok(text) if !text.starts_with('#') => f.write_str(text),
+                _ => {
+                    f.write_str("#x")?;
+                    hex(f, value)
+                }
+            },
             None => {
                 f.write_str("#")?;
-                self.bytes[..16]
-                    .iter()
-                    .try_for_each(|b| write!(f, "{b:02x}"))
+                hex(f, &self.bytes[..16])
             }
         }
     }
@@ -134,6 +145,30 @@ impl From<&str> for BoundedKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Distinct keys are written distinctly: a value spelling out a digest, a value
+    /// beginning with `#`, and values that are not UTF-8 (once all one `U+FFFD`).
+    #[test]
+    fn display_is_one_to_one() {
+        let long = BoundedKey::new(&[b'k'; 100]);
+        let spelled = long.to_string();
+        assert_eq!(spelled.len(), 33);
+        let keys = [
+            long,
+            BoundedKey::new(spelled.as_bytes()),
+            BoundedKey::new(b"#x6b"),
+            BoundedKey::new(b"k"),
+            BoundedKey::new(b"\xff"),
+            BoundedKey::new(b"\xfe"),
+            BoundedKey::new("\u{fffd}".as_bytes()),
+            BoundedKey::new(b""),
+            BoundedKey::new(b"#"),
+        ];
+        let shown: std::collections::HashSet<String> = keys.iter().map(|k| k.to_string()).collect();
+        assert_eq!(shown.len(), keys.len(), "{shown:?}");
+        assert_eq!(BoundedKey::new(b"k-123").to_string(), "k-123");
+        assert_eq!(BoundedKey::new(b"#a").to_string(), "#x2361");
+    }
 
     #[test]
     fn short_values_inline_long_ones_digested() {
