@@ -263,11 +263,19 @@ async fn child_takes_a_long_keys_burst() {
 /// `x-api-key` in Redis; their statuses.
 #[cfg(feature = "http")]
 async fn long_key_requests(url: &str, n: usize) -> Vec<u16> {
+    let long = "k".repeat(100);
+    api_key_statuses(url, "long-key", &vec![long.as_str(); n]).await
+}
+
+/// A request with each of `keys` as its `x-api-key`, in turn, through one replica
+/// limiting 2 a minute per `x-api-key` in Redis under `prefix`; their statuses.
+#[cfg(feature = "http")]
+async fn api_key_statuses(url: &str, prefix: &str, keys: &[&str]) -> Vec<u16> {
     use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
     use tower::{Layer, Service, ServiceExt};
 
     let limiter = RedisRateLimiter::builder(url, quota(2, 2))
-        .prefix("long-key")
+        .prefix(prefix)
         .timeout(Duration::from_secs(1))
         .build()
         .unwrap();
@@ -278,9 +286,9 @@ async fn long_key_requests(url: &str, n: usize) -> Vec<u16> {
         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
     }));
     let mut statuses = Vec::new();
-    for _ in 0..n {
+    for key in keys {
         let request = http::Request::builder()
-            .header("x-api-key", "k".repeat(100))
+            .header("x-api-key", *key)
             .body(())
             .unwrap();
         let response = svc.ready().await.unwrap().call(request).await.unwrap();
@@ -573,32 +581,11 @@ async fn a_request_over_the_burst_is_not_counted_as_answered_by_redis() {
 #[tokio::test]
 async fn a_value_spelling_out_a_digest_has_a_bucket_of_its_own() {
     use seawall::rate_limit::BoundedKey;
-    use seawall::rate_limit::http::{HeaderKey, HttpRedisRateLimitLayer};
-    use tower::{Layer, Service, ServiceExt};
 
     let redis = RedisServer::start(RedisServer::free_port()).await;
-    let limiter = RedisRateLimiter::builder(redis.url(), quota(2, 2))
-        .prefix("spelled")
-        .timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
-    let mut svc = HttpRedisRateLimitLayer::new(
-        limiter.per_key(HeaderKey(http::HeaderName::from_static("x-api-key"))),
-    )
-    .layer(tower::service_fn(|_req: http::Request<()>| async {
-        Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
-    }));
     let long = "k".repeat(100);
     let spelled = BoundedKey::new(long.as_bytes()).to_string();
-    let mut statuses = Vec::new();
-    for key in [&long, &long, &spelled] {
-        let request = http::Request::builder()
-            .header("x-api-key", key.as_str())
-            .body(())
-            .unwrap();
-        let response = svc.ready().await.unwrap().call(request).await.unwrap();
-        statuses.push(response.status().as_u16());
-    }
+    let statuses = api_key_statuses(&redis.url(), "spelled", &[&long, &long, &spelled]).await;
     assert_eq!(
         statuses,
         [200, 200, 200],
