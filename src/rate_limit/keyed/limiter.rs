@@ -45,10 +45,13 @@ type Row<K> = (K, Entry);
 /// One shard: its rows, and when the next of its buckets refills.
 struct Shard<K> {
     table: HashTable<Row<K>>,
-    /// No bucket of the table is refilled before this time (the smallest arrival time
-    /// when the table was last swept, lowered by refunds): a full table is not swept
-    /// again before it, so a flood of new keys costs no scan per request.
+    /// A full table is not swept before this time, when enough of its buckets will have
+    /// refilled to pay for the sweep (see [`make_room`]): a flood of new keys costs no
+    /// scan per request.
     next_idle: u64,
+    /// Rows visited by sweeps, for the tests of their cost.
+    #[cfg(test)]
+    scanned: u64,
 }
 
 /// Token buckets per key (client IP, API key, route, …), sharded, with a bound on how
@@ -62,7 +65,11 @@ struct Shard<K> {
 /// fresh keys (a client inventing a new API key per request) can neither evict real
 /// clients' buckets nor go unlimited: beyond the table's capacity, all the fresh keys
 /// together get one key's quota. Real new clients arriving during such a flood share
-/// that bucket too, and may be refused with it; size `max_keys` for the clients you
+/// that bucket too, and may be refused with it. Finding refilled buckets takes a scan of
+/// the table's shard (a 64th of it), so a full shard is scanned only once an eighth of
+/// its buckets will have refilled: new keys arriving as fast as buckets refill cost a
+/// bounded number of rows scanned each, not a shard's, and wait in the overflow bucket
+/// until then. Size `max_keys` for the clients you
 /// expect (a tracked key takes a row, the key padded to 8 bytes and a 24-byte bucket, and
 /// about a third more for the table's spare room: 43 bytes with a `u64` key, 64 with an
 /// `IpAddr`, about 127 with a [`BoundedKey`](crate::rate_limit::BoundedKey), whose
@@ -146,6 +153,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                         Mutex::new(Shard {
                             table: HashTable::new(),
                             next_idle: 0,
+                            #[cfg(test)]
+                            scanned: 0,
                         })
                     })
                     .collect(),
@@ -392,8 +401,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     }
 
     /// Sets `key`'s arrival time to what `earlier` computes from its bucket (never later
-    /// than it was), keeping the shard's next idle time in step. Nothing happens if the
-    /// key has no bucket.
+    /// than it was). Nothing happens if the key has no bucket. The shard's next sweep is
+    /// not brought forward: a bucket refilled early waits for it (see [`make_room`]).
     fn move_back<Q>(&self, key: &Q, earlier: impl FnOnce(&Entry) -> u64)
     where
         K: Borrow<Q>,
@@ -403,9 +412,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         let shard = &self.inner.shards[shard_index(hash)];
         let mut guard = shard.lock();
         if let Some(row) = guard.table.find_mut(hash, |row| row.0.borrow() == key) {
-            let tat = earlier(&row.1).min(row.1.tat);
-            row.1.tat = tat;
-            guard.next_idle = guard.next_idle.min(tat);
+            row.1.tat = earlier(&row.1).min(row.1.tat);
         }
     }
 
@@ -457,15 +464,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         if let Some(row) = guard.table.find_mut(hash, eq) {
             // Built under an older quota (or inserted by another caller meanwhile):
             // rescale it if need be, then charge it.
-            let rescaled = (row.1.version != version).then(|| {
+            if row.1.version != version {
                 rescale(&mut row.1, entry, now);
-                row.1.tat
-            });
-            let step = take(&mut row.1, now, tokens, max_wait);
-            if let Some(tat) = rescaled {
-                guard.next_idle = guard.next_idle.min(tat);
             }
-            return (step, true);
+            return (take(&mut row.1, now, tokens, max_wait), true);
         }
         // A new key.
         let step = take(&mut entry, now, tokens, max_wait);
@@ -487,7 +489,6 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             );
             return (self.acquire_overflow(now, tokens), false);
         }
-        guard.next_idle = guard.next_idle.min(entry.tat);
         guard.table.insert_unique(hash, (owned, entry), |row| {
             self.inner.hasher.hash_one(&row.0)
         });
@@ -597,22 +598,83 @@ fn take(entry: &mut Entry, now: u64, tokens: u32, max_wait: u64) -> Step {
     step
 }
 
-/// Drops the shard's idle (refilled) buckets; whether there is room now. A sweep happens
-/// only once some bucket may have refilled (`next_idle`), so a shard full of debts is not
-/// scanned again for every new key: amortised O(1) per request.
+/// Drops the shard's idle (refilled) buckets; whether there is room now.
+///
+/// A sweep scans the whole shard, so it happens only when it frees enough rows to pay for
+/// it: at least [`sweep_yield`] of them, an eighth of the shard. After a sweep that freed
+/// that many, the next waits until the table is full again (the rows freed are taken
+/// first); after one that freed fewer, until that many of the buckets it kept will have
+/// refilled (`next_idle`). Until then a new key finding the shard full draws from the
+/// overflow bucket, though a few rows may have refilled: new keys arriving about as fast
+/// as rows refill would otherwise each scan the shard to free about one row. The scan is
+/// amortised over the rows freed: a bounded number of rows visited per new key, whatever
+/// the table's size.
 fn make_room<K: Hash>(shard: &mut Shard<K>, now: u64, cap: usize, hasher: &RandomState) -> bool {
     if now < shard.next_idle {
         return false;
     }
-    shard.table.retain(|row| row.1.tat > now);
+    #[cfg(test)]
+    {
+        shard.scanned += shard.table.len() as u64;
+    }
+    let (mut earliest, mut latest) = (u64::MAX, 0);
+    shard.table.retain(|row| {
+        let kept = row.1.tat > now;
+        if kept {
+            earliest = earliest.min(row.1.tat);
+            latest = latest.max(row.1.tat);
+        }
+        kept
+    });
     // The rows dropped leave markers that new rows may not fill, and a table out of room
     // because of them doubles, though it holds no more rows: one sized for the rows
     // kept (rebuilt only when that is smaller) keeps the memory to the keys tracked.
     shard
         .table
         .shrink_to(shard.table.len(), |row| hasher.hash_one(&row.0));
-    shard.next_idle = shard.table.iter().map(|row| row.1.tat).min().unwrap_or(0);
-    shard.table.len() < cap
+    let len = shard.table.len();
+    let want = sweep_yield(cap);
+    shard.next_idle = if len.saturating_add(want) <= cap {
+        // Room for `want` new keys at least: they pay for the next sweep.
+        0
+    } else {
+        refilled_by(&shard.table, want, earliest, latest)
+    };
+    len < cap
+}
+
+/// The rows a sweep of a shard of `cap` rows must be able to free: an eighth of them.
+fn sweep_yield(cap: usize) -> usize {
+    (cap / 8).max(1)
+}
+
+/// A time by which at least `count` of the buckets in `table` (their arrival times
+/// within `earliest..=latest`) will have refilled: the earliest such time to within a
+/// 64th of their spread, counted in one pass without allocating. `latest` if there are
+/// fewer.
+fn refilled_by<K>(table: &HashTable<Row<K>>, count: usize, earliest: u64, latest: u64) -> u64 {
+    const BINS: usize = 64;
+    if count <= 1 || latest <= earliest {
+        return table.iter().map(|row| row.1.tat).min().unwrap_or(0);
+    }
+    // Bins of `width` from `earliest` cover `earliest..=latest`: the spread over the
+    // width is below BINS.
+    let width = (latest - earliest) / BINS as u64 + 1;
+    let mut bins = [0usize; BINS];
+    for row in table.iter() {
+        let bin = (row.1.tat.saturating_sub(earliest) / width) as usize;
+        bins[bin.min(BINS - 1)] += 1;
+    }
+    let mut refilled = 0;
+    for (bin, rows) in bins.iter().enumerate() {
+        refilled += rows;
+        if refilled >= count {
+            // Every bucket of this bin and those before it has refilled by the bin's
+            // last instant.
+            return earliest.saturating_add((bin as u64 + 1) * width - 1);
+        }
+    }
+    latest
 }
 
 #[cfg(test)]
@@ -677,6 +739,101 @@ mod tests {
     /// The bits that pick a key's shard are not those its shard's table starts its search
     /// at (the low ones) or tags its rows with (the top seven): a shard's keys start
     /// anywhere in its table and carry every tag.
+    /// New keys arriving as fast as rows refill (a client inventing a key per request at
+    /// the table's refill rate) used to make many new keys sweep their whole shard to free
+    /// about one row: CPU a request growing with `max_keys` (140 rows a new key here, a
+    /// seventh of the shard; 20 µs a request at a million keys). A sweep now waits until
+    /// it can free an eighth of the shard, so its scan is paid for by the rows it frees.
+    #[test]
+    fn keys_arriving_at_the_refill_rate_do_not_sweep_the_shard_each() {
+        let (per_key, admitted) = new_keys_at_the_refill_rate(false);
+        assert!(per_key <= 16.0, "{per_key} rows scanned a new key");
+        // New keys still get rows as rows refill (and the overflow bucket the rest).
+        assert!(admitted >= 0.5, "{admitted} admitted");
+    }
+
+    /// The same, with every other new key's token handed back (as when a global limit
+    /// further in refuses it): a refund made the shard sweep again at the next new key.
+    #[test]
+    fn refunds_do_not_make_new_keys_sweep_the_shard() {
+        let (per_key, _) = new_keys_at_the_refill_rate(true);
+        assert!(per_key <= 16.0, "{per_key} rows scanned a new key");
+    }
+
+    /// Rows scanned by sweeps a new key, and the share of new keys admitted, while new
+    /// keys arrive a little faster than rows refill (once the table is full, a row
+    /// refills every 1/64 000 s); with `refund`, every other admitted key's token is
+    /// handed back at once.
+    fn new_keys_at_the_refill_rate(refund: bool) -> (f64, f64) {
+        const KEYS: u64 = 64_000;
+        let clock = ManualClock::new();
+        let quota = Quota::new(Rate::per_second(1), 1).unwrap();
+        let limiter: KeyedRateLimiter<u64, _> = KeyedRateLimiter::builder(quota)
+            .clock(clock.clone())
+            .max_keys(KEYS as usize)
+            .build();
+        // With refunds, twice as fast: the keys that keep their token arrive at the
+        // same pace.
+        let pace = Duration::from_nanos(1_000_000_000 / KEYS * 4 / 5 / (1 + u64::from(refund)));
+        let scanned = |limiter: &KeyedRateLimiter<u64, ManualClock>| -> u64 {
+            limiter.inner.shards.iter().map(|s| s.lock().scanned).sum()
+        };
+        let arrive = |keys: std::ops::Range<u64>| {
+            let mut admitted = 0u64;
+            for key in keys {
+                if let Ok((_, taken)) = limiter.take(&key, 1) {
+                    admitted += 1;
+                    if refund && key % 2 == 0 {
+                        limiter.refund(&key, taken);
+                    }
+                }
+                clock.advance(pace);
+            }
+            admitted
+        };
+        // The table fills, then every row freed is taken by a new key.
+        arrive(0..3 * KEYS);
+        let before = scanned(&limiter);
+        let arrivals = 3 * KEYS;
+        let admitted = arrive(3 * KEYS..3 * KEYS + arrivals);
+        assert!(limiter.len() <= limiter.capacity());
+        let per_key = (scanned(&limiter) - before) as f64 / arrivals as f64;
+        (per_key, admitted as f64 / arrivals as f64)
+    }
+
+    proptest::proptest! {
+        /// The time a sweep waits for frees the rows it waits for, and is not much
+        /// later than the exact time they would all have refilled: at most a 64th of the
+        /// buckets' spread.
+        #[test]
+        fn refilled_by_is_a_tight_upper_bound(
+            tats in proptest::collection::vec(0u64..1 << 40, 1..400),
+            count in 1usize..400,
+        ) {
+            let hasher = RandomState::new();
+            let mut table: HashTable<Row<u64>> = HashTable::new();
+            for (key, tat) in tats.iter().enumerate() {
+                let entry = Entry { tat: *tat, interval: 1, burst: 1, version: 0 };
+                let key = key as u64;
+                table.insert_unique(hasher.hash_one(key), (key, entry), |row| {
+                    hasher.hash_one(row.0)
+                });
+            }
+            let (earliest, latest) = (*tats.iter().min().unwrap(), *tats.iter().max().unwrap());
+            let at = refilled_by(&table, count, earliest, latest);
+            let mut sorted = tats.clone();
+            sorted.sort_unstable();
+            if count <= sorted.len() {
+                let exact = sorted[count - 1];
+                proptest::prop_assert!(tats.iter().filter(|&&tat| tat <= at).count() >= count);
+                proptest::prop_assert!(at >= exact);
+                proptest::prop_assert!(at - exact <= (latest - earliest) / 64 + 1, "{at} {exact}");
+            } else {
+                proptest::prop_assert_eq!(at, latest);
+            }
+        }
+    }
+
     #[test]
     fn a_shards_keys_start_anywhere_in_its_table() {
         let limiter: KeyedRateLimiter<u64> =
