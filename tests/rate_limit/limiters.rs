@@ -424,6 +424,59 @@ mod keyed {
         assert_eq!(limiter.try_acquire("gold:alice", 1), Ok(49));
     }
 
+    /// A quota lowered at run time holds from the change, as `RateLimiter::set_quota`'s
+    /// does: a key emptied at 100/s, cut to 1/s, has one token a second later, not the
+    /// hundred its old rate would have refilled (its bucket used to move to the new quota
+    /// only at its next request, refilling at the old rate until then).
+    #[test]
+    fn a_lowered_quota_holds_from_the_change() {
+        for change in ["default", "function"] {
+            let clock = ManualClock::new();
+            let keyed = KeyedRateLimiter::with_clock(quota(100, 100), clock.clone());
+            let single = RateLimiter::with_clock(quota(100, 100), clock.clone());
+            assert_eq!(keyed.try_acquire("k", 100), Ok(0));
+            assert_eq!(single.try_acquire(100), Ok(0));
+            match change {
+                "default" => keyed.set_default_quota(quota(1, 100)),
+                _ => keyed.set_quota_fn(|_: &String| quota(1, 100)),
+            }
+            single.set_quota(quota(1, 100));
+            clock.advance(Duration::from_secs(1));
+            assert_eq!(single.try_acquire(1), Ok(0));
+            assert!(single.try_acquire(1).is_err());
+            assert_eq!(keyed.try_acquire("k", 1), Ok(0), "{change}");
+            assert!(
+                keyed.try_acquire("k", 1).is_err(),
+                "{change}: one token, not 100"
+            );
+        }
+    }
+
+    /// The same when the key's next request comes after a flood of new keys has swept its
+    /// shard: its bucket was judged refilled by its old rate and dropped, and the key came
+    /// back to a fresh bucket (here, the table full, to the flood's overflow bucket).
+    #[test]
+    fn a_lowered_quota_holds_through_a_sweep() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, _> = KeyedRateLimiter::builder(quota(100, 100))
+            .clock(clock.clone())
+            .max_keys(640)
+            .build();
+        assert_eq!(limiter.try_acquire(&0, 100), Ok(0));
+        limiter.set_default_quota(quota(1, 100));
+        clock.advance(Duration::from_secs(2));
+        // Every shard full and swept: key 0's old arrival time (1 s) is past.
+        for key in 1..20_000u64 {
+            let _ = limiter.try_acquire(&key, 1);
+        }
+        assert_eq!(
+            limiter.try_acquire(&0, 2),
+            Ok(0),
+            "two tokens refilled in 2 s"
+        );
+        assert!(limiter.try_acquire(&0, 1).is_err(), "not a fresh bucket");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn layer_limits_per_key_and_stacks_with_a_global_limit() {
         let global = RateLimitLayer::new(quota(1, 3));

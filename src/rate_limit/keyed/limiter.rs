@@ -113,6 +113,9 @@ struct KeyedInner<K, C> {
     quota_fn: RwLock<Option<QuotaFn<K>>>,
     /// Bumped on every quota change; entries built under an older version are rescaled.
     version: AtomicU64,
+    /// When the quotas last changed (the clock's nanoseconds): a bucket built under an
+    /// older version and rescaled late is rescaled as of then.
+    changed_at: AtomicU64,
     telemetry: crate::rate_limit::telemetry::Telemetry,
     clock: C,
 }
@@ -164,6 +167,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                 default: RwLock::new(quota),
                 quota_fn: RwLock::new(None),
                 version: AtomicU64::new(0),
+                changed_at: AtomicU64::new(0),
                 telemetry: crate::rate_limit::telemetry::Telemetry::default(),
                 clock,
             }),
@@ -177,19 +181,24 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         self.inner.per_shard.store(per_shard(n), Relaxed);
     }
 
-    /// Gives each key the quota `f(key)` instead of the default, from now on (existing
-    /// buckets keep their level and move to the new quota).
+    /// Gives each key the quota `f(key)` instead of the default, from now on: every
+    /// tracked bucket moves to its key's new quota at once, keeping its level (its debt in
+    /// tokens), as [`RateLimiter::set_quota`](crate::rate_limit::RateLimiter::set_quota)
+    /// does. This calls `f` for every key tracked, with no lock held, and takes each
+    /// shard's lock twice: time in the number of keys, on the calling thread.
     pub fn set_quota_fn<F>(&self, f: F)
     where
         F: Fn(&K) -> Quota + Send + Sync + 'static,
     {
-        *self.inner.quota_fn.write() = Some(Arc::new(f));
-        // `Release`, with the check's `Acquire` load: a check that sees the new version
-        // sees the new function, so no bucket is tagged current with the old quota.
-        self.inner.version.fetch_add(1, Release);
+        let mut quota_fn = self.inner.quota_fn.write();
+        *quota_fn = Some(Arc::new(f));
+        let now = self.quotas_changed();
+        drop(quota_fn);
+        self.rescale_all(now);
     }
 
-    /// Replaces the default quota, from now on (existing buckets keep their level).
+    /// Replaces the default quota, from now on: the buckets of the keys it applies to move
+    /// to it at once, keeping their level, as with [`set_quota_fn`](Self::set_quota_fn).
     pub fn set_default_quota(&self, quota: Quota) {
         let mut default = self.inner.default.write();
         // The overflow bucket (shared by the keys without a bucket of their own, and by
@@ -202,8 +211,58 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             Some(rescale_tat(tat, now, old, new))
         });
         *default = quota;
+        let now = self.quotas_changed();
         drop(default);
+        self.rescale_all(now);
+    }
+
+    /// Records a change of the quotas (made under their write lock): its time, and a new
+    /// version. Returns the time.
+    fn quotas_changed(&self) -> u64 {
+        let now = self.inner.clock.now_nanos();
+        self.inner.changed_at.store(now, Relaxed);
+        // `Release`, with the check's `Acquire` load: a check that sees the new version
+        // sees the new quotas and the change's time, so no bucket is tagged current with
+        // the old quota.
         self.inner.version.fetch_add(1, Release);
+        now
+    }
+
+    /// Moves every bucket built under older quotas to its key's quota, as of `at` (when
+    /// the quotas changed). Without this, a bucket would move only at its key's next
+    /// request, having refilled at the old rate meanwhile (a lowered quota would not hold
+    /// until then), and a full shard would judge its buckets refilled by the old rate.
+    /// The quotas are looked up with no lock held (a quota function may call back into
+    /// this limiter); a bucket charged or moved meanwhile by a check is left to it.
+    fn rescale_all(&self, at: u64) {
+        let version = self.inner.version.load(Acquire) as u32;
+        let mut stale = Vec::new();
+        for shard in self.inner.shards.iter() {
+            stale.extend(
+                shard
+                    .lock()
+                    .table
+                    .iter()
+                    .filter(|row| row.1.version != version)
+                    .map(|row| row.0.clone()),
+            );
+            if stale.is_empty() {
+                continue;
+            }
+            let fresh: Vec<Entry> = stale
+                .iter()
+                .map(|key| self.entry_for(key, at, version))
+                .collect();
+            let mut guard = shard.lock();
+            for (key, fresh) in stale.drain(..).zip(fresh) {
+                let hash = self.inner.hasher.hash_one(&key);
+                if let Some(row) = guard.table.find_mut(hash, |row| row.0 == key) {
+                    if row.1.version != version {
+                        rescale(&mut row.1, fresh, at);
+                    }
+                }
+            }
+        }
     }
 
     /// Keys currently tracked.
@@ -465,7 +524,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             // Built under an older quota (or inserted by another caller meanwhile):
             // rescale it if need be, then charge it.
             if row.1.version != version {
-                rescale(&mut row.1, entry, now);
+                // As of the change (the check's `Acquire` load of the version made its
+                // time visible), not of now: the bucket refilled at the new rate since.
+                let at = self.inner.changed_at.load(Relaxed).min(now);
+                rescale(&mut row.1, entry, at);
             }
             return (take(&mut row.1, now, tokens, max_wait), true);
         }
@@ -923,7 +985,9 @@ mod tests {
     /// while the check looks the key's new quota up (outside the shard's lock), so that
     /// the key is gone when the lock is taken again. The check must go on as for a new
     /// key. It used to take the shard's lock a second time while still holding it: a
-    /// deadlock.
+    /// deadlock. (A quota change moves every bucket at once; one is left under the older
+    /// quotas when a check inserts it after the change, having looked its quota up
+    /// before: that is how this bucket is made.)
     #[test]
     fn a_bucket_dropped_while_its_quota_is_looked_up_does_not_deadlock() {
         let quota = Quota::new(Rate::per_second(10), 1).unwrap();
@@ -935,16 +999,33 @@ mod tests {
         let a = 0u64;
         let shard_of = |key: &u64| shard_index(limiter.inner.hasher.hash_one(key));
         let b = (1..).find(|key| shard_of(key) == shard_of(&a)).unwrap();
-        assert!(limiter.try_acquire(&a, 1).is_ok());
-        // `a` refills: its bucket may now be dropped to make room.
-        clock.advance(Duration::from_secs(1));
+
+        // `a`'s first check looks its quota up under the old function, and waits there
+        // while the quotas change; it then inserts `a`'s bucket, under the old version.
+        let (looking, looked_up) = mpsc::channel::<()>();
+        let (go, wait) = mpsc::channel::<()>();
+        let wait = std::sync::Mutex::new(Some(wait));
+        limiter.set_quota_fn(move |key: &u64| {
+            if *key == a {
+                if let Some(wait) = wait.lock().unwrap().take() {
+                    looking.send(()).unwrap();
+                    wait.recv().unwrap();
+                }
+            }
+            quota
+        });
+        let first = std::thread::spawn({
+            let limiter = limiter.clone();
+            move || limiter.try_acquire(&a, 1)
+        });
+        looked_up.recv().unwrap();
 
         let handle: Arc<OnceLock<KeyedRateLimiter<u64, ManualClock>>> = Arc::default();
         let evicted = Arc::new(AtomicBool::new(false));
         limiter.set_quota_fn({
             let (handle, evicted) = (handle.clone(), evicted.clone());
             move |key: &u64| {
-                if *key == a && !evicted.swap(true, SeqCst) {
+                if *key == a && handle.get().is_some() && !evicted.swap(true, SeqCst) {
                     // `b` takes the shard's only place: `a`'s idle bucket goes.
                     let limiter = handle.get().unwrap();
                     assert!(limiter.try_acquire(&b, 1).is_ok());
@@ -952,6 +1033,11 @@ mod tests {
                 quota
             }
         });
+        go.send(()).unwrap();
+        assert!(first.join().unwrap().is_ok());
+        assert_eq!(limiter.len(), 1);
+        // `a` refills: its bucket may now be dropped to make room.
+        clock.advance(Duration::from_secs(1));
         handle.set(limiter.clone()).ok().unwrap();
 
         let (done, finished) = mpsc::channel();
