@@ -15,10 +15,16 @@ use super::policy::{Handler, Policy};
 /// Default number of keys a [`LastKnownGood`] remembers.
 pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
 
+/// Default bound on the bytes of the answers a [`LastKnownGood::http`] cache keeps (as
+/// its weigher counts them: each answer's header fields and body): 64 MiB.
+pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
+
 struct Entry<R> {
     value: R,
     stored: Option<Instant>,
     seq: u64,
+    /// What the weigher said of `value` when it was stored.
+    weight: usize,
 }
 
 struct Store<K, R> {
@@ -27,6 +33,16 @@ struct Store<K, R> {
     /// stale ones.
     order: VecDeque<(K, u64)>,
     seq: u64,
+    /// The weights of the entries in `map`, summed.
+    bytes: usize,
+}
+
+impl<K: Hash + Eq, R> Store<K, R> {
+    fn remove(&mut self, key: &K) {
+        if let Some(entry) = self.map.remove(key) {
+            self.bytes -= entry.weight;
+        }
+    }
 }
 
 /// A cache fallback: remembers the last successful response per key (taken from the
@@ -38,8 +54,10 @@ struct Store<K, R> {
 ///
 /// Memory is bounded: at most `max_entries` keys are kept (the key stored longest ago is
 /// evicted first: a key whose answers keep coming stays), so request-chosen keys cannot
-/// grow it without bound. With [`max_age`](Self::max_age), entries older than that are
-/// not served.
+/// grow it without bound; with a [`weigh`](Self::weigh)er, at most
+/// [`max_bytes`](Self::max_bytes) of answers too (a set number of large answers is no
+/// bound: [`LastKnownGood::http`] weighs its answers and keeps [`DEFAULT_MAX_BYTES`]).
+/// With [`max_age`](Self::max_age), entries older than that are not served.
 ///
 /// ```
 /// use seawall::fallback::{FallbackLayer, LastKnownGood};
@@ -60,10 +78,16 @@ pub struct LastKnownGood<K, R, F> {
     store: Arc<Mutex<Store<K, R>>>,
     max_entries: usize,
     max_age: Option<Duration>,
+    /// Counts an answer's bytes for `max_bytes`; every answer weighs nothing when `None`.
+    weigh: Option<Arc<Weigh<R>>>,
+    max_bytes: usize,
 }
 
 /// [`LastKnownGood::keep_if`]'s predicate.
 type Keep<R> = dyn Fn(&R) -> bool + Send + Sync;
+
+/// [`LastKnownGood::weigh`]'s function.
+type Weigh<R> = dyn Fn(&R) -> usize + Send + Sync;
 
 impl<K, R, F> Clone for LastKnownGood<K, R, F> {
     /// The clone shares the cache.
@@ -74,6 +98,8 @@ impl<K, R, F> Clone for LastKnownGood<K, R, F> {
             store: self.store.clone(),
             max_entries: self.max_entries,
             max_age: self.max_age,
+            weigh: self.weigh.clone(),
+            max_bytes: self.max_bytes,
         }
     }
 }
@@ -84,6 +110,7 @@ impl<K, R, F> fmt::Debug for LastKnownGood<K, R, F> {
             .field("entries", &self.store.lock().map.len())
             .field("max_entries", &self.max_entries)
             .field("max_age", &self.max_age)
+            .field("max_bytes", &self.weigh.as_ref().map(|_| self.max_bytes))
             .field("keep_if", &self.keep.is_some())
             .finish()
     }
@@ -99,10 +126,48 @@ impl<K, R, F> LastKnownGood<K, R, F> {
                 map: HashMap::new(),
                 order: VecDeque::new(),
                 seq: 0,
+                bytes: 0,
             })),
             max_entries: DEFAULT_MAX_ENTRIES,
             max_age: None,
+            weigh: None,
+            max_bytes: usize::MAX,
         }
+    }
+
+    /// Keeps answers of at most `n` bytes in all, as [`weigh`](Self::weigh) counts them
+    /// (the keys stored longest ago are evicted first to make room; an answer heavier
+    /// than `n` alone is not kept, and the last one kept for its key stays, as with
+    /// [`keep_if`](Self::keep_if)). [`LastKnownGood::http`] weighs answers by their header
+    /// fields and body and keeps [`DEFAULT_MAX_BYTES`]; [`new`](Self::new) has no
+    /// weigher, so this bounds nothing until one is given.
+    #[must_use]
+    pub fn max_bytes(mut self, n: usize) -> Self {
+        self.max_bytes = n;
+        self
+    }
+
+    /// Counts an answer's bytes for [`max_bytes`](Self::max_bytes): with request-chosen
+    /// keys, `max_entries` alone bounds the number of answers kept, not their size. The
+    /// keys are not weighed: a key taken whole from a request (a path) is as long as the
+    /// server in front lets a request line be, `max_entries` times.
+    ///
+    /// ```
+    /// use seawall::fallback::LastKnownGood;
+    ///
+    /// // Up to 10 000 pages, and 16 MiB of them.
+    /// let cache = LastKnownGood::new(|path: &String| path.clone())
+    ///     .weigh(|page: &String| page.len())
+    ///     .max_bytes(16 << 20);
+    /// # let _: LastKnownGood<String, String, _> = cache;
+    /// ```
+    #[must_use]
+    pub fn weigh<W>(mut self, weigh: W) -> Self
+    where
+        W: Fn(&R) -> usize + Send + Sync + 'static,
+    {
+        self.weigh = Some(Arc::new(weigh));
+        self
     }
 
     /// Keeps at most `n` keys (at least 1).
@@ -144,6 +209,11 @@ impl<K, R, F> LastKnownGood<K, R, F> {
         self.store.lock().map.len()
     }
 
+    /// The bytes of the answers currently remembered, as the weigher counted them.
+    pub fn bytes(&self) -> usize {
+        self.store.lock().bytes
+    }
+
     /// True when nothing is remembered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -166,6 +236,9 @@ impl<K, B, F> LastKnownGood<K, http::Response<B>, F> {
     ///   carry `Vary` (they depend on request fields that `key` may not cover: the
     ///   caller's `Cookie`, `Authorization`, `Accept-Encoding`). A key that covers them can
     ///   take such answers with [`keep_if`](Self::keep_if), which replaces this rule.
+    /// * At most [`DEFAULT_MAX_BYTES`] of answers are kept (each weighed by its header
+    ///   fields and its body's size hint: its length, for the buffered bodies a cached
+    ///   answer has); [`max_bytes`](Self::max_bytes) changes the bound.
     ///
     /// ```
     /// use seawall::fallback::{FallbackLayer, LastKnownGood};
@@ -177,9 +250,30 @@ impl<K, B, F> LastKnownGood<K, http::Response<B>, F> {
     /// }));
     /// # let _: FallbackLayer<LastKnownGood<String, http::Response<String>, _>> = layer;
     /// ```
-    pub fn http(key: F) -> LastKnownGood<K, http::Response<B>, HttpKey<F>> {
-        LastKnownGood::new(HttpKey(key)).keep_if(|response: &http::Response<B>| shareable(response))
+    pub fn http(key: F) -> LastKnownGood<K, http::Response<B>, HttpKey<F>>
+    where
+        B: http_body::Body,
+    {
+        LastKnownGood::new(HttpKey(key))
+            .keep_if(|response: &http::Response<B>| shareable(response))
+            .weigh(|response: &http::Response<B>| weigh_response(response))
+            .max_bytes(DEFAULT_MAX_BYTES)
     }
+}
+
+/// The bytes [`LastKnownGood::http`] counts for an answer: its header fields' names and
+/// values, and its body by its size hint (its exact length for a buffered body; the most
+/// it says it may have otherwise, or the least when it sets no upper bound).
+#[cfg(feature = "http")]
+fn weigh_response<B: http_body::Body>(response: &http::Response<B>) -> usize {
+    let fields: usize = response
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    let hint = response.body().size_hint();
+    let body = hint.upper().unwrap_or(hint.lower());
+    fields.saturating_add(usize::try_from(body).unwrap_or(usize::MAX))
 }
 
 /// The key of [`LastKnownGood::http`]: `F`'s, for `GET` requests only.
@@ -229,36 +323,40 @@ where
 
 impl<K: Hash + Eq + Clone, R: Clone, F> LastKnownGood<K, R, F> {
     fn put(&self, key: K, value: R) {
+        let weight = self.weigh.as_ref().map_or(0, |weigh| weigh(&value));
+        if weight > self.max_bytes {
+            // Alone over the bound: not kept (the key's last answer, if any, stays).
+            return;
+        }
         let stored = self.max_age.map(|_| Instant::now());
         let mut guard = self.store.lock();
         let store = &mut *guard;
         store.seq += 1;
         let seq = store.seq;
-        if let Some(entry) = store.map.get_mut(&key) {
-            // Stored again: the most recent key now, so that eviction takes the keys
-            // stored longest ago (its earlier place in `order` is left stale).
-            entry.value = value;
-            entry.stored = stored;
-            entry.seq = seq;
-            store.order.push_back((key, seq));
-            if store.order.len() > 2 * self.max_entries {
-                let map = &store.map;
-                store
-                    .order
-                    .retain(|(k, s)| map.get(k).is_some_and(|e| e.seq == *s));
-            }
-            return;
-        }
-        while store.map.len() >= self.max_entries {
+        // Stored again: the most recent key now, so that eviction takes the keys stored
+        // longest ago (its earlier place in `order` is left stale).
+        store.remove(&key);
+        while store.map.len() >= self.max_entries
+            || store.bytes.saturating_add(weight) > self.max_bytes
+        {
             let Some((old, old_seq)) = store.order.pop_front() else {
                 break;
             };
             if store.map.get(&old).is_some_and(|e| e.seq == old_seq) {
-                store.map.remove(&old);
+                store.remove(&old);
             }
         }
         store.order.push_back((key.clone(), seq));
-        store.map.insert(key, Entry { value, stored, seq });
+        store.map.insert(
+            key,
+            Entry {
+                value,
+                stored,
+                seq,
+                weight,
+            },
+        );
+        store.bytes += weight;
         if store.order.len() > 2 * self.max_entries {
             let map = &store.map;
             store
@@ -277,7 +375,7 @@ impl<K: Hash + Eq + Clone, R: Clone, F> LastKnownGood<K, R, F> {
         if fresh {
             store.map.get(key).map(|e| e.value.clone())
         } else {
-            store.map.remove(key);
+            store.remove(key);
             None
         }
     }

@@ -67,7 +67,9 @@ pub use http::HttpResponse;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use last_known_good::HttpKey;
-pub use last_known_good::{DEFAULT_MAX_ENTRIES, LastKnownGood, LastKnownGoodHandler};
+pub use last_known_good::{
+    DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, LastKnownGood, LastKnownGoodHandler,
+};
 pub use layer::FallbackLayer;
 pub use policy::{FromAsyncFn, FromFn, Handler, MaybeFallback, OkFuture, Policy, Value, When};
 pub use service::Fallback;

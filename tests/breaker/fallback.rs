@@ -303,12 +303,13 @@ async fn last_known_good_over_http_keeps_a_good_answer_through_a_5xx() {
             let code = s.load(SeqCst);
             async move {
                 if code == 0 {
-                    return Err::<http::Response<&'static str>, BoxError>(
-                        "connection refused".into(),
-                    );
+                    return Err::<http::Response<String>, BoxError>("connection refused".into());
                 }
                 let body = if code == 200 { "3 left" } else { "unavailable" };
-                Ok(http::Response::builder().status(code).body(body).unwrap())
+                Ok(http::Response::builder()
+                    .status(code)
+                    .body(body.to_owned())
+                    .unwrap())
             }
         });
     let get = || http::Request::get("/stock/1").body(()).unwrap();
@@ -319,7 +320,7 @@ async fn last_known_good_over_http_keeps_a_good_answer_through_a_5xx() {
     status.store(0, SeqCst); // ...then goes away
     let served = svc.ready().await.unwrap().call(get()).await.unwrap();
     assert_eq!(
-        (served.status().as_u16(), *served.body()),
+        (served.status().as_u16(), served.body().as_str()),
         (200, "3 left"),
         "the last known good answer"
     );
@@ -399,6 +400,87 @@ async fn last_known_good_over_http_never_serves_one_callers_answer_to_another() 
         call(Method::GET, "/cart", None).await.is_err(),
         "a POST's answer"
     );
+}
+
+/// `LastKnownGood::http` bounds the bytes it keeps, not only the keys: an upstream's
+/// large answers under request-chosen paths (a crawler walking a catalogue of 1 MiB
+/// pages) used to be kept up to 10 000 of them, 10 GiB. By default it keeps 64 MiB of
+/// answers (header fields and bodies), evicting the keys stored longest ago; an answer
+/// over the bound alone is not kept.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn last_known_good_over_http_bounds_the_bytes_it_keeps() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use seawall::fallback::DEFAULT_MAX_BYTES;
+    let page = Bytes::from(vec![b'x'; 1 << 20]);
+    let down = Arc::new(AtomicBool::new(false));
+    let cache = LastKnownGood::http(|req: &http::Request<()>| req.uri().path().to_owned());
+    let (d, p) = (down.clone(), page.clone());
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(cache.clone()))
+        .service_fn(move |req: http::Request<()>| {
+            let (down, page) = (d.load(SeqCst), p.clone());
+            async move {
+                if down {
+                    return Err::<http::Response<Full<Bytes>>, BoxError>("refused".into());
+                }
+                // The last page is one byte over the whole bound.
+                let body = if req.uri().path() == "/huge" {
+                    Bytes::from(vec![b'x'; DEFAULT_MAX_BYTES + 1])
+                } else {
+                    page
+                };
+                Ok(http::Response::builder()
+                    .header("content-type", "text/html")
+                    .body(Full::new(body))
+                    .unwrap())
+            }
+        });
+    let mut get = async |path: String| {
+        let request = http::Request::get(path).body(()).unwrap();
+        svc.ready().await.unwrap().call(request).await
+    };
+    for i in 0..200 {
+        get(format!("/page/{i}")).await.unwrap();
+        assert!(
+            cache.bytes() <= DEFAULT_MAX_BYTES,
+            "{} bytes",
+            cache.bytes()
+        );
+    }
+    assert_eq!(cache.len(), 63, "64 MiB of 1 MiB pages and their fields");
+    get("/huge".to_owned()).await.unwrap();
+    assert_eq!(
+        cache.len(),
+        63,
+        "an answer over the bound alone is not kept"
+    );
+    down.store(true, SeqCst);
+    // The pages stored last are served; those stored first were evicted.
+    let served = get("/page/199".to_owned()).await.unwrap().into_body();
+    assert_eq!(served.collect().await.unwrap().to_bytes(), page);
+    assert!(get("/page/0".to_owned()).await.is_err());
+    assert!(get("/huge".to_owned()).await.is_err());
+}
+
+/// `weigh` and `max_bytes` bound any response type's bytes.
+#[tokio::test]
+async fn last_known_good_weighs_answers_as_told() {
+    let cache = LastKnownGood::new(|id: &u32| *id)
+        .weigh(|answer: &String| answer.len())
+        .max_bytes(10);
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(cache.clone()))
+        .service_fn(|id: u32| async move { Ok::<_, BoxError>("x".repeat(id as usize % 100)) });
+    for id in [4, 4, 3, 2, 5] {
+        svc.ready().await.unwrap().call(id).await.unwrap();
+    }
+    // 4 (stored again, counted once), 3, 2, then 5: 4, stored longest ago, evicted to
+    // make room for it.
+    assert_eq!((cache.len(), cache.bytes()), (3, 10));
+    svc.ready().await.unwrap().call(111).await.unwrap();
+    assert_eq!(cache.len(), 3, "11 bytes alone: not kept");
 }
 
 /// `keep_if` for any response type: answers it refuses pass to the caller and leave the
