@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::config::ConsulConfig;
 use super::conn::{WatchedConnector, exchanges_of};
-use super::error::ConsulError;
+use super::error::{ConsulError, MAX_ERROR_BODY};
 use super::parse::{self, SkippedEntry};
 use super::registration::{CheckStatus, ServiceRegistration};
 use crate::ConfigError;
@@ -653,6 +653,11 @@ impl ConsulClient {
                 Err(e) => return Err(transport(e)),
             };
             let (parts, body) = response.into_parts();
+            if !parts.status.is_success() {
+                // Only the start of an error's body is kept: read no further.
+                let start = body_start(body, MAX_ERROR_BODY + 1).await;
+                return Err(status_error(parts.status, &start));
+            }
             let bytes = Limited::new(body, MAX_BODY)
                 .collect()
                 .await
@@ -664,11 +669,7 @@ impl ConsulClient {
                     }
                 })?
                 .to_bytes();
-            if parts.status.is_success() {
-                Ok((parts.headers, bytes))
-            } else {
-                Err(status_error(parts.status, &bytes))
-            }
+            Ok((parts.headers, bytes))
         };
         match tokio::time::timeout(limit, exchange).await {
             Ok(result) => result.map_err(|e| e.with_request(request_name)),
@@ -701,6 +702,27 @@ fn failed_stale(error: &hyper_util::client::legacy::Error) -> bool {
         || e.is_canceled()
         || e.is_closed()
         || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+}
+
+/// The first `limit` bytes of `body` or fewer: what came before it ended, failed, or
+/// reached `limit`. The rest is not read (its connection is then not reused).
+async fn body_start<B: hyper::body::Body<Data = Bytes>>(body: B, limit: usize) -> Vec<u8> {
+    let mut body = std::pin::pin!(body);
+    let mut start = Vec::new();
+    while start.len() < limit {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let room = limit - start.len();
+                    start.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            // Ended, or broken part-way: the status says what happened; the text is
+            // what came.
+            Some(Err(_)) | None => break,
+        }
+    }
+    start
 }
 
 fn status_error(status: StatusCode, body: &[u8]) -> ConsulError {

@@ -579,6 +579,46 @@ async fn slow_agent(
     (addr, rx)
 }
 
+/// An agent's error answer is read only as far as the error keeps of it: an agent (or a
+/// proxy in front of it) answering `500` with a body that goes on and on used to be read
+/// to the client's 64 MiB cap or to the request's time limit, whichever came first, and
+/// the request failed as a timeout, the status lost. It fails with the status at once.
+#[tokio::test]
+async fn an_error_answer_with_an_endless_body_fails_with_its_status() {
+    use seawall::consul::ErrorKind;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let chunk = "rpc error: no leader ".repeat(200);
+                let head = format!(
+                    "HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n\r\n\
+                     {:x}\r\n{chunk}\r\n",
+                    chunk.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                // The body never ends (the connection stays open for the test's length).
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let client = client_for(&addr, None);
+    let answer = tokio::time::timeout(Duration::from_secs(2), client.agent_services())
+        .await
+        .expect("the error answer's body was read to its end");
+    let error = answer.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Status, "{error}");
+    assert_eq!(error.status_code(), Some(500));
+    assert!(
+        error.to_string().contains("rpc error: no leader"),
+        "{error}"
+    );
+}
+
 /// A timeout around `register` that fires while the register request is in flight (the
 /// agent has it, its answer is slow) must not leave the service registered with nobody to
 /// remove it.
