@@ -300,7 +300,8 @@ pub struct ServerConfig {
     /// `X-Forwarded-For` and `Forwarded` are appended to and its `X-Forwarded-Host` /
     /// `-Proto` kept, and per-client IP limits key on the client it reports in
     /// `X-Forwarded-For`; from any other peer, these headers are replaced by what the
-    /// gateway saw.
+    /// gateway saw. A network of every address (`0.0.0.0/0`, `::/0`) lets any client
+    /// name its own address: accepted, and logged as a warning.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     /// The leading bits of an IPv6 client's address that per-client IP limits key on

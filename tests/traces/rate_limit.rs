@@ -54,3 +54,30 @@ async fn refusals_for_a_missing_key_are_logged_at_most_once_a_second() {
     assert_eq!(lines().len(), 2, "{:?}", lines());
     assert!(lines()[1].contains("suppressed=999"), "{:?}", lines());
 }
+
+/// Trusting every address as a proxy (`0.0.0.0/0`, `::/0`) lets any client name the
+/// address it is limited as: accepted, but never silently. It was not logged at all.
+#[test]
+fn trusting_every_address_as_a_proxy_is_a_warning() {
+    use seawall::rate_limit::http::ClientIp;
+    let recorded = crate::recorded();
+    let lines = || -> Vec<String> {
+        let events = recorded.events.lock().unwrap();
+        let ours = events
+            .iter()
+            .filter(|l| l.contains("every address is trusted as a proxy"));
+        ours.cloned().collect()
+    };
+    let before = lines().len();
+    ClientIp::trusting(["10.0.0.0/8", "::1"]).unwrap();
+    assert_eq!(lines().len(), before, "{:?}", lines());
+    ClientIp::trusting(["10.0.0.0/8", "0.0.0.0/0"]).unwrap();
+    ClientIp::trusting_nets(["::/0".parse().unwrap()]);
+    let new = &lines()[before..];
+    assert_eq!(new.len(), 2, "{new:?}");
+    assert!(
+        new[0].starts_with("WARN") && new[0].contains("net=0.0.0.0/0"),
+        "{new:?}"
+    );
+    assert!(new[1].contains("net=::/0"), "{new:?}");
+}

@@ -148,6 +148,11 @@ impl ClientIp {
     }
 
     /// Believes forwarding headers from these proxies (addresses or CIDR networks).
+    ///
+    /// A network of every address (`0.0.0.0/0`, `::/0`) trusts every peer: any client
+    /// can then name the address it is keyed and limited as, and a per-client limit
+    /// holds nobody. It is accepted (a fleet behind a load balancer whose addresses are
+    /// not known may need it) and, with the `tracing` feature, logged as a `WARN`.
     pub fn trusting<I, S>(proxies: I) -> Result<Self, InvalidNet>
     where
         I: IntoIterator<Item = S>,
@@ -157,6 +162,7 @@ impl ClientIp {
             .into_iter()
             .map(|p| parse_net(p.as_ref()))
             .collect::<Result<_, _>>()?;
+        warn_if_everyone(&trusted);
         let trusted = (!trusted.is_empty()).then(|| trusted.into());
         Ok(Self {
             trusted,
@@ -165,9 +171,11 @@ impl ClientIp {
     }
 
     /// Believes forwarding headers from these networks, already parsed ([`IpNet`] is the
-    /// [`ipnet`](https://docs.rs/ipnet) crate's, re-exported).
+    /// [`ipnet`](https://docs.rs/ipnet) crate's, re-exported). Every address trusted is
+    /// logged, as with [`trusting`](Self::trusting).
     pub fn trusting_nets(nets: impl IntoIterator<Item = IpNet>) -> Self {
         let trusted: Vec<IpNet> = nets.into_iter().collect();
+        warn_if_everyone(&trusted);
         Self {
             trusted: (!trusted.is_empty()).then(|| trusted.into()),
             ..Self::default()
@@ -330,6 +338,23 @@ impl<B> KeyExtractor<Request<B>> for PathKey {
         };
         Some(BoundedKey::new(&path.as_bytes()[..end]))
     }
+}
+
+/// Logs a trusted network of every address (`/0`): every peer may then set the client
+/// address limits key on.
+fn warn_if_everyone(nets: &[IpNet]) {
+    #[cfg(feature = "tracing")]
+    if let Some(net) = nets.iter().find(|net| net.prefix_len() == 0) {
+        tracing::warn!(
+            target: "seawall::rate_limit",
+            net = %net,
+            "every address is trusted as a proxy: any client can name the address it is \
+             keyed and limited as (X-Forwarded-For, Forwarded); list the proxies' own \
+             addresses instead"
+        );
+    }
+    #[cfg(not(feature = "tracing"))]
+    let _ = nets;
 }
 
 #[cfg(test)]
