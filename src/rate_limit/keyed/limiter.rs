@@ -233,10 +233,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     /// request, having refilled at the old rate meanwhile (a lowered quota would not hold
     /// until then), and a full shard would judge its buckets refilled by the old rate.
     /// The quotas are looked up with no lock held (a quota function may call back into
-    /// this limiter); a bucket charged or moved meanwhile by a check is left to it.
+    /// this limiter); a bucket moved meanwhile (by a check, or by a later change) is
+    /// left as it is. A shard some of whose buckets now refill sooner may be swept again
+    /// at its next new key.
     fn rescale_all(&self, at: u64) {
         let version = self.inner.version.load(Acquire) as u32;
-        let mut stale = Vec::new();
+        let mut stale: Vec<(K, u32)> = Vec::new();
         for shard in self.inner.shards.iter() {
             stale.extend(
                 shard
@@ -244,23 +246,31 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                     .table
                     .iter()
                     .filter(|row| row.1.version != version)
-                    .map(|row| row.0.clone()),
+                    .map(|row| (row.0.clone(), row.1.version)),
             );
             if stale.is_empty() {
                 continue;
             }
             let fresh: Vec<Entry> = stale
                 .iter()
-                .map(|key| self.entry_for(key, at, version))
+                .map(|(key, _)| self.entry_for(key, at, version))
                 .collect();
             let mut guard = shard.lock();
-            for (key, fresh) in stale.drain(..).zip(fresh) {
+            let mut earlier = false;
+            for ((key, seen), fresh) in stale.drain(..).zip(fresh) {
                 let hash = self.inner.hasher.hash_one(&key);
                 if let Some(row) = guard.table.find_mut(hash, |row| row.0 == key) {
-                    if row.1.version != version {
+                    // Only a row nobody moved since it was seen (not one a later change
+                    // or a check moved on).
+                    if row.1.version == seen {
+                        let before = row.1.tat;
                         rescale(&mut row.1, fresh, at);
+                        earlier |= row.1.tat < before;
                     }
                 }
+            }
+            if earlier {
+                guard.next_idle = 0;
             }
         }
     }
@@ -518,8 +528,20 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         let shard = &self.inner.shards[shard_index(hash)];
         let eq = |row: &Row<K>| row.0.borrow() == key;
         let owned = key.to_owned();
-        let mut entry = self.entry_for(&owned, now, version);
-        let mut guard = shard.lock();
+        let mut version = version;
+        let (mut entry, mut guard) = loop {
+            let entry = self.entry_for(&owned, now, version);
+            let guard = shard.lock();
+            let current = self.inner.version.load(Acquire) as u32;
+            if current == version {
+                break (entry, guard);
+            }
+            // The quotas changed while the quota was looked up: again, under the new
+            // ones (a row inserted now under the old version might be missed by the
+            // change's rescale).
+            drop(guard);
+            version = current;
+        };
         if let Some(row) = guard.table.find_mut(hash, eq) {
             // Built under an older quota (or inserted by another caller meanwhile):
             // rescale it if need be, then charge it.
@@ -539,7 +561,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             return (step, true);
         }
         let cap = self.inner.per_shard.load(Relaxed);
-        if guard.table.len() >= cap && !make_room(&mut guard, now, cap, &self.inner.hasher) {
+        let quotas = Quotas {
+            version,
+            changed_at: self.inner.changed_at.load(Relaxed),
+        };
+        if guard.table.len() >= cap && !make_room(&mut guard, now, cap, quotas, &self.inner.hasher)
+        {
             // Full of buckets that still hold a debt: the new key draws from the
             // overflow bucket, shared by every key without a bucket of its own.
             drop(guard);
@@ -671,7 +698,17 @@ fn take(entry: &mut Entry, now: u64, tokens: u32, max_wait: u64) -> Step {
 /// as rows refill would otherwise each scan the shard to free about one row. The scan is
 /// amortised over the rows freed: a bounded number of rows visited per new key, whatever
 /// the table's size.
-fn make_room<K: Hash>(shard: &mut Shard<K>, now: u64, cap: usize, hasher: &RandomState) -> bool {
+///
+/// A bucket built under older quotas, which the change's pass over the table
+/// ([`KeyedRateLimiter::rescale_all`]) has not reached yet, is kept if it owed tokens when
+/// the quotas changed: its arrival time, by its old rate, does not say when it refills.
+fn make_room<K: Hash>(
+    shard: &mut Shard<K>,
+    now: u64,
+    cap: usize,
+    quotas: Quotas,
+    hasher: &RandomState,
+) -> bool {
     if now < shard.next_idle {
         return false;
     }
@@ -681,7 +718,8 @@ fn make_room<K: Hash>(shard: &mut Shard<K>, now: u64, cap: usize, hasher: &Rando
     }
     let (mut earliest, mut latest) = (u64::MAX, 0);
     shard.table.retain(|row| {
-        let kept = row.1.tat > now;
+        let kept =
+            row.1.tat > now || (row.1.version != quotas.version && row.1.tat > quotas.changed_at);
         if kept {
             earliest = earliest.min(row.1.tat);
             latest = latest.max(row.1.tat);
@@ -703,6 +741,13 @@ fn make_room<K: Hash>(shard: &mut Shard<K>, now: u64, cap: usize, hasher: &Rando
         refilled_by(&shard.table, want, earliest, latest)
     };
     len < cap
+}
+
+/// The quotas' version (its low bits, as entries keep it) and when they last changed.
+#[derive(Clone, Copy)]
+struct Quotas {
+    version: u32,
+    changed_at: u64,
 }
 
 /// The rows a sweep of a shard of `cap` rows must be able to free: an eighth of them.
@@ -981,13 +1026,55 @@ mod tests {
         );
     }
 
+    /// Keys of three shards, `z`'s swept before `a`'s by a quota change's pass (shards are
+    /// taken in order), and `b` in `a`'s shard.
+    fn keys_across_shards(limiter: &KeyedRateLimiter<u64, ManualClock>) -> (u64, u64, u64) {
+        let shard_of = |key: &u64| shard_index(limiter.inner.hasher.hash_one(key));
+        let a = (0..).find(|key| shard_of(key) > 0).unwrap();
+        let b = (a + 1..).find(|key| shard_of(key) == shard_of(&a)).unwrap();
+        let z = (0..).find(|key| shard_of(key) < shard_of(&a)).unwrap();
+        (a, b, z)
+    }
+
+    /// Starts a quota change to `quota` on another thread, whose pass over the table
+    /// waits in the quota function at key `z` until the returned sender is dropped or
+    /// sent to; returns once it waits. `also` runs in the quota function for every other
+    /// key.
+    fn change_waiting_at(
+        limiter: &KeyedRateLimiter<u64, ManualClock>,
+        z: u64,
+        quota: Quota,
+        also: impl Fn(&u64) + Send + Sync + 'static,
+    ) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+        let (waiting, waits) = mpsc::channel::<()>();
+        let (go, wait) = mpsc::channel::<()>();
+        let wait = std::sync::Mutex::new(Some(wait));
+        let change = std::thread::spawn({
+            let limiter = limiter.clone();
+            move || {
+                limiter.set_quota_fn(move |key: &u64| {
+                    if *key == z {
+                        if let Some(wait) = wait.lock().unwrap().take() {
+                            waiting.send(()).unwrap();
+                            let _ = wait.recv();
+                        }
+                    } else {
+                        also(key);
+                    }
+                    quota
+                })
+            }
+        });
+        waits.recv().unwrap();
+        (go, change)
+    }
+
     /// A key's bucket built under older quotas, dropped to make room for another key
     /// while the check looks the key's new quota up (outside the shard's lock), so that
     /// the key is gone when the lock is taken again. The check must go on as for a new
     /// key. It used to take the shard's lock a second time while still holding it: a
-    /// deadlock. (A quota change moves every bucket at once; one is left under the older
-    /// quotas when a check inserts it after the change, having looked its quota up
-    /// before: that is how this bucket is made.)
+    /// deadlock. (The bucket is under the older quotas while the change's pass over the
+    /// table has not reached its shard.)
     #[test]
     fn a_bucket_dropped_while_its_quota_is_looked_up_does_not_deadlock() {
         let quota = Quota::new(Rate::per_second(10), 1).unwrap();
@@ -996,33 +1083,15 @@ mod tests {
             KeyedRateLimiter::with_clock(quota, clock.clone());
         // One bucket a shard.
         limiter.set_max_keys(SHARDS);
-        let a = 0u64;
-        let shard_of = |key: &u64| shard_index(limiter.inner.hasher.hash_one(key));
-        let b = (1..).find(|key| shard_of(key) == shard_of(&a)).unwrap();
-
-        // `a`'s first check looks its quota up under the old function, and waits there
-        // while the quotas change; it then inserts `a`'s bucket, under the old version.
-        let (looking, looked_up) = mpsc::channel::<()>();
-        let (go, wait) = mpsc::channel::<()>();
-        let wait = std::sync::Mutex::new(Some(wait));
-        limiter.set_quota_fn(move |key: &u64| {
-            if *key == a {
-                if let Some(wait) = wait.lock().unwrap().take() {
-                    looking.send(()).unwrap();
-                    wait.recv().unwrap();
-                }
-            }
-            quota
-        });
-        let first = std::thread::spawn({
-            let limiter = limiter.clone();
-            move || limiter.try_acquire(&a, 1)
-        });
-        looked_up.recv().unwrap();
+        let (a, b, z) = keys_across_shards(&limiter);
+        assert!(limiter.try_acquire(&a, 1).is_ok());
+        assert!(limiter.try_acquire(&z, 1).is_ok());
+        // `a` refills: its bucket may now be dropped to make room.
+        clock.advance(Duration::from_secs(1));
 
         let handle: Arc<OnceLock<KeyedRateLimiter<u64, ManualClock>>> = Arc::default();
         let evicted = Arc::new(AtomicBool::new(false));
-        limiter.set_quota_fn({
+        let (go, change) = change_waiting_at(&limiter, z, quota, {
             let (handle, evicted) = (handle.clone(), evicted.clone());
             move |key: &u64| {
                 if *key == a && handle.get().is_some() && !evicted.swap(true, SeqCst) {
@@ -1030,14 +1099,8 @@ mod tests {
                     let limiter = handle.get().unwrap();
                     assert!(limiter.try_acquire(&b, 1).is_ok());
                 }
-                quota
             }
         });
-        go.send(()).unwrap();
-        assert!(first.join().unwrap().is_ok());
-        assert_eq!(limiter.len(), 1);
-        // `a` refills: its bucket may now be dropped to make room.
-        clock.advance(Duration::from_secs(1));
         handle.set(limiter.clone()).ok().unwrap();
 
         let (done, finished) = mpsc::channel();
@@ -1051,6 +1114,187 @@ mod tests {
         assert!(evicted.load(SeqCst), "the quota function did not run");
         // The shard is full of `b`'s debt: `a` draws from the overflow bucket.
         assert!(answer.is_ok(), "{answer:?}");
-        assert_eq!(limiter.len(), 1);
+        drop(go);
+        change.join().unwrap();
+        assert_eq!(limiter.len(), 2, "`z` and `b`");
+    }
+
+    fn quota_per_second(per_second: u32, burst: u32) -> Quota {
+        Quota::new(Rate::per_second(per_second), burst).unwrap()
+    }
+
+    /// Two quota changes, the first one's pass over the table slow (its quota function
+    /// waits): it took the shard's lock again after the second change had moved the
+    /// bucket, and moved it back to the first change's quota, as of the first change's
+    /// time; the next check moved it to the current quota as of the second change's,
+    /// and the debt taken in between was gone. A pass moves only the buckets it saw.
+    #[test]
+    fn a_slow_quota_change_does_not_undo_a_later_one() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(quota_per_second(1, 10), clock.clone());
+        let k = 0u64;
+        assert_eq!(limiter.try_acquire(&k, 1), Ok(9));
+
+        // Change 1 (1000/s) at t = 0: its rescale waits in the quota function.
+        let (entered, in_fn) = mpsc::channel::<()>();
+        let (release, wait) = mpsc::channel::<()>();
+        let wait = std::sync::Mutex::new(Some(wait));
+        let first = std::thread::spawn({
+            let limiter = limiter.clone();
+            move || {
+                limiter.set_quota_fn(move |_: &u64| {
+                    if let Some(wait) = wait.lock().unwrap().take() {
+                        entered.send(()).unwrap();
+                        wait.recv().unwrap();
+                    }
+                    quota_per_second(1000, 10)
+                })
+            }
+        });
+        in_fn.recv().unwrap();
+
+        // Change 2 (1/s) at t = 50 ms, completes; the key empties its bucket at t = 60 ms.
+        clock.advance(Duration::from_millis(50));
+        limiter.set_quota_fn(|_: &u64| quota_per_second(1, 10));
+        clock.advance(Duration::from_millis(10));
+        assert_eq!(limiter.try_acquire(&k, 9), Ok(0));
+
+        // Change 1's rescale finishes.
+        release.send(()).unwrap();
+        first.join().unwrap();
+
+        // At 1/s, 10 ms after emptying its bucket, the key has no token.
+        clock.advance(Duration::from_millis(10));
+        let answer = limiter.try_acquire(&k, 10);
+        assert!(
+            answer.is_err(),
+            "{answer:?}: 19 tokens in 20 ms under the current 1/s, burst 10 quota"
+        );
+    }
+
+    /// A check that looked its key's quota up before a change and inserted its bucket
+    /// after the change's pass left it under the older quotas for good: a sweep judged it
+    /// refilled by its old rate and dropped it while it still owed most of its tokens
+    /// under the current quota, and its key got a fresh, full bucket. A check that sees
+    /// the quotas changed meanwhile looks its quota up again.
+    #[test]
+    fn a_bucket_inserted_across_a_quota_change_is_under_the_new_quota() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(quota_per_second(100, 100), clock.clone());
+        limiter.set_max_keys(2 * SHARDS); // two rows a shard
+        let shard_of = |key: &u64| shard_index(limiter.inner.hasher.hash_one(key));
+        let k = 0u64;
+        let mut same = (1..).filter(|key| shard_of(key) == shard_of(&k));
+        let (j, n, m) = (
+            same.next().unwrap(),
+            same.next().unwrap(),
+            same.next().unwrap(),
+        );
+        let tracked = |key: u64| {
+            let hash = limiter.inner.hasher.hash_one(key);
+            let shard = limiter.inner.shards[shard_of(&key)].lock();
+            shard.table.find(hash, |row| row.0 == key).is_some()
+        };
+        assert!(limiter.try_acquire(&j, 1).is_ok());
+
+        // `k`'s first check looks its quota (100/s) up and waits there.
+        let (entered, in_fn) = mpsc::channel::<()>();
+        let (release, wait) = mpsc::channel::<()>();
+        let wait = std::sync::Mutex::new(Some(wait));
+        limiter.set_quota_fn(move |key: &u64| {
+            if *key == k {
+                if let Some(wait) = wait.lock().unwrap().take() {
+                    entered.send(()).unwrap();
+                    wait.recv().unwrap();
+                }
+            }
+            quota_per_second(100, 100)
+        });
+        let first = std::thread::spawn({
+            let limiter = limiter.clone();
+            move || limiter.try_acquire(&k, 100)
+        });
+        in_fn.recv().unwrap();
+        // The quota is cut to 1/s meanwhile; then `k` empties its bucket (100 tokens owed).
+        limiter.set_quota_fn(|_: &u64| quota_per_second(1, 100));
+        release.send(()).unwrap();
+        assert_eq!(first.join().unwrap(), Ok(0));
+
+        clock.advance(Duration::from_secs(2));
+        // A new key in the full shard sweeps it: `k` owes 98 s, and is kept.
+        assert!(limiter.try_acquire(&n, 1).is_ok());
+        assert!(tracked(k), "`k`'s bucket was dropped with its debt");
+        // Its debt paid, it goes at the next sweep, as any refilled bucket (one left under
+        // the old quotas was kept until its key came back).
+        clock.advance(Duration::from_secs(200));
+        assert!(limiter.try_acquire(&m, 1).is_ok());
+        assert!(!tracked(k), "a refilled bucket was kept");
+        assert!(tracked(m));
+    }
+
+    /// A raised quota: every tracked bucket of a full shard refills at once, but the
+    /// shard's next sweep stayed at the old rate's time (an hour), and new keys drew from
+    /// the overflow bucket until then.
+    #[test]
+    fn a_raised_quota_lets_a_full_shard_make_room() {
+        let clock = ManualClock::new();
+        let hourly = Quota::new(Rate::per_hour(1), 1).unwrap();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(hourly, clock.clone());
+        limiter.set_max_keys(SHARDS); // one row a shard
+        let shard_of = |key: &u64| shard_index(limiter.inner.hasher.hash_one(key));
+        let a = 0u64;
+        let mut same = (1..).filter(|key| shard_of(key) == shard_of(&a));
+        let (b, c) = (same.next().unwrap(), same.next().unwrap());
+        assert!(limiter.try_acquire(&a, 1).is_ok());
+        clock.advance(Duration::from_secs(1));
+        // The shard is full of `a`'s debt (an hour): `b` draws from the overflow bucket.
+        assert!(limiter.try_acquire(&b, 1).is_ok());
+
+        // 1000/s: `a`'s debt of one token is a millisecond now.
+        limiter.set_default_quota(quota_per_second(1000, 1));
+        clock.advance(Duration::from_secs(1));
+        assert!(limiter.try_acquire(&c, 1).is_ok());
+        let hash = limiter.inner.hasher.hash_one(c);
+        let tracked = limiter.inner.shards[shard_of(&c)]
+            .lock()
+            .table
+            .find(hash, |row| row.0 == c)
+            .is_some();
+        assert!(
+            tracked,
+            "`a` refilled a second ago, yet `c` was sent to the overflow bucket"
+        );
+    }
+
+    /// While a change's pass over the table has not reached a shard, its buckets are
+    /// under the older quotas: a sweep there judged them by their old rates, and dropped
+    /// a bucket that owed a hundred tokens under the new quota (one second of them at the
+    /// old rate), giving its key a fresh one. Such a bucket is kept if it owed tokens at
+    /// the change.
+    #[test]
+    fn a_sweep_ahead_of_a_quota_change_keeps_the_buckets_it_has_not_moved() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(quota_per_second(100, 100), clock.clone());
+        limiter.set_max_keys(SHARDS); // one row a shard
+        let (a, b, z) = keys_across_shards(&limiter);
+        assert_eq!(limiter.try_acquire(&a, 100), Ok(0));
+        assert!(limiter.try_acquire(&z, 1).is_ok());
+        // Cut to 1/s: `a` owes 100 s. The pass waits at `z`, before `a`'s shard.
+        let (go, change) = change_waiting_at(&limiter, z, quota_per_second(1, 100), |_| {});
+        // Two seconds on, `a`'s old arrival time (1 s) is past: `b` finds the shard full.
+        clock.advance(Duration::from_secs(2));
+        assert!(limiter.try_acquire(&b, 1).is_ok());
+        go.send(()).unwrap();
+        change.join().unwrap();
+        assert_eq!(limiter.try_acquire(&a, 2), Ok(0), "two seconds at 1/s");
+        let answer = limiter.try_acquire(&a, 1);
+        assert!(
+            answer.is_err(),
+            "{answer:?}: `a`'s bucket was dropped with its debt"
+        );
     }
 }
