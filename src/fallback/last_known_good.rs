@@ -336,9 +336,7 @@ impl<K: Hash + Eq + Clone, R: Clone, F> LastKnownGood<K, R, F> {
         // Stored again: the most recent key now, so that eviction takes the keys stored
         // longest ago (its earlier place in `order` is left stale).
         store.remove(&key);
-        while store.map.len() >= self.max_entries
-            || store.bytes.saturating_add(weight) > self.max_bytes
-        {
+        while store.map.len() >= self.max_entries || store.bytes > self.max_bytes - weight {
             let Some((old, old_seq)) = store.order.pop_front() else {
                 break;
             };
@@ -431,5 +429,22 @@ where
             return ready(Err(error));
         };
         ready(self.cache.get(key).ok_or(error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With no `max_bytes` (`usize::MAX`), weights summing past `usize::MAX` evicted
+    /// nothing (`bytes + weight`, saturated, was never over the bound) and overflowed the
+    /// count: a panic in a debug build, the entry stored and not counted; a wrapped count
+    /// in release. The bound is now checked without the sum.
+    #[test]
+    fn weights_summing_past_usize_max_are_evicted_not_overflowed() {
+        let cache = LastKnownGood::new(|id: &u32| *id).weigh(|_: &String| usize::MAX / 2 + 1);
+        cache.put(1, "a".to_owned());
+        cache.put(2, "b".to_owned());
+        assert_eq!((cache.len(), cache.bytes()), (1, usize::MAX / 2 + 1));
     }
 }
