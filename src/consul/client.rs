@@ -29,6 +29,11 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 /// MiB).
 const MAX_BODY: usize = 64 << 20;
 
+/// How long the start of an error answer's body is waited for once its head has come:
+/// an agent's error text is a line, sent with the head; the status is the error, and is
+/// not held back for a body that stalls.
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(1);
+
 /// A client of the Consul agent's HTTP API.
 ///
 /// Cheap to clone: clones share one connection pool. Every request has a time limit: the
@@ -654,8 +659,9 @@ impl ConsulClient {
             };
             let (parts, body) = response.into_parts();
             if !parts.status.is_success() {
-                // Only the start of an error's body is kept: read no further.
-                let start = body_start(body, MAX_ERROR_BODY + 1).await;
+                // Only the start of an error's body is kept: read no further, nor wait
+                // long for it.
+                let start = body_start(body, MAX_ERROR_BODY + 1, ERROR_BODY_WAIT).await;
                 return Err(status_error(parts.status, &start));
             }
             let bytes = Limited::new(body, MAX_BODY)
@@ -704,13 +710,22 @@ fn failed_stale(error: &hyper_util::client::legacy::Error) -> bool {
         || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
 }
 
-/// The first `limit` bytes of `body` or fewer: what came before it ended, failed, or
-/// reached `limit`. The rest is not read (its connection is then not reused).
-async fn body_start<B: hyper::body::Body<Data = Bytes>>(body: B, limit: usize) -> Vec<u8> {
+/// The first `limit` bytes of `body` or fewer: what came before it ended, failed,
+/// reached `limit`, or `wait` passed. The rest is not read (its connection is then not
+/// reused).
+async fn body_start<B: hyper::body::Body<Data = Bytes>>(
+    body: B,
+    limit: usize,
+    wait: Duration,
+) -> Vec<u8> {
+    let deadline = tokio::time::Instant::now() + wait;
     let mut body = std::pin::pin!(body);
     let mut start = Vec::new();
     while start.len() < limit {
-        match body.frame().await {
+        let Ok(frame) = tokio::time::timeout_at(deadline, body.frame()).await else {
+            break;
+        };
+        match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let room = limit - start.len();
