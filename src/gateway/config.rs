@@ -1153,7 +1153,13 @@ impl GatewayConfig {
                 ConfigError::invalid(format!("gateway.trusted_proxies[{i}]"), e.to_string())
             })?;
         }
-        self.trusted_proxies()?;
+        // The prefix checked as `trusted_proxies` checks it, without making (and logging
+        // about) the trust itself: the server does that once.
+        crate::rate_limit::http::ClientIp::peer()
+            .ipv6_prefix(self.gateway.client_ipv6_prefix)
+            .map_err(|e| {
+                ConfigError::invalid("gateway.client_ipv6_prefix", e.reason().to_owned())
+            })?;
         if let Some(jwt) = &self.auth.jwt {
             jwt.resolve_secret()?;
             for (field, value) in [("issuer", &jwt.issuer), ("audience", &jwt.audience)] {

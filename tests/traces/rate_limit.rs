@@ -57,8 +57,9 @@ async fn refusals_for_a_missing_key_are_logged_at_most_once_a_second() {
 
 /// Trusting every address as a proxy (`0.0.0.0/0`, `::/0`) lets any client name the
 /// address it is limited as: accepted, but never silently. It was not logged at all.
-#[test]
-fn trusting_every_address_as_a_proxy_is_a_warning() {
+/// A gateway trusting it logs it once (its configuration's check does not log it again).
+#[tokio::test]
+async fn trusting_every_address_as_a_proxy_is_a_warning() {
     use seawall::rate_limit::http::ClientIp;
     let recorded = crate::recorded();
     let lines = || -> Vec<String> {
@@ -80,4 +81,17 @@ fn trusting_every_address_as_a_proxy_is_a_warning() {
         "{new:?}"
     );
     assert!(new[1].contains("net=::/0"), "{new:?}");
+    #[cfg(feature = "gateway")]
+    {
+        use seawall::gateway::{Discovery, Gateway, GatewayConfig};
+        let before = lines().len();
+        let config = GatewayConfig::from_toml_str(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"0.0.0.0/0\"]\n\
+             [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nservice = \"svc\"\n\
+             [[services]]\nname = \"svc\"\ninstances = [\"127.0.0.1:9\"]\n",
+        )
+        .unwrap();
+        let _gateway = Gateway::build(config, Discovery::Static).await.unwrap();
+        assert_eq!(lines().len(), before + 1, "{:?}", &lines()[before..]);
+    }
 }
