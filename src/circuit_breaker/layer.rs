@@ -79,7 +79,9 @@ impl<C, M> CircuitBreakerLayer<C, M> {
     /// Replaces the classifier that decides which results count as failures.
     ///
     /// Any `Fn(Result<&Response, &Error>) -> Outcome` works, as does
-    /// [`HttpClassifier`](super::HttpClassifier) with the `http` feature.
+    #[cfg_attr(feature = "http", doc = "[`HttpClassifier`](super::HttpClassifier)")]
+    #[cfg_attr(not(feature = "http"), doc = "`HttpClassifier`")]
+    /// with the `http` feature.
     #[must_use]
     pub fn with_classifier<C2>(self, classifier: C2) -> CircuitBreakerLayer<C2, M> {
         CircuitBreakerLayer {

@@ -122,8 +122,11 @@
 //!   the breaker (`ServiceBuilder::new().layer(breaker).timeout(d)`) and timeouts count as
 //!   failures with the default classifier, as with opossum's `timeout` option.
 //! * **Classification**: [`CircuitBreakerLayer::with_classifier`] takes any
-//!   `Fn(Result<&Res, &Err>) -> Outcome`; [`HttpClassifier`] (feature `http`) counts 5xx
-//!   responses and transport errors as failures and 4xx as successes.
+//!   `Fn(Result<&Res, &Err>) -> Outcome`;
+#![cfg_attr(feature = "http", doc = "  [`HttpClassifier`]")]
+#![cfg_attr(not(feature = "http"), doc = "  `HttpClassifier`")]
+//!   (feature `http`) counts 5xx responses and transport errors as failures and 4xx as
+//!   successes.
 //! * **Fallbacks**: [`crate::fallback`] turns a rejection (or any error) into a response.
 //! * **Errors**: by default the service's error is [`BoxError`](crate::BoxError), as in
 //!   tower: inner errors pass through unchanged and a rejection is a boxed [`CircuitOpen`],
@@ -131,8 +134,13 @@
 //!   [`Error<E>`], which keeps the inner error's type and a rejection's details
 //!   ([`Rejection`]: the breaker's name, its state, `retry_after`); `?` turns it into a
 //!   `BoxError` holding the [`Rejection`], which is what
-//!   [`problem`](crate::problem) and [`grpc`](crate::grpc) need to send `Retry-After` or
-//!   pushback. Both modes reject without allocating.
+#![cfg_attr(feature = "http", doc = "  [`problem`](crate::problem)")]
+#![cfg_attr(not(feature = "http"), doc = "  `problem`")]
+//!   (feature `http`) and
+#![cfg_attr(feature = "grpc", doc = "  [`grpc`](crate::grpc)")]
+#![cfg_attr(not(feature = "grpc"), doc = "  `grpc`")]
+//!   (feature `grpc`) need to send `Retry-After` or pushback. Both modes reject without
+//!   allocating.
 //! * **Sharing**: clones of a service, and every service wrapped by one layer, share one
 //!   breaker. Keep breakers by name in a [`Registry`].
 //!

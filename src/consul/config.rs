@@ -27,12 +27,27 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// With the feature `consul-tls`, an `https://` address (or `CONSUL_HTTP_SSL=true`)
 /// reaches an agent that serves its API over TLS (`ports.https`), with rustls and the
 /// *ring* provider, TLS 1.2 and 1.3. The agent's certificate is always verified: against
-/// webpki-roots (Mozilla's roots) unless [`ca_pem`](ConsulConfigBuilder::ca_pem) gives the
-/// CA that signed it, for the address's host unless
-/// [`tls_server_name`](ConsulConfigBuilder::tls_server_name) names another. There is no
-/// way to turn verification off. An agent with `verify_incoming` also needs
-/// [`client_certificate`](ConsulConfigBuilder::client_certificate). Every certificate and
-/// key is parsed when the configuration is built, and the key is never printed.
+/// webpki-roots (Mozilla's roots) unless
+#[cfg_attr(
+    feature = "consul-tls",
+    doc = "[`ca_pem`](ConsulConfigBuilder::ca_pem)"
+)]
+#[cfg_attr(not(feature = "consul-tls"), doc = "`ca_pem`")]
+/// gives the CA that signed it, for the address's host unless
+#[cfg_attr(
+    feature = "consul-tls",
+    doc = "[`tls_server_name`](ConsulConfigBuilder::tls_server_name)"
+)]
+#[cfg_attr(not(feature = "consul-tls"), doc = "`tls_server_name`")]
+/// names another. There is no way to turn verification off. An agent with
+/// `verify_incoming` also needs
+#[cfg_attr(
+    feature = "consul-tls",
+    doc = "[`client_certificate`](ConsulConfigBuilder::client_certificate)."
+)]
+#[cfg_attr(not(feature = "consul-tls"), doc = "`client_certificate`.")]
+/// Every certificate and key is parsed when the configuration is built, and the key is
+/// never printed.
 /// Connections are kept alive and reused as over plain HTTP; a failed handshake is a
 /// [`ConsulError`](super::ConsulError) that
 /// [`is_tls`](super::ConsulError::is_tls) and [`is_connect`](super::ConsulError::is_connect).

@@ -6,7 +6,10 @@
 //! * [`InstanceWatch::fixed`]: a static list;
 //! * [`Registry`]: an in-process registry, the embedded default when no Consul agent is
 //!   configured;
-//! * Consul (feature `consul`): [`crate::consul::ConsulWatch`], through blocking queries.
+//! * Consul (feature `consul`):
+#![cfg_attr(feature = "consul", doc = "  [`crate::consul::ConsulWatch`],")]
+#![cfg_attr(not(feature = "consul"), doc = "  `crate::consul::ConsulWatch`,")]
+//!   through blocking queries.
 //!
 //! [`ServiceDiscover`] diffs the snapshots into inserts and removals keyed by
 //! [`InstanceId`] (node and service ID), building each instance's service stack once, when

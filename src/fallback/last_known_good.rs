@@ -15,8 +15,11 @@ use super::policy::{Handler, Policy};
 /// Default number of keys a [`LastKnownGood`] remembers.
 pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
 
-/// Default bound on the bytes of the answers a [`LastKnownGood::http`] cache keeps (as
-/// its weigher counts them: each answer's header fields and body): 64 MiB.
+/// Default bound on the bytes of the answers a
+#[cfg_attr(feature = "http", doc = "[`LastKnownGood::http`]")]
+#[cfg_attr(not(feature = "http"), doc = "`LastKnownGood::http`")]
+/// cache (feature `http`) keeps (as its weigher counts them: each answer's header fields
+/// and body): 64 MiB.
 pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
 
 struct Entry<R> {
@@ -50,13 +53,19 @@ impl<K: Hash + Eq, R> Store<K, R> {
 ///
 /// "Successful" is every `Ok` unless [`keep_if`](Self::keep_if) says which: over an HTTP
 /// client a `5xx` is an `Ok` too, and would replace the good answer it is meant to stand
-/// in for. [`LastKnownGood::http`] keeps only `2xx` answers.
+/// in for.
+#[cfg_attr(feature = "http", doc = "[`LastKnownGood::http`]")]
+#[cfg_attr(not(feature = "http"), doc = "`LastKnownGood::http`")]
+/// (feature `http`) keeps only `2xx` answers.
 ///
 /// Memory is bounded: at most `max_entries` keys are kept (the key stored longest ago is
 /// evicted first: a key whose answers keep coming stays), so request-chosen keys cannot
 /// grow it without bound; with a [`weigh`](Self::weigh)er, at most
 /// [`max_bytes`](Self::max_bytes) of answers too (a set number of large answers is no
-/// bound: [`LastKnownGood::http`] weighs its answers and keeps [`DEFAULT_MAX_BYTES`]).
+/// bound:
+#[cfg_attr(feature = "http", doc = "[`LastKnownGood::http`]")]
+#[cfg_attr(not(feature = "http"), doc = "`LastKnownGood::http`")]
+/// weighs its answers and keeps [`DEFAULT_MAX_BYTES`]).
 /// With [`max_age`](Self::max_age), entries older than that are not served.
 ///
 /// ```
@@ -138,9 +147,11 @@ impl<K, R, F> LastKnownGood<K, R, F> {
     /// Keeps answers of at most `n` bytes in all, as [`weigh`](Self::weigh) counts them
     /// (the keys stored longest ago are evicted first to make room; an answer heavier
     /// than `n` alone is not kept, and the last one kept for its key stays, as with
-    /// [`keep_if`](Self::keep_if)). [`LastKnownGood::http`] weighs answers by their header
-    /// fields and body and keeps [`DEFAULT_MAX_BYTES`]; [`new`](Self::new) has no
-    /// weigher, so this bounds nothing until one is given.
+    /// [`keep_if`](Self::keep_if)).
+    #[cfg_attr(feature = "http", doc = "[`LastKnownGood::http`]")]
+    #[cfg_attr(not(feature = "http"), doc = "`LastKnownGood::http`")]
+    /// weighs answers by their header fields and body and keeps [`DEFAULT_MAX_BYTES`];
+    /// [`new`](Self::new) has no weigher, so this bounds nothing until one is given.
     #[must_use]
     pub fn max_bytes(mut self, n: usize) -> Self {
         self.max_bytes = n;

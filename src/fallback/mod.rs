@@ -5,8 +5,10 @@
 //! * [`FallbackLayer::value`]: a fixed value;
 //! * [`FallbackLayer::from_fn`]: a closure over the error;
 //! * [`FallbackLayer::from_async_fn`]: an async closure over the error;
-//! * [`FallbackLayer::response`] (feature `http`): an HTTP response built per use from a
-//!   status, headers and bytes, for any body `B: From<Bytes>` (axum's included);
+#![cfg_attr(feature = "http", doc = "* [`FallbackLayer::response`]")]
+#![cfg_attr(not(feature = "http"), doc = "* `FallbackLayer::response`")]
+//!   (feature `http`): an HTTP response built per use from a status, headers and bytes,
+//!   for any body `B: From<Bytes>` (axum's included);
 //! * [`LastKnownGood`]: the most recent successful response for the same key, a cache
 //!   fallback as opossum users write by hand;
 //! * [`FallbackLayer::new`] with your own [`Policy`].

@@ -83,7 +83,12 @@ pub struct GatewayConfig {
 
 /// `[redis]`: the store of the limits with `policy = "redis"` (feature `redis`).
 ///
-/// Each such limit is a [`RedisRateLimiter`](crate::rate_limit::redis::RedisRateLimiter)
+/// Each such limit is a
+#[cfg_attr(
+    feature = "redis",
+    doc = "[`RedisRateLimiter`](crate::rate_limit::redis::RedisRateLimiter)"
+)]
+#[cfg_attr(not(feature = "redis"), doc = "`RedisRateLimiter`")]
 /// of its own (one connection, one breaker around Redis), keyed
 /// `<prefix>:<route>:global:{all}` or `<prefix>:<route>:client:{<client>}`, so replicas
 /// with the same routes share the same buckets. A client key longer than 64 bytes is
@@ -111,7 +116,12 @@ pub struct RedisSettings {
     #[serde(default = "default_redis_prefix")]
     pub prefix: String,
     /// How long a check may wait for Redis before the failure policy answers it (default
-    /// 200ms; see the [Redis limiter's defaults](crate::rate_limit::redis)).
+    /// 200ms; see the
+    #[cfg_attr(
+        feature = "redis",
+        doc = "[Redis limiter's defaults](crate::rate_limit::redis))."
+    )]
+    #[cfg_attr(not(feature = "redis"), doc = "Redis limiter's defaults).")]
     #[serde(default = "default_redis_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
     /// While Redis cannot answer: `"open"` (the default) limits each replica with its
@@ -128,7 +138,12 @@ pub struct RedisSettings {
     /// spare round trips for busy keys; tokens a replica holds are not available to the
     /// others, and are used up to `batch_max_age` after they were taken, so over an
     /// interval the fleet admits up to `batch_max_age` of refill more than the limit
-    /// would (see [`RedisRateLimiterBuilder::batch`](crate::rate_limit::redis::RedisRateLimiterBuilder::batch)).
+    /// would (see
+    #[cfg_attr(
+        feature = "redis",
+        doc = "[`RedisRateLimiterBuilder::batch`](crate::rate_limit::redis::RedisRateLimiterBuilder::batch))."
+    )]
+    #[cfg_attr(not(feature = "redis"), doc = "`RedisRateLimiterBuilder::batch`).")]
     #[serde(default = "default_batch")]
     pub batch: u32,
     /// How long tokens taken ahead may be used before they are given up (default 100ms).
@@ -142,8 +157,13 @@ pub struct RedisSettings {
 }
 
 /// `[redis.tls]`: how the gateway checks a `rediss://` Redis, and what it shows it (feature
-/// `redis-tls`; see [`RedisTls`](crate::rate_limit::redis)). The files are read, and
-/// their certificates and key parsed, when the configuration loads.
+/// `redis-tls`; see
+#[cfg_attr(
+    feature = "redis-tls",
+    doc = "[`RedisTls`](crate::rate_limit::redis::RedisTls))."
+)]
+#[cfg_attr(not(feature = "redis-tls"), doc = "`RedisTls`).")]
+/// The files are read, and their certificates and key parsed, when the configuration loads.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]

@@ -473,7 +473,10 @@
 //! Replicas behind a load balancer each hold their own local limits, so N of them admit N
 //! times a local limit. With `policy = "redis"` a limit is one bucket per key in Redis
 //! (a GCRA script timed by Redis's clock, so the replicas' clocks need not agree), and
-//! the fleet admits the limit once: the [Redis limiter](crate::rate_limit::redis)'s
+//! the fleet admits the limit once: the
+#![cfg_attr(feature = "redis", doc = "[Redis limiter](crate::rate_limit::redis)'s")]
+#![cfg_attr(not(feature = "redis"), doc = "Redis limiter's")]
+//! (feature `redis`)
 //! guarantees apply (never more than burst + rate × elapsed; with `batch`, tokens a
 //! replica took ahead are not available to the others until used or given up). A check is
 //! a round trip (about 70 µs on loopback) made only for requests the local limits

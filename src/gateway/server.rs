@@ -213,7 +213,10 @@ impl Gateway {
     /// # Panics
     ///
     /// Outside a tokio runtime: the gateway spawns a task that closes upstream
-    /// connections left idle for 30 s (and, with [`Discovery::Consul`], one per watch).
+    /// connections left idle for 30 s (and, with
+    #[cfg_attr(feature = "consul", doc = "[`Discovery::Consul`]")]
+    #[cfg_attr(not(feature = "consul"), doc = "`Discovery::Consul`")]
+    /// (feature `consul`), one per watch).
     pub async fn build(config: GatewayConfig, discovery: Discovery) -> Result<Self, BuildError> {
         config.validate()?;
         // Before any breaker or limiter registers its metric handles.

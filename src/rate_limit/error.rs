@@ -119,8 +119,18 @@ impl fmt::Display for RateLimited {
 impl std::error::Error for RateLimited {}
 
 /// What a keyed layer does with a request whose key cannot be taken (for
-/// [`ClientIp`](crate::rate_limit::http::ClientIp): no peer address; for
-/// [`HeaderKey`](crate::rate_limit::http::HeaderKey): no header; for a closure: `None`).
+#[cfg_attr(
+    feature = "http",
+    doc = "[`ClientIp`](crate::rate_limit::http::ClientIp):"
+)]
+#[cfg_attr(not(feature = "http"), doc = "`ClientIp`:")]
+/// no peer address; for
+#[cfg_attr(
+    feature = "http",
+    doc = "[`HeaderKey`](crate::rate_limit::http::HeaderKey):"
+)]
+#[cfg_attr(not(feature = "http"), doc = "`HeaderKey`:")]
+/// no header; for a closure: `None`; `ClientIp` and `HeaderKey` need the `http` feature).
 /// Such a request is never silently unlimited unless asked.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OnMissingKey {

@@ -33,10 +33,14 @@ pub enum Decision<Ch> {
     /// [`MissingKey`](super::MissingKey), the HTTP layers answer `500`. Never let through.
     MissingKey,
     /// Refused because the limit could not decide: its store did not answer and it fails
-    /// closed (the Redis limiter under
-    /// [`FailurePolicy::FailClosed`](super::redis::FailurePolicy::FailClosed)). The tower
-    /// layers fail with this error, the HTTP layers answer `503` with `Retry-After: 1`.
-    /// Never let through.
+    /// closed (the Redis limiter, feature `redis`, under
+    #[cfg_attr(
+        feature = "redis",
+        doc = "[`FailurePolicy::FailClosed`](super::redis::FailurePolicy::FailClosed))."
+    )]
+    #[cfg_attr(not(feature = "redis"), doc = "`FailurePolicy::FailClosed`).")]
+    /// The tower layers fail with this error, the HTTP layers answer `503` with
+    /// `Retry-After: 1`. Never let through.
     Unavailable(BoxError),
 }
 

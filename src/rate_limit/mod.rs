@@ -56,14 +56,25 @@
 //! [`KeyedRateLimitLayer`] (built from a quota, with a waiting mode), and, with the `http`
 //! feature, `http::HttpRateLimitLayer` (a refusal is a `429` with rate-limit headers). The
 //! modules follow the concepts: `local` (one bucket),
-//! `keyed` (a bucket per key), `sharded` (one bucket split across cores), [`redis`] and
-//! [`http`]; everything is re-exported here.
+//! `keyed` (a bucket per key), `sharded` (one bucket split across cores),
+#![cfg_attr(feature = "redis", doc = "[`redis`]")]
+#![cfg_attr(not(feature = "redis"), doc = "`redis`")]
+//! (feature `redis`) and
+#![cfg_attr(feature = "http", doc = "[`http`]")]
+#![cfg_attr(not(feature = "http"), doc = "`http`")]
+//! (feature `http`); everything is re-exported here.
 //!
-//! With the `http` feature, [`http`] answers refused requests with 429 and the IETF
+//! With the `http` feature,
+#![cfg_attr(feature = "http", doc = "[`http`]")]
+#![cfg_attr(not(feature = "http"), doc = "`http`")]
+//! answers refused requests with 429 and the IETF
 //! `RateLimit` headers, extracts keys (client IP behind trusted proxies, API-key header,
 //! route), and honours an upstream's `Retry-After` on the client side.
 //!
-//! With the `redis` feature, [`redis::RedisRateLimiter`] keeps the buckets in Redis for a
+//! With the `redis` feature,
+#![cfg_attr(feature = "redis", doc = "[`redis::RedisRateLimiter`]")]
+#![cfg_attr(not(feature = "redis"), doc = "`redis::RedisRateLimiter`")]
+//! keeps the buckets in Redis for a
 //! fleet of replicas (one round trip per check, a circuit breaker around Redis, fail-open
 //! to a local share or fail-closed, optional batching), under the same layers.
 //! [`ShardedRateLimiter`] scales a single very hot limiter across cores.
@@ -79,8 +90,12 @@
 //! * [`LimitLayer`], [`RateLimitLayer`] in [`Mode::Reject`] and [`KeyedRateLimitLayer`] refund when the
 //!   inner service fails with a [`RateLimited`] (anywhere in the error's source chain):
 //!   the refusal of any seawall limit further in, local or Redis.
-//! * [`http::HttpRateLimitLayer`] refunds when the inner service's response is a `429`
-//!   marked [`http::Refused`]: the refusal of another HTTP layer, local or Redis.
+#![cfg_attr(feature = "http", doc = "* [`http::HttpRateLimitLayer`]")]
+#![cfg_attr(not(feature = "http"), doc = "* `http::HttpRateLimitLayer`")]
+//!   (feature `http`) refunds when the inner service's response is a `429` marked
+#![cfg_attr(feature = "http", doc = "  [`http::Refused`]:")]
+#![cfg_attr(not(feature = "http"), doc = "  `http::Refused`:")]
+//!   the refusal of another HTTP layer, local or Redis.
 //! * Refunds are exact and bounded ([`RateLimiter::refund`]): at most the tokens taken,
 //!   less what the bucket has refilled since, never above the burst. For the instant
 //!   between the take and the inner refusal the tokens are out of the bucket, so a
@@ -90,8 +105,10 @@
 //!   the limiter through a block the limiter holds for its life, only when it refunds.
 //! * Not refunded: [`Mode::Wait`] tokens (waited for, then used), the waiting keyed
 //!   layer ([`KeyedRateLimitLayer::wait`]), and the Redis limits as *outer* layers (a
-//!   refund there would be another round trip to Redis; see [`redis`]). Put the Redis
-//!   limit innermost: the local layers outside it refund when it refuses.
+//!   refund there would be another round trip to Redis; see
+#![cfg_attr(feature = "redis", doc = "  [`redis`]).")]
+#![cfg_attr(not(feature = "redis"), doc = "  `redis`).")]
+//!   Put the Redis limit innermost: the local layers outside it refund when it refuses.
 //! * HTTP and tower layers do not see each other's refusals (a `429` response is no
 //!   error, and an error is no response): stack HTTP layers with HTTP layers, tower
 //!   layers with tower layers.
@@ -212,8 +229,15 @@ where
 /// Takes the key a request is limited under (client, API key, route…).
 ///
 /// Implemented for every `Fn(&Request) -> Option<Key>`; with the `http` feature,
-/// [`http::ClientIp`], [`http::HeaderKey`] and [`http::PathKey`] are ready-made. `None`
-/// leaves the request out of per-key limiting.
+#[cfg_attr(
+    feature = "http",
+    doc = "[`http::ClientIp`], [`http::HeaderKey`] and [`http::PathKey`]"
+)]
+#[cfg_attr(
+    not(feature = "http"),
+    doc = "`http::ClientIp`, `http::HeaderKey` and `http::PathKey`"
+)]
+/// are ready-made. `None` leaves the request out of per-key limiting.
 pub trait KeyExtractor<Request> {
     /// The key type.
     type Key;

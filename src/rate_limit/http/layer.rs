@@ -51,7 +51,12 @@ pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-rateli
 ///
 /// Over the Redis-backed limiter (feature `redis`: `HttpRateLimitLayer::new(limiter)` for
 /// one global bucket, `HttpRateLimitLayer::new(limiter.per_key(extractor))` per key; see
-/// [`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer)) the answers are the same,
+#[cfg_attr(
+    feature = "redis",
+    doc = "[`HttpRedisRateLimitLayer`](super::HttpRedisRateLimitLayer))"
+)]
+#[cfg_attr(not(feature = "redis"), doc = "`HttpRedisRateLimitLayer`)")]
+/// the answers are the same,
 /// after one round trip, and a `503` with `Retry-After: 1` when Redis cannot answer and
 /// the limiter fails closed (marked [`Undecided::Unavailable`]). Its refusals are marked
 /// [`Refused`] too, so local layers outside it refund; it does not refund itself (a refund

@@ -20,8 +20,13 @@ const DIGEST: u8 = u8::MAX;
 ///
 /// The digest is two SipHash-2-4 values of the value (domain-separated) under a fixed
 /// key: every process, and every version of this crate, digests a value alike, so that
-/// replicas sharing buckets through Redis ([`HeaderKey`](crate::rate_limit::http) with
-/// the Redis limiter) agree on a long value's bucket, and a restarted replica finds it
+/// replicas sharing buckets through Redis
+#[cfg_attr(
+    feature = "http",
+    doc = "([`HeaderKey`](crate::rate_limit::http::HeaderKey)"
+)]
+#[cfg_attr(not(feature = "http"), doc = "(`HeaderKey`")]
+/// with the Redis limiter) agree on a long value's bucket, and a restarted replica finds it
 /// again. A chance collision needs about 2^64 distinct long values. The key being public,
 /// a client could look for two long values of its own with one digest; that merges only
 /// the buckets of values it sends anyway. To collide with another client's value it

@@ -76,7 +76,10 @@
 //!
 //! With the `redis-tls` feature, a `rediss://` URL (or cluster nodes) connects over TLS
 //! (rustls, TLS 1.2 and 1.3), the server's certificate checked for the URL's host against
-//! webpki-roots, or against a private CA given with [`RedisTls`], which also holds a client
+//! webpki-roots, or against a private CA given with
+#![cfg_attr(feature = "redis-tls", doc = "[`RedisTls`],")]
+#![cfg_attr(not(feature = "redis-tls"), doc = "`RedisTls`,")]
+//! which also holds a client
 //! certificate for a server that asks for one (`valkeys://` is TLS too). Without the
 //! feature a `rediss://` URL is refused when the limiter is built, as is a TLS URL with a
 //! `#insecure` fragment (also with spaces, tabs or line breaks, which the URL parser
