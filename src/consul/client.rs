@@ -631,6 +631,7 @@ impl ConsulClient {
                 .map_err(|e| ConsulError::transport(false, e).with_request(request_name.clone()))
         };
         let first = request()?;
+        let deadline = tokio::time::Instant::now() + limit;
         let exchange = async {
             let transport = |e: hyper_util::client::legacy::Error| {
                 let connect = e.is_connect();
@@ -661,7 +662,10 @@ impl ConsulClient {
             if !parts.status.is_success() {
                 // Only the start of an error's body is kept: read no further, nor wait
                 // long for it.
-                let start = body_start(body, MAX_ERROR_BODY + 1, ERROR_BODY_WAIT).await;
+                // Within the request's limit (the limit's timer is polled after this).
+                let wait = ERROR_BODY_WAIT
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                let start = body_start(body, MAX_ERROR_BODY + 1, wait).await;
                 return Err(status_error(parts.status, &start));
             }
             let bytes = Limited::new(body, MAX_BODY)
@@ -677,7 +681,7 @@ impl ConsulClient {
                 .to_bytes();
             Ok((parts.headers, bytes))
         };
-        match tokio::time::timeout(limit, exchange).await {
+        match tokio::time::timeout_at(deadline, exchange).await {
             Ok(result) => result.map_err(|e| e.with_request(request_name)),
             Err(_) => Err(ConsulError::timeout(limit).with_request(request_name)),
         }
@@ -954,6 +958,41 @@ mod tests {
             "consul PUT /v1/agent/service/register: status 403: Permission denied"
         );
         assert!(!format!("{e} {e:?}").contains("tok-123"));
+    }
+
+    /// A client with a request limit under a second. The agent sends `500` with the
+    /// first bytes of its error text, then stalls: the error body was waited for a
+    /// second, past the request's limit, and the status lost to a timeout. The wait ends
+    /// within the limit.
+    #[tokio::test]
+    async fn a_stalled_error_body_keeps_its_status_under_a_short_limit() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = socket.read(&mut buf).await;
+                    let _ = socket
+                        .write_all(
+                            b"HTTP/1.1 500 Internal Server Error\r\n\
+                              Transfer-Encoding: chunked\r\n\r\n11\r\nNo cluster leader\r\n",
+                        )
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                });
+            }
+        });
+        let client = ConsulClient::new(
+            ConsulConfig::builder()
+                .address(addr.to_string())
+                .request_timeout(Duration::from_millis(500))
+                .build()
+                .unwrap(),
+        );
+        let e = client.status_leader().await.unwrap_err();
+        assert_eq!(e.status_code(), Some(500), "{e}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -192,9 +192,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     {
         let mut quota_fn = self.inner.quota_fn.write();
         *quota_fn = Some(Arc::new(f));
-        let now = self.quotas_changed();
+        let (now, version) = self.quotas_changed();
         drop(quota_fn);
-        self.rescale_all(now);
+        self.rescale_all(now, version);
     }
 
     /// Replaces the default quota, from now on: the buckets of the keys it applies to move
@@ -211,21 +211,21 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             Some(rescale_tat(tat, now, old, new))
         });
         *default = quota;
-        let now = self.quotas_changed();
+        let (now, version) = self.quotas_changed();
         drop(default);
-        self.rescale_all(now);
+        self.rescale_all(now, version);
     }
 
     /// Records a change of the quotas (made under their write lock): its time, and a new
     /// version. Returns the time.
-    fn quotas_changed(&self) -> u64 {
+    fn quotas_changed(&self) -> (u64, u32) {
         let now = self.inner.clock.now_nanos();
         self.inner.changed_at.store(now, Relaxed);
         // `Release`, with the check's `Acquire` load: a check that sees the new version
         // sees the new quotas and the change's time, so no bucket is tagged current with
         // the old quota.
-        self.inner.version.fetch_add(1, Release);
-        now
+        let version = self.inner.version.fetch_add(1, Release).wrapping_add(1);
+        (now, version as u32)
     }
 
     /// Moves every bucket built under older quotas to its key's quota, as of `at` (when
@@ -236,8 +236,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     /// this limiter); a bucket moved meanwhile (by a check, or by a later change) is
     /// left as it is. A shard some of whose buckets now refill sooner may be swept again
     /// at its next new key.
-    fn rescale_all(&self, at: u64) {
-        let version = self.inner.version.load(Acquire) as u32;
+    fn rescale_all(&self, at: u64, version: u32) {
         let mut stale: Vec<(K, u32)> = Vec::new();
         for shard in self.inner.shards.iter() {
             stale.extend(
@@ -256,6 +255,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                 .map(|(key, _)| self.entry_for(key, at, version))
                 .collect();
             let mut guard = shard.lock();
+            if self.inner.version.load(Acquire) as u32 != version {
+                // A later change's pass moves every row not at its version.
+                return;
+            }
             let mut earlier = false;
             for ((key, seen), fresh) in stale.drain(..).zip(fresh) {
                 let hash = self.inner.hasher.hash_one(&key);
@@ -529,11 +532,15 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         let eq = |row: &Row<K>| row.0.borrow() == key;
         let owned = key.to_owned();
         let mut version = version;
+        let mut lookups = 0;
         let (mut entry, mut guard) = loop {
             let entry = self.entry_for(&owned, now, version);
             let guard = shard.lock();
             let current = self.inner.version.load(Acquire) as u32;
-            if current == version {
+            lookups += 1;
+            if current == version || lookups >= 3 {
+                // (Past a few lookups the quotas keep changing: the row keeps the
+                // version it was looked up under, and the next change's pass moves it.)
                 break (entry, guard);
             }
             // The quotas changed while the quota was looked up: again, under the new
@@ -542,16 +549,24 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             drop(guard);
             version = current;
         };
-        if let Some(row) = guard.table.find_mut(hash, eq) {
+        let shard_state = &mut *guard;
+        if let Some(row) = shard_state.table.find_mut(hash, eq) {
             // Built under an older quota (or inserted by another caller meanwhile):
             // rescale it if need be, then charge it.
+            let mut earlier = false;
             if row.1.version != version {
                 // As of the change (the check's `Acquire` load of the version made its
                 // time visible), not of now: the bucket refilled at the new rate since.
                 let at = self.inner.changed_at.load(Relaxed).min(now);
+                let before = row.1.tat;
                 rescale(&mut row.1, entry, at);
+                earlier = row.1.tat < before;
             }
-            return (take(&mut row.1, now, tokens, max_wait), true);
+            let step = take(&mut row.1, now, tokens, max_wait);
+            if earlier {
+                shard_state.next_idle = 0;
+            }
+            return (step, true);
         }
         // A new key.
         let step = take(&mut entry, now, tokens, max_wait);
@@ -1192,11 +1207,6 @@ mod tests {
             same.next().unwrap(),
             same.next().unwrap(),
         );
-        let tracked = |key: u64| {
-            let hash = limiter.inner.hasher.hash_one(key);
-            let shard = limiter.inner.shards[shard_of(&key)].lock();
-            shard.table.find(hash, |row| row.0 == key).is_some()
-        };
         assert!(limiter.try_acquire(&j, 1).is_ok());
 
         // `k`'s first check looks its quota (100/s) up and waits there.
@@ -1225,13 +1235,16 @@ mod tests {
         clock.advance(Duration::from_secs(2));
         // A new key in the full shard sweeps it: `k` owes 98 s, and is kept.
         assert!(limiter.try_acquire(&n, 1).is_ok());
-        assert!(tracked(k), "`k`'s bucket was dropped with its debt");
+        assert!(
+            tracked(&limiter, k),
+            "`k`'s bucket was dropped with its debt"
+        );
         // Its debt paid, it goes at the next sweep, as any refilled bucket (one left under
         // the old quotas was kept until its key came back).
         clock.advance(Duration::from_secs(200));
         assert!(limiter.try_acquire(&m, 1).is_ok());
-        assert!(!tracked(k), "a refilled bucket was kept");
-        assert!(tracked(m));
+        assert!(!tracked(&limiter, k), "a refilled bucket was kept");
+        assert!(tracked(&limiter, m));
     }
 
     /// A raised quota: every tracked bucket of a full shard refills at once, but the
@@ -1295,6 +1308,177 @@ mod tests {
         assert!(
             answer.is_err(),
             "{answer:?}: `a`'s bucket was dropped with its debt"
+        );
+    }
+
+    /// Whether `key` has a bucket of its own.
+    fn tracked(limiter: &KeyedRateLimiter<u64, ManualClock>, key: u64) -> bool {
+        let hash = limiter.inner.hasher.hash_one(key);
+        let shard = limiter.inner.shards[shard_index(hash)].lock();
+        shard.table.find(hash, |row| row.0 == key).is_some()
+    }
+
+    /// Change A's pass is slow (it waits at `z`, a shard before `a`'s); change B comes
+    /// and completes, moving every bucket to B's version. A's pass then reached `a`'s
+    /// shard, collected `a`'s row (at B's version, "not A's") and tagged it back with A's
+    /// older version, and nothing moved it again: a refilled bucket kept by every sweep
+    /// (it owed tokens at the change), new keys of the shard sent to the overflow bucket
+    /// for good. A pass overtaken by a later change leaves the rows to that one's.
+    #[test]
+    fn a_pass_overtaken_by_a_later_change_leaves_no_bucket_stale() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(quota_per_second(1, 1), clock.clone());
+        limiter.set_max_keys(SHARDS); // one row a shard
+        let (a, b, z) = keys_across_shards(&limiter);
+        assert!(limiter.try_acquire(&a, 1).is_ok()); // `a` owes 1 s
+        assert!(limiter.try_acquire(&z, 1).is_ok());
+        // Change A at t = 0: its pass waits at `z`.
+        let (go, change) = change_waiting_at(&limiter, z, quota_per_second(1, 1), |_| {});
+        // Change B at t = 0.5 s completes.
+        clock.advance(Duration::from_millis(500));
+        limiter.set_quota_fn(|_: &u64| quota_per_second(1, 1));
+        go.send(()).unwrap();
+        change.join().unwrap();
+
+        let current = limiter.inner.version.load(SeqCst) as u32;
+        let stale: Vec<(u64, u32)> = limiter
+            .inner
+            .shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .table
+                    .iter()
+                    .filter(|row| row.1.version != current)
+                    .map(|row| (row.0, row.1.version))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        // An hour later `a` has long refilled: a new key of its shard takes its place.
+        clock.advance(Duration::from_secs(3600));
+        assert!(limiter.try_acquire(&b, 1).is_ok());
+        assert!(
+            tracked(&limiter, b),
+            "`a` refilled an hour ago, yet was kept and `b` sent to the overflow bucket \
+             (rows left under an older version: {stale:?}, current {current})"
+        );
+        assert!(
+            stale.is_empty(),
+            "{stale:?} under an older version than {current}"
+        );
+    }
+
+    /// A quota function that changes the quotas when it meets a key (say, a tier table
+    /// reloaded on a miss, pushed with `set_default_quota`): every lookup moved the
+    /// version, and the check looked the quota up again, for ever. A check looks it up
+    /// three times at most.
+    #[test]
+    fn a_quota_function_that_changes_the_quotas_does_not_livelock_a_check() {
+        use std::sync::atomic::AtomicUsize;
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(quota_per_second(10, 10), clock.clone());
+        let handle: Arc<OnceLock<KeyedRateLimiter<u64, ManualClock>>> = Arc::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        limiter.set_quota_fn({
+            let (handle, calls) = (handle.clone(), calls.clone());
+            move |_: &u64| {
+                // Capped, so that the test ends: uncapped, the check never returns.
+                if calls.fetch_add(1, SeqCst) < 1000 {
+                    if let Some(limiter) = handle.get() {
+                        limiter.set_default_quota(quota_per_second(10, 10));
+                    }
+                }
+                quota_per_second(10, 10)
+            }
+        });
+        handle.set(limiter.clone()).ok().unwrap();
+        assert!(limiter.try_acquire(&7, 1).is_ok());
+        let calls = calls.load(SeqCst);
+        assert!(calls <= 3, "the check looked its quota up {calls} times");
+    }
+
+    /// A quota change lands during every lookup of a check (a slow quota function, a
+    /// stream of changes): the check did not get through while they went on.
+    #[test]
+    fn a_check_is_not_starved_by_changes_during_its_lookups() {
+        use std::sync::atomic::AtomicUsize;
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(quota_per_second(10, 10), clock.clone());
+        let k = 7u64;
+        let (looking, lookups) = mpsc::channel::<()>();
+        let (changed, wait_changed) = mpsc::channel::<()>();
+        let wait_changed = std::sync::Mutex::new(wait_changed);
+        let calls = Arc::new(AtomicUsize::new(0));
+        limiter.set_quota_fn({
+            let calls = calls.clone();
+            move |key: &u64| {
+                if *key == k {
+                    calls.fetch_add(1, SeqCst);
+                    let _ = looking.send(());
+                    let _ = wait_changed.lock().unwrap().recv();
+                }
+                quota_per_second(10, 10)
+            }
+        });
+        let changer = std::thread::spawn({
+            let limiter = limiter.clone();
+            move || {
+                for _ in 0..100 {
+                    if lookups.recv().is_err() {
+                        break;
+                    }
+                    limiter.set_default_quota(quota_per_second(10, 10));
+                    let _ = changed.send(());
+                }
+                // `changed` dropped: lookups no longer wait.
+            }
+        });
+        assert!(limiter.try_acquire(&k, 1).is_ok());
+        // The changer's channel goes with the quota function.
+        limiter.set_quota_fn(|_: &u64| quota_per_second(10, 10));
+        changer.join().unwrap();
+        let calls = calls.load(SeqCst);
+        assert!(
+            calls <= 3,
+            "the check looked its quota up {calls} times: it waited for the changes to stop"
+        );
+    }
+
+    /// A raised quota: the pass brought the shard's next sweep forward only for buckets it
+    /// moved itself. A bucket whose key came back before the pass reached its shard was
+    /// moved by the check, which left the next sweep at the old rate's time (an hour).
+    #[test]
+    fn a_raised_quota_lets_a_full_shard_make_room_when_a_check_moved_the_bucket() {
+        let clock = ManualClock::new();
+        let hourly = Quota::new(Rate::per_hour(1), 1).unwrap();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(hourly, clock.clone());
+        limiter.set_max_keys(SHARDS); // one row a shard
+        let (a, b, z) = keys_across_shards(&limiter);
+        let shard_of = |key: &u64| shard_index(limiter.inner.hasher.hash_one(key));
+        let c = (b + 1..).find(|key| shard_of(key) == shard_of(&a)).unwrap();
+        assert!(limiter.try_acquire(&a, 1).is_ok());
+        assert!(limiter.try_acquire(&z, 1).is_ok());
+        clock.advance(Duration::from_secs(1));
+        // Full of `a`'s debt (an hour): `b` draws from the overflow bucket.
+        assert!(limiter.try_acquire(&b, 1).is_ok());
+        assert!(!tracked(&limiter, b));
+
+        // 1000/s; the pass waits at `z`, before `a`'s shard; `a`'s key comes back.
+        let (go, change) = change_waiting_at(&limiter, z, quota_per_second(1000, 1), |_| {});
+        let _ = limiter.try_acquire(&a, 1);
+        go.send(()).unwrap();
+        change.join().unwrap();
+
+        clock.advance(Duration::from_secs(1));
+        let answer = limiter.try_acquire(&c, 1);
+        assert!(
+            tracked(&limiter, c),
+            "{answer:?}: `a` refilled a second ago at 1000/s, yet `c` was sent to the \
+             overflow bucket"
         );
     }
 }
