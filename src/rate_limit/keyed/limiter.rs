@@ -116,6 +116,10 @@ struct KeyedInner<K, C> {
     /// When the quotas last changed (the clock's nanoseconds): a bucket built under an
     /// older version and rescaled late is rescaled as of then.
     changed_at: AtomicU64,
+    /// Held by a quota change from before it takes effect until its pass over the table
+    /// is over, so that each change moves every bucket before the next takes effect
+    /// (re-entrant: a quota function may change the quotas, see `rescale_all`).
+    changing: parking_lot::ReentrantMutex<()>,
     telemetry: crate::rate_limit::telemetry::Telemetry,
     clock: C,
 }
@@ -168,6 +172,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                 quota_fn: RwLock::new(None),
                 version: AtomicU64::new(0),
                 changed_at: AtomicU64::new(0),
+                changing: parking_lot::ReentrantMutex::new(()),
                 telemetry: crate::rate_limit::telemetry::Telemetry::default(),
                 clock,
             }),
@@ -185,11 +190,15 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     /// tracked bucket moves to its key's new quota at once, keeping its level (its debt in
     /// tokens), as [`RateLimiter::set_quota`](crate::rate_limit::RateLimiter::set_quota)
     /// does. This calls `f` for every key tracked, with no lock held, and takes each
-    /// shard's lock twice: time in the number of keys, on the calling thread.
+    /// shard's lock twice: time in the number of keys, on the calling thread. Changes are
+    /// made one at a time: a change waits for one in progress on another thread to have
+    /// moved every bucket (so a quota function must not wait for another thread's quota
+    /// change; it may make one itself).
     pub fn set_quota_fn<F>(&self, f: F)
     where
         F: Fn(&K) -> Quota + Send + Sync + 'static,
     {
+        let _changing = self.inner.changing.lock();
         let mut quota_fn = self.inner.quota_fn.write();
         *quota_fn = Some(Arc::new(f));
         let (now, version) = self.quotas_changed();
@@ -200,6 +209,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     /// Replaces the default quota, from now on: the buckets of the keys it applies to move
     /// to it at once, keeping their level, as with [`set_quota_fn`](Self::set_quota_fn).
     pub fn set_default_quota(&self, quota: Quota) {
+        let _changing = self.inner.changing.lock();
         let mut default = self.inner.default.write();
         // The overflow bucket (shared by the keys without a bucket of their own, and by
         // `acquire_shared`) keeps its level too: its debt moves to the new rate as
@@ -233,9 +243,13 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     /// request, having refilled at the old rate meanwhile (a lowered quota would not hold
     /// until then), and a full shard would judge its buckets refilled by the old rate.
     /// The quotas are looked up with no lock held (a quota function may call back into
-    /// this limiter); a bucket moved meanwhile (by a check, or by a later change) is
-    /// left as it is. A shard some of whose buckets now refill sooner may be swept again
-    /// at its next new key.
+    /// this limiter); a bucket moved meanwhile by a check is left as it is. A shard some
+    /// of whose buckets now refill sooner may be swept again at its next new key.
+    ///
+    /// Changes are made one at a time (`changing`), but a quota function may itself
+    /// change the quotas: that change's pass moves every bucket, and this one stops
+    /// where it was (the buckets it had not reached skip its quota, moving from the one
+    /// before it straight to the newest).
     fn rescale_all(&self, at: u64, version: u32) {
         let mut stale: Vec<(K, u32)> = Vec::new();
         for shard in self.inner.shards.iter() {
@@ -538,10 +552,16 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             let guard = shard.lock();
             let current = self.inner.version.load(Acquire) as u32;
             lookups += 1;
-            if current == version || lookups >= 3 {
-                // (Past a few lookups the quotas keep changing: the row keeps the
-                // version it was looked up under, and the next change's pass moves it.)
+            if current == version {
                 break (entry, guard);
+            }
+            if lookups >= 3 {
+                // The quotas keep changing (a quota function changing them itself): the
+                // last quota looked up, at most one change old, is taken as the current
+                // one. A row tagged with an older version could be missed for good by
+                // passes already over.
+                version = current;
+                break (Entry { version, ..entry }, guard);
             }
             // The quotas changed while the quota was looked up: again, under the new
             // ones (a row inserted now under the old version might be missed by the
@@ -1084,6 +1104,23 @@ mod tests {
         (go, change)
     }
 
+    /// Changes the quotas to `quota` (a quota function) on another thread; returns once
+    /// the change is made, or after 200 ms if it waits (for a change in progress): so
+    /// that, were changes not made one at a time, it would be made by then.
+    fn change_on_a_thread(
+        limiter: &KeyedRateLimiter<u64, ManualClock>,
+        quota: Quota,
+    ) -> std::thread::JoinHandle<()> {
+        let limiter = limiter.clone();
+        let (made, done) = mpsc::channel();
+        let change = std::thread::spawn(move || {
+            limiter.set_quota_fn(move |_: &u64| quota);
+            let _ = made.send(());
+        });
+        let _ = done.recv_timeout(std::time::Duration::from_millis(200));
+        change
+    }
+
     /// A key's bucket built under older quotas, dropped to make room for another key
     /// while the check looks the key's new quota up (outside the shard's lock), so that
     /// the key is gone when the lock is taken again. The check must go on as for a new
@@ -1139,53 +1176,33 @@ mod tests {
     }
 
     /// Two quota changes, the first one's pass over the table slow (its quota function
-    /// waits): it took the shard's lock again after the second change had moved the
-    /// bucket, and moved it back to the first change's quota, as of the first change's
-    /// time; the next check moved it to the current quota as of the second change's,
-    /// and the debt taken in between was gone. A pass moves only the buckets it saw.
+    /// waits), the second made meanwhile on another thread. The first pass used to be
+    /// overtaken: the second change moved the bucket, then the first moved it back to its
+    /// own quota as of its own time, and the debt taken in between was lost (later, it
+    /// stopped and its quota was skipped). Changes are made one at a time: each applies
+    /// to every bucket, in the order made.
     #[test]
-    fn a_slow_quota_change_does_not_undo_a_later_one() {
+    fn quota_changes_apply_one_at_a_time() {
         let clock = ManualClock::new();
         let limiter: KeyedRateLimiter<u64, ManualClock> =
             KeyedRateLimiter::with_clock(quota_per_second(1, 10), clock.clone());
-        let k = 0u64;
+        let (k, _, z) = keys_across_shards(&limiter);
         assert_eq!(limiter.try_acquire(&k, 1), Ok(9));
-
-        // Change 1 (1000/s) at t = 0: its rescale waits in the quota function.
-        let (entered, in_fn) = mpsc::channel::<()>();
-        let (release, wait) = mpsc::channel::<()>();
-        let wait = std::sync::Mutex::new(Some(wait));
-        let first = std::thread::spawn({
-            let limiter = limiter.clone();
-            move || {
-                limiter.set_quota_fn(move |_: &u64| {
-                    if let Some(wait) = wait.lock().unwrap().take() {
-                        entered.send(()).unwrap();
-                        wait.recv().unwrap();
-                    }
-                    quota_per_second(1000, 10)
-                })
-            }
-        });
-        in_fn.recv().unwrap();
-
-        // Change 2 (1/s) at t = 50 ms, completes; the key empties its bucket at t = 60 ms.
+        assert!(limiter.try_acquire(&z, 1).is_ok());
+        // Change 1 (1000/s) at t = 0: its pass waits at `z`, before `k`'s shard.
+        let (go, first) = change_waiting_at(&limiter, z, quota_per_second(1000, 10), |_| {});
+        // Change 2 (1/s) at t = 50 ms, on another thread: it waits for change 1.
         clock.advance(Duration::from_millis(50));
-        limiter.set_quota_fn(|_: &u64| quota_per_second(1, 10));
-        clock.advance(Duration::from_millis(10));
-        assert_eq!(limiter.try_acquire(&k, 9), Ok(0));
-
-        // Change 1's rescale finishes.
-        release.send(()).unwrap();
+        let second = change_on_a_thread(&limiter, quota_per_second(1, 10));
+        go.send(()).unwrap();
         first.join().unwrap();
-
-        // At 1/s, 10 ms after emptying its bucket, the key has no token.
+        second.join().unwrap();
+        // 50 ms at 1000/s refilled `k`; then 1/s: ten tokens, and none 10 ms later.
         clock.advance(Duration::from_millis(10));
-        let answer = limiter.try_acquire(&k, 10);
-        assert!(
-            answer.is_err(),
-            "{answer:?}: 19 tokens in 20 ms under the current 1/s, burst 10 quota"
-        );
+        assert_eq!(limiter.try_acquire(&k, 10), Ok(0));
+        clock.advance(Duration::from_millis(10));
+        let answer = limiter.try_acquire(&k, 1);
+        assert!(answer.is_err(), "{answer:?}: a token in 10 ms at 1/s");
     }
 
     /// A check that looked its key's quota up before a change and inserted its bucket
@@ -1318,12 +1335,12 @@ mod tests {
         shard.table.find(hash, |row| row.0 == key).is_some()
     }
 
-    /// Change A's pass is slow (it waits at `z`, a shard before `a`'s); change B comes
-    /// and completes, moving every bucket to B's version. A's pass then reached `a`'s
-    /// shard, collected `a`'s row (at B's version, "not A's") and tagged it back with A's
-    /// older version, and nothing moved it again: a refilled bucket kept by every sweep
-    /// (it owed tokens at the change), new keys of the shard sent to the overflow bucket
-    /// for good. A pass overtaken by a later change leaves the rows to that one's.
+    /// Change A's pass is slow (it waits at `z`, a shard before `a`'s); change B is made
+    /// on another thread. B used to complete first, moving every bucket to B's version;
+    /// A's pass then reached `a`'s shard, collected `a`'s row (at B's version, "not A's")
+    /// and tagged it back with A's older version, and nothing moved it again: a refilled
+    /// bucket kept by every sweep (it owed tokens at the change), new keys of the shard
+    /// sent to the overflow bucket for good. B now waits for A's pass.
     #[test]
     fn a_pass_overtaken_by_a_later_change_leaves_no_bucket_stale() {
         let clock = ManualClock::new();
@@ -1335,11 +1352,12 @@ mod tests {
         assert!(limiter.try_acquire(&z, 1).is_ok());
         // Change A at t = 0: its pass waits at `z`.
         let (go, change) = change_waiting_at(&limiter, z, quota_per_second(1, 1), |_| {});
-        // Change B at t = 0.5 s completes.
+        // Change B at t = 0.5 s, on another thread.
         clock.advance(Duration::from_millis(500));
-        limiter.set_quota_fn(|_: &u64| quota_per_second(1, 1));
+        let later = change_on_a_thread(&limiter, quota_per_second(1, 1));
         go.send(()).unwrap();
         change.join().unwrap();
+        later.join().unwrap();
 
         let current = limiter.inner.version.load(SeqCst) as u32;
         let stale: Vec<(u64, u32)> = limiter
@@ -1479,6 +1497,78 @@ mod tests {
             tracked(&limiter, c),
             "{answer:?}: `a` refilled a second ago at 1000/s, yet `c` was sent to the \
              overflow bucket"
+        );
+    }
+
+    /// A quota function that changes the quotas on a key's first lookups (nested, so
+    /// each change's pass is over before the check takes the shard's lock again). After
+    /// three lookups the check inserted the row under the version it looked up, no longer
+    /// current, with every pass of the later versions over: nothing moved the row again,
+    /// and every sweep kept it (it "owed tokens at the change"), an hour after it
+    /// refilled. The row is tagged current.
+    #[test]
+    fn a_check_past_its_lookup_cap_leaves_no_row_stale() {
+        use std::sync::atomic::AtomicUsize;
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(quota_per_second(1, 1), clock.clone());
+        limiter.set_max_keys(SHARDS); // one row a shard
+        let (a, b, _) = keys_across_shards(&limiter);
+        let handle: Arc<OnceLock<KeyedRateLimiter<u64, ManualClock>>> = Arc::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        limiter.set_quota_fn({
+            let (handle, calls) = (handle.clone(), calls.clone());
+            move |key: &u64| {
+                if *key == a && calls.fetch_add(1, SeqCst) < 3 {
+                    if let Some(limiter) = handle.get() {
+                        limiter.set_default_quota(quota_per_second(1, 1));
+                    }
+                }
+                quota_per_second(1, 1)
+            }
+        });
+        handle.set(limiter.clone()).ok().unwrap();
+        assert!(limiter.try_acquire(&a, 1).is_ok()); // `a` owes 1 s
+        let current = limiter.inner.version.load(SeqCst) as u32;
+        let hash = limiter.inner.hasher.hash_one(a);
+        let seen = limiter.inner.shards[shard_index(hash)]
+            .lock()
+            .table
+            .find(hash, |row| row.0 == a)
+            .map(|row| row.1.version);
+        clock.advance(Duration::from_secs(3600));
+        assert!(limiter.try_acquire(&b, 1).is_ok());
+        assert!(
+            tracked(&limiter, b),
+            "`a` refilled an hour ago, yet was kept and `b` sent to the overflow bucket \
+             (`a` at version {seen:?}, current {current})"
+        );
+    }
+
+    /// Change A (1/s) at t = 0, its pass slow (waits at `z`, before `a`'s shard); change B
+    /// (back to 1000/s) at t = 0.5 s on another thread. B used to complete first; A's
+    /// pass, overtaken, stopped without moving `a`, and B's moved `a` from the quota
+    /// before A: `a` refilled at 1000/s while A's 1/s held, 500 tokens too many.
+    #[test]
+    fn an_overtaken_quota_change_is_not_skipped() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(quota_per_second(1000, 1000), clock.clone());
+        let (a, _, z) = keys_across_shards(&limiter);
+        assert_eq!(limiter.try_acquire(&a, 1000), Ok(0));
+        assert!(limiter.try_acquire(&z, 1).is_ok());
+        let (go, change) = change_waiting_at(&limiter, z, quota_per_second(1, 1000), |_| {});
+        clock.advance(Duration::from_millis(500));
+        let later = change_on_a_thread(&limiter, quota_per_second(1000, 1000));
+        go.send(()).unwrap();
+        change.join().unwrap();
+        later.join().unwrap();
+        clock.advance(Duration::from_millis(500));
+        // 0.5 s at 1/s then 0.5 s at 1000/s: 500.5 tokens at most.
+        let answer = limiter.try_acquire(&a, 600);
+        assert!(
+            answer.is_err(),
+            "{answer:?}: 600 tokens where 500.5 were due"
         );
     }
 }
