@@ -192,8 +192,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     /// does. This calls `f` for every key tracked, with no lock held, and takes each
     /// shard's lock twice: time in the number of keys, on the calling thread. Changes are
     /// made one at a time: a change waits for one in progress on another thread to have
-    /// moved every bucket (so a quota function must not wait for another thread's quota
-    /// change; it may make one itself).
+    /// moved every bucket. So a quota function, which a change calls, may change the
+    /// quotas itself, but must not wait for another thread that changes them (or for
+    /// anything such a thread holds): that change would wait for this one, for ever.
     pub fn set_quota_fn<F>(&self, f: F)
     where
         F: Fn(&K) -> Quota + Send + Sync + 'static,
@@ -556,12 +557,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                 break (entry, guard);
             }
             if lookups >= 3 {
-                // The quotas keep changing (a quota function changing them itself): the
-                // last quota looked up, at most one change old, is taken as the current
-                // one. A row tagged with an older version could be missed for good by
-                // passes already over.
-                version = current;
-                break (Entry { version, ..entry }, guard);
+                // The quotas keep changing (a quota function changing them itself, or
+                // changes made as fast as quotas are looked up): the row keeps the
+                // version its quota was looked up under, and is moved at its key's next
+                // request (a sweep judges it by its own quota once no change is in
+                // progress, see `make_room`).
+                break (entry, guard);
             }
             // The quotas changed while the quota was looked up: again, under the new
             // ones (a row inserted now under the old version might be missed by the
@@ -599,6 +600,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         let quotas = Quotas {
             version,
             changed_at: self.inner.changed_at.load(Relaxed),
+            changing: self.inner.changing.is_locked(),
         };
         if guard.table.len() >= cap && !make_room(&mut guard, now, cap, quotas, &self.inner.hasher)
         {
@@ -734,9 +736,11 @@ fn take(entry: &mut Entry, now: u64, tokens: u32, max_wait: u64) -> Step {
 /// amortised over the rows freed: a bounded number of rows visited per new key, whatever
 /// the table's size.
 ///
-/// A bucket built under older quotas, which the change's pass over the table
-/// ([`KeyedRateLimiter::rescale_all`]) has not reached yet, is kept if it owed tokens when
-/// the quotas changed: its arrival time, by its old rate, does not say when it refills.
+/// While a change is in progress, a bucket built under older quotas, which the change's
+/// pass over the table ([`KeyedRateLimiter::rescale_all`]) has not reached yet, is kept
+/// if it owed tokens when the quotas changed: its arrival time, by its old rate, does not
+/// say when it refills. Once no change is in progress such a bucket (left by a check
+/// that raced changes past its lookups) is judged by its own quota, as a bucket is.
 fn make_room<K: Hash>(
     shard: &mut Shard<K>,
     now: u64,
@@ -753,8 +757,10 @@ fn make_room<K: Hash>(
     }
     let (mut earliest, mut latest) = (u64::MAX, 0);
     shard.table.retain(|row| {
-        let kept =
-            row.1.tat > now || (row.1.version != quotas.version && row.1.tat > quotas.changed_at);
+        let kept = row.1.tat > now
+            || (quotas.changing
+                && row.1.version != quotas.version
+                && row.1.tat > quotas.changed_at);
         if kept {
             earliest = earliest.min(row.1.tat);
             latest = latest.max(row.1.tat);
@@ -778,11 +784,13 @@ fn make_room<K: Hash>(
     len < cap
 }
 
-/// The quotas' version (its low bits, as entries keep it) and when they last changed.
+/// The quotas' version (its low bits, as entries keep it), when they last changed, and
+/// whether a change is in progress (its pass over the table not over).
 #[derive(Clone, Copy)]
 struct Quotas {
     version: u32,
     changed_at: u64,
+    changing: bool,
 }
 
 /// The rows a sweep of a shard of `cap` rows must be able to free: an eighth of them.
@@ -841,9 +849,11 @@ mod tests {
         (limiter, charge)
     }
 
-    /// A quota function may call back into its limiter while another thread changes the
-    /// quotas: here the function waits for that change to finish, which it cannot while
-    /// a lock the change needs is held around the function.
+    /// A quota function called by a check may call back into its limiter while another
+    /// thread changes the quotas: here the function waits for that change to finish,
+    /// which it cannot while a lock the change needs is held around the function. (A
+    /// quota function called by a change's pass must not wait for another thread's
+    /// change: see `set_quota_fn`.)
     #[test]
     fn quotas_change_while_the_quota_function_runs() {
         let quota = Quota::new(Rate::per_second(10), 1).unwrap();
@@ -1569,6 +1579,69 @@ mod tests {
         assert!(
             answer.is_err(),
             "{answer:?}: 600 tokens where 500.5 were due"
+        );
+    }
+
+    /// REVIEW: a quota function for `a` that blocks once (on any thread) until released.
+    fn blocking_at(
+        a: u64,
+        quota: Quota,
+    ) -> (
+        impl Fn(&u64) -> Quota + Send + Sync + 'static,
+        mpsc::Receiver<()>,
+        mpsc::Sender<()>,
+    ) {
+        let (entered_tx, entered) = mpsc::channel::<()>();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let state = std::sync::Mutex::new(Some((entered_tx, release_rx)));
+        let f = move |key: &u64| {
+            if *key == a {
+                let taken = state.lock().unwrap().take();
+                if let Some((tx, rx)) = taken {
+                    tx.send(()).unwrap();
+                    let _ = rx.recv();
+                }
+            }
+            quota
+        };
+        (f, entered, release)
+    }
+
+    /// A check whose three lookups each race a quota change made on another thread
+    /// tagged its new row with the current version but the quota of a change before:
+    /// every pass skipped it, and the key kept the old quota for good (500 tokens at
+    /// once under a burst of 1). Past its lookups a check keeps the version it looked
+    /// its quota up under, and the row is moved at the key's next request.
+    #[test]
+    fn a_check_past_its_lookup_cap_keeps_no_old_quota_as_current() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(quota_per_second(1, 1), clock.clone());
+        let a = 7u64;
+        let fast = quota_per_second(1000, 1000);
+        let (f0, entered0, release0) = blocking_at(a, fast);
+        limiter.set_quota_fn(f0);
+        let checker = {
+            let limiter = limiter.clone();
+            std::thread::spawn(move || limiter.try_acquire(&a, 1))
+        };
+        entered0.recv().unwrap();
+        let (f1, entered1, release1) = blocking_at(a, fast);
+        limiter.set_quota_fn(f1);
+        release0.send(()).unwrap();
+        entered1.recv().unwrap();
+        let (f2, entered2, release2) = blocking_at(a, fast);
+        limiter.set_quota_fn(f2);
+        release1.send(()).unwrap();
+        entered2.recv().unwrap();
+        // The quota now is 1/s, burst 1, for every key.
+        limiter.set_quota_fn(|_: &u64| quota_per_second(1, 1));
+        release2.send(()).unwrap();
+        assert!(checker.join().unwrap().is_ok());
+        let answer = limiter.try_acquire(&a, 500);
+        assert!(
+            answer.is_err(),
+            "{answer:?}: 500 tokens at once under a burst of 1"
         );
     }
 }
