@@ -548,13 +548,13 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         let owned = key.to_owned();
         let mut version = version;
         let mut lookups = 0;
-        let (mut entry, mut guard) = loop {
+        let (mut entry, mut guard, current) = loop {
             let entry = self.entry_for(&owned, now, version);
             let guard = shard.lock();
             let current = self.inner.version.load(Acquire) as u32;
             lookups += 1;
             if current == version {
-                break (entry, guard);
+                break (entry, guard, current);
             }
             if lookups >= 3 {
                 // The quotas keep changing (a quota function changing them itself, or
@@ -562,7 +562,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                 // version its quota was looked up under, and is moved at its key's next
                 // request (a sweep judges it by its own quota once no change is in
                 // progress, see `make_room`).
-                break (entry, guard);
+                break (entry, guard, current);
             }
             // The quotas changed while the quota was looked up: again, under the new
             // ones (a row inserted now under the old version might be missed by the
@@ -575,7 +575,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             // Built under an older quota (or inserted by another caller meanwhile):
             // rescale it if need be, then charge it.
             let mut earlier = false;
-            if row.1.version != version {
+            // (A row already at the current version, moved by a change's pass, is not
+            // moved back to a quota looked up before it.)
+            if row.1.version != version && row.1.version != current {
                 // As of the change (the check's `Acquire` load of the version made its
                 // time visible), not of now: the bucket refilled at the new rate since.
                 let at = self.inner.changed_at.load(Relaxed).min(now);
@@ -598,7 +600,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         }
         let cap = self.inner.per_shard.load(Relaxed);
         let quotas = Quotas {
-            version,
+            version: current,
             changed_at: self.inner.changed_at.load(Relaxed),
             changing: self.inner.changing.is_locked(),
         };
