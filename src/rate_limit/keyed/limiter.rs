@@ -1646,4 +1646,77 @@ mod tests {
             "{answer:?}: 500 tokens at once under a burst of 1"
         );
     }
+
+    /// A check on a tracked key whose three quota lookups each race a change made on
+    /// another thread, each change's pass moving the key's bucket meanwhile: past its
+    /// lookups the check moved the bucket, already at the current quota (10 a second),
+    /// back to the quota it had looked up (1 000), and charged it there. A bucket at the
+    /// current version is charged as it is.
+    #[test]
+    fn a_check_past_its_lookups_moves_no_bucket_back() {
+        use std::thread::ThreadId;
+        let slow = quota_per_second(1, 10);
+        let fast = quota_per_second(1000, 1000);
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, ManualClock> =
+            KeyedRateLimiter::with_clock(slow, clock.clone());
+        let (a, _, z) = keys_across_shards(&limiter);
+        assert_eq!(limiter.try_acquire(&a, 10), Ok(0));
+        assert!(limiter.try_acquire(&z, 1).is_ok());
+        // The checking thread's lookups of `a` wait, once for each quota function; the
+        // passes' lookups (other threads) do not.
+        let checker: Arc<OnceLock<ThreadId>> = Arc::default();
+        let stopping = |checker: Arc<OnceLock<ThreadId>>| {
+            let (entered, in_lookup) = mpsc::channel::<()>();
+            let (go, wait) = mpsc::channel::<()>();
+            let wait = std::sync::Mutex::new(Some(wait));
+            let stop = move |key: &u64| {
+                if *key == a && checker.get() == Some(&std::thread::current().id()) {
+                    if let Some(wait) = wait.lock().unwrap().take() {
+                        entered.send(()).unwrap();
+                        let _ = wait.recv();
+                    }
+                }
+            };
+            (stop, in_lookup, go)
+        };
+        // Change 1 (1 000/s) at t = 0: its pass waits at `z`, before `a`'s shard.
+        let (stop1, in1, go1) = stopping(checker.clone());
+        let (pass1, change1) = change_waiting_at(&limiter, z, fast, stop1);
+        clock.advance(Duration::from_millis(100));
+        let check = std::thread::spawn({
+            let (limiter, checker) = (limiter.clone(), checker.clone());
+            move || {
+                checker.set(std::thread::current().id()).unwrap();
+                limiter.try_acquire(&a, 1)
+            }
+        });
+        // Lookup 1 (under change 1) waits; change 1's pass moves `a`; change 2 is made.
+        in1.recv().unwrap();
+        pass1.send(()).unwrap();
+        change1.join().unwrap();
+        let (stop2, in2, go2) = stopping(checker.clone());
+        limiter.set_quota_fn(move |key: &u64| {
+            stop2(key);
+            fast
+        });
+        go1.send(()).unwrap();
+        // Lookup 2 (under change 2) waits; change 3 is made.
+        in2.recv().unwrap();
+        let (stop3, in3, go3) = stopping(checker.clone());
+        limiter.set_quota_fn(move |key: &u64| {
+            stop3(key);
+            fast
+        });
+        go2.send(()).unwrap();
+        // Lookup 3 (under change 3) waits; change 4 (back to 10/s) moves `a` to 10/s.
+        in3.recv().unwrap();
+        limiter.set_quota_fn(move |_: &u64| slow);
+        go3.send(()).unwrap();
+        assert_eq!(
+            check.join().unwrap(),
+            Ok(9),
+            "charged under the current quota (burst 10), not the one looked up (1 000)"
+        );
+    }
 }
