@@ -120,6 +120,9 @@ struct KeyedInner<K, C> {
     /// is over, so that each change moves every bucket before the next takes effect
     /// (re-entrant: a quota function may change the quotas, see `rescale_all`).
     changing: parking_lot::ReentrantMutex<()>,
+    /// Changes that found another in progress and waited for it (tests' handshake).
+    #[cfg(test)]
+    waited_changes: AtomicUsize,
     telemetry: crate::rate_limit::telemetry::Telemetry,
     clock: C,
 }
@@ -173,6 +176,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                 version: AtomicU64::new(0),
                 changed_at: AtomicU64::new(0),
                 changing: parking_lot::ReentrantMutex::new(()),
+                #[cfg(test)]
+                waited_changes: AtomicUsize::new(0),
                 telemetry: crate::rate_limit::telemetry::Telemetry::default(),
                 clock,
             }),
@@ -184,6 +189,16 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     /// [builder's](crate::rate_limit::KeyedRateLimiterBuilder::max_keys) setting, changed at run time).
     pub fn set_max_keys(&self, n: usize) {
         self.inner.per_shard.store(per_shard(n), Relaxed);
+    }
+
+    /// Waits for a quota change in progress on another thread, if any (see `changing`).
+    fn start_change(&self) -> parking_lot::ReentrantMutexGuard<'_, ()> {
+        if let Some(guard) = self.inner.changing.try_lock() {
+            return guard;
+        }
+        #[cfg(test)]
+        self.inner.waited_changes.fetch_add(1, Relaxed);
+        self.inner.changing.lock()
     }
 
     /// Gives each key the quota `f(key)` instead of the default, from now on: every
@@ -199,7 +214,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     where
         F: Fn(&K) -> Quota + Send + Sync + 'static,
     {
-        let _changing = self.inner.changing.lock();
+        let _changing = self.start_change();
         let mut quota_fn = self.inner.quota_fn.write();
         *quota_fn = Some(Arc::new(f));
         let (now, version) = self.quotas_changed();
@@ -210,7 +225,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     /// Replaces the default quota, from now on: the buckets of the keys it applies to move
     /// to it at once, keeping their level, as with [`set_quota_fn`](Self::set_quota_fn).
     pub fn set_default_quota(&self, quota: Quota) {
-        let _changing = self.inner.changing.lock();
+        let _changing = self.start_change();
         let mut default = self.inner.default.write();
         // The overflow bucket (shared by the keys without a bucket of their own, and by
         // `acquire_shared`) keeps its level too: its debt moves to the new rate as
@@ -527,6 +542,15 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         self.book_slow(key, hash, version, tokens, max_wait, now)
     }
 
+    /// What a sweep needs to know of the quotas: `current` and the last change.
+    fn quotas(&self, current: u32) -> Quotas {
+        Quotas {
+            version: current,
+            changed_at: self.inner.changed_at.load(Relaxed),
+            changing: self.inner.changing.is_locked(),
+        }
+    }
+
     /// [`book_at`](Self::book_at) for a key without a bucket, or whose bucket was built
     /// under other quotas. The key's quota is looked up outside the shard's lock.
     #[inline(never)]
@@ -599,12 +623,15 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             return (step, true);
         }
         let cap = self.inner.per_shard.load(Relaxed);
-        let quotas = Quotas {
-            version: current,
-            changed_at: self.inner.changed_at.load(Relaxed),
-            changing: self.inner.changing.is_locked(),
-        };
-        if guard.table.len() >= cap && !make_room(&mut guard, now, cap, quotas, &self.inner.hasher)
+        // (What a sweep needs to know of the quotas is read only when the shard is full.)
+        if guard.table.len() >= cap
+            && !make_room(
+                &mut guard,
+                now,
+                cap,
+                self.quotas(current),
+                &self.inner.hasher,
+            )
         {
             // Full of buckets that still hold a debt: the new key draws from the
             // overflow bucket, shared by every key without a bucket of its own.
@@ -1083,6 +1110,34 @@ mod tests {
         (a, b, z)
     }
 
+    /// Stops the first caller at `key` (on the thread `only_on` names, if given) until
+    /// the returned sender is sent to or dropped; the receiver hears when it stops.
+    fn stop_once(
+        key: u64,
+        only_on: Option<Arc<OnceLock<std::thread::ThreadId>>>,
+    ) -> (
+        impl Fn(&u64) + Send + Sync + 'static,
+        mpsc::Receiver<()>,
+        mpsc::Sender<()>,
+    ) {
+        let (entered, stopped) = mpsc::channel::<()>();
+        let (go, wait) = mpsc::channel::<()>();
+        let state = std::sync::Mutex::new(Some((entered, wait)));
+        let stop = move |at: &u64| {
+            let here = only_on
+                .as_ref()
+                .is_none_or(|id| id.get() == Some(&std::thread::current().id()));
+            if *at == key && here {
+                let taken = state.lock().unwrap().take();
+                if let Some((entered, wait)) = taken {
+                    entered.send(()).unwrap();
+                    let _ = wait.recv();
+                }
+            }
+        };
+        (stop, stopped, go)
+    }
+
     /// Starts a quota change to `quota` on another thread, whose pass over the table
     /// waits in the quota function at key `z` until the returned sender is dropped or
     /// sent to; returns once it waits. `also` runs in the quota function for every other
@@ -1093,43 +1148,50 @@ mod tests {
         quota: Quota,
         also: impl Fn(&u64) + Send + Sync + 'static,
     ) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
-        let (waiting, waits) = mpsc::channel::<()>();
-        let (go, wait) = mpsc::channel::<()>();
-        let wait = std::sync::Mutex::new(Some(wait));
+        let (stop, stopped, go) = stop_once(z, None);
         let change = std::thread::spawn({
             let limiter = limiter.clone();
             move || {
                 limiter.set_quota_fn(move |key: &u64| {
                     if *key == z {
-                        if let Some(wait) = wait.lock().unwrap().take() {
-                            waiting.send(()).unwrap();
-                            let _ = wait.recv();
-                        }
+                        stop(key)
                     } else {
-                        also(key);
+                        also(key)
                     }
                     quota
                 })
             }
         });
-        waits.recv().unwrap();
+        stopped.recv().unwrap();
         (go, change)
     }
 
     /// Changes the quotas to `quota` (a quota function) on another thread; returns once
-    /// the change is made, or after 200 ms if it waits (for a change in progress): so
-    /// that, were changes not made one at a time, it would be made by then.
+    /// the change is made or waits for a change in progress: were changes not made one
+    /// at a time, it would be made by then.
     fn change_on_a_thread(
         limiter: &KeyedRateLimiter<u64, ManualClock>,
         quota: Quota,
     ) -> std::thread::JoinHandle<()> {
-        let limiter = limiter.clone();
+        let waited = limiter.inner.waited_changes.load(SeqCst);
         let (made, done) = mpsc::channel();
-        let change = std::thread::spawn(move || {
-            limiter.set_quota_fn(move |_: &u64| quota);
-            let _ = made.send(());
+        let change = std::thread::spawn({
+            let limiter = limiter.clone();
+            move || {
+                limiter.set_quota_fn(move |_: &u64| quota);
+                let _ = made.send(());
+            }
         });
-        let _ = done.recv_timeout(std::time::Duration::from_millis(200));
+        // (About ten seconds at most: a change that neither completes nor waits hangs.)
+        for tries in 0.. {
+            if limiter.inner.waited_changes.load(SeqCst) != waited {
+                break;
+            }
+            match done.recv_timeout(std::time::Duration::from_millis(1)) {
+                Err(mpsc::RecvTimeoutError::Timeout) => assert!(tries < 10_000, "the change hangs"),
+                _ => break,
+            }
+        }
         change
     }
 
@@ -1187,28 +1249,48 @@ mod tests {
         Quota::new(Rate::per_second(per_second), burst).unwrap()
     }
 
-    /// Two quota changes, the first one's pass over the table slow (its quota function
-    /// waits), the second made meanwhile on another thread. The first pass used to be
-    /// overtaken: the second change moved the bucket, then the first moved it back to its
-    /// own quota as of its own time, and the debt taken in between was lost (later, it
-    /// stopped and its quota was skipped). Changes are made one at a time: each applies
-    /// to every bucket, in the order made.
-    #[test]
-    fn quota_changes_apply_one_at_a_time() {
+    /// Key `k`'s bucket under `start`, `taken` tokens taken; a change to `first` whose
+    /// pass over the table is slow (its quota function waits at `z`, before `k`'s shard),
+    /// then, `between` later, a change to `second` made on another thread meanwhile.
+    /// Returns once both are made.
+    fn a_change_made_during_a_slow_one(
+        start: Quota,
+        taken: u32,
+        first: Quota,
+        between: Duration,
+        second: Quota,
+    ) -> (KeyedRateLimiter<u64, ManualClock>, ManualClock, u64) {
         let clock = ManualClock::new();
         let limiter: KeyedRateLimiter<u64, ManualClock> =
-            KeyedRateLimiter::with_clock(quota_per_second(1, 10), clock.clone());
+            KeyedRateLimiter::with_clock(start, clock.clone());
         let (k, _, z) = keys_across_shards(&limiter);
-        assert_eq!(limiter.try_acquire(&k, 1), Ok(9));
+        assert!(limiter.try_acquire(&k, taken).is_ok());
         assert!(limiter.try_acquire(&z, 1).is_ok());
-        // Change 1 (1000/s) at t = 0: its pass waits at `z`, before `k`'s shard.
-        let (go, first) = change_waiting_at(&limiter, z, quota_per_second(1000, 10), |_| {});
-        // Change 2 (1/s) at t = 50 ms, on another thread: it waits for change 1.
-        clock.advance(Duration::from_millis(50));
-        let second = change_on_a_thread(&limiter, quota_per_second(1, 10));
+        let (go, first) = change_waiting_at(&limiter, z, first, |_| {});
+        clock.advance(between);
+        let second = change_on_a_thread(&limiter, second);
         go.send(()).unwrap();
         first.join().unwrap();
         second.join().unwrap();
+        (limiter, clock, k)
+    }
+
+    /// Two quota changes, the first one's pass over the table slow, the second made
+    /// meanwhile on another thread. The first pass used to be overtaken: the second
+    /// change moved the bucket, then the first moved it back to its own quota as of its
+    /// own time, and the debt taken in between was lost (later, it stopped and its quota
+    /// was skipped). Changes are made one at a time: each applies to every bucket, in the
+    /// order made.
+    #[test]
+    fn quota_changes_apply_one_at_a_time() {
+        // 1000/s at t = 0, then 1/s at t = 50 ms.
+        let (limiter, clock, k) = a_change_made_during_a_slow_one(
+            quota_per_second(1, 10),
+            1,
+            quota_per_second(1000, 10),
+            Duration::from_millis(50),
+            quota_per_second(1, 10),
+        );
         // 50 ms at 1000/s refilled `k`; then 1/s: ten tokens, and none 10 ms later.
         clock.advance(Duration::from_millis(10));
         assert_eq!(limiter.try_acquire(&k, 10), Ok(0));
@@ -1557,24 +1639,19 @@ mod tests {
         );
     }
 
-    /// Change A (1/s) at t = 0, its pass slow (waits at `z`, before `a`'s shard); change B
-    /// (back to 1000/s) at t = 0.5 s on another thread. B used to complete first; A's
-    /// pass, overtaken, stopped without moving `a`, and B's moved `a` from the quota
-    /// before A: `a` refilled at 1000/s while A's 1/s held, 500 tokens too many.
+    /// Change A (1/s) at t = 0, its pass slow; change B (back to 1000/s) at t = 0.5 s on
+    /// another thread. B used to complete first; A's pass, overtaken, stopped without
+    /// moving the bucket, and B's moved it from the quota before A: it refilled at
+    /// 1000/s while A's 1/s held, 500 tokens too many.
     #[test]
     fn an_overtaken_quota_change_is_not_skipped() {
-        let clock = ManualClock::new();
-        let limiter: KeyedRateLimiter<u64, ManualClock> =
-            KeyedRateLimiter::with_clock(quota_per_second(1000, 1000), clock.clone());
-        let (a, _, z) = keys_across_shards(&limiter);
-        assert_eq!(limiter.try_acquire(&a, 1000), Ok(0));
-        assert!(limiter.try_acquire(&z, 1).is_ok());
-        let (go, change) = change_waiting_at(&limiter, z, quota_per_second(1, 1000), |_| {});
-        clock.advance(Duration::from_millis(500));
-        let later = change_on_a_thread(&limiter, quota_per_second(1000, 1000));
-        go.send(()).unwrap();
-        change.join().unwrap();
-        later.join().unwrap();
+        let (limiter, clock, a) = a_change_made_during_a_slow_one(
+            quota_per_second(1000, 1000),
+            1000,
+            quota_per_second(1, 1000),
+            Duration::from_millis(500),
+            quota_per_second(1000, 1000),
+        );
         clock.advance(Duration::from_millis(500));
         // 0.5 s at 1/s then 0.5 s at 1000/s: 500.5 tokens at most.
         let answer = limiter.try_acquire(&a, 600);
@@ -1584,7 +1661,8 @@ mod tests {
         );
     }
 
-    /// REVIEW: a quota function for `a` that blocks once (on any thread) until released.
+    /// A quota function answering `quota` that stops once at `a` (on any thread) until
+    /// released.
     fn blocking_at(
         a: u64,
         quota: Quota,
@@ -1593,17 +1671,9 @@ mod tests {
         mpsc::Receiver<()>,
         mpsc::Sender<()>,
     ) {
-        let (entered_tx, entered) = mpsc::channel::<()>();
-        let (release, release_rx) = mpsc::channel::<()>();
-        let state = std::sync::Mutex::new(Some((entered_tx, release_rx)));
+        let (stop, entered, release) = stop_once(a, None);
         let f = move |key: &u64| {
-            if *key == a {
-                let taken = state.lock().unwrap().take();
-                if let Some((tx, rx)) = taken {
-                    tx.send(()).unwrap();
-                    let _ = rx.recv();
-                }
-            }
+            stop(key);
             quota
         };
         (f, entered, release)
@@ -1666,20 +1736,7 @@ mod tests {
         // The checking thread's lookups of `a` wait, once for each quota function; the
         // passes' lookups (other threads) do not.
         let checker: Arc<OnceLock<ThreadId>> = Arc::default();
-        let stopping = |checker: Arc<OnceLock<ThreadId>>| {
-            let (entered, in_lookup) = mpsc::channel::<()>();
-            let (go, wait) = mpsc::channel::<()>();
-            let wait = std::sync::Mutex::new(Some(wait));
-            let stop = move |key: &u64| {
-                if *key == a && checker.get() == Some(&std::thread::current().id()) {
-                    if let Some(wait) = wait.lock().unwrap().take() {
-                        entered.send(()).unwrap();
-                        let _ = wait.recv();
-                    }
-                }
-            };
-            (stop, in_lookup, go)
-        };
+        let stopping = |checker: Arc<OnceLock<ThreadId>>| stop_once(a, Some(checker));
         // Change 1 (1 000/s) at t = 0: its pass waits at `z`, before `a`'s shard.
         let (stop1, in1, go1) = stopping(checker.clone());
         let (pass1, change1) = change_waiting_at(&limiter, z, fast, stop1);
