@@ -252,6 +252,10 @@ pub(crate) fn for_grpc_caller(response: Response<Body>, caller: GrpcCaller) -> R
                 "the rate limit key could not be taken from the request".into(),
                 Some(GrpcCode::Internal),
             ),
+            Some(Undecided::KeyNotSent) => (
+                "the request does not carry the key its rate limit is taken from".into(),
+                Some(GrpcCode::InvalidArgument),
+            ),
             Some(_) => (
                 "the rate limiter's store is unavailable".into(),
                 Some(GrpcCode::Unavailable),

@@ -137,9 +137,12 @@ pub enum OnMissingKey {
     /// Refuse it: the HTTP layers answer `500 Internal Server Error` (an
     /// `application/problem+json` body), the others fail with [`MissingKey`]; an error is
     /// logged (feature `tracing`), as tower_governor does, at most one line a second with
-    /// the count of refusals since the last (a client can leave its key out of every
-    /// request). A missing key is a setup fault, such as an axum router served without
-    /// `into_make_service_with_connect_info`.
+    /// the count of refusals since the last. Such a missing key is a set-up fault, such as
+    /// an axum router served without `into_make_service_with_connect_info`. A key the
+    /// client must send and left out (an API key header: see
+    /// [`KeyExtractor::missing_key_is_clients`](super::KeyExtractor::missing_key_is_clients))
+    /// is the client's error instead: `400 Bad Request`, logged at `DEBUG` (at most one
+    /// line a second too: a client can leave its key out of every request).
     #[default]
     Reject,
     /// Limit every request without a key together, in one bucket of the limiter's default
@@ -187,12 +190,24 @@ pub(crate) fn log_shared_key(layer: &str) {
 /// Logs a request refused for its missing key: the first, then at most one line a second
 /// in the process, each with how many were refused so since the line before
 /// (`suppressed`). A client decides whether its requests carry a key (an API key header
-/// left out), so one line per refusal would let any client fill the logs.
-pub(crate) fn log_missing_key(layer: &str) {
+/// left out), so one line per refusal would let any client fill the logs. `client`: the
+/// key is the client's to send (a `400`): a `DEBUG` line, as for any bad request, where a
+/// set-up fault (a `500`) is an `ERROR`.
+pub(crate) fn log_missing_key(layer: &str, client: bool) {
     #[cfg(feature = "tracing")]
     {
         static LINES: Throttle = Throttle::new();
-        if let Some(suppressed) = LINES.line() {
+        static CLIENT_LINES: Throttle = Throttle::new();
+        if client {
+            if let Some(suppressed) = CLIENT_LINES.line() {
+                tracing::debug!(
+                    layer,
+                    suppressed,
+                    "rate limit: the request does not carry the key the client must send; \
+                     refused (400)"
+                );
+            }
+        } else if let Some(suppressed) = LINES.line() {
             tracing::error!(
                 layer,
                 suppressed,
@@ -201,7 +216,7 @@ pub(crate) fn log_missing_key(layer: &str) {
             );
         }
     }
-    let _ = layer;
+    let _ = (layer, client);
 }
 
 /// At most one log line a second for events a client can repeat at will.

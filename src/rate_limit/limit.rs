@@ -29,9 +29,16 @@ pub enum Decision<Ch> {
     /// under [`OnMissingKey::Allow`](super::OnMissingKey::Allow). It goes on, unlimited here.
     Unlimited,
     /// Refused because the limit needs a key the request does not carry
-    /// ([`OnMissingKey::Reject`](super::OnMissingKey::Reject)): the tower layers fail with
+    /// ([`OnMissingKey::Reject`](super::OnMissingKey::Reject)), a fault of the set-up (no
+    /// peer address to key by): the tower layers fail with
     /// [`MissingKey`](super::MissingKey), the HTTP layers answer `500`. Never let through.
     MissingKey,
+    /// Refused because the request does not carry the key the client must send, such as
+    /// an API key header ([`OnMissingKey::Reject`](super::OnMissingKey::Reject) over an
+    /// extractor whose [`missing_key_is_clients`](super::KeyExtractor::missing_key_is_clients)):
+    /// the client's error. The tower layers fail with [`MissingKey`](super::MissingKey), the
+    /// HTTP layers answer `400 Bad Request`. Never let through.
+    KeyNotSent,
     /// Refused because the limit could not decide: its store did not answer and it fails
     /// closed (the Redis limiter, feature `redis`, under
     #[cfg_attr(
@@ -197,7 +204,11 @@ where
         Decision::Unlimited => ResponseFuture::called(inner.call(request), None),
         Decision::Refused(refused) => ResponseFuture::refused(refused),
         Decision::MissingKey => {
-            log_missing_key(layer);
+            log_missing_key(layer, false);
+            ResponseFuture::missing_key()
+        }
+        Decision::KeyNotSent => {
+            log_missing_key(layer, true);
             ResponseFuture::missing_key()
         }
         Decision::Unavailable(error) => ResponseFuture::failed(error),

@@ -244,6 +244,21 @@ pub trait KeyExtractor<Request> {
 
     /// The key of `request`, if it has one.
     fn extract(&self, request: &Request) -> Option<Self::Key>;
+
+    /// Whether a request without a key is the client's error (it left out what it must
+    /// send, such as the API key header of a
+    #[cfg_attr(feature = "http", doc = "[`http::HeaderKey`])")]
+    #[cfg_attr(not(feature = "http"), doc = "`http::HeaderKey`)")]
+    /// rather than the set-up's (no peer address for
+    #[cfg_attr(feature = "http", doc = "[`http::ClientIp`]):")]
+    #[cfg_attr(not(feature = "http"), doc = "`http::ClientIp`):")]
+    /// under [`OnMissingKey::Reject`] the HTTP layers answer the first `400 Bad Request`
+    /// ([`Decision::KeyNotSent`], logged at `DEBUG`), the second `500`
+    /// ([`Decision::MissingKey`], logged as an error). `false` unless overridden (a
+    /// closure's `None`: the set-up's).
+    fn missing_key_is_clients(&self) -> bool {
+        false
+    }
 }
 
 impl<Request, Key, F> KeyExtractor<Request> for F

@@ -31,6 +31,9 @@ pub enum Booked<B> {
     /// Refused: the limit needs a key the request does not carry
     /// ([`OnMissingKey::Reject`](super::OnMissingKey::Reject)).
     MissingKey,
+    /// Refused: the request does not carry the key the client must send
+    /// ([`KeyExtractor::missing_key_is_clients`]), as [`Decision::KeyNotSent`](super::Decision::KeyNotSent).
+    KeyNotSent,
 }
 
 /// Tokens booked ahead by [`Reserve::reserve`]: handed back when dropped unused.
@@ -166,7 +169,8 @@ where
             "keyed wait",
         ) {
             KeyOf::Key(key) => key,
-            KeyOf::Missing => return Booked::MissingKey,
+            KeyOf::Missing { client: false } => return Booked::MissingKey,
+            KeyOf::Missing { client: true } => return Booked::KeyNotSent,
             KeyOf::Shared => {
                 return match self.limiter().acquire_shared(tokens) {
                     Ok(_) => Booked::Now,
@@ -274,7 +278,11 @@ where
             Booked::Now => WaitFuture::called(self.inner.call(request)),
             Booked::Refused(refused) => WaitFuture::refused(refused),
             Booked::MissingKey => {
-                log_missing_key("wait");
+                log_missing_key("wait", false);
+                WaitFuture::missing_key()
+            }
+            Booked::KeyNotSent => {
+                log_missing_key("wait", true);
                 WaitFuture::missing_key()
             }
             Booked::Later(booking, wait) => {

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer, Refused, Undecided};
+use seawall::rate_limit::http::{ClientIp, HeaderKey, HttpRateLimitLayer, Refused, Undecided};
 use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate, RateLimiter};
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -35,6 +35,17 @@ async fn server(trusted: &[&str]) -> SocketAddr {
         .service_fn(|_req: Request<Incoming>| async {
             Ok::<_, Infallible>(Response::new(String::from("hello")))
         });
+    serve(svc).await
+}
+
+/// Serves `svc` on a loopback port, over hyper's HTTP/1 with the peer's address in each
+/// request's extensions.
+async fn serve<S>(svc: S) -> SocketAddr
+where
+    S: Service<Request<Incoming>, Response = Response<String>> + Clone + Send + 'static,
+    S::Error: Into<seawall::BoxError>,
+    S::Future: Send,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -215,6 +226,70 @@ async fn the_layers_own_429s_are_marked_and_an_absent_limit_passes_all() {
         assert_eq!(response.status(), StatusCode::OK);
         assert!(!response.headers().contains_key("ratelimit"));
     }
+}
+
+/// A request without the API key header a per-key limit reads is the client's error:
+/// it was answered `500 Internal Server Error` (and logged as an error), as if the server
+/// were at fault, so any client could make the service report server errors at will. It
+/// is a `400`, marked [`Undecided::KeyNotSent`]; a request with the key goes through, and
+/// a setup fault (no peer address for `ClientIp`) stays a `500` (the test below).
+#[tokio::test]
+async fn a_request_without_its_api_key_is_a_400_not_a_500() {
+    let api_key = || HeaderKey(http::HeaderName::from_static("x-api-key"));
+    let quota = Quota::new(Rate::per_second(100), 100).unwrap();
+    let per_key = KeyedRateLimiter::with_clock(quota, ManualClock::new());
+    let svc = ServiceBuilder::new()
+        .layer(HttpRateLimitLayer::per_key(per_key, api_key()).name("per-key"))
+        .service_fn(|_req: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(String::from("hello")))
+        });
+    let addr = serve(svc).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let send = |key: Option<&'static [u8]>| {
+        let mut req = Request::builder().uri(format!("http://{addr}/"));
+        if let Some(key) = key {
+            req = req.header("x-api-key", http::HeaderValue::from_bytes(key).unwrap());
+        }
+        let req = req.body(Empty::new()).unwrap();
+        let client = client.clone();
+        async move {
+            let resp = tokio::time::timeout(std::time::Duration::from_secs(5), client.request(req))
+                .await
+                .expect("answered in time")
+                .unwrap();
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            (
+                parts.status,
+                parts.headers,
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+        }
+    };
+    let (status, _, body) = send(Some(b"k-1")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "hello"));
+    // No header; a value that is not visible ASCII (no key either).
+    for key in [None, Some(&b"caf\xc3\xa9"[..])] {
+        let (status, headers, body) = send(key).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{key:?}: {body}");
+        assert_eq!(
+            one(&headers, "content-type").as_deref(),
+            Some("application/problem+json")
+        );
+        assert!(body.contains("does not carry the key"), "{body}");
+    }
+    // Marked, for code further out (through the service, no socket needed).
+    let per_key = KeyedRateLimiter::with_clock(quota, ManualClock::new());
+    let mut svc = HttpRateLimitLayer::per_key(per_key, api_key()).layer(tower::service_fn(
+        |_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::new())) },
+    ));
+    let request = Request::get("/").body(()).unwrap();
+    let missing = svc.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        missing.extensions().get::<Undecided>(),
+        Some(&Undecided::KeyNotSent)
+    );
 }
 
 /// A missing key's `500` is marked [`Undecided`], so code further out (the gateway

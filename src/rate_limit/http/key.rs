@@ -282,8 +282,9 @@ impl<B> KeyExtractor<Request<B>> for ClientIp {
 /// that clients choosing long values cannot grow a keyed limiter's memory (each key is
 /// 65 bytes, with no allocation). Requests without the header, or with a value that is not visible ASCII,
 /// have no key: a [`PerKey`](super::PerKey) limit answers them per its
-/// [`OnMissingKey`](super::OnMissingKey) (`500` by default; or one shared bucket; or let
-/// through, with a limit by [`ClientIp`] or a global one beside it).
+/// [`OnMissingKey`](super::OnMissingKey): refused by default, the client's error (the HTTP
+/// layers answer `400 Bad Request`); or one shared bucket; or let through, with a limit by
+/// [`ClientIp`] or a global one beside it.
 #[derive(Debug, Clone)]
 pub struct HeaderKey(pub HeaderName);
 
@@ -299,6 +300,11 @@ impl<B> KeyExtractor<Request<B>> for HeaderKey {
 
     fn extract(&self, request: &Request<B>) -> Option<BoundedKey> {
         Self::key_of(request.headers().get(&self.0)?)
+    }
+
+    /// The header is the client's to send: a request without it is a `400`.
+    fn missing_key_is_clients(&self) -> bool {
+        true
     }
 }
 

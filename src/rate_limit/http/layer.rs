@@ -227,9 +227,10 @@ impl HeaderSettings {
         response
     }
 
-    /// The `500` of a request without the key its limit needs (logged).
-    pub(super) fn missing_key<B: ProblemBody>(&self) -> Response<B> {
-        missing_key(&self.name)
+    /// The `500` (or, `client`, the `400`) of a request without the key its limit needs
+    /// (logged).
+    pub(super) fn missing_key<B: ProblemBody>(&self, client: bool) -> Response<B> {
+        missing_key(&self.name, client)
     }
 
     /// What `decision` lets through: the admitted figures and the charge (`None` for a
@@ -243,19 +244,20 @@ impl HeaderSettings {
             Decision::Admitted(admitted, charge) => Ok(Some((admitted, charge))),
             Decision::Unlimited => Ok(None),
             Decision::Refused(refused) => Err(Refusal::Limited(refused)),
-            Decision::MissingKey => Err(Refusal::MissingKey),
+            Decision::MissingKey => Err(Refusal::MissingKey { client: false }),
+            Decision::KeyNotSent => Err(Refusal::MissingKey { client: true }),
             Decision::Unavailable(_) => Err(Refusal::Unavailable),
         }
     }
 
-    /// This layer's answer to a request it does not let through: its `429`, `500` or
-    /// `503`.
+    /// This layer's answer to a request it does not let through: its `429`, `400`, `500`
+    /// or `503`.
     #[cold]
     #[inline(never)]
     pub(crate) fn refuse<B: ProblemBody>(&self, refusal: Refusal) -> Response<B> {
         match refusal {
             Refusal::Limited(refused) => self.refusal(refused),
-            Refusal::MissingKey => self.missing_key(),
+            Refusal::MissingKey { client } => self.missing_key(client),
             Refusal::Unavailable => unavailable(),
         }
     }
@@ -275,8 +277,9 @@ impl HeaderSettings {
 pub(crate) enum Refusal {
     /// The limit is exhausted: a `429`, marked [`Refused`].
     Limited(RateLimited),
-    /// The request lacks the key the limit needs: a `500`.
-    MissingKey,
+    /// The request lacks the key the limit needs: a `500`, or, `client` (the key is the
+    /// client's to send), a `400`.
+    MissingKey { client: bool },
     /// The limit's store did not answer and it fails closed: a `503`.
     Unavailable,
 }
@@ -471,7 +474,8 @@ pub(super) fn refusal<B: ProblemBody>(headers: Option<Headers>) -> Response<B> {
 }
 
 /// Marks the responses a rate-limit layer answered itself without a decision of its
-/// limit: the `500` of a request without a key ([`OnMissingKey::Reject`]) and the `503`
+/// limit: the `500` of a request without a key ([`OnMissingKey::Reject`]), the `400` of a
+/// request without the key the client must send, and the `503`
 /// of a limit that could not reach its store and fails closed (the Redis limiter). Code
 /// further out can tell them from an inner service's own `500` or `503` (to answer a gRPC
 /// caller in gRPC's form, as the gateway does, or to keep them out of an upstream's error
@@ -482,19 +486,33 @@ pub(super) fn refusal<B: ProblemBody>(headers: Option<Headers>) -> Response<B> {
 pub enum Undecided {
     /// The `500` of a request the layer could take no key from.
     MissingKey,
+    /// The `400` of a request without the key the client must send
+    /// ([`KeyExtractor::missing_key_is_clients`](crate::rate_limit::KeyExtractor::missing_key_is_clients)).
+    KeyNotSent,
     /// The `503` of a limit whose store could not be reached (`Retry-After: 1`).
     Unavailable,
 }
 
 /// The `500` for a request without a key under [`OnMissingKey::Reject`], marked
-/// [`Undecided::MissingKey`].
-pub(super) fn missing_key<B: ProblemBody>(name: &PolicyName) -> Response<B> {
-    crate::rate_limit::error::log_missing_key(name.as_str());
-    let mut response = crate::problem::problem(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the rate limit key could not be taken from the request",
-    );
-    response.extensions_mut().insert(Undecided::MissingKey);
+/// [`Undecided::MissingKey`]; or, `client`, the `400` of a request without the key the
+/// client must send, marked [`Undecided::KeyNotSent`].
+pub(super) fn missing_key<B: ProblemBody>(name: &PolicyName, client: bool) -> Response<B> {
+    crate::rate_limit::error::log_missing_key(name.as_str(), client);
+    let (status, detail, mark) = if client {
+        (
+            StatusCode::BAD_REQUEST,
+            "the request does not carry the key its rate limit is taken from",
+            Undecided::KeyNotSent,
+        )
+    } else {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the rate limit key could not be taken from the request",
+            Undecided::MissingKey,
+        )
+    };
+    let mut response = crate::problem::problem(status, detail);
+    response.extensions_mut().insert(mark);
     response
 }
 

@@ -17,8 +17,20 @@ pub(crate) enum KeyOf<K> {
     Shared,
     /// No key: let it through, unlimited here.
     Unlimited,
-    /// No key: refuse it (the layer logs and answers).
-    Missing,
+    /// No key: refuse it (the layer logs and answers); `client`: the client's error
+    /// ([`KeyExtractor::missing_key_is_clients`]).
+    Missing { client: bool },
+}
+
+impl<K> KeyOf<K> {
+    /// The refusal of a request without a key.
+    pub(crate) fn missing<Ch>(client: bool) -> Decision<Ch> {
+        if client {
+            Decision::KeyNotSent
+        } else {
+            Decision::MissingKey
+        }
+    }
 }
 
 /// Takes `request`'s key with `extractor`, or applies `policy` (logging a shared-bucket
@@ -33,7 +45,9 @@ pub(crate) fn key_of<R, E: KeyExtractor<R>>(
     match extractor.extract(request) {
         Some(key) => KeyOf::Key(key),
         None => match policy {
-            OnMissingKey::Reject => KeyOf::Missing,
+            OnMissingKey::Reject => KeyOf::Missing {
+                client: extractor.missing_key_is_clients(),
+            },
             OnMissingKey::Shared => {
                 log_shared_key(layer);
                 KeyOf::Shared
@@ -128,7 +142,7 @@ where
                 Err(refused) => Decision::Refused(refused),
             },
             KeyOf::Unlimited => Decision::Unlimited,
-            KeyOf::Missing => Decision::MissingKey,
+            KeyOf::Missing { client } => KeyOf::<Key>::missing(client),
         }
     }
 }

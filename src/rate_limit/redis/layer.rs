@@ -118,7 +118,7 @@ where
             KeyOf::Key(key) => key.to_string(),
             KeyOf::Shared => SHARED_KEY.to_owned(),
             KeyOf::Unlimited => return Decision::Unlimited.into(),
-            KeyOf::Missing => return Decision::MissingKey.into(),
+            KeyOf::Missing { client } => return KeyOf::<E::Key>::missing(client).into(),
         };
         let limiter = self.limiter.clone();
         RedisCheck::asking(async move { decide(limiter.acquire(&key, tokens).await) })
