@@ -131,8 +131,11 @@ where
     /// One balancer shared by threads ([`SharedBalance`](super::SharedBalance)) is locked
     /// by every request of every thread; a replica per thread is locked by none of the
     /// others', and an endpoint ejected or broken on one thread is out of rotation on all.
-    /// When an endpoint's instance changes (address or weight), the first replica to see
-    /// the change starts its figures over and the others take those when they see it.
+    /// When an endpoint's instance moves (a new address), the first replica to see the
+    /// move starts its figures over and the others take those when they see it; a replica
+    /// that sees the instance at an address another still holds it at takes those
+    /// figures (one that missed a move and its return keeps sharing); a change of weight,
+    /// health or tags keeps the figures.
     /// Each replica applies discovery changes when it is polled (or
     /// [`poll_discovery`](Self::poll_discovery) is called): an endpoint removed from
     /// discovery keeps its figures, and an ejection keeps counting against the maximum
@@ -202,7 +205,9 @@ where
 
     /// Applies the discovery changes that are ready, without reserving an endpoint, and
     /// registers `cx`'s waker for the next ones. `poll_ready` does this on every request; a
-    /// status page of an idle balancer calls it to show the current endpoints.
+    /// status page of an idle balancer calls it to show the current endpoints. Between a
+    /// successful `poll_ready` and its `call` it does nothing (a change could take the
+    /// reserved endpoint away): the next `poll_ready` applies the changes.
     ///
     /// # Errors
     ///
@@ -211,6 +216,9 @@ where
     where
         D::Error: Into<BoxError>,
     {
+        if self.ready.is_some() {
+            return Ok(());
+        }
         self.poll_discover(cx)
     }
 
@@ -224,7 +232,9 @@ where
                 .poll_discover(&mut self.discover, &mut self.discover_closed, cx);
         if changed {
             self.ready = None;
-            self.cursor = 0;
+            // (The round-robin cursor goes on from where it was, taken modulo the new
+            // schedule: restarting it at every change, with an instance changing every
+            // few requests, starved the endpoints late in the schedule.)
         }
         result
     }
@@ -370,7 +380,6 @@ where
         let reserved = self.ready.as_ref().map(|r| self.set.keys[r.at].clone());
         self.set.remove(&key);
         self.set.rebuild();
-        self.cursor = 0;
         if let (Some(reserved), Some(r)) = (reserved, self.ready.as_mut()) {
             match self.set.position(&reserved) {
                 Some(at) => r.at = at,

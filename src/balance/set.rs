@@ -81,13 +81,14 @@ impl<K, S> EndpointSet<K, S> {
     /// registry's lock, so that no replica adopts figures whose last holder is letting go.
     fn release(&self, slot: &Slot<S>) {
         let mut members = self.shared.members.lock();
-        let last = slot.stats.release();
-        if last
-            && members
-                .get(&slot.stats.label)
-                .is_some_and(|m| Arc::ptr_eq(&m.stats, &slot.stats))
-        {
-            members.remove(&slot.stats.label);
+        if !slot.stats.release() {
+            return;
+        }
+        if let Some(versions) = members.get_mut(&slot.stats.label) {
+            versions.retain(|m| !Arc::ptr_eq(&m.stats, &slot.stats));
+            if versions.is_empty() {
+                members.remove(&slot.stats.label);
+            }
         }
     }
 
@@ -189,12 +190,11 @@ where
     }
 
     /// Inserts or replaces the endpoint of `key`. A replaced endpoint's figures start over
-    /// when its address or weight changed, and are kept otherwise.
+    /// when its address changed, and are kept otherwise (see `member`).
     pub(crate) fn insert(&mut self, key: K, endpoint: S) {
         self.shared.had_endpoints.store(true, Relaxed);
         let at = self.positions.get(&key).copied();
-        let replacing = at.map(|at| &self.slots[at].stats);
-        let (stats, breaker) = self.member(&key, &endpoint, replacing);
+        let (stats, breaker) = self.member(&key, &endpoint);
         let weight = endpoint.weight().max(1);
         let slot = Slot {
             endpoint,
@@ -216,29 +216,22 @@ where
         self.changed();
     }
 
-    /// The figures and breaker for `key`'s `endpoint`: those registered for its address and
-    /// weight (made by another replica, or by this set for the endpoint it replaces), or
-    /// new ones (registered for the replicas to come) when there are none: the first
-    /// replica to see an endpoint's address or weight change starts its figures over.
-    fn member(
-        &self,
-        key: &K,
-        endpoint: &S,
-        replacing: Option<&Arc<EndpointStats>>,
-    ) -> (Arc<EndpointStats>, Option<Breaker>) {
+    /// The figures and breaker for `key`'s `endpoint`: those registered for its address
+    /// (made by another replica, or by this set for the endpoint it replaces), or new ones
+    /// (registered for the replicas to come) when there are none. An instance whose
+    /// weight, health or tags changed keeps its figures: a sick instance whose check flaps
+    /// (passing and warning weighted apart) must stay ejected and its breaker open. One
+    /// that moved starts over, and comes back to the figures of an address it returns to
+    /// while a replica still holds them there: replicas that saw its moves at different
+    /// times still share one endpoint's figures.
+    fn member(&self, key: &K, endpoint: &S) -> (Arc<EndpointStats>, Option<Breaker>) {
         let label: Arc<str> = Arc::from(key.to_string());
-        let (address, weight) = (endpoint.address(), endpoint.weight().max(1));
+        let address = endpoint.address();
         let mut members = self.shared.members.lock();
-        let registered = members.get(&label);
-        // The same address and weight are the same endpoint, whoever registered its
-        // figures: this set itself when the instance changed otherwise (its health from
-        // passing to warning, its tags), which must not end an ejection or close a
-        // breaker, or a sick instance whose check flaps would be readmitted at each flip.
-        if let Some(m) = registered {
-            if m.address == address && m.weight == weight {
-                m.stats.hold();
-                return (m.stats.clone(), m.breaker.clone());
-            }
+        let versions = members.entry(label.clone()).or_default();
+        if let Some(m) = versions.iter().find(|m| m.address == address) {
+            m.stats.hold();
+            return (m.stats.clone(), m.breaker.clone());
         }
         let stats = Arc::new(EndpointStats::new(
             self.shared.clone(),
@@ -248,23 +241,11 @@ where
         let breaker = self.breaker.as_ref().map(|template| {
             Breaker::new(template.with_name(format!("{}/{}", self.shared.name, label)))
         });
-        // A version other than the one this set held is another replica's, maybe newer:
-        // it stays registered, and this set's copy is its own until discovery agrees.
-        let supersedes = match registered {
-            None => true,
-            Some(m) => replacing.is_some_and(|r| Arc::ptr_eq(r, &m.stats)),
-        };
-        if supersedes {
-            members.insert(
-                label,
-                Member {
-                    stats: stats.clone(),
-                    breaker: breaker.clone(),
-                    address,
-                    weight,
-                },
-            );
-        }
+        versions.push(Member {
+            stats: stats.clone(),
+            breaker: breaker.clone(),
+            address,
+        });
         (stats, breaker)
     }
 
@@ -438,11 +419,21 @@ mod tests {
         assert!(Arc::ptr_eq(&a.slots[0].stats, &b.slots[0].stats));
         assert_eq!(shared.members.lock().len(), 2);
 
-        // Replaced (its weight changed) by one replica, then by the other: one new set of
-        // figures, the old ones gone.
+        // Its weight changed: the same figures.
+        let before = a.slots[a.position(&"two").unwrap()].stats.clone();
         a.insert("two", fake(2, 3));
+        assert!(Arc::ptr_eq(
+            &a.slots[a.position(&"two").unwrap()].stats,
+            &before
+        ));
+        drop(before);
+        // Moved by one replica, then by the other: one new set of figures, the old ones
+        // registered while the other replica holds them, then gone.
+        a.insert("two", fake(3, 3));
+        assert_eq!(shared.members.lock()["two"].len(), 2);
+        b.insert("two", fake(3, 3));
+        assert_eq!(shared.members.lock()["two"].len(), 1);
         assert_eq!(shared.members.lock().len(), 2);
-        b.insert("two", fake(2, 3));
         let two = a.position(&"two").unwrap();
         assert!(Arc::ptr_eq(
             &a.slots[two].stats,

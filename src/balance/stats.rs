@@ -32,19 +32,19 @@ pub(crate) struct SetShared {
     /// Balancers over this set: one, or several made by
     /// [`Balance::replica`](super::Balance::replica).
     pub(crate) replicas: AtomicUsize,
-    /// Each endpoint's current figures and breaker, by label, for the replicas to share.
-    /// Touched only when the endpoints change.
-    pub(crate) members: parking_lot::Mutex<HashMap<Arc<str>, Member>>,
+    /// Each endpoint's figures and breaker, by label, for the replicas to share: one entry
+    /// for each address a replica holds it at (replicas see an instance's moves at their
+    /// own pace). Touched only when the endpoints change.
+    pub(crate) members: parking_lot::Mutex<HashMap<Arc<str>, Vec<Member>>>,
 }
 
 /// An endpoint's figures and breaker as the replicas of a balancer share them, with what
-/// tells one version of the endpoint from the next (an instance whose address or weight
-/// changed starts over).
+/// tells one version of the endpoint from another: its address (an instance that moved
+/// starts over; one whose weight or health changed does not).
 pub(crate) struct Member {
     pub(crate) stats: Arc<EndpointStats>,
     pub(crate) breaker: Option<Breaker>,
     pub(crate) address: String,
-    pub(crate) weight: u32,
 }
 
 impl SetShared {
@@ -337,19 +337,20 @@ impl EndpointStats {
         }
         let now = set.clock.now_nanos();
         let base = crate::util::nanos(outlier.base_ejection);
-        // An endpoint that stayed in rotation for as long as its last ejection lasted has
-        // earned a fresh start: the run of ejections ends, as Envoy's multiplier decays.
+        let max = crate::util::nanos(outlier.max_ejection);
+        // An endpoint that stayed in rotation for as long as its last ejection lasted (at
+        // most the maximum) has earned a fresh start: the run of ejections ends, as
+        // Envoy's multiplier decays.
         let previous = self.ejections_in_row.load(Relaxed);
         let since = now.saturating_sub(self.readmitted_at.load(Relaxed));
-        let in_row = if previous != 0 && since > base.saturating_mul(u64::from(previous)) {
+        let last = base.saturating_mul(u64::from(previous)).min(max);
+        let in_row = if previous != 0 && since > last {
             1
         } else {
             previous.saturating_add(1)
         };
         self.ejections_in_row.store(in_row, Relaxed);
-        let length = base
-            .saturating_mul(u64::from(in_row))
-            .min(crate::util::nanos(outlier.max_ejection));
+        let length = base.saturating_mul(u64::from(in_row)).min(max);
         // Never 0: 0 means "in rotation".
         let until = now.saturating_add(length).max(1);
         if self

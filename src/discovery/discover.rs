@@ -109,17 +109,19 @@ where
     F: FnMut(&Instance) -> S,
 {
     /// Discovers the instances of `watch`, building each one's service with `make`.
-    pub fn new(mut watch: InstanceWatch, make: F) -> Self {
+    pub fn new(watch: InstanceWatch, make: F) -> Self {
         let mut this = Self {
             current: HashMap::new(),
             queue: VecDeque::new(),
             changed: None,
             closed: false,
             make,
-            watch: watch.clone(),
+            watch,
         };
-        let snapshot = watch.current();
-        this.watch.current();
+        // Read through the watch kept, which marks this snapshot seen: a snapshot
+        // published after it is then the next change (read through a clone first, one
+        // published in between was marked seen and never applied).
+        let snapshot = this.watch.current();
         this.apply(&snapshot);
         this
     }

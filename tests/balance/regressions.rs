@@ -607,3 +607,306 @@ async fn wait_at_start_waits_only_before_the_first_endpoint_on_every_replica() {
         assert_eq!(started.elapsed(), Duration::ZERO, "answered at once");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Found in a review of the balancer and discovery: each failed on the code before its fix.
+
+/// A Consul instance weighted `Weights { Passing: 10, Warning: 1 }` (the shape of the
+/// crate's own `.weights(10, 1)` example) whose check flaps between passing and warning
+/// is reinserted by discovery with a new weight at every flip. The balancer took a new
+/// weight for a new endpoint and started its figures over: the ejection of a sick
+/// instance ended at every flip, what keeping figures across health changes is for.
+#[tokio::test(start_paused = true)]
+async fn a_weight_flip_from_a_flapping_check_keeps_the_ejection() {
+    use seawall::discovery::Health;
+    use std::num::NonZeroU32;
+    let c = ctls(5);
+    let registry = Registry::new();
+    let regs: Vec<_> = (1..=3)
+        .map(|p| registry.register(inst(p).with_weight(NonZeroU32::new(10).unwrap())))
+        .collect();
+    c[1].fail.store(true, SeqCst);
+    let mut lb = Balance::builder()
+        .outlier_detection(
+            OutlierDetection::builder()
+                .consecutive_failures(3)
+                .base_ejection_time(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        )
+        .build(ServiceDiscover::new(registry.watch("svc"), make(c.clone())));
+    let handle = lb.handle().clone();
+    for _ in 0..100 {
+        let _ = lb.ready().await.unwrap().call(0).await;
+    }
+    assert_eq!(handle.ejected(), 1, "the failing instance is ejected");
+
+    // Its check goes to warning: Consul now reports it with its warning weight.
+    assert!(registry.set_health(
+        "svc",
+        regs[0].id(),
+        Health::Warning,
+        NonZeroU32::new(1).unwrap()
+    ));
+    let mut failures = 0;
+    for _ in 0..100 {
+        if lb.ready().await.unwrap().call(0).await.is_err() {
+            failures += 1;
+        }
+    }
+    assert_eq!(
+        failures, 0,
+        "the flip of its check (weight 10 -> 1) ended the ejection of a still failing \
+         instance: {failures} requests reached it"
+    );
+    assert_eq!(handle.ejected(), 1);
+}
+
+/// The run of ejections that makes each ejection longer ends once the endpoint "stayed
+/// in rotation for as long as its last ejection lasted". With the ejection time capped,
+/// the last ejection lasted `max_ejection_time`, but the run was judged against `base ×
+/// ejections in the run`, which kept growing past the cap: an endpoint ejected 20 times
+/// for 2 s had to stay in rotation 20 s, not 2 s, before it started over, and meanwhile
+/// every new ejection was the longest.
+#[tokio::test(start_paused = true)]
+async fn a_capped_run_of_ejections_ends_after_the_last_ejections_length() {
+    let c = ctls(5);
+    let mut lb = Balance::builder()
+        .outlier_detection(
+            OutlierDetection::builder()
+                .consecutive_failures(1)
+                .base_ejection_time(Duration::from_secs(1))
+                .max_ejection_time(Duration::from_secs(2))
+                .build()
+                .unwrap(),
+        )
+        .build(ServiceDiscover::new(
+            seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
+            make(c.clone()),
+        ));
+    let handle = lb.handle().clone();
+    c[1].fail.store(true, SeqCst);
+    let ejected_for = |h: &seawall::balance::BalanceHandle| {
+        h.endpoints()
+            .into_iter()
+            .find(|e| e.address == "127.0.0.1:1")
+            .unwrap()
+            .ejected_for
+    };
+    // Twenty ejections in a row, each right after the last one ended.
+    for _ in 0..20 {
+        while handle.ejected() == 0 {
+            let _ = lb.ready().await.unwrap().call(0).await;
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(handle.ejected(), 0, "readmitted once its ejection ran out");
+    }
+    // Healthy, in rotation for 10 s: five times as long as its last ejection lasted.
+    c[1].fail.store(false, SeqCst);
+    for _ in 0..10 {
+        for _ in 0..10 {
+            lb.ready().await.unwrap().call(0).await.unwrap();
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    // It fails again: a fresh start, ejected for the base time.
+    c[1].fail.store(true, SeqCst);
+    while handle.ejected() == 0 {
+        let _ = lb.ready().await.unwrap().call(0).await;
+    }
+    assert_eq!(
+        ejected_for(&handle),
+        Some(Duration::from_secs(1)),
+        "after 10 s in rotation (its last ejection lasted 2 s) the run starts over"
+    );
+}
+
+/// Applies the discovery changes that are ready, as a status page does.
+fn discover_now<D, C>(lb: &mut Balance<D, C>)
+where
+    D: tower::discover::Discover + Unpin,
+    D::Key: std::hash::Hash + Eq + Clone + std::fmt::Display,
+    D::Service: seawall::balance::BalanceEndpoint,
+    D::Error: Into<BoxError>,
+{
+    let waker = std::task::Waker::noop();
+    lb.poll_discovery(&mut Context::from_waker(waker)).unwrap();
+}
+
+/// Replicas share one set of figures per endpoint, so that an endpoint ejected on one
+/// is out of rotation on all. An instance that moves and comes back (address A → B → A)
+/// while a replica is idle is never seen to change by that replica (its discovery reads
+/// the latest snapshot only), so it keeps the figures of A; the busy replica, which saw
+/// both changes, made new figures for the second A, because the registered version was
+/// B's. From then on the replicas held two sets of figures for the same endpoint: one
+/// ejected it, the other kept sending it traffic.
+#[tokio::test(start_paused = true)]
+async fn replicas_still_share_an_endpoint_after_it_moves_and_comes_back() {
+    let c = ctls(5);
+    let registry = Registry::new();
+    let id = InstanceId::new("local", "svc-1");
+    let at = |host: &str| Instance::new(id.clone(), "svc", host, 1);
+    let _a = registry.register(at("127.0.0.1"));
+    let _other = registry.register(inst(2));
+    let mut first = Balance::builder()
+        .outlier_detection(
+            OutlierDetection::builder()
+                .consecutive_failures(1)
+                .base_ejection_time(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        )
+        .build(ServiceDiscover::new(registry.watch("svc"), make(c.clone())));
+    let mut second = first.replica(ServiceDiscover::new(registry.watch("svc"), make(c.clone())));
+    discover_now(&mut first);
+    discover_now(&mut second);
+
+    // The instance moves and comes back; only the first replica is polled meanwhile.
+    let _b = registry.register(at("127.0.0.9"));
+    discover_now(&mut first);
+    let _a_again = registry.register(at("127.0.0.1"));
+    discover_now(&mut first);
+    discover_now(&mut second);
+    assert_eq!(first.len(), 2);
+    assert_eq!(second.len(), 2);
+
+    // It fails: ejected through the first replica.
+    c[1].fail.store(true, SeqCst);
+    while first.handle().ejected() == 0 {
+        let _ = first.ready().await.unwrap().call(0).await;
+    }
+    // The second replica must not send it anything for the next 30 s.
+    let mut failures = 0;
+    for _ in 0..100 {
+        if second.ready().await.unwrap().call(0).await.is_err() {
+            failures += 1;
+        }
+    }
+    assert_eq!(
+        failures, 0,
+        "the second replica kept sending requests to an endpoint the first ejected"
+    );
+}
+
+/// `poll_discovery` is documented as applying discovery changes "without reserving an
+/// endpoint"; it also silently dropped the reservation a successful `poll_ready` made, so
+/// the `call` that the tower contract allows after it panicked.
+#[tokio::test]
+async fn poll_discovery_between_poll_ready_and_call_keeps_the_reservation() {
+    let c = ctls(5);
+    let registry = Registry::new();
+    let _a = registry.register(inst(1));
+    let mut lb = Balance::new(ServiceDiscover::new(registry.watch("svc"), make(c.clone())));
+    std::future::poll_fn(|cx| lb.poll_ready(cx)).await.unwrap();
+    // Another instance appears, and a status read applies it before the call.
+    let _b = registry.register(inst(2));
+    discover_now(&mut lb);
+    let called = std::panic::AssertUnwindSafe(|| lb.call(0));
+    let result = std::panic::catch_unwind(called);
+    assert!(
+        result.is_ok(),
+        "call after a successful poll_ready panicked because poll_discovery ran in between"
+    );
+    let port = result.unwrap().await.unwrap();
+    assert!(port == 1 || port == 2);
+}
+
+/// `ServiceDiscover::new` read the first snapshot through the watch it was given, then
+/// marked the snapshot seen through its own clone of that watch: a snapshot published
+/// between the two reads was marked seen without ever being applied, and was lost until
+/// the next publish (which may never come: a quiet Consul service). A
+/// race: the test starts discoveries while another thread publishes, 20 000 times at
+/// most, and fails at the first discovery that never sees the second snapshot.
+#[test]
+fn a_snapshot_published_while_discovery_starts_is_not_lost() {
+    use futures::Stream;
+    use std::sync::atomic::AtomicU64;
+    // One publishing thread, told to publish by a round number it spins on.
+    let slot: parking_lot::Mutex<Option<Arc<Publisher>>> = parking_lot::Mutex::new(None);
+    let (go, done, stop) = (AtomicU64::new(0), AtomicU64::new(0), AtomicBool::new(false));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut last = 0;
+            while !stop.load(SeqCst) {
+                let round = go.load(SeqCst);
+                if round == last {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                last = round;
+                if let Some(p) = slot.lock().clone() {
+                    p.publish(vec![inst(1), inst(2)]);
+                }
+                done.store(round, SeqCst);
+            }
+        });
+        let mut round = 0u64;
+        let mut failure = None;
+        // (It failed within a few hundred rounds; a round takes microseconds.)
+        while round < 20_000 && failure.is_none() {
+            round += 1;
+            let publisher = Arc::new(Publisher::live(vec![inst(1)]));
+            let watch = publisher.subscribe();
+            *slot.lock() = Some(publisher);
+            go.store(round, SeqCst);
+            // Sweep the start of the discovery across the publish.
+            for _ in 0..round % 160 {
+                std::hint::spin_loop();
+            }
+            let mut discover = ServiceDiscover::new(watch, |i: &Instance| i.port);
+            while done.load(SeqCst) != round {
+                std::thread::yield_now();
+            }
+            // Everything discovery has for the balancer, once the publisher is done.
+            let waker = std::task::Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            let mut ports = Vec::new();
+            while let Poll::Ready(Some(Ok(change))) =
+                std::pin::Pin::new(&mut discover).poll_next(&mut cx)
+            {
+                if let tower::discover::Change::Insert(_, endpoint) = change {
+                    ports.push(*endpoint.get_ref());
+                }
+            }
+            if !ports.contains(&2) {
+                failure = Some(format!(
+                    "discovery #{round} never saw the snapshot published as it started: {ports:?}"
+                ));
+            }
+        }
+        stop.store(true, SeqCst);
+        if let Some(failure) = failure {
+            panic!("{failure}");
+        }
+    });
+}
+
+/// Round robin restarted its schedule at the first position at every discovery change,
+/// even one that left the schedule as it was (an instance's tags, its health from
+/// passing to warning). In a large fleet where some instance changes every few requests,
+/// the endpoints late in the schedule never got a turn.
+#[tokio::test]
+async fn round_robin_reaches_every_endpoint_while_discovery_churns() {
+    use seawall::balance::Strategy;
+    let c = ctls(5);
+    let registry = Registry::new();
+    let mut guards: Vec<_> = (1..=4).map(|p| registry.register(inst(p))).collect();
+    let mut lb = Balance::builder()
+        .strategy(Strategy::RoundRobin)
+        .build(ServiceDiscover::new(registry.watch("svc"), make(c.clone())));
+    let mut served: HashMap<u16, usize> = HashMap::new();
+    for round in 0..100 {
+        for _ in 0..2 {
+            let port = lb.ready().await.unwrap().call(0).await.unwrap();
+            *served.entry(port).or_default() += 1;
+        }
+        // Some instance's tags change: same address, same weight, same schedule.
+        guards.push(registry.register(inst(4).with_tags([format!("build-{round}")])));
+    }
+    for port in 1..=4 {
+        assert!(
+            served.get(&port).copied().unwrap_or(0) >= 25,
+            "200 requests over 4 endpoints in turn, yet {served:?}"
+        );
+    }
+}
