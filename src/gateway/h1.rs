@@ -816,6 +816,26 @@ impl ChunkedDecoder {
     }
 }
 
+/// Drops the empty lines (`CRLF` or `LF`) `buf` begins with, which may come before a
+/// request line (RFC 9112, 2.2) and which the parser skips: returns how many bytes.
+/// Dropped as they come, each pair does not count as where a head may end (a client
+/// sending them one pair at a time made every read parse the whole buffer again).
+#[inline]
+pub(crate) fn skip_empty_lines(buf: &mut BytesMut) -> usize {
+    let mut n = 0;
+    loop {
+        match buf[n..] {
+            [b'\r', b'\n', ..] => n += 2,
+            [b'\n', ..] => n += 1,
+            _ => break,
+        }
+    }
+    if n > 0 {
+        buf.advance(n);
+    }
+    n
+}
+
 /// Whether `buf` has a blank line (`LF LF` or `LF CR LF`) ending after its first `from`
 /// bytes: where a head or a trailer section may end. Looks back over the few bytes before
 /// `from` in which one could have begun.
@@ -1492,8 +1512,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             if let Poll::Ready(Err(e)) = self.poll_send(cx) {
                 return Poll::Ready(Err(e));
             }
-            // Parsed again only with more bytes than the last incomplete try had.
-            if self.read.len() > self.partial {
+            if !self.read.is_empty() && matches!(self.read[0], b'\r' | b'\n') {
+                let skipped = skip_empty_lines(&mut self.read);
+                self.partial = self.partial.saturating_sub(skipped);
+            }
+            // Parsed again only once the head may have ended, or its bytes doubled (a
+            // malformed one is still found early), or it is past the bound: a head sent a
+            // byte at a time costs linear parsing, not quadratic.
+            let len = self.read.len();
+            if len > self.partial
+                && (self.partial == 0
+                    || len >= 2 * self.partial
+                    || len > MAX_HEAD
+                    || blank_line_since(&self.read, self.partial))
+            {
                 match parse_response_into(&mut self.read, self.head_request, &mut self.spare) {
                     Ok(Some(head)) => return Poll::Ready(Ok(self.begin_body(head))),
                     Ok(None) => self.partial = self.read.len(),
@@ -2213,6 +2245,53 @@ mod tests {
             assert_eq!(conn.io.count, writes, "{wire:?}");
             assert!(conn.is_reusable());
         }
+    }
+
+    /// An upstream sends its response head a byte at a time (a slow or hostile upstream;
+    /// SECURITY.md trusts upstreams with their answers, not with their framing).
+    /// `Conn::poll_head` parsed the whole buffer again after every read that brought
+    /// anything, so a head of `n` bytes cost `n` parses of up to `n` bytes: quadratic
+    /// (the ~40 KiB head here, some 40 000 times; a 60 KiB one took about 10 s of CPU in a
+    /// debug build). As the gateway's HTTP/1 server does with request heads, it parses
+    /// again only when the head may have ended or its bytes doubled. Counted by
+    /// `partial`, which each incomplete parse sets to the bytes it had.
+    #[tokio::test]
+    async fn a_response_head_trickled_a_byte_at_a_time_is_not_parsed_at_every_byte() {
+        use tokio::io::AsyncWriteExt;
+        let mut head = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..40 {
+            head.push_str(&format!("x-{i}: {}\r\n", "v".repeat(1000)));
+        }
+        head.push_str("content-length: 0\r\n\r\n");
+        assert!(head.len() < MAX_HEAD);
+        let (io, mut upstream) = tokio::io::duplex(1 << 20);
+        let mut conn = Conn::new(io);
+        conn.start(request(Method::GET, 0, super::super::body::empty()));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // The request goes out; the answer is awaited.
+        assert!(conn.poll_head(&mut cx).is_pending());
+        read_until(&mut upstream, b"\r\n\r\n").await;
+        let (mut parses, mut last, mut answered) = (0usize, conn.partial, false);
+        for byte in head.as_bytes() {
+            upstream
+                .write_all(std::slice::from_ref(byte))
+                .await
+                .unwrap();
+            if let Poll::Ready(response) = conn.poll_head(&mut cx) {
+                assert_eq!(response.unwrap().status(), StatusCode::OK);
+                answered = true;
+                break;
+            }
+            if conn.partial != last {
+                (parses, last) = (parses + 1, conn.partial);
+            }
+        }
+        assert!(answered, "the head was not read whole");
+        assert!(
+            parses <= 32,
+            "{parses} incomplete parses of a {}-byte head sent a byte at a time",
+            head.len()
+        );
     }
 
     #[tokio::test]

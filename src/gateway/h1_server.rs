@@ -527,7 +527,22 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
         deadline: Instant,
         stopping: &impl Fn() -> bool,
     ) -> Poll<Result<Option<RequestHead>, RequestError>> {
+        if self.read.is_empty()
+            && (self.read_size > READ_CHUNK || self.read.capacity() > 2 * READ_CHUNK)
+        {
+            // Between requests, with nothing read ahead: a buffer grown for a large body
+            // is given back rather than kept while the connection idles (a client could
+            // otherwise hold about 256 KiB on each of its keep-alive connections).
+            if self.read.capacity() > 2 * READ_CHUNK {
+                self.read = BytesMut::with_capacity(READ_CHUNK);
+            }
+            self.read_size = READ_CHUNK;
+        }
         loop {
+            if !self.read.is_empty() && matches!(self.read[0], b'\r' | b'\n') {
+                let skipped = super::h1::skip_empty_lines(&mut self.read);
+                self.partial = self.partial.saturating_sub(skipped);
+            }
             if self.read.is_empty() {
                 if stopping() {
                     return Poll::Ready(Ok(None));
@@ -985,9 +1000,12 @@ impl Outbox {
         self.pieces.is_empty() && self.own.len() == self.sealed
     }
 
-    /// Body data queued, not written.
+    /// Bytes queued, not written (at most): body data written from where it is, and the
+    /// connection's own bytes, small frames copied among them with their chunk lines. (It
+    /// counted the former only: an answer streamed in small chunks to a client reading
+    /// nothing was read from the upstream and copied here whole, until the send timeout.)
     fn queued(&self) -> usize {
-        self.data
+        self.data + self.own.len()
     }
 
     /// Makes the own bytes appended since the last piece a piece.
@@ -1367,6 +1385,124 @@ mod tests {
             parses <= 16,
             "{parses} parses of a {}-byte head",
             head.len()
+        );
+    }
+
+    /// A client sends empty lines (`CRLF`) before its request line, which RFC 9112 §2.2
+    /// lets a server ignore, one pair of bytes a write. Every read ended in a blank line
+    /// (`LF CR LF` across the last two pairs), so `poll_head` re-parsed the whole buffer,
+    /// from its start, at every pair: quadratic work (4 000 parses of up to 8 KiB here,
+    /// some 32 000 of up to 64 KiB with the default `max_headers_size`) for bytes the
+    /// client chose, where SECURITY.md promises that a head sent a byte at a time is
+    /// parsed in linear time. Empty lines are dropped as they come.
+    #[tokio::test]
+    async fn leading_empty_lines_sent_a_pair_at_a_time_are_not_parsed_at_every_pair() {
+        let (mut client, _, _) = serve_echo(false);
+        PARSES.with(|n| n.set(0));
+        // Just under the 8 KiB head bound of `serve_echo` with the request after them.
+        for _ in 0..4000 {
+            client.write_all(b"\r\n").await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        client
+            .write_all(b"GET /after-empty-lines HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_to_end(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let parses = PARSES.with(Cell::get);
+        assert!(
+            parses <= 32,
+            "{parses} parses of 8 000 bytes of empty lines sent two at a time (answer: {:?})",
+            text.lines().next()
+        );
+    }
+
+    /// A connection that notes how much room each read offers: the read buffer's spare
+    /// capacity.
+    struct Offered {
+        io: DuplexStream,
+        last: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Offered {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            this.last.store(buf.remaining(), SeqCst);
+            Pin::new(&mut this.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Offered {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        }
+    }
+
+    /// A client uploads a 4 MiB body in one go, reads its answer, and keeps the
+    /// connection idle (a tiny request every few seconds keeps it past the head timeout).
+    /// The read buffer grew to `MAX_READ`-sized reads for the upload and the connection
+    /// kept all of it while it idled: the read that waits for the next head was offered
+    /// about 250 KiB, where a fresh connection is offered `READ_CHUNK` (8 KiB). As the
+    /// upstream side does (`Conn::shrink_idle`), the buffer is given back between
+    /// requests.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_does_not_keep_the_buffer_a_large_upload_grew() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let last = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(serve(
+            Offered {
+                io: server,
+                last: last.clone(),
+            },
+            64 * 1024,
+            Duration::from_secs(10),
+            || false,
+            || {},
+            |request: Request<RequestBody>| async move {
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                Response::new(super::super::body::full(format!("{}", body.len())))
+            },
+        ));
+        const SIZE: usize = 4 << 20;
+        let mut upload =
+            format!("POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {SIZE}\r\n\r\n").into_bytes();
+        upload.resize(upload.len() + SIZE, b'x');
+        let (mut reader, mut writer) = tokio::io::split(&mut client);
+        let answer = async {
+            let mut text = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !String::from_utf8_lossy(&text).ends_with(&SIZE.to_string()) {
+                let n = reader.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&text));
+                text.extend_from_slice(&buf[..n]);
+            }
+        };
+        let (written, ()) = tokio::join!(writer.write_all(&upload), answer);
+        written.unwrap();
+        // The connection idles, waiting for the next head.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let offered = last.load(SeqCst);
+        assert!(
+            offered <= 2 * READ_CHUNK,
+            "an idle connection's read is offered {} KiB of buffer after a large upload",
+            offered / 1024
         );
     }
 
@@ -1888,7 +2024,8 @@ mod tests {
                     )
                     .unwrap()
             );
-            assert_eq!(outbox.queued(), 3000 + 70_000);
+            // Everything not written: the frames, their lines, the head, the trailers.
+            assert_eq!(outbox.queued(), expected.len());
             let mut cx = Context::from_waker(Waker::noop());
             assert!(outbox.poll_write(&mut io, &mut cx).is_ready());
             assert!(outbox.is_empty());

@@ -1318,3 +1318,85 @@ async fn shutdown_answers_the_request_in_flight_then_closes() {
         .unwrap();
     assert_eq!(up.lines(), ["GET /held"]);
 }
+
+/// A client asks for a large answer and then reads nothing; the upstream streams it
+/// chunked in chunks of 1 000 bytes (as many servers stream: every `write` of a handler
+/// one chunk). The gateway must stop reading the upstream once it has some `WRITE_AHEAD`
+/// (64 KiB) queued for the client, as it does for large frames: the upstream's writes
+/// then block on full socket buffers, a few MiB in. Every frame of at most
+/// `COPY_AT_MOST` (1 KiB) was copied into the outbox's own buffer, which
+/// `Outbox::queued` did not count, so the client's stalled connection made the gateway
+/// read and buffer the whole upstream answer in memory (here 160 MiB, and as much as the
+/// upstream sent within `send_timeout`, 60 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reading_nothing_does_not_make_the_gateway_buffer_a_small_chunked_answer() {
+    const TOTAL: usize = 160 << 20;
+    const BOUNDED: usize = 48 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = Arc::new(AtomicUsize::new(0));
+    let sent = written.clone();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = Vec::new();
+        if read_request(&mut stream, &mut buf).await.is_none() {
+            return;
+        }
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        if stream.write_all(head).await.is_err() {
+            return;
+        }
+        // 64 chunks of 1 000 bytes a write.
+        let mut batch = Vec::new();
+        for _ in 0..64 {
+            batch.extend_from_slice(b"3e8\r\n");
+            batch.extend_from_slice(&[b'x'; 1000]);
+            batch.extend_from_slice(b"\r\n");
+        }
+        while sent.load(SeqCst) < TOTAL {
+            if stream.write_all(&batch).await.is_err() {
+                return;
+            }
+            sent.fetch_add(64 * 1000, SeqCst);
+        }
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+        // Held open: the gateway's connection must not end for want of an upstream.
+        std::future::pending::<()>().await;
+    });
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         strip_prefix = true\ntimeout = \"60s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n"
+    ))
+    .await;
+    let mut client = Client::connect(&gw).await;
+    client.send(get("/api/large", "")).await;
+    // The client reads nothing from here on. Wait until the upstream's writes block (its
+    // count stands still for 2 s) or it has sent everything.
+    let start = Instant::now();
+    let (mut last, mut still_since) = (0, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = written.load(SeqCst);
+        if now >= TOTAL || start.elapsed() > Duration::from_secs(40) {
+            break;
+        }
+        if now != last {
+            (last, still_since) = (now, Instant::now());
+        } else if still_since.elapsed() >= Duration::from_secs(2) {
+            break;
+        }
+    }
+    let now = written.load(SeqCst);
+    assert!(
+        now < BOUNDED,
+        "the upstream wrote {} MiB of its answer to a client that read nothing \
+         (the gateway holds it in memory); backpressure should stop it within a few MiB",
+        now >> 20
+    );
+    drop(client);
+    gw.shutdown().await;
+}
