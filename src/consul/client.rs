@@ -153,10 +153,11 @@ impl HealthQuery {
     }
 
     /// How long a blocking query may be held (the agent's default is 5 minutes; capped at
-    /// [`MAX_WAIT`]).
+    /// [`MAX_WAIT`]). Zero is the agent's default, as Consul reads `wait=0s` (the request's
+    /// time limit then allows for it; it cut such queries short).
     #[must_use]
     pub fn wait(mut self, wait: Duration) -> Self {
-        self.wait = Some(wait.min(MAX_WAIT));
+        self.wait = (!wait.is_zero()).then(|| wait.min(MAX_WAIT));
         self
     }
 

@@ -20,7 +20,8 @@ pub enum SkipReason {
     NoAddress,
     /// The port is 0 or not a port number.
     NoPort,
-    /// The entry is not an object with a `Service` object.
+    /// The entry is not an object with a `Service` object, or cannot be read (a repeated
+    /// field, a number beyond `f64`'s range).
     Malformed,
     /// The address is neither an IP address nor a host name (it holds a port, a path,
     /// spaces, an IPv6 zone...): no request could be sent to it.
@@ -366,8 +367,15 @@ impl<'de> Visitor<'de> for Entries {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ParsedHealth, A::Error> {
         let mut out = ParsedHealth::default();
-        while let Some(Obj(entry)) = seq.next_element::<Obj<Entry>>()? {
-            out.add(entry.unwrap_or_default());
+        // Each entry's extent first (borrowed, not built), then the entry read from it: an
+        // entry that is valid JSON but cannot be read (a repeated field, a number beyond
+        // `f64`) is skipped as malformed, not an error of the whole answer (which lost
+        // every instance beside it).
+        while let Some(raw) = seq.next_element::<&'de serde_json::value::RawValue>()? {
+            match serde_json::from_str::<Obj<Entry>>(raw.get()) {
+                Ok(Obj(entry)) => out.add(entry.unwrap_or_default()),
+                Err(_) => out.skip("", "", SkipReason::Malformed),
+            }
         }
         Ok(out)
     }
@@ -400,6 +408,12 @@ impl ParsedHealth {
             self.skip(&node_name, &service_id, SkipReason::BadAddress);
             return;
         }
+        // An IPv6 address in brackets is published bare, as an IP address: in brackets it
+        // would be dialed as a host name, which resolves to nothing.
+        let address = match address.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+            Some(inner) => inner.to_owned(),
+            None => address,
+        };
         let port = match service.port.as_u64().and_then(|p| u16::try_from(p).ok()) {
             Some(p) if p != 0 => p,
             _ => {
@@ -436,8 +450,9 @@ impl ParsedHealth {
 
 /// Reads a health answer's body. Lenient, as the Consul API fact sheet requires:
 /// unknown fields are ignored, null or mistyped fields read as empty, missing weights as
-/// 1/1; an entry without a dialable address or port is skipped and reported, not an
-/// error (all counted, the first [`MAX_SKIPPED`] listed, one warning per answer).
+/// 1/1; an entry without a dialable address or port, or that cannot be read (a repeated
+/// field, a number beyond `f64`'s range), is skipped and reported, not an error (all
+/// counted, the first [`MAX_SKIPPED`] listed, one warning per answer).
 /// Instances are keyed by node and service ID. Only a body that is not a JSON array (or
 /// `null`) is an error.
 ///

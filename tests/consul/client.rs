@@ -1206,3 +1206,146 @@ async fn an_http_check_follows_the_health_endpoint() {
     watch_until(&mut instances, "passing again", PATIENCE, |s| s.len() == 1).await;
     guard.deregister().await.unwrap();
 }
+
+// Found in a review of the Consul client: each failed on the code before its fix.
+
+/// A raw loopback agent answering every request `200` with `X-Consul-Index: 7` and `body`,
+/// one request per connection.
+async fn raw_agent(body: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Consul-Index: 7\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// One entry of a health answer is odd but valid JSON: it repeats a key (RFC 8259 only
+/// says names SHOULD be unique; Go's decoder, and so anything written in Go between the
+/// agent and the client, keeps the last), or holds a number out of `f64`'s range. The
+/// parser is documented to be lenient (only a body that is not a JSON array, or `null`,
+/// is an error; a malformed entry is skipped and counted), but such an entry failed the
+/// whole answer: the well-formed instance beside it was lost, and a watch of the service
+/// never published it and stayed stale for as long as the odd entry was there. The odd
+/// entry is skipped.
+#[tokio::test]
+async fn one_odd_entry_does_not_fail_the_whole_health_answer() {
+    let well_formed = r#"{"Node": {"Node": "n2", "Address": "127.0.0.1"},
+           "Service": {"ID": "b", "Service": "users", "Port": 8083},
+           "Checks": [{"Status": "passing"}]}"#;
+    for (what, odd) in [
+        (
+            "a duplicate key",
+            r#"{"Node": {"Node": "n1", "Address": "127.0.0.1"},
+                "Service": {"ID": "a", "Service": "users", "Port": 8081, "Port": 8082},
+                "Checks": []}"#,
+        ),
+        (
+            "a duplicate check status",
+            r#"{"Node": {"Node": "n1", "Address": "127.0.0.1"},
+                "Service": {"ID": "a", "Service": "users", "Port": 8081},
+                "Checks": [{"Status": "critical", "Status": "passing"}]}"#,
+        ),
+        (
+            "a number out of range",
+            r#"{"Node": {"Node": "n1", "Address": "127.0.0.1"},
+                "Service": {"ID": "a", "Service": "users", "Port": 1e400},
+                "Checks": []}"#,
+        ),
+    ] {
+        let body: &'static str = Box::leak(format!("[{odd}, {well_formed}]").into_boxed_str());
+        let addr = raw_agent(body).await;
+        let client = client_for(&addr, None);
+        let answer = client
+            .health_service(&HealthQuery::new("users").passing(true))
+            .await
+            .unwrap_or_else(|e| panic!("{what} in one entry failed the whole answer: {e}"));
+        assert!(
+            answer.instances.iter().any(|i| i.id.service_id() == "b"),
+            "{what}: the well-formed instance is lost: {:?}",
+            answer.instances
+        );
+        // Through a watch: the well-formed instance is published.
+        let watch = ConsulWatch::spawn(client, "users", quick_watch());
+        let mut instances = watch.instances();
+        watch_until(&mut instances, what, Duration::from_secs(2), |s| {
+            ids(s).contains(&"b".to_owned())
+        })
+        .await;
+    }
+}
+
+/// The parser accepts an IPv6 `Service.Address` in brackets (`[::1]`) as dialable, but
+/// published it as is: the instance's address was then neither an IP address
+/// (`socket_addr()` is `None`) nor a host name, so the gateway's pool dialed it as a host
+/// name, `("[::1]", port)`, which resolves to nothing: every call to the instance failed,
+/// what the `BadAddress` skip exists to prevent. It is published as the bare IP `::1`.
+#[tokio::test]
+async fn a_bracketed_ipv6_address_is_published_dialable() {
+    let addr = raw_agent(
+        r#"[{"Node": {"Node": "n1", "Address": "10.0.0.1"},
+             "Service": {"ID": "v6", "Service": "users", "Address": "[::1]", "Port": 8081},
+             "Checks": []}]"#,
+    )
+    .await;
+    let answer = client_for(&addr, None)
+        .health_service(&HealthQuery::new("users"))
+        .await
+        .unwrap();
+    for instance in &answer.instances {
+        assert!(
+            instance.socket_addr().is_some() || !instance.address.contains(['[', ']', ':']),
+            "published with an address that is neither an IP address nor a host name: \
+             {:?} (socket_addr {:?})",
+            instance.address,
+            instance.socket_addr()
+        );
+    }
+}
+
+/// `HealthQuery::wait(Duration::ZERO)` with an index: the client sent `wait=0s`, which
+/// Consul reads as "no wait given" and holds the query for its default of 5 minutes (plus
+/// jitter), as the double does, but gave the request only `request_timeout + 0 + 0/16`:
+/// every such blocking query failed as a timeout. Zero is the agent's default, and the
+/// request's limit allows for it.
+#[tokio::test(start_paused = true)]
+async fn a_zero_wait_blocking_query_is_not_cut_by_the_client() {
+    let double = ConsulDouble::start().await;
+    let client = client_for(&double.http_addr(), None);
+    let service = unique("zero-wait");
+    let first = client
+        .health_service(&HealthQuery::new(&service))
+        .await
+        .unwrap();
+    let answer = client
+        .health_service(
+            &HealthQuery::new(&service)
+                .index(first.index)
+                .wait(Duration::ZERO),
+        )
+        .await;
+    assert!(
+        answer.is_ok(),
+        "a blocking query the agent answers in time was cut by the client: {:?}",
+        answer.err()
+    );
+}
