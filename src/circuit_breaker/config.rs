@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use crate::ConfigError;
 
-/// Largest count-based window accepted (one byte of memory per slot).
+/// Largest count-based window accepted (one byte of memory per slot, in each of the two
+/// windows a breaker keeps: closed periods take turns, so that a reset's period never
+/// counts outcomes of calls admitted before it).
 pub const MAX_WINDOW_SIZE: u32 = 1 << 20;
 /// Largest number of buckets accepted for a time-based window.
 pub const MAX_BUCKETS: u32 = 3600;
@@ -44,7 +46,8 @@ pub enum SlidingWindow {
 }
 
 impl SlidingWindow {
-    /// A window over the last `size` calls.
+    /// A window over the last `size` calls (two windows of `size` bytes: see
+    /// [`MAX_WINDOW_SIZE`]).
     #[must_use]
     pub const fn count_based(size: u32) -> Self {
         Self::CountBased { size }

@@ -80,7 +80,6 @@ impl fmt::Display for State {
 
 const STATE_BITS: u32 = 3;
 const STATE_MASK: u64 = (1 << STATE_BITS) - 1;
-const NO_TIMER: u64 = u64::MAX;
 /// A rejection without a known retry time.
 pub(crate) const NO_RETRY: u64 = u64::MAX;
 
@@ -147,6 +146,10 @@ struct HalfOpen {
 struct Transitions {
     consecutive_trips: u32,
     rng: u64,
+    /// The task that moves the breaker out of its timed state (open, or a bounded
+    /// half-open episode), aborted at the next transition: an episode ended early leaves
+    /// no task sleeping to its deadline.
+    timer: Option<tokio::task::AbortHandle>,
 }
 
 /// When a call started, in nanoseconds on the breaker's clock; [`Start::NONE`] when the
@@ -214,7 +217,14 @@ pub(crate) struct Shared {
     /// This breaker's unique id, which its lean calls carry back to [`Hot::breaker`].
     pub(crate) id: u64,
     word: AtomicU64,
-    window: Window,
+    /// Two windows, the closed periods taking turns (by their generation's parity): an
+    /// outcome of a call admitted in one period that is recorded as the next begins lands
+    /// in its own period's window, never in the new one (a `reset` emptied the one window
+    /// slot by slot while such outcomes kept landing in it, and the reset breaker tripped
+    /// on failures from before it).
+    windows: [Window; 2],
+    /// The generation of the latest closed period: whose window a snapshot reads.
+    window_gen: AtomicU64,
     /// Every time the breaker reads: tokio's (paused in tests), read cheaply.
     clock: TokioClock,
     open_until: AtomicU64,
@@ -222,7 +232,6 @@ pub(crate) struct Shared {
     /// [`TokioClock::deadline_ticks`]): an open breaker's rejection compares it with the
     /// counter instead of reading the time.
     open_until_ticks: AtomicU64,
-    timer_gen: AtomicU64,
     /// Rejections, counted without a locked instruction (a third of a rejection's cost).
     rejected: crate::counter::Counter,
     half_open: Mutex<HalfOpen>,
@@ -256,16 +265,17 @@ impl Shared {
         pool: &'static super::hot::Pool,
         lean_with_metrics: bool,
     ) -> Self {
-        let window = match config.window {
+        let window = || match config.window {
             SlidingWindow::CountBased { size } => Window::Count(CountWindow::new(size)),
             SlidingWindow::TimeBased { window, buckets } => {
                 let width = crate::util::nanos(window / buckets);
                 Window::Time(TimeWindow::new(buckets, width))
             }
         };
+        let windows = [window(), window()];
         let name: Arc<str> = Arc::from(config.name.as_ref());
         let seed = crate::util::seed(&*name);
-        let lean = matches!(window, Window::Count(_))
+        let lean = matches!(windows[0], Window::Count(_))
             && config.slow_call_duration.is_none()
             && (!cfg!(feature = "metrics") || lean_with_metrics);
         let (hot, id) = pool.claim(this);
@@ -278,16 +288,17 @@ impl Shared {
             name,
             times_calls: config.slow_call_duration.is_some(),
             word: AtomicU64::new(word(0, State::Closed)),
-            window,
+            windows,
+            window_gen: AtomicU64::new(0),
             clock: TokioClock::new(),
             open_until: AtomicU64::new(0),
             open_until_ticks: AtomicU64::new(0),
-            timer_gen: AtomicU64::new(NO_TIMER),
             rejected: crate::counter::Counter::new(),
             half_open: Mutex::new(HalfOpen::default()),
             transitions: Mutex::new(Transitions {
                 consecutive_trips: 0,
                 rng: seed,
+                timer: None,
             }),
             events: Events::new(),
             config,
@@ -470,7 +481,7 @@ impl Shared {
     #[inline]
     pub(crate) fn record_closed(self: &Arc<Self>, generation: u64, outcome: Outcome, start: Start) {
         let expected = word(generation, State::Closed);
-        if let (Window::Count(w), Start::NONE) = (&self.window, start) {
+        if let (Window::Count(w), Start::NONE) = (self.window(generation), start) {
             // The common case: no clock to read, a lock-free window.
             #[cfg(feature = "metrics")]
             self.metrics.outcome(outcome, false);
@@ -483,7 +494,7 @@ impl Shared {
             if self.word.load(Relaxed) == expected && w.record(flags) {
                 self.check_thresholds(expected, w.counts());
                 if self.lean {
-                    self.update_clean(w);
+                    self.update_clean();
                 }
             }
         } else {
@@ -491,19 +502,34 @@ impl Shared {
         }
     }
 
-    /// Brings [`Hot`]'s flag to what the window says, after a record (or a reset) that
-    /// changed the window: read the window, store the flag if it differs, and read again
-    /// until a reading agrees with the flag. The fences order each caller's window writes
-    /// before its reads, and its flag store before its next read, so whichever caller
-    /// stores last has read the window after every change: once records stop, the flag is
-    /// true exactly when the window is clean. Each further turn needs another caller's
-    /// change to the window in between.
+    /// The window of the closed period of `generation`.
+    #[inline(always)]
+    fn window(&self, generation: u64) -> &Window {
+        &self.windows[(generation & 1) as usize]
+    }
+
+    /// Brings [`Hot`]'s flag to what the current closed period's window says, after a
+    /// record (or a reset) that changed a window: read the state word and its window,
+    /// store the flag if it differs, and read again until a reading agrees with the flag
+    /// under the same word. The fences order each caller's window writes before its reads,
+    /// and its flag store before its next read, so whichever caller stores last has read
+    /// the window after every change: once records stop, the flag is true exactly when
+    /// the current window is clean. Each further turn needs another caller's change (to
+    /// the window, or of period) in between. Outside the closed state the flag is left as
+    /// it is: a move to closed clears it.
     #[inline(never)]
-    fn update_clean(&self, w: &CountWindow) {
+    fn update_clean(&self) {
         loop {
             fence(SeqCst);
+            let current = self.word.load(Relaxed);
+            if state_of(current) != State::Closed {
+                return;
+            }
+            let Window::Count(w) = self.window(gen_of(current)) else {
+                return;
+            };
             let clean = w.is_clean();
-            if self.hot.is_clean() == clean {
+            if self.hot.is_clean() == clean && self.word.load(Relaxed) == current {
                 return;
             }
             self.hot.set_clean(clean);
@@ -523,7 +549,7 @@ impl Shared {
         if self.word.load(Relaxed) != expected {
             return;
         }
-        let counts = match &self.window {
+        let counts = match self.window(gen_of(expected)) {
             Window::Count(w) => {
                 if !w.record(flags) {
                     return;
@@ -608,6 +634,10 @@ impl Shared {
         if expected.is_some_and(|e| e != current) {
             return false;
         }
+        if let Some(timer) = tr.timer.take() {
+            // (The timer itself, when it is what moves: it ends with this call.)
+            timer.abort();
+        }
         let from = state_of(current);
         let generation = gen_of(current) + 1;
         let next = word(generation, to);
@@ -616,16 +646,16 @@ impl Shared {
         match to {
             State::Closed => {
                 tr.consecutive_trips = 0;
-                match &self.window {
-                    Window::Count(w) => {
-                        w.reset();
-                        if self.lean {
-                            self.update_clean(w);
-                        }
-                    }
+                // The new period's window (the one before the last): emptied before the
+                // period begins, while outcomes of the last one land in the other.
+                match self.window(generation) {
+                    Window::Count(w) => w.reset(),
                     Window::Time(w) => w.reset(now),
                 }
-                self.timer_gen.store(NO_TIMER, Relaxed);
+                if self.lean {
+                    self.hot.set_clean(false);
+                }
+                self.window_gen.store(generation, Relaxed);
             }
             State::Open => {
                 tr.consecutive_trips = tr.consecutive_trips.saturating_add(1);
@@ -635,7 +665,7 @@ impl Shared {
                 self.open_until.store(until, Relaxed);
                 self.open_until_ticks
                     .store(self.clock.deadline_ticks(until), Relaxed);
-                self.arm_timer(generation, until, next, State::HalfOpen);
+                tr.timer = self.arm_timer(until, next, State::HalfOpen);
             }
             State::HalfOpen => {
                 let deadline = self
@@ -648,14 +678,16 @@ impl Shared {
                     deadline,
                     ..HalfOpen::default()
                 };
-                match deadline {
-                    Some(d) => self.arm_timer(generation, d, next, State::Open),
-                    None => self.timer_gen.store(NO_TIMER, Relaxed),
-                }
+                tr.timer = deadline.and_then(|d| self.arm_timer(d, next, State::Open));
             }
-            State::ForcedOpen | State::Disabled => self.timer_gen.store(NO_TIMER, Relaxed),
+            State::ForcedOpen | State::Disabled => {}
         }
         self.word.store(next, Release);
+        if to == State::Closed && self.lean {
+            // A record of the last period racing with the move may have set the flag from
+            // its own window: brought back to the new one's.
+            self.update_clean();
+        }
 
         // Reported under the transition lock, so that concurrent transitions are reported
         // in the order they happened; user callbacks run after it is released (they may
@@ -688,30 +720,29 @@ impl Shared {
     /// state, events and metrics follow time without calls. The open state does not depend
     /// on it (a rejection compares the clock with the deadline); the half-open deadline,
     /// without a timer (no runtime), is checked by the admission path.
-    fn arm_timer(self: &Arc<Self>, generation: u64, deadline: u64, expected: u64, to: State) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            self.timer_gen.store(NO_TIMER, Relaxed);
-            return;
-        };
-        self.timer_gen.store(generation, Relaxed);
+    /// Returns the task's handle, to abort it at the next transition.
+    fn arm_timer(
+        self: &Arc<Self>,
+        deadline: u64,
+        expected: u64,
+        to: State,
+    ) -> Option<tokio::task::AbortHandle> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
         let deadline = self.instant(deadline);
-        let guard = TimerGuard {
-            shared: Arc::downgrade(self),
-            generation,
-        };
-        handle.spawn(async move {
+        let shared = Arc::downgrade(self);
+        let task = handle.spawn(async move {
             tokio::time::sleep_until(deadline).await;
-            if let Some(shared) = guard.shared.upgrade() {
+            if let Some(shared) = shared.upgrade() {
                 shared.transition(Some(expected), to);
             }
-            drop(guard);
         });
+        Some(task.abort_handle())
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
         let w = self.word.load(Acquire);
         let state = state_of(w);
-        let counts = match &self.window {
+        let counts = match self.window(self.window_gen.load(Relaxed)) {
             Window::Count(win) => win.counts(),
             Window::Time(win) => win.counts(self.now()),
         };
@@ -734,23 +765,6 @@ impl Shared {
 }
 
 use crate::util::next_unit;
-
-/// Clears the timer mark when the timer task ends or is dropped with its runtime, so the
-/// admission path falls back to reading the clock instead of waiting for a dead timer.
-struct TimerGuard {
-    shared: std::sync::Weak<Shared>,
-    generation: u64,
-}
-
-impl Drop for TimerGuard {
-    fn drop(&mut self) {
-        if let Some(shared) = self.shared.upgrade() {
-            let _ = shared
-                .timer_gen
-                .compare_exchange(self.generation, NO_TIMER, Relaxed, Relaxed);
-        }
-    }
-}
 
 /// A half-open probe slot, reserved in `poll_ready`; returned when dropped unused.
 pub(crate) struct ProbePermit {

@@ -1153,3 +1153,39 @@ async fn on_real_time_an_open_breaker_refuses_then_probes_after_its_wait() {
     probe.success();
     assert_eq!(breaker.state(), State::Closed);
 }
+
+/// Every half-open episode arms a task that sleeps until `max_wait_in_half_open`, and
+/// nothing cancelled it when the episode ended early (its probes succeeded): a dependency
+/// that flaps every few seconds with a long half-open bound piled up one sleeping task per
+/// episode (each holding the breaker's allocation), `max_wait_in_half_open /
+/// wait_in_open` of them per breaker. A transition aborts the timer of the state it
+/// leaves: at most one per breaker.
+#[tokio::test(start_paused = true)]
+async fn finished_half_open_episodes_leave_no_timer_tasks_behind() {
+    let (mut svc, breaker, _) = scripted(
+        config()
+            .sliding_window(SlidingWindow::count_based(1))
+            .minimum_calls(1)
+            .permitted_calls_in_half_open(1)
+            .wait_in_open(Duration::from_secs(1))
+            .max_wait_in_half_open(Duration::from_secs(3600))
+            .build()
+            .unwrap(),
+    );
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    for _ in 0..100 {
+        call(&mut svc, Do::Fail).await.unwrap_err();
+        assert_eq!(breaker.state(), State::Open);
+        advance(Duration::from_secs(1)).await;
+        settle().await;
+        call(&mut svc, Do::Succeed).await.unwrap();
+        assert_eq!(breaker.state(), State::Closed);
+        settle().await;
+    }
+    let alive = metrics.num_alive_tasks() - before;
+    assert!(
+        alive <= 1,
+        "{alive} timer tasks still sleep for half-open episodes that ended long ago"
+    );
+}

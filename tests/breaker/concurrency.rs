@@ -283,3 +283,65 @@ fn threads_racing_at_the_open_deadline_admit_only_the_permitted_probes() {
         drop(trip_rt);
     }
 }
+
+/// Outcomes of calls admitted before an operator's `reset()` must not count in the closed
+/// period the reset starts. The generation check in `record_closed` happens before the
+/// window write, and `transition` emptied the one window slot by slot before it published
+/// the new state word: every stale outcome recorded while the reset walked the window
+/// passed the check and landed in a slot the reset had already emptied. The reset breaker
+/// held tens of thousands of old failures, and its first successful call opened it. Closed
+/// periods now take turns between two windows.
+#[test]
+fn outcomes_admitted_before_a_reset_do_not_leak_into_the_fresh_window() {
+    use seawall::circuit_breaker::{Breaker, Ticket};
+    use std::sync::atomic::AtomicBool;
+    const SIZE: u32 = 1 << 20;
+    let breaker = Breaker::new(
+        CircuitBreakerConfig::builder()
+            .name("reset-race")
+            .sliding_window(SlidingWindow::count_based(SIZE))
+            .minimum_calls(1_000)
+            .failure_rate_threshold(0.5)
+            .build()
+            .unwrap(),
+    );
+    for round in 0..3 {
+        // A healthy window: the failures below stay far under the threshold.
+        for _ in 0..SIZE {
+            breaker.try_acquire().expect("closed").success();
+        }
+        // Every one of these calls is admitted before the reset below.
+        let tickets: Vec<Ticket> = (0..300_000)
+            .map(|_| breaker.try_acquire().expect("closed"))
+            .collect();
+        let started = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for (i, t) in tickets.into_iter().enumerate() {
+                    if i == 2_000 {
+                        started.store(true, SeqCst);
+                    }
+                    t.failure();
+                }
+            });
+            while !started.load(SeqCst) {
+                std::hint::spin_loop();
+            }
+            assert_eq!(
+                breaker.state(),
+                State::Closed,
+                "round {round}: below the threshold"
+            );
+            breaker.reset();
+        });
+        let stale = breaker.snapshot().failed_calls;
+        // One successful call after the reset.
+        breaker.try_acquire().expect("closed after reset").success();
+        assert_eq!(
+            (stale, breaker.state()),
+            (0, State::Closed),
+            "round {round}: failures of calls admitted before reset() counted after it, \
+             and a success then tripped the reset breaker"
+        );
+    }
+}
