@@ -239,10 +239,11 @@ fn local_share(quota: Quota, share: f64) -> Result<Quota, BoxError> {
     let period = rate.period().as_secs_f64() / share;
     // Less a hair, so that 10 × 0.3 (3.0000000000000004) is 3, not 4.
     let burst = (f64::from(quota.burst()) * share - 1e-9).ceil().max(1.0) as u32;
-    Ok(Quota::new(
-        Rate::new(rate.tokens(), Duration::from_secs_f64(period)),
-        burst,
-    )?)
+    // A tiny share makes a period no `Duration` holds (1 s / 1e-20): refused, as the
+    // quota refuses one too long for it, rather than a panic.
+    let period = Duration::try_from_secs_f64(period)
+        .map_err(|_| format!("a local share of {share} makes a period of {period} s: too long"))?;
+    Ok(Quota::new(Rate::new(rate.tokens(), period), burst)?)
 }
 
 #[cfg(test)]

@@ -652,3 +652,28 @@ fn braces_in_the_parts_of_redis_keys_are_refused_at_load() {
     config("rl", "api{tenant}", "local").unwrap();
     config("rl:x", "api", "redis").unwrap();
 }
+
+/// `[redis] local_share` is checked at load to be a fraction in `(0, 1]`, and a tiny one
+/// (`1e-20`, or `"0.000000000000000001%"`) passes; building the route then divided the
+/// limit's period by it (1 s / 1e-20 = 1e20 s) and handed that to
+/// `Duration::from_secs_f64`, which panics above `u64::MAX` seconds: the gateway panicked
+/// while it was built instead of refusing the setting (a share of `1e-8` is refused, as a
+/// period over a year).
+#[tokio::test]
+async fn a_tiny_local_share_is_refused_not_a_panic() {
+    let config = GatewayConfig::from_toml_str(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\
+         [redis]\nurl = \"redis://127.0.0.1:9/\"\nlocal_share = 1e-20\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         rate_limit = { global = { per_second = 5, policy = \"redis\" } }\n\
+         [[services]]\nname = \"up\"\ninstances = [\"127.0.0.1:9\"]\n",
+    );
+    let Ok(config) = config else {
+        return; // refused at load: fine
+    };
+    let built = tokio::spawn(Gateway::build(config, Discovery::Static)).await;
+    match built {
+        Ok(result) => assert!(result.is_err(), "a local share of 1e-20 was accepted"),
+        Err(panicked) => panic!("building the gateway panicked: {panicked}"),
+    }
+}

@@ -597,3 +597,93 @@ async fn a_value_spelling_out_a_digest_has_a_bucket_of_its_own() {
         "two clients, two buckets"
     );
 }
+
+/// Replicas sharing a bucket in Redis while their quotas differ: a rolling deploy that
+/// lowers the burst (here from 10 to 1, the rate unchanged, 1 a second). The script took
+/// an arrival time further ahead than *its* burst allows for a clock step, and wrote it
+/// back as an empty bucket of its own, smaller burst: each check of a new replica (even a
+/// refused one) handed the old replicas back 9 of their 10 tokens. Five new replicas
+/// checking once each let an old one admit 10 + 5 × 9 requests within milliseconds. The
+/// key now holds the writer's burst too.
+#[tokio::test]
+async fn a_replica_with_a_smaller_burst_does_not_refill_the_others_bucket() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let old = limiter(&redis, "rolling", quota(60, 10)); // 1/s, burst 10
+    let start = tokio::time::Instant::now();
+    let mut admitted = 0;
+    for _ in 0..10 {
+        if old.acquire("k", 1).await.is_ok() {
+            admitted += 1;
+        }
+    }
+    for _ in 0..5 {
+        // A new replica (1/s, burst 1) is refused: the bucket is empty for both…
+        let new = limiter(&redis, "rolling", quota(60, 1));
+        assert!(new.acquire("k", 1).await.is_err());
+        // …and the old replica takes 9 more.
+        for _ in 0..9 {
+            if old.acquire("k", 1).await.is_ok() {
+                admitted += 1;
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let bound = 10 + elapsed.ceil() as u32;
+    assert!(
+        admitted <= bound,
+        "the fleet admitted {admitted} in {elapsed:.3} s: at most the larger burst, 10, and \
+         1 a second ({bound})"
+    );
+}
+
+/// A request that costs nothing (a health check under `LimitLayer::cost` returning 0) on a
+/// batching limiter asked Redis for a whole batch (`want = max(tokens, size)`), though it
+/// uses none: a replica seeing only such requests took `size` tokens out of the shared
+/// bucket, held them for `max_age` and dropped them. Here one free request of one replica
+/// emptied the bucket (burst 10, batch 10) and another replica's first real request, on a
+/// bucket nobody had used, was refused, still after the reserve expired.
+#[tokio::test]
+async fn a_free_request_takes_no_batch_out_of_the_shared_bucket() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let batching = |redis: &RedisServer| {
+        RedisRateLimiter::builder(redis.url(), quota(60, 10)) // 1/s, burst 10
+            .prefix("free-batch")
+            .timeout(Duration::from_secs(1))
+            .batch(10, Duration::from_millis(50))
+            .build()
+            .unwrap()
+    };
+    let prober = batching(&redis);
+    let replica = batching(&redis);
+    assert!(prober.acquire("k", 0).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(60)).await; // the reserve has expired
+    let answer = replica.acquire("k", 1).await;
+    assert!(
+        answer.is_ok(),
+        "a free request left the shared bucket empty: {answer:?}"
+    );
+}
+
+/// The global bucket of a limiter is the Redis key `prefix:{all}`, and a per-key bucket of
+/// the same limiter `prefix:{<key>}`: a client whose key is `all` drew from (and drained)
+/// the global bucket. The bucket of requests without a key is kept apart with a NUL byte,
+/// which no client key can spell; a client keyed `all` now is too.
+#[tokio::test]
+async fn a_client_keyed_all_does_not_drain_the_global_bucket() {
+    use seawall::rate_limit::{Decision, Limit};
+
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let limiter = limiter(&redis, "global-and-keys", quota(60, 3));
+    let per_tenant = limiter.per_key(|tenant: &String| Some(tenant.clone()));
+    // A client naming itself `all` spends its own burst…
+    for _ in 0..3 {
+        let d = Limit::<String>::check(&per_tenant, &"all".to_owned(), 1).await;
+        assert!(matches!(d, Decision::Admitted(..)), "{d:?}");
+    }
+    // …and the global limit, untouched by anyone else, refuses its first request.
+    let global = Limit::<String>::check(&limiter, &"anyone".to_owned(), 1).await;
+    assert!(
+        matches!(global, Decision::Admitted(..)),
+        "the global bucket was drained by the client keyed `all`: {global:?}"
+    );
+}

@@ -462,12 +462,13 @@ async fn the_http_layer_answers_429_with_headers_for_the_fleet_and_503_when_redi
         }
     }
     assert_eq!(statuses, vec![200, 200, 429]);
-    // Another key passes; a request without one is refused with 500 (OnMissingKey::Reject).
+    // Another key passes; a request without one is refused (OnMissingKey::Reject), with
+    // 400: the header is the client's to send.
     let svc = &mut replicas[0];
     let other = ask(svc, request("k2")).await;
     assert_eq!(other.status(), 200);
     let keyless = ask(svc, http::Request::new(())).await;
-    assert_eq!(keyless.status(), 500);
+    assert_eq!(keyless.status(), 400);
     assert!(keyless.headers().get("ratelimit").is_none());
 
     // OnMissingKey::Shared: keyless requests from both replicas share one Redis bucket.

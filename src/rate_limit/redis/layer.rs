@@ -16,6 +16,17 @@ use crate::rate_limit::{
 /// directly as a [`Limit`]. The gateway's global limits have always used it.
 pub(crate) const GLOBAL_KEY: &str = "all";
 
+/// A client's key as the per-key limit asks with it: a client keyed [`GLOBAL_KEY`] drew
+/// from the global bucket of the same limiter; it is asked as `\0all` (a NUL byte, which
+/// no extracted key holds, as in [`SHARED_KEY`]). Every other key is asked as it is.
+fn client_key(key: String) -> String {
+    if key == GLOBAL_KEY {
+        "\0all".to_owned()
+    } else {
+        key
+    }
+}
+
 /// A [`RedisRateLimiter`] with the [`KeyExtractor`] that picks each request's bucket: the
 /// per-key Redis [`Limit`], as [`PerKey`](crate::rate_limit::PerKey) is the local one.
 /// Built with [`RedisRateLimiter::per_key`]. A request without a key is handled per
@@ -115,7 +126,7 @@ where
 
     fn check(&self, request: &Request, tokens: u32) -> RedisCheck {
         let key = match key_of(&self.extractor, request, self.on_missing_key, "redis") {
-            KeyOf::Key(key) => key.to_string(),
+            KeyOf::Key(key) => client_key(key.to_string()),
             KeyOf::Shared => SHARED_KEY.to_owned(),
             KeyOf::Unlimited => return Decision::Unlimited.into(),
             KeyOf::Missing { client } => return KeyOf::<E::Key>::missing(client).into(),

@@ -222,11 +222,19 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
 /// clocks need not agree). Numbers are microseconds; Lua's doubles hold them exactly.
 /// Takes at least `need` and at most `want` tokens (batching: as many as are there).
 /// Returns `{granted, remaining, full_in}` or `{0, retry_after, full_in}`, and lets the key
-/// expire when the bucket would be full again, so idle keys cost nothing. An arrival time
-/// more than the burst ahead of `TIME` (left by a master whose clock was ahead: a failover
-/// to a replica behind it, or a clock stepped back) is brought back to an empty bucket, so
-/// a clock step locks no key out for longer than its burst takes to refill. Needs Redis 5
-/// or later (a script that reads `TIME` before writing).
+/// expire when the bucket would be full again, so idle keys cost nothing.
+///
+/// The key holds the arrival time and the burst (`tau`) of the replica that wrote it
+/// (`tat:tau`; a bare arrival time, as written before, reads as no burst). An arrival
+/// time more than the larger of the two bursts ahead of `TIME` (left by a master whose
+/// clock was ahead: a failover to a replica behind it, or a clock stepped back) is
+/// brought back to an empty bucket, so a clock step locks no key out for longer than its
+/// burst takes to refill. One within the writer's burst is not a clock step, though it be
+/// beyond this replica's: replicas whose quotas differ (a rolling deploy that lowers the
+/// burst) share the bucket, and one with the smaller burst refuses until the debt is
+/// within it, where it used to bring the key back to its own burst, and so hand tokens
+/// back to the others at every check. Needs Redis 5 or later (a script that reads `TIME`
+/// before writing).
 const SCRIPT: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -235,12 +243,23 @@ local interval = tonumber(ARGV[1])
 local tau = tonumber(ARGV[2])
 local need = tonumber(ARGV[3])
 local want = tonumber(ARGV[4])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
+local tat, wrote = now, 0
+local v = redis.call('GET', KEYS[1])
+if v then
+  local sep = string.find(v, ':', 1, true)
+  if sep then
+    tat = tonumber(string.sub(v, 1, sep - 1)) or now
+    wrote = tonumber(string.sub(v, sep + 1)) or 0
+  else
+    tat = tonumber(v) or now
+  end
+end
 if tat < now then tat = now end
+local span = math.max(tau, wrote)
 local limit = now + tau
-if not (tat <= limit) then
-  tat = limit
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor(tau / 1000) + 1)
+if not (tat <= now + span) then
+  tat = now + span
+  redis.call('SET', KEYS[1], string.format('%.0f:%.0f', tat, span), 'PX', math.floor(span / 1000) + 1)
 end
 local available = math.floor((limit - tat) / interval)
 if available < need then
@@ -248,7 +267,7 @@ if available < need then
 end
 local grant = math.min(available, want)
 local nxt = tat + grant * interval
-redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.floor((nxt - now) / 1000) + 1)
+redis.call('SET', KEYS[1], string.format('%.0f:%.0f', nxt, tau), 'PX', math.floor((nxt - now) / 1000) + 1)
 return {grant, math.floor((limit - nxt) / interval), nxt - now}
 ";
 
@@ -676,7 +695,11 @@ impl RedisRateLimiter {
             if let Some(admitted) = batch.take(key, tokens) {
                 return (Ok((admitted, Source::Batch)), "batch");
             }
-            want = want.max(batch.size);
+            // A request that costs nothing asks for nothing ahead: it took a whole batch,
+            // held here unused and then dropped, out of the bucket the fleet shares.
+            if tokens > 0 {
+                want = want.max(batch.size);
+            }
         }
         match self.ask_redis_guarded(key, tokens, want).await {
             Ok(Ok((admitted, granted))) => {
