@@ -7,7 +7,9 @@
 use std::borrow::Cow;
 
 use libfuzzer_sys::fuzz_target;
-use seawall::gateway::path::{PathOptions, normalize, under_prefix};
+use seawall::gateway::path::{
+    PathOptions, after_prefix_segments, match_form, normalize, under_prefix,
+};
 
 const PREFIXES: [&str; 5] = ["/api/admin", "/api/open", "/api", "/a/b", "/"];
 
@@ -50,7 +52,19 @@ fuzz_target!(|input: (&str, bool, bool)| {
         Ok(Cow::Borrowed(again)) => assert_eq!(again, &*normal),
         other => panic!("{path:?} -> {normal:?} -> {other:?}"),
     }
+    // Every byte clients encode is encoded: a prefix, written encoded, matches it.
+    assert!(normal.is_ascii(), "{path:?} -> {normal:?}");
     if let Some(prefix) = route(&normal) {
         assert!(under_prefix(&normal, prefix));
+    }
+    // Routed on its match form, stripped by the prefix's segments as written.
+    let form = match_form(&normal);
+    assert!(form.starts_with('/') && !form.contains("//"), "{normal:?} -> {form:?}");
+    assert_eq!(match_form(&form), form, "{normal:?}: the match form is stable");
+    if let Some(prefix) = route(&form) {
+        let cut = after_prefix_segments(&normal, prefix);
+        assert!(cut <= normal.len() && normal.is_char_boundary(cut));
+        let rest = &normal[cut..];
+        assert!(rest.is_empty() || rest.starts_with('/'), "{normal:?} -> {rest:?}");
     }
 });

@@ -42,8 +42,8 @@ use std::fmt;
 /// `merge_slashes`, both on by default. See the [module docs](self).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathOptions {
-    /// Decode escaped unreserved characters and remove dot segments; when off, refuse
-    /// paths that would need it.
+    /// Decode escaped unreserved characters, remove dot segments and encode the characters
+    /// clients percent-encode; when off, refuse paths that would need it.
     pub normalize: bool,
     /// Merge repeated slashes.
     pub merge_slashes: bool,
@@ -78,6 +78,9 @@ pub enum PathError {
     DotSegmentParameter,
     /// A `.` or `..` segment while `normalize_path` is off.
     DotSegment,
+    /// A character clients percent-encode (non-ASCII, `"`, `<`, `>`, `` ` ``, `{`, `}`)
+    /// sent raw while `normalize_path` is off (with it on, it is encoded).
+    Unencoded,
 }
 
 impl fmt::Display for PathError {
@@ -91,6 +94,7 @@ impl fmt::Display for PathError {
             Self::AboveRoot => "the path climbs above the root",
             Self::DotSegmentParameter => "dot segment with a ';' parameter in the path",
             Self::DotSegment => "dot segment in the path",
+            Self::Unencoded => "a character that must be percent-encoded is raw in the path",
         })
     }
 }
@@ -169,8 +173,8 @@ pub fn normalize(path: &str, options: PathOptions) -> Result<Cow<'_, str>, PathE
     checked(path, options)
 }
 
-/// Bytes [`plain`] looks at twice: `%`, `\`, control bytes and `DEL`, and `.` and `/`
-/// (which matter only after a `/`).
+/// Bytes [`plain`] looks at twice: `%`, `\`, control bytes and `DEL`, what a path holds
+/// percent-encoded (see [`encoded`]), and `.` and `/` (which matter only after a `/`).
 const NOTED: [bool; 256] = {
     let mut noted = [false; 256];
     let mut b = 0;
@@ -179,12 +183,32 @@ const NOTED: [bool; 256] = {
         b += 1;
     }
     noted[0x7f] = true;
+    // What clients percent-encode, which a path holds encoded (see `ENCODED`).
+    let mut b = 0x80;
+    while b < 0x100 {
+        noted[b] = true;
+        b += 1;
+    }
+    noted[b'"' as usize] = true;
+    noted[b'<' as usize] = true;
+    noted[b'>' as usize] = true;
+    noted[b'`' as usize] = true;
+    noted[b'{' as usize] = true;
+    noted[b'}' as usize] = true;
     noted[b'%' as usize] = true;
     noted[b'\\' as usize] = true;
     noted[b'.' as usize] = true;
     noted[b'/' as usize] = true;
     noted
 };
+
+/// Whether `b` is a byte clients percent-encode in a path (non-ASCII, `"`, `<`, `>`,
+/// `` ` ``, `{`, `}`): sent raw, it is encoded, so that a route's prefix, written with
+/// its escapes, matches it whichever way it came (raw, it escaped a prefix such as
+/// `/caf%C3%A9`, and reached the upstream of a wider route as the protected path).
+fn encoded(b: u8) -> bool {
+    b >= 0x80 || matches!(b, b'"' | b'<' | b'>' | b'`' | b'{' | b'}')
+}
 
 /// Whether `bytes` (starting with `/`) is normal as it stands under any options, which
 /// most paths are: no escape, no backslash or control byte, no segment that starts with
@@ -253,6 +277,8 @@ fn checked(path: &str, options: PathOptions) -> Result<Cow<'_, str>, PathError> 
             }
             b'\\' => return Err(PathError::Backslash),
             0..=0x1f | 0x7f => return Err(PathError::ControlByte),
+            b if encoded(b) && !options.normalize => return Err(PathError::Unencoded),
+            b if encoded(b) => rewrite = true,
             _ => {}
         }
         i += 1;
@@ -288,6 +314,9 @@ fn rewrite_path(bytes: &[u8], options: PathOptions) -> Result<String, PathError>
                     segment.extend_from_slice(&raw[i..i + 3]);
                 }
                 i += 3;
+            } else if encoded(raw[i]) {
+                segment.extend_from_slice(&escape(raw[i]));
+                i += 1;
             } else {
                 segment.push(raw[i]);
                 i += 1;
@@ -320,8 +349,94 @@ fn rewrite_path(bytes: &[u8], options: PathOptions) -> Result<String, PathError>
     if out.is_empty() {
         out.push(b'/');
     }
-    // Only ASCII was decoded, and the rest copied whole.
+    // Only ASCII was decoded or copied, the rest encoded.
     String::from_utf8(out).map_err(|_| PathError::InvalidEscape)
+}
+
+/// `%XX` for `b`, upper-case hex.
+fn escape(b: u8) -> [u8; 3] {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    [b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]
+}
+
+/// Whether the escape of `b` is matched as `b` ([`match_form`]): the sub-delimiters but
+/// `;`, and `:` and `@`, which a prefix may hold raw and an upstream that decodes its path
+/// (most frameworks) reads the same either way.
+fn matched_decoded(b: u8) -> bool {
+    matches!(
+        b,
+        b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b'=' | b':' | b'@'
+    )
+}
+
+/// The form of a normal path that routes are matched against: the path itself but for
+/// what an upstream reads otherwise than the bytes say. Each segment's `;` parameters are
+/// dropped, and the segments left empty with them (and any other empty one), as servlet
+/// containers (Tomcat, Jetty, Spring) drop them before they route (`/api;x/admin`,
+/// `/;/api/admin` and `/api/;x/admin` are served as `/api/admin`: matched as written, they
+/// escaped a route for `/api/admin` to a wider one); and escapes of the characters a
+/// prefix may hold raw are decoded (`/v1/things%3Aadmin` is `/v1/things:admin` to the
+/// frameworks that decode their paths). Other escapes stay (upper-case). Borrowed when
+/// the path has no `;`, no `%` and no empty segment, as nearly every path.
+pub fn match_form(path: &str) -> Cow<'_, str> {
+    let bytes = path.as_bytes();
+    if !bytes.iter().any(|&b| b == b';' || b == b'%') && !path.contains("//") {
+        return Cow::Borrowed(path);
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    for segment in path.split('/').skip(1) {
+        let kept = segment.split(';').next().unwrap_or("").as_bytes();
+        if kept.is_empty() {
+            continue;
+        }
+        out.push(b'/');
+        let mut i = 0;
+        while i < kept.len() {
+            let b = kept[i];
+            if b == b'%' && i + 2 < kept.len() {
+                let v = hex(kept[i + 1]).unwrap_or(0) << 4 | hex(kept[i + 2]).unwrap_or(0);
+                if matched_decoded(v) {
+                    out.push(v);
+                } else {
+                    out.push(b'%');
+                    out.push(kept[i + 1].to_ascii_uppercase());
+                    out.push(kept[i + 2].to_ascii_uppercase());
+                }
+                i += 3;
+            } else {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    if out.is_empty() || path.ends_with('/') {
+        out.push(b'/');
+    }
+    // Only ASCII was decoded; the rest copied whole from a `str`.
+    Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| path.to_owned()))
+}
+
+/// Where the part of `path` after `prefix`'s segments begins, for a path that matched
+/// `prefix` in its [`match_form`]: after as many of the path's segments as the prefix
+/// has, counting only those the match form keeps (not empty once their parameters are
+/// dropped), each with its parameters and escapes as written. `path` is the path alone
+/// (no query).
+pub fn after_prefix_segments(path: &str, prefix: &str) -> usize {
+    let mut left = prefix.split('/').filter(|s| !s.is_empty()).count();
+    if left == 0 {
+        return 0;
+    }
+    let mut at = 0;
+    for segment in path.split('/').skip(1) {
+        at += 1 + segment.len();
+        if !segment.split(';').next().unwrap_or("").is_empty() {
+            left -= 1;
+            if left == 0 {
+                return at;
+            }
+        }
+    }
+    path.len()
 }
 
 /// Whether `path` falls under `prefix` on a segment boundary: `/api` covers `/api` and
@@ -364,6 +479,23 @@ pub(crate) fn check_prefix(prefix: &str) -> Result<(), String> {
              `{escaped}`"
         ));
     }
+    if prefix.contains(';') {
+        return Err(
+            "must not contain ';': requests are matched without their segments' \
+             ;parameters, as the servlet containers behind many gateways read them"
+                .into(),
+        );
+    }
+    if let Some(at) = prefix.match_indices('%').find_map(|(i, _)| {
+        let b = prefix.as_bytes();
+        let v = hex(*b.get(i + 1)?)? << 4 | hex(*b.get(i + 2)?)?;
+        matched_decoded(v).then_some(v)
+    }) {
+        return Err(format!(
+            "write {:?} unescaped: requests are matched with its escape decoded",
+            char::from(at)
+        ));
+    }
     match normalize(prefix, PathOptions::default()) {
         Ok(Cow::Borrowed(_)) => Ok(()),
         Ok(Cow::Owned(normal))
@@ -391,6 +523,43 @@ pub(crate) fn check_prefix(prefix: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Routes are matched as servlet containers and decoding frameworks read a path:
+    /// parameters and the segments they leave empty dropped, reserved escapes decoded;
+    /// and the prefix is stripped by segments as written.
+    #[test]
+    fn paths_are_matched_as_the_upstreams_read_them() {
+        for (path, form) in [
+            ("/api/admin/x", "/api/admin/x"),
+            ("/api;jsessionid=1/admin/x", "/api/admin/x"),
+            ("/;/api/admin/x", "/api/admin/x"),
+            ("/api/;x/admin/", "/api/admin/"),
+            ("/v1/things%3aadmin", "/v1/things:admin"),
+            ("/caf%c3%a9/%3B", "/caf%C3%A9/%3B"),
+            ("/;", "/"),
+        ] {
+            assert_eq!(match_form(path), form, "{path}");
+        }
+        assert!(matches!(match_form("/a/b"), Cow::Borrowed(_)));
+        for (path, prefix, rest) in [
+            ("/api/admin/x", "/api/admin", "/x"),
+            ("/api;j=1/admin/x", "/api/admin", "/x"),
+            ("/;/api/;x/admin;y/x/y", "/api/admin", "/x/y"),
+            ("/api/admin", "/api/admin", ""),
+            ("/x", "/", "/x"),
+        ] {
+            assert_eq!(&path[after_prefix_segments(path, prefix)..], rest, "{path}");
+        }
+        // Raw bytes clients encode are encoded, so an encoded prefix matches them.
+        assert_eq!(
+            normalize("/caf\u{e9}/{x}", PathOptions::default()).as_deref(),
+            Ok("/caf%C3%A9/%7Bx%7D")
+        );
+        // Prefixes that could never match so are refused.
+        assert!(check_prefix("/a;b").is_err());
+        assert!(check_prefix("/v1/things%3Aadmin").is_err());
+        assert!(check_prefix("/v1/things:admin").is_ok());
+    }
 
     const OFF: PathOptions = PathOptions {
         normalize: false,

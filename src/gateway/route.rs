@@ -1377,11 +1377,14 @@ impl RouteCore {
         }
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
         let rest = if strip {
-            match path_and_query.strip_prefix(self.prefix.as_str()) {
-                Some(rest) => rest,
-                // The route matched on the path: cannot happen, but stay whole.
-                None => path_and_query,
-            }
+            let path = uri.path();
+            let cut = match path.strip_prefix(self.prefix.as_str()) {
+                Some(rest) if rest.is_empty() || rest.starts_with('/') => self.prefix.len(),
+                // Matched in its match form (`;` parameters dropped, escapes decoded):
+                // the prefix's segments, as they were written.
+                _ => super::path::after_prefix_segments(path, &self.prefix),
+            };
+            &path_and_query[cut..]
         } else {
             path_and_query
         };

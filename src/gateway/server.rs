@@ -491,12 +491,15 @@ impl Gateway {
         if self.inner.admin.on_proxy && is_admin_path(path) {
             return Err(self.handle_admin(request));
         }
+        // Matched as the upstreams behind read it: `;` parameters dropped, reserved
+        // characters' escapes decoded (the path itself for nearly every request).
+        let target = super::path::match_form(path);
         let route = self
             .inner
             .by_prefix
             .iter()
             .map(|&i| &self.inner.routes[i])
-            .find(|r| r.matches(path));
+            .find(|r| r.matches(&target));
         route.ok_or_else(|| {
             self.inner.unmatched.fetch_add(1, Relaxed);
             json_error(StatusCode::NOT_FOUND, "no route")

@@ -349,3 +349,108 @@ static GATEWAY: std::sync::LazyLock<SocketAddr> = std::sync::LazyLock::new(|| {
     std::mem::forget((gw, open, admin, public));
     addr
 });
+
+/// A gateway with a catch-all `/` route (no auth) to `open` and an authenticated route
+/// on `prefix` to `admin`; the upstreams answer `<name> <target>`.
+async fn catch_all_and(
+    prefix: &str,
+) -> (
+    GatewayHandle,
+    crate::raw_http::HeadsUpstream,
+    crate::raw_http::HeadsUpstream,
+) {
+    use crate::raw_http::{heads_upstream, target_of};
+    let open = heads_upstream(|h| format!("open {}", target_of(h))).await;
+    let admin = heads_upstream(|h| format!("admin {}", target_of(h))).await;
+    let gw = crate::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [auth.jwt]\nsecret = \"{SECRET}\"\n\n\
+         [[routes]]\nname = \"open\"\npath_prefix = \"/\"\nservice = \"open\"\n\n\
+         [[routes]]\nname = \"admin\"\npath_prefix = \"{prefix}\"\nservice = \"admin\"\n\
+         auth = true\n\n\
+         [[services]]\nname = \"open\"\ninstances = [\"{}\"]\n\n\
+         [[services]]\nname = \"admin\"\ninstances = [\"{}\"]\n",
+        open.addr, admin.addr
+    ))
+    .await;
+    (gw, open, admin)
+}
+
+/// Sends `raw` (a whole request, `Connection: close`), returns the status.
+async fn raw_status(addr: SocketAddr, raw: &[u8]) -> u16 {
+    crate::limits::status_of(&crate::limits::exchange(addr, raw).await)
+}
+
+/// A route prefix with a non-ASCII character must be written percent-encoded ("`é` comes
+/// percent-encoded in requests, and is matched so: write it `%C3%A9`"), but a hostile
+/// client need not encode it: the HTTP/1 server accepts raw UTF-8 in the target, and
+/// `normalize` passed those bytes through unencoded. `GET /caf\xC3\xA9/secret` was then
+/// not under `/caf%C3%A9`, was served by the catch-all route without a token, and reached
+/// its upstream as `/café/secret`, which every upstream that decodes its path takes for
+/// the protected `/café/secret`. Raw, such bytes are now encoded (normalised to
+/// `%C3%A9`), and matched so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_utf8_in_the_path_is_matched_as_its_escapes() {
+    let (gw, open, admin) = catch_all_and("/caf%C3%A9").await;
+    let addr = gw.local_addr();
+    // The encoded spelling is the admin route's (it wants a token).
+    let encoded = raw_status(
+        addr,
+        b"GET /caf%c3%a9/secret HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(encoded, 401);
+    let raw = raw_status(
+        addr,
+        b"GET /caf\xc3\xa9/secret HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        matches!(raw, 400 | 401) && open.seen().is_empty(),
+        "raw UTF-8 for the protected prefix answered {raw}; the open route's upstream saw {:?}",
+        open.seen()
+            .iter()
+            .map(|h| crate::raw_http::target_of(h).to_owned())
+            .collect::<Vec<_>>()
+    );
+    assert!(admin.seen().is_empty(), "{:?}", admin.seen());
+    gw.shutdown().await;
+}
+
+/// `normalize` decodes only escaped *unreserved* characters, and prefixes may hold
+/// reserved characters written raw (`:`, `@`, `!`, `$`, `'`, `(`, `)`, `*`, `+`, `,`,
+/// `=`), as Google-style custom methods have them (`/v1/things:admin`). A client wrote
+/// the reserved character escaped: `/v1/things%3Aadmin/secret` was not under
+/// `/v1/things:admin` and was served by the catch-all route without a token, while the
+/// upstreams that decode their path before routing (Go's `URL.Path`, Spring) act on
+/// `/v1/things:admin/secret`. Routes are now matched with such escapes decoded (the path
+/// forwarded keeps them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escaped_reserved_character_does_not_escape_its_prefix() {
+    let (gw, open, admin) = catch_all_and("/v1/things:admin").await;
+    let addr = gw.local_addr();
+    let plain = raw_status(
+        addr,
+        b"GET /v1/things:admin/secret HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(plain, 401);
+    let mut served = Vec::new();
+    for target in ["/v1/things%3Aadmin/secret", "/v1/things%3aadmin"] {
+        let raw = format!("GET {target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
+        let status = raw_status(addr, raw.as_bytes()).await;
+        if !matches!(status, 400 | 401) {
+            served.push(format!("{target}: {status}"));
+        }
+    }
+    assert!(
+        served.is_empty() && open.seen().is_empty(),
+        "{served:?}; the open route's upstream saw {:?}",
+        open.seen()
+            .iter()
+            .map(|h| crate::raw_http::target_of(h).to_owned())
+            .collect::<Vec<_>>()
+    );
+    assert!(admin.seen().is_empty(), "{:?}", admin.seen());
+    gw.shutdown().await;
+}

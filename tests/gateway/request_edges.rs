@@ -309,3 +309,82 @@ async fn a_head_over_http2_to_the_gateway_s_own_answers_has_no_body() {
     );
     gw.shutdown().await;
 }
+
+/// A `;` path parameter on a segment *inside* a route's prefix took the path out of the
+/// route: `under_prefix` counted a `;` as a segment boundary only right after the whole
+/// prefix (`/api/admin;x`), so `/api;jsessionid=1/admin/secret`, `/;/api/admin/secret`
+/// and `/api/;x/admin/secret` were not under `/api/admin`, and the catch-all `/` route
+/// (no auth) served them as they came. Tomcat, Jetty and Spring's `UrlPathHelper` drop
+/// `;parameters` from every segment (and merge the empty segment left), and serve
+/// `/api/admin/secret`: the authenticated route was bypassed (the Apache Shiro `/;/admin`
+/// class, CVE-2020-11989 / CVE-2020-13933). Routes are now matched on the path as those
+/// containers read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_parameter_inside_a_route_prefix_does_not_escape_it() {
+    let (open, admin) = (heads_upstream("open").await, heads_upstream("admin").await);
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [auth.jwt]\nsecret = \"a test secret of enough bytes\"\n\n\
+         [[routes]]\nname = \"open\"\npath_prefix = \"/\"\nservice = \"open\"\n\n\
+         [[routes]]\nname = \"admin\"\npath_prefix = \"/api/admin\"\nservice = \"admin\"\n\
+         auth = true\n\n\
+         [[services]]\nname = \"open\"\ninstances = [\"{}\"]\n\n\
+         [[services]]\nname = \"admin\"\ninstances = [\"{}\"]\n",
+        open.addr, admin.addr
+    ))
+    .await;
+    let mut served = Vec::new();
+    for target in [
+        "/api;jsessionid=1/admin/secret",
+        "/api;/admin/secret",
+        "/;/api/admin/secret",
+        "/api/;x/admin/secret",
+    ] {
+        let answer = exchange(gw.local_addr(), super::limits::get(target).as_bytes()).await;
+        let status = status_of(&answer);
+        if !matches!(status, 400 | 401) {
+            served.push(format!("{target}: {status}"));
+        }
+    }
+    assert!(
+        served.is_empty() && open.seen().is_empty(),
+        "admin paths served without auth by the open route: {served:?}\nopen upstream saw: {:?}",
+        open.seen()
+            .iter()
+            .map(|h| super::raw_http::target_of(h).to_owned())
+            .collect::<Vec<_>>()
+    );
+    assert!(admin.seen().is_empty(), "{:?}", admin.seen());
+    gw.shutdown().await;
+}
+
+/// A path matched to its route through its match form (a `;` parameter inside the
+/// prefix, an escaped reserved character) has the prefix's segments stripped as they
+/// were written: the upstream gets what follows them, not a path cut in a segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_matched_through_its_parameters_is_stripped_by_segments() {
+    let up = heads_upstream("up").await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api/v1:beta\"\nservice = \"up\"\n\
+         strip_prefix = true\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    for target in [
+        "/api/v1:beta/users?x=1",
+        "/api;j=1/v1:beta/users?x=1",
+        "/;/api/v1%3Abeta;y/users?x=1",
+    ] {
+        let answer = exchange(gw.local_addr(), super::limits::get(target).as_bytes()).await;
+        assert_eq!(status_of(&answer), 200, "{target}");
+    }
+    let targets: Vec<String> = up
+        .seen()
+        .iter()
+        .map(|h| super::raw_http::target_of(h).to_owned())
+        .collect();
+    assert_eq!(targets, ["/users?x=1"; 3], "as the upstream got them");
+    gw.shutdown().await;
+}
