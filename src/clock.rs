@@ -92,6 +92,10 @@ pub struct TokioClock {
     /// Added to tokio reads after real reads made outside a runtime, so that the clock
     /// never steps back when it moves on to paused time.
     offset: AtomicU64,
+    /// Added to tokio's paused instant before the origin is subtracted, when paused time
+    /// was behind the origin at the decision (a clock built, in real time, after the
+    /// paused runtime it is read in: its reads stood at 0 until paused time caught up).
+    shift: AtomicU64,
     /// Real reads made while undecided, outside any runtime.
     outside_reads: AtomicU32,
     /// The counter (or the OS clock), anchored at the same moment as `origin`.
@@ -118,6 +122,7 @@ impl TokioClock {
             origin: Instant::now(),
             mode: AtomicU8::new(mode),
             offset: AtomicU64::new(0),
+            shift: AtomicU64::new(0),
             outside_reads: AtomicU32::new(0),
             fast: Fast::new(),
         }
@@ -126,11 +131,15 @@ impl TokioClock {
     /// The tokio instant `nanos` after this clock's origin. On real time the counter and
     /// the OS clock agree to within parts per million.
     pub fn instant(&self, nanos: u64) -> Instant {
-        let nanos = match self.mode.load(Acquire) {
-            TOKIO => nanos.saturating_sub(self.offset.load(Relaxed)),
-            _ => nanos,
-        };
-        self.origin + Duration::from_nanos(nanos)
+        match self.mode.load(Acquire) {
+            TOKIO => {
+                let at = self.origin
+                    + Duration::from_nanos(nanos.saturating_sub(self.offset.load(Relaxed)));
+                let shift = Duration::from_nanos(self.shift.load(Relaxed));
+                at.checked_sub(shift).unwrap_or(at)
+            }
+            _ => self.origin + Duration::from_nanos(nanos),
+        }
     }
 
     /// Whether reads follow tokio's clock (`Some(true)`: paused time was seen, or
@@ -147,7 +156,9 @@ impl TokioClock {
     /// Nanoseconds of tokio's clock since the origin, plus the offset.
     #[inline]
     fn tokio_nanos(&self) -> u64 {
-        crate::util::nanos(self.origin.elapsed()).saturating_add(self.offset.load(Relaxed))
+        let now = Instant::now() + Duration::from_nanos(self.shift.load(Relaxed));
+        crate::util::nanos(now.saturating_duration_since(self.origin))
+            .saturating_add(self.offset.load(Relaxed))
     }
 
     /// A read while undecided: real time outside a runtime, the decision inside one.
@@ -176,6 +187,12 @@ impl TokioClock {
             },
         }
         if tokio_is_paused() {
+            let paused = Instant::now();
+            if paused < self.origin {
+                // Built after the runtime, in real time: paused time starts from here.
+                self.shift
+                    .store(crate::util::nanos(self.origin - paused), Relaxed);
+            }
             if self.outside_reads.load(Relaxed) > 0 {
                 // Real reads came first: start paused time no earlier than where they got.
                 let gap = self.fast.nanos().saturating_sub(self.tokio_nanos());
@@ -223,6 +240,7 @@ impl Clone for TokioClock {
             origin: self.origin,
             mode: AtomicU8::new(mode),
             offset: AtomicU64::new(self.offset.load(Relaxed)),
+            shift: AtomicU64::new(self.shift.load(Relaxed)),
             outside_reads: AtomicU32::new(self.outside_reads.load(Relaxed)),
             fast: self.fast.clone(),
         }
@@ -586,6 +604,39 @@ mod tests {
             assert_eq!(clock.follows_tokio(), Some(true));
             tokio::time::advance(Duration::from_millis(7)).await;
             assert_eq!(clock.now_nanos() - start, 7 * MS);
+        });
+    }
+
+    /// A clock built outside a runtime after that paused runtime was made (a service
+    /// built between `Runtime::build` and `block_on`) takes a real-time origin later than
+    /// the paused clock's: its reads stayed at zero until paused time caught up, so
+    /// `advance` did not move it, against the type's docs ("built anywhere ... and first
+    /// read inside a paused runtime: follows paused time"). Paused time is now shifted to
+    /// its origin.
+    #[test]
+    fn built_after_the_paused_runtime_follows_advance() {
+        let rt = paused_runtime();
+        spin(Duration::from_millis(20));
+        let clock = TokioClock::new();
+        rt.block_on(async {
+            let start = clock.now_nanos();
+            assert_eq!(clock.follows_tokio(), Some(true));
+            tokio::time::advance(Duration::from_millis(7)).await;
+            assert_eq!(clock.now_nanos() - start, 7 * MS, "advance moves it");
+        });
+    }
+
+    /// The same through a limiter: after `advance` by the refill interval the token was
+    /// not there.
+    #[test]
+    fn a_limiter_built_after_the_paused_runtime_refills_on_advance() {
+        let rt = paused_runtime();
+        spin(Duration::from_millis(20));
+        let limiter = RateLimiter::new(Quota::new(Rate::per_second(100), 1).unwrap());
+        rt.block_on(async {
+            assert!(limiter.try_acquire(1).is_ok());
+            tokio::time::advance(Duration::from_millis(10)).await;
+            assert!(limiter.try_acquire(1).is_ok(), "a token refilled in 10 ms");
         });
     }
 

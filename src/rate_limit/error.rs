@@ -65,14 +65,25 @@ impl RateLimited {
         }
     }
 
-    pub(crate) fn exceeds_burst(cost: u32, limit: u32, window: Duration) -> Self {
+    /// `full_in`: when the bucket is full again (zero when not known).
+    pub(crate) fn exceeds_burst(
+        cost: u32,
+        limit: u32,
+        window: Duration,
+        full_in: Duration,
+    ) -> Self {
         Self {
             retry_after: None,
             cost,
             limit,
             window,
-            full_in: Duration::ZERO,
+            full_in,
         }
+    }
+
+    /// The same refusal, of a bucket of capacity `limit`.
+    pub(crate) fn with_limit(self, limit: u32) -> Self {
+        Self { limit, ..self }
     }
 
     /// How long until the bucket is full again (what the `RateLimit` header's `t`

@@ -178,9 +178,10 @@ impl<Request, C: Clock> Limit<Request> for ShardedRateLimiter<C> {
 
     #[inline]
     fn check(&self, _: &Request, tokens: u32) -> Decision<()> {
+        // The whole limiter's figures, which the HTTP layers announce.
         match self.acquire(tokens) {
-            Ok(admitted) => Decision::Admitted(admitted, ()),
-            Err(refused) => Decision::Refused(refused),
+            Ok(admitted) => Decision::Admitted(self.whole(admitted), ()),
+            Err(refused) => Decision::Refused(self.whole_refusal(refused)),
         }
     }
 }

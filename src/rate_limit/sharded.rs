@@ -41,6 +41,11 @@ struct Inner<C> {
 /// tokens (`burst / n` each, the remainder unused), and a refusal scans the other shards
 /// once, without locking them, so a token freed during the scan can be missed.
 ///
+/// Behind a layer (it is a [`Limit`](super::Limit)) an admission reports the whole
+/// limiter's figures, which the HTTP layers announce: every shard's capacity, the tokens
+/// left in all of them, when all are full (reading each shard once); [`acquire`](Self::acquire)
+/// reports the serving shard's.
+///
 /// ```
 /// use seawall::rate_limit::{ManualClock, Quota, Rate, ShardedRateLimiter};
 ///
@@ -203,5 +208,33 @@ impl<C: Clock> ShardedRateLimiter<C> {
             }
         }
         Err(refused)
+    }
+
+    /// The whole limiter's figures, from a shard's answer: the capacity of every shard,
+    /// the tokens left in all of them, and how long until all are full (what HTTP
+    /// headers announce: a shard's figures announced a quarter of the quota over four
+    /// shards). Reads every shard: for the HTTP layers, not [`acquire`](Self::acquire).
+    pub(crate) fn whole(&self, shard: Admitted) -> Admitted {
+        let inner = &*self.inner;
+        let now = inner.clock.now_nanos();
+        let (mut remaining, mut full_in) = (0u64, 0u64);
+        for s in inner.shards.iter() {
+            let ahead = s.tat.load(Relaxed).saturating_sub(now);
+            remaining += inner.tau.saturating_sub(ahead) / inner.interval.max(1);
+            full_in = full_in.max(ahead);
+        }
+        let n = inner.shards.len() as u32;
+        Admitted {
+            remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+            full_in: std::time::Duration::from_nanos(full_in),
+            limit: shard.limit.saturating_mul(n),
+            window: shard.window,
+        }
+    }
+
+    /// The whole limiter's refusal, from a shard's (see [`whole`](Self::whole)).
+    pub(crate) fn whole_refusal(&self, shard: RateLimited) -> RateLimited {
+        let n = self.inner.shards.len() as u32;
+        shard.with_limit(shard.limit().saturating_mul(n))
     }
 }

@@ -724,3 +724,105 @@ async fn a_non_ascii_byte_in_the_clients_part_does_not_hide_the_address_appended
         "keyed on 203.0.113.77, whose bucket is empty"
     );
 }
+
+/// Over a sharded limiter the HTTP layer announced one shard's figures as the policy: a
+/// 1000/s quota (burst 200) split in 4 shards was announced as `q=250;w=1`, so a client
+/// that paces itself by the header used a quarter of what it is allowed, and `r` counted
+/// one shard's tokens, not the 200 the bucket holds. The whole limiter's figures now.
+#[tokio::test]
+async fn a_sharded_limit_announces_its_whole_quota() {
+    use seawall::rate_limit::ShardedRateLimiter;
+    let limiter = ShardedRateLimiter::with_clock(
+        Quota::new(Rate::per_second(1000), 200).unwrap(),
+        4,
+        ManualClock::new(),
+    )
+    .unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(HttpRateLimitLayer::new(limiter))
+        .service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
+    // The same answer as the single bucket of the same quota
+    // (`policy_of_a_sub_second_window_states_the_rate`).
+    assert_eq!(
+        all(resp.headers(), "ratelimit-policy"),
+        ["\"default\";q=1000;w=1"]
+    );
+    assert_eq!(all(resp.headers(), "ratelimit"), ["\"default\";r=199;t=1"]);
+}
+
+/// The policy's `q` was the rate over `w` rounded to the *nearest* request, so a rate of
+/// 1.67 a second (100 a minute, burst 1) was announced as `q=2;w=1`, and a client that
+/// kept to it, evenly spaced (one request every 500 ms), was refused. Rounded down now.
+#[tokio::test]
+async fn the_policy_never_announces_more_than_the_rate() {
+    let clock = ManualClock::new();
+    let limiter =
+        RateLimiter::with_clock(Quota::new(Rate::per_minute(100), 1).unwrap(), clock.clone());
+    let mut svc = ServiceBuilder::new()
+        .layer(HttpRateLimitLayer::global(limiter))
+        .service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+    let first = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
+    let policy = one(first.headers(), "ratelimit-policy").unwrap();
+    let field = |key: &str| -> u64 {
+        policy
+            .split(';')
+            .find_map(|p| p.strip_prefix(key))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (q, w) = (field("q="), field("w="));
+    // Keep to the announced policy: q requests every w seconds, evenly spaced.
+    let gap = std::time::Duration::from_secs(w) / u32::try_from(q).unwrap();
+    for n in 1..(4 * q) {
+        clock.advance(gap);
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "request {n}, {gap:?} apart, refused under the announced policy {policy}"
+        );
+    }
+}
+
+/// A request costing more than the burst was answered (through
+/// `problem::error_response`, as axum's `HandleErrorLayer` does for the tower layers) with
+/// `RateLimit: "default";r=0;t=0`: `t=0` said the bucket was full, although it had just
+/// been emptied and was full only in five seconds. `t` is when it is full.
+#[tokio::test]
+async fn an_oversized_request_is_not_told_t_0_by_an_empty_bucket() {
+    let limiter = RateLimiter::with_clock(
+        Quota::new(Rate::per_second(1), 5).unwrap(),
+        ManualClock::new(),
+    );
+    assert_eq!(limiter.try_acquire(5), Ok(0));
+    let refused = limiter.try_acquire(6).unwrap_err();
+    assert!(refused.exceeds_capacity());
+    let error: seawall::BoxError = Box::new(refused);
+    let response: Response<String> = seawall::problem::error_response(&error);
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let state = one(response.headers(), "ratelimit").unwrap();
+    assert_eq!(
+        state, "\"default\";r=0;t=5",
+        "the bucket is full in 5 s, not now"
+    );
+}

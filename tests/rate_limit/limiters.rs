@@ -219,6 +219,39 @@ async fn a_dropped_waiter_hands_its_token_back() {
     assert_eq!(limiter.available(), 1);
 }
 
+/// A waiter that gave up handed its booking back by moving the bucket's arrival time
+/// back, but the waiter booked behind it kept its (later) turn: its tokens were then
+/// counted as refilled before it even took them, and at its turn the bucket was full
+/// again: with a burst of 1, two requests admitted at the same instant. A refund stops
+/// at what the turns booked after it need.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiter_does_not_let_the_next_one_double_the_burst() {
+    let layer = RateLimitLayer::new(quota(1, 1)).wait_up_to(Duration::from_secs(10));
+    let limiter = layer.limiter().clone();
+    let svc = ServiceBuilder::new().layer(layer).service(echo());
+    let mut first = svc.clone();
+    first.ready().await.unwrap();
+    first.call(0).await.unwrap();
+    // A waiter books the token due at +1 s, then gives up after 10 ms.
+    let mut quitter = svc.clone();
+    let attempt = tokio::time::timeout(Duration::from_millis(10), quitter.ready()).await;
+    assert!(attempt.is_err(), "still waiting");
+    // Another books the next one, due at +2 s, and waits for it.
+    let mut patient = svc.clone();
+    let waiting = tokio::spawn(async move {
+        patient.ready().await.unwrap().call(2).await.unwrap();
+        limiter.try_acquire(1)
+    });
+    tokio::task::yield_now().await;
+    drop(quitter);
+    // At the patient waiter's turn the bucket of one has just been emptied by it.
+    let beside = waiting.await.unwrap();
+    assert!(
+        beside.is_err(),
+        "a second token at the same instant, with a burst of 1: {beside:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_ready_but_unused_service_hands_its_token_back() {
     let layer = RateLimitLayer::new(quota(1, 1)).wait_up_to(Duration::from_secs(10));

@@ -430,11 +430,14 @@ impl PolicyName {
         let q = if window.is_zero() {
             u64::from(limit)
         } else {
-            // Rounded to the nearest whole request: intervals are rounded up to the
-            // nanosecond, so 150/s refills 149.99997 a second and is announced as 150.
+            // Rounded down, never announcing more than the rate (100 a minute is q=1 a
+            // second, not 2: a client keeping to 2 was refused), allowing only for the
+            // intervals' rounding up to the nanosecond (150/s refills 149.99997 a second
+            // and is announced as 150): the window as if each interval were a nanosecond
+            // shorter.
             let window_ns = window.as_nanos();
-            let refilled =
-                (u128::from(limit) * u128::from(w) * 1_000_000_000 + window_ns / 2) / window_ns;
+            let exact_at_most = window_ns.saturating_sub(u128::from(limit)).max(1);
+            let refilled = u128::from(limit) * u128::from(w) * 1_000_000_000 / exact_at_most;
             u64::try_from(refilled)
                 .unwrap_or(u64::MAX)
                 .max(u64::from(limit))

@@ -26,6 +26,10 @@ pub(crate) struct Inner<C> {
     /// Theoretical arrival time: when the bucket will next be full, in the clock's
     /// nanoseconds. The bucket holds `(now + burst × interval − tat) / interval` tokens.
     tat: AtomicU64,
+    /// The arrival time that bookings waiting for their turn need at least: the latest
+    /// turn booked plus its tokens. A refund or cancel of a take made before them moves
+    /// `tat` back no further (see [`RateLimiter::refund`]).
+    booked: AtomicU64,
     shape: Shape,
     telemetry: crate::rate_limit::telemetry::Telemetry,
     pub(crate) clock: C,
@@ -221,6 +225,7 @@ impl<C: Clock> RateLimiter<C> {
                 lease: crate::lease::POOL.claim(this.clone()),
                 quota_change: parking_lot::Mutex::new(()),
                 tat: AtomicU64::new(0),
+                booked: AtomicU64::new(0),
                 shape: Shape {
                     interval: AtomicU64::new(quota.interval_nanos()),
                     burst: AtomicU64::new(u64::from(quota.burst())),
@@ -341,15 +346,27 @@ impl<C: Clock> RateLimiter<C> {
     /// in refused. Exact and bounded: it gives back at most the tokens taken, less what
     /// the bucket has refilled since the take (those would be there anyway), and never
     /// fills the bucket above its burst.
+    ///
+    /// Bookings made after the take keep their turns: their tokens were counted from the
+    /// arrival time they saw, and at their turn they take them. So the tokens are handed
+    /// back only as far as those turns allow (a waiter dropped before the one booked
+    /// behind it gave its slot to that one, which then took nothing at its turn, and
+    /// the bucket admitted two at once with a burst of one); the last take or booking
+    /// gives all of it back.
     pub fn refund(&self, taken: Taken) {
         let interval = self.inner.shape.interval.load(Relaxed);
         let now = self.inner.clock.now_nanos();
+        let until = taken.until;
         let back = refund_nanos(taken, now, interval);
         if back == 0 {
             return;
         }
         let _ = self.inner.tat.fetch_update(Relaxed, Relaxed, |tat| {
-            Some(tat.saturating_sub(back).max(now.min(tat)))
+            let mut moved = tat.saturating_sub(back).max(now.min(tat));
+            if tat != until {
+                moved = moved.max(self.inner.booked.load(Relaxed).min(tat));
+            }
+            Some(moved)
         });
     }
 
@@ -373,15 +390,24 @@ impl<C: Clock> RateLimiter<C> {
         if !step.admitted {
             return Err(step.refusal());
         }
+        let wait = step.wait();
+        if wait > 0 {
+            // Its turn, and the tokens it takes then: what the arrival time must keep.
+            let needs = now
+                .saturating_add(wait)
+                .saturating_add(u64::from(tokens).saturating_mul(interval));
+            self.inner.booked.fetch_max(needs, Relaxed);
+        }
         Ok(Reservation {
             tokens,
-            wait: Duration::from_nanos(step.wait()),
+            wait: Duration::from_nanos(wait),
             until: step.next,
         })
     }
 
     /// Hands back a booking that will not be used, so that its tokens serve later callers.
-    /// Bookings made after it keep their (now slightly conservative) times. Exact and
+    /// Bookings made after it keep their turns, and their tokens: its tokens are handed
+    /// back only as far as those turns allow (the last booking's all of them). Exact and
     /// bounded, as a [`refund`](Self::refund): what of the booking time has already
     /// refilled (a booking handed back after its turn) is not given back again.
     pub fn cancel(&self, reservation: Reservation) {
@@ -493,6 +519,7 @@ impl Step {
                 self.tokens,
                 burst as u32,
                 Duration::from_nanos(self.tau),
+                Duration::from_nanos(self.tat.max(self.now) - self.now),
             );
         }
         RateLimited::after(
@@ -614,6 +641,7 @@ mod tests {
                 tokens,
                 burst as u32,
                 Duration::from_nanos(tau),
+                Duration::from_nanos(tat.max(now) - now),
             ));
         }
         let limit = now.saturating_add(tau);

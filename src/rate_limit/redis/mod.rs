@@ -681,10 +681,12 @@ impl RedisRateLimiter {
     ) -> (Result<(Admitted, Source), RedisLimitError>, &'static str) {
         let inner = &self.inner;
         if tokens > inner.limit {
+            // (When the bucket is full again is Redis's to say: not known here.)
             let refused = RateLimited::exceeds_burst(
                 tokens,
                 inner.limit,
                 Duration::from_micros(inner.tau_us),
+                Duration::ZERO,
             );
             // Never admissible, in Redis or anywhere: the quota's answer, as Redis's,
             // but given here, without a round trip, and counted so.
