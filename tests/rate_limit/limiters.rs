@@ -931,6 +931,33 @@ mod stacked {
         assert_eq!(keyed.try_acquire("k", 4), Ok(0));
     }
 
+    /// A receipt taken before the quota was raised was refunded in full after the raise,
+    /// although under the new rate its tokens had long refilled: the bucket then admitted
+    /// more than burst + rate × elapsed. Receipts from before a change are not refunded.
+    #[test]
+    fn a_refund_after_a_raised_rate_gives_back_no_tokens_already_refilled() {
+        let clock = ManualClock::new();
+        let limiter = RateLimiter::with_clock(quota(1, 10), clock.clone());
+        // Ten tokens at one a second: the bucket owes ten seconds.
+        let (_, early) = limiter.take(10).unwrap();
+        // A thousand a second from now on: the debt is ten milliseconds.
+        limiter.set_quota(quota(1_000, 10));
+        clock.advance(Duration::from_millis(10));
+        let mut admitted = 10u64;
+        assert_eq!(limiter.try_acquire(10), Ok(0), "refilled at the new rate");
+        admitted += 10;
+        // The early take's tokens refilled (under the new rate) 10 ms ago: nothing of them
+        // is owed any more, so nothing should come back.
+        limiter.refund(early);
+        admitted += u64::from(limiter.available());
+        // Over 10 ms: the burst, plus 10 ms at 1000/s.
+        let bound = 10 + 10;
+        assert!(
+            admitted <= bound,
+            "{admitted} tokens handed out in 10 ms, at most {bound} allowed"
+        );
+    }
+
     /// One step: after `gap_ms`, take `cost` tokens, or (`refund`) hand back the oldest
     /// take not yet handed back.
     fn steps() -> impl Strategy<Value = Vec<(u64, u32, bool)>> {

@@ -30,6 +30,11 @@ pub(crate) struct Inner<C> {
     /// turn booked plus its tokens. A refund or cancel of a take made before them moves
     /// `tat` back no further (see [`RateLimiter::refund`]).
     booked: AtomicU64,
+    /// The arrival time when the quota last changed (before it was rescaled): a receipt
+    /// taken before the change ends at or before it, its time in the old quota's units,
+    /// and is not refunded (it would give back, after a raise, tokens the new rate has
+    /// long refilled).
+    changed_tat: AtomicU64,
     shape: Shape,
     telemetry: crate::rate_limit::telemetry::Telemetry,
     pub(crate) clock: C,
@@ -226,6 +231,7 @@ impl<C: Clock> RateLimiter<C> {
                 quota_change: parking_lot::Mutex::new(()),
                 tat: AtomicU64::new(0),
                 booked: AtomicU64::new(0),
+                changed_tat: AtomicU64::new(0),
                 shape: Shape {
                     interval: AtomicU64::new(quota.interval_nanos()),
                     burst: AtomicU64::new(u64::from(quota.burst())),
@@ -246,9 +252,11 @@ impl<C: Clock> RateLimiter<C> {
         let old = self.inner.shape.interval.load(Relaxed);
         let new = quota.interval_nanos();
         let now = self.inner.clock.now_nanos();
-        let _ = self.inner.tat.fetch_update(Relaxed, Relaxed, |tat| {
+        if let Ok(before) = self.inner.tat.fetch_update(Relaxed, Relaxed, |tat| {
             Some(rescale_tat(tat, now, old, new))
-        });
+        }) {
+            self.inner.changed_tat.fetch_max(before, Relaxed);
+        }
         self.inner.shape.interval.store(new, Relaxed);
         self.inner
             .shape
@@ -352,11 +360,20 @@ impl<C: Clock> RateLimiter<C> {
     /// back only as far as those turns allow (a waiter dropped before the one booked
     /// behind it gave its slot to that one, which then took nothing at its turn, and
     /// the bucket admitted two at once with a burst of one); the last take or booking
-    /// gives all of it back.
+    /// gives all of it back. A take made before a [`set_quota`](Self::set_quota) is not
+    /// refunded: its tokens are in the old quota's units (after a raise they have long
+    /// refilled); nor, after a raise, one made while the bucket's debt is still below
+    /// what it was at the change.
     pub fn refund(&self, taken: Taken) {
         let interval = self.inner.shape.interval.load(Relaxed);
         let now = self.inner.clock.now_nanos();
         let until = taken.until;
+        if until <= self.inner.changed_tat.load(Relaxed) {
+            // Taken under an earlier quota (or, after a raise, just after it: refused a
+            // refund for as long as the bucket's debt is below what it was at the change,
+            // never one too many).
+            return;
+        }
         let back = refund_nanos(taken, now, interval);
         if back == 0 {
             return;
