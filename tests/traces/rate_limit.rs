@@ -8,8 +8,69 @@ use seawall::rate_limit::http::{HeaderKey, HttpRateLimitLayer};
 use seawall::rate_limit::{KeyedRateLimiter, Quota, Rate};
 use tower::{Layer, Service, ServiceExt};
 
+/// Refuses `n` requests without a key through `svc`, each answered `status`.
+async fn refuse<S>(svc: &mut S, n: usize, status: StatusCode)
+where
+    S: Service<Request<String>, Response = Response<String>>,
+    S::Error: std::fmt::Debug,
+{
+    for _ in 0..n {
+        let response = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(String::new()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+    }
+}
+
+/// The recorded lines holding `text`.
+fn lines(recorded: &crate::Recorded, text: &str) -> Vec<String> {
+    let events = recorded.events.lock().unwrap();
+    events
+        .iter()
+        .filter(|l| l.contains(text))
+        .cloned()
+        .collect()
+}
+
+/// A key missing for a set-up fault (no peer address for `ClientIp`): `500`, an `ERROR`
+/// line, at most one a second.
 #[tokio::test(start_paused = true)]
 async fn refusals_for_a_missing_key_are_logged_at_most_once_a_second() {
+    use seawall::rate_limit::http::ClientIp;
+    let recorded = crate::recorded();
+    let limiter = KeyedRateLimiter::new(Quota::new(Rate::per_second(100), 10).unwrap());
+    let mut svc = HttpRateLimitLayer::per_key(limiter, ClientIp::peer()).layer(tower::service_fn(
+        |_: Request<String>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(String::new()))
+        },
+    ));
+    let ours = || lines(recorded, "no key could be taken");
+    refuse(&mut svc, 1_000, StatusCode::INTERNAL_SERVER_ERROR).await;
+    let first = ours().into_iter().take(2).collect::<Vec<_>>();
+    assert_eq!(
+        ours().len(),
+        1,
+        "{} lines, the first {first:?}",
+        ours().len()
+    );
+    assert!(ours()[0].starts_with("ERROR"), "{:?}", ours());
+    assert!(ours()[0].contains("suppressed=0"), "{:?}", ours());
+    // A second later, the next refusal is a line again, and says how many were not.
+    tokio::time::advance(Duration::from_millis(1_001)).await;
+    refuse(&mut svc, 1, StatusCode::INTERNAL_SERVER_ERROR).await;
+    assert_eq!(ours().len(), 2, "{:?}", ours());
+    assert!(ours()[1].contains("suppressed=999"), "{:?}", ours());
+}
+
+/// A key the client must send and left out (an API key header): `400`, the client's
+/// error, a `DEBUG` line (not an `ERROR`: any client can leave it out), at most one a
+/// second too.
+#[tokio::test(start_paused = true)]
+async fn refusals_for_a_key_the_client_left_out_are_debug_lines_at_most_once_a_second() {
     let recorded = crate::recorded();
     let limiter = KeyedRateLimiter::new(Quota::new(Rate::per_second(100), 10).unwrap());
     let mut svc = HttpRateLimitLayer::per_key(
@@ -19,40 +80,14 @@ async fn refusals_for_a_missing_key_are_logged_at_most_once_a_second() {
     .layer(tower::service_fn(|_: Request<String>| async {
         Ok::<_, std::convert::Infallible>(Response::new(String::new()))
     }));
-    let lines = || -> Vec<String> {
-        let events = recorded.events.lock().unwrap();
-        let ours = events
-            .iter()
-            .filter(|l| l.contains("no key could be taken"));
-        ours.cloned().collect()
-    };
-    let mut refuse = async |n: usize| {
-        for _ in 0..n {
-            let response = svc
-                .ready()
-                .await
-                .unwrap()
-                .call(Request::new(String::new()))
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        }
-    };
-    refuse(1_000).await;
-    let first = lines().into_iter().take(2).collect::<Vec<_>>();
-    assert_eq!(
-        lines().len(),
-        1,
-        "{} lines, the first {first:?}",
-        lines().len()
-    );
-    assert!(lines()[0].starts_with("ERROR"), "{:?}", lines());
-    assert!(lines()[0].contains("suppressed=0"), "{:?}", lines());
-    // A second later, the next refusal is a line again, and says how many were not.
+    let ours = || lines(recorded, "does not carry the key the client must send");
+    refuse(&mut svc, 1_000, StatusCode::BAD_REQUEST).await;
+    assert_eq!(ours().len(), 1, "{:?}", ours().first());
+    assert!(ours()[0].starts_with("DEBUG"), "{:?}", ours());
     tokio::time::advance(Duration::from_millis(1_001)).await;
-    refuse(1).await;
-    assert_eq!(lines().len(), 2, "{:?}", lines());
-    assert!(lines()[1].contains("suppressed=999"), "{:?}", lines());
+    refuse(&mut svc, 1, StatusCode::BAD_REQUEST).await;
+    assert_eq!(ours().len(), 2, "{:?}", ours());
+    assert!(ours()[1].contains("suppressed=999"), "{:?}", ours());
 }
 
 /// Trusting every address as a proxy (`0.0.0.0/0`, `::/0`) lets any client name the
