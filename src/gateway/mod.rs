@@ -67,6 +67,11 @@
 //! A prefix ends a segment only at `/` or `;`: `/api/admin` covers `/api/admin`,
 //! `/api/admin/x` and `/api/admin;x`, not `/api/admin.json` or `/api/admin-old`, which
 //! go to the route with the next longest prefix that covers them (a catch-all `/`, say).
+//! Routes are matched on the path as the upstreams behind read it
+//! ([`path::match_form`]): each segment's `;` parameters dropped, with the segments they
+//! leave empty, as servlet containers do (`/api;x/admin`, `/;/api/admin` are under
+//! `/api/admin`), and the escapes of `:@!$&'()*+,=` decoded; the path forwarded keeps
+//! them, and `strip_prefix` strips the prefix's segments as they were written.
 //! An upstream framework that matches suffixes (Rails' `.:format`, Spring MVC's old
 //! suffix pattern matching, static files served with extensions) may serve
 //! `/api/admin.json` as `/api/admin`, under the catch-all route's policy rather than the

@@ -32,6 +32,13 @@
 //! leave one: the rest of `/api//evil.example/x` after `/api` is sent as
 //! `/evil.example/x`.
 //!
+//! Characters clients percent-encode (non-ASCII, `"`, `<`, `>`, `` ` ``, `{`, `}`), sent
+//! raw, are encoded (`/café` is `/caf%C3%A9`), so that a prefix written with its escapes
+//! matches them whichever way they came; with `normalize_path = false` they are refused.
+//!
+//! Routes are then matched on the path's [`match_form`] (`;` parameters dropped, the
+//! escapes of reserved characters a prefix may hold raw decoded).
+//!
 //! A path that is already normal (the common case) costs one pass over its bytes and no
 //! allocation; only a path that changes is copied.
 
