@@ -339,6 +339,8 @@ async fn a_path_parameter_inside_a_route_prefix_does_not_escape_it() {
         "/api;/admin/secret",
         "/;/api/admin/secret",
         "/api/;x/admin/secret",
+        // Escaped: a framework that decodes before it drops parameters reads a `;`.
+        "/api%3Bx/admin/secret",
     ] {
         let answer = exchange(gw.local_addr(), super::limits::get(target).as_bytes()).await;
         let status = status_of(&answer);
