@@ -1,6 +1,7 @@
 //! The gateway's request header checks and rewrite, on arbitrary header lists: no panic;
 //! from an untrusted peer, no client-supplied `X-Forwarded-Host` / `X-Real-IP` /
-//! `Forwarded` (or any other forwarding header) survives, and `X-Forwarded-For` is the
+//! `Forwarded` (or any other forwarding, client-address or path-override header, `_`
+//! spellings too) survives, and `X-Forwarded-For` is the
 //! peer alone; `Host` is never removed; no hop-by-hop header remains, nor any header
 //! `Connection` named (but `Host`, `Authorization`, `Content-Length` and the forwarding
 //! headers the gateway sets itself).
@@ -23,6 +24,25 @@ const HOP_BY_HOP: [&str; 9] = [
 ];
 const SET_BY_GATEWAY: [&str; 3] = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"];
 const PROTECTED: [&str; 3] = ["host", "authorization", "content-length"];
+/// Client-address and path-override fields a client may not set (besides `forwarded`,
+/// `x-real-ip` and `x-forwarded-*`), with `-` for any `_`.
+const CLIENT_MAY_NOT_SET: [&str; 15] = [
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "x-forwarded",
+    "forwarded-for",
+    "x-rewrite-url",
+    "true-client-ip",
+    "cf-pseudo-ipv4",
+    "x-original-url",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "cf-connecting-ipv6",
+    "x-cluster-client-ip",
+    "x-appengine-user-ip",
+    "x-original-forwarded-for",
+];
 
 fn values(headers: &HeaderMap, name: &str) -> Vec<Vec<u8>> {
     headers
@@ -87,10 +107,10 @@ fuzz_target!(|input: Input| {
     if !trusted {
         for name in headers.keys() {
             let n = name.as_str();
+            let dashed = n.replace('_', "-");
             assert!(
-                n != "forwarded"
-                    && n != "x-real-ip"
-                    && (!n.starts_with("x-forwarded-") || SET_BY_GATEWAY.contains(&n)),
+                !CLIENT_MAY_NOT_SET.contains(&dashed.as_str())
+                    && (!dashed.starts_with("x-forwarded-") || SET_BY_GATEWAY.contains(&n)),
                 "client-set {n} from an untrusted peer"
             );
         }

@@ -13,13 +13,17 @@
 //! * `X-Forwarded-Host`: the request's `Host` (none for an HTTP/1.0 request without one);
 //! * `X-Forwarded-Proto`: `http`;
 //! * no `Forwarded`, no `X-Real-IP`, and no other `X-Forwarded-*` (`-Port`, `-Prefix`,
-//!   `-Ssl`…): whatever the client sent of these is dropped, spelled with `_` for `-`
-//!   too (`X_Forwarded_For`), which CGI-style upstreams read as the same field.
+//!   `-Ssl`…), nor the other fields upstreams read a client's address from
+//!   (`X-Client-IP`, `CF-Connecting-IP`, `True-Client-IP`, `Fastly-Client-IP`,
+//!   `X-Cluster-Client-IP`, `X-Forwarded`, `Forwarded-For` and a few more) or a path to
+//!   serve instead of the request's (`X-Original-URL`, `X-Rewrite-URL`): whatever the
+//!   client sent of these is dropped, spelled with `_` for `-` too (`X_Forwarded_For`),
+//!   which CGI-style upstreams read as the same field.
 //!
 //! From a trusted proxy, its headers are believed and extended: the peer's address is
 //! appended to `X-Forwarded-For` (every line of it, joined) and, if the proxy sent one, to
 //! `Forwarded` (`for=…`); its `X-Forwarded-Host` / `-Proto` are kept (ours are set when it
-//! sent none), as are `X-Real-IP` and the other `X-Forwarded-*`.
+//! sent none), as are `X-Real-IP`, the other `X-Forwarded-*` and the fields above.
 //!
 //! Hop-by-hop headers are dropped, and so are the headers `Connection` names, except the
 //! end-to-end ones the exchange depends on: `Host`, `Authorization` and `Content-Length`
@@ -87,13 +91,22 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     hop_bit(name) != 0
 }
 
-/// `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`: what a client may not set. With
-/// `_` for any `-` too (`X_Forwarded_For`, `X-Real_IP`): CGI-style upstreams (Rack, PHP,
-/// WSGI) read both spellings as the same `HTTP_X_FORWARDED_FOR`, so a client's
-/// underscored field would reach them as the forwarded client.
+/// What a client may not set: the fields upstreams read the client's address or the
+/// request's path from. `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`; the other
+/// client-address fields common libraries read, often before `X-Forwarded-For`
+/// (`request-ip`, `django-ipware`, many handlers taking `CF-Connecting-IP` first):
+/// `X-Client-IP`, `CF-Connecting-IP`, `CF-Connecting-IPv6`, `CF-Pseudo-IPv4`,
+/// `Fastly-Client-IP`, `True-Client-IP`, `X-Cluster-Client-IP`, `X-Forwarded`,
+/// `Forwarded-For`, `X-Original-Forwarded-For`, `X-AppEngine-User-IP`; and the path
+/// overrides of IIS and Symfony (`X-Original-URL`, `X-Rewrite-URL`), which would have the
+/// upstream serve another path than the route matched. With `_` for any `-` too
+/// (`X_Forwarded_For`, `X-Real_IP`): CGI-style upstreams (Rack, PHP, WSGI) read both
+/// spellings as the same `HTTP_X_FORWARDED_FOR`, so a client's underscored field would
+/// reach them as the forwarded client.
 #[inline]
 fn is_forwarding(name: &HeaderName) -> bool {
     /// Whether `name` is `expected`, a `_` in it standing for a `-`.
+    #[inline]
     fn same(name: &[u8], expected: &[u8]) -> bool {
         name.len() == expected.len()
             && name
@@ -102,8 +115,24 @@ fn is_forwarding(name: &HeaderName) -> bool {
                 .all(|(&n, &e)| n == e || (n == b'_' && e == b'-'))
     }
     let name = name.as_str().as_bytes();
-    name == b"forwarded"
-        || same(name, b"x-real-ip")
+    // By length first: this runs for every field of every request, and nearly every
+    // field's length picks no candidate or one whose first byte differs.
+    let listed = match name.len() {
+        9 => name == b"forwarded" || same(name, b"x-real-ip"),
+        11 => same(name, b"x-client-ip") || same(name, b"x-forwarded"),
+        13 => same(name, b"forwarded-for") || same(name, b"x-rewrite-url"),
+        14 => {
+            same(name, b"true-client-ip")
+                || same(name, b"cf-pseudo-ipv4")
+                || same(name, b"x-original-url")
+        }
+        16 => same(name, b"cf-connecting-ip") || same(name, b"fastly-client-ip"),
+        18 => same(name, b"cf-connecting-ipv6"),
+        19 => same(name, b"x-cluster-client-ip") || same(name, b"x-appengine-user-ip"),
+        24 => same(name, b"x-original-forwarded-for"),
+        _ => false,
+    };
+    listed
         || name
             .get(..12)
             .is_some_and(|start| same(start, b"x-forwarded-"))

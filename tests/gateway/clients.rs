@@ -380,6 +380,51 @@ async fn connection_cannot_remove_host() {
     gw.shutdown().await;
 }
 
+/// Upstreams commonly read the client's address from fields other than `X-Forwarded-For`,
+/// and first: Express's `request-ip` and Go's `reqip` try `X-Client-IP`, then
+/// `X-Forwarded-For`, `CF-Connecting-IP`, `Fastly-Client-IP`, `True-Client-IP`,
+/// `X-Real-IP`, `X-Cluster-Client-IP`, `X-Forwarded`, `Forwarded-For`; many handlers take
+/// `CF-Connecting-IP` before anything else. IIS and Symfony take the path to serve from
+/// `X-Original-URL` / `X-Rewrite-URL` (a way past a route's auth: the request matches a
+/// public route and the upstream serves the path in the field). A client that is not a
+/// trusted proxy sent them all, and the gateway forwarded them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_address_and_path_override_fields_from_a_client_are_dropped() {
+    const SPOOFED: [&str; 14] = [
+        "x-client-ip",
+        "cf-connecting-ip",
+        "cf-connecting-ipv6",
+        "cf-pseudo-ipv4",
+        "fastly-client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+        "x-forwarded",
+        "forwarded-for",
+        "x-original-forwarded-for",
+        "x-appengine-user-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "true_client_ip",
+    ];
+    let up = Recorder::start().await;
+    let (gw, _r) = gateway(&route(""), &up).await;
+    let spoofed: String = SPOOFED
+        .iter()
+        .map(|name| format!("{name}: 6.6.6.6\r\n"))
+        .collect();
+    let (status, _) = raw(gw.local_addr(), &get("/x", &spoofed)).await;
+    assert_eq!(status, 200);
+    for name in SPOOFED {
+        assert_eq!(
+            up.last(name),
+            Vec::<String>::new(),
+            "{name} reached the upstream"
+        );
+    }
+    assert_eq!(up.last("x-forwarded-for"), ["127.0.0.1"]);
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_from_an_untrusted_client_are_replaced() {
     let up = Recorder::start().await;
@@ -456,7 +501,8 @@ async fn a_trusted_proxy_is_appended_to_and_its_clients_are_limited_apart() {
             "/x",
             &format!(
                 "X-Forwarded-For: {client}\r\nX-Forwarded-Host: shop.example\r\n\
-                 X-Forwarded-Proto: https\r\nForwarded: for={client}\r\nX-Real-IP: {client}\r\n"
+                 X-Forwarded-Proto: https\r\nForwarded: for={client}\r\nX-Real-IP: {client}\r\n\
+                 CF-Connecting-IP: {client}\r\n"
             ),
         )
     };
@@ -467,6 +513,7 @@ async fn a_trusted_proxy_is_appended_to_and_its_clients_are_limited_apart() {
     assert_eq!(up.last("x-forwarded-proto"), ["https"]);
     assert_eq!(up.last("forwarded"), ["for=203.0.113.7, for=127.0.0.2"]);
     assert_eq!(up.last("x-real-ip"), ["203.0.113.7"]);
+    assert_eq!(up.last("cf-connecting-ip"), ["203.0.113.7"]);
     // Its client used up its bucket; another client behind the same proxy has its own.
     let (status, _) = raw_from("127.0.0.2", addr, &from_proxy("203.0.113.7")).await;
     assert_eq!(status, 429);
@@ -480,6 +527,7 @@ async fn a_trusted_proxy_is_appended_to_and_its_clients_are_limited_apart() {
     assert_eq!(up.last("x-forwarded-proto"), ["http"]);
     assert_eq!(up.last("forwarded"), Vec::<String>::new());
     assert_eq!(up.last("x-real-ip"), Vec::<String>::new());
+    assert_eq!(up.last("cf-connecting-ip"), Vec::<String>::new());
     let (status, _) = raw_from("127.0.0.3", addr, &from_proxy("203.0.113.10")).await;
     assert_eq!(status, 429, "an untrusted peer cannot pick its key");
     gw.shutdown().await;
