@@ -90,6 +90,9 @@ pub struct LastKnownGood<K, R, F> {
     /// Counts an answer's bytes for `max_bytes`; every answer weighs nothing when `None`.
     weigh: Option<Arc<Weigh<R>>>,
     max_bytes: usize,
+    /// [`LastKnownGood::http`]'s rule on requests with credentials (their answers are
+    /// kept only when marked shared); [`keep_if`](Self::keep_if) replaces it.
+    credentials_rule: bool,
 }
 
 /// [`LastKnownGood::keep_if`]'s predicate.
@@ -109,6 +112,7 @@ impl<K, R, F> Clone for LastKnownGood<K, R, F> {
             max_age: self.max_age,
             weigh: self.weigh.clone(),
             max_bytes: self.max_bytes,
+            credentials_rule: self.credentials_rule,
         }
     }
 }
@@ -141,6 +145,7 @@ impl<K, R, F> LastKnownGood<K, R, F> {
             max_age: None,
             weigh: None,
             max_bytes: usize::MAX,
+            credentials_rule: false,
         }
     }
 
@@ -197,6 +202,12 @@ impl<K, R, F> LastKnownGood<K, R, F> {
 
     /// Remembers only the responses `keep` accepts; the others still go to the caller,
     /// and leave the last remembered one in place to be served when a later call fails.
+    #[cfg_attr(feature = "http", doc = "It replaces [`LastKnownGood::http`]'s rules")]
+    #[cfg_attr(
+        not(feature = "http"),
+        doc = "It replaces `LastKnownGood::http`'s rules"
+    )]
+    /// on which answers are shared, those on requests with credentials included.
     ///
     /// ```
     /// use seawall::fallback::LastKnownGood;
@@ -212,6 +223,7 @@ impl<K, R, F> LastKnownGood<K, R, F> {
         P: Fn(&R) -> bool + Send + Sync + 'static,
     {
         self.keep = Some(Arc::new(keep));
+        self.credentials_rule = false;
         self
     }
 
@@ -242,11 +254,19 @@ impl<K, B, F> LastKnownGood<K, http::Response<B>, F> {
     ///   answer has no body to stand in for a `GET`'s).
     /// * Only answers with a `2xx` status are kept, so an upstream's `503` (an `Ok` to the
     ///   client) never replaces the good answer a later failure is to be answered with.
+    /// * A `206 Partial Content` (or any answer with `Content-Range`) is not kept: it
+    ///   answers one request's `Range`, not a request for the whole.
     /// * Answers meant for one caller are not kept: those that set a cookie
     ///   (`Set-Cookie`), are marked `Cache-Control: private`, `no-store` or `no-cache`, or
     ///   carry `Vary` (they depend on request fields that `key` may not cover: the
-    ///   caller's `Cookie`, `Authorization`, `Accept-Encoding`). A key that covers them can
-    ///   take such answers with [`keep_if`](Self::keep_if), which replaces this rule.
+    ///   caller's `Cookie`, `Authorization`, `Accept-Encoding`); and answers to requests
+    ///   with credentials (`Authorization` or `Cookie`), unless marked shared
+    ///   (`Cache-Control: public`, `s-maxage` or `must-revalidate`, as RFC 9111 §3.5 has
+    ///   it for `Authorization`; Varnish passes both by default): an API's `GET /me` is
+    ///   seldom marked `private`, and one caller's answer would be served to the next.
+    ///   Such requests are still served a kept answer when their call fails. A key that
+    ///   covers the caller can take such answers with [`keep_if`](Self::keep_if), which
+    ///   replaces these rules.
     /// * At most [`DEFAULT_MAX_BYTES`] of answers are kept (each weighed by its header
     ///   fields and its body's size hint: its length, for the buffered bodies a cached
     ///   answer has); [`max_bytes`](Self::max_bytes) changes the bound.
@@ -265,10 +285,12 @@ impl<K, B, F> LastKnownGood<K, http::Response<B>, F> {
     where
         B: http_body::Body,
     {
-        LastKnownGood::new(HttpKey(key))
+        let mut cache = LastKnownGood::new(HttpKey(key))
             .keep_if(|response: &http::Response<B>| shareable(response))
             .weigh(|response: &http::Response<B>| weigh_response(response))
-            .max_bytes(DEFAULT_MAX_BYTES)
+            .max_bytes(DEFAULT_MAX_BYTES);
+        cache.credentials_rule = true;
+        cache
     }
 }
 
@@ -299,19 +321,36 @@ fn shareable<B>(response: &http::Response<B>) -> bool {
     use http::header;
     let headers = response.headers();
     response.status().is_success()
+        && response.status() != http::StatusCode::PARTIAL_CONTENT
+        && !headers.contains_key(header::CONTENT_RANGE)
         && !headers.contains_key(header::SET_COOKIE)
         && !headers.contains_key(header::VARY)
-        && !headers
-            .get_all(header::CACHE_CONTROL)
-            .iter()
-            .flat_map(|value| value.as_bytes().split(|b| *b == b','))
-            .any(|directive| {
-                let name = directive.trim_ascii();
-                let name = name.split(|b| *b == b'=').next().unwrap_or_default();
-                ["private", "no-store", "no-cache"]
-                    .iter()
-                    .any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
-            })
+        && !cache_control_has(response, &["private", "no-store", "no-cache"])
+}
+
+/// Whether an answer to a request with credentials says it may be shared anyway
+/// (RFC 9111 §3.5).
+#[cfg(feature = "http")]
+fn marked_shared<B>(response: &http::Response<B>) -> bool {
+    cache_control_has(response, &["public", "s-maxage", "must-revalidate"])
+}
+
+/// Whether the answer's `Cache-Control` has one of `directives` (by name, any case).
+#[cfg(feature = "http")]
+fn cache_control_has<B>(response: &http::Response<B>, directives: &[&str]) -> bool {
+    response
+        .headers()
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
+        .any(|directive| {
+            let name = directive.trim_ascii();
+            let name = name.split(|b| *b == b'=').next().unwrap_or_default();
+            let name = name.trim_ascii();
+            directives
+                .iter()
+                .any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
+        })
 }
 
 #[cfg(feature = "http")]
@@ -325,9 +364,15 @@ where
     type Handler = LastKnownGoodHandler<K, http::Response<B>, HttpKey<F>>;
 
     fn handler(&self, request: &http::Request<ReqB>) -> Self::Handler {
+        let headers = request.headers();
+        let credentials = self.credentials_rule
+            && (headers.contains_key(http::header::AUTHORIZATION)
+                || headers.contains_key(http::header::COOKIE));
         LastKnownGoodHandler {
             key: (request.method() == http::Method::GET).then(|| (self.key.0)(request)),
             cache: self.clone(),
+            kept_only_if: credentials
+                .then_some(marked_shared::<B> as fn(&http::Response<B>) -> bool),
         }
     }
 }
@@ -402,6 +447,7 @@ where
         LastKnownGoodHandler {
             key: Some((self.key)(request)),
             cache: self.clone(),
+            kept_only_if: None,
         }
     }
 }
@@ -412,6 +458,9 @@ pub struct LastKnownGoodHandler<K, R, F> {
     /// [`LastKnownGood::http`]).
     key: Option<K>,
     cache: LastKnownGood<K, R, F>,
+    /// A further condition on the answer to this request being kept (for a request
+    /// with credentials, [`LastKnownGood::http`]'s).
+    kept_only_if: Option<fn(&R) -> bool>,
 }
 
 impl<K, R, F> fmt::Debug for LastKnownGoodHandler<K, R, F> {
@@ -430,7 +479,9 @@ where
 
     fn on_success(&mut self, response: &R) {
         let Some(key) = &self.key else { return };
-        if self.cache.keep.as_ref().is_none_or(|keep| keep(response)) {
+        if self.kept_only_if.is_none_or(|kept| kept(response))
+            && self.cache.keep.as_ref().is_none_or(|keep| keep(response))
+        {
             self.cache.put(key.clone(), response.clone());
         }
     }

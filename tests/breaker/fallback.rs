@@ -503,3 +503,201 @@ async fn last_known_good_remembers_only_what_keep_if_accepts() {
     *answer.lock().unwrap() = Err("down");
     assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), "full");
 }
+
+/// A `LastKnownGood::http` cache keyed by path over an upstream that answers each `GET`
+/// with its `Authorization` and `Range` echoed in the body (a `206` for a range), or fails
+/// while `down` is set: the service and its switch.
+#[cfg(feature = "http")]
+fn echoing_cache() -> (
+    impl Service<http::Request<()>, Response = http::Response<String>, Error = BoxError>,
+    Arc<AtomicBool>,
+) {
+    let down = Arc::new(AtomicBool::new(false));
+    let d = down.clone();
+    let svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(LastKnownGood::http(
+            |req: &http::Request<()>| req.uri().path().to_owned(),
+        )))
+        .service_fn(move |req: http::Request<()>| {
+            let down = d.load(SeqCst);
+            async move {
+                if down {
+                    return Err::<http::Response<String>, BoxError>("connection refused".into());
+                }
+                let header = |name| {
+                    req.headers()
+                        .get(name)
+                        .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
+                };
+                let response = match header(http::header::RANGE) {
+                    Some(_) => http::Response::builder()
+                        .status(206)
+                        .header("content-range", "bytes 0-9/1000")
+                        .body("0123456789".to_owned()),
+                    None => http::Response::builder().status(200).body(format!(
+                        "answer for {}",
+                        header(http::header::AUTHORIZATION).unwrap_or_default()
+                    )),
+                };
+                Ok(response.unwrap())
+            }
+        });
+    (svc, down)
+}
+
+/// RFC 9111 §3.5: a shared cache must not serve an answer to a request that carried
+/// `Authorization` to anyone else (unless the answer says `public`, `s-maxage` or
+/// `must-revalidate`), and `LastKnownGood::http` is documented as "a cache of `GET`
+/// answers that is safe to serve to any caller asking for the same key". An API's
+/// `GET /me` answer is rarely marked `private` or `Vary: Authorization`: Alice's answer
+/// must not be served to Bob when the upstream fails.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn last_known_good_over_http_never_serves_an_authorized_answer_to_another_caller() {
+    let (mut svc, down) = echoing_cache();
+    let me = |token: &str| {
+        http::Request::get("/me")
+            .header("authorization", format!("Bearer {token}"))
+            .body(())
+            .unwrap()
+    };
+    let alice = svc.ready().await.unwrap().call(me("alice")).await.unwrap();
+    assert_eq!(alice.body(), "answer for Bearer alice");
+    down.store(true, SeqCst);
+    let bob = svc.ready().await.unwrap().call(me("bob")).await;
+    assert!(
+        bob.is_err(),
+        "Bob was served {:?}",
+        bob.map(|r| r.into_body())
+    );
+}
+
+/// A `206 Partial Content` answers the `Range` of one request (RFC 9110 §15.3.7); a cache
+/// must not serve it as the whole representation to a request without that range (RFC
+/// 9111 §3.4). Any client sending `Range: bytes=0-9` for a page replaced its last known
+/// good answer with a 10-byte fragment, served as `206` to every caller of the page when
+/// the upstream failed.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn last_known_good_over_http_never_serves_a_partial_answer_as_the_whole() {
+    let (mut svc, down) = echoing_cache();
+    let page = || http::Request::get("/page").body(()).unwrap();
+    let whole = svc.ready().await.unwrap().call(page()).await.unwrap();
+    assert_eq!(whole.status(), 200);
+    // One client asks for the first ten bytes.
+    let ranged = http::Request::get("/page")
+        .header("range", "bytes=0-9")
+        .body(())
+        .unwrap();
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(ranged)
+            .await
+            .unwrap()
+            .status(),
+        206
+    );
+    down.store(true, SeqCst);
+    let served = svc.ready().await.unwrap().call(page()).await.unwrap();
+    assert_eq!(
+        (served.status().as_u16(), served.body().as_str()),
+        (200, "answer for "),
+        "a plain GET was served another request's range"
+    );
+}
+
+/// What the rule on requests with credentials leaves: an answer marked shared
+/// (`Cache-Control: public`) is kept and served to the next caller; a key that covers the
+/// caller, with `keep_if`, keeps each caller's own answer for that caller alone.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn last_known_good_over_http_keeps_shared_or_per_caller_answers_to_requests_with_credentials()
+{
+    let down = Arc::new(AtomicBool::new(false));
+    let upstream = |down: Arc<AtomicBool>| {
+        move |req: http::Request<()>| {
+            let down = down.load(SeqCst);
+            async move {
+                if down {
+                    return Err::<http::Response<String>, BoxError>("connection refused".into());
+                }
+                let who = req.headers()["authorization"].to_str().unwrap().to_owned();
+                let mut answer = http::Response::builder();
+                if req.uri().path() == "/catalog" {
+                    answer = answer.header("cache-control", "public, max-age=60");
+                }
+                Ok(answer
+                    .body(format!("{} for {who}", req.uri().path()))
+                    .unwrap())
+            }
+        }
+    };
+    let get = |path: &str, token: &str| {
+        http::Request::get(path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(())
+            .unwrap()
+    };
+
+    let mut shared = ServiceBuilder::new()
+        .layer(FallbackLayer::new(LastKnownGood::http(
+            |req: &http::Request<()>| req.uri().path().to_owned(),
+        )))
+        .service_fn(upstream(down.clone()));
+    shared
+        .ready()
+        .await
+        .unwrap()
+        .call(get("/catalog", "alice"))
+        .await
+        .unwrap();
+    down.store(true, SeqCst);
+    let bob = shared
+        .ready()
+        .await
+        .unwrap()
+        .call(get("/catalog", "bob"))
+        .await;
+    assert_eq!(bob.unwrap().body(), "/catalog for Bearer alice");
+
+    down.store(false, SeqCst);
+    let mut per_caller = ServiceBuilder::new()
+        .layer(FallbackLayer::new(
+            LastKnownGood::http(|req: &http::Request<()>| {
+                (
+                    req.uri().path().to_owned(),
+                    req.headers().get("authorization").cloned(),
+                )
+            })
+            .keep_if(|answer: &http::Response<String>| answer.status().is_success()),
+        ))
+        .service_fn(upstream(down.clone()));
+    per_caller
+        .ready()
+        .await
+        .unwrap()
+        .call(get("/me", "alice"))
+        .await
+        .unwrap();
+    down.store(true, SeqCst);
+    let alice = per_caller
+        .ready()
+        .await
+        .unwrap()
+        .call(get("/me", "alice"))
+        .await;
+    assert_eq!(alice.unwrap().body(), "/me for Bearer alice");
+    let bob = per_caller
+        .ready()
+        .await
+        .unwrap()
+        .call(get("/me", "bob"))
+        .await;
+    assert!(
+        bob.is_err(),
+        "Bob was served {:?}",
+        bob.map(|r| r.into_body())
+    );
+}
