@@ -147,6 +147,11 @@ pub mod observability;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod problem;
 pub mod rate_limit;
+/// Request path normalisation: `gateway::path` (feature `gateway`), and the keys of
+/// `rate_limit::http::PathKey`.
+#[cfg(feature = "http")]
+#[doc(hidden)]
+pub mod uri_path;
 mod util;
 
 /// Go's `time.Duration` text (`"1h30m"`), spoken by Consul and the gateway's TOML.

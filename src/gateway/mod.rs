@@ -629,7 +629,8 @@ pub mod h1_server;
 pub mod headers;
 pub mod jwt;
 mod metrics;
-pub mod path;
+#[doc(inline)]
+pub use crate::uri_path as path;
 mod poll_clock;
 mod pool;
 mod route;

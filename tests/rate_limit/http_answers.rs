@@ -826,3 +826,116 @@ async fn an_oversized_request_is_not_told_t_0_by_an_empty_bucket() {
         "the bucket is full in 5 s, not now"
     );
 }
+
+/// The key `ClientIp` gives a request from `peer` with these header lines.
+fn key_of(key: &ClientIp, peer: &str, lines: &[(&str, &str)]) -> Option<std::net::IpAddr> {
+    use seawall::rate_limit::KeyExtractor;
+    let mut req = Request::new(());
+    for (name, value) in lines {
+        req.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    req.extensions_mut()
+        .insert(peer.parse::<SocketAddr>().unwrap());
+    key.extract(&req)
+}
+
+/// A client's `Forwarded` value with a quote it never closes must not swallow the
+/// element its trusted proxy appended (on its own line, or after a comma on the client's
+/// line): a quoted-string ends with its field line, and the proxy's element, the
+/// rightmost, is well formed. Read as one element, the whole list was unreadable and the
+/// request keyed on the proxy: a bucket other than the client's own, chosen by the client
+/// (the case `a_non_ascii_byte_in_the_clients_part_does_not_hide_the_address_appended`
+/// fixed for `X-Forwarded-For`).
+#[test]
+fn an_unclosed_quote_in_the_clients_forwarded_does_not_hide_the_appended_hop() {
+    let key = ClientIp::trusting(["10.0.0.0/8"])
+        .unwrap()
+        .forwarded_header();
+    let client: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    // The proxy added its own line.
+    assert_eq!(
+        key_of(
+            &key,
+            "10.0.0.2:443",
+            &[
+                ("forwarded", "for=\"6.6.6.6"),
+                ("forwarded", "for=198.51.100.7")
+            ]
+        ),
+        Some(client),
+        "a quote cannot span two field lines"
+    );
+    // The proxy appended to the client's line.
+    assert_eq!(
+        key_of(
+            &key,
+            "10.0.0.2:443",
+            &[("forwarded", "for=\"6.6.6.6, for=198.51.100.7")]
+        ),
+        Some(client),
+        "the trusted proxy's rightmost element is read"
+    );
+}
+
+/// A trusted proxy named the way a dual-stack socket reports it (`::ffff:10.0.0.1`, or
+/// the network `::ffff:10.0.0.0/104`) was accepted and trusted nothing, not even a peer
+/// at that very address: `net_contains` turns the peer into its IPv4 form and tests it
+/// against an IPv6 network. Every client behind that proxy was then keyed on the proxy,
+/// one bucket for all of them. Such a proxy must be trusted (or refused at build).
+#[test]
+fn a_trusted_proxy_written_ipv4_mapped_is_trusted() {
+    for trusted in ["::ffff:10.0.0.1", "::ffff:10.0.0.0/104"] {
+        // Refused at build is a correct answer too; accepted, it must hold.
+        let Ok(key) = ClientIp::trusting([trusted]) else {
+            continue;
+        };
+        for peer in ["[::ffff:10.0.0.1]:443", "10.0.0.1:443"] {
+            assert!(
+                key.trusts(peer.parse::<SocketAddr>().unwrap().ip()),
+                "{trusted} trusts {peer}"
+            );
+            assert_eq!(
+                key_of(&key, peer, &[("x-forwarded-for", "203.0.113.9")]),
+                Some("203.0.113.9".parse().unwrap()),
+                "{trusted}: the client behind {peer}"
+            );
+        }
+    }
+}
+
+/// `PathKey` gives "each route or API area its own bucket", but keyed the path as sent:
+/// `/api/%6Cogin` and `/%61pi/login` are the same URI as `/api/login` (RFC 3986
+/// §6.2.2.1–2: escapes of unreserved characters, and their hex digits' case, do not
+/// change a URI), every server decodes them alike, yet each spelling had a bucket of its
+/// own. A client hammering a route limited by its path (a login form's) got a fresh
+/// burst per spelling, hundreds of them for one path.
+#[test]
+fn a_path_key_is_the_same_for_every_spelling_of_one_path() {
+    use seawall::rate_limit::KeyExtractor;
+    use seawall::rate_limit::http::PathKey;
+    let key = |extractor: PathKey, path: &str| {
+        let req = Request::builder().uri(path).body(()).unwrap();
+        extractor.extract(&req)
+    };
+    for extractor in [PathKey::full(), PathKey::prefix(2)] {
+        let plain = key(extractor, "/api/login");
+        for spelling in [
+            "/api/%6Cogin",
+            "/api/%6cogin",
+            "/%61pi/login",
+            "/api/l%6F%67in",
+            "/api//login",
+            "/api/x/../login",
+            "/api;v=1/login",
+        ] {
+            assert_eq!(
+                key(extractor, spelling),
+                plain,
+                "{spelling} is /api/login ({extractor:?})"
+            );
+        }
+    }
+}

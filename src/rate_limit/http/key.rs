@@ -27,7 +27,9 @@ impl fmt::Display for InvalidNet {
 impl std::error::Error for InvalidNet {}
 
 /// A trusted proxy: a CIDR network (`10.0.0.0/8`, `2001:db8::/32`) or a single address
-/// (`::1`, a network of one).
+/// (`::1`, a network of one). An IPv4-mapped one (`::ffff:10.0.0.1`, `::ffff:10.0.0.0/104`,
+/// as a dual-stack socket and its logs show an IPv4 peer) is its IPv4 form, as peers are
+/// read (see [`canonical_net`]).
 pub(crate) fn parse_net(s: &str) -> Result<IpNet, InvalidNet> {
     let t = s.trim();
     if t.contains('/') {
@@ -36,6 +38,21 @@ pub(crate) fn parse_net(s: &str) -> Result<IpNet, InvalidNet> {
         t.parse::<IpAddr>()
             .map(IpNet::from)
             .map_err(|_| InvalidNet(s.to_owned()))
+    }
+    .map(canonical_net)
+}
+
+/// A network within the IPv4-mapped range (`::ffff:0:0/96`, a prefix of 96 or more) as
+/// the IPv4 network it maps: [`net_contains`] reads a mapped peer as its IPv4 address, so
+/// a network left in its IPv6 form would contain no peer at all. Others are unchanged
+/// (`::/0` trusts IPv6 peers, not IPv4 ones).
+pub(crate) fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
     }
 }
 
@@ -147,7 +164,9 @@ impl ClientIp {
         }
     }
 
-    /// Believes forwarding headers from these proxies (addresses or CIDR networks).
+    /// Believes forwarding headers from these proxies (addresses or CIDR networks). One
+    /// written IPv4-mapped (`::ffff:10.0.0.1`, as a dual-stack socket reports an IPv4
+    /// peer) is its IPv4 address.
     ///
     /// A network of every address (`0.0.0.0/0`, `::/0`) trusts every peer: any client
     /// can then name the address it is keyed and limited as, and a per-client limit
@@ -172,9 +191,10 @@ impl ClientIp {
 
     /// Believes forwarding headers from these networks, already parsed ([`IpNet`] is the
     /// [`ipnet`](https://docs.rs/ipnet) crate's, re-exported). Every address trusted is
-    /// logged, as with [`trusting`](Self::trusting).
+    /// logged, as with [`trusting`](Self::trusting). IPv4-mapped networks
+    /// (`::ffff:10.0.0.0/104`) are read as the IPv4 networks they map, as there.
     pub fn trusting_nets(nets: impl IntoIterator<Item = IpNet>) -> Self {
-        let trusted: Vec<IpNet> = nets.into_iter().collect();
+        let trusted: Vec<IpNet> = nets.into_iter().map(canonical_net).collect();
         warn_if_everyone(&trusted);
         Self {
             trusted: (!trusted.is_empty()).then(|| trusted.into()),
@@ -216,24 +236,28 @@ impl ClientIp {
         // is unreadable: a proxy appends the client's address to the line the client
         // sent, and dropping the whole line would drop that address with the client's
         // garbage, keying the request on the proxy.
-        let joined = |name: &str| {
-            let parts: Vec<std::borrow::Cow<'_, str>> = headers
+        let lines = |name: &str| {
+            headers
                 .get_all(name)
                 .iter()
                 .map(|v| String::from_utf8_lossy(v.as_bytes()))
-                .collect();
-            (!parts.is_empty()).then(|| parts.join(","))
         };
-        let hops = match (
-            self.use_forwarded,
-            self.use_forwarded.then(|| joined("forwarded")),
-        ) {
-            (true, Some(Some(v))) => parse::forwarded_for(&v),
-            (false, _) => match joined("x-forwarded-for") {
-                Some(v) => parse::x_forwarded_for(&v),
-                None => return peer,
-            },
-            _ => return peer,
+        let hops = if self.use_forwarded {
+            // Line by line: a quoted string ends with its line (a client's unclosed quote
+            // must not swallow the line its proxy added).
+            let hops: Vec<_> = lines("forwarded")
+                .flat_map(|line| parse::forwarded_for(&line))
+                .collect();
+            if hops.is_empty() {
+                return peer;
+            }
+            hops
+        } else {
+            let parts: Vec<_> = lines("x-forwarded-for").collect();
+            if parts.is_empty() {
+                return peer;
+            }
+            parse::x_forwarded_for(&parts.join(","))
         };
         let mut client = peer;
         for hop in hops.into_iter().rev() {
@@ -309,7 +333,10 @@ impl<B> KeyExtractor<Request<B>> for HeaderKey {
 }
 
 /// The request path, or its first `segments` segments (`/api/users/42` → `/api/users`
-/// with 2), so that each route or API area has its own bucket. As a [`BoundedKey`], as
+/// with 2), so that each route or API area has its own bucket. Normalised first, as the
+/// gateway matches its routes (`gateway::path`, feature `gateway`): every spelling of one path (`/api/%6Cogin`, `/%61pi//login`,
+/// `/api/x/../login`, `/api;x/login`) is one key; a path that normalisation refuses (an
+/// encoded `/`, a control byte, a `..` above the root) is keyed as it came. As a [`BoundedKey`], as
 /// [`HeaderKey`]'s values are: a path up to 64 bytes as it is, a longer one as a keyed
 /// digest, so that clients sending long paths cannot grow a keyed limiter's memory beyond
 /// its number of keys (each key is 65 bytes, with no allocation).
@@ -334,7 +361,19 @@ impl<B> KeyExtractor<Request<B>> for PathKey {
     type Key = BoundedKey;
 
     fn extract(&self, request: &Request<B>) -> Option<BoundedKey> {
-        let path = request.uri().path();
+        let raw = request.uri().path();
+        // Every spelling of one path is one key: escapes of unreserved characters decoded
+        // (`/api/%6Cogin` is `/api/login`), dot segments removed, slashes merged, `;`
+        // parameters dropped (each a bucket of its own otherwise, and a fresh burst).
+        // Borrowed for a path already in that form, as nearly every one is.
+        let normal = crate::uri_path::normalize(raw, crate::uri_path::PathOptions::default());
+        let matched = normal.as_deref().map(crate::uri_path::match_form);
+        let path: &str = match &matched {
+            Ok(path) => path,
+            // A path servers refuse (an encoded `/`, a control byte, a `..` above the
+            // root): as it came.
+            Err(_) => raw,
+        };
         let end = match self.segments {
             None => path.len(),
             Some(n) => path

@@ -42,6 +42,9 @@ pub fn forwarded_for(value: &str) -> Vec<Option<IpAddr>> {
 }
 
 /// Splits on `sep` where it is not inside a quoted string (quotes may hold `,` and `;`).
+/// A quote never closed opens no string: from the part holding it on, the value is split
+/// on every `sep` (a client's unclosed quote must not swallow the well-formed elements
+/// its proxy appended after it).
 fn split_outside_quotes(s: &str, sep: char) -> Vec<&str> {
     let mut parts = Vec::new();
     let mut start = 0;
@@ -62,7 +65,11 @@ fn split_outside_quotes(s: &str, sep: char) -> Vec<&str> {
             _ => {}
         }
     }
-    parts.push(&s[start..]);
+    if quoted {
+        parts.extend(s[start..].split(sep));
+    } else {
+        parts.push(&s[start..]);
+    }
     parts
 }
 
@@ -115,6 +122,11 @@ mod tests {
             ]
         );
         assert_eq!(forwarded_for("for=[::1]"), vec![ip("::1")]);
+        // An unclosed quote opens no string: the elements after it are read.
+        assert_eq!(
+            forwarded_for("for=\"x, for=198.51.100.7;proto=http"),
+            vec![None, ip("198.51.100.7")]
+        );
     }
 
     #[test]
