@@ -202,6 +202,10 @@ where
                     }
                     *this.left -= len;
                 }
+                let mut frame = frame;
+                if let Some(trailers) = frame.trailers_mut() {
+                    super::headers::sanitize_request_trailers(trailers);
+                }
                 if this.body.is_end_stream() {
                     set(this.state, DONE, true);
                 }

@@ -335,8 +335,13 @@ fn parse_response_into(
             buf.advance(len);
             continue;
         }
-        let status =
-            StatusCode::from_u16(code).map_err(|_| ProtocolError("invalid status code"))?;
+        // 600 to 999 parse as status codes but are none (RFC 9110 §15: a client treats
+        // one as a 5xx): refused, as a broken upstream's answer, not passed on as a
+        // success to the breaker, the outlier detection and the client.
+        let status = StatusCode::from_u16(code)
+            .ok()
+            .filter(|_| code <= 599)
+            .ok_or(ProtocolError("invalid status code"))?;
         let version = if minor == 0 {
             Version::HTTP_10
         } else {
@@ -382,7 +387,18 @@ fn head_of(
                 if length.is_some_and(|seen| seen != n) {
                     return Err(ProtocolError("differing Content-Length values"));
                 }
-                length = Some(n);
+                let repeated = length.replace(n).is_some();
+                // A list of one length (`2, 2`) or the field repeated is accepted, and
+                // passed on as the one value it stands for (RFC 9112 §6.3): as it came,
+                // an HTTP/2 client resets the stream, an HTTP/1 client of a `HEAD` reads
+                // a length that is no number.
+                if repeated {
+                    continue;
+                }
+                if !value.iter().all(u8::is_ascii_digit) {
+                    headers.append(name, HeaderValue::from(n));
+                    continue;
+                }
             }
             Role::TransferEncoding => {
                 transfer_encoding = true;
@@ -568,7 +584,13 @@ pub(crate) fn content_length(value: &[u8]) -> Result<u64, ProtocolError> {
     const BAD: ProtocolError = ProtocolError("invalid Content-Length");
     let mut length = None;
     for element in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-        if element.is_empty() || element.len() > 19 || !element.iter().all(u8::is_ascii_digit) {
+        if element.is_empty() || !element.iter().all(u8::is_ascii_digit) {
+            return Err(BAD);
+        }
+        // Leading zeros are valid (`0002`); past them, at most 19 digits fit the sum.
+        let zeros = element.iter().take_while(|&&d| d == b'0').count();
+        let element = &element[zeros.min(element.len() - 1)..];
+        if element.len() > 19 {
             return Err(BAD);
         }
         let n = element
@@ -923,12 +945,30 @@ pub(crate) fn encode_request(
         out.extend_from_slice(b"\r\n");
     }
     let mut has_length = false;
+    let mut cookies_written = false;
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH {
             has_length = true;
             continue;
         }
         if name == header::TRANSFER_ENCODING || (name == header::HOST && host.is_some()) {
+            continue;
+        }
+        if name == header::COOKIE {
+            // One `Cookie` line, its values joined with `; ` (RFC 9113 §8.2.3: an HTTP/2
+            // client sends each cookie as a field of its own; RFC 6265 §5.4: one field
+            // over HTTP/1, which upstreams joining repeated fields with `, ` misread).
+            if !cookies_written {
+                cookies_written = true;
+                out.extend_from_slice(b"cookie: ");
+                for (i, cookie) in headers.get_all(header::COOKIE).iter().enumerate() {
+                    if i > 0 {
+                        out.extend_from_slice(b"; ");
+                    }
+                    out.extend_from_slice(cookie.as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+            }
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());

@@ -273,7 +273,16 @@ fn head_of(
                 if length.is_some_and(|seen| seen != n) {
                     return Err(RequestError::bad("differing Content-Length values"));
                 }
-                length = Some(n);
+                // A list of one length (`5, 5`) or the field repeated is accepted, and
+                // passed on as the one value it stands for (RFC 9110 §8.6): as it came,
+                // an HTTP/2 upstream resets the stream, and the endpoint is blamed.
+                if length.replace(n).is_some() {
+                    continue;
+                }
+                if !value.iter().all(u8::is_ascii_digit) {
+                    headers.append(name, HeaderValue::from(n));
+                    continue;
+                }
             }
             Role::TransferEncoding => {
                 transfer_encoding = true;
@@ -1548,6 +1557,17 @@ mod tests {
             framing("Content-Length: 5, 5\r\nContent-Length: 5\r\n"),
             RequestBodyFraming::Length(5)
         );
+        // Leading zeros are valid, however many.
+        assert_eq!(
+            framing("Content-Length: 000000000000000000000005\r\n"),
+            RequestBodyFraming::Length(5)
+        );
+        // The list is passed on as its one value.
+        let parsed = parse(&head("Content-Length: 5, 5\r\nContent-Length: 5\r\n"))
+            .unwrap()
+            .unwrap();
+        let lengths: Vec<_> = parsed.headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["5"]);
         assert_eq!(
             framing("Transfer-Encoding: chunked\r\n"),
             RequestBodyFraming::Chunked
@@ -1565,6 +1585,7 @@ mod tests {
             ("Content-Length: 0x5\r\n", 400),
             ("Content-Length: -1\r\n", 400),
             ("Content-Length: 99999999999999999999\r\n", 400),
+            ("Content-Length: 00099999999999999999999\r\n", 400),
             ("Transfer-Encoding: chunked, chunked\r\n", 501),
             (
                 "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",

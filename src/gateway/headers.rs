@@ -548,6 +548,27 @@ pub(crate) fn sanitize_trailers(trailers: &mut HeaderMap) {
     }
 }
 
+/// Takes out of a client's request trailer section what [`sanitize_trailers`] takes out of
+/// an upstream's, and what a client may not set in a head it could otherwise set there:
+/// the forwarding fields (see [`is_forwarding`]), `Authorization` and `Cookie` (checked,
+/// or not, in the head: an upstream merging trailers into the head would take them as
+/// the request's own; RFC 9110 §6.5.1 keeps authentication out of trailers). Over
+/// HTTP/2 the hop-by-hop fields would also make hyper refuse the trailers and leave the
+/// upstream's stream open until the route timed out, blamed on the endpoint. (The
+/// fields the head's `Connection` named are not known here: those named in the head go
+/// anyway, as for any client.)
+pub(crate) fn sanitize_request_trailers(trailers: &mut HeaderMap) {
+    sanitize_trailers(trailers);
+    for name in [header::AUTHORIZATION, header::COOKIE] {
+        if trailers.contains_key(&name) {
+            trailers.remove(name);
+        }
+    }
+    if trailers.keys().any(is_forwarding) {
+        strip_forwarding(trailers);
+    }
+}
+
 /// Whether a `Connection` option names a header [`remove_hop_by_hop`] removes in any
 /// case (when present).
 fn removed_anyway(token: &str) -> bool {

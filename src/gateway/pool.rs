@@ -309,11 +309,13 @@ enum Sending {
         conn: Option<Pooled>,
     },
     Boxed(Pin<Box<dyn Future<Output = Exchanged> + Send>>),
-    /// On the endpoint's HTTP/2 connection, the one numbered `number` when it was sent
-    /// (0: none yet).
+    /// On the endpoint's HTTP/2 connection, the one numbered `number` when it was sent;
+    /// with none yet (0), the one the request dialled or waited for, in `dialled` once
+    /// known (the first requests of a connection are those a stalled one holds first).
     H2 {
         pool: Arc<EndpointPool>,
         number: u64,
+        dialled: Option<Arc<AtomicU64>>,
         future: Pin<Box<dyn Future<Output = Exchanged> + Send>>,
     },
 }
@@ -322,8 +324,19 @@ impl SendFuture {
     /// The route timeout passed before the answer's head: an HTTP/2 connection is not
     /// given more requests (see [`EndpointPool::h2_timed_out`]).
     pub(crate) fn timed_out(&self) {
-        if let Sending::H2 { pool, number, .. } = &self.0 {
-            pool.h2_timed_out(*number);
+        if let Sending::H2 {
+            pool,
+            number,
+            dialled,
+            ..
+        } = &self.0
+        {
+            let number = dialled
+                .as_ref()
+                .map_or(*number, |dialled| dialled.load(Ordering::Relaxed));
+            if number != 0 {
+                pool.h2_timed_out(number);
+            }
         }
     }
 }
@@ -619,11 +632,15 @@ impl EndpointPool {
         if self.settings.h2 {
             added.apply(&mut request, None);
             let number = self.h2_current();
+            // A shared word only for a request that finds no connection: one per
+            // connection, not per request.
+            let dialled = (number == 0).then(|| Arc::new(AtomicU64::new(0)));
             let pool = self.clone();
             return SendFuture(Sending::H2 {
                 pool,
                 number,
-                future: Box::pin(self.send_h2(request)),
+                future: Box::pin(self.send_h2(request, dialled.clone())),
+                dialled,
             });
         }
         match self.ready_idle() {
@@ -674,14 +691,14 @@ impl EndpointPool {
         response.map(|()| PooledBody::new(conn, self.clone(), facts))
     }
 
-    /// This thread's HTTP/2 connection, if it is open.
-    fn h2_sender(&self) -> Option<http2::SendRequest<Body>> {
+    /// This thread's HTTP/2 connection, if it is open, and its number.
+    fn h2_sender(&self) -> Option<(u64, http2::SendRequest<Body>)> {
         let shard = &self.h2[thread_shard()];
         let mut sender = shard.sender.lock();
         if sender.as_ref().is_some_and(|(_, s)| s.is_closed()) {
             shard.set(&mut sender, None);
         }
-        sender.as_ref().map(|(_, s)| s.clone())
+        sender.as_ref().map(|(n, s)| (*n, s.clone()))
     }
 
     /// The number of this thread's HTTP/2 connection (0: none yet): one load, no lock.
@@ -706,8 +723,9 @@ impl EndpointPool {
         }
     }
 
-    /// This thread's HTTP/2 connection, dialled if there is none (or it closed).
-    async fn h2_connection(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
+    /// This thread's HTTP/2 connection, dialled if there is none (or it closed), and its
+    /// number.
+    async fn h2_connection(&self) -> Result<(u64, http2::SendRequest<Body>), UpstreamError> {
         if let Some(sender) = self.h2_sender() {
             return Ok(sender);
         }
@@ -725,15 +743,22 @@ impl EndpointPool {
         let number = self.h2_made.fetch_add(1, Ordering::Relaxed) + 1;
         let shard = &self.h2[thread_shard()];
         shard.set(&mut shard.sender.lock(), Some((number, sender.clone())));
-        Ok(sender)
+        Ok((number, sender))
     }
 
     /// Sends `request` on the endpoint's HTTP/2 connection; if that connection turns out
     /// closed before the request could be sent on it, once more on a new one.
+    /// `dialled`, if given, is told the number of the connection the request went on.
     async fn send_h2(
         self: Arc<Self>,
         mut request: Request<Body>,
+        dialled: Option<Arc<AtomicU64>>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
+        let on = |number: u64| {
+            if let Some(dialled) = &dialled {
+                dialled.store(number, Ordering::Relaxed);
+            }
+        };
         // HTTP/2 names the target in `:scheme` and `:authority`, not in `Host`.
         let target = http::uri::Builder::new()
             .scheme(self.settings.scheme())
@@ -745,7 +770,8 @@ impl EndpointPool {
         }
         request.headers_mut().remove(header::HOST);
         *request.version_mut() = http::Version::HTTP_2;
-        let mut sender = self.h2_connection().await?;
+        let (number, mut sender) = self.h2_connection().await?;
+        on(number);
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
             Err(mut e) => match e.take_message() {
@@ -754,7 +780,8 @@ impl EndpointPool {
                     if let Some(shard) = self.h2.get(thread_shard()) {
                         shard.set(&mut shard.sender.lock(), None);
                     }
-                    let mut sender = self.h2_connection().await?;
+                    let (number, mut sender) = self.h2_connection().await?;
+                    on(number);
                     sender
                         .send_request(request)
                         .await

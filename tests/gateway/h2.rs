@@ -670,3 +670,185 @@ async fn connect_over_h2_is_refused_and_never_proxied() {
     assert_eq!(up.hits.load(SeqCst), 0, "CONNECT reached the upstream");
     gw.shutdown().await;
 }
+
+/// The same, for the request that dialled the connection: a request that times out
+/// before its answer's head retires the connection it was sent on, so the next request
+/// goes on a new one. The first request to an endpoint finds no connection (it dials
+/// the first one itself); if that connection stalls, its timeout must retire it too,
+/// not leave it to black-hole the next request (or the whole first burst of requests,
+/// which all found no connection when they were sent) as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_h2_connection_is_retired_by_the_request_that_dialled_it() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            if count.fetch_add(1, SeqCst) == 0 {
+                // The first connection: read and discard, never answer.
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+                continue;
+            }
+            let svc = hyper::service::service_fn(|_: Request<Incoming>| async {
+                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"300ms\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let answer = timeout(BOUND, exchange(gw.local_addr(), get("/api/x").as_bytes()))
+            .await
+            .expect("no hang");
+        statuses.push(status_of(&answer));
+    }
+    assert_eq!(
+        statuses,
+        [504, 200],
+        "the stalled connection was not retired by the timeout of the request sent on it; \
+         connections accepted by the upstream: {}",
+        accepted.load(SeqCst)
+    );
+    gw.shutdown().await;
+}
+
+/// A client's chunked request body may end in a trailer section. Over an HTTP/2
+/// upstream (`protocol = "h2"`) the hop-by-hop fields of that section (`Connection`,
+/// `Keep-Alive`, `Transfer-Encoding`, `TE`, `Upgrade`: RFC 9110 §7.6.1 and RFC 9113
+/// §8.2.2 forbid them in HTTP/2) must be left behind as they are in a head, and the
+/// request served: nothing the client writes in its own body may become a failure
+/// counted against the endpoint (a client could otherwise open its breaker at will).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_request_trailers_over_an_h2_upstream_are_not_the_endpoints_fault() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let trailers_seen = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let log = trailers_seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            // Reads the whole body and its trailers, then answers.
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let log = log.clone();
+                async move {
+                    if let Ok(collected) = req.into_body().collect().await {
+                        if let Some(trailers) = collected.trailers() {
+                            log.lock()
+                                .extend(trailers.keys().map(|k| k.as_str().to_owned()));
+                        }
+                    }
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"2s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    for trailer in [
+        "Connection: close",
+        "Keep-Alive: timeout=5",
+        "Transfer-Encoding: chunked",
+    ] {
+        let raw = format!(
+            "POST /api/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\
+             Connection: close\r\n\r\n5\r\nhello\r\n0\r\n{trailer}\r\nX-Checksum: 1\r\n\r\n"
+        );
+        let answer = timeout(BOUND, exchange(gw.local_addr(), raw.as_bytes()))
+            .await
+            .expect("no hang");
+        statuses.push(status_of(&answer));
+    }
+    super::limits::settled(&gw, 3).await;
+    let e = super::limits::endpoint(&gw);
+    assert_eq!(
+        (statuses, e.failures),
+        (vec![200, 200, 200], 0),
+        "(statuses, endpoint failures): {e:?}; trailers the upstream got: {:?}",
+        trailers_seen.lock()
+    );
+    gw.shutdown().await;
+}
+
+/// RFC 9110 §8.6 lets a recipient accept `Content-Length: 5, 5` (or the same value on
+/// two lines) only by replacing it with the one decimal value; the gateway accepts it
+/// from an HTTP/1 client. Over an HTTP/2 upstream (`protocol = "h2"`) the field must go
+/// on as one valid value (or be left to the body's length), and the request be served:
+/// a framing the client chose must never become a failure counted against the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_list_accepted_from_a_client_is_sent_to_an_h2_upstream_as_one_value() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let lengths = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let log = lengths.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let log = log.clone();
+                async move {
+                    log.lock().extend(
+                        req.headers()
+                            .get_all(hyper::header::CONTENT_LENGTH)
+                            .iter()
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                    );
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"2s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    for length in [
+        "Content-Length: 5, 5\r\n",
+        "Content-Length: 5\r\nContent-Length: 5\r\n",
+    ] {
+        let raw =
+            format!("POST /api/x HTTP/1.1\r\nHost: gw\r\n{length}Connection: close\r\n\r\nhello");
+        let answer = timeout(BOUND, exchange(gw.local_addr(), raw.as_bytes()))
+            .await
+            .expect("no hang");
+        statuses.push(status_of(&answer));
+    }
+    super::limits::settled(&gw, 2).await;
+    let e = super::limits::endpoint(&gw);
+    assert_eq!(
+        (statuses, e.failures),
+        (vec![200, 200], 0),
+        "(statuses, endpoint failures): {e:?}; Content-Length lines the upstream got: {:?}",
+        lengths.lock()
+    );
+    gw.shutdown().await;
+}

@@ -764,3 +764,173 @@ async fn an_h2_upstreams_trailers_lose_the_fields_they_may_not_carry() {
     }
     gw.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------
+// Review probes.
+
+/// RFC 9110 §15: status codes are 100..=599; "a client that receives a response with an
+/// invalid status code SHOULD process the response as if it had a 5xx (Server Error)
+/// status code". The gateway is the upstream's client: an answer `600`–`999` is a server
+/// error, so a route's fallback ("in place of any upstream failure: … a 5xx answer")
+/// must answer in its place, as it does for a `500`.
+#[tokio::test]
+async fn an_invalid_status_code_is_handled_as_a_server_error() {
+    let mut wrong = Vec::new();
+    for code in [500, 600, 999] {
+        let (addr, _) = scripted(
+            move |_| format!("HTTP/1.1 {code} Odd\r\ncontent-length: 4\r\n\r\noops").into_bytes(),
+            1,
+            false,
+        )
+        .await;
+        let gw = super::spawn_gateway(&format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+             strip_prefix = true\ntimeout = \"5s\"\n\n\
+             [routes.fallback]\nstatus = 200\nbody = '{{\"cached\":true}}'\n\n\
+             [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n"
+        ))
+        .await;
+        let (status, headers, body) = send(&gw, get("/api/x")).await;
+        if headers.get("x-seawall-fallback").is_none() {
+            wrong.push(format!("{code}: forwarded as {status}, body {body:?}"));
+        }
+        gw.shutdown().await;
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// RFC 9113 §8.2.3: an HTTP/2 client may send its cookies as separate `cookie` fields
+/// (browsers do, for HPACK); "if there are multiple Cookie header fields after
+/// decompression, these MUST be concatenated into a single octet string using the
+/// two-octet delimiter of `; ` before being passed into a non-HTTP/2 context, such as an
+/// HTTP/1.1 connection" (and RFC 6265 §5.4: one `Cookie` field). An HTTP/1 upstream
+/// must get one `cookie: a=1; b=2`, not two fields (which servers that fold repeated
+/// fields with `, ` read as the cookie `a` = `1, b=2`).
+#[tokio::test]
+async fn an_h2_clients_cookie_crumbs_reach_an_http1_upstream_as_one_field() {
+    let (addr, seen) = scripted(
+        |_| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        1,
+        false,
+    )
+    .await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         strip_prefix = true\ntimeout = \"5s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n"
+    ))
+    .await;
+    let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get(format!("http://{}/api/x", gw.local_addr()))
+        .header(http::header::COOKIE, "a=1")
+        .header(http::header::COOKIE, "b=2")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = timeout(BOUND, h2.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let heads = seen.heads.lock().await.clone();
+    let head = heads[0].to_ascii_lowercase();
+    let cookies: Vec<&str> = head
+        .lines()
+        .filter_map(|l| l.strip_prefix("cookie:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2"], "the upstream got {:?}", heads[0]);
+    gw.shutdown().await;
+}
+
+/// RFC 9112 §6.3 (5): a `Content-Length` that is a list of one repeated value (`2, 2`)
+/// or repeated fields of it, which the gateway accepts as framing, "MUST either [be
+/// rejected] as invalid or [the duplicated values replaced] with a single valid
+/// Content-Length field containing that decimal value". Forwarded as it came, `2, 2`
+/// makes an HTTP/2 client reset the stream (an invalid `content-length`, RFC 9113
+/// §8.1.1), and reaches HTTP/1 clients of `HEAD` as it came. Either way the client must
+/// get a valid answer: over HTTP/2 the `200` with its body, over HTTP/1 to `HEAD` one
+/// `content-length: 2`.
+#[tokio::test]
+async fn a_repeated_content_length_is_forwarded_as_one_valid_value() {
+    let mut wrong = Vec::new();
+    for (name, lengths) in [
+        ("a list", "content-length: 2, 2\r\n"),
+        ("two fields", "content-length: 2\r\ncontent-length: 2\r\n"),
+    ] {
+        let (addr, _) = scripted(
+            move |head| {
+                let body = if head.starts_with("HEAD") { "" } else { "ok" };
+                format!("HTTP/1.1 200 OK\r\n{lengths}\r\n{body}").into_bytes()
+            },
+            1,
+            false,
+        )
+        .await;
+        let gw = super::spawn_gateway(&format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+             strip_prefix = true\ntimeout = \"5s\"\n\n\
+             [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n"
+        ))
+        .await;
+        // An HTTP/2 client.
+        let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let request = Request::get(format!("http://{}/api/x", gw.local_addr()))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let answer = timeout(BOUND, async {
+            let response = h2.send_request(request).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((status, body.to_bytes()))
+        })
+        .await
+        .expect("no hang");
+        if answer != Ok((StatusCode::OK, Bytes::from_static(b"ok"))) {
+            wrong.push(format!("{name}, HTTP/2 client: {answer:?}"));
+        }
+        // An HTTP/1 client's `HEAD`.
+        let mut raw = TcpStream::connect(gw.local_addr()).await.unwrap();
+        raw.write_all(b"HEAD /api/x HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        timeout(BOUND, raw.read_to_end(&mut head))
+            .await
+            .expect("no hang")
+            .unwrap();
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let lengths: Vec<&str> = head
+            .lines()
+            .filter_map(|l| l.strip_prefix("content-length:"))
+            .map(str::trim)
+            .collect();
+        if lengths != ["2"] {
+            wrong.push(format!(
+                "{name}, HEAD over HTTP/1: content-length {lengths:?}"
+            ));
+        }
+        gw.shutdown().await;
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
