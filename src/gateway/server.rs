@@ -726,7 +726,12 @@ impl Gateway {
                 .max_pending_accept_reset_streams(settings.max_pending_accept_reset_streams)
                 .max_local_error_reset_streams(settings.max_local_error_reset_streams)
                 .keep_alive_interval(settings.keep_alive_interval)
-                .keep_alive_timeout(settings.keep_alive_timeout);
+                .keep_alive_timeout(settings.keep_alive_timeout)
+                // What a stream's answer may hold in the gateway beyond the client's
+                // window and socket: hyper's default (400 KiB) times 100 streams held
+                // about 36 MiB a connection for a client that reads nothing, where an
+                // HTTP/1 connection holds 64 KiB ahead of its client.
+                .max_send_buf_size(H2_SEND_BUFFER);
             // A client that sends nothing for `HEADER_READ_TIMEOUT` (no request, not the
             // rest of a head, no window update) has its connection shut down gracefully,
             // as an HTTP/1 client waiting that long for its next head is cut off: streams
@@ -1218,11 +1223,101 @@ impl LastRead {
 }
 
 pin_project_lite::pin_project! {
-    /// A connection's I/O, noting when the client last sent anything ([`Idle`]).
+    /// A connection's I/O, noting when the client last made progress ([`Idle`]): ended a
+    /// frame outside a header block, or sent some of a `DATA` frame (see [`Frames`]).
     struct ReadClock<I> {
         #[pin]
         io: I,
         last: Arc<LastRead>,
+        frames: Frames,
+    }
+}
+
+/// Where a client's HTTP/2 byte stream is, frame by frame (RFC 9113 §4.1), so that
+/// bytes trickled into a request's head do not count as the client's activity: a
+/// `HEADERS` frame sent a byte every few seconds, or a header block spread over
+/// one-byte `CONTINUATION` frames, kept a connection open for ever (slowloris), where
+/// an HTTP/1 client has [`HEADER_READ_TIMEOUT`] for a whole head. Nor do the bytes of
+/// the preface, of a frame's header, or of any frame's payload but `DATA`'s (a request
+/// body in flight, which the route's timeout bounds).
+#[derive(Debug)]
+struct Frames {
+    /// Bytes of the connection preface still to come.
+    preface_left: usize,
+    /// The frame header being read, and how much of it has come.
+    header: [u8; 9],
+    header_len: usize,
+    /// Payload bytes still to come of the frame whose header was read.
+    payload_left: usize,
+    /// That frame is `DATA`.
+    data: bool,
+    /// That frame ends a header block (`END_HEADERS`).
+    ends_block: bool,
+    /// A header block is open: a `HEADERS` or `PUSH_PROMISE` frame was read, and not yet
+    /// the frame with `END_HEADERS`.
+    in_block: bool,
+}
+
+impl Default for Frames {
+    fn default() -> Self {
+        Self {
+            preface_left: H2_PREFACE.len(),
+            header: [0; 9],
+            header_len: 0,
+            payload_left: 0,
+            data: false,
+            ends_block: false,
+            in_block: false,
+        }
+    }
+}
+
+impl Frames {
+    /// Reads the next `bytes` of the stream: whether they made progress (ended a frame
+    /// outside a header block, or carried `DATA` payload).
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        const DATA: u8 = 0x0;
+        const HEADERS: u8 = 0x1;
+        const PUSH_PROMISE: u8 = 0x5;
+        const CONTINUATION: u8 = 0x9;
+        const END_HEADERS: u8 = 0x4;
+        let mut progress = false;
+        if self.preface_left > 0 {
+            let n = self.preface_left.min(bytes.len());
+            self.preface_left -= n;
+            bytes = &bytes[n..];
+        }
+        while !bytes.is_empty() {
+            if self.header_len < self.header.len() {
+                let n = (self.header.len() - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+                self.header_len += n;
+                bytes = &bytes[n..];
+                if self.header_len < self.header.len() {
+                    break;
+                }
+                let [l0, l1, l2, kind, flags, ..] = self.header;
+                self.payload_left = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
+                self.data = kind == DATA;
+                self.in_block |= kind == HEADERS || kind == PUSH_PROMISE;
+                self.ends_block = matches!(kind, HEADERS | PUSH_PROMISE | CONTINUATION)
+                    && flags & END_HEADERS != 0;
+            } else {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+                progress |= self.data && n > 0 && !self.in_block;
+            }
+            if self.payload_left == 0 {
+                // The frame is whole.
+                self.header_len = 0;
+                if self.ends_block {
+                    self.in_block = false;
+                }
+                progress |= !self.in_block;
+            }
+        }
+        progress
     }
 }
 
@@ -1235,6 +1330,7 @@ impl<I> ReadClock<I> {
                 millis: AtomicU64::new(0),
                 reads: AtomicU64::new(0),
             }),
+            frames: Frames::default(),
         }
     }
 }
@@ -1248,7 +1344,10 @@ impl<I: tokio::io::AsyncRead> tokio::io::AsyncRead for ReadClock<I> {
         let this = self.project();
         let before = buf.filled().len();
         let read = this.io.poll_read(cx, buf);
-        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        if matches!(read, Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && this.frames.feed(&buf.filled()[before..])
+        {
             let millis = this.last.origin.elapsed().as_millis();
             this.last
                 .millis
@@ -1389,6 +1488,10 @@ impl HasWatch for H2Context {
         &self.watch
     }
 }
+
+/// The most of a stream's answer the HTTP/2 server holds beyond what its client's window
+/// and socket take (hyper's `max_send_buf_size`): the HTTP/1 server's write-ahead.
+const H2_SEND_BUFFER: usize = 64 << 10;
 
 /// HTTP/2's connection preface, which an h2c client sends first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -1659,5 +1762,79 @@ where
                 None => response,
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame's header: `len` payload bytes, of `kind`, with `flags`, on stream 1.
+    fn frame(len: usize, kind: u8, flags: u8) -> Vec<u8> {
+        let l = len.to_be_bytes();
+        let mut f = vec![
+            l[l.len() - 3],
+            l[l.len() - 2],
+            l[l.len() - 1],
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            1,
+        ];
+        f.resize(9 + len, 0);
+        f
+    }
+
+    #[test]
+    fn only_whole_frames_outside_a_head_and_data_make_progress() {
+        let mut frames = Frames::default();
+        assert!(!frames.feed(&H2_PREFACE[..10]), "the preface");
+        assert!(!frames.feed(&H2_PREFACE[10..]));
+        let settings = frame(6, 0x4, 0);
+        assert!(!frames.feed(&settings[..5]), "half a frame header");
+        assert!(!frames.feed(&settings[5..12]), "part of a SETTINGS payload");
+        assert!(frames.feed(&settings[12..]), "a whole SETTINGS frame");
+
+        // A HEADERS frame trickled a byte at a time: no progress until it is whole.
+        let headers = frame(20, 0x1, 0x4 | 0x1);
+        for byte in &headers[..headers.len() - 1] {
+            assert!(!frames.feed(std::slice::from_ref(byte)));
+        }
+        assert!(
+            frames.feed(&headers[headers.len() - 1..]),
+            "the head is whole"
+        );
+
+        // A header block over CONTINUATION frames: none until END_HEADERS.
+        assert!(
+            !frames.feed(&frame(3, 0x1, 0)),
+            "HEADERS without END_HEADERS"
+        );
+        for _ in 0..5 {
+            assert!(
+                !frames.feed(&frame(1, 0x9, 0)),
+                "CONTINUATION inside the block"
+            );
+        }
+        assert!(
+            frames.feed(&frame(1, 0x9, 0x4)),
+            "the block's last CONTINUATION"
+        );
+
+        // Some of a DATA frame's payload is progress (a body in flight).
+        let data = frame(100, 0x0, 0);
+        assert!(!frames.feed(&data[..9]));
+        assert!(frames.feed(&data[9..20]));
+        assert!(frames.feed(&data[20..]));
+        // Several frames in one read: the last one decides nothing alone.
+        let mut both = frame(8, 0x6, 0);
+        both.extend_from_slice(&frame(4, 0x1, 0)[..5]);
+        assert!(frames.feed(&both), "a whole PING before a head begun");
+        assert!(
+            !frames.feed(&frame(4, 0x1, 0)[5..]),
+            "the rest of a head without END_HEADERS"
+        );
     }
 }

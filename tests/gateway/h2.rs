@@ -852,3 +852,170 @@ async fn a_content_length_list_accepted_from_a_client_is_sent_to_an_h2_upstream_
     );
     gw.shutdown().await;
 }
+
+/// SECURITY.md (Timing): "a client has 10 s to send a request head (slowloris)", and the
+/// HTTP/1 server holds a head to one 10 s deadline however it is trickled. An HTTP/2
+/// client that sends a HEADERS frame a byte every 2 s (the frame never complete, so no
+/// request ever starts) must lose its connection as the HTTP/1 slowloris does: shut down
+/// at 10 s and closed once it does not answer the shutdown's `PING` (it cannot: it is in
+/// the middle of a frame), well before 20 s. Paused time: the runtime jumps ahead when it
+/// has nothing to do.
+#[tokio::test]
+async fn an_h2_head_trickled_a_byte_at_a_time_is_cut_like_an_http1_one() {
+    let up = upstream(false).await;
+    let gw = gateway(up.addr, true, "").await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // SETTINGS, empty; then a HEADERS frame on stream 1 announcing 16 384 bytes
+    // (END_STREAM | END_HEADERS) of which only the first, `:method: GET`, is sent.
+    stream
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    stream
+        .write_all(&[0x00, 0x40, 0x00, 0x01, 0x05, 0, 0, 0, 1, 0x82])
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    let mut closed_at = None;
+    // 60 s of trickling: one more byte of the head every 2 s, the gateway's frames read
+    // and dropped in between.
+    for _ in 0..30 {
+        let ended = timeout(Duration::from_secs(2), async {
+            let mut buf = [0u8; 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        if ended.is_ok() || stream.write_all(&[0x82]).await.is_err() {
+            closed_at = Some(start.elapsed());
+            break;
+        }
+    }
+    tokio::time::resume();
+    assert!(
+        closed_at.is_some_and(|at| at <= Duration::from_secs(20)),
+        "an HTTP/2 connection whose request head was trickled a byte every 2 s was \
+         closed at {closed_at:?} (None: still open after 60 s); an HTTP/1 head gets 10 s \
+         in all"
+    );
+    assert_eq!(up.hits.load(SeqCst), 0);
+    gw.shutdown().await;
+}
+
+/// The HTTP/1 server keeps at most 64 KiB of answer queued for a client that reads
+/// nothing (`downstream_h1::a_client_reading_nothing_does_not_make_the_gateway_buffer_a_small_chunked_answer`):
+/// backpressure then reaches the upstream. An HTTP/2 client that opens its windows wide
+/// (SETTINGS_INITIAL_WINDOW_SIZE and a connection WINDOW_UPDATE of 2³¹ − 1), starts 100
+/// streams (the default `max_concurrent_streams`) and then reads nothing must not make
+/// the gateway pull much more than that from its upstream either: here one HTTP/2
+/// upstream connection (windows of 5 MiB a connection on the gateway's client side) and
+/// one client socket, so kernel buffers and windows hold ~15 MiB at most; whatever the
+/// upstream sends beyond that is held in the gateway's memory, for `send_timeout` (60 s),
+/// on every such connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_reading_nothing_does_not_make_the_gateway_buffer_its_streams() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    const BOUNDED: usize = 24 << 20;
+    // An HTTP/2 upstream streaming 16 KiB frames without end; counts the bytes its
+    // bodies handed to hyper.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let produced = Arc::new(AtomicUsize::new(0));
+    let count = produced.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            let svc = hyper::service::service_fn(move |_: Request<Incoming>| {
+                let count = count.clone();
+                async move {
+                    let body = StreamBody::new(futures::stream::repeat_with(move || {
+                        count.fetch_add(16384, SeqCst);
+                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![
+                            b'x';
+                            16384
+                        ])))
+                    }));
+                    Ok::<_, hyper::Error>(Response::new(body))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         timeout = \"60s\"\nbody_timeout = \"60s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let mut client = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let mut out = Vec::new();
+    out.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    // SETTINGS: INITIAL_WINDOW_SIZE = 2^31 - 1.
+    out.extend_from_slice(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0x7f, 0xff, 0xff, 0xff]);
+    // WINDOW_UPDATE on the connection: up to 2^31 - 1.
+    let increment: u32 = 0x7fff_ffff - 65_535;
+    out.extend_from_slice(&[0, 0, 4, 8, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&increment.to_be_bytes());
+    // HPACK: GET, http, `:path: /api/x`, `:authority: <gateway>` (literals without
+    // indexing, indexed names).
+    let authority = gw.local_addr().to_string();
+    let mut block = vec![0x82, 0x86, 0x04, 6];
+    block.extend_from_slice(b"/api/x");
+    block.extend_from_slice(&[0x01, u8::try_from(authority.len()).unwrap()]);
+    block.extend_from_slice(authority.as_bytes());
+    for id in (1u32..200).step_by(2) {
+        let len = u32::try_from(block.len()).unwrap().to_be_bytes();
+        out.extend_from_slice(&[len[1], len[2], len[3], 1, 0x05]);
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&block);
+    }
+    client.write_all(&out).await.unwrap();
+    // The client reads nothing from here on. Wait until the upstream stops producing
+    // (its count stands still for 2 s), 30 s at most.
+    let start = tokio::time::Instant::now();
+    let (mut last, mut still_since) = (0, tokio::time::Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = produced.load(SeqCst);
+        if start.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        if now != last {
+            (last, still_since) = (now, tokio::time::Instant::now());
+        } else if still_since.elapsed() >= Duration::from_secs(2) {
+            break;
+        }
+    }
+    let now = produced.load(SeqCst);
+    assert!(
+        now > 0,
+        "the upstream produced nothing: the requests did not get through"
+    );
+    assert!(
+        now < BOUNDED,
+        "the upstream produced {} MiB for 100 streams of an HTTP/2 client that reads \
+         nothing (the gateway holds what its windows and sockets do not, ~{} KiB a \
+         stream); backpressure should stop it within a few MiB",
+        now >> 20,
+        (now.saturating_sub(15 << 20) / 100) >> 10
+    );
+    drop(client);
+    gw.shutdown().await;
+}
