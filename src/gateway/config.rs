@@ -811,6 +811,26 @@ impl FallbackSettings {
                 "must be an HTTP status in 200..=599",
             ));
         }
+        // RFC 9110 requires a field on these answers that a fallback cannot carry (it
+        // has a status, a body and a content type).
+        let required = match self.status {
+            206 => Some("Content-Range (RFC 9110 §15.3.7)"),
+            401 => Some("WWW-Authenticate (RFC 9110 §15.5.2)"),
+            405 => Some("Allow (RFC 9110 §15.5.6)"),
+            407 => Some("Proxy-Authenticate (RFC 9110 §15.5.8)"),
+            416 => Some("Content-Range (RFC 9110 §15.5.17)"),
+            426 => Some("Upgrade (RFC 9110 §15.5.22)"),
+            _ => None,
+        };
+        if let Some(field) = required {
+            return Err(ConfigError::invalid(
+                format!("{at}.status"),
+                format!(
+                    "a {} answer must carry {field}, which a fallback cannot send; choose another status",
+                    self.status
+                ),
+            ));
+        }
         // RFC 9110 §15.3.5, §15.3.6, §15.4.5: these answers carry no content.
         if matches!(self.status, 204 | 205 | 304) && !self.body.is_empty() {
             return Err(ConfigError::invalid(
@@ -1249,6 +1269,16 @@ impl GatewayConfig {
                     return Err(ConfigError::invalid(
                         format!("{at}.instances[{j}]"),
                         "port 0 is not an address to connect to",
+                    ));
+                }
+                if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.instances[{j}]"),
+                        format!(
+                            "{} is not an address to connect to (a listen address? Linux \
+                             connects 0.0.0.0 to this host)",
+                            addr.ip()
+                        ),
                     ));
                 }
                 if !instances.insert(addr) {
@@ -1756,11 +1786,14 @@ impl Http2Settings {
                 ));
             }
         }
-        if self.keep_alive_interval.is_some_and(|d| d.is_zero()) {
-            return Err(ConfigError::invalid(
-                "gateway.http2.keep_alive_interval",
-                "must be more than zero (leave it out to send no PING)",
-            ));
+        if let Some(interval) = self.keep_alive_interval {
+            if interval.is_zero() {
+                return Err(ConfigError::invalid(
+                    "gateway.http2.keep_alive_interval",
+                    "must be more than zero (leave it out to send no PING)",
+                ));
+            }
+            check_duration("gateway.http2.keep_alive_interval", interval, false)?;
         }
         check_duration(
             "gateway.http2.keep_alive_timeout",

@@ -104,7 +104,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// spellings as the same `HTTP_X_FORWARDED_FOR`, so a client's underscored field would
 /// reach them as the forwarded client.
 #[inline]
-fn is_forwarding(name: &HeaderName) -> bool {
+pub(crate) fn is_forwarding(name: &HeaderName) -> bool {
     /// Whether `name` is `expected`, a `_` in it standing for a `-`.
     #[inline]
     fn same(name: &[u8], expected: &[u8]) -> bool {

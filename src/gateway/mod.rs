@@ -575,7 +575,8 @@
 //!   ASCII) is passed on as it is, any other replaced by a new UUID-v4-shaped id; it is
 //!   sent upstream and set on the response to the client. A per-client limit keyed on
 //!   it (`key = "header:x-request-id"`) sees the value sent upstream. Headers the gateway
-//!   or HTTP manage (`Host`, `X-Forwarded-*`, `traceparent`, …) are refused as its name.
+//!   or HTTP manage (`Host`, `X-Forwarded-*`, `traceparent`, `Expect`, `Location`,
+//!   `Content-*`, `If-*`, …) are refused as its name.
 //!
 //! Ids come from a per-thread splitmix64 generator seeded from the standard library's
 //! random keys: unique enough to follow requests, **not** secret; never use them as

@@ -227,9 +227,45 @@ pub(crate) fn request_id_header(name: &str) -> Result<Option<HeaderName>, String
         TRACESTATE.clone(),
     ];
     let s = parsed.as_str();
+    // Fields with HTTP semantics of their own: the id, sent upstream on every request
+    // without it and set on every answer (replacing the upstream's), would be read as
+    // them (`Expect: <uuid>` is a `417`, `Content-Encoding: <uuid>` an answer no client
+    // can decode, `Location: <uuid>` every redirect broken).
+    let semantic = matches!(
+        s,
+        "expect"
+            | "location"
+            | "www-authenticate"
+            | "range"
+            | "retry-after"
+            | "vary"
+            | "etag"
+            | "cache-control"
+            | "date"
+            | "server"
+            | "age"
+            | "allow"
+            | "via"
+            | "max-forwards"
+            | "origin"
+            | "referer"
+            | "user-agent"
+            | "last-modified"
+            | "expires"
+            | "pragma"
+            | "alt-svc"
+            | "strict-transport-security"
+            | "refresh"
+            | "link"
+    ) || ["content-", "if-", "accept", "access-control-", "sec-"]
+        .iter()
+        .any(|prefix| s.starts_with(prefix));
     if reserved.contains(&parsed)
-        || matches!(s, "keep-alive" | "proxy-connection" | "x-real-ip")
-        || s.starts_with("x-forwarded-")
+        || semantic
+        || matches!(s, "keep-alive" | "proxy-connection")
+        // What a client may not set (`X-Real-IP`, `X-Forwarded-*`, `X_Forwarded_For`...):
+        // the id would be dropped from a client's request.
+        || super::headers::is_forwarding(&parsed)
         || s.starts_with("proxy-")
         || s.starts_with("x-seawall-")
         || s.starts_with("ratelimit")

@@ -525,3 +525,97 @@ async fn an_unused_redis_section_is_checked_as_a_used_one_is() {
         Gateway::build(config, Discovery::Static).await.unwrap();
     }
 }
+
+/// The request id is sent upstream and set on the client's answer, replacing the
+/// upstream's field of that name (`trace.rs`, `Hop::finish`). A name that is a field
+/// with HTTP semantics of its own is refused as `host` or `content-type` are: with
+/// `content-encoding` an upstream's `gzip` answer reached the client labelled with a
+/// UUID as its coding, with `location` every redirect pointed at the request id, with
+/// `www-authenticate` every `401` lost its challenge, and every request without the
+/// field reached the upstream with `Expect: <uuid>` (answered `417`), `If-Match: <uuid>`
+/// (`412`) or `Content-Encoding: <uuid>` (`415`).
+#[tokio::test]
+async fn a_request_id_header_with_http_semantics_of_its_own_is_refused() {
+    for name in [
+        "expect",
+        "content-encoding",
+        "content-range",
+        "location",
+        "www-authenticate",
+        "if-match",
+        "range",
+    ] {
+        let server = format!("request_id_header = \"{name}\"");
+        let err = refusal(&config(&server, "", "")).await;
+        assert_eq!(err.field(), "gateway.request_id_header", "{name}: {err}");
+    }
+    for name in ["x-request-id", "x-correlation-id", "request-id"] {
+        let server = format!("request_id_header = \"{name}\"");
+        GatewayConfig::from_toml_str(&config(&server, "", "")).unwrap();
+    }
+}
+
+/// Every duration setting is held to 1ms..=24h (`MAX_SETTING`: "the longest duration
+/// any setting accepts (a day): longer values are mistakes"), except
+/// `[gateway.http2] keep_alive_interval`, checked only against zero: `"1ns"` (a `PING`
+/// to every idle HTTP/2 client as soon as it answered the last one) and `"1000h"` loaded.
+#[tokio::test]
+async fn an_http2_keep_alive_interval_is_held_to_the_duration_bounds() {
+    for interval in ["1ns", "500us", "25h", "1000h"] {
+        let server = format!("http2 = {{ keep_alive_interval = \"{interval}\" }}");
+        let err = refusal(&config(&server, "", "")).await;
+        assert_eq!(
+            err.field(),
+            "gateway.http2.keep_alive_interval",
+            "{interval}: {err}"
+        );
+    }
+    for interval in ["1ms", "30s", "24h"] {
+        let server = format!("http2 = {{ keep_alive_interval = \"{interval}\" }}");
+        GatewayConfig::from_toml_str(&config(&server, "", "")).unwrap();
+    }
+}
+
+/// `client_ipv6_prefix = 0` keys every IPv6 client by `::/0`: one bucket of each
+/// per-client limit for the whole IPv6 Internet, so one client spending its quota locks
+/// out every other IPv6 client of the route. Only more than 128 bits was refused.
+#[tokio::test]
+async fn a_zero_bit_ipv6_client_prefix_is_refused() {
+    let err = refusal(&config("client_ipv6_prefix = 0", "", "")).await;
+    assert_eq!(err.field(), "gateway.client_ipv6_prefix", "{err}");
+    for bits in [48, 56, 64, 128] {
+        let server = format!("client_ipv6_prefix = {bits}");
+        GatewayConfig::from_toml_str(&config(&server, "", "")).unwrap();
+    }
+}
+
+/// RFC 9110 requires a field on these answers that a `[routes.fallback]` cannot carry
+/// (it has a status, a body and a content type only): `206` Content-Range (§15.3.7),
+/// `401` WWW-Authenticate (§15.5.2), `405` Allow (§15.5.6), `407` Proxy-Authenticate
+/// (§15.5.8), `426` Upgrade (§15.5.22). They loaded, and the fallback sent them without.
+#[tokio::test]
+async fn a_fallback_status_whose_required_field_it_cannot_send_is_refused() {
+    for status in [206, 401, 405, 407, 426] {
+        let route = format!("fallback = {{ status = {status}, body = '{{}}' }}");
+        let err = refusal(&config("", &route, "")).await;
+        assert_eq!(err.field(), "routes[0].fallback.status", "{status}: {err}");
+    }
+    for status in [200, 404, 429, 503] {
+        let route = format!("fallback = {{ status = {status}, body = '{{}}' }}");
+        GatewayConfig::from_toml_str(&config("", &route, "")).unwrap();
+    }
+}
+
+/// A static instance at the unspecified address (`0.0.0.0`, `[::]`, as a listen address
+/// is written) is not an address to connect to, as port 0 is not (refused): RFC 1122
+/// §3.2.1.3 forbids it as a destination, and Linux connects it to the gateway's own host,
+/// so a copied listen address silently sent the route's traffic to whatever listens
+/// locally on that port.
+#[tokio::test]
+async fn an_instance_at_the_unspecified_address_is_refused() {
+    for instance in ["0.0.0.0:9001", "[::]:9001"] {
+        let services = format!("[[services]]\nname = \"zero\"\ninstances = [\"{instance}\"]\n");
+        let err = refusal(&config("", "", &services)).await;
+        assert_eq!(err.field(), "services[1].instances[0]", "{instance}: {err}");
+    }
+}

@@ -146,6 +146,13 @@ impl ClientIp {
                 format!("{bits} bits: an IPv6 prefix is at most 128"),
             ));
         }
+        if bits == 0 {
+            return Err(crate::ConfigError::invalid(
+                "ipv6_prefix",
+                "0 bits: every IPv6 client would share one key (one client's use would \
+                 refuse them all); 64 keys each subscriber's network",
+            ));
+        }
         self.ipv6_prefix = bits;
         Ok(self)
     }
