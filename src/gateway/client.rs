@@ -279,6 +279,15 @@ impl Classify<Response<PooledBody>, UpstreamError> for UpstreamClassifier {
                     && response.body().head_facts().grpc() =>
             {
                 match GrpcCode::from_headers(response.headers()) {
+                    // Past the caller's own deadline (`grpc-timeout`): the caller's.
+                    Some(GrpcCode::DeadlineExceeded)
+                        if response
+                            .extensions()
+                            .get::<super::grpc::CallersDeadline>()
+                            .is_some() =>
+                    {
+                        Outcome::Ignored
+                    }
                     Some(code) => GrpcClassifier::new().classify_code(code),
                     None => Outcome::Success,
                 }

@@ -36,8 +36,12 @@
 //! A gRPC call's own deadline (`grpc-timeout`) bounds the route's timeout when it is the
 //! shorter: the gateway answers `DEADLINE_EXCEEDED` when it passes, and counts it in the
 //! route's `client_errors.deadline`, never against the endpoint (a caller choosing a
-//! deadline of a microsecond must not open breakers). A malformed `grpc-timeout` is
-//! ignored (the route's timeout applies), as gRPC's servers ignore one.
+//! deadline of a microsecond must not open breakers). However long, it is what the end of
+//! the call is judged by: the upstream's `DEADLINE_EXCEEDED` (trailers-only or in the
+//! trailers) or a stream it resets once the deadline has passed is the caller's. A
+//! malformed `grpc-timeout` is ignored (the route's timeout applies), as gRPC's servers
+//! ignore one, and is not sent upstream; of several values the first is kept, and only
+//! it is sent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,12 +124,20 @@ pub(crate) fn settle<E>(
         },
         Some(Err(_)) => {
             let recorder = pending.take()?;
+            // The client's body broke, or the caller's deadline has passed (a server that
+            // cancels a call at its deadline resets the stream rather than ending it with
+            // `DEADLINE_EXCEEDED`, as grpc-java does).
             let fault = call
                 .and_then(|c| c.body.as_ref())
                 .and_then(|b| b.failure())
                 .map(|failure| match failure {
                     ClientBodyError::TooLarge(_) => ClientFault::TooLarge,
                     ClientBodyError::Read(_) => ClientFault::BadBody,
+                })
+                .or_else(|| {
+                    call.and_then(|c| c.caller_deadline)
+                        .is_some_and(|deadline| tokio::time::Instant::now() >= deadline)
+                        .then_some(ClientFault::Deadline)
                 });
             recorder.record(match fault {
                 Some(_) => Outcome::Ignored,
@@ -201,11 +213,39 @@ pub(crate) fn grpc_caller(headers: &HeaderMap) -> Option<GrpcCaller> {
 
 /// A gRPC call's deadline (the caller has checked [`grpc_caller`]): its `grpc-timeout`
 /// (`1*8DIGIT` and a unit, `H`, `M`, `S`, `m`, `u` or `n`), `None` without one or for a
-/// malformed value.
+/// malformed value. What goes upstream is the deadline the gateway keeps, or none: a
+/// second value (which a server reading the last one would keep, answering
+/// `DEADLINE_EXCEEDED` long before the deadline the gateway judges the call by) and a
+/// malformed one (ignored here, as gRPC servers ignore one; refused by some) are removed.
 #[inline]
-pub(crate) fn caller_budget(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn caller_budget(headers: &mut HeaderMap) -> Option<Duration> {
     const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
-    parse_timeout(headers.get(&GRPC_TIMEOUT)?.as_bytes())
+    let mut values = headers.get_all(&GRPC_TIMEOUT).iter();
+    let first = values.next()?;
+    let budget = parse_timeout(first.as_bytes());
+    if values.next().is_some() || budget.is_none() {
+        let first = first.clone();
+        headers.remove(&GRPC_TIMEOUT);
+        if budget.is_some() {
+            headers.insert(GRPC_TIMEOUT, first);
+        }
+    }
+    budget
+}
+
+/// Marks a trailers-only gRPC answer of `DEADLINE_EXCEEDED` that came once the caller's
+/// own deadline had passed: the caller's, not the upstream's failure.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallersDeadline;
+
+/// Whether a trailers-only gRPC answer (`headers`) is `DEADLINE_EXCEEDED` and
+/// `caller_deadline` has passed.
+pub(crate) fn past_callers_deadline(
+    headers: &HeaderMap,
+    caller_deadline: Option<tokio::time::Instant>,
+) -> bool {
+    caller_deadline.is_some_and(|deadline| tokio::time::Instant::now() >= deadline)
+        && GrpcCode::from_headers(headers) == Some(GrpcCode::DeadlineExceeded)
 }
 
 /// A `grpc-timeout` value: `1*8DIGIT TimeoutUnit`, as the gRPC over HTTP/2 spec has it.

@@ -230,8 +230,11 @@
 //! trailers frame says otherwise). A call's own deadline (`grpc-timeout`), when shorter
 //! than the route's timeout, bounds it: passing it answers `DEADLINE_EXCEEDED`, counted
 //! in the route's `client_errors.deadline` and never against the endpoint (a caller
-//! asking for a microsecond must not open breakers); a malformed `grpc-timeout` is
-//! ignored, as gRPC servers ignore one.
+//! asking for a microsecond must not open breakers). However long, it is what the
+//! call's end is judged by: a `DEADLINE_EXCEEDED` (in the head or the trailers) or a reset
+//! stream from the upstream once it has passed is the caller's, not the endpoint's. A
+//! malformed `grpc-timeout` is ignored, as gRPC servers ignore one, and not sent upstream;
+//! of several, the first is kept and the others are not sent.
 //!
 //! Streaming calls go through message by message, and each wait for the upstream's next
 //! message is bounded by the route's `body_timeout`, which defaults to its `timeout`

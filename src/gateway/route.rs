@@ -136,9 +136,10 @@ pub(crate) struct Forwarding {
 /// connection adds to the request.
 pub(crate) struct Call {
     deadline: Instant,
-    /// The deadline is the caller's (`grpc-timeout`), earlier than the route's: passing
-    /// it is not the upstream's fault.
-    caller_deadline: bool,
+    /// The caller's own deadline (`grpc-timeout`), whether or not it is earlier than the
+    /// route's: passing it is not the upstream's fault, before the answer's head (when it
+    /// is `deadline`) or after (a stream the upstream ends at it).
+    caller_deadline: Option<Instant>,
     body: Option<Arc<BodyState>>,
     /// The client connection's timers, to wait for the deadline with.
     timers: Option<ConnTimers>,
@@ -175,7 +176,7 @@ impl Service<UpstreamRequest> for Upstream {
             reused,
             deadline: own,
             body: call.body,
-            caller_deadline: call.caller_deadline.then_some(call.deadline),
+            caller_deadline: call.caller_deadline,
         }
     }
 }
@@ -193,7 +194,7 @@ pin_project_lite::pin_project! {
         #[pin]
         deadline: Option<tokio::time::Sleep>,
         body: Option<Arc<BodyState>>,
-        // The caller's own deadline (`grpc-timeout`), when it is the call's.
+        // The caller's own deadline (`grpc-timeout`), however far.
         caller_deadline: Option<Instant>,
     }
 }
@@ -212,12 +213,23 @@ impl Future for UpstreamFuture {
                 && response.body().head_facts().grpc()
                 && (this.body.is_some() || this.caller_deadline.is_some())
                 && response.status() == StatusCode::OK
-                && super::grpc::status_in_trailers(response.headers())
             {
-                response.extensions_mut().insert(super::grpc::CallContext {
-                    body: this.body.clone(),
-                    caller_deadline: *this.caller_deadline,
-                });
+                if super::grpc::status_in_trailers(response.headers()) {
+                    response.extensions_mut().insert(super::grpc::CallContext {
+                        body: this.body.clone(),
+                        caller_deadline: *this.caller_deadline,
+                    });
+                } else if super::grpc::past_callers_deadline(
+                    response.headers(),
+                    *this.caller_deadline,
+                ) {
+                    // A trailers-only `DEADLINE_EXCEEDED` once the caller's deadline has
+                    // passed (the upstream kept the `grpc-timeout` it was sent, and its
+                    // answer came before the gateway's timer fired): the caller's.
+                    response
+                        .extensions_mut()
+                        .insert(super::grpc::CallersDeadline);
+                }
             }
             return Poll::Ready(result.map_err(|e| {
                 // An exchange that failed with the client's body: the client's fault,
@@ -239,7 +251,10 @@ impl Future for UpstreamFuture {
         Poll::Ready(Err(
             if this.body.as_ref().is_some_and(|b| b.waiting_on_client()) {
                 UpstreamError::ClientBodyTimeout
-            } else if this.caller_deadline.is_some() {
+            } else if this
+                .caller_deadline
+                .is_some_and(|deadline| deadline <= Instant::now())
+            {
                 UpstreamError::CallerDeadline
             } else {
                 this.send.timed_out();
@@ -1011,15 +1026,17 @@ impl Service<Request<Body>> for Core {
             std::mem::take(&mut self.forwarded_for),
             std::mem::take(&mut self.trace),
         );
-        // A gRPC caller's own deadline, when it is the earlier one.
-        let budget = self
-            .grpc
-            .then(|| super::grpc::caller_budget(request.headers()))
-            .flatten()
-            .filter(|b| *b < route.timeout);
+        // A gRPC caller's own deadline: the call's, when it is the earlier one, and what
+        // the end of its answer is judged against in any case.
+        let budget = if self.grpc {
+            super::grpc::caller_budget(request.headers_mut())
+        } else {
+            None
+        };
+        let now = super::poll_clock::now();
         let call = Call {
-            deadline: super::poll_clock::now() + budget.unwrap_or(route.timeout),
-            caller_deadline: budget.is_some(),
+            deadline: now + budget.map_or(route.timeout, |b| b.min(route.timeout)),
+            caller_deadline: budget.and_then(|b| now.checked_add(b)),
             body: self.body.take(),
             timers: self.timers.take(),
             added,
@@ -1438,6 +1455,14 @@ fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) ->
     // A head parsed without hop-by-hop fields (most) has nothing to remove.
     if body.head_facts().hop_by_hop() {
         remove_hop_by_hop(&mut parts.headers);
+    }
+    if body.head_facts().grpc()
+        && parts
+            .extensions
+            .remove::<super::grpc::CallersDeadline>()
+            .is_some()
+    {
+        route.count_client_fault(ClientFault::Deadline);
     }
     let grpc_outcome = parts
         .extensions

@@ -553,3 +553,274 @@ async fn a_grpc_web_upstreams_successful_calls_are_not_its_failures() {
         gw.shutdown().await;
     }
 }
+
+/// How [`deadline_upstream`] ends a call once the `grpc-timeout` it was sent has passed.
+#[derive(Clone, Copy)]
+enum AtTheDeadline {
+    /// A trailers-only `DEADLINE_EXCEEDED` when the deadline passes (a unary call whose
+    /// handler honours its context's deadline, as grpc-go's do).
+    TrailersOnly,
+    /// Head and one message at once, then `RST_STREAM(CANCEL)` when the deadline passes:
+    /// what grpc-java's server does to a streaming call whose deadline expires
+    /// (`ServerImpl`'s `ContextCloser` cancels the stream).
+    Reset,
+}
+
+/// An HTTP/2 (h2c) gRPC upstream, written with `h2` so that it can reset streams, that
+/// keeps the deadline each call carries and ends the call as `how` says when it passes;
+/// returns its address and its calls. It runs on a thread and runtime of its own, as a
+/// server in another process would: its timing does not wait on the gateway's workers.
+async fn deadline_upstream(how: AtTheDeadline) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(serve_deadlines(listener, how, c));
+    });
+    (addr, calls)
+}
+
+async fn serve_deadlines(listener: std::net::TcpListener, how: AtTheDeadline, c: Arc<AtomicUsize>) {
+    let listener = TcpListener::from_std(listener).unwrap();
+    {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = conn.accept().await {
+                    c.fetch_add(1, SeqCst);
+                    tokio::spawn(async move {
+                        let started = tokio::time::Instant::now();
+                        // grpc-go reads the header fields in order, the last
+                        // `grpc-timeout` winning.
+                        let budget = request
+                            .headers()
+                            .get_all("grpc-timeout")
+                            .iter()
+                            .next_back()
+                            .and_then(|v| seawall::gateway::grpc::parse_timeout(v.as_bytes()))
+                            .unwrap_or(Duration::from_secs(60));
+                        match how {
+                            AtTheDeadline::TrailersOnly => {
+                                // Precisely: tokio's timers would round it up to a
+                                // millisecond. (This runtime serves nothing else.)
+                                std::thread::sleep(budget);
+                                let head = http::Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .header("grpc-status", "4")
+                                    .header("grpc-message", "context deadline exceeded")
+                                    .body(())
+                                    .unwrap();
+                                let _ = respond.send_response(head, true);
+                            }
+                            AtTheDeadline::Reset => {
+                                let head = http::Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .body(())
+                                    .unwrap();
+                                let Ok(mut send) = respond.send_response(head, false) else {
+                                    return;
+                                };
+                                let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\0"), false);
+                                tokio::time::sleep_until(started + budget).await;
+                                send.send_reset(h2::Reason::CANCEL);
+                            }
+                        }
+                        // The request's stream is kept open until the call is answered.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        drop(request);
+                    });
+                }
+            });
+        }
+    }
+}
+
+/// The gateway's docs (`gateway::grpc`): a gRPC call's own deadline is "never [counted]
+/// against the endpoint (a caller choosing a deadline of a microsecond must not open
+/// breakers)". A caller sends `grpc-timeout: 2m`; the gateway forwards it, and the
+/// upstream answers `DEADLINE_EXCEEDED` in one head (trailers-only) when its deadline,
+/// later than the gateway's, passes. That head often reaches the gateway before the
+/// gateway's own timer (tokio's, of a millisecond's grain, rounded up) fires, and its
+/// `grpc-status` is then classified as is, a failure of the endpoint: calls in a row
+/// eject it and open its breaker. (The check the trailers get, "the caller's deadline
+/// has passed", is not made for a status in the head.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trailers_only_deadline_exceeded_after_the_callers_deadline_is_not_the_upstreams_failure()
+{
+    const CALLS: u64 = 30;
+    let (addr, calls) = deadline_upstream(AtTheDeadline::TrailersOnly).await;
+    let gw = h2_gateway(addr, "timeout = \"30s\"").await;
+    let mut statuses = Vec::new();
+    for i in 0..CALLS {
+        let mut client = h2_client(gw.local_addr()).await;
+        let (response, _send) = client
+            .send_request(
+                grpc_request(gw.local_addr(), &[("grpc-timeout", "2m")]),
+                true,
+            )
+            .unwrap();
+        let response = timeout(BOUND, response).await.unwrap().unwrap();
+        assert_eq!(response.status(), 200, "call {i}");
+        statuses.push(response.headers().get("grpc-status").cloned());
+    }
+    settled(&gw, CALLS).await;
+    assert!(calls.load(SeqCst) >= 1, "the calls reached the upstream");
+    let e = endpoint(&gw);
+    assert_eq!(
+        (e.failures, e.ejected, e.breaker.as_deref()),
+        (0, false, Some("closed")),
+        "the caller's own deadline of 2 ms counted against the upstream: {e:?}"
+    );
+    for (i, status) in statuses.iter().enumerate() {
+        assert_eq!(
+            status.as_ref().map(|v| v.as_bytes()),
+            Some(&b"4"[..]),
+            "call {i}"
+        );
+    }
+    assert_eq!(super::limits::route(&gw).client_errors.deadline, CALLS);
+    gw.shutdown().await;
+}
+
+/// The same promise, for a streaming call to a server that ends an expired call with a
+/// stream reset (grpc-java: `RST_STREAM(CANCEL)` when the deadline passes) rather than
+/// with `DEADLINE_EXCEEDED` trailers. The fix for a caller's deadline kept by the
+/// upstream mid-stream (CHANGELOG, [Unreleased]) looks at trailers only: a body error
+/// after the caller's deadline is still the endpoint's failure, so any caller with a
+/// short `grpc-timeout` opens breakers against such an upstream. And the caller, whose
+/// deadline it was, is told by a stream reset (`INTERNAL` to a gRPC client) where the
+/// gateway's own answer to a passed deadline is `DEADLINE_EXCEEDED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_at_the_callers_deadline_is_not_the_upstreams_failure() {
+    const CALLS: usize = 4;
+    let (addr, calls) = deadline_upstream(AtTheDeadline::Reset).await;
+    let gw = h2_gateway(addr, "timeout = \"30s\"").await;
+    let mut ends = Vec::new();
+    for i in 0..CALLS {
+        let mut client = h2_client(gw.local_addr()).await;
+        let (response, _send) = client
+            .send_request(
+                grpc_request(gw.local_addr(), &[("grpc-timeout", "100m")]),
+                true,
+            )
+            .unwrap();
+        let response = timeout(BOUND, response).await.unwrap().unwrap();
+        assert_eq!(response.status(), 200, "call {i}");
+        let mut body = response.into_body();
+        let ended = timeout(BOUND, drain(&mut body))
+            .await
+            .expect("the call ends");
+        ends.push(ended.map_err(|e| e.to_string()));
+    }
+    settled(&gw, CALLS as u64).await;
+    assert_eq!(calls.load(SeqCst), CALLS);
+    let e = endpoint(&gw);
+    assert_eq!(
+        (e.failures, e.ejected, e.breaker.as_deref()),
+        (0, false, Some("closed")),
+        "the caller's own deadline counted against the upstream: {e:?}"
+    );
+    assert_eq!(
+        super::limits::route(&gw).client_errors.deadline,
+        CALLS as u64
+    );
+    for (i, ended) in ends.iter().enumerate() {
+        assert_eq!(
+            ended.as_ref().ok().cloned().flatten().as_deref(),
+            Some("4"),
+            "call {i}: the caller is told DEADLINE_EXCEEDED: {ended:?}"
+        );
+    }
+    gw.shutdown().await;
+}
+
+/// CHANGELOG, [Unreleased]: "a gRPC caller's own deadline is never the upstream's
+/// failure, streaming calls included [...] gRPC servers keep it for the whole call". The
+/// route's `timeout` bounds the wait for an answer's head only; a streaming call (a
+/// watch) lives on after it, and the upstream keeps the caller's `grpc-timeout` to its
+/// end. When that deadline is not shorter than the route's timeout (here 300 ms against
+/// 100 ms: a watch opened for a minute behind a route of 30 s, say), the gateway does not
+/// note it, and the upstream's `DEADLINE_EXCEEDED` at the caller's deadline is the
+/// endpoint's failure: every watch that runs to its deadline counts against a healthy
+/// upstream, and a few of them eject it and open its breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_deadline_longer_than_the_route_timeout_kept_mid_stream_is_not_the_upstreams_failure()
+ {
+    let (addr, calls) = h2_upstream(Behaviour::KeepsTheDeadline).await;
+    let gw = h2_gateway(addr, "timeout = \"100ms\"\nbody_timeout = \"10s\"").await;
+    for i in 0..4 {
+        let mut client = h2_client(gw.local_addr()).await;
+        let (response, _send) = client
+            .send_request(
+                grpc_request(gw.local_addr(), &[("grpc-timeout", "300m")]),
+                true,
+            )
+            .unwrap();
+        let response = timeout(BOUND, response).await.unwrap().unwrap();
+        assert_eq!(response.status(), 200, "call {i}");
+        let mut body = response.into_body();
+        let status = timeout(BOUND, drain(&mut body)).await.unwrap().unwrap();
+        assert_eq!(status.as_deref(), Some("4"), "call {i}");
+    }
+    settled(&gw, 4).await;
+    assert_eq!(calls.load(SeqCst), 4);
+    let e = endpoint(&gw);
+    assert_eq!(
+        (e.failures, e.ejected, e.breaker.as_deref()),
+        (0, false, Some("closed")),
+        "the caller's own deadline counted against the upstream: {e:?}"
+    );
+    assert_eq!(super::limits::route(&gw).client_errors.deadline, 4);
+    gw.shutdown().await;
+}
+
+/// The deadline guard reads another `grpc-timeout` than the upstream keeps. A caller
+/// sends two: `300m` then `1u`. The gateway takes the first (the caller's deadline is
+/// 300 ms away) and forwards both; grpc-go reads the fields in order and keeps the
+/// last, a microsecond, and answers `DEADLINE_EXCEEDED` at once, long before the
+/// deadline the gateway knows of: the endpoint's failure, however the gateway checks
+/// the caller's deadline. Any client opens breakers and ejects a healthy grpc-go
+/// upstream at will. (The gateway should forward the one deadline it honours, or the
+/// shortest, or refuse the call.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_grpc_timeout_does_not_make_the_callers_deadline_the_upstreams_failure() {
+    const CALLS: u64 = 6;
+    let (addr, calls) = deadline_upstream(AtTheDeadline::TrailersOnly).await;
+    let gw = h2_gateway(addr, "timeout = \"30s\"").await;
+    for i in 0..CALLS {
+        let mut client = h2_client(gw.local_addr()).await;
+        let (response, _send) = client
+            .send_request(
+                grpc_request(
+                    gw.local_addr(),
+                    &[("grpc-timeout", "300m"), ("grpc-timeout", "1u")],
+                ),
+                true,
+            )
+            .unwrap();
+        let response = timeout(BOUND, response).await.unwrap().unwrap();
+        assert_eq!(response.status(), 200, "call {i}");
+        assert!(
+            response.headers().contains_key("grpc-status"),
+            "call {i}: {response:?}"
+        );
+    }
+    settled(&gw, CALLS).await;
+    let e = endpoint(&gw);
+    assert_eq!(
+        (e.failures, e.ejected, e.breaker.as_deref()),
+        (0, false, Some("closed")),
+        "a caller's own deadline counted against the upstream ({} calls reached it): {e:?}",
+        calls.load(SeqCst)
+    );
+    gw.shutdown().await;
+}
