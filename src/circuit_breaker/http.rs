@@ -76,11 +76,33 @@ impl HttpClassifier {
 }
 
 impl<B, E> Classify<http::Response<B>, E> for HttpClassifier {
+    /// The status's outcome, but for the answers a seawall rate limit inside the breaker
+    /// made itself (marked [`Refused`](crate::rate_limit::http::Refused) or
+    /// [`Undecided`](crate::rate_limit::http::Undecided): a `429`, or the `400`, `500` or
+    /// `503` of a missing key or store), which are [`Outcome::Ignored`]: a client's own
+    /// refusals are not the upstream's failures (one client's burst opened the breaker
+    /// for everybody with `fail_on(429)`).
     #[inline]
     fn classify(&self, result: Result<&http::Response<B>, &E>) -> Outcome {
         match result {
-            Ok(response) => self.classify_status(response.status()),
+            Ok(response) => match self.classify_status(response.status()) {
+                Outcome::Failure if answered_by_a_rate_limit(response) => Outcome::Ignored,
+                outcome => outcome,
+            },
             Err(_) => Outcome::Failure,
         }
     }
+}
+
+/// Whether a seawall rate limit answered `response` itself (looked up only for a
+/// response that would be a failure).
+#[cold]
+fn answered_by_a_rate_limit<B>(response: &http::Response<B>) -> bool {
+    let extensions = response.extensions();
+    extensions
+        .get::<crate::rate_limit::http::Refused>()
+        .is_some()
+        || extensions
+            .get::<crate::rate_limit::http::Undecided>()
+            .is_some()
 }

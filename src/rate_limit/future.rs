@@ -91,12 +91,14 @@ where
     }
 }
 
-/// The inner service's `error`; if a limit further in refused the request, this layer's
-/// tokens were not used and go back.
+/// The inner service's `error`; if a limit further in refused the request, or took no key
+/// from it, this layer's tokens were not used and go back.
 #[cold]
 #[inline(never)]
 fn refund_if_refused<R: Refund>(error: BoxError, charge: &mut Option<R>) -> BoxError {
-    if crate::caused_by::<RateLimited>(&error) {
+    if crate::caused_by::<RateLimited>(&error)
+        || crate::caused_by::<crate::rate_limit::MissingKey>(&error)
+    {
         if let Some(charge) = charge.take() {
             charge.refund();
         }

@@ -89,13 +89,18 @@
 //!
 //! * [`LimitLayer`], [`RateLimitLayer`] in [`Mode::Reject`] and [`KeyedRateLimitLayer`] refund when the
 //!   inner service fails with a [`RateLimited`] (anywhere in the error's source chain):
-//!   the refusal of any seawall limit further in, local or Redis.
+//!   the refusal of any seawall limit further in, local or Redis; or with a
+//!   [`MissingKey`] (a request a keyed limit further in took no key from: kept, a client
+//!   leaving its API key out of every request would drain an outer global limit).
 #![cfg_attr(feature = "http", doc = "* [`http::HttpRateLimitLayer`]")]
 #![cfg_attr(not(feature = "http"), doc = "* `http::HttpRateLimitLayer`")]
 //!   (feature `http`) refunds when the inner service's response is a `429` marked
 #![cfg_attr(feature = "http", doc = "  [`http::Refused`]:")]
 #![cfg_attr(not(feature = "http"), doc = "  `http::Refused`:")]
-//!   the refusal of another HTTP layer, local or Redis.
+//!   the refusal of another HTTP layer, local or Redis; or the `400` or `500` of a
+//!   missing key (marked
+#![cfg_attr(feature = "http", doc = "  [`http::Undecided`]).")]
+#![cfg_attr(not(feature = "http"), doc = "  `http::Undecided`).")]
 //! * Refunds are exact and bounded ([`RateLimiter::refund`]): at most the tokens taken,
 //!   less what the bucket has refilled since, never above the burst. For the instant
 //!   between the take and the inner refusal the tokens are out of the bucket, so a

@@ -642,6 +642,80 @@ mod http_classifier {
         }
         assert_eq!(breaker.state(), State::Open);
     }
+
+    /// A rate-limit layer inside the breaker answers a client over its own limit with its
+    /// own `429`, marked [`Refused`](seawall::rate_limit::http::Refused) so that code
+    /// further out can tell it from the upstream's. That is the client's doing, not the
+    /// upstream's: it must not count against the upstream, even with `fail_on(429)` (the
+    /// documented way to count an overloaded upstream's `429`s). Counted, one client
+    /// sending a few requests too fast trips the breaker and every other client is
+    /// refused with it.
+    #[tokio::test(start_paused = true)]
+    async fn a_local_rate_limit_refusal_does_not_count_against_the_upstream() {
+        use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer, Refused};
+        use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate};
+
+        let layer = CircuitBreakerLayer::new(config().build().unwrap())
+            .with_classifier(HttpClassifier::new().fail_on(StatusCode::TOO_MANY_REQUESTS));
+        let breaker = layer.breaker().clone();
+        let per_client = KeyedRateLimiter::with_clock(
+            Quota::new(Rate::per_second(1), 1).unwrap(),
+            ManualClock::new(),
+        );
+        let upstream_calls = Arc::new(AtomicUsize::new(0));
+        let counter = upstream_calls.clone();
+        let mut svc = ServiceBuilder::new()
+            .layer(layer)
+            .layer(HttpRateLimitLayer::per_key(per_client, ClientIp::peer()))
+            .service_fn(move |_: http::Request<()>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, BoxError>(Response::new(String::from("fine"))) }
+            });
+        let from = |peer: &str| {
+            let mut request = http::Request::new(());
+            request
+                .extensions_mut()
+                .insert(peer.parse::<std::net::SocketAddr>().unwrap());
+            request
+        };
+        // One client: its first request goes through, the next nine are its own 429s.
+        for i in 0..10 {
+            let response = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(from("192.0.2.1:1000"))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "request {i}: {e}, the breaker tripped by the client's own 429s: {:?}",
+                        breaker.snapshot()
+                    )
+                });
+            if i > 0 {
+                assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+                assert!(response.extensions().get::<Refused>().is_some());
+            }
+        }
+        assert_eq!(upstream_calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            breaker.state(),
+            State::Closed,
+            "the upstream answered once, and well: {:?}",
+            breaker.snapshot()
+        );
+        // Another client is served.
+        let other = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(from("192.0.2.2:1000"))
+            .await;
+        assert_eq!(
+            other.expect("not rejected by the breaker").status(),
+            StatusCode::OK
+        );
+    }
 }
 
 #[cfg(feature = "metrics")]

@@ -547,6 +547,30 @@ mod retry_after {
         assert_eq!(r.expect("the hold waited out").status(), StatusCode::OK);
         assert_eq!(start.elapsed(), Duration::from_secs(1));
     }
+
+    /// A service found ready is asked again before its call (tower allows `poll_ready`
+    /// any number of times; a balancer's ready cache asks again before each use). A hold
+    /// within `wait_up_to` set in between must be waited out by that `poll_ready`, not
+    /// turned into a `HoldingOff` by `call`.
+    #[tokio::test(start_paused = true)]
+    async fn wait_mode_waits_out_a_hold_set_after_an_earlier_ready() {
+        let layer = RetryAfterLayer::new().wait_up_to(Duration::from_secs(5));
+        let (mut svc, _) = upstream(layer.clone());
+        let (mut other, _) = upstream(layer.clone());
+        svc.ready().await.unwrap();
+        // Meanwhile another service of the layer hears `Retry-After: 1`.
+        other
+            .ready()
+            .await
+            .unwrap()
+            .call(req(429, Some("1")))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let r = svc.ready().await.unwrap().call(req(200, None)).await;
+        assert_eq!(r.expect("the hold waited out").status(), StatusCode::OK);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
 }
 
 #[tokio::test]
@@ -937,5 +961,63 @@ fn a_path_key_is_the_same_for_every_spelling_of_one_path() {
                 "{spelling} is /api/login ({extractor:?})"
             );
         }
+    }
+}
+
+/// Stacked HTTP layers, a global limit over a per-API-key one: a request without its key
+/// is the client's own error (`400`, [`Undecided::KeyNotSent`]), as a refusal by its own
+/// limit is. Like such a refusal it must hand the global token back: otherwise one client
+/// sending requests without the header drains the global bucket at will (each answered
+/// `400`), past the per-client bound the inner layer exists for, and every keyed client
+/// is then refused by the global limit.
+#[tokio::test]
+async fn requests_without_their_api_key_do_not_drain_the_global_bucket() {
+    let clock = ManualClock::new();
+    let global =
+        RateLimiter::with_clock(Quota::new(Rate::per_second(5), 5).unwrap(), clock.clone());
+    let per_key = KeyedRateLimiter::with_clock(Quota::new(Rate::per_second(1), 1).unwrap(), clock);
+    let mut svc = ServiceBuilder::new()
+        .layer(HttpRateLimitLayer::global(global.clone()).name("global"))
+        .layer(
+            HttpRateLimitLayer::per_key(
+                per_key,
+                HeaderKey(http::HeaderName::from_static("x-api-key")),
+            )
+            .name("per-key"),
+        )
+        .service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(String::from("hello")))
+        });
+    for i in 0..40 {
+        let response = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "keyless request {i}: the ones before it took the global bucket's tokens ({:?})",
+            all(response.headers(), "ratelimit-policy")
+        );
+        assert_eq!(
+            response.extensions().get::<Undecided>(),
+            Some(&Undecided::KeyNotSent)
+        );
+    }
+    assert_eq!(
+        global.available(),
+        5,
+        "requests without their key cost the global bucket nothing"
+    );
+    for key in ["k-1", "k-2", "k-3", "k-4", "k-5"] {
+        let mut request = Request::new(());
+        request
+            .headers_mut()
+            .insert("x-api-key", key.parse().unwrap());
+        let response = svc.ready().await.unwrap().call(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{key}");
     }
 }

@@ -483,7 +483,9 @@ pub(super) fn refusal<B: ProblemBody>(headers: Option<Headers>) -> Response<B> {
 /// further out can tell them from an inner service's own `500` or `503` (to answer a gRPC
 /// caller in gRPC's form, as the gateway does, or to keep them out of an upstream's error
 /// count): look for it with `response.extensions().get::<Undecided>()`. Not a
-/// [`Refused`]: no limit said no, so the layers outside keep their tokens.
+/// [`Refused`], but the layers outside hand their tokens back for a missing key too (the
+/// request went no further; kept, a client leaving its key out of every request would
+/// drain an outer global limit for everybody); not for a store that did not answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Undecided {
@@ -916,9 +918,17 @@ where
             } => {
                 let mut poll = future.poll(cx);
                 if let Poll::Ready(Ok(response)) = &mut poll {
-                    // Refused further in: this layer's token was not used.
+                    // Refused further in, or a key missing there: this layer's token was
+                    // not used (kept, a client leaving its key out of every request
+                    // would drain this limit for everybody).
                     if let Some(charge) = charge.take() {
-                        if response.extensions().get::<Refused>().is_some() {
+                        let extensions = response.extensions();
+                        if extensions.get::<Refused>().is_some()
+                            || matches!(
+                                extensions.get::<Undecided>(),
+                                Some(Undecided::MissingKey | Undecided::KeyNotSent)
+                            )
+                        {
                             charge.refund();
                         }
                     }

@@ -242,9 +242,11 @@ where
             Ok(None) => (None, None),
             Err(refusal) => {
                 // As the outer of two stacked layers answers: its token back when the
-                // inner limit refused (not for a missing key's `500` or a store's `503`:
-                // no limit said no), its headers added.
-                if let (Refusal::Limited(_), Some(charge)) = (&refusal, outer_charge) {
+                // inner limit refused or took no key (not for a store's `503`), its
+                // headers added.
+                if let (Refusal::Limited(_) | Refusal::MissingKey { .. }, Some(charge)) =
+                    (&refusal, outer_charge)
+                {
                     charge.refund();
                 }
                 let answer = headers.inner.refuse(refusal);

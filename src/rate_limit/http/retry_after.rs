@@ -162,7 +162,6 @@ impl<S> Layer<S> for RetryAfterLayer {
             inner,
             layer: self.clone(),
             sleep: None,
-            waited: false,
         }
     }
 }
@@ -172,8 +171,6 @@ pub struct RetryAfter<S> {
     inner: S,
     layer: RetryAfterLayer,
     sleep: Option<Pin<Box<Sleep>>>,
-    /// `poll_ready` has waited out the hold: the next call goes.
-    waited: bool,
 }
 
 impl<S: Clone> Clone for RetryAfter<S> {
@@ -182,7 +179,6 @@ impl<S: Clone> Clone for RetryAfter<S> {
             inner: self.inner.clone(),
             layer: self.layer.clone(),
             sleep: None,
-            waited: false,
         }
     }
 }
@@ -230,8 +226,11 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if let Some(max_wait) = self.layer.max_wait {
             // Wait out holds within `max_wait` (a hold extended meanwhile is waited out
-            // too, if it still fits); a longer one is left for `call` to refuse.
-            while !self.waited {
+            // too, if it still fits); a longer one is left for `call` to refuse. Looked at
+            // by every `poll_ready`, one after a ready answer too (a ready cache polls
+            // again before each use).
+            let mut waited = false;
+            while !waited {
                 match self.layer.hold.remaining() {
                     Some(left) if left <= max_wait => {
                         let deadline = Instant::now() + left;
@@ -243,21 +242,14 @@ where
                         }
                         ready!(sleep.as_mut().poll(cx));
                     }
-                    _ => self.waited = true,
+                    _ => waited = true,
                 }
             }
         }
-        let ready = self.inner.poll_ready(cx).map_err(Into::into);
-        if ready.is_pending() {
-            // A hold may be set while the inner service is not ready: look again at the
-            // next `poll_ready`, rather than let `call` refuse one it should wait out.
-            self.waited = false;
-        }
-        ready
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        self.waited = false;
         if let Some(retry_after) = self.layer.hold.remaining() {
             return ResponseFuture {
                 kind: Kind::Held {
