@@ -41,3 +41,27 @@ fn the_readme_and_the_crate_docs_list_the_same_features() {
         );
     }
 }
+
+/// SECURITY.md's "What the gateway does not do" must not deny what the gateway does: its
+/// limits are shared by a fleet of replicas through Redis (`policy = "redis"`, documented
+/// in the README and the gateway's module docs, tested in `tests/fleet.rs`).
+#[test]
+fn security_md_does_not_deny_the_gateways_fleet_limits() {
+    let readme = include_str!("../README.md");
+    let gateway_docs = include_str!("../src/gateway/mod.rs");
+    assert!(readme.contains("shared by a fleet of replicas through Redis"));
+    assert!(gateway_docs.contains("`policy = \"redis\"`"));
+    let security = include_str!("../SECURITY.md");
+    let does_not_do = security
+        .split("## What the gateway does not do")
+        .nth(1)
+        .expect("a \"What the gateway does not do\" section");
+    let denial = does_not_do
+        .split("\n- ")
+        .find(|item| item.contains("Limits across gateway replicas"));
+    assert!(
+        denial.is_none(),
+        "SECURITY.md says the gateway does not limit across replicas:\n- {}",
+        denial.unwrap_or_default()
+    );
+}

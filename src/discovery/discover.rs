@@ -88,7 +88,7 @@ impl<S: fmt::Debug> fmt::Debug for Endpoint<S> {
 /// let mut discover = ServiceDiscover::new(registry.watch("users"), |i: &Instance| i.authority());
 /// match discover.next().await {
 ///     Some(Ok(Change::Insert(id, endpoint))) => {
-///         assert_eq!(id.to_string(), "local/users-8081");
+///         assert_eq!(id.to_string(), "local/users-127.0.0.1:8081");
 ///         assert_eq!(endpoint.get_ref(), "127.0.0.1:8081");
 ///     }
 ///     other => panic!("{other:?}"),

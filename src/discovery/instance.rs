@@ -110,9 +110,12 @@ impl Instance {
     }
 
     /// An instance of `service` at `addr` on node `local`, with the service ID
-    /// `service-<port>`: the usual shape for in-process registries and static lists.
+    /// `service-<addr>` (`users-10.0.0.7:8080`, `users-[::1]:8080`): the usual shape for
+    /// in-process registries and static lists. The whole address, not its port alone:
+    /// replicas on different hosts usually share a port, and two instances with one ID
+    /// are one (the last listed).
     pub fn local(service: &str, addr: SocketAddr) -> Self {
-        let id = InstanceId::new("local", format!("{service}-{}", addr.port()));
+        let id = InstanceId::new("local", format!("{service}-{addr}"));
         Self::new(id, service, addr.ip().to_string(), addr.port())
     }
 

@@ -548,7 +548,7 @@
 //!                                  "breaker": "closed" } } // the breaker around Redis
 //!     },
 //!     "endpoints": [{
-//!       "key": "local/users-9001", "address": "127.0.0.1:9001",
+//!       "key": "local/users-127.0.0.1:9001", "address": "127.0.0.1:9001",
 //!       "outstanding": 0, "calls": 60, "failures": 2,
 //!       "ejected": false, "ejected_for_ms": null, "ejections": 0,
 //!       "breaker": "closed"            // open, half_open, forced_open, disabled; null without [routes.breaker]

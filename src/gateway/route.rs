@@ -338,7 +338,14 @@ impl ClientKeying {
         let Some(h) = &self.header else {
             return ip();
         };
-        match request.headers().get(h).and_then(|v| v.to_str().ok()) {
+        // An empty value is no key (as `HeaderKey::key_of` reads it): keyed as `""`,
+        // every client sending one would share a bucket, past `on_missing`.
+        match request
+            .headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+        {
             Some(value) => ClientKeyOf::Header(value),
             None => match self.on_missing {
                 OnMissing::Ip => ip(),

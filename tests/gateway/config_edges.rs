@@ -619,3 +619,117 @@ async fn an_instance_at_the_unspecified_address_is_refused() {
         assert_eq!(err.field(), "services[1].instances[0]", "{instance}: {err}");
     }
 }
+
+/// `on_missing = "reject"` answers `400` to a request without the key header (the docs
+/// of `ClientLimitSettings::on_missing`, `OnMissing::Reject` and `HeaderKey`): an empty
+/// value (`X-Api-Key:`) is no key either. It must be refused as a missing one, not
+/// admitted to the upstream, keyless, under a bucket of its own (the key `""`).
+#[tokio::test]
+async fn an_empty_key_header_is_refused_as_a_missing_one() {
+    let up = super::raw_http::heads_upstream(|_| "ok".to_owned()).await;
+    let toml = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         [routes.rate_limit]\nper_client = {{ per_second = 100, key = \"header:x-api-key\", on_missing = \"reject\" }}\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{}\"]\n",
+        up.addr
+    );
+    let gw = super::spawn_gateway(&toml).await;
+    let send =
+        |extra: &'static str| super::raw_http::request(gw.local_addr(), "GET", "/api/x", extra);
+    assert_eq!(
+        send("").await.0,
+        400,
+        "no key header: refused, as documented"
+    );
+    assert_eq!(send("x-api-key: key-1\r\n").await.0, 200, "a key: served");
+    up.clear();
+    for extra in ["x-api-key:\r\n", "x-api-key: \r\n"] {
+        let (status, body) = send(extra).await;
+        assert_eq!(
+            status, 400,
+            "{extra:?} is no key, but was answered {status} {body}"
+        );
+    }
+    assert!(
+        up.seen().is_empty(),
+        "reached the upstream without a key: {:#?}",
+        up.seen()
+    );
+}
+
+/// An HTTP/1.1 upstream on `addr` that answers every request `200` with `name`.
+async fn named_upstream(listener: tokio::net::TcpListener, name: &'static str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
+                            name.len()
+                        );
+                        if stream.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// `instances = ["10.0.0.7:8080", "10.0.0.8:8080"]`: two hosts serving on the same port,
+/// the commonest way to list a service's replicas. Each is an endpoint of its own,
+/// balanced, with its own breaker and figures; neither may silently replace the other.
+#[tokio::test]
+async fn static_instances_on_different_hosts_with_one_port_are_two_endpoints() {
+    // The same port on 127.0.0.1 and 127.0.0.2 (Linux routes all of 127/8 to loopback).
+    let (a, b) = loop {
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = a.local_addr().unwrap().port();
+        if let Ok(b) = tokio::net::TcpListener::bind(("127.0.0.2", port)).await {
+            break (a, b);
+        }
+    };
+    let (addr_a, addr_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    named_upstream(a, "a").await;
+    named_upstream(b, "b").await;
+    let toml = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         [routes.balance]\nstrategy = \"round-robin\"\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr_a}\", \"{addr_b}\"]\n"
+    );
+    let gw = super::spawn_gateway(&toml).await;
+    let mut served = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..10 {
+        let (status, body) = super::raw_http::get(gw.local_addr(), "/api/x").await;
+        assert_eq!(status, 200, "{body}");
+        *served.entry(body).or_default() += 1;
+    }
+    let endpoints: Vec<String> = gw.gateway().status().routes[0]
+        .endpoints
+        .iter()
+        .map(|e| format!("{} {}", e.key, e.address))
+        .collect();
+    assert_eq!(
+        endpoints.len(),
+        2,
+        "endpoints: {endpoints:?}; served: {served:?}"
+    );
+    assert_eq!(
+        served.len(),
+        2,
+        "served by: {served:?}; endpoints: {endpoints:?}"
+    );
+}

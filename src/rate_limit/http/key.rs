@@ -320,9 +320,15 @@ impl<B> KeyExtractor<Request<B>> for ClientIp {
 pub struct HeaderKey(pub HeaderName);
 
 impl HeaderKey {
-    /// The key of a header value, if it is visible ASCII.
+    /// The key of a header value, if it is visible ASCII and not empty (an empty value is
+    /// no key: every client sending one would share it, past
+    /// [`OnMissingKey`](super::OnMissingKey)).
     pub fn key_of(value: &http::HeaderValue) -> Option<BoundedKey> {
-        value.to_str().ok().map(|v| BoundedKey::new(v.as_bytes()))
+        value
+            .to_str()
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| BoundedKey::new(v.as_bytes()))
     }
 }
 
