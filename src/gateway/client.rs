@@ -86,6 +86,11 @@ impl BodyState {
         self.flags.load(Relaxed) & (DONE | WAITING) == WAITING
     }
 
+    /// Whether the client's body is over (ended, failed or cut).
+    pub(crate) fn is_done(&self) -> bool {
+        self.flags.load(Relaxed) & DONE != 0
+    }
+
     /// How the client's body failed, if it did: for an exchange whose own error does not
     /// carry it (hyper's HTTP/2 client resets the stream on a body error and reports only
     /// the reset), so that the client's fault is never taken for the upstream's.

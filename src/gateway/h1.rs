@@ -395,7 +395,7 @@ fn head_of(
                 if repeated {
                     continue;
                 }
-                if !value.iter().all(u8::is_ascii_digit) {
+                if !canonical_length(value) {
                     headers.append(name, HeaderValue::from(n));
                     continue;
                 }
@@ -602,6 +602,13 @@ pub(crate) fn content_length(value: &[u8]) -> Result<u64, ProtocolError> {
         length = Some(n);
     }
     length.ok_or(BAD)
+}
+
+/// Whether a `Content-Length` value [`content_length`] accepted is the number in its
+/// plain form (digits, no leading zero): forwarded as it came if so, written again
+/// otherwise (a list `5, 5`, or `0005`: a peer's HTTP/2 stack reads at most 19 digits).
+pub(crate) fn canonical_length(value: &[u8]) -> bool {
+    value.iter().all(u8::is_ascii_digit) && (value.len() == 1 || value.first() != Some(&b'0'))
 }
 
 /// What [`ChunkedDecoder::decode`] found.

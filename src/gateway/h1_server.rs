@@ -54,8 +54,8 @@ use tokio::time::{Instant, Sleep};
 
 use super::body::Body;
 use super::h1::{
-    Chunk, ChunkedDecoder, MAX_HEADERS, READ_CHUNK, Role, connection_options, content_length,
-    field_name, tokens,
+    Chunk, ChunkedDecoder, MAX_HEADERS, READ_CHUNK, Role, canonical_length, connection_options,
+    content_length, field_name, tokens,
 };
 
 /// A request head the gateway refuses: the status it answers with, then it closes the
@@ -279,7 +279,7 @@ fn head_of(
                 if length.replace(n).is_some() {
                     continue;
                 }
-                if !value.iter().all(u8::is_ascii_digit) {
+                if !canonical_length(value) {
                     headers.append(name, HeaderValue::from(n));
                     continue;
                 }

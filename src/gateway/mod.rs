@@ -57,7 +57,8 @@
 //! 5. a [`Balance`](crate::balance::Balance) over the service's instances (listed in
 //!    `[[services]]`, or discovered through the [`Discovery`] given to
 //!    [`Gateway::build`]), each endpoint a pool of HTTP/1 keep-alive connections with its own
-//!    circuit breaker and outlier ejection. Failures, for both, are 5xx answers
+//!    circuit breaker and outlier ejection. Failures, for both, are 5xx answers but `501`
+//!    (the answer to a method the upstream does not implement, which any client can send)
 //!    ([`HttpClassifier`](crate::circuit_breaker::HttpClassifier)), refused or timed-out
 //!    connections, connections reset or closed before the response head, and the route
 //!    timeout passing before the head (the timeout is applied inside the balancer's call,

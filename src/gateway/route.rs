@@ -209,6 +209,14 @@ impl Future for UpstreamFuture {
             // A gRPC answer whose status is still to come: how it ends is judged against
             // the client's body and the caller's deadline too. In place: no move of the
             // response for the answers that are not.
+            // An answer that came while the client still sends its body (an upstream
+            // streaming its answer to the upload): a stall of that answer may be the
+            // client's (see `BodyTimeout`).
+            if let Ok(response) = &mut result
+                && let Some(body) = this.body.as_ref().filter(|body| !body.is_done())
+            {
+                response.extensions_mut().insert(Upload(body.clone()));
+            }
             if let Ok(response) = &mut result
                 && response.body().head_facts().grpc()
                 && (this.body.is_some() || this.caller_deadline.is_some())
@@ -263,6 +271,11 @@ impl Future for UpstreamFuture {
         ))
     }
 }
+
+/// The client's request body, still coming when the answer's head came (see
+/// [`UpstreamFuture`]).
+#[derive(Clone)]
+struct Upload(Arc<BodyState>);
 
 /// Who a per-client limit charges: a client's address, or its key header's value (of
 /// bounded size, however long the value).
@@ -569,7 +582,12 @@ impl Route {
             builder = builder.endpoint_breaker(breaker);
         }
         let balance = builder
-            .classifier(UpstreamClassifier(HttpClassifier::new()))
+            // `501 Not Implemented` answers the client's method (`PROPFIND`, a made-up
+            // one), as Apache and most servers do: the client's doing, not a failure of
+            // the upstream, or any client could open its breaker.
+            .classifier(UpstreamClassifier(
+                HttpClassifier::new().ignore(http::StatusCode::NOT_IMPLEMENTED),
+            ))
             .try_build(discover())?;
         let handle = balance.handle().clone();
         let limits = &config.rate_limit;
@@ -1481,6 +1499,10 @@ fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) ->
         Some(_) => parts.extensions.remove::<super::grpc::CallContext>(),
         None => None,
     };
+    let upload = match parts.extensions.is_empty() {
+        true => None,
+        false => parts.extensions.remove::<Upload>().map(|upload| upload.0),
+    };
     let body = BodyTimeout {
         body,
         route,
@@ -1489,6 +1511,7 @@ fn downstream_response(response: Response<PooledBody>, route: Arc<RouteCore>) ->
         failed: false,
         grpc_outcome,
         grpc_call,
+        upload,
     };
     Response::from_parts(parts, body.boxed_unsync())
 }
@@ -1512,6 +1535,10 @@ struct BodyTimeout {
     /// What that outcome is judged against besides the upstream: the client's body and
     /// the caller's deadline.
     grpc_call: Option<super::grpc::CallContext>,
+    /// The client's body, if it was still coming when the answer's head came: an answer
+    /// stalled while the exchange waits on it is the client's (an upstream streaming its
+    /// answer to the upload), not an upstream timeout.
+    upload: Option<Arc<BodyState>>,
 }
 
 impl hyper::body::Body for BodyTimeout {
@@ -1565,7 +1592,11 @@ impl hyper::body::Body for BodyTimeout {
         if sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        this.route.stats.timeouts.fetch_add(1, Relaxed);
+        if this.upload.as_ref().is_some_and(|b| b.waiting_on_client()) {
+            this.route.count_client_fault(ClientFault::BodyTimeout);
+        } else {
+            this.route.stats.timeouts.fetch_add(1, Relaxed);
+        }
         this.sleep = None;
         this.failed = true;
         if this.grpc_outcome.take().is_some() {

@@ -1019,3 +1019,74 @@ async fn an_h2_client_reading_nothing_does_not_make_the_gateway_buffer_its_strea
     drop(client);
     gw.shutdown().await;
 }
+
+/// An h2 upstream that records the `Content-Length` lines it got, reads the whole body
+/// and answers `200 ok`.
+async fn length_logging_h2_upstream() -> (SocketAddr, Arc<parking_lot::Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let lengths = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let log = lengths.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let log = log.clone();
+                async move {
+                    log.lock().extend(
+                        req.headers()
+                            .get_all(hyper::header::CONTENT_LENGTH)
+                            .iter()
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                    );
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    (addr, lengths)
+}
+
+/// The gateway's HTTP/1 server accepts a `Content-Length` with leading zeros however many
+/// (`b129afe`: "leading zeros no longer count against Content-Length's 19 digits"), and
+/// an all-digit value is passed on as the client wrote it. HTTP/2 (the `h2` crate, which
+/// hyper's HTTP/2 servers use) reads at most 19 digits: a 20-digit `Content-Length: 0…05`
+/// makes the upstream reset the stream (PROTOCOL_ERROR), the client gets a 502 and the
+/// healthy endpoint records a failure. Any anonymous client can so open the breaker of
+/// an `h2` upstream. The value must go on as its one decimal value (`5`), and the request
+/// be served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_padded_content_length_from_a_client_is_not_an_h2_upstreams_failure() {
+    let (addr, lengths) = length_logging_h2_upstream().await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"2s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    for length in ["00000000000000000005", "0000000000000000000000000000005"] {
+        let raw = format!(
+            "POST /api/x HTTP/1.1\r\nHost: gw\r\nContent-Length: {length}\r\n\
+             Connection: close\r\n\r\nhello"
+        );
+        let answer = timeout(BOUND, exchange(gw.local_addr(), raw.as_bytes()))
+            .await
+            .expect("no hang");
+        statuses.push(status_of(&answer));
+    }
+    super::limits::settled(&gw, 2).await;
+    let e = super::limits::endpoint(&gw);
+    assert_eq!(
+        (statuses, e.failures),
+        (vec![200, 200], 0),
+        "(statuses, endpoint failures): {e:?}; Content-Length lines the upstream got: {:?}",
+        lengths.lock()
+    );
+    gw.shutdown().await;
+}

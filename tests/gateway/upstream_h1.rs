@@ -934,3 +934,147 @@ async fn a_repeated_content_length_is_forwarded_as_one_valid_value() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// An upstream that answers at once with a chunked `200` and then echoes, chunk by chunk,
+/// whatever of the request body comes (a streaming transform: the answer's body follows
+/// the upload).
+async fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                let end = loop {
+                    if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let mut pending = seen.split_off(end);
+                if stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                loop {
+                    if !pending.is_empty() {
+                        let mut chunk = format!("{:x}\r\n", pending.len()).into_bytes();
+                        chunk.append(&mut pending);
+                        chunk.extend_from_slice(b"\r\n");
+                        if stream.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// SECURITY.md: "a client body slower than the route timeout (`408`) [...] recorded as
+/// client errors". An upstream streaming its answer as the upload comes (the head at
+/// once, then the body following the client's) waits on the client: a client that stops
+/// sending its body stops the answer. When the route's `body_timeout` then passes, the
+/// stall is the client's, and must be counted as such, not in the route's
+/// `upstream_errors.timeout` ("the upstream sent nothing of the response body"), which
+/// the status page and the metrics show as the upstream's failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_stalled_by_the_clients_own_upload_is_not_an_upstream_timeout() {
+    let addr = echo_upstream().await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         timeout = \"2s\"\nbody_timeout = \"300ms\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n"
+    ))
+    .await;
+    // One frame, then nothing more: the sender is held open, the body never ends.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    tx.send(Ok(Frame::data(Bytes::from_static(b"hello"))))
+        .await
+        .unwrap();
+    let request = Request::post("/api/transform")
+        .header(http::header::HOST, "gw")
+        .body(StreamBody::new(tokio_stream(rx)))
+        .unwrap();
+    let (status, _, body) = send(&gw, request).await;
+    drop(tx);
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.is_err(), "the stalled answer is cut: {body:?}");
+    super::limits::settled(&gw, 1).await;
+    let route = super::limits::route(&gw);
+    assert_eq!(
+        route.upstream_errors.timeout, 0,
+        "the client's stalled upload counted as an upstream timeout: {:?}; client errors {:?}",
+        route.upstream_errors, route.client_errors
+    );
+    gw.shutdown().await;
+}
+
+/// SECURITY.md: "no anonymous client can open a breaker or eject a healthy upstream".
+/// The gateway forwards any method token; servers answer one they do not implement with
+/// `501 Not Implemented` (RFC 9110 §15.6.2: "the server does not support the
+/// functionality required to fulfill the request": Apache httpd, Python's `http.server`,
+/// many frameworks), which says nothing of the server's health (the crate's own
+/// `HttpClassifier` docs name 501 as the 5xx to leave out). A client sending `PROPFIND`
+/// a few times must not open the breaker of, or eject, a healthy endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_unimplemented_method_does_not_open_the_endpoints_breaker() {
+    let (addr, _) = scripted(
+        |head| {
+            if head.starts_with("GET ") {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
+            } else {
+                b"HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\n\r\n".to_vec()
+            }
+        },
+        1,
+        false,
+    )
+    .await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"5s\"\n\
+         {}\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n",
+        super::limits::STRICT
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let answer = super::limits::exchange(
+            gw.local_addr(),
+            b"PROPFIND /api/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        statuses.push(super::limits::status_of(&answer));
+    }
+    super::limits::settled(&gw, 6).await;
+    let answer =
+        super::limits::exchange(gw.local_addr(), super::limits::get("/api/x").as_bytes()).await;
+    statuses.push(super::limits::status_of(&answer));
+    let e = super::limits::endpoint(&gw);
+    assert_eq!(
+        (statuses, e.failures, e.ejected, e.breaker.as_deref()),
+        (
+            vec![501, 501, 501, 501, 501, 501, 200],
+            0,
+            false,
+            Some("closed")
+        ),
+        "(statuses: six PROPFIND then a GET, endpoint failures, ejected, breaker): {e:?}"
+    );
+    gw.shutdown().await;
+}
