@@ -396,7 +396,7 @@ fn head_of(
                     continue;
                 }
                 if !canonical_length(value) {
-                    headers.append(name, HeaderValue::from(n));
+                    append_length(&mut headers, name, n);
                     continue;
                 }
             }
@@ -580,7 +580,21 @@ pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// A `Content-Length` value: digits, or a list of identical ones (RFC 9110 §8.6).
+#[inline]
 pub(crate) fn content_length(value: &[u8]) -> Result<u64, ProtocolError> {
+    // Nearly every value: one number in its plain form.
+    if (1..=19).contains(&value.len()) && value.iter().all(u8::is_ascii_digit) {
+        return Ok(value
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')));
+    }
+    content_length_list(value)
+}
+
+/// [`content_length`] of a list (`5, 5`), or of a number with leading zeros.
+#[cold]
+#[inline(never)]
+fn content_length_list(value: &[u8]) -> Result<u64, ProtocolError> {
     const BAD: ProtocolError = ProtocolError("invalid Content-Length");
     let mut length = None;
     for element in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -609,6 +623,13 @@ pub(crate) fn content_length(value: &[u8]) -> Result<u64, ProtocolError> {
 /// otherwise (a list `5, 5`, or `0005`: a peer's HTTP/2 stack reads at most 19 digits).
 pub(crate) fn canonical_length(value: &[u8]) -> bool {
     value.iter().all(u8::is_ascii_digit) && (value.len() == 1 || value.first() != Some(&b'0'))
+}
+
+/// Appends `Content-Length: n`, for a value [`canonical_length`] would not pass on.
+#[cold]
+#[inline(never)]
+pub(crate) fn append_length(headers: &mut HeaderMap, name: HeaderName, n: u64) {
+    headers.append(name, HeaderValue::from(n));
 }
 
 /// What [`ChunkedDecoder::decode`] found.

@@ -54,8 +54,8 @@ use tokio::time::{Instant, Sleep};
 
 use super::body::Body;
 use super::h1::{
-    Chunk, ChunkedDecoder, MAX_HEADERS, READ_CHUNK, Role, canonical_length, connection_options,
-    content_length, field_name, tokens,
+    Chunk, ChunkedDecoder, MAX_HEADERS, READ_CHUNK, Role, append_length, canonical_length,
+    connection_options, content_length, field_name, tokens,
 };
 
 /// A request head the gateway refuses: the status it answers with, then it closes the
@@ -280,7 +280,7 @@ fn head_of(
                     continue;
                 }
                 if !canonical_length(value) {
-                    headers.append(name, HeaderValue::from(n));
+                    append_length(&mut headers, name, n);
                     continue;
                 }
             }
