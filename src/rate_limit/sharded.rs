@@ -232,8 +232,13 @@ impl<C: Clock> ShardedRateLimiter<C> {
         }
     }
 
-    /// The whole limiter's refusal, from a shard's (see [`whole`](Self::whole)).
+    /// The whole limiter's refusal, from a shard's (see [`whole`](Self::whole)). A request
+    /// above one shard's burst, which no shard ever admits, keeps the shard's capacity:
+    /// told the whole limiter's, its cost would be "more than" a capacity it is within.
     pub(crate) fn whole_refusal(&self, shard: RateLimited) -> RateLimited {
+        if shard.exceeds_capacity() {
+            return shard;
+        }
         let n = self.inner.shards.len() as u32;
         shard.with_limit(shard.limit().saturating_mul(n))
     }

@@ -9,6 +9,7 @@ mod axum_service;
 mod bookings;
 #[cfg(feature = "http")]
 mod http_answers;
+mod keyed_refunds;
 mod limiters;
 #[cfg(feature = "redis")]
 mod redis_cluster;

@@ -35,6 +35,13 @@ struct Entry {
     burst: u32,
     /// The low bits of the limiter's quota version this entry was built under.
     version: u32,
+    /// How far a refund (or cancel) of a take that is not the bucket's last may move
+    /// `tat` back: the latest waiting turn booked plus its tokens (a waiter handing its
+    /// booking back does not give the one booked behind it its slot as well), and the
+    /// arrival time when the quota last changed (a take from before a raise is in the
+    /// old quota's units: refunded, it gave back tokens the new rate had long refilled),
+    /// as [`RateLimiter::refund`](crate::rate_limit::RateLimiter::refund) keeps them.
+    mark: u64,
 }
 
 /// One row: a key and its bucket. The key's hash is not kept: computed once per check
@@ -484,18 +491,28 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
     /// Hands back tokens taken from `key`'s bucket by [`take`](Self::take) (with that
     /// same key) for a request that a limit further in refused. Exact and bounded, as
     /// [`RateLimiter::refund`](crate::rate_limit::RateLimiter::refund): at most the tokens taken, less
-    /// what has refilled since, never above the burst. Nothing happens if the key's bucket
-    /// has since been dropped, or if the tokens came from the overflow bucket.
+    /// what has refilled since, never above the burst; bookings made after the take keep
+    /// their turns (a refund stops at what they need; the key's last take or booking
+    /// gives all of it back), and a take made before a quota change is not refunded
+    /// further than the bucket's arrival time at the change. Nothing happens if the key's
+    /// bucket has since been dropped, or if the tokens came from the overflow bucket.
     pub fn refund<Q>(&self, key: &Q, taken: Taken)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         let now = self.inner.clock.now_nanos();
+        let until = taken.until;
         self.move_back(key, |entry| {
             let back = refund_nanos(taken, now, entry.interval);
             if entry.tat > now {
-                entry.tat.saturating_sub(back).max(now)
+                let moved = entry.tat.saturating_sub(back).max(now);
+                if entry.tat == until {
+                    // The bucket's last take or booking: all of it back.
+                    moved
+                } else {
+                    moved.max(entry.mark.min(entry.tat))
+                }
             } else {
                 entry.tat
             }
@@ -657,6 +674,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             interval: quota.interval_nanos(),
             burst: quota.burst(),
             version,
+            mark: now,
         }
     }
 
@@ -737,6 +755,7 @@ fn receipt(step: Step, own: bool) -> Taken {
 fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
     *entry = Entry {
         tat: rescale_tat(entry.tat, now, entry.interval, fresh.interval),
+        mark: entry.mark.max(entry.tat),
         ..fresh
     };
 }
@@ -749,6 +768,15 @@ fn take(entry: &mut Entry, now: u64, tokens: u32, max_wait: u64) -> Step {
     let step = Step::new(entry.tat, now, entry.interval, tau, tokens, max_wait);
     if step.admitted {
         entry.tat = step.next;
+        let wait = step.wait();
+        if wait > 0 {
+            // A booking's turn, and the tokens it takes then: what refunds of the takes
+            // before it must leave (see `Entry::mark`).
+            let needs = now
+                .saturating_add(wait)
+                .saturating_add(u64::from(tokens).saturating_mul(entry.interval));
+            entry.mark = entry.mark.max(needs);
+        }
     }
     step
 }
@@ -994,7 +1022,7 @@ mod tests {
             let hasher = RandomState::new();
             let mut table: HashTable<Row<u64>> = HashTable::new();
             for (key, tat) in tats.iter().enumerate() {
-                let entry = Entry { tat: *tat, interval: 1, burst: 1, version: 0 };
+                let entry = Entry { tat: *tat, interval: 1, burst: 1, version: 0, mark: 0 };
                 let key = key as u64;
                 table.insert_unique(hasher.hash_one(key), (key, entry), |row| {
                     hasher.hash_one(row.0)
@@ -1043,10 +1071,11 @@ mod tests {
         assert_eq!(limiter.capacity(), SHARDS);
     }
 
-    /// A row is the key and its bucket, without the key's hash.
+    /// A row is the key and its bucket (its arrival time, quota, version and refund
+    /// mark), without the key's hash.
     #[test]
     fn a_row_keeps_no_hash() {
-        assert_eq!(std::mem::size_of::<Row<u64>>(), 32);
+        assert_eq!(std::mem::size_of::<Row<u64>>(), 40);
     }
 
     /// The rows keep no hash, so the table hashes every key again when it grows: each key
