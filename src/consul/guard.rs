@@ -286,6 +286,10 @@ impl RegistrationGuard {
             return Err(e);
         }
         let heartbeat = config.heartbeat_for(&shared.registration);
+        // Watched from before the first report: a status set as soon as this returns (the
+        // heartbeat task has not run yet) is a change the task reports at once.
+        let mut status = shared.status.subscribe();
+        status.borrow_and_update();
         if heartbeat.is_some() {
             if let Err(e) = shared.beat().await {
                 undo.0 = None;
@@ -299,6 +303,7 @@ impl RegistrationGuard {
                 shared.clone(),
                 period,
                 config.retry_base,
+                status,
             ))),
             (None, Some(period)) => Some(tokio::spawn(verify_loop(
                 shared.clone(),
@@ -487,9 +492,12 @@ fn set_status(shared: &Shared, status: CheckStatus, note: Option<&str>) {
     });
 }
 
-async fn heartbeat_loop(shared: Arc<Shared>, period: Duration, retry_base: Duration) {
-    let mut status = shared.status.subscribe();
-    status.borrow_and_update();
+async fn heartbeat_loop(
+    shared: Arc<Shared>,
+    period: Duration,
+    retry_base: Duration,
+    mut status: watch::Receiver<(CheckStatus, Option<String>)>,
+) {
     let mut rng = seed(shared.registration.id());
     let mut failures = 0u32;
     let mut next = super::later(period);
@@ -503,21 +511,30 @@ async fn heartbeat_loop(shared: Arc<Shared>, period: Duration, retry_base: Durat
                 status.borrow_and_update();
             }
         }
-        let result = match shared.beat().await {
-            Err(e) if e.is_unknown_check() => {
-                // The agent lost the registration (restarted without its state, or the
-                // check was removed): register again, then report at once.
-                #[cfg(feature = "tracing")]
-                tracing::warn!(
-                    service_id = shared.registration.id(),
-                    "consul agent lost the registration; registering again"
-                );
-                match shared.register().await {
-                    Ok(()) => shared.beat().await,
-                    Err(e) => Err(e),
+        // Each report bounded by the period: an agent that holds one (a disk stall, a
+        // hung connection) must not hold back the next until the check's TTL lapses (the
+        // client's own limit, 10 s by default, is unrelated to the TTL).
+        let report = async {
+            match shared.beat().await {
+                Err(e) if e.is_unknown_check() => {
+                    // The agent lost the registration (restarted without its state, or the
+                    // check was removed): register again, then report at once.
+                    #[cfg(feature = "tracing")]
+                    tracing::warn!(
+                        service_id = shared.registration.id(),
+                        "consul agent lost the registration; registering again"
+                    );
+                    match shared.register().await {
+                        Ok(()) => shared.beat().await,
+                        Err(e) => Err(e),
+                    }
                 }
+                other => other,
             }
-            other => other,
+        };
+        let result = match tokio::time::timeout(period, report).await {
+            Ok(result) => result,
+            Err(_) => Err(ConsulError::timeout(period)),
         };
         match result {
             Ok(()) => {

@@ -30,7 +30,7 @@ pub enum SkipReason {
 
 /// Whether `address` can be a request's host: an IP address (an IPv6 one bare or in
 /// brackets), or a host name of letters, digits, `-`, `_` and `.` (at most 253 bytes).
-fn dialable(address: &str) -> bool {
+pub(crate) fn dialable(address: &str) -> bool {
     let bare = address.strip_prefix('[').and_then(|a| a.strip_suffix(']'));
     if let Some(inner) = bare {
         return inner.parse::<std::net::Ipv6Addr>().is_ok();

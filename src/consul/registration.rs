@@ -558,7 +558,8 @@ impl ServiceRegistrationBuilder {
     ///
     /// # Errors
     ///
-    /// A [`ConfigError`] naming the field: an empty name or ID, passing weight 0,
+    /// A [`ConfigError`] naming the field: an empty name or ID, an address that is not an
+    /// IP address or host name (`10.0.0.5:8081`, `fe80::1%eth0`), passing weight 0,
     /// invalid metadata, or an invalid check (named `checks[i].field`, with its position):
     /// a zero interval or TTL, an HTTP URL without scheme, `deregister_critical_after`
     /// under a minute, an HTTP-only setting on another kind, a duplicate check ID.
@@ -573,6 +574,18 @@ impl ServiceRegistrationBuilder {
             Some(id) => id,
             None => self.name.clone(),
         };
+        if let Some(address) = self.address.as_deref().filter(|a| !a.is_empty()) {
+            // What the watches dial (`parse::dialable`): anything else registers an
+            // instance every watch skips, which no one would hear about.
+            if !super::parse::dialable(address) {
+                return Err(ConfigError::invalid(
+                    "address",
+                    format!(
+                        "{address:?} is not an IP address or host name (the port goes in `port`)"
+                    ),
+                ));
+            }
+        }
         if let Some((passing, _)) = self.weights {
             if passing == 0 {
                 return Err(ConfigError::invalid(

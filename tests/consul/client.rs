@@ -259,6 +259,34 @@ async fn acl_token_is_sent_and_a_refusal_is_typed() {
     assert!(!format!("{authorized:?}").contains("s3cret"));
 }
 
+/// Registers a service from its JSON `body` with a plain HTTP/1.1 `PUT`, as a program
+/// other than seawall would; panics unless the agent answers `200`.
+async fn register_raw(agent: &TestAgent, body: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(&agent.http_addr)
+        .await
+        .unwrap();
+    let token = agent
+        .token
+        .as_deref()
+        .map(|t| format!("X-Consul-Token: {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "PUT /v1/agent/service/register HTTP/1.1\r\nHost: {}\r\n{token}\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        agent.http_addr,
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the agent answers")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 /// An instance registered with an address no request can go to (a port in it, spaces,
 /// an IPv6 zone) is left out of the answer's instances and reported as skipped: taken,
 /// every call to it failed, each counted against it. Host names and IPv6 addresses, bare
@@ -280,13 +308,12 @@ async fn an_address_no_request_can_go_to_is_skipped() {
         ("path", "10.0.0.3/admin", false),
     ];
     for (id, address, _) in addresses {
-        let registration = ServiceRegistration::builder(&service)
-            .id(id)
-            .address(address)
-            .port(9004)
-            .build()
-            .unwrap();
-        client.register(&registration).await.unwrap();
+        // Registered by another program: seawall's builder refuses the bad addresses.
+        let body = format!(
+            r#"{{"Name":"{service}","ID":"{id}","Address":"{}","Port":9004}}"#,
+            address.replace('\\', "\\\\").replace('"', "\\\"")
+        );
+        register_raw(&agent, &body).await;
     }
     let answer = client
         .health_service(&HealthQuery::new(&service))
@@ -1348,4 +1375,143 @@ async fn a_zero_wait_blocking_query_is_not_cut_by_the_client() {
         "a blocking query the agent answers in time was cut by the client: {:?}",
         answer.err()
     );
+}
+
+// --- review -------------------------------------------------------------------------
+
+/// `RegistrationGuard::set_status` is "reported at once". Set right after `register`
+/// returned (an application that registers first, then says it is not ready yet), it was
+/// not: the heartbeat task subscribes to the status only when it first runs, after the
+/// change, and takes it as already seen, so the agent kept the check passing until the
+/// next heartbeat (a third of the TTL: 20 s here), routing traffic to an instance that
+/// said it could not serve.
+#[tokio::test]
+async fn a_status_set_right_after_registering_is_reported_at_once() {
+    let agent = agent().await;
+    let client = client(&agent);
+    let service = unique("early-status");
+    let registration = ServiceRegistration::builder(&service)
+        .id(format!("{service}-1"))
+        .address("127.0.0.1")
+        .port(9007)
+        // A heartbeat every 20 s: none falls within the test.
+        .check(Check::ttl(Duration::from_secs(60)).id(format!("{service}:ttl")))
+        .build()
+        .unwrap();
+    let guard = RegistrationGuard::register(client.clone(), registration)
+        .await
+        .unwrap();
+    guard.set_status(CheckStatus::Critical, Some("warming up"));
+    eventually("the critical status to be reported", PATIENCE, || {
+        let (client, service) = (client.clone(), service.clone());
+        async move {
+            client
+                .health_service(&HealthQuery::new(&service).passing(true))
+                .await
+                .is_ok_and(|r| r.instances.is_empty())
+        }
+    })
+    .await;
+    guard.shutdown(Duration::ZERO).await.unwrap();
+}
+
+/// The agent stalls the answer to the second check update (a slow agent: a disk stall,
+/// a hung connection) and answers everything else at once.
+fn stall_the_second_update(line: &str) -> Duration {
+    static UPDATES: AtomicU32 = AtomicU32::new(0);
+    if line.contains("/v1/agent/check/update/") && UPDATES.fetch_add(1, Ordering::SeqCst) == 1 {
+        Duration::from_secs(60)
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// When the next check update reaches the agent.
+async fn next_update(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Instant {
+    loop {
+        let line = lines.recv().await.expect("the agent is gone");
+        if line.contains("/v1/agent/check/update/") {
+            return Instant::now();
+        }
+    }
+}
+
+/// The heartbeat is "a third of the shortest TTL by default, so that two reports can be
+/// lost before the check lapses". One report whose answer stalls held the heartbeat for
+/// the client's whole request limit (10 s by default), with no other report sent: the
+/// next came only then, long after the TTL, and the check lapsed to critical (the
+/// instance left every rotation) though the agent answered every other request at once.
+#[tokio::test]
+async fn a_stalled_heartbeat_does_not_let_the_ttl_lapse() {
+    let (addr, mut lines) = slow_agent(stall_the_second_update).await;
+    // The client's defaults: a 10 s request limit.
+    let client = ConsulClient::new(ConsulConfig::builder().address(addr).build().unwrap());
+    let ttl = Duration::from_millis(1500);
+    let registration = ServiceRegistration::builder("svc")
+        .id("svc-1")
+        .address("127.0.0.1")
+        .port(8080)
+        .check(Check::ttl(ttl).id("svc-1:ttl"))
+        .build()
+        .unwrap();
+    let config = GuardConfig::builder()
+        .retry_base(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let guard = RegistrationGuard::register_with(client, registration, config)
+        .await
+        .unwrap();
+    // The first report (answered before `register_with` returned), then the one whose
+    // answer stalls, a heartbeat (500 ms) later.
+    let answered = next_update(&mut lines).await;
+    let _stalled = timeout(PATIENCE, next_update(&mut lines))
+        .await
+        .expect("a second heartbeat");
+    let next = timeout(
+        ttl.saturating_sub(answered.elapsed()),
+        next_update(&mut lines),
+    )
+    .await;
+    assert!(
+        next.is_ok(),
+        "no report reached the agent within the TTL ({ttl:?}) of the last one it \
+         answered: the check lapsed to critical"
+    );
+    drop(guard);
+}
+
+/// The registration's address is documented as "the address to dial", and a watch skips
+/// an instance whose address no request can go to (`SkipReason::BadAddress`: a port in
+/// it, a zone, spaces). The builder accepted such an address: the guard registered it
+/// and kept its check passing, and every watch left it out, so the instance silently got
+/// no traffic. It is a configuration error naming `address`, as an invalid field is.
+#[test]
+fn a_registration_address_no_watch_can_dial_is_refused_at_build() {
+    for address in [
+        "127.0.0.1:8081",
+        "fe80::1%eth0",
+        "users host",
+        "10.0.0.5/health",
+    ] {
+        let built = ServiceRegistration::builder("users")
+            .id("users-1")
+            .address(address)
+            .port(8081)
+            .build();
+        match built {
+            Err(e) => assert_eq!(e.field(), "address", "{address}: {e}"),
+            Ok(_) => panic!(
+                "{address:?} was accepted at build (and would be registered, its check kept \
+                 passing), but every watch skips it as SkipReason::BadAddress"
+            ),
+        }
+    }
+    // Dialable addresses stay accepted.
+    for address in ["10.0.0.5", "::1", "users-1.internal"] {
+        ServiceRegistration::builder("users")
+            .address(address)
+            .port(8081)
+            .build()
+            .unwrap_or_else(|e| panic!("{address}: {e}"));
+    }
 }
