@@ -58,10 +58,13 @@ impl HttpClassifier {
         self
     }
 
-    /// The outcome for a response status.
+    /// The outcome for a response status. 600 to 999, which `http` parses but are no
+    /// status codes, are failures (RFC 9110 §15: a client treats one as a 5xx).
     pub const fn classify_status(&self, status: http::StatusCode) -> Outcome {
         let s = status.as_u16();
-        if s >= 500 && s < 600 {
+        if s >= 600 {
+            Outcome::Failure
+        } else if s >= 500 {
             if self.ignored_5xx & (1 << (s - 500)) != 0 {
                 Outcome::Ignored
             } else {

@@ -63,7 +63,7 @@ const MAX_READ: usize = 256 * 1024;
 
 /// An upstream's answer that is not HTTP/1.1 as RFC 9112 frames it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProtocolError(&'static str);
+pub struct ProtocolError(pub(crate) &'static str);
 
 impl ProtocolError {
     /// What was wrong, in a few words.

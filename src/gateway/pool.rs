@@ -401,28 +401,20 @@ type Idle = parking_lot::Mutex<VecDeque<(Pooled, Instant)>>;
 /// An HTTP/2 connection's request handle, with the connection's number.
 type NumberedH2 = (u64, http2::SendRequest<Body>);
 
-/// One shard's HTTP/2 connection, and its number where a request reads it without the
-/// lock (see [`EndpointPool::h2_timed_out`]).
+/// One shard's HTTP/2 connection, with its number.
 struct H2Shard {
     sender: parking_lot::Mutex<Option<NumberedH2>>,
-    /// The number of the connection in `sender` (0: none), written under its lock.
-    number: AtomicU64,
 }
 
 impl H2Shard {
     fn new() -> Self {
         Self {
             sender: parking_lot::Mutex::new(None),
-            number: AtomicU64::new(0),
         }
     }
 
     /// Puts `connection` in the shard (`None`: empties it), under its lock.
     fn set(&self, sender: &mut Option<NumberedH2>, connection: Option<NumberedH2>) {
-        self.number.store(
-            connection.as_ref().map_or(0, |(n, _)| *n),
-            Ordering::Relaxed,
-        );
         *sender = connection;
     }
 }
@@ -631,10 +623,11 @@ impl EndpointPool {
     ) -> SendFuture {
         if self.settings.h2 {
             added.apply(&mut request, None);
-            let number = self.h2_current();
-            // A shared word only for a request that finds no connection: one per
-            // connection, not per request.
-            let dialled = (number == 0).then(|| Arc::new(AtomicU64::new(0)));
+            let (number, open) = self.h2_held();
+            // A shared word only for a request that finds no open connection (none yet,
+            // or the one held has closed): it dials or waits for the next, whose number
+            // its timeout must retire. One per connection, not per request.
+            let dialled = (!open).then(|| Arc::new(AtomicU64::new(0)));
             let pool = self.clone();
             return SendFuture(Sending::H2 {
                 pool,
@@ -701,11 +694,16 @@ impl EndpointPool {
         sender.as_ref().map(|(n, s)| (*n, s.clone()))
     }
 
-    /// The number of this thread's HTTP/2 connection (0: none yet): one load, no lock.
-    fn h2_current(&self) -> u64 {
-        self.h2
-            .get(thread_shard())
-            .map_or(0, |shard| shard.number.load(Ordering::Relaxed))
+    /// The number of this thread's HTTP/2 connection (0: none yet), and whether it is open
+    /// (a closed one is replaced by the next request's dial).
+    fn h2_held(&self) -> (u64, bool) {
+        self.h2.get(thread_shard()).map_or((0, false), |shard| {
+            shard
+                .sender
+                .lock()
+                .as_ref()
+                .map_or((0, false), |(n, sender)| (*n, !sender.is_closed()))
+        })
     }
 
     /// A request sent while connection `number` was this thread's timed out before its
@@ -790,6 +788,13 @@ impl EndpointPool {
                 None => return Err(UpstreamError::Http(e.into_error())),
             },
         };
+        if response.status().as_u16() > 599 {
+            // 600 to 999 are no status codes (RFC 9110 §15), which hyper's HTTP/2 client
+            // passes on: refused as an HTTP/1 upstream's are (a `502`, its failure).
+            return Err(UpstreamError::H1(h1::Failure::Protocol(h1::ProtocolError(
+                "invalid status code",
+            ))));
+        }
         Ok(response.map(|body| PooledBody::unpooled(body, self)))
     }
 

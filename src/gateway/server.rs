@@ -1238,8 +1238,9 @@ pin_project_lite::pin_project! {
 /// `HEADERS` frame sent a byte every few seconds, or a header block spread over
 /// one-byte `CONTINUATION` frames, kept a connection open for ever (slowloris), where
 /// an HTTP/1 client has [`HEADER_READ_TIMEOUT`] for a whole head. Nor do the bytes of
-/// the preface, of a frame's header, or of any frame's payload but `DATA`'s (a request
-/// body in flight, which the route's timeout bounds).
+/// the preface, of a frame's header, or of any frame's payload but the `DATA` of a stream
+/// the client has open (a request body in flight, which the route's timeout bounds): a
+/// `DATA` frame trickled on a stream never opened, or already ended, is no progress.
 #[derive(Debug)]
 struct Frames {
     /// Bytes of the connection preface still to come.
@@ -1256,7 +1257,16 @@ struct Frames {
     /// A header block is open: a `HEADERS` or `PUSH_PROMISE` frame was read, and not yet
     /// the frame with `END_HEADERS`.
     in_block: bool,
+    /// The streams the client has open for `DATA`: opened by `HEADERS` without
+    /// `END_STREAM`, not yet ended by `END_STREAM` or `RST_STREAM` (at most
+    /// [`OPEN_STREAMS`], the oldest forgotten past them).
+    open: Vec<u32>,
 }
+
+/// How many of a client's open streams [`Frames`] follows: more than the server lets a
+/// client have at once (`max_concurrent_streams`, 100 by default; a stream the server
+/// refused stays here until ended or forgotten).
+const OPEN_STREAMS: usize = 1024;
 
 impl Default for Frames {
     fn default() -> Self {
@@ -1268,6 +1278,7 @@ impl Default for Frames {
             data: false,
             ends_block: false,
             in_block: false,
+            open: Vec::new(),
         }
     }
 }
@@ -1280,6 +1291,8 @@ impl Frames {
         const HEADERS: u8 = 0x1;
         const PUSH_PROMISE: u8 = 0x5;
         const CONTINUATION: u8 = 0x9;
+        const RST_STREAM: u8 = 0x3;
+        const END_STREAM: u8 = 0x1;
         const END_HEADERS: u8 = 0x4;
         let mut progress = false;
         if self.preface_left > 0 {
@@ -1296,9 +1309,27 @@ impl Frames {
                 if self.header_len < self.header.len() {
                     break;
                 }
-                let [l0, l1, l2, kind, flags, ..] = self.header;
+                let [l0, l1, l2, kind, flags, s0, s1, s2, s3] = self.header;
                 self.payload_left = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
-                self.data = kind == DATA;
+                let stream = u32::from_be_bytes([s0 & 0x7f, s1, s2, s3]);
+                let at = self.open.iter().position(|&s| s == stream);
+                // Only a stream the client has open carries a body whose bytes count.
+                self.data = kind == DATA && at.is_some();
+                match (kind, at) {
+                    (HEADERS, None) if flags & END_STREAM == 0 && stream != 0 => {
+                        if self.open.len() == OPEN_STREAMS {
+                            self.open.remove(0);
+                        }
+                        self.open.push(stream);
+                    }
+                    (DATA | HEADERS, Some(at)) if flags & END_STREAM != 0 => {
+                        self.open.remove(at);
+                    }
+                    (RST_STREAM, Some(at)) => {
+                        self.open.remove(at);
+                    }
+                    _ => {}
+                }
                 self.in_block |= kind == HEADERS || kind == PUSH_PROMISE;
                 self.ends_block = matches!(kind, HEADERS | PUSH_PROMISE | CONTINUATION)
                     && flags & END_HEADERS != 0;
@@ -1828,6 +1859,13 @@ mod tests {
         assert!(!frames.feed(&data[..9]));
         assert!(frames.feed(&data[9..20]));
         assert!(frames.feed(&data[20..]));
+        // Ended by END_STREAM: a DATA frame trickled on it after is no progress, nor
+        // one on a stream never opened (until whole).
+        let last = frame(10, 0x0, 0x1);
+        assert!(frames.feed(&last), "the body's last frame");
+        let late = frame(100, 0x0, 0);
+        assert!(!frames.feed(&late[..50]), "DATA on an ended stream");
+        assert!(frames.feed(&late[50..]), "a whole frame");
         // Several frames in one read: the last one decides nothing alone.
         let mut both = frame(8, 0x6, 0);
         both.extend_from_slice(&frame(4, 0x1, 0)[..5]);

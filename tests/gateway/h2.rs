@@ -1090,3 +1090,196 @@ async fn a_zero_padded_content_length_from_a_client_is_not_an_h2_upstreams_failu
     );
     gw.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------
+// Review probes (this session's changes, their HTTP/2 twins).
+
+/// `upstream_h1::an_invalid_status_code_is_handled_as_a_server_error`, over an HTTP/2
+/// upstream (`protocol = "h2"`): RFC 9110 §15 has a client treat a status of 600–999 as
+/// a 5xx, and the gateway refuses one from an HTTP/1 upstream as a broken answer (the
+/// route's fallback answers in its place). hyper's HTTP/2 client parses `:status: 600`
+/// as a status, so the same answer from an HTTP/2 upstream must be refused as well, not
+/// passed on to the client and counted as a success.
+#[tokio::test]
+async fn an_h2_upstreams_invalid_status_code_is_handled_as_a_server_error() {
+    let mut wrong = Vec::new();
+    for code in [500u16, 600, 999] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = hyper::service::service_fn(move |_: Request<Incoming>| async move {
+                    Ok::<_, hyper::Error>(
+                        Response::builder()
+                            .status(code)
+                            .body(Full::new(Bytes::from_static(b"oops")))
+                            .unwrap(),
+                    )
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        let gw = super::spawn_gateway(&format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+             timeout = \"5s\"\n\n\
+             [routes.fallback]\nstatus = 200\nbody = '{{\"cached\":true}}'\n\n\
+             [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+        ))
+        .await;
+        let answer = timeout(BOUND, exchange(gw.local_addr(), get("/api/x").as_bytes()))
+            .await
+            .expect("no hang");
+        if !answer.to_ascii_lowercase().contains("x-seawall-fallback") {
+            wrong.push(format!(
+                "{code}: forwarded as {}: {answer:?}",
+                status_of(&answer)
+            ));
+        }
+        gw.shutdown().await;
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// `an_h2_head_trickled_a_byte_at_a_time_is_cut_like_an_http1_one`, with a `DATA` frame
+/// in place of the `HEADERS` one: the connection's reader counts any byte of a `DATA`
+/// frame's payload as the client's progress ("a request body in flight, which the
+/// route's timeout bounds"), but this frame is on a stream the client never opened, so
+/// no request, route or timeout exists to bound it. A client that sends the preface and
+/// then a 16 KiB `DATA` frame a byte every 2 s (hyper sees nothing until the frame is
+/// whole: 9 hours) must lose its connection as the trickled head does, well before 20 s.
+#[tokio::test]
+async fn an_h2_data_frame_trickled_on_no_stream_is_cut_like_a_trickled_head() {
+    let up = upstream(false).await;
+    let gw = gateway(up.addr, true, "").await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // SETTINGS, empty; then a DATA frame on stream 1 (never opened) announcing 16 384
+    // bytes, of which only the first is sent.
+    stream
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    stream
+        .write_all(&[0x00, 0x40, 0x00, 0x00, 0x00, 0, 0, 0, 1, 0])
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    let mut closed_at = None;
+    for _ in 0..30 {
+        let ended = timeout(Duration::from_secs(2), async {
+            let mut buf = [0u8; 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        if ended.is_ok() || stream.write_all(&[0]).await.is_err() {
+            closed_at = Some(start.elapsed());
+            break;
+        }
+    }
+    tokio::time::resume();
+    assert!(
+        closed_at.is_some_and(|at| at <= Duration::from_secs(20)),
+        "an HTTP/2 connection trickling a DATA frame for a stream it never opened, a byte \
+         every 2 s, was closed at {closed_at:?} (None: still open after 60 s); a trickled \
+         head is cut at 10 s"
+    );
+    assert_eq!(up.hits.load(SeqCst), 0);
+    gw.shutdown().await;
+}
+
+/// `a_stalled_h2_connection_is_retired_by_the_request_that_dialled_it`, for a connection
+/// dialled in place of one that closed: the upstream's first connection serves one
+/// request and closes (a restart, a `max_requests` on the upstream); the request after
+/// it dials a second connection, which stalls. That request's timeout must retire the
+/// connection it dialled, as the first request's does, so the third request goes on a
+/// new (third) connection and is served, not black-holed on the stalled one.
+#[tokio::test]
+async fn a_stalled_h2_connection_dialled_after_a_closed_one_is_retired() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let first_closed = Arc::new(Notify::new());
+    let (count, closed) = (accepted.clone(), first_closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let n = count.fetch_add(1, SeqCst);
+            if n == 1 {
+                // The second connection: read and discard, never answer.
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+                continue;
+            }
+            let served = Arc::new(Notify::new());
+            let notify = served.clone();
+            let svc = hyper::service::service_fn(move |_: Request<Incoming>| {
+                notify.notify_one();
+                async { Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+            });
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc);
+                let mut conn = std::pin::pin!(conn);
+                if n == 0 {
+                    // The first connection: one request served, then closed.
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        () = served.notified() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                    closed.notify_one();
+                } else {
+                    let _ = conn.await;
+                }
+            });
+        }
+    });
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"300ms\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let answer = timeout(BOUND, exchange(gw.local_addr(), get("/api/x").as_bytes()))
+            .await
+            .expect("no hang");
+        statuses.push(status_of(&answer));
+        if i == 0 {
+            // The first connection is gone before the second request.
+            timeout(BOUND, first_closed.notified())
+                .await
+                .expect("the first connection closed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(
+        statuses,
+        [200, 504, 200],
+        "the stalled connection dialled after a closed one was not retired by the \
+         timeout of the request that dialled it; connections accepted by the upstream: {}",
+        accepted.load(SeqCst)
+    );
+    gw.shutdown().await;
+}
