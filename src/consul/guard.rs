@@ -501,6 +501,14 @@ async fn heartbeat_loop(
     let mut rng = seed(shared.registration.id());
     let mut failures = 0u32;
     let mut next = super::later(period);
+    // The shortest TTL, and when the agent last took a report (the first, just made).
+    let ttl = shared
+        .registration
+        .ttl_checks()
+        .map(|(_, ttl)| ttl)
+        .min()
+        .unwrap_or(period);
+    let mut reported = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
@@ -511,9 +519,11 @@ async fn heartbeat_loop(
                 status.borrow_and_update();
             }
         }
-        // Each report bounded by the period: an agent that holds one (a disk stall, a
-        // hung connection) must not hold back the next until the check's TTL lapses (the
-        // client's own limit, 10 s by default, is unrelated to the TTL).
+        // Each report bounded: an agent that holds one (a disk stall, a hung connection)
+        // must not hold back the next until the check's TTL lapses (the client's own
+        // limit, 10 s by default, is unrelated to the TTL). Half of what is left of the
+        // TTL since the last report taken, and at least a period: a slow agent answering
+        // every report in more than a period still takes them.
         let report = async {
             match shared.beat().await {
                 Err(e) if e.is_unknown_check() => {
@@ -532,13 +542,16 @@ async fn heartbeat_loop(
                 other => other,
             }
         };
-        let result = match tokio::time::timeout(period, report).await {
+        let left = ttl.saturating_sub(reported.elapsed());
+        let bound = period.max(left / 2);
+        let result = match tokio::time::timeout(bound, report).await {
             Ok(result) => result,
-            Err(_) => Err(ConsulError::timeout(period)),
+            Err(_) => Err(ConsulError::timeout(bound)),
         };
         match result {
             Ok(()) => {
                 failures = 0;
+                reported = tokio::time::Instant::now();
                 next = super::later(period);
             }
             Err(_error) => {

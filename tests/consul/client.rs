@@ -1515,3 +1515,52 @@ fn a_registration_address_no_watch_can_dial_is_refused_at_build() {
             .unwrap_or_else(|e| panic!("{address}: {e}"));
     }
 }
+
+/// The agent answers every check update, slowly but well within the TTL (a busy agent
+/// syncing its state to disk).
+fn every_update_takes_400ms(line: &str) -> Duration {
+    if line.contains("/v1/agent/check/update/") {
+        Duration::from_millis(400)
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// A heartbeat shorter than the agent's answer time is valid (the builder only asks it
+/// to be shorter than the TTL), and an agent that answers each report in 400 ms, with a
+/// TTL of 3 s, keeps the check passing. Each report is now cut at the heartbeat period
+/// (250 ms): every one after the first (unbounded, inside `register_with`) times out and
+/// is retried, and is cut again; none succeeds, for ever, though the agent is healthy.
+#[tokio::test]
+async fn a_slow_but_healthy_agent_keeps_getting_heartbeats() {
+    let (addr, _lines) = slow_agent(every_update_takes_400ms).await;
+    let client = ConsulClient::new(ConsulConfig::builder().address(addr).build().unwrap());
+    let registration = ServiceRegistration::builder("svc")
+        .id("svc-slow-1")
+        .address("127.0.0.1")
+        .port(8080)
+        .check(Check::ttl(Duration::from_secs(3)).id("svc-slow-1:ttl"))
+        .build()
+        .unwrap();
+    let config = GuardConfig::builder()
+        .heartbeat(Duration::from_millis(250))
+        .retry_base(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let guard = RegistrationGuard::register_with(client, registration, config)
+        .await
+        .unwrap();
+    assert_eq!(
+        guard.heartbeats(),
+        1,
+        "the first report, inside register_with"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        guard.heartbeats() >= 3,
+        "an agent answering every report in 400 ms (TTL 3 s) got no report through in \
+         2.5 s: {} heartbeats succeeded in all; the check lapses to critical",
+        guard.heartbeats()
+    );
+    drop(guard);
+}
