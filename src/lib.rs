@@ -147,10 +147,8 @@ pub mod observability;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod problem;
 pub mod rate_limit;
-/// Request path normalisation: `gateway::path` (feature `gateway`), and the keys of
-/// `rate_limit::http::PathKey`.
 #[cfg(feature = "http")]
-#[doc(hidden)]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod uri_path;
 mod util;
 

@@ -1,6 +1,8 @@
-//! Request path normalisation, done before route matching (as Envoy's `normalize_path`
-//! and `merge_slashes` do), so that a route is chosen on the path an upstream will act on,
-//! and that normal path is what the upstream receives.
+//! Request path normalisation (feature `http`): what the gateway does before route
+//! matching (as Envoy's `normalize_path` and `merge_slashes` do), so that a route is
+//! chosen on the path an upstream will act on, and that normal path is what the upstream
+//! receives; and what [`PathKey`](crate::rate_limit::http::PathKey) keys. The gateway's
+//! `gateway::path` is this module.
 //!
 //! [`normalize`] with both options on (the default):
 //!
@@ -480,6 +482,8 @@ pub fn under_prefix(path: &str, prefix: &str) -> bool {
 /// clients percent-encode (any non-ASCII character, `"`, `<`, `>`, `` ` ``, `{`, `}`)
 /// written as its escapes, in upper case (`/caf%C3%A9`), and unreserved characters
 /// (letters, digits, `-._~`) never escaped.
+// The gateway checks its routes' prefixes with it.
+#[cfg_attr(not(feature = "gateway"), allow(dead_code))]
 pub(crate) fn check_prefix(prefix: &str) -> Result<(), String> {
     if !prefix.starts_with('/') {
         return Err("must start with '/'".into());

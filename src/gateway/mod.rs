@@ -634,7 +634,7 @@ pub mod h1_server;
 pub mod headers;
 pub mod jwt;
 mod metrics;
-#[doc(inline)]
+/// Request path normalisation: [`uri_path`](crate::uri_path), by its older name.
 pub use crate::uri_path as path;
 mod poll_clock;
 mod pool;
