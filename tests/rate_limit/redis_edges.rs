@@ -687,3 +687,63 @@ async fn a_client_keyed_all_does_not_drain_the_global_bucket() {
         "the global bucket was drained by the client keyed `all`: {global:?}"
     );
 }
+
+/// A request that costs nothing, on a key whose bucket a replica with a larger burst left
+/// deeper in debt than this replica's burst (a rolling deploy lowering the burst): the
+/// script answers `{0, wait, full_in}` (the bucket is short of even zero tokens by
+/// `wait` microseconds), and the limiter, reading a free request's answer as an admission,
+/// takes the wait, in microseconds, for the tokens remaining. A `RateLimit` header then
+/// says millions of requests remain out of a burst of 1.
+#[tokio::test]
+async fn a_free_request_never_reports_more_remaining_than_the_burst() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let old = limiter(&redis, "free-after-deploy", quota(60, 10)); // 1/s, burst 10
+    for _ in 0..10 {
+        assert!(old.acquire("k", 1).await.is_ok());
+    }
+    let new = limiter(&redis, "free-after-deploy", quota(60, 1)); // 1/s, burst 1
+    match new.acquire("k", 0).await {
+        Ok((admitted, _)) => assert!(
+            admitted.remaining <= admitted.limit,
+            "a free request is told {} tokens remain of a burst of {}",
+            admitted.remaining,
+            admitted.limit
+        ),
+        Err(e) => panic!("a free request was refused: {e:?}"),
+    }
+}
+
+/// Another program (or an operator's mistake) leaves one bucket's key of another type (a
+/// hash): Redis answers that key's checks with `WRONGTYPE`, a reply about that key's data,
+/// while Redis itself is up and answering. Those errors count as Redis failures in the one
+/// breaker guarding every key: ten checks of the broken key open it, and then every other
+/// key, whose bucket is fine, is answered by the failure policy (here `FailClosed`: all
+/// refused as unavailable; under `FailOpen`, each replica admits its local share unchecked).
+#[tokio::test]
+async fn one_key_of_the_wrong_type_does_not_open_the_breaker_for_every_key() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let limiter = limiter(&redis, "wrongtype", quota(60, 100));
+    {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: i64 = redis::cmd("HSET")
+            .arg("wrongtype:{broken}")
+            .arg("field")
+            .arg("value")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // The broken key's checks fail (with an error, no panic)…
+    for _ in 0..12 {
+        let answer = limiter.acquire("broken", 1).await;
+        assert!(answer.is_err(), "{answer:?}");
+    }
+    // …but Redis is up: another key's bucket is still Redis's to answer.
+    let healthy = limiter.acquire("healthy", 1).await;
+    assert!(
+        matches!(healthy, Ok((_, Source::Redis))),
+        "a healthy key while one key holds a hash: {healthy:?} (breaker {:?})",
+        limiter.breaker().state()
+    );
+}

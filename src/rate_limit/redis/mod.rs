@@ -244,7 +244,10 @@ local tau = tonumber(ARGV[2])
 local need = tonumber(ARGV[3])
 local want = tonumber(ARGV[4])
 local tat, wrote = now, 0
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' and v.err then
+  return {-1, 0, 0}
+end
 if v then
   local sep = string.find(v, ':', 1, true)
   if sep then
@@ -262,6 +265,9 @@ if not (tat <= now + span) then
   redis.call('SET', KEYS[1], string.format('%.0f:%.0f', tat, span), 'PX', math.floor(span / 1000) + 1)
 end
 local available = math.floor((limit - tat) / interval)
+if need == 0 then
+  return {0, math.max(available, 0), tat - now}
+end
 if available < need then
   return {0, tat + need * interval - limit, tat - now}
 end
@@ -283,6 +289,25 @@ pub enum FailurePolicy {
     /// Refuse every request until Redis is back.
     FailClosed,
 }
+
+/// A bucket's key in Redis holds another type than the limiter writes (a hash, a list:
+/// another program wrote it): the check fails for that key, answered by the failure
+/// policy, without counting against Redis's health (the breaker that turns every key to
+/// the policy).
+#[derive(Debug)]
+struct KeyOfAnotherType(String);
+
+impl fmt::Display for KeyOfAnotherType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the rate-limit key {:?} holds another type in Redis (WRONGTYPE)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for KeyOfAnotherType {}
 
 /// A refusal or failure of the Redis-backed limiter.
 #[derive(Debug)]
@@ -773,8 +798,17 @@ impl RedisRateLimiter {
     ) -> Result<Result<(Admitted, u32), RateLimited>, BoxError> {
         let inner = &self.inner;
         let cell = inner.conn.read().clone();
+        // A key of another type is one key's fault, not Redis's: not counted by the
+        // breaker, which would otherwise turn every key to the failure policy.
+        let classify = |result: Result<&_, &BoxError>| match result {
+            Err(e) if e.is::<KeyOfAnotherType>() => crate::circuit_breaker::Outcome::Ignored,
+            Err(_) => crate::circuit_breaker::Outcome::Failure,
+            Ok(_) => crate::circuit_breaker::Outcome::Success,
+        };
         let mut svc = ServiceBuilder::new()
-            .layer(CircuitBreakerLayer::from_breaker(inner.breaker.clone()))
+            .layer(
+                CircuitBreakerLayer::from_breaker(inner.breaker.clone()).with_classifier(classify),
+            )
             .timeout(inner.timeout)
             .service_fn(|(key, need, want): (String, u32, u32)| {
                 let this = self.clone();
@@ -873,6 +907,11 @@ impl RedisRateLimiter {
         let &[granted, value, full_in] = reply.as_slice() else {
             return Err(format!("unexpected reply from the rate-limit script: {reply:?}").into());
         };
+        if granted < 0 {
+            // The bucket's key holds another type (a hash, a list: written by another
+            // program): this key's fault, not Redis's (see `KeyOfAnotherType`).
+            return Err(Box::new(KeyOfAnotherType(key.to_owned())));
+        }
         let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
         let window = Duration::from_micros(inner.tau_us);
         // A request for no tokens is never refused by the script (nothing is short), but
