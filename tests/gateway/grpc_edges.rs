@@ -186,13 +186,21 @@ async fn a_streamed_body_over_the_limit_after_the_head_is_not_the_upstreams_fail
 /// breakers with a short deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_deadline_kept_by_the_upstream_mid_stream_is_not_its_failure() {
+    deadlines_kept_mid_stream_are_the_callers("timeout = \"30s\"", "100m").await;
+}
+
+/// Four calls with `grpc_timeout` through a gateway whose route has `route` settings, to
+/// an upstream that keeps the deadline (it ends each stream with `DEADLINE_EXCEEDED` in
+/// its trailers when the deadline passes): each call ends `4`, none counts against the
+/// endpoint, and all four are the route's `client_errors.deadline`.
+async fn deadlines_kept_mid_stream_are_the_callers(route: &str, grpc_timeout: &str) {
     let (addr, calls) = h2_upstream(Behaviour::KeepsTheDeadline).await;
-    let gw = h2_gateway(addr, "timeout = \"30s\"").await;
+    let gw = h2_gateway(addr, route).await;
     for i in 0..4 {
         let mut client = h2_client(gw.local_addr()).await;
         let (response, _send) = client
             .send_request(
-                grpc_request(gw.local_addr(), &[("grpc-timeout", "100m")]),
+                grpc_request(gw.local_addr(), &[("grpc-timeout", grpc_timeout)]),
                 true,
             )
             .unwrap();
@@ -755,32 +763,11 @@ async fn a_stream_reset_at_the_callers_deadline_is_not_the_upstreams_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_deadline_longer_than_the_route_timeout_kept_mid_stream_is_not_the_upstreams_failure()
  {
-    let (addr, calls) = h2_upstream(Behaviour::KeepsTheDeadline).await;
-    let gw = h2_gateway(addr, "timeout = \"100ms\"\nbody_timeout = \"10s\"").await;
-    for i in 0..4 {
-        let mut client = h2_client(gw.local_addr()).await;
-        let (response, _send) = client
-            .send_request(
-                grpc_request(gw.local_addr(), &[("grpc-timeout", "300m")]),
-                true,
-            )
-            .unwrap();
-        let response = timeout(BOUND, response).await.unwrap().unwrap();
-        assert_eq!(response.status(), 200, "call {i}");
-        let mut body = response.into_body();
-        let status = timeout(BOUND, drain(&mut body)).await.unwrap().unwrap();
-        assert_eq!(status.as_deref(), Some("4"), "call {i}");
-    }
-    settled(&gw, 4).await;
-    assert_eq!(calls.load(SeqCst), 4);
-    let e = endpoint(&gw);
-    assert_eq!(
-        (e.failures, e.ejected, e.breaker.as_deref()),
-        (0, false, Some("closed")),
-        "the caller's own deadline counted against the upstream: {e:?}"
-    );
-    assert_eq!(super::limits::route(&gw).client_errors.deadline, 4);
-    gw.shutdown().await;
+    deadlines_kept_mid_stream_are_the_callers(
+        "timeout = \"100ms\"\nbody_timeout = \"10s\"",
+        "300m",
+    )
+    .await;
 }
 
 /// The deadline guard reads another `grpc-timeout` than the upstream keeps. A caller

@@ -864,29 +864,49 @@ async fn a_content_length_list_accepted_from_a_client_is_sent_to_an_h2_upstream_
 async fn an_h2_head_trickled_a_byte_at_a_time_is_cut_like_an_http1_one() {
     let up = upstream(false).await;
     let gw = gateway(up.addr, true, "").await;
-    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    // A HEADERS frame on stream 1 announcing 16 384 bytes (END_STREAM | END_HEADERS) of
+    // which only the first, `:method: GET`, is sent; then one more every 2 s.
+    let closed_at = when_a_trickled_frame_is_cut(
+        gw.local_addr(),
+        &[0x00, 0x40, 0x00, 0x01, 0x05, 0, 0, 0, 1, 0x82],
+        0x82,
+    )
+    .await;
+    assert!(
+        closed_at.is_some_and(|at| at <= Duration::from_secs(20)),
+        "an HTTP/2 connection whose request head was trickled a byte every 2 s was \
+         closed at {closed_at:?} (None: still open after 60 s); an HTTP/1 head gets 10 s \
+         in all"
+    );
+    assert_eq!(up.hits.load(SeqCst), 0);
+    gw.shutdown().await;
+}
+
+/// Connects to the gateway over h2c, sends the preface, an empty SETTINGS and `first`
+/// (a frame's header and the first byte of its payload), then `byte` every 2 s of
+/// paused time for 60 s, reading and dropping what the gateway sends: when the
+/// connection was closed, if it was.
+async fn when_a_trickled_frame_is_cut(
+    gateway: SocketAddr,
+    first: &[u8],
+    byte: u8,
+) -> Option<Duration> {
+    let mut stream = TcpStream::connect(gateway).await.unwrap();
     stream
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
         .unwrap();
-    // SETTINGS, empty; then a HEADERS frame on stream 1 announcing 16 384 bytes
-    // (END_STREAM | END_HEADERS) of which only the first, `:method: GET`, is sent.
     stream
         .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
         .await
         .unwrap();
-    stream
-        .write_all(&[0x00, 0x40, 0x00, 0x01, 0x05, 0, 0, 0, 1, 0x82])
-        .await
-        .unwrap();
+    stream.write_all(first).await.unwrap();
     for _ in 0..5 {
         tokio::task::yield_now().await;
     }
     tokio::time::pause();
     let start = tokio::time::Instant::now();
     let mut closed_at = None;
-    // 60 s of trickling: one more byte of the head every 2 s, the gateway's frames read
-    // and dropped in between.
     for _ in 0..30 {
         let ended = timeout(Duration::from_secs(2), async {
             let mut buf = [0u8; 1024];
@@ -898,20 +918,13 @@ async fn an_h2_head_trickled_a_byte_at_a_time_is_cut_like_an_http1_one() {
             }
         })
         .await;
-        if ended.is_ok() || stream.write_all(&[0x82]).await.is_err() {
+        if ended.is_ok() || stream.write_all(&[byte]).await.is_err() {
             closed_at = Some(start.elapsed());
             break;
         }
     }
     tokio::time::resume();
-    assert!(
-        closed_at.is_some_and(|at| at <= Duration::from_secs(20)),
-        "an HTTP/2 connection whose request head was trickled a byte every 2 s was \
-         closed at {closed_at:?} (None: still open after 60 s); an HTTP/1 head gets 10 s \
-         in all"
-    );
-    assert_eq!(up.hits.load(SeqCst), 0);
-    gw.shutdown().await;
+    closed_at
 }
 
 /// The HTTP/1 server keeps at most 64 KiB of answer queued for a client that reads
@@ -1155,44 +1168,14 @@ async fn an_h2_upstreams_invalid_status_code_is_handled_as_a_server_error() {
 async fn an_h2_data_frame_trickled_on_no_stream_is_cut_like_a_trickled_head() {
     let up = upstream(false).await;
     let gw = gateway(up.addr, true, "").await;
-    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .unwrap();
-    // SETTINGS, empty; then a DATA frame on stream 1 (never opened) announcing 16 384
-    // bytes, of which only the first is sent.
-    stream
-        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
-        .await
-        .unwrap();
-    stream
-        .write_all(&[0x00, 0x40, 0x00, 0x00, 0x00, 0, 0, 0, 1, 0])
-        .await
-        .unwrap();
-    for _ in 0..5 {
-        tokio::task::yield_now().await;
-    }
-    tokio::time::pause();
-    let start = tokio::time::Instant::now();
-    let mut closed_at = None;
-    for _ in 0..30 {
-        let ended = timeout(Duration::from_secs(2), async {
-            let mut buf = [0u8; 1024];
-            loop {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-        if ended.is_ok() || stream.write_all(&[0]).await.is_err() {
-            closed_at = Some(start.elapsed());
-            break;
-        }
-    }
-    tokio::time::resume();
+    // A DATA frame on stream 1 (never opened) announcing 16 384 bytes, of which only the
+    // first is sent; then one more every 2 s.
+    let closed_at = when_a_trickled_frame_is_cut(
+        gw.local_addr(),
+        &[0x00, 0x40, 0x00, 0x00, 0x00, 0, 0, 0, 1, 0],
+        0,
+    )
+    .await;
     assert!(
         closed_at.is_some_and(|at| at <= Duration::from_secs(20)),
         "an HTTP/2 connection trickling a DATA frame for a stream it never opened, a byte \
