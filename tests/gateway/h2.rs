@@ -1066,7 +1066,7 @@ async fn length_logging_h2_upstream() -> (SocketAddr, Arc<parking_lot::Mutex<Vec
 }
 
 /// The gateway's HTTP/1 server accepts a `Content-Length` with leading zeros however many
-/// (`b129afe`: "leading zeros no longer count against Content-Length's 19 digits"), and
+/// (`9b347d4`: "leading zeros no longer count against Content-Length's 19 digits"), and
 /// an all-digit value is passed on as the client wrote it. HTTP/2 (the `h2` crate, which
 /// hyper's HTTP/2 servers use) reads at most 19 digits: a 20-digit `Content-Length: 0…05`
 /// makes the upstream reset the stream (PROTOCOL_ERROR), the client gets a 502 and the
