@@ -206,9 +206,6 @@ impl Future for UpstreamFuture {
         let this = self.project();
         if let Poll::Ready(result) = Pin::new(&mut *this.send).poll(cx) {
             let mut result = result;
-            // A gRPC answer whose status is still to come: how it ends is judged against
-            // the client's body and the caller's deadline too. In place: no move of the
-            // response for the answers that are not.
             // An answer that came while the client still sends its body (an upstream
             // streaming its answer to the upload): a stall of that answer may be the
             // client's (see `BodyTimeout`).
@@ -217,6 +214,9 @@ impl Future for UpstreamFuture {
             {
                 response.extensions_mut().insert(Upload(body.clone()));
             }
+            // A gRPC answer whose status is still to come: how it ends is judged against
+            // the client's body and the caller's deadline too. In place: no move of the
+            // response for the answers that are not.
             if let Ok(response) = &mut result
                 && response.body().head_facts().grpc()
                 && (this.body.is_some() || this.caller_deadline.is_some())

@@ -354,12 +354,10 @@ async fn a_client_body_fault_over_an_h2_upstream_is_the_clients() {
     gw.shutdown().await;
 }
 
-/// A multiplexed HTTP/2 upstream connection that stalls (its peer stops answering but
-/// the socket stays open: a frozen process, a silent network drop) must not black-hole
-/// every later request to the endpoint while the endpoint accepts and serves new
-/// connections.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_h2_upstream_connection_is_replaced() {
+/// An HTTP/2 upstream whose first connection stalls (read and discarded, never
+/// answered: a frozen process, a silent drop) while later ones serve `ok`: its address
+/// and how many connections it accepted.
+async fn first_connection_stalls() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -383,6 +381,16 @@ async fn a_stalled_h2_upstream_connection_is_replaced() {
             );
         }
     });
+    (addr, accepted)
+}
+
+/// A multiplexed HTTP/2 upstream connection that stalls (its peer stops answering but
+/// the socket stays open: a frozen process, a silent network drop) must not black-hole
+/// every later request to the endpoint while the endpoint accepts and serves new
+/// connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_h2_upstream_connection_is_replaced() {
+    let (addr, accepted) = first_connection_stalls().await;
     let gw = super::spawn_gateway(&format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
          [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"300ms\"\n\n\
@@ -679,29 +687,7 @@ async fn connect_over_h2_is_refused_and_never_proxied() {
 /// which all found no connection when they were sent) as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_h2_connection_is_retired_by_the_request_that_dialled_it() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            if count.fetch_add(1, SeqCst) == 0 {
-                // The first connection: read and discard, never answer.
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-                });
-                continue;
-            }
-            let svc = hyper::service::service_fn(|_: Request<Incoming>| async {
-                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-            });
-            tokio::spawn(
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc),
-            );
-        }
-    });
+    let (addr, accepted) = first_connection_stalls().await;
     let gw = super::spawn_gateway(&format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
          [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"300ms\"\n\n\
