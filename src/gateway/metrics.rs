@@ -167,7 +167,7 @@ fn describe_gateway() {
     );
     describe_counter!(
         "seawall_gateway_refused_total",
-        "HTTP/1 request heads refused before routing (400, 431, 501, 505)."
+        "Requests refused before routing: HTTP/1 heads (400, 431, 501, 505), refused hosts and paths (400)."
     );
     describe_counter!(
         "seawall_gateway_send_timeouts_total",

@@ -420,19 +420,26 @@ impl Gateway {
                 Ok(host) => {
                     request.headers_mut().insert(header::HOST, host);
                 }
-                Err(_) => return Err(bad_path(request, peer, "invalid Host header")),
+                Err(_) => {
+                    return Err(bad_path(
+                        &self.inner.refused,
+                        request,
+                        peer,
+                        "invalid Host header",
+                    ));
+                }
             }
         }
         // Exactly one valid `Host` (RFC 9112 §3.2), whatever the path: before routing, so
         // that unmatched and admin paths are held to it too.
         if let Err(bad) = check_request(request.version(), request.headers(), false) {
-            return Err(bad_path(request, peer, bad.message()));
+            return Err(bad_path(&self.inner.refused, request, peer, bad.message()));
         }
         // Matched and forwarded on its normal form; rewritten only when not normal.
         let rewritten = match normalize(request.uri().path(), self.inner.paths) {
             Ok(Cow::Borrowed(_)) => None,
             Ok(Cow::Owned(path)) => Some(path),
-            Err(e) => return Err(bad_path(request, peer, &e.to_string())),
+            Err(e) => return Err(bad_path(&self.inner.refused, request, peer, &e.to_string())),
         };
         if let Some(mut path) = rewritten {
             if let Some(query) = request.uri().query() {
@@ -441,7 +448,7 @@ impl Gateway {
             }
             match Uri::try_from(path) {
                 Ok(uri) => *request.uri_mut() = uri,
-                Err(_) => return Err(bad_path(request, peer, "invalid path")),
+                Err(_) => return Err(bad_path(&self.inner.refused, request, peer, "invalid path")),
             }
         }
         Ok(())
@@ -1654,8 +1661,15 @@ fn admin_token_matches(headers: &http::HeaderMap, expected: &[u8; 32]) -> bool {
         == 0
 }
 
-/// `400` for a path [`normalize`] refuses; logged, never routed.
-fn bad_path<B>(request: &Request<B>, peer: &Peer, reason: &str) -> Response<Body> {
+/// `400` for a path [`normalize`] refuses (or a `Host` [`check_request`] does); logged,
+/// counted among the refused requests, never routed.
+fn bad_path<B>(
+    refused: &AtomicU64,
+    request: &Request<B>,
+    peer: &Peer,
+    reason: &str,
+) -> Response<Body> {
+    refused.fetch_add(1, Relaxed);
     #[cfg(feature = "tracing")]
     tracing::debug!(
         target: "seawall::gateway",

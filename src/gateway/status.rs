@@ -21,10 +21,12 @@ pub struct GatewayStatus {
     pub uptime_seconds: f64,
     /// Requests that matched no route (answered 404).
     pub unmatched: u64,
-    /// HTTP/1 request heads refused before any route saw them: malformed or ambiguous
+    /// Requests refused before any route saw them: HTTP/1 heads malformed or ambiguous
     /// (`400`: conflicting framing, no `Host`, ...), too large (`431`), with a transfer
-    /// coding other than `chunked` (`501`) or not HTTP/1.x (`505`). The connection is
-    /// closed after the answer.
+    /// coding other than `chunked` (`501`) or not HTTP/1.x (`505`), after which the
+    /// connection is closed; and requests of either protocol whose `Host` or path is
+    /// refused (`400`: an encoded `/`, `..` above the root, an invalid escape, a control
+    /// byte; see [`uri_path`](crate::uri_path)).
     #[serde(default)]
     pub refused: u64,
     /// Client connections closed because a write to them stayed blocked for

@@ -1400,3 +1400,41 @@ async fn a_client_reading_nothing_does_not_make_the_gateway_buffer_a_small_chunk
     drop(client);
     gw.shutdown().await;
 }
+
+/// A request whose path the gateway refuses (`400`: an encoded `/`, `..` above the root,
+/// an invalid escape, a control byte: the path-traversal probes a scanner sends) is
+/// counted somewhere in `/status.json` (`refused`: "request heads refused before any
+/// route saw them", or a route's or the unmatched figures), as every framing refusal
+/// is. Before, it was answered and counted nowhere: a scanner walking
+/// `..%2f..%2fetc/passwd` through the gateway left `/metrics` untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_refusals_are_counted_in_the_status() {
+    let up = Upstream::start(echo).await;
+    let gw = gateway(&up, "").await;
+    let targets = [
+        "/api/..%2f..%2fetc/passwd",
+        "/api/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/../../etc/passwd",
+        "/api/%zz",
+        "/api/a%00b",
+    ];
+    for target in targets {
+        let raw = get(target, "Connection: close\r\n");
+        let (reply, _) = one_answer(&gw, raw.as_bytes()).await;
+        assert_eq!(reply.status, 400, "{target}: {reply}");
+    }
+    up.assert_untouched("refused paths");
+    let status = gw.gateway().status();
+    let counted =
+        status.refused + status.unmatched + status.routes.iter().map(|r| r.requests).sum::<u64>();
+    assert_eq!(
+        counted,
+        targets.len() as u64,
+        "{} requests answered 400, counted: refused {}, unmatched {}, routes {:?}",
+        targets.len(),
+        status.refused,
+        status.unmatched,
+        status.routes.iter().map(|r| r.requests).collect::<Vec<_>>()
+    );
+    gw.shutdown().await;
+}
