@@ -39,16 +39,29 @@
 //! | `seawall_gateway_endpoint_outstanding` | gauge | `route`, `endpoint`, `address` | requests in flight |
 //! | `seawall_gateway_endpoint_ejected` | gauge | `route`, `endpoint`, `address` | 1 while ejected |
 //! | `seawall_gateway_endpoint_ejections_total` | counter | `route`, `endpoint`, `address` | ejections |
+//! | `seawall_gateway_endpoint_calls_total` | counter | `route`, `endpoint`, `address` | calls sent |
+//! | `seawall_gateway_endpoint_failures_total` | counter | `route`, `endpoint`, `address` | failed calls |
 //! | `seawall_gateway_endpoint_breaker_open` | gauge | `route`, `endpoint`, `address` | 1 while the endpoint's breaker rejects |
+//! | `seawall_gateway_endpoint_breaker_state` | gauge | `route`, `endpoint`, `address` | as `seawall_circuit_breaker_state` |
 //! | `seawall_gateway_unmatched_total` | counter | – | requests no route matched (404) |
 //! | `seawall_gateway_send_timeouts_total` | counter | – | client connections cut by `send_timeout` |
 //! | `seawall_gateway_retried_stale_total` | counter | – | requests sent again after a stale keep-alive connection failed |
 //! | `seawall_gateway_tls_handshakes_total` | counter | `result` (`ok`, `failed`, `timeout`) | TLS handshakes on the proxy listener (feature `tls`) |
 //! | `seawall_gateway_tls_reloads_total` | counter | `result` (`ok`, `failed`) | certificate reloads after their files changed |
 //!
+//! The series labelled by endpoint (`seawall_circuit_breaker_*` of a balancer's endpoint
+//! breakers, `seawall_balance_ejections_total`, `seawall_balance_readmissions_total`)
+//! stay in the recorder after their endpoint leaves: the facade cannot remove a series.
+//! For endpoints that come and go, turn them off with
+//! [`BalanceBuilder::endpoint_metrics`](crate::balance::BalanceBuilder::endpoint_metrics)
+//! and report [`BalanceHandle::endpoints`](crate::balance::BalanceHandle::endpoints) at
+//! each scrape, as the gateway does.
+//!
 //! In the gateway, the components are named after their route: the limiters
-//! `<route>/global` and `<route>/per-client`, the balancer `<route>/<service>`, and each
-//! endpoint's breaker `<route>/<service>/<endpoint>`.
+//! `<route>/global` and `<route>/per-client` and the balancer `<route>/<service>`. Its
+//! endpoints are reported only as the `seawall_gateway_endpoint_*` series, written at each
+//! scrape for the endpoints the route has then: one that discovery removed leaves none
+//! behind.
 //!
 //! With the feature `tracing`, the same components emit events (breaker transitions and
 //! rejections, limiter refusals, ejections, Consul watch changes and failures, one `DEBUG`

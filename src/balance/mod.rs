@@ -145,6 +145,7 @@ pub struct BalanceBuilder<C = ErrorsAreFailures> {
     when_empty: WhenEmpty,
     clock: Arc<dyn Clock>,
     seed: u64,
+    endpoint_metrics: bool,
 }
 
 impl Balance<Unbuilt> {
@@ -195,6 +196,7 @@ impl Default for BalanceBuilder {
             clock: Arc::new(TokioClock::new()),
             // Differs between balancers and processes: balancers do not draw in lockstep.
             seed: crate::util::seed("balance"),
+            endpoint_metrics: true,
         }
     }
 }
@@ -226,6 +228,24 @@ impl<C> BalanceBuilder<C> {
     #[must_use]
     pub fn endpoint_breaker(mut self, template: CircuitBreakerConfig) -> Self {
         self.breaker = Some(template);
+        self
+    }
+
+    /// Whether the series labelled by endpoint go to the `metrics` facade (default: on):
+    /// the endpoint breakers' `seawall_circuit_breaker_*` and
+    /// `seawall_balance_ejections_total` / `seawall_balance_readmissions_total`.
+    ///
+    /// The facade cannot remove a series, so with endpoints that come and go (a new
+    /// address or ID at each deploy) every endpoint the balancer ever had keeps its series
+    /// for the life of the process, an open breaker's state gauge included. Turn them off
+    /// for such fleets and read each endpoint's figures from
+    /// [`BalanceHandle::endpoints`] (as the gateway's `/metrics` does); the balancer's own
+    /// series (`seawall_balance_endpoints`, `seawall_balance_ejections_suppressed_total`)
+    /// stay, and an endpoint breaker then completes its calls on the path a breaker takes
+    /// without the `metrics` feature.
+    #[must_use]
+    pub fn endpoint_metrics(mut self, on: bool) -> Self {
+        self.endpoint_metrics = on;
         self
     }
 
@@ -264,6 +284,7 @@ impl<C> BalanceBuilder<C> {
             when_empty: self.when_empty,
             clock: self.clock,
             seed: self.seed,
+            endpoint_metrics: self.endpoint_metrics,
         }
     }
 
@@ -365,12 +386,14 @@ impl<C> BalanceBuilder<C> {
         K: Hash + Eq + Clone + fmt::Display,
         S: BalanceEndpoint,
     {
-        let shared = Arc::new(SetShared::new(
+        let mut shared = SetShared::new(
             self.name.clone(),
             self.clock.clone(),
             self.outlier.clone(),
             self.strategy,
-        ));
+        );
+        shared.endpoint_series = self.endpoint_metrics;
+        let shared = Arc::new(shared);
         let status = Arc::new(parking_lot::RwLock::new(Vec::new()));
         let default_rtt = match self.strategy {
             Strategy::PeakEwma { default_rtt, .. } => Some(default_rtt),
@@ -380,7 +403,11 @@ impl<C> BalanceBuilder<C> {
             shared: shared.clone(),
             status: status.clone(),
         };
-        let set = EndpointSet::new(shared, self.breaker.clone(), default_rtt, index, status);
+        let breaker = self.breaker.clone().map(|mut template| {
+            template.facade_metrics = self.endpoint_metrics;
+            template
+        });
+        let set = EndpointSet::new(shared, breaker, default_rtt, index, status);
         (set, handle)
     }
 }
@@ -397,6 +424,7 @@ impl<C> fmt::Debug for BalanceBuilder<C> {
             )
             .field("classifier", &std::any::type_name::<C>())
             .field("when_empty", &self.when_empty)
+            .field("endpoint_metrics", &self.endpoint_metrics)
             .finish()
     }
 }

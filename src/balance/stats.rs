@@ -36,6 +36,9 @@ pub(crate) struct SetShared {
     /// for each address a replica holds it at (replicas see an instance's moves at their
     /// own pace). Touched only when the endpoints change.
     pub(crate) members: parking_lot::Mutex<HashMap<Arc<str>, Vec<Member>>>,
+    /// Whether ejections and readmissions go to the facade labelled by endpoint
+    /// ([`BalanceBuilder::endpoint_metrics`](super::BalanceBuilder::endpoint_metrics)).
+    pub(crate) endpoint_series: bool,
 }
 
 /// An endpoint's figures and breaker as the replicas of a balancer share them, with what
@@ -70,6 +73,7 @@ impl SetShared {
             had_endpoints: std::sync::atomic::AtomicBool::new(false),
             replicas: AtomicUsize::new(0),
             members: parking_lot::Mutex::new(HashMap::new()),
+            endpoint_series: true,
         }
     }
 }
@@ -182,7 +186,7 @@ impl EndpointStats {
             self.set.ejected.fetch_sub(1, AcqRel);
             self.consecutive_failures.store(0, Relaxed);
             self.readmitted_at.store(now, Relaxed);
-            super::telemetry::readmitted(&self.set.name, &self.label);
+            super::telemetry::readmitted(&self.set.name, &self.label, self.set.endpoint_series);
         }
         false
     }
@@ -363,7 +367,8 @@ impl EndpointStats {
         }
         self.consecutive_failures.store(0, Relaxed);
         self.ejections_total.fetch_add(1, Relaxed);
-        super::telemetry::ejected(&set.name, &self.label, Duration::from_nanos(length));
+        let length = Duration::from_nanos(length);
+        super::telemetry::ejected(&set.name, &self.label, length, set.endpoint_series);
     }
 }
 

@@ -11,7 +11,9 @@
 
 use std::time::Duration;
 
-pub(crate) fn ejected(balancer: &str, endpoint: &str, duration: Duration) {
+/// `series`: whether the endpoint-labelled counter is kept (see
+/// [`BalanceBuilder::endpoint_metrics`](super::BalanceBuilder::endpoint_metrics)).
+pub(crate) fn ejected(balancer: &str, endpoint: &str, duration: Duration, series: bool) {
     #[cfg(feature = "tracing")]
     tracing::warn!(
         target: "seawall::balance",
@@ -21,6 +23,10 @@ pub(crate) fn ejected(balancer: &str, endpoint: &str, duration: Duration) {
         "endpoint ejected"
     );
     #[cfg(feature = "metrics")]
+    if !series {
+        return;
+    }
+    #[cfg(feature = "metrics")]
     metrics::counter!(
         "seawall_balance_ejections_total",
         "balancer" => balancer.to_owned(),
@@ -29,9 +35,13 @@ pub(crate) fn ejected(balancer: &str, endpoint: &str, duration: Duration) {
     .increment(1);
 }
 
-pub(crate) fn readmitted(balancer: &str, endpoint: &str) {
+pub(crate) fn readmitted(balancer: &str, endpoint: &str, series: bool) {
     #[cfg(feature = "tracing")]
     tracing::info!(target: "seawall::balance", balancer, endpoint, "endpoint readmitted");
+    #[cfg(feature = "metrics")]
+    if !series {
+        return;
+    }
     #[cfg(feature = "metrics")]
     metrics::counter!(
         "seawall_balance_readmissions_total",

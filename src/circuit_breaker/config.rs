@@ -107,6 +107,9 @@ pub struct CircuitBreakerConfig {
     pub(crate) wait: WaitPolicy,
     pub(crate) permitted_calls_in_half_open: u32,
     pub(crate) max_wait_in_half_open: Option<Duration>,
+    /// Whether the breaker reports to the `metrics` facade (off for a balancer's endpoint
+    /// breakers under [`BalanceBuilder::endpoint_metrics`](crate::balance::BalanceBuilder::endpoint_metrics)).
+    pub(crate) facade_metrics: bool,
 }
 
 impl Default for CircuitBreakerConfig {
@@ -127,6 +130,7 @@ impl Default for CircuitBreakerConfig {
             },
             permitted_calls_in_half_open: 10,
             max_wait_in_half_open: None,
+            facade_metrics: true,
         }
     }
 }

@@ -277,14 +277,14 @@ impl Shared {
         let seed = crate::util::seed(&*name);
         let lean = matches!(windows[0], Window::Count(_))
             && config.slow_call_duration.is_none()
-            && (!cfg!(feature = "metrics") || lean_with_metrics);
+            && (!cfg!(feature = "metrics") || lean_with_metrics || !config.facade_metrics);
         let (hot, id) = pool.claim(this);
         Self {
             lean,
             hot,
             id,
             #[cfg(feature = "metrics")]
-            metrics: super::telemetry::Metrics::new(&name),
+            metrics: super::telemetry::Metrics::new(&name, config.facade_metrics),
             name,
             times_calls: config.slow_call_duration.is_some(),
             word: AtomicU64::new(word(0, State::Closed)),

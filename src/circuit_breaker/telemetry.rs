@@ -12,10 +12,26 @@ pub(crate) struct Metrics {
     slow: Counter,
     pub(crate) rejected: Counter,
     state: Gauge,
+    /// Whether transitions are counted (handles made on the way, so not `noop`).
+    on: bool,
 }
 
 impl Metrics {
-    pub(crate) fn new(name: &str) -> Self {
+    /// The breaker's series, registered now; with `on` false, none (every handle a no-op):
+    /// the facade cannot remove a series, so breakers made and dropped as endpoints come
+    /// and go stay out of it.
+    pub(crate) fn new(name: &str, on: bool) -> Self {
+        if !on {
+            return Self {
+                success: Counter::noop(),
+                failure: Counter::noop(),
+                ignored: Counter::noop(),
+                slow: Counter::noop(),
+                rejected: Counter::noop(),
+                state: Gauge::noop(),
+                on,
+            };
+        }
         let calls = |outcome: &'static str| {
             metrics::counter!(
                 "seawall_circuit_breaker_calls_total",
@@ -38,6 +54,7 @@ impl Metrics {
                 "breaker" => name.to_owned()
             ),
             state,
+            on,
         }
     }
 
@@ -54,6 +71,9 @@ impl Metrics {
     }
 
     pub(crate) fn transition(&self, name: &str, from: State, to: State) {
+        if !self.on {
+            return;
+        }
         self.state.set(to.as_gauge());
         metrics::counter!(
             "seawall_circuit_breaker_transitions_total",

@@ -226,9 +226,21 @@ fn describe_gateway() {
         "seawall_gateway_endpoint_ejections_total",
         "Times the endpoint was ejected."
     );
+    describe_counter!(
+        "seawall_gateway_endpoint_calls_total",
+        "Calls sent to the endpoint."
+    );
+    describe_counter!(
+        "seawall_gateway_endpoint_failures_total",
+        "The endpoint's failed calls (5xx, transport errors, timeouts)."
+    );
     describe_gauge!(
         "seawall_gateway_endpoint_breaker_open",
         "1 while the endpoint's circuit breaker rejects calls (open or forced open)."
+    );
+    describe_gauge!(
+        "seawall_gateway_endpoint_breaker_state",
+        "The endpoint's circuit breaker: 0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled."
     );
     describe_counter!(
         "seawall_gateway_tls_handshakes_total",
@@ -330,8 +342,19 @@ fn record_endpoint(route: &str, e: &EndpointReport) {
     metrics::gauge!("seawall_gateway_endpoint_outstanding", &labels).set(e.outstanding as f64);
     metrics::gauge!("seawall_gateway_endpoint_ejected", &labels).set(u8::from(e.ejected));
     metrics::counter!("seawall_gateway_endpoint_ejections_total", &labels).absolute(e.ejections);
+    metrics::counter!("seawall_gateway_endpoint_calls_total", &labels).absolute(e.calls);
+    metrics::counter!("seawall_gateway_endpoint_failures_total", &labels).absolute(e.failures);
     if let Some(state) = e.breaker.as_deref() {
         let open = matches!(state, "open" | "forced_open");
         metrics::gauge!("seawall_gateway_endpoint_breaker_open", &labels).set(u8::from(open));
+        // The values of `seawall_circuit_breaker_state`.
+        let gauge = match state {
+            "closed" => 0,
+            "open" => 1,
+            "half_open" => 2,
+            "forced_open" => 3,
+            _ => 4,
+        };
+        metrics::gauge!("seawall_gateway_endpoint_breaker_state", &labels).set(gauge);
     }
 }

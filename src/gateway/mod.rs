@@ -508,10 +508,11 @@
 //! `admin.on_proxy_listener = true` (for single-port setups) answers them first, after
 //! path normalisation; then set a token, since that listener faces the clients.
 //! `/metrics` is rendered by `metrics-exporter-prometheus` from one path, the `metrics`
-//! facade: the gateway's `seawall_gateway_*` series, and what its breakers, limiters and
+//! facade: the gateway's `seawall_gateway_*` series, and what its limiters and
 //! balancers report, named after the route (`seawall_rate_limit_decisions_total{limiter="<route>/global"}`,
-//! the endpoint breakers' `seawall_circuit_breaker_*` under `<route>/<service>/<endpoint>`,
-//! the balancer's `seawall_balance_*` under `<route>/<service>`). Every name and label is
+//! the balancer's `seawall_balance_*` under `<route>/<service>`); each endpoint's figures
+//! (calls, failures, ejections, its breaker's state) are `seawall_gateway_endpoint_*`
+//! series, written at each scrape for the endpoints the route has then. Every name and label is
 //! in [`observability`](crate::observability). The first gateway of a process installs a
 //! Prometheus recorder as the global one; if the application installed its own first, its
 //! series go there (see [`use_prometheus_handle`]). With the `tracing` feature every

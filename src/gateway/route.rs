@@ -574,7 +574,11 @@ impl Route {
             // Discovery may still be on its way (Consul's first answer): wait for an
             // endpoint, within the route's timeout. Once the service has had instances and
             // every one has left, answer at once (503, or the fallback).
-            .when_empty(WhenEmpty::WaitAtStart(config.timeout));
+            .when_empty(WhenEmpty::WaitAtStart(config.timeout))
+            // Each endpoint's figures are written into `/metrics` at each scrape, from
+            // the balancer's handle: series in the process's recorder would outlive the
+            // endpoints discovery removes (the facade cannot remove one).
+            .endpoint_metrics(false);
         if let Some(outlier) = plan.outlier {
             builder = builder.outlier_detection(outlier);
         }

@@ -495,6 +495,72 @@ async fn an_open_endpoint_breaker_takes_it_out_of_rotation() {
     assert_eq!(fleet.calls(1) + fleet.calls(2), before + sent);
 }
 
+/// `endpoint_metrics(false)`: the endpoint breakers and ejections report nothing labelled
+/// by endpoint to the facade (which cannot remove a series once an endpoint leaves), the
+/// breakers still open and close, and the balancer's own series stay; by default, they
+/// are reported.
+#[cfg(feature = "metrics")]
+#[tokio::test(start_paused = true)]
+async fn endpoint_metrics_off_keeps_endpoint_series_out_of_the_facade() {
+    use metrics_util::debugging::DebuggingRecorder;
+    for on in [true, false] {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        // This thread's recorder while the test's runtime (current thread) runs.
+        let _recording = metrics::set_default_local_recorder(&recorder);
+        let fleet = Fleet::default();
+        let detection = OutlierDetection::builder()
+            .consecutive_failures(2)
+            .base_ejection_time(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let mut lb = Balance::builder()
+            .name("users")
+            .endpoint_breaker(breaker_template())
+            .outlier_detection(detection)
+            .endpoint_metrics(on)
+            .build(ServiceDiscover::new(
+                InstanceWatch::fixed(ports(2)),
+                fleet.make(),
+            ));
+        fleet.fail(1, true);
+        for _ in 0..40 {
+            let _ = send(&mut lb).await;
+        }
+        let status = lb.handle().endpoints();
+        let one = status.iter().find(|e| e.address == "127.0.0.1:1").unwrap();
+        assert!(
+            one.ejections > 0 || one.breaker == Some(State::Open),
+            "{status:?}"
+        );
+        let names: Vec<String> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, ..)| {
+                let k = key.key();
+                let labels: Vec<String> = k.labels().map(|l| l.value().to_owned()).collect();
+                format!("{} {labels:?}", k.name())
+            })
+            .collect();
+        let per_endpoint: Vec<&String> = names
+            .iter()
+            .filter(|n| n.contains("users/") || n.contains("svc-"))
+            .collect();
+        assert_eq!(
+            !per_endpoint.is_empty(),
+            on,
+            "endpoint_metrics({on}): {names:#?}"
+        );
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("seawall_balance_endpoints ")),
+            "{names:#?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn consistent_hashing_keeps_keys_on_their_endpoint() {
     let publisher = Publisher::live(ports(5));

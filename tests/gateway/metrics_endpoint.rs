@@ -130,7 +130,8 @@ outlier = { consecutive_failures = 5, base_ejection = "30s" }
         ),
         Some(2.0)
     );
-    // The balancer's endpoints, and every endpoint's breaker, closed, with its calls.
+    // The balancer's endpoints, and every endpoint's breaker, closed, with its calls
+    // (written at the scrape: none of them in the process's recorder).
     assert_eq!(
         value(
             &metrics,
@@ -143,8 +144,8 @@ outlier = { consecutive_failures = 5, base_ejection = "30s" }
     let breakers: Vec<&str> = metrics
         .lines()
         .filter(|l| {
-            l.starts_with("seawall_circuit_breaker_state{")
-                && l.contains("breaker=\"metered/metered-svc/")
+            l.starts_with("seawall_gateway_endpoint_breaker_state{")
+                && l.contains("route=\"metered\"")
         })
         .collect();
     assert_eq!(breakers.len(), 2, "{metrics}");
@@ -155,13 +156,16 @@ outlier = { consecutive_failures = 5, base_ejection = "30s" }
     let calls: f64 = metrics
         .lines()
         .filter(|l| {
-            l.starts_with("seawall_circuit_breaker_calls_total{")
-                && l.contains("breaker=\"metered/metered-svc/")
-                && l.contains("outcome=\"success\"")
+            l.starts_with("seawall_gateway_endpoint_calls_total{")
+                && l.contains("route=\"metered\"")
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(calls, 3.0, "the three admitted requests: {metrics}");
+    assert!(
+        !metrics.contains("breaker=\"metered/metered-svc/"),
+        "endpoint breakers' series in the process's recorder: {metrics}"
+    );
 
     // /status.json and /metrics agree.
     let (_, json) = get(admin.local_addr(), "/status.json").await;
@@ -223,6 +227,75 @@ service = "churn-svc"
     let stale: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("seawall_gateway_endpoint_") && l.contains(&a_label))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "/status.json has no endpoint {a}, /metrics still reports it: {stale:#?}"
+    );
+    proxy.shutdown().await;
+    admin.shutdown().await;
+}
+
+/// Every series of an endpoint discovery removed leaves `/metrics`, its breaker's too:
+/// before, the endpoint breakers' `seawall_circuit_breaker_*{breaker="<route>/<service>/<endpoint>"}`
+/// stayed in the process's recorder, so an instance that failed (breaker open, gauge 1)
+/// and was then taken out by Consul kept an "open breaker" series for the gateway's life,
+/// and instances coming and going (a new port or id each deploy) grew `/metrics` without
+/// bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_drop_breaker_series_of_removed_endpoints() {
+    let (a, b) = (upstream().await, upstream().await);
+    let registry = Registry::new();
+    let ra = registry.register(Instance::local("churnb-svc", a));
+    let _rb = registry.register(Instance::local("churnb-svc", b));
+    let config = GatewayConfig::from_toml_str(
+        r#"
+[gateway]
+listen = "127.0.0.1:0"
+[[routes]]
+name = "churnb"
+path_prefix = "/c"
+service = "churnb-svc"
+breaker = { failure_rate = 0.5, window = 10, minimum_calls = 5 }
+"#,
+    )
+    .unwrap();
+    let gateway = Gateway::build(config, Discovery::Registry(registry))
+        .await
+        .unwrap();
+    let admin = gateway
+        .clone()
+        .spawn_admin(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let proxy = gateway.spawn(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    for _ in 0..4 {
+        assert_eq!(get(proxy.local_addr(), "/c/x").await.0, 200);
+    }
+    let a_text = a.to_string();
+    let (_, metrics) = get(admin.local_addr(), "/metrics").await;
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("seawall_gateway_endpoint_breaker_state{") && l.contains(&a_text)
+        ),
+        "{metrics}"
+    );
+
+    drop(ra);
+    let mut gone = false;
+    for _ in 0..100 {
+        let (_, json) = get(admin.local_addr(), "/status.json").await;
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let endpoints = json["routes"][0]["endpoints"].as_array().unwrap().clone();
+        if endpoints.iter().all(|e| e["address"] != a_text.as_str()) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(gone, "the status still lists {a}");
+    let (_, metrics) = get(admin.local_addr(), "/metrics").await;
+    let stale: Vec<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&a_text))
         .collect();
     assert!(
         stale.is_empty(),
