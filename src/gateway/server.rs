@@ -401,6 +401,19 @@ impl Gateway {
     // allocation there and change nothing on the path every request takes.
     #[allow(clippy::result_large_err)]
     fn prepare<B>(&self, request: &mut Request<B>, peer: &Peer) -> Result<(), Response<Body>> {
+        if request.method() == Method::CONNECT {
+            // A tunnel, which the gateway does not make, whatever server hands it the
+            // request (its own HTTP/1 server refuses it first; hyper's, under axum or
+            // over HTTP/2, does not): proxied, the upstream's 2xx would make the server
+            // and the client take the connection for a tunnel (RFC 9110 §9.3.6).
+            self.inner.refused.fetch_add(1, Relaxed);
+            let mut refused = json_error(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported");
+            // The client may already be sending the tunnel's bytes.
+            refused
+                .headers_mut()
+                .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            return Err(refused);
+        }
         // HTTP/2 names the host in `:authority` (in the URI): as `Host` from here on, so
         // that it is checked, and forwarded, as HTTP/1's is.
         if request.version() == http::Version::HTTP_2

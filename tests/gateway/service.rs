@@ -369,3 +369,73 @@ async fn a_single_route_as_a_service() {
         StatusCode::BAD_REQUEST
     );
 }
+
+/// `CONNECT` asks for a tunnel, which the gateway does not make: its own servers refuse
+/// it (`501` over HTTP/1, never proxied; CHANGELOG, SECURITY.md), and `Gateway::handle`
+/// and the `Service` answer "as the proxy listener does". Nested in an axum router (the
+/// documented embedding), an origin-form `CONNECT` must be refused too, not proxied: an
+/// upstream's `2xx` to it makes hyper's server (and the client) take the connection for
+/// an established tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_through_the_service_is_refused_and_never_proxied() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let gateway = build(echo_upstream(hits.clone()).await).await;
+    let app = Router::new().nest_service("/gw", gateway.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"CONNECT /gw/api/open/x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // The head is enough: read until it is whole (or the connection ends).
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(BOUND, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status: u16 = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "CONNECT reached the upstream; the client got: {answer:?}"
+    );
+    assert!(
+        matches!(status, 400 | 405 | 501),
+        "CONNECT answered {status} (a 2xx is a tunnel to the client): {answer:?}"
+    );
+
+    // The same through the `Service` called directly.
+    let connect = Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("/api/open/x")
+        .header("host", "gw")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let r = gateway.clone().oneshot(connect).await.unwrap();
+    assert!(
+        matches!(r.status().as_u16(), 400 | 405 | 501),
+        "CONNECT through the Service answered {}",
+        r.status()
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "CONNECT reached the upstream"
+    );
+}
