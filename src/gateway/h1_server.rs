@@ -473,6 +473,27 @@ struct Feeding {
     continue_owed: bool,
 }
 
+impl Drop for Feeding {
+    /// An exchange that ends before its body did (answered early, its rest skipped or
+    /// never to come) ends the body with an error: a body still held elsewhere (an
+    /// HTTP/2 upstream's send task) would otherwise wait for frames for ever, keeping its
+    /// stream open on the connection the endpoint's requests share.
+    fn drop(&mut self) {
+        let mut slot = self.feed.0.lock();
+        if slot.ended || slot.dropped {
+            return;
+        }
+        slot.frame = Some(Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the exchange ended before the request body",
+        )));
+        slot.ended = true;
+        if let Some(waker) = slot.body.take() {
+            waker.wake();
+        }
+    }
+}
+
 enum Decoding {
     Length(u64),
     Chunked(ChunkedDecoder),

@@ -1252,3 +1252,76 @@ async fn a_stalled_h2_connection_dialled_after_a_closed_one_is_retired() {
     );
     gw.shutdown().await;
 }
+
+/// The gateway's HTTP/1 server lets a route answer before its request body ends ("an
+/// upstream may stream its answer while it still reads the request"). An HTTP/2 upstream
+/// answers at once and reads the upload on (a log or upload endpoint acknowledging
+/// early), keeping the request stream open. Once the client's answer is written, the
+/// gateway stops feeding the body from the client's connection; the upload the upstream
+/// is reading must then end, whole or failed (a reset stream), not stay open: every
+/// such request left a stream the upstream waits on for ever, and the gateway's task
+/// sending it, on the one connection all the endpoint's requests share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_left_after_an_early_answer_ends_for_the_h2_upstream() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // What the upstream's reader of each upload got: its bytes, or its error.
+    let (outcome_tx, mut outcome) = tokio::sync::mpsc::unbounded_channel::<Result<usize, String>>();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let outcome_tx = outcome_tx.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let outcome_tx = outcome_tx.clone();
+                async move {
+                    // Answered at once; the upload read on by a task of its own.
+                    tokio::spawn(async move {
+                        let read = req.into_body().collect().await;
+                        let _ = outcome_tx
+                            .send(read.map(|b| b.to_bytes().len()).map_err(|e| e.to_string()));
+                    });
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"early"))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
+        }
+    });
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"5s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let mut client = TcpStream::connect(gw.local_addr()).await.unwrap();
+    client
+        .write_all(b"POST /api/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    // The early answer, whole.
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !answer.ends_with(b"early") {
+        let n = timeout(BOUND, client.read(&mut chunk))
+            .await
+            .expect("the early answer in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the answer: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    // The rest of the body, after the answer; whether the gateway forwards it or not,
+    // the upstream's upload must end.
+    let _ = client.write_all(b"world").await;
+    let got = timeout(Duration::from_secs(5), outcome.recv()).await;
+    assert!(
+        got.is_ok(),
+        "the upstream's upload never ended (neither whole nor reset) 5 s after the \
+         client's answer: its stream stays open on the shared connection"
+    );
+    gw.shutdown().await;
+}
