@@ -488,6 +488,15 @@ impl AsyncWrite for SendTimeout {
     }
 }
 
+impl super::h1_server::Abort for SendTimeout {
+    fn abort(&mut self) {
+        // A zero linger never blocks; the connection does not linger either.
+        #[allow(deprecated)]
+        let _ = self.io.set_linger(Some(Duration::ZERO));
+        self.reset = true;
+    }
+}
+
 /// The longest a closed connection lingers, reading and discarding what the client
 /// still sends (nginx's `lingering_time`).
 const LINGER_TIME: Duration = Duration::from_secs(30);

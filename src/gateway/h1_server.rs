@@ -1303,6 +1303,18 @@ mod date {
     }
 }
 
+/// A client connection that can be ended abruptly: reset, not closed, so that the client
+/// cannot take what it received for a whole answer.
+pub(crate) trait Abort {
+    /// Makes dropping the connection reset it.
+    fn abort(&mut self);
+}
+
+#[cfg(test)]
+impl Abort for tokio::io::DuplexStream {
+    fn abort(&mut self) {}
+}
+
 /// Serves HTTP/1.1 on `io` until the client closes it, a request or answer ends it, or
 /// `stopping` says so between requests. Each request is answered by `route`; `refused` is
 /// called for a request head refused.
@@ -1314,7 +1326,7 @@ pub(crate) async fn serve<IO, R, F>(
     refused: impl Fn(),
     mut route: R,
 ) where
-    IO: AsyncRead + AsyncWrite + Unpin,
+    IO: AsyncRead + AsyncWrite + Unpin + Abort,
     R: FnMut(Request<RequestBody>) -> F,
     F: Future<Output = Response<Body>>,
 {
@@ -1358,7 +1370,14 @@ pub(crate) async fn serve<IO, R, F>(
                 conn.close().await;
                 return;
             }
-            Err(_) => return,
+            Err(_) => {
+                // The answer failed part-way (its body's error, usually the upstream's),
+                // or the client did: reset. An answer delimited by the close (to an
+                // HTTP/1.0 client, its length unknown) would otherwise end as a whole
+                // one does, and the client (a cache) would keep the part as the whole.
+                conn.io.abort();
+                return;
+            }
         }
     }
 }
@@ -1453,6 +1472,10 @@ mod tests {
     struct Offered {
         io: DuplexStream,
         last: Arc<AtomicUsize>,
+    }
+
+    impl Abort for Offered {
+        fn abort(&mut self) {}
     }
 
     impl AsyncRead for Offered {

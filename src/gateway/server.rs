@@ -717,7 +717,12 @@ impl Gateway {
     /// stops.
     async fn serve_io<I>(self, io: I, peer: Peer, stop: Arc<Stop>, admin: bool, h2: bool)
     where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + super::h1_server::Abort
+            + Unpin
+            + Send
+            + 'static,
     {
         let max_headers = self.inner.max_headers_size;
         if h2 {
@@ -1573,6 +1578,19 @@ struct Prefixed<I> {
     prefix: Vec<u8>,
     read: usize,
     io: I,
+}
+
+impl<I: super::h1_server::Abort> super::h1_server::Abort for Prefixed<I> {
+    fn abort(&mut self) {
+        self.io.abort();
+    }
+}
+
+#[cfg(feature = "tls")]
+impl<I: super::h1_server::Abort> super::h1_server::Abort for tokio_rustls::server::TlsStream<I> {
+    fn abort(&mut self) {
+        self.get_mut().0.abort();
+    }
 }
 
 impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<I> {

@@ -1438,3 +1438,59 @@ async fn path_refusals_are_counted_in_the_status() {
     );
     gw.shutdown().await;
 }
+
+/// An answer to an HTTP/1.0 client is delimited by the close when its length is unknown
+/// (an upstream's chunked answer): the close is then the only sign that it is whole. An
+/// upstream that fails part-way (here: one chunk, then it closes without the last chunk)
+/// must not make the gateway end the client's connection as it ends a whole answer,
+/// or the client (a cache, `ab`, `curl --http1.0`) takes the part for the whole. A
+/// chunked answer to an HTTP/1.1 client cut the same way lacks its last chunk, which the
+/// client sees; an HTTP/1.0 client needs the connection reset instead of closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_upstream_is_not_a_clean_close_for_an_http_1_0_client() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let _ = read_request(&mut stream, &mut buf).await;
+                // A chunk of the answer, then the upstream goes, the last chunk unsent.
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                    )
+                    .await;
+                let _ = stream.flush().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         strip_prefix = true\ntimeout = \"5s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n"
+    ))
+    .await;
+    let mut client = TcpStream::connect(gw.local_addr()).await.unwrap();
+    client
+        .write_all(b"GET /api/x HTTP/1.0\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let ended = timeout(BOUND, client.read_to_end(&mut answer))
+        .await
+        .expect("the gateway ended the connection in time");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && !answer.contains("transfer-encoding"),
+        "framed by the close: {answer:?}"
+    );
+    assert!(
+        ended.is_err(),
+        "the answer was cut upstream, yet its connection ended as a whole answer's \
+         does (a clean close): the HTTP/1.0 client takes {answer:?} for all of it"
+    );
+    gw.shutdown().await;
+}
