@@ -268,7 +268,9 @@ impl ClientFault {
 /// The gateway balancer's classifier: [`HttpClassifier`] on responses (5xx are
 /// failures); every upstream error a failure (refused or timed-out connections, resets,
 /// malformed answers, the route timeout before the response head) except those the
-/// client caused, which are [`Outcome::Ignored`].
+/// client caused, and an HTTP/2 upstream's refusals that are no ill health of its (a
+/// stream it did not process, a connection ended with `ENHANCE_YOUR_CALM`: see
+/// [`H2Refusal`](super::pool::H2Refusal)), which are [`Outcome::Ignored`].
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct UpstreamClassifier(pub(crate) HttpClassifier);
 
@@ -298,7 +300,7 @@ impl Classify<Response<PooledBody>, UpstreamError> for UpstreamClassifier {
                 }
             }
             Ok(response) => self.0.classify_status(response.status()),
-            Err(e) if e.is_client_fault() => Outcome::Ignored,
+            Err(e) if e.is_client_fault() || e.is_refusal() => Outcome::Ignored,
             Err(_) => Outcome::Failure,
         }
     }

@@ -278,7 +278,12 @@
 //! every request multiplexed on one connection per endpoint (and per thread of
 //! [`Gateway::spawn_threads`]), dialled by the first request and again when it closes (a
 //! request the closed connection never took is sent on the new one); requests beyond the
-//! upstream's stream limit wait for a stream. `[services.tls]` (feature `tls`) speaks TLS
+//! upstream's stream limit wait for a stream. A request without a body whose stream the
+//! upstream refused unprocessed (`GOAWAY`, `REFUSED_STREAM`) is sent again on a new
+//! connection, and a connection the upstream ends with `ENHANCE_YOUR_CALM` (the answer of
+//! `h2`-based servers to many streams reset: clients that went away), or closes after the
+//! gateway reset a stream on it, is not counted against the endpoint; its idempotent
+//! requests without a body are sent again. `[services.tls]` (feature `tls`) speaks TLS
 //! to them, certificates always verified, against webpki-roots' Mozilla roots or a
 //! `ca_file`, for `server_name` (sent by SNI) or each instance's host; a failed handshake
 //! (unknown CA, wrong name, expired, an upstream without TLS) is `502` and a failure of

@@ -29,6 +29,22 @@
 //! (`retried_stale`). And a connection is not reused past the idle timeout the upstream
 //! advertises (`Keep-Alive: timeout=N`): it is closed a little before (a quarter of `N`
 //! before, at most 1 s), so the race does not arise with upstreams that say it.
+//!
+//! An HTTP/2 upstream may refuse a stream unprocessed (RFC 9113 §8.7: above the
+//! `last_stream_id` of its `GOAWAY`, or reset with `REFUSED_STREAM`): the request is sent
+//! again, once, on a new connection, whatever its method, if it has no body; and the
+//! refusal is not the endpoint's failure (one on the new connection is). An upstream
+//! that ends the connection with `GOAWAY(ENHANCE_YOUR_CALM)` says the gateway misbehaved
+//! on it: above all by resetting the streams of clients that went away, which servers
+//! built on the `h2` crate answer so after 20 streams reset before they took them (their
+//! rapid-reset guard). That is the clients' doing, not the endpoint's ill health: the
+//! requests that fail with the connection are not counted against the endpoint, nor are
+//! those on a connection the upstream closed after the gateway had reset a stream on it
+//! (its `GOAWAY` may be lost: a server closing its socket with frames unread resets the
+//! connection, and what it sent last may never be read); and the
+//! idempotent ones without a body are sent again on a new connection (those the upstream
+//! did not process, of any method). Only a request without a body can be: the head of
+//! each is copied before it goes on an HTTP/2 connection (hyper keeps none it has sent).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -100,6 +116,10 @@ pub(crate) enum UpstreamError {
     /// The client's request body failed while the exchange's own error says only how the
     /// exchange ended (an HTTP/2 stream reset): the client's fault.
     ClientBody(ClientBodyError),
+    /// The HTTP/2 upstream refused the stream unprocessed, or ended the connection with
+    /// `ENHANCE_YOUR_CALM` (see [`H2Refusal`]), and the request could not be sent again:
+    /// not the endpoint's failure.
+    H2Refused(H2Refusal, hyper::Error),
     /// The TLS handshake with the upstream failed: an unknown CA, a certificate for
     /// another name or expired, no common protocol, an upstream that does not speak TLS.
     #[cfg(feature = "tls")]
@@ -126,6 +146,28 @@ impl UpstreamError {
             _ => false,
         }
     }
+
+    /// Whether the upstream gave the request up for a reason that is not its ill health
+    /// ([`UpstreamError::H2Refused`]): not the endpoint's failure either.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(self, Self::H2Refused(..))
+    }
+}
+
+/// Why an HTTP/2 upstream gave a request up that is not the endpoint's ill health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum H2Refusal {
+    /// The stream was not processed (RFC 9113 §8.7): above the `last_stream_id` of a
+    /// `GOAWAY` (a server going away, gracefully or not), or reset with
+    /// `REFUSED_STREAM`. Safe to send again, whatever its method.
+    Unprocessed,
+    /// The upstream ended the connection with `GOAWAY(ENHANCE_YOUR_CALM)`: it found the
+    /// gateway's conduct on it abusive, above all the streams the gateway reset for its
+    /// clients that went away (the `h2` crate's servers end a connection after 20 streams
+    /// reset before they took them: its rapid-reset guard). Or it closed the connection
+    /// after the gateway had reset a stream on it (the `GOAWAY` may be lost). The
+    /// clients' doing.
+    Calmed,
 }
 
 impl fmt::Display for UpstreamError {
@@ -142,6 +184,14 @@ impl fmt::Display for UpstreamError {
             }
             Self::CallerDeadline => f.write_str("the caller's deadline (grpc-timeout) passed"),
             Self::ClientBody(e) => write!(f, "upstream HTTP exchange: {e}"),
+            Self::H2Refused(H2Refusal::Unprocessed, e) => {
+                write!(f, "the upstream refused the HTTP/2 stream unprocessed: {e}")
+            }
+            Self::H2Refused(H2Refusal::Calmed, e) => write!(
+                f,
+                "the upstream ended the HTTP/2 connection for the streams the gateway reset \
+                 (ENHANCE_YOUR_CALM, or closed after them): {e}"
+            ),
             #[cfg(feature = "tls")]
             Self::Tls(e) => write!(f, "TLS handshake with the upstream: {e}"),
         }
@@ -159,7 +209,7 @@ impl std::error::Error for UpstreamError {
             | Self::Timeout
             | Self::ClientBodyTimeout
             | Self::CallerDeadline => None,
-            Self::Http(e) => Some(e),
+            Self::Http(e) | Self::H2Refused(_, e) => Some(e),
             Self::H1(e) => Some(e),
             Self::ClientBody(e) => Some(e),
         }
@@ -167,7 +217,7 @@ impl std::error::Error for UpstreamError {
 }
 
 /// Where to connect: an address, or a host name resolved on every new connection.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Target {
     Addr(SocketAddr),
     Host(Arc<str>, u16),
@@ -317,6 +367,8 @@ enum Sending {
         number: u64,
         dialled: Option<Arc<AtomicU64>>,
         future: Pin<Box<dyn Future<Output = Exchanged> + Send>>,
+        /// The future has given its output: dropped before, the request was given up.
+        done: bool,
     },
 }
 
@@ -324,19 +376,38 @@ impl SendFuture {
     /// The route timeout passed before the answer's head: an HTTP/2 connection is not
     /// given more requests (see [`EndpointPool::h2_timed_out`]).
     pub(crate) fn timed_out(&self) {
-        if let Sending::H2 {
+        if let Some((pool, number)) = self.h2_connection() {
+            pool.h2_timed_out(number);
+        }
+    }
+
+    /// The endpoint and the number of the HTTP/2 connection the request went on, if known.
+    fn h2_connection(&self) -> Option<(&Arc<EndpointPool>, u64)> {
+        let Sending::H2 {
             pool,
             number,
             dialled,
             ..
         } = &self.0
+        else {
+            return None;
+        };
+        let number = dialled
+            .as_ref()
+            .map_or(*number, |dialled| dialled.load(Ordering::Relaxed));
+        (number != 0).then_some((pool, number))
+    }
+}
+
+/// An HTTP/2 request given up before its answer's head (its client went away, the route
+/// timed out) has its stream reset on the shared connection: marked there, so that the
+/// upstream closing the connection for it is not taken for its ill health.
+impl Drop for SendFuture {
+    fn drop(&mut self) {
+        if matches!(self.0, Sending::H2 { done: false, .. })
+            && let Some((pool, number)) = self.h2_connection()
         {
-            let number = dialled
-                .as_ref()
-                .map_or(*number, |dialled| dialled.load(Ordering::Relaxed));
-            if number != 0 {
-                pool.h2_timed_out(number);
-            }
+            pool.h2_abandoned(number);
         }
     }
 }
@@ -348,8 +419,11 @@ impl Future for SendFuture {
         let this = &mut self.get_mut().0;
         loop {
             let (pool, slot) = match this {
-                Sending::Boxed(future) | Sending::H2 { future, .. } => {
-                    return future.as_mut().poll(cx);
+                Sending::Boxed(future) => return future.as_mut().poll(cx),
+                Sending::H2 { future, done, .. } => {
+                    let output = ready!(future.as_mut().poll(cx));
+                    *done = true;
+                    return Poll::Ready(output);
                 }
                 Sending::Pooled { pool, conn } => (pool, conn),
             };
@@ -398,8 +472,50 @@ pub(crate) fn thread_shard() -> usize {
 /// Idle connections and when each expires.
 type Idle = parking_lot::Mutex<VecDeque<(Pooled, Instant)>>;
 
-/// An HTTP/2 connection's request handle, with the connection's number.
-type NumberedH2 = (u64, http2::SendRequest<Body>);
+/// An HTTP/2 connection's request handle, with the connection's number and how it ended.
+type NumberedH2 = (u64, http2::SendRequest<Body>, Arc<H2Ended>);
+
+/// What the gateway did on an HTTP/2 connection, and how it ended.
+struct H2Ended {
+    /// Told by the task that drives the connection: `None` while it is open; then whether
+    /// the upstream ended it with `GOAWAY(ENHANCE_YOUR_CALM)`.
+    told: tokio::sync::watch::Sender<Option<bool>>,
+    /// The gateway reset a stream on it: a request given up before its answer's head (its
+    /// client went away, the route timed out).
+    abandoned: std::sync::atomic::AtomicBool,
+}
+
+impl H2Ended {
+    fn new() -> Self {
+        Self {
+            told: tokio::sync::watch::Sender::new(None),
+            abandoned: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+/// How long a request that failed with its HTTP/2 connection waits for the connection's
+/// task to tell how it ended (it has, or is about to, when the connection is lost).
+const H2_ENDING_WAIT: Duration = Duration::from_millis(250);
+
+/// The HTTP/2 error behind `error`, if any.
+fn h2_error(error: &hyper::Error) -> Option<&h2::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(e) = e.downcast_ref::<h2::Error>() {
+            return Some(e);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// Whether `error` is the upstream's `GOAWAY(ENHANCE_YOUR_CALM)`.
+fn calmed(error: &hyper::Error) -> bool {
+    h2_error(error).is_some_and(|e| {
+        e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+    })
+}
 
 /// One shard's HTTP/2 connection, with its number.
 struct H2Shard {
@@ -634,6 +750,7 @@ impl EndpointPool {
                 number,
                 future: Box::pin(self.send_h2(request, dialled.clone())),
                 dialled,
+                done: false,
             });
         }
         match self.ready_idle() {
@@ -685,13 +802,13 @@ impl EndpointPool {
     }
 
     /// This thread's HTTP/2 connection, if it is open, and its number.
-    fn h2_sender(&self) -> Option<(u64, http2::SendRequest<Body>)> {
+    fn h2_sender(&self) -> Option<NumberedH2> {
         let shard = &self.h2[thread_shard()];
         let mut sender = shard.sender.lock();
-        if sender.as_ref().is_some_and(|(_, s)| s.is_closed()) {
+        if sender.as_ref().is_some_and(|(_, s, _)| s.is_closed()) {
             shard.set(&mut sender, None);
         }
-        sender.as_ref().map(|(n, s)| (*n, s.clone()))
+        sender.clone()
     }
 
     /// The number of this thread's HTTP/2 connection (0: none yet), and whether it is open
@@ -702,7 +819,7 @@ impl EndpointPool {
                 .sender
                 .lock()
                 .as_ref()
-                .map_or((0, false), |(n, sender)| (*n, !sender.is_closed()))
+                .map_or((0, false), |(n, sender, _)| (*n, !sender.is_closed()))
         })
     }
 
@@ -715,15 +832,26 @@ impl EndpointPool {
     pub(crate) fn h2_timed_out(&self, number: u64) {
         if let Some(shard) = self.h2.get(thread_shard()) {
             let mut sender = shard.sender.lock();
-            if sender.as_ref().is_some_and(|(n, _)| *n == number) {
+            if sender.as_ref().is_some_and(|(n, ..)| *n == number) {
                 shard.set(&mut sender, None);
             }
         }
     }
 
+    /// A request sent on connection `number` was given up before its answer's head: the
+    /// gateway reset its stream there (see [`H2Ended::abandoned`]).
+    fn h2_abandoned(&self, number: u64) {
+        if let Some(shard) = self.h2.get(thread_shard())
+            && let Some((n, _, ended)) = shard.sender.lock().as_ref()
+            && *n == number
+        {
+            ended.abandoned.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// This thread's HTTP/2 connection, dialled if there is none (or it closed), and its
     /// number.
-    async fn h2_connection(&self) -> Result<(u64, http2::SendRequest<Body>), UpstreamError> {
+    async fn h2_connection(&self) -> Result<NumberedH2, UpstreamError> {
         if let Some(sender) = self.h2_sender() {
             return Ok(sender);
         }
@@ -736,12 +864,80 @@ impl EndpointPool {
             http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
                 .await
                 .map_err(UpstreamError::Http)?;
-        // Driven by a task of its own: its streams belong to many requests.
-        tokio::spawn(connection);
+        // Driven by a task of its own: its streams belong to many requests. How it ended
+        // tells the requests that failed with it whether that was the endpoint's doing.
+        let ended = Arc::new(H2Ended::new());
+        let tell = ended.clone();
+        #[cfg(feature = "tracing")]
+        let upstream = self.target.clone();
+        tokio::spawn(async move {
+            let calmed = connection.await.is_err_and(|e| calmed(&e));
+            #[cfg(feature = "tracing")]
+            if calmed {
+                tracing::warn!(
+                    target: "seawall::gateway",
+                    ?upstream,
+                    "the upstream ended an HTTP/2 connection with ENHANCE_YOUR_CALM (too many \
+                     streams reset for clients that went away?): its requests are not \
+                     counted against the endpoint; those it did not process, and idempotent \
+                     ones without a body, are sent again on a new connection"
+                );
+            }
+            tell.told.send_replace(Some(calmed));
+        });
         let number = self.h2_made.fetch_add(1, Ordering::Relaxed) + 1;
+        let connection = (number, sender, ended);
         let shard = &self.h2[thread_shard()];
-        shard.set(&mut shard.sender.lock(), Some((number, sender.clone())));
-        Ok((number, sender))
+        shard.set(&mut shard.sender.lock(), Some(connection.clone()));
+        Ok(connection)
+    }
+
+    /// Why the exchange that failed with `error` on the HTTP/2 connection that `ended` is
+    /// not the endpoint's failure, if it is not: a stream the upstream did not process,
+    /// or a connection it ended with `ENHANCE_YOUR_CALM` or closed after the gateway reset
+    /// streams on it. A request that failed with its
+    /// connection (an I/O error: the streams a `GOAWAY` let through die with the socket)
+    /// waits for the connection's task to tell how it ended; it has, or is about to.
+    async fn h2_refusal(error: &hyper::Error, ended: &H2Ended) -> Option<H2Refusal> {
+        match h2_error(error) {
+            Some(e)
+                if e.is_remote()
+                    && (e.is_go_away()
+                        || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM))) =>
+            {
+                return Some(H2Refusal::Unprocessed);
+            }
+            Some(e) if !e.is_io() => return None,
+            _ => {}
+        }
+        let connection_lost = {
+            let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+            std::iter::from_fn(|| {
+                let e = current?;
+                current = e.source();
+                Some(e)
+            })
+            .any(|e| e.is::<io::Error>())
+        };
+        if !connection_lost {
+            return None;
+        }
+        // The upstream closed the connection after the gateway reset streams on it: its
+        // `GOAWAY(ENHANCE_YOUR_CALM)` may be lost (a server that closes its socket with
+        // the gateway's frames unread resets the connection, and what it sent last may
+        // never be read). Not the endpoint's ill health either.
+        if ended.abandoned.load(Ordering::Relaxed) {
+            return Some(H2Refusal::Calmed);
+        }
+        // Bounded: an I/O error in the chain that is not the connection's (a request
+        // body's own) leaves the connection open, and its task with nothing to tell.
+        let mut told = ended.told.subscribe();
+        let ending = tokio::time::timeout(H2_ENDING_WAIT, told.wait_for(Option::is_some))
+            .await
+            .ok()?
+            .ok()
+            .map(|ending| *ending)?;
+        (ending == Some(true)).then_some(H2Refusal::Calmed)
     }
 
     /// Sends `request` on the endpoint's HTTP/2 connection; if that connection turns out
@@ -768,7 +964,15 @@ impl EndpointPool {
         }
         request.headers_mut().remove(header::HOST);
         *request.version_mut() = http::Version::HTTP_2;
-        let (number, mut sender) = self.h2_connection().await?;
+        // A request without a body can be sent again if the upstream refuses its stream
+        // unprocessed or ends the connection with `ENHANCE_YOUR_CALM` (hyper keeps no
+        // request it has sent): a copy of its head. One with a body cannot (its body,
+        // streamed, is gone once sent).
+        let copy = {
+            use hyper::body::Body as _;
+            request.body().is_end_stream().then(|| head_of(&request))
+        };
+        let (number, mut sender, ended) = self.h2_connection().await?;
         on(number);
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
@@ -778,14 +982,40 @@ impl EndpointPool {
                     if let Some(shard) = self.h2.get(thread_shard()) {
                         shard.set(&mut shard.sender.lock(), None);
                     }
-                    let (number, mut sender) = self.h2_connection().await?;
+                    let (number, mut sender, ended) = self.h2_connection().await?;
                     on(number);
-                    sender
-                        .send_request(request)
-                        .await
-                        .map_err(UpstreamError::Http)?
+                    match sender.send_request(request).await {
+                        Ok(response) => response,
+                        Err(e) => return Err(Self::h2_failure(e, &ended).await),
+                    }
                 }
-                None => return Err(UpstreamError::Http(e.into_error())),
+                None => {
+                    let e = e.into_error();
+                    let refusal = Self::h2_refusal(&e, &ended).await;
+                    // Not processed: whatever its method. Processed (on a connection
+                    // the upstream ended for the gateway's conduct): if idempotent.
+                    let retry = match refusal {
+                        Some(H2Refusal::Unprocessed) => copy,
+                        Some(H2Refusal::Calmed) => copy.filter(replayable),
+                        None => None,
+                    };
+                    let (Some(refusal), Some(request)) = (refusal, retry) else {
+                        return Err(match refusal {
+                            Some(refusal) => UpstreamError::H2Refused(refusal, e),
+                            None => UpstreamError::Http(e),
+                        });
+                    };
+                    let e = UpstreamError::H2Refused(refusal, e);
+                    self.count_retry(&e);
+                    // Once more, on a new connection (not on the one going away).
+                    self.h2_timed_out(number);
+                    let (number, mut sender, ended) = self.h2_connection().await?;
+                    on(number);
+                    match sender.send_request(request).await {
+                        Ok(response) => response,
+                        Err(e) => return Err(Self::h2_failure(e, &ended).await),
+                    }
+                }
             },
         };
         if response.status().as_u16() > 599 {
@@ -796,6 +1026,18 @@ impl EndpointPool {
             ))));
         }
         Ok(response.map(|body| PooledBody::unpooled(body, self)))
+    }
+
+    /// The error of a request that failed with `error` on the fresh HTTP/2 connection it
+    /// was sent again on (or first sent on, after the one it was given had closed), which
+    /// then `ended`: an [`UpstreamError::H2Refused`] if the upstream ended the connection
+    /// with `ENHANCE_YOUR_CALM`. A stream refused unprocessed on a fresh connection is
+    /// the endpoint's failure: it is not serving.
+    async fn h2_failure(error: hyper::Error, ended: &H2Ended) -> UpstreamError {
+        match Self::h2_refusal(&error, ended).await {
+            Some(H2Refusal::Calmed) => UpstreamError::H2Refused(H2Refusal::Calmed, error),
+            _ => UpstreamError::Http(error),
+        }
     }
 
     /// Sends `request` on `conn`. If `conn` was `reused` and failed under the request
@@ -835,7 +1077,8 @@ impl EndpointPool {
         Ok(self.respond(conn, response))
     }
 
-    /// Counts (and logs) a request sent again after `_error` on a reused connection.
+    /// Counts (and logs) a request sent again after `_error` on a reused connection (or a
+    /// stream an HTTP/2 upstream refused).
     fn count_retry(&self, _error: &UpstreamError) {
         self.retried_stale.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "tracing")]

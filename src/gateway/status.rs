@@ -36,7 +36,9 @@ pub struct GatewayStatus {
     pub send_timeouts: u64,
     /// Idempotent requests without a body sent again on a new upstream connection because
     /// the reused keep-alive connection they were written on failed before any byte of an
-    /// answer came (the upstream closed it as it went idle).
+    /// answer came (the upstream closed it as it went idle); and requests without a body
+    /// an HTTP/2 upstream refused unprocessed (`GOAWAY`, `REFUSED_STREAM`) or lost with a
+    /// connection it ended with `ENHANCE_YOUR_CALM`.
     #[serde(default)]
     pub retried_stale: u64,
     /// The listener's TLS, when it terminates TLS (`[gateway.tls]`).

@@ -1325,3 +1325,198 @@ async fn an_upload_left_after_an_early_answer_ends_for_the_h2_upstream() {
     );
     gw.shutdown().await;
 }
+
+/// An HTTP/2 upstream spoken frame by frame: its first connection tells the test the type
+/// and stream id of each `HEADERS` (1) and `RST_STREAM` (3) it reads and, once `go_away`
+/// is notified, sends `GOAWAY(last_stream_id, ENHANCE_YOUR_CALM)` (none if `None`) and
+/// closes, answering nothing; later connections answer every stream `200`. Its address,
+/// the frames seen, and how many connections it accepted.
+async fn calming_upstream(
+    last_stream_id: Option<u32>,
+    go_away: Arc<Notify>,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(u8, u32)>,
+    Arc<AtomicUsize>,
+) {
+    /// Reads one frame: its type, flags and stream id (its payload is skipped).
+    async fn frame(stream: &mut TcpStream) -> Option<(u8, u8, u32)> {
+        let mut head = [0u8; 9];
+        stream.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await.ok()?;
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        Some((head[3], head[4], id))
+    }
+    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    const SETTINGS_ACK: [u8; 9] = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (seen, streams) = tokio::sync::mpsc::unbounded_channel();
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let first = count.fetch_add(1, SeqCst) == 0;
+            let (seen, go_away) = (seen.clone(), go_away.clone());
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if stream.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                let _ = stream.write_all(&SETTINGS).await;
+                let told = go_away.notified();
+                let mut told = std::pin::pin!(told);
+                loop {
+                    let next = tokio::select! {
+                        next = frame(&mut stream) => next,
+                        () = told.as_mut(), if first => {
+                            if let Some(last) = last_stream_id {
+                                let mut goaway = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                                goaway.extend_from_slice(&last.to_be_bytes());
+                                goaway.extend_from_slice(&0xb_u32.to_be_bytes());
+                                let _ = stream.write_all(&goaway).await;
+                            }
+                            let _ = stream.shutdown().await;
+                            // Reads what is still coming, so that the close is a FIN.
+                            while frame(&mut stream).await.is_some() {}
+                            return;
+                        }
+                    };
+                    let Some((kind, flags, id)) = next else {
+                        return;
+                    };
+                    match kind {
+                        4 if flags & 1 == 0 => {
+                            let _ = stream.write_all(&SETTINGS_ACK).await;
+                        }
+                        1 | 3 if first => {
+                            let _ = seen.send((kind, id));
+                        }
+                        1 => {
+                            // HEADERS (END_STREAM | END_HEADERS): `:status: 200`.
+                            let mut answer = vec![0, 0, 1, 1, 5];
+                            answer.extend_from_slice(&id.to_be_bytes());
+                            answer.push(0x88);
+                            let _ = stream.write_all(&answer).await;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, streams, accepted)
+}
+
+/// SECURITY.md: a client's own faults are never recorded against an endpoint. Over an
+/// `h2` upstream, every client that hangs up has the gateway reset its stream on the one
+/// connection the endpoint's requests share, and an HTTP/2 server answers a burst of
+/// resets with `GOAWAY(ENHANCE_YOUR_CALM)` (the `h2` crate's rapid-reset guard), ending
+/// the connection with other clients' requests on it. That is the gateway's conduct, not
+/// the endpoint's ill health: no failure is recorded. A stream above the `GOAWAY`'s
+/// `last_stream_id` was not processed (RFC 9113 §6.8) and a processed `GET` is
+/// idempotent: both are sent again on a new connection and answered; a processed `POST`
+/// cannot be, and is answered `502`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_reset_an_upstreams_enhance_your_calm_is_not_the_endpoints_failure() {
+    let go_away = Arc::new(Notify::new());
+    let (addr, mut streams, accepted) = calming_upstream(Some(3), go_away.clone()).await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"5s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let gw_addr = gw.local_addr();
+    let mut answers = Vec::new();
+    // Stream 1 (processed, not idempotent), 3 (processed, idempotent), 5 (not processed).
+    for (raw, expected) in [
+        (
+            "POST /api/post HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_owned(),
+            1,
+        ),
+        (get("/api/processed"), 3),
+        (get("/api/unprocessed"), 5),
+    ] {
+        answers.push(tokio::spawn(async move {
+            let answer = timeout(BOUND, exchange(gw_addr, raw.as_bytes()))
+                .await
+                .expect("no hang");
+            status_of(&answer)
+        }));
+        let id = timeout(BOUND, streams.recv())
+            .await
+            .expect("the request reached the upstream");
+        assert_eq!(id, Some((1, expected)));
+    }
+    go_away.notify_one();
+    let mut statuses = Vec::new();
+    for answer in answers {
+        statuses.push(answer.await.unwrap());
+    }
+    super::limits::settled(&gw, 3).await;
+    let e = super::limits::endpoint(&gw);
+    assert_eq!(
+        (statuses, e.failures, accepted.load(SeqCst)),
+        (vec![502, 200, 200], 0, 2),
+        "(statuses of the POST, the processed GET and the unprocessed GET, endpoint \
+         failures, upstream connections): {e:?}"
+    );
+    gw.shutdown().await;
+}
+
+/// `h2_reset_an_upstreams_enhance_your_calm_is_not_the_endpoints_failure`, with the
+/// `GOAWAY` lost: a server that closes its socket with the gateway's frames (more resets)
+/// unread resets the connection, and what it sent last may never be read. An upstream
+/// that closes the shared connection just after the gateway reset a stream on it (a
+/// client went away) is not counted as failing either, and the idempotent request in
+/// flight on it is sent again on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_reset_an_upstream_closing_after_the_gateways_resets_is_not_the_endpoints_failure() {
+    let go_away = Arc::new(Notify::new());
+    let (addr, mut frames, accepted) = calming_upstream(None, go_away.clone()).await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"5s\"\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\nprotocol = \"h2\"\n"
+    ))
+    .await;
+    let gw_addr = gw.local_addr();
+    // A well-behaved client's request, in flight on stream 1...
+    let honest = tokio::spawn(async move {
+        let answer = timeout(BOUND, exchange(gw_addr, get("/api/held").as_bytes()))
+            .await
+            .expect("no hang");
+        status_of(&answer)
+    });
+    assert_eq!(
+        timeout(BOUND, frames.recv()).await.expect("a frame"),
+        Some((1, 1))
+    );
+    // ...and one whose client goes away: stream 3, reset by the gateway.
+    let mut gone = TcpStream::connect(gw_addr).await.unwrap();
+    gone.write_all(get("/api/gone").as_bytes()).await.unwrap();
+    assert_eq!(
+        timeout(BOUND, frames.recv()).await.expect("a frame"),
+        Some((1, 3))
+    );
+    drop(gone);
+    assert_eq!(
+        timeout(BOUND, frames.recv()).await.expect("a frame"),
+        Some((3, 3))
+    );
+    // The upstream closes the connection (its `GOAWAY` lost).
+    go_away.notify_one();
+    let honest = honest.await.unwrap();
+    super::limits::settled(&gw, 2).await;
+    let e = super::limits::endpoint(&gw);
+    assert_eq!(
+        (honest, e.failures, accepted.load(SeqCst)),
+        (200, 0, 2),
+        "(the honest client's status, endpoint failures, upstream connections): {e:?}"
+    );
+    gw.shutdown().await;
+}
