@@ -92,3 +92,48 @@ async fn failing_open_is_logged_and_counted_from_the_first_failed_check() {
         "{second}"
     );
 }
+
+/// With `FailurePolicy::FailClosed` (the default), a check Redis cannot answer is
+/// refused: counted under `source="unavailable"`, and logged as failing open is. Before,
+/// not a line: an outage refused every request and the logs never said why.
+#[tokio::test]
+async fn failing_closed_is_logged_from_the_first_failed_check() {
+    use seawall::rate_limit::redis::RedisLimitError;
+
+    let recorded = crate::recorded();
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(60_000, 1000))
+        .name("fail-closed")
+        .prefix("fail-closed")
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Redis);
+    drop(redis); // killed
+
+    let warnings = || -> Vec<String> {
+        let events = recorded.events.lock().unwrap();
+        let ours = events
+            .iter()
+            .filter(|l| l.contains("failing closed") && l.contains("limiter=\"fail-closed\""));
+        ours.cloned().collect()
+    };
+    let refused = |r: Result<_, RedisLimitError>| matches!(r, Err(RedisLimitError::Unavailable(_)));
+    assert!(refused(limiter.acquire("k", 1).await));
+    assert_eq!(warnings().len(), 1, "{:?}", recorded.events.lock().unwrap());
+    let first = &warnings()[0];
+    assert!(
+        first.starts_with("WARN") && first.contains("checks=1"),
+        "{first}"
+    );
+    // Throttled: no line each.
+    for _ in 0..19 {
+        assert!(refused(limiter.acquire("k", 1).await));
+    }
+    assert_eq!(warnings().len(), 1, "{:?}", warnings());
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(refused(limiter.acquire("k", 1).await));
+    assert_eq!(warnings().len(), 2, "{:?}", warnings());
+    assert!(warnings()[1].contains("checks=20"), "{:?}", warnings());
+}

@@ -132,7 +132,9 @@
 //! (`seawall_rate_limit_redis_checks_total{limiter, source="local"}` for a named limiter)
 //! and, with the `tracing` feature, logged at warn level: the first, then at most one line
 //! every 10 s per limiter, with the error met, the `checks` the local share answered since
-//! the line before and how many of them it admitted (`admitted_unchecked`).
+//! the line before and how many of them it admitted (`admitted_unchecked`). Failing
+//! closed is logged the same way (`checks` refused since the line before), and counted
+//! under `source="unavailable"`.
 //!
 //! **Reconnection.** The connection is re-made by redis' connection manager. After a
 //! failed reconnection, it hands the *stale* error (`Reconnecting failed: Connection
@@ -398,7 +400,8 @@ struct Inner {
     /// Where the last decision came from: an index into [`DECISION_SOURCES`], `0` before
     /// the first.
     last_source: AtomicU8,
-    /// The warnings of decisions taken by the local share, Redis being unavailable.
+    /// The warnings of decisions taken without Redis, it being unavailable (by the local
+    /// share, or refusals under fail-closed).
     #[cfg(feature = "tracing")]
     fail_open_log: FailOpenLog,
 }
@@ -763,8 +766,32 @@ impl RedisRateLimiter {
                     "local",
                 )
             }
-            _ => (Err(RedisLimitError::Unavailable(error)), "unavailable"),
+            _ => {
+                self.failed_closed(&error);
+                (Err(RedisLimitError::Unavailable(error)), "unavailable")
+            }
         }
+    }
+
+    /// Reports a check refused because Redis could not answer it
+    /// ([`FailurePolicy::FailClosed`]): counted in
+    /// `seawall_rate_limit_redis_checks_total{source="unavailable"}` (by the caller), and
+    /// logged at warn level as failing open is (the first, then at most one line every
+    /// 10 s with how many checks were refused since the line before): every request of an
+    /// outage refused, and never a line would say why.
+    #[cold]
+    fn failed_closed(&self, error: &BoxError) {
+        #[cfg(feature = "tracing")]
+        if let Some((checks, _)) = self.inner.fail_open_log.note(false) {
+            tracing::warn!(
+                limiter = self.name().unwrap_or(&self.inner.prefix),
+                %error,
+                checks,
+                "Redis could not answer rate-limit checks: failing closed, the requests \
+                 refused (counts since the last such line)"
+            );
+        }
+        let _ = error;
     }
 
     /// Reports a decision of the local share, Redis being unavailable (`error`: what the
