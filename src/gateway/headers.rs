@@ -97,7 +97,9 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// (`request-ip`, `django-ipware`, many handlers taking `CF-Connecting-IP` first):
 /// `X-Client-IP`, `CF-Connecting-IP`, `CF-Connecting-IPv6`, `CF-Pseudo-IPv4`,
 /// `Fastly-Client-IP`, `True-Client-IP`, `X-Cluster-Client-IP`, `X-Forwarded`,
-/// `Forwarded-For`, `X-Original-Forwarded-For`, `X-AppEngine-User-IP`; and the path
+/// `Forwarded-For`, `X-Original-Forwarded-For`, `X-AppEngine-User-IP`, `Client-IP` (PHP's
+/// `HTTP_CLIENT_IP`, read first by countless applications), `X-Originating-IP`,
+/// `X-Remote-IP`, `X-Remote-Addr`; and the path
 /// overrides of IIS and Symfony (`X-Original-URL`, `X-Rewrite-URL`), which would have the
 /// upstream serve another path than the route matched. With `_` for any `-` too
 /// (`X_Forwarded_For`, `X-Real_IP`): CGI-style upstreams (Rack, PHP, WSGI) read both
@@ -118,15 +120,25 @@ pub(crate) fn is_forwarding(name: &HeaderName) -> bool {
     // By length first: this runs for every field of every request, and nearly every
     // field's length picks no candidate or one whose first byte differs.
     let listed = match name.len() {
-        9 => name == b"forwarded" || same(name, b"x-real-ip"),
-        11 => same(name, b"x-client-ip") || same(name, b"x-forwarded"),
-        13 => same(name, b"forwarded-for") || same(name, b"x-rewrite-url"),
+        9 => name == b"forwarded" || same(name, b"x-real-ip") || same(name, b"client-ip"),
+        11 => {
+            same(name, b"x-client-ip") || same(name, b"x-forwarded") || same(name, b"x-remote-ip")
+        }
+        13 => {
+            same(name, b"forwarded-for")
+                || same(name, b"x-rewrite-url")
+                || same(name, b"x-remote-addr")
+        }
         14 => {
             same(name, b"true-client-ip")
                 || same(name, b"cf-pseudo-ipv4")
                 || same(name, b"x-original-url")
         }
-        16 => same(name, b"cf-connecting-ip") || same(name, b"fastly-client-ip"),
+        16 => {
+            same(name, b"cf-connecting-ip")
+                || same(name, b"fastly-client-ip")
+                || same(name, b"x-originating-ip")
+        }
         18 => same(name, b"cf-connecting-ipv6"),
         19 => same(name, b"x-cluster-client-ip") || same(name, b"x-appengine-user-ip"),
         24 => same(name, b"x-original-forwarded-for"),
