@@ -949,7 +949,8 @@ pub struct ClientLimitSettings {
     pub policy: LimitPolicy,
 }
 
-/// `on_missing = "..."`: requests without the key header of a per-client limit.
+/// `on_missing = "..."`: requests without the key header of a per-client limit (or with
+/// an empty value, or with the header twice).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnMissing {

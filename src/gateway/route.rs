@@ -352,10 +352,10 @@ impl ClientKeying {
             return ip();
         };
         // An empty value is no key (as `HeaderKey::key_of` reads it): keyed as `""`,
-        // every client sending one would share a bucket, past `on_missing`.
-        match request
-            .headers()
-            .get(h)
+        // every client sending one would share a bucket, past `on_missing`. Nor is a
+        // repeated one (`HeaderKey`'s rule): keyed on the first, a fresh first value
+        // would pass the limit while the upstream read the second.
+        match crate::rate_limit::http::key::single(request.headers(), h)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
         {
@@ -372,9 +372,7 @@ impl ClientKeying {
     fn rejects<B>(&self, request: &Request<B>) -> bool {
         self.on_missing == OnMissing::Reject
             && self.header.as_ref().is_some_and(|h| {
-                request
-                    .headers()
-                    .get(h)
+                crate::rate_limit::http::key::single(request.headers(), h)
                     .and_then(HeaderKey::key_of)
                     .is_none()
             })

@@ -658,6 +658,47 @@ async fn an_empty_key_header_is_refused_as_a_missing_one() {
     );
 }
 
+/// A key header sent twice is no key: keyed on the first value, a client sending a fresh
+/// first key with every request had a new bucket each time, while an upstream reading
+/// the last value (as most do) authenticated it with its real key: the per-key limit
+/// passed at will. Refused under `on_missing = "reject"`, as a missing key is.
+#[tokio::test]
+async fn a_repeated_key_header_is_refused_as_a_missing_one() {
+    let up = super::raw_http::heads_upstream(|_| "ok".to_owned()).await;
+    let toml = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+         [routes.rate_limit]\nper_client = {{ per_second = 1, burst = 1, key = \"header:x-api-key\", on_missing = \"reject\" }}\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{}\"]\n",
+        up.addr
+    );
+    let gw = super::spawn_gateway(&toml).await;
+    let addr = gw.local_addr();
+    let send = |extra: String| async move {
+        super::raw_http::request(addr, "GET", "/api/x", &extra).await
+    };
+    assert_eq!(
+        send("x-api-key: real\r\n".into()).await.0,
+        200,
+        "the key's one token"
+    );
+    assert_eq!(
+        send("x-api-key: real\r\n".into()).await.0,
+        429,
+        "the key's limit"
+    );
+    up.clear();
+    for fresh in 0..3 {
+        let (status, body) = send(format!("x-api-key: fresh-{fresh}\r\nx-api-key: real\r\n")).await;
+        assert_eq!(status, 400, "two keys, answered {status} {body}");
+    }
+    assert!(
+        up.seen().is_empty(),
+        "reached the upstream past the key's limit: {:#?}",
+        up.seen()
+    );
+}
+
 /// An HTTP/1.1 upstream on `addr` that answers every request `200` with `name`.
 async fn named_upstream(listener: tokio::net::TcpListener, name: &'static str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -308,10 +308,25 @@ impl<B> KeyExtractor<Request<B>> for ClientIp {
     }
 }
 
+/// The one value of `name` in `headers`: `None` when it is absent or sent more than once.
+/// A key field is not a list: of two API keys, which one an upstream reads is its own
+/// choice (the last, often), so a limit keyed on the first could be passed with a fresh
+/// first value each time while the upstream took the second.
+#[inline]
+pub(crate) fn single<'a>(
+    headers: &'a http::HeaderMap,
+    name: &http::HeaderName,
+) -> Option<&'a http::HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    values.next().is_none().then_some(first)
+}
+
 /// The value of a header (for example an API key), as a [`BoundedKey`]: values up to 64
 /// bytes as they are, longer ones as a 128-bit digest (the same in every process), so
 /// that clients choosing long values cannot grow a keyed limiter's memory (each key is
-/// 65 bytes, with no allocation). Requests without the header, or with a value that is not visible ASCII,
+/// 65 bytes, with no allocation). Requests without the header, with it more than once
+/// (which value an upstream reads is its own choice), or with a value that is not visible ASCII,
 /// have no key: a [`PerKey`](super::PerKey) limit answers them per its
 /// [`OnMissingKey`](super::OnMissingKey): refused by default, the client's error (the HTTP
 /// layers answer `400 Bad Request`); or one shared bucket; or let through, with a limit by
@@ -336,7 +351,7 @@ impl<B> KeyExtractor<Request<B>> for HeaderKey {
     type Key = BoundedKey;
 
     fn extract(&self, request: &Request<B>) -> Option<BoundedKey> {
-        Self::key_of(request.headers().get(&self.0)?)
+        Self::key_of(single(request.headers(), &self.0)?)
     }
 
     /// The header is the client's to send: a request without it is a `400`.

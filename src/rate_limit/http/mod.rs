@@ -14,7 +14,7 @@
 //! * [`RetryAfterLayer`]: for clients; honours an upstream's 429 / 503 with `Retry-After`
 //!   (seconds or an HTTP date) by holding further calls to it until the time given.
 
-mod key;
+pub(crate) mod key;
 mod layer;
 #[cfg(feature = "gateway")]
 mod pair;
