@@ -281,9 +281,10 @@
 //! request the closed connection never took is sent on the new one); requests beyond the
 //! upstream's stream limit wait for a stream. A request without a body whose stream the
 //! upstream refused unprocessed (`GOAWAY`, `REFUSED_STREAM`) is sent again on a new
-//! connection, and a connection the upstream ends with `ENHANCE_YOUR_CALM` (the answer of
+//! connection (a refused request with a body, which cannot be, is the endpoint's
+//! failure), and a connection the upstream ends with `ENHANCE_YOUR_CALM` (the answer of
 //! `h2`-based servers to many streams reset: clients that went away), or closes after the
-//! gateway reset a stream on it, is not counted against the endpoint; its idempotent
+//! gateway reset a burst of streams on it, is not counted against the endpoint; its idempotent
 //! requests without a body are sent again. `[services.tls]` (feature `tls`) speaks TLS
 //! to them, certificates always verified, against webpki-roots' Mozilla roots or a
 //! `ca_file`, for `server_name` (sent by SNI) or each instance's host; a failed handshake

@@ -32,16 +32,19 @@
 //!
 //! An HTTP/2 upstream may refuse a stream unprocessed (RFC 9113 §8.7: above the
 //! `last_stream_id` of its `GOAWAY`, or reset with `REFUSED_STREAM`): the request is sent
-//! again, once, on a new connection, whatever its method, if it has no body; and the
-//! refusal is not the endpoint's failure (one on the new connection is). An upstream
+//! again, once, on a new connection, whatever its method, if it has no body, and the
+//! refusal is not the endpoint's failure (one on the new connection is; so is one of a
+//! request with a body, which cannot be sent again: an upstream refusing every stream is
+//! failing). An upstream
 //! that ends the connection with `GOAWAY(ENHANCE_YOUR_CALM)` says the gateway misbehaved
 //! on it: above all by resetting the streams of clients that went away, which servers
 //! built on the `h2` crate answer so after 20 streams reset before they took them (their
 //! rapid-reset guard). That is the clients' doing, not the endpoint's ill health: the
 //! requests that fail with the connection are not counted against the endpoint, nor are
-//! those on a connection the upstream closed after the gateway had reset a stream on it
-//! (its `GOAWAY` may be lost: a server closing its socket with frames unread resets the
-//! connection, and what it sent last may never be read); and the
+//! those on a connection the upstream closed after the gateway had reset a burst of
+//! streams on it (10 since its last answer head; its `GOAWAY` may be lost: a server
+//! closing its socket with frames unread resets the connection, and what it sent last
+//! may never be read); and the
 //! idempotent ones without a body are sent again on a new connection (those the upstream
 //! did not process, of any method). Only a request without a body can be: the head of
 //! each is copied before it goes on an HTTP/2 connection (hyper keeps none it has sent).
@@ -165,7 +168,7 @@ pub(crate) enum H2Refusal {
     /// gateway's conduct on it abusive, above all the streams the gateway reset for its
     /// clients that went away (the `h2` crate's servers end a connection after 20 streams
     /// reset before they took them: its rapid-reset guard). Or it closed the connection
-    /// after the gateway had reset a stream on it (the `GOAWAY` may be lost). The
+    /// after the gateway had reset a burst of streams on it (the `GOAWAY` may be lost). The
     /// clients' doing.
     Calmed,
 }
@@ -480,16 +483,22 @@ struct H2Ended {
     /// Told by the task that drives the connection: `None` while it is open; then whether
     /// the upstream ended it with `GOAWAY(ENHANCE_YOUR_CALM)`.
     told: tokio::sync::watch::Sender<Option<bool>>,
-    /// The gateway reset a stream on it: a request given up before its answer's head (its
-    /// client went away, the route timed out).
-    abandoned: std::sync::atomic::AtomicBool,
+    /// Streams the gateway reset on it since it last had an answer's head: requests given
+    /// up before theirs (their clients went away, the route timed out).
+    abandoned: std::sync::atomic::AtomicU32,
 }
+
+/// Resets since a connection's last answer head from which the upstream closing it
+/// without a word is taken for its rapid-reset guard, not its ill health: half of the
+/// `h2` crate's servers' 20. A few resets (a client gone now and then, on a connection
+/// that lives for hours) prove nothing: a connection lost after them is the endpoint's.
+const H2_CALM_RESETS: u32 = 10;
 
 impl H2Ended {
     fn new() -> Self {
         Self {
             told: tokio::sync::watch::Sender::new(None),
-            abandoned: std::sync::atomic::AtomicBool::new(false),
+            abandoned: std::sync::atomic::AtomicU32::new(0),
         }
     }
 }
@@ -845,7 +854,7 @@ impl EndpointPool {
             && let Some((n, _, ended)) = shard.sender.lock().as_ref()
             && *n == number
         {
-            ended.abandoned.store(true, Ordering::Relaxed);
+            ended.abandoned.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -900,6 +909,15 @@ impl EndpointPool {
     /// waits for the connection's task to tell how it ended; it has, or is about to.
     async fn h2_refusal(error: &hyper::Error, ended: &H2Ended) -> Option<H2Refusal> {
         match h2_error(error) {
+            // Above the `last_stream_id` of a `GOAWAY(ENHANCE_YOUR_CALM)`: ended for the
+            // gateway's conduct too.
+            Some(e)
+                if e.is_remote()
+                    && e.is_go_away()
+                    && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) =>
+            {
+                return Some(H2Refusal::Calmed);
+            }
             Some(e)
                 if e.is_remote()
                     && (e.is_go_away()
@@ -926,7 +944,7 @@ impl EndpointPool {
         // `GOAWAY(ENHANCE_YOUR_CALM)` may be lost (a server that closes its socket with
         // the gateway's frames unread resets the connection, and what it sent last may
         // never be read). Not the endpoint's ill health either.
-        if ended.abandoned.load(Ordering::Relaxed) {
+        if ended.abandoned.load(Ordering::Relaxed) >= H2_CALM_RESETS {
             return Some(H2Refusal::Calmed);
         }
         // Bounded: an I/O error in the chain that is not the connection's (a request
@@ -953,6 +971,13 @@ impl EndpointPool {
                 dialled.store(number, Ordering::Relaxed);
             }
         };
+        // An answer's head: the resets before it were no burst the upstream ended the
+        // connection for (written only when there were some).
+        let heard = |ended: &H2Ended| {
+            if ended.abandoned.load(Ordering::Relaxed) != 0 {
+                ended.abandoned.store(0, Ordering::Relaxed);
+            }
+        };
         // HTTP/2 names the target in `:scheme` and `:authority`, not in `Host`.
         let target = http::uri::Builder::new()
             .scheme(self.settings.scheme())
@@ -975,7 +1000,10 @@ impl EndpointPool {
         let (number, mut sender, ended) = self.h2_connection().await?;
         on(number);
         let response = match sender.try_send_request(request).await {
-            Ok(response) => response,
+            Ok(response) => {
+                heard(&ended);
+                response
+            }
             Err(mut e) => match e.take_message() {
                 Some(request) => {
                     self.count_retry(&UpstreamError::Closed);
@@ -985,7 +1013,10 @@ impl EndpointPool {
                     let (number, mut sender, ended) = self.h2_connection().await?;
                     on(number);
                     match sender.send_request(request).await {
-                        Ok(response) => response,
+                        Ok(response) => {
+                            heard(&ended);
+                            response
+                        }
                         Err(e) => return Err(Self::h2_failure(e, &ended).await),
                     }
                 }
@@ -1000,9 +1031,14 @@ impl EndpointPool {
                         None => None,
                     };
                     let (Some(refusal), Some(request)) = (refusal, retry) else {
+                        // A stream refused unprocessed and not sent again (it had a body)
+                        // is the endpoint's failure: an upstream refusing every stream
+                        // (overloaded, stuck draining) would otherwise never be counted.
                         return Err(match refusal {
-                            Some(refusal) => UpstreamError::H2Refused(refusal, e),
-                            None => UpstreamError::Http(e),
+                            Some(H2Refusal::Calmed) => {
+                                UpstreamError::H2Refused(H2Refusal::Calmed, e)
+                            }
+                            _ => UpstreamError::Http(e),
                         });
                     };
                     let e = UpstreamError::H2Refused(refusal, e);
@@ -1012,7 +1048,10 @@ impl EndpointPool {
                     let (number, mut sender, ended) = self.h2_connection().await?;
                     on(number);
                     match sender.send_request(request).await {
-                        Ok(response) => response,
+                        Ok(response) => {
+                            heard(&ended);
+                            response
+                        }
                         Err(e) => return Err(Self::h2_failure(e, &ended).await),
                     }
                 }

@@ -13,6 +13,7 @@ mod grpc;
 mod grpc_edges;
 mod grpc_tonic;
 mod h2;
+mod h2_refusals;
 mod limits;
 mod metrics_endpoint;
 mod paths;
