@@ -250,6 +250,16 @@ impl Gateway {
                 .resolve_token()?
                 .map(|token| Sha256::digest(token.as_bytes()).into()),
         };
+        // Allowed (a single-port setup behind a private network), never silently: the
+        // upstream addresses, routes and limits are then any client's to read.
+        #[cfg(feature = "tracing")]
+        if admin.on_proxy && admin.token.is_none() {
+            tracing::warn!(
+                target: "seawall::gateway",
+                "admin.on_proxy_listener without a token: /metrics, /status and \
+                 /status.json are served to every client of the proxy listener"
+            );
+        }
         let trusted = config.trusted_proxies()?;
         #[cfg(feature = "tls")]
         let tls = config

@@ -387,3 +387,41 @@ async fn a_limit_keyed_on_the_request_id_sees_the_id_the_gateway_made() {
     assert_eq!(status(Some("client-7")).await, 429, "the same client twice");
     gw.shutdown().await;
 }
+
+/// `admin.on_proxy_listener` without a token serves `/metrics` and `/status.json` (upstream
+/// addresses, routes, limits) to every client of the proxy listener: allowed, for
+/// single-port setups on a private network, but never silently. It was built without a
+/// word; with a token, nothing is said.
+#[tokio::test]
+async fn admin_on_the_proxy_listener_without_a_token_is_warned_about() {
+    let recorded = crate::recorded();
+    let warnings = || {
+        recorded
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("WARN") && l.contains("on_proxy_listener without a token"))
+            .count()
+    };
+    let (upstream, _) = upstream().await;
+    let open = gateway("[admin]\non_proxy_listener = true\n", upstream).await;
+    assert_eq!(warnings(), 1, "{:?}", recorded.events.lock().unwrap());
+    open.shutdown().await;
+
+    let dir = std::env::temp_dir().join(format!("seawall-admin-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "kq3V9xT2mZr8Lw4Yp6Hs1Nd7Fb5Cj0Ge").unwrap();
+    let closed = gateway(
+        &format!(
+            "[admin]\non_proxy_listener = true\ntoken_file = {:?}\n",
+            token.display().to_string()
+        ),
+        upstream,
+    )
+    .await;
+    assert_eq!(warnings(), 1, "with a token: no warning");
+    closed.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
