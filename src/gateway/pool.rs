@@ -151,9 +151,24 @@ impl UpstreamError {
     }
 
     /// Whether the upstream gave the request up for a reason that is not its ill health
-    /// ([`UpstreamError::H2Refused`]): not the endpoint's failure either.
+    /// ([`UpstreamError::H2Refused`]), or the gateway could not even try for want of its
+    /// own resources ([`is_local`](Self::is_local)): not the endpoint's failure either.
     pub(crate) fn is_refusal(&self) -> bool {
-        matches!(self, Self::H2Refused(..))
+        matches!(self, Self::H2Refused(..)) || self.is_local()
+    }
+
+    /// A connection the gateway could not open for want of its own resources: no file
+    /// descriptor left (`EMFILE`, `ENFILE`), no local port (`EADDRNOTAVAIL`), no memory.
+    /// Counted against the endpoint, a gateway out of descriptors under a surge would
+    /// eject every healthy upstream at once, and keep them out after it recovered.
+    fn is_local(&self) -> bool {
+        let Self::Connect(e) = self else {
+            return false;
+        };
+        matches!(
+            e.kind(),
+            io::ErrorKind::AddrNotAvailable | io::ErrorKind::OutOfMemory
+        ) || (cfg!(unix) && matches!(e.raw_os_error(), Some(23 | 24)))
     }
 }
 
