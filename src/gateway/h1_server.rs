@@ -908,11 +908,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerConn<IO> {
                 if ended {
                     return Pin::new(&mut self.io).poll_flush(cx);
                 }
-                if let Some(feeding) = &mut exchange.feeding {
-                    if ready!(self.poll_feed(cx, feeding)) {
-                        continue;
-                    }
+                let fed = match &mut exchange.feeding {
+                    Some(feeding) => self.poll_feed(cx, feeding),
+                    None => Poll::Ready(false),
+                };
+                if fed == Poll::Ready(true) {
+                    continue;
                 }
+                // Waiting for the body's next frame: what a TLS stream still holds of the
+                // last ones (its records, when the socket was full) goes out meanwhile, or
+                // a client would wait for the end of a burst until the upstream sent
+                // again. A no-op on plain TCP.
+                ready!(Pin::new(&mut self.io).poll_flush(cx))?;
                 return Poll::Pending;
             }
         })

@@ -452,3 +452,130 @@ async fn alpn_http_1_0_gets_http1_and_an_offer_sharing_nothing_is_refused() {
     assert!(refused.is_err(), "an h2-only offer with HTTP/2 off");
     gw.shutdown().await;
 }
+/// An upstream that answers `GET /api/stream/<n>` with a chunked body: `n` bytes, then
+/// `marker`, then nothing more for as long as the test lasts (a stream pausing between
+/// events: server-sent events, a long poll, a log tail).
+async fn pausing_upstream(marker: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let size: usize = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|target| target.rsplit('/').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                let mut left = size;
+                while left > 0 {
+                    let n = left.min(16 * 1024);
+                    out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                    out.resize(out.len() + n, b'x');
+                    out.extend_from_slice(b"\r\n");
+                    left -= n;
+                }
+                out.extend_from_slice(format!("{:x}\r\n", marker.len()).as_bytes());
+                out.extend_from_slice(marker);
+                out.extend_from_slice(b"\r\n");
+                if stream.write_all(&out).await.is_err() {
+                    return;
+                }
+                // The stream pauses: the connection stays open, the body unfinished.
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A streamed answer written while the client's socket was full is held in rustls'
+/// buffer (tokio-rustls takes the bytes and says they are written) and must still reach
+/// the client once it reads. The HTTP/1 server flushes only at the end of a body: when
+/// the upstream pauses after a burst larger than the socket takes at once, the burst's
+/// tail (here the event the client waits for) stays in the gateway until the upstream
+/// sends again, possibly never. Over cleartext the kernel holds those bytes and sends
+/// them. Bursts of many sizes, as the socket's room is not known: each one's tail must
+/// come once its client reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_s_tail_reaches_a_tls_client_while_the_upstream_pauses() {
+    const MARKER: &[u8] = b"END-OF-BURST";
+    let c = certs();
+    let up = pausing_upstream(MARKER).await;
+    // Small socket buffers (accepted sockets take the listener's), so that a burst of
+    // some hundred KiB fills the socket, as a slow client's larger bursts would.
+    let listener = tokio::net::TcpSocket::new_v4().unwrap();
+    listener.set_send_buffer_size(16 * 1024).unwrap();
+    listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = listener.listen(1024).unwrap();
+    let gw = Gateway::build(
+        GatewayConfig::from_toml_str(&config(up, &c.files, "")).unwrap(),
+        Discovery::Static,
+    )
+    .await
+    .unwrap()
+    .spawn(listener);
+    let client = c.pki.client(&[b"http/1.1"]);
+    let mut clients = Vec::new();
+    for size in (1..=64).map(|i| i * 8 * 1024) {
+        // A client with a small receive window, as a slow one on a long path has: the
+        // socket takes little at a time.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(gw.local_addr()).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+        let mut tls = client.connect(name, tcp).await.unwrap();
+        let request = format!("GET /api/stream/{size} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        clients.push((size, tls));
+    }
+    // The clients read nothing for a moment: each burst fills the socket as far as it
+    // goes, the rest waits in the gateway.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut reads = tokio::task::JoinSet::new();
+    for (size, mut tls) in clients {
+        reads.spawn(async move {
+            let mut got = 0usize;
+            let mut tail = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let found = timeout(Duration::from_secs(5), async {
+                loop {
+                    let n = tls.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the gateway closed the connection");
+                    got += n;
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.windows(MARKER.len()).any(|w| w == MARKER) {
+                        return;
+                    }
+                    let keep = tail.len().min(MARKER.len());
+                    tail.drain(..tail.len() - keep);
+                }
+            })
+            .await;
+            (size, found.is_ok(), got, tls)
+        });
+    }
+    let mut stuck = Vec::new();
+    let mut streams = Vec::new();
+    while let Some(read) = reads.join_next().await {
+        let (size, found, got, tls) = read.unwrap();
+        if !found {
+            stuck.push(format!("{size}-byte burst: {got} bytes read"));
+        }
+        streams.push(tls);
+    }
+    stuck.sort();
+    assert!(stuck.is_empty(), "tails that never came: {stuck:?}");
+    // Not shut down gracefully: the answers never end (the runtime's end drops them).
+    drop((streams, gw));
+}
