@@ -67,6 +67,9 @@ impl Tls {
     /// Loads the certificates and builds the acceptor; starts the reload task when
     /// `reload_every` is not zero (in the current runtime).
     pub(crate) fn new(settings: &TlsSettings) -> Result<Arc<Self>, ConfigError> {
+        // The files as they were when loaded (read before, so that a change made while
+        // they load is a change the reload task sees): where the reload task starts.
+        let loaded = fingerprint(&settings.certificates);
         let resolver = Arc::new(Resolver {
             current: parking_lot::RwLock::new(Arc::new(Certificates::load(
                 &settings.certificates,
@@ -103,6 +106,7 @@ impl Tls {
                 Arc::downgrade(&tls),
                 settings.certificates.clone(),
                 settings.reload_every,
+                loaded,
             );
         }
         Ok(tls)
@@ -139,9 +143,15 @@ impl Tls {
 }
 
 /// Checks the files every `every`; loads them again when any changed.
-fn spawn_reloader(tls: Weak<Tls>, settings: Vec<CertificateSettings>, every: Duration) {
+/// `seen`: the files' fingerprint when they were loaded (not when the task first runs: a
+/// renewal written between the two would never be loaded).
+fn spawn_reloader(
+    tls: Weak<Tls>,
+    settings: Vec<CertificateSettings>,
+    every: Duration,
+    mut seen: Vec<Option<(SystemTime, u64)>>,
+) {
     tokio::spawn(async move {
-        let mut seen = fingerprint(&settings);
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;

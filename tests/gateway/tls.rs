@@ -579,3 +579,36 @@ async fn a_streamed_answer_s_tail_reaches_a_tls_client_while_the_upstream_pauses
     // Not shut down gracefully: the answers never end (the runtime's end drops them).
     drop((streams, gw));
 }
+
+/// A renewal that lands just after the gateway loaded the files (cert-manager or certbot
+/// writing while the gateway starts) is reloaded like any later one: the reload task
+/// compares the files with what was loaded, not with what it first saw when it ran.
+/// Here the task has not run yet when the files change (a current-thread runtime, the
+/// build just returned); on a multi-thread runtime the window is the time between the
+/// load and the task's first poll.
+#[tokio::test(start_paused = true)]
+async fn files_renewed_right_after_the_build_are_reloaded() {
+    let c = certs();
+    let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let toml = config(up, &c.files[..1], "reload_every = \"50ms\"");
+    let gateway = Gateway::build(
+        GatewayConfig::from_toml_str(&toml).unwrap(),
+        Discovery::Static,
+    )
+    .await
+    .unwrap();
+    assert_eq!(gateway.status().tls.unwrap().server_names[0], ["a.test"]);
+    let renewed = c.pki.leaf(&["renewed.a.test", "127.0.0.1"], "A renewed");
+    let (cert, key) = &c.files[0];
+    replace(key, &renewed.key_pem);
+    replace(cert, &renewed.cert_pem);
+    // Twenty reload periods (paused time: no real wait).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tls = gateway.status().tls.unwrap();
+    assert_eq!(
+        tls.server_names[0],
+        ["renewed.a.test"],
+        "the renewed files are never loaded: {tls:?}"
+    );
+    assert_eq!((tls.reloads, tls.reload_failures), (1, 0), "{tls:?}");
+}
