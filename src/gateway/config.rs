@@ -1841,7 +1841,7 @@ impl TlsSettings {
         for (i, cert) in self.certificates.iter().enumerate() {
             for name in &cert.server_names {
                 let bare = name.strip_prefix("*.").unwrap_or(name);
-                if bare.is_empty() || bare.contains('*') || !bare.is_ascii() {
+                if !is_dns_name(bare) {
                     return Err(ConfigError::invalid(
                         format!("gateway.tls.certificates[{i}].server_names"),
                         format!("{name:?} is not a host name (or `*.` and one)"),
@@ -1851,6 +1851,22 @@ impl TlsSettings {
         }
         Ok(())
     }
+}
+
+/// Whether `name` is a DNS name as a client's SNI carries it (RFC 6066 §3: no port, no
+/// path, no trailing dot): labels of 1 to 63 letters, digits and `-` (not first or last),
+/// 253 bytes at most. A name that is not one can never be matched, and its certificate
+/// would never be chosen.
+fn is_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// `/a/` and `/a` are the same prefix.

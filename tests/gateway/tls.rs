@@ -452,6 +452,68 @@ async fn alpn_http_1_0_gets_http1_and_an_offer_sharing_nothing_is_refused() {
     assert!(refused.is_err(), "an h2-only offer with HTTP/2 off");
     gw.shutdown().await;
 }
+
+/// A renewal that lands just after the gateway loaded the files (cert-manager or certbot
+/// writing while the gateway starts) is reloaded like any later one: the reload task
+/// compares the files with what was loaded, not with what it first saw when it ran.
+/// Here the task has not run yet when the files change (a current-thread runtime, the
+/// build just returned); on a multi-thread runtime the window is the time between the
+/// load and the task's first poll.
+#[tokio::test(start_paused = true)]
+async fn files_renewed_right_after_the_build_are_reloaded() {
+    let c = certs();
+    let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let toml = config(up, &c.files[..1], "reload_every = \"50ms\"");
+    let gateway = Gateway::build(
+        GatewayConfig::from_toml_str(&toml).unwrap(),
+        Discovery::Static,
+    )
+    .await
+    .unwrap();
+    assert_eq!(gateway.status().tls.unwrap().server_names[0], ["a.test"]);
+    let renewed = c.pki.leaf(&["renewed.a.test", "127.0.0.1"], "A renewed");
+    let (cert, key) = &c.files[0];
+    replace(key, &renewed.key_pem);
+    replace(cert, &renewed.cert_pem);
+    // Twenty reload periods (paused time: no real wait).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tls = gateway.status().tls.unwrap();
+    assert_eq!(
+        tls.server_names[0],
+        ["renewed.a.test"],
+        "the renewed files are never loaded: {tls:?}"
+    );
+    assert_eq!((tls.reloads, tls.reload_failures), (1, 0), "{tls:?}");
+}
+
+/// `server_names` are checked to be host names (`is not a host name` otherwise), but a
+/// port, a URL or a space passes: such a name can never equal an SNI name (a DNS name,
+/// RFC 6066 §3), so the certificate is silently never chosen for it and clients of that
+/// name get the default certificate. Each is refused when the gateway is built, naming
+/// the setting.
+#[tokio::test]
+async fn server_names_that_are_not_host_names_are_refused() {
+    let c = certs();
+    let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for name in ["b.test:8443", "https://b.test/", "b .test", "b.test/api"] {
+        let mut toml = config(up, &c.files, "");
+        // The second certificate (B) answers `name` only.
+        let at = toml.rfind("\n\n[[routes]]").unwrap();
+        toml.insert_str(at, &format!("\nserver_names = [{name:?}]"));
+        let message = match GatewayConfig::from_toml_str(&toml) {
+            Ok(config) => match Gateway::build(config, Discovery::Static).await {
+                Ok(_) => panic!("{name:?} accepted as a server name"),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            message.contains("gateway.tls.certificates[1].server_names"),
+            "{name:?}: {message}"
+        );
+    }
+}
+
 /// An upstream that answers `GET /api/stream/<n>` with a chunked body: `n` bytes, then
 /// `marker`, then nothing more for as long as the test lasts (a stream pausing between
 /// events: server-sent events, a long poll, a log tail).
@@ -578,37 +640,4 @@ async fn a_streamed_answer_s_tail_reaches_a_tls_client_while_the_upstream_pauses
     assert!(stuck.is_empty(), "tails that never came: {stuck:?}");
     // Not shut down gracefully: the answers never end (the runtime's end drops them).
     drop((streams, gw));
-}
-
-/// A renewal that lands just after the gateway loaded the files (cert-manager or certbot
-/// writing while the gateway starts) is reloaded like any later one: the reload task
-/// compares the files with what was loaded, not with what it first saw when it ran.
-/// Here the task has not run yet when the files change (a current-thread runtime, the
-/// build just returned); on a multi-thread runtime the window is the time between the
-/// load and the task's first poll.
-#[tokio::test(start_paused = true)]
-async fn files_renewed_right_after_the_build_are_reloaded() {
-    let c = certs();
-    let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let toml = config(up, &c.files[..1], "reload_every = \"50ms\"");
-    let gateway = Gateway::build(
-        GatewayConfig::from_toml_str(&toml).unwrap(),
-        Discovery::Static,
-    )
-    .await
-    .unwrap();
-    assert_eq!(gateway.status().tls.unwrap().server_names[0], ["a.test"]);
-    let renewed = c.pki.leaf(&["renewed.a.test", "127.0.0.1"], "A renewed");
-    let (cert, key) = &c.files[0];
-    replace(key, &renewed.key_pem);
-    replace(cert, &renewed.cert_pem);
-    // Twenty reload periods (paused time: no real wait).
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let tls = gateway.status().tls.unwrap();
-    assert_eq!(
-        tls.server_names[0],
-        ["renewed.a.test"],
-        "the renewed files are never loaded: {tls:?}"
-    );
-    assert_eq!((tls.reloads, tls.reload_failures), (1, 0), "{tls:?}");
 }
