@@ -16,7 +16,43 @@ use crate::BoxError;
 /// Wakes every task waiting on the service: the service keeps one waker (the last it was
 /// polled with), the tasks sharing it are many.
 #[derive(Default)]
-struct Waiters(Mutex<Vec<Waker>>);
+struct Waiters(Mutex<WaiterSet>);
+
+/// The waiting calls' wakers, by call: a call comes and goes in constant time however
+/// many wait beside it (tens of thousands while discovery has no endpoint yet, each
+/// request waiting out its route's timeout), where a list searched for each cost time
+/// quadratic in them, under the lock every request takes.
+#[derive(Default)]
+struct WaiterSet {
+    wakers: std::collections::HashMap<u64, Waker>,
+    /// The id of the next call to wait.
+    next: u64,
+}
+
+impl WaiterSet {
+    /// Registers `waker` for the call waiting as `id` (given one now if it has none yet).
+    fn register(&mut self, id: &mut Option<u64>, waker: &Waker) {
+        let id = *id.get_or_insert_with(|| {
+            self.next += 1;
+            self.next
+        });
+        match self.wakers.entry(id) {
+            std::collections::hash_map::Entry::Occupied(mut held) => {
+                if !held.get().will_wake(waker) {
+                    held.insert(waker.clone());
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(free) => {
+                free.insert(waker.clone());
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.wakers.len()
+    }
+}
 
 impl Wake for Waiters {
     fn wake(self: Arc<Self>) {
@@ -24,7 +60,8 @@ impl Wake for Waiters {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        for waker in std::mem::take(&mut *self.0.lock()) {
+        let woken = std::mem::take(&mut self.0.lock().wakers);
+        for (_, waker) in woken {
             waker.wake();
         }
     }
@@ -88,7 +125,7 @@ impl<S> Clone for SharedBalance<S> {
 impl<S> fmt::Debug for SharedBalance<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SharedBalance")
-            .field("waiting", &self.inner.waiters.0.lock().len())
+            .field("waiting", &self.inner.waiters.0.lock().wakers.len())
             .finish_non_exhaustive()
     }
 }
@@ -172,23 +209,13 @@ impl<S> SharedBalance<S> {
                     // Registered (again: a wake-up takes every waker), then polled once
                     // more: a wake-up between the first poll and the registration would
                     // otherwise be lost.
-                    let mut waiters = inner.waiters.0.lock();
-                    if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                        waiters.push(cx.waker().clone());
-                    }
+                    inner.waiters.0.lock().register(call.waiting, cx.waker());
                     registered = true;
-                    if !call
-                        .waiting
-                        .as_ref()
-                        .is_some_and(|w| w.will_wake(cx.waker()))
-                    {
-                        *call.waiting = Some(cx.waker().clone());
-                    }
                 }
             }
         };
-        if call.waiting.take().is_some() {
-            inner.waiters.0.lock().retain(|w| !w.will_wake(cx.waker()));
+        if let Some(id) = call.waiting.take() {
+            inner.waiters.0.lock().wakers.remove(&id);
         }
         Poll::Ready(ready.and_then(|()| match call.request.take() {
             Some(r) => Ok(service.call(r)),
@@ -201,9 +228,9 @@ impl<S> SharedBalance<S> {
 struct CallState<'a, Req> {
     request: &'a mut Option<Req>,
     deadline: Option<Instant>,
-    /// This task's waker, if it may be among the waiters: only then is there one to take
-    /// out. The common case (ready at once) touches no waiter list.
-    waiting: &'a mut Option<Waker>,
+    /// The call's id among the waiters, if it may be among them: only then is there one
+    /// to take out. The common case (ready at once) touches no waiter set.
+    waiting: &'a mut Option<u64>,
     /// The deadline's timer, made only once the call has to wait (almost never): a
     /// `Sleep` costs a clone of the runtime's handle and a timer entry, and kept unboxed
     /// it would make every call's future larger.
@@ -219,7 +246,7 @@ pin_project_lite::pin_project! {
     pub struct SharedCall<S, Req, F> {
         shared: SharedBalance<S>,
         deadline: Option<Instant>,
-        waiting: Option<Waker>,
+        waiting: Option<u64>,
         sleep: Option<Pin<Box<tokio::time::Sleep>>>,
         #[pin]
         stage: Stage<Req, F>,
@@ -229,8 +256,8 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // Given up while waiting: no waker left behind.
             let this = this.project();
-            if let Some(waker) = this.waiting.take() {
-                this.shared.inner.waiters.0.lock().retain(|w| !w.will_wake(&waker));
+            if let Some(id) = this.waiting.take() {
+                this.shared.inner.waiters.0.lock().wakers.remove(&id);
             }
         }
     }
@@ -353,7 +380,7 @@ mod tests {
         assert_eq!(assert_ready_ok!(second.poll()), 20);
         assert_eq!(assert_ready_ok!(first.poll()), 10);
         assert!(
-            shared.inner.waiters.0.lock().is_empty(),
+            (shared.inner.waiters.0.lock().len() == 0),
             "no waker left behind"
         );
     }
@@ -375,7 +402,7 @@ mod tests {
             other => panic!("expected a timeout, got {other:?}"),
         };
         assert!(err.is::<ReadyTimeout>(), "{err}");
-        assert!(shared.inner.waiters.0.lock().is_empty());
+        assert!((shared.inner.waiters.0.lock().len() == 0));
         // Nothing reached the service.
         handle.allow(1);
         let mut probe = tokio_test::task::spawn(handle.next_request());
@@ -391,7 +418,7 @@ mod tests {
         assert_pending!(waiting.poll());
         assert_eq!(shared.inner.waiters.0.lock().len(), 1);
         drop(waiting);
-        assert!(shared.inner.waiters.0.lock().is_empty());
+        assert!((shared.inner.waiters.0.lock().len() == 0));
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@ use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
 
 mod balancer;
 mod regressions;
+mod waiters;
 
 /// Where proptest keeps the failing cases it found: next to the test's file
 /// (`balancer.rs` → `balancer.proptest-regressions`). Its default would find this
