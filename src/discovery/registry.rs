@@ -127,6 +127,12 @@ impl Registry {
         if ours {
             entry.instances.remove(id);
             entry.publish();
+            // The last instance of a service nobody watches: forgotten, as `watch` forgets
+            // such services, so that services registered under names of their own (one
+            // per job, tenant or canary) and gone do not grow the registry without bound.
+            if entry.instances.is_empty() && entry.publisher.watchers() == 0 {
+                inner.by_name.remove(service);
+            }
         }
         ours
     }
