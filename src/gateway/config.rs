@@ -950,7 +950,7 @@ pub struct ClientLimitSettings {
 }
 
 /// `on_missing = "..."`: requests without the key header of a per-client limit (or with
-/// an empty value, or with the header twice).
+/// an empty value; one with the header twice is refused, `400`, whatever this says).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnMissing {

@@ -29,8 +29,9 @@
 //!    [`ClientIp`](crate::rate_limit::http::ClientIp) does). A header key of over 64
 //!    bytes is kept as a 128-bit digest (see
 //!    [`BoundedKey`](crate::rate_limit::BoundedKey)), so every client costs the same
-//!    memory whatever it sends. A request without the key header (or with an empty one,
-//!    or with it twice: which value an upstream reads is its own choice) is limited by its IP
+//!    memory whatever it sends. A request with the key header twice is refused (`400`:
+//!    which value an upstream reads is its own choice). A request without the key header
+//!    (or with an empty one) is limited by its IP
 //!    (`on_missing = "ip"`, the default, as Kong does), refused with `400`
 //!    (`"reject"`), limited together in one shared bucket of the per-client quota
 //!    (`"shared"`) or let through (`"allow"`). Each limit tracks up to 100 000 clients;

@@ -368,14 +368,18 @@ impl ClientKeying {
         }
     }
 
-    /// Whether the request lacks the key header and must be refused for it.
+    /// Whether the request lacks the key header and must be refused for it, or sends it
+    /// more than once (refused whatever `on_missing` says: keyed on neither value, or on
+    /// the client's address, a fresh first value beside the real key would pass while
+    /// the upstream read the second).
     fn rejects<B>(&self, request: &Request<B>) -> bool {
-        self.on_missing == OnMissing::Reject
-            && self.header.as_ref().is_some_and(|h| {
-                crate::rate_limit::http::key::single(request.headers(), h)
-                    .and_then(HeaderKey::key_of)
-                    .is_none()
-            })
+        self.header.as_ref().is_some_and(|h| {
+            let mut values = request.headers().get_all(h).iter();
+            let first = values.next();
+            values.next().is_some()
+                || (self.on_missing == OnMissing::Reject
+                    && first.and_then(HeaderKey::key_of).is_none())
+        })
     }
 
     /// Whether a request with no key (see [`ClientKeyOf::Unlimited`]) is refused (`500`,
@@ -819,7 +823,7 @@ impl Route {
             let mut client = None;
             if let Some(keying) = &self.core.client_keying {
                 if keying.rejects(&request) {
-                    return bad_request("missing client key header");
+                    return bad_request("missing or repeated client key header");
                 }
                 // The client behind a trusted proxy; the peer itself otherwise (no work). No
                 // peer known: a limit that needs the address refuses (see `rejects_unkeyed`).

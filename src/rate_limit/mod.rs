@@ -264,6 +264,17 @@ pub trait KeyExtractor<Request> {
     fn missing_key_is_clients(&self) -> bool {
         false
     }
+
+    /// Whether a request without a key (`extract` gave none) carries more than one: an API
+    /// key header sent twice. Which one a service behind reads is its own choice, so
+    /// keying on either, or on none under [`OnMissingKey::Allow`] or
+    /// [`OnMissingKey::Shared`], would let a client pass its limit with a fresh value
+    /// beside its real key. Such a request is refused as the client's error, whatever the
+    /// policy. `false` unless overridden; asked only when `extract` gave no key.
+    fn key_is_ambiguous(&self, request: &Request) -> bool {
+        let _ = request;
+        false
+    }
 }
 
 impl<Request, Key, F> KeyExtractor<Request> for F

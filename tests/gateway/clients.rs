@@ -676,3 +676,41 @@ async fn huge_keys_are_accepted_and_limited() {
     );
     gw.shutdown().await;
 }
+
+/// A key header sent twice (a fresh first value, the real key last: what an upstream
+/// reading the last value authenticates) must not take a client past the limit of its
+/// key under the other `on_missing` rules either: under `"allow"` such a request passed
+/// unlimited, and under `"ip"` (the default) each address of the client had a bucket of
+/// its own, where one key is one client whatever its addresses. Whether the gateway
+/// refuses it (`400`) or keys it on the value the upstream reads, the key's burst of one
+/// lets one request at most reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_key_header_passes_no_more_than_its_key() {
+    let mut bypassed = Vec::new();
+    for on_missing in ["allow", "ip"] {
+        let up = Recorder::start().await;
+        let (gw, _r) = gateway(
+            &route(&format!(
+                "rate_limit = {{ per_client = {{ per_second = 1, burst = 1, key = \"header:x-api-key\", on_missing = \"{on_missing}\" }} }}"
+            )),
+            &up,
+        )
+        .await;
+        let addr = gw.local_addr();
+        let mut statuses = Vec::new();
+        for n in 2..6 {
+            let headers = format!("X-Api-Key: junk{n}\r\nX-Api-Key: real\r\n");
+            let (status, _) = raw_from(&format!("127.0.0.{n}"), addr, &get("/x", &headers)).await;
+            statuses.push(status);
+        }
+        if up.count() > 1 {
+            bypassed.push(format!(
+                "on_missing = {on_missing:?}: {} requests with key `real` (burst 1) reached \
+                 the upstream, statuses {statuses:?}",
+                up.count()
+            ));
+        }
+        gw.shutdown().await;
+    }
+    assert!(bypassed.is_empty(), "{bypassed:#?}");
+}

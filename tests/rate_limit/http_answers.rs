@@ -228,43 +228,56 @@ async fn the_layers_own_429s_are_marked_and_an_absent_limit_passes_all() {
     }
 }
 
-/// A key header sent twice is no key (`HeaderKey`): keyed on the first value, a client
-/// sending a fresh first key each time had a new bucket per request while a service
-/// reading the last value took its real key, past its limit.
+/// A key header sent twice is refused (`HeaderKey`, `400`) whatever the policy: keyed on
+/// the first value, a client sending a fresh first key each time had a new bucket per
+/// request while a service reading the last value took its real key, past its limit;
+/// taken for a missing key, `OnMissingKey::Allow` let it through unlimited.
 #[tokio::test]
-async fn a_repeated_api_key_is_no_key() {
+async fn a_repeated_api_key_is_refused_whatever_the_policy() {
+    use seawall::rate_limit::OnMissingKey;
     let quota = Quota::new(Rate::per_minute(1), 1).unwrap();
-    let per_key = KeyedRateLimiter::with_clock(quota, ManualClock::new());
-    let mut svc = HttpRateLimitLayer::per_key(
-        per_key,
-        HeaderKey(http::HeaderName::from_static("x-api-key")),
-    )
-    .layer(tower::service_fn(|_: Request<()>| async {
-        Ok::<_, Infallible>(Response::new(String::new()))
-    }));
-    let mut send = async |keys: &[&'static str]| {
-        let mut request = Request::get("/").body(()).unwrap();
-        for key in keys {
-            request
-                .headers_mut()
-                .append("x-api-key", http::HeaderValue::from_static(key));
-        }
-        svc.ready()
-            .await
-            .unwrap()
-            .call(request)
-            .await
-            .unwrap()
-            .status()
-    };
-    assert_eq!(send(&["real"]).await, StatusCode::OK);
-    assert_eq!(send(&["real"]).await, StatusCode::TOO_MANY_REQUESTS);
-    for fresh in ["fresh-1", "fresh-2"] {
+    for policy in [
+        OnMissingKey::Reject,
+        OnMissingKey::Allow,
+        OnMissingKey::Shared,
+    ] {
+        let per_key = KeyedRateLimiter::with_clock(quota, ManualClock::new());
+        let mut svc = HttpRateLimitLayer::per_key(
+            per_key,
+            HeaderKey(http::HeaderName::from_static("x-api-key")),
+        )
+        .on_missing_key(policy)
+        .layer(tower::service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+        let mut send = async |keys: &[&'static str]| {
+            let mut request = Request::get("/").body(()).unwrap();
+            for key in keys {
+                request
+                    .headers_mut()
+                    .append("x-api-key", http::HeaderValue::from_static(key));
+            }
+            svc.ready()
+                .await
+                .unwrap()
+                .call(request)
+                .await
+                .unwrap()
+                .status()
+        };
+        assert_eq!(send(&["real"]).await, StatusCode::OK, "{policy:?}");
         assert_eq!(
-            send(&[fresh, "real"]).await,
-            StatusCode::BAD_REQUEST,
-            "{fresh}"
+            send(&["real"]).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{policy:?}"
         );
+        for fresh in ["fresh-1", "fresh-2"] {
+            assert_eq!(
+                send(&[fresh, "real"]).await,
+                StatusCode::BAD_REQUEST,
+                "{policy:?}: {fresh}"
+            );
+        }
     }
 }
 

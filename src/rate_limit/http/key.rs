@@ -325,8 +325,9 @@ pub(crate) fn single<'a>(
 /// The value of a header (for example an API key), as a [`BoundedKey`]: values up to 64
 /// bytes as they are, longer ones as a 128-bit digest (the same in every process), so
 /// that clients choosing long values cannot grow a keyed limiter's memory (each key is
-/// 65 bytes, with no allocation). Requests without the header, with it more than once
-/// (which value an upstream reads is its own choice), or with a value that is not visible ASCII,
+/// 65 bytes, with no allocation). Requests with the header more than once (which value an
+/// upstream reads is its own choice) are refused, `400`, whatever the policy (see
+/// [`KeyExtractor::key_is_ambiguous`](super::super::KeyExtractor::key_is_ambiguous)). Requests without the header, or with a value that is not visible ASCII,
 /// have no key: a [`PerKey`](super::PerKey) limit answers them per its
 /// [`OnMissingKey`](super::OnMissingKey): refused by default, the client's error (the HTTP
 /// layers answer `400 Bad Request`); or one shared bucket; or let through, with a limit by
@@ -357,6 +358,11 @@ impl<B> KeyExtractor<Request<B>> for HeaderKey {
     /// The header is the client's to send: a request without it is a `400`.
     fn missing_key_is_clients(&self) -> bool {
         true
+    }
+
+    /// The header sent more than once: a `400` whatever the policy.
+    fn key_is_ambiguous(&self, request: &Request<B>) -> bool {
+        request.headers().get_all(&self.0).iter().nth(1).is_some()
     }
 }
 

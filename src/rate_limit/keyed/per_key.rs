@@ -44,6 +44,7 @@ pub(crate) fn key_of<R, E: KeyExtractor<R>>(
 ) -> KeyOf<E::Key> {
     match extractor.extract(request) {
         Some(key) => KeyOf::Key(key),
+        None if extractor.key_is_ambiguous(request) => KeyOf::Missing { client: true },
         None => match policy {
             OnMissingKey::Reject => KeyOf::Missing {
                 client: extractor.missing_key_is_clients(),
