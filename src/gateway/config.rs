@@ -1854,19 +1854,24 @@ impl TlsSettings {
 }
 
 /// Whether `name` is a DNS name as a client's SNI carries it (RFC 6066 §3: no port, no
-/// path, no trailing dot): labels of 1 to 63 letters, digits and `-` (not first or last),
-/// 253 bytes at most. A name that is not one can never be matched, and its certificate
-/// would never be chosen.
+/// path, no trailing dot, no IP address): labels of 1 to 63 letters, digits, `-` (not
+/// first or last) and `_` (which rustls takes, as many internal names have them), 253
+/// bytes at most, the last not all digits. A name that is not one can never be matched,
+/// and its certificate would never be chosen.
 fn is_dns_name(name: &str) -> bool {
     name.len() <= 253
         && name.split('.').all(|label| {
             (1..=63).contains(&label.len())
                 && label
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
+        && !name
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `/a/` and `/a` are the same prefix.

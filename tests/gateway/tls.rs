@@ -514,6 +514,64 @@ async fn server_names_that_are_not_host_names_are_refused() {
     }
 }
 
+/// A server name with an underscore (`api_v2.b.test`: internal names made from service
+/// names often have one) is a name rustls accepts in a client's SNI (rustls-pki-types
+/// validates DNS names "with underscores allowed") and that the gateway matched before
+/// `is_dns_name`: such a configuration must still load, and its certificate be chosen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_name_with_an_underscore_is_served() {
+    let c = certs();
+    let mut toml = config(upstream().await, &c.files, "");
+    let at = toml.rfind("\n\n[[routes]]").unwrap();
+    toml.insert_str(
+        at,
+        "\nserver_names = [\"api_v2.b.test\", \"*.b_internal.test\"]",
+    );
+    let config = GatewayConfig::from_toml_str(&toml).expect("the configuration parses");
+    let gateway = match Gateway::build(config, Discovery::Static).await {
+        Ok(gateway) => gateway,
+        Err(e) => panic!("a server name rustls serves is refused: {e}"),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = gateway.spawn(listener);
+    let client = trusting_client(&[], rustls::ALL_VERSIONS);
+    for sni in ["api_v2.b.test", "x.b_internal.test"] {
+        let stream = timeout(BOUND, connect(&client, gw.local_addr(), sni))
+            .await
+            .expect("no hang")
+            .unwrap();
+        assert_eq!(&served(&stream), &c.b.der, "{sni}: expected B");
+    }
+    gw.shutdown().await;
+}
+
+/// An IP address in `server_names` passes `is_dns_name` (its labels are digits), yet a
+/// client never sends an address as SNI (RFC 6066 §3; rustls sends none, see
+/// `the_certificate_is_chosen_by_sni`): the certificate is silently never chosen for it,
+/// which is what the check was made to refuse when the gateway is built.
+#[tokio::test]
+async fn an_ip_address_as_a_server_name_is_refused() {
+    let c = certs();
+    let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let mut accepted = Vec::new();
+    for name in ["192.0.2.7"] {
+        let mut toml = config(up, &c.files, "");
+        let at = toml.rfind("\n\n[[routes]]").unwrap();
+        toml.insert_str(at, &format!("\nserver_names = [{name:?}]"));
+        let refused = match GatewayConfig::from_toml_str(&toml) {
+            Ok(config) => Gateway::build(config, Discovery::Static).await.is_err(),
+            Err(_) => true,
+        };
+        if !refused {
+            accepted.push(name);
+        }
+    }
+    assert!(
+        accepted.is_empty(),
+        "accepted as server names: {accepted:?}"
+    );
+}
+
 /// An upstream that answers `GET /api/stream/<n>` with a chunked body: `n` bytes, then
 /// `marker`, then nothing more for as long as the test lasts (a stream pausing between
 /// events: server-sent events, a long poll, a log tail).
