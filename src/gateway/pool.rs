@@ -158,17 +158,16 @@ impl UpstreamError {
     }
 
     /// A connection the gateway could not open for want of its own resources: no file
-    /// descriptor left (`EMFILE`, `ENFILE`), no local port (`EADDRNOTAVAIL`), no memory.
-    /// Counted against the endpoint, a gateway out of descriptors under a surge would
-    /// eject every healthy upstream at once, and keep them out after it recovered.
+    /// descriptor left (`EMFILE`, `ENFILE`), no memory. Counted against the endpoint, a
+    /// gateway out of descriptors under a surge would eject every healthy upstream at
+    /// once, and keep them out after it recovered. (Not `EADDRNOTAVAIL`: a host without
+    /// IPv6 answers it for an IPv6 upstream, a fault of that endpoint for good.)
     fn is_local(&self) -> bool {
         let Self::Connect(e) = self else {
             return false;
         };
-        matches!(
-            e.kind(),
-            io::ErrorKind::AddrNotAvailable | io::ErrorKind::OutOfMemory
-        ) || (cfg!(unix) && matches!(e.raw_os_error(), Some(23 | 24)))
+        e.kind() == io::ErrorKind::OutOfMemory
+            || (cfg!(unix) && matches!(e.raw_os_error(), Some(23 | 24)))
     }
 }
 
