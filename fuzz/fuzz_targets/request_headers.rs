@@ -26,7 +26,7 @@ const SET_BY_GATEWAY: [&str; 3] = ["x-forwarded-for", "x-forwarded-host", "x-for
 const PROTECTED: [&str; 3] = ["host", "authorization", "content-length"];
 /// Client-address and path-override fields a client may not set (besides `forwarded`,
 /// `x-real-ip` and `x-forwarded-*`), with `-` for any `_`.
-const CLIENT_MAY_NOT_SET: [&str; 15] = [
+const CLIENT_MAY_NOT_SET: [&str; 19] = [
     "forwarded",
     "x-real-ip",
     "x-client-ip",
@@ -42,6 +42,10 @@ const CLIENT_MAY_NOT_SET: [&str; 15] = [
     "x-cluster-client-ip",
     "x-appengine-user-ip",
     "x-original-forwarded-for",
+    "client-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "x-originating-ip",
 ];
 
 fn values(headers: &HeaderMap, name: &str) -> Vec<Vec<u8>> {
