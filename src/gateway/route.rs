@@ -61,9 +61,11 @@ type Upstreams = Balance<ServiceDiscover<MakeUpstream, Upstream>, UpstreamClassi
 type Stack = HttpRateLimitPair<Shared, Option<RateLimiter>, Option<PerClient>>;
 
 /// The limits kept in Redis, innermost: the local ones outside hand their tokens back
-/// when these refuse.
+/// when these refuse. Of the two, the per-client one first and the global one innermost:
+/// Redis hands no token back, so a client refused by its own limit must never have
+/// reached the global bucket, or one client over its limit would drain it for all.
 #[cfg(feature = "redis")]
-type Shared = MaybeRedis<MaybeRedis<Core, RedisLimit<RedisClientKey>>, RedisRateLimiter>;
+type Shared = MaybeRedis<MaybeRedis<Core, RedisRateLimiter>, RedisLimit<RedisClientKey>>;
 #[cfg(not(feature = "redis"))]
 type Shared = Core;
 
@@ -696,7 +698,13 @@ impl Route {
         };
         #[cfg(feature = "redis")]
         let inner = {
-            let inner = match (&redis_per_client, &core.client_keying) {
+            let inner = match &redis_global {
+                Some((limit, ..)) => {
+                    MaybeRedis::On(limit.global_layer("global", hide).layer(inner))
+                }
+                None => MaybeRedis::Off(inner),
+            };
+            match (&redis_per_client, &core.client_keying) {
                 (Some((limit, ..)), Some(keying)) => MaybeRedis::On(
                     limit
                         .layer(RedisClientKey(keying.clone()), "per-client", hide)
@@ -704,12 +712,6 @@ impl Route {
                         .layer(inner),
                 ),
                 _ => MaybeRedis::Off(inner),
-            };
-            match &redis_global {
-                Some((limit, ..)) => {
-                    MaybeRedis::On(limit.global_layer("global", hide).layer(inner))
-                }
-                None => MaybeRedis::Off(inner),
             }
         };
         let stack = HttpRateLimitPair::new(
@@ -902,11 +904,10 @@ impl Route {
     ) {
         #[cfg(feature = "redis")]
         let core = {
-            let per_client = shared.get_mut();
-            if let Some(limit) = per_client.limit_mut() {
+            if let Some(limit) = shared.limit_mut() {
                 limit.extractor_mut().0.client = client;
             }
-            per_client.get_mut()
+            shared.get_mut().get_mut()
         };
         #[cfg(not(feature = "redis"))]
         let (core, _) = (shared, client);

@@ -677,3 +677,39 @@ async fn a_tiny_local_share_is_refused_not_a_panic() {
         Err(panicked) => panic!("building the gateway panicked: {panicked}"),
     }
 }
+
+/// Both limits in Redis: a client hammering the route past its own (per-client) limit
+/// must not drain the global bucket the other clients share. The gateway's docs: "A
+/// request is charged only if both admit it: one the per-client limit refuses gets its
+/// global token back, so a client hammering the route is refused by its own limit
+/// without draining the global one for the others" (SECURITY.md says the same). Redis
+/// tokens are never refunded, so the limit that may refuse without a refund must be
+/// checked first.
+#[tokio::test]
+async fn a_client_refused_by_its_redis_limit_does_not_drain_the_redis_global_one() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let up = upstream().await;
+    // Global: 10 tokens, refilling one a second (nothing to speak of within the test);
+    // per client: 2.
+    let limits = "global = { per_second = 1, burst = 10, policy = \"redis\" }\n\
+                  per_client = { per_second = 1, burst = 2, key = \"header:x-api-key\", policy = \"redis\" }";
+    let g = gateway(up, limits, &redis_section(&redis.url(), "")).await;
+    let client = client();
+    // Alice: 2 admitted, then 10 refused by her own limit.
+    let mut alice = Vec::new();
+    for _ in 0..12 {
+        alice.push(get(&client, &g, Some("alice")).await.0.as_u16());
+    }
+    assert_eq!(&alice[..2], &[200, 200], "{alice:?}");
+    assert!(alice[2..].iter().all(|&s| s == 429), "{alice:?}");
+    // Bob, who sent nothing yet: the global bucket has 8 tokens left for him (10, less
+    // alice's two admitted requests).
+    let (status, headers, body) = get(&client, &g, Some("bob")).await;
+    let states: Vec<_> = headers.get_all("ratelimit").iter().collect();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "bob refused after alice was refused by her own limit: the global bucket was \
+         drained by requests it never admitted ({states:?}, {body})"
+    );
+}
