@@ -747,3 +747,39 @@ async fn one_key_of_the_wrong_type_does_not_open_the_breaker_for_every_key() {
         limiter.breaker().state()
     );
 }
+
+/// `batch(size, max_age)`: tokens taken ahead serve the next checks "for at most
+/// `max_age`", which is what the documented bound (burst + rate × (interval + `max_age`))
+/// rests on. A token left over from one batch must not live on because a later batch for
+/// the same key was added to the reserve: here the first batch's leftover token, taken
+/// 1.2 s before, is served with a `max_age` of 1 s.
+#[tokio::test]
+async fn a_batch_token_is_never_served_past_max_age() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    // 8 tokens, one more a minute: no refill within the test.
+    let batched = RedisRateLimiter::builder(redis.url(), quota(1, 8))
+        .prefix("batch-age")
+        .timeout(Duration::from_secs(1))
+        .batch(4, Duration::from_secs(1))
+        .build()
+        .unwrap();
+    // Checks of 3 tokens: a batch of 4 each time, one left over.
+    let (_, source) = batched.acquire("k", 3).await.unwrap();
+    assert_eq!(source, Source::Redis);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // One token left (0.6 s old) is too few: a second batch, the bucket now empty; the
+    // reserve holds the old token and the new one.
+    let (_, source) = batched.acquire("k", 3).await.unwrap();
+    assert_eq!(source, Source::Redis);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // 1.2 s after the first batch: its token is past `max_age`; only the second batch's
+    // (0.6 s old) may serve, one token, so a check of 2 goes to Redis, whose bucket is
+    // empty.
+    match batched.acquire("k", 2).await {
+        Err(RedisLimitError::Limited(_)) => {}
+        Ok((_, source)) => {
+            panic!("admitted from {source:?}: a token taken 1.2 s ago served with max_age = 1 s")
+        }
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -1262,11 +1262,15 @@ impl Batching {
         reservoir
             .entry(key.to_owned())
             .and_modify(|r| {
-                if r.taken.elapsed() > max_age {
+                // A reserve still holding tokens keeps its older time: refreshed, its
+                // tokens could be served batch after batch past `max_age`, beyond the
+                // bound the docs give (the new ones then expire early: the fleet admits
+                // less, never more).
+                if r.tokens == 0 || r.taken.elapsed() > max_age {
                     r.tokens = 0;
+                    r.taken = now;
                 }
                 r.tokens = r.tokens.saturating_add(tokens);
-                r.taken = now;
                 r.admitted = admitted;
             })
             .or_insert(Reserve {
