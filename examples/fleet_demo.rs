@@ -25,8 +25,8 @@
 //!    decisions come from Redis again, and the shared limit holds again.
 //!
 //! It prints a summary and exits non-zero if any of that did not happen. Every wait is
-//! bounded; the children end with this process (killed when it ends, and they exit when
-//! their stdin closes).
+//! bounded; the children end with this process (killed when it ends or is interrupted by
+//! SIGINT or SIGTERM, and the replicas exit when their stdin closes).
 #![allow(clippy::print_stdout)]
 
 #[path = "support/demo_services.rs"]
@@ -65,7 +65,19 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
-    let failures = runtime.block_on(demo());
+    // Interrupted (SIGINT or SIGTERM sent to this process alone: a supervisor, an IDE's
+    // stop button), the demo is dropped, and with it `redis-server` and the replicas:
+    // a signal's default action would end the process without their `Drop`.
+    let Some(failures) = runtime.block_on(async {
+        tokio::select! {
+            failures = demo() => Some(failures),
+            () = interrupted() => None,
+        }
+    }) else {
+        println!("\nfleet demo: interrupted; redis-server and the replicas stopped");
+        drop(runtime);
+        std::process::exit(130);
+    };
     if failures.is_empty() {
         println!("\nfleet demo: every check passed");
     } else {
@@ -75,6 +87,21 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+/// Resolves on SIGINT or, on Unix, SIGTERM.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// A replica: the gateway from the TOML in [`fleet::CHILD_CONFIG`], its discovery Consul
