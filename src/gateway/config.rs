@@ -556,6 +556,7 @@ impl AdminConfig {
             None,
             self.token_env.as_deref(),
             self.token_file.as_deref(),
+            super::secret::MIN_TOKEN_LEN,
         )
     }
 }
@@ -564,10 +565,12 @@ impl AdminConfig {
 ///
 /// The secret comes from exactly one of `secret` (in the file), `secret_env` (the name
 /// of an environment variable) or `secret_file` (a file holding it; a final newline is
-/// dropped). It must be at least 16 bytes with at least 8 distinct byte values, not one
-/// short pattern repeated, and a literal `secret` must not contain `${…}`: the file is
-/// not interpolated, so `secret = "${JWT_SECRET}"` is refused rather than used as the
-/// key (write `secret_env = "JWT_SECRET"`). No error ever shows the secret.
+/// dropped). It must be at least 32 bytes (RFC 7518 §3.2: an HS256 key as long as the
+/// hash) with at least 8 distinct byte values, not one short pattern repeated, and not
+/// shaped like an unresolved placeholder (`${JWT_SECRET}`, `$JWT_SECRET`, `{{ ... }}`,
+/// `%JWT_SECRET%`): the file is not interpolated, so `secret = "${JWT_SECRET}"` is refused
+/// rather than used as the key (write `secret_env = "JWT_SECRET"`). No error ever shows
+/// the secret.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -609,6 +612,7 @@ impl JwtConfig {
             self.secret.as_deref(),
             self.secret_env.as_deref(),
             self.secret_file.as_deref(),
+            super::secret::MIN_HS256_KEY_LEN,
         )?
         .ok_or_else(|| {
             ConfigError::invalid(
@@ -1971,7 +1975,7 @@ mod tests {
 listen = "127.0.0.1:8080"
 
 [auth.jwt]
-secret = "0123456789abcdef0123"
+secret = "0123456789abcdefghijklmnopqrstuv"
 issuer = "seawall"
 
 [[services]]
@@ -2103,8 +2107,8 @@ outlier = { consecutive_failures = 3, base_ejection = "10s", max_ejected = "50%"
             "timeout = \"2s\"\nbody_timeout = \"0s\"",
         ));
         assert_eq!(e, "routes[0].body_timeout: must be more than zero");
-        let e = err(&BASE.replace("0123456789abcdef0123", "short"));
-        assert_eq!(e, "auth.jwt.secret: must be at least 16 bytes");
+        let e = err(&BASE.replace("0123456789abcdefghijklmnopqrstuv", "short"));
+        assert_eq!(e, "auth.jwt.secret: must be at least 32 bytes");
         let e = err(&BASE.replace("max_ejected = \"50%\"", "max_ejected = 1.5"));
         assert_eq!(
             e,
@@ -2260,13 +2264,13 @@ rate_limit = { global = { per_second = 0 } }
     }
 
     fn jwt_with(line: &str) -> String {
-        BASE.replace("secret = \"0123456789abcdef0123\"", line)
+        BASE.replace("secret = \"0123456789abcdefghijklmnopqrstuv\"", line)
     }
 
     #[test]
     fn the_secret_comes_from_exactly_one_source() {
         let e = err(&jwt_with(
-            "secret = \"0123456789abcdef0123\"\nsecret_env = \"X\"",
+            "secret = \"0123456789abcdefghijklmnopqrstuv\"\nsecret_env = \"X\"",
         ));
         assert_eq!(
             e,
@@ -2286,14 +2290,17 @@ rate_limit = { global = { per_second = 0 } }
         let dir = std::env::temp_dir().join(format!("seawall-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("jwt");
-        std::fs::write(&file, "a file secret, long enough\r\n").unwrap();
+        std::fs::write(&file, "a file secret, at least 32 bytes long\r\n").unwrap();
         let c = GatewayConfig::from_toml_str(&jwt_with(&format!(
             "secret_file = \"{}\"",
             file.display()
         )))
         .unwrap();
         let jwt = c.auth.jwt.as_ref().unwrap();
-        assert_eq!(jwt.resolve_secret().unwrap(), "a file secret, long enough");
+        assert_eq!(
+            jwt.resolve_secret().unwrap(),
+            "a file secret, at least 32 bytes long"
+        );
         assert!(!format!("{jwt:?}").contains("file secret"));
         let e = GatewayConfig::from_toml_str(&jwt_with(&format!(
             "secret_file = \"{}\"",
@@ -2308,7 +2315,7 @@ rate_limit = { global = { per_second = 0 } }
         )))
         .unwrap_err();
         assert_eq!(e.field(), "auth.jwt.secret_file");
-        std::fs::write(&file, "aaaaaaaaaaaaaaaaaaaa\n").unwrap();
+        std::fs::write(&file, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n").unwrap();
         let e = GatewayConfig::from_toml_str(&jwt_with(&format!(
             "secret_file = \"{}\"",
             file.display()
@@ -2325,7 +2332,7 @@ rate_limit = { global = { per_second = 0 } }
     fn placeholders_and_weak_secrets_are_refused_without_showing_them() {
         let e = err(&jwt_with("secret = \"${GATEWAY_JWT_SECRET}\""));
         assert!(
-            e.starts_with("auth.jwt.secret: contains an unresolved `${...}` placeholder"),
+            e.starts_with("auth.jwt.secret: contains an unresolved placeholder"),
             "{e}"
         );
         assert!(!e.contains("GATEWAY_JWT_SECRET"), "{e}");
@@ -2338,11 +2345,11 @@ rate_limit = { global = { per_second = 0 } }
             ),
             ("", "must not be empty or whitespace"),
             (
-                "abababababababababab",
+                "abababababababababababababababababababab",
                 "is too weak: fewer than 8 distinct bytes",
             ),
             (
-                "Secret!12Secret!12Secret!12",
+                "Secret!12Secret!12Secret!12Secret!12",
                 "is too weak: one short pattern repeated",
             ),
         ] {
@@ -2372,7 +2379,7 @@ rate_limit = { global = { per_second = 0 } }
             assert!(!shown.contains("98765432109876543"), "{line}: {shown}");
             assert!(shown.contains("line "), "{shown}");
         }
-        let e = err(&jwt_with("secret = \"0123456789abcdef0123\" x"));
+        let e = err(&jwt_with("secret = \"0123456789abcdefghijklmnopqrstuv\" x"));
         assert!(
             e.starts_with("invalid configuration: line 6, column"),
             "{e}"
@@ -2427,7 +2434,7 @@ rate_limit = { global = { per_second = 0 } }
         let routes = BASE.find("[[routes]]").unwrap();
         assert_eq!(
             err(&BASE[..routes].replace("[auth.jwt]", "[auth]").replace(
-                "secret = \"0123456789abcdef0123\"\nissuer = \"seawall\"\n",
+                "secret = \"0123456789abcdefghijklmnopqrstuv\"\nissuer = \"seawall\"\n",
                 ""
             )),
             "routes: at least one [[routes]] entry is needed"
@@ -2462,7 +2469,7 @@ rate_limit = { global = { per_second = 0 } }
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        let v = crate::gateway::jwt::JwtVerifier::new(b"0123456789abcdef0123");
+        let v = crate::gateway::jwt::JwtVerifier::new(b"0123456789abcdefghijklmnopqrstuv");
         let no_exp = v.sign(&serde_json::json!({ "iss": "seawall" }));
         let strict = crate::gateway::jwt::JwtVerifier::from_config(
             GatewayConfig::from_toml_str(BASE)

@@ -66,7 +66,7 @@ impl std::error::Error for JwtError {}
 /// ```
 /// use seawall::gateway::jwt::{JwtError, JwtVerifier};
 ///
-/// let verifier = JwtVerifier::new(b"a secret of sixteen bytes or more");
+/// let verifier = JwtVerifier::new(b"a secret of at least thirty-two bytes");
 /// let token = verifier.sign(&serde_json::json!({ "sub": "ada", "exp": 4_000_000_000u64 }));
 /// assert_eq!(verifier.verify(&token)?["sub"], "ada");
 /// assert_eq!(verifier.verify("a.b.c"), Err(JwtError::Malformed));

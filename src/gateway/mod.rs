@@ -465,8 +465,11 @@
 //! Secrets (the JWT secret, the admin token) are read from the environment or a file
 //! (`*_env`, `*_file`; a literal `secret` is allowed for the JWT secret, not for the
 //! token) when the configuration loads and again when the gateway is built. Each must
-//! have at least 16 bytes, 8 distinct byte values and no short pattern repeated (no
-//! period of half its length or less); an all-whitespace secret is refused too. No
+//! have at least 32 bytes for the JWT secret (RFC 7518 §3.2: an HS256 key as long as the
+//! hash) or 16 for the admin token, 8 distinct byte values and no short pattern repeated
+//! (no period of half its length or less); an all-whitespace secret, and one shaped like
+//! an unresolved placeholder (`${NAME}`, `$NAME`, `{{ ... }}`, `%NAME%`), are refused
+//! too. No
 //! error shows a secret: TOML syntax errors give the line, the column and the message,
 //! without the `toml` crate's excerpt of the source line.
 //!

@@ -8,20 +8,24 @@ use crate::ConfigError;
 
 /// The largest secret file read.
 const MAX_SECRET_FILE: u64 = 64 * 1024;
-/// The shortest secret accepted.
-const MIN_LEN: usize = 16;
+/// The shortest bearer token accepted (the admin token).
+pub(crate) const MIN_TOKEN_LEN: usize = 16;
+/// The shortest HMAC key accepted: RFC 7518 §3.2, "a key of the same size as the hash
+/// output (for instance, 256 bits for "HS256") or larger MUST be used".
+pub(crate) const MIN_HS256_KEY_LEN: usize = 32;
 /// The fewest distinct byte values a secret may have.
 const MIN_DISTINCT: usize = 8;
 
 /// The secret `<section>.<key>` from the one source set: the literal `<key>`, the
-/// environment variable `<key>_env` names, or the file `<key>_file` names. `None` when
-/// none is set.
+/// environment variable `<key>_env` names, or the file `<key>_file` names, at least
+/// `min_len` bytes. `None` when none is set.
 pub(crate) fn resolve(
     section: &str,
     key: &str,
     literal: Option<&str>,
     env: Option<&str>,
     file: Option<&Path>,
+    min_len: usize,
 ) -> Result<Option<String>, ConfigError> {
     let set =
         usize::from(literal.is_some()) + usize::from(env.is_some()) + usize::from(file.is_some());
@@ -38,18 +42,17 @@ pub(crate) fn resolve(
     }
     if let Some(secret) = literal {
         let field = format!("{section}.{key}");
-        if let Some(start) = secret.find("${") {
-            if secret[start..].contains('}') {
-                return Err(ConfigError::invalid(
-                    field,
-                    format!(
-                        "contains an unresolved `${{...}}` placeholder (the file is not \
-                         interpolated): use {key}_env = \"NAME\" to read it from the environment"
-                    ),
-                ));
-            }
+        if placeholder(secret) {
+            return Err(ConfigError::invalid(
+                field,
+                format!(
+                    "contains an unresolved placeholder (`${{NAME}}`, `$NAME`, `{{{{ ... }}}}`, \
+                     `%NAME%`: the file is not interpolated): use {key}_env = \"NAME\" to read \
+                     it from the environment"
+                ),
+            ));
         }
-        check_strength(&field, secret.as_bytes())?;
+        check_strength(&field, secret.as_bytes(), min_len)?;
         return Ok(Some(secret.to_owned()));
     }
     if let Some(name) = env {
@@ -69,7 +72,8 @@ pub(crate) fn resolve(
                 ));
             }
         };
-        check_strength(&field, secret.as_bytes())?;
+        unrendered(&field, &secret)?;
+        check_strength(&field, secret.as_bytes(), min_len)?;
         return Ok(Some(secret));
     }
     if let Some(path) = file {
@@ -80,10 +84,42 @@ pub(crate) fn resolve(
                 format!("cannot read {}: {reason}", path.display()),
             )
         })?;
-        check_strength(&field, secret.as_bytes())?;
+        unrendered(&field, &secret)?;
+        check_strength(&field, secret.as_bytes(), min_len)?;
         return Ok(Some(secret));
     }
     Ok(None)
+}
+
+/// Whether `secret` looks like a placeholder left unresolved (`${NAME}`, `$NAME`,
+/// `{{ ... }}`, `%NAME%`): its text is in the deployment's templates and often in public
+/// docs (`$GATEWAY_JWT_SECRET`), so used as a key, anyone could sign with it. No random
+/// secret has that shape.
+fn placeholder(secret: &str) -> bool {
+    let closed = |open: &str, close: &str| {
+        secret
+            .find(open)
+            .is_some_and(|start| secret[start + open.len()..].contains(close))
+    };
+    let name = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let t = secret.trim();
+    closed("${", "}")
+        || closed("{{", "}}")
+        || t.strip_prefix('$').is_some_and(name)
+        || (t.len() > 2 && t.starts_with('%') && t.ends_with('%') && name(&t[1..t.len() - 1]))
+}
+
+/// Refuses a secret read from the environment or a file that is an unresolved
+/// placeholder (a template never rendered).
+fn unrendered(field: &str, secret: &str) -> Result<(), ConfigError> {
+    if placeholder(secret) {
+        return Err(ConfigError::invalid(
+            field.to_owned(),
+            "holds an unresolved placeholder (`${NAME}`, `$NAME`, `{{ ... }}`, `%NAME%`): \
+             a template was not rendered",
+        ));
+    }
+    Ok(())
 }
 
 /// A regular file of at most [`MAX_SECRET_FILE`] bytes of UTF-8, less one final newline.
@@ -110,20 +146,24 @@ fn read_file(path: &Path) -> Result<String, String> {
     Ok(text)
 }
 
-/// Refuses a weak secret: shorter than 16 bytes, all whitespace, fewer than 8 distinct
-/// byte values, or one pattern repeated (`abcdefghabcdefgh`: a period of at most half
-/// its length). The reason never quotes the secret.
-pub(crate) fn check_strength(field: &str, secret: &[u8]) -> Result<(), ConfigError> {
+/// Refuses a weak secret: shorter than `min_len` bytes, all whitespace, fewer than 8
+/// distinct byte values, or one pattern repeated (`abcdefghabcdefgh`: a period of at most
+/// half its length). The reason never quotes the secret.
+pub(crate) fn check_strength(
+    field: &str,
+    secret: &[u8],
+    min_len: usize,
+) -> Result<(), ConfigError> {
     if secret.iter().all(u8::is_ascii_whitespace) {
         return Err(ConfigError::invalid(
             field.to_owned(),
             "must not be empty or whitespace",
         ));
     }
-    if secret.len() < MIN_LEN {
+    if secret.len() < min_len {
         return Err(ConfigError::invalid(
             field.to_owned(),
-            "must be at least 16 bytes",
+            format!("must be at least {min_len} bytes"),
         ));
     }
     let mut seen = [false; 256];
@@ -203,7 +243,7 @@ mod tests {
     use super::*;
 
     fn weak(s: &str) -> Option<String> {
-        check_strength("k", s.as_bytes())
+        check_strength("k", s.as_bytes(), MIN_TOKEN_LEN)
             .err()
             .map(|e| format!("{}: {}", e.field(), e.reason()))
     }
@@ -235,9 +275,33 @@ mod tests {
     }
 
     #[test]
+    fn unresolved_placeholders_are_told_apart() {
+        for shaped in [
+            "${GATEWAY_JWT_SECRET}",
+            "prefix-${X}-and-more-bytes",
+            "$GATEWAY_JWT_SECRET",
+            " $ADMIN_TOKEN_OF_THE_GATEWAY_1 ",
+            "{{ .Values.gateway.admin.tokenValue }}",
+            "%GATEWAY_ADMIN_TOKEN_FOR_WINDOWS%",
+        ] {
+            assert!(placeholder(shaped), "{shaped}");
+            // Refused from every source, not only a literal (here: as a file's text).
+            assert!(unrendered("k", shaped).is_err(), "{shaped}");
+        }
+        for secret in [
+            "0123456789abcdefghijklmnopqrstuv",
+            "pa$$word with more than enough bytes",
+            "a%b%c and 32 bytes of other things",
+            "{ a } and } { braces, 32 bytes long",
+        ] {
+            assert!(!placeholder(secret), "{secret}");
+        }
+    }
+
+    #[test]
     fn strength_rules() {
-        assert_eq!(weak("0123456789abcdef0123"), None);
-        assert_eq!(weak("a test secret of enough bytes"), None);
+        assert_eq!(weak("0123456789abcdefghijklmnopqrstuv"), None);
+        assert_eq!(weak("a test secret of at least 32 bytes"), None);
         assert_eq!(
             weak("                    ").as_deref(),
             Some("k: must not be empty or whitespace")

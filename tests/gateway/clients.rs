@@ -17,7 +17,7 @@ use tokio::time::timeout;
 
 const BOUND: Duration = Duration::from_secs(10);
 const HEAD: &str = "[gateway]\nlisten = \"127.0.0.1:0\"\n";
-const SECRET: &str = "a test secret of enough bytes";
+const SECRET: &str = "a test secret of at least 32 bytes";
 
 /// One request head as the upstream got it: header names lower-cased, in order.
 type Seen = Vec<(String, String)>;

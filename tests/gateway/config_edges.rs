@@ -357,6 +357,34 @@ async fn an_http2_header_list_bound_above_the_head_bound_is_refused() {
 }
 
 #[tokio::test]
+async fn an_unresolved_dollar_or_template_placeholder_secret_is_refused() {
+    // SECURITY.md: "Nothing is interpolated: a `secret` of the form `${...}` is refused
+    // rather than used as a literal key." The same mistake in the other common
+    // placeholder forms (envsubst / docker-compose `$NAME`, an unrendered Helm or Jinja
+    // `{{ ... }}`) loads, and the placeholder's text, public in the deployment's
+    // templates (the name below is the one the crate's own docs use), becomes the HMAC
+    // key: anyone can sign tokens with it.
+    for secret in ["$GATEWAY_JWT_SECRET", "{{ .Values.jwtSecret }}"] {
+        let jwt = format!("[auth.jwt]\nsecret = \"{secret}\"\n");
+        let err = refusal(&config("", "auth = true", &jwt)).await;
+        assert_eq!(err.field(), "auth.jwt.secret", "{secret}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn the_public_jwt_io_sample_secret_is_refused() {
+    // jwt.io's debugger signs its sample HS256 token with `your-256-bit-secret`, the
+    // best-known public JWT secret, and the one copied into configurations. It passes
+    // every weak-secret rule (19 bytes, 14 distinct, no period), so a gateway keyed with
+    // it accepts tokens anyone forges. RFC 7518 §3.2: "A key of the same size as the
+    // hash output (for instance, 256 bits for \"HS256\") or larger MUST be used": 19
+    // bytes of text is far below, and so is the 16-byte minimum.
+    let jwt = "[auth.jwt]\nsecret = \"your-256-bit-secret\"\n";
+    let err = refusal(&config("", "auth = true", jwt)).await;
+    assert_eq!(err.field(), "auth.jwt.secret", "{err}");
+}
+
+#[tokio::test]
 async fn an_empty_jwt_issuer_or_audience_is_refused() {
     // `issuer = ""` (a template whose variable was empty) loaded and then refused every
     // token that had an issuer: only `"iss": ""` matched.
@@ -364,7 +392,8 @@ async fn an_empty_jwt_issuer_or_audience_is_refused() {
         ("issuer", "auth.jwt.issuer"),
         ("audience", "auth.jwt.audience"),
     ] {
-        let jwt = format!("[auth.jwt]\nsecret = \"0123456789abcdefghij\"\n{key} = \"\"\n");
+        let jwt =
+            format!("[auth.jwt]\nsecret = \"0123456789abcdefghijklmnopqrstuv\"\n{key} = \"\"\n");
         let err = refusal(&config("", "auth = true", &jwt)).await;
         assert_eq!(err.field(), field, "{err}");
     }

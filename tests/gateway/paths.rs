@@ -13,7 +13,7 @@ use seawall::gateway::{Discovery, Gateway, GatewayConfig, GatewayHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const SECRET: &str = "a test secret of enough bytes";
+const SECRET: &str = "a test secret of at least 32 bytes";
 
 /// A hand-written upstream: reads request heads (bodiless GETs) on keep-alive
 /// connections, records each request target, and answers `200` with `<name> <target>`.

@@ -32,7 +32,7 @@ const HANG: u8 = 2;
 const HOLD: u8 = 3;
 /// Answers `429 Too Many Requests` itself.
 const BUSY: u8 = 4;
-const SECRET: &str = "a test secret of enough bytes";
+const SECRET: &str = "a test secret of at least 32 bytes";
 
 /// One upstream instance: answers with its name, the path and query it saw, and the
 /// `x-forwarded-for` it got; or 500, or never, or once released, depending on its mode.

@@ -113,7 +113,7 @@ async fn a_path_parameter_does_not_take_a_path_out_of_its_route() {
     let (open, admin) = (heads_upstream("open").await, heads_upstream("admin").await);
     let gw = super::spawn_gateway(&format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
-         [auth.jwt]\nsecret = \"a test secret of enough bytes\"\n\n\
+         [auth.jwt]\nsecret = \"a test secret of at least 32 bytes\"\n\n\
          [[routes]]\nname = \"open\"\npath_prefix = \"/\"\nservice = \"open\"\n\n\
          [[routes]]\nname = \"admin\"\npath_prefix = \"/api/admin\"\nservice = \"admin\"\n\
          auth = true\n\n\
@@ -324,7 +324,7 @@ async fn a_path_parameter_inside_a_route_prefix_does_not_escape_it() {
     let (open, admin) = (heads_upstream("open").await, heads_upstream("admin").await);
     let gw = super::spawn_gateway(&format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
-         [auth.jwt]\nsecret = \"a test secret of enough bytes\"\n\n\
+         [auth.jwt]\nsecret = \"a test secret of at least 32 bytes\"\n\n\
          [[routes]]\nname = \"open\"\npath_prefix = \"/\"\nservice = \"open\"\n\n\
          [[routes]]\nname = \"admin\"\npath_prefix = \"/api/admin\"\nservice = \"admin\"\n\
          auth = true\n\n\
