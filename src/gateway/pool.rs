@@ -515,6 +515,14 @@ impl H2Ended {
             abandoned: std::sync::atomic::AtomicU32::new(0),
         }
     }
+
+    /// An answer's head came on the connection: the resets before it were no burst the
+    /// upstream would end it for (written only when there were some).
+    fn heard(&self) {
+        if self.abandoned.load(Ordering::Relaxed) != 0 {
+            self.abandoned.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// How long a request that failed with its HTTP/2 connection waits for the connection's
@@ -985,13 +993,6 @@ impl EndpointPool {
                 dialled.store(number, Ordering::Relaxed);
             }
         };
-        // An answer's head: the resets before it were no burst the upstream ended the
-        // connection for (written only when there were some).
-        let heard = |ended: &H2Ended| {
-            if ended.abandoned.load(Ordering::Relaxed) != 0 {
-                ended.abandoned.store(0, Ordering::Relaxed);
-            }
-        };
         // HTTP/2 names the target in `:scheme` and `:authority`, not in `Host`.
         let target = http::uri::Builder::new()
             .scheme(self.settings.scheme())
@@ -1015,7 +1016,7 @@ impl EndpointPool {
         on(number);
         let response = match sender.try_send_request(request).await {
             Ok(response) => {
-                heard(&ended);
+                ended.heard();
                 response
             }
             Err(mut e) => match e.take_message() {
@@ -1024,15 +1025,7 @@ impl EndpointPool {
                     if let Some(shard) = self.h2.get(thread_shard()) {
                         shard.set(&mut shard.sender.lock(), None);
                     }
-                    let (number, mut sender, ended) = self.h2_connection().await?;
-                    on(number);
-                    match sender.send_request(request).await {
-                        Ok(response) => {
-                            heard(&ended);
-                            response
-                        }
-                        Err(e) => return Err(Self::h2_failure(e, &ended).await),
-                    }
+                    self.h2_send_again(request, &on).await?
                 }
                 None => {
                     let e = e.into_error();
@@ -1059,15 +1052,7 @@ impl EndpointPool {
                     self.count_retry(&e);
                     // Once more, on a new connection (not on the one going away).
                     self.h2_timed_out(number);
-                    let (number, mut sender, ended) = self.h2_connection().await?;
-                    on(number);
-                    match sender.send_request(request).await {
-                        Ok(response) => {
-                            heard(&ended);
-                            response
-                        }
-                        Err(e) => return Err(Self::h2_failure(e, &ended).await),
-                    }
+                    self.h2_send_again(request, &on).await?
                 }
             },
         };
@@ -1079,6 +1064,24 @@ impl EndpointPool {
             ))));
         }
         Ok(response.map(|body| PooledBody::unpooled(body, self)))
+    }
+
+    /// Sends `request` once more, on this thread's HTTP/2 connection (a new one: the
+    /// caller retired the one it failed on), telling `on` its number.
+    async fn h2_send_again(
+        &self,
+        request: Request<Body>,
+        on: &impl Fn(u64),
+    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+        let (number, mut sender, ended) = self.h2_connection().await?;
+        on(number);
+        match sender.send_request(request).await {
+            Ok(response) => {
+                ended.heard();
+                Ok(response)
+            }
+            Err(e) => Err(Self::h2_failure(e, &ended).await),
+        }
     }
 
     /// The error of a request that failed with `error` on the fresh HTTP/2 connection it
