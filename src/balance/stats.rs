@@ -270,7 +270,14 @@ impl EndpointStats {
                 if self.consecutive_failures.load(Relaxed) != 0 {
                     self.consecutive_failures.store(0, Relaxed);
                 }
-                self.window(false);
+                // A window a success closes is judged as one a failure closes: half
+                // failed in each window of ten, every tenth call a success, was never
+                // ejected.
+                if self.window(false) {
+                    if let Some(outlier) = &self.set.outlier {
+                        self.try_eject(outlier);
+                    }
+                }
             }
             Outcome::Failure => {
                 self.failures_total.fetch_add(1, Relaxed);

@@ -429,6 +429,37 @@ async fn failure_rate_ejects_too() {
     );
 }
 
+/// `failure_rate(0.5, 10)`: "Ejects an endpoint when at least `threshold` of its calls
+/// failed, judged over every `calls` calls (a tumbling window)". An endpoint failing every
+/// other call (half of its calls, window after window) meets the threshold in every window;
+/// it must be ejected whichever call, a failure or a success, closes the window.
+#[tokio::test(start_paused = true)]
+async fn failure_rate_judges_a_window_that_ends_with_a_success() {
+    let fleet = Fleet::default();
+    let detection = OutlierDetection::builder()
+        .no_consecutive_failures()
+        .failure_rate(0.5, 10)
+        .build()
+        .unwrap();
+    let mut lb = Balance::builder()
+        .outlier_detection(detection)
+        .build(ServiceDiscover::new(
+            InstanceWatch::fixed(ports(1)),
+            fleet.make(),
+        ));
+    // Failure, success, failure, success...: 5 of every 10 calls fail (9 of 10 in the
+    // first window would do as well: any window whose tenth call succeeds).
+    for i in 0..40 {
+        fleet.fail(1, i % 2 == 0);
+        let _ = send(&mut lb).await;
+    }
+    let endpoint = &lb.handle().endpoints()[0];
+    assert_eq!(endpoint.failures, 20);
+    assert!(
+        endpoint.ejections >= 1,
+        "half of its calls failed in each of 4 windows of 10, never ejected: {endpoint:?}"
+    );
+}
 /// Endpoint breakers that open at half of 4 calls failed, for 5 s, then let one probe.
 fn breaker_template() -> CircuitBreakerConfig {
     CircuitBreakerConfig::builder()
