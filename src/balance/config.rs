@@ -45,8 +45,10 @@ pub enum WhenEmpty {
     /// Fail the request at once with [`NoEndpoints`](super::error::NoEndpoints).
     #[default]
     Fail,
-    /// Stay not ready until an endpoint appears, for at most this long, then fail with
-    /// [`NoEndpoints`](super::error::NoEndpoints).
+    /// Stay not ready until an endpoint appears, for at most this long from when the
+    /// balancer found itself empty, then fail with
+    /// [`NoEndpoints`](super::error::NoEndpoints), at once, until an endpoint appears
+    /// (callers sharing the balancer each wait at most this long, not one after another).
     Wait(Duration),
     /// As [`Wait`](Self::Wait) until discovery has given the balancer's set an endpoint
     /// (its first answer may take a while), then as [`Fail`](Self::Fail): once every

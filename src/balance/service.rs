@@ -502,12 +502,13 @@ pub(crate) fn poll_empty(
         *empty_since = None;
         return Poll::Ready(Err(NoEndpoints::new(name.clone()).into()));
     };
+    // The wait is the balancer's, from when it found itself empty: once it has run out,
+    // its elapsed timer is kept, and every poll fails at once until an endpoint appears
+    // (the non-empty path drops it). Dropped on expiry, each caller sharing the balancer
+    // woken by it started a wait of its own: the k-th waited k times the bound.
     let sleep = empty_since.get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
     match sleep.as_mut().poll(cx) {
-        Poll::Ready(()) => {
-            *empty_since = None;
-            Poll::Ready(Err(NoEndpoints::new(name.clone()).into()))
-        }
+        Poll::Ready(()) => Poll::Ready(Err(NoEndpoints::new(name.clone()).into())),
         Poll::Pending => Poll::Pending,
     }
 }

@@ -256,8 +256,16 @@ async fn an_empty_set_fails_fast_or_waits_as_configured() {
     let start = tokio::time::Instant::now();
     assert!(send(&mut lb).await.unwrap_err().is::<NoEndpoints>());
     assert_eq!(start.elapsed(), Duration::from_secs(2));
+    // The wait ran out: still empty, the next call fails at once (the wait is the
+    // balancer's, not each call's).
+    let start = tokio::time::Instant::now();
+    assert!(send(&mut lb).await.unwrap_err().is::<NoEndpoints>());
+    assert_eq!(start.elapsed(), Duration::ZERO);
 
     // An endpoint that arrives during the wait is used.
+    let mut lb = Balance::builder()
+        .when_empty(WhenEmpty::Wait(Duration::from_secs(2)))
+        .build(ServiceDiscover::new(registry.watch("svc"), fleet.make()));
     let r2 = registry.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -460,6 +468,7 @@ async fn failure_rate_judges_a_window_that_ends_with_a_success() {
         "half of its calls failed in each of 4 windows of 10, never ejected: {endpoint:?}"
     );
 }
+
 /// Endpoint breakers that open at half of 4 calls failed, for 5 s, then let one probe.
 fn breaker_template() -> CircuitBreakerConfig {
     CircuitBreakerConfig::builder()

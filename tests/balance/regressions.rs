@@ -910,3 +910,39 @@ async fn round_robin_reaches_every_endpoint_while_discovery_churns() {
         );
     }
 }
+
+/// `WhenEmpty::Wait(d)`: "Stay not ready until an endpoint appears, for at most this long,
+/// then fail with `NoEndpoints`", and the module's promise that a balancer with no
+/// endpoint "waits up to a configured time, never hangs". Callers sharing the balancer
+/// through `SharedBalance` (its `Service` waits without a deadline of its own) must each
+/// be answered within that bound, not one per bound in turn.
+#[tokio::test(start_paused = true)]
+async fn callers_sharing_an_empty_balancer_each_wait_at_most_the_bound() {
+    use seawall::balance::{SharedBalance, WhenEmpty};
+    let publisher = Publisher::live(Vec::new());
+    let balance = Balance::builder()
+        .when_empty(WhenEmpty::Wait(Duration::from_secs(1)))
+        .build(ServiceDiscover::new(publisher.subscribe(), make(ctls(1))));
+    let shared = SharedBalance::new(balance);
+    let start = tokio::time::Instant::now();
+    let callers: Vec<_> = (0..5u64)
+        .map(|k| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let result = shared.call(k, None).await;
+                (result.map_err(|e| e.to_string()), start.elapsed())
+            })
+        })
+        .collect();
+    let mut waited = Vec::new();
+    for caller in callers {
+        let (result, elapsed) = caller.await.unwrap();
+        assert!(result.is_err(), "no endpoint, yet {result:?}");
+        waited.push(elapsed);
+    }
+    let longest = waited.iter().max().copied().unwrap();
+    assert!(
+        longest <= Duration::from_millis(1_010),
+        "WhenEmpty::Wait(1s): the callers waited {waited:?}"
+    );
+}
