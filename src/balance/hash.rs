@@ -18,10 +18,12 @@ use super::{BalanceBuilder, BalanceEndpoint, BalanceHandle};
 
 /// Consistent hashing: requests with the same key go to the same endpoint while it is in
 /// rotation, and when one of N endpoints leaves, only about 1/N of the keys move (a Maglev
-/// table with at least 100 entries per endpoint, entries shared in proportion to weight).
-/// Rarely (a chance of about N²/131 072 with up to 655 endpoints), two endpoints' hashes
-/// give them the same walk through the table, and a change then moves up to about twice
-/// that share, as in other Maglev implementations.
+/// table of 65 537 entries, Envoy's default, whatever N up to that, so that no change of
+/// size remaps every key; entries shared in proportion to weight). Rarely (a chance of
+/// about N²/131 074), two endpoints' hashes give them the same walk through the table,
+/// and a change then moves up to about twice that share, as in other Maglev
+/// implementations; above about 650 endpoints such pairs become common, and each endpoint
+/// holds fewer than 100 entries.
 ///
 /// The key comes from the request, so the endpoint is chosen in `call`, not in
 /// `poll_ready`: `poll_ready` applies discovery changes and is ready as soon as there is an

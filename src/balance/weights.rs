@@ -203,7 +203,12 @@ pub(crate) struct Maglev {
     ring: Vec<(u64, u32)>,
 }
 
-/// Table sizes: primes, at least 100 entries per endpoint.
+/// Table sizes: primes. The first, Envoy's default, serves every fleet of up to 65 537
+/// endpoints: a size that followed the endpoint count (100 entries each, as this table
+/// once had) changed when a fleet crossed 655, 1 310, 2 621... endpoints, and a table of
+/// another size maps nearly every key elsewhere: one instance flapping at that size moved
+/// every key each time. Above 655 endpoints each holds fewer than 100 entries: weights are
+/// honoured a little less finely, and more pairs of endpoints walk in lockstep (below).
 const PRIMES: [u64; 7] = [
     65_537, 131_071, 262_139, 524_287, 1_048_573, 2_097_143, 4_194_301,
 ];
@@ -226,7 +231,7 @@ impl Maglev {
         let m = PRIMES
             .iter()
             .copied()
-            .find(|&p| p >= 100 * n as u64)
+            .find(|&p| p >= n as u64)
             .unwrap_or(PRIMES[PRIMES.len() - 1]);
         let offsets: Vec<u64> = hashes.iter().map(|&h| mix(h) % m).collect();
         let skips: Vec<u64> = hashes.iter().map(|&h| stride(h, m)).collect();
@@ -465,7 +470,7 @@ mod tests {
         weights[0] = u32::MAX;
         let (t, steps) = Maglev::build(&hashes, &weights);
         let m = t.table.len() as u64;
-        assert_eq!(m, 262_139);
+        assert_eq!(m, 65_537, "one size up to 65 537 endpoints");
         assert_eq!(steps, m);
         let heavy = t.table.iter().filter(|&&x| x == 0).count() as u64;
         assert!(heavy >= m - 2_000, "{heavy} of {m}");
