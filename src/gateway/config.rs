@@ -1214,6 +1214,14 @@ impl GatewayConfig {
                         format!("must not be empty (leave it out to accept any {field})"),
                     ));
                 }
+                // Compared exactly: ` https://issuer.example` (a template's stray space)
+                // would refuse every token.
+                if value.as_deref().is_some_and(|v| v.trim() != v) {
+                    return Err(ConfigError::invalid(
+                        format!("auth.jwt.{field}"),
+                        "must not start or end with whitespace (claims are compared exactly)",
+                    ));
+                }
             }
             check_duration("auth.jwt.leeway", jwt.leeway, true)?;
         }

@@ -12,7 +12,8 @@
 //!
 //! 1. **JWT auth** (`auth = true`): an HS256 `Authorization: Bearer` token, its signature,
 //!    `exp`/`nbf`, `iss`/`aud` ([`jwt`]); any failure is `401` with
-//!    `WWW-Authenticate: Bearer error="invalid_token"`;
+//!    `WWW-Authenticate: Bearer error="invalid_token"` (`Bearer` alone when the request
+//!    carried no bearer token, RFC 6750 §3.1);
 //! 2. **global limit**, then **per-client limit** (by client IP or by a header), checked
 //!    in one layer that answers as two stacked
 //!    [`HttpRateLimitLayer`](crate::rate_limit::http::HttpRateLimitLayer)s do: `429` with

@@ -802,9 +802,16 @@ impl Route {
                 if let Err(e) = verifier.check_header(request.headers()) {
                     self.core.stats.unauthorized.fetch_add(1, Relaxed);
                     let mut response = json_error(StatusCode::UNAUTHORIZED, &e.to_string());
+                    // RFC 6750 §3.1: a request without credentials (or with another
+                    // scheme) gets no error code, only the scheme to use.
+                    let challenge = if e == super::jwt::JwtError::Missing {
+                        "Bearer"
+                    } else {
+                        "Bearer error=\"invalid_token\""
+                    };
                     response.headers_mut().insert(
                         header::WWW_AUTHENTICATE,
-                        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                        HeaderValue::from_static(challenge),
                     );
                     return response;
                 }

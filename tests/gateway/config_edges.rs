@@ -400,6 +400,24 @@ async fn an_empty_jwt_issuer_or_audience_is_refused() {
 }
 
 #[tokio::test]
+async fn a_jwt_issuer_or_audience_with_stray_whitespace_is_refused() {
+    // ` https://issuer.example` (a template's stray space) loaded and then refused every
+    // token: the claims are compared exactly, and no token's `iss` has the space.
+    for (key, field) in [
+        ("issuer", "auth.jwt.issuer"),
+        ("audience", "auth.jwt.audience"),
+    ] {
+        for value in [" https://issuer.example", "api\t"] {
+            let jwt = format!(
+                "[auth.jwt]\nsecret = \"0123456789abcdefghijklmnopqrstuv\"\n{key} = \"{value}\"\n"
+            );
+            let err = refusal(&config("", "auth = true", &jwt)).await;
+            assert_eq!(err.field(), field, "{value:?}: {err}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_service_whose_instances_all_left_is_answered_without_waiting_out_the_timeout() {
     // The demo's "every product instance goes down": once the instances have left
     // discovery, each request waited the route's whole timeout (10 s by default) for an

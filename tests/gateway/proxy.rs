@@ -565,18 +565,29 @@ auth = true
     let forged =
         JwtVerifier::new(b"some other secret!!").sign(&serde_json::json!({ "iss": "seawall" }));
 
-    for (auth, what) in [
-        (None, "missing bearer token"),
-        (Some(format!("Bearer {expired}")), "token expired"),
-        (Some(format!("Bearer {forged}")), "invalid signature"),
-        (Some("Bearer not.a.jwt".to_owned()), "malformed token"),
+    // RFC 6750 §3.1: no error code for a request without credentials (it used to get
+    // `error="invalid_token"` as well).
+    for (auth, what, challenge) in [
+        (None, "missing bearer token", "Bearer"),
+        (
+            Some(format!("Bearer {expired}")),
+            "token expired",
+            "Bearer error=\"invalid_token\"",
+        ),
+        (
+            Some(format!("Bearer {forged}")),
+            "invalid signature",
+            "Bearer error=\"invalid_token\"",
+        ),
+        (
+            Some("Bearer not.a.jwt".to_owned()),
+            "malformed token",
+            "Bearer error=\"invalid_token\"",
+        ),
     ] {
         let answer = send(&http, with(auth)).await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
-        assert_eq!(
-            answer.headers["www-authenticate"],
-            "Bearer error=\"invalid_token\""
-        );
+        assert_eq!(answer.headers["www-authenticate"], challenge, "{what}");
         assert_eq!(answer.json()["detail"], what);
     }
     let answer = send(&http, with(Some(format!("Bearer {good}")))).await;
