@@ -88,17 +88,23 @@ impl<B, E> Classify<http::Response<B>, E> for HttpClassifier {
     #[inline]
     fn classify(&self, result: Result<&http::Response<B>, &E>) -> Outcome {
         match result {
-            Ok(response) => match self.classify_status(response.status()) {
-                Outcome::Failure if answered_by_a_rate_limit(response) => Outcome::Ignored,
-                outcome => outcome,
-            },
+            // Every answer a rate limit makes is a 4xx or a 5xx: only those are looked up.
+            // Ignored whatever the status would count as: a local `429` counted as the
+            // upstream's success let a half-open probe that never reached the upstream
+            // close the breaker.
+            Ok(response)
+                if response.status().as_u16() >= 400 && answered_by_a_rate_limit(response) =>
+            {
+                Outcome::Ignored
+            }
+            Ok(response) => self.classify_status(response.status()),
             Err(_) => Outcome::Failure,
         }
     }
 }
 
 /// Whether a seawall rate limit answered `response` itself (looked up only for a
-/// response that would be a failure).
+/// response with an error status).
 #[cold]
 fn answered_by_a_rate_limit<B>(response: &http::Response<B>) -> bool {
     let extensions = response.extensions();

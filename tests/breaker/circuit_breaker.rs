@@ -716,6 +716,77 @@ mod http_classifier {
             StatusCode::OK
         );
     }
+    /// `HttpClassifier`'s `classify`: "the answers a seawall rate limit inside the breaker
+    /// made itself (marked `Refused` or `Undecided`: a `429`, or the `400`, `500` or `503`
+    /// of a missing key or store), which are `Outcome::Ignored`". Only those that would
+    /// otherwise be failures were ignored: without `fail_on(429)` a local `429` (and a
+    /// missing key's `400`) counted as a *success* of the upstream. A half-open probe
+    /// refused by the limit, which never reached the upstream, closed the breaker over
+    /// an upstream that fails every call (and in the closed state such refusals dilute
+    /// the upstream's failure rate).
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_refused_by_a_local_rate_limit_does_not_close_the_breaker() {
+        use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer, Refused};
+        use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate};
+
+        let layer = CircuitBreakerLayer::new(
+            config()
+                .minimum_calls(4)
+                .permitted_calls_in_half_open(1)
+                .build()
+                .unwrap(),
+        )
+        .with_classifier(HttpClassifier::new());
+        let breaker = layer.breaker().clone();
+        // Four requests' worth of tokens, never refilled (the manual clock stands still).
+        let per_client = KeyedRateLimiter::with_clock(
+            Quota::new(Rate::per_second(1), 4).unwrap(),
+            ManualClock::new(),
+        );
+        let upstream_calls = Arc::new(AtomicUsize::new(0));
+        let counter = upstream_calls.clone();
+        // An upstream that fails every call it gets.
+        let mut svc = ServiceBuilder::new()
+            .layer(layer)
+            .layer(HttpRateLimitLayer::per_key(per_client, ClientIp::peer()))
+            .service_fn(move |_: http::Request<()>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async {
+                    Ok::<_, BoxError>(
+                        Response::builder()
+                            .status(StatusCode::SERVICE_UNAVAILABLE)
+                            .body(String::new())
+                            .unwrap(),
+                    )
+                }
+            });
+        let request = || {
+            let mut request = http::Request::new(());
+            request
+                .extensions_mut()
+                .insert("192.0.2.1:1000".parse::<std::net::SocketAddr>().unwrap());
+            request
+        };
+        for _ in 0..4 {
+            let response = svc.ready().await.unwrap().call(request()).await.unwrap();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        assert_eq!(breaker.state(), State::Open);
+        advance(Duration::from_secs(10)).await;
+        settle().await;
+        assert_eq!(breaker.state(), State::HalfOpen);
+        // The probe: refused by the local limit, it never reaches the upstream.
+        let response = svc.ready().await.unwrap().call(request()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(response.extensions().get::<Refused>().is_some());
+        assert_eq!(upstream_calls.load(Ordering::SeqCst), 4);
+        assert_eq!(
+            breaker.state(),
+            State::HalfOpen,
+            "a probe the upstream never saw decided the episode: {:?}",
+            breaker.snapshot()
+        );
+    }
 }
 
 #[cfg(feature = "metrics")]
