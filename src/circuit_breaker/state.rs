@@ -591,6 +591,14 @@ impl Shared {
         if ho.generation != generation {
             return;
         }
+        // An outcome that comes in after the episode's deadline decides nothing: the
+        // episode ended at the deadline, open again, whether or not a timer task (or an
+        // admission) has made that move yet.
+        if ho.deadline.is_some_and(|d| self.now() >= d) {
+            drop(ho);
+            self.transition(Some(word(generation, State::HalfOpen)), State::Open);
+            return;
+        }
         match outcome {
             Outcome::Ignored => {
                 // Does not count: let another probe take its place.

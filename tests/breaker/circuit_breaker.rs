@@ -1334,3 +1334,44 @@ async fn finished_half_open_episodes_leave_no_timer_tasks_behind() {
         "{alive} timer tasks still sleep for half-open episodes that ended long ago"
     );
 }
+
+/// `max_wait_in_half_open`: "Opens the breaker again when the probes have not all
+/// completed within `max`." Where no timer task can run (`try_acquire` from plain threads,
+/// the documented way to guard blocking work), the deadline was enforced only when the
+/// next call was admitted: a probe that completed after it still decided the episode,
+/// and a late success closed the breaker (with a timer, the same breaker is open by then
+/// and the late outcome counts for nothing). Sleeps only set lower bounds here.
+#[test]
+fn late_probe_after_half_open_deadline_does_not_close_without_a_timer() {
+    let breaker = Breaker::new(
+        CircuitBreakerConfig::builder()
+            .name("late-probe")
+            .sliding_window(SlidingWindow::count_based(2))
+            .minimum_calls(2)
+            .wait_in_open(Duration::from_millis(20))
+            .permitted_calls_in_half_open(1)
+            .max_wait_in_half_open(Duration::from_millis(20))
+            .build()
+            .unwrap(),
+    );
+    for _ in 0..2 {
+        breaker.try_acquire().expect("closed").failure();
+    }
+    assert_eq!(breaker.state(), State::Open);
+    std::thread::sleep(Duration::from_millis(30));
+    // The open wait is over: the one probe.
+    let probe = breaker.try_acquire().expect("a probe after the open wait");
+    assert_eq!(breaker.state(), State::HalfOpen);
+    // The probe outlives the half-open deadline, then succeeds.
+    std::thread::sleep(Duration::from_millis(40));
+    probe.success();
+    assert_ne!(
+        breaker.state(),
+        State::Closed,
+        "a probe that completed 20 ms after max_wait_in_half_open closed the breaker"
+    );
+    assert!(
+        breaker.try_acquire().is_err(),
+        "the episode timed out: open again"
+    );
+}
