@@ -411,7 +411,7 @@ impl<K: Hash + Eq + Clone, R: Clone, F> LastKnownGood<K, R, F> {
             },
         );
         store.bytes += weight;
-        if store.order.len() > 2 * self.max_entries {
+        if store.order.len() > self.max_entries.saturating_mul(2) {
             let map = &store.map;
             store
                 .order

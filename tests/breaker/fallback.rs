@@ -701,3 +701,24 @@ async fn last_known_good_over_http_keeps_shared_or_per_caller_answers_to_request
         bob.map(|r| r.into_body())
     );
 }
+
+/// `max_entries(n)`: "Keeps at most `n` keys (at least 1)". `usize::MAX` (no bound on the
+/// number of keys, with a `max_bytes` bounding their size instead) made every store
+/// compute `2 * max_entries`, which overflows: a panic on the first good answer in a
+/// build with overflow checks (debug, tests), the service's call panicking with it.
+#[tokio::test]
+async fn last_known_good_with_unbounded_max_entries_does_not_panic() {
+    let cache = LastKnownGood::new(|id: &u32| *id)
+        .max_entries(usize::MAX)
+        .weigh(|s: &String| s.len())
+        .max_bytes(1 << 20);
+    let down = Arc::new(AtomicBool::new(false));
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(cache.clone()))
+        .service(switchable(down.clone()));
+    // Panicked here: "attempt to multiply with overflow".
+    svc.ready().await.unwrap().call(7).await.unwrap();
+    assert_eq!(cache.len(), 1);
+    down.store(true, SeqCst);
+    assert_eq!(svc.ready().await.unwrap().call(7).await.unwrap(), "item-7");
+}
