@@ -790,7 +790,7 @@ fn default_half_open() -> u32 {
 }
 
 /// `[routes.fallback]`: served instead of an upstream failure (an error, a timeout, open
-/// breakers, no endpoint, or a 5xx answer).
+/// breakers, no endpoint, or a 5xx answer but `501`, which answers the client's method).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]

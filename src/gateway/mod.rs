@@ -48,8 +48,9 @@
 //!    (`failure = "closed"`). See [`RedisSettings`] and [fleets](#a-fleet-of-gateways);
 //! 3. **fallback**: the configured response (marked `x-seawall-fallback: true`) in place
 //!    of any upstream failure: a timeout, open breakers, no endpoint, a transport error or
-//!    a 5xx answer. Without one, failures are `504` (timeout), `503` (no endpoint, every
-//!    breaker open) or `502` (transport error), with a small JSON body;
+//!    a 5xx answer but `501` (the answer to the client's method, passed on as it came).
+//!    Without one, failures are `504` (timeout), `503` (no endpoint, every breaker open)
+//!    or `502` (transport error), with a small JSON body;
 //! 4. **timeout**: the route's bound, until the upstream's response head (`504` past it);
 //!    then `body_timeout` (by default the same) bounds each wait for more of the body: a
 //!    body stalled that long is cut, closing the client's connection, as nginx's

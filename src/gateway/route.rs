@@ -1302,12 +1302,17 @@ impl RouteCore {
         self: Arc<Self>,
         result: Result<Response<PooledBody>, BoxError>,
     ) -> Result<Response<Body>, BoxError> {
+        // A `501` answers the client's method (any client can send one): the client's
+        // doing, as for the endpoint's breaker (see `Route::new`), so neither counted as
+        // the upstream's error nor replaced by the fallback.
+        let server_error =
+            |status: StatusCode| status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED;
         let failure = match result {
-            Ok(response) if response.status().is_server_error() && self.fallback.is_some() => {
+            Ok(response) if server_error(response.status()) && self.fallback.is_some() => {
                 Failure::ServerError
             }
             Ok(response) => {
-                if response.status().is_server_error() {
+                if server_error(response.status()) {
                     self.stats.server_errors.fetch_add(1, Relaxed);
                 }
                 return Ok(downstream_response(response, self));

@@ -133,7 +133,7 @@ pub struct UpstreamErrors {
     pub unavailable: u64,
     /// A transport error: refused, reset, bad response (502).
     pub bad_gateway: u64,
-    /// A 5xx answer from the upstream.
+    /// A 5xx answer from the upstream (but `501`, the answer to the client's method).
     pub server_error: u64,
 }
 

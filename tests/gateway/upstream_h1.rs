@@ -1078,3 +1078,59 @@ async fn a_clients_unimplemented_method_does_not_open_the_endpoints_breaker() {
     );
     gw.shutdown().await;
 }
+
+/// The same `501` (the client's unimplemented method, "which any client can send": the
+/// gateway's docs, and `a_clients_unimplemented_method_does_not_open_the_endpoints_breaker`)
+/// is not the upstream's failure at the route either: it is passed to the client as the
+/// upstream answered, not replaced by the route's fallback (a `200` to a `PROPFIND` or a
+/// `DELETE` the upstream never did), and not counted in `upstream_errors`, which the
+/// status page and `/metrics` show as the route's failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unimplemented_method_is_no_upstream_error_nor_fallback() {
+    let (addr, _) = scripted(
+        |head| {
+            if head.starts_with("GET ") {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
+            } else {
+                b"HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\n\r\n".to_vec()
+            }
+        },
+        1,
+        false,
+    )
+    .await;
+    for fallback in [
+        "fallback = { status = 200, body = '{\"fallback\":true}' }",
+        "",
+    ] {
+        let gw = super::spawn_gateway(&format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+             timeout = \"5s\"\n{fallback}\n\n\
+             [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n"
+        ))
+        .await;
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let answer = super::limits::exchange(
+                gw.local_addr(),
+                b"PROPFIND /api/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            statuses.push(super::limits::status_of(&answer));
+        }
+        super::limits::settled(&gw, 3).await;
+        let route = super::limits::route(&gw);
+        assert_eq!(
+            (
+                statuses,
+                route.fallbacks,
+                route.upstream_errors.server_error
+            ),
+            (vec![501, 501, 501], 0, 0),
+            "with {fallback:?}: (statuses, fallbacks, upstream_errors.server_error): {:?}",
+            route.upstream_errors
+        );
+        gw.shutdown().await;
+    }
+}
