@@ -1449,13 +1449,17 @@ impl GatewayConfig {
         };
         if let Some(g) = &route.rate_limit.global {
             let at = format!("{at}.rate_limit.global");
-            plan.global = Some(limit_quota(&at, g.per_second, g.burst)?);
+            let quota = limit_quota(&at, g.per_second, g.burst)?;
             self.check_policy(&at, g.policy)?;
+            self.check_redis_quota(&at, g.policy, quota)?;
+            plan.global = Some(quota);
         }
         if let Some(c) = &route.rate_limit.per_client {
             let at = format!("{at}.rate_limit.per_client");
-            plan.per_client = Some(limit_quota(&at, c.per_second, c.burst)?);
+            let quota = limit_quota(&at, c.per_second, c.burst)?;
             self.check_policy(&at, c.policy)?;
+            self.check_redis_quota(&at, c.policy, quota)?;
+            plan.per_client = Some(quota);
         }
         let policies = [
             route.rate_limit.global.as_ref().map(|g| g.policy),
@@ -1495,6 +1499,35 @@ impl GatewayConfig {
                 format!("{at}.policy"),
                 "\"redis\" needs a [redis] section saying where Redis is",
             ));
+        }
+        Ok(())
+    }
+
+    /// A limit in Redis with `quota`, as the Redis limiter's builder will check it: at
+    /// most one token a microsecond (the script's unit), and, failing open, a local share
+    /// that makes a quota.
+    fn check_redis_quota(
+        &self,
+        at: &str,
+        policy: LimitPolicy,
+        quota: crate::rate_limit::Quota,
+    ) -> Result<(), ConfigError> {
+        if policy != LimitPolicy::Redis {
+            return Ok(());
+        }
+        if quota.interval() < Duration::from_micros(1) {
+            return Err(ConfigError::invalid(
+                format!("{at}.per_second"),
+                "at most 1000000 with policy = \"redis\" (one token a microsecond in Redis)",
+            ));
+        }
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            if redis.failure == RedisFailure::Open {
+                super::shared_limit::local_share(quota, redis.local_share).map_err(|e| {
+                    ConfigError::invalid("redis.local_share", format!("for {at}: {e}"))
+                })?;
+            }
         }
         Ok(())
     }

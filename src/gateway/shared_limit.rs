@@ -234,7 +234,7 @@ impl SharedLimit {
 
 /// `share` of `quota`, for one replica while Redis is away: the rate scaled, the burst
 /// scaled and rounded up (at least one token).
-fn local_share(quota: Quota, share: f64) -> Result<Quota, BoxError> {
+pub(crate) fn local_share(quota: Quota, share: f64) -> Result<Quota, BoxError> {
     let rate = quota.rate();
     let period = rate.period().as_secs_f64() / share;
     // Less a hair, so that 10 × 0.3 (3.0000000000000004) is 3, not 4.

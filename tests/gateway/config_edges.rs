@@ -821,3 +821,67 @@ async fn static_instances_on_different_hosts_with_one_port_are_two_endpoints() {
         "served by: {served:?}; endpoints: {endpoints:?}"
     );
 }
+
+/// "Every value the gateway's build would refuse is refused at load" (the gateway's
+/// module docs; SECURITY.md: "typos: every value is checked when the configuration
+/// loads"). A limit kept in Redis can refill at most one token a microsecond (the Redis
+/// limiter's builder refuses a faster quota), but a `per_second` above 1 000 000 with
+/// `policy = "redis"` loaded: a configuration checked in CI with `from_file` then failed
+/// to build at deploy.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_redis_limit_the_build_refuses_is_refused_at_load() {
+    let redis = "[redis]\nurl = \"redis://127.0.0.1:6379/\"\n";
+    for (limit, field) in [
+        (
+            "global = { per_second = 2000000, policy = \"redis\" }",
+            "routes[0].rate_limit.global.per_second",
+        ),
+        (
+            "per_client = { per_second = 2000000, policy = \"redis\" }",
+            "routes[0].rate_limit.per_client.per_second",
+        ),
+    ] {
+        let toml = config("", &format!("rate_limit = {{ {limit} }}"), redis);
+        let err = match GatewayConfig::from_toml_str(&toml) {
+            Err(e) => e,
+            Ok(config) => {
+                let built = Gateway::build(config, Discovery::Static).await;
+                panic!(
+                    "{limit}: loaded; the build then says: {:?}",
+                    built.err().map(|e| e.to_string())
+                );
+            }
+        };
+        assert_eq!(err.field(), field, "{limit}: {err}");
+    }
+    // Failing open, each replica's local share of a limit must make a quota too: one
+    // token a second shared down to 1e-8 is one every three years.
+    let toml = config(
+        "",
+        "rate_limit = { global = { per_second = 1, policy = \"redis\" } }",
+        &format!("{redis}local_share = 1e-8\n"),
+    );
+    match GatewayConfig::from_toml_str(&toml) {
+        Err(e) => assert_eq!(e.field(), "redis.local_share", "{e}"),
+        Ok(config) => panic!(
+            "local_share = 1e-8: loaded; the build then says: {:?}",
+            Gateway::build(config, Discovery::Static)
+                .await
+                .err()
+                .map(|e| e.to_string())
+        ),
+    }
+    // At one token a microsecond, it loads and builds.
+    let toml = config(
+        "",
+        "rate_limit = { global = { per_second = 1000000, policy = \"redis\" } }",
+        redis,
+    );
+    Gateway::build(
+        GatewayConfig::from_toml_str(&toml).unwrap(),
+        Discovery::Static,
+    )
+    .await
+    .unwrap();
+}
