@@ -936,8 +936,9 @@ pub struct ClientLimitSettings {
     /// The bucket size (default: `per_second`).
     pub burst: Option<u32>,
     /// How clients are told apart: `"ip"` (the client's address: the peer's, or the one
-    /// a trusted proxy reports) or `"header:<name>"` (for example `"header:x-api-key"`).
-    /// Header values longer than 64 bytes are kept as a 128-bit keyed digest, so a key
+    /// a trusted proxy reports) or `"header:<name>"` (for example `"header:x-api-key"`;
+    /// not the request id header, nor `traceparent` with `trace_context` on, which the
+    /// gateway makes for requests without one). Header values longer than 64 bytes are kept as a 128-bit keyed digest, so a key
     /// costs the same memory whatever its length.
     #[serde(default)]
     pub key: ClientKey,
@@ -1410,6 +1411,35 @@ impl GatewayConfig {
                         "applies to a `key = \"header:<name>\"` only (requests without the \
                          header); this limit is keyed by IP",
                     ));
+                }
+                // A header the gateway writes itself for every request without a valid
+                // one: keyed on it, each such request is a client of its own, and
+                // `on_missing` never applies (a client sending none is never limited).
+                if let ClientKey::Header(name) = &c.key {
+                    let request_id =
+                        super::trace::request_id_header(&self.gateway.request_id_header)
+                            .ok()
+                            .flatten();
+                    let made = if request_id.as_ref() == Some(name) {
+                        Some(
+                            "the request id header, which the gateway makes for each request without one",
+                        )
+                    } else if self.gateway.trace_context && name == "traceparent" {
+                        Some(
+                            "`traceparent`, which the gateway makes for each request (`trace_context`)",
+                        )
+                    } else {
+                        None
+                    };
+                    if let Some(made) = made {
+                        return Err(ConfigError::invalid(
+                            format!("{at}.rate_limit.per_client.key"),
+                            format!(
+                                "must not be {made}: every request without a valid one would be \
+                                 a client of its own, never limited"
+                            ),
+                        ));
+                    }
                 }
             }
             if let Some(o) = &route.balance.outlier {

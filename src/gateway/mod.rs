@@ -591,8 +591,10 @@
 //! - **A request id** (`[gateway] request_id_header`, default `"x-request-id"`, Kong's
 //!   correlation id; `""` turns it off): a client's (one value, 1 to 128 bytes of visible
 //!   ASCII) is passed on as it is, any other replaced by a new UUID-v4-shaped id; it is
-//!   sent upstream and set on the response to the client. A per-client limit keyed on
-//!   it (`key = "header:x-request-id"`) sees the value sent upstream. Headers the gateway
+//!   sent upstream and set on the response to the client. A per-client limit cannot be
+//!   keyed on it (nor on `traceparent` with `trace_context` on): the gateway makes one for
+//!   every request without a valid one, so each such request would be a client of its own
+//!   and `on_missing` would never apply; the configuration refuses it. Headers the gateway
 //!   or HTTP manage (`Host`, `X-Forwarded-*`, `traceparent`, `Expect`, `Location`,
 //!   `Content-*`, `If-*`, …) are refused as its name.
 //!

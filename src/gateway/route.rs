@@ -611,8 +611,7 @@ impl Route {
             _ => None,
         };
         let client_keying = limits.per_client.as_ref().map(ClientKeying::new);
-        let trace = TraceSettings::new(server)
-            .keyed_on(client_keying.as_ref().and_then(|k| k.header.as_ref()));
+        let trace = TraceSettings::new(server);
         let redis_inside = [
             limits.global.as_ref().map(|g| g.policy),
             limits.per_client.as_ref().map(|c| c.policy),

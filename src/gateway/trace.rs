@@ -293,10 +293,6 @@ pub(crate) struct TraceSettings {
     request_id: Option<HeaderName>,
     /// `trace_context`.
     trace_context: bool,
-    /// The fields the gateway makes go into the request's map at once, rather than with
-    /// its head ([`NewFields`]): a per-client limit is keyed on one of them and must see
-    /// it.
-    fields_in_map: bool,
 }
 
 impl TraceSettings {
@@ -305,17 +301,7 @@ impl TraceSettings {
             // Validated with the configuration; an invalid name here disables it.
             request_id: request_id_header(&server.request_id_header).ok().flatten(),
             trace_context: server.trace_context,
-            fields_in_map: false,
         }
-    }
-
-    /// These settings for a route whose per-client limit is keyed on `header`: the
-    /// limit sees the request id (or `traceparent`) the gateway made, as the upstream
-    /// does.
-    pub(crate) fn keyed_on(mut self, header: Option<&HeaderName>) -> Self {
-        self.fields_in_map =
-            header.is_some_and(|h| *h == TRACEPARENT || self.request_id.as_ref() == Some(h));
-        self
     }
 
     /// Rewrites the request's trace headers for the upstream, in place, and opens the
@@ -328,7 +314,7 @@ impl TraceSettings {
     ///
     /// A value replacing one the client sent is put into the request's map; one the
     /// client had none of is returned ([`NewFields`]) for the endpoint's connection to
-    /// write, unless a per-client limit is keyed on it ([`keyed_on`](Self::keyed_on)).
+    /// write (no per-client limit is keyed on either: the configuration refuses it).
     ///
     /// The request's `Connection` header, if it names one of these, stops naming it:
     /// the gateway's values are for the upstream.
@@ -380,7 +366,7 @@ impl TraceSettings {
                     }
                 }
             };
-            if parent || self.fields_in_map {
+            if parent {
                 // Replacing the client's: in the map.
                 let text = next.encode();
                 // Lowercase hex and `-`: always a valid value.
@@ -406,7 +392,7 @@ impl TraceSettings {
                     // value nor the copy echoed to the client costs an allocation.
                     let value = crate::header_arena::value(&[&new_request_id()])
                         .unwrap_or(HeaderValue::from_static("invalid"));
-                    if id || self.fields_in_map {
+                    if id {
                         // Replacing the client's: in the map.
                         headers.insert(name, value.clone());
                     } else {
@@ -615,7 +601,6 @@ mod tests {
         TraceSettings {
             request_id: Some(X_REQUEST_ID.clone()),
             trace_context: true,
-            fields_in_map: false,
         }
     }
 
@@ -673,13 +658,6 @@ mod tests {
             TraceParent::parse(VALID.as_bytes()).unwrap().trace_id
         );
         assert_ne!(request.headers()["x-request-id"], "a b");
-        // A per-client limit keyed on the request id sees both made fields.
-        let keyed = settings.keyed_on(Some(&X_REQUEST_ID));
-        let mut request = request_with(&[]);
-        let (_, fields) = keyed.begin(&mut request, "r");
-        assert_eq!(written(&fields), "");
-        assert!(request.headers().contains_key("traceparent"));
-        assert!(request.headers().contains_key("x-request-id"));
     }
 
     #[test]

@@ -885,3 +885,80 @@ async fn a_redis_limit_the_build_refuses_is_refused_at_load() {
     .await
     .unwrap();
 }
+
+/// SECURITY.md: "A request without the header is limited by its client IP by default
+/// (`on_missing = "ip"`), never left unlimited silently." A per-client limit keyed on the
+/// request id header (`key = "header:x-request-id"`, the default `request_id_header`)
+/// saw the fresh id the gateway makes for a request without one: a client that sent none
+/// had a new bucket with every request, unlimited, and `on_missing` (`"ip"`, `"reject"`)
+/// was silently ignored. Such a key (or `traceparent` while the gateway makes it) is
+/// refused at load, naming it; a header the gateway does not make loads and limits.
+#[tokio::test]
+async fn a_limit_keyed_on_a_header_the_gateway_makes_is_refused_at_load() {
+    let up = super::raw_http::heads_upstream(|_| "ok".to_owned()).await;
+    let toml = |gateway: &str, key: &str, on_missing: &str| {
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n{gateway}\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\n\
+             [routes.rate_limit]\nper_client = {{ per_second = 1, burst = 1, \
+             key = \"header:{key}\", on_missing = \"{on_missing}\" }}\n\
+             [[services]]\nname = \"up\"\ninstances = [\"{}\"]\n",
+            up.addr
+        )
+    };
+    for (gateway, key) in [
+        ("", "x-request-id"),
+        ("", "X-Request-Id"),
+        (
+            "request_id_header = \"x-correlation-id\"\n",
+            "x-correlation-id",
+        ),
+        ("", "traceparent"),
+    ] {
+        for on_missing in ["ip", "reject"] {
+            let e = GatewayConfig::from_toml_str(&toml(gateway, key, on_missing))
+                .expect_err(&format!("{gateway}key = header:{key}"));
+            assert_eq!(e.field(), "routes[0].rate_limit.per_client.key", "{e}");
+        }
+    }
+    // Headers the gateway does not make: three requests without one from one address
+    // are limited by it (`on_missing = "ip"`) or refused.
+    for (gateway, key, on_missing, expected) in [
+        (
+            "request_id_header = \"x-correlation-id\"\n",
+            "x-request-id",
+            "ip",
+            [200, 429, 429],
+        ),
+        (
+            "request_id_header = \"\"\n",
+            "x-request-id",
+            "reject",
+            [400, 400, 400],
+        ),
+        (
+            "trace_context = false\n",
+            "traceparent",
+            "ip",
+            [200, 429, 429],
+        ),
+    ] {
+        let config = GatewayConfig::from_toml_str(&toml(gateway, key, on_missing))
+            .unwrap_or_else(|e| panic!("{gateway}key = header:{key}: {e}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = Gateway::build(config, Discovery::Static)
+            .await
+            .unwrap()
+            .spawn(listener);
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let (status, _) = super::raw_http::request(gw.local_addr(), "GET", "/api/x", "").await;
+            statuses.push(status);
+        }
+        assert_eq!(
+            statuses, expected,
+            "{gateway}key {key}, on_missing = {on_missing}"
+        );
+        gw.shutdown().await;
+    }
+}

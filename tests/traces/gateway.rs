@@ -346,48 +346,6 @@ async fn each_request_is_a_span_with_its_fields() {
     );
 }
 
-/// A per-client limit keyed on the request id header sees the id the gateway made for a
-/// request that came without one (so each such request is a client of its own), and the
-/// client's own when it sent one.
-#[tokio::test]
-async fn a_limit_keyed_on_the_request_id_sees_the_id_the_gateway_made() {
-    crate::recorded();
-    let (addr, seen) = upstream().await;
-    let gw = spawn(&format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\n\
-         [[routes]]\nname = \"keyed\"\npath_prefix = \"/api\"\nservice = \"svc\"\n\
-         [routes.rate_limit]\n\
-         per_client = {{ per_second = 1, burst = 1, key = \"header:x-request-id\" }}\n\
-         [[services]]\nname = \"svc\"\ninstances = [\"{addr}\"]\n"
-    ))
-    .await;
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let status = |id: Option<&'static str>| {
-        let mut request = Request::get(format!("http://{}/api/x", gw.local_addr()));
-        if let Some(id) = id {
-            request = request.header("x-request-id", id);
-        }
-        let request = request.body(Full::default()).unwrap();
-        let client = client.clone();
-        async move {
-            timeout(BOUND, client.request(request))
-                .await
-                .expect("bounded")
-                .expect("the gateway answers")
-                .status()
-        }
-    };
-    for _ in 0..3 {
-        assert_eq!(status(None).await, 200, "a new id each: a new client each");
-        let id = last(&seen, "x-request-id").expect("a request id upstream");
-        assert!(is_uuid_v4(&id), "{id}");
-    }
-    assert_eq!(status(Some("client-7")).await, 200);
-    assert_eq!(status(Some("client-7")).await, 429, "the same client twice");
-    gw.shutdown().await;
-}
-
 /// `admin.on_proxy_listener` without a token serves `/metrics` and `/status.json` (upstream
 /// addresses, routes, limits) to every client of the proxy listener: allowed, for
 /// single-port setups on a private network, but never silently. It was built without a
