@@ -48,7 +48,8 @@ const ERROR_BODY_WAIT: Duration = Duration::from_secs(1);
 /// closed after the request was written and before any byte of an answer) is sent once
 /// more, on a new connection, within the same time limit; [`retried_stale`] counts them.
 /// A request that fails on a new connection, or after part of an answer, is not sent
-/// again.
+/// again, nor is a blocking query (its connection was held, not idle: closed unanswered,
+/// the agent went away, and the one answering now may not know its index).
 ///
 /// [`retried_stale`]: ConsulClient::retried_stale
 ///
@@ -640,7 +641,11 @@ impl ConsulClient {
             };
             let response = match self.inner.http.request(first).await {
                 Ok(response) => response,
-                Err(e) if idempotent && failed_stale(&e) => {
+                // Not a blocking query: its connection was held by the agent, not idle,
+                // and closing unanswered is the agent going away (a restart). The one
+                // answering now may have a lower index, and would hold the query for its
+                // whole wait: the caller starts over instead (the watch with a full query).
+                Err(e) if idempotent && blocking.is_none() && failed_stale(&e) => {
                     // The agent closed the pooled connection as the request went out:
                     // it never answered. Once more, on a new connection.
                     self.inner.retried_stale.fetch_add(1, Ordering::Relaxed);

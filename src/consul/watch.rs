@@ -254,8 +254,9 @@ impl WatchConfigBuilder {
 /// The loop follows the Consul API rules: it sends back `X-Consul-Index` to wait for a
 /// change (resetting when the index goes backwards, never sending one below 1),
 /// rate-limits itself with a token bucket, replaces a blocking query with a full one
-/// every [`resync_interval`](WatchConfigBuilder::resync_interval), compares before
-/// publishing (watchers wake only on real changes), and on errors backs off
+/// every [`resync_interval`](WatchConfigBuilder::resync_interval) and at once when the
+/// agent closes a held query unanswered (a restart, whose index may be lower), compares
+/// before publishing (watchers wake only on real changes), and on errors backs off
 /// exponentially with jitter while the last instances stay published and the status
 /// turns [`SourceStatus::Stale`]; it reports [`SourceStatus::Live`] again after the next
 /// successful query.
@@ -502,6 +503,22 @@ async fn run(
                 }
                 failures = 0;
                 stale_since = None;
+            }
+            // A blocking query's held connection closed without an answer: the agent went
+            // away (a restart, perhaps with a lower index, which a query blocking on the
+            // old one would wait out) or closed the connection as the query went out.
+            // Neither is an outage yet: start over at once with a full query, which the
+            // client does not send again on its own; an agent that is down shows on it.
+            Err(error) if !full && failures == 0 && error.is_transport() && !error.is_connect() => {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(
+                    service = %service,
+                    %error,
+                    "consul closed a blocking query unanswered; starting over with a full query"
+                );
+                #[cfg(not(feature = "tracing"))]
+                let _ = error;
+                next_resync = Instant::now();
             }
             Err(error) => {
                 failures = failures.saturating_add(1);

@@ -1564,3 +1564,144 @@ async fn a_slow_but_healthy_agent_keeps_getting_heartbeats() {
     );
     drop(guard);
 }
+
+// --- review: the watch across an agent restart, and the client's time limit ---------------
+
+/// A TCP proxy in front of an agent: what a load balancer or a service address in front of
+/// the local agent is, and what an agent restarting in place looks like from the client.
+/// [`switch`](Self::switch) sends new connections to another agent and cuts every open one
+/// without an answer, as the old agent's exit does.
+struct RestartingAgent {
+    addr: std::net::SocketAddr,
+    backend: std::sync::Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl RestartingAgent {
+    async fn start(backend: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = std::sync::Arc::new(std::sync::Mutex::new(backend));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (to, conns) = (backend.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((mut downstream, _)) = listener.accept().await {
+                let target = *to.lock().unwrap();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                    }
+                });
+                conns.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Self {
+            addr,
+            backend,
+            open,
+        }
+    }
+
+    /// The agent restarts: the old one's connections close unanswered, and the next ones
+    /// reach `backend`.
+    fn switch(&self, backend: std::net::SocketAddr) {
+        *self.backend.lock().unwrap() = backend;
+        for task in self.open.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// The agent restarts with a lower index (a dev agent, a single-server cluster rebuilt,
+/// its data directory lost) while the watch's blocking query is held. The watch must start
+/// over with a full query ("After an outage the agent's index may be anything: start over
+/// with a full query instead of blocking on an index it may not reach", src/consul/watch.rs;
+/// the fact sheet: "if the returned index is lower than the one sent, reset").
+///
+/// The held query's connection closes unanswered; the client takes it for a keep-alive
+/// connection the agent closed as it went idle and sends the query again at once, on a new
+/// connection, with the old index: the restarted agent holds it for the whole wait, and
+/// the watch sees nothing of the new agent (here: an instance more) until it ends.
+#[tokio::test]
+async fn watch_resyncs_after_a_restart_that_lowers_the_index() {
+    let service = unique("restart-lower");
+    let old = ConsulDouble::start().await;
+    old.register(node_registration(&service, "a", 9301, None))
+        .unwrap();
+    // The old agent's raft log is far along.
+    old.set_index(100_000);
+    // The restarted agent starts again from a low index, with what it holds now.
+    let restarted = ConsulDouble::start().await;
+    restarted
+        .register(node_registration(&service, "a", 9301, None))
+        .unwrap();
+    restarted
+        .register(node_registration(&service, "b", 9302, None))
+        .unwrap();
+    assert!(restarted.index() < 1_000);
+
+    let agent = RestartingAgent::start(old.addr()).await;
+    let client = client_for(&agent.addr.to_string(), None);
+    // A backoff longer than the patience below: the restart must not go the error path
+    // (a stale watch waiting out a backoff), and the status stays live.
+    let config = WatchConfig::builder()
+        .wait(Duration::from_secs(30))
+        .min_interval(Duration::from_millis(20), 2)
+        .backoff(Duration::from_secs(20), Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let watch = ConsulWatch::spawn(client.clone(), &service, config);
+    let mut instances = watch.instances();
+    watch_until(&mut instances, "a", PATIENCE, |s| ids(s) == ["a"]).await;
+    assert!(
+        old.wait_for_waiting_queries(1, PATIENCE).await,
+        "the watch blocks on the old agent"
+    );
+    assert_eq!(watch.index(), 100_000);
+
+    agent.switch(restarted.addr());
+    let took = watch_until(
+        &mut instances,
+        "a and b from the restarted agent",
+        PATIENCE,
+        |s| ids(s) == ["a", "b"],
+    )
+    .await;
+    eprintln!(
+        "resynced {took:?} after the restart (index {}, {} sent again)",
+        watch.index(),
+        client.retried_stale()
+    );
+    assert!(watch.index() < 1_000, "index {}", watch.index());
+    assert!(
+        matches!(watch.status(), SourceStatus::Live),
+        "{:?}",
+        watch.status()
+    );
+    assert_eq!(
+        client.retried_stale(),
+        0,
+        "a blocking query is not sent again"
+    );
+
+    // The agent closes the held query's connection and stays (a proxy's idle cut, a
+    // connection closed as the query went out): the watch starts over at once, follows
+    // the same agent, and is not made stale for it.
+    assert!(
+        restarted.wait_for_waiting_queries(1, PATIENCE).await,
+        "the watch blocks on the restarted agent"
+    );
+    agent.switch(restarted.addr());
+    restarted
+        .register(node_registration(&service, "c", 9303, None))
+        .unwrap();
+    watch_until(&mut instances, "a, b and c", PATIENCE, |s| {
+        ids(s) == ["a", "b", "c"]
+    })
+    .await;
+    assert!(
+        matches!(watch.status(), SourceStatus::Live),
+        "{:?}",
+        watch.status()
+    );
+}
