@@ -609,8 +609,11 @@ impl ConsulClient {
     ) -> Result<(HeaderMap, Bytes), ConsulError> {
         let request_name = format!("{method} {path}");
         let config = &self.inner.config;
-        let limit =
-            config.request_timeout + blocking.map_or(Duration::ZERO, |wait| wait + wait / 16);
+        // Saturating: a `request_timeout` of `Duration::MAX` (a caller's "no limit", which
+        // the builder accepts) panicked here and in the deadline below.
+        let limit = config
+            .request_timeout
+            .saturating_add(blocking.map_or(Duration::ZERO, |wait| wait + wait / 16));
         let scheme = config.scheme();
         let uri = if query.0.is_empty() {
             format!("{scheme}://{}{path}", config.authority)
@@ -633,7 +636,7 @@ impl ConsulClient {
                 .map_err(|e| ConsulError::transport(false, e).with_request(request_name.clone()))
         };
         let first = request()?;
-        let deadline = tokio::time::Instant::now() + limit;
+        let deadline = super::later(limit);
         let exchange = async {
             let transport = |e: hyper_util::client::legacy::Error| {
                 let connect = e.is_connect();

@@ -1705,3 +1705,47 @@ async fn watch_resyncs_after_a_restart_that_lowers_the_index() {
         watch.status()
     );
 }
+
+/// `request_timeout(Duration::MAX)`, a caller's "no limit", is accepted by the builder
+/// (only zero is refused), and then every request panicked adding it to the clock: a
+/// direct call panicked in the caller, and a watch's task died with the watch left
+/// `Starting` for ever, no error anywhere. The limit saturates instead, as the crate's
+/// other periods do (`consul::later`: "a configured period of years must not panic a
+/// background task").
+#[tokio::test]
+async fn an_unbounded_request_timeout_does_not_panic() {
+    let agent = ConsulDouble::start().await;
+    let service = unique("no-limit");
+    agent
+        .register(node_registration(&service, "a", 9311, None))
+        .unwrap();
+    let client = ConsulClient::new(
+        ConsulConfig::builder()
+            .address(agent.http_addr())
+            .request_timeout(Duration::MAX)
+            .build()
+            .expect("accepted by the builder"),
+    );
+    let direct = tokio::spawn({
+        let client = client.clone();
+        let service = service.clone();
+        async move {
+            client
+                .health_service(
+                    &HealthQuery::new(service)
+                        .index(1)
+                        .wait(Duration::from_secs(1)),
+                )
+                .await
+                .map(|r| r.instances.len())
+        }
+    });
+    match direct.await {
+        Ok(answer) => assert_eq!(answer.unwrap(), 1),
+        Err(e) => panic!("the query panicked: {e}"),
+    }
+    let watch = ConsulWatch::spawn(client, &service, quick_watch());
+    let mut instances = watch.instances();
+    watch_until(&mut instances, "a", PATIENCE, |s| ids(s) == ["a"]).await;
+    assert!(watch.status().is_live(), "{:?}", watch.status());
+}
