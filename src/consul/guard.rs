@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -139,6 +139,10 @@ struct Shared {
     status: watch::Sender<(CheckStatus, Option<String>)>,
     heartbeats: AtomicU64,
     registrations: AtomicU64,
+    /// The guard is stopping: the task registers nothing again.
+    stopping: AtomicBool,
+    /// The task is registering again: a stopping guard lets it finish.
+    registering: AtomicBool,
 }
 
 impl Shared {
@@ -158,6 +162,26 @@ impl Shared {
         }
         self.heartbeats.fetch_add(1, Relaxed);
         Ok(())
+    }
+
+    /// Registers again (the agent lost the registration), unless the guard is stopping
+    /// (`None`). Marked in flight meanwhile: a stopping guard lets it finish rather than
+    /// abort it mid-request, which could let it reach the agent after the deregistration.
+    async fn register_again(&self) -> Option<Result<(), ConsulError>> {
+        struct InFlight<'a>(&'a AtomicBool);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, SeqCst);
+            }
+        }
+        self.registering.store(true, SeqCst);
+        let _in_flight = InFlight(&self.registering);
+        // After the mark (both sequentially consistent): a guard stopping now either sees
+        // the mark and waits, or has set `stopping` before this reads it.
+        if self.stopping.load(SeqCst) {
+            return None;
+        }
+        Some(self.register().await)
     }
 
     /// Whether the agent still has the service.
@@ -204,6 +228,8 @@ impl Shared {
 pub struct RegistrationGuard {
     shared: Arc<Shared>,
     task: Option<JoinHandle<()>>,
+    /// Tells the task to stop once the report it may be making is done.
+    stop: watch::Sender<bool>,
     done: bool,
 }
 
@@ -267,6 +293,8 @@ impl RegistrationGuard {
             status,
             heartbeats: AtomicU64::new(0),
             registrations: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            registering: AtomicBool::new(false),
         });
         // Until this returns a guard, dropping the future (a timeout around `register`)
         // must not leave the service registered with nobody to remove it. Armed before
@@ -298,23 +326,27 @@ impl RegistrationGuard {
             }
         }
         undo.0 = None;
+        let (stop, stopping) = watch::channel(false);
         let task = match (heartbeat, config.verify_interval) {
             (Some(period), _) => Some(tokio::spawn(heartbeat_loop(
                 shared.clone(),
                 period,
                 config.retry_base,
                 status,
+                stopping,
             ))),
             (None, Some(period)) => Some(tokio::spawn(verify_loop(
                 shared.clone(),
                 period,
                 config.retry_base,
+                stopping,
             ))),
             (None, None) => None,
         };
         Ok(Self {
             shared,
             task,
+            stop,
             done: false,
         })
     }
@@ -360,7 +392,9 @@ impl RegistrationGuard {
 
     /// Drains: stops the heartbeat, deregisters at once (clients stop picking this
     /// instance as their watches update), then waits `grace` while the requests already
-    /// routed here are served.
+    /// routed here are served. A registration the heartbeat is sending again (the agent
+    /// having lost it) is let finish first, a request's time limit at most, so that it
+    /// cannot reach the agent after the deregistration.
     ///
     /// # Errors
     ///
@@ -393,11 +427,28 @@ impl RegistrationGuard {
     }
 
     async fn stop_task(&mut self) {
+        let _ = self.stop.send(true);
         if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
+            finish(task, &self.shared).await;
         }
     }
+}
+
+/// Stops the task (told to stop through its channel too). A registration it is sending
+/// again (the agent had lost it) is let finish, a request's time limit at most: aborted
+/// mid-request, it could reach the agent after the deregistration that follows, and
+/// register the service with no process behind it and nobody left to deregister it.
+/// Anything else it is doing is aborted at once.
+async fn finish(mut task: JoinHandle<()>, shared: &Shared) {
+    shared.stopping.store(true, SeqCst);
+    if shared.registering.load(SeqCst) {
+        let limit = shared.client.config().request_timeout();
+        if tokio::time::timeout(limit, &mut task).await.is_ok() {
+            return;
+        }
+    }
+    task.abort();
+    let _ = task.await;
 }
 
 /// Deregisters in the background when dropped while armed.
@@ -416,15 +467,23 @@ impl Drop for DeregisterOnDrop {
 
 impl Drop for RegistrationGuard {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-        if self.done {
+        self.shared.stopping.store(true, SeqCst);
+        let _ = self.stop.send(true);
+        let task = self.task.take();
+        let runtime = tokio::runtime::Handle::try_current();
+        if self.done || runtime.is_err() {
+            if let Some(task) = task {
+                task.abort();
+            }
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        if let Ok(runtime) = runtime {
             let shared = self.shared.clone();
             runtime.spawn(async move {
+                // As `shutdown`: the report in flight first, then the deregistration.
+                if let Some(task) = task {
+                    finish(task, &shared).await;
+                }
                 let _result = shared.client.deregister(shared.registration.id()).await;
                 #[cfg(feature = "tracing")]
                 if let Err(error) = _result {
@@ -497,6 +556,7 @@ async fn heartbeat_loop(
     period: Duration,
     retry_base: Duration,
     mut status: watch::Receiver<(CheckStatus, Option<String>)>,
+    mut stopping: watch::Receiver<bool>,
 ) {
     let mut rng = seed(shared.registration.id());
     let mut failures = 0u32;
@@ -511,6 +571,9 @@ async fn heartbeat_loop(
     let mut reported = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            // First: once told to stop, no report is started.
+            biased;
+            _ = stopping.wait_for(|stop| *stop) => return,
             () = tokio::time::sleep_until(next) => {}
             changed = status.changed() => {
                 if changed.is_err() {
@@ -534,9 +597,11 @@ async fn heartbeat_loop(
                         service_id = shared.registration.id(),
                         "consul agent lost the registration; registering again"
                     );
-                    match shared.register().await {
-                        Ok(()) => shared.beat().await,
-                        Err(e) => Err(e),
+                    match shared.register_again().await {
+                        Some(Ok(())) => shared.beat().await,
+                        Some(Err(e)) => Err(e),
+                        // Stopping: the loop ends at its next turn.
+                        None => Ok(()),
                     }
                 }
                 other => other,
@@ -571,12 +636,21 @@ async fn heartbeat_loop(
     }
 }
 
-async fn verify_loop(shared: Arc<Shared>, period: Duration, retry_base: Duration) {
+async fn verify_loop(
+    shared: Arc<Shared>,
+    period: Duration,
+    retry_base: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
     let mut rng = seed(shared.registration.id());
     let mut failures = 0u32;
     let mut delay = period;
     loop {
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            biased;
+            _ = stopping.wait_for(|stop| *stop) => return,
+            () = tokio::time::sleep(delay) => {}
+        }
         let result = match shared.still_registered().await {
             Ok(true) => Ok(()),
             Ok(false) => {
@@ -585,7 +659,7 @@ async fn verify_loop(shared: Arc<Shared>, period: Duration, retry_base: Duration
                     service_id = shared.registration.id(),
                     "consul agent lost the registration; registering again"
                 );
-                shared.register().await
+                shared.register_again().await.unwrap_or(Ok(()))
             }
             Err(e) => Err(e),
         };

@@ -1749,3 +1749,131 @@ async fn an_unbounded_request_timeout_does_not_panic() {
     watch_until(&mut instances, "a", PATIENCE, |s| ids(s) == ["a"]).await;
     assert!(watch.status().is_live(), "{:?}", watch.status());
 }
+
+/// A proxy in front of an agent that holds every request registering a service for
+/// `hold` on its way (an agent slow to take it: a disk stall, a busy agent), counting the
+/// registrations it saw (`.0`) and those the agent answered (`.1`).
+async fn holding_registrations(
+    backend: std::net::SocketAddr,
+    hold: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (seen2, answered2) = (seen.clone(), answered.clone());
+    tokio::spawn(async move {
+        while let Ok((downstream, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(backend).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = downstream.into_split();
+            let (mut ur, mut uw) = upstream.into_split();
+            let pending = Arc::new(AtomicBool::new(false));
+            let (p, answered) = (pending.clone(), answered2.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match ur.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if p.swap(false, SeqCst) {
+                        answered.fetch_add(1, SeqCst);
+                    }
+                    // The client may be gone: the agent has acted all the same.
+                    let _ = cw.write_all(&buf[..n]).await;
+                }
+            });
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let register = buf[..n].starts_with(b"PUT /v1/agent/service/register");
+                    if register {
+                        seen.fetch_add(1, SeqCst);
+                        tokio::time::sleep(hold).await;
+                    }
+                    if uw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if register {
+                        pending.store(true, SeqCst);
+                    }
+                }
+                // The client hung up. Consul (Go's `net/http`) runs a handler it has read
+                // the request of to its end whatever the client does; the double's hyper
+                // server would drop it on the hang-up: passed on once the agent answered.
+                let _ = tokio::time::timeout(PATIENCE, async {
+                    while pending.load(SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await;
+                drop(uw);
+            });
+        }
+    });
+    (addr, seen, answered)
+}
+
+/// The agent lost the registration and the heartbeat is registering it again, the
+/// request on its way, when the process shuts down. `shutdown` aborted the heartbeat
+/// and deregistered at once: the registration in flight reached the agent after the
+/// deregistration, and the service stayed registered (its TTL check passing until it
+/// lapsed, for ever without `deregister_critical_after`) with no process behind it and
+/// nobody left to remove it. The guard's promise: "shutdown drains gracefully:
+/// deregister first, so that clients stop picking the instance".
+#[tokio::test]
+async fn shutdown_during_a_re_registration_leaves_nothing_registered() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let double = ConsulDouble::start().await;
+    let (addr, seen, answered) =
+        holding_registrations(double.addr(), Duration::from_millis(300)).await;
+    let client = client_for(&addr.to_string(), None);
+    let direct = client_for(&double.http_addr(), None);
+    let service = unique("ghost");
+    let id = format!("{service}-1");
+    let guard = RegistrationGuard::register_with(
+        client,
+        instance(&service, &id, 9321),
+        GuardConfig::builder()
+            .heartbeat(Duration::from_millis(50))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen.load(SeqCst), 1);
+    // The agent forgets the service; the next heartbeat hears "unknown check" and
+    // registers again.
+    direct.deregister(&id).await.unwrap();
+    eventually("a registration again, on its way", PATIENCE, || {
+        let n = seen.load(SeqCst);
+        async move { n >= 2 }
+    })
+    .await;
+    guard.shutdown(Duration::ZERO).await.unwrap();
+    // Whatever was on its way has reached the agent.
+    eventually("the agent's answer to the registration", PATIENCE, || {
+        let n = answered.load(SeqCst);
+        async move { n >= 2 }
+    })
+    .await;
+    assert!(
+        !registered(&direct, &id).await,
+        "still registered after shutdown returned: {:?}",
+        double.service_ids()
+    );
+}
