@@ -140,9 +140,11 @@ pub struct InstanceWatch {
 }
 
 impl InstanceWatch {
-    /// A watch of a fixed list that never changes.
+    /// A watch of a fixed list that never changes. Instances that cannot be dialed (an
+    /// empty address or port 0) are left out, as every source leaves them out.
     pub fn fixed(instances: Vec<Instance>) -> Self {
-        Publisher::live(instances).subscribe()
+        let dialable = |i: &Instance| !i.address.is_empty() && i.port != 0;
+        Publisher::live(instances.into_iter().filter(dialable).collect()).subscribe()
     }
 
     /// The current snapshot, marking it seen.

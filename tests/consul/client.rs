@@ -1877,3 +1877,19 @@ async fn shutdown_during_a_re_registration_leaves_nothing_registered() {
         double.service_ids()
     );
 }
+
+/// A static list is a source like the others: `Instance::port` promises "never 0: sources
+/// skip undialable entries", the `Registry` and a Consul watch leave such instances out,
+/// but `InstanceWatch::fixed` published them, and a balancer got an endpoint every call
+/// to which fails (and counts against it).
+#[test]
+fn a_fixed_list_skips_undialable_instances() {
+    use seawall::discovery::InstanceId;
+    let watch = InstanceWatch::fixed(vec![
+        Instance::local("s", "127.0.0.1:0".parse().unwrap()),
+        Instance::new(InstanceId::new("local", "no-address"), "s", "", 8080),
+        Instance::local("s", "127.0.0.1:8080".parse().unwrap()),
+    ]);
+    let published: Vec<String> = watch.peek().iter().map(Instance::authority).collect();
+    assert_eq!(published, ["127.0.0.1:8080"]);
+}
