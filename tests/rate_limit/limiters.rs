@@ -252,6 +252,29 @@ async fn a_dropped_waiter_does_not_let_the_next_one_double_the_burst() {
     );
 }
 
+/// A waiting service polled ready while its turn was beyond `max_wait` is ready with a
+/// refusal for its next call. Polled ready again later (as a ready cache or a balancer
+/// does before each use), with the bucket full by then, it must not refuse that call.
+#[tokio::test(start_paused = true)]
+async fn wait_mode_refusal_is_not_sticky_across_poll_ready() {
+    let layer = RateLimitLayer::new(quota(1, 1)).wait_up_to(Duration::from_millis(100));
+    let limiter = layer.limiter().clone();
+    let mut svc = ServiceBuilder::new().layer(layer).service(echo());
+    svc.ready().await.unwrap().call(0).await.unwrap();
+    // The next token is 1 s away, beyond the 100 ms it may wait: ready, to refuse.
+    svc.ready().await.unwrap();
+    advance(Duration::from_secs(5)).await;
+    assert_eq!(limiter.available(), 1, "the bucket is full again");
+    // Polled again before use: the bucket holds a token for it.
+    let answer = svc.ready().await.unwrap().call(1).await;
+    assert_eq!(
+        answer.map_err(|e| e.to_string()).ok(),
+        Some(1),
+        "refused with a full bucket ({} token available)",
+        limiter.available()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_ready_but_unused_service_hands_its_token_back() {
     let layer = RateLimitLayer::new(quota(1, 1)).wait_up_to(Duration::from_secs(10));

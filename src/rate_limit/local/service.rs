@@ -124,6 +124,11 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if let Mode::Wait { max_wait } = self.mode {
+            // A refusal decided by an earlier `poll_ready` is decided again: the bucket
+            // may have refilled since (a ready cache polls again before each use).
+            if matches!(self.booking.state, State::Refused(_)) {
+                self.booking.state = State::Idle;
+            }
             loop {
                 match &self.booking.state {
                     State::Idle => {
