@@ -86,6 +86,11 @@ impl RateLimited {
         Self { limit, ..self }
     }
 
+    /// The same refusal, of a bucket full again in `full_in`.
+    pub(crate) fn with_full_in(self, full_in: Duration) -> Self {
+        Self { full_in, ..self }
+    }
+
     /// How long until the bucket is full again (what the `RateLimit` header's `t`
     /// reports).
     pub fn full_in(&self) -> Duration {

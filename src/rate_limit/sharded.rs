@@ -239,7 +239,19 @@ impl<C: Clock> ShardedRateLimiter<C> {
         if shard.exceeds_capacity() {
             return shard;
         }
-        let n = self.inner.shards.len() as u32;
-        shard.with_limit(shard.limit().saturating_mul(n))
+        let inner = &*self.inner;
+        let now = inner.clock.now_nanos();
+        // When all the shards are full, as an admission tells (`whole`), not the shard
+        // that answered.
+        let full_in = inner
+            .shards
+            .iter()
+            .map(|s| s.tat.load(Relaxed).saturating_sub(now))
+            .max()
+            .unwrap_or(0);
+        let n = inner.shards.len() as u32;
+        shard
+            .with_limit(shard.limit().saturating_mul(n))
+            .with_full_in(std::time::Duration::from_nanos(full_in).max(shard.full_in()))
     }
 }

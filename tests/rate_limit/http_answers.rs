@@ -1074,3 +1074,54 @@ async fn requests_without_their_api_key_do_not_drain_the_global_bucket() {
         assert_eq!(response.status(), StatusCode::OK, "{key}");
     }
 }
+
+/// A sharded limit's admitted responses announce when the whole limiter is full again
+/// (`t`, the latest of its shards); its 429 announced one shard's: the soonest to admit.
+/// `t` is the time until the bucket is full, on admitted and refused responses alike.
+#[tokio::test]
+async fn a_sharded_refusal_announces_when_the_whole_limiter_is_full() {
+    use seawall::rate_limit::ShardedRateLimiter;
+    let clock = ManualClock::new();
+    // Two shards of 4 tokens, each refilling one every 10 s.
+    let limiter = ShardedRateLimiter::with_clock(
+        Quota::new(Rate::new(2, std::time::Duration::from_secs(10)), 8).unwrap(),
+        2,
+        clock.clone(),
+    )
+    .unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(HttpRateLimitLayer::new(limiter))
+        .service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+    macro_rules! send {
+        () => {
+            svc.ready()
+                .await
+                .unwrap()
+                .call(Request::new(()))
+                .await
+                .unwrap()
+        };
+    }
+    for _ in 0..4 {
+        assert_eq!(send!().status(), StatusCode::OK); // this thread's shard
+    }
+    clock.advance(std::time::Duration::from_secs(39));
+    for _ in 0..3 {
+        assert_eq!(send!().status(), StatusCode::OK); // its 3 refilled tokens
+    }
+    let mut last = None;
+    for _ in 0..4 {
+        let resp = send!(); // borrowed from the other shard
+        assert_eq!(resp.status(), StatusCode::OK);
+        last = Some(resp);
+    }
+    let last = last.unwrap();
+    assert_eq!(all(last.headers(), "ratelimit"), ["\"default\";r=0;t=40"]);
+    let refused = send!();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        all(refused.headers(), "ratelimit"),
+        ["\"default\";r=0;t=40"],
+        "the whole limiter is full in 40 s, as the response before said"
+    );
+}
