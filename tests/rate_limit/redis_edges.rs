@@ -783,3 +783,65 @@ async fn a_batch_token_is_never_served_past_max_age() {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// A request for more tokens than the burst can never be admitted, and is refused so
+/// (`retry_after() == None`, `exceeds_capacity()`, source `exceeds_burst`) without asking
+/// Redis. But once Redis has refused a smaller request for the same key, the cached
+/// refusal answered first: the oversized request was told a `retry_after` (the cached
+/// wait plus a refill interval per extra token), after which it is refused again, for
+/// ever; the HTTP layer sends that wait as `Retry-After`, and the metric says `cached`.
+#[tokio::test]
+async fn a_cached_refusal_never_hides_a_request_over_the_burst() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let limiter = limiter(&redis, "cached-oversized", quota(600, 2));
+    assert!(limiter.acquire("k", 2).await.is_ok());
+    // Redis refuses one token: the refusal is cached for the key.
+    match limiter.acquire("k", 1).await {
+        Err(RedisLimitError::Limited(r)) => assert!(r.retry_after().is_some()),
+        other => panic!("{other:?}"),
+    }
+    // Five tokens, with a burst of two: never admissible.
+    match limiter.acquire("k", 5).await {
+        Err(RedisLimitError::Limited(r)) => assert!(
+            r.exceeds_capacity(),
+            "a request over the burst was told to retry after {:?}",
+            r.retry_after()
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(limiter.last_source(), Some("exceeds_burst"));
+}
+
+/// A proxy to Redis that holds each of Redis's replies `delay` before passing it on
+/// (requests go through at once): a slow network or a loaded machine, Redis healthy.
+async fn slow_replies(upstream: u16, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            });
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    tokio::time::sleep(delay).await;
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}

@@ -659,7 +659,12 @@ impl RedisRateLimiter {
         tokens: u32,
     ) -> Result<(Admitted, Source), RedisLimitError> {
         let telemetry = &self.inner.telemetry;
-        if let Some(refused) = self.inner.refusals.check(key, tokens) {
+        // A request over the burst is never admissible: refused as such (below), not
+        // told the wait of a smaller request's cached refusal.
+        let cached = (tokens <= self.inner.limit)
+            .then(|| self.inner.refusals.check(key, tokens))
+            .flatten();
+        if let Some(refused) = cached {
             telemetry.record::<()>(&Err(refused));
             self.record_source("cached");
             return Err(RedisLimitError::Limited(refused));
