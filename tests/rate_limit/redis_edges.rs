@@ -845,3 +845,46 @@ async fn slow_replies(upstream: u16, delay: Duration) -> u16 {
     });
     port
 }
+
+/// `batch(size, max_age)` promises that over any interval the fleet admits at most
+/// burst + rate × (interval + `max_age`): tokens taken ahead are used at most `max_age`
+/// after they were taken from the shared bucket. But a reserve's age was counted from
+/// when Redis's answer arrived, not from when Redis took the tokens: with answers slow
+/// to come back (here 450 ms; the module docs call 20 to 80 ms answers "slow but
+/// healthy", beside a default `max_age` of 100 ms), the reserve served tokens the shared
+/// bucket had long refilled, on top of it.
+#[tokio::test]
+async fn batched_tokens_age_from_when_redis_took_them() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let slow = slow_replies(redis.port, Duration::from_millis(450)).await;
+    // 100 a second, burst 40: the bucket refills from empty in 400 ms.
+    let quota = Quota::new(Rate::per_second(100), 40).unwrap();
+    let batched = RedisRateLimiter::builder(format!("redis://127.0.0.1:{slow}/"), quota)
+        .prefix("batch-slow")
+        .timeout(Duration::from_secs(3))
+        .batch(40, Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let other = limiter(&redis, "batch-slow", quota);
+    // The batching replica takes the whole burst (one for its request, 39 ahead); Redis's
+    // answer comes 450 ms later, when the shared bucket is full again.
+    assert_eq!(batched.acquire("k", 1).await.unwrap().1, Source::Redis);
+    let started = tokio::time::Instant::now();
+    let mut admitted = 0;
+    if other.acquire("k", 40).await.is_ok() {
+        admitted += 40;
+    }
+    let served = batched.acquire("k", 39).await;
+    if served.is_ok() {
+        admitted += 39;
+    }
+    let elapsed = started.elapsed();
+    // burst + rate × (interval + max_age), one more for rounding.
+    let bound = 40 + ((elapsed.as_secs_f64() + 0.1) * 100.0).ceil() as u32 + 1;
+    assert!(
+        admitted <= bound,
+        "{admitted} admitted in {elapsed:?} (the batching replica's 39: {:?}, tokens \
+         Redis took 450 ms before, with max_age = 100 ms): over the documented {bound}",
+        served.map(|(_, source)| source)
+    );
+}

@@ -736,11 +736,16 @@ impl RedisRateLimiter {
                 want = want.max(batch.size);
             }
         }
+        // Before the round trip: Redis takes the tokens after this instant, so a reserve
+        // aged from it is never served more than `max_age` after they left the shared
+        // bucket (aged from the answer's arrival, a slow answer stretched the bound).
+        // Read only when tokens are asked for ahead.
+        let asked = (want > tokens).then(tokio::time::Instant::now);
         match self.ask_redis_guarded(key, tokens, want).await {
             Ok(Ok((admitted, granted))) => {
-                if let Some(batch) = &inner.batch {
+                if let (Some(batch), Some(asked)) = (&inner.batch, asked) {
                     if granted > tokens {
-                        batch.store(key, granted - tokens, admitted);
+                        batch.store(key, granted - tokens, admitted, asked);
                     }
                 }
                 (Ok((admitted, Source::Redis)), "redis")
@@ -1250,7 +1255,9 @@ impl Batching {
         Some(admitted)
     }
 
-    fn store(&self, key: &str, tokens: u32, admitted: Admitted) {
+    /// `asked`: when the check that took these tokens was sent to Redis (no later than
+    /// Redis took them), from which the reserve's age runs.
+    fn store(&self, key: &str, tokens: u32, admitted: Admitted, asked: tokio::time::Instant) {
         let mut reservoir = self.reservoir.lock();
         if reservoir.len() >= self.max_keys {
             // Bounded: stale reserves go first, then everything (tokens are only lost,
@@ -1262,7 +1269,6 @@ impl Batching {
             }
         }
         // Concurrent batches for one key add up: no token taken from Redis is dropped.
-        let now = tokio::time::Instant::now();
         let max_age = self.max_age;
         reservoir
             .entry(key.to_owned())
@@ -1273,14 +1279,14 @@ impl Batching {
                 // less, never more).
                 if r.tokens == 0 || r.taken.elapsed() > max_age {
                     r.tokens = 0;
-                    r.taken = now;
+                    r.taken = asked;
                 }
                 r.tokens = r.tokens.saturating_add(tokens);
                 r.admitted = admitted;
             })
             .or_insert(Reserve {
                 tokens,
-                taken: now,
+                taken: asked,
                 admitted,
             });
     }
