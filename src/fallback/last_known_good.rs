@@ -411,7 +411,11 @@ impl<K: Hash + Eq + Clone, R: Clone, F> LastKnownGood<K, R, F> {
             },
         );
         store.bytes += weight;
-        if store.order.len() > self.max_entries.saturating_mul(2) {
+        // Compacted once stale places outnumber the live keys (and a few): bounded by the
+        // keys kept, not by `max_entries`, which may be `usize::MAX` (`max_bytes` alone
+        // bounding the cache), where a key stored again and again grew it for ever. Each
+        // compaction drops more stale places than it keeps: amortised O(1) a store.
+        if store.order.len() > store.map.len().saturating_mul(2).saturating_add(16) {
             let map = &store.map;
             store
                 .order

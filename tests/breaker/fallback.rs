@@ -722,3 +722,54 @@ async fn last_known_good_with_unbounded_max_entries_does_not_panic() {
     down.store(true, SeqCst);
     assert_eq!(svc.ready().await.unwrap().call(7).await.unwrap(), "item-7");
 }
+
+/// A key whose live copies are counted (by the `Arc`'s strong count); equal and hashed
+/// by its id alone.
+#[derive(Clone)]
+struct CountedKey(u32, #[allow(dead_code)] Arc<()>);
+
+impl PartialEq for CountedKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for CountedKey {}
+
+impl std::hash::Hash for CountedKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+/// "Memory is bounded: ... so request-chosen keys cannot grow it without bound; with a
+/// weigher, at most `max_bytes` of answers too", and `max_entries(usize::MAX)` is the
+/// "no bound on the number of keys, `max_bytes` instead" the overflow fix made work. But
+/// every store of a key leaves its earlier place in the eviction queue stale, and the
+/// queue is compacted only past `2 * max_entries` entries: never, at `usize::MAX`. A
+/// client asking for the same page again and again grows the cache by a key a request,
+/// for ever, while it holds one answer.
+#[tokio::test]
+async fn last_known_good_repeated_key_does_not_grow_without_bound() {
+    let cache = LastKnownGood::new(|k: &CountedKey| k.clone())
+        .max_entries(usize::MAX)
+        .weigh(|s: &String| s.len())
+        .max_bytes(1 << 20);
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(cache.clone()))
+        .service(tower::service_fn(|k: CountedKey| async move {
+            Ok::<_, BoxError>(format!("item-{}", k.0))
+        }));
+    let marker = Arc::new(());
+    for _ in 0..10_000 {
+        let request = CountedKey(7, marker.clone());
+        svc.ready().await.unwrap().call(request).await.unwrap();
+    }
+    assert_eq!(cache.len(), 1);
+    // The marker itself, the one key in the map, and at most a few stale copies.
+    let copies = Arc::strong_count(&marker) - 1;
+    assert!(
+        copies <= 64,
+        "one answer kept, but {copies} copies of its key held after 10 000 stores"
+    );
+}
