@@ -428,9 +428,14 @@ impl RegistrationGuard {
 
     async fn stop_task(&mut self) {
         let _ = self.stop.send(true);
-        if let Some(task) = self.task.take() {
+        // Left in place until it has ended: if this future is dropped while a
+        // re-registration is let finish (a timeout around `shutdown`), `Drop` finds the
+        // task and waits for it too before deregistering, rather than deregistering at
+        // once with the registration still on its way.
+        if let Some(task) = self.task.as_mut() {
             finish(task, &self.shared).await;
         }
+        self.task = None;
     }
 }
 
@@ -439,11 +444,11 @@ impl RegistrationGuard {
 /// mid-request, it could reach the agent after the deregistration that follows, and
 /// register the service with no process behind it and nobody left to deregister it.
 /// Anything else it is doing is aborted at once.
-async fn finish(mut task: JoinHandle<()>, shared: &Shared) {
+async fn finish(task: &mut JoinHandle<()>, shared: &Shared) {
     shared.stopping.store(true, SeqCst);
     if shared.registering.load(SeqCst) {
         let limit = shared.client.config().request_timeout();
-        if tokio::time::timeout(limit, &mut task).await.is_ok() {
+        if tokio::time::timeout(limit, &mut *task).await.is_ok() {
             return;
         }
     }
@@ -481,8 +486,8 @@ impl Drop for RegistrationGuard {
             let shared = self.shared.clone();
             runtime.spawn(async move {
                 // As `shutdown`: the report in flight first, then the deregistration.
-                if let Some(task) = task {
-                    finish(task, &shared).await;
+                if let Some(mut task) = task {
+                    finish(&mut task, &shared).await;
                 }
                 let _result = shared.client.deregister(shared.registration.id()).await;
                 #[cfg(feature = "tracing")]

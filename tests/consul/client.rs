@@ -1893,3 +1893,51 @@ fn a_fixed_list_skips_undialable_instances() {
     let published: Vec<String> = watch.peek().iter().map(Instance::authority).collect();
     assert_eq!(published, ["127.0.0.1:8080"]);
 }
+
+/// As above, but the shutdown is itself bounded by the caller, as `shutdown`'s own code
+/// expects ("if this future is dropped before the deregistration completes (a timeout
+/// around `shutdown`), `Drop` still deregisters"): a SIGTERM handler giving it 50 ms. The
+/// future, dropped while it let the re-registration finish, took the task with it, so
+/// `Drop` found none to wait for and deregistered at once: the registration on its way
+/// landed after, and the service stayed registered with no process behind it.
+#[tokio::test]
+async fn a_shutdown_cut_short_during_a_re_registration_leaves_nothing_registered() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let double = ConsulDouble::start().await;
+    let (addr, seen, answered) =
+        holding_registrations(double.addr(), Duration::from_millis(300)).await;
+    let client = client_for(&addr.to_string(), None);
+    let direct = client_for(&double.http_addr(), None);
+    let service = unique("ghost-cut");
+    let id = format!("{service}-1");
+    let guard = RegistrationGuard::register_with(
+        client,
+        instance(&service, &id, 9322),
+        GuardConfig::builder()
+            .heartbeat(Duration::from_millis(50))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    direct.deregister(&id).await.unwrap();
+    eventually("a registration again, on its way", PATIENCE, || {
+        let n = seen.load(SeqCst);
+        async move { n >= 2 }
+    })
+    .await;
+    // The caller's bound on the drain: shorter than the registration's hold.
+    let cut = tokio::time::timeout(Duration::from_millis(50), guard.shutdown(Duration::ZERO)).await;
+    assert!(cut.is_err(), "shutdown returned within 50 ms: {cut:?}");
+    eventually("the agent's answer to the registration", PATIENCE, || {
+        let n = answered.load(SeqCst);
+        async move { n >= 2 }
+    })
+    .await;
+    eventually("the service deregistered after all", PATIENCE, || {
+        let direct = direct.clone();
+        let id = id.clone();
+        async move { !registered(&direct, &id).await }
+    })
+    .await;
+}
