@@ -65,7 +65,8 @@ impl Publisher {
         }
     }
 
-    /// Publishes a new snapshot, sorted and with one entry per identity (the last wins).
+    /// Publishes a new snapshot, sorted and with one entry per identity (the last wins),
+    /// without the instances that cannot be dialed (an empty address or port 0).
     /// Watchers are woken only when it differs from the current one; returns whether it did.
     pub fn publish(&self, instances: Vec<Instance>) -> bool {
         let next = normalize(instances);
@@ -117,6 +118,9 @@ impl Default for Publisher {
 }
 
 fn normalize(mut instances: Vec<Instance>) -> Instances {
+    // What no one can dial (an empty address, port 0) is never published, whichever
+    // source sent it: `Instance::port` is "never 0" to every watcher.
+    instances.retain(|i| !i.address.is_empty() && i.port != 0);
     // Stable sort, then keep the last entry of each identity.
     instances.sort_by(|a, b| a.id.cmp(&b.id));
     let mut out: Vec<Instance> = Vec::with_capacity(instances.len());
@@ -143,8 +147,8 @@ impl InstanceWatch {
     /// A watch of a fixed list that never changes. Instances that cannot be dialed (an
     /// empty address or port 0) are left out, as every source leaves them out.
     pub fn fixed(instances: Vec<Instance>) -> Self {
-        let dialable = |i: &Instance| !i.address.is_empty() && i.port != 0;
-        Publisher::live(instances.into_iter().filter(dialable).collect()).subscribe()
+        // `Publisher` leaves undialable instances out, for every source.
+        Publisher::live(instances).subscribe()
     }
 
     /// The current snapshot, marking it seen.

@@ -1878,6 +1878,33 @@ async fn shutdown_during_a_re_registration_leaves_nothing_registered() {
     );
 }
 
+/// `InstanceWatch::fixed` now leaves undialable instances out, but `Publisher` (public:
+/// "the sending side of an InstanceWatch: what a discovery source holds"), through which
+/// `fixed` itself published, still publishes them: `Publisher::live` ("a static list")
+/// and `publish`, what any other source (one's own, or a file watched) goes through. A
+/// balancer over such a watch gets the endpoint `Instance::port` promises never comes
+/// ("never 0: sources skip undialable entries").
+#[test]
+fn a_publisher_skips_undialable_instances() {
+    use seawall::discovery::{InstanceId, Publisher};
+    let list = || {
+        vec![
+            Instance::local("s", "127.0.0.1:0".parse().unwrap()),
+            Instance::new(InstanceId::new("local", "no-address"), "s", "", 8080),
+            Instance::local("s", "127.0.0.1:8080".parse().unwrap()),
+        ]
+    };
+    let authorities = |watch: &InstanceWatch| -> Vec<String> {
+        watch.peek().iter().map(Instance::authority).collect()
+    };
+    let live = Publisher::live(list());
+    assert_eq!(authorities(&live.subscribe()), ["127.0.0.1:8080"]);
+    let publisher = Publisher::new();
+    let watch = publisher.subscribe();
+    publisher.publish(list());
+    assert_eq!(authorities(&watch), ["127.0.0.1:8080"]);
+}
+
 /// A static list is a source like the others: `Instance::port` promises "never 0: sources
 /// skip undialable entries", the `Registry` and a Consul watch leave such instances out,
 /// but `InstanceWatch::fixed` published them, and a balancer got an endpoint every call
