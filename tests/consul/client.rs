@@ -1828,26 +1828,29 @@ async fn holding_registrations(
     (addr, seen, answered)
 }
 
-/// The agent lost the registration and the heartbeat is registering it again, the
-/// request on its way, when the process shuts down. `shutdown` aborted the heartbeat
-/// and deregistered at once: the registration in flight reached the agent after the
-/// deregistration, and the service stayed registered (its TTL check passing until it
-/// lapsed, for ever without `deregister_critical_after`) with no process behind it and
-/// nobody left to remove it. The guard's promise: "shutdown drains gracefully:
-/// deregister first, so that clients stop picking the instance".
-#[tokio::test]
-async fn shutdown_during_a_re_registration_leaves_nothing_registered() {
+/// A guard whose heartbeat is registering its service again (the agent forgot it),
+/// that registration held on its way for 300 ms.
+struct ReRegistering {
+    double: ConsulDouble,
+    guard: RegistrationGuard,
+    /// A client of the agent itself, not through the holding proxy.
+    direct: ConsulClient,
+    id: String,
+    /// Registrations the agent has answered.
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn re_registering(name: &str, port: u16) -> ReRegistering {
     use std::sync::atomic::Ordering::SeqCst;
     let double = ConsulDouble::start().await;
     let (addr, seen, answered) =
         holding_registrations(double.addr(), Duration::from_millis(300)).await;
-    let client = client_for(&addr.to_string(), None);
     let direct = client_for(&double.http_addr(), None);
-    let service = unique("ghost");
+    let service = unique(name);
     let id = format!("{service}-1");
     let guard = RegistrationGuard::register_with(
-        client,
-        instance(&service, &id, 9321),
+        client_for(&addr.to_string(), None),
+        instance(&service, &id, port),
         GuardConfig::builder()
             .heartbeat(Duration::from_millis(50))
             .build()
@@ -1864,10 +1867,35 @@ async fn shutdown_during_a_re_registration_leaves_nothing_registered() {
         async move { n >= 2 }
     })
     .await;
+    ReRegistering {
+        double,
+        guard,
+        direct,
+        id,
+        answered,
+    }
+}
+
+/// The agent lost the registration and the heartbeat is registering it again, the
+/// request on its way, when the process shuts down. `shutdown` aborted the heartbeat
+/// and deregistered at once: the registration in flight reached the agent after the
+/// deregistration, and the service stayed registered (its TTL check passing until it
+/// lapsed, for ever without `deregister_critical_after`) with no process behind it and
+/// nobody left to remove it. The guard's promise: "shutdown drains gracefully:
+/// deregister first, so that clients stop picking the instance".
+#[tokio::test]
+async fn shutdown_during_a_re_registration_leaves_nothing_registered() {
+    let ReRegistering {
+        double,
+        guard,
+        direct,
+        id,
+        answered,
+    } = re_registering("ghost", 9321).await;
     guard.shutdown(Duration::ZERO).await.unwrap();
     // Whatever was on its way has reached the agent.
     eventually("the agent's answer to the registration", PATIENCE, || {
-        let n = answered.load(SeqCst);
+        let n = answered.load(Ordering::SeqCst);
         async move { n >= 2 }
     })
     .await;
@@ -1886,23 +1914,27 @@ async fn shutdown_during_a_re_registration_leaves_nothing_registered() {
 /// ("never 0: sources skip undialable entries").
 #[test]
 fn a_publisher_skips_undialable_instances() {
-    use seawall::discovery::{InstanceId, Publisher};
-    let list = || {
-        vec![
-            Instance::local("s", "127.0.0.1:0".parse().unwrap()),
-            Instance::new(InstanceId::new("local", "no-address"), "s", "", 8080),
-            Instance::local("s", "127.0.0.1:8080".parse().unwrap()),
-        ]
-    };
-    let authorities = |watch: &InstanceWatch| -> Vec<String> {
-        watch.peek().iter().map(Instance::authority).collect()
-    };
-    let live = Publisher::live(list());
+    use seawall::discovery::Publisher;
+    let live = Publisher::live(undialable_and_one());
     assert_eq!(authorities(&live.subscribe()), ["127.0.0.1:8080"]);
     let publisher = Publisher::new();
     let watch = publisher.subscribe();
-    publisher.publish(list());
+    publisher.publish(undialable_and_one());
     assert_eq!(authorities(&watch), ["127.0.0.1:8080"]);
+}
+
+/// Two instances no one can dial (port 0, no address) and one that can be.
+fn undialable_and_one() -> Vec<Instance> {
+    use seawall::discovery::InstanceId;
+    vec![
+        Instance::local("s", "127.0.0.1:0".parse().unwrap()),
+        Instance::new(InstanceId::new("local", "no-address"), "s", "", 8080),
+        Instance::local("s", "127.0.0.1:8080".parse().unwrap()),
+    ]
+}
+
+fn authorities(watch: &InstanceWatch) -> Vec<String> {
+    watch.peek().iter().map(Instance::authority).collect()
 }
 
 /// A static list is a source like the others: `Instance::port` promises "never 0: sources
@@ -1911,14 +1943,8 @@ fn a_publisher_skips_undialable_instances() {
 /// to which fails (and counts against it).
 #[test]
 fn a_fixed_list_skips_undialable_instances() {
-    use seawall::discovery::InstanceId;
-    let watch = InstanceWatch::fixed(vec![
-        Instance::local("s", "127.0.0.1:0".parse().unwrap()),
-        Instance::new(InstanceId::new("local", "no-address"), "s", "", 8080),
-        Instance::local("s", "127.0.0.1:8080".parse().unwrap()),
-    ]);
-    let published: Vec<String> = watch.peek().iter().map(Instance::authority).collect();
-    assert_eq!(published, ["127.0.0.1:8080"]);
+    let watch = InstanceWatch::fixed(undialable_and_one());
+    assert_eq!(authorities(&watch), ["127.0.0.1:8080"]);
 }
 
 /// As above, but the shutdown is itself bounded by the caller, as `shutdown`'s own code
@@ -1929,35 +1955,19 @@ fn a_fixed_list_skips_undialable_instances() {
 /// landed after, and the service stayed registered with no process behind it.
 #[tokio::test]
 async fn a_shutdown_cut_short_during_a_re_registration_leaves_nothing_registered() {
-    use std::sync::atomic::Ordering::SeqCst;
-    let double = ConsulDouble::start().await;
-    let (addr, seen, answered) =
-        holding_registrations(double.addr(), Duration::from_millis(300)).await;
-    let client = client_for(&addr.to_string(), None);
-    let direct = client_for(&double.http_addr(), None);
-    let service = unique("ghost-cut");
-    let id = format!("{service}-1");
-    let guard = RegistrationGuard::register_with(
-        client,
-        instance(&service, &id, 9322),
-        GuardConfig::builder()
-            .heartbeat(Duration::from_millis(50))
-            .build()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    direct.deregister(&id).await.unwrap();
-    eventually("a registration again, on its way", PATIENCE, || {
-        let n = seen.load(SeqCst);
-        async move { n >= 2 }
-    })
-    .await;
+    let ReRegistering {
+        // Kept alive to the end: the agent.
+        double: _agent,
+        guard,
+        direct,
+        id,
+        answered,
+    } = re_registering("ghost-cut", 9322).await;
     // The caller's bound on the drain: shorter than the registration's hold.
     let cut = tokio::time::timeout(Duration::from_millis(50), guard.shutdown(Duration::ZERO)).await;
     assert!(cut.is_err(), "shutdown returned within 50 ms: {cut:?}");
     eventually("the agent's answer to the registration", PATIENCE, || {
-        let n = answered.load(SeqCst);
+        let n = answered.load(Ordering::SeqCst);
         async move { n >= 2 }
     })
     .await;
