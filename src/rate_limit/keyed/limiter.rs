@@ -16,7 +16,8 @@ use parking_lot::{Mutex, RwLock};
 use crate::clock::{Clock, TokioClock};
 use crate::rate_limit::error::RateLimited;
 use crate::rate_limit::local::bucket::{
-    Admitted, Receipt, Reservation, Step, Taken, gcra_acquire, refund_nanos, rescale_tat,
+    Admitted, Receipt, Reservation, Step, Taken, gcra_acquire, moved_back, refund_nanos,
+    rescale_tat,
 };
 use crate::rate_limit::quota::Quota;
 
@@ -42,6 +43,12 @@ struct Entry {
     /// old quota's units: refunded, it gave back tokens the new rate had long refilled),
     /// as [`RateLimiter::refund`](crate::rate_limit::RateLimiter::refund) keeps them.
     mark: u64,
+    /// How far, in all, refunds and cancels have moved `tat` back under takes made after
+    /// the one they handed back (as the single bucket's count, see
+    /// [`Taken::until`](crate::rate_limit::Taken)). A new bucket starts at the limiter's
+    /// `shift_floor`, at or above every bucket's count, so that a receipt of a dropped
+    /// bucket of the same key ends, in the new one, at or before its old end.
+    shifted: u64,
 }
 
 /// One row: a key and its bucket. The key's hash is not kept: computed once per check
@@ -114,6 +121,9 @@ struct KeyedInner<K, C> {
     shards: Box<[Mutex<Shard<K>>]>,
     /// The bucket shared by new keys while the table is full (default quota).
     overflow: AtomicU64,
+    /// At or above every bucket's `Entry::shifted`, raised under the shard's lock: where
+    /// a new bucket starts counting.
+    shift_floor: AtomicU64,
     hasher: RandomState,
     per_shard: AtomicUsize,
     default: RwLock<Quota>,
@@ -176,6 +186,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                     })
                     .collect(),
                 overflow: AtomicU64::new(0),
+                shift_floor: AtomicU64::new(0),
                 hasher: RandomState::new(),
                 per_shard: AtomicUsize::new(per_shard(DEFAULT_MAX_KEYS)),
                 default: RwLock::new(quota),
@@ -416,7 +427,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             // A booking drawn from the overflow bucket hands nothing back (as a refund of
             // its tokens does not): the key's own bucket, if it has one by then, never
             // lent them.
-            until: if own { step.next } else { 0 },
+            until: own.map_or(0, |shifted| step.taken(shifted).until),
         })
     }
 
@@ -502,45 +513,36 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         Q: Hash + Eq + ?Sized,
     {
         let now = self.inner.clock.now_nanos();
-        let until = taken.until;
-        self.move_back(key, |entry| {
-            let back = refund_nanos(taken, now, entry.interval);
-            if entry.tat > now {
-                let moved = entry.tat.saturating_sub(back).max(now);
-                if entry.tat == until {
-                    // The bucket's last take or booking: all of it back.
-                    moved
-                } else {
-                    moved.max(entry.mark.min(entry.tat))
-                }
-            } else {
-                entry.tat
-            }
-        });
-    }
-
-    /// Sets `key`'s arrival time to what `earlier` computes from its bucket (never later
-    /// than it was). Nothing happens if the key has no bucket. The shard's next sweep is
-    /// not brought forward: a bucket refilled early waits for it (see [`make_room`]).
-    fn move_back<Q>(&self, key: &Q, earlier: impl FnOnce(&Entry) -> u64)
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
         let hash = self.inner.hasher.hash_one(key);
         let shard = &self.inner.shards[shard_index(hash)];
         let mut guard = shard.lock();
-        if let Some(row) = guard.table.find_mut(hash, |row| row.0.borrow() == key) {
-            row.1.tat = earlier(&row.1).min(row.1.tat);
+        // (A bucket refilled early by the refund waits for the shard's next sweep, which
+        // is not brought forward: see `make_room`.)
+        let Some(row) = guard.table.find_mut(hash, |row| row.0.borrow() == key) else {
+            return;
+        };
+        let entry = &mut row.1;
+        // Where the take's debt ends now, at the latest (see `Entry::shifted`).
+        let end = taken.until.wrapping_sub(entry.shifted);
+        let back = refund_nanos(taken.tokens, end, now, entry.interval);
+        let Some(moved) = moved_back(entry.tat, end, back, now, entry.mark) else {
+            return;
+        };
+        let moved = moved.min(entry.tat);
+        if entry.tat != end {
+            // Not the key's last take: the debt of the takes after it moved down.
+            entry.shifted = entry.shifted.saturating_add(entry.tat - moved);
+            self.inner.shift_floor.fetch_max(entry.shifted, Relaxed);
         }
+        entry.tat = moved;
     }
 
     /// Takes `tokens` from `key`'s bucket, now or (booked) within `max_wait` nanoseconds,
-    /// at `now`; also says whether they came from the key's own bucket (not the overflow
-    /// bucket). The path of a key whose bucket exists under the current quotas, inline;
+    /// at `now`; also says whether they came from the key's own bucket (its count of
+    /// moves back, for the receipt) or the overflow bucket (`None`). The path of a key whose bucket exists under the current quotas, inline;
     /// the others out of line.
     #[inline(always)]
-    fn book_at<Q>(&self, key: &Q, tokens: u32, max_wait: u64, now: u64) -> (Step, bool)
+    fn book_at<Q>(&self, key: &Q, tokens: u32, max_wait: u64, now: u64) -> (Step, Option<u64>)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
@@ -552,7 +554,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         let eq = |row: &Row<K>| row.0.borrow() == key;
         if let Some(row) = guard.table.find_mut(hash, eq) {
             if row.1.version == version {
-                return (take(&mut row.1, now, tokens, max_wait), true);
+                return (take(&mut row.1, now, tokens, max_wait), Some(row.1.shifted));
             }
         }
         drop(guard);
@@ -579,7 +581,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
         tokens: u32,
         max_wait: u64,
         now: u64,
-    ) -> (Step, bool)
+    ) -> (Step, Option<u64>)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
@@ -630,14 +632,14 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             if earlier {
                 shard_state.next_idle = 0;
             }
-            return (step, true);
+            return (step, Some(row.1.shifted));
         }
         // A new key.
         let step = take(&mut entry, now, tokens, max_wait);
         if !step.admitted {
             // A fresh bucket refuses only a request above its burst, which it never
             // admits: no bucket is kept for it.
-            return (step, true);
+            return (step, Some(entry.shifted));
         }
         let cap = self.inner.per_shard.load(Relaxed);
         // (What a sweep needs to know of the quotas is read only when the shard is full.)
@@ -659,12 +661,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                 limiter = self.inner.telemetry.get_name().unwrap_or(""),
                 "keyed limiter full: a new key draws from the overflow bucket"
             );
-            return (self.acquire_overflow(now, tokens), false);
+            return (self.acquire_overflow(now, tokens), None);
         }
         guard.table.insert_unique(hash, (owned, entry), |row| {
             self.inner.hasher.hash_one(&row.0)
         });
-        (step, true)
+        (step, Some(entry.shifted))
     }
 
     fn entry_for(&self, key: &K, now: u64, version: u32) -> Entry {
@@ -675,6 +677,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             burst: quota.burst(),
             version,
             mark: now,
+            shifted: self.inner.shift_floor.load(Relaxed),
         }
     }
 
@@ -740,12 +743,13 @@ fn per_shard(max_keys: usize) -> usize {
     max_keys.div_ceil(SHARDS).clamp(1, usize::MAX / SHARDS)
 }
 
-/// The receipt of an admitted step, `own` if it drew from the key's own bucket: tokens
-/// from the overflow bucket are not handed back to any key's bucket.
+/// The receipt of an admitted step, from the key's own bucket (its count of moves back,
+/// see `Entry::shifted`) or from the overflow bucket (`None`): tokens from the overflow
+/// bucket are not handed back to any key's bucket.
 #[inline]
-fn receipt(step: Step, own: bool) -> Taken {
-    let mut taken = step.taken();
-    if !own {
+fn receipt(step: Step, own: Option<u64>) -> Taken {
+    let mut taken = step.taken(own.unwrap_or(0));
+    if own.is_none() {
         taken.tokens = 0;
     }
     taken
@@ -756,6 +760,7 @@ fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
     *entry = Entry {
         tat: rescale_tat(entry.tat, now, entry.interval, fresh.interval),
         mark: entry.mark.max(entry.tat),
+        shifted: entry.shifted,
         ..fresh
     };
 }
@@ -1022,7 +1027,7 @@ mod tests {
             let hasher = RandomState::new();
             let mut table: HashTable<Row<u64>> = HashTable::new();
             for (key, tat) in tats.iter().enumerate() {
-                let entry = Entry { tat: *tat, interval: 1, burst: 1, version: 0, mark: 0 };
+                let entry = Entry { tat: *tat, interval: 1, burst: 1, version: 0, mark: 0, shifted: 0 };
                 let key = key as u64;
                 table.insert_unique(hasher.hash_one(key), (key, entry), |row| {
                     hasher.hash_one(row.0)
@@ -1057,6 +1062,40 @@ mod tests {
         assert_eq!(tags.len(), 128, "the top seven bits of one shard's keys");
     }
 
+    /// A receipt's end is its take's end plus the bucket's count of moves back at the
+    /// take; a bucket dropped (refilled, by a sweep) and made again for the same key
+    /// starts its count at the limiter's floor, not at zero: from zero, a receipt of the
+    /// old bucket, refunded into the new one, read as ending far later than it did and
+    /// gave back tokens long refilled.
+    #[test]
+    fn a_receipt_of_a_dropped_bucket_gives_nothing_back_to_the_new_one() {
+        let clock = ManualClock::new();
+        let limiter: KeyedRateLimiter<u64, _> = KeyedRateLimiter::with_clock(
+            Quota::new(Rate::per_second(1), 10).unwrap(),
+            clock.clone(),
+        );
+        // Five refunds of a take with a later one outstanding: five seconds of moves.
+        for _ in 0..5 {
+            let (_, a) = limiter.take(&7, 1).unwrap();
+            let (_, b) = limiter.take(&7, 1).unwrap();
+            limiter.refund(&7, a);
+            limiter.refund(&7, b);
+        }
+        assert_eq!(limiter.try_acquire(&7, 0), Ok(10));
+        let (_, old) = limiter.take(&7, 1).unwrap();
+        // Refilled three seconds later, and dropped as a sweep drops a full bucket.
+        clock.advance(Duration::from_secs(3));
+        let hash = limiter.inner.hasher.hash_one(7u64);
+        let mut shard = limiter.inner.shards[shard_index(hash)].lock();
+        let row = shard.table.find_entry(hash, |row| row.0 == 7).ok().unwrap();
+        row.remove();
+        drop(shard);
+        // A new bucket for the key: the old receipt's tokens are not owed to it.
+        assert_eq!(limiter.try_acquire(&7, 5), Ok(5));
+        limiter.refund(&7, old);
+        assert_eq!(limiter.try_acquire(&7, 0), Ok(5));
+    }
+
     /// `usize::MAX` keys is a way to ask for no bound: the capacity says so, and
     /// neither it nor `Debug` overflows.
     #[test]
@@ -1071,11 +1110,11 @@ mod tests {
         assert_eq!(limiter.capacity(), SHARDS);
     }
 
-    /// A row is the key and its bucket (its arrival time, quota, version and refund
-    /// mark), without the key's hash.
+    /// A row is the key and its bucket (its arrival time, quota, version, refund mark
+    /// and count of moves back), without the key's hash.
     #[test]
     fn a_row_keeps_no_hash() {
-        assert_eq!(std::mem::size_of::<Row<u64>>(), 40);
+        assert_eq!(std::mem::size_of::<Row<u64>>(), 48);
     }
 
     /// The rows keep no hash, so the table hashes every key again when it grows: each key

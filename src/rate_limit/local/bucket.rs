@@ -2,7 +2,10 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::time::Duration;
 
 use crate::clock::{Clock, TokioClock};
@@ -21,7 +24,9 @@ struct Shape {
 pub(crate) struct Inner<C> {
     /// The way back to this bucket its receipts ([`Charge`]) hold.
     lease: crate::lease::Claim,
-    /// Held while the quota changes, so that changes do not interleave.
+    /// Held while the quota changes and while a refund or cancel moves `tat` back, so
+    /// that none of these interleave (a refund reads `shifted` and moves `tat` as one
+    /// step). Checks never take it.
     quota_change: parking_lot::Mutex<()>,
     /// Theoretical arrival time: when the bucket will next be full, in the clock's
     /// nanoseconds. The bucket holds `(now + burst × interval − tat) / interval` tokens.
@@ -30,6 +35,13 @@ pub(crate) struct Inner<C> {
     /// turn booked plus its tokens. A refund or cancel of a take made before them moves
     /// `tat` back no further (see [`RateLimiter::refund`]).
     booked: AtomicU64,
+    /// How far, in all, refunds and cancels have moved `tat` back under takes made after
+    /// the one they handed back, moving those takes' debt down with it. A receipt holds
+    /// its end plus this count as it was at the take; less the count at its refund, that
+    /// is where its debt ends now, at the latest (see [`Taken`]). Written after `tat`
+    /// (`Release`), read before it by a take (`Acquire`): a take that sees a move's count
+    /// sees the move.
+    shifted: AtomicU64,
     /// The arrival time when the quota last changed (before it was rescaled): a receipt
     /// taken before the change ends at or before it, its time in the old quota's units,
     /// and is not refunded (it would give back, after a raise, tokens the new rate has
@@ -107,9 +119,7 @@ pub struct Reservation {
     pub tokens: u32,
     /// How long until they are due (zero: now).
     pub wait: Duration,
-    /// The bucket's arrival time just after the booking, in the clock's nanoseconds: the
-    /// tokens booked are the debt just below it, and what time has refilled since is not
-    /// handed back by a cancel (as [`Taken::until`] for a refund).
+    /// Where the booking's debt ends, as [`Taken::until`] for a refund.
     pub(crate) until: u64,
 }
 
@@ -123,9 +133,13 @@ pub struct Taken {
     /// A whole word, not a `u32` and padding: a receipt is moved whole into the layers'
     /// futures, and a move that reads padding the take never wrote stalls on it.
     pub(crate) tokens: u64,
-    /// The bucket's arrival time just after the take, in the clock's nanoseconds: the
+    /// The bucket's arrival time just after the take, in the clock's nanoseconds (the
     /// tokens taken are the debt just below it, and what time has refilled since is not
-    /// handed back.
+    /// handed back), plus the bucket's count of moves back under later takes at the take
+    /// (`shifted`, wrapping). Refunds of takes made before this one, handed back after
+    /// it, move its debt down: at the refund, this less the count then is where its debt
+    /// ends at the latest (lower where refunds of later takes counted as well: a refund
+    /// then gives back less than it might, never more).
     pub(crate) until: u64,
 }
 
@@ -136,15 +150,31 @@ impl Taken {
     }
 }
 
-/// How far a refund of `taken` moves an arrival time back, at `now`, with `interval`
-/// nanoseconds a token: the tokens taken, less what has refilled since the take (the
-/// debt they made, `until - tokens × interval ..= until`, that is still ahead of `now`).
+/// How far a refund of `tokens` whose debt ends at `end` moves an arrival time back, at
+/// `now`, with `interval` nanoseconds a token: the tokens taken, less what has refilled
+/// since the take (the debt they made, `end - tokens × interval ..= end`, that is still
+/// ahead of `now`).
 #[inline]
-pub(crate) fn refund_nanos(taken: Taken, now: u64, interval: u64) -> u64 {
-    taken
-        .tokens
-        .saturating_mul(interval)
-        .min(taken.until.saturating_sub(now))
+pub(crate) fn refund_nanos(tokens: u64, end: u64, now: u64, interval: u64) -> u64 {
+    tokens.saturating_mul(interval).min(end.saturating_sub(now))
+}
+
+/// Where an arrival time `tat` moves to when a take ending at `end` hands back `back`
+/// nanoseconds at `now`; `None` if the take's debt cannot be below `tat` (a receipt of
+/// another bucket, or from before a quota change). The bucket's last take (its debt
+/// ends at `tat`) gives all of it back; an earlier one stops at `floor`, what bookings
+/// made since need.
+#[inline]
+pub(crate) fn moved_back(tat: u64, end: u64, back: u64, now: u64, floor: u64) -> Option<u64> {
+    if end > tat {
+        return None;
+    }
+    let moved = tat.saturating_sub(back).max(now.min(tat));
+    Some(if tat == end {
+        moved
+    } else {
+        moved.max(floor.min(tat))
+    })
 }
 
 /// Tokens an admitted request took from a [`RateLimiter`], and the way back to the
@@ -231,6 +261,7 @@ impl<C: Clock> RateLimiter<C> {
                 quota_change: parking_lot::Mutex::new(()),
                 tat: AtomicU64::new(0),
                 booked: AtomicU64::new(0),
+                shifted: AtomicU64::new(0),
                 changed_tat: AtomicU64::new(0),
                 shape: Shape {
                     interval: AtomicU64::new(quota.interval_nanos()),
@@ -311,9 +342,10 @@ impl<C: Clock> RateLimiter<C> {
     /// [`refund`](Self::refund).
     #[inline]
     pub fn take(&self, tokens: u32) -> Result<(Admitted, Taken), RateLimited> {
-        self.inner
-            .telemetry
-            .report(self.step(tokens), |step| (step.admitted(), step.taken()))
+        let shifted = self.shifted();
+        self.inner.telemetry.report(self.step(tokens), |step| {
+            (step.admitted(), step.taken(shifted))
+        })
     }
 
     /// Takes `tokens` now (unreported).
@@ -328,26 +360,35 @@ impl<C: Clock> RateLimiter<C> {
     /// count: see [`Charge`]) for [`Refund`](crate::rate_limit::Refund).
     #[inline]
     pub fn charge(&self, tokens: u32) -> Result<(Admitted, Charge<C>), RateLimited> {
+        let shifted = self.shifted();
         self.inner.telemetry.report(self.step(tokens), |step| {
-            (step.admitted(), self.receipt(step))
+            (step.admitted(), self.receipt(step, shifted))
         })
     }
 
     /// [`charge`](Self::charge) as the layers' [`Decision`](crate::rate_limit::Decision).
     #[inline]
     pub(crate) fn decide(&self, tokens: u32) -> crate::rate_limit::Decision<Charge<C>> {
+        let shifted = self.shifted();
         self.inner
             .telemetry
-            .decide(self.step(tokens), |step| self.receipt(step))
+            .decide(self.step(tokens), |step| self.receipt(step, shifted))
     }
 
     /// The receipt of an admitted step, with the way back to this limiter.
     #[inline]
-    fn receipt(&self, step: Step) -> Charge<C> {
+    fn receipt(&self, step: Step, shifted: u64) -> Charge<C> {
         Charge {
-            receipt: Receipt::new(self.inner.lease.lease(), step.taken()),
+            receipt: Receipt::new(self.inner.lease.lease(), step.taken(shifted)),
             _clock: std::marker::PhantomData,
         }
+    }
+
+    /// The count of moves back under later takes, for a receipt: read before the take
+    /// reads the arrival time (see `Inner::shifted`).
+    #[inline(always)]
+    fn shifted(&self) -> u64 {
+        self.inner.shifted.load(Acquire)
     }
 
     /// Hands back tokens taken by [`take`](Self::take) for a request that a limit further
@@ -360,31 +401,45 @@ impl<C: Clock> RateLimiter<C> {
     /// back only as far as those turns allow (a waiter dropped before the one booked
     /// behind it gave its slot to that one, which then took nothing at its turn, and
     /// the bucket admitted two at once with a burst of one); the last take or booking
-    /// gives all of it back. A take made before a [`set_quota`](Self::set_quota) is not
-    /// refunded: its tokens are in the old quota's units (after a raise they have long
-    /// refilled); nor, after a raise, one made while the bucket's debt is still below
-    /// what it was at the change.
+    /// gives all of it back. Refunds in any order are exact where the takes they hand
+    /// back are refunded in the order they were made (or last first); a refund of an
+    /// earlier take moves the later takes' debt down with it, and a refund of one of
+    /// those, made after a later one's refund, gives back less than it might (never more
+    /// than is still owed: the bucket never admits more than burst + rate × elapsed). A
+    /// take made before a [`set_quota`](Self::set_quota) is not refunded: its tokens are
+    /// in the old quota's units (after a raise they have long refilled); nor, after a
+    /// raise, one made while the bucket's debt is still below what it was at the change.
     pub fn refund(&self, taken: Taken) {
+        // One step with the other refunds and cancels: the count read is the one the
+        // arrival time moved under.
+        let _serialized = self.inner.quota_change.lock();
         let interval = self.inner.shape.interval.load(Relaxed);
         let now = self.inner.clock.now_nanos();
-        let until = taken.until;
-        if until <= self.inner.changed_tat.load(Relaxed) {
+        // Where the take's debt ends now, at the latest (see `Taken::until`).
+        let end = taken.until.wrapping_sub(self.inner.shifted.load(Relaxed));
+        if end <= self.inner.changed_tat.load(Relaxed) {
             // Taken under an earlier quota (or, after a raise, just after it: refused a
             // refund for as long as the bucket's debt is below what it was at the change,
             // never one too many).
             return;
         }
-        let back = refund_nanos(taken, now, interval);
+        let back = refund_nanos(taken.tokens, end, now, interval);
         if back == 0 {
             return;
         }
-        let _ = self.inner.tat.fetch_update(Relaxed, Relaxed, |tat| {
-            let mut moved = tat.saturating_sub(back).max(now.min(tat));
-            if tat != until {
-                moved = moved.max(self.inner.booked.load(Relaxed).min(tat));
-            }
-            Some(moved)
-        });
+        let booked = || self.inner.booked.load(Relaxed);
+        let Ok(before) = self.inner.tat.fetch_update(Relaxed, Relaxed, |tat| {
+            moved_back(tat, end, back, now, booked())
+        }) else {
+            return;
+        };
+        if before != end {
+            // Not the last take: the debt of the takes after it moved down.
+            let after = moved_back(before, end, back, now, booked()).unwrap_or(before);
+            self.inner
+                .shifted
+                .fetch_add(before.saturating_sub(after), Release);
+        }
     }
 
     pub(crate) fn set_name(&self, name: &str) {
@@ -403,6 +458,7 @@ impl<C: Clock> RateLimiter<C> {
         let (interval, tau) = self.shape();
         let now = self.inner.clock.now_nanos();
         let max_wait = crate::util::nanos(max_wait);
+        let shifted = self.shifted();
         let step = gcra_update(&self.inner.tat, now, interval, tau, tokens, max_wait);
         if !step.admitted {
             return Err(step.refusal());
@@ -418,7 +474,7 @@ impl<C: Clock> RateLimiter<C> {
         Ok(Reservation {
             tokens,
             wait: Duration::from_nanos(wait),
-            until: step.next,
+            until: step.taken(shifted).until,
         })
     }
 
@@ -516,12 +572,13 @@ impl Step {
         self.next.saturating_sub(self.now.saturating_add(self.tau))
     }
 
-    /// The receipt of the tokens taken.
+    /// The receipt of the tokens taken, from a bucket whose count of moves back under
+    /// later takes was `shifted` before the take (see [`Taken::until`]).
     #[inline]
-    pub(crate) fn taken(self) -> Taken {
+    pub(crate) fn taken(self, shifted: u64) -> Taken {
         Taken {
             tokens: u64::from(self.tokens),
-            until: self.next,
+            until: self.next.wrapping_add(shifted),
         }
     }
 
@@ -709,7 +766,7 @@ mod tests {
                     prop_assert_eq!(step.remaining(), admitted.remaining);
                     prop_assert_eq!(step.wait(), wait);
                     let until = now + admitted.full_in.as_nanos() as u64;
-                    prop_assert_eq!(step.taken(), Taken { tokens: tokens.into(), until });
+                    prop_assert_eq!(step.taken(0), Taken { tokens: tokens.into(), until });
                 }
                 Err(refused) => {
                     prop_assert!(!step.admitted);
