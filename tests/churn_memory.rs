@@ -2,46 +2,17 @@
 //! byte-counting global allocator (its own test binary, so that no other test's
 //! allocations are counted; its tests take one lock so that they do not count each
 //! other's).
-#![allow(unsafe_code)] // the byte-counting allocator's `unsafe impl GlobalAlloc`
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
+use std::sync::atomic::Ordering::Relaxed;
+
+use counting_alloc::LIVE;
 use seawall::discovery::{Instance, Registry};
-
-/// Bytes allocated and not yet freed.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// One measuring test at a time.
 static MEASURING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
-
-struct Counting;
-
-// SAFETY: every call is passed on to the system allocator unchanged; the counter is
-// only arithmetic beside it.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Relaxed);
-        // SAFETY: as the caller's contract for `alloc`.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Relaxed);
-        // SAFETY: as the caller's contract for `dealloc`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size, Relaxed);
-        LIVE.fetch_sub(layout.size(), Relaxed);
-        // SAFETY: as the caller's contract for `realloc`.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 /// Bytes held now beyond `before`.
 fn grown(before: usize) -> isize {

@@ -6,44 +6,15 @@
 //! stay the size its keys need: the rows swept out leave markers that new rows do not
 //! always reuse, and a table out of room because of them used to double while holding no
 //! more keys, so a limiter documented at 13 MB for 100 000 `BoundedKey`s held 25 MB.
-#![allow(unsafe_code)] // the byte-counting allocator's `unsafe impl GlobalAlloc`
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
+
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use counting_alloc::LIVE;
 use seawall::rate_limit::{BoundedKey, KeyedRateLimiter, ManualClock, Quota, Rate};
-
-/// Bytes allocated and not yet freed.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-struct Counting;
-
-// SAFETY: every call is passed on to the system allocator unchanged; the counter is
-// only arithmetic beside it.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Relaxed);
-        // SAFETY: as the caller's contract for `alloc`.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Relaxed);
-        // SAFETY: as the caller's contract for `dealloc`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size, Relaxed);
-        LIVE.fetch_sub(layout.size(), Relaxed);
-        // SAFETY: as the caller's contract for `realloc`.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 #[test]
 fn a_keyed_limiter_keeps_its_size_while_keys_come_and_go() {

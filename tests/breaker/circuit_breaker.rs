@@ -643,6 +643,49 @@ mod http_classifier {
         assert_eq!(breaker.state(), State::Open);
     }
 
+    /// `layer` (a breaker with an `HttpClassifier`) around a per-client rate limit of
+    /// `burst` requests, never refilled (its manual clock stands still), around an
+    /// upstream that answers every call with `status`; with the count of the upstream's
+    /// calls.
+    fn rate_limited_upstream(
+        layer: CircuitBreakerLayer<HttpClassifier>,
+        burst: u32,
+        status: StatusCode,
+    ) -> (
+        impl Service<http::Request<()>, Response = Response<String>, Error = BoxError>,
+        Arc<AtomicUsize>,
+    ) {
+        use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer};
+        use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate};
+
+        let per_client = KeyedRateLimiter::with_clock(
+            Quota::new(Rate::per_second(1), burst).unwrap(),
+            ManualClock::new(),
+        );
+        let upstream_calls = Arc::new(AtomicUsize::new(0));
+        let counter = upstream_calls.clone();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .layer(HttpRateLimitLayer::per_key(per_client, ClientIp::peer()))
+            .service_fn(move |_: http::Request<()>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut answer = Response::new(String::new());
+                *answer.status_mut() = status;
+                async { Ok::<_, BoxError>(answer) }
+            });
+        (svc, upstream_calls)
+    }
+
+    /// A request from the client at `peer` (its address in the extensions, where the
+    /// server puts it).
+    fn request_from(peer: &str) -> http::Request<()> {
+        let mut request = http::Request::new(());
+        request
+            .extensions_mut()
+            .insert(peer.parse::<std::net::SocketAddr>().unwrap());
+        request
+    }
+
     /// A rate-limit layer inside the breaker answers a client over its own limit with its
     /// own `429`, marked [`Refused`](seawall::rate_limit::http::Refused) so that code
     /// further out can tell it from the upstream's. That is the client's doing, not the
@@ -652,39 +695,19 @@ mod http_classifier {
     /// refused with it.
     #[tokio::test(start_paused = true)]
     async fn a_local_rate_limit_refusal_does_not_count_against_the_upstream() {
-        use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer, Refused};
-        use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate};
+        use seawall::rate_limit::http::Refused;
 
         let layer = CircuitBreakerLayer::new(config().build().unwrap())
             .with_classifier(HttpClassifier::new().fail_on(StatusCode::TOO_MANY_REQUESTS));
         let breaker = layer.breaker().clone();
-        let per_client = KeyedRateLimiter::with_clock(
-            Quota::new(Rate::per_second(1), 1).unwrap(),
-            ManualClock::new(),
-        );
-        let upstream_calls = Arc::new(AtomicUsize::new(0));
-        let counter = upstream_calls.clone();
-        let mut svc = ServiceBuilder::new()
-            .layer(layer)
-            .layer(HttpRateLimitLayer::per_key(per_client, ClientIp::peer()))
-            .service_fn(move |_: http::Request<()>| {
-                counter.fetch_add(1, Ordering::SeqCst);
-                async { Ok::<_, BoxError>(Response::new(String::from("fine"))) }
-            });
-        let from = |peer: &str| {
-            let mut request = http::Request::new(());
-            request
-                .extensions_mut()
-                .insert(peer.parse::<std::net::SocketAddr>().unwrap());
-            request
-        };
+        let (mut svc, upstream_calls) = rate_limited_upstream(layer, 1, StatusCode::OK);
         // One client: its first request goes through, the next nine are its own 429s.
         for i in 0..10 {
             let response = svc
                 .ready()
                 .await
                 .unwrap()
-                .call(from("192.0.2.1:1000"))
+                .call(request_from("192.0.2.1:1000"))
                 .await
                 .unwrap_or_else(|e| {
                     panic!(
@@ -709,7 +732,7 @@ mod http_classifier {
             .ready()
             .await
             .unwrap()
-            .call(from("192.0.2.2:1000"))
+            .call(request_from("192.0.2.2:1000"))
             .await;
         assert_eq!(
             other.expect("not rejected by the breaker").status(),
@@ -726,8 +749,7 @@ mod http_classifier {
     /// the upstream's failure rate).
     #[tokio::test(start_paused = true)]
     async fn a_probe_refused_by_a_local_rate_limit_does_not_close_the_breaker() {
-        use seawall::rate_limit::http::{ClientIp, HttpRateLimitLayer, Refused};
-        use seawall::rate_limit::{KeyedRateLimiter, ManualClock, Quota, Rate};
+        use seawall::rate_limit::http::Refused;
 
         let layer = CircuitBreakerLayer::new(
             config()
@@ -738,35 +760,11 @@ mod http_classifier {
         )
         .with_classifier(HttpClassifier::new());
         let breaker = layer.breaker().clone();
-        // Four requests' worth of tokens, never refilled (the manual clock stands still).
-        let per_client = KeyedRateLimiter::with_clock(
-            Quota::new(Rate::per_second(1), 4).unwrap(),
-            ManualClock::new(),
-        );
-        let upstream_calls = Arc::new(AtomicUsize::new(0));
-        let counter = upstream_calls.clone();
-        // An upstream that fails every call it gets.
-        let mut svc = ServiceBuilder::new()
-            .layer(layer)
-            .layer(HttpRateLimitLayer::per_key(per_client, ClientIp::peer()))
-            .service_fn(move |_: http::Request<()>| {
-                counter.fetch_add(1, Ordering::SeqCst);
-                async {
-                    Ok::<_, BoxError>(
-                        Response::builder()
-                            .status(StatusCode::SERVICE_UNAVAILABLE)
-                            .body(String::new())
-                            .unwrap(),
-                    )
-                }
-            });
-        let request = || {
-            let mut request = http::Request::new(());
-            request
-                .extensions_mut()
-                .insert("192.0.2.1:1000".parse::<std::net::SocketAddr>().unwrap());
-            request
-        };
+        // Four requests' worth of tokens, never refilled, before an upstream that fails
+        // every call it gets.
+        let (mut svc, upstream_calls) =
+            rate_limited_upstream(layer, 4, StatusCode::SERVICE_UNAVAILABLE);
+        let request = || request_from("192.0.2.1:1000");
         for _ in 0..4 {
             let response = svc.ready().await.unwrap().call(request()).await.unwrap();
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -1023,15 +1023,9 @@ async fn an_answer_stalled_by_the_clients_own_upload_is_not_an_upstream_timeout(
     gw.shutdown().await;
 }
 
-/// SECURITY.md: "no anonymous client can open a breaker or eject a healthy upstream".
-/// The gateway forwards any method token; servers answer one they do not implement with
-/// `501 Not Implemented` (RFC 9110 §15.6.2: "the server does not support the
-/// functionality required to fulfill the request": Apache httpd, Python's `http.server`,
-/// many frameworks), which says nothing of the server's health (the crate's own
-/// `HttpClassifier` docs name 501 as the 5xx to leave out). A client sending `PROPFIND`
-/// a few times must not open the breaker of, or eject, a healthy endpoint.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clients_unimplemented_method_does_not_open_the_endpoints_breaker() {
+/// An upstream that implements `GET` only: `200 ok` to it, `501 Not Implemented` to any
+/// other method.
+async fn get_only_upstream() -> SocketAddr {
     let (addr, _) = scripted(
         |head| {
             if head.starts_with("GET ") {
@@ -1044,6 +1038,34 @@ async fn a_clients_unimplemented_method_does_not_open_the_endpoints_breaker() {
         false,
     )
     .await;
+    addr
+}
+
+/// The statuses of `count` `PROPFIND /api/x` sent to `gw` one after another, each on a
+/// connection of its own.
+async fn propfinds(gw: &GatewayHandle, count: usize) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for _ in 0..count {
+        let answer = super::limits::exchange(
+            gw.local_addr(),
+            b"PROPFIND /api/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        statuses.push(super::limits::status_of(&answer));
+    }
+    statuses
+}
+
+/// SECURITY.md: "no anonymous client can open a breaker or eject a healthy upstream".
+/// The gateway forwards any method token; servers answer one they do not implement with
+/// `501 Not Implemented` (RFC 9110 §15.6.2: "the server does not support the
+/// functionality required to fulfill the request": Apache httpd, Python's `http.server`,
+/// many frameworks), which says nothing of the server's health (the crate's own
+/// `HttpClassifier` docs name 501 as the 5xx to leave out). A client sending `PROPFIND`
+/// a few times must not open the breaker of, or eject, a healthy endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_unimplemented_method_does_not_open_the_endpoints_breaker() {
+    let addr = get_only_upstream().await;
     let gw = super::spawn_gateway(&format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
          [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"5s\"\n\
@@ -1052,15 +1074,7 @@ async fn a_clients_unimplemented_method_does_not_open_the_endpoints_breaker() {
         super::limits::STRICT
     ))
     .await;
-    let mut statuses = Vec::new();
-    for _ in 0..6 {
-        let answer = super::limits::exchange(
-            gw.local_addr(),
-            b"PROPFIND /api/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        statuses.push(super::limits::status_of(&answer));
-    }
+    let mut statuses = propfinds(&gw, 6).await;
     super::limits::settled(&gw, 6).await;
     let answer =
         super::limits::exchange(gw.local_addr(), super::limits::get("/api/x").as_bytes()).await;
@@ -1087,18 +1101,7 @@ async fn a_clients_unimplemented_method_does_not_open_the_endpoints_breaker() {
 /// status page and `/metrics` show as the route's failures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unimplemented_method_is_no_upstream_error_nor_fallback() {
-    let (addr, _) = scripted(
-        |head| {
-            if head.starts_with("GET ") {
-                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
-            } else {
-                b"HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\n\r\n".to_vec()
-            }
-        },
-        1,
-        false,
-    )
-    .await;
+    let addr = get_only_upstream().await;
     for fallback in [
         "fallback = { status = 200, body = '{\"fallback\":true}' }",
         "",
@@ -1110,15 +1113,7 @@ async fn unimplemented_method_is_no_upstream_error_nor_fallback() {
              [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n"
         ))
         .await;
-        let mut statuses = Vec::new();
-        for _ in 0..3 {
-            let answer = super::limits::exchange(
-                gw.local_addr(),
-                b"PROPFIND /api/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-            )
-            .await;
-            statuses.push(super::limits::status_of(&answer));
-        }
+        let statuses = propfinds(&gw, 3).await;
         super::limits::settled(&gw, 3).await;
         let route = super::limits::route(&gw);
         assert_eq!(
