@@ -231,3 +231,88 @@ fn a_faster_default_quota_does_not_leave_the_shared_bucket_shut() {
     clock.advance(Duration::from_secs(1));
     assert!(keyed.acquire_shared(1).is_ok());
 }
+
+/// Three waiters booked behind a drained bucket of 2 at 1/s: one token due at 1 s, two
+/// at 3 s, one at 4 s. The first gives up (`cancel`). Bookings made after it keep their
+/// turns and a cancel "hands back only as far as those turns allow" (`RateLimiter::
+/// cancel`): the two tokens at 3 s and the one at 4 s are what burst + rate allow over
+/// [3 s, 4 s], so the next token is due at 5 s. But the cancel stops only at the
+/// highest of the bookings' own turn-plus-tokens (5 s for both), not at what they need
+/// together (6 s): a new caller is booked at 4 s beside the third waiter, four tokens
+/// within one second from a bucket of two.
+#[test]
+fn a_cancel_before_two_bookings_gives_away_neither_turn() {
+    let clock = ManualClock::new();
+    let limiter = RateLimiter::with_clock(quota(1, 2), clock.clone());
+    let keyed = seawall::rate_limit::KeyedRateLimiter::with_clock(quota(1, 2), clock.clone());
+    let max = Duration::from_secs(10);
+    limiter.try_acquire(2).unwrap();
+    keyed.try_acquire("k", 2).unwrap();
+    let first = limiter.reserve(1, max).unwrap();
+    let second = limiter.reserve(2, max).unwrap();
+    let third = limiter.reserve(1, max).unwrap();
+    let turns = [first.wait, second.wait, third.wait];
+    assert_eq!(turns.map(|w| w.as_secs()), [1, 3, 4]);
+    let keyed_first = keyed.reserve("k", 1, max).unwrap();
+    let keyed_turns = [
+        keyed.reserve("k", 2, max).unwrap().wait,
+        keyed.reserve("k", 1, max).unwrap().wait,
+    ];
+    assert_eq!(keyed_turns.map(|w| w.as_secs()), [3, 4]);
+    limiter.cancel(first);
+    keyed.cancel("k", keyed_first);
+    let late = limiter.reserve(1, max).unwrap();
+    let keyed_late = keyed.reserve("k", 1, max).unwrap();
+    assert!(
+        late.wait >= Duration::from_secs(5),
+        "booked at {:?}, beside the waiter at 4 s: 4 tokens in [3 s, 4 s] with a burst of 2",
+        late.wait
+    );
+    assert!(
+        keyed_late.wait >= Duration::from_secs(5),
+        "per key: booked at {:?}",
+        keyed_late.wait
+    );
+}
+
+/// The same through `LimitLayer::wait`: the first waiter's client goes away (its future
+/// dropped), and a request arriving then is served at 4 s, at the same instant as the
+/// third waiter, the fourth token within [3 s, 4 s] from a bucket of two.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiter_before_two_others_gives_away_neither_turn() {
+    use std::sync::{Arc, Mutex};
+    let limiter = RateLimiter::new(quota(1, 2));
+    let served: Arc<Mutex<Vec<(u32, Duration)>>> = Arc::default();
+    let start = tokio::time::Instant::now();
+    let log = served.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            LimitLayer::new(limiter)
+                .cost(|n: &u32| *n % 10)
+                .wait(Duration::from_secs(10)),
+        )
+        .service_fn(move |n: u32| {
+            log.lock().unwrap().push((n, start.elapsed()));
+            async move { Ok::<_, BoxError>(n) }
+        });
+    svc.clone().oneshot(2).await.unwrap(); // the burst, at 0
+    let mut first = Box::pin(svc.clone().oneshot(1));
+    assert!(futures::poll!(&mut first).is_pending());
+    let second = tokio::spawn(svc.clone().oneshot(12));
+    let third = tokio::spawn(svc.clone().oneshot(21));
+    tokio::task::yield_now().await;
+    drop(first); // its client went away
+    let late = tokio::spawn(svc.clone().oneshot(31));
+    for task in [second, third, late] {
+        task.await.unwrap().unwrap();
+    }
+    let served = served.lock().unwrap().clone();
+    let at = |n: u32| served.iter().find(|s| s.0 == n).unwrap().1;
+    assert_eq!(at(12), Duration::from_secs(3));
+    assert_eq!(at(21), Duration::from_secs(4));
+    assert!(
+        at(31) >= Duration::from_secs(5),
+        "served at {:?}: 2 + 1 + 1 tokens within [3 s, 4 s] from a bucket of 2 ({served:?})",
+        at(31)
+    );
+}

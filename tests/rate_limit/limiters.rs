@@ -1117,6 +1117,267 @@ mod stacked {
             check_windows(&keyed_log, interval, burst)?;
         }
     }
+
+    /// Threads taking and refunding (in whatever order they interleave) on a clock that
+    /// never moves: whatever the refunds hand back, the tokens kept never exceed the
+    /// burst, per limiter and per key.
+    #[test]
+    fn threads_taking_and_refunding_never_keep_more_than_the_burst() {
+        let clock = ManualClock::new();
+        let limiter = RateLimiter::with_clock(quota(1, 64), clock.clone());
+        let keyed = KeyedRateLimiter::with_clock(quota(1, 64), clock.clone());
+        let kept = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let (limiter, keyed) = (&limiter, &keyed);
+                    scope.spawn(move || {
+                        let (mut kept, mut keyed_kept) = (0u64, 0u64);
+                        let mut held = Vec::new();
+                        let mut keyed_held = Vec::new();
+                        for i in 0..20_000u64 {
+                            let cost = ((i * 7 + t) % 3) as u32;
+                            if let Ok((_, taken)) = limiter.take(cost) {
+                                held.push(taken);
+                            }
+                            if let Ok((_, taken)) = keyed.take("k", cost) {
+                                keyed_held.push(taken);
+                            }
+                            // Hand back about two in three, oldest or newest first.
+                            if (i + t) % 3 != 0 {
+                                let pick = |v: &mut Vec<Taken>| {
+                                    if v.is_empty() {
+                                        None
+                                    } else if i % 2 == 0 {
+                                        v.pop()
+                                    } else {
+                                        Some(v.remove(0))
+                                    }
+                                };
+                                if let Some(taken) = pick(&mut held) {
+                                    limiter.refund(taken);
+                                }
+                                if let Some(taken) = pick(&mut keyed_held) {
+                                    keyed.refund("k", taken);
+                                }
+                            }
+                        }
+                        kept += held.iter().map(|t| u64::from(t.tokens())).sum::<u64>();
+                        keyed_kept += keyed_held
+                            .iter()
+                            .map(|t| u64::from(t.tokens()))
+                            .sum::<u64>();
+                        (kept, keyed_kept)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap())
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        });
+        let (kept, keyed_kept) = kept;
+        let left = u64::from(limiter.available());
+        assert!(kept + left <= 64, "{kept} kept and {left} left, burst 64");
+        let mut keyed_left = 0;
+        while keyed.try_acquire("k", 1).is_ok() {
+            keyed_left += 1;
+        }
+        assert!(
+            keyed_kept + keyed_left <= 64,
+            "{keyed_kept} kept and {keyed_left} left per key"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 1_024,
+            failure_persistence: crate::regressions_next_to_source(),
+            ..ProptestConfig::default()
+        })]
+
+        /// Quota changes up and down between takes (and bookings) and their refunds (and
+        /// cancels), on a clock that never moves: the tokens kept at that instant never
+        /// exceed the largest burst the limiter had, per limiter and per key.
+        #[test]
+        fn quota_changes_between_take_and_refund_never_exceed_the_burst(
+            seq in prop::collection::vec(
+                (
+                    0u8..5,
+                    0u32..5,
+                    // Rates in simple ratios too, where a receipt's end from before a
+                    // change can fall exactly where the rescaled debt ends.
+                    prop_oneof![prop::sample::select(vec![1u32, 2, 4, 5, 10, 20, 40]), 1u32..2_000],
+                    1u32..8,
+                    any::<prop::sample::Index>(),
+                ),
+                1..120,
+            ),
+        ) {
+            let clock = ManualClock::new();
+            let limiter = RateLimiter::with_clock(quota(10, 4), clock.clone());
+            let keyed = KeyedRateLimiter::with_clock(quota(10, 4), clock.clone());
+            let max = Duration::from_secs(3600);
+            let mut largest = 4u64;
+            let mut held: Vec<(u64, Held)> = Vec::new();
+            let mut keyed_held: Vec<(u64, Held)> = Vec::new();
+            for (op, cost, per_second, burst, which) in seq {
+                match op {
+                    0 => {
+                        if let Ok((_, t)) = limiter.take(cost) {
+                            held.push((u64::from(cost), Held::Taken(t)));
+                        }
+                        if let Ok((_, t)) = keyed.take("k", cost) {
+                            keyed_held.push((u64::from(cost), Held::Taken(t)));
+                        }
+                    }
+                    1 => {
+                        // Only a booking due now is kept at this instant.
+                        if let Ok(r) = limiter.reserve(cost, max) {
+                            held.push((if r.wait.is_zero() { u64::from(cost) } else { 0 }, Held::Booked(r)));
+                        }
+                        if let Ok(r) = keyed.reserve("k", cost, max) {
+                            keyed_held.push((if r.wait.is_zero() { u64::from(cost) } else { 0 }, Held::Booked(r)));
+                        }
+                    }
+                    2 => {
+                        largest = largest.max(u64::from(burst));
+                        limiter.set_quota(quota(per_second, burst));
+                        if per_second % 2 == 0 {
+                            keyed.set_default_quota(quota(per_second, burst));
+                        } else {
+                            keyed.set_quota_fn(move |_: &String| quota(per_second, burst));
+                        }
+                    }
+                    _ => {
+                        if !held.is_empty() {
+                            match held.swap_remove(which.index(held.len())).1 {
+                                Held::Taken(t) => limiter.refund(t),
+                                Held::Booked(r) => limiter.cancel(r),
+                            }
+                        }
+                        if !keyed_held.is_empty() {
+                            match keyed_held.swap_remove(which.index(keyed_held.len())).1 {
+                                Held::Taken(t) => keyed.refund("k", t),
+                                Held::Booked(r) => keyed.cancel("k", r),
+                            }
+                        }
+                    }
+                }
+                let kept: u64 = held.iter().map(|h| h.0).sum();
+                let left = u64::from(limiter.available());
+                prop_assert!(kept + left <= largest, "{} kept, {} left, largest burst {}", kept, left, largest);
+            }
+            let kept: u64 = keyed_held.iter().map(|h| h.0).sum();
+            let mut left = 0u64;
+            while keyed.try_acquire("k", 1).is_ok() {
+                left += 1;
+            }
+            prop_assert!(kept + left <= largest, "per key: {} kept, {} left, largest burst {}", kept, left, largest);
+        }
+    }
+
+    /// A receipt not handed back yet: a take's, or a booking's.
+    enum Held {
+        Taken(Taken),
+        Booked(seawall::rate_limit::Reservation),
+    }
+
+    /// One step of `takes_bookings_refunds_and_cancels_keep_the_bound`: after `gap` quarters of the refill interval, take (`0`),
+    /// book within `wait` quarters (`1`), or hand back one held receipt (`2`, `3`).
+    fn mixed_steps() -> impl Strategy<Value = Vec<(u64, u32, u8, u64, prop::sample::Index)>> {
+        prop::collection::vec(
+            (
+                0u64..4,
+                0u32..4,
+                0u8..4,
+                0u64..16,
+                any::<prop::sample::Index>(),
+            ),
+            1..200,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 1_024,
+            failure_persistence: crate::regressions_next_to_source(),
+            ..ProptestConfig::default()
+        })]
+
+        /// As `takes_and_refunds_never_admit_more_than_burst_plus_rate_times_elapsed`,
+        /// with bookings (`reserve`, the waiting layers) and their cancels among the takes
+        /// and refunds, handed back in any order: the tokens kept, at the times they are
+        /// due, never exceed burst + rate × elapsed over any window.
+        #[test]
+        fn takes_bookings_refunds_and_cancels_keep_the_bound(
+            per_second in 1u32..1_000,
+            burst in 1u32..8,
+            seq in mixed_steps(),
+        ) {
+            let clock = ManualClock::new();
+            let limiter = RateLimiter::with_clock(quota(per_second, burst), clock.clone());
+            let keyed = KeyedRateLimiter::with_clock(quota(per_second, burst), clock.clone());
+            let interval = limiter.interval().as_nanos() as u64;
+            let mut log: Vec<(u64, u64, bool)> = Vec::new();
+            let mut keyed_log: Vec<(u64, u64, bool)> = Vec::new();
+            let mut held: Vec<(usize, Held)> = Vec::new();
+            let mut keyed_held: Vec<(usize, Held)> = Vec::new();
+            let mut elapsed = 0u64;
+            for (gap, cost, op, wait, which) in seq {
+                clock.advance(Duration::from_nanos(gap * interval / 4));
+                elapsed += gap * interval / 4;
+                let max_wait = Duration::from_nanos(wait * interval / 4);
+                match op {
+                    0 => {
+                        if let Ok((_, taken)) = limiter.take(cost) {
+                            held.push((log.len(), Held::Taken(taken)));
+                            log.push((elapsed, u64::from(cost), false));
+                        }
+                        if let Ok((_, taken)) = keyed.take("k", cost) {
+                            keyed_held.push((keyed_log.len(), Held::Taken(taken)));
+                            keyed_log.push((elapsed, u64::from(cost), false));
+                        }
+                    }
+                    1 => {
+                        if let Ok(r) = limiter.reserve(cost, max_wait) {
+                            let due = elapsed + r.wait.as_nanos() as u64;
+                            held.push((log.len(), Held::Booked(r)));
+                            log.push((due, u64::from(cost), false));
+                        }
+                        if let Ok(r) = keyed.reserve("k", cost, max_wait) {
+                            let due = elapsed + r.wait.as_nanos() as u64;
+                            keyed_held.push((keyed_log.len(), Held::Booked(r)));
+                            keyed_log.push((due, u64::from(cost), false));
+                        }
+                    }
+                    _ => {
+                        if !held.is_empty() {
+                            let (at, receipt) = held.swap_remove(which.index(held.len()));
+                            log[at].2 = true;
+                            match receipt {
+                                Held::Taken(t) => limiter.refund(t),
+                                Held::Booked(r) => limiter.cancel(r),
+                            }
+                        }
+                        if !keyed_held.is_empty() {
+                            let n = which.index(keyed_held.len());
+                            let (at, receipt) = keyed_held.swap_remove(n);
+                            keyed_log[at].2 = true;
+                            match receipt {
+                                Held::Taken(t) => keyed.refund("k", t),
+                                Held::Booked(r) => keyed.cancel("k", r),
+                            }
+                        }
+                    }
+                }
+                prop_assert!(limiter.available() <= burst);
+            }
+            log.sort_by_key(|e| e.0);
+            keyed_log.sort_by_key(|e| e.0);
+            check_windows(&log, interval, burst)?;
+            check_windows(&keyed_log, interval, burst)?;
+        }
+    }
 }
 
 /// Issue 13, item 1: a request without a key is never silently unlimited.

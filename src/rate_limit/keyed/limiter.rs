@@ -37,11 +37,12 @@ struct Entry {
     /// The low bits of the limiter's quota version this entry was built under.
     version: u32,
     /// How far a refund (or cancel) of a take that is not the bucket's last may move
-    /// `tat` back: the latest waiting turn booked plus its tokens (a waiter handing its
-    /// booking back does not give the one booked behind it its slot as well), and the
-    /// arrival time when the quota last changed (a take from before a raise is in the
-    /// old quota's units: refunded, it gave back tokens the new rate had long refilled),
-    /// as [`RateLimiter::refund`](crate::rate_limit::RateLimiter::refund) keeps them.
+    /// `tat` back: the latest waiting turn booked plus its tokens, after what the
+    /// bookings before it need (a waiter handing its booking back does not give the one
+    /// booked behind it its slot as well), and the arrival time when the quota last
+    /// changed (a take from before a raise is in the old quota's units: refunded, it gave
+    /// back tokens the new rate had long refilled), as
+    /// [`RateLimiter::refund`](crate::rate_limit::RateLimiter::refund) keeps them.
     mark: u64,
     /// How far, in all, refunds and cancels have moved `tat` back under takes made after
     /// the one they handed back (as the single bucket's count, see
@@ -775,12 +776,12 @@ fn take(entry: &mut Entry, now: u64, tokens: u32, max_wait: u64) -> Step {
         entry.tat = step.next;
         let wait = step.wait();
         if wait > 0 {
-            // A booking's turn, and the tokens it takes then: what refunds of the takes
-            // before it must leave (see `Entry::mark`).
-            let needs = now
-                .saturating_add(wait)
-                .saturating_add(u64::from(tokens).saturating_mul(entry.interval));
-            entry.mark = entry.mark.max(needs);
+            // A booking's turn, and the tokens it takes then, after those the bookings
+            // before it take at theirs: what refunds of the takes before it must leave
+            // (see `Entry::mark`).
+            let turn = now.saturating_add(wait);
+            let cost = u64::from(tokens).saturating_mul(entry.interval);
+            entry.mark = entry.mark.max(turn).saturating_add(cost);
         }
     }
     step

@@ -31,9 +31,11 @@ pub(crate) struct Inner<C> {
     /// Theoretical arrival time: when the bucket will next be full, in the clock's
     /// nanoseconds. The bucket holds `(now + burst × interval − tat) / interval` tokens.
     tat: AtomicU64,
-    /// The arrival time that bookings waiting for their turn need at least: the latest
-    /// turn booked plus its tokens. A refund or cancel of a take made before them moves
-    /// `tat` back no further (see [`RateLimiter::refund`]).
+    /// The arrival time that bookings waiting for their turn need at least: the bucket
+    /// taking each booking's tokens at its turn, in the order they were booked (the
+    /// latest turn plus its tokens, after what the earlier bookings need). A refund or
+    /// cancel of a take made before them moves `tat` back no further (see
+    /// [`RateLimiter::refund`]).
     booked: AtomicU64,
     /// How far, in all, refunds and cancels have moved `tat` back under takes made after
     /// the one they handed back, moving those takes' debt down with it. A receipt holds
@@ -465,11 +467,15 @@ impl<C: Clock> RateLimiter<C> {
         }
         let wait = step.wait();
         if wait > 0 {
-            // Its turn, and the tokens it takes then: what the arrival time must keep.
-            let needs = now
-                .saturating_add(wait)
-                .saturating_add(u64::from(tokens).saturating_mul(interval));
-            self.inner.booked.fetch_max(needs, Relaxed);
+            // Its turn, and the tokens it takes then, after those the bookings before it
+            // take at theirs: what the arrival time must keep. (Each booking's own turn
+            // plus tokens is not enough: two bookings due a second apart, of 2 and 1
+            // tokens from a bucket of 2 at 1/s, need 6 s together, 5 s each.)
+            let turn = now.saturating_add(wait);
+            let cost = u64::from(tokens).saturating_mul(interval);
+            let _ = self.inner.booked.fetch_update(Relaxed, Relaxed, |booked| {
+                Some(booked.max(turn).saturating_add(cost))
+            });
         }
         Ok(Reservation {
             tokens,
