@@ -104,3 +104,32 @@ fn sharded_refusal_never_says_a_cost_within_its_capacity_exceeds_it() {
         other => panic!("unexpected decision {other:?}"),
     }
 }
+
+/// A receipt taken before `set_default_quota` raised the rate, refunded after it. The
+/// change rescaled the key's debt (ten seconds at 1/s, five at 2/s) and marked where it
+/// stood (ten seconds): the doc of `KeyedRateLimiter::refund` says such a take "is not
+/// refunded further than the bucket's arrival time at the change". But the fifth take's
+/// receipt ends (five seconds, in the old units) exactly where the rescaled debt ends,
+/// so the refund took it for the key's last take and gave it back, 500 ms below the
+/// rescaled debt (and 5.5 s below the mark): the key then had 11 tokens at one instant
+/// with a burst of 10 (`RateLimiter::refund` refuses such a receipt).
+#[test]
+fn keyed_refund_from_before_a_raise_is_not_taken_for_the_last_take() {
+    let clock = ManualClock::new();
+    let limiter: KeyedRateLimiter<String, ManualClock> =
+        KeyedRateLimiter::with_clock(quota(1, 10), clock.clone());
+    let receipts: Vec<_> = (0..10).map(|_| limiter.take("k", 1).unwrap().1).collect();
+    // Twice the rate, same burst: the key's ten tokens stay taken.
+    limiter.set_default_quota(quota(2, 10));
+    assert!(limiter.try_acquire("k", 1).is_err(), "still empty");
+    let fifth = receipts.into_iter().nth(4).unwrap();
+    limiter.refund("k", fifth);
+    let mut admitted = 10;
+    while limiter.try_acquire("k", 1).is_ok() {
+        admitted += 1;
+    }
+    assert!(
+        admitted <= 10,
+        "{admitted} tokens for one key at one instant, with a burst of 10"
+    );
+}

@@ -316,7 +316,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                     // or a check moved on).
                     if row.1.version == seen {
                         let before = row.1.tat;
-                        rescale(&mut row.1, fresh, at);
+                        let shifted = rescale(&mut row.1, fresh, at);
+                        self.inner.shift_floor.fetch_max(shifted, Relaxed);
                         earlier |= row.1.tat < before;
                     }
                 }
@@ -626,7 +627,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
                 // time visible), not of now: the bucket refilled at the new rate since.
                 let at = self.inner.changed_at.load(Relaxed).min(now);
                 let before = row.1.tat;
-                rescale(&mut row.1, entry, at);
+                let shifted = rescale(&mut row.1, entry, at);
+                self.inner.shift_floor.fetch_max(shifted, Relaxed);
                 earlier = row.1.tat < before;
             }
             let step = take(&mut row.1, now, tokens, max_wait);
@@ -635,7 +637,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             }
             return (step, Some(row.1.shifted));
         }
-        // A new key.
+        // A new key. Its count of moves back starts at the floor as it is now, under the
+        // shard's lock (read by `entry_for` before it, it could miss a raise by a refund
+        // of this key's old bucket, dropped by a sweep meanwhile).
+        entry.shifted = self.inner.shift_floor.load(Relaxed);
         let step = take(&mut entry, now, tokens, max_wait);
         if !step.admitted {
             // A fresh bucket refuses only a request above its burst, which it never
@@ -756,14 +761,26 @@ fn receipt(step: Step, own: Option<u64>) -> Taken {
     taken
 }
 
-/// Moves `entry` to a new quota, keeping its debt in tokens.
-fn rescale(entry: &mut Entry, fresh: Entry, now: u64) {
+/// Moves `entry` to a new quota, keeping its debt in tokens; returns its count of moves
+/// back, for the limiter's `shift_floor`.
+fn rescale(entry: &mut Entry, fresh: Entry, now: u64) -> u64 {
+    let tat = rescale_tat(entry.tat, now, entry.interval, fresh.interval);
+    // A faster quota moves the debt back under the receipts of the takes made before
+    // it, whose ends are in the old quota's units: one ending just where the new debt
+    // ends would read as the key's last take and come back in full, past the mark.
+    // Counted as a move back as far as `now`, every such receipt reads as refilled.
+    let shifted = if tat < entry.tat {
+        entry.shifted.saturating_add(entry.tat - now)
+    } else {
+        entry.shifted
+    };
     *entry = Entry {
-        tat: rescale_tat(entry.tat, now, entry.interval, fresh.interval),
+        tat,
         mark: entry.mark.max(entry.tat),
-        shifted: entry.shifted,
+        shifted,
         ..fresh
     };
+    shifted
 }
 
 /// The GCRA step of [`RateLimiter`](crate::rate_limit::RateLimiter), on a bucket held under its

@@ -429,15 +429,19 @@ impl<C: Clock> RateLimiter<C> {
         if back == 0 {
             return;
         }
-        let booked = || self.inner.booked.load(Relaxed);
+        // Where the arrival time went, as the exchange that moved it computed it: the
+        // bookings' floor read again afterwards may have risen meanwhile (a `reserve` on
+        // another thread), and the count would then miss part of the move.
+        let mut after = 0;
         let Ok(before) = self.inner.tat.fetch_update(Relaxed, Relaxed, |tat| {
-            moved_back(tat, end, back, now, booked())
+            let moved = moved_back(tat, end, back, now, self.inner.booked.load(Relaxed));
+            after = moved.unwrap_or(tat);
+            moved
         }) else {
             return;
         };
         if before != end {
             // Not the last take: the debt of the takes after it moved down.
-            let after = moved_back(before, end, back, now, booked()).unwrap_or(before);
             self.inner
                 .shifted
                 .fetch_add(before.saturating_sub(after), Release);
