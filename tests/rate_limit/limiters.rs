@@ -1076,45 +1076,122 @@ mod stacked {
             burst in 1u32..8,
             seq in steps(),
         ) {
+            let mut run = Ledger::new(per_second, burst);
+            for (gap, cost, refund, which) in seq {
+                run.advance(gap);
+                if refund {
+                    run.hand_back(which);
+                } else {
+                    run.take(cost);
+                }
+                prop_assert!(run.limiter.available() <= burst);
+            }
+            run.check_windows(burst)?;
+        }
+    }
+
+    /// A receipt not handed back yet: a take's, or a booking's.
+    enum Held {
+        Taken(Taken),
+        Booked(seawall::rate_limit::Reservation),
+    }
+
+    /// A limiter and a keyed one (one key) put through the same steps, with the takes
+    /// and bookings each admitted: (when due, tokens, handed back), and the receipts not
+    /// handed back yet (their place in the log).
+    struct Ledger {
+        clock: ManualClock,
+        limiter: RateLimiter<ManualClock>,
+        keyed: KeyedRateLimiter<String, ManualClock>,
+        interval: u64,
+        elapsed: u64,
+        log: Vec<(u64, u64, bool)>,
+        keyed_log: Vec<(u64, u64, bool)>,
+        held: Vec<(usize, Held)>,
+        keyed_held: Vec<(usize, Held)>,
+    }
+
+    impl Ledger {
+        fn new(per_second: u32, burst: u32) -> Self {
             let clock = ManualClock::new();
             let limiter = RateLimiter::with_clock(quota(per_second, burst), clock.clone());
             let keyed = KeyedRateLimiter::with_clock(quota(per_second, burst), clock.clone());
             let interval = limiter.interval().as_nanos() as u64;
-            // (time, tokens, refunded) of each take, and the receipts not handed back.
-            let mut log: Vec<(u64, u64, bool)> = Vec::new();
-            let mut keyed_log: Vec<(u64, u64, bool)> = Vec::new();
-            let mut outstanding: Vec<(usize, Taken)> = Vec::new();
-            let mut keyed_outstanding: Vec<(usize, Taken)> = Vec::new();
-            let mut elapsed = 0u64;
-            for (gap, cost, refund, which) in seq {
-                clock.advance(Duration::from_nanos(gap * interval / 4));
-                elapsed += gap * interval / 4;
-                if refund {
-                    if !outstanding.is_empty() {
-                        let (at, taken) = outstanding.swap_remove(which.index(outstanding.len()));
-                        log[at].2 = true;
-                        limiter.refund(taken);
-                    }
-                    if !keyed_outstanding.is_empty() {
-                        let n = which.index(keyed_outstanding.len());
-                        let (at, taken) = keyed_outstanding.swap_remove(n);
-                        keyed_log[at].2 = true;
-                        keyed.refund("k", taken);
-                    }
-                } else {
-                    if let Ok((_, taken)) = limiter.take(cost) {
-                        outstanding.push((log.len(), taken));
-                        log.push((elapsed, u64::from(cost), false));
-                    }
-                    if let Ok((_, taken)) = keyed.take("k", cost) {
-                        keyed_outstanding.push((keyed_log.len(), taken));
-                        keyed_log.push((elapsed, u64::from(cost), false));
-                    }
-                }
-                prop_assert!(limiter.available() <= burst);
+            Self {
+                clock,
+                limiter,
+                keyed,
+                interval,
+                elapsed: 0,
+                log: Vec::new(),
+                keyed_log: Vec::new(),
+                held: Vec::new(),
+                keyed_held: Vec::new(),
             }
-            check_windows(&log, interval, burst)?;
-            check_windows(&keyed_log, interval, burst)?;
+        }
+
+        /// `quarters` of the refill interval pass.
+        fn advance(&mut self, quarters: u64) {
+            let gap = quarters * self.interval / 4;
+            self.clock.advance(Duration::from_nanos(gap));
+            self.elapsed += gap;
+        }
+
+        fn take(&mut self, cost: u32) {
+            if let Ok((_, taken)) = self.limiter.take(cost) {
+                self.held.push((self.log.len(), Held::Taken(taken)));
+                self.log.push((self.elapsed, u64::from(cost), false));
+            }
+            if let Ok((_, taken)) = self.keyed.take("k", cost) {
+                self.keyed_held
+                    .push((self.keyed_log.len(), Held::Taken(taken)));
+                self.keyed_log.push((self.elapsed, u64::from(cost), false));
+            }
+        }
+
+        /// Books `cost` tokens due within `quarters` of the refill interval.
+        fn reserve(&mut self, cost: u32, quarters: u64) {
+            let max_wait = Duration::from_nanos(quarters * self.interval / 4);
+            if let Ok(r) = self.limiter.reserve(cost, max_wait) {
+                let due = self.elapsed + r.wait.as_nanos() as u64;
+                self.held.push((self.log.len(), Held::Booked(r)));
+                self.log.push((due, u64::from(cost), false));
+            }
+            if let Ok(r) = self.keyed.reserve("k", cost, max_wait) {
+                let due = self.elapsed + r.wait.as_nanos() as u64;
+                self.keyed_held
+                    .push((self.keyed_log.len(), Held::Booked(r)));
+                self.keyed_log.push((due, u64::from(cost), false));
+            }
+        }
+
+        /// Hands back one of the receipts held (`which`), a take's or a booking's.
+        fn hand_back(&mut self, which: prop::sample::Index) {
+            if !self.held.is_empty() {
+                let (at, receipt) = self.held.swap_remove(which.index(self.held.len()));
+                self.log[at].2 = true;
+                match receipt {
+                    Held::Taken(t) => self.limiter.refund(t),
+                    Held::Booked(r) => self.limiter.cancel(r),
+                }
+            }
+            if !self.keyed_held.is_empty() {
+                let n = which.index(self.keyed_held.len());
+                let (at, receipt) = self.keyed_held.swap_remove(n);
+                self.keyed_log[at].2 = true;
+                match receipt {
+                    Held::Taken(t) => self.keyed.refund("k", t),
+                    Held::Booked(r) => self.keyed.cancel("k", r),
+                }
+            }
+        }
+
+        /// [`check_windows`] over both logs, in the order the tokens were due.
+        fn check_windows(mut self, burst: u32) -> Result<(), TestCaseError> {
+            self.log.sort_by_key(|e| e.0);
+            self.keyed_log.sort_by_key(|e| e.0);
+            check_windows(&self.log, self.interval, burst)?;
+            check_windows(&self.keyed_log, self.interval, burst)
         }
     }
 
@@ -1276,14 +1353,9 @@ mod stacked {
         }
     }
 
-    /// A receipt not handed back yet: a take's, or a booking's.
-    enum Held {
-        Taken(Taken),
-        Booked(seawall::rate_limit::Reservation),
-    }
-
-    /// One step of `takes_bookings_refunds_and_cancels_keep_the_bound`: after `gap` quarters of the refill interval, take (`0`),
-    /// book within `wait` quarters (`1`), or hand back one held receipt (`2`, `3`).
+    /// One step of `takes_bookings_refunds_and_cancels_keep_the_bound`: after `gap`
+    /// quarters of the refill interval, take (`0`), book within `wait` quarters (`1`), or
+    /// hand back one held receipt (`2`, `3`).
     fn mixed_steps() -> impl Strategy<Value = Vec<(u64, u32, u8, u64, prop::sample::Index)>> {
         prop::collection::vec(
             (
@@ -1314,68 +1386,17 @@ mod stacked {
             burst in 1u32..8,
             seq in mixed_steps(),
         ) {
-            let clock = ManualClock::new();
-            let limiter = RateLimiter::with_clock(quota(per_second, burst), clock.clone());
-            let keyed = KeyedRateLimiter::with_clock(quota(per_second, burst), clock.clone());
-            let interval = limiter.interval().as_nanos() as u64;
-            let mut log: Vec<(u64, u64, bool)> = Vec::new();
-            let mut keyed_log: Vec<(u64, u64, bool)> = Vec::new();
-            let mut held: Vec<(usize, Held)> = Vec::new();
-            let mut keyed_held: Vec<(usize, Held)> = Vec::new();
-            let mut elapsed = 0u64;
+            let mut run = Ledger::new(per_second, burst);
             for (gap, cost, op, wait, which) in seq {
-                clock.advance(Duration::from_nanos(gap * interval / 4));
-                elapsed += gap * interval / 4;
-                let max_wait = Duration::from_nanos(wait * interval / 4);
+                run.advance(gap);
                 match op {
-                    0 => {
-                        if let Ok((_, taken)) = limiter.take(cost) {
-                            held.push((log.len(), Held::Taken(taken)));
-                            log.push((elapsed, u64::from(cost), false));
-                        }
-                        if let Ok((_, taken)) = keyed.take("k", cost) {
-                            keyed_held.push((keyed_log.len(), Held::Taken(taken)));
-                            keyed_log.push((elapsed, u64::from(cost), false));
-                        }
-                    }
-                    1 => {
-                        if let Ok(r) = limiter.reserve(cost, max_wait) {
-                            let due = elapsed + r.wait.as_nanos() as u64;
-                            held.push((log.len(), Held::Booked(r)));
-                            log.push((due, u64::from(cost), false));
-                        }
-                        if let Ok(r) = keyed.reserve("k", cost, max_wait) {
-                            let due = elapsed + r.wait.as_nanos() as u64;
-                            keyed_held.push((keyed_log.len(), Held::Booked(r)));
-                            keyed_log.push((due, u64::from(cost), false));
-                        }
-                    }
-                    _ => {
-                        if !held.is_empty() {
-                            let (at, receipt) = held.swap_remove(which.index(held.len()));
-                            log[at].2 = true;
-                            match receipt {
-                                Held::Taken(t) => limiter.refund(t),
-                                Held::Booked(r) => limiter.cancel(r),
-                            }
-                        }
-                        if !keyed_held.is_empty() {
-                            let n = which.index(keyed_held.len());
-                            let (at, receipt) = keyed_held.swap_remove(n);
-                            keyed_log[at].2 = true;
-                            match receipt {
-                                Held::Taken(t) => keyed.refund("k", t),
-                                Held::Booked(r) => keyed.cancel("k", r),
-                            }
-                        }
-                    }
+                    0 => run.take(cost),
+                    1 => run.reserve(cost, wait),
+                    _ => run.hand_back(which),
                 }
-                prop_assert!(limiter.available() <= burst);
+                prop_assert!(run.limiter.available() <= burst);
             }
-            log.sort_by_key(|e| e.0);
-            keyed_log.sort_by_key(|e| e.0);
-            check_windows(&log, interval, burst)?;
-            check_windows(&keyed_log, interval, burst)?;
+            run.check_windows(burst)?;
         }
     }
 }
