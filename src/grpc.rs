@@ -418,14 +418,14 @@ impl GrpcClassifier {
     }
 }
 
-impl<B, E> Classify<http::Response<GrpcBody<B>>, E> for GrpcClassifier {
+impl<B, E: 'static> Classify<http::Response<GrpcBody<B>>, E> for GrpcClassifier {
     /// The outcome as far as the response's head tells: a status still to come in the
     /// trailers is [`Outcome::Ignored`] here. The breaker and the balancers call
     /// [`record`](Classify::record), which waits for the trailers.
     fn classify(&self, result: Result<&http::Response<GrpcBody<B>>, &E>) -> Outcome {
         match result {
             Ok(response) => self.classify_head(response).unwrap_or(Outcome::Ignored),
-            Err(_) => Outcome::Failure,
+            Err(error) => crate::circuit_breaker::classify::error_outcome(error),
         }
     }
 
@@ -436,7 +436,9 @@ impl<B, E> Classify<http::Response<GrpcBody<B>>, E> for GrpcClassifier {
                 Some(outcome) => recorder.record(outcome),
                 None => response.body_mut().defer(recorder, *self),
             },
-            Err(_) => recorder.record(Outcome::Failure),
+            // A limit's own refusal is not the dependency's failure (see
+            // `refused_locally`).
+            Err(error) => recorder.record(crate::circuit_breaker::classify::error_outcome(error)),
         }
     }
 }

@@ -150,8 +150,9 @@ pub struct BalanceBuilder<C = ErrorsAreFailures> {
 
 impl Balance<Unbuilt> {
     /// A [`BalanceBuilder`] holding the defaults: power of two choices on outstanding
-    /// requests, no outlier detection, no per-endpoint breakers, every error a failure,
-    /// failing at once when there is no endpoint, tokio's clock. It builds a [`Balance`]
+    /// requests, no outlier detection, no per-endpoint breakers, every error a failure
+    /// ([`ErrorsAreFailures`]: but a rate limit's own refusals), failing at once when
+    /// there is no endpoint, tokio's clock. It builds a [`Balance`]
     /// ([`build`](BalanceBuilder::build)) or a [`HashBalance`]
     /// ([`build_hashed`](BalanceBuilder::build_hashed)).
     ///

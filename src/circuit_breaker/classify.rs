@@ -117,7 +117,9 @@ where
     }
 }
 
-/// The default classifier: every `Ok` is a success and every `Err` a failure.
+/// The default classifier: every `Ok` is a success and every `Err` a failure, but for the
+/// refusals a seawall rate limit inside the breaker made itself (see
+/// [`refused_locally`]), which are [`Outcome::Ignored`].
 ///
 /// Errors from [`tower::timeout`](https://docs.rs/tower/latest/tower/timeout/index.html)
 /// are `Err`s, so a timeout layer inside the breaker makes slow dependencies trip it, as
@@ -125,12 +127,76 @@ where
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ErrorsAreFailures;
 
-impl<T, E> Classify<T, E> for ErrorsAreFailures {
+impl<T, E: 'static> Classify<T, E> for ErrorsAreFailures {
     #[inline]
     fn classify(&self, result: Result<&T, &E>) -> Outcome {
         match result {
             Ok(_) => Outcome::Success,
-            Err(_) => Outcome::Failure,
+            Err(error) => error_outcome(error),
         }
     }
+}
+
+/// The outcome of an `Err` for the crate's classifiers: a failure, unless a seawall rate
+/// limit inside the breaker refused the call itself.
+#[cold]
+#[inline(never)]
+pub(crate) fn error_outcome<E: 'static>(error: &E) -> Outcome {
+    if refused_locally(error) {
+        Outcome::Ignored
+    } else {
+        Outcome::Failure
+    }
+}
+
+/// Whether `error` is a refusal a seawall rate limit made itself, never reaching the
+/// dependency: [`RateLimited`](crate::rate_limit::RateLimited) (a limit's `429`),
+/// [`MissingKey`](crate::rate_limit::MissingKey) (a request without the key a keyed limit
+/// reads: the client's own error) or, with the `redis` feature, `RedisLimitError` (the
+/// limit's store failing closed), the error itself or a boxed one anywhere in its
+/// `source()` chain.
+///
+/// A client's own refusals are not the dependency's failures: counted, one client's burst
+/// against a limit inside the breaker opened it for everybody, and a half-open probe the
+/// limit refused decided the episode without reaching the dependency.
+/// [`ErrorsAreFailures`], `HttpClassifier` (feature `http`) and `GrpcClassifier`
+/// (feature `grpc`) leave such errors out of the window ([`Outcome::Ignored`]); a
+/// classifier of one's own can ask the same:
+///
+/// ```
+/// use seawall::circuit_breaker::{Outcome, refused_locally};
+/// use seawall::rate_limit::{Quota, Rate, RateLimiter};
+///
+/// let limiter = RateLimiter::new(Quota::new(Rate::per_second(1), 1)?);
+/// let refused: seawall::BoxError = limiter.try_acquire(2).unwrap_err().into();
+/// let classify = |result: Result<&(), &seawall::BoxError>| match result {
+///     Ok(()) => Outcome::Success,
+///     Err(e) if refused_locally(e) => Outcome::Ignored,
+///     Err(_) => Outcome::Failure,
+/// };
+/// assert_eq!(classify(Err(&refused)), Outcome::Ignored);
+/// assert_eq!(classify(Err(&"connection reset".into())), Outcome::Failure);
+/// # Ok::<(), seawall::ConfigError>(())
+/// ```
+pub fn refused_locally<E: 'static>(error: &E) -> bool {
+    let any: &dyn std::any::Any = error;
+    if let Some(boxed) = any.downcast_ref::<crate::BoxError>() {
+        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(boxed.as_ref());
+        while let Some(e) = current {
+            if is_local_refusal(e) {
+                return true;
+            }
+            current = e.source();
+        }
+        return false;
+    }
+    any.is::<crate::rate_limit::RateLimited>() || any.is::<crate::rate_limit::MissingKey>()
+}
+
+fn is_local_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
+    #[cfg(feature = "redis")]
+    if e.is::<crate::rate_limit::redis::RedisLimitError>() {
+        return true;
+    }
+    e.is::<crate::rate_limit::RateLimited>() || e.is::<crate::rate_limit::MissingKey>()
 }

@@ -78,13 +78,15 @@ impl HttpClassifier {
     }
 }
 
-impl<B, E> Classify<http::Response<B>, E> for HttpClassifier {
+impl<B, E: 'static> Classify<http::Response<B>, E> for HttpClassifier {
     /// The status's outcome, but for the answers a seawall rate limit inside the breaker
     /// made itself (marked [`Refused`](crate::rate_limit::http::Refused) or
     /// [`Undecided`](crate::rate_limit::http::Undecided): a `429`, or the `400`, `500` or
     /// `503` of a missing key or store), which are [`Outcome::Ignored`]: a client's own
     /// refusals are not the upstream's failures (one client's burst opened the breaker
-    /// for everybody with `fail_on(429)`).
+    /// for everybody with `fail_on(429)`). The same for an error a limit refused with
+    /// ([`refused_locally`](crate::circuit_breaker::refused_locally)); any other error is
+    /// a failure.
     #[inline]
     fn classify(&self, result: Result<&http::Response<B>, &E>) -> Outcome {
         match result {
@@ -98,7 +100,8 @@ impl<B, E> Classify<http::Response<B>, E> for HttpClassifier {
                 Outcome::Ignored
             }
             Ok(response) => self.classify_status(response.status()),
-            Err(_) => Outcome::Failure,
+            // A limit's refusal as an error (the tower layers'): ignored as well.
+            Err(error) => super::classify::error_outcome(error),
         }
     }
 }

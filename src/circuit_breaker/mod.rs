@@ -165,7 +165,7 @@
 //! rejections at `DEBUG`, with the fields `breaker`, `from`, `to` and `state`.
 
 mod admission;
-mod classify;
+pub(crate) mod classify;
 mod config;
 pub mod error;
 mod events;
@@ -184,7 +184,7 @@ pub mod future;
 
 pub(crate) use admission::Admission;
 pub use admission::Ticket;
-pub use classify::{Classify, ErrorsAreFailures, Outcome, Recorder};
+pub use classify::{Classify, ErrorsAreFailures, Outcome, Recorder, refused_locally};
 pub use config::{
     CircuitBreakerConfig, CircuitBreakerConfigBuilder, MAX_BUCKETS, MAX_DURATION, MAX_WINDOW_SIZE,
     SlidingWindow,

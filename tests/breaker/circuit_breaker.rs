@@ -787,6 +787,140 @@ mod http_classifier {
     }
 }
 
+/// A seawall rate limit inside the breaker refuses with an error (the tower layers):
+/// `RateLimited` past the limit, `MissingKey` for a request without the key a keyed limit
+/// reads. Neither reaches the dependency, and neither is its failure (a client's own
+/// errors are never counted against an upstream), yet every classifier counted every
+/// `Err` as one: one client's burst against the limit opened the breaker for everybody,
+/// and a half-open probe the limit refused decided the episode.
+mod local_refusals {
+    use super::*;
+    use seawall::rate_limit::{
+        KeyedRateLimitLayer, KeyedRateLimiter, ManualClock, Quota, RateLimitLayer, RateLimited,
+        RateLimiter,
+    };
+
+    /// A limit of `burst` calls, never refilled (its clock stands still).
+    fn limit(burst: u32) -> RateLimitLayer<u32, ManualClock> {
+        let quota = Quota::new(seawall::rate_limit::Rate::per_second(1), burst).unwrap();
+        RateLimitLayer::from_limiter(RateLimiter::with_clock(quota, ManualClock::new()))
+    }
+
+    type Boxed = tower::util::BoxService<u32, u32, BoxError>;
+
+    /// `breaker` around `limit` around an upstream answering every call as `fail` says,
+    /// with the count of the upstream's calls.
+    fn stack<L>(breaker: CircuitBreakerLayer, limit: L, fail: bool) -> (Boxed, Arc<AtomicUsize>)
+    where
+        L: Layer<Boxed>,
+        L::Service: Service<u32, Response = u32, Error = BoxError> + Send + 'static,
+        <L::Service as Service<u32>>::Future: Send + 'static,
+    {
+        let upstream_calls = Arc::new(AtomicUsize::new(0));
+        let counter = upstream_calls.clone();
+        let upstream = Boxed::new(tower::service_fn(move |n: u32| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(if fail {
+                Err("upstream down".into())
+            } else {
+                Ok(n)
+            })
+        }));
+        let svc = ServiceBuilder::new()
+            .layer(breaker)
+            .service(Boxed::new(limit.layer(upstream)));
+        (Boxed::new(svc), upstream_calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clients_burst_against_a_limit_inside_does_not_open_the_breaker() {
+        let layer = CircuitBreakerLayer::new(config().build().unwrap());
+        let breaker = layer.breaker().clone();
+        let (mut svc, upstream_calls) = stack(layer, limit(1), false);
+        assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+        for i in 0..9 {
+            let err = svc.ready().await.unwrap().call(i).await.unwrap_err();
+            assert!(
+                err.is::<RateLimited>(),
+                "call {i}: {err}, not the limit's refusal: {:?}",
+                breaker.snapshot()
+            );
+        }
+        assert_eq!(upstream_calls.load(Ordering::SeqCst), 1);
+        assert_eq!(breaker.state(), State::Closed, "{:?}", breaker.snapshot());
+        let snapshot = breaker.snapshot();
+        assert_eq!((snapshot.calls, snapshot.failed_calls), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_without_a_key_do_not_open_the_breaker() {
+        let layer = CircuitBreakerLayer::new(config().build().unwrap());
+        let breaker = layer.breaker().clone();
+        let quota = Quota::new(seawall::rate_limit::Rate::per_second(100), 100).unwrap();
+        let keyed = KeyedRateLimitLayer::from_limiter(
+            KeyedRateLimiter::with_clock(quota, ManualClock::new()),
+            |n: &u32| (*n != 0).then_some(*n),
+        );
+        let (mut svc, upstream_calls) = stack(layer, keyed, false);
+        for _ in 0..8 {
+            let err = svc.ready().await.unwrap().call(0).await.unwrap_err();
+            assert!(err.is::<seawall::rate_limit::MissingKey>(), "{err}");
+        }
+        assert_eq!(upstream_calls.load(Ordering::SeqCst), 0);
+        assert_eq!(breaker.state(), State::Closed, "{:?}", breaker.snapshot());
+        assert_eq!(svc.ready().await.unwrap().call(7).await.unwrap(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_refused_by_a_limit_inside_does_not_decide_half_open() {
+        let layer = CircuitBreakerLayer::new(
+            config()
+                .minimum_calls(4)
+                .permitted_calls_in_half_open(1)
+                .build()
+                .unwrap(),
+        );
+        let breaker = layer.breaker().clone();
+        // Four calls' worth of tokens before an upstream failing every call.
+        let (mut svc, upstream_calls) = stack(layer, limit(4), true);
+        for i in 0..4 {
+            let err = svc.ready().await.unwrap().call(i).await.unwrap_err();
+            assert!(!err.is::<RateLimited>(), "{err}");
+        }
+        assert_eq!(breaker.state(), State::Open);
+        advance(Duration::from_secs(10)).await;
+        settle().await;
+        assert_eq!(breaker.state(), State::HalfOpen);
+        let err = svc.ready().await.unwrap().call(5).await.unwrap_err();
+        assert!(err.is::<RateLimited>(), "{err}");
+        assert_eq!(upstream_calls.load(Ordering::SeqCst), 4);
+        assert_eq!(
+            breaker.state(),
+            State::HalfOpen,
+            "a probe the upstream never saw decided the episode: {:?}",
+            breaker.snapshot()
+        );
+    }
+
+    /// The same through `HttpClassifier` (a generic limit's error, not the HTTP layer's
+    /// marked `429`): an error it did not make itself is still a failure.
+    #[cfg(feature = "http")]
+    #[tokio::test(start_paused = true)]
+    async fn the_http_classifier_ignores_a_limits_error_too() {
+        use seawall::circuit_breaker::{Classify, HttpClassifier};
+        let classifier = HttpClassifier::new();
+        let limiter = RateLimiter::with_clock(
+            Quota::new(seawall::rate_limit::Rate::per_second(1), 1).unwrap(),
+            ManualClock::new(),
+        );
+        let refused: BoxError = Box::new(limiter.try_acquire(2).unwrap_err());
+        let other: BoxError = "connection refused".into();
+        let result = |e| -> Result<&http::Response<()>, &BoxError> { Err(e) };
+        assert_eq!(classifier.classify(result(&refused)), Outcome::Ignored);
+        assert_eq!(classifier.classify(result(&other)), Outcome::Failure);
+    }
+}
+
 #[cfg(feature = "metrics")]
 mod metrics_reporting {
     use super::*;

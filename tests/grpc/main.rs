@@ -160,6 +160,41 @@ async fn unavailable_opens_the_breaker() {
     assert!(cause.is_some(), "the breaker's error: {status:?}");
 }
 
+/// A seawall rate limit inside the breaker refuses with its own error (`RateLimited`):
+/// the call never reaches the server, and is not the server's failure. `GrpcClassifier`
+/// counted every error as a failure, so one client's burst against the limit opened the
+/// breaker in front of a healthy server.
+#[tokio::test]
+async fn a_limit_inside_the_breaker_does_not_open_it() {
+    use seawall::rate_limit::{ManualClock, Quota, Rate, RateLimitLayer, RateLimited, RateLimiter};
+
+    let layer = CircuitBreakerLayer::new(config()).with_classifier(GrpcClassifier::new());
+    let breaker = layer.breaker().clone();
+    // One call's worth of tokens, never refilled.
+    let limiter = RateLimiter::with_clock(
+        Quota::new(Rate::per_second(1), 1).unwrap(),
+        ManualClock::new(),
+    );
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(RateLimitLayer::from_limiter(limiter))
+        .layer(GrpcBodyLayer)
+        .service(channel(server("ok").await).await);
+    let mut client = HealthClient::new(svc);
+    client.check(named("ok")).await.expect("served");
+    for _ in 0..8 {
+        let status = client.check(named("ok")).await.unwrap_err();
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&status);
+        while let Some(e) = cause.filter(|e| !e.is::<RateLimited>()) {
+            cause = e.source();
+        }
+        assert!(cause.is_some(), "the limit's refusal: {status:?}");
+    }
+    assert_eq!(breaker.state(), State::Closed, "{:?}", breaker.snapshot());
+    let snapshot = breaker.snapshot();
+    assert_eq!((snapshot.calls, snapshot.failed_calls), (1, 0));
+}
+
 #[tokio::test]
 async fn not_found_and_ok_do_not_open_it() {
     let (mut client, breaker) = guarded(server("ok").await).await;
