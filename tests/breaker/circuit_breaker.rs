@@ -94,6 +94,33 @@ async fn settle() {
     }
 }
 
+/// [`config`] letting one probe through half-open.
+fn one_probe() -> CircuitBreakerConfig {
+    config()
+        .minimum_calls(4)
+        .permitted_calls_in_half_open(1)
+        .build()
+        .unwrap()
+}
+
+/// Checks a probe that never reached the upstream left `breaker` half-open.
+fn still_half_open(breaker: &Breaker) {
+    assert_eq!(
+        breaker.state(),
+        State::HalfOpen,
+        "a probe the upstream never saw decided the episode: {:?}",
+        breaker.snapshot()
+    );
+}
+
+/// Checks `breaker` is open, waits out [`config`]'s 10 s, and checks it is half-open.
+async fn wait_for_half_open(breaker: &Breaker) {
+    assert_eq!(breaker.state(), State::Open);
+    advance(Duration::from_secs(10)).await;
+    settle().await;
+    assert_eq!(breaker.state(), State::HalfOpen);
+}
+
 #[tokio::test(start_paused = true)]
 async fn stays_closed_below_minimum_calls() {
     let (mut svc, breaker, _) = scripted(config().build().unwrap());
@@ -751,14 +778,7 @@ mod http_classifier {
     async fn a_probe_refused_by_a_local_rate_limit_does_not_close_the_breaker() {
         use seawall::rate_limit::http::Refused;
 
-        let layer = CircuitBreakerLayer::new(
-            config()
-                .minimum_calls(4)
-                .permitted_calls_in_half_open(1)
-                .build()
-                .unwrap(),
-        )
-        .with_classifier(HttpClassifier::new());
+        let layer = CircuitBreakerLayer::new(one_probe()).with_classifier(HttpClassifier::new());
         let breaker = layer.breaker().clone();
         // Four requests' worth of tokens, never refilled, before an upstream that fails
         // every call it gets.
@@ -769,21 +789,13 @@ mod http_classifier {
             let response = svc.ready().await.unwrap().call(request()).await.unwrap();
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         }
-        assert_eq!(breaker.state(), State::Open);
-        advance(Duration::from_secs(10)).await;
-        settle().await;
-        assert_eq!(breaker.state(), State::HalfOpen);
+        wait_for_half_open(&breaker).await;
         // The probe: refused by the local limit, it never reaches the upstream.
         let response = svc.ready().await.unwrap().call(request()).await.unwrap();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert!(response.extensions().get::<Refused>().is_some());
         assert_eq!(upstream_calls.load(Ordering::SeqCst), 4);
-        assert_eq!(
-            breaker.state(),
-            State::HalfOpen,
-            "a probe the upstream never saw decided the episode: {:?}",
-            breaker.snapshot()
-        );
+        still_half_open(&breaker);
     }
 }
 
@@ -873,13 +885,7 @@ mod local_refusals {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_refused_by_a_limit_inside_does_not_decide_half_open() {
-        let layer = CircuitBreakerLayer::new(
-            config()
-                .minimum_calls(4)
-                .permitted_calls_in_half_open(1)
-                .build()
-                .unwrap(),
-        );
+        let layer = CircuitBreakerLayer::new(one_probe());
         let breaker = layer.breaker().clone();
         // Four calls' worth of tokens before an upstream failing every call.
         let (mut svc, upstream_calls) = stack(layer, limit(4), true);
@@ -887,19 +893,11 @@ mod local_refusals {
             let err = svc.ready().await.unwrap().call(i).await.unwrap_err();
             assert!(!err.is::<RateLimited>(), "{err}");
         }
-        assert_eq!(breaker.state(), State::Open);
-        advance(Duration::from_secs(10)).await;
-        settle().await;
-        assert_eq!(breaker.state(), State::HalfOpen);
+        wait_for_half_open(&breaker).await;
         let err = svc.ready().await.unwrap().call(5).await.unwrap_err();
         assert!(err.is::<RateLimited>(), "{err}");
         assert_eq!(upstream_calls.load(Ordering::SeqCst), 4);
-        assert_eq!(
-            breaker.state(),
-            State::HalfOpen,
-            "a probe the upstream never saw decided the episode: {:?}",
-            breaker.snapshot()
-        );
+        still_half_open(&breaker);
     }
 
     /// The same through `HttpClassifier` (a generic limit's error, not the HTTP layer's

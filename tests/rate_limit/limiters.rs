@@ -1060,7 +1060,8 @@ mod stacked {
     proptest! {
         #![proptest_config(ProptestConfig {
             // Rare interleavings (a refund out of order, after a partial refill, in a
-            // drained bucket): more cases than the default 256.
+            // drained bucket; a cancel ahead of two bookings): more cases than the
+            // default 256.
             cases: 2_048,
             failure_persistence: crate::regressions_next_to_source(),
             ..ProptestConfig::default()
@@ -1083,6 +1084,29 @@ mod stacked {
                     run.hand_back(which);
                 } else {
                     run.take(cost);
+                }
+                prop_assert!(run.limiter.available() <= burst);
+            }
+            run.check_windows(burst)?;
+        }
+
+        /// As `takes_and_refunds_never_admit_more_than_burst_plus_rate_times_elapsed`,
+        /// with bookings (`reserve`, the waiting layers) and their cancels among the takes
+        /// and refunds, handed back in any order: the tokens kept, at the times they are
+        /// due, never exceed burst + rate × elapsed over any window.
+        #[test]
+        fn takes_bookings_refunds_and_cancels_keep_the_bound(
+            per_second in 1u32..1_000,
+            burst in 1u32..8,
+            seq in mixed_steps(),
+        ) {
+            let mut run = Ledger::new(per_second, burst);
+            for (gap, cost, op, wait, which) in seq {
+                run.advance(gap);
+                match op {
+                    0 => run.take(cost),
+                    1 => run.reserve(cost, wait),
+                    _ => run.hand_back(which),
                 }
                 prop_assert!(run.limiter.available() <= burst);
             }
@@ -1367,37 +1391,6 @@ mod stacked {
             ),
             1..200,
         )
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig {
-            cases: 1_024,
-            failure_persistence: crate::regressions_next_to_source(),
-            ..ProptestConfig::default()
-        })]
-
-        /// As `takes_and_refunds_never_admit_more_than_burst_plus_rate_times_elapsed`,
-        /// with bookings (`reserve`, the waiting layers) and their cancels among the takes
-        /// and refunds, handed back in any order: the tokens kept, at the times they are
-        /// due, never exceed burst + rate × elapsed over any window.
-        #[test]
-        fn takes_bookings_refunds_and_cancels_keep_the_bound(
-            per_second in 1u32..1_000,
-            burst in 1u32..8,
-            seq in mixed_steps(),
-        ) {
-            let mut run = Ledger::new(per_second, burst);
-            for (gap, cost, op, wait, which) in seq {
-                run.advance(gap);
-                match op {
-                    0 => run.take(cost),
-                    1 => run.reserve(cost, wait),
-                    _ => run.hand_back(which),
-                }
-                prop_assert!(run.limiter.available() <= burst);
-            }
-            run.check_windows(burst)?;
-        }
     }
 }
 
