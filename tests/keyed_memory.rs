@@ -37,7 +37,9 @@ fn a_keyed_limiter_keeps_its_size_while_keys_come_and_go() {
     arrive(120_000);
     let filled = LIVE.load(Relaxed) - before;
     let per_key = filled / limiter.len();
-    assert!(per_key < 140, "{per_key} bytes a key when filled");
+    // 148 bytes a key measured (`KeyedRateLimiter`'s docs), with room for the
+    // allocator's and the table's variations, not for another word in every row.
+    assert!(per_key < 155, "{per_key} bytes a key when filled");
     for round in 0..6 {
         // Every bucket refills; as many new clients arrive.
         clock.advance(Duration::from_secs(10));

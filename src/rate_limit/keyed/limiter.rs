@@ -85,10 +85,10 @@ struct Shard<K> {
 /// its buckets will have refilled: new keys arriving as fast as buckets refill cost a
 /// bounded number of rows scanned each, not a shard's, and wait in the overflow bucket
 /// until then. Size `max_keys` for the clients you
-/// expect (a tracked key takes a row, the key padded to 8 bytes and a 24-byte bucket, and
-/// about a third more for the table's spare room: 43 bytes with a `u64` key, 64 with an
-/// `IpAddr`, about 127 with a [`BoundedKey`](crate::rate_limit::BoundedKey), whose
-/// 100 000 keys, the default maximum, take about 13 MB).
+/// expect (a tracked key takes a row, the key padded to 8 bytes and a 40-byte bucket, and
+/// about a third more for the table's spare room: 64 bytes with a `u64` key, 85 with an
+/// `IpAddr`, about 148 with a [`BoundedKey`](crate::rate_limit::BoundedKey), whose
+/// 100 000 keys, the default maximum, take about 15 MB).
 /// With the `tracing` feature, a key sent to the overflow bucket is a `DEBUG` event.
 ///
 /// Each key's quota comes from a function of the key (for example a customer's tier) or
