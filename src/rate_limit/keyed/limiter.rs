@@ -683,7 +683,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, C: Clock> KeyedRateLimiter<K,
             burst: quota.burst(),
             version,
             mark: now,
-            shifted: self.inner.shift_floor.load(Relaxed),
+            // Set from the floor under the shard's lock by a new row's insertion (see
+            // `book_slow`); a rescale keeps the row's own.
+            shifted: 0,
         }
     }
 
