@@ -15,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use super::config::ConsulConfig;
-use super::conn::{WatchedConnector, exchanges_of};
+use super::conn::{Exchanges, WatchedConnector, exchanges_of};
 use super::error::{ConsulError, MAX_ERROR_BODY};
 use super::parse::{self, SkippedEntry};
 use super::registration::{CheckStatus, ServiceRegistration};
@@ -244,6 +244,31 @@ pub struct HealthResponse {
     /// Entries left out because a check is critical, or a check warns and the warning
     /// weight is 0.
     pub unhealthy: usize,
+    /// The connection the answer came on: whether it has closed since tells the watch
+    /// that its next query goes to an agent that may have restarted.
+    pub(crate) answered_on: AnsweredOn,
+}
+
+/// The connection an answer came on, when the client knows it.
+#[derive(Clone, Default)]
+pub(crate) struct AnsweredOn(Option<Arc<Exchanges>>);
+
+impl AnsweredOn {
+    /// Whether the connection is known to have ended (the agent closed it or it failed):
+    /// the next request goes on another one, perhaps to another agent process.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.0.as_ref().is_some_and(|c| c.is_closed())
+    }
+}
+
+impl fmt::Debug for AnsweredOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            None => f.write_str("unknown"),
+            Some(_) if self.is_closed() => f.write_str("closed"),
+            Some(_) => f.write_str("open"),
+        }
+    }
 }
 
 /// Reads a `GET /v1/health/service/:service` body leniently (see the module docs): the
@@ -264,6 +289,7 @@ pub fn parse_health_response(bytes: &[u8]) -> Result<HealthResponse, ConsulError
         skipped: parsed.skipped,
         skipped_count: parsed.skipped_count,
         unhealthy: parsed.unhealthy,
+        answered_on: AnsweredOn::default(),
     })
 }
 
@@ -531,7 +557,7 @@ impl ConsulClient {
         }
         let path = format!("/v1/health/service/{}", encode(&query.service, false));
         let request = format!("GET {path}");
-        let (headers, body) = self
+        let (headers, body, answered_on) = self
             .send(Method::GET, path, q, None, query.blocking_wait())
             .await?;
         let with_request = |e: ConsulError| e.with_request(request.clone());
@@ -561,6 +587,7 @@ impl ConsulClient {
         response.index = index;
         response.known_leader = known_leader;
         response.last_contact = last_contact;
+        response.answered_on = answered_on;
         Ok(response)
     }
 
@@ -572,7 +599,7 @@ impl ConsulClient {
     /// JSON object.
     pub async fn agent_services(&self) -> Result<Vec<AgentService>, ConsulError> {
         let path = "/v1/agent/services".to_owned();
-        let (_, body) = self
+        let (_, body, _) = self
             .send(Method::GET, path, Query::default(), None, None)
             .await?;
         parse_agent_services(&body).map_err(|e| e.with_request("GET /v1/agent/services".into()))
@@ -587,7 +614,7 @@ impl ConsulClient {
     /// JSON string.
     pub async fn status_leader(&self) -> Result<Option<String>, ConsulError> {
         let path = "/v1/status/leader".to_owned();
-        let (_, body) = self
+        let (_, body, _) = self
             .send(Method::GET, path, Query::default(), None, None)
             .await?;
         let leader: Option<String> = serde_json::from_slice(&body).map_err(|e| {
@@ -598,7 +625,8 @@ impl ConsulClient {
     }
 
     /// Sends one request and reads the whole answer, within the time limit: the request
-    /// timeout, plus `blocking + blocking/16` for a blocking query.
+    /// timeout, plus `blocking + blocking/16` for a blocking query. With the answer, the
+    /// connection it came on.
     async fn send(
         &self,
         method: Method,
@@ -606,7 +634,7 @@ impl ConsulClient {
         query: Query,
         body: Option<Bytes>,
         blocking: Option<Duration>,
-    ) -> Result<(HeaderMap, Bytes), ConsulError> {
+    ) -> Result<(HeaderMap, Bytes, AnsweredOn), ConsulError> {
         let request_name = format!("{method} {path}");
         let config = &self.inner.config;
         // Saturating: a `request_timeout` of `Duration::MAX` (a caller's "no limit", which
@@ -668,6 +696,7 @@ impl ConsulClient {
                 Err(e) => return Err(transport(e)),
             };
             let (parts, body) = response.into_parts();
+            let answered_on = AnsweredOn(parts.extensions.get::<Arc<Exchanges>>().cloned());
             if !parts.status.is_success() {
                 // Only the start of an error's body is kept: read no further, nor wait
                 // long for it.
@@ -688,7 +717,7 @@ impl ConsulClient {
                     }
                 })?
                 .to_bytes();
-            Ok((parts.headers, bytes))
+            Ok((parts.headers, bytes, answered_on))
         };
         match tokio::time::timeout_at(deadline, exchange).await {
             Ok(result) => result.map_err(|e| e.with_request(request_name)),

@@ -34,6 +34,9 @@ pub(crate) struct Exchanges {
     read_before_request: AtomicU64,
     /// Whether the last operation was a write (the current request is being written).
     writing: AtomicBool,
+    /// Whether the connection ended: a read met its end or failed, or a write failed.
+    /// Set by whoever polls it, the pool's connection task for an idle one.
+    closed: AtomicBool,
 }
 
 impl Exchanges {
@@ -42,6 +45,16 @@ impl Exchanges {
     pub(crate) fn reused_and_unanswered(&self) -> bool {
         let before = self.read_before_request.load(Relaxed);
         self.writing.load(Relaxed) && before > 0 && self.read.load(Relaxed) == before
+    }
+
+    /// Whether the connection ended (its peer closed it or it failed), as far as its
+    /// reads and writes have shown: a connection the pool will not hand out again.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Relaxed)
+    }
+
+    fn on_closed(&self) {
+        self.closed.store(true, Relaxed);
     }
 
     fn on_read(&self, n: usize) {
@@ -82,9 +95,15 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
+        let (before, room) = (buf.filled().len(), buf.remaining());
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        this.exchanges.on_read(buf.filled().len() - before);
+        let n = buf.filled().len() - before;
+        this.exchanges.on_read(n);
+        match &read {
+            Poll::Ready(Ok(())) if n == 0 && room > 0 => this.exchanges.on_closed(),
+            Poll::Ready(Err(_)) => this.exchanges.on_closed(),
+            _ => {}
+        }
         read
     }
 }
@@ -97,7 +116,11 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.exchanges.on_write();
-        Pin::new(&mut this.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if let Poll::Ready(Err(_)) = &written {
+            this.exchanges.on_closed();
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -107,7 +130,11 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.exchanges.on_write();
-        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Err(_)) = &written {
+            this.exchanges.on_closed();
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

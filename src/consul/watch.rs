@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::client::{Consistency, ConsulClient, HealthQuery, MAX_WAIT};
+use super::client::{AnsweredOn, Consistency, ConsulClient, HealthQuery, MAX_WAIT};
 use crate::ConfigError;
 use crate::discovery::{Health, InstanceWatch, Publisher, SourceStatus};
 use crate::rate_limit::{Quota, Rate, RateLimiter};
@@ -255,7 +255,8 @@ impl WatchConfigBuilder {
 /// change (resetting when the index goes backwards, never sending one below 1),
 /// rate-limits itself with a token bucket, replaces a blocking query with a full one
 /// every [`resync_interval`](WatchConfigBuilder::resync_interval) and at once when the
-/// agent closes a held query unanswered (a restart, whose index may be lower), compares
+/// agent closes a held query unanswered or the connection of the last answer between two
+/// queries (a restart, whose index may be lower), compares
 /// before publishing (watchers wake only on real changes), and on errors backs off
 /// exponentially with jitter while the last instances stay published and the status
 /// turns [`SourceStatus::Stale`]; it reports [`SourceStatus::Live`] again after the next
@@ -438,13 +439,27 @@ async fn run(
     let mut next_resync = super::later(config.resync_interval);
     let mut failures: u32 = 0;
     let mut stale_since: Option<Instant> = None;
+    // The connection the last answer came on.
+    let mut answered_on = AnsweredOn::default();
     loop {
         match limiter.reserve(1, Duration::MAX) {
             Ok(r) if !r.wait.is_zero() => tokio::time::sleep(r.wait).await,
             Ok(_) => {}
             Err(_) => tokio::time::sleep(config.min_interval).await,
         }
-        let full = index == 0 || Instant::now() >= next_resync;
+        // The last answer's connection closed while the watch waited to send the next
+        // query: the agent went away between two queries, and the one the next query
+        // reaches (a restart, perhaps with a lower index) would hold a blocking query on
+        // the old index for its whole wait. A full query asks it what it has now.
+        let reconnected = index != 0 && answered_on.is_closed();
+        #[cfg(feature = "tracing")]
+        if reconnected {
+            tracing::debug!(
+                service = %service,
+                "the connection of consul's last answer closed; starting over with a full query"
+            );
+        }
+        let full = index == 0 || reconnected || Instant::now() >= next_resync;
         let (query, sent) = if full {
             (base_query.clone(), 0)
         } else {
@@ -459,22 +474,26 @@ async fn run(
                     next_resync = super::later(config.resync_interval);
                 }
                 let mut next = response.index;
-                if next < sent {
+                if next < sent || (full && next < index) {
                     // The index went backwards (a restored snapshot, a new leader with a
-                    // different raft log): restart the loop.
+                    // different raft log, an agent restarted without its data): after a
+                    // blocking query, restart the loop; a full query's index is current.
                     #[cfg(feature = "tracing")]
                     tracing::warn!(
                         service = %service,
-                        sent,
+                        previous = index,
                         received = next,
                         "consul index went backwards; resetting"
                     );
-                    next = 0;
+                    if next < sent {
+                        next = 0;
+                    }
                 }
                 // Never send an index below 1: an index of 0 would make every query
                 // return at once.
                 index = next.max(1);
                 shared.index.store(response.index, Relaxed);
+                answered_on = response.answered_on;
                 let mut instances = response.instances;
                 if !config.include_warning {
                     instances.retain(|i| i.health == Health::Passing);

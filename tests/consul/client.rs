@@ -1706,6 +1706,75 @@ async fn watch_resyncs_after_a_restart_that_lowers_the_index() {
     );
 }
 
+/// The agent restarts with a lower index *between* two of the watch's queries: an answer
+/// came, the watch waits for its rate limit before the next query, and meanwhile the agent
+/// goes away (closing the idle connection the answer came on) and comes back. Nothing
+/// failed, so the next query was a blocking one with the old agent's index, on a new
+/// connection: the restarted agent held it for the whole wait (30 s here, 60 s by
+/// default) and the watch saw nothing of it (here: an instance more) until it ended.
+#[tokio::test]
+async fn watch_resyncs_after_a_restart_between_two_queries() {
+    let service = unique("restart-between");
+    let old = ConsulDouble::start().await;
+    old.register(node_registration(&service, "a", 9321, None))
+        .unwrap();
+    old.set_index(100_000);
+    let restarted = ConsulDouble::start().await;
+    for (id, port) in [("a", 9321), ("b", 9322), ("c", 9323)] {
+        restarted
+            .register(node_registration(&service, id, port, None))
+            .unwrap();
+    }
+    assert!(restarted.index() < 1_000);
+
+    let agent = RestartingAgent::start(old.addr()).await;
+    let client = client_for(&agent.addr.to_string(), None);
+    // One query in 2 s at most: after an answer the watch waits before the next one, and
+    // the restart falls in that wait.
+    let config = WatchConfig::builder()
+        .wait(Duration::from_secs(30))
+        .min_interval(Duration::from_secs(2), 1)
+        .backoff(Duration::from_secs(20), Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let watch = ConsulWatch::spawn(client.clone(), &service, config);
+    let mut instances = watch.instances();
+    watch_until(&mut instances, "a", PATIENCE, |s| ids(s) == ["a"]).await;
+    assert!(
+        old.wait_for_waiting_queries(1, PATIENCE).await,
+        "the watch blocks on the old agent"
+    );
+    let requests = watch.requests();
+
+    // A change answers the held query; the watch's next query is up to 2 s away.
+    old.register(node_registration(&service, "b", 9322, None))
+        .unwrap();
+    watch_until(&mut instances, "a and b", PATIENCE, |s| {
+        ids(s) == ["a", "b"]
+    })
+    .await;
+    assert_eq!(watch.requests(), requests, "no query sent yet");
+    agent.switch(restarted.addr());
+
+    let took = watch_until(
+        &mut instances,
+        "a, b and c from the restarted agent",
+        PATIENCE,
+        |s| ids(s) == ["a", "b", "c"],
+    )
+    .await;
+    eprintln!(
+        "resynced {took:?} after the restart (index {})",
+        watch.index()
+    );
+    assert!(watch.index() < 1_000, "index {}", watch.index());
+    assert!(
+        matches!(watch.status(), SourceStatus::Live),
+        "{:?}",
+        watch.status()
+    );
+}
+
 /// `request_timeout(Duration::MAX)`, a caller's "no limit", is accepted by the builder
 /// (only zero is refused), and then every request panicked adding it to the clock: a
 /// direct call panicked in the caller, and a watch's task died with the watch left
