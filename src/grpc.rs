@@ -402,12 +402,26 @@ impl GrpcClassifier {
     /// response), or a gRPC-Web content type (`application/grpc-web`, `-web-text`: a
     /// success, see the [module docs](self#grpc-web)); `None` when the status is to come
     /// in the trailers.
+    ///
+    /// An answer a seawall rate limit made itself is [`Outcome::Ignored`], whatever its
+    /// status: marked [`Refused`](crate::rate_limit::http::Refused) (an HTTP limit's
+    /// `429`, or [`GrpcRefusalLayer`]'s `RESOURCE_EXHAUSTED` for a limit's refusal) or
+    /// [`Undecided`](crate::rate_limit::http::Undecided) (a missing key, a store that
+    /// could not be reached). A client's own refusals are not the dependency's failures.
     pub fn classify_head<B>(&self, response: &http::Response<B>) -> Option<Outcome> {
         if response.status() != http::StatusCode::OK {
+            if crate::circuit_breaker::http::answered_by_a_rate_limit(response) {
+                return Some(Outcome::Ignored);
+            }
             return Some(self.classify_code(GrpcCode::from_http_status(response.status())));
         }
         let headers = response.headers();
         if let Some(code) = GrpcCode::from_headers(headers) {
+            if code != GrpcCode::Ok
+                && crate::circuit_breaker::http::answered_by_a_rate_limit(response)
+            {
+                return Some(Outcome::Ignored);
+            }
             return Some(self.classify_code(code));
         }
         headers
@@ -893,7 +907,10 @@ pub(crate) fn percent_encode(message: &str) -> String {
 
 /// The trailers-only gRPC answer to one of seawall's refusals found in `error`'s
 /// `source()` chain (see the [module docs](self#refusals-as-grpc-statuses)), with an
-/// empty body; `None` for any other error.
+/// empty body; `None` for any other error. A rate limit's refusal
+/// (`RESOURCE_EXHAUSTED`) is marked [`Refused`](crate::rate_limit::http::Refused) in the
+/// extensions, as the HTTP limit's `429` is, so that a [`GrpcClassifier`] further out
+/// does not count it against the dependency.
 pub fn refusal_response<B: Default>(error: &crate::BoxError) -> Option<http::Response<B>> {
     use crate::problem::Refusal;
     let (code, message, pushback) = match crate::problem::refusal_of(error) {
@@ -914,6 +931,13 @@ pub fn refusal_response<B: Default>(error: &crate::BoxError) -> Option<http::Res
     };
     let mut response = http::Response::new(B::default());
     set_status_headers(response.headers_mut(), code, &message, pushback);
+    if code == GrpcCode::ResourceExhausted {
+        // A limit's refusal, as the HTTP limit's `429` is marked: classifiers further out
+        // do not count it against the dependency.
+        response
+            .extensions_mut()
+            .insert(crate::rate_limit::http::Refused);
+    }
     Some(response)
 }
 

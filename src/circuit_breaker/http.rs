@@ -109,7 +109,7 @@ impl<B, E: 'static> Classify<http::Response<B>, E> for HttpClassifier {
 /// Whether a seawall rate limit answered `response` itself (looked up only for a
 /// response with an error status).
 #[cold]
-fn answered_by_a_rate_limit<B>(response: &http::Response<B>) -> bool {
+pub(crate) fn answered_by_a_rate_limit<B>(response: &http::Response<B>) -> bool {
     let extensions = response.extensions();
     extensions
         .get::<crate::rate_limit::http::Refused>()

@@ -171,7 +171,7 @@ pub mod error;
 mod events;
 mod hot;
 #[cfg(feature = "http")]
-mod http;
+pub(crate) mod http;
 mod layer;
 mod registry;
 mod service;

@@ -195,6 +195,92 @@ async fn a_limit_inside_the_breaker_does_not_open_it() {
     assert_eq!((snapshot.calls, snapshot.failed_calls), (1, 0));
 }
 
+/// The same limit answered in gRPC's form inside the breaker (`GrpcRefusalLayer` below
+/// it, turning the limit's refusals into `RESOURCE_EXHAUSTED` answers): `GrpcClassifier`
+/// counts `RESOURCE_EXHAUSTED` as a failure by default, and counted the limit's own
+/// answers, so a burst against the client's limit opened the breaker in front of a
+/// healthy server.
+#[tokio::test]
+async fn a_limit_answered_as_a_grpc_status_inside_the_breaker_does_not_open_it() {
+    use seawall::grpc::GrpcRefusalLayer;
+    use seawall::rate_limit::{ManualClock, Quota, Rate, RateLimitLayer, RateLimiter};
+
+    let layer = CircuitBreakerLayer::new(config()).with_classifier(GrpcClassifier::new());
+    let breaker = layer.breaker().clone();
+    let limiter = RateLimiter::with_clock(
+        Quota::new(Rate::per_second(1), 1).unwrap(),
+        ManualClock::new(),
+    );
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(GrpcBodyLayer)
+        .layer(GrpcRefusalLayer)
+        .layer(RateLimitLayer::from_limiter(limiter))
+        .service(channel(server("ok").await).await);
+    let mut client = HealthClient::new(svc);
+    client.check(named("ok")).await.expect("served");
+    for _ in 0..8 {
+        let status = client.check(named("ok")).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    }
+    assert_eq!(breaker.state(), State::Closed, "{:?}", breaker.snapshot());
+    let snapshot = breaker.snapshot();
+    assert_eq!((snapshot.calls, snapshot.failed_calls), (1, 0));
+}
+
+/// An HTTP rate limit inside the breaker (`HttpRateLimitLayer` in a gRPC client's stack
+/// over hyper) answers a call over the limit with its own `429`, marked `Refused`, which
+/// gRPC reads as `UNAVAILABLE` (the HTTP status mapping). `HttpClassifier` ignores
+/// marked answers; `GrpcClassifier` counted them as the server's failures.
+#[tokio::test(start_paused = true)]
+async fn an_http_limit_inside_the_breaker_does_not_open_it() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use seawall::rate_limit::http::{HttpRateLimitLayer, Refused};
+    use seawall::rate_limit::{ManualClock, Quota, Rate, RateLimiter};
+    use tower::{Service, ServiceExt};
+
+    let layer = CircuitBreakerLayer::new(config()).with_classifier(GrpcClassifier::new());
+    let breaker = layer.breaker().clone();
+    let limiter = RateLimiter::with_clock(
+        Quota::new(Rate::per_second(1), 1).unwrap(),
+        ManualClock::new(),
+    );
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(GrpcBodyLayer)
+        .layer(HttpRateLimitLayer::global(limiter))
+        .service_fn(move |_: http::Request<()>| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // A trailers-only OK.
+            let answer = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "0")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            async { Ok::<_, seawall::BoxError>(answer) }
+        });
+    for i in 0..9 {
+        let answer = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}: {:?}", breaker.snapshot()));
+        if i > 0 {
+            assert_eq!(answer.status(), http::StatusCode::TOO_MANY_REQUESTS);
+            assert!(answer.extensions().get::<Refused>().is_some());
+        }
+    }
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(breaker.state(), State::Closed, "{:?}", breaker.snapshot());
+    let snapshot = breaker.snapshot();
+    assert_eq!((snapshot.calls, snapshot.failed_calls), (1, 0));
+}
+
 #[tokio::test]
 async fn not_found_and_ok_do_not_open_it() {
     let (mut client, breaker) = guarded(server("ok").await).await;
