@@ -133,6 +133,66 @@ async fn redis_down_applies_the_policy_fast_and_recovers_when_it_returns() {
     }
 }
 
+/// Failing open, a request for more tokens than the local share's burst but no more than
+/// the quota's was refused as never admissible (`exceeds_capacity`, no `retry_after`: an
+/// HTTP layer's `429` without `Retry-After`), though Redis admits it as soon as it is
+/// back. It is refused until the breaker guarding Redis lets a check through again.
+#[tokio::test]
+async fn redis_down_refuses_a_request_only_redis_can_admit_for_a_while_not_for_ever() {
+    let port = RedisServer::free_port();
+    let redis = RedisServer::start(port).await;
+    let limiter = RedisRateLimiter::builder(redis.url(), quota(60, 10))
+        .prefix("share")
+        .timeout(Duration::from_millis(200))
+        .failure_policy(FailurePolicy::FailOpen {
+            local_share: quota(60, 2),
+        })
+        .breaker(quick_breaker())
+        .build()
+        .unwrap();
+    assert_eq!(limiter.acquire("big", 5).await.unwrap().1, Source::Redis);
+
+    drop(redis); // killed
+    for _ in 0..4 {
+        match limiter.acquire("big", 5).await {
+            Err(RedisLimitError::Limited(refused)) => {
+                assert!(!refused.exceeds_capacity(), "never admissible? {refused:?}");
+                let wait = refused.retry_after().expect("a wait");
+                assert!(
+                    wait > Duration::ZERO && wait <= Duration::from_secs(1),
+                    "{wait:?}"
+                );
+                assert_eq!(refused.limit(), 10, "the quota's burst");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(limiter.breaker().state(), State::Open);
+    // A request over the quota's burst stays never admissible.
+    match limiter.acquire("big", 11).await {
+        Err(RedisLimitError::Limited(refused)) => assert!(refused.exceeds_capacity()),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The local share still serves what it can hold.
+    assert_eq!(limiter.acquire("small", 2).await.unwrap().1, Source::Local);
+
+    // Redis is back: the same request is admitted.
+    let _redis = RedisServer::start(port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match limiter.acquire("big", 5).await {
+            Ok((_, Source::Redis)) => break,
+            Err(RedisLimitError::Limited(refused)) => {
+                assert!(!refused.exceeds_capacity(), "{refused:?}");
+                let wait = refused.retry_after().expect("a wait");
+                tokio::time::sleep(wait.min(Duration::from_millis(100))).await;
+            }
+            other => panic!("unexpected: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "not admitted within 10 s");
+    }
+}
+
 #[test]
 fn bad_settings_are_typed_errors() {
     assert!(

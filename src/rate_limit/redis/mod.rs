@@ -283,7 +283,10 @@ return {grant, math.floor((limit - nxt) / interval), nxt - now}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailurePolicy {
     /// Keep serving from local buckets, one per key, each holding this replica's share of
-    /// the key's quota (for example the quota divided by the number of replicas).
+    /// the key's quota (for example the quota divided by the number of replicas). A
+    /// request for more tokens than the share's burst but no more than the quota's is
+    /// refused with a wait (until the breaker guarding Redis lets a check through again,
+    /// or a second), not as never admissible: Redis admits it once it is back.
     FailOpen {
         /// This replica's share.
         local_share: Quota,
@@ -767,7 +770,17 @@ impl RedisRateLimiter {
     ) -> (Result<(Admitted, Source), RedisLimitError>, &'static str) {
         match (&self.inner.policy, &self.inner.local) {
             (FailurePolicy::FailOpen { .. }, Some(local)) => {
-                let decision = local.acquire(key, tokens);
+                let decision = local.acquire(key, tokens).map_err(|refused| {
+                    if refused.exceeds_capacity() {
+                        // More than the local share's burst, but within the quota's
+                        // (checked before asking Redis): admissible once Redis answers
+                        // again, so refused until then, not as never admissible (a
+                        // caller told "never" gives up on a request it may send again).
+                        self.until_redis_may_answer()
+                    } else {
+                        refused
+                    }
+                });
                 self.failed_open(&error, decision.is_ok());
                 (
                     decision
@@ -781,6 +794,27 @@ impl RedisRateLimiter {
                 (Err(RedisLimitError::Unavailable(error)), "unavailable")
             }
         }
+    }
+
+    /// The refusal of a request only Redis could admit, Redis being unavailable: retry
+    /// when the breaker guarding Redis lets a check through again (at once when it is not
+    /// open: then in a second, as for a check refused failing closed).
+    #[cold]
+    fn until_redis_may_answer(&self) -> RateLimited {
+        let inner = &self.inner;
+        let wait = inner
+            .breaker
+            .snapshot()
+            .retry_at
+            .map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
+            .filter(|wait| !wait.is_zero())
+            .unwrap_or(Duration::from_secs(1));
+        RateLimited::after(
+            wait,
+            inner.limit,
+            Duration::from_micros(inner.tau_us),
+            Duration::ZERO,
+        )
     }
 
     /// Reports a check refused because Redis could not answer it
