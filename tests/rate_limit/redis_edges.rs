@@ -888,3 +888,39 @@ async fn batched_tokens_age_from_when_redis_took_them() {
         served.map(|(_, source)| source)
     );
 }
+
+/// A refusal Redis gave is kept and answered again without a round trip until its wait
+/// has passed. The wait runs from when Redis decided, but was counted from when its
+/// answer arrived: with answers slow to come back (here 450 ms), the cached refusal
+/// outlived the wait by that much and refused requests Redis would admit.
+#[tokio::test]
+async fn cached_refusals_age_from_when_redis_gave_them() {
+    let redis = RedisServer::start(RedisServer::free_port()).await;
+    let slow = slow_replies(redis.port, Duration::from_millis(450)).await;
+    // One a second, burst 1.
+    let quota = Quota::new(Rate::per_second(1), 1).unwrap();
+    let limiter = RedisRateLimiter::builder(format!("redis://127.0.0.1:{slow}/"), quota)
+        .prefix("refusal-slow")
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    assert_eq!(limiter.acquire("k", 1).await.unwrap().1, Source::Redis);
+    // Sent at least 450 ms after Redis took the token: refused for what is left of the
+    // second, the answer coming 450 ms later still.
+    let sent = tokio::time::Instant::now();
+    let wait = match limiter.acquire("k", 1).await {
+        Err(RedisLimitError::Limited(refused)) => refused.retry_after().expect("a wait"),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(wait <= Duration::from_millis(560), "{wait:?}");
+    // Past the wait as Redis counted it (and 350 ms before it ends counted from the
+    // answer's arrival): Redis is asked, and admits.
+    tokio::time::sleep_until(sent + wait + Duration::from_millis(100)).await;
+    let again = limiter.acquire("k", 1).await;
+    assert_eq!(
+        limiter.last_source(),
+        Some("redis"),
+        "refused from the cache: {again:?}"
+    );
+    assert_eq!(again.unwrap().1, Source::Redis);
+}

@@ -477,7 +477,9 @@ const DECISION_SOURCES: [&str; 7] = [
 /// without a round trip. Exact, not an approximation: Redis's bucket is shared, so no
 /// replica can take those tokens before the refusal's `retry_after` either (a request for
 /// fewer tokens than the cached refusal's still goes to Redis; one for more is told its own
-/// wait: the cached one and a refill interval per extra token).
+/// wait: the cached one and a refill interval per extra token). A refusal's wait runs from
+/// when its check was sent (Redis decided after it), so a slow answer never keeps it past
+/// its end.
 struct Refusals {
     max_keys: usize,
     /// The refill interval: each token more than the cached refusal's is that much later.
@@ -512,14 +514,16 @@ impl Refusals {
         })
     }
 
-    fn store(&self, key: &str, tokens: u32, refused: RateLimited) {
+    /// Keeps `refused`, which Redis gave after `asked` (when the check was sent): its
+    /// wait runs from then.
+    fn store(&self, key: &str, tokens: u32, refused: RateLimited, asked: tokio::time::Instant) {
         let Some(wait) = refused.retry_after() else {
             return;
         };
-        if wait.is_zero() {
+        let now = tokio::time::Instant::now();
+        if asked + wait <= now {
             return;
         }
-        let now = tokio::time::Instant::now();
         let mut by_key = self.by_key.lock();
         if by_key.len() >= self.max_keys {
             // Bounded: expired refusals go first, then all of them (dropping one only
@@ -533,8 +537,8 @@ impl Refusals {
             key.to_owned(),
             Refusal {
                 tokens,
-                at: now,
-                until: now + wait,
+                at: asked,
+                until: asked + wait,
                 refused,
             },
         );
@@ -739,14 +743,14 @@ impl RedisRateLimiter {
                 want = want.max(batch.size);
             }
         }
-        // Before the round trip: Redis takes the tokens after this instant, so a reserve
-        // aged from it is never served more than `max_age` after they left the shared
-        // bucket (aged from the answer's arrival, a slow answer stretched the bound).
-        // Read only when tokens are asked for ahead.
-        let asked = (want > tokens).then(tokio::time::Instant::now);
+        // Before the round trip: Redis decides after this instant, so a reserve aged from
+        // it is never served more than `max_age` after its tokens left the shared bucket,
+        // and a refusal kept is never held past its wait (aged from the answer's arrival,
+        // a slow answer stretched both).
+        let asked = tokio::time::Instant::now();
         match self.ask_redis_guarded(key, tokens, want).await {
             Ok(Ok((admitted, granted))) => {
-                if let (Some(batch), Some(asked)) = (&inner.batch, asked) {
+                if let Some(batch) = &inner.batch {
                     if granted > tokens {
                         batch.store(key, granted - tokens, admitted, asked);
                     }
@@ -754,7 +758,7 @@ impl RedisRateLimiter {
                 (Ok((admitted, Source::Redis)), "redis")
             }
             Ok(Err(limited)) => {
-                inner.refusals.store(key, tokens, limited);
+                inner.refusals.store(key, tokens, limited, asked);
                 (Err(RedisLimitError::Limited(limited)), "redis")
             }
             Err(error) => self.unavailable(key, tokens, error),
