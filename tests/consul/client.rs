@@ -1612,6 +1612,64 @@ impl RestartingAgent {
     }
 }
 
+/// An agent about to restart with a lower index, and a watch following it through a
+/// [`RestartingAgent`].
+struct Restart {
+    /// The agent before the restart: `a`, its raft log far along (index 100 000).
+    old: ConsulDouble,
+    /// The agent after it: started again from a low index, with what it holds now.
+    restarted: ConsulDouble,
+    agent: RestartingAgent,
+    client: ConsulClient,
+    watch: ConsulWatch,
+    instances: InstanceWatch,
+}
+
+impl Restart {
+    /// The watch of `service` (a 30 s wait, `min_interval`, a backoff of 20 s) has
+    /// published `a` from the old agent and is blocking on it; the restarted agent holds
+    /// `holds`.
+    async fn watching(service: &str, holds: &[&str], min_interval: (Duration, u32)) -> Self {
+        let port = |id: &str| 9300 + u16::from(id.as_bytes()[0] - b'a');
+        let old = ConsulDouble::start().await;
+        old.register(node_registration(service, "a", port("a"), None))
+            .unwrap();
+        old.set_index(100_000);
+        let restarted = ConsulDouble::start().await;
+        for id in holds {
+            restarted
+                .register(node_registration(service, id, port(id), None))
+                .unwrap();
+        }
+        assert!(restarted.index() < 1_000);
+
+        let agent = RestartingAgent::start(old.addr()).await;
+        let client = client_for(&agent.addr.to_string(), None);
+        let config = WatchConfig::builder()
+            .wait(Duration::from_secs(30))
+            .min_interval(min_interval.0, min_interval.1)
+            .backoff(Duration::from_secs(20), Duration::from_secs(20))
+            .build()
+            .unwrap();
+        let watch = ConsulWatch::spawn(client.clone(), service, config);
+        let mut instances = watch.instances();
+        watch_until(&mut instances, "a", PATIENCE, |s| ids(s) == ["a"]).await;
+        assert!(
+            old.wait_for_waiting_queries(1, PATIENCE).await,
+            "the watch blocks on the old agent"
+        );
+        assert_eq!(watch.index(), 100_000);
+        Self {
+            old,
+            restarted,
+            agent,
+            client,
+            watch,
+            instances,
+        }
+    }
+}
+
 /// The agent restarts with a lower index (a dev agent, a single-server cluster rebuilt,
 /// its data directory lost) while the watch's blocking query is held. The watch must start
 /// over with a full query ("After an outage the agent's index may be anything: start over
@@ -1625,38 +1683,16 @@ impl RestartingAgent {
 #[tokio::test]
 async fn watch_resyncs_after_a_restart_that_lowers_the_index() {
     let service = unique("restart-lower");
-    let old = ConsulDouble::start().await;
-    old.register(node_registration(&service, "a", 9301, None))
-        .unwrap();
-    // The old agent's raft log is far along.
-    old.set_index(100_000);
-    // The restarted agent starts again from a low index, with what it holds now.
-    let restarted = ConsulDouble::start().await;
-    restarted
-        .register(node_registration(&service, "a", 9301, None))
-        .unwrap();
-    restarted
-        .register(node_registration(&service, "b", 9302, None))
-        .unwrap();
-    assert!(restarted.index() < 1_000);
-
-    let agent = RestartingAgent::start(old.addr()).await;
-    let client = client_for(&agent.addr.to_string(), None);
     // A backoff longer than the patience below: the restart must not go the error path
     // (a stale watch waiting out a backoff), and the status stays live.
-    let config = WatchConfig::builder()
-        .wait(Duration::from_secs(30))
-        .min_interval(Duration::from_millis(20), 2)
-        .backoff(Duration::from_secs(20), Duration::from_secs(20))
-        .build()
-        .unwrap();
-    let watch = ConsulWatch::spawn(client.clone(), &service, config);
-    let mut instances = watch.instances();
-    watch_until(&mut instances, "a", PATIENCE, |s| ids(s) == ["a"]).await;
-    assert!(
-        old.wait_for_waiting_queries(1, PATIENCE).await,
-        "the watch blocks on the old agent"
-    );
+    let Restart {
+        old: _old,
+        restarted,
+        agent,
+        client,
+        watch,
+        mut instances,
+    } = Restart::watching(&service, &["a", "b"], (Duration::from_millis(20), 2)).await;
     assert_eq!(watch.index(), 100_000);
 
     agent.switch(restarted.addr());
@@ -1693,7 +1729,7 @@ async fn watch_resyncs_after_a_restart_that_lowers_the_index() {
     );
     agent.switch(restarted.addr());
     restarted
-        .register(node_registration(&service, "c", 9303, None))
+        .register(node_registration(&service, "c", 9302, None))
         .unwrap();
     watch_until(&mut instances, "a, b and c", PATIENCE, |s| {
         ids(s) == ["a", "b", "c"]
@@ -1715,39 +1751,20 @@ async fn watch_resyncs_after_a_restart_that_lowers_the_index() {
 #[tokio::test]
 async fn watch_resyncs_after_a_restart_between_two_queries() {
     let service = unique("restart-between");
-    let old = ConsulDouble::start().await;
-    old.register(node_registration(&service, "a", 9321, None))
-        .unwrap();
-    old.set_index(100_000);
-    let restarted = ConsulDouble::start().await;
-    for (id, port) in [("a", 9321), ("b", 9322), ("c", 9323)] {
-        restarted
-            .register(node_registration(&service, id, port, None))
-            .unwrap();
-    }
-    assert!(restarted.index() < 1_000);
-
-    let agent = RestartingAgent::start(old.addr()).await;
-    let client = client_for(&agent.addr.to_string(), None);
     // One query in 2 s at most: after an answer the watch waits before the next one, and
     // the restart falls in that wait.
-    let config = WatchConfig::builder()
-        .wait(Duration::from_secs(30))
-        .min_interval(Duration::from_secs(2), 1)
-        .backoff(Duration::from_secs(20), Duration::from_secs(20))
-        .build()
-        .unwrap();
-    let watch = ConsulWatch::spawn(client.clone(), &service, config);
-    let mut instances = watch.instances();
-    watch_until(&mut instances, "a", PATIENCE, |s| ids(s) == ["a"]).await;
-    assert!(
-        old.wait_for_waiting_queries(1, PATIENCE).await,
-        "the watch blocks on the old agent"
-    );
+    let Restart {
+        old,
+        restarted,
+        agent,
+        client: _client,
+        watch,
+        mut instances,
+    } = Restart::watching(&service, &["a", "b", "c"], (Duration::from_secs(2), 1)).await;
     let requests = watch.requests();
 
     // A change answers the held query; the watch's next query is up to 2 s away.
-    old.register(node_registration(&service, "b", 9322, None))
+    old.register(node_registration(&service, "b", 9301, None))
         .unwrap();
     watch_until(&mut instances, "a and b", PATIENCE, |s| {
         ids(s) == ["a", "b"]

@@ -116,6 +116,32 @@ fn config() -> CircuitBreakerConfig {
         .expect("valid")
 }
 
+/// A breaker classifying by `grpc-status`, and a limit of one call, never refilled (its
+/// manual clock stands still), to put inside it.
+fn breaker_and_one_call() -> (
+    CircuitBreakerLayer<GrpcClassifier>,
+    Breaker,
+    seawall::rate_limit::RateLimiter<seawall::rate_limit::ManualClock>,
+) {
+    use seawall::rate_limit::{ManualClock, Quota, Rate, RateLimiter};
+
+    let layer = CircuitBreakerLayer::new(config()).with_classifier(GrpcClassifier::new());
+    let breaker = layer.breaker().clone();
+    let limiter = RateLimiter::with_clock(
+        Quota::new(Rate::per_second(1), 1).unwrap(),
+        ManualClock::new(),
+    );
+    (layer, breaker, limiter)
+}
+
+/// The breaker counted the one call that reached the server, a success, and none of the
+/// limit's refusals.
+fn only_the_served_call_counted(breaker: &Breaker) {
+    assert_eq!(breaker.state(), State::Closed, "{:?}", breaker.snapshot());
+    let snapshot = breaker.snapshot();
+    assert_eq!((snapshot.calls, snapshot.failed_calls), (1, 0));
+}
+
 /// A health client whose channel is guarded by a breaker classifying by `grpc-status`.
 async fn guarded(
     addr: SocketAddr,
@@ -166,15 +192,9 @@ async fn unavailable_opens_the_breaker() {
 /// breaker in front of a healthy server.
 #[tokio::test]
 async fn a_limit_inside_the_breaker_does_not_open_it() {
-    use seawall::rate_limit::{ManualClock, Quota, Rate, RateLimitLayer, RateLimited, RateLimiter};
+    use seawall::rate_limit::{RateLimitLayer, RateLimited};
 
-    let layer = CircuitBreakerLayer::new(config()).with_classifier(GrpcClassifier::new());
-    let breaker = layer.breaker().clone();
-    // One call's worth of tokens, never refilled.
-    let limiter = RateLimiter::with_clock(
-        Quota::new(Rate::per_second(1), 1).unwrap(),
-        ManualClock::new(),
-    );
+    let (layer, breaker, limiter) = breaker_and_one_call();
     let svc = ServiceBuilder::new()
         .layer(layer)
         .layer(RateLimitLayer::from_limiter(limiter))
@@ -190,9 +210,7 @@ async fn a_limit_inside_the_breaker_does_not_open_it() {
         }
         assert!(cause.is_some(), "the limit's refusal: {status:?}");
     }
-    assert_eq!(breaker.state(), State::Closed, "{:?}", breaker.snapshot());
-    let snapshot = breaker.snapshot();
-    assert_eq!((snapshot.calls, snapshot.failed_calls), (1, 0));
+    only_the_served_call_counted(&breaker);
 }
 
 /// The same limit answered in gRPC's form inside the breaker (`GrpcRefusalLayer` below
@@ -203,14 +221,9 @@ async fn a_limit_inside_the_breaker_does_not_open_it() {
 #[tokio::test]
 async fn a_limit_answered_as_a_grpc_status_inside_the_breaker_does_not_open_it() {
     use seawall::grpc::GrpcRefusalLayer;
-    use seawall::rate_limit::{ManualClock, Quota, Rate, RateLimitLayer, RateLimiter};
+    use seawall::rate_limit::RateLimitLayer;
 
-    let layer = CircuitBreakerLayer::new(config()).with_classifier(GrpcClassifier::new());
-    let breaker = layer.breaker().clone();
-    let limiter = RateLimiter::with_clock(
-        Quota::new(Rate::per_second(1), 1).unwrap(),
-        ManualClock::new(),
-    );
+    let (layer, breaker, limiter) = breaker_and_one_call();
     let svc = ServiceBuilder::new()
         .layer(layer)
         .layer(GrpcBodyLayer)
@@ -223,9 +236,7 @@ async fn a_limit_answered_as_a_grpc_status_inside_the_breaker_does_not_open_it()
         let status = client.check(named("ok")).await.unwrap_err();
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     }
-    assert_eq!(breaker.state(), State::Closed, "{:?}", breaker.snapshot());
-    let snapshot = breaker.snapshot();
-    assert_eq!((snapshot.calls, snapshot.failed_calls), (1, 0));
+    only_the_served_call_counted(&breaker);
 }
 
 /// An HTTP rate limit inside the breaker (`HttpRateLimitLayer` in a gRPC client's stack
@@ -237,15 +248,9 @@ async fn an_http_limit_inside_the_breaker_does_not_open_it() {
     use bytes::Bytes;
     use http_body_util::Full;
     use seawall::rate_limit::http::{HttpRateLimitLayer, Refused};
-    use seawall::rate_limit::{ManualClock, Quota, Rate, RateLimiter};
     use tower::{Service, ServiceExt};
 
-    let layer = CircuitBreakerLayer::new(config()).with_classifier(GrpcClassifier::new());
-    let breaker = layer.breaker().clone();
-    let limiter = RateLimiter::with_clock(
-        Quota::new(Rate::per_second(1), 1).unwrap(),
-        ManualClock::new(),
-    );
+    let (layer, breaker, limiter) = breaker_and_one_call();
     let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = served.clone();
     let mut svc = ServiceBuilder::new()
@@ -276,9 +281,7 @@ async fn an_http_limit_inside_the_breaker_does_not_open_it() {
         }
     }
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
-    assert_eq!(breaker.state(), State::Closed, "{:?}", breaker.snapshot());
-    let snapshot = breaker.snapshot();
-    assert_eq!((snapshot.calls, snapshot.failed_calls), (1, 0));
+    only_the_served_call_counted(&breaker);
 }
 
 #[tokio::test]

@@ -58,19 +58,25 @@ async fn replicas_share_one_limit() {
     assert!(replicas[0].acquire("other", 10).await.is_ok());
 }
 
+/// A limiter of `quota` kept in `redis` that fails open to a local share of burst 2 (60 a
+/// minute), each check within 200 ms, behind [`quick_breaker`].
+fn failing_open(redis: &RedisServer, prefix: &str, quota: Quota) -> RedisRateLimiter {
+    RedisRateLimiter::builder(redis.url(), quota)
+        .prefix(prefix)
+        .timeout(Duration::from_millis(200))
+        .failure_policy(FailurePolicy::FailOpen {
+            local_share: self::quota(60, 2),
+        })
+        .breaker(quick_breaker())
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn redis_down_applies_the_policy_fast_and_recovers_when_it_returns() {
     let port = RedisServer::free_port();
     let redis = RedisServer::start(port).await;
-    let open = RedisRateLimiter::builder(redis.url(), quota(60, 60))
-        .prefix("policy")
-        .timeout(Duration::from_millis(200))
-        .failure_policy(FailurePolicy::FailOpen {
-            local_share: quota(60, 2),
-        })
-        .breaker(quick_breaker())
-        .build()
-        .unwrap();
+    let open = failing_open(&redis, "policy", quota(60, 60));
     let closed = RedisRateLimiter::builder(redis.url(), quota(60, 60))
         .prefix("policy")
         .timeout(Duration::from_millis(200))
@@ -141,15 +147,7 @@ async fn redis_down_applies_the_policy_fast_and_recovers_when_it_returns() {
 async fn redis_down_refuses_a_request_only_redis_can_admit_for_a_while_not_for_ever() {
     let port = RedisServer::free_port();
     let redis = RedisServer::start(port).await;
-    let limiter = RedisRateLimiter::builder(redis.url(), quota(60, 10))
-        .prefix("share")
-        .timeout(Duration::from_millis(200))
-        .failure_policy(FailurePolicy::FailOpen {
-            local_share: quota(60, 2),
-        })
-        .breaker(quick_breaker())
-        .build()
-        .unwrap();
+    let limiter = failing_open(&redis, "share", quota(60, 10));
     assert_eq!(limiter.acquire("big", 5).await.unwrap().1, Source::Redis);
 
     drop(redis); // killed
