@@ -21,6 +21,10 @@ pub(crate) struct CallGuard {
     start: u64,
     /// The endpoint breaker's ticket for this call, if the endpoint has a breaker.
     breaker: Option<Ticket>,
+    /// Whether the call is a half-open breaker's probe: its end may let in a balancer that
+    /// the breaker left pending (the probes in flight took every permit). Only a probe's
+    /// end can: other calls pay nothing for it.
+    probe: bool,
 }
 
 impl CallGuard {
@@ -30,6 +34,7 @@ impl CallGuard {
         Self {
             stats: stats.clone(),
             start,
+            probe: breaker.as_ref().is_some_and(Ticket::is_probe),
             breaker,
         }
     }
@@ -46,8 +51,13 @@ impl CallGuard {
 impl Drop for CallGuard {
     #[inline]
     fn drop(&mut self) {
-        // A probe permit still held here goes back to the breaker with it.
+        // A probe permit still held here goes back to the breaker, before the balancers
+        // waiting for one are woken.
+        drop(self.breaker.take());
         self.stats.end_call();
+        if self.probe {
+            self.stats.set.wake_probe_waiters();
+        }
     }
 }
 

@@ -407,6 +407,7 @@ where
             let mut pending = false;
             let mut failed = None;
             let mut rejected = None;
+            let mut half_open = None;
             for pass in 0..2 {
                 for i in 0..n {
                     let at = (start + i) % n;
@@ -425,7 +426,14 @@ where
                             failed = Some((at, e));
                             break;
                         }
-                        Attempt::Rejected(d) => rejected = Some((at, d)),
+                        Attempt::Rejected(d) => {
+                            if self.set.slots[at].breaker.as_ref().is_some_and(|b| {
+                                b.state() == crate::circuit_breaker::State::HalfOpen
+                            }) {
+                                half_open = Some(at);
+                            }
+                            rejected = Some((at, d));
+                        }
                         Attempt::Pending => pending = true,
                     }
                 }
@@ -449,7 +457,27 @@ where
             // Pending: the endpoints polled hold our waker, and so does discovery. Endpoints
             // out of rotation come back by the clock: wake up when the first may.
             self.arm_return_timer(cx);
+            if let Some(at) = half_open {
+                // A half-open breaker refused, its probes in flight: the end of a call
+                // through a breaker wakes us (a probe that closes it puts its endpoint back
+                // in rotation, and the endpoints not ready may never wake us).
+                self.wait_for_probes(at, cx);
+            }
             return Poll::Pending;
+        }
+    }
+
+    /// Registers `cx` for the end of the next call through an endpoint breaker, then
+    /// looks at the half-open breaker of endpoint `at` again: if it has moved (its probe
+    /// ended before the registration), `cx` is woken at once.
+    #[cold]
+    fn wait_for_probes(&self, at: usize, cx: &mut Context<'_>) {
+        self.set.shared.wait_for_probes(cx.waker());
+        let moved = self.set.slots[at].breaker.as_ref().is_some_and(|b| {
+            b.state() != crate::circuit_breaker::State::HalfOpen || !Admission::ask(b).rejects()
+        });
+        if moved {
+            cx.waker().wake_by_ref();
         }
     }
 

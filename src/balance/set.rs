@@ -24,7 +24,9 @@ pub(crate) struct Slot<S> {
 
 impl<S> Slot<S> {
     /// In rotation: not ejected and its breaker (if any) not open. Half-open breakers count
-    /// as available; the breaker decides on probes when the endpoint is picked.
+    /// as available; the breaker decides on probes when the endpoint is picked. So does an
+    /// open one whose wait is over: its move to half-open is made by the next admission
+    /// (its timer task, if it has one, may be late, or gone with the runtime it ran on).
     #[inline]
     pub(crate) fn available(&self) -> bool {
         if self.stats.is_ejected() {
@@ -32,7 +34,11 @@ impl<S> Slot<S> {
         }
         match &self.breaker {
             None => true,
-            Some(b) => !matches!(b.state(), State::Open | State::ForcedOpen),
+            Some(b) => match b.state() {
+                State::ForcedOpen => false,
+                State::Open => b.open_wait_over(),
+                _ => true,
+            },
         }
     }
 }

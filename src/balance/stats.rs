@@ -39,6 +39,11 @@ pub(crate) struct SetShared {
     /// Whether ejections and readmissions go to the facade labelled by endpoint
     /// ([`BalanceBuilder::endpoint_metrics`](super::BalanceBuilder::endpoint_metrics)).
     pub(crate) endpoint_series: bool,
+    /// Balancers left pending while a half-open breaker refused them (its probes in
+    /// flight): a call through an endpoint breaker that ends may let them in, and nothing
+    /// else would wake them (an endpoint not ready may never).
+    probe_waiters: parking_lot::Mutex<Vec<std::task::Waker>>,
+    probe_waiting: std::sync::atomic::AtomicBool,
 }
 
 /// An endpoint's figures and breaker as the replicas of a balancer share them, with what
@@ -74,6 +79,45 @@ impl SetShared {
             replicas: AtomicUsize::new(0),
             members: parking_lot::Mutex::new(HashMap::new()),
             endpoint_series: true,
+            probe_waiters: parking_lot::Mutex::new(Vec::new()),
+            probe_waiting: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Registers `waker` to be woken when a call through an endpoint breaker ends.
+    /// The caller checks the breakers again afterwards (see `wake_probe_waiters`).
+    pub(crate) fn wait_for_probes(&self, waker: &std::task::Waker) {
+        let mut waiters = self.probe_waiters.lock();
+        if !waiters.iter().any(|w| w.will_wake(waker)) {
+            waiters.push(waker.clone());
+        }
+        self.probe_waiting.store(true, SeqCst);
+        drop(waiters);
+        // Pairs with the fence in `wake_probe_waiters`: either that call sees the flag, or
+        // the caller's check of the breakers after this sees the call's outcome.
+        std::sync::atomic::fence(SeqCst);
+    }
+
+    /// A call through an endpoint breaker ended (its ticket recorded or returned): wakes
+    /// the balancers a half-open breaker left pending.
+    #[inline]
+    pub(crate) fn wake_probe_waiters(&self) {
+        std::sync::atomic::fence(SeqCst);
+        if !self.probe_waiting.load(Relaxed) {
+            return;
+        }
+        self.wake_probe_waiters_slow();
+    }
+
+    #[cold]
+    fn wake_probe_waiters_slow(&self) {
+        let woken = {
+            let mut waiters = self.probe_waiters.lock();
+            self.probe_waiting.store(false, Relaxed);
+            std::mem::take(&mut *waiters)
+        };
+        for waker in woken {
+            waker.wake();
         }
     }
 }

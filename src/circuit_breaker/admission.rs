@@ -301,6 +301,12 @@ impl Drop for Ticket {
 }
 
 impl Ticket {
+    /// Whether the call was admitted as a half-open probe.
+    #[inline]
+    pub(crate) fn is_probe(&self) -> bool {
+        self.word & 7 == Decision::PROBE
+    }
+
     #[cold]
     #[inline(never)]
     fn let_go(&mut self) {

@@ -881,6 +881,14 @@ impl Breaker {
         self.shared.state()
     }
 
+    /// Whether the breaker is open with its wait over: its next admission is a probe,
+    /// whether or not its timer task (if any) has moved it to half-open yet.
+    pub(crate) fn open_wait_over(&self) -> bool {
+        // `open_until` is published with the state word, read here with `Acquire`.
+        let w = self.shared.word.load(Acquire);
+        state_of(w) == State::Open && self.shared.now() >= self.shared.open_until.load(Relaxed)
+    }
+
     /// The window's figures and the state, read now.
     pub fn snapshot(&self) -> Snapshot {
         self.shared.snapshot()

@@ -978,3 +978,124 @@ async fn callers_sharing_an_empty_balancer_each_wait_at_most_the_bound() {
         "WhenEmpty::Wait(1s): the callers waited {waited:?}"
     );
 }
+
+/// One endpoint's breaker half-open with its probe in flight, the other endpoint not
+/// ready (its capacity held by calls that hang, so it will not wake anyone): a request
+/// waits, as it should (`a_busy_half_open_endpoint_does_not_fail_requests_...`). When the
+/// probe succeeds and closes the breaker, the endpoint is back in rotation: the waiting
+/// request must be served there, not left waiting for a wake-up nothing sends ("it is
+/// pending only when none is ready, and then every endpoint (and discovery) will wake
+/// it").
+#[tokio::test(start_paused = true)]
+async fn a_pending_balancer_wakes_when_a_probe_closes_a_breaker() {
+    use seawall::balance::SharedBalance;
+    let c = ctls(5);
+    let template = CircuitBreakerConfig::builder()
+        .sliding_window(SlidingWindow::count_based(1))
+        .minimum_calls(1)
+        .failure_rate_threshold(0.5)
+        .wait_in_open(Duration::from_secs(5))
+        .permitted_calls_in_half_open(1)
+        .build()
+        .unwrap();
+    let lb = Balance::builder()
+        .endpoint_breaker(template)
+        .build(ServiceDiscover::new(
+            seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
+            make(c.clone()),
+        ));
+    let handle = lb.handle().clone();
+    let shared = SharedBalance::new(lb);
+    let breaker_of = |port: &str| {
+        handle
+            .endpoints()
+            .into_iter()
+            .find(|e| e.address.ends_with(port))
+            .and_then(|e| e.breaker)
+    };
+    c[2].ready.store(1, SeqCst);
+    c[1].fail.store(true, SeqCst);
+    assert!(shared.call(0u64, None).await.is_err());
+    assert_eq!(breaker_of(":1"), Some(State::Open));
+    tokio::time::advance(Duration::from_secs(6)).await;
+    tokio::task::yield_now().await;
+
+    // The probe: held until released.
+    c[1].fail.store(false, SeqCst);
+    let _ = c[1].hold.forget_permits(usize::MAX);
+    let probe = tokio::spawn(shared.call(0u64, None));
+    tokio::task::yield_now().await;
+    assert_eq!(breaker_of(":1"), Some(State::HalfOpen));
+    let waiting = tokio::spawn(shared.call(0u64, None));
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished(), "nothing to serve it yet");
+
+    // The probe succeeds: the breaker closes and endpoint 1 is in rotation again.
+    c[1].hold.add_permits(1_000);
+    assert_eq!(probe.await.unwrap().unwrap(), 1);
+    assert_eq!(breaker_of(":1"), Some(State::Closed));
+    let served = tokio::time::timeout(Duration::from_secs(60), waiting).await;
+    assert!(
+        matches!(served, Ok(Ok(Ok(1)))),
+        "the waiting request was never woken once endpoint 1 was back: {served:?}"
+    );
+}
+
+/// An endpoint breaker opened while the balancer ran on a runtime that is gone since (a
+/// client built once and driven by short-lived runtimes, as blocking wrappers do): the
+/// breaker's own move to half-open was a task of that runtime. "The open state does not
+/// depend on it (a rejection compares the clock with the deadline)", and "open breakers
+/// take the endpoint out of rotation, half-open ones get their probes": once the wait is
+/// over the endpoint must get its probe, not stay out of rotation for good while the
+/// other endpoint serves.
+#[test]
+fn an_open_endpoint_breaker_is_probed_after_its_wait_without_its_timer_task() {
+    let c = ctls(5);
+    let template = CircuitBreakerConfig::builder()
+        .sliding_window(SlidingWindow::count_based(1))
+        .minimum_calls(1)
+        .failure_rate_threshold(0.5)
+        .wait_in_open(Duration::from_millis(20))
+        .permitted_calls_in_half_open(1)
+        .build()
+        .unwrap();
+    let mut lb = Balance::builder()
+        .endpoint_breaker(template)
+        .build(ServiceDiscover::new(
+            seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
+            make(c.clone()),
+        ));
+    let handle = lb.handle().clone();
+    let one = move || {
+        handle
+            .endpoints()
+            .into_iter()
+            .find(|e| e.address.ends_with(":1"))
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    c[1].fail.store(true, SeqCst);
+    runtime().block_on(async {
+        while one().and_then(|e| e.breaker) != Some(State::Open) {
+            let _ = lb.ready().await.unwrap().call(0).await;
+        }
+    });
+    // That runtime is gone, its tasks with it. The wait passes.
+    c[1].fail.store(false, SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    let before = one().unwrap().calls;
+    runtime().block_on(async {
+        for _ in 0..200 {
+            lb.ready().await.unwrap().call(0).await.unwrap();
+        }
+    });
+    let after = one().unwrap();
+    assert!(
+        after.calls > before && after.breaker == Some(State::Closed),
+        "endpoint 1 was never probed after its wait: {after:?}"
+    );
+}
