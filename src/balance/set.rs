@@ -90,6 +90,12 @@ impl<K, S> EndpointSet<K, S> {
         if !slot.stats.release() {
             return;
         }
+        // Calls still in flight through this version's breaker record into it: its state
+        // is no longer the endpoint's to report (a newer version, at another address, may
+        // report under the same name).
+        if let Some(breaker) = &slot.breaker {
+            breaker.mute_state_series();
+        }
         if let Some(versions) = members.get_mut(&slot.stats.label) {
             versions.retain(|m| !Arc::ptr_eq(&m.stats, &slot.stats));
             if versions.is_empty() {

@@ -881,6 +881,14 @@ impl Breaker {
         self.shared.state()
     }
 
+    /// Stops the breaker's state gauge and transitions from reaching the `metrics` facade:
+    /// a breaker let go of while calls through it are in flight (a balancer's endpoint
+    /// version gone), whose name a newer breaker reports under.
+    pub(crate) fn mute_state_series(&self) {
+        #[cfg(feature = "metrics")]
+        self.shared.metrics.mute_state();
+    }
+
     /// Whether the breaker is open with its wait over: its next admission is a probe,
     /// whether or not its timer task (if any) has moved it to half-open yet.
     pub(crate) fn open_wait_over(&self) -> bool {

@@ -14,6 +14,8 @@ pub(crate) struct Metrics {
     state: Gauge,
     /// Whether transitions are counted (handles made on the way, so not `noop`).
     on: bool,
+    /// Set when the breaker no longer speaks for its name (see `mute_state`).
+    muted: std::sync::atomic::AtomicBool,
 }
 
 impl Metrics {
@@ -30,6 +32,7 @@ impl Metrics {
                 rejected: Counter::noop(),
                 state: Gauge::noop(),
                 on,
+                muted: std::sync::atomic::AtomicBool::new(false),
             };
         }
         let calls = |outcome: &'static str| {
@@ -55,7 +58,15 @@ impl Metrics {
             ),
             state,
             on,
+            muted: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The state gauge and the transitions are no longer this breaker's to report: another
+    /// breaker of the same name has taken over the series (a balancer's endpoint that
+    /// moved, whose old version's late calls still reach this one).
+    pub(crate) fn mute_state(&self) {
+        self.muted.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     #[inline]
@@ -71,7 +82,7 @@ impl Metrics {
     }
 
     pub(crate) fn transition(&self, name: &str, from: State, to: State) {
-        if !self.on {
+        if !self.on || self.muted.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         self.state.set(to.as_gauge());

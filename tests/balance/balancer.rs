@@ -1186,3 +1186,69 @@ async fn an_instance_changing_but_its_address_and_weight_keeps_its_ejection() {
     assert_eq!(failures, 0, "no call reached it");
     assert_eq!(fleet.calls(1), calls_before);
 }
+
+/// An instance moves (same ID, new address) while a call to its old address is in
+/// flight; that call then fails, as calls to a host going away do. Its failure is the old
+/// version's: the endpoint's breaker series, `users/<endpoint>` (the one name both
+/// versions report under), must keep showing the breaker of the endpoint in rotation,
+/// which is closed, not the old version's, opened by the late failure and never closed
+/// again (no call reaches it any more).
+#[cfg(feature = "metrics")]
+#[tokio::test(start_paused = true)]
+async fn a_moved_endpoints_late_failure_does_not_show_its_breaker_open() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    let hold = Arc::new(Semaphore::new(0));
+    let fleet = Fleet {
+        hold: Some(hold.clone()),
+        ..Fleet::default()
+    };
+    let at = |port| Instance::new(InstanceId::new("n", "x"), "svc", "127.0.0.1", port);
+    let publisher = Publisher::live(vec![at(1)]);
+    let template = CircuitBreakerConfig::builder()
+        .sliding_window(SlidingWindow::count_based(1))
+        .minimum_calls(1)
+        .failure_rate_threshold(0.5)
+        .wait_in_open(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut lb = Balance::builder()
+        .name("users")
+        .endpoint_breaker(template)
+        .build(ServiceDiscover::new(publisher.subscribe(), fleet.make()));
+    fleet.fail(1, true);
+    let late = tokio::spawn(lb.ready().await.unwrap().call(0));
+    tokio::task::yield_now().await;
+    // The instance moves; the balancer follows.
+    publisher.publish(vec![at(2)]);
+    std::future::poll_fn(|cx| Poll::Ready(lb.poll_discovery(cx)))
+        .await
+        .unwrap();
+    hold.add_permits(1_000);
+    assert!(late.await.unwrap().is_err(), "the old address failed");
+    assert_eq!(send(&mut lb).await.unwrap(), 2);
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_secs(10)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(send(&mut lb).await.unwrap(), 2);
+    }
+    let status = lb.handle().endpoints();
+    assert_eq!(status[0].breaker, Some(State::Closed), "{status:?}");
+    let gauge = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find_map(|(key, _, _, value)| {
+            let k = key.key();
+            (k.name() == "seawall_circuit_breaker_state"
+                && k.labels().any(|l| l.value() == "users/n/x"))
+            .then_some(value)
+        });
+    assert_eq!(
+        gauge,
+        Some(DebugValue::Gauge(State::Closed.as_gauge().into())),
+        "the endpoint's breaker series shows the old version's breaker"
+    );
+}
