@@ -21,10 +21,6 @@ pub(crate) struct CallGuard {
     start: u64,
     /// The endpoint breaker's ticket for this call, if the endpoint has a breaker.
     breaker: Option<Ticket>,
-    /// Whether the call is a half-open breaker's probe: its end may let in a balancer that
-    /// the breaker left pending (the probes in flight took every permit). Only a probe's
-    /// end can: other calls pay nothing for it.
-    probe: bool,
 }
 
 impl CallGuard {
@@ -34,7 +30,6 @@ impl CallGuard {
         Self {
             stats: stats.clone(),
             start,
-            probe: breaker.as_ref().is_some_and(Ticket::is_probe),
             breaker,
         }
     }
@@ -43,20 +38,34 @@ impl CallGuard {
     pub(crate) fn complete(mut self, outcome: Outcome) {
         self.stats.complete(outcome, self.start);
         if let Some(ticket) = self.breaker.take() {
+            let probe = ticket.is_probe();
             ticket.record(outcome);
+            if probe {
+                // A probe's outcome may have closed its breaker (or handed its permit
+                // back): balancers a half-open breaker left pending look again.
+                self.stats.set.wake_probe_waiters();
+            }
         }
+    }
+
+    /// A probe dropped unfinished: its permit goes back to the breaker, then the balancers
+    /// waiting for one are woken.
+    #[cold]
+    #[inline(never)]
+    fn let_go_of_probe(&mut self) {
+        drop(self.breaker.take());
+        self.stats.set.wake_probe_waiters();
     }
 }
 
 impl Drop for CallGuard {
     #[inline]
     fn drop(&mut self) {
-        // A probe permit still held here goes back to the breaker, before the balancers
-        // waiting for one are woken.
-        drop(self.breaker.take());
         self.stats.end_call();
-        if self.probe {
-            self.stats.set.wake_probe_waiters();
+        // Only a probe's end can let in a balancer a half-open breaker left pending (the
+        // probes in flight held every permit): other calls pay one test for it.
+        if self.breaker.as_ref().is_some_and(Ticket::is_probe) {
+            self.let_go_of_probe();
         }
     }
 }

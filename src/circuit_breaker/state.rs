@@ -891,6 +891,8 @@ impl Breaker {
 
     /// Whether the breaker is open with its wait over: its next admission is a probe,
     /// whether or not its timer task (if any) has moved it to half-open yet.
+    #[cold]
+    #[inline(never)]
     pub(crate) fn open_wait_over(&self) -> bool {
         // `open_until` is published with the state word, read here with `Acquire`.
         let w = self.shared.word.load(Acquire);
