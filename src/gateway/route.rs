@@ -765,7 +765,9 @@ impl Route {
                 path,
                 peer = %peer.shown(),
                 status = response.status().as_u16(),
-                fallback = response.headers().contains_key(&FALLBACK_HEADER),
+                // The marker only the route's fallback sets: an upstream's answer may
+                // carry the header.
+                fallback = response.extensions().get::<FellBack>().is_some(),
                 elapsed_us = elapsed.as_micros() as u64,
                 "request"
             );

@@ -383,3 +383,73 @@ async fn admin_on_the_proxy_listener_without_a_token_is_warned_about() {
     closed.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The `request` event's `fallback` field says "whether a fallback answered" (the
+/// gateway's module docs); it was read from the `x-seawall-fallback` header, which an
+/// upstream's own answer can carry (the gateway passes it on): an upstream's `200` was
+/// logged as the route's fallback, on a route that has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_header_is_not_logged_as_a_fallback() {
+    let recorded = crate::recorded();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                let mut r = Response::new(Full::new(Bytes::from("the upstream's own")));
+                r.headers_mut()
+                    .insert("x-seawall-fallback", "true".parse().unwrap());
+                Ok::<_, Infallible>(r)
+            });
+            tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+        }
+    });
+    // A port nothing listens on: the fallback route's upstream.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gw = spawn(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nname = \"spoofed\"\npath_prefix = \"/spoofed\"\nservice = \"svc\"\n\
+         [[services]]\nname = \"svc\"\ninstances = [\"{addr}\"]\n\
+         [[routes]]\nname = \"fellback\"\npath_prefix = \"/down\"\nservice = \"down\"\n\
+         [routes.fallback]\nstatus = 200\nbody = '{{}}'\n\
+         [[services]]\nname = \"down\"\ninstances = [\"{dead}\"]\n"
+    ))
+    .await;
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    for path in ["/spoofed/x", "/down/x"] {
+        let request = Request::get(format!("http://{}{path}", gw.local_addr()))
+            .body(Full::default())
+            .unwrap();
+        timeout(BOUND, async {
+            let response = client.request(request).await.expect("the gateway answers");
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.expect("a body");
+        })
+        .await
+        .expect("bounded");
+    }
+    gw.shutdown().await;
+
+    let events = recorded.events.lock().unwrap();
+    let ours: Vec<_> = events
+        .iter()
+        .filter(|e| e.contains("route=spoofed") && e.contains("status=200"))
+        .collect();
+    assert_eq!(ours.len(), 1, "one request event: {events:?}");
+    assert!(
+        ours[0].contains("fallback=false"),
+        "the upstream answered, no fallback did: {}",
+        ours[0]
+    );
+    // The route's own fallback is still logged as one.
+    let fell: Vec<_> = events
+        .iter()
+        .filter(|e| e.contains("route=fellback"))
+        .collect();
+    assert_eq!(fell.len(), 1, "one request event: {events:?}");
+    assert!(fell[0].contains("fallback=true"), "{}", fell[0]);
+}
