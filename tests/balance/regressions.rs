@@ -215,23 +215,33 @@ async fn one_broken_endpoint_leaves_the_set_instead_of_failing_the_balancer() {
     assert!(err.is::<seawall::balance::NoEndpoints>(), "{err}");
 }
 
+/// A balancer over endpoints 1 and 2 of `$c`, each behind a breaker that opens on one
+/// failure, stays open for `$wait_in_open` and lets one probe through. (A macro: the
+/// balancer's type holds `make`'s closure, which has no name.)
+macro_rules! two_behind_breakers {
+    ($c:expr, $wait_in_open:expr) => {
+        Balance::builder()
+            .endpoint_breaker(
+                CircuitBreakerConfig::builder()
+                    .sliding_window(SlidingWindow::count_based(1))
+                    .minimum_calls(1)
+                    .failure_rate_threshold(0.5)
+                    .wait_in_open($wait_in_open)
+                    .permitted_calls_in_half_open(1)
+                    .build()
+                    .unwrap(),
+            )
+            .build(ServiceDiscover::new(
+                seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
+                make($c.clone()),
+            ))
+    };
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_busy_half_open_endpoint_does_not_fail_requests_another_endpoint_could_serve() {
     let c = ctls(5);
-    let template = CircuitBreakerConfig::builder()
-        .sliding_window(SlidingWindow::count_based(1))
-        .minimum_calls(1)
-        .failure_rate_threshold(0.5)
-        .wait_in_open(Duration::from_secs(5))
-        .permitted_calls_in_half_open(1)
-        .build()
-        .unwrap();
-    let mut lb = Balance::builder()
-        .endpoint_breaker(template)
-        .build(ServiceDiscover::new(
-            seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
-            make(c.clone()),
-        ));
+    let mut lb = two_behind_breakers!(c, Duration::from_secs(5));
     c[2].ready.store(1, SeqCst);
     c[1].fail.store(true, SeqCst);
     let _ = lb.ready().await.unwrap().call(0).await;
@@ -990,20 +1000,7 @@ async fn callers_sharing_an_empty_balancer_each_wait_at_most_the_bound() {
 async fn a_pending_balancer_wakes_when_a_probe_closes_a_breaker() {
     use seawall::balance::SharedBalance;
     let c = ctls(5);
-    let template = CircuitBreakerConfig::builder()
-        .sliding_window(SlidingWindow::count_based(1))
-        .minimum_calls(1)
-        .failure_rate_threshold(0.5)
-        .wait_in_open(Duration::from_secs(5))
-        .permitted_calls_in_half_open(1)
-        .build()
-        .unwrap();
-    let lb = Balance::builder()
-        .endpoint_breaker(template)
-        .build(ServiceDiscover::new(
-            seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
-            make(c.clone()),
-        ));
+    let lb = two_behind_breakers!(c, Duration::from_secs(5));
     let handle = lb.handle().clone();
     let shared = SharedBalance::new(lb);
     let breaker_of = |port: &str| {
@@ -1051,20 +1048,7 @@ async fn a_pending_balancer_wakes_when_a_probe_closes_a_breaker() {
 #[test]
 fn an_open_endpoint_breaker_is_probed_after_its_wait_without_its_timer_task() {
     let c = ctls(5);
-    let template = CircuitBreakerConfig::builder()
-        .sliding_window(SlidingWindow::count_based(1))
-        .minimum_calls(1)
-        .failure_rate_threshold(0.5)
-        .wait_in_open(Duration::from_millis(20))
-        .permitted_calls_in_half_open(1)
-        .build()
-        .unwrap();
-    let mut lb = Balance::builder()
-        .endpoint_breaker(template)
-        .build(ServiceDiscover::new(
-            seawall::discovery::InstanceWatch::fixed(vec![inst(1), inst(2)]),
-            make(c.clone()),
-        ));
+    let mut lb = two_behind_breakers!(c, Duration::from_millis(20));
     let handle = lb.handle().clone();
     let one = move || {
         handle
