@@ -458,18 +458,18 @@ where
             // out of rotation come back by the clock: wake up when the first may.
             self.arm_return_timer(cx);
             if let Some(at) = half_open {
-                // A half-open breaker refused, its probes in flight: the end of a call
-                // through a breaker wakes us (a probe that closes it puts its endpoint back
-                // in rotation, and the endpoints not ready may never wake us).
+                // A half-open breaker refused, its probes in flight: the end of a probe
+                // wakes us (one that closes the breaker puts its endpoint back in
+                // rotation, and the endpoints not ready may never wake us).
                 self.wait_for_probes(at, cx);
             }
             return Poll::Pending;
         }
     }
 
-    /// Registers `cx` for the end of the next call through an endpoint breaker, then
-    /// looks at the half-open breaker of endpoint `at` again: if it has moved (its probe
-    /// ended before the registration), `cx` is woken at once.
+    /// Registers `cx` for the end of the next probe of an endpoint breaker, then looks at
+    /// the half-open breaker of endpoint `at` again: if it has moved (its probe ended
+    /// before the registration), `cx` is woken at once.
     #[cold]
     fn wait_for_probes(&self, at: usize, cx: &mut Context<'_>) {
         self.set.shared.wait_for_probes(cx.waker());

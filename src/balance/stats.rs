@@ -40,8 +40,8 @@ pub(crate) struct SetShared {
     /// ([`BalanceBuilder::endpoint_metrics`](super::BalanceBuilder::endpoint_metrics)).
     pub(crate) endpoint_series: bool,
     /// Balancers left pending while a half-open breaker refused them (its probes in
-    /// flight): a call through an endpoint breaker that ends may let them in, and nothing
-    /// else would wake them (an endpoint not ready may never).
+    /// flight): a probe that ends may let them in, and nothing else would wake them (an
+    /// endpoint not ready may never).
     probe_waiters: parking_lot::Mutex<Vec<std::task::Waker>>,
     probe_waiting: std::sync::atomic::AtomicBool,
 }
@@ -84,8 +84,8 @@ impl SetShared {
         }
     }
 
-    /// Registers `waker` to be woken when a call through an endpoint breaker ends.
-    /// The caller checks the breakers again afterwards (see `wake_probe_waiters`).
+    /// Registers `waker` to be woken when an endpoint breaker's probe ends. The caller
+    /// checks the breaker again afterwards (see `wake_probe_waiters`).
     pub(crate) fn wait_for_probes(&self, waker: &std::task::Waker) {
         let mut waiters = self.probe_waiters.lock();
         if !waiters.iter().any(|w| w.will_wake(waker)) {
@@ -98,7 +98,7 @@ impl SetShared {
         std::sync::atomic::fence(SeqCst);
     }
 
-    /// A call through an endpoint breaker ended (its ticket recorded or returned): wakes
+    /// A probe ended (its ticket recorded, or dropped with its permit handed back): wakes
     /// the balancers a half-open breaker left pending.
     #[inline]
     pub(crate) fn wake_probe_waiters(&self) {

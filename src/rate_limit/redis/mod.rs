@@ -801,8 +801,8 @@ impl RedisRateLimiter {
     }
 
     /// The refusal of a request only Redis could admit, Redis being unavailable: retry
-    /// when the breaker guarding Redis lets a check through again (at once when it is not
-    /// open: then in a second, as for a check refused failing closed).
+    /// when the breaker guarding Redis lets a check through again, or in a second when
+    /// that time is not known or has passed (as `Retry-After: 1` when failing closed).
     #[cold]
     fn until_redis_may_answer(&self) -> RateLimited {
         let inner = &self.inner;
