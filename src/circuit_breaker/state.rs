@@ -889,6 +889,18 @@ impl Breaker {
         self.shared.metrics.mute_state();
     }
 
+    /// How long until the open breaker's wait is over (zero once it is), `None` when it
+    /// is not open: lock-free, unlike [`snapshot`](Self::snapshot)'s `retry_at`.
+    #[cfg(feature = "redis")]
+    pub(crate) fn open_for(&self) -> Option<std::time::Duration> {
+        // `open_until` is published with the state word, read here with `Acquire`.
+        let w = self.shared.word.load(Acquire);
+        (state_of(w) == State::Open).then(|| {
+            let until = self.shared.open_until.load(Relaxed);
+            std::time::Duration::from_nanos(until.saturating_sub(self.shared.now()))
+        })
+    }
+
     /// Whether the breaker is open with its wait over: its next admission is a probe,
     /// whether or not its timer task (if any) has moved it to half-open yet.
     #[cold]

@@ -806,11 +806,10 @@ impl RedisRateLimiter {
     #[cold]
     fn until_redis_may_answer(&self) -> RateLimited {
         let inner = &self.inner;
+        // Read without a lock: under a flood of such requests in an outage, each one.
         let wait = inner
             .breaker
-            .snapshot()
-            .retry_at
-            .map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
+            .open_for()
             .filter(|wait| !wait.is_zero())
             .unwrap_or(Duration::from_secs(1));
         RateLimited::after(
