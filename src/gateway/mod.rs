@@ -147,7 +147,9 @@
 //! - the route timeout passing while the exchange waits on the client's body (the body is
 //!   not over and the last attempt to read more of it found nothing): `408`. The same
 //!   timeout passing while the upstream has the whole body, or is not reading it, is the
-//!   upstream's failure (`504`);
+//!   upstream's failure (`504`). So is an HTTP/1 upstream closing or resetting the
+//!   connection before its answer, unless the exchange was waiting on the client's body
+//!   then (the upstream's own body read timeout cutting a stalled upload): `408` too;
 //! - a body over `max_request_body` (default 1 MiB, per route or `[gateway]`; `0`: no
 //!   limit): `413`, at once and without contacting the upstream when `Content-Length`
 //!   says so, or when a streamed (chunked) body grows past it, the exchange with the

@@ -150,6 +150,24 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the HTTP/1 connection was lost: closed or reset by the upstream, before
+    /// the response head or during its body.
+    pub(crate) fn is_connection_lost(&self) -> bool {
+        match self {
+            Self::Closed => true,
+            Self::H1(e) => e.is_connection_lost(),
+            _ => false,
+        }
+    }
+
+    /// Whether a response body that failed with this error, after its head came, failed
+    /// for the upstream's doing (a malformed chunk, a reset, a close before the end): not
+    /// the client's body, nor an HTTP/2 connection the upstream ended with
+    /// `ENHANCE_YOUR_CALM` for the streams the gateway reset (see [`H2Refusal::Calmed`]).
+    pub(crate) fn is_upstreams_in_body(&self) -> bool {
+        !self.is_client_fault() && !matches!(self, Self::Http(e) if calmed(e))
+    }
+
     /// Whether the upstream gave the request up for a reason that is not its ill health
     /// ([`UpstreamError::H2Refused`]), or the gateway could not even try for want of its
     /// own resources ([`is_local`](Self::is_local)): not the endpoint's failure either.

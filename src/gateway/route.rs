@@ -242,10 +242,21 @@ impl Future for UpstreamFuture {
                 }
             }
             return Poll::Ready(result.map_err(|e| {
-                // An exchange that failed with the client's body: the client's fault,
-                // whether or not the exchange's error says so (HTTP/2's does not).
-                match this.body.as_ref().and_then(|b| b.failure()) {
+                let Some(body) = this.body.as_ref() else {
+                    return e;
+                };
+                match body.failure() {
+                    // An exchange that failed with the client's body: the client's fault,
+                    // whether or not the exchange's error says so (HTTP/2's does not).
                     Some(failure) if !e.is_client_fault() => UpstreamError::ClientBody(failure),
+                    // The upstream dropped the connection while the exchange waited on the
+                    // client's body (its own read timeout passed on a stalled upload, as
+                    // Go's `ReadTimeout` or gunicorn's worker timeout do): the client's
+                    // slowness, as when the route timeout passes then, not the upstream's
+                    // ill health.
+                    None if body.waiting_on_client() && e.is_connection_lost() => {
+                        UpstreamError::ClientBodyTimeout
+                    }
                     _ => e,
                 }
             }));
@@ -1585,6 +1596,24 @@ impl hyper::body::Body for BodyTimeout {
                         // caller is told why in gRPC's trailers, not by a reset.
                         this.failed = true;
                         return Poll::Ready(Some(Ok(super::grpc::cut_trailers(status, message))));
+                    }
+                }
+            }
+            // The body broke off after a good head (a malformed chunk, a reset, a close
+            // before its `Content-Length`): the upstream's failure, counted as a stall
+            // after the head is (`timeouts`), unless it broke for the client's own body
+            // (failed, or stalled when the upstream dropped the connection: see
+            // `UpstreamFuture`).
+            if let Some(Err(e)) = &frame
+                && e.is_upstreams_in_body()
+            {
+                match &this.upload {
+                    Some(upload) if upload.failure().is_some() => {}
+                    Some(upload) if upload.waiting_on_client() && e.is_connection_lost() => {
+                        this.route.count_client_fault(ClientFault::BodyTimeout);
+                    }
+                    _ => {
+                        this.route.stats.bad_gateway.fetch_add(1, Relaxed);
                     }
                 }
             }

@@ -131,7 +131,9 @@ pub struct UpstreamErrors {
     pub timeout: u64,
     /// No endpoint, or every endpoint's breaker open (503).
     pub unavailable: u64,
-    /// A transport error: refused, reset, bad response (502).
+    /// A transport error: refused, reset, bad response (502); or the response body
+    /// broken off by the upstream after its head (a malformed chunk, a reset, a close
+    /// before its end: the body cut).
     pub bad_gateway: u64,
     /// A 5xx answer from the upstream (but `501`, the answer to the client's method).
     pub server_error: u64,
@@ -144,7 +146,8 @@ pub struct ClientErrors {
     /// A request body that could not be read: malformed chunked encoding, or the client
     /// closed its connection part-way (400, if the client is still there).
     pub bad_body: u64,
-    /// The route timeout passed while waiting on the client's request body (408).
+    /// The route timeout passed while waiting on the client's request body, or an HTTP/1
+    /// upstream dropped the connection then (its own body read timeout) (408).
     pub body_timeout: u64,
     /// A request body over `max_request_body`, declared or streamed (413).
     pub too_large: u64,

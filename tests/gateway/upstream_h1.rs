@@ -1129,3 +1129,120 @@ async fn unimplemented_method_is_no_upstream_error_nor_fallback() {
         gw.shutdown().await;
     }
 }
+
+/// The gateway's docs: "a malformed chunk is the upstream's failure (`502`, or the response
+/// body cut if its head has gone to the client)"; `UpstreamErrors::bad_gateway` counts "a
+/// transport error: refused, reset, bad response", and a body stalled after its head is
+/// counted (`timeout`). A body broken off by a malformed chunk after a good head was
+/// counted nowhere.
+#[tokio::test]
+async fn a_malformed_chunk_after_the_head_is_counted_as_the_upstreams_failure() {
+    let (addr, _) = scripted(
+        |_| b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nZZ\r\n".to_vec(),
+        2,
+        false,
+    )
+    .await;
+    let gw = gateway(addr).await;
+    assert!(try_send(&gw, get("/api/x")).await.is_err());
+    let route = &gw.gateway().status().routes[0];
+    assert_eq!(
+        route.upstream_errors.bad_gateway, 1,
+        "a malformed chunk cut the answer: {:?}",
+        route.upstream_errors
+    );
+    gw.shutdown().await;
+}
+
+/// An upstream with a read timeout on request bodies, as most servers have (Go's
+/// `http.Server.ReadTimeout`, gunicorn's worker timeout, Node's `requestTimeout`): a
+/// request whose body has not come whole within `body_wait` has its connection closed,
+/// unanswered. Whole requests get `200 ok`.
+async fn body_read_timeout_upstream(body_wait: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    match timeout(body_wait, read_request(&mut stream, &mut buf)).await {
+                        Ok(Some(_)) => {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                        // Closed, or the body did not come in time: the connection ends.
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// SECURITY.md: "a client body slower than the route timeout (408) ... [is] recorded as
+/// [a] client error, never by the endpoint's circuit breaker or outlier detection ... So no
+/// anonymous client can open a breaker or eject a healthy upstream." A client that
+/// declares a body and stalls half-way makes a healthy upstream with a body read timeout
+/// shorter than the route's (Go's `ReadTimeout`, say) drop the connection: the exchange
+/// was waiting on the client's body when it ended. Four such uploads must not open the
+/// endpoint's breaker or eject it, nor be counted as the upstream's `bad_gateway`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_the_upstream_gives_up_on_is_not_the_upstreams_failure() {
+    let addr = body_read_timeout_upstream(Duration::from_millis(200)).await;
+    let gw = super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"5s\"\n\
+         {}\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n",
+        super::limits::STRICT
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        // 10 bytes of the 100 declared, then nothing; the client stays connected.
+        let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+        stream
+            .write_all(b"POST /api/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        statuses.push(super::limits::status_of(
+            &super::limits::read_answer(&mut stream).await,
+        ));
+        stalled.push(stream);
+    }
+    super::limits::settled(&gw, 4).await;
+    let answer =
+        super::limits::exchange(gw.local_addr(), super::limits::get("/api/x").as_bytes()).await;
+    statuses.push(super::limits::status_of(&answer));
+    let route = super::limits::route(&gw);
+    let e = super::limits::endpoint(&gw);
+    assert_eq!(
+        (
+            statuses.clone(),
+            e.failures,
+            e.ejected,
+            e.breaker.as_deref(),
+            route.upstream_errors.bad_gateway,
+            route.client_errors.body_timeout
+        ),
+        (
+            vec![408, 408, 408, 408, 200],
+            0,
+            false,
+            Some("closed"),
+            0,
+            4
+        ),
+        "(statuses: four stalled uploads then a GET {statuses:?}; endpoint failures, \
+         ejected, breaker; bad_gateway): {e:?} {:?} {:?}",
+        route.upstream_errors,
+        route.client_errors
+    );
+    drop(stalled);
+    gw.shutdown().await;
+}
