@@ -1324,11 +1324,14 @@ impl Abort for tokio::io::DuplexStream {
 
 /// Serves HTTP/1.1 on `io` until the client closes it, a request or answer ends it, or
 /// `stopping` says so between requests. Each request is answered by `route`; `refused` is
-/// called for a request head refused.
+/// called for a request head refused. The first head has `head_timeout` from `started`
+/// (when the connection began waiting for it: its bytes may have been read before, to
+/// tell HTTP/2's preface from HTTP/1), each later one from the end of the last answer.
 pub(crate) async fn serve<IO, R, F>(
     io: IO,
     max_head: usize,
     head_timeout: Duration,
+    started: Instant,
     stopping: impl Fn() -> bool,
     refused: impl Fn(),
     mut route: R,
@@ -1338,10 +1341,15 @@ pub(crate) async fn serve<IO, R, F>(
     F: Future<Output = Response<Body>>,
 {
     let mut conn = ServerConn::new(io, max_head);
-    let timer = tokio::time::sleep(head_timeout);
+    let timer = tokio::time::sleep_until(started + head_timeout);
     let mut timer = std::pin::pin!(timer);
+    let mut first = true;
     loop {
-        let deadline = super::poll_clock::now() + head_timeout;
+        let deadline = if std::mem::take(&mut first) {
+            started + head_timeout
+        } else {
+            super::poll_clock::now() + head_timeout
+        };
         let head =
             std::future::poll_fn(|cx| conn.poll_head(cx, timer.as_mut(), deadline, &stopping))
                 .await;
@@ -1533,6 +1541,7 @@ mod tests {
             },
             64 * 1024,
             Duration::from_secs(10),
+            Instant::now(),
             || false,
             || {},
             |request: Request<RequestBody>| async move {
@@ -1743,6 +1752,7 @@ mod tests {
             server,
             8 * 1024,
             Duration::from_secs(10),
+            Instant::now(),
             || false,
             || {},
             move |request: Request<RequestBody>| {

@@ -691,6 +691,9 @@ impl Gateway {
         admin: bool,
     ) {
         let _ = stream.set_nodelay(true);
+        // Where the wait for the first request head begins (after a TLS handshake, which
+        // has its own bound): the opening bytes read to tell HTTP/2 from HTTP/1 count.
+        let accepted = tokio::time::Instant::now();
         let inner = &self.inner;
         let mut io = SendTimeout::new(stream, inner.send_timeout, inner.send_timeouts.clone());
         #[cfg(feature = "tls")]
@@ -705,7 +708,8 @@ impl Gateway {
             tls.count(super::tls::Handshake::Done);
             let h2 = io.get_ref().1.alpn_protocol() == Some(b"h2");
             let peer = Peer::new(peer).over_tls();
-            return self.serve_io(io, peer, stop, false, h2).await;
+            let started = tokio::time::Instant::now();
+            return self.serve_io(io, peer, stop, false, h2, started).await;
         }
         let peer = Peer::new(peer);
         if inner.h2c && !admin {
@@ -718,15 +722,23 @@ impl Gateway {
                 read: 0,
                 io,
             };
-            return self.serve_io(io, peer, stop, false, h2).await;
+            return self.serve_io(io, peer, stop, false, h2, accepted).await;
         }
-        self.serve_io(io, peer, stop, admin, false).await;
+        self.serve_io(io, peer, stop, admin, false, accepted).await;
     }
 
     /// Serves HTTP on `io` (HTTP/2 when `h2`) until the connection ends or the gateway
-    /// stops.
-    async fn serve_io<I>(self, io: I, peer: Peer, stop: Arc<Stop>, admin: bool, h2: bool)
-    where
+    /// stops. The client's first head (HTTP/1), or its first progress (HTTP/2), is due
+    /// [`HEADER_READ_TIMEOUT`] after `started`.
+    async fn serve_io<I>(
+        self,
+        io: I,
+        peer: Peer,
+        stop: Arc<Stop>,
+        admin: bool,
+        h2: bool,
+        started: tokio::time::Instant,
+    ) where
         I: tokio::io::AsyncRead
             + tokio::io::AsyncWrite
             + super::h1_server::Abort
@@ -771,7 +783,7 @@ impl Gateway {
             // rest of a head, no window update) has its connection shut down gracefully,
             // as an HTTP/1 client waiting that long for its next head is cut off: streams
             // in flight finish, no new ones start.
-            let io = ReadClock::new(io);
+            let io = ReadClock::new(io, started);
             let last_read = io.last.clone();
             let connection =
                 builder.serve_connection(TokioIo::new(io), serve_requests(context, false));
@@ -798,6 +810,7 @@ impl Gateway {
                     io,
                     max_headers,
                     HEADER_READ_TIMEOUT,
+                    started,
                     stopping,
                     refused,
                     route,
@@ -809,6 +822,7 @@ impl Gateway {
                     io,
                     max_headers,
                     HEADER_READ_TIMEOUT,
+                    started,
                     stopping,
                     refused,
                     route,
@@ -1187,7 +1201,8 @@ impl<C> Graceful<C> {
     /// `after`, as `last_read` tells.
     fn idle_after(mut self, after: Duration, last_read: Arc<LastRead>) -> Self {
         self.idle = Some(Idle {
-            sleep: Box::pin(tokio::time::sleep(after)),
+            // From when the client's time began (its preface may have been read first).
+            sleep: Box::pin(tokio::time::sleep_until(last_read.origin + after)),
             after,
             last_read,
             shut_at: None,
@@ -1388,11 +1403,12 @@ impl Frames {
 }
 
 impl<I> ReadClock<I> {
-    fn new(io: I) -> Self {
+    /// `io`, whose client's time began at `origin`.
+    fn new(io: I, origin: tokio::time::Instant) -> Self {
         Self {
             io,
             last: Arc::new(LastRead {
-                origin: tokio::time::Instant::now(),
+                origin,
                 millis: AtomicU64::new(0),
                 reads: AtomicU64::new(0),
             }),

@@ -1523,3 +1523,85 @@ async fn h2_reset_an_upstream_closing_after_the_gateways_resets_is_not_the_endpo
     );
     gw.shutdown().await;
 }
+
+/// SECURITY.md: "a client has 10 s to send a request head (slowloris)". With `h2c` on,
+/// the gateway first reads a connection's opening bytes to tell HTTP/2's preface from an
+/// HTTP/1 request line, under a 10 s bound of its own; the HTTP/1 server then gave the
+/// head another 10 s from there. A client silent for 9 s that then sends half a head
+/// must lose its connection at 10 s, as it does with `h2c` off, not at 19 s. Paused time.
+#[tokio::test]
+async fn h2c_sniffing_does_not_double_the_head_timeout() {
+    let up = upstream(false).await;
+    let mut closed = Vec::new();
+    for h2c in [false, true] {
+        let gw = gateway(up.addr, h2c, "").await;
+        let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::pause();
+        let start = tokio::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        stream
+            .write_all(b"GET /api/x HTTP/1.1\r\nHost: g")
+            .await
+            .unwrap();
+        let ended = timeout(Duration::from_secs(30), async {
+            let mut buf = [0u8; 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        closed.push((h2c, ended.ok().map(|()| start.elapsed().as_secs())));
+        tokio::time::resume();
+        gw.shutdown().await;
+    }
+    assert_eq!(
+        closed,
+        [(false, Some(10)), (true, Some(10))],
+        "(h2c, whole seconds from the connection to its close): a head started at 9 s"
+    );
+    assert_eq!(up.hits.load(SeqCst), 0);
+}
+
+/// The same over HTTP/2: a client silent for 9 s that then sends the preface, and
+/// nothing more (no frame: no progress), has had 10 s: shut down then and closed once it
+/// does not answer the shutdown (2.5 s more), not given 10 s afresh from its preface
+/// (closed at 21 s). Paused time.
+#[tokio::test]
+async fn h2c_sniffing_does_not_restart_the_h2_idle_bound() {
+    let up = upstream(false).await;
+    let gw = gateway(up.addr, true, "").await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let ended = timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let closed_at = ended.ok().map(|()| start.elapsed().as_secs());
+    tokio::time::resume();
+    assert!(
+        closed_at.is_some_and(|at| at <= 13),
+        "an h2c connection silent for 9 s, then the preface alone, closed at {closed_at:?} s"
+    );
+    gw.shutdown().await;
+}
