@@ -197,8 +197,11 @@
 //! client can stop reading one response without blocking a write (it drains its socket
 //! and never opens the stream's window); a response waiting that way for `send_timeout`
 //! (checked every quarter of it) has its stream reset and its body dropped, releasing
-//! the upstream connection, while the client's other streams go on. The gateway-wide
-//! `send_timeouts` counts both.
+//! the upstream connection, while the client's other streams go on; a stream hyper
+//! cannot reset (it holds a frame of the answer until the window opens) shuts its
+//! connection down gracefully one `send_timeout` later (`GOAWAY`: the other streams
+//! finish, new ones go to a new connection) and closes it one more later. The
+//! gateway-wide `send_timeouts` counts both.
 //!
 //! A connection the gateway closes while the client may still be sending (a `413` to a
 //! body it will not read, an HTTP/2 `GOAWAY`) closes the way nginx's do, with a

@@ -34,7 +34,7 @@ use super::path::{PathOptions, normalize};
 use super::pool::Pools;
 use super::route::{Peer, Route};
 use super::status::GatewayStatus;
-use super::stream_watch::{HasWatch, Stalls, StreamWatch, Watched};
+use super::stream_watch::{HasWatch, Stalls, StreamWatch, Stuck, Watched};
 use super::timers::ConnTimers;
 use crate::BoxError;
 use crate::ConfigError;
@@ -1478,8 +1478,16 @@ impl<C: ServedConnection> Future for Graceful<C> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         // Before a graceful shutdown as after it: a stalled stream would hold the drain.
+        // A stream cut for send_timeout that hyper never polled again (it holds a frame
+        // while it waits for the stream's window) cannot be reset: a send_timeout later
+        // the connection is shut down, its other streams left to finish, and another
+        // later closed, as a blocked HTTP/1 write closes its own.
+        let mut stuck = Stuck::No;
         if let Some(stalls) = this.stalls.as_mut() {
-            stalls.poll(cx);
+            stuck = stalls.poll(cx);
+            if stuck == Stuck::Close {
+                return Poll::Ready(Ok(()));
+            }
         }
         if !*this.shutting_down {
             // Registered (again only if the task changed), then the flag read: a stop
@@ -1501,7 +1509,7 @@ impl<C: ServedConnection> Future for Graceful<C> {
                 *this.registered = Some((id, cx.waker().clone()));
             }
             let idle = this.idle.as_mut().is_some_and(|idle| idle.poll_expired(cx));
-            if this.stop.is_stopping() || idle {
+            if this.stop.is_stopping() || idle || stuck == Stuck::ShutDown {
                 *this.shutting_down = true;
                 this.connection.as_mut().graceful_shutdown();
                 match this.idle.as_mut() {

@@ -18,7 +18,12 @@
 //! The connection and its other streams go on: one connection may carry many users'
 //! requests (a proxy in front of the gateway), and one slow reader among them is not a
 //! reason to fail the others. A stream waiting on its upstream (a long poll, a slow
-//! answer) is the route's body timeout's, not this one's.
+//! answer) is the route's body timeout's, not this one's. hyper may hold a frame it took
+//! from the body while it waits for the stream's window, polling the body no more until
+//! the window opens: such a stream never sees the cut, so one still held [`LOOKS`] looks
+//! after it has its connection shut down gracefully (`GOAWAY`: the other streams finish,
+//! no new one starts), and closed if it is still held [`LOOKS`] more (there is no other
+//! way to reset it).
 //!
 //! A poll takes the slot's lock (uncontended: the connection's look takes it only for a
 //! stream it found stalled) and writes one word; no clock is read. A slot is taken and
@@ -191,11 +196,29 @@ pub(crate) struct Stalls {
     seen: Vec<(u64, u8)>,
     /// Counts the streams cut (the gateway's `send_timeouts`).
     fired: Arc<AtomicU64>,
+    /// The slots whose bodies were cut and still held by the same response (hyper has
+    /// not polled it since, so it has not reset the stream): each with its word after the
+    /// cut and the looks since.
+    cut: Vec<(Arc<Slot>, u64, u8)>,
 }
 
 /// Looks running at which a stream seen waiting with no frame handed over has waited
 /// `send_timeout` at least (the first look may come just after its wait began).
 const LOOKS: u8 = 5;
+
+/// What a stream cut for `send_timeout` and never reset (see [`Stalls::poll`]) asks of
+/// its connection, by how long it has been held since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Stuck {
+    /// None is held, or not for long yet.
+    No,
+    /// One has been held a `send_timeout`: the connection is shut down gracefully
+    /// (`GOAWAY`), so that its other streams may finish and no new one starts.
+    ShutDown,
+    /// One has been held two: the connection is closed (the graceful shutdown would wait
+    /// on the held stream for good).
+    Close,
+}
 
 impl Stalls {
     pub(crate) fn new(
@@ -210,16 +233,48 @@ impl Stalls {
             tick,
             seen: Vec::new(),
             fired,
+            cut: Vec::new(),
         }
     }
 
     /// Looks at the streams when it is time to, cutting those that waited on the client
-    /// for `send_timeout`.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) {
+    /// for `send_timeout`. What a cut stream still not reset since asks of the
+    /// connection: hyper holds a frame of its answer waiting for the stream's window and
+    /// will not poll the body (and so see the cut, and reset the stream) until the client
+    /// opens it, so the stream and the frame would be held for the connection's life.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Stuck {
+        let mut stuck = Stuck::No;
         while self.sleep.as_mut().poll(cx).is_ready() {
             self.look();
+            stuck = stuck.max(self.look_at_cut());
             let next = tokio::time::Instant::now() + self.tick;
             self.sleep.as_mut().reset(next);
+        }
+        stuck
+    }
+
+    /// How long the longest-held stream cut has gone without its response being polled
+    /// (which fails it, and resets the stream) or dropped.
+    fn look_at_cut(&mut self) -> Stuck {
+        if self.cut.is_empty() {
+            return Stuck::No;
+        }
+        let slots = self.watch.watch().slots.lock();
+        let mut longest = 0;
+        self.cut.retain_mut(|(slot, word, looks)| {
+            let resolved = slot.word.load(Relaxed) != *word
+                || slots.free.iter().any(|free| Arc::ptr_eq(free, slot));
+            if resolved {
+                return false;
+            }
+            *looks = looks.saturating_add(1);
+            longest = longest.max(*looks);
+            true
+        });
+        match longest {
+            n if n >= 2 * LOOKS => Stuck::Close,
+            n if n >= LOOKS => Stuck::ShutDown,
+            _ => Stuck::No,
         }
     }
 
@@ -255,6 +310,7 @@ impl Stalls {
             };
             if body.is_some() {
                 cut += 1;
+                self.cut.push((slot.clone(), word & !WAITING, 0));
                 self.fired.fetch_add(1, Relaxed);
                 #[cfg(feature = "tracing")]
                 tracing::debug!(
@@ -320,6 +376,31 @@ mod tests {
         // Cut once, counted once.
         assert_eq!(looks(&mut stalls, 10), [0; 10]);
         assert_eq!(stalls.fired.load(Relaxed), 1);
+    }
+
+    /// A cut the response never sees (hyper holds a frame and polls no more) is still
+    /// there `LOOKS` looks later: the connection is shut down, and closed `LOOKS` more
+    /// later. One whose response is dropped (hyper polled it, failed, reset the stream)
+    /// asks nothing.
+    #[tokio::test]
+    async fn a_cut_never_seen_is_reported_and_one_seen_is_not() {
+        let owner = owner();
+        let mut stalls = stalls(&owner);
+        let (_tx, held) = channel_body(&owner);
+        let (_tx2, seen) = channel_body(&owner);
+        assert_eq!(looks(&mut stalls, 5), [0, 0, 0, 0, 2]);
+        drop(seen);
+        let stuck: Vec<Stuck> = (0..10)
+            .map(|_| {
+                stalls.look();
+                stalls.look_at_cut()
+            })
+            .collect();
+        let (no, shut, close) = (Stuck::No, Stuck::ShutDown, Stuck::Close);
+        assert_eq!(stuck, [no, no, no, no, shut, shut, shut, shut, shut, close]);
+        drop(held);
+        assert_eq!(stalls.look_at_cut(), Stuck::No);
+        assert!(stalls.cut.is_empty());
     }
 
     #[tokio::test]

@@ -1605,3 +1605,157 @@ async fn h2c_sniffing_does_not_restart_the_h2_idle_bound() {
     );
     gw.shutdown().await;
 }
+
+/// SECURITY.md: "An HTTP/2 client stops reading a stream without blocking a write (it
+/// keeps draining its socket and never opens the stream's window): a response waiting
+/// on the client's window that long (at most a quarter more) loses its body, releasing
+/// the upstream connection, and the stream is reset". A client whose stream window is
+/// one byte: hyper polls the body for a frame first (16 KiB here; up to a 256 KiB read
+/// of the upstream), keeps it while it waits for the stream's window, and polls the body
+/// no more. The watch cuts the body at `send_timeout` (counted in `send_timeouts`, the
+/// upstream released), but nothing polls it again to see the cut: the stream was never
+/// reset and the frame hyper holds stayed in the gateway's memory for the connection's
+/// life (100 streams a connection; a `PING` every 9 s keeps the connection). Such a
+/// stream must end: reset, or (hyper offering no way to reset it) its connection shut
+/// down and then closed.
+#[tokio::test]
+async fn an_h2_answer_held_whole_behind_a_shut_window_ends_after_send_timeout() {
+    let (addr, _open) = streaming_upstream(Some(1), Duration::ZERO).await;
+    let gw = one_second_send_timeout(addr).await;
+    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client
+        .send_request(
+            Request::get(format!("http://{}/api/x", gw.local_addr()))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    let response = timeout(BOUND, response).await.expect("no hang").unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    // The one byte the window lets through; the window is never opened again.
+    let first = timeout(BOUND, body.data()).await.expect("no hang");
+    assert_eq!(first.map(|d| d.map(|d| d.len()).ok()), Some(Some(1)));
+    // send_timeout is 1 s: the body is cut by 1.25 s, the connection shut down 1.25 s
+    // later and closed 1.25 s after that (paused time: 10 s is ample, and no sleep).
+    tokio::time::pause();
+    let next = timeout(Duration::from_secs(10), body.data()).await;
+    tokio::time::resume();
+    let send_timeouts = gw.gateway().status().send_timeouts;
+    assert!(
+        matches!(next, Ok(Some(Err(_)))) && send_timeouts == 1,
+        "after 10 s waiting on the client's window (send_timeout 1 s): next read {:?} \
+         (Err(_): still waiting), send_timeouts {send_timeouts}",
+        next.map(|n| n.map(|r| r.map(|d| d.len())))
+    );
+    gw.shutdown().await;
+}
+
+/// The same stream, left alone: the client reads nothing more and sends nothing but its
+/// library's answers to the gateway's `PING`s. SECURITY.md: "A client that makes no
+/// progress for 10 s has its connection shut down gracefully (`GOAWAY`; streams in
+/// flight finish)", and the stream waiting on its window is reset at `send_timeout`, so
+/// the connection ends. The stream was never reset: the graceful shutdown waited on it
+/// for good, and the connection was held with no traffic at all. Paused time (2 min).
+#[tokio::test]
+async fn an_h2_stream_cut_at_send_timeout_does_not_hold_its_connection() {
+    let (addr, _open) = streaming_upstream(Some(1), Duration::ZERO).await;
+    let gw = one_second_send_timeout(addr).await;
+    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let mut conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client
+        .send_request(
+            Request::get(format!("http://{}/api/x", gw.local_addr()))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    let response = timeout(BOUND, response).await.expect("no hang").unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = timeout(BOUND, body.data()).await.expect("no hang");
+    assert_eq!(first.map(|d| d.map(|d| d.len()).ok()), Some(Some(1)));
+    drop(client);
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    let ended = timeout(Duration::from_secs(120), &mut conn).await;
+    let held = start.elapsed();
+    tokio::time::resume();
+    assert!(
+        ended.is_ok(),
+        "the connection is still open after {held:?} of paused time (send_timeout 1 s, \
+         idle bound 10 s); send_timeouts {}",
+        gw.gateway().status().send_timeouts
+    );
+    drop(body);
+    gw.shutdown().await;
+}
+
+/// The stream of the test above, with the client still there: one `send_timeout` after
+/// its cut the connection is shut down gracefully (a new request is refused, the
+/// connection stays open for the streams in flight), one more later it is closed.
+/// Paused time.
+#[tokio::test]
+async fn an_h2_stream_held_after_its_cut_shuts_its_connection_down_before_closing_it() {
+    let (addr, _open) = streaming_upstream(Some(1), Duration::ZERO).await;
+    let gw = one_second_send_timeout(addr).await;
+    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let mut conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let url = format!("http://{}/api/x", gw.local_addr());
+    let (response, _) = client
+        .send_request(Request::get(&url).body(()).unwrap(), true)
+        .unwrap();
+    let response = timeout(BOUND, response).await.expect("no hang").unwrap();
+    let mut body = response.into_body();
+    let first = timeout(BOUND, body.data()).await.expect("no hang");
+    assert_eq!(first.map(|d| d.map(|d| d.len()).ok()), Some(Some(1)));
+    tokio::time::pause();
+    // Cut by 1.25 s, shut down by 2.5 s, closed by 3.75 s.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let send_timeouts = gw.gateway().status().send_timeouts;
+    let refused = match client.clone().ready().await {
+        Err(_) => true,
+        Ok(mut ready) => match ready.send_request(Request::get(&url).body(()).unwrap(), true) {
+            Err(_) => true,
+            Ok((response, _)) => timeout(BOUND, response).await.expect("no hang").is_err(),
+        },
+    };
+    let open_then = !conn.is_finished();
+    let ended = timeout(Duration::from_secs(10), &mut conn).await.is_ok();
+    tokio::time::resume();
+    assert_eq!(
+        (send_timeouts, refused, open_then, ended),
+        (1, true, true, true),
+        "(send_timeouts, a new request refused 3 s after the stall began, the connection \
+         still open then, closed within 10 s more)"
+    );
+    drop(body);
+    gw.shutdown().await;
+}
