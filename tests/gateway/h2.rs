@@ -541,6 +541,41 @@ async fn one_second_send_timeout(upstream: SocketAddr) -> GatewayHandle {
     .await
 }
 
+/// A gateway with a one-second `send_timeout` and an h2c client whose streams' window is
+/// one byte, with one answer of 16 KiB under way: its first byte read, the window never
+/// opened again. The client, its connection's task, the answer's body and the upstream's
+/// open connections.
+async fn an_answer_behind_a_shut_window() -> (
+    GatewayHandle,
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<()>,
+    h2::RecvStream,
+    Arc<AtomicUsize>,
+) {
+    let (addr, open) = streaming_upstream(Some(1), Duration::ZERO).await;
+    let gw = one_second_send_timeout(addr).await;
+    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let url = format!("http://{}/api/x", gw.local_addr());
+    let (response, _) = client
+        .send_request(Request::get(&url).body(()).unwrap(), true)
+        .unwrap();
+    let response = timeout(BOUND, response).await.expect("no hang").unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = timeout(BOUND, body.data()).await.expect("no hang");
+    assert_eq!(first.map(|d| d.map(|d| d.len()).ok()), Some(Some(1)));
+    (gw, client, conn, body, open)
+}
+
 /// An HTTP/2 client stops reading a response without blocking a write: it drains its
 /// socket and never opens the stream's window again. hyper then stops polling the
 /// response body, and the upstream connection streaming it was held for as long as
@@ -1620,32 +1655,7 @@ async fn h2c_sniffing_does_not_restart_the_h2_idle_bound() {
 /// down and then closed.
 #[tokio::test]
 async fn an_h2_answer_held_whole_behind_a_shut_window_ends_after_send_timeout() {
-    let (addr, _open) = streaming_upstream(Some(1), Duration::ZERO).await;
-    let gw = one_second_send_timeout(addr).await;
-    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
-    let (client, conn) = h2::client::Builder::new()
-        .initial_window_size(1)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut client = client.ready().await.unwrap();
-    let (response, _) = client
-        .send_request(
-            Request::get(format!("http://{}/api/x", gw.local_addr()))
-                .body(())
-                .unwrap(),
-            true,
-        )
-        .unwrap();
-    let response = timeout(BOUND, response).await.expect("no hang").unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    // The one byte the window lets through; the window is never opened again.
-    let first = timeout(BOUND, body.data()).await.expect("no hang");
-    assert_eq!(first.map(|d| d.map(|d| d.len()).ok()), Some(Some(1)));
+    let (gw, _client, _conn, mut body, _open) = an_answer_behind_a_shut_window().await;
     // send_timeout is 1 s: the body is cut by 1.25 s, the connection shut down 1.25 s
     // later and closed 1.25 s after that (paused time: 10 s is ample, and no sleep).
     tokio::time::pause();
@@ -1669,31 +1679,7 @@ async fn an_h2_answer_held_whole_behind_a_shut_window_ends_after_send_timeout() 
 /// for good, and the connection was held with no traffic at all. Paused time (2 min).
 #[tokio::test]
 async fn an_h2_stream_cut_at_send_timeout_does_not_hold_its_connection() {
-    let (addr, _open) = streaming_upstream(Some(1), Duration::ZERO).await;
-    let gw = one_second_send_timeout(addr).await;
-    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
-    let (client, conn) = h2::client::Builder::new()
-        .initial_window_size(1)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    let mut conn = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut client = client.ready().await.unwrap();
-    let (response, _) = client
-        .send_request(
-            Request::get(format!("http://{}/api/x", gw.local_addr()))
-                .body(())
-                .unwrap(),
-            true,
-        )
-        .unwrap();
-    let response = timeout(BOUND, response).await.expect("no hang").unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let first = timeout(BOUND, body.data()).await.expect("no hang");
-    assert_eq!(first.map(|d| d.map(|d| d.len()).ok()), Some(Some(1)));
+    let (gw, client, mut conn, body, _open) = an_answer_behind_a_shut_window().await;
     drop(client);
     tokio::time::pause();
     let start = tokio::time::Instant::now();
@@ -1716,26 +1702,8 @@ async fn an_h2_stream_cut_at_send_timeout_does_not_hold_its_connection() {
 /// Paused time.
 #[tokio::test]
 async fn an_h2_stream_held_after_its_cut_shuts_its_connection_down_before_closing_it() {
-    let (addr, _open) = streaming_upstream(Some(1), Duration::ZERO).await;
-    let gw = one_second_send_timeout(addr).await;
-    let tcp = TcpStream::connect(gw.local_addr()).await.unwrap();
-    let (client, conn) = h2::client::Builder::new()
-        .initial_window_size(1)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    let mut conn = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut client = client.ready().await.unwrap();
+    let (gw, client, mut conn, body, _open) = an_answer_behind_a_shut_window().await;
     let url = format!("http://{}/api/x", gw.local_addr());
-    let (response, _) = client
-        .send_request(Request::get(&url).body(()).unwrap(), true)
-        .unwrap();
-    let response = timeout(BOUND, response).await.expect("no hang").unwrap();
-    let mut body = response.into_body();
-    let first = timeout(BOUND, body.data()).await.expect("no hang");
-    assert_eq!(first.map(|d| d.map(|d| d.len()).ok()), Some(Some(1)));
     tokio::time::pause();
     // Cut by 1.25 s, shut down by 2.5 s, closed by 3.75 s.
     tokio::time::sleep(Duration::from_millis(3000)).await;
