@@ -14,7 +14,8 @@
 //! After `1 caller`, the same checks through the generic tower layer and (with the `http`
 //! feature) the HTTP layer, over the limiter per key.
 //!
-//! `cargo bench --features redis --bench redis_limit` (steps of 0.6 s, as CI runs it);
+//! `cargo bench --features redis --bench redis_limit` (steps of 0.6 s; CI runs it
+//! unoptimised, for its checks, not its figures);
 //! `REDIS_BENCH_LONG=1 cargo bench --features redis --bench redis_limit` (steps of 3 s).
 #![allow(clippy::disallowed_types)] // std's Instant: real time against a real server
 
