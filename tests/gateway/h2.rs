@@ -1559,6 +1559,33 @@ async fn h2_reset_an_upstream_closing_after_the_gateways_resets_is_not_the_endpo
     gw.shutdown().await;
 }
 
+/// A client of `gw` silent for 9 s (paused time) that then sends `bytes` and nothing
+/// more: the whole second at which its connection was closed, counted from the connect,
+/// or `None` when it was still open 30 s after the bytes.
+async fn closed_after_silence_then(gw: &GatewayHandle, bytes: &[u8]) -> Option<u64> {
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    stream.write_all(bytes).await.unwrap();
+    let ended = timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let at = ended.ok().map(|()| start.elapsed().as_secs());
+    tokio::time::resume();
+    at
+}
+
 /// SECURITY.md: "a client has 10 s to send a request head (slowloris)". With `h2c` on,
 /// the gateway first reads a connection's opening bytes to tell HTTP/2's preface from an
 /// HTTP/1 request line, under a 10 s bound of its own; the HTTP/1 server then gave the
@@ -1570,29 +1597,8 @@ async fn h2c_sniffing_does_not_double_the_head_timeout() {
     let mut closed = Vec::new();
     for h2c in [false, true] {
         let gw = gateway(up.addr, h2c, "").await;
-        let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
-        for _ in 0..5 {
-            tokio::task::yield_now().await;
-        }
-        tokio::time::pause();
-        let start = tokio::time::Instant::now();
-        tokio::time::sleep(Duration::from_secs(9)).await;
-        stream
-            .write_all(b"GET /api/x HTTP/1.1\r\nHost: g")
-            .await
-            .unwrap();
-        let ended = timeout(Duration::from_secs(30), async {
-            let mut buf = [0u8; 1024];
-            loop {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-        closed.push((h2c, ended.ok().map(|()| start.elapsed().as_secs())));
-        tokio::time::resume();
+        let at = closed_after_silence_then(&gw, b"GET /api/x HTTP/1.1\r\nHost: g").await;
+        closed.push((h2c, at));
         gw.shutdown().await;
     }
     assert_eq!(
@@ -1611,29 +1617,7 @@ async fn h2c_sniffing_does_not_double_the_head_timeout() {
 async fn h2c_sniffing_does_not_restart_the_h2_idle_bound() {
     let up = upstream(false).await;
     let gw = gateway(up.addr, true, "").await;
-    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
-    for _ in 0..5 {
-        tokio::task::yield_now().await;
-    }
-    tokio::time::pause();
-    let start = tokio::time::Instant::now();
-    tokio::time::sleep(Duration::from_secs(9)).await;
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .unwrap();
-    let ended = timeout(Duration::from_secs(30), async {
-        let mut buf = [0u8; 1024];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    let closed_at = ended.ok().map(|()| start.elapsed().as_secs());
-    tokio::time::resume();
+    let closed_at = closed_after_silence_then(&gw, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
     assert!(
         closed_at.is_some_and(|at| at <= 13),
         "an h2c connection silent for 9 s, then the preface alone, closed at {closed_at:?} s"
