@@ -1067,6 +1067,19 @@ async fn propfinds(gw: &GatewayHandle, count: usize) -> Vec<u16> {
 }
 
 /// SECURITY.md: "no anonymous client can open a breaker or eject a healthy upstream".
+/// A gateway with one route to `addr` (timeout 5 s) whose breaker and outlier detection
+/// are quick to judge (`limits::STRICT`: four calls decide).
+async fn strict_gateway(addr: SocketAddr) -> GatewayHandle {
+    super::spawn_gateway(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"5s\"\n\
+         {}\n\n\
+         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n",
+        super::limits::STRICT
+    ))
+    .await
+}
+
 /// The gateway forwards any method token; servers answer one they do not implement with
 /// `501 Not Implemented` (RFC 9110 §15.6.2: "the server does not support the
 /// functionality required to fulfill the request": Apache httpd, Python's `http.server`,
@@ -1076,14 +1089,7 @@ async fn propfinds(gw: &GatewayHandle, count: usize) -> Vec<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_unimplemented_method_does_not_open_the_endpoints_breaker() {
     let addr = get_only_upstream().await;
-    let gw = super::spawn_gateway(&format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
-         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"5s\"\n\
-         {}\n\n\
-         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n",
-        super::limits::STRICT
-    ))
-    .await;
+    let gw = strict_gateway(addr).await;
     let mut statuses = propfinds(&gw, 6).await;
     super::limits::settled(&gw, 6).await;
     let answer =
@@ -1179,14 +1185,7 @@ async fn body_read_timeout_upstream(body_wait: Duration) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upload_the_upstream_gives_up_on_is_not_the_upstreams_failure() {
     let addr = body_read_timeout_upstream(Duration::from_millis(200)).await;
-    let gw = super::spawn_gateway(&format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\n\n\
-         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nservice = \"up\"\ntimeout = \"5s\"\n\
-         {}\n\n\
-         [[services]]\nname = \"up\"\ninstances = [\"{addr}\"]\n",
-        super::limits::STRICT
-    ))
-    .await;
+    let gw = strict_gateway(addr).await;
     let mut statuses = Vec::new();
     let mut stalled = Vec::new();
     for _ in 0..4 {
